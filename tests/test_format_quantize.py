@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from treeq_engine.format import ACT_BITS, WEIGHT_BITS, QuantSpec, dequantize, fake_quantize, quantize
+
+SPECS = ([QuantSpec.weight(b, sym) for b in WEIGHT_BITS for sym in (False, True)]
+         + [QuantSpec.activation(b, sym) for b in ACT_BITS for sym in (False, True)])
+
+
+def _data(spec, gen, shape=(19, 77)):
+    x = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen) * 3
+    if spec.role.value == "activation":
+        x[3] = torch.relu(x[3])  # an all-non-negative token (GELU-like), the case asymmetry serves
+    return x
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_codes_in_grid_and_error_within_half_step(spec, gen):
+    x = _data(spec, gen)
+    qt = quantize(x, spec)
+    assert qt.codes.dtype == torch.int8 and qt.codes.shape == x.shape
+    assert qt.scale.shape == (x.shape[0],) and qt.scale.dtype == torch.float32
+    assert qt.zero_point.dtype == torch.int32
+    assert int(qt.codes.min()) >= spec.qmin and int(qt.codes.max()) <= spec.qmax
+    err = (dequantize(qt) - x).abs()
+    # With clip_ratio == 1 nothing is clipped: every value is within half a step of its reconstruction.
+    assert bool((err <= qt.scale[:, None] * (0.5 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.symmetric], ids=str)
+def test_zero_exact_for_asymmetric(spec, gen):
+    x = _data(spec, gen)
+    x[:, 5] = 0.0
+    assert bool((dequantize(quantize(x, spec))[:, 5] == 0).all())
+
+
+def test_symmetric_scale_and_asymmetric_range(gen):
+    x = torch.randn(4, 64, generator=gen)
+    qt = quantize(x, QuantSpec.weight(4, symmetric=True))
+    assert torch.equal(qt.zero_point, torch.zeros(4, dtype=torch.int32))
+    torch.testing.assert_close(qt.scale, x.abs().amax(1) / 7)
+    qa = quantize(x, QuantSpec.weight(4))
+    lo, hi = x.amin(1).clamp(max=0), x.amax(1).clamp(min=0)
+    torch.testing.assert_close(qa.scale, (hi - lo) / 15)
+    # extremes map to the ends of the grid
+    assert bool((qa.codes.amin(1) == -8).all()) and bool((qa.codes.amax(1) == 7).all())
+
+
+def test_clip_ratio_clips(gen):
+    x = torch.randn(8, 100, generator=gen)
+    full = quantize(x, QuantSpec.activation(4))
+    clipped = quantize(x, QuantSpec.activation(4, clip_ratio=0.5))
+    assert bool((clipped.scale < full.scale).all())
+    xr = dequantize(clipped)
+    assert float(xr.abs().max()) <= float(x.abs().max()) * 0.5 + float(clipped.scale.max())
+
+
+def test_all_zero_row_and_constant_rows():
+    x = torch.zeros(3, 10)
+    x[1] = 2.5
+    for spec in (QuantSpec.activation(4), QuantSpec.activation(4, symmetric=True)):
+        qt = quantize(x, spec)
+        assert qt.scale[0] == 1.0
+        torch.testing.assert_close(dequantize(qt), x)
+
+
+def test_leading_dims_and_dtypes(gen):
+    x = torch.randn(2, 5, 33, generator=gen)
+    spec = QuantSpec.activation(8)
+    qt = quantize(x, spec)
+    assert qt.codes.shape == x.shape and qt.scale.shape == (10,)
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        y = fake_quantize(x.to(dt), spec)
+        assert y.dtype == dt and y.shape == x.shape
+
+
+def test_ste_gradient(gen):
+    x = (torch.randn(6, 40, generator=gen) * 2).requires_grad_()
+    spec = QuantSpec.activation(4, clip_ratio=0.6)
+    y = fake_quantize(x, spec)
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g)
+    qt = quantize(x.detach(), spec)
+    u = x.detach() / qt.scale[:, None] + qt.zero_point[:, None]
+    inside = (u >= spec.qmin - 0.5) & (u <= spec.qmax + 0.5)
+    assert 0 < int(inside.sum()) < inside.numel()  # the clip ratio made some values fall outside
+    torch.testing.assert_close(x.grad, g * inside)
+    torch.testing.assert_close(y.detach(), dequantize(qt))
+
+
+def test_keep_bf16_is_identity(gen):
+    x = torch.randn(4, 8, generator=gen)
+    assert fake_quantize(x, QuantSpec.activation(16)) is x
+    with pytest.raises(ValueError, match="keeps bf16"):
+        quantize(x, QuantSpec.weight(16))
+
+
+def test_nonfinite_activations(gen):
+    x = torch.randn(5, 16, generator=gen)
+    x[2, 3] = float("nan")
+    x[4, 0] = float("inf")
+    spec = QuantSpec.activation(8)
+    with pytest.raises(ValueError, match=r"NaN/Inf in 2 of 5 rows \(first at row 2\)"):
+        quantize(x, spec)
+    qt = quantize(x, spec, nonfinite="propagate")
+    assert math.isnan(float(qt.scale[2])) and math.isnan(float(qt.scale[4]))
+    out = dequantize(qt)
+    assert bool(out[[2, 4]].isnan().all()) and bool(out[[0, 1, 3]].isfinite().all())
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize(x, QuantSpec.weight(4), nonfinite="propagate")  # weights never propagate
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        quantize(x, spec, nonfinite="ignore")
+
+
+def test_bad_input_errors(gen):
+    with pytest.raises(TypeError, match="floating"):
+        quantize(torch.ones(3, 4, dtype=torch.int32), QuantSpec.weight(4))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(torch.ones(2, 3, 4), QuantSpec.weight(4))
+    with pytest.raises(ValueError, match="non-empty"):
+        quantize(torch.ones(3, 0), QuantSpec.activation(4))
+    with pytest.raises(TypeError, match="QuantSpec"):
+        quantize(torch.ones(3, 4), 4)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize([[1.0]], QuantSpec.weight(4))

@@ -1,0 +1,147 @@
+"""Reference quantizers (the oracle): quantize, dequantize and fake-quantize with a straight-through gradient.
+
+All arithmetic is float32, in this order, and every kernel reproduces it:
+
+    symmetric   amax  = clip * max|x|                        (per row)
+                scale = amax / qmax            (1.0 where amax == 0)
+                zp    = 0
+    asymmetric  lo    = clip * min(min x, 0);  hi = clip * max(max x, 0)
+                scale = (hi - lo) / (qmax - qmin)   (1.0 where hi == lo)
+                zp    = clamp(round(qmin - lo / scale), qmin, qmax)
+    codes       q     = clamp(round(x / scale) + zp, qmin, qmax)     (round half to even; true division)
+    value       x_hat = scale * (q - zp)
+
+Rows are the last-dim vectors: output channels of a weight ``(N, K)``, tokens of an activation ``(..., K)``.
+
+Non-finite input. A weight holding NaN/Inf is always an error. For activations, ``nonfinite="raise"`` (the
+default) raises a ``ValueError`` naming the rows; ``"propagate"`` gives such rows scale NaN, zero point 0 and
+codes 0, so their outputs come out NaN (the documented behaviour of the kernels, which cannot raise).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from .spec import QuantSpec, Role
+
+NonFinite = Literal["raise", "propagate"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes plus per-row (scale, zero point). ``codes``: int8 ``(R, K)``; ``scale``: float32 ``(R,)``;
+    ``zero_point``: int32 ``(R,)``. Activations keep their leading dims in ``codes`` ``(..., K)``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    spec: QuantSpec
+
+    @property
+    def rows(self) -> int:
+        return self.scale.numel()
+
+    def row_sums(self) -> torch.Tensor:
+        """Σ_k q[r, k] as int32 ``(R,)``: the zero-point correction of the other operand needs it."""
+        return self.codes.reshape(self.rows, -1).sum(dim=1, dtype=torch.int64).to(torch.int32)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+def _check_float(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be a floating tensor (float32/float16/bfloat16/float64), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{what} must have a non-empty last (K) dimension, got shape {tuple(x.shape)}")
+
+
+def _nonfinite_rows(x2: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(x2).all(dim=1)
+
+
+def row_qparams(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale float32 (R,), zero_point int32 (R,)) of a float32 ``(R, K)`` matrix, by the rules above."""
+    qmin, qmax, clip = float(spec.qmin), float(spec.qmax), spec.clip_ratio
+    if spec.symmetric:
+        amax = x2.abs().amax(dim=1) * clip
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        lo = x2.amin(dim=1).clamp(max=0.0) * clip
+        hi = x2.amax(dim=1).clamp(min=0.0) * clip
+        rng = hi - lo
+        scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def codes_from_qparams(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (int8) of float32 rows under given per-row parameters."""
+    q = torch.round(x2 / scale[:, None]) + zp[:, None].to(torch.float32)
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "raise") -> QuantizedTensor:
+    """Quantize a weight ``(N, K)`` per output channel or an activation ``(..., K)`` per token."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    what = spec.role.value
+    _check_float(x, what)
+    if not spec.is_quantized:
+        raise ValueError(f"{what}: spec {spec} keeps bf16; there is nothing to quantize")
+    if spec.role is Role.WEIGHT and x.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(x.shape)}")
+    if nonfinite not in ("raise", "propagate"):
+        raise ValueError(f"nonfinite must be 'raise' or 'propagate', got {nonfinite!r}")
+
+    x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+    bad = _nonfinite_rows(x2)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        msg = (f"{what} contains NaN/Inf in {rows.numel()} of {x2.shape[0]} rows "
+               f"(first at row {int(rows[0])})")
+        if spec.role is Role.WEIGHT or nonfinite == "raise":
+            raise ValueError(msg)
+        x2 = torch.where(bad[:, None], torch.zeros_like(x2), x2)
+
+    scale, zp = row_qparams(x2, spec)
+    codes = codes_from_qparams(x2, scale, zp, spec)
+    if bool(bad.any()):
+        scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+        zp = torch.where(bad, torch.zeros_like(zp), zp)
+        codes = torch.where(bad[:, None], torch.zeros_like(codes), codes)
+    return QuantizedTensor(codes.reshape(x.shape), scale, zp, spec)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * (q - zp)`` in float32, cast to ``dtype``."""
+    shape = qt.codes.shape
+    q2 = qt.codes.reshape(qt.rows, -1).to(torch.float32)
+    x2 = (q2 - qt.zero_point[:, None].to(torch.float32)) * qt.scale[:, None]
+    return x2.reshape(shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "raise") -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable by the clipped straight-through estimator:
+    the gradient passes unchanged where ``x`` lies inside the quantizer's range and is zero where it was
+    clipped. Scales and zero points are treated as constants. ``bits == 16`` returns ``x`` itself."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if not spec.is_quantized:
+        return x
+    qt = quantize(x, spec, nonfinite=nonfinite)
+    x_hat = dequantize(qt, torch.float32)
+    if not x.requires_grad:
+        return x_hat.to(x.dtype)
+    # In range iff the unclamped code lies within [qmin - 1/2, qmax + 1/2].
+    x2 = x.detach().reshape(qt.rows, -1).to(torch.float32)
+    u = x2 / qt.scale[:, None] + qt.zero_point[:, None].to(torch.float32)
+    inside = ((u >= spec.qmin - 0.5) & (u <= spec.qmax + 0.5)).reshape(x.shape)
+    return (x_hat.to(x.dtype).detach() + (x - x.detach()) * inside.to(x.dtype))

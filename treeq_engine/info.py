@@ -1,0 +1,59 @@
+"""What was built and what this machine can run: ``treeq_engine.build_info()``."""
+from __future__ import annotations
+
+import importlib.util
+import platform
+from typing import Any
+
+import torch
+
+from . import core
+from .format import LAYOUT_VERSION
+
+
+def build_info() -> dict[str, Any]:
+    """C++ core, CUDA objects and their archs, Triton, and whether a CUDA device is present."""
+    info: dict[str, Any] = {
+        "version": _version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "layout_version": LAYOUT_VERSION,
+        "cxx_core": False,
+        "cuda_built": False,
+        "cuda_archs": [],
+        "cuda_runtime_version": None,
+        "cuda_device_count": 0,
+        "cuda_device_name": None,
+        "triton": None,
+    }
+    if core.available():
+        c = core.load()
+        b = c.build_info()
+        info["cxx_core"] = bool(b["cxx"])
+        info["cuda_built"] = bool(b["cuda"])
+        info["cuda_archs"] = [a for a in str(b["cuda_archs"]).split(",") if a]
+        if b["cuda"]:
+            v = int(b["cuda_runtime_version"])
+            info["cuda_runtime_version"] = f"{v // 1000}.{(v % 1000) // 10}"
+            info["cuda_device_count"] = int(c.cuda_device_count())
+            if info["cuda_device_count"]:
+                info["cuda_device_name"] = c.cuda_device_name(0)
+    else:
+        info["core_error"] = core._import()[1]
+    if not info["cuda_device_count"] and torch.cuda.is_available():  # e.g. a CPU-only core on a GPU host
+        info["cuda_device_count"] = torch.cuda.device_count()
+        info["cuda_device_name"] = torch.cuda.get_device_name(0)
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        info["triton"] = triton.__version__
+    return info
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("treeq-engine")
+    except PackageNotFoundError:
+        return "0+unknown"
