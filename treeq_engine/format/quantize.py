@@ -103,20 +103,20 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "raise"
 
     x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
     bad = _nonfinite_rows(x2)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()
-        msg = (f"{what} contains NaN/Inf in {rows.numel()} of {x2.shape[0]} rows "
-               f"(first at row {int(rows[0])})")
-        if spec.role is Role.WEIGHT or nonfinite == "raise":
-            raise ValueError(msg)
-        x2 = torch.where(bad[:, None], torch.zeros_like(x2), x2)
-
+    if spec.role is Role.WEIGHT or nonfinite == "raise":
+        if bool(bad.any()):  # a host sync, paid only where an error is wanted
+            rows = bad.nonzero().flatten()
+            raise ValueError(f"{what} contains NaN/Inf in {rows.numel()} of {x2.shape[0]} rows "
+                             f"(first at row {int(rows[0])})")
+        scale, zp = row_qparams(x2, spec)
+        return QuantizedTensor(codes_from_qparams(x2, scale, zp, spec).reshape(x.shape), scale, zp, spec)
+    # propagate: branch-free, so it never synchronizes with the device
+    x2 = torch.where(bad[:, None], torch.zeros_like(x2), x2)
     scale, zp = row_qparams(x2, spec)
     codes = codes_from_qparams(x2, scale, zp, spec)
-    if bool(bad.any()):
-        scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
-        zp = torch.where(bad, torch.zeros_like(zp), zp)
-        codes = torch.where(bad[:, None], torch.zeros_like(codes), codes)
+    scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+    zp = torch.where(bad, torch.zeros_like(zp), zp)
+    codes = torch.where(bad[:, None], torch.zeros_like(codes), codes)
     return QuantizedTensor(codes.reshape(x.shape), scale, zp, spec)
 
 

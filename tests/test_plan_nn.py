@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from treeq_engine.format import QuantSpec, fake_quantize
+from treeq_engine.nn import (QuantLinear, apply_plan, convert, forward_order, noise_scale, quant_layers,
+                             quantizable_linears, unconvert)
+from treeq_engine.plan import BranchConfig, LayerConfig, PlanError, QuantPlan, is_block_layer
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc2 = nn.Linear(2 * d, d)  # registered before fc1: module order != forward order
+        self.fc1 = nn.Linear(d, 2 * d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_layer_config_validation():
+    with pytest.raises(PlanError, match="unsupported weight bit-width 5"):
+        LayerConfig(5, 8)
+    with pytest.raises(PlanError, match="unsupported activation bit-width 2"):
+        LayerConfig(4, 2)
+    with pytest.raises(PlanError, match="lowrank branch has blocks=1"):
+        BranchConfig("lowrank", blocks=4)
+    assert LayerConfig(4, 4, branch={"kind": "monarch", "blocks": 8, "rank": 1}).branch == BranchConfig("monarch", 8, 1)
+    assert LayerConfig(16, 16).label == "W16A16"
+
+
+def test_plan_json_roundtrip_and_errors(tmp_path):
+    net = Net()
+    names = quantizable_linears(net, include=is_block_layer)
+    assert names == ["blocks.0.fc2", "blocks.0.fc1", "blocks.1.fc2", "blocks.1.fc1"]
+    plan = QuantPlan.uniform(names, 4, 4, model="net", edge_names=["head"])
+    plan = plan.with_layer("blocks.1.fc1", LayerConfig(3, 8, branch=BranchConfig("monarch", 4, 1)))
+    plan.save(tmp_path / "p.json")
+    back = QuantPlan.load(tmp_path / "p.json")
+    assert back == plan and list(back.layers) == list(plan.layers)
+    d = plan.to_dict()
+    for bad, msg in [({**d, "schema": "x"}, "not a TreeQ plan"), ({**d, "version": 99}, "version 99"),
+                     ({**d, "extra": 1}, "unknown plan field"),
+                     ({**d, "layers": {"a": {"w_bits": 4}}}, r"layer 'a': missing \['a_bits'\]"),
+                     ({**d, "layers": {"a": {"w_bits": 7, "a_bits": 8}}}, "layer 'a': unsupported weight bit-width 7"),
+                     ({**d, "layers": {"a": {"w_bits": 4, "a_bits": 8, "groups": 2}}}, "unknown field")]:
+        with pytest.raises(PlanError, match=msg):
+            QuantPlan.from_dict(json.loads(json.dumps(bad)))
+    with pytest.raises(PlanError, match="not valid JSON"):
+        QuantPlan.from_json("{")
+    with pytest.raises(PlanError, match="does not have"):
+        QuantPlan.uniform(["blocks.0.fc3"], 4, 4).validate(net)
+    with pytest.raises(PlanError, match="must be nn.Linear"):
+        QuantPlan.uniform(["blocks.0"], 4, 4).validate(net)
+
+
+def test_forward_order_and_convert(gen):
+    net = Net()
+    x = torch.randn(5, 16, generator=gen)
+    assert forward_order(net, x) == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
+    ref = net(x)
+    plan = QuantPlan.uniform(quantizable_linears(net), 16, 16)
+    convert(net, plan)
+    assert len(quant_layers(net)) == 5
+    torch.testing.assert_close(net(x), ref)  # 16 bits: identity
+    apply_plan(net, QuantPlan.uniform(quantizable_linears(net), 4, 4))
+    y = net(x)
+    assert not torch.allclose(y, ref)
+    # one layer by hand equals the oracle composition
+    q = net.blocks[0].fc1
+    xin = torch.randn(3, 16, generator=gen)
+    expect = fake_quantize(xin, QuantSpec.activation(4)) @ fake_quantize(q.weight, QuantSpec.weight(4)).T + q.bias
+    torch.testing.assert_close(q(xin), expect)
+    with noise_scale(net, 0.0):
+        torch.testing.assert_close(net(x), ref)
+    unconvert(net)
+    assert not quant_layers(net) and isinstance(net.head, nn.Linear)
+    torch.testing.assert_close(net(x), ref)
+
+
+def test_noise_scale_interpolates(gen):
+    lin = nn.Linear(16, 8)
+    q = QuantLinear(lin, LayerConfig(3, 3))
+    x = torch.randn(4, 16, generator=gen)
+    full, fp = q(x), lin(x)
+    q.set_noise_scale(0.5)
+    xq = x + 0.5 * (fake_quantize(x, QuantSpec.activation(3)) - x)
+    wq = lin.weight + 0.5 * (fake_quantize(lin.weight, QuantSpec.weight(3)) - lin.weight)
+    torch.testing.assert_close(q(x), xq @ wq.T + lin.bias)
+    assert not torch.allclose(q(x), full) and not torch.allclose(q(x), fp)
+    with pytest.raises(ValueError, match=r"λ must be in \[0, 1\]"):
+        q.set_noise_scale(1.5)
+
+
+def test_gradients_flow_and_cache(gen):
+    q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8))
+    x = torch.randn(4, 16, generator=gen, requires_grad=True)
+    q(x).sum().backward()
+    assert q.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        a = q.quantized_weight()
+        assert q.quantized_weight() is a  # cached
+        q.weight.add_(0.1)
+        assert q.quantized_weight() is not a  # weight changed: recomputed
+
+
+def test_bad_input_shape():
+    q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8), name="blk.fc")
+    with pytest.raises(ValueError, match="blk.fc: input has 15 features, expected 16"):
+        q(torch.randn(2, 15))

@@ -1,0 +1,6 @@
+"""Kernel ops behind one API: activation quantization (fused LN/modulate/Monarch stage 1) and the packed
+mixed-precision GEMM with the fused epilogue. Backends: reference (oracle), Triton, CUDA."""
+from .ops import backends, packed_linear, quantize_activation, register
+from .types import PackedWeight, QuantizedActivation
+
+__all__ = ["PackedWeight", "QuantizedActivation", "backends", "packed_linear", "quantize_activation", "register"]

@@ -1,0 +1,108 @@
+"""The kernel ops' public entry points, with input checks and backend dispatch.
+
+Backends register themselves (``register``) with a predicate saying whether they can run given inputs; the
+dispatcher takes the first that can, in priority order (CUDA, then Triton, then the reference). Pass
+``backend=`` to force one. Every backend is tested against ``reference``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from ..format import QuantSpec, Role
+from . import reference
+from .types import PackedWeight, QuantizedActivation
+
+OPS = ("quantize_activation", "packed_linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int  # higher runs first
+    fns: dict[str, Callable[..., Any]]
+    can_run: Callable[[str, tuple, dict], bool]  # (op, args, kwargs) -> bool
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    unknown = set(backend.fns) - set(OPS)
+    if unknown:
+        raise ValueError(f"backend {backend.name}: unknown op(s) {sorted(unknown)}")
+    _BACKENDS[backend.name] = backend
+
+
+register(Backend("reference", 0, {"quantize_activation": reference.quantize_activation,
+                                  "packed_linear": reference.packed_linear}, lambda op, a, kw: True))
+
+
+def backends() -> list[str]:
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def _pick(op: str, backend: str | None, args: tuple, kwargs: dict) -> Callable[..., Any]:
+    if backend is not None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {backends()}")
+        b = _BACKENDS[backend]
+        if op not in b.fns:
+            raise ValueError(f"backend {backend!r} does not implement {op}")
+        if not b.can_run(op, args, kwargs):
+            raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device/dtype/shape)")
+        return b.fns[op]
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if op in b.fns and b.can_run(op, args, kwargs):
+            return b.fns[op]
+    raise RuntimeError(f"no backend can run {op}")  # unreachable: reference always can
+
+
+def _check_x(x: torch.Tensor, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (tokens M, features K), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{what} must be bfloat16, float16 or float32, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
+                        shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        monarch_w1: torch.Tensor | None = None, backend: str | None = None) -> QuantizedActivation:
+    """Per-token quantization of ``x (M, K)`` after optional LayerNorm and modulate, with the Monarch stage 1
+    ``z = P₁·BD₁·x`` of the unquantized rows."""
+    _check_x(x)
+    if not isinstance(spec, QuantSpec) or spec.role is not Role.ACTIVATION or not spec.is_quantized:
+        raise ValueError(f"quantize_activation needs a quantized activation spec, got {spec}")
+    k = x.shape[1]
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t is not None and (t.dim() != 2 or t.shape[1] != k or t.device != x.device):
+            raise ValueError(f"{name} must be (G, K={k}) on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if monarch_w1 is not None and (monarch_w1.dim() != 3 or monarch_w1.shape[0] * monarch_w1.shape[2] < k):
+        raise ValueError(f"monarch_w1 (b, b·r, Kb) must cover K={k}, got {tuple(monarch_w1.shape)}")
+    kw = dict(ln_eps=ln_eps, shift=shift, scale=scale, monarch_w1=monarch_w1)
+    return _pick("quantize_activation", backend, (x, spec), kw)(x, spec, **kw)
+
+
+def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
+                  monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
+                  out_spec: QuantSpec | None = None, backend: str | None = None) -> torch.Tensor | QuantizedActivation:
+    """``act × weightᵀ`` with the integer epilogue, Monarch stage 2, bias, optional GELU; bf16 ``(M, N)`` out, or
+    the next layer's quantized activation when ``out_spec`` is given."""
+    if not isinstance(act, QuantizedActivation) or not isinstance(weight, PackedWeight):
+        raise TypeError("packed_linear takes a QuantizedActivation and a PackedWeight")
+    if act.k != weight.k:
+        raise ValueError(f"K mismatch: activation has K={act.k}, weight (N={weight.n}, K={weight.k})")
+    if act.codes.device != weight.device:
+        raise ValueError(f"activation on {act.codes.device} but weight on {weight.device}")
+    if bias is not None and bias.shape != (weight.n,):
+        raise ValueError(f"bias must be ({weight.n},), got {tuple(bias.shape)}")
+    if monarch_w2 is not None and (monarch_w2.dim() != 3 or monarch_w2.shape[0] * monarch_w2.shape[1] < weight.n):
+        raise ValueError(f"monarch_w2 (b, Nb, b·r) must cover N={weight.n}, got {tuple(monarch_w2.shape)}")
+    kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec)
+    return _pick("packed_linear", backend, (act, weight), kw)(act, weight, **kw)

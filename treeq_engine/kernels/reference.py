@@ -1,0 +1,60 @@
+"""The two kernel ops composed from the format oracle: the reference backend every other backend must match.
+
+``quantize_activation``: [LayerNorm] → [adaLN modulate] → Monarch stage 1 (unquantized) → per-token quantization.
+``packed_linear``: exact int32 GEMM → zero-point corrections and scales → + Monarch stage 2 → + bias →
+[GELU(tanh)] → bf16 out, or per-token quantization for the next layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..branches import monarch
+from ..format import QuantSpec, int_gemm, quantize, zero_point_correction
+from .types import PackedWeight, QuantizedActivation
+
+
+def preprocess(x: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 rows after the optional LayerNorm (no affine, as DiT) and modulate ``x·(1 + scale) + shift``.
+    ``shift``/``scale`` are ``(G, K)``: row ``m`` uses group ``m // (M // G)`` (one group per sample)."""
+    xf = x.float()
+    if ln_eps is not None:
+        xf = F.layer_norm(xf, (xf.shape[-1],), eps=ln_eps)
+    if (shift is None) != (scale is None):
+        raise ValueError("modulate needs both shift and scale")
+    if shift is not None:
+        g = shift.shape[0]
+        if x.shape[0] % g:
+            raise ValueError(f"modulate groups: M={x.shape[0]} is not a multiple of G={g}")
+        rep = x.shape[0] // g
+        xf = xf * (1 + scale.float().repeat_interleave(rep, 0)) + shift.float().repeat_interleave(rep, 0)
+    return xf
+
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
+                        shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
+    xf = preprocess(x, ln_eps=ln_eps, shift=shift, scale=scale)
+    z = None if monarch_w1 is None else monarch.stage1(xf, monarch_w1.float())
+    qt = quantize(xf, spec, nonfinite="propagate")
+    return QuantizedActivation(qt.codes, qt.scale, qt.zero_point, qt.row_sums(), spec.bits, z)
+
+
+def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
+                  monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
+                  out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
+    acc = int_gemm(act.codes, weight.codes())
+    corr = zero_point_correction(acc, weight.k, act.zero_point, act.row_sum, weight.zero_point, weight.col_sum)
+    y = corr.float() * act.scale[:, None] * weight.scale[None, :]
+    if monarch_w2 is not None:
+        if act.z is None:
+            raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
+        y = y + monarch.stage2(act.z.float(), monarch_w2.float(), weight.n)
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    if out_spec is not None:
+        return quantize_activation(y, out_spec)
+    return y.to(out_dtype)

@@ -1,0 +1,102 @@
+"""Layer enumeration and module swapping: the narrow interface search, calibration and PTQ use.
+
+    names = quantizable_linears(model)                     # every nn.Linear, module order
+    order = forward_order(model, x, t, y)                  # the order they run in (hooks, one forward)
+    convert(model, plan)                                   # nn.Linear -> QuantLinear for the plan's layers
+    apply_plan(model, plan)                                # re-configure converted layers (fast, no swap)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..plan import PlanError, QuantPlan
+from .quant_linear import QuantLinear
+
+
+def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` (or already converted) modules of ``model``, in module order."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, QuantLinear)) and (include is None or include(n))]
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, *inputs: Any, names: Iterable[str] | None = None, **kw: Any) -> list[str]:
+    """The linears of ``model`` in the order a forward pass first calls them (one traced forward)."""
+    wanted = set(quantizable_linears(model) if names is None else names)
+    order: list[str] = []
+    handles = []
+    for n, m in model.named_modules():
+        if n in wanted:
+            handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None))
+    try:
+        model(*inputs, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in wanted if n not in order]
+    return order + sorted(missing)  # layers not reached by this forward keep a stable place at the end
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Swap every linear the plan names for a :class:`QuantLinear` with its config (in place); layers already
+    converted are re-configured. Returns ``model``."""
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    plan.validate(model)
+    for name, cfg in plan.layers.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, QuantLinear):
+            mod.set_config(cfg)
+        else:
+            _set_submodule(model, name, QuantLinear(mod, cfg, name=name))
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan, *, strict: bool = True) -> None:
+    """Set the configs of already converted layers; layers not in the plan go back to full precision."""
+    layers = quant_layers(model)
+    if strict:
+        missing = [n for n in plan.layers if n not in layers]
+        if missing:
+            raise PlanError(f"apply_plan: {len(missing)} plan layer(s) are not converted, e.g. {missing[:3]}; "
+                            "call convert() first")
+    for n, m in layers.items():
+        m.set_config(plan.layers.get(n))
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Swap every QuantLinear back to an ``nn.Linear`` sharing the same parameters."""
+    for name, m in list(quant_layers(model).items()):
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight, lin.bias = m.weight, m.bias
+        _set_submodule(model, name, lin)
+    return model
+
+
+@contextlib.contextmanager
+def noise_scale(model: nn.Module, lam: float, names: Iterable[str] | None = None):
+    """Temporarily set ENG's λ on the given (default: all) converted layers."""
+    layers = quant_layers(model)
+    chosen = layers if names is None else {n: layers[n] for n in names}
+    old = {n: m.noise_scale for n, m in chosen.items()}
+    try:
+        for m in chosen.values():
+            m.set_noise_scale(lam)
+        yield
+    finally:
+        for n, m in chosen.items():
+            m.set_noise_scale(old[n])

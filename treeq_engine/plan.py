@@ -1,0 +1,212 @@
+"""QuantPlan: the per-layer quantization plan, a versioned JSON document shared by search, PTQ and runtime.
+
+```json
+{
+  "schema": "treeq-plan", "version": 1, "model": "DiT-digits",
+  "layers": {
+    "blocks.0.attn.qkv": {"w_bits": 4, "a_bits": 4, "w_symmetric": false, "a_symmetric": false,
+                          "w_clip": 1.0, "a_clip": 1.0, "branch": {"kind": "monarch", "blocks": 32, "rank": 1}},
+    "final_layer.linear": {"w_bits": 8, "a_bits": 8}
+  },
+  "meta": {"budget": {"w_bits": 4.0, "a_bits": 4.0}, "search": "tss"}
+}
+```
+
+Layers absent from ``layers`` stay in full precision. ``w_bits``/``a_bits`` of 16 keep bf16. Keys are module
+names (``model.named_modules()``); :meth:`QuantPlan.validate` checks them against a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch.nn as nn
+
+from .format import QuantSpec
+
+SCHEMA = "treeq-plan"
+PLAN_VERSION = 1
+BRANCH_KINDS = ("monarch", "lowrank")
+
+
+class PlanError(ValueError):
+    """A malformed plan, or a plan that does not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchConfig:
+    """A high-precision branch beside the quantized weight. ``lowrank`` is ``monarch`` with one block."""
+
+    kind: str = "monarch"
+    blocks: int = 32
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in BRANCH_KINDS:
+            raise PlanError(f"branch kind must be one of {BRANCH_KINDS}, got {self.kind!r}")
+        for f in ("blocks", "rank"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise PlanError(f"branch {f} must be a positive int, got {v!r}")
+        if self.kind == "lowrank" and self.blocks != 1:
+            raise PlanError(f"a lowrank branch has blocks=1, got {self.blocks}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """One layer's format. Validated against the numeric format on construction."""
+
+    w_bits: int
+    a_bits: int
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_clip: float = 1.0
+    a_clip: float = 1.0
+    branch: BranchConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.branch, Mapping):
+            object.__setattr__(self, "branch", BranchConfig(**self.branch))
+        try:
+            self.weight_spec()
+            self.act_spec()
+        except (TypeError, ValueError) as e:
+            raise PlanError(str(e)) from None
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec.weight(self.w_bits, self.w_symmetric, self.w_clip)
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec.activation(self.a_bits, self.a_symmetric, self.a_clip)
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}" + ("" if self.branch is None else f"+{self.branch.kind}")
+
+    def replace(self, **changes: Any) -> "LayerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.branch is None:
+            d.pop("branch")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "layer") -> "LayerConfig":
+        if not isinstance(d, Mapping):
+            raise PlanError(f"{where}: expected an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}")
+        missing = {"w_bits", "a_bits"} - set(d)
+        if missing:
+            raise PlanError(f"{where}: missing {sorted(missing)}")
+        try:
+            return cls(**d)
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise PlanError(f"{where}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """Per-layer configs keyed by module name, in forward order."""
+
+    layers: Mapping[str, LayerConfig]
+    model: str = ""
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        for name, cfg in self.layers.items():
+            if not isinstance(cfg, LayerConfig):
+                raise PlanError(f"layer {name!r}: expected a LayerConfig, got {type(cfg).__name__}")
+        object.__setattr__(self, "layers", types.MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "meta", types.MappingProxyType(dict(self.meta)))
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, names: Iterable[str], w_bits: int, a_bits: int, *, model: str = "",
+                edge_names: Iterable[str] = (), edge_bits: tuple[int, int] = (8, 8), **layer_kw: Any) -> "QuantPlan":
+        """Every layer in ``names`` at ``W{w_bits}A{a_bits}``; ``edge_names`` (embedders, final layer) at
+        ``edge_bits``."""
+        layers = {n: LayerConfig(w_bits, a_bits, **layer_kw) for n in names}
+        for n in edge_names:
+            layers[n] = LayerConfig(*edge_bits)
+        return cls(layers, model=model, meta={"kind": f"uniform W{w_bits}A{a_bits}"})
+
+    def with_layer(self, name: str, cfg: LayerConfig) -> "QuantPlan":
+        layers = dict(self.layers)
+        layers[name] = cfg
+        return dataclasses.replace(self, layers=layers)
+
+    # -- checks ----------------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) of ``model``."""
+        modules = dict(model.named_modules())
+        bad = [n for n in self.layers if n not in modules]
+        if bad:
+            close = {n: [m for m in modules if m.endswith(n.split(".")[-1])][:3] for n in bad[:3]}
+            raise PlanError(f"plan names {len(bad)} layer(s) the model does not have, e.g. {bad[:3]} "
+                            f"(similar names in the model: {close})")
+        from .nn.quant_linear import QuantLinear
+
+        wrong = [n for n in self.layers if not isinstance(modules[n], (nn.Linear, QuantLinear))]
+        if wrong:
+            raise PlanError(f"plan layers must be nn.Linear modules; not linear: {wrong[:5]}")
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "version": self.version, "model": self.model,
+                "layers": {n: c.to_dict() for n, c in self.layers.items()}, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantPlan":
+        if not isinstance(d, Mapping):
+            raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
+        if d.get("schema") != SCHEMA:
+            raise PlanError(f"not a TreeQ plan: schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (this build reads {PLAN_VERSION})")
+        unknown = set(d) - {"schema", "version", "model", "layers", "meta"}
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {sorted(unknown)}")
+        layers = d.get("layers")
+        if not isinstance(layers, Mapping):
+            raise PlanError("plan 'layers' must be an object mapping layer names to configs")
+        return cls({n: LayerConfig.from_dict(c, where=f"layer {n!r}") for n, c in layers.items()},
+                   model=str(d.get("model", "")), meta=d.get("meta", {}) or {})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantPlan":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantPlan":
+        return cls.from_json(Path(path).read_text())
+
+
+BLOCK_LAYER = re.compile(r"(^|\.)(blocks|transformer_blocks)\.\d+\.")
+
+
+def is_block_layer(name: str) -> bool:
+    """Layers inside the repeated transformer blocks (searched by default); the rest are 'edge' layers
+    (embedders, final layer), kept at 8 bits by default."""
+    return BLOCK_LAYER.search(name) is not None
