@@ -13,6 +13,11 @@ All arithmetic is float32, in this order, and every kernel reproduces it:
 
 Rows are the last-dim vectors: output channels of a weight ``(N, K)``, tokens of an activation ``(..., K)``.
 
+Calibrated weights. PTQ chooses each output channel's clip ratio (or its scale and zero point) by measuring output
+error; ``row_qparams(..., clip=)`` takes a per-row clip, and ``quantize_with_qparams`` /
+``fake_quantize_with_qparams`` quantize with given per-row parameters by the same code rule. The latter is also
+differentiable in ``scale`` (the LSQ gradient), for fine-tuning quantizer scales.
+
 Non-finite input. A weight holding NaN/Inf is always an error. For activations, ``nonfinite="raise"`` (the
 default) raises a ``ValueError`` naming the rows; ``"propagate"`` gives such rows scale NaN, zero point 0 and
 codes 0, so their outputs come out NaN (the documented behaviour of the kernels, which cannot raise).
@@ -66,9 +71,19 @@ def _nonfinite_rows(x2: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x2).all(dim=1)
 
 
-def row_qparams(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale float32 (R,), zero_point int32 (R,)) of a float32 ``(R, K)`` matrix, by the rules above."""
-    qmin, qmax, clip = float(spec.qmin), float(spec.qmax), spec.clip_ratio
+def row_qparams(x2: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale float32 (R,), zero_point int32 (R,)) of a float32 ``(R, K)`` matrix, by the rules above.
+    ``clip`` (float32 ``(R,)``, each in (0, 1]) replaces ``spec.clip_ratio`` row by row."""
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    if clip is None:
+        clip = spec.clip_ratio
+    else:
+        if not isinstance(clip, torch.Tensor) or clip.shape != (x2.shape[0],):
+            raise ValueError(f"per-row clip must be a tensor of shape ({x2.shape[0]},), got "
+                             f"{tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__}")
+        clip = clip.to(device=x2.device, dtype=torch.float32)
+        if not bool(((clip > 0) & (clip <= 1)).all()):
+            raise ValueError("per-row clip ratios must lie in (0, 1]")
     if spec.symmetric:
         amax = x2.abs().amax(dim=1) * clip
         scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
@@ -145,3 +160,56 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "r
     u = x2 / qt.scale[:, None] + qt.zero_point[:, None].to(torch.float32)
     inside = ((u >= spec.qmin - 0.5) & (u <= spec.qmax + 0.5)).reshape(x.shape)
     return (x_hat.to(x.dtype).detach() + (x - x.detach()) * inside.to(x.dtype))
+
+
+def _check_qparams(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> int:
+    """Validate per-row parameters for ``x (..., K)``; returns the row count R."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    _check_float(x, spec.role.value)
+    if not spec.is_quantized:
+        raise ValueError(f"{spec.role.value}: spec {spec} keeps bf16; there is nothing to quantize")
+    rows = x.numel() // x.shape[-1]
+    for name, t, dt in (("scale", scale, torch.float32), ("zero_point", zero_point, torch.int32)):
+        if not isinstance(t, torch.Tensor) or t.shape != (rows,) or t.dtype != dt:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be {dt} ({rows},) for {rows} rows of {tuple(x.shape)}, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the tensor is on {x.device}")
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError("scale must be finite and positive in every row")
+    if bool(((zero_point < spec.qmin) | (zero_point > spec.qmax)).any()):
+        raise ValueError(f"zero_point must lie in [{spec.qmin}, {spec.qmax}] for {spec}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{spec.role.value} contains NaN/Inf")
+    return rows
+
+
+def quantize_with_qparams(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                          zero_point: torch.Tensor) -> QuantizedTensor:
+    """Quantize the rows of ``x (..., K)`` with given per-row ``scale`` float32 ``(R,)`` and ``zero_point`` int32
+    ``(R,)`` (calibrated elsewhere) by the format's code rule. With the parameters ``row_qparams`` would compute,
+    this equals :func:`quantize` exactly."""
+    rows = _check_qparams(x, spec, scale, zero_point)
+    x2 = x.detach().reshape(rows, -1).to(torch.float32)
+    codes = codes_from_qparams(x2, scale, zero_point, spec)
+    return QuantizedTensor(codes.reshape(x.shape), scale, zero_point, spec)
+
+
+def fake_quantize_with_qparams(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                               zero_point: torch.Tensor) -> torch.Tensor:
+    """``dequantize(quantize_with_qparams(x, ...))`` in ``x``'s dtype, differentiable: in ``x`` by the clipped
+    straight-through estimator (as :func:`fake_quantize`), in ``scale`` by LSQ's rule
+    (``∂x̂/∂s = round(x/s) − x/s`` inside the range, ``q_clamp − zp`` where clipped). ``zero_point`` is a constant."""
+    rows = _check_qparams(x, spec, scale.detach(), zero_point)
+    if not (x.requires_grad or scale.requires_grad):
+        return dequantize(quantize_with_qparams(x, spec, scale, zero_point), torch.float32).to(x.dtype)
+    x2 = x.reshape(rows, -1).to(torch.float32)
+    s = scale[:, None]
+    v = x2 / s
+    # v + (round(v) − v) is exactly round(v) in float32 for |v| < 2^22 (the difference is exact), so the
+    # forward values are the oracle's codes while the gradient of the rounding is 1.
+    r = v + (torch.round(v) - v).detach()
+    zp = zero_point[:, None].to(torch.float32)
+    q = torch.clamp(r + zp, spec.qmin, spec.qmax)
+    return (s * (q - zp)).reshape(x.shape).to(x.dtype)
