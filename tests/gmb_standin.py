@@ -1,0 +1,74 @@
+"""A small stand-in denoiser for the calibration and fine-tuning tests: DiT-shaped (tokens, adaLN-style
+conditioning, blocks.N.* linears, a final linear) and a few-step DDIM trajectory, small enough for CPU tests."""
+import math
+
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ada = nn.Linear(d, 2 * d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, h, c):
+        shift, scale = self.ada(torch.nn.functional.silu(c)).chunk(2, dim=-1)
+        u = torch.nn.functional.layer_norm(h, h.shape[-1:]) * (1 + scale[:, None]) + shift[:, None]
+        return h + self.fc2(torch.nn.functional.gelu(self.fc1(u), approximate="tanh"))
+
+
+class TinyDenoiser(nn.Module):
+    """ε(x (B, C, S, S), t (B,), y (B,)) with patch size 2."""
+
+    def __init__(self, c=1, s=8, d=24, depth=2, classes=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c, self.s, self.d = c, s, d
+        self.embed_x = nn.Linear(4 * c, d)
+        self.embed_t = nn.Linear(16, d)
+        self.embed_y = nn.Embedding(classes, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(depth)])
+        self.final = nn.Linear(d, 4 * c)
+        for p in self.parameters():  # deterministic, with a few outlier input channels like real activations
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        with torch.no_grad():
+            self.blocks[0].fc1.weight[:, :2] *= 6.0
+
+    def forward(self, x, t, y):
+        b, c, s, _ = x.shape
+        tok = x.reshape(b, c, s // 2, 2, s // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (s // 2) ** 2, 4 * c)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
+        temb = torch.cat([torch.sin(t[:, None].float() * freqs), torch.cos(t[:, None].float() * freqs)], -1)
+        cond = self.embed_t(temb) + self.embed_y(y)
+        h = self.embed_x(tok)
+        for blk in self.blocks:
+            h = blk(h, cond)
+        out = self.final(h)
+        return out.reshape(b, s // 2, s // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, s, s)
+
+
+def alphas_bar(T=100):
+    betas = torch.linspace(1e-4, 0.05, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+@torch.no_grad()
+def ddim_trajectory(model, n=4, steps=5, seed=0, classes=4, T=100):
+    """The (x_t, t, y) inputs the model sees along a deterministic DDIM run."""
+    g = torch.Generator().manual_seed(seed)
+    ab = alphas_bar(T)
+    ts = torch.linspace(T - 1, 0, steps).round().long()
+    x = torch.randn(n, model.c, model.s, model.s, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    out = []
+    for i, t in enumerate(ts):
+        tt = torch.full((n,), int(t))
+        out.append((x.clone(), tt, y.clone()))
+        eps = model(x, tt, y)
+        a, a_prev = float(ab[t]), float(ab[ts[i + 1]]) if i + 1 < steps else 1.0
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return out

@@ -1,0 +1,288 @@
+"""Post-training calibration: per-channel weight clipping, per-layer activation clipping, branch initialisation.
+
+Layer by layer in forward order (sequential: each layer sees the inputs produced by the already calibrated
+layers before it, later layers stay in full precision), on inputs ``X (M, K)`` captured from the calibration
+set, with the FP target ``Y = X·Wᵀ`` (bias cancels):
+
+    out(a, s, zp) = Q_a(X; a)·Q_w(base; s, zp)ᵀ + X·Bᵀ                 err = ‖out − Y‖²
+
+1. Branch (if the plan gives the layer one), closed form (:func:`~treeq_engine.branches.init_branch`):
+   "weight" B = Π(W), base = W − B before the search; "residual" base = W, B = Π(W − Q(W)) after the first
+   weight search (it fits the calibrated quantizer's error).
+2. Weight clip per output channel: for each ratio c of ``w_clip_grid``, the format's parameters of ``base``
+   shrunk by c; channel n keeps the c with the least ``Σ_m err[m, n]``. With a fixed activation quantizer the
+   error of output channel n depends only on weight row n, so this per-channel choice is exact, not greedy.
+3. Activation clip per layer: the ratio of ``a_clip_grid`` with the least total error for the chosen weights
+   (the dynamic per-token quantizer's range is ``a·[min, max]`` of each token).
+4. Steps 2–3 alternate ``rounds`` times. The layer is then frozen (codes, scales, zero points) and its plan
+   entry gets the chosen ``a_clip``.
+
+Resumable: each finished layer is written to ``out_dir/layers/<name>.safetensors`` and recorded in
+``out_dir/ptq.json`` before the next one starts; a rerun with the same plan and config loads the finished
+layers and continues. ``load_calibration`` rebuilds a calibrated model from the directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..branches import INIT_MODES, MonarchBranch, init_branch
+from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
+from ..nn import QuantLinear, convert, forward_order, noise_scale
+from ..plan import LayerConfig, QuantPlan
+from .capture import CalibBatch, capture_inputs
+from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
+
+SCHEMA = "treeq-ptq"
+VERSION = 1
+DEFAULT_W_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+DEFAULT_A_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQConfig:
+    """``w_clip_grid``/``a_clip_grid``: candidate clip ratios (``(1.0,)`` turns a search off: round-to-nearest on
+    the full range). ``rounds``: weight/activation alternations. ``branch_init``: "weight" or "residual".
+    ``max_tokens``: input rows per layer used by the search."""
+
+    w_clip_grid: tuple[float, ...] = DEFAULT_W_GRID
+    a_clip_grid: tuple[float, ...] = DEFAULT_A_GRID
+    rounds: int = 2
+    branch_init: str = "weight"
+    max_tokens: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("w_clip_grid", "a_clip_grid"):
+            grid = tuple(float(c) for c in getattr(self, name))
+            if not grid or any(not 0.0 < c <= 1.0 for c in grid):
+                raise ValueError(f"PTQConfig.{name} must be a non-empty list of ratios in (0, 1], got {grid}")
+            object.__setattr__(self, name, grid)
+        if self.branch_init not in INIT_MODES:
+            raise ValueError(f"PTQConfig.branch_init must be one of {INIT_MODES}, got {self.branch_init!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"PTQConfig.rounds must be a positive int, got {self.rounds!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"PTQConfig.max_tokens must be a positive int, got {self.max_tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class LayerCalibration:
+    """One layer's result. ``scale``/``zero_point`` (N,) quantize ``base (N, K)``; ``branch`` may be None;
+    errors are relative: ‖out − Y‖² / ‖Y‖² on the captured inputs."""
+
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    base: torch.Tensor
+    branch: MonarchBranch | None
+    a_clip: float
+    w_clip: torch.Tensor | None
+    err_rtn: float  # round-to-nearest, full range, no branch: the starting point
+    err: float  # after calibration
+
+
+def _act_spec(cfg: LayerConfig, clip: float) -> QuantSpec:
+    return QuantSpec.activation(cfg.a_bits, cfg.a_symmetric, clip)
+
+
+def _quant_x(x: torch.Tensor, cfg: LayerConfig, clip: float) -> torch.Tensor:
+    spec = _act_spec(cfg, clip)
+    return fake_quantize(x, spec) if spec.is_quantized else x
+
+
+def search_weight_clip(base: torch.Tensor, xq: torch.Tensor, target: torch.Tensor, spec: QuantSpec,
+                       grid: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output channel, the clip ratio of ``grid`` minimising ``Σ_m (xq·Q_c(base)ᵀ − target)²[m, n]``.
+    ``base (N, K)``, ``xq (M, K)``, ``target (M, N)``; returns ``(scale (N,), zero_point (N,), clip (N,))``."""
+    n, dev = base.shape[0], base.device
+    best = torch.full((n,), float("inf"), device=dev)
+    scale = torch.empty(n, device=dev)
+    zp = torch.empty(n, dtype=torch.int32, device=dev)
+    clip = torch.empty(n, device=dev)
+    for c in grid:
+        s, z = row_qparams(base, spec, clip=torch.full((n,), c, device=dev))
+        wq = dequantize(quantize_with_qparams(base, spec, s, z))
+        err = (xq @ wq.T - target).square().sum(0)
+        better = err < best  # ties keep the earlier (larger, less clipped) ratio
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zp = torch.where(better, z, zp)
+        clip = torch.where(better, torch.full_like(clip, c), clip)
+    return scale, zp, clip
+
+
+def search_act_clip(x: torch.Tensor, wq: torch.Tensor, target: torch.Tensor, cfg: LayerConfig,
+                    grid: Sequence[float]) -> float:
+    """The per-layer activation clip ratio of ``grid`` minimising ``‖Q_a(x)·wqᵀ − target‖²``."""
+    errs = [float((_quant_x(x, cfg, c) @ wq.T - target).square().sum()) for c in grid]
+    return grid[min(range(len(grid)), key=errs.__getitem__)]
+
+
+def calibrate_layer(weight: torch.Tensor, x: torch.Tensor, cfg: LayerConfig, config: PTQConfig) -> LayerCalibration:
+    """Calibrate one linear ``weight (N, K)`` on its inputs ``x (M, K)`` (see the module docstring)."""
+    w = weight.detach().to(torch.float32)
+    x = x.to(torch.float32)
+    wspec = cfg.weight_spec()
+    y = x @ w.T
+    norm = float(y.square().sum()) or 1.0
+
+    def rel(out: torch.Tensor) -> float:
+        return float((out - y).square().sum()) / norm
+
+    wq_rtn = fake_quantize(w, QuantSpec.weight(cfg.w_bits, cfg.w_symmetric)) if wspec.is_quantized else w
+    err_rtn = rel(_quant_x(x, cfg, 1.0) @ wq_rtn.T)
+    if cfg.branch is not None and not wspec.is_quantized:
+        raise ValueError(f"a branch beside an unquantized weight ({cfg.label}) serves no purpose")
+
+    branch, base = None, w
+    if cfg.branch is not None and config.branch_init == "weight":
+        branch, base = init_branch(w, cfg.branch, "weight")
+    xb = torch.zeros_like(y) if branch is None else branch(x).detach()
+    a_clip = 1.0
+    scale = zp = w_clip = None
+    wq = base
+    for r in range(config.rounds):
+        xq = _quant_x(x, cfg, a_clip)
+        if wspec.is_quantized:
+            scale, zp, w_clip = search_weight_clip(base, xq, y - xb, wspec, config.w_clip_grid)
+            wq = dequantize(quantize_with_qparams(base, wspec, scale, zp))
+        if r == 0 and cfg.branch is not None and config.branch_init == "residual":
+            branch, _ = init_branch(w, cfg.branch, "residual", quantizer=lambda m, wq=wq: wq)
+            xb = branch(x).detach()
+            xq = _quant_x(x, cfg, a_clip)
+            scale, zp, w_clip = search_weight_clip(base, xq, y - xb, wspec, config.w_clip_grid)
+            wq = dequantize(quantize_with_qparams(base, wspec, scale, zp))
+        if _act_spec(cfg, 1.0).is_quantized:
+            a_clip = search_act_clip(x, wq, y - xb, cfg, config.a_clip_grid)
+    err = rel(_quant_x(x, cfg, a_clip) @ wq.T + xb)
+    return LayerCalibration(scale, zp, base, branch, a_clip, w_clip, err_rtn, err)
+
+
+def _apply(layer: QuantLinear, cfg: LayerConfig, res: LayerCalibration) -> LayerConfig:
+    """Install a calibration result in a converted layer; returns the calibrated config."""
+    new_cfg = cfg.replace(a_clip=res.a_clip)
+    if layer.is_frozen:
+        layer.unfreeze_weight()
+    layer.set_config(new_cfg)
+    layer.branch = None if res.branch is None else res.branch.to(layer.weight.device)
+    if res.scale is not None:
+        layer.freeze_weight(res.base.to(layer.weight.device), res.scale, res.zero_point)
+    return new_cfg
+
+
+def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
+    t: dict[str, torch.Tensor] = {}
+    if layer.is_frozen:
+        qt = layer.quantized_tensor()
+        t.update(codes=qt.codes, scale=qt.scale, zero_point=qt.zero_point)
+    if layer.branch is not None:
+        t.update(w1=layer.branch.w1, w2=layer.branch.w2)
+    return t
+
+
+def install_layer(layer: QuantLinear, cfg: LayerConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Restore a calibrated layer from its saved tensors (frozen codes and branch factors)."""
+    layer.unfreeze_weight()
+    layer.set_config(cfg)
+    layer.branch = None
+    if cfg.branch is not None:
+        if "w1" not in tensors or "w2" not in tensors:
+            raise CheckpointError(f"{where}: the plan gives this layer a branch but w1/w2 are missing")
+        br = MonarchBranch.from_config(cfg.branch, layer.out_features, layer.in_features)
+        for k in ("w1", "w2"):
+            if tuple(tensors[k].shape) != tuple(getattr(br, k).shape):
+                raise CheckpointError(f"{where}: {k} is {tuple(tensors[k].shape)}, the plan's branch needs "
+                                      f"{tuple(getattr(br, k).shape)}")
+        with torch.no_grad():
+            br.w1.copy_(tensors["w1"])
+            br.w2.copy_(tensors["w2"])
+        layer.branch = br.to(layer.weight.device)
+    if cfg.weight_spec().is_quantized:
+        if "codes" not in tensors:
+            raise CheckpointError(f"{where}: no frozen codes for a quantized weight")
+        try:
+            layer.load_frozen(tensors["codes"], tensors["scale"], tensors["zero_point"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+
+def _layer_file(out_dir: Path, name: str) -> Path:
+    return out_dir / "layers" / f"{name}.safetensors"
+
+
+def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], config: PTQConfig = PTQConfig(),
+              *, out_dir: str | Path | None = None, progress: bool = True) -> QuantPlan:
+    """Calibrate every layer of ``plan`` on ``batches`` (each a tuple of positional model inputs) in place:
+    ``model`` is converted, its layers frozen with their calibrated weights and branches. Returns the
+    calibrated plan (``a_clip`` filled in). With ``out_dir`` the work is saved per layer and resumed."""
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    convert(model, plan)
+    layers = {n: model.get_submodule(n) for n in plan.layers}
+    order = forward_order(model, *batches[0], names=list(plan.layers))
+    state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
+                             "config": config.to_dict(), "layers": {}}
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        (out / "layers").mkdir(parents=True, exist_ok=True)
+        if (out / "ptq.json").exists():
+            old = read_json(out / "ptq.json", SCHEMA, VERSION)
+            if old["plan"] != state["plan"] or old["config"] != state["config"]:
+                raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
+                                      "directory (or delete this one) to start over")
+            state["layers"] = old["layers"]
+    calibrated = dict(plan.layers)
+    for name in order:  # restore finished layers first so that later captures see them
+        if name in state["layers"]:
+            cfg = LayerConfig.from_dict(state["layers"][name]["config"], where=name)
+            install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), f"{out}: layer {name}")
+            calibrated[name] = cfg
+    todo = [n for n in order if n not in state["layers"]]
+    bar = tqdm(todo, desc="PTQ", unit="layer", disable=not progress)
+    for i, name in enumerate(bar):
+        t0 = time.perf_counter()
+        pending = [n for n in todo[i:] if not layers[n].is_frozen]
+        with noise_scale(model, 0.0, names=pending):  # later layers (and this one) in full precision
+            x = capture_inputs(model, name, batches, config.max_tokens, seed=config.seed + order.index(name))
+        cfg = plan.layers[name]
+        res = calibrate_layer(layers[name].weight, x, cfg, config)
+        calibrated[name] = _apply(layers[name], cfg, res)
+        record = {"config": calibrated[name].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
+                  "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
+                  "w_clip_mean": None if res.w_clip is None else float(res.w_clip.mean())}
+        state["layers"][name] = record
+        if out is not None:
+            write_tensors(_layer_file(out, name), _layer_tensors(layers[name]))
+            write_json(out / "ptq.json", state)
+        bar.set_postfix_str(f"{name} err {res.err_rtn:.2e}->{res.err:.2e}")
+    result = QuantPlan({n: calibrated[n] for n in plan.layers}, model=plan.model,
+                       meta={**plan.meta, "ptq": config.to_dict()})
+    if out is not None:
+        result.save(out / "plan.json")
+    return result
+
+
+def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
+    """Convert ``model`` (FP) to the calibrated state saved in ``out_dir``; returns the calibrated plan."""
+    out = Path(out_dir)
+    state = read_json(out / "ptq.json", SCHEMA, VERSION)
+    plan = QuantPlan.from_dict(state["plan"])
+    missing = [n for n in plan.layers if n not in state["layers"]]
+    if missing:
+        raise CheckpointError(f"{out}: calibration is unfinished ({len(missing)} layer(s) left, e.g. "
+                              f"{missing[:3]}); rerun calibrate with this out_dir to finish it")
+    layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=n) for n in plan.layers}
+    calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
+    convert(model, calibrated)
+    for n, cfg in layers_cfg.items():
+        install_layer(model.get_submodule(n), cfg, read_tensors(_layer_file(out, n)), f"{out}: layer {n}")
+    return calibrated
