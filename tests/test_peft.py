@@ -1,0 +1,124 @@
+"""PEFT: distillation toward the FP model along its trajectories; checkpoints, resume, reload."""
+import copy
+import json
+
+import pytest
+import torch
+
+from gmb_standin import TinyDenoiser, ddim_trajectory
+from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
+from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
+from treeq_engine.calib.store import CheckpointError
+from treeq_engine.nn import quant_layers, quantizable_linears
+from treeq_engine.plan import BranchConfig, QuantPlan, is_block_layer
+
+PTQ_FAST = PTQConfig(max_tokens=128, rounds=1, w_clip_grid=(1.0, 0.85, 0.7), a_clip_grid=(1.0, 0.85, 0.7))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """An FP stand-in and its W3A4 + Monarch calibration, saved once for the module."""
+    fp = TinyDenoiser(seed=1)
+    names = quantizable_linears(fp, include=is_block_layer)
+    plan = QuantPlan.uniform(names, 3, 4, branch=BranchConfig("monarch", 4, 1))
+    d = tmp_path_factory.mktemp("ptq")
+    calibrate(copy.deepcopy(fp), plan, ddim_trajectory(fp, n=4, steps=3, seed=0), PTQ_FAST, out_dir=d,
+              progress=False)
+    return fp, d
+
+
+def _fresh(calibrated):
+    fp, d = calibrated
+    q = copy.deepcopy(fp)
+    load_calibration(q, d)
+    return q
+
+
+def _traj(fp):
+    return lambda r: ddim_trajectory(fp, n=4, steps=3, seed=100 + r)
+
+
+def _eps_mse(q, fp, seed=7):
+    batches = ddim_trajectory(fp, n=8, steps=4, seed=seed)  # held out: another seed than training
+    with torch.no_grad():
+        return sum(float((q(*b) - fp(*b)).square().mean()) for b in batches) / len(batches)
+
+
+def test_lr_schedule():
+    c = PEFTConfig(steps=10, warmup=2)
+    assert c.lr_factor(0) == 0.5 and c.lr_factor(1) == 1.0
+    assert c.lr_factor(2) == pytest.approx(1.0) and c.lr_factor(10) == pytest.approx(0.0, abs=1e-12)
+    assert PEFTConfig(schedule="constant").lr_factor(150) == 1.0
+    for bad, msg in [({"steps": 0}, "steps must be a positive int"), ({"lr_branch": -1.0}, "lr_branch must be"),
+                     ({"schedule": "step"}, "schedule must be one of"), ({"lora_rank": -2}, "lora_rank must be")]:
+        with pytest.raises(ValueError, match=msg):
+            PEFTConfig(**bad)
+
+
+def test_finetune_improves_branch_only_and_reloads(calibrated, tmp_path):
+    fp = calibrated[0]
+    q = _fresh(calibrated)
+    before = _eps_mse(q, fp)
+    codes = {n: m.w_codes.clone() for n, m in quant_layers(q).items()}
+    res = finetune(q, fp, _traj(fp), PEFTConfig(steps=30, lr_branch=3e-3, checkpoint_every=10), out_dir=tmp_path,
+                   progress=False)
+    after = _eps_mse(q, fp)
+    assert after < 0.8 * before
+    assert res.step == 30 and len(res.losses) == 30
+    assert res.trainable_params == sum(m.branch.params for m in quant_layers(q).values())
+    for n, m in quant_layers(q).items():  # the low-bit weights stayed frozen
+        assert torch.equal(m.w_codes, codes[n]) and not m.branch.w1.requires_grad
+    assert not any(p.requires_grad for p in q.parameters())
+    state = json.loads((tmp_path / "peft.json").read_text())
+    assert state["step"] == 30 and state["trainable"]["branch"] == res.trainable_params
+    # a fresh calibrated model with the trained tensors loaded is the same model
+    q2 = _fresh(calibrated)
+    load_finetuned(q2, tmp_path)
+    b = ddim_trajectory(fp, n=2, steps=2, seed=9)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(q2(*b), q(*b))
+
+
+def test_resume_equals_uninterrupted(calibrated, tmp_path):
+    fp = calibrated[0]
+    cfg = PEFTConfig(steps=7, lr_branch=3e-3, lora_rank=2, lr_lora=1e-3, lr_w_scale=1e-4, checkpoint_every=2,
+                     warmup=1)
+    calls = []
+
+    def flaky(model, batch):
+        calls.append(1)
+        if len(calls) == 2 * 5 + 1:  # fp + quantized per step: fail inside step 5, after the step-4 checkpoint
+            raise KeyboardInterrupt
+        return model(*batch)
+
+    q1 = _fresh(calibrated)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(q1, fp, _traj(fp), cfg, eps_fn=flaky, out_dir=tmp_path / "a", progress=False)
+    assert json.loads((tmp_path / "a" / "peft.json").read_text())["step"] == 4
+    q1 = _fresh(calibrated)
+    r1 = finetune(q1, fp, _traj(fp), cfg, out_dir=tmp_path / "a", progress=False)
+    q2 = _fresh(calibrated)
+    r2 = finetune(q2, fp, _traj(fp), cfg, out_dir=tmp_path / "b", progress=False)
+    assert r1.losses == r2.losses and len(r1.losses) == 7
+    for (n1, p1), (n2, p2) in zip(q1.named_parameters(), q2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    layer = next(iter(quant_layers(q2).values()))
+    assert layer.lora is not None and layer.lora.b.abs().sum() > 0  # LoRA and scales trained too
+    w_scale_moved = any(not torch.equal(m.w_scale, m2.w_scale) for m, m2 in
+                        zip(quant_layers(q2).values(), quant_layers(_fresh(calibrated)).values()))
+    assert w_scale_moved
+    with pytest.raises(CheckpointError, match="different config"):
+        finetune(_fresh(calibrated), fp, _traj(fp), PEFTConfig(steps=8), out_dir=tmp_path / "a", progress=False)
+
+
+def test_errors(calibrated):
+    fp = calibrated[0]
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        finetune(copy.deepcopy(fp), fp, _traj(fp), PEFTConfig(steps=1), progress=False)
+    q = _fresh(calibrated)
+    for m in quant_layers(q).values():
+        m.branch = None
+    with pytest.raises(ValueError, match="nothing to train"):
+        finetune(q, fp, _traj(fp), PEFTConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="returned no model inputs"):
+        finetune(_fresh(calibrated), fp, lambda r: [], PEFTConfig(steps=1), progress=False)

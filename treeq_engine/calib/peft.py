@@ -1,0 +1,263 @@
+"""PEFT: QLoRA-style data-free distillation of a calibrated (frozen low-bit) model toward the FP model.
+
+EfficientDM's recipe, with the branch as the adapter: the FP model samples a trajectory, and at every visited
+input ``(x_t, t, y)`` the quantized model's ε is pulled toward the FP model's::
+
+    loss = mean (ε_q(x_t, t, y) − ε_fp(x_t, t, y))²        x_t along the FP model's sampler trajectory
+
+Frozen: the low-bit codes (and everything else of the model). Trained: the branch factors ``w1``, ``w2`` of every
+layer that has a branch; optionally a LoRA merged into the codes (``lora_rank``), and the per-channel weight
+scales (``lr_w_scale``, LSQ gradient). One AdamW optimizer with a parameter group per kind, a linear warm-up
+then cosine (or constant) learning-rate schedule, gradient-norm clipping.
+
+Data: ``trajectory(round) -> list of model-input tuples`` gives one FP trajectory (all its steps) for a fresh
+random batch; round ``r`` must be deterministic in ``r`` (seeded), so a resumed run sees the same data. Step
+``s`` trains on entry ``perm_r[s mod L]`` of trajectory ``r = s // L`` (``perm_r`` a seeded shuffle).
+
+Checkpoints (every ``checkpoint_every`` steps and at the end): ``out_dir/peft.safetensors`` holds the trained
+tensors and the optimizer's moments, ``out_dir/peft.json`` the step, config and loss history. Rerunning with
+the same ``out_dir`` and config resumes where it stopped and gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..nn import QuantLinear, quant_layers
+from .capture import CalibBatch
+from .lora import LoRA
+from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
+
+SCHEMA = "treeq-peft"
+VERSION = 1
+SCHEDULES = ("cosine", "constant")
+
+EpsFn = Callable[[nn.Module, CalibBatch], torch.Tensor]
+Trajectory = Callable[[int], Sequence[CalibBatch]]
+
+
+def model_eps(model: nn.Module, batch: CalibBatch) -> torch.Tensor:
+    """The default ε: the model's whole output."""
+    return model(*batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class PEFTConfig:
+    steps: int = 200
+    lr_branch: float = 1e-3
+    lora_rank: int = 0  # 0: no LoRA
+    lr_lora: float = 1e-3
+    lr_w_scale: float = 0.0  # 0: scales stay frozen
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    checkpoint_every: int = 50
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "checkpoint_every"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"PEFTConfig.{f} must be a positive int, got {v!r}")
+        for f in ("lora_rank", "warmup"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"PEFTConfig.{f} must be a non-negative int, got {v!r}")
+        for f in ("lr_branch", "lr_lora", "lr_w_scale", "weight_decay", "grad_clip"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"PEFTConfig.{f} must be a finite number >= 0, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"PEFTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of every group's base learning rate at optimizer step ``step`` (0-based)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, self.steps - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - self.warmup, span) / span))
+
+
+def attach_lora(model: nn.Module, rank: int, seed: int = 0) -> int:
+    """Give every frozen layer a zero-initialised LoRA of ``rank`` (capped by the layer size); returns how many
+    layers got one. Seeded, so a resumed run rebuilds the same starting factors before loading."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, layer in quant_layers(model).items():
+        if layer.is_frozen and layer.lora is None:
+            r = min(rank, layer.out_features, layer.in_features)
+            lora = LoRA(layer.out_features, layer.in_features, r)
+            with torch.no_grad():
+                bound = 1.0 / math.sqrt(layer.in_features)
+                lora.a.copy_((torch.rand(lora.a.shape, generator=gen) * 2 - 1) * bound)
+            layer.lora = lora.to(layer.weight.device)
+            count += 1
+    return count
+
+
+def trainable_groups(model: nn.Module, config: PEFTConfig) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Freeze everything, then switch on the parameters PEFT trains, grouped by kind (named, in module order)."""
+    model.requires_grad_(False)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"branch": [], "lora": [], "w_scale": []}
+    for name, layer in quant_layers(model).items():
+        if layer.branch is not None:
+            groups["branch"] += [(f"{name}.branch.{k}", p) for k, p in layer.branch.named_parameters()]
+        if layer.lora is not None and config.lora_rank > 0:
+            groups["lora"] += [(f"{name}.lora.{k}", p) for k, p in layer.lora.named_parameters()]
+        if layer.is_frozen and config.lr_w_scale > 0:
+            groups["w_scale"].append((f"{name}.w_scale", layer.w_scale))
+    for plist in groups.values():
+        for _, p in plist:
+            p.requires_grad_(True)
+    return {k: v for k, v in groups.items() if v}
+
+
+def _lr(config: PEFTConfig, kind: str) -> float:
+    return {"branch": config.lr_branch, "lora": config.lr_lora, "w_scale": config.lr_w_scale}[kind]
+
+
+@dataclasses.dataclass
+class PEFTResult:
+    step: int
+    losses: list[float]
+    trainable_params: int
+    seconds: float
+
+
+def _state_tensors(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"param.{n}": p.detach() for n, p in named}
+    for n, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            out[f"opt.{n}.{k}"] = torch.as_tensor(v).detach()
+    return out
+
+
+def _load_params(named: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    for n, p in named:
+        key = f"param.{n}"
+        if key not in tensors:
+            raise CheckpointError(f"{where}: no tensor for trainable {n!r} (was the model built with the same "
+                                  "plan, branches and LoRA rank?)")
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise CheckpointError(f"{where}: {n} is {tuple(tensors[key].shape)}, the model has {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(tensors[key])
+    extra = {k[len("param."):] for k in tensors if k.startswith("param.")} - {n for n, _ in named}
+    if extra:
+        raise CheckpointError(f"{where}: holds trainables the model lacks, e.g. {sorted(extra)[:3]}")
+
+
+def _load_optimizer(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    for n, p in named:
+        prefix = f"opt.{n}."
+        st = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items()
+              if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if st:
+            opt.state[p] = st
+
+
+def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, config: PEFTConfig = PEFTConfig(), *,
+             eps_fn: EpsFn = model_eps, out_dir: str | Path | None = None, progress: bool = True) -> PEFTResult:
+    """Distil the calibrated ``model`` (frozen layers from PTQ) toward ``fp_model`` in place (see the module
+    docstring). With ``out_dir`` it checkpoints and resumes."""
+    if not quant_layers(model):
+        raise ValueError("finetune needs a converted, calibrated model (no QuantLinear layers found)")
+    if config.lora_rank > 0:
+        attach_lora(model, config.lora_rank, seed=config.seed)
+    groups = trainable_groups(model, config)
+    if not groups:
+        raise ValueError("nothing to train: no layer has a branch, and LoRA and scale training are off")
+    fp_model.requires_grad_(False)
+    named = [np_ for kind in groups for np_ in groups[kind]]
+    opt = torch.optim.AdamW([{"params": [p for _, p in groups[k]], "lr": _lr(config, k), "kind": k,
+                              "base_lr": _lr(config, k)} for k in groups], weight_decay=config.weight_decay)
+    start, losses = 0, []
+    out = None if out_dir is None else Path(out_dir)
+    cfg_doc = dataclasses.asdict(config)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "peft.json").exists():
+            st = read_json(out / "peft.json", SCHEMA, VERSION)
+            if st["config"] != cfg_doc:
+                raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
+            tensors = read_tensors(out / "peft.safetensors")
+            _load_params(named, tensors, str(out))
+            _load_optimizer(named, opt, tensors)
+            start, losses = int(st["step"]), list(st["losses"])
+
+    def save(step: int) -> None:
+        if out is None:
+            return
+        write_tensors(out / "peft.safetensors", _state_tensors(named, opt))
+        write_json(out / "peft.json", {"schema": SCHEMA, "version": VERSION, "step": step, "config": cfg_doc,
+                                       "trainable": {k: sum(p.numel() for _, p in v) for k, v in groups.items()},
+                                       "losses": losses})
+
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout/label drop: the model runs as it samples
+    fp_model.eval()
+    first = list(trajectory(0))
+    length = len(first)
+    if not length:
+        raise ValueError("the trajectory source returned no model inputs")
+    cur_round, batches, perm = -1, first, list(range(length))
+    bar = tqdm(range(start, config.steps), desc="PEFT", unit="step", disable=not progress, initial=start,
+               total=config.steps)
+    try:
+        for step in bar:
+            if step // length != cur_round:
+                cur_round = step // length
+                batches = first if cur_round == 0 else list(trajectory(cur_round))
+                if len(batches) != length:
+                    raise ValueError(f"trajectory {cur_round} has {len(batches)} inputs, trajectory 0 had {length}")
+                g = torch.Generator().manual_seed(config.seed * 1_000_003 + cur_round)
+                perm = torch.randperm(length, generator=g).tolist() if config.shuffle else list(range(length))
+            batch = batches[perm[step % len(batches)]]
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * config.lr_factor(step)
+            with torch.no_grad():
+                target = eps_fn(fp_model, batch)
+            loss = (eps_fn(model, batch) - target).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix_str(f"loss {losses[-1]:.3e}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save(step + 1)
+    finally:
+        model.train(was_training)
+        for _, p in named:
+            p.requires_grad_(False)
+    return PEFTResult(config.steps, losses, sum(p.numel() for _, p in named), time.perf_counter() - t0)
+
+
+def load_finetuned(model: nn.Module, out_dir: str | Path) -> dict[str, Any]:
+    """Load the trained tensors of ``out_dir`` into a calibrated ``model`` (the state :func:`finetune` started
+    from: same plan and branches; LoRA is attached here when the run used it). Returns the run's JSON state."""
+    out = Path(out_dir)
+    st = read_json(out / "peft.json", SCHEMA, VERSION)
+    config = PEFTConfig(**st["config"])
+    if config.lora_rank > 0:
+        attach_lora(model, config.lora_rank, seed=config.seed)
+    groups = trainable_groups(model, config)
+    named = [np_ for kind in groups for np_ in groups[kind]]
+    _load_params(named, read_tensors(out / "peft.safetensors"), str(out))
+    for _, p in named:
+        p.requires_grad_(False)
+    return st
