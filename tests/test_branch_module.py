@@ -6,7 +6,7 @@ import torch.nn as nn
 from treeq_engine.branches import (MonarchBranch, branch_params, default_branch, init_branch, layer_weight_bits,
                                    monarch, plan_weight_bits)
 from treeq_engine.calib.lora import LoRA
-from treeq_engine.format import QuantSpec, fake_quantize, row_qparams
+from treeq_engine.format import QuantSpec, fake_quantize, quantize, row_qparams
 from treeq_engine.kernels import PackedWeight, packed_linear, quantize_activation
 from treeq_engine.nn import QuantLinear
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan
@@ -112,7 +112,7 @@ def test_quantlinear_matches_kernel_ops(wa, bcfg, gen):
     w1 = None if bcfg is None else q.branch.w1.detach()
     w2 = None if bcfg is None else q.branch.w2.detach()
     act = quantize_activation(x, cfg.act_spec(), monarch_w1=w1, backend="reference")
-    pw = PackedWeight.from_quantized(q.quantized_tensor())
+    pw = PackedWeight.from_quantized(q.weight_qtensor())
     y_ker = packed_linear(act, pw, bias=q.bias.detach(), monarch_w2=w2, out_dtype=torch.float32, backend="reference")
     torch.testing.assert_close(y_ker, y_sim, rtol=1e-4, atol=1e-4)
     if bcfg is not None:  # the stage split: z from the unquantized x, as the module computes it
@@ -149,9 +149,9 @@ def test_frozen_state(gen):
     q.lora = LoRA(q.out_features, q.in_features, 4)
     with torch.no_grad():
         torch.testing.assert_close(q(x), before)
-        assert torch.equal(q.quantized_tensor().codes, q.w_codes)
+        assert torch.equal(q.weight_qtensor().codes, q.w_codes)
         q.lora.b.normal_(generator=gen)
-        merged = q.quantized_tensor()
+        merged = q.weight_qtensor()
         assert not torch.equal(merged.codes, q.w_codes)
         torch.testing.assert_close(q.quantized_weight(), merged.dequantize())
     # gradients: w_scale (when asked) and the LoRA factors
@@ -171,8 +171,8 @@ def test_frozen_state(gen):
         q.load_frozen(torch.full_like(q.w_codes, 9), q.w_scale.detach(), q.w_zero_point)
     q.unfreeze_weight()
     assert not q.is_frozen and q.lora is None
-    with pytest.raises(ValueError, match="not frozen"):
-        q.quantized_tensor()
+    # unfrozen again: the data rule on W
+    assert torch.equal(q.weight_qtensor().codes, quantize(q.weight.detach(), QuantSpec.weight(4)).codes)
     fp = _layer(gen, cfg=LayerConfig(16, 16))
     with pytest.raises(ValueError, match="only a quantized weight can be frozen"):
         fp.freeze_weight()

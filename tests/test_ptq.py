@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gmb_standin import TinyDenoiser, ddim_trajectory
+from treeq_engine import runtime
 from treeq_engine.calib import ptq
 from treeq_engine.calib.ptq import PTQConfig, calibrate, calibrate_layer, load_calibration, search_weight_clip
 from treeq_engine.calib.store import CheckpointError
@@ -140,6 +141,11 @@ def test_calibrate_model_resume_and_load(tmp_path, monkeypatch):
     with torch.no_grad():
         for bt in batches:
             torch.testing.assert_close(m4(*bt), m3(*bt))
+    # the runtime packs the calibrated codes, clips and branches: the packed model computes the same
+    packed = runtime.quantize(copy.deepcopy(m3), calibrated, dtype=torch.float32)
+    with torch.no_grad():
+        for bt in batches:
+            torch.testing.assert_close(packed(*bt), m3(*bt), rtol=1e-3, atol=1e-3)
 
 
 def test_checkpoint_errors(tmp_path):

@@ -182,7 +182,7 @@ def _apply(layer: QuantLinear, cfg: LayerConfig, res: LayerCalibration) -> Layer
 def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     t: dict[str, torch.Tensor] = {}
     if layer.is_frozen:
-        qt = layer.quantized_tensor()
+        qt = layer.weight_qtensor()
         t.update(codes=qt.codes, scale=qt.scale, zero_point=qt.zero_point)
     if layer.branch is not None:
         t.update(w1=layer.branch.w1, w2=layer.branch.w2)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..format import (QuantSpec, QuantizedTensor, fake_quantize, fake_quantize_with_qparams,
+from ..format import (QuantSpec, QuantizedTensor, fake_quantize, fake_quantize_with_qparams, quantize,
                       quantize_with_qparams, row_qparams)
 from ..plan import LayerConfig
 
@@ -144,18 +144,6 @@ class QuantLinear(nn.Module):
         self.lora = None
         self._w_cache = None
 
-    def quantized_tensor(self) -> QuantizedTensor:
-        """The frozen weight as the format's ``QuantizedTensor`` (what gets packed); a LoRA is merged into it."""
-        if not self.is_frozen:
-            raise ValueError(f"{self.name or 'QuantLinear'}: not frozen; calibrate (freeze_weight) first")
-        spec = self._frozen_spec
-        scale = self.w_scale.detach().float().contiguous()
-        if self.lora is None:
-            return QuantizedTensor(self.w_codes, scale, self.w_zero_point, spec)
-        with torch.no_grad():
-            merged = self._dequantized_codes(scale) + self.lora.delta().float()
-        return quantize_with_qparams(merged, spec, scale, self.w_zero_point)
-
     def _dequantized_codes(self, scale: torch.Tensor) -> torch.Tensor:
         return scale[:, None] * (self.w_codes.to(torch.float32) - self.w_zero_point[:, None].to(torch.float32))
 
@@ -207,6 +195,23 @@ class QuantLinear(nn.Module):
             wq = wq.detach()
             self._w_cache = (key, wq)
         return wq
+
+    def weight_qtensor(self) -> QuantizedTensor:
+        """The integer form of the quantized path's weight, as the runtime packs it: the frozen codes (a LoRA
+        merged into them) when calibrated, else ``W − B`` (``W`` without a branch) by the format's rule. Its
+        dequantization equals :meth:`quantized_weight` at ``λ = 1``."""
+        if self.is_frozen:
+            spec = self._frozen_spec
+            scale = self.w_scale.detach().float().contiguous()
+            if self.lora is None:
+                return QuantizedTensor(self.w_codes, scale, self.w_zero_point, spec)
+            with torch.no_grad():
+                merged = self._dequantized_codes(scale) + self.lora.delta().float()
+            return quantize_with_qparams(merged, spec, scale, self.w_zero_point)
+        spec = self.weight_spec
+        if spec is None or not spec.is_quantized:
+            raise ValueError(f"{self.name or 'QuantLinear'}: weight is not quantized ({self._config})")
+        return quantize(self.residual_weight().detach().float(), spec)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_spec
