@@ -171,3 +171,25 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="serves no purpose"):
         calibrate_layer(torch.randn(8, 8), torch.randn(16, 8), LayerConfig(16, 8, branch=BranchConfig("lowrank", 1, 2)),
                         PTQConfig())
+
+
+def test_cli_helpers():
+    import argparse
+
+    from treeq_engine.calib.cli import branch_for, parse_bits, uniform_plan
+    from treeq_engine.cli import build_parser
+
+    assert parse_bits("W3A4") == (3, 4) and parse_bits("w8a8") == (8, 8)
+    with pytest.raises(argparse.ArgumentTypeError, match="W4A4"):
+        parse_bits("4/4")
+    assert branch_for("none", 4) is None
+    assert branch_for("lowrank", 4) == BranchConfig("lowrank", 1, 4)
+    assert branch_for("monarch", 4) == BranchConfig("monarch", 4, 1)
+    model = TinyDenoiser(d=24)
+    plan = uniform_plan(model, (3, 3), BranchConfig("monarch", 32, 1))
+    assert plan.layers["blocks.0.fc1"] == LayerConfig(3, 3, branch=BranchConfig("monarch", 24, 1))  # capped
+    assert plan.layers["final"] == LayerConfig(8, 8) and plan.layers["embed_t"] == LayerConfig(8, 8)
+    args = build_parser().parse_args(["ptq", "--bits", "W3A3", "--branch", "lowrank", "--out", "x"])
+    assert args.bits == (3, 3) and args.branch == "lowrank" and args.branch_params == 32
+    args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])
+    assert args.lora_rank == 4 and args.steps == 400

@@ -1,0 +1,141 @@
+"""``treeq ptq`` and ``treeq peft``: calibrate a DiT for a plan, then fine-tune its branches.
+
+    treeq ptq  --bits W4A4 --branch monarch --branch-params 4 --out out/ptq_w4a4_monarch
+    treeq peft --ptq out/ptq_w4a4_monarch --steps 400 --out out/peft_w4a4_monarch
+
+The model is the shipped digits DiT unless ``--model`` names a DiT ``.safetensors`` (its ``.json`` beside it).
+Both commands resume when rerun with the same ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..plan import BranchConfig, QuantPlan, is_block_layer
+
+
+def _load_model(path: str | None, device: str):
+    from ..models.digits import load_digits_dit
+
+    return load_digits_dit(path, device=device)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bits must look like W4A4, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def branch_for(kind: str, params: int) -> BranchConfig | None:
+    """``params`` is ``b·r``: the branch has the parameters of a rank-``params`` low-rank branch."""
+    if kind == "none":
+        return None
+    return BranchConfig("lowrank", 1, params) if kind == "lowrank" else BranchConfig("monarch", params, 1)
+
+
+def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchConfig | None,
+                 edge_bits: tuple[int, int] = (8, 8), name: str = "DiT") -> QuantPlan:
+    """Every block linear at ``bits`` (with ``branch``, capped to the layer size), the other linears
+    (timestep MLP, final layer) at ``edge_bits`` without a branch."""
+    from ..nn import quantizable_linears
+    from ..plan import LayerConfig
+
+    layers = {}
+    for n in quantizable_linears(model):
+        lin = model.get_submodule(n)
+        if is_block_layer(n):
+            br = branch
+            if br is not None and br.blocks > min(lin.in_features, lin.out_features):
+                br = BranchConfig(br.kind, min(lin.in_features, lin.out_features), br.rank)
+            layers[n] = LayerConfig(*bits, branch=br)
+        else:
+            layers[n] = LayerConfig(*edge_bits)
+    label = f"uniform W{bits[0]}A{bits[1]}" + ("" if branch is None else f" + {branch.kind} {branch.blocks}x{branch.rank}")
+    return QuantPlan(layers, model=name, meta={"kind": label})
+
+
+def calibration_batches(fp, n: int, steps: int, seed: int, cfg_scale: float = 1.0) -> list:
+    from .data import dit_trajectory, random_labels
+
+    labels = random_labels(n, fp.num_classes, seed)
+    return dit_trajectory(fp, labels, steps=steps, sampler="ddpm", cfg_scale=cfg_scale, seed=seed)
+
+
+def add_ptq_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="DiT .safetensors (default: the shipped digits DiT)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", default=None, help="a QuantPlan JSON (e.g. from the search)")
+    g.add_argument("--bits", type=parse_bits, default=(4, 4), help="uniform plan: block linears at WxAy (W4A4)")
+    p.add_argument("--branch", choices=("none", "monarch", "lowrank"), default="monarch",
+                   help="uniform plan: the branch beside every block linear")
+    p.add_argument("--branch-params", type=int, default=32,
+                   help="branch size as b·r: the parameters of a rank-R low-rank branch (default 32)")
+    p.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
+    p.add_argument("--calib-samples", type=int, default=64, help="images sampled for calibration")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps of the calibration trajectories")
+    p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
+
+
+def run_ptq(args: argparse.Namespace) -> int:
+    from .ptq import PTQConfig, calibrate
+
+    fp = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device)
+    plan = (QuantPlan.load(args.plan) if args.plan else
+            uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params)))
+    batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed)
+    cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens, seed=args.seed)
+    calibrated = calibrate(model, plan, batches, cfg, out_dir=args.out)
+    state = json.loads((Path(args.out) / "ptq.json").read_text())
+    errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
+    print(f"calibrated {len(calibrated.layers)} layers into {args.out}; mean relative layer error "
+          f"{sum(e[0] for e in errs) / len(errs):.3e} (round-to-nearest) -> {sum(e[1] for e in errs) / len(errs):.3e}")
+    return 0
+
+
+def add_peft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ptq", required=True, help="a treeq ptq output directory to start from")
+    p.add_argument("--model", default=None, help="the FP DiT .safetensors the calibration was made from")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr-branch", type=float, default=1e-3)
+    p.add_argument("--lora-rank", type=int, default=0, help="a LoRA merged into the low-bit weights (0: none)")
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lr-w-scale", type=float, default=0.0, help="train the per-channel weight scales (0: frozen)")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps per trajectory")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
+
+
+def run_peft(args: argparse.Namespace) -> int:
+    from .peft import PEFTConfig, finetune
+    from .ptq import load_calibration
+
+    fp = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device)
+    load_calibration(model, args.ptq)
+    cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
+                     lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,
+                     checkpoint_every=args.checkpoint_every, seed=args.seed)
+
+    def trajectory(r: int) -> list:  # a fresh batch per round, seeded apart from the calibration set
+        return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r)
+
+    res = finetune(model, fp, trajectory, cfg, out_dir=args.out)
+    tail = res.losses[-min(20, len(res.losses)):]
+    print(f"fine-tuned {res.trainable_params} parameters for {res.step} steps into {args.out}; "
+          f"loss (last {len(tail)} steps) {sum(tail) / max(1, len(tail)):.3e}")
+    return 0
