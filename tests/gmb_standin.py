@@ -30,24 +30,42 @@ class TinyDenoiser(nn.Module):
         self.embed_t = nn.Linear(16, d)
         self.embed_y = nn.Embedding(classes, d)
         self.blocks = nn.ModuleList([Block(d) for _ in range(depth)])
-        self.final = nn.Linear(d, 4 * c)
+        self.head = nn.Linear(d, 4 * c)
         for p in self.parameters():  # deterministic, with a few outlier input channels like real activations
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         with torch.no_grad():
             self.blocks[0].fc1.weight[:, :2] *= 6.0
 
-    def forward(self, x, t, y):
+    # the DiT interface calibration walks: embed -> blocks[i](h, c) -> final
+    def embed(self, x, t, y):
         b, c, s, _ = x.shape
         tok = x.reshape(b, c, s // 2, 2, s // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (s // 2) ** 2, 4 * c)
         freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
         temb = torch.cat([torch.sin(t[:, None].float() * freqs), torch.cos(t[:, None].float() * freqs)], -1)
-        cond = self.embed_t(temb) + self.embed_y(y)
-        h = self.embed_x(tok)
+        return self.embed_x(tok), self.embed_t(temb) + self.embed_y(y)
+
+    def final(self, h, c):
+        b, g = h.shape[0], self.s // 2
+        return self.head(h).reshape(b, g, g, self.c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, self.c, self.s, self.s)
+
+    def forward(self, x, t, y):
+        h, cond = self.embed(x, t, y)
         for blk in self.blocks:
             h = blk(h, cond)
-        out = self.final(h)
-        return out.reshape(b, s // 2, s // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, s, s)
+        return self.final(h, cond)
+
+
+class Wrapped(nn.Module):
+    """The same network without the staged interface: calibration then walks it as one stage."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.c, self.s = inner.c, inner.s
+
+    def forward(self, x, t, y):
+        return self.inner(x, t, y)
 
 
 def alphas_bar(T=100):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gmb_standin import TinyDenoiser, ddim_trajectory
+from gmb_standin import TinyDenoiser, Wrapped, ddim_trajectory
 from treeq_engine import runtime
 from treeq_engine.calib import ptq
 from treeq_engine.calib.ptq import PTQConfig, calibrate, calibrate_layer, load_calibration, search_weight_clip
@@ -188,8 +188,24 @@ def test_cli_helpers():
     model = TinyDenoiser(d=24)
     plan = uniform_plan(model, (3, 3), BranchConfig("monarch", 32, 1))
     assert plan.layers["blocks.0.fc1"] == LayerConfig(3, 3, branch=BranchConfig("monarch", 24, 1))  # capped
-    assert plan.layers["final"] == LayerConfig(8, 8) and plan.layers["embed_t"] == LayerConfig(8, 8)
+    assert plan.layers["head"] == LayerConfig(8, 8) and plan.layers["embed_t"] == LayerConfig(8, 8)
     args = build_parser().parse_args(["ptq", "--bits", "W3A3", "--branch", "lowrank", "--out", "x"])
     assert args.bits == (3, 3) and args.branch == "lowrank" and args.branch_params == 32
     args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])
     assert args.lora_rank == 4 and args.steps == 400
+
+
+def test_staged_walk_equals_whole_model_walk():
+    """Calibrating block by block from cached stage inputs gives exactly what re-running the whole prefix gives."""
+    model, batches, names = _setup(seed=3)
+    plan = QuantPlan.uniform(names, 4, 4, branch=BranchConfig("lowrank", 1, 2), edge_names=["embed_t", "head"])
+    cfg = PTQConfig(max_tokens=96, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))
+    staged = copy.deepcopy(model)
+    calibrate(staged, plan, batches, cfg, progress=False)
+    whole = Wrapped(copy.deepcopy(model))
+    wplan = QuantPlan({f"inner.{n}": c for n, c in plan.layers.items()})
+    calibrate(whole, wplan, batches, cfg, progress=False)
+    for n in plan.layers:
+        a, b = staged.get_submodule(n), whole.get_submodule(f"inner.{n}")
+        assert torch.equal(a.w_codes, b.w_codes) and torch.equal(a.w_scale, b.w_scale), n
+        assert a.config == b.config

@@ -1,12 +1,17 @@
-"""Capturing one layer's inputs on the calibration set.
+"""Capturing layer inputs on the calibration set, stage by stage so that sequential calibration costs O(layers).
 
-The model runs each calibration batch until the hooked layer has seen its input, then stops (the rest of the
-forward is not needed), so capturing layer ``i`` costs about ``i/n`` of a forward. Tokens are subsampled per
-batch with a seeded generator so that a resumed calibration sees exactly the same rows.
+A model is walked as a chain of *stages*. A DiT (anything with ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c)``
+and ``final(h, c)``) has ``embed``, one stage per block and ``final``; any other model is one stage, its whole
+forward. The runner keeps every calibration batch's input to the current stage. Capturing a layer runs only
+that stage, and only until the layer has seen its input (the hook then stops the forward); ``advance`` runs the
+stage as the model now stands (its layers calibrated) to make the next stage's inputs. So each layer is
+calibrated on inputs produced by the already calibrated layers before it, without re-running the prefix.
+
+Tokens are subsampled per batch with a seeded generator, so a resumed calibration sees exactly the same rows.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,37 +23,103 @@ class _Captured(Exception):
     """Raised by the hook to stop the forward once the layer's input is taken."""
 
 
-@torch.no_grad()
+def is_staged(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("embed", "blocks", "final"))
+
+
+def _stage_fns(model: nn.Module) -> list[Callable[[tuple], Any]]:
+    if not is_staged(model):
+        return [lambda inp: model(*inp)]
+    fns: list[Callable[[tuple], Any]] = [lambda inp: model.embed(*inp)]
+    fns += [lambda inp, b=b: (b(*inp), inp[1]) for b in model.blocks]
+    fns.append(lambda inp: model.final(*inp))
+    return fns
+
+
+class StageRunner:
+    """Walks ``model``'s stages over ``batches`` (each a tuple of positional model inputs)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[CalibBatch], names: Sequence[str]) -> None:
+        if not batches:
+            raise ValueError("calibration needs at least one batch of model inputs")
+        self.model = model
+        self.fns = _stage_fns(model)
+        self.stage_of = self._assign(names, batches[0])
+        self.stage = 0
+        self.inputs: list[tuple] = [tuple(b) for b in batches]
+
+    @torch.no_grad()
+    def _assign(self, names: Sequence[str], batch: CalibBatch) -> dict[str, int]:
+        """Which stage first calls each of ``names`` (one traced pass over the first batch)."""
+        where: dict[str, int] = {}
+        current = [0]
+
+        def seen(name: str) -> Callable[[nn.Module, tuple], None]:
+            def hook(mod: nn.Module, args: tuple) -> None:  # returns None: a pre-hook's value would replace args
+                where.setdefault(name, current[0])
+            return hook
+
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(seen(n)) for n in names]
+        try:
+            inp: Any = tuple(batch)
+            for i, fn in enumerate(self.fns):
+                current[0] = i
+                inp = fn(inp)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise RuntimeError(f"layer(s) {missing[:3]} are not called by the model's forward on a calibration batch")
+        return where
+
+    @torch.no_grad()
+    def capture(self, name: str, max_tokens: int, seed: int = 0) -> torch.Tensor:
+        """Float32 ``(M, K)`` inputs of module ``name`` over all batches, at most ``max_tokens`` rows (an equal
+        share per batch, drawn without replacement). ``name`` must belong to the current stage."""
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if self.stage_of[name] != self.stage:
+            raise RuntimeError(f"layer {name!r} runs in stage {self.stage_of[name]}, the runner is at {self.stage}")
+        per_batch = max(1, -(-max_tokens // len(self.inputs)))
+        gen = torch.Generator().manual_seed(seed)
+        rows: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            if x.shape[0] > per_batch:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)]
+            rows.append(x)
+            raise _Captured
+
+        handle = self.model.get_submodule(name).register_forward_pre_hook(hook)
+        try:
+            for inp in self.inputs:
+                try:
+                    self.fns[self.stage](inp)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(rows)[:max_tokens]
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Run the current stage on every batch (the model as it now is); its outputs feed the next stage."""
+        if self.stage + 1 < len(self.fns):
+            self.inputs = [self.fns[self.stage](inp) for inp in self.inputs]
+        self.stage += 1
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.fns)
+
+
 def capture_inputs(model: nn.Module, name: str, batches: Sequence[CalibBatch], max_tokens: int,
                    seed: int = 0) -> torch.Tensor:
-    """Float32 ``(M, K)`` inputs of module ``name`` over ``batches``, at most ``max_tokens`` rows (an equal
-    share per batch, drawn without replacement)."""
-    if not batches:
-        raise ValueError("calibration needs at least one batch of model inputs")
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    module = model.get_submodule(name)
-    per_batch = max(1, -(-max_tokens // len(batches)))
-    gen = torch.Generator().manual_seed(seed)
-    rows: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-        if x.shape[0] > per_batch:
-            idx = torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)
-            x = x[idx]
-        rows.append(x)
-        raise _Captured
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for batch in batches:
-            try:
-                model(*batch)
-            except _Captured:
-                pass
-            else:
-                raise RuntimeError(f"layer {name!r} was not called by the model's forward on a calibration batch")
-    finally:
-        handle.remove()
-    return torch.cat(rows)[:max_tokens]
+    """Inputs of one layer of ``model`` as it is (no calibration walk): the layer's stage inputs are produced by
+    running the earlier stages first."""
+    runner = StageRunner(model, batches, [name])
+    while runner.stage < runner.stage_of[name]:
+        runner.advance()
+    return runner.capture(name, max_tokens, seed)

@@ -1,8 +1,8 @@
 """Post-training calibration: per-channel weight clipping, per-layer activation clipping, branch initialisation.
 
 Layer by layer in forward order (sequential: each layer sees the inputs produced by the already calibrated
-layers before it, later layers stay in full precision), on inputs ``X (M, K)`` captured from the calibration
-set, with the FP target ``Y = X·Wᵀ`` (bias cancels):
+layers before it; :class:`~.capture.StageRunner` walks a DiT block by block so this costs one pass, not one per
+layer), on inputs ``X (M, K)`` captured from the calibration set, with the FP target ``Y = X·Wᵀ`` (bias cancels):
 
     out(a, s, zp) = Q_a(X; a)·Q_w(base; s, zp)ᵀ + X·Bᵀ                 err = ‖out − Y‖²
 
@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from ..branches import INIT_MODES, MonarchBranch, init_branch
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
-from ..nn import QuantLinear, convert, forward_order, noise_scale
+from ..nn import QuantLinear, convert, forward_order
 from ..plan import LayerConfig, QuantPlan
-from .capture import CalibBatch, capture_inputs
+from .capture import CalibBatch, StageRunner
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
@@ -247,23 +247,26 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), f"{out}: layer {name}")
             calibrated[name] = cfg
     todo = [n for n in order if n not in state["layers"]]
-    bar = tqdm(todo, desc="PTQ", unit="layer", disable=not progress)
-    for i, name in enumerate(bar):
-        t0 = time.perf_counter()
-        pending = [n for n in todo[i:] if not layers[n].is_frozen]
-        with noise_scale(model, 0.0, names=pending):  # later layers (and this one) in full precision
-            x = capture_inputs(model, name, batches, config.max_tokens, seed=config.seed + order.index(name))
-        cfg = plan.layers[name]
-        res = calibrate_layer(layers[name].weight, x, cfg, config)
-        calibrated[name] = _apply(layers[name], cfg, res)
-        record = {"config": calibrated[name].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
-                  "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
-                  "w_clip_mean": None if res.w_clip is None else float(res.w_clip.mean())}
-        state["layers"][name] = record
-        if out is not None:
-            write_tensors(_layer_file(out, name), _layer_tensors(layers[name]))
-            write_json(out / "ptq.json", state)
-        bar.set_postfix_str(f"{name} err {res.err_rtn:.2e}->{res.err:.2e}")
+    runner = StageRunner(model, batches, order)
+    bar = tqdm(total=len(todo), desc="PTQ", unit="layer", disable=not progress)
+    for stage in range(runner.num_stages):
+        for name in [n for n in todo if runner.stage_of[n] == stage]:
+            t0 = time.perf_counter()
+            x = runner.capture(name, config.max_tokens, seed=config.seed + order.index(name))
+            cfg = plan.layers[name]
+            res = calibrate_layer(layers[name].weight, x, cfg, config)
+            calibrated[name] = _apply(layers[name], cfg, res)
+            state["layers"][name] = {"config": calibrated[name].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
+                                     "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
+                                     "w_clip_mean": None if res.w_clip is None else float(res.w_clip.mean())}
+            if out is not None:
+                write_tensors(_layer_file(out, name), _layer_tensors(layers[name]))
+                write_json(out / "ptq.json", state)
+            bar.update(1)
+            bar.set_postfix_str(f"{name} err {res.err_rtn:.2e}->{res.err:.2e}")
+        if stage + 1 < runner.num_stages and any(runner.stage_of[n] > stage for n in todo):
+            runner.advance()
+    bar.close()
     result = QuantPlan({n: calibrated[n] for n in plan.layers}, model=plan.model,
                        meta={**plan.meta, "ptq": config.to_dict()})
     if out is not None:
