@@ -6,17 +6,48 @@ import torch
 import torch.nn as nn
 
 
-class Block(nn.Module):
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
     def __init__(self, d):
         super().__init__()
-        self.ada = nn.Linear(d, 2 * d)
         self.fc1 = nn.Linear(d, 2 * d)
         self.fc2 = nn.Linear(2 * d, d)
 
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """The facebookresearch DiT block layout (adaLN-modulated attention and MLP, gated residuals)."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.attn = Attention(d, heads)
+        self.mlp = Mlp(d)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
     def forward(self, h, c):
-        shift, scale = self.ada(torch.nn.functional.silu(c)).chunk(2, dim=-1)
-        u = torch.nn.functional.layer_norm(h, h.shape[-1:]) * (1 + scale[:, None]) + shift[:, None]
-        return h + self.fc2(torch.nn.functional.gelu(self.fc1(u), approximate="tanh"))
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        ln = lambda z: torch.nn.functional.layer_norm(z, z.shape[-1:])  # noqa: E731
+        h = h + g1[:, None] * self.attn(modulate(ln(h), sh1, sc1))
+        return h + g2[:, None] * self.mlp(modulate(ln(h), sh2, sc2))
 
 
 class TinyDenoiser(nn.Module):
@@ -35,7 +66,10 @@ class TinyDenoiser(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         with torch.no_grad():
-            self.blocks[0].fc1.weight[:, :2] *= 6.0
+            for blk in self.blocks:  # outlier input channels, as trained DiTs have
+                blk.adaLN_modulation[1].weight[:3] *= 8.0
+                blk.adaLN_modulation[1].bias[:3] += 3.0
+                blk.adaLN_modulation[1].weight[3 * d:3 * d + 2] *= 8.0
 
     # the DiT interface calibration walks: embed -> blocks[i](h, c) -> final
     def embed(self, x, t, y):

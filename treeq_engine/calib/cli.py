@@ -80,6 +80,8 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps of the calibration trajectories")
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
+                   help="SmoothQuant α candidates folded into the DiT where they help (none: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
@@ -93,7 +95,8 @@ def run_ptq(args: argparse.Namespace) -> int:
     plan = (QuantPlan.load(args.plan) if args.plan else
             uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params)))
     batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed)
-    cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens, seed=args.seed)
+    cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
+                    smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
     calibrated = calibrate(model, plan, batches, cfg, out_dir=args.out)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]

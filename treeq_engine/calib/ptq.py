@@ -17,6 +17,8 @@ layer), on inputs ``X (M, K)`` captured from the calibration set, with the FP ta
 4. Steps 2–3 alternate ``rounds`` times. The layer is then frozen (codes, scales, zero points) and its plan
    entry gets the chosen ``a_clip``.
 
+Optionally (``smooth_alphas``) SmoothQuant balancing is folded into a DiT first (:mod:`.smooth`).
+
 Resumable: each finished layer is written to ``out_dir/layers/<name>.safetensors`` and recorded in
 ``out_dir/ptq.json`` before the next one starts; a rerun with the same plan and config loads the finished
 layers and continues. ``load_calibration`` rebuilds a calibrated model from the directory.
@@ -36,11 +38,13 @@ from ..branches import INIT_MODES, MonarchBranch, init_branch
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
 from ..nn import QuantLinear, convert, forward_order
 from ..plan import LayerConfig, QuantPlan
+from . import smooth
 from .capture import CalibBatch, StageRunner
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
 VERSION = 1
+SMOOTH_FILE = "smooth.safetensors"
 DEFAULT_W_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 DEFAULT_A_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
@@ -49,16 +53,22 @@ DEFAULT_A_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 class PTQConfig:
     """``w_clip_grid``/``a_clip_grid``: candidate clip ratios (``(1.0,)`` turns a search off: round-to-nearest on
     the full range). ``rounds``: weight/activation alternations. ``branch_init``: "weight" or "residual".
-    ``max_tokens``: input rows per layer used by the search."""
+    ``max_tokens``: input rows per layer used by the search. ``smooth_alphas``: fold SmoothQuant balancing into a
+    DiT first, per layer the α of this grid (or none) with the least calibrated error (:mod:`.smooth`)."""
 
     w_clip_grid: tuple[float, ...] = DEFAULT_W_GRID
     a_clip_grid: tuple[float, ...] = DEFAULT_A_GRID
     rounds: int = 2
     branch_init: str = "weight"
     max_tokens: int = 4096
+    smooth_alphas: tuple[float, ...] = ()  # SmoothQuant α candidates (DiT only; empty: off), see smooth.py
     seed: int = 0
 
     def __post_init__(self) -> None:
+        alphas = tuple(float(a) for a in self.smooth_alphas)
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"PTQConfig.smooth_alphas must lie in [0, 1], got {alphas}")
+        object.__setattr__(self, "smooth_alphas", alphas)
         for name in ("w_clip_grid", "a_clip_grid"):
             grid = tuple(float(c) for c in getattr(self, name))
             if not grid or any(not 0.0 < c <= 1.0 for c in grid):
@@ -226,9 +236,6 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     calibrated plan (``a_clip`` filled in). With ``out_dir`` the work is saved per layer and resumed."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
-    convert(model, plan)
-    layers = {n: model.get_submodule(n) for n in plan.layers}
-    order = forward_order(model, *batches[0], names=list(plan.layers))
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
                              "config": config.to_dict(), "layers": {}}
     out = None if out_dir is None else Path(out_dir)
@@ -239,7 +246,20 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if old["plan"] != state["plan"] or old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
-            state["layers"] = old["layers"]
+            state = old
+    if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
+        if out is not None and (out / SMOOTH_FILE).exists():
+            factors = read_tensors(out / SMOOTH_FILE)
+        else:
+            factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config)
+            if out is not None:
+                write_tensors(out / SMOOTH_FILE, factors)
+                write_json(out / "ptq.json", state)
+        for name, factor in factors.items():
+            smooth.fold(model, name, factor)
+    convert(model, plan)
+    layers = {n: model.get_submodule(n) for n in plan.layers}
+    order = forward_order(model, *batches[0], names=list(plan.layers))
     calibrated = dict(plan.layers)
     for name in order:  # restore finished layers first so that later captures see them
         if name in state["layers"]:
@@ -285,6 +305,9 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
                               f"{missing[:3]}); rerun calibrate with this out_dir to finish it")
     layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=n) for n in plan.layers}
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
+    if (out / SMOOTH_FILE).exists():
+        for name, factor in read_tensors(out / SMOOTH_FILE).items():
+            smooth.fold(model, name, factor)
     convert(model, calibrated)
     for n, cfg in layers_cfg.items():
         install_layer(model.get_submodule(n), cfg, read_tensors(_layer_file(out, n)), f"{out}: layer {n}")

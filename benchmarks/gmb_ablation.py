@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""GMB ablation on the digits DiT: no branch / low rank / Monarch at equal parameters, after PTQ and after PEFT.
+
+For each uniform setting (W4A4, W3A3 by default) and each branch variant, the script calibrates (``calibrate``)
+and fine-tunes (``finetune``) the shipped digits DiT, and measures against the FP model:
+
+    ε-MSE      mean (ε_q − ε_fp)² over the ε channels, on held-out FP sampling trajectories (teacher-forced)
+    PSNR       of the quantized model's samples against the FP model's samples from the same seeds and labels
+    FD         Fréchet distance of the samples to the held-out real digits, in the digits classifier's features
+    acc        the classifier's accuracy on the samples (w.r.t. the labels they were drawn for)
+
+plus the branch's parameters (and the plan's average weight bits with and without the branch) and the PTQ / PEFT
+wall time. Every run is resumable: calibrations and fine-tunings live in ``--work`` and finished rows in
+``--work/results.json``; rerunning the same command continues. CPU, single thread by default.
+
+    python benchmarks/gmb_ablation.py --work out/gmb_ablation [--bits W4A4 W3A3] [--params 4] [--peft-steps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from treeq_engine.branches import plan_weight_bits
+from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits, uniform_plan
+from treeq_engine.calib.data import random_labels
+from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
+from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
+from treeq_engine.models.classifier import load_digits_classifier
+from treeq_engine.models.digits import digits_split, load_digits_dit
+from treeq_engine.models.sample import sample
+from treeq_engine.nn import convert, quant_layers
+
+VARIANTS = ("none", "lowrank", "monarch")
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a (N, F)`` and ``b (M, F)``."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+class Judge:
+    """The fixed evaluation: FP samples, held-out trajectories, real features."""
+
+    def __init__(self, fp, n_samples: int, steps: int, batch: int, eps_samples: int, seed: int = 1234) -> None:
+        self.fp, self.steps, self.batch, self.seed = fp, steps, batch, seed
+        self.clf = load_digits_classifier()
+        split = digits_split()
+        with torch.no_grad():
+            self.real_feats = self.clf.features(split.test_x)
+        self.labels = random_labels(n_samples, fp.num_classes, seed)
+        t0 = time.perf_counter()
+        self.fp_samples = self.samples(fp)
+        self.fp_sample_s = time.perf_counter() - t0
+        self.eps_batches = calibration_batches(fp, eps_samples, steps, seed=seed + 1)  # held out from calibration
+        with torch.no_grad():
+            self.fp_eps = [fp(*b)[:, : fp.in_channels] for b in self.eps_batches]
+
+    def samples(self, model) -> torch.Tensor:
+        out = [sample(model, self.labels[i:i + self.batch], steps=self.steps, sampler="ddpm", seed=self.seed + i)
+               for i in range(0, len(self.labels), self.batch)]
+        return torch.cat(out).clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        eps = sum(float((model(*b)[:, : model.in_channels] - e).square().mean())
+                  for b, e in zip(self.eps_batches, self.fp_eps)) / len(self.eps_batches)
+        t0 = time.perf_counter()
+        imgs = self.samples(model)
+        secs = time.perf_counter() - t0
+        mse = (imgs - self.fp_samples).square().flatten(1).mean(1).clamp(min=1e-12)
+        psnr = float((10 * torch.log10(4.0 / mse)).mean())  # peak-to-peak 2 on [-1, 1]
+        feats = self.clf.features(imgs)
+        acc = float((self.clf(imgs).argmax(1) == self.labels).float().mean())
+        return {"eps_mse": eps, "psnr": psnr, "fd": frechet(feats, self.real_feats), "acc": acc,
+                "sample_s": round(secs, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(4, 4), (3, 3)])
+    ap.add_argument("--params", type=int, default=4, help="branch budget b·r (rank of the equal low-rank branch)")
+    ap.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
+    ap.add_argument("--smooth-alphas", type=float, nargs="*", default=[])
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-steps", type=int, default=25)
+    ap.add_argument("--peft-steps", type=int, default=300)
+    ap.add_argument("--peft-batch", type=int, default=16)
+    ap.add_argument("--lr-branch", type=float, default=1e-3)
+    ap.add_argument("--lora-rank", type=int, default=0, help="also train a merged LoRA of this rank (all variants)")
+    ap.add_argument("--lr-w-scale", type=float, default=0.0, help="also train the weight scales (all variants)")
+    ap.add_argument("--eval-samples", type=int, default=500)
+    ap.add_argument("--eval-steps", type=int, default=50)
+    ap.add_argument("--eval-batch", type=int, default=250)
+    ap.add_argument("--eps-samples", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    res_path = work / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"rows": {}}
+
+    def save() -> None:
+        res_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    fp = load_digits_dit()
+    judge = Judge(fp, args.eval_samples, args.eval_steps, args.eval_batch, args.eps_samples)
+    batches = calibration_batches(fp, args.calib_samples, args.calib_steps, seed=0)
+    results["meta"] = {"args": {k: (v if not isinstance(v, list) else [list(x) if isinstance(x, tuple) else x
+                                                                        for x in v]) for k, v in vars(args).items()},
+                       "fp_sample_s": round(judge.fp_sample_s, 1), "torch": torch.__version__,
+                       "machine": platform.machine(), "threads": torch.get_num_threads(),
+                       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True).stdout.strip()}
+    if "FP" not in results["rows"]:
+        results["rows"]["FP"] = {"bits": "FP", "variant": "-", "stage": "-", **judge(fp)}
+        save()
+    shapes = {n: tuple(m.weight.shape) for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
+    for bits in args.bits:
+        label = f"W{bits[0]}A{bits[1]}"
+        key = f"{label} rtn"
+        if key not in results["rows"]:  # round-to-nearest, no calibration, no branch
+            rtn = convert(copy.deepcopy(fp), uniform_plan(fp, bits, None))
+            results["rows"][key] = {"bits": label, "variant": "none", "stage": "RTN", **judge(rtn)}
+            save()
+        for variant in VARIANTS:
+            plan = uniform_plan(fp, bits, branch_for(variant, args.params))
+            ptq_dir = work / f"{label}_{variant}_ptq"
+            key = f"{label} {variant} PTQ"
+            model = copy.deepcopy(fp)
+            t0 = time.perf_counter()
+            if (ptq_dir / "plan.json").exists():
+                load_calibration(model, ptq_dir)
+            else:
+                calibrate(model, plan, batches, PTQConfig(branch_init=args.branch_init,
+                                                           smooth_alphas=tuple(args.smooth_alphas)), out_dir=ptq_dir)
+            ptq_s = time.perf_counter() - t0
+            params = sum(m.branch.params for m in quant_layers(model).values() if m.branch is not None)
+            cost = {"branch_params": params,
+                    "w_bits_no_branch": round(plan_weight_bits(plan, shapes, count_branch=False), 3),
+                    "w_bits_with_branch": round(plan_weight_bits(plan, shapes, count_branch=True), 3)}
+            if key not in results["rows"]:
+                results["rows"][key] = {"bits": label, "variant": variant, "stage": "PTQ", **cost,
+                                        "ptq_s": round(ptq_s, 1), **judge(model)}
+                save()
+            key = f"{label} {variant} PEFT"
+            if key in results["rows"]:
+                continue
+            cfg = PEFTConfig(steps=args.peft_steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank,
+                             lr_w_scale=args.lr_w_scale, checkpoint_every=50,
+                             lr_lora=args.lr_branch)
+            if variant == "none" and cfg.lora_rank == 0 and cfg.lr_w_scale == 0:
+                continue  # nothing to train without a branch
+            peft_dir = work / f"{label}_{variant}_peft"
+
+            def trajectory(r: int) -> list:
+                return calibration_batches(fp, args.peft_batch, args.calib_steps, seed=10_000 + r)
+
+            t0 = time.perf_counter()
+            done = (peft_dir / "peft.json").exists() and json.loads((peft_dir / "peft.json").read_text())[
+                "step"] == cfg.steps
+            if done:
+                load_finetuned(model, peft_dir)
+            else:
+                finetune(model, fp, trajectory, cfg, out_dir=peft_dir)
+            peft_s = time.perf_counter() - t0
+            trained = sum(p.numel() for n, p in model.named_parameters()
+                          if ".branch." in n or ".lora." in n or (n.endswith("w_scale") and cfg.lr_w_scale > 0))
+            results["rows"][key] = {"bits": label, "variant": variant, "stage": "PEFT", **cost,
+                                    "trained_params": trained, "peft_s": round(peft_s, 1),
+                                    "peft_steps": cfg.steps, **judge(model)}
+            save()
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    head = ("| setting | branch | stage | branch params | W bits (w/o / with branch) | ε-MSE | PSNR dB | FD | acc "
+            "| PTQ s | PEFT s |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in results["rows"].values():
+        bits = "-" if "w_bits_no_branch" not in r else f"{r['w_bits_no_branch']:.2f} / {r['w_bits_with_branch']:.2f}"
+        lines.append(f"| {r['bits']} | {r['variant']} | {r['stage']} | {r.get('branch_params', '-')} | {bits} "
+                     f"| {r['eps_mse']:.5f} | {r['psnr']:.2f} | {r['fd']:.2f} | {r['acc']:.3f} "
+                     f"| {r.get('ptq_s', '-')} | {r.get('peft_s', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""SmoothQuant folded into a DiT block: function-preserving folds, the per-layer choice, and PTQ with it."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gmb_standin import TinyDenoiser, ddim_trajectory
+from treeq_engine.calib import smooth
+from treeq_engine.calib.capture import capture_inputs
+from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
+from treeq_engine.nn import quantizable_linears
+from treeq_engine.plan import QuantPlan, is_block_layer
+
+
+@pytest.mark.parametrize("leaf", ["attn.qkv", "attn.proj", "mlp.fc1"])
+def test_fold_preserves_function_and_scales_the_input(leaf, gen):
+    model = TinyDenoiser(seed=2)
+    batches = ddim_trajectory(model, n=3, steps=2, seed=1)
+    name = f"blocks.1.{leaf}"
+    with torch.no_grad():
+        ref = [model(*b) for b in batches]
+    x_before = capture_inputs(model, name, batches, 10_000)
+    w_before = model.get_submodule(name).weight.detach().clone()
+    s = torch.rand(w_before.shape[1], generator=gen) * 3 + 0.2
+    smooth.fold(model, name, s)
+    with torch.no_grad():
+        for b, r in zip(batches, ref):
+            torch.testing.assert_close(model(*b), r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(capture_inputs(model, name, batches, 10_000), x_before / s, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.get_submodule(name).weight.detach(), w_before * s)
+
+
+def test_factors_and_errors(gen):
+    x = torch.randn(50, 6, generator=gen)
+    x[:, 2] *= 20
+    w = torch.randn(4, 6, generator=gen)
+    s = smooth.smoothing_factors(x, w, 0.5)
+    torch.testing.assert_close(s, (x.abs().amax(0) ** 0.5) / (w.abs().amax(0) ** 0.5))
+    assert int(s.argmax()) == 2
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        smooth.smoothing_factors(x, w, 1.5)
+    model = TinyDenoiser()
+    with pytest.raises(ValueError, match="only"):
+        smooth.fold(model, "blocks.0.mlp.fc2", torch.ones(48))
+    with pytest.raises(ValueError, match="positive and finite"):
+        smooth.fold(model, "blocks.0.attn.qkv", -torch.ones(24))
+    plain = nn.Module()
+    plain.attn = nn.Module()
+    plain.attn.qkv = nn.Linear(8, 24)
+    with pytest.raises(ValueError, match="no 'adaLN_modulation.1'"):
+        smooth.fold(plain, "attn.qkv", torch.ones(8))
+
+
+def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):
+    fp = TinyDenoiser(seed=4)
+    batches = ddim_trajectory(fp, n=4, steps=3, seed=0)
+    names = quantizable_linears(fp, include=is_block_layer)
+    plan = QuantPlan.uniform(names, 4, 4)
+    cfg = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.5, 0.75))
+    base = PTQConfig(max_tokens=256, rounds=1)
+    model = copy.deepcopy(fp)
+    calibrate(model, plan, batches, cfg, out_dir=tmp_path / "s", progress=False)
+    plain = copy.deepcopy(fp)
+    calibrate(plain, plan, batches, base, out_dir=tmp_path / "p", progress=False)
+    import json
+
+    st = json.loads((tmp_path / "s" / "ptq.json").read_text())
+    st_plain = json.loads((tmp_path / "p" / "ptq.json").read_text())
+    chosen = st["smooth"]
+    assert set(chosen) == {n for n in names if n.endswith(smooth.TARGETS)}
+    assert any(a is not None for a in chosen.values())  # the outlier channels make smoothing pay somewhere
+    for n, a in chosen.items():  # where smoothing was chosen, the layer's calibrated error went down
+        if a is not None:
+            assert st["layers"][n]["err"] < st_plain["layers"][n]["err"]
+    # a fresh FP copy loaded from the directory re-applies the folds: the same model
+    again = copy.deepcopy(fp)
+    load_calibration(again, tmp_path / "s")
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(again(*b), model(*b))
+    # resuming a finished run re-folds from the saved factors instead of choosing again
+    resumed = copy.deepcopy(fp)
+    calibrate(resumed, plan, batches, cfg, out_dir=tmp_path / "s", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(*batches[0]), model(*batches[0]))
+    with pytest.raises(ValueError, match="smooth_alphas must lie"):
+        PTQConfig(smooth_alphas=(2.0,))
