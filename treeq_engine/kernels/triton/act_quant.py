@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .kernel_math import add_rn, mul_rn, round_half_even
+from . import runtime
 from .runtime import INTERPRET, check_device, next_pow2
 
 
@@ -172,10 +173,10 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
         rows_per_group = m // g
         shift, scale = shift.contiguous(), scale.contiguous()
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    codes = torch.empty((m, k), dtype=torch.int8, device=dev)
-    sa = torch.empty(m, dtype=torch.float32, device=dev)
-    za = torch.empty(m, dtype=torch.int32, device=dev)
-    ra = torch.empty(m, dtype=torch.int32, device=dev)
+    codes = runtime.empty((m, k), torch.int8, dev)
+    sa = runtime.empty((m,), torch.float32, dev)
+    za = runtime.empty((m,), torch.int32, dev)
+    ra = runtime.empty((m,), torch.int32, dev)
     z = None
     kb = nblk = br = r = 1
     if monarch_w1 is not None:
@@ -186,7 +187,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
             raise ValueError(f"monarch_w1 {tuple(monarch_w1.shape)} covers {nblk * kb} < K={k} inputs")
         r = br // nblk
         monarch_w1 = monarch_w1.contiguous()
-        z = torch.empty((m, nblk, br), dtype=z_dtype or torch.float32, device=dev)
+        z = runtime.empty((m, nblk, br), z_dtype or torch.float32, dev)
     if m == 0:
         return codes, sa, za, ra, z
     if monarch_w1 is not None:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .kernel_math import gelu_tanh
+from . import runtime
 from .runtime import INTERPRET, check_device, next_pow2
 
 
@@ -202,7 +203,7 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
     m, k = codes.shape
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
+    out = runtime.empty((m, n), out_dtype, codes.device)
     if m == 0 or n == 0:
         return out
     nblk, nb, br = 1, n, 1

@@ -31,3 +31,8 @@ def check_device(*tensors: torch.Tensor | None) -> None:
         if t is not None and not runs_on(t):
             mode = "interpreter (TRITON_INTERPRET=1): CPU tensors" if INTERPRET else "compiled: CUDA tensors"
             raise RuntimeError(f"the Triton backend runs {mode}; got a tensor on {t.device}")
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation of every launcher (one place, so tests can poison outputs and prove each is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
