@@ -134,7 +134,7 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
         out = torch.empty(m, n, dtype=torch.bfloat16)
         for i, (cfg, branch) in enumerate(((autotune.heuristic_config(m, n, k, True), True),
                                            (autotune.heuristic_config(m, n, k), False),
-                                           (autotune.heuristic_config(256, n, k), False))):
+                                           (autotune.heuristic_config(256, 1152, 1152), False))):  # split-K
             name = f"packed_gemm[W{bits}, BM={cfg.bm} BN={cfg.bn} BK={cfg.bk} split={cfg.split_k}" \
                    f"{', monarch b=32 r=1 + bias + gelu' if branch else ''}]"
             yield KernelBuild(name, gemm._packed_gemm_kernel,
@@ -146,7 +146,7 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
                                    JT=gemm.branch_tiling(32 if branch else 1), BRC=32, BRANCH_F32=False, BM=cfg.bm,
                                    BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m),
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              quick=(bits, i) in ((4, 0), (8, 1))), (80, 90)
+                              quick=(bits, i) in ((4, 0), (8, 1), (8, 2))), (80, 90)
     try:
         from . import gluon_gemm
     except ImportError:  # this Triton has no Gluon
