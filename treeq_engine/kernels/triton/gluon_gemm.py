@@ -26,8 +26,9 @@ Pipeline: persistent CTAs (grid = #SMs) walk a flattened (tile, K-step) sequence
 into a ring of ``STAGES`` shared buffers, each with an mbarrier; weight bytes are loaded from global (L2)
 two K-steps ahead into registers; one wgmma stays in flight (``warpgroup_mma_wait(1)``), after which the ring
 slot it read is refilled. Epilogue (in registers, mma layout): zero-point correction, per-token × per-channel
-scales, Monarch stage 2 as ``JT`` bf16 ``mma_v2`` products ``(LT × b·r) × (b·r × BT)`` interleaved into the tile
-rows, bias, GELU(tanh), store (16-byte runs along channels).
+scales, Monarch stage 2 as ``JT`` bf16 ``mma_v2`` products ``(LT × b·r) × (b·r × BT)`` added into the tile
+rows (through a shared-memory copy of the tile, one block at a time), bias, GELU(tanh), store (16-byte runs
+along channels).
 """
 from __future__ import annotations
 
@@ -249,39 +250,6 @@ def _branch_rows(z_ptr, w2_ptr, rows_t, tmask, jcur, lb, NBLK, NB, BR, LT: gl.co
 
 
 @gluon.jit
-def _branch(z_ptr, w2_ptr, rows_t, tmask, lb, jg, NBLK, NB, BR, BW: gl.constexpr, JT: gl.constexpr,
-            BRC: gl.constexpr, num_warps: gl.constexpr):
-    """Stage 2 of the whole tile ``(BW, _BT)``, rows ``t = l'·JT + j'``: one product per block, interleaved."""
-    LT: gl.constexpr = BW // JT
-    WM: gl.constexpr = min(LT // 16, num_warps)
-    mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WM, num_warps // WM],
-                                                   instr_shape=[16, 8])
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # (LT, BRC), c fastest
-    ldt: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])  # (BRC, _BT), c fastest
-    j0 = jg * JT
-    r0 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-    if JT == 1:
-        x = r0
-    else:
-        r1 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 1, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-        if JT == 2:
-            x = gl.join(r0, r1).permute(0, 2, 1)
-        else:
-            r2 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 2, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-            r3 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 3, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-            if JT == 4:
-                x = gl.join(gl.join(r0, r1), gl.join(r2, r3)).permute(0, 3, 2, 1)
-            else:
-                r4 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 4, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-                r5 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 5, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-                r6 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 6, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-                r7 = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, j0 + 7, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-                x = gl.join(gl.join(gl.join(r0, r1), gl.join(r2, r3)), gl.join(gl.join(r4, r5), gl.join(r6, r7)))
-                x = x.permute(0, 4, 3, 2, 1)
-    return x.reshape(BW, _BT)
-
-
-@gluon.jit
 def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
               M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr,
               HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, num_warps: gl.constexpr):
@@ -296,21 +264,38 @@ def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, b
     sa = gl.load(sa_ptr + rows_t, mask=tmask, other=0.0)
     corr = acc - zw[:, None] * ra[None, :] - cw[:, None] * za[None, :] + K * zw[:, None] * za[None, :]
     y = corr.to(gl.float32) * sa[None, :] * sw[:, None]
+    # from here on, rows along channels: a thread holds 8 consecutive tile rows of one token (16-byte stores)
+    st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
     if HAS_BRANCH:
-        br = _branch(z_ptr, w2_ptr, rows_t, tmask, lb, jg, NBLK, NB, BR, BW, JT, BRC, num_warps)
-        y = y + gl.convert_layout(br, mma)
+        # Monarch stage 2, one block j' at a time: rows t = l'·JT + j' of the tile are the strided slice j' of
+        # the tile viewed as (LT, JT·BT) in shared memory; each block's (LT × b·r)·(b·r × BT) product is added
+        # in place, so registers hold one block's result, not the tile's eight.
+        LT: gl.constexpr = BW // JT
+        WM: gl.constexpr = min(LT // 16, num_warps)
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WM, num_warps // WM],
+                                                       instr_shape=[16, 8])
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # (LT, BRC), c fastest
+        ldt: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])  # (BRC, BT), c fastest
+        ybuf = gl.allocate_shared_memory(gl.float32, [BW, _BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        ybuf.store(y)
+        rows2 = ybuf.reshape([LT, JT * _BT])
+        for jj in gl.static_range(JT):
+            r = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, jg * JT + jj, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
+            part = rows2.slice(jj * _BT, _BT, dim=1)
+            part.store(part.load(mma2) + r)
+        y = ybuf.load(st)
+    else:
+        y = gl.convert_layout(y, st)
+    o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
     if HAS_BIAS:
-        y = y + gl.load(bias_ptr + o, mask=ok, other=0.0)[:, None]
+        y = y + gl.load(bias_ptr + o_s, mask=ok_s, other=0.0)[:, None]
     if GELU:
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         u = gl.minimum(gl.maximum(u, -15.0), 15.0)
         y = 0.5 * y * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
-    # store along channels: a thread writes 8 consecutive tile rows of one token (16 bytes in bf16)
-    st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
-    y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), st)
-    o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
     t_s = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, st))
-    gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y, mask=ok_s[:, None] & (t_s < M)[None, :])
+    gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y.to(out_ptr.dtype.element_ty),
+             mask=ok_s[:, None] & (t_s < M)[None, :])
 
 
 @gluon.jit
