@@ -150,3 +150,7 @@ def test_errors(gen):
         packed_linear(bad_z, pw, monarch_w2=torch.zeros(4, 4, 4, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="out_dtype"):
         packed_linear(act, pw, out_dtype=torch.int32, backend="triton")
+    with pytest.raises(ValueError, match="codes must be contiguous int8"):
+        packed_linear(dataclasses.replace(act, codes=act.codes.to(torch.int32)), pw, backend="triton")
+    with pytest.raises(ValueError, match="scale must be"):
+        packed_linear(dataclasses.replace(act, scale=act.scale.double()), pw, backend="triton")

@@ -53,6 +53,14 @@ def _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, row
 
 
 @triton.jit
+def _centred(x_ptr, rows, rmask, cols, lane_ok, K, mean):
+    """float32 ``x − mean`` of a ``(BM, BK)`` chunk, zero outside the valid rows/columns."""
+    m2 = rmask[:, None] & (lane_ok & (cols < K))[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m2, other=0.0)
+    return tl.where(m2, x.to(tl.float32) - mean[:, None], 0.0)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
                       codes_ptr, scale_ptr, zp_ptr, rsum_ptr, z_ptr,
                       M, K, rows_per_group, ln_eps, clip,
@@ -77,19 +85,11 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
     if HAS_LN:  # two passes (mean, then centred variance): F.layer_norm's biased variance
         acc = zero_row
         for c in range(nchunks):
-            cols = c * chunk + lane
-            cmask = (lane < chunk) & (cols < K)
-            m2 = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m2, other=0.0)
-            acc += tl.sum(x.to(tl.float32), axis=1)
+            acc += tl.sum(_centred(x_ptr, rows, rmask, c * chunk + lane, (lane < chunk), K, zero_row), axis=1)
         mean = tl.math.div_rn(acc, K.to(tl.float32))
         acc = zero_row
         for c in range(nchunks):
-            cols = c * chunk + lane
-            cmask = (lane < chunk) & (cols < K)
-            m2 = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m2, other=0.0)
-            d = tl.where(m2, x.to(tl.float32) - mean[:, None], 0.0)
+            d = _centred(x_ptr, rows, rmask, c * chunk + lane, (lane < chunk), K, mean)
             acc += tl.sum(d * d, axis=1)
         var = tl.math.div_rn(acc, K.to(tl.float32))
         rstd = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.sqrt_rn(var + ln_eps))

@@ -85,10 +85,24 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
     return QuantizedActivation(codes, sa, za, ra, spec.bits, z if monarch_w1 is not None else None)
 
 
+def _check_act(act: QuantizedActivation) -> None:
+    """The dataclass does not validate itself; the kernels read raw memory, so check what they assume."""
+    m = act.codes.shape[0] if act.codes.dim() == 2 else -1
+    if act.codes.dtype != torch.int8 or act.codes.dim() != 2 or not act.codes.is_contiguous():
+        raise ValueError(f"activation codes must be contiguous int8 (M, K), got {act.codes.dtype} "
+                         f"{tuple(act.codes.shape)}")
+    for name, t, dt in (("scale", act.scale, torch.float32), ("zero_point", act.zero_point, torch.int32),
+                        ("row_sum", act.row_sum, torch.int32)):
+        if t.dtype != dt or t.shape != (m,) or t.device != act.codes.device:
+            raise ValueError(f"activation {name} must be {dt} ({m},) on {act.codes.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
                   out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
     """Backend implementation of ``kernels.packed_linear`` (inputs already checked by ops.py)."""
+    _check_act(act)
     if monarch_w2 is not None and act.z is None:
         raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
     y = _packed_linear_op(act.codes, act.scale, act.zero_point, act.row_sum,
