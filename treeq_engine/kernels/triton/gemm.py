@@ -70,6 +70,47 @@ def _weight_tile(w_ptr, o, nmask, kt, K, KW, BK: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
+def _dot_f32(a, b, acc, BRANCH_F32: tl.constexpr):
+    if BRANCH_F32:  # the interpreter computes bf16 dots wrongly
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+
+
+@triton.jit
+def _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM: tl.constexpr, BN: tl.constexpr,
+                    JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+    """``(BM, BN)`` float32 branch output of the tile: batched over its ``JT`` blocks, ``(JT, BM, b·r) ×
+    (JT, b·r, LT)``, permuted into tile order; for one block (low rank) a plain 2-D dot."""
+    LT: tl.constexpr = BN // JT
+    jv = jg * JT + tl.arange(0, JT)
+    lv = lb * LT + tl.arange(0, LT)
+    cc = tl.arange(0, BRC)
+    if JT == 1:
+        br2 = tl.zeros([BM, BN], dtype=tl.float32)
+        for c0 in range(0, BR, BRC):
+            cz = c0 + cc
+            z2 = tl.load(z_ptr + rows.to(tl.int64)[:, None] * (NBLK * BR) + jg * BR + cz[None, :],
+                         mask=mmask[:, None] & (cz < BR)[None, :], other=0.0)
+            w2t = tl.load(w2_ptr + (jg * NB + lv[None, :]).to(tl.int64) * BR + cz[:, None],
+                          mask=(cz < BR)[:, None] & (lv < NB)[None, :], other=0.0)
+            br2 = _dot_f32(z2, w2t, br2, BRANCH_F32)
+        return br2
+    else:
+        br = tl.zeros([JT, BM, LT], dtype=tl.float32)
+        for c0 in range(0, BR, BRC):
+            cz = c0 + cc
+            zmask = (jv < NBLK)[:, None, None] & mmask[None, :, None] & (cz < BR)[None, None, :]
+            z3 = tl.load(z_ptr + rows.to(tl.int64)[None, :, None] * (NBLK * BR) + (jv * BR)[:, None, None]
+                         + cz[None, None, :], mask=zmask, other=0.0)
+            wmask = (jv < NBLK)[:, None, None] & (cz < BR)[None, :, None] & (lv < NB)[None, None, :]
+            w3 = tl.load(w2_ptr + (jv[:, None, None] * NB + lv[None, None, :]).to(tl.int64) * BR
+                         + cz[None, :, None], mask=wmask, other=0.0)
+            br = _dot_f32(z3, w3, br, BRANCH_F32)
+        return tl.reshape(tl.permute(br, (1, 2, 0)), (BM, BN))  # (j', m, l') -> (m, l'·JT + j')
+
+
+@triton.jit
 def _epilogue(acc, rows, mmask, o, nmask, lb, jg,
               sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
               N, K, NBLK, NB, BR,
@@ -84,24 +125,7 @@ def _epilogue(acc, rows, mmask, o, nmask, lb, jg,
     corr = acc - zw[None, :] * ra[:, None] - za[:, None] * cw[None, :] + K * za[:, None] * zw[None, :]
     y = corr.to(tl.float32) * sa[:, None] * sw[None, :]
     if HAS_BRANCH:
-        LT: tl.constexpr = BN // JT
-        jv = jg * JT + tl.arange(0, JT)
-        lv = lb * LT + tl.arange(0, LT)
-        cc = tl.arange(0, BRC)
-        br = tl.zeros([JT, BM, LT], dtype=tl.float32)
-        for c0 in range(0, BR, BRC):
-            cz = c0 + cc
-            zmask = (jv < NBLK)[:, None, None] & mmask[None, :, None] & (cz < BR)[None, None, :]
-            z3 = tl.load(z_ptr + rows.to(tl.int64)[None, :, None] * (NBLK * BR) + (jv * BR)[:, None, None]
-                         + cz[None, None, :], mask=zmask, other=0.0)
-            wmask = (jv < NBLK)[:, None, None] & (cz < BR)[None, :, None] & (lv < NB)[None, None, :]
-            w3 = tl.load(w2_ptr + (jv[:, None, None] * NB + lv[None, None, :]).to(tl.int64) * BR + cz[None, :, None],
-                         mask=wmask, other=0.0)
-            if BRANCH_F32:
-                br = tl.dot(z3.to(tl.float32), w3.to(tl.float32), br, input_precision="ieee")
-            else:
-                br = tl.dot(z3.to(tl.bfloat16), w3.to(tl.bfloat16), br)
-        y = y + tl.reshape(tl.permute(br, (1, 2, 0)), (BM, BN))  # (j', m, l') -> (m, l'·JT + j')
+        y = y + _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM, BN, JT, BRC, BRANCH_F32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + o, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
