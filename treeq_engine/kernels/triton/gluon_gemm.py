@@ -45,7 +45,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...format.packing import unpack
 from . import runtime
-from .gemm import branch_tiling
+from .gemm import branch_tiling, splitk_workspace
 from .runtime import INTERPRET, next_pow2
 
 BK = 128  # codes per K-step; the fragment layout is defined for this step
@@ -180,28 +180,29 @@ def _unpack(words, BW: gl.constexpr, BITS: gl.constexpr, dot_layout: gl.constexp
 
 
 @gluon.jit
-def _tile_coords(tile, n_tiles_w, n_jg, NBLK, BW: gl.constexpr, JT: gl.constexpr):
-    """(first token, l-block, j-group) of a persistent tile index; channel tiles vary fastest."""
-    pid_t = tile // n_tiles_w
+def _work_coords(work, n_tiles_w, n_jg, SPLIT: gl.constexpr, PER):
+    """(first token, l-block, j-group, first K-step) of a persistent work item (a tile's K-slice of ``PER``
+    steps); channel tiles vary fastest, then the split."""
+    tile = work // SPLIT
     pid_w = tile % n_tiles_w
-    return pid_t * _BT, pid_w // n_jg, pid_w % n_jg
+    return (tile // n_tiles_w) * _BT, pid_w // n_jg, pid_w % n_jg, (work % SPLIT) * PER
 
 
 @gluon.jit
-def _cursor(tile, n_tiles_w, n_jg, NBLK, BW: gl.constexpr, JT: gl.constexpr):
-    t0, lb, jg = _tile_coords(tile, n_tiles_w, n_jg, NBLK, BW, JT)
-    return 0, tile, t0, lb, jg
+def _cursor(work, n_tiles_w, n_jg, SPLIT: gl.constexpr, PER):
+    t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
+    return 0, work, t0, lb, jg, kb
 
 
 @gluon.jit
-def _step(k, tile, t0, lb, jg, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW: gl.constexpr, JT: gl.constexpr):
-    """Advance a (K-step, tile) cursor by one step; a new tile's coordinates only on wrap-around."""
+def _step(k, work, t0, lb, jg, kb, PER, nprog, n_tiles_w, n_jg, SPLIT: gl.constexpr):
+    """Advance a (K-step, work item) cursor by one step; new coordinates only when it moves to its next item."""
     k += 1
-    if k == k_tiles:
+    if k == PER:
         k = 0
-        tile += nprog
-        t0, lb, jg = _tile_coords(tile, n_tiles_w, n_jg, NBLK, BW, JT)
-    return k, tile, t0, lb, jg
+        work += nprog
+        t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
+    return k, work, t0, lb, jg, kb
 
 
 @gluon.jit
@@ -299,9 +300,50 @@ def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, b
 
 
 @gluon.jit
+def _finish(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+            M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr,
+            HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
+            num_warps: gl.constexpr):
+    """The epilogue, or for the probe ``bf16(acc)`` stored as it is."""
+    if EPILOGUE:
+        _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
+                  out_ptr, M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, num_warps)
+    else:
+        st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
+        y = gl.convert_layout(acc.to(gl.float32).to(gl.bfloat16), st)
+        o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
+        t_s = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, st))
+        gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y, mask=ok_s[:, None] & (t_s < M)[None, :])
+
+
+@gluon.jit
+def _split_k_finish(acc, tile, t0, lb, jg, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                    z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr,
+                    JT: gl.constexpr, BRC: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
+    """Split-K as gemm.py: add the int32 partial into the workspace (exact, order-free); the last of the tile's
+    SPLIT work items (acq_rel counter) takes the sum with ``atomic_xchg(ws, 0)`` (leaving it zeroed), resets
+    the counter and finishes the tile."""
+    o, ok = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, mma))
+    rows_t = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, mma))
+    m2 = ok[:, None] & (rows_t < M)[None, :]
+    ws = ws_ptr + rows_t.to(gl.int64)[None, :] * N + o[:, None]
+    gl.atomic_add(ws, acc, mask=m2, sem="relaxed")
+    gl.thread_barrier()
+    arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        gl.thread_barrier()
+        total = gl.atomic_xchg(ws, gl.zeros_like(acc), mask=m2, sem="acq_rel")
+        gl.atomic_xchg(cnt_ptr + tile, 0)
+        _finish(total, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+                M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+
+
+@gluon.jit
 def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                       out_ptr, M, N, K, KW, NBLK, NB, BR,
+                       out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NBLK, NB, BR,
                        BITS: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr, STAGES: gl.constexpr,
+                       SPLIT: gl.constexpr,
                        HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
                        num_warps: gl.constexpr):
     """``EPILOGUE=False`` is the probe: the main loop alone, storing ``bf16(acc)`` (no scales, no branch)."""
@@ -319,32 +361,34 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
     n_jg = gl.cdiv(NBLK, JT)
     n_tiles_w = n_jg * gl.cdiv(gl.cdiv(N, NBLK), LT)
     n_tiles = gl.cdiv(M, _BT) * n_tiles_w
+    n_work = n_tiles * SPLIT
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
-    k_tiles = gl.cdiv(K, _BK)
-    total = gl.cdiv(n_tiles - pid, nprog) * k_tiles  # this program's (tile, K-step) sequence
+    PER = gl.cdiv(K, _BK) // SPLIT  # K-steps per work item (the host makes SPLIT divide the K-steps)
+    total = gl.cdiv(n_work - pid, nprog) * PER  # this program's (work item, K-step) sequence
 
-    # Two cursors run ahead of the MMA over this program's (tile, K-step) sequence: the TMA ring (STAGES − 1
-    # steps ahead) and the weight registers (2 steps ahead). They step without divisions: coordinates are
-    # recomputed only when a cursor moves to its next tile.
-    ka, tla, ta, lba, jga = _cursor(pid, n_tiles_w, n_jg, NBLK, BW, JT)
+    # Two cursors run ahead of the MMA over that sequence: the TMA ring (STAGES − 1 steps ahead) and the weight
+    # registers (2 steps ahead). They step without divisions: coordinates are recomputed only when a cursor
+    # moves to its next work item.
+    ka, wka, ta, lba, jga, kba = _cursor(pid, n_tiles_w, n_jg, SPLIT, PER)
     for s in gl.static_range(STAGES - 1):  # fill the ring
         mbarrier.expect(bars.index(s), _BT * _BK, pred=s < total)
-        tma.async_copy_global_to_shared(a_desc, [ta, ka * _BK], bars.index(s), a_smem.index(s), pred=s < total)
-        ka, tla, ta, lba, jga = _step(ka, tla, ta, lba, jga, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW, JT)
-    kw, tlw, tw, lbw, jgw = _cursor(pid, n_tiles_w, n_jg, NBLK, BW, JT)
-    wb0 = _load_weight_words(w_ptr, lbw, jgw, kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-    kw, tlw, tw, lbw, jgw = _step(kw, tlw, tw, lbw, jgw, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW, JT)
-    wb1 = _load_weight_words(w_ptr, lbw, jgw, kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-    kw, tlw, tw, lbw, jgw = _step(kw, tlw, tw, lbw, jgw, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW, JT)
+        tma.async_copy_global_to_shared(a_desc, [ta, (kba + ka) * _BK], bars.index(s), a_smem.index(s),
+                                        pred=s < total)
+        ka, wka, ta, lba, jga, kba = _step(ka, wka, ta, lba, jga, kba, PER, nprog, n_tiles_w, n_jg, SPLIT)
+    kw, wkw, tw, lbw, jgw, kbw = _cursor(pid, n_tiles_w, n_jg, SPLIT, PER)
+    wb0 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
+    kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
+    wb1 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
+    kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
 
     acc = gl.zeros([BW, _BT], gl.int32, layout=mma)
     it = 0
-    for tile in range(pid, n_tiles, nprog):
-        t0, lb, jg = _tile_coords(tile, n_tiles_w, n_jg, NBLK, BW, JT)
-        for ki in range(k_tiles):
-            wb2 = _load_weight_words(w_ptr, lbw, jgw, kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-            kw, tlw, tw, lbw, jgw = _step(kw, tlw, tw, lbw, jgw, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW, JT)
+    for work in range(pid, n_work, nprog):
+        t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
+        for ki in range(PER):
+            wb2 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
+            kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
             wd = _unpack(wb0, BW, BITS, dot, num_warps)
             slot = it % STAGES
             mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
@@ -354,24 +398,22 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
             sn = (it + STAGES - 1) % STAGES
             more = it + STAGES - 1 < total
             mbarrier.expect(bars.index(sn), _BT * _BK, pred=more)
-            tma.async_copy_global_to_shared(a_desc, [ta, ka * _BK], bars.index(sn), a_smem.index(sn), pred=more)
-            ka, tla, ta, lba, jga = _step(ka, tla, ta, lba, jga, k_tiles, nprog, n_tiles_w, n_jg, NBLK, BW, JT)
+            tma.async_copy_global_to_shared(a_desc, [ta, (kba + ka) * _BK], bars.index(sn), a_smem.index(sn),
+                                            pred=more)
+            ka, wka, ta, lba, jga, kba = _step(ka, wka, ta, lba, jga, kba, PER, nprog, n_tiles_w, n_jg, SPLIT)
             wb0 = wb1
             wb1 = wb2
             it += 1
-        # unconditional at the end of a tile, so every path reaches the next wgmma in the same state (a wait
-        # under a branch makes ptxas inject a full wait in every iteration)
+        # unconditional at the end of a work item, so every path reaches the next wgmma in the same state (a
+        # wait under a branch makes ptxas inject a full wait in every iteration)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if EPILOGUE:
-            _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                      out_ptr, M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, num_warps)
+        if SPLIT > 1:
+            _split_k_finish(acc, work // SPLIT, t0, lb, jg, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr,
+                            cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, SPLIT,
+                            HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
         else:
-            st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
-            y = gl.convert_layout(acc.to(gl.float32).to(gl.bfloat16), st)
-            o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
-            t_s = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, st))
-            gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y,
-                     mask=ok_s[:, None] & (t_s < M)[None, :])
+            _finish(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+                    M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -396,6 +438,18 @@ def usable(codes: torch.Tensor, bits: int) -> bool:
             and codes.shape[0] > 0 and _is_sm90(codes.device.index or 0))
 
 
+def split_k(n_tiles: int, k_steps: int, sms: int, min_steps: int = 3) -> int:
+    """The smallest divisor of the K-steps that gives every SM a work item, keeping at least ``min_steps``
+    K-steps per item (the ring needs a few to fill); 1 when the tiles alone fill the GPU."""
+    best = 1
+    for s in range(2, k_steps + 1):
+        if n_tiles * best >= sms:
+            break
+        if k_steps % s == 0 and k_steps // s >= min_steps:
+            best = s
+    return best
+
+
 def _act_descriptor(codes: torch.Tensor) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for([BT, BK], gl.int8)
     return TensorDescriptor.from_tensor(codes, [BT, BK], layout)
@@ -404,9 +458,11 @@ def _act_descriptor(codes: torch.Tensor) -> TensorDescriptor:
 def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: torch.Tensor, packed: torch.Tensor,
                 bits: int, n: int, sw: torch.Tensor, zw: torch.Tensor, cw: torch.Tensor, *,
                 bias: torch.Tensor | None = None, z: torch.Tensor | None = None, w2: torch.Tensor | None = None,
-                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, epilogue: bool = True) -> torch.Tensor:
+                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, epilogue: bool = True,
+                split: int | None = None) -> torch.Tensor:
     """Same contract as ``gemm.packed_gemm`` (layout-v1 weight in; its fragment layout is derived and cached).
-    ``epilogue=False`` runs the probe (main loop only; the output is ``bf16(Σ qa·u)``)."""
+    ``epilogue=False`` runs the probe (main loop only; the output is ``bf16(Σ qa·u)``). ``split`` overrides the
+    split-K choice (it must divide the number of 128-deep K-steps)."""
     m, k = codes.shape
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
@@ -421,12 +477,18 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
     jt = branch_tiling(nblk)
     bw = 16 * NUM_WARPS
     n_tiles = triton.cdiv(m, BT) * triton.cdiv(nblk, jt) * triton.cdiv(triton.cdiv(n, nblk), bw // jt)
-    grid = (min(n_tiles, _sm_count(codes.device.index or 0)),)
+    sms = _sm_count(codes.device.index or 0)
+    split = split_k(n_tiles, triton.cdiv(k, BK), sms) if split is None else split
+    if triton.cdiv(k, BK) % split:
+        raise ValueError(f"split={split} must divide the {triton.cdiv(k, BK)} K-steps")
+    ws, cnt = splitk_workspace(codes.device, m * n if split > 1 else 1, n_tiles)
+    grid = (min(n_tiles * split, sms),)
     dummy = sa
     _gluon_gemm_kernel[grid](
         _act_descriptor(codes), frag.view(torch.int32), sa, za, ra, sw, zw2, cw2, bias if bias is not None else dummy,
-        z if z is not None else dummy, w2 if w2 is not None else dummy, out, m, n, k, frag.shape[1] // 4, nblk, nb, br,
-        BITS=bits, JT=jt, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, HAS_BIAS=bias is not None,
+        z if z is not None else dummy, w2 if w2 is not None else dummy, out, ws, cnt, m, n, k, frag.shape[1] // 4,
+        nblk, nb, br, BITS=bits, JT=jt, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
+        HAS_BIAS=bias is not None,
         HAS_BRANCH=w2 is not None, GELU=bool(gelu), EPILOGUE=epilogue, num_warps=NUM_WARPS)
     return out
 
@@ -443,19 +505,20 @@ def aot_builds():
     z = torch.empty(m, 32, 32, dtype=torch.bfloat16)
     w2 = torch.empty(32, n // 32, 32, dtype=torch.float32)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    cases = [("gluon_probe[W4A8 main loop, no epilogue]", 4, False, False),
-             ("gluon_gemm[W4, bias + gelu]", 4, True, False),
-             ("gluon_gemm[W4, monarch b=32 r=1 + bias + gelu]", 4, True, True),
-             ("gluon_gemm[W8, monarch b=32 r=1 + bias + gelu]", 8, True, True),
-             ("gluon_gemm[W2, bias + gelu]", 2, True, False)]
-    for name, bits, epi, branch in cases:
+    cases = [("gluon_probe[W4A8 main loop, no epilogue]", 4, False, False, 1),
+             ("gluon_gemm[W4, bias + gelu]", 4, True, False, 1),
+             ("gluon_gemm[W4, monarch b=32 r=1 + bias + gelu]", 4, True, True, 1),
+             ("gluon_gemm[W8, monarch b=32 r=1 + bias + gelu, split-K 3]", 8, True, True, 3),
+             ("gluon_gemm[W2, bias + gelu]", 2, True, False, 1)]
+    for name, bits, epi, branch, split in cases:
         c = fields_per_byte(bits)
         frag = torch.empty(n, k // c // 4, dtype=torch.int32)
         yield KernelBuild(name, _gluon_gemm_kernel,
                           dict(a_desc=desc, w_ptr=frag, sa_ptr=f32, za_ptr=i32, ra_ptr=i32, sw_ptr=fn, zw_ptr=inn,
-                               cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, M=m, N=n, K=k,
+                               cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, ws_ptr=inn, cnt_ptr=inn,
+                               M=m, N=n, K=k,
                                KW=frag.shape[1], NBLK=32 if branch else 1, NB=n // 32 if branch else n,
                                BR=32 if branch else 1),
-                          dict(BITS=bits, JT=branch_tiling(32 if branch else 1), BRC=32, STAGES=STAGES,
+                          dict(BITS=bits, JT=branch_tiling(32 if branch else 1), BRC=32, STAGES=STAGES, SPLIT=split,
                                HAS_BIAS=epi, HAS_BRANCH=branch, GELU=epi, EPILOGUE=epi, num_warps=NUM_WARPS),
                           num_warps=NUM_WARPS, num_stages=1, gluon=True, quick=name != "gluon_gemm[W4, bias + gelu]"), (90,)
