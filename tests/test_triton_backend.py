@@ -8,6 +8,9 @@ from treeq_engine.format import QuantSpec
 from treeq_engine.kernels import PackedWeight, backends, ops, reference
 from treeq_engine.kernels.triton import backend, runtime
 
+# the Triton 3.6 interpreter converts 1-element arrays to loop bounds (NumPy deprecation, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
 
 def test_registered_and_dispatch(gen):
     assert "triton" in backends()

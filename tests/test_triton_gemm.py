@@ -17,6 +17,9 @@ from treeq_engine.kernels import PackedWeight, QuantizedActivation, packed_linea
 from treeq_engine.kernels.triton import gemm
 from treeq_engine.kernels.triton.autotune import GemmConfig
 
+# the Triton 3.6 interpreter converts 1-element arrays to loop bounds (NumPy deprecation, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
 # float epilogue tolerance: fp32 everywhere under the interpreter; bf16 Monarch operands on a GPU
 TOL = dict(rtol=1e-5, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=5e-2)
 
