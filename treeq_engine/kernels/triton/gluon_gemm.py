@@ -433,9 +433,10 @@ def _is_sm90(index: int) -> bool:
 
 
 def usable(codes: torch.Tensor, bits: int) -> bool:
-    """The Gluon kernel runs: compiled mode, an sm_90 device, a supported bit-width, TMA-aligned K rows."""
+    """The Gluon kernel runs: compiled mode, an sm_90 device, a supported bit-width, TMA-aligned rows (K and
+    the base address multiples of 16 bytes)."""
     return (not INTERPRET and codes.is_cuda and bits in GLUON_BITS and codes.shape[1] % 16 == 0
-            and codes.shape[0] > 0 and _is_sm90(codes.device.index or 0))
+            and codes.data_ptr() % 16 == 0 and codes.shape[0] > 0 and _is_sm90(codes.device.index or 0))
 
 
 def split_k(n_tiles: int, k_steps: int, sms: int, min_steps: int = 3) -> int:
