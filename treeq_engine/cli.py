@@ -32,6 +32,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
              lambda p: p.add_argument("--json", action="store_true", help="print JSON"), _cmd_info),
     "selfcheck": ("check the numeric format and the compiled core against the oracle", lambda p: None,
                   _cmd_selfcheck),
+    "triton-aot": ("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and SASS",
+                   lambda p: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).add_arguments(p),
+                   lambda a: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).run(a)),
 }
 
 
