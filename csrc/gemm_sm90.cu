@@ -73,15 +73,17 @@ __device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[16][4], const uint
   "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, " \
   "%47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
   if constexpr (A_UNSIGNED) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " TREEQ_WGMMA_D
-                 ", {%64, %65, %66, %67}, %68, 1;\n"
-                 : TREEQ_WGMMA_OPERANDS
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " TREEQ_WGMMA_D ", {%64, %65, %66, %67}, %68, p;\n}\n"
+        : TREEQ_WGMMA_OPERANDS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));  // scale-d = 1: D += A·B
   } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " TREEQ_WGMMA_D
-                 ", {%64, %65, %66, %67}, %68, 1;\n"
-                 : TREEQ_WGMMA_OPERANDS
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " TREEQ_WGMMA_D ", {%64, %65, %66, %67}, %68, p;\n}\n"
+        : TREEQ_WGMMA_OPERANDS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));  // scale-d = 1: D += A·B
   }
 #undef TREEQ_WGMMA_OPERANDS
 #undef TREEQ_WGMMA_D
