@@ -45,7 +45,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm80_kernel(const Params p) 
   constexpr int kStages = stages_sm80<BITS>();
   constexpr int kWBytes = frag::tile_bytes(BITS);
   constexpr int kWords = frag::words_per_slot(BITS);
-  constexpr int kCW = frag::chunk_words(BITS);
 
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t{127});
@@ -100,20 +99,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm80_kernel(const Params p) 
 #pragma unroll
     for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-      for (int c = 0; c < kWords / kCW; ++c) {
-        const uint32_t* src = wt_s + frag::word_index(BITS, 2 * wc + mb, lane, c * kCW);
-        if constexpr (kCW == 4) {
-          const uint4 v = *reinterpret_cast<const uint4*>(src);
-          words[mb][c * 4 + 0] = v.x;
-          words[mb][c * 4 + 1] = v.y;
-          words[mb][c * 4 + 2] = v.z;
-          words[mb][c * 4 + 3] = v.w;
-        } else {
-          const uint2 v = *reinterpret_cast<const uint2*>(src);
-          words[mb][c * 2 + 0] = v.x;
-          words[mb][c * 2 + 1] = v.y;
-        }
-      }
+      for (int c = 0; c < frag::num_chunks(BITS); ++c) load_slot_chunk<BITS>(words[mb], wt_s, 2 * wc + mb, lane, c);
     const uint32_t act_base = ptx::smem_addr(act_s + st * kStageActBytes);
     auto kstep = [&](auto s_const) {
       constexpr int S = decltype(s_const)::value;

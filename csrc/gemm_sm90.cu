@@ -35,9 +35,9 @@ namespace treeq::gemm {
 namespace {
 
 constexpr int kThreads = 384;          // 1 producer + 2 consumer warpgroups
-constexpr int kConsumers = 256;
-constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;     // 128·24 + 256·240 ≤ 65536
+[[maybe_unused]] constexpr int kConsumers = 256;
+[[maybe_unused]] constexpr int kProducerRegs = 24;
+[[maybe_unused]] constexpr int kConsumerRegs = 240;     // 128·24 + 256·240 ≤ 65536
 constexpr int kSmemLimit = 232448;     // 227 KB per block on sm_90
 constexpr int kFixedSmem = kStagingBytes + static_cast<int>(sizeof(TileVecs)) + 1024 /*align*/ + 256 /*barriers*/;
 
@@ -104,25 +104,11 @@ constexpr int first_use(int c) {
 template <int BITS, int S>
 __device__ __forceinline__ void load_chunks(uint32_t (&words)[2][2 * BITS], const uint32_t* wt, const int (&blk)[2],
                                             int lane) {
-  constexpr int kCW = frag::chunk_words(BITS);
 #pragma unroll
   for (int c = 0; c < frag::num_chunks(BITS); ++c) {
     if (first_use<BITS>(c) != S) continue;
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb) {
-      const uint32_t* src = wt + frag::word_index(BITS, blk[mb], lane, c * kCW);
-      if constexpr (kCW == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(src);
-        words[mb][c * 4 + 0] = v.x;
-        words[mb][c * 4 + 1] = v.y;
-        words[mb][c * 4 + 2] = v.z;
-        words[mb][c * 4 + 3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(src);
-        words[mb][c * 2 + 0] = v.x;
-        words[mb][c * 2 + 1] = v.y;
-      }
-    }
+    for (int mb = 0; mb < 2; ++mb) load_slot_chunk<BITS>(words[mb], wt, blk[mb], lane, c);
   }
 }
 

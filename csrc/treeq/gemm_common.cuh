@@ -93,6 +93,25 @@ __host__ __device__ inline Unit unit_of(const Params& p, int u) {
   return r;
 }
 
+// Chunk c (frag::chunk_words(BITS) words, one 16- or 8-byte shared-memory load) of the slot (m16, lane) of a
+// fragment-layout tile in shared memory, into words[c·CW ..].
+template <int BITS>
+__device__ __forceinline__ void load_slot_chunk(uint32_t* words, const uint32_t* tile, int m16, int lane, int c) {
+  constexpr int kCW = frag::chunk_words(BITS);
+  const uint32_t* src = tile + frag::word_index(BITS, m16, lane, c * kCW);
+  if constexpr (kCW == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    words[c * 4 + 0] = v.x;
+    words[c * 4 + 1] = v.y;
+    words[c * 4 + 2] = v.z;
+    words[c * 4 + 3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
+    words[c * 2 + 0] = v.x;
+    words[c * 2 + 1] = v.y;
+  }
+}
+
 // Keeps the compiler from moving memory accesses across this point (used to bound how many loads it hoists).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
