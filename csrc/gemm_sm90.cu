@@ -13,7 +13,7 @@
 //     32-wide k-steps of a stage advance the descriptor start by 32 bytes.
 // Tiles: CTA = 256 channels × 128 tokens; each of the 2 consumer warpgroups owns two 64-channel blocks and
 // issues two wgmma.m64n128k32 per k-step (128 int32 accumulators per thread: the reason for 2 consumer
-// warpgroups with 232 registers rather than 4 with 112). K advances 128 per pipeline stage.
+// warpgroups with 240 registers rather than 4 with 112). K advances 128 per pipeline stage.
 // Warp specialisation: warpgroup 0 is the producer (one thread issues the TMA and bulk copies; registers given
 // away with setmaxnreg), warpgroups 1 and 2 consume. Stage handshake: full[s] (expect_tx, completed by the copies)
 // and empty[s] (one arrival per consumer warp). The grid is persistent (≤ one CTA per SM), walking work units
