@@ -145,6 +145,12 @@ def test_cuda_operands_cached_and_u_domain(gen):
     assert torch.equal(ops.uzp.to(torch.int64), pw.zero_point.to(torch.int64) + 4)
     assert torch.equal(ops.ucs.to(torch.int64), codes.sum(1) + 4 * 90)
     assert torch.equal(fl.unrepack(ops.words, ops.row_chan, 3, 70, 90), pw.codes())
+    # an in-place update of the weight (a state_dict loaded into module buffers) invalidates the cache
+    other = PackedWeight.from_float(torch.randn(70, 90, generator=gen), QuantSpec.weight(3))
+    pw.packed.copy_(other.packed)
+    pw.col_sum.copy_(other.col_sum)
+    fresh = fl.cuda_operands(pw, 4)
+    assert fresh is not ops and torch.equal(fl.unrepack(fresh.words, fresh.row_chan, 3, 70, 90), other.codes())
 
 
 def test_errors(gen):

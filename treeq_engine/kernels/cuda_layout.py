@@ -8,7 +8,8 @@ tile the rows are ordered by (channel mod b, channel) for a Monarch branch of b 
 branch with few masked MMA passes; ``row_chan`` records the original channel of every tile row.
 
 The artifact format stays layout v1; this layout is a cache (``cuda_operands``) built when a CUDA kernel first
-needs a weight, keyed by the weight and the branch's block count.
+needs a weight, keyed by the weight's packed tensor, the branch's block count and the device, and rebuilt after
+an in-place change of the weight's tensors.
 """
 from __future__ import annotations
 
@@ -125,13 +126,17 @@ _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def cuda_operands(weight: PackedWeight, blocks: int = 1) -> FragWeight:
-    """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). Weights are
-    immutable by convention; the cache lives as long as ``weight.packed``."""
+    """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). The cache lives as
+    long as ``weight.packed`` and is rebuilt when any of the weight's tensors was changed in place (a module
+    whose buffers are loaded after a first forward, say)."""
     per_weight = _CACHE.get(weight.packed)
     if per_weight is None:
         per_weight = {}
         _CACHE[weight.packed] = per_weight
     key = (blocks, str(weight.device))
-    if key not in per_weight:
-        per_weight[key] = build_operands(weight, blocks, weight.device)
-    return per_weight[key]
+    versions = tuple(t._version for t in (weight.packed, weight.scale, weight.zero_point, weight.col_sum))
+    hit = per_weight.get(key)
+    if hit is None or hit[0] != versions:
+        hit = (versions, build_operands(weight, blocks, weight.device))
+        per_weight[key] = hit
+    return hit[1]
