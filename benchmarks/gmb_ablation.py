@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=25)
     ap.add_argument("--peft-steps", type=int, default=300)
     ap.add_argument("--peft-batch", type=int, default=16)
-    ap.add_argument("--lr-branch", type=float, default=1e-3)
+    ap.add_argument("--lr-branch", type=float, default=3e-4)
     ap.add_argument("--lora-rank", type=int, default=0, help="also train a merged LoRA of this rank (all variants)")
     ap.add_argument("--lr-w-scale", type=float, default=0.0, help="also train the weight scales (all variants)")
     ap.add_argument("--eval-samples", type=int, default=500)

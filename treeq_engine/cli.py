@@ -26,22 +26,21 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.main()
 
 
-def _calib_cli():
-    from .calib import cli
-
-    return cli
-
-
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("what was built and what this machine can run",
              lambda p: p.add_argument("--json", action="store_true", help="print JSON"), _cmd_info),
     "selfcheck": ("check the numeric format and the compiled core against the oracle", lambda p: None,
                   _cmd_selfcheck),
+    "triton-aot": ("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and SASS",
+                   lambda p: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).add_arguments(p),
+                   lambda a: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).run(a)),
     "ptq": ("calibrate a DiT for a plan: weight/activation clipping, Monarch or low-rank branches (resumable)",
-            lambda p: _calib_cli().add_ptq_args(p), lambda a: _calib_cli().run_ptq(a)),
+            lambda p: __import__("treeq_engine.calib.cli", fromlist=["cli"]).add_ptq_args(p),
+            lambda a: __import__("treeq_engine.calib.cli", fromlist=["cli"]).run_ptq(a)),
     "peft": ("fine-tune a calibrated DiT's branches by distillation from the FP model (resumable)",
-             lambda p: _calib_cli().add_peft_args(p), lambda a: _calib_cli().run_peft(a)),
+             lambda p: __import__("treeq_engine.calib.cli", fromlist=["cli"]).add_peft_args(p),
+             lambda a: __import__("treeq_engine.calib.cli", fromlist=["cli"]).run_peft(a)),
 }
 
 
