@@ -7,8 +7,9 @@ relative output error ‖out − X·Wᵀ‖² / ‖X·Wᵀ‖² of:
     rtn            round-to-nearest, full range (the format's data rule), no branch
     ptq            + per-channel weight clip and per-layer activation clip (calibrate_layer)
     ptq+smooth α   the same after SmoothQuant balancing X/s, W·s with s_k = max|X_k|^α / max|W_k|^(1−α)
-    <kind> <init>  ptq with a branch of b·r = R (lowrank: rank R; monarch: R blocks of rank 1), closed-form
-                   init "weight" (B = Π(W), quantize W − B) or "residual" (B = Π(W − Q(W)), quantize W)
+    <kind> (R) <init>  ptq with a branch of b·r = R parameters per (K + N) (lowrank: rank R; monarch b×r: b
+                   blocks of rank r), closed-form init "weight" (B = Π(W), quantize W − B) or "residual"
+                   (B = Π(W − Q(W)), quantize W)
 
 averaged per layer kind (qkv, proj, fc1, fc2, adaLN) over the blocks. Usage:
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(4, 4), (3, 3)])
     ap.add_argument("--params", nargs="+", type=int, default=[4, 16], help="branch budgets b·r")
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--monarch-ranks", nargs="+", type=int, default=[1, 2], help="Monarch per-block ranks r")
+    ap.add_argument("--inits", nargs="+", default=["weight", "residual"])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -75,14 +78,16 @@ def main() -> None:
                 ws, xs = smooth(w, x, a)
                 rows[k][f"ptq+smooth {a:g}"].append(calibrate_layer(ws, xs, lc, cfg).err)
             for p in args.params:
-                for kind in ("lowrank", "monarch"):
-                    br = branch_for(kind, p)
+                shapes = [("lowrank", 1)] + [("monarch", r) for r in args.monarch_ranks if p % r == 0 and p // r > 1]
+                for kind, r in shapes:
+                    br = branch_for(kind, p, r)
                     if br.blocks > min(w.shape):
                         continue
-                    for init in ("weight", "residual"):
+                    label = "lowrank" if kind == "lowrank" else f"monarch {br.blocks}x{br.rank}"
+                    for init in args.inits:
                         res = calibrate_layer(w, x, lc.replace(branch=br), PTQConfig(
                             max_tokens=args.max_tokens, branch_init=init))
-                        rows[k][f"{kind} {p} {init}"].append(res.err)
+                        rows[k][f"{label} ({p}) {init}"].append(res.err)
         label = f"W{bits[0]}A{bits[1]}"
         results[label] = {k: {c: sum(v) / len(v) for c, v in cols.items()} for k, cols in rows.items()}
     seconds = time.perf_counter() - t0

@@ -186,6 +186,9 @@ def test_cli_helpers():
     assert branch_for("none", 4) is None
     assert branch_for("lowrank", 4) == BranchConfig("lowrank", 1, 4)
     assert branch_for("monarch", 4) == BranchConfig("monarch", 4, 1)
+    assert branch_for("monarch", 8, 2) == BranchConfig("monarch", 4, 2)
+    with pytest.raises(ValueError, match="multiple of the Monarch rank"):
+        branch_for("monarch", 6, 4)
     model = TinyDenoiser(d=24)
     plan = uniform_plan(model, (3, 3), BranchConfig("monarch", 32, 1))
     assert plan.layers["blocks.0.mlp.fc1"] == LayerConfig(3, 3, branch=BranchConfig("monarch", 24, 1))  # capped

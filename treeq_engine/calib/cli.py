@@ -31,11 +31,16 @@ def parse_bits(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def branch_for(kind: str, params: int) -> BranchConfig | None:
-    """``params`` is ``b·r``: the branch has the parameters of a rank-``params`` low-rank branch."""
+def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:
+    """``params`` is ``b·r``: the branch has the parameters of a rank-``params`` low-rank branch; a Monarch
+    branch has ``params // rank`` blocks of rank ``rank``."""
     if kind == "none":
         return None
-    return BranchConfig("lowrank", 1, params) if kind == "lowrank" else BranchConfig("monarch", params, 1)
+    if kind == "lowrank":
+        return BranchConfig("lowrank", 1, params)
+    if params % rank:
+        raise ValueError(f"branch params {params} must be a multiple of the Monarch rank {rank}")
+    return BranchConfig("monarch", params // rank, rank)
 
 
 def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchConfig | None,
@@ -75,6 +80,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
                    help="uniform plan: the branch beside every block linear")
     p.add_argument("--branch-params", type=int, default=32,
                    help="branch size as b·r: the parameters of a rank-R low-rank branch (default 32)")
+    p.add_argument("--branch-rank", type=int, default=1, help="Monarch per-block rank r (blocks b = params / r)")
     p.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
     p.add_argument("--calib-samples", type=int, default=64, help="images sampled for calibration")
     p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps of the calibration trajectories")
@@ -93,7 +99,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     fp = _load_model(args.model, args.device)
     model = _load_model(args.model, args.device)
     plan = (QuantPlan.load(args.plan) if args.plan else
-            uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params)))
+            uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params, args.branch_rank)))
     batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
