@@ -29,10 +29,10 @@ import torch
 
 from treeq_engine.branches import plan_weight_bits
 from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits, uniform_plan
-from treeq_engine.calib.data import random_labels
 from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
-from treeq_engine.models.classifier import load_digits_classifier
+from treeq_engine.demo import pick_real
+from treeq_engine.eval.metrics import DigitsJudge, EpsProbe, compare_samples
 from treeq_engine.models.digits import digits_split, load_digits_dit
 from treeq_engine.models.sample import sample
 from treeq_engine.nn import convert, quant_layers
@@ -40,52 +40,33 @@ from treeq_engine.nn import convert, quant_layers
 VARIANTS = ("none", "lowrank", "monarch")
 
 
-def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a (N, F)`` and ``b (M, F)``."""
-    import numpy as np
-    from scipy import linalg
-
-    a, b = a.double().numpy(), b.double().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
-
-
 class Judge:
-    """The fixed evaluation: FP samples, held-out trajectories, real features."""
+    """The fixed evaluation (the demo's protocol): FP samples from one seed, the ε probe on noised held-out
+    digits over 10 timesteps, the classifier's features of the held-out digits."""
 
-    def __init__(self, fp, n_samples: int, steps: int, batch: int, eps_samples: int, seed: int = 1234) -> None:
-        self.fp, self.steps, self.batch, self.seed = fp, steps, batch, seed
-        self.clf = load_digits_classifier()
+    def __init__(self, fp, n_samples: int, steps: int, cfg_scale: float, seed: int = 0) -> None:
+        self.fp, self.steps, self.cfg_scale, self.seed = fp, steps, cfg_scale, seed
         split = digits_split()
-        with torch.no_grad():
-            self.real_feats = self.clf.features(split.test_x)
-        self.labels = random_labels(n_samples, fp.num_classes, seed)
+        self.digits = DigitsJudge(real=split.test_x)
+        self.probe = EpsProbe.build(fp, split.test_x, timesteps=10, seed=seed)
+        self.labels = torch.arange(n_samples) % fp.config.num_classes
         t0 = time.perf_counter()
         self.fp_samples = self.samples(fp)
         self.fp_sample_s = time.perf_counter() - t0
-        self.eps_batches = calibration_batches(fp, eps_samples, steps, seed=seed + 1)  # held out from calibration
-        with torch.no_grad():
-            self.fp_eps = [fp(*b)[:, : fp.in_channels] for b in self.eps_batches]
+        real = split.train_x[pick_real(split.train_y, self.labels, seed)]
+        self.floor = {"fd": self.digits.frechet(real), "acc": self.digits.accuracy(real, self.labels)}
 
     def samples(self, model) -> torch.Tensor:
-        out = [sample(model, self.labels[i:i + self.batch], steps=self.steps, sampler="ddpm", seed=self.seed + i)
-               for i in range(0, len(self.labels), self.batch)]
-        return torch.cat(out).clamp(-1, 1)
+        return sample(model, self.labels, steps=self.steps, sampler="ddpm", cfg_scale=self.cfg_scale, seed=self.seed)
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        eps = sum(float((model(*b)[:, : model.in_channels] - e).square().mean())
-                  for b, e in zip(self.eps_batches, self.fp_eps)) / len(self.eps_batches)
         t0 = time.perf_counter()
         imgs = self.samples(model)
         secs = time.perf_counter() - t0
-        mse = (imgs - self.fp_samples).square().flatten(1).mean(1).clamp(min=1e-12)
-        psnr = float((10 * torch.log10(4.0 / mse)).mean())  # peak-to-peak 2 on [-1, 1]
-        feats = self.clf.features(imgs)
-        acc = float((self.clf(imgs).argmax(1) == self.labels).float().mean())
-        return {"eps_mse": eps, "psnr": psnr, "fd": frechet(feats, self.real_feats), "acc": acc,
+        same = compare_samples(imgs, self.fp_samples)
+        return {"eps_mse": self.probe.mse(model), "psnr": same["psnr"], "ssim": same["ssim"],
+                "fd": self.digits.frechet(imgs), "acc": self.digits.accuracy(imgs, self.labels),
                 "sample_s": round(secs, 1)}
 
 
@@ -97,16 +78,14 @@ def main() -> None:
     ap.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
     ap.add_argument("--smooth-alphas", type=float, nargs="*", default=[])
     ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--calib-steps", type=int, default=25)
     ap.add_argument("--peft-steps", type=int, default=300)
     ap.add_argument("--peft-batch", type=int, default=16)
     ap.add_argument("--lr-branch", type=float, default=3e-4)
     ap.add_argument("--lora-rank", type=int, default=0, help="also train a merged LoRA of this rank (all variants)")
     ap.add_argument("--lr-w-scale", type=float, default=0.0, help="also train the weight scales (all variants)")
     ap.add_argument("--eval-samples", type=int, default=500)
-    ap.add_argument("--eval-steps", type=int, default=50)
-    ap.add_argument("--eval-batch", type=int, default=250)
-    ap.add_argument("--eps-samples", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=25, help="DDPM sampling steps (evaluation, calibration, PEFT)")
+    ap.add_argument("--cfg-scale", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,8 +98,8 @@ def main() -> None:
         res_path.write_text(json.dumps(results, indent=1) + "\n")
 
     fp = load_digits_dit()
-    judge = Judge(fp, args.eval_samples, args.eval_steps, args.eval_batch, args.eps_samples)
-    batches = calibration_batches(fp, args.calib_samples, args.calib_steps, seed=0)
+    judge = Judge(fp, args.eval_samples, args.steps, args.cfg_scale)
+    batches = calibration_batches(fp, args.calib_samples, args.steps, seed=1, cfg_scale=args.cfg_scale)
     results["meta"] = {"args": {k: (v if not isinstance(v, list) else [list(x) if isinstance(x, tuple) else x
                                                                         for x in v]) for k, v in vars(args).items()},
                        "fp_sample_s": round(judge.fp_sample_s, 1), "torch": torch.__version__,
@@ -128,6 +107,8 @@ def main() -> None:
                        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                 text=True).stdout.strip()}
     if "FP" not in results["rows"]:
+        results["rows"]["real"] = {"bits": "real digits", "variant": "-", "stage": "-", "eps_mse": None,
+                                   "psnr": None, "ssim": None, **judge.floor}
         results["rows"]["FP"] = {"bits": "FP", "variant": "-", "stage": "-", **judge(fp)}
         save()
     shapes = {n: tuple(m.weight.shape) for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -169,7 +150,7 @@ def main() -> None:
             peft_dir = work / f"{label}_{variant}_peft"
 
             def trajectory(r: int) -> list:
-                return calibration_batches(fp, args.peft_batch, args.calib_steps, seed=10_000 + r)
+                return calibration_batches(fp, args.peft_batch, args.steps, seed=10_000 + r, cfg_scale=args.cfg_scale)
 
             t0 = time.perf_counter()
             done = (peft_dir / "peft.json").exists() and json.loads((peft_dir / "peft.json").read_text())[
@@ -189,14 +170,18 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    head = ("| setting | branch | stage | branch params | W bits (w/o / with branch) | ε-MSE | PSNR dB | FD | acc "
-            "| PTQ s | PEFT s |")
+    head = ("| setting | branch | stage | branch params | W bits (w/o / with branch) | ε-MSE | PSNR dB | SSIM | FD "
+            "| acc | PTQ s | PEFT s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for r in results["rows"].values():
         bits = "-" if "w_bits_no_branch" not in r else f"{r['w_bits_no_branch']:.2f} / {r['w_bits_with_branch']:.2f}"
         lines.append(f"| {r['bits']} | {r['variant']} | {r['stage']} | {r.get('branch_params', '-')} | {bits} "
-                     f"| {r['eps_mse']:.5f} | {r['psnr']:.2f} | {r['fd']:.2f} | {r['acc']:.3f} "
-                     f"| {r.get('ptq_s', '-')} | {r.get('peft_s', '-')} |")
+                     f"| {f(r['eps_mse'], '.2e')} | {f(r['psnr'], '.2f')} | {f(r['ssim'], '.3f')} | {r['fd']:.2f} "
+                     f"| {r['acc']:.1%} | {r.get('ptq_s', '-')} | {r.get('peft_s', '-')} |")
     return "\n".join(lines)
 
 

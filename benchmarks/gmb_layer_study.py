@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--inits", nargs="+", default=["weight", "residual"])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg-scale", type=float, default=1.5)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared CPUs: 1 is fastest)")
     ap.add_argument("--json", default=None)
@@ -60,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     fp = load_digits_dit()
-    batches = calibration_batches(fp, args.samples, args.steps, seed=0)
+    batches = calibration_batches(fp, args.samples, args.steps, seed=1, cfg_scale=args.cfg_scale)
     names = [n for n in quantizable_linears(fp) if is_block_layer(n)]
     inputs = {n: capture_inputs(fp, n, batches, args.max_tokens, seed=i) for i, n in enumerate(names)}
     cfg = PTQConfig(max_tokens=args.max_tokens)

@@ -84,6 +84,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
     p.add_argument("--calib-samples", type=int, default=64, help="images sampled for calibration")
     p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps of the calibration trajectories")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of the calibration trajectories")
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
@@ -100,7 +101,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device)
     plan = (QuantPlan.load(args.plan) if args.plan else
             uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params, args.branch_rank)))
-    batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed)
+    batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
     calibrated = calibrate(model, plan, batches, cfg, out_dir=args.out)
@@ -123,6 +124,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")
     p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps per trajectory")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of the distillation trajectories")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -141,7 +143,8 @@ def run_peft(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every, seed=args.seed)
 
     def trajectory(r: int) -> list:  # a fresh batch per round, seeded apart from the calibration set
-        return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r)
+        return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r,
+                                   cfg_scale=args.cfg_scale)
 
     res = finetune(model, fp, trajectory, cfg, out_dir=args.out)
     tail = res.losses[-min(20, len(res.losses)):]
