@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(4, 4), (3, 3)])
     ap.add_argument("--params", type=int, default=4, help="branch budget b·r (rank of the equal low-rank branch)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--no-peft", action="store_true", help="PTQ rows only")
     ap.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
     ap.add_argument("--smooth-alphas", type=float, nargs="*", default=[])
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -119,7 +121,7 @@ def main() -> None:
             rtn = convert(copy.deepcopy(fp), uniform_plan(fp, bits, None))
             results["rows"][key] = {"bits": label, "variant": "none", "stage": "RTN", **judge(rtn)}
             save()
-        for variant in VARIANTS:
+        for variant in args.variants:
             plan = uniform_plan(fp, bits, branch_for(variant, args.params))
             ptq_dir = work / f"{label}_{variant}_ptq"
             key = f"{label} {variant} PTQ"
@@ -140,7 +142,7 @@ def main() -> None:
                                         "ptq_s": round(ptq_s, 1), **judge(model)}
                 save()
             key = f"{label} {variant} PEFT"
-            if key in results["rows"]:
+            if key in results["rows"] or args.no_peft:
                 continue
             cfg = PEFTConfig(steps=args.peft_steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank,
                              lr_w_scale=args.lr_w_scale, checkpoint_every=50,

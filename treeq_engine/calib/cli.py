@@ -83,12 +83,16 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-rank", type=int, default=1, help="Monarch per-block rank r (blocks b = params / r)")
     p.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
     p.add_argument("--calib-samples", type=int, default=64, help="images sampled for calibration")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps of the calibration trajectories")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of the calibration trajectories")
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the DiT where they help (none: off)")
+    _common_args(p, "calibration")
+
+
+def _common_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--sample-steps", type=int, default=25, help=f"DDPM steps of the {what} trajectories")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help=f"guidance of the {what} trajectories")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
@@ -123,12 +127,8 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDPM steps per trajectory")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of the distillation trajectories")
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
+    _common_args(p, "distillation")
 
 
 def run_peft(args: argparse.Namespace) -> int:
