@@ -122,3 +122,14 @@ def test_errors(calibrated):
         finetune(q, fp, _traj(fp), PEFTConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="returned no model inputs"):
         finetune(_fresh(calibrated), fp, lambda r: [], PEFTConfig(steps=1), progress=False)
+
+
+def test_scales_stay_positive_under_a_huge_learning_rate(calibrated):
+    fp = calibrated[0]
+    q = _fresh(calibrated)
+    start = {n: m.w_scale.detach().clone() for n, m in quant_layers(q).items()}
+    finetune(q, fp, _traj(fp), PEFTConfig(steps=3, lr_w_scale=10.0, lora_rank=2), progress=False)
+    for n, m in quant_layers(q).items():
+        assert bool((m.w_scale >= 0.01 * start[n] * (1 - 1e-6)).all()) and bool(torch.isfinite(m.w_scale).all())
+    with torch.no_grad():
+        assert torch.isfinite(q(*ddim_trajectory(fp, n=2, steps=2, seed=3)[0])).all()

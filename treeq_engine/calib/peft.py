@@ -7,7 +7,7 @@ input ``(x_t, t, y)`` the quantized model's ε is pulled toward the FP model's::
 
 Frozen: the low-bit codes (and everything else of the model). Trained: the branch factors ``w1``, ``w2`` of every
 layer that has a branch; optionally a LoRA merged into the codes (``lora_rank``), and the per-channel weight
-scales (``lr_w_scale``, LSQ gradient). One AdamW optimizer with a parameter group per kind, a linear warm-up
+scales (``lr_w_scale``, LSQ gradient; kept above 1% of their calibrated value). One AdamW optimizer with a parameter group per kind, a linear warm-up
 then cosine (or constant) learning-rate schedule, gradient-norm clipping.
 
 Data: ``trajectory(round) -> list of model-input tuples`` gives one FP trajectory (all its steps) for a fresh
@@ -38,6 +38,7 @@ from .store import CheckpointError, read_json, read_tensors, write_json, write_t
 SCHEMA = "treeq-peft"
 VERSION = 1
 SCHEDULES = ("cosine", "constant")
+SCALE_FLOOR = 0.01
 
 EpsFn = Callable[[nn.Module, CalibBatch], torch.Tensor]
 Trajectory = Callable[[int], Sequence[CalibBatch]]
@@ -181,6 +182,8 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
         raise ValueError("nothing to train: no layer has a branch, and LoRA and scale training are off")
     fp_model.requires_grad_(False)
     named = [np_ for kind in groups for np_ in groups[kind]]
+    # A scale step may not cross zero (the quantizer would be undefined): scales stay >= 1% of where they began.
+    scale_floor = [(p, p.detach().abs() * SCALE_FLOOR) for _, p in groups.get("w_scale", [])]
     opt = torch.optim.AdamW([{"params": [p for _, p in groups[k]], "lr": _lr(config, k), "kind": k,
                               "base_lr": _lr(config, k)} for k in groups], weight_decay=config.weight_decay)
     start, losses = 0, []
@@ -236,6 +239,9 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
             opt.step()
+            with torch.no_grad():
+                for p, floor in scale_floor:
+                    torch.maximum(p, floor, out=p)
             losses.append(float(loss.detach()))
             bar.set_postfix_str(f"loss {losses[-1]:.3e}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
