@@ -82,8 +82,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--peft-steps", type=int, default=300)
     ap.add_argument("--peft-batch", type=int, default=16)
-    ap.add_argument("--lr-branch", type=float, default=3e-4)
-    ap.add_argument("--lora-rank", type=int, default=0, help="also train a merged LoRA of this rank (all variants)")
+    ap.add_argument("--lr-branch", type=float, default=1e-3)
+    ap.add_argument("--none-lora-rank", type=int, default=None,
+                    help="no-branch PEFT: the rank of the LoRA merged into the codes (default: --params)")
+    ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-w-scale", type=float, default=0.0, help="also train the weight scales (all variants)")
     ap.add_argument("--eval-samples", type=int, default=500)
     ap.add_argument("--steps", type=int, default=25, help="DDPM sampling steps (evaluation, calibration, PEFT)")
@@ -144,9 +146,9 @@ def main() -> None:
             key = f"{label} {variant} PEFT"
             if key in results["rows"] or args.no_peft:
                 continue
-            cfg = PEFTConfig(steps=args.peft_steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank,
-                             lr_w_scale=args.lr_w_scale, checkpoint_every=50,
-                             lr_lora=args.lr_branch)
+            lora = (args.params if args.none_lora_rank is None else args.none_lora_rank) if variant == "none" else 0
+            cfg = PEFTConfig(steps=args.peft_steps, lr_branch=args.lr_branch, lora_rank=lora, lr_lora=args.lr_lora,
+                             lr_w_scale=args.lr_w_scale, checkpoint_every=50)
             if variant == "none" and cfg.lora_rank == 0 and cfg.lr_w_scale == 0:
                 continue  # nothing to train without a branch
             peft_dir = work / f"{label}_{variant}_peft"
@@ -164,7 +166,8 @@ def main() -> None:
             peft_s = time.perf_counter() - t0
             trained = sum(p.numel() for n, p in model.named_parameters()
                           if ".branch." in n or ".lora." in n or (n.endswith("w_scale") and cfg.lr_w_scale > 0))
-            results["rows"][key] = {"bits": label, "variant": variant, "stage": "PEFT", **cost,
+            results["rows"][key] = {"bits": label, "variant": variant + (f" + LoRA {lora}" if lora else ""),
+                                    "stage": "PEFT", **cost,
                                     "trained_params": trained, "peft_s": round(peft_s, 1),
                                     "peft_steps": cfg.steps, **judge(model)}
             save()

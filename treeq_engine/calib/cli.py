@@ -120,7 +120,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ptq", required=True, help="a treeq ptq output directory to start from")
     p.add_argument("--model", default=None, help="the FP DiT .safetensors the calibration was made from")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr-branch", type=float, default=3e-4)
+    p.add_argument("--lr-branch", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=0, help="a LoRA merged into the low-bit weights (0: none)")
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--lr-w-scale", type=float, default=0.0, help="train the per-channel weight scales (0: frozen)")

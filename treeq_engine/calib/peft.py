@@ -52,7 +52,7 @@ def model_eps(model: nn.Module, batch: CalibBatch) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class PEFTConfig:
     steps: int = 200
-    lr_branch: float = 3e-4
+    lr_branch: float = 1e-3
     lora_rank: int = 0  # 0: no LoRA
     lr_lora: float = 1e-3
     lr_w_scale: float = 0.0  # 0: scales stay frozen
