@@ -7,10 +7,11 @@ The peers (DiT, PTQ4DiT, Q-DiT, ...) report the numbers of OpenAI's guided-diffu
     IS    exp(E_x KL(p(y|x) ‖ p(y))) of the softmax over Inception's classes, averaged over splits of 5000
 
 No weights ship with this project and nothing is downloaded: the user supplies the network as an
-:class:`InceptionFeatures`, either a TorchScript file or any callable, mapping a batch of images
+:class:`InceptionFeatures`, either a saved network file or any callable, mapping a batch of images
 ``uint8 (N, H, W, 3)`` (as ADM's sample ``.npz`` files store them) to a dict with ``"pool"`` ``(N, 2048)``,
 ``"spatial"`` ``(N, 2023)`` and ``"logits"`` (or ``"probs"``) ``(N, classes)``; a tensor or a 1-tuple return
-counts as ``pool`` alone (FID only). Resizing to the network's input is the network's job, as in ADM.
+counts as ``pool`` alone (FID only). :meth:`InceptionFeatures.from_file` loads a ``torch.export`` program
+(``.pt2``) or a TorchScript file. Resizing to the network's input is the network's job, as in ADM.
 
 The reference batch is ADM's ``.npz`` (e.g. ``VIRTUAL_imagenet256_labeled.npz``): its precomputed ``mu``,
 ``sigma`` (pool) and ``mu_s``, ``sigma_s`` (spatial) are used directly; a file with only ``arr_0`` images is
@@ -50,16 +51,26 @@ class InceptionFeatures:
         self.device = torch.device(device)
 
     @classmethod
-    def from_torchscript(cls, path: str | Path, **kw: Any) -> "InceptionFeatures":
+    def from_file(cls, path: str | Path, **kw: Any) -> "InceptionFeatures":
+        """Load the network from a ``torch.export`` program (``.pt2``) or a TorchScript file (anything else,
+        e.g. clean-fid's ``inception-2015-12-05.pt``)."""
+        import warnings
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Inception feature network {str(path)!r} not found (this project downloads "
-                                    "nothing: supply the TorchScript file yourself)")
+                                    "nothing: supply the network file yourself)")
         device = kw.get("device", "cpu")
         try:
-            net = torch.jit.load(str(path), map_location=device)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a TorchScript module ({str(e).splitlines()[0]})") from None
+            if path.suffix == ".pt2":
+                net = torch.export.load(str(path)).module()
+                return cls(net, **kw)
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is how these networks ship
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net = torch.jit.load(str(path), map_location=device)
+        except Exception as e:  # noqa: BLE001 - both loaders fail on bad bytes in many ways
+            kind = "torch.export program" if path.suffix == ".pt2" else "TorchScript module"
+            raise ValueError(f"{path}: not a {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return cls(net.eval(), **kw)
 
     @staticmethod
