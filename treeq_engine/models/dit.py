@@ -387,7 +387,7 @@ class DiT(nn.Module):
         if not 0 < g <= self.out_channels:
             raise ValueError(f"guided_channels must be in [1, {self.out_channels}], got {g}")
         half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        out = self(torch.cat([half, half], dim=0), t, y)  # through __call__, so module hooks see it
         eps, rest = out[:, :g], out[:, g:]
         cond, uncond = eps.chunk(2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)

@@ -9,6 +9,7 @@ the same images, and a quantized model sampled with the FP model's seed starts f
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -24,8 +25,8 @@ def sample(model: DiT, labels: torch.Tensor, *, steps: int | str = 50, sampler: 
            cfg_scale: float = 1.0, seed: int = 0, eta: float = 0.0, clip_denoised: bool = True,
            diffusion: GaussianDiffusion | None = None, progress: bool = False,
            callback: Callable[[SampleStep], None] | None = None) -> torch.Tensor:
-    """Samples ``(N, C, H, W)`` for class ``labels (N,)``. ``callback`` sees every step's model inputs (with
-    guidance, the doubled batch the model actually ran on)."""
+    """Samples ``(N, C, H, W)`` for class ``labels (N,)``. ``callback`` sees every step's model inputs: with
+    guidance, the doubled batch ``[x; x]`` with labels ``[y; null]`` that the model actually ran on."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if labels.dim() != 1:
@@ -45,8 +46,14 @@ def sample(model: DiT, labels: torch.Tensor, *, steps: int | str = 50, sampler: 
             return model.forward_with_cfg(x, t, y, cfg_scale)
     else:
         y, fn = labels, model
+    report = callback
+    if callback is not None and cfg_scale != 1.0:
+        # forward_with_cfg runs the model on [x[:n]; x[:n]] (the second half of x only carries the unused
+        # uncond trajectory): report that, the batch the model really saw.
+        def report(step: SampleStep) -> None:
+            callback(dataclasses.replace(step, x=torch.cat([step.x[:n], step.x[:n]])))
     loop_kw = dict(noise=z, clip_denoised=clip_denoised, model_kwargs={"y": y}, generator=gen,
-                   progress=progress, callback=callback)
+                   progress=progress, callback=report)
     was_training = model.training
     model.eval()
     try:
