@@ -55,6 +55,7 @@ def train_classifier(args: argparse.Namespace) -> None:
 
     split = digits_split()
     model, record = run(split, epochs=args.epochs, seed=args.seed)
+    record["threads"] = torch.get_num_threads()
     out = Path(args.assets)
     out.mkdir(parents=True, exist_ok=True)
     save_classifier(model, out / f"{CLASSIFIER_ASSET}.safetensors", record)

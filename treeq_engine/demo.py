@@ -26,13 +26,16 @@ DEFAULT_CONFIGS = ("W8A8", "W4A8", "W4A4", "W3A3")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     p.add_argument("--seed", type=int, default=0, help="sampling and probe seed (default: 0)")
-    p.add_argument("--samples", type=int, default=100, help="samples per config, classes cycling 0..9 (default: 100)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--samples", type=int, default=50, help="samples per config, classes cycling 0..9 (default: 50)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (default: ddpm)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help=f"comma-separated uniform precisions WxAy (default: {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--model", default=None, help="digits DiT .safetensors (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; the demo's tensors are small, and on a shared machine more "
+                        "threads mostly wait on each other)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -122,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from .nn import apply_plan, convert
 
     t_start = time.time()
+    if args.threads < 1:
+        raise SystemExit(f"treeq demo: --threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     configs = [c.strip().upper() for c in args.configs.split(",") if c.strip()]
     bits = {c: parse_config(c) for c in configs}
     if args.samples < 2:
