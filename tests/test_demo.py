@@ -43,7 +43,9 @@ def test_pick_real_matches_labels():
 def test_demo_runs_end_to_end(tmp_path, capsys):
     args = ["demo", "--out", str(tmp_path), "--samples", "12", "--steps", "3", "--configs", "W8A8,W3A3",
             "--cfg-scale", "1.5", "--no-progress"]
+    threads = torch.get_num_threads()
     assert main(args) == 0
+    assert torch.get_num_threads() == threads  # the demo's --threads does not leak
     out = capsys.readouterr().out
     assert "| W3A3 |" in out and "| real (train) |" in out
     res = json.loads((tmp_path / "results.json").read_text())
@@ -56,3 +58,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert img.size[1] == 3 * (16 * 3 + 2)  # FP, W8A8, W3A3 rows
     assert res["settings"]["samples"] == 12
     assert build_parser().parse_args(["demo"]).steps > 0
+
+
+@pytest.mark.parametrize("configs, msg", [("W4A8,int4", "WxAy"), ("W5A8", "unsupported weight bit-width 5")])
+def test_demo_rejects_bad_configs(tmp_path, configs, msg):
+    with pytest.raises(SystemExit, match=msg):
+        main(["demo", "--out", str(tmp_path), "--configs", configs])

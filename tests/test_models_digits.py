@@ -87,8 +87,15 @@ def test_classifier_training_runs_and_saves(tmp_path):
         load_digits_classifier(tmp_path / "d.safetensors")
 
 
-def test_training_resumes_to_the_same_weights(tmp_path, gen):
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_resumes_to_the_same_weights(tmp_path, gen, one_thread):
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, checkpoint_every=3, seed=5)
     x = torch.rand(30, 1, 8, 8, generator=gen) * 2 - 1
     y = torch.randint(0, 10, (30,), generator=gen)

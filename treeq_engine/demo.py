@@ -113,6 +113,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    t_start = time.time()
+    if args.threads < 1:
+        raise SystemExit(f"treeq demo: --threads must be >= 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, t_start: float) -> int:
     import copy
     import json
 
@@ -124,12 +138,15 @@ def run(args: argparse.Namespace) -> int:
     from .models.sample import sample
     from .nn import apply_plan, convert
 
-    t_start = time.time()
-    if args.threads < 1:
-        raise SystemExit(f"treeq demo: --threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    from .plan import LayerConfig
+
     configs = [c.strip().upper() for c in args.configs.split(",") if c.strip()]
-    bits = {c: parse_config(c) for c in configs}
+    try:
+        bits = {c: parse_config(c) for c in configs}
+        for w, a in bits.values():
+            LayerConfig(w, a)  # the format's bit-widths, checked before any work
+    except ValueError as e:
+        raise SystemExit(f"treeq demo: --configs: {e}") from None
     if args.samples < 2:
         raise SystemExit("treeq demo: --samples must be at least 2 (the Fréchet distance needs a covariance)")
     out = Path(args.out)
