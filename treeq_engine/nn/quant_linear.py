@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..format import QuantSpec, fake_quantize
+from ..format import QuantSpec, QuantizedTensor, fake_quantize, quantize
 from ..plan import LayerConfig
 
 
@@ -98,6 +98,14 @@ class QuantLinear(nn.Module):
             wq = wq.detach()
             self._w_cache = (key, wq)
         return wq
+
+    def weight_qtensor(self) -> QuantizedTensor:
+        """The integer form of the quantized path's weight (``W − B`` with a branch), as the runtime packs it.
+        Its dequantization equals :meth:`quantized_weight` at ``λ = 1``."""
+        spec = self.weight_spec
+        if spec is None or not spec.is_quantized:
+            raise ValueError(f"{self.name or 'QuantLinear'}: weight is not quantized ({self._config})")
+        return quantize(self.residual_weight().detach().float(), spec)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_spec
