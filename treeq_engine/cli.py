@@ -26,12 +26,26 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.main()
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("what was built and what this machine can run",
              lambda p: p.add_argument("--json", action="store_true", help="print JSON"), _cmd_info),
     "selfcheck": ("check the numeric format and the compiled core against the oracle", lambda p: None,
                   _cmd_selfcheck),
+    "demo": ("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
+             _demo_args, _cmd_demo),
     "triton-aot": ("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and SASS",
                    lambda p: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).add_arguments(p),
                    lambda a: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).run(a)),
