@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gmb_standin import TinyDenoiser, ddim_trajectory
+from gmb_standin import tiny_dit, trajectory
 from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
 from treeq_engine.calib.store import CheckpointError
@@ -18,11 +18,11 @@ PTQ_FAST = PTQConfig(max_tokens=128, rounds=1, w_clip_grid=(1.0, 0.85, 0.7), a_c
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """An FP stand-in and its W3A4 + Monarch calibration, saved once for the module."""
-    fp = TinyDenoiser(seed=1)
+    fp = tiny_dit(seed=1)
     names = quantizable_linears(fp, include=is_block_layer)
     plan = QuantPlan.uniform(names, 3, 4, branch=BranchConfig("monarch", 4, 1))
     d = tmp_path_factory.mktemp("ptq")
-    calibrate(copy.deepcopy(fp), plan, ddim_trajectory(fp, n=4, steps=3, seed=0), PTQ_FAST, out_dir=d,
+    calibrate(copy.deepcopy(fp), plan, trajectory(fp, n=4, steps=3, seed=0), PTQ_FAST, out_dir=d,
               progress=False)
     return fp, d
 
@@ -35,11 +35,11 @@ def _fresh(calibrated):
 
 
 def _traj(fp):
-    return lambda r: ddim_trajectory(fp, n=4, steps=3, seed=100 + r)
+    return lambda r: trajectory(fp, n=4, steps=3, seed=100 + r)
 
 
 def _eps_mse(q, fp, seed=7):
-    batches = ddim_trajectory(fp, n=8, steps=4, seed=seed)  # held out: another seed than training
+    batches = trajectory(fp, n=8, steps=4, seed=seed)  # held out: another seed than training
     with torch.no_grad():
         return sum(float((q(*b) - fp(*b)).square().mean()) for b in batches) / len(batches)
 
@@ -74,7 +74,7 @@ def test_finetune_improves_branch_only_and_reloads(calibrated, tmp_path):
     # a fresh calibrated model with the trained tensors loaded is the same model
     q2 = _fresh(calibrated)
     load_finetuned(q2, tmp_path)
-    b = ddim_trajectory(fp, n=2, steps=2, seed=9)[1]
+    b = trajectory(fp, n=2, steps=2, seed=9)[1]
     with torch.no_grad():
         torch.testing.assert_close(q2(*b), q(*b))
 
@@ -132,4 +132,27 @@ def test_scales_stay_positive_under_a_huge_learning_rate(calibrated):
     for n, m in quant_layers(q).items():
         assert bool((m.w_scale >= 0.01 * start[n] * (1 - 1e-6)).all()) and bool(torch.isfinite(m.w_scale).all())
     with torch.no_grad():
-        assert torch.isfinite(q(*ddim_trajectory(fp, n=2, steps=2, seed=3)[0])).all()
+        assert torch.isfinite(q(*trajectory(fp, n=2, steps=2, seed=3)[0])).all()
+
+
+def test_cli_ptq_then_peft(tmp_path, capsys):
+    """`treeq ptq` and `treeq peft` on a DiT checkpoint given by path, end to end and resumable."""
+    from treeq_engine.cli import main
+    from treeq_engine.models.checkpoint import save_dit_safetensors
+
+    fp = tiny_dit(seed=5)
+    save_dit_safetensors(fp, tmp_path / "tiny.safetensors")
+    (tmp_path / "tiny.json").write_text(json.dumps({"config": fp.config.to_dict()}))
+    common = ["--model", str(tmp_path / "tiny.safetensors"), "--sample-steps", "2"]
+    ptq_args = ["ptq", *common, "--bits", "W4A4", "--branch", "monarch", "--branch-params", "2", "--calib-samples",
+                "4", "--max-tokens", "64", "--rounds", "1", "--smooth-alphas", "0.5", "--out", str(tmp_path / "p")]
+    assert main(ptq_args) == 0
+    assert "calibrated" in capsys.readouterr().out
+    assert main(ptq_args) == 0  # a finished run resumes to the same place
+    assert main(["peft", "--ptq", str(tmp_path / "p"), *common, "--steps", "3", "--batch", "2",
+                 "--checkpoint-every", "2", "--out", str(tmp_path / "f")]) == 0
+    assert json.loads((tmp_path / "f" / "peft.json").read_text())["step"] == 3
+    q = tiny_dit(seed=5)
+    load_calibration(q, tmp_path / "p")
+    load_finetuned(q, tmp_path / "f")
+    assert all(m.is_frozen for m in quant_layers(q).values())

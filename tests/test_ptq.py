@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gmb_standin import TinyDenoiser, Wrapped, ddim_trajectory
+from gmb_standin import tiny_dit, Wrapped, trajectory
 from treeq_engine import runtime
 from treeq_engine.calib import ptq
 from treeq_engine.calib.ptq import PTQConfig, calibrate, calibrate_layer, load_calibration, search_weight_clip
@@ -75,8 +75,8 @@ def test_grid_of_one_is_round_to_nearest(gen):
 
 
 def _setup(seed=0):
-    model = TinyDenoiser(seed=seed)
-    batches = ddim_trajectory(model, n=4, steps=3, seed=seed)
+    model = tiny_dit(seed=seed)
+    batches = trajectory(model, n=4, steps=3, seed=seed)
     names = quantizable_linears(model, include=is_block_layer)
     return model, batches, names
 
@@ -189,10 +189,10 @@ def test_cli_helpers():
     assert branch_for("monarch", 8, 2) == BranchConfig("monarch", 4, 2)
     with pytest.raises(ValueError, match="multiple of the Monarch rank"):
         branch_for("monarch", 6, 4)
-    model = TinyDenoiser(d=24)
+    model = tiny_dit(d=24)
     plan = uniform_plan(model, (3, 3), BranchConfig("monarch", 32, 1))
     assert plan.layers["blocks.0.mlp.fc1"] == LayerConfig(3, 3, branch=BranchConfig("monarch", 24, 1))  # capped
-    assert plan.layers["head"] == LayerConfig(8, 8) and plan.layers["embed_t"] == LayerConfig(8, 8)
+    assert plan.layers["final_layer.linear"] == LayerConfig(8, 8) and plan.layers["t_embedder.mlp.0"] == LayerConfig(8, 8)
     args = build_parser().parse_args(["ptq", "--bits", "W3A3", "--branch", "lowrank", "--out", "x"])
     assert args.bits == (3, 3) and args.branch == "lowrank" and args.branch_params == 32
     args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])
@@ -202,7 +202,7 @@ def test_cli_helpers():
 def test_staged_walk_equals_whole_model_walk():
     """Calibrating block by block from cached stage inputs gives exactly what re-running the whole prefix gives."""
     model, batches, names = _setup(seed=3)
-    plan = QuantPlan.uniform(names, 4, 4, branch=BranchConfig("lowrank", 1, 2), edge_names=["embed_t", "head"])
+    plan = QuantPlan.uniform(names, 4, 4, branch=BranchConfig("lowrank", 1, 2), edge_names=["t_embedder.mlp.2", "final_layer.linear"])
     cfg = PTQConfig(max_tokens=96, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))
     staged = copy.deepcopy(model)
     calibrate(staged, plan, batches, cfg, progress=False)

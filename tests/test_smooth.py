@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gmb_standin import TinyDenoiser, ddim_trajectory
+from gmb_standin import tiny_dit, trajectory
 from treeq_engine.calib import smooth
 from treeq_engine.calib.capture import capture_inputs
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
@@ -15,8 +15,8 @@ from treeq_engine.plan import QuantPlan, is_block_layer
 
 @pytest.mark.parametrize("leaf", ["attn.qkv", "attn.proj", "mlp.fc1"])
 def test_fold_preserves_function_and_scales_the_input(leaf, gen):
-    model = TinyDenoiser(seed=2)
-    batches = ddim_trajectory(model, n=3, steps=2, seed=1)
+    model = tiny_dit(seed=2)
+    batches = trajectory(model, n=3, steps=2, seed=1)
     name = f"blocks.1.{leaf}"
     with torch.no_grad():
         ref = [model(*b) for b in batches]
@@ -40,7 +40,7 @@ def test_factors_and_errors(gen):
     assert int(s.argmax()) == 2
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         smooth.smoothing_factors(x, w, 1.5)
-    model = TinyDenoiser()
+    model = tiny_dit()
     with pytest.raises(ValueError, match="only"):
         smooth.fold(model, "blocks.0.mlp.fc2", torch.ones(48))
     with pytest.raises(ValueError, match="positive and finite"):
@@ -53,8 +53,8 @@ def test_factors_and_errors(gen):
 
 
 def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):
-    fp = TinyDenoiser(seed=4)
-    batches = ddim_trajectory(fp, n=4, steps=3, seed=0)
+    fp = tiny_dit(seed=4)
+    batches = trajectory(fp, n=4, steps=3, seed=0)
     names = quantizable_linears(fp, include=is_block_layer)
     plan = QuantPlan.uniform(names, 4, 4)
     cfg = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.5, 0.75))
