@@ -117,7 +117,7 @@ def main() -> None:
         results["rows"]["FP"] = {"bits": "FP", "variant": "-", "stage": "-", **judge(fp)}
         save()
     if "FP seed 1" not in results["rows"]:  # the sampling noise of FD/acc: the FP model from another seed
-        other = Judge.samples(judge, fp, seed=judge.seed + 1)
+        other = judge.samples(fp, seed=judge.seed + 1)
         results["rows"]["FP seed 1"] = {"bits": "FP (other seed)", "variant": "-", "stage": "-", "eps_mse": None,
                                         "psnr": None, "ssim": None, "fd": judge.digits.frechet(other),
                                         "acc": judge.digits.accuracy(other, judge.labels)}
