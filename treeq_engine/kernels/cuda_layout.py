@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import core
 from ..format.packing import PACKABLE_BITS, packed_dtype, packed_shape
+from .derived import derived
 from .types import PackedWeight
 
 TILE_N = 256  # output channels per tile (MMA M side)
@@ -122,21 +122,10 @@ def build_operands(weight: PackedWeight, blocks: int, device: torch.device) -> F
                       weight.k, blocks)
 
 
-_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def cuda_operands(weight: PackedWeight, blocks: int = 1) -> FragWeight:
     """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). The cache lives as
     long as ``weight.packed`` and is rebuilt when any of the weight's tensors was changed in place (a module
     whose buffers are loaded after a first forward, say)."""
-    per_weight = _CACHE.get(weight.packed)
-    if per_weight is None:
-        per_weight = {}
-        _CACHE[weight.packed] = per_weight
-    key = (blocks, str(weight.device))
-    versions = tuple(t._version for t in (weight.packed, weight.scale, weight.zero_point, weight.col_sum))
-    hit = per_weight.get(key)
-    if hit is None or hit[0] != versions:
-        hit = (versions, build_operands(weight, blocks, weight.device))
-        per_weight[key] = hit
-    return hit[1]
+    return derived(weight.packed, ("cuda_frag", blocks, str(weight.device)),
+                   (weight.packed, weight.scale, weight.zero_point, weight.col_sum),
+                   lambda: build_operands(weight, blocks, weight.device))

@@ -191,7 +191,9 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+        first = self.mlp[0]  # an nn.Linear, or a quantized stand-in (packed layers keep `out_dtype`, no `weight`)
+        dtype = first.weight.dtype if hasattr(first, "weight") else getattr(first, "out_dtype", torch.float32)
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
 class LabelEmbedder(nn.Module):
