@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gmb_standin import tiny_dit, trajectory
+from gmb_standin import assert_same_up_to_rounding_flips, tiny_dit, trajectory
+from treeq_engine import runtime
 from treeq_engine.calib import smooth
 from treeq_engine.calib.capture import capture_inputs
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
@@ -60,7 +61,7 @@ def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):
     cfg = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.5, 0.75))
     base = PTQConfig(max_tokens=256, rounds=1)
     model = copy.deepcopy(fp)
-    calibrate(model, plan, batches, cfg, out_dir=tmp_path / "s", progress=False)
+    calibrated = calibrate(model, plan, batches, cfg, out_dir=tmp_path / "s", progress=False)
     plain = copy.deepcopy(fp)
     calibrate(plain, plan, batches, base, out_dir=tmp_path / "p", progress=False)
     import json
@@ -84,5 +85,8 @@ def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):
     calibrate(resumed, plan, batches, cfg, out_dir=tmp_path / "s", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(resumed(*batches[0]), model(*batches[0]))
+    # the packed runtime (fused LN + modulate + quantize blocks) runs the smoothed, calibrated model as simulated
+    packed = runtime.quantize(copy.deepcopy(model), calibrated, dtype=torch.float32)
+    assert_same_up_to_rounding_flips(packed, model, batches)
     with pytest.raises(ValueError, match="smooth_alphas must lie"):
         PTQConfig(smooth_alphas=(2.0,))
