@@ -9,12 +9,17 @@ high-precision module (the General Monarch Branch, or low rank) with a ``dense()
 that the quantized weight leaves out, and a ``forward(x)`` computing ``x·Bᵀ``; with it the quantized path
 carries only the residual ``W − B``.
 
+Candidate batching (the search): ``set_group_configs([c_0, …, c_{G−1}])`` splits the leading batch dimension
+of every input into G equal groups and runs group ``g`` at ``c_g`` (same λ, same branch), as G separate
+forwards would, in one batched matmul. ``set_group_configs(None)`` returns to the single config. Grouped mode
+is for evaluation only (no gradients).
+
 This is the simulation used for search, calibration and fine-tuning. The packed, kernel-backed module for
 inference is a different class (runtime), built from the same plan.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 from ..format import QuantSpec, fake_quantize
 from ..plan import LayerConfig
+from .grouped import fake_quantize_groups
 
 
 class QuantLinear(nn.Module):
@@ -38,6 +44,8 @@ class QuantLinear(nn.Module):
         self.noise_scale = 1.0
         self._config: LayerConfig | None = None
         self._w_cache: tuple[Any, torch.Tensor] | None = None
+        self._groups: tuple[LayerConfig | None, ...] | None = None
+        self._wg_cache: dict[Any, torch.Tensor] = {}
         self.set_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -51,12 +59,31 @@ class QuantLinear(nn.Module):
         self._config = config
         self._w_cache = None
 
+    @property
+    def group_configs(self) -> tuple[LayerConfig | None, ...] | None:
+        return self._groups
+
+    def set_group_configs(self, configs: Sequence[LayerConfig | None] | None) -> None:
+        """Grouped (candidate-batched) mode: G configs, one per equal slice of the batch; ``None`` leaves it."""
+        if configs is None:
+            self._groups = None
+            self._wg_cache = {}
+            return
+        configs = tuple(configs)
+        if not configs:
+            raise ValueError(f"{self.name or 'QuantLinear'}: set_group_configs needs at least one config")
+        for c in configs:
+            if c is not None and not isinstance(c, LayerConfig):
+                raise TypeError(f"group configs must be LayerConfig or None, got {type(c).__name__}")
+        self._groups = configs
+
     def set_noise_scale(self, lam: float) -> None:
         lam = float(lam)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"noise scale λ must be in [0, 1], got {lam}")
         self.noise_scale = lam
         self._w_cache = None
+        self._wg_cache = {}
 
     @property
     def weight_spec(self) -> QuantSpec | None:
@@ -91,13 +118,28 @@ class QuantLinear(nn.Module):
             key = self._cache_key()
             if self._w_cache is not None and self._w_cache[0] == key:
                 return self._w_cache[1]
-        wq = fake_quantize(wr, spec)
-        if self.noise_scale != 1.0:
-            wq = wr + self.noise_scale * (wq - wr)
+        wq = self._noisy_weight(wr, spec)
         if not needs_grad:
             wq = wq.detach()
             self._w_cache = (key, wq)
         return wq
+
+    def _noisy_weight(self, wr: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        wq = fake_quantize(wr, spec)
+        return wq if self.noise_scale == 1.0 else wr + self.noise_scale * (wq - wr)
+
+    def _group_weight(self, config: LayerConfig | None) -> torch.Tensor:
+        """The weight group ``config`` multiplies: ``W`` in full precision, else ``Q̃_w(W − B)`` (cached)."""
+        if config is None:
+            return self.weight
+        spec = config.weight_spec()
+        key = (spec, self._cache_key()[1:])
+        hit = self._wg_cache.get(key)
+        if hit is None:
+            wr = self.residual_weight().detach()
+            hit = wr if not spec.is_quantized else self._noisy_weight(wr, spec)
+            self._wg_cache[key] = hit
+        return hit
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_spec
@@ -110,12 +152,44 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
+        if self._groups is not None:
+            return self._forward_groups(x)
         if self._config is None:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
         if self.branch is not None:
             y = y + self.branch(x)
         return y
+
+    def _forward_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Group g = rows ``[g·B/G, (g+1)·B/G)`` of the leading dim, at ``self._groups[g]``."""
+        groups = self._groups
+        g = len(groups)
+        if x.dim() < 2 or x.shape[0] % g:
+            raise ValueError(f"{self.name or 'QuantLinear'}: grouped mode with G={g} needs a leading batch "
+                             f"dimension divisible by {g}, got shape {tuple(x.shape)}")
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            raise RuntimeError(f"{self.name or 'QuantLinear'}: grouped mode is for evaluation; run it under "
+                               "torch.no_grad()")
+        xg = x.reshape(g, -1, self.in_features)                                  # (G, R, K)
+        lam = self.noise_scale
+        specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
+        xq = fake_quantize_groups(xg, specs)
+        if lam not in (0.0, 1.0):
+            xq = xg + lam * (xq - xg)
+        weights = {}
+        for c in groups:
+            key = None if c is None else c.weight_spec()
+            if key not in weights:
+                weights[key] = self._group_weight(c)
+        w = torch.stack([weights[None if c is None else c.weight_spec()] for c in groups])   # (G, N, K)
+        y = torch.bmm(xq, w.transpose(1, 2))                                      # (G, R, N)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.branch is not None and any(c is not None for c in groups):
+            on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
+            y = y + self.branch(xg) * on.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         cfg = "fp" if self._config is None else self._config.label

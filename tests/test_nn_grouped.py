@@ -1,0 +1,97 @@
+"""Candidate batching in QuantLinear: G groups in one batch must equal G separate single-config runs."""
+import pytest
+import torch
+import torch.nn as nn
+
+from treeq_engine.format import QuantSpec, fake_quantize
+from treeq_engine.nn import QuantLinear
+from treeq_engine.nn.grouped import fake_quantize_groups
+from treeq_engine.plan import LayerConfig
+
+
+class LowRank(nn.Module):
+    """A stand-in branch: x·(U V)ᵀ with ``dense() = U V``."""
+
+    def __init__(self, n, k, r, gen):
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(n, r, generator=gen) * 0.1)
+        self.v = nn.Parameter(torch.randn(r, k, generator=gen) * 0.1)
+
+    def dense(self):
+        return self.u @ self.v
+
+    def forward(self, x):
+        return (x @ self.v.T) @ self.u.T
+
+
+SPECS = [QuantSpec.activation(3), QuantSpec.activation(4, symmetric=True), QuantSpec.activation(8, clip_ratio=0.9),
+         None, QuantSpec.activation(16), QuantSpec.activation(4, clip_ratio=0.7, symmetric=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_groups_is_bitwise_the_oracle(gen, dtype):
+    g, r, k = len(SPECS), 7, 37
+    x = (torch.randn(g, r, k, generator=gen) * torch.rand(g, r, 1, generator=gen) * 5).to(dtype)
+    x[1, 2] = 0.0                                    # an all-zero row (scale 1 branch)
+    x[2, 3] = x[2, 3].abs()                          # a row without negatives
+    x[0, 4, 5] = float("nan")                        # a poisoned row comes out NaN, as the kernels do
+    x[5, 6, 0] = float("inf")
+    got = fake_quantize_groups(x, SPECS)
+    assert got.dtype == dtype and got.shape == x.shape
+    for i, s in enumerate(SPECS):
+        want = x[i] if s is None else fake_quantize(x[i], s, nonfinite="propagate")
+        torch.testing.assert_close(got[i], want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(got[0, 4]).all() and torch.isnan(got[5, 6]).all()
+
+
+def test_fake_quantize_groups_shape_error(gen):
+    with pytest.raises(ValueError, match=r"must be \(G=2, R, K\)"):
+        fake_quantize_groups(torch.randn(3, 4, 5, generator=gen), SPECS[:2])
+
+
+CONFIGS = [LayerConfig(4, 4), LayerConfig(2, 3), None, LayerConfig(8, 8, w_symmetric=True), LayerConfig(3, 8),
+           LayerConfig(4, 4), LayerConfig(16, 4), LayerConfig(2, 16, w_clip=0.8)]
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.37, 0.0])
+@pytest.mark.parametrize("with_branch", [False, True])
+def test_grouped_forward_matches_separate_runs(gen, lam, with_branch):
+    n, k, g = 23, 45, len(CONFIGS)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    q = QuantLinear(lin, name="layer")
+    if with_branch:
+        q.branch = LowRank(n, k, 3, gen)
+    q.set_noise_scale(lam)
+    x = torch.randn(g * 3, 5, k, generator=gen) * 2            # (B, T, K): groups of 3 samples
+    with torch.no_grad():
+        want = []
+        for i, c in enumerate(CONFIGS):
+            q.set_config(c)
+            want.append(q(x[3 * i: 3 * i + 3]))
+        want = torch.cat(want)
+        q.set_config(LayerConfig(8, 8))                         # the single config is ignored while grouped
+        q.set_group_configs(CONFIGS)
+        got = torch.full_like(want, float("nan"))
+        got.copy_(q(x))
+        q.set_group_configs(None)
+        back = q(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    q.set_config(LayerConfig(8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back, q(x), rtol=0, atol=0)   # leaving grouped mode restores the config
+
+
+def test_grouped_errors(gen):
+    q = QuantLinear(nn.Linear(8, 4), LayerConfig(4, 4), name="blk.fc")
+    q.set_group_configs([LayerConfig(4, 4), LayerConfig(8, 8), None])
+    with torch.no_grad(), pytest.raises(ValueError, match="blk.fc: grouped mode with G=3 needs a leading"):
+        q(torch.randn(4, 8, generator=gen))
+    with pytest.raises(RuntimeError, match="under torch.no_grad"):
+        q(torch.randn(3, 8, generator=gen))
+    with pytest.raises(TypeError, match="LayerConfig or None"):
+        q.set_group_configs([(4, 4)])
+    with pytest.raises(ValueError, match="at least one"):
+        q.set_group_configs([])

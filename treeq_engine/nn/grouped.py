@@ -1,0 +1,62 @@
+"""Per-group activation fake-quantization: G groups of token rows, each under its own spec, in one pass.
+
+The search scores many candidate configurations of the same layers at once by stacking them along the batch
+(``QuantLinear.set_group_configs``). Group ``g`` of an input ``(G, R, K)`` is fake-quantized per token with
+``specs[g]``; the arithmetic is the oracle's (``treeq_engine.format.quantize``) with ``qmin``, ``qmax``, the
+clip ratio and the symmetric switch turned into per-group float32 tensors, so every group's result is
+bit-identical to ``fake_quantize(x[g], specs[g], nonfinite="propagate")`` (float32 ops in the same order; IEEE
+division and rounding do not care whether an operand was a scalar or a tensor element). A ``None`` spec or a
+bf16 (16-bit) spec leaves its group unchanged.
+
+No host synchronisation: non-finite rows are handled branch-free (they come out NaN, as the kernels do).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..format import QuantSpec
+
+
+def _group_params(specs: Sequence[QuantSpec | None], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-group (qmin, qmax, clip, symmetric, quantized), each float32/bool ``(G, 1)``."""
+    qmin, qmax, clip, sym, on = [], [], [], [], []
+    for s in specs:
+        q = s is not None and s.is_quantized
+        qmin.append(float(s.qmin) if q else -128.0)
+        qmax.append(float(s.qmax) if q else 127.0)
+        clip.append(s.clip_ratio if q else 1.0)
+        sym.append(bool(q and s.symmetric))
+        on.append(q)
+    f = lambda v: torch.tensor(v, dtype=torch.float32, device=device)[:, None]  # noqa: E731
+    b = lambda v: torch.tensor(v, dtype=torch.bool, device=device)[:, None]  # noqa: E731
+    return f(qmin), f(qmax), f(clip), b(sym), b(on)
+
+
+def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None]) -> torch.Tensor:
+    """Fake-quantize activations ``x (G, R, K)`` per token, group ``g`` with ``specs[g]``; returns ``x``'s
+    dtype and shape. Inference only (no straight-through gradient)."""
+    if x.dim() != 3 or x.shape[0] != len(specs):
+        raise ValueError(f"fake_quantize_groups: x must be (G={len(specs)}, R, K), got {tuple(x.shape)}")
+    if not any(s is not None and s.is_quantized for s in specs):
+        return x
+    qmin, qmax, clip, sym, on = _group_params(specs, x.device)
+    x2 = x.detach().to(torch.float32)
+    bad = ~torch.isfinite(x2).all(dim=2)                                   # (G, R)
+    x2 = torch.where(bad[..., None], torch.zeros_like(x2), x2)
+    # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
+    lo = x2.amin(dim=2).clamp(max=0.0) * clip
+    hi = x2.amax(dim=2).clamp(min=0.0) * clip
+    rng = hi - lo
+    a_scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+    a_zp = torch.round(qmin - lo / a_scale).clamp(qmin, qmax)
+    # symmetric: amax = clip·max|x|, scale = amax / qmax, zp = 0
+    amax = x2.abs().amax(dim=2) * clip
+    s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = torch.where(sym, s_scale, a_scale)                             # (G, R)
+    zp = torch.where(sym, torch.zeros_like(a_zp), a_zp)
+    q = (torch.round(x2 / scale[..., None]) + zp[..., None]).clamp(qmin[..., None], qmax[..., None])
+    x_hat = (q - zp[..., None]) * scale[..., None]
+    x_hat = torch.where(bad[..., None], torch.full_like(x_hat, float("nan")), x_hat)
+    return torch.where(on[..., None], x_hat.to(x.dtype), x)
