@@ -19,8 +19,9 @@ import torch
 from ..format import QuantSpec
 
 
-def _group_params(specs: Sequence[QuantSpec | None], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per-group (qmin, qmax, clip, symmetric, quantized), each float32/bool ``(G, 1)``."""
+def group_params(specs: Sequence[QuantSpec | None], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Per-group (qmin, qmax, clip, symmetric, quantized), each float32/bool ``(G, 1)`` on ``device``. Build it
+    once per set of specs: it is a host-to-device copy."""
     qmin, qmax, clip, sym, on = [], [], [], [], []
     for s in specs:
         q = s is not None and s.is_quantized
@@ -34,14 +35,16 @@ def _group_params(specs: Sequence[QuantSpec | None], device: torch.device) -> tu
     return f(qmin), f(qmax), f(clip), b(sym), b(on)
 
 
-def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None]) -> torch.Tensor:
+def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
+                         params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Fake-quantize activations ``x (G, R, K)`` per token, group ``g`` with ``specs[g]``; returns ``x``'s
-    dtype and shape. Inference only (no straight-through gradient)."""
+    dtype and shape. ``params``: ``group_params(specs, x.device)``, computed here when not given. Inference
+    only (no straight-through gradient)."""
     if x.dim() != 3 or x.shape[0] != len(specs):
         raise ValueError(f"fake_quantize_groups: x must be (G={len(specs)}, R, K), got {tuple(x.shape)}")
     if not any(s is not None and s.is_quantized for s in specs):
         return x
-    qmin, qmax, clip, sym, on = _group_params(specs, x.device)
+    qmin, qmax, clip, sym, on = params if params is not None else group_params(specs, x.device)
     x2 = x.detach().to(torch.float32)
     bad = ~torch.isfinite(x2).all(dim=2)                                   # (G, R)
     x2 = torch.where(bad[..., None], torch.zeros_like(x2), x2)

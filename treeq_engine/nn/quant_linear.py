@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..format import QuantSpec, fake_quantize
 from ..plan import LayerConfig
-from .grouped import fake_quantize_groups
+from .grouped import fake_quantize_groups, group_params
 
 
 class QuantLinear(nn.Module):
@@ -46,6 +46,7 @@ class QuantLinear(nn.Module):
         self._w_cache: tuple[Any, torch.Tensor] | None = None
         self._groups: tuple[LayerConfig | None, ...] | None = None
         self._wg_cache: dict[Any, torch.Tensor] = {}
+        self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, their params, branch mask
         self.set_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -65,6 +66,7 @@ class QuantLinear(nn.Module):
 
     def set_group_configs(self, configs: Sequence[LayerConfig | None] | None) -> None:
         """Grouped (candidate-batched) mode: G configs, one per equal slice of the batch; ``None`` leaves it."""
+        self._gp_cache = {}
         if configs is None:
             self._groups = None
             self._wg_cache = {}
@@ -173,8 +175,13 @@ class QuantLinear(nn.Module):
                                "torch.no_grad()")
         xg = x.reshape(g, -1, self.in_features)                                  # (G, R, K)
         lam = self.noise_scale
-        specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
-        xq = fake_quantize_groups(xg, specs)
+        key = (lam, x.device)
+        if key not in self._gp_cache:   # host-to-device copies once per config set, not per forward
+            specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
+            on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
+            self._gp_cache[key] = (specs, group_params(specs, x.device), on)
+        specs, params, on = self._gp_cache[key]
+        xq = fake_quantize_groups(xg, specs, params)
         if lam not in (0.0, 1.0):
             xq = xg + lam * (xq - xg)
         weights = {}
@@ -187,7 +194,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.branch is not None and any(c is not None for c in groups):
-            on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
             y = y + self.branch(xg) * on.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
