@@ -136,3 +136,15 @@ def calibration(model, n=16, seed=1):
 def eps(out):
     """The ε half of the output: what the search's metric sees."""
     return out[..., : out.shape[-1] // 2]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """The search tests run many tiny ops: one intra-op thread is as fast and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

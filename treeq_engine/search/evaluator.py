@@ -110,6 +110,7 @@ class Evaluator:
             raise ValueError(f"batch and group must be positive, got batch={batch}, group={group}")
         self.model, self.runner, self.space, self.env = model, runner, space, env
         self.batch, self.group = batch, group
+        model.eval()   # e.g. a DiT drops class labels at random in training mode
         p = next(model.parameters())
         self.device = p.device
         n = int(inputs[0].shape[0])
