@@ -45,21 +45,26 @@ def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
     if not any(s is not None and s.is_quantized for s in specs):
         return x
     qmin, qmax, clip, sym, on = params if params is not None else group_params(specs, x.device)
-    x2 = x.detach().to(torch.float32)
-    bad = ~torch.isfinite(x2).all(dim=2)                                   # (G, R)
-    x2 = torch.where(bad[..., None], torch.zeros_like(x2), x2)
+    x2 = x.detach().to(torch.float32)                                      # (G, R, K); no copy if float32
+    # A row holding NaN/Inf has a non-finite min or max (both propagate NaN): it comes out all NaN, as in the
+    # oracle's "propagate" mode, without a full pass to find it. Its scale is garbage until then.
+    raw_lo, raw_hi = x2.amin(dim=2), x2.amax(dim=2)                       # (G, R)
+    bad = ~(torch.isfinite(raw_lo) & torch.isfinite(raw_hi))
     # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
-    lo = x2.amin(dim=2).clamp(max=0.0) * clip
-    hi = x2.amax(dim=2).clamp(min=0.0) * clip
+    lo = raw_lo.clamp(max=0.0) * clip
+    hi = raw_hi.clamp(min=0.0) * clip
     rng = hi - lo
-    a_scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
-    a_zp = torch.round(qmin - lo / a_scale).clamp(qmin, qmax)
-    # symmetric: amax = clip·max|x|, scale = amax / qmax, zp = 0
-    amax = x2.abs().amax(dim=2) * clip
-    s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    scale = torch.where(sym, s_scale, a_scale)                             # (G, R)
-    zp = torch.where(sym, torch.zeros_like(a_zp), a_zp)
-    q = (torch.round(x2 / scale[..., None]) + zp[..., None]).clamp(qmin[..., None], qmax[..., None])
-    x_hat = (q - zp[..., None]) * scale[..., None]
-    x_hat = torch.where(bad[..., None], torch.full_like(x_hat, float("nan")), x_hat)
-    return torch.where(on[..., None], x_hat.to(x.dtype), x)
+    scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    if any(s is not None and s.is_quantized and s.symmetric for s in specs):
+        # symmetric: amax = clip·max|x| = clip·max(−min x, max x), scale = amax / qmax, zp = 0
+        amax = torch.maximum(-raw_lo, raw_hi) * clip
+        s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = torch.where(sym, s_scale, scale)
+        zp = torch.where(sym, torch.zeros_like(zp), zp)
+    scale3, zp3 = scale[..., None], zp[..., None]
+    # q = clamp(round(x / scale) + zp, qmin, qmax); x_hat = (q − zp)·scale, in place after the first op
+    q = (x2 / scale3).round_().add_(zp3).clamp_(min=qmin[..., None], max=qmax[..., None])
+    x_hat = q.sub_(zp3).mul_(scale3).masked_fill_(bad[..., None], float("nan"))
+    x_hat = x_hat.to(x.dtype)
+    return x_hat if bool(all(s is not None and s.is_quantized for s in specs)) else torch.where(on[..., None], x_hat, x)
