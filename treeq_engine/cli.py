@@ -26,12 +26,26 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.main()
 
 
+def _search_args(p: argparse.ArgumentParser) -> None:
+    from .search.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.cli import run
+
+    return run(args)
+
+
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("what was built and what this machine can run",
              lambda p: p.add_argument("--json", action="store_true", help="print JSON"), _cmd_info),
     "selfcheck": ("check the numeric format and the compiled core against the oracle", lambda p: None,
                   _cmd_selfcheck),
+    "search": ("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", _search_args,
+               _cmd_search),
 }
 
 

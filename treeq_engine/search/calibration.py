@@ -1,0 +1,142 @@
+"""The calibration set: model inputs ``(x_t, t, y)`` collected along the full-precision sampler's trajectories.
+
+    calib = load_or_collect(model, CalibrationConfig(trajectories=32, timesteps=8), cache_dir="~/.cache/treeq")
+    x, t, y = calib.inputs()
+
+``trajectories`` samples (classes cycled 0, 1, …, one seeded sampler run) are drawn with the FP model; of the
+``steps`` sampling steps, ``timesteps`` evenly spaced ones (first and last included) are kept, each contributing
+every sample's input at that step. With classifier-free guidance the model runs on ``[cond; uncond]`` and both
+halves are kept (the null-class inputs are what the guided model sees too). So ``N = trajectories · timesteps``
+(twice that with guidance), in step-major order.
+
+The set is cached as safetensors (``x`` float32 ``(N, C, H, W)``, ``t`` and ``y`` int64 ``(N,)``) with its
+config and the model's fingerprint in the metadata, under a file name derived from both: the same model and
+config reuse it, anything else collects afresh. Collection is deterministic by ``seed``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+SCHEMA = "treeq-calibration"
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    trajectories: int = 32
+    steps: int = 50
+    timesteps: int = 8
+    cfg_scale: float = 1.0
+    sampler: str = "ddpm"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trajectories <= 0 or self.steps <= 0 or not 0 < self.timesteps <= self.steps:
+            raise ValueError(f"calibration needs trajectories > 0 and 0 < timesteps <= steps, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    """``x (N, C, H, W)`` float32, ``t (N,)`` model timesteps and ``y (N,)`` labels, int64."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.t.shape != (n,) or self.y.shape != (n,):
+            raise ValueError(f"calibration x {tuple(self.x.shape)}, t {tuple(self.t.shape)} and y {tuple(self.y.shape)} "
+                             "must share the sample dimension")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x, self.t, self.y
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"x": self.x.contiguous().float(), "t": self.t.long(), "y": self.y.long()}, str(path),
+                  metadata={"schema": SCHEMA, "version": str(VERSION), "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationSet":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("schema") != SCHEMA or md.get("version") != str(VERSION):
+                    raise ValueError(f"{path} is not a calibration set of version {VERSION} (metadata {md})")
+                missing = {"x", "t", "y"} - set(f.keys())
+                if missing:
+                    raise ValueError(f"calibration file {path} lacks tensor(s) {sorted(missing)}")
+                return cls(f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("y"), json.loads(md.get("meta", "{}")))
+        except (OSError, RuntimeError) as e:   # missing, truncated or not safetensors
+            raise ValueError(f"cannot read calibration set {path}: {e}") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Parameter names, shapes and a content summary (sum, sum of squares) per tensor."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if not torch.is_floating_point(p):
+                continue
+            p64 = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{float(p64.sum())!r}:{float(p64.square().sum())!r}".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, config: CalibrationConfig, *, progress: bool = False) -> CalibrationSet:
+    """Run the FP sampler once and keep the model inputs at the chosen steps (see the module docstring)."""
+    from ..models.sample import sample
+
+    n_classes = model.config.num_classes
+    labels = torch.arange(config.trajectories) % n_classes
+    keep = set(torch.linspace(0, config.steps - 1, config.timesteps).round().long().tolist())
+    xs, ts, ys = [], [], []
+
+    def grab(step: Any) -> None:
+        if step.index in keep:
+            xs.append(step.x.detach().float().cpu())
+            ts.append(step.t_model.detach().long().cpu())
+            ys.append(step.model_kwargs["y"].detach().long().cpu())
+
+    sample(model, labels, steps=config.steps, sampler=config.sampler, cfg_scale=config.cfg_scale, seed=config.seed,
+           progress=progress, callback=grab)
+    if len(xs) != len(keep):
+        raise RuntimeError(f"the sampler reported {len(xs)} of the {len(keep)} requested steps")
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(ys), {"config": dataclasses.asdict(config)})
+
+
+def load_or_collect(model: nn.Module, config: CalibrationConfig, cache_dir: str | Path | None, *,
+                    progress: bool = False) -> CalibrationSet:
+    """The cached set for this model and config, collecting (and caching) it if absent."""
+    if cache_dir is None:
+        return collect(model, config, progress=progress)
+    fp = model_fingerprint(model)
+    key = hashlib.sha256(json.dumps({"model": fp, "config": dataclasses.asdict(config)}, sort_keys=True).encode())
+    path = Path(cache_dir).expanduser() / f"calib-{key.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        calib = CalibrationSet.load(path)
+        if calib.meta.get("model") == fp and calib.meta.get("config") == dataclasses.asdict(config):
+            return calib
+    calib = collect(model, config, progress=progress)
+    calib = dataclasses.replace(calib, meta={**calib.meta, "model": fp})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    calib.save(tmp)
+    tmp.replace(path)
+    return calib
