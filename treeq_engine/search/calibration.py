@@ -71,7 +71,7 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -82,7 +82,7 @@ class CalibrationSet:
                 if missing:
                     raise ValueError(f"calibration file {path} lacks tensor(s) {sorted(missing)}")
                 return cls(f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("y"), json.loads(md.get("meta", "{}")))
-        except (OSError, RuntimeError) as e:   # missing, truncated or not safetensors
+        except (OSError, RuntimeError, SafetensorError) as e:   # missing, truncated or not safetensors
             raise ValueError(f"cannot read calibration set {path}: {e}") from None
 
 

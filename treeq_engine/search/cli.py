@@ -68,16 +68,19 @@ def parse_config(text: str) -> LayerConfig:
 
 
 def random_dit(name: str, seed: int = 0) -> torch.nn.Module:
-    """A DiT of config ``name`` with every weight random (std 0.02, adaLN and final layer included, unlike the
-    reference's zero init, so that every layer affects the output)."""
+    """A DiT of config ``name`` with every weight random: ``N(0, 1/fan_in)`` weights and ``N(0, 0.02²)`` biases,
+    adaLN and final layer included (the reference zero-initialises those, which would make every block an
+    identity), so that every layer affects the output, as in a trained model. The positional table is kept."""
     from ..models import DiT, dit_config
 
     model = DiT(dit_config(name))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.dim() > 1 and n != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            if n == "pos_embed":
+                continue
+            std = 0.02 if p.dim() == 1 else p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
 

@@ -98,9 +98,9 @@ class SearchResult:
         return (self.root.hi - self.root.lo - 1) * self.keep ** 2
 
 
-def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None) -> str:
+def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None, anchor: bool) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind,
+    h.update(json.dumps({"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind, "anchor": anchor,
                          "budget": None if budget is None else budget.to_dict()}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(cost.table).tobytes())
     return h.hexdigest()
@@ -129,9 +129,9 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
-                on_level: Callable[[int], None] | None = None) -> SearchResult:
-    """Run TSS; see the module docstring. ``on_level(level)`` is called after each finished level (tests use it
-    to stop a search midway)."""
+                anchor: bool = True, on_level: Callable[[int], None] | None = None) -> SearchResult:
+    """Run TSS; see the module docstring. ``anchor=False`` drops the environment-uniform elite (for ablations).
+    ``on_level(level)`` is called after each finished level (tests use it to stop a search midway)."""
     if keep <= 0:
         raise ValueError(f"keep (K) must be positive, got {keep}")
     if budget is not None and budget.kind != cost.kind:
@@ -140,11 +140,12 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     n, n_cand = len(space.leaves), len(space.candidates)
     rank, world = distributed.rank_world()
     prune = _Pruner(cost, budget)
-    fingerprint = _fingerprint(evaluator, cost, keep, budget)
-    anchor = space.candidates.index(evaluator.env.config) if evaluator.env.config in space.candidates else None
+    fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor)
+    elite = space.candidates.index(evaluator.env.config) if anchor and evaluator.env.config in space.candidates \
+        else None
 
     def drop(nd: Node) -> np.ndarray:
-        hits = np.flatnonzero((nd.configs == anchor).all(axis=1)) if anchor is not None else []
+        hits = np.flatnonzero((nd.configs == elite).all(axis=1)) if elite is not None else []
         return pareto_drop(cost.axis(nd.cost, budget), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
     path = Path(state_path) if state_path is not None else None
 
