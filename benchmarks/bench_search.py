@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed units per depth")
     p.add_argument("--levels", type=int, default=0, help="also run the real search for this many levels")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    p.add_argument("--compile", action="store_true", help="fuse the activation fake-quant with torch.compile")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        from treeq_engine.nn import grouped
+
+        grouped.use_compiled(True)
 
     from treeq_engine.plan import LayerConfig
     from treeq_engine.search import Budget, DiTRunner, Environment, Evaluator, SearchSpace, cost_model, tree_search
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     evals = [sum(u[0] for u in lv) for lv in levels]
     record = {
         "config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "leaves": nl,
+        "threads": torch.get_num_threads(), "compiled": args.compile, "dtype": str(dtype).replace("torch.", ""), "leaves": nl,
         "candidates": nc, "keep": args.keep, "group": args.group, "samples": n, "tokens": space.leaves[1].tokens,
         "setup_s": round(t_setup, 2), "fit_a_s": float(a), "fit_b_s_per_segment": float(b),
         "planned_evaluations": int(sum(evals)), "bound_(n-1)K^2": (nl - 1) * args.keep ** 2,

@@ -95,3 +95,25 @@ def test_grouped_errors(gen):
         q.set_group_configs([(4, 4)])
     with pytest.raises(ValueError, match="at least one"):
         q.set_group_configs([])
+
+
+@pytest.mark.gpu
+def test_compiled_grouped_fake_quant_on_cuda_is_within_one_step_of_eager():
+    from treeq_engine.nn import grouped
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    specs = [QuantSpec.activation(b) for b in (3, 4, 8, 4, 3, 8)]
+    x = torch.randn(6, 1024, 1152, generator=gen, device="cuda") * 3
+    eager = grouped.fake_quantize_groups(x, specs)
+    grouped.use_compiled(True)
+    try:
+        fused = grouped.fake_quantize_groups(x, specs)
+    finally:
+        grouped.use_compiled(False)
+    for i, s in enumerate(specs):                   # eager on CUDA is the oracle's arithmetic
+        torch.testing.assert_close(eager[i], fake_quantize(x[i], s, nonfinite="propagate"), rtol=0, atol=0)
+    step = (x.amax(2, keepdim=True).clamp(min=0) - x.amin(2, keepdim=True).clamp(max=0)) / torch.tensor(
+        [s.qmax - s.qmin for s in specs], device="cuda")[:, None, None]
+    diff = (fused - eager).abs()
+    assert bool((diff <= step * 1.001 + 1e-6).all())                 # at most one code apart
+    assert (diff > 0).float().mean().item() < 1e-3                   # and rarely that

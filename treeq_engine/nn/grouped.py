@@ -35,6 +35,44 @@ def group_params(specs: Sequence[QuantSpec | None], device: torch.device | str) 
     return f(qmin), f(qmax), f(clip), b(sym), b(on)
 
 
+def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, clip: torch.Tensor,
+                        sym: torch.Tensor, any_sym: bool) -> torch.Tensor:
+    """The arithmetic on float32 ``x2 (G, R, K)`` with per-group parameters ``(G, 1)``."""
+    # A row holding NaN/Inf has a non-finite min or max (both propagate NaN): its scale is set to NaN, so the
+    # whole row comes out NaN, as in the oracle's "propagate" mode, without a full pass to find it.
+    raw_lo, raw_hi = torch.aminmax(x2, dim=2)                              # (G, R)
+    bad = ~(torch.isfinite(raw_lo) & torch.isfinite(raw_hi))
+    # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
+    lo = raw_lo.clamp(max=0.0) * clip
+    hi = raw_hi.clamp(min=0.0) * clip
+    rng = hi - lo
+    scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    if any_sym:
+        # symmetric: amax = clip·max|x| = clip·max(−min x, max x), scale = amax / qmax, zp = 0
+        amax = torch.maximum(-raw_lo, raw_hi) * clip
+        s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = torch.where(sym, s_scale, scale)
+        zp = torch.where(sym, torch.zeros_like(zp), zp)
+    scale = scale.masked_fill(bad, float("nan"))
+    scale3, zp3 = scale[..., None], zp[..., None]
+    # q = clamp(round(x / scale) + zp, qmin, qmax); x_hat = (q − zp)·scale, in place after the first op
+    q = (x2 / scale3).round_().add_(zp3).clamp_(min=qmin[..., None], max=qmax[..., None])
+    return q.sub_(zp3).mul_(scale3)
+
+
+_core = _fake_quantize_core
+
+
+def use_compiled(enabled: bool = True) -> None:
+    """Run the arithmetic through ``torch.compile`` (one fused reduction and one fused elementwise kernel on a
+    GPU, instead of about eight passes over the activations). Opt-in: compiled code may reassociate or use
+    approximate division, so it is close to, not bit-identical with, the oracle (``test_nn_grouped`` bounds it
+    on CUDA); the eager path is the reference."""
+    global _core
+    _core = torch.compile(_fake_quantize_core, dynamic=True) if enabled else _fake_quantize_core
+
+
 def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
                          params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Fake-quantize activations ``x (G, R, K)`` per token, group ``g`` with ``specs[g]``; returns ``x``'s
@@ -45,26 +83,6 @@ def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
     if not any(s is not None and s.is_quantized for s in specs):
         return x
     qmin, qmax, clip, sym, on = params if params is not None else group_params(specs, x.device)
-    x2 = x.detach().to(torch.float32)                                      # (G, R, K); no copy if float32
-    # A row holding NaN/Inf has a non-finite min or max (both propagate NaN): it comes out all NaN, as in the
-    # oracle's "propagate" mode, without a full pass to find it. Its scale is garbage until then.
-    raw_lo, raw_hi = x2.amin(dim=2), x2.amax(dim=2)                       # (G, R)
-    bad = ~(torch.isfinite(raw_lo) & torch.isfinite(raw_hi))
-    # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
-    lo = raw_lo.clamp(max=0.0) * clip
-    hi = raw_hi.clamp(min=0.0) * clip
-    rng = hi - lo
-    scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
-    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    if any(s is not None and s.is_quantized and s.symmetric for s in specs):
-        # symmetric: amax = clip·max|x| = clip·max(−min x, max x), scale = amax / qmax, zp = 0
-        amax = torch.maximum(-raw_lo, raw_hi) * clip
-        s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-        scale = torch.where(sym, s_scale, scale)
-        zp = torch.where(sym, torch.zeros_like(zp), zp)
-    scale3, zp3 = scale[..., None], zp[..., None]
-    # q = clamp(round(x / scale) + zp, qmin, qmax); x_hat = (q − zp)·scale, in place after the first op
-    q = (x2 / scale3).round_().add_(zp3).clamp_(min=qmin[..., None], max=qmax[..., None])
-    x_hat = q.sub_(zp3).mul_(scale3).masked_fill_(bad[..., None], float("nan"))
-    x_hat = x_hat.to(x.dtype)
-    return x_hat if bool(all(s is not None and s.is_quantized for s in specs)) else torch.where(on[..., None], x_hat, x)
+    any_sym = any(s is not None and s.is_quantized and s.symmetric for s in specs)
+    x_hat = _core(x.detach().to(torch.float32), qmin, qmax, clip, sym, any_sym).to(x.dtype)
+    return x_hat if all(s is not None and s.is_quantized for s in specs) else torch.where(on[..., None], x_hat, x)

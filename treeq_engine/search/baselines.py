@@ -56,12 +56,15 @@ def uniform_baseline(evaluator: Evaluator, cost: CostModel, budget: Budget) -> B
     return res
 
 
-def sensitivities(evaluator: Evaluator) -> np.ndarray:
+def sensitivities(evaluator: Evaluator, progress: bool = False) -> np.ndarray:
     """``(n_leaves, n_cands)``: each leaf's end-to-end MSE at each candidate, alone (use an evaluator whose
     environment has λ = 0, i.e. every other layer in full precision)."""
+    from tqdm.auto import tqdm
+
     n, c = len(evaluator.space.leaves), len(evaluator.space.candidates)
     every = np.arange(c, dtype=np.int64)[:, None]
-    return np.stack([evaluator.evaluate(i, i + 1, every) for i in range(n)])
+    return np.stack([evaluator.evaluate(i, i + 1, every)
+                     for i in tqdm(range(n), desc="IP sensitivities", disable=not progress, leave=False)])
 
 
 def solve_ip(sens: np.ndarray, cost: CostModel, budget: Budget) -> np.ndarray:
@@ -88,10 +91,10 @@ def solve_ip(sens: np.ndarray, cost: CostModel, budget: Budget) -> np.ndarray:
 
 
 def ip_baseline(sens_evaluator: Evaluator, plan_evaluator: Evaluator, cost: CostModel,
-                budget: Budget) -> BaselineResult:
+                budget: Budget, progress: bool = False) -> BaselineResult:
     """HAWQ-V3 / MixDQ-style integer program over per-layer sensitivities."""
     t0 = time.perf_counter()
-    sens = sensitivities(sens_evaluator)
+    sens = sensitivities(sens_evaluator, progress)
     t_sens = time.perf_counter() - t0
     a = solve_ip(sens, cost, budget)
     return _best("ip", a[None], plan_evaluator, cost, t0, sens.size, sensitivity_s=t_sens,

@@ -125,7 +125,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
             else:
                 sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
                                     group=config.group, reference=ev.reference())
-                baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget)
+                baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
 
     report = {
         "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
