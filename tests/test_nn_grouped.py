@@ -28,17 +28,22 @@ SPECS = [QuantSpec.activation(3), QuantSpec.activation(4, symmetric=True), Quant
          None, QuantSpec.activation(16), QuantSpec.activation(4, clip_ratio=0.7, symmetric=True)]
 
 
+SAME_BITS = [QuantSpec.activation(4), QuantSpec.activation(4, symmetric=True), None,
+             QuantSpec.activation(4, clip_ratio=0.8), QuantSpec.activation(16), QuantSpec.activation(4)]
+
+
+@pytest.mark.parametrize("specs", [SPECS, SAME_BITS], ids=["mixed-bits", "same-bits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fake_quantize_groups_is_bitwise_the_oracle(gen, dtype):
-    g, r, k = len(SPECS), 7, 37
+def test_fake_quantize_groups_is_bitwise_the_oracle(gen, dtype, specs):
+    g, r, k = len(specs), 7, 37
     x = (torch.randn(g, r, k, generator=gen) * torch.rand(g, r, 1, generator=gen) * 5).to(dtype)
     x[1, 2] = 0.0                                    # an all-zero row (scale 1 branch)
     x[2, 3] = x[2, 3].abs()                          # a row without negatives
     x[0, 4, 5] = float("nan")                        # a poisoned row comes out NaN, as the kernels do
     x[5, 6, 0] = float("inf")
-    got = fake_quantize_groups(x, SPECS)
+    got = fake_quantize_groups(x, specs)
     assert got.dtype == dtype and got.shape == x.shape
-    for i, s in enumerate(SPECS):
+    for i, s in enumerate(specs):
         want = x[i] if s is None else fake_quantize(x[i], s, nonfinite="propagate")
         torch.testing.assert_close(got[i], want, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(got[0, 4]).all() and torch.isnan(got[5, 6]).all()
@@ -117,3 +122,17 @@ def test_compiled_grouped_fake_quant_on_cuda_is_within_one_step_of_eager():
     diff = (fused - eager).abs()
     assert bool((diff <= step * 1.001 + 1e-6).all())                 # at most one code apart
     assert (diff > 0).float().mean().item() < 1e-3                   # and rarely that
+
+
+@pytest.mark.parametrize("cfg", [LayerConfig(4, 3), LayerConfig(2, 4, a_symmetric=True, a_clip=0.8), LayerConfig(8, 8)])
+def test_single_config_inference_path_is_bitwise_the_oracle_path(gen, cfg):
+    """Without gradients QuantLinear quantizes activations through the grouped path (G = 1); with them through
+    the oracle (straight-through gradient). Same arithmetic, same bits."""
+    q = QuantLinear(nn.Linear(37, 11), cfg, name="l")
+    x = torch.randn(3, 5, 37, generator=gen) * 3
+    x[1, 2, 4] = float("nan")
+    with torch.no_grad():
+        fast = q(x)
+    slow = q(x.clone().requires_grad_(True)).detach()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(fast[1, 2]).all() and not torch.isnan(fast[0]).any()

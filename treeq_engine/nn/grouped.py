@@ -36,11 +36,12 @@ def group_params(specs: Sequence[QuantSpec | None], device: torch.device | str) 
 
 
 def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, clip: torch.Tensor,
-                        sym: torch.Tensor, any_sym: bool) -> torch.Tensor:
-    """The arithmetic on float32 ``x2 (G, R, K)`` with per-group parameters ``(G, 1)``."""
+                        sym: torch.Tensor, any_sym: bool, bounds: tuple[float, float] | None) -> torch.Tensor:
+    """The arithmetic on float32 ``x2 (G, R, K)`` with per-group parameters ``(G, 1)``; ``bounds``: the common
+    ``(qmin, qmax)`` when every group has the same bits (a scalar clamp is much cheaper than a tensor one)."""
     # A row holding NaN/Inf has a non-finite min or max (both propagate NaN): its scale is set to NaN, so the
     # whole row comes out NaN, as in the oracle's "propagate" mode, without a full pass to find it.
-    raw_lo, raw_hi = torch.aminmax(x2, dim=2)                              # (G, R)
+    raw_lo, raw_hi = x2.amin(dim=2), x2.amax(dim=2)                       # (G, R)
     bad = ~(torch.isfinite(raw_lo) & torch.isfinite(raw_hi))
     # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
     lo = raw_lo.clamp(max=0.0) * clip
@@ -57,7 +58,8 @@ def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor
     scale = scale.masked_fill(bad, float("nan"))
     scale3, zp3 = scale[..., None], zp[..., None]
     # q = clamp(round(x / scale) + zp, qmin, qmax); x_hat = (q − zp)·scale, in place after the first op
-    q = (x2 / scale3).round_().add_(zp3).clamp_(min=qmin[..., None], max=qmax[..., None])
+    q = (x2 / scale3).round_().add_(zp3)
+    q = q.clamp_(*bounds) if bounds is not None else q.clamp_(min=qmin[..., None], max=qmax[..., None])
     return q.sub_(zp3).mul_(scale3)
 
 
@@ -84,5 +86,10 @@ def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
         return x
     qmin, qmax, clip, sym, on = params if params is not None else group_params(specs, x.device)
     any_sym = any(s is not None and s.is_quantized and s.symmetric for s in specs)
-    x_hat = _core(x.detach().to(torch.float32), qmin, qmax, clip, sym, any_sym).to(x.dtype)
+    bits = {s.bits for s in specs if s is not None and s.is_quantized}
+    bounds = None
+    if len(bits) == 1:
+        b = bits.pop()
+        bounds = (float(-(1 << (b - 1))), float((1 << (b - 1)) - 1))
+    x_hat = _core(x.detach().to(torch.float32), qmin, qmax, clip, sym, any_sym, bounds).to(x.dtype)
     return x_hat if all(s is not None and s.is_quantized for s in specs) else torch.where(on[..., None], x_hat, x)
