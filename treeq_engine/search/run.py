@@ -49,6 +49,7 @@ class SearchConfig:
     seed: int = 0
     latency_table: str | None = None
     serve_batch: int = 1
+    anchor: bool = True          # keep each node's environment-uniform config (off only for ablations)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -104,7 +105,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     distributed.barrier()
 
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
-                         state_path=None if out is None else out / "tss_state.json")
+                         anchor=config.anchor, state_path=None if out is None else out / "tss_state.json")
     a, total, mse = result.best(budget, cost)
     ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
                                                  batch=config.batch, group=config.group, reference=ev.reference())
@@ -129,6 +130,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
 
     report = {
         "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
+        "anchor": config.anchor,
         "env": env.to_dict(), "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
         "calibration_samples": ev.num_samples,
         "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
