@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(0)
     nl, nc, segs = len(space.leaves), len(space.candidates), ev.runner.num_segments
-    rows = rng.integers(0, nc, (args.group, 2))
-    ev.evaluate(nl - 2, nl, rows)                                     # warm-up (kernels, caches)
+    ev.evaluate(0, 2, rng.integers(0, nc, (args.group, 2)))          # warm-up: kernels, every layer's weight cache
     starts = np.linspace(0, nl - 2, args.depths).round().astype(int)
     xs, ys = [], []
     for lo in starts:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-timesteps", type=int, default=4)
     p.add_argument("--steps", type=int, default=25, help="sampling steps (calibration and judging)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--samples", type=int, default=200, help="samples judged per plan")
+    p.add_argument("--samples", type=int, default=100, help="samples judged per plan (classes cycled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
     p.add_argument("--threads", type=int, default=None)
