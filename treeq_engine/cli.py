@@ -46,6 +46,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                   _cmd_selfcheck),
     "search": ("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", _search_args,
                _cmd_search),
+    "triton-aot": ("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and SASS",
+                   lambda p: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).add_arguments(p),
+                   lambda a: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).run(a)),
 }
 
 

@@ -3,4 +3,9 @@ mixed-precision GEMM with the fused epilogue. Backends: reference (oracle), Trit
 from .ops import backends, packed_linear, quantize_activation, register
 from .types import PackedWeight, QuantizedActivation
 
+try:  # registers the "triton" backend; without Triton there is simply no such backend
+    from .triton import backend as _triton_backend  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["PackedWeight", "QuantizedActivation", "backends", "packed_linear", "quantize_activation", "register"]

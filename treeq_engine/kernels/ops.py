@@ -2,7 +2,9 @@
 
 Backends register themselves (``register``) with a predicate saying whether they can run given inputs; the
 dispatcher takes the first that can, in priority order (CUDA, then Triton, then the reference). Pass
-``backend=`` to force one. Every backend is tested against ``reference``.
+``backend=`` to force one. A backend may also say it should not be picked automatically for some inputs
+(``auto``; the Triton interpreter runs on CPU tensors only when asked for). Every backend is tested against
+``reference``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Backend:
     priority: int  # higher runs first
     fns: dict[str, Callable[..., Any]]
     can_run: Callable[[str, tuple, dict], bool]  # (op, args, kwargs) -> bool
+    auto: Callable[[str, tuple, dict], bool] = lambda op, a, kw: True  # may the dispatcher pick it unasked?
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -55,7 +58,7 @@ def _pick(op: str, backend: str | None, args: tuple, kwargs: dict) -> Callable[.
             raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device/dtype/shape)")
         return b.fns[op]
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if op in b.fns and b.can_run(op, args, kwargs):
+        if op in b.fns and b.auto(op, args, kwargs) and b.can_run(op, args, kwargs):
             return b.fns[op]
     raise RuntimeError(f"no backend can run {op}")  # unreachable: reference always can
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..format import QuantSpec, fake_quantize
+from ..format import QuantSpec, QuantizedTensor, fake_quantize, quantize
 from ..plan import LayerConfig
 from .grouped import fake_quantize_groups, group_params
 
@@ -142,6 +142,14 @@ class QuantLinear(nn.Module):
             hit = wr if not spec.is_quantized else self._noisy_weight(wr, spec)
             self._wg_cache[key] = hit
         return hit
+
+    def weight_qtensor(self) -> QuantizedTensor:
+        """The integer form of the quantized path's weight (``W − B`` with a branch), as the runtime packs it.
+        Its dequantization equals :meth:`quantized_weight` at ``λ = 1``."""
+        spec = self.weight_spec
+        if spec is None or not spec.is_quantized:
+            raise ValueError(f"{self.name or 'QuantLinear'}: weight is not quantized ({self._config})")
+        return quantize(self.residual_weight().detach().float(), spec)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_spec

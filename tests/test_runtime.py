@@ -1,0 +1,104 @@
+"""Packed inference modules and artifacts, against the fake-quant simulation (which uses the same oracle)."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from treeq_engine.branches import monarch
+from treeq_engine.nn import QuantLinear, convert, quantizable_linears
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan
+from treeq_engine.runtime import TreeQLinear, artifact, memory_report, quantize, treeq_layers
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 40), nn.GELU(), nn.Linear(40, 8, bias=False))
+
+
+def _plan(net):
+    names = quantizable_linears(net)
+    return QuantPlan({names[0]: LayerConfig(4, 8), names[1]: LayerConfig(3, 4, branch=BranchConfig("monarch", 4, 1)),
+                      names[2]: LayerConfig(8, 8)}, model="toy")
+
+
+@pytest.mark.parametrize("cfg", [LayerConfig(2, 8), LayerConfig(3, 3), LayerConfig(4, 4, w_symmetric=True),
+                                 LayerConfig(8, 8), LayerConfig(4, 16)])
+def test_treeq_linear_equals_fake_quant(cfg, gen):
+    lin = nn.Linear(70, 33)
+    x = torch.randn(3, 5, 70, generator=gen)
+    q = QuantLinear(lin, cfg)
+    t = TreeQLinear.from_weights(q.weight_qtensor(), cfg, lin.bias)
+    torch.testing.assert_close(t(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_and_branch(gen):
+    net = _net()
+    plan = _plan(net)
+    x = torch.randn(6, 40, generator=gen)
+    sim = convert(_net(), plan)  # the fake-quant model with the same branches (closed-form init)
+    for name, cfg in plan.layers.items():
+        if cfg.branch is not None:
+            q = sim.get_submodule(name)
+
+            class Br(nn.Module):
+                def __init__(self, w1, w2, n):
+                    super().__init__()
+                    self.w1, self.w2, self.n = nn.Parameter(w1), nn.Parameter(w2), n
+
+                def forward(self, x):
+                    return monarch.forward(x, self.w1, self.w2, self.n)
+
+                def dense(self):
+                    return monarch.to_dense(self.w1, self.w2, self.n, self.w1.shape[0] * self.w1.shape[2])
+
+            q.branch = Br(*monarch.project(q.weight.detach(), 4, 1), q.out_features)
+    with torch.no_grad():
+        ref = sim(x)
+    quantize(net, plan, dtype=torch.float32)
+    assert len(treeq_layers(net)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+    rep = memory_report(net)
+    assert 0 < rep["ratio"] < 1
+
+
+def test_artifact_roundtrip_and_errors(tmp_path, gen):
+    net = _net()
+    plan = _plan(net)
+    fp = artifact.fingerprint(net, plan)
+    quantize(net, plan, dtype=torch.float32)
+    x = torch.randn(4, 40, generator=gen)
+    with torch.no_grad():
+        ref = net(x)
+    out = artifact.save(net, plan, tmp_path / "art", fp_fingerprint=fp, model_config={"arch": "toy"})
+    loaded = artifact.load(out, _net(seed=1), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref)
+
+    # wrong model
+    other = nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 41), nn.GELU(), nn.Linear(41, 8, bias=False))
+    with pytest.raises(artifact.ArtifactError, match="another model"):
+        artifact.load(out, other)
+    # layout version mismatch
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**man, "layout_version": 2}))
+    with pytest.raises(artifact.ArtifactError, match="layout v2"):
+        artifact.load(out, _net())
+    (out / "manifest.json").write_text(json.dumps(man))
+    # corruption
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="corrupt"):
+        artifact.load(out, _net())
+    with pytest.raises(artifact.ArtifactError, match="no manifest"):
+        artifact.load(tmp_path, _net())
+
+
+def test_bad_input(gen):
+    t = TreeQLinear.from_weights(QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8)).weight_qtensor(), LayerConfig(4, 8))
+    with pytest.raises(ValueError, match="input has 15 features"):
+        t(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="stays nn.Linear"):
+        TreeQLinear(16, 8, LayerConfig(16, 8), bias=True)

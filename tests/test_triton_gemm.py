@@ -1,0 +1,159 @@
+"""Plain-Triton packed GEMM against the oracle (interpreted on CPU, compiled on a GPU).
+
+The integer part is checked exactly through the zero-point-correction identity: with unit scales and no
+branch/bias, the float32 output *is* ``Σ_k (qa − za)(qw − zw)`` (exact while |corr| < 2²⁴), for every
+weight × activation bit-width pair at odd M, N and K, random zero points, and split-K. The float epilogue
+(scales, Monarch stage 2, bias, GELU) is compared with the reference backend within a stated tolerance.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from triton_testing import DEVICE, poisoned  # noqa: F401
+from treeq_engine.branches import MonarchShape
+from treeq_engine.format import QuantSpec, int_gemm, zero_point_correction
+from treeq_engine.kernels import PackedWeight, QuantizedActivation, packed_linear, quantize_activation, reference
+from treeq_engine.kernels.triton import gemm
+from treeq_engine.kernels.triton.autotune import GemmConfig
+
+# the Triton 3.6 interpreter converts 1-element arrays to loop bounds (NumPy deprecation, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# float epilogue tolerance: fp32 everywhere under the interpreter; bf16 Monarch operands on a GPU
+TOL = dict(rtol=1e-5, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=5e-2)
+
+
+def _operands(gen, m, n, k, wb, ab, *, wsym=False, asym=False):
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    x = torch.randn(m, k, generator=gen) * 2
+    pw = PackedWeight.from_float(w, QuantSpec.weight(wb, wsym))
+    act = reference.quantize_activation(x, QuantSpec.activation(ab, asym))
+    return x, pw, act
+
+
+def _unit_scales(act: QuantizedActivation, pw: PackedWeight):
+    return (dataclasses.replace(act, scale=torch.ones_like(act.scale)),
+            dataclasses.replace(pw, scale=torch.ones_like(pw.scale)))
+
+
+def _to(obj, device):
+    if isinstance(obj, PackedWeight):
+        return obj.to(device)
+    return QuantizedActivation(*(t.to(device) if torch.is_tensor(t) else t for t in dataclasses.astuple(obj)))
+
+
+@pytest.mark.parametrize("wb", [2, 3, 4, 8])
+@pytest.mark.parametrize("ab", [3, 4, 8])
+def test_integer_accumulation_exact(wb, ab, gen, poisoned):  # noqa: F811
+    m, n, k = 37, 45, 101
+    _, pw, act = _operands(gen, m, n, k, wb, ab, asym=ab == 4)
+    act1, pw1 = _unit_scales(act, pw)
+    y = packed_linear(_to(act1, DEVICE), _to(pw1, DEVICE), out_dtype=torch.float32, backend="triton").cpu()
+    corr = zero_point_correction(int_gemm(act.codes, pw.codes()), k, act.zero_point, act.row_sum,
+                                 pw.zero_point, pw.col_sum)
+    assert corr.abs().max() < 2**24
+    assert torch.equal(y, corr.float())
+
+
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 16, 32, split_k=3, group_m=2), GemmConfig(16, 32, 32, split_k=2,
+                                                                                          group_m=1)])
+def test_split_k_exact_and_self_cleaning(cfg, gen, poisoned):  # noqa: F811
+    m, n, k = 21, 50, 130  # 5 K-steps over 3 splits: one split gets fewer, grouped order with a partial group
+    _, pw, act = _operands(gen, m, n, k, 4, 8)
+    act1, pw1 = _unit_scales(act, pw)
+    corr = zero_point_correction(int_gemm(act.codes, pw.codes()), k, act.zero_point, act.row_sum,
+                                 pw.zero_point, pw.col_sum).float()
+    for _ in range(2):  # the second call proves the workspace and counters were left zeroed
+        y = gemm.packed_gemm(act1.codes.to(DEVICE), act1.scale.to(DEVICE), act1.zero_point.to(DEVICE),
+                             act1.row_sum.to(DEVICE), pw1.packed.to(DEVICE), 4, n, pw1.scale.to(DEVICE),
+                             pw1.zero_point.to(DEVICE), pw1.col_sum.to(DEVICE), out_dtype=torch.float32, config=cfg)
+        assert torch.equal(y.cpu(), corr)
+    ws, cnt = gemm._WORKSPACE[DEVICE if DEVICE.type == "cpu" else torch.device("cuda", torch.cuda.current_device())]
+    assert not ws.any() and not cnt.any()
+
+
+@pytest.mark.parametrize("wb,ab,blocks,rank", [(4, 8, 4, 2), (3, 4, 5, 2), (2, 8, 16, 1), (8, 3, 1, 6),
+                                               (4, 4, None, None)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_epilogue_matches_reference(wb, ab, blocks, rank, gelu, gen, poisoned):  # noqa: F811
+    """Scales, Monarch stage 2 (square-free shapes, N not a multiple of b, b not a power of two, b > JT so a
+    channel tile spans only some blocks, low rank b = 1), bias and GELU."""
+    m, n, k = 19, 70, 83
+    x, pw, _ = _operands(gen, m, n, k, wb, ab)
+    w1 = w2 = None
+    if blocks:
+        s = MonarchShape(n, k, blocks, rank)
+        w1, w2 = torch.randn(s.w1_shape, generator=gen) * 0.1, torch.randn(s.w2_shape, generator=gen) * 0.1
+    bias = torch.randn(n, generator=gen)
+    spec = QuantSpec.activation(ab)
+    act = reference.quantize_activation(x, spec, monarch_w1=w1)
+    ref = reference.packed_linear(act, pw, bias=bias, monarch_w2=w2, gelu=gelu, out_dtype=torch.float32)
+    y = packed_linear(_to(act, DEVICE), _to(pw, DEVICE), bias=bias.to(DEVICE),
+                      monarch_w2=None if w2 is None else w2.to(DEVICE), gelu=gelu, out_dtype=torch.float32,
+                      backend="triton")
+    torch.testing.assert_close(y.cpu(), ref, **TOL)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_out_dtypes(out_dtype, gen, poisoned):  # noqa: F811
+    x, pw, act = _operands(gen, 11, 33, 64, 4, 8)
+    ref = reference.packed_linear(act, pw, out_dtype=torch.float32)
+    y = packed_linear(_to(act, DEVICE), _to(pw, DEVICE), out_dtype=out_dtype, backend="triton")
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y.float().cpu(), ref.to(out_dtype).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_output_quantized_for_next_layer(gen, poisoned):  # noqa: F811
+    """fc1 → GELU → 4-bit codes for fc2: the GEMM's float32 rows feed the row quantizer."""
+    x, pw, act = _operands(gen, 13, 40, 96, 4, 8)
+    spec = QuantSpec.activation(4)
+    ref = reference.packed_linear(act, pw, gelu=True, out_spec=spec)
+    nxt = packed_linear(_to(act, DEVICE), _to(pw, DEVICE), gelu=True, out_spec=spec, backend="triton")
+    assert isinstance(nxt, QuantizedActivation) and nxt.bits == 4 and nxt.codes.shape == (13, 40)
+    y = reference.packed_linear(act, pw, gelu=True, out_dtype=torch.float32)
+    from triton_testing import assert_codes_match_up_to_ties
+
+    assert_codes_match_up_to_ties(nxt.codes.cpu(), nxt.scale.cpu(), nxt.zero_point.cpu(), y, ref, spec, tol=1e-4)
+
+
+def test_end_to_end_fused_ops(gen):
+    """quantize_activation(LN, modulate, Monarch) → packed_linear(branch, bias, GELU), both on Triton, against
+    the reference ops and the float composition."""
+    m, n, k = 12, 40, 70
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * 0.1
+    bias = torch.randn(n, generator=gen)
+    shift, scale = torch.randn(3, k, generator=gen), torch.randn(3, k, generator=gen) * 0.1
+    s = MonarchShape(n, k, 4, 1)
+    w1, w2 = torch.randn(s.w1_shape, generator=gen), torch.randn(s.w2_shape, generator=gen)
+    pw = PackedWeight.from_float(w, QuantSpec.weight(4))
+    spec = QuantSpec.activation(8)
+    kw = dict(ln_eps=1e-6, shift=shift, scale=scale, monarch_w1=w1)
+    ref = reference.packed_linear(reference.quantize_activation(x, spec, **kw), pw, bias=bias, monarch_w2=w2,
+                                  gelu=True, out_dtype=torch.float32)
+    act = quantize_activation(x.to(DEVICE), spec, backend="triton",
+                              **{a: v.to(DEVICE) if torch.is_tensor(v) else v for a, v in kw.items()})
+    y = packed_linear(act, pw.to(DEVICE), bias=bias.to(DEVICE), monarch_w2=w2.to(DEVICE), gelu=True,
+                      out_dtype=torch.float32, backend="triton")
+    # LayerNorm fused in another order may move a code across a tie: one code step of one row at most
+    step = float(act.scale.max()) * float(pw.scale.max()) * 2 * k ** 0.5
+    torch.testing.assert_close(y.cpu(), ref, rtol=TOL["rtol"], atol=max(TOL["atol"], step))
+
+
+def test_errors(gen):
+    _, pw, act = _operands(gen, 5, 16, 32, 4, 8)
+    act, pw = _to(act, DEVICE), _to(pw, DEVICE)
+    with pytest.raises(ValueError, match="no stage-1 output"):
+        packed_linear(act, pw, monarch_w2=torch.zeros(4, 4, 4, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="bias must be"):
+        packed_linear(act, pw, bias=torch.zeros(3, device=DEVICE), backend="triton")
+    bad_z = dataclasses.replace(act, z=torch.zeros(5, 2, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="z must be"):
+        packed_linear(bad_z, pw, monarch_w2=torch.zeros(4, 4, 4, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="out_dtype"):
+        packed_linear(act, pw, out_dtype=torch.int32, backend="triton")
+    with pytest.raises(ValueError, match="codes must be contiguous int8"):
+        packed_linear(dataclasses.replace(act, codes=act.codes.to(torch.int32)), pw, backend="triton")
+    with pytest.raises(ValueError, match="scale must be"):
+        packed_linear(dataclasses.replace(act, scale=act.scale.double()), pw, backend="triton")

@@ -1,0 +1,143 @@
+"""Both Triton GEMMs at full DiT-XL/2 size against the oracle, on a GPU (skipped without one).
+
+Integer parts exactly (unit scales turn the float32 output into ``float32(corr)`` of the zero-point-corrected
+accumulator, compared bit for bit with the oracle's); the float epilogue within the stated tolerance (bf16
+Monarch operands: relative 1e-2 of the output scale).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+triton = pytest.importorskip("triton")
+
+from treeq_engine.branches import MonarchShape  # noqa: E402
+from treeq_engine.format import QuantSpec, int_gemm, zero_point_correction  # noqa: E402
+from treeq_engine.kernels import PackedWeight, packed_linear, quantize_activation, reference  # noqa: E402
+from treeq_engine.kernels.triton import gemm, gluon_gemm  # noqa: E402
+
+DIT_SHAPES = [(1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152), (1152, 6912)]
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _operands(m, n, k, wb, ab, branch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    pw = PackedWeight.from_float(w, QuantSpec.weight(wb))
+    w1 = w2 = None
+    if branch:
+        s = MonarchShape.matching_lowrank(n, k)  # b = 32, r = 1: the default GMB size
+        w1, w2 = torch.randn(s.w1_shape, generator=g) * 0.05, torch.randn(s.w2_shape, generator=g) * 0.05
+    bias = torch.randn(n, generator=g)
+    return x, pw, w1, w2, bias
+
+
+def _exact_corr(act, pw, k):
+    return zero_point_correction(int_gemm(act.codes, pw.codes()), k, act.zero_point, act.row_sum, pw.zero_point,
+                                 pw.col_sum).float()
+
+
+IMPLS = ["plain", pytest.param("gluon", marks=pytest.mark.skipif(not _sm90(), reason="Gluon kernel needs sm_90"))]
+
+
+def _gemm(impl, act, pw, **kw):
+    fn = gemm.packed_gemm if impl == "plain" else gluon_gemm.packed_gemm
+    return fn(act.codes, act.scale, act.zero_point, act.row_sum, pw.packed, pw.bits, pw.n, pw.scale, pw.zero_point,
+              pw.col_sum, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("wb,ab", [(8, 8), (4, 8), (4, 4), (2, 8), (3, 4)])
+@pytest.mark.parametrize("m,n,k", [(2053, 3456, 1152), (200, 1152, 4608)])  # the second runs split-K
+def test_integer_part_exact_full_size(impl, wb, ab, m, n, k):
+    if impl == "gluon" and wb not in gluon_gemm.GLUON_BITS:
+        pytest.skip(f"{wb}-bit weights run on the plain kernel")
+    x, pw, _, _, _ = _operands(m, n, k, wb, ab, False)
+    act = reference.quantize_activation(x, QuantSpec.activation(ab))
+    ref = _exact_corr(act, pw, k)
+    act1 = dataclasses.replace(act, scale=torch.ones_like(act.scale))
+    pw1 = dataclasses.replace(pw, scale=torch.ones_like(pw.scale))
+    dev = torch.device("cuda")
+    a_d = type(act1)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act1)))
+    y = _gemm(impl, a_d, pw1.to(dev), out_dtype=torch.float32)
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k,n", DIT_SHAPES)
+@pytest.mark.parametrize("m", [256, 2048])
+def test_fused_epilogue_full_size(impl, k, n, m):
+    x, pw, w1, w2, bias = _operands(m, n, k, 4, 8, True)
+    spec = QuantSpec.activation(8)
+    act = reference.quantize_activation(x, spec, monarch_w1=w1)
+    ref = reference.packed_linear(act, pw, bias=bias, monarch_w2=w2, gelu=True, out_dtype=torch.float32)
+    dev = torch.device("cuda")
+    a_d = type(act)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act)))
+    y = _gemm(impl, a_d, pw.to(dev), bias=bias.to(dev), z=a_d.z, w2=w2.to(dev), gelu=True, out_dtype=torch.float32)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_dispatch_and_act_quant_full_size():
+    """The public ops on CUDA tensors pick Triton (Gluon on sm_90 for 2/4/8-bit) and match the oracle."""
+    m, n, k = 4096, 4608, 1152
+    x, pw, w1, w2, bias = _operands(m, n, k, 4, 4, True, seed=1)
+    g = torch.Generator().manual_seed(2)
+    shift, scale = torch.randn(16, k, generator=g), torch.randn(16, k, generator=g) * 0.1
+    spec = QuantSpec.activation(4)
+    dev = torch.device("cuda")
+    act = quantize_activation(x.to(dev, torch.bfloat16), spec, ln_eps=1e-6, shift=shift.to(dev),
+                              scale=scale.to(dev), monarch_w1=w1.to(dev))
+    ref_act = reference.quantize_activation(x.to(torch.bfloat16), spec, ln_eps=1e-6, shift=shift, scale=scale,
+                                            monarch_w1=w1)
+    assert (act.codes.cpu().int() - ref_act.codes.int()).abs().max() <= 1
+    assert (act.codes.cpu() != ref_act.codes).float().mean() < 1e-4  # only rounding ties may move
+    torch.testing.assert_close(act.z.float().cpu(), ref_act.z, rtol=2e-2, atol=2e-2)
+    y = packed_linear(act, pw.to(dev), bias=bias.to(dev), monarch_w2=w2.to(dev), out_dtype=torch.float32)
+    ref = reference.packed_linear(ref_act, pw, bias=bias, monarch_w2=w2, out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_graph_replay_matches_eager(impl):
+    """Split-K workspaces and cached fragment weights survive capture: replays equal the eager result."""
+    m, n, k = 256, 1152, 1152
+    x, pw, _, _, bias = _operands(m, n, k, 4, 8, False)
+    dev = torch.device("cuda")
+    act = quantize_activation(x.to(dev), QuantSpec.activation(8))
+    pwd = pw.to(dev)
+    kw = dict(bias=bias.to(dev), out_dtype=torch.bfloat16)
+    eager = _gemm(impl, act, pwd, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            _gemm(impl, act, pwd, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _gemm(impl, act, pwd, **kw)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+def test_gluon_probe_is_the_raw_accumulator():
+    if not _sm90():
+        pytest.skip("Gluon kernel needs sm_90")
+    m, n, k = 1024, 1152, 1152
+    x, pw, _, _, _ = _operands(m, n, k, 4, 8, False)
+    act = reference.quantize_activation(x, QuantSpec.activation(8))
+    dev = torch.device("cuda")
+    a_d = type(act)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act)))
+    y = _gemm("gluon", a_d, pw.to(dev), epilogue=False)
+    u = pw.codes().double() + 8
+    ref = (act.codes.double() @ u.T).to(torch.bfloat16)
+    assert torch.equal(y.cpu(), ref)

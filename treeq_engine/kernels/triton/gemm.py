@@ -1,0 +1,263 @@
+"""Plain-Triton packed GEMM with the fused epilogue: the portable path (Ampere, Ada, Hopper, the interpreter).
+
+Math (docs/format.md), for int8 activation codes ``qa (M, K)`` and weight codes ``qw (N, K)`` unpacked from
+layout v1 in registers:
+
+    acc[m,n]  = Σ_k qa[m,k]·qw[n,k]                                            exact int32 (tl.dot s8×s8→s32)
+    corr[m,n] = acc − zw[n]·ra[m] − za[m]·cw[n] + K·za[m]·zw[n]                 exact int32 (wrapping arithmetic,
+                                                                               final value fits for K ≤ MAX_K)
+    y[m,n]    = corr·sa[m]·sw[n]  [+ Σ_c w2[j, l, c]·z[m, j, c]]  [+ bias[n]]  [GELU(tanh)]    float32
+                                  └ Monarch stage 2, for n = l·b + j ┘
+
+Weights: 8-bit rows are loaded as they are; 2/4-bit fields come from word ``k // (32/bits)`` at bit
+``bits·(k mod 32/bits)``; 3-bit from the two low planes and the high plane of group ``k // 32``. Fields are
+offset binary (code = field − 2^(bits−1)). Padding and masked lanes need no care on the weight side: the
+activation tile is masked to 0 outside K.
+
+Tiles ``BM × BN × BK`` (tokens × channels × K). The channel tile is a ``LT × JT`` block of the Monarch grid
+``n = l·b + j`` (``LT = BN / JT`` values of l, ``JT`` of j, ``JT = min(2^⌈log₂ b⌉, 8)``): position
+``t = l'·JT + j'`` holds channel ``(l₀ + l')·b + j₀ + j'``. For ``b = 1`` (no branch, or a low-rank branch)
+that is a plain contiguous tile. With the branch, stage 2 of the tile is then a *batched* product over the
+``JT`` blocks, ``(JT, BM, b·r) × (JT, b·r, LT)`` — exactly ``b·r`` MACs per output, on tensor cores (bf16,
+fp32 accumulate; fp32 under the interpreter) — and a register permute puts it in tile order. Stores write
+runs of ``JT`` contiguous channels. (A 2-D dot over the tile would multiply by every block's z: ``b×`` the
+work.)
+
+Split-K (small M): ``SPLIT_K`` programs share a tile; each adds its int32 partial into a workspace with atomics
+(exact, order-free), the last to arrive (per-tile counter, acq_rel) takes the sum with ``atomic_xchg(ws, 0)``,
+which also leaves the workspace zeroed for the next call (safe to replay in a CUDA graph), resets the counter
+and runs the epilogue. Program order is grouped along M (``GROUP_M``) so a wave reuses weight tiles from L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_math import gelu_tanh
+from . import runtime
+from .runtime import INTERPRET, check_device, next_pow2
+
+
+@triton.jit
+def _weight_tile(w_ptr, o, nmask, kt, K, KW, BK: tl.constexpr, BITS: tl.constexpr):
+    """int8 weight codes ``(BK, BN)`` of K-step ``kt`` for channels ``o``, unpacked from layout v1. Packed words
+    are loaded once (``(BK·bits/32, BN)`` int32) and expanded in registers: a reshape of ``(words, fields)`` is
+    exactly v1's order ``k = word·(32/bits) + field``."""
+    row = o.to(tl.int64)[None, :] * KW
+    if BITS == 8:
+        ks = kt * BK + tl.arange(0, BK)
+        return tl.load(w_ptr + row + ks[:, None], mask=(ks < K)[:, None] & nmask[None, :], other=0)
+    elif BITS == 3:  # per 32-code group: two 2-bit low planes (codes 0-15, 16-31) and one high-bit plane
+        G: tl.constexpr = BK // 32
+        g = kt * G + tl.arange(0, G)
+        gmask = (g * 3 < KW)[:, None] & nmask[None, :]
+        h = tl.arange(0, 2)
+        lw = tl.load(w_ptr + row[None, :, :] + (g * 3)[:, None, None] + h[None, :, None],
+                     mask=gmask[:, None, :], other=0)  # (G, 2, BN)
+        hw = tl.load(w_ptr + row + (g * 3 + 2)[:, None], mask=gmask, other=0)  # (G, BN)
+        low = (lw[:, :, None, :] >> (tl.arange(0, 16) * 2)[None, None, :, None]) & 3  # (G, 2, 16, BN)
+        high = (hw[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1  # (G, 32, BN)
+        u = tl.reshape(low, (BK, lw.shape[2])) | (tl.reshape(high, (BK, hw.shape[1])) << 2)
+        return (u - 4).to(tl.int8)
+    else:
+        PER: tl.constexpr = 32 // BITS
+        WK: tl.constexpr = BK // PER
+        kw = kt * WK + tl.arange(0, WK)
+        wd = tl.load(w_ptr + row + kw[:, None], mask=(kw < KW)[:, None] & nmask[None, :], other=0)  # (WK, BN)
+        u = (wd[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & ((1 << BITS) - 1)  # (WK, PER, BN)
+        return (tl.reshape(u, (BK, wd.shape[1])) - (1 << (BITS - 1))).to(tl.int8)
+
+
+@triton.jit
+def _dot_f32(a, b, acc, BRANCH_F32: tl.constexpr):
+    if BRANCH_F32:  # the interpreter computes bf16 dots wrongly
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+
+
+@triton.jit
+def _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM: tl.constexpr, BN: tl.constexpr,
+                    JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+    """``(BM, BN)`` float32 branch output of the tile: batched over its ``JT`` blocks, ``(JT, BM, b·r) ×
+    (JT, b·r, LT)``, permuted into tile order; for one block (low rank) a plain 2-D dot."""
+    LT: tl.constexpr = BN // JT
+    jv = jg * JT + tl.arange(0, JT)
+    lv = lb * LT + tl.arange(0, LT)
+    cc = tl.arange(0, BRC)
+    if JT == 1:
+        br2 = tl.zeros([BM, BN], dtype=tl.float32)
+        for c0 in range(0, BR, BRC):
+            cz = c0 + cc
+            z2 = tl.load(z_ptr + rows.to(tl.int64)[:, None] * (NBLK * BR) + jg * BR + cz[None, :],
+                         mask=mmask[:, None] & (cz < BR)[None, :], other=0.0)
+            w2t = tl.load(w2_ptr + (jg * NB + lv[None, :]).to(tl.int64) * BR + cz[:, None],
+                          mask=(cz < BR)[:, None] & (lv < NB)[None, :], other=0.0)
+            br2 = _dot_f32(z2, w2t, br2, BRANCH_F32)
+        return br2
+    else:
+        br = tl.zeros([JT, BM, LT], dtype=tl.float32)
+        for c0 in range(0, BR, BRC):
+            cz = c0 + cc
+            zmask = (jv < NBLK)[:, None, None] & mmask[None, :, None] & (cz < BR)[None, None, :]
+            z3 = tl.load(z_ptr + rows.to(tl.int64)[None, :, None] * (NBLK * BR) + (jv * BR)[:, None, None]
+                         + cz[None, None, :], mask=zmask, other=0.0)
+            wmask = (jv < NBLK)[:, None, None] & (cz < BR)[None, :, None] & (lv < NB)[None, None, :]
+            w3 = tl.load(w2_ptr + (jv[:, None, None] * NB + lv[None, None, :]).to(tl.int64) * BR
+                         + cz[None, :, None], mask=wmask, other=0.0)
+            br = _dot_f32(z3, w3, br, BRANCH_F32)
+        return tl.reshape(tl.permute(br, (1, 2, 0)), (BM, BN))  # (j', m, l') -> (m, l'·JT + j')
+
+
+@triton.jit
+def _epilogue(acc, rows, mmask, o, nmask, lb, jg,
+              sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+              N, K, NBLK, NB, BR,
+              HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+    za = tl.load(za_ptr + rows, mask=mmask, other=0)
+    ra = tl.load(ra_ptr + rows, mask=mmask, other=0)
+    sa = tl.load(sa_ptr + rows, mask=mmask, other=0.0)
+    zw = tl.load(zw_ptr + o, mask=nmask, other=0)
+    cw = tl.load(cw_ptr + o, mask=nmask, other=0)
+    sw = tl.load(sw_ptr + o, mask=nmask, other=0.0)
+    corr = acc - zw[None, :] * ra[:, None] - za[:, None] * cw[None, :] + K * za[:, None] * zw[None, :]
+    y = corr.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BRANCH:
+        y = y + _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM, BN, JT, BRC, BRANCH_F32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + o, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = gelu_tanh(y)
+    optr = out_ptr + rows.to(tl.int64)[:, None] * N + o[None, :]
+    tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr,
+                        bias_ptr, z_ptr, w2_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, KW, NBLK, NB, BR, M_BUCKET,
+                        BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
+                        JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    LT: tl.constexpr = BN // JT
+    n_jg = tl.cdiv(NBLK, JT)
+    n_tiles_n = n_jg * tl.cdiv(tl.cdiv(N, NBLK), LT)
+    n_tiles_m = tl.cdiv(M, BM)
+    pid = tl.program_id(0)
+    in_group = GROUP_M * n_tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    gsize = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % gsize
+    pid_n = (pid % in_group) // gsize
+    jg = pid_n % n_jg
+    lb = pid_n // n_jg
+
+    t = tl.arange(0, BN)
+    j = jg * JT + t % JT
+    o = (lb * LT + t // JT) * NBLK + j
+    nmask = (j < NBLK) & (o < N)
+    rows = pid_m * BM + tl.arange(0, BM)
+    mmask = rows < M
+
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    kt0 = tl.program_id(1) * per_split
+    kt1 = tl.minimum(kt0 + per_split, k_tiles)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    lane_k = tl.arange(0, BK)
+    for kt in range(kt0, kt1):
+        ks = kt * BK + lane_k
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=mmask[:, None] & (ks < K)[None, :],
+                    other=0)
+        w = _weight_tile(w_ptr, o, nmask, kt, K, KW, BK, BITS)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    if SPLIT_K > 1:
+        m2 = mmask[:, None] & nmask[None, :]
+        ws = ws_ptr + rows.to(tl.int64)[:, None] * N + o[None, :]
+        tl.atomic_add(ws, acc, mask=m2, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_m * n_tiles_n + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split: collect, clean up, finish
+            tl.debug_barrier()
+            acc = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=m2, sem="acq_rel")
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _epilogue(acc, rows, mmask, o, nmask, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                      z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BM, BN, JT, BRC,
+                      BRANCH_F32)
+    else:
+        _epilogue(acc, rows, mmask, o, nmask, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                  z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BM, BN, JT, BRC,
+                  BRANCH_F32)
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def splitk_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed int32 accumulator and tile counters, grown on demand and kept per device. The kernel leaves both
+    zeroed, so one allocation serves every later call (and CUDA-graph replays; allocate during warm-up)."""
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        ws = torch.zeros(max(numel, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def branch_tiling(blocks: int) -> int:
+    """JT: how many Monarch blocks one channel tile spans (1 without a branch or for low rank)."""
+    return min(next_pow2(blocks), 8)
+
+
+def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: torch.Tensor,
+                packed: torch.Tensor, bits: int, n: int, sw: torch.Tensor, zw: torch.Tensor, cw: torch.Tensor, *,
+                bias: torch.Tensor | None = None, z: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, config=None) -> torch.Tensor:
+    """``y (M, N)`` in ``out_dtype`` from activation codes ``(M, K)`` and a layout-v1 packed weight ``(N, ·)``.
+    ``z (M, b, b·r)`` and ``w2 (b, Nb, b·r)`` fuse Monarch stage 2. ``config`` (a ``GemmConfig``) overrides the
+    tuned choice."""
+    from . import autotune
+
+    check_device(codes, packed, z, w2, bias)
+    m, k = codes.shape
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    out = runtime.empty((m, n), out_dtype, codes.device)
+    if m == 0 or n == 0:
+        return out
+    nblk, nb, br = 1, n, 1
+    if w2 is not None:
+        if z is None:
+            raise ValueError("monarch_w2 given but no stage-1 output z")
+        nblk, nb, br = w2.shape
+        if z.shape != (m, nblk, br):
+            raise ValueError(f"z must be (M={m}, b={nblk}, b·r={br}) for w2 {tuple(w2.shape)}, got {tuple(z.shape)}")
+        z, w2 = z.contiguous(), w2.contiguous()
+    jt = branch_tiling(nblk)
+    brc = min(max(16, next_pow2(br)), 32)
+    dummy = sa
+    args = (codes, packed, sa, za, ra, sw, zw, cw,
+            bias if bias is not None else dummy, z if z is not None else dummy, w2 if w2 is not None else dummy, out)
+    meta = dict(BITS=bits, HAS_BIAS=bias is not None, HAS_BRANCH=w2 is not None, GELU=bool(gelu),
+                JT=jt, BRC=brc, BRANCH_F32=INTERPRET)
+    sizes = (m, n, k, packed.shape[1], nblk, nb, br, next_pow2(m))
+
+    def tiles(bm: int, bn: int) -> int:
+        return triton.cdiv(m, bm) * triton.cdiv(nblk, jt) * triton.cdiv(triton.cdiv(n, nblk), bn // jt)
+
+    cfg = config or autotune.gemm_config(m, n, k, bits, w2 is not None)
+    if cfg is None:  # GPU autotuning over the candidate list (the kernel is wrapped by triton.autotune)
+        ws, cnt = splitk_workspace(codes.device, m * n, tiles(16, 16))
+        autotune.tuned_gemm_kernel()[lambda c: (tiles(c["BM"], c["BN"]), c["SPLIT_K"])](
+            *args, ws, cnt, *sizes, **meta)
+        return out
+    ws, cnt = splitk_workspace(codes.device, m * n if cfg.split_k > 1 else 1, tiles(cfg.bm, cfg.bn))
+    _packed_gemm_kernel[(tiles(cfg.bm, cfg.bn), cfg.split_k)](
+        *args, ws, cnt, *sizes, **meta, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out

@@ -1,0 +1,92 @@
+"""``quantize(model, plan)``: swap a model's linears for packed :class:`TreeQLinear` modules.
+
+Works on plain ``nn.Linear`` layers (weights quantized here, branches initialised by the closed-form Monarch
+projection) and on layers already converted to the fake-quant ``QuantLinear`` by search/PTQ/PEFT (their
+calibrated weight quantization and trained branch are packed as they are).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..branches import monarch
+from ..format import quantize as quantize_tensor
+from ..nn.convert import _set_submodule
+from ..nn.quant_linear import QuantLinear
+from ..plan import LayerConfig, QuantPlan
+from .linear import TreeQLinear
+
+
+def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    br = getattr(mod, "branch", None)
+    if br is None:
+        return None
+    w1, w2 = getattr(br, "w1", None), getattr(br, "w2", None)
+    if not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor):
+        raise TypeError(f"branch {type(br).__name__} exposes no Monarch factors w1/w2 the runtime can pack")
+    return w1.detach(), w2.detach()
+
+
+def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
+    """One layer -> TreeQLinear (or a plain Linear for W16)."""
+    if isinstance(mod, QuantLinear):
+        weight, bias = mod.weight, mod.bias
+    elif isinstance(mod, nn.Linear):
+        weight, bias = mod.weight, mod.bias
+    else:
+        raise TypeError(f"{name}: cannot pack a {type(mod).__name__}")
+    if not cfg.weight_spec().is_quantized:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
+    factors = _branch_factors(mod) if isinstance(mod, QuantLinear) else None
+    if isinstance(mod, QuantLinear) and mod.config == cfg:
+        wq = mod.weight_qtensor()
+    else:
+        w = weight.detach().float()
+        if factors is None and cfg.branch is not None:
+            factors = monarch.project(w, cfg.branch.blocks, cfg.branch.rank)
+        if factors is not None:
+            w = w - monarch.to_dense(factors[0].float(), factors[1].float(), w.shape[0], w.shape[1])
+        wq = quantize_tensor(w, cfg.weight_spec())
+    return TreeQLinear.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap every layer the plan names for its packed form, in place. Returns ``model``."""
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    plan.validate(model)
+    for name, cfg in plan.layers.items():
+        _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
+    return model
+
+
+def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap the plan's layers for empty TreeQLinear modules of the right shapes (to load an artifact into)."""
+    plan.validate(model)
+    for name, cfg in plan.layers.items():
+        mod = model.get_submodule(name)
+        if not cfg.weight_spec().is_quantized:
+            continue
+        mshape = None if cfg.branch is None else (cfg.branch.blocks, cfg.branch.rank)
+        _set_submodule(model, name, TreeQLinear(mod.in_features, mod.out_features, cfg, bias=mod.bias is not None,
+                                                monarch=mshape, name=name, dtype=dtype, device=mod.weight.device))
+    return model
+
+
+def treeq_layers(model: nn.Module) -> dict[str, TreeQLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TreeQLinear)}
+
+
+def memory_report(model: nn.Module) -> dict[str, Any]:
+    """Bytes of linear weights: packed layers vs what they would take in bf16."""
+    packed = sum(m.weight_bytes() for m in treeq_layers(model).values())
+    bf16 = sum(2 * m.in_features * m.out_features for m in treeq_layers(model).values())
+    return {"packed_bytes": packed, "bf16_bytes": bf16, "ratio": packed / bf16 if bf16 else float("nan")}

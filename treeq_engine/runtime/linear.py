@@ -1,0 +1,104 @@
+"""TreeQLinear: the inference module holding packed low-bit weights, scales and branch factors.
+
+    y = packed_linear(quantize_activation(x, a_spec, monarch_w1=w1), W_packed, bias, monarch_w2=w2)
+
+It runs the fastest backend the kernel dispatcher finds for its inputs (CUDA, then Triton, then the reference),
+so the same module serves a GPU and the CPU with the same numbers (within the kernels' stated tolerance).
+A layer whose activations stay in 16 bits (weight-only quantization) multiplies by the dequantized weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..format import QuantSpec, QuantizedTensor
+from ..format.packing import LAYOUT_VERSION
+from ..kernels import PackedWeight, packed_linear, quantize_activation
+from ..plan import LayerConfig
+
+
+class TreeQLinear(nn.Module):
+    """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
+
+    def __init__(self, in_features: int, out_features: int, config: LayerConfig, *, bias: bool,
+                 monarch: tuple[int, int] | None = None, name: str = "", dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        from ..format.packing import packed_dtype, packed_shape
+
+        wspec = config.weight_spec()
+        if not wspec.is_quantized:
+            raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
+        self.in_features, self.out_features = in_features, out_features
+        self.config, self.name, self.out_dtype = config, name, dtype
+        n, k = out_features, in_features
+        self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits), device=device))
+        self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, device=device))
+        self.register_buffer("w_zero_point", torch.zeros(n, dtype=torch.int32, device=device))
+        self.register_buffer("w_col_sum", torch.zeros(n, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float32, device=device) if bias else None)
+        if monarch is not None:
+            from ..branches import MonarchShape
+
+            shp = MonarchShape(n=n, k=k, blocks=monarch[0], rank=monarch[1])
+            self.register_buffer("monarch_w1", torch.zeros(shp.w1_shape, dtype=torch.float32, device=device))
+            self.register_buffer("monarch_w2", torch.zeros(shp.w2_shape, dtype=torch.float32, device=device))
+        else:
+            self.monarch_w1 = self.monarch_w2 = None
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, weight_q: QuantizedTensor, config: LayerConfig, bias: torch.Tensor | None = None,
+                     monarch: tuple[torch.Tensor, torch.Tensor] | None = None, *, name: str = "",
+                     dtype: torch.dtype = torch.bfloat16) -> "TreeQLinear":
+        pw = PackedWeight.from_quantized(weight_q)
+        mshape = None if monarch is None else (monarch[0].shape[0], monarch[0].shape[1] // monarch[0].shape[0])
+        mod = cls(pw.k, pw.n, config, bias=bias is not None, monarch=mshape, name=name, dtype=dtype,
+                  device=weight_q.codes.device)
+        mod.w_packed.copy_(pw.packed)
+        mod.w_scale.copy_(pw.scale)
+        mod.w_zero_point.copy_(pw.zero_point)
+        mod.w_col_sum.copy_(pw.col_sum)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        if monarch is not None:
+            mod.monarch_w1.copy_(monarch[0].detach().float())
+            mod.monarch_w2.copy_(monarch[1].detach().float())
+        return mod
+
+    # -- math ------------------------------------------------------------------------------------
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.w_packed, self.config.w_bits, self.out_features, self.in_features, self.w_scale,
+                            self.w_zero_point, self.w_col_sum, self.config.w_symmetric, LAYOUT_VERSION)
+
+    @property
+    def act_spec(self) -> QuantSpec:
+        return self.config.act_spec()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'TreeQLinear'}: input has {x.shape[-1]} features, expected "
+                             f"{self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        pw = self.packed_weight()
+        if not self.act_spec.is_quantized:  # weight-only: dequantize and multiply in the input's precision
+            w = ((pw.codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]).to(x.dtype)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+            if self.monarch_w1 is not None:
+                from ..branches import monarch
+
+                y = y + monarch.forward(x2.float(), self.monarch_w1, self.monarch_w2, self.out_features).to(x.dtype)
+            return y.reshape(*lead, self.out_features)
+        act = quantize_activation(x2, self.act_spec, monarch_w1=self.monarch_w1)
+        y = packed_linear(act, pw, bias=self.bias, monarch_w2=self.monarch_w2, out_dtype=x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes of everything the layer stores (packed weight, scales, zero points, sums, bias, branch)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        br = "" if self.monarch_w1 is None else f", monarch b={self.monarch_w1.shape[0]}"
+        return f"{self.in_features} -> {self.out_features}, {self.config.label}{br}"
