@@ -48,7 +48,6 @@ def test_random_plans_meet_the_budget_and_are_reproducible():
 
 
 def test_baselines_on_a_model():
-    torch.set_num_threads(1)
     model = TinyDiT(depth=2, d=16, tokens=4, seed=7)
     inputs = calibration(model, n=6, seed=8)
     space = SearchSpace.build(model, [t[:2] for t in inputs])

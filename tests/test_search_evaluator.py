@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinydit import TinyDiT, calibration, eps, one_thread  # noqa: F401
+import tinydit
+from tinydit import eps, one_thread  # noqa: F401
 from treeq_engine.nn import convert, quant_layers
 from treeq_engine.plan import LayerConfig, PlanError, QuantPlan
 from treeq_engine.search import DiTRunner, Environment, Evaluator, SearchSpace
@@ -17,11 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
-    model = TinyDiT(depth=3, d=24, tokens=6, seed=3)
-    inputs = calibration(model, n=10, seed=4)
-    space = SearchSpace.build(model, [t[:3] for t in inputs])
-    return model, inputs, space
+    return tinydit.setup(depth=3, d=24, tokens=6, seed=3, n=10)
 
 
 def brute_mse(model, inputs, space, env, lo, hi, row):

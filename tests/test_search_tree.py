@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinydit import TinyDiT, calibration, eps, one_thread  # noqa: F401
+import tinydit
+from tinydit import eps, one_thread  # noqa: F401
 from treeq_engine.plan import LayerConfig
 from treeq_engine.search import (Budget, BudgetError, DiTRunner, Environment, Evaluator, SearchSpace, cost_model,
                                  tree_search)
@@ -17,10 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
-    model = TinyDiT(depth=2, d=16, tokens=4, seed=5)
-    inputs = calibration(model, n=8, seed=6)
-    return model, inputs, SearchSpace.build(model, [t[:2] for t in inputs])
+    return tinydit.setup(depth=2, d=16, tokens=4, seed=5, n=8)
 
 
 def make(tiny, env=LayerConfig(4, 4), lam=1.0, space=None, group=16):

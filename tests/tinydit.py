@@ -133,6 +133,15 @@ def calibration(model, n=16, seed=1):
     return x, t, y
 
 
+def setup(depth, d, tokens, seed, n):
+    """A stand-in model, ``n`` calibration inputs and its search space."""
+    from treeq_engine.search import SearchSpace
+
+    model = TinyDiT(depth=depth, d=d, tokens=tokens, seed=seed)
+    inputs = calibration(model, n=n, seed=seed + 1)
+    return model, inputs, SearchSpace.build(model, [t[:2] for t in inputs])
+
+
 def eps(out):
     """The ε half of the output: what the search's metric sees."""
     return out[..., : out.shape[-1] // 2]
