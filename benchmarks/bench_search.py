@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         grouped.use_compiled(True)
 
     from treeq_engine.plan import LayerConfig
-    from treeq_engine.search import Budget, DiTRunner, Environment, Evaluator, SearchSpace, cost_model, tree_search
+    from treeq_engine.search import DiTRunner, Environment, Evaluator, SearchSpace, cost_model, tree_search
     from treeq_engine.search.cli import random_dit
 
     device = torch.device(args.device)

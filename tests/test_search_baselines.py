@@ -3,7 +3,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from tinydit import TinyDiT, calibration, eps, one_thread  # noqa: F401
 from treeq_engine.plan import LayerConfig

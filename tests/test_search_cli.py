@@ -1,7 +1,6 @@
 """`treeq search` end to end on a small random DiT, the calibration cache, resume, plan checking."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,8 +1,6 @@
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from tinydit import TinyDiT, calibration, eps, one_thread  # noqa: F401
 from treeq_engine.plan import LayerConfig, PlanError, QuantPlan

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import tinydit
 from tinydit import eps, one_thread  # noqa: F401

@@ -15,11 +15,10 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from ..format import ACT_BITS, WEIGHT_BITS
-from ..nn import QuantLinear, forward_order, quantizable_linears
+from ..nn import forward_order, quantizable_linears
 from ..plan import LayerConfig, PlanError, QuantPlan, is_block_layer
 
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -180,19 +179,3 @@ class SearchSpace:
         return {"leaves": [dataclasses.astuple(leaf) for leaf in self.leaves],
                 "candidates": [c.to_dict() for c in self.candidates],
                 "fixed": [[leaf.name, None if c is None else c.to_dict()] for leaf, c in self.fixed]}
-
-
-def model_layers(model: nn.Module, space: SearchSpace) -> dict[str, QuantLinear]:
-    """The converted modules of every layer in the space; a clear error if a layer is not converted."""
-    out = {}
-    for name in list(space.names) + [leaf.name for leaf, _ in space.fixed]:
-        m = model.get_submodule(name)
-        if not isinstance(m, QuantLinear):
-            raise PlanError(f"layer {name!r} is not converted to QuantLinear; call treeq_engine.nn.convert first")
-        out[name] = m
-    return out
-
-
-def layer_devices(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return torch.device("cpu") if p is None else p.device

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import distributed
