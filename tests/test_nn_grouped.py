@@ -136,3 +136,30 @@ def test_single_config_inference_path_is_bitwise_the_oracle_path(gen, cfg):
     slow = q(x.clone().requires_grad_(True)).detach()
     torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(fast[1, 2]).all() and not torch.isnan(fast[0]).any()
+
+
+def test_grouped_weight_cache_follows_weights_and_lambda(gen):
+    q = QuantLinear(nn.Linear(16, 8), name="l")
+    x = torch.randn(4, 16, generator=gen)
+    cfgs = [LayerConfig(4, 8), LayerConfig(2, 8)]
+
+    def run():
+        q.set_group_configs(cfgs)
+        with torch.no_grad():
+            y = q(x)
+        q.set_group_configs(None)
+        return y
+
+    first = run()
+    with torch.no_grad():
+        q.weight.mul_(2.0)                        # an in-place update bumps the version: no stale hit
+    # per-channel scales double with the weight and the codes stay: y = Q(x)·2Q(W)ᵀ + b = 2·y_before − b
+    torch.testing.assert_close(run(), 2 * first - q.bias.detach(), rtol=1e-5, atol=1e-5)
+    q.set_noise_scale(0.0)                        # λ = 0: full precision, not the cached λ = 1 weight
+    with torch.no_grad():
+        torch.testing.assert_close(run(), nn.functional.linear(x, q.weight, q.bias), rtol=1e-6, atol=1e-6)
+    for b in (2, 3, 4, 8, 16, 2, 3):
+        q.set_group_configs([LayerConfig(b, 8)] * 2)
+        with torch.no_grad():
+            q(x)
+    assert len(q._wg_cache) <= QuantLinear.GROUP_WEIGHT_CACHE

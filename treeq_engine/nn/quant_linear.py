@@ -31,6 +31,8 @@ from .grouped import fake_quantize_groups, group_params
 
 
 class QuantLinear(nn.Module):
+    GROUP_WEIGHT_CACHE = 6   # fake-quantized weights kept for grouped mode (one per weight spec and λ)
+
     def __init__(self, linear: nn.Linear, config: LayerConfig | None = None, *, name: str = "") -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -67,9 +69,8 @@ class QuantLinear(nn.Module):
     def set_group_configs(self, configs: Sequence[LayerConfig | None] | None) -> None:
         """Grouped (candidate-batched) mode: G configs, one per equal slice of the batch; ``None`` leaves it."""
         self._gp_cache = {}
-        if configs is None:
+        if configs is None:   # the weight cache stays: a search scores the same node in several batches
             self._groups = None
-            self._wg_cache = {}
             return
         configs = tuple(configs)
         if not configs:
@@ -85,7 +86,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"noise scale λ must be in [0, 1], got {lam}")
         self.noise_scale = lam
         self._w_cache = None
-        self._wg_cache = {}
 
     @property
     def weight_spec(self) -> QuantSpec | None:
@@ -137,9 +137,11 @@ class QuantLinear(nn.Module):
         spec = config.weight_spec()
         key = (spec, self._cache_key()[1:])
         hit = self._wg_cache.get(key)
-        if hit is None:
+        if hit is None:   # keys hold λ and the weights' versions, so a stale entry is never hit; keep a few
             wr = self.residual_weight().detach()
             hit = wr if not spec.is_quantized else self._noisy_weight(wr, spec)
+            if len(self._wg_cache) >= self.GROUP_WEIGHT_CACHE:
+                self._wg_cache.pop(next(iter(self._wg_cache)))
             self._wg_cache[key] = hit
         return hit
 
