@@ -134,14 +134,17 @@ def run(args: argparse.Namespace) -> int:
         fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
         cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
         progress = not args.no_progress and rank == 0
-        inputs = _inputs(model, args, progress)
-        space = SearchSpace.build(model, [t[:2].to(device) for t in inputs], include=args.layers,
-                                  candidates=cands, fixed_config=fixed, model_name=name)
+        c = model.config   # the space needs shapes and rows per sample only: any two inputs will do
+        probe = (torch.zeros(2, c.in_channels, c.input_size, c.input_size, device=device),
+                 torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device))
+        space = SearchSpace.build(model, probe, include=args.layers, candidates=cands, fixed_config=fixed,
+                                  model_name=name)
         if args.check:
             lut = LatencyTable.load(args.latency_table) if args.latency_table else None
             validate_plan(load_plan(args.check), model, space, budget, lut, args.serve_batch)
             print(f"{args.check}: valid for {name}, within {budget.label}")
             return 0
+        inputs = _inputs(model, args, progress)
         dtype = getattr(torch, args.dtype)
         model = model.to(dtype)
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
