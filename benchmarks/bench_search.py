@@ -36,7 +36,8 @@ def planned_units(leaf_segment: list[int], segments: int, cands: int, keep: int,
     nodes = [(i, cands) for i in range(len(leaf_segment))]          # (first leaf, configs held)
     levels = [[]]                                                    # level 0: leaves scored only if > K
     if cands > keep:
-        levels[0] = [(min(group, cands - s), segments - leaf_segment[lo]) for lo, c in nodes for s in range(0, c, group)]
+        levels[0] = [(min(group, cands - s), segments - leaf_segment[lo])
+                     for lo, c in nodes for s in range(0, c, group)]
         nodes = [(lo, keep) for lo, _ in nodes]
     while len(nodes) > 1:
         units, merged = [], []
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     evals = [sum(u[0] for u in lv) for lv in levels]
     record = {
         "config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "compiled": args.compile, "dtype": str(dtype).replace("torch.", ""), "leaves": nl,
+        "threads": torch.get_num_threads(), "compiled": args.compile, "dtype": str(dtype).replace("torch.", ""),
+        "leaves": nl,
         "candidates": nc, "keep": args.keep, "group": args.group, "samples": n, "tokens": space.leaves[1].tokens,
         "setup_s": round(t_setup, 2), "fit_a_s": float(a), "fit_b_s_per_segment": float(b),
         "planned_evaluations": int(sum(evals)), "bound_(n-1)K^2": (nl - 1) * args.keep ** 2,

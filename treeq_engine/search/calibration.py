@@ -54,8 +54,8 @@ class CalibrationSet:
     def __post_init__(self) -> None:
         n = self.x.shape[0]
         if self.t.shape != (n,) or self.y.shape != (n,):
-            raise ValueError(f"calibration x {tuple(self.x.shape)}, t {tuple(self.t.shape)} and y {tuple(self.y.shape)} "
-                             "must share the sample dimension")
+            raise ValueError(f"calibration x {tuple(self.x.shape)}, t {tuple(self.t.shape)} and y "
+                             f"{tuple(self.y.shape)} must share the sample dimension")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -115,7 +115,8 @@ class Evaluator:
         self.device = p.device
         n = int(inputs[0].shape[0])
         if n == 0 or any(int(t.shape[0]) != n for t in inputs):
-            raise ValueError(f"calibration inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in inputs]}")
+            raise ValueError("calibration inputs must share a non-empty sample dim, got "
+                             f"{[tuple(t.shape) for t in inputs]}")
         self.num_samples = n
         self._chunks: list[State] = [tuple(t[i:i + batch].to(self.device) for t in inputs) for i in range(0, n, batch)]
         self._layers = self._convert()

@@ -126,6 +126,64 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)   # atomic: a kill leaves the previous level's state or this one, never half
 
 
+def _no_plan(budget: Budget | None) -> BudgetError:
+    return BudgetError(f"no plan meets the budget {budget.label if budget else ''}")
+
+
+def _leaves(cost: CostModel, prune: _Pruner, n_cand: int) -> list[Node]:
+    """Level 0's nodes: every leaf with its candidates that can still meet the budget."""
+    nodes, every = [], np.arange(n_cand, dtype=np.int64)[:, None]
+    for i in range(cost.table.shape[0]):
+        node = Node(i, i + 1, every, cost.table[i].copy(), np.full(n_cand, np.nan))
+        node = node.take(np.flatnonzero(prune(i, i + 1, node.cost)))
+        if not len(node.mse):
+            raise _no_plan(prune.budget)
+        nodes.append(node)
+    return nodes
+
+
+def _merge(nodes: list[Node], prune: _Pruner) -> tuple[list[Node], list[int]]:
+    """One level's nodes (pairs merged, an odd last node carried) and the indices of those to score."""
+    merged, todo = [], []
+    for j in range(0, len(nodes) - 1, 2):
+        a, b = nodes[j], nodes[j + 1]
+        ia, ib = np.divmod(np.arange(len(a.mse) * len(b.mse)), len(b.mse))       # the Cartesian product
+        node = Node(a.lo, b.hi, np.concatenate([a.configs[ia], b.configs[ib]], axis=1), a.cost[ia] + b.cost[ib],
+                    np.full(len(ia), np.nan))
+        node = node.take(np.flatnonzero(prune(node.lo, node.hi, node.cost)))
+        if not len(node.mse):
+            raise _no_plan(prune.budget)
+        todo.append(len(merged))
+        merged.append(node)
+    if len(nodes) % 2:
+        merged.append(nodes[-1])
+    return merged, todo
+
+
+def _score(evaluator: Evaluator, nodes: list[Node], todo: list[int], bar: tqdm) -> int:
+    """Fill ``mse`` of ``nodes[j]`` for ``j`` in ``todo``: fixed units of ``group`` rows, sharded over processes
+    by estimated cost (rows × segments run), gathered exactly. Returns the number of evaluations."""
+    rank, world = distributed.rank_world()
+    g, segs = evaluator.group, evaluator.runner.num_segments
+    units = [(j, s) for j in todo for s in range(0, len(nodes[j].mse), g)]
+    owner = distributed.assign([float(len(nodes[j].mse[s:s + g]) * (segs - evaluator.leaf_segment[nodes[j].lo]))
+                                for j, s in units], world)
+    offsets = np.cumsum([0] + [len(nodes[j].mse) for j in todo])
+    at = dict(zip(todo, offsets[:-1].tolist()))
+    scores = np.zeros(int(offsets[-1]), dtype=np.float64)
+    mine = [(j, s) for (j, s), r in zip(units, owner) if r == rank]
+    bar.total += sum(len(nodes[j].mse[s:s + g]) for j, s in mine)
+    bar.refresh()
+    for j, s in mine:
+        rows = nodes[j].configs[s:s + g]
+        scores[at[j] + s: at[j] + s + len(rows)] = evaluator.evaluate(nodes[j].lo, nodes[j].hi, rows)
+        bar.update(len(rows))
+    scores = distributed.all_sum(scores)
+    for j in todo:
+        nodes[j].mse = scores[at[j]: at[j] + len(nodes[j].mse)]
+    return len(scores)
+
+
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
                 anchor: bool = True, on_level: Callable[[int], None] | None = None) -> SearchResult:
@@ -136,8 +194,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     if budget is not None and budget.kind != cost.kind:
         raise BudgetError(f"budget kind {budget.kind!r} does not match the cost kind {cost.kind!r}")
     space = evaluator.space
-    n, n_cand = len(space.leaves), len(space.candidates)
-    rank, world = distributed.rank_world()
+    n = len(space.leaves)
+    rank, _ = distributed.rank_world()
     prune = _Pruner(cost, budget)
     fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor)
     elite = space.candidates.index(evaluator.env.config) if anchor and evaluator.env.config in space.candidates \
@@ -146,8 +204,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     def drop(nd: Node) -> np.ndarray:
         hits = np.flatnonzero((nd.configs == elite).all(axis=1)) if elite is not None else []
         return pareto_drop(cost.axis(nd.cost, budget), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
-    path = Path(state_path) if state_path is not None else None
 
+    path = Path(state_path) if state_path is not None else None
     state: dict[str, Any] | None = None
     if resume and path is not None and path.exists():
         state = json.loads(path.read_text())
@@ -164,72 +222,31 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
         root_candidates = state.get("root_candidates")
         front = Node.from_dict(state["front"]) if state.get("front") else None
     else:
-        nodes = []
-        for i in range(n):
-            cfg = np.arange(n_cand, dtype=np.int64)[:, None]
-            node = Node(i, i + 1, cfg, cost.table[i].copy(), np.full(n_cand, np.nan))
-            nodes.append(node.take(np.flatnonzero(prune(i, i + 1, node.cost))))
+        nodes = _leaves(cost, prune, len(space.candidates))
         levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
-        if any(len(nd.mse) == 0 for nd in nodes):
-            raise BudgetError(f"no plan meets the budget {budget.label if budget else ''}")
 
     t0 = time.perf_counter()
     bar = tqdm(total=0, unit="eval", desc="TSS", disable=not progress or rank != 0, dynamic_ncols=True)
-    bar.update(0)
     try:
         while level == 0 or len(nodes) > 1:
             t_level = time.perf_counter()
-            # the nodes to score at this level: (lo, hi, configs, cost) and where each result goes
-            if level == 0:
-                todo = [(j, nd) for j, nd in enumerate(nodes) if len(nd.mse) > keep or n == 1]
-                merged = list(nodes)
+            if level == 0:   # leaves are scored only to drop them to K (or when one leaf is the whole tree)
+                todo = [j for j, nd in enumerate(nodes) if len(nd.mse) > keep or n == 1]
             else:
-                todo, merged = [], []
-                for j in range(0, len(nodes) - 1, 2):
-                    a, b = nodes[j], nodes[j + 1]
-                    ia, ib = np.divmod(np.arange(len(a.mse) * len(b.mse)), len(b.mse))
-                    node = Node(a.lo, b.hi, np.concatenate([a.configs[ia], b.configs[ib]], axis=1),
-                                a.cost[ia] + b.cost[ib], np.full(len(ia), np.nan))
-                    node = node.take(np.flatnonzero(prune(node.lo, node.hi, node.cost)))
-                    if not len(node.mse):
-                        raise BudgetError(f"no plan meets the budget {budget.label if budget else ''}")
-                    todo.append((len(merged), node))
-                    merged.append(node)
-                if len(nodes) % 2:
-                    merged.append(nodes[-1])
-            # fixed work units, sharded; every process gets every score
-            units = [(j, s) for j, nd in todo for s in range(0, len(nd.mse), evaluator.group)]
-            seg = evaluator.runner.num_segments
-            weights = [float(min(evaluator.group, len(nd.mse) - s) * (seg - evaluator.leaf_segment[nd.lo]))
-                       for j, s in units for nd in [merged[j]]]
-            owner = distributed.assign(weights, world)
-            offsets, total = {}, 0
-            for j, nd in todo:
-                offsets[j] = total
-                total += len(nd.mse)
-            scores = np.zeros(total, dtype=np.float64)
-            mine = [(j, s) for (j, s), r in zip(units, owner) if r == rank]
-            bar.total += sum(len(merged[j].configs[s:s + evaluator.group]) for j, s in mine)
+                nodes, todo = _merge(nodes, prune)
             bar.set_description(f"TSS level {level}")
-            bar.refresh()
-            for j, s in mine:
-                nd = merged[j]
-                rows = nd.configs[s:s + evaluator.group]
-                scores[offsets[j] + s: offsets[j] + s + len(rows)] = evaluator.evaluate(nd.lo, nd.hi, rows)
-                bar.update(len(rows))
-            scores = distributed.all_sum(scores)
-            for j, nd in todo:
-                nd.mse = scores[offsets[j]: offsets[j] + len(nd.mse)]
+            total = _score(evaluator, nodes, todo, bar)
+            for j in todo:
+                nd = nodes[j]
                 kept = drop(nd)
-                if len(merged) == 1:   # the last merge (or the only leaf): keep everything for the answer
+                if len(nodes) == 1:   # the last merge (or the only leaf): keep everything for the answer
                     mask = np.zeros(len(nd.mse), dtype=bool)
                     mask[kept] = True
                     root_candidates = {"axis": cost.axis(cost.offset + nd.cost, budget).tolist(),
                                        "mse": [None if np.isnan(v) else float(v) for v in nd.mse],
                                        "kept": mask.tolist()}
                     front = nd.take(nondominated_fronts(np.concatenate([nd.cost, nd.mse[:, None]], axis=1))[0])
-                merged[j] = nd.take(kept)
-            nodes = merged
+                nodes[j] = nd.take(kept)
             levels.append({"level": level, "nodes": len(nodes), "scored_nodes": len(todo), "evaluations": total,
                            "wall_s": time.perf_counter() - t_level})
             evaluations += total
