@@ -52,3 +52,22 @@ def test_search_with_lambda_reports_ptq_separately(tmp_path):
     assert out.ptq_mse > out.plan.meta["search_mse"] > 0     # λ = 0: the root was scored in an FP environment
     with pytest.raises(ValueError, match="unknown baseline"):
         SearchConfig(Budget.parse("W4"), baselines=("greedy",))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "latency"])
+def test_search_with_byte_and_latency_budgets(kind):
+    from treeq_engine.search import cost_model
+
+    model = TinyDiT(depth=1, d=16, tokens=4, seed=25)
+    inputs = calibration(model, n=4, seed=26)
+    space = SearchSpace.build(model, [t[:2] for t in inputs])
+    cm = cost_model(space, kind)
+    w4 = cm.total(space.uniform(LayerConfig(4, 8)))[0]
+    w8 = cm.total(space.uniform(LayerConfig(8, 8)))[0]
+    budget = Budget(kind, ((w4 + w8) / 2,))            # between uniform W4A8 and W8A8
+    out = search(model, DiTRunner(model, output_fn=eps), inputs,
+                 SearchConfig(budget, keep=4, batch=4, baselines=("uniform",)), space=space, progress=False)
+    assert out.plan.meta["env"] == "W4A8"             # the dearest uniform config within the budget
+    spent = out.plan.meta["costs"]["bytes" if kind == "bytes" else "us"]
+    assert spent <= budget.limits[0] * (1 + 1e-9)
+    assert out.ptq_mse <= out.baselines["uniform"].mse
