@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-timesteps", type=int, default=4)
     p.add_argument("--steps", type=int, default=25, help="sampling steps (calibration and judging)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--metric", default="sampler", choices=["sampler", "eps"], help="MSE weighting (see calibration)")
     p.add_argument("--samples", type=int, default=100, help="samples judged per plan (classes cycled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
@@ -86,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         budget = Budget.parse(btext)
         runs = [(float(lam), True) for lam in args.lams.split(",")] + ([(1.0, False)] if args.ablation else [])
         for lam, anchor in runs:
-            key = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor")
+            key = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
+                "" if args.metric == "sampler" else f"_{args.metric}")
             run_dir = out / key
             if not (run_dir / "report.json").exists():
                 t0 = time.perf_counter()
                 cfg = SearchConfig(budget, lam=lam, keep=args.keep, anchor=anchor,
                                    baselines=("uniform", "ip", "random") if lam == 1.0 and anchor else ())
                 m = copy.deepcopy(fp)
-                search(m, DiTRunner(m, output_fn=lambda o: o[:, :1]), calib.inputs(), cfg, out_dir=run_dir,
+                search(m, DiTRunner(m, output_fn=lambda o: o[:, :1]), calib.inputs(), cfg,
+                       weights=calib.weights(args.metric), out_dir=run_dir,
                        resume=True, progress=False, model_name="DiT-digits")
                 print(f"{key}: searched in {time.perf_counter() - t0:.0f} s", flush=True)
             report = json.loads((run_dir / "report.json").read_text())
@@ -116,9 +119,9 @@ def tables(results: dict[str, Any]) -> str:
             "evaluations | wall s |")
     lines += [head, "|" + "---|" * 11]
     for key, run in results["runs"].items():
-        if not key.endswith("_lam1"):
+        if "_lam1" not in key or "noanchor" in key:
             continue
-        budget = key.split("_")[0]
+        budget = key.split("_")[0] + ("" if key.endswith("_lam1") else " (" + key.split("_lam1_")[1] + ")")
         rep = run["report"]
         rows = [("TSS", rep["tss"])] + [(k, v) for k, v in rep["baselines"].items()]
         for name, r in rows:
@@ -130,7 +133,7 @@ def tables(results: dict[str, Any]) -> str:
     lines += ["", "| budget | λ | elite | PTQ MSE (calib) | ε-MSE (held out) | Fréchet | acc | avg W | avg A | "
               "wall s |", "|" + "---|" * 10]
     for key, run in results["runs"].items():
-        budget, lam = key.split("_")[0], key.split("_")[1][3:]
+        budget, lam = key.split("_")[0] + (" (eps)" if key.endswith("_eps") else ""), key.split("_")[1][3:]
         r, j = run["report"]["tss"], run["judged"]["tss"]
         lines.append(f"| {budget} | {lam} | {'no' if key.endswith('noanchor') else 'yes'} | {r['mse']:.3e} | "
                      f"{j['eps_mse']:.3e} | {j['frechet']:.2f} | {j['acc']:.3f} | {r['costs']['w_bits']:.3f} | "

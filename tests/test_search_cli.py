@@ -24,6 +24,12 @@ def test_calibration_is_collected_along_the_trajectory_and_cached(tmp_path):
     assert sorted(set(calib.y.tolist())) == [0, 1, 2, 10]    # classes cycled, and the null class of guidance
     t = calib.t.reshape(3, 6)                                # step-major: first, middle and last sampling steps
     assert (t == t[:, :1]).all() and t[0, 0] > t[1, 0] > t[2, 0] == 0
+    # sampler weights c(t)²: the last step (t = 0, β = 1e-4, √(1 − ᾱ) = 0.01) weighs c² ≈ 1e-4
+    w = calib.w.reshape(3, 6)
+    assert (w == w[:, :1]).all() and w[2, 0] == pytest.approx(1e-4, rel=1e-3) and w[0, 0] > 0.1
+    assert calib.weights("sampler") is calib.w and calib.weights("eps") is None
+    with pytest.raises(ValueError, match="metric must be one of"):
+        calib.weights("psnr")
     again = load_or_collect(model, cfg, tmp_path)
     files = list(tmp_path.glob("calib-*.safetensors"))
     assert len(files) == 1
@@ -36,6 +42,9 @@ def test_calibration_is_collected_along_the_trajectory_and_cached(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="cannot read calibration set"):
         CalibrationSet.load(bad)
+    for f in tmp_path.glob("calib-*.safetensors"):    # damaged cache files are collected again
+        f.write_bytes(b"truncated")
+    assert load_or_collect(model, cfg, tmp_path).x.shape == calib.x.shape
     with pytest.raises(ValueError, match="timesteps <= steps"):
         CalibrationConfig(steps=4, timesteps=5)
 

@@ -105,6 +105,28 @@ def test_candidate_batching_does_not_change_scores(setup, gen):
     np.testing.assert_array_equal(again.evaluate(5, 10, rows), scores[1])      # deterministic
 
 
+def test_per_sample_weights(setup, gen):
+    model, inputs, space = copy.deepcopy(setup[0]), setup[1], setup[2]
+    runner = DiTRunner(model, output_fn=eps)
+    w = torch.rand(10, generator=gen, dtype=torch.float64)
+    w[3] = 0.0
+    env = Environment(LayerConfig(4, 4), 1.0)
+    plain = Evaluator(model, runner, space, inputs, env, batch=3, group=4)
+    weighted = Evaluator(model, runner, space, inputs, env, batch=3, group=4, weights=w)
+    ones = Evaluator(model, runner, space, inputs, env, batch=3, group=4, weights=torch.ones(10))
+    rows = torch.randint(0, len(space.candidates), (5, 3), generator=gen).numpy()
+    np.testing.assert_allclose(ones.evaluate(4, 7, rows), plain.evaluate(4, 7, rows), rtol=1e-12)
+    # brute force: per-sample MSEs, weighted mean
+    per_sample = np.stack([Evaluator(model, runner, space, [t[i:i + 1] for t in inputs], env).evaluate(4, 7, rows)
+                           for i in range(10)], axis=1)
+    want = per_sample @ w.numpy() / w.sum().item()
+    np.testing.assert_allclose(weighted.evaluate(4, 7, rows), want, rtol=1e-6)
+    assert plain.fingerprint() != weighted.fingerprint()
+    for bad in (torch.ones(9), -torch.ones(10), torch.zeros(10), torch.full((10,), float("nan"))):
+        with pytest.raises(ValueError, match="weights must be"):
+            Evaluator(model, runner, space, inputs, env, weights=bad)
+
+
 def test_full_precision_candidates_score_zero_and_errors(setup):
     model, inputs, space = copy.deepcopy(setup[0]), setup[1], setup[2]
     fp_space = SearchSpace(space.leaves, candidate_configs((16, 4), (16,)), space.fixed, space.other_params)

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-steps", type=int, default=50)
     g.add_argument("--calib-timesteps", type=int, default=8)
     g.add_argument("--cfg-scale", type=float, default=1.0)
+    g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
+                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none")
     g.add_argument("--calib-cache", default=None, help="directory caching calibration sets (default: OUT)")
     g.add_argument("--batch", type=int, default=64, help="calibration samples per forward")
     g.add_argument("--group", type=int, default=16, help="candidates stacked per forward")
@@ -98,7 +100,8 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     return load_dit_checkpoint(args.model, args.config), str(args.model)
 
 
-def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) -> tuple[torch.Tensor, ...]:
+def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) -> tuple[tuple[torch.Tensor, ...],
+                                                                                       torch.Tensor | None]:
     """The calibration set; under torchrun rank 0 collects and caches it while the others wait, then read it."""
     from . import distributed
     from .calibration import CalibrationConfig, load_or_collect
@@ -111,7 +114,7 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) ->
     calib = load_or_collect(model, cfg, args.calib_cache or args.out, progress=progress)
     if first:
         distributed.barrier()
-    return calib.inputs()
+    return calib.inputs(), calib.weights(args.metric)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             validate_plan(load_plan(args.check), model, space, budget, lut, args.serve_batch)
             print(f"{args.check}: valid for {name}, within {budget.label}")
             return 0
-        inputs = _inputs(model, args, progress)
+        inputs, weights = _inputs(model, args, progress)
         dtype = getattr(torch, args.dtype)
         model = model.to(dtype)
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
@@ -154,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
                               baselines=tuple(b for b in args.baselines.split(",") if b),
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
                               serve_batch=args.serve_batch)
-        out = search(model, DiTRunner(model, output_fn=lambda o: o[:, :in_ch]), inputs, config, space=space,
-                     out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
+        out = search(model, DiTRunner(model, output_fn=lambda o: o[:, :in_ch]), inputs, config, weights=weights,
+                     space=space, out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
     except (PlanError, BudgetError, ValueError, KeyError) as e:
         print(f"treeq search: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ segment; the :class:`Evaluator`
 4. stacks ``group`` candidates along the batch (``QuantLinear.set_group_configs``): the cached state is tiled
    G times and group g of every node layer runs at candidate g, so one forward scores G candidates.
 
-The MSE of a candidate is ``Σ (out − ref)² / (N · numel per sample)`` over the calibration set, accumulated in
+The MSE of a candidate is ``Σ_i w_i Σ (out_i − ref_i)² / (Σ_i w_i · numel per sample)`` over the calibration
+samples i, with optional per-sample weights ``w`` (default 1; see ``calibration.sampler_weights``), accumulated in
 float64 on the device; the only host transfer is the final ``(m,)`` vector of one ``evaluate`` call.
 Evaluations are deterministic and do not depend on how calls are split across processes, as long as each
 call gets the same candidates (the tree search cuts work into fixed chunks for that reason).
@@ -101,11 +102,12 @@ class Evaluator:
     ``inputs``: the calibration tensors ``(N, …)`` (for a DiT: ``x_t``, ``t``, ``y``), moved to the model's
     device. ``batch``: calibration samples per forward; ``group``: candidates stacked per forward (the forward
     batch is ``batch · group``). ``reference``: FP outputs from another evaluator on the same inputs, to share.
+    ``weights``: per-sample weights ``(N,)`` of the MSE, non-negative, not all zero (default: all 1).
     """
 
     def __init__(self, model: nn.Module, runner: SegmentRunner, space: SearchSpace, inputs: Sequence[torch.Tensor],
                  env: Environment, *, batch: int = 64, group: int = 16,
-                 reference: list[torch.Tensor] | None = None) -> None:
+                 reference: list[torch.Tensor] | None = None, weights: torch.Tensor | None = None) -> None:
         if batch <= 0 or group <= 0:
             raise ValueError(f"batch and group must be positive, got batch={batch}, group={group}")
         self.model, self.runner, self.space, self.env = model, runner, space, env
@@ -119,6 +121,15 @@ class Evaluator:
                              f"{[tuple(t.shape) for t in inputs]}")
         self.num_samples = n
         self._chunks: list[State] = [tuple(t[i:i + batch].to(self.device) for t in inputs) for i in range(0, n, batch)]
+        self.weights = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.float64)
+            if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"weights must be ({n},), finite, non-negative and not all zero; got shape "
+                                 f"{tuple(w.shape)}")
+            self.weights = w
+        self._chunk_w = None if self.weights is None else [
+            (self.weights[i:i + batch] / self.weights.sum()).to(self.device) for i in range(0, n, batch)]
         self._layers = self._convert()
         self.leaf_segment = [runner.segment_of(name) for name in space.names]
         if any(b < a for a, b in zip(self.leaf_segment, self.leaf_segment[1:])):
@@ -188,6 +199,8 @@ class Evaluator:
         h = hashlib.sha256()
         h.update(json.dumps({"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
                              "group": self.group, "samples": self.num_samples}, sort_keys=True).encode())
+        if self.weights is not None:
+            h.update(self.weights.numpy().tobytes())
         with torch.no_grad():
             for chunk in self._chunks:
                 for t in chunk:
@@ -223,15 +236,20 @@ class Evaluator:
                 g = len(rows)
                 for j, m in enumerate(node):
                     m.set_group_configs([cands[i] for i in rows[:, j]])
-                for chunk_state, chunk_ref in zip(states[start], ref):
+                for k, (chunk_state, chunk_ref) in enumerate(zip(states[start], ref)):
                     out = self._run(start, tile(chunk_state, g))
                     diff = out.reshape(g, *chunk_ref.shape).float() - chunk_ref.float()
-                    sse[c0:c0 + g] += diff.pow(2).reshape(g, -1).sum(dim=1, dtype=torch.float64)
+                    if self._chunk_w is None:
+                        sse[c0:c0 + g] += diff.pow(2).reshape(g, -1).sum(dim=1, dtype=torch.float64)
+                    else:   # Σ_i (w_i / Σw) · Σ (out_i − ref_i)²
+                        per = diff.pow(2).reshape(g, len(chunk_ref), -1).sum(dim=2, dtype=torch.float64)
+                        sse[c0:c0 + g] += per @ self._chunk_w[k]
         finally:
             self._apply_env()
         self.evaluations += len(a)
         per_sample = ref[0][0].numel()
-        return (sse / (self.num_samples * per_sample)).cpu().numpy()
+        norm = per_sample * (self.num_samples if self._chunk_w is None else 1)
+        return (sse / norm).cpu().numpy()
 
     def evaluate_plans(self, assignments: np.ndarray) -> np.ndarray:
         """MSE of whole plans ``(m, n_leaves)``: all leaves at the plan, the fixed layers at the environment

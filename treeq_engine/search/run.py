@@ -85,9 +85,10 @@ def _plan_entry(space: SearchSpace, a: np.ndarray, mse: float, **kw: Any) -> dic
 
 
 def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tensor], config: SearchConfig, *,
-           space: SearchSpace | None = None, out_dir: str | Path | None = None, resume: bool = False,
-           progress: bool = True, model_name: str = "") -> SearchOutcome:
-    """Search a plan for ``model`` at ``config.budget``; see the module docstring."""
+           weights: torch.Tensor | None = None, space: SearchSpace | None = None, out_dir: str | Path | None = None,
+           resume: bool = False, progress: bool = True, model_name: str = "") -> SearchOutcome:
+    """Search a plan for ``model`` at ``config.budget``; see the module docstring. ``weights``: per-sample MSE
+    weights of the calibration inputs (``CalibrationSet.weights(metric)``; ``None``: plain MSE)."""
     t_start = time.perf_counter()
     model.eval()
     rank, _ = distributed.rank_world()
@@ -98,7 +99,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     budget = config.budget
     cost = cost_model(space, budget.kind, **cost_kw)
     env = Environment(config.env or environment_config(space, budget, cost), config.lam)
-    ev = Evaluator(model, runner, space, inputs, env, batch=config.batch, group=config.group)
+    ev = Evaluator(model, runner, space, inputs, env, batch=config.batch, group=config.group, weights=weights)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json")
     a, total, mse = result.best(budget, cost)
     ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
-                                                 batch=config.batch, group=config.group, reference=ev.reference())
+                                                 batch=config.batch, group=config.group, reference=ev.reference(),
+                                                 weights=weights)
     ptq = mse if ptq_ev is ev else float(ptq_ev.evaluate_plans(a[None])[0])
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
             "env": env.config.label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
@@ -125,14 +127,14 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
                 baselines[name] = random_baseline(ptq_ev, cost, budget, config.random_count, config.seed)
             else:
                 sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
-                                    group=config.group, reference=ev.reference())
+                                    group=config.group, reference=ev.reference(), weights=weights)
                 baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
 
     report = {
         "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
         "anchor": config.anchor,
         "env": env.to_dict(), "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
-        "calibration_samples": ev.num_samples,
+        "calibration_samples": ev.num_samples, "weighted": weights is not None,
         "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
                 "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels},
         "baselines": {k: {**_plan_entry(space, b.assignment, b.mse, **cost_kw), "evaluations": b.evaluations,
