@@ -23,4 +23,72 @@ std::string check_runnable();
 std::string packed_gemm_naive(const int8_t* a, const void* w, int32_t* acc, int64_t m, int64_t n, int64_t k,
                               int w_bits, std::uintptr_t stream);
 
+// Activation quantization (act_quant.cu): per-token codes of x (M, K) after optional LayerNorm and modulate, with
+// the Monarch stage 1 z. Pointers are device pointers; optional ones may be null.
+struct ActQuantArgs {
+  const void* x = nullptr;  // (m, k), x_dtype: 0 fp32, 1 fp16, 2 bf16
+  int x_dtype = 0;
+  int64_t m = 0, k = 0;
+  bool layer_norm = false;
+  float ln_eps = 0.0f;
+  const float* shift = nullptr;      // (groups, k) fp32
+  const float* mod_scale = nullptr;  // (groups, k) fp32
+  int64_t groups = 0;
+  int bits = 8;
+  bool symmetric = false;
+  float clip = 1.0f;
+  const uint16_t* w1 = nullptr;  // bf16 (blocks, blocks·rank, kb)
+  int blocks = 0, rank = 0, kb = 0;
+  int brp = 0;                   // z row stride: blocks·rank rounded up to 16
+  int8_t* codes = nullptr;       // (m, k)
+  float* scale = nullptr;        // (m,)
+  int32_t* zp = nullptr;         // (m,)
+  int32_t* row_sum = nullptr;    // (m,)
+  uint16_t* z = nullptr;         // bf16 (z_rows, blocks, brp)
+  int64_t z_rows = 0;
+};
+std::string quantize_activation(const ActQuantArgs& args, std::uintptr_t stream);
+
+// Packed GEMM with the fused epilogue (gemm_sm90.cu, gemm_sm80.cu; semantics in treeq/gemm_common.cuh).
+struct GemmArgs {
+  const int8_t* act = nullptr;  // (m, lda bytes) int8 codes; k_act columns present (multiple of 16)
+  int64_t lda = 0, k_act = 0;
+  const float* a_scale = nullptr;
+  const int32_t* a_zp = nullptr;
+  const int32_t* a_rowsum = nullptr;
+  const uint32_t* wfrag = nullptr;   // fragment layout v1
+  const int32_t* row_chan = nullptr;
+  int bits = 4;
+  const float* w_scale = nullptr;
+  const int32_t* w_uzp = nullptr;
+  const int32_t* w_ucs = nullptr;
+  const float* bias = nullptr;
+  const uint16_t* z = nullptr;       // bf16 (≥ round_up(m, 128), blocks, brp), zero padded
+  const uint16_t* w2 = nullptr;      // bf16 (blocks, nb, brp), zero padded
+  int blocks = 0, brp = 0, nb = 0;
+  void* out = nullptr;               // (m, n)
+  int out_kind = 0;                  // 0 bf16, 1 fp16, 2 fp32, 3 int32 (the corrected integer accumulator)
+  bool gelu = false;
+  int64_t m = 0, n = 0, k = 0;
+  int arch = 0;                      // 90 (wgmma, sm_90 only) or 80 (mma.sync, sm_80+)
+  int splits = 1;                    // from plan_packed_linear
+  int32_t* partials = nullptr;       // splits > 1: plan.partial_ints int32
+  int32_t* counters = nullptr;       // splits > 1: plan.counter_ints int32, zero-initialised
+};
+
+struct GemmPlan {
+  int arch = 0;
+  int splits = 1;
+  int64_t units = 0;
+  int grid = 0;
+  int64_t partial_ints = 0;
+  int64_t counter_ints = 0;
+  int smem_bytes = 0;
+};
+
+// Work decomposition for a call: arch (0 = best for the current device), splits (0 = heuristic, else forced and
+// clamped to the number of K tiles). Fills *plan or returns why not.
+std::string plan_packed_linear(int64_t m, int64_t n, int64_t k, int bits, int arch, int splits, GemmPlan* plan);
+std::string packed_linear(const GemmArgs& args, std::uintptr_t stream);
+
 }  // namespace treeq::cuda

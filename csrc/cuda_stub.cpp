@@ -17,5 +17,8 @@ std::string packed_gemm_naive(const int8_t*, const void*, int32_t*, int64_t, int
                               std::uintptr_t) {
   return kNotBuilt;
 }
+std::string quantize_activation(const ActQuantArgs&, std::uintptr_t) { return kNotBuilt; }
+std::string plan_packed_linear(int64_t, int64_t, int64_t, int, int, int, GemmPlan*) { return kNotBuilt; }
+std::string packed_linear(const GemmArgs&, std::uintptr_t) { return kNotBuilt; }
 
 }  // namespace treeq::cuda

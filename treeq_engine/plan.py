@@ -204,9 +204,12 @@ class QuantPlan:
 
 
 BLOCK_LAYER = re.compile(r"(^|\.)(blocks|transformer_blocks)\.\d+\.")
+# diffusers' DiT keeps a copy of the timestep/class embedder inside every block (``norm1.emb``): embedders are
+# edge layers wherever they live.
+EMBEDDER_LAYER = re.compile(r"(^|\.)emb\.")
 
 
 def is_block_layer(name: str) -> bool:
     """Layers inside the repeated transformer blocks (searched by default); the rest are 'edge' layers
     (embedders, final layer), kept at 8 bits by default."""
-    return BLOCK_LAYER.search(name) is not None
+    return BLOCK_LAYER.search(name) is not None and EMBEDDER_LAYER.search(name) is None

@@ -7,5 +7,9 @@ try:  # registers the "triton" backend; without Triton there is simply no such b
     from .triton import backend as _triton_backend  # noqa: F401
 except ImportError:
     pass
+try:  # registers the "cuda" backend (it declines to run without a CUDA build and device)
+    from . import cuda_backend  # noqa: F401
+except ImportError:  # pragma: no cover - a torch without torch.library.custom_op
+    pass
 
 __all__ = ["PackedWeight", "QuantizedActivation", "backends", "packed_linear", "quantize_activation", "register"]

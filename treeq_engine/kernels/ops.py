@@ -47,7 +47,7 @@ def backends() -> list[str]:
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def _pick(op: str, backend: str | None, args: tuple, kwargs: dict) -> Callable[..., Any]:
+def _choose(op: str, backend: str | None, args: tuple, kwargs: dict) -> Backend:
     if backend is not None:
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {backends()}")
@@ -56,11 +56,22 @@ def _pick(op: str, backend: str | None, args: tuple, kwargs: dict) -> Callable[.
             raise ValueError(f"backend {backend!r} does not implement {op}")
         if not b.can_run(op, args, kwargs):
             raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device/dtype/shape)")
-        return b.fns[op]
+        return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
         if op in b.fns and b.auto(op, args, kwargs) and b.can_run(op, args, kwargs):
-            return b.fns[op]
+            return b
     raise RuntimeError(f"no backend can run {op}")  # unreachable: reference always can
+
+
+def _pick(op: str, backend: str | None, args: tuple, kwargs: dict) -> Callable[..., Any]:
+    return _choose(op, backend, args, kwargs).fns[op]
+
+
+def selected_backend(op: str, *args: Any, **kwargs: Any) -> str:
+    """The name of the backend the dispatcher would run ``op`` on for these inputs."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
+    return _choose(op, kwargs.pop("backend", None), args, kwargs).name
 
 
 def _check_x(x: torch.Tensor, what: str = "x") -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..branches import monarch
 from ..format import QuantSpec, int_gemm, quantize, zero_point_correction
+from .derived import derived
 from .types import PackedWeight, QuantizedActivation
 
 
@@ -44,7 +45,8 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
                   out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
-    acc = int_gemm(act.codes, weight.codes())
+    codes = derived(weight.packed, "codes", (weight.packed,), weight.codes)  # unpack once per weight
+    acc = int_gemm(act.codes, codes)
     corr = zero_point_correction(acc, weight.k, act.zero_point, act.row_sum, weight.zero_point, weight.col_sum)
     y = corr.float() * act.scale[:, None] * weight.scale[None, :]
     if monarch_w2 is not None:

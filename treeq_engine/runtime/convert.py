@@ -58,17 +58,22 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Swap every layer the plan names for its packed form, in place. Returns ``model``."""
+def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True) -> nn.Module:
+    """Swap every layer the plan names for its packed form, in place, and (``fuse``) fuse LayerNorm + modulate +
+    quantization into the DiT blocks that allow it. Returns ``model``."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     plan.validate(model)
     for name, cfg in plan.layers.items():
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
+    if fuse:
+        from .dit_fused import fuse_dit_blocks
+
+        fuse_dit_blocks(model)
     return model
 
 
-def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True) -> nn.Module:
     """Swap the plan's layers for empty TreeQLinear modules of the right shapes (to load an artifact into)."""
     plan.validate(model)
     for name, cfg in plan.layers.items():
@@ -78,6 +83,10 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         mshape = None if cfg.branch is None else (cfg.branch.blocks, cfg.branch.rank)
         _set_submodule(model, name, TreeQLinear(mod.in_features, mod.out_features, cfg, bias=mod.bias is not None,
                                                 monarch=mshape, name=name, dtype=dtype, device=mod.weight.device))
+    if fuse:
+        from .dit_fused import fuse_dit_blocks
+
+        fuse_dit_blocks(model)
     return model
 
 

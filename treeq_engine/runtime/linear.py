@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..format import QuantSpec, QuantizedTensor
 from ..format.packing import LAYOUT_VERSION
-from ..kernels import PackedWeight, packed_linear, quantize_activation
+from ..kernels import PackedWeight, QuantizedActivation, packed_linear, quantize_activation
 from ..plan import LayerConfig
 
 
@@ -82,8 +82,8 @@ class TreeQLinear(nn.Module):
                              f"{self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        pw = self.packed_weight()
         if not self.act_spec.is_quantized:  # weight-only: dequantize and multiply in the input's precision
+            pw = self.packed_weight()
             w = ((pw.codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]).to(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
             if self.monarch_w1 is not None:
@@ -91,9 +91,22 @@ class TreeQLinear(nn.Module):
 
                 y = y + monarch.forward(x2.float(), self.monarch_w1, self.monarch_w2, self.out_features).to(x.dtype)
             return y.reshape(*lead, self.out_features)
-        act = quantize_activation(x2, self.act_spec, monarch_w1=self.monarch_w1)
-        y = packed_linear(act, pw, bias=self.bias, monarch_w2=self.monarch_w2, out_dtype=x.dtype)
+        y = self.linear(self.quantize_input(x2), out_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    # -- the two fused halves, for callers that fuse more (LayerNorm + modulate before, GELU after) --
+    def quantize_input(self, x2: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None) -> QuantizedActivation:
+        """Kernel 1: ``x2 (M, K)`` -> this layer's quantized activation (and Monarch stage 1)."""
+        return quantize_activation(x2, self.act_spec, ln_eps=ln_eps, shift=shift, scale=scale,
+                                   monarch_w1=self.monarch_w1)
+
+    def linear(self, act: QuantizedActivation, *, gelu: bool = False, out_spec: QuantSpec | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedActivation:
+        """Kernel 2: the packed GEMM with its epilogue (Monarch stage 2, bias, optional GELU and next-layer
+        quantization)."""
+        return packed_linear(act, self.packed_weight(), bias=self.bias, monarch_w2=self.monarch_w2, gelu=gelu,
+                             out_spec=out_spec, out_dtype=out_dtype or self.out_dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of everything the layer stores (packed weight, scales, zero points, sums, bias, branch)."""

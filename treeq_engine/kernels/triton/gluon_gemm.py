@@ -33,7 +33,6 @@ along channels).
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import triton
@@ -44,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...format.packing import unpack
+from ..derived import derived
 from . import runtime
 from .gemm import branch_tiling, splitk_workspace
 from .runtime import INTERPRET, next_pow2
@@ -105,24 +105,17 @@ def fragment_unpack_reference(packed: torch.Tensor, bits: int, k: int) -> torch.
     return x[:, :k].to(torch.int8).contiguous()
 
 
-_FRAGMENTS: dict[int, tuple] = {}  # id(packed) -> (weakref to packed, key, value)
-
-
 def fragment_weights(packed: torch.Tensor, bits: int, n: int, k: int, zw: torch.Tensor, cw: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(fragment-layout weight, zw', cw')`` for a layout-v1 packed weight, derived once and cached beside it
-    (keyed by the packed tensor's identity, invalidated by in-place writes through the version counters, dropped
-    with the tensor). Layout v1 stays what artifacts store."""
-    key = (bits, n, k, packed._version, zw._version, cw._version, zw.data_ptr(), cw.data_ptr())
-    hit = _FRAGMENTS.get(id(packed))
-    if hit is not None and hit[0]() is packed and hit[1] == key:
-        return hit[2]
+    (:mod:`treeq_engine.kernels.derived`). Layout v1 stays what artifacts store."""
     off = 0 if bits == 8 else 1 << (bits - 1)
-    val = (fragment_pack(unpack(packed, bits, k), bits), (zw + off).to(torch.int32).contiguous(),
-           (cw + off * k).to(torch.int32).contiguous())
-    ident = id(packed)
-    _FRAGMENTS[ident] = (weakref.ref(packed, lambda _: _FRAGMENTS.pop(ident, None)), key, val)
-    return val
+
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (fragment_pack(unpack(packed, bits, k), bits), (zw + off).to(torch.int32).contiguous(),
+                (cw + off * k).to(torch.int32).contiguous())
+
+    return derived(packed, ("gluon_frag", bits, n, k), (packed, zw, cw), build)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""CUDA packed-GEMM benchmark on the DiT-XL/2 linears, with the peers in the same run (one command on the H100):
+
+    python benchmarks/bench_cuda.py --write          # full table, appended to benchmarks/RESULTS.md
+    python benchmarks/bench_cuda.py --quick          # a few shapes, printed only
+
+Rows: M tokens × (K, N) for qkv (1152, 3456), proj (1152, 1152), fc1 (1152, 4608), fc2 (4608, 1152).
+Columns (µs, CUDA-graph replays, median; ratios are bf16 time / this time):
+  bf16        cuBLAS ``F.linear`` on bf16 (the baseline)
+  fp8         ``torch._scaled_mm`` e4m3, row-wise scales, activations already quantized
+  fp8+q       the same with its dynamic per-token quantization in torch ops
+  int8        ``torch._int_mm`` (no scaling)
+  triton      the Triton backend's W4A8 quantize + GEMM, when that backend is registered
+  cuda W8A8 / W4A8 / W4A4   this repo's activation quantization + packed GEMM (wgmma on sm_90), quantization
+              included; ``+gmb`` adds the Monarch branch (b = 32, r = 1, the default GMB size) fused into both
+  cuda W4A8 gemm  the GEMM alone on pre-quantized activations; ``sm80`` the mma.sync kernel on the same device
+Floors per format: operations / 1979 TOPS (dense int8/fp8 peak), minimum bytes / 3.35 TB/s. Each CUDA row is
+spot-checked against the reference backend before it is timed ("WRONG" instead of a time if it fails).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from treeq_engine.branches import MonarchShape  # noqa: E402
+from treeq_engine.format import QuantSpec  # noqa: E402
+from treeq_engine.kernels import PackedWeight, backends, reference  # noqa: E402
+
+PEAK_OPS = 1979e12   # H100 SXM dense int8 / fp8
+PEAK_BW = 3.35e12    # H100 SXM HBM3
+SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
+MS = (256, 1024, 2048, 4096, 8192, 16384)
+
+
+def bench(fn, reps: int = 100) -> float:
+    """Median µs of CUDA-graph replays (triton.testing.do_bench_cudagraph), or of timed launches without it."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        return 1e3 * do_bench_cudagraph(fn, rep=reps, return_mode="median")
+    except ImportError:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def floors(m: int, k: int, n: int, a_bytes: float, w_bytes: float) -> tuple[float, float]:
+    ops = 2 * m * n * k / PEAK_OPS * 1e6
+    byt = (m * k * a_bytes + n * k * w_bytes + m * n * 2) / PEAK_BW * 1e6
+    return ops, byt
+
+
+def fp8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def sass_evidence() -> str:
+    """Counts of tensor-core instructions in the built core's SASS (cuobjdump), if the tool is present."""
+    tool = shutil.which("cuobjdump")
+    import treeq_engine._C as C
+
+    if tool is None:
+        return "cuobjdump not found: SASS evidence not collected"
+    out = subprocess.run([tool, "-sass", C.__file__], capture_output=True, text=True).stdout
+    lines, kernel, counts = [], None, {}
+    for line in out.splitlines():
+        if "Function :" in line:
+            kernel = line.split("Function :")[-1].strip()
+        for op in ("IGMMA", "HGMMA", "QGMMA", "IMMA", "HMMA"):
+            if op in line and kernel:
+                counts.setdefault(kernel, {}).setdefault(op, 0)
+                counts[kernel][op] += 1
+    for kname, c in sorted(counts.items()):
+        short = kname[:90]
+        lines.append(f"  {short}: " + ", ".join(f"{op} ×{v}" for op, v in sorted(c.items())))
+    return "\n".join(lines) if lines else "no tensor-core instructions found in SASS"
+
+
+class Layer:
+    """One linear at one format: weights, Monarch factors, inputs (bf16 rows)."""
+
+    def __init__(self, m: int, k: int, n: int, w_bits: int, a_bits: int, gen: torch.Generator):
+        self.m, self.k, self.n = m, k, n
+        self.w = torch.randn(n, k, generator=gen) * 0.02
+        self.pw = PackedWeight.from_float(self.w, QuantSpec.weight(w_bits)).to("cuda")
+        self.spec = QuantSpec.activation(a_bits)
+        s = MonarchShape.matching_lowrank(n, k, 32, 1)
+        self.w1 = (torch.randn(s.w1_shape, generator=gen) * 0.02).cuda()
+        self.w2 = (torch.randn(s.w2_shape, generator=gen) * 0.02).cuda()
+        self.x = (torch.randn(m, k, generator=gen)).cuda().to(torch.bfloat16)
+        self.bias = torch.randn(n, generator=gen).cuda()
+
+
+def check(layer: Layer, cb, gmb: bool, arch: int = 0) -> bool:
+    """The CUDA result on the first 256 rows against the reference backend (bf16 output, bf16 branch)."""
+    x = layer.x[:256]
+    a = cb.quantize_activation(x, layer.spec, monarch_w1=layer.w1 if gmb else None)
+    y = cb.packed_linear(a, layer.pw, bias=layer.bias, monarch_w2=layer.w2 if gmb else None, arch=arch)
+    ra = reference.quantize_activation(x.cpu(), layer.spec, monarch_w1=layer.w1.cpu() if gmb else None)
+    ry = reference.packed_linear(ra, layer.pw.to("cpu"), bias=layer.bias.cpu(),
+                                 monarch_w2=layer.w2.cpu() if gmb else None, out_dtype=torch.float32)
+    err = (y.float().cpu() - ry).abs().max().item()
+    return err <= 0.02 * ry.abs().max().item() + 1e-3
+
+
+def run(ms, shapes, quick: bool) -> list[dict]:
+    from treeq_engine.kernels import cuda_backend as cb
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (k, n) in shapes.items():
+        for m in ms:
+            r = {"layer": name, "M": m, "K": k, "N": n}
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            r["bf16"] = bench(lambda: F.linear(x, wb))
+            x8, sx = fp8_rowwise(x)
+            w8, sw = fp8_rowwise(wb)
+            try:
+                r["fp8"] = bench(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(),
+                                                          out_dtype=torch.bfloat16))
+
+                def fp8q():
+                    xq, s = fp8_rowwise(x)
+                    return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=sw.t(), out_dtype=torch.bfloat16)
+
+                r["fp8+q"] = bench(fp8q)
+            except (RuntimeError, TypeError) as e:  # no fp8 on this device / torch
+                r["fp8"] = r["fp8+q"] = float("nan")
+                print(f"fp8 peer skipped: {e}", file=sys.stderr)
+            xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
+            wi = torch.randint(-128, 127, (k, n), device="cuda", dtype=torch.int8)
+            r["int8"] = bench(lambda: torch._int_mm(xi, wi))
+            for fmt, (wbits, abits) in {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}.items():
+                layer = Layer(m, k, n, wbits, abits, gen)
+                for gmb in (False, True):
+                    key = f"cuda {fmt}" + ("+gmb" if gmb else "")
+                    if quick and gmb and fmt != "W4A8":
+                        continue
+                    if not check(layer, cb, gmb):
+                        r[key] = "WRONG"
+                        continue
+                    w1, w2 = (layer.w1, layer.w2) if gmb else (None, None)
+                    r[key] = bench(lambda: cb.packed_linear(
+                        cb.quantize_activation(layer.x, layer.spec, monarch_w1=w1), layer.pw, bias=layer.bias,
+                        monarch_w2=w2))
+                if fmt == "W4A8":
+                    a = cb.quantize_activation(layer.x, layer.spec)
+                    r["cuda W4A8 gemm"] = bench(lambda: cb.packed_linear(a, layer.pw, bias=layer.bias))
+                    if torch.cuda.get_device_capability() == (9, 0):
+                        r["cuda W4A8 gemm sm80"] = (bench(lambda: cb.packed_linear(a, layer.pw, bias=layer.bias,
+                                                                                   arch=80))
+                                                    if check(layer, cb, False, arch=80) else "WRONG")
+                    if "triton" in backends():
+                        from treeq_engine.kernels import packed_linear, quantize_activation
+
+                        r["triton W4A8"] = bench(lambda: packed_linear(
+                            quantize_activation(layer.x, layer.spec, backend="triton"), layer.pw, bias=layer.bias,
+                            backend="triton"))
+            r["floor W4A8"] = floors(m, k, n, 1, 0.5)
+            r["floor W4A4"] = floors(m, k, n, 0.5, 0.5)
+            r["floor bf16"] = floors(m, k, n, 2, 2)
+            rows.append(r)
+            print(fmt_row(r), flush=True)
+    return rows
+
+
+COLUMNS = ["bf16", "fp8", "fp8+q", "int8", "triton W4A8", "cuda W4A8 gemm", "cuda W4A8 gemm sm80", "cuda W8A8",
+           "cuda W4A8", "cuda W4A4", "cuda W8A8+gmb", "cuda W4A8+gmb", "cuda W4A4+gmb"]
+
+
+def fmt_cell(r: dict, c: str) -> str:
+    v = r.get(c)
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if c == "bf16":
+        return f"{v:.1f}"
+    return f"{v:.1f} ({r['bf16'] / v:.2f}×)"
+
+
+def fmt_row(r: dict) -> str:
+    ops = 2 * r["M"] * r["N"] * r["K"]
+    fo, fb = r["floor W4A8"]
+    cells = [r["layer"], str(r["M"])] + [fmt_cell(r, c) for c in COLUMNS]
+    best = min((v for c, v in r.items() if c.startswith("cuda W4A") and isinstance(v, float)), default=None)
+    tops = f"{ops / best / 1e6:.0f}" if best else "–"
+    return "| " + " | ".join(cells + [f"{fo:.1f} / {fb:.1f}", tops]) + " |"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["layer", "M"] + COLUMNS + ["W4A8 floor ops/bytes µs", "best W4 TOPS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [fmt_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> str:
+    """The issue's targets, W4A8 and W4A4 with the branch and quantization fused."""
+    out = []
+    for r in rows:
+        for fmt in ("W4A8", "W4A4"):
+            v = r.get(f"cuda {fmt}+gmb")
+            if not isinstance(v, float):
+                continue
+            sp = r["bf16"] / v
+            need = 2.0 if r["M"] <= 256 else 1.8 if r["M"] >= 2048 else None
+            fp8q = r.get("fp8+q")
+            ok = (need is None or sp >= need) and (not isinstance(fp8q, float) or v < fp8q)
+            out.append(f"{r['layer']} M={r['M']} {fmt}+gmb: {sp:.2f}× bf16"
+                       + (f" (target {need}×)" if need else "") + f", fp8+q {fp8q:.1f} µs vs {v:.1f} µs: "
+                       + ("met" if ok else "MISSED"))
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="M in (256, 2048), qkv and fc1 only, fewer columns")
+    ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device; this benchmark runs on a GPU machine (see benchmarks/RESULTS.md)",
+              file=sys.stderr)
+        return 2
+    from treeq_engine.kernels import cuda_backend as cb
+
+    if not cb.available():
+        print("bench_cuda: treeq_engine._C was built without CUDA; rebuild with TREEQ_CUDA=1", file=sys.stderr)
+        return 2
+    ms = (256, 2048) if args.quick else MS
+    shapes = {k: SHAPES[k] for k in ("qkv", "fc1")} if args.quick else SHAPES
+    rows = run(ms, shapes, args.quick)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dev = torch.cuda.get_device_name()
+    head = (f"## CUDA kernels: {dev}, commit {commit}, {datetime.date.today()}\n\n"
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}; µs (CUDA-graph replays, median), "
+            f"(× = bf16 time / this time). Floors: ops / 1979 TOPS, bytes / 3.35 TB/s.\n")
+    text = "\n".join([head, table(rows), "", "Targets:", "```", targets(rows), "```", "", "SASS:", "```",
+                      sass_evidence(), "```", ""])
+    print(text)
+    if args.write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

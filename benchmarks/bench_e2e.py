@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""End-to-end DiT forward latency: bf16 eager / torch.compile, FP8 rowwise + compile, and TreeQ plans.
+
+DiT-XL/2 at 256 px (32×32×4 latents, 256 tokens per image) with random weights (real shapes), batch 1, 8 and 32,
+every variant measured in the same run as the median of CUDA-graph replays of one whole forward
+(``treeq_engine.runtime.timing``). Reported: ms per forward, ratio to bf16 torch.compile, weight memory of the
+linears, peak memory during the replay.
+
+    python benchmarks/bench_e2e.py                      # the full table on a GPU, written to RESULTS.md
+    python benchmarks/bench_e2e.py --plan plan.json     # add a searched plan (e.g. `treeq search --budget latency`)
+    python benchmarks/bench_e2e.py --smoke              # CPU: a tiny config through every code path (no numbers)
+
+Floors (H100, per forward, B = 32, M = 8192 tokens): the 140 block linears do 2·M·Σ(K·N) ≈ 2·8192·(28·19.9M) ≈
+9.1 TFLOP → 9.2 ms at 989 TFLOP/s (bf16) or 4.6 ms at 1979 TOPS (8-bit); attention adds ≈ 2·2·M·T·D·28 ≈ 0.54
+TFLOP. The measured bf16 torch.compile forward is 17.2 ms (research/h100-baselines.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from treeq_engine.models import DiT, dit_config  # noqa: E402
+from treeq_engine.nn import quantizable_linears  # noqa: E402
+from treeq_engine.plan import LayerConfig, QuantPlan, is_block_layer  # noqa: E402
+from treeq_engine.runtime import memory_report, quantize  # noqa: E402
+from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- bench_e2e:begin -->", "<!-- bench_e2e:end -->"
+
+
+class Fp8RowwiseLinear(nn.Module):
+    """What a user writes for FP8 dynamic quantization with torch ops: e4m3 weights with per-row scales, and
+    per-token dynamic activation scales computed in the forward, through ``torch._scaled_mm``."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight.detach().float()
+        sw = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448.0
+        self.register_buffer("w8", (w / sw).to(torch.float8_e4m3fn))
+        self.register_buffer("sw", sw.t().contiguous())  # (1, N)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        sa = x2.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        xa = (x2 / sa).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xa, self.w8.t(), scale_a=sa, scale_b=self.sw, bias=self.bias, out_dtype=torch.bfloat16)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def random_dit(config: str, device: str, dtype: torch.dtype, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(dit_config(config))
+    with torch.no_grad():  # adaLN-Zero init leaves zeros: give every weight real values (zeros can time faster)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def uniform(model: nn.Module, w: int, a: int) -> QuantPlan:
+    names = quantizable_linears(model)
+    return QuantPlan.uniform([n for n in names if is_block_layer(n)], w, a,
+                             edge_names=[n for n in names if not is_block_layer(n)])
+
+
+def mixed_w4a4(model: nn.Module) -> QuantPlan:
+    """A hand-made mixed plan at W3.89A4.00 over the block linears (parameter- and MAC-weighted): qkv, fc1 and fc2
+    at W4A4, proj at W8A4 (small, sensitive), adaLN at W3A4 (large, one row per image). A searched plan comes in
+    with ``--plan``."""
+    layers = {}
+    for n in quantizable_linears(model):
+        if not is_block_layer(n):
+            layers[n] = LayerConfig(8, 8)
+        elif n.endswith("attn.proj"):
+            layers[n] = LayerConfig(8, 4)
+        elif "adaLN_modulation" in n:
+            layers[n] = LayerConfig(3, 4)
+        else:
+            layers[n] = LayerConfig(4, 4)
+    return QuantPlan(layers, meta={"kind": "hand-made mixed (W3.89A4.00)"})
+
+
+def average_bits(model: nn.Module, plan: QuantPlan, tokens: int) -> tuple[float, float]:
+    """Parameter-weighted weight bits and MAC-weighted activation bits over the block linears (adaLN runs on one
+    conditioning row per image, the others on every token)."""
+    w_num = w_den = a_num = a_den = 0.0
+    for n, cfg in plan.layers.items():
+        if not is_block_layer(n):
+            continue
+        m = model.get_submodule(n)
+        params = m.in_features * m.out_features
+        macs = params * (1 if "adaLN_modulation" in n else tokens)
+        w_num, w_den = w_num + cfg.w_bits * params, w_den + params
+        a_num, a_den = a_num + cfg.a_bits * macs, a_den + macs
+    return w_num / w_den, a_num / a_den
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measure(model: nn.Module, batch: int, cfg, device: str, reps: int) -> tuple[float, float]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_graph_ms(lambda: model(x, t, y), reps=reps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return ms, peak
+
+
+def variants(args: argparse.Namespace, device: str):
+    """(name, builder) pairs; each builder returns a fresh model and the plan it used (or None)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def bf16(compile_: bool):
+        def build():
+            m = random_dit(args.config, device, dtype)
+            return (torch.compile(m, mode="max-autotune-no-cudagraphs") if compile_ else m), None
+        return build
+
+    def fp8():
+        m = random_dit(args.config, device, dtype)
+        for n in quantizable_linears(m):
+            lin = m.get_submodule(n)
+            parent, _, child = n.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, child, Fp8RowwiseLinear(lin))
+        return torch.compile(m, mode="max-autotune-no-cudagraphs"), None
+
+    def treeq(plan_fn):
+        def build():
+            m = random_dit(args.config, device, dtype)
+            plan = plan_fn(m)
+            return quantize(m, plan, dtype=dtype), plan
+        return build
+
+    out = [("bf16 eager", bf16(False))]
+    if device == "cuda" and not args.no_compile:
+        out += [("bf16 torch.compile", bf16(True)), ("FP8 rowwise + compile", fp8)]
+    out += [(f"TreeQ {p}", treeq(lambda m, p=p: uniform(m, *map(int, p[1:].split("A"))))) for p in args.uniform]
+    out.append(("TreeQ mixed ~W4A4 (hand-made)", treeq(mixed_w4a4)))
+    if args.plan:
+        out.append((f"TreeQ plan {Path(args.plan).name}", treeq(lambda m: QuantPlan.load(args.plan))))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="DiT-XL/2")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--uniform", nargs="+", default=["W8A8", "W4A8", "W4A4"])
+    ap.add_argument("--plan", default=None, help="a plan JSON to add (e.g. from a latency-budgeted search)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU: DiT-test, one rep, no table written")
+    ap.add_argument("--json", default=None, help="also write the raw rows as JSON")
+    args = ap.parse_args()
+    if args.smoke:
+        args.config, args.batches, args.reps = "DiT-test", [2], 1
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print("bench_e2e: no CUDA device; run on a GPU machine (or --smoke to exercise the code on CPU)")
+        return 2
+    else:
+        device = "cuda"
+    rows = []
+    for name, build in variants(args, device):
+        model, plan = build()
+        mem = memory_report(model) if plan is not None else None
+        cfg = dit_config(args.config)
+        bits = average_bits(model, plan, cfg.num_tokens) if plan is not None else (16.0, 16.0)
+        for b in args.batches:
+            with torch.no_grad():
+                ms, peak = measure(model, b, cfg, device, args.reps)
+            rows.append({"variant": name, "batch": b, "ms": ms, "peak_gib": peak, "avg_w": bits[0], "avg_a": bits[1],
+                         "weight_ratio": None if mem is None else mem["ratio"]})
+            print(f"{name:34s} B={b:<3d} {ms:9.3f} ms  peak {peak:6.2f} GiB")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.smoke:
+        return 0
+    write_table(rows, args)
+    return 0
+
+
+def write_table(rows: list[dict], args: argparse.Namespace) -> None:
+    dev = torch.cuda.get_device_name()
+    ref = {r["batch"]: r["ms"] for r in rows if r["variant"] == "bf16 torch.compile"}
+    lines = [BEGIN, f"## End to end: {args.config} forward, 256 px, CUDA-graph replay (ms)", "",
+             f"Device {dev}, torch {torch.__version__}, commit {git_commit()}, median of {args.reps} replays, "
+             "random weights with real shapes. Ratio = bf16 torch.compile time / variant time (higher is faster).",
+             "", "| variant | avg W/A bits | linear weights vs bf16 | " +
+             " | ".join(f"B={b} ms (ratio) | peak GiB" for b in args.batches) + " |",
+             "|---|---|---|" + "---|---|" * len(args.batches)]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = {r["batch"]: r for r in rows if r["variant"] == name}
+        first = next(iter(rs.values()))
+        wr = "—" if first["weight_ratio"] is None else f"{first['weight_ratio']:.3f}×"
+        cells = []
+        for b in args.batches:
+            r = rs[b]
+            ratio = f" ({ref[b] / r['ms']:.2f}×)" if b in ref else ""
+            cells.append(f"{r['ms']:.3f}{ratio} | {r['peak_gib']:.2f}")
+        lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | " + " | ".join(cells) + " |")
+    lines.append(END)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = "\n".join(lines) + "\n"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    else:
+        text += "\n" + block
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

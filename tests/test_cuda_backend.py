@@ -1,0 +1,74 @@
+"""The cuda backend on a machine without a GPU: it registers, declines CPU tensors, its custom ops have working
+fake implementations, and the expected-value helpers the GPU tests rely on agree with the reference backend."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from cuda_expect import corr_exact, epilogue_expect, reference_linear, stage1_expect
+from treeq_engine.branches import MonarchShape, monarch
+from treeq_engine.format import QuantSpec
+from treeq_engine.kernels import PackedWeight, backends, packed_linear, quantize_activation, reference
+from treeq_engine.kernels import cuda_backend as cb
+
+
+def test_registered_first():
+    assert backends()[0] == "cuda" and "reference" in backends()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_declines_cpu_tensors(gen):
+    x = torch.randn(4, 32, generator=gen)
+    a = quantize_activation(x, QuantSpec.activation(8))  # falls through to the reference
+    assert a.codes.device.type == "cpu"
+    assert not cb.can_run("quantize_activation", (x, QuantSpec.activation(8)), {})
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        quantize_activation(x, QuantSpec.activation(8), backend="cuda")
+    pw = PackedWeight.from_float(torch.randn(8, 32, generator=gen), QuantSpec.weight(4))
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        packed_linear(a, pw, backend="cuda")
+
+
+def test_fake_implementations():
+    with FakeTensorMode():
+        x = torch.empty(300, 70, dtype=torch.bfloat16)
+        w1 = torch.empty(4, 12, 18, dtype=torch.bfloat16)
+        codes, s, zp, rs, z = torch.ops.treeq.cuda_quantize_activation(x, 4, False, 1.0, 1e-6, None, None, w1, 3)
+        assert (codes.shape, codes.dtype) == ((300, 70), torch.int8)
+        assert s.dtype == torch.float32 and zp.dtype == rs.dtype == torch.int32
+        assert (z.shape, z.dtype) == ((384, 4, 16), torch.bfloat16)  # rows to the token tile, b·r to 16
+        *_, z0 = torch.ops.treeq.cuda_quantize_activation(x, 8, True, 1.0, None, None, None, None, 0)
+        assert z0.shape == (0,)
+        i32 = torch.int32
+        y = torch.ops.treeq.cuda_packed_linear(
+            codes, s, zp, rs, torch.empty(8, dtype=i32), torch.empty(256, dtype=i32), torch.empty(50),
+            torch.empty(50, dtype=i32), torch.empty(50, dtype=i32), None, None, None, 4, 50, 70, True, 1, 0, 0)
+        assert (y.shape, y.dtype) == ((300, 50), torch.float16)
+
+
+# ---- the GPU tests' expected-value helpers, checked here ---------------------------------------------------------
+
+def test_expect_helpers_match_reference(gen):
+    m, n, k = 23, 40, 70
+    s = MonarchShape(n=n, k=k, blocks=4, rank=2)
+    w1, w2 = torch.randn(s.w1_shape, generator=gen) * 0.1, torch.randn(s.w2_shape, generator=gen) * 0.1
+    x = torch.randn(m, k, generator=gen)
+    act = reference.quantize_activation(x, QuantSpec.activation(4), monarch_w1=w1)
+    w = PackedWeight.from_float(torch.randn(n, k, generator=gen) * 0.1, QuantSpec.weight(3))
+    bias = torch.randn(n, generator=gen)
+    # integer part: the reference's own
+    want = reference_linear(act, w, out_dtype=torch.float32)
+    y_main = corr_exact(act, w).float() * act.scale[:, None] * w.scale[None, :]
+    assert torch.equal(want, y_main)
+    # without branch and GELU the expectation is the reference exactly (float32)
+    y, tol = epilogue_expect(act, w, bias=bias)
+    assert torch.equal(y.float(), reference_linear(act, w, bias=bias, out_dtype=torch.float32))
+    assert (tol > 0).all()
+    # with the bf16 branch: within bf16 rounding of the float32 reference, and within tol of its own definition
+    y, tol = epilogue_expect(act, w, bias=bias, w2=w2, gelu=True)
+    ref = reference_linear(act, w, bias=bias, monarch_w2=w2, gelu=True, out_dtype=torch.float32).double()
+    mag = monarch.stage2(act.z.abs(), w2.abs(), n).double()
+    assert ((y - ref).abs() <= 4 * 2.0 ** -8 * mag + 1e-5).all()
+    # stage 1
+    v = reference.preprocess(x)
+    z, ztol = stage1_expect(v, w1)
+    assert ((z - act.z.double()).abs() <= ztol + 1e-6).all()

@@ -1,0 +1,308 @@
+"""The CUDA kernels (wgmma on sm_90, mma.sync on sm_80+) against the oracle, on a GPU: exact integer
+accumulation for every weight/activation bit-width pair, odd shapes, split-K, the fused epilogue within stated
+tolerances, poisoned outputs, the custom ops under CUDA graphs and torch.compile.
+
+CPU-only machines skip this module (``gpu`` marker). tools/sanitize_cuda.sh runs the ``sanitize`` subset under
+compute-sanitizer."""
+import itertools
+
+import pytest
+import torch
+
+from cuda_expect import corr_exact, epilogue_expect, reference_linear, stage1_expect
+from treeq_engine.branches import MonarchShape
+from treeq_engine.format import QuantSpec
+from treeq_engine.kernels import PackedWeight, QuantizedActivation, packed_linear, quantize_activation, reference
+from treeq_engine.kernels import cuda_backend as cb
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not cb.available(), reason="treeq_engine._C without CUDA, or no CUDA device")]
+
+W_BITS, A_BITS = (2, 3, 4, 8), (3, 4, 8)
+
+
+def _archs() -> list[int]:
+    if not torch.cuda.is_available():
+        return [80]
+    return [90, 80] if torch.cuda.get_device_capability() == (9, 0) else [80]
+
+
+ARCHS = _archs()
+
+
+@pytest.fixture
+def cgen():
+    return torch.Generator().manual_seed(20261125)
+
+
+def _act(m, k, bits, gen, *, symmetric=False, device="cuda") -> QuantizedActivation:
+    """A quantized activation from the oracle (fresh random rows), moved to the device."""
+    x = torch.randn(m, k, generator=gen) * 2 + 0.3
+    a = reference.quantize_activation(x, QuantSpec.activation(bits, symmetric=symmetric))
+    return QuantizedActivation(a.codes.to(device), a.scale.to(device), a.zero_point.to(device),
+                               a.row_sum.to(device), bits)
+
+
+def _weight(n, k, bits, gen, *, symmetric=False) -> PackedWeight:
+    return PackedWeight.from_float(torch.randn(n, k, generator=gen) * 0.05, QuantSpec.weight(bits, symmetric)).to("cuda")
+
+
+def _poisoned(m, n, dtype):
+    if dtype == torch.int32:
+        return torch.full((m, n), -123456789, dtype=dtype, device="cuda")
+    return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+
+
+# ---- activation quantization ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,symmetric,clip", [(3, False, 1.0), (4, False, 0.9), (8, False, 1.0), (4, True, 1.0),
+                                                 (8, True, 0.8)])
+@pytest.mark.parametrize("m,k", [(1, 1), (37, 70), (300, 1152), (5, 4099)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_activation_bit_exact(bits, symmetric, clip, m, k, dtype, cgen):
+    """Without LayerNorm every step is an exact IEEE operation: codes, scales, zero points and row sums equal the
+    oracle's bit for bit (modulate included: separate multiply and add, as the oracle)."""
+    x = (torch.randn(m, k, generator=cgen) * 3).to(dtype)
+    g = 1 if m < 5 else 5 if m % 5 == 0 else 1
+    shift, scale = torch.randn(g, k, generator=cgen), torch.randn(g, k, generator=cgen) * 0.2
+    spec = QuantSpec.activation(bits, symmetric=symmetric, clip_ratio=clip)
+    want = reference.quantize_activation(x, spec, shift=shift, scale=scale)
+    out = (torch.full((m, k), 77, dtype=torch.int8, device="cuda"), torch.full((m,), float("nan"), device="cuda"),
+           torch.full((m,), -99, dtype=torch.int32, device="cuda"), torch.full((m,), -99, dtype=torch.int32,
+                                                                               device="cuda"))
+    cb.launch_quantize_activation(x.cuda(), spec, *out, shift=shift.cuda(), mod_scale=scale.cuda())
+    torch.cuda.synchronize()
+    codes, s, zp, rs = (t.cpu() for t in out)
+    assert torch.equal(codes, want.codes)
+    assert torch.equal(s, want.scale)
+    assert torch.equal(zp, want.zero_point)
+    assert torch.equal(rs, want.row_sum)
+
+
+@pytest.mark.parametrize("bits", A_BITS)
+def test_quantize_activation_layernorm(bits, cgen):
+    """With LayerNorm the mean/variance summation order differs from torch's: scales agree to float32 rounding,
+    and a code may differ by one only where the oracle's value sits within rounding of a .5 tie."""
+    m, k, eps = 129, 1152, 1e-6
+    x = torch.randn(m, k, generator=cgen) * 4 + 1
+    shift, scale = torch.randn(3, k, generator=cgen), torch.randn(3, k, generator=cgen) * 0.2
+    spec = QuantSpec.activation(bits)
+    want = reference.quantize_activation(x, spec, ln_eps=eps, shift=shift, scale=scale)
+    got = cb.quantize_activation(x.cuda(), spec, ln_eps=eps, shift=shift.cuda(), scale=scale.cuda())
+    torch.testing.assert_close(got.scale.cpu(), want.scale, rtol=1e-5, atol=0)
+    v = reference.preprocess(x, ln_eps=eps, shift=shift, scale=scale)
+    # a zero point may differ only where qmin − lo/s sits on a tie; such rows are left out of the code check
+    zp_diff = got.zero_point.cpu() != want.zero_point
+    if zp_diff.any():
+        t = (spec.qmin - v.amin(1).clamp(max=0) / want.scale)[zp_diff]
+        assert ((t.frac().abs() - 0.5).abs() < 1e-3).all() and zp_diff.sum() <= 2
+    diff = (got.codes.cpu().int() - want.codes.int())[~zp_diff]
+    assert diff.abs().max() <= 1
+    frac = (v / want.scale[:, None]).frac().abs()[~zp_diff]
+    assert ((frac[diff != 0] - 0.5).abs() < 1e-3).all(), "a code differs away from a rounding tie"
+    assert (diff != 0).float().mean() < 1e-3
+    assert torch.equal(got.row_sum.cpu(), got.codes.cpu().sum(1, dtype=torch.int32))
+
+
+def test_quantize_activation_nonfinite_rows(cgen):
+    x = torch.randn(6, 40, generator=cgen)
+    x[1, 3], x[4, 0] = float("nan"), float("inf")
+    spec = QuantSpec.activation(4)
+    want = reference.quantize_activation(x, spec)
+    got = cb.quantize_activation(x.cuda(), spec)
+    assert torch.equal(got.codes.cpu(), want.codes)
+    assert torch.equal(got.scale.cpu().isnan(), want.scale.isnan())
+    assert torch.equal(got.zero_point.cpu(), want.zero_point) and torch.equal(got.row_sum.cpu(), want.row_sum)
+
+
+@pytest.mark.parametrize("m,k,blocks,rank", [(33, 70, 4, 1), (300, 1152, 32, 1), (17, 130, 3, 5), (8, 64, 1, 32)])
+def test_monarch_stage1(m, k, blocks, rank, cgen):
+    x = torch.randn(m, k, generator=cgen)
+    s = MonarchShape(n=k, k=k, blocks=blocks, rank=rank)
+    w1 = torch.randn(s.w1_shape, generator=cgen) * 0.1
+    shift, scale = torch.randn(1, k, generator=cgen), torch.randn(1, k, generator=cgen) * 0.1
+    got = cb.quantize_activation(x.cuda(), QuantSpec.activation(8), ln_eps=1e-6, shift=shift.cuda(),
+                                 scale=scale.cuda(), monarch_w1=w1.cuda())
+    assert got.z.shape == (m, blocks, blocks * rank) and got.z.dtype == torch.bfloat16
+    v = reference.preprocess(x, ln_eps=1e-6, shift=shift, scale=scale)
+    want, tol = stage1_expect(v, w1)
+    err = (got.z.cpu().double() - want).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+    base = cb._Z_BASE[got.z]  # the padded buffer the GEMM reads: zero outside (M, b, b·r)
+    assert base.shape[0] % 128 == 0 and base.shape[2] % 16 == 0
+    pad = base.clone()
+    pad[:m, :, :blocks * rank] = 0
+    assert not pad.any()
+
+
+# ---- packed GEMM: integer part -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("w_bits,a_bits", list(itertools.product(W_BITS, A_BITS)))
+@pytest.mark.parametrize("m,n,k,splits", [(1, 1, 1, 0), (37, 45, 203, 0), (130, 300, 1000, 3), (257, 513, 129, 2)])
+def test_packed_linear_integer_exact(arch, w_bits, a_bits, m, n, k, splits, cgen):
+    """Every bit-width pair, odd shapes, with and without split-K: Σ_k (qa − za)(qw − zw) exactly."""
+    act = _act(m, k, a_bits, cgen, symmetric=a_bits == 3)
+    w = _weight(n, k, w_bits, cgen, symmetric=w_bits == 2)
+    out = _poisoned(m, n, torch.int32)
+    cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch, splits=splits, out=out)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), corr_exact(act, w))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("w_bits", W_BITS)
+def test_packed_linear_dit_shape_exact(arch, w_bits, cgen):
+    """A DiT-XL shape with more tiles than SMs (the persistent scheduler wraps) and extreme codes."""
+    m, n, k = 2048, 4608, 1152
+    act = _act(m, k, 8, cgen)
+    act = QuantizedActivation(act.codes.clone(), act.scale, act.zero_point, act.row_sum, 8)
+    act.codes[:7] = -128  # extreme rows; their row sums must follow
+    act = QuantizedActivation(act.codes, act.scale, act.zero_point, act.codes.sum(1, dtype=torch.int32), 8)
+    w = _weight(n, k, w_bits, cgen)
+    out = cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch)
+    assert torch.equal(out.cpu(), corr_exact(act, w))
+
+
+# ---- packed GEMM: fused epilogue ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("m,n,k", [(37, 300, 203), (260, 1152, 1152)])
+def test_packed_linear_float_bit_exact_without_branch(arch, m, n, k, cgen):
+    """(float(corr)·sa)·sw + bias is the oracle's float32 arithmetic in the oracle's order: equal bit for bit."""
+    act = _act(m, k, 4, cgen)
+    w = _weight(n, k, 4, cgen)
+    bias = torch.randn(n, generator=cgen)
+    out = _poisoned(m, n, torch.float32)
+    cb.packed_linear(act, w, bias=bias.cuda(), out_dtype=torch.float32, arch=arch, out=out)
+    want = reference_linear(act, w, bias=bias, out_dtype=torch.float32)
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("blocks,rank", [(1, 32), (4, 1), (32, 1), (3, 5)])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("splits", [0, 2])
+def test_packed_linear_branch_bias_gelu(arch, blocks, rank, gelu, splits, cgen):
+    m, n, k = 150, 300, 260
+    s = MonarchShape(n=n, k=k, blocks=blocks, rank=rank)
+    w1, w2 = torch.randn(s.w1_shape, generator=cgen) * 0.05, torch.randn(s.w2_shape, generator=cgen) * 0.05
+    x = torch.randn(m, k, generator=cgen)
+    act = cb.quantize_activation(x.cuda(), QuantSpec.activation(4), monarch_w1=w1.cuda())
+    w = _weight(n, k, 3, cgen)
+    bias = torch.randn(n, generator=cgen) * 0.1
+    out = _poisoned(m, n, torch.float32)
+    cb.packed_linear(act, w, bias=bias.cuda(), monarch_w2=w2.cuda(), gelu=gelu, out_dtype=torch.float32,
+                     arch=arch, splits=splits, out=out)
+    want, tol = epilogue_expect(act, w, bias=bias, w2=w2, gelu=gelu)
+    err = (out.cpu().double() - want).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_packed_linear_half_outputs(out_dtype, cgen):
+    m, n, k = 70, 260, 300
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    out = _poisoned(m, n, out_dtype)
+    cb.packed_linear(act, w, out_dtype=out_dtype, out=out)
+    want = reference_linear(act, w, out_dtype=torch.float32).to(out_dtype)
+    assert torch.equal(out.cpu(), want)  # the float32 values are bit-exact, so their rounding is too
+
+
+def test_packed_linear_out_spec(cgen):
+    """Next-layer quantization: GELU output quantized per token (float32 y, then the row kernel): exact."""
+    m, n, k = 90, 520, 384
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    bias = torch.randn(n, generator=cgen)
+    got = cb.packed_linear(act, w, bias=bias.cuda(), out_spec=QuantSpec.activation(4))
+    y = reference_linear(act, w, bias=bias, out_dtype=torch.float32)
+    want = reference.quantize_activation(y, QuantSpec.activation(4))
+    assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scale.cpu(), want.scale)
+    assert torch.equal(got.zero_point.cpu(), want.zero_point) and torch.equal(got.row_sum.cpu(), want.row_sum)
+
+
+# ---- the ops through dispatch, custom ops, graphs, compile ------------------------------------------------------
+
+def _layer(gen, m=64, n=192, k=160, blocks=4):
+    s = MonarchShape(n=n, k=k, blocks=blocks, rank=1)
+    x = torch.randn(m, k, generator=gen).cuda().to(torch.bfloat16)
+    w = _weight(n, k, 4, gen)
+    w1 = (torch.randn(s.w1_shape, generator=gen) * 0.05).cuda()
+    w2 = (torch.randn(s.w2_shape, generator=gen) * 0.05).cuda()
+    bias = torch.randn(n, generator=gen).cuda()
+    return x, w, w1, w2, bias
+
+
+def _forward(x, w, w1, w2, bias):
+    a = quantize_activation(x, QuantSpec.activation(8), ln_eps=1e-6, monarch_w1=w1)
+    return packed_linear(a, w, bias=bias, monarch_w2=w2, gelu=True)
+
+
+def test_dispatch_picks_cuda_and_matches_reference(cgen):
+    x, w, w1, w2, bias = _layer(cgen)
+    a = quantize_activation(x, QuantSpec.activation(8), ln_eps=1e-6, monarch_w1=w1)
+    assert a.z.dtype == torch.bfloat16 and a.codes.is_cuda  # the cuda backend ran
+    y = packed_linear(a, w, bias=bias, monarch_w2=w2, gelu=True)
+    want = reference_linear(a, w, bias=bias, monarch_w2=w2, gelu=True, out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu().float(), want, rtol=2e-2, atol=2e-2)  # bf16 output and bf16 branch
+
+
+def test_custom_ops_opcheck(cgen):
+    x, w, w1, w2, bias = _layer(cgen)
+    spec = QuantSpec.activation(4)
+    torch.library.opcheck(torch.ops.treeq.cuda_quantize_activation.default,
+                          (x, spec.bits, False, 1.0, 1e-6, None, None, cb._bf16(w1), 1))
+    a = cb.quantize_activation(x, spec)
+    ops = cb.cuda_layout.cuda_operands(w, 1)
+    torch.library.opcheck(torch.ops.treeq.cuda_packed_linear.default,
+                          (a.codes, a.scale, a.zero_point, a.row_sum, ops.words, ops.row_chan, ops.scale, ops.uzp,
+                           ops.ucs, bias, None, None, 4, w.n, w.k, True, 0, 0, 0))
+
+
+def test_cuda_graph_replay(cgen):
+    x, w, w1, w2, bias = _layer(cgen)
+    y0 = _forward(x, w, w1, w2, bias)  # warm the weight caches outside the capture
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        y = _forward(x, w, w1, w2, bias)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+
+
+def test_torch_compile(cgen):
+    x, w, w1, w2, bias = _layer(cgen)
+    ops = cb.cuda_layout.cuda_operands(w, 1)
+
+    def f(x):
+        codes, s, zp, rs, _ = torch.ops.treeq.cuda_quantize_activation(x, 8, False, 1.0, 1e-6, None, None, None, 0)
+        return torch.ops.treeq.cuda_packed_linear(codes, s, zp, rs, ops.words, ops.row_chan, ops.scale, ops.uzp,
+                                                  ops.ucs, bias, None, None, 4, w.n, w.k, True, 0, 0, 0)
+
+    want = f(x)
+    got = torch.compile(f, fullgraph=True)(x)
+    assert torch.equal(got, want)
+
+
+# ---- the representative set for compute-sanitizer (tools/sanitize_cuda.sh) -------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sanitize_representative(arch, splits, cgen):
+    """Small but complete: ragged M/N/K, split-K fix-up, Monarch branch, bias, GELU, bf16 out, 3- and 4-bit."""
+    m, n, k = 200, 270, 400
+    s = MonarchShape(n=n, k=k, blocks=4, rank=2)
+    w1, w2 = torch.randn(s.w1_shape, generator=cgen) * 0.05, torch.randn(s.w2_shape, generator=cgen) * 0.05
+    x = torch.randn(m, k, generator=cgen).cuda()
+    for w_bits in (3, 4):
+        act = cb.quantize_activation(x, QuantSpec.activation(4), ln_eps=1e-6, monarch_w1=w1.cuda())
+        w = _weight(n, k, w_bits, cgen)
+        y = cb.packed_linear(act, w, bias=torch.randn(n, generator=cgen).cuda(), monarch_w2=w2.cuda(), gelu=True,
+                             arch=arch, splits=splits)
+        i32 = cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch, splits=splits)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all()
+        assert torch.equal(i32.cpu(), corr_exact(act, w))

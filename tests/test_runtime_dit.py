@@ -1,0 +1,56 @@
+"""Packed DiT inference: the fused blocks equal the unfused packed model, which equals the fake-quant model."""
+import pytest
+import torch
+
+from treeq_engine.models import DiT, dit_config
+from treeq_engine.nn import convert, quantizable_linears
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan, is_block_layer
+from treeq_engine.runtime import quantize, treeq_layers
+from treeq_engine.runtime.dit_fused import FusedDiTBlock
+
+
+def _dit(seed=0):
+    torch.manual_seed(seed)
+    m = DiT(dit_config("DiT-test", num_classes=10)).eval()
+    with torch.no_grad():  # the reference zero-inits adaLN and the output: perturb so every layer matters
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _inputs(gen):
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    return x, torch.tensor([3, 700]), torch.tensor([1, 7])
+
+
+def _plan(model, fc2_branch=False):
+    names = quantizable_linears(model, include=is_block_layer)
+    layers = {n: LayerConfig(4, 8) for n in names}
+    layers["blocks.1.mlp.fc1"] = LayerConfig(3, 4)
+    if fc2_branch:
+        layers["blocks.0.mlp.fc2"] = LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))
+    return QuantPlan(layers)
+
+
+@pytest.mark.parametrize("fc2_branch", [False, True])
+def test_fused_equals_unfused_and_fake_quant(fc2_branch, gen):
+    x, t, y = _inputs(gen)
+    plan = _plan(_dit(), fc2_branch)
+    with torch.no_grad():
+        sim = convert(_dit(), plan)(x, t, y)
+        unfused = quantize(_dit(), plan, dtype=torch.float32, fuse=False)
+        fused = quantize(_dit(), plan, dtype=torch.float32)
+        assert sum(isinstance(b, FusedDiTBlock) for b in fused.blocks) == 2
+        assert not any(isinstance(b, FusedDiTBlock) for b in unfused.blocks)
+        a, b = unfused(x, t, y), fused(x, t, y)
+    scale = float(sim.abs().max())
+    if not fc2_branch:  # the branch's closed-form init differs from the fake-quant model (no branch there)
+        torch.testing.assert_close(a, sim, rtol=0, atol=2e-4 * scale)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * scale)  # the same math, fused
+    assert set(fused.state_dict()) == set(unfused.state_dict())
+
+
+def test_uniform_plan_packs_every_block_linear():
+    m = _dit()
+    quantize(m, _plan(m), dtype=torch.float32)
+    assert len(treeq_layers(m)) == len(quantizable_linears(_dit(), include=is_block_layer))

@@ -1,0 +1,315 @@
+"""The ``cuda`` backend of the kernel ops: the torch-free CUDA kernels of ``treeq_engine._C`` (``csrc/act_quant.cu``,
+``csrc/gemm_sm90.cu`` — wgmma on H100/H200 —, ``csrc/gemm_sm80.cu`` — mma.sync on Ampere/Ada and as a fallback),
+wrapped as torch custom ops (``torch.ops.treeq.cuda_quantize_activation`` / ``cuda_packed_linear``) with fake
+implementations, so CUDA graphs and ``torch.compile`` see them as single nodes.
+
+Semantics are the reference backend's (``kernels/reference.py``, docs/format.md), with these stated differences:
+
+* the Monarch branch runs in bf16 × bf16 with float32 accumulation (stage 1 rounds the modulated rows and ``w1``
+  to bf16; ``z`` is stored as bf16; stage 2 rounds ``w2`` to bf16); everything else is float32 in the oracle's
+  order, and the integer GEMM and zero-point corrections are exact;
+* with a LayerNorm, mean and variance are summed in another order than torch's, so a code can differ by one
+  where a value lies within rounding of a .5 tie; without one, codes, scales and zero points are bit-exact;
+* ``out_spec`` (next-layer quantization) writes the float32 output once and quantizes it with the row-owning
+  kernel: a per-token scale needs the whole row, which one GEMM tile does not hold.
+
+Weights are repacked once per (weight, branch block count) into fragment layout v1 (``cuda_layout``) on the CPU
+and cached; call an op once before capturing a CUDA graph so that caches are warm.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import core
+from ..format import MAX_K, QuantSpec, Role
+from . import cuda_layout
+from .ops import Backend, register
+from .types import PackedWeight, QuantizedActivation
+
+TOKEN_TILE = 128  # the GEMM's token tile: z is padded to a multiple of it
+_X_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_OUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int32: 3}
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Core built with CUDA, and a CUDA device present to torch and to the core."""
+    if not core.available() or not torch.cuda.is_available():
+        return False
+    c = core.load()
+    return bool(c.build_info()["cuda"]) and c.cuda_device_count() > 0
+
+
+def _capability_ok(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+# ---- cached conversions of parameters ------------------------------------------------------------------------
+
+_PARAM_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cached(t: torch.Tensor, key: tuple, build) -> torch.Tensor:
+    """``build(t)`` cached per tensor and key, rebuilt after an in-place change (``t._version``)."""
+    per = _PARAM_CACHE.get(t)
+    if per is None:
+        per = {}
+        _PARAM_CACHE[t] = per
+    hit = per.get(key)
+    if hit is None or hit[0] != t._version:
+        hit = (t._version, build(t))
+        per[key] = hit
+    return hit[1]
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return _cached(t, ("bf16",), lambda u: u.detach().to(torch.bfloat16).contiguous())
+
+
+def _w2_padded(w2: torch.Tensor, brp: int) -> torch.Tensor:
+    def build(u: torch.Tensor) -> torch.Tensor:
+        b, nb, br = u.shape
+        out = torch.zeros(b, nb, brp, dtype=torch.bfloat16, device=u.device)
+        out[:, :, :br] = u.detach()
+        return out
+
+    return _cached(w2, ("w2", brp), build)
+
+
+# z views handed out by quantize_activation -> their zero-padded (rows, b, brp) buffers
+_Z_BASE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _z_padded(z: torch.Tensor, m: int, brp: int) -> torch.Tensor:
+    base = _Z_BASE.get(z)
+    rows = _round_up(m, TOKEN_TILE)
+    if base is not None and base.shape[0] >= rows and base.shape[2] == brp:
+        return base
+    _, b, br = z.shape
+    out = torch.zeros(rows, b, brp, dtype=torch.bfloat16, device=z.device)
+    out[:m, :, :br] = z
+    return out
+
+
+# ---- raw launchers (fill given outputs; used by the custom ops and by tests with poisoned outputs) -----------
+
+def launch_quantize_activation(x: torch.Tensor, spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor,
+                               zp: torch.Tensor, row_sum: torch.Tensor, z: torch.Tensor | None = None, *,
+                               ln_eps: float | None = None, shift: torch.Tensor | None = None,
+                               mod_scale: torch.Tensor | None = None, w1: torch.Tensor | None = None,
+                               rank: int = 0) -> None:
+    """Quantize ``x (M, K)`` into the given outputs: codes int8 (M, K), scale f32 (M,), zp and row_sum int32 (M,),
+    z bf16 (≥ M rows, b, brp) when ``w1`` (bf16 (b, b·r, Kb)) is given."""
+    m, k = x.shape
+    b = w1.shape[0] if w1 is not None else 0
+    with torch.cuda.device(x.device):
+        core.load().cuda_quantize_activation(
+            x=x.data_ptr(), x_dtype=_X_DTYPES[x.dtype], m=m, k=k, layer_norm=ln_eps is not None,
+            ln_eps=float(ln_eps or 0.0), shift=_ptr(shift), mod_scale=_ptr(mod_scale),
+            groups=0 if shift is None else shift.shape[0], bits=spec.bits, symmetric=spec.symmetric,
+            clip=spec.clip_ratio, w1=_ptr(w1), blocks=b, rank=rank, kb=0 if w1 is None else w1.shape[2],
+            brp=0 if z is None else z.shape[2], codes=codes.data_ptr(), scale=scale.data_ptr(), zp=zp.data_ptr(),
+            row_sum=row_sum.data_ptr(), z=_ptr(z), z_rows=0 if z is None else z.shape[0], stream=_stream(x.device))
+
+
+def plan(m: int, n: int, k: int, bits: int, arch: int = 0, splits: int = 0) -> dict:
+    """Kernel (``arch`` 90: wgmma, 80: mma.sync), split-K and workspace sizes on the current device."""
+    return dict(core.load().cuda_plan_packed_linear(m, n, k, bits, arch, splits))
+
+
+def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor,
+                         a_rowsum: torch.Tensor, w: cuda_layout.FragWeight, *, k: int,
+                         bias: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                         w2: torch.Tensor | None = None, gelu: bool = False, arch: int = 0, splits: int = 0) -> None:
+    """``out (M, N)`` of bf16/fp16/fp32 (or int32: the corrected integer accumulator) from int8 ``codes (M, ≥K)``
+    with a row stride and column count that are multiples of 16, and the weight's CUDA operands ``w``."""
+    m = codes.shape[0]
+    dev = codes.device
+    with torch.cuda.device(dev):
+        pl = plan(m, w.n, k, w.bits, arch, splits)
+        partials = counters = None
+        if pl["splits"] > 1:
+            partials = torch.empty(pl["partial_ints"], dtype=torch.int32, device=dev)
+            counters = torch.zeros(pl["counter_ints"], dtype=torch.int32, device=dev)
+        core.load().cuda_packed_linear(
+            act=codes.data_ptr(), lda=codes.stride(0), k_act=codes.shape[1], a_scale=a_scale.data_ptr(),
+            a_zp=a_zp.data_ptr(), a_rowsum=a_rowsum.data_ptr(), wfrag=w.words.data_ptr(),
+            row_chan=w.row_chan.data_ptr(), bits=w.bits, w_scale=w.scale.data_ptr(), w_uzp=w.uzp.data_ptr(),
+            w_ucs=w.ucs.data_ptr(), bias=_ptr(bias), z=_ptr(z), w2=_ptr(w2),
+            blocks=0 if w2 is None else w2.shape[0], brp=0 if w2 is None else w2.shape[2],
+            nb=0 if w2 is None else w2.shape[1], out=out.data_ptr(), out_kind=_OUT_KINDS[out.dtype], gelu=gelu,
+            m=m, n=w.n, k=k, arch=pl["arch"], splits=pl["splits"], partials=_ptr(partials),
+            counters=_ptr(counters), stream=_stream(dev))
+
+
+# ---- custom ops ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("treeq::cuda_quantize_activation", mutates_args=())
+def _quantize_activation_op(x: torch.Tensor, bits: int, symmetric: bool, clip: float, ln_eps: Optional[float],
+                            shift: Optional[torch.Tensor], mod_scale: Optional[torch.Tensor],
+                            w1: Optional[torch.Tensor], rank: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    dev = x.device
+    codes = torch.empty(m, k, dtype=torch.int8, device=dev)
+    scale = torch.empty(m, dtype=torch.float32, device=dev)
+    zp = torch.empty(m, dtype=torch.int32, device=dev)
+    row_sum = torch.empty(m, dtype=torch.int32, device=dev)
+    if w1 is not None:
+        b = w1.shape[0]
+        z = torch.empty(_round_up(m, TOKEN_TILE), b, _round_up(w1.shape[1], 16), dtype=torch.bfloat16, device=dev)
+    else:
+        z = torch.empty(0, dtype=torch.bfloat16, device=dev)
+    spec = QuantSpec.activation(bits, symmetric=symmetric, clip_ratio=clip)
+    launch_quantize_activation(x, spec, codes, scale, zp, row_sum, z if w1 is not None else None, ln_eps=ln_eps,
+                               shift=shift, mod_scale=mod_scale, w1=w1, rank=rank)
+    return codes, scale, zp, row_sum, z
+
+
+@_quantize_activation_op.register_fake
+def _(x, bits, symmetric, clip, ln_eps, shift, mod_scale, w1, rank):
+    m, k = x.shape
+    z_shape = (0,) if w1 is None else (_round_up(m, TOKEN_TILE), w1.shape[0], _round_up(w1.shape[1], 16))
+    return (x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.int32), x.new_empty((m,), dtype=torch.int32),
+            x.new_empty(z_shape, dtype=torch.bfloat16))
+
+
+@torch.library.custom_op("treeq::cuda_packed_linear", mutates_args=())
+def _packed_linear_op(codes: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, a_rowsum: torch.Tensor,
+                      words: torch.Tensor, row_chan: torch.Tensor, w_scale: torch.Tensor, w_uzp: torch.Tensor,
+                      w_ucs: torch.Tensor, bias: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                      w2: Optional[torch.Tensor], bits: int, n: int, k: int, gelu: bool, out_kind: int, arch: int,
+                      splits: int) -> torch.Tensor:
+    dtype = {v: d for d, v in _OUT_KINDS.items()}[out_kind]
+    out = torch.empty(codes.shape[0], n, dtype=dtype, device=codes.device)
+    w = cuda_layout.FragWeight(words, row_chan, w_scale, w_uzp, w_ucs, bits, n, k, 0 if w2 is None else w2.shape[0])
+    launch_packed_linear(out, codes, a_scale, a_zp, a_rowsum, w, k=k, bias=bias, z=z, w2=w2, gelu=gelu,
+                         arch=arch, splits=splits)
+    return out
+
+
+@_packed_linear_op.register_fake
+def _(codes, a_scale, a_zp, a_rowsum, words, row_chan, w_scale, w_uzp, w_ucs, bias, z, w2, bits, n, k, gelu,
+      out_kind, arch, splits):
+    dtype = {v: d for d, v in _OUT_KINDS.items()}[out_kind]
+    return codes.new_empty((codes.shape[0], n), dtype=dtype)
+
+
+# ---- the backend's op implementations ---------------------------------------------------------------------------
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
+                        shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
+    """``ops.quantize_activation`` on CUDA; ``z`` (when ``monarch_w1`` is given) is bf16 ``(M, b, b·r)``."""
+    if (shift is None) != (scale is None):
+        raise ValueError("modulate needs both shift and scale")
+    m, k = x.shape
+    if shift is not None and m % shift.shape[0]:
+        raise ValueError(f"modulate groups: M={m} is not a multiple of G={shift.shape[0]}")
+    x = x.contiguous()
+    shift = None if shift is None else shift.to(torch.float32).contiguous()
+    scale = None if scale is None else scale.to(torch.float32).contiguous()
+    w1, rank = None, 0
+    if monarch_w1 is not None:
+        b, br, kb = monarch_w1.shape
+        if br % b or b * kb < k:
+            raise ValueError(f"monarch_w1 must be (b, b·r, Kb) covering K={k}, got {tuple(monarch_w1.shape)}")
+        w1, rank = _bf16(monarch_w1), br // b
+    codes, s, zp, rs, zfull = torch.ops.treeq.cuda_quantize_activation(
+        x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, w1, rank)
+    z = None
+    if w1 is not None:
+        z = zfull[:m, :, :w1.shape[1]]
+        _Z_BASE[z] = zfull
+    return QuantizedActivation(codes, s, zp, rs, spec.bits, z)
+
+
+def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
+                  monarch_w2: torch.Tensor | None = None, gelu: bool = False,
+                  out_dtype: torch.dtype = torch.bfloat16, out_spec: QuantSpec | None = None, arch: int = 0,
+                  splits: int = 0, out: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
+    """``ops.packed_linear`` on CUDA. Extra keywords (tests, benchmarks): ``arch`` 90/80 picks the wgmma or the
+    mma.sync kernel (0: best for the device), ``splits`` forces split-K, ``out`` fills a given (M, N) tensor
+    instead of allocating (bypassing the custom op), and ``out_dtype=torch.int32`` returns the exact
+    zero-point-corrected integer accumulator (no branch, bias or GELU)."""
+    m, k, n = act.m, act.k, weight.n
+    if out_dtype not in _OUT_KINDS:
+        raise ValueError(f"out_dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
+    if out_dtype == torch.int32 and (bias is not None or monarch_w2 is not None or gelu or out_spec is not None):
+        raise ValueError("int32 output is the bare corrected accumulator: no branch, bias, GELU or out_spec")
+    blocks, z, w2 = 1, None, None
+    if monarch_w2 is not None:
+        if act.z is None:
+            raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
+        blocks, _, br = monarch_w2.shape
+        if tuple(act.z.shape) != (m, blocks, br):
+            raise ValueError(f"z {tuple(act.z.shape)} does not match monarch_w2 {tuple(monarch_w2.shape)} "
+                             f"for M={m}")
+        brp = _round_up(br, 16)
+        w2 = _w2_padded(monarch_w2, brp)
+        z = _z_padded(act.z if act.z.dtype == torch.bfloat16 else act.z.to(torch.bfloat16), m, brp)
+    w = cuda_layout.cuda_operands(weight, blocks)
+    codes = act.codes
+    k_act = _round_up(k, 16)
+    if k_act != k or not codes.is_contiguous() or codes.data_ptr() % 16:
+        codes = F.pad(codes, (0, k_act - k)).contiguous()
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    a_scale, a_zp, a_rs = f32(act.scale), i32(act.zero_point), i32(act.row_sum)
+    bias_f = None if bias is None else f32(bias)
+    kind = _OUT_KINDS[torch.float32 if out_spec is not None else out_dtype]
+    if out is not None:
+        if out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != codes.device:
+            raise ValueError(f"out must be a contiguous {out_dtype} ({m}, {n}) tensor on {codes.device}")
+        launch_packed_linear(out, codes, a_scale, a_zp, a_rs, w, k=k, bias=bias_f, z=z, w2=w2, gelu=gelu,
+                             arch=arch, splits=splits)
+        y = out
+    else:
+        y = torch.ops.treeq.cuda_packed_linear(codes, a_scale, a_zp, a_rs, w.words, w.row_chan, w.scale, w.uzp,
+                                               w.ucs, bias_f, z, w2, w.bits, n, k, gelu, kind, arch, splits)
+    if out_spec is not None:
+        return quantize_activation(y, out_spec)
+    return y
+
+
+# ---- registration ---------------------------------------------------------------------------------------------
+
+def _all_cuda(*ts: torch.Tensor | None) -> bool:
+    return all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in ts)
+
+
+def can_run(op: str, args: tuple, kwargs: dict) -> bool:
+    """CUDA tensors on a device of compute capability ≥ 8.0, with the core built with CUDA."""
+    if not available():
+        return False
+    if op == "quantize_activation":
+        x, spec = args
+        return (_all_cuda(x, kwargs.get("shift"), kwargs.get("scale"), kwargs.get("monarch_w1"))
+                and x.dtype in _X_DTYPES and spec.role is Role.ACTIVATION and _capability_ok(x.device))
+    act, weight = args
+    out_dtype = kwargs.get("out_dtype", torch.bfloat16)
+    return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.packed, kwargs.get("bias"),
+                      kwargs.get("monarch_w2"))
+            and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and act.k <= MAX_K
+            and _capability_ok(act.codes.device))
+
+
+register(Backend("cuda", 100, {"quantize_activation": quantize_activation, "packed_linear": packed_linear}, can_run))

@@ -1,0 +1,131 @@
+"""Fragment layout v1: the packed-weight arrangement the CUDA GEMMs read, derived offline from layout v1.
+
+The C++ core does the work on the CPU (``csrc/frag_repack.cpp``; the layout itself is documented in
+``csrc/treeq/frag.h``). Weights are the MMA's A operand (rows = output channels) in tiles of 256 channels × 128 K;
+each (16-row block, lane) slot of a tile holds the 64 codes that lane feeds to four ``m16n8k32`` / ``wgmma
+m64nNk32`` k-steps, as 2·bits words that unpack to int8 registers with one shift and one mask. Within a channel
+tile the rows are ordered by (channel mod b, channel) for a Monarch branch of b blocks, so the epilogue adds the
+branch with few masked MMA passes; ``row_chan`` records the original channel of every tile row.
+
+The artifact format stays layout v1; this layout is a cache (``cuda_operands``) built when a CUDA kernel first
+needs a weight, keyed by the weight's packed tensor, the branch's block count and the device, and rebuilt after
+an in-place change of the weight's tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import core
+from ..format.packing import PACKABLE_BITS, packed_dtype, packed_shape
+from .derived import derived
+from .types import PackedWeight
+
+TILE_N = 256  # output channels per tile (MMA M side)
+TILE_K = 128  # K per tile (one 128-byte swizzle row of int8 activations)
+VERSION = 1
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"unsupported weight bit-width {bits}: expected one of {PACKABLE_BITS}")
+
+
+def channel_tiles(n: int) -> int:
+    return -(-n // TILE_N)
+
+
+def k_tiles(k: int) -> int:
+    return -(-k // TILE_K)
+
+
+def total_words(n: int, k: int, bits: int) -> int:
+    _check_bits(bits)
+    return channel_tiles(n) * k_tiles(k) * 1024 * bits
+
+
+def field_offset(bits: int) -> int:
+    """The kernels multiply sub-8-bit weights as offset-binary fields u = q + offset (8-bit: signed, offset 0)."""
+    _check_bits(bits)
+    return 0 if bits == 8 else 1 << (bits - 1)
+
+
+def tile_rows(n: int, blocks: int = 1) -> torch.Tensor:
+    """int32 ``(channel_tiles(n)·256,)``: the original channel of each tile row (-1 for padding rows)."""
+    if not isinstance(n, int) or not isinstance(blocks, int) or n <= 0 or blocks <= 0:
+        raise ValueError(f"N and blocks must be positive ints, got N={n!r}, blocks={blocks!r}")
+    return torch.from_numpy(core.load().frag_tile_rows(n, blocks))
+
+
+def repack(packed: torch.Tensor, bits: int, n: int, k: int, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout-v1 ``packed (N, ·)`` (CPU) → ``(words int32 (total_words,), row_chan int32)``."""
+    _check_bits(bits)
+    if not isinstance(packed, torch.Tensor) or packed.device.type != "cpu":
+        raise ValueError("repack takes the layout-v1 packed weight as a CPU tensor")
+    if packed.dtype != packed_dtype(bits) or tuple(packed.shape) != packed_shape(n, k, bits):
+        raise ValueError(f"{bits}-bit layout-v1 weight for (N={n}, K={k}) must be {packed_dtype(bits)} "
+                         f"{packed_shape(n, k, bits)}, got {packed.dtype} {tuple(packed.shape)}")
+    row_chan = tile_rows(n, blocks)
+    words = core.load().frag_repack(packed.contiguous().numpy(), bits, n, k, row_chan.numpy())
+    return torch.from_numpy(words), row_chan
+
+
+def unrepack(words: torch.Tensor, row_chan: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`repack`: int8 codes ``(N, K)``. Raises if a padding field is not code 0."""
+    _check_bits(bits)
+    codes, padding_ok = core.load().frag_unrepack(words.contiguous().numpy(), row_chan.contiguous().numpy(),
+                                                  bits, n, k)
+    if not padding_ok:
+        raise ValueError("fragment-layout padding (rows ≥ N or k ≥ K) holds a nonzero code")
+    return torch.from_numpy(codes)
+
+
+def registers(words: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """The A-fragment registers the kernels build from ``words``, unpacked by the kernels' own header code:
+    int64 ``(channel tile, k tile, 16 row blocks, 32 lanes, 4 k-steps, 4 registers)`` holding uint32 values."""
+    _check_bits(bits)
+    r = torch.from_numpy(core.load().frag_registers(words.contiguous().numpy(), bits, n, k))
+    return r.to(torch.int64) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class FragWeight:
+    """A weight's CUDA operands on one device.
+
+    words     int32 (total_words,)  fragment layout v1
+    row_chan  int32 (tiles·256,)    original channel of each tile row
+    scale     float32 (N,)          per-channel scale
+    uzp       int32 (N,)            zero point + field offset (u-domain)
+    ucs       int32 (N,)            Σ_k q + field offset · K (u-domain code sums)
+    """
+
+    words: torch.Tensor
+    row_chan: torch.Tensor
+    scale: torch.Tensor
+    uzp: torch.Tensor
+    ucs: torch.Tensor
+    bits: int
+    n: int
+    k: int
+    blocks: int
+
+
+def build_operands(weight: PackedWeight, blocks: int, device: torch.device) -> FragWeight:
+    """Repack ``weight`` on the CPU for a branch of ``blocks`` blocks and move the operands to ``device``."""
+    words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k, blocks)
+    off = field_offset(weight.bits)
+    uzp = weight.zero_point.cpu().to(torch.int64) + off
+    ucs = weight.col_sum.cpu().to(torch.int64) + off * weight.k
+    return FragWeight(words.to(device), row_chan.to(device), weight.scale.to(device, torch.float32).contiguous(),
+                      uzp.to(torch.int32).to(device), ucs.to(torch.int32).to(device), weight.bits, weight.n,
+                      weight.k, blocks)
+
+
+def cuda_operands(weight: PackedWeight, blocks: int = 1) -> FragWeight:
+    """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). The cache lives as
+    long as ``weight.packed`` and is rebuilt when any of the weight's tensors was changed in place (a module
+    whose buffers are loaded after a first forward, say)."""
+    return derived(weight.packed, ("cuda_frag", blocks, str(weight.device)),
+                   (weight.packed, weight.scale, weight.zero_point, weight.col_sum),
+                   lambda: build_operands(weight, blocks, weight.device))

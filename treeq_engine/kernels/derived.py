@@ -1,0 +1,30 @@
+"""Operands derived from a packed weight (unpacked codes, kernel fragment layouts), built once and cached.
+
+The artifact stores layout v1; each backend derives what its kernel wants. The cache is keyed by the identity of
+an *anchor* tensor (the packed weight), lives exactly as long as it, and an entry is rebuilt when any of its
+*dependencies* was written in place (their version counters moved) — e.g. buffers loaded into a module after
+its first forward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+T = TypeVar("T")
+
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def derived(anchor: torch.Tensor, key: Hashable, deps: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
+    """``build()``'s result for ``(anchor, key)``, reused while ``deps`` (anchor included if it matters) are
+    unchanged."""
+    per_anchor = _CACHE.get(anchor)
+    if per_anchor is None:
+        per_anchor = _CACHE[anchor] = {}
+    stamp = tuple((t.data_ptr(), t._version) for t in deps)
+    hit = per_anchor.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = per_anchor[key] = (stamp, build())
+    return hit[1]

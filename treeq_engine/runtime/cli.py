@@ -1,0 +1,138 @@
+"""``treeq quantize`` (model + plan -> artifact) and ``treeq sample`` (FP model or artifact -> image grid)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+MODEL_HELP = "'digits' (the shipped digits DiT) or a DiT checkpoint (.pt/.pth/.safetensors)"
+
+
+def load_fp_model(spec: str, config: str | None = None, device: str = "cpu"):
+    """The full-precision DiT named by ``spec`` and a JSON-able description of how to rebuild it."""
+    from ..models import load_dit_checkpoint
+    from ..models.digits import load_digits_dit
+
+    if spec == "digits":
+        model = load_digits_dit(device=device)
+    else:
+        if not Path(spec).is_file():
+            raise SystemExit(f"model {spec!r}: no such file ({MODEL_HELP})")
+        model = load_dit_checkpoint(spec, config, map_location=device)
+    return model, {"arch": "dit", "config": model.config.to_dict(), "source": spec}
+
+
+def parse_wa(label: str) -> tuple[int, int]:
+    s = label.strip().upper()
+    if not (s.startswith("W") and "A" in s):
+        raise SystemExit(f"expected a format like W4A8, got {label!r}")
+    w, a = s[1:].split("A", 1)
+    return int(w), int(a)
+
+
+def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
+    from ..nn import quantizable_linears
+    from ..plan import QuantPlan, is_block_layer
+
+    if (plan_path is None) == (uniform is None):
+        raise SystemExit("give exactly one of --plan PLAN.json or --uniform WxAy")
+    if plan_path is not None:
+        return QuantPlan.load(plan_path)
+    w, a = parse_wa(uniform)
+    names = quantizable_linears(model)
+    return QuantPlan.uniform([n for n in names if is_block_layer(n)], w, a, model=name,
+                             edge_names=[n for n in names if not is_block_layer(n)])
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help=MODEL_HELP)
+    p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
+    p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
+    p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from . import artifact
+    from .convert import memory_report, quantize
+
+    model, desc = load_fp_model(args.model, args.config)
+    plan = resolve_plan(model, args.plan, args.uniform, name=args.model)
+    fp = artifact.fingerprint(model, plan)
+    t0 = time.perf_counter()
+    quantize(model, plan)
+    out = artifact.save(model, plan, args.out, fp_fingerprint=fp, model_config=desc)
+    rep = memory_report(model)
+    print(f"packed {len(plan.layers)} layers in {time.perf_counter() - t0:.1f} s -> {out}")
+    print(f"linear weights: {rep['packed_bytes'] / 2**20:.2f} MiB packed vs {rep['bf16_bytes'] / 2**20:.2f} MiB bf16 "
+          f"({rep['ratio']:.3f}x)")
+    return 0
+
+
+def load_artifact_model(path: str, device: str = "cpu"):
+    """Rebuild the model an artifact was made from (its manifest's config) and load the artifact into it."""
+    from ..models import DiT, DiTConfig
+    from . import artifact
+
+    man = artifact.read_manifest(path)
+    desc = man.get("model_config", {})
+    if desc.get("arch") != "dit":
+        raise artifact.ArtifactError(f"{path}: `treeq sample` rebuilds DiT artifacts only, this one is "
+                                     f"{desc.get('arch')!r}")
+    with torch.device("meta"):
+        model = DiT(DiTConfig.from_dict(desc["config"]))
+    model = model.to_empty(device=device)
+    return artifact.load(path, model, map_location=device).eval()
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help=MODEL_HELP + " (ignored with --artifact)")
+    p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
+    p.add_argument("--artifact", default=None, help="a quantized artifact directory (from `treeq quantize`)")
+    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class labels")
+    p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--graph", action="store_true", help="replay each denoising step as a CUDA graph")
+    p.add_argument("--out", default="samples.png", help="PNG grid (latent models also write a .pt of latents)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ..demo import save_grid
+    from ..models import sample
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.artifact:
+        model = load_artifact_model(args.artifact, args.device)
+    else:
+        model = load_fp_model(args.model, args.config, args.device)[0]
+    try:
+        labels = torch.tensor([int(v) for v in args.labels.split(",") if v.strip()])
+    except ValueError:
+        raise SystemExit(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    if args.graph:
+        from .graphed_dit import GraphedDiT
+
+        model = GraphedDiT(model)
+    t0 = time.perf_counter()
+    imgs = sample(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
+                  progress=True).float().cpu()
+    secs = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if imgs.shape[1] == 1:
+        save_grid({"samples": imgs}, out, columns=len(labels))
+    else:  # latents: no VAE ships with the project; save them, and preview their first channel
+        torch.save(imgs, out.with_suffix(".pt"))
+        save_grid({"latent[0]": (imgs[:, :1] / imgs[:, :1].abs().amax().clamp(min=1e-6))}, out, columns=len(labels))
+    print(json.dumps({"out": str(out), "samples": len(labels), "seconds": round(secs, 2),
+                      "quantized": bool(args.artifact), "device": args.device}))
+    return 0

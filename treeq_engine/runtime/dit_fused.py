@@ -1,0 +1,68 @@
+"""Fused DiT blocks for packed inference: LayerNorm + adaLN modulate + quantization in one kernel.
+
+In a DiT block the inputs of ``attn.qkv`` and ``mlp.fc1`` are ``modulate(LayerNorm(x), shift, scale)``; a
+row-owning quantization kernel can read ``x`` once and do all three (research/kernels.md §5.3). ``fc1``'s
+epilogue also applies GELU and, where ``fc2`` carries no branch (whose first stage needs the unquantized row),
+quantizes straight into ``fc2``'s activation format.
+
+    h1 = x + gate_msa · proj(attention(qkv(Q(mod(LN(x), shift_msa, scale_msa)))))
+    y  = h1 + gate_mlp · fc2(Q(GELU(fc1(Q(mod(LN(h1), shift_mlp, scale_mlp))))))
+
+:func:`fuse_dit_blocks` swaps every ``DiTBlock`` whose ``qkv`` and ``fc1`` are packed for a
+:class:`FusedDiTBlock` holding the same submodules (the state dict is unchanged).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .linear import TreeQLinear
+
+
+def _quantized(mod: nn.Module) -> bool:
+    return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
+
+
+class FusedDiTBlock(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
+            setattr(self, name, getattr(block, name))
+        if not (_quantized(self.attn.qkv) and _quantized(self.mlp.fc1)):
+            raise ValueError("FusedDiTBlock needs packed qkv and fc1 with quantized activations")
+        self.eps1, self.eps2 = self.norm1.eps, self.norm2.eps
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        attn = self.attn
+        act = attn.qkv.quantize_input(x.reshape(n * t, d).contiguous(), ln_eps=self.eps1, shift=shift_msa,
+                                      scale=scale_msa)
+        qkv = attn.qkv.linear(act, out_dtype=x.dtype).reshape(n, t, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        x = x + gate_msa.unsqueeze(1) * attn.proj(o.transpose(1, 2).reshape(n, t, d))
+
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        act = fc1.quantize_input(x.reshape(n * t, d).contiguous(), ln_eps=self.eps2, shift=shift_mlp, scale=scale_mlp)
+        if _quantized(fc2) and fc2.monarch_w1 is None:  # fc1's epilogue quantizes for fc2 directly
+            h = fc2.linear(fc1.linear(act, gelu=True, out_spec=fc2.act_spec), out_dtype=x.dtype)
+        else:
+            h = fc2(fc1.linear(act, gelu=True, out_dtype=x.dtype))
+        return x + gate_mlp.unsqueeze(1) * h.reshape(n, t, d)
+
+
+def fuse_dit_blocks(model: nn.Module) -> int:
+    """Swap eligible blocks of a (packed) DiT for :class:`FusedDiTBlock`; returns how many were fused."""
+    from ..models.dit import DiTBlock
+
+    fused = 0
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        return 0
+    for i, blk in enumerate(blocks):
+        if isinstance(blk, DiTBlock) and _quantized(blk.attn.qkv) and _quantized(blk.mlp.fc1):
+            blocks[i] = FusedDiTBlock(blk)
+            fused += 1
+    return fused
