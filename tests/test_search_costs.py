@@ -121,8 +121,14 @@ def test_check_budget_and_environment(space):
     assert environment_config(space, Budget.parse("W3.5A3.9")) == LayerConfig(3, 3)
     with pytest.raises(BudgetError, match="no plan meets the budget W1.5"):
         environment_config(space, Budget.parse("W1.5"))
-    assert cm.axis(np.array([[4.0, 4.0], [3.0, 5.0]]), b).tolist() == [4.0, 4.0]
-    assert cm.axis(np.array([[3.0, 4.0]]), Budget.parse("W3A4")).tolist() == [3.5]
+    assert cm.axis(np.array([[4.0, 4.0], [3.0, 5.0], [2.0, 4.0]]), b).tolist() == [1.0, 1.25, 1.0]
+    assert cm.axis(np.array([[3.0, 4.0]]), Budget.parse("W3A4")).tolist() == [1.0]
+    # a node: limits scaled by its share of parameters (W) and MACs (A); uniform W4A4 sits at 1 anywhere
+    n = cm.table.shape[0]
+    for lo, hi in [(0, 1), (1, n - 1), (0, n)]:
+        node = cm.leaf_costs(lo, hi, np.array([space.uniform(LayerConfig(4, 4))[lo:hi],
+                                               space.uniform(LayerConfig(2, 8))[lo:hi]]))
+        assert np.allclose(cm.axis(node, b, (lo, hi)), [1.0, 2.0])
 
 
 def test_candidate_configs_errors():

@@ -227,6 +227,7 @@ class CostModel:
     kind: str
     table: np.ndarray
     offset: np.ndarray
+    share: np.ndarray | None = None      # (n_leaves, d) for the average-bit kinds: each leaf's weight in the average
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -241,16 +242,23 @@ class CostModel:
         a = np.asarray(assignment)
         return self.offset + self.leaf_costs(0, len(a), a[None])[0]
 
-    def axis(self, cost: np.ndarray, budget: Budget | None = None) -> np.ndarray:
-        """The one axis the Pareto drop thins along, ``(..., d) -> (...)``: the cost itself for one dimension;
-        for WxAy the two average bit-widths each divided by its limit, averaged, times the mean limit
-        (``(W + A)/2`` for a W4A4 budget, the paper's single "Avg Bits" axis), so each counts in proportion
-        to its limit. Without a budget the limits are taken as equal."""
+    def axis(self, cost: np.ndarray, budget: Budget | None = None, span: tuple[int, int] | None = None
+             ) -> np.ndarray:
+        """The one axis the Pareto drop thins along, ``(..., d) -> (...)``: the cost itself for one dimension.
+        For WxAy: the budget use of the binding dimension, ``max_d cost_d / limit_d`` (1 = exactly at the
+        budget), so that at the root ``axis <= 1`` is the same as meeting the budget. ``cost`` is a whole plan's
+        total (offset included) when ``span`` is None; for a node's leaves ``span = (lo, hi)`` each limit is
+        scaled by the node's share of that average (its parameters for W, its MACs for A), so the axis reads
+        "this node's average bits over the budget's". An earlier mean over the dimensions ((W + A)/2, the paper's
+        single "Avg Bits") let a plan buy A8 layers with W2 layers at equal axis, and the root kept few plans
+        that met both limits: TSS ended at W2.84A3.97 below IP's W4.00A4.00 (``docs/search.md``). Without a
+        budget the limits are taken as 1."""
         cost = np.asarray(cost, dtype=np.float64)
         if cost.shape[-1] == 1:
             return cost[..., 0]
         lim = np.asarray(budget.limits if budget is not None else np.ones(cost.shape[-1]), dtype=np.float64)
-        return (cost / lim).mean(axis=-1) * lim.mean()
+        ref = lim if span is None or self.share is None else lim * self.share[span[0]:span[1]].sum(axis=0)
+        return (cost / ref).max(axis=-1)
 
     def min_costs(self) -> np.ndarray:
         """``(n_leaves, d)``: each leaf's cheapest candidate, per dimension."""
@@ -281,6 +289,7 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
         table = (macs * a / macs.sum())[..., None]
     elif kind == "wa":
         table = np.stack([params * w / params.sum(), macs * a / macs.sum()], axis=-1)
+        share = np.concatenate([params / params.sum(), macs / macs.sum()], axis=1)
     elif kind == "bytes":
         table = np.array([[linear_bytes(leaf, c) for c in cands] for leaf in leaves], dtype=np.float64)[..., None]
     else:
@@ -291,9 +300,11 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
             return roofline_us(leaf.k, leaf.n, m, c.w_bits, c.a_bits, c.branch)
         table = np.array([[us(leaf, c) for c in cands] for leaf in leaves], dtype=np.float64)[..., None]
     offset = np.zeros(table.shape[-1])
+    if kind != "wa":
+        share = None
     if kind == "bytes":
         offset[0] = sum(linear_bytes(leaf, c) for leaf, c in space.fixed) + 2 * space.other_params
-    return CostModel(kind, np.ascontiguousarray(table), offset)
+    return CostModel(kind, np.ascontiguousarray(table), offset, share)
 
 
 def describe(space: SearchSpace, assignment: Sequence[int] | np.ndarray, *,

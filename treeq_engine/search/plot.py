@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-AXIS_LABEL = {"w": "average weight bits", "a": "average activation bits", "wa": "average bits (W + A)/2",
+AXIS_LABEL = {"w": "average weight bits", "a": "average activation bits", "wa": "budget use: max(W / W budget, A / A budget)",
               "bytes": "model bytes", "latency": "latency of the searched linears (µs)"}
 
 

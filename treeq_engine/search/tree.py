@@ -13,7 +13,7 @@ With a budget, a candidate that cannot meet it even with every other leaf at its
 before scoring (exact: it has no feasible completion), so the K slots go to configs that can still be used.
 Each node also always keeps its environment-uniform config (every leaf at ENG's environment config, when that
 is a candidate): the uniform plan then reaches the root, and at λ = 1 the search cannot end worse than it.
-Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``.
+Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``: the binding dimension's budget use.
 
 Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²``. Each level's scoring is
 independent across nodes and is sharded over processes (``distributed``). After every level the state (each
@@ -203,7 +203,7 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
 
     def drop(nd: Node) -> np.ndarray:
         hits = np.flatnonzero((nd.configs == elite).all(axis=1)) if elite is not None else []
-        return pareto_drop(cost.axis(nd.cost, budget), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
+        return pareto_drop(cost.axis(nd.cost, budget, (nd.lo, nd.hi)), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
 
     path = Path(state_path) if state_path is not None else None
     state: dict[str, Any] | None = None
