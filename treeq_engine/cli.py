@@ -1,89 +1,67 @@
-"""The ``treeq`` command (also ``python -m treeq_engine``). Each subcommand lives in its own module and is
-imported only when run, so ``treeq --help`` stays fast."""
+"""The ``treeq`` command (also ``python -m treeq_engine``). Each subcommand lives in its own module, named in
+``COMMANDS``, and is imported only when that subcommand is chosen, so ``treeq --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from typing import Callable, Sequence
+from typing import NamedTuple, Sequence
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import build_info
-
-    info = build_info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for k, v in info.items():
-            print(f"{k:22s} {v}")
-    return 0
+class Command(NamedTuple):
+    help: str
+    module: str                    # relative to treeq_engine
+    add_arguments: str = "add_arguments"
+    run: str = "run"
 
 
-def _cmd_selfcheck(args: argparse.Namespace) -> int:
-    from . import selfcheck
-
-    return selfcheck.main()
-
-
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    from .demo import add_arguments
-
-    add_arguments(p)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
-
-    return run(args)
-
-
-# name -> (help, add_arguments, run)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "info": ("what was built and what this machine can run",
-             lambda p: p.add_argument("--json", action="store_true", help="print JSON"), _cmd_info),
-    "selfcheck": ("check the numeric format and the compiled core against the oracle", lambda p: None,
-                  _cmd_selfcheck),
-    "demo": ("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
-             _demo_args, _cmd_demo),
-    "quantize": ("pack a DiT with a plan (or --uniform WxAy) into a TreeQ artifact (safetensors + plan JSON)",
-                 lambda p: __import__("treeq_engine.runtime.cli", fromlist=["cli"]).add_quantize_arguments(p),
-                 lambda a: __import__("treeq_engine.runtime.cli", fromlist=["cli"]).run_quantize(a)),
-    "sample": ("sample a full-precision DiT or a quantized artifact into a PNG grid",
-               lambda p: __import__("treeq_engine.runtime.cli", fromlist=["cli"]).add_sample_arguments(p),
-               lambda a: __import__("treeq_engine.runtime.cli", fromlist=["cli"]).run_sample(a)),
-    "profile": ("measure every (layer shape x format x tokens) into the latency table `treeq search` reads",
-                lambda p: __import__("treeq_engine.runtime.profile", fromlist=["profile"]).add_arguments(p),
-                lambda a: __import__("treeq_engine.runtime.profile", fromlist=["profile"]).run(a)),
-    "triton-aot": ("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and SASS",
-                   lambda p: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).add_arguments(p),
-                   lambda a: __import__("treeq_engine.kernels.triton.aot", fromlist=["aot"]).run(a)),
-    "ptq": ("calibrate a DiT for a plan: weight/activation clipping, Monarch or low-rank branches (resumable)",
-            lambda p: __import__("treeq_engine.calib.cli", fromlist=["cli"]).add_ptq_args(p),
-            lambda a: __import__("treeq_engine.calib.cli", fromlist=["cli"]).run_ptq(a)),
-    "peft": ("fine-tune a calibrated DiT's branches by distillation from the FP model (resumable)",
-             lambda p: __import__("treeq_engine.calib.cli", fromlist=["cli"]).add_peft_args(p),
-             lambda a: __import__("treeq_engine.calib.cli", fromlist=["cli"]).run_peft(a)),
+COMMANDS: dict[str, Command] = {
+    "info": Command("what was built and what this machine can run", ".info", "add_cli_arguments", "run_cli"),
+    "selfcheck": Command("check the numeric format and the compiled core against the oracle", ".selfcheck",
+                         "add_arguments", "run_cli"),
+    "demo": Command("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
+                    ".demo"),
+    "search": Command("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", ".search.cli"),
+    "ptq": Command("calibrate a DiT for a plan: weight/activation clipping, Monarch or low-rank branches "
+                   "(resumable)", ".calib.cli", "add_ptq_args", "run_ptq"),
+    "peft": Command("fine-tune a calibrated DiT's branches by distillation from the FP model (resumable)",
+                    ".calib.cli", "add_peft_args", "run_peft"),
+    "quantize": Command("pack a DiT with a plan (or --uniform WxAy) into a TreeQ artifact (safetensors + plan JSON)",
+                        ".runtime.cli", "add_quantize_arguments", "run_quantize"),
+    "sample": Command("sample a full-precision DiT or a quantized artifact into a PNG grid", ".runtime.cli",
+                      "add_sample_arguments", "run_sample"),
+    "profile": Command("measure every (layer shape x format x tokens) into the latency table `treeq search` reads",
+                       ".runtime.profile"),
+    "triton-aot": Command("compile the Triton/Gluon kernels for sm_80/sm_90a without a GPU; report registers and "
+                          "SASS", ".kernels.triton.aot"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _resolve(name: str, attr: str):
+    module = importlib.import_module(COMMANDS[name].module, __package__)
+    return getattr(module, attr)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments (all of them for ``None``)."""
     parser = argparse.ArgumentParser(prog="treeq", description="TreeQ Engine: mixed-precision DiT quantization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        add_args(p)
-        p.set_defaults(_run=run)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if command is None or name == command:
+            _resolve(name, cmd.add_arguments)(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else "")
     args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
+    if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    return int(_resolve(args.command, COMMANDS[args.command].run)(args) or 0)
 
 
 if __name__ == "__main__":

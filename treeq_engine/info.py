@@ -1,7 +1,9 @@
 """What was built and what this machine can run: ``treeq_engine.build_info()``."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import platform
 from typing import Any
 
@@ -57,3 +59,17 @@ def _version() -> str:
         return version("treeq-engine")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:22s} {v}")
+    return 0

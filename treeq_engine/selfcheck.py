@@ -6,6 +6,8 @@ compares the epilogue against dequantize-then-matmul in float64.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from . import core
@@ -50,3 +52,11 @@ def main() -> int:
               f"{r['epilogue_rel_err']:16.2e} | {r['quant_rel_err']:.4f}")
     print("selfcheck:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``treeq selfcheck`` takes no options."""
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    return main()

@@ -18,12 +18,17 @@ into the codes QALoRA-style) against fixed low-bit weights, as QLoRA does, and t
 
 ENG's λ is defined for unfrozen layers only (a frozen layer has no float weight to interpolate towards).
 
+Candidate batching (the search): ``set_group_configs([c_0, …, c_{G−1}])`` splits the leading batch dimension
+of every input into G equal groups and runs group ``g`` at ``c_g`` (same λ, same branch), as G separate
+forwards would, in one batched matmul. ``set_group_configs(None)`` returns to the single config. Grouped mode
+is for evaluation only (no gradients).
+
 This is the simulation used for search, calibration and fine-tuning. The packed, kernel-backed module for
 inference is a different class (runtime), built from the same plan.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,9 +37,12 @@ import torch.nn.functional as F
 from ..format import (QuantSpec, QuantizedTensor, fake_quantize, fake_quantize_with_qparams, quantize,
                       quantize_with_qparams, row_qparams)
 from ..plan import LayerConfig
+from .grouped import fake_quantize_groups, group_params
 
 
 class QuantLinear(nn.Module):
+    GROUP_WEIGHT_CACHE = 6   # fake-quantized weights kept for grouped mode (one per weight spec and λ)
+
     def __init__(self, linear: nn.Linear, config: LayerConfig | None = None, *, name: str = "") -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -53,6 +61,9 @@ class QuantLinear(nn.Module):
         self._frozen_spec: QuantSpec | None = None  # the weight spec the codes were made with
         self._config: LayerConfig | None = None
         self._w_cache: tuple[Any, torch.Tensor] | None = None
+        self._groups: tuple[LayerConfig | None, ...] | None = None
+        self._wg_cache: dict[Any, torch.Tensor] = {}
+        self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, their params, branch mask
         self.set_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -69,6 +80,27 @@ class QuantLinear(nn.Module):
                              f"changing it to {config.label}")
         self._config = config
         self._w_cache = None
+
+    @property
+    def group_configs(self) -> tuple[LayerConfig | None, ...] | None:
+        return self._groups
+
+    def set_group_configs(self, configs: Sequence[LayerConfig | None] | None) -> None:
+        """Grouped (candidate-batched) mode: G configs, one per equal slice of the batch; ``None`` leaves it."""
+        self._gp_cache = {}
+        if configs is None:   # the weight cache stays: a search scores the same node in several batches
+            self._groups = None
+            return
+        configs = tuple(configs)
+        if not configs:
+            raise ValueError(f"{self.name or 'QuantLinear'}: set_group_configs needs at least one config")
+        if self.is_frozen:
+            raise ValueError(f"{self.name or 'QuantLinear'}: grouped (search) mode needs a float weight; this "
+                             "layer's weight is frozen (calibrated codes)")
+        for c in configs:
+            if c is not None and not isinstance(c, LayerConfig):
+                raise TypeError(f"group configs must be LayerConfig or None, got {type(c).__name__}")
+        self._groups = configs
 
     def set_noise_scale(self, lam: float) -> None:
         lam = float(lam)
@@ -188,13 +220,30 @@ class QuantLinear(nn.Module):
         if self.is_frozen:
             wq = self._frozen_weight().to(self.weight.dtype)
         else:
-            wq = fake_quantize(wr, spec)
-            if self.noise_scale != 1.0:
-                wq = wr + self.noise_scale * (wq - wr)
+            wq = self._noisy_weight(wr, spec)
         if not needs_grad:
             wq = wq.detach()
             self._w_cache = (key, wq)
         return wq
+
+    def _noisy_weight(self, wr: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        wq = fake_quantize(wr, spec)
+        return wq if self.noise_scale == 1.0 else wr + self.noise_scale * (wq - wr)
+
+    def _group_weight(self, config: LayerConfig | None) -> torch.Tensor:
+        """The weight group ``config`` multiplies: ``W`` in full precision, else ``Q̃_w(W − B)`` (cached)."""
+        if config is None:
+            return self.weight
+        spec = config.weight_spec()
+        key = (spec, self._cache_key()[1:])
+        hit = self._wg_cache.get(key)
+        if hit is None:   # keys hold λ and the weights' versions, so a stale entry is never hit; keep a few
+            wr = self.residual_weight().detach()
+            hit = wr if not spec.is_quantized else self._noisy_weight(wr, spec)
+            if len(self._wg_cache) >= self.GROUP_WEIGHT_CACHE:
+                self._wg_cache.pop(next(iter(self._wg_cache)))
+            self._wg_cache[key] = hit
+        return hit
 
     def weight_qtensor(self) -> QuantizedTensor:
         """The integer form of the quantized path's weight, as the runtime packs it: the frozen codes (a LoRA
@@ -217,19 +266,58 @@ class QuantLinear(nn.Module):
         spec = self.act_spec
         if spec is None or not spec.is_quantized or self.noise_scale == 0.0:
             return x
-        xq = fake_quantize(x, spec, nonfinite="propagate")
+        if torch.is_grad_enabled() and x.requires_grad:
+            xq = fake_quantize(x, spec, nonfinite="propagate")        # with the straight-through gradient
+        else:   # the same arithmetic in fewer passes (bit-identical; tests/test_nn_grouped.py)
+            xq = fake_quantize_groups(x.reshape(1, -1, x.shape[-1]), [spec]).reshape(x.shape)
         return xq if self.noise_scale == 1.0 else x + self.noise_scale * (xq - x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
+        if self._groups is not None:
+            return self._forward_groups(x)
         if self._config is None:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
         if self.branch is not None:
             y = y + self.branch(x)
         return y
+
+    def _forward_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Group g = rows ``[g·B/G, (g+1)·B/G)`` of the leading dim, at ``self._groups[g]``."""
+        groups = self._groups
+        g = len(groups)
+        if x.dim() < 2 or x.shape[0] % g:
+            raise ValueError(f"{self.name or 'QuantLinear'}: grouped mode with G={g} needs a leading batch "
+                             f"dimension divisible by {g}, got shape {tuple(x.shape)}")
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            raise RuntimeError(f"{self.name or 'QuantLinear'}: grouped mode is for evaluation; run it under "
+                               "torch.no_grad()")
+        xg = x.reshape(g, -1, self.in_features)                                  # (G, R, K)
+        lam = self.noise_scale
+        key = (lam, x.device)
+        if key not in self._gp_cache:   # host-to-device copies once per config set, not per forward
+            specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
+            on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
+            self._gp_cache[key] = (specs, group_params(specs, x.device), on)
+        specs, params, on = self._gp_cache[key]
+        xq = fake_quantize_groups(xg, specs, params)
+        if lam not in (0.0, 1.0):
+            xq = xg + lam * (xq - xg)
+        weights = {}
+        for c in groups:
+            key = None if c is None else c.weight_spec()
+            if key not in weights:
+                weights[key] = self._group_weight(c)
+        w = torch.stack([weights[None if c is None else c.weight_spec()] for c in groups])   # (G, N, K)
+        y = torch.bmm(xq, w.transpose(1, 2))                                      # (G, R, N)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.branch is not None and any(c is not None for c in groups):
+            y = y + self.branch(xg) * on.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         cfg = "fp" if self._config is None else self._config.label

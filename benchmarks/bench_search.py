@@ -1,0 +1,164 @@
+"""Time the tree search on a DiT-XL/2-shaped model with random weights, and extrapolate the whole search.
+
+    python benchmarks/bench_search.py                                  # DiT-XL/2, bf16 on CUDA when present
+    python benchmarks/bench_search.py --config DiT-S/2 --samples 4 --levels 2 --device cpu --dtype float32
+
+What it does:
+1. Builds the model (every weight random, see ``treeq_engine.search.cli.random_dit``), ``--samples`` random
+   calibration inputs (x ~ N(0, I), t uniform over the 1000 steps, random labels), the search space (140 leaves
+   for XL/2, 12 candidates each) and the evaluator, and times the setup (FP reference, environment caches).
+2. Lays out the search's work without budget pruning (an upper bound): level 0 scores the leaves only when they
+   have more than K candidates, level 1 scores C² per merge, later levels up to K², cut into the units the
+   search runs (``--group`` candidates stacked per forward).
+3. Times units whose node starts at several depths, fits ``seconds = a + b · segments run`` by least squares,
+   and sums the prediction over every planned unit: the whole search's time on this device.
+4. With ``--levels L`` it also runs the real search for its first L levels and prints measured against
+   predicted time for them, a check of the extrapolation.
+
+Prints a JSON record (device, shapes, K, G, samples, fitted a and b, predicted total, levels run) for
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def planned_units(leaf_segment: list[int], segments: int, cands: int, keep: int, group: int) -> list[list[tuple]]:
+    """Per level, the units ``(rows, segments run)`` of a search without pruning (sizes are upper bounds)."""
+    nodes = [(i, cands) for i in range(len(leaf_segment))]          # (first leaf, configs held)
+    levels = [[]]                                                    # level 0: leaves scored only if > K
+    if cands > keep:
+        levels[0] = [(min(group, cands - s), segments - leaf_segment[lo])
+                     for lo, c in nodes for s in range(0, c, group)]
+        nodes = [(lo, keep) for lo, _ in nodes]
+    while len(nodes) > 1:
+        units, merged = [], []
+        for j in range(0, len(nodes) - 1, 2):
+            (lo, a), (_, b) = nodes[j], nodes[j + 1]
+            m = a * b
+            units += [(min(group, m - s), segments - leaf_segment[lo]) for s in range(0, m, group)]
+            merged.append((lo, min(keep, m)))
+        if len(nodes) % 2:
+            merged.append(nodes[-1])
+        levels.append(units)
+        nodes = merged
+    return levels
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="DiT-XL/2")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples")
+    p.add_argument("--batch", type=int, default=None, help="samples per forward (default: all)")
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--keep", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--depths", type=int, default=4, help="start depths timed for the fit")
+    p.add_argument("--repeats", type=int, default=2, help="timed units per depth")
+    p.add_argument("--levels", type=int, default=0, help="also run the real search for this many levels")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    p.add_argument("--compile", action="store_true", help="fuse the activation fake-quant with torch.compile")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        from treeq_engine.nn import grouped
+
+        grouped.use_compiled(True)
+
+    from treeq_engine.plan import LayerConfig
+    from treeq_engine.search import DiTRunner, Environment, Evaluator, SearchSpace, cost_model, tree_search
+    from treeq_engine.search.cli import random_dit
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    t0 = time.perf_counter()
+    model = random_dit(args.config).to(device)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    n = args.samples
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    space = SearchSpace.build(model, [x[:2].to(device), t[:2].to(device), y[:2].to(device)],
+                              model_name=args.config)
+    model = model.to(dtype)
+    inputs = (x.to(device, dtype), t.to(device), y.to(device))
+    ev = Evaluator(model, DiTRunner(model, output_fn=lambda o: o[:, :cfg.in_channels]), space, inputs,
+                   Environment(LayerConfig(4, 4), 1.0), batch=args.batch or n, group=args.group)
+    ev.reference()
+    ev.states()
+    sync(device)
+    t_setup = time.perf_counter() - t0
+
+    rng = np.random.default_rng(0)
+    nl, nc, segs = len(space.leaves), len(space.candidates), ev.runner.num_segments
+    ev.evaluate(0, 2, rng.integers(0, nc, (args.group, 2)))          # warm-up: kernels, every layer's weight cache
+    starts = np.linspace(0, nl - 2, args.depths).round().astype(int)
+    xs, ys = [], []
+    for lo in starts:
+        for _ in range(args.repeats):
+            sync(device)
+            t1 = time.perf_counter()
+            ev.evaluate(int(lo), int(lo) + 2, rng.integers(0, nc, (args.group, 2)))
+            xs.append(segs - ev.leaf_segment[lo])
+            ys.append(time.perf_counter() - t1)
+    a, b = np.linalg.lstsq(np.stack([np.ones(len(xs)), xs], 1), np.array(ys), rcond=None)[0]
+
+    levels = planned_units(ev.leaf_segment, segs, nc, args.keep, args.group)
+    full = lambda u: u[0] / args.group * (a + b * u[1])  # noqa: E731  (a short last unit: proportionally)
+    per_level = [sum(full(u) for u in lv) for lv in levels]
+    evals = [sum(u[0] for u in lv) for lv in levels]
+    record = {
+        "config": args.config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "compiled": args.compile, "dtype": str(dtype).replace("torch.", ""),
+        "leaves": nl,
+        "candidates": nc, "keep": args.keep, "group": args.group, "samples": n, "tokens": space.leaves[1].tokens,
+        "setup_s": round(t_setup, 2), "fit_a_s": float(a), "fit_b_s_per_segment": float(b),
+        "planned_evaluations": int(sum(evals)), "bound_(n-1)K^2": (nl - 1) * args.keep ** 2,
+        "predicted_s": round(sum(per_level), 1), "predicted_min": round(sum(per_level) / 60, 2),
+        "predicted_level_s": [round(v, 2) for v in per_level],
+    }
+    try:
+        record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        pass
+    if args.levels:
+        class Stop(Exception):
+            pass
+
+        def stop(level: int) -> None:
+            if level + 1 >= args.levels:
+                raise Stop
+
+        t2 = time.perf_counter()
+        measured = []
+        try:
+            tree_search(ev, cost_model(space, "wa"), keep=args.keep, progress=False, anchor=False,
+                        on_level=lambda lv: (measured.append(time.perf_counter() - t2 - sum(measured)), stop(lv)))
+        except Stop:
+            pass
+        record["measured_level_s"] = [round(v, 2) for v in measured]
+        record["measured_vs_predicted"] = [round(m / p_, 3) if p_ else None
+                                          for m, p_ in zip(measured, per_level)]
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

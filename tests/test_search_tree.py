@@ -1,0 +1,131 @@
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+import tinydit
+from tinydit import eps, one_thread  # noqa: F401
+from treeq_engine.plan import LayerConfig
+from treeq_engine.search import (Budget, BudgetError, DiTRunner, Environment, Evaluator, SearchSpace, cost_model,
+                                 tree_search)
+from treeq_engine.search.space import candidate_configs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tinydit.setup(depth=2, d=16, tokens=4, seed=5, n=8)
+
+
+def make(tiny, env=LayerConfig(4, 4), lam=1.0, space=None, group=16):
+    model = copy.deepcopy(tiny[0])
+    space = space or tiny[2]
+    return Evaluator(model, DiTRunner(model, output_fn=eps), space, tiny[1], Environment(env, lam), batch=8,
+                     group=group)
+
+
+def test_without_drops_the_root_front_is_the_exhaustive_front(tiny):
+    """Three candidates on 5 leaves and K = 243 ≥ 3⁵: nothing is dropped, so the root holds every plan, each
+    scored as a whole plan, and the best plan at any budget is the brute-force best."""
+    model, inputs, big = tiny
+    space = SearchSpace(big.leaves[:5], candidate_configs((2, 4, 8), (8,)), big.fixed[:0], 0)
+    ev = make(tiny, env=LayerConfig(4, 8), space=space)
+    cost = cost_model(space, "w")
+    res = tree_search(ev, cost, keep=243, progress=False)
+    assert len(res.root.mse) == 243 and res.evaluations == 9 + 9 + 81 + 243   # (01), (23); ((01)(23)); (…)(4)
+    everything = np.array(list(itertools.product(range(3), repeat=5)))
+    brute = ev.evaluate_plans(everything)
+    order = np.lexsort(everything.T[::-1])
+    root = res.root.configs[np.lexsort(res.root.configs.T[::-1])]
+    np.testing.assert_array_equal(root, everything[order])
+    for text in ("W3", "W4", "W5.5"):
+        b = Budget.parse(text)
+        ok = cost.fits(np.array([cost.total(a) for a in everything]), b)
+        a, _, mse = res.best(b, cost)
+        assert mse == pytest.approx(brute[ok].min(), rel=1e-6)
+        assert cost.fits(cost.total(a), b)
+
+
+def test_counts_pruning_and_the_uniform_anchor(tiny):
+    ev = make(tiny)
+    space = ev.space
+    cost = cost_model(space, "wa")
+    b = Budget.parse("W4A4")
+    res = tree_search(ev, cost, keep=4, budget=b, progress=False)
+    n = len(space.leaves)
+    assert res.evaluation_bound == (n - 1) * 16
+    per_level = [lv["evaluations"] for lv in res.levels]
+    assert per_level[0] > 0                      # 12 candidates > K = 4: leaves are scored and dropped first
+    assert sum(per_level) == res.evaluations == ev.evaluations
+    assert sum(per_level[1:]) <= res.evaluation_bound
+    totals = cost.offset + res.root.cost
+    assert cost.fits(totals, b).all()            # pruning: every plan that reached the root meets the budget
+    env = space.candidates.index(LayerConfig(4, 4))
+    assert (res.root.configs == env).all(axis=1).any()       # the environment-uniform plan survived
+    uniform = ev.evaluate_plans(space.uniform(LayerConfig(4, 4))[None])[0]
+    a, total, mse = res.best(b, cost)
+    assert mse <= uniform
+    assert mse == pytest.approx(ev.evaluate_plans(a[None])[0], rel=1e-9)   # λ = 1: the root's score is PTQ's
+    kept = np.array(res.root_candidates["kept"])
+    assert kept.sum() == 4 and len(kept) == len(res.root_candidates["mse"])
+    with pytest.raises(BudgetError, match="no plan on the root.s front meets W1.9A3"):
+        res.best(Budget.parse("W1.9A3"), cost)
+    with pytest.raises(BudgetError, match="budget kind 'w' does not match"):
+        tree_search(ev, cost, budget=Budget.parse("W4"), progress=False)
+
+
+def test_resume_after_a_kill_gives_the_identical_result(tiny, tmp_path):
+    cost = cost_model(tiny[2], "w")
+    b = Budget.parse("W3")
+    full = tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=6, budget=b, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(level):
+        def hook(lv):
+            if lv == level:
+                raise Killed
+        return hook
+
+    state = tmp_path / "state.json"
+    with pytest.raises(Killed):
+        tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=6, budget=b, state_path=state, progress=False,
+                    on_level=kill_at(2))
+    assert json.loads(state.read_text())["level"] == 2
+    ev = make(tiny, LayerConfig(3, 8))
+    resumed = tree_search(ev, cost, keep=6, budget=b, state_path=state, resume=True, progress=False)
+    assert 0 < ev.evaluations < full.evaluations                 # only the levels after 2 ran again
+    assert resumed.evaluations == full.evaluations
+    for a, c in [(resumed.root, full.root), (resumed.front, full.front)]:
+        np.testing.assert_array_equal(a.configs, c.configs)
+        np.testing.assert_array_equal(a.mse, c.mse)
+        np.testing.assert_array_equal(a.cost, c.cost)
+    assert resumed.root_candidates == full.root_candidates
+    assert [lv["evaluations"] for lv in resumed.levels] == [lv["evaluations"] for lv in full.levels]
+    # a finished state resumes to the same answer with no work; another search's state is refused
+    ev2 = make(tiny, LayerConfig(3, 8))
+    again = tree_search(ev2, cost, keep=6, budget=b, state_path=state, resume=True, progress=False)
+    assert ev2.evaluations == 0 and np.array_equal(again.root.configs, full.root.configs)
+    with pytest.raises(ValueError, match="belongs to a different search"):
+        tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=5, budget=b, state_path=state, resume=True,
+                    progress=False)
+    with pytest.raises(ValueError, match="belongs to a different search"):
+        tree_search(make(tiny, LayerConfig(3, 8), lam=0.5), cost, keep=6, budget=b, state_path=state,
+                    resume=True, progress=False)
+
+
+def test_lambda_changes_the_environment_not_the_node(tiny):
+    """At λ = 0 a node is scored inside the FP model: a one-leaf node's score is its error alone."""
+    ev0 = make(tiny, lam=0.0)
+    evfp = make(tiny, env=LayerConfig(16, 16), lam=1.0,
+                space=SearchSpace(tiny[2].leaves, tiny[2].candidates + (LayerConfig(16, 16),), (), 0))
+    rows = np.arange(12)[:, None]
+    alone = ev0.evaluate(3, 4, rows)
+    assert np.all(alone > 0)
+    # the environment at bf16 "16 bits" with the fixed layers dropped from the space (left FP) is the same
+    np.testing.assert_allclose(evfp.evaluate(3, 4, rows), alone, rtol=1e-6)
+    assert not np.allclose(make(tiny, lam=1.0).evaluate(3, 4, rows), alone, rtol=1e-2)

@@ -1,0 +1,176 @@
+"""The calibration set: model inputs ``(x_t, t, y)`` collected along the full-precision sampler's trajectories.
+
+    calib = load_or_collect(model, CalibrationConfig(trajectories=32, timesteps=8), cache_dir="~/.cache/treeq")
+    x, t, y = calib.inputs()
+
+``trajectories`` samples (classes cycled 0, 1, …, one seeded sampler run) are drawn with the FP model; of the
+``steps`` sampling steps, ``timesteps`` evenly spaced ones (first and last included) are kept, each contributing
+every sample's input at that step. With classifier-free guidance the model runs on ``[cond; uncond]`` and both
+halves are kept (the null-class inputs are what the guided model sees too). So ``N = trajectories · timesteps``
+(twice that with guidance), in step-major order.
+
+Each sample also carries a *sampler weight* ``w = c(t)²``, ``c(t) = β_t / (√α_t · √(1 − ᾱ_t))`` on the
+sampler's (respaced) schedule: the factor by which an error in ε moves the DDPM posterior mean, i.e. the next
+sampler state. With ``metric="sampler"`` the search weighs each sample's squared ε error by it, so it minimises
+the error the sampler actually feels in one step. Plain ε-MSE (``metric="eps"``) is dominated by the last step
+(t = 0, where x_t is almost clean, ε is nearly unpredictable and its error is ~100× larger, yet enters the sample
+with c ≈ 0.01): on the digits DiT at W3A3, 97 % of the ε-MSE came from that one step of four (docs/search.md).
+
+The set is cached as safetensors (``x`` float32 ``(N, C, H, W)``, ``t`` and ``y`` int64 ``(N,)``, ``w`` float64
+``(N,)``) with its config and the model's fingerprint in the metadata, under a file name derived from both: the
+same model and config reuse it, anything else collects afresh. Collection is deterministic by ``seed``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+SCHEMA = "treeq-calibration"
+VERSION = 2
+METRICS = ("sampler", "eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    trajectories: int = 32
+    steps: int = 50
+    timesteps: int = 8
+    cfg_scale: float = 1.0
+    sampler: str = "ddpm"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trajectories <= 0 or self.steps <= 0 or not 0 < self.timesteps <= self.steps:
+            raise ValueError(f"calibration needs trajectories > 0 and 0 < timesteps <= steps, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    """``x (N, C, H, W)`` float32, ``t (N,)`` model timesteps and ``y (N,)`` labels, int64; ``w (N,)`` the
+    sampler weights (float64)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.t.shape != (n,) or self.y.shape != (n,) or self.w.shape != (n,):
+            raise ValueError(f"calibration x {tuple(self.x.shape)}, t {tuple(self.t.shape)}, y "
+                             f"{tuple(self.y.shape)} and w {tuple(self.w.shape)} must share the sample dimension")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x, self.t, self.y
+
+    def weights(self, metric: str) -> torch.Tensor | None:
+        """The per-sample MSE weights of a metric: ``"sampler"`` (``w``) or ``"eps"`` (none: plain ε-MSE)."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        return self.w if metric == "sampler" else None
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"x": self.x.contiguous().float(), "t": self.t.long(), "y": self.y.long(), "w": self.w.double()},
+                  str(path),
+                  metadata={"schema": SCHEMA, "version": str(VERSION), "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationSet":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("schema") != SCHEMA or md.get("version") != str(VERSION):
+                    raise ValueError(f"{path} is not a calibration set of version {VERSION} (metadata {md})")
+                missing = {"x", "t", "y", "w"} - set(f.keys())
+                if missing:
+                    raise ValueError(f"calibration file {path} lacks tensor(s) {sorted(missing)}")
+                return cls(f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("y"), f.get_tensor("w"),
+                           json.loads(md.get("meta", "{}")))
+        except (OSError, RuntimeError, SafetensorError) as e:   # missing, truncated or not safetensors
+            raise ValueError(f"cannot read calibration set {path}: {e}") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Parameter names, shapes and a content summary (sum, sum of squares) per tensor."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if not torch.is_floating_point(p):
+                continue
+            p64 = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{float(p64.sum())!r}:{float(p64.square().sum())!r}".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, config: CalibrationConfig, *, progress: bool = False) -> CalibrationSet:
+    """Run the FP sampler once and keep the model inputs at the chosen steps (see the module docstring)."""
+    from ..models.diffusion import create_diffusion
+    from ..models.sample import sample
+
+    n_classes = model.config.num_classes
+    labels = torch.arange(config.trajectories) % n_classes
+    keep = set(torch.linspace(0, config.steps - 1, config.timesteps).round().long().tolist())
+    diffusion = create_diffusion(str(config.steps))
+    xs, ts, ys, ws = [], [], [], []
+
+    def grab(step: Any) -> None:
+        if step.index in keep:
+            xs.append(step.x.detach().float().cpu())
+            ts.append(step.t_model.detach().long().cpu())
+            ys.append(step.model_kwargs["y"].detach().long().cpu())
+            ws.append(sampler_weights(diffusion, step.t.detach().long().cpu()))
+
+    sample(model, labels, steps=config.steps, sampler=config.sampler, cfg_scale=config.cfg_scale, seed=config.seed,
+           diffusion=diffusion, progress=progress, callback=grab)
+    if len(xs) != len(keep):
+        raise RuntimeError(f"the sampler reported {len(xs)} of the {len(keep)} requested steps")
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(ws),
+                          {"config": dataclasses.asdict(config)})
+
+
+def sampler_weights(diffusion: Any, t: torch.Tensor) -> torch.Tensor:
+    """``c(t)²`` with ``c(t) = β_t / (√α_t · √(1 − ᾱ_t))`` for the (respaced) step indices ``t (B,)``: how much an
+    ε error moves the DDPM posterior mean ``(x_t − β_t/√(1 − ᾱ_t) · ε) / √α_t``. float64 ``(B,)``."""
+    betas = torch.as_tensor(diffusion.betas, dtype=torch.float64)
+    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+    beta, ab = betas[t], abar[t]
+    return (beta / ((1 - beta).sqrt() * (1 - ab).sqrt())) ** 2
+
+
+def load_or_collect(model: nn.Module, config: CalibrationConfig, cache_dir: str | Path | None, *,
+                    progress: bool = False) -> CalibrationSet:
+    """The cached set for this model and config, collecting (and caching) it if absent."""
+    if cache_dir is None:
+        return collect(model, config, progress=progress)
+    fp = model_fingerprint(model)
+    key = hashlib.sha256(json.dumps({"model": fp, "config": dataclasses.asdict(config)}, sort_keys=True).encode())
+    path = Path(cache_dir).expanduser() / f"calib-{key.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            calib = CalibrationSet.load(path)
+        except ValueError:   # another version or a damaged file: collect again
+            calib = None
+        if calib is not None and calib.meta.get("model") == fp and calib.meta.get("config") == dataclasses.asdict(config):
+            return calib
+    calib = collect(model, config, progress=progress)
+    calib = dataclasses.replace(calib, meta={**calib.meta, "model": fp})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    calib.save(tmp)
+    tmp.replace(path)
+    return calib

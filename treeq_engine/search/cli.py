@@ -1,0 +1,181 @@
+"""``treeq search``: search a mixed-precision plan for a DiT at a budget.
+
+    treeq search --budget W4A4 --out out/w4a4                        # the shipped digits DiT, TSS + plan.json
+    treeq search --budget W3A3 --lam 0.5 --baselines uniform,ip,random --out out/w3a3
+    treeq search --budget 250us --latency-table lut.json --out out/lat
+    treeq search --budget W4A4 --out out/w4a4 --resume               # continue a killed search
+    torchrun --nproc-per-node 2 -m treeq_engine search --budget W4A4 --out out/dist
+    treeq search --check out/w4a4/plan.json --budget W4A4            # validate a plan against model and budget
+
+Models: ``--model digits`` (default, the shipped checkpoint), ``--model PATH`` (a DiT checkpoint, with
+``--config NAME`` when its shape is ambiguous), or ``--random-config NAME`` (random weights, for timing).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from ..plan import LayerConfig, PlanError
+from .costs import Budget, BudgetError, LatencyTable
+from .run import BASELINES, SearchConfig, load_plan, search, validate_plan
+from .space import DEFAULT_A_BITS, DEFAULT_W_BITS, SearchSpace, candidate_configs, parse_bits
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="digits", help="'digits' (shipped) or a DiT checkpoint path")
+    g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
+    g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g = p.add_argument_group("budget and search")
+    g.add_argument("--budget", required=True, help="W4A4, W3.5, A4, 12MB, 350us ...")
+    g.add_argument("--lam", type=float, default=1.0, help="ENG λ in [0, 1] (1: PTQ-aligned, 0: fine-tuning)")
+    g.add_argument("--keep", type=int, default=16, help="K, configs kept per node")
+    g.add_argument("--env", default=None, help="ENG environment config, e.g. W4A4 (default: from the budget)")
+    g.add_argument("--w-bits", default=",".join(map(str, DEFAULT_W_BITS)), help="candidate weight bits")
+    g.add_argument("--a-bits", default=",".join(map(str, DEFAULT_A_BITS)), help="candidate activation bits")
+    g.add_argument("--layers", default=None, help="regex of the searched linears (default: the block linears)")
+    g.add_argument("--fixed-bits", default="W8A8", help="config of the other linears, or 'fp'")
+    g.add_argument("--latency-table", default=None, help="latency lookup table JSON (default: roofline)")
+    g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
+    g.add_argument("--baselines", default="", help=f"comma-separated, of {','.join(BASELINES)}")
+    g.add_argument("--random-plans", type=int, default=20, help="plans drawn by the random baseline")
+    g = p.add_argument_group("calibration and batching")
+    g.add_argument("--calib-trajectories", type=int, default=32)
+    g.add_argument("--calib-steps", type=int, default=50)
+    g.add_argument("--calib-timesteps", type=int, default=8)
+    g.add_argument("--cfg-scale", type=float, default=1.0)
+    g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
+                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none")
+    g.add_argument("--calib-cache", default=None, help="directory caching calibration sets (default: OUT)")
+    g.add_argument("--batch", type=int, default=64, help="calibration samples per forward")
+    g.add_argument("--group", type=int, default=16, help="candidates stacked per forward")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true",
+                   help="fuse the candidates' activation fake-quant with torch.compile (GPU speed; near-exact)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory (plan.json, report.json, pareto.png, state)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/tss_state.json")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--check", default=None, metavar="PLAN", help="only validate PLAN against model and budget")
+
+
+def parse_config(text: str) -> LayerConfig:
+    b = Budget.parse(text)
+    if b.kind != "wa" or any(v != int(v) for v in b.limits):
+        raise PlanError(f"a layer config is written WxAy with integer bits, got {text!r}")
+    return LayerConfig(int(b.limits[0]), int(b.limits[1]))
+
+
+def random_dit(name: str, seed: int = 0) -> torch.nn.Module:
+    """A DiT of config ``name`` with every weight random: ``N(0, 1/fan_in)`` weights and ``N(0, 0.02²)`` biases,
+    adaLN and final layer included (the reference zero-initialises those, which would make every block an
+    identity), so that every layer affects the output, as in a trained model. The positional table is kept."""
+    from ..models import DiT, dit_config
+
+    model = DiT(dit_config(name))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n == "pos_embed":
+                continue
+            std = 0.02 if p.dim() == 1 else p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    if args.random_config:
+        return random_dit(args.random_config, args.seed), f"{args.random_config} (random)"
+    if args.model == "digits":
+        from ..models.digits import load_digits_dit
+
+        return load_digits_dit(), "DiT-digits"
+    from ..models import load_dit_checkpoint
+
+    return load_dit_checkpoint(args.model, args.config), str(args.model)
+
+
+def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) -> tuple[tuple[torch.Tensor, ...],
+                                                                                       torch.Tensor | None]:
+    """The calibration set; under torchrun rank 0 collects and caches it while the others wait, then read it."""
+    from . import distributed
+    from .calibration import CalibrationConfig, load_or_collect
+
+    cfg = CalibrationConfig(args.calib_trajectories, args.calib_steps, args.calib_timesteps, args.cfg_scale,
+                            seed=args.seed)
+    first = distributed.rank_world()[0] == 0
+    if not first:
+        distributed.barrier()
+    calib = load_or_collect(model, cfg, args.calib_cache or args.out, progress=progress)
+    if first:
+        distributed.barrier()
+    return calib.inputs(), calib.weights(args.metric)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .evaluator import DiTRunner
+
+    try:
+        distributed.init_from_env()
+        rank, _ = distributed.rank_world()
+        if args.compile:
+            from ..nn import grouped
+
+            grouped.use_compiled(True)
+        budget = Budget.parse(args.budget)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and distributed.is_active():
+            device = f"cuda:{torch.cuda.current_device()}"
+        model, name = load_model(args)
+        model = model.to(device).eval()
+        fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
+        cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
+        progress = not args.no_progress and rank == 0
+        c = model.config   # the space needs shapes and rows per sample only: any two inputs will do
+        probe = (torch.zeros(2, c.in_channels, c.input_size, c.input_size, device=device),
+                 torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device))
+        space = SearchSpace.build(model, probe, include=args.layers, candidates=cands, fixed_config=fixed,
+                                  model_name=name)
+        if args.check:
+            lut = LatencyTable.load(args.latency_table) if args.latency_table else None
+            validate_plan(load_plan(args.check), model, space, budget, lut, args.serve_batch)
+            print(f"{args.check}: valid for {name}, within {budget.label}")
+            return 0
+        inputs, weights = _inputs(model, args, progress)
+        dtype = getattr(torch, args.dtype)
+        model = model.to(dtype)
+        inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
+        in_ch = model.config.in_channels
+        config = SearchConfig(budget, lam=args.lam, keep=args.keep,
+                              env=parse_config(args.env) if args.env else None, batch=args.batch, group=args.group,
+                              baselines=tuple(b for b in args.baselines.split(",") if b),
+                              random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
+                              serve_batch=args.serve_batch)
+        out = search(model, DiTRunner(model, output_fn=lambda o: o[:, :in_ch]), inputs, config, weights=weights,
+                     space=space, out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
+    except (PlanError, BudgetError, ValueError, KeyError) as e:
+        print(f"treeq search: error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(summary(out.report))
+    return 0
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The report as a small table: plan, MSE, costs, evaluations, wall time."""
+    rows = [("tss", report["tss"])] + list(report["baselines"].items())
+    lines = [f"{report['model']}  budget {report['budget']['label']}  λ={report['lambda']:g}  K={report['keep']}  "
+             f"env {report['env']['label']}  {report['leaves']} leaves, {report['calibration_samples']} samples",
+             f"{'plan':8s} {'PTQ MSE':>11s} {'W bits':>7s} {'A bits':>7s} {'MB':>8s} {'µs':>9s} {'evals':>7s} "
+             f"{'wall s':>8s}"]
+    for k, r in rows:
+        c = r["costs"]
+        lines.append(f"{k:8s} {r['mse']:11.4e} {c['w_bits']:7.3f} {c['a_bits']:7.3f} {c['bytes'] / 1e6:8.3f} "
+                     f"{c['us']:9.1f} {r['evaluations']:7d} {r['wall_s']:8.1f}")
+    return "\n".join(lines)

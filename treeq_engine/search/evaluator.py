@@ -1,0 +1,257 @@
+"""Scoring candidates: end-to-end output MSE against the full-precision model on the calibration set.
+
+A model is cut into *segments* at points where its whole state is a few tensors (for a DiT: the embedders,
+each block, the final layer; the state between blocks is ``(h, c)``). A :class:`SegmentRunner` runs one
+segment; the :class:`Evaluator`
+
+1. runs the full-precision model once and keeps its outputs (the reference);
+2. runs the model once at ENG's environment (every layer at the environment config, errors scaled by λ) and
+   keeps the state entering every segment, per calibration chunk;
+3. scores a node's candidates from the cached input of the segment holding the node's first layer onward:
+   the node's layers at the candidates (λ = 1), every other layer at the environment. Layers before the node
+   run at the environment whatever the candidate, so their output is the cached state: only the suffix runs.
+4. stacks ``group`` candidates along the batch (``QuantLinear.set_group_configs``): the cached state is tiled
+   G times and group g of every node layer runs at candidate g, so one forward scores G candidates.
+
+The MSE of a candidate is ``Σ_i w_i Σ (out_i − ref_i)² / (Σ_i w_i · numel per sample)`` over the calibration
+samples i, with optional per-sample weights ``w`` (default 1; see ``calibration.sampler_weights``), accumulated in
+float64 on the device; the only host transfer is the final ``(m,)`` vector of one ``evaluate`` call.
+Evaluations are deterministic and do not depend on how calls are split across processes, as long as each
+call gets the same candidates (the tree search cuts work into fixed chunks for that reason).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..nn import QuantLinear, convert
+from ..plan import LayerConfig, PlanError, QuantPlan
+from .eng import Environment
+from .space import SearchSpace
+
+State = tuple[torch.Tensor, ...]
+
+
+class SegmentRunner(Protocol):
+    """A model cut into ``num_segments`` pieces run in sequence. Segment 0 takes the calibration inputs
+    (tensors with the sample on dim 0); the last returns a one-tensor state; ``output`` maps it to the tensor
+    the MSE is taken on."""
+
+    num_segments: int
+
+    def segment_of(self, layer_name: str) -> int: ...
+
+    def run(self, segment: int, state: State) -> State: ...
+
+    def output(self, state: State) -> torch.Tensor: ...
+
+
+class DiTRunner:
+    """DiT-shaped models: ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c) -> h``, ``final(h, c) -> out``.
+
+    Segments: 0 = embedders, 1..B = blocks, B + 1 = final layer. ``output_fn`` picks what the metric sees, e.g.
+    the ε channels of a learned-σ output (``lambda out: out[:, :in_channels]``); default: the whole output."""
+
+    def __init__(self, model: nn.Module, *, blocks_attr: str = "blocks", final_prefix: str = "final_layer",
+                 output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        for attr in ("embed", "final", blocks_attr):
+            if not hasattr(model, attr):
+                raise TypeError(f"DiTRunner needs model.{attr} (embed(x, t, y) -> (h, c), {blocks_attr}[i](h, c), "
+                                f"final(h, c)); {type(model).__name__} has none")
+        self.model = model
+        self.blocks = getattr(model, blocks_attr)
+        self.blocks_attr, self.final_prefix = blocks_attr, final_prefix
+        self.num_segments = len(self.blocks) + 2
+        self.output_fn = output_fn
+
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if parts[0] == self.blocks_attr and len(parts) > 1 and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if layer_name == self.final_prefix or layer_name.startswith(self.final_prefix + "."):
+            return self.num_segments - 1
+        return 0
+
+    def run(self, segment: int, state: State) -> State:
+        if segment == 0:
+            return tuple(self.model.embed(*state))
+        if segment == self.num_segments - 1:
+            return (self.model.final(*state),)
+        h, c = state
+        return (self.blocks[segment - 1](h, c), c)
+
+    def output(self, state: State) -> torch.Tensor:
+        out = state[0]
+        return out if self.output_fn is None else self.output_fn(out)
+
+
+def tile(state: State, g: int) -> State:
+    """Each tensor repeated ``g`` times along dim 0: group ``i`` is rows ``[i·M, (i+1)·M)``."""
+    return tuple(t.repeat((g,) + (1,) * (t.dim() - 1)) for t in state)
+
+
+class Evaluator:
+    """End-to-end MSE of candidate configurations of a node (a range of leaves), at an ENG environment.
+
+    ``model`` is converted in place (every layer of the space becomes a ``QuantLinear``) if it is not already.
+    ``inputs``: the calibration tensors ``(N, …)`` (for a DiT: ``x_t``, ``t``, ``y``), moved to the model's
+    device. ``batch``: calibration samples per forward; ``group``: candidates stacked per forward (the forward
+    batch is ``batch · group``). ``reference``: FP outputs from another evaluator on the same inputs, to share.
+    ``weights``: per-sample weights ``(N,)`` of the MSE, non-negative, not all zero (default: all 1).
+    """
+
+    def __init__(self, model: nn.Module, runner: SegmentRunner, space: SearchSpace, inputs: Sequence[torch.Tensor],
+                 env: Environment, *, batch: int = 64, group: int = 16,
+                 reference: list[torch.Tensor] | None = None, weights: torch.Tensor | None = None) -> None:
+        if batch <= 0 or group <= 0:
+            raise ValueError(f"batch and group must be positive, got batch={batch}, group={group}")
+        self.model, self.runner, self.space, self.env = model, runner, space, env
+        self.batch, self.group = batch, group
+        model.eval()   # e.g. a DiT drops class labels at random in training mode
+        p = next(model.parameters())
+        self.device = p.device
+        n = int(inputs[0].shape[0])
+        if n == 0 or any(int(t.shape[0]) != n for t in inputs):
+            raise ValueError("calibration inputs must share a non-empty sample dim, got "
+                             f"{[tuple(t.shape) for t in inputs]}")
+        self.num_samples = n
+        self._chunks: list[State] = [tuple(t[i:i + batch].to(self.device) for t in inputs) for i in range(0, n, batch)]
+        self.weights = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.float64)
+            if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"weights must be ({n},), finite, non-negative and not all zero; got shape "
+                                 f"{tuple(w.shape)}")
+            self.weights = w
+        self._chunk_w = None if self.weights is None else [
+            (self.weights[i:i + batch] / self.weights.sum()).to(self.device) for i in range(0, n, batch)]
+        self._layers = self._convert()
+        self.leaf_segment = [runner.segment_of(name) for name in space.names]
+        if any(b < a for a, b in zip(self.leaf_segment, self.leaf_segment[1:])):
+            raise PlanError("the leaves' segments must not decrease along the forward order; the runner's "
+                            "segment_of does not match the model")
+        self._env = self._env_settings()
+        self._reference = reference
+        self._states: list[list[State]] | None = None
+        self.evaluations = 0
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _convert(self) -> list[QuantLinear]:
+        names = list(self.space.names) + [leaf.name for leaf, _ in self.space.fixed]
+        todo = [n for n in names if not isinstance(self.model.get_submodule(n), QuantLinear)]
+        if todo:   # the config given here is replaced by the environment's before any run
+            convert(self.model, QuantPlan({n: self.env.config for n in todo}))
+        return [self.model.get_submodule(n) for n in names]
+
+    def _env_settings(self) -> list[tuple[LayerConfig | None, float]]:
+        n = len(self.space.leaves)
+        fixed = [cfg for _, cfg in self.space.fixed]
+        return [self.env.layer(True, None) for _ in range(n)] + [self.env.layer(False, c) for c in fixed]
+
+    def _apply_env(self) -> None:
+        for m, (cfg, lam) in zip(self._layers, self._env):
+            if m.group_configs is not None:
+                m.set_group_configs(None)
+            if m.config != cfg:
+                m.set_config(cfg)
+            if m.noise_scale != lam:
+                m.set_noise_scale(lam)
+
+    @torch.no_grad()
+    def reference(self) -> list[torch.Tensor]:
+        """Full-precision outputs per calibration chunk."""
+        if self._reference is None:
+            for m in self._layers:   # every evaluation re-applies the environment first
+                m.set_group_configs(None)
+                m.set_config(None)
+            self._reference = [self._run(0, c) for c in self._chunks]
+        return self._reference
+
+    @torch.no_grad()
+    def states(self) -> list[list[State]]:
+        """The environment's state entering each segment, per chunk: ``states[segment][chunk]``."""
+        if self._states is None:
+            self._apply_env()
+            segs = self.runner.num_segments
+            states: list[list[State]] = [[] for _ in range(segs)]
+            for chunk in self._chunks:
+                state = chunk
+                for s in range(segs):
+                    states[s].append(state)
+                    state = self.runner.run(s, state)
+            self._states = states
+        return self._states
+
+    def _run(self, start: int, state: State) -> torch.Tensor:
+        for s in range(start, self.runner.num_segments):
+            state = self.runner.run(s, state)
+        return self.runner.output(state)
+
+    def fingerprint(self) -> str:
+        """A digest of what the scores depend on: the space, the environment, the batching, the calibration
+        inputs, and a content summary of the weights (count, sum, sum of squares per tensor: reading every
+        weight exactly would cost more than it protects against)."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
+                             "group": self.group, "samples": self.num_samples}, sort_keys=True).encode())
+        if self.weights is not None:
+            h.update(self.weights.numpy().tobytes())
+        with torch.no_grad():
+            for chunk in self._chunks:
+                for t in chunk:
+                    h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            for name, p in self.model.named_parameters():
+                p64 = p.detach().double()
+                h.update(f"{name}:{p.numel()}:{float(p64.sum())!r}:{float(p64.square().sum())!r}".encode())
+        return h.hexdigest()
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, lo: int, hi: int, assignments: np.ndarray) -> np.ndarray:
+        """MSE ``(m,)`` of the candidates ``assignments (m, hi − lo)`` (candidate indices) for leaves
+        ``[lo, hi)``, every other layer at the environment."""
+        a = np.asarray(assignments, dtype=np.int64)
+        if not 0 <= lo < hi <= len(self.space.leaves) or a.ndim != 2 or a.shape[1] != hi - lo:
+            raise ValueError(f"evaluate: leaves [{lo}, {hi}) of {len(self.space.leaves)} with assignments "
+                             f"(m, {hi - lo}), got shape {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= len(self.space.candidates)):
+            raise ValueError(f"evaluate: candidate indices must be in [0, {len(self.space.candidates)})")
+        ref = self.reference()
+        states = self.states()
+        self._apply_env()
+        start = self.leaf_segment[lo]
+        node = self._layers[lo:hi]
+        cands = self.space.candidates
+        sse = torch.zeros(len(a), dtype=torch.float64, device=self.device)
+        try:
+            for m in node:
+                m.set_noise_scale(1.0)
+            for c0 in range(0, len(a), self.group):
+                rows = a[c0:c0 + self.group]
+                g = len(rows)
+                for j, m in enumerate(node):
+                    m.set_group_configs([cands[i] for i in rows[:, j]])
+                for k, (chunk_state, chunk_ref) in enumerate(zip(states[start], ref)):
+                    out = self._run(start, tile(chunk_state, g))
+                    diff = out.reshape(g, *chunk_ref.shape).float() - chunk_ref.float()
+                    if self._chunk_w is None:
+                        sse[c0:c0 + g] += diff.pow(2).reshape(g, -1).sum(dim=1, dtype=torch.float64)
+                    else:   # Σ_i (w_i / Σw) · Σ (out_i − ref_i)²
+                        per = diff.pow(2).reshape(g, len(chunk_ref), -1).sum(dim=2, dtype=torch.float64)
+                        sse[c0:c0 + g] += per @ self._chunk_w[k]
+        finally:
+            self._apply_env()
+        self.evaluations += len(a)
+        per_sample = ref[0][0].numel()
+        norm = per_sample * (self.num_samples if self._chunk_w is None else 1)
+        return (sse / norm).cpu().numpy()
+
+    def evaluate_plans(self, assignments: np.ndarray) -> np.ndarray:
+        """MSE of whole plans ``(m, n_leaves)``: all leaves at the plan, the fixed layers at the environment
+        (with λ = 1 this is the PTQ error of the plan)."""
+        return self.evaluate(0, len(self.space.leaves), assignments)

@@ -1,0 +1,170 @@
+"""The search as one function: TSS at a budget, its plan checked and saved, the baselines, the report and plot.
+
+    outcome = search(model, DiTRunner(model), calib.inputs(), SearchConfig(Budget.parse("W4A4")), out_dir="out")
+    outcome.plan.save("plan.json")
+
+``out_dir`` receives ``plan.json`` (the TSS plan), ``plan_<baseline>.json``, ``report.json`` (every number:
+costs, MSEs, evaluation counts, wall times, the root's front), ``pareto.png`` and ``tss_state.json`` (the
+per-level state a killed search resumes from). Under ``torchrun`` every process searches its share and only
+rank 0 runs the baselines and writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..plan import LayerConfig, PlanError, QuantPlan
+from . import distributed
+from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_baseline
+from .costs import Budget, LatencyTable, check_budget, cost_model, describe, environment_config
+from .eng import Environment
+from .evaluator import Evaluator, SegmentRunner
+from .space import SearchSpace
+from .tree import SearchResult, tree_search
+
+BASELINES = ("uniform", "ip", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search run is told. ``env``: ENG's environment config (default: the most expensive
+    uniform candidate within the budget). ``batch``: calibration samples per forward; ``group``: candidates
+    stacked per forward. ``serve_batch``: samples per GEMM for latency costs."""
+
+    budget: Budget
+    lam: float = 1.0
+    keep: int = 16
+    env: LayerConfig | None = None
+    batch: int = 64
+    group: int = 16
+    baselines: tuple[str, ...] = ()
+    random_count: int = 20
+    seed: int = 0
+    latency_table: str | None = None
+    serve_batch: int = 1
+    anchor: bool = True          # keep each node's environment-uniform config (off only for ablations)
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}: expected some of {BASELINES}")
+        if self.keep <= 0 or self.batch <= 0 or self.group <= 0 or self.random_count <= 0:
+            raise ValueError("keep, batch, group and random_count must be positive")
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    plan: QuantPlan
+    result: SearchResult
+    ptq_mse: float
+    baselines: dict[str, BaselineResult]
+    report: dict[str, Any]
+
+
+def validate_plan(plan: QuantPlan, model: nn.Module, space: SearchSpace, budget: Budget | None = None,
+                  latency_table: LatencyTable | None = None, serve_batch: int = 1) -> None:
+    """Names must be the model's linears, bits the format's (checked when the plan is read), every searched
+    layer a candidate config, and the budget met; each failure is a :class:`PlanError` saying which."""
+    plan.validate(model)
+    a = space.assignment(plan)
+    if budget is not None:
+        check_budget(space, a, budget, latency_table=latency_table, serve_batch=serve_batch)
+
+
+def _plan_entry(space: SearchSpace, a: np.ndarray, mse: float, **kw: Any) -> dict[str, Any]:
+    labels = [space.candidates[int(i)].label for i in a]
+    return {"mse": mse, "costs": describe(space, a, **kw),
+            "mix": {lab: labels.count(lab) for lab in sorted(set(labels))}}
+
+
+def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tensor], config: SearchConfig, *,
+           weights: torch.Tensor | None = None, space: SearchSpace | None = None, out_dir: str | Path | None = None,
+           resume: bool = False, progress: bool = True, model_name: str = "") -> SearchOutcome:
+    """Search a plan for ``model`` at ``config.budget``; see the module docstring. ``weights``: per-sample MSE
+    weights of the calibration inputs (``CalibrationSet.weights(metric)``; ``None``: plain MSE)."""
+    t_start = time.perf_counter()
+    model.eval()
+    rank, _ = distributed.rank_world()
+    if space is None:
+        space = SearchSpace.build(model, [t[:2] for t in inputs], model_name=model_name)
+    lut = LatencyTable.load(config.latency_table) if config.latency_table else None
+    cost_kw = {"latency_table": lut, "serve_batch": config.serve_batch}
+    budget = config.budget
+    cost = cost_model(space, budget.kind, **cost_kw)
+    env = Environment(config.env or environment_config(space, budget, cost), config.lam)
+    ev = Evaluator(model, runner, space, inputs, env, batch=config.batch, group=config.group, weights=weights)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+
+    result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
+                         anchor=config.anchor, state_path=None if out is None else out / "tss_state.json")
+    a, total, mse = result.best(budget, cost)
+    ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
+                                                 batch=config.batch, group=config.group, reference=ev.reference(),
+                                                 weights=weights)
+    ptq = mse if ptq_ev is ev else float(ptq_ev.evaluate_plans(a[None])[0])
+    meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
+            "env": env.config.label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
+            "wall_s": round(result.wall_s, 3), "costs": describe(space, a, **cost_kw)}
+    plan = space.plan(a, meta=meta)
+    validate_plan(plan, model, space, budget, **cost_kw)
+
+    baselines: dict[str, BaselineResult] = {}
+    if rank == 0:
+        for name in config.baselines:
+            if name == "uniform":
+                baselines[name] = uniform_baseline(ptq_ev, cost, budget)
+            elif name == "random":
+                baselines[name] = random_baseline(ptq_ev, cost, budget, config.random_count, config.seed)
+            else:
+                sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
+                                    group=config.group, reference=ev.reference(), weights=weights)
+                baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
+
+    report = {
+        "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
+        "anchor": config.anchor,
+        "env": env.to_dict(), "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
+        "calibration_samples": ev.num_samples, "weighted": weights is not None,
+        "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
+                "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels},
+        "baselines": {k: {**_plan_entry(space, b.assignment, b.mse, **cost_kw), "evaluations": b.evaluations,
+                          "wall_s": b.wall_s, **{kk: vv for kk, vv in b.detail.items() if kk != "all_mse"}}
+                      for k, b in baselines.items()},
+        "front": [{"cost": (cost.offset + c).tolist(), "mse": float(m)} for c, m in zip(result.front.cost,
+                                                                                       result.front.mse)],
+        "total_wall_s": time.perf_counter() - t_start,
+    }
+    if out is not None and rank == 0:
+        plan.save(out / "plan.json")
+        for k, b in baselines.items():
+            space.plan(b.assignment, meta={"search": k, "budget": budget.to_dict(), "ptq_mse": b.mse}).save(
+                out / f"plan_{k}.json")
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if result.root_candidates:
+            from .plot import plot_front
+
+            ax = lambda c: float(cost.axis(np.asarray(c, dtype=np.float64), budget))  # noqa: E731
+            plot_front(out / "pareto.png", result.root_candidates, kind=budget.kind,
+                       budget_axis=ax(budget.limits),
+                       chosen=(ax(total), mse),
+                       baselines={k: (ax(b.cost), b.mse) for k, b in baselines.items()} if env.lam == 1.0 else None,
+                       title=f"TSS root merge, {budget.label}, λ={env.lam:g}, K={config.keep}")
+    return SearchOutcome(plan, result, ptq, baselines, report)
+
+
+def load_plan(path: str | Path) -> QuantPlan:
+    """Read a plan file with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file {p} does not exist")
+    return QuantPlan.load(p)

@@ -1,0 +1,181 @@
+"""The search space: which linears are searched (the leaves, in forward order), their candidate configs, and
+the fixed config of every other quantizable linear.
+
+    space = SearchSpace.build(model, calib_inputs)                 # block linears searched, the rest at W8A8
+    plan  = space.plan(assignment)                                 # one candidate index per leaf -> QuantPlan
+
+A leaf records its weight shape ``(N, K)`` and the rows per sample it multiplies (``tokens``: 256 for a
+DiT-XL/2 block linear, 1 for adaLN), measured with hooks on one forward; costs weight by ``N·K`` (weight bits)
+and by ``tokens·N·K`` MACs (activation bits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from ..format import ACT_BITS, WEIGHT_BITS
+from ..nn import forward_order, quantizable_linears
+from ..plan import LayerConfig, PlanError, QuantPlan, is_block_layer
+
+DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 8)
+DEFAULT_A_BITS: tuple[int, ...] = (3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One linear: weight ``(N, K)``, ``tokens`` rows per sample, ``bias`` present or not."""
+
+    name: str
+    n: int
+    k: int
+    tokens: int
+    bias: bool = True
+
+    @property
+    def params(self) -> int:
+        return self.n * self.k
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per sample."""
+        return self.tokens * self.n * self.k
+
+
+def candidate_configs(w_bits: Iterable[int] = DEFAULT_W_BITS, a_bits: Iterable[int] = DEFAULT_A_BITS,
+                      template: LayerConfig | None = None) -> tuple[LayerConfig, ...]:
+    """Every ``(w, a)`` pair, weights major; other fields (symmetry, clipping, branch) from ``template``."""
+    w_bits, a_bits = tuple(w_bits), tuple(a_bits)
+    for what, bits, allowed in (("weight", w_bits, WEIGHT_BITS), ("activation", a_bits, ACT_BITS)):
+        if not bits:
+            raise PlanError(f"no candidate {what} bit-widths given")
+        bad = [b for b in bits if b not in allowed + (16,)]
+        if bad:
+            raise PlanError(f"candidate {what} bit-width(s) {bad} are not in the format: expected {allowed} or 16")
+        if len(set(bits)) != len(bits):
+            raise PlanError(f"candidate {what} bit-widths repeat: {bits}")
+    base = template or LayerConfig(8, 8)
+    return tuple(base.replace(w_bits=w, a_bits=a) for w in w_bits for a in a_bits)
+
+
+def parse_bits(text: str, what: str) -> tuple[int, ...]:
+    """``"2,3,4,8"`` -> ``(2, 3, 4, 8)``, with a clear error."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PlanError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Leaves (searched, forward order), their shared candidates, and the fixed layers."""
+
+    leaves: tuple[Leaf, ...]
+    candidates: tuple[LayerConfig, ...]
+    fixed: tuple[tuple[Leaf, LayerConfig | None], ...] = ()
+    other_params: int = 0          # parameters outside every linear (embeddings, norms): bf16 in byte counts
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.leaves:
+            raise PlanError("the search space has no leaves: no linear matched the layer selection")
+        if not self.candidates:
+            raise PlanError("the search space has no candidate configs")
+        names = [leaf.name for leaf in self.leaves] + [leaf.name for leaf, _ in self.fixed]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise PlanError(f"layers listed twice in the search space: {dup[:5]}")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise PlanError("candidate configs repeat")
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: Sequence[Any], *,
+              include: Callable[[str], bool] | str | None = None,
+              candidates: Sequence[LayerConfig] | None = None,
+              fixed_config: LayerConfig | None = LayerConfig(8, 8), model_name: str = "") -> "SearchSpace":
+        """Enumerate the linears of ``model`` in the order one forward on ``example_inputs`` (a batch of
+        calibration inputs) calls them. ``include`` picks the searched ones (a predicate or a regular expression
+        matched with ``re.search``; default: the transformer-block linears); every other linear is fixed at
+        ``fixed_config`` (``None``: full precision)."""
+        if isinstance(include, str):
+            pattern = re.compile(include)
+            include = lambda n: pattern.search(n) is not None  # noqa: E731
+        include = include or is_block_layer
+        names = quantizable_linears(model)
+        batch = int(example_inputs[0].shape[0])
+        rows: dict[str, int] = {}
+
+        def count(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple) -> None:   # a pre-hook must return None (else: new input)
+                rows.setdefault(name, args[0].numel() // args[0].shape[-1])
+            return hook
+
+        hooks = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in names]
+        try:
+            order = forward_order(model, *example_inputs, names=names)
+        finally:
+            for h in hooks:
+                h.remove()
+        unreached = [n for n in names if n not in rows]
+        if unreached:
+            raise PlanError(f"{len(unreached)} linear(s) never ran in a forward pass, e.g. {unreached[:3]}")
+
+        def leaf(n: str) -> Leaf:
+            m = model.get_submodule(n)
+            if rows[n] % batch:
+                raise PlanError(f"layer {n!r} saw {rows[n]} rows for a batch of {batch}: not a whole number per sample")
+            return Leaf(n, m.out_features, m.in_features, rows[n] // batch, m.bias is not None)
+
+        leaves = tuple(leaf(n) for n in order if include(n))
+        fixed = tuple((leaf(n), fixed_config) for n in order if not include(n))
+        in_linear = {id(p) for n in names for p in model.get_submodule(n).parameters(recurse=False)}
+        other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
+        return cls(leaves, tuple(candidates) if candidates is not None else candidate_configs(),
+                   fixed, other, model_name)
+
+    # -- plans -----------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(leaf.name for leaf in self.leaves)
+
+    def index_of(self, config: LayerConfig) -> int:
+        try:
+            return self.candidates.index(config)
+        except ValueError:
+            raise PlanError(f"config {config.label} is not a candidate of this search space "
+                            f"({[c.label for c in self.candidates]})") from None
+
+    def check_assignment(self, assignment: Sequence[int] | np.ndarray) -> np.ndarray:
+        a = np.asarray(assignment, dtype=np.int64)
+        if a.shape != (len(self.leaves),):
+            raise PlanError(f"an assignment has one candidate index per leaf ({len(self.leaves)}), got shape {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= len(self.candidates)):
+            raise PlanError(f"candidate indices must be in [0, {len(self.candidates)}), got {a.min()}..{a.max()}")
+        return a
+
+    def plan(self, assignment: Sequence[int] | np.ndarray, meta: Mapping[str, Any] | None = None) -> QuantPlan:
+        """The QuantPlan: searched layers at their candidates, fixed layers at theirs, in forward order."""
+        a = self.check_assignment(assignment)
+        layers = {leaf.name: self.candidates[i] for leaf, i in zip(self.leaves, a)}
+        layers.update({leaf.name: cfg for leaf, cfg in self.fixed if cfg is not None})
+        return QuantPlan(layers, model=self.model, meta=dict(meta or {}))
+
+    def uniform(self, config: LayerConfig) -> np.ndarray:
+        return np.full(len(self.leaves), self.index_of(config), dtype=np.int64)
+
+    def assignment(self, plan: QuantPlan) -> np.ndarray:
+        """A plan's candidate indices; the plan must name every leaf with a candidate config."""
+        missing = [n for n in self.names if n not in plan.layers]
+        if missing:
+            raise PlanError(f"the plan leaves {len(missing)} searched layer(s) unset, e.g. {missing[:3]}")
+        return np.array([self.index_of(plan.layers[n]) for n in self.names], dtype=np.int64)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed search must agree on."""
+        return {"leaves": [dataclasses.astuple(leaf) for leaf in self.leaves],
+                "candidates": [c.to_dict() for c in self.candidates],
+                "fixed": [[leaf.name, None if c is None else c.to_dict()] for leaf, c in self.fixed]}

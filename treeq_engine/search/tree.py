@@ -1,0 +1,267 @@
+"""Tree-Structured Search (TSS): a bottom-up binary tree over adjacent leaves with a Pareto drop at each merge.
+
+    level 0   the leaves, each holding its candidate configs (scored and dropped to K only if it has more)
+    level l   adjacent nodes merge pairwise, (n_0 n_1), (n_2 n_3), …; an odd last node is carried up unscored.
+              A merge scores the Cartesian product of its children's kept configs (≤ K·K) by the joint
+              end-to-end MSE (the node's layers at the candidate, everything else at ENG's environment) and by
+              cost (the children's costs added), and keeps K by ``pareto_drop``.
+    root      every plan scored at the last merge is a whole plan; their non-dominated set (in every cost
+              dimension and MSE) is the result's ``front``: the best plan for any budget of the cost's kind is
+              its lowest-MSE point that meets it (``SearchResult.best``).
+
+With a budget, a candidate that cannot meet it even with every other leaf at its cheapest config is dropped
+before scoring (exact: it has no feasible completion), so the K slots go to configs that can still be used.
+Each node also always keeps its environment-uniform config (every leaf at ENG's environment config, when that
+is a candidate): the uniform plan then reaches the root, and at λ = 1 the search cannot end worse than it.
+Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``: the binding dimension's budget use.
+
+Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²``. Each level's scoring is
+independent across nodes and is sharded over processes (``distributed``). After every level the state (each
+node's kept configs with their costs and MSEs) is written atomically to ``state_path`` as JSON; a search started
+again with ``resume=True`` continues after the last finished level and gives the identical result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import distributed
+from .costs import Budget, BudgetError, CostModel
+from .evaluator import Evaluator
+from .pareto import nondominated_fronts, pareto_drop
+
+STATE_SCHEMA = "treeq-tss-state"
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Node:
+    """Leaves ``[lo, hi)`` with their kept configs ``(k, hi − lo)`` (candidate indices), costs ``(k, d)`` and
+    MSEs ``(k,)`` (NaN where not scored)."""
+
+    lo: int
+    hi: int
+    configs: np.ndarray
+    cost: np.ndarray
+    mse: np.ndarray
+
+    def take(self, idx: np.ndarray) -> "Node":
+        return Node(self.lo, self.hi, self.configs[idx], self.cost[idx], self.mse[idx])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lo": self.lo, "hi": self.hi, "configs": self.configs.tolist(), "cost": self.cost.tolist(),
+                "mse": [None if np.isnan(v) else float(v) for v in self.mse]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Node":
+        mse = np.array([np.nan if v is None else v for v in d["mse"]], dtype=np.float64)
+        return cls(int(d["lo"]), int(d["hi"]), np.array(d["configs"], dtype=np.int64).reshape(len(mse), -1),
+                   np.array(d["cost"], dtype=np.float64).reshape(len(mse), -1), mse)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The root's front and the record of the search."""
+
+    root: Node                            # the K plans kept at the root
+    front: Node                           # the non-dominated plans among all scored at the last merge
+    root_candidates: dict[str, Any]       # the last merge's scored product: axis cost, mse, kept (for the plot)
+    levels: list[dict[str, Any]]          # per level: nodes, scored nodes, evaluations, wall_s
+    evaluations: int
+    wall_s: float
+    keep: int
+    cost_kind: str
+    budget: Budget | None
+
+    def best(self, budget: Budget, cost: CostModel) -> tuple[np.ndarray, np.ndarray, float]:
+        """(assignment, total cost, MSE) of the lowest-MSE front plan meeting ``budget``."""
+        total = cost.offset + self.front.cost
+        ok = np.flatnonzero(cost.fits(total, budget))
+        if not len(ok):
+            raise BudgetError(f"no plan on the root's front meets {budget.label}; its costs span "
+                              f"{total.min(axis=0).round(4).tolist()}..{total.max(axis=0).round(4).tolist()}")
+        mse = np.where(np.isnan(self.front.mse[ok]), np.inf, self.front.mse[ok])
+        i = int(ok[np.lexsort((ok, total[ok].sum(axis=1), mse))[0]])
+        return self.front.configs[i], total[i], float(self.front.mse[i])
+
+    @property
+    def evaluation_bound(self) -> int:
+        return (self.root.hi - self.root.lo - 1) * self.keep ** 2
+
+
+def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None, anchor: bool) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind, "anchor": anchor,
+                         "budget": None if budget is None else budget.to_dict()}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(cost.table).tobytes())
+    return h.hexdigest()
+
+
+class _Pruner:
+    """Drops configs of leaves ``[lo, hi)`` that cannot meet the budget with every other leaf at its cheapest."""
+
+    def __init__(self, cost: CostModel, budget: Budget | None) -> None:
+        self.cost, self.budget = cost, budget
+        mins = cost.min_costs()
+        self.prefix = np.concatenate([np.zeros((1, mins.shape[1])), np.cumsum(mins, axis=0)])
+
+    def __call__(self, lo: int, hi: int, node_cost: np.ndarray) -> np.ndarray:
+        if self.budget is None:
+            return np.ones(len(node_cost), dtype=bool)
+        outside = self.prefix[-1] - (self.prefix[hi] - self.prefix[lo])
+        return self.cost.fits(self.cost.offset + outside + node_cost, self.budget)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)   # atomic: a kill leaves the previous level's state or this one, never half
+
+
+def _no_plan(budget: Budget | None) -> BudgetError:
+    return BudgetError(f"no plan meets the budget {budget.label if budget else ''}")
+
+
+def _leaves(cost: CostModel, prune: _Pruner, n_cand: int) -> list[Node]:
+    """Level 0's nodes: every leaf with its candidates that can still meet the budget."""
+    nodes, every = [], np.arange(n_cand, dtype=np.int64)[:, None]
+    for i in range(cost.table.shape[0]):
+        node = Node(i, i + 1, every, cost.table[i].copy(), np.full(n_cand, np.nan))
+        node = node.take(np.flatnonzero(prune(i, i + 1, node.cost)))
+        if not len(node.mse):
+            raise _no_plan(prune.budget)
+        nodes.append(node)
+    return nodes
+
+
+def _merge(nodes: list[Node], prune: _Pruner) -> tuple[list[Node], list[int]]:
+    """One level's nodes (pairs merged, an odd last node carried) and the indices of those to score."""
+    merged, todo = [], []
+    for j in range(0, len(nodes) - 1, 2):
+        a, b = nodes[j], nodes[j + 1]
+        ia, ib = np.divmod(np.arange(len(a.mse) * len(b.mse)), len(b.mse))       # the Cartesian product
+        node = Node(a.lo, b.hi, np.concatenate([a.configs[ia], b.configs[ib]], axis=1), a.cost[ia] + b.cost[ib],
+                    np.full(len(ia), np.nan))
+        node = node.take(np.flatnonzero(prune(node.lo, node.hi, node.cost)))
+        if not len(node.mse):
+            raise _no_plan(prune.budget)
+        todo.append(len(merged))
+        merged.append(node)
+    if len(nodes) % 2:
+        merged.append(nodes[-1])
+    return merged, todo
+
+
+def _score(evaluator: Evaluator, nodes: list[Node], todo: list[int], bar: tqdm) -> int:
+    """Fill ``mse`` of ``nodes[j]`` for ``j`` in ``todo``: fixed units of ``group`` rows, sharded over processes
+    by estimated cost (rows × segments run), gathered exactly. Returns the number of evaluations."""
+    rank, world = distributed.rank_world()
+    g, segs = evaluator.group, evaluator.runner.num_segments
+    units = [(j, s) for j in todo for s in range(0, len(nodes[j].mse), g)]
+    owner = distributed.assign([float(len(nodes[j].mse[s:s + g]) * (segs - evaluator.leaf_segment[nodes[j].lo]))
+                                for j, s in units], world)
+    offsets = np.cumsum([0] + [len(nodes[j].mse) for j in todo])
+    at = dict(zip(todo, offsets[:-1].tolist()))
+    scores = np.zeros(int(offsets[-1]), dtype=np.float64)
+    mine = [(j, s) for (j, s), r in zip(units, owner) if r == rank]
+    bar.total += sum(len(nodes[j].mse[s:s + g]) for j, s in mine)
+    bar.refresh()
+    for j, s in mine:
+        rows = nodes[j].configs[s:s + g]
+        scores[at[j] + s: at[j] + s + len(rows)] = evaluator.evaluate(nodes[j].lo, nodes[j].hi, rows)
+        bar.update(len(rows))
+    scores = distributed.all_sum(scores)
+    for j in todo:
+        nodes[j].mse = scores[at[j]: at[j] + len(nodes[j].mse)]
+    return len(scores)
+
+
+def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
+                state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
+                anchor: bool = True, on_level: Callable[[int], None] | None = None) -> SearchResult:
+    """Run TSS; see the module docstring. ``anchor=False`` drops the environment-uniform elite (for ablations).
+    ``on_level(level)`` is called after each finished level (tests use it to stop a search midway)."""
+    if keep <= 0:
+        raise ValueError(f"keep (K) must be positive, got {keep}")
+    if budget is not None and budget.kind != cost.kind:
+        raise BudgetError(f"budget kind {budget.kind!r} does not match the cost kind {cost.kind!r}")
+    space = evaluator.space
+    n = len(space.leaves)
+    rank, _ = distributed.rank_world()
+    prune = _Pruner(cost, budget)
+    fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor)
+    elite = space.candidates.index(evaluator.env.config) if anchor and evaluator.env.config in space.candidates \
+        else None
+
+    def drop(nd: Node) -> np.ndarray:
+        hits = np.flatnonzero((nd.configs == elite).all(axis=1)) if elite is not None else []
+        return pareto_drop(cost.axis(nd.cost, budget, (nd.lo, nd.hi)), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
+
+    path = Path(state_path) if state_path is not None else None
+    state: dict[str, Any] | None = None
+    if resume and path is not None and path.exists():
+        state = json.loads(path.read_text())
+        if state.get("schema") != STATE_SCHEMA or state.get("version") != STATE_VERSION:
+            raise ValueError(f"{path} is not a TSS state file of version {STATE_VERSION}")
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K or "
+                             "batching differ); remove it or start without --resume")
+    distributed.barrier()
+    if state is not None:
+        nodes = [Node.from_dict(d) for d in state["nodes"]]
+        levels, evaluations = state["levels"], int(state["evaluations"])
+        wall0, level = float(state["wall_s"]), int(state["level"]) + 1
+        root_candidates = state.get("root_candidates")
+        front = Node.from_dict(state["front"]) if state.get("front") else None
+    else:
+        nodes = _leaves(cost, prune, len(space.candidates))
+        levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=0, unit="eval", desc="TSS", disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        while level == 0 or len(nodes) > 1:
+            t_level = time.perf_counter()
+            if level == 0:   # leaves are scored only to drop them to K (or when one leaf is the whole tree)
+                todo = [j for j, nd in enumerate(nodes) if len(nd.mse) > keep or n == 1]
+            else:
+                nodes, todo = _merge(nodes, prune)
+            bar.set_description(f"TSS level {level}")
+            total = _score(evaluator, nodes, todo, bar)
+            for j in todo:
+                nd = nodes[j]
+                kept = drop(nd)
+                if len(nodes) == 1:   # the last merge (or the only leaf): keep everything for the answer
+                    mask = np.zeros(len(nd.mse), dtype=bool)
+                    mask[kept] = True
+                    root_candidates = {"axis": cost.axis(cost.offset + nd.cost, budget).tolist(),
+                                       "mse": [None if np.isnan(v) else float(v) for v in nd.mse],
+                                       "kept": mask.tolist()}
+                    front = nd.take(nondominated_fronts(np.concatenate([nd.cost, nd.mse[:, None]], axis=1))[0])
+                nodes[j] = nd.take(kept)
+            levels.append({"level": level, "nodes": len(nodes), "scored_nodes": len(todo), "evaluations": total,
+                           "wall_s": time.perf_counter() - t_level})
+            evaluations += total
+            if path is not None:
+                if rank == 0:
+                    _save_state(path, {"schema": STATE_SCHEMA, "version": STATE_VERSION, "fingerprint": fingerprint,
+                                       "level": level, "nodes": [nd.to_dict() for nd in nodes], "levels": levels,
+                                       "evaluations": evaluations, "wall_s": wall0 + time.perf_counter() - t0,
+                                       "root_candidates": root_candidates,
+                                       "front": None if front is None else front.to_dict()})
+                distributed.barrier()
+            if on_level is not None:
+                on_level(level)
+            level += 1
+    finally:
+        bar.close()
+    return SearchResult(nodes[0], front if front is not None else nodes[0], root_candidates or {}, levels,
+                        evaluations, wall0 + time.perf_counter() - t0, keep, cost.kind, budget)
