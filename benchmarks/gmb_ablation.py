@@ -14,6 +14,7 @@ wall time. Every run is resumable: calibrations and fine-tunings live in ``--wor
 ``--work/results.json``; rerunning the same command continues. CPU, single thread by default.
 
     python benchmarks/gmb_ablation.py --work out/gmb_ablation [--bits W4A4 W3A3] [--params 4] [--peft-steps 300]
+        [--plans tss_w4a4=out/search/plan.json]
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from treeq_engine.branches import plan_weight_bits
-from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits, uniform_plan
+from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits, uniform_plan, with_branch
 from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
 from treeq_engine.demo import pick_real
@@ -36,6 +37,7 @@ from treeq_engine.eval.metrics import DigitsJudge, EpsProbe, compare_samples
 from treeq_engine.models.digits import digits_split, load_digits_dit
 from treeq_engine.models.sample import sample
 from treeq_engine.nn import convert, quant_layers
+from treeq_engine.plan import QuantPlan
 
 VARIANTS = ("none", "lowrank", "monarch")
 
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(4, 4), (3, 3)])
     ap.add_argument("--params", type=int, default=4, help="branch budget b·r (rank of the equal low-rank branch)")
+    ap.add_argument("--plans", nargs="*", default=[], metavar="NAME=PLAN.json",
+                    help="also searched plans (e.g. from `treeq search`), each with every --variants branch")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--no-peft", action="store_true", help="PTQ rows only")
     ap.add_argument("--branch-init", choices=("weight", "residual"), default="weight")
@@ -123,15 +127,22 @@ def main() -> None:
                                         "acc": judge.digits.accuracy(other, judge.labels)}
         save()
     shapes = {n: tuple(m.weight.shape) for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
-    for bits in args.bits:
-        label = f"W{bits[0]}A{bits[1]}"
+    settings = [(f"W{b[0]}A{b[1]}", uniform_plan(fp, b, None)) for b in args.bits]
+    for spec in args.plans:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--plans takes NAME=PLAN.json, got {spec!r}")
+        plan = QuantPlan.load(path)
+        plan.validate(fp)
+        settings.append((name, plan))
+    for label, base in settings:
         key = f"{label} rtn"
         if key not in results["rows"]:  # round-to-nearest, no calibration, no branch
-            rtn = convert(copy.deepcopy(fp), uniform_plan(fp, bits, None))
+            rtn = convert(copy.deepcopy(fp), base)
             results["rows"][key] = {"bits": label, "variant": "none", "stage": "RTN", **judge(rtn)}
             save()
         for variant in args.variants:
-            plan = uniform_plan(fp, bits, branch_for(variant, args.params))
+            plan = with_branch(base, fp, branch_for(variant, args.params))
             ptq_dir = work / f"{label}_{variant}_ptq"
             key = f"{label} {variant} PTQ"
             model = copy.deepcopy(fp)

@@ -175,7 +175,7 @@ def test_checkpoint_errors(tmp_path):
 def test_cli_helpers():
     import argparse
 
-    from treeq_engine.calib.cli import branch_for, parse_bits, uniform_plan
+    from treeq_engine.calib.cli import branch_for, parse_bits, uniform_plan, with_branch
     from treeq_engine.cli import build_parser
 
     assert parse_bits("W3A4") == (3, 4) and parse_bits("w8a8") == (8, 8)
@@ -191,6 +191,13 @@ def test_cli_helpers():
     plan = uniform_plan(model, (3, 3), BranchConfig("monarch", 32, 1))
     assert plan.layers["blocks.0.mlp.fc1"] == LayerConfig(3, 3, branch=BranchConfig("monarch", 24, 1))  # capped
     assert plan.layers["final_layer.linear"] == LayerConfig(8, 8) and plan.layers["t_embedder.mlp.0"] == LayerConfig(8, 8)
+    # a searched (mixed) plan keeps its bits; the branch goes on block layers only, and None takes it off
+    mixed = plan.with_layer("blocks.0.attn.qkv", LayerConfig(2, 8)).with_layer("blocks.0.mlp.fc2", LayerConfig(8, 4))
+    lr = with_branch(mixed, model, BranchConfig("lowrank", 1, 4))
+    assert lr.layers["blocks.0.attn.qkv"] == LayerConfig(2, 8, branch=BranchConfig("lowrank", 1, 4))
+    assert lr.layers["blocks.0.mlp.fc2"] == LayerConfig(8, 4, branch=BranchConfig("lowrank", 1, 4))
+    assert lr.layers["final_layer.linear"] == LayerConfig(8, 8)
+    assert all(c.branch is None for c in with_branch(lr, model, None).layers.values())
     args = build_parser().parse_args(["ptq", "--bits", "W3A3", "--branch", "lowrank", "--out", "x"])
     assert args.bits == (3, 3) and args.branch == "lowrank" and args.branch_params == 32
     args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])

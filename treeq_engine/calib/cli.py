@@ -9,6 +9,7 @@ Both commands resume when rerun with the same ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -44,24 +45,29 @@ def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:
 
 
 def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchConfig | None,
-                 edge_bits: tuple[int, int] = (8, 8), name: str = "DiT") -> QuantPlan:
-    """Every block linear at ``bits`` (with ``branch``, capped to the layer size), the other linears
-    (timestep MLP, final layer) at ``edge_bits`` without a branch."""
-    from ..nn import quantizable_linears
-    from ..plan import LayerConfig
+                 edge_bits: tuple[int, int] = (8, 8)) -> QuantPlan:
+    """The demo's uniform plan (block linears at ``bits``, the other linears at ``edge_bits``) with ``branch``
+    beside every block linear (``with_branch``)."""
+    from ..demo import uniform_plan as demo_uniform_plan
 
-    layers = {}
-    for n in quantizable_linears(model):
-        lin = model.get_submodule(n)
-        if is_block_layer(n):
-            br = branch
-            if br is not None and br.blocks > min(lin.in_features, lin.out_features):
-                br = BranchConfig(br.kind, min(lin.in_features, lin.out_features), br.rank)
-            layers[n] = LayerConfig(*bits, branch=br)
-        else:
-            layers[n] = LayerConfig(*edge_bits)
+    plan = demo_uniform_plan(model, *bits, edge_bits=edge_bits)
     label = f"uniform W{bits[0]}A{bits[1]}" + ("" if branch is None else f" + {branch.kind} {branch.blocks}x{branch.rank}")
-    return QuantPlan(layers, model=name, meta={"kind": label})
+    return with_branch(dataclasses.replace(plan, meta={"kind": label}), model, branch)
+
+
+def with_branch(plan: QuantPlan, model: torch.nn.Module, branch: BranchConfig | None) -> QuantPlan:
+    """``plan`` with ``branch`` on every block linear (its blocks capped to the layer's smaller side), keeping
+    each layer's bits; the other layers keep their configs. ``None`` removes the block layers' branches."""
+    layers = dict(plan.layers)
+    for n, cfg in plan.layers.items():
+        if not is_block_layer(n):
+            continue
+        br = branch
+        if br is not None:
+            lin = model.get_submodule(n)
+            br = BranchConfig(br.kind, min(br.blocks, lin.in_features, lin.out_features), br.rank)
+        layers[n] = cfg.replace(branch=br)
+    return dataclasses.replace(plan, layers=layers)
 
 
 def calibration_batches(fp, n: int, steps: int, seed: int, cfg_scale: float = 1.0) -> list:
@@ -76,8 +82,9 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", default=None, help="a QuantPlan JSON (e.g. from the search)")
     g.add_argument("--bits", type=parse_bits, default=(4, 4), help="uniform plan: block linears at WxAy (W4A4)")
-    p.add_argument("--branch", choices=("none", "monarch", "lowrank"), default="monarch",
-                   help="uniform plan: the branch beside every block linear")
+    p.add_argument("--branch", choices=("none", "monarch", "lowrank", "plan"), default="monarch",
+                   help="the branch beside every block linear (with --plan too, keeping its bits); 'plan' keeps the "
+                        "branches --plan names")
     p.add_argument("--branch-params", type=int, default=32,
                    help="branch size as b·r: the parameters of a rank-R low-rank branch (default 32)")
     p.add_argument("--branch-rank", type=int, default=1, help="Monarch per-block rank r (blocks b = params / r)")
@@ -103,8 +110,14 @@ def run_ptq(args: argparse.Namespace) -> int:
 
     fp = _load_model(args.model, args.device)
     model = _load_model(args.model, args.device)
-    plan = (QuantPlan.load(args.plan) if args.plan else
-            uniform_plan(fp, args.bits, branch_for(args.branch, args.branch_params, args.branch_rank)))
+    if args.branch == "plan" and not args.plan:
+        raise SystemExit("treeq ptq: --branch plan needs --plan")
+    branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
+    if args.plan:
+        plan = QuantPlan.load(args.plan)
+        plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
+    else:
+        plan = uniform_plan(fp, args.bits, branch)
     batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
