@@ -38,3 +38,34 @@ def test_errors(tmp_path):
         load_artifact_model(str(tmp_path))
     with pytest.raises(SystemExit, match="labels must be"):
         main(["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
+
+
+def test_quantize_from_ptq_and_peft(tmp_path):
+    """search/ptq/peft -> quantize: the artifact packs the calibrated codes, clips, smoothing folds and the
+    fine-tuned Monarch branches, and runs what the fake-quant (simulated) model runs."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+
+    torch.set_num_threads(1)
+    ptq, peft = tmp_path / "ptq", tmp_path / "peft"
+    common = ["--calib-samples", "2", "--sample-steps", "2", "--max-tokens", "64", "--rounds", "1"]
+    assert main(["ptq", "--bits", "W4A8", "--branch", "monarch", "--branch-params", "4", "--smooth-alphas", "0.5",
+                 "--out", str(ptq), *common]) == 0
+    assert main(["peft", "--ptq", str(ptq), "--steps", "2", "--batch", "2", "--sample-steps", "2",
+                 "--out", str(peft)]) == 0
+    out = tmp_path / "art"
+    assert main(["quantize", "--ptq", str(ptq), "--peft", str(peft), "--out", str(out)]) == 0
+    packed = load_artifact_model(str(out))
+    sim = load_fp_model("digits")[0]
+    plan = load_calibration(sim, ptq)
+    load_finetuned(sim, peft)
+    assert plan.layers["blocks.0.attn.qkv"].branch is not None
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([5, 700]), torch.tensor([2, 9])
+    with torch.no_grad():
+        a, b = packed(x, t, y).float(), sim(x, t, y)
+    assert float((a - b).norm() / b.norm()) < 0.02   # bf16 runtime vs float32 simulation (measured 2.3e-3)
+    with pytest.raises(SystemExit, match="--peft needs"):
+        main(["quantize", "--peft", str(peft), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="brings its own plan"):
+        main(["quantize", "--ptq", str(ptq), "--uniform", "W4A4", "--out", str(tmp_path / "x")])

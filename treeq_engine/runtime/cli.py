@@ -52,6 +52,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
+    p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "
+                                               "clips, branches; made from --model)")
+    p.add_argument("--peft", default=None, help="with --ptq: a `treeq peft` directory (fine-tuned branches, LoRA)")
     p.add_argument("--out", required=True, help="artifact directory to write")
 
 
@@ -60,7 +63,19 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .convert import memory_report, quantize
 
     model, desc = load_fp_model(args.model, args.config)
-    plan = resolve_plan(model, args.plan, args.uniform, name=args.model)
+    if args.peft and not args.ptq:
+        raise SystemExit("--peft needs the --ptq directory it was fine-tuned from")
+    if args.ptq:
+        if args.plan or args.uniform:
+            raise SystemExit("--ptq brings its own plan: give it without --plan / --uniform")
+        from ..calib.peft import load_finetuned
+        from ..calib.ptq import load_calibration
+
+        plan = load_calibration(model, args.ptq)   # frozen calibrated codes, clips, branches, smoothing folds
+        if args.peft:
+            load_finetuned(model, args.peft)
+    else:
+        plan = resolve_plan(model, args.plan, args.uniform, name=args.model)
     fp = artifact.fingerprint(model, plan)
     t0 = time.perf_counter()
     quantize(model, plan)
