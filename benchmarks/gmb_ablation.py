@@ -76,7 +76,8 @@ class Judge:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True)
-    ap.add_argument("--bits", nargs="*", type=parse_bits, default=[(4, 4), (3, 3)], help="uniform settings (none: --plans only)")
+    ap.add_argument("--bits", nargs="*", type=parse_bits, default=[(4, 4), (3, 3)],
+                    help="uniform settings (none: --plans only)")
     ap.add_argument("--params", type=int, default=4, help="branch budget b·r (rank of the equal low-rank branch)")
     ap.add_argument("--plans", nargs="*", default=[], metavar="NAME=PLAN.json",
                     help="also searched plans (e.g. from `treeq search`), each with every --variants branch")
