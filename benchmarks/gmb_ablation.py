@@ -130,7 +130,7 @@ def main() -> None:
     shapes = {n: tuple(m.weight.shape) for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
     settings = [(f"W{b[0]}A{b[1]}", uniform_plan(fp, b, None)) for b in args.bits]
     for spec in args.plans:
-        name, sep, path = spec.partition("=")
+        name, sep, path = spec.rpartition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--plans takes NAME=PLAN.json, got {spec!r}")
         plan = QuantPlan.load(path)
