@@ -108,10 +108,10 @@ def _common_args(p: argparse.ArgumentParser, what: str) -> None:
 def run_ptq(args: argparse.Namespace) -> int:
     from .ptq import PTQConfig, calibrate
 
-    fp = _load_model(args.model, args.device)
-    model = _load_model(args.model, args.device)
     if args.branch == "plan" and not args.plan:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
+    fp = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device)
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
