@@ -30,6 +30,7 @@ import torch
 
 from treeq_engine.branches import plan_weight_bits
 from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits, uniform_plan, with_branch
+from treeq_engine.calib.data import sampler_loss_weights
 from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
 from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
 from treeq_engine.demo import pick_real
@@ -93,6 +94,8 @@ def main() -> None:
                     help="no-branch PEFT: the rank of the LoRA merged into the codes (default: --params)")
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-w-scale", type=float, default=0.0, help="also train the weight scales (all variants)")
+    ap.add_argument("--peft-loss-weights", choices=("uniform", "sampler"), default="uniform",
+                    help="PEFT's per-sample loss weights (rows and directories of 'sampler' say so)")
     ap.add_argument("--eval-samples", type=int, default=500)
     ap.add_argument("--steps", type=int, default=25, help="DDPM sampling steps (evaluation, calibration, PEFT)")
     ap.add_argument("--cfg-scale", type=float, default=1.5)
@@ -162,15 +165,16 @@ def main() -> None:
                 results["rows"][key] = {"bits": label, "variant": variant, "stage": "PTQ", **cost,
                                         "ptq_s": round(ptq_s, 1), **judge(model)}
                 save()
-            key = f"{label} {variant} PEFT"
+            tag = "" if args.peft_loss_weights == "uniform" else " sampler-weighted"
+            key = f"{label} {variant} PEFT{tag}"
             if key in results["rows"] or args.no_peft:
                 continue
             lora = (args.params if args.none_lora_rank is None else args.none_lora_rank) if variant == "none" else 0
             cfg = PEFTConfig(steps=args.peft_steps, lr_branch=args.lr_branch, lora_rank=lora, lr_lora=args.lr_lora,
-                             lr_w_scale=args.lr_w_scale, checkpoint_every=50)
+                             lr_w_scale=args.lr_w_scale, checkpoint_every=50, loss_weights=args.peft_loss_weights)
             if variant == "none" and cfg.lora_rank == 0 and cfg.lr_w_scale == 0:
                 continue  # nothing to train without a branch
-            peft_dir = work / f"{label}_{variant}_peft"
+            peft_dir = work / (f"{label}_{variant}_peft" + ("" if not tag else "_sampler"))
 
             def trajectory(r: int) -> list:
                 return calibration_batches(fp, args.peft_batch, args.steps, seed=10_000 + r, cfg_scale=args.cfg_scale)
@@ -181,12 +185,13 @@ def main() -> None:
             if done:
                 load_finetuned(model, peft_dir)
             else:
-                finetune(model, fp, trajectory, cfg, out_dir=peft_dir)
+                finetune(model, fp, trajectory, cfg, out_dir=peft_dir,
+                         sample_weight=sampler_loss_weights(args.steps) if tag else None)
             peft_s = time.perf_counter() - t0
             trained = sum(p.numel() for n, p in model.named_parameters()
                           if ".branch." in n or ".lora." in n or (n.endswith("w_scale") and cfg.lr_w_scale > 0))
             results["rows"][key] = {"bits": label, "variant": variant + (f" + LoRA {lora}" if lora else ""),
-                                    "stage": "PEFT", **cost,
+                                    "stage": "PEFT" + tag, **cost,
                                     "trained_params": trained, "peft_s": round(peft_s, 1),
                                     "peft_steps": cfg.steps, **judge(model)}
             save()

@@ -156,3 +156,37 @@ def test_cli_ptq_then_peft(tmp_path, capsys):
     load_calibration(q, tmp_path / "p")
     load_finetuned(q, tmp_path / "f")
     assert all(m.is_frozen for m in quant_layers(q).values())
+
+
+def test_sampler_loss_weights(calibrated, tmp_path):
+    """The sampler-weighted loss: c(t)² per step of the schedule the trajectory used, mean 1, the last step (t = 0)
+    weighed far below the others; finetune applies it (and refuses a mismatch)."""
+    from treeq_engine.calib.data import sampler_loss_weights
+    from treeq_engine.models.diffusion import create_diffusion, sampler_weights
+
+    fp = calibrated[0]
+    weight = sampler_loss_weights(3)
+    batches = trajectory(fp, n=4, steps=3, seed=5)
+    w = torch.stack([weight(b)[0] for b in batches])           # one weight per step (a step's batch shares t)
+    assert all(torch.equal(weight(b), weight(b)[:1].expand(len(b[1]))) for b in batches)
+    assert float(w.mean()) == pytest.approx(1.0, rel=1e-6)
+    d = create_diffusion("3")
+    want = sampler_weights(d, torch.arange(3)).float()
+    assert torch.allclose(w.flip(0), want / want.mean())        # the sampler walks t from high to low
+    assert float(w[-1]) < 0.01 * float(w[:-1].min())            # t = 0: nearly unpredictable ε, tiny weight
+    with pytest.raises(ValueError, match="not steps of the 3-step schedule"):
+        weight((batches[0][0], torch.full_like(batches[0][1], 17), batches[0][2]))
+    # finetune: the weighted loss is what it records; a config and weights that disagree are an error
+    q = _fresh(calibrated)
+    cfg = PEFTConfig(steps=3, lr_branch=0.0, loss_weights="sampler", shuffle=False)
+    res = finetune(q, fp, _traj(fp), cfg, progress=False, sample_weight=weight)
+    with torch.no_grad():
+        b = _traj(fp)(0)[0]
+        want_loss = float(((q(*b) - fp(*b)).square().flatten(1).mean(1) * weight(b)).mean())
+    assert res.losses[0] == pytest.approx(want_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="needs sample_weight"):
+        finetune(q, fp, _traj(fp), cfg, progress=False)
+    with pytest.raises(ValueError, match="takes no sample_weight"):
+        finetune(q, fp, _traj(fp), PEFTConfig(steps=1), progress=False, sample_weight=weight)
+    with pytest.raises(ValueError, match="loss_weights must be one of"):
+        PEFTConfig(loss_weights="snr")

@@ -204,7 +204,9 @@ def test_cli_helpers():
         from treeq_engine.cli import main
         main(["ptq", "--branch", "plan", "--out", "x"])
     args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])
-    assert args.lora_rank == 4 and args.steps == 400
+    assert args.lora_rank == 4 and args.steps == 400 and args.loss_weights == "uniform"
+    assert build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--loss-weights", "sampler"]).loss_weights \
+        == "sampler"
 
 
 def test_staged_walk_equals_whole_model_walk():

@@ -51,7 +51,9 @@ def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchCo
     from ..demo import uniform_plan as demo_uniform_plan
 
     plan = demo_uniform_plan(model, *bits, edge_bits=edge_bits)
-    label = f"uniform W{bits[0]}A{bits[1]}" + ("" if branch is None else f" + {branch.kind} {branch.blocks}x{branch.rank}")
+    label = f"uniform W{bits[0]}A{bits[1]}"
+    if branch is not None:
+        label += f" + {branch.kind} {branch.blocks}x{branch.rank}"
     return with_branch(dataclasses.replace(plan, meta={"kind": label}), model, branch)
 
 
@@ -141,6 +143,8 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--loss-weights", choices=("uniform", "sampler"), default="uniform",
+                   help="per-sample loss weights: none, or the sampler's c(t)² (damps the t≈0 step)")
     _common_args(p, "distillation")
 
 
@@ -153,13 +157,16 @@ def run_peft(args: argparse.Namespace) -> int:
     load_calibration(model, args.ptq)
     cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                      lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,
-                     checkpoint_every=args.checkpoint_every, seed=args.seed)
+                     checkpoint_every=args.checkpoint_every, seed=args.seed, loss_weights=args.loss_weights)
 
     def trajectory(r: int) -> list:  # a fresh batch per round, seeded apart from the calibration set
         return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r,
                                    cfg_scale=args.cfg_scale)
 
-    res = finetune(model, fp, trajectory, cfg, out_dir=args.out)
+    from .data import sampler_loss_weights
+
+    weight = sampler_loss_weights(args.sample_steps) if args.loss_weights == "sampler" else None
+    res = finetune(model, fp, trajectory, cfg, out_dir=args.out, sample_weight=weight)
     tail = res.losses[-min(20, len(res.losses)):]
     print(f"fine-tuned {res.trainable_params} parameters for {res.step} steps into {args.out}; "
           f"loss (last {len(tail)} steps) {sum(tail) / max(1, len(tail)):.3e}")

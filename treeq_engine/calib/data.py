@@ -8,6 +8,8 @@ and PEFT distils along the FP model's own trajectory (EfficientDM). Deterministi
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -41,3 +43,24 @@ def random_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
 def eps_channels(model: nn.Module, batch: CalibBatch) -> torch.Tensor:
     """The model's ε prediction only (the first ``in_channels`` of a learned-variance DiT's output)."""
     return model(*batch)[:, : model.in_channels]
+
+
+def sampler_loss_weights(steps: int | str, diffusion_steps: int = 1000) -> Callable[[CalibBatch], torch.Tensor]:
+    """``batch -> (B,)`` float32: the sampler weight ``c(t)²`` of each sample's step for a trajectory sampled with
+    ``steps`` respaced steps (``dit_trajectory(steps=...)``), normalised to mean 1 over that schedule. The batch's
+    ``t`` are model timesteps; a timestep the schedule does not visit is an error."""
+    from ..models.diffusion import create_diffusion, sampler_weights
+
+    diffusion = create_diffusion(str(steps), diffusion_steps=diffusion_steps)
+    w = sampler_weights(diffusion, torch.arange(len(diffusion.timestep_map)))
+    w = (w / w.mean()).float()
+    index = {int(t): i for i, t in enumerate(diffusion.timestep_map.tolist())}
+
+    def weight(batch: CalibBatch) -> torch.Tensor:
+        t = batch[1].detach().long().cpu().tolist()
+        missing = sorted({v for v in t if v not in index})
+        if missing:
+            raise ValueError(f"timestep(s) {missing[:5]} are not steps of the {steps}-step schedule")
+        return w[[index[v] for v in t]]
+
+    return weight

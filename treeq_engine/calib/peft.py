@@ -5,6 +5,11 @@ input ``(x_t, t, y)`` the quantized model's ε is pulled toward the FP model's::
 
     loss = mean (ε_q(x_t, t, y) − ε_fp(x_t, t, y))²        x_t along the FP model's sampler trajectory
 
+``loss_weights="sampler"`` weighs each sample by the sampler's ``c(t)²`` (``models.diffusion.sampler_weights``,
+normalised to mean 1 over the schedule; ``data.sampler_loss_weights`` builds it): how much an ε error moves the
+next sampler state. Unweighted, the last step (t ≈ 0: x_t nearly clean, ε nearly unpredictable) has ~1000× the
+loss of the others, and those spikes inflate AdamW's second moments for hundreds of steps.
+
 Frozen: the low-bit codes (and everything else of the model). Trained: the branch factors ``w1``, ``w2`` of every
 layer that has a branch; optionally a LoRA merged into the codes (``lora_rank``), and the per-channel weight
 scales (``lr_w_scale``, LSQ gradient; kept above 1% of their calibrated value). One AdamW optimizer with a parameter group per kind, a linear warm-up
@@ -38,6 +43,7 @@ from .store import CheckpointError, read_json, read_tensors, write_json, write_t
 SCHEMA = "treeq-peft"
 VERSION = 1
 SCHEDULES = ("cosine", "constant")
+LOSS_WEIGHTS = ("uniform", "sampler")
 SCALE_FLOOR = 0.01
 
 EpsFn = Callable[[nn.Module, CalibBatch], torch.Tensor]
@@ -63,6 +69,7 @@ class PEFTConfig:
     checkpoint_every: int = 50
     shuffle: bool = True
     seed: int = 0
+    loss_weights: str = "uniform"  # or "sampler": per-sample c(t)² (see the module docstring)
 
     def __post_init__(self) -> None:
         for f in ("steps", "checkpoint_every"):
@@ -79,6 +86,8 @@ class PEFTConfig:
                 raise ValueError(f"PEFTConfig.{f} must be a finite number >= 0, got {v!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"PEFTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.loss_weights not in LOSS_WEIGHTS:
+            raise ValueError(f"PEFTConfig.loss_weights must be one of {LOSS_WEIGHTS}, got {self.loss_weights!r}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of every group's base learning rate at optimizer step ``step`` (0-based)."""
@@ -170,9 +179,15 @@ def _load_optimizer(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Opti
 
 
 def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, config: PEFTConfig = PEFTConfig(), *,
-             eps_fn: EpsFn = model_eps, out_dir: str | Path | None = None, progress: bool = True) -> PEFTResult:
+             eps_fn: EpsFn = model_eps, out_dir: str | Path | None = None, progress: bool = True,
+             sample_weight: Callable[[CalibBatch], torch.Tensor] | None = None) -> PEFTResult:
     """Distil the calibrated ``model`` (frozen layers from PTQ) toward ``fp_model`` in place (see the module
-    docstring). With ``out_dir`` it checkpoints and resumes."""
+    docstring). With ``out_dir`` it checkpoints and resumes. ``sample_weight(batch) -> (B,)``: the per-sample loss
+    weights; required by (and only used with) ``config.loss_weights == "sampler"``."""
+    if (config.loss_weights == "sampler") != (sample_weight is not None):
+        raise ValueError(f"loss_weights={config.loss_weights!r} "
+                         + ("needs sample_weight (e.g. calib.data.sampler_loss_weights(steps))"
+                            if sample_weight is None else "takes no sample_weight"))
     if not quant_layers(model):
         raise ValueError("finetune needs a converted, calibrated model (no QuantLinear layers found)")
     if config.lora_rank > 0:
@@ -193,7 +208,7 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
         out.mkdir(parents=True, exist_ok=True)
         if (out / "peft.json").exists():
             st = read_json(out / "peft.json", SCHEMA, VERSION)
-            if st["config"] != cfg_doc:
+            if {**dataclasses.asdict(PEFTConfig()), **st["config"]} != cfg_doc:   # older files lack new fields
                 raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
             tensors = read_tensors(out / "peft.safetensors")
             _load_params(named, tensors, str(out))
@@ -233,7 +248,12 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
                 group["lr"] = group["base_lr"] * config.lr_factor(step)
             with torch.no_grad():
                 target = eps_fn(fp_model, batch)
-            loss = (eps_fn(model, batch) - target).square().mean()
+            err = (eps_fn(model, batch) - target).square()
+            if sample_weight is None:
+                loss = err.mean()
+            else:
+                w = sample_weight(batch).to(err.device, err.dtype)
+                loss = (err.flatten(1).mean(1) * w).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

@@ -367,3 +367,12 @@ def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "", 
     # Like the reference, even "all steps" goes through respacing: the betas re-derived from ᾱ differ from the
     # schedule's in the last bits, and matching them keeps sampling bit-compatible.
     return base.respaced(space_timesteps(diffusion_steps, timestep_respacing))
+
+
+def sampler_weights(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
+    """``c(t)²`` with ``c(t) = β_t / (√α_t · √(1 − ᾱ_t))`` for the (respaced) step indices ``t (B,)``: how much an
+    ε error moves the DDPM posterior mean ``(x_t − β_t/√(1 − ᾱ_t) · ε) / √α_t``. float64 ``(B,)``."""
+    betas = torch.as_tensor(diffusion.betas, dtype=torch.float64)
+    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+    beta, ab = betas[t], abar[t]
+    return (beta / ((1 - beta).sqrt() * (1 - ab).sqrt())) ** 2

@@ -119,7 +119,7 @@ def model_fingerprint(model: nn.Module) -> str:
 @torch.no_grad()
 def collect(model: nn.Module, config: CalibrationConfig, *, progress: bool = False) -> CalibrationSet:
     """Run the FP sampler once and keep the model inputs at the chosen steps (see the module docstring)."""
-    from ..models.diffusion import create_diffusion
+    from ..models.diffusion import create_diffusion, sampler_weights
     from ..models.sample import sample
 
     n_classes = model.config.num_classes
@@ -141,15 +141,6 @@ def collect(model: nn.Module, config: CalibrationConfig, *, progress: bool = Fal
         raise RuntimeError(f"the sampler reported {len(xs)} of the {len(keep)} requested steps")
     return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(ws),
                           {"config": dataclasses.asdict(config)})
-
-
-def sampler_weights(diffusion: Any, t: torch.Tensor) -> torch.Tensor:
-    """``c(t)²`` with ``c(t) = β_t / (√α_t · √(1 − ᾱ_t))`` for the (respaced) step indices ``t (B,)``: how much an
-    ε error moves the DDPM posterior mean ``(x_t − β_t/√(1 − ᾱ_t) · ε) / √α_t``. float64 ``(B,)``."""
-    betas = torch.as_tensor(diffusion.betas, dtype=torch.float64)
-    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
-    beta, ab = betas[t], abar[t]
-    return (beta / ((1 - beta).sqrt() * (1 - ab).sqrt())) ** 2
 
 
 def load_or_collect(model: nn.Module, config: CalibrationConfig, cache_dir: str | Path | None, *,

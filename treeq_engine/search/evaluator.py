@@ -14,7 +14,7 @@ segment; the :class:`Evaluator`
    G times and group g of every node layer runs at candidate g, so one forward scores G candidates.
 
 The MSE of a candidate is ``Σ_i w_i Σ (out_i − ref_i)² / (Σ_i w_i · numel per sample)`` over the calibration
-samples i, with optional per-sample weights ``w`` (default 1; see ``calibration.sampler_weights``), accumulated in
+samples i, with optional per-sample weights ``w`` (default 1; see ``models.diffusion.sampler_weights``), accumulated in
 float64 on the device; the only host transfer is the final ``(m,)`` vector of one ``evaluate`` call.
 Evaluations are deterministic and do not depend on how calls are split across processes, as long as each
 call gets the same candidates (the tree search cuts work into fixed chunks for that reason).
