@@ -283,6 +283,7 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
     a = np.array([[c.a_bits for c in cands]], dtype=np.float64)
     params = np.array([[leaf.params] for leaf in leaves], dtype=np.float64)
     macs = np.array([[leaf.macs] for leaf in leaves], dtype=np.float64)
+    share = None
     if kind == "w":
         table = (params * w / params.sum())[..., None]
     elif kind == "a":
@@ -300,8 +301,6 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
             return roofline_us(leaf.k, leaf.n, m, c.w_bits, c.a_bits, c.branch)
         table = np.array([[us(leaf, c) for c in cands] for leaf in leaves], dtype=np.float64)[..., None]
     offset = np.zeros(table.shape[-1])
-    if kind != "wa":
-        share = None
     if kind == "bytes":
         offset[0] = sum(linear_bytes(leaf, c) for leaf, c in space.fixed) + 2 * space.other_params
     return CostModel(kind, np.ascontiguousarray(table), offset, share)
