@@ -133,6 +133,7 @@ class GaussianDiffusion:
             raise ValueError(f"var_type must be one of {VAR_TYPES}, got {var_type!r}")
         self.var_type = var_type
         self.betas = betas
+        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.num_timesteps = n = betas.numel()
         self.timestep_map = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map))
         if self.timestep_map.shape != (n,):
@@ -178,15 +179,22 @@ class GaussianDiffusion:
                                  timestep_map=[int(self.timestep_map[i]) for i in keep])
 
     # -- helpers -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _extract(arr: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def _on(self, arr: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``arr`` (one of this process's constant tables) on ``device``, copied there once: a host-to-device
+        copy per lookup would make every sampling step wait for the GPU several times."""
+        key = (id(arr), device)
+        if key not in self._device_tables:
+            self._device_tables[key] = arr.to(device)
+        return self._device_tables[key]
+
+    def _extract(self, arr: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``arr[t]`` as float32, shaped ``(B, 1, 1, ...)`` to broadcast against ``shape``."""
-        out = arr.to(t.device)[t].float()
+        out = self._on(arr, t.device)[t].float()
         return out.reshape(out.shape + (1,) * (len(shape) - 1))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Respaced indices -> the original timesteps the model was trained on."""
-        return self.timestep_map.to(t.device)[t].to(t.dtype)
+        return self._on(self.timestep_map, t.device)[t].to(t.dtype)
 
     def _check_t(self, x: torch.Tensor, t: torch.Tensor) -> None:
         if t.shape != (x.shape[0],):
