@@ -12,6 +12,7 @@ No host synchronisation: non-finite rows are handled branch-free (they come out 
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -75,21 +76,29 @@ def use_compiled(enabled: bool = True) -> None:
     _core = torch.compile(_fake_quantize_core, dynamic=True) if enabled else _fake_quantize_core
 
 
+@functools.lru_cache(maxsize=256)
+def _plan(specs: tuple[QuantSpec | None, ...], device: torch.device) -> tuple:
+    """Everything about ``specs`` that does not depend on ``x``, built once per (specs, device) and only read
+    afterwards: the per-group tensors (a host-to-device copy), whether any group is symmetric, the common clamp
+    bounds when every group has the same bits, and whether every group is quantized."""
+    quantized = [s is not None and s.is_quantized for s in specs]
+    bits = {s.bits for s, q in zip(specs, quantized) if q}
+    b = next(iter(bits)) if len(bits) == 1 else None
+    bounds = None if b is None else (float(-(1 << (b - 1))), float((1 << (b - 1)) - 1))
+    any_sym = any(q and s.symmetric for s, q in zip(specs, quantized))
+    return group_params(specs, device), any_sym, bounds, any(quantized), all(quantized)
+
+
 def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
                          params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Fake-quantize activations ``x (G, R, K)`` per token, group ``g`` with ``specs[g]``; returns ``x``'s
-    dtype and shape. ``params``: ``group_params(specs, x.device)``, computed here when not given. Inference
-    only (no straight-through gradient)."""
+    dtype and shape. ``params``: ``group_params(specs, x.device)``; by default the cached ones for these specs
+    on this device. Inference only (no straight-through gradient)."""
     if x.dim() != 3 or x.shape[0] != len(specs):
         raise ValueError(f"fake_quantize_groups: x must be (G={len(specs)}, R, K), got {tuple(x.shape)}")
-    if not any(s is not None and s.is_quantized for s in specs):
+    cached, any_sym, bounds, any_on, all_on = _plan(tuple(specs), x.device)
+    if not any_on:
         return x
-    qmin, qmax, clip, sym, on = params if params is not None else group_params(specs, x.device)
-    any_sym = any(s is not None and s.is_quantized and s.symmetric for s in specs)
-    bits = {s.bits for s in specs if s is not None and s.is_quantized}
-    bounds = None
-    if len(bits) == 1:
-        b = bits.pop()
-        bounds = (float(-(1 << (b - 1))), float((1 << (b - 1)) - 1))
+    qmin, qmax, clip, sym, on = params if params is not None else cached
     x_hat = _core(x.detach().to(torch.float32), qmin, qmax, clip, sym, any_sym, bounds).to(x.dtype)
-    return x_hat if all(s is not None and s.is_quantized for s in specs) else torch.where(on[..., None], x_hat, x)
+    return x_hat if all_on else torch.where(on[..., None], x_hat, x)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..format import (QuantSpec, QuantizedTensor, fake_quantize, fake_quantize_with_qparams, quantize,
                       quantize_with_qparams, row_qparams)
 from ..plan import LayerConfig
-from .grouped import fake_quantize_groups, group_params
+from .grouped import fake_quantize_groups
 
 
 class QuantLinear(nn.Module):
@@ -63,7 +63,7 @@ class QuantLinear(nn.Module):
         self._w_cache: tuple[Any, torch.Tensor] | None = None
         self._groups: tuple[LayerConfig | None, ...] | None = None
         self._wg_cache: dict[Any, torch.Tensor] = {}
-        self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, their params, branch mask
+        self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, branch mask
         self.set_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -301,9 +301,9 @@ class QuantLinear(nn.Module):
         if key not in self._gp_cache:   # host-to-device copies once per config set, not per forward
             specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
             on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
-            self._gp_cache[key] = (specs, group_params(specs, x.device), on)
-        specs, params, on = self._gp_cache[key]
-        xq = fake_quantize_groups(xg, specs, params)
+            self._gp_cache[key] = (specs, on)
+        specs, on = self._gp_cache[key]
+        xq = fake_quantize_groups(xg, specs)   # its per-group parameters are cached per (specs, device)
         if lam not in (0.0, 1.0):
             xq = xg + lam * (xq - xg)
         weights = {}
