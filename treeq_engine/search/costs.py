@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..branches import MonarchShape
+from ..branches import branch_params
 from ..format import packed_dtype, packed_shape
 from ..plan import BranchConfig, LayerConfig, PlanError
 from .space import Leaf, SearchSpace
@@ -134,12 +134,8 @@ def linear_bytes(leaf: Leaf, cfg: LayerConfig | None) -> int:
         rows, cols = packed_shape(n, k, cfg.w_bits)
         total += rows * cols * packed_dtype(cfg.w_bits).itemsize + 12 * n   # + scale f32, zp i32, col_sum i32
     if cfg is not None and cfg.branch is not None:
-        total += 2 * branch_params(leaf, cfg.branch)
+        total += 2 * branch_params(cfg.branch, leaf.n, leaf.k)
     return total
-
-
-def branch_params(leaf: Leaf, branch: BranchConfig) -> int:
-    return MonarchShape(leaf.n, leaf.k, branch.blocks, branch.rank).params
 
 
 def roofline_us(k: int, n: int, tokens: int, w_bits: int, a_bits: int, branch: BranchConfig | None = None) -> float:
@@ -153,7 +149,7 @@ def roofline_us(k: int, n: int, tokens: int, w_bits: int, a_bits: int, branch: B
     rate = ROOFLINE_OPS_PER_S if max(w_bits, a_bits) <= 8 else ROOFLINE_OPS_PER_S / 2
     nbytes = n * k * w_bits / 8 + tokens * k * a_bits / 8 + tokens * n * 2 + n * 12
     if branch is not None:
-        p = MonarchShape(n, k, branch.blocks, branch.rank).params
+        p = branch_params(branch, n, k)
         ops_b = 2.0 * tokens * p
         ops += ops_b * 2      # the branch runs in bf16: half rate, counted as twice the int8 ops
         nbytes += 2 * p
