@@ -41,6 +41,7 @@ INTERPRETER_CONFIG = GemmConfig(32, 32, 64, split_k=1, group_m=2, num_warps=4, n
 # Candidates that compile for sm_90a within the 227 KB of shared memory and without register spills (checked
 # with ``treeq triton-aot``-style builds; 128 × 256 spills 16 bytes and is kept for large M). The Monarch
 # epilogue holds more at once, so it has its own list.
+SPLITK_MAX_M = 2048   # above this many rows no split-K config is tried (the tile grid fills the GPU)
 CANDIDATES: tuple[GemmConfig, ...] = (
     GemmConfig(128, 256, 128, 1, 8, 8, 3),
     GemmConfig(128, 128, 128, 1, 8, 8, 3),
@@ -88,7 +89,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         kw = c.kwargs
         tiles = triton.cdiv(m, kw["BM"]) * triton.cdiv(n, kw["BN"])
-        if kw["SPLIT_K"] > 1 and (m > 2048 or tiles >= SM_COUNT_H100):
+        if kw["SPLIT_K"] > 1 and (m > SPLITK_MAX_M or tiles >= SM_COUNT_H100):
             continue
         if kw["BM"] == 128 and m < 512:
             continue

@@ -252,7 +252,8 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
 
     cfg = config or autotune.gemm_config(m, n, k, bits, w2 is not None)
     if cfg is None:  # GPU autotuning over the candidate list (the kernel is wrapped by triton.autotune)
-        ws, cnt = splitk_workspace(codes.device, m * n, tiles(16, 16))
+        # split-K configs survive pruning only up to SPLITK_MAX_M rows: no accumulator is needed above that
+        ws, cnt = splitk_workspace(codes.device, m * n if m <= autotune.SPLITK_MAX_M else 1, tiles(16, 16))
         autotune.tuned_gemm_kernel()[lambda c: (tiles(c["BM"], c["BN"]), c["SPLIT_K"])](
             *args, ws, cnt, *sizes, **meta)
         return out
