@@ -78,8 +78,9 @@ class QuantLinear(nn.Module):
         if self.is_frozen and config is not None and (config.w_bits, config.w_symmetric) != (fs.bits, fs.symmetric):
             raise ValueError(f"{self.name or 'QuantLinear'}: weight is frozen at {fs}; unfreeze_weight() before "
                              f"changing it to {config.label}")
-        self._config = config
-        self._w_cache = None
+        if config != self._config:   # the weight cache is keyed by config and λ anyway: keep it when unchanged
+            self._config = config
+            self._w_cache = None
 
     @property
     def group_configs(self) -> tuple[LayerConfig | None, ...] | None:
@@ -109,8 +110,9 @@ class QuantLinear(nn.Module):
         if self.is_frozen and lam != 1.0:
             raise ValueError(f"{self.name or 'QuantLinear'}: λ={lam} needs a float weight; this layer's weight is "
                              "frozen (calibrated codes)")
-        self.noise_scale = lam
-        self._w_cache = None
+        if lam != self.noise_scale:
+            self.noise_scale = lam
+            self._w_cache = None
 
     @property
     def weight_spec(self) -> QuantSpec | None:
