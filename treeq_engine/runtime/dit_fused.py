@@ -32,6 +32,8 @@ class FusedDiTBlock(nn.Module):
         if not (_quantized(self.attn.qkv) and _quantized(self.mlp.fc1)):
             raise ValueError("FusedDiTBlock needs packed qkv and fc1 with quantized activations")
         self.eps1, self.eps2 = self.norm1.eps, self.norm2.eps
+        fc2 = self.mlp.fc2   # fc1's epilogue quantizes for fc2 directly unless fc2's branch needs the float row
+        self.fc2_from_epilogue = _quantized(fc2) and fc2.monarch_w1 is None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -46,7 +48,7 @@ class FusedDiTBlock(nn.Module):
 
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         act = fc1.quantize_input(x.reshape(n * t, d).contiguous(), ln_eps=self.eps2, shift=shift_mlp, scale=scale_mlp)
-        if _quantized(fc2) and fc2.monarch_w1 is None:  # fc1's epilogue quantizes for fc2 directly
+        if self.fc2_from_epilogue:
             h = fc2.linear(fc1.linear(act, gelu=True, out_spec=fc2.act_spec), out_dtype=x.dtype)
         else:
             h = fc2(fc1.linear(act, gelu=True, out_dtype=x.dtype))

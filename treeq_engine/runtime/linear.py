@@ -32,6 +32,7 @@ class TreeQLinear(nn.Module):
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
         self.in_features, self.out_features = in_features, out_features
         self.config, self.name, self.out_dtype = config, name, dtype
+        self._act_spec = config.act_spec()   # built and validated once, not on every forward
         n, k = out_features, in_features
         self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits), device=device))
         self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, device=device))
@@ -74,7 +75,7 @@ class TreeQLinear(nn.Module):
 
     @property
     def act_spec(self) -> QuantSpec:
-        return self.config.act_spec()
+        return self._act_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
