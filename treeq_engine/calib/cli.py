@@ -112,8 +112,7 @@ def run_ptq(args: argparse.Namespace) -> int:
 
     if args.branch == "plan" and not args.plan:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
-    fp = _load_model(args.model, args.device)
-    model = _load_model(args.model, args.device)
+    fp = _load_model(args.model, args.device)   # only read until calibrate converts it in place
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
@@ -123,7 +122,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
-    calibrated = calibrate(model, plan, batches, cfg, out_dir=args.out)
+    calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
     print(f"calibrated {len(calibrated.layers)} layers into {args.out}; mean relative layer error "

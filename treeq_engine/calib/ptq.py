@@ -168,7 +168,6 @@ def calibrate_layer(weight: torch.Tensor, x: torch.Tensor, cfg: LayerConfig, con
         if r == 0 and cfg.branch is not None and config.branch_init == "residual":
             branch, _ = init_branch(w, cfg.branch, "residual", quantizer=lambda m, wq=wq: wq)
             xb = branch(x).detach()
-            xq = _quant_x(x, cfg, a_clip)
             scale, zp, w_clip = search_weight_clip(base, xq, y - xb, wspec, config.w_clip_grid)
             wq = dequantize(quantize_with_qparams(base, wspec, scale, zp))
         if _act_spec(cfg, 1.0).is_quantized:
