@@ -69,9 +69,7 @@ def random_dit(config: str, device: str, dtype: torch.dtype, seed: int = 0) -> D
 
 
 def uniform(model: nn.Module, w: int, a: int) -> QuantPlan:
-    names = quantizable_linears(model)
-    return QuantPlan.uniform([n for n in names if is_block_layer(n)], w, a,
-                             edge_names=[n for n in names if not is_block_layer(n)])
+    return QuantPlan.block_uniform(model, w, a)
 
 
 def mixed_w4a4(model: nn.Module) -> QuantPlan:

@@ -52,13 +52,9 @@ def parse_config(label: str) -> tuple[int, int]:
 def uniform_plan(model: Any, w_bits: int, a_bits: int, edge_bits: tuple[int, int] = (8, 8)):
     """Every block linear at ``W{w_bits}A{a_bits}``, every other linear (embedders, final layer) at
     ``edge_bits``."""
-    from .nn import quantizable_linears
-    from .plan import QuantPlan, is_block_layer
+    from .plan import QuantPlan
 
-    names = quantizable_linears(model)
-    block = [n for n in names if is_block_layer(n)]
-    edge = [n for n in names if not is_block_layer(n)]
-    return QuantPlan.uniform(block, w_bits, a_bits, model="DiT-digits", edge_names=edge, edge_bits=edge_bits)
+    return QuantPlan.block_uniform(model, w_bits, a_bits, edge_bits=edge_bits, model_name="DiT-digits")
 
 
 def pick_real(train_y: Any, labels: Any, seed: int) -> Any:

@@ -142,6 +142,17 @@ class QuantPlan:
             layers[n] = LayerConfig(*edge_bits)
         return cls(layers, model=model, meta={"kind": f"uniform W{w_bits}A{a_bits}"})
 
+    @classmethod
+    def block_uniform(cls, model: nn.Module, w_bits: int, a_bits: int, *, edge_bits: tuple[int, int] = (8, 8),
+                      model_name: str = "", **layer_kw: Any) -> "QuantPlan":
+        """Every transformer-block linear of ``model`` (``is_block_layer``) at ``W{w_bits}A{a_bits}``, every other
+        linear (embedders, final layer) at ``edge_bits``."""
+        from .nn import quantizable_linears
+
+        names = quantizable_linears(model)
+        return cls.uniform([n for n in names if is_block_layer(n)], w_bits, a_bits, model=model_name,
+                           edge_names=[n for n in names if not is_block_layer(n)], edge_bits=edge_bits, **layer_kw)
+
     def with_layer(self, name: str, cfg: LayerConfig) -> "QuantPlan":
         layers = dict(self.layers)
         layers[name] = cfg

@@ -46,11 +46,9 @@ def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:
 
 def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchConfig | None,
                  edge_bits: tuple[int, int] = (8, 8)) -> QuantPlan:
-    """The demo's uniform plan (block linears at ``bits``, the other linears at ``edge_bits``) with ``branch``
-    beside every block linear (``with_branch``)."""
-    from ..demo import uniform_plan as demo_uniform_plan
-
-    plan = demo_uniform_plan(model, *bits, edge_bits=edge_bits)
+    """Block linears at ``bits``, the other linears at ``edge_bits`` (``QuantPlan.block_uniform``), with
+    ``branch`` beside every block linear (``with_branch``)."""
+    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT")
     label = f"uniform W{bits[0]}A{bits[1]}"
     if branch is not None:
         label += f" + {branch.kind} {branch.blocks}x{branch.rank}"

@@ -34,17 +34,14 @@ def parse_wa(label: str) -> tuple[int, int]:
 
 
 def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
-    from ..nn import quantizable_linears
-    from ..plan import QuantPlan, is_block_layer
+    from ..plan import QuantPlan
 
     if (plan_path is None) == (uniform is None):
         raise SystemExit("give exactly one of --plan PLAN.json or --uniform WxAy")
     if plan_path is not None:
         return QuantPlan.load(plan_path)
     w, a = parse_wa(uniform)
-    names = quantizable_linears(model)
-    return QuantPlan.uniform([n for n in names if is_block_layer(n)], w, a, model=name,
-                             edge_names=[n for n in names if not is_block_layer(n)])
+    return QuantPlan.block_uniform(model, w, a, model_name=name)
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
