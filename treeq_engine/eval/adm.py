@@ -63,7 +63,7 @@ class InceptionFeatures:
         device = kw.get("device", "cpu")
         try:
             if path.suffix == ".pt2":
-                net = torch.export.load(str(path)).module()
+                net = torch.export.load(str(path)).module().to(device)   # loads where it was saved
                 return cls(net, **kw)
             with warnings.catch_warnings():  # TorchScript is deprecated, but it is how these networks ship
                 warnings.simplefilter("ignore", DeprecationWarning)
