@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from treeq_engine.calib.capture import capture_inputs
+from treeq_engine.calib.capture import StageRunner
 from treeq_engine.calib.cli import branch_for, calibration_batches, parse_bits
 from treeq_engine.calib.ptq import PTQConfig, calibrate_layer
+from treeq_engine.calib.smooth import smoothing_factors
 from treeq_engine.models.digits import load_digits_dit
 from treeq_engine.nn import quantizable_linears
 from treeq_engine.plan import LayerConfig, is_block_layer
@@ -35,13 +36,6 @@ from treeq_engine.plan import LayerConfig, is_block_layer
 
 def kind_of(name: str) -> str:
     return {"qkv": "qkv", "proj": "proj", "fc1": "fc1", "fc2": "fc2", "1": "adaLN"}[name.rsplit(".", 1)[1]]
-
-
-def smooth(w: torch.Tensor, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SmoothQuant: ``(W·s, X/s)`` with ``s_k = max|X_k|^α / max|W_k|^(1−α)`` (the product is unchanged)."""
-    s = (x.abs().amax(0).clamp(min=1e-5) ** alpha) / (w.abs().amax(0).clamp(min=1e-5) ** (1 - alpha))
-    s = s.clamp(min=1e-5)
-    return w * s, x / s
 
 
 def main() -> None:
@@ -63,7 +57,13 @@ def main() -> None:
     fp = load_digits_dit()
     batches = calibration_batches(fp, args.samples, args.steps, seed=1, cfg_scale=args.cfg_scale)
     names = [n for n in quantizable_linears(fp) if is_block_layer(n)]
-    inputs = {n: capture_inputs(fp, n, batches, args.max_tokens, seed=i) for i, n in enumerate(names)}
+    runner = StageRunner(fp, batches, names)   # one walk over the stages, capturing each layer in its stage
+    inputs = {}
+    for stage in range(runner.num_stages):
+        for n in [n for n in names if runner.stage_of[n] == stage]:
+            inputs[n] = runner.capture(n, args.max_tokens, seed=names.index(n))
+        if any(runner.stage_of[n] > stage for n in names):
+            runner.advance()
     cfg = PTQConfig(max_tokens=args.max_tokens)
     rtn = PTQConfig(w_clip_grid=(1.0,), a_clip_grid=(1.0,), rounds=1)
     results: dict = {}
@@ -76,8 +76,8 @@ def main() -> None:
             rows[k]["rtn"].append(calibrate_layer(w, x, lc, rtn).err)
             rows[k]["ptq"].append(calibrate_layer(w, x, lc, cfg).err)
             for a in args.alphas:
-                ws, xs = smooth(w, x, a)
-                rows[k][f"ptq+smooth {a:g}"].append(calibrate_layer(ws, xs, lc, cfg).err)
+                sf = smoothing_factors(x, w, a)   # SmoothQuant: (W·s, X/s), the product unchanged
+                rows[k][f"ptq+smooth {a:g}"].append(calibrate_layer(w * sf, x / sf, lc, cfg).err)
             for p in args.params:
                 shapes = [("lowrank", 1)] + [("monarch", r) for r in args.monarch_ranks if p % r == 0 and p // r > 1]
                 for kind, r in shapes:
