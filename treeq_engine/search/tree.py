@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..calib.store import write_json   # atomic: a kill leaves the previous level's state or this one
 from . import distributed
 from .costs import Budget, BudgetError, CostModel
 from .evaluator import Evaluator
@@ -118,12 +118,6 @@ class _Pruner:
             return np.ones(len(node_cost), dtype=bool)
         outside = self.prefix[-1] - (self.prefix[hi] - self.prefix[lo])
         return self.cost.fits(self.cost.offset + outside + node_cost, self.budget)
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)   # atomic: a kill leaves the previous level's state or this one, never half
 
 
 def _no_plan(budget: Budget | None) -> BudgetError:
@@ -252,7 +246,7 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
             evaluations += total
             if path is not None:
                 if rank == 0:
-                    _save_state(path, {"schema": STATE_SCHEMA, "version": STATE_VERSION, "fingerprint": fingerprint,
+                    write_json(path, {"schema": STATE_SCHEMA, "version": STATE_VERSION, "fingerprint": fingerprint,
                                        "level": level, "nodes": [nd.to_dict() for nd in nodes], "levels": levels,
                                        "evaluations": evaluations, "wall_s": wall0 + time.perf_counter() - t0,
                                        "root_candidates": root_candidates,
