@@ -122,3 +122,12 @@ def test_bad_input_shape():
     q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8), name="blk.fc")
     with pytest.raises(ValueError, match="blk.fc: input has 15 features, expected 16"):
         q(torch.randn(2, 15))
+
+
+def test_parse_wa():
+    from treeq_engine.plan import PlanError, parse_wa
+
+    assert parse_wa("W4A8") == (4, 8) and parse_wa(" w3a3 ") == (3, 3)
+    for bad in ("4/4", "W4", "W4.5A4", "A4W4", ""):
+        with pytest.raises(PlanError, match="written WxAy"):
+            parse_wa(bad)

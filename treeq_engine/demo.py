@@ -40,13 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_config(label: str) -> tuple[int, int]:
-    """``"W4A8"`` -> ``(4, 8)``."""
-    import re
+    """``"W4A8"`` -> ``(4, 8)`` (``plan.parse_wa``; a ``ValueError`` otherwise)."""
+    from .plan import parse_wa
 
-    m = re.fullmatch(r"W(\d+)A(\d+)", label.strip().upper())
-    if not m:
-        raise ValueError(f"a precision is written WxAy (e.g. W4A8), got {label!r}")
-    return int(m.group(1)), int(m.group(2))
+    return parse_wa(label)
 
 
 def uniform_plan(model: Any, w_bits: int, a_bits: int, edge_bits: tuple[int, int] = (8, 8)):

@@ -220,6 +220,14 @@ BLOCK_LAYER = re.compile(r"(^|\.)(blocks|transformer_blocks)\.\d+\.")
 EMBEDDER_LAYER = re.compile(r"(^|\.)emb\.")
 
 
+def parse_wa(text: str) -> tuple[int, int]:
+    """``"W4A8"`` (any case, surrounding spaces allowed) -> ``(4, 8)``; anything else is a :class:`PlanError`."""
+    m = re.fullmatch(r"W(\d+)A(\d+)", text.strip().upper())
+    if not m:
+        raise PlanError(f"a precision is written WxAy (e.g. W4A8), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def is_block_layer(name: str) -> bool:
     """Layers inside the repeated transformer blocks (searched by default); the rest are 'edge' layers
     (embedders, final layer), kept at 8 bits by default."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from ..plan import BranchConfig, QuantPlan, is_block_layer
+from ..plan import BranchConfig, PlanError, QuantPlan, is_block_layer, parse_wa
 
 
 def _load_model(path: str | None, device: str):
@@ -26,10 +25,11 @@ def _load_model(path: str | None, device: str):
 
 
 def parse_bits(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bits must look like W4A4, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+    """``plan.parse_wa`` for argparse."""
+    try:
+        return parse_wa(text)
+    except PlanError:
+        raise argparse.ArgumentTypeError(f"bits must look like W4A4, got {text!r}") from None
 
 
 def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:

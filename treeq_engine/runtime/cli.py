@@ -26,11 +26,13 @@ def load_fp_model(spec: str, config: str | None = None, device: str = "cpu"):
 
 
 def parse_wa(label: str) -> tuple[int, int]:
-    s = label.strip().upper()
-    if not (s.startswith("W") and "A" in s):
-        raise SystemExit(f"expected a format like W4A8, got {label!r}")
-    w, a = s[1:].split("A", 1)
-    return int(w), int(a)
+    """``plan.parse_wa`` for the command line (a clear exit instead of a traceback)."""
+    from ..plan import PlanError, parse_wa as parse
+
+    try:
+        return parse(label)
+    except PlanError:
+        raise SystemExit(f"expected a format like W4A8, got {label!r}") from None
 
 
 def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):

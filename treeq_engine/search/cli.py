@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..plan import LayerConfig, PlanError
+from ..plan import LayerConfig, PlanError, parse_wa
 from .costs import Budget, BudgetError, LatencyTable
 from .run import BASELINES, SearchConfig, load_plan, search, validate_plan
 from .space import DEFAULT_A_BITS, DEFAULT_W_BITS, SearchSpace, candidate_configs, parse_bits
@@ -65,10 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_config(text: str) -> LayerConfig:
-    b = Budget.parse(text)
-    if b.kind != "wa" or any(v != int(v) for v in b.limits):
-        raise PlanError(f"a layer config is written WxAy with integer bits, got {text!r}")
-    return LayerConfig(int(b.limits[0]), int(b.limits[1]))
+    try:
+        w, a = parse_wa(text)
+    except PlanError:
+        raise PlanError(f"a layer config is written WxAy with integer bits, got {text!r}") from None
+    return LayerConfig(w, a)
 
 
 def random_dit(name: str, seed: int = 0) -> torch.nn.Module:
