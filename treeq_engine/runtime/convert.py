@@ -31,12 +31,9 @@ def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
     """One layer -> TreeQLinear (or a plain Linear for W16)."""
-    if isinstance(mod, QuantLinear):
-        weight, bias = mod.weight, mod.bias
-    elif isinstance(mod, nn.Linear):
-        weight, bias = mod.weight, mod.bias
-    else:
+    if not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {type(mod).__name__}")
+    weight, bias = mod.weight, mod.bias
     if not cfg.weight_spec().is_quantized:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
         with torch.no_grad():
