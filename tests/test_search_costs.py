@@ -121,6 +121,14 @@ def test_check_budget_and_environment(space):
     assert environment_config(space, Budget.parse("W3.5A3.9")) == LayerConfig(3, 3)
     with pytest.raises(BudgetError, match="no plan meets the budget W1.5"):
         environment_config(space, Budget.parse("W1.5"))
+    # a measured table need not grow with the bits (here 2-bit weights are the slowest): the environment is
+    # still the most precise uniform config within the budget, not the dearest
+    entries = [{"k": leaf.k, "n": leaf.n, "tokens": leaf.tokens, "w_bits": c.w_bits, "a_bits": c.a_bits,
+                "us": {2: 9.0, 3: 3.0, 4: 2.0, 8: 4.0}[c.w_bits]} for leaf in space.leaves for c in space.candidates]
+    lat = cost_model(space, "latency", latency_table=LatencyTable(entries))
+    n = len(space.leaves)
+    assert environment_config(space, Budget("latency", (3.0 * n,)), lat) == LayerConfig(4, 8)
+    assert environment_config(space, Budget("latency", (9.0 * n,)), lat) == LayerConfig(8, 8)
     assert cm.axis(np.array([[4.0, 4.0], [3.0, 5.0], [2.0, 4.0]]), b).tolist() == [1.0, 1.25, 1.0]
     assert cm.axis(np.array([[3.0, 4.0]]), Budget.parse("W3A4")).tolist() == [1.0]
     # a node: limits scaled by its share of parameters (W) and MACs (A); uniform W4A4 sits at 1 anywhere

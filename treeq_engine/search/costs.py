@@ -324,15 +324,17 @@ def check_budget(space: SearchSpace, assignment: Sequence[int] | np.ndarray, bud
 
 
 def environment_config(space: SearchSpace, budget: Budget, cost: CostModel | None = None) -> LayerConfig:
-    """ENG's environment for a budget: the most expensive uniform candidate config that meets it (ties broken
-    toward more bits: W4A8 for a weights-only W4 budget)."""
+    """ENG's environment for a budget: the uniform candidate config with the most bits (W + A, then W) that
+    meets it: W4A8 for a weights-only W4 budget, W8A4 for A4. By bits, not by cost: a measured latency table
+    need not grow with the bits (a 2-bit unpack can be slower than a 4-bit one), and the environment stands for
+    the precision the budget affords."""
     cost = cost or cost_model(space, budget.kind)
     best, best_key = None, None
     for c in space.candidates:
         total = cost.total(space.uniform(c))
         if not cost.fits(total, budget):
             continue
-        key = (float(np.sum(total / np.asarray(budget.limits))), c.w_bits + c.a_bits, c.w_bits)
+        key = (c.w_bits + c.a_bits, c.w_bits, float(np.sum(total / np.asarray(budget.limits))))
         if best_key is None or key > best_key:
             best, best_key = c, key
     if best is None:
