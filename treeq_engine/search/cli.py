@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..plan import LayerConfig, PlanError, parse_wa
+from .closed_loop import ClosedLoopConfig
 from .costs import Budget, BudgetError, LatencyTable
 from .run import BASELINES, SearchConfig, load_plan, search, validate_plan
 from .space import DEFAULT_A_BITS, DEFAULT_W_BITS, SearchSpace, candidate_configs, parse_bits
@@ -44,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
     g.add_argument("--baselines", default="", help=f"comma-separated, of {','.join(BASELINES)}")
     g.add_argument("--random-plans", type=int, default=20, help="plans drawn by the random baseline")
+    g.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
+                   help="how the plan is chosen among the root front's in-budget plans: the lowest one-step MSE "
+                        "(the search's metric) or the lowest error of whole sampling trajectories")
+    g.add_argument("--closed-loop-samples", type=int, default=32, help="samples per closed-loop score")
+    g.add_argument("--closed-loop-steps", type=int, default=None, help="sampler steps (default: --calib-steps)")
+    g.add_argument("--closed-loop-plans", type=int, default=8, help="front plans scored closed loop, at most")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=32)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -153,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(dtype)
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
         in_ch = model.config.in_channels
-        config = SearchConfig(budget, lam=args.lam, keep=args.keep,
+        closed = None if args.select == "one-step" else ClosedLoopConfig(
+            samples=args.closed_loop_samples, steps=args.closed_loop_steps or args.calib_steps,
+            cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)
+        config = SearchConfig(budget, lam=args.lam, keep=args.keep, closed_loop=closed,
                               env=parse_config(args.env) if args.env else None, batch=args.batch, group=args.group,
                               baselines=tuple(b for b in args.baselines.split(",") if b),
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
@@ -179,4 +189,14 @@ def summary(report: dict[str, Any]) -> str:
         c = r["costs"]
         lines.append(f"{k:8s} {r['mse']:11.4e} {c['w_bits']:7.3f} {c['a_bits']:7.3f} {c['bytes'] / 1e6:8.3f} "
                      f"{c['us']:9.1f} {r['evaluations']:7d} {r['wall_s']:8.1f}")
+    closed = report.get("closed_loop")
+    if closed:
+        lines.append(f"closed-loop selection ({closed['config']['samples']} samples, {closed['config']['steps']} "
+                     "steps): front plans within the budget")
+        lines.append(f"{'front #':>8s} {'one-step MSE':>13s} {'closed-loop MSE':>16s} {'PSNR dB':>8s}")
+        best = min(r["closed_loop_mse"] for r in closed["plans"])
+        for r in closed["plans"]:
+            mark = "  <- chosen" if r["closed_loop_mse"] == best else ""
+            lines.append(f"{r['front_index']:8d} {r['one_step_mse']:13.4e} {r['closed_loop_mse']:16.4e} "
+                         f"{r['psnr']:8.2f}{mark}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import distributed
 from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_baseline
+from .closed_loop import ClosedLoopConfig, TrajectoryJudge, select
 from .costs import Budget, LatencyTable, check_budget, cost_model, describe, environment_config
 from .eng import Environment
 from .evaluator import Evaluator, SegmentRunner
@@ -34,9 +35,11 @@ BASELINES = ("uniform", "ip", "random")
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """Everything a search run is told. ``env``: ENG's environment config (default: the most expensive
-    uniform candidate within the budget). ``batch``: calibration samples per forward; ``group``: candidates
-    stacked per forward. ``serve_batch``: samples per GEMM for latency costs."""
+    """Everything a search run is told. ``env``: ENG's environment config (default: the uniform candidate
+    with the most bits within the budget). ``batch``: calibration samples per forward; ``group``: candidates
+    stacked per forward. ``serve_batch``: samples per GEMM for latency costs. ``closed_loop``: choose the plan
+    among the root front's in-budget plans by whole sampling trajectories (``closed_loop``) instead of the
+    lowest one-step MSE."""
 
     budget: Budget
     lam: float = 1.0
@@ -50,6 +53,7 @@ class SearchConfig:
     latency_table: str | None = None
     serve_batch: int = 1
     anchor: bool = True          # keep each node's environment-uniform config (off only for ablations)
+    closed_loop: ClosedLoopConfig | None = None
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -108,12 +112,22 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json")
     a, total, mse = result.best(budget, cost)
+    judge = TrajectoryJudge(model, config.closed_loop) if config.closed_loop is not None and rank == 0 else None
+    closed: dict[str, Any] | None = None
+    closed_scores: dict[str, float] = {}
+    if config.closed_loop is not None:
+        i, rows = select(judge, space, result.front, cost, budget, config.closed_loop.max_plans, progress=progress)
+        closed = {"config": config.closed_loop.to_dict(), "one_step_choice": a.tolist(), "plans": rows}
+        a, total, mse = result.front.configs[i], cost.offset + result.front.cost[i], float(result.front.mse[i])
+        chosen = next(r for r in rows if r["front_index"] == i)
+        closed_scores = {"closed_loop_mse": chosen["closed_loop_mse"], "psnr": chosen["psnr"]}
     ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
                                                  batch=config.batch, group=config.group, reference=ev.reference(),
                                                  weights=weights)
     ptq = mse if ptq_ev is ev else float(ptq_ev.evaluate_plans(a[None])[0])
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
             "env": env.config.label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
+            "selected_by": "one-step" if closed is None else "closed-loop",
             "wall_s": round(result.wall_s, 3), "costs": describe(space, a, **cost_kw)}
     plan = space.plan(a, meta=meta)
     validate_plan(plan, model, space, budget, **cost_kw)
@@ -129,6 +143,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
                 sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
                                     group=config.group, reference=ev.reference(), weights=weights)
                 baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
+        if judge is not None:   # the same closed-loop judge for the baselines, for comparison
+            for b in baselines.values():
+                b.detail.update(judge.score(space.plan(b.assignment)))
 
     report = {
         "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
@@ -136,7 +153,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         "env": env.to_dict(), "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
         "calibration_samples": ev.num_samples, "weighted": weights is not None,
         "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
-                "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels},
+                "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels,
+                **closed_scores},
+        "closed_loop": closed,
         "baselines": {k: {**_plan_entry(space, b.assignment, b.mse, **cost_kw), "evaluations": b.evaluations,
                           "wall_s": b.wall_s, **{kk: vv for kk, vv in b.detail.items() if kk != "all_mse"}}
                       for k, b in baselines.items()},
