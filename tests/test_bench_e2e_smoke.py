@@ -17,3 +17,22 @@ def test_bench_e2e_smoke(tmp_path):
     mixed = next(v for k, v in got.items() if k.startswith("TreeQ mixed"))
     assert abs(mixed["avg_w"] - 3.89) < 0.05 and abs(mixed["avg_a"] - 4.0) < 0.01  # on DiT-test's shapes too
     assert 0 < got["TreeQ W4A4"]["weight_ratio"] < 0.6  # per-channel scales weigh more at K = 32
+
+
+def test_latency_budget_smoke(tmp_path):
+    """profile -> search at a latency budget -> quantize -> measure, on CPU; the numbers are not judged, the
+    bookkeeping is: the plan meets its budget by the table, and predicted = rest + the plan's table µs."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency_budget.py"), "--smoke", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert (tmp_path / "lut.json").exists() and rec["leaves"] == 10
+    low, high = rec["runs"]
+    assert "infeasible" in low and "cheapest plan" in low["infeasible"] and "predicted_ms" not in low
+    assert high["search_costs"]["us"] <= high["budget_us"]
+    assert abs(high["plan_linears_us"]["searched"] - high["search_costs"]["us"]) <= 1e-9 * high["budget_us"]
+    lin = high["plan_linears_us"]
+    assert abs(high["predicted_ms"] - (rec["bf16"]["rest_ms"] + (lin["searched"] + lin["fixed"]) / 1e3)) < 1e-9
+    assert high["measured_ms"] > 0 and 0 < high["weight_ratio"] < 1
+    plan = json.loads((tmp_path / "search_10000" / "plan.json").read_text())
+    assert plan["meta"]["budget"]["kind"] == "latency" and plan["meta"]["env"] == "W8A8"

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Latency-aware bit budgeting end to end: profile, search at a latency budget, quantize, measure.
+
+    python benchmarks/latency_budget.py                   # DiT-XL/2 (random weights) on a GPU, batch 8
+    python benchmarks/latency_budget.py --batch 1 --fractions 0.6,0.8 --lut lut.json
+    python benchmarks/latency_budget.py --smoke           # CPU: DiT-test through every step (numbers meaningless)
+
+In one process on one device:
+
+1. **Latency table.** ``--lut`` or profiled now (``treeq_engine.runtime.profile``): every linear shape of the
+   model × the candidate formats and W16A16 × the GEMM rows it runs at (``tokens · batch``; one row per image
+   for adaLN), each a CUDA-graph replay of the whole quantized linear (activation quantization + GEMM).
+2. **bf16 forward** measured (CUDA-graph replay of the whole DiT), ``T_bf16``; the table's bf16 linears sum to
+   ``L_bf16``; ``R = T_bf16 − L_bf16`` is what quantization does not change (attention, norms, embedders).
+3. **Search** (TSS, K = ``--keep``, on ``--samples`` random calibration inputs) with the latency budget
+   ``fraction × (the searched linears' bf16 µs)`` for each ``--fractions`` entry. A fraction below the
+   cheapest plan's is reported as infeasible with that floor, not searched.
+4. **Predicted** end-to-end time of the plan: ``R + Σ table(plan's linears)``; **measured**: the plan
+   quantized with ``treeq_engine.quantize`` (fastest backend) and replayed as a CUDA graph. Their ratio says
+   how far a table of isolated linears predicts the model (fusion of LayerNorm + modulate into the activation
+   quantization, L2 reuse between layers and launch gaps are what it cannot see).
+
+Writes a JSON record (``--json``) and, on a GPU, the table between the ``latency_budget`` markers of
+``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime import memory_report, quantize  # noqa: E402
+from treeq_engine.runtime.profile import profile  # noqa: E402
+from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
+from treeq_engine.search import Budget, BudgetError, DiTRunner, SearchSpace, cost_model  # noqa: E402
+from treeq_engine.search.cli import random_dit  # noqa: E402
+from treeq_engine.search.costs import LatencyTable  # noqa: E402
+from treeq_engine.search.run import SearchConfig, search  # noqa: E402
+from treeq_engine.search.space import candidate_configs, parse_bits  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- latency_budget:begin -->", "<!-- latency_budget:end -->"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def linears(space: SearchSpace) -> list[tuple]:
+    """Every linear the model runs: ``(leaf, searched)`` for the searched leaves and the fixed layers."""
+    return [(leaf, True) for leaf in space.leaves] + [(leaf, False) for leaf, _ in space.fixed]
+
+
+def linear_us(lut: LatencyTable, space: SearchSpace, batch: int, plan: QuantPlan | None) -> dict[str, float]:
+    """Summed table µs of the model's linears at ``plan`` (``None``: all bf16), split searched / fixed."""
+    out = {"searched": 0.0, "fixed": 0.0}
+    for leaf, searched in linears(space):
+        cfg = None if plan is None else plan.layers.get(leaf.name)
+        w, a = (16, 16) if cfg is None else (cfg.w_bits, cfg.a_bits)
+        out["searched" if searched else "fixed"] += lut.lookup(leaf.k, leaf.n, leaf.tokens * batch, w, a,
+                                                                None if cfg is None else cfg.branch)
+    return out
+
+
+def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
+    c = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, c.num_classes, (batch,), generator=g).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        ms = time_graph_ms(lambda: model(x, t, y), reps=reps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return ms, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="DiT-XL/2")
+    p.add_argument("--batch", type=int, default=8, help="images per forward (GEMM rows = 256 · batch)")
+    p.add_argument("--fractions", default="0.5,0.75", help="budgets: fractions of the searched linears' bf16 µs")
+    p.add_argument("--lut", default=None, help="a latency table from `treeq profile` (default: profile now)")
+    p.add_argument("--w-bits", default="2,3,4,8")
+    p.add_argument("--a-bits", default="3,4,8")
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8, help="random calibration inputs of the search")
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", default="out/latency_budget", help="directory: lut.json, plans, record.json")
+    p.add_argument("--smoke", action="store_true", help="CPU: DiT-test, 2 reps, no table written")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.config, args.batch, args.reps, args.keep, args.samples = "DiT-test", 2, 2, 4, 4
+        args.fractions = "0.01,10000"   # CPU timings: one budget below the floor, one above everything
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print("latency_budget: no CUDA device; run on a GPU machine (or --smoke to exercise the code on CPU)")
+        return 2
+    else:
+        device = "cuda"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
+    cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
+
+    model = random_dit(args.config).to(device)
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    n = args.samples
+    inputs = (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g),
+              torch.randint(0, 1000, (n,), generator=g), torch.randint(0, c.num_classes, (n,), generator=g))
+    space = SearchSpace.build(model, [t_[:2].to(device) for t_ in inputs], candidates=cands,
+                              fixed_config=LayerConfig(8, 8), model_name=args.config)
+    record = {"config": args.config, "batch": args.batch, "device": torch.cuda.get_device_name() if device == "cuda"
+              else "cpu", "commit": git_commit(), "torch": torch.__version__, "keep": args.keep,
+              "samples": n, "lambda": args.lam, "leaves": len(space.leaves), "reps": args.reps}
+
+    # 1. the latency table
+    t0 = time.perf_counter()
+    if args.lut:
+        lut_path = Path(args.lut)
+    else:
+        shapes = sorted({(leaf.k, leaf.n) for leaf, _ in linears(space)})
+        rows = sorted({leaf.tokens * args.batch for leaf, _ in linears(space)})
+        formats = [(16, 16)] + [(cf.w_bits, cf.a_bits) for cf in cands]
+        formats += [(8, 8)] if (8, 8) not in formats else []
+        lut_path = out / "lut.json"
+        lut_path.write_text(json.dumps(profile(shapes, formats, rows, device=device, reps=args.reps), indent=1))
+    lut = LatencyTable.load(lut_path)
+    record["lut"] = {"path": str(lut_path), "device": lut.device, "profile_s": round(time.perf_counter() - t0, 1)}
+
+    # 2. bf16 forward and what the linears take of it
+    bf16 = random_dit(args.config).to(device=device, dtype=dtype).eval()
+    t_bf16, peak_bf16 = forward_ms(bf16, args.batch, device, dtype, args.reps)
+    del bf16
+    lin_bf16 = linear_us(lut, space, args.batch, None)
+    rest_ms = t_bf16 - (lin_bf16["searched"] + lin_bf16["fixed"]) / 1e3
+    record["bf16"] = {"ms": t_bf16, "peak_gib": peak_bf16, "linears_us": lin_bf16, "rest_ms": rest_ms}
+    print(f"bf16 forward {t_bf16:.3f} ms; its linears {sum(lin_bf16.values()) / 1e3:.3f} ms by the table "
+          f"(searched {lin_bf16['searched'] / 1e3:.3f}); the rest {rest_ms:.3f} ms")
+
+    # 3-4. a search per budget, then predicted against measured
+    cm = cost_model(space, "latency", latency_table=lut, serve_batch=args.batch)
+    floor_us = float((cm.offset + cm.min_costs().sum(axis=0))[0])
+    model = model.to(dtype)
+    calib = tuple(t_.to(device, dtype) if torch.is_floating_point(t_) else t_.to(device) for t_ in inputs)
+    runs = []
+    for f in fractions:
+        limit = f * lin_bf16["searched"]
+        row = {"fraction": f, "budget_us": limit, "floor_us": floor_us}
+        if limit < floor_us:
+            row["infeasible"] = f"the cheapest plan's searched linears take {floor_us:.1f} µs = " \
+                                f"{floor_us / lin_bf16['searched']:.3f} of bf16"
+            print(f"fraction {f:g}: {row['infeasible']}")
+            runs.append(row)
+            continue
+        cfg = SearchConfig(Budget("latency", (limit,)), lam=args.lam, keep=args.keep, batch=n, group=args.group,
+                           latency_table=str(lut_path), serve_batch=args.batch)
+        t1 = time.perf_counter()
+        try:
+            res = search(model, DiTRunner(model, output_fn=lambda o: o[:, :c.in_channels]), calib, cfg,
+                         space=space, out_dir=out / f"search_{f:g}", progress=not args.smoke,
+                         model_name=args.config)
+        except BudgetError as e:
+            row["infeasible"] = str(e)
+            runs.append(row)
+            continue
+        row["search_s"] = round(time.perf_counter() - t1, 1)
+        plan = res.plan
+        lin = linear_us(lut, space, args.batch, plan)
+        row["predicted_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
+        row["plan_linears_us"] = lin
+        row["search_costs"] = plan.meta["costs"]
+        row["ptq_mse"] = res.ptq_mse
+        labels = [plan.layers[leaf.name].label for leaf in space.leaves]
+        row["mix"] = {lab: labels.count(lab) for lab in sorted(set(labels))}
+        q = quantize(random_dit(args.config).to(device=device, dtype=dtype).eval(), plan, dtype=dtype)
+        row["measured_ms"], row["peak_gib"] = forward_ms(q, args.batch, device, dtype, args.reps)
+        row["weight_ratio"] = memory_report(q)["ratio"]
+        row["measured_over_predicted"] = row["measured_ms"] / row["predicted_ms"]
+        row["speedup_vs_bf16"] = t_bf16 / row["measured_ms"]
+        del q
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"fraction {f:g}: budget {limit:.1f} µs, plan W{row['search_costs']['w_bits']:.2f}"
+              f"A{row['search_costs']['a_bits']:.2f}, predicted {row['predicted_ms']:.3f} ms, measured "
+              f"{row['measured_ms']:.3f} ms ({row['measured_over_predicted']:.3f}×), "
+              f"{row['speedup_vs_bf16']:.2f}× bf16 eager")
+        runs.append(row)
+    record["runs"] = runs
+    (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    if not args.smoke:
+        write_table(record)
+    return 0
+
+
+def write_table(rec: dict) -> None:
+    b = rec["bf16"]
+    lines = [BEGIN, f"## Latency-budgeted search: {rec['config']}, batch {rec['batch']}, predicted vs measured", "",
+             f"Device {rec['device']}, torch {rec['torch']}, commit {rec['commit']}; `python "
+             f"benchmarks/latency_budget.py --batch {rec['batch']}`; TSS K = {rec['keep']}, {rec['samples']} "
+             f"random calibration inputs, λ = {rec['lambda']:g}; CUDA-graph replay, median of {rec['reps']}. "
+             f"bf16 eager forward {b['ms']:.3f} ms, of which the table's linears "
+             f"{sum(b['linears_us'].values()) / 1e3:.3f} ms; the rest {b['rest_ms']:.3f} ms is held fixed in the "
+             "prediction.", "",
+             "| budget (× bf16 searched linears) | plan avg W/A | searched µs (table) | predicted ms | measured ms | "
+             "measured / predicted | × bf16 eager | weights vs bf16 | peak GiB | search s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["runs"]:
+        if "infeasible" in r:
+            lines.append(f"| {r['fraction']:g} ({r['budget_us']:.0f} µs) | infeasible: {r['infeasible']} "
+                         "| | | | | | | | |")
+            continue
+        sc = r["search_costs"]
+        lines.append(f"| {r['fraction']:g} ({r['budget_us']:.0f} µs) | W{sc['w_bits']:.2f}A{sc['a_bits']:.2f} | "
+                     f"{r['plan_linears_us']['searched']:.0f} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | "
+                     f"{r['measured_over_predicted']:.3f} | {r['speedup_vs_bf16']:.2f} | {r['weight_ratio']:.3f}× | "
+                     f"{r['peak_gib']:.2f} | {r['search_s']:.0f} |")
+    lines.append(END)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = "\n".join(lines) + "\n"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    else:
+        text += "\n" + block
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
