@@ -20,7 +20,7 @@ for tool in "${tools[@]}"; do
   echo "== compute-sanitizer --tool $tool"
   # --target-processes all: pytest may fork; torch's own kernels are checked too (they should be clean)
   if ! "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all \
-      python -m pytest -q -p no:cacheprovider "${tests[@]}"; then
+      "${PYTHON:-python}" -m pytest -q -p no:cacheprovider "${tests[@]}"; then
     echo "!! $tool reported errors" >&2
     status=1
   fi
