@@ -2,6 +2,8 @@
 
     python benchmarks/search_digits.py --out out/search_digits                   # the full study (hours on 2 CPUs)
     python benchmarks/search_digits.py --budgets W4A4 --lams 1 --samples 20 --calib-trajectories 2 --keep 4
+    python benchmarks/search_digits.py --out out/search_digits --lams 1 --select closed-loop   # same trees, plan
+                                                                    # chosen by whole trajectories (keys _cl)
 
 For each budget (default average W4A4 and W3A3) and each λ (default 1, 0.5, 0), it runs ``search`` on the same
 calibration set (the FP sampler's inputs: ``--calib-trajectories`` samples × ``--calib-timesteps`` steps ×
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
+                   help="closed-loop: choose among the root front's in-budget plans by whole trajectories (runs "
+                        "keyed _cl; a finished one-step run's tree is reused)")
+    p.add_argument("--closed-loop-samples", type=int, default=32)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from treeq_engine.plan import QuantPlan
     from treeq_engine.search import Budget, DiTRunner
     from treeq_engine.search.calibration import CalibrationConfig, load_or_collect
+    from treeq_engine.search.closed_loop import ClosedLoopConfig
     from treeq_engine.search.run import SearchConfig, search
 
     out = Path(args.out)
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"setup": {**vars(args), "calibration_samples": len(calib),
                                          "fp": {"frechet": judge.frechet(fp_samples),
                                                 "acc": judge.accuracy(fp_samples, labels)}}, "runs": {}}
+    if (out / "results.json").exists():   # runs of earlier invocations (other budgets, λ or selection) stay
+        results["runs"] = json.loads((out / "results.json").read_text()).get("runs", {})
 
     def judge_plan(plan: QuantPlan) -> dict[str, float]:
         q = convert(copy.deepcopy(fp), plan)
@@ -87,12 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         budget = Budget.parse(btext)
         runs = [(float(lam), True) for lam in args.lams.split(",")] + ([(1.0, False)] if args.ablation else [])
         for lam, anchor in runs:
-            key = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
+            base = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
                 "" if args.metric == "sampler" else f"_{args.metric}")
+            key = base + ("_cl" if args.select == "closed-loop" else "")
             run_dir = out / key
+            # closed loop changes only the last choice: the one-step run's finished tree is the same tree
+            # (another seed than the judge's samples, so that selection and judging do not share noise)
+            closed = None if args.select == "one-step" else ClosedLoopConfig(
+                samples=args.closed_loop_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed + 100)
+            if closed is not None and not (run_dir / "tss_state.json").exists() and \
+                    (out / base / "tss_state.json").exists():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / base / "tss_state.json", run_dir / "tss_state.json")
             if not (run_dir / "report.json").exists():
                 t0 = time.perf_counter()
-                cfg = SearchConfig(budget, lam=lam, keep=args.keep, anchor=anchor,
+                cfg = SearchConfig(budget, lam=lam, keep=args.keep, anchor=anchor, closed_loop=closed,
                                    baselines=("uniform", "ip", "random") if lam == 1.0 and anchor else ())
                 m = copy.deepcopy(fp)
                 search(m, DiTRunner(m, output_fn=lambda o: o[:, :1]), calib.inputs(), cfg,
@@ -100,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                        resume=True, progress=False, model_name="DiT-digits")
                 print(f"{key}: searched in {time.perf_counter() - t0:.0f} s", flush=True)
             report = json.loads((run_dir / "report.json").read_text())
-            entry = {"report": {k: report[k] for k in ("tss", "baselines", "env", "calibration_samples")},
+            entry = {"report": {k: report.get(k) for k in ("tss", "baselines", "env", "calibration_samples",
+                                                           "closed_loop")},
                      "judged": {"tss": judge_plan(QuantPlan.load(run_dir / "plan.json"))}}
             for name in report["baselines"]:
                 entry["judged"][name] = judge_plan(QuantPlan.load(run_dir / f"plan_{name}.json"))
@@ -123,7 +143,7 @@ def tables(results: dict[str, Any]) -> str:
             continue
         budget = key.split("_")[0] + ("" if key.endswith("_lam1") else " (" + key.split("_lam1_")[1] + ")")
         rep = run["report"]
-        rows = [("TSS", rep["tss"])] + [(k, v) for k, v in rep["baselines"].items()]
+        rows = [("TSS", rep["tss"])] + ([] if key.endswith("_cl") else list(rep["baselines"].items()))
         for name, r in rows:
             j = run["judged"]["tss" if name == "TSS" else name]
             label = name if name != "uniform" else f"uniform {r.get('label', '')}"
@@ -138,6 +158,20 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(f"| {budget} | {lam} | {'no' if key.endswith('noanchor') else 'yes'} | {r['mse']:.3e} | "
                      f"{j['eps_mse']:.3e} | {j['frechet']:.2f} | {j['acc']:.3f} | {r['costs']['w_bits']:.3f} | "
                      f"{r['costs']['a_bits']:.3f} | {r['wall_s']:.0f} |")
+    cl = {k: v for k, v in results["runs"].items() if k.endswith("_cl") and v["report"].get("closed_loop")}
+    if cl:
+        lines += ["", "Closed-loop selection: the root front's in-budget plans, one-step MSE (the search's metric) "
+                  "against the closed-loop MSE of whole trajectories (samples vs FP's from the same noise)", "",
+                  "| run | plan | one-step MSE | closed-loop MSE | PSNR dB | chosen |", "|---|---|---|---|---|---|"]
+        for key, run in cl.items():
+            closed, rep = run["report"]["closed_loop"], run["report"]
+            best = min(r["closed_loop_mse"] for r in closed["plans"])
+            for r in closed["plans"]:
+                lines.append(f"| {key} | front #{r['front_index']} | {r['one_step_mse']:.3e} | "
+                             f"{r['closed_loop_mse']:.3e} | {r['psnr']:.2f} | {'yes' if r['closed_loop_mse'] == best else ''} |")
+            for name, b in rep["baselines"].items():
+                if "closed_loop_mse" in b:
+                    lines.append(f"| {key} | {name} | {b['mse']:.3e} | {b['closed_loop_mse']:.3e} | {b['psnr']:.2f} | |")
     return "\n".join(lines)
 
 
