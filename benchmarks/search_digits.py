@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
-                   help="closed-loop: choose among the root front's in-budget plans by whole trajectories (runs "
+                   help="closed-loop: choose among the root's in-budget plans by whole trajectories (runs "
                         "keyed _cl; a finished one-step run's tree is reused)")
     p.add_argument("--closed-loop-samples", type=int, default=32)
     args = p.parse_args(argv)
@@ -160,14 +160,16 @@ def tables(results: dict[str, Any]) -> str:
                      f"{r['costs']['a_bits']:.3f} | {r['wall_s']:.0f} |")
     cl = {k: v for k, v in results["runs"].items() if k.endswith("_cl") and v["report"].get("closed_loop")}
     if cl:
-        lines += ["", "Closed-loop selection: the root front's in-budget plans, one-step MSE (the search's metric) "
+        lines += ["", "Closed-loop selection: the root's in-budget plans, one-step MSE (the search's metric) "
                   "against the closed-loop MSE of whole trajectories (samples vs FP's from the same noise)", "",
-                  "| run | plan | one-step MSE | closed-loop MSE | PSNR dB | chosen |", "|---|---|---|---|---|---|"]
+                  "| run | plan (layers per config) | one-step MSE | closed-loop MSE | PSNR dB | chosen |",
+                  "|---|---|---|---|---|---|"]
         for key, run in cl.items():
             closed, rep = run["report"]["closed_loop"], run["report"]
             best = min(r["closed_loop_mse"] for r in closed["plans"])
             for r in closed["plans"]:
-                lines.append(f"| {key} | front #{r['front_index']} | {r['one_step_mse']:.3e} | "
+                mix = " ".join(f"{k}×{v}" for k, v in r["mix"].items())
+                lines.append(f"| {key} | {mix} | {r['one_step_mse']:.3e} | "
                              f"{r['closed_loop_mse']:.3e} | {r['psnr']:.2f} | {'yes' if r['closed_loop_mse'] == best else ''} |")
             for name, b in rep["baselines"].items():
                 if "closed_loop_mse" in b:

@@ -12,8 +12,9 @@ from treeq_engine.nn import QuantLinear, convert
 from treeq_engine.plan import LayerConfig, QuantPlan
 from treeq_engine.search import Budget, SearchSpace, cost_model
 from treeq_engine.search.cli import random_dit
-from treeq_engine.search.closed_loop import ClosedLoopConfig, TrajectoryJudge, in_budget_candidates, select
-from treeq_engine.search.tree import Node
+from treeq_engine.search.closed_loop import (ClosedLoopConfig, TrajectoryJudge, candidate_pool,
+                                             in_budget_candidates, select)
+from treeq_engine.search.tree import Node, SearchResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +29,7 @@ def _space(model):
     return SearchSpace.build(model, probe)
 
 
-def test_candidates_are_the_in_budget_front_plans_by_one_step_mse():
+def test_candidates_are_the_in_budget_plans_by_one_step_mse():
     model = random_dit("DiT-test", seed=3)
     space = _space(model)
     cm = cost_model(space, "wa")
@@ -36,16 +37,29 @@ def test_candidates_are_the_in_budget_front_plans_by_one_step_mse():
     configs = np.stack(plans)
     costs = np.stack([cm.leaf_costs(0, len(p), p[None])[0] for p in plans])
     mse = np.array([0.1, 0.5, 0.4, np.nan, 0.9, 0.4])
-    front = Node(0, len(plans[0]), configs, costs, mse)
-    got = in_budget_candidates(front, cm, Budget.parse("W4A4"), max_plans=8)
+    pool = Node(0, len(plans[0]), configs, costs, mse)
+    got = in_budget_candidates(pool, cm, Budget.parse("W4A4"), max_plans=8)
     # W8A8 is over budget; W3A4 and W3A3 tie on MSE, the cheaper first; an unscored plan (NaN) comes last
     assert got.tolist() == [5, 2, 1, 4, 3]
-    assert in_budget_candidates(front, cm, Budget.parse("W4A4"), max_plans=2).tolist() == [5, 2]
-    assert in_budget_candidates(front, cm, Budget.parse("W2A3"), max_plans=8).tolist() == [4]
-    with pytest.raises(ValueError, match="no plan on the root's front meets W2A2"):
-        select(None, space, front, cm, Budget.parse("W2A2"), 4)
+    assert in_budget_candidates(pool, cm, Budget.parse("W4A4"), max_plans=2).tolist() == [5, 2]
+    # the environment-uniform plan is added when cut, never when over budget or absent
+    assert in_budget_candidates(pool, cm, Budget.parse("W4A4"), 2, always=plans[1]).tolist() == [5, 2, 1]
+    assert in_budget_candidates(pool, cm, Budget.parse("W4A4"), 2, always=plans[0]).tolist() == [5, 2]
+    assert in_budget_candidates(pool, cm, Budget.parse("W4A4"), 3, always=plans[1]).tolist() == [5, 2, 1]
+    assert in_budget_candidates(pool, cm, Budget.parse("W2A3"), max_plans=8).tolist() == [4]
+    with pytest.raises(ValueError, match="no plan among the root's meets W2A2"):
+        select(None, space, pool, cm, Budget.parse("W2A2"), 4)
     with pytest.raises(ValueError, match="rank 0"):
-        select(None, space, front, cm, Budget.parse("W4A4"), 4)
+        select(None, space, pool, cm, Budget.parse("W4A4"), 4)
+
+
+def test_pool_is_the_front_then_the_roots_other_plans():
+    a = np.array([[0, 1], [1, 1], [2, 2]])
+    front = Node(0, 2, a[:2], np.ones((2, 1)), np.array([0.1, 0.2]))
+    root = Node(0, 2, a[1:], 2 * np.ones((2, 1)), np.array([0.2, 0.3]))
+    pool = candidate_pool(SearchResult(root, front, {}, [], 0, 0.0, 2, "w", None))
+    assert pool.configs.tolist() == a.tolist() and pool.mse.tolist() == [0.1, 0.2, 0.3]
+    assert pool.cost[:, 0].tolist() == [1, 1, 2]
 
 
 def test_judge_scores_plans_on_a_copy_deterministically():
@@ -99,17 +113,18 @@ def test_cli_closed_loop_selection_resumes_a_finished_search(tmp_path, capsys):
     assert closed["config"] == {"samples": 3, "steps": 4, "sampler": "ddpm", "cfg_scale": 1.0, "seed": 0,
                                 "max_plans": 3}
     rows = closed["plans"]
-    assert 1 <= len(rows) <= 3
-    assert [r["one_step_mse"] for r in rows] == sorted(r["one_step_mse"] for r in rows)
-    front_rows = [report["front"][r["front_index"]] for r in rows]
-    assert all(c["cost"][0] <= 3 + 1e-9 and c["cost"][1] <= 4 + 1e-9 for c in front_rows)
+    assert 1 <= len(rows) <= 4                     # at most 3, plus the uniform W3A4 plan if it was cut
+    assert any(r["mix"] == {"W3A4": 10} for r in rows)
+    assert all(sum(r["mix"].values()) == 10 for r in rows)
+    assert [r["one_step_mse"] for r in rows[:3]] == sorted(r["one_step_mse"] for r in rows[:3])
+    assert all(r["cost"][0] <= 3 + 1e-9 and r["cost"][1] <= 4 + 1e-9 for r in rows)
     chosen = min(rows, key=lambda r: r["closed_loop_mse"])
     assert report["tss"]["closed_loop_mse"] == chosen["closed_loop_mse"]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["meta"]["selected_by"] == "closed-loop"
     assert plan["meta"]["search_mse"] == chosen["one_step_mse"]
+    labels = [c["w_bits"] * 10 + c["a_bits"] for n, c in plan["layers"].items() if n.startswith("blocks.")]
+    assert {f"W{v // 10}A{v % 10}": labels.count(v) for v in set(labels)} == chosen["mix"]
     if chosen is rows[0]:       # the one-step choice won: the same plan as before
         assert plan["layers"] == layers
-    else:
-        assert plan["layers"] != layers
     assert report["baselines"]["uniform"]["closed_loop_mse"] > 0

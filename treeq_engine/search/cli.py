@@ -46,11 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--baselines", default="", help=f"comma-separated, of {','.join(BASELINES)}")
     g.add_argument("--random-plans", type=int, default=20, help="plans drawn by the random baseline")
     g.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
-                   help="how the plan is chosen among the root front's in-budget plans: the lowest one-step MSE "
+                   help="how the plan is chosen among the root's in-budget plans: the lowest one-step MSE "
                         "(the search's metric) or the lowest error of whole sampling trajectories")
     g.add_argument("--closed-loop-samples", type=int, default=32, help="samples per closed-loop score")
     g.add_argument("--closed-loop-steps", type=int, default=None, help="sampler steps (default: --calib-steps)")
-    g.add_argument("--closed-loop-plans", type=int, default=8, help="front plans scored closed loop, at most")
+    g.add_argument("--closed-loop-plans", type=int, default=16,
+                   help="plans scored closed loop, at most (plus the uniform plan)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=32)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -192,11 +193,11 @@ def summary(report: dict[str, Any]) -> str:
     closed = report.get("closed_loop")
     if closed:
         lines.append(f"closed-loop selection ({closed['config']['samples']} samples, {closed['config']['steps']} "
-                     "steps): front plans within the budget")
-        lines.append(f"{'front #':>8s} {'one-step MSE':>13s} {'closed-loop MSE':>16s} {'PSNR dB':>8s}")
+                     "steps): the root's plans within the budget")
+        lines.append(f"{'one-step MSE':>13s} {'closed-loop MSE':>16s} {'PSNR dB':>8s}  mix")
         best = min(r["closed_loop_mse"] for r in closed["plans"])
         for r in closed["plans"]:
             mark = "  <- chosen" if r["closed_loop_mse"] == best else ""
-            lines.append(f"{r['front_index']:8d} {r['one_step_mse']:13.4e} {r['closed_loop_mse']:16.4e} "
-                         f"{r['psnr']:8.2f}{mark}")
+            mix = " ".join(f"{k}x{v}" for k, v in r["mix"].items())
+            lines.append(f"{r['one_step_mse']:13.4e} {r['closed_loop_mse']:16.4e} {r['psnr']:8.2f}  {mix}{mark}")
     return "\n".join(lines)

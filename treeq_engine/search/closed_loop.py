@@ -1,17 +1,22 @@
-"""Closed-loop selection: choose the plan among the root front's in-budget plans by whole sampling trajectories.
+"""Closed-loop selection: choose the returned plan among the root's plans by whole sampling trajectories.
 
 TSS scores candidates by one teacher-forced step: the model's output on calibration inputs taken from the FP
 trajectory. An error that shifts the trajectory, and then compounds over the following steps, is under-weighted
 there. On the digits DiT at W3A3 the plan with the lowest one-step MSE had 11 W2 layers and lost the samples
 (Fréchet 521 against 248 for the IP baseline, docs/search.md). Scoring whole trajectories for all of TSS's
-``(n − 1)·K²`` candidates would cost tens of times more; scoring the few plans the root's front holds within
-the budget costs a few sampling runs. So the tree keeps its cheap metric, and the last choice -- which of the
-front's plans to return -- is made closed loop.
+``(n − 1)·K²`` candidates would cost tens of times more; scoring the few whole plans the root holds costs a few
+sampling runs. So the tree keeps its cheap metric, and the last choice -- which plan to return -- can be made
+closed loop.
+
+Pool: the root front's plans (non-dominated in cost and one-step MSE) and the root's kept plans (K, spread
+along cost, the environment-uniform plan among them), without repeats. The front alone is not enough: at W3A3
+every in-budget front plan leaned on W2 layers, the one-step metric having dominated the plans that do not.
+Candidates: the pool's plans meeting the budget, lowest one-step MSE first, at most ``max_plans``, plus the
+environment-uniform plan whenever it is in the pool (so the choice is never worse than uniform on this metric).
 
 Metric: ``samples`` class-conditional samples drawn from the same noise and labels by the FP model and by the
 plan's model (``steps`` sampler steps, guidance ``cfg_scale``), MSE of the final samples against FP's (pixel or
-latent space, whatever the model generates), mean over samples. Candidates: the front's plans that meet the
-budget, lowest one-step MSE first, at most ``max_plans``. Needs a model ``treeq_engine.models.sample`` can
+latent space, whatever the model generates), mean over samples. Needs a model ``treeq_engine.models.sample`` can
 sample (the project's ``DiT``: ``config``, ``forward_with_cfg``).
 
 Under ``torchrun`` rank 0 scores and the others receive the scores (``distributed.all_sum``), so every process
@@ -32,7 +37,7 @@ from ..nn import QuantLinear, apply_plan
 from . import distributed
 from .costs import Budget, CostModel
 from .space import SearchSpace
-from .tree import Node
+from .tree import Node, SearchResult
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -46,7 +51,7 @@ class ClosedLoopConfig:
     sampler: str = "ddpm"
     cfg_scale: float = 1.5
     seed: int = 0
-    max_plans: int = 8
+    max_plans: int = 16
 
     def __post_init__(self) -> None:
         if self.samples <= 0 or self.steps <= 0 or self.max_plans <= 0:
@@ -60,14 +65,30 @@ class ClosedLoopConfig:
         return dataclasses.asdict(self)
 
 
-def in_budget_candidates(front: Node, cost: CostModel, budget: Budget, max_plans: int) -> np.ndarray:
-    """Indices into ``front`` of the plans meeting ``budget``, lowest one-step MSE first (ties: cheaper, then
-    index), at most ``max_plans``."""
-    total = cost.offset + front.cost
+def candidate_pool(result: SearchResult) -> Node:
+    """The root front's plans, then the root's kept plans that are not on it."""
+    both = Node(result.front.lo, result.front.hi, np.concatenate([result.front.configs, result.root.configs]),
+                np.concatenate([result.front.cost, result.root.cost]), np.concatenate([result.front.mse,
+                                                                                      result.root.mse]))
+    _, first = np.unique(both.configs, axis=0, return_index=True)
+    return both.take(np.sort(first))
+
+
+def in_budget_candidates(pool: Node, cost: CostModel, budget: Budget, max_plans: int,
+                         always: np.ndarray | None = None) -> np.ndarray:
+    """Indices into ``pool`` of the plans meeting ``budget``, lowest one-step MSE first (ties: cheaper, then
+    index), at most ``max_plans``; the plan ``always`` (an assignment) is added when it is in the pool, meets the
+    budget and was cut."""
+    total = cost.offset + pool.cost
     ok = np.flatnonzero(cost.fits(total, budget))
-    mse = np.where(np.isnan(front.mse[ok]), np.inf, front.mse[ok])
+    mse = np.where(np.isnan(pool.mse[ok]), np.inf, pool.mse[ok])
     order = ok[np.lexsort((ok, total[ok].sum(axis=1), mse))]
-    return order[:max_plans]
+    chosen = order[:max_plans]
+    if always is not None:
+        hit = order[(pool.configs[order] == np.asarray(always)[None]).all(axis=1)]
+        if len(hit) and hit[0] not in chosen:
+            chosen = np.append(chosen, hit[0])
+    return chosen
 
 
 class TrajectoryJudge:
@@ -113,26 +134,30 @@ class TrajectoryJudge:
         return {"closed_loop_mse": mse, "psnr": float(p.mean()) if p.numel() else float("inf")}
 
 
-def select(judge: TrajectoryJudge | None, space: SearchSpace, front: Node, cost: CostModel, budget: Budget,
-           max_plans: int, *, progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
-    """Score the front's in-budget plans closed loop; returns (the chosen plan's index into ``front``, one row
-    per scored plan: front index, one-step MSE, costs, closed-loop MSE and PSNR), the chosen one the lowest
-    closed-loop MSE (ties: the earlier row, i.e. the lower one-step MSE). ``judge``: rank 0's; ``None`` on the
-    other ranks of a distributed search, which receive rank 0's scores."""
-    idx = in_budget_candidates(front, cost, budget, max_plans)
+def select(judge: TrajectoryJudge | None, space: SearchSpace, pool: Node, cost: CostModel, budget: Budget,
+           max_plans: int, *, always: np.ndarray | None = None,
+           progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
+    """Score the pool's in-budget plans closed loop (``in_budget_candidates``); returns (the chosen plan's index
+    into ``pool``, one row per scored plan: pool index, its mix of configs, one-step MSE, cost, closed-loop MSE
+    and PSNR), the chosen one the lowest closed-loop MSE (ties: the earlier row, the lower one-step MSE).
+    ``judge``: rank 0's; ``None`` on the other ranks of a distributed search, which receive rank 0's scores."""
+    idx = in_budget_candidates(pool, cost, budget, max_plans, always)
     if not len(idx):
-        raise ValueError(f"closed-loop selection: no plan on the root's front meets {budget.label}")
+        raise ValueError(f"closed-loop selection: no plan among the root's meets {budget.label}")
     rank, _ = distributed.rank_world()
     if (judge is None) == (rank == 0):
         raise ValueError("closed-loop selection: rank 0 (only) must hold the judge")
     scores = np.zeros((len(idx), 2), dtype=np.float64)
     if judge is not None:
         for r, i in enumerate(tqdm(idx, desc="closed loop", disable=not progress)):
-            s = judge.score(space.plan(front.configs[i]))
+            s = judge.score(space.plan(pool.configs[i]))
             scores[r] = (s["closed_loop_mse"], s["psnr"])
     scores = distributed.all_sum(scores)
-    rows = [{"front_index": int(i), "one_step_mse": float(front.mse[i]),
-             "cost": (cost.offset + front.cost[i]).tolist(), "closed_loop_mse": float(s[0]), "psnr": float(s[1])}
-            for i, s in zip(idx, scores)]
+    rows = []
+    for i, s in zip(idx, scores):
+        labels = [space.candidates[int(c)].label for c in pool.configs[i]]
+        rows.append({"index": int(i), "mix": {lab: labels.count(lab) for lab in sorted(set(labels))},
+                     "one_step_mse": float(pool.mse[i]), "cost": (cost.offset + pool.cost[i]).tolist(),
+                     "closed_loop_mse": float(s[0]), "psnr": float(s[1])})
     best = int(np.argmin(scores[:, 0]))
     return int(idx[best]), rows

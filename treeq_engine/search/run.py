@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import distributed
 from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_baseline
-from .closed_loop import ClosedLoopConfig, TrajectoryJudge, select
+from .closed_loop import ClosedLoopConfig, TrajectoryJudge, candidate_pool, select
 from .costs import Budget, LatencyTable, check_budget, cost_model, describe, environment_config
 from .eng import Environment
 from .evaluator import Evaluator, SegmentRunner
@@ -38,8 +38,8 @@ class SearchConfig:
     """Everything a search run is told. ``env``: ENG's environment config (default: the uniform candidate
     with the most bits within the budget). ``batch``: calibration samples per forward; ``group``: candidates
     stacked per forward. ``serve_batch``: samples per GEMM for latency costs. ``closed_loop``: choose the plan
-    among the root front's in-budget plans by whole sampling trajectories (``closed_loop``) instead of the
-    lowest one-step MSE."""
+    among the root's in-budget plans by whole sampling trajectories (``closed_loop``) instead of the lowest
+    one-step MSE."""
 
     budget: Budget
     lam: float = 1.0
@@ -116,10 +116,13 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     closed: dict[str, Any] | None = None
     closed_scores: dict[str, float] = {}
     if config.closed_loop is not None:
-        i, rows = select(judge, space, result.front, cost, budget, config.closed_loop.max_plans, progress=progress)
+        pool = candidate_pool(result)
+        uniform = space.uniform(env.config) if env.config in space.candidates else None
+        i, rows = select(judge, space, pool, cost, budget, config.closed_loop.max_plans, always=uniform,
+                         progress=progress)
         closed = {"config": config.closed_loop.to_dict(), "one_step_choice": a.tolist(), "plans": rows}
-        a, total, mse = result.front.configs[i], cost.offset + result.front.cost[i], float(result.front.mse[i])
-        chosen = next(r for r in rows if r["front_index"] == i)
+        a, total, mse = pool.configs[i], cost.offset + pool.cost[i], float(pool.mse[i])
+        chosen = next(r for r in rows if r["index"] == i)
         closed_scores = {"closed_loop_mse": chosen["closed_loop_mse"], "psnr": chosen["psnr"]}
     ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
                                                  batch=config.batch, group=config.group, reference=ev.reference(),
