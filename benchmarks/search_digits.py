@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
+    p.add_argument("--select", default="one-step", choices=["one-step", "closed-loop", "closed-loop-root"],
                    help="closed-loop: choose among the root's in-budget plans by whole trajectories (runs "
                         "keyed _cl; a finished one-step run's tree is reused)")
     p.add_argument("--closed-loop-samples", type=int, default=32)
@@ -99,19 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         for lam, anchor in runs:
             base = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
                 "" if args.metric == "sampler" else f"_{args.metric}")
-            key = base + ("_cl" if args.select == "closed-loop" else "")
+            key = base + {"one-step": "", "closed-loop": "_cl", "closed-loop-root": "_clroot"}[args.select]
             run_dir = out / key
             # closed loop changes only the last choice: the one-step run's finished tree is the same tree
             # (another seed than the judge's samples, so that selection and judging do not share noise)
             closed = None if args.select == "one-step" else ClosedLoopConfig(
                 samples=args.closed_loop_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed + 100)
-            if closed is not None and not (run_dir / "tss_state.json").exists() and \
+            if args.select == "closed-loop" and not (run_dir / "tss_state.json").exists() and \
                     (out / base / "tss_state.json").exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / base / "tss_state.json", run_dir / "tss_state.json")
             if not (run_dir / "report.json").exists():
                 t0 = time.perf_counter()
                 cfg = SearchConfig(budget, lam=lam, keep=args.keep, anchor=anchor, closed_loop=closed,
+                                   closed_loop_root=args.select == "closed-loop-root",
                                    baselines=("uniform", "ip", "random") if lam == 1.0 and anchor else ())
                 m = copy.deepcopy(fp)
                 search(m, DiTRunner(m, output_fn=lambda o: o[:, :1]), calib.inputs(), cfg,
@@ -143,7 +144,7 @@ def tables(results: dict[str, Any]) -> str:
             continue
         budget = key.split("_")[0] + ("" if key.endswith("_lam1") else " (" + key.split("_lam1_")[1] + ")")
         rep = run["report"]
-        rows = [("TSS", rep["tss"])] + ([] if key.endswith("_cl") else list(rep["baselines"].items()))
+        rows = [("TSS", rep["tss"])] + ([] if key.endswith(("_cl", "_clroot")) else list(rep["baselines"].items()))
         for name, r in rows:
             j = run["judged"]["tss" if name == "TSS" else name]
             label = name if name != "uniform" else f"uniform {r.get('label', '')}"

@@ -128,3 +128,26 @@ def test_cli_closed_loop_selection_resumes_a_finished_search(tmp_path, capsys):
     if chosen is rows[0]:       # the one-step choice won: the same plan as before
         assert plan["layers"] == layers
     assert report["baselines"]["uniform"]["closed_loop_mse"] > 0
+
+
+def test_cli_closed_loop_root_scores_the_last_merge_closed_loop(tmp_path, capsys):
+    out = tmp_path / "root"
+    args = BASE + ["--budget", "W3A4", "--out", str(out), "--select", "closed-loop-root", "--closed-loop-samples",
+                   "2", "--closed-loop-steps", "2", "--baselines", "uniform"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["meta"]["selected_by"] == "closed-loop root"
+    # the root's scores are closed-loop MSEs: the plan's is the front's lowest in budget, and the one-step PTQ
+    # MSE is reported beside it
+    assert report["tss"]["closed_loop_mse"] == plan["meta"]["search_mse"] == min(
+        p["mse"] for p in report["front"] if p["cost"][0] <= 3 + 1e-9 and p["cost"][1] <= 4 + 1e-9)
+    assert report["tss"]["mse"] == plan["meta"]["ptq_mse"] != plan["meta"]["search_mse"]
+    state = json.loads((out / "tss_state.json").read_text())
+    assert state["levels"][-1]["evaluations"] == len(state["root_candidates"]["mse"]) >= len(report["front"])
+    # a finished closed-loop-root state resumes only into the same kind of search
+    capsys.readouterr()
+    assert main(BASE + ["--budget", "W3A4", "--out", str(out), "--resume"]) == 2
+    assert "belongs to a different search" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]

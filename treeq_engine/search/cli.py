@@ -45,9 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
     g.add_argument("--baselines", default="", help=f"comma-separated, of {','.join(BASELINES)}")
     g.add_argument("--random-plans", type=int, default=20, help="plans drawn by the random baseline")
-    g.add_argument("--select", default="one-step", choices=["one-step", "closed-loop"],
+    g.add_argument("--select", default="one-step", choices=["one-step", "closed-loop", "closed-loop-root"],
                    help="how the plan is chosen among the root's in-budget plans: the lowest one-step MSE "
-                        "(the search's metric) or the lowest error of whole sampling trajectories")
+                        "(the search's metric) or the lowest error of whole sampling trajectories; "
+                        "closed-loop-root scores the tree's whole last merge that way (up to K² sampling runs)")
     g.add_argument("--closed-loop-samples", type=int, default=32, help="samples per closed-loop score")
     g.add_argument("--closed-loop-steps", type=int, default=None, help="sampler steps (default: --calib-steps)")
     g.add_argument("--closed-loop-plans", type=int, default=16,
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             samples=args.closed_loop_samples, steps=args.closed_loop_steps or args.calib_steps,
             cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)
         config = SearchConfig(budget, lam=args.lam, keep=args.keep, closed_loop=closed,
+                              closed_loop_root=args.select == "closed-loop-root",
                               env=parse_config(args.env) if args.env else None, batch=args.batch, group=args.group,
                               baselines=tuple(b for b in args.baselines.split(",") if b),
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,

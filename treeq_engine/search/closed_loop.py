@@ -134,6 +134,23 @@ class TrajectoryJudge:
         return {"closed_loop_mse": mse, "psnr": float(p.mean()) if p.numel() else float("inf")}
 
 
+class RootScorer:
+    """The tree's last merge scored closed loop (``tree_search(root_scorer=...)``): every whole plan the root's
+    product holds (at most K²) gets a sampling run, so the root's front, and the plan returned, rank by the
+    closed-loop MSE. Rank 0 scores; ``judge`` is ``None`` on the other ranks."""
+
+    def __init__(self, judge: TrajectoryJudge | None, space: SearchSpace, config: ClosedLoopConfig,
+                 progress: bool = True) -> None:
+        self.judge, self.space, self.progress = judge, space, progress
+        self.tag = {"closed_loop": config.to_dict()}
+
+    def __call__(self, assignments: np.ndarray) -> np.ndarray:
+        if self.judge is None:
+            raise ValueError("closed-loop root: only rank 0 scores (it holds the judge)")
+        return np.array([self.judge.score(self.space.plan(a))["closed_loop_mse"]
+                         for a in tqdm(assignments, desc="closed-loop root", disable=not self.progress)])
+
+
 def select(judge: TrajectoryJudge | None, space: SearchSpace, pool: Node, cost: CostModel, budget: Budget,
            max_plans: int, *, always: np.ndarray | None = None,
            progress: bool = True) -> tuple[int, list[dict[str, Any]]]:

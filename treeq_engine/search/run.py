@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import distributed
 from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_baseline
-from .closed_loop import ClosedLoopConfig, TrajectoryJudge, candidate_pool, select
+from .closed_loop import ClosedLoopConfig, RootScorer, TrajectoryJudge, candidate_pool, select
 from .costs import Budget, LatencyTable, check_budget, cost_model, describe, environment_config
 from .eng import Environment
 from .evaluator import Evaluator, SegmentRunner
@@ -54,6 +54,7 @@ class SearchConfig:
     serve_batch: int = 1
     anchor: bool = True          # keep each node's environment-uniform config (off only for ablations)
     closed_loop: ClosedLoopConfig | None = None
+    closed_loop_root: bool = False   # score the tree's last merge closed loop (K² sampling runs), not only the pick
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -61,6 +62,8 @@ class SearchConfig:
             raise ValueError(f"unknown baseline(s) {bad}: expected some of {BASELINES}")
         if self.keep <= 0 or self.batch <= 0 or self.group <= 0 or self.random_count <= 0:
             raise ValueError("keep, batch, group and random_count must be positive")
+        if self.closed_loop_root and self.closed_loop is None:
+            raise ValueError("closed_loop_root needs a closed_loop config (how plans are sampled)")
 
 
 @dataclasses.dataclass
@@ -109,13 +112,17 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
 
-    result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
-                         anchor=config.anchor, state_path=None if out is None else out / "tss_state.json")
-    a, total, mse = result.best(budget, cost)
     judge = TrajectoryJudge(model, config.closed_loop) if config.closed_loop is not None and rank == 0 else None
+    root_scorer = RootScorer(judge, space, config.closed_loop, progress) if config.closed_loop_root else None
+    result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
+                         anchor=config.anchor, state_path=None if out is None else out / "tss_state.json",
+                         root_scorer=root_scorer)
+    a, total, mse = result.best(budget, cost)
     closed: dict[str, Any] | None = None
     closed_scores: dict[str, float] = {}
-    if config.closed_loop is not None:
+    if root_scorer is not None:   # the root already ranks by the closed-loop MSE: ``mse`` is that
+        closed_scores = {"closed_loop_mse": mse}
+    elif config.closed_loop is not None:
         pool = candidate_pool(result)
         uniform = space.uniform(env.config) if env.config in space.candidates else None
         i, rows = select(judge, space, pool, cost, budget, config.closed_loop.max_plans, always=uniform,
@@ -127,10 +134,11 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
                                                  batch=config.batch, group=config.group, reference=ev.reference(),
                                                  weights=weights)
-    ptq = mse if ptq_ev is ev else float(ptq_ev.evaluate_plans(a[None])[0])
+    ptq = mse if ptq_ev is ev and root_scorer is None else float(ptq_ev.evaluate_plans(a[None])[0])
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
             "env": env.config.label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
-            "selected_by": "one-step" if closed is None else "closed-loop",
+            "selected_by": "closed-loop root" if root_scorer is not None else
+            "one-step" if closed is None else "closed-loop",
             "wall_s": round(result.wall_s, 3), "costs": describe(space, a, **cost_kw)}
     plan = space.plan(a, meta=meta)
     validate_plan(plan, model, space, budget, **cost_kw)
@@ -179,8 +187,11 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
             plot_front(out / "pareto.png", result.root_candidates, kind=budget.kind,
                        budget_axis=ax(budget.limits),
                        chosen=(ax(total), mse),
-                       baselines={k: (ax(b.cost), b.mse) for k, b in baselines.items()} if env.lam == 1.0 else None,
-                       title=f"TSS root merge, {budget.label}, λ={env.lam:g}, K={config.keep}")
+                       baselines=({k: (ax(b.cost), b.detail["closed_loop_mse"]) for k, b in baselines.items()}
+                                  if root_scorer is not None else
+                                  {k: (ax(b.cost), b.mse) for k, b in baselines.items()} if env.lam == 1.0 else None),
+                       title=f"TSS root merge, {budget.label}, λ={env.lam:g}, K={config.keep}"
+                             + (", closed-loop MSE" if root_scorer is not None else ""))
     return SearchOutcome(plan, result, ptq, baselines, report)
 
 

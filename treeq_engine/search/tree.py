@@ -27,7 +27,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -97,10 +97,22 @@ class SearchResult:
         return (self.root.hi - self.root.lo - 1) * self.keep ** 2
 
 
-def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None, anchor: bool) -> str:
+class RootScorer(Protocol):
+    """Scores whole plans ``(m, n_leaves)`` -> ``(m,)`` (lower is better); ``tag`` says how, for resume."""
+
+    tag: dict[str, Any]
+
+    def __call__(self, assignments: np.ndarray) -> np.ndarray: ...
+
+
+def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None, anchor: bool,
+                 root: dict[str, Any] | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind, "anchor": anchor,
-                         "budget": None if budget is None else budget.to_dict()}, sort_keys=True).encode())
+    doc = {"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind, "anchor": anchor,
+           "budget": None if budget is None else budget.to_dict()}
+    if root is not None:   # absent otherwise, so that earlier state files still resume
+        doc["root"] = root
+    h.update(json.dumps(doc, sort_keys=True).encode())
     h.update(np.ascontiguousarray(cost.table).tobytes())
     return h.hexdigest()
 
@@ -178,11 +190,27 @@ def _score(evaluator: Evaluator, nodes: list[Node], todo: list[int], bar: tqdm) 
     return len(scores)
 
 
+def _score_root(scorer: RootScorer, node: Node, bar: tqdm) -> int:
+    """The last merge scored by ``scorer`` on rank 0, its scores given to every process."""
+    rank, _ = distributed.rank_world()
+    scores = np.zeros(len(node.mse), dtype=np.float64)
+    if rank == 0:
+        bar.total += len(scores)
+        bar.refresh()
+        scores[:] = scorer(node.configs)
+        bar.update(len(scores))
+    node.mse = distributed.all_sum(scores)
+    return len(scores)
+
+
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
-                anchor: bool = True, on_level: Callable[[int], None] | None = None) -> SearchResult:
+                anchor: bool = True, on_level: Callable[[int], None] | None = None,
+                root_scorer: RootScorer | None = None) -> SearchResult:
     """Run TSS; see the module docstring. ``anchor=False`` drops the environment-uniform elite (for ablations).
-    ``on_level(level)`` is called after each finished level (tests use it to stop a search midway)."""
+    ``on_level(level)`` is called after each finished level (tests use it to stop a search midway).
+    ``root_scorer``: scores the last merge's whole plans instead of the evaluator (the closed-loop root,
+    ``closed_loop``); its ``tag`` joins the resume fingerprint."""
     if keep <= 0:
         raise ValueError(f"keep (K) must be positive, got {keep}")
     if budget is not None and budget.kind != cost.kind:
@@ -191,7 +219,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     n = len(space.leaves)
     rank, _ = distributed.rank_world()
     prune = _Pruner(cost, budget)
-    fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor)
+    fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor, None if root_scorer is None else
+                               root_scorer.tag)
     elite = space.candidates.index(evaluator.env.config) if anchor and evaluator.env.config in space.candidates \
         else None
 
@@ -229,7 +258,10 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
             else:
                 nodes, todo = _merge(nodes, prune)
             bar.set_description(f"TSS level {level}")
-            total = _score(evaluator, nodes, todo, bar)
+            if root_scorer is not None and len(nodes) == 1 and todo:
+                total = _score_root(root_scorer, nodes[0], bar)
+            else:
+                total = _score(evaluator, nodes, todo, bar)
             for j in todo:
                 nd = nodes[j]
                 kept = drop(nd)
