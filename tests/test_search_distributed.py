@@ -12,7 +12,22 @@ from treeq_engine.search import Budget, DiTRunner, Environment, Evaluator, Searc
 from treeq_engine.search import distributed
 
 
-def _search(state_path=None):
+class _PlanScore:
+    """A deterministic whole-plan score standing in for the closed-loop judge (which needs a sampleable DiT)."""
+
+    tag = {"test": "plan score"}
+
+    def __init__(self, rank=0):
+        self.rank, self.calls = rank, 0
+
+    def __call__(self, assignments):
+        assert self.rank == 0, "only rank 0 scores the root"
+        self.calls += len(assignments)
+        a = np.asarray(assignments, dtype=np.float64)
+        return np.cos(a @ np.arange(1, a.shape[1] + 1)) + 2.0
+
+
+def _search(state_path=None, root_scorer=None):
     torch.set_num_threads(1)
     model = TinyDiT(depth=2, d=16, tokens=4, seed=11)
     inputs = calibration(model, n=8, seed=12)
@@ -20,7 +35,8 @@ def _search(state_path=None):
     ev = Evaluator(model, DiTRunner(model, output_fn=eps), space, inputs, Environment(LayerConfig(4, 4)), batch=8,
                    group=5)
     b = Budget.parse("W4A4")
-    res = tree_search(ev, cost_model(space, "wa"), keep=6, budget=b, progress=False, state_path=state_path)
+    res = tree_search(ev, cost_model(space, "wa"), keep=6, budget=b, progress=False, state_path=state_path,
+                      root_scorer=root_scorer)
     return res, ev.evaluations
 
 
@@ -52,6 +68,33 @@ def test_two_gloo_processes_give_the_single_process_plan(tmp_path):
     assert ranks[0]["own"] > 0 and ranks[1]["own"] > 0
     assert ranks[0]["own"] + ranks[1]["own"] == single.evaluations
     assert json.loads((tmp_path / "state.json").read_text())["evaluations"] == single.evaluations
+
+
+def _root_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        scorer = _PlanScore(rank)
+        res, _ = _search(root_scorer=scorer)
+        (out_dir / f"root{rank}.json").write_text(json.dumps({
+            "configs": res.front.configs.tolist(), "mse": res.front.mse.tolist(), "calls": scorer.calls}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_root_scorer_runs_on_rank_0_and_every_process_gets_its_scores(tmp_path):
+    mp.spawn(_root_worker, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    try:
+        scorer = _PlanScore()
+        single, _ = _search(root_scorer=scorer)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(single.front.mse, _PlanScore()(single.front.configs))   # the root's own scores
+    ranks = [json.loads((tmp_path / f"root{r}.json").read_text()) for r in range(2)]
+    for got in ranks:
+        np.testing.assert_array_equal(np.array(got["configs"]), single.front.configs)
+        np.testing.assert_array_equal(np.array(got["mse"]), single.front.mse)
+    assert ranks[0]["calls"] == scorer.calls > 0 and ranks[1]["calls"] == 0
 
 
 def test_assign_balances_largest_first():
