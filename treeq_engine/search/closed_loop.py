@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..nn import QuantLinear, apply_plan
+from ..plan import QuantPlan
 from . import distributed
 from .costs import Budget, CostModel
 from .space import SearchSpace
@@ -44,7 +46,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 @dataclasses.dataclass(frozen=True)
 class ClosedLoopConfig:
-    """How the front's plans are sampled and compared (see the module docstring)."""
+    """How plans are sampled and compared (see the module docstring)."""
 
     samples: int = 32
     steps: int = 25
@@ -98,8 +100,6 @@ class TrajectoryJudge:
     error (no candidate groups, λ = 1) and re-configured per plan with ``apply_plan``."""
 
     def __init__(self, model: nn.Module, config: ClosedLoopConfig) -> None:
-        from ..models.sample import sample
-
         if not (hasattr(model, "config") and hasattr(model, "forward_with_cfg")):
             raise TypeError(f"closed-loop selection samples the model, which needs a treeq_engine DiT "
                             f"(config, forward_with_cfg); got {type(model).__name__}")
@@ -110,25 +110,29 @@ class TrajectoryJudge:
         for m in self._layers:
             m.set_group_configs(None)
             m.set_noise_scale(1.0)
-        n_cls = int(self.model.config.num_classes)
-        self.labels = torch.arange(config.samples) % n_cls
-        self._sample = lambda: sample(self.model, self.labels, steps=config.steps, sampler=config.sampler,
-                                      cfg_scale=config.cfg_scale, seed=config.seed).float()
+        self.labels = torch.arange(config.samples) % int(self.model.config.num_classes)
         for m in self._layers:
             m.set_config(None)
-        with torch.no_grad():
-            self.reference = self._sample()
+        self.reference = self._sample()
 
     @torch.no_grad()
-    def score(self, plan) -> dict[str, float]:
-        """Closed-loop MSE and PSNR (dB, range 2) of ``plan``'s samples against FP's."""
+    def _sample(self) -> torch.Tensor:
+        from ..models.sample import sample
+
+        c = self.config
+        return sample(self.model, self.labels, steps=c.steps, sampler=c.sampler, cfg_scale=c.cfg_scale,
+                      seed=c.seed).float()
+
+    @torch.no_grad()
+    def score(self, plan: QuantPlan) -> dict[str, float]:
+        """Closed-loop MSE and PSNR (dB, range 2) of ``plan``'s samples against FP's; a plan whose samples are
+        not finite scores MSE = inf."""
         from ..eval.metrics import psnr
 
-        for m in self._layers:
-            m.set_config(None)
-        apply_plan(self.model, plan)
+        apply_plan(self.model, plan)   # layers the plan does not name run in full precision
         s = self._sample()
         mse = float(((s - self.reference) ** 2).mean())
+        mse = mse if math.isfinite(mse) else math.inf
         p = psnr(s, self.reference)
         p = p[torch.isfinite(p)]
         return {"closed_loop_mse": mse, "psnr": float(p.mean()) if p.numel() else float("inf")}
