@@ -178,10 +178,17 @@ def predict_us(impl: str, m: int, k: int, n: int) -> float:
     s = MonarchShape.matching_lowrank(n, k)
     zw = s.z_width  # b·b·r values per token, bf16
     quant = (2 * m * k + m * k + 2 * m * zw) / md["hbm"] * 1e6 + md["tail_us"]  # x in, codes + z out
-    jt, lt = 8, 16  # channel tile 128 = 16 l × 8 j
-    z_reads = m * (-(-s.nb // lt)) * s.blocks * s.blocks * s.rank * 2  # every l-block re-reads its z slice
-    branch = (z_reads / md["l2"] + 2.0 * m * n * s.blocks * s.rank / md["branch_tops"]) * 1e6
+    blocks_read = tile_block_overlaps(n, s.nb, 128)  # Σ over 128-channel tiles of the blocks each overlaps
+    z_reads = m * blocks_read * s.blocks * s.rank * 2  # each tile reads z[:, j, :] of its own blocks
+    macs = m * blocks_read * 128 * s.blocks * s.rank  # one masked (tile × b·r) product per overlapped block
+    branch = (z_reads / md["l2"] + 2.0 * macs / md["branch_tops"]) * 1e6
     return quant + gemm + branch
+
+
+def tile_block_overlaps(n: int, nb: int, tile: int) -> int:
+    """Σ over the ``tile``-channel tiles of N of the Monarch output blocks (``nb`` contiguous channels) each
+    tile overlaps: the z slices a fused epilogue reads per token."""
+    return sum((min(n, t + tile) - 1) // nb - t // nb + 1 for t in range(0, n, tile))
 
 
 def render_predictions() -> str:
@@ -198,8 +205,9 @@ def render_predictions() -> str:
            f"MMA-bound, but nothing here is measured); HBM {MODEL['hbm'] / 1e12:.1f} TB/s, L2 "
            f"{MODEL['l2'] / 1e12:.0f} TB/s. The fused rows include the activation-quantization kernel (reads bf16 "
            "x, writes int8 codes and the bf16 Monarch stage-1 output z of b·b·r = 1024 values per token for the "
-           "default b = 32, r = 1 branch) and the branch's stage 2 in the GEMM epilogue (z re-read once per "
-           "16-row l-block of channels from L2, b·r MACs per output on bf16 tensor cores). W4A4 costs what W4A8 "
+           "default b = 32, r = 1 branch) and the branch's stage 2 in the GEMM epilogue (each 128-channel tile "
+           "reads from L2 the z slices, b·r values per token, of the 1–4 contiguous output blocks it overlaps, "
+           "and multiplies each on bf16 tensor cores). W4A4 costs what W4A8 "
            "does (activation codes are int8 either way on Hopper). `no branch` is quantization (no z) + GEMM; "
            "`gemm` the GEMM alone.", "",
            "Floors per implementation: ops / 1979 TOPS and bytes / 3.35 TB/s (bytes = M·K·1 + N·K·w/8 + M·N·2, "

@@ -9,7 +9,7 @@
 //   symmetric   s = max|v|·clip / qmax (1 if 0), zp = 0
 //   codes       q = clamp(rint(v / s) + zp, qmin, qmax)   (rint: half to even; true IEEE division)
 //   row sum     Σ_k q;  a row holding NaN/Inf gets s = NaN, zp = 0, codes 0, row sum 0 (the oracle's "propagate")
-//   Monarch stage 1 (optional)  z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i] · v[m, k·Kb + i]  (v = 0 beyond K),
+//   Monarch stage 1 (optional)  z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i] · v[m, i·b + k]  (v = 0 beyond K),
 //               bf16 operands (v rounded to bf16, w1 given in bf16), f32 accumulation, bf16 out.
 // Quantization is bit-exact with the oracle when there is no LayerNorm (min, max, division and rint are exact
 // operations); the LayerNorm's mean and variance are sums whose order differs from torch's, so with it codes
@@ -21,7 +21,8 @@
 // Tiles: a CTA owns 32 rows with 8 warps. Phase 1: each warp quantizes 4 rows, one row at a time, lanes
 // striding over K (row statistics by warp shuffles; the row is re-read from L1/L2 for each pass). Phase 2:
 // stage 1 on tensor cores, mma.m16n8k16 bf16: warp w takes row block w & 1 (16 rows) and the input blocks
-// k ≡ w >> 1 (mod 4); per block, a 16 × Kb slice of v times w1[k]ᵀ (Kb × b·r) in chunks of 64 outputs.
+// k ≡ w >> 1 (mod 4); per block, the 16 × Kb gather of v (inputs i·b + k) times w1[k]ᵀ (Kb × b·r) in chunks of
+// 64 outputs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(const AqParams p) {
           const int rl = (q & 2) ? r_hi : r_lo;  // q = 2·reg + half: reg 0 (g), 1 (g+8), 2 (g), 3 (g+8)
           const int row = row_base + rl;
           const int i = i0 + 2 * t + (q & 1) + 8 * (q >> 2);
-          const int col = kblk * p.kb + i;
+          const int col = i * p.blocks + kblk;  // input block k gathers the row at stride b
           va[q] = (row < p.m && i < p.kb && col < p.k) ? pre(p, row, col, s_mean[rl], s_rstd[rl]) : 0.0f;
         }
         uint32_t a[4];

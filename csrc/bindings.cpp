@@ -96,10 +96,10 @@ void require_row_chan(const I32& row_chan, int64_t n) {
     throw std::invalid_argument("row_chan must be 1-D with channel_tiles(N)·256 entries");
 }
 
-I32 frag_tile_rows(int64_t n, int blocks) {
-  if (n <= 0 || blocks <= 0) throw std::invalid_argument("N and blocks must be positive");
+I32 frag_tile_rows(int64_t n) {
+  if (n <= 0) throw std::invalid_argument("N must be positive");
   I32 out({treeq::frag::channel_tiles(n) * treeq::frag::kTileN});
-  treeq::frag::tile_row_channels(n, blocks, out.mutable_data());
+  treeq::frag::tile_row_channels(n, out.mutable_data());
   return out;
 }
 
@@ -171,8 +171,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FRAG_VERSION") = treeq::frag::kVersion;
   m.attr("FRAG_TILE_N") = treeq::frag::kTileN;
   m.attr("FRAG_TILE_K") = treeq::frag::kTileK;
-  m.def("frag_tile_rows", &frag_tile_rows, py::arg("n"), py::arg("blocks"),
-        "Row order of each 256-channel tile for a Monarch branch of `blocks` blocks (-1 = padding).");
+  m.def("frag_tile_rows", &frag_tile_rows, py::arg("n"),
+        "The original channel of each row of the 256-channel tiles (-1 = padding).");
   m.def("frag_repack", &frag_repack, py::arg("packed"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("row_chan"), "Layout v1 -> fragment layout v1 (CUDA GEMM weights), int32 words.");
   m.def("frag_unrepack", &frag_unrepack, py::arg("words"), py::arg("row_chan"), py::arg("bits"), py::arg("n"),

@@ -3,8 +3,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
-#include <vector>
 
 #include "treeq/frag.h"
 
@@ -33,18 +31,9 @@ void for_each_element(int64_t n, int64_t k, int bits, F&& f) {
 
 }  // namespace
 
-void tile_row_channels(int64_t n, int blocks, int32_t* row_chan) {
-  const int64_t nct = channel_tiles(n);
-  std::vector<int32_t> ch;
-  for (int64_t ct = 0; ct < nct; ++ct) {
-    ch.clear();
-    for (int64_t c = ct * kTileN; c < std::min<int64_t>(n, (ct + 1) * kTileN); ++c) ch.push_back(static_cast<int32_t>(c));
-    // stable sort by branch block j = c mod b, then by c: rows sharing j are adjacent
-    std::stable_sort(ch.begin(), ch.end(), [blocks](int32_t a, int32_t b) { return a % blocks < b % blocks; });
-    int32_t* out = row_chan + ct * kTileN;
-    std::fill(out, out + kTileN, -1);
-    std::copy(ch.begin(), ch.end(), out);
-  }
+void tile_row_channels(int64_t n, int32_t* row_chan) {
+  const int64_t rows = channel_tiles(n) * kTileN;
+  for (int64_t r = 0; r < rows; ++r) row_chan[r] = r < n ? static_cast<int32_t>(r) : -1;
 }
 
 void repack(const void* packed, int64_t n, int64_t k, int bits, const int32_t* row_chan, uint32_t* out) {

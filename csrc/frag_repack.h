@@ -6,9 +6,10 @@
 
 namespace treeq::frag {
 
-// Row order of every channel tile for a Monarch branch with `blocks` blocks (1 = no branch): row_chan has
-// channel_tiles(n)·kTileN entries, the original channel of each tile row, -1 for padding rows.
-void tile_row_channels(int64_t n, int blocks, int32_t* row_chan);
+// The original channel of every tile row: channel_tiles(n)·kTileN entries, -1 for padding rows. Rows are in
+// channel order (a Monarch branch's output blocks are contiguous, branches/monarch.py); the kernels read the
+// map rather than assume it, so a layout that reorders rows within a tile needs no kernel change.
+void tile_row_channels(int64_t n, int32_t* row_chan);
 
 // packed: layout-v1 rows (n, packed_cols(k, bits)) (int8 for 8-bit, int32 words otherwise).
 // out: total_words(n, k, bits) words.

@@ -79,8 +79,8 @@ def model_tile(p, tc, tt, acc_raw, row0, tok0, MB, NB, warps):
             b, brp, nbl = p["blocks"], p["brp"], p["nb"]
             z, w2 = p["z"], p["w2"]  # flat float64 views of the bf16 buffers; word x = values 2x, 2x + 1
             for mb in range(MB):
-                jr = torch.where(cok[:, mb], chan[:, mb] % b, -1)             # (32, 2)
-                lr = torch.where(cok[:, mb], chan[:, mb] // b, 0)
+                jr = torch.where(cok[:, mb], chan[:, mb] // nbl, -1)          # (32, 2)
+                lr = torch.where(cok[:, mb], chan[:, mb] % nbl, 0)
                 if not cok[:, mb].any():
                     continue
                 jlo, jhi = int(jr[cok[:, mb]].min()), int(jr[cok[:, mb]].max())
@@ -127,7 +127,7 @@ def test_epilogue_model_matches_oracle(kernel, blocks, rank, bits, gen):
     act = type(act)(act.codes, act.scale, act.zero_point, act.row_sum, act.bits, act.z.to(torch.bfloat16))
     w = PackedWeight.from_float(torch.randn(n, k, generator=gen) * 0.1, QuantSpec.weight(bits))
     bias = torch.randn(n, generator=gen)
-    ops = fl.build_operands(w, blocks, torch.device("cpu"))
+    ops = fl.build_operands(w, torch.device("cpu"))
     br, brp = blocks * rank, -(-blocks * rank // 16) * 16
     zpad = torch.zeros(-(-m // 128) * 128, blocks, brp)
     zpad[:m, :, :br] = act.z.float()
@@ -250,7 +250,7 @@ def test_act_quant_stage1_model(m, k, blocks, rank, gen):
                             rl = r_lo + (8 if q & 2 else 0)
                             row = row_base + rl
                             i = i0 + 2 * T + (q & 1) + 8 * (q >> 2)
-                            col = kblk * kb + i
+                            col = i * blocks + kblk
                             okq = (row < m) & (i < kb) & (col < k)
                             va[:, q] = torch.where(okq, vb[row.clamp(max=m - 1), col.clamp(max=k - 1)], 0.0)
                         a = va.view(32, 4, 2)  # a[r] = pack(va[2r], va[2r + 1])

@@ -253,7 +253,7 @@ def test_custom_ops_opcheck(cgen):
     torch.library.opcheck(torch.ops.treeq.cuda_quantize_activation.default,
                           (x, spec.bits, False, 1.0, 1e-6, None, None, cb._bf16(w1), 1))
     a = cb.quantize_activation(x, spec)
-    ops = cb.cuda_layout.cuda_operands(w, 1)
+    ops = cb.cuda_layout.cuda_operands(w)
     torch.library.opcheck(torch.ops.treeq.cuda_packed_linear.default,
                           (a.codes, a.scale, a.zero_point, a.row_sum, ops.words, ops.row_chan, ops.scale, ops.uzp,
                            ops.ucs, bias, None, None, 4, w.n, w.k, True, 0, 0, 0))
@@ -275,7 +275,7 @@ def test_cuda_graph_replay(cgen):
 
 def test_torch_compile(cgen):
     x, w, w1, w2, bias = _layer(cgen)
-    ops = cb.cuda_layout.cuda_operands(w, 1)
+    ops = cb.cuda_layout.cuda_operands(w)
 
     def f(x):
         codes, s, zp, rs, _ = torch.ops.treeq.cuda_quantize_activation(x, 8, False, 1.0, 1e-6, None, None, None, 0)

@@ -60,10 +60,10 @@ def test_ptx_tables_agree_per_warp():
 # ---- layout round trip --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("n,k,blocks", [(1, 1, 1), (7, 33, 3), (256, 128, 1), (300, 200, 32), (513, 129, 5)])
-def test_repack_round_trip(bits, n, k, blocks, gen):
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (256, 128), (300, 200), (513, 129)])
+def test_repack_round_trip(bits, n, k, gen):
     codes = _codes(n, k, bits, gen)
-    words, row_chan = fl.repack(pack(codes, bits), bits, n, k, blocks)
+    words, row_chan = fl.repack(pack(codes, bits), bits, n, k)
     assert words.dtype == torch.int32 and words.shape == (fl.total_words(n, k, bits),)
     assert torch.equal(fl.unrepack(words, row_chan, bits, n, k), codes)
 
@@ -77,24 +77,21 @@ def test_unrepack_rejects_nonzero_padding(gen):
         fl.unrepack(bad, row_chan, 4, 5, 40)
 
 
-@pytest.mark.parametrize("n,blocks", [(300, 32), (256, 1), (40, 7), (1000, 16)])
-def test_tile_rows_sorted_by_branch_block(n, blocks):
-    rc = fl.tile_rows(n, blocks)
+@pytest.mark.parametrize("n", [300, 256, 40, 1000])
+def test_tile_rows_in_channel_order(n):
+    rc = fl.tile_rows(n)
     assert rc.shape == (fl.channel_tiles(n) * 256,)
-    for ct in range(fl.channel_tiles(n)):
-        rows = rc[ct * 256:(ct + 1) * 256].tolist()
-        chans = list(range(ct * 256, min(n, ct * 256 + 256)))
-        want = sorted(chans, key=lambda c: (c % blocks, c)) + [-1] * (256 - len(chans))
-        assert rows == want
+    want = torch.arange(fl.channel_tiles(n) * 256, dtype=torch.int32)
+    assert torch.equal(rc, torch.where(want < n, want, -1))
 
 
 # ---- the kernels' registers against the PTX tables ----------------------------------------------------------
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("n,k,blocks", [(37, 300, 1), (300, 130, 32)])
-def test_registers_match_ptx_fragment_table(bits, n, k, blocks, gen):
+@pytest.mark.parametrize("n,k", [(37, 300), (300, 130)])
+def test_registers_match_ptx_fragment_table(bits, n, k, gen):
     codes = _codes(n, k, bits, gen)
-    words, row_chan = fl.repack(pack(codes, bits), bits, n, k, blocks)
+    words, row_chan = fl.repack(pack(codes, bits), bits, n, k)
     regs = fl.registers(words, bits, n, k)  # (ct, kt, 16, 32, 4 k-steps, 4 regs)
     nct, nkt = fl.channel_tiles(n), fl.k_tiles(k)
     assert regs.shape == (nct, nkt, 16, 32, 4, 4)
@@ -139,8 +136,8 @@ def test_registers_hand_computed_positions():
 def test_cuda_operands_cached_and_u_domain(gen):
     w = torch.randn(70, 90, generator=gen)
     pw = PackedWeight.from_float(w, QuantSpec.weight(3))
-    ops = fl.cuda_operands(pw, 4)
-    assert fl.cuda_operands(pw, 4) is ops and fl.cuda_operands(pw, 1) is not ops
+    ops = fl.cuda_operands(pw)
+    assert fl.cuda_operands(pw) is ops
     codes = pw.codes().to(torch.int64)
     assert torch.equal(ops.uzp.to(torch.int64), pw.zero_point.to(torch.int64) + 4)
     assert torch.equal(ops.ucs.to(torch.int64), codes.sum(1) + 4 * 90)
@@ -149,7 +146,7 @@ def test_cuda_operands_cached_and_u_domain(gen):
     other = PackedWeight.from_float(torch.randn(70, 90, generator=gen), QuantSpec.weight(3))
     pw.packed.copy_(other.packed)
     pw.col_sum.copy_(other.col_sum)
-    fresh = fl.cuda_operands(pw, 4)
+    fresh = fl.cuda_operands(pw)
     assert fresh is not ops and torch.equal(fl.unrepack(fresh.words, fresh.row_chan, 3, 70, 90), other.codes())
 
 
@@ -160,6 +157,6 @@ def test_errors(gen):
     with pytest.raises(ValueError, match=r"must be torch.int32 \(4, 12\)"):
         fl.repack(pack(codes, 4), 4, 4, 70)
     with pytest.raises(ValueError, match="positive"):
-        fl.tile_rows(0, 1)
+        fl.tile_rows(0)
     with pytest.raises(ValueError, match="total_words"):
         core.load().frag_unrepack(torch.zeros(3, dtype=torch.int32).numpy(), fl.tile_rows(4).numpy(), 4, 4, 40)

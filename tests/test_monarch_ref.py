@@ -15,11 +15,11 @@ def test_stages_equal_dense(n, k, b, r, gen):
     z = monarch.stage1(x, w1)
     assert z.shape == (5, b, b * r) and s.z_width == b * b * r
     torch.testing.assert_close(monarch.stage2(z, w2, n), x @ dense.T)
-    # explicit formula: B[l·b + j, k·Kb + i] = Σ_s w2[j, l, k·r + s] · w1[k, j·r + s, i]
-    o, c = n - 1, k - 1
-    l, j, kk, i = o // b, o % b, c // s.kb, c % s.kb
-    want = sum(w2[j, l, kk * r + t] * w1[kk, j * r + t, i] for t in range(r))
-    torch.testing.assert_close(dense[o, c], want)
+    # explicit formula: B[j·Nb + l, i·b + k] = Σ_s w2[j, l, k·r + s] · w1[k, j·r + s, i]
+    for o, c in [(n - 1, k - 1), (0, 0), (min(s.nb, n - 1), min(b + 1, k - 1)), (n // 2, k // 3)]:
+        j, l, kk, i = o // s.nb, o % s.nb, c % b, c // b
+        want = sum(w2[j, l, kk * r + t] * w1[kk, j * r + t, i] for t in range(r))
+        torch.testing.assert_close(dense[o, c], want)
 
 
 def test_lowrank_is_one_block(gen):
@@ -53,3 +53,16 @@ def test_default_size_and_errors():
         MonarchShape(8, 20, 9, 1)
     with pytest.raises(ValueError, match="must be w1"):
         MonarchShape.of(torch.zeros(2, 2, 3), torch.zeros(2, 4, 3), 8, 6)
+
+
+def test_blocks_have_rank_r(gen):
+    """Every (j, k) block of B (rows j·Nb + l, columns i·b + k) has rank r; B as a whole reaches b²·r."""
+    n, k, b, r = 48, 40, 4, 2
+    s = MonarchShape(n, k, b, r)
+    w1 = torch.randn(s.w1_shape, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(s.w2_shape, generator=gen, dtype=torch.float64)
+    dense = monarch.to_dense(w1, w2, n, k)
+    for j in range(b):
+        for kk in range(b):
+            assert torch.linalg.matrix_rank(dense[j * s.nb:(j + 1) * s.nb, kk::b]) == r
+    assert torch.linalg.matrix_rank(dense) == min(b * b * r, n, k)

@@ -85,6 +85,10 @@ def test_artifact_roundtrip_and_errors(tmp_path, gen):
     (out / "manifest.json").write_text(json.dumps({**man, "layout_version": 2}))
     with pytest.raises(artifact.ArtifactError, match="layout v2"):
         artifact.load(out, _net())
+    # an artifact of version 1 (Monarch factors in the earlier arrangement) is refused, not misread
+    (out / "manifest.json").write_text(json.dumps({**man, "version": 1}))
+    with pytest.raises(artifact.ArtifactError, match="artifact version 1; this build reads 2 — re-quantize"):
+        artifact.load(out, _net())
     (out / "manifest.json").write_text(json.dumps(man))
     # corruption
     data = bytearray((out / "model.safetensors").read_bytes())

@@ -74,11 +74,12 @@ def test_split_k_exact_and_self_cleaning(cfg, gen, poisoned):  # noqa: F811
 
 
 @pytest.mark.parametrize("wb,ab,blocks,rank", [(4, 8, 4, 2), (3, 4, 5, 2), (2, 8, 16, 1), (8, 3, 1, 6),
-                                               (4, 4, None, None)])
+                                               (4, 8, 2, 3), (4, 4, None, None)])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_fused_epilogue_matches_reference(wb, ab, blocks, rank, gelu, gen, poisoned):  # noqa: F811
-    """Scales, Monarch stage 2 (square-free shapes, N not a multiple of b, b not a power of two, b > JT so a
-    channel tile spans only some blocks, low rank b = 1), bias and GELU."""
+    """Scales, Monarch stage 2, bias and GELU. Square-free shapes with N not a multiple of b, so with the
+    interpreter's 32-channel tiles the output blocks (Nb = 18, 14, 5, 70, 35 channels) straddle tile edges: tiles
+    overlapping several blocks, a block spanning tiles, padding past N, low rank b = 1."""
     m, n, k = 19, 70, 83
     x, pw, _ = _operands(gen, m, n, k, wb, ab)
     w1 = w2 = None

@@ -6,7 +6,7 @@
 //   corr[m, n] = acc − uzp[n]·ra[m] − za[m]·ucs[n] + K·za[m]·uzp[n]  = Σ_k (qa − za)(qw − zw), exact int32
 //                (uzp = zw + 2^(bits-1), ucs = cw + 2^(bits-1)·K; wrap-around int32 arithmetic is exact here)
 //   y[m, n]    = (float(corr) · sa[m]) · sw[n]                        same order as the oracle, no contraction
-//              + Σ_c w2[j, l, c] · z[m, j, c]   (n = l·b + j)         Monarch stage 2, bf16 × bf16 → f32 (mma)
+//              + Σ_c w2[j, l, c] · z[m, j, c]   (n = j·Nb + l)        Monarch stage 2, bf16 × bf16 → f32 (mma)
 //              + bias[n];  GELU(tanh) optional;  stored as bf16 / fp16 / fp32, or corr itself (int32 mode).
 //
 // Tiles: 256 output channels (the MMA M side, rows of a fragment-layout tile) × 128 tokens × K in steps of 128.
@@ -287,8 +287,9 @@ __device__ void epilogue(const Params& p, const Unit& u, const int32_t (&acc)[MB
         y[mb][nb][i] = __fmul_rn(__fmul_rn(static_cast<float>(corr_of(mb, nb, i)), vecs->sa[tok0(nb) + 2 * t + (i & 1)]),
                                  sw[mb][i >> 1]);
 
-  // Monarch stage 2: y[m, l·b + j] += Σ_c w2[j, l, c] · z[m, j, c]. Rows of a tile are sorted by j, so a
-  // 16-row block meets few distinct j; one masked bf16 mma pass per (block, j, 16-wide c chunk, token block).
+  // Monarch stage 2: y[m, j·Nb + l] += Σ_c w2[j, l, c] · z[m, j, c]. Output blocks are contiguous, so a 16-row
+  // block meets one or two j (more only when Nb < 16) and the tile reads z for just the ~256/Nb + 1 blocks it
+  // overlaps; one masked bf16 mma pass per (row block, j, 16-wide c chunk, token block).
   if (p.z != nullptr) {
     const int b = p.blocks, brp = p.brp;
     const uint32_t* z32 = reinterpret_cast<const uint32_t*>(p.z);
@@ -300,8 +301,8 @@ __device__ void epilogue(const Params& p, const Unit& u, const int32_t (&acc)[MB
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int c = chan[mb][h];
-        jr[h] = c >= 0 ? c % b : -1;
-        lr[h] = c >= 0 ? c / b : 0;
+        jr[h] = c >= 0 ? c / p.nb : -1;
+        lr[h] = c >= 0 ? c - jr[h] * p.nb : 0;
         if (c >= 0) {
           jlo = min(jlo, jr[h]);
           jhi = max(jhi, jr[h]);

@@ -1,20 +1,29 @@
-"""The Monarch branch B = P₂·BD₂·P₁·BD₁ in its canonical tensor form (pure PyTorch reference).
+"""The Monarch branch B = BD₂·P₁·BD₁·P₀ in its canonical tensor form (pure PyTorch reference).
 
-Rectangular Monarch with ``b`` blocks and per-block rank ``r``, for a linear ``W (N, K)`` (the convention of
-Dao et al.'s ``blockdiag_butterfly_multiply_einsum_rank``, with input blocks contiguous and output blocks
-strided)::
+Rectangular Monarch with ``b`` blocks and per-block rank ``r``, for a linear ``W (N, K)``, with input blocks
+*strided* and output blocks *contiguous*::
 
     Kb = ceil(K / b), Nb = ceil(N / b)               K, N zero-padded to b·Kb, b·Nb
-    w1: (b, b·r, Kb)    w1[k, j·r + s, i]            BD₁: input block k (inputs k·Kb + i) -> b·r values
-    w2: (b, Nb, b·r)    w2[j, l, k·r + s]            BD₂: output block j, gathering every input block k
+    w1: (b, b·r, Kb)    w1[k, j·r + s, i]            BD₁: input block k (inputs i·b + k) -> b·r values
+    w2: (b, Nb, b·r)    w2[j, l, k·r + s]            BD₂: output block j (outputs j·Nb + l), gathering every k
 
-    stage 1  z[m, j, k·r + s] = Σ_i  w1[k, j·r + s, i] · x[m, k·Kb + i]          (P₁: the (k, j) transpose)
-    stage 2  y[m, l·b + j]    = Σ_{k,s} w2[j, l, k·r + s] · z[m, j, k·r + s]      (P₂: output l·b + j)
+    stage 1  z[m, j, k·r + s] = Σ_i  w1[k, j·r + s, i] · x[m, i·b + k]           (P₀: the stride-b gather,
+                                                                                  P₁: the (k, j) transpose)
+    stage 2  y[m, j·Nb + l]   = Σ_{k,s} w2[j, l, k·r + s] · z[m, j, k·r + s]
 
-so ``B[l·b + j, k·Kb + i] = Σ_s w2[j, l, k·r + s] · w1[k, j·r + s, i]``: every (j, k) block of B (rows strided by
-b, columns contiguous) has rank ≤ r, and B reaches rank min(b²·r, N, K). Parameters ``b·r·(b·Kb + b·Nb)`` ≈
-``b·r·(K + N)``, equal to a rank ``b·r`` low-rank branch. ``b = 1`` *is* the low-rank branch
-``y = L2 · (L1 · x)`` with ``L1 = w1[0] (r, K)``, ``L2 = w2[0] (N, r)``, so kernels implement one path.
+so ``B[j·Nb + l, i·b + k] = Σ_s w2[j, l, k·r + s] · w1[k, j·r + s, i]``: every (j, k) block of B (rows
+contiguous, columns strided by b) has rank ≤ r, and B reaches rank min(b²·r, N, K). Parameters
+``b·r·(b·Kb + b·Nb)`` ≈ ``b·r·(K + N)``, equal to a rank ``b·r`` low-rank branch. ``b = 1`` *is* the low-rank
+branch ``y = L2 · (L1 · x)`` with ``L1 = w1[0] (r, K)``, ``L2 = w2[0] (N, r)``, so kernels implement one path.
+
+Where the permutation sits. What makes Monarch more than block-low-rank is that one side's blocks are strided
+and the other's contiguous: a diagonal-heavy W then spreads over all (j, k) blocks (the identity at b = 32 on
+1152 × 1152 is approximated to 1/3 relative error, against 0.99 for contiguous-contiguous blocks or rank 32).
+Dao et al.'s rectangular Monarch strides the outputs (``n = l·b + j``); we stride the inputs, the transposed
+structure with the same rank reach, parameters and closed-form projection. The kernels decide it: stage 1 runs
+in the row-owning quantization kernel, which holds whole rows and gathers at stride b for free, while stage 2
+runs in the GEMM epilogue, where contiguous output blocks mean an output tile meets only the ``~tile/Nb + 1``
+blocks it overlaps and reads only their slices of ``z`` (``b·r`` values per token each, not all ``b²·r``).
 
 The split into stages is the kernels' split: stage 1 runs next to activation quantization on the
 unquantized row, producing ``z (M, b, b·r)``; stage 2 is added in the GEMM epilogue.
@@ -98,20 +107,20 @@ def stage1(x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     if k > b * kb:
         raise ValueError(f"x has K={k} but w1 {tuple(w1.shape)} covers at most {b * kb}")
     lead = x.shape[:-1]
-    xp = torch.nn.functional.pad(x, (0, b * kb - k)).reshape(-1, b, kb)  # (M, k, i)
-    u = torch.einsum("mki,kci->mkc", xp, w1.to(x.dtype))  # (M, k, j·r+s)
+    xp = torch.nn.functional.pad(x, (0, b * kb - k)).reshape(-1, kb, b)  # (M, i, k): input i·b + k
+    u = torch.einsum("mik,kci->mkc", xp, w1.to(x.dtype))  # (M, k, j·r+s)
     z = u.reshape(-1, b, b, r).transpose(1, 2).reshape(-1, b, b * r)  # (M, j, k·r+s)
     return z.reshape(*lead, b, b * r)
 
 
 def stage2(z: torch.Tensor, w2: torch.Tensor, n: int) -> torch.Tensor:
-    """``y (..., N)`` from ``z (..., b, b·r)``: output channel ``l·b + j``; padded outputs dropped."""
+    """``y (..., N)`` from ``z (..., b, b·r)``: output channel ``j·Nb + l``; padded outputs dropped."""
     b, nb, br = w2.shape
     if z.shape[-2:] != (b, br):
         raise ValueError(f"z has trailing shape {tuple(z.shape[-2:])}, w2 {tuple(w2.shape)} needs ({b}, {br})")
     lead = z.shape[:-2]
-    y = torch.einsum("mjc,jlc->mlj", z.reshape(-1, b, br), w2.to(z.dtype))  # (M, l, j)
-    return y.reshape(*lead, nb * b)[..., :n]
+    y = torch.einsum("mjc,jlc->mjl", z.reshape(-1, b, br), w2.to(z.dtype))  # (M, j, l)
+    return y.reshape(*lead, b * nb)[..., :n]
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,9 +135,9 @@ def to_dense(w1: torch.Tensor, w2: torch.Tensor, n: int, k: int) -> torch.Tensor
 
 
 def _blocks_view(w: torch.Tensor, s: MonarchShape) -> torch.Tensor:
-    """``W (N, K)`` as its (j, k) blocks ``(j, k, l, i)``: rows l·b + j, columns k·Kb + i, zero-padded."""
+    """``W (N, K)`` as its (j, k) blocks ``(j, k, l, i)``: rows j·Nb + l, columns i·b + k, zero-padded."""
     wp = torch.nn.functional.pad(w, (0, s.blocks * s.kb - s.k, 0, s.blocks * s.nb - s.n))
-    return wp.reshape(s.nb, s.blocks, s.blocks, s.kb).permute(1, 2, 0, 3)  # (l, j, k, i) -> (j, k, l, i)
+    return wp.reshape(s.blocks, s.nb, s.kb, s.blocks).permute(0, 3, 1, 2)  # (j, l, i, k) -> (j, k, l, i)
 
 
 def project(w: torch.Tensor, blocks: int, rank: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from .lora import LoRA
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-peft"
-VERSION = 1
+VERSION = 2  # 2: Monarch factors in branches/monarch.py's current arrangement (input blocks strided)
 SCHEDULES = ("cosine", "constant")
 LOSS_WEIGHTS = ("uniform", "sampler")
 SCALE_FLOOR = 0.01

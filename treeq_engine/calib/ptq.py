@@ -43,7 +43,7 @@ from .capture import CalibBatch, StageRunner
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
-VERSION = 1
+VERSION = 2  # 2: Monarch factors in branches/monarch.py's current arrangement (input blocks strided)
 SMOOTH_FILE = "smooth.safetensors"
 DEFAULT_W_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 DEFAULT_A_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)

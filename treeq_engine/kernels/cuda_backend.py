@@ -200,7 +200,7 @@ def _packed_linear_op(codes: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Te
                       splits: int) -> torch.Tensor:
     dtype = {v: d for d, v in _OUT_KINDS.items()}[out_kind]
     out = torch.empty(codes.shape[0], n, dtype=dtype, device=codes.device)
-    w = cuda_layout.FragWeight(words, row_chan, w_scale, w_uzp, w_ucs, bits, n, k, 0 if w2 is None else w2.shape[0])
+    w = cuda_layout.FragWeight(words, row_chan, w_scale, w_uzp, w_ucs, bits, n, k)
     launch_packed_linear(out, codes, a_scale, a_zp, a_rowsum, w, k=k, bias=bias, z=z, w2=w2, gelu=gelu,
                          arch=arch, splits=splits)
     return out
@@ -255,7 +255,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError(f"out_dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
     if out_dtype == torch.int32 and (bias is not None or monarch_w2 is not None or gelu or out_spec is not None):
         raise ValueError("int32 output is the bare corrected accumulator: no branch, bias, GELU or out_spec")
-    blocks, z, w2 = 1, None, None
+    z, w2 = None, None
     if monarch_w2 is not None:
         if act.z is None:
             raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
@@ -266,7 +266,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         brp = _round_up(br, 16)
         w2 = _w2_padded(monarch_w2, brp)
         z = _z_padded(act.z if act.z.dtype == torch.bfloat16 else act.z.to(torch.bfloat16), m, brp)
-    w = cuda_layout.cuda_operands(weight, blocks)
+    w = cuda_layout.cuda_operands(weight)
     codes = act.codes
     k_act = _round_up(k, 16)
     if k_act != k or not codes.is_contiguous() or codes.data_ptr() % 16:

@@ -3,13 +3,13 @@
 The C++ core does the work on the CPU (``csrc/frag_repack.cpp``; the layout itself is documented in
 ``csrc/treeq/frag.h``). Weights are the MMA's A operand (rows = output channels) in tiles of 256 channels × 128 K;
 each (16-row block, lane) slot of a tile holds the 64 codes that lane feeds to four ``m16n8k32`` / ``wgmma
-m64nNk32`` k-steps, as 2·bits words that unpack to int8 registers with one shift and one mask. Within a channel
-tile the rows are ordered by (channel mod b, channel) for a Monarch branch of b blocks, so the epilogue adds the
-branch with few masked MMA passes; ``row_chan`` records the original channel of every tile row.
+m64nNk32`` k-steps, as 2·bits words that unpack to int8 registers with one shift and one mask. ``row_chan``
+records the original channel of every tile row; rows are in channel order (a Monarch branch's output blocks are
+contiguous, so a tile already meets few of them), and the kernels read the map instead of assuming it.
 
 The artifact format stays layout v1; this layout is a cache (``cuda_operands``) built when a CUDA kernel first
-needs a weight, keyed by the weight's packed tensor, the branch's block count and the device, and rebuilt after
-an in-place change of the weight's tensors.
+needs a weight, keyed by the weight's packed tensor and the device, and rebuilt after an in-place change of the
+weight's tensors.
 """
 from __future__ import annotations
 
@@ -51,14 +51,14 @@ def field_offset(bits: int) -> int:
     return 0 if bits == 8 else 1 << (bits - 1)
 
 
-def tile_rows(n: int, blocks: int = 1) -> torch.Tensor:
+def tile_rows(n: int) -> torch.Tensor:
     """int32 ``(channel_tiles(n)·256,)``: the original channel of each tile row (-1 for padding rows)."""
-    if not isinstance(n, int) or not isinstance(blocks, int) or n <= 0 or blocks <= 0:
-        raise ValueError(f"N and blocks must be positive ints, got N={n!r}, blocks={blocks!r}")
-    return torch.from_numpy(core.load().frag_tile_rows(n, blocks))
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"N must be a positive int, got N={n!r}")
+    return torch.from_numpy(core.load().frag_tile_rows(n))
 
 
-def repack(packed: torch.Tensor, bits: int, n: int, k: int, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def repack(packed: torch.Tensor, bits: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layout-v1 ``packed (N, ·)`` (CPU) → ``(words int32 (total_words,), row_chan int32)``."""
     _check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.device.type != "cpu":
@@ -66,7 +66,7 @@ def repack(packed: torch.Tensor, bits: int, n: int, k: int, blocks: int = 1) -> 
     if packed.dtype != packed_dtype(bits) or tuple(packed.shape) != packed_shape(n, k, bits):
         raise ValueError(f"{bits}-bit layout-v1 weight for (N={n}, K={k}) must be {packed_dtype(bits)} "
                          f"{packed_shape(n, k, bits)}, got {packed.dtype} {tuple(packed.shape)}")
-    row_chan = tile_rows(n, blocks)
+    row_chan = tile_rows(n)
     words = core.load().frag_repack(packed.contiguous().numpy(), bits, n, k, row_chan.numpy())
     return torch.from_numpy(words), row_chan
 
@@ -108,24 +108,23 @@ class FragWeight:
     bits: int
     n: int
     k: int
-    blocks: int
 
 
-def build_operands(weight: PackedWeight, blocks: int, device: torch.device) -> FragWeight:
-    """Repack ``weight`` on the CPU for a branch of ``blocks`` blocks and move the operands to ``device``."""
-    words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k, blocks)
+def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
+    """Repack ``weight`` on the CPU and move the operands to ``device``."""
+    words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k)
     off = field_offset(weight.bits)
     uzp = weight.zero_point.cpu().to(torch.int64) + off
     ucs = weight.col_sum.cpu().to(torch.int64) + off * weight.k
     return FragWeight(words.to(device), row_chan.to(device), weight.scale.to(device, torch.float32).contiguous(),
                       uzp.to(torch.int32).to(device), ucs.to(torch.int32).to(device), weight.bits, weight.n,
-                      weight.k, blocks)
+                      weight.k)
 
 
-def cuda_operands(weight: PackedWeight, blocks: int = 1) -> FragWeight:
+def cuda_operands(weight: PackedWeight) -> FragWeight:
     """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). The cache lives as
     long as ``weight.packed`` and is rebuilt when any of the weight's tensors was changed in place (a module
     whose buffers are loaded after a first forward, say)."""
-    return derived(weight.packed, ("cuda_frag", blocks, str(weight.device)),
+    return derived(weight.packed, ("cuda_frag", str(weight.device)),
                    (weight.packed, weight.scale, weight.zero_point, weight.col_sum),
-                   lambda: build_operands(weight, blocks, weight.device))
+                   lambda: build_operands(weight, weight.device))

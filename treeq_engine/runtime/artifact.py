@@ -1,6 +1,6 @@
 """TreeQ artifacts: a directory with the packed model (safetensors), its plan (JSON) and a manifest.
 
-    <dir>/manifest.json     {"format": "treeq-artifact", "version": 1, "layout_version": 1, "model": ...,
+    <dir>/manifest.json     {"format": "treeq-artifact", "version": 2, "layout_version": 1, "model": ...,
                              "model_config": {...}, "fingerprint": ..., "sha256": ...}
     <dir>/plan.json         the QuantPlan
     <dir>/model.safetensors every tensor of the quantized model's state_dict
@@ -24,7 +24,9 @@ from ..plan import QuantPlan
 from .convert import skeleton
 
 FORMAT = "treeq-artifact"
-VERSION = 1
+# 2: Monarch factors with input blocks strided and output blocks contiguous (branches/monarch.py); version 1
+# stored the transposed arrangement, which this build would misread.
+VERSION = 2
 
 
 class ArtifactError(ValueError):
@@ -77,7 +79,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if man.get("format") != FORMAT:
         raise ArtifactError(f"{p}: not a TreeQ artifact (format {man.get('format')!r})")
     if man.get("version") != VERSION:
-        raise ArtifactError(f"{p}: artifact version {man.get('version')!r}; this build reads {VERSION}")
+        raise ArtifactError(f"{p}: artifact version {man.get('version')!r}; this build reads {VERSION} — "
+                            "re-quantize the model with this version")
     if man.get("layout_version") != LAYOUT_VERSION:
         raise ArtifactError(f"{p}: weights packed with layout v{man.get('layout_version')}; this build reads "
                             f"v{LAYOUT_VERSION} — re-quantize the model with this version")

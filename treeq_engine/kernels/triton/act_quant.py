@@ -11,16 +11,16 @@ Math (docs/format.md; all float32, in the oracle's order of operations), for eac
     q      = clamp(round(x̂/s) + zp, qmin, qmax)      round half to even, true division (``div_rn``)
     rsum   = Σ_k q                                    (the weight zero point's correction)
 
-Monarch stage 1 (branches/monarch.py): ``z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i]·x̂[m, k·Kb + i]``: one small
-dot per input block ``k``, ``(BM, Kb) × (Kb, b·r)``, whose column ``c = j·r + s`` is stored at
-``z[m, c // r, k·r + c % r]`` (P₁ is only the store index).
+Monarch stage 1 (branches/monarch.py): ``z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i]·x̂[m, i·b + k]``: one small
+dot per input block ``k``, ``(BM, Kb) × (Kb, b·r)`` over the stride-b gather of the row, whose column
+``c = j·r + s`` is stored at ``z[m, c // r, k·r + c % r]`` (P₁ is only the store index).
 
-Tiles: one program owns ``BM`` whole rows and walks K in chunks (a Monarch block of ``Kb`` columns when the
-branch is fused, else ``BK`` columns): [LN: two passes for mean and variance] → one pass for the range, the
-non-finite flag and z → one pass writing codes and row sums. Re-reading x costs L2 traffic, not HBM, and keeps
-registers at ``BM × BK``. Codes are stored one per byte: the GEMM's MMA reads int8 from shared memory, and
-nibble-packed activations would need an unpack between TMA and the MMA (the register round trip that made
-every plain-Triton W4 layout slower than bf16, research/h100-baselines.md).
+Tiles: one program owns ``BM`` whole rows and walks K in chunks of ``BK`` columns: [LN: two passes for mean and
+variance] → one pass for the range and the non-finite flag (with the branch, this pass walks the ``b`` input
+blocks instead, ``Kb`` gathered columns each, and computes z on the way) → one pass writing codes and row sums.
+Re-reading x costs L2 traffic, not HBM, and keeps registers at ``BM × BK``. Codes are stored one per byte: the
+GEMM's MMA reads int8 from shared memory, and nibble-packed activations would need an unpack between TMA and the
+MMA (the register round trip that made every plain-Triton W4 layout slower than bf16, research/h100-baselines.md).
 
 Non-finite rows (after preprocessing) get scale NaN, zero point 0, codes 0 and row sum 0, as the oracle's
 ``nonfinite="propagate"``; their z holds the NaNs stage 1 produces.
@@ -53,9 +53,9 @@ def _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, row
 
 
 @triton.jit
-def _centred(x_ptr, rows, rmask, cols, lane_ok, K, mean):
+def _centred(x_ptr, rows, rmask, cols, K, mean):
     """float32 ``x − mean`` of a ``(BM, BK)`` chunk, zero outside the valid rows/columns."""
-    m2 = rmask[:, None] & (lane_ok & (cols < K))[None, :]
+    m2 = rmask[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m2, other=0.0)
     return tl.where(m2, x.to(tl.float32) - mean[:, None], 0.0)
 
@@ -67,17 +67,12 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
                       KB, NBLK, BR, R,
                       QMIN: tl.constexpr, QMAX: tl.constexpr, SYM: tl.constexpr,
                       HAS_LN: tl.constexpr, HAS_MOD: tl.constexpr, HAS_MONARCH: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BRP: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, BKB: tl.constexpr, BRP: tl.constexpr,
                       Z_BF16: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     lane = tl.arange(0, BK)
-    if HAS_MONARCH:
-        chunk = KB
-        nchunks = NBLK
-    else:
-        chunk = BK
-        nchunks = tl.cdiv(K, BK)
+    nchunks = tl.cdiv(K, BK)
     zero_row = tl.zeros([BM], dtype=tl.float32)
 
     mean = zero_row
@@ -85,22 +80,33 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
     if HAS_LN:  # two passes (mean, then centred variance): F.layer_norm's biased variance
         acc = zero_row
         for c in range(nchunks):
-            acc += tl.sum(_centred(x_ptr, rows, rmask, c * chunk + lane, (lane < chunk), K, zero_row), axis=1)
+            acc += tl.sum(_centred(x_ptr, rows, rmask, c * BK + lane, K, zero_row), axis=1)
         mean = tl.math.div_rn(acc, K.to(tl.float32))
         acc = zero_row
         for c in range(nchunks):
-            d = _centred(x_ptr, rows, rmask, c * chunk + lane, (lane < chunk), K, mean)
+            d = _centred(x_ptr, rows, rmask, c * BK + lane, K, mean)
             acc += tl.sum(d * d, axis=1)
         var = tl.math.div_rn(acc, K.to(tl.float32))
         rstd = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.sqrt_rn(var + ln_eps))
 
-    # Range, non-finite flag and Monarch stage 1 in one pass.
+    # Range and non-finite flag in one pass; with the branch, that pass walks the input blocks (min and max
+    # do not care about order) and computes Monarch stage 1 from the same loads.
     lo = zero_row
     hi = zero_row
     nbad = tl.zeros([BM], dtype=tl.int32)
-    for c in range(nchunks):
-        cols = c * chunk + lane
-        cmask = (lane < chunk) & (cols < K)
+    if HAS_MONARCH:
+        lane_b = tl.arange(0, BKB)
+        npass = NBLK
+    else:
+        lane_b = lane
+        npass = nchunks
+    for c in range(npass):
+        if HAS_MONARCH:
+            cols = lane_b * NBLK + c  # input block c: the row at stride b
+            cmask = (lane_b < KB) & (cols < K)
+        else:
+            cols = c * BK + lane_b
+            cmask = cols < K
         xh = _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, rows_per_group, mean, rstd,
                            HAS_LN, HAS_MOD, INTERP)
         finite = tl.abs(xh) <= 3.4028234663852886e38  # false for NaN and ±inf
@@ -109,8 +115,8 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
         hi = tl.maximum(hi, tl.max(xh, axis=1))
         if HAS_MONARCH:
             cc = tl.arange(0, BRP)
-            wmask = (cc[:, None] < BR) & (lane[None, :] < chunk)
-            w1 = tl.load(w1_ptr + (c * BR + cc[:, None]).to(tl.int64) * KB + lane[None, :], mask=wmask, other=0.0)
+            wmask = (cc[:, None] < BR) & (lane_b[None, :] < KB)
+            w1 = tl.load(w1_ptr + (c * BR + cc[:, None]).to(tl.int64) * KB + lane_b[None, :], mask=wmask, other=0.0)
             u = tl.dot(xh, tl.trans(w1.to(tl.float32)), input_precision=DOT_PREC)  # (BM, BRP)
             zoff = rows[:, None].to(tl.int64) * (NBLK * BR) + (cc // R)[None, :] * BR + c * R + (cc % R)[None, :]
             zmask = rmask[:, None] & (cc[None, :] < BR)
@@ -133,8 +139,8 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
 
     rsum = tl.zeros([BM], dtype=tl.int32)
     for c in range(nchunks):
-        cols = c * chunk + lane
-        cmask = (lane < chunk) & (cols < K)
+        cols = c * BK + lane
+        cmask = cols < K
         m2 = rmask[:, None] & cmask[None, :]
         xh = _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, rows_per_group, mean, rstd,
                            HAS_LN, HAS_MOD, INTERP)
@@ -190,10 +196,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
         z = runtime.empty((m, nblk, br), z_dtype or torch.float32, dev)
     if m == 0:
         return codes, sa, za, ra, z
-    if monarch_w1 is not None:
-        bk = max(16, next_pow2(kb))
-    else:
-        bk = min(max(16, next_pow2(k)), 4096 if INTERPRET else 1024)
+    bk = min(max(16, next_pow2(k)), 4096 if INTERPRET else 1024)
     bm = 16
     dummy = codes  # never dereferenced: the constexpr flags switch the loads off
     grid = (triton.cdiv(m, bm),)
@@ -205,7 +208,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
         kb, nblk, br, r,
         QMIN=qmin, QMAX=qmax, SYM=bool(symmetric),
         HAS_LN=ln_eps is not None, HAS_MOD=shift is not None, HAS_MONARCH=monarch_w1 is not None,
-        BM=bm, BK=bk, BRP=max(16, next_pow2(br)),
+        BM=bm, BK=bk, BKB=max(16, next_pow2(kb)), BRP=max(16, next_pow2(br)),
         Z_BF16=z is not None and z.dtype == torch.bfloat16,
         DOT_PREC="ieee" if INTERPRET else "tf32x3", INTERP=INTERPRET,
         num_warps=4)

@@ -124,8 +124,8 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
                       dict(x_ptr=x, shift_ptr=x, mscale_ptr=x, w1_ptr=w1, codes_ptr=codes, scale_ptr=f32, zp_ptr=i32,
                            rsum_ptr=i32, z_ptr=z, M=m, K=k, rows_per_group=256, ln_eps=1e-6, clip=1.0,
                            KB=k // 32, NBLK=32, BR=32, R=1),
-                      dict(QMIN=-128, QMAX=127, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, BM=16, BK=64,
-                           BRP=32, Z_BF16=True, DOT_PREC="tf32x3", INTERP=False)), (90,)
+                      dict(QMIN=-128, QMAX=127, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, BM=16, BK=1024,
+                           BKB=64, BRP=32, Z_BF16=True, DOT_PREC="tf32x3", INTERP=False)), (90,)
     for bits in (8, 4, 3, 2):
         packed = torch.empty(n, k if bits == 8 else k // 32 * bits, dtype=torch.int8 if bits == 8 else torch.int32)
         fn = torch.empty(n, dtype=torch.float32)
@@ -143,7 +143,7 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
                                    M=m, N=n, K=k, KW=packed.shape[1], NBLK=32 if branch else 1,
                                    NB=n // 32 if branch else n, BR=32 if branch else 1, M_BUCKET=m),
                               dict(BITS=bits, HAS_BIAS=branch, HAS_BRANCH=branch, GELU=branch,
-                                   JT=gemm.branch_tiling(32 if branch else 1), BRC=32, BRANCH_F32=False, BM=cfg.bm,
+                                   BRC=32, BRANCH_F32=False, BM=cfg.bm,
                                    BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m),
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               quick=(bits, i) in ((4, 0), (8, 1), (8, 2))), (80, 90)

@@ -7,21 +7,20 @@ layout v1 in registers:
     corr[m,n] = acc − zw[n]·ra[m] − za[m]·cw[n] + K·za[m]·zw[n]                 exact int32 (wrapping arithmetic,
                                                                                final value fits for K ≤ MAX_K)
     y[m,n]    = corr·sa[m]·sw[n]  [+ Σ_c w2[j, l, c]·z[m, j, c]]  [+ bias[n]]  [GELU(tanh)]    float32
-                                  └ Monarch stage 2, for n = l·b + j ┘
+                                  └ Monarch stage 2, for n = j·Nb + l ┘
 
 Weights: 8-bit rows are loaded as they are; 2/4-bit fields come from word ``k // (32/bits)`` at bit
 ``bits·(k mod 32/bits)``; 3-bit from the two low planes and the high plane of group ``k // 32``. Fields are
 offset binary (code = field − 2^(bits−1)). Padding and masked lanes need no care on the weight side: the
 activation tile is masked to 0 outside K.
 
-Tiles ``BM × BN × BK`` (tokens × channels × K). The channel tile is a ``LT × JT`` block of the Monarch grid
-``n = l·b + j`` (``LT = BN / JT`` values of l, ``JT`` of j, ``JT = min(2^⌈log₂ b⌉, 8)``): position
-``t = l'·JT + j'`` holds channel ``(l₀ + l')·b + j₀ + j'``. For ``b = 1`` (no branch, or a low-rank branch)
-that is a plain contiguous tile. With the branch, stage 2 of the tile is then a *batched* product over the
-``JT`` blocks, ``(JT, BM, b·r) × (JT, b·r, LT)`` — exactly ``b·r`` MACs per output, on tensor cores (bf16,
-fp32 accumulate; fp32 under the interpreter) — and a register permute puts it in tile order. Stores write
-runs of ``JT`` contiguous channels. (A 2-D dot over the tile would multiply by every block's z: ``b×`` the
-work.)
+Tiles ``BM × BN × BK`` (tokens × channels × K), channels contiguous. The Monarch branch's output blocks are
+contiguous too (``Nb`` channels each, branches/monarch.py), so a channel tile overlaps only the blocks
+``j = n₀ // Nb … (n₀ + BN − 1) // Nb``; stage 2 is one 2-D dot per overlapped block,
+``z[:, j, :] (BM × b·r) · w2[j]ᵀ`` with the columns of channels outside block j masked to zero (bf16 on
+tensor cores, fp32 accumulate; fp32 under the interpreter). That is ``b·r`` MACs per output per overlapped
+block (1–2 blocks for the DiT-XL/2 shapes at b = 32 and ``BN ≤ Nb``), and the tile reads z only for its own
+blocks.
 
 Split-K (small M): ``SPLIT_K`` programs share a tile; each adds its int32 partial into a workspace with atomics
 (exact, order-free), the last to arrive (per-tile counter, acq_rel) takes the sum with ``atomic_xchg(ws, 0)``,
@@ -78,44 +77,30 @@ def _dot_f32(a, b, acc, BRANCH_F32: tl.constexpr):
 
 
 @triton.jit
-def _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM: tl.constexpr, BN: tl.constexpr,
-                    JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
-    """``(BM, BN)`` float32 branch output of the tile: batched over its ``JT`` blocks, ``(JT, BM, b·r) ×
-    (JT, b·r, LT)``, permuted into tile order; for one block (low rank) a plain 2-D dot."""
-    LT: tl.constexpr = BN // JT
-    jv = jg * JT + tl.arange(0, JT)
-    lv = lb * LT + tl.arange(0, LT)
+def _monarch_stage2(y, z_ptr, w2_ptr, rows, mmask, o, nmask, n0, N, NBLK, NB, BR, BN: tl.constexpr,
+                    BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+    """``y + Σ_c w2[j, l, c]·z[m, j, c]`` over the tile's channels ``o = n₀ … n₀ + BN − 1`` (``o = j·Nb + l``):
+    one masked 2-D dot per Monarch block the tile overlaps."""
     cc = tl.arange(0, BRC)
-    if JT == 1:
-        br2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for j in range(n0 // NB, (tl.minimum(n0 + BN, N) - 1) // NB + 1):  # b·Nb ≥ N: j stays below b
+        lv = o - j * NB
+        sel = nmask & (lv >= 0) & (lv < NB)  # this tile's channels of block j
         for c0 in range(0, BR, BRC):
             cz = c0 + cc
-            z2 = tl.load(z_ptr + rows.to(tl.int64)[:, None] * (NBLK * BR) + jg * BR + cz[None, :],
+            z2 = tl.load(z_ptr + rows.to(tl.int64)[:, None] * (NBLK * BR) + j * BR + cz[None, :],
                          mask=mmask[:, None] & (cz < BR)[None, :], other=0.0)
-            w2t = tl.load(w2_ptr + (jg * NB + lv[None, :]).to(tl.int64) * BR + cz[:, None],
-                          mask=(cz < BR)[:, None] & (lv < NB)[None, :], other=0.0)
-            br2 = _dot_f32(z2, w2t, br2, BRANCH_F32)
-        return br2
-    else:
-        br = tl.zeros([JT, BM, LT], dtype=tl.float32)
-        for c0 in range(0, BR, BRC):
-            cz = c0 + cc
-            zmask = (jv < NBLK)[:, None, None] & mmask[None, :, None] & (cz < BR)[None, None, :]
-            z3 = tl.load(z_ptr + rows.to(tl.int64)[None, :, None] * (NBLK * BR) + (jv * BR)[:, None, None]
-                         + cz[None, None, :], mask=zmask, other=0.0)
-            wmask = (jv < NBLK)[:, None, None] & (cz < BR)[None, :, None] & (lv < NB)[None, None, :]
-            w3 = tl.load(w2_ptr + (jv[:, None, None] * NB + lv[None, None, :]).to(tl.int64) * BR
-                         + cz[None, :, None], mask=wmask, other=0.0)
-            br = _dot_f32(z3, w3, br, BRANCH_F32)
-        return tl.reshape(tl.permute(br, (1, 2, 0)), (BM, BN))  # (j', m, l') -> (m, l'·JT + j')
+            w2t = tl.load(w2_ptr + (j * NB + lv[None, :]).to(tl.int64) * BR + cz[:, None],
+                          mask=(cz < BR)[:, None] & sel[None, :], other=0.0)
+            y = _dot_f32(z2, w2t, y, BRANCH_F32)
+    return y
 
 
 @triton.jit
-def _epilogue(acc, rows, mmask, o, nmask, lb, jg,
+def _epilogue(acc, rows, mmask, o, nmask, n0,
               sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
               N, K, NBLK, NB, BR,
               HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+              BN: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
     za = tl.load(za_ptr + rows, mask=mmask, other=0)
     ra = tl.load(ra_ptr + rows, mask=mmask, other=0)
     sa = tl.load(sa_ptr + rows, mask=mmask, other=0.0)
@@ -125,7 +110,7 @@ def _epilogue(acc, rows, mmask, o, nmask, lb, jg,
     corr = acc - zw[None, :] * ra[:, None] - za[:, None] * cw[None, :] + K * za[:, None] * zw[None, :]
     y = corr.to(tl.float32) * sa[:, None] * sw[None, :]
     if HAS_BRANCH:
-        y = y + _monarch_stage2(z_ptr, w2_ptr, rows, mmask, lb, jg, NBLK, NB, BR, BM, BN, JT, BRC, BRANCH_F32)
+        y = _monarch_stage2(y, z_ptr, w2_ptr, rows, mmask, o, nmask, n0, N, NBLK, NB, BR, BN, BRC, BRANCH_F32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + o, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -139,12 +124,10 @@ def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
                         bias_ptr, z_ptr, w2_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, KW, NBLK, NB, BR, M_BUCKET,
                         BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
-                        JT: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr,
+                        BRC: tl.constexpr, BRANCH_F32: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    LT: tl.constexpr = BN // JT
-    n_jg = tl.cdiv(NBLK, JT)
-    n_tiles_n = n_jg * tl.cdiv(tl.cdiv(N, NBLK), LT)
+    n_tiles_n = tl.cdiv(N, BN)
     n_tiles_m = tl.cdiv(M, BM)
     pid = tl.program_id(0)
     in_group = GROUP_M * n_tiles_n
@@ -152,13 +135,10 @@ def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
     gsize = tl.minimum(n_tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % gsize
     pid_n = (pid % in_group) // gsize
-    jg = pid_n % n_jg
-    lb = pid_n // n_jg
 
-    t = tl.arange(0, BN)
-    j = jg * JT + t % JT
-    o = (lb * LT + t // JT) * NBLK + j
-    nmask = (j < NBLK) & (o < N)
+    n0 = pid_n * BN
+    o = n0 + tl.arange(0, BN)
+    nmask = o < N
     rows = pid_m * BM + tl.arange(0, BM)
     mmask = rows < M
 
@@ -186,13 +166,11 @@ def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
             tl.debug_barrier()
             acc = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=m2, sem="acq_rel")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue(acc, rows, mmask, o, nmask, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-                      z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BM, BN, JT, BRC,
-                      BRANCH_F32)
+            _epilogue(acc, rows, mmask, o, nmask, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                      z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BN, BRC, BRANCH_F32)
     else:
-        _epilogue(acc, rows, mmask, o, nmask, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-                  z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BM, BN, JT, BRC,
-                  BRANCH_F32)
+        _epilogue(acc, rows, mmask, o, nmask, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                  z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BN, BRC, BRANCH_F32)
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -207,11 +185,6 @@ def splitk_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torc
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
         _WORKSPACE[device] = (ws, cnt)
     return ws, cnt
-
-
-def branch_tiling(blocks: int) -> int:
-    """JT: how many Monarch blocks one channel tile spans (1 without a branch or for low rank)."""
-    return min(next_pow2(blocks), 8)
 
 
 def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: torch.Tensor,
@@ -238,17 +211,16 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
         if z.shape != (m, nblk, br):
             raise ValueError(f"z must be (M={m}, b={nblk}, b·r={br}) for w2 {tuple(w2.shape)}, got {tuple(z.shape)}")
         z, w2 = z.contiguous(), w2.contiguous()
-    jt = branch_tiling(nblk)
     brc = min(max(16, next_pow2(br)), 32)
     dummy = sa
     args = (codes, packed, sa, za, ra, sw, zw, cw,
             bias if bias is not None else dummy, z if z is not None else dummy, w2 if w2 is not None else dummy, out)
     meta = dict(BITS=bits, HAS_BIAS=bias is not None, HAS_BRANCH=w2 is not None, GELU=bool(gelu),
-                JT=jt, BRC=brc, BRANCH_F32=INTERPRET)
+                BRC=brc, BRANCH_F32=INTERPRET)
     sizes = (m, n, k, packed.shape[1], nblk, nb, br, next_pow2(m))
 
     def tiles(bm: int, bn: int) -> int:
-        return triton.cdiv(m, bm) * triton.cdiv(nblk, jt) * triton.cdiv(triton.cdiv(n, nblk), bn // jt)
+        return triton.cdiv(m, bm) * triton.cdiv(n, bn)
 
     cfg = config or autotune.gemm_config(m, n, k, bits, w2 is not None)
     if cfg is None:  # GPU autotuning over the candidate list (the kernel is wrapped by triton.autotune)

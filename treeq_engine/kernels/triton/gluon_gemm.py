@@ -20,15 +20,15 @@ bytes → per-plane shift/AND as inline PTX on packed registers → join → res
 ``convert_layout(..., assert_trivial=True)`` proves at compile time that this lands in the dot-operand layout
 with no data movement. 8-bit weights use the same byte order (``c = 1``), no unpack.
 
-Tiles: ``BW = 16·num_warps`` channels (8 warps: two warpgroups of 64) × ``BT = 128`` tokens × ``BK = 128``.
-Channel tiles follow gemm.py's Monarch grid (``LT × JT`` blocks, runs of ``JT`` contiguous channels).
+Tiles: ``BW = 16·num_warps`` contiguous channels (8 warps: two warpgroups of 64) × ``BT = 128`` tokens ×
+``BK = 128``.
 Pipeline: persistent CTAs (grid = #SMs) walk a flattened (tile, K-step) sequence; activation tiles arrive by TMA
 into a ring of ``STAGES`` shared buffers, each with an mbarrier; weight bytes are loaded from global (L2)
 two K-steps ahead into registers; one wgmma stays in flight (``warpgroup_mma_wait(1)``), after which the ring
 slot it read is refilled. Epilogue (in registers, mma layout): zero-point correction, per-token × per-channel
-scales, Monarch stage 2 as ``JT`` bf16 ``mma_v2`` products ``(LT × b·r) × (b·r × BT)`` added into the tile
-rows (through a shared-memory copy of the tile, one block at a time), bias, GELU(tanh), store (16-byte runs
-along channels).
+scales, Monarch stage 2 accumulated into the tile by bf16 ``mma_v2``, one masked ``(BW × b·r) × (b·r × BT)``
+product per Monarch block the tile overlaps (output blocks are contiguous, ``Nb`` channels: one or two blocks
+per tile on the DiT-XL/2 shapes at b = 32), bias, GELU(tanh), store (16-byte runs along channels).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ...format.packing import unpack
 from ..derived import derived
 from . import runtime
-from .gemm import branch_tiling, splitk_workspace
+from .gemm import splitk_workspace
 from .runtime import INTERPRET, next_pow2
 
 BK = 128  # codes per K-step; the fragment layout is defined for this step
@@ -173,81 +173,78 @@ def _unpack(words, BW: gl.constexpr, BITS: gl.constexpr, dot_layout: gl.constexp
 
 
 @gluon.jit
-def _work_coords(work, n_tiles_w, n_jg, SPLIT: gl.constexpr, PER):
-    """(first token, l-block, j-group, first K-step) of a persistent work item (a tile's K-slice of ``PER``
+def _work_coords(work, n_tiles_w, BW: gl.constexpr, SPLIT: gl.constexpr, PER):
+    """(first token, first channel, first K-step) of a persistent work item (a tile's K-slice of ``PER``
     steps); channel tiles vary fastest, then the split."""
     tile = work // SPLIT
-    pid_w = tile % n_tiles_w
-    return (tile // n_tiles_w) * _BT, pid_w // n_jg, pid_w % n_jg, (work % SPLIT) * PER
+    return (tile // n_tiles_w) * _BT, (tile % n_tiles_w) * BW, (work % SPLIT) * PER
 
 
 @gluon.jit
-def _cursor(work, n_tiles_w, n_jg, SPLIT: gl.constexpr, PER):
-    t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
-    return 0, work, t0, lb, jg, kb
+def _cursor(work, n_tiles_w, BW: gl.constexpr, SPLIT: gl.constexpr, PER):
+    t0, n0, kb = _work_coords(work, n_tiles_w, BW, SPLIT, PER)
+    return 0, work, t0, n0, kb
 
 
 @gluon.jit
-def _step(k, work, t0, lb, jg, kb, PER, nprog, n_tiles_w, n_jg, SPLIT: gl.constexpr):
+def _step(k, work, t0, n0, kb, PER, nprog, n_tiles_w, BW: gl.constexpr, SPLIT: gl.constexpr):
     """Advance a (K-step, work item) cursor by one step; new coordinates only when it moves to its next item."""
     k += 1
     if k == PER:
         k = 0
         work += nprog
-        t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
-    return k, work, t0, lb, jg, kb
+        t0, n0, kb = _work_coords(work, n_tiles_w, BW, SPLIT, PER)
+    return k, work, t0, n0, kb
 
 
 @gluon.jit
-def _channels(lb, jg, NBLK, N, BW: gl.constexpr, JT: gl.constexpr, layout: gl.constexpr):
-    """Channel index of each tile row (``t = l'·JT + j'``) and its validity, in ``layout`` (1-D)."""
-    LT: gl.constexpr = BW // JT
-    t = gl.arange(0, BW, layout=layout)
-    j = jg * JT + t % JT
-    o = (lb * LT + t // JT) * NBLK + j
-    return o, (j < NBLK) & (o < N)
+def _channels(n0, N, BW: gl.constexpr, layout: gl.constexpr):
+    """Channel index of each tile row and its validity, in ``layout`` (1-D)."""
+    o = n0 + gl.arange(0, BW, layout=layout)
+    return o, o < N
 
 
 @gluon.jit
-def _load_weight_words(w_ptr, lb, jg, ki, NBLK, N, KW, BW: gl.constexpr, BITS: gl.constexpr, JT: gl.constexpr,
-                       num_warps: gl.constexpr):
+def _load_weight_words(w_ptr, n0, ki, N, KW, BW: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
     """int32 words ``(BW, BK/(4c))`` of K-step ``ki`` for the tile's channels (row length ``KW`` words)."""
     C: gl.constexpr = 8 // BITS
     lw: gl.constexpr = gl.SliceLayout(2, _word_layout3(BW, C, num_warps))
-    o, ok = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, lw))
+    o, ok = _channels(n0, N, BW, gl.SliceLayout(1, lw))
     cols = ki * (_BK // (4 * C)) + gl.arange(0, _BK // (4 * C), layout=gl.SliceLayout(0, lw))
     ptrs = w_ptr + o.to(gl.int64)[:, None] * KW + cols[None, :]
     return gl.load(ptrs, mask=ok[:, None] & (cols < KW)[None, :], other=0)
 
 
 @gluon.jit
-def _branch_rows(z_ptr, w2_ptr, rows_t, tmask, jcur, lb, NBLK, NB, BR, LT: gl.constexpr, BRC: gl.constexpr,
-                 mma2: gl.constexpr, ld: gl.constexpr, ldt: gl.constexpr):
-    """Monarch stage 2 for one block j: ``w2[j, l₀:l₀+LT, :] (LT × b·r) · z[tokens, j, :]ᵀ`` → ``(LT, _BT)`` f32."""
+def _branch_add(y, n0, rows_t, tmask, z_ptr, w2_ptr, N, NBLK, NB, BR, BW: gl.constexpr, BRC: gl.constexpr,
+                mma2: gl.constexpr, ld: gl.constexpr, ldt: gl.constexpr):
+    """``y (BW, BT)`` (f32, ``mma2`` layout) plus Monarch stage 2 of the tile's channels ``o = n₀ + row``
+    (``o = j·Nb + l``, so w2's row ``(j, l)`` is row ``o`` of w2 viewed as ``(b·Nb, b·r)``): for each block j the
+    tile overlaps, the tile's w2 rows of block j (others masked to zero) times ``z[tokens, j, :]ᵀ``."""
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma2, k_width=2)
-    lv = lb * LT + gl.arange(0, LT, layout=gl.SliceLayout(1, ld))
+    o = n0 + gl.arange(0, BW, layout=gl.SliceLayout(1, ld))
     ca = gl.arange(0, BRC, layout=gl.SliceLayout(0, ld))
     cb = gl.arange(0, BRC, layout=gl.SliceLayout(1, ldt))
     tb = gl.convert_layout(rows_t, gl.SliceLayout(0, ldt))
     tmb = gl.convert_layout(tmask, gl.SliceLayout(0, ldt))
-    jok = jcur < NBLK
-    r = gl.zeros([LT, _BT], gl.float32, layout=mma2)
-    for c0 in range(0, BR, BRC):
-        am = jok & (lv < NB)[:, None] & ((c0 + ca) < BR)[None, :]
-        a = gl.load(w2_ptr + (jcur * NB + lv).to(gl.int64)[:, None] * BR + (c0 + ca)[None, :], mask=am, other=0.0)
-        bm = jok & ((c0 + cb) < BR)[:, None] & tmb[None, :]
-        b = gl.load(z_ptr + tb.to(gl.int64)[None, :] * (NBLK * BR) + jcur * BR + (c0 + cb)[:, None], mask=bm,
-                    other=0.0)
-        r = mma_v2(gl.convert_layout(a.to(gl.bfloat16), a_l), gl.convert_layout(b.to(gl.bfloat16), b_l), r)
-    return r
+    for j in range(n0 // NB, (gl.minimum(n0 + BW, N) - 1) // NB + 1):  # b·Nb ≥ N: j stays below b
+        sel = (o < N) & (o >= j * NB) & (o < (j + 1) * NB)
+        for c0 in range(0, BR, BRC):
+            am = sel[:, None] & ((c0 + ca) < BR)[None, :]
+            a = gl.load(w2_ptr + o.to(gl.int64)[:, None] * BR + (c0 + ca)[None, :], mask=am, other=0.0)
+            bm = ((c0 + cb) < BR)[:, None] & tmb[None, :]
+            b = gl.load(z_ptr + tb.to(gl.int64)[None, :] * (NBLK * BR) + j * BR + (c0 + cb)[:, None], mask=bm,
+                        other=0.0)
+            y = mma_v2(gl.convert_layout(a.to(gl.bfloat16), a_l), gl.convert_layout(b.to(gl.bfloat16), b_l), y)
+    return y
 
 
 @gluon.jit
-def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-              M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr,
+def _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+              M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
               HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, num_warps: gl.constexpr):
-    o, ok = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, mma))
+    o, ok = _channels(n0, N, BW, gl.SliceLayout(1, mma))
     rows_t = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, mma))
     tmask = rows_t < M
     zw = gl.load(zw_ptr + o, mask=ok, other=0)
@@ -261,26 +258,17 @@ def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, b
     # from here on, rows along channels: a thread holds 8 consecutive tile rows of one token (16-byte stores)
     st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
     if HAS_BRANCH:
-        # Monarch stage 2, one block j' at a time: rows t = l'·JT + j' of the tile are the strided slice j' of
-        # the tile viewed as (LT, JT·BT) in shared memory; each block's (LT × b·r)·(b·r × BT) product is added
-        # in place, so registers hold one block's result, not the tile's eight.
-        LT: gl.constexpr = BW // JT
-        WM: gl.constexpr = min(LT // 16, num_warps)
+        # Monarch stage 2 accumulates into the tile itself: y moves (once, through shared memory) to the mma_v2
+        # layout, the bf16 products of the overlapped blocks add into it, and it moves on to the store layout.
+        WM: gl.constexpr = min(BW // 32, num_warps)
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WM, num_warps // WM],
                                                        instr_shape=[16, 8])
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # (LT, BRC), c fastest
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # (BW, BRC), c fastest
         ldt: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])  # (BRC, BT), c fastest
-        ybuf = gl.allocate_shared_memory(gl.float32, [BW, _BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        ybuf.store(y)
-        rows2 = ybuf.reshape([LT, JT * _BT])
-        for jj in gl.static_range(JT):
-            r = _branch_rows(z_ptr, w2_ptr, rows_t, tmask, jg * JT + jj, lb, NBLK, NB, BR, LT, BRC, mma2, ld, ldt)
-            part = rows2.slice(jj * _BT, _BT, dim=1)
-            part.store(part.load(mma2) + r)
-        y = ybuf.load(st)
-    else:
-        y = gl.convert_layout(y, st)
-    o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
+        y = _branch_add(gl.convert_layout(y, mma2), n0, rows_t, tmask, z_ptr, w2_ptr, N, NBLK, NB, BR, BW, BRC,
+                        mma2, ld, ldt)
+    y = gl.convert_layout(y, st)
+    o_s, ok_s = _channels(n0, N, BW, gl.SliceLayout(1, st))
     if HAS_BIAS:
         y = y + gl.load(bias_ptr + o_s, mask=ok_s, other=0.0)[:, None]
     if GELU:
@@ -293,31 +281,31 @@ def _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, b
 
 
 @gluon.jit
-def _finish(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-            M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr,
+def _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+            M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
             HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
             num_warps: gl.constexpr):
     """The epilogue, or for the probe ``bf16(acc)`` stored as it is."""
     if EPILOGUE:
-        _epilogue(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                  out_ptr, M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, num_warps)
+        _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
+                  out_ptr, M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, num_warps)
     else:
         st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
         y = gl.convert_layout(acc.to(gl.float32).to(gl.bfloat16), st)
-        o_s, ok_s = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, st))
+        o_s, ok_s = _channels(n0, N, BW, gl.SliceLayout(1, st))
         t_s = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, st))
         gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y, mask=ok_s[:, None] & (t_s < M)[None, :])
 
 
 @gluon.jit
-def _split_k_finish(acc, tile, t0, lb, jg, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+def _split_k_finish(acc, tile, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
                     z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr,
-                    JT: gl.constexpr, BRC: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    BRC: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
                     HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
     """Split-K as gemm.py: add the int32 partial into the workspace (exact, order-free); the last of the tile's
     SPLIT work items (acq_rel counter) takes the sum with ``atomic_xchg(ws, 0)`` (leaving it zeroed), resets
     the counter and finishes the tile."""
-    o, ok = _channels(lb, jg, NBLK, N, BW, JT, gl.SliceLayout(1, mma))
+    o, ok = _channels(n0, N, BW, gl.SliceLayout(1, mma))
     rows_t = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, mma))
     m2 = ok[:, None] & (rows_t < M)[None, :]
     ws = ws_ptr + rows_t.to(gl.int64)[None, :] * N + o[:, None]
@@ -328,14 +316,14 @@ def _split_k_finish(acc, tile, t0, lb, jg, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_p
         gl.thread_barrier()
         total = gl.atomic_xchg(ws, gl.zeros_like(acc), mask=m2, sem="acq_rel")
         gl.atomic_xchg(cnt_ptr + tile, 0)
-        _finish(total, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-                M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+        _finish(total, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+                M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
 
 
 @gluon.jit
 def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
                        out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NBLK, NB, BR,
-                       BITS: gl.constexpr, JT: gl.constexpr, BRC: gl.constexpr, STAGES: gl.constexpr,
+                       BITS: gl.constexpr, BRC: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT: gl.constexpr,
                        HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
                        num_warps: gl.constexpr):
@@ -350,9 +338,7 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
 
-    LT: gl.constexpr = BW // JT
-    n_jg = gl.cdiv(NBLK, JT)
-    n_tiles_w = n_jg * gl.cdiv(gl.cdiv(N, NBLK), LT)
+    n_tiles_w = gl.cdiv(N, BW)
     n_tiles = gl.cdiv(M, _BT) * n_tiles_w
     n_work = n_tiles * SPLIT
     pid = gl.program_id(0)
@@ -363,25 +349,25 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
     # Two cursors run ahead of the MMA over that sequence: the TMA ring (STAGES − 1 steps ahead) and the weight
     # registers (2 steps ahead). They step without divisions: coordinates are recomputed only when a cursor
     # moves to its next work item.
-    ka, wka, ta, lba, jga, kba = _cursor(pid, n_tiles_w, n_jg, SPLIT, PER)
+    ka, wka, ta, na, kba = _cursor(pid, n_tiles_w, BW, SPLIT, PER)
     for s in gl.static_range(STAGES - 1):  # fill the ring
         mbarrier.expect(bars.index(s), _BT * _BK, pred=s < total)
         tma.async_copy_global_to_shared(a_desc, [ta, (kba + ka) * _BK], bars.index(s), a_smem.index(s),
                                         pred=s < total)
-        ka, wka, ta, lba, jga, kba = _step(ka, wka, ta, lba, jga, kba, PER, nprog, n_tiles_w, n_jg, SPLIT)
-    kw, wkw, tw, lbw, jgw, kbw = _cursor(pid, n_tiles_w, n_jg, SPLIT, PER)
-    wb0 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-    kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
-    wb1 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-    kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
+        ka, wka, ta, na, kba = _step(ka, wka, ta, na, kba, PER, nprog, n_tiles_w, BW, SPLIT)
+    kw, wkw, tw, nw, kbw = _cursor(pid, n_tiles_w, BW, SPLIT, PER)
+    wb0 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+    kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
+    wb1 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+    kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
 
     acc = gl.zeros([BW, _BT], gl.int32, layout=mma)
     it = 0
     for work in range(pid, n_work, nprog):
-        t0, lb, jg, kb = _work_coords(work, n_tiles_w, n_jg, SPLIT, PER)
+        t0, n0, kb = _work_coords(work, n_tiles_w, BW, SPLIT, PER)
         for ki in range(PER):
-            wb2 = _load_weight_words(w_ptr, lbw, jgw, kbw + kw, NBLK, N, KW, BW, BITS, JT, num_warps)
-            kw, wkw, tw, lbw, jgw, kbw = _step(kw, wkw, tw, lbw, jgw, kbw, PER, nprog, n_tiles_w, n_jg, SPLIT)
+            wb2 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+            kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
             wd = _unpack(wb0, BW, BITS, dot, num_warps)
             slot = it % STAGES
             mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
@@ -393,7 +379,7 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
             mbarrier.expect(bars.index(sn), _BT * _BK, pred=more)
             tma.async_copy_global_to_shared(a_desc, [ta, (kba + ka) * _BK], bars.index(sn), a_smem.index(sn),
                                             pred=more)
-            ka, wka, ta, lba, jga, kba = _step(ka, wka, ta, lba, jga, kba, PER, nprog, n_tiles_w, n_jg, SPLIT)
+            ka, wka, ta, na, kba = _step(ka, wka, ta, na, kba, PER, nprog, n_tiles_w, BW, SPLIT)
             wb0 = wb1
             wb1 = wb2
             it += 1
@@ -401,12 +387,12 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
         # wait under a branch makes ptxas inject a full wait in every iteration)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if SPLIT > 1:
-            _split_k_finish(acc, work // SPLIT, t0, lb, jg, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr,
-                            cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, SPLIT,
+            _split_k_finish(acc, work // SPLIT, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr,
+                            cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma, BW, BRC, SPLIT,
                             HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
         else:
-            _finish(acc, t0, lb, jg, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-                    M, N, K, NBLK, NB, BR, mma, BW, JT, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+            _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
+                    M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -468,9 +454,7 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
         if z is None or z.shape != (m, nblk, br):
             raise ValueError(f"z must be (M={m}, b={nblk}, b·r={br}) for w2 {tuple(w2.shape)}")
         z, w2 = z.contiguous(), w2.contiguous()
-    jt = branch_tiling(nblk)
-    bw = 16 * NUM_WARPS
-    n_tiles = triton.cdiv(m, BT) * triton.cdiv(nblk, jt) * triton.cdiv(triton.cdiv(n, nblk), bw // jt)
+    n_tiles = triton.cdiv(m, BT) * triton.cdiv(n, 16 * NUM_WARPS)
     sms = _sm_count(codes.device.index or 0)
     split = split_k(n_tiles, triton.cdiv(k, BK), sms) if split is None else split
     if triton.cdiv(k, BK) % split:
@@ -481,7 +465,7 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
     _gluon_gemm_kernel[grid](
         _act_descriptor(codes), frag.view(torch.int32), sa, za, ra, sw, zw2, cw2, bias if bias is not None else dummy,
         z if z is not None else dummy, w2 if w2 is not None else dummy, out, ws, cnt, m, n, k, frag.shape[1] // 4,
-        nblk, nb, br, BITS=bits, JT=jt, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
+        nblk, nb, br, BITS=bits, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
         HAS_BIAS=bias is not None,
         HAS_BRANCH=w2 is not None, GELU=bool(gelu), EPILOGUE=epilogue, num_warps=NUM_WARPS)
     return out
@@ -513,6 +497,6 @@ def aot_builds():
                                M=m, N=n, K=k,
                                KW=frag.shape[1], NBLK=32 if branch else 1, NB=n // 32 if branch else n,
                                BR=32 if branch else 1),
-                          dict(BITS=bits, JT=branch_tiling(32 if branch else 1), BRC=32, STAGES=STAGES, SPLIT=split,
+                          dict(BITS=bits, BRC=32, STAGES=STAGES, SPLIT=split,
                                HAS_BIAS=epi, HAS_BRANCH=branch, GELU=epi, EPILOGUE=epi, num_warps=NUM_WARPS),
                           num_warps=NUM_WARPS, num_stages=1, gluon=True, quick=name != "gluon_gemm[W4, bias + gelu]"), (90,)
