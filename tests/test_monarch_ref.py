@@ -4,11 +4,15 @@ import torch
 from treeq_engine.branches import MonarchShape, monarch
 
 
+def _random_factors(gen, n, k, b, r):
+    s = MonarchShape(n, k, b, r)
+    return (s, torch.randn(s.w1_shape, generator=gen, dtype=torch.float64),
+            torch.randn(s.w2_shape, generator=gen, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("n,k,b,r", [(50, 37, 4, 2), (48, 64, 8, 1), (7, 9, 1, 3), (36, 36, 6, 1)])
 def test_stages_equal_dense(n, k, b, r, gen):
-    s = MonarchShape(n, k, b, r)
-    w1 = torch.randn(s.w1_shape, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(s.w2_shape, generator=gen, dtype=torch.float64)
+    s, w1, w2 = _random_factors(gen, n, k, b, r)
     x = torch.randn(5, k, generator=gen, dtype=torch.float64)
     dense = monarch.to_dense(w1, w2, n, k)
     assert dense.shape == (n, k)
@@ -23,18 +27,14 @@ def test_stages_equal_dense(n, k, b, r, gen):
 
 
 def test_lowrank_is_one_block(gen):
-    s = MonarchShape(20, 30, 1, 4)
-    w1 = torch.randn(s.w1_shape, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(s.w2_shape, generator=gen, dtype=torch.float64)
+    s, w1, w2 = _random_factors(gen, 20, 30, 1, 4)
     torch.testing.assert_close(monarch.to_dense(w1, w2, 20, 30), w2[0] @ w1[0])
     assert s.params == 4 * (20 + 30)
 
 
 def test_projection_exact_and_optimal(gen):
     n, k, b, r = 40, 24, 4, 2
-    s = MonarchShape(n, k, b, r)
-    w1 = torch.randn(s.w1_shape, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(s.w2_shape, generator=gen, dtype=torch.float64)
+    s, w1, w2 = _random_factors(gen, n, k, b, r)
     dense = monarch.to_dense(w1, w2, n, k)
     p1, p2 = monarch.project(dense, b, r)
     rel = (monarch.to_dense(p1.double(), p2.double(), n, k) - dense).norm() / dense.norm()
@@ -58,9 +58,7 @@ def test_default_size_and_errors():
 def test_blocks_have_rank_r(gen):
     """Every (j, k) block of B (rows j·Nb + l, columns i·b + k) has rank r; B as a whole reaches b²·r."""
     n, k, b, r = 48, 40, 4, 2
-    s = MonarchShape(n, k, b, r)
-    w1 = torch.randn(s.w1_shape, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(s.w2_shape, generator=gen, dtype=torch.float64)
+    s, w1, w2 = _random_factors(gen, n, k, b, r)
     dense = monarch.to_dense(w1, w2, n, k)
     for j in range(b):
         for kk in range(b):
