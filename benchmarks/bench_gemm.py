@@ -206,7 +206,7 @@ def render_predictions() -> str:
            f"{MODEL['l2'] / 1e12:.0f} TB/s. The fused rows include the activation-quantization kernel (reads bf16 "
            "x, writes int8 codes and the bf16 Monarch stage-1 output z of b·b·r = 1024 values per token for the "
            "default b = 32, r = 1 branch) and the branch's stage 2 in the GEMM epilogue (each 128-channel tile "
-           "reads from L2 the z slices, b·r values per token, of the 1–4 contiguous output blocks it overlaps, "
+           "reads from L2 the z slices, b·r values per token, of the 1–5 contiguous output blocks it overlaps, "
            "and multiplies each on bf16 tensor cores). W4A4 costs what W4A8 "
            "does (activation codes are int8 either way on Hopper). `no branch` is quantization (no z) + GEMM; "
            "`gemm` the GEMM alone.", "",

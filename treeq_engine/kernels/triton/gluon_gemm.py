@@ -27,8 +27,9 @@ into a ring of ``STAGES`` shared buffers, each with an mbarrier; weight bytes ar
 two K-steps ahead into registers; one wgmma stays in flight (``warpgroup_mma_wait(1)``), after which the ring
 slot it read is refilled. Epilogue (in registers, mma layout): zero-point correction, per-token × per-channel
 scales, Monarch stage 2 accumulated into the tile by bf16 ``mma_v2``, one masked ``(BW × b·r) × (b·r × BT)``
-product per Monarch block the tile overlaps (output blocks are contiguous, ``Nb`` channels: one or two blocks
-per tile on the DiT-XL/2 shapes at b = 32), bias, GELU(tanh), store (16-byte runs along channels).
+product per Monarch block the tile overlaps (output blocks are contiguous, ``Nb`` channels: 1–3 blocks per
+tile on the DiT-XL/2 shapes at b = 32, 4–5 on the 1152-wide ones), bias, GELU(tanh), store (16-byte runs along
+channels).
 """
 from __future__ import annotations
 
