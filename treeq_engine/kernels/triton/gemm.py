@@ -79,17 +79,17 @@ def _dot_f32(a, b, acc, BRANCH_F32: tl.constexpr):
 @triton.jit
 def _monarch_stage2(y, z_ptr, w2_ptr, rows, mmask, o, nmask, n0, N, NBLK, NB, BR, BN: tl.constexpr,
                     BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
-    """``y + Σ_c w2[j, l, c]·z[m, j, c]`` over the tile's channels ``o = n₀ … n₀ + BN − 1`` (``o = j·Nb + l``):
-    one masked 2-D dot per Monarch block the tile overlaps."""
+    """``y + Σ_c w2[j, l, c]·z[m, j, c]`` over the tile's channels ``o = n₀ … n₀ + BN − 1`` (``o = j·Nb + l``, so
+    w2's row ``(j, l)`` is row ``o`` of w2 viewed as ``(b·Nb, b·r)``): one masked 2-D dot per Monarch block the
+    tile overlaps."""
     cc = tl.arange(0, BRC)
     for j in range(n0 // NB, (tl.minimum(n0 + BN, N) - 1) // NB + 1):  # b·Nb ≥ N: j stays below b
-        lv = o - j * NB
-        sel = nmask & (lv >= 0) & (lv < NB)  # this tile's channels of block j
+        sel = nmask & (o >= j * NB) & (o < (j + 1) * NB)  # this tile's channels of block j
         for c0 in range(0, BR, BRC):
             cz = c0 + cc
             z2 = tl.load(z_ptr + rows.to(tl.int64)[:, None] * (NBLK * BR) + j * BR + cz[None, :],
                          mask=mmask[:, None] & (cz < BR)[None, :], other=0.0)
-            w2t = tl.load(w2_ptr + (j * NB + lv[None, :]).to(tl.int64) * BR + cz[:, None],
+            w2t = tl.load(w2_ptr + o.to(tl.int64)[None, :] * BR + cz[:, None],
                           mask=(cz < BR)[:, None] & sel[None, :], other=0.0)
             y = _dot_f32(z2, w2t, y, BRANCH_F32)
     return y
