@@ -3,6 +3,7 @@
 // (treeq/gemm_common.cuh); only the main loop differs.
 // treeq-ptx-requires(sm_80): mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32
 // treeq-ptx-requires(sm_80): ldmatrix.sync.aligned.m8n8.x4
+// treeq-sass-requires(sm_80): IMMA
 //
 // CTA = 256 channels × 128 tokens, 16 warps as 8 (channels) × 2 (tokens): a warp owns 32 channels (two m16
 // row blocks of the fragment-layout tile) × 64 tokens (eight n8 blocks) = 64 int32 accumulators per thread.

@@ -2,6 +2,7 @@
 // treeq-ptx-requires(sm_90a): wgmma.mma_async
 // treeq-ptx-requires(sm_90a): cp.async.bulk.tensor.2d
 // treeq-ptx-requires(sm_90a): setmaxnreg
+// treeq-sass-requires(sm_90a): IGMMA
 //
 // Math: see treeq/gemm_common.cuh (exact int32 accumulation of u-domain weight fields × int8 activation codes,
 // zero-point corrections, scales, Monarch stage 2, bias, GELU). Operands:
