@@ -36,6 +36,12 @@ def test_output_quantization_and_errors(gen):
     act = quantize_activation(x, QuantSpec.activation(8))
     nxt = packed_linear(act, pw, out_spec=QuantSpec.activation(4))
     assert nxt.codes.shape == (6, 16) and nxt.bits == 4
+    two_calls = quantize_activation(packed_linear(act, pw), QuantSpec.activation(4))  # bf16 rows, then the row op
+    assert torch.equal(nxt.codes, two_calls.codes) and torch.equal(nxt.scale, two_calls.scale)
+    with pytest.raises(ValueError, match="out_dtype must be a float"):
+        packed_linear(act, pw, out_spec=QuantSpec.activation(4), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="out_spec must be a quantized activation spec"):
+        packed_linear(act, pw, out_spec=QuantSpec.weight(4))
     with pytest.raises(ValueError, match="K mismatch"):
         packed_linear(quantize_activation(torch.randn(6, 31), QuantSpec.activation(8)), pw)
     with pytest.raises(ValueError, match="2-D"):

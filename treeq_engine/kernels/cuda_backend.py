@@ -10,8 +10,9 @@ Semantics are the reference backend's (``kernels/reference.py``, docs/format.md)
   order, and the integer GEMM and zero-point corrections are exact;
 * with a LayerNorm, mean and variance are summed in another order than torch's, so a code can differ by one
   where a value lies within rounding of a .5 tie; without one, codes, scales and zero points are bit-exact;
-* ``out_spec`` (next-layer quantization) writes the float32 output once and quantizes it with the row-owning
-  kernel: a per-token scale needs the whole row, which one GEMM tile does not hold.
+* ``out_spec`` (next-layer quantization) writes the ``out_dtype`` output once and quantizes it with the
+  row-owning kernel, as the oracle does: a per-token scale needs the whole row, which one GEMM tile does not
+  hold, so the fusion is in the API only (the same codes and bytes as the two calls).
 
 Weights are repacked once per (weight, branch block count) into fragment layout v1 (``cuda_layout``) on the CPU
 and cached; call an op once before capturing a CUDA graph so that caches are warm.
@@ -275,7 +276,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     a_scale, a_zp, a_rs = f32(act.scale), i32(act.zero_point), i32(act.row_sum)
     bias_f = None if bias is None else f32(bias)
-    kind = _OUT_KINDS[torch.float32 if out_spec is not None else out_dtype]
+    kind = _OUT_KINDS[out_dtype]
     if out is not None:
         if out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != codes.device:
             raise ValueError(f"out must be a contiguous {out_dtype} ({m}, {n}) tensor on {codes.device}")

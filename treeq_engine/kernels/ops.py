@@ -107,7 +107,8 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
                   out_spec: QuantSpec | None = None, backend: str | None = None) -> torch.Tensor | QuantizedActivation:
     """``act × weightᵀ`` with the integer epilogue, Monarch stage 2, bias, optional GELU; bf16 ``(M, N)`` out, or
-    the next layer's quantized activation when ``out_spec`` is given."""
+    the next layer's quantized activation when ``out_spec`` is given (the ``out_dtype`` rows quantized per
+    token: the same codes as the two calls)."""
     if not isinstance(act, QuantizedActivation) or not isinstance(weight, PackedWeight):
         raise TypeError("packed_linear takes a QuantizedActivation and a PackedWeight")
     if act.k != weight.k:
@@ -118,5 +119,11 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError(f"bias must be ({weight.n},), got {tuple(bias.shape)}")
     if monarch_w2 is not None and (monarch_w2.dim() != 3 or monarch_w2.shape[0] * monarch_w2.shape[1] < weight.n):
         raise ValueError(f"monarch_w2 (b, Nb, b·r) must cover N={weight.n}, got {tuple(monarch_w2.shape)}")
+    if out_spec is not None and (not isinstance(out_spec, QuantSpec) or out_spec.role is not Role.ACTIVATION
+                                 or not out_spec.is_quantized):
+        raise ValueError(f"out_spec must be a quantized activation spec, got {out_spec}")
+    if out_spec is not None and out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_spec quantizes the {out_dtype} rows the layer writes: out_dtype must be a float "
+                         f"type")
     kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec)
     return _pick("packed_linear", backend, (act, weight), kw)(act, weight, **kw)

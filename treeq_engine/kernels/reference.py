@@ -57,6 +57,6 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         y = y + bias.float()
     if gelu:
         y = F.gelu(y, approximate="tanh")
-    if out_spec is not None:
-        return quantize_activation(y, out_spec)
+    if out_spec is not None:  # what the next layer would read had this one written out_dtype rows
+        return quantize_activation(y.to(out_dtype), out_spec)
     return y.to(out_dtype)

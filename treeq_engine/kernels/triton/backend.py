@@ -11,8 +11,8 @@ interpreted (``TRITON_INTERPRET=1``), which is how the CPU tests run it.
 What the backend returns differs from the reference only where the contract leaves room: on CUDA the Monarch
 stage-1 output ``z`` is bfloat16 (it is read by every channel tile of the GEMM; bf16 halves that traffic and
 the stage-2 product runs on bf16 tensor cores anyway); on CPU it is float32. ``out_spec`` runs as the GEMM
-writing float32 rows, then the row quantizer: a per-token scale needs the whole output row, which no GEMM tile
-owns.
+writing ``out_dtype`` rows, then the row quantizer, as the oracle defines it: a per-token scale needs the whole
+output row, which no GEMM tile owns.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     y = _packed_linear_op(act.codes, act.scale, act.zero_point, act.row_sum,
                           act.z if monarch_w2 is not None else None, weight.packed, weight.bits, weight.n,
                           weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _f32(monarch_w2), bool(gelu),
-                          torch.float32 if out_spec is not None else out_dtype)
+                          out_dtype)
     if out_spec is not None:
         return quantize_activation(y, out_spec)
     return y
