@@ -241,6 +241,8 @@ def targets(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="M in (256, 2048), qkv and fc1 only, fewer columns")
+    ap.add_argument("--m", type=int, nargs="*", help="token counts (default: all, or --quick's)")
+    ap.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), help="layers (default: all, or --quick's)")
     ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -252,8 +254,9 @@ def main() -> int:
     if not cb.available():
         print("bench_cuda: treeq_engine._C was built without CUDA; rebuild with TREEQ_CUDA=1", file=sys.stderr)
         return 2
-    ms = (256, 2048) if args.quick else MS
-    shapes = {k: SHAPES[k] for k in ("qkv", "fc1")} if args.quick else SHAPES
+    ms = tuple(args.m) if args.m else (256, 2048) if args.quick else MS
+    names = args.shapes or (("qkv", "fc1") if args.quick else tuple(SHAPES))
+    shapes = {k: SHAPES[k] for k in names}
     rows = run(ms, shapes, args.quick)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

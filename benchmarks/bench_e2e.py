@@ -132,7 +132,7 @@ def variants(args: argparse.Namespace, device: str):
     def bf16(compile_: bool):
         def build():
             m = random_dit(args.config, device, dtype)
-            return (torch.compile(m, mode="max-autotune-no-cudagraphs") if compile_ else m), None
+            return (torch.compile(m, mode=args.compile_mode) if compile_ else m), None
         return build
 
     def fp8():
@@ -141,7 +141,7 @@ def variants(args: argparse.Namespace, device: str):
             lin = m.get_submodule(n)
             parent, _, child = n.rpartition(".")
             setattr(m.get_submodule(parent) if parent else m, child, Fp8RowwiseLinear(lin))
-        return torch.compile(m, mode="max-autotune-no-cudagraphs"), None
+        return torch.compile(m, mode=args.compile_mode), None
 
     def treeq(plan_fn):
         def build():
@@ -167,7 +167,13 @@ def main() -> int:
     ap.add_argument("--uniform", nargs="+", default=["W8A8", "W4A8", "W4A4"])
     ap.add_argument("--plan", default=None, help="a plan JSON to add (e.g. from a latency-budgeted search)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers (minutes to build)")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help="torch.compile mode of the peers ('default' compiles in a fraction of the time)")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only the variants whose names contain one of these strings (e.g. 'TreeQ' 'eager')")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --json and measure only the variants missing there")
     ap.add_argument("--smoke", action="store_true", help="CPU: DiT-test, one rep, no table written")
     ap.add_argument("--json", default=None, help="also write the raw rows as JSON")
     args = ap.parse_args()
@@ -180,7 +186,15 @@ def main() -> int:
     else:
         device = "cuda"
     rows = []
+    if args.resume and args.json and Path(args.json).exists():
+        rows = [r for r in json.loads(Path(args.json).read_text()) if r["batch"] in args.batches]
+        print(f"resuming: {len({r['variant'] for r in rows})} variant(s) already in {args.json}")
     for name, build in variants(args, device):
+        if args.variants is not None and not any(v in name for v in args.variants):
+            continue
+        if {r["batch"] for r in rows if r["variant"] == name} >= set(args.batches):
+            continue
+        rows = [r for r in rows if r["variant"] != name]
         model, plan = build()
         mem = memory_report(model) if plan is not None else None
         cfg = dit_config(args.config)
@@ -191,6 +205,8 @@ def main() -> int:
             rows.append({"variant": name, "batch": b, "ms": ms, "peak_gib": peak, "avg_w": bits[0], "avg_a": bits[1],
                          "weight_ratio": None if mem is None else mem["ratio"]})
             print(f"{name:34s} B={b:<3d} {ms:9.3f} ms  peak {peak:6.2f} GiB")
+        if args.json:  # after every variant, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -205,9 +221,14 @@ def main() -> int:
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     dev = torch.cuda.get_device_name()
     ref = {r["batch"]: r["ms"] for r in rows if r["variant"] == "bf16 torch.compile"}
+    ref_name = "bf16 torch.compile"
+    if not ref:  # the compile peers were left out of this run: ratios against eager, said so in the header
+        ref = {r["batch"]: r["ms"] for r in rows if r["variant"] == "bf16 eager"}
+        ref_name = "bf16 eager (torch.compile peers not in this run)"
     lines = [BEGIN, f"## End to end: {args.config} forward, 256 px, CUDA-graph replay (ms)", "",
              f"Device {dev}, torch {torch.__version__}, commit {git_commit()}, median of {args.reps} replays, "
-             "random weights with real shapes. Ratio = bf16 torch.compile time / variant time (higher is faster).",
+             f"random weights with real shapes, compile mode {args.compile_mode!r}. Ratio = {ref_name} time / "
+             "variant time (higher is faster).",
              "", "| variant | avg W/A bits | linear weights vs bf16 | " +
              " | ".join(f"B={b} ms (ratio) | peak GiB" for b in args.batches) + " |",
              "|---|---|---|" + "---|---|" * len(args.batches)]
@@ -217,7 +238,10 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         wr = "—" if first["weight_ratio"] is None else f"{first['weight_ratio']:.3f}×"
         cells = []
         for b in args.batches:
-            r = rs[b]
+            r = rs.get(b)
+            if r is None:
+                cells.append("— | —")
+                continue
             ratio = f" ({ref[b] / r['ms']:.2f}×)" if b in ref else ""
             cells.append(f"{r['ms']:.3f}{ratio} | {r['peak_gib']:.2f}")
         lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | " + " | ".join(cells) + " |")

@@ -1,71 +1,125 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in stages that each fit one lent-device call (10 minutes; 30 minutes in all), run
-# from the repository root with the machine's own python3 (torch with CUDA, pybind11, cmake, ninja). Logs, JSON
-# records and a copy of benchmarks/RESULTS.md go to $OUT (default out/gpu); a summary table is printed last.
+# Everything that needs a GPU, ordered by what matters most, run against a deadline so that one lent-device call
+# (10 minutes at most; 15 minutes of device time per session, the machine's start included) returns the most
+# important results first and always returns its logs. Run from the repository root with the machine's python3
+# (torch with CUDA, pybind11, cmake, ninja):
 #
-#   bash tools/gpu_session.sh build test          # call 1: build the core for sm_90a, the GPU tests
-#   bash tools/gpu_session.sh sanitize kernels    # call 2: compute-sanitizer; Gluon probe, bench_cuda, bench_gemm
-#   bash tools/gpu_session.sh e2e                 # call 3: bench_e2e, latency_budget
-#   bash tools/gpu_session.sh search              # call 4, if device time is left: bench_search
+#   bash tools/gpu_session.sh                  # every stage in priority order until DEADLINE_S (default 540 s)
+#   bash tools/gpu_session.sh e2e budget       # named stages only
 #
-# Stages: build, test, sanitize, kernels, e2e, search. Every step runs under its own time limit (the second
-# argument of `step` below; STEP_LIMIT_S overrides them all) so that one hung step cannot take the rest of the
-# call with it; the defaults keep each suggested call under ~9.5 minutes. The build stays in build/ between
-# calls while the machine is warm; a later stage rebuilds only when the module has no CUDA objects.
+# Stages, in priority order: build, test, kernels, e2e, sanitize, peers, budget, search.
+#   build     reuse a carried prebuilt treeq_engine._C (tools/prebuild_core.sh python3.12 90a, then name
+#             treeq_engine/_C.cpython-312-x86_64-linux-gnu.so in the call's `carry`) or build from source (sm_90a)
+#   test      the GPU tests (pytest -m gpu), spread over 4 processes when pytest-xdist is there (Triton JIT)
+#   kernels   the Gluon main-loop probe; bench_cuda and bench_gemm at M = 256, 2048, 8192
+#   e2e       bench_e2e without the torch.compile peers: bf16 eager and the TreeQ plans, B = 1, 8, 32
+#   sanitize  compute-sanitizer memcheck and racecheck on the representative set
+#   peers     the torch.compile peers of bench_e2e (compile mode 'default'), the rest of bench_gemm's M
+#   budget    latency_budget at batch 8, one budget (half of bf16), a small search (K = 4, 4 samples)
+#   search    bench_search (DiT-XL/2 search-time extrapolation) with two real levels
+#
+# Every step runs under min(its own limit, time left before the deadline − 15 s); a step that would get under
+# 20 s is skipped and recorded so. A step that passed is not rerun while the machine stays warm (state in
+# out/gpu-state; FORCE=1 reruns). What comes back ($OUT, at most 8 files): summary.tsv (step, rc, seconds),
+# logs.tar.gz (every log, JSON record and the junit XML), RESULTS.md (with the tables the benchmarks wrote),
+# nvidia-smi.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT="${OUT:-out/gpu}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON="$PY"
-summary="$OUT/summary.tsv"
+STATE="${STATE:-out/gpu-state}"
+DEADLINE_S="${DEADLINE_S:-540}"
+LOGS="$STATE/logs"
+mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON="$PY" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+summary="$STATE/summary.tsv"
 [ -f "$summary" ] || printf 'step\trc\tseconds\n' >"$summary"
+t_start=$SECONDS
 
-step() {   # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAME.log, record rc and seconds
+finish() {   # always: pack the logs and the records, copy what comes back
+  cp "$summary" "$OUT/summary.tsv"
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
+  tar czf "$OUT/logs.tar.gz" -C "$STATE" . 2>/dev/null
+  echo
+  column -t -s $'\t' "$summary"
+}
+trap finish EXIT
+
+step() {   # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), log to $LOGS/NAME.log
   local name=$1 limit=${STEP_LIMIT_S:-$2}
   shift 2
-  echo "== $name: $*"
+  if [ -f "$STATE/$name.done" ] && [ -z "${FORCE:-}" ]; then
+    echo "== $name: passed earlier on this machine (FORCE=1 reruns)"
+    return 0
+  fi
+  local left=$((DEADLINE_S - (SECONDS - t_start) - 15))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "== $name: skipped, ${left}s left before the deadline"
+    printf '%s\tskipped\t0\n' "$name" >>"$summary"
+    return 0
+  fi
+  echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$summary"
+  [ "$rc" -eq 0 ] && touch "$STATE/$name.done"
   return "$rc"
 }
 
-built() { "$PY" -c "import sys, treeq_engine as t; sys.exit(0 if t.build_info()['cuda_built'] else 1)" 2>/dev/null; }
-
-build() {
-  export TREEQ_CUDA=1 TREEQ_CUDA_ARCHS="${TREEQ_CUDA_ARCHS:-90a}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
-  step build 300 "$PY" -m pip install -q --no-build-isolation --no-deps -e . &&
-    step info 60 "$PY" -m treeq_engine info
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$OUT/nvidia-smi.csv" 2>&1
+have_core=""
+built() {   # treeq_engine._C imports here with its CUDA kernels (checked once it has)
+  [ -n "$have_core" ] && return 0
+  "$PY" -c "import sys, treeq_engine as t; sys.exit(0 if t.build_info()['cuda_built'] else 1)" 2>/dev/null &&
+    have_core=1
 }
 
+build() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.mem,temperature.gpu,power.limit --format=csv \
+    >"$OUT/nvidia-smi.csv" 2>&1
+  if built; then
+    echo "== build: treeq_engine._C imports with CUDA (prebuilt), no build needed"
+  else
+    export TREEQ_CUDA=1 TREEQ_CUDA_ARCHS="${TREEQ_CUDA_ARCHS:-90a}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
+    step build 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+  step info 60 "$PY" -m treeq_engine info
+}
+
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_PROCS:-4}")
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels e2e sanitize peers budget search)
 for stage in "${stages[@]}"; do
+  case "$stage" in
+    build|test|kernels|e2e|sanitize|peers|budget|search) ;;
+    *) echo "unknown stage $stage (build, test, kernels, e2e, sanitize, peers, budget, search)" >&2; exit 2 ;;
+  esac
+done
+for stage in "${stages[@]}"; do
+  [ "$stage" != build ] && ! built && build   # a stage named alone still gets the core
   case "$stage" in
     build) build ;;
     test)
-      built || build
-      step gpu_tests 270 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests/ ;;
-    sanitize)
-      built || build
-      step sanitize 200 bash tools/sanitize_cuda.sh ;;
+      step gpu_tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" \
+        --junitxml="$LOGS/gpu_tests.xml" tests/ ;;
     kernels)
-      built || build
-      step gluon_probe 60 "$PY" benchmarks/bench_gemm.py --probe --json "$OUT/gluon_probe.json"
-      step bench_cuda 150 "$PY" benchmarks/bench_cuda.py --write
-      step bench_gemm 150 "$PY" benchmarks/bench_gemm.py --json "$OUT/bench_gemm.json" --resume ;;
+      step gluon_probe 60 "$PY" benchmarks/bench_gemm.py --probe --json "$LOGS/gluon_probe.json"
+      step bench_cuda 150 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write
+      step bench_gemm 150 "$PY" benchmarks/bench_gemm.py --m 256 2048 8192 --json "$LOGS/bench_gemm.json" --resume ;;
     e2e)
-      built || build
-      step bench_e2e 240 "$PY" benchmarks/bench_e2e.py --json "$OUT/bench_e2e.json"
-      step latency_budget 300 "$PY" benchmarks/latency_budget.py --out "$OUT/latency_budget" ;;
+      step bench_e2e 200 "$PY" benchmarks/bench_e2e.py --no-compile --reps 30 --json "$LOGS/bench_e2e.json" --resume ;;
+    sanitize)
+      step sanitize 150 bash tools/sanitize_cuda.sh memcheck racecheck ;;
+    peers)
+      step bench_e2e_compile 300 "$PY" benchmarks/bench_e2e.py --compile-mode default --reps 30 \
+        --json "$LOGS/bench_e2e.json" --resume
+      step bench_gemm_all 240 "$PY" benchmarks/bench_gemm.py --json "$LOGS/bench_gemm.json" --resume ;;
+    budget)
+      step latency_budget 300 "$PY" benchmarks/latency_budget.py --fractions 0.5 --keep 4 --samples 4 --reps 30 \
+        --out "$STATE/latency_budget" ;;
     search)
-      step bench_search 120 "$PY" benchmarks/bench_search.py --compile --levels 2 ;;
-    *) echo "unknown stage $stage (build, test, sanitize, kernels, e2e, search)" >&2; exit 2 ;;
+      step bench_search 150 "$PY" benchmarks/bench_search.py --compile --levels 2 ;;
   esac
 done
-cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
-echo
-column -t -s $'\t' "$summary"
