@@ -9,6 +9,8 @@ linears, peak memory during the replay.
     python benchmarks/bench_e2e.py                      # the full table on a GPU, written to RESULTS.md
     python benchmarks/bench_e2e.py --plan plan.json     # add a searched plan (e.g. `treeq search --budget latency`)
     python benchmarks/bench_e2e.py --smoke              # CPU: a tiny config through every code path (no numbers)
+    python benchmarks/bench_e2e.py --predict            # CPU: weight memory of each plan (exact) and the
+                                                        # predicted times (a model), written to RESULTS.md
 
 Floors (H100, per forward, B = 32, M = 8192 tokens): the 140 block linears do 2·M·Σ(K·N) ≈ 2·8192·(28·19.9M) ≈
 9.1 TFLOP → 9.2 ms at 989 TFLOP/s (bf16) or 4.6 ms at 1979 TOPS (8-bit); attention adds ≈ 2·2·M·T·D·28 ≈ 0.54
@@ -36,6 +38,11 @@ from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- bench_e2e:begin -->", "<!-- bench_e2e:end -->"
+PBEGIN, PEND = "<!-- bench_e2e:predictions:begin -->", "<!-- bench_e2e:predictions:end -->"
+
+# Measured on our H100 (research/h100-baselines.md; DiT-XL/2 256 px, random weights, whole forward replayed as a
+# CUDA graph, ms): bf16 eager, bf16 torch.compile, FP8 rowwise linears + compile.
+RECORDED_MS = {1: (2.97, 1.85, 2.07), 8: (8.35, 4.78, 5.37), 32: (27.64, 17.18, 16.46)}
 
 
 class Fp8RowwiseLinear(nn.Module):
@@ -176,7 +183,14 @@ def main() -> int:
                     help="keep the rows already in --json and measure only the variants missing there")
     ap.add_argument("--smoke", action="store_true", help="CPU: DiT-test, one rep, no table written")
     ap.add_argument("--json", default=None, help="also write the raw rows as JSON")
+    ap.add_argument("--predict", action="store_true",
+                    help="CPU: weight memory of each plan and the predicted times, written to RESULTS.md")
     args = ap.parse_args()
+    if args.predict:
+        block = predict(args)
+        print(block)
+        write_section(block, PBEGIN, PEND)
+        return 0
     if args.smoke:
         args.config, args.batches, args.reps = "DiT-test", [2], 1
         device = "cpu"
@@ -216,6 +230,98 @@ def main() -> int:
         return 0
     write_table(rows, args)
     return 0
+
+
+def block_linears(cfg) -> list[tuple[str, int, int, int]]:
+    """(name, K, N, rows per image) of one DiT block's linears; adaLN runs on one conditioning row per image."""
+    d, h = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    t = cfg.num_tokens
+    return [("adaLN", d, 6 * d, 1), ("qkv", d, 3 * d, t), ("proj", d, d, t), ("fc1", d, h, t), ("fc2", h, d, t)]
+
+
+def predict(args: argparse.Namespace) -> str:
+    """Weight memory of every plan (exact: the packed modules' bytes, built without packing) and an Amdahl
+    account of the forward: the recorded bf16 torch.compile time split into its linears (bench_gemm's model,
+    calibrated on the same H100) and the rest (attention, norms, modulation, residuals, embedders), then the
+    linears replaced by the kernel model's W4A8/W4A4 times. Predictions, not measurements."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gemm import PEAK_OPS, predict_us  # noqa: E402
+
+    from treeq_engine.runtime import skeleton  # noqa: E402
+
+    cfg = dit_config(args.config)
+    model = DiT(cfg).to(torch.bfloat16)
+    lines = [PBEGIN, f"## End to end: {args.config}, predictions and weight memory (no GPU measurement yet)", "",
+             "Written by `python benchmarks/bench_e2e.py --predict` (CPU). Weight memory is exact (the packed "
+             "modules' bytes: codes, per-channel scale, zero point and column sum, bias, Monarch factors; "
+             "linears only, the fixed layers at W8A8). Times are **predictions**: the bf16 torch.compile forward "
+             "as recorded on our H100 (research/h100-baselines.md), split into its block linears by "
+             "bench_gemm's kernel model (the same model as the GEMM predictions above; it reproduces the "
+             "measured cuBLAS times within 5 %) and the rest; then the block linears swapped for the model's "
+             "fused W4A8 times (quantization kernel + Gluon GEMM; W4A4 costs the same on Hopper), with and "
+             "without the default GMB branch, the rest unchanged (conservative by the LayerNorm + modulate kernels "
+             "that the fused quantization replaces, about 4 % of the forward at B = 32). The last columns bound "
+             "what any int8 kernel can do: block linears at the 1979 TOPS peak, no overhead, the rest unchanged.",
+             ""]
+    plans = {f"uniform {p}": uniform(model, *map(int, p[1:].split("A"))) for p in ("W8A8", "W4A8", "W4A4")}
+    plans["mixed ~W4A4 (hand-made)"] = mixed_w4a4(model)
+    plans["uniform W4A4 + GMB (default size, b·r = 32)"] = with_default_branches(model, plans["uniform W4A4"])
+    lines += ["| plan | avg W/A bits (block linears) | linear weights vs bf16 | packed linear weights |",
+              "|---|---|---|---|"]
+    for name, plan in plans.items():
+        m = skeleton(DiT(cfg).to(torch.bfloat16), plan, fuse=False)
+        rep = memory_report(m)
+        w, a = average_bits(m, plan, cfg.num_tokens)
+        lines.append(f"| {name} | W{w:.2f}A{a:.2f} | {rep['ratio']:.3f}× | {rep['packed_bytes'] / 2**20:.0f} MiB "
+                     f"(bf16 {rep['bf16_bytes'] / 2**20:.0f} MiB) |")
+    lines += ["", "| B | bf16 compile, recorded ms | its block linears (model) | rest | W4A4 fused, no branch: "
+              "ms (× bf16 compile) | W4A4 + GMB: ms (×) | bound: linears at int8 peak, ms (×) | target |",
+              "|---|---|---|---|---|---|---|---|"]
+    bound = {}
+    for b, (_, comp, _) in RECORDED_MS.items():
+        lin = {k: 0.0 for k in ("bf16", "nb", "gmb", "peak")}
+        for _, k, n, rows in block_linears(cfg):
+            mm = rows * b
+            lin["bf16"] += predict_us("bf16", mm, k, n)
+            lin["nb"] += predict_us("gluon W4A8 no branch", mm, k, n)
+            lin["gmb"] += predict_us("gluon W4A8", mm, k, n)
+            lin["peak"] += 2.0 * mm * n * k / PEAK_OPS * 1e6
+        lin = {k: v * cfg.depth / 1e3 for k, v in lin.items()}  # ms per forward
+        rest = comp - lin["bf16"]
+        bound[b] = (comp / (rest + lin["peak"]), rest / comp)
+        cell = lambda key: f"{rest + lin[key]:.2f} ({comp / (rest + lin[key]):.2f}×)"  # noqa: E731
+        lines.append(f"| {b} | {comp:.2f} | {lin['bf16']:.2f} | {rest:.2f} | {cell('nb')} | {cell('gmb')} | "
+                     f"{cell('peak')} | 2× = {comp / 2:.2f} ms |")
+    lines += ["", "Read: the issue's end-to-end target (a W4A4-average plan ≥ 2× faster than bf16 torch.compile at "
+              "B = 1 and B = 32) is out of reach of any linear-layer kernel on this model: with the block linears "
+              "at the int8 peak and no overhead at all, the forward would be "
+              + ", ".join(f"{bound[b][0]:.2f}× at B = {b}" for b in bound) + ", because the rest of the forward "
+              "(attention, norms, modulation, residuals, embedders: "
+              + ", ".join(f"{100 * bound[b][1]:.0f} %" for b in bound) + " of the compiled bf16 time) does not "
+              "change. Reaching 2× would take that rest faster too (FP8 attention, the residual/gating "
+              "elementwise work fused into the GEMM epilogues), which no GEMM kernel does; the measured table "
+              "replaces these rows.", PEND]
+    return "\n".join(lines)
+
+
+def with_default_branches(model: nn.Module, plan: QuantPlan) -> QuantPlan:
+    """The plan with the default GMB branch (``default_branch``: Monarch, b·r = 32) on every block linear."""
+    from treeq_engine.branches import default_branch
+
+    for n, c in plan.layers.items():
+        if is_block_layer(n):
+            m = model.get_submodule(n)
+            plan = plan.with_layer(n, c.replace(branch=default_branch(m.out_features, m.in_features)))
+    return plan
+
+
+def write_section(block: str, begin: str, end: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n" + block + "\n"
+    RESULTS.write_text(text)
 
 
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:

@@ -19,6 +19,29 @@ def test_bench_e2e_smoke(tmp_path):
     assert 0 < got["TreeQ W4A4"]["weight_ratio"] < 0.6  # per-channel scales weigh more at K = 32
 
 
+def test_bench_e2e_predict_accounting():
+    """--predict's Amdahl account on a tiny config: every plan's weight ratio from the packed modules, and per
+    batch rest + linears = the recorded bf16 time, with the int8-peak bound above the fused prediction."""
+    import argparse
+    import re
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    text = bench_e2e.predict(argparse.Namespace(config="DiT-test"))
+    plans = [ln for ln in text.splitlines() if re.match(r"\| (uniform|mixed)", ln)]
+    assert len(plans) == 5
+    ratio = {ln.split(" | ")[0][2:]: float(ln.split(" | ")[2].rstrip("×")) for ln in plans}
+    assert ratio["uniform W4A4"] < ratio["uniform W8A8"]  # (DiT-test is so narrow that the branch outweighs W8)
+    assert ratio["uniform W4A4"] < ratio["uniform W4A4 + GMB (default size, b·r = 32)"]
+    for ln in (ln for ln in text.splitlines() if re.match(r"\| (1|8|32) \|", ln)):
+        cells = ln.strip("| ").split(" | ")
+        comp, lin, rest = map(float, cells[1:4])
+        assert abs(lin + rest - comp) < 0.02
+        fused, peak = (float(c.split(" (")[1].rstrip("×)")) for c in (cells[4], cells[6]))
+        assert peak >= fused
+
+
 def test_latency_budget_smoke(tmp_path):
     """profile -> search at a latency budget -> quantize -> measure, on CPU; the numbers are not judged, the
     bookkeeping is: the plan meets its budget by the table, and predicted = rest + the plan's table µs."""

@@ -248,6 +248,16 @@ def test_dispatch_picks_cuda_and_matches_reference(cgen):
     torch.testing.assert_close(y.cpu().float(), want, rtol=2e-2, atol=2e-2)  # bf16 output and bf16 branch
 
 
+def test_bf16_branch_factors_equal_float32(cgen):
+    """The runtime stores a 16-bit model's Monarch factors in bf16; the kernels round float32 factors to bf16
+    themselves, so both storages give bit-identical results (and bf16 factors are used without a copy)."""
+    x, w, w1, w2, bias = _layer(cgen)
+    y32 = _forward(x, w, w1, w2, bias)
+    w1h, w2h = w1.bfloat16(), w2.bfloat16()
+    assert cb._bf16(w1h) is w1h and cb._w2_padded(w2h, w2h.shape[2]) is w2h
+    assert torch.equal(_forward(x, w, w1h, w2h, bias), y32)
+
+
 def test_custom_ops_opcheck(cgen):
     x, w, w1, w2, bias = _layer(cgen)
     spec = QuantSpec.activation(4)

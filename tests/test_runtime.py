@@ -63,6 +63,23 @@ def test_quantize_model_and_branch(gen):
     assert 0 < rep["ratio"] < 1
 
 
+def test_branch_factors_stored_in_bf16_for_a_16_bit_model(gen):
+    """A bf16 model keeps its Monarch factors in bf16 (what the kernels multiply and the bit budget counts), so
+    the branch costs 2 bytes per factor entry; a float32 model keeps float32 (exact to the simulation)."""
+    x = torch.randn(6, 40, generator=gen)
+    f32 = quantize(_net(), _plan(_net()), dtype=torch.float32)
+    b16 = quantize(_net(), _plan(_net()), dtype=torch.bfloat16)
+    name = quantizable_linears(_net())[1]
+    l32, l16 = f32.get_submodule(name), b16.get_submodule(name)
+    assert l32.monarch_w1.dtype == torch.float32 and l16.monarch_w1.dtype == torch.bfloat16
+    assert l16.monarch_w2.dtype == torch.bfloat16
+    branch = l16.monarch_w1.numel() + l16.monarch_w2.numel()
+    assert l32.weight_bytes() - l16.weight_bytes() == 2 * branch
+    torch.testing.assert_close(l16.monarch_w1.float(), l32.monarch_w1, rtol=2 ** -8, atol=0)
+    with torch.no_grad():  # the bf16 model within bf16 rounding of the float32 one
+        torch.testing.assert_close(b16(x.bfloat16()).float(), f32(x), rtol=0.05, atol=0.05)
+
+
 def test_artifact_roundtrip_and_errors(tmp_path, gen):
     net = _net()
     plan = _plan(net)

@@ -161,3 +161,21 @@ def test_errors(gen):
         packed_linear(dataclasses.replace(act, codes=act.codes.to(torch.int32)), pw, backend="triton")
     with pytest.raises(ValueError, match="scale must be"):
         packed_linear(dataclasses.replace(act, scale=act.scale.double()), pw, backend="triton")
+
+
+def test_bf16_branch_factors(gen, poisoned):  # noqa: F811
+    """Monarch factors stored in bf16 (the runtime's storage for a 16-bit model) go to both kernels as they are
+    (converted on load) and give what the oracle gives with the same rounded factors."""
+    m, n, k = 17, 70, 83
+    x, pw, _ = _operands(gen, m, n, k, 4, 8)
+    s = MonarchShape(n, k, 5, 2)
+    w1 = (torch.randn(s.w1_shape, generator=gen) * 0.1).bfloat16()
+    w2 = (torch.randn(s.w2_shape, generator=gen) * 0.1).bfloat16()
+    spec = QuantSpec.activation(8)
+    act = quantize_activation(x.to(DEVICE), spec, monarch_w1=w1.to(DEVICE), backend="triton")
+    ref_act = reference.quantize_activation(x, spec, monarch_w1=w1.float())
+    tol = dict(rtol=1e-5, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=2e-2)  # bf16 z on GPU
+    torch.testing.assert_close(act.z.float().cpu(), ref_act.z, **tol)
+    y = packed_linear(act, pw.to(DEVICE), monarch_w2=w2.to(DEVICE), out_dtype=torch.float32, backend="triton")
+    ref = reference.packed_linear(ref_act, pw, monarch_w2=w2.float(), out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu(), ref, **TOL)

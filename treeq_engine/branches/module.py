@@ -7,7 +7,9 @@
 (``z (M, b, b·r)``); ``stage2`` is what the GEMM epilogue adds. A low-rank (SVDQuant-style) branch is the same
 module with ``b = 1``: ``w1[0] (r, K)``, ``w2[0] (N, r)``, so one class, one kernel path.
 
-The factors are kept in float32 (the branch is the high-precision path; kernels read them as bf16/fp16/fp32).
+The factors train in float32 (the branch is the high-precision path). The packed runtime stores them in bf16
+for a 16-bit model (``runtime.linear.branch_dtype``), which is what the fused kernels multiply and what the bit
+budget counts (16 bits per entry); a float32 runtime model keeps float32.
 """
 from __future__ import annotations
 

@@ -81,10 +81,15 @@ def _cached(t: torch.Tensor, key: tuple, build) -> torch.Tensor:
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.bfloat16 and t.is_contiguous():
+        return t  # the runtime stores branch factors in bf16: no second copy
     return _cached(t, ("bf16",), lambda u: u.detach().to(torch.bfloat16).contiguous())
 
 
 def _w2_padded(w2: torch.Tensor, brp: int) -> torch.Tensor:
+    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous():
+        return w2
+
     def build(u: torch.Tensor) -> torch.Tensor:
         b, nb, br = u.shape
         out = torch.zeros(b, nb, brp, dtype=torch.bfloat16, device=u.device)

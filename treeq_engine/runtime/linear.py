@@ -18,6 +18,14 @@ from ..kernels import PackedWeight, QuantizedActivation, packed_linear, quantize
 from ..plan import LayerConfig
 
 
+
+def branch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the Monarch factors for a model running in ``dtype``: bf16 for a 16-bit model (the fused kernels
+    multiply them in bf16, and the bit budget counts 16 bits per factor entry), float32 for a float32 one (the
+    reference path, exact to the calibrated simulation)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
 class TreeQLinear(nn.Module):
     """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
 
@@ -43,8 +51,9 @@ class TreeQLinear(nn.Module):
             from ..branches import MonarchShape
 
             shp = MonarchShape(n=n, k=k, blocks=monarch[0], rank=monarch[1])
-            self.register_buffer("monarch_w1", torch.zeros(shp.w1_shape, dtype=torch.float32, device=device))
-            self.register_buffer("monarch_w2", torch.zeros(shp.w2_shape, dtype=torch.float32, device=device))
+            bd = branch_dtype(dtype)
+            self.register_buffer("monarch_w1", torch.zeros(shp.w1_shape, dtype=bd, device=device))
+            self.register_buffer("monarch_w2", torch.zeros(shp.w2_shape, dtype=bd, device=device))
         else:
             self.monarch_w1 = self.monarch_w2 = None
 
@@ -64,8 +73,8 @@ class TreeQLinear(nn.Module):
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
         if monarch is not None:
-            mod.monarch_w1.copy_(monarch[0].detach().float())
-            mod.monarch_w2.copy_(monarch[1].detach().float())
+            mod.monarch_w1.copy_(monarch[0].detach())
+            mod.monarch_w2.copy_(monarch[1].detach())
         return mod
 
     # -- math ------------------------------------------------------------------------------------
@@ -90,7 +99,8 @@ class TreeQLinear(nn.Module):
             if self.monarch_w1 is not None:
                 from ..branches import monarch
 
-                y = y + monarch.forward(x2.float(), self.monarch_w1, self.monarch_w2, self.out_features).to(x.dtype)
+                y = y + monarch.forward(x2.float(), self.monarch_w1.float(), self.monarch_w2.float(),
+                                       self.out_features).to(x.dtype)
             return y.reshape(*lead, self.out_features)
         y = self.linear(self.quantize_input(x2), out_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)

@@ -75,12 +75,19 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _branch_factor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Monarch factors as stored (float32 or bf16: the kernels convert on load), anything else as float32."""
+    if t is None:
+        return None
+    return t.contiguous() if t.dtype in (torch.float32, torch.bfloat16) else t.to(torch.float32).contiguous()
+
+
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                         monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
     """Backend implementation of ``kernels.quantize_activation`` (inputs already checked by ops.py)."""
     codes, sa, za, ra, z = _quantize_activation_op(
-        x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, _f32(monarch_w1),
+        x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, _branch_factor(monarch_w1),
         x.device.type == "cuda")
     return QuantizedActivation(codes, sa, za, ra, spec.bits, z if monarch_w1 is not None else None)
 
@@ -107,7 +114,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
     y = _packed_linear_op(act.codes, act.scale, act.zero_point, act.row_sum,
                           act.z if monarch_w2 is not None else None, weight.packed, weight.bits, weight.n,
-                          weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _f32(monarch_w2), bool(gelu),
+                          weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _branch_factor(monarch_w2), bool(gelu),
                           out_dtype)
     if out_spec is not None:
         return quantize_activation(y, out_spec)
