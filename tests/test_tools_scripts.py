@@ -62,3 +62,10 @@ def test_check_cuda_reads_sass():
     pad = k["_ZN5treeq4cuda12z_pad_kernelEPtiiiii"]
     assert pad["STL"] == 1 and pad["local_in_main_loop"] == 0
     assert cc.short_name("_ZN5treeq4gemm16gemm_sm90_kernelILi4EEEvNS0_6ParamsE") == "gemm_sm90_kernel<4>"
+
+
+def test_gpu_session_runs_every_gpu_test_file():
+    """The GPU stage names its test files (priority order); every file with a `gpu` mark must be among them."""
+    marked = {p.name for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()}
+    named = set(re.findall(r"tests/(test_\w+\.py)", SCRIPT.read_text()))
+    assert marked and marked <= named, marked - named

@@ -102,8 +102,11 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     build) build ;;
     test)
-      step gpu_tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" \
-        --junitxml="$LOGS/gpu_tests.xml" tests/ ;;
+      # -v: one line per test, so a run cut off by its limit still says what passed and what failed;
+      # the CUDA kernels first (collection order is roughly the order the workers take them)
+      step gpu_tests 240 "$PY" -m pytest -v --tb=short -rfE -m gpu -p no:cacheprovider "${xdist[@]}" \
+        --junitxml="$LOGS/gpu_tests.xml" tests/test_cuda_kernels.py tests/test_triton_gpu.py tests/test_core_cpp.py \
+        tests/test_graphs.py tests/test_nn_grouped.py ;;
     kernels)
       step gluon_probe 60 "$PY" benchmarks/bench_gemm.py --probe --json "$LOGS/gluon_probe.json"
       step bench_cuda 150 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write
