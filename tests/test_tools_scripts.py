@@ -66,6 +66,7 @@ def test_check_cuda_reads_sass():
 
 def test_gpu_session_runs_every_gpu_test_file():
     """The GPU stage names its test files (priority order); every file with a `gpu` mark must be among them."""
-    marked = {p.name for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()}
+    mark = re.compile(r"^\s*(@pytest\.mark\.gpu|pytestmark = \[?pytest\.mark\.gpu)", re.M)
+    marked = {p.name for p in (ROOT / "tests").glob("test_*.py") if mark.search(p.read_text())}
     named = set(re.findall(r"tests/(test_\w+\.py)", SCRIPT.read_text()))
     assert marked and marked <= named, marked - named
