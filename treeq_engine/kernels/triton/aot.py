@@ -118,7 +118,7 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
     codes = torch.empty(m, k, dtype=torch.int8)
     f32 = torch.empty(m, dtype=torch.float32)
     i32 = torch.empty(m, dtype=torch.int32)
-    w1 = torch.empty(32, 32, k // 32, dtype=torch.bfloat16)  # a bf16 runtime model stores its factors so
+    w1 = torch.empty(32, 32, k // 32, dtype=torch.float32)
     z = torch.empty(m, 32, 32, dtype=torch.bfloat16)
     yield KernelBuild("act_quant[ln+modulate+monarch b=32,r=1 -> int8]", act_quant._act_quant_kernel,
                       dict(x_ptr=x, shift_ptr=x, mscale_ptr=x, w1_ptr=w1, codes_ptr=codes, scale_ptr=f32, zp_ptr=i32,
@@ -130,7 +130,7 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
         packed = torch.empty(n, k if bits == 8 else k // 32 * bits, dtype=torch.int8 if bits == 8 else torch.int32)
         fn = torch.empty(n, dtype=torch.float32)
         inn = torch.empty(n, dtype=torch.int32)
-        w2 = torch.empty(32, n // 32, 32, dtype=torch.bfloat16)
+        w2 = torch.empty(32, n // 32, 32, dtype=torch.float32)
         out = torch.empty(m, n, dtype=torch.bfloat16)
         for i, (cfg, branch) in enumerate(((autotune.heuristic_config(m, n, k, True), True),
                                            (autotune.heuristic_config(m, n, k), False),

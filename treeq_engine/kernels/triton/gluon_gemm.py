@@ -482,7 +482,7 @@ def aot_builds():
     f32, i32 = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int32)
     fn, inn = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.int32)
     z = torch.empty(m, 32, 32, dtype=torch.bfloat16)
-    w2 = torch.empty(32, n // 32, 32, dtype=torch.bfloat16)  # as a bf16 runtime model stores it
+    w2 = torch.empty(32, n // 32, 32, dtype=torch.float32)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     cases = [("gluon_probe[W4A8 main loop, no epilogue]", 4, False, False, 1),
              ("gluon_gemm[W4, bias + gelu]", 4, True, False, 1),
