@@ -179,3 +179,9 @@ def test_bf16_branch_factors(gen, poisoned):  # noqa: F811
     y = packed_linear(act, pw.to(DEVICE), monarch_w2=w2.to(DEVICE), out_dtype=torch.float32, backend="triton")
     ref = reference.packed_linear(ref_act, pw, monarch_w2=w2.float(), out_dtype=torch.float32)
     torch.testing.assert_close(y.cpu(), ref, **TOL)
+    from treeq_engine.kernels.triton import backend as tb
+
+    w2d = w2.to(DEVICE)
+    assert tb._branch_factor(w2d) is tb._branch_factor(w2d)  # converted once, not on every call
+    w2d.mul_(2)
+    assert torch.equal(tb._branch_factor(w2d), w2d.float())  # rebuilt after an in-place change

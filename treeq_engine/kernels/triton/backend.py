@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ...format import QuantSpec
 from ..ops import Backend, register
@@ -75,11 +76,22 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+# Monarch factors stored in another dtype (a bf16 runtime model's) -> their float32 copy, built once per tensor
+# version: the kernels are compiled and register-tuned for float32 factors (loading bf16 ones spilled registers in
+# the Gluon epilogue and in stage 1), and a per-call conversion would add a launch to every layer.
+_F32_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _branch_factor(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Monarch factors as stored (float32 or bf16: the kernels convert on load), anything else as float32."""
     if t is None:
         return None
-    return t.contiguous() if t.dtype in (torch.float32, torch.bfloat16) else t.to(torch.float32).contiguous()
+    if t.dtype == torch.float32:
+        return t.contiguous()
+    hit = _F32_CACHE.get(t)
+    if hit is None or hit[0] != t._version:
+        hit = (t._version, t.detach().to(torch.float32).contiguous())
+        _F32_CACHE[t] = hit
+    return hit[1]
 
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
