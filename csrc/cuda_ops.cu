@@ -35,6 +35,22 @@ std::string current_device(Device* d) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#ifndef TREEQ_CUDA_ARCHS
+#define TREEQ_CUDA_ARCHS ""
+#endif
+
+// The wgmma kernel has a body only in an sm_90a image ("90" alone compiles it to a trap).
+bool built_with_sm90a() {
+  const std::string archs = TREEQ_CUDA_ARCHS;  // "80,90a"
+  for (size_t start = 0; start <= archs.size();) {
+    size_t end = archs.find(',', start);
+    if (end == std::string::npos) end = archs.size();
+    if (archs.compare(start, end - start, "90a") == 0) return true;
+    start = end + 1;
+  }
+  return false;
+}
+
 }  // namespace
 
 std::string plan_packed_linear(int64_t m, int64_t n, int64_t k, int bits, int arch, int splits, GemmPlan* plan) {
@@ -48,14 +64,19 @@ std::string plan_packed_linear(int64_t m, int64_t n, int64_t k, int bits, int ar
   if (std::string why = current_device(&d); !why.empty()) return why;
   const bool hopper = d.major == 9 && d.minor == 0;
   if (d.major < 8) return "the packed GEMM needs compute capability 8.0 or newer";
-  if (arch == 0) arch = hopper ? 90 : 80;
+  if (arch == 0) arch = hopper && built_with_sm90a() ? 90 : 80;
   if (arch == 90 && !hopper)
     return "the sm_90a wgmma kernel runs only on compute capability 9.0 (H100/H200); this device is " +
            std::to_string(d.major) + "." + std::to_string(d.minor);
+  if (arch == 90 && !built_with_sm90a())
+    return std::string("this build has no sm_90a image (CUDA archs \"") + TREEQ_CUDA_ARCHS +
+           "\"): rebuild with TREEQ_CUDA_ARCHS containing 90a, or run the mma.sync kernel (arch=80)";
   if (arch != 90 && arch != 80) return "arch must be 0 (auto), 80 or 90, got " + std::to_string(arch);
 
   const int64_t tiles_c = ceil_div(n, gemm::kTileC), tiles_t = ceil_div(m, gemm::kTileT);
   const int64_t tiles_k = ceil_div(k, gemm::kTileK), tiles = tiles_c * tiles_t;
+  if (tiles_t * gemm::kTileT >= (int64_t{1} << 31) || tiles_c * gemm::kTileC >= (int64_t{1} << 31))
+    return "M and N rounded up to whole tiles must stay below 2^31 (32-bit token and channel indices)";
   int64_t s;
   if (splits > 0) {
     s = std::min<int64_t>(splits, tiles_k);
@@ -68,7 +89,7 @@ std::string plan_packed_linear(int64_t m, int64_t n, int64_t k, int bits, int ar
   plan->arch = arch;
   plan->splits = static_cast<int>(s);
   plan->units = tiles * s;
-  if (plan->units >= (int64_t{1} << 31)) return "too many work units";
+  if (plan->units >= (int64_t{1} << 31) - d.sms) return "too many work units";  // u += grid stays in int
   plan->grid = static_cast<int>(arch == 90 ? std::min<int64_t>(plan->units, d.sms) : plan->units);
   plan->partial_ints = s > 1 ? tiles * s * gemm::kTileC * gemm::kTileT : 0;
   plan->counter_ints = s > 1 ? tiles : 0;

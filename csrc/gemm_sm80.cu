@@ -47,8 +47,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm80_kernel(const Params p) 
   constexpr int kWBytes = frag::tile_bytes(BITS);
   constexpr int kWords = frag::words_per_slot(BITS);
 
-  extern __shared__ char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t{127});
+  // Aligned by an offset from the shared array itself, so the compiler keeps the shared address space (LDS/STS).
+  extern __shared__ __align__(128) char smem_raw[];
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  char* smem = smem_raw + ((128u - (smem_base & 127u)) & 127u);
   char* act_s = smem;
   char* w_s = act_s + kStages * kStageActBytes;
   char* staging = smem;  // epilogue only, after the pipeline has drained
@@ -140,12 +142,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm80_kernel(const Params p) 
 template <int BITS>
 std::string launch(const Params& p, cudaStream_t stream) {
   constexpr int smem = smem_bytes_sm80<BITS>();
-  static std::once_flag once;
-  static cudaError_t attr = cudaSuccess;
-  std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(gemm_sm80_kernel<BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  });
-  if (attr != cudaSuccess) return std::string("gemm_sm80: cudaFuncSetAttribute: ") + cudaGetErrorString(attr);
+  if (const cudaError_t e = set_max_dynamic_smem(reinterpret_cast<const void*>(gemm_sm80_kernel<BITS>), smem);
+      e != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("gemm_sm80: cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+  }
   gemm_sm80_kernel<BITS><<<p.units, kThreads, smem, stream>>>(p);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : std::string("gemm_sm80 launch: ") + cudaGetErrorString(e);

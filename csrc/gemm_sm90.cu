@@ -139,8 +139,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const __grid_con
   constexpr int kWBytes = frag::tile_bytes(BITS);
   constexpr int kWords = frag::words_per_slot(BITS);
 
-  extern __shared__ char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // 1024-align by an offset from the shared array itself (not through an integer round trip), so the compiler
+  // keeps the shared address space and emits LDS/STS rather than generic loads and stores.
+  extern __shared__ __align__(1024) char smem_raw[];
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  char* smem = smem_raw + ((1024u - (smem_base & 1023u)) & 1023u);
   char* act_s = smem;                                 // kStages × 16 KB, 1024-aligned (swizzle atoms)
   char* w_s = act_s + kStages * kStageActBytes;       // kStages × weight tile
   char* staging = w_s + kStages * kWBytes;            // output staging
@@ -238,6 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const __grid_con
     epilogue<2, 16>(p, un, acc, row0, tok0, ctid, kConsumers, staging, vecs, sync);
   }
   }
+#else
+  __trap();  // compiled without sm_90a features (e.g. for compute_90): fail loudly, never leave `out` unwritten
 #endif
 }
 
@@ -245,12 +250,23 @@ template <int BITS>
 std::string launch(const Params& p, const CUtensorMap& map, cudaStream_t stream, int grid) {
   constexpr int smem = smem_bytes_sm90<BITS>();
   static_assert(smem <= kSmemLimit, "sm90 shared memory budget");
-  static std::once_flag once;
-  static cudaError_t attr = cudaSuccess;
-  std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(gemm_sm90_kernel<BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  });
-  if (attr != cudaSuccess) return std::string("gemm_sm90: cudaFuncSetAttribute: ") + cudaGetErrorString(attr);
+  const void* kernel = reinterpret_cast<const void*>(gemm_sm90_kernel<BITS>);
+  // setmaxnreg only moves registers inside the CTA's launch allocation: the consumers' raise to kConsumerRegs
+  // waits until the producer's release covers it, so an allocation below the sum would hang the kernel.
+  static const int regs = [kernel] {
+    cudaFuncAttributes fa{};
+    const int r = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess ? fa.numRegs : -1;
+    cudaGetLastError();
+    return r;
+  }();
+  if (regs >= 0 && regs * kThreads < (kThreads - kConsumers) * kProducerRegs + kConsumers * kConsumerRegs)
+    return "gemm_sm90: ptxas allocated " + std::to_string(regs) + " registers per thread, too few for the "
+           "setmaxnreg split (producer " + std::to_string(kProducerRegs) + ", consumers " +
+           std::to_string(kConsumerRegs) + ")";
+  if (const cudaError_t e = set_max_dynamic_smem(kernel, smem); e != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("gemm_sm90: cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+  }
   gemm_sm90_kernel<BITS><<<grid, kThreads, smem, stream>>>(map, p);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : std::string("gemm_sm90 launch: ") + cudaGetErrorString(e);

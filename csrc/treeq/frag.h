@@ -31,11 +31,11 @@
 // 3-bit) and W / CW chunks. Tiles are stored [channel tile][k tile], so the weights of one channel tile across K
 // are contiguous and one tile is one bulk copy (4096·bits bytes). Padding (channels ≥ N, k ≥ K) is code 0.
 //
-// Row order inside a channel tile. Tile ct covers the original channels [256·ct, 256·ct + 256) ∩ [0, N), sorted
-// by (n mod b, n) where b is the Monarch branch's block count (b = 1, no branch: the identity). Rows that share
-// the branch block j = n mod b are then adjacent, so the epilogue adds the branch with a few masked
-// `mma.m16n8k16` passes per 16-row block; the tile still covers a contiguous channel range, so its stores stay
-// coalesced. `row_chan[256·ct + row]` names the original channel of each row (-1 for padding rows).
+// Row order inside a channel tile: the channels themselves, in order. Tile ct covers the original channels
+// [256·ct, 256·ct + 256) ∩ [0, N), and since the Monarch branch's output blocks are contiguous (block j holds
+// channels j·Nb … j·Nb + Nb − 1) the rows of one block are already adjacent: the epilogue adds the branch with a
+// masked `mma.m16n8k16` pass per overlapped block, and the tile's stores stay coalesced.
+// `row_chan[256·ct + row]` names the original channel of each row (-1 for padding rows), the map the kernels read.
 #pragma once
 
 #include <cstdint>
