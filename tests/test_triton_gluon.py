@@ -65,12 +65,13 @@ def test_fragment_cache_follows_in_place_writes(gen):
 
 
 def test_split_k_choice():
-    """Split-K only where the tiles leave SMs idle; it divides the K-steps and keeps ≥ 3 per work item."""
+    """Split-K only where the tiles leave SMs idle; it divides the K-steps, keeps ≥ 3 per work item, and counts
+    waves: items beyond one per SM run after the first wave."""
     from treeq_engine.kernels.triton.gluon_gemm import split_k
 
     assert split_k(144, 9, 132) == 1  # M = 2048-class grids fill the GPU
     assert split_k(18, 9, 132) == 3  # M = 256, K = N = 1152: 3 × 3 steps
-    assert split_k(18, 36, 132) == 9  # K = 4608: 9 × 4 steps
+    assert split_k(18, 36, 132) == 6  # K = 4608: 108 items of 6 steps in one wave, not 162 of 4 in two
     for tiles, steps in ((1, 9), (5, 36), (40, 18), (7, 5)):
         s = split_k(tiles, steps, 132)
         assert steps % s == 0 and (s == 1 or steps // s >= 3)

@@ -141,3 +141,79 @@ def test_gluon_probe_is_the_raw_accumulator():
     u = pw.codes().double() + 8
     ref = (act.codes.double() @ u.T).to(torch.bfloat16)
     assert torch.equal(y.cpu(), ref)
+
+
+def _to_cuda(act):
+    dev = torch.device("cuda")
+    return type(act)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act)))
+
+
+@pytest.mark.skipif(not _sm90(), reason="Gluon kernel needs sm_90")
+@pytest.mark.parametrize("m,n,k,wb,split", [(200, 1000, 1040, 4, None), (77, 136, 144, 2, None),
+                                            (300, 520, 1168, 8, None), (130, 1000, 1040, 4, 3)])
+def test_gluon_ragged_k_and_n_exact(m, n, k, wb, split):
+    """The Gluon edges the DiT shapes never reach: a partial last K-step (TMA zero fill, padded fragments), a
+    partial channel tile, tiny N; with and without split-K. Integer part exact."""
+    x, pw, _, _, _ = _operands(m, n, k, wb, 8, False, seed=3)
+    act = reference.quantize_activation(x, QuantSpec.activation(8))
+    ref = _exact_corr(act, pw, k)
+    act1 = dataclasses.replace(act, scale=torch.ones_like(act.scale))
+    pw1 = dataclasses.replace(pw, scale=torch.ones_like(pw.scale))
+    kw = dict(out_dtype=torch.float32) if split is None else dict(out_dtype=torch.float32, split=split)
+    y = _gemm("gluon", _to_cuda(act1), pw1.to(torch.device("cuda")), **kw)
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("wb", [2, 8])
+def test_fused_epilogue_bf16_factors(impl, wb):
+    """Monarch factors stored in bf16 (a bf16 runtime model's), 2- and 8-bit weights with the branch."""
+    m, n, k = 512, 1152, 1152
+    x, pw, w1, w2, bias = _operands(m, n, k, wb, 8, True, seed=4)
+    w1, w2 = w1.bfloat16(), w2.bfloat16()
+    act = reference.quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1.float())
+    ref = reference.packed_linear(act, pw, bias=bias, monarch_w2=w2.float(), gelu=True, out_dtype=torch.float32)
+    a_d = _to_cuda(act)
+    dev = torch.device("cuda")
+    y = _gemm(impl, a_d, pw.to(dev), bias=bias.to(dev), z=a_d.z, w2=w2.to(dev), gelu=True, out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_graph_survives_splitk_workspace_growth(impl):
+    """A graph captured with a split-K GEMM keeps adding into its workspace after a bigger split-K call has
+    grown the device's workspace: the outgrown one stays allocated, so replays still equal eager."""
+    from treeq_engine.kernels.triton.autotune import GemmConfig
+
+    dev = torch.device("cuda")
+    for key in [key for key in gemm._WORKSPACE if key.type == "cuda"]:  # start from a small workspace
+        gemm._RETIRED.append(gemm._WORKSPACE.pop(key))
+
+    def run(act, pwd):
+        if impl == "gluon":
+            return _gemm(impl, act, pwd, split=3)
+        return _gemm(impl, act, pwd, config=GemmConfig(64, 64, 64, split_k=3))
+
+    x, pw, _, _, _ = _operands(64, 1152, 1152, 4, 8, False, seed=5)
+    small = [quantize_activation(x.to(dev), QuantSpec.activation(8))]
+    pw = pw.to(dev)
+    eager = run(small[0], pw)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(small[0], pw)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = run(small[0], pw)
+    before = next(v for key, v in gemm._WORKSPACE.items() if key.type == "cuda")[0].numel()
+    xb, pwb, _, _, _ = _operands(512, 1152, 1152, 4, 8, False, seed=7)
+    run(quantize_activation(xb.to(dev), QuantSpec.activation(8)), pwb.to(dev))  # grows the workspace
+    after = next(v for key, v in gemm._WORKSPACE.items() if key.type == "cuda")[0].numel()
+    assert after > before
+    junk = torch.full((after,), 7, dtype=torch.int32, device=dev)  # reuse freed memory, if any was freed
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    del junk

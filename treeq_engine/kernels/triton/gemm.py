@@ -174,13 +174,19 @@ def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Outgrown workspaces stay allocated: a CUDA graph captured before the growth still adds into (and re-zeroes) the
+# old buffers on every replay, so freeing them would let the allocator hand that memory to another tensor.
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def splitk_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed int32 accumulator and tile counters, grown on demand and kept per device. The kernel leaves both
-    zeroed, so one allocation serves every later call (and CUDA-graph replays; allocate during warm-up)."""
+    zeroed, so one allocation serves every later call and CUDA-graph replays (allocate during warm-up). One
+    workspace per device serves one stream at a time: split-K GEMMs on concurrent streams would share it."""
     ws, cnt = _WORKSPACE.get(device, (None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
         ws = torch.zeros(max(numel, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
         _WORKSPACE[device] = (ws, cnt)

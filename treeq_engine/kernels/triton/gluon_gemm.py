@@ -14,11 +14,11 @@ per output row, per K-step of ``BK = 128`` codes, ``BK·b/8`` bytes. With ``c = 
 ``p = (q·W + w)·4 + i`` (``q`` ∈ 0..3, ``w`` ∈ 0..W−1, ``i`` ∈ 0..3, ``W = BK/(16c)``) holds in its field ``s``
 (bits ``[s·b, s·b + b)``) the code of K index ``(w·c + s)·16 + q·4 + i``. That is exactly the wgmma A fragment for
 s8 (``k_width = 4``): thread lane ``4r + q`` owns K ``16β + 4q + [0, 4)`` of rows ``r`` and ``r + 8`` for every
-16-block ``β``, so one 16-byte load per row gives it all its codes of the K-step, and field plane ``s`` of a
-32-bit word *is* the register for block ``β = w·c + s``. The kernel writes the unpack as semantic ops (load
-bytes → per-plane shift/AND as inline PTX on packed registers → join → reshape/permute to true K order) and
-``convert_layout(..., assert_trivial=True)`` proves at compile time that this lands in the dot-operand layout
-with no data movement. 8-bit weights use the same byte order (``c = 1``), no unpack.
+16-block ``β``, so one contiguous load per row gives it all its codes of the K-step (16 bytes at 4 bits, 2 × 16
+at 8, 8 at 2), and field plane ``s`` of a 32-bit word *is* the register for block ``β = w·c + s``. The kernel
+writes the unpack as semantic ops (load bytes → per-plane shift/AND as inline PTX on packed registers → join →
+reshape/permute to true K order) and ``convert_layout(..., assert_trivial=True)`` proves at compile time that
+this lands in the dot-operand layout with no data movement. 8-bit weights use the same byte order (``c = 1``), no unpack.
 
 Tiles: ``BW = 16·num_warps`` contiguous channels (8 warps: two warpgroups of 64) × ``BT = 128`` tokens ×
 ``BK = 128``.
@@ -415,20 +415,26 @@ def _is_sm90(index: int) -> bool:
 def usable(codes: torch.Tensor, bits: int) -> bool:
     """The Gluon kernel runs: compiled mode, an sm_90 device, a supported bit-width, TMA-aligned rows (K and
     the base address multiples of 16 bytes)."""
-    return (not INTERPRET and codes.is_cuda and bits in GLUON_BITS and codes.shape[1] % 16 == 0
-            and codes.data_ptr() % 16 == 0 and codes.shape[0] > 0 and _is_sm90(codes.device.index or 0))
+    return (not INTERPRET and codes.is_cuda and bits in GLUON_BITS and codes.shape[1] > 0
+            and codes.shape[1] % 16 == 0 and codes.data_ptr() % 16 == 0 and codes.shape[0] > 0
+            and _is_sm90(codes.device.index or 0))
 
 
 def split_k(n_tiles: int, k_steps: int, sms: int, min_steps: int = 3) -> int:
-    """The smallest divisor of the K-steps that gives every SM a work item, keeping at least ``min_steps``
-    K-steps per item (the ring needs a few to fill); 1 when the tiles alone fill the GPU."""
-    best = 1
-    for s in range(2, k_steps + 1):
-        if n_tiles * best >= sms:
-            break
-        if k_steps % s == 0 and k_steps // s >= min_steps:
-            best = s
-    return best
+    """Split-K factor: the divisor ``s`` of the K-steps (keeping ≥ ``min_steps`` per work item, as the ring needs
+    a few to fill) that minimises the critical path of the persistent grid: ``⌈tiles·s / SMs⌉`` waves of
+    ``steps / s`` K-steps plus about one step of ring fill per item, and one step for the fix-up when split;
+    ties go to the smaller ``s`` (fewer atomics). 1 when the tiles alone fill the GPU. Example, fc2 at M = 256
+    (18 tiles, 36 steps, 132 SMs): s = 9 would make 162 items, two waves of 4 steps; s = 6 makes 108 items, one
+    wave of 6."""
+    if n_tiles >= sms:
+        return 1
+
+    def path(s: int) -> float:
+        return -(-n_tiles * s // sms) * (k_steps / s + 1) + (1 if s > 1 else 0)
+
+    cands = [s for s in range(1, k_steps + 1) if k_steps % s == 0 and (s == 1 or k_steps // s >= min_steps)]
+    return min(cands, key=lambda s: (path(s), s))
 
 
 def _act_descriptor(codes: torch.Tensor) -> TensorDescriptor:
