@@ -206,9 +206,12 @@ def _channels(n0, N, BW: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _load_weight_words(w_ptr, n0, ki, N, KW, BW: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
-    """int32 words ``(BW, BK/(4c))`` of K-step ``ki`` for the tile's channels (row length ``KW`` words)."""
+def _load_weight_words(w_ptr, n0, ki, N, K, BW: gl.constexpr, BITS: gl.constexpr, num_warps: gl.constexpr):
+    """int32 words ``(BW, BK/(4c))`` of K-step ``ki`` for the tile's channels. The row length (``KW`` words) is
+    computed here from the constexpr words per K-step, so the compiler knows each row starts 16-byte aligned and
+    vectorizes the loads (passed in as an integer, 72 words at 2 bits and K = 1152, it did not)."""
     C: gl.constexpr = 8 // BITS
+    KW = gl.cdiv(K, _BK) * (_BK // (4 * C))
     lw: gl.constexpr = gl.SliceLayout(2, _word_layout3(BW, C, num_warps))
     o, ok = _channels(n0, N, BW, gl.SliceLayout(1, lw))
     cols = ki * (_BK // (4 * C)) + gl.arange(0, _BK // (4 * C), layout=gl.SliceLayout(0, lw))
@@ -323,7 +326,7 @@ def _split_k_finish(acc, tile, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, 
 
 @gluon.jit
 def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                       out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NBLK, NB, BR,
+                       out_ptr, ws_ptr, cnt_ptr, M, N, K, NBLK, NB, BR,
                        BITS: gl.constexpr, BRC: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT: gl.constexpr,
                        HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
@@ -357,9 +360,9 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
                                         pred=s < total)
         ka, wka, ta, na, kba = _step(ka, wka, ta, na, kba, PER, nprog, n_tiles_w, BW, SPLIT)
     kw, wkw, tw, nw, kbw = _cursor(pid, n_tiles_w, BW, SPLIT, PER)
-    wb0 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+    wb0 = _load_weight_words(w_ptr, nw, kbw + kw, N, K, BW, BITS, num_warps)
     kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
-    wb1 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+    wb1 = _load_weight_words(w_ptr, nw, kbw + kw, N, K, BW, BITS, num_warps)
     kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
 
     acc = gl.zeros([BW, _BT], gl.int32, layout=mma)
@@ -367,7 +370,7 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
     for work in range(pid, n_work, nprog):
         t0, n0, kb = _work_coords(work, n_tiles_w, BW, SPLIT, PER)
         for ki in range(PER):
-            wb2 = _load_weight_words(w_ptr, nw, kbw + kw, N, KW, BW, BITS, num_warps)
+            wb2 = _load_weight_words(w_ptr, nw, kbw + kw, N, K, BW, BITS, num_warps)
             kw, wkw, tw, nw, kbw = _step(kw, wkw, tw, nw, kbw, PER, nprog, n_tiles_w, BW, SPLIT)
             wd = _unpack(wb0, BW, BITS, dot, num_warps)
             slot = it % STAGES
@@ -471,7 +474,7 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
     dummy = sa
     _gluon_gemm_kernel[grid](
         _act_descriptor(codes), frag.view(torch.int32), sa, za, ra, sw, zw2, cw2, bias if bias is not None else dummy,
-        z if z is not None else dummy, w2 if w2 is not None else dummy, out, ws, cnt, m, n, k, frag.shape[1] // 4,
+        z if z is not None else dummy, w2 if w2 is not None else dummy, out, ws, cnt, m, n, k,
         nblk, nb, br, BITS=bits, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
         HAS_BIAS=bias is not None,
         HAS_BRANCH=w2 is not None, GELU=bool(gelu), EPILOGUE=epilogue, num_warps=NUM_WARPS)
@@ -502,7 +505,7 @@ def aot_builds():
                           dict(a_desc=desc, w_ptr=frag, sa_ptr=f32, za_ptr=i32, ra_ptr=i32, sw_ptr=fn, zw_ptr=inn,
                                cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, ws_ptr=inn, cnt_ptr=inn,
                                M=m, N=n, K=k,
-                               KW=frag.shape[1], NBLK=32 if branch else 1, NB=n // 32 if branch else n,
+                               NBLK=32 if branch else 1, NB=n // 32 if branch else n,
                                BR=32 if branch else 1),
                           dict(BITS=bits, BRC=32, STAGES=STAGES, SPLIT=split,
                                HAS_BIAS=epi, HAS_BRANCH=branch, GELU=epi, EPILOGUE=epi, num_warps=NUM_WARPS),
