@@ -251,6 +251,8 @@ std::string quantize_activation(const ActQuantArgs& a, std::uintptr_t stream) {
   if (a.m <= 0 || a.k <= 0) return "M and K must be positive";
   if (a.m > (int64_t{1} << 30) || a.k > (int64_t{1} << 30)) return "M or K too large";
   if (a.x_dtype < 0 || a.x_dtype > 2) return "x dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)";
+  if ((a.shift == nullptr) != (a.mod_scale == nullptr)) return "modulate needs both shift and scale";
+  if (a.shift != nullptr && (a.groups <= 0 || a.m % a.groups != 0)) return "modulate groups must divide M";
   AqParams p{};
   p.x = a.x;
   p.x_dtype = a.x_dtype;
@@ -275,7 +277,6 @@ std::string quantize_activation(const ActQuantArgs& a, std::uintptr_t stream) {
   p.row_sum = a.row_sum;
   p.z = a.z;
   p.z_rows = static_cast<int>(a.z_rows);
-  if (a.shift != nullptr && (a.groups <= 0 || a.m % a.groups != 0)) return "modulate groups must divide M";
   if (a.w1 != nullptr) {
     if (a.blocks <= 0 || a.rank <= 0 || a.kb <= 0) return "Monarch blocks, rank and Kb must be positive";
     if (static_cast<int64_t>(a.blocks) * a.kb < a.k) return "Monarch w1 does not cover K";

@@ -28,6 +28,38 @@ def test_declines_cpu_tensors(gen):
         packed_linear(a, pw, backend="cuda")
 
 
+def test_raw_launcher_refuses_what_the_kernel_would_misread(gen):
+    """``launch_quantize_activation`` (what the custom op and the tests call) checks its operands before they
+    reach C++: fp32 factors would be read as bf16 pairs, a wrong rank as a wrong row stride."""
+    x = torch.randn(8, 64, generator=gen)
+    outs = (torch.empty(8, 64, dtype=torch.int8), torch.empty(8), torch.empty(8, dtype=torch.int32),
+            torch.empty(8, dtype=torch.int32))
+    spec = QuantSpec.activation(8)
+    z = torch.empty(128, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="w1 must be a contiguous bf16"):
+        cb.launch_quantize_activation(x, spec, *outs, z, w1=torch.zeros(4, 4, 16), rank=1)
+    with pytest.raises(ValueError, match="w1 must be a contiguous bf16"):
+        cb.launch_quantize_activation(x, spec, *outs, z, w1=torch.zeros(4, 8, 16, dtype=torch.bfloat16), rank=1)
+    with pytest.raises(ValueError, match="both shift and scale"):
+        cb.launch_quantize_activation(x, spec, *outs, shift=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="G dividing M"):
+        cb.launch_quantize_activation(x, spec, *outs, shift=torch.zeros(0, 64), mod_scale=torch.zeros(0, 64))
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        cb.launch_quantize_activation(x.t(), spec, *outs)
+
+
+def test_param_cache_sees_data_reassignment_and_inference_tensors():
+    """The bf16/padded copies are rebuilt when a tensor's data is swapped under it (``.data =``, what
+    ``Module.to`` does to parameters, keeps id and version) and work on inference tensors (no version)."""
+    t = torch.ones(4)
+    assert torch.equal(cb._cached(t, ("x2",), lambda u: u * 2), torch.full((4,), 2.0))
+    t.data = torch.full((4,), 5.0)
+    assert torch.equal(cb._cached(t, ("x2",), lambda u: u * 2), torch.full((4,), 10.0))
+    with torch.inference_mode():
+        u = torch.ones(4)
+    assert torch.equal(cb._cached(u, ("x2",), lambda v: v * 2), torch.full((4,), 2.0))
+
+
 def test_fake_implementations():
     with FakeTensorMode():
         x = torch.empty(300, 70, dtype=torch.bfloat16)

@@ -38,6 +38,10 @@ def test_output_quantization_and_errors(gen):
     assert nxt.codes.shape == (6, 16) and nxt.bits == 4
     two_calls = quantize_activation(packed_linear(act, pw), QuantSpec.activation(4))  # bf16 rows, then the row op
     assert torch.equal(nxt.codes, two_calls.codes) and torch.equal(nxt.scale, two_calls.scale)
+    with pytest.raises(ValueError, match="monarch_w2 is on meta"):
+        packed_linear(act, pw, monarch_w2=torch.zeros(4, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="monarch_w1 is on meta"):
+        quantize_activation(x, QuantSpec.activation(8), monarch_w1=torch.zeros(4, 1, 8, device="meta"))
     with pytest.raises(ValueError, match="out_dtype must be a float"):
         packed_linear(act, pw, out_spec=QuantSpec.activation(4), out_dtype=torch.int32)
     with pytest.raises(ValueError, match="out_spec must be a quantized activation spec"):

@@ -80,6 +80,17 @@ def test_branch_factors_stored_in_bf16_for_a_16_bit_model(gen):
         torch.testing.assert_close(b16(x.bfloat16()).float(), f32(x), rtol=0.05, atol=0.05)
 
 
+def test_quantize_and_run_under_inference_mode(gen):
+    """A model quantized and run entirely under ``torch.inference_mode`` (inference tensors have no version
+    counter, which the operand caches key on) gives what it gives outside."""
+    x = torch.randn(6, 40, generator=gen)
+    want = quantize(_net(), _plan(_net()), dtype=torch.float32)(x)
+    with torch.inference_mode():
+        net = quantize(_net(), _plan(_net()), dtype=torch.float32)
+        torch.testing.assert_close(net(x), want)
+        torch.testing.assert_close(net(x), want)  # the second call reads the caches
+
+
 def test_artifact_roundtrip_and_errors(tmp_path, gen):
     net = _net()
     plan = _plan(net)

@@ -29,6 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import core
 from ..format import MAX_K, QuantSpec, Role
 from . import cuda_layout
+from .derived import stamp
 from .ops import Backend, register
 from .types import PackedWeight, QuantizedActivation
 
@@ -68,14 +69,15 @@ _PARAM_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _cached(t: torch.Tensor, key: tuple, build) -> torch.Tensor:
-    """``build(t)`` cached per tensor and key, rebuilt after an in-place change (``t._version``)."""
+    """``build(t)`` cached per tensor and key, rebuilt when its contents may have changed (``derived.stamp``)."""
     per = _PARAM_CACHE.get(t)
     if per is None:
         per = {}
         _PARAM_CACHE[t] = per
+    now = stamp(t)
     hit = per.get(key)
-    if hit is None or hit[0] != t._version:
-        hit = (t._version, build(t))
+    if hit is None or hit[0] != now:
+        hit = (now, build(t))
         per[key] = hit
     return hit[1]
 
@@ -87,7 +89,7 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def _w2_padded(w2: torch.Tensor, brp: int) -> torch.Tensor:
-    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous():
+    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous() and w2.data_ptr() % 4 == 0:
         return w2
 
     def build(u: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,27 @@ def launch_quantize_activation(x: torch.Tensor, spec: QuantSpec, codes: torch.Te
                                rank: int = 0) -> None:
     """Quantize ``x (M, K)`` into the given outputs: codes int8 (M, K), scale f32 (M,), zp and row_sum int32 (M,),
     z bf16 (≥ M rows, b, brp) when ``w1`` (bf16 (b, b·r, Kb)) is given."""
+    if x.dim() != 2 or x.dtype not in _X_DTYPES or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 2-D float32/float16/bfloat16 tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
     m, k = x.shape
+    if (shift is None) != (mod_scale is None):
+        raise ValueError("modulate needs both shift and scale")
+    for name, t in (("shift", shift), ("scale", mod_scale)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 2
+                              or t.shape[1] != k or t.shape[0] == 0 or m % t.shape[0]):
+            raise ValueError(f"{name} must be a contiguous float32 (G, K={k}) tensor with G dividing M={m}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
     b = w1.shape[0] if w1 is not None else 0
+    if w1 is not None and (w1.dtype != torch.bfloat16 or not w1.is_contiguous() or w1.dim() != 3
+                           or rank <= 0 or w1.shape[1] != b * rank):
+        raise ValueError(f"w1 must be a contiguous bf16 (b, b·r, Kb) tensor with b·r = b·rank (rank={rank}), got "
+                         f"{w1.dtype} {tuple(w1.shape)}")
+    if w1 is not None and z is None:
+        raise ValueError("w1 given without a z buffer")
+    for name, t in (("shift", shift), ("scale", mod_scale), ("w1", w1), ("z", z), ("codes", codes)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     with torch.cuda.device(x.device):
         core.load().cuda_quantize_activation(
             x=x.data_ptr(), x_dtype=_X_DTYPES[x.dtype], m=m, k=k, layer_norm=ln_eps is not None,

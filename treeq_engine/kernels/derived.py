@@ -17,14 +17,21 @@ T = TypeVar("T")
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents for a cache: storage address, device, dtype and version counter (so
+    ``.data`` reassignment, ``.to()`` and in-place writes all invalidate). Inference tensors have no version
+    counter: an in-place write to one after its first use (under ``torch.inference_mode``) is not seen."""
+    return (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version)
+
+
 def derived(anchor: torch.Tensor, key: Hashable, deps: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
     """``build()``'s result for ``(anchor, key)``, reused while ``deps`` (anchor included if it matters) are
     unchanged."""
     per_anchor = _CACHE.get(anchor)
     if per_anchor is None:
         per_anchor = _CACHE[anchor] = {}
-    stamp = tuple((t.data_ptr(), t._version) for t in deps)
+    now = tuple(stamp(t) for t in deps)
     hit = per_anchor.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = per_anchor[key] = (stamp, build())
+    if hit is None or hit[0] != now:
+        hit = per_anchor[key] = (now, build())
     return hit[1]

@@ -99,6 +99,8 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
             raise ValueError(f"{name} must be (G, K={k}) on {x.device}, got {tuple(t.shape)} on {t.device}")
     if monarch_w1 is not None and (monarch_w1.dim() != 3 or monarch_w1.shape[0] * monarch_w1.shape[2] < k):
         raise ValueError(f"monarch_w1 (b, b·r, Kb) must cover K={k}, got {tuple(monarch_w1.shape)}")
+    if monarch_w1 is not None and monarch_w1.device != x.device:
+        raise ValueError(f"monarch_w1 is on {monarch_w1.device}, x on {x.device}")
     kw = dict(ln_eps=ln_eps, shift=shift, scale=scale, monarch_w1=monarch_w1)
     return _pick("quantize_activation", backend, (x, spec), kw)(x, spec, **kw)
 
@@ -117,6 +119,9 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError(f"activation on {act.codes.device} but weight on {weight.device}")
     if bias is not None and bias.shape != (weight.n,):
         raise ValueError(f"bias must be ({weight.n},), got {tuple(bias.shape)}")
+    for name, t in (("bias", bias), ("monarch_w2", monarch_w2)):
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device}, the weight on {weight.device}")
     if monarch_w2 is not None and (monarch_w2.dim() != 3 or monarch_w2.shape[0] * monarch_w2.shape[1] < weight.n):
         raise ValueError(f"monarch_w2 (b, Nb, b·r) must cover N={weight.n}, got {tuple(monarch_w2.shape)}")
     if out_spec is not None and (not isinstance(out_spec, QuantSpec) or out_spec.role is not Role.ACTIVATION

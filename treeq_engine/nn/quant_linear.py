@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..format import (QuantSpec, QuantizedTensor, fake_quantize, fake_quantize_with_qparams, quantize,
                       quantize_with_qparams, row_qparams)
 from ..plan import LayerConfig
+from ..kernels.derived import stamp
 from .grouped import fake_quantize_groups
 
 
@@ -196,12 +197,12 @@ class QuantLinear(nn.Module):
         return self.weight - self.branch.dense().to(self.weight.dtype)
 
     def _cache_key(self) -> tuple:
-        parts = [self._config, self.noise_scale, self.weight._version, self.weight.data_ptr(), self.weight.dtype]
+        parts = [self._config, self.noise_scale, stamp(self.weight)]
         if self.is_frozen:
             deps = [self.w_codes, self.w_scale] + ([] if self.lora is None else list(self.lora.parameters()))
         else:
             deps = [] if self.branch is None else list(self.branch.parameters())
-        return tuple(parts + [(p.data_ptr(), p._version) for p in deps])
+        return tuple(parts + [stamp(p) for p in deps])
 
     def quantized_weight(self) -> torch.Tensor:
         """``Q̃_w(W − B)`` (frozen: the calibrated codes' values) in the weight's dtype; cached while neither

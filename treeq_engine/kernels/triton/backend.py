@@ -22,6 +22,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...format import QuantSpec
+from ..derived import stamp
 from ..ops import Backend, register
 from ..types import PackedWeight, QuantizedActivation
 from . import act_quant as _aq
@@ -88,8 +89,9 @@ def _branch_factor(t: torch.Tensor | None) -> torch.Tensor | None:
     if t.dtype == torch.float32:
         return t.contiguous()
     hit = _F32_CACHE.get(t)
-    if hit is None or hit[0] != t._version:
-        hit = (t._version, t.detach().to(torch.float32).contiguous())
+    now = stamp(t)
+    if hit is None or hit[0] != now:
+        hit = (now, t.detach().to(torch.float32).contiguous())
         _F32_CACHE[t] = hit
     return hit[1]
 
