@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import shutil
@@ -44,18 +45,19 @@ SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2":
 MS = (256, 1024, 2048, 4096, 8192, 16384)
 
 
-def bench(fn, reps: int = 100) -> float:
-    """Median µs of CUDA-graph replays (triton.testing.do_bench_cudagraph), or of timed launches without it."""
+def bench(fn, rep_ms: int = 25) -> float:
+    """Median µs of CUDA-graph replays over about ``rep_ms`` ms (triton.testing.do_bench_cudagraph), or of 100
+    timed launches without it."""
     fn()
     torch.cuda.synchronize()
     try:
         from triton.testing import do_bench_cudagraph
 
-        return 1e3 * do_bench_cudagraph(fn, rep=reps, return_mode="median")
+        return 1e3 * do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     except ImportError:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
-        for _ in range(reps):
+        for _ in range(100):
             start.record()
             fn()
             end.record()
@@ -126,7 +128,16 @@ def check(layer: Layer, cb, gmb: bool, arch: int = 0) -> bool:
     return err <= 0.02 * ry.abs().max().item() + 1e-3
 
 
-def run(ms, shapes, quick: bool) -> list[dict]:
+def measured(r: dict, key: str, fn) -> None:
+    """``r[key] = fn()``; a failure is recorded in its cell ("ERR …") and the rest of the table still runs."""
+    try:
+        r[key] = fn()
+    except Exception as e:  # noqa: BLE001 - one broken column must not lose the others
+        r[key] = f"ERR {type(e).__name__}"
+        print(f"{r['layer']} M={r['M']} {key}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def run(ms, shapes, quick: bool, on_row=lambda rows: None) -> list[dict]:
     from treeq_engine.kernels import cuda_backend as cb
 
     gen = torch.Generator().manual_seed(0)
@@ -136,55 +147,59 @@ def run(ms, shapes, quick: bool) -> list[dict]:
             r = {"layer": name, "M": m, "K": k, "N": n}
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            r["bf16"] = bench(lambda: F.linear(x, wb))
+            measured(r, "bf16", lambda: bench(lambda: F.linear(x, wb)))
             x8, sx = fp8_rowwise(x)
             w8, sw = fp8_rowwise(wb)
-            try:
-                r["fp8"] = bench(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(),
-                                                          out_dtype=torch.bfloat16))
+            measured(r, "fp8", lambda: bench(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(),
+                                                                      out_dtype=torch.bfloat16)))
 
-                def fp8q():
-                    xq, s = fp8_rowwise(x)
-                    return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=sw.t(), out_dtype=torch.bfloat16)
+            def fp8q():
+                xq, s = fp8_rowwise(x)
+                return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=sw.t(), out_dtype=torch.bfloat16)
 
-                r["fp8+q"] = bench(fp8q)
-            except (RuntimeError, TypeError) as e:  # no fp8 on this device / torch
-                r["fp8"] = r["fp8+q"] = float("nan")
-                print(f"fp8 peer skipped: {e}", file=sys.stderr)
+            measured(r, "fp8+q", lambda: bench(fp8q))
             xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
-            wi = torch.randint(-128, 127, (k, n), device="cuda", dtype=torch.int8)
-            r["int8"] = bench(lambda: torch._int_mm(xi, wi))
+            wi = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
+            # B column-major ("TN"): cuBLAS on CUDA 13 does not support the all-row-major int8 case
+            measured(r, "int8", lambda: bench(lambda: torch._int_mm(xi, wi.t())))
             for fmt, (wbits, abits) in {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}.items():
                 layer = Layer(m, k, n, wbits, abits, gen)
                 for gmb in (False, True):
                     key = f"cuda {fmt}" + ("+gmb" if gmb else "")
                     if quick and gmb and fmt != "W4A8":
                         continue
-                    if not check(layer, cb, gmb):
-                        r[key] = "WRONG"
-                        continue
                     w1, w2 = (layer.w1, layer.w2) if gmb else (None, None)
-                    r[key] = bench(lambda: cb.packed_linear(
-                        cb.quantize_activation(layer.x, layer.spec, monarch_w1=w1), layer.pw, bias=layer.bias,
-                        monarch_w2=w2))
+
+                    def timed(gmb=gmb, w1=w1, w2=w2):
+                        if not check(layer, cb, gmb):
+                            return "WRONG"
+                        return bench(lambda: cb.packed_linear(
+                            cb.quantize_activation(layer.x, layer.spec, monarch_w1=w1), layer.pw, bias=layer.bias,
+                            monarch_w2=w2))
+
+                    measured(r, key, timed)
                 if fmt == "W4A8":
-                    a = cb.quantize_activation(layer.x, layer.spec)
-                    r["cuda W4A8 gemm"] = bench(lambda: cb.packed_linear(a, layer.pw, bias=layer.bias))
+                    def gemm_only(arch=0):
+                        a = cb.quantize_activation(layer.x, layer.spec)
+                        if arch and not check(layer, cb, False, arch=arch):
+                            return "WRONG"
+                        return bench(lambda: cb.packed_linear(a, layer.pw, bias=layer.bias, arch=arch))
+
+                    measured(r, "cuda W4A8 gemm", gemm_only)
                     if torch.cuda.get_device_capability() == (9, 0):
-                        r["cuda W4A8 gemm sm80"] = (bench(lambda: cb.packed_linear(a, layer.pw, bias=layer.bias,
-                                                                                   arch=80))
-                                                    if check(layer, cb, False, arch=80) else "WRONG")
+                        measured(r, "cuda W4A8 gemm sm80", lambda: gemm_only(80))
                     if "triton" in backends():
                         from treeq_engine.kernels import packed_linear, quantize_activation
 
-                        r["triton W4A8"] = bench(lambda: packed_linear(
+                        measured(r, "triton W4A8", lambda: bench(lambda: packed_linear(
                             quantize_activation(layer.x, layer.spec, backend="triton"), layer.pw, bias=layer.bias,
-                            backend="triton"))
+                            backend="triton")))
             r["floor W4A8"] = floors(m, k, n, 1, 0.5)
             r["floor W4A4"] = floors(m, k, n, 0.5, 0.5)
             r["floor bf16"] = floors(m, k, n, 2, 2)
             rows.append(r)
             print(fmt_row(r), flush=True)
+            on_row(rows)
     return rows
 
 
@@ -198,7 +213,7 @@ def fmt_cell(r: dict, c: str) -> str:
         return "–"
     if isinstance(v, str):
         return v
-    if c == "bf16":
+    if c == "bf16" or not isinstance(r.get("bf16"), float) or math.isnan(v):
         return f"{v:.1f}"
     return f"{v:.1f} ({r['bf16'] / v:.2f}×)"
 
@@ -225,17 +240,51 @@ def targets(rows: list[dict]) -> str:
     for r in rows:
         for fmt in ("W4A8", "W4A4"):
             v = r.get(f"cuda {fmt}+gmb")
-            if not isinstance(v, float):
+            if not isinstance(v, float) or not isinstance(r.get("bf16"), float):
                 continue
             sp = r["bf16"] / v
             need = 2.0 if r["M"] <= 256 else 1.8 if r["M"] >= 2048 else None
             fp8q = r.get("fp8+q")
-            fp8_ok = not isinstance(fp8q, float) or math.isnan(fp8q) or v < fp8q   # NaN: fp8 not run here
-            ok = (need is None or sp >= need) and fp8_ok
+            have_fp8 = isinstance(fp8q, float) and not math.isnan(fp8q)
+            ok = (need is None or sp >= need) and (not have_fp8 or v < fp8q)
             out.append(f"{r['layer']} M={r['M']} {fmt}+gmb: {sp:.2f}× bf16"
-                       + (f" (target {need}×)" if need else "") + f", fp8+q {fp8q:.1f} µs vs {v:.1f} µs: "
-                       + ("met" if ok else "MISSED"))
+                       + (f" (target {need}×)" if need else "")
+                       + (f", fp8+q {fp8q:.1f} µs vs {v:.1f} µs" if have_fp8 else ", fp8+q not measured")
+                       + (": met" if ok else ": MISSED"))
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- bench_cuda:begin -->", "<!-- bench_cuda:end -->"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render(rows: list[dict], sass: str) -> str:
+    dev = torch.cuda.get_device_name()
+    head = (f"## CUDA kernels: {dev}, commit {git_commit()}, {datetime.date.today()}\n\n"
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}; µs (CUDA-graph replays, median), "
+            f"(× = bf16 time / this time). Floors: ops / 1979 TOPS, bytes / 3.35 TB/s.\n")
+    return "\n".join([BEGIN, head, table(rows), "", "Targets:", "```", targets(rows), "```", "", "SASS:", "```",
+                      sass, "```", END])
+
+
+def write_section(block: str) -> None:
+    """Replace the measured section between the markers of RESULTS.md (appended the first time)."""
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -243,7 +292,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="M in (256, 2048), qkv and fc1 only, fewer columns")
     ap.add_argument("--m", type=int, nargs="*", help="token counts (default: all, or --quick's)")
     ap.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), help="layers (default: all, or --quick's)")
-    ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    ap.add_argument("--write", action="store_true",
+                    help="write the table into benchmarks/RESULTS.md (after every row, so a cut-off run keeps it)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw rows as JSON (after every row)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device; this benchmark runs on a GPU machine (see benchmarks/RESULTS.md)",
@@ -257,19 +308,21 @@ def main() -> int:
     ms = tuple(args.m) if args.m else (256, 2048) if args.quick else MS
     names = args.shapes or (("qkv", "fc1") if args.quick else tuple(SHAPES))
     shapes = {k: SHAPES[k] for k in names}
-    rows = run(ms, shapes, args.quick)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dev = torch.cuda.get_device_name()
-    head = (f"## CUDA kernels: {dev}, commit {commit}, {datetime.date.today()}\n\n"
-            f"torch {torch.__version__}, CUDA {torch.version.cuda}; µs (CUDA-graph replays, median), "
-            f"(× = bf16 time / this time). Floors: ops / 1979 TOPS, bytes / 3.35 TB/s.\n")
-    text = "\n".join([head, table(rows), "", "Targets:", "```", targets(rows), "```", "", "SASS:", "```",
-                      sass_evidence(), "```", ""])
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    try:
+        sass = sass_evidence()
+    except Exception as e:  # noqa: BLE001 - evidence is optional, the timings are not
+        sass = f"SASS evidence not collected: {type(e).__name__}: {e}"
+
+    def on_row(rows: list[dict]) -> None:
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, args.json)
+        if args.write:
+            write_section(render(rows, sass))
+
+    rows = run(ms, shapes, args.quick, on_row)
+    print(render(rows, sass))
     return 0
 
 

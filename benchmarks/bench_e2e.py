@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,26 +210,35 @@ def main() -> int:
         if {r["batch"] for r in rows if r["variant"] == name} >= set(args.batches):
             continue
         rows = [r for r in rows if r["variant"] != name]
-        model, plan = build()
-        mem = memory_report(model) if plan is not None else None
-        cfg = dit_config(args.config)
-        bits = average_bits(model, plan, cfg.num_tokens) if plan is not None else (16.0, 16.0)
-        for b in args.batches:
-            with torch.no_grad():
-                ms, peak = measure(model, b, cfg, device, args.reps)
-            rows.append({"variant": name, "batch": b, "ms": ms, "peak_gib": peak, "avg_w": bits[0], "avg_a": bits[1],
-                         "weight_ratio": None if mem is None else mem["ratio"]})
-            print(f"{name:34s} B={b:<3d} {ms:9.3f} ms  peak {peak:6.2f} GiB")
-        if args.json:  # after every variant, so a run cut short keeps what it measured
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        model = None
+        try:  # one variant failing (build, capture, replay) must not lose the others
+            model, plan = build()
+            mem = memory_report(model) if plan is not None else None
+            cfg = dit_config(args.config)
+            bits = average_bits(model, plan, cfg.num_tokens) if plan is not None else (16.0, 16.0)
+            for b in args.batches:
+                with torch.no_grad():
+                    ms, peak = measure(model, b, cfg, device, args.reps)
+                rows.append({"variant": name, "batch": b, "ms": ms, "peak_gib": peak, "avg_w": bits[0],
+                             "avg_a": bits[1], "weight_ratio": None if mem is None else mem["ratio"]})
+                print(f"{name:34s} B={b:<3d} {ms:9.3f} ms  peak {peak:6.2f} GiB", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: FAILED {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if args.smoke:
+                raise
+        # after every variant, so a run cut short keeps what it measured
+        if args.json:
+            save_json(Path(args.json), rows)
+        if not args.smoke and rows:
+            write_table(rows, args)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.smoke:
         return 0
-    write_table(rows, args)
+    if not rows:
+        print("bench_e2e: nothing measured", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -321,7 +331,15 @@ def write_section(block: str, begin: str, end: str) -> None:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text += "\n" + block + "\n"
-    RESULTS.write_text(text)
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+def save_json(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")  # a time limit's SIGTERM mid-write must not leave a truncated record
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
 
 
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
@@ -352,13 +370,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             cells.append(f"{r['ms']:.3f}{ratio} | {r['peak_gib']:.2f}")
         lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | " + " | ".join(cells) + " |")
     lines.append(END)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = "\n".join(lines) + "\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
-    else:
-        text += "\n" + block
-    RESULTS.write_text(text)
+    write_section("\n".join(lines), BEGIN, END)
     print(f"wrote {RESULTS}")
 
 

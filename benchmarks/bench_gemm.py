@@ -48,6 +48,7 @@ PEAK_OPS = 1979e12  # H100 SXM dense int8 / fp8
 PEAK_BW = 3.35e12  # H100 SXM HBM3
 BEGIN, END = "<!-- bench_gemm:begin -->", "<!-- bench_gemm:end -->"
 PBEGIN, PEND = "<!-- bench_gemm:predictions:begin -->", "<!-- bench_gemm:predictions:end -->"
+QBEGIN, QEND = "<!-- bench_gemm:probe:begin -->", "<!-- bench_gemm:probe:end -->"
 
 # The prediction model (not a measurement). Calibrated on research/h100-baselines.md: cuBLAS bf16 reaches
 # ~650 TFLOP/s on these shapes plus ~3 µs of latency/tail (7.0 / 33.9 / 134 µs at M = 256 / 2048 / 8192 for
@@ -254,8 +255,9 @@ def commit() -> str:
         return "unknown"
 
 
-def render(rows: list[dict], header: str) -> str:
-    out = [BEGIN, "## GEMM on the DiT-XL/2 shapes (measured)", "", header, "",
+def render(rows: list[dict], header: str, probe: bool = False) -> str:
+    title = "## Gluon W4A8 main-loop probe (measured)" if probe else "## GEMM on the DiT-XL/2 shapes (measured)"
+    out = [QBEGIN if probe else BEGIN, title, "", header, "",
            "µs: median CUDA-graph replay. ×bf16 > 1 is faster than cuBLAS bf16 in the same run. Floors: ops / 1979 "
            "TOPS and bytes / 3.35 TB/s (bytes = M·K·a + N·K·w + M·N·2 for the implementation's operand widths).",
            ""]
@@ -272,7 +274,7 @@ def render(rows: list[dict], header: str) -> str:
             out.append(f"| {r['m']} | {r['impl']} | {r['us']:.1f} | {r['tops']:.0f} | {r['ratio']:.2f} | "
                        f"{r['floor_ops']:.1f} | {r['floor_mem']:.1f} |")
         out.append("")
-    out.append(END)
+    out.append(QEND if probe else END)
     return "\n".join(out)
 
 
@@ -282,7 +284,9 @@ def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) 
         text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    tmp = path.with_suffix(path.suffix + ".tmp")  # a time limit's SIGTERM mid-write must not truncate it
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     ms = args.m or (QUICK_MS if args.quick or args.probe else MS)
     shapes = [s for s in SHAPES if not args.shapes or s[2] in args.shapes]
     dev, rev = device_line(), commit()
+    header = (f"Device: {dev}. Commit {rev}. Command: `python benchmarks/bench_gemm.py "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`. Autotune: "
+              f"{'off (heuristic configs)' if os.environ.get('TREEQ_TRITON_AUTOTUNE') == '0' else 'on'}.")
     rows: list[dict] = []
     if args.resume and args.json.exists():
         rows = [r for r in json.loads(args.json.read_text()) if r.get("device") == dev]
-    done = {(r["k"], r["n"], r["m"], r["impl"]) for r in rows}
+    done = {(r["k"], r["n"], r["m"], r["impl"]) for r in rows if "error" not in r}  # failed ones run again
     points = [(k, n, m) for k, n, _ in shapes for m in ms]
     for k, n, m in tqdm(points, desc="shapes × M"):
         cases = build_cases(m, k, n, probe_only=args.probe)
@@ -329,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # one failing peer (e.g. no FP8 here) must not lose the table
                 row["error"] = f"{type(e).__name__}: {e}"
             rows = [r for r in rows if (r["k"], r["n"], r["m"], r["impl"]) != (k, n, m, name)] + [row]
-        args.json.write_text(json.dumps(rows, indent=1))
+        # after every point, so a run cut off by a time limit keeps its record and its table
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, args.json)
+        write_section(args.results, render(rows, header, args.probe), *((QBEGIN, QEND) if args.probe else ()))
         del cases
         torch.cuda.empty_cache()
-    header = (f"Device: {dev}. Commit {rev}. Command: `python benchmarks/bench_gemm.py "
-              f"{' '.join(argv if argv is not None else sys.argv[1:])}`. Autotune: "
-              f"{'off (heuristic configs)' if os.environ.get('TREEQ_TRITON_AUTOTUNE') == '0' else 'on'}.")
-    write_section(args.results, render(rows, header))
-    print(render(rows, header))
+    print(render(rows, header, args.probe))
     return 0
 
 

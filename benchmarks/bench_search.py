@@ -138,25 +138,29 @@ def main(argv: list[str] | None = None) -> int:
                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         pass
+    print(json.dumps(record, indent=2), flush=True)  # the fit and prediction, before the (long) real levels
     if args.levels:
         class Stop(Exception):
             pass
 
-        def stop(level: int) -> None:
+        t2 = time.perf_counter()
+        measured = []
+
+        def level_done(level: int) -> None:
+            measured.append(time.perf_counter() - t2 - sum(measured))
+            print(f"level {level + 1}: {measured[-1]:.1f} s measured, {per_level[level]:.1f} s predicted", flush=True)
             if level + 1 >= args.levels:
                 raise Stop
 
-        t2 = time.perf_counter()
-        measured = []
         try:
             tree_search(ev, cost_model(space, "wa"), keep=args.keep, progress=False, anchor=False,
-                        on_level=lambda lv: (measured.append(time.perf_counter() - t2 - sum(measured)), stop(lv)))
+                        on_level=level_done)
         except Stop:
             pass
         record["measured_level_s"] = [round(v, 2) for v in measured]
         record["measured_vs_predicted"] = [round(m / p_, 3) if p_ else None
                                           for m, p_ in zip(measured, per_level)]
-    print(json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2))
     return 0
 
 

@@ -166,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dtype)
     calib = tuple(t_.to(device, dtype) if torch.is_floating_point(t_) else t_.to(device) for t_ in inputs)
     runs = []
+    record["runs"] = runs
+
+    def save() -> None:  # after every step, so a run cut off by a time limit keeps what it measured
+        tmp = out / "record.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(out / "record.json")
+
+    save()
     for f in fractions:
         limit = f * lin_bf16["searched"]
         row = {"fraction": f, "budget_us": limit, "floor_us": floor_us}
@@ -208,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['measured_ms']:.3f} ms ({row['measured_over_predicted']:.3f}×), "
               f"{row['speedup_vs_bf16']:.2f}× bf16 eager")
         runs.append(row)
-    record["runs"] = runs
-    (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+        save()
+    save()
     if not args.smoke:
         write_table(record)
     return 0

@@ -7,16 +7,19 @@
 #   bash tools/gpu_session.sh                  # every stage in priority order until DEADLINE_S (default 540 s)
 #   bash tools/gpu_session.sh e2e budget       # named stages only
 #
-# Stages, in priority order: build, test, kernels, e2e, sanitize, peers, budget, search.
+# Stages, in priority order: build, test, cuda, e2e, triton, sanitize, peers, budget, search.
 #   build     reuse a carried prebuilt treeq_engine._C (tools/prebuild_core.sh python3.12 90a, then name
 #             treeq_engine/_C.cpython-312-x86_64-linux-gnu.so in the call's `carry`) or build from source (sm_90a)
 #   test      the GPU tests (pytest -m gpu), spread over 4 processes when pytest-xdist is there (Triton JIT)
-#   kernels   the Gluon main-loop probe; bench_cuda and bench_gemm at M = 256, 2048, 8192
+#   cuda      bench_cuda at M = 256, 2048, 8192 (the CUDA kernels against cuBLAS bf16, FP8, int8)
 #   e2e       bench_e2e without the torch.compile peers: bf16 eager and the TreeQ plans, B = 1, 8, 32
+#   triton    the Gluon main-loop probe; bench_gemm at M = 256, 2048, 8192 with heuristic configs (no autotune)
 #   sanitize  compute-sanitizer memcheck and racecheck on the representative set
-#   peers     the torch.compile peers of bench_e2e (compile mode 'default'), the rest of bench_gemm's M
+#   peers     the torch.compile peers of bench_e2e (compile mode 'default'), bench_gemm autotuned at every M
 #   budget    latency_budget at batch 8, one budget (half of bf16), a small search (K = 4, 4 samples)
-#   search    bench_search (DiT-XL/2 search-time extrapolation) with two real levels
+#   search    bench_search (DiT-XL/2 search-time extrapolation, 8 samples) with two real levels
+# Every benchmark writes its rows (JSON, RESULTS.md section) as it measures them, so a step cut off by its limit
+# still returns what it measured.
 #
 # Every step runs under min(its own limit, time left before the deadline − 15 s); a step that would get under
 # 20 s is skipped and recorded so. A step that passed is not rerun while the machine stays warm (state in
@@ -90,11 +93,11 @@ build() {
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_PROCS:-4}")
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels e2e sanitize peers budget search)
+[ ${#stages[@]} -eq 0 ] && stages=(build test cuda e2e triton sanitize peers budget search)
 for stage in "${stages[@]}"; do
   case "$stage" in
-    build|test|kernels|e2e|sanitize|peers|budget|search) ;;
-    *) echo "unknown stage $stage (build, test, kernels, e2e, sanitize, peers, budget, search)" >&2; exit 2 ;;
+    build|test|cuda|e2e|triton|sanitize|peers|budget|search) ;;
+    *) echo "unknown stage $stage (build, test, cuda, e2e, triton, sanitize, peers, budget, search)" >&2; exit 2 ;;
   esac
 done
 for stage in "${stages[@]}"; do
@@ -104,25 +107,27 @@ for stage in "${stages[@]}"; do
     test)
       # -v: one line per test, so a run cut off by its limit still says what passed and what failed;
       # the CUDA kernels first (collection order is roughly the order the workers take them)
-      step gpu_tests 240 "$PY" -m pytest -v --tb=short -rfE -m gpu -p no:cacheprovider "${xdist[@]}" \
+      step gpu_tests 200 "$PY" -m pytest -v --tb=short -rfE -m gpu -p no:cacheprovider "${xdist[@]}" \
         --junitxml="$LOGS/gpu_tests.xml" tests/test_cuda_kernels.py tests/test_triton_gpu.py tests/test_core_cpp.py \
         tests/test_graphs.py tests/test_nn_grouped.py ;;
-    kernels)
-      step gluon_probe 60 "$PY" benchmarks/bench_gemm.py --probe --json "$LOGS/gluon_probe.json"
-      step bench_cuda 150 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write
-      step bench_gemm 150 "$PY" benchmarks/bench_gemm.py --m 256 2048 8192 --json "$LOGS/bench_gemm.json" --resume ;;
+    cuda)
+      step bench_cuda 120 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write --json "$LOGS/bench_cuda.json" ;;
     e2e)
-      step bench_e2e 200 "$PY" benchmarks/bench_e2e.py --no-compile --reps 30 --json "$LOGS/bench_e2e.json" --resume ;;
+      step bench_e2e 180 "$PY" benchmarks/bench_e2e.py --no-compile --reps 30 --json "$LOGS/bench_e2e.json" --resume ;;
+    triton)
+      step gluon_probe 45 "$PY" benchmarks/bench_gemm.py --probe --json "$LOGS/gluon_probe.json"
+      TREEQ_TRITON_AUTOTUNE=0 step bench_gemm 120 "$PY" benchmarks/bench_gemm.py --m 256 2048 8192 \
+        --json "$LOGS/bench_gemm.json" --resume ;;
     sanitize)
       step sanitize 150 bash tools/sanitize_cuda.sh memcheck racecheck ;;
     peers)
       step bench_e2e_compile 300 "$PY" benchmarks/bench_e2e.py --compile-mode default --reps 30 \
         --json "$LOGS/bench_e2e.json" --resume
-      step bench_gemm_all 240 "$PY" benchmarks/bench_gemm.py --json "$LOGS/bench_gemm.json" --resume ;;
+      step bench_gemm_all 240 "$PY" benchmarks/bench_gemm.py --json "$LOGS/bench_gemm_autotuned.json" --resume ;;
     budget)
       step latency_budget 300 "$PY" benchmarks/latency_budget.py --fractions 0.5 --keep 4 --samples 4 --reps 30 \
         --out "$STATE/latency_budget" ;;
     search)
-      step bench_search 150 "$PY" benchmarks/bench_search.py --compile --levels 2 ;;
+      step bench_search 150 "$PY" benchmarks/bench_search.py --compile --samples 8 --levels 2 ;;
   esac
 done
