@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import shutil
@@ -38,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 from treeq_engine.branches import MonarchShape  # noqa: E402
 from treeq_engine.format import QuantSpec  # noqa: E402
 from treeq_engine.kernels import PackedWeight, backends, reference  # noqa: E402
+
+from record import git_commit, save_json, write_section  # noqa: E402  (benchmarks/record.py)
 
 PEAK_OPS = 1979e12   # H100 SXM dense int8 / fp8
 PEAK_BW = 3.35e12    # H100 SXM HBM3
@@ -257,14 +258,6 @@ def targets(rows: list[dict]) -> str:
 BEGIN, END = "<!-- bench_cuda:begin -->", "<!-- bench_cuda:end -->"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def render(rows: list[dict], sass: str) -> str:
     dev = torch.cuda.get_device_name()
     head = (f"## CUDA kernels: {dev}, commit {git_commit()}, {datetime.date.today()}\n\n"
@@ -272,19 +265,6 @@ def render(rows: list[dict], sass: str) -> str:
             f"(× = bf16 time / this time). Floors: ops / 1979 TOPS, bytes / 3.35 TB/s.\n")
     return "\n".join([BEGIN, head, table(rows), "", "Targets:", "```", targets(rows), "```", "", "SASS:", "```",
                       sass, "```", END])
-
-
-def write_section(block: str) -> None:
-    """Replace the measured section between the markers of RESULTS.md (appended the first time)."""
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -315,11 +295,9 @@ def main() -> int:
 
     def on_row(rows: list[dict]) -> None:
         if args.json:
-            tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=1))
-            os.replace(tmp, args.json)
+            save_json(args.json, rows)
         if args.write:
-            write_section(render(rows, sass))
+            write_section(render(rows, sass), BEGIN, END)
 
     rows = run(ms, shapes, args.quick, on_row)
     print(render(rows, sass))

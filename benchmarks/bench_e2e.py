@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from treeq_engine.plan import LayerConfig, QuantPlan, is_block_layer  # noqa: E4
 from treeq_engine.runtime import memory_report, quantize  # noqa: E402
 from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from record import RESULTS, git_commit, save_json, write_section  # noqa: E402  (benchmarks/record.py)
+
 BEGIN, END = "<!-- bench_e2e:begin -->", "<!-- bench_e2e:end -->"
 PBEGIN, PEND = "<!-- bench_e2e:predictions:begin -->", "<!-- bench_e2e:predictions:end -->"
 
@@ -112,14 +111,6 @@ def average_bits(model: nn.Module, plan: QuantPlan, tokens: int) -> tuple[float,
     return w_num / w_den, a_num / a_den
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def measure(model: nn.Module, batch: int, cfg, device: str, reps: int) -> tuple[float, float]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
@@ -190,7 +181,7 @@ def main() -> int:
     if args.predict:
         block = predict(args)
         print(block)
-        write_section(block, PBEGIN, PEND)
+        write_section(block, PBEGIN, PEND, RESULTS)
         return 0
     if args.smoke:
         args.config, args.batches, args.reps = "DiT-test", [2], 1
@@ -325,23 +316,6 @@ def with_default_branches(model: nn.Module, plan: QuantPlan) -> QuantPlan:
     return plan
 
 
-def write_section(block: str, begin: str, end: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
-
-
-def save_json(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")  # a time limit's SIGTERM mid-write must not leave a truncated record
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
-
-
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     dev = torch.cuda.get_device_name()
     ref = {r["batch"]: r["ms"] for r in rows if r["variant"] == "bf16 torch.compile"}
@@ -370,7 +344,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             cells.append(f"{r['ms']:.3f}{ratio} | {r['peak_gib']:.2f}")
         lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | " + " | ".join(cells) + " |")
     lines.append(END)
-    write_section("\n".join(lines), BEGIN, END)
+    write_section("\n".join(lines), BEGIN, END, RESULTS)
     print(f"wrote {RESULTS}")
 
 

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import git_commit, save_json, write_section  # noqa: E402  (benchmarks/record.py)
+
 SHAPES = [(1152, 3456, "qkv"), (1152, 1152, "proj"), (1152, 4608, "fc1"), (4608, 1152, "fc2"),
           (1152, 6912, "adaLN")]
 MS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -244,17 +246,6 @@ def device_line() -> str:
             f"triton {triton.__version__}")
 
 
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def render(rows: list[dict], header: str, probe: bool = False) -> str:
     title = "## Gluon W4A8 main-loop probe (measured)" if probe else "## GEMM on the DiT-XL/2 shapes (measured)"
     out = [QBEGIN if probe else BEGIN, title, "", header, "",
@@ -278,17 +269,6 @@ def render(rows: list[dict], header: str, probe: bool = False) -> str:
     return "\n".join(out)
 
 
-def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")  # a time limit's SIGTERM mid-write must not truncate it
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"M ∈ {QUICK_MS}")
@@ -301,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predict", action="store_true", help="write the floors and the model's predictions (no GPU)")
     args = p.parse_args(argv)
     if args.predict:
-        write_section(args.results, render_predictions(), PBEGIN, PEND)
+        write_section(render_predictions(), PBEGIN, PEND, args.results)
         print(render_predictions())
         return 0
     if not torch.cuda.is_available():
@@ -311,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ms = args.m or (QUICK_MS if args.quick or args.probe else MS)
     shapes = [s for s in SHAPES if not args.shapes or s[2] in args.shapes]
-    dev, rev = device_line(), commit()
+    dev, rev = device_line(), git_commit()
     header = (f"Device: {dev}. Commit {rev}. Command: `python benchmarks/bench_gemm.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}`. Autotune: "
               f"{'off (heuristic configs)' if os.environ.get('TREEQ_TRITON_AUTOTUNE') == '0' else 'on'}.")
@@ -337,10 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"
             rows = [r for r in rows if (r["k"], r["n"], r["m"], r["impl"]) != (k, n, m, name)] + [row]
         # after every point, so a run cut off by a time limit keeps its record and its table
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, args.json)
-        write_section(args.results, render(rows, header, args.probe), *((QBEGIN, QEND) if args.probe else ()))
+        save_json(args.json, rows)
+        write_section(render(rows, header, args.probe), *((QBEGIN, QEND) if args.probe else (BEGIN, END)),
+                      args.results)
         del cases
         torch.cuda.empty_cache()
     print(render(rows, header, args.probe))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,16 +46,9 @@ from treeq_engine.search.costs import LatencyTable  # noqa: E402
 from treeq_engine.search.run import SearchConfig, search  # noqa: E402
 from treeq_engine.search.space import candidate_configs, parse_bits  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from record import RESULTS, git_commit, save_json, write_section  # noqa: E402  (benchmarks/record.py)
+
 BEGIN, END = "<!-- latency_budget:begin -->", "<!-- latency_budget:end -->"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def linears(space: SearchSpace) -> list[tuple]:
@@ -169,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     record["runs"] = runs
 
     def save() -> None:  # after every step, so a run cut off by a time limit keeps what it measured
-        tmp = out / "record.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out / "record.json")
+        save_json(out / "record.json", record)
 
     save()
     for f in fractions:
@@ -246,13 +236,7 @@ def write_table(rec: dict) -> None:
                      f"{r['measured_over_predicted']:.3f} | {r['speedup_vs_bf16']:.2f} | {r['weight_ratio']:.3f}× | "
                      f"{r['peak_gib']:.2f} | {r['search_s']:.0f} |")
     lines.append(END)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = "\n".join(lines) + "\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
-    else:
-        text += "\n" + block
-    RESULTS.write_text(text)
+    write_section("\n".join(lines), BEGIN, END, RESULTS)
     print(f"wrote {RESULTS}")
 
 
