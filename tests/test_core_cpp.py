@@ -84,6 +84,16 @@ def test_cuda_entry_points_fail_clearly_without_gpu():
 
 
 @pytest.mark.gpu
+def test_cuda_backend_is_live():
+    """On a GPU machine the CUDA kernels must be usable: without this, a core built without CUDA or a driver too
+    old for it would skip every test of tests/test_cuda_kernels.py and the run would still look green."""
+    from treeq_engine.kernels import cuda_backend
+
+    assert build_info()["cuda_built"], build_info()
+    assert cuda_backend.available(), build_info()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("w_bits", WEIGHT_BITS)
 def test_cuda_naive_packed_gemm_equal_oracle(w_bits, gen):
     if not build_info()["cuda_built"]:

@@ -115,13 +115,17 @@ def test_compiled_grouped_fake_quant_on_cuda_is_within_one_step_of_eager():
         fused = grouped.fake_quantize_groups(x, specs)
     finally:
         grouped.use_compiled(False)
-    for i, s in enumerate(specs):                   # eager on CUDA is the oracle's arithmetic
+    for i, s in enumerate(specs):  # eager on CUDA is the oracle's arithmetic, on CUDA and on CPU alike
         torch.testing.assert_close(eager[i], fake_quantize(x[i], s, nonfinite="propagate"), rtol=0, atol=0)
+        torch.testing.assert_close(eager[i].cpu(), fake_quantize(x[i].cpu(), s, nonfinite="propagate"), rtol=0,
+                                   atol=0)
     step = (x.amax(2, keepdim=True).clamp(min=0) - x.amin(2, keepdim=True).clamp(max=0)) / torch.tensor(
         [s.qmax - s.qmin for s in specs], device="cuda")[:, None, None]
     diff = (fused - eager).abs()
+    # Inductor divides with the approximate div.full.f32: a scale may move by an ulp, which moves every value of
+    # its row by ulps (not counted), and a code at a rounding tie by one step (counted, rare)
     assert bool((diff <= step * 1.001 + 1e-6).all())                 # at most one code apart
-    assert (diff > 0).float().mean().item() < 1e-3                   # and rarely that
+    assert (diff > 0.5 * step).float().mean().item() < 1e-3          # and rarely that
 
 
 @pytest.mark.parametrize("cfg", [LayerConfig(4, 3), LayerConfig(2, 4, a_symmetric=True, a_clip=0.8), LayerConfig(8, 8)])

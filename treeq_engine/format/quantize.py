@@ -84,15 +84,18 @@ def row_qparams(x2: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = N
         clip = clip.to(device=x2.device, dtype=torch.float32)
         if not bool(((clip > 0) & (clip <= 1)).all()):
             raise ValueError("per-row clip ratios must lie in (0, 1]")
+    # Divide by a tensor on the rows' device, never by a Python number: CUDA computes tensor / CPU-scalar as
+    # a · (1/b), which differs from IEEE division in the last bit for most rows, while CPU torch and every kernel
+    # divide exactly. The oracle must give the same scales on either device.
     if spec.symmetric:
         amax = x2.abs().amax(dim=1) * clip
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = torch.where(amax > 0, amax / amax.new_full((), qmax), torch.ones_like(amax))
         zp = torch.zeros_like(scale, dtype=torch.int32)
     else:
         lo = x2.amin(dim=1).clamp(max=0.0) * clip
         hi = x2.amax(dim=1).clamp(min=0.0) * clip
         rng = hi - lo
-        scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+        scale = torch.where(rng > 0, rng / rng.new_full((), qmax - qmin), torch.ones_like(rng))
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
 
