@@ -82,6 +82,35 @@ def test_lowrank_stage1(gen, poisoned):  # noqa: F811
     _exact(act, reference.quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1))
 
 
+@pytest.mark.parametrize("k,blocks,rank", [(300, 1, 5), (300, 2, 3), (1030, 1, 40)])
+def test_stage1_in_chunks(k, blocks, rank, gen, poisoned):  # noqa: F811
+    """Few input blocks make each block long (one block: all of K); stage 1 then walks it in chunks
+    (``stage1_chunk``) and must equal the single product, with the LayerNorm and modulate in front."""
+    from treeq_engine.kernels.triton.act_quant import stage1_chunk
+
+    s = MonarchShape(n=48, k=k, blocks=blocks, rank=rank)
+    assert stage1_chunk(s.w1_shape[2], s.w1_shape[1]) < s.w1_shape[2]  # really more than one chunk
+    m = 21
+    x = torch.randn(m, k, generator=gen)
+    shift, scale = torch.randn(3, k, generator=gen), torch.randn(3, k, generator=gen) * 0.1
+    w1 = torch.randn(s.w1_shape, generator=gen) * 0.1
+    kw = dict(ln_eps=1e-6, shift=shift, scale=scale, monarch_w1=w1)
+    act = quantize_activation(x.to(DEVICE), QuantSpec.activation(4), backend="triton",
+                              **{n: t.to(DEVICE) if torch.is_tensor(t) else t for n, t in kw.items()})
+    ref = reference.quantize_activation(x, QuantSpec.activation(4), **kw)
+    tol = dict(rtol=1e-5, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=2e-2)  # bf16 z on GPU
+    torch.testing.assert_close(act.z.float().cpu(), ref.z, **tol)
+    assert (act.codes.cpu().int() - ref.codes.int()).abs().max() <= 1  # LayerNorm: ±1 at rounding ties only
+
+
+def test_layernorm_single_feature(gen, poisoned):  # noqa: F811
+    """K = 1 (compiled Triton passes it as a constant): LayerNorm of one value is 0, and the row quantizes."""
+    x = torch.randn(5, 1, generator=gen)
+    act = quantize_activation(x.to(DEVICE), QuantSpec.activation(8), ln_eps=1e-6, backend="triton")
+    ref = reference.quantize_activation(x, QuantSpec.activation(8), ln_eps=1e-6)
+    assert torch.equal(act.codes.cpu(), ref.codes) and torch.equal(act.zero_point.cpu(), ref.zero_point)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN rows
 def test_nonfinite_rows_propagate(gen, poisoned):  # noqa: F811
     x = torch.randn(9, 40, generator=gen)

@@ -11,9 +11,11 @@ Math (docs/format.md; all float32, in the oracle's order of operations), for eac
     q      = clamp(round(x̂/s) + zp, qmin, qmax)      round half to even, true division (``div_rn``)
     rsum   = Σ_k q                                    (the weight zero point's correction)
 
-Monarch stage 1 (branches/monarch.py): ``z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i]·x̂[m, i·b + k]``: one small
-dot per input block ``k``, ``(BM, Kb) × (Kb, b·r)`` over the stride-b gather of the row, whose column
-``c = j·r + s`` is stored at ``z[m, c // r, k·r + c % r]`` (P₁ is only the store index).
+Monarch stage 1 (branches/monarch.py): ``z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i]·x̂[m, i·b + k]``: per input
+block ``k`` a ``(BM, Kb) × (Kb, b·r)`` product over the stride-b gather of the row, accumulated over chunks of
+``BKB`` gathered columns (at most 128, fewer when b·r is wide: with one block, the low-rank branch, Kb is all of
+K, and a single tile of it would need megabytes of shared memory), whose column ``c = j·r + s`` is stored at
+``z[m, c // r, k·r + c % r]`` (P₁ is only the store index).
 
 Tiles: one program owns ``BM`` whole rows and walks K in chunks of ``BK`` columns: [LN: two passes for mean and
 variance] → one pass for the range and the non-finite flag (with the branch, this pass walks the ``b`` input
@@ -61,6 +63,14 @@ def _centred(x_ptr, rows, rmask, cols, K, mean):
 
 
 @triton.jit
+def _range(xh, lo, hi, nbad):
+    """Running row minimum, maximum and count of non-finite values over one more chunk."""
+    finite = tl.abs(xh) <= 3.4028234663852886e38  # false for NaN and ±inf
+    nbad += tl.sum(tl.where(finite, 0, 1), axis=1)
+    return tl.minimum(lo, tl.min(xh, axis=1)), tl.maximum(hi, tl.max(xh, axis=1)), nbad
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
                       codes_ptr, scale_ptr, zp_ptr, rsum_ptr, z_ptr,
                       M, K, rows_per_group, ln_eps, clip,
@@ -81,12 +91,13 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
         acc = zero_row
         for c in range(nchunks):
             acc += tl.sum(_centred(x_ptr, rows, rmask, c * BK + lane, K, zero_row), axis=1)
-        mean = tl.math.div_rn(acc, K.to(tl.float32))
+        kf = zero_row + K  # float32 K, also when Triton passes K = 1 as a constant
+        mean = tl.math.div_rn(acc, kf)
         acc = zero_row
         for c in range(nchunks):
             d = _centred(x_ptr, rows, rmask, c * BK + lane, K, mean)
             acc += tl.sum(d * d, axis=1)
-        var = tl.math.div_rn(acc, K.to(tl.float32))
+        var = tl.math.div_rn(acc, kf)
         rstd = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.sqrt_rn(var + ln_eps))
 
     # Range and non-finite flag in one pass; with the branch, that pass walks the input blocks (min and max
@@ -96,34 +107,32 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
     nbad = tl.zeros([BM], dtype=tl.int32)
     if HAS_MONARCH:
         lane_b = tl.arange(0, BKB)
-        npass = NBLK
-    else:
-        lane_b = lane
-        npass = nchunks
-    for c in range(npass):
-        if HAS_MONARCH:
-            cols = lane_b * NBLK + c  # input block c: the row at stride b
-            cmask = (lane_b < KB) & (cols < K)
-        else:
-            cols = c * BK + lane_b
-            cmask = cols < K
-        xh = _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, rows_per_group, mean, rstd,
-                           HAS_LN, HAS_MOD, INTERP)
-        finite = tl.abs(xh) <= 3.4028234663852886e38  # false for NaN and ±inf
-        nbad += tl.sum(tl.where(finite, 0, 1), axis=1)
-        lo = tl.minimum(lo, tl.min(xh, axis=1))
-        hi = tl.maximum(hi, tl.max(xh, axis=1))
-        if HAS_MONARCH:
-            cc = tl.arange(0, BRP)
-            wmask = (cc[:, None] < BR) & (lane_b[None, :] < KB)
-            w1 = tl.load(w1_ptr + (c * BR + cc[:, None]).to(tl.int64) * KB + lane_b[None, :], mask=wmask, other=0.0)
-            u = tl.dot(xh, tl.trans(w1.to(tl.float32)), input_precision=DOT_PREC)  # (BM, BRP)
+        cc = tl.arange(0, BRP)
+        for c in range(NBLK):
+            u = tl.zeros([BM, BRP], dtype=tl.float32)
+            for i0 in range(0, KB, BKB):
+                ib = i0 + lane_b
+                cols = ib * NBLK + c  # input block c: the row at stride b
+                cmask = (ib < KB) & (cols < K)
+                xh = _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cmask, K, rows_per_group,
+                                   mean, rstd, HAS_LN, HAS_MOD, INTERP)
+                lo, hi, nbad = _range(xh, lo, hi, nbad)
+                wmask = (cc[:, None] < BR) & (ib[None, :] < KB)
+                w1 = tl.load(w1_ptr + (c * BR + cc[:, None]).to(tl.int64) * KB + ib[None, :], mask=wmask,
+                             other=0.0)
+                u = tl.dot(xh, tl.trans(w1.to(tl.float32)), u, input_precision=DOT_PREC)  # (BM, BRP)
             zoff = rows[:, None].to(tl.int64) * (NBLK * BR) + (cc // R)[None, :] * BR + c * R + (cc % R)[None, :]
             zmask = rmask[:, None] & (cc[None, :] < BR)
             if Z_BF16:
                 tl.store(z_ptr + zoff, u.to(tl.bfloat16), mask=zmask)
             else:
                 tl.store(z_ptr + zoff, u, mask=zmask)
+    else:
+        for c in range(nchunks):
+            cols = c * BK + lane
+            xh = _preprocessed(x_ptr, shift_ptr, mscale_ptr, rows, rmask, cols, cols < K, K, rows_per_group,
+                               mean, rstd, HAS_LN, HAS_MOD, INTERP)
+            lo, hi, nbad = _range(xh, lo, hi, nbad)
     bad = nbad > 0
 
     if SYM:
@@ -153,6 +162,13 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
     tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rmask)
     tl.store(zp_ptr + rows, tl.where(bad, 0.0, zpf).to(tl.int32), mask=rmask)
     tl.store(rsum_ptr + rows, rsum, mask=rmask)
+
+
+def stage1_chunk(kb: int, br: int) -> int:
+    """Gathered columns per step of stage 1: the whole input block where it is small (one step for b = 32 on
+    the DiT shapes), else 128, or fewer so that the ``(b·r, chunk)`` float32 tile of w1 stays ≤ 32 KB."""
+    brp = max(16, next_pow2(br))
+    return max(16, min(next_pow2(kb), 128, 8192 // brp))
 
 
 def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *, ln_eps: float | None = None,
@@ -208,7 +224,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
         kb, nblk, br, r,
         QMIN=qmin, QMAX=qmax, SYM=bool(symmetric),
         HAS_LN=ln_eps is not None, HAS_MOD=shift is not None, HAS_MONARCH=monarch_w1 is not None,
-        BM=bm, BK=bk, BKB=max(16, next_pow2(kb)), BRP=max(16, next_pow2(br)),
+        BM=bm, BK=bk, BKB=stage1_chunk(kb, br), BRP=max(16, next_pow2(br)),
         Z_BF16=z is not None and z.dtype == torch.bfloat16,
         DOT_PREC="ieee" if INTERPRET else "tf32x3", INTERP=INTERPRET,
         num_warps=4)

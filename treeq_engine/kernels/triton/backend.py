@@ -27,7 +27,7 @@ from ..ops import Backend, register
 from ..types import PackedWeight, QuantizedActivation
 from . import act_quant as _aq
 from . import gemm as _gemm
-from .runtime import INTERPRET, runs_on
+from .runtime import INTERPRET, on_device, runs_on
 
 _EMPTY = (0,)
 
@@ -37,9 +37,10 @@ def _quantize_activation_op(x: torch.Tensor, bits: int, symmetric: bool, clip_ra
                             shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                             monarch_w1: Optional[torch.Tensor], z_bf16: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    codes, sa, za, ra, z = _aq.act_quant(x, bits, symmetric, clip_ratio, ln_eps=ln_eps, shift=shift, scale=scale,
-                                         monarch_w1=monarch_w1,
-                                         z_dtype=torch.bfloat16 if z_bf16 else torch.float32)
+    with on_device(x):
+        codes, sa, za, ra, z = _aq.act_quant(x, bits, symmetric, clip_ratio, ln_eps=ln_eps, shift=shift,
+                                             scale=scale, monarch_w1=monarch_w1,
+                                             z_dtype=torch.bfloat16 if z_bf16 else torch.float32)
     if z is None:
         z = x.new_empty(_EMPTY, dtype=torch.float32)
     return codes, sa, za, ra, z
@@ -63,9 +64,10 @@ def _packed_linear_op(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, r
 
     args = (codes, sa, za, ra, packed, bits, n, sw, zw, cw)
     kw = dict(bias=bias, z=z, w2=w2, gelu=gelu, out_dtype=out_dtype)
-    if gluon_gemm.usable(codes, bits):
-        return gluon_gemm.packed_gemm(*args, **kw)
-    return _gemm.packed_gemm(*args, **kw)
+    with on_device(codes):
+        if gluon_gemm.usable(codes, bits):
+            return gluon_gemm.packed_gemm(*args, **kw)
+        return _gemm.packed_gemm(*args, **kw)
 
 
 @_packed_linear_op.register_fake

@@ -7,11 +7,12 @@ a ``constexpr`` (``INTERP``) because a few operations differ: the interpreter ha
 """
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
+import triton
 
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # Triton's own reading of TRITON_INTERPRET
 
 
 def next_pow2(n: int) -> int:
@@ -36,3 +37,9 @@ def check_device(*tensors: torch.Tensor | None) -> None:
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation of every launcher (one place, so tests can poison outputs and prove each is written)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def on_device(t: torch.Tensor):
+    """Context in which a kernel on ``t`` launches on ``t``'s GPU (Triton launches on the current device, which
+    need not be the tensors' one); nothing on CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
