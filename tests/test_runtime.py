@@ -134,3 +134,29 @@ def test_bad_input(gen):
         t(torch.randn(2, 15))
     with pytest.raises(ValueError, match="stays nn.Linear"):
         TreeQLinear(16, 8, LayerConfig(16, 8), bias=True)
+
+
+def test_casting_a_quantized_model_keeps_its_storage(gen):
+    """``model.to(bf16)`` after quantize changes the compute dtype, not the packed storage (float32 scales and
+    bias, codes); the Monarch factors follow the 16-bit storage rule; the model still runs and agrees."""
+    x = torch.randn(6, 40, generator=gen)
+    net = quantize(_net(), _plan(_net()), dtype=torch.float32)
+    want = net(x)
+    net.to(torch.bfloat16)
+    lin = net.get_submodule(quantizable_linears(_net())[1])
+    assert lin.w_scale.dtype == torch.float32 and lin.bias.dtype == torch.float32
+    assert lin.monarch_w1.dtype == torch.bfloat16 and lin.out_dtype == torch.bfloat16
+    torch.testing.assert_close(net(x.bfloat16()).float(), want, rtol=0.05, atol=0.05)
+    net.float()
+    assert lin.monarch_w1.dtype == torch.float32 and lin.w_scale.dtype == torch.float32
+
+
+def test_w16_layer_keeps_the_model_precision(gen):
+    """A layer the plan keeps at W16 stays an nn.Linear in the model's own dtype (a float32 model runs)."""
+    net = _net()
+    names = quantizable_linears(net)
+    plan = QuantPlan({names[0]: LayerConfig(4, 8), names[1]: LayerConfig(16, 16), names[2]: LayerConfig(8, 8)},
+                     model="toy")
+    quantize(net, plan)  # dtype defaults to bf16 for the packed layers' outputs
+    assert net.get_submodule(names[1]).weight.dtype == torch.float32
+    net(torch.randn(3, 40, generator=gen))

@@ -16,7 +16,7 @@ from ..format import quantize as quantize_tensor
 from ..nn.convert import _set_submodule
 from ..nn.quant_linear import QuantLinear
 from ..plan import LayerConfig, QuantPlan
-from .linear import TreeQLinear
+from .linear import TreeQLinear, branch_dtype
 
 
 def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -34,8 +34,9 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
     if not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {type(mod).__name__}")
     weight, bias = mod.weight, mod.bias
-    if not cfg.weight_spec().is_quantized:
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    if not cfg.weight_spec().is_quantized:  # stays a Linear in the model's own precision, like its neighbours
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(weight)
             if bias is not None:
@@ -48,7 +49,8 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
         w = weight.detach().float()
         if factors is None and cfg.branch is not None:
             factors = monarch.project(w, cfg.branch.blocks, cfg.branch.rank)
-        if factors is not None:
+        if factors is not None:  # the residual of the factors as the layer will store them (bf16 in a 16-bit model)
+            factors = tuple(f.detach().to(branch_dtype(dtype)).float() for f in factors)
             w = w - monarch.to_dense(factors[0].float(), factors[1].float(), w.shape[0], w.shape[1])
         wq = quantize_tensor(w, cfg.weight_spec())
     return TreeQLinear.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype)

@@ -37,7 +37,12 @@ class FusedDiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        mod = self.adaLN_modulation(c)
+        _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # the gates stay in the activations' dtype
+        # the quantization kernels take shift and scale as contiguous float32 (G, K): one conversion for all four
+        # here, instead of one small kernel per tensor per call
+        m32 = mod.view(n, 6, d).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = m32[0], m32[1], m32[3], m32[4]
         attn = self.attn
         act = attn.qkv.quantize_input(x.reshape(n * t, d).contiguous(), ln_eps=self.eps1, shift=shift_msa,
                                       scale=scale_msa)
@@ -49,7 +54,7 @@ class FusedDiTBlock(nn.Module):
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         act = fc1.quantize_input(x.reshape(n * t, d).contiguous(), ln_eps=self.eps2, shift=shift_mlp, scale=scale_mlp)
         if self.fc2_from_epilogue:
-            h = fc2.linear(fc1.linear(act, gelu=True, out_spec=fc2.act_spec), out_dtype=x.dtype)
+            h = fc2.linear(fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x.dtype), out_dtype=x.dtype)
         else:
             h = fc2(fc1.linear(act, gelu=True, out_dtype=x.dtype))
         return x + gate_mlp.unsqueeze(1) * h.reshape(n, t, d)

@@ -119,6 +119,20 @@ class TreeQLinear(nn.Module):
         return packed_linear(act, self.packed_weight(), bias=self.bias, monarch_w2=self.monarch_w2, gelu=gelu,
                              out_spec=out_spec, out_dtype=out_dtype or self.out_dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the model change what this layer computes in, not its
+        storage: the packed codes, float32 scales and bias stay as they are (``PackedWeight`` demands float32
+        scales), the Monarch factors follow ``branch_dtype``. Device moves apply to everything."""
+        probe = fn(torch.zeros(1, dtype=torch.float32))
+        if probe.dtype == torch.float32:
+            return super()._apply(fn, recurse)
+        self.out_dtype = probe.dtype
+        super()._apply(lambda t: t.to(device=probe.device), recurse)
+        if self.monarch_w1 is not None:
+            self.monarch_w1 = self.monarch_w1.to(branch_dtype(probe.dtype))
+            self.monarch_w2 = self.monarch_w2.to(branch_dtype(probe.dtype))
+        return self
+
     def weight_bytes(self) -> int:
         """Bytes of everything the layer stores (packed weight, scales, zero points, sums, bias, branch)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
