@@ -3,6 +3,10 @@
 The sampler calls the model once per denoising step with the same shapes, so after the first step every call is
 one graph replay instead of hundreds of kernel launches. ``forward_with_cfg`` and the attributes the sampler
 reads (``config``, ``null_class``...) are the wrapped model's.
+
+A graph holds the addresses of everything it read, the kernels' derived weight operands included: change the
+weights (``load_state_dict``, fine-tuning) and call :meth:`reset` before the next forward, or the graphs would
+replay against operands the caches have since rebuilt elsewhere.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ class GraphedDiT(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.model, name)
+
+    def reset(self) -> None:
+        """Forget every captured graph (they are captured again on next use)."""
+        self._graphs.clear()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(y.shape), y.dtype)
