@@ -119,7 +119,7 @@ def _epilogue(acc, rows, mmask, o, nmask, n0,
     tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])  # an autotune key only: no recompile per bucket
 def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr,
                         bias_ptr, z_ptr, w2_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, KW, NBLK, NB, BR, M_BUCKET,
