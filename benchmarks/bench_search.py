@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--depths", type=int, default=4, help="start depths timed for the fit")
     p.add_argument("--repeats", type=int, default=2, help="timed units per depth")
-    p.add_argument("--levels", type=int, default=0, help="also run the real search for this many levels")
+    p.add_argument("--levels", type=int, default=0,
+                   help="also run the real search for this many levels that score merges")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--compile", action="store_true", help="fuse the activation fake-quant with torch.compile")
     args = p.parse_args(argv)
@@ -146,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
         measured = []
 
-        def level_done(level: int) -> None:
+        with_work = []
+
+        def level_done(level: int) -> None:  # level 0 scores nothing when every leaf has ≤ K candidates
             measured.append(time.perf_counter() - t2 - sum(measured))
-            print(f"level {level + 1}: {measured[-1]:.1f} s measured, {per_level[level]:.1f} s predicted", flush=True)
-            if level + 1 >= args.levels:
+            print(f"level {level}: {measured[-1]:.1f} s measured, {per_level[level]:.1f} s predicted", flush=True)
+            if per_level[level] > 0:
+                with_work.append(level)
+            if len(with_work) >= args.levels:
                 raise Stop
 
         try:

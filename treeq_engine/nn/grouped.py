@@ -38,10 +38,12 @@ def group_params(specs: Sequence[QuantSpec | None], device: torch.device | str) 
 
 def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, clip: torch.Tensor,
                         sym: torch.Tensor, any_sym: bool, bounds: tuple[float, float] | None) -> torch.Tensor:
-    """The arithmetic on float32 ``x2 (G, R, K)`` with per-group parameters ``(G, 1)``; ``bounds``: the common
-    ``(qmin, qmax)`` when every group has the same bits (a scalar clamp is much cheaper than a tensor one)."""
+    """The arithmetic on ``x2 (G, R, K)`` (in float32, returned in ``x2``'s dtype) with per-group parameters
+    ``(G, 1)``; ``bounds``: the common ``(qmin, qmax)`` when every group has the same bits (a scalar clamp is much
+    cheaper than a tensor one)."""
     # A row holding NaN/Inf has a non-finite min or max (both propagate NaN): its scale is set to NaN, so the
     # whole row comes out NaN, as in the oracle's "propagate" mode, without a full pass to find it.
+    out_dtype, x2 = x2.dtype, x2.to(torch.float32)  # inside, so a compiled core fuses the casts too
     raw_lo, raw_hi = x2.amin(dim=2), x2.amax(dim=2)                       # (G, R)
     bad = ~(torch.isfinite(raw_lo) & torch.isfinite(raw_hi))
     # asymmetric: lo = clip·min(min x, 0), hi = clip·max(max x, 0), scale = (hi − lo)/(qmax − qmin)
@@ -61,7 +63,7 @@ def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor
     # q = clamp(round(x / scale) + zp, qmin, qmax); x_hat = (q − zp)·scale, in place after the first op
     q = (x2 / scale3).round_().add_(zp3)
     q = q.clamp_(*bounds) if bounds is not None else q.clamp_(min=qmin[..., None], max=qmax[..., None])
-    return q.sub_(zp3).mul_(scale3)
+    return q.sub_(zp3).mul_(scale3).to(out_dtype)
 
 
 _core = _fake_quantize_core
@@ -100,5 +102,7 @@ def fake_quantize_groups(x: torch.Tensor, specs: Sequence[QuantSpec | None],
     if not any_on:
         return x
     qmin, qmax, clip, sym, on = params if params is not None else cached
-    x_hat = _core(x.detach().to(torch.float32), qmin, qmax, clip, sym, any_sym, bounds).to(x.dtype)
+    if _core is not _fake_quantize_core:
+        bounds = None  # Python-float bounds are guards for torch.compile: one recompile per bit-width
+    x_hat = _core(x.detach(), qmin, qmax, clip, sym, any_sym, bounds)
     return x_hat if all_on else torch.where(on[..., None], x_hat, x)

@@ -303,7 +303,9 @@ class QuantLinear(nn.Module):
         key = (lam, x.device)
         if key not in self._gp_cache:   # host-to-device copies once per config set, not per forward
             specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
-            on = torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
+            # (a host-to-device copy waits for the stream: built only where the branch needs it)
+            on = None if self.branch is None else \
+                torch.tensor([c is not None for c in groups], device=x.device)[:, None, None]
             self._gp_cache[key] = (specs, on)
         specs, on = self._gp_cache[key]
         xq = fake_quantize_groups(xg, specs)   # its per-group parameters are cached per (specs, device)

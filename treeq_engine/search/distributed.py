@@ -11,6 +11,7 @@ Launch: ``torchrun --nproc-per-node N -m treeq_engine search ...`` (NCCL on CUDA
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import numpy as np
@@ -36,7 +37,10 @@ def init_from_env(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # Rank 0 works alone at times (collecting the calibration set, closed-loop selection: many sampling runs)
+    # while the others wait in a collective; NCCL's default 10-minute timeout would abort them.
+    timeout = datetime.timedelta(seconds=float(os.environ.get("TREEQ_DIST_TIMEOUT_S", 6 * 3600)))
+    dist.init_process_group(backend, timeout=timeout)
     return True
 
 

@@ -123,7 +123,7 @@ class Evaluator:
         self._chunks: list[State] = [tuple(t[i:i + batch].to(self.device) for t in inputs) for i in range(0, n, batch)]
         self.weights = None
         if weights is not None:
-            w = torch.as_tensor(weights, dtype=torch.float64)
+            w = torch.as_tensor(weights, dtype=torch.float64).cpu()
             if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
                 raise ValueError(f"weights must be ({n},), finite, non-negative and not all zero; got shape "
                                  f"{tuple(w.shape)}")
