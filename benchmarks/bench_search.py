@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+
+from record import git_commit  # benchmarks/record.py
 
 
 def planned_units(leaf_segment: list[int], segments: int, cands: int, keep: int, group: int) -> list[list[tuple]]:
@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "predicted_s": round(sum(per_level), 1), "predicted_min": round(sum(per_level) / 60, 2),
         "predicted_level_s": [round(v, 2) for v in per_level],
     }
-    try:
-        record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        pass
+    record["commit"] = git_commit()
     print(json.dumps(record, indent=2), flush=True)  # the fit and prediction, before the (long) real levels
     if args.levels:
         class Stop(Exception):

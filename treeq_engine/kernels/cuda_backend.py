@@ -14,8 +14,8 @@ Semantics are the reference backend's (``kernels/reference.py``, docs/format.md)
   row-owning kernel, as the oracle does: a per-token scale needs the whole row, which one GEMM tile does not
   hold, so the fusion is in the API only (the same codes and bytes as the two calls).
 
-Weights are repacked once per (weight, branch block count) into fragment layout v1 (``cuda_layout``) on the CPU
-and cached; call an op once before capturing a CUDA graph so that caches are warm.
+Weights are repacked once per weight into fragment layout v1 (``cuda_layout``) on the CPU and cached; call an op
+once before capturing a CUDA graph so that caches are warm.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import core
 from ..format import MAX_K, QuantSpec, Role
 from . import cuda_layout
-from .derived import stamp
+from .derived import derived
 from .ops import Backend, register
 from .types import PackedWeight, QuantizedActivation
 
@@ -65,21 +65,9 @@ def _round_up(v: int, m: int) -> int:
 
 # ---- cached conversions of parameters ------------------------------------------------------------------------
 
-_PARAM_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def _cached(t: torch.Tensor, key: tuple, build) -> torch.Tensor:
-    """``build(t)`` cached per tensor and key, rebuilt when its contents may have changed (``derived.stamp``)."""
-    per = _PARAM_CACHE.get(t)
-    if per is None:
-        per = {}
-        _PARAM_CACHE[t] = per
-    now = stamp(t)
-    hit = per.get(key)
-    if hit is None or hit[0] != now:
-        hit = (now, build(t))
-        per[key] = hit
-    return hit[1]
+    """``build(t)`` cached per tensor and key (``derived``: rebuilt when ``t``'s contents may have changed)."""
+    return derived(t, key, (t,), lambda: build(t))
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from ..kernels import PackedWeight, QuantizedActivation, packed_linear, quantize
 from ..plan import LayerConfig
 
 
-
 def branch_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage of the Monarch factors for a model running in ``dtype``: bf16 for a 16-bit model (the fused kernels
     multiply them in bf16, and the bit budget counts 16 bits per factor entry), float32 for a float32 one (the

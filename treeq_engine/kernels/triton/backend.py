@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ...format import QuantSpec
-from ..derived import stamp
+from ..derived import derived
 from ..ops import Backend, register
 from ..types import PackedWeight, QuantizedActivation
 from . import act_quant as _aq
@@ -79,23 +78,15 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-# Monarch factors stored in another dtype (a bf16 runtime model's) -> their float32 copy, built once per tensor
-# version: the kernels are compiled and register-tuned for float32 factors (loading bf16 ones spilled registers in
-# the Gluon epilogue and in stage 1), and a per-call conversion would add a launch to every layer.
-_F32_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def _branch_factor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Monarch factors as float32: those stored in another dtype (a bf16 runtime model's) through a cached copy.
+    The kernels are compiled and register-tuned for float32 factors (loading bf16 ones spilled registers in the
+    Gluon epilogue and in stage 1), and a per-call conversion would add a launch to every layer."""
     if t is None:
         return None
     if t.dtype == torch.float32:
         return t.contiguous()
-    hit = _F32_CACHE.get(t)
-    now = stamp(t)
-    if hit is None or hit[0] != now:
-        hit = (now, t.detach().to(torch.float32).contiguous())
-        _F32_CACHE[t] = hit
-    return hit[1]
+    return derived(t, "f32", (t,), lambda: t.detach().to(torch.float32).contiguous())
 
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
@@ -130,8 +121,8 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError("monarch_w2 given but the activation carries no stage-1 output z")
     y = _packed_linear_op(act.codes, act.scale, act.zero_point, act.row_sum,
                           act.z if monarch_w2 is not None else None, weight.packed, weight.bits, weight.n,
-                          weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _branch_factor(monarch_w2), bool(gelu),
-                          out_dtype)
+                          weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _branch_factor(monarch_w2),
+                          bool(gelu), out_dtype)
     if out_spec is not None:
         return quantize_activation(y, out_spec)
     return y
