@@ -281,16 +281,17 @@ def predict(args: argparse.Namespace) -> str:
              "without the default GMB branch, the rest unchanged (conservative by the LayerNorm + modulate kernels "
              "that the fused quantization replaces, about 4 % of the forward at B = 32). The last columns bound "
              "what any int8 kernel can do: block linears at the 1979 TOPS peak, no overhead, the rest unchanged.",
-             "", "The CUDA backend derives its fragment layout from the stored layout-v1 weight on first use and keeps "
-             "both on the GPU (the stored one is the artifact's and the other backends'), so on that path the "
-             "resident weights are about twice the packed bytes (last column) — over the issue's 0.3× until the "
-             "runtime converts once at load time and drops the device copy of layout v1; bench_e2e's measured "
-             "table reports the resident GiB.", ""]
+             "", "Resident on the CUDA path (last column): the runtime keeps the layers the CUDA kernels run in "
+             "their fragment layout only (`quantize`/`artifact.load`, layout \"auto\"; the state dict stays "
+             "layout v1), so the GPU holds one copy of the codes — the fragment words with their tile padding "
+             "(N to a multiple of 256, K of 128), the row map and the kernels' two u-domain vectors — instead of "
+             "layout v1 plus the repacked copy derived from it (what it held before: about twice the packed "
+             "bytes). bench_e2e's measured table reports the resident GiB.", ""]
     plans = {f"uniform {p}": uniform(model, *map(int, p[1:].split("A"))) for p in ("W8A8", "W4A8", "W4A4")}
     plans["mixed ~W4A4 (hand-made)"] = mixed_w4a4(model)
     plans["uniform W4A4 + GMB (default size, b·r = 32)"] = with_default_branches(model, plans["uniform W4A4"])
     lines += ["| plan | avg W/A bits (block linears) | linear weights vs bf16 | packed linear weights | resident "
-              "on the CUDA kernels (+ their repacked copy) vs bf16 |", "|---|---|---|---|---|"]
+              "on the CUDA path (fragment layout) vs bf16 |", "|---|---|---|---|---|"]
     from treeq_engine.kernels import cuda_layout  # noqa: E402
     from treeq_engine.runtime import treeq_layers  # noqa: E402
 
@@ -298,11 +299,13 @@ def predict(args: argparse.Namespace) -> str:
         m = skeleton(DiT(cfg).to(torch.bfloat16), plan, fuse=False)
         rep = memory_report(m)
         w, a = average_bits(m, plan, cfg.num_tokens)
-        frag = sum(4 * cuda_layout.total_words(q.out_features, q.in_features, q.config.w_bits) + 16 * q.out_features
-                   for q in treeq_layers(m).values())  # words, row map, scale, zero point, column sum
+        # the fragment words and row map replace the layout-v1 codes; the u-domain zero point and column sum join
+        resident = rep["packed_bytes"] + sum(
+            4 * cuda_layout.total_words(q.out_features, q.in_features, q.config.w_bits)
+            + 4 * 256 * cuda_layout.channel_tiles(q.out_features) + 8 * q.out_features - q.w_packed.nbytes
+            for q in treeq_layers(m).values())
         lines.append(f"| {name} | W{w:.2f}A{a:.2f} | {rep['ratio']:.3f}× | {rep['packed_bytes'] / 2**20:.0f} MiB "
-                     f"(bf16 {rep['bf16_bytes'] / 2**20:.0f} MiB) | "
-                     f"{(rep['packed_bytes'] + frag) / rep['bf16_bytes']:.3f}× |")
+                     f"(bf16 {rep['bf16_bytes'] / 2**20:.0f} MiB) | {resident / rep['bf16_bytes']:.3f}× |")
     lines += ["", "| B | bf16 compile, recorded ms | its block linears (model) | rest | W4A4 fused, no branch: "
               "ms (× bf16 compile) | W4A4 + GMB: ms (×) | bound: linears at int8 peak, ms (×) | target |",
               "|---|---|---|---|---|---|---|---|"]

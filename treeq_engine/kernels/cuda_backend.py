@@ -14,8 +14,9 @@ Semantics are the reference backend's (``kernels/reference.py``, docs/format.md)
   row-owning kernel, as the oracle does: a per-token scale needs the whole row, which one GEMM tile does not
   hold, so the fusion is in the API only (the same codes and bytes as the two calls).
 
-Weights are repacked once per weight into fragment layout v1 (``cuda_layout``) on the CPU and cached; call an op
-once before capturing a CUDA graph so that caches are warm.
+A weight held in layout v1 is repacked once into fragment layout v1 (``cuda_layout``) on the CPU and cached;
+call an op once before capturing a CUDA graph so that caches are warm. A weight that carries its fragment layout
+(``PackedWeight.frag``: the runtime's packed layers on the CUDA path) is used as it is.
 """
 from __future__ import annotations
 
@@ -307,6 +308,13 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
 
 # ---- registration ---------------------------------------------------------------------------------------------
 
+def runs_weight(device: torch.device, k: int) -> bool:
+    """Whether this backend runs a packed weight of depth ``k`` held on ``device`` (the runtime keeps such weights
+    in fragment layout only)."""
+    device = torch.device(device)
+    return device.type == "cuda" and available() and k <= MAX_K and _capability_ok(device)
+
+
 def _all_cuda(*ts: torch.Tensor | None) -> bool:
     return all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in ts)
 
@@ -321,7 +329,7 @@ def can_run(op: str, args: tuple, kwargs: dict) -> bool:
                 and x.dtype in _X_DTYPES and spec.role is Role.ACTIVATION and _capability_ok(x.device))
     act, weight = args
     out_dtype = kwargs.get("out_dtype", torch.bfloat16)
-    return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.packed, kwargs.get("bias"),
+    return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.anchor, kwargs.get("bias"),
                       kwargs.get("monarch_w2"))
             and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and act.k <= MAX_K
             and _capability_ok(act.codes.device))

@@ -7,20 +7,20 @@ m64nNk32`` k-steps, as 2·bits words that unpack to int8 registers with one shif
 records the original channel of every tile row; rows are in channel order (a Monarch branch's output blocks are
 contiguous, so a tile already meets few of them), and the kernels read the map instead of assuming it.
 
-The artifact format stays layout v1; this layout is a cache (``cuda_operands``) built when a CUDA kernel first
-needs a weight, keyed by the weight's packed tensor and the device, and rebuilt after an in-place change of the
-weight's tensors.
+The artifact format stays layout v1. A weight reaches the kernels in this layout one of two ways: a cache
+(``cuda_operands``) built when a CUDA kernel first needs a layout-v1 weight, keyed by the weight's packed tensor and
+the device, and rebuilt after an in-place change of the weight's tensors (both layouts then sit on the device); or
+a module that holds only this layout on its device (``TreeQLinear.set_layout("frag")``, what the runtime does for
+layers the CUDA kernels run), converting back to layout v1 for its state dict.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from .. import core
 from ..format.packing import PACKABLE_BITS, packed_dtype, packed_shape
 from .derived import derived
-from .types import PackedWeight
+from .types import FragWeight, PackedWeight
 
 TILE_N = 256  # output channels per tile (MMA M side)
 TILE_K = 128  # K per tile (one 128-byte swizzle row of int8 activations)
@@ -89,42 +89,37 @@ def registers(words: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     return r.to(torch.int64) & 0xFFFFFFFF
 
 
-@dataclasses.dataclass(frozen=True)
-class FragWeight:
-    """A weight's CUDA operands on one device.
-
-    words     int32 (total_words,)  fragment layout v1
-    row_chan  int32 (tiles·256,)    original channel of each tile row
-    scale     float32 (N,)          per-channel scale
-    uzp       int32 (N,)            zero point + field offset (u-domain)
-    ucs       int32 (N,)            Σ_k q + field offset · K (u-domain code sums)
-    """
-
-    words: torch.Tensor
-    row_chan: torch.Tensor
-    scale: torch.Tensor
-    uzp: torch.Tensor
-    ucs: torch.Tensor
-    bits: int
-    n: int
-    k: int
+def u_domain(zero_point: torch.Tensor, col_sum: torch.Tensor, bits: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' per-channel corrections in the offset-binary domain: ``(zero point + offset, Σ_k q + offset·K)``
+    as int32 on the tensors' device."""
+    off = field_offset(bits)
+    uzp = zero_point.to(torch.int64) + off
+    ucs = col_sum.to(torch.int64) + off * k
+    return uzp.to(torch.int32), ucs.to(torch.int32)
 
 
 def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
-    """Repack ``weight`` on the CPU and move the operands to ``device``."""
+    """Repack ``weight`` (layout v1) on the CPU and move the operands to ``device``."""
     words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k)
-    off = field_offset(weight.bits)
-    uzp = weight.zero_point.cpu().to(torch.int64) + off
-    ucs = weight.col_sum.cpu().to(torch.int64) + off * weight.k
+    uzp, ucs = u_domain(weight.zero_point.cpu(), weight.col_sum.cpu(), weight.bits, weight.k)
     return FragWeight(words.to(device), row_chan.to(device), weight.scale.to(device, torch.float32).contiguous(),
-                      uzp.to(torch.int32).to(device), ucs.to(torch.int32).to(device), weight.bits, weight.n,
-                      weight.k)
+                      uzp.to(device), ucs.to(device), weight.bits, weight.n, weight.k)
+
+
+def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                col_sum: torch.Tensor, bits: int, n: int, k: int) -> FragWeight:
+    """The :class:`FragWeight` of codes already held in fragment layout (``words``, ``row_chan``) with the weight's
+    own scale, zero point and column sums; the u-domain corrections are derived once and cached on ``words``."""
+    uzp, ucs = derived(words, "u_domain", (zero_point, col_sum), lambda: u_domain(zero_point, col_sum, bits, k))
+    return FragWeight(words, row_chan, scale, uzp, ucs, bits, n, k)
 
 
 def cuda_operands(weight: PackedWeight) -> FragWeight:
-    """The cached :class:`FragWeight` of ``weight`` on its own device (built on first use). The cache lives as
-    long as ``weight.packed`` and is rebuilt when any of the weight's tensors was changed in place (a module
-    whose buffers are loaded after a first forward, say)."""
+    """The :class:`FragWeight` of ``weight`` on its own device: the one it carries, else one built from layout v1
+    on first use and cached. The cache lives as long as ``weight.packed`` and is rebuilt when any of the weight's
+    tensors was changed in place (a module whose buffers are loaded after a first forward, say)."""
+    if weight.frag is not None:
+        return weight.frag
     return derived(weight.packed, ("cuda_frag", str(weight.device)),
                    (weight.packed, weight.scale, weight.zero_point, weight.col_sum),
                    lambda: build_operands(weight, weight.device))

@@ -45,7 +45,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
                   out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
-    codes = derived(weight.packed, "codes", (weight.packed,), weight.codes)  # unpack once per weight
+    codes = derived(weight.anchor, "codes", (weight.anchor,), weight.codes)  # unpack once per weight
     acc = int_gemm(act.codes, codes)
     corr = zero_point_correction(acc, weight.k, act.zero_point, act.row_sum, weight.zero_point, weight.col_sum)
     y = corr.float() * act.scale[:, None] * weight.scale[None, :]

@@ -14,15 +14,43 @@ from ..format.packing import LAYOUT_VERSION, packed_dtype, packed_shape
 
 
 @dataclasses.dataclass(frozen=True)
+class FragWeight:
+    """A weight in fragment layout v1, the CUDA GEMMs' operand (``kernels/cuda_layout.py``), on one device.
+
+    words     int32 (total_words,)  fragment layout v1
+    row_chan  int32 (tiles·256,)    original channel of each tile row
+    scale     float32 (N,)          per-channel scale
+    uzp       int32 (N,)            zero point + field offset (u-domain)
+    ucs       int32 (N,)            Σ_k q + field offset · K (u-domain code sums)
+    """
+
+    words: torch.Tensor
+    row_chan: torch.Tensor
+    scale: torch.Tensor
+    uzp: torch.Tensor
+    ucs: torch.Tensor
+    bits: int
+    n: int
+    k: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+
+@dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A weight ``(N, K)`` quantized per output channel and packed in layout v1.
 
-    packed      int32 (N, ⌈K/32⌉·bits) for 2/3/4-bit, int8 (N, K) for 8-bit
+    packed      int32 (N, ⌈K/32⌉·bits) for 2/3/4-bit, int8 (N, K) for 8-bit; or None when ``frag`` holds the codes
     scale       float32 (N,)          zero_point int32 (N,)
     col_sum     int32 (N,): Σ_k q[n, k] over the true K (the activation zero point's correction)
+    frag        the same codes in the CUDA kernels' fragment layout, when the holder keeps them that way on the
+                device instead of in layout v1 (half the resident bytes; ``runtime.linear.TreeQLinear.set_layout``);
+                backends that read layout v1 decline such a weight, the reference unpacks it
     """
 
-    packed: torch.Tensor
+    packed: torch.Tensor | None
     bits: int
     n: int
     k: int
@@ -32,13 +60,27 @@ class PackedWeight:
     symmetric: bool = False
     layout_version: int = LAYOUT_VERSION
 
+    frag: FragWeight | None = None
+
     def __post_init__(self) -> None:
         if self.layout_version != LAYOUT_VERSION:
             raise ValueError(f"packed weight uses layout v{self.layout_version}; this build reads v{LAYOUT_VERSION}")
+        if self.frag is not None:
+            f = self.frag
+            if (f.bits, f.n, f.k) != (self.bits, self.n, self.k):
+                raise ValueError(f"fragment-layout weight is {f.bits}-bit (N={f.n}, K={f.k}), the packed weight "
+                                 f"{self.bits}-bit (N={self.n}, K={self.k})")
+            if self.packed is None:
+                return self._check_qparams()
+        if self.packed is None:
+            raise ValueError("a packed weight needs its codes: packed (layout v1) or frag (fragment layout)")
         want = packed_shape(self.n, self.k, self.bits)
         if tuple(self.packed.shape) != want or self.packed.dtype != packed_dtype(self.bits):
             raise ValueError(f"{self.bits}-bit packed weight for (N={self.n}, K={self.k}) must be "
                              f"{packed_dtype(self.bits)} {want}, got {self.packed.dtype} {tuple(self.packed.shape)}")
+        self._check_qparams()
+
+    def _check_qparams(self) -> None:
         for name, t, dt in (("scale", self.scale, torch.float32), ("zero_point", self.zero_point, torch.int32),
                             ("col_sum", self.col_sum, torch.int32)):
             if t.shape != (self.n,) or t.dtype != dt:
@@ -56,15 +98,28 @@ class PackedWeight:
 
     @property
     def device(self) -> torch.device:
-        return self.packed.device
+        return self.anchor.device
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """The tensor holding the codes (layout v1, else the fragment words): caches of derived operands key on it."""
+        return self.packed if self.packed is not None else self.frag.words
 
     def codes(self) -> torch.Tensor:
-        """int8 codes (N, K)."""
-        return unpack(self.packed, self.bits, self.k)
+        """int8 codes (N, K), on the weight's device."""
+        if self.packed is not None:
+            return unpack(self.packed, self.bits, self.k)
+        from .cuda_layout import unrepack   # C++ core, on the CPU
+
+        f = self.frag
+        return unrepack(f.words.cpu(), f.row_chan.cpu(), self.bits, self.n, self.k).to(self.device)
 
     def to(self, device: torch.device | str) -> "PackedWeight":
-        return dataclasses.replace(self, packed=self.packed.to(device), scale=self.scale.to(device),
-                                   zero_point=self.zero_point.to(device), col_sum=self.col_sum.to(device))
+        frag = None if self.frag is None else dataclasses.replace(
+            self.frag, **{f: getattr(self.frag, f).to(device) for f in ("words", "row_chan", "scale", "uzp", "ucs")})
+        return dataclasses.replace(self, packed=None if self.packed is None else self.packed.to(device),
+                                   scale=self.scale.to(device), zero_point=self.zero_point.to(device),
+                                   col_sum=self.col_sum.to(device), frag=frag)
 
 
 @dataclasses.dataclass(frozen=True)

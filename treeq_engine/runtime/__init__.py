@@ -1,6 +1,6 @@
 """Inference: packed TreeQLinear modules, model conversion and artifacts."""
 from . import artifact
-from .convert import memory_report, quantize, skeleton, treeq_layers
+from .convert import memory_report, quantize, set_layout, skeleton, treeq_layers
 from .linear import TreeQLinear
 
-__all__ = ["TreeQLinear", "artifact", "memory_report", "quantize", "skeleton", "treeq_layers"]
+__all__ = ["TreeQLinear", "artifact", "memory_report", "quantize", "set_layout", "skeleton", "treeq_layers"]

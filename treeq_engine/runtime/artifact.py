@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..format.packing import LAYOUT_VERSION
 from ..plan import QuantPlan
-from .convert import skeleton
+from .convert import check_layout, set_layout, skeleton
 
 FORMAT = "treeq-artifact"
 # 2: Monarch factors with input blocks strided and output blocks contiguous (branches/monarch.py); version 1
@@ -88,12 +88,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
-         map_location: str | torch.device = "cpu") -> nn.Module:
+         map_location: str | torch.device = "cpu", layout: str = "auto") -> nn.Module:
     """Load an artifact into ``model``, a freshly built full-precision instance of the same architecture
-    (its weights are replaced). Returns the quantized model."""
+    (its weights are replaced); ``layout`` as in :func:`treeq_engine.runtime.set_layout` (by default, layers the
+    CUDA kernels run keep only their fragment layout on the GPU). Returns the quantized model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_layout(layout)
     p = Path(path)
     man = read_manifest(p)
     plan = QuantPlan.load(p / "plan.json")
@@ -115,4 +117,5 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(f"{p}: state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    set_layout(model, layout)
     return model

@@ -16,7 +16,7 @@ from ..format import quantize as quantize_tensor
 from ..nn.convert import _set_submodule
 from ..nn.quant_linear import QuantLinear
 from ..plan import LayerConfig, QuantPlan
-from .linear import TreeQLinear, branch_dtype
+from .linear import LAYOUTS, TreeQLinear, branch_dtype
 
 
 def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -57,11 +57,13 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True) -> nn.Module:
+def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
+             layout: str = "auto") -> nn.Module:
     """Swap every layer the plan names for its packed form, in place, and (``fuse``) fuse LayerNorm + modulate +
-    quantization into the DiT blocks that allow it. Returns ``model``."""
+    quantization into the DiT blocks that allow it; ``layout`` as in :func:`set_layout`. Returns ``model``."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    check_layout(layout)
     plan.validate(model)
     for name, cfg in plan.layers.items():
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
@@ -69,7 +71,34 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         from .dit_fused import fuse_dit_blocks
 
         fuse_dit_blocks(model)
+    set_layout(model, layout)
     return model
+
+
+def check_layout(layout: str) -> None:
+    if layout not in ("auto",) + LAYOUTS:
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+
+
+@torch.no_grad()
+def set_layout(model: nn.Module, layout: str = "auto") -> dict[str, int]:
+    """Choose how each packed layer holds its codes on its device (``TreeQLinear.set_layout``): ``"auto"`` keeps
+    only the CUDA kernels' fragment layout where those kernels will run the layer (a CUDA device they support,
+    quantized activations) and layout v1 elsewhere; ``"v1"`` or ``"frag"`` everywhere they apply (weight-only
+    layers keep v1). Call it again after moving the model to another device. Returns the count per layout."""
+    from ..kernels.cuda_backend import runs_weight
+
+    check_layout(layout)
+    counts = {lay: 0 for lay in LAYOUTS}
+    for mod in treeq_layers(model).values():
+        want = layout
+        if not mod.act_spec.is_quantized:
+            want = "v1"
+        elif layout == "auto":
+            want = "frag" if runs_weight(mod.w_scale.device, mod.in_features) else "v1"
+        mod.set_layout(want)
+        counts[want] += 1
+    return counts
 
 
 def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True) -> nn.Module:

@@ -5,6 +5,12 @@
 It runs the fastest backend the kernel dispatcher finds for its inputs (CUDA, then Triton, then the reference),
 so the same module serves a GPU and the CPU with the same numbers (within the kernels' stated tolerance).
 A layer whose activations stay in 16 bits (weight-only quantization) multiplies by the dequantized weight.
+
+Layouts. The state dict (the artifact) always holds the codes in layout v1. On the device a layer holds them in
+one layout (``set_layout``): ``"v1"``, which every backend reads (the CUDA kernels derive their fragment layout from
+it and cache that beside it), or ``"frag"``, only the CUDA kernels' fragment layout — one copy, so the resident
+weight halves on the CUDA path. A ``"frag"`` layer converts to layout v1 when its state dict is taken and from it
+when one is loaded (on the CPU, exact); off the CUDA kernels it runs on the reference backend.
 """
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..format import QuantSpec, QuantizedTensor
-from ..format.packing import LAYOUT_VERSION
-from ..kernels import PackedWeight, QuantizedActivation, packed_linear, quantize_activation
+from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
+from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
 from ..plan import LayerConfig
 
 
@@ -25,6 +31,9 @@ def branch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
+LAYOUTS = ("v1", "frag")
+
+
 class TreeQLinear(nn.Module):
     """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
 
@@ -32,8 +41,6 @@ class TreeQLinear(nn.Module):
                  monarch: tuple[int, int] | None = None, name: str = "", dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        from ..format.packing import packed_dtype, packed_shape
-
         wspec = config.weight_spec()
         if not wspec.is_quantized:
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
@@ -78,8 +85,79 @@ class TreeQLinear(nn.Module):
 
     # -- math ------------------------------------------------------------------------------------
     def packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.w_packed, self.config.w_bits, self.out_features, self.in_features, self.w_scale,
-                            self.w_zero_point, self.w_col_sum, self.config.w_symmetric, LAYOUT_VERSION)
+        bits, n, k = self.config.w_bits, self.out_features, self.in_features
+        frag = None
+        if self.w_packed is None:
+            frag = cuda_layout.frag_weight(self.w_frag, self.w_frag_rows, self.w_scale, self.w_zero_point,
+                                           self.w_col_sum, bits, n, k)
+        return PackedWeight(self.w_packed, bits, n, k, self.w_scale, self.w_zero_point, self.w_col_sum,
+                            self.config.w_symmetric, LAYOUT_VERSION, frag)
+
+    # -- layouts ---------------------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        """Where the codes live on the device: ``"v1"`` or ``"frag"`` (see the module docstring)."""
+        return "v1" if self.w_packed is not None else "frag"
+
+    def set_layout(self, layout: str) -> None:
+        """Hold the codes in ``layout`` (``"v1"`` or ``"frag"``) on the layer's device, converting on the CPU
+        (exact). Only a layer with quantized activations runs the CUDA kernels, so only such a layer takes
+        ``"frag"``. A CUDA graph captured before the change reads the old tensors: capture again after it."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"{self.name or 'TreeQLinear'}: layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == self.layout:
+            return
+        bits, n, k = self.config.w_bits, self.out_features, self.in_features
+        if layout == "frag":
+            if not self.act_spec.is_quantized:
+                raise ValueError(f"{self.name or 'TreeQLinear'}: a weight-only layer ({self.config.label}) "
+                                 "multiplies a dequantized weight, not the CUDA kernels: it keeps layout v1")
+            dev = self.w_packed.device
+            words, rows = cuda_layout.repack(self.w_packed.cpu(), bits, n, k)
+            self.w_packed = None   # dropped before the new copy arrives, so the device never holds both
+            self.register_buffer("w_frag", words.to(dev), persistent=False)
+            self.register_buffer("w_frag_rows", rows.to(dev), persistent=False)
+        else:
+            packed = self._v1_from_frag()
+            del self.w_frag, self.w_frag_rows
+            self.w_packed = packed
+
+    def _v1_from_frag(self) -> torch.Tensor:
+        bits, n, k = self.config.w_bits, self.out_features, self.in_features
+        codes = cuda_layout.unrepack(self.w_frag.cpu(), self.w_frag_rows.cpu(), bits, n, k)
+        return pack(codes, bits).to(self.w_frag.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.w_packed is None:   # the artifact format is layout v1 whatever the device holds
+            destination[prefix + "w_packed"] = self._v1_from_frag()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.w_packed is not None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        key = prefix + "w_packed"
+        packed = state_dict.pop(key, None)   # no such buffer now: the base class would call it unexpected
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            if packed is not None:
+                state_dict[key] = packed
+        if packed is None:
+            missing_keys.append(key)
+            return
+        bits, n, k = self.config.w_bits, self.out_features, self.in_features
+        want = packed_shape(n, k, bits)
+        if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != want or packed.dtype != packed_dtype(bits):
+            got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+            error_msgs.append(f"size mismatch for {key}: a {bits}-bit layout-v1 weight for (N={n}, K={k}) is "
+                              f"{packed_dtype(bits)} {want}, got {got}")
+            return
+        words, _ = cuda_layout.repack(packed.detach().cpu(), bits, n, k)
+        with torch.no_grad():
+            self.w_frag.copy_(words)   # in place: the tensors keep their addresses
 
     @property
     def act_spec(self) -> QuantSpec:
@@ -138,4 +216,5 @@ class TreeQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         br = "" if self.monarch_w1 is None else f", monarch b={self.monarch_w1.shape[0]}"
-        return f"{self.in_features} -> {self.out_features}, {self.config.label}{br}"
+        lay = "" if self.layout == "v1" else ", frag layout"
+        return f"{self.in_features} -> {self.out_features}, {self.config.label}{br}{lay}"

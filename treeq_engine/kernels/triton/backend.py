@@ -135,10 +135,13 @@ def _tensors(args: tuple, kwargs: dict):
         elif isinstance(a, QuantizedActivation):
             yield a.codes
         elif isinstance(a, PackedWeight):
-            yield a.packed
+            yield a.anchor
 
 
 def can_run(op: str, args: tuple, kwargs: dict) -> bool:
+    """Tensors where Triton runs, and weights in layout v1 (what these kernels read and derive theirs from)."""
+    if any(isinstance(a, PackedWeight) and a.packed is None for a in args):
+        return False
     return all(runs_on(t) for t in _tensors(args, kwargs))
 
 
