@@ -17,6 +17,11 @@ What it does:
 
 Prints a JSON record (device, shapes, K, G, samples, fitted a and b, predicted total, levels run) for
 benchmarks/RESULTS.md.
+
+``--predict`` (CPU, no model built) writes the floors and a prediction for an H100 into RESULTS.md instead: the
+planned work (sample·block evaluations, from the same unit layout), its bf16 FLOPs over the dense peak and the
+bytes of the activation fake-quant over the bandwidth, and a time per sample·block taken from the recorded bf16
+eager DiT-XL/2 forward plus the fake-quant passes (eager or compiled).
 """
 from __future__ import annotations
 
@@ -28,7 +33,17 @@ import time
 import numpy as np
 import torch
 
-from record import git_commit  # benchmarks/record.py
+from record import git_commit, write_section  # benchmarks/record.py
+
+PBEGIN, PEND = "<!-- bench_search:predictions:begin -->", "<!-- bench_search:predictions:end -->"
+BF16_PEAK = 989e12        # H100 SXM dense bf16 FLOP/s
+BANDWIDTH = 3.35e12       # H100 SXM HBM3 bytes/s (the floor)
+COPY_RATE = 3.0e12        # device-to-device copy as measured on our H100 (the prediction's elementwise rate)
+EAGER_B32_MS = 27.64      # DiT-XL/2 bf16 eager forward at batch 32, CUDA graph (research/h100-baselines.md)
+# bytes per activation element of one fake-quant (bf16 in and out): eager = the ~10 passes of
+# nn/grouped.py's arithmetic (to float32, min, max, divide, round, add, clamp, subtract, multiply, to bf16),
+# compiled = one reduction and one elementwise pass (read, read, write)
+FQ_BYTES = {"eager": 6 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 8 + 6, "compiled": 2 + 2 + 2}
 
 
 def planned_units(leaf_segment: list[int], segments: int, cands: int, keep: int, group: int) -> list[list[tuple]]:
@@ -53,6 +68,65 @@ def planned_units(leaf_segment: list[int], segments: int, cands: int, keep: int,
     return levels
 
 
+def block_costs(cfg) -> tuple[float, float, int]:
+    """Per sample and DiT block: (bf16 FLOPs, activation elements fake-quantized, weight parameters)."""
+    d, t, h = cfg.hidden_size, cfg.num_tokens, int(cfg.hidden_size * cfg.mlp_ratio)
+    params = d * 3 * d + d * d + d * h + h * d              # qkv, proj, fc1, fc2 (adaLN: one row per sample)
+    flops = 2.0 * t * params + 2.0 * d * 6 * d + 4.0 * t * t * d   # linears, adaLN, QKᵀ and AV
+    return flops, t * (d + d + d + h) + d, params + 6 * d * d
+
+
+def predict(args: argparse.Namespace) -> str:
+    """The floors and predicted time of the whole search on an H100, from the planned work alone."""
+    from treeq_engine.models import dit_config
+    from treeq_engine.search.space import candidate_configs
+
+    cfg = dit_config(args.config)
+    per_block = 5                                            # adaLN, qkv, proj, fc1, fc2 in forward order
+    leaf_segment = [b + 1 for b in range(cfg.depth) for _ in range(per_block)]
+    segs, nc = cfg.depth + 2, len(candidate_configs())
+    levels = planned_units(leaf_segment, segs, nc, args.keep, args.group)
+    # a unit of r candidate rows runs its node's block to the last one (the final layer is negligible), each on
+    # every calibration sample
+    sample_blocks = sum(r * (s - 1) for lv in levels for r, s in lv) * args.samples
+    evals = sum(r for lv in levels for r, _ in lv)
+    flops, fq_elems, wparams = block_costs(cfg)
+    floor_flop = sample_blocks * flops / BF16_PEAK
+    eager_us = EAGER_B32_MS * 1e3 / (32 * cfg.depth)        # µs per sample·block, the model's own eager forward
+    # a unit's grouped layers stack G fake-quantized weights per forward: written once, read by the bmm
+    stack_us = 2 * 2 * wparams / COPY_RATE * 1e6 / args.samples   # per sample·block, amortized over the samples
+    rows, fit = [], {}
+    for mode in ("compiled", "eager"):
+        fq_us = fq_elems * FQ_BYTES[mode] / COPY_RATE * 1e6
+        floor_bytes = sample_blocks * fq_elems * FQ_BYTES[mode] / BANDWIDTH
+        total = sample_blocks * (eager_us + fq_us + stack_us) / 1e6
+        fit[mode] = 20 * 60 / total * args.samples          # samples that fill 20 min (linear in N)
+        rows.append(f"| {mode} | {fq_us:.1f} | {floor_bytes / 60:.1f} min | {eager_us:.1f} + {fq_us:.1f} + "
+                    f"{stack_us:.1f} = {eager_us + fq_us + stack_us:.1f} | **{total / 60:.1f} min** |")
+    lines = [PBEGIN, f"### Floors and prediction for {args.config} on an H100 (written before any GPU run)", "",
+             f"Written by `python benchmarks/bench_search.py --predict` (CPU) at commit {git_commit()}. Planned work "
+             f"without budget pruning (an upper bound), from the unit layout the timing run uses: {len(leaf_segment)} "
+             f"leaves, {nc} candidates, K = {args.keep}, G = {args.group}: {evals:,} candidate evaluations, "
+             f"**{sample_blocks / 1e6:.1f} M sample·block evaluations** at N = {args.samples} calibration samples "
+             f"(one DiT block on one sample: {flops / 1e9:.2f} GFLOP in bf16, {fq_elems / 1e6:.2f} M activation "
+             f"elements fake-quantized).", "",
+             f"FLOP floor (bf16 dense peak {BF16_PEAK / 1e12:.0f} TFLOP/s): **{floor_flop / 60:.1f} min**. Per "
+             f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 (27.64 ms for "
+             f"DiT-XL/2 at batch 32: {eager_us:.1f} µs per sample·block, norms, attention and elementwise included; "
+             f"the search runs G·N = {args.group * args.samples} samples per forward, so its GEMMs are at least as "
+             f"efficient), the activation fake-quant at the measured copy rate (3.0 TB/s), and the stacked candidate weights (at most: "
+             "only a node's own layers are stacked):", "",
+             "| fake-quant | its µs per sample·block | its bytes floor | predicted µs per sample·block | predicted "
+             "search |", "|---|---|---|---|---|", *rows, "",
+             "The issue's limit is 20 min: predicted met with the compiled fake-quant (`--compile`, what "
+             "tools/gpu_session.sh runs) and marginal without it, where ten float32 passes over every linear's "
+             "input cost more than the forward itself. The time is linear in the calibration samples N: 20 min "
+             f"holds up to N ≈ {fit['compiled']:.0f} compiled ({fit['eager']:.0f} eager) — the search CLI's default "
+             "set (32 trajectories × 8 timesteps = 256 samples) is for small models; at DiT-XL/2 pass fewer "
+             "(`--calib-trajectories`, `--calib-timesteps`) or shard the levels over GPUs (`torchrun`).", PEND]
+    return "\n".join(lines)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the real search for this many levels that score merges")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--compile", action="store_true", help="fuse the activation fake-quant with torch.compile")
+    p.add_argument("--predict", action="store_true",
+                   help="CPU: floors and predicted H100 time from the planned work, written to RESULTS.md")
     args = p.parse_args(argv)
+    if args.predict:
+        block = predict(args)
+        print(block)
+        write_section(block, PBEGIN, PEND)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:

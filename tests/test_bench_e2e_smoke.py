@@ -59,3 +59,22 @@ def test_latency_budget_smoke(tmp_path):
     assert high["measured_ms"] > 0 and 0 < high["weight_ratio"] < 1
     plan = json.loads((tmp_path / "search_10000" / "plan.json").read_text())
     assert plan["meta"]["budget"]["kind"] == "latency" and plan["meta"]["env"] == "W8A8"
+
+
+def test_bench_search_predict_counts_the_planned_work():
+    """bench_search --predict lays out DiT-XL/2's search from the config alone: the same planned evaluations as
+    the timing run on the real search space recorded (27,744), and a block's FLOPs counted by hand."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_search
+
+    from treeq_engine.models import dit_config
+
+    flops, elems, _ = bench_search.block_costs(dit_config("DiT-XL/2"))
+    d, t = 1152, 256
+    assert flops == 2 * t * (d * 3 * d + d * d + 2 * d * 4 * d) + 2 * d * 6 * d + 4 * t * t * d
+    assert elems == t * 7 * d + d
+    text = bench_search.predict(argparse.Namespace(config="DiT-XL/2", keep=16, group=16, samples=32))
+    assert "27,744 candidate evaluations" in text
+    assert text.count("min** |") == 2
