@@ -113,7 +113,7 @@ def average_bits(model: nn.Module, plan: QuantPlan, tokens: int) -> tuple[float,
 
 def measure(model: nn.Module, batch: int, cfg, device: str, reps: int) -> tuple[float, float, float]:
     """(ms per forward, peak GiB during the replays, GiB resident after one eager forward: the weights with every
-    cache the backends derive from them, e.g. the CUDA kernels' repacked copy)."""
+    cache the backends derive from them)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -358,9 +358,10 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
              f"Device {dev}, torch {torch.__version__}, commit {git_commit()}, median of {args.reps} replays, "
              f"random weights with real shapes, compile mode {args.compile_mode!r}. Ratio = {ref_name} time / "
              "variant time (higher is faster).",
-             "Linear weights vs bf16: the packed modules' bytes; resident: GiB allocated after one eager forward (the "
-             "model with every cache the kernels derive, e.g. the CUDA kernels' repacked weights); kernels: the "
-             "backend the packed GEMM dispatched to and the DiT blocks running fused.",
+             "Linear weights vs bf16: the packed modules' bytes as held on the device (layers the CUDA kernels run "
+             "hold only their fragment layout, tile padding included); resident: GiB allocated after one eager "
+             "forward (the whole model with every cache the kernels derive); kernels: the backend the packed GEMM "
+             "dispatched to and the DiT blocks running fused.",
              "", "| variant | avg W/A bits | linear weights vs bf16 | resident GiB | kernels | " +
              " | ".join(f"B={b} ms (ratio) | peak GiB" for b in args.batches) + " |",
              "|---|---|---|---|---|" + "---|---|" * len(args.batches)]

@@ -3,7 +3,7 @@ the same numbers, the same state dict (layout v1), loads into either layout, cle
 
 On the CPU a fragment-layout layer runs on the reference backend (it unpacks through the C++ core), so every
 check here is exact; the GPU half (the CUDA kernels reading the held layout, resident bytes) is in
-``test_cuda_backend.py``.
+``test_cuda_kernels.py``.
 """
 import pytest
 import torch
@@ -56,8 +56,7 @@ def test_frag_layout_same_numbers_and_state_dict(cfg, branch, gen):
         assert torch.equal(sd_frag[key], sd_v1[key]), key
     # one copy of the codes: the fragment words (tile padding included) replace layout v1
     words = cuda_layout.total_words(70, 90, cfg.w_bits) * 4
-    assert frag.weight_bytes() == v1.weight_bytes() - v1.w_packed.numel() * v1.w_packed.element_size() + words \
-        + frag.w_frag_rows.numel() * 4
+    assert frag.weight_bytes() == v1.weight_bytes() - v1.w_packed.numel() * v1.w_packed.element_size() + words
     # and back
     frag.set_layout("v1")
     assert frag.layout == "v1" and torch.equal(frag.w_packed, v1.w_packed) and not hasattr(frag, "w_frag")
@@ -170,3 +169,52 @@ def test_packed_weight_with_frag_only(gen):
         with pytest.raises(RuntimeError, match="weight layout"):
             packed_linear(act, fw, backend="triton")
     assert torch.equal(pack(fw.codes(), 3), pw.packed)
+
+
+def test_frag_layer_loads_after_to_empty_and_with_assign(gen):
+    """The ways a skeleton gets its weights: ``to_empty`` then a load (the row map is not state: it must not be
+    lost), and a meta skeleton loaded with ``assign=True`` (the codes take the state dict's device)."""
+    cfg = LayerConfig(4, 8)
+    src = _layer(cfg, seed=1)
+    x = torch.randn(5, 90, generator=gen)
+    mod = _layer(cfg, seed=0)
+    mod.set_layout("frag")
+    mod.to_empty(device="cpu")
+    mod.load_state_dict(src.state_dict())
+    torch.testing.assert_close(mod(x), src(x), rtol=0, atol=0)
+
+    with torch.device("meta"):
+        skel = TreeQLinear(90, 70, cfg, bias=True, dtype=torch.float32)
+    skel.set_layout("frag")
+    assert skel.w_frag.is_meta and skel.state_dict()["w_packed"].is_meta
+    skel.load_state_dict(src.state_dict(), assign=True)
+    assert not skel.w_frag.is_meta and skel.layout == "frag"
+    torch.testing.assert_close(skel(x), src(x), rtol=0, atol=0)
+    meta = {k: v.to("meta") for k, v in src.state_dict().items()}
+    with pytest.raises(RuntimeError, match="meta tensor holds no codes"):
+        skel.load_state_dict(meta)
+
+
+def test_frag_state_dict_is_layout_v1_on_the_cpu_first():
+    """A fragment-layout layer's state dict holds layout v1 on the CPU (taking a GPU model's state never puts a
+    second copy of the codes on the device), under the key order of a layout-v1 layer."""
+    v1 = _layer(LayerConfig(3, 4), branch=(4, 1))
+    frag = _copy(v1)
+    frag.set_layout("frag")
+    sd = frag.state_dict()
+    assert list(sd) == list(v1.state_dict()) and sd["w_packed"].device.type == "cpu"
+
+
+def test_fragment_operands_are_checked(gen):
+    mod = _layer(LayerConfig(4, 8))
+    mod.set_layout("frag")
+    fw = mod.packed_weight()
+    f = fw.frag
+    import dataclasses
+
+    for change, msg in ((dict(words=f.words[:-1]), "words must be contiguous torch.int32"),
+                        (dict(row_chan=f.row_chan.long()), "row_chan must be"),
+                        (dict(uzp=f.uzp[:-1]), "uzp must be"),
+                        (dict(scale=f.scale.double()), "scale must be")):
+        with pytest.raises(ValueError, match=msg):
+            dataclasses.replace(fw, frag=dataclasses.replace(f, **change))

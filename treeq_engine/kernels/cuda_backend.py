@@ -329,8 +329,9 @@ def can_run(op: str, args: tuple, kwargs: dict) -> bool:
                 and x.dtype in _X_DTYPES and spec.role is Role.ACTIVATION and _capability_ok(x.device))
     act, weight = args
     out_dtype = kwargs.get("out_dtype", torch.bfloat16)
-    return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.anchor, kwargs.get("bias"),
-                      kwargs.get("monarch_w2"))
+    frag = () if weight.frag is None else (weight.frag.row_chan, weight.frag.scale, weight.frag.uzp, weight.frag.ucs)
+    return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.anchor, weight.scale,
+                      weight.zero_point, weight.col_sum, *frag, kwargs.get("bias"), kwargs.get("monarch_w2"))
             and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and act.k <= MAX_K
             and _capability_ok(act.codes.device))
 

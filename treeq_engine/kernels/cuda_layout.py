@@ -15,6 +15,8 @@ layers the CUDA kernels run), converting back to layout v1 for its state dict.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import core
@@ -56,6 +58,12 @@ def tile_rows(n: int) -> torch.Tensor:
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"N must be a positive int, got N={n!r}")
     return torch.from_numpy(core.load().frag_tile_rows(n))
+
+
+@functools.lru_cache(maxsize=None)
+def tile_rows_on(n: int, device: torch.device) -> torch.Tensor:
+    """:func:`tile_rows` on ``device``, one shared tensor per (N, device): it depends on N alone."""
+    return tile_rows(n).to(device)
 
 
 def repack(packed: torch.Tensor, bits: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +119,7 @@ def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor
     """The :class:`FragWeight` of codes already held in fragment layout (``words``, ``row_chan``) with the weight's
     own scale, zero point and column sums; the u-domain corrections are derived once and cached on ``words``."""
     uzp, ucs = derived(words, "u_domain", (zero_point, col_sum), lambda: u_domain(zero_point, col_sum, bits, k))
-    return FragWeight(words, row_chan, scale, uzp, ucs, bits, n, k)
+    return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)
 
 
 def cuda_operands(weight: PackedWeight) -> FragWeight:

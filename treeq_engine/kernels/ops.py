@@ -55,7 +55,8 @@ def _choose(op: str, backend: str | None, args: tuple, kwargs: dict) -> Backend:
         if op not in b.fns:
             raise ValueError(f"backend {backend!r} does not implement {op}")
         if not b.can_run(op, args, kwargs):
-            raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device, dtype, shape or weight layout)")
+            raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device, dtype, shape or weight "
+                               "layout)")
         return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
         if op in b.fns and b.auto(op, args, kwargs) and b.can_run(op, args, kwargs):

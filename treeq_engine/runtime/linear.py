@@ -48,7 +48,8 @@ class TreeQLinear(nn.Module):
         self.config, self.name, self.out_dtype = config, name, dtype
         self._act_spec = config.act_spec()   # built and validated once, not on every forward
         n, k = out_features, in_features
-        self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits), device=device))
+        self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits),
+                                                     device=device))
         self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, device=device))
         self.register_buffer("w_zero_point", torch.zeros(n, dtype=torch.int32, device=device))
         self.register_buffer("w_col_sum", torch.zeros(n, dtype=torch.int32, device=device))
@@ -88,8 +89,8 @@ class TreeQLinear(nn.Module):
         bits, n, k = self.config.w_bits, self.out_features, self.in_features
         frag = None
         if self.w_packed is None:
-            frag = cuda_layout.frag_weight(self.w_frag, self.w_frag_rows, self.w_scale, self.w_zero_point,
-                                           self.w_col_sum, bits, n, k)
+            frag = cuda_layout.frag_weight(self.w_frag, cuda_layout.tile_rows_on(n, self.w_frag.device),
+                                           self.w_scale, self.w_zero_point, self.w_col_sum, bits, n, k)
         return PackedWeight(self.w_packed, bits, n, k, self.w_scale, self.w_zero_point, self.w_col_sum,
                             self.config.w_symmetric, LAYOUT_VERSION, frag)
 
@@ -102,7 +103,9 @@ class TreeQLinear(nn.Module):
     def set_layout(self, layout: str) -> None:
         """Hold the codes in ``layout`` (``"v1"`` or ``"frag"``) on the layer's device, converting on the CPU
         (exact). Only a layer with quantized activations runs the CUDA kernels, so only such a layer takes
-        ``"frag"``. A CUDA graph captured before the change reads the old tensors: capture again after it."""
+        ``"frag"`` (off those kernels, e.g. on the CPU, a ``"frag"`` layer runs the reference backend, which
+        caches its int8 codes: use it there for tests only). A CUDA graph captured before the change reads the
+        old tensors: capture again after it."""
         if layout not in LAYOUTS:
             raise ValueError(f"{self.name or 'TreeQLinear'}: layout must be one of {LAYOUTS}, got {layout!r}")
         if layout == self.layout:
@@ -112,25 +115,37 @@ class TreeQLinear(nn.Module):
             if not self.act_spec.is_quantized:
                 raise ValueError(f"{self.name or 'TreeQLinear'}: a weight-only layer ({self.config.label}) "
                                  "multiplies a dequantized weight, not the CUDA kernels: it keeps layout v1")
-            dev = self.w_packed.device
-            words, rows = cuda_layout.repack(self.w_packed.cpu(), bits, n, k)
-            self.w_packed = None   # dropped before the new copy arrives, so the device never holds both
-            self.register_buffer("w_frag", words.to(dev), persistent=False)
-            self.register_buffer("w_frag_rows", rows.to(dev), persistent=False)
+            if self.w_packed.is_meta:   # a skeleton (to load into with assign=True): no codes to convert
+                words = torch.empty(cuda_layout.total_words(n, k, bits), dtype=torch.int32, device="meta")
+            else:
+                words, _ = cuda_layout.repack(self.w_packed.cpu(), bits, n, k)
+                words = words.to(self.w_packed.device)   # (one layer's codes twice, briefly; an OOM loses nothing)
+            self.w_packed = None
+            self.register_buffer("w_frag", words, persistent=False)
         else:
-            packed = self._v1_from_frag()
-            del self.w_frag, self.w_frag_rows
+            if self.w_frag.is_meta:
+                packed = torch.empty(packed_shape(n, k, bits), dtype=packed_dtype(bits), device="meta")
+            else:
+                packed = self._v1_from_frag().to(self.w_frag.device)
+            del self.w_frag
             self.w_packed = packed
 
     def _v1_from_frag(self) -> torch.Tensor:
+        """The codes in layout v1, on the CPU."""
         bits, n, k = self.config.w_bits, self.out_features, self.in_features
-        codes = cuda_layout.unrepack(self.w_frag.cpu(), self.w_frag_rows.cpu(), bits, n, k)
-        return pack(codes, bits).to(self.w_frag.device)
+        codes = cuda_layout.unrepack(self.w_frag.cpu(), cuda_layout.tile_rows(n), bits, n, k)
+        return pack(codes, bits)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.w_packed is None:   # the artifact format is layout v1 whatever the device holds; on the CPU, so
+            key = prefix + "w_packed"   # that taking a whole model's state never puts a second copy on the GPU
+            if self.w_frag.is_meta:
+                bits = self.config.w_bits
+                destination[key] = torch.empty(packed_shape(self.out_features, self.in_features, bits),
+                                               dtype=packed_dtype(bits), device="meta")
+            else:
+                destination[key] = self._v1_from_frag()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.w_packed is None:   # the artifact format is layout v1 whatever the device holds
-            destination[prefix + "w_packed"] = self._v1_from_frag()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -155,9 +170,15 @@ class TreeQLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: a {bits}-bit layout-v1 weight for (N={n}, K={k}) is "
                               f"{packed_dtype(bits)} {want}, got {got}")
             return
+        if packed.is_meta:
+            error_msgs.append(f"{key}: a meta tensor holds no codes to convert to the fragment layout")
+            return
         words, _ = cuda_layout.repack(packed.detach().cpu(), bits, n, k)
-        with torch.no_grad():
-            self.w_frag.copy_(words)   # in place: the tensors keep their addresses
+        if local_metadata.get("assign_to_params_buffers", False):   # load_state_dict(assign=True): take its device
+            self.w_frag = words.to(packed.device)
+        else:
+            with torch.no_grad():
+                self.w_frag.copy_(words)   # in place: the tensor keeps its address
 
     @property
     def act_spec(self) -> QuantSpec:
