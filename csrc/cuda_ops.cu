@@ -45,7 +45,8 @@ bool built_with_sm90a() {
   for (size_t start = 0; start <= archs.size();) {
     size_t end = archs.find(',', start);
     if (end == std::string::npos) end = archs.size();
-    if (archs.compare(start, end - start, "90a") == 0) return true;
+    // "90a", "90a-real" or "90a-virtual" (CMake's spellings); the PTX of "90a-virtual" JITs to sm_90a too
+    if (archs.compare(start, 3, "90a") == 0 && (end - start == 3 || archs[start + 3] == '-')) return true;
     start = end + 1;
   }
   return false;

@@ -66,10 +66,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm80_kernel(const Params p) 
     for (int q = tid; q < kTileT * 8; q += kThreads) {
       const int row = q >> 3, ch = q & 7;
       const int tok = t_base + row, kb = kt * kTileK + ch * 16;
-      const bool ok = tok < p.m && kb < p.k_act;
+      // Bounded by the true K, not k_act: the zero fill past K keeps junk in padding columns out of the sums
+      // (fragment-layout padding is code 0 = field value 2^(bits-1), which would multiply it).
+      const bool ok = tok < p.m && kb < p.k;
       const int8_t* src = ok ? p.act + static_cast<int64_t>(tok) * p.lda + kb : p.act;
       ptx::cp_async_16(ptx::smem_addr(act_s + st * kStageActBytes + row * 128 + ((ch ^ (row & 7)) << 4)), src,
-                       ok ? 16 : 0);
+                       ok ? min(16, p.k - kb) : 0);
     }
     const char* wsrc = reinterpret_cast<const char*>(
         p.wfrag + (static_cast<int64_t>(un.tc) * p.tiles_k + kt) * frag::tile_words(BITS));

@@ -301,10 +301,11 @@ int sm90_smem_bytes(int bits) {
 std::string launch_sm90(const Params& p, int bits, cudaStream_t stream, int grid) {
   auto encode = encode_tiled();
   if (encode == nullptr) return "gemm_sm90: cuTensorMapEncodeTiled is unavailable (driver too old?)";
-  // Activation codes as a 2-D uint8 tensor (k_act, m), row stride lda, boxes of 128 bytes × 128 tokens,
-  // 128-byte swizzle; out-of-range rows and columns are filled with zeros (code 0 adds nothing).
+  // Activation codes as a 2-D uint8 tensor (K, m), row stride lda, boxes of 128 bytes × 128 tokens,
+  // 128-byte swizzle; out-of-range rows and columns are filled with zeros (code 0 adds nothing). The width is the
+  // true K, not k_act, so that whatever the padding columns hold never reaches the sums.
   CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k_act), static_cast<cuuint64_t>(p.m)};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k), static_cast<cuuint64_t>(p.m)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.lda)};
   const cuuint32_t box[2] = {kTileK, kTileT};
   const cuuint32_t estr[2] = {1, 1};

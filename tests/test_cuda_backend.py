@@ -48,6 +48,35 @@ def test_raw_launcher_refuses_what_the_kernel_would_misread(gen):
         cb.launch_quantize_activation(x.t(), spec, *outs)
 
 
+def test_raw_gemm_launcher_refuses_what_the_kernel_would_misread(gen):
+    """``launch_packed_linear`` (behind the public custom op) checks every operand before the raw pointers reach
+    the kernel: the wrong K for the weight, short per-token vectors, mismatched fragment operands, the wrong
+    output, a half-given branch, operands on a non-CUDA device."""
+    from treeq_engine.kernels import cuda_layout
+
+    pw = PackedWeight.from_float(torch.randn(40, 64, generator=gen), QuantSpec.weight(4))
+    w = cuda_layout.build_operands(pw, torch.device("cpu"))
+    codes = torch.zeros(8, 64, dtype=torch.int8)
+    vec = (torch.ones(8), torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32))
+    out = torch.empty(8, 40, dtype=torch.bfloat16)
+    call = lambda **kw: cb.launch_packed_linear(kw.pop("out", out), kw.pop("codes", codes), *kw.pop("vec", vec),  # noqa: E731
+                                                kw.pop("w", w), k=kw.pop("k", 64), **kw)
+    with pytest.raises(ValueError, match="must hold K=128"):
+        call(k=128)
+    with pytest.raises(ValueError, match="a_scale must be contiguous torch.float32 with ≥ 8"):
+        call(vec=(torch.ones(7),) + vec[1:])
+    import dataclasses
+
+    with pytest.raises(ValueError, match="weight words must be"):
+        call(w=dataclasses.replace(w, words=w.words[:-16]))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(8, 40\)"):
+        call(out=torch.empty(8, 41, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="both z and w2"):
+        call(z=torch.zeros(128, 4, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        call()
+
+
 def test_param_cache_sees_data_reassignment_and_inference_tensors():
     """The bf16/padded copies are rebuilt when a tensor's data is swapped under it (``.data =``, what
     ``Module.to`` does to parameters, keeps id and version) and work on inference tensors (no version)."""

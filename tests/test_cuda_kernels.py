@@ -199,12 +199,13 @@ def test_packed_linear_branch_bias_gelu(arch, blocks, rank, gelu, splits, cgen):
     assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_packed_linear_half_outputs(out_dtype, cgen):
+def test_packed_linear_half_outputs(arch, out_dtype, cgen):
     m, n, k = 70, 260, 300
     act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
     out = _poisoned(m, n, out_dtype)
-    cb.packed_linear(act, w, out_dtype=out_dtype, out=out)
+    cb.packed_linear(act, w, out_dtype=out_dtype, out=out, arch=arch)
     want = reference_linear(act, w, out_dtype=torch.float32).to(out_dtype)
     assert torch.equal(out.cpu(), want)  # the float32 values are bit-exact, so their rounding is too
 
@@ -319,6 +320,27 @@ def test_cuda_graph_replay(cgen):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_k_under_cuda_graph(arch, cgen):
+    """Split-K captured in a graph (its workspace from the graph's pool, the counters' memset a graph node) and
+    replayed several times: the counters the last split resets must be ready for the next replay."""
+    m, n, k = 130, 300, 1000
+    act, w = _act(m, k, 4, cgen), _weight(n, k, 3, cgen)
+    want = corr_exact(act, w)
+    cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch, splits=3)   # warm the weight caches
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        y = cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch, splits=3)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        y.fill_(-123456789)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y.cpu(), want)
 
 
 def test_torch_compile(cgen):

@@ -40,6 +40,11 @@ def build_info() -> dict[str, Any]:
             info["cuda_device_count"] = int(c.cuda_device_count())
             if info["cuda_device_count"]:
                 info["cuda_device_name"] = c.cuda_device_name(0)
+            elif torch.cuda.is_available():   # torch sees a GPU the core cannot use: say why (e.g. the driver is
+                try:                          # older than the static CUDA runtime the core links)
+                    c.cuda_check_runnable()
+                except RuntimeError as e:
+                    info["cuda_core_error"] = str(e)
     else:
         info["core_error"] = core._import()[1]
     if not info["cuda_device_count"] and torch.cuda.is_available():  # e.g. a CPU-only core on a GPU host

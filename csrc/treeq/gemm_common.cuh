@@ -52,7 +52,7 @@ struct TileVecs {  // per-tile token vectors, staged in shared memory by the epi
 };
 
 struct Params {
-  const int8_t* act;        // (m, lda) int8 codes; columns ≥ k_act are never read (sm80) / zero-filled (TMA)
+  const int8_t* act;        // (m, lda) int8 codes; columns ≥ k are never read (zero-filled)
   int64_t lda;              // bytes per activation row (multiple of 16)
   const float* a_scale;     // (m,)
   const int32_t* a_zp;      // (m,)

@@ -155,9 +155,11 @@ def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.
                          bias: torch.Tensor | None = None, z: torch.Tensor | None = None,
                          w2: torch.Tensor | None = None, gelu: bool = False, arch: int = 0, splits: int = 0) -> None:
     """``out (M, N)`` of bf16/fp16/fp32 (or int32: the corrected integer accumulator) from int8 ``codes (M, ≥K)``
-    with a row stride and column count that are multiples of 16, and the weight's CUDA operands ``w``."""
+    with a row stride and column count that are multiples of 16 (columns past K are never read), and the weight's
+    CUDA operands ``w``. Every operand is checked here (sizes, dtypes, device): the kernels read raw pointers."""
     m = codes.shape[0]
     dev = codes.device
+    _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2)
     with torch.cuda.device(dev):
         pl = plan(m, w.n, k, w.bits, arch, splits)
         partials = counters = None
@@ -165,7 +167,7 @@ def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.
             partials = torch.empty(pl["partial_ints"], dtype=torch.int32, device=dev)
             counters = torch.zeros(pl["counter_ints"], dtype=torch.int32, device=dev)
         core.load().cuda_packed_linear(
-            act=codes.data_ptr(), lda=codes.stride(0), k_act=codes.shape[1], a_scale=a_scale.data_ptr(),
+            act=codes.data_ptr(), lda=codes.stride(0) if m > 1 else codes.shape[1], k_act=codes.shape[1], a_scale=a_scale.data_ptr(),
             a_zp=a_zp.data_ptr(), a_rowsum=a_rowsum.data_ptr(), wfrag=w.words.data_ptr(),
             row_chan=w.row_chan.data_ptr(), bits=w.bits, w_scale=w.scale.data_ptr(), w_uzp=w.uzp.data_ptr(),
             w_ucs=w.ucs.data_ptr(), bias=_ptr(bias), z=_ptr(z), w2=_ptr(w2),
@@ -173,6 +175,49 @@ def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.
             nb=0 if w2 is None else w2.shape[1], out=out.data_ptr(), out_kind=_OUT_KINDS[out.dtype], gelu=gelu,
             m=m, n=w.n, k=k, arch=pl["arch"], splits=pl["splits"], partials=_ptr(partials),
             counters=_ptr(counters), stream=_stream(dev))
+
+
+def _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2) -> None:
+    """What the GEMM's raw-pointer launch needs, as clear errors (a wrong size here would be an out-of-bounds
+    access on the device, not an exception)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"cuda packed_linear: {what}")
+
+    dev = codes.device
+    need(codes.dtype == torch.int8 and codes.dim() == 2 and codes.stride(1) == 1, "codes must be int8 (M, ≥K) rows")
+    m, k_act = codes.shape
+    need(w.k == k and 0 < k <= k_act and k_act % 16 == 0 and (m == 1 or codes.stride(0) % 16 == 0),
+         f"codes (M={m}, {k_act} columns, row stride {codes.stride(0)}) must hold K={k} (the weight's K={w.k}) "
+         "columns, with the column count and row stride multiples of 16")
+    for name, t, dt in (("a_scale", a_scale, torch.float32), ("a_zp", a_zp, torch.int32),
+                        ("a_rowsum", a_rowsum, torch.int32)):
+        need(t.dtype == dt and t.is_contiguous() and t.numel() >= m, f"{name} must be contiguous {dt} with ≥ {m} "
+             f"entries, got {t.dtype} {tuple(t.shape)}")
+    n = w.n
+    from .cuda_layout import TILE_N, channel_tiles, total_words
+
+    for name, t, numel, dt in (("words", w.words, total_words(n, w.k, w.bits), torch.int32),
+                               ("row_chan", w.row_chan, channel_tiles(n) * TILE_N, torch.int32),
+                               ("w_scale", w.scale, n, torch.float32), ("w_uzp", w.uzp, n, torch.int32),
+                               ("w_ucs", w.ucs, n, torch.int32)):
+        need(t.dtype == dt and t.is_contiguous() and t.numel() == numel,
+             f"weight {name} must be contiguous {dt} ({numel},), got {t.dtype} {tuple(t.shape)}")
+    need(out.dim() == 2 and tuple(out.shape) == (m, n) and out.is_contiguous() and out.dtype in _OUT_KINDS,
+         f"out must be a contiguous ({m}, {n}) tensor of {list(_OUT_KINDS)}, got {out.dtype} {tuple(out.shape)}")
+    need(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == n),
+         f"bias must be contiguous float32 ({n},)")
+    need((z is None) == (w2 is None), "the branch needs both z and w2")
+    if w2 is not None:
+        blocks, nb, brp = w2.shape
+        need(w2.dtype == torch.bfloat16 and w2.is_contiguous() and blocks * nb >= n and brp % 16 == 0,
+             f"w2 must be contiguous bf16 (b, Nb, b·r padded to 16) covering N={n}, got {tuple(w2.shape)}")
+        need(z.dtype == torch.bfloat16 and z.is_contiguous() and z.dim() == 3 and z.shape[0] >= _round_up(m, TOKEN_TILE)
+             and tuple(z.shape[1:]) == (blocks, brp), f"z must be contiguous bf16 (≥ {_round_up(m, TOKEN_TILE)}, "
+             f"{blocks}, {brp}), got {z.dtype} {tuple(z.shape)}")
+    tensors = [out, codes, a_scale, a_zp, a_rowsum, w.words, w.row_chan, w.scale, w.uzp, w.ucs, bias, z, w2]
+    need(all(t is None or t.device == dev for t in tensors), f"every operand must be on {dev}")
+    need(dev.type == "cuda", f"the operands are on {dev}, not a CUDA device")
 
 
 # ---- custom ops ------------------------------------------------------------------------------------------------
