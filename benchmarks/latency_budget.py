@@ -13,12 +13,15 @@ In one process on one device:
 2. **bf16 forward** measured (CUDA-graph replay of the whole DiT), ``T_bf16``; the table's bf16 linears sum to
    ``L_bf16``; ``R = T_bf16 − L_bf16`` is what quantization does not change (attention, norms, embedders).
 3. **Search** (TSS, K = ``--keep``, on ``--samples`` random calibration inputs) with the latency budget
-   ``fraction × (the searched linears' bf16 µs)`` for each ``--fractions`` entry. A fraction below the
-   cheapest plan's is reported as infeasible with that floor, not searched.
-4. **Predicted** end-to-end time of the plan: ``R + Σ table(plan's linears)``; **measured**: the plan
-   quantized with ``treeq_engine.quantize`` (fastest backend) and replayed as a CUDA graph. Their ratio says
-   how far a table of isolated linears predicts the model (fusion of LayerNorm + modulate into the activation
-   quantization, L2 reuse between layers and launch gaps are what it cannot see).
+   ``fraction × (the searched linears' bf16 µs)`` for each ``--fractions`` entry (``mid``: halfway between the
+   cheapest and the dearest plan by the table, a budget that always has plans). A fraction below the cheapest plan's is reported as
+   infeasible with that floor, not searched.
+4. **Predicted** end-to-end time of the plan: ``R − F + Σ table(plan's linears)``, where ``F`` is what the fused
+   DiT blocks fold away: per fused block, the two bf16 LayerNorm + modulate (now inside qkv's and fc1's
+   quantization) and fc1's GELU (now in its epilogue), measured here in bf16 as the model runs them;
+   **measured**: the plan quantized with ``treeq_engine.quantize`` (fastest backend) and replayed as a CUDA
+   graph. Their ratio says how far a table of isolated linears predicts the model (L2 reuse between layers and
+   launch gaps are what it cannot see; the table's entries run with cold weights).
 
 Writes a JSON record (``--json``) and, on a GPU, the table between the ``latency_budget`` markers of
 ``benchmarks/RESULTS.md``.
@@ -38,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.runtime import memory_report, quantize  # noqa: E402
-from treeq_engine.runtime.profile import profile  # noqa: E402
+from treeq_engine.runtime.profile import profile_layers  # noqa: E402
 from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
+from treeq_engine.plan import PlanError  # noqa: E402
 from treeq_engine.search import Budget, BudgetError, DiTRunner, SearchSpace, cost_model  # noqa: E402
 from treeq_engine.search.cli import random_dit  # noqa: E402
 from treeq_engine.search.costs import LatencyTable  # noqa: E402
@@ -67,6 +71,36 @@ def linear_us(lut: LatencyTable, space: SearchSpace, batch: int, plan: QuantPlan
     return out
 
 
+def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> float:
+    """What one fused DiT block folds into its quantization kernels and fc1's epilogue, as the bf16 model runs it
+    (ms): LayerNorm + modulate of qkv's and of fc1's input, and fc1's GELU."""
+    from treeq_engine.models.dit import modulate
+
+    d, t = cfg.hidden_size, cfg.num_tokens
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, t, d, generator=g).to(device, dtype)
+    hid = torch.randn(batch, t, int(d * cfg.mlp_ratio), generator=g).to(device, dtype)
+    shift, scale = (torch.randn(batch, d, generator=g).to(device, dtype) for _ in range(2))
+    norm = torch.nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+    gelu = torch.nn.GELU(approximate="tanh")
+
+    def block_ops():
+        modulate(norm(x), shift, scale)
+        modulate(norm(x), shift, scale)
+        gelu(hid)
+
+    with torch.no_grad():
+        return time_graph_ms(block_ops, reps=reps, device=device)
+
+
+def fused_blocks(plan: QuantPlan, depth: int) -> int:
+    """Blocks the runtime fuses for ``plan``: qkv and fc1 both packed with quantized activations."""
+    def quantized(name: str) -> bool:
+        cfg = plan.layers.get(name)
+        return cfg is not None and cfg.w_bits < 16 and cfg.a_bits < 16
+    return sum(quantized(f"blocks.{i}.attn.qkv") and quantized(f"blocks.{i}.mlp.fc1") for i in range(depth))
+
+
 def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
     c = model.config
     g = torch.Generator().manual_seed(1)
@@ -77,7 +111,7 @@ def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dty
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        ms = time_graph_ms(lambda: model(x, t, y), reps=reps)
+        ms = time_graph_ms(lambda: model(x, t, y), reps=reps, device=device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return ms, peak
 
@@ -86,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="DiT-XL/2")
     p.add_argument("--batch", type=int, default=8, help="images per forward (GEMM rows = 256 · batch)")
-    p.add_argument("--fractions", default="0.5,0.75", help="budgets: fractions of the searched linears' bf16 µs")
+    p.add_argument("--fractions", default="0.5,0.75,mid",
+                   help="budgets: fractions of the searched linears' bf16 µs; 'mid': halfway between the cheapest "
+                        "and the dearest plan")
     p.add_argument("--lut", default=None, help="a latency table from `treeq profile` (default: profile now)")
     p.add_argument("--w-bits", default="2,3,4,8")
     p.add_argument("--a-bits", default="3,4,8")
@@ -100,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.config, args.batch, args.reps, args.keep, args.samples = "DiT-test", 2, 2, 4, 4
-        args.fractions = "0.01,10000"   # CPU timings: one budget below the floor, one above everything
+        args.fractions = "0.01,mid"   # CPU timings: one budget below the floor, one halfway up the plans
         device = "cpu"
     elif not torch.cuda.is_available():
         print("latency_budget: no CUDA device; run on a GPU machine (or --smoke to exercise the code on CPU)")
@@ -111,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+        fractions = [f.strip() if f.strip() == "mid" else float(f) for f in args.fractions.split(",") if f.strip()]
     except ValueError:
-        raise SystemExit(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
+        raise SystemExit(f"--fractions must be comma-separated numbers or 'mid', got {args.fractions!r}") from None
+    if args.batch <= 0 or args.samples <= 0 or args.keep <= 0 or args.reps <= 0:
+        raise SystemExit("--batch, --samples, --keep and --reps must be positive")
     cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
 
     model = random_dit(args.config).to(device)
@@ -133,28 +171,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.lut:
         lut_path = Path(args.lut)
     else:
-        shapes = sorted({(leaf.k, leaf.n) for leaf, _ in linears(space)})
-        rows = sorted({leaf.tokens * args.batch for leaf, _ in linears(space)})
-        formats = [(16, 16)] + [(cf.w_bits, cf.a_bits) for cf in cands]
-        formats += [(8, 8)] if (8, 8) not in formats else []
+        layers = sorted({(leaf.k, leaf.n, leaf.tokens * args.batch) for leaf, _ in linears(space)})
+        formats = [(16, 16), (8, 8)] + [(cf.w_bits, cf.a_bits) for cf in cands]
         lut_path = out / "lut.json"
-        lut_path.write_text(json.dumps(profile(shapes, formats, rows, device=device, reps=args.reps), indent=1))
+        lut_path.write_text(json.dumps(profile_layers(layers, formats, device=device, reps=args.reps), indent=1))
     lut = LatencyTable.load(lut_path)
+    lut.check_device()
     record["lut"] = {"path": str(lut_path), "device": lut.device, "profile_s": round(time.perf_counter() - t0, 1)}
 
     # 2. bf16 forward and what the linears take of it
     bf16 = random_dit(args.config).to(device=device, dtype=dtype).eval()
     t_bf16, peak_bf16 = forward_ms(bf16, args.batch, device, dtype, args.reps)
     del bf16
-    lin_bf16 = linear_us(lut, space, args.batch, None)
+    try:
+        lin_bf16 = linear_us(lut, space, args.batch, None)
+    except PlanError as e:
+        raise SystemExit(f"latency_budget: {e}") from None
     rest_ms = t_bf16 - (lin_bf16["searched"] + lin_bf16["fixed"]) / 1e3
-    record["bf16"] = {"ms": t_bf16, "peak_gib": peak_bf16, "linears_us": lin_bf16, "rest_ms": rest_ms}
+    fuse_ms = fusable_ms(c, args.batch, device, dtype, args.reps)
+    record["bf16"] = {"ms": t_bf16, "peak_gib": peak_bf16, "linears_us": lin_bf16, "rest_ms": rest_ms,
+                      "fusable_ms_per_block": fuse_ms}
     print(f"bf16 forward {t_bf16:.3f} ms; its linears {sum(lin_bf16.values()) / 1e3:.3f} ms by the table "
-          f"(searched {lin_bf16['searched'] / 1e3:.3f}); the rest {rest_ms:.3f} ms")
+          f"(searched {lin_bf16['searched'] / 1e3:.3f}); the rest {rest_ms:.3f} ms, of which a fused block folds "
+          f"away {fuse_ms:.4f} ms")
+    if rest_ms < 0:
+        record["bf16"]["warning"] = "the table's linears sum to more than the whole forward"
+        print(f"warning: {record['bf16']['warning']} (a table from another device or load?)")
 
     # 3-4. a search per budget, then predicted against measured
     cm = cost_model(space, "latency", latency_table=lut, serve_batch=args.batch)
     floor_us = float((cm.offset + cm.min_costs().sum(axis=0))[0])
+    top_us = float((cm.offset + cm.table.max(axis=1).sum(axis=0))[0])   # the dearest plan
     model = model.to(dtype)
     calib = tuple(t_.to(device, dtype) if torch.is_floating_point(t_) else t_.to(device) for t_ in inputs)
     runs = []
@@ -164,13 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         save_json(out / "record.json", record)
 
     save()
-    for f in fractions:
+    for label in fractions:
+        f = label
+        if label == "mid":
+            f = (floor_us + 0.5 * (top_us - floor_us)) / lin_bf16["searched"]
         limit = f * lin_bf16["searched"]
-        row = {"fraction": f, "budget_us": limit, "floor_us": floor_us}
+        row = {"budget": f"{label:g}" if label != "mid" else "mid", "fraction": f, "budget_us": limit,
+               "floor_us": floor_us}
         if limit < floor_us:
             row["infeasible"] = f"the cheapest plan's searched linears take {floor_us:.1f} µs = " \
                                 f"{floor_us / lin_bf16['searched']:.3f} of bf16"
-            print(f"fraction {f:g}: {row['infeasible']}")
+            print(f"budget {row['budget']}: {row['infeasible']}")
             runs.append(row)
             continue
         cfg = SearchConfig(Budget("latency", (limit,)), lam=args.lam, keep=args.keep, batch=n, group=args.group,
@@ -178,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         try:
             res = search(model, DiTRunner(model, output_fn=lambda o: o[:, :c.in_channels]), calib, cfg,
-                         space=space, out_dir=out / f"search_{f:g}", progress=not args.smoke,
+                         space=space, out_dir=out / f"search_{row['budget']}", progress=not args.smoke,
                          model_name=args.config)
         except BudgetError as e:
             row["infeasible"] = str(e)
@@ -187,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         row["search_s"] = round(time.perf_counter() - t1, 1)
         plan = res.plan
         lin = linear_us(lut, space, args.batch, plan)
-        row["predicted_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
+        row["fused_blocks"] = fused_blocks(plan, c.depth)
+        row["predicted_unfused_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
+        row["predicted_ms"] = row["predicted_unfused_ms"] - row["fused_blocks"] * fuse_ms
         row["plan_linears_us"] = lin
         row["search_costs"] = plan.meta["costs"]
         row["ptq_mse"] = res.ptq_mse
@@ -201,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         del q
         if device == "cuda":
             torch.cuda.empty_cache()
-        print(f"fraction {f:g}: budget {limit:.1f} µs, plan W{row['search_costs']['w_bits']:.2f}"
+        print(f"budget {row['budget']} ({f:.3f}): {limit:.1f} µs, plan W{row['search_costs']['w_bits']:.2f}"
               f"A{row['search_costs']['a_bits']:.2f}, predicted {row['predicted_ms']:.3f} ms, measured "
               f"{row['measured_ms']:.3f} ms ({row['measured_over_predicted']:.3f}×), "
               f"{row['speedup_vs_bf16']:.2f}× bf16 eager")
@@ -221,17 +274,20 @@ def write_table(rec: dict) -> None:
              f"random calibration inputs, λ = {rec['lambda']:g}; CUDA-graph replay, median of {rec['reps']}. "
              f"bf16 eager forward {b['ms']:.3f} ms, of which the table's linears "
              f"{sum(b['linears_us'].values()) / 1e3:.3f} ms; the rest {b['rest_ms']:.3f} ms is held fixed in the "
-             "prediction.", "",
+             f"prediction, less {1e3 * b['fusable_ms_per_block']:.1f} µs per fused block (the bf16 LayerNorm + "
+             "modulate ×2 and GELU that the fused blocks fold into their kernels). 'mid': halfway between the "
+             "cheapest and the dearest plan by the table.", "",
              "| budget (× bf16 searched linears) | plan avg W/A | searched µs (table) | predicted ms | measured ms | "
              "measured / predicted | × bf16 eager | weights vs bf16 | peak GiB | search s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["runs"]:
         if "infeasible" in r:
-            lines.append(f"| {r['fraction']:g} ({r['budget_us']:.0f} µs) | infeasible: {r['infeasible']} "
+            lines.append(f"| {r['budget']} ({r['budget_us']:.0f} µs) | infeasible: {r['infeasible']} "
                          "| | | | | | | | |")
             continue
         sc = r["search_costs"]
-        lines.append(f"| {r['fraction']:g} ({r['budget_us']:.0f} µs) | W{sc['w_bits']:.2f}A{sc['a_bits']:.2f} | "
+        lines.append(f"| {r['budget']} = {r['fraction']:.3f} ({r['budget_us']:.0f} µs) | "
+                     f"W{sc['w_bits']:.2f}A{sc['a_bits']:.2f} | "
                      f"{r['plan_linears_us']['searched']:.0f} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | "
                      f"{r['measured_over_predicted']:.3f} | {r['speedup_vs_bf16']:.2f} | {r['weight_ratio']:.3f}× | "
                      f"{r['peak_gib']:.2f} | {r['search_s']:.0f} |")

@@ -16,3 +16,30 @@ def test_profile_table(tmp_path):
     assert len(keys) == len(lut["entries"])  # no duplicates
     assert all(e["us"] > 0 for e in lut["entries"])
     assert not any(e["w_bits"] == 16 and e["branch"] for e in lut["entries"])
+
+
+def test_default_profile_covers_what_the_search_looks_up(tmp_path):
+    """`treeq profile` with its defaults writes every entry a default latency search of the same model reads, at
+    each profiled serving batch (adaLN and the embedders at one row per image, the rest every token)."""
+    import torch
+
+    from treeq_engine.models import DiT, dit_config
+    from treeq_engine.search import SearchSpace, cost_model
+    from treeq_engine.search.costs import LatencyTable
+
+    out = tmp_path / "lut.json"
+    assert main(["profile", "--config", "DiT-test", "--device", "cpu", "--reps", "1", "--batch", "1,4",
+                 "--out", str(out)]) == 0
+    lut = LatencyTable.load(out)
+    torch.manual_seed(0)
+    model = DiT(dit_config("DiT-test"))
+    c = model.config
+    probe = [torch.randn(2, c.in_channels, c.input_size, c.input_size), torch.tensor([1, 2]), torch.tensor([0, 1])]
+    space = SearchSpace.build(model, probe)
+    for serve in (1, 4):
+        cm = cost_model(space, "latency", latency_table=lut, serve_batch=serve)
+        assert cm.table.shape[:2] == (len(space.leaves), len(space.candidates)) and (cm.table > 0).all()
+    rows = {(e["k"], e["n"], e["tokens"]) for e in json.loads(out.read_text())["entries"]}
+    d = c.hidden_size
+    assert (d, 6 * d, 1) in rows and (d, 6 * d, 4) in rows and (d, 3 * d, 4 * c.num_tokens) in rows
+    assert (d, 3 * d, 1) not in rows   # only the rows the model runs

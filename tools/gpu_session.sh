@@ -16,7 +16,7 @@
 #   triton    the Gluon main-loop probe; bench_gemm at M = 256, 2048, 8192 with heuristic configs (no autotune)
 #   sanitize  compute-sanitizer memcheck and racecheck on the representative set
 #   peers     the torch.compile peers of bench_e2e (compile mode 'default'), bench_gemm autotuned at every M
-#   budget    latency_budget at batch 8, one budget (half of bf16), a small search (K = 4, 4 samples)
+#   budget    latency_budget at batch 8, two budgets (half of bf16; halfway up the plans), a small search (K = 4)
 #   search    bench_search (DiT-XL/2 search-time extrapolation, 8 samples) with two real levels
 # Every benchmark writes its rows (JSON, RESULTS.md section) as it measures them, so a step cut off by its limit
 # still returns what it measured.
@@ -126,7 +126,7 @@ for stage in "${stages[@]}"; do
         --json "$LOGS/bench_e2e.json" --resume
       step bench_gemm_all 240 "$PY" benchmarks/bench_gemm.py --json "$LOGS/bench_gemm_autotuned.json" --resume ;;
     budget)
-      step latency_budget 300 "$PY" benchmarks/latency_budget.py --fractions 0.5 --keep 4 --samples 4 --reps 30 \
+      step latency_budget 300 "$PY" benchmarks/latency_budget.py --fractions 0.5,mid --keep 4 --samples 4 --reps 30 \
         --out "$STATE/latency_budget" ;;
     search)
       step bench_search 150 "$PY" benchmarks/bench_search.py --compile --samples 8 --levels 2 ;;

@@ -1,16 +1,26 @@
 """``treeq profile``: measure every (layer shape × format × tokens) on this machine's GPU into the latency lookup
 table the search reads (schema ``treeq-latency-lut`` v1, see ``treeq_engine/search/costs.py``).
 
-One entry times the whole quantized linear as it runs in the model — activation quantization (with the Monarch
-stage 1 where there is a branch) plus the packed GEMM with its epilogue — replayed as a CUDA graph; W16A16 entries
-time the bf16 ``F.linear``. Timings on a CPU are written too (useful only to test the pipeline), marked with the
-device.
+One entry times the whole quantized linear as the runtime runs it — activation quantization (with the Monarch
+stage 1 where there is a branch) plus the packed GEMM with its epilogue, the weight in the layout the runtime holds
+on that device — replayed as a CUDA graph of many calls (launch latency amortized) that rotate over copies of the
+weights exceeding L2 twice over (a model streams its weights from HBM; one layer replayed alone would keep them
+in L2); W16A16 entries time the bf16 ``F.linear`` the same way. Not seen: the fused DiT blocks' LayerNorm +
+modulate (inside qkv's and fc1's quantization kernel) and GELU (in fc1's epilogue); callers comparing with a
+model account for those (``benchmarks/latency_budget.py``).
+
+By default the table holds exactly what a search over the model needs: every linear at its own rows per image ×
+each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
+fixed layers) and every candidate format of the search. Timings on a CPU are written too (useful only to test the
+pipeline), marked with the device.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +35,8 @@ from .linear import TreeQLinear
 from .timing import time_graph_ms
 
 LUT_SCHEMA, LUT_VERSION = "treeq-latency-lut", 1
+ROTATE_BYTES = 128 << 20   # weights rotated per timed graph: > 2× an H100's 50 MB L2
+MAX_COPIES = 128
 
 
 def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
@@ -39,24 +51,53 @@ def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
     return shapes
 
 
+def layer_rows(model: nn.Module, batches: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Distinct ``(K, N, GEMM rows)`` of every linear of a DiT-like ``model`` at each serving batch: its rows per
+    image (from one forward on the meta device, nothing computed) × the batch."""
+    from ..search import SearchSpace
+
+    c = model.config
+    with torch.device("meta"):
+        meta = copy.deepcopy(model).to("meta")
+        x = torch.empty(1, c.in_channels, c.input_size, c.input_size)
+        t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    space = SearchSpace.build(meta, [x, t, y], fixed_config=None)
+    per_image = {(leaf.k, leaf.n, leaf.tokens) for leaf in space.leaves} | \
+        {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}
+    return sorted({(k, n, r * b) for k, n, r in per_image for b in batches})
+
+
+def _weight_bytes(mod: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(mod.parameters(), mod.buffers()))
+
+
 def time_linear(k: int, n: int, tokens: int, w_bits: int, a_bits: int, branch: BranchConfig | None, *,
                 device: str, reps: int, gen: torch.Generator) -> float:
-    """Median µs of one linear of this format on ``tokens`` rows."""
+    """Median µs of one linear of this format on ``tokens`` rows, its weights cold in L2 (on a GPU)."""
+    from .convert import set_layout
+
     x = torch.randn(tokens, k, generator=gen).to(device=device, dtype=torch.bfloat16)
     w = torch.randn(n, k, generator=gen) / k**0.5
     bias = torch.randn(n, generator=gen)
     if w_bits == 16:
-        lin = nn.Linear(k, n).to(device=device, dtype=torch.bfloat16)
-        return 1e3 * time_graph_ms(lambda: lin(x), reps=reps)
-    cfg = LayerConfig(w_bits, a_bits, branch=branch)
-    factors = None
-    if branch is not None:
-        from ..branches import MonarchShape
+        mod = nn.Linear(k, n).to(device=device, dtype=torch.bfloat16)
+    else:
+        cfg = LayerConfig(w_bits, a_bits, branch=branch)
+        factors = None
+        if branch is not None:
+            from ..branches import MonarchShape
 
-        shp = MonarchShape(n=n, k=k, blocks=branch.blocks, rank=branch.rank)
-        factors = (torch.randn(shp.w1_shape, generator=gen) * 0.02, torch.randn(shp.w2_shape, generator=gen) * 0.02)
-    mod = TreeQLinear.from_weights(quantize_tensor(w, cfg.weight_spec()), cfg, bias, factors).to(device)
-    return 1e3 * time_graph_ms(lambda: mod(x), reps=reps)
+            shp = MonarchShape(n=n, k=k, blocks=branch.blocks, rank=branch.rank)
+            factors = (torch.randn(shp.w1_shape, generator=gen) * 0.02,
+                       torch.randn(shp.w2_shape, generator=gen) * 0.02)
+        mod = TreeQLinear.from_weights(quantize_tensor(w, cfg.weight_spec()), cfg, bias, factors).to(device)
+        set_layout(mod)   # as the runtime holds it on this device
+    copies = 1
+    if torch.device(device).type == "cuda":
+        copies = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(1, _weight_bytes(mod)))))
+    mods = [mod] + [copy.deepcopy(mod) for _ in range(copies - 1)]
+    turn = itertools.cycle(mods)
+    return 1e3 * time_graph_ms(lambda: next(turn)(x), reps=reps, calls=len(mods), device=device)
 
 
 def backend_on(device: str) -> str:
@@ -73,18 +114,28 @@ def backend_on(device: str) -> str:
 def profile(shapes: Sequence[tuple[int, int]], formats: Iterable[tuple[int, int]], tokens: Sequence[int], *,
             branches: Sequence[BranchConfig | None] = (None,), device: str = "cuda", reps: int = 50,
             seed: int = 0, progress: bool = True) -> dict:
+    """A table of every ``shapes × formats × tokens × branches`` (see :func:`profile_layers` for exactly the
+    layers a model runs)."""
+    return profile_layers([(k, n, m) for (k, n), m in itertools.product(shapes, tokens)], formats,
+                          branches=branches, device=device, reps=reps, seed=seed, progress=progress)
+
+
+def profile_layers(layers: Sequence[tuple[int, int, int]], formats: Iterable[tuple[int, int]], *,
+                   branches: Sequence[BranchConfig | None] = (None,), device: str = "cuda", reps: int = 50,
+                   seed: int = 0, progress: bool = True) -> dict:
+    """A table of every ``(K, N, rows)`` of ``layers`` × ``formats`` × ``branches``."""
     gen = torch.Generator().manual_seed(seed)
-    jobs = list(itertools.product(shapes, list(formats), tokens, branches))
+    jobs = [(kn, f, br) for kn, f, br in itertools.product(sorted(set(layers)), list(dict.fromkeys(formats)),
+                                                            branches) if not (f[0] == 16 and br is not None)]
     entries = []
-    for (k, n), (wb, ab), m, br in tqdm(jobs, desc="profile", disable=not progress):
-        if wb == 16 and br is not None:
-            continue
+    for (k, n, m), (wb, ab), br in tqdm(jobs, desc="profile", disable=not progress):
         us = time_linear(k, n, m, wb, ab, br, device=device, reps=reps, gen=gen)
         entries.append({"k": k, "n": n, "tokens": m, "w_bits": wb, "a_bits": ab,
                         "branch": None if br is None else {"kind": br.kind, "blocks": br.blocks, "rank": br.rank},
                         "us": round(us, 3)})
-    dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or 'host'})"
-    return {"schema": LUT_SCHEMA, "version": LUT_VERSION, "device": dev, "backend": backend_on(device),
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'host'})"
+    return {"schema": LUT_SCHEMA, "version": LUT_VERSION, "device": name, "backend": backend_on(device),
             "entries": entries}
 
 
@@ -92,9 +143,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a DiT checkpoint; its linear shapes are profiled")
     p.add_argument("--config", default=None, help="DiT config name instead of a checkpoint (e.g. DiT-XL/2: random "
                                                   "weights, real shapes)")
-    p.add_argument("--formats", default="W16A16,W8A8,W4A8,W4A4,W3A4,W3A3,W2A8,W2A4",
-                   help="comma-separated WxAy formats")
-    p.add_argument("--tokens", default="256,512,2048,8192", help="comma-separated token counts (GEMM M)")
+    p.add_argument("--formats", default="search",
+                   help="comma-separated WxAy formats, or 'search': W16A16, W8A8 and the search's candidates "
+                        "(--w-bits × --a-bits)")
+    p.add_argument("--w-bits", default="2,3,4,8", help="candidate weight bits (with --formats search)")
+    p.add_argument("--a-bits", default="3,4,8", help="candidate activation bits (with --formats search)")
+    p.add_argument("--batch", default="1,8", help="comma-separated serving batches (images per forward): each "
+                   "linear is timed at its own rows per image × each batch (the search's --serve-batch)")
+    p.add_argument("--tokens", default=None, help="instead of --batch: these GEMM row counts for every shape")
     p.add_argument("--branch", action="append", default=[], metavar="monarch:B:R|lowrank:R",
                    help="also profile with this branch (repeatable)")
     p.add_argument("--reps", type=int, default=50)
@@ -114,6 +170,16 @@ def parse_branch(s: str) -> BranchConfig:
     raise SystemExit(f"--branch must be monarch:BLOCKS:RANK or lowrank:RANK, got {s!r}")
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise SystemExit(f"{flag} must list positive integers, got {text!r}")
+    return vals
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import load_fp_model, parse_wa
 
@@ -126,13 +192,19 @@ def run(args: argparse.Namespace) -> int:
         model = load_fp_model(args.model)[0]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available (use --device cpu to test the pipeline)")
-    formats = [parse_wa(f) for f in args.formats.split(",") if f.strip()]
-    try:
-        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    if args.formats == "search":
+        from ..search.space import candidate_configs, parse_bits
+
+        cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
+        formats = [(16, 16), (8, 8)] + [(c.w_bits, c.a_bits) for c in cands]
+    else:
+        formats = [parse_wa(f) for f in args.formats.split(",") if f.strip()]
     branches = [None] + [parse_branch(b) for b in args.branch]
-    lut = profile(layer_shapes(model), formats, tokens, branches=branches, device=args.device, reps=args.reps)
+    if args.tokens is not None:
+        layers = [(k, n, m) for (k, n), m in itertools.product(layer_shapes(model), _ints(args.tokens, "--tokens"))]
+    else:
+        layers = layer_rows(model, _ints(args.batch, "--batch"))
+    lut = profile_layers(layers, formats, branches=branches, device=args.device, reps=args.reps)
     Path(args.out).write_text(json.dumps(lut, indent=1) + "\n")
     print(f"wrote {len(lut['entries'])} entries for {lut['device']} ({lut['backend']} backend) to {args.out}")
     return 0

@@ -167,8 +167,9 @@ def _branch_key(b: BranchConfig | Mapping[str, Any] | None) -> tuple | None:
 class LatencyTable:
     """Measured µs per ``(K, N, tokens, w_bits, a_bits, branch)`` (see the module docstring for the file)."""
 
-    def __init__(self, entries: Sequence[Mapping[str, Any]], device: str = "", source: str = "") -> None:
-        self.device, self.source = device, source
+    def __init__(self, entries: Sequence[Mapping[str, Any]], device: str = "", source: str = "",
+                 backend: str = "") -> None:
+        self.device, self.source, self.backend = device, source, backend
         self._rows: dict[tuple, list[tuple[int, float]]] = {}
         for i, e in enumerate(entries):
             try:
@@ -195,7 +196,22 @@ class LatencyTable:
                             f"(this build reads {LUT_VERSION})")
         if not isinstance(d.get("entries"), list):
             raise PlanError(f"{path}: 'entries' must be a list")
-        return cls(d["entries"], device=str(d.get("device", "")), source=str(path))
+        return cls(d["entries"], device=str(d.get("device", "")), source=str(path), backend=str(d.get("backend", "")))
+
+    def check_device(self) -> None:
+        """Warn when the table was measured on another kind of GPU than this machine's (its µs would mislead the
+        budget) or on a CPU while a GPU is here."""
+        import warnings
+
+        import torch
+
+        if not torch.cuda.is_available() or not self.device:
+            return
+        here = torch.cuda.get_device_name()
+        if self.device != here:
+            warnings.warn(f"latency table {self.source} was measured on {self.device!r} ({self.backend or '?'} "
+                          f"backend), this machine has {here!r}: profile here (`treeq profile`) for a budget that "
+                          "means what it says", stacklevel=2)
 
     def lookup(self, k: int, n: int, tokens: int, w_bits: int, a_bits: int,
                branch: BranchConfig | None = None) -> float:
