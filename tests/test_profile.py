@@ -43,3 +43,16 @@ def test_default_profile_covers_what_the_search_looks_up(tmp_path):
     d = c.hidden_size
     assert (d, 6 * d, 1) in rows and (d, 6 * d, 4) in rows and (d, 3 * d, 4 * c.num_tokens) in rows
     assert (d, 3 * d, 1) not in rows   # only the rows the model runs
+
+
+def test_time_graph_ms_host_path_counts_calls():
+    """On the CPU the timer runs ``calls`` calls per sample (the graph path captures that many per replay)."""
+    import pytest
+
+    from treeq_engine.runtime.timing import time_graph_ms
+
+    n = []
+    ms = time_graph_ms(lambda: n.append(1), reps=2, warmup=5, calls=3, device="cpu")
+    assert ms >= 0 and len(n) == 3 + 2 * 3
+    with pytest.raises(ValueError, match="calls and reps must be"):
+        time_graph_ms(lambda: None, calls=0, device="cpu")
