@@ -1,6 +1,8 @@
 """`treeq profile` writes a well-formed latency table (CPU timings: the pipeline, not the numbers)."""
 import json
 
+import pytest
+
 from treeq_engine.cli import main
 
 
@@ -47,8 +49,6 @@ def test_default_profile_covers_what_the_search_looks_up(tmp_path):
 
 def test_time_graph_ms_host_path_counts_calls():
     """On the CPU the timer runs ``calls`` calls per sample (the graph path captures that many per replay)."""
-    import pytest
-
     from treeq_engine.runtime.timing import time_graph_ms
 
     n = []
@@ -56,3 +56,18 @@ def test_time_graph_ms_host_path_counts_calls():
     assert ms >= 0 and len(n) == 3 + 2 * 3
     with pytest.raises(ValueError, match="calls and reps must be"):
         time_graph_ms(lambda: None, calls=0, device="cpu")
+
+
+@pytest.mark.gpu
+def test_profile_on_the_gpu():
+    """On a GPU: the graph timer over rotating weight copies gives finite, positive per-call times, and the table
+    names the device and the backend the runtime uses there."""
+    import torch
+
+    from treeq_engine.runtime.profile import profile_layers
+
+    lut = profile_layers([(1152, 1152, 256), (1152, 6912, 8)], [(16, 16), (4, 8), (8, 8)], device="cuda", reps=5,
+                         progress=False)
+    assert lut["device"] == torch.cuda.get_device_name() and lut["backend"] in ("cuda", "triton")
+    us = {(e["n"], e["w_bits"]): e["us"] for e in lut["entries"]}
+    assert len(us) == 6 and all(0 < v < 10_000 for v in us.values()), us
