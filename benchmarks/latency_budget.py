@@ -14,8 +14,8 @@ In one process on one device:
    ``L_bf16``; ``R = T_bf16 − L_bf16`` is what quantization does not change (attention, norms, embedders).
 3. **Search** (TSS, K = ``--keep``, on ``--samples`` random calibration inputs) with the latency budget
    ``fraction × (the searched linears' bf16 µs)`` for each ``--fractions`` entry (``mid``: halfway between the
-   cheapest and the dearest plan by the table, a budget that always has plans). A fraction below the cheapest plan's is reported as
-   infeasible with that floor, not searched.
+   cheapest and the dearest plan by the table, a budget that always has plans). A fraction below the cheapest
+   plan's is reported as infeasible with that floor, not searched.
 4. **Predicted** end-to-end time of the plan: ``R − F + Σ table(plan's linears)``, where ``F`` is what the fused
    DiT blocks fold away: per fused block, the two bf16 LayerNorm + modulate (now inside qkv's and fc1's
    quantization) and fc1's GELU (now in its epilogue), measured here in bf16 as the model runs them;

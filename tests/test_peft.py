@@ -190,3 +190,55 @@ def test_sampler_loss_weights(calibrated, tmp_path):
         finetune(q, fp, _traj(fp), PEFTConfig(steps=1), progress=False, sample_weight=weight)
     with pytest.raises(ValueError, match="loss_weights must be one of"):
         PEFTConfig(loss_weights="snr")
+
+
+def test_torn_checkpoint_and_ctrl_c_resume_exactly(calibrated, tmp_path, monkeypatch):
+    """A kill between a checkpoint's tensor file and its state (the state names the file: the previous
+    checkpoint stays whole), and a Ctrl-C mid-step (the step finishes, is saved, then the run stops): both resume
+    to the uninterrupted result; a resume from other data is refused."""
+    import os
+    import signal
+
+    import treeq_engine.calib.peft as peft
+
+    fp = calibrated[0]
+    cfg = PEFTConfig(steps=7, lr_branch=3e-3, lora_rank=2, checkpoint_every=3)
+    ref = finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "ref", progress=False)
+
+    real = peft.write_json
+    writes = []
+
+    def torn(path, doc):   # dies after the step-6 tensors are written, before the state that names them
+        writes.append(doc["step"])
+        if doc["step"] == 6:
+            raise SystemExit("killed")
+        real(path, doc)
+
+    monkeypatch.setattr(peft, "write_json", torn)
+    with pytest.raises(SystemExit):
+        finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "a", progress=False)
+    monkeypatch.setattr(peft, "write_json", real)
+    st = json.loads((tmp_path / "a" / "peft.json").read_text())
+    assert st["step"] == 3 and (tmp_path / "a" / st["tensors"]).exists()
+    r = finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "a", progress=False)
+    assert r.losses == ref.losses
+    assert sorted(p.name for p in (tmp_path / "a").glob("peft-*.safetensors")) == ["peft-0000007.safetensors"]
+
+    calls = []
+
+    def ctrl_c(model, batch):   # SIGINT in the middle of step 4 (its first forward)
+        calls.append(1)
+        if len(calls) == 2 * 4 + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return model(*batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_fresh(calibrated), fp, _traj(fp), cfg, eps_fn=ctrl_c, out_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "peft.json").read_text())["step"] == 5   # step 4 (0-based) finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    q = _fresh(calibrated)
+    r = finetune(q, fp, _traj(fp), cfg, out_dir=tmp_path / "b", progress=False)
+    assert r.losses == ref.losses
+    with pytest.raises(CheckpointError, match="other data"):
+        finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "b", progress=False,
+                 data={"ptq": "another"})

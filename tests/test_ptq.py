@@ -155,6 +155,8 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="different plan or config"):
         calibrate(copy.deepcopy(model), QuantPlan.uniform(names[:2], 3, 4), batches, cfg, out_dir=tmp_path,
                   progress=False)
+    with pytest.raises(CheckpointError, match="on other data"):   # e.g. more calibration samples, another model
+        calibrate(copy.deepcopy(model), plan, batches, cfg, out_dir=tmp_path, progress=False, data={"samples": 16})
     (tmp_path / "layers" / f"{names[1]}.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_calibration(copy.deepcopy(model), tmp_path)

@@ -90,3 +90,30 @@ def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):
     assert_same_up_to_rounding_flips(packed, model, batches)
     with pytest.raises(ValueError, match="smooth_alphas must lie"):
         PTQConfig(smooth_alphas=(2.0,))
+
+
+def test_stale_smoothing_factors_are_not_trusted(tmp_path):
+    """Smoothing factors left by another run (killed after writing them, before its first state) are recomputed,
+    not folded in; a calibration whose factors went missing does not load."""
+    fp = tiny_dit(seed=4)
+    batches = trajectory(fp, n=4, steps=3, seed=0)
+    names = quantizable_linears(fp, include=is_block_layer)
+    plan = QuantPlan.uniform(names, 4, 4)
+    cfg = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.5, 0.75))
+    want = calibrate(copy.deepcopy(fp), plan, batches, cfg, out_dir=tmp_path / "ref", progress=False)
+    other = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.9,))
+    calibrate(copy.deepcopy(fp), plan, batches, other, out_dir=tmp_path / "x", progress=False)
+    (tmp_path / "x" / "ptq.json").unlink()   # as if killed right after writing the factors
+    got = calibrate(copy.deepcopy(fp), plan, batches, cfg, out_dir=tmp_path / "x", progress=False)
+    assert got.layers == want.layers
+    import json
+
+    assert json.loads((tmp_path / "x" / "ptq.json").read_text())["smooth"] == \
+        json.loads((tmp_path / "ref" / "ptq.json").read_text())["smooth"]
+    from treeq_engine.calib.ptq import SMOOTH_FILE
+
+    (tmp_path / "x" / SMOOTH_FILE).unlink()
+    from treeq_engine.calib.store import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing or from another run"):
+        load_calibration(copy.deepcopy(fp), tmp_path / "x")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 from pathlib import Path
@@ -207,7 +208,11 @@ class QuantPlan:
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the plan as JSON, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -105,7 +106,38 @@ def _common_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", required=True, help="output directory (resumed when it exists)")
 
 
+def _fingerprint(model) -> str:
+    from ..search.calibration import model_fingerprint
+
+    return model_fingerprint(model)[:16]
+
+
+def _resumable(command: str, run):
+    """``run(args)`` with a refused checkpoint or Ctrl-C reported in one line (exit 2 / 130), not a traceback."""
+    def wrapped(args: argparse.Namespace) -> int:
+        from .store import CheckpointError
+
+        try:
+            return run(args)
+        except CheckpointError as e:
+            print(f"treeq {command}: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"treeq {command}: interrupted; run the same command again to resume from {args.out}",
+                  file=sys.stderr)
+            return 130
+    return wrapped
+
+
 def run_ptq(args: argparse.Namespace) -> int:
+    return _resumable("ptq", _run_ptq)(args)
+
+
+def run_peft(args: argparse.Namespace) -> int:
+    return _resumable("peft", _run_peft)(args)
+
+
+def _run_ptq(args: argparse.Namespace) -> int:
     from .ptq import PTQConfig, calibrate
 
     if args.branch == "plan" and not args.plan:
@@ -117,10 +149,12 @@ def run_ptq(args: argparse.Namespace) -> int:
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
         plan = uniform_plan(fp, args.bits, branch)
+    data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "samples": args.calib_samples,
+            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
     batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
-    calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out)
+    calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
     print(f"calibrated {len(calibrated.layers)} layers into {args.out}; mean relative layer error "
@@ -145,13 +179,18 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     _common_args(p, "distillation")
 
 
-def run_peft(args: argparse.Namespace) -> int:
+def _run_peft(args: argparse.Namespace) -> int:
     from .peft import PEFTConfig, finetune
     from .ptq import load_calibration
+    from .store import digest
 
     fp = _load_model(args.model, args.device)
     model = _load_model(args.model, args.device)
     load_calibration(model, args.ptq)
+    ptq_state = json.loads((Path(args.ptq) / "ptq.json").read_text())
+    data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp),
+            "ptq": digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")}),
+            "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
     cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                      lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,
                      checkpoint_every=args.checkpoint_every, seed=args.seed, loss_weights=args.loss_weights)
@@ -163,7 +202,7 @@ def run_peft(args: argparse.Namespace) -> int:
     from .data import sampler_loss_weights
 
     weight = sampler_loss_weights(args.sample_steps) if args.loss_weights == "sampler" else None
-    res = finetune(model, fp, trajectory, cfg, out_dir=args.out, sample_weight=weight)
+    res = finetune(model, fp, trajectory, cfg, out_dir=args.out, sample_weight=weight, data=data)
     tail = res.losses[-min(20, len(res.losses)):]
     print(f"fine-tuned {res.trainable_params} parameters for {res.step} steps into {args.out}; "
           f"loss (last {len(tail)} steps) {sum(tail) / max(1, len(tail)):.3e}")

@@ -26,10 +26,13 @@ the same ``out_dir`` and config resumes where it stopped and gives the same resu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -178,12 +181,42 @@ def _load_optimizer(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Opti
             opt.state[p] = st
 
 
+class _DeferredInterrupt:
+    """While installed, Ctrl-C (SIGINT) only sets ``requested``: the training loop finishes its step, saves and
+    stops, so the checkpoint never holds a half-applied step. A second Ctrl-C interrupts at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self._old = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def _tensor_file(st: Mapping[str, Any]) -> str:
+    return str(st.get("tensors", "peft.safetensors"))   # runs before named step files used one fixed name
+
+
 def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, config: PEFTConfig = PEFTConfig(), *,
              eps_fn: EpsFn = model_eps, out_dir: str | Path | None = None, progress: bool = True,
-             sample_weight: Callable[[CalibBatch], torch.Tensor] | None = None) -> PEFTResult:
+             sample_weight: Callable[[CalibBatch], torch.Tensor] | None = None,
+             data: Mapping[str, Any] | None = None) -> PEFTResult:
     """Distil the calibrated ``model`` (frozen layers from PTQ) toward ``fp_model`` in place (see the module
-    docstring). With ``out_dir`` it checkpoints and resumes. ``sample_weight(batch) -> (B,)``: the per-sample loss
-    weights; required by (and only used with) ``config.loss_weights == "sampler"``."""
+    docstring). With ``out_dir`` it checkpoints and resumes: each checkpoint's tensors go to a file named by its
+    step and ``peft.json``, written last, names the file (so a kill between the two writes leaves the previous
+    checkpoint whole); Ctrl-C saves the last finished step. ``data`` (JSON-able: the starting calibration, the
+    trajectories' arguments) is recorded, and a resume with other data is refused like one with another config.
+    ``sample_weight(batch) -> (B,)``: the per-sample loss weights; required by (and only used with)
+    ``config.loss_weights == "sampler"``."""
     if (config.loss_weights == "sampler") != (sample_weight is not None):
         raise ValueError(f"loss_weights={config.loss_weights!r} "
                          + ("needs sample_weight (e.g. calib.data.sampler_loss_weights(steps))"
@@ -204,13 +237,17 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     start, losses = 0, []
     out = None if out_dir is None else Path(out_dir)
     cfg_doc = dataclasses.asdict(config)
+    data_doc = None if data is None else json.loads(json.dumps(dict(data)))   # as it reads back from JSON
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "peft.json").exists():
             st = read_json(out / "peft.json", SCHEMA, VERSION)
             if {**dataclasses.asdict(PEFTConfig()), **st["config"]} != cfg_doc:   # older files lack new fields
                 raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
-            tensors = read_tensors(out / "peft.safetensors")
+            if st.get("data") != data_doc:
+                raise CheckpointError(f"{out}: holds a fine-tuning run from other data ({st.get('data')}, now "
+                                      f"{data_doc}); use a new directory")
+            tensors = read_tensors(out / _tensor_file(st))
             _load_params(named, tensors, str(out))
             _load_optimizer(named, opt, tensors)
             start, losses = int(st["step"]), list(st["losses"])
@@ -218,10 +255,15 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     def save(step: int) -> None:
         if out is None:
             return
-        write_tensors(out / "peft.safetensors", _state_tensors(named, opt))
-        write_json(out / "peft.json", {"schema": SCHEMA, "version": VERSION, "step": step, "config": cfg_doc,
+        name = f"peft-{step:07d}.safetensors"
+        previous = (out / "peft.json").exists() and _tensor_file(read_json(out / "peft.json", SCHEMA, VERSION))
+        write_tensors(out / name, _state_tensors(named, opt))
+        write_json(out / "peft.json", {"schema": SCHEMA, "version": VERSION, "step": step, "tensors": name,
+                                       "config": cfg_doc, "data": data_doc,
                                        "trainable": {k: sum(p.numel() for _, p in v) for k, v in groups.items()},
                                        "losses": losses})
+        if previous and previous != name:   # only once the new state names the new file
+            (out / previous).unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     was_training = model.training
@@ -234,6 +276,7 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     cur_round, batches, perm = -1, first, list(range(length))
     bar = tqdm(range(start, config.steps), desc="PEFT", unit="step", disable=not progress, initial=start,
                total=config.steps)
+    stop = _DeferredInterrupt(out is not None)
     try:
         for step in bar:
             if step // length != cur_round:
@@ -266,7 +309,12 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
             bar.set_postfix_str(f"loss {losses[-1]:.3e}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save(step + 1)
+            if stop.requested:   # Ctrl-C: keep the steps finished since the last checkpoint, then stop
+                if (step + 1) % config.checkpoint_every and step + 1 != config.steps:
+                    save(step + 1)
+                raise KeyboardInterrupt
     finally:
+        stop.restore()
         model.train(was_training)
         for _, p in named:
             p.requires_grad_(False)
@@ -283,7 +331,7 @@ def load_finetuned(model: nn.Module, out_dir: str | Path) -> dict[str, Any]:
         attach_lora(model, config.lora_rank, seed=config.seed)
     groups = trainable_groups(model, config)
     named = [np_ for kind in groups for np_ in groups[kind]]
-    _load_params(named, read_tensors(out / "peft.safetensors"), str(out))
+    _load_params(named, read_tensors(out / _tensor_file(st)), str(out))
     for _, p in named:
         p.requires_grad_(False)
     return st

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from ..nn import QuantLinear, convert, forward_order
 from ..plan import LayerConfig, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
-from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
+from .store import CheckpointError, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
 VERSION = 2  # 2: Monarch factors in branches/monarch.py's current arrangement (input blocks strided)
@@ -228,15 +228,32 @@ def _layer_file(out_dir: Path, name: str) -> Path:
     return out_dir / "layers" / f"{name}.safetensors"
 
 
+def _run_digest(state: Mapping[str, Any]) -> str:
+    return digest({k: state.get(k) for k in ("plan", "config", "data")})
+
+
+def _smooth_factors(out: Path, run: str) -> dict[str, torch.Tensor] | None:
+    """The run's saved smoothing factors, or None when there are none or they belong to another run (a job
+    killed between writing them and its first state)."""
+    if not (out / SMOOTH_FILE).exists():
+        return None
+    if read_metadata(out / SMOOTH_FILE).get("run") != run:
+        return None
+    return read_tensors(out / SMOOTH_FILE)
+
+
 def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], config: PTQConfig = PTQConfig(),
-              *, out_dir: str | Path | None = None, progress: bool = True) -> QuantPlan:
+              *, out_dir: str | Path | None = None, progress: bool = True,
+              data: Mapping[str, Any] | None = None) -> QuantPlan:
     """Calibrate every layer of ``plan`` on ``batches`` (each a tuple of positional model inputs) in place:
     ``model`` is converted, its layers frozen with their calibrated weights and branches. Returns the
-    calibrated plan (``a_clip`` filled in). With ``out_dir`` the work is saved per layer and resumed."""
+    calibrated plan (``a_clip`` filled in). With ``out_dir`` the work is saved per layer and resumed; ``data``
+    (JSON-able: what the batches were made from, e.g. the model's fingerprint and the sampler's arguments) is
+    recorded, and a resume with other data is refused like one with another plan or config."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
-                             "config": config.to_dict(), "layers": {}}
+                             "config": config.to_dict(), "data": None if data is None else dict(data), "layers": {}}
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         (out / "layers").mkdir(parents=True, exist_ok=True)
@@ -245,14 +262,17 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if old["plan"] != state["plan"] or old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
+            if old.get("data") != state["data"]:
+                raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
+                                      f"{state['data']}); use a new directory (or delete this one) to start over")
             state = old
+    run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
-        if out is not None and (out / SMOOTH_FILE).exists():
-            factors = read_tensors(out / SMOOTH_FILE)
-        else:
+        factors = None if out is None else _smooth_factors(out, run)
+        if factors is None:
             factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config)
             if out is not None:
-                write_tensors(out / SMOOTH_FILE, factors)
+                write_tensors(out / SMOOTH_FILE, factors, {"run": run})
                 write_json(out / "ptq.json", state)
         for name, factor in factors.items():
             smooth.fold(model, name, factor)
@@ -304,8 +324,12 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
                               f"{missing[:3]}); rerun calibrate with this out_dir to finish it")
     layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=n) for n in plan.layers}
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
-    if (out / SMOOTH_FILE).exists():
-        for name, factor in read_tensors(out / SMOOTH_FILE).items():
+    if state["config"].get("smooth_alphas"):
+        factors = _smooth_factors(out, _run_digest(state))
+        if factors is None:
+            raise CheckpointError(f"{out}: the calibration used SmoothQuant but {SMOOTH_FILE} is missing or from "
+                                  "another run")
+        for name, factor in factors.items():
             smooth.fold(model, name, factor)
     convert(model, calibrated)
     for n, cfg in layers_cfg.items():

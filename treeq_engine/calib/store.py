@@ -42,11 +42,35 @@ def read_json(path: str | Path, schema: str, version: int) -> dict[str, Any]:
     return doc
 
 
-def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Tensors (and string ``metadata``, e.g. the digest of the run they belong to) to safetensors, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata=None if metadata is None else dict(metadata))
     os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such tensor file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def digest(doc: Any) -> str:
+    """A short stable hash of a JSON-able document (what a checkpoint belongs to)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_tensors(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -183,7 +184,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         for k, b in baselines.items():
             space.plan(b.assignment, meta={"search": k, "budget": budget.to_dict(), "ptq_mse": b.mse}).save(
                 out / f"plan_{k}.json")
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        tmp = out / "report.json.tmp"   # atomic: a kill leaves the previous report, not half of one
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out / "report.json")
         if result.root_candidates:
             from .plot import plot_front
 

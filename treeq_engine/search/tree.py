@@ -231,8 +231,12 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     path = Path(state_path) if state_path is not None else None
     state: dict[str, Any] | None = None
     if resume and path is not None and path.exists():
-        state = json.loads(path.read_text())
-        if state.get("schema") != STATE_SCHEMA or state.get("version") != STATE_VERSION:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} cannot be read as a TSS state file ({e}); remove it or start without "
+                             "--resume") from None
+        if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA or state.get("version") != STATE_VERSION:
             raise ValueError(f"{path} is not a TSS state file of version {STATE_VERSION}")
         if state.get("fingerprint") != fingerprint:
             raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K or "
