@@ -78,6 +78,11 @@ def use_compiled(enabled: bool = True) -> None:
     _core = torch.compile(_fake_quantize_core, dynamic=True) if enabled else _fake_quantize_core
 
 
+def is_compiled() -> bool:
+    """Whether :func:`use_compiled` is on."""
+    return _core is not _fake_quantize_core
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(specs: tuple[QuantSpec | None, ...], device: torch.device) -> tuple:
     """Everything about ``specs`` that does not depend on ``x``, built once per (specs, device) and only read

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
                               baselines=tuple(b for b in args.baselines.split(",") if b),
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
                               serve_batch=args.serve_batch)
+        if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
+            print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
+                  "continues it instead)", file=sys.stderr)
         out = search(model, DiTRunner(model, output_fn=lambda o: o[:, :in_ch]), inputs, config, weights=weights,
                      space=space, out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
     except (PlanError, BudgetError, ValueError, KeyError) as e:

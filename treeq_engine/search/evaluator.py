@@ -196,9 +196,18 @@ class Evaluator:
         """A digest of what the scores depend on: the space, the environment, the batching, the calibration
         inputs, and a content summary of the weights (count, sum, sum of squares per tensor: reading every
         weight exactly would cost more than it protects against)."""
+        from ..nn import grouped
+
         h = hashlib.sha256()
-        h.update(json.dumps({"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
-                             "group": self.group, "samples": self.num_samples}, sort_keys=True).encode())
+        doc = {"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
+               "group": self.group, "samples": self.num_samples}
+        # what changes the scores' rounding: named only when not the CPU eager default (earlier states resume)
+        device = next((p.device.type for p in self.model.parameters()), "cpu")
+        if device != "cpu":
+            doc["device"] = device
+        if grouped.is_compiled():
+            doc["compiled"] = True
+        h.update(json.dumps(doc, sort_keys=True).encode())
         if self.weights is not None:
             h.update(self.weights.numpy().tobytes())
         with torch.no_grad():
