@@ -1,5 +1,6 @@
 """`treeq quantize` then `treeq sample` on the shipped digits DiT: the artifact reproduces the packed model."""
 import json
+import re
 
 import pytest
 import torch
@@ -38,6 +39,37 @@ def test_errors(tmp_path):
         load_artifact_model(str(tmp_path))
     with pytest.raises(SystemExit, match="labels must be"):
         main(["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    """What a user gets wrong ends in one line naming it, exit 2 — not a traceback (TREEQ_DEBUG=1 shows one)."""
+    import json
+
+    import torch
+
+    from treeq_engine.plan import LayerConfig, QuantPlan
+
+    plan = tmp_path / "plan.json"
+    QuantPlan({"blocks.20.attn.qkv": LayerConfig(4, 4)}).save(plan)
+    cases = [(["quantize", "--plan", str(plan), "--out", str(tmp_path / "a")], "does not have"),
+             (["quantize", "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "a")], "No such file"),
+             (["sample", "--artifact", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.png")],
+              "no such artifact directory"),
+             (["sample", "--labels", "0,12", "--steps", "2", "--out", str(tmp_path / "s.png")],
+              r"class indices in \[0, 9\]")]
+    if not torch.cuda.is_available():
+        cases.append((["sample", "--device", "cuda", "--out", str(tmp_path / "s.png")], "no CUDA device"))
+    for argv, msg in cases:
+        try:
+            rc = main(argv)
+        except SystemExit as e:   # argument checks exit with their message
+            rc, err = 2, str(e)
+        else:
+            err = capsys.readouterr().err
+        assert rc == 2 and re.search(msg, err) and "Traceback" not in err, (argv, err)
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": "treeq-plan", "version": 99}))
+    assert main(["quantize", "--plan", str(tmp_path / "bad.json"), "--out", str(tmp_path / "a")]) == 2
+    assert "version 99 is not supported" in capsys.readouterr().err
 
 
 def test_quantize_from_ptq_and_peft(tmp_path):

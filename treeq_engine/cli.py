@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NamedTuple, Sequence
 
@@ -47,7 +48,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treeq", description="TreeQ Engine: mixed-precision DiT quantization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if command is None or name == command:
             _resolve(name, cmd.add_arguments)(p)
     return parser
@@ -61,7 +63,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(_resolve(args.command, COMMANDS[args.command].run)(args) or 0)
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"treeq {args.command}: error: --device {device}, but no CUDA device is available to torch "
+                  "(`treeq info` says what this machine has; use --device cpu)", file=sys.stderr)
+            return 2
+    try:
+        return int(_resolve(args.command, COMMANDS[args.command].run)(args) or 0)
+    except KeyboardInterrupt:
+        print(f"treeq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:   # bad input, files, devices: one line, not a traceback
+        if os.environ.get("TREEQ_DEBUG"):
+            raise
+        print(f"treeq {args.command}: error: {e} ({type(e).__name__}; TREEQ_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -146,6 +146,7 @@ def _run_ptq(args: argparse.Namespace) -> int:
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
+        plan.validate(fp)   # names the layers the model lacks before anything reads them
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
         plan = uniform_plan(fp, args.bits, branch)

@@ -71,6 +71,8 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not (p / "manifest.json").is_file():
+        if not p.exists():
+            raise ArtifactError(f"{p}: no such artifact directory")
         raise ArtifactError(f"{p} is not a TreeQ artifact: no manifest.json")
     try:
         man = json.loads((p / "manifest.json").read_text())

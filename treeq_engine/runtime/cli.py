@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,9 +40,11 @@ def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
     from ..plan import QuantPlan
 
     if (plan_path is None) == (uniform is None):
-        raise SystemExit("give exactly one of --plan PLAN.json or --uniform WxAy")
+        raise SystemExit("give exactly one of --plan PLAN.json, --uniform WxAy or --ptq DIR")
     if plan_path is not None:
-        return QuantPlan.load(plan_path)
+        plan = QuantPlan.load(plan_path)
+        plan.validate(model)   # names the layers the model lacks before anything reads them
+        return plan
     w, a = parse_wa(uniform)
     return QuantPlan.block_uniform(model, w, a, model_name=name)
 
@@ -75,6 +78,12 @@ def run_quantize(args: argparse.Namespace) -> int:
             load_finetuned(model, args.peft)
     else:
         plan = resolve_plan(model, args.plan, args.uniform, name=args.model)
+    from ..nn import quantizable_linears
+
+    left = [n for n in quantizable_linears(model) if n not in plan.layers]
+    if left:
+        print(f"note: {len(left)} of the model's linears are not in the plan and stay in full precision, e.g. "
+              f"{left[:3]}", file=sys.stderr)
     fp = artifact.fingerprint(model, plan)
     t0 = time.perf_counter()
     quantize(model, plan)
@@ -132,6 +141,11 @@ def run_sample(args: argparse.Namespace) -> int:
         labels = torch.tensor([int(v) for v in args.labels.split(",") if v.strip()])
     except ValueError:
         raise SystemExit(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    classes = model.config.num_classes
+    if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise SystemExit(f"--labels must be class indices in [0, {classes - 1}], got {args.labels!r}")
+    if args.graph and not str(args.device).startswith("cuda"):
+        raise SystemExit("--graph replays CUDA graphs: it needs --device cuda")
     if args.graph:
         from .graphed_dit import GraphedDiT
 
