@@ -104,15 +104,26 @@ class CalibrationSet:
             raise ValueError(f"cannot read calibration set {path}: {e}") from None
 
 
+@torch.no_grad()
+def tensor_summary(t: torch.Tensor) -> str:
+    """A content summary of ``t`` that is exact and the same on any device and thread count: its bytes read as
+    int16 words, their sum and a position-weighted sum, in int64 (integer sums do not depend on the order a
+    parallel reduction takes, as float sums do). Any change of one element changes it; reading every byte into
+    a cryptographic hash would cost more than it protects against."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() * flat.element_size() % 2:
+        flat = torch.cat([flat.view(torch.uint8), flat.new_zeros(1, dtype=torch.uint8)])
+    words = flat.view(torch.int16).to(torch.int64)
+    pos = torch.arange(words.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
+    return f"{tuple(t.shape)}:{t.dtype}:{int(words.sum())}:{int((words * pos).sum())}"
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """Parameter names, shapes and a content summary (sum, sum of squares) per tensor."""
+    """Parameter names and an exact content summary per floating-point tensor (:func:`tensor_summary`)."""
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if not torch.is_floating_point(p):
-                continue
-            p64 = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{float(p64.sum())!r}:{float(p64.square().sum())!r}".encode())
+    for name, p in model.state_dict().items():
+        if torch.is_floating_point(p):
+            h.update(f"{name}:{tensor_summary(p)}".encode())
     return h.hexdigest()
 
 

@@ -194,9 +194,9 @@ class Evaluator:
 
     def fingerprint(self) -> str:
         """A digest of what the scores depend on: the space, the environment, the batching, the calibration
-        inputs, and a content summary of the weights (count, sum, sum of squares per tensor: reading every
-        weight exactly would cost more than it protects against)."""
+        inputs, and an exact content summary of the weights (``calibration.tensor_summary``)."""
         from ..nn import grouped
+        from .calibration import tensor_summary
 
         h = hashlib.sha256()
         doc = {"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
@@ -215,8 +215,7 @@ class Evaluator:
                 for t in chunk:
                     h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
             for name, p in self.model.named_parameters():
-                p64 = p.detach().double()
-                h.update(f"{name}:{p.numel()}:{float(p64.sum())!r}:{float(p64.square().sum())!r}".encode())
+                h.update(f"{name}:{tensor_summary(p)}".encode())
         return h.hexdigest()
 
     # -- scoring ---------------------------------------------------------------------------------
