@@ -141,3 +141,26 @@ def test_full_precision_candidates_score_zero_and_errors(setup):
         Evaluator(model, DiTRunner(model), space, inputs, Environment(LayerConfig(4, 4)), group=0)
     with pytest.raises(PlanError, match="λ must be in"):
         Environment(LayerConfig(4, 4), 1.5)
+
+
+def test_tensor_summary_is_exact_and_order_free():
+    """The fingerprints' content summary: the same whatever the thread count (integer sums), different after a
+    one-ulp change of one element, and defined for every dtype."""
+    import torch
+
+    from treeq_engine.search.calibration import tensor_summary
+
+    t = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tensor_summary(t)
+        torch.set_num_threads(max(2, threads))
+        assert tensor_summary(t) == one
+    finally:
+        torch.set_num_threads(threads)
+    u = t.clone()
+    u[123_456] = torch.nextafter(u[123_456], torch.tensor(float("inf")))
+    assert tensor_summary(u) != one
+    for dt in (torch.bfloat16, torch.float16, torch.float64, torch.int8):
+        assert tensor_summary(t[:11].to(dt)).startswith(f"(11,):{dt}")
