@@ -240,6 +240,7 @@ class CostModel:
     table: np.ndarray
     offset: np.ndarray
     share: np.ndarray | None = None      # (n_leaves, d) for the average-bit kinds: each leaf's weight in the average
+    source: str = ""                     # where latency costs come from (a table, or the roofline estimate)
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -315,7 +316,11 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
     offset = np.zeros(table.shape[-1])
     if kind == "bytes":
         offset[0] = sum(linear_bytes(leaf, c) for leaf, c in space.fixed) + 2 * space.other_params
-    return CostModel(kind, np.ascontiguousarray(table), offset, share)
+    source = ""
+    if kind == "latency":
+        source = (f"latency table {latency_table.source} ({latency_table.device})" if latency_table is not None
+                  else "the H100 roofline estimate (no latency table: `treeq profile` measures one)")
+    return CostModel(kind, np.ascontiguousarray(table), offset, share, source)
 
 
 def describe(space: SearchSpace, assignment: Sequence[int] | np.ndarray, *,
@@ -356,8 +361,9 @@ def environment_config(space: SearchSpace, budget: Budget, cost: CostModel | Non
     if best is None:
         floor = cost.offset + cost.min_costs().sum(axis=0)
         if not cost.fits(floor, budget):
+            by = f" by {cost.source}" if cost.source else ""
             raise BudgetError(f"no plan meets the budget {budget.label}: the cheapest plan costs "
-                              f"{[round(float(v), 4) for v in floor]} ({', '.join(cost.dims)})")
+                              + ", ".join(f"{float(v):.4g} {d}" for v, d in zip(floor, cost.dims)) + by)
         raise BudgetError(f"no uniform candidate config meets the budget {budget.label}; give ENG's environment "
                           "config explicitly")
     return best
