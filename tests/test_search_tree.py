@@ -119,6 +119,12 @@ def test_resume_after_a_kill_gives_the_identical_result(tiny, tmp_path):
     with pytest.raises(ValueError, match="belongs to a different search"):   # only the budget differs
         tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=6, budget=Budget.parse("W4"), state_path=state,
                     resume=True, progress=False)
+    doc = json.loads(state.read_text())
+    del doc["fingerprint_scheme"]   # a state from before exact fingerprints: refused with the reason
+    state.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="earlier TreeQ whose search fingerprints"):
+        tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=6, budget=b, state_path=state, resume=True,
+                    progress=False)
     state.write_text(state.read_text()[:100])   # a truncated state names the file
     with pytest.raises(ValueError, match="cannot be read as a TSS state file"):
         tree_search(make(tiny, LayerConfig(3, 8)), cost, keep=6, budget=b, state_path=state, resume=True,

@@ -117,3 +117,30 @@ def test_stale_smoothing_factors_are_not_trusted(tmp_path):
 
     with pytest.raises(CheckpointError, match="missing or from another run"):
         load_calibration(copy.deepcopy(fp), tmp_path / "x")
+
+
+def test_calibrations_from_before_run_digests_still_load(tmp_path):
+    """A smoothed calibration written before run digests (no "data" in its state, no digest on the factors)
+    loads and resumes as it did."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from treeq_engine.calib.ptq import SMOOTH_FILE
+
+    fp = tiny_dit(seed=4)
+    batches = trajectory(fp, n=4, steps=3, seed=0)
+    plan = QuantPlan.uniform(quantizable_linears(fp, include=is_block_layer), 4, 4)
+    cfg = PTQConfig(max_tokens=256, rounds=1, smooth_alphas=(0.5, 0.75))
+    model = copy.deepcopy(fp)
+    calibrate(model, plan, batches, cfg, out_dir=tmp_path, progress=False)
+    f = tmp_path / SMOOTH_FILE
+    save_file(load_file(str(f)), str(f))                     # as written before: no metadata
+    st = json.loads((tmp_path / "ptq.json").read_text())
+    del st["data"]
+    (tmp_path / "ptq.json").write_text(json.dumps(st))
+    again = copy.deepcopy(fp)
+    load_calibration(again, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(*batches[0]), model(*batches[0]))
+    calibrate(copy.deepcopy(fp), plan, batches, cfg, out_dir=tmp_path, progress=False, data={"samples": 4})

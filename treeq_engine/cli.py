@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"treeq {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:   # bad input, files, devices: one line, not a traceback
+    except (ValueError, OSError) as e:   # bad input and files: one line, not a traceback (bugs keep theirs)
         if os.environ.get("TREEQ_DEBUG"):
             raise
         print(f"treeq {args.command}: error: {e} ({type(e).__name__}; TREEQ_DEBUG=1 shows the traceback)",

@@ -188,7 +188,8 @@ class _DeferredInterrupt:
     def __init__(self, enabled: bool) -> None:
         self.requested = False
         self._old = None
-        if enabled and threading.current_thread() is threading.main_thread():
+        if enabled and threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not over a caller's own handling
             self._old = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -244,7 +245,7 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
             st = read_json(out / "peft.json", SCHEMA, VERSION)
             if {**dataclasses.asdict(PEFTConfig()), **st["config"]} != cfg_doc:   # older files lack new fields
                 raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
-            if st.get("data") != data_doc:
+            if "data" in st and st["data"] != data_doc:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a fine-tuning run from other data ({st.get('data')}, now "
                                       f"{data_doc}); use a new directory")
             tensors = read_tensors(out / _tensor_file(st))

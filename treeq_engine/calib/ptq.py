@@ -26,6 +26,7 @@ layers and continues. ``load_calibration`` rebuilds a calibrated model from the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -232,12 +233,14 @@ def _run_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data")})
 
 
-def _smooth_factors(out: Path, run: str) -> dict[str, torch.Tensor] | None:
+def _smooth_factors(out: Path, run: str, legacy: bool = False) -> dict[str, torch.Tensor] | None:
     """The run's saved smoothing factors, or None when there are none or they belong to another run (a job
-    killed between writing them and its first state)."""
+    killed between writing them and its first state). ``legacy``: the state predates run digests, so a file
+    without one is taken as its own."""
     if not (out / SMOOTH_FILE).exists():
         return None
-    if read_metadata(out / SMOOTH_FILE).get("run") != run:
+    tag = read_metadata(out / SMOOTH_FILE).get("run")
+    if tag != run and not (legacy and tag is None):
         return None
     return read_tensors(out / SMOOTH_FILE)
 
@@ -253,7 +256,8 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
-                             "config": config.to_dict(), "data": None if data is None else dict(data), "layers": {}}
+                             "config": config.to_dict(), "layers": {},
+                             "data": None if data is None else json.loads(json.dumps(dict(data)))}
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         (out / "layers").mkdir(parents=True, exist_ok=True)
@@ -262,13 +266,13 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if old["plan"] != state["plan"] or old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
-            if old.get("data") != state["data"]:
+            if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
-        factors = None if out is None else _smooth_factors(out, run)
+        factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
         if factors is None:
             factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config)
             if out is not None:
@@ -325,7 +329,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
     layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=n) for n in plan.layers}
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
     if state["config"].get("smooth_alphas"):
-        factors = _smooth_factors(out, _run_digest(state))
+        factors = _smooth_factors(out, _run_digest(state), legacy="data" not in state)
         if factors is None:
             raise CheckpointError(f"{out}: the calibration used SmoothQuant but {SMOOTH_FILE} is missing or from "
                                   "another run")

@@ -4,10 +4,10 @@ table the search reads (schema ``treeq-latency-lut`` v1, see ``treeq_engine/sear
 One entry times the whole quantized linear as the runtime runs it — activation quantization (with the Monarch
 stage 1 where there is a branch) plus the packed GEMM with its epilogue, the weight in the layout the runtime holds
 on that device — replayed as a CUDA graph of many calls (launch latency amortized) that rotate over copies of the
-weights exceeding L2 twice over (a model streams its weights from HBM; one layer replayed alone would keep them
-in L2); W16A16 entries time the bf16 ``F.linear`` the same way. Not seen: the fused DiT blocks' LayerNorm +
-modulate (inside qkv's and fc1's quantization kernel) and GELU (in fc1's epilogue); callers comparing with a
-model account for those (``benchmarks/latency_budget.py``).
+weights, up to 128 of them or twice an H100's L2 (a model streams its weights from HBM; one layer replayed alone
+would keep them in L2; the smallest layers' copies still fit in L2); W16A16 entries time the bf16 ``F.linear``
+the same way. Not seen: the fused DiT blocks' LayerNorm + modulate (inside qkv's and fc1's quantization kernel)
+and GELU (in fc1's epilogue); callers comparing with a model account for those (``benchmarks/latency_budget.py``).
 
 By default the table holds exactly what a search over the model needs: every linear at its own rows per image ×
 each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
@@ -57,8 +57,8 @@ def layer_rows(model: nn.Module, batches: Sequence[int]) -> list[tuple[int, int,
     from ..search import SearchSpace
 
     c = model.config
-    with torch.device("meta"):
-        meta = copy.deepcopy(model).to("meta")
+    with torch.device("meta"):   # the same architecture with no storage (no copy of a loaded checkpoint)
+        meta = type(model)(c)
         x = torch.empty(1, c.in_channels, c.input_size, c.input_size)
         t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     space = SearchSpace.build(meta, [x, t, y], fixed_config=None)

@@ -104,18 +104,31 @@ class CalibrationSet:
             raise ValueError(f"cannot read calibration set {path}: {e}") from None
 
 
+_PERIOD = 32749          # prime; |int16| · period < 2^31, so each weighted word fits int32
+_CHUNK = 1 << 24         # words per pass: bounds the temporary memory to ~128 MB whatever the tensor
+
+
 @torch.no_grad()
 def tensor_summary(t: torch.Tensor) -> str:
     """A content summary of ``t`` that is exact and the same on any device and thread count: its bytes read as
-    int16 words, their sum and a position-weighted sum, in int64 (integer sums do not depend on the order a
-    parallel reduction takes, as float sums do). Any change of one element changes it; reading every byte into
-    a cryptographic hash would cost more than it protects against."""
+    int16 words, their sum and a position-weighted sum (weights 1..32749, repeating), in int64 (integer sums do
+    not depend on the order a parallel reduction takes, as float sums do). Any change of one element changes it;
+    reading every byte into a cryptographic hash would cost more than it protects against."""
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() * flat.element_size() % 2:
         flat = torch.cat([flat.view(torch.uint8), flat.new_zeros(1, dtype=torch.uint8)])
-    words = flat.view(torch.int16).to(torch.int64)
-    pos = torch.arange(words.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
-    return f"{tuple(t.shape)}:{t.dtype}:{int(words.sum())}:{int((words * pos).sum())}"
+    words = flat.view(torch.int16)
+    n = words.numel()
+    weights = torch.arange(1, _PERIOD + 1, dtype=torch.int32, device=words.device)
+    total = int(words.sum(dtype=torch.int64))
+    weighted = 0
+    step = _CHUNK - _CHUNK % _PERIOD
+    for start in range(0, n, step):   # chunks start at multiples of the period: weights restart with them
+        part = words[start:start + step].to(torch.int32)
+        whole = part.numel() - part.numel() % _PERIOD
+        weighted += int((part[:whole].view(-1, _PERIOD) * weights).sum(dtype=torch.int64))
+        weighted += int((part[whole:] * weights[:part.numel() - whole]).sum(dtype=torch.int64))
+    return f"{tuple(t.shape)}:{t.dtype}:{total}:{weighted}"
 
 
 def model_fingerprint(model: nn.Module) -> str:

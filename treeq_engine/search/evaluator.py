@@ -201,7 +201,7 @@ class Evaluator:
         h = hashlib.sha256()
         doc = {"space": self.space.fingerprint(), "env": self.env.to_dict(), "batch": self.batch,
                "group": self.group, "samples": self.num_samples}
-        # what changes the scores' rounding: named only when not the CPU eager default (earlier states resume)
+        # what changes the scores' rounding: named only when not the CPU eager default
         device = next((p.device.type for p in self.model.parameters()), "cpu")
         if device != "cpu":
             doc["device"] = device

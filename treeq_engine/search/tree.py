@@ -40,6 +40,7 @@ from .pareto import nondominated_fronts, pareto_drop
 
 STATE_SCHEMA = "treeq-tss-state"
 STATE_VERSION = 1
+FINGERPRINT_SCHEME = 2   # 2: exact integer content sums (calibration.tensor_summary); 1: float sums
 
 
 @dataclasses.dataclass
@@ -238,6 +239,10 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
                              "--resume") from None
         if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA or state.get("version") != STATE_VERSION:
             raise ValueError(f"{path} is not a TSS state file of version {STATE_VERSION}")
+        if state.get("fingerprint_scheme", 1) != FINGERPRINT_SCHEME:
+            raise ValueError(f"{path} was written by an earlier TreeQ whose search fingerprints are computed "
+                             "differently (float sums that depended on the thread count); it cannot be matched to "
+                             "this search: start without --resume")
         if state.get("fingerprint") != fingerprint:
             raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K or "
                              "batching differ); remove it or start without --resume")
@@ -283,6 +288,7 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
             if path is not None:
                 if rank == 0:
                     write_json(path, {"schema": STATE_SCHEMA, "version": STATE_VERSION, "fingerprint": fingerprint,
+                                      "fingerprint_scheme": FINGERPRINT_SCHEME,
                                        "level": level, "nodes": [nd.to_dict() for nd in nodes], "levels": levels,
                                        "evaluations": evaluations, "wall_s": wall0 + time.perf_counter() - t0,
                                        "root_candidates": root_candidates,
