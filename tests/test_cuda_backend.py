@@ -67,7 +67,7 @@ def test_raw_gemm_launcher_refuses_what_the_kernel_would_misread(gen):
         call(vec=(torch.ones(7),) + vec[1:])
     import dataclasses
 
-    with pytest.raises(ValueError, match="weight words must be"):
+    with pytest.raises(ValueError, match="fragment-layout words must be"):
         call(w=dataclasses.replace(w, words=w.words[:-16]))
     with pytest.raises(ValueError, match=r"out must be a contiguous \(8, 40\)"):
         call(out=torch.empty(8, 41, dtype=torch.bfloat16))

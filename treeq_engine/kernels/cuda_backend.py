@@ -195,14 +195,7 @@ def _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2) -> Non
         need(t.dtype == dt and t.is_contiguous() and t.numel() >= m, f"{name} must be contiguous {dt} with ≥ {m} "
              f"entries, got {t.dtype} {tuple(t.shape)}")
     n = w.n
-    from .cuda_layout import TILE_N, channel_tiles, total_words
-
-    for name, t, numel, dt in (("words", w.words, total_words(n, w.k, w.bits), torch.int32),
-                               ("row_chan", w.row_chan, channel_tiles(n) * TILE_N, torch.int32),
-                               ("w_scale", w.scale, n, torch.float32), ("w_uzp", w.uzp, n, torch.int32),
-                               ("w_ucs", w.ucs, n, torch.int32)):
-        need(t.dtype == dt and t.is_contiguous() and t.numel() == numel,
-             f"weight {name} must be contiguous {dt} ({numel},), got {t.dtype} {tuple(t.shape)}")
+    w.check()
     need(out.dim() == 2 and tuple(out.shape) == (m, n) and out.is_contiguous() and out.dtype in _OUT_KINDS,
          f"out must be a contiguous ({m}, {n}) tensor of {list(_OUT_KINDS)}, got {out.dtype} {tuple(out.shape)}")
     need(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == n),

@@ -37,6 +37,21 @@ class FragWeight:
     def device(self) -> torch.device:
         return self.words.device
 
+    def check(self) -> None:
+        """Sizes, dtypes, contiguity and device of the operands: the CUDA kernels read them as raw pointers."""
+        from .cuda_layout import TILE_N, channel_tiles, total_words
+
+        n = self.n
+        for name, t, numel, dt in (("words", self.words, total_words(n, self.k, self.bits), torch.int32),
+                                   ("row_chan", self.row_chan, channel_tiles(n) * TILE_N, torch.int32),
+                                   ("scale", self.scale, n, torch.float32), ("uzp", self.uzp, n, torch.int32),
+                                   ("ucs", self.ucs, n, torch.int32)):
+            if t.dim() != 1 or t.numel() != numel or t.dtype != dt or not t.is_contiguous():
+                raise ValueError(f"fragment-layout {name} must be contiguous {dt} ({numel},), got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+            if t.device != self.words.device:
+                raise ValueError(f"fragment-layout {name} is on {t.device}, its words on {self.words.device}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
@@ -78,24 +93,13 @@ class PackedWeight:
         self._check_qparams()
 
     def _check_frag(self) -> None:
-        """The fragment-layout operands' sizes, dtypes and device (the CUDA kernels read them unchecked). When
-        both layouts are given they must hold the same codes; that is the caller's contract, not checked here."""
-        from .cuda_layout import TILE_N, channel_tiles, total_words
-
+        """The fragment-layout operands (:meth:`FragWeight.check`) and their agreement with this weight. When both
+        layouts are given they must hold the same codes; that is the caller's contract, not checked here."""
         f = self.frag
         if (f.bits, f.n, f.k) != (self.bits, self.n, self.k):
             raise ValueError(f"fragment-layout weight is {f.bits}-bit (N={f.n}, K={f.k}), the packed weight "
                              f"{self.bits}-bit (N={self.n}, K={self.k})")
-        n = self.n
-        for name, t, numel, dt in (("words", f.words, total_words(n, self.k, self.bits), torch.int32),
-                                   ("row_chan", f.row_chan, channel_tiles(n) * TILE_N, torch.int32),
-                                   ("scale", f.scale, n, torch.float32), ("uzp", f.uzp, n, torch.int32),
-                                   ("ucs", f.ucs, n, torch.int32)):
-            if t.dim() != 1 or t.numel() != numel or t.dtype != dt or not t.is_contiguous():
-                raise ValueError(f"fragment-layout {name} must be contiguous {dt} ({numel},), got {t.dtype} "
-                                 f"{tuple(t.shape)}")
-            if t.device != f.words.device:
-                raise ValueError(f"fragment-layout {name} is on {t.device}, its words on {f.words.device}")
+        f.check()
 
     def _check_qparams(self) -> None:
         for name, t, dt in (("scale", self.scale, torch.float32), ("zero_point", self.zero_point, torch.int32),
