@@ -299,11 +299,13 @@ def predict(args: argparse.Namespace) -> str:
         m = skeleton(DiT(cfg).to(torch.bfloat16), plan, fuse=False)
         rep = memory_report(m)
         w, a = average_bits(m, plan, cfg.num_tokens)
-        # the fragment words and row map replace the layout-v1 codes; the u-domain zero point and column sum join
+        # the fragment words replace the layout-v1 codes of the layers the kernels run (quantized activations);
+        # the u-domain zero point and column sum join them; one row map per distinct N is shared
+        run = [q for q in treeq_layers(m).values() if q.act_spec.is_quantized]
         resident = rep["packed_bytes"] + sum(
-            4 * cuda_layout.total_words(q.out_features, q.in_features, q.config.w_bits)
-            + 4 * 256 * cuda_layout.channel_tiles(q.out_features) + 8 * q.out_features - q.w_packed.nbytes
-            for q in treeq_layers(m).values())
+            4 * cuda_layout.total_words(q.out_features, q.in_features, q.config.w_bits) + 8 * q.out_features
+            - q.w_packed.nbytes for q in run) + sum(4 * 256 * cuda_layout.channel_tiles(n)
+                                                    for n in {q.out_features for q in run})
         lines.append(f"| {name} | W{w:.2f}A{a:.2f} | {rep['ratio']:.3f}× | {rep['packed_bytes'] / 2**20:.0f} MiB "
                      f"(bf16 {rep['bf16_bytes'] / 2**20:.0f} MiB) | {resident / rep['bf16_bytes']:.3f}× |")
     lines += ["", "| B | bf16 compile, recorded ms | its block linears (model) | rest | W4A4 fused, no branch: "
