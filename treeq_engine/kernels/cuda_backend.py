@@ -370,8 +370,7 @@ def can_run(op: str, args: tuple, kwargs: dict) -> bool:
     frag = () if weight.frag is None else (weight.frag.row_chan, weight.frag.scale, weight.frag.uzp, weight.frag.ucs)
     return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.anchor, weight.scale,
                       weight.zero_point, weight.col_sum, *frag, kwargs.get("bias"), kwargs.get("monarch_w2"))
-            and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and act.k <= MAX_K
-            and _capability_ok(act.codes.device))
+            and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and runs_weight(act.codes.device, act.k))
 
 
 register(Backend("cuda", 100, {"quantize_activation": quantize_activation, "packed_linear": packed_linear}, can_run))

@@ -117,8 +117,8 @@ def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
 def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 col_sum: torch.Tensor, bits: int, n: int, k: int) -> FragWeight:
     """The :class:`FragWeight` of codes already held in fragment layout (``words``, ``row_chan``) with the weight's
-    own scale, zero point and column sums; the u-domain corrections are derived once and cached on ``words``."""
-    uzp, ucs = derived(words, "u_domain", (zero_point, col_sum), lambda: u_domain(zero_point, col_sum, bits, k))
+    own scale, zero point and column sums (the holder caches it: ``TreeQLinear.packed_weight``)."""
+    uzp, ucs = u_domain(zero_point, col_sum, bits, k)
     return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..format import QuantSpec, QuantizedTensor
 from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
 from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
+from ..kernels.derived import derived
 from ..plan import LayerConfig
 
 
@@ -86,6 +87,13 @@ class TreeQLinear(nn.Module):
 
     # -- math ------------------------------------------------------------------------------------
     def packed_weight(self) -> PackedWeight:
+        """The layer's weight operand, built (and checked) once and reused while its buffers are unchanged: this
+        runs on every forward."""
+        anchor = self.w_packed if self.w_packed is not None else self.w_frag
+        return derived(anchor, "packed_weight", (anchor, self.w_scale, self.w_zero_point, self.w_col_sum),
+                       self._build_packed_weight)
+
+    def _build_packed_weight(self) -> PackedWeight:
         bits, n, k = self.config.w_bits, self.out_features, self.in_features
         frag = None
         if self.w_packed is None:
