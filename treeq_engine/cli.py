@@ -38,6 +38,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+RESUMABLE = ("ptq", "peft")   # a rerun with the same --out continues them
+
+
 def _resolve(name: str, attr: str):
     module = importlib.import_module(COMMANDS[name].module, __package__)
     return getattr(module, attr)
@@ -74,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(_resolve(args.command, COMMANDS[args.command].run)(args) or 0)
     except KeyboardInterrupt:
-        print(f"treeq {args.command}: interrupted", file=sys.stderr)
+        again = f"; run the same command again to resume from {args.out}" if args.command in RESUMABLE else ""
+        print(f"treeq {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:   # bad input and files: one line, not a traceback (bugs keep theirs)
         if os.environ.get("TREEQ_DEBUG"):

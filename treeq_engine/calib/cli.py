@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -112,32 +111,7 @@ def _fingerprint(model) -> str:
     return model_fingerprint(model)[:16]
 
 
-def _resumable(command: str, run):
-    """``run(args)`` with a refused checkpoint or Ctrl-C reported in one line (exit 2 / 130), not a traceback."""
-    def wrapped(args: argparse.Namespace) -> int:
-        from .store import CheckpointError
-
-        try:
-            return run(args)
-        except CheckpointError as e:
-            print(f"treeq {command}: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"treeq {command}: interrupted; run the same command again to resume from {args.out}",
-                  file=sys.stderr)
-            return 130
-    return wrapped
-
-
 def run_ptq(args: argparse.Namespace) -> int:
-    return _resumable("ptq", _run_ptq)(args)
-
-
-def run_peft(args: argparse.Namespace) -> int:
-    return _resumable("peft", _run_peft)(args)
-
-
-def _run_ptq(args: argparse.Namespace) -> int:
     from .ptq import PTQConfig, calibrate
 
     if args.branch == "plan" and not args.plan:
@@ -180,7 +154,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     _common_args(p, "distillation")
 
 
-def _run_peft(args: argparse.Namespace) -> int:
+def run_peft(args: argparse.Namespace) -> int:
     from .peft import PEFTConfig, finetune
     from .ptq import load_calibration
     from .store import digest

@@ -190,8 +190,6 @@ def run(args: argparse.Namespace) -> int:
             model = DiT(dit_config(args.config))
     else:
         model = load_fp_model(args.model)[0]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu to test the pipeline)")
     if args.formats == "search":
         from ..search.space import candidate_configs, parse_bits
 
