@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.runtime import memory_report, quantize  # noqa: E402
+from treeq_engine.runtime.dit_fused import FusedDiTBlock  # noqa: E402
 from treeq_engine.runtime.profile import profile_layers  # noqa: E402
 from treeq_engine.runtime.timing import time_graph_ms  # noqa: E402
 from treeq_engine.plan import PlanError  # noqa: E402
@@ -91,14 +92,6 @@ def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> f
 
     with torch.no_grad():
         return time_graph_ms(block_ops, reps=reps, device=device)
-
-
-def fused_blocks(plan: QuantPlan, depth: int) -> int:
-    """Blocks the runtime fuses for ``plan``: qkv and fc1 both packed with quantized activations."""
-    def quantized(name: str) -> bool:
-        cfg = plan.layers.get(name)
-        return cfg is not None and cfg.w_bits < 16 and cfg.a_bits < 16
-    return sum(quantized(f"blocks.{i}.attn.qkv") and quantized(f"blocks.{i}.mlp.fc1") for i in range(depth))
 
 
 def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
@@ -238,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         row["search_s"] = round(time.perf_counter() - t1, 1)
         plan = res.plan
         lin = linear_us(lut, space, args.batch, plan)
-        row["fused_blocks"] = fused_blocks(plan, c.depth)
+        q = quantize(random_dit(args.config).to(device=device, dtype=dtype).eval(), plan, dtype=dtype)
+        row["fused_blocks"] = sum(isinstance(b, FusedDiTBlock) for b in q.blocks)   # as the runtime fused them
         row["predicted_unfused_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
         row["predicted_ms"] = row["predicted_unfused_ms"] - row["fused_blocks"] * fuse_ms
         row["plan_linears_us"] = lin
@@ -246,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         row["ptq_mse"] = res.ptq_mse
         labels = [plan.layers[leaf.name].label for leaf in space.leaves]
         row["mix"] = {lab: labels.count(lab) for lab in sorted(set(labels))}
-        q = quantize(random_dit(args.config).to(device=device, dtype=dtype).eval(), plan, dtype=dtype)
         row["measured_ms"], row["peak_gib"] = forward_ms(q, args.batch, device, dtype, args.reps)
         row["weight_ratio"] = memory_report(q)["ratio"]
         row["measured_over_predicted"] = row["measured_ms"] / row["predicted_ms"]
