@@ -39,7 +39,6 @@ PBEGIN, PEND = "<!-- bench_search:predictions:begin -->", "<!-- bench_search:pre
 BF16_PEAK = 989e12        # H100 SXM dense bf16 FLOP/s
 BANDWIDTH = 3.35e12       # H100 SXM HBM3 bytes/s (the floor)
 COPY_RATE = 3.0e12        # device-to-device copy as measured on our H100 (the prediction's elementwise rate)
-EAGER_B32_MS = 27.64      # DiT-XL/2 bf16 eager forward at batch 32, CUDA graph (research/h100-baselines.md)
 # bytes per activation element of one fake-quant (bf16 in and out): eager = the ~10 passes of
 # nn/grouped.py's arithmetic (to float32, min, max, divide, round, add, clamp, subtract, multiply, to bf16),
 # compiled = one reduction and one elementwise pass (read, read, write)
@@ -92,7 +91,10 @@ def predict(args: argparse.Namespace) -> str:
     evals = sum(r for lv in levels for r, _ in lv)
     flops, fq_elems, wparams = block_costs(cfg)
     floor_flop = sample_blocks * flops / BF16_PEAK
-    eager_us = EAGER_B32_MS * 1e3 / (32 * cfg.depth)        # µs per sample·block, the model's own eager forward
+    from bench_e2e import RECORDED_MS   # the recorded DiT-XL/2 forwards (research/h100-baselines.md)
+
+    eager_ms = RECORDED_MS[32][0]                            # bf16 eager at batch 32, CUDA graph
+    eager_us = eager_ms * 1e3 / (32 * cfg.depth)            # µs per sample·block, the model's own eager forward
     # a unit's grouped layers stack G fake-quantized weights per forward: written once, read by the bmm
     stack_us = 2 * 2 * wparams / COPY_RATE * 1e6 / args.samples   # per sample·block, amortized over the samples
     rows, fit = [], {}
@@ -111,7 +113,7 @@ def predict(args: argparse.Namespace) -> str:
              f"(one DiT block on one sample: {flops / 1e9:.2f} GFLOP in bf16, {fq_elems / 1e6:.2f} M activation "
              f"elements fake-quantized).", "",
              f"FLOP floor (bf16 dense peak {BF16_PEAK / 1e12:.0f} TFLOP/s): **{floor_flop / 60:.1f} min**. Per "
-             f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 (27.64 ms for "
+             f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 ({eager_ms} ms for "
              f"DiT-XL/2 at batch 32: {eager_us:.1f} µs per sample·block, norms, attention and elementwise included; "
              f"the search runs G·N = {args.group * args.samples} samples per forward, so its GEMMs are at least as "
              f"efficient), the activation fake-quant at the measured copy rate (3.0 TB/s), and the stacked candidate weights (at most: "
