@@ -58,3 +58,22 @@ def test_output_quantization_and_errors(gen):
         packed_linear(act, pw, backend="nope")
     with pytest.raises(ValueError, match="layout v2"):
         PackedWeight(pw.packed, 4, 16, 32, pw.scale, pw.zero_point, pw.col_sum, layout_version=2)
+
+
+def test_gated_residual_semantics(gen):
+    """``residual + gate ⊙ y``: gate row ``m // (M / G)`` per token (one per sample), ``y`` rounded to the output
+    type first, then one float32 product, one float32 sum and one rounding, by hand on four tokens."""
+    x = torch.randn(4, 64, generator=gen)
+    pw = PackedWeight.from_float(torch.randn(3, 64, generator=gen), QuantSpec.weight(4))
+    act = quantize_activation(x, QuantSpec.activation(8))
+    y = packed_linear(act, pw, out_dtype=torch.bfloat16)
+    res = torch.randn(4, 3, generator=gen).bfloat16()
+    gate = torch.tensor([[0.5, -1.0, 3.0], [2.0, 0.25, -0.125]])
+    out = packed_linear(act, pw, out_dtype=torch.bfloat16, residual=res, gate=gate)
+    for m in range(4):
+        for n in range(3):
+            prod = torch.tensor(float(gate[m // 2, n]), dtype=torch.float32) * y[m, n].float()
+            assert out[m, n] == (res[m, n].float() + prod).bfloat16()
+    plain = packed_linear(act, pw, out_dtype=torch.bfloat16, residual=res)
+    assert torch.equal(plain, (res.float() + y.float()).bfloat16())
+    assert not torch.equal(out, y)

@@ -185,3 +185,60 @@ def test_bf16_branch_factors(gen, poisoned):  # noqa: F811
     assert tb._branch_factor(w2d) is tb._branch_factor(w2d)  # converted once, not on every call
     w2d.mul_(2)
     assert torch.equal(tb._branch_factor(w2d), w2d.float())  # rebuilt after an in-place change
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("groups", [None, 1, 3])
+@pytest.mark.parametrize("cfg", [None, GemmConfig(16, 16, 32, split_k=3, group_m=2)])
+def test_gated_residual_exact(out_dtype, groups, cfg, gen, poisoned):  # noqa: F811
+    """``residual + gate ⊙ y`` fused into the store is, bit for bit, the oracle's gated residual of what the same
+    kernel writes without it (the rounding of y to the output type included), at ragged M and N, with the branch,
+    bias and GELU upstream, and through split-K; the residual is only read."""
+    m, n, k = 3 * 13, 70, 83
+    x, pw, _ = _operands(gen, m, n, k, 4, 8)
+    s = MonarchShape(n, k, 5, 2)
+    w1, w2 = torch.randn(s.w1_shape, generator=gen) * 0.1, torch.randn(s.w2_shape, generator=gen) * 0.1
+    bias = torch.randn(n, generator=gen)
+    act = _to(reference.quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1), DEVICE)
+    res = (torch.randn(m, n, generator=gen) * 3).to(out_dtype).to(DEVICE)
+    gate = None if groups is None else torch.randn(groups, n, generator=gen).to(DEVICE)
+    res0 = res.clone()
+    a = (act.codes, act.scale, act.zero_point, act.row_sum, pw.packed.to(DEVICE), 4, n, pw.scale.to(DEVICE),
+         pw.zero_point.to(DEVICE), pw.col_sum.to(DEVICE))
+    kw = dict(bias=bias.to(DEVICE), z=act.z, w2=w2.to(DEVICE), gelu=True, out_dtype=out_dtype, config=cfg)
+    y = gemm.packed_gemm(*a, **kw)
+    fused = gemm.packed_gemm(*a, **kw, residual=res, gate=gate)
+    assert fused.dtype == out_dtype and torch.equal(res, res0)
+    want = reference.gated_residual(y.cpu(), res.cpu(), None if gate is None else gate.cpu())
+    assert torch.equal(fused.cpu(), want)
+    # and the whole op against the oracle, through the dispatcher
+    ref = reference.packed_linear(reference.quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1), pw,
+                                  bias=bias, monarch_w2=w2, gelu=True, out_dtype=out_dtype, residual=res.cpu(),
+                                  gate=None if gate is None else gate.cpu())
+    got = packed_linear(act, pw.to(DEVICE), bias=bias.to(DEVICE), monarch_w2=w2.to(DEVICE), gelu=True,
+                        out_dtype=out_dtype, residual=res, gate=gate, backend="triton")
+    tol = TOL if out_dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(got.float().cpu(), ref.float(), **tol)
+
+
+def test_gated_residual_errors(gen):
+    _, pw, act = _operands(gen, 6, 16, 32, 4, 8)
+    act, pw = _to(act, DEVICE), _to(pw, DEVICE)
+    res = torch.zeros(6, 16, dtype=torch.bfloat16, device=DEVICE)
+    gate = torch.zeros(2, 16, device=DEVICE)
+    for kw, msg in ((dict(gate=gate), "needs residual"),
+                    (dict(residual=res[:, :8]), r"residual must be \(M=6, N=16\)"),
+                    (dict(residual=res.float()), "residual must be contiguous torch.bfloat16"),
+                    (dict(residual=res.t().contiguous().t()[:, :], out_dtype=torch.bfloat16), None),
+                    (dict(residual=res, gate=gate[:, :8]), r"gate must be \(G, N=16\)"),
+                    (dict(residual=res, gate=torch.zeros(4, 16, device=DEVICE)), "not a multiple of G=4"),
+                    (dict(residual=res, gate=gate.bfloat16()), "gate must be contiguous float32"),
+                    (dict(residual=res, out_spec=QuantSpec.activation(8)), "residual and out_spec"),
+                    (dict(residual=res.to(torch.int32), out_dtype=torch.int32), "out_dtype must be a float")):
+        if msg is None:
+            continue
+        with pytest.raises(ValueError, match=msg):
+            packed_linear(act, pw, backend="triton", **kw)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        packed_linear(act, pw, residual=torch.zeros(16, 6, dtype=torch.bfloat16, device=DEVICE).t(),
+                      backend="triton")

@@ -108,10 +108,17 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
-                  out_spec: QuantSpec | None = None, backend: str | None = None) -> torch.Tensor | QuantizedActivation:
+                  out_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
+                  gate: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor | QuantizedActivation:
     """``act × weightᵀ`` with the integer epilogue, Monarch stage 2, bias, optional GELU; bf16 ``(M, N)`` out, or
     the next layer's quantized activation when ``out_spec`` is given (the ``out_dtype`` rows quantized per
-    token: the same codes as the two calls)."""
+    token: the same codes as the two calls).
+
+    ``residual`` ``(M, N)`` in ``out_dtype`` (and ``gate`` float32 ``(G, N)``, row ``m`` using gate row
+    ``m // (M // G)``: one per sample) fuse a DiT block's gated residual into the store:
+    ``out = residual + gate ⊙ y``, computed in float32 from ``y`` rounded to ``out_dtype`` (as the unfused layer
+    would write it), the product and the sum each rounded to float32 (no fused multiply-add), then rounded to
+    ``out_dtype`` once. It saves the separate multiply and add passes over ``(M, N)`` (and one rounding)."""
     if not isinstance(act, QuantizedActivation) or not isinstance(weight, PackedWeight):
         raise TypeError("packed_linear takes a QuantizedActivation and a PackedWeight")
     if act.k != weight.k:
@@ -131,5 +138,43 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     if out_spec is not None and out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_spec quantizes the {out_dtype} rows the layer writes: out_dtype must be a float "
                          f"type")
+    _check_residual(residual, gate, act.m, weight.n, out_dtype, out_spec, weight.device)
     kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec)
+    if residual is not None:   # only when asked for: backends predating the option need not take the keywords
+        kw.update(residual=residual, gate=gate)
     return _pick("packed_linear", backend, (act, weight), kw)(act, weight, **kw)
+
+
+def _check_residual(residual: torch.Tensor | None, gate: torch.Tensor | None, m: int, n: int,
+                    out_dtype: torch.dtype, out_spec: QuantSpec | None, device: torch.device) -> None:
+    """The gated residual's operands: the kernels read them as raw rows, so shapes, dtypes and layout must be
+    exactly what they assume."""
+    if residual is None:
+        if gate is not None:
+            raise ValueError("gate scales the layer's output before the residual add: it needs residual")
+        return
+    if out_spec is not None:
+        raise ValueError("residual and out_spec cannot be fused together: the next layer's per-token scale needs "
+                         "the whole summed row (quantize the sum in its own call)")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"residual is added to the {out_dtype} output: out_dtype must be a float type")
+    if not isinstance(residual, torch.Tensor) or residual.shape != (m, n):
+        got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+        raise ValueError(f"residual must be (M={m}, N={n}), got {got}")
+    if residual.dtype != out_dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be contiguous {out_dtype} (the output's dtype), got "
+                         f"{residual.dtype}{'' if residual.is_contiguous() else ', not contiguous'}")
+    if residual.device != device:
+        raise ValueError(f"residual is on {residual.device}, the weight on {device}")
+    if gate is None:
+        return
+    if not isinstance(gate, torch.Tensor) or gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] < 1:
+        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"gate must be (G, N={n}) with G ≥ 1 (one row per sample), got {got}")
+    if m % gate.shape[0]:
+        raise ValueError(f"gate groups: M={m} is not a multiple of G={gate.shape[0]}")
+    if gate.dtype != torch.float32 or not gate.is_contiguous():
+        raise ValueError(f"gate must be contiguous float32, got {gate.dtype}"
+                         f"{'' if gate.is_contiguous() else ', not contiguous'}")
+    if gate.device != device:
+        raise ValueError(f"gate is on {gate.device}, the weight on {device}")

@@ -2,7 +2,8 @@
 
 ``quantize_activation``: [LayerNorm] → [adaLN modulate] → Monarch stage 1 (unquantized) → per-token quantization.
 ``packed_linear``: exact int32 GEMM → zero-point corrections and scales → + Monarch stage 2 → + bias →
-[GELU(tanh)] → bf16 out, or per-token quantization for the next layer.
+[GELU(tanh)] → bf16 out, or per-token quantization for the next layer, or the gated residual
+``residual + gate ⊙ out`` (float32 from the rounded output, rounded once more).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
-                  out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
+                  out_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
+                  gate: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
     codes = derived(weight.anchor, "codes", (weight.anchor,), weight.codes)  # unpack once per weight
     acc = int_gemm(act.codes, codes)
     corr = zero_point_correction(acc, weight.k, act.zero_point, act.row_sum, weight.zero_point, weight.col_sum)
@@ -59,4 +61,15 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         y = F.gelu(y, approximate="tanh")
     if out_spec is not None:  # what the next layer would read had this one written out_dtype rows
         return quantize_activation(y.to(out_dtype), out_spec)
+    if residual is not None:
+        return gated_residual(y.to(out_dtype), residual, gate)
     return y.to(out_dtype)
+
+
+def gated_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``residual + gate ⊙ y`` in float32 (product and sum each rounded, as two separate float32 operations),
+    rounded to ``y``'s dtype; ``gate (G, N)``: row ``m`` takes gate row ``m // (M // G)``."""
+    yf = y.float()
+    if gate is not None:
+        yf = gate.float().repeat_interleave(y.shape[0] // gate.shape[0], 0) * yf
+    return (residual.float() + yf).to(y.dtype)

@@ -142,21 +142,25 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
         inn = torch.empty(n, dtype=torch.int32)
         w2 = torch.empty(32, n // 32, 32, dtype=torch.float32)
         out = torch.empty(m, n, dtype=torch.bfloat16)
-        for i, (cfg, branch) in enumerate(((autotune.heuristic_config(m, n, k, True), True),
-                                           (autotune.heuristic_config(m, n, k), False),
-                                           (autotune.heuristic_config(256, 1152, 1152), False))):  # split-K
+        res_rows = torch.empty(m, n, dtype=torch.bfloat16)
+        gate = torch.empty(m // 256, n, dtype=torch.float32)
+        for i, (cfg, branch, res) in enumerate(((autotune.heuristic_config(m, n, k, True), True, False),
+                                                (autotune.heuristic_config(m, n, k), False, False),
+                                                (autotune.heuristic_config(256, 1152, 1152), False, False),  # split-K
+                                                (autotune.heuristic_config(m, n, k), False, True))):
             name = f"packed_gemm[W{bits}, BM={cfg.bm} BN={cfg.bn} BK={cfg.bk} split={cfg.split_k}" \
-                   f"{', monarch b=32 r=1 + bias + gelu' if branch else ''}]"
+                   f"{', monarch b=32 r=1 + bias + gelu' if branch else ''}{', gated residual' if res else ''}]"
             yield KernelBuild(name, gemm._packed_gemm_kernel,
                               dict(a_ptr=codes, w_ptr=packed, sa_ptr=f32, za_ptr=i32, ra_ptr=i32, sw_ptr=fn, zw_ptr=inn,
-                                   cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, ws_ptr=inn, cnt_ptr=inn,
+                                   cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, res_ptr=res_rows,
+                                   gate_ptr=gate, ws_ptr=inn, cnt_ptr=inn,
                                    M=m, N=n, K=k, KW=packed.shape[1], NBLK=32 if branch else 1,
-                                   NB=n // 32 if branch else n, BR=32 if branch else 1, M_BUCKET=m),
-                              dict(BITS=bits, HAS_BIAS=branch, HAS_BRANCH=branch, GELU=branch,
-                                   BRC=32, BRANCH_F32=False, BM=cfg.bm,
+                                   NB=n // 32 if branch else n, BR=32 if branch else 1, GATE_ROWS=256, M_BUCKET=m),
+                              dict(BITS=bits, HAS_BIAS=branch or res, HAS_BRANCH=branch, GELU=branch, HAS_RES=res,
+                                   HAS_GATE=res, BRC=32, BRANCH_F32=False, BM=cfg.bm,
                                    BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m),
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              quick=(bits, i) in ((4, 0), (8, 1), (8, 2))), (80, 90)
+                              quick=(bits, i) in ((4, 0), (8, 1), (8, 2), (4, 3))), (80, 90)
     try:
         from . import gluon_gemm
     except ImportError:  # this Triton has no Gluon

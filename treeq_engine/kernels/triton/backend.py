@@ -58,11 +58,14 @@ def _(x, bits, symmetric, clip_ratio, ln_eps, shift, scale, monarch_w1, z_bf16):
 def _packed_linear_op(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: torch.Tensor,
                       z: Optional[torch.Tensor], packed: torch.Tensor, bits: int, n: int, sw: torch.Tensor,
                       zw: torch.Tensor, cw: torch.Tensor, bias: Optional[torch.Tensor], w2: Optional[torch.Tensor],
-                      gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                      gelu: bool, out_dtype: torch.dtype, residual: Optional[torch.Tensor] = None,
+                      gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     from . import gluon_gemm
 
     args = (codes, sa, za, ra, packed, bits, n, sw, zw, cw)
     kw = dict(bias=bias, z=z, w2=w2, gelu=gelu, out_dtype=out_dtype)
+    if residual is not None:
+        kw.update(residual=residual, gate=gate)
     with on_device(codes):
         if gluon_gemm.usable(codes, bits):
             return gluon_gemm.packed_gemm(*args, **kw)
@@ -70,7 +73,7 @@ def _packed_linear_op(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, r
 
 
 @_packed_linear_op.register_fake
-def _(codes, sa, za, ra, z, packed, bits, n, sw, zw, cw, bias, w2, gelu, out_dtype):
+def _(codes, sa, za, ra, z, packed, bits, n, sw, zw, cw, bias, w2, gelu, out_dtype, residual=None, gate=None):
     return codes.new_empty((codes.shape[0], n), dtype=out_dtype)
 
 
@@ -114,7 +117,8 @@ def _check_act(act: QuantizedActivation) -> None:
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
-                  out_spec: QuantSpec | None = None) -> torch.Tensor | QuantizedActivation:
+                  out_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
+                  gate: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
     """Backend implementation of ``kernels.packed_linear`` (inputs already checked by ops.py)."""
     _check_act(act)
     if monarch_w2 is not None and act.z is None:
@@ -122,7 +126,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     y = _packed_linear_op(act.codes, act.scale, act.zero_point, act.row_sum,
                           act.z if monarch_w2 is not None else None, weight.packed, weight.bits, weight.n,
                           weight.scale, weight.zero_point, weight.col_sum, _f32(bias), _branch_factor(monarch_w2),
-                          bool(gelu), out_dtype)
+                          bool(gelu), out_dtype, residual, gate)
     if out_spec is not None:
         return quantize_activation(y, out_spec)
     return y

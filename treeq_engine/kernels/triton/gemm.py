@@ -8,6 +8,9 @@ layout v1 in registers:
                                                                                final value fits for K ≤ MAX_K)
     y[m,n]    = corr·sa[m]·sw[n]  [+ Σ_c w2[j, l, c]·z[m, j, c]]  [+ bias[n]]  [GELU(tanh)]    float32
                                   └ Monarch stage 2, for n = j·Nb + l ┘
+    out[m,n]  = y  rounded to the output type, or with a gated residual (a DiT block's ``x + gate ⊙ proj(·)``)
+                res[m,n] + gate[m // R, n]·ŷ,  ŷ = y rounded to the output type, read back as float32; the
+                product and the sum each rounded (never contracted into an FMA), then rounded to the output type
 
 Weights: 8-bit rows are loaded as they are; 2/4-bit fields come from word ``k // (32/bits)`` at bit
 ``bits·(k mod 32/bits)``; 3-bit from the two low planes and the high plane of group ``k // 32``. Fields are
@@ -33,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_math import gelu_tanh
+from .kernel_math import add_rn, gelu_tanh, mul_rn, to_out
 from . import runtime
 from .runtime import INTERPRET, check_device, next_pow2
 
@@ -97,10 +100,10 @@ def _monarch_stage2(y, z_ptr, w2_ptr, rows, mmask, o, nmask, n0, N, NBLK, NB, BR
 
 @triton.jit
 def _epilogue(acc, rows, mmask, o, nmask, n0,
-              sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-              N, K, NBLK, NB, BR,
-              HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
-              BN: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
+              sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr, res_ptr, gate_ptr,
+              N, K, NBLK, NB, BR, GATE_ROWS,
+              HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_GATE: tl.constexpr, BN: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr):
     za = tl.load(za_ptr + rows, mask=mmask, other=0)
     ra = tl.load(ra_ptr + rows, mask=mmask, other=0)
     sa = tl.load(sa_ptr + rows, mask=mmask, other=0.0)
@@ -115,16 +118,26 @@ def _epilogue(acc, rows, mmask, o, nmask, n0,
         y = y + tl.load(bias_ptr + o, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
         y = gelu_tanh(y)
-    optr = out_ptr + rows.to(tl.int64)[:, None] * N + o[None, :]
-    tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    off = rows.to(tl.int64)[:, None] * N + o[None, :]
+    m2 = mmask[:, None] & nmask[None, :]
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    y = to_out(y, DT, BRANCH_F32)   # BRANCH_F32 doubles as "interpreted" (it is set exactly then)
+    if HAS_RES:
+        yr = y.to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + (rows // GATE_ROWS).to(tl.int64)[:, None] * N + o[None, :], mask=m2, other=0.0)
+            yr = mul_rn(g, yr, BRANCH_F32)
+        r = tl.load(res_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        y = to_out(add_rn(r, yr, BRANCH_F32), DT, BRANCH_F32)
+    tl.store(out_ptr + off, y, mask=m2)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])  # an autotune key only: no recompile per bucket
 def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr,
-                        bias_ptr, z_ptr, w2_ptr, out_ptr, ws_ptr, cnt_ptr,
-                        M, N, K, KW, NBLK, NB, BR, M_BUCKET,
+                        bias_ptr, z_ptr, w2_ptr, out_ptr, res_ptr, gate_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, KW, NBLK, NB, BR, GATE_ROWS, M_BUCKET,
                         BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BRANCH: tl.constexpr, GELU: tl.constexpr,
-                        BRC: tl.constexpr, BRANCH_F32: tl.constexpr,
+                        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, BRC: tl.constexpr, BRANCH_F32: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     n_tiles_n = tl.cdiv(N, BN)
@@ -167,10 +180,12 @@ def _packed_gemm_kernel(a_ptr, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
             acc = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=m2, sem="acq_rel")
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _epilogue(acc, rows, mmask, o, nmask, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-                      z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BN, BRC, BRANCH_F32)
+                      z_ptr, w2_ptr, out_ptr, res_ptr, gate_ptr, N, K, NBLK, NB, BR, GATE_ROWS, HAS_BIAS, HAS_BRANCH, GELU,
+                      HAS_RES, HAS_GATE, BN, BRC, BRANCH_F32)
     else:
         _epilogue(acc, rows, mmask, o, nmask, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-                  z_ptr, w2_ptr, out_ptr, N, K, NBLK, NB, BR, HAS_BIAS, HAS_BRANCH, GELU, BN, BRC, BRANCH_F32)
+                  z_ptr, w2_ptr, out_ptr, res_ptr, gate_ptr, N, K, NBLK, NB, BR, GATE_ROWS, HAS_BIAS, HAS_BRANCH, GELU,
+                      HAS_RES, HAS_GATE, BN, BRC, BRANCH_F32)
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -196,13 +211,15 @@ def splitk_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torc
 def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: torch.Tensor,
                 packed: torch.Tensor, bits: int, n: int, sw: torch.Tensor, zw: torch.Tensor, cw: torch.Tensor, *,
                 bias: torch.Tensor | None = None, z: torch.Tensor | None = None, w2: torch.Tensor | None = None,
-                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, config=None) -> torch.Tensor:
+                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None, config=None) -> torch.Tensor:
     """``y (M, N)`` in ``out_dtype`` from activation codes ``(M, K)`` and a layout-v1 packed weight ``(N, ·)``.
-    ``z (M, b, b·r)`` and ``w2 (b, Nb, b·r)`` fuse Monarch stage 2. ``config`` (a ``GemmConfig``) overrides the
-    tuned choice."""
+    ``z (M, b, b·r)`` and ``w2 (b, Nb, b·r)`` fuse Monarch stage 2; ``residual (M, N)`` (``out_dtype``) and
+    ``gate`` (float32 ``(G, N)``) the gated residual (checked by ``kernels.ops``). ``config`` (a ``GemmConfig``)
+    overrides the tuned choice."""
     from . import autotune
 
-    check_device(codes, packed, z, w2, bias)
+    check_device(codes, packed, z, w2, bias, residual, gate)
     m, k = codes.shape
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
@@ -219,11 +236,15 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
         z, w2 = z.contiguous(), w2.contiguous()
     brc = min(max(16, next_pow2(br)), 32)
     dummy = sa
+    if gate is not None and residual is None:
+        raise ValueError("gate needs residual")
+    gate_rows = m // gate.shape[0] if gate is not None else 1
     args = (codes, packed, sa, za, ra, sw, zw, cw,
-            bias if bias is not None else dummy, z if z is not None else dummy, w2 if w2 is not None else dummy, out)
+            bias if bias is not None else dummy, z if z is not None else dummy, w2 if w2 is not None else dummy, out,
+            residual if residual is not None else out, gate if gate is not None else dummy)
     meta = dict(BITS=bits, HAS_BIAS=bias is not None, HAS_BRANCH=w2 is not None, GELU=bool(gelu),
-                BRC=brc, BRANCH_F32=INTERPRET)
-    sizes = (m, n, k, packed.shape[1], nblk, nb, br, next_pow2(m))
+                HAS_RES=residual is not None, HAS_GATE=gate is not None, BRC=brc, BRANCH_F32=INTERPRET)
+    sizes = (m, n, k, packed.shape[1], nblk, nb, br, gate_rows, next_pow2(m))
 
     def tiles(bm: int, bn: int) -> int:
         return triton.cdiv(m, bm) * triton.cdiv(n, bn)

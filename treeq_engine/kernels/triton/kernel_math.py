@@ -6,6 +6,8 @@
 * ``mul_rn`` / ``add_rn``: on the GPU, LLVM fuses ``a*b + c`` into one FMA (one rounding instead of two); the
   oracle (PyTorch, separate ops) rounds twice. ``mul.rn.f32``/``add.rn.f32`` are never contracted; they are
   inline PTX because libdevice's ``__nv_fmul_rn`` is built flushing denormals to zero here.
+* ``to_out``: float32 → the output type, rounded to nearest even. Compiled Triton does that; the interpreter
+  truncates float32 → bfloat16 (and its "rtne" mode rounds ties up), so there it is done on the bits.
 * ``gelu_tanh``: ``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` with ``tanh(u) = 1 − 2/(e^{2u} + 1)`` on
   ``u`` clamped to ±15 (float32 tanh is ±1 there), so ``exp`` never overflows.
 """
@@ -46,3 +48,14 @@ def gelu_tanh(x):
     u = tl.minimum(tl.maximum(u, -15.0), 15.0)
     t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
     return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def to_out(y, DT: tl.constexpr, INTERP: tl.constexpr):
+    if INTERP and DT == tl.bfloat16:
+        u = y.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))   # carries into the exponent round up to the next binade / inf
+        h = tl.where(y != y, 0x7FC0, u >> 16).to(tl.uint16)
+        return h.to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(DT)
