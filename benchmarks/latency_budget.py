@@ -18,7 +18,9 @@ In one process on one device:
    plan's is reported as infeasible with that floor, not searched.
 4. **Predicted** end-to-end time of the plan: ``R − F + Σ table(plan's linears)``, where ``F`` is what the fused
    DiT blocks fold away: per fused block, the two bf16 LayerNorm + modulate (now inside qkv's and fc1's
-   quantization) and fc1's GELU (now in its epilogue), measured here in bf16 as the model runs them;
+   quantization) and fc1's GELU (now in its epilogue), and per gated residual fused into proj's or fc2's epilogue
+   the bf16 ``x + gate·y`` (two passes) less one read of ``x`` (what the epilogue adds: half a copy), measured
+   here in bf16 as the model runs them;
    **measured**: the plan quantized with ``treeq_engine.quantize`` (fastest backend) and replayed as a CUDA
    graph. Their ratio says how far a table of isolated linears predicts the model (L2 reuse between layers and
    launch gaps are what it cannot see; the table's entries run with cold weights).
@@ -72,9 +74,10 @@ def linear_us(lut: LatencyTable, space: SearchSpace, batch: int, plan: QuantPlan
     return out
 
 
-def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> float:
-    """What one fused DiT block folds into its quantization kernels and fc1's epilogue, as the bf16 model runs it
-    (ms): LayerNorm + modulate of qkv's and of fc1's input, and fc1's GELU."""
+def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
+    """What a fused DiT block folds into its kernels, as the bf16 model runs it (ms): per block, LayerNorm +
+    modulate of qkv's and of fc1's input and fc1's GELU; per gated residual fused into an epilogue, the separate
+    multiply and add less the epilogue's extra read of the residual (half a copy of it)."""
     from treeq_engine.models.dit import modulate
 
     d, t = cfg.hidden_size, cfg.num_tokens
@@ -85,13 +88,18 @@ def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> f
     norm = torch.nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
     gelu = torch.nn.GELU(approximate="tanh")
 
+    y = torch.randn_like(x)
+
     def block_ops():
         modulate(norm(x), shift, scale)
         modulate(norm(x), shift, scale)
         gelu(hid)
 
     with torch.no_grad():
-        return time_graph_ms(block_ops, reps=reps, device=device)
+        per_block = time_graph_ms(block_ops, reps=reps, device=device)
+        residual = time_graph_ms(lambda: x + shift.unsqueeze(1) * y, reps=reps, device=device)
+        read = time_graph_ms(lambda: y.clone(), reps=reps, device=device) / 2
+    return per_block, max(residual - read, 0.0)
 
 
 def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
@@ -181,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as e:
         raise SystemExit(f"latency_budget: {e}") from None
     rest_ms = t_bf16 - (lin_bf16["searched"] + lin_bf16["fixed"]) / 1e3
-    fuse_ms = fusable_ms(c, args.batch, device, dtype, args.reps)
+    fuse_ms, resid_ms = fusable_ms(c, args.batch, device, dtype, args.reps)
     record["bf16"] = {"ms": t_bf16, "peak_gib": peak_bf16, "linears_us": lin_bf16, "rest_ms": rest_ms,
-                      "fusable_ms_per_block": fuse_ms}
+                      "fusable_ms_per_block": fuse_ms, "fusable_ms_per_residual": resid_ms}
     print(f"bf16 forward {t_bf16:.3f} ms; its linears {sum(lin_bf16.values()) / 1e3:.3f} ms by the table "
           f"(searched {lin_bf16['searched'] / 1e3:.3f}); the rest {rest_ms:.3f} ms, of which a fused block folds "
-          f"away {fuse_ms:.4f} ms")
+          f"away {fuse_ms:.4f} ms and a fused gated residual {resid_ms:.4f} ms")
     if rest_ms < 0:
         record["bf16"]["warning"] = "the table's linears sum to more than the whole forward"
         print(f"warning: {record['bf16']['warning']} (a table from another device or load?)")
@@ -232,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = res.plan
         lin = linear_us(lut, space, args.batch, plan)
         q = quantize(random_dit(args.config).to(device=device, dtype=dtype).eval(), plan, dtype=dtype)
-        row["fused_blocks"] = sum(isinstance(b, FusedDiTBlock) for b in q.blocks)   # as the runtime fused them
+        fused = [b for b in q.blocks if isinstance(b, FusedDiTBlock)]   # as the runtime fused them
+        row["fused_blocks"] = len(fused)
+        row["fused_residuals"] = sum(b.proj_residual + b.fc2_residual for b in fused)
         row["predicted_unfused_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
-        row["predicted_ms"] = row["predicted_unfused_ms"] - row["fused_blocks"] * fuse_ms
+        row["predicted_ms"] = (row["predicted_unfused_ms"] - row["fused_blocks"] * fuse_ms
+                               - row["fused_residuals"] * resid_ms)
         row["plan_linears_us"] = lin
         row["search_costs"] = plan.meta["costs"]
         row["ptq_mse"] = res.ptq_mse
@@ -268,7 +279,9 @@ def write_table(rec: dict) -> None:
              f"bf16 eager forward {b['ms']:.3f} ms, of which the table's linears "
              f"{sum(b['linears_us'].values()) / 1e3:.3f} ms; the rest {b['rest_ms']:.3f} ms is held fixed in the "
              f"prediction, less {1e3 * b['fusable_ms_per_block']:.1f} µs per fused block (the bf16 LayerNorm + "
-             "modulate ×2 and GELU that the fused blocks fold into their kernels). 'mid': halfway between the "
+             "modulate ×2 and GELU that the fused blocks fold into their kernels) and "
+             f"{1e3 * b.get('fusable_ms_per_residual', 0.0):.1f} µs per gated residual fused into an epilogue (the "
+             "bf16 multiply and add, less the epilogue's read of the residual). 'mid': halfway between the "
              "cheapest and the dearest plan by the table.", "",
              "| budget (× bf16 searched linears) | plan avg W/A | searched µs (table) | predicted ms | measured ms | "
              "measured / predicted | × bf16 eager | weights vs bf16 | peak GiB | search s |",

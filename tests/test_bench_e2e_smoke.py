@@ -57,7 +57,9 @@ def test_latency_budget_smoke(tmp_path):
     lin = high["plan_linears_us"]
     unfused = rec["bf16"]["rest_ms"] + (lin["searched"] + lin["fixed"]) / 1e3
     assert abs(high["predicted_unfused_ms"] - unfused) < 1e-9 and high["fused_blocks"] == 2
-    assert abs(high["predicted_ms"] - (unfused - 2 * rec["bf16"]["fusable_ms_per_block"])) < 1e-9
+    assert 0 <= high["fused_residuals"] <= 4
+    fold = 2 * rec["bf16"]["fusable_ms_per_block"] + high["fused_residuals"] * rec["bf16"]["fusable_ms_per_residual"]
+    assert abs(high["predicted_ms"] - (unfused - fold)) < 1e-9
     assert high["budget"] == "mid" and high["floor_us"] < high["budget_us"]
     assert high["measured_ms"] > 0 and 0 < high["weight_ratio"] < 1
     plan = json.loads((tmp_path / "search_mid" / "plan.json").read_text())

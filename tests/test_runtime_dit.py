@@ -54,3 +54,25 @@ def test_uniform_plan_packs_every_block_linear():
     m = _dit()
     quantize(m, _plan(m), dtype=torch.float32)
     assert len(treeq_layers(m)) == len(quantizable_linears(_dit(), include=is_block_layer))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual_fused_where_packed(dtype, gen):
+    """proj and fc2 add the gated residual in their epilogue when they are packed with quantized activations; a
+    weight-only proj (block 1) and a 16-bit fc2 (block 0) keep the separate multiply and add. Fused and unfused
+    agree to the output type's rounding (the fused residual rounds once less)."""
+    x, t, y = _inputs(gen)
+    plan = _plan(_dit())
+    layers = dict(plan.layers)
+    layers["blocks.1.attn.proj"] = LayerConfig(4, 16)
+    del layers["blocks.0.mlp.fc2"]
+    plan = QuantPlan(layers)
+    with torch.no_grad():
+        unfused = quantize(_dit(), plan, dtype=dtype, fuse=False).to(dtype)
+        fused = quantize(_dit(), plan, dtype=dtype).to(dtype)
+        blocks = [b for b in fused.blocks if isinstance(b, FusedDiTBlock)]
+        assert [(b.proj_residual, b.fc2_residual) for b in blocks] == [(True, False), (False, True)]
+        a, b = unfused(x.to(dtype), t, y), fused(x.to(dtype), t, y)
+    scale = float(a.float().abs().max())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=tol * scale)

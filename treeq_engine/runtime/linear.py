@@ -219,11 +219,13 @@ class TreeQLinear(nn.Module):
                                    monarch_w1=self.monarch_w1)
 
     def linear(self, act: QuantizedActivation, *, gelu: bool = False, out_spec: QuantSpec | None = None,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedActivation:
-        """Kernel 2: the packed GEMM with its epilogue (Monarch stage 2, bias, optional GELU and next-layer
-        quantization)."""
+               out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
+        """Kernel 2: the packed GEMM with its epilogue (Monarch stage 2, bias, optional GELU, and either the
+        next layer's quantization or the gated residual ``residual + gate ⊙ y``: ``kernels.packed_linear``)."""
+        kw = {} if residual is None else dict(residual=residual, gate=gate)
         return packed_linear(act, self.packed_weight(), bias=self.bias, monarch_w2=self.monarch_w2, gelu=gelu,
-                             out_spec=out_spec, out_dtype=out_dtype or self.out_dtype)
+                             out_spec=out_spec, out_dtype=out_dtype or self.out_dtype, **kw)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the model change what this layer computes in, not its
