@@ -268,7 +268,8 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t a_rowsum, std::uintptr_t wfrag, std::uintptr_t row_chan, int bits, std::uintptr_t w_scale,
          std::uintptr_t w_uzp, std::uintptr_t w_ucs, std::uintptr_t bias, std::uintptr_t z, std::uintptr_t w2,
          int blocks, int brp, int nb, std::uintptr_t out, int out_kind, bool gelu, int64_t m, int64_t n, int64_t k,
-         int arch, int splits, std::uintptr_t partials, std::uintptr_t counters, std::uintptr_t stream) {
+         int arch, int splits, std::uintptr_t partials, std::uintptr_t counters, std::uintptr_t stream,
+         std::uintptr_t residual, std::uintptr_t gate, int64_t gate_rows) {
         treeq::cuda::GemmArgs a;
         a.act = ptr<const int8_t>(act);
         a.lda = lda;
@@ -298,6 +299,9 @@ PYBIND11_MODULE(_C, m) {
         a.splits = splits;
         a.partials = ptr<int32_t>(partials);
         a.counters = ptr<int32_t>(counters);
+        a.residual = ptr<const void>(residual);
+        a.gate = ptr<const float>(gate);
+        a.gate_rows = gate_rows;
         raise_if(treeq::cuda::packed_linear(a, stream));
       },
       py::arg("act"), py::arg("lda"), py::arg("k_act"), py::arg("a_scale"), py::arg("a_zp"), py::arg("a_rowsum"),
@@ -305,5 +309,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("w_ucs"), py::arg("bias"), py::arg("z"), py::arg("w2"), py::arg("blocks"), py::arg("brp"),
       py::arg("nb"), py::arg("out"), py::arg("out_kind"), py::arg("gelu"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("arch"), py::arg("splits"), py::arg("partials"), py::arg("counters"),
-      py::arg("stream"), "Packed GEMM with the fused epilogue (device pointers as integers; 0 = absent).");
+      py::arg("stream"), py::arg("residual") = 0, py::arg("gate") = 0, py::arg("gate_rows") = 0,
+      "Packed GEMM with the fused epilogue (device pointers as integers; 0 = absent); residual (M, N) of the output\n"
+      "type and gate fp32 (M / gate_rows, N) fuse out = residual + gate * y.");
 }

@@ -69,6 +69,10 @@ struct GemmArgs {
   void* out = nullptr;               // (m, n)
   int out_kind = 0;                  // 0 bf16, 1 fp16, 2 fp32, 3 int32 (the corrected integer accumulator)
   bool gelu = false;
+  // Gated residual (float out kinds): out = res + gate[m / gate_rows] · y, from y rounded to the output type.
+  const void* residual = nullptr;    // (m, n) of out_kind; may be `out` itself (in place), must not partly overlap it
+  const float* gate = nullptr;       // (m / gate_rows, n) fp32, or null (ungated); needs residual
+  int64_t gate_rows = 0;             // tokens per gate row (M / G), ≥ 1 and dividing m when gate is given
   int64_t m = 0, n = 0, k = 0;
   int arch = 0;                      // 90 (wgmma, sm_90 only) or 80 (mma.sync, sm_80+)
   int splits = 1;                    // from plan_packed_linear

@@ -111,8 +111,21 @@ std::string packed_linear(const GemmArgs& a, std::uintptr_t stream) {
   if (reinterpret_cast<std::uintptr_t>(a.act) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.wfrag) % 16 != 0)
     return "activation codes and packed weights must be 16-byte aligned";
   if (a.out_kind < 0 || a.out_kind > 3) return "out_kind must be 0 (bf16), 1 (fp16), 2 (fp32) or 3 (int32)";
-  if (a.out_kind == 3 && (a.z != nullptr || a.bias != nullptr || a.gelu))
-    return "int32 output is the bare corrected accumulator: no branch, bias or GELU";
+  if (a.out_kind == 3 && (a.z != nullptr || a.bias != nullptr || a.gelu || a.residual != nullptr))
+    return "int32 output is the bare corrected accumulator: no branch, bias, GELU or residual";
+  const int esize = (a.out_kind == 0 || a.out_kind == 1) ? 2 : 4;
+  const auto addr = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr); };
+  if (a.gate != nullptr && a.residual == nullptr) return "gate scales the output before the residual add: no residual";
+  if (a.gate != nullptr && (a.gate_rows < 1 || a.m % a.gate_rows != 0))
+    return "gate_rows (tokens per gate row, M / G) must be ≥ 1 and divide M=" + std::to_string(a.m) + ", got " +
+           std::to_string(a.gate_rows);
+  if (a.residual != nullptr) {
+    const std::uintptr_t res = addr(a.residual), out = addr(a.out), bytes = a.m * a.n * esize;
+    // In place is exact (each element is read, then written, by the same thread); a shifted overlap would race.
+    if (res != out && res < out + bytes && out < res + bytes)
+      return "residual partly overlaps out: pass out itself (in place) or a separate tensor";
+    if (res % esize != 0 || addr(a.gate) % 4 != 0) return "residual and gate must be aligned to their element size";
+  }
   if (a.z != nullptr) {
     if (a.w2 == nullptr || a.blocks <= 0 || a.nb <= 0 || a.brp <= 0 || a.brp % 16 != 0)
       return "Monarch stage 2 needs w2, blocks, nb > 0 and brp a positive multiple of 16";
@@ -146,8 +159,11 @@ std::string packed_linear(const GemmArgs& a, std::uintptr_t stream) {
   p.out = a.out;
   p.out_kind = a.out_kind;
   p.gelu = a.gelu ? 1 : 0;
-  const int esize = (a.out_kind == 0 || a.out_kind == 1) ? 2 : 4;
-  p.out_vec = (a.n * esize) % 16 == 0 && reinterpret_cast<std::uintptr_t>(a.out) % 16 == 0;
+  p.residual = a.residual;
+  p.gate = a.gate;
+  p.gate_rows = a.gate != nullptr ? static_cast<int>(a.gate_rows) : 0;
+  p.out_vec = (a.n * esize) % 16 == 0 && addr(a.out) % 16 == 0 && addr(a.residual) % 16 == 0 &&
+              addr(a.gate) % 16 == 0;
   p.m = static_cast<int>(a.m);
   p.n = static_cast<int>(a.n);
   p.k = static_cast<int>(a.k);

@@ -81,6 +81,11 @@ def test_cuda_entry_points_fail_clearly_without_gpu():
         c.cuda_check_runnable()
     with pytest.raises(RuntimeError, match="no CUDA device available|built without CUDA"):
         c.cuda_packed_gemm_naive(0, 0, 0, 4, 4, 4, 4, 0)
+    # the GEMM binding: 29 positional arguments (act … stream), then the gated residual's keywords
+    with pytest.raises(RuntimeError, match="no CUDA device available|built without CUDA"):
+        c.cuda_packed_linear(*[0] * 29)
+    with pytest.raises(RuntimeError, match="no CUDA device available|built without CUDA"):
+        c.cuda_packed_linear(*[0] * 29, residual=0, gate=0, gate_rows=0)
 
 
 @pytest.mark.gpu

@@ -73,8 +73,19 @@ def test_raw_gemm_launcher_refuses_what_the_kernel_would_misread(gen):
         call(out=torch.empty(8, 41, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="both z and w2"):
         call(z=torch.zeros(128, 4, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="needs residual"):
+        call(gate=torch.ones(2, 40))
+    with pytest.raises(ValueError, match="residual must be a contiguous"):
+        call(residual=torch.zeros(8, 40))   # float32 against a bf16 out
+    with pytest.raises(ValueError, match="gate must be a contiguous float32"):
+        call(residual=torch.zeros(8, 40, dtype=torch.bfloat16), gate=torch.ones(3, 40))
+    big = torch.empty(360, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="partly overlaps out"):
+        call(out=big[:320].view(8, 40), residual=big[40:].view(8, 40))
     with pytest.raises(ValueError, match="not a CUDA device"):
         call()
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        call(residual=torch.zeros(8, 40, dtype=torch.bfloat16), gate=torch.ones(2, 40))
 
 
 def test_param_cache_sees_data_reassignment_and_inference_tensors():
@@ -104,6 +115,11 @@ def test_fake_implementations():
             codes, s, zp, rs, torch.empty(8, dtype=i32), torch.empty(256, dtype=i32), torch.empty(50),
             torch.empty(50, dtype=i32), torch.empty(50, dtype=i32), None, None, None, 4, 50, 70, True, 1, 0, 0)
         assert (y.shape, y.dtype) == ((300, 50), torch.float16)
+        y = torch.ops.treeq.cuda_packed_linear(
+            codes, s, zp, rs, torch.empty(8, dtype=i32), torch.empty(256, dtype=i32), torch.empty(50),
+            torch.empty(50, dtype=i32), torch.empty(50, dtype=i32), None, None, None, 4, 50, 70, False, 0, 0, 0,
+            torch.empty(300, 50, dtype=torch.bfloat16), torch.empty(3, 50))
+        assert (y.shape, y.dtype) == ((300, 50), torch.bfloat16)
 
 
 # ---- the GPU tests' expected-value helpers, checked here ---------------------------------------------------------

@@ -1,6 +1,7 @@
 """The CUDA kernels (wgmma on sm_90, mma.sync on sm_80+) against the oracle, on a GPU: exact integer
 accumulation for every weight/activation bit-width pair, odd shapes, split-K, the fused epilogue within stated
-tolerances, poisoned outputs, the custom ops under CUDA graphs and torch.compile.
+tolerances, the fused gated residual bit for bit, poisoned outputs, the custom ops under CUDA graphs and
+torch.compile.
 
 CPU-only machines skip this module (``gpu`` marker). tools/sanitize_cuda.sh runs the ``sanitize`` subset under
 compute-sanitizer."""
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from cuda_expect import corr_exact, epilogue_expect, reference_linear, stage1_expect
+from treeq_engine import core
 from treeq_engine.branches import MonarchShape
 from treeq_engine.format import QuantSpec
 from treeq_engine.kernels import PackedWeight, QuantizedActivation, packed_linear, quantize_activation, reference
@@ -221,6 +223,207 @@ def test_packed_linear_out_spec(cgen):
     want = reference.quantize_activation(y, QuantSpec.activation(4))
     assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scale.cpu(), want.scale)
     assert torch.equal(got.zero_point.cpu(), want.zero_point) and torch.equal(got.row_sum.cpu(), want.row_sum)
+
+
+# ---- packed GEMM: fused gated residual --------------------------------------------------------------------------
+
+# unit roundoff of each float output type: the bound of one rounding to it, relative to the value
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+FLOAT_OUTS = [torch.bfloat16, torch.float16, torch.float32]
+RESIDUAL_CASES = [  # (M, N, G), G None: ungated
+    (3 * 37, 201, 3),  # odd N: no 16-byte rows in any dtype (element path); 37 tokens per gate row
+    (3 * 37, 201, 1),
+    (150, 520, 3),     # 16-byte rows (vector path), 3 channel tiles (the last ragged), 2 token tiles; gate rows
+    (150, 520, None),  # of 50 tokens straddle the 128-token tile edge
+]
+
+
+def _residual_operands(m, n, groups, dtype, gen):
+    res = (torch.randn(m, n, generator=gen) * 2).to(dtype).cuda()
+    gate = None if groups is None else (torch.randn(groups, n, generator=gen) * 0.7).cuda()
+    return res, gate
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+def _gated_residual_expect(y, tol, res, gate, dtype):
+    """The oracle's gated residual from the expected float64 layer output ``y`` (± ``tol``, before the output
+    rounding): (expected float64, tolerance). The kernel's y is rounded to ``dtype``, multiplied and added in
+    float32, and the sum rounded to ``dtype``: one rounding of each kind on top of y's own error."""
+    u = _UNIT_ROUNDOFF[dtype]
+    g = torch.ones(1, y.shape[1], dtype=torch.float64) if gate is None else gate.cpu().double()
+    g = g.repeat_interleave(y.shape[0] // g.shape[0], 0)
+    want = res.cpu().double() + g * y
+    tol = g.abs() * (tol + u * (y.abs() + tol)) + 2 * u * (want.abs() + (g * y).abs()) + 1e-7
+    return want, tol
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("out_dtype", FLOAT_OUTS)
+@pytest.mark.parametrize("m,n,groups", RESIDUAL_CASES)
+@pytest.mark.parametrize("splits", [0, 3])
+def test_packed_linear_gated_residual(arch, out_dtype, m, n, groups, splits, cgen):
+    """With the whole epilogue (branch, bias, GELU) and split-K: the fused output is bit for bit
+    ``reference.gated_residual`` of the kernel's own unfused output (the fusion adds exactly the oracle's two
+    float32 operations to the stored values), within the epilogue's tolerance of the oracle, and the residual is
+    only read."""
+    k = 400  # 4 K tiles: splits=3 really splits
+    s = MonarchShape(n=n, k=k, blocks=4, rank=2)
+    w1, w2 = torch.randn(s.w1_shape, generator=cgen) * 0.05, torch.randn(s.w2_shape, generator=cgen) * 0.05
+    x = torch.randn(m, k, generator=cgen)
+    act = cb.quantize_activation(x.cuda(), QuantSpec.activation(4), monarch_w1=w1.cuda())
+    w = _weight(n, k, 4, cgen)
+    bias = torch.randn(n, generator=cgen) * 0.1
+    res, gate = _residual_operands(m, n, groups, out_dtype, cgen)
+    res_before = res.clone()
+    kw = dict(bias=bias.cuda(), monarch_w2=w2.cuda(), gelu=True, out_dtype=out_dtype, arch=arch, splits=splits)
+    y = _poisoned(m, n, out_dtype)
+    cb.packed_linear(act, w, out=y, **kw)
+    out = _poisoned(m, n, out_dtype)
+    cb.packed_linear(act, w, residual=res, gate=gate, out=out, **kw)
+    torch.cuda.synchronize()
+    assert torch.equal(res, res_before)
+    assert torch.equal(out.cpu(), reference.gated_residual(y.cpu(), res.cpu(), _cpu(gate)))  # NaN poison fails
+    want, tol = _gated_residual_expect(*epilogue_expect(act, w, bias=bias, w2=w2, gelu=True), res, gate, out_dtype)
+    err = (out.cpu().double() - want).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("out_dtype", FLOAT_OUTS)
+@pytest.mark.parametrize("groups", [None, 1, 3])
+def test_packed_linear_gated_residual_oracle_bit_exact(arch, out_dtype, groups, cgen):
+    """Without branch and GELU the layer output is the oracle's float32 bit for bit, so the fused residual is
+    ``reference.packed_linear(..., residual=, gate=)`` bit for bit (N=300: element path for 2-byte outputs,
+    vector path for float32)."""
+    m, n, k = 3 * 37, 300, 203
+    act, w = _act(m, k, 4, cgen), _weight(n, k, 4, cgen)
+    bias = torch.randn(n, generator=cgen)
+    res, gate = _residual_operands(m, n, groups, out_dtype, cgen)
+    out = _poisoned(m, n, out_dtype)
+    cb.packed_linear(act, w, bias=bias.cuda(), out_dtype=out_dtype, residual=res, gate=gate, arch=arch, out=out)
+    want = reference_linear(act, w, bias=bias, out_dtype=out_dtype, residual=res, gate=gate)
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shifted", ["residual", "gate"])
+def test_gated_residual_unaligned_operands(arch, out_dtype, shifted, cgen):
+    """Rows of 16-byte multiples, but the residual or the gate starts off a 16-byte boundary (a contiguous view at
+    an offset): the kernel must take its element path, with the same result."""
+    m, n, k = 150, 520, 260
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    res, gate = _residual_operands(m, n, 3, out_dtype, cgen)
+    y = cb.packed_linear(act, w, out_dtype=out_dtype, arch=arch)
+    want = reference.gated_residual(y.cpu(), res.cpu(), gate.cpu())
+
+    def shifted_copy(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        v = buf[1:].view(t.shape)
+        v.copy_(t)
+        assert v.is_contiguous() and v.data_ptr() % 16
+        return v
+
+    if shifted == "residual":
+        res = shifted_copy(res)
+    else:
+        gate = shifted_copy(gate)
+    got = cb.packed_linear(act, w, out_dtype=out_dtype, residual=res, gate=gate, arch=arch)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gated_residual_in_place(arch, cgen):
+    """``out=residual``: each element is read, then written, by the same thread, so in place equals out of place;
+    an output that overlaps the residual at an offset is refused."""
+    m, n, k = 150, 520, 260
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    res, gate = _residual_operands(m, n, 3, torch.bfloat16, cgen)
+    want = cb.packed_linear(act, w, residual=res, gate=gate, arch=arch, splits=2)
+    buf = res.clone()
+    got = cb.packed_linear(act, w, residual=buf, gate=gate, arch=arch, splits=2, out=buf)
+    assert got is buf and torch.equal(buf, want)
+    big = torch.zeros(m * n + n, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="partly overlaps out"):
+        cb.packed_linear(act, w, residual=big[:m * n].view(m, n), out=big[n:].view(m, n), arch=arch)
+
+
+def test_gated_residual_refusals(cgen):
+    m, n, k = 12, 40, 64
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    res, gate = _residual_operands(m, n, 3, torch.bfloat16, cgen)
+    with pytest.raises(ValueError, match="int32 output is the bare corrected accumulator"):
+        cb.packed_linear(act, w, out_dtype=torch.int32, residual=res.int())
+    with pytest.raises(ValueError, match="needs residual"):
+        cb.packed_linear(act, w, gate=gate)
+    with pytest.raises(ValueError, match="residual and out_spec"):
+        cb.packed_linear(act, w, residual=res, out_spec=QuantSpec.activation(8))
+    with pytest.raises(ValueError, match="residual must be a contiguous"):
+        cb.packed_linear(act, w, residual=res.float())  # not the output's dtype
+    with pytest.raises(ValueError, match="residual must be a contiguous"):
+        cb.packed_linear(act, w, residual=res.t().contiguous().t())
+    with pytest.raises(ValueError, match="gate must be a contiguous float32"):
+        cb.packed_linear(act, w, residual=res, gate=torch.ones(5, n, device="cuda"))  # 5 does not divide 12
+    with pytest.raises(ValueError, match="gate must be a contiguous float32"):
+        cb.packed_linear(act, w, residual=res, gate=gate.half())
+    with pytest.raises(ValueError, match="every operand must be on"):
+        cb.packed_linear(act, w, residual=res.cpu())
+
+
+def test_raw_binding_checks_residual_arguments(cgen, monkeypatch):
+    """The C++ launcher guards the raw binding itself (gate without residual, gate_rows not dividing M, int32
+    output, a shifted overlap), and a caller that predates the residual keywords still runs (defaults 0)."""
+    m, n, k = 3 * 37, 200, 160
+    act, w = _act(m, k, 8, cgen), _weight(n, k, 4, cgen)
+    res, gate = _residual_operands(m, n, 3, torch.bfloat16, cgen)
+    real, seen = core.load(), {}
+
+    class Recorder:  # captures the binding's keywords, launches nothing
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cuda_packed_linear(self, **kw):
+            seen.update(kw)
+
+    out = _poisoned(m, n, torch.bfloat16)
+    with monkeypatch.context() as mp:
+        mp.setattr(cb.core, "load", lambda: Recorder())
+        cb.packed_linear(act, w, residual=res, gate=gate, out=out, splits=1)  # no workspace to outlive the call
+    assert seen["gate_rows"] == 37 and seen["residual"] == res.data_ptr() and seen["gate"] == gate.data_ptr()
+    real.cuda_packed_linear(**seen)
+    y = cb.packed_linear(act, w)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), reference.gated_residual(y.cpu(), res.cpu(), gate.cpu()))
+    old = {key: v for key, v in seen.items() if key not in ("residual", "gate", "gate_rows")}
+    out.fill_(float("nan"))
+    real.cuda_packed_linear(**old)
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
+    for change, match in (({"residual": 0}, "needs residual|no residual"), ({"gate_rows": 0}, "gate_rows"),
+                          ({"gate_rows": 36}, "gate_rows"), ({"out_kind": 3}, "int32 output"),
+                          ({"residual": seen["out"] + 2}, "partly overlaps out")):
+        with pytest.raises(RuntimeError, match=match):
+            real.cuda_packed_linear(**{**seen, **change})
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_gated_residual_through_dispatch_and_custom_op(groups, cgen):
+    """``ops.packed_linear(residual=, gate=)`` runs the CUDA backend's fused store (equal to the backend call), and
+    the custom op with the residual passes opcheck (schema: inputs not mutated; fake implementation)."""
+    x, w, w1, w2, bias = _layer(cgen)
+    res, gate = _residual_operands(x.shape[0], w.n, groups, torch.bfloat16, cgen)
+    a = quantize_activation(x, QuantSpec.activation(8), ln_eps=1e-6, monarch_w1=w1)
+    res_before = res.clone()
+    got = packed_linear(a, w, bias=bias, monarch_w2=w2, gelu=True, residual=res, gate=gate)
+    want = cb.packed_linear(a, w, bias=bias, monarch_w2=w2, gelu=True, residual=res, gate=gate)
+    assert torch.equal(got, want) and torch.equal(res, res_before)
+    ops = cb.cuda_layout.cuda_operands(w)
+    torch.library.opcheck(torch.ops.treeq.cuda_packed_linear.default,
+                          (a.codes, a.scale, a.zero_point, a.row_sum, ops.words, ops.row_chan, ops.scale, ops.uzp,
+                           ops.ucs, bias, None, None, 4, w.n, w.k, True, 0, 0, 0, res, gate))
 
 
 # ---- the ops through dispatch, custom ops, graphs, compile ------------------------------------------------------

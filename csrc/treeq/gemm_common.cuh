@@ -7,7 +7,12 @@
 //                (uzp = zw + 2^(bits-1), ucs = cw + 2^(bits-1)·K; wrap-around int32 arithmetic is exact here)
 //   y[m, n]    = (float(corr) · sa[m]) · sw[n]                        same order as the oracle, no contraction
 //              + Σ_c w2[j, l, c] · z[m, j, c]   (n = j·Nb + l)        Monarch stage 2, bf16 × bf16 → f32 (mma)
-//              + bias[n];  GELU(tanh) optional;  stored as bf16 / fp16 / fp32, or corr itself (int32 mode).
+//              + bias[n];  GELU(tanh) optional;  rounded to the output type T (bf16 / fp16 / fp32), or corr
+//              itself (int32 mode).
+//   out[m, n]  = T(y)                                                 without a residual; with one, the gated
+//              = T(float(res[m, n]) + gate[m / gate_rows, n] · float(T(y)))   residual (no gate: res + float(T(y)))
+//                from y rounded to T, as the unfused layer would write it; product and sum each rounded to float32
+//                (__fmul_rn, __fadd_rn: no FMA), the oracle's two separate float32 operations.
 //
 // Tiles: 256 output channels (the MMA M side, rows of a fragment-layout tile) × 128 tokens × K in steps of 128.
 // A work unit is (channel tile, token tile, K split); units are numbered channel tile fastest (neighbouring CTAs
@@ -24,6 +29,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "frag.h"
@@ -69,7 +75,10 @@ struct Params {
   void* out;                // (m, n) of out_kind
   int out_kind;
   int gelu;
-  int out_vec;              // 16-byte vector stores allowed (n·esize % 16 == 0, out 16-byte aligned)
+  int out_vec;              // 16-byte vector accesses (n·esize % 16 == 0; out, residual, gate 16-byte aligned)
+  const void* residual;     // (m, n) of out_kind (float kinds only), or null; may be `out` itself, never partly
+  const float* gate;        // (m / gate_rows, n) or null (residual added ungated)
+  int gate_rows;            // tokens per gate row (ignored without a gate)
   int m, n, k;              // tokens, channels, true K (the zero-point correction uses it)
   int k_act;                // activation columns present (multiple of 16, ≥ k)
   int tiles_c, tiles_t, tiles_k, splits, units;
@@ -180,8 +189,55 @@ __device__ __forceinline__ T convert_out(float v) {
   else return __float2bfloat16_rn(v);
 }
 
+template <class T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (sizeof(T) == 4) return v;
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+// res + gate · y from the already rounded y, as the oracle's two float32 operations (a contracted FMA would round
+// once and differ from it in the last bit).
+template <class T>
+__device__ __forceinline__ T gated_residual(T y, T res, const float* gate, float g) {
+  const float yf = to_float(y);
+  return convert_out<T>(__fadd_rn(to_float(res), gate != nullptr ? __fmul_rn(g, yf) : yf));
+}
+
+// The gated residual on the 16-byte chunk of output row `tok` that starts at channel ch0 (vector path: n·esize and
+// every base are 16-byte aligned, so the residual and gate chunks are too). Plain loads, not __ldg: the residual
+// may be `out` itself, overwritten by this very thread right after the read.
+template <class T>
+__device__ __forceinline__ int4 gated_residual_chunk(const Params& p, int tok, int ch0, int4 y) {
+  constexpr int kV = 16 / sizeof(T);
+  const T* res = static_cast<const T*>(p.residual) + (static_cast<int64_t>(tok) * p.n + ch0);
+  const int4 r = *reinterpret_cast<const int4*>(res);
+  float g[kV] = {};
+  if (p.gate != nullptr) {
+    const float* gate = p.gate + (static_cast<int64_t>(tok / p.gate_rows) * p.n + ch0);
+    const float4* gp = reinterpret_cast<const float4*>(gate);
+#pragma unroll
+    for (int j = 0; j < kV / 4; ++j) {
+      const float4 v = gp[j];
+      g[4 * j + 0] = v.x;
+      g[4 * j + 1] = v.y;
+      g[4 * j + 2] = v.z;
+      g[4 * j + 3] = v.w;
+    }
+  }
+  T ye[kV], re[kV];
+  memcpy(ye, &y, 16);
+  memcpy(re, &r, 16);
+#pragma unroll
+  for (int x = 0; x < kV; ++x) ye[x] = gated_residual(ye[x], re[x], p.gate, g[x]);
+  memcpy(&y, ye, 16);
+  return y;
+}
+
 // Stage a finished tile through shared memory in token slabs, then write contiguous channel runs of each token
-// row with 16-byte stores (element stores at the matrix edge or when rows are not 16-byte aligned).
+// row with 16-byte stores (element stores at the matrix edge or when rows are not 16-byte aligned). The gated
+// residual joins here: y is already rounded to T, and the accumulators are dead (only the second slab's y stays
+// live while 4-byte outputs take two slabs), so its loads add little register pressure.
 template <class T, int MB, int NB, class Tok0, class Sync>
 __device__ void store_tile(const Params& p, const Unit& u, const float (&y)[MB][NB][4], const int (&chan)[MB][2],
                            Tok0 tok0, int tid, int nthreads, char* staging, Sync sync) {
@@ -214,7 +270,16 @@ __device__ void store_tile(const Params& p, const Unit& u, const float (&y)[MB][
       const char* src = staging + row * kStride + cc * 16;
       char* dst = static_cast<char*>(p.out) + (static_cast<int64_t>(tok) * p.n + ch0) * kE;
       if (p.out_vec && ch0 + 16 / kE <= p.n) {
-        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
+        int4 v = *reinterpret_cast<const int4*>(src);
+        if (p.residual != nullptr) v = gated_residual_chunk<T>(p, tok, ch0, v);
+        *reinterpret_cast<int4*>(dst) = v;
+      } else if (p.residual != nullptr) {
+        const T* res = static_cast<const T*>(p.residual) + (static_cast<int64_t>(tok) * p.n + ch0);
+        const float* gate =
+            p.gate != nullptr ? p.gate + (static_cast<int64_t>(tok / p.gate_rows) * p.n + ch0) : nullptr;
+        for (int x = 0; x < min(16 / kE, p.n - ch0); ++x)
+          reinterpret_cast<T*>(dst)[x] =
+              gated_residual(reinterpret_cast<const T*>(src)[x], res[x], gate, gate != nullptr ? gate[x] : 0.0f);
       } else {
         for (int x = 0; x < min(16 / kE, p.n - ch0); ++x)
           reinterpret_cast<T*>(dst)[x] = reinterpret_cast<const T*>(src)[x];

@@ -14,6 +14,10 @@ Semantics are the reference backend's (``kernels/reference.py``, docs/format.md)
   row-owning kernel, as the oracle does: a per-token scale needs the whole row, which one GEMM tile does not
   hold, so the fusion is in the API only (the same codes and bytes as the two calls).
 
+The gated residual (``residual``, ``gate``) is fused into the GEMM's store: ``residual + gate ⊙ y`` from ``y``
+rounded to ``out_dtype``, product and sum each rounded to float32, exactly the oracle's arithmetic (given the same
+``y``, bit for bit).
+
 A weight held in layout v1 is repacked once into fragment layout v1 (``cuda_layout``) on the CPU and cached;
 call an op once before capturing a CUDA graph so that caches are warm. A weight that carries its fragment layout
 (``PackedWeight.frag``: the runtime's packed layers on the CUDA path) is used as it is.
@@ -153,13 +157,16 @@ def plan(m: int, n: int, k: int, bits: int, arch: int = 0, splits: int = 0) -> d
 def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor,
                          a_rowsum: torch.Tensor, w: cuda_layout.FragWeight, *, k: int,
                          bias: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                         w2: torch.Tensor | None = None, gelu: bool = False, arch: int = 0, splits: int = 0) -> None:
+                         w2: torch.Tensor | None = None, gelu: bool = False, arch: int = 0, splits: int = 0,
+                         residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:
     """``out (M, N)`` of bf16/fp16/fp32 (or int32: the corrected integer accumulator) from int8 ``codes (M, ≥K)``
     with a row stride and column count that are multiples of 16 (columns past K are never read), and the weight's
-    CUDA operands ``w``. Every operand is checked here (sizes, dtypes, device): the kernels read raw pointers."""
+    CUDA operands ``w``. ``residual`` (contiguous ``(M, N)`` of ``out``'s float dtype; ``out`` itself works in
+    place) and ``gate`` (contiguous float32 ``(G, N)``, G dividing M) make it ``out = residual + gate ⊙ y``. Every
+    operand is checked here (sizes, dtypes, device): the kernels read raw pointers."""
     m = codes.shape[0]
     dev = codes.device
-    _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2)
+    _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2, residual, gate)
     with torch.cuda.device(dev):
         pl = plan(m, w.n, k, w.bits, arch, splits)
         partials = counters = None
@@ -174,10 +181,11 @@ def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.
             blocks=0 if w2 is None else w2.shape[0], brp=0 if w2 is None else w2.shape[2],
             nb=0 if w2 is None else w2.shape[1], out=out.data_ptr(), out_kind=_OUT_KINDS[out.dtype], gelu=gelu,
             m=m, n=w.n, k=k, arch=pl["arch"], splits=pl["splits"], partials=_ptr(partials),
-            counters=_ptr(counters), stream=_stream(dev))
+            counters=_ptr(counters), stream=_stream(dev), residual=_ptr(residual), gate=_ptr(gate),
+            gate_rows=0 if gate is None else m // gate.shape[0])
 
 
-def _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2) -> None:
+def _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2, residual=None, gate=None) -> None:
     """What the GEMM's raw-pointer launch needs, as clear errors (a wrong size here would be an out-of-bounds
     access on the device, not an exception)."""
     def need(ok: bool, what: str) -> None:
@@ -208,9 +216,29 @@ def _check_launch(out, codes, a_scale, a_zp, a_rowsum, w, k, bias, z, w2) -> Non
         need(z.dtype == torch.bfloat16 and z.is_contiguous() and z.dim() == 3 and z.shape[0] >= _round_up(m, TOKEN_TILE)
              and tuple(z.shape[1:]) == (blocks, brp), f"z must be contiguous bf16 (≥ {_round_up(m, TOKEN_TILE)}, "
              f"{blocks}, {brp}), got {z.dtype} {tuple(z.shape)}")
-    tensors = [out, codes, a_scale, a_zp, a_rowsum, w.words, w.row_chan, w.scale, w.uzp, w.ucs, bias, z, w2]
+    need(gate is None or residual is not None, "gate scales the output before the residual add: it needs residual")
+    if residual is not None:
+        need(out.dtype != torch.int32, "int32 output is the bare corrected accumulator: no residual")
+        need(residual.dtype == out.dtype and residual.is_contiguous() and tuple(residual.shape) == (m, n),
+             f"residual must be a contiguous ({m}, {n}) tensor of out's dtype {out.dtype}, got {residual.dtype} "
+             f"{tuple(residual.shape)}{'' if residual.is_contiguous() else ' (not contiguous)'}")
+        need(residual.data_ptr() == out.data_ptr() or not _overlap(residual, out),
+             "residual partly overlaps out: pass out itself (in place) or a separate tensor")
+    if gate is not None:
+        need(gate.dtype == torch.float32 and gate.is_contiguous() and gate.dim() == 2 and gate.shape[1] == n
+             and gate.shape[0] >= 1 and m % gate.shape[0] == 0,
+             f"gate must be a contiguous float32 (G, N={n}) tensor with G dividing M={m}, got {gate.dtype} "
+             f"{tuple(gate.shape)}{'' if gate.is_contiguous() else ' (not contiguous)'}")
+    tensors = [out, codes, a_scale, a_zp, a_rowsum, w.words, w.row_chan, w.scale, w.uzp, w.ucs, bias, z, w2,
+               residual, gate]
     need(all(t is None or t.device == dev for t in tensors), f"every operand must be on {dev}")
     need(dev.type == "cuda", f"the operands are on {dev}, not a CUDA device")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share any byte."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 # ---- custom ops ------------------------------------------------------------------------------------------------
@@ -251,18 +279,19 @@ def _packed_linear_op(codes: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Te
                       words: torch.Tensor, row_chan: torch.Tensor, w_scale: torch.Tensor, w_uzp: torch.Tensor,
                       w_ucs: torch.Tensor, bias: Optional[torch.Tensor], z: Optional[torch.Tensor],
                       w2: Optional[torch.Tensor], bits: int, n: int, k: int, gelu: bool, out_kind: int, arch: int,
-                      splits: int) -> torch.Tensor:
+                      splits: int, residual: Optional[torch.Tensor] = None,
+                      gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     dtype = {v: d for d, v in _OUT_KINDS.items()}[out_kind]
-    out = torch.empty(codes.shape[0], n, dtype=dtype, device=codes.device)
+    out = torch.empty(codes.shape[0], n, dtype=dtype, device=codes.device)  # never the residual: inputs stay as given
     w = cuda_layout.FragWeight(words, row_chan, w_scale, w_uzp, w_ucs, bits, n, k)
     launch_packed_linear(out, codes, a_scale, a_zp, a_rowsum, w, k=k, bias=bias, z=z, w2=w2, gelu=gelu,
-                         arch=arch, splits=splits)
+                         arch=arch, splits=splits, residual=residual, gate=gate)
     return out
 
 
 @_packed_linear_op.register_fake
 def _(codes, a_scale, a_zp, a_rowsum, words, row_chan, w_scale, w_uzp, w_ucs, bias, z, w2, bits, n, k, gelu,
-      out_kind, arch, splits):
+      out_kind, arch, splits, residual=None, gate=None):
     dtype = {v: d for d, v in _OUT_KINDS.items()}[out_kind]
     return codes.new_empty((codes.shape[0], n), dtype=dtype)
 
@@ -298,17 +327,26 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
                   monarch_w2: torch.Tensor | None = None, gelu: bool = False,
-                  out_dtype: torch.dtype = torch.bfloat16, out_spec: QuantSpec | None = None, arch: int = 0,
+                  out_dtype: torch.dtype = torch.bfloat16, out_spec: QuantSpec | None = None,
+                  residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, arch: int = 0,
                   splits: int = 0, out: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
-    """``ops.packed_linear`` on CUDA. Extra keywords (tests, benchmarks): ``arch`` 90/80 picks the wgmma or the
-    mma.sync kernel (0: best for the device), ``splits`` forces split-K, ``out`` fills a given (M, N) tensor
-    instead of allocating (bypassing the custom op), and ``out_dtype=torch.int32`` returns the exact
-    zero-point-corrected integer accumulator (no branch, bias or GELU)."""
+    """``ops.packed_linear`` on CUDA, the gated residual (``residual``, ``gate``) fused into the GEMM's store.
+    Extra keywords (tests, benchmarks): ``arch`` 90/80 picks the wgmma or the mma.sync kernel (0: best for the
+    device), ``splits`` forces split-K, ``out`` fills a given (M, N) tensor instead of allocating (bypassing the
+    custom op; ``out=residual`` adds in place), and ``out_dtype=torch.int32`` returns the exact
+    zero-point-corrected integer accumulator (no branch, bias, GELU or residual)."""
     m, k, n = act.m, act.k, weight.n
     if out_dtype not in _OUT_KINDS:
         raise ValueError(f"out_dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
-    if out_dtype == torch.int32 and (bias is not None or monarch_w2 is not None or gelu or out_spec is not None):
-        raise ValueError("int32 output is the bare corrected accumulator: no branch, bias, GELU or out_spec")
+    if out_dtype == torch.int32 and (bias is not None or monarch_w2 is not None or gelu or out_spec is not None
+                                     or residual is not None):
+        raise ValueError("int32 output is the bare corrected accumulator: no branch, bias, GELU, out_spec or "
+                         "residual")
+    if gate is not None and residual is None:
+        raise ValueError("gate scales the layer's output before the residual add: it needs residual")
+    if residual is not None and out_spec is not None:
+        raise ValueError("residual and out_spec cannot be fused together: the next layer's per-token scale needs "
+                         "the whole summed row")
     z, w2 = None, None
     if monarch_w2 is not None:
         if act.z is None:
@@ -334,11 +372,12 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         if out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != codes.device:
             raise ValueError(f"out must be a contiguous {out_dtype} ({m}, {n}) tensor on {codes.device}")
         launch_packed_linear(out, codes, a_scale, a_zp, a_rs, w, k=k, bias=bias_f, z=z, w2=w2, gelu=gelu,
-                             arch=arch, splits=splits)
+                             arch=arch, splits=splits, residual=residual, gate=gate)
         y = out
     else:
         y = torch.ops.treeq.cuda_packed_linear(codes, a_scale, a_zp, a_rs, w.words, w.row_chan, w.scale, w.uzp,
-                                               w.ucs, bias_f, z, w2, w.bits, n, k, gelu, kind, arch, splits)
+                                               w.ucs, bias_f, z, w2, w.bits, n, k, gelu, kind, arch, splits,
+                                               residual, gate)
     if out_spec is not None:
         return quantize_activation(y, out_spec)
     return y
@@ -369,7 +408,8 @@ def can_run(op: str, args: tuple, kwargs: dict) -> bool:
     out_dtype = kwargs.get("out_dtype", torch.bfloat16)
     frag = () if weight.frag is None else (weight.frag.row_chan, weight.frag.scale, weight.frag.uzp, weight.frag.ucs)
     return (_all_cuda(act.codes, act.scale, act.zero_point, act.row_sum, act.z, weight.anchor, weight.scale,
-                      weight.zero_point, weight.col_sum, *frag, kwargs.get("bias"), kwargs.get("monarch_w2"))
+                      weight.zero_point, weight.col_sum, *frag, kwargs.get("bias"), kwargs.get("monarch_w2"),
+                      kwargs.get("residual"), kwargs.get("gate"))
             and out_dtype in (torch.bfloat16, torch.float16, torch.float32) and runs_weight(act.codes.device, act.k))
 
 
