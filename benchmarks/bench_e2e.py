@@ -157,11 +157,18 @@ def variants(args: argparse.Namespace, device: str):
             setattr(m.get_submodule(parent) if parent else m, child, Fp8RowwiseLinear(lin))
         return torch.compile(m, mode=args.compile_mode), None
 
-    def treeq(plan_fn):
+    def treeq(plan_fn, residual_in_epilogue: bool = True):
         def build():
             m = random_dit(args.config, device, dtype)
             plan = plan_fn(m)
-            return quantize(m, plan, dtype=dtype), plan
+            q = quantize(m, plan, dtype=dtype)
+            if not residual_in_epilogue:   # the A/B of the gated residual fused into proj's and fc2's epilogues
+                from treeq_engine.runtime.dit_fused import FusedDiTBlock
+
+                for b in q.blocks:
+                    if isinstance(b, FusedDiTBlock):
+                        b.proj_residual = b.fc2_residual = False
+            return q, plan
         return build
 
     out = [("bf16 eager", bf16(False))]
@@ -169,6 +176,7 @@ def variants(args: argparse.Namespace, device: str):
         out += [("bf16 torch.compile", bf16(True)), ("FP8 rowwise + compile", fp8)]
     out += [(f"TreeQ {p}", treeq(lambda m, p=p: uniform(m, *map(int, p[1:].split("A"))))) for p in args.uniform]
     out.append(("TreeQ mixed ~W4A4 (hand-made)", treeq(mixed_w4a4)))
+    out.append(("TreeQ W4A4, gated residual not fused (A/B)", treeq(lambda m: uniform(m, 4, 4), False)))
     if args.plan:
         out.append((f"TreeQ plan {Path(args.plan).name}", treeq(lambda m: QuantPlan.load(args.plan))))
     return out

@@ -73,6 +73,10 @@ def test_gated_residual_fused_where_packed(dtype, gen):
         blocks = [b for b in fused.blocks if isinstance(b, FusedDiTBlock)]
         assert [(b.proj_residual, b.fc2_residual) for b in blocks] == [(True, False), (False, True)]
         a, b = unfused(x.to(dtype), t, y), fused(x.to(dtype), t, y)
+        for blk in blocks:   # the separate multiply and add everywhere (bench_e2e's A/B), fc1 → fc2 codes included
+            blk.proj_residual = blk.fc2_residual = False
+        c = fused(x.to(dtype), t, y)
     scale = float(a.float().abs().max())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=tol * scale)
+    torch.testing.assert_close(c.float(), a.float(), rtol=0, atol=tol * scale)

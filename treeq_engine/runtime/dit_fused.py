@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import QuantizedActivation
 from .linear import TreeQLinear
 
 
@@ -40,7 +41,8 @@ class FusedDiTBlock(nn.Module):
         fc2 = self.mlp.fc2   # fc1's epilogue quantizes for fc2 directly unless fc2's branch needs the float row
         self.fc2_from_epilogue = _quantized(fc2) and fc2.monarch_w1 is None
         # the gated residual rides on the epilogue of a packed layer with quantized activations; any other proj /
-        # fc2 (16-bit, weight-only) keeps the separate multiply and add
+        # fc2 (16-bit, weight-only) keeps the separate multiply and add (so does a block with these set False:
+        # bench_e2e's A/B of the fusion)
         self.proj_residual, self.fc2_residual = _quantized(self.attn.proj), _quantized(fc2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,8 @@ class FusedDiTBlock(nn.Module):
                 h = fc2.quantize_input(h)
         if self.fc2_residual:
             return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).reshape(n, t, d)
-        return x2.reshape(n, t, d) + gate_mlp.unsqueeze(1) * fc2(h).reshape(n, t, d)
+        y = fc2.linear(h, out_dtype=x.dtype) if isinstance(h, QuantizedActivation) else fc2(h)
+        return x2.reshape(n, t, d) + gate_mlp.unsqueeze(1) * y.reshape(n, t, d)
 
 
 def fuse_dit_blocks(model: nn.Module) -> int:
