@@ -82,6 +82,32 @@ def test_unsupported_bits_are_rejected():
         gluon_gemm.fragment_pack(torch.zeros(2, 32, dtype=torch.int8), 3)
 
 
+def test_residual_argument_checks():
+    """What the kernel reads as raw rows is checked before launch (direct calls bypass ops.packed_linear): the
+    residual exactly (M, N), contiguous, in the out dtype; the gate float32 (G, N), contiguous, G dividing M. The
+    kernel gets the rows per gate row, M // G (1 when unused)."""
+    m, n, dev = 12, 8, torch.device("cpu")
+    res = torch.zeros(m, n, dtype=torch.bfloat16)
+    check = gluon_gemm._check_residual
+    assert check(None, None, m, n, torch.bfloat16, True, dev) == 1
+    assert check(res, None, m, n, torch.bfloat16, True, dev) == 1
+    assert check(res, torch.zeros(1, n), m, n, torch.bfloat16, True, dev) == 12
+    assert check(res, torch.zeros(3, n), m, n, torch.bfloat16, True, dev) == 4
+    assert check(res.float(), torch.zeros(m, n), m, n, torch.float32, True, dev) == 1
+    with pytest.raises(ValueError, match="gate needs residual"):
+        check(None, torch.zeros(1, n), m, n, torch.bfloat16, True, dev)
+    with pytest.raises(ValueError, match="probe"):
+        check(res, None, m, n, torch.bfloat16, False, dev)
+    for bad in (res.float(), res[:, :4], torch.zeros(n, m, dtype=torch.bfloat16).T, torch.zeros(m + 1, n,
+                                                                                                  dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="residual must be"):
+            check(bad, None, m, n, torch.bfloat16, True, dev)
+    for bad in (torch.zeros(5, n), torch.zeros(2, n, dtype=torch.bfloat16), torch.zeros(n, 2).T, torch.zeros(2, n + 1),
+                torch.zeros(n), torch.zeros(0, n)):
+        with pytest.raises(ValueError, match="gate must be"):
+            check(res, bad, m, n, torch.bfloat16, True, dev)
+
+
 def _aot(*flags: str) -> list[dict]:
     """Compile in a fresh process: the plain kernels are interpreted in this one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -143,3 +169,45 @@ def test_aot_plain_kernels(aot_reports):
     for r in _pick(aot_reports, "act_quant", "sm_90a"):
         assert r["sass_ops"].get("HMMA", 0) > 0 and r["stack_bytes"] == 0, r  # stage 1 on tensor cores (tf32x3)
         assert r["shared_bytes"] <= 64 * 1024, r  # stage 1 in chunks: low rank (one block of all K) fits too
+
+
+_GATED_BUILD_SCRIPT = """
+import json, re, subprocess, tempfile
+from treeq_engine.kernels.triton import aot, gluon_gemm
+rows = {}
+for build, _ in gluon_gemm.aot_builds():
+    if build.name not in ("gluon_gemm[W4, bias + gated residual]", "gluon_gemm[W4, bias + gelu]"):
+        continue
+    ck = aot.compile_build(build, 90)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([aot._tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ptx = ck.asm["ptx"]
+    rows[build.name] = dict(mul_rn=len(re.findall(r"mul\\.rn\\.f32", ptx)),
+                            add_rn=len(re.findall(r"add\\.rn\\.f32", ptx)),
+                            ffma=len(re.findall(r"\\bFFMA\\b", sass)), **aot.cubin_report(ck.asm["cubin"]))
+print(json.dumps(rows))
+"""
+
+
+def test_aot_gated_residual_is_not_contracted():
+    """The gated residual's product and sum stay two float32 roundings in the sm_90a machine code: the PTX has
+    one ``mul.rn``/``add.rn`` pair per stored element (a thread stores 64 of the 128 × 128 tile), and that
+    specialization's SASS has no FFMA at all (its float epilogue is scales, bias and the residual: nothing else
+    for ptxas to fuse). Without the flag the code is absent (the residual sits behind a constexpr), and neither
+    build spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _GATED_BUILD_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=900)
+    import json
+
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    gated, plain = rows["gluon_gemm[W4, bias + gated residual]"], rows["gluon_gemm[W4, bias + gelu]"]
+    per_thread = gluon_gemm.BT * 16 * gluon_gemm.NUM_WARPS // (32 * gluon_gemm.NUM_WARPS)
+    assert gated["mul_rn"] == gated["add_rn"] == per_thread, gated
+    assert gated["ffma"] == 0, gated
+    assert plain["mul_rn"] == plain["add_rn"] == 0, plain
+    for row in (gated, plain):
+        assert row["stack_bytes"] == 0 and row["sass_ops"].get("IGMMA", 0) >= 4, row

@@ -228,3 +228,104 @@ def test_graph_survives_splitk_workspace_growth(impl):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     del junk
+
+
+# Gated residual fused into the store: (M, N, K, weight bits, Monarch branch, GELU, split-K, out dtype, gate rows G).
+# Bias everywhere. The first two are a DiT-XL/2 block's attention projection (4 samples of 256 tokens) and fc2
+# (8 samples); then the branch + GELU with float32 out; ragged edges (partial token / channel tiles, a partial last
+# K-step, gate groups of 25, 26, 100, 11 tokens that straddle the 128-token tiles); split-K forced (the Gluon
+# kernel's ``split``, the plain kernel's GemmConfig) with and without the branch.
+GATED_CASES = {
+    "proj-m1024-bf16": (1024, 1152, 1152, 4, False, False, None, torch.bfloat16, 4),
+    "fc2-m2048-bf16": (2048, 1152, 4608, 4, False, False, None, torch.bfloat16, 8),
+    "fc1-branch-gelu-f32": (512, 4608, 1152, 4, True, True, None, torch.float32, 2),
+    "ragged-branch-gelu-bf16": (200, 1000, 1040, 4, True, True, None, torch.bfloat16, 8),
+    "ragged-splitk-gelu-f32": (130, 1000, 1040, 4, False, True, 3, torch.float32, 5),
+    "splitk-branch-bf16": (256, 1152, 4608, 4, True, False, 3, torch.bfloat16, 2),
+    "w8-ragged-f16": (300, 520, 1168, 8, False, False, None, torch.float16, 3),
+    "w2-tiny-gelu-bf16": (77, 136, 144, 2, False, True, None, torch.bfloat16, 7),
+}
+
+
+def _gemm_split(impl, act, pw, split, **kw):
+    if split is None:
+        return _gemm(impl, act, pw, **kw)
+    if impl == "gluon":
+        return _gemm(impl, act, pw, split=split, **kw)
+    from treeq_engine.kernels.triton.autotune import GemmConfig
+
+    return _gemm(impl, act, pw, config=GemmConfig(64, 64, 64, split_k=split), **kw)
+
+
+def _mismatch(got, want) -> str:
+    """Where two outputs differ, and by how many units in the last place (same-sign floats: the distance of
+    their bit patterns)."""
+    bad = got != want
+    if not bad.any():
+        return "equal"
+    ib = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[got.dtype]
+    ulps = (got.view(ib).int() - want.view(ib).int()).abs()[bad]
+    i = bad.nonzero()[0].tolist()
+    return (f"{int(bad.sum())} of {bad.numel()} differ, max {int(ulps.max())} ulp; first at {i}: "
+            f"{float(got[tuple(i)])} vs {float(want[tuple(i)])}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(GATED_CASES))
+def test_gated_residual_is_exact(impl, case, monkeypatch):
+    """``packed_gemm(..., residual, gate)`` equals, bit for bit, the oracle's gated residual applied to the same
+    kernel's unfused output: ``out_dtype(float(residual) + gate·float(y))``, product and sum each rounded to
+    float32 (both kernels use ``mul.rn``/``add.rn``, which nothing contracts into an FMA). Without gate, with
+    one gate row (G = 1) and with one per sample (G > 1). The residual is only read; outputs start as NaN, so an
+    element the fused store skips shows."""
+    from treeq_engine.kernels.triton import runtime
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t
+
+    monkeypatch.setattr(runtime, "empty", poisoned)
+    m, n, k, wb, branch, gelu, split, out_dtype, groups = GATED_CASES[case]
+    if impl == "gluon" and wb not in gluon_gemm.GLUON_BITS:
+        pytest.skip(f"{wb}-bit weights run on the plain kernel")
+    x, pw, w1, w2, bias = _operands(m, n, k, wb, 8, branch, seed=11)
+    act = reference.quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1)
+    a_d = _to_cuda(act)
+    dev = torch.device("cuda")
+    pwd = pw.to(dev)
+    kw = dict(bias=bias.to(dev), gelu=gelu, out_dtype=out_dtype)
+    if branch:
+        kw.update(z=a_d.z, w2=w2.to(dev))
+    y = _gemm_split(impl, a_d, pwd, split, **kw).cpu()  # the unfused layer's output
+    assert y.dtype == out_dtype and bool(torch.isfinite(y.float()).all())
+    g = torch.Generator().manual_seed(12)
+    # residual of the output's magnitude, so that the sums round in every position
+    residual = (torch.randn(m, n, generator=g) * y.float().abs().mean()).to(out_dtype)
+    res_d = residual.to(dev)
+    for gate in (None, torch.randn(1, n, generator=g), torch.randn(groups, n, generator=g)):
+        gate_d = None if gate is None else gate.to(dev)
+        out = _gemm_split(impl, a_d, pwd, split, residual=res_d, gate=gate_d, **kw)
+        assert out.dtype == out_dtype and out.shape == (m, n) and out.data_ptr() != res_d.data_ptr()
+        assert torch.equal(res_d.cpu(), residual), "the residual was written to"
+        want = reference.gated_residual(y, residual, gate)
+        got = out.cpu()
+        label = "no gate" if gate is None else f"G={gate.shape[0]}"
+        assert torch.equal(got, want), f"{label}: {_mismatch(got, want)}"
+
+
+def test_gated_residual_through_dispatch():
+    """``packed_linear(..., residual, gate, backend="triton")`` reaches the kernel (Gluon on sm_90, plain
+    elsewhere) with both operands: it equals the oracle's gated residual of the same call's unfused output."""
+    m, n, k = 512, 1152, 1152
+    x, pw, _, _, bias = _operands(m, n, k, 4, 8, False, seed=13)
+    dev = torch.device("cuda")
+    act = quantize_activation(x.to(dev), QuantSpec.activation(8))
+    pwd = pw.to(dev)
+    g = torch.Generator().manual_seed(14)
+    residual = torch.randn(m, n, generator=g).to(dev, torch.bfloat16)
+    gate = torch.randn(2, n, generator=g).to(dev)
+    kw = dict(bias=bias.to(dev), out_dtype=torch.bfloat16, backend="triton")
+    y = packed_linear(act, pwd, **kw)
+    out = packed_linear(act, pwd, residual=residual, gate=gate, **kw)
+    want = reference.gated_residual(y.cpu(), residual.cpu(), gate.cpu())
+    assert torch.equal(out.cpu(), want), _mismatch(out.cpu(), want)

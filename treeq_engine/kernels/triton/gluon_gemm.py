@@ -30,6 +30,17 @@ scales, Monarch stage 2 accumulated into the tile by bf16 ``mma_v2``, one masked
 product per Monarch block the tile overlaps (output blocks are contiguous, ``Nb`` channels: 1–3 blocks per
 tile on the DiT-XL/2 shapes at b = 32, 4–5 on the 1152-wide ones), bias, GELU(tanh), store (16-byte runs along
 channels).
+
+Gated residual (``HAS_RESIDUAL``, ``HAS_GATE``; a DiT block's ``x + gate ⊙ f(x)``), in the store layout:
+
+    ŷ[m,n]   = out_dtype(y[m,n])                                  what the unfused layer stores
+    out[m,n] = out_dtype( float(residual[m,n]) ⊕ (gate[m // (M/G), n] ⊗ float(ŷ[m,n])) )
+
+with ⊗, ⊕ float32 multiply and add, each rounded (``mul.rn.f32`` / ``add.rn.f32`` as inline PTX, which neither
+LLVM nor ptxas contracts into an FMA; see ``_MUL_RN``), so the fused output equals
+``reference.gated_residual`` of the unfused output bit for bit. Without gate, ``residual ⊕ ŷ``. The residual has
+the output's (token, channel) indexing, read with the same 16-byte runs along channels; the gate row of a token
+is ``t // RPG`` (``RPG = M // G`` tokens per sample, a runtime integer).
 """
 from __future__ import annotations
 
@@ -244,10 +255,41 @@ def _branch_add(y, n0, rows_t, tmask, z_ptr, w2_ptr, N, NBLK, NB, BR, BW: gl.con
     return y
 
 
+# The gated residual's float32 arithmetic as explicit round-to-nearest PTX instructions. Plain ``res + g * y`` is
+# contracted into one FFMA under Triton's default ``enable_fp_fusion=True`` (sm_90a AOT: all 64 per thread were),
+# which rounds once instead of twice and so can differ from the oracle (reference.gated_residual: product and sum
+# each rounded to float32) in the last bit; with a float32 output even ``res + y`` could absorb the epilogue's
+# last multiply (the GELU's or the scales'). ``mul.rn``/``add.rn`` are never fused by ptxas (PTX ISA: an explicit
+# rounding modifier makes the optimizer treat the instruction conservatively), inline asm is opaque to LLVM, and
+# without ``.ftz`` denormals are kept, as in PyTorch. ``enable_fp_fusion=False`` is no alternative: it is
+# kernel-wide, so it would also change the rest of the epilogue (the GELU's contractions) and the fused output
+# would no longer be the unfused one's gated residual bit for bit. So exact, no 1-ulp tolerance.
+_MUL_RN = gl.constexpr("mul.rn.f32 $0, $1, $2;")
+_ADD_RN = gl.constexpr("add.rn.f32 $0, $1, $2;")
+
+
 @gluon.jit
-def _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-              M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
-              HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, num_warps: gl.constexpr):
+def _gated_residual(y, t_s, o_s, ok_s, res_ptr, gate_ptr, M, N, RPG, HAS_GATE: gl.constexpr):
+    """``round(float(residual[t, o]) + gate[t // RPG, o] · float(y))`` for a store tile ``y (BW, BT)`` already
+    rounded to the out dtype (what the unfused layer stores), channels ``o_s`` (valid ``ok_s``) × tokens ``t_s``;
+    the residual has out's indexing (token-major rows of N channels). The product comes first and the residual
+    is loaded after it, so gate and residual tiles are not live together (sm_90a, W4 + Monarch + gate: 24 bytes
+    of epilogue spills instead of 72; none in the K-loop)."""
+    m_s = ok_s[:, None] & (t_s < M)[None, :]
+    yf = y.to(gl.float32)
+    if HAS_GATE:
+        g = gl.load(gate_ptr + (t_s // RPG).to(gl.int64)[None, :] * N + o_s[:, None], mask=m_s, other=0.0)
+        yf = gl.inline_asm_elementwise(_MUL_RN, "=f,f,f", [g, yf], dtype=gl.float32, is_pure=True, pack=1)
+    res = gl.load(res_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], mask=m_s, other=0.0).to(gl.float32)
+    s = gl.inline_asm_elementwise(_ADD_RN, "=f,f,f", [res, yf], dtype=gl.float32, is_pure=True, pack=1)
+    return s.to(y.dtype)
+
+
+@gluon.jit
+def _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr,
+              gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
+              HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+              HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
     o, ok = _channels(n0, N, BW, gl.SliceLayout(1, mma))
     rows_t = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, mma))
     tmask = rows_t < M
@@ -280,19 +322,22 @@ def _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_
         u = gl.minimum(gl.maximum(u, -15.0), 15.0)
         y = 0.5 * y * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
     t_s = t0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, st))
+    if HAS_RESIDUAL:  # from y as the unfused layer stores it (rounded to the out dtype); the store's .to is a no-op
+        y = _gated_residual(y.to(out_ptr.dtype.element_ty), t_s, o_s, ok_s, res_ptr, gate_ptr, M, N, RPG, HAS_GATE)
     gl.store(out_ptr + t_s.to(gl.int64)[None, :] * N + o_s[:, None], y.to(out_ptr.dtype.element_ty),
              mask=ok_s[:, None] & (t_s < M)[None, :])
 
 
 @gluon.jit
-def _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-            M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
-            HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
-            num_warps: gl.constexpr):
+def _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr,
+            gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma: gl.constexpr, BW: gl.constexpr, BRC: gl.constexpr,
+            HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+            HAS_GATE: gl.constexpr, EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
     """The epilogue, or for the probe ``bf16(acc)`` stored as it is."""
     if EPILOGUE:
-        _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                  out_ptr, M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, num_warps)
+        _epilogue(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr,
+                  gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU,
+                  HAS_RESIDUAL, HAS_GATE, num_warps)
     else:
         st: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
         y = gl.convert_layout(acc.to(gl.float32).to(gl.bfloat16), st)
@@ -303,9 +348,10 @@ def _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_pt
 
 @gluon.jit
 def _split_k_finish(acc, tile, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-                    z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma: gl.constexpr, BW: gl.constexpr,
-                    BRC: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
+                    z_ptr, w2_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma: gl.constexpr,
+                    BW: gl.constexpr, BRC: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                    HAS_GATE: gl.constexpr, EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
     """Split-K as gemm.py: add the int32 partial into the workspace (exact, order-free); the last of the tile's
     SPLIT work items (acq_rel counter) takes the sum with ``atomic_xchg(ws, 0)`` (leaving it zeroed), resets
     the counter and finishes the tile."""
@@ -320,18 +366,22 @@ def _split_k_finish(acc, tile, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, 
         gl.thread_barrier()
         total = gl.atomic_xchg(ws, gl.zeros_like(acc), mask=m2, sem="acq_rel")
         gl.atomic_xchg(cnt_ptr + tile, 0)
-        _finish(total, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-                M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+        _finish(total, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr,
+                gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU,
+                HAS_RESIDUAL, HAS_GATE, EPILOGUE, num_warps)
 
 
 @gluon.jit
 def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr,
-                       out_ptr, ws_ptr, cnt_ptr, M, N, K, NBLK, NB, BR,
+                       res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NBLK, NB, BR, RPG,
                        BITS: gl.constexpr, BRC: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr, EPILOGUE: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, HAS_BRANCH: gl.constexpr, GELU: gl.constexpr,
+                       HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, EPILOGUE: gl.constexpr,
                        num_warps: gl.constexpr):
-    """``EPILOGUE=False`` is the probe: the main loop alone, storing ``bf16(acc)`` (no scales, no branch)."""
+    """``EPILOGUE=False`` is the probe: the main loop alone, storing ``bf16(acc)`` (no scales, no branch).
+    ``HAS_RESIDUAL`` (``res_ptr``, out's dtype and indexing) and ``HAS_GATE`` (``gate_ptr`` float32 ``(G, N)``,
+    ``RPG = M // G`` tokens per gate row) fuse the gated residual into the store."""
     BW: gl.constexpr = 16 * num_warps
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, _BT, 32])
@@ -392,11 +442,13 @@ def _gluon_gemm_kernel(a_desc, w_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if SPLIT > 1:
             _split_k_finish(acc, work // SPLIT, t0, n0, ws_ptr, cnt_ptr, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr,
-                            cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr, M, N, K, NBLK, NB, BR, mma, BW, BRC, SPLIT,
-                            HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+                            cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG,
+                            mma, BW, BRC, SPLIT, HAS_BIAS, HAS_BRANCH, GELU, HAS_RESIDUAL, HAS_GATE, EPILOGUE,
+                            num_warps)
         else:
-            _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, out_ptr,
-                    M, N, K, NBLK, NB, BR, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU, EPILOGUE, num_warps)
+            _finish(acc, t0, n0, sa_ptr, za_ptr, ra_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr, z_ptr, w2_ptr, res_ptr,
+                    gate_ptr, out_ptr, M, N, K, NBLK, NB, BR, RPG, mma, BW, BRC, HAS_BIAS, HAS_BRANCH, GELU,
+                    HAS_RESIDUAL, HAS_GATE, EPILOGUE, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -449,13 +501,21 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
                 bits: int, n: int, sw: torch.Tensor, zw: torch.Tensor, cw: torch.Tensor, *,
                 bias: torch.Tensor | None = None, z: torch.Tensor | None = None, w2: torch.Tensor | None = None,
                 gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, epilogue: bool = True,
-                split: int | None = None) -> torch.Tensor:
+                split: int | None = None, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``gemm.packed_gemm`` (layout-v1 weight in; its fragment layout is derived and cached).
     ``epilogue=False`` runs the probe (main loop only; the output is ``bf16(Σ qa·u)``). ``split`` overrides the
-    split-K choice (it must divide the number of 128-deep K-steps)."""
+    split-K choice (it must divide the number of 128-deep K-steps).
+
+    ``residual`` (contiguous ``(M, N)`` in ``out_dtype``) and ``gate`` (contiguous float32 ``(G, N)``, ``G``
+    dividing M; token ``m`` takes gate row ``m // (M // G)``) fuse the gated residual into the store:
+    ``out = out_dtype(float(residual) + gate · float(y))`` with ``y`` the usual output already rounded to
+    ``out_dtype``, the product and the sum each rounded to float32 (``reference.gated_residual``, bit for bit;
+    without ``gate``, ``residual + y``). ``residual`` is only read."""
     m, k = codes.shape
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    rpg = _check_residual(residual, gate, m, n, out_dtype, epilogue, codes.device)
     frag, zw2, cw2 = fragment_weights(packed, bits, n, k, zw, cw)
     out = runtime.empty((m, n), out_dtype if epilogue else torch.bfloat16, codes.device)
     nblk, nb, br = 1, n, 1
@@ -474,15 +534,41 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
     dummy = sa
     _gluon_gemm_kernel[grid](
         _act_descriptor(codes), frag.view(torch.int32), sa, za, ra, sw, zw2, cw2, bias if bias is not None else dummy,
-        z if z is not None else dummy, w2 if w2 is not None else dummy, out, ws, cnt, m, n, k,
-        nblk, nb, br, BITS=bits, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
-        HAS_BIAS=bias is not None,
-        HAS_BRANCH=w2 is not None, GELU=bool(gelu), EPILOGUE=epilogue, num_warps=NUM_WARPS)
+        z if z is not None else dummy, w2 if w2 is not None else dummy,
+        residual if residual is not None else dummy, gate if gate is not None else dummy, out, ws, cnt, m, n, k,
+        nblk, nb, br, rpg, BITS=bits, BRC=min(max(16, next_pow2(br)), 32), STAGES=STAGES, SPLIT=split,
+        HAS_BIAS=bias is not None, HAS_BRANCH=w2 is not None, GELU=bool(gelu),
+        HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, EPILOGUE=epilogue, num_warps=NUM_WARPS)
     return out
 
 
+def _check_residual(residual: torch.Tensor | None, gate: torch.Tensor | None, m: int, n: int,
+                    out_dtype: torch.dtype, epilogue: bool, device: torch.device) -> int:
+    """Rows per gate row (``M // G``; 1 when unused) after checking what the kernel reads as raw rows
+    (``ops.packed_linear`` checks the same for its callers; this guards direct calls from reading out of
+    bounds)."""
+    if residual is None:
+        if gate is not None:
+            raise ValueError("gate needs residual")
+        return 1
+    if not epilogue:
+        raise ValueError("the probe (epilogue=False) stores the raw accumulator: no residual")
+    if (residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous()
+            or residual.device != device):
+        raise ValueError(f"residual must be contiguous ({m}, {n}) {out_dtype} on {device}, got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if gate is None:
+        return 1
+    if (gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] < 1 or m % gate.shape[0]
+            or gate.dtype != torch.float32 or not gate.is_contiguous() or gate.device != device):
+        raise ValueError(f"gate must be contiguous float32 (G, {n}) with G dividing M={m}, on {device}, got "
+                         f"{tuple(gate.shape)} {gate.dtype} on {gate.device}")
+    return m // gate.shape[0]
+
+
 def aot_builds():
-    """Specializations for ``aot.py``: the probe (W4A8, no epilogue) and the full kernel per bit-width."""
+    """Specializations for ``aot.py``: the probe (W4A8, no epilogue), the full kernel per bit-width, and the
+    gated residual (a DiT block's attention projection / fc2: bias, no GELU, one gate row per sample)."""
     from .aot import KernelBuild
 
     m, k, n = 2048, 1152, 4608
@@ -493,20 +579,25 @@ def aot_builds():
     z = torch.empty(m, 32, 32, dtype=torch.bfloat16)
     w2 = torch.empty(32, n // 32, 32, dtype=torch.float32)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    cases = [("gluon_probe[W4A8 main loop, no epilogue]", 4, False, False, 1),
-             ("gluon_gemm[W4, bias + gelu]", 4, True, False, 1),
-             ("gluon_gemm[W4, monarch b=32 r=1 + bias + gelu]", 4, True, True, 1),
-             ("gluon_gemm[W8, monarch b=32 r=1 + bias + gelu, split-K 3]", 8, True, True, 3),
-             ("gluon_gemm[W2, bias + gelu]", 2, True, False, 1)]
-    for name, bits, epi, branch, split in cases:
+    gate = torch.empty(8, n, dtype=torch.float32)  # 8 samples of 256 tokens
+    # name, bits, epilogue, branch, split, gated residual
+    cases = [("gluon_probe[W4A8 main loop, no epilogue]", 4, False, False, 1, False),
+             ("gluon_gemm[W4, bias + gelu]", 4, True, False, 1, False),
+             ("gluon_gemm[W4, monarch b=32 r=1 + bias + gelu]", 4, True, True, 1, False),
+             ("gluon_gemm[W8, monarch b=32 r=1 + bias + gelu, split-K 3]", 8, True, True, 3, False),
+             ("gluon_gemm[W2, bias + gelu]", 2, True, False, 1, False),
+             ("gluon_gemm[W4, bias + gated residual]", 4, True, False, 1, True)]
+    for name, bits, epi, branch, split, gated in cases:
         c = fields_per_byte(bits)
         frag = torch.empty(n, k // c // 4, dtype=torch.int32)
         yield KernelBuild(name, _gluon_gemm_kernel,
                           dict(a_desc=desc, w_ptr=frag, sa_ptr=f32, za_ptr=i32, ra_ptr=i32, sw_ptr=fn, zw_ptr=inn,
-                               cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, out_ptr=out, ws_ptr=inn, cnt_ptr=inn,
+                               cw_ptr=inn, bias_ptr=fn, z_ptr=z, w2_ptr=w2, res_ptr=out,
+                               gate_ptr=gate if gated else f32, out_ptr=out, ws_ptr=inn, cnt_ptr=inn,
                                M=m, N=n, K=k,
                                NBLK=32 if branch else 1, NB=n // 32 if branch else n,
-                               BR=32 if branch else 1),
+                               BR=32 if branch else 1, RPG=m // gate.shape[0] if gated else 1),
                           dict(BITS=bits, BRC=32, STAGES=STAGES, SPLIT=split,
-                               HAS_BIAS=epi, HAS_BRANCH=branch, GELU=epi, EPILOGUE=epi, num_warps=NUM_WARPS),
+                               HAS_BIAS=epi, HAS_BRANCH=branch, GELU=epi and not gated, HAS_RESIDUAL=gated,
+                               HAS_GATE=gated, EPILOGUE=epi, num_warps=NUM_WARPS),
                           num_warps=NUM_WARPS, num_stages=1, gluon=True, quick=name != "gluon_gemm[W4, bias + gelu]"), (90,)
