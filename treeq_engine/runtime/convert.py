@@ -6,6 +6,7 @@ calibrated weight quantization and trained branch are packed as they are).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -68,9 +69,7 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     for name, cfg in plan.layers.items():
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
     if fuse:
-        from .dit_fused import fuse_dit_blocks
-
-        fuse_dit_blocks(model)
+        fuse_blocks(model)
     set_layout(model, layout)
     return model
 
@@ -112,10 +111,21 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         _set_submodule(model, name, TreeQLinear(mod.in_features, mod.out_features, cfg, bias=mod.bias is not None,
                                                 monarch=mshape, name=name, dtype=dtype, device=mod.weight.device))
     if fuse:
-        from .dit_fused import fuse_dit_blocks
-
-        fuse_dit_blocks(model)
+        fuse_blocks(model)
     return model
+
+
+def fuse_blocks(model: nn.Module) -> int:
+    """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
+    allow it: the project's DiT blocks and diffusers' DiT / PixArt blocks. Returns how many blocks were fused."""
+    from .dit_fused import fuse_dit_blocks
+
+    fused = fuse_dit_blocks(model)
+    if "diffusers" in sys.modules:   # a model holding diffusers blocks has imported it; others need not pay for it
+        from .diffusers_fused import fuse_diffusers_blocks
+
+        fused += fuse_diffusers_blocks(model)
+    return fused
 
 
 def treeq_layers(model: nn.Module) -> dict[str, TreeQLinear]:

@@ -1,0 +1,238 @@
+"""Fused diffusers DiT / PixArt blocks (runtime.diffusers_fused) compute what the unfused packed model computes,
+fall back per sub-step where a layer is not packed with quantized activations, and leave other blocks alone."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
+
+from treeq_engine.nn import quantizable_linears  # noqa: E402
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan, is_block_layer  # noqa: E402
+from treeq_engine.runtime import TreeQLinear, quantize  # noqa: E402
+from treeq_engine.runtime.convert import skeleton  # noqa: E402
+from treeq_engine.runtime.diffusers_fused import FusedBasicTransformerBlock, fuse_diffusers_blocks  # noqa: E402
+
+BRANCH = LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))
+
+
+def tiny_dit(activation_fn="gelu-approximate"):
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_type="ada_norm_zero", activation_fn=activation_fn).eval()
+
+
+def tiny_pixart():
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                              cross_attention_dim=32, caption_channels=24, norm_type="ada_norm_single",
+                                              use_additional_conditions=False).eval()
+
+
+def randomize(model):
+    gen = torch.Generator().manual_seed(7)   # the same weights for every copy of a model
+    with torch.no_grad():  # diffusers zero-inits adaLN-Zero and outputs, which would hide a broken fusion
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def build(kind, **kw):
+    return randomize(tiny_dit(**kw) if kind == "dit" else tiny_pixart())
+
+
+def inputs(kind, gen, dtype=torch.float32, mask=True):
+    x = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=gen).to(dtype), timestep=torch.tensor([10, 500]))
+    if kind == "dit":
+        return dict(x, class_labels=torch.tensor([1, 3]))
+    x["encoder_hidden_states"] = torch.randn(2, 5, 24, generator=gen).to(dtype)
+    if mask:   # as the pipeline passes it: caption tokens past each prompt's length are padding
+        x["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return x
+
+
+def plan_for(model, low=LayerConfig(3, 4), **changes):
+    """W4A8 everywhere in the blocks, with ``low`` layers (another activation spec: their own quantize call) and
+    Monarch branches (their own call too; ff.net.2's needs ff.net.0.proj's float rows); ``changes`` (a name ->
+    config, None: left 16-bit) on top."""
+    b = "transformer_blocks"
+    layers = {n: LayerConfig(4, 8) for n in quantizable_linears(model, include=is_block_layer)}
+    layers.update({f"{b}.0.attn1.to_k": BRANCH, f"{b}.0.attn1.to_v": low,
+                   f"{b}.1.ff.net.0.proj": low, f"{b}.1.ff.net.2": BRANCH})
+    if f"{b}.0.attn2.to_q" in layers:
+        layers.update({f"{b}.0.attn2.to_v": BRANCH, f"{b}.1.attn2.to_k": low})
+    for name, cfg in changes.items():
+        layers[name] = cfg
+    return QuantPlan({n: c for n, c in layers.items() if c is not None})
+
+
+def pair(kind, plan, dtype=torch.float32, **kw):
+    """(unfused, fused) packed copies of the same model."""
+    unfused = quantize(build(kind, **kw), plan, dtype=dtype, fuse=False).to(dtype)
+    fused = quantize(build(kind, **kw), plan, dtype=dtype).to(dtype)
+    return unfused, fused
+
+
+def n_fused(model):
+    return sum(isinstance(m, FusedBasicTransformerBlock) for m in model.modules())
+
+
+def check_close(unfused, fused, x, dtype=torch.float32):
+    with torch.no_grad():
+        a, b = unfused(**x).sample, fused(**x).sample
+    scale = float(a.float().abs().max())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=tol * scale)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_fused_equals_unfused(kind, dtype, gen):
+    """In bf16 the kernels' float32 LayerNorm + modulate and diffusers' bf16 one differ by bf16 roundings, which a
+    4-bit activation grid turns into whole-code flips: there the other spec is A8 (symmetric) instead."""
+    low = LayerConfig(3, 4) if dtype == torch.float32 else LayerConfig(3, 8, a_symmetric=True)
+    plan = plan_for(build(kind), low)
+    unfused, fused = pair(kind, plan, dtype)
+    assert n_fused(unfused) == 0 and n_fused(fused) == 2
+    assert all(isinstance(b, BasicTransformerBlock) for b in fused.transformer_blocks)
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    check_close(unfused, fused, inputs(kind, gen, dtype), dtype)
+
+
+def test_qkv_share_one_quantize_call(gen, monkeypatch):
+    """LayerNorm + modulate + quantization once for to_q, to_k, to_v with one spec and no branch (block 1); block
+    0's to_k (branch) and to_v (another spec) get their own; ff.net.0.proj one per block."""
+    calls = []
+    quantize_input = TreeQLinear.quantize_input
+
+    def spy(self, x2, **kw):
+        if kw.get("ln_eps") is not None:
+            calls.append(self.name)
+        return quantize_input(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    _, fused = pair("dit", plan_for(build("dit")))
+    with torch.no_grad():
+        fused(**inputs("dit", gen))
+    b = "transformer_blocks"
+    assert calls == [f"{b}.0.attn1.to_q", f"{b}.0.attn1.to_k", f"{b}.0.attn1.to_v", f"{b}.0.ff.net.0.proj",
+                     f"{b}.1.attn1.to_q", f"{b}.1.ff.net.0.proj"]
+
+
+def test_fused_block_shares_the_original_modules():
+    model = quantize(build("pixart"), plan_for(build("pixart")), dtype=torch.float32, fuse=False)
+    before = model.transformer_blocks[0]
+    assert fuse_diffusers_blocks(model) == 2 and fuse_diffusers_blocks(model) == 0   # fused blocks stay as they are
+    after = model.transformer_blocks[0]
+    assert after.attn1 is before.attn1 and after.ff is before.ff and after.scale_shift_table is before.scale_shift_table
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_layers_not_packed_with_quantized_activations_fall_back(kind, gen):
+    """16-bit and weight-only linears take diffusers' float rows and residual: to_out.0 (block 0: 16-bit, block 1:
+    weight-only), to_q (16-bit beside packed to_k/to_v), ff.net.0.proj weight-only (its GELU after it), a 16-bit
+    ff.net.2."""
+    b = "transformer_blocks"
+    plan = plan_for(build(kind), **{f"{b}.0.attn1.to_out.0": None, f"{b}.1.attn1.to_out.0": LayerConfig(4, 16),
+                                    f"{b}.1.attn1.to_q": None, f"{b}.0.ff.net.0.proj": LayerConfig(4, 16),
+                                    f"{b}.1.ff.net.2": None})
+    if kind == "pixart":
+        plan = QuantPlan({**plan.layers, f"{b}.0.attn2.to_out.0": LayerConfig(4, 16)})
+    unfused, fused = pair(kind, plan)
+    assert n_fused(fused) == 2
+    check_close(unfused, fused, inputs(kind, gen))
+
+
+def test_exact_gelu_runs_after_the_epilogue(gen):
+    """diffusers' "gelu" (erf) is not the epilogue's tanh GELU: ff.net.0.proj stores its output, GELU follows."""
+    plan = plan_for(build("dit", activation_fn="gelu"))
+    unfused, fused = pair("dit", plan, activation_fn="gelu")
+    assert fused.transformer_blocks[0].ff.net[0].approximate == "none" and n_fused(fused) == 2
+    check_close(unfused, fused, inputs("dit", gen))
+
+
+def test_pixart_masks(gen):
+    """No encoder mask, and a self-attention mask (attn1 then runs as the Attention module)."""
+    unfused, fused = pair("pixart", plan_for(build("pixart")))
+    check_close(unfused, fused, inputs("pixart", gen, mask=False))
+    x = inputs("pixart", gen)
+    x["attention_mask"] = torch.ones(2, 16)
+    x["attention_mask"][0, 10:] = 0
+    a, _ = check_close(unfused, fused, x)
+    with torch.no_grad():
+        assert not torch.allclose(a, unfused(**inputs("pixart", gen)).sample)   # the mask mattered
+
+
+def test_runtime_fallbacks_run_diffusers_forward(gen, monkeypatch):
+    """Chunked feed-forward, cross_attention_kwargs, training mode: diffusers' own forward, exactly (no fused
+    LayerNorm in any quantize call)."""
+    fused_ln = []
+    quantize_input = TreeQLinear.quantize_input
+
+    def spy(self, x2, **kw):
+        fused_ln.append(kw.get("ln_eps") is not None)
+        return quantize_input(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    unfused, fused = pair("dit", plan_for(build("dit")))
+    x = inputs("dit", gen)
+    for m in (unfused, fused):
+        for blk in m.transformer_blocks:
+            blk.set_chunk_feed_forward(4, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**x).sample, unfused(**x).sample, rtol=0, atol=0)
+        for m in (unfused, fused):
+            for blk in m.transformer_blocks:
+                blk.set_chunk_feed_forward(None, 0)
+        blk = fused.transformer_blocks[0]
+        h = torch.randn(2, 16, 32, generator=gen)
+        kw = dict(timestep=x["timestep"], class_labels=x["class_labels"])
+        ref = unfused.transformer_blocks[0](h, **kw)
+        torch.testing.assert_close(blk(h, cross_attention_kwargs={"unused": 1}, **kw), ref, rtol=0, atol=0)
+        blk.train()
+        torch.testing.assert_close(blk(h, **kw), ref, rtol=0, atol=0)   # dropout p=0: the identity
+        assert fused_ln and not any(fused_ln)
+        blk.eval()
+        torch.testing.assert_close(blk(h, **kw), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+        assert any(fused_ln)   # that one was fused
+
+
+def test_unhandled_blocks_are_left_alone(gen):
+    """A LayerNorm with affine (block 1) and a block with nothing packed (a plain layer_norm block) stay as they
+    are; the rest still fuses."""
+    def dit_affine_norm3():
+        m = tiny_dit()
+        m.transformer_blocks[1].norm3 = nn.LayerNorm(32, eps=1e-5)
+        return randomize(m)
+
+    plan = plan_for(build("dit"))
+    unfused = quantize(dit_affine_norm3(), plan, dtype=torch.float32, fuse=False)
+    fused = quantize(dit_affine_norm3(), plan, dtype=torch.float32)
+    assert [type(b) for b in fused.transformer_blocks] == [FusedBasicTransformerBlock, BasicTransformerBlock]
+    check_close(unfused, fused, inputs("dit", gen))
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([BasicTransformerBlock(32, 2, 16, activation_fn="gelu-approximate")])   # "layer_norm"
+    names = quantizable_linears(blocks)
+    quantize(blocks, QuantPlan({n: LayerConfig(4, 8) for n in names}), dtype=torch.float32)
+    assert type(blocks[0]) is BasicTransformerBlock
+    dit = quantize(build("dit"), QuantPlan({"proj_out_2": LayerConfig(4, 8)}), dtype=torch.float32)
+    assert n_fused(dit) == 0   # no packed layer in any block: nothing to fuse
+
+
+def test_skeleton_fuses_and_loads(gen):
+    plan = plan_for(build("pixart"))
+    fused = quantize(build("pixart"), plan, dtype=torch.float32)
+    empty = skeleton(build("pixart"), plan, dtype=torch.float32)
+    assert n_fused(empty) == 2
+    empty.load_state_dict(fused.state_dict())
+    x = inputs("pixart", gen)
+    with torch.no_grad():
+        torch.testing.assert_close(empty(**x).sample, fused(**x).sample, rtol=0, atol=0)

@@ -1,0 +1,264 @@
+"""Fused diffusers transformer blocks for packed inference: the fusions of :mod:`.dit_fused` for
+``diffusers.models.attention.BasicTransformerBlock`` with ``norm_type`` ``"ada_norm_zero"`` (diffusers' DiT) and
+``"ada_norm_single"`` (PixArt).
+
+The block's six modulation vectors come from ``norm1.linear(silu(norm1.emb(t, y)))`` (adaLN-Zero) or from
+``scale_shift_table + timestep`` (adaLN-single), in the order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+gate_mlp; ``LN`` has no affine (eps from ``norm1.norm`` / ``norm1``, then ``norm3`` / ``norm2``):
+
+    h1 = x  + gate_msa · to_out(SDPA(to_q, to_k, to_v ← Q(mod(LN(x), shift_msa, scale_msa))))
+    h2 = h1 + to_out'(SDPA(to_q' ← Q(h1), to_k', to_v' ← Q(encoder_hidden_states), encoder_attention_mask))
+                                                                                    (PixArt's attn2; DiT has none)
+    y  = h2 + gate_mlp · ff.net[2](Q(GELU_tanh(ff.net[0].proj(Q(mod(LN(h2), shift_mlp, scale_mlp))))))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations:
+
+- LayerNorm + modulate + quantization run in its ``quantize_input`` kernel; to_q, to_k and to_v share one such call
+  when they read the same rows with the same activation spec and none carries a Monarch branch (a branch's stage 1
+  runs in that call with the layer's own ``monarch_w1``, so a layer with a branch gets its own call);
+- ``ff.net[0].proj`` applies GELU(tanh) in its epilogue (only for diffusers' ``"gelu-approximate"``; an exact GELU
+  runs after it) and, where ``ff.net[2]`` is quantized without a branch, writes ``ff.net[2]``'s activation codes;
+- ``to_out[0]`` and ``ff.net[2]`` add the (gated) residual ``x + gate ⊙ y`` in their epilogue (attn2's ungated).
+
+Any other linear (16-bit, weight-only) gets the float rows diffusers would give it and the residual is added as
+diffusers adds it, sub-step by sub-step. The fused residual rounds once less than diffusers' ``x + gate·y``, and
+the kernels do LayerNorm + modulate in float32 where diffusers does them in the model's dtype: fused and unfused
+agree to the model dtype's rounding, not bit for bit.
+
+The attention is computed as ``AttnProcessor2_0`` computes it (SDPA with its default 1/√head_dim scale, which is
+what that processor uses whatever ``Attention.scale`` says), only where that is the module's processor and the
+module has nothing the fused path skips (norm_q/norm_k, group/spatial norm, norm_cross, residual_connection,
+rescale_output_factor ≠ 1, a to_out other than [linear, Dropout]); otherwise the ``Attention`` module itself runs.
+attn1 with an ``attention_mask`` also runs as the module (the pipelines pass none); attn2's
+``encoder_attention_mask`` goes through ``Attention.prepare_attention_mask`` as in the processor.
+
+:func:`fuse_diffusers_blocks` swaps only blocks whose whole structure this handles: norm types above,
+``pos_embed is None``, ``only_cross_attention False``, no GLIGEN ``fuser``, LayerNorms without affine, adaLN-Zero
+with its own embedder (``norm1.emb``) and no attn2, a ``FeedForward`` of [GELU, Dropout, linear (, Dropout)], and
+at least one packed linear with quantized activations to fuse. A swapped block still runs diffusers' own forward
+(the original computation) in training mode, with ``cross_attention_kwargs``, with a feed-forward chunk size, on
+inputs other than (B, T, D) or with a conditioning batch other than B. :class:`FusedBasicTransformerBlock` is a
+``BasicTransformerBlock`` holding the original block's children and attributes: the state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.normalization import AdaLayerNormZero
+
+from .linear import TreeQLinear
+
+
+def _quantized(mod: nn.Module) -> bool:
+    return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
+
+
+def _plain_layer_norm(norm: Any, dim: int) -> bool:
+    """A LayerNorm the quantization kernel can do: no affine (the kernel has no weight/bias), over the last dim."""
+    return (type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None
+            and tuple(norm.normalized_shape) == (dim,))
+
+
+def _sdpa_attention(attn: Attention) -> bool:
+    """``attn`` computes what the fused path computes: AttnProcessor2_0 with nothing around the plain SDPA."""
+    return (type(attn.processor) is AttnProcessor2_0
+            and attn.norm_q is None and attn.norm_k is None and attn.group_norm is None and attn.spatial_norm is None
+            and attn.norm_cross is None and not attn.residual_connection and attn.rescale_output_factor == 1.0
+            and len(attn.to_out) == 2 and type(attn.to_out[1]) is nn.Dropout)
+
+
+def _feed_forward(ff: Any, dim: int) -> bool:
+    net = getattr(ff, "net", None)
+    return (type(ff) is FeedForward and len(net) in (3, 4) and type(net[0]) is GELU
+            and type(net[1]) is nn.Dropout and all(type(m) is nn.Dropout for m in net[3:])
+            and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
+
+
+def _supported(block: nn.Module) -> bool:
+    """Every part of ``block`` is one :class:`FusedBasicTransformerBlock` computes (see the module docstring)."""
+    if type(block) is not BasicTransformerBlock or block.pos_embed is not None or block.only_cross_attention:
+        return False
+    if hasattr(block, "fuser") or not _feed_forward(block.ff, block.dim):
+        return False
+    for attn in (block.attn1, block.attn2):   # the projections the fused path reads (attn2 may be absent)
+        if attn is not None and not (isinstance(attn, Attention) and attn.to_k is not None
+                                     and attn.to_v is not None and attn.to_out is not None):
+            return False
+    d = block.dim
+    if block.norm_type == "ada_norm_zero":
+        n1 = block.norm1
+        return (type(n1) is AdaLayerNormZero and n1.emb is not None and _plain_layer_norm(n1.norm, d)
+                and _plain_layer_norm(block.norm3, d) and block.attn2 is None)
+    if block.norm_type == "ada_norm_single":
+        return _plain_layer_norm(block.norm1, d) and _plain_layer_norm(block.norm2, d)
+    return False
+
+
+def _fusable_linears(block: nn.Module) -> list[nn.Module]:
+    attns = [a for a in (block.attn1, block.attn2) if a is not None]
+    return ([m for a in attns for m in (a.to_q, a.to_k, a.to_v, a.to_out[0])]
+            + [block.ff.net[0].proj, block.ff.net[2]])
+
+
+def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,
+             ln_eps: float | None = None, shift: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each layer applied to ``pre(x2)`` (optional LayerNorm + modulate), as (M, N) rows in ``x2``'s dtype.
+
+    A quantized layer quantizes ``x2`` in the kernel that does ``pre``; quantized layers without a branch share
+    one such call per activation spec (the codes depend only on the rows and the spec), a branch's stage 1 needs
+    the layer's own call. Other layers read the float rows ``float_rows()`` (diffusers' own computation, once)."""
+    shared: dict = {}
+    rows = None
+    out = []
+    for layer in layers:
+        if _quantized(layer):
+            if layer.monarch_w1 is None and layer.act_spec in shared:
+                act = shared[layer.act_spec]
+            else:
+                act = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
+                if layer.monarch_w1 is None:
+                    shared[layer.act_spec] = act
+            out.append(layer.linear(act, out_dtype=x2.dtype))
+        else:
+            if rows is None:
+                rows = float_rows()
+            y = layer(rows)
+            out.append(y.reshape(-1, y.shape[-1]))
+    return out
+
+
+def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    """AttnProcessor2_0's attention of (B·T, inner) projections, returned as (B·T, inner) rows."""
+    heads = attn.heads
+    head_dim = k.shape[-1] // heads   # the processor derives it from the key's width
+    if mask is not None:
+        mask = attn.prepare_attention_mask(mask, k.shape[0] // batch, batch)
+        mask = mask.view(batch, heads, -1, mask.shape[-1])
+    q4, k4, v4 = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return o.transpose(1, 2).reshape(-1, heads * head_dim).to(q.dtype).contiguous()
+
+
+class FusedBasicTransformerBlock(BasicTransformerBlock):
+    """A ``BasicTransformerBlock`` (ada_norm_zero / ada_norm_single) running the fused packed kernels; see the
+    module docstring for what is fused and when it falls back to diffusers' forward."""
+
+    def __init__(self, block: BasicTransformerBlock) -> None:
+        if not _supported(block):
+            raise ValueError("FusedBasicTransformerBlock handles BasicTransformerBlock with norm_type ada_norm_zero "
+                             "or ada_norm_single in the structure diffusers' DiT and PixArt build")
+        nn.Module.__init__(self)   # not BasicTransformerBlock.__init__, which would build new layers:
+        self.__dict__.update(vars(block))   # take over the block's children, parameters, attributes and hooks
+        # (the block object itself leaves the model)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, timestep: torch.LongTensor | None = None,
+                cross_attention_kwargs: dict[str, Any] | None = None, class_labels: torch.LongTensor | None = None,
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        args = dict(hidden_states=hidden_states, attention_mask=attention_mask,
+                    encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                    timestep=timestep, cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels,
+                    added_cond_kwargs=added_cond_kwargs)
+        # dropout (training), processor kwargs and GLIGEN, chunked feed-forward: diffusers' own forward has them
+        if self.training or cross_attention_kwargs or self._chunk_size is not None or hidden_states.ndim != 3 \
+                or timestep is None:
+            return super().forward(**args)
+        x = hidden_states
+        b, t, d = x.shape
+        zero = self.norm_type == "ada_norm_zero"
+        if zero:
+            emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
+            mod = self.norm1.linear(self.norm1.silu(emb))
+            if mod.shape != (b, 6 * d):   # a broadcast conditioning batch: leave it to diffusers
+                return super().forward(**args)
+            mod = mod.view(b, 6, d)
+            ln1, ln2 = self.norm1.norm, self.norm3
+        else:
+            if timestep.numel() != b * 6 * d:
+                return super().forward(**args)
+            mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
+            ln1, ln2 = self.norm1, self.norm2
+        # mod[:, i:i+1] (B, 1, D) are diffusers' own vectors, for the float sub-steps; the kernels take them as
+        # contiguous float32 (G=B, K=D) rows: one conversion for all six
+        m32 = mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+        x2 = x.reshape(b * t, d).contiguous()
+
+        # 1. self-attention, gate_msa
+        attn = self.attn1
+        if attention_mask is None and _sdpa_attention(attn):
+            qkv = _project((attn.to_q, attn.to_k, attn.to_v), x2,
+                           lambda: ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=ln1.eps, shift=m32[0],
+                           scale=m32[1])
+            x2 = self._out(attn, _sdpa(attn, *qkv, b, None), x2, b, m32[2], mod[:, 2:3])
+        else:
+            y = attn(ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], attention_mask=attention_mask)
+            x2 = (mod[:, 2:3] * y + x).reshape(b * t, d)
+
+        # 2. PixArt's cross-attention: no norm, ungated
+        attn = self.attn2
+        if attn is not None:
+            x = x2.view(b, t, d)
+            ctx = encoder_hidden_states if encoder_hidden_states is not None else x
+            if _sdpa_attention(attn) and ctx.ndim == 3 and ctx.shape[0] == b:
+                ctx2 = ctx.reshape(-1, ctx.shape[-1]).contiguous()
+                q, = _project((attn.to_q,), x2, lambda: x)
+                k, v = _project((attn.to_k, attn.to_v), ctx2, lambda: ctx)
+                x2 = self._out(attn, _sdpa(attn, q, k, v, b, encoder_attention_mask), x2, b, None, None)
+            else:
+                y = attn(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+                x2 = (y + x).reshape(b * t, d)
+
+        # 3. feed-forward, gate_mlp
+        x = x2.view(b, t, d)
+        gelu, fc1, fc2 = self.ff.net[0], self.ff.net[0].proj, self.ff.net[2]
+        tanh = gelu.approximate == "tanh"   # the only GELU the epilogue computes
+        if _quantized(fc1):
+            act = fc1.quantize_input(x2, ln_eps=ln2.eps, shift=m32[3], scale=m32[4])
+            if tanh and _quantized(fc2) and fc2.monarch_w1 is None:   # a branch's stage 1 needs the float rows
+                h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x.dtype)
+            elif tanh:
+                h = fc1.linear(act, gelu=True, out_dtype=x.dtype)
+            else:
+                h = gelu.gelu(fc1.linear(act, out_dtype=x.dtype))
+        else:
+            h = gelu(ln2(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(b * t, -1)
+        # ff.net[1] (and a final ff.net[3]) are Dropout: the identity in eval
+        if _quantized(fc2):
+            if isinstance(h, torch.Tensor):
+                h = fc2.quantize_input(h.contiguous())
+            return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).view(b, t, d)
+        return mod[:, 5:6] * fc2(h).view(b, t, d) + x
+
+    @staticmethod
+    def _out(attn: Attention, o: torch.Tensor, x2: torch.Tensor, batch: int, gate32: torch.Tensor | None,
+             gate: torch.Tensor | None) -> torch.Tensor:
+        """``x2 + gate ⊙ to_out(o)`` as (M, D) rows (ungated when ``gate`` is None): in to_out[0]'s epilogue where
+        it is packed with quantized activations, else as diffusers adds it (to_out[1] is Dropout: the identity)."""
+        proj = attn.to_out[0]
+        if _quantized(proj):
+            return proj.linear(proj.quantize_input(o), out_dtype=x2.dtype, residual=x2, gate=gate32)
+        y = proj(o).view(batch, -1, x2.shape[-1])
+        if gate is not None:
+            y = gate * y
+        return (y + x2.view(y.shape)).reshape(x2.shape)
+
+
+def fuse_diffusers_blocks(model: nn.Module) -> int:
+    """Swap every ``BasicTransformerBlock`` of ``model`` that :class:`FusedBasicTransformerBlock` handles and that
+    has a packed linear with quantized activations to fuse; returns how many were swapped."""
+    from ..nn.convert import _set_submodule
+
+    names = [name for name, mod in model.named_modules()
+             if name and _supported(mod) and any(_quantized(m) for m in _fusable_linears(mod))]
+    for name in names:
+        _set_submodule(model, name, FusedBasicTransformerBlock(model.get_submodule(name)))
+    return len(names)
