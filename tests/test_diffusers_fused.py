@@ -236,3 +236,18 @@ def test_skeleton_fuses_and_loads(gen):
     x = inputs("pixart", gen)
     with torch.no_grad():
         torch.testing.assert_close(empty(**x).sample, fused(**x).sample, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_fused_equals_unfused_on_gpu(kind, gen):
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the
+    fragment layout: the shared q/k/v codes, the epilogue GELU and fc2 codes, the gated residuals in the stores."""
+    low = LayerConfig(3, 8, a_symmetric=True)
+    plan = plan_for(build(kind), low)
+    unfused = quantize(build(kind).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(build(kind).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    assert n_fused(fused) == 2
+    x = {k: v.cuda() for k, v in inputs(kind, gen, torch.bfloat16).items()}
+    a, b = check_close(unfused, fused, x, torch.bfloat16)
+    assert torch.isfinite(b).all()
