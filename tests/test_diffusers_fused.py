@@ -251,3 +251,92 @@ def test_fused_equals_unfused_on_gpu(kind, gen):
     x = {k: v.cuda() for k, v in inputs(kind, gen, torch.bfloat16).items()}
     a, b = check_close(unfused, fused, x, torch.bfloat16)
     assert torch.isfinite(b).all()
+
+
+def _hooks_api():
+    hooks = pytest.importorskip("diffusers.hooks", reason="this diffusers has no hooks API")
+    if not all(hasattr(hooks, n) for n in ("HookRegistry", "ModelHook", "LayerSkipConfig", "apply_layer_skip")):
+        pytest.skip("this diffusers has no layer-skip hooks")
+    return hooks
+
+
+@pytest.mark.parametrize("skip", ["attention", "ff", "attention_scores", "block"])
+def test_diffusers_hooks_on_fused_blocks(skip, gen):
+    """diffusers' layer skip (what SkipLayerGuidance applies) hooks the Attention / FeedForward modules, or the block
+    looked up by its class in TransformerBlockRegistry: the fused block runs a hooked module as a module (the hook
+    takes effect, as on the unfused model) and is registered like BasicTransformerBlock."""
+    hooks = _hooks_api()
+    cfg = dict(attention=dict(skip_attention=True, skip_ff=False), ff=dict(skip_attention=False, skip_ff=True),
+               attention_scores=dict(skip_attention=False, skip_attention_scores=True, skip_ff=False),
+               block=dict(skip_attention=True, skip_ff=True))[skip]
+    unfused, fused = pair("pixart", plan_for(build("pixart")))
+    x = inputs("pixart", gen)
+    with torch.no_grad():
+        plain = unfused(**x).sample
+    for m in (unfused, fused):
+        hooks.apply_layer_skip(m, hooks.LayerSkipConfig([0], fqn="transformer_blocks", **cfg))
+    a, _ = check_close(unfused, fused, x)
+    assert not torch.allclose(a, plain)   # the skip mattered
+    assert n_fused(fused) == 2
+
+
+def test_blocks_hooked_before_fusing(gen, monkeypatch):
+    """A block whose forward a diffusers hook wraps stays as it is (the wrapper is bound to that object: a swapped-in
+    block would run the old one's forward, unfused); once the hook is removed the block fuses and runs fused, and a
+    hook registered on the fused block afterwards runs."""
+    hooks = _hooks_api()
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    fused_calls = []
+    forward = FusedBasicTransformerBlock.forward
+
+    def spy(self, *args, **kwargs):
+        fused_calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedBasicTransformerBlock, "forward", spy)
+    plan = plan_for(build("pixart"))
+    model = build("pixart")
+    hooks.HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).register_hook(Count(), "count")
+    registry = hooks.HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[1])
+    registry.register_hook(Count(), "gone")
+    registry.remove_hook("gone")   # leaves the block's own bound forward and an empty registry behind
+    quantize(model, plan, dtype=torch.float32)
+    assert [type(b) for b in model.transformer_blocks] == [BasicTransformerBlock, FusedBasicTransformerBlock]
+    x = inputs("pixart", gen)
+    with torch.no_grad():
+        model(**x)
+    assert Count.calls == 1 and fused_calls == [model.transformer_blocks[1]]
+    hooks.HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[1]).register_hook(Count(), "count")
+    with torch.no_grad():
+        model(**x)
+    assert Count.calls == 3 and len(fused_calls) == 2
+
+
+def test_hooks_on_linears(gen, monkeypatch):
+    """A forward hook on a packed linear the kernels would run (block 0's to_k) makes that attention run as the
+    Attention module, so the hook sees the layer's input; a hook on a 16-bit linear (block 1's to_q, which the fused
+    path calls as a module anyway; diffusers' layerwise casting hooks those) leaves the attention fused."""
+    fused_ln = []
+    quantize_input = TreeQLinear.quantize_input
+
+    def spy(self, x2, **kw):
+        if kw.get("ln_eps") is not None:
+            fused_ln.append(self.name)
+        return quantize_input(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    b = "transformer_blocks"
+    unfused, fused = pair("dit", plan_for(build("dit"), **{f"{b}.1.attn1.to_q": None}))
+    seen = []
+    for name in (f"{b}.0.attn1.to_k", f"{b}.1.attn1.to_q"):
+        fused.get_submodule(name).register_forward_pre_hook(lambda mod, args, n=name: seen.append(n))
+    check_close(unfused, fused, inputs("dit", gen))
+    assert seen == [f"{b}.0.attn1.to_k", f"{b}.1.attn1.to_q"]
+    assert fused_ln == [f"{b}.0.ff.net.0.proj", f"{b}.1.attn1.to_k", f"{b}.1.ff.net.0.proj"]

@@ -6,7 +6,6 @@ calibrated weight quantization and trained branch are packed as they are).
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -121,7 +120,8 @@ def fuse_blocks(model: nn.Module) -> int:
     from .dit_fused import fuse_dit_blocks
 
     fused = fuse_dit_blocks(model)
-    if "diffusers" in sys.modules:   # a model holding diffusers blocks has imported it; others need not pay for it
+    # only a model holding diffusers modules pays for importing diffusers' block classes
+    if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
         from .diffusers_fused import fuse_diffusers_blocks
 
         fused += fuse_diffusers_blocks(model)

@@ -39,6 +39,14 @@ at least one packed linear with quantized activations to fuse. A swapped block s
 (the original computation) in training mode, with ``cross_attention_kwargs``, with a feed-forward chunk size, on
 inputs other than (B, T, D) or with a conditioning batch other than B. :class:`FusedBasicTransformerBlock` is a
 ``BasicTransformerBlock`` holding the original block's children and attributes: the state dict is unchanged.
+
+Hooks. The fused path calls the norms, attentions and feed-forward's modules by their parts, not as modules; where
+one of them (or a linear the kernels run) carries a forward (pre-)hook or an instance-level ``forward`` wrapper
+(diffusers' ``HookRegistry``: layer skip as SkipLayerGuidance applies it, PAB, FasterCache; accelerate), that
+sub-step runs as the module (a norm: the whole block runs diffusers' forward), so the hook acts as on the unfused
+model. A block whose own forward is wrapped when fusing is left as it is (the wrapper is bound to that object);
+hooks registered on a fused block afterwards wrap the fused forward. diffusers' block-level hooks (FirstBlockCache,
+MagCache, whole-block layer skip) find the fused class in ``TransformerBlockRegistry`` as ``BasicTransformerBlock``.
 """
 from __future__ import annotations
 
@@ -65,12 +73,41 @@ def _plain_layer_norm(norm: Any, dim: int) -> bool:
             and tuple(norm.normalized_shape) == (dim,))
 
 
+def _forward_wrapped(mod: nn.Module) -> bool:
+    """``mod.forward`` is replaced on the instance: a hook of diffusers' ``HookRegistry`` (layer skip, PAB, caches,
+    group offloading) or accelerate's ``add_hook_to_module``. The bound method of ``mod``'s own class forward that
+    removing such a hook leaves behind is no wrapper."""
+    fwd = mod.__dict__.get("forward")
+    return fwd is not None and not (getattr(fwd, "__self__", None) is mod
+                                    and getattr(fwd, "__func__", None) is type(mod).forward)
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """``mod`` does something when called that the fused path, which bypasses ``mod(...)``, would skip. (Checked on
+    every forward: it reads the instance dict, not attributes through ``nn.Module.__getattr__``.)"""
+    d = mod.__dict__
+    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks")) or ("forward" in d and _forward_wrapped(mod))
+
+
+def _bypassed_hook(layer: nn.Module) -> bool:
+    """A hook on a linear the fused path runs by its kernels (a packed layer with quantized activations); the others
+    it calls as modules, hooks included (diffusers' layerwise casting hooks 16-bit linears)."""
+    return _hooked(layer) and _quantized(layer)
+
+
 def _sdpa_attention(attn: Attention) -> bool:
-    """``attn`` computes what the fused path computes: AttnProcessor2_0 with nothing around the plain SDPA."""
+    """``attn`` computes what the fused path computes: AttnProcessor2_0 with nothing around the plain SDPA, and no
+    hook on it or a projection the kernels run (diffusers' layer skip / PAB / FasterCache hook the Attention module).
+    Checked on every forward, so submodules are read from ``_modules`` (``nn.Module.__getattr__`` costs ~1 µs)."""
+    m = attn._modules
+    to_out = m.get("to_out")
+    out = None if to_out is None else to_out._modules
     return (type(attn.processor) is AttnProcessor2_0
             and attn.norm_q is None and attn.norm_k is None and attn.group_norm is None and attn.spatial_norm is None
             and attn.norm_cross is None and not attn.residual_connection and attn.rescale_output_factor == 1.0
-            and len(attn.to_out) == 2 and type(attn.to_out[1]) is nn.Dropout)
+            and out is not None and len(out) == 2 and type(out.get("1")) is nn.Dropout
+            and not (_hooked(attn) or _bypassed_hook(m["to_q"]) or _bypassed_hook(m["to_k"])
+                     or _bypassed_hook(m["to_v"]) or _bypassed_hook(out["0"])))
 
 
 def _feed_forward(ff: Any, dim: int) -> bool:
@@ -84,6 +121,8 @@ def _supported(block: nn.Module) -> bool:
     """Every part of ``block`` is one :class:`FusedBasicTransformerBlock` computes (see the module docstring)."""
     if type(block) is not BasicTransformerBlock or block.pos_embed is not None or block.only_cross_attention:
         return False
+    if _forward_wrapped(block) or getattr(getattr(block, "_diffusers_hook", None), "hooks", None):
+        return False   # its hook wraps this object's forward: a swapped-in block would run the old one's, unfused
     if hasattr(block, "fuser") or not _feed_forward(block.ff, block.dim):
         return False
     for attn in (block.attn1, block.attn2):   # the projections the fused path reads (attn2 may be absent)
@@ -157,7 +196,12 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                              "or ada_norm_single in the structure diffusers' DiT and PixArt build")
         nn.Module.__init__(self)   # not BasicTransformerBlock.__init__, which would build new layers:
         self.__dict__.update(vars(block))   # take over the block's children, parameters, attributes and hooks
-        # (the block object itself leaves the model)
+        # (the block object itself leaves the model), but not what is bound to that object: the bound method a removed
+        # diffusers/accelerate hook leaves as ``forward`` (it would run the old block, unfused) and an empty diffusers
+        # HookRegistry (hooks registered through it would wrap the old block; a new one is made on demand)
+        self.__dict__.pop("forward", None)
+        if "_diffusers_hook" in self.__dict__:
+            del self.__dict__["_diffusers_hook"]
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
@@ -175,18 +219,19 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         x = hidden_states
         b, t, d = x.shape
         zero = self.norm_type == "ada_norm_zero"
+        ln1, ln2 = (self.norm1.norm, self.norm3) if zero else (self.norm1, self.norm2)
+        if _hooked(self.norm1) or _hooked(ln1) or _hooked(ln2):   # the fused path calls none of them as a module
+            return super().forward(**args)
         if zero:
             emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
             mod = self.norm1.linear(self.norm1.silu(emb))
             if mod.shape != (b, 6 * d):   # a broadcast conditioning batch: leave it to diffusers
                 return super().forward(**args)
             mod = mod.view(b, 6, d)
-            ln1, ln2 = self.norm1.norm, self.norm3
         else:
             if timestep.numel() != b * 6 * d:
                 return super().forward(**args)
             mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
-            ln1, ln2 = self.norm1, self.norm2
         # mod[:, i:i+1] (B, 1, D) are diffusers' own vectors, for the float sub-steps; the kernels take them as
         # contiguous float32 (G=B, K=D) rows: one conversion for all six
         m32 = mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
@@ -221,6 +266,9 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         x = x2.view(b, t, d)
         gelu, fc1, fc2 = self.ff.net[0], self.ff.net[0].proj, self.ff.net[2]
         tanh = gelu.approximate == "tanh"   # the only GELU the epilogue computes
+        # a hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module runs, hooks and all
+        if _hooked(self.ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
+            return mod[:, 5:6] * self.ff(ln2(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x
         if _quantized(fc1):
             act = fc1.quantize_input(x2, ln_eps=ln2.eps, shift=m32[3], scale=m32[4])
             if tanh and _quantized(fc2) and fc2.monarch_w1 is None:   # a branch's stage 1 needs the float rows
@@ -262,3 +310,22 @@ def fuse_diffusers_blocks(model: nn.Module) -> int:
     for name in names:
         _set_submodule(model, name, FusedBasicTransformerBlock(model.get_submodule(name)))
     return len(names)
+
+
+def _register_with_diffusers_hooks() -> None:
+    """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
+    applies it) look the block's exact class up in ``TransformerBlockRegistry``: give the fused block the entry
+    diffusers registers for ``BasicTransformerBlock`` (same forward signature, returns hidden_states alone). Written
+    into the registry directly: its ``register`` first imports every transformer diffusers knows (about a second)."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    except ImportError:   # a diffusers without that registry has no hook that looks blocks up in it
+        return
+    registry = getattr(TransformerBlockRegistry, "_registry", None)
+    if isinstance(registry, dict) and FusedBasicTransformerBlock not in registry:
+        meta = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+        meta._cls = FusedBasicTransformerBlock
+        registry[FusedBasicTransformerBlock] = meta
+
+
+_register_with_diffusers_hooks()
