@@ -187,6 +187,9 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = treeq::cuda::archs();
     d["cuda_runtime_version"] = treeq::cuda::runtime_version();
     d["layout_version"] = treeq::kLayoutVersion;
+#if defined(TREEQ_SOURCE_DIGEST)
+    d["source_digest"] = TREEQ_SOURCE_DIGEST;  // csrc/ as built (CMakeLists.txt; core.source_digest)
+#endif
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;
 #endif

@@ -116,3 +116,32 @@ def test_cuda_naive_packed_gemm_equal_oracle(w_bits, gen):
     with pytest.raises(RuntimeError, match="not a CUDA device pointer"):
         core.load().cuda_packed_gemm_naive(a.data_ptr(), wp.data_ptr(), acc.data_ptr(), m, n, k, w_bits,
                                            torch.cuda.current_stream().cuda_stream)
+
+
+def test_core_is_built_from_these_sources():
+    """The digest CMake compiled into the core equals the one computed here from csrc/ (the same recipe on both
+    sides), so a core left over from older sources is reported (``treeq info``, a warning on import, the GPU
+    runbook rebuilds it) instead of being called with arguments it does not know."""
+    from treeq_engine import core
+
+    if not core.available():
+        pytest.skip("the C++ core is not built")
+    got = core.load().build_info().get("source_digest")
+    assert got == core.source_digest(), core.stale_reason()
+    assert core.stale_reason() is None
+    assert len(got) == 16 and int(got, 16) >= 0
+
+
+def test_source_digest_follows_every_source(tmp_path):
+    from treeq_engine import core
+
+    (tmp_path / "treeq").mkdir()
+    (tmp_path / "a.cu").write_text("x")
+    (tmp_path / "treeq" / "b.cuh").write_text("y")
+    (tmp_path / "notes.txt").write_text("ignored")
+    d = core.source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("still ignored")
+    assert core.source_digest(tmp_path) == d
+    (tmp_path / "treeq" / "b.cuh").write_text("z")
+    assert core.source_digest(tmp_path) != d
+    assert core.source_digest(tmp_path / "missing") is None

@@ -72,10 +72,11 @@ step() {   # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), lo
 }
 
 have_core=""
-built() {   # treeq_engine._C imports here with its CUDA kernels (checked once it has)
+built() {   # treeq_engine._C imports here with its CUDA kernels, built from these csrc/ sources (checked once it has;
+            # a carried prebuilt core from older sources would not know today's kernel arguments: rebuilt instead)
   [ -n "$have_core" ] && return 0
-  "$PY" -c "import sys, treeq_engine as t; sys.exit(0 if t.build_info()['cuda_built'] else 1)" 2>/dev/null &&
-    have_core=1
+  "$PY" -c "import sys, treeq_engine as t; i = t.build_info(); s = i.get('core_stale'); s and print('== core:', s)
+sys.exit(0 if i['cuda_built'] and not s else 1)" 2>/dev/null && have_core=1
 }
 
 build() {

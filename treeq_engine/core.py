@@ -6,6 +6,9 @@ error, naming the fix, where a caller needs it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,11 +26,48 @@ def _import() -> tuple[ModuleType | None, str]:
         from . import _C  # type: ignore[attr-defined]
     except ImportError as e:  # not built, or built for another Python
         return None, str(e)
+    why = _stale(_C)
+    if why:   # it may not know the arguments the Python side passes: say so before a call fails obscurely
+        warnings.warn(why, RuntimeWarning, stacklevel=3)
     return _C, ""
 
 
 def available() -> bool:
     return _import()[0] is not None
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+
+
+def source_digest(root: Path = CSRC) -> str | None:
+    """The digest CMakeLists.txt compiles into the core: SHA-256 over the lines ``relative path``, ``SHA-256 of the
+    file`` (each newline-terminated) of every source under ``csrc/`` in sorted path order, first 16 hex digits;
+    None without a source tree (an installed wheel)."""
+    if not root.is_dir():
+        return None
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix in _SUFFIXES)
+    manifest = "".join(f"{f}\n{hashlib.sha256((root / f).read_bytes()).hexdigest()}\n" for f in files)
+    return hashlib.sha256(manifest.encode()).hexdigest()[:16]
+
+
+def stale_reason() -> str | None:
+    """Why the built core does not match the ``csrc/`` next to it (it was built from other sources: rebuild), or
+    None when it matches, when there is no source tree to compare with, or when no core is built."""
+    mod = _import()[0]
+    return None if mod is None else _stale(mod)
+
+
+def _stale(mod: ModuleType) -> str | None:
+    want = source_digest()
+    if want is None:
+        return None
+    got = mod.build_info().get("source_digest")
+    if got == want:
+        return None
+    return (f"treeq_engine._C was built from other sources than {CSRC} (digest {got or 'unrecorded'}, the "
+            f"sources now {want}): rebuild it (`pip install --no-build-isolation -e .`, or "
+            f"tools/prebuild_core.sh for another machine's Python)")
 
 
 def load() -> ModuleType:

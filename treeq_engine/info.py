@@ -34,6 +34,10 @@ def build_info() -> dict[str, Any]:
         info["cxx_core"] = bool(b["cxx"])
         info["cuda_built"] = bool(b["cuda"])
         info["cuda_archs"] = [a for a in str(b["cuda_archs"]).split(",") if a]
+        info["core_source_digest"] = b.get("source_digest")
+        stale = core.stale_reason()
+        if stale:
+            info["core_stale"] = stale
         if b["cuda"]:
             v = int(b["cuda_runtime_version"])
             info["cuda_runtime_version"] = f"{v // 1000}.{(v % 1000) // 10}"
