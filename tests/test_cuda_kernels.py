@@ -579,3 +579,21 @@ def test_sanitize_representative(arch, splits, cgen):
         torch.cuda.synchronize()
         assert torch.isfinite(y).all()
         assert torch.equal(i32.cpu(), corr_exact(act, w))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n", [270, 264])
+def test_sanitize_gated_residual(arch, n, cgen):
+    """The gated residual's loads under compute-sanitizer: N = 270 stores element by element (540-byte bf16
+    rows), N = 264 with 16-byte vectors (residual and gate chunks too); gate groups of 50 tokens cross the
+    128-token tile edge; split-K's last unit stores."""
+    m, k = 200, 400
+    act = cb.quantize_activation(torch.randn(m, k, generator=cgen).cuda(), QuantSpec.activation(8))
+    w = _weight(n, k, 4, cgen)
+    res = torch.randn(m, n, generator=cgen).bfloat16().cuda()
+    gate = torch.randn(4, n, generator=cgen).cuda()
+    for splits in (1, 3):
+        y = cb.packed_linear(act, w, arch=arch, splits=splits)
+        fused = cb.packed_linear(act, w, residual=res, gate=gate, arch=arch, splits=splits)
+        torch.cuda.synchronize()
+        assert torch.equal(fused.cpu(), reference.gated_residual(y.cpu(), res.cpu(), gate.cpu()))

@@ -3,7 +3,8 @@
 # with CUDA): memcheck (out-of-bounds and misaligned accesses), racecheck (shared-memory hazards), synccheck
 # (barrier misuse) and initcheck (reads of uninitialised global memory). The set is the `sanitize` tests of
 # tests/test_cuda_kernels.py plus one quantize/stage-1 case: ragged M, N and K, split-K with its fix-up, the Monarch
-# branch, bias and GELU, 3- and 4-bit weights, on both the wgmma (sm_90) and the mma.sync kernels.
+# branch, bias and GELU, the gated residual (element and 16-byte paths), 3- and 4-bit weights, on both the wgmma
+# (sm_90) and the mma.sync kernels.
 #   usage: bash tools/sanitize_cuda.sh [tool ...]      (default: memcheck racecheck synccheck initcheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -236,8 +236,9 @@ def packed_gemm(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, ra: tor
         z, w2 = z.contiguous(), w2.contiguous()
     brc = min(max(16, next_pow2(br)), 32)
     dummy = sa
-    if gate is not None and residual is None:
-        raise ValueError("gate needs residual")
+    from ..ops import _check_residual   # direct callers too: the kernel reads them as raw rows
+
+    _check_residual(residual, gate, m, n, out_dtype, None, codes.device)
     gate_rows = m // gate.shape[0] if gate is not None else 1
     args = (codes, packed, sa, za, ra, sw, zw, cw,
             bias if bias is not None else dummy, z if z is not None else dummy, w2 if w2 is not None else dummy, out,
