@@ -80,3 +80,38 @@ def test_gated_residual_fused_where_packed(dtype, gen):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=tol * scale)
     torch.testing.assert_close(c.float(), a.float(), rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("second_spec", [8, 4])
+def test_adaln_input_quantized_once_per_forward(second_spec, gen, monkeypatch):
+    """SiLU(c)'s codes are computed once per forward for every block's adaLN linear with the same activation spec
+    (one more call for a block whose adaLN has another spec), afresh for the next forward's c."""
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    x, t, y = _inputs(gen)
+    model = _dit()
+    plan = _plan(model)
+    layers = dict(plan.layers)
+    layers.update({"blocks.0.adaLN_modulation.1": LayerConfig(4, 8),
+                   "blocks.1.adaLN_modulation.1": LayerConfig(4, second_spec)})
+    plan = QuantPlan(layers)
+    with torch.no_grad():
+        unfused = quantize(_dit(), plan, dtype=torch.float32, fuse=False)
+        fused = quantize(_dit(), plan, dtype=torch.float32)
+    assert all(b.ada_fused for b in fused.blocks) and fused.blocks[0].shared is fused.blocks[1].shared
+    calls = []
+    orig = TreeQLinear.quantize_input
+
+    def counting(self, x2, **kw):
+        calls.append(self.name)
+        return orig(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", counting)
+    with torch.no_grad():
+        for tt in (t, t + 100):   # a second forward: new c, new codes
+            a = unfused(x, tt, y)
+            calls.clear()
+            b = fused(x, tt, y)
+            want = ["blocks.0.adaLN_modulation.1"] + ["blocks.1.adaLN_modulation.1"] * (second_spec != 8)
+            assert [n for n in calls if "adaLN" in n] == want
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))

@@ -10,6 +10,10 @@ and an add pass over the (tokens × hidden) activations per residual, two per bl
     h1 = x + gate_msa · proj(attention(qkv(Q(mod(LN(x), shift_msa, scale_msa)))))
     y  = h1 + gate_mlp · fc2(Q(GELU(fc1(Q(mod(LN(h1), shift_mlp, scale_mlp))))))
 
+Where every block's ``adaLN_modulation`` is SiLU → a packed linear, ``SiLU(c)`` is quantized once per forward for
+all of them (:class:`SharedConditioning`: the conditioning is the same for every block) and each writes its
+modulation in float32, the type the kernels take it in.
+
 The fused residual rounds once less than the unfused ``x + gate·y`` (the product stays float32, see
 ``kernels.packed_linear``), so the two agree to bf16 rounding, not bit for bit.
 
@@ -17,6 +21,8 @@ The fused residual rounds once less than the unfused ``x + gate·y`` (the produc
 :class:`FusedDiTBlock` holding the same submodules (the state dict is unchanged).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -30,8 +36,30 @@ def _quantized(mod: nn.Module) -> bool:
     return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
 
 
+class SharedConditioning:
+    """SiLU(c) quantized once per forward and activation spec for the adaLN linears of all fused blocks of a model
+    (27 fewer SiLU and quantization launches per DiT-XL/2 forward: launch latency, which is what they cost at
+    batch 1). ``c`` is the same tensor object for every block of one forward (``DiT.forward`` computes it afresh
+    each time), so a forward is recognised by it; a caller passing one tensor to several forwards must not change
+    it in place between them."""
+
+    def __init__(self) -> None:
+        self._c: weakref.ref | None = None
+        self._acts: dict = {}
+
+    def codes(self, c: torch.Tensor, layer: TreeQLinear) -> QuantizedActivation:
+        if layer.monarch_w1 is not None:   # a branch's stage 1 belongs to its layer: no sharing
+            return layer.quantize_input(F.silu(c).contiguous())
+        if self._c is None or self._c() is not c:
+            self._c, self._acts = weakref.ref(c), {}
+        act = self._acts.get(layer.act_spec)
+        if act is None:
+            act = self._acts[layer.act_spec] = layer.quantize_input(F.silu(c).contiguous())
+        return act
+
+
 class FusedDiTBlock(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, shared: SharedConditioning | None = None) -> None:
         super().__init__()
         for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
             setattr(self, name, getattr(block, name))
@@ -44,16 +72,28 @@ class FusedDiTBlock(nn.Module):
         # fc2 (16-bit, weight-only) keeps the separate multiply and add (so does a block with these set False:
         # bench_e2e's A/B of the fusion)
         self.proj_residual, self.fc2_residual = _quantized(self.attn.proj), _quantized(fc2)
+        ada = self.adaLN_modulation   # SiLU → packed linear: SiLU(c)'s codes shared, the modulation out in float32
+        self.ada_fused = (isinstance(ada, nn.Sequential) and len(ada) == 2 and type(ada[0]) is nn.SiLU
+                          and _quantized(ada[1]))
+        self.shared = shared if shared is not None else SharedConditioning()
+
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """adaLN's six (N, D) vectors as one contiguous float32 (6, N, D): shift, scale, gate for the attention,
+        then for the MLP. The quantization kernels take shift and scale as contiguous float32 (G, K) and the fused
+        residual its gate as float32 (G, N). A packed adaLN linear writes float32 itself (at batch 1 the transpose
+        below is free: no conversion kernel at all); the bf16 values other layers see are its rounding."""
+        n = c.shape[0]
+        ada = self.adaLN_modulation
+        if self.ada_fused:
+            mod = ada[1].linear(self.shared.codes(c, ada[1]), out_dtype=torch.float32)
+        else:
+            mod = ada(c)
+        m32 = mod.view(n, 6, -1).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        return m32.contiguous()   # .to() above is a no-op view when mod is float32 already
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        mod = self.adaLN_modulation(c)
-        _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # the gates stay in the activations' dtype
-        # the quantization kernels take shift and scale as contiguous float32 (G, K): one conversion for all four
-        # here, instead of one small kernel per tensor per call
-        # (the gates too, which the fused residual takes as float32: the same values as the bf16 ones)
-        m32 = mod.view(n, 6, d).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-        m32 = m32.contiguous()   # a float32 model's .to() above is a no-op view
+        m32 = self.modulation(c)
         shift_msa, scale_msa, shift_mlp, scale_mlp = m32[0], m32[1], m32[3], m32[4]
         attn = self.attn
         x2 = x.reshape(n * t, d).contiguous()
@@ -65,7 +105,8 @@ class FusedDiTBlock(nn.Module):
             x2 = attn.proj.linear(attn.proj.quantize_input(o.contiguous()), out_dtype=x.dtype, residual=x2,
                                   gate=m32[2])
         else:
-            x2 = (x + gate_msa.unsqueeze(1) * attn.proj(o).reshape(n, t, d)).reshape(n * t, d)
+            gate_msa = m32[2].to(x.dtype).unsqueeze(1)
+            x2 = (x + gate_msa * attn.proj(o).reshape(n, t, d)).reshape(n * t, d)
 
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         act = fc1.quantize_input(x2, ln_eps=self.eps2, shift=shift_mlp, scale=scale_mlp)
@@ -78,7 +119,7 @@ class FusedDiTBlock(nn.Module):
         if self.fc2_residual:
             return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).reshape(n, t, d)
         y = fc2.linear(h, out_dtype=x.dtype) if isinstance(h, QuantizedActivation) else fc2(h)
-        return x2.reshape(n, t, d) + gate_mlp.unsqueeze(1) * y.reshape(n, t, d)
+        return x2.reshape(n, t, d) + m32[5].to(x.dtype).unsqueeze(1) * y.reshape(n, t, d)
 
 
 def fuse_dit_blocks(model: nn.Module) -> int:
@@ -89,8 +130,9 @@ def fuse_dit_blocks(model: nn.Module) -> int:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         return 0
+    shared = SharedConditioning()   # one per model: its blocks share a forward's conditioning c
     for i, blk in enumerate(blocks):
         if isinstance(blk, DiTBlock) and _quantized(blk.attn.qkv) and _quantized(blk.mlp.fc1):
-            blocks[i] = FusedDiTBlock(blk)
+            blocks[i] = FusedDiTBlock(blk, shared)
             fused += 1
     return fused
