@@ -19,8 +19,9 @@ In one process on one device:
 4. **Predicted** end-to-end time of the plan: ``R − F + Σ table(plan's linears)``, where ``F`` is what the fused
    DiT blocks fold away: per fused block, the two bf16 LayerNorm + modulate (now inside qkv's and fc1's
    quantization) and fc1's GELU (now in its epilogue), and per gated residual fused into proj's or fc2's epilogue
-   the bf16 ``x + gate·y`` (two passes) less one read of ``x`` (what the epilogue adds: half a copy), measured
-   here in bf16 as the model runs them;
+   the bf16 ``x + gate·y`` (two passes) less one read of ``x`` (what the epilogue adds: half a copy), and per
+   adaLN linear reading SiLU(c)'s codes another block quantized the quantization its table entry counts, measured
+   here as the model runs them;
    **measured**: the plan quantized with ``treeq_engine.quantize`` (fastest backend) and replayed as a CUDA
    graph. Their ratio says how far a table of isolated linears predicts the model (L2 reuse between layers and
    launch gaps are what it cannot see; the table's entries run with cold weights).
@@ -74,10 +75,14 @@ def linear_us(lut: LatencyTable, space: SearchSpace, batch: int, plan: QuantPlan
     return out
 
 
-def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
+def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float, float]:
     """What a fused DiT block folds into its kernels, as the bf16 model runs it (ms): per block, LayerNorm +
     modulate of qkv's and of fc1's input and fc1's GELU; per gated residual fused into an epilogue, the separate
-    multiply and add less the epilogue's extra read of the residual (half a copy of it)."""
+    multiply and add less the epilogue's extra read of the residual (half a copy of it); per adaLN linear whose
+    input codes another block computed (the fused blocks share SiLU(c)'s), the quantization of SiLU(c) the
+    table's adaLN entry includes (8-bit: its time is launch latency whatever the bits)."""
+    from treeq_engine.format import QuantSpec
+    from treeq_engine.kernels import quantize_activation
     from treeq_engine.models.dit import modulate
 
     d, t = cfg.hidden_size, cfg.num_tokens
@@ -99,7 +104,17 @@ def fusable_ms(cfg, batch: int, device: str, dtype: torch.dtype, reps: int) -> t
         per_block = time_graph_ms(block_ops, reps=reps, device=device)
         residual = time_graph_ms(lambda: x + shift.unsqueeze(1) * y, reps=reps, device=device)
         read = time_graph_ms(lambda: y.clone(), reps=reps, device=device) / 2
-    return per_block, max(residual - read, 0.0)
+        c = torch.randn(batch, d, generator=g).to(device, dtype)
+        ada_quant = time_graph_ms(lambda: quantize_activation(torch.nn.functional.silu(c), QuantSpec.activation(8)),
+                                  reps=reps, device=device)
+    return per_block, max(residual - read, 0.0), ada_quant
+
+
+def shared_adaln_inputs(blocks: list) -> int:
+    """How many fused blocks' adaLN linears reuse SiLU(c)'s codes another block computed (one quantization per
+    activation spec per forward; a layer with a branch quantizes its own)."""
+    ada = [b.adaLN_modulation[1] for b in blocks if b.ada_fused and b.adaLN_modulation[1].monarch_w1 is None]
+    return len(ada) - len({a.act_spec for a in ada})
 
 
 def forward_ms(model: torch.nn.Module, batch: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float]:
@@ -189,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as e:
         raise SystemExit(f"latency_budget: {e}") from None
     rest_ms = t_bf16 - (lin_bf16["searched"] + lin_bf16["fixed"]) / 1e3
-    fuse_ms, resid_ms = fusable_ms(c, args.batch, device, dtype, args.reps)
+    fuse_ms, resid_ms, ada_ms = fusable_ms(c, args.batch, device, dtype, args.reps)
     record["bf16"] = {"ms": t_bf16, "peak_gib": peak_bf16, "linears_us": lin_bf16, "rest_ms": rest_ms,
-                      "fusable_ms_per_block": fuse_ms, "fusable_ms_per_residual": resid_ms}
+                      "fusable_ms_per_block": fuse_ms, "fusable_ms_per_residual": resid_ms,
+                      "fusable_ms_per_shared_adaln_input": ada_ms}
     print(f"bf16 forward {t_bf16:.3f} ms; its linears {sum(lin_bf16.values()) / 1e3:.3f} ms by the table "
           f"(searched {lin_bf16['searched'] / 1e3:.3f}); the rest {rest_ms:.3f} ms, of which a fused block folds "
           f"away {fuse_ms:.4f} ms and a fused gated residual {resid_ms:.4f} ms")
@@ -243,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         fused = [b for b in q.blocks if isinstance(b, FusedDiTBlock)]   # as the runtime fused them
         row["fused_blocks"] = len(fused)
         row["fused_residuals"] = sum(b.proj_residual + b.fc2_residual for b in fused)
+        row["shared_adaln_inputs"] = shared_adaln_inputs(fused)
         row["predicted_unfused_ms"] = rest_ms + (lin["searched"] + lin["fixed"]) / 1e3
         row["predicted_ms"] = (row["predicted_unfused_ms"] - row["fused_blocks"] * fuse_ms
-                               - row["fused_residuals"] * resid_ms)
+                               - row["fused_residuals"] * resid_ms - row["shared_adaln_inputs"] * ada_ms)
         row["plan_linears_us"] = lin
         row["search_costs"] = plan.meta["costs"]
         row["ptq_mse"] = res.ptq_mse
@@ -281,7 +298,9 @@ def write_table(rec: dict) -> None:
              f"prediction, less {1e3 * b['fusable_ms_per_block']:.1f} µs per fused block (the bf16 LayerNorm + "
              "modulate ×2 and GELU that the fused blocks fold into their kernels) and "
              f"{1e3 * b.get('fusable_ms_per_residual', 0.0):.1f} µs per gated residual fused into an epilogue (the "
-             "bf16 multiply and add, less the epilogue's read of the residual). 'mid': halfway between the "
+             "bf16 multiply and add, less the epilogue's read of the residual) and "
+             f"{1e3 * b.get('fusable_ms_per_shared_adaln_input', 0.0):.1f} µs per adaLN linear reading SiLU(c)'s "
+             "codes another block quantized. 'mid': halfway between the "
              "cheapest and the dearest plan by the table.", "",
              "| budget (× bf16 searched linears) | plan avg W/A | searched µs (table) | predicted ms | measured ms | "
              "measured / predicted | × bf16 eager | weights vs bf16 | peak GiB | search s |",

@@ -58,7 +58,9 @@ def test_latency_budget_smoke(tmp_path):
     unfused = rec["bf16"]["rest_ms"] + (lin["searched"] + lin["fixed"]) / 1e3
     assert abs(high["predicted_unfused_ms"] - unfused) < 1e-9 and high["fused_blocks"] == 2
     assert 0 <= high["fused_residuals"] <= 4
-    fold = 2 * rec["bf16"]["fusable_ms_per_block"] + high["fused_residuals"] * rec["bf16"]["fusable_ms_per_residual"]
+    fold = (2 * rec["bf16"]["fusable_ms_per_block"] + high["fused_residuals"] * rec["bf16"]["fusable_ms_per_residual"]
+            + high["shared_adaln_inputs"] * rec["bf16"]["fusable_ms_per_shared_adaln_input"])
+    assert 0 <= high["shared_adaln_inputs"] <= 1
     assert abs(high["predicted_ms"] - (unfused - fold)) < 1e-9
     assert high["budget"] == "mid" and high["floor_us"] < high["budget_us"]
     assert high["measured_ms"] > 0 and 0 < high["weight_ratio"] < 1
