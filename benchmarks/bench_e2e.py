@@ -111,22 +111,47 @@ def average_bits(model: nn.Module, plan: QuantPlan, tokens: int) -> tuple[float,
     return w_num / w_den, a_num / a_den
 
 
-def measure(model: nn.Module, batch: int, cfg, device: str, reps: int) -> tuple[float, float, float]:
-    """(ms per forward, peak GiB during the replays, GiB resident after one eager forward: the weights with every
-    cache the backends derive from them)."""
+def inputs(cfg, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's (x, t, y) at ``batch``: the same for every variant (seeded), so outputs compare."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    g = torch.Generator().manual_seed(1000 + batch)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    return x, t, y
+
+
+def measure(model: nn.Module, batch: int, cfg, device: str, reps: int) -> tuple[float, float, float, torch.Tensor]:
+    """(ms per forward, peak GiB during the replays, GiB resident after one eager forward: the weights with every
+    cache the backends derive from them, that forward's output)."""
+    x, t, y = inputs(cfg, batch, device)
+    out = model(x, t, y)
     resident = float("nan")
     if device == "cuda":
-        model(x, t, y)
         torch.cuda.synchronize()
-        resident = (torch.cuda.memory_allocated() - x.nbytes - t.nbytes - y.nbytes) / 2**30
+        resident = (torch.cuda.memory_allocated() - x.nbytes - t.nbytes - y.nbytes - out.nbytes) / 2**30
         torch.cuda.reset_peak_memory_stats()
     ms = time_graph_ms(lambda: model(x, t, y), reps=reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return ms, peak, resident
+    return ms, peak, resident, out
+
+
+def reference_outputs(args: argparse.Namespace, device: str) -> dict[int, torch.Tensor]:
+    """The bf16 eager model's output at every batch, on the CPU: each variant's output is compared with it
+    (relative error), so the timed kernels are also checked end to end (finite, and near the plans' quantization
+    error; the gated-residual A/B pair within rounding of each other)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = random_dit(args.config, device, dtype)
+    cfg = dit_config(args.config)
+    with torch.no_grad():
+        out = {b: m(*inputs(cfg, b, device)).float().cpu() for b in args.batches}
+    del m
+    return out
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    d = out.float().cpu() - ref
+    return float(d.norm() / ref.norm().clamp(min=1e-30)) if torch.isfinite(out).all() else float("inf")
 
 
 def dispatch_facts(model: nn.Module, device: str) -> dict:
@@ -218,6 +243,7 @@ def main() -> int:
     if args.resume and args.json and Path(args.json).exists():
         rows = [r for r in json.loads(Path(args.json).read_text()) if r["batch"] in args.batches]
         print(f"resuming: {len({r['variant'] for r in rows})} variant(s) already in {args.json}")
+    refs = None
     for name, build in variants(args, device):
         if args.variants is not None and not any(v in name for v in args.variants):
             continue
@@ -231,14 +257,17 @@ def main() -> int:
             cfg = dit_config(args.config)
             bits = average_bits(model, plan, cfg.num_tokens) if plan is not None else (16.0, 16.0)
             facts = dispatch_facts(getattr(model, "_orig_mod", model), device) if plan is not None else {}
+            if refs is None:
+                refs = reference_outputs(args, device)
             for b in args.batches:
                 with torch.no_grad():
-                    ms, peak, resident = measure(model, b, cfg, device, args.reps)
+                    ms, peak, resident, out = measure(model, b, cfg, device, args.reps)
+                err = rel_error(out, refs[b])
                 rows.append({"variant": name, "batch": b, "ms": ms, "peak_gib": peak, "resident_gib": resident,
-                             "avg_w": bits[0], "avg_a": bits[1], "weight_ratio": None if mem is None else mem["ratio"],
-                             **facts})
+                             "rel_err": err, "avg_w": bits[0], "avg_a": bits[1],
+                             "weight_ratio": None if mem is None else mem["ratio"], **facts})
                 print(f"{name:34s} B={b:<3d} {ms:9.3f} ms  peak {peak:6.2f} GiB  resident {resident:6.2f} GiB "
-                      f"{facts}", flush=True)
+                      f"rel. error {err:.2e} {facts}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: FAILED {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if args.smoke:
@@ -383,16 +412,20 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
              "Linear weights vs bf16: the packed modules' bytes as held on the device (layers the CUDA kernels run "
              "hold only their fragment layout, tile padding included); resident: GiB allocated after one eager "
              "forward (the whole model with every cache the kernels derive); kernels: the backend the packed GEMM "
-             "dispatched to and the DiT blocks running fused.",
-             "", "| variant | avg W/A bits | linear weights vs bf16 | resident GiB | kernels | " +
+             "dispatched to and the DiT blocks running fused; error: ‖out − bf16 eager out‖ / ‖bf16 eager out‖ at "
+             "the largest batch, on the same seeded inputs (random weights: a check that the kernels computed the "
+             "model, not a quality number).",
+             "", "| variant | avg W/A bits | linear weights vs bf16 | resident GiB | kernels | error | " +
              " | ".join(f"B={b} ms (ratio) | peak GiB" for b in args.batches) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(args.batches)]
+             "|---|---|---|---|---|---|" + "---|---|" * len(args.batches)]
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = {r["batch"]: r for r in rows if r["variant"] == name}
         first = next(iter(rs.values()))
         wr = "—" if first["weight_ratio"] is None else f"{first['weight_ratio']:.3f}×"
         res = first.get("resident_gib", float("nan"))
         kern = f"{first['backend']}, {first['fused_blocks']}/{first['blocks']} fused" if "backend" in first else "—"
+        last = rs[max(rs)]
+        err = f"{last['rel_err']:.2e}" if "rel_err" in last else "—"
         cells = []
         for b in args.batches:
             r = rs.get(b)
@@ -401,7 +434,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
                 continue
             ratio = f" ({ref[b] / r['ms']:.2f}×)" if b in ref else ""
             cells.append(f"{r['ms']:.3f}{ratio} | {r['peak_gib']:.2f}")
-        lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | {res:.2f} | {kern} | "
+        lines.append(f"| {name} | W{first['avg_w']:.2f}A{first['avg_a']:.2f} | {wr} | {res:.2f} | {kern} | {err} | "
                      + " | ".join(cells) + " |")
     lines.append(END)
     write_section("\n".join(lines), BEGIN, END, RESULTS)

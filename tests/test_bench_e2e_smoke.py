@@ -17,6 +17,11 @@ def test_bench_e2e_smoke(tmp_path):
     mixed = next(v for k, v in got.items() if k.startswith("TreeQ mixed"))
     assert abs(mixed["avg_w"] - 3.89) < 0.05 and abs(mixed["avg_a"] - 4.0) < 0.01  # on DiT-test's shapes too
     assert 0 < got["TreeQ W4A4"]["weight_ratio"] < 0.6  # per-channel scales weigh more at K = 32
+    # every variant's output against the bf16 eager one on the same seeded inputs
+    assert got["bf16 eager"]["rel_err"] == 0.0
+    assert all(0 < r["rel_err"] < 1 for k, r in got.items() if k.startswith("TreeQ"))
+    ab = got["TreeQ W4A4, gated residual not fused (A/B)"]["rel_err"]
+    assert abs(ab - got["TreeQ W4A4"]["rel_err"]) < 1e-3 * ab   # the fusion changes rounding only
 
 
 def test_bench_e2e_predict_accounting():
