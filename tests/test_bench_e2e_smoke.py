@@ -12,7 +12,10 @@ def test_bench_e2e_smoke(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--json", str(rows)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    got = {row["variant"]: row for row in json.loads(rows.read_text())}
+    data = json.loads(rows.read_text())
+    got = {row["variant"]: row for row in data}   # each variant's last row: batch 2
+    # batch 1 too: a fused block whose proj keeps the separate residual (the A/B) once failed there
+    assert all({r["batch"] for r in data if r["variant"] == v} == {1, 2} for v in got)
     assert {"bf16 eager", "TreeQ W8A8", "TreeQ W4A8", "TreeQ W4A4"} <= set(got)
     mixed = next(v for k, v in got.items() if k.startswith("TreeQ mixed"))
     assert abs(mixed["avg_w"] - 3.89) < 0.05 and abs(mixed["avg_a"] - 4.0) < 0.01  # on DiT-test's shapes too

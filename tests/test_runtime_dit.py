@@ -115,3 +115,79 @@ def test_adaln_input_quantized_once_per_forward(second_spec, gen, monkeypatch):
             want = ["blocks.0.adaLN_modulation.1"] + ["blocks.1.adaLN_modulation.1"] * (second_spec != 8)
             assert [n for n in calls if "adaLN" in n] == want
             torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_separate_residual_at_any_batch(dtype, batch, gen):
+    """A block whose proj keeps the separate multiply and add (weight-only proj; all blocks in bench_e2e's A/B)
+    runs at batch 1 too: the first block's input is a transposed view (the patch embedding), and fc1's
+    quantization takes contiguous rows."""
+    x = torch.randn(batch, 4, 8, 8, generator=gen).to(dtype)
+    t, y = torch.tensor([3, 700][:batch]), torch.tensor([1, 7][:batch])
+    layers = dict(_plan(_dit()).layers)
+    layers["blocks.0.attn.proj"] = LayerConfig(4, 16)
+    plan = QuantPlan(layers)
+    with torch.no_grad():
+        a = quantize(_dit(), plan, dtype=dtype, fuse=False).to(dtype)(x, t, y)
+        fused = quantize(_dit(), plan, dtype=dtype).to(dtype)
+        assert not fused.blocks[0].proj_residual
+        b = fused(x, t, y)
+        for blk in fused.blocks:   # the A/B: every residual separate
+            blk.proj_residual = blk.fc2_residual = False
+        c = fused(x, t, y)
+    scale = float(a.float().abs().max())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=tol * scale)
+    torch.testing.assert_close(c.float(), a.float(), rtol=0, atol=tol * scale)
+
+
+def test_adaln_codes_shared_within_one_model_call_only(gen, monkeypatch):
+    """The model's call scopes the shared SiLU(c) codes: nothing survives it (no stale codes for a c changed in
+    place, e.g. a CUDA graph's static input; no activations held; the model pickles), an exception closes it
+    too, a block called on its own quantizes its input itself, and a copy of the model shares its own."""
+    import copy
+    import io
+
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    x, t, y = _inputs(gen)
+    fused = quantize(_dit(), _plan(_dit()), dtype=torch.float32)
+    shared = fused.blocks[0].shared
+    calls = []
+    orig = TreeQLinear.quantize_input
+
+    def counting(self, x2, **kw):
+        calls.append(self.name)
+        return orig(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", counting)
+    with torch.inference_mode():
+        want = fused(x, t, y)
+    assert sum("adaLN" in n for n in calls) == 1
+    assert not shared._active and shared._scope is None
+
+    with torch.no_grad():   # one c object, new contents: the block sees the new ones
+        h, c = fused.embed(x, t, y)
+        fused.blocks[0](h, c)
+        c.mul_(2)
+        torch.testing.assert_close(fused.blocks[0](h, c), fused.blocks[0](h, c.clone()), rtol=0, atol=0)
+
+    def boom(mod, args):
+        raise RuntimeError("boom")
+
+    handle = fused.blocks[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        fused(x, t, y)
+    handle.remove()
+    assert not shared._active and shared._scope is None
+
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(fused), torch.load(buf, weights_only=False)):
+        assert other.blocks[0].shared is other.blocks[1].shared is not shared
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(other(x, t, y), want, rtol=0, atol=0)
+        assert sum("adaLN" in n for n in calls) == 1

@@ -11,8 +11,8 @@ and an add pass over the (tokens × hidden) activations per residual, two per bl
     y  = h1 + gate_mlp · fc2(Q(GELU(fc1(Q(mod(LN(h1), shift_mlp, scale_mlp))))))
 
 Where every block's ``adaLN_modulation`` is SiLU → a packed linear, ``SiLU(c)`` is quantized once per forward for
-all of them (:class:`SharedConditioning`: the conditioning is the same for every block) and each writes its
-modulation in float32, the type the kernels take it in.
+all of them (:class:`SharedConditioning`: the conditioning is the same for every block; shared within one call
+of the model only) and each writes its modulation in float32, the type the kernels take it in.
 
 The fused residual rounds once less than the unfused ``x + gate·y`` (the product stays float32, see
 ``kernels.packed_linear``), so the two agree to bf16 rounding, not bit for bit.
@@ -40,21 +40,43 @@ class SharedConditioning:
     """SiLU(c) quantized once per forward and activation spec for the adaLN linears of all fused blocks of a model
     (27 fewer SiLU and quantization launches per DiT-XL/2 forward: launch latency, which is what they cost at
     batch 1). ``c`` is the same tensor object for every block of one forward (``DiT.forward`` computes it afresh
-    each time), so a forward is recognised by it; a caller passing one tensor to several forwards must not change
-    it in place between them."""
+    each time), so a forward is recognised by it.
+
+    The codes are shared only while the model runs: :meth:`attach` hooks the model so that each call opens a
+    scope and its end (an exception included) closes it. Nothing is kept from one call to the next, so a ``c``
+    that one caller passes to several calls with other contents in between (a CUDA graph's static input updated
+    in place, a block captured or called on its own) never meets codes of its old contents, a graph captured
+    after eager warm-up calls records its own quantization instead of reading a tensor from outside its pool,
+    and the model holds no activations between forwards. A block called outside a model call quantizes its
+    input itself every time."""
 
     def __init__(self) -> None:
-        self._c: weakref.ref | None = None
-        self._acts: dict = {}
+        self._active = False
+        self._scope: tuple | None = None   # (weakref to the forward's c, {act spec: its codes})
+
+    def attach(self, model: nn.Module) -> None:
+        """Share within each call of ``model`` (bound methods: a deep copy of the model hooks its own copy)."""
+        model.register_forward_pre_hook(self._begin)
+        model.register_forward_hook(self._end, always_call=True)
+
+    def _begin(self, module: nn.Module, args: tuple) -> None:
+        self._active, self._scope = True, None
+
+    def _end(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._active, self._scope = False, None
+
+    def __getstate__(self) -> dict:   # a weakref does not pickle; the scope is per call anyway
+        return {"_active": False, "_scope": None}
 
     def codes(self, c: torch.Tensor, layer: TreeQLinear) -> QuantizedActivation:
-        if layer.monarch_w1 is not None:   # a branch's stage 1 belongs to its layer: no sharing
+        if layer.monarch_w1 is not None or not self._active:   # a branch's stage 1 belongs to its layer
             return layer.quantize_input(F.silu(c).contiguous())
-        if self._c is None or self._c() is not c:
-            self._c, self._acts = weakref.ref(c), {}
-        act = self._acts.get(layer.act_spec)
+        scope = self._scope   # read once: another thread's forward replacing it cannot mix two forwards' codes
+        if scope is None or scope[0]() is not c:
+            scope = self._scope = (weakref.ref(c), {})
+        act = scope[1].get(layer.act_spec)
         if act is None:
-            act = self._acts[layer.act_spec] = layer.quantize_input(F.silu(c).contiguous())
+            act = scope[1][layer.act_spec] = layer.quantize_input(F.silu(c).contiguous())
         return act
 
 
@@ -101,12 +123,14 @@ class FusedDiTBlock(nn.Module):
         qkv = attn.qkv.linear(act, out_dtype=x.dtype).reshape(n, t, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * t, d)
+        # the gates of a separate multiply and add in the activations' dtype: one conversion for both
+        g16 = None if self.proj_residual and self.fc2_residual else m32[2::3].to(x.dtype)
         if self.proj_residual:
             x2 = attn.proj.linear(attn.proj.quantize_input(o.contiguous()), out_dtype=x.dtype, residual=x2,
                                   gate=m32[2])
-        else:
-            gate_msa = m32[2].to(x.dtype).unsqueeze(1)
-            x2 = (x + gate_msa * attn.proj(o).reshape(n, t, d)).reshape(n * t, d)
+        else:   # from x2 (contiguous), not x: the first block's input is a transposed view (the patch embedding),
+            # whose sum with the product would reshape to non-contiguous rows at batch 1 (fc1's kernel takes rows)
+            x2 = (x2.view(n, t, d) + g16[0].unsqueeze(1) * attn.proj(o).reshape(n, t, d)).reshape(n * t, d)
 
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         act = fc1.quantize_input(x2, ln_eps=self.eps2, shift=shift_mlp, scale=scale_mlp)
@@ -119,7 +143,7 @@ class FusedDiTBlock(nn.Module):
         if self.fc2_residual:
             return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).reshape(n, t, d)
         y = fc2.linear(h, out_dtype=x.dtype) if isinstance(h, QuantizedActivation) else fc2(h)
-        return x2.reshape(n, t, d) + m32[5].to(x.dtype).unsqueeze(1) * y.reshape(n, t, d)
+        return x2.reshape(n, t, d) + g16[1].unsqueeze(1) * y.reshape(n, t, d)
 
 
 def fuse_dit_blocks(model: nn.Module) -> int:
@@ -135,4 +159,6 @@ def fuse_dit_blocks(model: nn.Module) -> int:
         if isinstance(blk, DiTBlock) and _quantized(blk.attn.qkv) and _quantized(blk.mlp.fc1):
             blocks[i] = FusedDiTBlock(blk, shared)
             fused += 1
+    if fused:
+        shared.attach(model)   # shared within each call of the model
     return fused
