@@ -8,24 +8,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from tiny_diffusers import tiny_dit, tiny_pixart  # noqa: E402
+
 from treeq_engine.demo import uniform_plan  # noqa: E402
 from treeq_engine.nn import QuantLinear, convert, forward_order, quant_layers, quantizable_linears  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
-
-
-def tiny_dit():
-    torch.manual_seed(0)
-    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                           norm_type="ada_norm_zero").eval()
-
-
-def tiny_pixart():
-    torch.manual_seed(0)
-    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                              out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                              cross_attention_dim=32, caption_channels=24, norm_type="ada_norm_single",
-                                              use_additional_conditions=False).eval()
 
 
 def randomize(model, gen):

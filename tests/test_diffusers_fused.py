@@ -9,6 +9,8 @@ import torch.nn as nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from tiny_diffusers import tiny_dit, tiny_pixart  # noqa: E402
+
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 
 from treeq_engine.nn import quantizable_linears  # noqa: E402
@@ -18,21 +20,6 @@ from treeq_engine.runtime.convert import skeleton  # noqa: E402
 from treeq_engine.runtime.diffusers_fused import FusedBasicTransformerBlock, fuse_diffusers_blocks  # noqa: E402
 
 BRANCH = LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))
-
-
-def tiny_dit(activation_fn="gelu-approximate"):
-    torch.manual_seed(0)
-    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                           norm_type="ada_norm_zero", activation_fn=activation_fn).eval()
-
-
-def tiny_pixart():
-    torch.manual_seed(0)
-    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                              out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                              cross_attention_dim=32, caption_channels=24, norm_type="ada_norm_single",
-                                              use_additional_conditions=False).eval()
 
 
 def randomize(model):
@@ -79,6 +66,20 @@ def pair(kind, plan, dtype=torch.float32, **kw):
     return unfused, fused
 
 
+def fused_ln_calls(monkeypatch) -> list[str]:
+    """The names of the packed layers that run LayerNorm in their quantization kernel from now on (the fused path)."""
+    calls = []
+    quantize_input = TreeQLinear.quantize_input
+
+    def spy(self, x2, **kw):
+        if kw.get("ln_eps") is not None:
+            calls.append(self.name)
+        return quantize_input(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    return calls
+
+
 def n_fused(model):
     return sum(isinstance(m, FusedBasicTransformerBlock) for m in model.modules())
 
@@ -109,15 +110,7 @@ def test_fused_equals_unfused(kind, dtype, gen):
 def test_qkv_share_one_quantize_call(gen, monkeypatch):
     """LayerNorm + modulate + quantization once for to_q, to_k, to_v with one spec and no branch (block 1); block
     0's to_k (branch) and to_v (another spec) get their own; ff.net.0.proj one per block."""
-    calls = []
-    quantize_input = TreeQLinear.quantize_input
-
-    def spy(self, x2, **kw):
-        if kw.get("ln_eps") is not None:
-            calls.append(self.name)
-        return quantize_input(self, x2, **kw)
-
-    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    calls = fused_ln_calls(monkeypatch)
     _, fused = pair("dit", plan_for(build("dit")))
     with torch.no_grad():
         fused(**inputs("dit", gen))
@@ -323,15 +316,7 @@ def test_hooks_on_linears(gen, monkeypatch):
     """A forward hook on a packed linear the kernels would run (block 0's to_k) makes that attention run as the
     Attention module, so the hook sees the layer's input; a hook on a 16-bit linear (block 1's to_q, which the fused
     path calls as a module anyway; diffusers' layerwise casting hooks those) leaves the attention fused."""
-    fused_ln = []
-    quantize_input = TreeQLinear.quantize_input
-
-    def spy(self, x2, **kw):
-        if kw.get("ln_eps") is not None:
-            fused_ln.append(self.name)
-        return quantize_input(self, x2, **kw)
-
-    monkeypatch.setattr(TreeQLinear, "quantize_input", spy)
+    fused_ln = fused_ln_calls(monkeypatch)
     b = "transformer_blocks"
     unfused, fused = pair("dit", plan_for(build("dit"), **{f"{b}.1.attn1.to_q": None}))
     seen = []

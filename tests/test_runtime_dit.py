@@ -32,6 +32,21 @@ def _plan(model, fc2_branch=False):
     return QuantPlan(layers)
 
 
+def quantize_calls(monkeypatch) -> list[str]:
+    """The names of the packed layers whose ``quantize_input`` runs from now on, in call order."""
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    calls = []
+    orig = TreeQLinear.quantize_input
+
+    def counting(self, x2, **kw):
+        calls.append(self.name)
+        return orig(self, x2, **kw)
+
+    monkeypatch.setattr(TreeQLinear, "quantize_input", counting)
+    return calls
+
+
 @pytest.mark.parametrize("fc2_branch", [False, True])
 def test_fused_equals_unfused_and_fake_quant(fc2_branch, gen):
     x, t, y = _inputs(gen)
@@ -86,8 +101,6 @@ def test_gated_residual_fused_where_packed(dtype, gen):
 def test_adaln_input_quantized_once_per_forward(second_spec, gen, monkeypatch):
     """SiLU(c)'s codes are computed once per forward for every block's adaLN linear with the same activation spec
     (one more call for a block whose adaLN has another spec), afresh for the next forward's c."""
-    from treeq_engine.runtime.linear import TreeQLinear
-
     x, t, y = _inputs(gen)
     model = _dit()
     plan = _plan(model)
@@ -99,14 +112,7 @@ def test_adaln_input_quantized_once_per_forward(second_spec, gen, monkeypatch):
         unfused = quantize(_dit(), plan, dtype=torch.float32, fuse=False)
         fused = quantize(_dit(), plan, dtype=torch.float32)
     assert all(b.ada_fused for b in fused.blocks) and fused.blocks[0].shared is fused.blocks[1].shared
-    calls = []
-    orig = TreeQLinear.quantize_input
-
-    def counting(self, x2, **kw):
-        calls.append(self.name)
-        return orig(self, x2, **kw)
-
-    monkeypatch.setattr(TreeQLinear, "quantize_input", counting)
+    calls = quantize_calls(monkeypatch)
     with torch.no_grad():
         for tt in (t, t + 100):   # a second forward: new c, new codes
             a = unfused(x, tt, y)
@@ -149,19 +155,10 @@ def test_adaln_codes_shared_within_one_model_call_only(gen, monkeypatch):
     import copy
     import io
 
-    from treeq_engine.runtime.linear import TreeQLinear
-
     x, t, y = _inputs(gen)
     fused = quantize(_dit(), _plan(_dit()), dtype=torch.float32)
     shared = fused.blocks[0].shared
-    calls = []
-    orig = TreeQLinear.quantize_input
-
-    def counting(self, x2, **kw):
-        calls.append(self.name)
-        return orig(self, x2, **kw)
-
-    monkeypatch.setattr(TreeQLinear, "quantize_input", counting)
+    calls = quantize_calls(monkeypatch)
     with torch.inference_mode():
         want = fused(x, t, y)
     assert sum("adaLN" in n for n in calls) == 1
