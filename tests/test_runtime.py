@@ -149,6 +149,11 @@ def test_casting_a_quantized_model_keeps_its_storage(gen):
     torch.testing.assert_close(net(x.bfloat16()).float(), want, rtol=0.05, atol=0.05)
     net.float()
     assert lin.monarch_w1.dtype == torch.float32 and lin.w_scale.dtype == torch.float32
+    # a cast without a device keeps the layer where it is (meta stands in for CUDA: model.cuda() then .to(bf16))
+    meta = TreeQLinear(40, 8, LayerConfig(4, 8), bias=True, monarch=(4, 1), dtype=torch.float32, device="meta")
+    meta.to(torch.bfloat16)
+    assert all(b.device.type == "meta" for b in meta.buffers()) and meta.out_dtype == torch.bfloat16
+    assert meta.monarch_w1.dtype == torch.bfloat16 and meta.w_scale.dtype == torch.float32
 
 
 def test_w16_layer_keeps_the_model_precision(gen):

@@ -230,8 +230,10 @@ class TreeQLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the model change what this layer computes in, not its
         storage: the packed codes, float32 scales and bias stay as they are (``PackedWeight`` demands float32
-        scales), the Monarch factors follow ``branch_dtype``. Device moves apply to everything."""
-        probe = fn(torch.zeros(1, dtype=torch.float32))
+        scales), the Monarch factors follow ``branch_dtype``. Device moves apply to everything. The probe lives on
+        the layer's device: ``.to(dtype)`` without a device leaves it there (a CPU probe would move a CUDA layer's
+        buffers to the CPU)."""
+        probe = fn(torch.zeros(1, dtype=torch.float32, device=self.w_scale.device))
         if probe.dtype == torch.float32:
             return super()._apply(fn, recurse)
         self.out_dtype = probe.dtype
