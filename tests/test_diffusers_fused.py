@@ -242,8 +242,17 @@ def test_fused_equals_unfused_on_gpu(kind, gen):
     fused = quantize(build(kind).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
     assert n_fused(fused) == 2
     x = {k: v.cuda() for k, v in inputs(kind, gen, torch.bfloat16).items()}
-    a, b = check_close(unfused, fused, x, torch.bfloat16)
+    with torch.no_grad():
+        a, b = unfused(**x).sample.float(), fused(**x).sample.float()
     assert torch.isfinite(b).all()
+    # Wider than check_close's bf16 bound, which the CPU test meets at its seed by luck: in bf16 the fused float32
+    # LayerNorm + modulate and diffusers' bf16 ones flip A8 codes, which these randomized blocks amplify. Over 100
+    # random inputs (CPU, reference backend) the tiny DiT's fused output lies up to 0.04·‖a‖ (norm) and 0.11·max|a|
+    # (worst element) from the unfused one, more than 0.03·max|a| for over half of them (its bf16 model is further
+    # still from its float32 one); a dropped gate, gate rows of the wrong sample or a dropped residual move it by
+    # 0.5–1.5·‖a‖ (0.5–2·max|a| at the worst element).
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
+    torch.testing.assert_close(b, a, rtol=0, atol=0.2 * float(a.abs().max()))
 
 
 def _hooks_api():
