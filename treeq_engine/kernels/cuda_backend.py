@@ -174,7 +174,8 @@ def launch_packed_linear(out: torch.Tensor, codes: torch.Tensor, a_scale: torch.
             partials = torch.empty(pl["partial_ints"], dtype=torch.int32, device=dev)
             counters = torch.zeros(pl["counter_ints"], dtype=torch.int32, device=dev)
         core.load().cuda_packed_linear(
-            act=codes.data_ptr(), lda=codes.stride(0) if m > 1 else codes.shape[1], k_act=codes.shape[1], a_scale=a_scale.data_ptr(),
+            act=codes.data_ptr(), lda=codes.stride(0) if m > 1 else codes.shape[1], k_act=codes.shape[1],
+            a_scale=a_scale.data_ptr(),
             a_zp=a_zp.data_ptr(), a_rowsum=a_rowsum.data_ptr(), wfrag=w.words.data_ptr(),
             row_chan=w.row_chan.data_ptr(), bits=w.bits, w_scale=w.scale.data_ptr(), w_uzp=w.uzp.data_ptr(),
             w_ucs=w.ucs.data_ptr(), bias=_ptr(bias), z=_ptr(z), w2=_ptr(w2),

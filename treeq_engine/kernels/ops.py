@@ -139,9 +139,8 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError(f"out_spec quantizes the {out_dtype} rows the layer writes: out_dtype must be a float "
                          f"type")
     _check_residual(residual, gate, act.m, weight.n, out_dtype, out_spec, weight.device)
-    kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec)
-    if residual is not None:   # only when asked for: backends predating the option need not take the keywords
-        kw.update(residual=residual, gate=gate)
+    kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec,
+              residual=residual, gate=gate)
     return _pick("packed_linear", backend, (act, weight), kw)(act, weight, **kw)
 
 

@@ -60,11 +60,7 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormZero
 
-from .linear import TreeQLinear
-
-
-def _quantized(mod: nn.Module) -> bool:
-    return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
+from .linear import runs_packed_kernels as _quantized
 
 
 def _plain_layer_norm(norm: Any, dim: int) -> bool:

@@ -29,11 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import QuantizedActivation
-from .linear import TreeQLinear
-
-
-def _quantized(mod: nn.Module) -> bool:
-    return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
+from .linear import TreeQLinear, runs_packed_kernels as _quantized
 
 
 class SharedConditioning:

@@ -35,6 +35,11 @@ def branch_dtype(dtype: torch.dtype) -> torch.dtype:
 LAYOUTS = ("v1", "frag")
 
 
+def runs_packed_kernels(mod: nn.Module) -> bool:
+    """``mod`` is a packed layer with quantized activations: the fused blocks hand it codes, not float rows."""
+    return isinstance(mod, TreeQLinear) and mod.act_spec.is_quantized
+
+
 class TreeQLinear(nn.Module):
     """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
 
@@ -223,9 +228,8 @@ class TreeQLinear(nn.Module):
                gate: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
         """Kernel 2: the packed GEMM with its epilogue (Monarch stage 2, bias, optional GELU, and either the
         next layer's quantization or the gated residual ``residual + gate ⊙ y``: ``kernels.packed_linear``)."""
-        kw = {} if residual is None else dict(residual=residual, gate=gate)
         return packed_linear(act, self.packed_weight(), bias=self.bias, monarch_w2=self.monarch_w2, gelu=gelu,
-                             out_spec=out_spec, out_dtype=out_dtype or self.out_dtype, **kw)
+                             out_spec=out_spec, out_dtype=out_dtype or self.out_dtype, residual=residual, gate=gate)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the model change what this layer computes in, not its

@@ -63,9 +63,7 @@ def _packed_linear_op(codes: torch.Tensor, sa: torch.Tensor, za: torch.Tensor, r
     from . import gluon_gemm
 
     args = (codes, sa, za, ra, packed, bits, n, sw, zw, cw)
-    kw = dict(bias=bias, z=z, w2=w2, gelu=gelu, out_dtype=out_dtype)
-    if residual is not None:
-        kw.update(residual=residual, gate=gate)
+    kw = dict(bias=bias, z=z, w2=w2, gelu=gelu, out_dtype=out_dtype, residual=residual, gate=gate)
     with on_device(codes):
         if gluon_gemm.usable(codes, bits):
             return gluon_gemm.packed_gemm(*args, **kw)
