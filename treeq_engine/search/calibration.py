@@ -173,8 +173,10 @@ def load_or_collect(model: nn.Module, config: CalibrationConfig, cache_dir: str 
     if cache_dir is None:
         return collect(model, config, progress=progress)
     fp = model_fingerprint(model)
-    key = hashlib.sha256(json.dumps({"model": fp, "config": dataclasses.asdict(config)}, sort_keys=True).encode())
-    path = Path(cache_dir).expanduser() / f"calib-{key.hexdigest()[:16]}.safetensors"
+    from ..calib.store import digest
+
+    key = digest({"model": fp, "config": dataclasses.asdict(config)})
+    path = Path(cache_dir).expanduser() / f"calib-{key}.safetensors"
     if path.exists():
         try:
             calib = CalibrationSet.load(path)
