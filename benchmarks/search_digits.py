@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", action="store_true", help="also TSS without the uniform elite (λ = 1)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warm-start", default="", help="TSS warm start (SearchConfig.elites), e.g. 'ip'")
+    p.add_argument("--env-plan", default=None, help="ENG environment plan (SearchConfig.env_plan), e.g. 'ip'")
     p.add_argument("--select", default="one-step", choices=["one-step", "closed-loop", "closed-loop-root"],
                    help="closed-loop: choose among the root's in-budget plans by whole trajectories (runs "
                         "keyed _cl; a finished one-step run's tree is reused)")
@@ -97,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         budget = Budget.parse(btext)
         runs = [(float(lam), True) for lam in args.lams.split(",")] + ([(1.0, False)] if args.ablation else [])
         for lam, anchor in runs:
+            warm = tuple(e for e in args.warm_start.split(",") if e)
             base = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
-                "" if args.metric == "sampler" else f"_{args.metric}")
+                "" if args.metric == "sampler" else f"_{args.metric}") + "".join(f"_warm{e}" for e in warm) + (
+                f"_env{args.env_plan}" if args.env_plan else "")
             key = base + {"one-step": "", "closed-loop": "_cl", "closed-loop-root": "_clroot"}[args.select]
             run_dir = out / key
             # closed loop changes only the last choice: the one-step run's finished tree is the same tree
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "report.json").exists():
                 t0 = time.perf_counter()
                 cfg = SearchConfig(budget, lam=lam, keep=args.keep, anchor=anchor, closed_loop=closed,
-                                   closed_loop_root=args.select == "closed-loop-root",
+                                   closed_loop_root=args.select == "closed-loop-root", elites=warm,
+                                   env_plan=args.env_plan,
                                    baselines=("uniform", "ip", "random") if lam == 1.0 and anchor else ())
                 m = copy.deepcopy(fp)
                 search(m, DiTRunner(m, output_fn=lambda o: o[:, :1]), calib.inputs(), cfg,

@@ -28,7 +28,8 @@ def brute_mse(model, inputs, space, env, lo, hi, row):
     fixed = {leaf.name: cfg for leaf, cfg in space.fixed}
     layers = {}
     for i, leaf in enumerate(space.leaves):
-        layers[leaf.name] = space.candidates[row[i - lo]] if lo <= i < hi else env.config
+        outside = env.config if env.plan is None else env.plan[i]
+        layers[leaf.name] = space.candidates[row[i - lo]] if lo <= i < hi else outside
     layers.update(fixed)
     convert(m, QuantPlan(layers))
     node = set(space.names[lo:hi])
@@ -90,6 +91,34 @@ def test_evaluate_matches_brute_force(setup, lam, gen):
         want = [brute_mse(setup[0], inputs, space, env, lo, hi, r) for r in rows]
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert ev.evaluations == 16
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_an_environment_plan_scores_nodes_inside_that_plan(setup, lam, gen):
+    """With an environment plan, every layer outside the node runs at the plan's config for it (errors scaled by
+    λ): brute force agrees, the plan's own slice scores as the whole plan does at λ = 1, and a plan of the wrong
+    length is refused."""
+    model, inputs, space = setup
+    model = copy.deepcopy(model)
+    n = len(space.leaves)
+    a = torch.randint(0, len(space.candidates), (n,), generator=gen).numpy()
+    env = Environment(LayerConfig(4, 4), lam, plan=tuple(space.candidates[i] for i in a))
+    ev = Evaluator(model, DiTRunner(model, output_fn=eps), space, inputs, env, batch=4, group=3)
+    for lo, hi in [(0, 2), (6, 9), (14, 15)]:
+        rows = np.concatenate([a[None, lo:hi], torch.randint(0, len(space.candidates), (2, hi - lo),
+                                                             generator=gen).numpy()])
+        got = ev.evaluate(lo, hi, rows)
+        want = [brute_mse(setup[0], inputs, space, env, lo, hi, r) for r in rows]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        if lam == 1.0:
+            np.testing.assert_allclose(got[0], ev.evaluate_plans(a[None])[0], rtol=1e-6)
+    assert env.to_dict()["plan"][0] == space.candidates[a[0]].to_dict()
+    assert "plan" not in Environment(LayerConfig(4, 4), lam).to_dict()      # earlier fingerprints unchanged
+    with pytest.raises(PlanError, match="3 configs for 15 searched leaves"):
+        Evaluator(model, DiTRunner(model, output_fn=eps), space, inputs,
+                  Environment(LayerConfig(4, 4), plan=env.plan[:3]), batch=4)
+    with pytest.raises(PlanError, match="environment plan must be"):
+        Environment(LayerConfig(4, 4), plan=("W4A4",))
 
 
 def test_candidate_batching_does_not_change_scores(setup, gen):

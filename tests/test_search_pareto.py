@@ -66,10 +66,24 @@ def test_always_keeps_the_anchor_and_small_sets_pass_through():
     assert thin_evenly(cost, mse, np.arange(50), 2) == [0, 49]
 
 
+def test_several_elites_share_the_k_slots_and_one_elite_behaves_as_before():
+    cost = np.linspace(2, 8, 50)
+    mse = 1 / cost
+    mse[[5, 20, 33]] = 10.0                                       # all three dominated by far
+    kept = pareto_drop(cost, mse, 8, always=[20, 5, 33, 20])
+    assert len(kept) == 8 and {5, 20, 33} <= set(kept.tolist())
+    rest = [i for i in kept.tolist() if i not in (5, 20, 33)]
+    assert len(rest) == 5 and all(mse[i] < 1 for i in rest)      # the other slots go to the front, on merit
+    # an elite the drop keeps on merit costs no slot
+    assert pareto_drop(cost, 1 / cost, 8, always=[0]).tolist() == pareto_drop(cost, 1 / cost, 8).tolist()
+    assert pareto_drop(cost, mse, 8, always=[20]).tolist() == pareto_drop(cost, mse, 8, always=20).tolist()
+    assert pareto_drop(cost, mse, 2, always=[5, 20, 33]).tolist() == [5, 20, 33]   # more elites than K
+
+
 def test_pareto_drop_errors():
     with pytest.raises(ValueError, match="both be"):
         pareto_drop(np.zeros((3, 2)), np.zeros(3), 2)
     with pytest.raises(ValueError, match="keep must be positive"):
         pareto_drop(np.zeros(3), np.zeros(3), 0)
-    with pytest.raises(ValueError, match="always=7"):
+    with pytest.raises(ValueError, match=r"always=\[7\]"):
         pareto_drop(np.zeros(3), np.zeros(3), 2, always=7)

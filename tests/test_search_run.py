@@ -54,6 +54,40 @@ def test_search_with_lambda_reports_ptq_separately(tmp_path):
         SearchConfig(Budget.parse("W4"), baselines=("greedy",))
 
 
+def test_search_warm_started_from_ip_is_never_worse_than_ip(tmp_path):
+    """``elites=("ip",)``: the IP plan is computed first (and reused as the IP baseline), reaches the root and
+    bounds the answer; its evaluations are reported; a plan file works as a warm start too."""
+    model = TinyDiT(depth=2, d=16, tokens=4, seed=31)
+    inputs = calibration(model, n=8, seed=32)
+    runner = DiTRunner(model, output_fn=eps)
+    cfg = SearchConfig(Budget.parse("W3A4"), keep=2, batch=8, group=8, baselines=("ip",), elites=("ip",))
+    out = search(model, runner, inputs, cfg, out_dir=tmp_path / "a", progress=False)
+    ip = out.baselines["ip"]
+    assert out.ptq_mse <= ip.mse * (1 + 1e-9)
+    space = SearchSpace.build(model, [t[:2] for t in inputs])
+    assert (out.result.root.configs == ip.assignment).all(axis=1).any()
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["tss"]["warm_start"]["ip"]["evaluations"] == ip.evaluations == 10 * 12 + 1
+    assert out.plan.meta["elites"] == ["ip"]
+    # the IP plan as a file, without the IP baseline: the same tree
+    space.plan(ip.assignment).save(tmp_path / "ip.json")
+    again = search(model, runner, inputs, SearchConfig(Budget.parse("W3A4"), keep=2, batch=8, group=8,
+                                                       elites=(str(tmp_path / "ip.json"),)), progress=False)
+    assert again.baselines == {} and again.ptq_mse == out.ptq_mse
+    assert space.assignment(again.plan).tolist() == space.assignment(out.plan).tolist()
+    with pytest.raises(BudgetError, match="violates the budget W2.5A4"):
+        search(model, runner, inputs, SearchConfig(Budget.parse("W2.5A4"), keep=2, batch=8, group=8,
+                                                   elites=(str(tmp_path / "ip.json"),)), progress=False)
+    with pytest.raises(ValueError, match="elites and env_plan must be"):
+        SearchConfig(Budget.parse("W4"), elites=("",))
+    # IP's plan as the environment: nodes are scored inside it; it is kept, so the answer is never worse
+    env = search(model, runner, inputs, SearchConfig(Budget.parse("W3A4"), keep=2, batch=8, group=8, env_plan="ip"),
+                 progress=False)
+    assert env.plan.meta["env"] == "plan:ip" and env.plan.meta["env_plan"] == "ip"
+    assert env.ptq_mse <= ip.mse * (1 + 1e-9)
+    assert (env.result.root.configs == ip.assignment).all(axis=1).any()
+
+
 @pytest.mark.parametrize("kind", ["bytes", "latency"])
 def test_search_with_byte_and_latency_budgets(kind):
     from treeq_engine.search import cost_model

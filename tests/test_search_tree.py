@@ -77,6 +77,35 @@ def test_counts_pruning_and_the_uniform_anchor(tiny):
         tree_search(ev, cost, budget=Budget.parse("W4"), progress=False)
 
 
+def test_a_warm_start_plan_reaches_the_root_and_bounds_the_result(tiny):
+    """An elite plan (here: the worst of 40 random plans at the budget, which the Pareto drop would not keep on
+    merit) keeps its slice at every node, is scored whole at the root, and the search's answer is at least as
+    good; the K slots stay K; bad elites are refused."""
+    from treeq_engine.search.baselines import random_plans
+
+    ev = make(tiny)
+    space, cost, b = ev.space, cost_model(ev.space, "wa"), Budget.parse("W4A4")
+    plans = random_plans(cost, b, 40, seed=3)
+    worst = plans[int(np.argmax(ev.evaluate_plans(plans)))]
+    plain = tree_search(ev, cost, keep=4, budget=b, progress=False)
+    assert not (plain.root.configs == worst).all(axis=1).any()
+    res = tree_search(ev, cost, keep=4, budget=b, progress=False, elites=worst[None])
+    assert len(res.root.mse) == 4
+    assert (res.root.configs == worst).all(axis=1).any()
+    assert (res.root.configs == space.uniform(LayerConfig(4, 4))).all(axis=1).any()   # the anchor still holds
+    _, _, mse = res.best(b, cost)
+    assert mse <= ev.evaluate_plans(worst[None])[0]
+    best_random = plans[int(np.argmin(ev.evaluate_plans(plans)))]
+    seeded = tree_search(ev, cost, keep=4, budget=b, progress=False, elites=np.stack([best_random, worst]))
+    assert seeded.best(b, cost)[2] <= ev.evaluate_plans(best_random[None])[0] * (1 + 1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        tree_search(ev, cost, keep=4, budget=b, progress=False, elites=worst[:-1][None])
+    with pytest.raises(ValueError, match="outside"):
+        tree_search(ev, cost, keep=4, budget=b, progress=False, elites=np.full((1, len(worst)), 99))
+    with pytest.raises(BudgetError, match="do not meet the budget W4A4"):
+        tree_search(ev, cost, keep=4, budget=b, progress=False, elites=space.uniform(LayerConfig(8, 8))[None])
+
+
 def test_resume_after_a_kill_gives_the_identical_result(tiny, tmp_path):
     cost = cost_model(tiny[2], "w")
     b = Budget.parse("W3")

@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
     g.add_argument("--baselines", default="", help=f"comma-separated, of {','.join(BASELINES)}")
     g.add_argument("--random-plans", type=int, default=20, help="plans drawn by the random baseline")
+    g.add_argument("--warm-start", default="",
+                   help="comma-separated plans every tree node keeps its slice of, so the search cannot end worse "
+                        "than them on its metric: 'ip' (the integer-programming baseline, n·C evaluations more) "
+                        "and/or plan JSON files")
+    g.add_argument("--env-plan", default=None,
+                   help="ENG environment as a plan instead of uniform bits: 'ip' or a plan JSON file; every node is "
+                        "scored inside it, and it is kept as a warm start")
     g.add_argument("--select", default="one-step", choices=["one-step", "closed-loop", "closed-loop-root"],
                    help="how the plan is chosen among the root's in-budget plans: the lowest one-step MSE "
                         "(the search's metric) or the lowest error of whole sampling trajectories; "
@@ -171,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                               env=parse_config(args.env) if args.env else None, batch=args.batch, group=args.group,
                               baselines=tuple(b for b in args.baselines.split(",") if b),
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
-                              serve_batch=args.serve_batch)
+                              serve_batch=args.serve_batch,
+                              elites=tuple(e for e in args.warm_start.split(",") if e), env_plan=args.env_plan)
         if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
             print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
                   "continues it instead)", file=sys.stderr)

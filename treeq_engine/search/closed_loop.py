@@ -12,7 +12,8 @@ Pool: the root front's plans (non-dominated in cost and one-step MSE) and the ro
 along cost, the environment-uniform plan among them), without repeats. The front alone is not enough: at W3A3
 every in-budget front plan leaned on W2 layers, the one-step metric having dominated the plans that do not.
 Candidates: the pool's plans meeting the budget, lowest one-step MSE first, at most ``max_plans``, plus the
-environment-uniform plan whenever it is in the pool (so the choice is never worse than uniform on this metric).
+environment-uniform plan and the warm-start elites (``SearchConfig.elites``) whenever they are in the pool (so the
+choice is never worse than uniform, or than a warm-start plan such as IP's, on this metric).
 
 Metric: ``samples`` class-conditional samples drawn from the same noise and labels by the FP model and by the
 plan's model (``steps`` sampler steps, guidance ``cfg_scale``), MSE of the final samples against FP's (pixel or
@@ -27,7 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -77,19 +78,20 @@ def candidate_pool(result: SearchResult) -> Node:
 
 
 def in_budget_candidates(pool: Node, cost: CostModel, budget: Budget, max_plans: int,
-                         always: np.ndarray | None = None) -> np.ndarray:
+                         always: np.ndarray | Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Indices into ``pool`` of the plans meeting ``budget``, lowest one-step MSE first (ties: cheaper, then
-    index), at most ``max_plans``; the plan ``always`` (an assignment) is added when it is in the pool, meets the
-    budget and was cut."""
+    index), at most ``max_plans``; each plan in ``always`` (one assignment ``(n,)`` or several ``(s, n)``: the
+    elites) is added when it is in the pool, meets the budget and was cut."""
     total = cost.offset + pool.cost
     ok = np.flatnonzero(cost.fits(total, budget))
     mse = np.where(np.isnan(pool.mse[ok]), np.inf, pool.mse[ok])
     order = ok[np.lexsort((ok, total[ok].sum(axis=1), mse))]
     chosen = order[:max_plans]
-    if always is not None:
-        hit = order[(pool.configs[order] == np.asarray(always)[None]).all(axis=1)]
-        if len(hit) and hit[0] not in chosen:
-            chosen = np.append(chosen, hit[0])
+    if always is not None and len(always):
+        for plan in np.atleast_2d(np.asarray(always)):
+            hit = order[(pool.configs[order] == plan[None]).all(axis=1)]
+            if len(hit) and hit[0] not in chosen:
+                chosen = np.append(chosen, hit[0])
     return chosen
 
 
@@ -156,7 +158,7 @@ class RootScorer:
 
 
 def select(judge: TrajectoryJudge | None, space: SearchSpace, pool: Node, cost: CostModel, budget: Budget,
-           max_plans: int, *, always: np.ndarray | None = None,
+           max_plans: int, *, always: np.ndarray | Sequence[np.ndarray] | None = None,
            progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
     """Score the pool's in-budget plans closed loop (``in_budget_candidates``); returns (the chosen plan's index
     into ``pool``, one row per scored plan: pool index, its mix of configs, one-step MSE, cost, closed-loop MSE

@@ -150,8 +150,10 @@ class Evaluator:
 
     def _env_settings(self) -> list[tuple[LayerConfig | None, float]]:
         n = len(self.space.leaves)
+        if self.env.plan is not None and len(self.env.plan) != n:
+            raise PlanError(f"the ENG environment plan has {len(self.env.plan)} configs for {n} searched leaves")
         fixed = [cfg for _, cfg in self.space.fixed]
-        return [self.env.layer(True, None) for _ in range(n)] + [self.env.layer(False, c) for c in fixed]
+        return [self.env.layer(True, None, i) for i in range(n)] + [self.env.layer(False, c) for c in fixed]
 
     def _apply_env(self) -> None:
         for m, (cfg, lam) in zip(self._layers, self._env):

@@ -1,14 +1,16 @@
 """Pareto drop: keep K of a node's scored candidates by non-dominated sorting on (cost, MSE).
 
-    keep = pareto_drop(cost (m,), mse (m,), k, always=i)      # indices into the m candidates
+    keep = pareto_drop(cost (m,), mse (m,), k, always=[i, j])      # indices into the m candidates
 
 1. Non-dominated sort on ``(cost, MSE)``, both minimised: front 0 is the Pareto front, front 1 the front of what
    remains, and so on. A NaN MSE counts as +inf (worst).
 2. Fill K from the fronts in order. When a front holds more than the slots left, thin it evenly along cost: the
    points nearest ``r`` equally spaced targets from the front's cheapest to its dearest point, so the kept set
    spans the whole cost range as in the paper's figure (its kept points run from 3.45 to 3.93 average bits).
-3. ``always``: one candidate kept whatever its rank (the tree search passes the node's environment-uniform
-   config, so the uniform plan at ENG's setting survives to the root and the search cannot end worse than it).
+3. ``always``: candidates kept whatever their rank, the *elites* (the tree search passes the node's slice of the
+   environment-uniform plan, so that plan survives to the root and the search cannot end worse than it, and the
+   slices of any warm-start plans). The rest of the K slots are filled by rules 1–2: K is the largest r for
+   which the r-point drop plus the elites it missed still fit in K. With more elites than K, only the elites.
 4. Ties go to the cheaper point, then the lower MSE, then the lower index: the result is deterministic.
 
 Costs with two dimensions (a WxAy budget) are reduced to one axis before this (``CostModel.axis``): a
@@ -17,6 +19,8 @@ leaves few near the budget (measured on the stand-in model: worse than uniform W
 reduced axis beat it in 3 of 3; ``docs/search.md``).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -70,21 +74,27 @@ def _drop(cost: np.ndarray, mse: np.ndarray, keep: int) -> list[int]:
     return kept
 
 
-def pareto_drop(cost: np.ndarray, mse: np.ndarray, keep: int, always: int | None = None) -> np.ndarray:
-    """Indices of the ``keep`` candidates kept, in ascending (cost, MSE, index) order; rules above."""
+def pareto_drop(cost: np.ndarray, mse: np.ndarray, keep: int,
+                always: int | Sequence[int] | None = None) -> np.ndarray:
+    """Indices of the candidates kept (``keep`` of them, more only when there are more elites), in ascending
+    (cost, MSE, index) order; rules above."""
     cost = np.asarray(cost, dtype=np.float64)
     mse = np.asarray(mse, dtype=np.float64)
     if cost.ndim != 1 or mse.shape != cost.shape:
         raise ValueError(f"cost and mse must both be (m,), got {cost.shape} and {mse.shape}")
     if keep <= 0:
         raise ValueError(f"keep must be positive, got {keep}")
-    if always is not None and not 0 <= always < len(mse):
-        raise ValueError(f"always={always} is not a candidate index (m = {len(mse)})")
+    elites = [] if always is None else sorted({int(always)} if np.ndim(always) == 0 else {int(i) for i in always})
+    bad = [i for i in elites if not 0 <= i < len(mse)]
+    if bad:
+        raise ValueError(f"always={bad} is not a candidate index (m = {len(mse)})")
     mse = np.where(np.isnan(mse), np.inf, mse)
-    kept = _drop(cost, mse, keep)
-    if always is not None and always not in kept:
-        kept = _drop(cost, mse, keep - 1) if keep > 1 else []
-        if always not in kept:
-            kept.append(always)
-    out = np.array(kept, dtype=np.int64)
+    r = keep
+    while True:   # the widest drop that leaves room for the elites it misses (r = keep when it misses none)
+        kept = _drop(cost, mse, r) if r > 0 else []
+        missed = [i for i in elites if i not in kept]
+        if len(kept) + len(missed) <= keep or r == 0:
+            break
+        r -= 1
+    out = np.array(kept + missed, dtype=np.int64)
     return out[np.lexsort((out, mse[out], cost[out]))]

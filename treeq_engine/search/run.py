@@ -56,6 +56,8 @@ class SearchConfig:
     anchor: bool = True          # keep each node's environment-uniform config (off only for ablations)
     closed_loop: ClosedLoopConfig | None = None
     closed_loop_root: bool = False   # score the tree's last merge closed loop (K² sampling runs), not only the pick
+    elites: tuple[str, ...] = ()     # warm-start plans every node keeps: "ip" (the IP baseline's plan) or plan files
+    env_plan: str | None = None      # ENG environment as a plan ("ip" or a plan file) instead of uniform bits
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -65,6 +67,9 @@ class SearchConfig:
             raise ValueError("keep, batch, group and random_count must be positive")
         if self.closed_loop_root and self.closed_loop is None:
             raise ValueError("closed_loop_root needs a closed_loop config (how plans are sampled)")
+        if any(not e for e in self.elites) or self.env_plan == "":
+            raise ValueError(f"elites and env_plan must be 'ip' or plan file paths, got {self.elites}, "
+                             f"{self.env_plan!r}")
 
 
 @dataclasses.dataclass
@@ -117,11 +122,45 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
 
+    ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
+                                                 batch=config.batch, group=config.group, reference=ev.reference(),
+                                                 weights=weights)
+
+    def ip() -> BaselineResult:
+        sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
+                            group=config.group, reference=ev.reference(), weights=weights)
+        return ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
+
+    baselines: dict[str, BaselineResult] = {}
+    warm_start: dict[str, Any] = {}
+
+    def resolve(source: str) -> np.ndarray:
+        """A warm-start or environment plan: "ip" (computed once, on rank 0, given to every process) or a file."""
+        if source != "ip":
+            p = load_plan(source)
+            validate_plan(p, model, space, budget, **cost_kw)
+            return space.assignment(p)
+        a_ip = np.zeros(len(space.leaves))
+        if rank == 0:
+            if "ip" not in baselines:
+                baselines["ip"] = ip()
+                warm_start["ip"] = {"evaluations": baselines["ip"].evaluations, "wall_s": baselines["ip"].wall_s}
+            a_ip[:] = baselines["ip"].assignment
+        return distributed.all_sum(a_ip).astype(np.int64)
+
+    elites = [resolve(e) for e in config.elites]
+    if config.env_plan is not None:   # score every node inside this plan; it is kept as an elite too
+        a_env = resolve(config.env_plan)
+        env = Environment(env.config, env.lam, plan=tuple(space.candidates[int(i)] for i in a_env))
+        ev = Evaluator(model, runner, space, inputs, env, batch=config.batch, group=config.group,
+                       reference=ev.reference(), weights=weights)
+        elites.append(a_env)
+
     judge = TrajectoryJudge(model, config.closed_loop) if config.closed_loop is not None and rank == 0 else None
     root_scorer = RootScorer(judge, space, config.closed_loop, progress) if config.closed_loop_root else None
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json",
-                         root_scorer=root_scorer)
+                         root_scorer=root_scorer, elites=np.array(elites, dtype=np.int64) if elites else None)
     a, total, mse = result.best(budget, cost)
     closed: dict[str, Any] | None = None
     closed_scores: dict[str, float] = {}
@@ -129,36 +168,32 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         closed_scores = {"closed_loop_mse": mse}
     elif config.closed_loop is not None:
         pool = candidate_pool(result)
-        uniform = space.uniform(env.config) if env.config in space.candidates else None
-        i, rows = select(judge, space, pool, cost, budget, config.closed_loop.max_plans, always=uniform,
+        always = ([space.uniform(env.config)] if env.config in space.candidates else []) + elites
+        i, rows = select(judge, space, pool, cost, budget, config.closed_loop.max_plans, always=always,
                          progress=progress)
         closed = {"config": config.closed_loop.to_dict(), "one_step_choice": a.tolist(), "plans": rows}
         a, total, mse = pool.configs[i], cost.offset + pool.cost[i], float(pool.mse[i])
         chosen = next(r for r in rows if r["index"] == i)
         closed_scores = {"closed_loop_mse": chosen["closed_loop_mse"], "psnr": chosen["psnr"]}
-    ptq_ev = ev if env.lam == 1.0 else Evaluator(model, runner, space, inputs, Environment(env.config, 1.0),
-                                                 batch=config.batch, group=config.group, reference=ev.reference(),
-                                                 weights=weights)
     ptq = mse if ptq_ev is ev and root_scorer is None else float(ptq_ev.evaluate_plans(a[None])[0])
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
-            "env": env.config.label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
+            "env": env.config.label if env.plan is None else f"plan:{config.env_plan}", "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
             "selected_by": "closed-loop root" if root_scorer is not None else
-            "one-step" if closed is None else "closed-loop",
+            "one-step" if closed is None else "closed-loop", "elites": list(config.elites),
+            "env_plan": config.env_plan,
             "wall_s": round(result.wall_s, 3), "costs": describe(space, a, **cost_kw)}
     plan = space.plan(a, meta=meta)
     validate_plan(plan, model, space, budget, **cost_kw)
 
-    baselines: dict[str, BaselineResult] = {}
     if rank == 0:
         for name in config.baselines:
             if name == "uniform":
                 baselines[name] = uniform_baseline(ptq_ev, cost, budget)
             elif name == "random":
                 baselines[name] = random_baseline(ptq_ev, cost, budget, config.random_count, config.seed)
-            else:
-                sens_ev = Evaluator(model, runner, space, inputs, Environment(env.config, 0.0), batch=config.batch,
-                                    group=config.group, reference=ev.reference(), weights=weights)
-                baselines[name] = ip_baseline(sens_ev, ptq_ev, cost, budget, progress)
+            elif name not in baselines:
+                baselines[name] = ip()
+        baselines = {k: baselines[k] for k in config.baselines}   # without an IP computed only as a warm start
         if judge is not None:   # the same closed-loop judge for the baselines, for comparison
             for b in baselines.values():
                 b.detail.update(judge.score(space.plan(b.assignment)))
@@ -170,7 +205,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         "calibration_samples": ev.num_samples, "weighted": weights is not None,
         "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
                 "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels,
-                **closed_scores},
+                "warm_start": warm_start, **closed_scores},
         "closed_loop": closed,
         "baselines": {k: {**_plan_entry(space, b.assignment, b.mse, **cost_kw), "evaluations": b.evaluations,
                           "wall_s": b.wall_s, **{kk: vv for kk, vv in b.detail.items() if kk != "all_mse"}}

@@ -11,8 +11,11 @@
 
 With a budget, a candidate that cannot meet it even with every other leaf at its cheapest config is dropped
 before scoring (exact: it has no feasible completion), so the K slots go to configs that can still be used.
-Each node also always keeps its environment-uniform config (every leaf at ENG's environment config, when that
-is a candidate): the uniform plan then reaches the root, and at λ = 1 the search cannot end worse than it.
+Each node also always keeps its slice of the *elite* plans: the environment-uniform plan (every leaf at ENG's
+environment config, when that is a candidate), so that at λ = 1 the search cannot end worse than uniform, and any
+warm-start plans passed as ``elites`` (for example the integer-programming baseline's): each reaches the root whole
+and is scored there, so the search cannot end worse than it on its own metric either, while every merge may still
+combine a slice of it with other configs.
 Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``: the binding dimension's budget use.
 
 Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²``. Each level's scoring is
@@ -107,12 +110,14 @@ class RootScorer(Protocol):
 
 
 def _fingerprint(evaluator: Evaluator, cost: CostModel, keep: int, budget: Budget | None, anchor: bool,
-                 root: dict[str, Any] | None = None) -> str:
+                 root: dict[str, Any] | None = None, elites: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
     doc = {"evaluator": evaluator.fingerprint(), "keep": keep, "cost": cost.kind, "anchor": anchor,
            "budget": None if budget is None else budget.to_dict()}
     if root is not None:   # absent otherwise, so that earlier state files still resume
         doc["root"] = root
+    if elites is not None and len(elites):   # likewise
+        doc["elites"] = np.asarray(elites).tolist()
     h.update(json.dumps(doc, sort_keys=True).encode())
     h.update(np.ascontiguousarray(cost.table).tobytes())
     return h.hexdigest()
@@ -131,6 +136,28 @@ class _Pruner:
             return np.ones(len(node_cost), dtype=bool)
         outside = self.prefix[-1] - (self.prefix[hi] - self.prefix[lo])
         return self.cost.fits(self.cost.offset + outside + node_cost, self.budget)
+
+
+def _check_elites(elites: np.ndarray | None, n: int, n_cand: int, cost: CostModel,
+                  budget: Budget | None) -> np.ndarray:
+    """``elites`` as an ``(s, n)`` int64 array of distinct plans, each a valid assignment meeting ``budget``."""
+    if elites is None:
+        return np.zeros((0, n), dtype=np.int64)
+    a = np.asarray(elites)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != n or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"elites must be integer plans of shape (s, {n}) (one candidate index per leaf), "
+                         f"got shape {a.shape} and dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= n_cand):
+        raise ValueError(f"elite plans hold candidate indices outside [0, {n_cand})")
+    if budget is not None:
+        over = [i for i, p in enumerate(a) if not cost.fits(cost.total(p), budget)]
+        if over:
+            raise BudgetError(f"elite plan(s) {over} do not meet the budget {budget.label}")
+    _, first = np.unique(a, axis=0, return_index=True)
+    return a[np.sort(first)]
 
 
 def _no_plan(budget: Budget | None) -> BudgetError:
@@ -207,8 +234,10 @@ def _score_root(scorer: RootScorer, node: Node, bar: tqdm) -> int:
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
                 anchor: bool = True, on_level: Callable[[int], None] | None = None,
-                root_scorer: RootScorer | None = None) -> SearchResult:
+                root_scorer: RootScorer | None = None, elites: np.ndarray | None = None) -> SearchResult:
     """Run TSS; see the module docstring. ``anchor=False`` drops the environment-uniform elite (for ablations).
+    ``elites``: warm-start plans ``(s, n_leaves)`` (candidate indices, each meeting ``budget``) that every node
+    keeps its slice of.
     ``on_level(level)`` is called after each finished level (tests use it to stop a search midway).
     ``root_scorer``: scores the last merge's whole plans instead of the evaluator (the closed-loop root,
     ``closed_loop``); its ``tag`` joins the resume fingerprint."""
@@ -220,14 +249,20 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     n = len(space.leaves)
     rank, _ = distributed.rank_world()
     prune = _Pruner(cost, budget)
+    warm = _check_elites(elites, n, len(space.candidates), cost, budget)
     fingerprint = _fingerprint(evaluator, cost, keep, budget, anchor, None if root_scorer is None else
-                               root_scorer.tag)
-    elite = space.candidates.index(evaluator.env.config) if anchor and evaluator.env.config in space.candidates \
-        else None
+                               root_scorer.tag, warm)
+    plans = list(warm)
+    if anchor and evaluator.env.config in space.candidates:
+        plans.insert(0, space.uniform(evaluator.env.config))
 
     def drop(nd: Node) -> np.ndarray:
-        hits = np.flatnonzero((nd.configs == elite).all(axis=1)) if elite is not None else []
-        return pareto_drop(cost.axis(nd.cost, budget, (nd.lo, nd.hi)), nd.mse, keep, always=int(hits[0]) if len(hits) else None)
+        always = []
+        for plan in plans:   # a slice pruned away (only possible for a plan over the budget) is simply absent
+            hits = np.flatnonzero((nd.configs == plan[nd.lo:nd.hi]).all(axis=1))
+            if len(hits):
+                always.append(int(hits[0]))
+        return pareto_drop(cost.axis(nd.cost, budget, (nd.lo, nd.hi)), nd.mse, keep, always=always)
 
     path = Path(state_path) if state_path is not None else None
     state: dict[str, Any] | None = None
@@ -244,8 +279,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
                              "differently (float sums that depended on the thread count); it cannot be matched to "
                              "this search: start without --resume")
         if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K or "
-                             "batching differ); remove it or start without --resume")
+            raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K, "
+                             "warm start or batching differ); remove it or start without --resume")
     distributed.barrier()
     if state is not None:
         nodes = [Node.from_dict(d) for d in state["nodes"]]
