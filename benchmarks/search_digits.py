@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(float(lam), True) for lam in args.lams.split(",")] + ([(1.0, False)] if args.ablation else [])
         for lam, anchor in runs:
             warm = tuple(e for e in args.warm_start.split(",") if e)
-            base = f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor") + (
-                "" if args.metric == "sampler" else f"_{args.metric}") + "".join(f"_warm{e}" for e in warm) + (
-                f"_env{args.env_plan}" if args.env_plan else "")
+            base = (f"{budget.label}_lam{lam:g}" + ("" if anchor else "_noanchor")
+                    + ("" if args.metric == "sampler" else f"_{args.metric}")
+                    + "".join(f"_warm{Path(e).stem}" for e in warm)
+                    + (f"_env{Path(args.env_plan).stem}" if args.env_plan else ""))
             key = base + {"one-step": "", "closed-loop": "_cl", "closed-loop-root": "_clroot"}[args.select]
             run_dir = out / key
             # closed loop changes only the last choice: the one-step run's finished tree is the same tree
@@ -145,7 +146,7 @@ def tables(results: dict[str, Any]) -> str:
             "evaluations | wall s |")
     lines += [head, "|" + "---|" * 11]
     for key, run in results["runs"].items():
-        if "_lam1" not in key or "noanchor" in key:
+        if "_lam1" not in key or "_noanchor" in key:
             continue
         budget = key.split("_")[0] + ("" if key.endswith("_lam1") else " (" + key.split("_lam1_")[1] + ")")
         rep = run["report"]
@@ -155,13 +156,14 @@ def tables(results: dict[str, Any]) -> str:
             label = name if name != "uniform" else f"uniform {r.get('label', '')}"
             lines.append(f"| {budget} | {label} | {r['mse']:.3e} | {j['eps_mse']:.3e} | {j['frechet']:.2f} | "
                          f"{j['acc']:.3f} | {j['psnr']:.1f} | {r['costs']['w_bits']:.3f} | "
-                         f"{r['costs']['a_bits']:.3f} | {r['evaluations']} | {r['wall_s']:.0f} |")
+                         f"{r['costs']['a_bits']:.3f} | {r.get('evaluations_total', r['evaluations'])} | "
+                         f"{r.get('wall_s_total', r['wall_s']):.0f} |")
     lines += ["", "| budget | λ | elite | PTQ MSE (calib) | ε-MSE (held out) | Fréchet | acc | avg W | avg A | "
               "wall s |", "|" + "---|" * 10]
     for key, run in results["runs"].items():
-        budget, lam = key.split("_")[0] + (" (eps)" if key.endswith("_eps") else ""), key.split("_")[1][3:]
+        budget, lam = key.split("_")[0] + (" (eps)" if "eps" in key.split("_") else ""), key.split("_")[1][3:]
         r, j = run["report"]["tss"], run["judged"]["tss"]
-        lines.append(f"| {budget} | {lam} | {'no' if key.endswith('noanchor') else 'yes'} | {r['mse']:.3e} | "
+        lines.append(f"| {budget} | {lam} | {'no' if '_noanchor' in key else 'yes'} | {r['mse']:.3e} | "
                      f"{j['eps_mse']:.3e} | {j['frechet']:.2f} | {j['acc']:.3f} | {r['costs']['w_bits']:.3f} | "
                      f"{r['costs']['a_bits']:.3f} | {r['wall_s']:.0f} |")
     cl = {k: v for k, v in results["runs"].items() if k.endswith("_cl") and v["report"].get("closed_loop")}

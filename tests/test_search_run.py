@@ -67,7 +67,19 @@ def test_search_warm_started_from_ip_is_never_worse_than_ip(tmp_path):
     space = SearchSpace.build(model, [t[:2] for t in inputs])
     assert (out.result.root.configs == ip.assignment).all(axis=1).any()
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["tss"]["warm_start"]["ip"]["evaluations"] == ip.evaluations == 10 * 12 + 1
+    assert report["tss"]["warm_start"]["ip"] == {"evaluations": 10 * 12 + 1, "wall_s": ip.wall_s, "reused": False}
+    assert report["tss"]["evaluations_total"] == out.result.evaluations + 121 and report["elites"] == ["ip"]
+    # a resumed search reads the IP plan back instead of recomputing it, and ends identically
+    from treeq_engine.search import baselines as bl
+    calls = []
+    real = bl.sensitivities
+    bl.sensitivities = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        resumed = search(model, runner, inputs, cfg, out_dir=tmp_path / "a", resume=True, progress=False)
+    finally:
+        bl.sensitivities = real
+    assert not calls and resumed.plan.layers == out.plan.layers and resumed.ptq_mse == out.ptq_mse
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["tss"]["warm_start"]["ip"]["reused"]
     assert out.plan.meta["elites"] == ["ip"]
     # the IP plan as a file, without the IP baseline: the same tree
     space.plan(ip.assignment).save(tmp_path / "ip.json")
@@ -80,10 +92,13 @@ def test_search_warm_started_from_ip_is_never_worse_than_ip(tmp_path):
                                                    elites=(str(tmp_path / "ip.json"),)), progress=False)
     with pytest.raises(ValueError, match="elites and env_plan must be"):
         SearchConfig(Budget.parse("W4"), elites=("",))
+    with pytest.raises(ValueError, match="got the string 'ip'"):
+        SearchConfig(Budget.parse("W4"), elites="ip")
     # IP's plan as the environment: nodes are scored inside it; it is kept, so the answer is never worse
     env = search(model, runner, inputs, SearchConfig(Budget.parse("W3A4"), keep=2, batch=8, group=8, env_plan="ip"),
                  progress=False)
     assert env.plan.meta["env"] == "plan:ip" and env.plan.meta["env_plan"] == "ip"
+    assert env.report["env"]["source"] == "plan:ip" and env.report["env"]["plan"]
     assert env.ptq_mse <= ip.mse * (1 + 1e-9)
     assert (env.result.root.configs == ip.assignment).all(axis=1).any()
 

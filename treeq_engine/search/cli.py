@@ -197,13 +197,15 @@ def summary(report: dict[str, Any]) -> str:
     """The report as a small table: plan, MSE, costs, evaluations, wall time."""
     rows = [("tss", report["tss"])] + list(report["baselines"].items())
     lines = [f"{report['model']}  budget {report['budget']['label']}  λ={report['lambda']:g}  K={report['keep']}  "
-             f"env {report['env']['label']}  {report['leaves']} leaves, {report['calibration_samples']} samples",
+             f"env {report['env'].get('source', report['env']['label'])}  {report['leaves']} leaves, "
+             f"{report['calibration_samples']} samples",
              f"{'plan':8s} {'PTQ MSE':>11s} {'W bits':>7s} {'A bits':>7s} {'MB':>8s} {'µs':>9s} {'evals':>7s} "
              f"{'wall s':>8s}"]
-    for k, r in rows:
+    for k, r in rows:   # the search's cost includes its warm start's (the IP baseline's when it ran as one)
         c = r["costs"]
         lines.append(f"{k:8s} {r['mse']:11.4e} {c['w_bits']:7.3f} {c['a_bits']:7.3f} {c['bytes'] / 1e6:8.3f} "
-                     f"{c['us']:9.1f} {r['evaluations']:7d} {r['wall_s']:8.1f}")
+                     f"{c['us']:9.1f} {r.get('evaluations_total', r['evaluations']):7d} "
+                     f"{r.get('wall_s_total', r['wall_s']):8.1f}")
     closed = report.get("closed_loop")
     if closed:
         lines.append(f"closed-loop selection ({closed['config']['samples']} samples, {closed['config']['steps']} "

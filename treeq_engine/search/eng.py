@@ -51,7 +51,7 @@ class Environment:
     def layer(self, searched: bool, fixed: LayerConfig | None, index: int | None = None
               ) -> tuple[LayerConfig | None, float]:
         """(config, λ) of an environment layer (``index``: the searched leaf's, for an environment plan). At
-        λ = 0 it is exactly full precision (v + 0·(Q(v) − v) = v), so the layer runs unquantized, which is faster."""
+        λ = 0 it is exactly full precision (v + 0·(Q(v) − v) = v), so the layer runs unquantized (faster)."""
         if not searched:
             cfg = fixed
         elif self.plan is None:

@@ -11,6 +11,7 @@ rank 0 runs the baselines and writes files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -67,6 +68,8 @@ class SearchConfig:
             raise ValueError("keep, batch, group and random_count must be positive")
         if self.closed_loop_root and self.closed_loop is None:
             raise ValueError("closed_loop_root needs a closed_loop config (how plans are sampled)")
+        if isinstance(self.elites, str):
+            raise ValueError(f"elites must be a tuple of 'ip' or plan file paths, got the string {self.elites!r}")
         if any(not e for e in self.elites) or self.env_plan == "":
             raise ValueError(f"elites and env_plan must be 'ip' or plan file paths, got {self.elites}, "
                              f"{self.env_plan!r}")
@@ -134,8 +137,13 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     baselines: dict[str, BaselineResult] = {}
     warm_start: dict[str, Any] = {}
 
+    ip_cache = None if out is None else out / "warm_start_ip.json"
+    ip_key = None
+
     def resolve(source: str) -> np.ndarray:
-        """A warm-start or environment plan: "ip" (computed once, on rank 0, given to every process) or a file."""
+        """A warm-start or environment plan: "ip" (computed once, on rank 0, given to every process; a resumed
+        search reads it back from ``warm_start_ip.json``) or a plan file."""
+        nonlocal ip_key
         if source != "ip":
             p = load_plan(source)
             validate_plan(p, model, space, budget, **cost_kw)
@@ -143,18 +151,27 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         a_ip = np.zeros(len(space.leaves))
         if rank == 0:
             if "ip" not in baselines:
-                baselines["ip"] = ip()
-                warm_start["ip"] = {"evaluations": baselines["ip"].evaluations, "wall_s": baselines["ip"].wall_s}
+                if ip_key is None:   # what the IP plan depends on: evaluator (model, inputs, space), budget, costs
+                    h = hashlib.sha256(json.dumps([ev.fingerprint(), budget.to_dict(), cost.kind]).encode())
+                    h.update(np.ascontiguousarray(cost.table).tobytes())
+                    ip_key = h.hexdigest()
+                cached = _read_baseline(ip_cache, ip_key) if resume and ip_cache is not None else None
+                baselines["ip"] = cached or ip()
+                if cached is None and ip_cache is not None:
+                    _write_baseline(ip_cache, ip_key, baselines["ip"])
+                warm_start["ip"] = {"evaluations": baselines["ip"].evaluations, "wall_s": baselines["ip"].wall_s,
+                                    "reused": cached is not None}
             a_ip[:] = baselines["ip"].assignment
         return distributed.all_sum(a_ip).astype(np.int64)
 
     elites = [resolve(e) for e in config.elites]
-    if config.env_plan is not None:   # score every node inside this plan; it is kept as an elite too
+    if config.env_plan is not None:   # score every node inside this plan (kept as an elite, like uniform's)
         a_env = resolve(config.env_plan)
         env = Environment(env.config, env.lam, plan=tuple(space.candidates[int(i)] for i in a_env))
         ev = Evaluator(model, runner, space, inputs, env, batch=config.batch, group=config.group,
                        reference=ev.reference(), weights=weights)
-        elites.append(a_env)
+        if config.anchor:
+            elites.append(a_env)
 
     judge = TrajectoryJudge(model, config.closed_loop) if config.closed_loop is not None and rank == 0 else None
     root_scorer = RootScorer(judge, space, config.closed_loop, progress) if config.closed_loop_root else None
@@ -175,9 +192,11 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         a, total, mse = pool.configs[i], cost.offset + pool.cost[i], float(pool.mse[i])
         chosen = next(r for r in rows if r["index"] == i)
         closed_scores = {"closed_loop_mse": chosen["closed_loop_mse"], "psnr": chosen["psnr"]}
-    ptq = mse if ptq_ev is ev and root_scorer is None else float(ptq_ev.evaluate_plans(a[None])[0])
+    # at λ = 1 a whole plan's score does not depend on the environment (uniform bits or a plan)
+    ptq = mse if env.lam == 1.0 and root_scorer is None else float(ptq_ev.evaluate_plans(a[None])[0])
+    env_label = env.config.label if env.plan is None else f"plan:{config.env_plan}"
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
-            "env": env.config.label if env.plan is None else f"plan:{config.env_plan}", "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
+            "env": env_label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
             "selected_by": "closed-loop root" if root_scorer is not None else
             "one-step" if closed is None else "closed-loop", "elites": list(config.elites),
             "env_plan": config.env_plan,
@@ -201,11 +220,14 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     report = {
         "model": model_name, "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
         "anchor": config.anchor,
-        "env": env.to_dict(), "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
+        "env": {**env.to_dict(), "source": env_label}, "elites": list(config.elites), "env_plan": config.env_plan,
+        "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
         "calibration_samples": ev.num_samples, "weighted": weights is not None,
         "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
                 "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels,
-                "warm_start": warm_start, **closed_scores},
+                "warm_start": warm_start,   # what the warm start (IP) cost on top of the tree
+                "evaluations_total": result.evaluations + sum(w["evaluations"] for w in warm_start.values()),
+                "wall_s_total": result.wall_s + sum(w["wall_s"] for w in warm_start.values()), **closed_scores},
         "closed_loop": closed,
         "baselines": {k: {**_plan_entry(space, b.assignment, b.mse, **cost_kw), "evaluations": b.evaluations,
                           "wall_s": b.wall_s, **{kk: vv for kk, vv in b.detail.items() if kk != "all_mse"}}
@@ -235,6 +257,26 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
                        title=f"TSS root merge, {budget.label}, λ={env.lam:g}, K={config.keep}"
                              + (", closed-loop MSE" if root_scorer is not None else ""))
     return SearchOutcome(plan, result, ptq, baselines, report)
+
+
+def _write_baseline(path: Path, key: str, b: BaselineResult) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "name": b.name, "assignment": b.assignment.tolist(),
+                               "cost": np.asarray(b.cost).tolist(), "mse": b.mse, "evaluations": b.evaluations,
+                               "wall_s": b.wall_s, "detail": b.detail}) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_baseline(path: Path, key: str) -> BaselineResult | None:
+    """The baseline saved by an earlier run of the same search, or None (absent, unreadable or another search)."""
+    try:
+        d = json.loads(path.read_text())
+        if d.get("key") != key:
+            return None
+        return BaselineResult(d["name"], np.array(d["assignment"], dtype=np.int64), np.array(d["cost"]),
+                              float(d["mse"]), int(d["evaluations"]), float(d["wall_s"]), dict(d["detail"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_plan(path: str | Path) -> QuantPlan:

@@ -18,7 +18,8 @@ and is scored there, so the search cannot end worse than it on its own metric ei
 combine a slice of it with other configs.
 Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``: the binding dimension's budget use.
 
-Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²``. Each level's scoring is
+Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²`` (with more elites than K, the
+elites' count replaces K). Each level's scoring is
 independent across nodes and is sharded over processes (``distributed``). After every level the state (each
 node's kept configs with their costs and MSEs) is written atomically to ``state_path`` as JSON; a search started
 again with ``resume=True`` continues after the last finished level and gives the identical result.
@@ -84,6 +85,7 @@ class SearchResult:
     keep: int
     cost_kind: str
     budget: Budget | None
+    slots: int = 0                        # configs a node keeps: K, or the number of elites when that is larger
 
     def best(self, budget: Budget, cost: CostModel) -> tuple[np.ndarray, np.ndarray, float]:
         """(assignment, total cost, MSE) of the lowest-MSE front plan meeting ``budget``."""
@@ -98,7 +100,7 @@ class SearchResult:
 
     @property
     def evaluation_bound(self) -> int:
-        return (self.root.hi - self.root.lo - 1) * self.keep ** 2
+        return (self.root.hi - self.root.lo - 1) * max(self.keep, self.slots) ** 2
 
 
 class RootScorer(Protocol):
@@ -156,8 +158,7 @@ def _check_elites(elites: np.ndarray | None, n: int, n_cand: int, cost: CostMode
         over = [i for i, p in enumerate(a) if not cost.fits(cost.total(p), budget)]
         if over:
             raise BudgetError(f"elite plan(s) {over} do not meet the budget {budget.label}")
-    _, first = np.unique(a, axis=0, return_index=True)
-    return a[np.sort(first)]
+    return np.unique(a, axis=0)   # sorted rows: the fingerprint does not depend on the order they were given in
 
 
 def _no_plan(budget: Budget | None) -> BudgetError:
@@ -335,4 +336,4 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     finally:
         bar.close()
     return SearchResult(nodes[0], front if front is not None else nodes[0], root_candidates or {}, levels,
-                        evaluations, wall0 + time.perf_counter() - t0, keep, cost.kind, budget)
+                        evaluations, wall0 + time.perf_counter() - t0, keep, cost.kind, budget, len(plans))
