@@ -76,12 +76,25 @@ def test_cli_search_check_and_resume(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_cli_warm_start_and_environment_plan(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(BASE + ["--budget", "W4A4", "--keep", "3", "--warm-start", "ip", "--env-plan", "ip",
+                        "--baselines", "ip", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "env plan:ip" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["elites"] == ["ip"] and report["env_plan"] == "ip" and (out / "warm_start_ip.json").exists()
+    assert report["tss"]["mse"] <= report["baselines"]["ip"]["mse"] * (1 + 1e-9)
+    assert report["tss"]["evaluations_total"] == report["tss"]["evaluations"] + report["baselines"]["ip"]["evaluations"]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--budget", "W4Z4"], "cannot read budget"),
     (["--budget", "W4A4", "--w-bits", "2,5"], "weight bit-width(s) [5]"),
     (["--budget", "W4A4", "--lam", "2"], "λ must be in"),
     (["--budget", "W1A3"], "no plan meets the budget W1A3"),
     (["--budget", "W4A4", "--env", "W4A4.5"], "integer bits"),
+    (["--budget", "W4A4", "--warm-start", "nope.json"], "plan file nope.json does not exist"),
 ])
 def test_cli_errors(args, msg, capsys, tmp_path):
     assert main(BASE + args + ["--calib-cache", str(tmp_path)]) == 2
