@@ -97,6 +97,46 @@ def test_a_root_scorer_runs_on_rank_0_and_every_process_gets_its_scores(tmp_path
     assert ranks[0]["calls"] == scorer.calls > 0 and ranks[1]["calls"] == 0
 
 
+def _warm_search():
+    from treeq_engine.search.run import SearchConfig, search
+
+    torch.set_num_threads(1)
+    model = TinyDiT(depth=2, d=16, tokens=4, seed=13)
+    inputs = calibration(model, n=8, seed=14)
+    out = search(model, DiTRunner(model, output_fn=eps), inputs,
+                 SearchConfig(Budget.parse("W3A4"), lam=0.5, keep=3, batch=8, group=5, elites=("ip",),
+                              env_plan="ip", baselines=("ip",)), progress=False)
+    return out
+
+
+def _warm_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = _warm_search()
+        (out_dir / f"warm{rank}.json").write_text(json.dumps({
+            "layers": {k: v.label for k, v in out.plan.layers.items()}, "ptq": out.ptq_mse,
+            "front": out.result.front.mse.tolist(), "baselines": sorted(out.baselines)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_ip_warm_start_and_environment_plan_give_the_single_process_plan(tmp_path):
+    """Rank 0 computes the IP plan, every process receives it (warm start and environment), and the two
+    processes end on the single-process plan with bit-identical scores; only rank 0 reports baselines."""
+    mp.spawn(_warm_worker, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    try:
+        single = _warm_search()
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [json.loads((tmp_path / f"warm{r}.json").read_text()) for r in range(2)]
+    for got in ranks:
+        assert got["layers"] == {k: v.label for k, v in single.plan.layers.items()}
+        assert got["ptq"] == single.ptq_mse
+        np.testing.assert_array_equal(np.array(got["front"]), single.result.front.mse)
+    assert ranks[0]["baselines"] == ["ip"] and ranks[1]["baselines"] == []
+
+
 def test_assign_balances_largest_first():
     owner = distributed.assign([5, 1, 4, 2, 3, 3], 2)
     loads = [sum(c for c, o in zip([5, 1, 4, 2, 3, 3], owner) if o == r) for r in range(2)]
