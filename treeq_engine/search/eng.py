@@ -54,12 +54,8 @@ class Environment:
         λ = 0 it is exactly full precision (v + 0·(Q(v) − v) = v), so the layer runs unquantized (faster)."""
         if not searched:
             cfg = fixed
-        elif self.plan is None:
-            cfg = self.config
-        elif index is None or not 0 <= index < len(self.plan):
-            raise PlanError(f"the ENG environment plan has {len(self.plan)} leaves; leaf index {index} is not one")
-        else:
-            cfg = self.plan[index]
+        else:   # the evaluator checks that the plan has one config per searched leaf
+            cfg = self.config if self.plan is None else self.plan[index]
         if self.lam == 0.0:
             return None, 1.0
         return cfg, self.lam

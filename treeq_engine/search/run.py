@@ -11,7 +11,6 @@ rank 0 runs the baselines and writes files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..calib.store import digest, write_json
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import distributed
 from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_baseline
@@ -152,9 +152,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         if rank == 0:
             if "ip" not in baselines:
                 if ip_key is None:   # what the IP plan depends on: evaluator (model, inputs, space), budget, costs
-                    h = hashlib.sha256(json.dumps([ev.fingerprint(), budget.to_dict(), cost.kind]).encode())
-                    h.update(np.ascontiguousarray(cost.table).tobytes())
-                    ip_key = h.hexdigest()
+                    ip_key = digest({"evaluator": ev.fingerprint(), "budget": budget.to_dict(), "cost": cost.kind,
+                                     "table": cost.table.tolist()})
                 cached = _read_baseline(ip_cache, ip_key) if resume and ip_cache is not None else None
                 baselines["ip"] = cached or ip()
                 if cached is None and ip_cache is not None:
@@ -260,11 +259,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
 
 
 def _write_baseline(path: Path, key: str, b: BaselineResult) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "name": b.name, "assignment": b.assignment.tolist(),
-                               "cost": np.asarray(b.cost).tolist(), "mse": b.mse, "evaluations": b.evaluations,
-                               "wall_s": b.wall_s, "detail": b.detail}) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"key": key, "name": b.name, "assignment": b.assignment.tolist(),
+                      "cost": np.asarray(b.cost).tolist(), "mse": b.mse, "evaluations": b.evaluations,
+                      "wall_s": b.wall_s, "detail": b.detail})
 
 
 def _read_baseline(path: Path, key: str) -> BaselineResult | None:
