@@ -90,6 +90,14 @@ class DiTRunner:
         return out if self.output_fn is None else self.output_fn(out)
 
 
+def run_segments(runner: SegmentRunner, inputs: State) -> torch.Tensor:
+    """Every segment in turn on ``inputs``: the model's output as the metric sees it."""
+    state = tuple(inputs)
+    for s in range(runner.num_segments):
+        state = runner.run(s, state)
+    return runner.output(state)
+
+
 def tile(state: State, g: int) -> State:
     """Each tensor repeated ``g`` times along dim 0: group ``i`` is rows ``[i·M, (i+1)·M)``."""
     return tuple(t.repeat((g,) + (1,) * (t.dim() - 1)) for t in state)

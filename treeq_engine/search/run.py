@@ -28,7 +28,7 @@ from .baselines import BaselineResult, ip_baseline, random_baseline, uniform_bas
 from .closed_loop import ClosedLoopConfig, RootScorer, TrajectoryJudge, candidate_pool, select
 from .costs import Budget, LatencyTable, check_budget, cost_model, describe, environment_config
 from .eng import Environment
-from .evaluator import Evaluator, SegmentRunner
+from .evaluator import Evaluator, SegmentRunner, run_segments
 from .space import SearchSpace
 from .tree import SearchResult, tree_search
 
@@ -109,7 +109,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     model.eval()
     rank, _ = distributed.rank_world()
     if space is None:
-        space = SearchSpace.build(model, [t[:2] for t in inputs], model_name=model_name)
+        space = SearchSpace.build(model, [t[:2] for t in inputs], model_name=model_name,
+                                  forward=lambda *xs: run_segments(runner, xs))
     lut = LatencyTable.load(config.latency_table) if config.latency_table else None
     cost_kw = {"latency_table": lut, "serve_batch": config.serve_batch}
     budget = config.budget

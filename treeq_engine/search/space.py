@@ -18,7 +18,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..format import ACT_BITS, WEIGHT_BITS
-from ..nn import forward_order, quantizable_linears
+from ..nn import quantizable_linears
 from ..plan import LayerConfig, PlanError, QuantPlan, is_block_layer
 
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -96,11 +96,13 @@ class SearchSpace:
     def build(cls, model: nn.Module, example_inputs: Sequence[Any], *,
               include: Callable[[str], bool] | str | None = None,
               candidates: Sequence[LayerConfig] | None = None,
-              fixed_config: LayerConfig | None = LayerConfig(8, 8), model_name: str = "") -> "SearchSpace":
+              fixed_config: LayerConfig | None = LayerConfig(8, 8), model_name: str = "",
+              forward: Callable[..., Any] | None = None) -> "SearchSpace":
         """Enumerate the linears of ``model`` in the order one forward on ``example_inputs`` (a batch of
         calibration inputs) calls them. ``include`` picks the searched ones (a predicate or a regular expression
         matched with ``re.search``; default: the transformer-block linears); every other linear is fixed at
-        ``fixed_config`` (``None``: full precision)."""
+        ``fixed_config`` (``None``: full precision). ``forward`` runs that forward (default: ``model``; the
+        search passes its segment runner's, so the space is what the runner runs)."""
         if isinstance(include, str):
             pattern = re.compile(include)
             include = lambda n: pattern.search(n) is not None  # noqa: E731
@@ -116,10 +118,11 @@ class SearchSpace:
 
         hooks = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in names]
         try:
-            order = forward_order(model, *example_inputs, names=names)
+            (forward or model)(*example_inputs)
         finally:
             for h in hooks:
                 h.remove()
+        order = list(rows)   # first-call order
         unreached = [n for n in names if n not in rows]
         if unreached:
             raise PlanError(f"{len(unreached)} linear(s) never ran in a forward pass, e.g. {unreached[:3]}")

@@ -1,0 +1,243 @@
+"""The search on diffusers' DiT and PixArt transformers (tiny random configs, offline): the runner's segments
+compose to the model bit for bit, the evaluator agrees with a brute-force oracle that converts a copy and runs the
+model's own forward, pipeline calls are captured as calibration inputs, and a whole search returns a plan that
+``quantize`` packs."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from tiny_diffusers import tiny_dit, tiny_pixart  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.nn import convert, quant_layers  # noqa: E402
+from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.search import Budget, DiffusersRunner, Environment, Evaluator, SearchSpace, capture_calls  # noqa: E402
+from treeq_engine.search.diffusers_runner import load_inputs, save_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+from treeq_engine.search.run import SearchConfig, search  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def perturbed(model, seed=1):
+    """diffusers zero-inits adaLN-Zero and the output layers, which would make every plan score zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def pixart_extra():
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4,
+                                              out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                              cross_attention_dim=48, caption_channels=24, norm_type="ada_norm_single",
+                                              use_additional_conditions=True).eval()   # width: a multiple of 3
+
+
+def example(runner, n=4, seed=0, hw=(8, 8)):
+    """Inputs as a pipeline would pass them, the runner's tuple, and the model's own output on them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, *hw, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    m = runner.model
+    with torch.no_grad():
+        if runner.arch == "dit":
+            y = torch.randint(0, 10, (n,), generator=g)
+            return runner.inputs(x, t, y), m(x, t, y).sample
+        enc = torch.randn(n, 5, 24, generator=g)
+        mask = (torch.rand(n, 5, generator=g) > 0.4).long()
+        mask[:, 0] = 1
+        cond = {"resolution": None, "aspect_ratio": None}
+        if runner.extra_conditions:
+            cond = {"resolution": torch.tensor([[512.0, 768.0]]).repeat(n, 1), "aspect_ratio": torch.full((n, 1), 1.5)}
+        inputs = runner.inputs(x, t, encoder_hidden_states=enc, encoder_attention_mask=mask, added_cond_kwargs=cond)
+        return inputs, m(x, enc, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample
+
+
+MODELS = {"dit": tiny_dit, "pixart": tiny_pixart, "pixart-extra": pixart_extra}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_segments_compose_to_the_model(name):
+    runner = DiffusersRunner(perturbed(MODELS[name]()))
+    for hw in ((8, 8),) + (((8, 12),) if name.startswith("pixart") else ()):   # PixArt latents need not be square
+        inputs, want = example(runner, hw=hw)
+        with torch.no_grad():
+            got = runner.forward(*inputs)
+            assert torch.equal(got, want)
+            assert torch.equal(run_segments(runner, inputs), want[:, :4])   # the metric sees the ε half
+    assert runner.segment_of("transformer_blocks.1.attn1.to_q") == 2
+    assert runner.segment_of("proj_out") == runner.num_segments - 1 == 3
+
+
+def test_space_follows_the_model():
+    runner = DiffusersRunner(perturbed(tiny_pixart()))
+    inputs, _ = example(runner)
+    space = SearchSpace.build(runner.model, inputs, forward=lambda *xs: run_segments(runner, xs))
+    block = [n.split(".", 2)[2] for n in space.names[:10]]
+    assert block == ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+    tokens = {leaf.name.split(".", 2)[2]: leaf.tokens for leaf in space.leaves[:10]}
+    assert tokens["attn1.to_q"] == 16 and tokens["attn2.to_k"] == 5     # captions: 5 tokens per sample
+    assert len(space.leaves) == 20
+    assert {leaf.name for leaf, _ in space.fixed} == {"adaln_single.emb.timestep_embedder.linear_1",
+                                                       "adaln_single.emb.timestep_embedder.linear_2",
+                                                       "adaln_single.linear", "caption_projection.linear_1",
+                                                       "caption_projection.linear_2", "proj_out"}
+    dit = DiffusersRunner(perturbed(tiny_dit()))
+    inputs, _ = example(dit)
+    space = SearchSpace.build(dit.model, inputs, forward=lambda *xs: run_segments(dit, xs))
+    assert space.names[0] == "transformer_blocks.0.norm1.linear" and space.leaves[0].tokens == 1
+    assert all(".emb." in leaf.name or leaf.name.startswith("proj_out") for leaf, _ in space.fixed)
+
+
+def brute_mse(model, runner, inputs, space, env, lo, hi, row):
+    """Convert a fresh copy, run the model's own forward, MSE of the ε half against FP."""
+    m = copy.deepcopy(model)
+    c = runner.in_channels
+    call = DiffusersRunner(m)
+    with torch.no_grad():
+        fp = call.forward(*inputs)[:, :c].double()
+    layers = {leaf.name: space.candidates[row[i - lo]] if lo <= i < hi else env.config
+              for i, leaf in enumerate(space.leaves)}
+    layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
+    convert(m, QuantPlan(layers))
+    node = set(space.names[lo:hi])
+    for name, q in quant_layers(m).items():
+        q.set_noise_scale(1.0 if name in node else env.lam)
+    with torch.no_grad():
+        out = call.forward(*inputs)[:, :c].double()
+    return float(((out - fp) ** 2).mean())
+
+
+@pytest.mark.parametrize("name,lam", [("dit", 1.0), ("pixart", 0.5), ("pixart-extra", 1.0)])
+def test_evaluate_matches_brute_force(name, lam):
+    model = perturbed(MODELS[name]())
+    runner = DiffusersRunner(model)
+    inputs, _ = example(runner, n=5, seed=3)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs))
+    env = Environment(LayerConfig(4, 4), lam)
+    pristine = copy.deepcopy(model)
+    # candidates stacked 3 per forward (groups of 3 and 1); one chunk: a different chunking changes the matmuls'
+    # float rounding, which can flip a code at a rounding boundary (seen: 7e-4 on one score, batch 2 against 5)
+    ev = Evaluator(model, runner, space, inputs, env, batch=5, group=3)
+    rng = np.random.default_rng(len(name))
+    c = len(space.candidates)
+    for lo, hi in ((0, 2), (5, 8), (len(space.leaves) - 3, len(space.leaves))):
+        rows = rng.integers(0, c, (4, hi - lo))
+        got = ev.evaluate(lo, hi, rows)
+        want = [brute_mse(pristine, runner, inputs, space, env, lo, hi, r) for r in rows]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+    assert (got > 0).all()
+
+
+def test_inputs_are_checked():
+    dit, pix, extra = (DiffusersRunner(m()) for m in (tiny_dit, tiny_pixart, pixart_extra))
+    x = torch.zeros(2, 4, 8, 8)
+    inputs = dit.inputs(x, torch.tensor(7), torch.tensor([1, 2]))
+    assert inputs[1].tolist() == [7, 7]                                   # a scalar timestep, broadcast
+    assert pix.inputs(x, 5, encoder_hidden_states=torch.zeros(2, 3, 24))[3].tolist() == [[1] * 3] * 2   # no mask
+    with pytest.raises(ValueError, match="class_labels"):
+        dit.inputs(x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"timestep must be"):
+        dit.inputs(x, torch.tensor([1, 2, 3]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="self-attention mask"):
+        pix.inputs(x, 5, encoder_hidden_states=torch.zeros(2, 3, 24), attention_mask=torch.ones(2, 16))
+    with pytest.raises(ValueError, match="keep-mask"):
+        pix.inputs(x, 5, encoder_hidden_states=torch.zeros(2, 3, 24), encoder_attention_mask=torch.zeros(2, 1, 3))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        pix.inputs(x, 5)
+    with pytest.raises(ValueError, match="additional conditions"):
+        extra.inputs(x, 5, encoder_hidden_states=torch.zeros(2, 3, 24))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        dit.inputs(torch.zeros(2, 16), 5, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="DiffusersRunner cuts"):
+        DiffusersRunner(torch.nn.Linear(2, 2))
+
+
+def tiny_dit_pipeline():
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                          norm_type="ada_norm_zero").eval()   # the pipeline's null class is 1000
+    return diffusers.DiTPipeline(transformer=perturbed(dit), vae=vae.eval(),
+                                 scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000))
+
+
+def test_capture_from_a_pipeline(tmp_path):
+    pipe = tiny_dit_pipeline()
+    runner = DiffusersRunner(pipe.transformer)
+    with capture_calls(runner) as calls:
+        pipe(class_labels=[0, 1, 2], num_inference_steps=6, guidance_scale=1.5, generator=torch.manual_seed(0),
+             output_type="np")
+        pipe(class_labels=[3], num_inference_steps=6, guidance_scale=1.5, generator=torch.manual_seed(1),
+             output_type="np")
+    assert len(calls.calls) == 12 and not pipe.transformer._forward_pre_hooks   # the hook is gone
+    x, t, y = calls.inputs()
+    assert x.shape == (36 + 12, 4, 8, 8)
+    assert y[:6].tolist() == [0, 1, 2, 1000, 1000, 1000]                        # [cond; uncond (null class)]
+    sub = calls.inputs(timesteps=3)
+    steps = sorted(set(calls.timesteps), reverse=True)                          # 6 distinct, in sampling order
+    assert sorted(set(sub[1].tolist()), reverse=True) == [steps[0], steps[2], steps[5]]
+    assert sub[0].shape[0] == 3 * (6 + 2)                                       # both runs at each kept step
+    with pytest.raises(ValueError, match="timesteps must be"):
+        calls.inputs(timesteps=7)
+    # the captured inputs are the transformer's: the runner reproduces the pipeline's calls
+    with torch.no_grad():
+        assert torch.equal(runner.forward(*sub), pipe.transformer(*sub).sample)
+
+    path = str(tmp_path / "calib.safetensors")
+    save_inputs(path, runner, sub)
+    back = load_inputs(path, runner)
+    assert all(torch.equal(a, b) for a, b in zip(back, sub))
+    with pytest.raises(ValueError, match="'dit' transformer"):
+        load_inputs(path, DiffusersRunner(tiny_pixart()))
+
+
+def test_capture_rejects_what_the_search_cannot_run():
+    runner = DiffusersRunner(tiny_pixart())
+    x = torch.zeros(2, 4, 8, 8)
+    with capture_calls(runner) as calls, pytest.raises(ValueError, match="mixes timesteps"):
+        runner.model(x, torch.zeros(2, 3, 24), torch.tensor([1, 2]),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    assert not calls.calls and not runner.model._forward_pre_hooks
+    with pytest.raises(ValueError, match="no transformer calls"):
+        calls.inputs()
+
+
+def test_search_then_quantize(tmp_path):
+    from treeq_engine.runtime import quantize
+
+    model = perturbed(tiny_pixart())
+    fp = copy.deepcopy(model)
+    runner = DiffusersRunner(model)
+    inputs, _ = example(runner, n=6, seed=5)
+    out = search(model, runner, inputs, SearchConfig(Budget.parse("W4A8"), keep=3, batch=6, group=9,
+                                                     baselines=("uniform",)),
+                 out_dir=tmp_path, progress=False, model_name="tiny-pixart")
+    plan = out.plan
+    assert out.report["model"] == "tiny-pixart" and out.report["leaves"] == 20
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "pareto.png").exists()
+    assert out.report["tss"]["mse"] <= out.report["baselines"]["uniform"]["mse"]
+    assert sum(c.w_bits != 8 for c in plan.layers.values()) >= 10     # the budget is spent, not all W8
+    ref_model = copy.deepcopy(fp)
+    quantize(fp, plan)                     # the searched plan packs the FP transformer (fused blocks included)
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    assert sum(isinstance(m, TreeQLinear) for m in fp.modules()) == len(plan.layers)
+    with torch.no_grad():
+        x, enc, t, mask = example(runner, n=2, seed=9)[0]
+        q = fp(x, enc, t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+               encoder_attention_mask=mask).sample
+        ref = DiffusersRunner(ref_model).forward(x, enc, t, mask)
+    rel = float((q - ref).norm() / ref.norm())
+    assert torch.isfinite(q).all() and 0 < rel < 0.2, rel

@@ -1,0 +1,317 @@
+"""The search's segment runner for diffusers transformers: ``DiTTransformer2DModel`` (adaLN-Zero, class labels)
+and ``PixArtTransformer2DModel`` (adaLN-single, text cross-attention), the two the runtime also fuses.
+
+    runner = DiffusersRunner(transformer)                       # checks the architecture
+    inputs = capture_pipeline_inputs(pipe, runner, ...)         # or runner.inputs(...) from tensors you have
+    out = search(transformer, runner, inputs, SearchConfig(Budget.parse("W4A4")), out_dir="out")
+
+The model is cut where the search needs it (``SegmentRunner``): segment 0 runs the embedders (patch embedding,
+timestep/label embedding, PixArt's caption projection), segments ``1..B`` the transformer blocks, and the last one
+the output head and unpatchify. Each segment does what the model's own ``forward`` does between those points
+(a test holds the segments' composition bit-identical to ``transformer(...).sample``), so the searched linears,
+their forward order and their inputs are the model's.
+
+Calibration inputs are tuples of tensors with the sample on dim 0, in the order of ``input_names``:
+
+* DiT: ``hidden_states (N, C, H, W)``, ``timestep (N,)``, ``class_labels (N,)``;
+* PixArt: ``hidden_states``, ``encoder_hidden_states (N, L, D)``, ``timestep (N,)``, ``encoder_attention_mask
+  (N, L)`` (1 keeps a caption token; give ones when the pipeline passes none), and with
+  ``use_additional_conditions`` (the 1024-px models) ``resolution (N, 2)`` and ``aspect_ratio (N, 1)``.
+
+The MSE is taken on the noise prediction: the first ``in_channels`` output channels when the model also predicts
+the variance (``out_channels == 2·in_channels``, as diffusers' pipelines split it), else the whole output.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .evaluator import State
+
+DIT, PIXART = "dit", "pixart"
+
+
+def diffusers_arch(model: nn.Module) -> str | None:
+    """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``None`` for anything else."""
+    cfg = getattr(model, "config", None)
+    if not hasattr(model, "transformer_blocks") or cfg is None:
+        return None
+    norm = getattr(cfg, "norm_type", None) if not isinstance(cfg, Mapping) else cfg.get("norm_type")
+    name = type(model).__name__
+    if name == "DiTTransformer2DModel" and norm == "ada_norm_zero":
+        return DIT
+    if name == "PixArtTransformer2DModel" and norm == "ada_norm_single":
+        return PIXART
+    return None
+
+
+class DiffusersRunner:
+    """``SegmentRunner`` for a diffusers DiT or PixArt transformer (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        arch = diffusers_arch(model)
+        if arch is None:
+            raise TypeError(f"DiffusersRunner cuts diffusers' DiTTransformer2DModel (norm_type 'ada_norm_zero') and "
+                            f"PixArtTransformer2DModel (norm_type 'ada_norm_single'); got {type(model).__name__}"
+                            f" (norm_type {getattr(getattr(model, 'config', None), 'norm_type', None)!r})")
+        self.model, self.arch = model, arch
+        self.blocks = model.transformer_blocks
+        self.num_segments = len(self.blocks) + 2
+        self.patch = int(model.config.patch_size)
+        self.in_channels, self.out_channels = int(model.config.in_channels), int(model.out_channels)
+        self._grids: dict[int, tuple[int, int]] = {}
+        self.extra_conditions = arch == PIXART and bool(model.config.use_additional_conditions)
+        if output_fn is None and self.out_channels == 2 * self.in_channels:
+            c = self.in_channels
+            output_fn = lambda out: out[:, :c]  # noqa: E731  (the ε half of a learned-σ output)
+        self.output_fn = output_fn
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        if self.arch == DIT:
+            return ("hidden_states", "timestep", "class_labels")
+        extra = ("resolution", "aspect_ratio") if self.extra_conditions else ()
+        return ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask") + extra
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | int | None = None,
+               class_labels: torch.Tensor | None = None, *, encoder_hidden_states: torch.Tensor | None = None,
+               encoder_attention_mask: torch.Tensor | None = None,
+               added_cond_kwargs: Mapping[str, torch.Tensor | None] | None = None,
+               attention_mask: torch.Tensor | None = None,
+               cross_attention_kwargs: Mapping[str, Any] | None = None, **_: Any) -> State:
+        """One transformer call's arguments (as a pipeline passes them) as this runner's input tuple: the
+        timestep broadcast to the batch, a missing caption mask as ones. What the search cannot reproduce is an
+        error: a self-attention mask, attention kwargs, a caption-bias mask, missing conditions."""
+        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 4:
+            raise ValueError(f"hidden_states must be a (N, C, H, W) latent tensor, got "
+                             f"{tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states)}")
+        if attention_mask is not None:
+            raise ValueError("the search does not support a self-attention mask (attention_mask); pipelines pass None")
+        if cross_attention_kwargs:
+            raise ValueError(f"the search runs the default attention; cross_attention_kwargs "
+                             f"{sorted(cross_attention_kwargs)} are not supported")
+        n = hidden_states.shape[0]
+        if timestep is None:
+            raise ValueError("timestep is required")
+        t = torch.as_tensor(timestep, device=hidden_states.device)
+        if t.dim() == 0:
+            t = t[None]
+        if t.dim() != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
+        t = t.expand(n).clone()
+        if self.arch == DIT:
+            if class_labels is None or tuple(class_labels.shape) != (n,):
+                raise ValueError(f"a DiT call needs class_labels of shape ({n},), got "
+                                 f"{None if class_labels is None else tuple(class_labels.shape)}")
+            return (hidden_states, t, class_labels)
+        if encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != n:
+            raise ValueError(f"a PixArt call needs encoder_hidden_states (N={n}, L, D), got "
+                             f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}")
+        length = encoder_hidden_states.shape[1]
+        if encoder_attention_mask is None:
+            mask = torch.ones(n, length, device=hidden_states.device)
+        elif encoder_attention_mask.dim() == 2 and tuple(encoder_attention_mask.shape) == (n, length):
+            mask = encoder_attention_mask
+        else:
+            raise ValueError(f"encoder_attention_mask must be a (N={n}, L={length}) keep-mask (1 keeps a token), "
+                             f"got shape {tuple(encoder_attention_mask.shape)}")
+        out: State = (hidden_states, encoder_hidden_states, t, mask)
+        if self.extra_conditions:
+            kw = dict(added_cond_kwargs or {})
+            res, ar = kw.get("resolution"), kw.get("aspect_ratio")
+            if not torch.is_tensor(res) or not torch.is_tensor(ar):
+                raise ValueError("this PixArt uses additional conditions: added_cond_kwargs needs 'resolution' and "
+                                 "'aspect_ratio' tensors")
+            out += (res.reshape(n, -1), ar.reshape(n, -1))
+        return out
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The whole model on one input tuple (every segment in turn): the full output, ``(N, C_out, H, W)``."""
+        state: State = tuple(inputs)
+        for s in range(self.num_segments):
+            state = self.run(s, state)
+        return state[0]
+
+    # -- SegmentRunner -----------------------------------------------------------------------------
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if parts[0] == "transformer_blocks" and len(parts) > 1 and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if parts[0] in ("proj_out", "proj_out_1", "proj_out_2", "norm_out"):
+            return self.num_segments - 1
+        return 0
+
+    def run(self, segment: int, state: State) -> State:
+        if segment == 0:
+            return self._embed(state)
+        if segment == self.num_segments - 1:
+            return (self._head(state),)
+        block = self.blocks[segment - 1]
+        if self.arch == DIT:
+            h, t, y = state
+            return (block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                          timestep=t, cross_attention_kwargs=None, class_labels=y), t, y)
+        h, enc, bias, t6, emb = state
+        return (block(h, attention_mask=None, encoder_hidden_states=enc, encoder_attention_mask=bias,
+                      timestep=t6, cross_attention_kwargs=None, class_labels=None), enc, bias, t6, emb)
+
+    def output(self, state: State) -> torch.Tensor:
+        out = state[0]
+        return out if self.output_fn is None else self.output_fn(out)
+
+    # -- the model's forward, cut ------------------------------------------------------------------
+    def _embed(self, state: State) -> State:
+        """DiT: ``(h, t, y)``; PixArt: ``(h, captions, caption bias, adaLN-single t, embedded t)``. PixArt's
+        latents need not be square: the patch grid is remembered by token count for the head (a host value, so
+        the head does not read it back from the device)."""
+        m = self.model
+        x = state[0]
+        n = x.shape[0]
+        h = m.pos_embed(x)
+        if self.arch == DIT:
+            _, t, y = state
+            return (h, t, y)
+        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        if self._grids.setdefault(grid[0] * grid[1], grid) != grid:
+            raise ValueError(f"latents of {grid[0] * grid[1]} patches came as {self._grids[grid[0] * grid[1]]} and "
+                             f"{grid} grids: use one aspect ratio per token count")
+        _, enc, t, mask = state[:4]
+        bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
+        cond = {"resolution": state[4], "aspect_ratio": state[5]} if self.extra_conditions else None
+        t6, emb = m.adaln_single(t, cond, batch_size=n, hidden_dtype=h.dtype)
+        if m.caption_projection is not None:
+            enc = m.caption_projection(enc).view(n, -1, h.shape[-1])
+        return (h, enc, bias, t6, emb)
+
+    def _head(self, state: State) -> torch.Tensor:
+        m = self.model
+        h = state[0]
+        if self.arch == DIT:
+            _, t, y = state
+            cond = self.blocks[0].norm1.emb(t, y, hidden_dtype=h.dtype)
+            shift, scale = m.proj_out_1(F.silu(cond)).chunk(2, dim=1)
+            h = m.norm_out(h) * (1 + scale[:, None]) + shift[:, None]
+            h = m.proj_out_2(h)
+            height = width = int(h.shape[1] ** 0.5)   # as the model: square latents
+        else:
+            emb = state[4]
+            shift, scale = (m.scale_shift_table[None] + emb[:, None].to(m.scale_shift_table.device)).chunk(2, dim=1)
+            h = m.norm_out(h)
+            h = h * (1 + scale.to(h.device)) + shift.to(h.device)
+            h = m.proj_out(h).squeeze(1)
+            if h.shape[1] not in self._grids:
+                raise RuntimeError(f"no latent grid of {h.shape[1]} patches went through segment 0")
+            height, width = self._grids[h.shape[1]]
+        p, c = self.patch, self.out_channels
+        h = h.reshape(-1, height, width, p, p, c)
+        h = torch.einsum("nhwpqc->nchpwq", h)
+        return h.reshape(-1, c, height * p, width * p)
+
+
+def stack_inputs(calls: Sequence[State]) -> State:
+    """Input tuples of several calls as one (concatenated along the sample dim), checking they agree."""
+    if not calls:
+        raise ValueError("no transformer calls were captured")
+    width = {len(c) for c in calls}
+    if len(width) != 1:
+        raise ValueError(f"captured calls have different input counts: {sorted(width)}")
+    out = []
+    for i in range(len(calls[0])):
+        shapes = {tuple(c[i].shape[1:]) for c in calls}
+        if len(shapes) != 1:
+            raise ValueError(f"input {i} changes shape between calls ({sorted(shapes)}): capture calls of one "
+                             "resolution and caption length per calibration set")
+        out.append(torch.cat([c[i].detach() for c in calls]))
+    return tuple(out)
+
+
+class CapturedCalls:
+    """The transformer calls made while the context is open (``capture_calls``), as input tuples on the CPU."""
+
+    def __init__(self, runner: DiffusersRunner) -> None:
+        self.runner = runner
+        self.calls: list[State] = []
+        self.timesteps: list[float] = []
+
+    def inputs(self, timesteps: int | None = None) -> State:
+        """The calibration inputs: every captured call, or only the calls at ``timesteps`` distinct timestep
+        values evenly spaced over those seen (first and last included), every pipeline run's calls at them."""
+        calls = self.calls
+        if timesteps is not None:
+            seen = sorted(set(self.timesteps), reverse=True)
+            if not 0 < timesteps <= len(seen):
+                raise ValueError(f"timesteps must be in [1, {len(seen)}] (distinct timesteps captured), got {timesteps}")
+            idx = {round(i * (len(seen) - 1) / max(timesteps - 1, 1)) for i in range(timesteps)}
+            keep = {seen[i] for i in idx}
+            calls = [c for c, t in zip(self.calls, self.timesteps) if t in keep]
+        return stack_inputs(calls)
+
+
+class capture_calls:
+    """Record every call of a diffusers transformer as the search's input tuples::
+
+        runner = DiffusersRunner(pipe.transformer)
+        with capture_calls(runner) as calls:
+            pipe(class_labels=[0, 1, 2, 3], num_inference_steps=25, generator=torch.manual_seed(0))
+        inputs = calls.inputs(timesteps=8)        # 8 of the 25 steps, every sample (with CFG: both halves)
+
+    A call the search could not reproduce (a self-attention mask, attention kwargs) is an error at once."""
+
+    def __init__(self, runner: DiffusersRunner) -> None:
+        import inspect
+
+        self.runner = runner
+        self.captured = CapturedCalls(runner)
+        self._signature = inspect.signature(runner.model.forward)
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        bound = self._signature.bind(*args, **kwargs)
+        state = self.runner.inputs(**bound.arguments)
+        t = state[self.runner.input_names.index("timestep")]
+        if bool((t != t[0]).any()):
+            raise ValueError("a captured call mixes timesteps within its batch; the calibration groups calls by "
+                             "timestep")
+        self.captured.calls.append(tuple(v.detach().to("cpu", copy=True) for v in state))
+        self.captured.timesteps.append(float(t[0]))
+
+    def __enter__(self) -> CapturedCalls:
+        self._handle = self.runner.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self.captured
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor]) -> None:
+    """Calibration inputs as safetensors, named by ``runner.input_names`` (what ``load_inputs`` checks)."""
+    from safetensors.torch import save_file
+
+    if len(inputs) != len(runner.input_names):
+        raise ValueError(f"{len(inputs)} input tensors for the {len(runner.input_names)} names {runner.input_names}")
+    save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path,
+              metadata={"schema": "treeq-diffusers-calibration", "arch": runner.arch})
+
+
+def load_inputs(path: str, runner: DiffusersRunner) -> State:
+    """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("schema") != "treeq-diffusers-calibration":
+            raise ValueError(f"{path}: not a TreeQ diffusers calibration file (schema {meta.get('schema')!r})")
+        if meta.get("arch") != runner.arch:
+            raise ValueError(f"{path}: inputs of a {meta.get('arch')!r} transformer, this one is {runner.arch!r}")
+        missing = [n for n in runner.input_names if n not in f.keys()]
+        if missing:
+            raise ValueError(f"{path}: missing inputs {missing} (has {sorted(f.keys())})")
+        out = tuple(f.get_tensor(n) for n in runner.input_names)
+    n = out[0].shape[0]
+    if any(t.shape[0] != n for t in out) or n == 0:
+        raise ValueError(f"{path}: inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in out]}")
+    return out
