@@ -241,3 +241,48 @@ def test_search_then_quantize(tmp_path):
         ref = DiffusersRunner(ref_model).forward(x, enc, t, mask)
     rel = float((q - ref).norm() / ref.norm())
     assert torch.isfinite(q).all() and 0 < rel < 0.2, rel
+
+
+def test_command_line_capture_search_quantize(tmp_path, capsys):
+    """`treeq capture` -> `treeq search --diffusers` -> `treeq quantize --diffusers`, and the artifact loads into a
+    rebuilt transformer that computes what the quantized one computes."""
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.plan import QuantPlan
+    from treeq_engine.runtime import artifact, quantize
+
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2,3,4", "--batch", "3", "--steps", "5",
+                 "--timesteps", "2", "--cfg", "1.5", "--device", "cpu", "--out", calib]) == 0
+    assert "kept 20 samples at 2 timesteps" in capsys.readouterr().out   # 2 runs x 2 steps x (cond + uncond)
+
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    plan = QuantPlan.load(out / "plan.json")
+    assert len(plan.layers) == 20 and "transformer_blocks.1.ff.net.2" in plan.layers   # 14 searched, 6 fixed
+
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
+    man = artifact.read_manifest(art)
+    loaded = artifact.load(art, rebuild(man["model_config"]))
+    direct = diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    quantize(direct, plan)
+    x, t, y = DiffusersRunner(direct).inputs(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 7]))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y).sample, direct(x, t, y).sample)
+
+    # what the command line refuses, and how it says so
+    assert main(["search", "--diffusers", str(pipe_dir), "--budget", "W4A8", "--out", str(out)]) == 2
+    assert "--calib-inputs" in capsys.readouterr().err
+    assert main(["search", "--diffusers", str(tmp_path), "--calib-inputs", calib, "--budget", "W4A8"]) == 2
+    assert "no diffusers transformer here" in capsys.readouterr().err
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--select", "closed-loop"]) == 2
+    assert "one-step metric" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--out", calib]) == 2
+    assert "takes --labels" in capsys.readouterr().err

@@ -23,6 +23,8 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
                     ".demo"),
     "search": Command("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", ".search.cli"),
+    "capture": Command("record a local diffusers DiT/PixArt pipeline's transformer calls as calibration inputs for "
+                       "`treeq search --diffusers`", ".search.capture_cli"),
     "ptq": Command("calibrate a DiT for a plan: weight/activation clipping, Monarch or low-rank branches "
                    "(resumable)", ".calib.cli", "add_ptq_args", "run_ptq"),
     "peft": Command("fine-tune a calibrated DiT's branches by distillation from the FP model (resumable)",

@@ -52,6 +52,8 @@ def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
+    p.add_argument("--diffusers", default=None, metavar="PATH",
+                   help="instead of --model: a local diffusers DiT or PixArt transformer (or pipeline) directory")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "
@@ -64,7 +66,17 @@ def run_quantize(args: argparse.Namespace) -> int:
     from . import artifact
     from .convert import memory_report, quantize
 
-    model, desc = load_fp_model(args.model, args.config)
+    if args.diffusers:
+        from ..models.diffusers_transformers import load_transformer
+
+        if args.ptq:
+            raise SystemExit("--ptq calibrates the project's DiTs; give a diffusers transformer --plan or --uniform")
+        try:
+            model, desc = load_transformer(args.diffusers)
+        except (ValueError, ImportError) as e:
+            raise SystemExit(f"treeq quantize: {e}") from None
+    else:
+        model, desc = load_fp_model(args.model, args.config)
     if args.peft and not args.ptq:
         raise SystemExit("--peft needs the --ptq directory it was fine-tuned from")
     if args.ptq:
@@ -77,7 +89,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.peft:
             load_finetuned(model, args.peft)
     else:
-        plan = resolve_plan(model, args.plan, args.uniform, name=args.model)
+        plan = resolve_plan(model, args.plan, args.uniform, name=args.diffusers or args.model)
     from ..nn import quantizable_linears
 
     left = [n for n in quantizable_linears(model) if n not in plan.layers]
@@ -102,6 +114,10 @@ def load_artifact_model(path: str, device: str = "cpu"):
 
     man = artifact.read_manifest(path)
     desc = man.get("model_config", {})
+    if desc.get("arch") == "diffusers":
+        raise artifact.ArtifactError(f"{path}: a diffusers {desc.get('class')} artifact; sample it in its pipeline: "
+                                     "models.diffusers_transformers.rebuild(manifest['model_config']), then "
+                                     "runtime.artifact.load into it (README)")
     if desc.get("arch") != "dit":
         raise artifact.ArtifactError(f"{path}: `treeq sample` rebuilds DiT artifacts only, this one is "
                                      f"{desc.get('arch')!r}")

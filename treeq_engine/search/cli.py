@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="digits", help="'digits' (shipped) or a DiT checkpoint path")
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
+    g.add_argument("--diffusers", default=None, metavar="PATH",
+                   help="a local diffusers DiT or PixArt transformer (or pipeline) directory, searched on the "
+                        "inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = p.add_argument_group("budget and search")
@@ -69,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
                    help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none")
     g.add_argument("--calib-cache", default=None, help="directory caching calibration sets (default: OUT)")
+    g.add_argument("--calib-inputs", default=None, metavar="FILE",
+                   help="with --diffusers: the calibration inputs `treeq capture` wrote (plain MSE, no sampler "
+                        "weights)")
     g.add_argument("--batch", type=int, default=64, help="calibration samples per forward")
     g.add_argument("--group", type=int, default=16, help="candidates stacked per forward")
     g.add_argument("--seed", type=int, default=0)
@@ -135,9 +141,26 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) ->
     return calib.inputs(), calib.weights(args.metric)
 
 
+def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, Any, tuple[torch.Tensor, ...], None]:
+    """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner and the captured inputs."""
+    from ..models.diffusers_transformers import load_transformer
+    from .diffusers_runner import DiffusersRunner, load_inputs
+
+    if not args.calib_inputs:
+        raise ValueError("--diffusers needs --calib-inputs FILE: record the pipeline's transformer calls with "
+                         "`treeq capture --pipeline DIR ... --out FILE`")
+    if args.select != "one-step":
+        raise ValueError(f"--select {args.select} samples with the project's DiT sampler; a diffusers transformer "
+                         "is searched with the one-step metric")
+    model, desc = load_transformer(args.diffusers, device=device)
+    runner = DiffusersRunner(model)
+    inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
+    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, None
+
+
 def run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .evaluator import DiTRunner
+    from .evaluator import DiTRunner, run_segments
 
     try:
         distributed.init_from_env()
@@ -150,26 +173,34 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and distributed.is_active():
             device = f"cuda:{torch.cuda.current_device()}"
-        model, name = load_model(args)
-        model = model.to(device).eval()
         fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
         cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
         progress = not args.no_progress and rank == 0
-        c = model.config   # the space needs shapes and rows per sample only: any two inputs will do
-        probe = (torch.zeros(2, c.in_channels, c.input_size, c.input_size, device=device),
-                 torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device))
+        dtype = getattr(torch, args.dtype)
+        if args.diffusers:
+            model, name, runner, inputs, weights = _diffusers_setup(args, device)
+            probe = tuple(t[:2] for t in inputs)
+        else:
+            if args.calib_inputs:
+                raise ValueError("--calib-inputs is for --diffusers models; a DiT collects its calibration set")
+            model, name = load_model(args)
+            model = model.to(device).eval()
+            in_ch = model.config.in_channels
+            runner = DiTRunner(model, output_fn=lambda o: o[:, :in_ch])
+            c = model.config   # the space needs shapes and rows per sample only: any two inputs will do
+            probe = (torch.zeros(2, c.in_channels, c.input_size, c.input_size, device=device),
+                     torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device))
         space = SearchSpace.build(model, probe, include=args.layers, candidates=cands, fixed_config=fixed,
-                                  model_name=name)
+                                  model_name=name, forward=lambda *xs: run_segments(runner, xs))
         if args.check:
             lut = LatencyTable.load(args.latency_table) if args.latency_table else None
             validate_plan(load_plan(args.check), model, space, budget, lut, args.serve_batch)
             print(f"{args.check}: valid for {name}, within {budget.label}")
             return 0
-        inputs, weights = _inputs(model, args, progress)
-        dtype = getattr(torch, args.dtype)
+        if not args.diffusers:
+            inputs, weights = _inputs(model, args, progress)
         model = model.to(dtype)
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
-        in_ch = model.config.in_channels
         closed = None if args.select == "one-step" else ClosedLoopConfig(
             samples=args.closed_loop_samples, steps=args.closed_loop_steps or args.calib_steps,
             cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)
@@ -183,9 +214,9 @@ def run(args: argparse.Namespace) -> int:
         if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
             print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
                   "continues it instead)", file=sys.stderr)
-        out = search(model, DiTRunner(model, output_fn=lambda o: o[:, :in_ch]), inputs, config, weights=weights,
+        out = search(model, runner, inputs, config, weights=weights,
                      space=space, out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
-    except (PlanError, BudgetError, ValueError, KeyError) as e:
+    except (PlanError, BudgetError, ValueError, KeyError, ImportError, FileNotFoundError) as e:
         print(f"treeq search: error: {e}", file=sys.stderr)
         return 2
     if rank == 0:

@@ -1,0 +1,79 @@
+"""``treeq capture``: run a local diffusers DiT or PixArt pipeline and record its transformer's calls as the
+calibration inputs of ``treeq search --diffusers``.
+
+    treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
+        --timesteps 8 --out calib.safetensors
+    treeq capture --pipeline models/PixArt-XL-2-512x512 --prompts prompts.txt --steps 20 --out calib.safetensors
+    treeq search --diffusers models/PixArt-XL-2-512x512 --calib-inputs calib.safetensors --budget W4A8 --out out/px
+
+Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
+it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
+(both halves under classifier-free guidance: the guided model sees both). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, help="a local diffusers DiT or PixArt pipeline directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
+    what.add_argument("--prompts", default=None, help="PixArt: a text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
+    p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True, help="safetensors file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models.diffusers_transformers import transformer_dir
+    from .diffusers_runner import DiffusersRunner, capture_calls, save_inputs
+
+    try:
+        transformer_dir(args.pipeline)   # a clear error before the pipeline loads
+        import diffusers
+
+        if args.labels is not None:
+            items: list = [int(v) for v in args.labels.split(",") if v.strip()]
+        else:
+            items = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not items:
+            raise ValueError("no labels or prompts given")
+        if args.steps <= 0 or args.batch <= 0:
+            raise ValueError(f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
+        # loaded as saved, then cast: the dtype keyword of from_pretrained changed name across diffusers versions
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
+        pipe = pipe.to(args.device, getattr(torch, args.dtype))
+        pipe.set_progress_bar_config(disable=True)
+        runner = DiffusersRunner(pipe.transformer)
+        if (args.labels is not None) != (runner.arch == "dit"):
+            raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
+        kw = {} if args.cfg is None else {"guidance_scale": args.cfg}
+        from tqdm import tqdm
+
+        with capture_calls(runner) as calls:
+            for i in tqdm(range(0, len(items), args.batch), desc="capture", unit="run", disable=None):
+                chunk = items[i:i + args.batch]
+                g = torch.Generator(device="cpu").manual_seed(args.seed + i)
+                if runner.arch == "dit":
+                    pipe(class_labels=chunk, num_inference_steps=args.steps, generator=g, output_type="np", **kw)
+                else:
+                    pipe(prompt=chunk, num_inference_steps=args.steps, generator=g, output_type="latent", **kw)
+        inputs = calls.inputs(timesteps=min(args.timesteps, len(set(calls.timesteps))))
+        save_inputs(args.out, runner, inputs)
+    except (ValueError, ImportError, OSError) as e:
+        print(f"treeq capture: error: {e}", file=sys.stderr)
+        return 2
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(runner.input_names, inputs))
+    print(f"{len(calls.calls)} transformer calls, kept {inputs[0].shape[0]} samples at "
+          f"{len(set(inputs[runner.input_names.index('timestep')].tolist()))} timesteps -> {args.out}: {shapes}")
+    return 0
