@@ -286,3 +286,99 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     prompts.write_text("a cat\na dog\n")
     assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--out", calib]) == 2
     assert "takes --labels" in capsys.readouterr().err
+
+
+class WholeForward(torch.nn.Module):
+    """The transformer behind a module the stage walk does not know: calibrated as one stage (its whole forward)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):
+        return DiffusersRunner(self.inner).forward(*inputs)
+
+
+def test_ptq_walks_the_diffusers_cut_and_packs():
+    """`calib.ptq.calibrate` on a PixArt: walking its segments from cached stage inputs gives exactly what re-running
+    the whole model for every layer gives; the calibrated Monarch model beats round-to-nearest; `quantize` packs it
+    and computes what the fake-quant model computes."""
+    from treeq_engine.plan import BranchConfig
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.runtime import quantize
+
+    model = perturbed(tiny_pixart())
+    runner = DiffusersRunner(model)
+    batches = [example(runner, n=3, seed=s)[0] for s in (11, 12)]
+    base = QuantPlan.block_uniform(model, 4, 4)
+    plan = QuantPlan({n: c.replace(branch=BranchConfig("monarch", 4)) if ".transformer_blocks." in f".{n}" else c
+                      for n, c in base.layers.items()})
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.9))
+    staged = copy.deepcopy(model)
+    calibrated = calibrate(staged, plan, batches, cfg, progress=False)
+    whole = WholeForward(copy.deepcopy(model))
+    calibrate(whole, QuantPlan({f"inner.{n}": c for n, c in plan.layers.items()}), batches, cfg, progress=False)
+    for n in plan.layers:
+        a, b = staged.get_submodule(n), whole.get_submodule(f"inner.{n}")
+        assert torch.equal(a.w_codes, b.w_codes) and torch.equal(a.w_scale, b.w_scale), n
+        assert a.config == b.config
+
+    rtn = copy.deepcopy(model)
+    convert(rtn, base)
+    x = batches[0]
+    with torch.no_grad():
+        fp = runner.forward(*x)
+        err_rtn = float(((DiffusersRunner(rtn).forward(*x) - fp) ** 2).mean())
+        fake = DiffusersRunner(staged).forward(*x)
+        err_ptq = float(((fake - fp) ** 2).mean())
+        assert err_ptq < 0.8 * err_rtn, (err_ptq, err_rtn)       # measured: 0.61×
+        quantize(staged, calibrated, dtype=torch.float32)
+        packed = DiffusersRunner(staged).forward(*x)
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)   # measured: 6e-7 on outputs of ~2
+    with pytest.raises(ValueError, match="SmoothQuant"):
+        calibrate(copy.deepcopy(model), plan, batches, PTQConfig(smooth_alphas=(0.5,)), progress=False)
+
+
+def test_command_line_ptq_peft_quantize(tmp_path, capsys):
+    """`treeq ptq` / `peft` / `quantize --ptq --peft` with `--diffusers PATH --calib-inputs FILE`: the artifact
+    computes what the calibrated, fine-tuned fake-quant transformer computes."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2", "--steps", "4", "--timesteps", "2",
+                 "--device", "cpu", "--out", calib]) == 0
+    src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
+    ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
+    assert main(["ptq", *src, "--bits", "W4A4", "--branch", "monarch", "--branch-params", "4", "--max-tokens", "64",
+                 "--rounds", "1", "--out", ptq]) == 0
+    assert "calibrated 20 layers" in capsys.readouterr().out
+    assert main(["peft", *src, "--ptq", ptq, "--steps", "4", "--lr-branch", "0.05", "--checkpoint-every", "2",
+                 "--out", peft]) == 0
+    assert "for 4 steps" in capsys.readouterr().out
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+
+    direct = diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    load_calibration(direct, ptq)
+    load_finetuned(direct, peft)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    x, t, y = DiffusersRunner(direct).inputs(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 7]))
+    ptq_only = diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    load_calibration(ptq_only, ptq)
+    with torch.no_grad():
+        want, before = direct(x, t, y).sample, ptq_only(x, t, y).sample
+        got = loaded(x, t, y).sample.float()
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 2e-2                                            # the artifact runs bf16 (quantize's default dtype)
+    assert float((before - want).norm() / want.norm()) > 3 * rel  # PEFT moved it 0.12: the artifact kept that
+
+    with pytest.raises(SystemExit, match="uniform weights"):
+        main(["peft", *src, "--ptq", ptq, "--loss-weights", "sampler", "--out", str(tmp_path / "p2")])
+    with pytest.raises(SystemExit, match="--calib-inputs"):
+        main(["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p3")])

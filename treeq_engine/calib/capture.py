@@ -1,8 +1,9 @@
 """Capturing layer inputs on the calibration set, stage by stage so that sequential calibration costs O(layers).
 
 A model is walked as a chain of *stages*. A DiT (anything with ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c)``
-and ``final(h, c)``) has ``embed``, one stage per block and ``final``; any other model is one stage, its whole
-forward. The runner keeps every calibration batch's input to the current stage. Capturing a layer runs only
+and ``final(h, c)``) has ``embed``, one stage per block and ``final``; diffusers' DiT and PixArt transformers are
+cut as the search cuts them (``search.diffusers_runner``; a batch is the runner's input tuple); any other model
+is one stage, its whole forward. The runner keeps every calibration batch's input to the current stage. Capturing a layer runs only
 that stage, and only until the layer has seen its input (the hook then stops the forward); ``advance`` runs the
 stage as the model now stands (its layers calibrated) to make the next stage's inputs. So each layer is
 calibrated on inputs produced by the already calibrated layers before it, without re-running the prefix.
@@ -28,6 +29,11 @@ def is_staged(model: nn.Module) -> bool:
 
 
 def _stage_fns(model: nn.Module) -> list[Callable[[tuple], Any]]:
+    from ..search.diffusers_runner import DiffusersRunner, diffusers_arch
+
+    if diffusers_arch(model) is not None:   # the search's cut; batches are its input tuples
+        runner = DiffusersRunner(model)
+        return [lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]
     if not is_staged(model):
         return [lambda inp: model(*inp)]
     fns: list[Callable[[tuple], Any]] = [lambda inp: model.embed(*inp)]

@@ -3,8 +3,9 @@
     treeq ptq  --bits W4A4 --branch monarch --branch-params 4 --out out/ptq_w4a4_monarch
     treeq peft --ptq out/ptq_w4a4_monarch --steps 400 --out out/peft_w4a4_monarch
 
-The model is the shipped digits DiT unless ``--model`` names a DiT ``.safetensors`` (its ``.json`` beside it).
-Both commands resume when rerun with the same ``--out``.
+The model is the shipped digits DiT unless ``--model`` names a DiT ``.safetensors`` (its ``.json`` beside it), or
+a local diffusers DiT/PixArt with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
+calibration set, and PEFT's distillation data). Both commands resume when rerun with the same ``--out``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,45 @@ def _load_model(path: str | None, device: str):
     from ..models.digits import load_digits_dit
 
     return load_digits_dit(path, device=device)
+
+
+def _diffusers_model(args: argparse.Namespace):
+    """``--diffusers PATH``: the transformer; and its captured inputs as batches of ``--calib-batch`` samples."""
+    from ..models.diffusers_transformers import load_transformer
+    from ..search.diffusers_runner import DiffusersRunner, load_inputs
+
+    if args.model:
+        raise SystemExit("give --model or --diffusers, not both")
+    if not args.calib_inputs:
+        raise SystemExit("--diffusers needs --calib-inputs FILE (from `treeq capture`)")
+    if args.calib_batch <= 0:
+        raise SystemExit(f"--calib-batch must be positive, got {args.calib_batch}")
+    try:
+        model, _ = load_transformer(args.diffusers, device=args.device)
+        inputs = load_inputs(args.calib_inputs, DiffusersRunner(model))
+    except (ValueError, ImportError, OSError) as e:
+        raise SystemExit(f"treeq {args.command}: {e}") from None
+    n = inputs[0].shape[0]
+    batches = [tuple(t[i:i + args.calib_batch].to(args.device) for t in inputs) for i in range(0, n, args.calib_batch)]
+    return model, batches
+
+
+def _diffusers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--diffusers", default=None, metavar="PATH",
+                   help="instead of --model: a local diffusers DiT or PixArt transformer (or pipeline) directory")
+    p.add_argument("--calib-inputs", default=None, metavar="FILE",
+                   help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
+    p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -94,6 +134,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the DiT where they help (none: off)")
+    _diffusers_args(p)
     _common_args(p, "calibration")
 
 
@@ -116,7 +157,10 @@ def run_ptq(args: argparse.Namespace) -> int:
 
     if args.branch == "plan" and not args.plan:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
-    fp = _load_model(args.model, args.device)   # only read until calibrate converts it in place
+    if args.diffusers:
+        fp, batches = _diffusers_model(args)
+    else:
+        fp = _load_model(args.model, args.device)   # only read until calibrate converts it in place
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
@@ -124,9 +168,13 @@ def run_ptq(args: argparse.Namespace) -> int:
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
         plan = uniform_plan(fp, args.bits, branch)
-    data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "samples": args.calib_samples,
-            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
-    batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
+    if args.diffusers:
+        data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp),
+                "calib_inputs": _file_digest(args.calib_inputs), "calib_batch": args.calib_batch}
+    else:
+        data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp),
+                "samples": args.calib_samples, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+        batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
     calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data)
@@ -151,6 +199,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--loss-weights", choices=("uniform", "sampler"), default="uniform",
                    help="per-sample loss weights: none, or the sampler's c(t)² (damps the t≈0 step)")
+    _diffusers_args(p)
     _common_args(p, "distillation")
 
 
@@ -159,25 +208,43 @@ def run_peft(args: argparse.Namespace) -> int:
     from .ptq import load_calibration
     from .store import digest
 
-    fp = _load_model(args.model, args.device)
-    model = _load_model(args.model, args.device)
+    if args.diffusers:
+        if args.loss_weights == "sampler":
+            raise SystemExit("--loss-weights sampler needs our DiT's sampler schedule; a diffusers transformer "
+                             "distils with uniform weights")
+        fp, batches = _diffusers_model(args)
+        model, _ = _diffusers_model(args)
+    else:
+        fp = _load_model(args.model, args.device)
+        model = _load_model(args.model, args.device)
     load_calibration(model, args.ptq)
     ptq_state = json.loads((Path(args.ptq) / "ptq.json").read_text())
-    data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp),
-            "ptq": digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")}),
-            "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+    ptq_digest = digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")})
+    if args.diffusers:
+        data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
+                "calib_inputs": _file_digest(args.calib_inputs), "calib_batch": args.calib_batch}
+    else:
+        data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
+                "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
     cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                      lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,
                      checkpoint_every=args.checkpoint_every, seed=args.seed, loss_weights=args.loss_weights)
 
     def trajectory(r: int) -> list:  # a fresh batch per round, seeded apart from the calibration set
+        if args.diffusers:   # the captured calls, every round (each round visits them in a new order)
+            return batches
         return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r,
                                    cfg_scale=args.cfg_scale)
 
     from .data import sampler_loss_weights
 
     weight = sampler_loss_weights(args.sample_steps) if args.loss_weights == "sampler" else None
-    res = finetune(model, fp, trajectory, cfg, out_dir=args.out, sample_weight=weight, data=data)
+    kw = {}
+    if args.diffusers:
+        from ..search.diffusers_runner import diffusers_eps
+
+        kw["eps_fn"] = diffusers_eps
+    res = finetune(model, fp, trajectory, cfg, out_dir=args.out, sample_weight=weight, data=data, **kw)
     tail = res.losses[-min(20, len(res.losses)):]
     print(f"fine-tuned {res.trainable_params} parameters for {res.step} steps into {args.out}; "
           f"loss (last {len(tail)} steps) {sum(tail) / max(1, len(tail)):.3e}")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..branches import INIT_MODES, MonarchBranch, init_branch
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
-from ..nn import QuantLinear, convert, forward_order
+from ..nn import QuantLinear, convert
 from ..plan import LayerConfig, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
@@ -271,6 +271,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
             state = old
     run = _run_digest(state)
+    if config.smooth_alphas and not hasattr(model, "blocks"):
+        raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block layout ({', '.join(smooth.TARGETS)}),"
+                         f" which a {type(model).__name__} does not have")
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
         factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
         if factors is None:
@@ -282,7 +285,8 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             smooth.fold(model, name, factor)
     convert(model, plan)
     layers = {n: model.get_submodule(n) for n in plan.layers}
-    order = forward_order(model, *batches[0], names=list(plan.layers))
+    runner = StageRunner(model, batches, list(plan.layers))
+    order = list(runner.stage_of)   # first-call order
     calibrated = dict(plan.layers)
     for name in order:  # restore finished layers first so that later captures see them
         if name in state["layers"]:
@@ -290,7 +294,6 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), f"{out}: layer {name}")
             calibrated[name] = cfg
     todo = [n for n in order if n not in state["layers"]]
-    runner = StageRunner(model, batches, order)
     bar = tqdm(total=len(todo), desc="PTQ", unit="layer", disable=not progress)
     for stage in range(runner.num_stages):
         for name in [n for n in todo if runner.stage_of[n] == stage]:

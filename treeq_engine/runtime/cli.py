@@ -69,8 +69,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.diffusers:
         from ..models.diffusers_transformers import load_transformer
 
-        if args.ptq:
-            raise SystemExit("--ptq calibrates the project's DiTs; give a diffusers transformer --plan or --uniform")
+        if args.model != "digits":
+            raise SystemExit("give --model or --diffusers, not both")
         try:
             model, desc = load_transformer(args.diffusers)
         except (ValueError, ImportError) as e:

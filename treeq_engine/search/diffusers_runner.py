@@ -212,6 +212,12 @@ class DiffusersRunner:
         return h.reshape(-1, c, height * p, width * p)
 
 
+def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The noise prediction of a diffusers DiT/PixArt on one input tuple (``calib.peft``'s ``eps_fn``)."""
+    runner = DiffusersRunner(model)
+    return runner.output((runner.forward(*batch),))
+
+
 def stack_inputs(calls: Sequence[State]) -> State:
     """Input tuples of several calls as one (concatenated along the sample dim), checking they agree."""
     if not calls:
