@@ -97,6 +97,39 @@ def test_space_follows_the_model():
     assert all(".emb." in leaf.name or leaf.name.startswith("proj_out") for leaf, _ in space.fixed)
 
 
+def test_tied_leaves():
+    """to_q/to_k/to_v (and cross-attention's to_k/to_v) as one leaf each: the order, the summed costs, the plan
+    writing every tied layer, and a plan that splits a tie refused."""
+    from treeq_engine.plan import PlanError
+    from treeq_engine.search import cost_model
+
+    runner = DiffusersRunner(perturbed(tiny_pixart()))
+    inputs, _ = example(runner)
+    fwd = lambda *xs: run_segments(runner, xs)  # noqa: E731
+    tied = SearchSpace.build(runner.model, inputs, forward=fwd, tie=runner.tie)
+    plain = SearchSpace.build(runner.model, inputs, forward=fwd)
+    assert [leaf.layer_names for leaf in tied.leaves[:7]] == [
+        tuple(f"transformer_blocks.0.{n}" for n in names) for names in (
+            ("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out.0",), ("attn2.to_q",),
+            ("attn2.to_k", "attn2.to_v"), ("attn2.to_out.0",), ("ff.net.0.proj",), ("ff.net.2",))]
+    assert len(tied.leaves) == 14 and tied.leaves[3].tokens == 5 and tied.leaves[0].params == 3 * 32 * 32
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, len(tied.candidates), len(tied.leaves))
+    plan = tied.plan(a)
+    assert plan.layers["transformer_blocks.1.attn1.to_k"] == plan.layers["transformer_blocks.1.attn1.to_q"]
+    np.testing.assert_array_equal(tied.assignment(plan), a)
+    for kind in ("w", "wa", "bytes", "latency"):   # a tied leaf costs what its layers cost apart
+        np.testing.assert_allclose(cost_model(tied, kind).total(a), cost_model(plain, kind).total(plain.assignment(plan)))
+    split = plan.with_layer("transformer_blocks.0.attn2.to_v", LayerConfig(2, 8))
+    with pytest.raises(PlanError, match="tied layers must share one config"):
+        tied.assignment(split)
+    dit = DiffusersRunner(perturbed(tiny_dit()))
+    x, _ = example(dit)
+    space = SearchSpace.build(dit.model, x, forward=lambda *xs: run_segments(dit, xs), tie=dit.tie)
+    assert [leaf.name.split(".", 2)[2] for leaf in space.leaves[:5]] == [   # our DiT's five linears per block
+        "norm1.linear", "attn1.to_q", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
 def brute_mse(model, runner, inputs, space, env, lo, hi, row):
     """Convert a fresh copy, run the model's own forward, MSE of the ε half against FP."""
     m = copy.deepcopy(model)
@@ -104,11 +137,11 @@ def brute_mse(model, runner, inputs, space, env, lo, hi, row):
     call = DiffusersRunner(m)
     with torch.no_grad():
         fp = call.forward(*inputs)[:, :c].double()
-    layers = {leaf.name: space.candidates[row[i - lo]] if lo <= i < hi else env.config
-              for i, leaf in enumerate(space.leaves)}
+    layers = {n: space.candidates[row[i - lo]] if lo <= i < hi else env.config
+              for i, leaf in enumerate(space.leaves) for n in leaf.layer_names}
     layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
     convert(m, QuantPlan(layers))
-    node = set(space.names[lo:hi])
+    node = {n for leaf in space.leaves[lo:hi] for n in leaf.layer_names}
     for name, q in quant_layers(m).items():
         q.set_noise_scale(1.0 if name in node else env.lam)
     with torch.no_grad():
@@ -116,12 +149,14 @@ def brute_mse(model, runner, inputs, space, env, lo, hi, row):
     return float(((out - fp) ** 2).mean())
 
 
-@pytest.mark.parametrize("name,lam", [("dit", 1.0), ("pixart", 0.5), ("pixart-extra", 1.0)])
-def test_evaluate_matches_brute_force(name, lam):
+@pytest.mark.parametrize("name,lam,tied", [("dit", 1.0, True), ("pixart", 0.5, False), ("pixart", 1.0, True),
+                                          ("pixart-extra", 1.0, False)])
+def test_evaluate_matches_brute_force(name, lam, tied):
     model = perturbed(MODELS[name]())
     runner = DiffusersRunner(model)
     inputs, _ = example(runner, n=5, seed=3)
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs))
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs),
+                              tie=runner.tie if tied else None)
     env = Environment(LayerConfig(4, 4), lam)
     pristine = copy.deepcopy(model)
     # candidates stacked 3 per forward (groups of 3 and 1); one chunk: a different chunking changes the matmuls'
@@ -225,7 +260,8 @@ def test_search_then_quantize(tmp_path):
                                                      baselines=("uniform",)),
                  out_dir=tmp_path, progress=False, model_name="tiny-pixart")
     plan = out.plan
-    assert out.report["model"] == "tiny-pixart" and out.report["leaves"] == 20
+    assert out.report["model"] == "tiny-pixart" and out.report["leaves"] == 14       # q/k/v and k/v tied
+    assert len({plan.layers[f"transformer_blocks.1.attn1.to_{x}"] for x in "qkv"}) == 1
     assert (tmp_path / "plan.json").exists() and (tmp_path / "pareto.png").exists()
     assert out.report["tss"]["mse"] <= out.report["baselines"]["uniform"]["mse"]
     assert sum(c.w_bits != 8 for c in plan.layers.values()) >= 10     # the budget is spent, not all W8
@@ -263,6 +299,15 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     plan = QuantPlan.load(out / "plan.json")
     assert len(plan.layers) == 20 and "transformer_blocks.1.ff.net.2" in plan.layers   # 14 searched, 6 fixed
+    import json
+
+    assert json.loads((out / "report.json").read_text())["leaves"] == 10     # to_q/k/v tied: 5 per block
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--check", str(out / "plan.json")]) == 0
+    untied = tmp_path / "untied"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--untie", "--no-progress", "--out", str(untied)]) == 0
+    assert json.loads((untied / "report.json").read_text())["leaves"] == 14
 
     art = tmp_path / "art"
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-bits", default=",".join(map(str, DEFAULT_W_BITS)), help="candidate weight bits")
     g.add_argument("--a-bits", default=",".join(map(str, DEFAULT_A_BITS)), help="candidate activation bits")
     g.add_argument("--layers", default=None, help="regex of the searched linears (default: the block linears)")
+    g.add_argument("--untie", action="store_true",
+                   help="--diffusers: search to_q/to_k/to_v (and cross-attention's to_k/to_v) as separate leaves "
+                        "instead of one each")
     g.add_argument("--fixed-bits", default="W8A8", help="config of the other linears, or 'fp'")
     g.add_argument("--latency-table", default=None, help="latency lookup table JSON (default: roofline)")
     g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
@@ -190,8 +193,9 @@ def run(args: argparse.Namespace) -> int:
             c = model.config   # the space needs shapes and rows per sample only: any two inputs will do
             probe = (torch.zeros(2, c.in_channels, c.input_size, c.input_size, device=device),
                      torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device))
+        tie = None if args.untie else getattr(runner, "tie", None)
         space = SearchSpace.build(model, probe, include=args.layers, candidates=cands, fixed_config=fixed,
-                                  model_name=name, forward=lambda *xs: run_segments(runner, xs))
+                                  model_name=name, forward=lambda *xs: run_segments(runner, xs), tie=tie)
         if args.check:
             lut = LatencyTable.load(args.latency_table) if args.latency_table else None
             validate_plan(load_plan(args.check), model, space, budget, lut, args.serve_batch)

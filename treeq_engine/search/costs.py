@@ -125,7 +125,9 @@ class Budget:
 
 # -- per-layer terms -------------------------------------------------------------------------------
 def linear_bytes(leaf: Leaf, cfg: LayerConfig | None) -> int:
-    """Bytes an artifact stores for one linear at ``cfg`` (``None``: bf16 weights)."""
+    """Bytes an artifact stores for one linear (each linear of a tied leaf) at ``cfg`` (``None``: bf16 weights)."""
+    if leaf.members:
+        return sum(linear_bytes(p, cfg) for p in leaf.parts)
     n, k = leaf.n, leaf.k
     total = 2 * n if leaf.bias else 0
     if cfg is None or cfg.w_bits == 16:
@@ -308,6 +310,8 @@ def cost_model(space: SearchSpace, kind: str, *, latency_table: LatencyTable | N
         table = np.array([[linear_bytes(leaf, c) for c in cands] for leaf in leaves], dtype=np.float64)[..., None]
     else:
         def us(leaf: Leaf, c: LayerConfig) -> float:
+            if leaf.members:   # the runtime runs each tied linear as its own GEMM
+                return sum(us(p, c) for p in leaf.parts)
             m = leaf.tokens * serve_batch
             if latency_table is not None:
                 return latency_table.lookup(leaf.k, leaf.n, m, c.w_bits, c.a_bits, c.branch)

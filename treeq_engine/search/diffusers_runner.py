@@ -76,6 +76,17 @@ class DiffusersRunner:
         extra = ("resolution", "aspect_ratio") if self.extra_conditions else ()
         return ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask") + extra
 
+    def tie(self, layer_name: str) -> str | None:
+        """Linears that read one input, searched as one leaf (``SearchSpace.build(tie=...)``): self-attention's
+        to_q/to_k/to_v, and cross-attention's to_k/to_v (both on the captions). Our DiT's attention is one qkv
+        linear, and the fused runtime quantizes such a group's input once when their activation specs agree."""
+        head, _, last = layer_name.rpartition(".")
+        if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
+            return head + ".qkv"
+        if head.endswith(".attn2") and last in ("to_k", "to_v"):
+            return head + ".kv"
+        return None
+
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | int | None = None,
                class_labels: torch.Tensor | None = None, *, encoder_hidden_states: torch.Tensor | None = None,

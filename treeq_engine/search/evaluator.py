@@ -138,8 +138,12 @@ class Evaluator:
             self.weights = w
         self._chunk_w = None if self.weights is None else [
             (self.weights[i:i + batch] / self.weights.sum()).to(self.device) for i in range(0, n, batch)]
-        self._layers = self._convert()
+        self._units = self._convert()
         self.leaf_segment = [runner.segment_of(name) for name in space.names]
+        split = [leaf.layer_names for leaf, seg in zip(space.leaves, self.leaf_segment)
+                 if any(runner.segment_of(n) != seg for n in leaf.layer_names)]
+        if split:
+            raise PlanError(f"tied layers must run in one segment of the model: {split[0]}")
         if any(b < a for a, b in zip(self.leaf_segment, self.leaf_segment[1:])):
             raise PlanError("the leaves' segments must not decrease along the forward order; the runner's "
                             "segment_of does not match the model")
@@ -149,12 +153,13 @@ class Evaluator:
         self.evaluations = 0
 
     # -- setup -----------------------------------------------------------------------------------
-    def _convert(self) -> list[QuantLinear]:
-        names = list(self.space.names) + [leaf.name for leaf, _ in self.space.fixed]
-        todo = [n for n in names if not isinstance(self.model.get_submodule(n), QuantLinear)]
+    def _convert(self) -> list[list[QuantLinear]]:
+        """The modules of each leaf (several when tied), then of each fixed layer."""
+        units = [leaf.layer_names for leaf in self.space.leaves] + [(leaf.name,) for leaf, _ in self.space.fixed]
+        todo = [n for u in units for n in u if not isinstance(self.model.get_submodule(n), QuantLinear)]
         if todo:   # the config given here is replaced by the environment's before any run
             convert(self.model, QuantPlan({n: self.env.config for n in todo}))
-        return [self.model.get_submodule(n) for n in names]
+        return [[self.model.get_submodule(n) for n in u] for u in units]
 
     def _env_settings(self) -> list[tuple[LayerConfig | None, float]]:
         n = len(self.space.leaves)
@@ -164,19 +169,20 @@ class Evaluator:
         return [self.env.layer(True, None, i) for i in range(n)] + [self.env.layer(False, c) for c in fixed]
 
     def _apply_env(self) -> None:
-        for m, (cfg, lam) in zip(self._layers, self._env):
-            if m.group_configs is not None:
-                m.set_group_configs(None)
-            if m.config != cfg:
-                m.set_config(cfg)
-            if m.noise_scale != lam:
-                m.set_noise_scale(lam)
+        for unit, (cfg, lam) in zip(self._units, self._env):
+            for m in unit:
+                if m.group_configs is not None:
+                    m.set_group_configs(None)
+                if m.config != cfg:
+                    m.set_config(cfg)
+                if m.noise_scale != lam:
+                    m.set_noise_scale(lam)
 
     @torch.no_grad()
     def reference(self) -> list[torch.Tensor]:
         """Full-precision outputs per calibration chunk."""
         if self._reference is None:
-            for m in self._layers:   # every evaluation re-applies the environment first
+            for m in (m for unit in self._units for m in unit):   # evaluations re-apply the environment first
                 m.set_group_configs(None)
                 m.set_config(None)
             self._reference = [self._run(0, c) for c in self._chunks]
@@ -243,17 +249,20 @@ class Evaluator:
         states = self.states()
         self._apply_env()
         start = self.leaf_segment[lo]
-        node = self._layers[lo:hi]
+        node = self._units[lo:hi]
         cands = self.space.candidates
         sse = torch.zeros(len(a), dtype=torch.float64, device=self.device)
         try:
-            for m in node:
-                m.set_noise_scale(1.0)
+            for unit in node:
+                for m in unit:
+                    m.set_noise_scale(1.0)
             for c0 in range(0, len(a), self.group):
                 rows = a[c0:c0 + self.group]
                 g = len(rows)
-                for j, m in enumerate(node):
-                    m.set_group_configs([cands[i] for i in rows[:, j]])
+                for j, unit in enumerate(node):
+                    configs = [cands[i] for i in rows[:, j]]
+                    for m in unit:
+                        m.set_group_configs(configs)
                 for k, (chunk_state, chunk_ref) in enumerate(zip(states[start], ref)):
                     out = self._run(start, tile(chunk_state, g))
                     diff = out.reshape(g, *chunk_ref.shape).float() - chunk_ref.float()

@@ -110,7 +110,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     rank, _ = distributed.rank_world()
     if space is None:
         space = SearchSpace.build(model, [t[:2] for t in inputs], model_name=model_name,
-                                  forward=lambda *xs: run_segments(runner, xs))
+                                  forward=lambda *xs: run_segments(runner, xs), tie=getattr(runner, "tie", None))
     lut = LatencyTable.load(config.latency_table) if config.latency_table else None
     cost_kw = {"latency_table": lut, "serve_batch": config.serve_batch}
     budget = config.budget

@@ -27,22 +27,34 @@ DEFAULT_A_BITS: tuple[int, ...] = (3, 4, 8)
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """One linear: weight ``(N, K)``, ``tokens`` rows per sample, ``bias`` present or not."""
+    """One linear: weight ``(N, K)``, ``tokens`` rows per sample, ``bias`` present or not; with ``members``, the
+    linears tied to it (reading the same input, e.g. diffusers' separate to_q/to_k/to_v), which take its config:
+    one searched unit whose costs are the sum of its parts."""
 
     name: str
     n: int
     k: int
     tokens: int
     bias: bool = True
+    members: tuple["Leaf", ...] = ()
+
+    @property
+    def parts(self) -> tuple["Leaf", ...]:
+        """Each linear of the unit, as a leaf of its own."""
+        return (dataclasses.replace(self, members=()),) + self.members if self.members else (self,)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
 
     @property
     def params(self) -> int:
-        return self.n * self.k
+        return sum(p.n * p.k for p in self.parts)
 
     @property
     def macs(self) -> int:
         """Multiply-accumulates per sample."""
-        return self.tokens * self.n * self.k
+        return sum(p.tokens * p.n * p.k for p in self.parts)
 
 
 def candidate_configs(w_bits: Iterable[int] = DEFAULT_W_BITS, a_bits: Iterable[int] = DEFAULT_A_BITS,
@@ -84,7 +96,7 @@ class SearchSpace:
             raise PlanError("the search space has no leaves: no linear matched the layer selection")
         if not self.candidates:
             raise PlanError("the search space has no candidate configs")
-        names = [leaf.name for leaf in self.leaves] + [leaf.name for leaf, _ in self.fixed]
+        names = [n for leaf in self.leaves for n in leaf.layer_names] + [leaf.name for leaf, _ in self.fixed]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise PlanError(f"layers listed twice in the search space: {dup[:5]}")
@@ -97,12 +109,15 @@ class SearchSpace:
               include: Callable[[str], bool] | str | None = None,
               candidates: Sequence[LayerConfig] | None = None,
               fixed_config: LayerConfig | None = LayerConfig(8, 8), model_name: str = "",
-              forward: Callable[..., Any] | None = None) -> "SearchSpace":
+              forward: Callable[..., Any] | None = None,
+              tie: Callable[[str], str | None] | None = None) -> "SearchSpace":
         """Enumerate the linears of ``model`` in the order one forward on ``example_inputs`` (a batch of
         calibration inputs) calls them. ``include`` picks the searched ones (a predicate or a regular expression
         matched with ``re.search``; default: the transformer-block linears); every other linear is fixed at
         ``fixed_config`` (``None``: full precision). ``forward`` runs that forward (default: ``model``; the
-        search passes its segment runner's, so the space is what the runner runs)."""
+        search passes its segment runner's, so the space is what the runner runs). ``tie`` maps a searched
+        linear to a group key (``None``: its own leaf): the linears of one key are one leaf, named by the first to
+        run, and must read inputs of one shape (in features, rows per sample)."""
         if isinstance(include, str):
             pattern = re.compile(include)
             include = lambda n: pattern.search(n) is not None  # noqa: E731
@@ -134,6 +149,8 @@ class SearchSpace:
             return Leaf(n, m.out_features, m.in_features, rows[n] // batch, m.bias is not None)
 
         leaves = tuple(leaf(n) for n in order if include(n))
+        if tie is not None:
+            leaves = _tie(leaves, tie)
         fixed = tuple((leaf(n), fixed_config) for n in order if not include(n))
         in_linear = {id(p) for n in names for p in model.get_submodule(n).parameters(recurse=False)}
         other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
@@ -163,7 +180,7 @@ class SearchSpace:
     def plan(self, assignment: Sequence[int] | np.ndarray, meta: Mapping[str, Any] | None = None) -> QuantPlan:
         """The QuantPlan: searched layers at their candidates, fixed layers at theirs, in forward order."""
         a = self.check_assignment(assignment)
-        layers = {leaf.name: self.candidates[i] for leaf, i in zip(self.leaves, a)}
+        layers = {n: self.candidates[i] for leaf, i in zip(self.leaves, a) for n in leaf.layer_names}
         layers.update({leaf.name: cfg for leaf, cfg in self.fixed if cfg is not None})
         return QuantPlan(layers, model=self.model, meta=dict(meta or {}))
 
@@ -172,13 +189,40 @@ class SearchSpace:
 
     def assignment(self, plan: QuantPlan) -> np.ndarray:
         """A plan's candidate indices; the plan must name every leaf with a candidate config."""
-        missing = [n for n in self.names if n not in plan.layers]
+        missing = [n for leaf in self.leaves for n in leaf.layer_names if n not in plan.layers]
         if missing:
             raise PlanError(f"the plan leaves {len(missing)} searched layer(s) unset, e.g. {missing[:3]}")
+        split = [(leaf.name, n) for leaf in self.leaves for n in leaf.layer_names[1:]
+                 if plan.layers[n] != plan.layers[leaf.name]]
+        if split:
+            raise PlanError(f"tied layers must share one config (the search treats them as one unit): {split[0][1]} "
+                            f"is {plan.layers[split[0][1]].label}, {split[0][0]} {plan.layers[split[0][0]].label}")
         return np.array([self.index_of(plan.layers[n]) for n in self.names], dtype=np.int64)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed search must agree on."""
-        return {"leaves": [dataclasses.astuple(leaf) for leaf in self.leaves],
+        return {"leaves": [dataclasses.astuple(leaf)[:5] + ((dataclasses.astuple(leaf)[5],) if leaf.members else ())
+                           for leaf in self.leaves],
                 "candidates": [c.to_dict() for c in self.candidates],
                 "fixed": [[leaf.name, None if c is None else c.to_dict()] for leaf, c in self.fixed]}
+
+
+def _tie(leaves: tuple[Leaf, ...], key: Callable[[str], str | None]) -> tuple[Leaf, ...]:
+    """Leaves of one ``key`` merged into the first of them (its position in the order)."""
+    first: dict[str, int] = {}
+    out: list[Leaf] = []
+    for leaf in leaves:
+        k = key(leaf.name)
+        if k is None:
+            out.append(leaf)
+            continue
+        if k not in first:
+            first[k] = len(out)
+            out.append(leaf)
+            continue
+        head = out[first[k]]
+        if (leaf.k, leaf.tokens) != (head.k, head.tokens):
+            raise PlanError(f"tied layers {head.name} and {leaf.name} read different inputs ({head.k} features x "
+                            f"{head.tokens} rows against {leaf.k} x {leaf.tokens})")
+        out[first[k]] = dataclasses.replace(head, members=head.members + (leaf,))
+    return tuple(out)
