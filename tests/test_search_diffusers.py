@@ -130,13 +130,21 @@ def test_tied_leaves():
         "norm1.linear", "attn1.to_q", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
 
 
+def model_call(m, runner, inputs):
+    """The transformer's own forward on a runner input tuple (the call a pipeline makes)."""
+    if runner.arch == "dit":
+        return m(*inputs).sample
+    x, enc, t, mask = inputs[:4]
+    cond = {"resolution": inputs[4], "aspect_ratio": inputs[5]} if runner.extra_conditions else None
+    return m(x, enc, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample
+
+
 def brute_mse(model, runner, inputs, space, env, lo, hi, row):
     """Convert a fresh copy, run the model's own forward, MSE of the ε half against FP."""
     m = copy.deepcopy(model)
     c = runner.in_channels
-    call = DiffusersRunner(m)
     with torch.no_grad():
-        fp = call.forward(*inputs)[:, :c].double()
+        fp = model_call(m, runner, inputs)[:, :c].double()
     layers = {n: space.candidates[row[i - lo]] if lo <= i < hi else env.config
               for i, leaf in enumerate(space.leaves) for n in leaf.layer_names}
     layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
@@ -145,7 +153,7 @@ def brute_mse(model, runner, inputs, space, env, lo, hi, row):
     for name, q in quant_layers(m).items():
         q.set_noise_scale(1.0 if name in node else env.lam)
     with torch.no_grad():
-        out = call.forward(*inputs)[:, :c].double()
+        out = model_call(m, runner, inputs)[:, :c].double()
     return float(((out - fp) ** 2).mean())
 
 
@@ -427,3 +435,75 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
         main(["peft", *src, "--ptq", ptq, "--loss-weights", "sampler", "--out", str(tmp_path / "p2")])
     with pytest.raises(SystemExit, match="--calib-inputs"):
         main(["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p3")])
+
+
+def test_review_cases(tmp_path, capsys, monkeypatch):
+    """What a first review found: hub checkpoints that name the generic Transformer2DModel, PixArt's unset
+    use_additional_conditions, half-precision captures feeding a float32 search, float timesteps kept exact under
+    --dtype bfloat16, and clear errors for bad labels, junk files and wrong shapes."""
+    import json
+
+    import treeq_engine.search.cli as search_cli
+    from treeq_engine.cli import main
+    from treeq_engine.search.diffusers_runner import select_timesteps
+
+    # PixArt decides use_additional_conditions from sample_size when the config leaves it unset
+    torch.manual_seed(0)
+    px = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4,
+                                            out_channels=8, num_layers=1, sample_size=128, patch_size=2,
+                                            cross_attention_dim=48, caption_channels=24, norm_type="ada_norm_single")
+    assert px.config.use_additional_conditions is None and DiffusersRunner(px).extra_conditions
+
+    # a hub-style checkpoint: the generic class name, remapped by norm_type
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    for f, edit in (("transformer/config.json", lambda d: d.update(_class_name="Transformer2DModel")),
+                    ("model_index.json", lambda d: d.update(transformer=["diffusers", "Transformer2DModel"]))):
+        doc = json.loads((pipe_dir / f).read_text())
+        edit(doc)
+        (pipe_dir / f).write_text(json.dumps(doc))
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1", "--steps", "4", "--timesteps", "2",
+                 "--device", "cpu", "--dtype", "bfloat16", "--out", calib]) == 0
+    assert "4 transformer calls, kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 of 4 steps x 4
+    runner = DiffusersRunner(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    x, t, y = load_inputs(calib, runner)
+    assert x.dtype == torch.float32 and t.dtype == torch.int64                # a bf16 capture, read at fp32
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--uniform", "W4A8", "--out", str(tmp_path / "a")]) == 0
+
+    # float timesteps (Euler-type schedulers) are not rounded to the search dtype
+    ft = str(tmp_path / "float_t.safetensors")
+    save_inputs(ft, runner, (x, torch.full((8,), 667.3), y))
+    seen = {}
+
+    def stop(model, runner, inputs, *a, **k):
+        seen["t"] = inputs[1]
+        raise ValueError("stop")
+
+    monkeypatch.setattr(search_cli, "search", stop)
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", ft, "--budget", "W4A8",
+                 "--dtype", "bfloat16", "--no-progress"]) == 2
+    assert seen["t"].dtype == torch.float32 and float(seen["t"][0]) == pytest.approx(667.3, abs=1e-4)
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    # clear errors
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1000", "--out", calib]) == 2
+    assert "class labels must be in [0, 999]" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", str(junk), "--budget", "W4A8"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    wrong = str(tmp_path / "wrong.safetensors")
+    save_inputs(wrong, runner, (torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), y[:2]))
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", wrong, "--budget", "W4A8"]) == 2
+    assert "hidden_states must be (N, 4, H, W)" in capsys.readouterr().err
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--model", "x.pt"]) == 2
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="class labels must be in"):
+        runner.inputs(x[:1], 5, torch.tensor([1001]))
+    assert select_timesteps(torch.tensor([999, 749, 499, 249, 0]), 3) == [999.0, 499.0, 0.0]

@@ -41,7 +41,7 @@ def _diffusers_model(args: argparse.Namespace):
         inputs = load_inputs(args.calib_inputs, DiffusersRunner(model))
     except (ValueError, ImportError, OSError) as e:
         raise SystemExit(f"treeq {args.command}: {e}") from None
-    n = inputs[0].shape[0]
+    n = inputs[0].shape[0]   # (load_inputs gives float inputs at the model's dtype, timesteps as captured)
     batches = [tuple(t[i:i + args.calib_batch].to(args.device) for t in inputs) for i in range(0, n, args.calib_batch)]
     return model, batches
 

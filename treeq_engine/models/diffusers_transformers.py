@@ -7,14 +7,24 @@ weights, as ``save_pretrained`` writes) or a pipeline directory holding one unde
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+# the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
+LEGACY = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
+                                 "ada_norm_single": "PixArtTransformer2DModel"}}
+
+
+def _class_of(config: dict[str, Any]) -> str | None:
+    name = config.get("_class_name")
+    return LEGACY[name].get(config.get("norm_type")) if name in LEGACY else name
 
 
 def transformer_dir(path: str | Path) -> Path:
@@ -24,7 +34,8 @@ def transformer_dir(path: str | Path) -> Path:
         cfg = d / "config.json"
         if cfg.is_file():
             try:
-                name = json.loads(cfg.read_text()).get("_class_name")
+                config = json.loads(cfg.read_text())
+                name = _class_of(config)
             except (json.JSONDecodeError, AttributeError):
                 raise ValueError(f"{cfg}: not a diffusers config (unreadable JSON object)") from None
             if name in SUPPORTED:
@@ -47,10 +58,20 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it."""
     d = transformer_dir(path)
-    name = json.loads((d / "config.json").read_text())["_class_name"]
-    cls = getattr(_diffusers(), name)
-    model = cls.from_pretrained(str(d), local_files_only=True).to(device, dtype).eval()   # cast after: see capture
-    return model, describe(model, source=str(path))
+    cls = getattr(_diffusers(), _class_of(json.loads((d / "config.json").read_text())))
+    with quiet_dtype_warning():
+        model = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
+    return model.to(device).eval(), describe(model, source=str(path))
+
+
+@contextlib.contextmanager
+def quiet_dtype_warning() -> Iterator[None]:
+    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` with a FutureWarning; older releases know only
+    ``torch_dtype``. We pass ``torch_dtype`` (loading straight into the dtype, so a pipeline's fp32-kept modules
+    stay so) and silence that one warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
 
 
 def describe(model: nn.Module, source: str = "") -> dict[str, Any]:

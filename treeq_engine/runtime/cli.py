@@ -69,8 +69,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.diffusers:
         from ..models.diffusers_transformers import load_transformer
 
-        if args.model != "digits":
-            raise SystemExit("give --model or --diffusers, not both")
+        if args.model != "digits" or args.config:
+            raise SystemExit("--diffusers names the model: give it without --model / --config")
         try:
             model, desc = load_transformer(args.diffusers)
         except (ValueError, ImportError) as e:

@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import transformer_dir
-    from .diffusers_runner import DiffusersRunner, capture_calls, save_inputs
+    from ..models.diffusers_transformers import quiet_dtype_warning, transformer_dir
+    from .diffusers_runner import DiffusersRunner, capture_calls, save_inputs, select_timesteps
 
     try:
         transformer_dir(args.pipeline)   # a clear error before the pipeline loads
@@ -50,17 +50,30 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("no labels or prompts given")
         if args.steps <= 0 or args.batch <= 0:
             raise ValueError(f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
-        # loaded as saved, then cast: the dtype keyword of from_pretrained changed name across diffusers versions
-        pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
-        pipe = pipe.to(args.device, getattr(torch, args.dtype))
+        if args.timesteps <= 0:
+            raise ValueError(f"--timesteps must be positive, got {args.timesteps}")
+        with quiet_dtype_warning():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True,
+                                                               torch_dtype=getattr(torch, args.dtype))
+        pipe = pipe.to(args.device)
         pipe.set_progress_bar_config(disable=True)
         runner = DiffusersRunner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
+        if runner.arch == "dit":
+            classes = int(pipe.transformer.config.num_embeds_ada_norm)
+            bad = [v for v in items if not 0 <= v < classes]
+            if bad:
+                raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
         kw = {} if args.cfg is None else {"guidance_scale": args.cfg}
+        # the timesteps to keep, from the pipeline's scheduler (the values its runs will visit): calls at the
+        # others are not stored, so a long capture holds only what it keeps
+        pipe.scheduler.set_timesteps(args.steps)
+        schedule = pipe.scheduler.timesteps
+        keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
         from tqdm import tqdm
 
-        with capture_calls(runner) as calls:
+        with capture_calls(runner, keep=keep) as calls:
             for i in tqdm(range(0, len(items), args.batch), desc="capture", unit="run", disable=None):
                 chunk = items[i:i + args.batch]
                 g = torch.Generator(device="cpu").manual_seed(args.seed + i)
@@ -68,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
                     pipe(class_labels=chunk, num_inference_steps=args.steps, generator=g, output_type="np", **kw)
                 else:
                     pipe(prompt=chunk, num_inference_steps=args.steps, generator=g, output_type="latent", **kw)
-        inputs = calls.inputs(timesteps=min(args.timesteps, len(set(calls.timesteps))))
+        if not calls.calls:
+            raise ValueError(f"none of the pipeline's {calls.skipped} transformer calls came at the scheduler's "
+                             f"timesteps {keep}: this pipeline passes timesteps another way")
+        inputs = calls.inputs()
         save_inputs(args.out, runner, inputs)
     except (ValueError, ImportError, OSError) as e:
         print(f"treeq capture: error: {e}", file=sys.stderr)
         return 2
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(runner.input_names, inputs))
-    print(f"{len(calls.calls)} transformer calls, kept {inputs[0].shape[0]} samples at "
+    print(f"{len(calls.calls) + calls.skipped} transformer calls, kept {inputs[0].shape[0]} samples at "
           f"{len(set(inputs[runner.input_names.index('timestep')].tolist()))} timesteps -> {args.out}: {shapes}")
     return 0

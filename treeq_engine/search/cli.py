@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-timesteps", type=int, default=8)
     g.add_argument("--cfg-scale", type=float, default=1.0)
     g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
-                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none")
+                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none "
+                        "(--diffusers: always none)")
     g.add_argument("--calib-cache", default=None, help="directory caching calibration sets (default: OUT)")
     g.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the calibration inputs `treeq capture` wrote (plain MSE, no sampler "
@@ -152,6 +153,10 @@ def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, A
     if not args.calib_inputs:
         raise ValueError("--diffusers needs --calib-inputs FILE: record the pipeline's transformer calls with "
                          "`treeq capture --pipeline DIR ... --out FILE`")
+    other = [f for f, v in (("--model", args.model != "digits"), ("--config", args.config),
+                            ("--random-config", args.random_config)) if v]
+    if other:
+        raise ValueError(f"--diffusers names the model; {', '.join(other)} cannot be given with it")
     if args.select != "one-step":
         raise ValueError(f"--select {args.select} samples with the project's DiT sampler; a diffusers transformer "
                          "is searched with the one-step metric")
@@ -204,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.diffusers:
             inputs, weights = _inputs(model, args, progress)
         model = model.to(dtype)
-        inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) else t.to(device) for t in inputs)
+        keep = {runner.input_names.index("timestep")} if args.diffusers else set()   # float timesteps stay exact
+        inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
+                       for i, t in enumerate(inputs))
         closed = None if args.select == "one-step" else ClosedLoopConfig(
             samples=args.closed_loop_samples, steps=args.closed_loop_steps or args.calib_steps,
             cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)

@@ -63,7 +63,8 @@ class DiffusersRunner:
         self.patch = int(model.config.patch_size)
         self.in_channels, self.out_channels = int(model.config.in_channels), int(model.out_channels)
         self._grids: dict[int, tuple[int, int]] = {}
-        self.extra_conditions = arch == PIXART and bool(model.config.use_additional_conditions)
+        # the model's attribute, not its config: None in a config means "sample_size == 128" to PixArt's __init__
+        self.extra_conditions = arch == PIXART and bool(model.use_additional_conditions)
         if output_fn is None and self.out_channels == 2 * self.in_channels:
             c = self.in_channels
             output_fn = lambda out: out[:, :c]  # noqa: E731  (the ε half of a learned-σ output)
@@ -105,7 +106,10 @@ class DiffusersRunner:
         if cross_attention_kwargs:
             raise ValueError(f"the search runs the default attention; cross_attention_kwargs "
                              f"{sorted(cross_attention_kwargs)} are not supported")
-        n = hidden_states.shape[0]
+        n, c, hh, ww = hidden_states.shape
+        if c != self.in_channels or hh % self.patch or ww % self.patch:
+            raise ValueError(f"hidden_states must be (N, {self.in_channels}, H, W) with H and W multiples of the patch "
+                             f"size {self.patch}, got {tuple(hidden_states.shape)}")
         if timestep is None:
             raise ValueError("timestep is required")
         t = torch.as_tensor(timestep, device=hidden_states.device)
@@ -115,13 +119,20 @@ class DiffusersRunner:
             raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
         t = t.expand(n).clone()
         if self.arch == DIT:
-            if class_labels is None or tuple(class_labels.shape) != (n,):
-                raise ValueError(f"a DiT call needs class_labels of shape ({n},), got "
-                                 f"{None if class_labels is None else tuple(class_labels.shape)}")
+            if class_labels is None or tuple(class_labels.shape) != (n,) or torch.is_floating_point(class_labels):
+                raise ValueError(f"a DiT call needs integer class_labels of shape ({n},), got "
+                                 f"{None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)}")
+            classes = int(self.model.config.num_embeds_ada_norm)   # the table has a null-class row after them
+            if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) > classes):
+                raise ValueError(f"class labels must be in [0, {classes}] ({classes}: the null class), got "
+                                 f"{int(class_labels.min())}..{int(class_labels.max())}")
             return (hidden_states, t, class_labels)
         if encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != n:
             raise ValueError(f"a PixArt call needs encoder_hidden_states (N={n}, L, D), got "
                              f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}")
+        width = self.model.config.caption_channels or getattr(self.model, "inner_dim", None)   # no projection: D
+        if encoder_hidden_states.shape[2] != width:
+            raise ValueError(f"encoder_hidden_states must have {width} features, got {encoder_hidden_states.shape[2]}")
         length = encoder_hidden_states.shape[1]
         if encoder_attention_mask is None:
             mask = torch.ones(n, length, device=hidden_states.device)
@@ -253,17 +264,16 @@ class CapturedCalls:
         self.runner = runner
         self.calls: list[State] = []
         self.timesteps: list[float] = []
+        self.skipped = 0   # calls at timesteps not asked for
 
     def inputs(self, timesteps: int | None = None) -> State:
         """The calibration inputs: every captured call, or only the calls at ``timesteps`` distinct timestep
         values evenly spaced over those seen (first and last included), every pipeline run's calls at them."""
         calls = self.calls
         if timesteps is not None:
-            seen = sorted(set(self.timesteps), reverse=True)
-            if not 0 < timesteps <= len(seen):
-                raise ValueError(f"timesteps must be in [1, {len(seen)}] (distinct timesteps captured), got {timesteps}")
-            idx = {round(i * (len(seen) - 1) / max(timesteps - 1, 1)) for i in range(timesteps)}
-            keep = {seen[i] for i in idx}
+            if not self.timesteps:
+                raise ValueError("no transformer calls were captured")
+            keep = set(select_timesteps(self.timesteps, timesteps))
             calls = [c for c, t in zip(self.calls, self.timesteps) if t in keep]
         return stack_inputs(calls)
 
@@ -276,12 +286,15 @@ class capture_calls:
             pipe(class_labels=[0, 1, 2, 3], num_inference_steps=25, generator=torch.manual_seed(0))
         inputs = calls.inputs(timesteps=8)        # 8 of the 25 steps, every sample (with CFG: both halves)
 
-    A call the search could not reproduce (a self-attention mask, attention kwargs) is an error at once."""
+    ``keep``: only calls at these timestep values are stored (``select_timesteps`` picks them from the
+    scheduler's; the rest are counted in ``skipped``): a long capture then holds only what it keeps. A call the
+    search could not reproduce (a self-attention mask, attention kwargs) is an error at once."""
 
-    def __init__(self, runner: DiffusersRunner) -> None:
+    def __init__(self, runner: DiffusersRunner, keep: Sequence[float] | None = None) -> None:
         import inspect
 
         self.runner = runner
+        self.keep = None if keep is None else {float(v) for v in keep}
         self.captured = CapturedCalls(runner)
         self._signature = inspect.signature(runner.model.forward)
         self._handle: Any = None
@@ -293,6 +306,9 @@ class capture_calls:
         if bool((t != t[0]).any()):
             raise ValueError("a captured call mixes timesteps within its batch; the calibration groups calls by "
                              "timestep")
+        if self.keep is not None and float(t[0]) not in self.keep:
+            self.captured.skipped += 1
+            return
         self.captured.calls.append(tuple(v.detach().to("cpu", copy=True) for v in state))
         self.captured.timesteps.append(float(t[0]))
 
@@ -302,6 +318,14 @@ class capture_calls:
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
+
+
+def select_timesteps(timesteps: Sequence[float] | torch.Tensor, k: int) -> list[float]:
+    """``k`` of a schedule's distinct timesteps, evenly spaced in sampling order, first and last included."""
+    seen = sorted({float(v) for v in torch.as_tensor(timesteps).flatten().tolist()}, reverse=True)
+    if not 0 < k <= len(seen):
+        raise ValueError(f"timesteps must be in [1, {len(seen)}] (distinct timesteps of the schedule), got {k}")
+    return [seen[i] for i in sorted({round(i * (len(seen) - 1) / max(k - 1, 1)) for i in range(k)})]
 
 
 def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor]) -> None:
@@ -318,7 +342,13 @@ def load_inputs(path: str, runner: DiffusersRunner) -> State:
     """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    try:
+        f = safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # safetensors' own error type: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    with f:
         meta = f.metadata() or {}
         if meta.get("schema") != "treeq-diffusers-calibration":
             raise ValueError(f"{path}: not a TreeQ diffusers calibration file (schema {meta.get('schema')!r})")
@@ -329,6 +359,16 @@ def load_inputs(path: str, runner: DiffusersRunner) -> State:
             raise ValueError(f"{path}: missing inputs {missing} (has {sorted(f.keys())})")
         out = tuple(f.get_tensor(n) for n in runner.input_names)
     n = out[0].shape[0]
-    if any(t.shape[0] != n for t in out) or n == 0:
+    if any(t.dim() == 0 or t.shape[0] != n for t in out) or n == 0:
         raise ValueError(f"{path}: inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in out]}")
-    return out
+    kw = dict(zip(runner.input_names, out))
+    if runner.extra_conditions:
+        kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
+    try:
+        runner.inputs(**kw)   # the same checks a captured call passes (shapes against the model's config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    # float inputs at the model's dtype (a capture in half precision feeds a float32 search); timesteps as stored
+    dtype = next(runner.model.parameters()).dtype
+    return tuple(t.to(dtype) if torch.is_floating_point(t) and name != "timestep" else t
+                 for name, t in zip(runner.input_names, out))

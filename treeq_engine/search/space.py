@@ -15,6 +15,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from ..format import ACT_BITS, WEIGHT_BITS
@@ -133,7 +134,8 @@ class SearchSpace:
 
         hooks = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in names]
         try:
-            (forward or model)(*example_inputs)
+            with torch.no_grad():   # shapes only: no activations kept for a backward
+                (forward or model)(*example_inputs)
         finally:
             for h in hooks:
                 h.remove()
