@@ -507,3 +507,30 @@ def test_review_cases(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="class labels must be in"):
         runner.inputs(x[:1], 5, torch.tensor([1001]))
     assert select_timesteps(torch.tensor([999, 749, 499, 249, 0]), 3) == [999.0, 499.0, 0.0]
+
+
+def test_our_dit_converted_to_diffusers_searches_alike(tmp_path):
+    """`dit_to_diffusers` keeps the function (our DiT and its diffusers copy agree to float rounding), and TSS
+    through DiffusersRunner (to_q/k/v tied) returns the plan TSS through DiTRunner returns, with the same score."""
+    from treeq_engine.models import DiT, DiTConfig
+    from treeq_engine.models.diffusers_transformers import dit_to_diffusers
+    from treeq_engine.search import DiTRunner
+
+    ours = perturbed(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                   num_classes=10)).eval(), seed=4)
+    theirs = dit_to_diffusers(ours)
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(6, 4, 8, 8, generator=g), torch.tensor([0, 3, 99, 400, 871, 999]),
+              torch.tensor([0, 1, 5, 9, 10, 3]))    # 10: the null class
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(*inputs).sample, ours(*inputs), rtol=1e-5, atol=1e-6)
+    cfg = SearchConfig(Budget.parse("W4A4"), keep=3, batch=6)
+    a = search(ours, DiTRunner(ours, output_fn=lambda o: o[:, :4]), inputs, cfg, progress=False)
+    b = search(theirs, DiffusersRunner(theirs), inputs, cfg, progress=False)
+    pick = lambda plan, prefix: [c.label for n, c in plan.layers.items()  # noqa: E731
+                                 if n.startswith(prefix) and ".emb." not in n
+                                 and not n.endswith(("attn1.to_k", "attn1.to_v"))]
+    assert len(pick(a.plan, "blocks.")) == 10
+    assert pick(a.plan, "blocks.") == pick(b.plan, "transformer_blocks.")
+    assert b.report["tss"]["search_mse"] == pytest.approx(a.report["tss"]["search_mse"], rel=1e-5)
+    assert b.report["tss"]["evaluations"] == a.report["tss"]["evaluations"]

@@ -91,3 +91,54 @@ def rebuild(desc: dict[str, Any], device: str | torch.device = "cpu") -> nn.Modu
         raise ValueError(f"not a diffusers transformer description: arch {desc.get('arch')!r}, class {name!r}")
     with torch.device(device):
         return getattr(_diffusers(), name).from_config(desc["config"]).eval()
+
+
+@torch.no_grad()
+def dit_to_diffusers(model: nn.Module) -> nn.Module:
+    """Our DiT (``models.DiT``: the official layout) as diffusers' ``DiTTransformer2DModel`` with the same weights:
+    ``qkv`` split into ``to_q/to_k/to_v``, the timestep and label embedders copied into every block's ``norm1.emb``
+    (diffusers keeps one per block), LayerNorm ε = 1e-6 as the official model, the positional table copied.
+
+    One difference is not in diffusers' config: its DiT computes the timestep frequencies as
+    ``exp(−ln(10⁴)·i / (half − 1))`` (``downscale_freq_shift=1``) where the official DiT divides by ``half``.
+    The returned model is set to the official formula (``time_proj.downscale_freq_shift = 0`` in every block), so
+    its outputs are ours up to float rounding; saved and reloaded by diffusers it would use diffusers' own, as every
+    hub DiT does (1.3 % relative on the digits DiT's output).""" 
+    d = _diffusers()
+    c = model.config
+    out = d.DiTTransformer2DModel(
+        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
+        out_channels=c.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes, norm_type="ada_norm_zero", norm_eps=1e-6,
+        activation_fn="gelu-approximate").eval()
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    if round(c.mlp_ratio * c.hidden_size) != 4 * c.hidden_size:
+        raise ValueError(f"diffusers' DiT has an MLP of 4x the width; this DiT's mlp_ratio is {c.mlp_ratio}")
+
+    def copy(dst: nn.Module, src: nn.Module) -> None:
+        dst.weight.copy_(src.weight)
+        if getattr(src, "bias", None) is not None:
+            dst.bias.copy_(src.bias)
+
+    copy(out.pos_embed.proj, model.x_embedder.proj)
+    out.pos_embed.pos_embed.copy_(model.pos_embed.reshape(out.pos_embed.pos_embed.shape))
+    h = c.hidden_size
+    for blk, ref in zip(out.transformer_blocks, model.blocks):
+        emb = blk.norm1.emb
+        copy(emb.timestep_embedder.linear_1, model.t_embedder.mlp[0])
+        copy(emb.timestep_embedder.linear_2, model.t_embedder.mlp[2])
+        emb.class_embedder.embedding_table.weight.copy_(model.y_embedder.embedding_table.weight)
+        emb.time_proj.downscale_freq_shift = 0
+        copy(blk.norm1.linear, ref.adaLN_modulation[1])
+        for i, name in enumerate(("to_q", "to_k", "to_v")):   # qkv rows are (3, heads, head_dim)
+            lin = getattr(blk.attn1, name)
+            lin.weight.copy_(ref.attn.qkv.weight[i * h:(i + 1) * h])
+            lin.bias.copy_(ref.attn.qkv.bias[i * h:(i + 1) * h])
+        copy(blk.attn1.to_out[0], ref.attn.proj)
+        copy(blk.ff.net[0].proj, ref.mlp.fc1)
+        copy(blk.ff.net[2], ref.mlp.fc2)
+    copy(out.proj_out_1, model.final_layer.adaLN_modulation[1])
+    copy(out.proj_out_2, model.final_layer.linear)
+    return out
