@@ -61,7 +61,7 @@ BEGIN, END = "<!-- latency_budget:begin -->", "<!-- latency_budget:end -->"
 
 def linears(space: SearchSpace) -> list[tuple]:
     """Every linear the model runs: ``(leaf, searched)`` for the searched leaves and the fixed layers."""
-    return [(leaf, True) for leaf in space.leaves] + [(leaf, False) for leaf, _ in space.fixed]
+    return [(p, True) for leaf in space.leaves for p in leaf.parts] + [(leaf, False) for leaf, _ in space.fixed]
 
 
 def linear_us(lut: LatencyTable, space: SearchSpace, batch: int, plan: QuantPlan | None) -> dict[str, float]:

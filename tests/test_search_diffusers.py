@@ -431,6 +431,10 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     assert rel < 2e-2                                            # the artifact runs bf16 (quantize's default dtype)
     assert float((before - want).norm() / want.norm()) > 3 * rel  # PEFT moved it 0.12: the artifact kept that
 
+    from treeq_engine.calib.store import CheckpointError
+
+    with pytest.raises(CheckpointError, match="calibrated from another model"):
+        load_calibration(perturbed(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"), 9), ptq)
     with pytest.raises(SystemExit, match="uniform weights"):
         main(["peft", *src, "--ptq", ptq, "--loss-weights", "sampler", "--out", str(tmp_path / "p2")])
     with pytest.raises(SystemExit, match="--calib-inputs"):
@@ -534,3 +538,44 @@ def test_our_dit_converted_to_diffusers_searches_alike(tmp_path):
     assert pick(a.plan, "blocks.") == pick(b.plan, "transformer_blocks.")
     assert b.report["tss"]["search_mse"] == pytest.approx(a.report["tss"]["search_mse"], rel=1e-5)
     assert b.report["tss"]["evaluations"] == a.report["tss"]["evaluations"]
+
+
+def test_second_review_cases(tmp_path):
+    """A calibration file's digest ignores its header's order; dit_to_diffusers takes a DiT trained without label
+    dropout; a DiT's latents must be square; PixArt without a caption projection takes captions at the
+    cross-attention width; a 0-dim tensor in a calibration file is a clear error."""
+    from safetensors.torch import save_file
+
+    from treeq_engine.models import DiT, DiTConfig
+    from treeq_engine.models.diffusers_transformers import dit_to_diffusers
+    from treeq_engine.search.diffusers_runner import inputs_digest
+
+    tensors = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([1, 2]),
+               "class_labels": torch.tensor([3, 4])}
+    a, b, c = (str(tmp_path / f"{n}.safetensors") for n in "abc")
+    save_file(tensors, a, metadata={"schema": "treeq-diffusers-calibration", "arch": "dit"})
+    save_file(dict(reversed(list(tensors.items()))), b, metadata={"arch": "dit", "schema": "treeq-diffusers-calibration"})
+    save_file({**tensors, "timestep": torch.tensor([1, 3])}, c, metadata={"schema": "treeq-diffusers-calibration",
+                                                                          "arch": "dit"})
+    assert inputs_digest(a) == inputs_digest(b) != inputs_digest(c)
+
+    ours = perturbed(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                                   num_classes=10, class_dropout_prob=0.0)).eval())
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(dit_to_diffusers(ours)(x, t, y).sample, ours(x, t, y), rtol=1e-5, atol=1e-6)
+
+    dit = DiffusersRunner(tiny_dit())
+    with pytest.raises(ValueError, match="must be square"):
+        dit.inputs(torch.zeros(2, 4, 8, 12), 5, torch.tensor([1, 2]))
+    torch.manual_seed(0)
+    bare = DiffusersRunner(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, cross_attention_dim=48, caption_channels=None, norm_type="ada_norm_single",
+        use_additional_conditions=False).eval())
+    assert len(bare.inputs(torch.zeros(2, 4, 8, 8), 5, encoder_hidden_states=torch.zeros(2, 3, 48))) == 4
+    zero = str(tmp_path / "zero.safetensors")
+    save_file({**tensors, "hidden_states": torch.tensor(1.0)}, zero,
+              metadata={"schema": "treeq-diffusers-calibration", "arch": "dit"})
+    with pytest.raises(ValueError, match="non-empty sample dim"):
+        load_inputs(zero, dit)

@@ -25,7 +25,7 @@ def _load_model(path: str | None, device: str):
     return load_digits_dit(path, device=device)
 
 
-def _diffusers_model(args: argparse.Namespace):
+def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
     """``--diffusers PATH``: the transformer; and its captured inputs as batches of ``--calib-batch`` samples."""
     from ..models.diffusers_transformers import load_transformer
     from ..search.diffusers_runner import DiffusersRunner, load_inputs
@@ -38,6 +38,8 @@ def _diffusers_model(args: argparse.Namespace):
         raise SystemExit(f"--calib-batch must be positive, got {args.calib_batch}")
     try:
         model, _ = load_transformer(args.diffusers, device=args.device)
+        if not with_inputs:
+            return model, None
         inputs = load_inputs(args.calib_inputs, DiffusersRunner(model))
     except (ValueError, ImportError, OSError) as e:
         raise SystemExit(f"treeq {args.command}: {e}") from None
@@ -52,16 +54,6 @@ def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
     p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -153,6 +145,7 @@ def _fingerprint(model) -> str:
 
 
 def run_ptq(args: argparse.Namespace) -> int:
+    from ..search.diffusers_runner import inputs_digest
     from .ptq import PTQConfig, calibrate
 
     if args.branch == "plan" and not args.plan:
@@ -170,7 +163,7 @@ def run_ptq(args: argparse.Namespace) -> int:
         plan = uniform_plan(fp, args.bits, branch)
     if args.diffusers:
         data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp),
-                "calib_inputs": _file_digest(args.calib_inputs), "calib_batch": args.calib_batch}
+                "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
     else:
         data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp),
                 "samples": args.calib_samples, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
@@ -204,6 +197,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_peft(args: argparse.Namespace) -> int:
+    from ..search.diffusers_runner import inputs_digest
     from .peft import PEFTConfig, finetune
     from .ptq import load_calibration
     from .store import digest
@@ -213,7 +207,7 @@ def run_peft(args: argparse.Namespace) -> int:
             raise SystemExit("--loss-weights sampler needs our DiT's sampler schedule; a diffusers transformer "
                              "distils with uniform weights")
         fp, batches = _diffusers_model(args)
-        model, _ = _diffusers_model(args)
+        model, _ = _diffusers_model(args, with_inputs=False)
     else:
         fp = _load_model(args.model, args.device)
         model = _load_model(args.model, args.device)
@@ -222,7 +216,7 @@ def run_peft(args: argparse.Namespace) -> int:
     ptq_digest = digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")})
     if args.diffusers:
         data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
-                "calib_inputs": _file_digest(args.calib_inputs), "calib_batch": args.calib_batch}
+                "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
     else:
         data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
                 "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}

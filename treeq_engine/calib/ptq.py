@@ -271,9 +271,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
             state = old
     run = _run_digest(state)
-    if config.smooth_alphas and not hasattr(model, "blocks"):
-        raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block layout ({', '.join(smooth.TARGETS)}),"
-                         f" which a {type(model).__name__} does not have")
+    if config.smooth_alphas and not smooth.targets(model, plan):
+        raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears ({', '.join(smooth.TARGETS)})"
+                         f" with quantized activations; this plan for a {type(model).__name__} has none")
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
         factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
         if factors is None:
@@ -325,6 +325,14 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
     out = Path(out_dir)
     state = read_json(out / "ptq.json", SCHEMA, VERSION)
     plan = QuantPlan.from_dict(state["plan"])
+    made_from = (state.get("data") or {}).get("model_fingerprint")
+    if made_from is not None:   # (the command line records it; calibrate's data is the caller's)
+        from ..search.calibration import model_fingerprint
+
+        if model_fingerprint(model)[:len(made_from)] != made_from:
+            raise CheckpointError(f"{out}: was calibrated from another model (fingerprint {made_from}, this one "
+                                  f"{model_fingerprint(model)[:len(made_from)]}); load it into the FP model it was "
+                                  "made from")
     missing = [n for n in plan.layers if n not in state["layers"]]
     if missing:
         raise CheckpointError(f"{out}: calibration is unfinished ({len(missing)} layer(s) left, e.g. "

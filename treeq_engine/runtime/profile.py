@@ -62,7 +62,7 @@ def layer_rows(model: nn.Module, batches: Sequence[int]) -> list[tuple[int, int,
         x = torch.empty(1, c.in_channels, c.input_size, c.input_size)
         t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     space = SearchSpace.build(meta, [x, t, y], fixed_config=None)
-    per_image = {(leaf.k, leaf.n, leaf.tokens) for leaf in space.leaves} | \
+    per_image = {(p.k, p.n, p.tokens) for leaf in space.leaves for p in leaf.parts} | \
         {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}
     return sorted({(k, n, r * b) for k, n, r in per_image for b in batches})
 

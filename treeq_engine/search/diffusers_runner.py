@@ -80,7 +80,9 @@ class DiffusersRunner:
     def tie(self, layer_name: str) -> str | None:
         """Linears that read one input, searched as one leaf (``SearchSpace.build(tie=...)``): self-attention's
         to_q/to_k/to_v, and cross-attention's to_k/to_v (both on the captions). Our DiT's attention is one qkv
-        linear, and the fused runtime quantizes such a group's input once when their activation specs agree."""
+        linear; the fused runtime quantizes such a group's input once when their activation specs agree and none
+        has a Monarch branch (a branch's first stage reads the unquantized rows, so each branched layer runs its
+        own quantization kernel)."""
         head, _, last = layer_name.rpartition(".")
         if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
             return head + ".qkv"
@@ -110,6 +112,8 @@ class DiffusersRunner:
         if c != self.in_channels or hh % self.patch or ww % self.patch:
             raise ValueError(f"hidden_states must be (N, {self.in_channels}, H, W) with H and W multiples of the patch "
                              f"size {self.patch}, got {tuple(hidden_states.shape)}")
+        if self.arch == DIT and hh != ww:   # its head takes the grid as √tokens, as diffusers' DiT does
+            raise ValueError(f"a DiT's latents must be square, got {hh}x{ww}")
         if timestep is None:
             raise ValueError("timestep is required")
         t = torch.as_tensor(timestep, device=hidden_states.device)
@@ -130,7 +134,8 @@ class DiffusersRunner:
         if encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != n:
             raise ValueError(f"a PixArt call needs encoder_hidden_states (N={n}, L, D), got "
                              f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}")
-        width = self.model.config.caption_channels or getattr(self.model, "inner_dim", None)   # no projection: D
+        cfg = self.model.config   # captions are projected from caption_channels, or come at the cross-attention width
+        width = cfg.caption_channels or cfg.cross_attention_dim or getattr(self.model, "inner_dim", None)
         if encoder_hidden_states.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must have {width} features, got {encoder_hidden_states.shape[2]}")
         length = encoder_hidden_states.shape[1]
@@ -338,6 +343,23 @@ def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tenso
               metadata={"schema": "treeq-diffusers-calibration", "arch": runner.arch})
 
 
+def inputs_digest(path: str) -> str:
+    """A digest of a calibration file's contents (tensor names, dtypes, shapes, bytes, metadata), independent of
+    how the file lays them out (safetensors may write the same header in another order)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(path, framework="pt") as f:
+        h.update(repr(sorted((f.metadata() or {}).items())).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_inputs(path: str, runner: DiffusersRunner) -> State:
     """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names."""
     from safetensors import safe_open
@@ -358,7 +380,7 @@ def load_inputs(path: str, runner: DiffusersRunner) -> State:
         if missing:
             raise ValueError(f"{path}: missing inputs {missing} (has {sorted(f.keys())})")
         out = tuple(f.get_tensor(n) for n in runner.input_names)
-    n = out[0].shape[0]
+    n = out[0].shape[0] if out[0].dim() else 0
     if any(t.dim() == 0 or t.shape[0] != n for t in out) or n == 0:
         raise ValueError(f"{path}: inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in out]}")
     kw = dict(zip(runner.input_names, out))

@@ -198,7 +198,8 @@ class SearchSpace:
                  if plan.layers[n] != plan.layers[leaf.name]]
         if split:
             raise PlanError(f"tied layers must share one config (the search treats them as one unit): {split[0][1]} "
-                            f"is {plan.layers[split[0][1]].label}, {split[0][0]} {plan.layers[split[0][0]].label}")
+                            f"is {plan.layers[split[0][1]].label}, {split[0][0]} {plan.layers[split[0][0]].label} "
+                            "(a plan searched with --untie is checked with --untie)")
         return np.array([self.index_of(plan.layers[n]) for n in self.names], dtype=np.int64)
 
     def fingerprint(self) -> dict[str, Any]:
