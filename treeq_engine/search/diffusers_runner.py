@@ -57,7 +57,8 @@ class DiffusersRunner:
             raise TypeError(f"DiffusersRunner cuts diffusers' DiTTransformer2DModel (norm_type 'ada_norm_zero') and "
                             f"PixArtTransformer2DModel (norm_type 'ada_norm_single'); got {type(model).__name__}"
                             f" (norm_type {getattr(getattr(model, 'config', None), 'norm_type', None)!r})")
-        self.model, self.arch = model, arch
+        self.model: Any = model   # a diffusers transformer: its submodules are read by name
+        self.arch = arch
         self.blocks = model.transformer_blocks
         self.num_segments = len(self.blocks) + 2
         self.patch = int(model.config.patch_size)
