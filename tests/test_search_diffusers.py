@@ -327,6 +327,17 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y).sample, direct(x, t, y).sample)
 
+    # samples from the pipeline, FP and with the artifact's transformer (same seed: different but close)
+    from PIL import Image
+
+    for name, extra in (("fp", []), ("q", ["--artifact", str(art)])):
+        assert main(["sample", "--pipeline", str(pipe_dir), *extra, "--labels", "1,2,3", "--steps", "3",
+                     "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]) == 0
+    fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("fp", "q"))
+    assert fp_img.shape == q_img.shape == (16, 48, 3) and 0 < np.abs(fp_img - q_img).mean() < 64
+    with pytest.raises(SystemExit, match="class indices"):
+        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
+
     # what the command line refuses, and how it says so
     assert main(["search", "--diffusers", str(pipe_dir), "--budget", "W4A8", "--out", str(out)]) == 2
     assert "--calib-inputs" in capsys.readouterr().err

@@ -131,6 +131,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP + " (ignored with --artifact)")
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--artifact", default=None, help="a quantized artifact directory (from `treeq quantize`)")
+    p.add_argument("--pipeline", default=None, metavar="DIR",
+                   help="sample a local diffusers DiT/PixArt pipeline (with --artifact: its transformer replaced by "
+                        "the quantized one from `treeq quantize --diffusers`)")
+    p.add_argument("--prompts", default=None, help="with a PixArt --pipeline: a text file, one prompt per line")
     p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class labels")
     p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
@@ -149,6 +153,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return _sample_pipeline(args)
     if args.artifact:
         model = load_artifact_model(args.artifact, args.device)
     else:
@@ -179,4 +185,68 @@ def run_sample(args: argparse.Namespace) -> int:
         save_grid({"latent[0]": (imgs[:, :1] / imgs[:, :1].abs().amax().clamp(min=1e-6))}, out, columns=len(labels))
     print(json.dumps({"out": str(out), "samples": len(labels), "seconds": round(secs, 2),
                       "quantized": bool(args.artifact), "device": args.device}))
+    return 0
+
+
+def _sample_pipeline(args: argparse.Namespace) -> int:
+    """``treeq sample --pipeline DIR [--artifact ART]``: the pipeline samples as it would, its transformer the FP
+    one or the artifact's; one row of images into ``--out``."""
+    from PIL import Image
+
+    from ..models.diffusers_transformers import quiet_dtype_warning, rebuild, transformer_dir
+    from ..search.diffusers_runner import diffusers_arch
+    from . import artifact
+
+    try:
+        transformer_dir(args.pipeline)
+        import diffusers
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"treeq sample: {e}") from None
+    if args.graph:
+        raise SystemExit("--graph replays our DiT's sampler; a diffusers pipeline runs its own loop")
+    try:
+        steps = int(args.steps)
+    except ValueError:
+        raise SystemExit(f"--steps for a pipeline is a number of steps, got {args.steps!r}") from None
+    with quiet_dtype_warning():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    arch = diffusers_arch(pipe.transformer)
+    if args.artifact:
+        desc = artifact.read_manifest(args.artifact).get("model_config", {})
+        if desc.get("arch") != "diffusers" or desc.get("class") != type(pipe.transformer).__name__:
+            raise SystemExit(f"{args.artifact}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
+                             f"transformer is {type(pipe.transformer).__name__}")
+        pipe.transformer = artifact.load(args.artifact, rebuild(desc, args.device), map_location=args.device).eval()
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
+    if arch == "dit":
+        try:
+            labels = [int(v) for v in args.labels.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        classes = int(pipe.transformer.config.num_embeds_ada_norm)
+        if not labels or min(labels) < 0 or max(labels) >= classes:
+            raise SystemExit(f"--labels must be class indices in [0, {classes - 1}], got {args.labels!r}")
+        what: list = labels
+        kw["class_labels"] = labels
+    else:
+        if not args.prompts:
+            raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
+        what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        kw["prompt"] = what
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        images = pipe(**kw).images
+    secs = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(images), h), color="white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), (i * w, 0))
+    grid.save(out)
+    print(json.dumps({"out": str(out), "samples": len(images), "seconds": round(secs, 2),
+                      "quantized": bool(args.artifact), "device": args.device, "pipeline": args.pipeline}))
     return 0
