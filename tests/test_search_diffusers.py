@@ -590,3 +590,25 @@ def test_second_review_cases(tmp_path):
               metadata={"schema": "treeq-diffusers-calibration", "arch": "dit"})
     with pytest.raises(ValueError, match="non-empty sample dim"):
         load_inputs(zero, dit)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_search_on_gpu_matches_cpu(name):
+    """The diffusers runner on CUDA: segments compose to the model exactly, and float32 candidate scores agree
+    with the CPU's (different GEMM kernels: a code can flip at a rounding boundary, so a loose bound)."""
+    model = perturbed(MODELS[name]())
+    runner = DiffusersRunner(model)
+    inputs, _ = example(runner, n=5, seed=3)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), 1.0)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_runner = DiffusersRunner(gpu_model)
+    gpu_inputs = tuple(t.cuda() for t in inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_runner.forward(*gpu_inputs), model_call(gpu_model, gpu_runner, gpu_inputs),
+                                   rtol=0, atol=0)
+    rows = np.random.default_rng(0).integers(0, len(space.candidates), (6, 3))
+    cpu = Evaluator(model, runner, space, inputs, env, batch=5, group=3).evaluate(2, 5, rows)
+    gpu = Evaluator(gpu_model, gpu_runner, space, gpu_inputs, env, batch=5, group=3).evaluate(2, 5, rows)
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-2)
