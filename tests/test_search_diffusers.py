@@ -612,3 +612,63 @@ def test_search_on_gpu_matches_cpu(name):
     cpu = Evaluator(model, runner, space, inputs, env, batch=5, group=3).evaluate(2, 5, rows)
     gpu = Evaluator(gpu_model, gpu_runner, space, gpu_inputs, env, batch=5, group=3).evaluate(2, 5, rows)
     np.testing.assert_allclose(gpu, cpu, rtol=2e-2)
+
+
+def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
+    """`PipelineJudge`: the pipeline samples each plan with the judge's copy of the searched transformer; its FP
+    reference is the pipeline's own output, full precision scores zero, the chosen plan has the lowest closed-loop
+    MSE of those scored; and `treeq search --diffusers PIPELINE --select closed-loop-root` runs it."""
+    import functools
+    import json
+
+    from treeq_engine.cli import main
+    from treeq_engine.search.closed_loop import ClosedLoopConfig, PipelineJudge
+
+    pipe = tiny_dit_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"class_labels": [1, 2]}
+    with torch.no_grad():
+        own = pipe(**call, num_inference_steps=3, guidance_scale=1.5, generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images * 2 - 1
+    runner = DiffusersRunner(pipe.transformer)
+    with capture_calls(runner) as calls:
+        pipe(class_labels=[0, 3], num_inference_steps=4, guidance_scale=1.5, generator=torch.manual_seed(5))
+    closed = ClosedLoopConfig(samples=2, steps=3, cfg_scale=1.5, seed=0, max_plans=4)
+    judges = []
+
+    def make(model, cfg):
+        judges.append(PipelineJudge(pipe, call, model, cfg))
+        return judges[-1]
+
+    out = search(pipe.transformer, runner, calls.inputs(), SearchConfig(Budget.parse("W4A8"), keep=2, batch=16,
+                                                                          closed_loop=closed),
+                 progress=False, judge_fn=make)
+    judge = judges[0]
+    torch.testing.assert_close(judge.reference, own.float(), rtol=0, atol=0)
+    assert judge.score(QuantPlan({}))["closed_loop_mse"] == 0.0
+    rows = out.report["closed_loop"]["plans"]
+    assert len(rows) >= 2 and out.plan.meta["selected_by"] == "closed-loop"
+    best = min(r["closed_loop_mse"] for r in rows)
+    assert out.report["tss"]["closed_loop_mse"] == best > 0
+    assert pipe.transformer is runner.model                       # the pipeline's own transformer is back
+
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1", "--steps", "4", "--timesteps", "2",
+                 "--device", "cpu", "--out", calib]) == 0
+    res = tmp_path / "cl"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--select", "closed-loop-root", "--closed-loop-labels", "3,4", "--closed-loop-steps", "3",
+                 "--no-progress", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    meta = json.loads((res / "plan.json").read_text())["meta"]
+    assert meta["selected_by"] == "closed-loop root" and report["tss"]["closed_loop_mse"] > 0
+    assert main(["search", "--diffusers", str(pipe_dir / "transformer"), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--select", "closed-loop"]) == 2
+    assert "pipeline directory" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--select", "closed-loop", "--closed-loop-prompts", str(prompts)]) == 2
+    assert "--closed-loop-labels, not prompts" in capsys.readouterr().err

@@ -13,6 +13,7 @@ Models: ``--model digits`` (default, the shipped checkpoint), ``--model PATH`` (
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..plan import LayerConfig, PlanError, parse_wa
-from .closed_loop import ClosedLoopConfig
+from .closed_loop import ClosedLoopConfig, PipelineJudge
 from .costs import Budget, BudgetError, LatencyTable
 from .run import BASELINES, SearchConfig, load_plan, search, validate_plan
 from .space import DEFAULT_A_BITS, DEFAULT_W_BITS, SearchSpace, candidate_configs, parse_bits
@@ -67,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-steps", type=int, default=None, help="sampler steps (default: --calib-steps)")
     g.add_argument("--closed-loop-plans", type=int, default=16,
                    help="plans scored closed loop, at most (plus the uniform plan)")
+    g.add_argument("--closed-loop-labels", default=None,
+                   help="--diffusers DiT: the class labels sampled (default: --closed-loop-samples of them, cycled)")
+    g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
+                   help="--diffusers PixArt: the prompts sampled, one per line")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=32)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -145,9 +150,10 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) ->
     return calib.inputs(), calib.weights(args.metric)
 
 
-def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, Any, tuple[torch.Tensor, ...], None]:
-    """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner and the captured inputs."""
-    from ..models.diffusers_transformers import load_transformer
+def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, Any, tuple[torch.Tensor, ...], Any]:
+    """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner, the captured inputs, and for
+    closed-loop selection the pipeline under PATH and what it samples."""
+    from ..models.diffusers_transformers import load_transformer, quiet_dtype_warning
     from .diffusers_runner import DiffusersRunner, load_inputs
 
     if not args.calib_inputs:
@@ -157,13 +163,46 @@ def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, A
                             ("--random-config", args.random_config)) if v]
     if other:
         raise ValueError(f"--diffusers names the model; {', '.join(other)} cannot be given with it")
-    if args.select != "one-step":
-        raise ValueError(f"--select {args.select} samples with the project's DiT sampler; a diffusers transformer "
-                         "is searched with the one-step metric")
-    model, desc = load_transformer(args.diffusers, device=device)
+    pipeline_call = None
+    if args.select == "one-step":
+        model, desc = load_transformer(args.diffusers, device=device)
+    else:   # the pipeline samples each plan: its transformer is the one searched
+        if not (Path(args.diffusers) / "model_index.json").is_file():
+            raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
+                             "(model_index.json), not a transformer's")
+        import diffusers
+
+        from ..models.diffusers_transformers import describe
+
+        with quiet_dtype_warning():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, local_files_only=True).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
+        pipeline_call = (pipe, _closed_loop_call(args, model))
     runner = DiffusersRunner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
-    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, None
+    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, pipeline_call
+
+
+def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt)."""
+    from .diffusers_runner import DIT, diffusers_arch
+
+    if diffusers_arch(model) == DIT:
+        if args.closed_loop_prompts:
+            raise ValueError("a DiT pipeline samples --closed-loop-labels, not prompts")
+        classes = int(model.config.num_embeds_ada_norm)
+        text = args.closed_loop_labels or ",".join(str(i % classes) for i in range(args.closed_loop_samples))
+        labels = [int(v) for v in text.split(",") if v.strip()]
+        if not labels or min(labels) < 0 or max(labels) >= classes:
+            raise ValueError(f"--closed-loop-labels must be class indices in [0, {classes - 1}], got {text!r}")
+        return {"class_labels": labels}
+    if not args.closed_loop_prompts:
+        raise ValueError("closed-loop selection on a PixArt samples --closed-loop-prompts FILE (one prompt per line)")
+    prompts = [ln.strip() for ln in Path(args.closed_loop_prompts).read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{args.closed_loop_prompts}: no prompts")
+    return {"prompt": prompts}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,12 +220,17 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and distributed.is_active():
             device = f"cuda:{torch.cuda.current_device()}"
+        judge_fn, samples = None, args.closed_loop_samples   # (a diffusers pipeline brings its own)
         fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
         cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
         progress = not args.no_progress and rank == 0
         dtype = getattr(torch, args.dtype)
         if args.diffusers:
-            model, name, runner, inputs, weights = _diffusers_setup(args, device)
+            model, name, runner, inputs, pipeline_call = _diffusers_setup(args, device)
+            weights = None
+            if pipeline_call is not None:
+                judge_fn = functools.partial(PipelineJudge, *pipeline_call)
+                samples = len(next(iter(pipeline_call[1].values())))
             probe = tuple(t[:2] for t in inputs)
         else:
             if args.calib_inputs:
@@ -213,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
                        for i, t in enumerate(inputs))
         closed = None if args.select == "one-step" else ClosedLoopConfig(
-            samples=args.closed_loop_samples, steps=args.closed_loop_steps or args.calib_steps,
+            samples=samples,
+            steps=args.closed_loop_steps or args.calib_steps,
             cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)
         config = SearchConfig(budget, lam=args.lam, keep=args.keep, closed_loop=closed,
                               closed_loop_root=args.select == "closed-loop-root",
@@ -225,8 +270,9 @@ def run(args: argparse.Namespace) -> int:
         if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
             print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
                   "continues it instead)", file=sys.stderr)
-        out = search(model, runner, inputs, config, weights=weights,
-                     space=space, out_dir=args.out, resume=args.resume, progress=progress, model_name=name)
+        out = search(model, runner, inputs, config, weights=weights, space=space, out_dir=args.out,
+                     resume=args.resume, progress=progress, model_name=name,
+                     judge_fn=judge_fn)
     except (PlanError, BudgetError, ValueError, KeyError, ImportError, FileNotFoundError) as e:
         print(f"treeq search: error: {e}", file=sys.stderr)
         return 2

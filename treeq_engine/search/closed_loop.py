@@ -106,14 +106,19 @@ class TrajectoryJudge:
             raise TypeError(f"closed-loop selection samples the model, which needs a treeq_engine DiT "
                             f"(config, forward_with_cfg); got {type(model).__name__}")
         self.config = config
+        self.labels = torch.arange(config.samples) % int(model.config.num_classes)
         # float32: the sampler feeds float32 noise, and the judge's numbers should not depend on the search dtype
-        self.model = copy.deepcopy(model).float().eval()
+        self._copy(model, torch.float32)
+
+    def _copy(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        """The working copy, every layer at full precision; then the FP reference samples."""
+        self.model = copy.deepcopy(model).eval()
+        if dtype is not None:
+            self.model = self.model.to(dtype)
         self._layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
         for m in self._layers:
             m.set_group_configs(None)
             m.set_noise_scale(1.0)
-        self.labels = torch.arange(config.samples) % int(self.model.config.num_classes)
-        for m in self._layers:
             m.set_config(None)
         self.reference = self._sample()
 
@@ -138,6 +143,34 @@ class TrajectoryJudge:
         p = psnr(s, self.reference)
         p = p[torch.isfinite(p)]
         return {"closed_loop_mse": mse, "psnr": float(p.mean()) if p.numel() else float("inf")}
+
+
+class PipelineJudge(TrajectoryJudge):
+    """Closed-loop scores through a diffusers pipeline: the pipeline samples as it would (its scheduler,
+    guidance and resolution) from one seeded noise, with its transformer swapped for the judge's working copy of
+    the searched one, under each plan; the final latents (or images, for a pipeline that always decodes, as
+    DiT's) are compared with the FP copy's. ``call``: the pipeline's inputs (``class_labels=[...]`` or
+    ``prompt=[...]``, and anything else it takes); ``config``'s steps, cfg_scale and seed (its sampler and
+    samples are the pipeline's and ``call``'s)."""
+
+    def __init__(self, pipe: Any, call: dict[str, Any], model: nn.Module, config: ClosedLoopConfig) -> None:
+        self.pipe, self.call, self.config = pipe, dict(call), config
+        self._copy(model, getattr(pipe, "dtype", None))   # the pipeline's: it makes the noise, runs the rest
+
+    @torch.no_grad()
+    def _sample(self) -> torch.Tensor:
+        c = self.config
+        own = self.pipe.transformer
+        latent = type(self.pipe).__name__ != "DiTPipeline"   # DiT's pipeline always decodes
+        try:
+            self.pipe.transformer = self.model
+            out = self.pipe(**self.call, num_inference_steps=c.steps, guidance_scale=c.cfg_scale,
+                            generator=torch.Generator(device="cpu").manual_seed(c.seed),
+                            output_type="latent" if latent else "pt")
+        finally:
+            self.pipe.transformer = own
+        images = out.images if hasattr(out, "images") else out[0]
+        return images.float() if latent else images.float() * 2 - 1   # images in [-1, 1]: PSNR's range 2
 
 
 class RootScorer:

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -102,9 +102,12 @@ def _plan_entry(space: SearchSpace, a: np.ndarray, mse: float, **kw: Any) -> dic
 
 def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tensor], config: SearchConfig, *,
            weights: torch.Tensor | None = None, space: SearchSpace | None = None, out_dir: str | Path | None = None,
-           resume: bool = False, progress: bool = True, model_name: str = "") -> SearchOutcome:
+           resume: bool = False, progress: bool = True, model_name: str = "",
+           judge_fn: Callable[[nn.Module, ClosedLoopConfig], TrajectoryJudge] | None = None) -> SearchOutcome:
     """Search a plan for ``model`` at ``config.budget``; see the module docstring. ``weights``: per-sample MSE
-    weights of the calibration inputs (``CalibrationSet.weights(metric)``; ``None``: plain MSE)."""
+    weights of the calibration inputs (``CalibrationSet.weights(metric)``; ``None``: plain MSE). ``judge_fn``:
+    makes the closed-loop judge from the converted model and ``config.closed_loop`` (default: ``TrajectoryJudge``, our
+    DiT's sampler; for a diffusers transformer, ``functools.partial(PipelineJudge, pipe, call)``)."""
     t_start = time.perf_counter()
     model.eval()
     rank, _ = distributed.rank_world()
@@ -173,7 +176,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         if config.anchor:
             elites.append(a_env)
 
-    judge = TrajectoryJudge(model, config.closed_loop) if config.closed_loop is not None and rank == 0 else None
+    judge = None
+    if config.closed_loop is not None and rank == 0:
+        judge = TrajectoryJudge(model, config.closed_loop) if judge_fn is None else judge_fn(model, config.closed_loop)
     root_scorer = RootScorer(judge, space, config.closed_loop, progress) if config.closed_loop_root else None
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json",
