@@ -343,9 +343,6 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert "--calib-inputs" in capsys.readouterr().err
     assert main(["search", "--diffusers", str(tmp_path), "--calib-inputs", calib, "--budget", "W4A8"]) == 2
     assert "no diffusers transformer here" in capsys.readouterr().err
-    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
-                 "--select", "closed-loop"]) == 2
-    assert "one-step metric" in capsys.readouterr().err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--out", calib]) == 2
