@@ -337,6 +337,12 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert fp_img.shape == q_img.shape == (16, 48, 3) and 0 < np.abs(fp_img - q_img).mean() < 64
     with pytest.raises(SystemExit, match="class indices"):
         main(["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="positive number of steps"):
+        main(["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not --prompts"):
+        main(["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a pipeline directory"):
+        main(["sample", "--pipeline", str(pipe_dir / "transformer"), "--device", "cpu"])
 
     # what the command line refuses, and how it says so
     assert main(["search", "--diffusers", str(pipe_dir), "--budget", "W4A8", "--out", str(out)]) == 2
@@ -630,7 +636,10 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     runner = DiffusersRunner(pipe.transformer)
     with capture_calls(runner) as calls:
         pipe(class_labels=[0, 3], num_inference_steps=4, guidance_scale=1.5, generator=torch.manual_seed(5))
-    closed = ClosedLoopConfig(samples=2, steps=3, cfg_scale=1.5, seed=0, max_plans=4)
+    source = PipelineJudge.describe("DiTPipeline", type(pipe.scheduler).__name__, call)
+    closed = ClosedLoopConfig(samples=2, steps=3, cfg_scale=1.5, seed=0, max_plans=4, source=source)
+    with pytest.raises(ValueError, match="ClosedLoopConfig.source must be"):
+        PipelineJudge(pipe, call, pipe.transformer, ClosedLoopConfig(samples=2, steps=3))
     judges = []
 
     def make(model, cfg):
@@ -647,7 +656,7 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     assert len(rows) >= 2 and out.plan.meta["selected_by"] == "closed-loop"
     best = min(r["closed_loop_mse"] for r in rows)
     assert out.report["tss"]["closed_loop_mse"] == best > 0
-    assert pipe.transformer is runner.model                       # the pipeline's own transformer is back
+    assert pipe.transformer is runner.model   # the searched transformer is back (converted: reload it to sample FP)
 
     pipe_dir = tmp_path / "pipe"
     tiny_dit_pipeline().save_pretrained(pipe_dir)
@@ -661,6 +670,21 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     report = json.loads((res / "report.json").read_text())
     meta = json.loads((res / "plan.json").read_text())["meta"]
     assert meta["selected_by"] == "closed-loop root" and report["tss"]["closed_loop_mse"] > 0
+    # a resume with other labels must not reuse the scores: the labels are in the fingerprint
+    other = main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep",
+                  "2", "--select", "closed-loop-root", "--closed-loop-labels", "5,6", "--closed-loop-steps", "3",
+                  "--no-progress", "--out", str(res), "--resume"])
+    assert other == 2 and "different search" in capsys.readouterr().err
+    # bf16: the pipeline, its transformer and the judge's copy all at the search dtype
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--select", "closed-loop", "--closed-loop-labels", "3", "--closed-loop-steps", "2",
+                 "--dtype", "bfloat16", "--no-progress", "--out", str(tmp_path / "bf16")]) == 0
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--closed-loop-labels", "3"]) == 2
+    assert "are for --select closed-loop" in capsys.readouterr().err
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--select", "closed-loop", "--closed-loop-labels", "1,a"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
     assert main(["search", "--diffusers", str(pipe_dir / "transformer"), "--calib-inputs", calib, "--budget", "W4A8",
                  "--select", "closed-loop"]) == 2
     assert "pipeline directory" in capsys.readouterr().err

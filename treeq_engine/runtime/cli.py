@@ -202,15 +202,21 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         import diffusers
     except (ValueError, ImportError) as e:
         raise SystemExit(f"treeq sample: {e}") from None
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     if args.graph:
         raise SystemExit("--graph replays our DiT's sampler; a diffusers pipeline runs its own loop")
     try:
         steps = int(args.steps)
     except ValueError:
-        raise SystemExit(f"--steps for a pipeline is a number of steps, got {args.steps!r}") from None
+        steps = 0
+    if steps < 1:
+        raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
     with quiet_dtype_warning():
         pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
     pipe = pipe.to(args.device)
+    if args.prompts and diffusers_arch(pipe.transformer) != "pixart":
+        raise SystemExit("a DiT pipeline samples --labels, not --prompts")
     pipe.set_progress_bar_config(disable=True)
     arch = diffusers_arch(pipe.transformer)
     if args.artifact:
@@ -222,6 +228,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
     if arch == "dit":
+        if args.prompts:
+            raise SystemExit("a DiT pipeline samples --labels, not --prompts")
         try:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
@@ -234,7 +242,12 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     else:
         if not args.prompts:
             raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
-        what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        try:
+            what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise SystemExit(f"treeq sample: --prompts: {e}") from None
+        if not what:
+            raise SystemExit(f"treeq sample: {args.prompts} holds no prompts")
         kw["prompt"] = what
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -150,10 +151,13 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) ->
     return calib.inputs(), calib.weights(args.metric)
 
 
-def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, Any, tuple[torch.Tensor, ...], Any]:
+def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[Any, str, Any,
+                                                                              tuple[torch.Tensor, ...], Any]:
     """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner, the captured inputs, and for
-    closed-loop selection the pipeline under PATH and what it samples."""
+    closed-loop selection ``(pipeline or None, call, source)``: rank 0 loads the pipeline under PATH (at
+    ``--dtype``) and samples; every rank knows what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer, quiet_dtype_warning
+    from .closed_loop import PipelineJudge
     from .diffusers_runner import DiffusersRunner, load_inputs
 
     if not args.calib_inputs:
@@ -163,25 +167,34 @@ def _diffusers_setup(args: argparse.Namespace, device: str) -> tuple[Any, str, A
                             ("--random-config", args.random_config)) if v]
     if other:
         raise ValueError(f"--diffusers names the model; {', '.join(other)} cannot be given with it")
-    pipeline_call = None
-    if args.select == "one-step":
+    closed = None
+    if args.select == "one-step" or rank != 0:
         model, desc = load_transformer(args.diffusers, device=device)
-    else:   # the pipeline samples each plan: its transformer is the one searched
-        if not (Path(args.diffusers) / "model_index.json").is_file():
+    if args.select != "one-step":   # the pipeline samples each plan: its transformer is the one searched
+        index = Path(args.diffusers) / "model_index.json"
+        if not index.is_file():
             raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
                              "(model_index.json), not a transformer's")
-        import diffusers
+        pipe = None
+        if rank == 0:
+            import diffusers
 
-        from ..models.diffusers_transformers import describe
+            from ..models.diffusers_transformers import describe
 
-        with quiet_dtype_warning():
-            pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, local_files_only=True).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
-        pipeline_call = (pipe, _closed_loop_call(args, model))
+            with quiet_dtype_warning():
+                pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, local_files_only=True,
+                                                                   torch_dtype=getattr(torch, args.dtype))
+            pipe = pipe.to(device)
+            pipe.set_progress_bar_config(disable=True)
+            model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
+        call = _closed_loop_call(args, model)
+        meta = json.loads(index.read_text())
+        closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
+    elif args.closed_loop_labels or args.closed_loop_prompts:
+        raise ValueError("--closed-loop-labels / --closed-loop-prompts are for --select closed-loop[-root]")
     runner = DiffusersRunner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
-    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, pipeline_call
+    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, closed
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -193,7 +206,10 @@ def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             raise ValueError("a DiT pipeline samples --closed-loop-labels, not prompts")
         classes = int(model.config.num_embeds_ada_norm)
         text = args.closed_loop_labels or ",".join(str(i % classes) for i in range(args.closed_loop_samples))
-        labels = [int(v) for v in text.split(",") if v.strip()]
+        try:
+            labels = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--closed-loop-labels must be comma-separated integers, got {text!r}") from None
         if not labels or min(labels) < 0 or max(labels) >= classes:
             raise ValueError(f"--closed-loop-labels must be class indices in [0, {classes - 1}], got {text!r}")
         return {"class_labels": labels}
@@ -220,21 +236,23 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and distributed.is_active():
             device = f"cuda:{torch.cuda.current_device()}"
-        judge_fn, samples = None, args.closed_loop_samples   # (a diffusers pipeline brings its own)
+        judge_fn, samples, source = None, args.closed_loop_samples, ""   # (a diffusers pipeline brings its own)
         fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
         cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
         progress = not args.no_progress and rank == 0
         dtype = getattr(torch, args.dtype)
         if args.diffusers:
-            model, name, runner, inputs, pipeline_call = _diffusers_setup(args, device)
+            model, name, runner, inputs, closed_call = _diffusers_setup(args, device, rank)
             weights = None
-            if pipeline_call is not None:
-                judge_fn = functools.partial(PipelineJudge, *pipeline_call)
-                samples = len(next(iter(pipeline_call[1].values())))
+            if closed_call is not None:
+                pipe, call, source = closed_call
+                judge_fn = functools.partial(PipelineJudge, pipe, call) if pipe is not None else None
+                samples = len(next(iter(call.values())))
             probe = tuple(t[:2] for t in inputs)
         else:
-            if args.calib_inputs:
-                raise ValueError("--calib-inputs is for --diffusers models; a DiT collects its calibration set")
+            if args.calib_inputs or args.closed_loop_labels or args.closed_loop_prompts:
+                raise ValueError("--calib-inputs / --closed-loop-labels / --closed-loop-prompts are for --diffusers "
+                                 "models; a DiT collects its calibration set and samples its own labels")
             model, name = load_model(args)
             model = model.to(device).eval()
             in_ch = model.config.in_channels
@@ -257,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
                        for i, t in enumerate(inputs))
         closed = None if args.select == "one-step" else ClosedLoopConfig(
-            samples=samples,
+            samples=samples, source=source,
             steps=args.closed_loop_steps or args.calib_steps,
             cfg_scale=args.cfg_scale, seed=args.seed, max_plans=args.closed_loop_plans)
         config = SearchConfig(budget, lam=args.lam, keep=args.keep, closed_loop=closed,

@@ -17,8 +17,9 @@ choice is never worse than uniform, or than a warm-start plan such as IP's, on t
 
 Metric: ``samples`` class-conditional samples drawn from the same noise and labels by the FP model and by the
 plan's model (``steps`` sampler steps, guidance ``cfg_scale``), MSE of the final samples against FP's (pixel or
-latent space, whatever the model generates), mean over samples. Needs a model ``treeq_engine.models.sample`` can
-sample (the project's ``DiT``: ``config``, ``forward_with_cfg``).
+latent space, whatever the model generates), mean over samples. ``TrajectoryJudge`` samples our ``DiT``
+(``config``, ``forward_with_cfg``) with ``treeq_engine.models.sample``; ``PipelineJudge`` samples a diffusers
+transformer through the user's own pipeline.
 
 Under ``torchrun`` rank 0 scores and the others receive the scores (``distributed.all_sum``), so every process
 returns the same plan.
@@ -55,6 +56,7 @@ class ClosedLoopConfig:
     cfg_scale: float = 1.5
     seed: int = 0
     max_plans: int = 16
+    source: str = ""   # what a pipeline judge samples (PipelineJudge.describe): pipeline, scheduler, inputs
 
     def __post_init__(self) -> None:
         if self.samples <= 0 or self.steps <= 0 or self.max_plans <= 0:
@@ -65,7 +67,10 @@ class ClosedLoopConfig:
             raise ValueError(f"closed loop: cfg_scale must be >= 1, got {self.cfg_scale}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.source:   # (so that states and reports from before the field read the same)
+            del d["source"]
+        return d
 
 
 def candidate_pool(result: SearchResult) -> Node:
@@ -146,31 +151,56 @@ class TrajectoryJudge:
 
 
 class PipelineJudge(TrajectoryJudge):
-    """Closed-loop scores through a diffusers pipeline: the pipeline samples as it would (its scheduler,
-    guidance and resolution) from one seeded noise, with its transformer swapped for the judge's working copy of
-    the searched one, under each plan; the final latents (or images, for a pipeline that always decodes, as
-    DiT's) are compared with the FP copy's. ``call``: the pipeline's inputs (``class_labels=[...]`` or
-    ``prompt=[...]``, and anything else it takes); ``config``'s steps, cfg_scale and seed (its sampler and
-    samples are the pipeline's and ``call``'s)."""
+    """Closed-loop scores through a diffusers pipeline: the pipeline samples as it would (its scheduler and
+    resolution; guidance ``config.cfg_scale``) from one seeded noise, with its transformer swapped for the
+    judge's working copy of the searched one (at the pipeline's dtype, the VAE's), under each plan; the final
+    latents (or images in [−1, 1], for DiT's pipeline, which always decodes) are compared with the FP copy's, so a
+    PixArt's PSNR is on latents. ``call``: the pipeline's inputs (``class_labels=[...]`` or ``prompt=[...]``);
+    ``config.steps``, ``cfg_scale`` and ``seed`` (its ``sampler`` and ``samples`` are the pipeline's and the
+    call's), and ``config.source`` must be ``PipelineJudge.describe(...)`` of this pipeline and call, so that a
+    resumed search does not reuse scores of other samples. Pipelines with offloading hooks are refused."""
 
     def __init__(self, pipe: Any, call: dict[str, Any], model: nn.Module, config: ClosedLoopConfig) -> None:
+        want = self.describe(type(pipe).__name__, type(pipe.scheduler).__name__, call)
+        if config.source != want:
+            raise ValueError(f"closed loop through a pipeline: ClosedLoopConfig.source must be {want!r} "
+                             "(PipelineJudge.describe of this pipeline, scheduler and call), got "
+                             f"{config.source!r}")
+        hooked = [n for n, m in pipe.components.items() if isinstance(m, nn.Module) and
+                  any(hasattr(sub, "_hf_hook") for sub in m.modules())]
+        if hooked or getattr(pipe, "_all_hooks", None):
+            raise ValueError(f"closed loop through a pipeline: offloading hooks on {hooked or 'the pipeline'}; "
+                             "sample without enable_model_cpu_offload / group offloading")
+        import diffusers
+
         self.pipe, self.call, self.config = pipe, dict(call), config
-        self._copy(model, getattr(pipe, "dtype", None))   # the pipeline's: it makes the noise, runs the rest
+        self.decodes = isinstance(pipe, diffusers.DiTPipeline)   # DiT's pipeline has no latent output
+        vae = getattr(pipe, "vae", None)
+        self._copy(model, vae.dtype if vae is not None else pipe.dtype)
+
+    @staticmethod
+    def describe(pipeline: str, scheduler: str, call: dict[str, Any]) -> str:
+        """``Pipeline/Scheduler:digest`` of what is sampled (the call's labels or prompts)."""
+        import hashlib
+        import json
+
+        doc = json.dumps({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in sorted(call.items())},
+                         sort_keys=True, default=str)
+        return f"{pipeline}/{scheduler}:{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
 
     @torch.no_grad()
     def _sample(self) -> torch.Tensor:
         c = self.config
         own = self.pipe.transformer
-        latent = type(self.pipe).__name__ != "DiTPipeline"   # DiT's pipeline always decodes
         try:
             self.pipe.transformer = self.model
             out = self.pipe(**self.call, num_inference_steps=c.steps, guidance_scale=c.cfg_scale,
                             generator=torch.Generator(device="cpu").manual_seed(c.seed),
-                            output_type="latent" if latent else "pt")
+                            output_type="pt" if self.decodes else "latent")
         finally:
             self.pipe.transformer = own
         images = out.images if hasattr(out, "images") else out[0]
-        return images.float() if latent else images.float() * 2 - 1   # images in [-1, 1]: PSNR's range 2
+        return images.float() * 2 - 1 if self.decodes else images.float()   # images in [−1, 1]: PSNR's range 2
 
 
 class RootScorer:
