@@ -341,6 +341,11 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
         main(["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match="not --prompts"):
         main(["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="own scheduler"):
+        main(["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--metric", "eps"]) == 2
+    assert "--metric: our DiT's calibration sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a pipeline directory"):
         main(["sample", "--pipeline", str(pipe_dir / "transformer"), "--device", "cpu"])
 

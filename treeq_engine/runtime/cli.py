@@ -204,8 +204,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"treeq sample: {e}") from None
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
-    if args.graph:
-        raise SystemExit("--graph replays our DiT's sampler; a diffusers pipeline runs its own loop")
+    if args.graph or args.sampler != "ddpm":
+        raise SystemExit("--graph and --sampler are our DiT's sampler; a diffusers pipeline runs its own scheduler")
     try:
         steps = int(args.steps)
     except ValueError:
@@ -242,6 +242,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     else:
         if not args.prompts:
             raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
+        if args.labels != "0,1,2,3,4,5,6,7,8,9":
+            raise SystemExit("a PixArt pipeline samples --prompts, not --labels")
         try:
             what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         except OSError as e:

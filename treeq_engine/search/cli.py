@@ -167,6 +167,12 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                             ("--random-config", args.random_config)) if v]
     if other:
         raise ValueError(f"--diffusers names the model; {', '.join(other)} cannot be given with it")
+    ours = [f for f, v in (("--calib-trajectories", args.calib_trajectories != 32),
+                           ("--calib-timesteps", args.calib_timesteps != 8), ("--calib-cache", args.calib_cache),
+                           ("--metric", args.metric != "sampler")) if v]
+    if ours:
+        raise ValueError(f"{', '.join(ours)}: our DiT's calibration sampler; --diffusers reads --calib-inputs "
+                         "(plain MSE)")
     closed = None
     if args.select == "one-step" or rank != 0:
         model, desc = load_transformer(args.diffusers, device=device)
