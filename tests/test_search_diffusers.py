@@ -698,3 +698,76 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--select", "closed-loop", "--closed-loop-prompts", str(prompts)]) == 2
     assert "--closed-loop-labels, not prompts" in capsys.readouterr().err
+
+
+def tiny_pixart_pipeline():
+    """A PixArt-alpha pipeline built offline: a one-layer T5 encoder and a word-level tokenizer (random weights),
+    a 4-level VAE (factor 8: the 256-px resolution bin gives 32x32 latents, the transformer's sample size)."""
+    transformers = pytest.importorskip("transformers", reason="PixArt's pipeline needs transformers (T5)")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "red", "blue", "house", "on", "the", "hill"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32,
+                                                           num_layers=1, num_heads=2)).eval()
+    transformer = perturbed(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=32,
+        patch_size=2, cross_attention_dim=32, caption_channels=24, norm_type="ada_norm_single",
+        use_additional_conditions=False).eval())
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=256).eval()
+    return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
+                                         scheduler=diffusers.DPMSolverMultistepScheduler())
+
+
+def test_pixart_pipeline_end_to_end(tmp_path, capsys):
+    """A real PixArt-alpha pipeline (tiny, offline) through every command: capture with prompts (captions and
+    their masks), a tied search with closed-loop selection sampling latents through the pipeline, pack, sample."""
+    import json
+
+    from treeq_engine.cli import main
+    from treeq_engine.search.closed_loop import ClosedLoopConfig, PipelineJudge
+
+    pipe = tiny_pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": ["a red cat", "the dog on the hill"]}
+    source = PipelineJudge.describe(type(pipe).__name__, type(pipe.scheduler).__name__, call)
+    judge = PipelineJudge(pipe, call, copy.deepcopy(pipe.transformer), ClosedLoopConfig(steps=2, cfg_scale=4.5,
+                                                                                        source=source))
+    with torch.no_grad():
+        own = pipe(**call, num_inference_steps=2, guidance_scale=4.5, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
+    torch.testing.assert_close(judge.reference, own.float(), rtol=0, atol=0)   # latents, not images
+
+    pipe_dir = tmp_path / "pixart"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nthe dog on the hill\na blue house\n")
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--batch", "2", "--steps", "3",
+                 "--timesteps", "2", "--device", "cpu", "--out", calib]) == 0
+    assert "kept 12 samples at 2 timesteps" in capsys.readouterr().out       # 3 prompts x 2 steps x (cond, uncond)
+    runner = DiffusersRunner(diffusers.PixArtTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    x, enc, t, mask = load_inputs(calib, runner)
+    assert x.shape == (12, 4, 32, 32) and enc.shape == (12, 120, 24) and mask.shape == (12, 120)
+    assert 0 < int(mask.sum()) < mask.numel()                                 # padded captions are masked
+
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--batch", "12", "--select", "closed-loop", "--closed-loop-prompts", str(prompts),
+                 "--closed-loop-steps", "2", "--cfg-scale", "4.5", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["leaves"] == 14 and report["closed_loop"]["config"]["samples"] == 3
+    assert report["tss"]["closed_loop_mse"] == min(r["closed_loop_mse"] for r in report["closed_loop"]["plans"])
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                 "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "q.png").size == (3 * 256, 256)
