@@ -700,7 +700,7 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     assert "--closed-loop-labels, not prompts" in capsys.readouterr().err
 
 
-def tiny_pixart_pipeline():
+def tiny_pixart_pipeline(kind: str = "PixArtAlphaPipeline"):
     """A PixArt-alpha pipeline built offline: a one-layer T5 encoder and a word-level tokenizer (random weights),
     a 4-level VAE (factor 8: the 256-px resolution bin gives 32x32 latents, the transformer's sample size)."""
     transformers = pytest.importorskip("transformers", reason="PixArt's pipeline needs transformers (T5)")
@@ -721,8 +721,8 @@ def tiny_pixart_pipeline():
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=256).eval()
-    return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
-                                         scheduler=diffusers.DPMSolverMultistepScheduler())
+    return getattr(diffusers, kind)(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
+                                    scheduler=diffusers.DPMSolverMultistepScheduler())
 
 
 def test_pixart_pipeline_end_to_end(tmp_path, capsys):
@@ -771,3 +771,28 @@ def test_pixart_pipeline_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "q.png").size == (3 * 256, 256)
+
+
+def test_pixart_sigma_pipeline():
+    """PixArt-Sigma's pipeline (no extra conditions, 300-token captions by default): its calls are captured, the
+    runner reproduces them, and the closed-loop judge's reference is the pipeline's own latents."""
+    from treeq_engine.search.closed_loop import ClosedLoopConfig, PipelineJudge
+
+    pipe = tiny_pixart_pipeline("PixArtSigmaPipeline")
+    pipe.set_progress_bar_config(disable=True)
+    runner = DiffusersRunner(pipe.transformer)
+    with capture_calls(runner) as calls:
+        pipe(prompt=["a red cat"], num_inference_steps=3, guidance_scale=4.5, output_type="latent",
+             generator=torch.manual_seed(1))
+    x, enc, t, mask = calls.inputs()
+    assert x.shape == (6, 4, 32, 32) and enc.shape == (6, 300, 24)
+    with torch.no_grad():
+        assert torch.equal(runner.forward(x, enc, t, mask), model_call(pipe.transformer, runner, (x, enc, t, mask)))
+    call = {"prompt": ["the dog on the hill"]}
+    cfg = ClosedLoopConfig(steps=2, cfg_scale=4.5,
+                           source=PipelineJudge.describe("PixArtSigmaPipeline", type(pipe.scheduler).__name__, call))
+    judge = PipelineJudge(pipe, call, copy.deepcopy(pipe.transformer), cfg)
+    with torch.no_grad():
+        own = pipe(**call, num_inference_steps=2, guidance_scale=4.5, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
+    torch.testing.assert_close(judge.reference, own.float(), rtol=0, atol=0)
