@@ -796,3 +796,51 @@ def test_pixart_sigma_pipeline():
         own = pipe(**call, num_inference_steps=2, guidance_scale=4.5, generator=torch.Generator().manual_seed(0),
                    output_type="latent").images
     torch.testing.assert_close(judge.reference, own.float(), rtol=0, atol=0)
+
+
+def test_tied_ptq_equals_our_qkv(tmp_path):
+    """PTQ with ties: a branch-less to_q/to_k/to_v group is calibrated as one linear (one activation clip), so our
+    DiT and its diffusers copy calibrate to the same codes, scales and clips, row for row."""
+    import json
+
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.models import DiT, DiTConfig
+    from treeq_engine.models.diffusers_transformers import dit_to_diffusers
+
+    torch.manual_seed(0)   # DiT's own initialisation draws from the global generator
+    ours = perturbed(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                   num_classes=10)).eval(), seed=6)
+    theirs = dit_to_diffusers(ours)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g),
+                torch.randint(0, 11, (4,), generator=g)) for _ in range(2)]
+    cfg = PTQConfig(max_tokens=10_000, rounds=2, w_clip_grid=(1.0, 0.8, 0.6),
+                    a_clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6))
+    a = calibrate(ours, QuantPlan.block_uniform(ours, 4, 3), batches, cfg, progress=False)
+    untied = calibrate(copy.deepcopy(theirs), QuantPlan.block_uniform(theirs, 4, 3), batches, cfg, progress=False)
+    b = calibrate(theirs, QuantPlan.block_uniform(theirs, 4, 3), batches, cfg, progress=False,
+                  tie=DiffusersRunner(theirs).tie)
+    # apart, q, k and v pick their own clips here (measured: 0.85/0.9/0.9 in block 1)
+    assert any(len({untied.layers[f"transformer_blocks.{i}.attn1.to_{x}"].a_clip for x in "qkv"}) > 1
+               for i in range(2))
+    for i in range(2):
+        qkv = ours.get_submodule(f"blocks.{i}.attn.qkv")
+        parts = [theirs.get_submodule(f"transformer_blocks.{i}.attn1.to_{x}") for x in "qkv"]
+        assert {b.layers[f"transformer_blocks.{i}.attn1.to_{x}"].a_clip for x in "qkv"} == \
+            {a.layers[f"blocks.{i}.attn.qkv"].a_clip}
+        assert torch.equal(torch.cat([p.w_codes for p in parts]), qkv.w_codes)
+        assert torch.equal(torch.cat([p.w_scale for p in parts]), qkv.w_scale)
+        fc2 = theirs.get_submodule(f"transformer_blocks.{i}.ff.net.2")
+        assert torch.equal(fc2.w_codes, ours.get_submodule(f"blocks.{i}.mlp.fc2").w_codes)   # downstream too
+
+    # a resume must agree on the ties: a calibration with them is not continued without them
+    from treeq_engine.calib.store import CheckpointError
+
+    plan = QuantPlan.block_uniform(theirs, 4, 3)
+    fresh = dit_to_diffusers(ours.__class__(ours.config).eval())
+    calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "p",
+              tie=DiffusersRunner(fresh).tie)
+    state = json.loads((tmp_path / "p" / "ptq.json").read_text())
+    assert len(state["joint"]) == 2 and state["layers"]["transformer_blocks.0.attn1.to_k"]["joint"][0].endswith("to_q")
+    with pytest.raises(CheckpointError, match="other tied layers"):
+        calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "p")

@@ -127,6 +127,9 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the DiT where they help (none: off)")
     _diffusers_args(p)
+    p.add_argument("--untie", action="store_true",
+                   help="with --diffusers: calibrate to_q/to_k/to_v (and cross-attention's to_k/to_v) apart; by "
+                        "default a branch-less group is calibrated as one, like our DiT's qkv")
     _common_args(p, "calibration")
 
 
@@ -170,7 +173,12 @@ def run_ptq(args: argparse.Namespace) -> int:
         batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
-    calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data)
+    tie = None
+    if args.diffusers and not args.untie:
+        from ..search.diffusers_runner import DiffusersRunner
+
+        tie = DiffusersRunner(fp).tie
+    calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data, tie=tie)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
     print(f"calibrated {len(calibrated.layers)} layers into {args.out}; mean relative layer error "

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -247,17 +247,23 @@ def _smooth_factors(out: Path, run: str, legacy: bool = False) -> dict[str, torc
 
 def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], config: PTQConfig = PTQConfig(),
               *, out_dir: str | Path | None = None, progress: bool = True,
-              data: Mapping[str, Any] | None = None) -> QuantPlan:
+              data: Mapping[str, Any] | None = None, tie: Callable[[str], str | None] | None = None) -> QuantPlan:
     """Calibrate every layer of ``plan`` on ``batches`` (each a tuple of positional model inputs) in place:
     ``model`` is converted, its layers frozen with their calibrated weights and branches. Returns the
     calibrated plan (``a_clip`` filled in). With ``out_dir`` the work is saved per layer and resumed; ``data``
     (JSON-able: what the batches were made from, e.g. the model's fingerprint and the sampler's arguments) is
-    recorded, and a resume with other data is refused like one with another plan or config."""
+    recorded, and a resume with other data is refused like one with another plan or config. ``tie`` (as the
+    search's, e.g. ``DiffusersRunner.tie``): linears of one key that read one input and share a branch-less
+    config are calibrated as one (their weights stacked: one activation clip, per-channel weight clips), as our
+    DiT's single qkv linear is, so their activation specs stay equal and the runtime quantizes their input once."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
                              "config": config.to_dict(), "layers": {},
                              "data": None if data is None else json.loads(json.dumps(dict(data)))}
+    joint = _joint_groups(plan, tie)
+    if joint:   # (absent otherwise, so that states from before read the same)
+        state["joint"] = [list(g) for g in joint]
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         (out / "layers").mkdir(parents=True, exist_ok=True)
@@ -266,6 +272,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if old["plan"] != state["plan"] or old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
+            if old.get("joint") != state.get("joint"):
+                raise CheckpointError(f"{out}: holds a calibration with other tied layers ({old.get('joint')}, now "
+                                      f"{state.get('joint')}); use a new directory (or the same --untie setting)")
             if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
@@ -295,20 +304,38 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             calibrated[name] = cfg
     todo = [n for n in order if n not in state["layers"]]
     bar = tqdm(total=len(todo), desc="PTQ", unit="layer", disable=not progress)
+    group_of = {n: g for g in joint for n in g}
     for stage in range(runner.num_stages):
         for name in [n for n in todo if runner.stage_of[n] == stage]:
+            if name in state["layers"]:   # calibrated with the first of its tied group
+                continue
             t0 = time.perf_counter()
             x = runner.capture(name, config.max_tokens, seed=config.seed + order.index(name))
             cfg = plan.layers[name]
-            res = calibrate_layer(layers[name].weight, x, cfg, config)
-            calibrated[name] = _apply(layers[name], cfg, res)
-            state["layers"][name] = {"config": calibrated[name].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
-                                     "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
-                                     "w_clip_mean": None if res.w_clip is None else float(res.w_clip.mean())}
-            if out is not None:
-                write_tensors(_layer_file(out, name), _layer_tensors(layers[name]))
+            members = [n for n in order if n in group_of[name]] if name in group_of else [name]
+            if len({runner.stage_of[n] for n in members}) != 1:
+                raise ValueError(f"tied layers {members} run in different stages of the model")
+            weight = torch.cat([layers[n].weight.detach() for n in members]) if len(members) > 1 else \
+                layers[name].weight
+            res = calibrate_layer(weight, x, cfg, config)
+            start = 0
+            for n in members:   # each its rows of the stacked result
+                rows = slice(start, start + layers[n].out_features)
+                start = rows.stop
+                part = res if len(members) == 1 else dataclasses.replace(
+                    res, base=res.base[rows], scale=None if res.scale is None else res.scale[rows],
+                    zero_point=None if res.zero_point is None else res.zero_point[rows],
+                    w_clip=None if res.w_clip is None else res.w_clip[rows])
+                calibrated[n] = _apply(layers[n], cfg, part)
+                state["layers"][n] = {"config": calibrated[n].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
+                                      "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
+                                      "w_clip_mean": None if part.w_clip is None else float(part.w_clip.mean()),
+                                      **({"joint": members} if len(members) > 1 else {})}
+                if out is not None:
+                    write_tensors(_layer_file(out, n), _layer_tensors(layers[n]))
+            if out is not None:   # the group is recorded once all its layers are written
                 write_json(out / "ptq.json", state)
-            bar.update(1)
+            bar.update(len(members))
             bar.set_postfix_str(f"{name} err {res.err_rtn:.2e}->{res.err:.2e}")
         if stage + 1 < runner.num_stages and any(runner.stage_of[n] > stage for n in todo):
             runner.advance()
@@ -318,6 +345,26 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     if out is not None:
         result.save(out / "plan.json")
     return result
+
+
+def _joint_groups(plan: QuantPlan, tie: Callable[[str], str | None] | None) -> list[tuple[str, ...]]:
+    """Plan layers of one ``tie`` key calibrated together: two or more, one config, no branch (a branch is fitted
+    to its own layer's weight), a quantized weight or activation."""
+    if tie is None:
+        return []
+    keyed: dict[str, list[str]] = {}
+    for name in plan.layers:
+        k = tie(name)
+        if k is not None:
+            keyed.setdefault(k, []).append(name)
+    out = []
+    for names in keyed.values():
+        cfgs = {plan.layers[n] for n in names}
+        cfg = next(iter(cfgs))
+        if len(names) > 1 and len(cfgs) == 1 and cfg.branch is None and (cfg.weight_spec().is_quantized or
+                                                                            cfg.act_spec().is_quantized):
+            out.append(tuple(names))
+    return out
 
 
 def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
