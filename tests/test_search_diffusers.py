@@ -343,9 +343,11 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
         main(["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
     with pytest.raises(SystemExit, match="own scheduler"):
         main(["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="own scheduler"):
+        main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
-                 "--metric", "eps"]) == 2
-    assert "--metric: our DiT's calibration sampler" in capsys.readouterr().err
+                 "--calib-trajectories", "4"]) == 2
+    assert "--calib-trajectories: our DiT's calibration sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a pipeline directory"):
         main(["sample", "--pipeline", str(pipe_dir / "transformer"), "--device", "cpu"])
 
@@ -771,6 +773,16 @@ def test_pixart_pipeline_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "q.png").size == (3 * 256, 256)
+    with pytest.raises(SystemExit, match="not --labels"):
+        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
+    # PTQ from the command line: without branches the q/k/v and cross-attention k/v groups are calibrated as one
+    ptq = tmp_path / "ptq"
+    assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--bits", "W4A8", "--branch", "none",
+                 "--max-tokens", "256", "--rounds", "1", "--out", str(ptq)]) == 0
+    state = json.loads((ptq / "ptq.json").read_text())
+    assert len(state["joint"]) == 4                                   # 2 blocks x (attn1 q/k/v, attn2 k/v)
+    clips = {state["layers"][f"transformer_blocks.0.attn1.to_{x}"]["a_clip"] for x in "qkv"}
+    assert len(clips) == 1
 
 
 def test_pixart_sigma_pipeline():
@@ -783,7 +795,7 @@ def test_pixart_sigma_pipeline():
     runner = DiffusersRunner(pipe.transformer)
     with capture_calls(runner) as calls:
         pipe(prompt=["a red cat"], num_inference_steps=3, guidance_scale=4.5, output_type="latent",
-             generator=torch.manual_seed(1))
+             generator=torch.Generator().manual_seed(1))
     x, enc, t, mask = calls.inputs()
     assert x.shape == (6, 4, 32, 32) and enc.shape == (6, 300, 24)
     with torch.no_grad():
@@ -830,6 +842,7 @@ def test_tied_ptq_equals_our_qkv(tmp_path):
             {a.layers[f"blocks.{i}.attn.qkv"].a_clip}
         assert torch.equal(torch.cat([p.w_codes for p in parts]), qkv.w_codes)
         assert torch.equal(torch.cat([p.w_scale for p in parts]), qkv.w_scale)
+        assert torch.equal(torch.cat([p.w_zero_point for p in parts]), qkv.w_zero_point)
         fc2 = theirs.get_submodule(f"transformer_blocks.{i}.ff.net.2")
         assert torch.equal(fc2.w_codes, ours.get_submodule(f"blocks.{i}.mlp.fc2").w_codes)   # downstream too
 
@@ -844,3 +857,8 @@ def test_tied_ptq_equals_our_qkv(tmp_path):
     assert len(state["joint"]) == 2 and state["layers"]["transformer_blocks.0.attn1.to_k"]["joint"][0].endswith("to_q")
     with pytest.raises(CheckpointError, match="other tied layers"):
         calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "p")
+    # a tie across blocks is refused before any work (nothing written to resume from)
+    across = lambda n: "fc2" if n.endswith("ff.net.2") else None  # noqa: E731
+    with pytest.raises(ValueError, match="must read one input"):
+        calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "q", tie=across)
+    assert not (tmp_path / "q" / "ptq.json").exists()

@@ -129,7 +129,8 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     _diffusers_args(p)
     p.add_argument("--untie", action="store_true",
                    help="with --diffusers: calibrate to_q/to_k/to_v (and cross-attention's to_k/to_v) apart; by "
-                        "default a branch-less group is calibrated as one, like our DiT's qkv")
+                        "default such a group is calibrated as one, like our DiT's qkv, when it has no branch "
+                        "(--branch none)")
     _common_args(p, "calibration")
 
 
@@ -173,6 +174,8 @@ def run_ptq(args: argparse.Namespace) -> int:
         batches = calibration_batches(fp, args.calib_samples, args.sample_steps, args.seed, args.cfg_scale)
     cfg = PTQConfig(rounds=args.rounds, branch_init=args.branch_init, max_tokens=args.max_tokens,
                     smooth_alphas=tuple(args.smooth_alphas), seed=args.seed)
+    if args.untie and not args.diffusers:
+        raise SystemExit("--untie is for --diffusers models (our DiT's qkv is one linear)")
     tie = None
     if args.diffusers and not args.untie:
         from ..search.diffusers_runner import DiffusersRunner

@@ -273,8 +273,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
             if old.get("joint") != state.get("joint"):
-                raise CheckpointError(f"{out}: holds a calibration with other tied layers ({old.get('joint')}, now "
-                                      f"{state.get('joint')}); use a new directory (or the same --untie setting)")
+                raise CheckpointError(f"{out}: holds a calibration with other tied layers ({len(old.get('joint') or [])}"
+                                      f" groups, now {len(state.get('joint') or [])}); use a new directory, or the "
+                                      "same ties (tie= / --untie) as that run")
             if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
@@ -296,6 +297,10 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     layers = {n: model.get_submodule(n) for n in plan.layers}
     runner = StageRunner(model, batches, list(plan.layers))
     order = list(runner.stage_of)   # first-call order
+    for g in joint:   # before any work: a tied group shares one input, so one stage and one width
+        if len({runner.stage_of[n] for n in g}) != 1 or len({layers[n].in_features for n in g}) != 1:
+            raise ValueError(f"tied layers {list(g)} must read one input (one stage of the model, one width); "
+                             f"stages {[runner.stage_of[n] for n in g]}, widths {[layers[n].in_features for n in g]}")
     calibrated = dict(plan.layers)
     for name in order:  # restore finished layers first so that later captures see them
         if name in state["layers"]:
@@ -313,8 +318,6 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             x = runner.capture(name, config.max_tokens, seed=config.seed + order.index(name))
             cfg = plan.layers[name]
             members = [n for n in order if n in group_of[name]] if name in group_of else [name]
-            if len({runner.stage_of[n] for n in members}) != 1:
-                raise ValueError(f"tied layers {members} run in different stages of the model")
             weight = torch.cat([layers[n].weight.detach() for n in members]) if len(members) > 1 else \
                 layers[name].weight
             res = calibrate_layer(weight, x, cfg, config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_LABELS = "0,1,2,3,4,5,6,7,8,9"
 MODEL_HELP = "'digits' (the shipped digits DiT) or a DiT checkpoint (.pt/.pth/.safetensors)"
 
 
@@ -135,7 +136,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample a local diffusers DiT/PixArt pipeline (with --artifact: its transformer replaced by "
                         "the quantized one from `treeq quantize --diffusers`)")
     p.add_argument("--prompts", default=None, help="with a PixArt --pipeline: a text file, one prompt per line")
-    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class labels")
+    p.add_argument("--labels", default=DEFAULT_LABELS, help="comma-separated class labels")
     p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
@@ -193,15 +194,20 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import quiet_dtype_warning, rebuild, transformer_dir
+    from ..models.diffusers_transformers import _class_of, quiet_dtype_warning, rebuild, transformer_dir
     from ..search.diffusers_runner import diffusers_arch
     from . import artifact
 
     try:
-        transformer_dir(args.pipeline)
+        config = json.loads((transformer_dir(args.pipeline) / "config.json").read_text())
         import diffusers
     except (ValueError, ImportError) as e:
         raise SystemExit(f"treeq sample: {e}") from None
+    pixart = _class_of(config) == "PixArtTransformer2DModel"
+    if pixart and args.labels != DEFAULT_LABELS:
+        raise SystemExit("a PixArt pipeline samples --prompts, not --labels")
+    if not pixart and args.prompts:
+        raise SystemExit("a DiT pipeline samples --labels, not --prompts")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     if args.graph or args.sampler != "ddpm":
@@ -215,8 +221,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     with quiet_dtype_warning():
         pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
     pipe = pipe.to(args.device)
-    if args.prompts and diffusers_arch(pipe.transformer) != "pixart":
-        raise SystemExit("a DiT pipeline samples --labels, not --prompts")
     pipe.set_progress_bar_config(disable=True)
     arch = diffusers_arch(pipe.transformer)
     if args.artifact:
@@ -228,8 +232,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
     if arch == "dit":
-        if args.prompts:
-            raise SystemExit("a DiT pipeline samples --labels, not --prompts")
         try:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
@@ -242,8 +244,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     else:
         if not args.prompts:
             raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
-        if args.labels != "0,1,2,3,4,5,6,7,8,9":
-            raise SystemExit("a PixArt pipeline samples --prompts, not --labels")
         try:
             what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         except OSError as e:

@@ -28,6 +28,9 @@ from .run import BASELINES, SearchConfig, load_plan, search, validate_plan
 from .space import DEFAULT_A_BITS, DEFAULT_W_BITS, SearchSpace, candidate_configs, parse_bits
 
 
+CALIB_TRAJECTORIES, CALIB_TIMESTEPS = 32, 8   # our DiT's calibration set (refused with --diffusers)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="digits", help="'digits' (shipped) or a DiT checkpoint path")
@@ -74,9 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
                    help="--diffusers PixArt: the prompts sampled, one per line")
     g = p.add_argument_group("calibration and batching")
-    g.add_argument("--calib-trajectories", type=int, default=32)
+    g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)
-    g.add_argument("--calib-timesteps", type=int, default=8)
+    g.add_argument("--calib-timesteps", type=int, default=CALIB_TIMESTEPS)
     g.add_argument("--cfg-scale", type=float, default=1.0)
     g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
                    help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none "
@@ -167,12 +170,11 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                             ("--random-config", args.random_config)) if v]
     if other:
         raise ValueError(f"--diffusers names the model; {', '.join(other)} cannot be given with it")
-    ours = [f for f, v in (("--calib-trajectories", args.calib_trajectories != 32),
-                           ("--calib-timesteps", args.calib_timesteps != 8), ("--calib-cache", args.calib_cache),
-                           ("--metric", args.metric != "sampler")) if v]
+    ours = [f for f, v in (("--calib-trajectories", args.calib_trajectories != CALIB_TRAJECTORIES),
+                           ("--calib-timesteps", args.calib_timesteps != CALIB_TIMESTEPS),
+                           ("--calib-cache", args.calib_cache)) if v]
     if ours:
-        raise ValueError(f"{', '.join(ours)}: our DiT's calibration sampler; --diffusers reads --calib-inputs "
-                         "(plain MSE)")
+        raise ValueError(f"{', '.join(ours)}: our DiT's calibration sampler; --diffusers reads --calib-inputs")
     closed = None
     if args.select == "one-step" or rank != 0:
         model, desc = load_transformer(args.diffusers, device=device)
