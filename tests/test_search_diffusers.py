@@ -862,3 +862,34 @@ def test_tied_ptq_equals_our_qkv(tmp_path):
     with pytest.raises(ValueError, match="must read one input"):
         calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "q", tie=across)
     assert not (tmp_path / "q" / "ptq.json").exists()
+
+
+def test_tied_ptq_resumes_after_a_kill_inside_a_group(tmp_path, monkeypatch):
+    """Killed after a tied group's first layer file is written but before the state records the group: the
+    resumed calibration redoes the group and ends where an uninterrupted one does."""
+    import treeq_engine.calib.ptq as ptq_mod
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+
+    model = perturbed(tiny_pixart())
+    runner = DiffusersRunner(model)
+    batches = [example(runner, n=3, seed=s)[0] for s in (21, 22)]
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.9))
+    whole = copy.deepcopy(model)
+    want = calibrate(whole, plan, batches, cfg, progress=False, tie=runner.tie)
+
+    real = ptq_mod.write_tensors
+
+    def killed(path, *a, **k):
+        real(path, *a, **k)
+        if path.name == "transformer_blocks.1.attn1.to_q.safetensors":
+            raise KeyboardInterrupt   # to_k and to_v not written, the state not updated
+    monkeypatch.setattr(ptq_mod, "write_tensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(copy.deepcopy(model), plan, batches, cfg, progress=False, out_dir=tmp_path, tie=runner.tie)
+    monkeypatch.setattr(ptq_mod, "write_tensors", real)
+    resumed = copy.deepcopy(model)
+    got = calibrate(resumed, plan, batches, cfg, progress=False, out_dir=tmp_path, tie=runner.tie)
+    assert got.layers == want.layers
+    for n in plan.layers:
+        assert torch.equal(resumed.get_submodule(n).w_codes, whole.get_submodule(n).w_codes), n
