@@ -855,6 +855,8 @@ def test_tied_ptq_equals_our_qkv(tmp_path):
               tie=DiffusersRunner(fresh).tie)
     state = json.loads((tmp_path / "p" / "ptq.json").read_text())
     assert len(state["joint"]) == 2 and state["layers"]["transformer_blocks.0.attn1.to_k"]["joint"][0].endswith("to_q")
+    errs = [state["layers"][f"transformer_blocks.0.attn1.to_{x}"]["err"] for x in "qkv"]   # each its own rows'
+    assert len(set(errs)) == 3 and all(0 < e < 1 for e in errs)
     with pytest.raises(CheckpointError, match="other tied layers"):
         calibrate(copy.deepcopy(fresh), plan, batches, cfg, progress=False, out_dir=tmp_path / "p")
     # a tie across blocks is refused before any work (nothing written to resume from)

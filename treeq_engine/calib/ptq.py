@@ -325,12 +325,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             for n in members:   # each its rows of the stacked result
                 rows = slice(start, start + layers[n].out_features)
                 start = rows.stop
-                part = res if len(members) == 1 else dataclasses.replace(
-                    res, base=res.base[rows], scale=None if res.scale is None else res.scale[rows],
-                    zero_point=None if res.zero_point is None else res.zero_point[rows],
-                    w_clip=None if res.w_clip is None else res.w_clip[rows])
+                part = res if len(members) == 1 else _rows_of(res, rows, x, cfg)
                 calibrated[n] = _apply(layers[n], cfg, part)
-                state["layers"][n] = {"config": calibrated[n].to_dict(), "err_rtn": res.err_rtn, "err": res.err,
+                state["layers"][n] = {"config": calibrated[n].to_dict(), "err_rtn": part.err_rtn, "err": part.err,
                                       "a_clip": res.a_clip, "time_s": round(time.perf_counter() - t0, 4),
                                       "w_clip_mean": None if part.w_clip is None else float(part.w_clip.mean()),
                                       **({"joint": members} if len(members) > 1 else {})}
@@ -348,6 +345,23 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     if out is not None:
         result.save(out / "plan.json")
     return result
+
+
+def _rows_of(res: LayerCalibration, rows: slice, x: torch.Tensor, cfg: LayerConfig) -> LayerCalibration:
+    """One layer's share of a stacked (tied) calibration: its output rows, and its own relative errors."""
+    part = dataclasses.replace(res, base=res.base[rows], scale=None if res.scale is None else res.scale[rows],
+                               zero_point=None if res.zero_point is None else res.zero_point[rows],
+                               w_clip=None if res.w_clip is None else res.w_clip[rows])
+    x = x.to(torch.float32)
+    w = part.base   # no branch in a tied group: base is the layer's float weight
+    wspec = cfg.weight_spec()
+    wq = w if part.scale is None else dequantize(quantize_with_qparams(w, wspec, part.scale, part.zero_point))
+    wq_rtn = fake_quantize(w, QuantSpec.weight(cfg.w_bits, cfg.w_symmetric)) if wspec.is_quantized else w
+    y = x @ w.T
+    norm = float(y.square().sum()) or 1.0
+    part.err_rtn = float((_quant_x(x, cfg, 1.0) @ wq_rtn.T - y).square().sum()) / norm
+    part.err = float((_quant_x(x, cfg, res.a_clip) @ wq.T - y).square().sum()) / norm
+    return part
 
 
 def _joint_groups(plan: QuantPlan, tie: Callable[[str], str | None] | None) -> list[tuple[str, ...]]:
