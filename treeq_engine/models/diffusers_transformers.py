@@ -22,7 +22,8 @@ LEGACY = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
                                  "ada_norm_single": "PixArtTransformer2DModel"}}
 
 
-def _class_of(config: dict[str, Any]) -> str | None:
+def class_of(config: dict[str, Any]) -> str | None:
+    """The transformer class a ``config.json`` names, the hub's legacy generic name resolved by ``norm_type``."""
     name = config.get("_class_name")
     return LEGACY[name].get(config.get("norm_type")) if name in LEGACY else name
 
@@ -35,7 +36,7 @@ def transformer_dir(path: str | Path) -> Path:
         if cfg.is_file():
             try:
                 config = json.loads(cfg.read_text())
-                name = _class_of(config)
+                name = class_of(config)
             except (json.JSONDecodeError, AttributeError):
                 raise ValueError(f"{cfg}: not a diffusers config (unreadable JSON object)") from None
             if name in SUPPORTED:
@@ -58,7 +59,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it."""
     d = transformer_dir(path)
-    cls = getattr(_diffusers(), _class_of(json.loads((d / "config.json").read_text())))
+    cls = getattr(_diffusers(), class_of(json.loads((d / "config.json").read_text())))
     with quiet_dtype_warning():
         model = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
     return model.to(device).eval(), describe(model, source=str(path))
@@ -72,6 +73,21 @@ def quiet_dtype_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         yield
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+    """The diffusers pipeline under ``path`` (local files only), loaded at ``dtype``, on ``device``, its progress
+    bars off (our commands draw their own)."""
+    with quiet_dtype_warning():
+        pipe = _diffusers().DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompts file: one prompt per line, blank lines skipped."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def describe(model: nn.Module, source: str = "") -> dict[str, Any]:

@@ -194,16 +194,16 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import _class_of, quiet_dtype_warning, rebuild, transformer_dir
+    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, rebuild, transformer_dir
     from ..search.diffusers_runner import diffusers_arch
     from . import artifact
 
     try:
         config = json.loads((transformer_dir(args.pipeline) / "config.json").read_text())
-        import diffusers
+        import diffusers  # noqa: F401  (missing: a clear error before anything loads)
     except (ValueError, ImportError) as e:
         raise SystemExit(f"treeq sample: {e}") from None
-    pixart = _class_of(config) == "PixArtTransformer2DModel"
+    pixart = class_of(config) == "PixArtTransformer2DModel"
     if pixart and args.labels != DEFAULT_LABELS:
         raise SystemExit("a PixArt pipeline samples --prompts, not --labels")
     if not pixart and args.prompts:
@@ -218,10 +218,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         steps = 0
     if steps < 1:
         raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
-    with quiet_dtype_warning():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
-    pipe = pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.pipeline, device=args.device)
     arch = diffusers_arch(pipe.transformer)
     if args.artifact:
         desc = artifact.read_manifest(args.artifact).get("model_config", {})
@@ -245,7 +242,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         if not args.prompts:
             raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
         try:
-            what = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            what = read_prompts(args.prompts)
         except OSError as e:
             raise SystemExit(f"treeq sample: --prompts: {e}") from None
         if not what:

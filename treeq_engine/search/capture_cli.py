@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -35,28 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import quiet_dtype_warning, transformer_dir
+    from ..models.diffusers_transformers import load_pipeline, read_prompts, transformer_dir
     from .diffusers_runner import DiffusersRunner, capture_calls, save_inputs, select_timesteps
 
     try:
         transformer_dir(args.pipeline)   # a clear error before the pipeline loads
-        import diffusers
 
         if args.labels is not None:
             items: list = [int(v) for v in args.labels.split(",") if v.strip()]
         else:
-            items = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            items = read_prompts(args.prompts)
         if not items:
             raise ValueError("no labels or prompts given")
         if args.steps <= 0 or args.batch <= 0:
             raise ValueError(f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
         if args.timesteps <= 0:
             raise ValueError(f"--timesteps must be positive, got {args.timesteps}")
-        with quiet_dtype_warning():
-            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True,
-                                                               torch_dtype=getattr(torch, args.dtype))
-        pipe = pipe.to(args.device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
         runner = DiffusersRunner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")

@@ -159,7 +159,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner, the captured inputs, and for
     closed-loop selection ``(pipeline or None, call, source)``: rank 0 loads the pipeline under PATH (at
     ``--dtype``) and samples; every rank knows what is sampled (the resume fingerprint holds it)."""
-    from ..models.diffusers_transformers import load_transformer, quiet_dtype_warning
+    from ..models.diffusers_transformers import load_transformer
     from .closed_loop import PipelineJudge
     from .diffusers_runner import DiffusersRunner, load_inputs
 
@@ -185,15 +185,9 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                              "(model_index.json), not a transformer's")
         pipe = None
         if rank == 0:
-            import diffusers
+            from ..models.diffusers_transformers import describe, load_pipeline
 
-            from ..models.diffusers_transformers import describe
-
-            with quiet_dtype_warning():
-                pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, local_files_only=True,
-                                                                   torch_dtype=getattr(torch, args.dtype))
-            pipe = pipe.to(device)
-            pipe.set_progress_bar_config(disable=True)
+            pipe = load_pipeline(args.diffusers, getattr(torch, args.dtype), device)
             model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
         call = _closed_loop_call(args, model)
         meta = json.loads(index.read_text())
@@ -223,7 +217,9 @@ def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         return {"class_labels": labels}
     if not args.closed_loop_prompts:
         raise ValueError("closed-loop selection on a PixArt samples --closed-loop-prompts FILE (one prompt per line)")
-    prompts = [ln.strip() for ln in Path(args.closed_loop_prompts).read_text().splitlines() if ln.strip()]
+    from ..models.diffusers_transformers import read_prompts
+
+    prompts = read_prompts(args.closed_loop_prompts)
     if not prompts:
         raise ValueError(f"{args.closed_loop_prompts}: no prompts")
     return {"prompt": prompts}

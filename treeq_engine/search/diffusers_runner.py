@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import State
+from .evaluator import State, run_segments
 
 DIT, PIXART = "dit", "pixart"
 
@@ -242,8 +242,7 @@ class DiffusersRunner:
 
 def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     """The noise prediction of a diffusers DiT/PixArt on one input tuple (``calib.peft``'s ``eps_fn``)."""
-    runner = DiffusersRunner(model)
-    return runner.output((runner.forward(*batch),))
+    return run_segments(DiffusersRunner(model), batch)
 
 
 def stack_inputs(calls: Sequence[State]) -> State:
