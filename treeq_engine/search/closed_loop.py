@@ -181,12 +181,9 @@ class PipelineJudge(TrajectoryJudge):
     @staticmethod
     def describe(pipeline: str, scheduler: str, call: dict[str, Any]) -> str:
         """``Pipeline/Scheduler:digest`` of what is sampled (the call's labels or prompts)."""
-        import hashlib
-        import json
+        from ..calib.store import digest
 
-        doc = json.dumps({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in sorted(call.items())},
-                         sort_keys=True, default=str)
-        return f"{pipeline}/{scheduler}:{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
+        return f"{pipeline}/{scheduler}:{digest(dict(call))}"
 
     @torch.no_grad()
     def _sample(self) -> torch.Tensor:
