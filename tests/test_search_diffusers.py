@@ -409,13 +409,16 @@ def test_ptq_walks_the_diffusers_cut_and_packs():
         quantize(staged, calibrated, dtype=torch.float32)
         packed = DiffusersRunner(staged).forward(*x)
     torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)   # measured: 6e-7 on outputs of ~2
+    # SmoothQuant folds into PixArt's to_out.0 only (test_smoothing_folds_into_diffusers_blocks); a plan that
+    # quantizes no activation there gives it nothing to do, which is an error rather than a silent no-op
     with pytest.raises(ValueError, match="SmoothQuant"):
-        calibrate(copy.deepcopy(model), plan, batches, PTQConfig(smooth_alphas=(0.5,)), progress=False)
+        calibrate(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), batches,
+                  PTQConfig(smooth_alphas=(0.5,)), progress=False)
 
 
 def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     """`treeq ptq` / `peft` / `quantize --ptq --peft` with `--diffusers PATH --calib-inputs FILE`: the artifact
-    computes what the calibrated, fine-tuned fake-quant transformer computes."""
+    computes what the calibrated (SmoothQuant folded in), fine-tuned fake-quant transformer computes."""
     from treeq_engine.calib.peft import load_finetuned
     from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
@@ -430,8 +433,11 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
     ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
     assert main(["ptq", *src, "--bits", "W4A4", "--branch", "monarch", "--branch-params", "4", "--max-tokens", "64",
-                 "--rounds", "1", "--out", ptq]) == 0
+                 "--rounds", "1", "--smooth-alphas", "0.5", "0.75", "--out", ptq]) == 0
     assert "calibrated 20 layers" in capsys.readouterr().out
+    import json
+
+    assert len(json.loads((tmp_path / "ptq" / "ptq.json").read_text())["smooth"]) == 6   # 3 sites × 2 blocks
     assert main(["peft", *src, "--ptq", ptq, "--steps", "4", "--lr-branch", "0.05", "--checkpoint-every", "2",
                  "--out", peft]) == 0
     assert "for 4 steps" in capsys.readouterr().out
@@ -628,7 +634,6 @@ def test_closed_loop_selection_through_the_pipeline(tmp_path, capsys):
     """`PipelineJudge`: the pipeline samples each plan with the judge's copy of the searched transformer; its FP
     reference is the pipeline's own output, full precision scores zero, the chosen plan has the lowest closed-loop
     MSE of those scored; and `treeq search --diffusers PIPELINE --select closed-loop-root` runs it."""
-    import functools
     import json
 
     from treeq_engine.cli import main
@@ -895,3 +900,102 @@ def test_tied_ptq_resumes_after_a_kill_inside_a_group(tmp_path, monkeypatch):
     assert got.layers == want.layers
     for n in plan.layers:
         assert torch.equal(resumed.get_submodule(n).w_codes, whole.get_submodule(n).w_codes), n
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_smoothing_folds_into_diffusers_blocks(name):
+    """Every SmoothQuant site of a diffusers block folds exactly: the transformer computes what it did, and each
+    linear of the site reads ``x/s`` with weight ``W·diag(s)``; inputs no per-block weight produces are refused."""
+    from treeq_engine.calib import smooth
+    from treeq_engine.calib.capture import capture_inputs
+
+    model = perturbed(MODELS[name]())
+    runner = DiffusersRunner(model)
+    inputs, _ = example(runner, n=3, seed=4)
+    batches = [inputs]
+    with torch.no_grad():
+        ref = runner.forward(*inputs)
+    blk = "transformer_blocks.1"
+    sites = [f"{blk}.attn1.to_out.0"]
+    if runner.arch == "dit":
+        sites += [f"{blk}.attn1.to_q", f"{blk}.ff.net.0.proj"]
+    else:
+        sites += [f"{blk}.attn2.to_out.0"]
+    g = torch.Generator().manual_seed(5)
+    for key in sites:
+        site = smooth.site_of(model, key)
+        before = {c: (capture_inputs(model, c, batches, 10_000), model.get_submodule(c).weight.detach().clone())
+                  for c in site.consumers}
+        s = torch.rand(before[key][1].shape[1], generator=g) * 3 + 0.2
+        smooth.fold(model, site.consumers[-1], s)   # any linear of the site names it
+        with torch.no_grad():
+            torch.testing.assert_close(runner.forward(*inputs), ref, rtol=1e-4, atol=1e-5)
+        for c, (x, w) in before.items():
+            torch.testing.assert_close(capture_inputs(model, c, batches, 10_000), x / s, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(model.get_submodule(c).weight.detach(), w * s)
+    if runner.arch == "dit":
+        assert smooth.site_of(model, f"{blk}.attn1.to_k").consumers == tuple(f"{blk}.attn1.to_{x}" for x in "qkv")
+    else:   # adaLN-single: the shift and scale add a timestep embedding every block shares
+        for leaf in ("attn1.to_q", "ff.net.0.proj"):
+            with pytest.raises(ValueError, match="'ada_norm_single' norm"):
+                smooth.fold(model, f"{blk}.{leaf}", torch.ones(48))
+    with pytest.raises(ValueError, match="only"):
+        smooth.fold(model, f"{blk}.ff.net.2", torch.ones(192))
+    with pytest.raises(ValueError, match="positive and finite"):
+        smooth.fold(model, f"{blk}.attn1.to_out.0", torch.ones(7))
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    want = {f"transformer_blocks.{i}.{leaf}" for i in range(2)
+            for leaf in (("attn1.to_q", "attn1.to_out.0", "ff.net.0.proj") if runner.arch == "dit"
+                         else ("attn1.to_out.0", "attn2.to_out.0"))}
+    assert set(smooth.targets(model, plan)) == want
+
+
+def test_smoothed_tied_ptq_equals_our_dit(tmp_path):
+    """PTQ with SmoothQuant on our DiT and on its diffusers copy (q/k/v tied): the same α per site, the same
+    factors, the same calibrated codes; a CLI run folds, packs and reloads to what it calibrated."""
+    import json
+
+    from treeq_engine.calib.ptq import SMOOTH_FILE, PTQConfig, calibrate, load_calibration
+    from treeq_engine.calib.store import read_tensors
+    from treeq_engine.models import DiT, DiTConfig
+    from treeq_engine.models.diffusers_transformers import dit_to_diffusers
+
+    torch.manual_seed(0)
+    ours = perturbed(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                   num_classes=10)).eval(), seed=6)
+    with torch.no_grad():   # outlier channels, so that smoothing pays somewhere
+        for blk in ours.blocks:
+            blk.adaLN_modulation[1].bias[32 + 3] += 4.0   # scale_msa of channel 3
+            blk.adaLN_modulation[1].bias[4 * 32 + 5] += 4.0   # scale_mlp of channel 5
+    theirs = dit_to_diffusers(ours)
+    fp_theirs = copy.deepcopy(theirs)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g),
+                torch.randint(0, 11, (4,), generator=g)) for _ in range(2)]
+    cfg = PTQConfig(max_tokens=10_000, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.9, 0.8),
+                    smooth_alphas=(0.5, 0.75))
+    calibrate(ours, QuantPlan.block_uniform(ours, 4, 4), batches, cfg, progress=False, out_dir=tmp_path / "a")
+    calibrate(theirs, QuantPlan.block_uniform(theirs, 4, 4), batches, cfg, progress=False, out_dir=tmp_path / "b",
+              tie=DiffusersRunner(theirs).tie)
+    chosen_a = json.loads((tmp_path / "a" / "ptq.json").read_text())["smooth"]
+    chosen_b = json.loads((tmp_path / "b" / "ptq.json").read_text())["smooth"]
+    pairs = {"attn.qkv": "attn1.to_q", "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj"}
+    assert len(chosen_a) == len(chosen_b) == 6
+    assert any(v is not None for v in chosen_a.values())
+    fa, fb = read_tensors(tmp_path / "a" / SMOOTH_FILE), read_tensors(tmp_path / "b" / SMOOTH_FILE)
+    for i in range(2):
+        for o, t in pairs.items():
+            assert chosen_a[f"blocks.{i}.{o}"] == chosen_b[f"transformer_blocks.{i}.{t}"], (i, o)
+            if f"blocks.{i}.{o}" in fa:
+                torch.testing.assert_close(fb[f"transformer_blocks.{i}.{t}"], fa[f"blocks.{i}.{o}"])
+        qkv = ours.get_submodule(f"blocks.{i}.attn.qkv")
+        parts = [theirs.get_submodule(f"transformer_blocks.{i}.attn1.to_{x}") for x in "qkv"]
+        assert torch.equal(torch.cat([p.w_codes for p in parts]), qkv.w_codes)
+        fc1 = ours.get_submodule(f"blocks.{i}.mlp.fc1")
+        assert torch.equal(theirs.get_submodule(f"transformer_blocks.{i}.ff.net.0.proj").w_codes, fc1.w_codes)
+    # the directory re-folds into a fresh FP copy: the calibrated model, exactly
+    again = copy.deepcopy(fp_theirs)
+    load_calibration(again, tmp_path / "b")
+    x = DiffusersRunner(again).inputs(*batches[0])
+    with torch.no_grad():
+        assert torch.equal(again(*x).sample, theirs(*x).sample)

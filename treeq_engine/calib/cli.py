@@ -125,7 +125,8 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
-                   help="SmoothQuant α candidates folded into the DiT where they help (none: off)")
+                   help="SmoothQuant α candidates folded into the model where they help (none: off); our DiT, and "
+                        "diffusers DiT/PixArt blocks (see docs/gmb.md)")
     _diffusers_args(p)
     p.add_argument("--untie", action="store_true",
                    help="with --diffusers: calibrate to_q/to_k/to_v (and cross-attention's to_k/to_v) apart; by "

@@ -17,7 +17,8 @@ layer), on inputs ``X (M, K)`` captured from the calibration set, with the FP ta
 4. Steps 2–3 alternate ``rounds`` times. The layer is then frozen (codes, scales, zero points) and its plan
    entry gets the chosen ``a_clip``.
 
-Optionally (``smooth_alphas``) SmoothQuant balancing is folded into a DiT first (:mod:`.smooth`).
+Optionally (``smooth_alphas``) SmoothQuant balancing is folded into the model first (:mod:`.smooth`: our DiT's
+blocks, diffusers DiT and PixArt blocks).
 
 Resumable: each finished layer is written to ``out_dir/layers/<name>.safetensors`` and recorded in
 ``out_dir/ptq.json`` before the next one starts; a rerun with the same plan and config loads the finished
@@ -54,15 +55,15 @@ DEFAULT_A_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 class PTQConfig:
     """``w_clip_grid``/``a_clip_grid``: candidate clip ratios (``(1.0,)`` turns a search off: round-to-nearest on
     the full range). ``rounds``: weight/activation alternations. ``branch_init``: "weight" or "residual".
-    ``max_tokens``: input rows per layer used by the search. ``smooth_alphas``: fold SmoothQuant balancing into a
-    DiT first, per layer the α of this grid (or none) with the least calibrated error (:mod:`.smooth`)."""
+    ``max_tokens``: input rows per layer used by the search. ``smooth_alphas``: fold SmoothQuant balancing into the
+    model first, per site the α of this grid (or none) with the least calibrated error (:mod:`.smooth`)."""
 
     w_clip_grid: tuple[float, ...] = DEFAULT_W_GRID
     a_clip_grid: tuple[float, ...] = DEFAULT_A_GRID
     rounds: int = 2
     branch_init: str = "weight"
     max_tokens: int = 4096
-    smooth_alphas: tuple[float, ...] = ()  # SmoothQuant α candidates (DiT only; empty: off), see smooth.py
+    smooth_alphas: tuple[float, ...] = ()  # SmoothQuant α candidates (empty: off), see smooth.py
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -283,11 +284,13 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     run = _run_digest(state)
     if config.smooth_alphas and not smooth.targets(model, plan):
         raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears ({', '.join(smooth.TARGETS)})"
-                         f" with quantized activations; this plan for a {type(model).__name__} has none")
+                         f" or a diffusers transformer block's ({', '.join(smooth.DIFFUSERS_TARGETS)}) with "
+                         f"quantized activations; this plan for a {type(model).__name__} has none")
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
         factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
         if factors is None:
-            factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config)
+            factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config,
+                                                      joint)
             if out is not None:
                 write_tensors(out / SMOOTH_FILE, factors, {"run": run})
                 write_json(out / "ptq.json", state)

@@ -1,24 +1,34 @@
-"""SmoothQuant-style channel balancing for a DiT, folded into the model so that runtime and kernels are unchanged.
+"""SmoothQuant-style channel balancing, folded into the model so that runtime and kernels are unchanged.
 
 A linear ``y = x·Wᵀ`` is rewritten ``y = (x/s)·(W·diag(s))ᵀ`` with, per input channel k,
 
     s_k = max|X_k|^α / max_n |W[n, k]|^(1−α)
 
 which moves activation outliers (hard for a per-token quantizer) into the weight (easy for a per-channel one).
-The division by ``s`` must cost nothing at run time, so it is folded into the op that produces ``x``. In a DiT
-block (the facebookresearch layout) three of the four block linears allow that exactly:
+The division by ``s`` must cost nothing at run time, so it is folded into the op that produces ``x``: a *site*
+is that producer plus every linear that reads ``x`` (all of them take ``W·diag(s)``, quantized or not, or the
+model would change). The sites, where the fold is exact:
 
-    attn.qkv   x = LN(h)·(1 + scale_msa) + shift_msa   ->  rows of adaLN_modulation.1 for shift_msa/scale_msa
-    mlp.fc1    x = LN(h)·(1 + scale_mlp) + shift_mlp   ->  rows of adaLN_modulation.1 for shift_mlp/scale_mlp
-    attn.proj  x = softmax(q·kᵀ)·v                    ->  the v rows of attn.qkv (attention is linear in v)
+    our DiT (the facebookresearch block layout)
+      attn.qkv        x = LN(h)·(1 + scale_msa) + shift_msa  ->  rows of adaLN_modulation.1 for shift/scale_msa
+      mlp.fc1         x = LN(h)·(1 + scale_mlp) + shift_mlp  ->  rows of adaLN_modulation.1 for shift/scale_mlp
+      attn.proj       x = softmax(q·kᵀ)·v                    ->  the v rows of attn.qkv (attention is linear in v)
+    diffusers' BasicTransformerBlock (DiT: adaLN-Zero; PixArt: adaLN-single)
+      attn1.to_q/k/v  as attn.qkv, into norm1.linear; one site, one ``s`` for the three  (adaLN-Zero only)
+      ff.net.0.proj   as mlp.fc1, into norm1.linear                                        (adaLN-Zero only)
+      attnN.to_out.0  as attn.proj, into attnN.to_v                          (self- and cross-attention)
 
-(``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) ``mlp.fc2``'s input is
-GELU's output, which nothing linear precedes, so it is left alone. The folded model computes the same function
-in floating point. Per layer, ``α`` is chosen from a grid — or no smoothing — by the calibrated layer-output
-error on the FP model's inputs (``calibrate_layer``), so smoothing is applied only where it measurably helps.
+(``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) The second linear of an
+MLP reads GELU's output, which nothing linear precedes, so it is left alone; so are PixArt's attn1 and ff inputs,
+whose shift and scale add a timestep embedding shared by all blocks (no per-block weight can absorb ``1/s``), and
+its cross-attention's to_k/to_v, which read the captions every block shares. The folded model computes the
+same function in floating point. Per site, ``α`` is chosen from a grid — or no smoothing — by the calibrated
+output error of the site's planned linears on the FP model's inputs (``calibrate_layer``; a tied group as one
+stacked linear, as PTQ calibrates it), so smoothing is applied only where it measurably helps.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -27,7 +37,25 @@ import torch.nn as nn
 from ..plan import QuantPlan
 from .capture import CalibBatch, StageRunner
 
-TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1")
+TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1")   # our DiT's block linears
+DIFFUSERS_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj", "attn1.to_out.0",
+                     "attn2.to_out.0")
+_DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")   # plain attention: the output is linear in v
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where one ``s`` folds: ``consumers`` (the linears that read ``x``, in the model's order; ``key``, the
+    first, names the site) take ``W·diag(s)``; ``producer``'s output rows are divided by ``s``: its ``rows``, or
+    with ``modulate`` its (shift, scale) chunks of an adaLN linear, ``(1 + scale)/s − 1`` for the scale."""
+    consumers: tuple[str, ...]
+    producer: str
+    rows: tuple[int, int] | None = None      # [start, stop) of producer's output rows
+    modulate: tuple[int, int] | None = None  # (shift chunk, scale chunk) of a 6-chunk adaLN output
+
+    @property
+    def key(self) -> str:
+        return self.consumers[0]
 
 
 def smoothing_factors(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,78 +79,172 @@ def _linear(model: nn.Module, name: str) -> nn.Module:
     return mod
 
 
-def targets(model: nn.Module, plan: QuantPlan) -> list[str]:
-    """The block linears of ``plan`` that smoothing can fold into ``model`` (quantized activations only)."""
-    out = []
-    for name, cfg in plan.layers.items():
-        if any(name.endswith("." + t) for t in TARGETS) and cfg.act_spec().is_quantized:
-            out.append(name)
-    return out
+def _diffusers_block(model: nn.Module, name: str) -> tuple[str, str, nn.Module] | None:
+    """``(block prefix, the name within the block, the block)`` when ``name`` is one of a diffusers
+    ``BasicTransformerBlock``'s :data:`DIFFUSERS_TARGETS`."""
+    for sub in DIFFUSERS_TARGETS:
+        if name == sub or name.endswith("." + sub):
+            block_name = name[: len(name) - len(sub)].rstrip(".")
+            try:
+                block = model.get_submodule(block_name) if block_name else model
+            except AttributeError:
+                return None
+            if type(block).__name__ == "BasicTransformerBlock" and hasattr(block, "norm_type"):
+                return (block_name + "." if block_name else ""), sub, block
+    return None
 
 
-@torch.no_grad()
-def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
-    """Rewrite ``model`` so that layer ``name`` (``<block>.attn.qkv|attn.proj|mlp.fc1``) sees ``x/s`` and has
-    weight ``W·diag(s)``; the model's function is unchanged."""
+def _width(model: nn.Module, name: str) -> int:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"smoothing folds into a transformer block; the model has no {name!r}") from None
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"{name} has no (out, in) weight to fold a smoothing factor into")
+    return int(w.shape[1])
+
+
+def _plain_attention(attn: nn.Module, where: str) -> None:
+    processor = type(getattr(attn, "processor", None)).__name__
+    if processor not in _DEFAULT_PROCESSORS:
+        raise ValueError(f"cannot fold smoothing for {where}: its attention runs {processor}, not diffusers' "
+                         f"default processor ({', '.join(_DEFAULT_PROCESSORS)})")
+
+
+def site_of(model: nn.Module, name: str) -> Site:
+    """The :class:`Site` where the input of linear ``name`` can be smoothed; a clear error where it cannot."""
+    found = _diffusers_block(model, name)
+    if found is not None:
+        pre, sub, block = found
+        adazero = block.norm_type == "ada_norm_zero" and getattr(block, "pos_embed", None) is None
+        if sub.endswith("to_out.0"):
+            attn = sub.split(".")[0]
+            _plain_attention(getattr(block, attn), name)
+            return Site((pre + sub,), f"{pre}{attn}.to_v", rows=(0, _width(model, name)))
+        if not adazero:
+            raise ValueError(f"cannot fold smoothing for {name!r}: its input's shift and scale come from a "
+                             f"{block.norm_type!r} norm that no per-block weight holds (only adaLN-Zero blocks, "
+                             "as diffusers' DiT, fold into norm1.linear)")
+        if sub.startswith("attn1."):
+            if block.only_cross_attention:
+                raise ValueError(f"cannot fold smoothing for {name!r}: attn1 reads the captions here")
+            attn = block.attn1
+            _plain_attention(attn, name)
+            if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+                raise ValueError(f"cannot fold smoothing for {name!r}: a norm runs before to_q/to_k/to_v")
+            return Site(tuple(f"{pre}attn1.{p}" for p in ("to_q", "to_k", "to_v")), f"{pre}norm1.linear",
+                        modulate=(0, 1))
+        return Site((pre + sub,), f"{pre}norm1.linear", modulate=(3, 4))
     parent, _, leaf = name.rpartition(".")
     block, _, sub = parent.rpartition(".")
     kind = f"{sub}.{leaf}"
     pre = f"{block}." if block else ""
     if kind not in TARGETS:
-        raise ValueError(f"cannot fold smoothing for {name!r}: only {TARGETS} of a DiT block")
-    target = _linear(model, name)
-    d = target.weight.shape[1]
-    s = s.to(target.weight.device, torch.float32)
+        raise ValueError(f"cannot fold smoothing for {name!r}: only {TARGETS} of a DiT block, or "
+                         f"{DIFFUSERS_TARGETS} of a diffusers transformer block")
+    if kind == "attn.proj":
+        d = _width(model, name)
+        return Site((name,), f"{pre}attn.qkv", rows=(2 * d, 3 * d))  # v in the (3, heads, head_dim) layout
+    return Site((name,), f"{pre}adaLN_modulation.1", modulate=(0, 1) if kind == "attn.qkv" else (3, 4))
+
+
+def targets(model: nn.Module, plan: QuantPlan) -> list[str]:
+    """The keys of the sites (see :class:`Site`) where smoothing can fold into ``model`` and helps ``plan``: a
+    planned linear there quantizes its activations. In the model's order."""
+    keys: list[str] = []
+    for name, cfg in plan.layers.items():
+        if not cfg.act_spec().is_quantized:
+            continue
+        try:
+            key = site_of(model, name).key
+        except ValueError:
+            continue
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+@torch.no_grad()
+def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
+    """Rewrite ``model`` so that the linears of ``name``'s site (see :class:`Site`: ``name`` is its key or any of
+    its linears) see ``x/s`` and have weights ``W·diag(s)``; the model's function is unchanged."""
+    site = site_of(model, name)
+    consumers = [_linear(model, c) for c in site.consumers]
+    d = consumers[0].weight.shape[1]
+    if any(c.weight.shape[1] != d for c in consumers):
+        raise ValueError(f"{site.consumers}: read inputs of different widths; they cannot share a smoothing")
+    s = s.to(consumers[0].weight.device, torch.float32)
     if s.shape != (d,) or not bool((torch.isfinite(s) & (s > 0)).all()):
         raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},)")
-    if kind == "attn.proj":
-        qkv = _linear(model, f"{pre}attn.qkv")
-        rows = slice(2 * d, 3 * d)  # v in the (3, heads, head_dim) layout, in proj's input order
-        qkv.weight[rows] /= s[:, None].to(qkv.weight.dtype)
-        if qkv.bias is not None:
-            qkv.bias[rows] /= s.to(qkv.bias.dtype)
-    else:
-        ada = _linear(model, f"{pre}adaLN_modulation.1")
-        if ada.weight.shape[0] != 6 * d:
-            raise ValueError(f"{pre}adaLN_modulation.1 has {ada.weight.shape[0]} outputs; a DiT block has 6·{d}")
-        first = 0 if kind == "attn.qkv" else 3  # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate
-        shift, scale = slice(first * d, (first + 1) * d), slice((first + 1) * d, (first + 2) * d)
-        inv = (1.0 / s).to(ada.weight.dtype)
-        ada.weight[shift] *= inv[:, None]
-        ada.weight[scale] *= inv[:, None]
-        if ada.bias is not None:
-            ada.bias[shift] *= inv
-            ada.bias[scale] = (1.0 + ada.bias[scale]) * inv - 1.0
-    target.weight *= s[None, :].to(target.weight.dtype)
+    producer = _linear(model, site.producer)
+    n_out = producer.weight.shape[0]
+    if site.rows is not None:
+        lo, hi = site.rows
+        if hi > n_out:
+            raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
+        rows = slice(lo, hi)
+        producer.weight[rows] /= s[:, None].to(producer.weight.dtype)
+        if producer.bias is not None:
+            producer.bias[rows] /= s.to(producer.bias.dtype)
+    elif site.modulate is not None:
+        if n_out != 6 * d:
+            raise ValueError(f"{site.producer} has {n_out} outputs; an adaLN modulation has 6·{d}")
+        first, second = site.modulate
+        shift, scale = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
+        inv = (1.0 / s).to(producer.weight.dtype)
+        producer.weight[shift] *= inv[:, None]
+        producer.weight[scale] *= inv[:, None]
+        if producer.bias is not None:
+            producer.bias[shift] *= inv
+            producer.bias[scale] = (1.0 + producer.bias[scale]) * inv - 1.0
+    for c in consumers:
+        c.weight *= s[None, :].to(c.weight.dtype)
 
 
 @torch.no_grad()
 def choose(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], alphas: Sequence[float],
-           config) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
-    """Per target layer, the ``α`` of ``alphas`` (or none) with the least calibrated layer error on the FP
-    model's inputs; returns ``(factors, chosen alpha per layer)``. ``config`` is the ``PTQConfig`` used."""
+           config, joint: Sequence[Sequence[str]] = ()) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+    """Per site (by key), the ``α`` of ``alphas`` (or none) with the least calibrated error of the site's planned
+    linears on the FP model's inputs; returns ``(factors, chosen alpha per site)``. ``config`` is the
+    ``PTQConfig`` used; ``joint``: the tied groups PTQ calibrates as one stacked linear (scored so here)."""
     from .ptq import calibrate_layer
 
-    names = targets(model, plan)
+    sites = [site_of(model, k) for k in targets(model, plan)]
     factors: dict[str, torch.Tensor] = {}
     chosen: dict[str, float | None] = {}
-    if not names:
+    if not sites:
         return factors, chosen
-    runner = StageRunner(model, batches, names)
+    planned = {s.key: [c for c in s.consumers if c in plan.layers] for s in sites}
+    runner = StageRunner(model, batches, [c for s in sites for c in planned[s.key]])
+    stacked = {tuple(g) for g in joint}
     for stage in range(runner.num_stages):
-        for name in [n for n in names if runner.stage_of[n] == stage]:
-            x = runner.capture(name, config.max_tokens, seed=config.seed)
-            w = _linear(model, name).weight.detach().float()
-            cfg = plan.layers[name]
-            best_err, best_a, best_s = calibrate_layer(w, x, cfg, config).err, None, None
+        for site in [s for s in sites if runner.stage_of[planned[s.key][0]] == stage]:
+            members = planned[site.key]
+            x = runner.capture(members[0], config.max_tokens, seed=config.seed)
+            ws = [_linear(model, m).weight.detach().float() for m in members]
+            cfgs = [plan.layers[m] for m in members]
+            if len(members) > 1 and tuple(members) in stacked:
+                ws, cfgs = [torch.cat(ws)], cfgs[:1]
+            w_all = torch.cat(ws)
+            norms = [float((x.float() @ w.T).square().sum()) for w in ws] if len(ws) > 1 else [1.0]
+
+            def error(s: torch.Tensor | None) -> float:
+                errs = [calibrate_layer(w if s is None else w * s, x if s is None else x / s, c, config).err
+                        for w, c in zip(ws, cfgs)]
+                if len(errs) == 1:
+                    return errs[0]
+                return sum(e * n for e, n in zip(errs, norms)) / (sum(norms) or 1.0)
+
+            best_err, best_a, best_s = error(None), None, None
             for a in alphas:
-                s = smoothing_factors(x, w, a)
-                err = calibrate_layer(w * s, x / s, cfg, config).err
+                s = smoothing_factors(x, w_all, a)
+                err = error(s)
                 if err < best_err:
                     best_err, best_a, best_s = err, a, s
-            chosen[name] = best_a
+            chosen[site.key] = best_a
             if best_s is not None:
-                factors[name] = best_s
-        if any(runner.stage_of[n] > stage for n in names):
+                factors[site.key] = best_s
+        if any(runner.stage_of[planned[s.key][0]] > stage for s in sites):
             runner.advance()
     return factors, chosen
