@@ -301,6 +301,9 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2,3,4", "--batch", "3", "--steps", "5",
                  "--timesteps", "2", "--cfg", "1.5", "--device", "cpu", "--out", calib]) == 0
     assert "kept 20 samples at 2 timesteps" in capsys.readouterr().out   # 2 runs x 2 steps x (cond + uncond)
+    from treeq_engine.search.diffusers_runner import load_weights
+
+    assert len(load_weights(calib, DiffusersRunner(tiny_dit_pipeline().transformer))) == 5   # the whole schedule
 
     out = tmp_path / "search"
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
@@ -309,7 +312,9 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert len(plan.layers) == 20 and "transformer_blocks.1.ff.net.2" in plan.layers   # 14 searched, 6 fixed
     import json
 
-    assert json.loads((out / "report.json").read_text())["leaves"] == 10     # to_q/k/v tied: 5 per block
+    report = json.loads((out / "report.json").read_text())
+    assert report["leaves"] == 10                                            # to_q/k/v tied: 5 per block
+    assert report["weighted"]       # the default metric: the DDIM scheduler's c(t)², stored by the capture
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--check", str(out / "plan.json")]) == 0
     untied = tmp_path / "untied"
@@ -345,6 +350,17 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
         main(["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
     with pytest.raises(SystemExit, match="own scheduler"):
         main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
+    # inputs without sampler weights: the default metric says so and takes the plain MSE, an explicit one refuses
+    plain = str(tmp_path / "plain.safetensors")
+    runner = DiffusersRunner(direct)
+    save_inputs(plain, runner, load_inputs(calib, runner))
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--budget", "W4A8",
+                 "--metric", "sampler"]) == 2
+    assert "holds no sampler weights" in capsys.readouterr().err
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--out", str(tmp_path / "plain")]) == 0
+    assert "the metric is the plain ε-MSE" in capsys.readouterr().err
+    assert not json.loads((tmp_path / "plain" / "report.json").read_text())["weighted"]
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--calib-trajectories", "4"]) == 2
     assert "--calib-trajectories: our DiT's calibration sampler" in capsys.readouterr().err
@@ -462,10 +478,20 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="calibrated from another model"):
         load_calibration(perturbed(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"), 9), ptq)
-    with pytest.raises(SystemExit, match="uniform weights"):
-        main(["peft", *src, "--ptq", ptq, "--loss-weights", "sampler", "--out", str(tmp_path / "p2")])
+    # sampler-weighted distillation: the capture stored the DDIM scheduler's c(t)²; inputs without them refuse it
+    assert main(["peft", *src, "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05", "--loss-weights", "sampler",
+                 "--out", str(tmp_path / "p2")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "p2" / "peft.json").read_text())["config"]["loss_weights"] == "sampler"
+    runner = DiffusersRunner(direct)
+    plain = str(tmp_path / "plain.safetensors")
+    save_inputs(plain, runner, load_inputs(calib, runner))
+    with pytest.raises(SystemExit, match="holds no sampler weights"):
+        main(["peft", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--ptq", ptq, "--loss-weights",
+              "sampler", "--out", str(tmp_path / "p3")])
     with pytest.raises(SystemExit, match="--calib-inputs"):
-        main(["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p3")])
+        main(["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p4")])
 
 
 def test_review_cases(tmp_path, capsys, monkeypatch):

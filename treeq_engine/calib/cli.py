@@ -203,7 +203,8 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--loss-weights", choices=("uniform", "sampler"), default="uniform",
-                   help="per-sample loss weights: none, or the sampler's c(t)² (damps the t≈0 step)")
+                   help="per-sample loss weights: none, or the sampler's c(t)² (damps the t≈0 step; with "
+                        "--diffusers, the pipeline scheduler's that `treeq capture` stored)")
     _diffusers_args(p)
     _common_args(p, "distillation")
 
@@ -214,12 +215,23 @@ def run_peft(args: argparse.Namespace) -> int:
     from .ptq import load_calibration
     from .store import digest
 
+    weight = None
     if args.diffusers:
-        if args.loss_weights == "sampler":
-            raise SystemExit("--loss-weights sampler needs our DiT's sampler schedule; a diffusers transformer "
-                             "distils with uniform weights")
         fp, batches = _diffusers_model(args)
         model, _ = _diffusers_model(args, with_inputs=False)
+        if args.loss_weights == "sampler":   # the pipeline scheduler's c(t)², stored by `treeq capture`
+            from ..search.diffusers_runner import DiffusersRunner, load_weights
+            from ..search.diffusers_schedule import batch_weights
+
+            runner = DiffusersRunner(fp)
+            try:
+                table = load_weights(args.calib_inputs, runner)
+            except ValueError as e:
+                raise SystemExit(f"treeq peft: {e}") from None
+            if table is None:
+                raise SystemExit(f"--loss-weights sampler: {args.calib_inputs} holds no sampler weights (its "
+                                 "pipeline's scheduler has none, or it was captured without them)")
+            weight = batch_weights(table, runner.input_names.index("timestep"), args.calib_inputs)
     else:
         fp = _load_model(args.model, args.device)
         model = _load_model(args.model, args.device)
@@ -242,9 +254,10 @@ def run_peft(args: argparse.Namespace) -> int:
         return calibration_batches(fp, args.batch, args.sample_steps, seed=10_000 + args.seed * 1000 + r,
                                    cfg_scale=args.cfg_scale)
 
-    from .data import sampler_loss_weights
+    if args.loss_weights == "sampler" and not args.diffusers:
+        from .data import sampler_loss_weights
 
-    weight = sampler_loss_weights(args.sample_steps) if args.loss_weights == "sampler" else None
+        weight = sampler_loss_weights(args.sample_steps)
     kw = {}
     if args.diffusers:
         from ..search.diffusers_runner import diffusers_eps

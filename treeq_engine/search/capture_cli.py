@@ -8,7 +8,9 @@ calibration inputs of ``treeq search --diffusers``.
 
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
 it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
-(both halves under classifier-free guidance: the guided model sees both). Nothing is downloaded.
+(both halves under classifier-free guidance: the guided model sees both). The file also holds the scheduler's
+sampler weights ``c(t)²`` (``diffusers_schedule``), the search's default metric and PEFT's ``--loss-weights
+sampler``; a scheduler without them is noted. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -62,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
         kw = {} if args.cfg is None else {"guidance_scale": args.cfg}
         # the timesteps to keep, from the pipeline's scheduler (the values its runs will visit): calls at the
         # others are not stored, so a long capture holds only what it keeps
+        from .diffusers_schedule import scheduler_weights
+
+        try:   # the step factor c(t)² of each timestep, for the search's and PEFT's sampler weights
+            weights: dict[float, float] | None = scheduler_weights(pipe.scheduler, args.steps)
+        except ValueError as e:
+            weights = None
+            print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain ε-MSE",
+                  file=sys.stderr)
         pipe.scheduler.set_timesteps(args.steps)
         schedule = pipe.scheduler.timesteps
         keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
@@ -79,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"none of the pipeline's {calls.skipped} transformer calls came at the scheduler's "
                              f"timesteps {keep}: this pipeline passes timesteps another way")
         inputs = calls.inputs()
-        save_inputs(args.out, runner, inputs)
+        save_inputs(args.out, runner, inputs, weights=weights,
+                    scheduler=f"{type(pipe.scheduler).__name__} {args.steps} steps")
     except (ValueError, ImportError, OSError) as e:
         print(f"treeq capture: error: {e}", file=sys.stderr)
         return 2
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(runner.input_names, inputs))
     print(f"{len(calls.calls) + calls.skipped} transformer calls, kept {inputs[0].shape[0]} samples at "
-          f"{len(set(inputs[runner.input_names.index('timestep')].tolist()))} timesteps -> {args.out}: {shapes}")
+          f"{len(set(inputs[runner.input_names.index('timestep')].tolist()))} timesteps -> {args.out}: {shapes}"
+          + ("" if weights is None else f"; sampler weights of {type(pipe.scheduler).__name__}"))
     return 0

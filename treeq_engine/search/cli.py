@@ -81,13 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-steps", type=int, default=50)
     g.add_argument("--calib-timesteps", type=int, default=CALIB_TIMESTEPS)
     g.add_argument("--cfg-scale", type=float, default=1.0)
-    g.add_argument("--metric", default="sampler", choices=["sampler", "eps"],
-                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default) or none "
-                        "(--diffusers: always none)")
+    g.add_argument("--metric", default=None, choices=["sampler", "eps"],
+                   help="per-sample weights of the output MSE: the sampler's step factor c(t)² (default; with "
+                        "--diffusers, the pipeline scheduler's that `treeq capture` stored, else none) or none")
     g.add_argument("--calib-cache", default=None, help="directory caching calibration sets (default: OUT)")
     g.add_argument("--calib-inputs", default=None, metavar="FILE",
-                   help="with --diffusers: the calibration inputs `treeq capture` wrote (plain MSE, no sampler "
-                        "weights)")
+                   help="with --diffusers: the calibration inputs `treeq capture` wrote (and its scheduler's "
+                        "sampler weights)")
     g.add_argument("--batch", type=int, default=64, help="calibration samples per forward")
     g.add_argument("--group", type=int, default=16, help="candidates stacked per forward")
     g.add_argument("--seed", type=int, default=0)
@@ -151,17 +151,20 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) ->
     calib = load_or_collect(model, cfg, args.calib_cache or args.out, progress=progress)
     if first:
         distributed.barrier()
-    return calib.inputs(), calib.weights(args.metric)
+    return calib.inputs(), calib.weights(args.metric or "sampler")
 
 
 def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[Any, str, Any,
-                                                                              tuple[torch.Tensor, ...], Any]:
-    """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner, the captured inputs, and for
-    closed-loop selection ``(pipeline or None, call, source)``: rank 0 loads the pipeline under PATH (at
-    ``--dtype``) and samples; every rank knows what is sampled (the resume fingerprint holds it)."""
+                                                                              tuple[torch.Tensor, ...],
+                                                                              torch.Tensor | None, Any]:
+    """``--diffusers PATH --calib-inputs FILE``: the transformer, its runner, the captured inputs, their sampler
+    weights (``--metric``; the file's, see ``diffusers_schedule``), and for closed-loop selection ``(pipeline or
+    None, call, source)``: rank 0 loads the pipeline under PATH (at ``--dtype``) and samples; every rank knows
+    what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer
     from .closed_loop import PipelineJudge
-    from .diffusers_runner import DiffusersRunner, load_inputs
+    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights
+    from .diffusers_schedule import per_sample
 
     if not args.calib_inputs:
         raise ValueError("--diffusers needs --calib-inputs FILE: record the pipeline's transformer calls with "
@@ -196,7 +199,19 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         raise ValueError("--closed-loop-labels / --closed-loop-prompts are for --select closed-loop[-root]")
     runner = DiffusersRunner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
-    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, closed
+    weights = None
+    if args.metric != "eps":
+        table = load_weights(args.calib_inputs, runner)
+        if table is None and args.metric == "sampler":
+            raise ValueError(f"--metric sampler: {args.calib_inputs} holds no sampler weights (its pipeline's "
+                             "scheduler has none, or it was captured without them); use --metric eps")
+        if table is None:
+            if rank == 0:
+                print(f"treeq search: note: {args.calib_inputs} holds no sampler weights; the metric is the plain "
+                      "ε-MSE", file=sys.stderr)
+        else:
+            weights = per_sample(table, inputs[runner.input_names.index("timestep")], args.calib_inputs)
+    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, weights, closed
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -246,8 +261,7 @@ def run(args: argparse.Namespace) -> int:
         progress = not args.no_progress and rank == 0
         dtype = getattr(torch, args.dtype)
         if args.diffusers:
-            model, name, runner, inputs, closed_call = _diffusers_setup(args, device, rank)
-            weights = None
+            model, name, runner, inputs, weights, closed_call = _diffusers_setup(args, device, rank)
             if closed_call is not None:
                 pipe, call, source = closed_call
                 judge_fn = functools.partial(PipelineJudge, pipe, call) if pipe is not None else None

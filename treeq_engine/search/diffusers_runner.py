@@ -333,14 +333,36 @@ def select_timesteps(timesteps: Sequence[float] | torch.Tensor, k: int) -> list[
     return [seen[i] for i in sorted({round(i * (len(seen) - 1) / max(k - 1, 1)) for i in range(k)})]
 
 
-def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor]) -> None:
-    """Calibration inputs as safetensors, named by ``runner.input_names`` (what ``load_inputs`` checks)."""
+def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor], *,
+                weights: Mapping[float, float] | None = None, scheduler: str = "") -> None:
+    """Calibration inputs as safetensors, named by ``runner.input_names`` (what ``load_inputs`` checks), with the
+    schedule's sampler weights ``{timestep: c(t)²}`` when given (``diffusers_schedule.scheduler_weights``; every
+    sample's timestep must have one; ``scheduler`` names what made them)."""
     from safetensors.torch import save_file
+
+    from . import diffusers_schedule
 
     if len(inputs) != len(runner.input_names):
         raise ValueError(f"{len(inputs)} input tensors for the {len(runner.input_names)} names {runner.input_names}")
-    save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path,
-              metadata={"schema": "treeq-diffusers-calibration", "arch": runner.arch})
+    meta = {"schema": "treeq-diffusers-calibration", "arch": runner.arch}
+    if weights is not None:
+        diffusers_schedule.per_sample(weights, inputs[runner.input_names.index("timestep")], path)
+        meta.update(diffusers_schedule.to_metadata(weights, scheduler))
+    save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path, metadata=meta)
+
+
+def load_weights(path: str, runner: DiffusersRunner) -> dict[float, float] | None:
+    """The sampler weights ``{timestep: c(t)²}`` a calibration file holds (``treeq capture`` stores the pipeline
+    scheduler's), checked to cover every sample's timestep; None when it holds none."""
+    from safetensors import safe_open
+
+    from . import diffusers_schedule
+
+    with safe_open(path, framework="pt") as f:
+        weights = diffusers_schedule.from_metadata(f.metadata() or {}, path)
+        if weights is not None:
+            diffusers_schedule.per_sample(weights, f.get_tensor("timestep"), path)
+    return weights
 
 
 def inputs_digest(path: str) -> str:
