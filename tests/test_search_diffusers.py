@@ -1025,3 +1025,72 @@ def test_smoothed_tied_ptq_equals_our_dit(tmp_path):
     x = DiffusersRunner(again).inputs(*batches[0])
     with torch.no_grad():
         assert torch.equal(again(*x).sample, theirs(*x).sample)
+
+
+def test_smoothing_refusals_and_orders(tmp_path, monkeypatch):
+    """What smoothing refuses and how it says so, and what must not depend on the plan's key order."""
+    import warnings
+
+    from treeq_engine.calib import ptq, smooth
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.calib.store import CheckpointError
+
+    model = perturbed(tiny_dit())
+    blk = "transformer_blocks.1"
+    # a block adding positional embeddings to attn1's input: q/k/v refused by name, its feed-forward still folds
+    odd = copy.deepcopy(model)
+    odd.transformer_blocks[1].pos_embed = torch.nn.Identity()
+    with pytest.raises(ValueError, match="positional embeddings"):
+        smooth.site_of(odd, f"{blk}.attn1.to_q")
+    assert smooth.site_of(odd, f"{blk}.ff.net.0.proj").producer == f"{blk}.norm1.linear"
+    # an adaLN linear without a bias cannot hold (1 + scale)/s − 1
+    nob = copy.deepcopy(model)
+    nob.transformer_blocks[1].norm1.linear.bias = None
+    with pytest.raises(ValueError, match="no bias"):
+        smooth.fold(nob, f"{blk}.attn1.to_q", torch.full((32,), 2.0))
+    # half-precision weights: folded in float32 and rounded once
+    half, full = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(model).to(torch.bfloat16).float()
+    s = torch.rand(32, generator=torch.Generator().manual_seed(0)) * 8 + 0.5
+    smooth.fold(half, f"{blk}.attn1.to_q", s)
+    smooth.fold(full, f"{blk}.attn1.to_q", s)
+    for n in (f"{blk}.norm1.linear", f"{blk}.attn1.to_k"):
+        for a, b in zip(half.get_submodule(n).parameters(), full.get_submodule(n).parameters()):
+            assert torch.equal(a, b.to(torch.bfloat16)), n
+
+    # a tied q/k/v group is scored stacked whatever order the plan lists it in
+    runner = DiffusersRunner(model)
+    batches = [example(runner, n=2, seed=3)[0]]
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    shuffled = QuantPlan(dict(sorted(plan.layers.items())))   # to_k before to_q
+    seen = []
+    real = ptq.calibrate_layer
+    monkeypatch.setattr(ptq, "calibrate_layer", lambda w, *a, **k: (seen.append(tuple(w.shape)), real(w, *a, **k))[1])
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0,), a_clip_grid=(1.0, 0.9), smooth_alphas=(0.5,))
+    smooth.choose(copy.deepcopy(model), shuffled, batches, (0.5,), cfg,
+                  ptq._joint_groups(shuffled, runner.tie))
+    assert (96, 32) in seen and (32, 32) not in seen[:2]
+    monkeypatch.undo()
+
+    # PixArt: its attn1/ff inputs are refused with one warning that says why; nothing to smooth is an error
+    px = perturbed(tiny_pixart())
+    pr = DiffusersRunner(px)
+    with pytest.warns(UserWarning, match="cannot be smoothed.*timestep embedding every block shares"):
+        calibrate(copy.deepcopy(px), QuantPlan.block_uniform(px, 4, 4), [example(pr, n=2)[0]], cfg, progress=False)
+    only_q = QuantPlan({n: c for n, c in QuantPlan.block_uniform(px, 4, 4).layers.items() if n.endswith("to_q")})
+    with pytest.raises(ValueError, match="has none .*refused, e.g."):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            calibrate(copy.deepcopy(px), only_q, [example(pr, n=2)[0]], cfg, progress=False)
+
+    # a factors file keyed by a site's member (not its key) is refused, not folded twice
+    out = tmp_path / "p"
+    calibrate(copy.deepcopy(model), plan, batches, cfg, progress=False, out_dir=out, tie=runner.tie)
+    from safetensors.torch import load_file, save_file
+
+    f = out / ptq.SMOOTH_FILE
+    tensors, meta = load_file(str(f)), __import__("safetensors").safe_open(str(f), "pt").metadata()
+    key = next(k for k in tensors if k.endswith("attn1.to_q"))
+    tensors[key.replace("to_q", "to_k")] = tensors.pop(key)
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(CheckpointError, match="a member of the site"):
+        ptq.load_calibration(copy.deepcopy(model), out)

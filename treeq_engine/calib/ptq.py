@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -282,11 +283,16 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
             state = old
     run = _run_digest(state)
-    if config.smooth_alphas and not smooth.targets(model, plan):
-        raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears ({', '.join(smooth.TARGETS)})"
-                         f" or a diffusers transformer block's ({', '.join(smooth.DIFFUSERS_TARGETS)}) with "
-                         f"quantized activations; this plan for a {type(model).__name__} has none")
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
+        refused: dict[str, str] = {}
+        if not smooth.targets(model, plan, refused):
+            why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
+            raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
+                             f"({', '.join(smooth.TARGETS)}) or a diffusers transformer block's (see calib/smooth.py)"
+                             f" with quantized activations; this plan for a {type(model).__name__} has none{why}")
+        if refused:
+            warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
+                          f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)
         factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
         if factors is None:
             factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config,
@@ -294,8 +300,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if out is not None:
                 write_tensors(out / SMOOTH_FILE, factors, {"run": run})
                 write_json(out / "ptq.json", state)
-        for name, factor in factors.items():
-            smooth.fold(model, name, factor)
+        _fold_all(model, factors, out)
     convert(model, plan)
     layers = {n: model.get_submodule(n) for n in plan.layers}
     runner = StageRunner(model, batches, list(plan.layers))
@@ -348,6 +353,22 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     if out is not None:
         result.save(out / "plan.json")
     return result
+
+
+def _fold_all(model: nn.Module, factors: Mapping[str, torch.Tensor], out: Path | None) -> None:
+    """Fold saved or chosen smoothing factors, each keyed by its site's key (once per site: a second key of one
+    site would fold it twice)."""
+    for name in factors:
+        try:
+            key = smooth.site_of(model, name).key
+        except ValueError as e:
+            raise CheckpointError(f"{out}: {SMOOTH_FILE} holds factors for {name!r}, which this model cannot "
+                                  f"smooth ({e})") from None
+        if key != name:
+            raise CheckpointError(f"{out}: {SMOOTH_FILE} keys {name!r}, a member of the site {key!r}; factors are "
+                                  "keyed by their site's first linear")
+    for name, factor in factors.items():
+        smooth.fold(model, name, factor)
 
 
 def _rows_of(res: LayerCalibration, rows: slice, x: torch.Tensor, cfg: LayerConfig) -> LayerCalibration:
@@ -411,8 +432,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
         if factors is None:
             raise CheckpointError(f"{out}: the calibration used SmoothQuant but {SMOOTH_FILE} is missing or from "
                                   "another run")
-        for name, factor in factors.items():
-            smooth.fold(model, name, factor)
+        _fold_all(model, factors, out)
     convert(model, calibrated)
     for n, cfg in layers_cfg.items():
         install_layer(model.get_submodule(n), cfg, read_tensors(_layer_file(out, n)), f"{out}: layer {n}")

@@ -117,18 +117,24 @@ def site_of(model: nn.Module, name: str) -> Site:
     found = _diffusers_block(model, name)
     if found is not None:
         pre, sub, block = found
-        adazero = block.norm_type == "ada_norm_zero" and getattr(block, "pos_embed", None) is None
         if sub.endswith("to_out.0"):
             attn = sub.split(".")[0]
             _plain_attention(getattr(block, attn), name)
             return Site((pre + sub,), f"{pre}{attn}.to_v", rows=(0, _width(model, name)))
-        if not adazero:
-            raise ValueError(f"cannot fold smoothing for {name!r}: its input's shift and scale come from a "
-                             f"{block.norm_type!r} norm that no per-block weight holds (only adaLN-Zero blocks, "
-                             "as diffusers' DiT, fold into norm1.linear)")
+        if block.norm_type == "ada_norm_single":
+            raise ValueError(f"cannot fold smoothing for {name!r}: its input's shift and scale add a timestep "
+                             "embedding every block shares ('ada_norm_single' norm, as PixArt's), which no "
+                             "per-block weight can scale")
+        if block.norm_type != "ada_norm_zero":
+            raise ValueError(f"cannot fold smoothing for {name!r}: its input comes from a {block.norm_type!r} norm "
+                             "without a per-block modulation (only adaLN-Zero blocks, as diffusers' DiT, fold into "
+                             "norm1.linear)")
         if sub.startswith("attn1."):
             if block.only_cross_attention:
                 raise ValueError(f"cannot fold smoothing for {name!r}: attn1 reads the captions here")
+            if getattr(block, "pos_embed", None) is not None:
+                raise ValueError(f"cannot fold smoothing for {name!r}: the block adds positional embeddings to "
+                                 "attn1's input after the modulation")
             attn = block.attn1
             _plain_attention(attn, name)
             if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
@@ -149,16 +155,23 @@ def site_of(model: nn.Module, name: str) -> Site:
     return Site((name,), f"{pre}adaLN_modulation.1", modulate=(0, 1) if kind == "attn.qkv" else (3, 4))
 
 
-def targets(model: nn.Module, plan: QuantPlan) -> list[str]:
+def _is_site_kind(name: str) -> bool:
+    return any(name == t or name.endswith("." + t) for t in TARGETS + DIFFUSERS_TARGETS)
+
+
+def targets(model: nn.Module, plan: QuantPlan, refused: dict[str, str] | None = None) -> list[str]:
     """The keys of the sites (see :class:`Site`) where smoothing can fold into ``model`` and helps ``plan``: a
-    planned linear there quantizes its activations. In the model's order."""
+    planned linear there quantizes its activations. In the plan's order. ``refused`` (when given) collects the
+    planned linears of a smoothable kind whose input this model cannot smooth, with the reason."""
     keys: list[str] = []
     for name, cfg in plan.layers.items():
         if not cfg.act_spec().is_quantized:
             continue
         try:
             key = site_of(model, name).key
-        except ValueError:
+        except ValueError as e:
+            if refused is not None and _is_site_kind(name):
+                refused[name] = str(e)
             continue
         if key not in keys:
             keys.append(key)
@@ -179,27 +192,34 @@ def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
         raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},)")
     producer = _linear(model, site.producer)
     n_out = producer.weight.shape[0]
+    bias = producer.bias
+
+    def put(t: torch.Tensor, rows: slice, value: torch.Tensor) -> None:   # computed in float32, rounded once
+        t[rows] = value.to(t.dtype)
+
     if site.rows is not None:
         lo, hi = site.rows
         if hi > n_out:
             raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
         rows = slice(lo, hi)
-        producer.weight[rows] /= s[:, None].to(producer.weight.dtype)
-        if producer.bias is not None:
-            producer.bias[rows] /= s.to(producer.bias.dtype)
+        put(producer.weight, rows, producer.weight[rows].float() / s[:, None])
+        if bias is not None:
+            put(bias, rows, bias[rows].float() / s)
     elif site.modulate is not None:
         if n_out != 6 * d:
             raise ValueError(f"{site.producer} has {n_out} outputs; an adaLN modulation has 6·{d}")
+        if bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
+            raise ValueError(f"cannot fold smoothing for {name!r}: {site.producer} has no bias to hold the "
+                             "modulation's (1 + scale)/s − 1")
         first, second = site.modulate
         shift, scale = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
-        inv = (1.0 / s).to(producer.weight.dtype)
-        producer.weight[shift] *= inv[:, None]
-        producer.weight[scale] *= inv[:, None]
-        if producer.bias is not None:
-            producer.bias[shift] *= inv
-            producer.bias[scale] = (1.0 + producer.bias[scale]) * inv - 1.0
+        inv = 1.0 / s
+        put(producer.weight, shift, producer.weight[shift].float() * inv[:, None])
+        put(producer.weight, scale, producer.weight[scale].float() * inv[:, None])
+        put(bias, shift, bias[shift].float() * inv)
+        put(bias, scale, (1.0 + bias[scale].float()) * inv - 1.0)
     for c in consumers:
-        c.weight *= s[None, :].to(c.weight.dtype)
+        c.weight.copy_((c.weight.float() * s[None, :]).to(c.weight.dtype))
 
 
 @torch.no_grad()
@@ -217,14 +237,14 @@ def choose(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], alp
         return factors, chosen
     planned = {s.key: [c for c in s.consumers if c in plan.layers] for s in sites}
     runner = StageRunner(model, batches, [c for s in sites for c in planned[s.key]])
-    stacked = {tuple(g) for g in joint}
+    stacked = {frozenset(g) for g in joint}
     for stage in range(runner.num_stages):
         for site in [s for s in sites if runner.stage_of[planned[s.key][0]] == stage]:
             members = planned[site.key]
             x = runner.capture(members[0], config.max_tokens, seed=config.seed)
             ws = [_linear(model, m).weight.detach().float() for m in members]
             cfgs = [plan.layers[m] for m in members]
-            if len(members) > 1 and tuple(members) in stacked:
+            if len(members) > 1 and frozenset(members) in stacked:
                 ws, cfgs = [torch.cat(ws)], cfgs[:1]
             w_all = torch.cat(ws)
             norms = [float((x.float() @ w.T).square().sum()) for w in ws] if len(ws) > 1 else [1.0]
