@@ -210,8 +210,10 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit("a DiT pipeline samples --labels, not --prompts")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
-    if args.graph or args.sampler != "ddpm":
-        raise SystemExit("--graph and --sampler are our DiT's sampler; a diffusers pipeline runs its own scheduler")
+    if args.sampler != "ddpm":
+        raise SystemExit("--sampler is our DiT's sampler; a diffusers pipeline runs its own scheduler")
+    if args.graph and not str(args.device).startswith("cuda"):
+        raise SystemExit("--graph replays CUDA graphs: it needs --device cuda")
     try:
         steps = int(args.steps)
     except ValueError:
@@ -226,6 +228,10 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.artifact}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
                              f"transformer is {type(pipe.transformer).__name__}")
         pipe.transformer = artifact.load(args.artifact, rebuild(desc, args.device), map_location=args.device).eval()
+    if args.graph:   # each call shape captured once, every later step a replay (runtime/graphed_diffusers.py)
+        from .graphed_diffusers import GraphedTransformer
+
+        pipe.transformer = GraphedTransformer(pipe.transformer)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
     if arch == "dit":
@@ -260,5 +266,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         grid.paste(im.convert("RGB"), (i * w, 0))
     grid.save(out)
     print(json.dumps({"out": str(out), "samples": len(images), "seconds": round(secs, 2),
-                      "quantized": bool(args.artifact), "device": args.device, "pipeline": args.pipeline}))
+                      "quantized": bool(args.artifact), "graph": bool(args.graph), "device": args.device,
+                      "pipeline": args.pipeline}))
     return 0

@@ -280,8 +280,9 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
                              "differently (float sums that depended on the thread count); it cannot be matched to "
                              "this search: start without --resume")
         if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{path} belongs to a different search (model, calibration, space, budget, λ, K, "
-                             "warm start or batching differ); remove it or start without --resume")
+            raise ValueError(f"{path} belongs to a different search (model, calibration inputs or their weights, "
+                             "space, budget, λ, K, warm start or batching differ); remove it or start without "
+                             "--resume")
     distributed.barrier()
     if state is not None:
         nodes = [Node.from_dict(d) for d in state["nodes"]]
