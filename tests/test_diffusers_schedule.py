@@ -1,6 +1,7 @@
-"""Sampler weights read off a diffusers scheduler (``search.diffusers_schedule``): DDPM's equal our sampler's
-``c(t)²`` on the same timesteps, DDIM's follow its step's ε coefficient, what has none says why; they travel in
-the calibration file to the search (``--metric sampler``) and to PEFT (``--loss-weights sampler``)."""
+"""Sampler weights measured on a diffusers scheduler's own step (``search.diffusers_schedule``), held against the
+closed forms where they exist: DDPM's equal our sampler's ``c(t)²`` on the same timesteps, DDIM's and Euler's
+and first-order DPM-Solver's follow their steps; what has none says why; they travel in the calibration file to
+the search (``--metric sampler``) and to PEFT (``--loss-weights sampler``)."""
 import math
 
 import pytest
@@ -12,7 +13,8 @@ from treeq_engine.search import diffusers_schedule as ds  # noqa: E402
 
 
 def test_ddpm_weights_equal_our_samplers():
-    """A DDPMScheduler on our respaced DDPM's timesteps gives our ``sampler_weights`` (both normalised)."""
+    """A DDPMScheduler on our respaced DDPM's timesteps gives our ``sampler_weights`` (both normalised): the
+    measurement through its ``step`` equals our formula."""
     from treeq_engine.models.diffusion import create_diffusion, sampler_weights
 
     ours = create_diffusion("25", diffusion_steps=1000)
@@ -28,30 +30,83 @@ def test_ddpm_weights_equal_our_samplers():
     torch.testing.assert_close(got_t[:1], want[:1], rtol=5e-4, atol=0)
 
 
-def test_ddim_weights_are_its_steps_eps_coefficient():
-    sched = diffusers.DDIMScheduler(num_train_timesteps=1000)
+def _normalised(raw):
+    mean = sum(raw) / len(raw)
+    return [r / mean for r in raw]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("alpha_to_one", [True, False])
+def test_ddim_weights_follow_its_own_step(spacing, alpha_to_one):
+    """DDIM steps to t − T/N (not always the next scheduled timestep) and ends at ᾱ = 1 or ᾱ_0: the measured
+    weights are its step's ε coefficient √(1 − ᾱ_prev) − √ᾱ_prev·√(1 − ᾱ_t)/√ᾱ_t under each setting."""
+    sched = diffusers.DDIMScheduler(timestep_spacing=spacing, set_alpha_to_one=alpha_to_one, clip_sample=False)
     w = ds.scheduler_weights(sched, 10)
-    ts = [float(t) for t in sched.timesteps.tolist()]
-    assert list(w) == ts and math.isclose(sum(w.values()) / len(w), 1.0)
-    abar = sched.alphas_cumprod.double()
+    probe = diffusers.DDIMScheduler(timestep_spacing=spacing, set_alpha_to_one=alpha_to_one)
+    probe.set_timesteps(10)
+    ts = [int(t) for t in probe.timesteps.tolist()]
+    assert [int(t) for t in w] == ts
+    abar = probe.alphas_cumprod.double()
+    final = 1.0 if alpha_to_one else float(abar[0])
+    raw = []
+    for t in ts:
+        prev = t - 1000 // 10
+        a, p = float(abar[t]), (float(abar[prev]) if prev >= 0 else final)
+        raw.append((math.sqrt(1 - p) - math.sqrt(p) * math.sqrt(1 - a) / math.sqrt(a)) ** 2)
+    for t, r in zip(ts, _normalised(raw)):
+        assert math.isclose(w[float(t)], r, rel_tol=1e-5), (t, w[float(t)], r)
+    if spacing == "leading":   # its last step is t = 0, where ε barely moves the sample: it is damped
+        assert w[float(ts[-1])] < 0.01 * w[float(ts[0])]
+    # sample clipping makes a step depend on the data: the weights are the unclipped step's, the scheduler untouched
+    clipped = diffusers.DDIMScheduler(timestep_spacing=spacing, set_alpha_to_one=alpha_to_one, clip_sample=True)
+    assert ds.scheduler_weights(clipped, 10) == w
+    assert clipped.config.clip_sample and clipped.num_inference_steps is None
+
+
+def test_euler_and_first_order_dpm_solver():
+    """Euler keeps x/√ᾱ (σ-space): its step x + (σ' − σ)·ε is brought to the model's scale, (σ' − σ)/√(σ'² + 1);
+    first-order DPM-Solver++ is DDIM to the next scheduled timestep (and to ᾱ = 1 after the last)."""
+    euler = diffusers.EulerDiscreteScheduler()
+    w = ds.scheduler_weights(euler, 12)
+    euler.set_timesteps(12)
+    sig = euler.sigmas.double().tolist()
+    raw = [((sig[k + 1] - sig[k]) / math.sqrt(sig[k + 1] ** 2 + 1)) ** 2 for k in range(12)]
+    got = [w[float(t)] for t in euler.timesteps.tolist()]
+    for g, r in zip(got, _normalised(raw)):
+        assert math.isclose(g, r, rel_tol=1e-4)
+
+    dpm = diffusers.DPMSolverMultistepScheduler(solver_order=1)
+    w = ds.scheduler_weights(dpm, 10)
+    dpm.set_timesteps(10)
+    ts = [int(t) for t in dpm.timesteps.tolist()]
+    abar = dpm.alphas_cumprod.double()
     raw = []
     for k, t in enumerate(ts):
-        a, p = float(abar[int(t)]), (float(abar[int(ts[k + 1])]) if k + 1 < len(ts) else 1.0)
-        # x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε with x̂0 = (x − √(1−ᾱ)·ε)/√ᾱ: ∂x_prev/∂ε
+        a, p = float(abar[t]), (float(abar[ts[k + 1]]) if k + 1 < len(ts) else 1.0)
         raw.append((math.sqrt(1 - p) - math.sqrt(p) * math.sqrt(1 - a) / math.sqrt(a)) ** 2)
-    mean = sum(raw) / len(raw)
-    for t, r in zip(ts, raw):
-        assert math.isclose(w[t], r / mean, rel_tol=1e-12)
-    assert w[ts[-1]] < 0.01 * w[ts[0]]   # the last step's ε barely moves the sample: it is damped
+    for t, r in zip(ts, _normalised(raw)):
+        assert math.isclose(w[float(t)], r, rel_tol=1e-4)
+    # the default second-order solver puts more on this step's ε between its first-order first and last steps
+    w2 = ds.scheduler_weights(diffusers.DPMSolverMultistepScheduler(), 10)
+    assert w2[float(ts[1])] / w2[float(ts[0])] > 1.2 * w[float(ts[1])] / w[float(ts[0])]
 
-    dpm = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
-    assert len(ds.scheduler_weights(dpm, 20)) == 20
+
+def test_schedules_that_visit_a_timestep_twice_and_refusals():
+    heun = diffusers.HeunDiscreteScheduler()
+    w = ds.scheduler_weights(heun, 8)
+    heun.set_timesteps(8)
+    assert set(w) == {float(t) for t in heun.timesteps.tolist()} and len(w) < len(heun.timesteps)
+    assert all(v > 0 for v in w.values())
     with pytest.raises(ValueError, match="predicts 'v_prediction'"):
         ds.scheduler_weights(diffusers.DDIMScheduler(prediction_type="v_prediction"), 10)
     with pytest.raises(ValueError, match="no ᾱ schedule"):
         ds.scheduler_weights(diffusers.FlowMatchEulerDiscreteScheduler(), 10)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        ds.scheduler_weights(diffusers.DDIMScheduler(rescale_betas_zero_snr=True), 10)
+    with pytest.raises(ValueError, match="could not be measured"):   # its step needs the predicted variance
+        ds.scheduler_weights(diffusers.DDPMScheduler(variance_type="learned_range"), 10)
     with pytest.raises(ValueError, match="steps must be positive"):
-        ds.scheduler_weights(sched, 0)
+        ds.scheduler_weights(diffusers.DDIMScheduler(), 0)
 
 
 def test_weights_travel_in_the_calibration_file(tmp_path):

@@ -340,6 +340,17 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
                  "--no-progress", "--out", str(tmp_path / "plain")]) == 0
     assert "the metric is the plain ε-MSE" in capsys.readouterr().err
     assert not json.loads((tmp_path / "plain" / "report.json").read_text())["weighted"]
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--budget", "W4A8",
+                 "--metric", "sampler", "--check", str(out / "plan.json")]) == 0   # a plan check scores nothing
+    # the pipeline's scheduler swapped after the capture: the weights are still the DDIM ones, and it says so
+    index = pipe_dir / "model_index.json"
+    meta = json.loads(index.read_text())
+    index.write_text(json.dumps({**meta, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--out", str(tmp_path / "swapped")]) == 0
+    assert "are DDIMScheduler 5 steps's; the pipeline's scheduler is now EulerDiscreteScheduler" in \
+        capsys.readouterr().err
+    index.write_text(json.dumps(meta))
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--calib-trajectories", "4"]) == 2
     assert "--calib-trajectories: our DiT's calibration sampler" in capsys.readouterr().err

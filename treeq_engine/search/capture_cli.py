@@ -9,8 +9,8 @@ calibration inputs of ``treeq search --diffusers``.
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
 it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
 (both halves under classifier-free guidance: the guided model sees both). The file also holds the scheduler's
-sampler weights ``c(t)²`` (``diffusers_schedule``), the search's default metric and PEFT's ``--loss-weights
-sampler``; a scheduler without them is noted. Nothing is downloaded.
+sampler weights ``c(t)²``, measured on its own step (``diffusers_schedule``): the search's default metric and
+PEFT's ``--loss-weights sampler``; a scheduler without them is noted. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         # others are not stored, so a long capture holds only what it keeps
         from .diffusers_schedule import scheduler_weights
 
-        try:   # the step factor c(t)² of each timestep, for the search's and PEFT's sampler weights
+        try:   # each timestep's step factor c(t)², measured on the scheduler: the sampler weights
             weights: dict[float, float] | None = scheduler_weights(pipe.scheduler, args.steps)
         except ValueError as e:
             weights = None

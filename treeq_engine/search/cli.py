@@ -163,7 +163,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer
     from .closed_loop import PipelineJudge
-    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights
+    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights, weights_source
     from .diffusers_schedule import per_sample
 
     if not args.calib_inputs:
@@ -200,7 +200,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     runner = DiffusersRunner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
     weights = None
-    if args.metric != "eps":
+    if args.metric != "eps" and not args.check:   # (a plan check scores nothing)
         table = load_weights(args.calib_inputs, runner)
         if table is None and args.metric == "sampler":
             raise ValueError(f"--metric sampler: {args.calib_inputs} holds no sampler weights (its pipeline's "
@@ -211,6 +211,12 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                       "ε-MSE", file=sys.stderr)
         else:
             weights = per_sample(table, inputs[runner.input_names.index("timestep")], args.calib_inputs)
+            made_by = weights_source(args.calib_inputs)
+            index = Path(args.diffusers) / "model_index.json"
+            now = json.loads(index.read_text()).get("scheduler", [None, None])[1] if index.is_file() else None
+            if rank == 0 and now and made_by and made_by.split()[0] != now:
+                print(f"treeq search: note: the sampler weights in {args.calib_inputs} are {made_by}'s; the "
+                      f"pipeline's scheduler is now {now} (capture again to match it)", file=sys.stderr)
     return model, f"{desc['class']} ({args.diffusers})", runner, inputs, weights, closed
 
 

@@ -351,6 +351,16 @@ def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tenso
     save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path, metadata=meta)
 
 
+def weights_source(path: str) -> str | None:
+    """What made a calibration file's sampler weights (``"<scheduler class> <steps> steps"``), if it says."""
+    from safetensors import safe_open
+
+    from .diffusers_schedule import SCHEDULER_KEY
+
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get(SCHEDULER_KEY) or None
+
+
 def load_weights(path: str, runner: DiffusersRunner) -> dict[float, float] | None:
     """The sampler weights ``{timestep: c(t)²}`` a calibration file holds (``treeq capture`` stores the pipeline
     scheduler's), checked to cover every sample's timestep; None when it holds none."""

@@ -2,21 +2,27 @@
 
 Our DiT's search and PEFT weigh each calibration sample by ``c(t)²`` (``models.diffusion.sampler_weights``): the
 factor by which an error in the predicted noise moves the next sampler state. A diffusers pipeline brings its own
-scheduler, so the factor is read off it when its calls are captured (``treeq capture`` stores it in the
-calibration file), from the schedule's ``ᾱ`` and the step each timestep goes to (``ᾱ_prev``; the last step goes to
-the clean sample, ``ᾱ = 1``):
+scheduler, and schedulers differ (DDPM's posterior mean, DDIM's step to ``t − T/N``, DPM-Solver++'s second-order
+mix of this step's and the last step's predictions, Heun's two calls per step...), so the factor is not computed
+from a formula but measured on the scheduler itself: ``scheduler_weights`` replays its schedule on a copy and, at
+every call, steps once with the model output ``ε`` and once with ``ε + 1``; the difference of the two next states,
+brought to the scale the model sees (``scale_model_input``: Euler-type schedulers keep ``x/√ᾱ``), is ``c``. That
+is exact wherever the step is linear in the model output, which is every ε scheduler with sample clipping and
+dynamic thresholding off; the copy turns them off (with ``clip_sample`` a clipped element's coefficient depends
+on the data; the weights are the unclipped ones), and a step that is still not linear is refused. Stochastic
+steps get the same noise in both. On ``DDPMScheduler`` this is exactly our sampler's ``β/(√α·√(1 − ᾱ_t))`` (a
+test holds them equal on the same timesteps).
 
-    DDPMScheduler (ancestral)   c = β / (√α · √(1 − ᾱ_t)),   α = ᾱ_t / ᾱ_prev, β = 1 − α   (as our sampler)
-    every other ε scheduler     c = √(1 − ᾱ_prev) − √ᾱ_prev · √(1 − ᾱ_t) / √ᾱ_t          (the DDIM step)
-
-The DDIM coefficient is the exact one for DDIM and for a first-order DPM-Solver step; multistep solvers
-(DPM-Solver++ 2M, UniPC, …) mix in the previous step's ε, so there it is the leading term. Both weights are tiny
-for the last step (``t ≈ 0``, which plain ε-MSE is dominated by) and order one at high noise. They are normalised to
-mean 1 over the schedule, as ours are. A scheduler without a ``ᾱ`` schedule (flow matching) or predicting other
-than ε has none: ``scheduler_weights`` says why, and the search then takes the plain ε-MSE.
+A timestep the schedule visits more than once (Heun's two roles, repeats in Karras schedules) gets the mean of its
+calls' ``c²``: the captured samples at it cannot be told apart either. The weights are normalised to mean 1 over
+the schedule's calls, as ours are. A scheduler without a ``ᾱ`` schedule (flow matching), predicting other than ε,
+or ending at zero terminal SNR has none: ``scheduler_weights`` says why, and the search then takes the plain
+ε-MSE.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -25,12 +31,15 @@ import torch
 
 METADATA_KEY = "sampler_weights"   # in the calibration file: JSON [[timestep, weight], ...]
 SCHEDULER_KEY = "scheduler"        # in the calibration file: "<class> <steps> steps"
+_NONLINEAR = ("clip_sample", "thresholding")   # config switches that make a step depend on the data
 
 
-def scheduler_weights(scheduler: Any, steps: int | None = None) -> dict[float, float]:
-    """``{timestep: c(t)²}`` over the distinct timesteps ``scheduler`` visits in ``steps`` steps (it calls
-    ``scheduler.set_timesteps(steps)``; ``None``: the schedule it holds now), normalised to mean 1 (see the module
-    docstring). A ``ValueError`` names why a scheduler has none."""
+def scheduler_weights(scheduler: Any, steps: int | None = None, *, shape: Sequence[int] = (1, 4, 4, 4)
+                      ) -> dict[float, float]:
+    """``{timestep: c(t)²}`` over the timesteps ``scheduler`` visits in ``steps`` steps (``None``: the schedule it
+    holds now, which must accept ``set_timesteps(timesteps=...)``), measured on a copy (see the module docstring;
+    ``scheduler`` itself is not touched), normalised to mean 1 over its calls. A ``ValueError`` names why a
+    scheduler has none."""
     name = type(scheduler).__name__
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
@@ -38,40 +47,58 @@ def scheduler_weights(scheduler: Any, steps: int | None = None) -> dict[float, f
     prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ValueError(f"{name} predicts {prediction!r}, not the noise: the ε sampler weights do not apply")
-    if steps is not None:
-        if steps <= 0:
-            raise ValueError(f"steps must be positive, got {steps}")
-        scheduler.set_timesteps(steps)
-    if getattr(scheduler, "timesteps", None) is None:
-        raise ValueError(f"{name} holds no schedule: give steps")
-    abar = torch.as_tensor(abar, dtype=torch.float64).cpu()
-    order: list[float] = []
-    for v in torch.as_tensor(scheduler.timesteps).flatten().tolist():   # multistep schedules may repeat one
-        if float(v) not in order:
-            order.append(float(v))
-
-    def at(t: float) -> float:
-        i = min(max(int(round(t)), 0), len(abar) - 1)   # fractional timesteps (Karras sigmas): the nearest step
-        return float(abar[i])
-
-    ddpm = name == "DDPMScheduler"
-    out: dict[float, float] = {}
-    for k, t in enumerate(order):
-        a_t = at(t)
-        a_prev = at(order[k + 1]) if k + 1 < len(order) else 1.0
-        if not 0.0 < a_t < 1.0 or not 0.0 < a_prev <= 1.0 or a_prev < a_t:
-            raise ValueError(f"{name}: timestep {t:g} has ᾱ {a_t:.3g} after ᾱ {a_prev:.3g}; not a denoising "
-                             "schedule")
-        if ddpm:
-            alpha = a_t / a_prev
-            c = (1.0 - alpha) / (math.sqrt(alpha) * math.sqrt(1.0 - a_t))
+    last = float(torch.as_tensor(abar, dtype=torch.float64)[-1])
+    if last <= 1e-6:
+        raise ValueError(f"{name}'s schedule ends at zero terminal SNR (ᾱ_T = {last:.2g}): the noise is all there "
+                         "is at its first step and c(t)² degenerates there; no ε sampler weights for it")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    probe = copy.deepcopy(scheduler)
+    off = {k: False for k in _NONLINEAR if getattr(probe.config, k, False)}
+    if off:
+        probe.register_to_config(**off)
+    try:
+        if steps is not None:
+            probe.set_timesteps(steps)
         else:
-            c = math.sqrt(1.0 - a_prev) - math.sqrt(a_prev) * math.sqrt(1.0 - a_t) / math.sqrt(a_t)
-        out[t] = c * c
-    mean = sum(out.values()) / len(out)
+            held = getattr(scheduler, "timesteps", None)
+            if held is None:
+                raise ValueError(f"{name} holds no schedule: give steps")
+            probe.set_timesteps(timesteps=[int(v) for v in torch.as_tensor(held).tolist()])
+    except TypeError as e:
+        raise ValueError(f"{name} cannot replay its schedule without steps ({e}): give steps") from None
+    takes_generator = "generator" in inspect.signature(probe.step).parameters
+
+    def step(sched: Any, eps: torch.Tensor, t: Any, x: torch.Tensor) -> torch.Tensor:
+        kw = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+        return sched.step(eps, t, x, return_dict=False, **kw)[0]
+
+    # every call from the state 0 with ε = 0 (the coefficient of a linear step does not depend on them, and the
+    # state stays small, so float rounding stays far below the smallest c), the history advanced the same way
+    zero = torch.zeros(tuple(shape), dtype=torch.float64)
+    calls: list[tuple[float, float]] = []
+    try:
+        for t in list(probe.timesteps):
+            probe.scale_model_input(zero, t)   # Euler-type schedulers find their step index here
+            a, b = copy.deepcopy(probe), copy.deepcopy(probe)
+            diff = step(b, zero + 1.0, t, zero).double() - step(a, zero, t, zero).double()
+            diff = b.scale_model_input(diff, t)   # to the scale the model sees at the next call
+            c = float(diff.mean())
+            if float((diff - c).abs().max()) > 1e-4 * max(abs(c), 1e-3):
+                raise ValueError(f"{name}'s step at timestep {float(t):g} is not linear in the model output")
+            calls.append((float(t), c * c))
+            step(probe, zero, t, zero)
+    except ValueError:
+        raise
+    except Exception as e:   # a scheduler whose step needs what a probe cannot give (e.g. a learned variance)
+        raise ValueError(f"{name}: its step could not be measured ({type(e).__name__}: {e})") from None
+    mean = sum(w for _, w in calls) / len(calls)
     if not mean > 0.0:
         raise ValueError(f"{name}: every step's ε weight is zero")
-    return {t: w / mean for t, w in out.items()}
+    grouped: dict[float, list[float]] = {}
+    for t, w in calls:
+        grouped.setdefault(t, []).append(w)
+    return {t: sum(ws) / len(ws) / mean for t, ws in grouped.items()}
 
 
 def to_metadata(weights: Mapping[float, float], scheduler: str) -> dict[str, str]:
