@@ -327,7 +327,7 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
         main(["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
     with pytest.raises(SystemExit, match="own scheduler"):
         main(["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="needs --device cuda"):   # (GraphedTransformer: tests/test_graphed_diffusers.py)
+    with pytest.raises(SystemExit, match="needs --device cuda"):   # (tests/test_graphed_diffusers.py)
         main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
     # inputs without sampler weights: the default metric says so and takes the plain MSE, an explicit one refuses
     plain = str(tmp_path / "plain.safetensors")
