@@ -7,6 +7,8 @@
 #   bash tools/gpu_session.sh                  # every stage in priority order until DEADLINE_S (default 540 s)
 #   bash tools/gpu_session.sh e2e budget       # named stages only
 #
+# With `.whl` in the call's carry (tools/fetch_wheels.sh: diffusers), the diffusers GPU tests run too.
+#
 # Stages, in priority order: build, test, cuda, e2e, triton, sanitize, peers, budget, search.
 #   build     reuse a carried prebuilt treeq_engine._C (tools/prebuild_core.sh python3.12 90a, then name
 #             treeq_engine/_C.cpython-312-x86_64-linux-gnu.so in the call's `carry`) or build from source (sm_90a)
@@ -35,6 +37,12 @@ DEADLINE_S="${DEADLINE_S:-540}"
 LOGS="$STATE/logs"
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON="$PY" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# pure-Python packages the image lacks (diffusers, for the diffusers GPU tests), carried as wheels in .whl/
+# (tools/fetch_wheels.sh) and installed beside the image's environment
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 summary="$STATE/summary.tsv"
 [ -f "$summary" ] || printf 'step\trc\tseconds\n' >"$summary"
 t_start=$SECONDS
