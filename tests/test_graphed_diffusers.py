@@ -1,6 +1,7 @@
-"""``GraphedTransformer``: a diffusers DiT/PixArt called by its own pipeline through replayed steps. On the CPU the
-graph is replaced by a stand-in with ``GraphedStep``'s contract (static input buffers, one output buffer the next
-replay overwrites), which checks everything but the capture; the GPU test captures real CUDA graphs."""
+"""``graph_transformer``: a diffusers DiT/PixArt called by its own pipeline through replayed steps. On the CPU the
+graph is replaced by a stand-in with ``GraphedStep``'s buffer contract (static input buffers, one output buffer the
+next replay overwrites): it checks the wrapper (binding, keys, copies, pipeline integration) but reruns Python at
+every call, so what only a real capture fixes (addresses, host values) is the GPU test's."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,8 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from tiny_diffusers import tiny_dit, tiny_dit_pipeline, tiny_pixart_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.runtime.graphed_diffusers import GraphedTransformer  # noqa: E402
+from treeq_engine.runtime.graphed_diffusers import (graph_count, graph_pipeline, graph_transformer,  # noqa: E402
+                                                    is_graphed, reset_graphs, ungraph_pipeline)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,21 +38,36 @@ class StandInStep:
         return self.static_output
 
 
-def test_a_dit_pipeline_samples_alike_through_replays():
+def test_a_dit_pipeline_samples_alike_through_replays(tmp_path):
     pipe = tiny_dit_pipeline()
     kw = dict(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=1.5, output_type="np")
     want = pipe(generator=torch.manual_seed(0), **kw).images
-    eager = pipe.transformer
+    model = pipe.transformer
     StandInStep.captures = 0
-    pipe.transformer = GraphedTransformer(eager, step_factory=StandInStep)
+    graph_pipeline(pipe, step_factory=StandInStep)
+    assert pipe.transformer is model and is_graphed(model)     # the pipeline's own object, its class name kept
+    assert isinstance(model, diffusers.DiTTransformer2DModel) and type(model).__name__ == "DiTTransformer2DModel"
     got = pipe(generator=torch.manual_seed(0), **kw).images
     np.testing.assert_array_equal(got, want)   # the runner's forward is the transformer's, bit for bit
-    assert StandInStep.captures == 1 and pipe.transformer.graphs == 1   # one shape ([cond; uncond]), 4 replays
+    assert StandInStep.captures == 1 and graph_count(model) == 1   # one shape ([cond; uncond]), 4 replays
     pipe(class_labels=[4], num_inference_steps=2, guidance_scale=1.5, output_type="np")
-    assert pipe.transformer.graphs == 2                                  # a new batch size: a new capture
-    assert pipe.transformer.config.in_channels == 4 and pipe.transformer.dtype == torch.float32
-    pipe.transformer.reset()
-    assert pipe.transformer.graphs == 0
+    assert graph_count(model) == 2                                  # a new batch size: a new capture
+    pipe.to(torch.float64)                      # moved or recast weights: the graphs would read stale addresses
+    assert graph_count(model) == 0
+    pipe.to(torch.float32)
+    reset_graphs(model)
+    # save_pretrained saves the transformer as it is, and it loads back as diffusers' own class
+    pipe.save_pretrained(tmp_path / "p")
+    back = diffusers.DiTPipeline.from_pretrained(tmp_path / "p")
+    assert type(back.transformer) is diffusers.DiTTransformer2DModel
+    np.testing.assert_array_equal(back(generator=torch.manual_seed(0), **kw).images, want)
+    import copy
+
+    with pytest.raises(TypeError, match="ungraph_transformer"):
+        copy.deepcopy(model)
+    ungraph_pipeline(pipe)
+    assert type(model) is diffusers.DiTTransformer2DModel and not is_graphed(model)
+    np.testing.assert_array_equal(pipe(generator=torch.manual_seed(0), **kw).images, want)
 
 
 def test_a_pixart_pipeline_samples_alike_through_replays():
@@ -58,18 +75,19 @@ def test_a_pixart_pipeline_samples_alike_through_replays():
     pipe = tiny_pixart_pipeline()
     kw = dict(prompt=["a red cat", "a blue house on the hill"], num_inference_steps=3, output_type="latent")
     want = pipe(generator=torch.manual_seed(0), **kw).images
-    pipe.transformer = GraphedTransformer(pipe.transformer, step_factory=StandInStep)
+    graph_pipeline(pipe, step_factory=StandInStep)
     got = pipe(generator=torch.manual_seed(0), **kw).images
     assert torch.equal(got, want)
-    assert pipe.transformer.graphs == 1
+    assert graph_count(pipe.transformer) == 1
 
 
 def test_calls_outputs_and_errors():
     model = tiny_dit()
-    g = GraphedTransformer(model, step_factory=StandInStep)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.tensor([1, 2])
     with torch.no_grad():
         want = model(x, t, y).sample
+    g = graph_transformer(model, step_factory=StandInStep)
+    with torch.no_grad():
         first = g(x, timestep=t, class_labels=y).sample
         second = g(x + 1, timestep=t, class_labels=y, return_dict=False)[0]
     assert torch.equal(first, want)                    # a copy: the next replay did not overwrite it
@@ -79,10 +97,29 @@ def test_calls_outputs_and_errors():
     with pytest.raises(TypeError, match="DiTTransformer2DModel: .*unexpected keyword"):
         g(x, timestep=t, class_labels=y, prompt="a cat")
     with pytest.raises(TypeError, match="DiffusersRunner cuts"):
-        GraphedTransformer(torch.nn.Linear(2, 2), step_factory=StandInStep)
+        graph_transformer(torch.nn.Linear(2, 2), step_factory=StandInStep)
+    hooked = tiny_dit()
+    hooked.transformer_blocks[0].register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(ValueError, match="carries hooks .*transformer_blocks.0: _forward_pre_hooks"):
+        graph_transformer(hooked, step_factory=StandInStep)
+    assert not is_graphed(hooked) and type(hooked) is diffusers.DiTTransformer2DModel   # refused before any change
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs a CUDA device"):
-            GraphedTransformer(model)
+        with pytest.raises(RuntimeError, match="need a CUDA device"):
+            graph_transformer(tiny_dit())
+
+    # PixArt: latents of one token count in two aspect ratios, one graph each (the grid is per shape)
+    from tiny_diffusers import tiny_pixart
+
+    px = tiny_pixart()
+    enc = torch.randn(1, 5, 24)
+    cond = {"resolution": None, "aspect_ratio": None}
+    shapes = ((8, 16), (16, 8))
+    latents = [torch.randn(1, 4, *hw) for hw in shapes]
+    with torch.no_grad():
+        want = [px(x, enc, torch.tensor([3]), added_cond_kwargs=cond).sample for x in latents]
+        graph_transformer(px, step_factory=StandInStep)
+        got = [px(x, enc, torch.tensor([3]), added_cond_kwargs=cond).sample for x in latents]
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and graph_count(px) == 2
 
 
 def test_sample_command_graph_needs_cuda(tmp_path):
@@ -102,16 +139,25 @@ def test_real_graphs_on_cuda(tmp_path):
     from treeq_engine.runtime import quantize
 
     pipe = tiny_dit_pipeline().to("cuda")
-    kw = dict(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=1.5, output_type="latent")
+    kw = dict(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=1.5, output_type="np")
     for quantized in (False, True):
         if quantized:
             quantize(pipe.transformer, QuantPlan.block_uniform(pipe.transformer, 4, 8), dtype=torch.float32)
         want = pipe(generator=torch.manual_seed(0), **kw).images
-        eager = pipe.transformer
-        pipe.transformer = GraphedTransformer(eager)
+        graph_pipeline(pipe)
         got = pipe(generator=torch.manual_seed(0), **kw).images
-        pipe.transformer = eager
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert graph_count(pipe.transformer) == 1
+        ungraph_pipeline(pipe)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # PixArt (captions, their mask, the caption projection), in bf16: a replay at every step
+    pytest.importorskip("transformers", reason="PixArt's pipeline needs transformers (T5)")
+    px = tiny_pixart_pipeline().to("cuda", torch.bfloat16)
+    kw = dict(prompt=["a red cat", "a blue house on the hill"], num_inference_steps=3, output_type="latent")
+    want = px(generator=torch.manual_seed(0), **kw).images
+    graph_pipeline(px)
+    got = px(generator=torch.manual_seed(0), **kw).images
+    assert graph_count(px.transformer) == 1
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     from treeq_engine.cli import main
 
     pipe_dir = tmp_path / "pipe"

@@ -197,6 +197,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, rebuild, transformer_dir
     from ..search.diffusers_runner import diffusers_arch
     from . import artifact
+    from .graphed_diffusers import graph_count
 
     try:
         config = json.loads((transformer_dir(args.pipeline) / "config.json").read_text())
@@ -229,9 +230,9 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
                              f"transformer is {type(pipe.transformer).__name__}")
         pipe.transformer = artifact.load(args.artifact, rebuild(desc, args.device), map_location=args.device).eval()
     if args.graph:   # each call shape captured once, every later step a replay (runtime/graphed_diffusers.py)
-        from .graphed_diffusers import GraphedTransformer
+        from .graphed_diffusers import graph_pipeline
 
-        pipe.transformer = GraphedTransformer(pipe.transformer)
+        graph_pipeline(pipe)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
     if arch == "dit":
@@ -266,6 +267,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         grid.paste(im.convert("RGB"), (i * w, 0))
     grid.save(out)
     print(json.dumps({"out": str(out), "samples": len(images), "seconds": round(secs, 2),
-                      "quantized": bool(args.artifact), "graph": bool(args.graph), "device": args.device,
+                      "quantized": bool(args.artifact), "graphs": graph_count(pipe.transformer),
+                      "device": args.device,
                       "pipeline": args.pipeline}))
     return 0

@@ -1,18 +1,32 @@
-"""A diffusers DiT or PixArt transformer whose calls replay CUDA graphs, for the user's own pipeline::
+"""A diffusers DiT or PixArt transformer whose calls replay CUDA graphs, inside the user's own pipeline::
 
-    pipe.transformer = GraphedTransformer(pipe.transformer)    # FP, or quantized by runtime.quantize / an artifact
+    graph_pipeline(pipe)        # pipe.transformer (FP, or quantized by runtime.quantize / an artifact) now replays
     images = pipe(prompt=prompts, num_inference_steps=20).images
+    ungraph_pipeline(pipe)      # back to eager calls
 
 A pipeline calls its transformer once per denoising step with the same shapes, so each call shape is captured
 once (on first use, after a warm-up) and every later step is one graph replay instead of hundreds of kernel
 launches, which at batch 1–8 is what sets the time (research/h100-baselines.md). The call's arguments are
 brought to the search runner's input tuple (``DiffusersRunner.inputs``: the timestep broadcast to the batch, a
 missing caption mask as ones, what the runner cannot reproduce an error) and the graph runs the runner's forward,
-which tests hold bit-identical to the transformer's own. The pipeline and its scheduler run as before; every
-attribute the pipeline reads (``config``, ``dtype``...) is the wrapped transformer's.
+which tests hold bit-identical to the transformer's own.
 
-Each replay's output is a copy (the graph's own buffer is overwritten by the next step). As with ``GraphedDiT``,
-a graph holds the addresses of what it read: after changing the weights call :meth:`reset`.
+The transformer stays the pipeline's object: ``graph_transformer`` gives it, in place, a subclass of its own class
+(same name) whose ``forward`` replays. So the pipeline, its config, ``isinstance`` checks and ``save_pretrained``
+see the model they saw (a wrapper module would be dropped by ``save_pretrained``), and ``ungraph_transformer``
+gives the class back.
+
+What a graph cannot follow, and what is done about it:
+
+* A graph holds the addresses of everything it read. Moving or casting the model (``pipe.to``, ``.half()``)
+  forgets every graph; after changing weights in place (``load_state_dict``, fine-tuning) call
+  ``reset_graphs``.
+* Only the model's own ``forward`` is replaced; hooks on it or its modules (model CPU offload, diffusers' caches,
+  accelerate) would not run in a replay, so a model carrying any is refused.
+* Autocast is part of a call's key (a graph captured under it is not replayed without it).
+* Each call shape keeps its own graph and activation memory until ``reset_graphs``; each replay's output is
+  copied out (the graph's buffer is overwritten by the next replay). A graphed model does not deep-copy or pickle:
+  ungraph it first.
 """
 from __future__ import annotations
 
@@ -25,53 +39,132 @@ import torch.nn as nn
 from .graphs import GraphedStep
 
 StepFactory = Callable[[Callable[..., torch.Tensor], Sequence[torch.Tensor]], Callable[..., torch.Tensor]]
+_STATE = "_treeq_graphs"
 
 
-class GraphedTransformer(nn.Module):
-    """``GraphedTransformer(transformer)``: called as the transformer is (``forward``'s signature, ``return_dict``
-    honoured), each input shape captured once as a CUDA graph and replayed. ``step_factory`` makes the replayable
-    step from ``(fn, example inputs)`` (default :class:`GraphedStep`, which needs CUDA)."""
+def _hooks(model: nn.Module) -> list[str]:
+    """Hooks anywhere in ``model`` that a replay would not run: ``"<module>: <kind>"``."""
+    found = []
+    for name, module in model.named_modules():
+        kinds = [k for k in ("_forward_hooks", "_forward_pre_hooks") if getattr(module, k, None)]
+        kinds += [k for k in ("_hf_hook", "_diffusers_hook") if hasattr(module, k)]
+        found += [f"{name or type(model).__name__}: {k}" for k in kinds]
+    return found
 
-    def __init__(self, transformer: nn.Module, *, step_factory: StepFactory | None = None) -> None:
-        super().__init__()
+
+class _Graphs:
+    """One model's captured steps, keyed by call shape."""
+
+    def __init__(self, model: nn.Module, original: type, factory: StepFactory) -> None:
         from ..search.diffusers_runner import DiffusersRunner
 
-        if step_factory is None and not torch.cuda.is_available():
-            raise RuntimeError("GraphedTransformer needs a CUDA device; none is available (run the pipeline eagerly)")
-        self.transformer = transformer
-        self.runner = DiffusersRunner(transformer)   # checks the architecture
-        self._signature = inspect.signature(transformer.forward)
-        self._factory: StepFactory = step_factory or GraphedStep
-        self._graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self.model = model
+        self.original = original
+        self.signature = inspect.signature(getattr(original, "forward"))
+        self.runner = DiffusersRunner(model)   # checks the architecture; canonicalises the calls
+        self.factory = factory
+        self.steps: dict[tuple, Callable[..., torch.Tensor]] = {}
 
-    def __getattr__(self, name: str) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..search.diffusers_runner import DiffusersRunner
+
         try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.transformer, name)
-
-    @property
-    def graphs(self) -> int:
-        """How many call shapes have a captured graph."""
-        return len(self._graphs)
-
-    def reset(self) -> None:
-        """Forget every captured graph (captured again on next use): call it after changing the weights."""
-        self._graphs.clear()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = self._signature.bind(*args, **kwargs)
+            bound = self.signature.bind(self.model, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{type(self.transformer).__name__}: {e}") from None
-        inputs = self.runner.inputs(**bound.arguments)
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
-        step = self._graphs.get(key)
+            raise TypeError(f"{self.original.__name__}: {e}") from None
+        call = {k: v for k, v in bound.arguments.items() if k != "self"}
+        # checks that read values back from the device (a host sync every step) only when a shape is new
+        inputs = self.runner.inputs(**call, check_values=False)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (torch.is_autocast_enabled("cuda"),)
+        step = self.steps.get(key)
         if step is None:
-            step = self._graphs[key] = self._factory(lambda *xs: self.runner.forward(*xs), inputs)
+            self.runner.inputs(**call)
+            runner = DiffusersRunner(self.model)   # one per shape: PixArt's patch grid is per shape
+            step = self.steps[key] = self.factory(lambda *xs: runner.forward(*xs), inputs)
         out = step(*inputs).clone()
-        if not bound.arguments.get("return_dict", True):
+        if not call.get("return_dict", True):
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+class _GraphedForward:
+    """Mixed in before a diffusers transformer's class: ``forward`` replays, moving or casting forgets."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, _STATE)(*args, **kwargs)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        getattr(self, _STATE).steps.clear()   # .to / .cuda / .half move or recast what the graphs read
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError("a graphed transformer holds CUDA graphs and does not copy: ungraph_transformer() it first")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a graphed transformer holds CUDA graphs and does not pickle: ungraph_transformer() it first")
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def is_graphed(model: nn.Module) -> bool:
+    return isinstance(model, _GraphedForward)
+
+
+def graph_count(model: nn.Module) -> int:
+    """How many call shapes of a graphed ``model`` have a captured graph (0 when it is not graphed)."""
+    return len(getattr(model, _STATE).steps) if is_graphed(model) else 0
+
+
+def reset_graphs(model: nn.Module) -> None:
+    """Forget every captured graph of ``model`` (captured again on next use): after changing its weights."""
+    if is_graphed(model):
+        getattr(model, _STATE).steps.clear()
+
+
+def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = None) -> nn.Module:
+    """Make ``model`` (a diffusers DiT/PixArt transformer) replay CUDA graphs, in place (see the module
+    docstring); returns it. ``step_factory`` makes the replayable step from ``(fn, example inputs)`` (default
+    :class:`GraphedStep`, which needs CUDA)."""
+    if is_graphed(model):
+        return model
+    if step_factory is None and not torch.cuda.is_available():
+        raise RuntimeError("graphs need a CUDA device; none is available (run the pipeline eagerly)")
+    hooks = _hooks(model)
+    if hooks:
+        more = ", …" if len(hooks) > 3 else ""
+        raise ValueError(f"{type(model).__name__} carries hooks ({', '.join(hooks[:3])}{more}; e.g. model CPU "
+                         "offload or a diffusers cache): a graph replays its modules without calling them. Remove "
+                         "them before graphing")
+    cls = type(model)
+    state = _Graphs(model, cls, step_factory or GraphedStep)
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:   # same name and module: configs, checkpoints and the pipeline's records read as before
+        sub = _SUBCLASSES[cls] = type(cls.__name__, (_GraphedForward, cls),
+                                      {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    object.__setattr__(model, _STATE, state)
+    model.__class__ = sub
+    return model
+
+
+def ungraph_transformer(model: nn.Module) -> nn.Module:
+    """Undo :func:`graph_transformer`: eager calls, the graphs released; returns ``model``."""
+    if is_graphed(model):
+        state = getattr(model, _STATE)
+        model.__class__ = state.original
+        object.__delattr__(model, _STATE)
+    return model
+
+
+def graph_pipeline(pipe: Any, *, step_factory: StepFactory | None = None) -> Any:
+    """:func:`graph_transformer` on ``pipe.transformer``; returns ``pipe``."""
+    graph_transformer(pipe.transformer, step_factory=step_factory)
+    return pipe
+
+
+def ungraph_pipeline(pipe: Any) -> Any:
+    """:func:`ungraph_transformer` on ``pipe.transformer``; returns ``pipe``."""
+    ungraph_transformer(pipe.transformer)
+    return pipe

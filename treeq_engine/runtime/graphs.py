@@ -24,16 +24,18 @@ class GraphedStep:
                 raise ValueError(f"graph input {i} must be a CUDA tensor, got "
                                  f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.device}")
         self.fn = fn
-        self.static_inputs = [t.clone() for t in example_inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():  # warm-up: autotuning and allocations happen here
-            for _ in range(warmup):
-                fn(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_output = fn(*self.static_inputs)
+        with torch.inference_mode(False):   # plain tensors: later copies into them work in or out of inference mode
+            self.static_inputs = [t.clone() for t in example_inputs]
+        with torch.cuda.device(example_inputs[0].device):   # the inputs' GPU, not whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():  # warm-up: autotuning and allocations happen here
+                for _ in range(warmup):
+                    fn(*self.static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.static_output = fn(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.static_inputs):

@@ -97,10 +97,12 @@ class DiffusersRunner:
                encoder_attention_mask: torch.Tensor | None = None,
                added_cond_kwargs: Mapping[str, torch.Tensor | None] | None = None,
                attention_mask: torch.Tensor | None = None,
-               cross_attention_kwargs: Mapping[str, Any] | None = None, **_: Any) -> State:
+               cross_attention_kwargs: Mapping[str, Any] | None = None, check_values: bool = True,
+               **_: Any) -> State:
         """One transformer call's arguments (as a pipeline passes them) as this runner's input tuple: the
         timestep broadcast to the batch, a missing caption mask as ones. What the search cannot reproduce is an
-        error: a self-attention mask, attention kwargs, a caption-bias mask, missing conditions."""
+        error: a self-attention mask, attention kwargs, a caption-bias mask, missing conditions.
+        ``check_values=False`` skips the checks that read values back from the device (the class-label range)."""
         if not torch.is_tensor(hidden_states) or hidden_states.dim() != 4:
             raise ValueError(f"hidden_states must be a (N, C, H, W) latent tensor, got "
                              f"{tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states)}")
@@ -128,7 +130,8 @@ class DiffusersRunner:
                 raise ValueError(f"a DiT call needs integer class_labels of shape ({n},), got "
                                  f"{None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)}")
             classes = int(self.model.config.num_embeds_ada_norm)   # the table has a null-class row after them
-            if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) > classes):
+            if check_values and class_labels.numel() and (int(class_labels.min()) < 0 or
+                                                          int(class_labels.max()) > classes):
                 raise ValueError(f"class labels must be in [0, {classes}] ({classes}: the null class), got "
                                  f"{int(class_labels.min())}..{int(class_labels.max())}")
             return (hidden_states, t, class_labels)
