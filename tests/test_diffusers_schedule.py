@@ -2,6 +2,7 @@
 closed forms where they exist: DDPM's equal our sampler's ``c(t)²`` on the same timesteps, DDIM's and Euler's
 and first-order DPM-Solver's follow their steps; what has none says why; they travel in the calibration file to
 the search (``--metric sampler``) and to PEFT (``--loss-weights sampler``)."""
+import inspect
 import math
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from treeq_engine.search import diffusers_schedule as ds  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # diffusers' own numpy calls, per step
 
 
 def test_ddpm_weights_equal_our_samplers():
@@ -101,8 +104,11 @@ def test_schedules_that_visit_a_timestep_twice_and_refusals():
         ds.scheduler_weights(diffusers.DDIMScheduler(prediction_type="v_prediction"), 10)
     with pytest.raises(ValueError, match="no ᾱ schedule"):
         ds.scheduler_weights(diffusers.FlowMatchEulerDiscreteScheduler(), 10)
-    with pytest.raises(ValueError, match="zero terminal SNR"):
-        ds.scheduler_weights(diffusers.DDIMScheduler(rescale_betas_zero_snr=True), 10)
+    with pytest.raises(ValueError, match="starts at zero SNR"):   # trailing spacing visits t = 999, where ᾱ = 0
+        ds.scheduler_weights(diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10)
+    assert len(ds.scheduler_weights(diffusers.DDIMScheduler(rescale_betas_zero_snr=True), 10)) == 10   # 'leading'
+    with pytest.raises(ValueError, match="non-finite"):   # diffusers' own arithmetic gives NaN here
+        ds.scheduler_weights(diffusers.UniPCMultistepScheduler(solver_type="bh1"), 10)
     with pytest.raises(ValueError, match="could not be measured"):   # its step needs the predicted variance
         ds.scheduler_weights(diffusers.DDPMScheduler(variance_type="learned_range"), 10)
     with pytest.raises(ValueError, match="steps must be positive"):
@@ -132,3 +138,89 @@ def test_weights_travel_in_the_calibration_file(tmp_path):
         ds.from_metadata({ds.METADATA_KEY: "[[1, 2, 3]]"}, "f")
     with pytest.raises(ValueError, match="non-negative finite"):
         ds.from_metadata({ds.METADATA_KEY: "[[1, -2]]"}, "f")
+
+
+def test_a_step_that_is_not_linear_is_refused(monkeypatch):
+    """The copies turn sample clipping and thresholding off; a switch they did not know of would make the step
+    depend on the data, which the random-direction check catches."""
+    monkeypatch.setattr(ds, "_NONLINEAR", ())
+    for kw in ({"clip_sample": True}, {"thresholding": True}):
+        with pytest.raises(ValueError, match="not linear in the model output"):
+            ds.scheduler_weights(diffusers.DDIMScheduler(**kw), 10)
+
+
+def test_step_arguments_and_the_held_schedule():
+    """DDIM with η > 0 (the pipeline's ``eta``, passed through): √(1 − ᾱ_prev − σ²) − √ᾱ_prev·√(1 − ᾱ_t)/√ᾱ_t.
+    Without steps, the schedule the scheduler holds is measured, fractional and custom timesteps included."""
+    eta = 0.7
+    sched = diffusers.DDIMScheduler(clip_sample=False)
+    w = ds.scheduler_weights(sched, 10, step_kwargs={"eta": eta, "generator": None})
+    sched.set_timesteps(10)
+    abar = sched.alphas_cumprod.double()
+    raw = []
+    for t in sched.timesteps.tolist():
+        a, p = float(abar[t]), (float(abar[t - 100]) if t >= 100 else 1.0)
+        sigma2 = eta ** 2 * (1 - p) / (1 - a) * (1 - a / p)
+        raw.append((math.sqrt(1 - p - sigma2) - math.sqrt(p) * math.sqrt(1 - a) / math.sqrt(a)) ** 2)
+    for t, r in zip(sched.timesteps.tolist(), _normalised(raw)):
+        assert math.isclose(w[float(t)], r, rel_tol=1e-5), t
+
+    euler = diffusers.EulerDiscreteScheduler()
+    euler.set_timesteps(12)
+    held = ds.scheduler_weights(euler)
+    assert list(held) == [float(t) for t in euler.timesteps.tolist()] and held == ds.scheduler_weights(euler, 12)
+    assert held[float(euler.timesteps[1])] != float(int(euler.timesteps[1]))   # fractional keys kept
+    with pytest.raises(ValueError, match="holds no inference schedule"):
+        ds.scheduler_weights(diffusers.DDIMScheduler())
+
+
+def _reference(sched, steps, seed=0):
+    """The same quantity measured the plain way: the scheduler runs from a random state with random outputs, and
+    at each call two copies step from that state with ε and ε + u (u random ±1); c = mean((Δ·u)) at the model's
+    scale. Mean c² per timestep, normalised over the calls."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    sched = copy.deepcopy(sched)
+    for k in ("clip_sample", "thresholding"):
+        if getattr(sched.config, k, False):
+            sched.register_to_config(**{k: False})
+    sched.set_timesteps(steps)
+    x = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64) * float(sched.init_noise_sigma)
+    calls = []
+    for t in list(sched.timesteps):
+        sched.scale_model_input(x, t)
+        eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        u = torch.randint(0, 2, x.shape, generator=g).double() * 2 - 1
+        a, b = copy.deepcopy(sched), copy.deepcopy(sched)
+        kw = lambda: {"generator": torch.Generator().manual_seed(7)} if "generator" in inspect.signature(  # noqa: E731
+            sched.step).parameters else {}
+        ya = a.step(eps, t, x, return_dict=False, **kw())[0].double()
+        yb = b.step(eps + u, t, x, return_dict=False, **kw())[0].double()
+        c = float((b.scale_model_input(yb - ya, t) * u).mean())
+        calls.append((float(t), c * c))
+        x = sched.step(eps, t, x, return_dict=False, **kw())[0].double()
+    mean = sum(w for _, w in calls) / len(calls)
+    out = {}
+    for t, w in calls:
+        out.setdefault(t, []).append(w / mean)
+    return {t: sum(v) / len(v) for t, v in out.items()}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: diffusers.DDPMScheduler(), lambda: diffusers.DDIMScheduler(timestep_spacing="linspace"),
+    lambda: diffusers.DPMSolverMultistepScheduler(),
+    lambda: diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True),
+    lambda: diffusers.UniPCMultistepScheduler(), lambda: diffusers.EulerDiscreteScheduler(),
+    lambda: diffusers.EulerAncestralDiscreteScheduler(), lambda: diffusers.HeunDiscreteScheduler(),
+    lambda: diffusers.KDPM2DiscreteScheduler(), lambda: diffusers.PNDMScheduler(),
+    lambda: diffusers.PNDMScheduler(skip_prk_steps=True)],
+    ids=["ddpm", "ddim-linspace", "dpm2m", "dpm2m-karras", "unipc", "euler", "euler-a", "heun", "kdpm2", "pndm-prk",
+         "plms"])
+def test_measured_as_from_a_real_trajectory(make):
+    """From state 0 with output 0 (the probe) or from a random trajectory (the reference): the same weights, key
+    for key, for every kind of step (ancestral, multistep, two calls per step, PRK)."""
+    got, want = ds.scheduler_weights(make(), 8), _reference(make(), 8)
+    assert list(got) == list(want)
+    for t in want:
+        assert math.isclose(got[t], want[t], rel_tol=1e-6, abs_tol=1e-12), (t, got[t], want[t])

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         from .diffusers_schedule import scheduler_weights
 
         try:   # each timestep's step factor c(t)², measured on the scheduler: the sampler weights
-            weights: dict[float, float] | None = scheduler_weights(pipe.scheduler, args.steps)
+            extra = pipe.prepare_extra_step_kwargs(None, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
+            weights: dict[float, float] | None = scheduler_weights(pipe.scheduler, args.steps, step_kwargs=extra)
         except ValueError as e:
             weights = None
             print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain ε-MSE",
