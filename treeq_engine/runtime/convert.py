@@ -65,12 +65,21 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     check_layout(layout)
     plan.validate(model)
+    _forget_graphs(model)   # the linears a graph would replay are about to be replaced
     for name, cfg in plan.layers.items():
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
     if fuse:
         fuse_blocks(model)
     set_layout(model, layout)
     return model
+
+
+def _forget_graphs(model: nn.Module) -> None:
+    """A CUDA-graphed diffusers transformer (``graphed_diffusers``) replays what it captured: after its modules or
+    weight tensors are replaced, capture again."""
+    from .graphed_diffusers import reset_graphs
+
+    reset_graphs(model)
 
 
 def check_layout(layout: str) -> None:
@@ -87,6 +96,7 @@ def set_layout(model: nn.Module, layout: str = "auto") -> dict[str, int]:
     from ..kernels.cuda_backend import runs_weight
 
     check_layout(layout)
+    _forget_graphs(model)   # the packed codes a graph would read move
     counts = {lay: 0 for lay in LAYOUTS}
     for mod in treeq_layers(model).values():
         want = layout
@@ -119,6 +129,7 @@ def fuse_blocks(model: nn.Module) -> int:
     allow it: the project's DiT blocks and diffusers' DiT / PixArt blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
+    _forget_graphs(model)
     fused = fuse_dit_blocks(model)
     # only a model holding diffusers modules pays for importing diffusers' block classes
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):

@@ -18,19 +18,28 @@ gives the class back.
 
 What a graph cannot follow, and what is done about it:
 
-* A graph holds the addresses of everything it read. Moving or casting the model (``pipe.to``, ``.half()``)
-  forgets every graph; after changing weights in place (``load_state_dict``, fine-tuning) call
-  ``reset_graphs``.
-* Only the model's own ``forward`` is replaced; hooks on it or its modules (model CPU offload, diffusers' caches,
-  accelerate) would not run in a replay, so a model carrying any is refused.
-* Autocast is part of a call's key (a graph captured under it is not replayed without it).
+* A graph holds the addresses of everything it read. Values copied into the same tensors (an in-place
+  ``load_state_dict``, an optimizer step) are read by the next replay. Tensors or modules *replaced* are not:
+  moving or casting the whole model (``pipe.to``, ``.half()``), ``runtime.quantize``, ``set_layout`` and
+  ``fuse_blocks`` forget its graphs; after anything else that replaces them (``load_state_dict(assign=True)``,
+  ``param.data = …``, casting one submodule, swapping modules) call ``reset_graphs``.
+* A replay runs none of the Python around the kernels, so hooks on the model's modules (diffusers' caches,
+  layerwise casting, group offload) or accelerate/diffusers hooks on the model (model CPU offload moves it every
+  call) are refused, when graphing and again at each capture. Plain hooks on the model itself run (they are
+  called around ``forward``).
+* Autocast, on and its dtype, is part of a call's key; under it the capture runs with autocast's weight cache off
+  (the cast weights of a cached capture are freed when the autocast block exits).
 * Each call shape keeps its own graph and activation memory until ``reset_graphs``; each replay's output is
-  copied out (the graph's buffer is overwritten by the next replay). A graphed model does not deep-copy or pickle:
-  ungraph it first.
+  copied out (the graph's buffer is overwritten by the next replay). The class-label range is checked when a
+  shape is captured and when the labels tensor changes (a pipeline passes the same one at every step), not at
+  every replay (a read-back that would stall the CPU). A graphed model does not deep-copy, pickle or
+  ``torch.compile`` (its forward is left out of compilation): ungraph it first.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,13 +52,23 @@ _STATE = "_treeq_graphs"
 
 
 def _hooks(model: nn.Module) -> list[str]:
-    """Hooks anywhere in ``model`` that a replay would not run: ``"<module>: <kind>"``."""
+    """Hooks that a replay would not run, or that move the model every call: ``"<module>: <kind>"``. (Plain
+    forward hooks on ``model`` itself are called around its ``forward``, so they run.)"""
     found = []
     for name, module in model.named_modules():
-        kinds = [k for k in ("_forward_hooks", "_forward_pre_hooks") if getattr(module, k, None)]
+        kinds = [k for k in ("_forward_hooks", "_forward_pre_hooks") if name and getattr(module, k, None)]
         kinds += [k for k in ("_hf_hook", "_diffusers_hook") if hasattr(module, k)]
         found += [f"{name or type(model).__name__}: {k}" for k in kinds]
     return found
+
+
+def _refuse_hooks(model: nn.Module) -> None:
+    hooks = _hooks(model)
+    if hooks:
+        more = ", …" if len(hooks) > 3 else ""
+        raise ValueError(f"{type(model).__name__} carries hooks ({', '.join(hooks[:3])}{more}; e.g. model CPU "
+                         "offload or a diffusers cache): a graph replays its modules without calling them. Remove "
+                         "them before graphing")
 
 
 class _Graphs:
@@ -64,6 +83,7 @@ class _Graphs:
         self.runner = DiffusersRunner(model)   # checks the architecture; canonicalises the calls
         self.factory = factory
         self.steps: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self.checked: Any = None   # a weak reference to the labels tensor last checked
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from ..search.diffusers_runner import DiffusersRunner
@@ -73,14 +93,23 @@ class _Graphs:
         except TypeError as e:
             raise TypeError(f"{self.original.__name__}: {e}") from None
         call = {k: v for k, v in bound.arguments.items() if k != "self"}
-        # checks that read values back from the device (a host sync every step) only when a shape is new
-        inputs = self.runner.inputs(**call, check_values=False)
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (torch.is_autocast_enabled("cuda"),)
+        # checks that read values back from the device (a host sync) only for a new shape or new labels
+        labels = call.get("class_labels")
+        fresh = torch.is_tensor(labels) and (self.checked is None or self.checked() is not labels)
+        inputs = self.runner.inputs(**call, check_values=fresh)
+        if fresh:
+            self.checked = weakref.ref(labels)
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else None
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (autocast, dtype)
         step = self.steps.get(key)
         if step is None:
+            _refuse_hooks(self.model)   # (hooks added since graphing)
             self.runner.inputs(**call)
             runner = DiffusersRunner(self.model)   # one per shape: PixArt's patch grid is per shape
-            step = self.steps[key] = self.factory(lambda *xs: runner.forward(*xs), inputs)
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False) if autocast \
+                    else contextlib.nullcontext():
+                step = self.steps[key] = self.factory(lambda *xs: runner.forward(*xs), inputs)
         out = step(*inputs).clone()
         if not call.get("return_dict", True):
             return (out,)
@@ -89,15 +118,30 @@ class _Graphs:
         return Transformer2DModelOutput(sample=out)
 
 
+def _eager(model: nn.Module, name: str) -> Callable:
+    """``model``'s own method ``name`` past the graphed mixin (for an instance made without graph state, e.g. by
+    ``type(graphed).from_pretrained``, or a hook holding the graphed forward after ungraphing)."""
+    for k in type(model).__mro__:
+        if not issubclass(k, _GraphedForward) and name in k.__dict__:
+            return k.__dict__[name].__get__(model)
+    raise AttributeError(name)
+
+
 class _GraphedForward:
     """Mixed in before a diffusers transformer's class: ``forward`` replays, moving or casting forgets."""
 
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, _STATE)(*args, **kwargs)
+        state = self.__dict__.get(_STATE)
+        if state is None:
+            return _eager(self, "forward")(*args, **kwargs)  # type: ignore[arg-type]
+        return state(*args, **kwargs)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        getattr(self, _STATE).steps.clear()   # .to / .cuda / .half move or recast what the graphs read
-        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        state = self.__dict__.get(_STATE)
+        if state is not None:
+            state.steps.clear()   # .to / .cuda / .half move or recast what the graphs read
+        return _eager(self, "_apply")(fn, *args, **kwargs)  # type: ignore[arg-type]
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError("a graphed transformer holds CUDA graphs and does not copy: ungraph_transformer() it first")
@@ -110,7 +154,7 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def is_graphed(model: nn.Module) -> bool:
-    return isinstance(model, _GraphedForward)
+    return isinstance(model, _GraphedForward) and model.__dict__.get(_STATE) is not None
 
 
 def graph_count(model: nn.Module) -> int:
@@ -132,13 +176,8 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
         return model
     if step_factory is None and not torch.cuda.is_available():
         raise RuntimeError("graphs need a CUDA device; none is available (run the pipeline eagerly)")
-    hooks = _hooks(model)
-    if hooks:
-        more = ", …" if len(hooks) > 3 else ""
-        raise ValueError(f"{type(model).__name__} carries hooks ({', '.join(hooks[:3])}{more}; e.g. model CPU "
-                         "offload or a diffusers cache): a graph replays its modules without calling them. Remove "
-                         "them before graphing")
-    cls = type(model)
+    _refuse_hooks(model)
+    cls = next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))   # (a stateless graphed one)
     state = _Graphs(model, cls, step_factory or GraphedStep)
     sub = _SUBCLASSES.get(cls)
     if sub is None:   # same name and module: configs, checkpoints and the pipeline's records read as before
@@ -151,10 +190,11 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
 
 def ungraph_transformer(model: nn.Module) -> nn.Module:
     """Undo :func:`graph_transformer`: eager calls, the graphs released; returns ``model``."""
-    if is_graphed(model):
-        state = getattr(model, _STATE)
-        model.__class__ = state.original
-        object.__delattr__(model, _STATE)
+    m: Any = model
+    if isinstance(m, _GraphedForward):
+        state = m.__dict__.pop(_STATE, None)
+        m.__class__ = state.original if state is not None else \
+            next(k for k in type(m).__mro__ if not issubclass(k, _GraphedForward))
     return model
 
 

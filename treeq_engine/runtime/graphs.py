@@ -19,6 +19,8 @@ class GraphedStep:
     def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: Sequence[torch.Tensor], *, warmup: int = 3):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device; none is available (run eagerly instead)")
+        if not example_inputs:
+            raise ValueError("a graphed step needs at least one input tensor (its device places the graph)")
         for i, t in enumerate(example_inputs):
             if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
                 raise ValueError(f"graph input {i} must be a CUDA tensor, got "
@@ -34,7 +36,8 @@ class GraphedStep:
                     fn(*self.static_inputs)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.no_grad():
+            # a capture stream of the inputs' GPU (torch's default one belongs to whichever GPU captured first)
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()), torch.no_grad():
                 self.static_output = fn(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
