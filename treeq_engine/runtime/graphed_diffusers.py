@@ -190,11 +190,11 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
 
 def ungraph_transformer(model: nn.Module) -> nn.Module:
     """Undo :func:`graph_transformer`: eager calls, the graphs released; returns ``model``."""
-    m: Any = model
-    if isinstance(m, _GraphedForward):
-        state = m.__dict__.pop(_STATE, None)
-        m.__class__ = state.original if state is not None else \
-            next(k for k in type(m).__mro__ if not issubclass(k, _GraphedForward))
+    if isinstance(model, _GraphedForward):
+        state = model.__dict__.pop(_STATE, None)
+        eager = state.original if state is not None else \
+            next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))
+        model.__class__ = eager  # type: ignore[assignment]
     return model
 
 
