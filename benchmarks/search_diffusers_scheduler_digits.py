@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     table = scheduler_weights(make_scheduler(args.scheduler), args.steps)
     t_index = runner.input_names.index("timestep")
     weights = per_sample(table, inputs[t_index], "calibration")
-    cfg = SearchConfig(Budget.parse(args.budget), lam=args.lam, keep=args.keep, baselines=("ip",))
+    cfg = SearchConfig(Budget.parse(args.budget), lam=args.lam, keep=args.keep, baselines=("uniform", "ip"))
     runs = {}
     for name, w in (("weighted", weights), ("plain", None)):
         if args.report or (args.only and args.only != name):
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         res = search(model, DiffusersRunner(model), inputs, cfg, weights=w, out_dir=out / name, resume=True,
                      progress=False, model_name=f"DiT-digits (diffusers, {name})")   # plan.json, plan_ip.json
         runs[name] = {"search_mse": res.report["tss"]["search_mse"], "evaluations": res.report["tss"]["evaluations"],
-                      "wall_s": round(time.perf_counter() - t0, 1)}
+                      "wall_s": round(time.perf_counter() - t0, 1),
+                      "one_step_mse": {"tss": res.ptq_mse, **{k: b.mse for k, b in res.baselines.items()}}}
         print(f"{name}: search MSE {runs[name]['search_mse']:.4e}, {runs[name]['evaluations']} evaluations, "
               f"{runs[name]['wall_s']} s", flush=True)
         (out / name / "run.json").write_text(json.dumps(runs[name], indent=2) + "\n")
@@ -145,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
           "", "| plan | closed-loop MSE vs FP | PSNR dB | class acc | Fréchet |", "|---|---|---|---|---|"]
     md += [f"| {k} | {r['mse']:.4e} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['frechet']:.1f} |"
            for k, r in rows.items()]
+    if searches:   # each search's own (one-step) metric of its plan and its baselines
+        md += ["", "| search metric | " + " | ".join(next(iter(searches.values()))["one_step_mse"]) + " |",
+               "|---|" + "---|" * len(next(iter(searches.values()))["one_step_mse"])]
+        md += [f"| {n} | " + " | ".join(f"{v:.4e}" for v in r["one_step_mse"].values()) + " |"
+               for n, r in searches.items()]
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
