@@ -4,9 +4,10 @@ The sampler calls the model once per denoising step with the same shapes, so aft
 one graph replay instead of hundreds of kernel launches. ``forward_with_cfg`` and the attributes the sampler
 reads (``config``, ``null_class``...) are the wrapped model's.
 
-A graph holds the addresses of everything it read, the kernels' derived weight operands included: change the
-weights (``load_state_dict``, fine-tuning) and call :meth:`reset` before the next forward, or the graphs would
-replay against operands the caches have since rebuilt elsewhere.
+A graph holds the addresses of everything it read, the kernels' derived weight operands included: moving or
+casting the wrapper forgets its graphs; after changing the weights otherwise (``load_state_dict``, fine-tuning)
+call :meth:`reset` before the next forward, or the graphs would replay against operands the caches have since
+rebuilt elsewhere.
 """
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ class GraphedDiT(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in ("model", "_graphs") or name.startswith("__"):   # (not yet set: no recursion)
+                raise
             return getattr(self.model, name)
 
     def reset(self) -> None:
         """Forget every captured graph (they are captured again on next use)."""
         self._graphs.clear()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "GraphedDiT":
+        self.reset()   # .to / .cuda / .half move or recast the weights the graphs read
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(y.shape), y.dtype)
