@@ -16,6 +16,7 @@ from ..format import quantize as quantize_tensor
 from ..nn.convert import _set_submodule
 from ..nn.quant_linear import QuantLinear
 from ..plan import LayerConfig, QuantPlan
+from .graphed_diffusers import reset_graphs
 from .linear import LAYOUTS, TreeQLinear, branch_dtype
 
 
@@ -65,21 +66,12 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     check_layout(layout)
     plan.validate(model)
-    _forget_graphs(model)   # the linears a graph would replay are about to be replaced
-    for name, cfg in plan.layers.items():
+    for name, cfg in plan.layers.items():   # (set_layout, below, forgets a graphed model's graphs)
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
     if fuse:
         fuse_blocks(model)
     set_layout(model, layout)
     return model
-
-
-def _forget_graphs(model: nn.Module) -> None:
-    """A CUDA-graphed diffusers transformer (``graphed_diffusers``) replays what it captured: after its modules or
-    weight tensors are replaced, capture again."""
-    from .graphed_diffusers import reset_graphs
-
-    reset_graphs(model)
 
 
 def check_layout(layout: str) -> None:
@@ -96,7 +88,7 @@ def set_layout(model: nn.Module, layout: str = "auto") -> dict[str, int]:
     from ..kernels.cuda_backend import runs_weight
 
     check_layout(layout)
-    _forget_graphs(model)   # the packed codes a graph would read move
+    reset_graphs(model)   # a graphed diffusers transformer's graphs read the codes and modules this replaces
     counts = {lay: 0 for lay in LAYOUTS}
     for mod in treeq_layers(model).values():
         want = layout
@@ -129,7 +121,7 @@ def fuse_blocks(model: nn.Module) -> int:
     allow it: the project's DiT blocks and diffusers' DiT / PixArt blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
-    _forget_graphs(model)
+    reset_graphs(model)
     fused = fuse_dit_blocks(model)
     # only a model holding diffusers modules pays for importing diffusers' block classes
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):

@@ -105,7 +105,8 @@ class _Graphs:
         step = self.steps.get(key)
         if step is None:
             _refuse_hooks(self.model)   # (hooks added since graphing)
-            self.runner.inputs(**call)
+            if not fresh:   # a new shape gets every check, values included
+                self.runner.inputs(**call)
             runner = DiffusersRunner(self.model)   # one per shape: PixArt's patch grid is per shape
             with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False) if autocast \
                     else contextlib.nullcontext():
@@ -118,13 +119,15 @@ class _Graphs:
         return Transformer2DModelOutput(sample=out)
 
 
+def _eager_class(model: nn.Module) -> type:
+    """``model``'s class without the graphed mixin (its own, or the one a graphed subclass was made from)."""
+    return next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))
+
+
 def _eager(model: nn.Module, name: str) -> Callable:
     """``model``'s own method ``name`` past the graphed mixin (for an instance made without graph state, e.g. by
     ``type(graphed).from_pretrained``, or a hook holding the graphed forward after ungraphing)."""
-    for k in type(model).__mro__:
-        if not issubclass(k, _GraphedForward) and name in k.__dict__:
-            return k.__dict__[name].__get__(model)
-    raise AttributeError(name)
+    return getattr(_eager_class(model), name).__get__(model)
 
 
 class _GraphedForward:
@@ -177,7 +180,7 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
     if step_factory is None and not torch.cuda.is_available():
         raise RuntimeError("graphs need a CUDA device; none is available (run the pipeline eagerly)")
     _refuse_hooks(model)
-    cls = next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))   # (a stateless graphed one)
+    cls = _eager_class(model)   # (also for a stateless instance of a graphed subclass)
     state = _Graphs(model, cls, step_factory or GraphedStep)
     sub = _SUBCLASSES.get(cls)
     if sub is None:   # same name and module: configs, checkpoints and the pipeline's records read as before
@@ -191,10 +194,8 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
 def ungraph_transformer(model: nn.Module) -> nn.Module:
     """Undo :func:`graph_transformer`: eager calls, the graphs released; returns ``model``."""
     if isinstance(model, _GraphedForward):
-        state = model.__dict__.pop(_STATE, None)
-        eager = state.original if state is not None else \
-            next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))
-        model.__class__ = eager  # type: ignore[assignment]
+        model.__dict__.pop(_STATE, None)
+        model.__class__ = _eager_class(model)  # type: ignore[assignment]
     return model
 
 

@@ -162,7 +162,6 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     None, call, source)``: rank 0 loads the pipeline under PATH (at ``--dtype``) and samples; every rank knows
     what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer
-    from .closed_loop import PipelineJudge
     from .diffusers_runner import DiffusersRunner, load_inputs, load_weights, weights_source
     from .diffusers_schedule import per_sample
 
@@ -179,11 +178,12 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     if ours:
         raise ValueError(f"{', '.join(ours)}: our DiT's calibration sampler; --diffusers reads --calib-inputs")
     closed = None
+    index = Path(args.diffusers) / "model_index.json"   # (a pipeline directory's)
+    meta = json.loads(index.read_text()) if index.is_file() else None
     if args.select == "one-step" or rank != 0:
         model, desc = load_transformer(args.diffusers, device=device)
     if args.select != "one-step":   # the pipeline samples each plan: its transformer is the one searched
-        index = Path(args.diffusers) / "model_index.json"
-        if not index.is_file():
+        if meta is None:
             raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
                              "(model_index.json), not a transformer's")
         pipe = None
@@ -193,7 +193,6 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             pipe = load_pipeline(args.diffusers, getattr(torch, args.dtype), device)
             model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
         call = _closed_loop_call(args, model)
-        meta = json.loads(index.read_text())
         closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
     elif args.closed_loop_labels or args.closed_loop_prompts:
         raise ValueError("--closed-loop-labels / --closed-loop-prompts are for --select closed-loop[-root]")
@@ -212,8 +211,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         else:
             weights = per_sample(table, inputs[runner.input_names.index("timestep")], args.calib_inputs)
             made_by = weights_source(args.calib_inputs)
-            index = Path(args.diffusers) / "model_index.json"
-            now = json.loads(index.read_text()).get("scheduler", [None, None])[1] if index.is_file() else None
+            now = (meta or {}).get("scheduler", [None, None])[1]
             if rank == 0 and now and made_by and made_by.split()[0] != now:
                 print(f"treeq search: note: the sampler weights in {args.calib_inputs} are {made_by}'s; the "
                       f"pipeline's scheduler is now {now} (capture again to match it)", file=sys.stderr)

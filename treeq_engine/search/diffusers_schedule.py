@@ -124,16 +124,16 @@ def scheduler_weights(scheduler: Any, steps: int | None = None, *, step_kwargs: 
             if float((d1 - d1.mean()).abs().max()) > tol or float((d2 - d1).abs().max()) > tol:
                 raise ValueError(f"{name}'s step at timestep {float(t):g} is not linear in the model output (a "
                                  "clipping or thresholding switch this probe does not know?)")
-            # the coefficient: this call's output 0 or 1, one history, one state
+            # the coefficient: this call's output 1 (on a copy) or 0 (the run itself, which goes on from there),
+            # one history, one state
             probe = copy.deepcopy(zero_hist)
-            diff = step(probe, zero + 1.0, t, zero) - step(copy.deepcopy(zero_hist), zero, t, zero)
+            diff = step(probe, zero + 1.0, t, zero) - step(zero_hist, zero, t, zero)
             diff = probe.scale_model_input(diff, t)   # to the scale the model sees at the next call
             c = float(diff.mean())
             if not math.isfinite(c):
                 raise ValueError(f"{name}'s step at timestep {float(t):g} gives a non-finite state (its own "
                                  "arithmetic: too many steps for this schedule?)")
             calls.append((float(t), c * c))
-            step(zero_hist, zero, t, zero)
     except ValueError as e:
         raise ValueError(e if str(e).startswith(name) else f"{name}: {e}") from None
     except Exception as e:   # a scheduler whose step needs what a probe cannot give (e.g. a learned variance)
