@@ -224,3 +224,54 @@ def test_measured_as_from_a_real_trajectory(make):
     assert list(got) == list(want)
     for t in want:
         assert math.isclose(got[t], want[t], rel_tol=1e-6, abs_tol=1e-12), (t, got[t], want[t])
+
+
+def test_the_file_remembers_its_scheduler(tmp_path):
+    """The calibration file stores the scheduler's class and settings; a pipeline whose scheduler changed since
+    (class or any setting) gets a note naming what changed; files from before (a label only) compare by class."""
+    import json
+
+    from tiny_diffusers import tiny_dit
+
+    from treeq_engine.search.diffusers_runner import DiffusersRunner, save_inputs, schedule_drift
+
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(3)
+    cfg = ds.config_of(sched)
+    assert cfg["_class_name"] == "DDIMScheduler" and cfg["timestep_spacing"] == "leading"
+    assert not any(k.startswith("_") and k != "_class_name" for k in cfg)
+    assert ds.config_drift(cfg, dict(cfg)) is None
+    assert ds.config_drift(cfg, ds.config_of(diffusers.EulerDiscreteScheduler())) == \
+        "DDIMScheduler became EulerDiscreteScheduler"
+    many = {**cfg, "steps_offset": 1, "clip_sample": False, "beta_end": 0.03, "beta_start": 2e-4, "eta": 0.5}
+    note = ds.config_drift(cfg, many)
+    assert note.startswith("DDIMScheduler settings changed: beta_end") and note.endswith("(+1 more)")
+
+    runner = DiffusersRunner(tiny_dit())
+    inputs = runner.inputs(torch.randn(3, 4, 8, 8), torch.tensor([900, 500, 100]), torch.tensor([1, 2, 3]))
+    table = {900.0: 2.0, 500.0: 0.75, 100.0: 0.25}
+    path, old = str(tmp_path / "c.safetensors"), str(tmp_path / "old.safetensors")
+    save_inputs(path, runner, inputs, weights=table, scheduler=sched)
+    save_inputs(old, runner, inputs, weights=table, scheduler="DDIMScheduler 3 steps")   # a file from before
+
+    pipe = tmp_path / "pipe"
+    (pipe / "scheduler").mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline",
+                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    sched.save_config(pipe / "scheduler")
+    assert ds.pipeline_scheduler_config(pipe) == cfg
+    assert schedule_drift(path, str(pipe)) is None and schedule_drift(old, str(pipe)) is None
+    settings = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({**settings, "timestep_spacing": "trailing"}))
+    assert "DDIMScheduler settings changed: timestep_spacing 'leading' -> 'trailing'" in schedule_drift(path, str(pipe))
+    assert schedule_drift(old, str(pipe)) is None   # the old file knows the class only
+    (pipe / "model_index.json").write_text(json.dumps({"scheduler": ["diffusers", "PNDMScheduler"]}))
+    assert "(DDIMScheduler became PNDMScheduler)" in schedule_drift(old, str(pipe))
+    assert "are DDIMScheduler 3 steps's" in schedule_drift(path, str(pipe))
+    # nothing to compare with: a transformer directory, a scheduler diffusers does not have, inputs without weights
+    assert ds.pipeline_scheduler_config(tmp_path) is None and schedule_drift(path, str(tmp_path)) is None
+    (pipe / "model_index.json").write_text(json.dumps({"scheduler": ["mylib", "MyScheduler"]}))
+    assert schedule_drift(path, str(pipe)) is None
+    plain = str(tmp_path / "plain.safetensors")
+    save_inputs(plain, runner, inputs)
+    assert schedule_drift(plain, str(pipe)) is None

@@ -348,9 +348,20 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     index.write_text(json.dumps({**meta, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
                  "--no-progress", "--out", str(tmp_path / "swapped")]) == 0
-    assert "are DDIMScheduler 5 steps's; the pipeline's scheduler is now EulerDiscreteScheduler" in \
-        capsys.readouterr().err
+    assert "are DDIMScheduler 5 steps's, and the pipeline's scheduler differs (DDIMScheduler became " \
+           "EulerDiscreteScheduler)" in capsys.readouterr().err
     index.write_text(json.dumps(meta))
+    # same class, another setting: named too; the unchanged pipeline gives no note
+    sched_file = pipe_dir / "scheduler" / "scheduler_config.json"
+    settings = json.loads(sched_file.read_text())
+    sched_file.write_text(json.dumps({**settings, "timestep_spacing": "trailing"}))
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--out", str(tmp_path / "respaced")]) == 0
+    assert "DDIMScheduler settings changed: timestep_spacing 'leading' -> 'trailing'" in capsys.readouterr().err
+    sched_file.write_text(json.dumps(settings))
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--out", str(tmp_path / "same")]) == 0
+    assert "differs" not in capsys.readouterr().err
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--calib-trajectories", "4"]) == 2
     assert "--calib-trajectories: our DiT's calibration sampler" in capsys.readouterr().err
@@ -474,6 +485,12 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     import json
 
     assert json.loads((tmp_path / "p2" / "peft.json").read_text())["config"]["loss_weights"] == "sampler"
+    assert "differs" not in capsys.readouterr().err
+    sched_file = pipe_dir / "scheduler" / "scheduler_config.json"   # the scheduler changed since the capture
+    sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "steps_offset": 1}))
+    assert main(["peft", *src, "--ptq", ptq, "--steps", "1", "--loss-weights", "sampler",
+                 "--out", str(tmp_path / "p2b")]) == 0
+    assert "treeq peft: note: the sampler weights in" in capsys.readouterr().err
     runner = DiffusersRunner(direct)
     plain = str(tmp_path / "plain.safetensors")
     save_inputs(plain, runner, load_inputs(calib, runner))

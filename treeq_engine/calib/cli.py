@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -220,14 +221,17 @@ def run_peft(args: argparse.Namespace) -> int:
         fp, batches = _diffusers_model(args)
         model, _ = _diffusers_model(args, with_inputs=False)
         if args.loss_weights == "sampler":   # the pipeline scheduler's c(t)², stored by `treeq capture`
-            from ..search.diffusers_runner import DiffusersRunner, load_weights
+            from ..search.diffusers_runner import DiffusersRunner, load_weights, schedule_drift
             from ..search.diffusers_schedule import batch_weights
 
             runner = DiffusersRunner(fp)
             try:
                 table = load_weights(args.calib_inputs, runner)
+                drift = schedule_drift(args.calib_inputs, args.diffusers)
             except ValueError as e:
                 raise SystemExit(f"treeq peft: {e}") from None
+            if drift:
+                print(f"treeq peft: note: {drift}", file=sys.stderr)
             if table is None:
                 raise SystemExit(f"--loss-weights sampler: {args.calib_inputs} holds no sampler weights (its "
                                  "pipeline's scheduler has none, or it was captured without them)")

@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"none of the pipeline's {calls.skipped} transformer calls came at the scheduler's "
                              f"timesteps {keep}: this pipeline passes timesteps another way")
         inputs = calls.inputs()
-        save_inputs(args.out, runner, inputs, weights=weights,
-                    scheduler=f"{type(pipe.scheduler).__name__} {args.steps} steps")
+        save_inputs(args.out, runner, inputs, weights=weights, scheduler=pipe.scheduler)
     except (ValueError, ImportError, OSError) as e:
         print(f"treeq capture: error: {e}", file=sys.stderr)
         return 2

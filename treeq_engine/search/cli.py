@@ -162,7 +162,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     None, call, source)``: rank 0 loads the pipeline under PATH (at ``--dtype``) and samples; every rank knows
     what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer
-    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights, weights_source
+    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights, schedule_drift
     from .diffusers_schedule import per_sample
 
     if not args.calib_inputs:
@@ -210,11 +210,9 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                       "ε-MSE", file=sys.stderr)
         else:
             weights = per_sample(table, inputs[runner.input_names.index("timestep")], args.calib_inputs)
-            made_by = weights_source(args.calib_inputs)
-            now = (meta or {}).get("scheduler", [None, None])[1]
-            if rank == 0 and now and made_by and made_by.split()[0] != now:
-                print(f"treeq search: note: the sampler weights in {args.calib_inputs} are {made_by}'s; the "
-                      f"pipeline's scheduler is now {now} (capture again to match it)", file=sys.stderr)
+            drift = schedule_drift(args.calib_inputs, args.diffusers) if meta is not None else None
+            if rank == 0 and drift:
+                print(f"treeq search: note: {drift}", file=sys.stderr)
     return model, f"{desc['class']} ({args.diffusers})", runner, inputs, weights, closed
 
 

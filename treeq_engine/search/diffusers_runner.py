@@ -23,6 +23,7 @@ the variance (``out_channels == 2·in_channels``, as diffusers' pipelines split 
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -337,10 +338,11 @@ def select_timesteps(timesteps: Sequence[float] | torch.Tensor, k: int) -> list[
 
 
 def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor], *,
-                weights: Mapping[float, float] | None = None, scheduler: str = "") -> None:
+                weights: Mapping[float, float] | None = None, scheduler: Any = "") -> None:
     """Calibration inputs as safetensors, named by ``runner.input_names`` (what ``load_inputs`` checks), with the
     schedule's sampler weights ``{timestep: c(t)²}`` when given (``diffusers_schedule.scheduler_weights``; every
-    sample's timestep must have one; ``scheduler`` names what made them)."""
+    sample's timestep must have one). ``scheduler`` says what made them: the scheduler itself (its class and
+    settings are stored, so that ``schedule_drift`` notices when the pipeline's changes) or a label."""
     from safetensors.torch import save_file
 
     from . import diffusers_schedule
@@ -350,18 +352,44 @@ def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tenso
     meta = {"schema": "treeq-diffusers-calibration", "arch": runner.arch}
     if weights is not None:
         diffusers_schedule.per_sample(weights, inputs[runner.input_names.index("timestep")], path)
-        meta.update(diffusers_schedule.to_metadata(weights, scheduler))
+        if isinstance(scheduler, str):
+            meta.update(diffusers_schedule.to_metadata(weights, scheduler))
+        else:
+            steps = getattr(scheduler, "num_inference_steps", None)
+            label = type(scheduler).__name__ + ("" if steps is None else f" {steps} steps")
+            meta.update(diffusers_schedule.to_metadata(weights, label, diffusers_schedule.config_of(scheduler)))
     save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path, metadata=meta)
 
 
-def weights_source(path: str) -> str | None:
-    """What made a calibration file's sampler weights (``"<scheduler class> <steps> steps"``), if it says."""
+def schedule_drift(path: str, pipeline: str) -> str | None:
+    """A note when the sampler weights in calibration file ``path`` were measured on another scheduler (class or
+    settings) than the one pipeline directory ``pipeline`` now holds; None when they match, or when either side
+    does not say (weights stored without their scheduler's settings compare by class)."""
     from safetensors import safe_open
 
-    from .diffusers_schedule import SCHEDULER_KEY
+    from . import diffusers_schedule as ds
 
     with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get(SCHEDULER_KEY) or None
+        meta = f.metadata() or {}
+    if ds.METADATA_KEY not in meta:
+        return None
+    made_by = meta.get(ds.SCHEDULER_KEY) or "another scheduler"
+    now = ds.pipeline_scheduler_config(pipeline)
+    if now is None:
+        return None
+    try:
+        stored = json.loads(meta[ds.CONFIG_KEY]) if ds.CONFIG_KEY in meta else {"_class_name": made_by.split()[0]}
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: malformed {ds.CONFIG_KEY} metadata (expected a JSON object)")
+    if ds.CONFIG_KEY not in meta:
+        stored = {**now, **stored}   # only the class is known: compare that
+    drift = ds.config_drift(stored, now)
+    if drift is None:
+        return None
+    return (f"the sampler weights in {path} are {made_by}'s, and the pipeline's scheduler differs ({drift}): "
+            "capture again to match it")
 
 
 def load_weights(path: str, runner: DiffusersRunner) -> dict[float, float] | None:

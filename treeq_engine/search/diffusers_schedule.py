@@ -35,12 +35,14 @@ import copy
 import inspect
 import json
 import math
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 METADATA_KEY = "sampler_weights"   # in the calibration file: JSON [[timestep, weight], ...]
 SCHEDULER_KEY = "scheduler"        # in the calibration file: "<class> <steps> steps"
+CONFIG_KEY = "scheduler_config"    # in the calibration file: JSON of ``config_of`` (class and settings)
 _NONLINEAR = ("clip_sample", "thresholding")   # config switches that make a step depend on the data
 
 
@@ -147,9 +149,54 @@ def scheduler_weights(scheduler: Any, steps: int | None = None, *, step_kwargs: 
     return {t: sum(ws) / len(ws) / mean for t, ws in grouped.items()}
 
 
-def to_metadata(weights: Mapping[float, float], scheduler: str) -> dict[str, str]:
-    """The calibration file's metadata entries for ``weights`` (``scheduler``: what made them, for people)."""
-    return {METADATA_KEY: json.dumps([[float(t), float(w)] for t, w in weights.items()]), SCHEDULER_KEY: scheduler}
+def config_of(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's class and settings as plain JSON values (``_``-prefixed bookkeeping such as the diffusers
+    version left out): what its weights depend on, compared by ``config_drift``."""
+    config = {k: v for k, v in dict(getattr(scheduler, "config", {}) or {}).items() if not k.startswith("_")}
+    return json.loads(json.dumps({"_class_name": type(scheduler).__name__, **config}, sort_keys=True, default=str))
+
+
+def pipeline_scheduler_config(directory: str | Path) -> dict[str, Any] | None:
+    """``config_of`` the scheduler a saved pipeline directory names (its ``model_index.json`` and
+    ``scheduler/scheduler_config.json``, defaults filled in as loading would); None where the directory is not
+    a pipeline's or its scheduler is not one of diffusers' own."""
+    root = Path(directory)
+    try:
+        _, cls = json.loads((root / "model_index.json").read_text())["scheduler"]
+        settings = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    import diffusers
+
+    factory = getattr(diffusers, str(cls), None)
+    if factory is None or not hasattr(factory, "from_config"):
+        return None
+    try:
+        return config_of(factory.from_config(settings))
+    except Exception:   # a config this diffusers version cannot read: nothing to compare
+        return None
+
+
+def config_drift(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """What differs between the scheduler settings the weights were measured on and the pipeline's now, for a
+    note (None when nothing does)."""
+    if stored.get("_class_name") != now.get("_class_name"):
+        return f"{stored.get('_class_name')} became {now.get('_class_name')}"
+    keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    if not keys:
+        return None
+    shown = ", ".join(f"{k} {stored.get(k)!r} -> {now.get(k)!r}" for k in keys[:4])
+    return f"{now.get('_class_name')} settings changed: {shown}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def to_metadata(weights: Mapping[float, float], scheduler: str,
+                config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The calibration file's metadata entries for ``weights`` (``scheduler``: what made them, for people;
+    ``config``: its ``config_of``, so that a later change to the pipeline's scheduler is noticed)."""
+    meta = {METADATA_KEY: json.dumps([[float(t), float(w)] for t, w in weights.items()]), SCHEDULER_KEY: scheduler}
+    if config is not None:
+        meta[CONFIG_KEY] = json.dumps(dict(config), sort_keys=True)
+    return meta
 
 
 def from_metadata(meta: Mapping[str, str], where: str) -> dict[float, float] | None:
