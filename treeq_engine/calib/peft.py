@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..nn import QuantLinear, quant_layers
+from ..nn import quant_layers
 from .capture import CalibBatch
 from .lora import LoRA
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors

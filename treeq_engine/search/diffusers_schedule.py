@@ -186,7 +186,8 @@ def config_drift(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str | Non
     if not keys:
         return None
     shown = ", ".join(f"{k} {stored.get(k)!r} -> {now.get(k)!r}" for k in keys[:4])
-    return f"{now.get('_class_name')} settings changed: {shown}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+    return f"{now.get('_class_name')} settings changed: {shown}{more}"
 
 
 def to_metadata(weights: Mapping[float, float], scheduler: str,
