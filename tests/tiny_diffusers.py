@@ -63,3 +63,67 @@ def tiny_pixart_pipeline(kind: str = "PixArtAlphaPipeline"):
                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=256).eval()
     return getattr(diffusers, kind)(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
                                     scheduler=diffusers.DPMSolverMultistepScheduler())
+
+
+def _word_tokenizer(max_length: int = 16):
+    """A word-level tokenizer over a dozen words (offline; for T5 and CLIP alike)."""
+    transformers = pytest.importorskip("transformers", reason="text-to-image pipelines need transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "red", "blue", "house", "on", "the", "hill"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>", model_max_length=max_length), len(words)
+
+
+def pack_only_models():
+    """Tiny SD3, Flux and Sana transformers (diffusers models TreeQ packs but does not search), each with the
+    keyword inputs of one call."""
+    torch.manual_seed(0)
+    sd3 = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                          pos_embed_max_size=16)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    sana = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                            num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                            cross_attention_dim=16, caption_channels=16, sample_size=8)
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(2, 5, 16, generator=g)
+    return {
+        "sd3": (sd3, dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=text,
+                          pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([500, 20]))),
+        "flux": (flux, dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=text,
+                            pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([0.5, 0.1]),
+                            img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))),
+        "sana": (sana, dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=text,
+                            timestep=torch.tensor([500, 20]))),
+    }
+
+
+def tiny_flux_pipeline():
+    """A Flux pipeline built offline: one-layer CLIP and T5 encoders over a word-level tokenizer, a one-double- and
+    two-single-block transformer, a 2-level VAE (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
+    tokenizer, vocab = _word_tokenizer()
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, projection_dim=8, eos_token_id=1, pad_token_id=0)).eval()
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2)).eval()
+    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                                   attention_head_dim=8, num_attention_heads=2,
+                                                   joint_attention_dim=24, pooled_projection_dim=16,
+                                                   axes_dims_rope=(2, 2, 4)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                  scaling_factor=1.5).eval()
+    return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                                  tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=_word_tokenizer()[0],
+                                  transformer=transformer)

@@ -219,7 +219,9 @@ class QuantPlan:
         return cls.from_json(Path(path).read_text())
 
 
-BLOCK_LAYER = re.compile(r"(^|\.)(blocks|transformer_blocks)\.\d+\.")
+# the repeated blocks: ``blocks.N.`` (ours), ``transformer_blocks.N.`` (diffusers), ``single_transformer_blocks.N.``
+# (Flux) and any other ``*_blocks.N.``
+BLOCK_LAYER = re.compile(r"(^|[._])blocks\.\d+\.")
 # diffusers' DiT keeps a copy of the timestep/class embedder inside every block (``norm1.emb``): embedders are
 # edge layers wherever they live.
 EMBEDDER_LAYER = re.compile(r"(^|\.)emb\.")

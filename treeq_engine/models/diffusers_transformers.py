@@ -2,6 +2,10 @@
 rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``config.json`` +
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
+DiT and PixArt (``SUPPORTED``) go through the whole flow (capture, search, PTQ, PEFT, fused blocks, graphs). Any
+other diffusers model (SD3, Flux, Sana, ...) can be packed with a uniform plan or a hand-written one and sampled
+in its pipeline (``any_model=True``): its linears become ``TreeQLinear`` modules, unfused.
+
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
     model = rebuild(desc)          # same architecture, random weights (an artifact then loads into it)
 """
@@ -16,10 +20,12 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")   # searched, calibrated, fused and packed
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 LEGACY = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
                                  "ada_norm_single": "PixArtTransformer2DModel"}}
+PACK_ONLY = ("any other diffusers model (SD3, Flux, Sana, ...) is packed by `treeq quantize --diffusers DIR "
+             "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 
 
 def class_of(config: dict[str, Any]) -> str | None:
@@ -28,8 +34,22 @@ def class_of(config: dict[str, Any]) -> str | None:
     return LEGACY[name].get(config.get("norm_type")) if name in LEGACY else name
 
 
-def transformer_dir(path: str | Path) -> Path:
-    """The directory whose ``config.json`` names a supported transformer class: ``path`` or ``path/transformer``."""
+def model_class(name: Any) -> type | None:
+    """diffusers' model class called ``name`` (a ``ModelMixin``: what ``from_pretrained`` and ``from_config``
+    build), or None when diffusers has no such model."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    cls = getattr(diffusers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
+
+
+def transformer_dir(path: str | Path, *, any_model: bool = False) -> Path:
+    """The directory whose ``config.json`` names a supported transformer class (``any_model``: any diffusers
+    model class): ``path`` or ``path/transformer``."""
     p = Path(path)
     for d in (p, p / "transformer"):
         cfg = d / "config.json"
@@ -39,12 +59,17 @@ def transformer_dir(path: str | Path) -> Path:
                 name = class_of(config)
             except (json.JSONDecodeError, AttributeError):
                 raise ValueError(f"{cfg}: not a diffusers config (unreadable JSON object)") from None
-            if name in SUPPORTED:
+            if name in SUPPORTED or (any_model and model_class(name) is not None):
                 return d
             if d == p and name is not None and not (p / "transformer").is_dir():
-                raise ValueError(f"{cfg}: {name} is not supported; TreeQ searches and packs {', '.join(SUPPORTED)}")
-    raise ValueError(f"{path}: no diffusers transformer here (a directory with config.json naming one of "
-                     f"{', '.join(SUPPORTED)}, or a pipeline directory with transformer/)")
+                if any_model:
+                    raise ValueError(f"{cfg}: {name} is not a diffusers model class (this diffusers has none of "
+                                     "that name)")
+                raise ValueError(f"{cfg}: {name} is not supported here: TreeQ searches, calibrates and fuses "
+                                 f"{', '.join(SUPPORTED)}; {PACK_ONLY}")
+    what = "a diffusers model" if any_model else f"one of {', '.join(SUPPORTED)}"
+    raise ValueError(f"{path}: no diffusers transformer here (a directory with config.json naming {what}, or a "
+                     "pipeline directory with transformer/)")
 
 
 def _diffusers() -> Any:
@@ -55,11 +80,14 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
-                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it."""
-    d = transformer_dir(path)
-    cls = getattr(_diffusers(), class_of(json.loads((d / "config.json").read_text())))
+def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
+                     any_model: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it.
+    ``any_model``: any diffusers model class, not only the ones TreeQ searches (``SUPPORTED``)."""
+    _diffusers()   # (a clear error without diffusers)
+    d = transformer_dir(path, any_model=any_model)
+    cls = model_class(class_of(json.loads((d / "config.json").read_text())))
+    assert cls is not None   # (transformer_dir checked it)
     with quiet_dtype_warning():
         model = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
     return model.to(device).eval(), describe(model, source=str(path))
@@ -91,22 +119,23 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def describe(model: nn.Module, source: str = "") -> dict[str, Any]:
-    """What ``rebuild`` needs: the class and its config (JSON-able values only)."""
+    """What ``rebuild`` needs: the class and its config (JSON-able values only). Any diffusers model."""
     name = type(model).__name__
-    if name not in SUPPORTED:
-        raise ValueError(f"{name} is not a supported diffusers transformer ({', '.join(SUPPORTED)})")
+    if model_class(name) is None or not isinstance(model, model_class(name)):  # type: ignore[arg-type]
+        raise ValueError(f"{name} is not a diffusers model class")
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     return {"arch": "diffusers", "class": name, "config": json.loads(json.dumps(config, default=list)),
             "source": source}
 
 
 def rebuild(desc: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """A fresh transformer of the described architecture (random weights)."""
+    """A fresh model of the described architecture (random weights)."""
     name = desc.get("class")
-    if desc.get("arch") != "diffusers" or name not in SUPPORTED:
-        raise ValueError(f"not a diffusers transformer description: arch {desc.get('arch')!r}, class {name!r}")
+    cls = model_class(name)
+    if desc.get("arch") != "diffusers" or cls is None or not isinstance(desc.get("config"), dict):
+        raise ValueError(f"not a diffusers model description: arch {desc.get('arch')!r}, class {name!r}")
     with torch.device(device):
-        return getattr(_diffusers(), name).from_config(desc["config"]).eval()
+        return cls.from_config(desc["config"]).eval()
 
 
 @torch.no_grad()

@@ -54,7 +54,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT or PixArt transformer (or pipeline) directory")
+                   help="instead of --model: a local diffusers transformer (or pipeline) directory: DiT or PixArt "
+                        "with any plan; any other diffusers model (SD3, Flux, Sana, ...) with --uniform or --plan")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="with --diffusers: the dtype the model loads in before packing (bfloat16 halves the memory "
+                        "a large model needs; the packed layers are the same)")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "
@@ -72,11 +76,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 
         if args.model != "digits" or args.config:
             raise SystemExit("--diffusers names the model: give it without --model / --config")
-        try:
-            model, desc = load_transformer(args.diffusers)
+        if args.ptq and args.dtype != "float32":
+            raise SystemExit("--dtype: a --ptq calibration packs its own float32 weights; give it without --dtype")
+        try:   # a calibration (--ptq) exists for the searched classes only; a plan packs any diffusers model
+            model, desc = load_transformer(args.diffusers, getattr(torch, args.dtype), any_model=not args.ptq)
         except (ValueError, ImportError) as e:
             raise SystemExit(f"treeq quantize: {e}") from None
     else:
+        if args.dtype != "float32":
+            raise SystemExit("--dtype is for --diffusers models (ours load in float32)")
         model, desc = load_fp_model(args.model, args.config)
     if args.peft and not args.ptq:
         raise SystemExit("--peft needs the --ptq directory it was fine-tuned from")
@@ -133,9 +141,13 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--artifact", default=None, help="a quantized artifact directory (from `treeq quantize`)")
     p.add_argument("--pipeline", default=None, metavar="DIR",
-                   help="sample a local diffusers DiT/PixArt pipeline (with --artifact: its transformer replaced by "
-                        "the quantized one from `treeq quantize --diffusers`)")
-    p.add_argument("--prompts", default=None, help="with a PixArt --pipeline: a text file, one prompt per line")
+                   help="sample a local diffusers pipeline with a transformer (DiT, PixArt, SD3, Flux, Sana, ...; "
+                        "with --artifact: its transformer replaced by the quantized one from `treeq quantize "
+                        "--diffusers`)")
+    p.add_argument("--prompts", default=None,
+                   help="with a text-to-image --pipeline: a text file, one prompt per line")
+    p.add_argument("--height", type=int, default=None, help="with --pipeline: image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="with --pipeline: image width (default: the pipeline's)")
     p.add_argument("--labels", default=DEFAULT_LABELS, help="comma-separated class labels")
     p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
@@ -194,25 +206,32 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, rebuild, transformer_dir
-    from ..search.diffusers_runner import diffusers_arch
+    from ..models.diffusers_transformers import (SUPPORTED, class_of, load_pipeline, read_prompts, rebuild,
+                                                 transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
     try:
-        config = json.loads((transformer_dir(args.pipeline) / "config.json").read_text())
         import diffusers  # noqa: F401  (missing: a clear error before anything loads)
+
+        config = json.loads((transformer_dir(args.pipeline, any_model=True) / "config.json").read_text())
     except (ValueError, ImportError) as e:
         raise SystemExit(f"treeq sample: {e}") from None
-    pixart = class_of(config) == "PixArtTransformer2DModel"
-    if pixart and args.labels != DEFAULT_LABELS:
-        raise SystemExit("a PixArt pipeline samples --prompts, not --labels")
-    if not pixart and args.prompts:
+    name = class_of(config)
+    dit = name == "DiTTransformer2DModel"   # class-conditional; the others take prompts
+    if not dit and args.labels != DEFAULT_LABELS:
+        raise SystemExit(f"a text-to-image pipeline ({name}) samples --prompts, not --labels")
+    if dit and args.prompts:
         raise SystemExit("a DiT pipeline samples --labels, not --prompts")
+    for side in ("height", "width"):
+        if getattr(args, side) is not None and getattr(args, side) < 1:
+            raise SystemExit(f"--{side} must be a positive number of pixels, got {getattr(args, side)}")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     if args.sampler != "ddpm":
         raise SystemExit("--sampler is our DiT's sampler; a diffusers pipeline runs its own scheduler")
+    if args.graph and name not in SUPPORTED:
+        raise SystemExit(f"--graph replays DiT and PixArt transformers ({name} runs eagerly): give it without --graph")
     if args.graph and not str(args.device).startswith("cuda"):
         raise SystemExit("--graph replays CUDA graphs: it needs --device cuda")
     try:
@@ -222,7 +241,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if steps < 1:
         raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
     pipe = load_pipeline(args.pipeline, device=args.device)
-    arch = diffusers_arch(pipe.transformer)
     if args.artifact:
         desc = artifact.read_manifest(args.artifact).get("model_config", {})
         if desc.get("arch") != "diffusers" or desc.get("class") != type(pipe.transformer).__name__:
@@ -235,7 +253,10 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         graph_pipeline(pipe)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
-    if arch == "dit":
+    kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
+    if dit:
+        if "height" in kw or "width" in kw:
+            raise SystemExit("a DiT pipeline samples at its transformer's size: give it without --height / --width")
         try:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
@@ -247,7 +268,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         kw["class_labels"] = labels
     else:
         if not args.prompts:
-            raise SystemExit("a PixArt pipeline samples --prompts FILE (one prompt per line)")
+            raise SystemExit(f"a text-to-image pipeline ({name}) samples --prompts FILE (one prompt per line)")
         try:
             what = read_prompts(args.prompts)
         except OSError as e:

@@ -1,0 +1,103 @@
+"""Any diffusers model packs: SD3, Flux and Sana transformers (tiny random configs, offline) take a uniform plan
+through `treeq quantize --diffusers`, load back from the artifact, and sample in their pipeline; what needs the
+DiT/PixArt cut (capture, search, PTQ, graphs) refuses them with a message that says what does work."""
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from tiny_diffusers import pack_only_models, tiny_flux_pipeline  # noqa: E402
+
+from treeq_engine.cli import main  # noqa: E402
+from treeq_engine.models.diffusers_transformers import PACK_ONLY, rebuild  # noqa: E402
+from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
+from treeq_engine.runtime import artifact, quantize, treeq_layers  # noqa: E402
+
+MODELS = pack_only_models()
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_uniform_plan_packs_and_loads(name, tmp_path):
+    model, kw = MODELS[name]
+    d = tmp_path / name
+    model.save_pretrained(d)
+    with torch.no_grad():
+        fp = model(**kw).sample
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    blocks = [n for n in plan.layers if is_block_layer(n)]
+    assert blocks and all(plan.layers[n].label == "W4A8" for n in blocks)
+    assert all(plan.layers[n].label == "W8A8" for n in plan.layers if n not in blocks)
+    if name == "flux":   # the single-stream blocks are blocks too, not edges
+        assert any(n.startswith("single_transformer_blocks.1.") for n in blocks)
+        assert "single_transformer_blocks.0.proj_mlp" in blocks
+
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(art)]) == 0
+    man = artifact.read_manifest(art)
+    assert man["model_config"]["class"] == type(model).__name__
+    loaded = artifact.load(art, rebuild(man["model_config"]))
+    assert len(treeq_layers(loaded)) == len(plan.layers)
+    # what quantize makes of the bf16-loaded weights (the rest of the model back in float32, as rebuild has it)
+    direct = type(model).from_pretrained(d, torch_dtype=torch.bfloat16).float().eval()
+    quantize(direct, plan)
+    with torch.no_grad():
+        got, want = loaded(**kw).sample, direct(**kw).sample
+    assert torch.equal(got, want)   # the artifact is what quantize made
+    assert 0 < rel(got, fp) < 0.2   # W4A8 in bf16: close to FP, not equal (tiny random models: loose)
+    with torch.no_grad():   # W8A8, float32: much closer
+        m8 = type(model).from_pretrained(d).eval()
+        quantize(m8, QuantPlan.block_uniform(m8, 8, 8), dtype=torch.float32)
+        assert rel(m8(**kw).sample, fp) < 0.03
+
+
+def test_what_needs_the_cut_refuses_them(tmp_path, capsys):
+    model, _ = MODELS["sd3"]
+    d = tmp_path / "sd3"
+    model.save_pretrained(d)
+    assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c.safetensors"),
+                 "--budget", "W4A8"]) == 2
+    err = capsys.readouterr().err
+    assert "SD3Transformer2DModel is not supported here" in err and PACK_ONLY in err
+    with pytest.raises(SystemExit, match="SD3Transformer2DModel is not supported here"):
+        main(["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="is not a diffusers model class"):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "_class_name": "NoSuchModel"}))
+        main(["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--dtype is for --diffusers"):
+        main(["quantize", "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="not a diffusers model description"):
+        rebuild({"arch": "diffusers", "class": "os", "config": {}})
+
+
+def test_flux_pipeline_samples_quantized(tmp_path):
+    """`treeq sample --pipeline` runs a Flux pipeline, FP and with the packed transformer (same seed: close)."""
+    import numpy as np
+    from PIL import Image
+
+    pipe_dir = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(pipe_dir)
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--uniform", "W8A8", "--out", str(art)]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house on the hill\n")
+    common = ["--prompts", str(prompts), "--steps", "2", "--height", "16", "--width", "16", "--device", "cpu"]
+    for tag, extra in (("fp", []), ("q", ["--artifact", str(art)])):
+        assert main(["sample", "--pipeline", str(pipe_dir), *extra, *common, "--out", str(tmp_path / f"{tag}.png")]) == 0
+    fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{t}.png"), dtype=np.float64) for t in ("fp", "q"))
+    assert fp_img.shape == q_img.shape == (16, 32, 3)
+    assert 0 < np.abs(fp_img - q_img).mean() < 16   # W8A8 (bf16 packed): near FP's image, not equal
+    with pytest.raises(SystemExit, match="samples --prompts, not --labels"):
+        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="runs eagerly"):
+        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--graph", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--height must be a positive"):
+        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
