@@ -41,8 +41,8 @@ def test_output_quantization_and_errors(gen):
     with pytest.raises(ValueError, match="monarch_w2 is on meta"):
         packed_linear(act, pw, monarch_w2=torch.zeros(4, 4, 4, device="meta"))
     with pytest.raises(ValueError, match="monarch_w1 is on meta"):
-        quantize_activation(x, QuantSpec.activation(8), monarch_w1=torch.zeros(4, 1, 8, device="meta"))
-    with pytest.raises(ValueError, match="out_dtype must be a float"):
+        quantize_activation(x, QuantSpec.activation(8), monarch_w1=torch.zeros(4, 4, 8, device="meta"))
+    with pytest.raises(ValueError, match="out_dtype must be"):
         packed_linear(act, pw, out_spec=QuantSpec.activation(4), out_dtype=torch.int32)
     with pytest.raises(ValueError, match="out_spec must be a quantized activation spec"):
         packed_linear(act, pw, out_spec=QuantSpec.weight(4))

@@ -52,7 +52,8 @@ class QuantizedTensor:
 
     def row_sums(self) -> torch.Tensor:
         """Σ_k q[r, k] as int32 ``(R,)``: the zero-point correction of the other operand needs it."""
-        return self.codes.reshape(self.rows, -1).sum(dim=1, dtype=torch.int64).to(torch.int32)
+        # (K from the codes' last dim, not -1: zero rows have no size to infer it from)
+        return self.codes.reshape(self.rows, self.codes.shape[-1]).sum(dim=1, dtype=torch.int64).to(torch.int32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)

@@ -9,6 +9,7 @@ dispatcher takes the first that can, in priority order (CUDA, then Triton, then 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
@@ -55,8 +56,11 @@ def _choose(op: str, backend: str | None, args: tuple, kwargs: dict) -> Backend:
         if op not in b.fns:
             raise ValueError(f"backend {backend!r} does not implement {op}")
         if not b.can_run(op, args, kwargs):
+            hint = {"cuda": "; it needs treeq_engine._C built with CUDA, a CUDA device (sm_80 or newer) and the "
+                            "inputs on it (`treeq info` says what this machine has)",
+                    "triton": "; it needs the inputs on a CUDA device (or TRITON_INTERPRET=1 set before import)"}
             raise RuntimeError(f"backend {backend!r} cannot run {op} on these inputs (device, dtype, shape or weight "
-                               "layout)")
+                               f"layout){hint.get(backend, '')}")
         return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
         if op in b.fns and b.auto(op, args, kwargs) and b.can_run(op, args, kwargs):
@@ -94,12 +98,33 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
     _check_x(x)
     if not isinstance(spec, QuantSpec) or spec.role is not Role.ACTIVATION or not spec.is_quantized:
         raise ValueError(f"quantize_activation needs a quantized activation spec, got {spec}")
-    k = x.shape[1]
+    m, k = x.shape
+    if k == 0:
+        raise ValueError("x has K = 0 features: nothing to quantize")
+    if ln_eps is not None and (isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float))
+                               or not math.isfinite(ln_eps) or ln_eps <= 0):
+        raise ValueError(f"ln_eps must be a positive finite number (LayerNorm's epsilon), got {ln_eps!r}")
+    if (shift is None) != (scale is None):
+        raise ValueError("modulate needs both shift and scale")
     for name, t in (("shift", shift), ("scale", scale)):
-        if t is not None and (t.dim() != 2 or t.shape[1] != k or t.device != x.device):
-            raise ValueError(f"{name} must be (G, K={k}) on {x.device}, got {tuple(t.shape)} on {t.device}")
-    if monarch_w1 is not None and (monarch_w1.dim() != 3 or monarch_w1.shape[0] * monarch_w1.shape[2] < k):
-        raise ValueError(f"monarch_w1 (b, b·r, Kb) must cover K={k}, got {tuple(monarch_w1.shape)}")
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (G, K={k}), got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != k or t.device != x.device or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float (G, K={k}) tensor on {x.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+        if t.shape[0] == 0 or m % t.shape[0]:
+            raise ValueError(f"modulate groups: M={m} is not a multiple of G={t.shape[0]} ({name}'s rows, one per "
+                             "sample)")
+    if shift is not None and shift.shape != scale.shape:
+        raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must have one shape")
+    if monarch_w1 is not None and (not isinstance(monarch_w1, torch.Tensor) or monarch_w1.dim() != 3
+                                   or monarch_w1.shape[0] * monarch_w1.shape[2] < k
+                                   or monarch_w1.shape[1] % monarch_w1.shape[0] or monarch_w1.shape[1] == 0
+                                   or not monarch_w1.is_floating_point()):
+        got = tuple(monarch_w1.shape) if isinstance(monarch_w1, torch.Tensor) else type(monarch_w1).__name__
+        raise ValueError(f"monarch_w1 (b, b·r, Kb) must cover K={k}, be float, and b·r a multiple of b; got {got}")
     if monarch_w1 is not None and monarch_w1.device != x.device:
         raise ValueError(f"monarch_w1 is on {monarch_w1.device}, x on {x.device}")
     kw = dict(ln_eps=ln_eps, shift=shift, scale=scale, monarch_w1=monarch_w1)
@@ -121,6 +146,9 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     ``out_dtype`` once. It saves the separate multiply and add passes over ``(M, N)`` (and one rounding)."""
     if not isinstance(act, QuantizedActivation) or not isinstance(weight, PackedWeight):
         raise TypeError("packed_linear takes a QuantizedActivation and a PackedWeight")
+    _check_act(act)
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be a float type (bfloat16, float16 or float32), got {out_dtype}")
     if act.k != weight.k:
         raise ValueError(f"K mismatch: activation has K={act.k}, weight (N={weight.n}, K={weight.k})")
     if act.codes.device != weight.device:
@@ -142,6 +170,22 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     kw = dict(bias=bias, monarch_w2=monarch_w2, gelu=gelu, out_dtype=out_dtype, out_spec=out_spec,
               residual=residual, gate=gate)
     return _pick("packed_linear", backend, (act, weight), kw)(act, weight, **kw)
+
+
+def _check_act(act: QuantizedActivation) -> None:
+    """Shapes, dtypes and devices every backend relies on (the dataclass does not check itself; the kernels also
+    need the vectors contiguous, which their backends check)."""
+    codes = act.codes
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.int8 \
+            or not codes.is_contiguous():
+        got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"activation codes must be contiguous int8 (M, K), got {got}")
+    m = codes.shape[0]
+    for name, t, dt in (("scale", act.scale, torch.float32), ("zero_point", act.zero_point, torch.int32),
+                        ("row_sum", act.row_sum, torch.int32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.shape != (m,) or t.device != codes.device:
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"activation {name} must be {dt} ({m},) on {codes.device}, got {got}")
 
 
 def _check_residual(residual: torch.Tensor | None, gate: torch.Tensor | None, m: int, n: int,

@@ -90,6 +90,8 @@ class PackedWeight:
         if tuple(self.packed.shape) != want or self.packed.dtype != packed_dtype(self.bits):
             raise ValueError(f"{self.bits}-bit packed weight for (N={self.n}, K={self.k}) must be "
                              f"{packed_dtype(self.bits)} {want}, got {self.packed.dtype} {tuple(self.packed.shape)}")
+        if not self.packed.is_contiguous():   # the kernels read it as rows of words
+            raise ValueError(f"packed weight codes must be contiguous, got strides {self.packed.stride()}")
         self._check_qparams()
 
     def _check_frag(self) -> None:
@@ -102,10 +104,16 @@ class PackedWeight:
         f.check()
 
     def _check_qparams(self) -> None:
+        """Per-channel vectors: the kernels read them as raw memory beside the codes, so the same device and
+        contiguous (a strided view or a vector left on another device would be read as garbage)."""
+        device = self.anchor.device
         for name, t, dt in (("scale", self.scale, torch.float32), ("zero_point", self.zero_point, torch.int32),
                             ("col_sum", self.col_sum, torch.int32)):
-            if t.shape != (self.n,) or t.dtype != dt:
-                raise ValueError(f"packed weight {name} must be {dt} ({self.n},), got {t.dtype} {tuple(t.shape)}")
+            if t.shape != (self.n,) or t.dtype != dt or not t.is_contiguous():
+                raise ValueError(f"packed weight {name} must be contiguous {dt} ({self.n},), got {t.dtype} "
+                                 f"{tuple(t.shape)} strides {t.stride()}")
+            if t.device != device:
+                raise ValueError(f"packed weight {name} is on {t.device}, its codes on {device}")
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor) -> "PackedWeight":

@@ -35,6 +35,11 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
     if not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {type(mod).__name__}")
     weight, bias = mod.weight, mod.bias
+    if not cfg.weight_spec().is_quantized and (cfg.act_spec().is_quantized or cfg.branch is not None):
+        # the simulation (nn.convert) would quantize these activations; a plain Linear would silently not
+        raise ValueError(f"{name}: {cfg.label} has 16-bit weights with quantized activations or a branch, which no "
+                         "packed layer runs (a W16 layer stays an unquantized nn.Linear): use W8 weights, or A16 "
+                         "without a branch")
     if not cfg.weight_spec().is_quantized:  # stays a Linear in the model's own precision, like its neighbours
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                         dtype=weight.dtype)

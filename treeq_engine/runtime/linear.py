@@ -198,6 +198,9 @@ class TreeQLinear(nn.Module):
         return self._act_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{self.name or 'TreeQLinear'}: input must be a float tensor, got {got}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'TreeQLinear'}: input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")

@@ -108,9 +108,9 @@ def _check_act(act: QuantizedActivation) -> None:
                          f"{tuple(act.codes.shape)}")
     for name, t, dt in (("scale", act.scale, torch.float32), ("zero_point", act.zero_point, torch.int32),
                         ("row_sum", act.row_sum, torch.int32)):
-        if t.dtype != dt or t.shape != (m,) or t.device != act.codes.device:
-            raise ValueError(f"activation {name} must be {dt} ({m},) on {act.codes.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+        if t.dtype != dt or t.shape != (m,) or t.device != act.codes.device or not t.is_contiguous():
+            raise ValueError(f"activation {name} must be contiguous {dt} ({m},) on {act.codes.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
 
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
