@@ -71,7 +71,21 @@ class LayerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.branch, Mapping):
+            unknown = set(self.branch) - {f.name for f in dataclasses.fields(BranchConfig)}
+            if unknown:
+                raise PlanError(f"branch: unknown field(s) {sorted(unknown)}")
             object.__setattr__(self, "branch", BranchConfig(**self.branch))
+        if self.branch is not None and not isinstance(self.branch, BranchConfig):
+            raise PlanError(f"branch must be an object like {{\"kind\": \"monarch\", \"blocks\": 32, \"rank\": 1}} "
+                            f"or absent, got {self.branch!r}")
+        for f in ("w_symmetric", "a_symmetric"):
+            if not isinstance(getattr(self, f), bool):
+                raise PlanError(f"{f} must be true or false, got {getattr(self, f)!r}")
+        for f in ("w_clip", "a_clip"):   # a number, kept as float (so the plan writes back what it read)
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise PlanError(f"{f} must be a number, got {v!r}")
+            object.__setattr__(self, f, float(v))
         try:
             self.weight_spec()
             self.act_spec()
@@ -185,7 +199,7 @@ class QuantPlan:
             raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise PlanError(f"not a TreeQ plan: schema is {d.get('schema')!r}, expected {SCHEMA!r}")
-        if d.get("version") != PLAN_VERSION:
+        if type(d.get("version")) is not int or d.get("version") != PLAN_VERSION:   # (true and 1.0 equal 1)
             raise PlanError(f"plan version {d.get('version')!r} is not supported (this build reads {PLAN_VERSION})")
         unknown = set(d) - {"schema", "version", "model", "layers", "meta"}
         if unknown:
@@ -193,8 +207,13 @@ class QuantPlan:
         layers = d.get("layers")
         if not isinstance(layers, Mapping):
             raise PlanError("plan 'layers' must be an object mapping layer names to configs")
+        meta, model = d.get("meta", {}), d.get("model", "")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise PlanError(f"plan 'meta' must be an object, got {type(meta).__name__}")
+        if not isinstance(model, str):
+            raise PlanError(f"plan 'model' must be a string, got {type(model).__name__}")
         return cls({n: LayerConfig.from_dict(c, where=f"layer {n!r}") for n, c in layers.items()},
-                   model=str(d.get("model", "")), meta=d.get("meta", {}) or {})
+                   model=model, meta=meta or {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -202,9 +221,11 @@ class QuantPlan:
     @classmethod
     def from_json(cls, text: str) -> "QuantPlan":
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan is not valid JSON: {e}") from None
+        except RecursionError:
+            raise PlanError("plan is not a plan: JSON nested too deeply") from None
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
@@ -216,7 +237,25 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a plan (not UTF-8 text)") from None
+        try:
+            return cls.from_json(text)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (``json`` would keep the last silently: a layer configured twice
+    is a mistake to name, not to resolve)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise PlanError(f"key {k!r} appears twice in one JSON object")
+        out[k] = v
+    return out
 
 
 # the repeated blocks: ``blocks.N.`` (ours), ``transformer_blocks.N.`` (diffusers), ``single_transformer_blocks.N.``

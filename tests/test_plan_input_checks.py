@@ -1,0 +1,59 @@
+"""A plan file that is wrong in any of the ways a review tried is a PlanError naming what, not an AttributeError
+later or a silent reading (found by a bad-input review)."""
+import json
+
+import pytest
+
+from treeq_engine.plan import LayerConfig, PlanError, QuantPlan
+
+
+def plan_text(**changes):
+    d = {"schema": "treeq-plan", "version": 1, "model": "m", "meta": {},
+         "layers": {"a": {"w_bits": 4, "a_bits": 8}, "b": {"w_bits": 8, "a_bits": 8}}}
+    d.update(changes)
+    return json.dumps(d)
+
+
+def test_a_good_plan_reads_back():
+    plan = QuantPlan.from_json(plan_text())
+    assert plan.layers["a"] == LayerConfig(4, 8) and QuantPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("layer, match", [
+    ({"w_bits": 4, "a_bits": 8, "branch": "monarch"}, "branch must be an object"),
+    ({"w_bits": 4, "a_bits": 8, "branch": 5}, "branch must be an object"),
+    ({"w_bits": 4, "a_bits": 8, "branch": {"kind": "monarch", "size": 3}}, r"branch: unknown field\(s\) \['size'\]"),
+    ({"w_bits": 4, "a_bits": 8, "w_clip": "0.5"}, "w_clip must be a number"),
+    ({"w_bits": 4, "a_bits": 8, "a_clip": True}, "a_clip must be a number"),
+    ({"w_bits": 4, "a_bits": 8, "w_symmetric": 1}, "w_symmetric must be true or false"),
+])
+def test_malformed_layers(layer, match):
+    with pytest.raises(PlanError, match=match):
+        QuantPlan.from_json(plan_text(layers={"a": layer}))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"version": True}, "plan version True is not supported"),
+    ({"version": 1.0}, "plan version 1.0 is not supported"),
+    ({"meta": [1, 2]}, "'meta' must be an object"),
+    ({"model": 7}, "'model' must be a string"),
+])
+def test_malformed_plan_fields(changes, match):
+    with pytest.raises(PlanError, match=match):
+        QuantPlan.from_json(plan_text(**changes))
+
+
+def test_duplicate_keys_deep_nesting_and_bytes(tmp_path):
+    text = plan_text().replace('"b": {"w_bits": 8', '"a": {"w_bits": 8')   # layer "a" configured twice
+    with pytest.raises(PlanError, match="key 'a' appears twice"):
+        QuantPlan.from_json(text)
+    with pytest.raises(PlanError, match="nested too deeply"):
+        QuantPlan.from_json("[" * 100000 + "]" * 100000)
+    path = tmp_path / "plan.json"
+    path.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(PlanError, match="not UTF-8"):
+        QuantPlan.load(path)
+    path.write_text(plan_text(version=2))
+    with pytest.raises(PlanError, match=f"{path}: plan version 2"):   # the file is named
+        QuantPlan.load(path)
+    assert LayerConfig(4, 8, w_clip=1).w_clip == 1.0 and isinstance(LayerConfig(4, 8, w_clip=1).w_clip, float)
