@@ -5,9 +5,11 @@
     <dir>/plan.json         the QuantPlan
     <dir>/model.safetensors every tensor of the quantized model's state_dict
 
-Loading checks, in order, with a clear error for each: the manifest's format and versions, the file's
-checksum (corruption), the architecture fingerprint (the wrong model), then a strict state-dict load.
-Nothing is unpickled.
+Loading checks, in order, with a clear error for each: the manifest's format and versions, the checksums of the
+weights and the plan (corruption, edits), the architecture fingerprint (the wrong model), every packed layer's
+tensors (shapes and integer dtypes; scales finite and positive, zero points on the grid, column sums equal to
+the codes' sums) and the shapes of the other tensors, all before ``model`` is touched; then a strict state-dict
+load. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
     plan.save(out / "plan.json")
     manifest = {"format": FORMAT, "version": VERSION, "layout_version": LAYOUT_VERSION, "model": plan.model,
                 "model_config": model_config or {}, "fingerprint": fp_fingerprint,
-                "sha256": _sha256(out / "model.safetensors")}
+                "sha256": _sha256(out / "model.safetensors"), "plan_sha256": _sha256(out / "plan.json")}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -75,9 +77,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{p}: no such artifact directory")
         raise ArtifactError(f"{p} is not a TreeQ artifact: no manifest.json")
     try:
-        man = json.loads((p / "manifest.json").read_text())
-    except json.JSONDecodeError as e:
+        man = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p}/manifest.json is not valid JSON: {e}") from None
+    if not isinstance(man, dict):
+        raise ArtifactError(f"{p}/manifest.json must hold a JSON object, got {type(man).__name__}")
     if man.get("format") != FORMAT:
         raise ArtifactError(f"{p}: not a TreeQ artifact (format {man.get('format')!r})")
     if man.get("version") != VERSION:
@@ -93,14 +97,27 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
          map_location: str | torch.device = "cpu", layout: str = "auto") -> nn.Module:
     """Load an artifact into ``model``, a freshly built full-precision instance of the same architecture
     (its weights are replaced); ``layout`` as in :func:`treeq_engine.runtime.set_layout` (by default, layers the
-    CUDA kernels run keep only their fragment layout on the GPU). Returns the quantized model."""
+    CUDA kernels run keep only their fragment layout on the GPU). Returns the quantized model. Everything the
+    artifact holds is checked before ``model`` is changed (module docstring); should the final state-dict load
+    still fail, ``model`` is left part-swapped: build a fresh one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..plan import PlanError
+
     check_layout(layout)
+    if torch.device(map_location).type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"map_location={map_location!r}, but no CUDA device is available to torch")
     p = Path(path)
     man = read_manifest(p)
-    plan = QuantPlan.load(p / "plan.json")
+    if not (p / "plan.json").is_file():
+        raise ArtifactError(f"{p}: plan.json is missing")
+    if "plan_sha256" in man and _sha256(p / "plan.json") != man["plan_sha256"]:   # (older artifacts have none)
+        raise ArtifactError(f"{p}/plan.json was changed or is corrupt: its checksum does not match the manifest")
+    try:
+        plan = QuantPlan.load(p / "plan.json")
+    except PlanError as e:
+        raise ArtifactError(f"{p}: {e}") from None
     weights = p / "model.safetensors"
     if not weights.is_file():
         raise ArtifactError(f"{p}: model.safetensors is missing")
@@ -113,11 +130,66 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
                             f"this model has {fp}); build the model with the artifact's config: {man.get('model_config')}")
     try:
         state = load_file(str(weights), device=str(map_location))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"{weights} cannot be read: {e}") from None
+    _check_state(state, model, plan, weights)
     skeleton(model, plan, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ArtifactError(f"{p}: state does not fit the model: {e}") from None
     if missing or unexpected:
         raise ArtifactError(f"{p}: state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     set_layout(model, layout)
     return model
+
+
+def _check_state(state: dict[str, torch.Tensor], model: nn.Module, plan: QuantPlan, where: Path) -> None:
+    """What a checksum cannot vouch for (a file written by other code, or edited and re-summed): the packed
+    layers' tensors and values, and the shapes of every other tensor the model has under the same name."""
+    from ..format import unpack
+    from ..format.packing import packed_dtype, packed_shape
+
+    planned = set()
+    for name, cfg in plan.layers.items():
+        spec = cfg.weight_spec()
+        if not spec.is_quantized:
+            continue
+        planned.add(name)
+        mod = model.get_submodule(name)
+        n, k = mod.out_features, mod.in_features
+        want = {"w_packed": (packed_dtype(spec.bits), packed_shape(n, k, spec.bits)),
+                "w_scale": (torch.float32, (n,)), "w_zero_point": (torch.int32, (n,)),
+                "w_col_sum": (torch.int32, (n,))}
+        got = {}
+        for key, (dt, shape) in want.items():
+            t = state.get(f"{name}.{key}")
+            if t is None:
+                raise ArtifactError(f"{where}: {name}.{key} is missing")
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise ArtifactError(f"{where}: {name}.{key} must be {dt} {tuple(shape)} for a {cfg.label} layer "
+                                    f"(N={n}, K={k}), got {t.dtype} {tuple(t.shape)}")
+            got[key] = t
+        scale, zp = got["w_scale"], got["w_zero_point"]
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ArtifactError(f"{where}: {name}.w_scale must be finite and positive")
+        lo, hi = (0, 0) if spec.symmetric else (spec.qmin, spec.qmax)
+        if int(zp.min()) < lo or int(zp.max()) > hi:
+            raise ArtifactError(f"{where}: {name}.w_zero_point must lie in [{lo}, {hi}] ({spec.bits}-bit "
+                                f"{'symmetric' if spec.symmetric else 'asymmetric'} weights), got "
+                                f"[{int(zp.min())}, {int(zp.max())}]")
+        codes = unpack(got["w_packed"].cpu(), spec.bits, k)
+        if not torch.equal(codes.sum(1, dtype=torch.int64).to(torch.int32), got["w_col_sum"].cpu()):
+            raise ArtifactError(f"{where}: {name}.w_col_sum does not equal the sums of its codes")
+        for key in ("bias", "monarch_w1", "monarch_w2"):
+            t = state.get(f"{name}.{key}")
+            if t is not None and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+                raise ArtifactError(f"{where}: {name}.{key} must be finite floats, got {t.dtype}")
+    for key, t in model.state_dict().items():   # the rest: same name, same shape, no integer cast
+        if key.rpartition(".")[0] in planned or key not in state:
+            continue
+        s = state[key]
+        if tuple(s.shape) != tuple(t.shape) or (s.is_floating_point() != t.is_floating_point()) or \
+                (not t.is_floating_point() and s.dtype != t.dtype):
+            raise ArtifactError(f"{where}: {key} is {s.dtype} {tuple(s.shape)}, the model's is {t.dtype} "
+                                f"{tuple(t.shape)}: built with another config than the artifact's?")
