@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ class CalibrationSet:
                   metadata={"schema": SCHEMA, "version": str(VERSION), "meta": json.dumps(self.meta)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationSet":
+    def load(cls, path: str | Path, num_classes: int | None = None) -> "CalibrationSet":
+        """The set saved at ``path``, checked (``_check_tensors``). ``num_classes``: the model's classes, when
+        known; the labels must then lie in ``[0, num_classes]`` (``num_classes`` is guidance's null class)."""
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -98,10 +101,49 @@ class CalibrationSet:
                 missing = {"x", "t", "y", "w"} - set(f.keys())
                 if missing:
                     raise ValueError(f"calibration file {path} lacks tensor(s) {sorted(missing)}")
-                return cls(f.get_tensor("x"), f.get_tensor("t"), f.get_tensor("y"), f.get_tensor("w"),
-                           json.loads(md.get("meta", "{}")))
+                tensors = {k: f.get_tensor(k) for k in ("x", "t", "y", "w")}
         except (OSError, RuntimeError, SafetensorError) as e:   # missing, truncated or not safetensors
             raise ValueError(f"cannot read calibration set {path}: {e}") from None
+        try:
+            meta = json.loads(md.get("meta", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"calibration file {path}: metadata 'meta' is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):   # its "model" and "config" are looked up to match the cache
+            raise ValueError(f"calibration file {path}: metadata 'meta' must be a JSON object, got "
+                             f"{type(meta).__name__} {md['meta']!r:.80}")
+        _check_tensors(path, tensors, num_classes)
+        return cls(**tensors, meta=meta)
+
+
+_DTYPES = {"x": torch.float32, "t": torch.int64, "y": torch.int64, "w": torch.float64}   # as ``save`` writes them
+
+
+def _check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], num_classes: int | None) -> None:
+    """Dtypes, shapes and values of a loaded set: a hand-made or damaged file would otherwise index the label
+    table out of range, or weigh the search's MSE by NaN or negative weights, far from the file."""
+    where = f"calibration file {path}"
+    for name, dtype in _DTYPES.items():
+        if tensors[name].dtype != dtype:
+            raise ValueError(f"{where}: tensor '{name}' must be {dtype}, got {tensors[name].dtype}")
+    x, t, y, w = (tensors[k] for k in ("x", "t", "y", "w"))
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{where}: tensor 'x' must hold the samples' inputs (N, C, H, W) with N > 0, got shape "
+                         f"{tuple(x.shape)}")
+    n = x.shape[0]
+    for name in ("t", "y", "w"):
+        if tensors[name].shape != (n,):
+            raise ValueError(f"{where}: tensor '{name}' must have shape ({n},) (one per sample of x), got "
+                             f"{tuple(tensors[name].shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{where}: tensor 'x' holds NaN or infinite values")
+    if t.min() < 0:
+        raise ValueError(f"{where}: tensor 't' holds negative timesteps (min {int(t.min())})")
+    if y.min() < 0 or num_classes is not None and y.max() > num_classes:
+        top = "" if num_classes is None else f" or above {num_classes} (the model's classes and the null class)"
+        raise ValueError(f"{where}: tensor 'y' holds labels below 0{top}: range [{int(y.min())}, {int(y.max())}]")
+    if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise ValueError(f"{where}: tensor 'w' (sampler weights) must be finite, non-negative and not all zero, "
+                         f"got range [{float(w.min())}, {float(w.max())}]")
 
 
 _PERIOD = 32749          # prime; |int16| · period < 2^31, so each weighted word fits int32
@@ -179,8 +221,9 @@ def load_or_collect(model: nn.Module, config: CalibrationConfig, cache_dir: str 
     path = Path(cache_dir).expanduser() / f"calib-{key}.safetensors"
     if path.exists():
         try:
-            calib = CalibrationSet.load(path)
-        except ValueError:   # another version or a damaged file: collect again
+            calib = CalibrationSet.load(path, getattr(getattr(model, "config", None), "num_classes", None))
+        except ValueError as e:   # another version or a damaged file: collect again, saying why
+            warnings.warn(f"{e}; collecting the calibration set again", stacklevel=2)
             calib = None
         if calib is not None and calib.meta.get("model") == fp and calib.meta.get("config") == dataclasses.asdict(config):
             return calib

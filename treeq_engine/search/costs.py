@@ -34,7 +34,8 @@ per sample times the serving batch):
 ```
 
 A missing ``tokens`` is interpolated linearly between the nearest entries of the same (K, N, bits, branch);
-anything else missing is an error naming the key.
+anything else missing is an error naming the key. Shapes, tokens and bits are positive integers, ``us`` a positive
+finite number, and entries that repeat a (K, N, tokens, bits, branch) must repeat its ``us`` too.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -162,8 +164,24 @@ def _branch_key(b: BranchConfig | Mapping[str, Any] | None) -> tuple | None:
     if b is None:
         return None
     if isinstance(b, Mapping):
-        b = BranchConfig(**b)
+        try:
+            b = BranchConfig(**b)
+        except TypeError as e:   # an unknown field
+            raise PlanError(f"branch {dict(b)} is not a branch config ({e})") from None
+    if not isinstance(b, BranchConfig):
+        raise PlanError(f"branch must be null or an object with kind, blocks and rank, got {b!r}")
     return (b.kind, b.blocks, b.rank)
+
+
+_LUT_FIELDS = ("k", "n", "tokens", "w_bits", "a_bits", "us")   # and "branch", null when absent
+
+
+def _lut_int(v: Any) -> int | None:
+    """``v`` as a positive int, or None: an integral float (64.0) is exact, but a fractional one (64.9) or a bool
+    is not a shape or a bit-width, and ``int()`` would truncate it silently."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v <= 0:
+        return None
+    return int(v)
 
 
 class LatencyTable:
@@ -173,15 +191,37 @@ class LatencyTable:
                  backend: str = "") -> None:
         self.device, self.source, self.backend = device, source, backend
         self._rows: dict[tuple, list[tuple[int, float]]] = {}
+        seen: dict[tuple, tuple[int, float]] = {}   # (key, tokens) -> (the entry that gave it, its µs)
         for i, e in enumerate(entries):
+            where = f"latency table {source} entry {i}" if source else f"latency table entry {i}"
+            if not isinstance(e, Mapping):
+                raise PlanError(f"{where} is malformed: expected an object with {', '.join(_LUT_FIELDS)} and "
+                                f"branch, got {e!r:.200}")
+            missing = [f for f in _LUT_FIELDS if f not in e]
+            if missing:
+                raise PlanError(f"{where} is malformed: it lacks {missing}: {dict(e)}")
+            bad = [f"'{f}' must be a positive integer, got {e[f]!r}" for f in _LUT_FIELDS[:-1]
+                   if _lut_int(e[f]) is None]
+            us = e["us"]
+            # the comparison is exact for ints too: a huge JSON int fails here instead of overflowing float()
+            if isinstance(us, bool) or not isinstance(us, (int, float)) or not 0 < us <= sys.float_info.max:
+                bad.append(f"'us' must be a finite positive number, got {us!r}")
+            if bad:
+                raise PlanError(f"{where}: " + "; ".join(bad))
             try:
-                key = (int(e["k"]), int(e["n"]), int(e["w_bits"]), int(e["a_bits"]), _branch_key(e.get("branch")))
-                tokens, us = int(e["tokens"]), float(e["us"])
-            except (KeyError, TypeError, ValueError, PlanError) as err:
-                raise PlanError(f"latency table {source or ''} entry {i} is malformed ({err!r}): {dict(e)}") from None
-            if tokens <= 0 or not (us >= 0 and math.isfinite(us)):
-                raise PlanError(f"latency table entry {i}: tokens must be > 0 and us finite >= 0, got {dict(e)}")
-            self._rows.setdefault(key, []).append((tokens, us))
+                branch = _branch_key(e.get("branch"))
+            except PlanError as err:
+                raise PlanError(f"{where}: {err}") from None
+            k, n, tokens, w_bits, a_bits = (_lut_int(e[f]) for f in _LUT_FIELDS[:-1])
+            key = (k, n, w_bits, a_bits, branch)
+            if (key, tokens) in seen:   # a repeat of the same timing (one per layer of a shape) is harmless; two
+                j, first = seen[key, tokens]   # timings of one GEMM leave unknown which one the search should use
+                if first == float(us):
+                    continue
+                raise PlanError(f"{where} times K={k}, N={n}, tokens={tokens}, W{w_bits}A{a_bits}, branch={branch} "
+                                f"at {us} us, but entry {j} already does at {first} us: keep one")
+            seen[key, tokens] = (i, float(us))
+            self._rows.setdefault(key, []).append((tokens, float(us)))
         for rows in self._rows.values():
             rows.sort()
 

@@ -232,6 +232,95 @@ def _score_root(scorer: RootScorer, node: Node, bar: tqdm) -> int:
     return len(scores)
 
 
+def _spans(n: int, level: int, path: Path) -> list[tuple[int, int]]:
+    """The leaves ``[lo, hi)`` of each node after ``level`` levels of ``n`` leaves (the pairing of ``_merge``)."""
+    spans = [(i, i + 1) for i in range(n)]
+    for _ in range(level):
+        if len(spans) == 1:   # also bounds the loop for an absurd level
+            raise ValueError(f"{path}: level {level} is past the root of a search over {n} leaves; the state is "
+                             "damaged or edited: remove it or start without --resume")
+        merged = [(spans[j][0], spans[j + 1][1]) for j in range(0, len(spans) - 1, 2)]
+        spans = merged + spans[-1:] if len(spans) % 2 else merged
+    return spans
+
+
+def _state_array(value: Any, kinds: str, shape: tuple[int, int], where: str) -> np.ndarray:
+    """``value`` as an array of one of the dtype ``kinds`` (``"i"``: integers, ``"if"``: numbers) and ``shape``."""
+    try:
+        a = np.array(value)
+    except ValueError:   # ragged rows
+        a = None
+    if a is None or a.shape != shape or a.dtype.kind not in kinds:
+        got = "ragged rows" if a is None else f"shape {a.shape} of {a.dtype}"
+        raise ValueError(f"{where} must be {'integers' if kinds == 'i' else 'numbers'} of shape {shape}, got {got}")
+    return a
+
+
+def _state_node(d: Any, where: str, span: tuple[int, int], n_cand: int, cost: CostModel) -> Node:
+    """A state file's node, checked: exactly the leaves ``span``, candidate indices, the costs the cost table gives
+    them and an MSE (or null) per config. ``Node.from_dict`` alone would resume an edited or damaged state into a
+    plan for part of the model, or one over the budget."""
+    if not isinstance(d, dict) or not {"lo", "hi", "configs", "cost", "mse"} <= d.keys():
+        raise ValueError(f"{where} must be an object with lo, hi, configs, cost and mse")
+    got = (d["lo"], d["hi"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in got) or got != span:
+        raise ValueError(f"{where} covers leaves [{got[0]!r}, {got[1]!r}), expected [{span[0]}, {span[1]})")
+    mse = d["mse"]
+    if (not isinstance(mse, list) or not mse
+            or not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in mse)):
+        raise ValueError(f"{where}.mse must be a non-empty list of numbers or nulls, got {mse!r:.80}")
+    k, lo, hi = len(mse), span[0], span[1]
+    configs = _state_array(d["configs"], "i", (k, hi - lo), f"{where}.configs")
+    if configs.min() < 0 or configs.max() >= n_cand:
+        raise ValueError(f"{where}.configs holds candidate indices outside [0, {n_cand})")
+    node_cost = _state_array(d["cost"], "if", (k, cost.table.shape[2]), f"{where}.cost").astype(np.float64)
+    if not np.allclose(node_cost, cost.leaf_costs(lo, hi, configs), rtol=1e-9, atol=0):
+        raise ValueError(f"{where}.cost does not match the cost table at its configs")
+    return Node.from_dict({**d, "configs": configs, "cost": node_cost})
+
+
+def _read_state(path: Path, state: dict[str, Any], n_cand: int, cost: CostModel
+                ) -> tuple[list[Node], Node | None, list[dict[str, Any]], int, float, int, dict[str, Any] | None]:
+    """(nodes, front, levels, evaluations, wall_s, next level, root_candidates) of a state file whose fingerprint
+    matched, after checking that its nodes are exactly the level's: a missing node cannot be recomputed (it is the
+    result of every drop below it), so an incomplete state is refused rather than resumed into a plan for part of
+    the model."""
+    fix = "remove it or start without --resume"
+    need = {"level", "nodes", "levels", "evaluations", "wall_s"} - state.keys()
+    if need:
+        raise ValueError(f"{path}: the TSS state lacks {sorted(need)}; {fix}")
+    level, evaluations, wall_s = state["level"], state["evaluations"], state["wall_s"]
+    for name, v in (("level", level), ("evaluations", evaluations)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{path}: '{name}' must be a non-negative integer, got {v!r}; {fix}")
+    if not isinstance(wall_s, (int, float)) or isinstance(wall_s, bool) or not (0 <= wall_s < float("inf")):
+        raise ValueError(f"{path}: 'wall_s' must be a finite non-negative number, got {wall_s!r}; {fix}")
+    levels = state["levels"]
+    if not isinstance(levels, list) or len(levels) != level + 1 or not all(isinstance(v, dict) for v in levels):
+        raise ValueError(f"{path}: 'levels' must list one object per finished level ({level + 1}); {fix}")
+    n = cost.table.shape[0]
+    spans = _spans(n, level, path)
+    nodes = state["nodes"]
+    if not isinstance(nodes, list) or len(nodes) != len(spans):
+        got = f"{len(nodes)} nodes" if isinstance(nodes, list) else repr(nodes)[:80]
+        raise ValueError(f"{path}: 'nodes' must list the {len(spans)} nodes of level {level} over {n} leaves, "
+                         f"got {got}; the state is incomplete or edited: {fix}")
+    front = state.get("front")
+    if front is None and len(spans) == 1:   # written at the last merge, with the root
+        raise ValueError(f"{path}: the finished search's state lacks its 'front'; {fix}")
+    try:
+        nodes = [_state_node(d, f"{path}: nodes[{j}]", span, n_cand, cost)
+                 for j, (d, span) in enumerate(zip(nodes, spans))]
+        if front is not None:
+            front = _state_node(front, f"{path}: front", (0, n), n_cand, cost)
+    except ValueError as e:
+        raise ValueError(f"{e}; {fix}") from None
+    root_candidates = state.get("root_candidates")
+    if root_candidates is not None and not isinstance(root_candidates, dict):
+        raise ValueError(f"{path}: 'root_candidates' must be an object or null; {fix}")
+    return nodes, front, levels, evaluations, float(wall_s), level + 1, root_candidates
+
+
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
                 anchor: bool = True, on_level: Callable[[int], None] | None = None,
@@ -285,11 +374,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
                              "--resume")
     distributed.barrier()
     if state is not None:
-        nodes = [Node.from_dict(d) for d in state["nodes"]]
-        levels, evaluations = state["levels"], int(state["evaluations"])
-        wall0, level = float(state["wall_s"]), int(state["level"]) + 1
-        root_candidates = state.get("root_candidates")
-        front = Node.from_dict(state["front"]) if state.get("front") else None
+        nodes, front, levels, evaluations, wall0, level, root_candidates = _read_state(
+            path, state, len(space.candidates), cost)
     else:
         nodes = _leaves(cost, prune, len(space.candidates))
         levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
