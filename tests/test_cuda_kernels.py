@@ -162,7 +162,9 @@ def test_packed_linear_dit_shape_exact(arch, w_bits, cgen):
     act.codes[:7] = -128  # extreme rows; their row sums must follow
     act = QuantizedActivation(act.codes, act.scale, act.zero_point, act.codes.sum(1, dtype=torch.int32), 8)
     w = _weight(n, k, w_bits, cgen)
-    out = cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch)
+    out = _poisoned(m, n, torch.int32)  # not a recycled block holding the previous case's (correct) result
+    cb.packed_linear(act, w, out_dtype=torch.int32, arch=arch, out=out)
+    torch.cuda.synchronize()
     assert torch.equal(out.cpu(), corr_exact(act, w))
 
 

@@ -23,6 +23,39 @@ def test_int_gemm_exact(m, n, k, gen):
     assert torch.equal(acc.to(torch.int64), _int_gemm_loop(qa, qw))
 
 
+@pytest.mark.parametrize("m,n,k", [(3, 4, 2049), (5, 3, 4099), (3, 3, MAX_K)])
+def test_int_gemm_exact_past_float32(m, n, k, gen):
+    """Sums beyond float32's exact integers (2**24), up to K = MAX_K: extreme codes (−128 and 127, the int8 ends)
+    in constant rows give K·128², −K·128·127 and K·127² (odd at odd K, so float32 could not even hold the result
+    past 2**24), the other rows random signs of the ends and full-range random codes; against int64 accumulation."""
+    ends = torch.tensor([-128, 127], dtype=torch.int8)
+    qa = ends[torch.randint(0, 2, (m, k), generator=gen)]
+    qw = ends[torch.randint(0, 2, (n, k), generator=gen)]
+    qa[0], qw[0] = -128, -128        # K·2**14, the largest accumulator (int32 at MAX_K: 541,081,600)
+    qa[1], qw[1] = 127, 127          # K·127² and, across rows 0/1, −K·128·127
+    qa[-1] = torch.randint(-128, 128, (k,), generator=gen, dtype=torch.int8)
+    qw[-1] = torch.randint(-128, 128, (k,), generator=gen, dtype=torch.int8)
+    want = _int_gemm_loop(qa, qw)
+    assert int(want.abs().max()) > 2**24 and int(want[1, 1]) == k * 127 * 127
+    acc = int_gemm(qa, qw)
+    assert acc.dtype == torch.int32 and torch.equal(acc.to(torch.int64), want)
+
+
+def test_zero_point_correction_at_max_k():
+    """The corrected accumulator's extremes ±K·255² (codes 127 against zero point −128, or −128 against 127) fit
+    int32 at K = MAX_K, the bound MAX_K is defined by; against the int64 sum of (q − z)(q' − z')."""
+    k = MAX_K
+    qa = torch.tensor([[127] * k, [-128] * k], dtype=torch.int8)
+    za = torch.tensor([-128, 127], dtype=torch.int32)
+    qw = torch.tensor([[127] * k, [-128] * k, [5, -7] * (k // 2) + [3]], dtype=torch.int8)
+    zw = torch.tensor([-128, 127, -3], dtype=torch.int32)
+    ra, cw = qa.to(torch.int64).sum(1).to(torch.int32), qw.to(torch.int64).sum(1).to(torch.int32)
+    corr = zero_point_correction(int_gemm(qa, qw), k, za, ra, zw, cw)
+    want = (qa.to(torch.int64) - za[:, None]) @ (qw.to(torch.int64) - zw[:, None]).T
+    assert int(want[0, 0]) == k * 255 * 255 == int(want[1, 1]) and int(want[0, 1]) == -k * 255 * 255
+    assert corr.dtype == torch.int32 and torch.equal(corr.to(torch.int64), want)
+
+
 @pytest.mark.parametrize("wb,ab", list(itertools.product(WEIGHT_BITS, ACT_BITS)))
 @pytest.mark.parametrize("w_sym,a_sym", [(False, False), (True, False), (False, True), (True, True)])
 def test_epilogue_identity(wb, ab, w_sym, a_sym, gen):

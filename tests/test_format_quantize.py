@@ -48,6 +48,34 @@ def test_symmetric_scale_and_asymmetric_range(gen):
     assert bool((qa.codes.amin(1) == -8).all()) and bool((qa.codes.amax(1) == 7).all())
 
 
+def test_rounding_is_half_to_even_at_exact_ties():
+    """Exact ties at known power-of-two scales, with codes derived by hand (round half to even; floor(u + ½) or
+    half away from zero would give the other neighbour at every tie below).
+
+    Symmetric A8 row: max|x| = 31.75 so scale = 31.75 / 127 = 0.25 exactly; x / 0.25 is exact:
+        x      31.75  0.125  0.375  0.625  -0.125  -0.375  -0.625  31.625  -31.625  0.0
+        x/s    127    0.5    1.5    2.5    -0.5    -1.5    -2.5    126.5   -126.5   0
+        code   127    0      2      2      0       -2      -2      126     -126     0
+    Asymmetric W4 row: lo = -6.5, hi = 8.5, so scale = 15 / 15 = 1.0 and the zero point is itself a tie:
+        zp = round(qmin − lo/s) = round(−8 + 6.5) = round(−1.5) = −2          (floor(u + ½) gives −1)
+        x      8.5  -6.5  0.5  1.5  2.5  -0.5  -1.5  -2.5  3.5  0.0
+        round  8    -6    0    2    2    0     -2    -2    4    0
+        code   6    -8    -2   0    0    -2    -4    -4    2    -2        (code = round(x/s) + zp)
+    """
+    x = torch.tensor([[31.75, 0.125, 0.375, 0.625, -0.125, -0.375, -0.625, 31.625, -31.625, 0.0]])
+    qt = quantize(x, QuantSpec.activation(8, symmetric=True))
+    assert qt.scale.tolist() == [0.25] and qt.zero_point.tolist() == [0]
+    assert qt.codes.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126, -126, 0]]
+    assert torch.equal(dequantize(qt), 0.25 * qt.codes.float())
+
+    w = torch.tensor([[8.5, -6.5, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 0.0]])
+    qw = quantize(w, QuantSpec.weight(4))
+    assert qw.scale.tolist() == [1.0] and qw.zero_point.tolist() == [-2]
+    assert qw.codes.tolist() == [[6, -8, -2, 0, 0, -2, -4, -4, 2, -2]]
+    # and fake-quantization reconstructs s·(q − zp): the ties went to the even neighbour
+    assert fake_quantize(w, QuantSpec.weight(4)).tolist() == [[8.0, -6.0, 0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 4.0, 0.0]]
+
+
 def test_clip_ratio_clips(gen):
     x = torch.randn(8, 100, generator=gen)
     full = quantize(x, QuantSpec.activation(4))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from treeq_engine.branches import monarch
+from treeq_engine.branches import MonarchBranch, monarch
 from treeq_engine.nn import QuantLinear, convert, quantizable_linears
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan
 from treeq_engine.runtime import TreeQLinear, artifact, memory_report, quantize, treeq_layers
@@ -23,13 +23,33 @@ def _plan(net):
 
 
 @pytest.mark.parametrize("cfg", [LayerConfig(2, 8), LayerConfig(3, 3), LayerConfig(4, 4, w_symmetric=True),
-                                 LayerConfig(8, 8), LayerConfig(4, 16)])
+                                 LayerConfig(8, 8), LayerConfig(4, 16),
+                                 LayerConfig(4, 16, branch=BranchConfig("monarch", 4, 1)),
+                                 LayerConfig(3, 16, branch=BranchConfig("lowrank", 1, 2)),
+                                 LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))])
 def test_treeq_linear_equals_fake_quant(cfg, gen):
+    """The packed layer equals the fake-quant layer; with a branch, the fake-quant layer *plus its branch* (the
+    quantized path then carries ``W − B``). The W·A16 cases run TreeQLinear's weight-only path (dequantize and
+    multiply), whose branch add no other test reaches."""
     lin = nn.Linear(70, 33)
     x = torch.randn(3, 5, 70, generator=gen)
     q = QuantLinear(lin, cfg)
-    t = TreeQLinear.from_weights(q.weight_qtensor(), cfg, lin.bias)
-    torch.testing.assert_close(t(x), q(x), rtol=1e-4, atol=1e-4)
+    factors = None
+    if cfg.branch is not None:
+        # random factors, not the projection of W: the branch output (~0.1) is far above the tolerance
+        q.branch = MonarchBranch.from_config(cfg.branch, 33, 70)
+        with torch.no_grad():
+            q.branch.w1.copy_(0.3 * torch.randn(q.branch.w1.shape, generator=gen))
+            q.branch.w2.copy_(0.3 * torch.randn(q.branch.w2.shape, generator=gen))
+        factors = (q.branch.w1.detach(), q.branch.w2.detach())
+    # float32 keeps the Monarch factors in float32 (bf16 storage is tested in test_branch_factors_stored_in_bf16_…)
+    t = TreeQLinear.from_weights(q.weight_qtensor(), cfg, lin.bias, factors, dtype=torch.float32)
+    with torch.no_grad():
+        want = q(x)
+        got = t(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if factors is not None:   # the branch matters at this tolerance: dropping its add could not pass
+            assert q.branch(x).abs().amax() > 100 * 1e-4
 
 
 def test_quantize_model_and_branch(gen):

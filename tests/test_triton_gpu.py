@@ -2,18 +2,21 @@
 
 Integer parts exactly (unit scales turn the float32 output into ``float32(corr)`` of the zero-point-corrected
 accumulator, compared bit for bit with the oracle's); the float epilogue within the stated tolerance (bf16
-Monarch operands: relative 1e-2 of the output scale).
+Monarch operands: relative 1e-2 of the output scale; at full size, the elementwise bound of ``_expect_epilogue``).
+Launcher outputs start as NaN (``_poison_outputs``), so an element a kernel skips cannot pass by reusing a correct
+result that the caching allocator hands back from the previous case.
 """
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytestmark = pytest.mark.gpu
 
 triton = pytest.importorskip("triton")
 
-from treeq_engine.branches import MonarchShape  # noqa: E402
+from treeq_engine.branches import MonarchShape, monarch  # noqa: E402
 from treeq_engine.format import QuantSpec, int_gemm, zero_point_correction  # noqa: E402
 from treeq_engine.kernels import PackedWeight, packed_linear, quantize_activation, reference  # noqa: E402
 from treeq_engine.kernels.triton import gemm, gluon_gemm  # noqa: E402
@@ -46,6 +49,40 @@ def _operands(m, n, k, wb, ab, branch, seed=0):
     return x, pw, w1, w2, bias
 
 
+def _poison_outputs(monkeypatch):
+    """Every Triton launcher's float output starts as NaN (``runtime.empty`` is their one allocator)."""
+    from treeq_engine.kernels.triton import runtime
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t
+
+    monkeypatch.setattr(runtime, "empty", poisoned)
+
+
+def _expect_epilogue(act, pw, bias, w2, gelu):
+    """The oracle's float32 output (CPU ``act``, ``pw``) and an elementwise bound on a compiled kernel's distance
+    from it. Before GELU: the float32 epilogue (scales, bias, the branch's float32 accumulation; the compiler may
+    contract a multiply and an add into an FMA) is off by a few float32 ulps of values ≤ ~10, bounded by
+    1e-5·(|y| + 1); the kernels multiply the branch in bf16 (z and w2 each rounded by ≤ 2⁻⁸ relative, so each
+    product by ≤ 2⁻⁷), bounded by twice that: 2⁻⁶·Σ|w2||z|. GELU's slope is ≤ 1.13, and the kernels' exp-based
+    tanh adds a few 1e-7 relative: 1e-5·(|gelu| + 1)."""
+    lin = reference.packed_linear(act, pw, bias=bias, monarch_w2=w2, out_dtype=torch.float32)
+    ref = F.gelu(lin, approximate="tanh") if gelu else lin   # reference.packed_linear(..., gelu=True), bit for bit
+    tol = 1e-5 * (lin.abs() + 1)
+    if w2 is not None:
+        tol = tol + 2.0 ** -6 * monarch.stage2(act.z.abs(), w2.float().abs(), pw.n)
+    if gelu:
+        tol = 1.2 * tol + 1e-5 * (ref.abs() + 1)
+    return ref, tol
+
+
+def _assert_within(y, ref, tol):
+    err = (y.float() - ref).abs()
+    assert not bool(y.isnan().any()), "an output element was never written (still the NaN poison)"
+    assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g} (max error {float(err.max()):.3g})"
+
+
 def _exact_corr(act, pw, k):
     return zero_point_correction(int_gemm(act.codes, pw.codes()), k, act.zero_point, act.row_sum, pw.zero_point,
                                  pw.col_sum).float()
@@ -63,9 +100,10 @@ def _gemm(impl, act, pw, **kw):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("wb,ab", [(8, 8), (4, 8), (4, 4), (2, 8), (3, 4)])
 @pytest.mark.parametrize("m,n,k", [(2053, 3456, 1152), (200, 1152, 4608)])  # the second runs split-K
-def test_integer_part_exact_full_size(impl, wb, ab, m, n, k):
+def test_integer_part_exact_full_size(impl, wb, ab, m, n, k, monkeypatch):
     if impl == "gluon" and wb not in gluon_gemm.GLUON_BITS:
         pytest.skip(f"{wb}-bit weights run on the plain kernel")
+    _poison_outputs(monkeypatch)
     x, pw, _, _, _ = _operands(m, n, k, wb, ab, False)
     act = reference.quantize_activation(x, QuantSpec.activation(ab))
     ref = _exact_corr(act, pw, k)
@@ -79,17 +117,25 @@ def test_integer_part_exact_full_size(impl, wb, ab, m, n, k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k,n", DIT_SHAPES)
-@pytest.mark.parametrize("m", [256, 2048])
-def test_fused_epilogue_full_size(impl, k, n, m):
-    x, pw, w1, w2, bias = _operands(m, n, k, 4, 8, True)
+@pytest.mark.parametrize("m,branch", [(256, True), (2048, True), (256, False)])
+def test_fused_epilogue_full_size(impl, k, n, m, branch, monkeypatch):
+    """Scales, Monarch stage 2 (b = 32), bias and GELU, elementwise within ``_expect_epilogue``'s bound: without
+    the branch a few float32 ulps; with it, the bf16 rounding of the branch's operands (a branch off by a
+    fraction of itself no longer hides under 1e-2 of the largest output)."""
+    _poison_outputs(monkeypatch)
+    x, pw, w1, w2, bias = _operands(m, n, k, 4, 8, branch)
     spec = QuantSpec.activation(8)
     act = reference.quantize_activation(x, spec, monarch_w1=w1)
     ref = reference.packed_linear(act, pw, bias=bias, monarch_w2=w2, gelu=True, out_dtype=torch.float32)
     dev = torch.device("cuda")
     a_d = type(act)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act)))
-    y = _gemm(impl, a_d, pw.to(dev), bias=bias.to(dev), z=a_d.z, w2=w2.to(dev), gelu=True, out_dtype=torch.float32)
+    kw = dict(z=a_d.z, w2=w2.to(dev)) if branch else {}
+    y = _gemm(impl, a_d, pw.to(dev), bias=bias.to(dev), gelu=True, out_dtype=torch.float32, **kw)
     scale = float(ref.abs().max())
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-2, atol=1e-2 * scale)
+    want, tol = _expect_epilogue(act, pw, bias, w2, True)
+    assert torch.equal(want, ref)
+    _assert_within(y.cpu(), want, tol)
 
 
 def test_dispatch_and_act_quant_full_size():
@@ -149,9 +195,23 @@ def test_gluon_probe_is_the_raw_accumulator():
     dev = torch.device("cuda")
     a_d = type(act)(*(t.to(dev) if torch.is_tensor(t) else t for t in dataclasses.astuple(act)))
     y = _gemm("gluon", a_d, pw.to(dev), epilogue=False)
+    # The probe stores bf16(acc) whatever out_dtype says (gluon_gemm.packed_gemm allocates bf16 when
+    # epilogue=False), so a float64 comparison is not available: the exact accumulator (float64, exact) rounded
+    # once to bf16 must match bit for bit. With these random codes |acc| reaches ~3e5, where one bf16 ulp is
+    # 2048, so this alone would hide an accumulator off by less than half an ulp; the sparse case below cannot.
     u = pw.codes().double() + 8
     ref = (act.codes.double() @ u.T).to(torch.bfloat16)
     assert torch.equal(y.cpu(), ref)
+    # Sparse codes: 16 entries of ±1 per row, so |acc| ≤ 16·15 = 240 < 2⁸ and every accumulator value is an
+    # integer bf16 holds exactly: bf16 equality is integer equality (one lost K-step or product shows).
+    g = torch.Generator().manual_seed(21)
+    pos = torch.rand(m, k, generator=g).argsort(dim=1)[:, :16]
+    signs = (torch.randint(0, 2, (m, 16), generator=g) * 2 - 1).to(torch.int8)
+    sparse = torch.zeros(m, k, dtype=torch.int8).scatter_(1, pos, signs)
+    ys = _gemm("gluon", dataclasses.replace(a_d, codes=sparse.to(dev)), pw.to(dev), epilogue=False)
+    exact = sparse.double() @ u.T
+    assert float(exact.abs().max()) <= 240
+    assert torch.equal(ys.cpu().double(), exact)
 
 
 def _to_cuda(act):
@@ -177,8 +237,9 @@ def test_gluon_ragged_k_and_n_exact(m, n, k, wb, split):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("wb", [2, 8])
-def test_fused_epilogue_bf16_factors(impl, wb):
+def test_fused_epilogue_bf16_factors(impl, wb, monkeypatch):
     """Monarch factors stored in bf16 (a bf16 runtime model's), 2- and 8-bit weights with the branch."""
+    _poison_outputs(monkeypatch)
     m, n, k = 512, 1152, 1152
     x, pw, w1, w2, bias = _operands(m, n, k, wb, 8, True, seed=4)
     w1, w2 = w1.bfloat16(), w2.bfloat16()
@@ -278,13 +339,7 @@ def test_gated_residual_is_exact(impl, case, monkeypatch):
     float32 (both kernels use ``mul.rn``/``add.rn``, which nothing contracts into an FMA). Without gate, with
     one gate row (G = 1) and with one per sample (G > 1). The residual is only read; outputs start as NaN, so an
     element the fused store skips shows."""
-    from treeq_engine.kernels.triton import runtime
-
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan")) if dtype.is_floating_point else t
-
-    monkeypatch.setattr(runtime, "empty", poisoned)
+    _poison_outputs(monkeypatch)
     m, n, k, wb, branch, gelu, split, out_dtype, groups = GATED_CASES[case]
     if impl == "gluon" and wb not in gluon_gemm.GLUON_BITS:
         pytest.skip(f"{wb}-bit weights run on the plain kernel")
@@ -298,6 +353,12 @@ def test_gated_residual_is_exact(impl, case, monkeypatch):
         kw.update(z=a_d.z, w2=w2.to(dev))
     y = _gemm_split(impl, a_d, pwd, split, **kw).cpu()  # the unfused layer's output
     assert y.dtype == out_dtype and bool(torch.isfinite(y.float()).all())
+    # ... itself against the oracle (no integer-only part here: scales and bias everywhere), within the
+    # epilogue's bound plus the one rounding to out_dtype (≤ half an ulp ≤ eps/2·|y|; eps for margin)
+    want_y, tol = _expect_epilogue(act, pw, bias, w2, gelu)
+    if out_dtype != torch.float32:
+        tol = tol + torch.finfo(out_dtype).eps * want_y.abs()
+    _assert_within(y, want_y, tol)
     g = torch.Generator().manual_seed(12)
     # residual of the output's magnitude, so that the sums round in every position
     residual = (torch.randn(m, n, generator=g) * y.float().abs().mean()).to(out_dtype)
