@@ -156,29 +156,103 @@ def _state_tensors(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optim
     return out
 
 
-def _load_params(named: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor], where: str) -> None:
+def _nonfinite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
+def _check_params(named: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every trainable has a tensor of its shape, floating point (``copy_`` would cast integers silently) and
+    finite; weight scales positive (the quantizer is undefined at a scale <= 0). Changes nothing."""
     for n, p in named:
         key = f"param.{n}"
         if key not in tensors:
             raise CheckpointError(f"{where}: no tensor for trainable {n!r} (was the model built with the same "
                                   "plan, branches and LoRA rank?)")
-        if tuple(tensors[key].shape) != tuple(p.shape):
-            raise CheckpointError(f"{where}: {n} is {tuple(tensors[key].shape)}, the model has {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(tensors[key])
+        t = tensors[key]
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"{where}: {n} is {tuple(t.shape)}, the model has {tuple(p.shape)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: {key} must be floating point (as the model's {p.dtype}), got {t.dtype}")
+        if _nonfinite(t):
+            raise CheckpointError(f"{where}: {key} holds {_nonfinite(t)} NaN/inf value(s)")
+        if n.endswith(".w_scale") and not bool((t > 0).all()):
+            raise CheckpointError(f"{where}: {key} must be positive in every row, {int((t <= 0).sum())} are not")
     extra = {k[len("param."):] for k in tensors if k.startswith("param.")} - {n for n, _ in named}
     if extra:
         raise CheckpointError(f"{where}: holds trainables the model lacks, e.g. {sorted(extra)[:3]}")
 
 
+def _load_params(named: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    _check_params(named, tensors, where)   # all of them before the first copy: a bad file changes nothing
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(tensors[f"param.{n}"])
+
+
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")   # what AdamW keeps per parameter (no amsgrad)
+
+
 def _load_optimizer(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
-                    tensors: dict[str, torch.Tensor]) -> None:
+                    tensors: dict[str, torch.Tensor], where: str) -> None:
+    """The saved AdamW moments, checked in full before any is set: a wrong shape would fail inside the next
+    ``opt.step()``, a missing one raise a KeyError there, a negative or NaN second moment turn the parameters NaN."""
+    states, seen = {}, set()
     for n, p in named:
         prefix = f"opt.{n}."
-        st = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items()
-              if k.startswith(prefix) and "." not in k[len(prefix):]}
-        if st:
-            opt.state[p] = st
+        st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        seen.update(prefix + k for k in st)
+        if not st:   # (a parameter AdamW never stepped has no state)
+            continue
+        missing = [k for k in ADAM_STATE if k not in st]
+        if missing:
+            raise CheckpointError(f"{where}: optimizer state of {n!r} lacks {', '.join(prefix + k for k in missing)}")
+        unknown = sorted(set(st) - set(ADAM_STATE))
+        if unknown:
+            raise CheckpointError(f"{where}: unknown optimizer state {prefix + unknown[0]} (AdamW keeps "
+                                  f"{', '.join(ADAM_STATE)})")
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = st[k]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{where}: {prefix + k} is {tuple(t.shape)}, the parameter is "
+                                      f"{tuple(p.shape)}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{where}: {prefix + k} must be floating point, got {t.dtype}")
+            if _nonfinite(t):
+                raise CheckpointError(f"{where}: {prefix + k} holds {_nonfinite(t)} NaN/inf value(s)")
+        if bool((st["exp_avg_sq"] < 0).any()):
+            raise CheckpointError(f"{where}: {prefix}exp_avg_sq must be >= 0 (a mean of squares), "
+                                  f"{int((st['exp_avg_sq'] < 0).sum())} entries are negative")
+        step = st["step"]
+        if step.numel() != 1 or step.dtype == torch.bool or _nonfinite(step) or float(step) < 0:
+            raise CheckpointError(f"{where}: {prefix}step must be one finite count >= 0, got "
+                                  f"{step.dtype} {tuple(step.shape)}")
+        states[p] = {k: v.to(p.device) for k, v in st.items()}
+    extra = sorted(k for k in tensors if k.startswith("opt.") and k not in seen)
+    if extra:
+        raise CheckpointError(f"{where}: holds optimizer state for trainables the model lacks, e.g. {extra[:3]}")
+    for p, st in states.items():
+        opt.state[p] = st
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``peft.json`` with the fields this module reads checked: a CheckpointError naming the file and the field,
+    not a KeyError or TypeError in the middle of a resume."""
+    st = read_json(path, SCHEMA, VERSION)
+    if not isinstance(st.get("config"), dict):
+        got = "nothing (the field is missing)" if st.get("config") is None else type(st.get("config")).__name__
+        raise CheckpointError(f"{path}: field 'config' must be an object (the PEFTConfig), got {got}")
+    step = st.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: field 'step' must be an int >= 0 (the steps done), got "
+                              f"{'nothing (the field is missing)' if step is None else repr(step)}")
+    losses = st.get("losses")
+    if not isinstance(losses, list) or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in losses):
+        raise CheckpointError(f"{path}: field 'losses' must be a list of numbers, got "
+                              f"{'nothing (the field is missing)' if losses is None else type(losses).__name__}")
+    name = st.get("tensors", "peft.safetensors")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise CheckpointError(f"{path}: field 'tensors' must name a file in this directory, got {name!r}")
+    return st
 
 
 class _DeferredInterrupt:
@@ -242,16 +316,20 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "peft.json").exists():
-            st = read_json(out / "peft.json", SCHEMA, VERSION)
+            st = _read_state(out / "peft.json")
             if {**dataclasses.asdict(PEFTConfig()), **st["config"]} != cfg_doc:   # older files lack new fields
                 raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
             if "data" in st and st["data"] != data_doc:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a fine-tuning run from other data ({st.get('data')}, now "
                                       f"{data_doc}); use a new directory")
-            tensors = read_tensors(out / _tensor_file(st))
-            _load_params(named, tensors, str(out))
-            _load_optimizer(named, opt, tensors)
-            start, losses = int(st["step"]), list(st["losses"])
+            if st["step"] > config.steps:
+                raise CheckpointError(f"{out / 'peft.json'}: step {st['step']} is past the run's {config.steps} steps")
+            where = str(out / _tensor_file(st))
+            tensors = read_tensors(where)
+            _check_params(named, tensors, where)   # parameters and moments all checked before either is set
+            _load_optimizer(named, opt, tensors, where)
+            _load_params(named, tensors, where)
+            start, losses = st["step"], list(st["losses"])
 
     def save(step: int) -> None:
         if out is None:
@@ -326,13 +404,25 @@ def load_finetuned(model: nn.Module, out_dir: str | Path) -> dict[str, Any]:
     """Load the trained tensors of ``out_dir`` into a calibrated ``model`` (the state :func:`finetune` started
     from: same plan and branches; LoRA is attached here when the run used it). Returns the run's JSON state."""
     out = Path(out_dir)
-    st = read_json(out / "peft.json", SCHEMA, VERSION)
-    config = PEFTConfig(**st["config"])
+    st = _read_state(out / "peft.json")
+    try:
+        config = PEFTConfig(**st["config"])
+    except (TypeError, ValueError) as e:   # an unknown field, or a value out of range
+        raise CheckpointError(f"{out / 'peft.json'}: field 'config': {e}") from None
+    where = str(out / _tensor_file(st))
+    tensors = read_tensors(where)
+    bare = [m for m in quant_layers(model).values() if m.lora is None]
     if config.lora_rank > 0:
         attach_lora(model, config.lora_rank, seed=config.seed)
     groups = trainable_groups(model, config)
     named = [np_ for kind in groups for np_ in groups[kind]]
-    _load_params(named, read_tensors(out / _tensor_file(st)), str(out))
-    for _, p in named:
-        p.requires_grad_(False)
+    try:
+        _load_params(named, tensors, where)
+    except CheckpointError:
+        for m in bare:   # a refused file leaves the model as it was: no LoRA attached on its behalf
+            m.lora = None
+        raise
+    finally:
+        for _, p in named:
+            p.requires_grad_(False)
     return st

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from ..branches import INIT_MODES, MonarchBranch, init_branch
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
 from ..nn import QuantLinear, convert
-from ..plan import LayerConfig, QuantPlan
+from ..nn.quant_linear import check_frozen
+from ..plan import LayerConfig, PlanError, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
 from .store import CheckpointError, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
@@ -201,29 +202,59 @@ def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     return t
 
 
+def check_layer(cfg: LayerConfig, tensors: Mapping[str, torch.Tensor], out_features: int, in_features: int,
+                where: str) -> None:
+    """A CheckpointError naming the tensor unless ``tensors`` (a layer file) restore an ``(out_features,
+    in_features)`` linear at ``cfg``: frozen codes, scales and zero points valid for its weight format, branch
+    factors of the plan's shapes, floating point and finite. Changes nothing, so a caller can check every layer
+    before it touches the model."""
+    if cfg.weight_spec().is_quantized:
+        missing = [k for k in ("codes", "scale", "zero_point") if k not in tensors]
+        if missing:
+            raise CheckpointError(f"{where}: no frozen {'/'.join(missing)} for a quantized weight")
+        codes = tensors["codes"]
+        if codes.dim() != 2 or tuple(codes.shape) != (out_features, in_features):
+            raise CheckpointError(f"{where}: codes are {tuple(codes.shape)}, but this model's layer is "
+                                  f"({out_features}, {in_features}); was the directory calibrated for another "
+                                  "model?")
+        try:
+            check_frozen(codes, tensors["scale"], tensors["zero_point"], cfg.weight_spec(),
+                         (out_features, in_features))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    if cfg.branch is not None:
+        if "w1" not in tensors or "w2" not in tensors:
+            raise CheckpointError(f"{where}: the plan gives this layer a branch but w1/w2 are missing")
+        br = MonarchBranch.from_config(cfg.branch, out_features, in_features)
+        for k in ("w1", "w2"):
+            t = tensors[k]
+            if tuple(t.shape) != tuple(getattr(br, k).shape):
+                raise CheckpointError(f"{where}: {k} is {tuple(t.shape)}, the plan's branch needs "
+                                      f"{tuple(getattr(br, k).shape)}")
+            if not t.is_floating_point():   # copy_ would cast integers silently
+                raise CheckpointError(f"{where}: branch factor {k} must be floating point, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{where}: branch factor {k} holds {int((~torch.isfinite(t)).sum())} NaN/inf "
+                                      "value(s)")
+
+
 def install_layer(layer: QuantLinear, cfg: LayerConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Restore a calibrated layer from its saved tensors (frozen codes and branch factors)."""
+    """Restore a calibrated layer from its saved tensors (frozen codes and branch factors); checked first, so a
+    bad file leaves the layer as it was."""
+    check_layer(cfg, tensors, layer.out_features, layer.in_features, where)
     layer.unfreeze_weight()
     layer.set_config(cfg)
     layer.branch = None
     if cfg.branch is not None:
-        if "w1" not in tensors or "w2" not in tensors:
-            raise CheckpointError(f"{where}: the plan gives this layer a branch but w1/w2 are missing")
         br = MonarchBranch.from_config(cfg.branch, layer.out_features, layer.in_features)
-        for k in ("w1", "w2"):
-            if tuple(tensors[k].shape) != tuple(getattr(br, k).shape):
-                raise CheckpointError(f"{where}: {k} is {tuple(tensors[k].shape)}, the plan's branch needs "
-                                      f"{tuple(getattr(br, k).shape)}")
         with torch.no_grad():
             br.w1.copy_(tensors["w1"])
             br.w2.copy_(tensors["w2"])
         layer.branch = br.to(layer.weight.device)
     if cfg.weight_spec().is_quantized:
-        if "codes" not in tensors:
-            raise CheckpointError(f"{where}: no frozen codes for a quantized weight")
         try:
             layer.load_frozen(tensors["codes"], tensors["scale"], tensors["zero_point"])
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
 
 
@@ -233,6 +264,53 @@ def _layer_file(out_dir: Path, name: str) -> Path:
 
 def _run_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data")})
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """The model's fingerprint as the command line records it in ``data`` (16 hex digits)."""
+    from ..search.calibration import model_fingerprint
+
+    return model_fingerprint(model)[:16]
+
+
+def _made_from(state: Mapping[str, Any]) -> str | None:
+    """The recorded fingerprint of the FP model a state was calibrated from: the command line's (in ``data``),
+    else calibrate's own (recorded when ``data`` has none); None for states that record neither."""
+    return (state.get("data") or {}).get("model_fingerprint") or state.get("model_fingerprint")
+
+
+def _kind(v: Any) -> str:
+    return "nothing (the field is missing)" if v is None else f"{type(v).__name__} {v!r}"[:80]
+
+
+def _read_state(out: Path) -> dict[str, Any]:
+    """``out/ptq.json``, with the fields this module reads checked (a CheckpointError naming the file and the
+    field, not a KeyError or TypeError from deep inside a load)."""
+    path = out / "ptq.json"
+    state = read_json(path, SCHEMA, VERSION)
+    for key in ("plan", "config", "layers"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: field {key!r} must be an object, got {_kind(state.get(key))}")
+    try:
+        QuantPlan.from_dict(state["plan"])
+    except PlanError as e:
+        raise CheckpointError(f"{path}: field 'plan': {e}") from None
+    for name, entry in state["layers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            got = _kind(entry.get("config")) if isinstance(entry, dict) else _kind(entry)
+            raise CheckpointError(f"{path}: layers[{name!r}] must be an object with a 'config' object, got {got}")
+    alphas = state["config"].get("smooth_alphas", [])
+    if not isinstance(alphas, list):
+        raise CheckpointError(f"{path}: config.smooth_alphas must be a list, got {_kind(alphas)}")
+    data = state.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointError(f"{path}: field 'data' must be an object or null, got {_kind(data)}")
+    for field, fp in (("data.model_fingerprint", (data or {}).get("model_fingerprint")),
+                      ("model_fingerprint", state.get("model_fingerprint"))):
+        if fp is not None and (not isinstance(fp, str) or not fp):
+            raise CheckpointError(f"{path}: {field} must be a non-empty string (a model fingerprint), got "
+                                  f"{_kind(fp)}")
+    return state
 
 
 def _smooth_factors(out: Path, run: str, legacy: bool = False) -> dict[str, torch.Tensor] | None:
@@ -267,10 +345,14 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     if joint:   # (absent otherwise, so that states from before read the same)
         state["joint"] = [list(g) for g in joint]
     out = None if out_dir is None else Path(out_dir)
+    if out is not None and not _made_from(state):
+        # What the command line records in data; without it load_calibration could not tell another model of the
+        # same shapes. Outside data, so that the run digest (and so resuming older directories) is unchanged.
+        state["model_fingerprint"] = _fingerprint(model)
     if out is not None:
         (out / "layers").mkdir(parents=True, exist_ok=True)
         if (out / "ptq.json").exists():
-            old = read_json(out / "ptq.json", SCHEMA, VERSION)
+            old = _read_state(out)
             if old["plan"] != state["plan"] or old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
                                       "directory (or delete this one) to start over")
@@ -281,6 +363,11 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
+            made_from, now = old.get("model_fingerprint"), state.get("model_fingerprint")
+            if made_from is not None and now is not None and now[:len(made_from)] != made_from:
+                raise CheckpointError(f"{out}: holds a calibration of another model (fingerprint {made_from}, this "
+                                      f"one {now[:len(made_from)]}); use a new directory, or the model it was made "
+                                      "from")
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
@@ -313,7 +400,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     for name in order:  # restore finished layers first so that later captures see them
         if name in state["layers"]:
             cfg = LayerConfig.from_dict(state["layers"][name]["config"], where=name)
-            install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), f"{out}: layer {name}")
+            install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), str(_layer_file(out, name)))
             calibrated[name] = cfg
     todo = [n for n in order if n not in state["layers"]]
     bar = tqdm(total=len(todo), desc="PTQ", unit="layer", disable=not progress)
@@ -355,18 +442,29 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     return result
 
 
-def _fold_all(model: nn.Module, factors: Mapping[str, torch.Tensor], out: Path | None) -> None:
-    """Fold saved or chosen smoothing factors, each keyed by its site's key (once per site: a second key of one
-    site would fold it twice)."""
-    for name in factors:
+def _check_factors(model: nn.Module, factors: Mapping[str, torch.Tensor], out: Path | None) -> None:
+    """Every saved or chosen smoothing factor foldable into ``model`` (site, shape, sign, finiteness), each keyed
+    by its site's key (once per site: a second key of one site would fold it twice). Changes nothing."""
+    where = SMOOTH_FILE if out is None else out / SMOOTH_FILE
+    for name, factor in factors.items():
         try:
             key = smooth.site_of(model, name).key
         except ValueError as e:
-            raise CheckpointError(f"{out}: {SMOOTH_FILE} holds factors for {name!r}, which this model cannot "
-                                  f"smooth ({e})") from None
+            raise CheckpointError(f"{where}: holds factors for {name!r}, which this model cannot smooth ({e})") \
+                from None
         if key != name:
-            raise CheckpointError(f"{out}: {SMOOTH_FILE} keys {name!r}, a member of the site {key!r}; factors are "
-                                  "keyed by their site's first linear")
+            raise CheckpointError(f"{where}: keys {name!r}, a member of the site {key!r}; factors are keyed by "
+                                  "their site's first linear")
+        try:
+            smooth.check_fold(model, name, factor)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None   # (e names the factors' key)
+
+
+def _fold_all(model: nn.Module, factors: Mapping[str, torch.Tensor], out: Path | None) -> None:
+    """Fold saved or chosen smoothing factors; all are checked before the first fold, so a bad one leaves the
+    caller's model unchanged."""
+    _check_factors(model, factors, out)
     for name, factor in factors.items():
         smooth.fold(model, name, factor)
 
@@ -409,31 +507,46 @@ def _joint_groups(plan: QuantPlan, tie: Callable[[str], str | None] | None) -> l
 
 
 def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
-    """Convert ``model`` (FP) to the calibrated state saved in ``out_dir``; returns the calibrated plan."""
+    """Convert ``model`` (FP) to the calibrated state saved in ``out_dir``; returns the calibrated plan. Everything
+    is read and checked before the model is touched: a bad directory raises and leaves ``model`` as it was."""
     out = Path(out_dir)
-    state = read_json(out / "ptq.json", SCHEMA, VERSION)
+    state = _read_state(out)
     plan = QuantPlan.from_dict(state["plan"])
-    made_from = (state.get("data") or {}).get("model_fingerprint")
-    if made_from is not None:   # (the command line records it; calibrate's data is the caller's)
+    # Which model first: another model is named as such, not by whichever of its tensors first fails to fit.
+    made_from = _made_from(state)
+    if made_from is not None:   # (the command line records it in data; calibrate without data records its own)
         from ..search.calibration import model_fingerprint
 
-        if model_fingerprint(model)[:len(made_from)] != made_from:
+        this = model_fingerprint(model)
+        if this[:len(made_from)] != made_from:
             raise CheckpointError(f"{out}: was calibrated from another model (fingerprint {made_from}, this one "
-                                  f"{model_fingerprint(model)[:len(made_from)]}); load it into the FP model it was "
-                                  "made from")
+                                  f"{this[:len(made_from)]}); load it into the FP model it was made from")
+    try:
+        plan.validate(model)
+    except PlanError as e:
+        raise CheckpointError(f"{out}: was calibrated for another model: {e}") from None
     missing = [n for n in plan.layers if n not in state["layers"]]
     if missing:
         raise CheckpointError(f"{out}: calibration is unfinished ({len(missing)} layer(s) left, e.g. "
                               f"{missing[:3]}); rerun calibrate with this out_dir to finish it")
-    layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=n) for n in plan.layers}
+    try:
+        layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=f"layers[{n!r}].config")
+                      for n in plan.layers}
+    except PlanError as e:
+        raise CheckpointError(f"{out / 'ptq.json'}: {e}") from None
+    tensors = {}
+    for n, cfg in layers_cfg.items():
+        layer = model.get_submodule(n)
+        tensors[n] = read_tensors(_layer_file(out, n))
+        check_layer(cfg, tensors[n], layer.out_features, layer.in_features, str(_layer_file(out, n)))
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
     if state["config"].get("smooth_alphas"):
         factors = _smooth_factors(out, _run_digest(state), legacy="data" not in state)
         if factors is None:
             raise CheckpointError(f"{out}: the calibration used SmoothQuant but {SMOOTH_FILE} is missing or from "
                                   "another run")
-        _fold_all(model, factors, out)
+        _fold_all(model, factors, out)   # checks every factor before the first fold
     convert(model, calibrated)
     for n, cfg in layers_cfg.items():
-        install_layer(model.get_submodule(n), cfg, read_tensors(_layer_file(out, n)), f"{out}: layer {n}")
+        install_layer(model.get_submodule(n), cfg, tensors[n], str(_layer_file(out, n)))
     return calibrated

@@ -178,39 +178,58 @@ def targets(model: nn.Module, plan: QuantPlan, refused: dict[str, str] | None = 
     return keys
 
 
-@torch.no_grad()
-def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
-    """Rewrite ``model`` so that the linears of ``name``'s site (see :class:`Site`: ``name`` is its key or any of
-    its linears) see ``x/s`` and have weights ``W·diag(s)``; the model's function is unchanged."""
+def check_fold(model: nn.Module, name: str, s: torch.Tensor) -> tuple[Site, list[nn.Module], nn.Module, torch.Tensor]:
+    """Everything :func:`fold` checks, changing nothing: a ValueError when ``s`` cannot fold into ``name``'s site
+    of ``model``. Returns the site, its consumer linears, the producer and ``s`` as float32 on their device. (A
+    caller folding several factors checks them all first, so that a bad one leaves the model untouched.)"""
     site = site_of(model, name)
     consumers = [_linear(model, c) for c in site.consumers]
     d = consumers[0].weight.shape[1]
     if any(c.weight.shape[1] != d for c in consumers):
         raise ValueError(f"{site.consumers}: read inputs of different widths; they cannot share a smoothing")
+    if not isinstance(s, torch.Tensor):
+        raise ValueError(f"{name}: smoothing factors must be a tensor of shape ({d},), got {type(s).__name__}")
+    if tuple(s.shape) != (d,):
+        raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},) (the width of the "
+                         f"site's input); got shape {tuple(s.shape)}")
     s = s.to(consumers[0].weight.device, torch.float32)
-    if s.shape != (d,) or not bool((torch.isfinite(s) & (s > 0)).all()):
-        raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},)")
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},); {int(bad.sum())} "
+                         f"of {d} are not (channel {i}: {float(s[i])})")
     producer = _linear(model, site.producer)
     n_out = producer.weight.shape[0]
+    if site.rows is not None:
+        lo, hi = site.rows
+        if hi > n_out:
+            raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
+    elif site.modulate is not None:
+        if n_out != 6 * d:
+            raise ValueError(f"{site.producer} has {n_out} outputs; an adaLN modulation has 6·{d}")
+        if producer.bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
+            raise ValueError(f"cannot fold smoothing for {name!r}: {site.producer} has no bias to hold the "
+                             "modulation's (1 + scale)/s − 1")
+    return site, consumers, producer, s
+
+
+@torch.no_grad()
+def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
+    """Rewrite ``model`` so that the linears of ``name``'s site (see :class:`Site`: ``name`` is its key or any of
+    its linears) see ``x/s`` and have weights ``W·diag(s)``; the model's function is unchanged."""
+    site, consumers, producer, s = check_fold(model, name, s)   # before any write: a refused fold changes nothing
+    d = consumers[0].weight.shape[1]
     bias = producer.bias
 
     def put(t: torch.Tensor, rows: slice, value: torch.Tensor) -> None:   # computed in float32, rounded once
         t[rows] = value.to(t.dtype)
 
     if site.rows is not None:
-        lo, hi = site.rows
-        if hi > n_out:
-            raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
-        rows = slice(lo, hi)
+        rows = slice(*site.rows)
         put(producer.weight, rows, producer.weight[rows].float() / s[:, None])
         if bias is not None:
             put(bias, rows, bias[rows].float() / s)
     elif site.modulate is not None:
-        if n_out != 6 * d:
-            raise ValueError(f"{site.producer} has {n_out} outputs; an adaLN modulation has 6·{d}")
-        if bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
-            raise ValueError(f"cannot fold smoothing for {name!r}: {site.producer} has no bias to hold the "
-                             "modulation's (1 + scale)/s − 1")
         first, second = site.modulate
         shift, scale = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
         inv = 1.0 / s

@@ -41,6 +41,31 @@ from ..kernels.derived import stamp
 from .grouped import fake_quantize_groups
 
 
+def check_frozen(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec,
+                 shape: tuple[int, int]) -> None:
+    """A ValueError naming the field unless ``codes`` int8 ``shape``, ``scale`` float32 and ``zero_point`` int32
+    ``(shape[0],)`` are a valid frozen weight of ``spec``: codes and zero points on its integer grid, scales finite
+    and positive (a NaN or negative scale would load and silently compute NaN or a sign-flipped weight)."""
+    n = shape[0]
+    for what, t, want, dt in (("codes", codes, shape, torch.int8), ("scale", scale, (n,), torch.float32),
+                              ("zero_point", zero_point, (n,), torch.int32)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(want) or t.dtype != dt:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"frozen {what} must be {dt} {tuple(want)}, got {got}")
+    if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
+        raise ValueError(f"codes outside [{spec.qmin}, {spec.qmax}] of {spec}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"frozen scale must be finite and positive in every row; {int(bad.sum())} of {n} are not "
+                         f"(row {i}: {float(scale[i])})")
+    bad = (zero_point < spec.qmin) | (zero_point > spec.qmax)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"frozen zero_point must lie in [{spec.qmin}, {spec.qmax}] of {spec}; {int(bad.sum())} of "
+                         f"{n} do not (row {i}: {int(zero_point[i])})")
+
+
 class QuantLinear(nn.Module):
     GROUP_WEIGHT_CACHE = 6   # fake-quantized weights kept for grouped mode (one per weight spec and λ)
 
@@ -157,13 +182,10 @@ class QuantLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if spec is None or not spec.is_quantized:
             raise ValueError(f"{self.name or 'QuantLinear'}: only a quantized weight can be frozen")
-        for what, t, shape, dt in (("codes", codes, (n, k), torch.int8), ("scale", scale, (n,), torch.float32),
-                                   ("zero_point", zero_point, (n,), torch.int32)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt:
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{self.name or 'QuantLinear'}: frozen {what} must be {dt} {shape}, got {got}")
-        if int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax:
-            raise ValueError(f"{self.name or 'QuantLinear'}: codes outside [{spec.qmin}, {spec.qmax}] of {spec}")
+        try:
+            check_frozen(codes, scale, zero_point, spec, (n, k))
+        except ValueError as e:
+            raise ValueError(f"{self.name or 'QuantLinear'}: {e}") from None
         dev = self.weight.device
         self._frozen_spec = spec
         self.w_codes = codes.to(dev)
