@@ -91,7 +91,8 @@ def test_flux_pipeline_samples_quantized(tmp_path):
     prompts.write_text("a red cat\na blue house on the hill\n")
     common = ["--prompts", str(prompts), "--steps", "2", "--height", "16", "--width", "16", "--device", "cpu"]
     for tag, extra in (("fp", []), ("q", ["--artifact", str(art)])):
-        assert main(["sample", "--pipeline", str(pipe_dir), *extra, *common, "--out", str(tmp_path / f"{tag}.png")]) == 0
+        out = str(tmp_path / f"{tag}.png")
+        assert main(["sample", "--pipeline", str(pipe_dir), *extra, *common, "--out", out]) == 0
     fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{t}.png"), dtype=np.float64) for t in ("fp", "q"))
     assert fp_img.shape == q_img.shape == (16, 32, 3)
     assert 0 < np.abs(fp_img - q_img).mean() < 16   # W8A8 (bf16 packed): near FP's image, not equal

@@ -68,7 +68,8 @@ def test_epilogue_identity(wb, ab, w_sym, a_sym, gen):
     wq = quantize(w, QuantSpec.weight(wb, w_sym))
     acc = int_gemm(aq.codes, wq.codes)
     corr = zero_point_correction(acc, k, aq.zero_point, aq.row_sums(), wq.zero_point, wq.row_sums())
-    exact = ((aq.codes.to(torch.int64) - aq.zero_point[:, None]) @ (wq.codes.to(torch.int64) - wq.zero_point[:, None]).T)
+    a64, w64 = aq.codes.to(torch.int64), wq.codes.to(torch.int64)
+    exact = (a64 - aq.zero_point[:, None]) @ (w64 - wq.zero_point[:, None]).T
     assert torch.equal(corr.to(torch.int64), exact)
     y = epilogue(acc, k, aq, wq, bias)
     ref = dequantize(aq, torch.float64) @ dequantize(wq, torch.float64).T + bias.double()

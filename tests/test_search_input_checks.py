@@ -4,7 +4,6 @@ import copy
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
