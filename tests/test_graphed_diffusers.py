@@ -140,7 +140,7 @@ def test_calls_outputs_and_errors():
         g(x, timestep=t, class_labels=y, cross_attention_kwargs={"scale": 0.5})
     with pytest.raises(TypeError, match="DiTTransformer2DModel: .*unexpected keyword"):
         g(x, timestep=t, class_labels=y, prompt="a cat")
-    with pytest.raises(TypeError, match="DiffusersRunner cuts"):
+    with pytest.raises(TypeError, match="takes a diffusers transformer .*got Linear"):
         graph_transformer(torch.nn.Linear(2, 2), step_factory=StandInStep)
     hooked = tiny_dit()
     hooked.transformer_blocks[0].register_forward_pre_hook(lambda m, a: None)
@@ -164,6 +164,54 @@ def test_calls_outputs_and_errors():
         graph_transformer(px, step_factory=StandInStep)
         got = [px(x, enc, torch.tensor([3]), added_cond_kwargs=cond).sample for x in latents]
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and graph_count(px) == 2
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sana"])
+def test_other_transformers_replay_their_own_forward(name):
+    """SD3, Flux, Sana: captured through their own forward, tensors as inputs, the rest in the key."""
+    from tiny_diffusers import pack_only_models
+
+    model, kw = pack_only_models()[name]
+    with torch.no_grad():
+        want = model(**kw).sample
+        StandInStep.captures = 0
+        graph_transformer(model, step_factory=StandInStep)
+        assert torch.equal(model(**kw).sample, want)
+        again = {k: v + 1 if k == "hidden_states" else v for k, v in kw.items()}
+        assert not torch.equal(model(**again, return_dict=False)[0], want)   # one capture, a second replay
+        assert StandInStep.captures == 1 and graph_count(model) == 1
+        # a non-tensor argument is part of the key: another value, another capture
+        other = {"sd3": {"skip_layers": [0]}, "flux": {"joint_attention_kwargs": {}},
+                 "sana": {"attention_kwargs": {}}}[name]
+        model(**kw, **other)
+        assert graph_count(model) == 2
+        if name == "sd3":   # a value a key cannot compare is refused
+            with pytest.raises(TypeError, match="argument 'joint_attention_kwargs' is a Tensor"):
+                model(**kw, joint_attention_kwargs={"scale": torch.ones(1)})
+    ungraph_pipeline(type("Pipe", (), {"transformer": model})())
+    assert not is_graphed(model)
+    if name == "flux":   # an empty hook registry (a pipeline's cache_context leaves one) is fine; a cache is not
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(model)
+        graph_transformer(model, step_factory=StandInStep)
+        ungraph_pipeline(type("Pipe", (), {"transformer": model})())
+        model.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(ValueError, match="carries hooks"):
+            graph_transformer(model, step_factory=StandInStep)
+
+
+def test_a_flux_pipeline_samples_alike_through_replays():
+    pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
+    from tiny_diffusers import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    kw = dict(prompt=["a red cat", "a dog"], num_inference_steps=3, height=16, width=16, max_sequence_length=16,
+              output_type="latent")
+    want = pipe(generator=torch.manual_seed(0), **kw).images
+    graph_pipeline(pipe, step_factory=StandInStep)
+    got = pipe(generator=torch.manual_seed(0), **kw).images
+    assert torch.equal(got, want) and graph_count(pipe.transformer) == 1
 
 
 def test_sample_command_graph_needs_cuda(tmp_path):
@@ -208,3 +256,26 @@ def test_real_graphs_on_cuda(tmp_path):
     tiny_dit_pipeline().save_pretrained(pipe_dir)
     assert main(["sample", "--pipeline", str(pipe_dir), "--graph", "--labels", "1,2", "--steps", "3",
                  "--device", "cuda", "--out", str(tmp_path / "g.png")]) == 0
+
+
+@pytest.mark.gpu
+def test_real_graphs_on_cuda_other_transformers():
+    """Real CUDA graphs of a transformer captured through its own forward: a Flux pipeline, FP and W8A8."""
+    pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
+    from tiny_diffusers import tiny_flux_pipeline
+
+    from treeq_engine.plan import QuantPlan
+    from treeq_engine.runtime import quantize
+
+    pipe = tiny_flux_pipeline().to("cuda")
+    kw = dict(prompt=["a red cat", "a dog"], num_inference_steps=3, height=16, width=16, max_sequence_length=16,
+              output_type="latent")
+    for quantized in (False, True):
+        if quantized:
+            quantize(pipe.transformer, QuantPlan.block_uniform(pipe.transformer, 8, 8), dtype=torch.float32)
+        want = pipe(generator=torch.manual_seed(0), **kw).images
+        graph_pipeline(pipe)
+        got = pipe(generator=torch.manual_seed(0), **kw).images
+        assert graph_count(pipe.transformer) == 1
+        ungraph_pipeline(pipe)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

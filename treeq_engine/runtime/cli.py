@@ -206,8 +206,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import (SUPPORTED, class_of, load_pipeline, read_prompts, rebuild,
-                                                 transformer_dir)
+    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, rebuild, transformer_dir
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -230,8 +229,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     if args.sampler != "ddpm":
         raise SystemExit("--sampler is our DiT's sampler; a diffusers pipeline runs its own scheduler")
-    if args.graph and name not in SUPPORTED:
-        raise SystemExit(f"--graph replays DiT and PixArt transformers ({name} runs eagerly): give it without --graph")
     if args.graph and not str(args.device).startswith("cuda"):
         raise SystemExit("--graph replays CUDA graphs: it needs --device cuda")
     try:

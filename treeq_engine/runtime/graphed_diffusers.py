@@ -1,4 +1,4 @@
-"""A diffusers DiT or PixArt transformer whose calls replay CUDA graphs, inside the user's own pipeline::
+"""A diffusers transformer whose calls replay CUDA graphs, inside the user's own pipeline::
 
     graph_pipeline(pipe)        # pipe.transformer (FP, or quantized by runtime.quantize / an artifact) now replays
     images = pipe(prompt=prompts, num_inference_steps=20).images
@@ -6,10 +6,14 @@
 
 A pipeline calls its transformer once per denoising step with the same shapes, so each call shape is captured
 once (on first use, after a warm-up) and every later step is one graph replay instead of hundreds of kernel
-launches, which at batch 1–8 is what sets the time (research/h100-baselines.md). The call's arguments are
-brought to the search runner's input tuple (``DiffusersRunner.inputs``: the timestep broadcast to the batch, a
-missing caption mask as ones, what the runner cannot reproduce an error) and the graph runs the runner's forward,
-which tests hold bit-identical to the transformer's own.
+launches, which at batch 1–8 is what sets the time (research/h100-baselines.md). For DiT and PixArt the call's
+arguments are brought to the search runner's input tuple (``DiffusersRunner.inputs``: the timestep broadcast to
+the batch, a missing caption mask as ones, what the runner cannot reproduce an error) and the graph runs the
+runner's forward, which tests hold bit-identical to the transformer's own. Any other transformer (SD3, Flux,
+Sana, ...) is captured through its own forward: its tensor arguments are the graph's inputs, and its other
+arguments (None, numbers, strings, plain lists and dicts of them; anything else is refused) are part of the key,
+so a call that changes one is captured anew. A forward that reads a value back to the host cannot be captured;
+that is an error naming the model.
 
 The transformer stays the pipeline's object: ``graph_transformer`` gives it, in place, a subclass of its own class
 (same name) whose ``forward`` replays. So the pipeline, its config, ``isinstance`` checks and ``save_pretrained``
@@ -57,7 +61,10 @@ def _hooks(model: nn.Module) -> list[str]:
     found = []
     for name, module in model.named_modules():
         kinds = [k for k in ("_forward_hooks", "_forward_pre_hooks") if name and getattr(module, k, None)]
-        kinds += [k for k in ("_hf_hook", "_diffusers_hook") if hasattr(module, k)]
+        kinds += ["_hf_hook"] if hasattr(module, "_hf_hook") else []
+        registry = getattr(module, "_diffusers_hook", None)   # pipelines with cache support (Flux's cache_context)
+        if registry is not None and getattr(registry, "hooks", True):   # leave an empty registry on the model
+            kinds.append("_diffusers_hook")
         found += [f"{name or type(model).__name__}: {k}" for k in kinds]
     return found
 
@@ -71,36 +78,98 @@ def _refuse_hooks(model: nn.Module) -> None:
                          "them before graphing")
 
 
+def _frozen(value: Any, where: str) -> Any:
+    """A call's non-tensor argument as part of a replay key (hashable, compared by value): None, numbers, strings
+    and lists, tuples and dicts of them. Anything else (a tensor inside a dict, an object) has no value a key could
+    compare, so the call is refused rather than replayed with what the capture saw."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v, where) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _frozen(v, where)) for k, v in value.items())))
+    raise TypeError(f"{where} is a {type(value).__name__}: a graphed call replays what it captured, so its "
+                    "non-tensor arguments must be plain values (None, numbers, strings, lists and dicts of them)")
+
+
 class _Graphs:
     """One model's captured steps, keyed by call shape."""
 
     def __init__(self, model: nn.Module, original: type, factory: StepFactory) -> None:
-        from ..search.diffusers_runner import DiffusersRunner
+        from ..search.diffusers_runner import DiffusersRunner, diffusers_arch
 
         self.model = model
         self.original = original
         self.signature = inspect.signature(getattr(original, "forward"))
-        self.runner = DiffusersRunner(model)   # checks the architecture; canonicalises the calls
+        # DiT and PixArt: the runner canonicalises the calls (and checks the labels); any other transformer is
+        # captured through its own forward, its tensor arguments the graph's inputs
+        self.runner = DiffusersRunner(model) if diffusers_arch(model) else None
         self.factory = factory
         self.steps: dict[tuple, Callable[..., torch.Tensor]] = {}
         self.checked: Any = None   # a weak reference to the labels tensor last checked
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from ..search.diffusers_runner import DiffusersRunner
-
         try:
             bound = self.signature.bind(self.model, *args, **kwargs)
         except TypeError as e:
             raise TypeError(f"{self.original.__name__}: {e}") from None
+        bound.apply_defaults()
         call = {k: v for k, v in bound.arguments.items() if k != "self"}
+        return_dict = call.pop("return_dict", True)
+        out = self._runner_call(call) if self.runner is not None else self._forward_call(call)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    def _autocast(self) -> tuple[bool, Any, Any]:
+        """(on, dtype, the context a capture runs in): autocast is part of the key, its weight cache off."""
+        on = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if on else None
+        ctx = torch.autocast("cuda", dtype=dtype, enabled=True, cache_enabled=False) if on \
+            else contextlib.nullcontext()
+        return on, dtype, ctx
+
+    def _forward_call(self, call: dict[str, Any]) -> torch.Tensor:
+        """Any other transformer: its tensor arguments (by name) feed the graph, the rest is part of the key."""
+        kinds = {name: p.kind for name, p in self.signature.parameters.items()}
+        if any(kinds.get(k) in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in call):
+            raise TypeError(f"{self.original.__name__}: a graphed call takes named arguments only (its forward "
+                            "has *args / **kwargs)")
+        names = [k for k, v in call.items() if torch.is_tensor(v)]
+        static = {k: v for k, v in call.items() if not torch.is_tensor(v)}
+        inputs = [call[k] for k in names]
+        autocast, dtype, ctx = self._autocast()
+        key = (tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in zip(names, inputs)),
+               tuple((k, _frozen(v, f"{self.original.__name__} argument {k!r}")) for k, v in static.items()),
+               autocast, dtype)
+        step = self.steps.get(key)
+        if step is None:
+            _refuse_hooks(self.model)   # (hooks added since graphing)
+            forward = _eager(self.model, "forward")
+
+            def run(*xs: torch.Tensor) -> torch.Tensor:
+                return forward(**static, **dict(zip(names, xs)), return_dict=False)[0]
+
+            with ctx:
+                try:
+                    step = self.steps[key] = self.factory(run, inputs)
+                except RuntimeError as e:   # e.g. a host sync (.item(), a data-dependent branch) inside forward
+                    raise RuntimeError(f"{self.original.__name__}'s forward could not be captured as a CUDA graph "
+                                       f"({e}); call it without graphs (ungraph_transformer)") from e
+        return step(*inputs).clone()
+
+    def _runner_call(self, call: dict[str, Any]) -> torch.Tensor:
+        from ..search.diffusers_runner import DiffusersRunner
+
         # checks that read values back from the device (a host sync) only for a new shape or new labels
         labels = call.get("class_labels")
         fresh = torch.is_tensor(labels) and (self.checked is None or self.checked() is not labels)
         inputs = self.runner.inputs(**call, check_values=fresh)
         if fresh:
             self.checked = weakref.ref(labels)
-        autocast = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda") if autocast else None
+        autocast, dtype, ctx = self._autocast()
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (autocast, dtype)
         step = self.steps.get(key)
         if step is None:
@@ -108,15 +177,9 @@ class _Graphs:
             if not fresh:   # a new shape gets every check, values included
                 self.runner.inputs(**call)
             runner = DiffusersRunner(self.model)   # one per shape: PixArt's patch grid is per shape
-            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False) if autocast \
-                    else contextlib.nullcontext():
+            with ctx:
                 step = self.steps[key] = self.factory(lambda *xs: runner.forward(*xs), inputs)
-        out = step(*inputs).clone()
-        if not call.get("return_dict", True):
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=out)
+        return step(*inputs).clone()
 
 
 def _eager_class(model: nn.Module) -> type:
@@ -179,8 +242,11 @@ def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = No
         return model
     if step_factory is None and not torch.cuda.is_available():
         raise RuntimeError("graphs need a CUDA device; none is available (run the pipeline eagerly)")
-    _refuse_hooks(model)
     cls = _eager_class(model)   # (also for a stateless instance of a graphed subclass)
+    if "return_dict" not in inspect.signature(cls.forward).parameters:
+        raise TypeError(f"graph_transformer takes a diffusers transformer (a forward with return_dict), got "
+                        f"{cls.__name__}")
+    _refuse_hooks(model)
     state = _Graphs(model, cls, step_factory or GraphedStep)
     sub = _SUBCLASSES.get(cls)
     if sub is None:   # same name and module: configs, checkpoints and the pipeline's records read as before
