@@ -57,3 +57,25 @@ def test_duplicate_keys_deep_nesting_and_bytes(tmp_path):
     with pytest.raises(PlanError, match=f"{path}: plan version 2"):   # the file is named
         QuantPlan.load(path)
     assert LayerConfig(4, 8, w_clip=1).w_clip == 1.0 and isinstance(LayerConfig(4, 8, w_clip=1).w_clip, float)
+
+
+def test_a_searched_plan_refuses_another_model():
+    """A searched plan records its layers' shapes; applying it to a model whose same-named linears have other
+    shapes (another DiT size) is an error, not a note about unplanned layers."""
+    import torch
+
+    from treeq_engine.search.space import SearchSpace
+
+    def net(hidden):
+        return torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Linear(hidden, 4))
+
+    model = net(16)
+    space = SearchSpace.build(model, [torch.randn(2, 8)], include=lambda n: True)
+    plan = QuantPlan.from_json(space.plan(space.uniform(space.candidates[0])).to_json())
+    assert plan.meta["layer_shapes"] == {"0": [8, 16], "1": [16, 4]}
+    plan.validate(model)
+    with pytest.raises(PlanError, match=r"made for another model: its layer '0' is K x N = 8 x 16, this model's is "
+                                        r"8 x 12"):
+        plan.validate(net(12))
+    with pytest.raises(PlanError, match="not a regular expression"):
+        SearchSpace.build(model, [torch.randn(2, 8)], include="[")

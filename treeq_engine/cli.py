@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -48,13 +49,36 @@ def _resolve(name: str, attr: str):
     return getattr(module, attr)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, once: also for options without help text (which argparse's
+    ArgumentDefaultsHelpFormatter skips) and not where the text already says it; none for required options, flags
+    and options without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.required or default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or not action.option_strings or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings:   # argparse prints no help line for these at all
+            text = self._get_help_string(action)
+            if text:
+                action = copy.copy(action)
+                action.help = text
+        return super()._format_action(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to add its arguments (all of them for ``None``)."""
     parser = argparse.ArgumentParser(prog="treeq", description="TreeQ Engine: mixed-precision DiT quantization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsFormatter)
         if command is None or name == command:
             _resolve(name, cmd.add_arguments)(p)
     return parser

@@ -30,6 +30,7 @@ import torch.nn as nn
 from .format import QuantSpec
 
 SCHEMA = "treeq-plan"
+SHAPES_KEY = "layer_shapes"   # in a plan's meta: {layer: [K, N]} of the model it was made for (checked by validate)
 PLAN_VERSION = 1
 BRANCH_KINDS = ("monarch", "lowrank")
 
@@ -187,6 +188,15 @@ class QuantPlan:
         wrong = [n for n in self.layers if not isinstance(modules[n], (nn.Linear, QuantLinear))]
         if wrong:
             raise PlanError(f"plan layers must be nn.Linear modules; not linear: {wrong[:5]}")
+        shapes = self.meta.get(SHAPES_KEY)   # a searched plan records its layers' shapes: another model's is refused
+        if isinstance(shapes, Mapping):
+            for n, shape in shapes.items():
+                if n in self.layers and n in modules:
+                    have = [modules[n].in_features, modules[n].out_features]
+                    if list(shape) != have:
+                        raise PlanError(f"plan was made for another model: its layer {n!r} is K x N = "
+                                        f"{shape[0]} x {shape[1]}, this model's is {have[0]} x {have[1]} "
+                                        f"(plan model {self.model!r})")
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="DiT .safetensors (default: the shipped digits DiT)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", default=None, help="a QuantPlan JSON (e.g. from the search)")
-    g.add_argument("--bits", type=parse_bits, default=(4, 4), help="uniform plan: block linears at WxAy (W4A4)")
+    g.add_argument("--bits", type=parse_bits, default="W4A4", help="uniform plan: block linears at WxAy")
     p.add_argument("--branch", choices=("none", "monarch", "lowrank", "plan"), default="monarch",
                    help="the branch beside every block linear (with --plan too, keeping its bits); 'plan' keeps the "
                         "branches --plan names")

@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         layers = [(k, n, m) for (k, n), m in itertools.product(layer_shapes(model), _ints(args.tokens, "--tokens"))]
     else:
         layers = layer_rows(model, _ints(args.batch, "--batch"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before profiling, not after)
     lut = profile_layers(layers, formats, branches=branches, device=args.device, reps=args.reps)
     Path(args.out).write_text(json.dumps(lut, indent=1) + "\n")
     print(f"wrote {len(lut['entries'])} entries for {lut['device']} ({lut['backend']} backend) to {args.out}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         transformer_dir(args.pipeline)   # a clear error before the pipeline loads
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
 
         if args.labels is not None:
             items: list = [int(v) for v in args.labels.split(",") if v.strip()]

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..format import ACT_BITS, WEIGHT_BITS
 from ..nn import quantizable_linears
-from ..plan import LayerConfig, PlanError, QuantPlan, is_block_layer
+from ..plan import SHAPES_KEY, LayerConfig, PlanError, QuantPlan, is_block_layer
 
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_A_BITS: tuple[int, ...] = (3, 4, 8)
@@ -120,7 +120,10 @@ class SearchSpace:
         linear to a group key (``None``: its own leaf): the linears of one key are one leaf, named by the first to
         run, and must read inputs of one shape (in features, rows per sample)."""
         if isinstance(include, str):
-            pattern = re.compile(include)
+            try:
+                pattern = re.compile(include)
+            except re.error as e:
+                raise PlanError(f"the searched-layer pattern {include!r} is not a regular expression: {e}") from None
             include = lambda n: pattern.search(n) is not None  # noqa: E731
         include = include or is_block_layer
         names = quantizable_linears(model)
@@ -184,7 +187,9 @@ class SearchSpace:
         a = self.check_assignment(assignment)
         layers = {n: self.candidates[i] for leaf, i in zip(self.leaves, a) for n in leaf.layer_names}
         layers.update({leaf.name: cfg for leaf, cfg in self.fixed if cfg is not None})
-        return QuantPlan(layers, model=self.model, meta=dict(meta or {}))
+        shapes = {p.name: [p.k, p.n] for leaf in (*self.leaves, *(f for f, _ in self.fixed)) for p in leaf.parts}
+        return QuantPlan(layers, model=self.model,
+                         meta={**(meta or {}), SHAPES_KEY: {n: shapes[n] for n in layers if n in shapes}})
 
     def uniform(self, config: LayerConfig) -> np.ndarray:
         return np.full(len(self.leaves), self.index_of(config), dtype=np.int64)
