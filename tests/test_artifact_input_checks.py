@@ -75,7 +75,7 @@ def test_manifest_must_be_an_object(art):
     (lambda s: s["1.w_scale"].__setitem__(0, -1.0), "1.w_scale must be finite and positive"),
     (lambda s: s["1.w_zero_point"].__setitem__(0, 500), r"1.w_zero_point must lie in \[-8, 7\]"),
     (lambda s: s["2.w_zero_point"].__setitem__(0, 1), r"2.w_zero_point must lie in \[0, 0\].*symmetric"),
-    (lambda s: s["1.w_col_sum"].__setitem__(0, s["1.w_col_sum"][0] + 100), "w_col_sum does not equal"),
+    (lambda s: s["1.w_col_sum"].__setitem__(0, 40 * 7 + 1), r"w_col_sum lies outside \[K·qmin, K·qmax\]"),
     (lambda s: s.pop("2.w_scale"), "2.w_scale is missing"),
     (lambda s: s["2.bias"].__setitem__(0, float("inf")), "2.bias must be finite"),
     (lambda s: s.__setitem__("0.weight", torch.zeros(12, 40)), r"0.weight is torch.float32 \(12, 40\), the model's"),
@@ -100,3 +100,13 @@ def test_cuda_map_location_without_cuda(art):
         pytest.skip("a CUDA device is present")
     with pytest.raises(artifact.ArtifactError, match="no CUDA device is available"):
         artifact.load(art, model(), map_location="cuda")
+
+
+def test_column_sums_exactly_on_request(art):
+    """The exact check unpacks every weight (slow for large models), so it is asked for: verify_codes."""
+    rewrite(art, lambda s: s["1.w_col_sum"].__setitem__(0, s["1.w_col_sum"][0] + 1))
+    artifact.load(art, model())   # within bounds: only the exact check sees it
+    m = model()
+    with pytest.raises(artifact.ArtifactError, match="w_col_sum does not equal the sums of its codes"):
+        artifact.load(art, m, verify_codes=True)
+    assert untouched(m)

@@ -156,13 +156,16 @@ def test_another_model_is_named_as_such(runs, tmp_path):
     for which in ("ptq", "smooth"):   # another width: the model, not a smoothing factor or a branch shape
         with pytest.raises(CheckpointError, match="calibrated from another model"):
             load_calibration(tiny_dit(seed=1, d=32), root / which)
-    # calibrate without data= records the model's fingerprint too: another model of the same shapes is refused
-    assert "model_fingerprint" in json.loads((root / "ptq" / "ptq.json").read_text())
-    with pytest.raises(CheckpointError, match="calibrated from another model"):
+    # calibrate without data= records a probe of the model: another model of the same shapes is refused, the
+    # same model in another dtype is not
+    assert "model_probe" in json.loads((root / "ptq" / "ptq.json").read_text())
+    with pytest.raises(CheckpointError, match=r"calibrated from another model \(its weights differ\)"):
         load_calibration(tiny_dit(seed=5), root / "ptq")
-    # without a recorded fingerprint (older directories) the layer shapes still name the wrong model
+    for dtype in (torch.bfloat16, torch.float16):
+        load_calibration(copy.deepcopy(fp).to(dtype), root / "ptq")
+    # without a recorded probe (older directories) the layer shapes still name the wrong model
     d = _copy(runs, tmp_path, "ptq")
-    _edit_json(d / "ptq.json", lambda st: st.pop("model_fingerprint"))
+    _edit_json(d / "ptq.json", lambda st: st.pop("model_probe"))
     with pytest.raises(CheckpointError, match=r"codes are \(72, 24\), but this model's layer is \(96, 32\)"):
         load_calibration(tiny_dit(seed=1, d=32), d)
     # and a resume with another model is refused as one with other data is

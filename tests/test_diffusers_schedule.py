@@ -275,3 +275,23 @@ def test_the_file_remembers_its_scheduler(tmp_path):
     plain = str(tmp_path / "plain.safetensors")
     save_inputs(plain, runner, inputs)
     assert schedule_drift(plain, str(pipe)) is None
+
+
+def test_labels_that_name_no_scheduler_give_no_note(tmp_path):
+    """A file saved with an empty or free-form label and no stored settings is not compared (no made-up class)."""
+    import json
+
+    from tiny_diffusers import tiny_dit
+
+    from treeq_engine.search.diffusers_runner import DiffusersRunner, save_inputs, schedule_drift
+
+    runner = DiffusersRunner(tiny_dit())
+    inputs = runner.inputs(torch.randn(2, 4, 8, 8), torch.tensor([900, 100]), torch.tensor([1, 2]))
+    pipe = tmp_path / "pipe"
+    (pipe / "scheduler").mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"scheduler": ["diffusers", "DDIMScheduler"]}))
+    diffusers.DDIMScheduler().save_config(pipe / "scheduler")
+    for label in ("", "   ", "my capture"):
+        path = str(tmp_path / "c.safetensors")
+        save_inputs(path, runner, inputs, weights={900.0: 1.0, 100.0: 0.5}, scheduler=label)
+        assert schedule_drift(path, str(pipe)) is None

@@ -21,9 +21,23 @@ from ..plan import BranchConfig, PlanError, QuantPlan, is_block_layer, parse_wa
 
 
 def _load_model(path: str | None, device: str):
+    """The shipped digits DiT, or the DiT at ``path``: an official-layout checkpoint (.pt or .safetensors, its config
+    inferred from the weights) or a digits-shaped one (the digits config)."""
+    from ..models.checkpoint import CheckpointError, load_dit_checkpoint
     from ..models.digits import load_digits_dit
 
-    return load_digits_dit(path, device=device)
+    if path is None:
+        return load_digits_dit(device=device)
+    if not Path(path).is_file():
+        raise SystemExit(f"--model {path}: no such file")
+    try:
+        return load_dit_checkpoint(path, map_location=device)
+    except CheckpointError as inferred:
+        try:
+            return load_digits_dit(path, device=device)
+        except CheckpointError as digits:
+            raise CheckpointError(f"--model {path}: not a DiT checkpoint this build reads (with its config inferred: "
+                                  f"{inferred}; with the digits config: {digits})") from None
 
 
 def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
@@ -111,7 +125,8 @@ def calibration_batches(fp, n: int, steps: int, seed: int, cfg_scale: float = 1.
 
 
 def add_ptq_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="DiT .safetensors (default: the shipped digits DiT)")
+    p.add_argument("--model", default=None,
+                   help="a DiT checkpoint (.pt or .safetensors; default: the shipped digits DiT)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", default=None, help="a QuantPlan JSON (e.g. from the search)")
     g.add_argument("--bits", type=parse_bits, default="W4A4", help="uniform plan: block linears at WxAy")

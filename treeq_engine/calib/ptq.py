@@ -266,17 +266,36 @@ def _run_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data")})
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """The model's fingerprint as the command line records it in ``data`` (16 hex digits)."""
-    from ..search.calibration import model_fingerprint
-
-    return model_fingerprint(model)[:16]
-
-
 def _made_from(state: Mapping[str, Any]) -> str | None:
-    """The recorded fingerprint of the FP model a state was calibrated from: the command line's (in ``data``),
-    else calibrate's own (recorded when ``data`` has none); None for states that record neither."""
-    return (state.get("data") or {}).get("model_fingerprint") or state.get("model_fingerprint")
+    """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
+    return (state.get("data") or {}).get("model_fingerprint")
+
+
+PROBE_KEY = "model_probe"   # in ptq.json, when calibrate() was given no data: a dtype-tolerant model signature
+
+
+def _probe(model: nn.Module) -> dict[str, Any]:
+    """Names and shapes of every parameter (hashed), and two values of each (the first and the middle one). Another
+    model of the same shapes differs in those values; the same model in another dtype agrees within its rounding
+    (a byte fingerprint would call a bf16 copy another model)."""
+    import hashlib
+
+    params = sorted(model.named_parameters())
+    h = hashlib.sha256(";".join(f"{n}:{tuple(t.shape)}" for n, t in params).encode())
+    values = [float(t.detach().flatten()[i]) for _, t in params for i in {0, t.numel() // 2} if t.numel()]
+    return {"structure": h.hexdigest()[:16], "values": values}
+
+
+def _probe_mismatch(stored: Any, model: nn.Module) -> str | None:
+    """Why ``model`` is not the one ``stored`` was taken from (None when it is, up to dtype rounding)."""
+    now = _probe(model)
+    if not isinstance(stored, dict) or stored.get("structure") != now["structure"]:
+        return "its parameters have other names or shapes"
+    a, b = torch.tensor(stored.get("values") or [], dtype=torch.float64), torch.tensor(now["values"],
+                                                                                      dtype=torch.float64)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-6):   # (bf16 rounds by 2⁻⁹ relative)
+        return "its weights differ"
+    return None
 
 
 def _kind(v: Any) -> str:
@@ -305,11 +324,17 @@ def _read_state(out: Path) -> dict[str, Any]:
     data = state.get("data")
     if data is not None and not isinstance(data, dict):
         raise CheckpointError(f"{path}: field 'data' must be an object or null, got {_kind(data)}")
-    for field, fp in (("data.model_fingerprint", (data or {}).get("model_fingerprint")),
-                      ("model_fingerprint", state.get("model_fingerprint"))):
-        if fp is not None and (not isinstance(fp, str) or not fp):
-            raise CheckpointError(f"{path}: {field} must be a non-empty string (a model fingerprint), got "
-                                  f"{_kind(fp)}")
+    fp = (data or {}).get("model_fingerprint")
+    if fp is not None and (not isinstance(fp, str) or not fp):
+        raise CheckpointError(f"{path}: data.model_fingerprint must be a non-empty string (a model fingerprint), "
+                              f"got {_kind(fp)}")
+    probe = state.get(PROBE_KEY)
+    if probe is not None and not (isinstance(probe, dict) and isinstance(probe.get("structure"), str)
+                                  and isinstance(probe.get("values"), list)
+                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in probe["values"])):
+        raise CheckpointError(f"{path}: {PROBE_KEY} must be an object with a 'structure' string and a list of "
+                              f"'values', got {_kind(probe)}")
     return state
 
 
@@ -346,9 +371,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         state["joint"] = [list(g) for g in joint]
     out = None if out_dir is None else Path(out_dir)
     if out is not None and not _made_from(state):
-        # What the command line records in data; without it load_calibration could not tell another model of the
+        # Without the command line's fingerprint in data, load_calibration could not tell another model of the
         # same shapes. Outside data, so that the run digest (and so resuming older directories) is unchanged.
-        state["model_fingerprint"] = _fingerprint(model)
+        state[PROBE_KEY] = _probe(model)
     if out is not None:
         (out / "layers").mkdir(parents=True, exist_ok=True)
         if (out / "ptq.json").exists():
@@ -363,11 +388,10 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
                 raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
                                       f"{state['data']}); use a new directory (or delete this one) to start over")
-            made_from, now = old.get("model_fingerprint"), state.get("model_fingerprint")
-            if made_from is not None and now is not None and now[:len(made_from)] != made_from:
-                raise CheckpointError(f"{out}: holds a calibration of another model (fingerprint {made_from}, this "
-                                      f"one {now[:len(made_from)]}); use a new directory, or the model it was made "
-                                      "from")
+            why = _probe_mismatch(old[PROBE_KEY], model) if PROBE_KEY in old and PROBE_KEY in state else None
+            if why:
+                raise CheckpointError(f"{out}: holds a calibration of another model ({why}); use a new directory, "
+                                      "or the model it was made from")
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
@@ -514,13 +538,18 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
     plan = QuantPlan.from_dict(state["plan"])
     # Which model first: another model is named as such, not by whichever of its tensors first fails to fit.
     made_from = _made_from(state)
-    if made_from is not None:   # (the command line records it in data; calibrate without data records its own)
+    if made_from is not None:   # (the command line records it in data; calibrate without data records a probe)
         from ..search.calibration import model_fingerprint
 
         this = model_fingerprint(model)
         if this[:len(made_from)] != made_from:
             raise CheckpointError(f"{out}: was calibrated from another model (fingerprint {made_from}, this one "
                                   f"{this[:len(made_from)]}); load it into the FP model it was made from")
+    elif PROBE_KEY in state:
+        why = _probe_mismatch(state[PROBE_KEY], model)
+        if why:
+            raise CheckpointError(f"{out}: was calibrated from another model ({why}); load it into the FP model "
+                                  "it was made from")
     try:
         plan.validate(model)
     except PlanError as e:

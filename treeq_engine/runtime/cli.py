@@ -58,7 +58,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                         "with any plan; any other diffusers model (SD3, Flux, Sana, ...) with --uniform or --plan")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (bfloat16 halves the memory "
-                        "a large model needs; the packed layers are the same)")
+                        "a large model needs; an fp32 checkpoint's weights are then rounded to bf16 before they are "
+                        "quantized, and its unquantized parameters are stored in bf16)")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "

@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         formats = [(16, 16), (8, 8)] + [(c.w_bits, c.a_bits) for c in cands]
     else:
         formats = [parse_wa(f) for f in args.formats.split(",") if f.strip()]
-    branches = [None] + [parse_branch(b) for b in args.branch]
+    branches = list(dict.fromkeys([None] + [parse_branch(b) for b in args.branch]))   # (a repeat would be timed
+    # twice, and the table refuses two timings of one GEMM)
     if args.tokens is not None:
         layers = [(k, n, m) for (k, n), m in itertools.product(layer_shapes(model), _ints(args.tokens, "--tokens"))]
     else:

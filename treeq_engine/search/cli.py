@@ -259,6 +259,9 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{torch.cuda.current_device()}"
         judge_fn, samples, source = None, args.closed_loop_samples, ""   # (a diffusers pipeline brings its own)
         fixed = None if args.fixed_bits.lower() == "fp" else parse_config(args.fixed_bits)
+        if fixed is not None and fixed.w_bits == 16 and (fixed.a_bits != 16 or fixed.branch is not None):
+            raise ValueError(f"--fixed-bits {args.fixed_bits}: 16-bit weights run unquantized (nn.Linear), so their "
+                             "activations cannot be quantized; give W16A16 (or 'fp') or quantized weights")
         cands = candidate_configs(parse_bits(args.w_bits, "--w-bits"), parse_bits(args.a_bits, "--a-bits"))
         progress = not args.no_progress and rank == 0
         dtype = getattr(torch, args.dtype)

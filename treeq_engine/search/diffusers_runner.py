@@ -373,12 +373,19 @@ def schedule_drift(path: str, pipeline: str) -> str | None:
         meta = f.metadata() or {}
     if ds.METADATA_KEY not in meta:
         return None
-    made_by = meta.get(ds.SCHEDULER_KEY) or "another scheduler"
+    made_by = (meta.get(ds.SCHEDULER_KEY) or "").strip()
     now = ds.pipeline_scheduler_config(pipeline)
     if now is None:
         return None
+    if ds.CONFIG_KEY not in meta:   # a label only: comparable when it starts with a scheduler's class name
+        cls = made_by.split()[0] if made_by else ""
+        if not cls.endswith("Scheduler"):
+            return None
+        made_by_config: Any = {"_class_name": cls}
+    else:
+        made_by_config = None
     try:
-        stored = json.loads(meta[ds.CONFIG_KEY]) if ds.CONFIG_KEY in meta else {"_class_name": made_by.split()[0]}
+        stored = made_by_config if made_by_config is not None else json.loads(meta[ds.CONFIG_KEY])
     except ValueError:
         stored = None
     if not isinstance(stored, dict):
@@ -388,8 +395,8 @@ def schedule_drift(path: str, pipeline: str) -> str | None:
     drift = ds.config_drift(stored, now)
     if drift is None:
         return None
-    return (f"the sampler weights in {path} are {made_by}'s, and the pipeline's scheduler differs ({drift}): "
-            "capture again to match it")
+    return (f"the sampler weights in {path} are {made_by or 'another scheduler'}'s, and the pipeline's scheduler "
+            f"differs ({drift}): capture again to match it")
 
 
 def load_weights(path: str, runner: DiffusersRunner) -> dict[float, float] | None:

@@ -60,7 +60,9 @@ class Leaf:
 
 def candidate_configs(w_bits: Iterable[int] = DEFAULT_W_BITS, a_bits: Iterable[int] = DEFAULT_A_BITS,
                       template: LayerConfig | None = None) -> tuple[LayerConfig, ...]:
-    """Every ``(w, a)`` pair, weights major; other fields (symmetry, clipping, branch) from ``template``."""
+    """Every ``(w, a)`` pair, weights major; other fields (symmetry, clipping, branch) from ``template``. A 16-bit
+    weight pairs only with 16-bit activations and no branch (the runtime keeps such a layer an unquantized
+    ``nn.Linear``; W16A8 would be searched but could not be packed)."""
     w_bits, a_bits = tuple(w_bits), tuple(a_bits)
     for what, bits, allowed in (("weight", w_bits, WEIGHT_BITS), ("activation", a_bits, ACT_BITS)):
         if not bits:
@@ -71,7 +73,13 @@ def candidate_configs(w_bits: Iterable[int] = DEFAULT_W_BITS, a_bits: Iterable[i
         if len(set(bits)) != len(bits):
             raise PlanError(f"candidate {what} bit-widths repeat: {bits}")
     base = template or LayerConfig(8, 8)
-    return tuple(base.replace(w_bits=w, a_bits=a) for w in w_bits for a in a_bits)
+    # W16 weights run as the model's own unquantized nn.Linear: only W16A16 without a branch has a packed form
+    out = tuple(base.replace(w_bits=w, a_bits=a) for w in w_bits for a in a_bits
+                if w != 16 or (a == 16 and base.branch is None))
+    if not out:
+        raise PlanError(f"no runnable candidate among W{w_bits} x A{a_bits}: 16-bit weights pair only with 16-bit "
+                        "activations and no branch")
+    return out
 
 
 def parse_bits(text: str, what: str) -> tuple[int, ...]:
