@@ -243,3 +243,20 @@ def test_load_finetuned_refuses_bad_branch_factors_unchanged(runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"branch\.w1 must be floating point .*got torch.int32"):
         load_finetuned(q, d)
     assert all(torch.equal(q.state_dict()[k], v) for k, v in before.items())
+
+
+def test_ptq_and_quantize_take_an_official_layout_checkpoint(tmp_path):
+    """`treeq ptq --model X.pt` reads any DiT checkpoint (config inferred), not only digits-shaped ones, and
+    `treeq quantize --model X.pt --ptq` packs the result; a missing file is named."""
+    from treeq_engine.cli import main
+    from treeq_engine.models import DiT
+    from treeq_engine.models.dit import DIT_CONFIGS
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "s2.pt"
+    torch.save(DiT(DIT_CONFIGS["DiT-S/2"].replace(input_size=4, num_classes=10, depth=1)).state_dict(), ckpt)
+    assert main(["ptq", "--model", str(ckpt), "--bits", "W4A8", "--branch", "none", "--calib-samples", "2",
+                 "--rounds", "1", "--max-tokens", "32", "--out", str(tmp_path / "ptq")]) == 0
+    assert main(["quantize", "--model", str(ckpt), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")]) == 0
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["ptq", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
