@@ -86,6 +86,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # diffusers' and transformers' load-time chatter (accelerate missing, fp32-kept modules, tokenizer notes) buries
+    # our output on the command line; their own variables still choose (set before they are imported)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else "")
     args = parser.parse_args(argv)
@@ -102,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return int(_resolve(args.command, COMMANDS[args.command].run)(args) or 0)
+    except BrokenPipeError:   # `treeq info | head`: the reader left; no traceback about it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         again = f"; run the same command again to resume from {args.out}" if args.command in RESUMABLE else ""
         print(f"treeq {args.command}: interrupted{again}", file=sys.stderr)

@@ -138,7 +138,16 @@ def load_dit_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
         config = config.replace(**overrides)
     with torch.device("meta"):
         model = DiT(config)  # shapes only: the weights come from the file
-    check_state_dict(model, sd, where=str(path))
+    try:
+        check_state_dict(model, sd, where=str(path))
+    except CheckpointError as e:
+        pos = sd.get("pos_embed")
+        if pos is not None and tuple(pos.shape) != tuple(model.pos_embed.shape):   # the usual cause: the resolution
+            side = round(pos.shape[1] ** 0.5) * config.patch_size
+            raise CheckpointError(f"{e}; the checkpoint's positional table is for input_size={side} (latents "
+                                  f"{side}x{side}), the config's for {config.input_size}: leave the config out to "
+                                  f"infer it, or pass input_size={side}") from None
+        raise
     model.load_state_dict(sd, assign=True)
     model.pos_embed.requires_grad_(False)
     return model.to(map_location).eval()

@@ -126,8 +126,8 @@ def load_artifact_model(path: str, device: str = "cpu"):
     desc = man.get("model_config", {})
     if desc.get("arch") == "diffusers":
         raise artifact.ArtifactError(f"{path}: a diffusers {desc.get('class')} artifact; sample it in its pipeline: "
-                                     "models.diffusers_transformers.rebuild(manifest['model_config']), then "
-                                     "runtime.artifact.load into it (README)")
+                                     f"treeq sample --pipeline DIR --artifact {path} (DIR: the pipeline the "
+                                     "transformer came from)")
     if desc.get("arch") != "dit":
         raise artifact.ArtifactError(f"{path}: `treeq sample` rebuilds DiT artifacts only, this one is "
                                      f"{desc.get('arch')!r}")

@@ -127,7 +127,10 @@ def random_dit(name: str, seed: int = 0) -> torch.nn.Module:
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     if args.random_config:
-        return random_dit(args.random_config, args.seed), f"{args.random_config} (random)"
+        try:
+            return random_dit(args.random_config, args.seed), f"{args.random_config} (random)"
+        except KeyError as e:   # (a KeyError's text prints in quotes)
+            raise ValueError(f"--random-config: {e.args[0] if e.args else e}") from None
     if args.model == "digits":
         from ..models.digits import load_digits_dit
 
@@ -311,6 +314,12 @@ def run(args: argparse.Namespace) -> int:
         if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
             print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
                   "continues it instead)", file=sys.stderr)
+        if args.resume and rank == 0 and (not args.out or not (Path(args.out) / "tss_state.json").exists()):
+            print(f"treeq search: note: --resume, but {args.out or '(no --out)'} holds no tss_state.json: starting "
+                  "from the beginning", file=sys.stderr)
+        if not args.out and rank == 0 and not args.check:
+            print("treeq search: note: no --out, so the plan, report and Pareto plot are not saved (only the table "
+                  "below is printed)", file=sys.stderr)
         out = search(model, runner, inputs, config, weights=weights, space=space, out_dir=args.out,
                      resume=args.resume, progress=progress, model_name=name,
                      judge_fn=judge_fn)

@@ -268,7 +268,8 @@ class LatencyTable:
             return rows[i][1]
         if i == 0 or i == len(rows):
             raise PlanError(f"latency table {self.source}: tokens={tokens} is outside the profiled range "
-                            f"[{toks[0]}, {toks[-1]}] for K={k}, N={n}, W{w_bits}A{a_bits}")
+                            f"[{toks[0]}, {toks[-1]}] for K={k}, N={n}, W{w_bits}A{a_bits}; profile the serving "
+                            "batch too (`treeq profile --batch 1,8,...`) or search at a profiled --serve-batch")
         (t0, u0), (t1, u1) = rows[i - 1], rows[i]
         return u0 + (u1 - u0) * (tokens - t0) / (t1 - t0)
 
