@@ -102,3 +102,23 @@ def test_flux_pipeline_samples_quantized(tmp_path):
         main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--graph", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--height must be a positive"):
         main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
+
+
+def test_memory_benchmark_counts_what_quantize_stores():
+    """benchmarks/diffusers_memory.py counts bytes on the meta device; on a tiny SD3 they equal the state a real
+    quantize stores, byte for byte."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import diffusers_memory
+
+    config = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+                  out_channels=4, pos_embed_max_size=16)
+    row = diffusers_memory.measure("SD3Transformer2DModel", config)
+    for fmt in ("W8A8", "W4A4"):
+        model = diffusers.SD3Transformer2DModel(**config).to(torch.bfloat16)
+        quantize(model, QuantPlan.block_uniform(model, int(fmt[1]), int(fmt[3])), dtype=torch.bfloat16, fuse=False)
+        assert row[fmt] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert row["params"] == sum(p.numel() for p in diffusers.SD3Transformer2DModel(**config).parameters())

@@ -1,0 +1,114 @@
+"""Weight memory of packed diffusers transformers at their published sizes, exact from shapes (no weights, no GPU).
+
+Each model is built on the meta device from its published architecture (the hyper-parameters below, as the hub's
+``config.json`` files give them; nothing is downloaded), its linears swapped for empty ``TreeQLinear`` modules by
+``runtime.skeleton`` with a uniform plan (block linears at the named format, embedders, context and output
+projections at W8A8), and every byte counted: packed codes, per-channel scales, zero points, column sums, biases
+and every parameter left unquantized (norms, embeddings, positional tables), in bf16. The parameter count is the
+check that the architecture is the published one.
+
+    python benchmarks/diffusers_memory.py            # table to stdout and benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")   # (its note on casting a meta model to bf16)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import RESULTS, git_commit, write_section  # noqa: E402  (benchmarks/record.py)
+
+BEGIN, END = "<!-- diffusers-memory:begin -->", "<!-- diffusers-memory:end -->"
+FORMATS = ("W8A8", "W4A8", "W4A4", "W3A4")
+
+# the published architectures (hub config.json values); the parameter counts printed check them
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DiT-XL/2 256px": ("DiTTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+        patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")),
+    "PixArt-α XL-2 1024px": ("PixArtTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2, norm_type="ada_norm_single",
+        use_additional_conditions=True)),
+    "Sana 1600M 1024px": ("SanaTransformer2DModel", dict(
+        in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+        num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+        mlp_ratio=2.5, sample_size=32, patch_size=1)),
+    "SD3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192)),
+    "SD3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+
+
+def measure(cls_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Parameters, bf16 bytes and packed bytes per format of one architecture, on the meta device."""
+    import diffusers
+
+    from treeq_engine.plan import QuantPlan, parse_wa
+    from treeq_engine.runtime import skeleton
+
+    def build() -> torch.nn.Module:
+        with torch.device("meta"):
+            return getattr(diffusers, cls_name)(**config).to(torch.bfloat16)
+
+    fp = build()
+    params = sum(p.numel() for p in fp.parameters())
+    linear = sum(m.weight.numel() for m in fp.modules() if isinstance(m, torch.nn.Linear))
+    row: dict[str, Any] = {"params": params, "linear_share": linear / params, "bf16": 2 * params}
+    for fmt in FORMATS:
+        model = build()
+        skeleton(model, QuantPlan.block_uniform(model, *parse_wa(fmt)), dtype=torch.bfloat16, fuse=False)
+        row[fmt] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return row
+
+
+def render(rows: dict[str, dict[str, Any]]) -> str:
+    gib = 2.0 ** 30
+    head = "| model | params | in linears | bf16 GiB | " + " | ".join(f"{f} GiB (×bf16)" for f in FORMATS) + " |"
+    lines = [BEGIN, "## Packed weight memory of diffusers transformers (`benchmarks/diffusers_memory.py`)", "",
+             f"Exact from shapes on the meta device (no weights, no GPU), commit {git_commit()}. Whole model: packed "
+             "linears (codes, scales, zero points, column sums, biases) plus every unquantized parameter in bf16. "
+             "Uniform plans: block linears at the format, embedders, context and output projections at W8A8.", "",
+             head, "|" + "---|" * (4 + len(FORMATS))]
+    for name, r in rows.items():
+        cells = " | ".join(f"{r[f] / gib:.2f} ({r[f] / r['bf16']:.3f})" for f in FORMATS)
+        lines.append(f"| {name} | {r['params'] / 1e9:.2f} B | {100 * r['linear_share']:.1f} % | "
+                     f"{r['bf16'] / gib:.2f} | {cells} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated names from the table")
+    p.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {list(MODELS)}")
+    rows = {n: measure(*MODELS[n]) for n in names}
+    block = render(rows)
+    print(block)
+    if not args.no_write:
+        write_section(block, BEGIN, END, RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
