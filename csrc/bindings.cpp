@@ -4,8 +4,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu_ops.h"
 #include "cuda_api.h"
@@ -64,10 +66,24 @@ I8 unpack(const py::array& packed, int bits, int64_t k) {
   return out;
 }
 
+// Channel and reduction sizes the kernels index with int32 (and whose word counts must not wrap in int64).
+constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
+// The int32 accumulator with its zero-point correction is exact while K·255² < 2³¹ (format/gemm_ref.py MAX_K).
+constexpr int64_t kMaxK = (int64_t{1} << 31) / (255 * 255);
+
+void require_dims(int64_t n, int64_t k) {
+  if (n <= 0 || k <= 0) throw std::invalid_argument("N and K must be positive");
+  if (n > kMaxDim || k > kMaxDim)
+    throw std::invalid_argument("N and K must fit int32, got N=" + std::to_string(n) + ", K=" + std::to_string(k));
+}
+
 I32 packed_gemm(const I8& a, const py::array& w, int w_bits, int64_t k) {
   require_bits(w_bits);
   require_2d(a, "a");
   require_2d(w, "w");
+  if (k > kMaxK)   // signed int32 overflow otherwise: undefined behaviour, not just a wrong number
+    throw std::invalid_argument("K=" + std::to_string(k) + " exceeds MAX_K=" + std::to_string(kMaxK) +
+                                ", where int32 accumulation could overflow");
   if (a.shape(1) != k) throw std::invalid_argument("a has K=" + std::to_string(a.shape(1)) + ", expected " +
                                                    std::to_string(k));
   const bool want_i8 = w_bits == 8;
@@ -91,13 +107,29 @@ void raise_if(const std::string& why) {
 
 // ---- fragment layout v1 (CUDA GEMM weights), CPU side ----
 
+// row_chan maps each tile row to its channel: every channel of [0, N) exactly once, -1 for the padding rows. The
+// repacking loops index the codes by these values, so anything else would read or write outside the arrays (and
+// a channel named by no row would leave its codes unwritten).
 void require_row_chan(const I32& row_chan, int64_t n) {
   if (row_chan.ndim() != 1 || row_chan.shape(0) != treeq::frag::channel_tiles(n) * treeq::frag::kTileN)
     throw std::invalid_argument("row_chan must be 1-D with channel_tiles(N)·256 entries");
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  const int32_t* rc = row_chan.data();
+  for (int64_t r = 0; r < row_chan.shape(0); ++r) {
+    const int32_t c = rc[r];
+    if (c == -1) continue;
+    if (c < 0 || c >= n || seen[static_cast<size_t>(c)])
+      throw std::invalid_argument("row_chan[" + std::to_string(r) + "] = " + std::to_string(c) +
+                                  ": every channel of [0, N=" + std::to_string(n) +
+                                  ") must appear exactly once (-1 for padding rows)");
+    seen[static_cast<size_t>(c)] = 1;
+  }
+  if (std::find(seen.begin(), seen.end(), 0) != seen.end())
+    throw std::invalid_argument("row_chan leaves channels of [0, N=" + std::to_string(n) + ") unnamed");
 }
 
 I32 frag_tile_rows(int64_t n) {
-  if (n <= 0) throw std::invalid_argument("N must be positive");
+  require_dims(n, 1);
   I32 out({treeq::frag::channel_tiles(n) * treeq::frag::kTileN});
   treeq::frag::tile_row_channels(n, out.mutable_data());
   return out;
@@ -106,7 +138,8 @@ I32 frag_tile_rows(int64_t n) {
 I32 frag_repack(const py::array& packed, int bits, int64_t n, int64_t k, const I32& row_chan) {
   require_bits(bits);
   require_2d(packed, "packed");
-  if (k <= 0 || packed.shape(0) != n || packed.shape(1) != treeq::packed_cols(k, bits))
+  require_dims(n, k);
+  if (packed.shape(0) != n || packed.shape(1) != treeq::packed_cols(k, bits))
     throw std::invalid_argument("packed must be layout v1 of shape (N, packed_cols(K, bits))");
   const bool want_i8 = bits == 8;
   if (want_i8 ? !py::isinstance<I8>(packed) : !py::isinstance<I32>(packed))
@@ -122,11 +155,12 @@ I32 frag_repack(const py::array& packed, int bits, int64_t n, int64_t k, const I
 
 py::tuple frag_unrepack(const I32& words, const I32& row_chan, int bits, int64_t n, int64_t k) {
   require_bits(bits);
-  if (n <= 0 || k <= 0) throw std::invalid_argument("N and K must be positive");
+  require_dims(n, k);
   if (words.ndim() != 1 || words.shape(0) != treeq::frag::total_words(n, k, bits))
     throw std::invalid_argument("words must be 1-D with total_words(N, K, bits) entries");
   require_row_chan(row_chan, n);
   I8 codes({n, k});
+  std::fill_n(codes.mutable_data(), n * k, int8_t{0});   // (every code is written; zeros if one were not)
   bool ok;
   {
     py::gil_scoped_release release;
@@ -138,7 +172,7 @@ py::tuple frag_unrepack(const I32& words, const I32& row_chan, int bits, int64_t
 
 I32 frag_registers(const I32& words, int bits, int64_t n, int64_t k) {
   require_bits(bits);
-  if (n <= 0 || k <= 0) throw std::invalid_argument("N and K must be positive");
+  require_dims(n, k);
   if (words.ndim() != 1 || words.shape(0) != treeq::frag::total_words(n, k, bits))
     throw std::invalid_argument("words must be 1-D with total_words(N, K, bits) entries");
   using namespace treeq::frag;

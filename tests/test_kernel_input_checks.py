@@ -116,3 +116,55 @@ def test_runtime_refuses_what_it_would_not_compute(gen):
     quantize(a16, QuantPlan({"0": LayerConfig(4, 16)}), dtype=torch.float32)
     with pytest.raises(TypeError, match="input must be a float tensor"):
         a16[0](torch.ones(2, 32, dtype=torch.int32))
+
+
+def test_core_refuses_what_would_index_outside_its_arrays():
+    """The compiled core's CPU entry points (a memory-safety review): a row_chan that is not a permutation of the
+    channels (it indexes the codes), sizes whose word counts would wrap, K past MAX_K (signed int32 overflow)."""
+    import numpy as np
+
+    from treeq_engine import core
+    from treeq_engine.format import pack
+    from treeq_engine.kernels import cuda_layout as fl
+
+    c = core.load()
+    n, k, b = 260, 128, 4
+    words = torch.zeros(fl.total_words(n, k, b), dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"row_chan\[260\] = 260: every channel of \[0, N=260\)"):
+        fl.unrepack(words, fl.tile_rows(512), b, n, k)   # right length, channels past N
+    rc = fl.tile_rows(n).clone()
+    rc[1] = 0   # channel 0 twice, channel 1 never
+    with pytest.raises(ValueError, match="must appear exactly once"):
+        fl.unrepack(words, rc, b, n, k)
+    rc = fl.tile_rows(n).clone()
+    rc[5] = -1
+    with pytest.raises(ValueError, match="leaves channels .* unnamed"):
+        fl.unrepack(words, rc, b, n, k)
+    bad = fl.tile_rows(2).numpy().copy()
+    bad[0] = 5000
+    with pytest.raises(ValueError, match=r"row_chan\[0\] = 5000"):
+        c.frag_repack(np.zeros((2, 4), np.int32), 4, 2, 32, bad)
+    with pytest.raises(ValueError, match="must fit int32"):
+        c.frag_registers(np.zeros(0, np.int32), 2, 1, 2**53 * 128)
+    with pytest.raises(ValueError, match="exceeds MAX_K=33025"):
+        c.cpu_packed_gemm(np.full((1, 33026), -128, np.int8), np.full((1, 33026), -128, np.int8), 8, 33026)
+    with pytest.raises(ValueError, match="must be a 1-D int32 CPU tensor"):
+        fl.unrepack(words.long(), fl.tile_rows(n), b, n, k)
+    with pytest.raises(ValueError, match="positive int"):
+        fl.tile_rows(True)
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8)   # and the round trip still holds
+    words, rc = fl.repack(pack(w, b), b, n, k)
+    assert torch.equal(fl.unrepack(words, rc, b, n, k), w)
+
+
+def test_fragment_weight_needs_the_layouts_channel_map():
+    from treeq_engine.kernels import cuda_layout as fl
+
+    n, k, b = 40, 64, 4
+    pw = PackedWeight.from_float(torch.randn(n, k), QuantSpec.weight(b))
+    words, rc = fl.repack(pw.packed, b, n, k)
+    fl.frag_weight(words, rc, pw.scale, pw.zero_point, pw.col_sum, b, n, k).check()   # a copy of the map: fine
+    swapped = rc.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    with pytest.raises(ValueError, match="row_chan is not the layout's channel map"):
+        fl.frag_weight(words, swapped, pw.scale, pw.zero_point, pw.col_sum, b, n, k).check()

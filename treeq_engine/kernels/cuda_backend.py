@@ -136,7 +136,18 @@ def launch_quantize_activation(x: torch.Tensor, spec: QuantSpec, codes: torch.Te
                          f"{w1.dtype} {tuple(w1.shape)}")
     if w1 is not None and z is None:
         raise ValueError("w1 given without a z buffer")
-    for name, t in (("shift", shift), ("scale", mod_scale), ("w1", w1), ("z", z), ("codes", codes)):
+    # the outputs: the kernel writes through raw pointers, so a short or mistyped buffer would be written past
+    if codes.dtype != torch.int8 or tuple(codes.shape) != (m, k) or not codes.is_contiguous():
+        raise ValueError(f"codes must be a contiguous int8 ({m}, {k}) buffer, got {codes.dtype} {tuple(codes.shape)}")
+    for name, t, dt in (("scale", scale, torch.float32), ("zp", zp, torch.int32), ("row_sum", row_sum, torch.int32)):
+        if t.dtype != dt or tuple(t.shape) != (m,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dt} ({m},) buffer, got {t.dtype} {tuple(t.shape)}")
+    if z is not None and (w1 is None or z.dtype != torch.bfloat16 or not z.is_contiguous() or z.dim() != 3
+                          or z.shape[0] < m or z.shape[1] != b or z.shape[2] < b * rank):
+        raise ValueError(f"z must be a contiguous bf16 (≥ {m}, {b}, ≥ {b * rank}) buffer beside w1, got "
+                         f"{z.dtype} {tuple(z.shape)}")
+    for name, t in (("shift", shift), ("scale", mod_scale), ("w1", w1), ("z", z), ("codes", codes),
+                    ("scale", scale), ("zp", zp), ("row_sum", row_sum)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     with torch.cuda.device(x.device):

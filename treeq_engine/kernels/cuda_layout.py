@@ -53,9 +53,15 @@ def field_offset(bits: int) -> int:
     return 0 if bits == 8 else 1 << (bits - 1)
 
 
+def _check_int32_cpu(t: object, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} must be a 1-D int32 CPU tensor, got {got}")
+
+
 def tile_rows(n: int) -> torch.Tensor:
     """int32 ``(channel_tiles(n)·256,)``: the original channel of each tile row (-1 for padding rows)."""
-    if not isinstance(n, int) or n <= 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"N must be a positive int, got N={n!r}")
     return torch.from_numpy(core.load().frag_tile_rows(n))
 
@@ -82,6 +88,8 @@ def repack(packed: torch.Tensor, bits: int, n: int, k: int) -> tuple[torch.Tenso
 def unrepack(words: torch.Tensor, row_chan: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     """Inverse of :func:`repack`: int8 codes ``(N, K)``. Raises if a padding field is not code 0."""
     _check_bits(bits)
+    _check_int32_cpu(words, "words")
+    _check_int32_cpu(row_chan, "row_chan")
     codes, padding_ok = core.load().frag_unrepack(words.contiguous().numpy(), row_chan.contiguous().numpy(),
                                                   bits, n, k)
     if not padding_ok:
@@ -93,6 +101,7 @@ def registers(words: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     """The A-fragment registers the kernels build from ``words``, unpacked by the kernels' own header code:
     int64 ``(channel tile, k tile, 16 row blocks, 32 lanes, 4 k-steps, 4 registers)`` holding uint32 values."""
     _check_bits(bits)
+    _check_int32_cpu(words, "words")
     r = torch.from_numpy(core.load().frag_registers(words.contiguous().numpy(), bits, n, k))
     return r.to(torch.int64) & 0xFFFFFFFF
 
