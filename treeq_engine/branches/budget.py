@@ -48,6 +48,8 @@ def plan_weight_bits(plan: QuantPlan, shapes: Mapping[str, tuple[int, int]], cou
 def default_branch(n: int, k: int, lowrank: int = 32, kind: str = "monarch") -> BranchConfig:
     """The issue's default size: a Monarch branch with as many parameters as a rank-``lowrank`` low-rank one
     (``b·r = lowrank`` with ``r = 1``; fewer blocks where the layer is narrower), or that low-rank branch."""
+    if kind not in ("monarch", "lowrank"):
+        raise ValueError(f"branch kind must be 'monarch' or 'lowrank', got {kind!r}")
     if kind == "lowrank":
         return BranchConfig("lowrank", 1, min(lowrank, n, k))
     s = MonarchShape.matching_lowrank(n, k, lowrank)

@@ -27,6 +27,8 @@ class MonarchBranch(nn.Module):
     def __init__(self, n: int, k: int, blocks: int, rank: int = 1, *, kind: str = "monarch") -> None:
         super().__init__()
         self.shape = MonarchShape(n=n, k=k, blocks=blocks, rank=rank)
+        if kind not in ("monarch", "lowrank"):
+            raise ValueError(f"branch kind must be 'monarch' or 'lowrank', got {kind!r}")
         if kind == "lowrank" and blocks != 1:
             raise ValueError(f"a lowrank branch has blocks=1, got {blocks}")
         self.kind = kind
@@ -66,6 +68,8 @@ class MonarchBranch(nn.Module):
     # -- math ------------------------------------------------------------------------------------
     def stage1(self, x: torch.Tensor) -> torch.Tensor:
         """``z (..., b, b·r)`` from the unquantized ``x (..., K)``."""
+        if x.shape[-1] != self.k:   # (monarch.stage1 pads any K up to b·Kb: a wrong width would pass silently)
+            raise ValueError(f"branch input has {x.shape[-1]} features, expected K={self.k}")
         return monarch.stage1(x, self.w1)
 
     def stage2(self, z: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ class MonarchShape:
     def __post_init__(self) -> None:
         for name in ("n", "k", "blocks", "rank"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"Monarch {name} must be a positive int, got {v!r}")
         if self.blocks > min(self.n, self.k):
             raise ValueError(f"Monarch blocks={self.blocks} exceeds min(N={self.n}, K={self.k})")

@@ -84,23 +84,37 @@ def infer_config(sd: Mapping[str, torch.Tensor], **overrides: Any) -> DiTConfig:
     if missing:
         raise CheckpointError(f"cannot infer a DiT config: the state dict lacks {missing} (is this a DiT "
                               f"checkpoint? first keys: {list(sd)[:5]})")
-    proj = sd["x_embedder.proj.weight"]
-    hidden, in_ch, p = proj.shape[0], proj.shape[1], proj.shape[2]
-    tokens = sd["pos_embed"].shape[1]
-    grid = int(round(tokens ** 0.5))
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    try:
+        proj = sd["x_embedder.proj.weight"]
+        hidden, in_ch, p = proj.shape[0], proj.shape[1], proj.shape[2]
+        tokens = sd["pos_embed"].shape[1]
+        grid = int(round(tokens ** 0.5))
+        out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    except (IndexError, ValueError, ZeroDivisionError) as e:   # tensors of other ranks than a DiT's
+        raise CheckpointError(f"cannot infer a DiT config from these shapes (x_embedder.proj.weight "
+                              f"{tuple(sd['x_embedder.proj.weight'].shape)}, pos_embed "
+                              f"{tuple(sd['pos_embed'].shape)}): {e}") from None
+    if rows < 2:
+        raise CheckpointError(f"y_embedder.embedding_table.weight has {rows} row(s): a DiT's label table has its "
+                              "classes and the null class")
+    # the label table's last row is taken as guidance's null class, as in every official checkpoint; a model
+    # trained without one needs num_classes=rows, class_dropout_prob=0 in the overrides
     kw: dict[str, Any] = dict(input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-                              mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-                              learn_sigma=out_ch == 2 * in_ch, num_classes=rows - 1, class_dropout_prob=0.1)
+                              mlp_ratio=mlp_ratio, learn_sigma=out_ch == 2 * in_ch, num_classes=rows - 1,
+                              class_dropout_prob=0.1)
     if "num_heads" not in overrides:
         heads = {c.hidden_size: c.num_heads for c in DIT_CONFIGS.values() if c.hidden_size >= 384}
         if hidden not in heads:
             raise CheckpointError(f"cannot infer num_heads for hidden size {hidden}; pass it (num_heads=...)")
         kw["num_heads"] = heads[hidden]
     kw.update(overrides)
-    return DiTConfig(**kw)
+    try:
+        return DiTConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the inferred DiT config is not valid ({e}): {kw}") from None
 
 
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
@@ -126,8 +140,20 @@ def load_dit_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
                         map_location: str | torch.device = "cpu", **overrides: Any) -> DiT:
     """A :class:`DiT` with the weights of ``path``. ``config``: a :class:`DiTConfig`, a registry name
     (``"DiT-XL/2"``; official checkpoints also need ``input_size=32`` for 256 px or ``64`` for 512 px), or
-    ``None`` to infer it from the weights' shapes. The model is returned in eval mode."""
+    ``None`` to infer it from the weights' shapes. The model is returned in eval mode, in the checkpoint's dtype
+    (float32 when its tensors mix dtypes); non-float or non-finite tensors are a :class:`CheckpointError`."""
     sd = read_state_dict(path, map_location)
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{path}: a DiT's tensors are floats; {bad[:5]} are "
+                              f"{sorted({str(sd[k].dtype) for k in bad})}")
+    if len({v.dtype for v in sd.values()}) > 1:   # one dtype per model: mixed ones would meet in the forward
+        sd = {k: v.float() for k, v in sd.items()}
+    nonfinite = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{path}: NaN or infinite weights in {nonfinite[:5]}")
+    if config is not None and not isinstance(config, (str, DiTConfig)):
+        raise CheckpointError(f"config must be a DiTConfig, a registry name or None, got {type(config).__name__}")
     if isinstance(config, str):
         if config not in DIT_CONFIGS:
             raise CheckpointError(f"unknown DiT config {config!r}; known: {sorted(DIT_CONFIGS)}")

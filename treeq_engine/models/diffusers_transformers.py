@@ -149,6 +149,10 @@ def dit_to_diffusers(model: nn.Module) -> nn.Module:
     The returned model is set to the official formula (``time_proj.downscale_freq_shift = 0`` in every block), so
     its outputs are ours up to float rounding; saved and reloaded by diffusers it would use diffusers' own, as every
     hub DiT does (1–2 % relative L2 on the digits DiT's output for random inputs and timesteps)."""
+    from .dit import DiT
+
+    if not isinstance(model, DiT):
+        raise TypeError(f"dit_to_diffusers converts the project's DiT (models.DiT), got {type(model).__name__}")
     d = _diffusers()
     c = model.config
     out = d.DiTTransformer2DModel(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -40,11 +41,17 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int] | in
     """The original steps to keep. ``section_counts`` is a step count (``250``), a comma list (``"10,15,20"``:
     the process is cut into equal sections, each strided to its count, endpoints included), or ``"ddimN"``: the
     fixed integer stride of the DDIM paper, ``range(0, T, stride)`` with exactly N steps."""
-    if isinstance(section_counts, int):
-        section_counts = [section_counts]
+    if isinstance(section_counts, bool) or not isinstance(section_counts, (numbers.Integral, str, list, tuple, range)):
+        raise ValueError(f"timestep respacing must be 'N', 'N1,N2,...', 'ddimN', an int or a list of ints, got "
+                         f"{section_counts!r}")
+    if isinstance(section_counts, numbers.Integral):
+        section_counts = [int(section_counts)]
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            want = int(section_counts[len("ddim"):])
+            try:
+                want = int(section_counts[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"'ddimN' takes a step count N, got {section_counts!r}") from None
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == want:
                     return set(range(0, num_timesteps, stride))
@@ -54,6 +61,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int] | in
         except ValueError:
             raise ValueError(f"timestep respacing must be 'N', 'N1,N2,...' or 'ddimN', got {section_counts!r}") from None
     counts = list(section_counts)
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in counts):
+        raise ValueError(f"timestep respacing counts must be ints, got {counts}")
     if not counts or any(c <= 0 for c in counts):
         raise ValueError(f"timestep respacing counts must be positive, got {counts}")
     size_per, extra = divmod(num_timesteps, len(counts))

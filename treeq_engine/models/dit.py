@@ -178,6 +178,8 @@ class PatchEmbed(nn.Module):
         want = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"DiT input must be (N, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"DiT input must be a float tensor, got {x.dtype}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -191,6 +193,8 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bool or t.is_complex():   # (values are not read: that would stall a GPU every step)
+            raise TypeError(f"timesteps must be integer or real, got {t.dtype}")
         first = self.mlp[0]  # an nn.Linear, or a quantized stand-in (packed layers keep `out_dtype`, no `weight`)
         dtype = first.weight.dtype if hasattr(first, "weight") else getattr(first, "out_dtype", torch.float32)
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))

@@ -10,6 +10,7 @@ the same images, and a quantized model sampled with the FP model's seed starts f
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -29,9 +30,23 @@ def sample(model: DiT, labels: torch.Tensor, *, steps: int | str = 50, sampler: 
     guidance, the doubled batch ``[x; x]`` with labels ``[y; null]`` that the model actually ran on."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
     if labels.dim() != 1:
         raise ValueError(f"labels must be (N,), got shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     cfg = model.config
+    # checked once here (a forward on the GPU checks no values: that would stall every step)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+        raise ValueError(f"labels must be class indices in [0, {cfg.num_classes - 1}], got "
+                         f"[{int(labels.min())}, {int(labels.max())}] (the null class is for guidance only)")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    if sampler == "ddim" and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+    if sampler == "ddpm" and eta != 0.0:
+        raise ValueError("eta is DDIM's; the ddpm sampler has none (use sampler='ddim')")
     diffusion = diffusion if diffusion is not None else create_diffusion(str(steps))
     device = next(model.parameters()).device
     labels = labels.to(device=device, dtype=torch.long)

@@ -111,6 +111,10 @@ class FusedDiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
+        if c.dim() != 2 or c.shape[0] != n:   # the kernels would read the groups as repeats (G divides M)
+            raise ValueError(f"conditioning c must be (N={n}, D), one row per sample, got {tuple(c.shape)}")
+        if n == 0 or t == 0:   # nothing to compute (and the kernels' views of zero rows cannot infer a size)
+            return x.clone()
         m32 = self.modulation(c)
         shift_msa, scale_msa, shift_mlp, scale_mlp = m32[0], m32[1], m32[3], m32[4]
         attn = self.attn

@@ -183,11 +183,20 @@ def _ints(text: str, flag: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from .cli import load_fp_model, parse_wa
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device!r}: profiling times the cpu or a cuda device")
     if args.config:
         from ..models import DiT, dit_config
 
-        with torch.device("meta"):
-            model = DiT(dit_config(args.config))
+        try:
+            with torch.device("meta"):
+                model = DiT(dit_config(args.config))
+        except KeyError as e:   # (a KeyError's text prints in quotes)
+            raise SystemExit(f"--config: {e.args[0] if e.args else e}") from None
     else:
         model = load_fp_model(args.model)[0]
     if args.formats == "search":
@@ -197,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         formats = [(16, 16), (8, 8)] + [(c.w_bits, c.a_bits) for c in cands]
     else:
         formats = [parse_wa(f) for f in args.formats.split(",") if f.strip()]
+        if not formats:
+            raise SystemExit(f"--formats lists no format (e.g. W4A8,W8A8, or 'search'), got {args.formats!r}")
     branches = list(dict.fromkeys([None] + [parse_branch(b) for b in args.branch]))   # (a repeat would be timed
     # twice, and the table refuses two timings of one GEMM)
     if args.tokens is not None:
