@@ -39,8 +39,8 @@ def test_torchscript_extractor_and_reference_batch(tmp_path):
     exported = torch.export.export(TinyNet(), (torch.from_numpy(images(5, 7)),),
                                    dynamic_shapes=({0: torch.export.Dim("n", min=1, max=1024)},))
     torch.export.save(exported, str(tmp_path / "net.pt2"))
-    scripted = InceptionFeatures.from_file(tmp_path / "net.pt", batch_size=7)
-    feats = InceptionFeatures.from_file(tmp_path / "net.pt2", batch_size=7)
+    scripted = InceptionFeatures.from_file(tmp_path / "net.pt", batch_size=7, trusted=True)
+    feats = InceptionFeatures.from_file(tmp_path / "net.pt2", batch_size=7, trusted=True)
     f_scripted = scripted(ref_imgs)
     f = feats(ref_imgs)
     assert f["pool"].shape == (40, 8) and f["spatial"].shape == (40, 12) and f["logits"].shape == (40, 5)
@@ -83,10 +83,10 @@ def test_bad_inputs(tmp_path):
         InceptionFeatures.from_file(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a TorchScript module"):
-        InceptionFeatures.from_file(tmp_path / "junk.pt")
+        InceptionFeatures.from_file(tmp_path / "junk.pt", trusted=True)
     (tmp_path / "junk.pt2").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a torch.export program"):
-        InceptionFeatures.from_file(tmp_path / "junk.pt2")
+        InceptionFeatures.from_file(tmp_path / "junk.pt2", trusted=True)
     feats = InceptionFeatures(lambda x: {"pool": x.float().flatten(1), "extra": x})
     with pytest.raises(ValueError, match="keys"):
         feats(images(0, 4))

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 
 # -- image similarity -------------------------------------------------------------------------------------------
 
-def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
+def _check_pair(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> None:
+    try:
+        r = float(data_range)
+    except (TypeError, ValueError):
+        r = math.nan
+    if not (math.isfinite(r) and r > 0):  # log10(range² / MSE) would be -inf or NaN, not an error
+        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
     if x.shape != ref.shape:
         raise ValueError(f"images and reference differ in shape: {tuple(x.shape)} vs {tuple(ref.shape)}")
     if x.dim() != 4:
@@ -34,7 +40,7 @@ def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """Per-image PSNR in dB, ``(N,)``: ``10·log10(range² / MSE)``; identical images give +inf."""
-    _check_pair(x, ref)
+    _check_pair(x, ref, data_range)
     mse = ((x.double() - ref.double()) ** 2).flatten(1).mean(1)
     return (10 * torch.log10(data_range ** 2 / mse)).float()
 
@@ -51,7 +57,7 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: in
     ``window × window`` patches (σ = 1.5), the valid positions only, ``C1 = (0.01·range)²``,
     ``C2 = (0.03·range)²``; averaged over positions and channels. Images smaller than the window use a window
     of their (odd) size."""
-    _check_pair(x, ref)
+    _check_pair(x, ref, data_range)
     n, c, h, w = x.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
     if size < 1:
@@ -88,16 +94,53 @@ def _sqrt_psd(a: np.ndarray) -> np.ndarray:
     return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
 
 
+def check_gaussian(mu: np.ndarray, sigma: np.ndarray, what: str = "Gaussian") -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` and ``sigma`` as float64 after checking that they can be a Gaussian fit: ``mu (D,)`` and ``sigma
+    (D, D)`` finite, ``sigma`` symmetric and positive semi-definite up to rounding. ``what`` names them in the
+    error (a file, or which side of a distance). A scalar ``mu``/``sigma`` is a 1-D Gaussian."""
+    try:
+        mu = np.atleast_1d(np.asarray(mu, np.float64))
+        sigma = np.atleast_2d(np.asarray(sigma, np.float64))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: mu and sigma must be numeric arrays ({e})") from None
+    if mu.ndim != 1 or mu.size == 0 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{what}: expected mu (D,) and sigma (D, D) with D >= 1, got mu {mu.shape} and sigma "
+                         f"{sigma.shape}")
+    for name, v in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{what}: {name} contains NaN or Inf ({int((~np.isfinite(v)).sum())} of {v.size} "
+                             "values)")
+    # A covariance is symmetric PSD; rounding (float32 storage, np.cov of fewer samples than dimensions) leaves
+    # asymmetry and negative eigenvalues far below these tolerances, relative to the matrix's scale.
+    scale = float(np.abs(sigma).max())
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        raise ValueError(f"{what}: sigma is not symmetric (max |sigma - sigma.T| = {asym:.3g}, entries up to "
+                         f"{scale:.3g}); a covariance matrix is")
+    # PSD within tol  <=>  sigma + tol·I positive definite; Cholesky says so at a fraction of an eigensolver's cost.
+    tol = 1e-6 * max(float(np.trace(sigma)), 0.0) + np.finfo(np.float64).tiny
+    try:
+        np.linalg.cholesky(sigma + tol * np.eye(mu.size))
+    except np.linalg.LinAlgError:
+        low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+        raise ValueError(f"{what}: sigma is not positive semi-definite (smallest eigenvalue {low:.3g}, trace "
+                         f"{float(np.trace(sigma)):.3g}); a covariance matrix is") from None
+    return mu, sigma
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·(Σ1·Σ2)^½)`` between two Gaussians (FID's formula).
 
-    tr((Σ1Σ2)^½) is computed as tr((A·Σ2·A)^½) with A = Σ1^½ (same eigenvalues, symmetric, so it stays real
-    and stable for the rank-deficient covariances small sample sets give)."""
+    Both fits are checked first (:func:`check_gaussian`: finite, matching shapes, Σ symmetric PSD), since they
+    may come from a user's file. tr((Σ1Σ2)^½) is computed as tr((A·Σ2·A)^½) with A = Σ1^½ (same eigenvalues,
+    symmetric, so it stays real and stable for the rank-deficient covariances small sample sets give)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"Fréchet distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / "
                          f"{s2.shape}")
+    mu1, s1 = check_gaussian(mu1, s1, "Fréchet distance: first Gaussian (mu1, sigma1)")
+    mu2, s2 = check_gaussian(mu2, s2, "Fréchet distance: second Gaussian (mu2, sigma2)")
     a = _sqrt_psd(s1)
     m = a @ s2 @ a
     tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
@@ -212,9 +255,18 @@ class DigitsJudge:
 
 
 def compare_samples(samples: torch.Tensor, ref_samples: torch.Tensor, data_range: float = 2.0) -> dict[str, float]:
-    """Mean PSNR (dB, over images with a finite value; +inf if all are identical) and mean SSIM of
-    ``samples`` against ``ref_samples`` drawn from the same seeds."""
+    """Mean PSNR (dB, over images that differ from their reference; +inf if all are identical) and mean SSIM of
+    ``samples`` against ``ref_samples`` drawn from the same seeds. Empty or non-finite input is an error: it has
+    no meaningful PSNR, and skipping it would read as "identical"."""
+    _check_pair(samples, ref_samples)
+    if samples.shape[0] == 0:
+        raise ValueError(f"compare_samples: no samples to compare (shape {tuple(samples.shape)})")
+    for name, v in (("samples", samples), ("ref_samples", ref_samples)):
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise ValueError(f"compare_samples: {name} contain NaN or Inf ({bad} of {v.numel()} values)")
     p = psnr(samples, ref_samples, data_range)
-    finite = p[torch.isfinite(p)]
-    return {"psnr": float(finite.mean()) if finite.numel() else math.inf,
+    # With finite input the only non-finite PSNR is +inf from an identical pair, which the mean leaves out.
+    differ = p[p != math.inf]
+    return {"psnr": float(differ.mean()) if differ.numel() else math.inf,
             "ssim": float(ssim(samples, ref_samples, data_range).mean())}

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from .diffusion import GaussianDiffusion
 from .dit import DiT
 
 STATE_FILE = "train_state.pt"
+# What save() writes; a file without all of them is not a training state this code can resume from.
+_STATE_KEYS = ("model", "ema", "opt", "generator", "step", "record", "train_config", "dit_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,21 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        # Caught here rather than as a NaN loss of an empty batch or a modulo by zero in the loop.
+        for f, least in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("warmup", 0)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+                raise ValueError(f"TrainConfig.{f} must be an int >= {least}, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"TrainConfig.seed must be an int, got {self.seed!r}")
+        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
+        for f in ("min_lr_ratio", "ema_decay"):
+            v = getattr(self, f)
+            if not (isinstance(v, numbers.Real) and 0 <= v <= 1):
+                raise ValueError(f"TrainConfig.{f} must be in [0, 1], got {v!r}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -61,9 +80,48 @@ def train_dit(model: DiT, images: torch.Tensor, labels: torch.Tensor, diffusion:
               cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
               stop_after: int | None = None) -> tuple[DiT, dict[str, Any]]:
     """Train ``model`` in place on ``images (N, C, H, W)``, ``labels (N,)``; returns the EMA model and a record
-    (losses every 50 steps, wall time). ``stop_after`` ends early after that many steps (for tests of resume)."""
+    (losses every 50 steps, wall time). ``stop_after`` ends early after that many steps (for tests of resume).
+
+    A ``train_state.pt`` in ``out_dir`` is resumed only if it was written with the same ``TrainConfig`` and DiT
+    config; anything else is a :class:`CheckpointError` naming the difference."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    mc = model.config
+    want = (mc.in_channels, mc.input_size, mc.input_size)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != want:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor (N, {want[0]}, {want[1]}, {want[2]}) for this DiT, got {got}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty: there is nothing to train on")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a float tensor (in [-1, 1]), got {images.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a 1-D tensor (N,), got {got}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    # One pass over the data, next to the training itself; a bad value would otherwise surface as "training
+    # diverged" or an index error inside the label embedding.
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= mc.num_classes:
+        raise ValueError(f"labels must be in [0, {mc.num_classes}) for this DiT (num_classes {mc.num_classes}), got "
+                         f"values in [{lo}, {hi}]")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"images contain NaN or Inf ({bad} of {images.numel()} values)")
+    # The model's output width and the process's variance type must agree: a learned-sigma model (2C channels)
+    # under a fixed variance would be compared to C-channel noise (broadcast, or a size mismatch deep in the
+    # loss), and a fixed-sigma model has no variance channels for a learned-range process.
+    learned = diffusion.var_type == "learned_range"
+    if mc.learn_sigma != learned:
+        raise ValueError(f"the DiT has learn_sigma={mc.learn_sigma} but the diffusion's variance is "
+                         f"{diffusion.var_type!r}; pair a learned-sigma model with create_diffusion(learn_sigma=True) "
+                         "and a fixed-sigma one with learn_sigma=False")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, numbers.Integral)
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after must be None or an int >= 1, got {stop_after!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE
@@ -78,14 +136,32 @@ def train_dit(model: DiT, images: torch.Tensor, labels: torch.Tensor, diffusion:
         except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
             raise CheckpointError(f"{state_path}: cannot resume from it ({type(e).__name__}: {e}); delete it to "
                                   "start over") from None
-        if st.get("train_config") != dataclasses.asdict(cfg):
+        if not isinstance(st, Mapping):
+            raise CheckpointError(f"{state_path} holds a {type(st).__name__}, not a training state; delete it to "
+                                  "start over")
+        missing = [k for k in _STATE_KEYS if k not in st]
+        if missing:
+            raise CheckpointError(f"{state_path} is not a complete training state (missing {missing}); delete it to "
+                                  "start over")
+        if st["train_config"] != dataclasses.asdict(cfg):
             raise CheckpointError(f"{state_path} was written with a different TrainConfig "
-                                  f"({st.get('train_config')}); use another output directory")
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["generator"])
-        step, record = int(st["step"]), st["record"]
+                                  f"({st['train_config']}); use another output directory")
+        now = model.config.to_dict()
+        if st["dit_config"] != now:
+            saved = st["dit_config"] if isinstance(st["dit_config"], Mapping) else {}
+            diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+            raise CheckpointError(f"{state_path} was written for a different DiT config (field: (saved, this "
+                                  f"model's) {diff}); use another output directory")
+        try:
+            model.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+            opt.load_state_dict(st["opt"])
+            gen.set_state(st["generator"])
+            step, record = int(st["step"]), st["record"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # same config, yet the contents do not fit
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"{state_path}: cannot resume from it ({type(e).__name__}: {msg}); delete it to "
+                                  "start over") from None
 
     def save() -> None:
         _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),

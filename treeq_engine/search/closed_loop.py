@@ -138,13 +138,14 @@ class TrajectoryJudge:
     @torch.no_grad()
     def score(self, plan: QuantPlan) -> dict[str, float]:
         """Closed-loop MSE and PSNR (dB, range 2) of ``plan``'s samples against FP's; a plan whose samples are
-        not finite scores MSE = inf."""
+        not finite scores MSE = inf and PSNR = -inf."""
         from ..eval.metrics import psnr
 
         apply_plan(self.model, plan)   # layers the plan does not name run in full precision
         s = self._sample()
         mse = float(((s - self.reference) ** 2).mean())
-        mse = mse if math.isfinite(mse) else math.inf
+        if not math.isfinite(mse):   # non-finite samples: the worst score on both (not PSNR = inf, "identical")
+            return {"closed_loop_mse": math.inf, "psnr": -math.inf}
         p = psnr(s, self.reference)
         p = p[torch.isfinite(p)]
         return {"closed_loop_mse": mse, "psnr": float(p.mean()) if p.numel() else float("inf")}
