@@ -202,6 +202,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     env_label = env.config.label if env.plan is None else f"plan:{config.env_plan}"
     meta = {"search": "tss", "budget": budget.to_dict(), "lambda": env.lam, "keep": config.keep,
             "env": env_label, "search_mse": mse, "ptq_mse": ptq, "evaluations": result.evaluations,
+            # what search_mse measures: with a closed-loop root, the tree's last merge ranked whole trajectories
+            "search_metric": "closed-loop MSE" if root_scorer is not None else "one-step MSE",
             "selected_by": "closed-loop root" if root_scorer is not None else
             "one-step" if closed is None else "closed-loop", "elites": list(config.elites),
             "env_plan": config.env_plan,
@@ -228,7 +230,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         "env": {**env.to_dict(), "source": env_label}, "elites": list(config.elites), "env_plan": config.env_plan,
         "leaves": len(space.leaves), "candidates": [c.label for c in space.candidates],
         "calibration_samples": ev.num_samples, "weighted": weights is not None,
-        "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "evaluations": result.evaluations,
+        "tss": {**_plan_entry(space, a, ptq, **cost_kw), "search_mse": mse, "search_metric": meta["search_metric"],
+                "evaluations": result.evaluations,
                 "evaluation_bound": result.evaluation_bound, "wall_s": result.wall_s, "levels": result.levels,
                 "warm_start": warm_start,   # what the warm start (IP) cost on top of the tree
                 "evaluations_total": result.evaluations + sum(w["evaluations"] for w in warm_start.values()),
