@@ -176,7 +176,8 @@ class QuantPlan:
 
     # -- checks ----------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) of ``model``."""
+        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) of ``model``, of
+        the shape ``meta['layer_shapes']`` records when the plan carries it (a searched plan does)."""
         modules = dict(model.named_modules())
         bad = [n for n in self.layers if n not in modules]
         if bad:

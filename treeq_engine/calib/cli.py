@@ -3,7 +3,8 @@
     treeq ptq  --bits W4A4 --branch monarch --branch-params 4 --out out/ptq_w4a4_monarch
     treeq peft --ptq out/ptq_w4a4_monarch --steps 400 --out out/peft_w4a4_monarch
 
-The model is the shipped digits DiT unless ``--model`` names a DiT ``.safetensors`` (its ``.json`` beside it), or
+The model is the shipped digits DiT unless ``--model`` names a DiT checkpoint (.pt or .safetensors, its config
+inferred from the weights, else the digits config), or
 a local diffusers DiT/PixArt with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
 calibration set, and PEFT's distillation data). Both commands resume when rerun with the same ``--out``.
 """
@@ -208,7 +209,7 @@ def run_ptq(args: argparse.Namespace) -> int:
 
 def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ptq", required=True, help="a treeq ptq output directory to start from")
-    p.add_argument("--model", default=None, help="the FP DiT .safetensors the calibration was made from")
+    p.add_argument("--model", default=None, help="the FP DiT checkpoint the calibration was made from")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr-branch", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=0, help="a LoRA merged into the low-bit weights (0: none)")

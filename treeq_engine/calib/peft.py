@@ -19,8 +19,9 @@ Data: ``trajectory(round) -> list of model-input tuples`` gives one FP trajector
 random batch; round ``r`` must be deterministic in ``r`` (seeded), so a resumed run sees the same data. Step
 ``s`` trains on entry ``perm_r[s mod L]`` of trajectory ``r = s // L`` (``perm_r`` a seeded shuffle).
 
-Checkpoints (every ``checkpoint_every`` steps and at the end): ``out_dir/peft.safetensors`` holds the trained
-tensors and the optimizer's moments, ``out_dir/peft.json`` the step, config and loss history. Rerunning with
+Checkpoints (every ``checkpoint_every`` steps and at the end): ``out_dir/peft-NNNNNNN.safetensors`` (step N; the
+previous one deleted) holds the trained tensors and the optimizer's moments, ``out_dir/peft.json`` the step,
+config, loss history and the name of that file. Rerunning with
 the same ``out_dir`` and config resumes where it stopped and gives the same result as an uninterrupted run.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TreeQ artifacts: a directory with the packed model (safetensors), its plan (JSON) and a manifest.
 
     <dir>/manifest.json     {"format": "treeq-artifact", "version": 2, "layout_version": 1, "model": ...,
-                             "model_config": {...}, "fingerprint": ..., "sha256": ...}
+                             "model_config": {...}, "fingerprint": ..., "sha256": ..., "plan_sha256": ...}
     <dir>/plan.json         the QuantPlan
     <dir>/model.safetensors every tensor of the quantized model's state_dict
 

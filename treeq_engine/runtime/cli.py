@@ -152,7 +152,11 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=DEFAULT_LABELS, help="comma-separated class labels")
     p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none; default: 1.5 for our DiT, the pipeline's own "
+                        "default for a --pipeline)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="with --pipeline: the dtype the pipeline loads in (bfloat16 for large models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--graph", action="store_true", help="replay each denoising step as a CUDA graph")
@@ -187,7 +191,10 @@ def run_sample(args: argparse.Namespace) -> int:
 
         model = GraphedDiT(model)
     t0 = time.perf_counter()
-    imgs = sample(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
+    if args.dtype != "float32":
+        raise SystemExit("--dtype is for --pipeline (our DiT samples in float32)")
+    imgs = sample(model, labels, steps=args.steps, sampler=args.sampler,
+                  cfg_scale=1.5 if args.cfg is None else args.cfg, seed=args.seed,
                   progress=True).float().cpu()
     secs = time.perf_counter() - t0
     out = Path(args.out)
@@ -207,7 +214,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, rebuild, transformer_dir
+    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, transformer_dir
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -238,19 +245,23 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         steps = 0
     if steps < 1:
         raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
-    pipe = load_pipeline(args.pipeline, device=args.device)
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device)
     if args.artifact:
         desc = artifact.read_manifest(args.artifact).get("model_config", {})
         if desc.get("arch") != "diffusers" or desc.get("class") != type(pipe.transformer).__name__:
             raise SystemExit(f"{args.artifact}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
                              f"transformer is {type(pipe.transformer).__name__}")
-        pipe.transformer = artifact.load(args.artifact, rebuild(desc, args.device), map_location=args.device).eval()
+        # loaded into the pipeline's own transformer (the artifact replaces every tensor, after checking that the
+        # shapes are this architecture's): no second full-precision copy of a large model
+        pipe.transformer = artifact.load(args.artifact, pipe.transformer, map_location=args.device).eval()
     if args.graph:   # each call shape captured once, every later step a replay (runtime/graphed_diffusers.py)
         from .graphed_diffusers import graph_pipeline
 
         graph_pipeline(pipe)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    kw = {"num_inference_steps": steps, "guidance_scale": args.cfg, "generator": g, "output_type": "pil"}
+    kw = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
+    if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
+        kw["guidance_scale"] = args.cfg
     kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
     if dit:
         if "height" in kw or "width" in kw:

@@ -235,7 +235,8 @@ def reset_graphs(model: nn.Module) -> None:
 
 
 def graph_transformer(model: nn.Module, *, step_factory: StepFactory | None = None) -> nn.Module:
-    """Make ``model`` (a diffusers DiT/PixArt transformer) replay CUDA graphs, in place (see the module
+    """Make ``model`` (a diffusers transformer: DiT and PixArt through the search runner, any other through its
+    own forward) replay CUDA graphs, in place (see the module
     docstring); returns it. ``step_factory`` makes the replayable step from ``(fn, example inputs)`` (default
     :class:`GraphedStep`, which needs CUDA)."""
     if is_graphed(model):

@@ -2,7 +2,9 @@
 and ``PixArtTransformer2DModel`` (adaLN-single, text cross-attention), the two the runtime also fuses.
 
     runner = DiffusersRunner(transformer)                       # checks the architecture
-    inputs = capture_pipeline_inputs(pipe, runner, ...)         # or runner.inputs(...) from tensors you have
+    with capture_calls(runner) as calls:                        # the pipeline's own calls, as it samples
+        pipe(...)
+    inputs = calls.inputs()                                     # or runner.inputs(...) from tensors you have
     out = search(transformer, runner, inputs, SearchConfig(Budget.parse("W4A4")), out_dir="out")
 
 The model is cut where the search needs it (``SegmentRunner``): segment 0 runs the embedders (patch embedding,

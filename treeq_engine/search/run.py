@@ -86,8 +86,9 @@ class SearchOutcome:
 
 def validate_plan(plan: QuantPlan, model: nn.Module, space: SearchSpace, budget: Budget | None = None,
                   latency_table: LatencyTable | None = None, serve_batch: int = 1) -> None:
-    """Names must be the model's linears, bits the format's (checked when the plan is read), every searched
-    layer a candidate config, and the budget met; each failure is a :class:`PlanError` saying which."""
+    """Names must be the model's linears (of the recorded shapes: ``QuantPlan.validate``), bits the format's
+    (checked when the plan is read), every searched layer a candidate config, and the budget met; each failure is
+    a :class:`PlanError` saying which."""
     plan.validate(model)
     a = space.assignment(plan)
     if budget is not None:
