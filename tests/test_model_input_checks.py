@@ -108,3 +108,20 @@ def test_branches_and_conversion():
     pytest.importorskip("diffusers")
     with pytest.raises(TypeError, match="converts the project's DiT"):
         dit_to_diffusers(torch.nn.Linear(2, 2))
+
+
+def test_ptq_model_config_beside_the_weights_wins(tmp_path):
+    """A .safetensors with its .json config beside it loads with that config: the head count and the null class
+    are not in the shapes, so inferring them could load another architecture silently."""
+    import json
+
+    from treeq_engine.calib.cli import _load_model
+    from treeq_engine.models.checkpoint import save_dit_safetensors
+
+    cfg = dit_config("DiT-S/2", input_size=4, depth=1, num_classes=10, num_heads=4)   # inference would say 6
+    path = tmp_path / "m.safetensors"
+    save_dit_safetensors(DiT(cfg), path)
+    path.with_suffix(".json").write_text(json.dumps({"config": cfg.to_dict()}))
+    assert _load_model(str(path), "cpu").config.num_heads == 4
+    path.with_suffix(".json").unlink()
+    assert _load_model(str(path), "cpu").config.num_heads == 6   # without it, inferred from the width

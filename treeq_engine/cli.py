@@ -58,7 +58,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if (action.required or default is None or default is argparse.SUPPRESS or isinstance(default, bool)
-                or not action.option_strings or "default" in text):
+                or not action.option_strings or "default" in text or default in ("", [], ())):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})".lstrip()

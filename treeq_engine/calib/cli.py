@@ -22,7 +22,8 @@ from ..plan import BranchConfig, PlanError, QuantPlan, is_block_layer, parse_wa
 
 
 def _load_model(path: str | None, device: str):
-    """The shipped digits DiT, or the DiT at ``path``: an official-layout checkpoint (.pt or .safetensors, its config
+    """The shipped digits DiT, or the DiT at ``path``: with a ``.json`` config beside it (what ``treeq train`` and
+    the digits assets write), that config; else an official-layout checkpoint (.pt or .safetensors, its config
     inferred from the weights) or a digits-shaped one (the digits config)."""
     from ..models.checkpoint import CheckpointError, load_dit_checkpoint
     from ..models.digits import load_digits_dit
@@ -31,6 +32,8 @@ def _load_model(path: str | None, device: str):
         return load_digits_dit(device=device)
     if not Path(path).is_file():
         raise SystemExit(f"--model {path}: no such file")
+    if Path(path).with_suffix(".json").is_file():   # its config beside it: heads and classes are not in the shapes
+        return load_digits_dit(path, device=device)
     try:
         return load_dit_checkpoint(path, map_location=device)
     except CheckpointError as inferred:

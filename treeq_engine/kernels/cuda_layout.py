@@ -119,15 +119,25 @@ def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
     """Repack ``weight`` (layout v1) on the CPU and move the operands to ``device``."""
     words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k)
     uzp, ucs = u_domain(weight.zero_point.cpu(), weight.col_sum.cpu(), weight.bits, weight.k)
-    return FragWeight(words.to(device), row_chan.to(device), weight.scale.to(device, torch.float32).contiguous(),
+    return FragWeight(words.to(device), tile_rows_on(weight.n, device),   # (the shared map: see frag_weight)
+                      weight.scale.to(device, torch.float32).contiguous(),
                       uzp.to(device), ucs.to(device), weight.bits, weight.n, weight.k)
 
 
 def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 col_sum: torch.Tensor, bits: int, n: int, k: int) -> FragWeight:
     """The :class:`FragWeight` of codes already held in fragment layout (``words``, ``row_chan``) with the weight's
-    own scale, zero point and column sums (the holder caches it: ``TreeQLinear.packed_weight``)."""
+    own scale, zero point and column sums (the holder caches it: ``TreeQLinear.packed_weight``).
+
+    The kernels index scales, corrections and output columns by ``row_chan``'s values, so it must be the layout's
+    own map: the shared ``tile_rows_on`` tensor is taken as is, any other is compared with it once, here (a host
+    read; never in a launch, which may be under CUDA-graph capture), and replaced by it."""
     uzp, ucs = u_domain(zero_point, col_sum, bits, k)
+    shared = tile_rows_on(n, words.device)
+    if row_chan is not shared:
+        if not isinstance(row_chan, torch.Tensor) or not torch.equal(row_chan.cpu(), tile_rows(n)):
+            raise ValueError("fragment-layout row_chan is not the layout's channel map (cuda_layout.tile_rows(N))")
+        row_chan = shared
     return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)
 
 

@@ -51,13 +51,6 @@ class FragWeight:
                                  f"{tuple(t.shape)}")
             if t.device != self.words.device:
                 raise ValueError(f"fragment-layout {name} is on {t.device}, its words on {self.words.device}")
-        # The kernels index scales, corrections and output columns by row_chan's values: it must be the layout's
-        # own map. The shared one (tile_rows_on) is taken as is; another tensor is compared once (a host read).
-        from .cuda_layout import tile_rows, tile_rows_on
-
-        if self.row_chan is not tile_rows_on(n, self.row_chan.device) and \
-                not torch.equal(self.row_chan.cpu(), tile_rows(n)):
-            raise ValueError("fragment-layout row_chan is not the layout's channel map (cuda_layout.tile_rows(N))")
 
 
 @dataclasses.dataclass(frozen=True)
