@@ -223,23 +223,31 @@ def test_sample_command_graph_needs_cuda(tmp_path):
         main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
 
 
-@pytest.mark.gpu
-def test_real_graphs_on_cuda(tmp_path):
-    """Real CUDA graphs: a DiT pipeline (FP, then quantized W4A8 through the runtime) samples what it samples
-    eagerly; and `treeq sample --pipeline --graph` runs."""
-    from treeq_engine.plan import QuantPlan
+def eager_then_graphed(pipe, kw, plan):
+    """(eager, graphed) outputs of ``pipe(**kw)`` from one seed: full precision, then quantized by ``plan``
+    (float32 packed layers); one graph each time."""
     from treeq_engine.runtime import quantize
 
-    pipe = tiny_dit_pipeline().to("cuda")
-    kw = dict(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=1.5, output_type="np")
     for quantized in (False, True):
         if quantized:
-            quantize(pipe.transformer, QuantPlan.block_uniform(pipe.transformer, 4, 8), dtype=torch.float32)
+            quantize(pipe.transformer, plan, dtype=torch.float32)
         want = pipe(generator=torch.manual_seed(0), **kw).images
         graph_pipeline(pipe)
         got = pipe(generator=torch.manual_seed(0), **kw).images
         assert graph_count(pipe.transformer) == 1
         ungraph_pipeline(pipe)
+        yield want, got
+
+
+@pytest.mark.gpu
+def test_real_graphs_on_cuda(tmp_path):
+    """Real CUDA graphs: a DiT pipeline (FP, then quantized W4A8 through the runtime) samples what it samples
+    eagerly; and `treeq sample --pipeline --graph` runs."""
+    from treeq_engine.plan import QuantPlan
+
+    pipe = tiny_dit_pipeline().to("cuda")
+    kw = dict(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=1.5, output_type="np")
+    for want, got in eager_then_graphed(pipe, kw, QuantPlan.block_uniform(pipe.transformer, 4, 8)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # PixArt (captions, their mask, the caption projection), in bf16: a replay at every step
     pytest.importorskip("transformers", reason="PixArt's pipeline needs transformers (T5)")
@@ -265,17 +273,9 @@ def test_real_graphs_on_cuda_other_transformers():
     from tiny_diffusers import tiny_flux_pipeline
 
     from treeq_engine.plan import QuantPlan
-    from treeq_engine.runtime import quantize
 
     pipe = tiny_flux_pipeline().to("cuda")
     kw = dict(prompt=["a red cat", "a dog"], num_inference_steps=3, height=16, width=16, max_sequence_length=16,
               output_type="latent")
-    for quantized in (False, True):
-        if quantized:
-            quantize(pipe.transformer, QuantPlan.block_uniform(pipe.transformer, 8, 8), dtype=torch.float32)
-        want = pipe(generator=torch.manual_seed(0), **kw).images
-        graph_pipeline(pipe)
-        got = pipe(generator=torch.manual_seed(0), **kw).images
-        assert graph_count(pipe.transformer) == 1
-        ungraph_pipeline(pipe)
+    for want, got in eager_then_graphed(pipe, kw, QuantPlan.block_uniform(pipe.transformer, 8, 8)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
