@@ -29,7 +29,7 @@ def run(m: int = 37, n: int = 45, k: int = 203, seed: int = 0) -> list[dict]:
         for ab in ACT_BITS:
             aq = quantize(x, QuantSpec.activation(ab))
             acc = int_gemm(aq.codes, wq.codes)
-            row = {"w_bits": wb, "a_bits": ab, "pack_roundtrip": roundtrip}
+            row: dict[str, int | float | bool] = {"w_bits": wb, "a_bits": ab, "pack_roundtrip": roundtrip}
             if core.available():
                 row["cpp_exact"] = bool(torch.equal(core.packed_gemm(aq.codes, core.pack(wq.codes, wb), wb, k), acc))
             y = epilogue(acc, k, aq, wq, bias).double()

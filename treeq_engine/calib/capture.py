@@ -33,11 +33,12 @@ def _stage_fns(model: nn.Module) -> list[Callable[[tuple], Any]]:
 
     if diffusers_arch(model) is not None:   # the search's cut; batches are its input tuples
         runner = DiffusersRunner(model)
-        return [lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]
+        # (the ignores: mypy cannot type a lambda whose default argument binds the loop variable)
+        return [lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]  # type: ignore[misc]
     if not is_staged(model):
         return [lambda inp: model(*inp)]
     fns: list[Callable[[tuple], Any]] = [lambda inp: model.embed(*inp)]
-    fns += [lambda inp, b=b: (b(*inp), inp[1]) for b in model.blocks]
+    fns += [lambda inp, b=b: (b(*inp), inp[1]) for b in model.blocks]  # type: ignore[misc]
     fns.append(lambda inp: model.final(*inp))
     return fns
 

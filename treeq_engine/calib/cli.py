@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -235,7 +236,7 @@ def run_peft(args: argparse.Namespace) -> int:
     from .ptq import load_calibration
     from .store import digest
 
-    weight = None
+    weight: Callable[[tuple], torch.Tensor] | None = None   # finetune's sample_weight: batch -> (B,)
     if args.diffusers:
         fp, batches = _diffusers_model(args)
         model, _ = _diffusers_model(args, with_inputs=False)
@@ -281,7 +282,7 @@ def run_peft(args: argparse.Namespace) -> int:
         from .data import sampler_loss_weights
 
         weight = sampler_loss_weights(args.sample_steps)
-    kw = {}
+    kw: dict[str, Any] = {}
     if args.diffusers:
         from ..search.diffusers_runner import diffusers_eps
 

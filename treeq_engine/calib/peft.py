@@ -197,6 +197,7 @@ def _load_optimizer(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Opti
                     tensors: dict[str, torch.Tensor], where: str) -> None:
     """The saved AdamW moments, checked in full before any is set: a wrong shape would fail inside the next
     ``opt.step()``, a missing one raise a KeyError there, a negative or NaN second moment turn the parameters NaN."""
+    seen: set[str]
     states, seen = {}, set()
     for n, p in named:
         prefix = f"opt.{n}."

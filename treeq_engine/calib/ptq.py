@@ -170,7 +170,8 @@ def calibrate_layer(weight: torch.Tensor, x: torch.Tensor, cfg: LayerConfig, con
             scale, zp, w_clip = search_weight_clip(base, xq, y - xb, wspec, config.w_clip_grid)
             wq = dequantize(quantize_with_qparams(base, wspec, scale, zp))
         if r == 0 and cfg.branch is not None and config.branch_init == "residual":
-            branch, _ = init_branch(w, cfg.branch, "residual", quantizer=lambda m, wq=wq: wq)
+            # (ignore: mypy cannot type a lambda with a default-bound argument against the quantizer's Callable)
+            branch, _ = init_branch(w, cfg.branch, "residual", quantizer=lambda m, wq=wq: wq)  # type: ignore[misc]
             xb = branch(x).detach()
             scale, zp, w_clip = search_weight_clip(base, xq, y - xb, wspec, config.w_clip_grid)
             wq = dequantize(quantize_with_qparams(base, wspec, scale, zp))
@@ -423,6 +424,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     calibrated = dict(plan.layers)
     for name in order:  # restore finished layers first so that later captures see them
         if name in state["layers"]:
+            assert out is not None   # (layers are only ever restored from a state read from out)
             cfg = LayerConfig.from_dict(state["layers"][name]["config"], where=name)
             install_layer(layers[name], cfg, read_tensors(_layer_file(out, name)), str(_layer_file(out, name)))
             calibrated[name] = cfg

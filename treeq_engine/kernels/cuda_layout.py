@@ -117,6 +117,7 @@ def u_domain(zero_point: torch.Tensor, col_sum: torch.Tensor, bits: int, k: int)
 
 def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
     """Repack ``weight`` (layout v1) on the CPU and move the operands to ``device``."""
+    assert weight.packed is not None   # (layout v1: a weight without packed codes carries its frag instead)
     words, row_chan = repack(weight.packed.cpu(), weight.bits, weight.n, weight.k)
     uzp, ucs = u_domain(weight.zero_point.cpu(), weight.col_sum.cpu(), weight.bits, weight.k)
     return FragWeight(words.to(device), tile_rows_on(weight.n, device),   # (the shared map: see frag_weight)

@@ -117,8 +117,10 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
         if t.shape[0] == 0 or m % t.shape[0]:
             raise ValueError(f"modulate groups: M={m} is not a multiple of G={t.shape[0]} ({name}'s rows, one per "
                              "sample)")
-    if shift is not None and shift.shape != scale.shape:
-        raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must have one shape")
+    if shift is not None:
+        assert scale is not None   # (both or neither: checked above)
+        if shift.shape != scale.shape:
+            raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must have one shape")
     if monarch_w1 is not None and (not isinstance(monarch_w1, torch.Tensor) or monarch_w1.dim() != 3
                                    or monarch_w1.shape[0] * monarch_w1.shape[2] < k
                                    or monarch_w1.shape[1] % monarch_w1.shape[0] or monarch_w1.shape[1] == 0

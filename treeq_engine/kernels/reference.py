@@ -26,6 +26,7 @@ def preprocess(x: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Ten
     if (shift is None) != (scale is None):
         raise ValueError("modulate needs both shift and scale")
     if shift is not None:
+        assert scale is not None   # (both or neither: checked above)
         g = shift.shape[0]
         if x.shape[0] % g:
             raise ValueError(f"modulate groups: M={x.shape[0]} is not a multiple of G={g}")

@@ -98,6 +98,7 @@ class PackedWeight:
         """The fragment-layout operands (:meth:`FragWeight.check`) and their agreement with this weight. When both
         layouts are given they must hold the same codes; that is the caller's contract, not checked here."""
         f = self.frag
+        assert f is not None   # (called only when frag is set)
         if (f.bits, f.n, f.k) != (self.bits, self.n, self.k):
             raise ValueError(f"fragment-layout weight is {f.bits}-bit (N={f.n}, K={f.k}), the packed weight "
                              f"{self.bits}-bit (N={self.n}, K={self.k})")
@@ -132,7 +133,10 @@ class PackedWeight:
     @property
     def anchor(self) -> torch.Tensor:
         """The tensor holding the codes (layout v1, else the fragment words): caches of derived operands key on it."""
-        return self.packed if self.packed is not None else self.frag.words
+        if self.packed is not None:
+            return self.packed
+        assert self.frag is not None   # (__post_init__: a weight without packed codes has frag)
+        return self.frag.words
 
     def codes(self) -> torch.Tensor:
         """int8 codes (N, K), on the weight's device."""
@@ -141,6 +145,7 @@ class PackedWeight:
         from .cuda_layout import unrepack   # C++ core, on the CPU
 
         f = self.frag
+        assert f is not None   # (no packed codes: __post_init__ requires frag)
         return unrepack(f.words.cpu(), f.row_chan.cpu(), self.bits, self.n, self.k).to(self.device)
 
     def to(self, device: torch.device | str) -> "PackedWeight":

@@ -22,8 +22,9 @@ import torch.nn as nn
 
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")   # searched, calibrated, fused and packed
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
-LEGACY = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
-                                 "ada_norm_single": "PixArtTransformer2DModel"}}
+# (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
+LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
+                                                                   "ada_norm_single": "PixArtTransformer2DModel"}}
 PACK_ONLY = ("any other diffusers model (SD3, Flux, Sana, ...) is packed by `treeq quantize --diffusers DIR "
              "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 
@@ -34,7 +35,7 @@ def class_of(config: dict[str, Any]) -> str | None:
     return LEGACY[name].get(config.get("norm_type")) if name in LEGACY else name
 
 
-def model_class(name: Any) -> type | None:
+def model_class(name: Any) -> type[Any] | None:
     """diffusers' model class called ``name`` (a ``ModelMixin``: what ``from_pretrained`` and ``from_config``
     build), or None when diffusers has no such model."""
     if not isinstance(name, str) or not name.isidentifier():

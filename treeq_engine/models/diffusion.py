@@ -72,9 +72,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int] | in
         size = size_per + (1 if i < extra else 0)
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
-        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        frac_stride = 1.0 if count <= 1 else (size - 1) / (count - 1)   # a float: not the int `stride` above
         # round() is Python's half-to-even, as in ADM: the exact step set depends on it.
-        steps += [start + round(j * stride) for j in range(count)]
+        steps += [start + round(j * frac_stride) for j in range(count)]
         start += size
     return set(steps)
 

@@ -129,6 +129,7 @@ def train_dit(model: DiT, images: torch.Tensor, labels: torch.Tensor, diffusion:
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
+    record: dict[str, Any]   # lists of floats and the float "seconds"
     step, record = 0, {"loss": [], "mse": [], "vb": [], "seconds": 0.0}
     if resume and state_path.exists():
         try:

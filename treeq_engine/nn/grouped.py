@@ -13,7 +13,7 @@ No host synchronisation: non-finite rows are handled branch-free (they come out 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -26,10 +26,11 @@ def group_params(specs: Sequence[QuantSpec | None], device: torch.device | str) 
     qmin, qmax, clip, sym, on = [], [], [], [], []
     for s in specs:
         q = s is not None and s.is_quantized
-        qmin.append(float(s.qmin) if q else -128.0)
-        qmax.append(float(s.qmax) if q else 127.0)
-        clip.append(s.clip_ratio if q else 1.0)
-        sym.append(bool(q and s.symmetric))
+        qs = cast(QuantSpec, s)   # read only where q, so never None there
+        qmin.append(float(qs.qmin) if q else -128.0)
+        qmax.append(float(qs.qmax) if q else 127.0)
+        clip.append(qs.clip_ratio if q else 1.0)
+        sym.append(bool(q and qs.symmetric))
         on.append(q)
     f = lambda v: torch.tensor(v, dtype=torch.float32, device=device)[:, None]  # noqa: E731
     b = lambda v: torch.tensor(v, dtype=torch.bool, device=device)[:, None]  # noqa: E731
@@ -89,10 +90,11 @@ def _plan(specs: tuple[QuantSpec | None, ...], device: torch.device) -> tuple:
     afterwards: the per-group tensors (a host-to-device copy), whether any group is symmetric, the common clamp
     bounds when every group has the same bits, and whether every group is quantized."""
     quantized = [s is not None and s.is_quantized for s in specs]
-    bits = {s.bits for s, q in zip(specs, quantized) if q}
+    # (the casts: where q holds, s is not None)
+    bits = {cast(QuantSpec, s).bits for s, q in zip(specs, quantized) if q}
     b = next(iter(bits)) if len(bits) == 1 else None
     bounds = None if b is None else (float(-(1 << (b - 1))), float((1 << (b - 1)) - 1))
-    any_sym = any(q and s.symmetric for s, q in zip(specs, quantized))
+    any_sym = any(q and cast(QuantSpec, s).symmetric for s, q in zip(specs, quantized))
     return group_params(specs, device), any_sym, bounds, any(quantized), all(quantized)
 
 

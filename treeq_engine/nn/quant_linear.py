@@ -28,7 +28,7 @@ inference is a different class (runtime), built from the same plan.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
     def set_config(self, config: LayerConfig | None) -> None:
         if config is not None and not isinstance(config, LayerConfig):
             raise TypeError(f"config must be a LayerConfig or None, got {type(config).__name__}")
-        fs = self._frozen_spec
+        fs = cast(QuantSpec, self._frozen_spec)   # read only when is_frozen, and load_frozen sets both together
         if self.is_frozen and config is not None and (config.w_bits, config.w_symmetric) != (fs.bits, fs.symmetric):
             raise ValueError(f"{self.name or 'QuantLinear'}: weight is frozen at {fs}; unfreeze_weight() before "
                              f"changing it to {config.label}")
@@ -171,6 +171,7 @@ class QuantLinear(nn.Module):
                 raise ValueError("give both scale and zero_point, or neither")
             if scale is None:
                 scale, zero_point = row_qparams(base, spec)
+            assert zero_point is not None   # (both or neither: checked above)
             qt = quantize_with_qparams(base, spec, scale.to(base.device, torch.float32).contiguous(),
                                        zero_point.to(base.device, torch.int32).contiguous())
         self.load_frozen(qt.codes, qt.scale, qt.zero_point)
@@ -207,6 +208,7 @@ class QuantLinear(nn.Module):
     def _frozen_weight(self) -> torch.Tensor:
         if self.lora is None:
             return self._dequantized_codes(self.w_scale)
+        assert self.w_scale is not None and self._frozen_spec is not None   # (frozen: load_frozen set both)
         base = self._dequantized_codes(self.w_scale.detach())
         return fake_quantize_with_qparams(base + self.lora.delta().to(torch.float32), self._frozen_spec,
                                           self.w_scale, self.w_zero_point)
@@ -231,6 +233,7 @@ class QuantLinear(nn.Module):
         weights nor config change and no gradient is needed."""
         spec = self.weight_spec
         if self.is_frozen:
+            assert self.w_scale is not None   # (frozen: load_frozen set it)
             trainable = [self.w_scale] + ([] if self.lora is None else list(self.lora.parameters()))
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in trainable)
         else:
@@ -245,6 +248,7 @@ class QuantLinear(nn.Module):
         if self.is_frozen:
             wq = self._frozen_weight().to(self.weight.dtype)
         else:
+            assert spec is not None   # (not frozen: returned above unless spec is quantized)
             wq = self._noisy_weight(wr, spec)
         if not needs_grad:
             wq = wq.detach()
@@ -276,6 +280,7 @@ class QuantLinear(nn.Module):
         dequantization equals :meth:`quantized_weight` at ``λ = 1``."""
         if self.is_frozen:
             spec = self._frozen_spec
+            assert spec is not None and self.w_scale is not None   # (frozen: load_frozen set both)
             scale = self.w_scale.detach().float().contiguous()
             if self.lora is None:
                 return QuantizedTensor(self.w_codes, scale, self.w_zero_point, spec)
@@ -313,6 +318,7 @@ class QuantLinear(nn.Module):
     def _forward_groups(self, x: torch.Tensor) -> torch.Tensor:
         """Group g = rows ``[g·B/G, (g+1)·B/G)`` of the leading dim, at ``self._groups[g]``."""
         groups = self._groups
+        assert groups is not None   # (forward calls this only in grouped mode)
         g = len(groups)
         if x.dim() < 2 or x.shape[0] % g:
             raise ValueError(f"{self.name or 'QuantLinear'}: grouped mode with G={g} needs a leading batch "
@@ -335,9 +341,9 @@ class QuantLinear(nn.Module):
             xq = xg + lam * (xq - xg)
         weights = {}
         for c in groups:
-            key = None if c is None else c.weight_spec()
-            if key not in weights:
-                weights[key] = self._group_weight(c)
+            wkey = None if c is None else c.weight_spec()   # (not `key`: that one is the (λ, device) above)
+            if wkey not in weights:
+                weights[wkey] = self._group_weight(c)
         w = torch.stack([weights[None if c is None else c.weight_spec()] for c in groups])   # (G, N, K)
         y = torch.bmm(xq, w.transpose(1, 2))                                      # (G, R, N)
         if self.bias is not None:

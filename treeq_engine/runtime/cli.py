@@ -46,6 +46,7 @@ def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
         plan = QuantPlan.load(plan_path)
         plan.validate(model)   # names the layers the model lacks before anything reads them
         return plan
+    assert uniform is not None   # (exactly one of the two: checked above)
     w, a = parse_wa(uniform)
     return QuantPlan.block_uniform(model, w, a, model_name=name)
 

@@ -74,8 +74,9 @@ def _forward_wrapped(mod: nn.Module) -> bool:
     group offloading) or accelerate's ``add_hook_to_module``. The bound method of ``mod``'s own class forward that
     removing such a hook leaves behind is no wrapper."""
     fwd = mod.__dict__.get("forward")
+    # (ignore: mypy narrows mod through the `is` test to Any | None, so type(mod) to type[Any] | type[None])
     return fwd is not None and not (getattr(fwd, "__self__", None) is mod
-                                    and getattr(fwd, "__func__", None) is type(mod).forward)
+                                    and getattr(fwd, "__func__", None) is type(mod).forward)  # type: ignore[union-attr]
 
 
 def _hooked(mod: nn.Module) -> bool:
@@ -107,7 +108,7 @@ def _sdpa_attention(attn: Attention) -> bool:
 
 
 def _feed_forward(ff: Any, dim: int) -> bool:
-    net = getattr(ff, "net", None)
+    net: Any = getattr(ff, "net", None)   # (read only once ff is a FeedForward, which has one)
     return (type(ff) is FeedForward and len(net) in (3, 4) and type(net[0]) is GELU
             and type(net[1]) is nn.Dropout and all(type(m) is nn.Dropout for m in net[3:])
             and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
@@ -236,10 +237,10 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         # 1. self-attention, gate_msa
         attn = self.attn1
         if attention_mask is None and _sdpa_attention(attn):
-            qkv = _project((attn.to_q, attn.to_k, attn.to_v), x2,
-                           lambda: ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=ln1.eps, shift=m32[0],
-                           scale=m32[1])
-            x2 = self._out(attn, _sdpa(attn, *qkv, b, None), x2, b, m32[2], mod[:, 2:3])
+            q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), x2,
+                               lambda: ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=ln1.eps, shift=m32[0],
+                               scale=m32[1])
+            x2 = self._out(attn, _sdpa(attn, q, k, v, b, None), x2, b, m32[2], mod[:, 2:3])
         else:
             y = attn(ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], attention_mask=attention_mask)
             x2 = (mod[:, 2:3] * y + x).reshape(b * t, d)

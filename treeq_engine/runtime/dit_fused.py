@@ -130,6 +130,7 @@ class FusedDiTBlock(nn.Module):
                                   gate=m32[2])
         else:   # from x2 (contiguous), not x: the first block's input is a transposed view (the patch embedding),
             # whose sum with the product would reshape to non-contiguous rows at batch 1 (fc1's kernel takes rows)
+            assert g16 is not None   # (None only when proj and fc2 both take the residual)
             x2 = (x2.view(n, t, d) + g16[0].unsqueeze(1) * attn.proj(o).reshape(n, t, d)).reshape(n * t, d)
 
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
@@ -143,6 +144,7 @@ class FusedDiTBlock(nn.Module):
         if self.fc2_residual:
             return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).reshape(n, t, d)
         y = fc2.linear(h, out_dtype=x.dtype) if isinstance(h, QuantizedActivation) else fc2(h)
+        assert g16 is not None   # (fc2 does not take the residual here)
         return x2.reshape(n, t, d) + g16[1].unsqueeze(1) * y.reshape(n, t, d)
 
 

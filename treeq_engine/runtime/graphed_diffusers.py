@@ -163,6 +163,7 @@ class _Graphs:
     def _runner_call(self, call: dict[str, Any]) -> torch.Tensor:
         from ..search.diffusers_runner import DiffusersRunner
 
+        assert self.runner is not None   # (__call__ comes here only when there is a runner)
         # checks that read values back from the device (a host sync) only for a new shape or new labels
         labels = call.get("class_labels")
         fresh = torch.is_tensor(labels) and (self.checked is None or self.checked() is not labels)
@@ -182,7 +183,7 @@ class _Graphs:
         return step(*inputs).clone()
 
 
-def _eager_class(model: nn.Module) -> type:
+def _eager_class(model: nn.Module) -> type[Any]:
     """``model``'s class without the graphed mixin (its own, or the one a graphed subclass was made from)."""
     return next(k for k in type(model).__mro__ if not issubclass(k, _GraphedForward))
 

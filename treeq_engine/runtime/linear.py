@@ -14,6 +14,8 @@ when one is loaded (on the CPU, exact); off the CUDA kernels it runs on the refe
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +44,11 @@ def runs_packed_kernels(mod: nn.Module) -> bool:
 
 class TreeQLinear(nn.Module):
     """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
+
+    # buffers that may be None (for mypy: register_buffer is invisible to it)
+    w_packed: torch.Tensor | None   # None while the codes are held in layout "frag" (w_frag)
+    monarch_w1: torch.Tensor | None   # both or neither: a Monarch branch
+    monarch_w2: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, config: LayerConfig, *, bias: bool,
                  monarch: tuple[int, int] | None = None, name: str = "", dtype: torch.dtype = torch.bfloat16,
@@ -79,6 +86,7 @@ class TreeQLinear(nn.Module):
         mshape = None if monarch is None else (monarch[0].shape[0], monarch[0].shape[1] // monarch[0].shape[0])
         mod = cls(pw.k, pw.n, config, bias=bias is not None, monarch=mshape, name=name, dtype=dtype,
                   device=weight_q.codes.device)
+        assert mod.w_packed is not None   # (a new layer holds layout v1)
         mod.w_packed.copy_(pw.packed)
         mod.w_scale.copy_(pw.scale)
         mod.w_zero_point.copy_(pw.zero_point)
@@ -86,6 +94,7 @@ class TreeQLinear(nn.Module):
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
         if monarch is not None:
+            assert mod.monarch_w1 is not None and mod.monarch_w2 is not None   # (built with monarch=mshape)
             mod.monarch_w1.copy_(monarch[0].detach())
             mod.monarch_w2.copy_(monarch[1].detach())
         return mod
@@ -125,6 +134,7 @@ class TreeQLinear(nn.Module):
             return
         bits, n, k = self.config.w_bits, self.out_features, self.in_features
         if layout == "frag":
+            assert self.w_packed is not None   # (the layout was v1: returned above otherwise)
             if not self.act_spec.is_quantized:
                 raise ValueError(f"{self.name or 'TreeQLinear'}: a weight-only layer ({self.config.label}) "
                                  "multiplies a dequantized weight, not the CUDA kernels: it keeps layout v1")
@@ -213,10 +223,11 @@ class TreeQLinear(nn.Module):
             if self.monarch_w1 is not None:
                 from ..branches import monarch
 
+                assert self.monarch_w2 is not None   # (both or neither)
                 y = y + monarch.forward(x2.float(), self.monarch_w1.float(), self.monarch_w2.float(),
                                        self.out_features).to(x.dtype)
             return y.reshape(*lead, self.out_features)
-        y = self.linear(self.quantize_input(x2), out_dtype=x.dtype)
+        y = cast(torch.Tensor, self.linear(self.quantize_input(x2), out_dtype=x.dtype))   # (no out_spec: rows)
         return y.reshape(*lead, self.out_features)
 
     # -- the two fused halves, for callers that fuse more (LayerNorm + modulate before, GELU after) --

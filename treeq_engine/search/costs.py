@@ -45,7 +45,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -166,8 +166,8 @@ def _branch_key(b: BranchConfig | Mapping[str, Any] | None) -> tuple | None:
     if isinstance(b, Mapping):
         try:
             b = BranchConfig(**b)
-        except TypeError as e:   # an unknown field
-            raise PlanError(f"branch {dict(b)} is not a branch config ({e})") from None
+        except TypeError as e:   # an unknown field (b is still the mapping: the assignment did not happen)
+            raise PlanError(f"branch {dict(cast(Mapping[str, Any], b))} is not a branch config ({e})") from None
     if not isinstance(b, BranchConfig):
         raise PlanError(f"branch must be null or an object with kind, blocks and rank, got {b!r}")
     return (b.kind, b.blocks, b.rank)
@@ -221,6 +221,7 @@ class LatencyTable:
                 raise PlanError(f"{where} times K={k}, N={n}, tokens={tokens}, W{w_bits}A{a_bits}, branch={branch} "
                                 f"at {us} us, but entry {j} already does at {first} us: keep one")
             seen[key, tokens] = (i, float(us))
+            assert tokens is not None   # (every field is a positive int: bad was empty)
             self._rows.setdefault(key, []).append((tokens, float(us)))
         for rows in self._rows.values():
             rows.sort()

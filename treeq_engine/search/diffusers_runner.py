@@ -26,7 +26,7 @@ the variance (``out_channels == 2·in_channels``, as diffusers' pipelines split 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -160,6 +160,7 @@ class DiffusersRunner:
             if not torch.is_tensor(res) or not torch.is_tensor(ar):
                 raise ValueError("this PixArt uses additional conditions: added_cond_kwargs needs 'resolution' and "
                                  "'aspect_ratio' tensors")
+            assert res is not None and ar is not None   # (both are tensors: checked above)
             out += (res.reshape(n, -1), ar.reshape(n, -1))
         return out
 
@@ -248,7 +249,7 @@ class DiffusersRunner:
 
 def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     """The noise prediction of a diffusers DiT/PixArt on one input tuple (``calib.peft``'s ``eps_fn``)."""
-    return run_segments(DiffusersRunner(model), batch)
+    return run_segments(DiffusersRunner(model), cast(State, batch))   # (any sequence: it makes its own tuple)
 
 
 def stack_inputs(calls: Sequence[State]) -> State:

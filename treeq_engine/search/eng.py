@@ -20,7 +20,7 @@ integer-programming baseline's plan, so that each node is ranked in the mixed se
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from ..plan import LayerConfig, PlanError
 
@@ -54,8 +54,8 @@ class Environment:
         λ = 0 it is exactly full precision (v + 0·(Q(v) − v) = v), so the layer runs unquantized (faster)."""
         if not searched:
             cfg = fixed
-        else:   # the evaluator checks that the plan has one config per searched leaf
-            cfg = self.config if self.plan is None else self.plan[index]
+        else:   # the evaluator checks that the plan has one config per searched leaf (and passes its index)
+            cfg = self.config if self.plan is None else self.plan[cast(int, index)]
         if self.lam == 0.0:
             return None, 1.0
         return cfg, self.lam

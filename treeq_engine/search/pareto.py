@@ -20,7 +20,7 @@ reduced axis beat it in 3 of 3; ``docs/search.md``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -84,7 +84,9 @@ def pareto_drop(cost: np.ndarray, mse: np.ndarray, keep: int,
         raise ValueError(f"cost and mse must both be (m,), got {cost.shape} and {mse.shape}")
     if keep <= 0:
         raise ValueError(f"keep must be positive, got {keep}")
-    elites = [] if always is None else sorted({int(always)} if np.ndim(always) == 0 else {int(i) for i in always})
+    # np.ndim, not isinstance: a numpy integer is a scalar too; the casts only tell mypy which branch holds what.
+    elites = [] if always is None else sorted({int(cast(int, always))} if np.ndim(always) == 0
+                                              else {int(i) for i in cast(Sequence[int], always)})
     bad = [i for i in elites if not 0 <= i < len(mse)]
     if bad:
         raise ValueError(f"always={bad} is not a candidate index (m = {len(mse)})")

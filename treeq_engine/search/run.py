@@ -15,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
         space = SearchSpace.build(model, [t[:2] for t in inputs], model_name=model_name,
                                   forward=lambda *xs: run_segments(runner, xs), tie=getattr(runner, "tie", None))
     lut = LatencyTable.load(config.latency_table) if config.latency_table else None
-    cost_kw = {"latency_table": lut, "serve_batch": config.serve_batch}
+    cost_kw: dict[str, Any] = {"latency_table": lut, "serve_batch": config.serve_batch}
     budget = config.budget
     cost = cost_model(space, budget.kind, **cost_kw)
     if lut is not None:
@@ -180,7 +180,9 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
     judge = None
     if config.closed_loop is not None and rank == 0:
         judge = TrajectoryJudge(model, config.closed_loop) if judge_fn is None else judge_fn(model, config.closed_loop)
-    root_scorer = RootScorer(judge, space, config.closed_loop, progress) if config.closed_loop_root else None
+    # (the cast: SearchConfig refuses closed_loop_root without a closed_loop)
+    root_scorer = (RootScorer(judge, space, cast(ClosedLoopConfig, config.closed_loop), progress)
+                   if config.closed_loop_root else None)
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json",
                          root_scorer=root_scorer, elites=np.array(elites, dtype=np.int64) if elites else None)

@@ -179,6 +179,7 @@ def _leaves(cost: CostModel, prune: _Pruner, n_cand: int) -> list[Node]:
 
 def _merge(nodes: list[Node], prune: _Pruner) -> tuple[list[Node], list[int]]:
     """One level's nodes (pairs merged, an odd last node carried) and the indices of those to score."""
+    merged: list[Node]
     merged, todo = [], []
     for j in range(0, len(nodes) - 1, 2):
         a, b = nodes[j], nodes[j + 1]
@@ -374,6 +375,7 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
                              "--resume")
     distributed.barrier()
     if state is not None:
+        assert path is not None   # (state is only ever read from path)
         nodes, front, levels, evaluations, wall0, level, root_candidates = _read_state(
             path, state, len(space.candidates), cost)
     else:

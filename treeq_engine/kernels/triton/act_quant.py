@@ -187,6 +187,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
     dev = x.device
     rows_per_group = 1
     if shift is not None:
+        assert scale is not None   # (both or neither: checked above)
         g = shift.shape[0]
         if scale.shape != shift.shape or shift.shape[1] != k:
             raise ValueError(f"shift and scale must both be (G, K={k}), got {tuple(shift.shape)}, {tuple(scale.shape)}")
