@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, build, compile-check the CUDA sources, and run the test suite. This is the README's test command
+# Set up, build, compile-check the CUDA sources, run the static checks and the test suite. This is the README's test command
 # and what .ci/run calls. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,9 @@ elif [ "${TREEQ_CUDA:-auto}" = "1" ]; then
   echo "TREEQ_CUDA=1 but nvcc is not on PATH" >&2
   exit 1
 fi
+# static checks first (seconds; configured in pyproject.toml): pyflakes everywhere, types in the package
+python -m ruff check --quiet treeq_engine tests benchmarks tools
+python -m mypy --no-error-summary
 set +e
 python -m pytest -q "$@"
 rc=$?
