@@ -260,3 +260,24 @@ def test_ptq_and_quantize_take_an_official_layout_checkpoint(tmp_path):
     assert main(["quantize", "--model", str(ckpt), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")]) == 0
     with pytest.raises(SystemExit, match="no such file"):
         main(["ptq", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_quantize_checks_the_peft_run_came_from_the_ptq_folder(tmp_path):
+    """`treeq quantize --ptq A --peft B`: B records the digest of the ptq.json it was fine-tuned from; another
+    calibration is refused before anything loads (it packed an artifact 200x further from FP)."""
+    from treeq_engine.calib.peft import check_made_from
+    from treeq_engine.calib.store import digest
+
+    ptq, peft = tmp_path / "ptq", tmp_path / "peft"
+    ptq.mkdir()
+    peft.mkdir()
+    state = {"plan": {"a": 1}, "config": {"b": 2}, "data": None, "layers": {}}
+    (ptq / "ptq.json").write_text(json.dumps(state))
+    mine = digest({k: state.get(k) for k in ("plan", "config", "data", "layers")})
+    (peft / "peft.json").write_text(json.dumps({"data": {"ptq": mine}}))
+    check_made_from(peft, ptq)
+    (peft / "peft.json").write_text(json.dumps({"data": {"ptq": "0123456789abcdef"}}))
+    with pytest.raises(CheckpointError, match="fine-tuned from another calibration"):
+        check_made_from(peft, ptq)
+    (peft / "peft.json").write_text(json.dumps({"data": None}))   # the Python API without data: not checked
+    check_made_from(peft, ptq)

@@ -123,5 +123,10 @@ def test_ptq_model_config_beside_the_weights_wins(tmp_path):
     save_dit_safetensors(DiT(cfg), path)
     path.with_suffix(".json").write_text(json.dumps({"config": cfg.to_dict()}))
     assert _load_model(str(path), "cpu").config.num_heads == 4
+    from treeq_engine.cli import main
+    from treeq_engine.runtime.cli import load_fp_model
+
+    assert load_fp_model(str(path))[0].config.num_heads == 4   # quantize, sample, profile read it so too
+    assert main(["quantize", "--model", str(path), "--uniform", "W4A8", "--out", str(tmp_path / "art")]) == 0
     path.with_suffix(".json").unlink()
     assert _load_model(str(path), "cpu").config.num_heads == 6   # without it, inferred from the width

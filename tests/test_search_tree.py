@@ -56,11 +56,13 @@ def test_counts_pruning_and_the_uniform_anchor(tiny):
     b = Budget.parse("W4A4")
     res = tree_search(ev, cost, keep=4, budget=b, progress=False)
     n = len(space.leaves)
-    assert res.evaluation_bound == (n - 1) * 16
+    c = len(space.candidates)
+    assert res.evaluation_bound == (n - 1) * 16 + n * c   # the merges, and the leaves scored once (C = 12 > K)
     per_level = [lv["evaluations"] for lv in res.levels]
     assert per_level[0] > 0                      # 12 candidates > K = 4: leaves are scored and dropped first
     assert sum(per_level) == res.evaluations == ev.evaluations
-    assert sum(per_level[1:]) <= res.evaluation_bound
+    assert per_level[0] <= n * c and sum(per_level[1:]) <= (n - 1) * 16
+    assert res.evaluations <= res.evaluation_bound
     totals = cost.offset + res.root.cost
     assert cost.fits(totals, b).all()            # pruning: every plan that reached the root meets the budget
     env = space.candidates.index(LayerConfig(4, 4))

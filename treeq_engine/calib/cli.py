@@ -26,23 +26,13 @@ def _load_model(path: str | None, device: str):
     """The shipped digits DiT, or the DiT at ``path``: with a ``.json`` config beside it (what ``treeq train`` and
     the digits assets write), that config; else an official-layout checkpoint (.pt or .safetensors, its config
     inferred from the weights) or a digits-shaped one (the digits config)."""
-    from ..models.checkpoint import CheckpointError, load_dit_checkpoint
-    from ..models.digits import load_digits_dit
+    from ..models.digits import load_any_dit, load_digits_dit
 
     if path is None:
         return load_digits_dit(device=device)
     if not Path(path).is_file():
         raise SystemExit(f"--model {path}: no such file")
-    if Path(path).with_suffix(".json").is_file():   # its config beside it: heads and classes are not in the shapes
-        return load_digits_dit(path, device=device)
-    try:
-        return load_dit_checkpoint(path, map_location=device)
-    except CheckpointError as inferred:
-        try:
-            return load_digits_dit(path, device=device)
-        except CheckpointError as digits:
-            raise CheckpointError(f"--model {path}: not a DiT checkpoint this build reads (with its config inferred: "
-                                  f"{inferred}; with the digits config: {digits})") from None
+    return load_any_dit(path, device=device)
 
 
 def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):

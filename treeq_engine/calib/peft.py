@@ -402,6 +402,28 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     return PEFTResult(config.steps, losses, sum(p.numel() for _, p in named), time.perf_counter() - t0)
 
 
+def check_made_from(peft_dir: str | Path, ptq_dir: str | Path) -> None:
+    """Raise a :class:`CheckpointError` unless the PEFT run in ``peft_dir`` was fine-tuned from the calibration in
+    ``ptq_dir`` (as ``treeq peft`` records it: the digest of that ``ptq.json``). Runs that recorded none (the Python
+    API without ``data``) are not checked."""
+    import json
+
+    from .store import digest
+
+    peft_json, ptq_json = Path(peft_dir) / "peft.json", Path(ptq_dir) / "ptq.json"
+    try:
+        made_from = (json.loads(peft_json.read_text()).get("data") or {}).get("ptq")
+        ptq_state = json.loads(ptq_json.read_text())
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot tell which calibration {peft_dir} was fine-tuned from: {e}") from None
+    if made_from is None or not isinstance(ptq_state, dict):
+        return
+    here = digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")})
+    if made_from != here:
+        raise CheckpointError(f"{peft_dir} was fine-tuned from another calibration (ptq digest {made_from}, "
+                              f"{ptq_dir} is {here}): give the --ptq directory it was made from")
+
+
 def load_finetuned(model: nn.Module, out_dir: str | Path) -> dict[str, Any]:
     """Load the trained tensors of ``out_dir`` into a calibrated ``model`` (the state :func:`finetune` started
     from: same plan and branches; LoRA is attached here when the run used it). Returns the run's JSON state."""

@@ -4,9 +4,10 @@ Codes are always *signed* integers in ``[qmin, qmax] = [-2**(b-1), 2**(b-1) - 1]
 feeds the same int8 tensor-core path (Hopper has no int4 MMA; see ``research/kernels.md`` §0). The real value
 of a code is ``scale * (q - zero_point)``:
 
-* symmetric: ``zero_point = 0``, ``scale = clip * amax / qmax``; the code ``qmin`` is reachable but only by
-  rounding of values at ``-amax`` (we keep the full range rather than restricting to ``[-qmax, qmax]`` so that
-  2-bit symmetric still has four levels).
+* symmetric: ``zero_point = 0``, ``scale = clip * amax / qmax``; the grid keeps ``qmin`` (codes are clamped to
+  ``[qmin, qmax]``, not ``[-qmax, qmax]``), but at ``clip = 1`` the largest magnitude lands on ``±qmax`` and
+  ``qmin`` is never used: 2-bit symmetric has three levels. Values reach ``qmin`` only when clipping pushes them
+  past ``-(qmax + ½)·scale``, i.e. with ``clip < qmax / (qmax + ½)`` (2/3 at 2 bits).
 * asymmetric: the range ``[min(x, 0), max(x, 0)]`` shrunk by ``clip`` maps onto ``[qmin, qmax]``;
   ``zero_point`` is the integer code of 0.0, in ``[qmin, qmax]``, so 0.0 is exactly representable (padding
   and ReLU/GELU zeros stay exact).

@@ -74,6 +74,28 @@ def asset_path(name: str, suffix: str) -> Path:
     return Path(str(resources.files("treeq_engine") / "assets" / f"{name}{suffix}"))
 
 
+def load_any_dit(path: str | Path, config: str | None = None, *, device: str | torch.device = "cpu") -> DiT:
+    """The DiT at ``path``, as every command reads ``--model``: with ``config`` (a registry name), that; with a
+    ``.json`` config beside the weights (what the digits training writes), that config, since the head count and
+    the null class are not in the shapes; else an official-layout checkpoint's config inferred from its shapes;
+    else the digits config. In eval mode."""
+    from .checkpoint import CheckpointError, load_dit_checkpoint
+
+    weights = Path(path)
+    if config is not None:
+        return load_dit_checkpoint(weights, config, map_location=device)
+    if weights.with_suffix(".json").is_file():
+        return load_digits_dit(weights, device=device)
+    try:
+        return load_dit_checkpoint(weights, map_location=device)
+    except CheckpointError as inferred:
+        try:
+            return load_digits_dit(weights, device=device)
+        except CheckpointError as digits:
+            raise CheckpointError(f"{weights}: not a DiT checkpoint this build reads (with its config inferred: "
+                                  f"{inferred}; with the digits config: {digits})") from None
+
+
 def load_digits_dit(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> DiT:
     """The trained digits DiT (the shipped asset by default; or a ``.safetensors`` with its ``.json`` beside it),
     in eval mode."""

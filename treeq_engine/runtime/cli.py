@@ -15,15 +15,14 @@ MODEL_HELP = "'digits' (the shipped digits DiT) or a DiT checkpoint (.pt/.pth/.s
 
 def load_fp_model(spec: str, config: str | None = None, device: str = "cpu"):
     """The full-precision DiT named by ``spec`` and a JSON-able description of how to rebuild it."""
-    from ..models import load_dit_checkpoint
-    from ..models.digits import load_digits_dit
+    from ..models.digits import load_any_dit, load_digits_dit
 
     if spec == "digits":
         model = load_digits_dit(device=device)
     else:
         if not Path(spec).is_file():
             raise SystemExit(f"model {spec!r}: no such file ({MODEL_HELP})")
-        model = load_dit_checkpoint(spec, config, map_location=device)
+        model = load_any_dit(spec, config, device=device)
     return model, {"arch": "dit", "config": model.config.to_dict(), "source": spec}
 
 
@@ -96,6 +95,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         from ..calib.peft import load_finetuned
         from ..calib.ptq import load_calibration
 
+        if args.peft:   # before anything loads: a run fine-tuned from another calibration packs garbage
+            from ..calib.peft import check_made_from
+
+            check_made_from(args.peft, args.ptq)
         plan = load_calibration(model, args.ptq)   # frozen calibrated codes, clips, branches, smoothing folds
         if args.peft:
             load_finetuned(model, args.peft)

@@ -135,9 +135,9 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         from ..models.digits import load_digits_dit
 
         return load_digits_dit(), "DiT-digits"
-    from ..models import load_dit_checkpoint
+    from ..models.digits import load_any_dit
 
-    return load_dit_checkpoint(args.model, args.config), str(args.model)
+    return load_any_dit(args.model, args.config), str(args.model)
 
 
 def _inputs(model: torch.nn.Module, args: argparse.Namespace, progress: bool) -> tuple[tuple[torch.Tensor, ...],

@@ -361,7 +361,12 @@ def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tenso
             steps = getattr(scheduler, "num_inference_steps", None)
             label = type(scheduler).__name__ + ("" if steps is None else f" {steps} steps")
             meta.update(diffusers_schedule.to_metadata(weights, label, diffusers_schedule.config_of(scheduler)))
-    save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path, metadata=meta)
+    try:
+        save_file({n: t.detach().cpu().contiguous() for n, t in zip(runner.input_names, inputs)}, path, metadata=meta)
+    except Exception as e:   # safetensors' own error type (e.g. a read-only folder): an OSError, as open() gives
+        if isinstance(e, (OSError, ValueError)):
+            raise
+        raise OSError(f"{path}: cannot write the calibration inputs ({e})") from None
 
 
 def schedule_drift(path: str, pipeline: str) -> str | None:

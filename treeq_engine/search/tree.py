@@ -19,7 +19,7 @@ combine a slice of it with other configs.
 Two-dimensional costs (WxAy) are thinned along ``CostModel.axis``: the binding dimension's budget use.
 
 Evaluations: ``Σ |S_A|·|S_B|`` over the ``n − 1`` merges, at most ``(n − 1)·K²`` (with more elites than K, the
-elites' count replaces K). Each level's scoring is
+elites' count replaces K), plus ``n·C`` at level 0 when the leaves have more than K candidates. Each level's scoring is
 independent across nodes and is sharded over processes (``distributed``). After every level the state (each
 node's kept configs with their costs and MSEs) is written atomically to ``state_path`` as JSON; a search started
 again with ``resume=True`` continues after the last finished level and gives the identical result.
@@ -86,6 +86,7 @@ class SearchResult:
     cost_kind: str
     budget: Budget | None
     slots: int = 0                        # configs a node keeps: K, or the number of elites when that is larger
+    candidates: int = 0                   # configs per leaf (scored at level 0 only when more than K)
 
     def best(self, budget: Budget, cost: CostModel) -> tuple[np.ndarray, np.ndarray, float]:
         """(assignment, total cost, MSE) of the lowest-MSE front plan meeting ``budget``."""
@@ -100,7 +101,10 @@ class SearchResult:
 
     @property
     def evaluation_bound(self) -> int:
-        return (self.root.hi - self.root.lo - 1) * max(self.keep, self.slots) ** 2
+        """``(n − 1)·K²`` for the merges, plus ``n·C`` when the leaves' ``C`` candidates are more than K (they are
+        scored once to drop them to K)."""
+        n, k = self.root.hi - self.root.lo, max(self.keep, self.slots)
+        return (n - 1) * k ** 2 + (n * self.candidates if self.candidates > k else 0)
 
 
 class RootScorer(Protocol):
@@ -425,4 +429,5 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     finally:
         bar.close()
     return SearchResult(nodes[0], front if front is not None else nodes[0], root_candidates or {}, levels,
-                        evaluations, wall0 + time.perf_counter() - t0, keep, cost.kind, budget, len(plans))
+                        evaluations, wall0 + time.perf_counter() - t0, keep, cost.kind, budget, len(plans),
+                        len(space.candidates))
