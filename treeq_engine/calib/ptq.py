@@ -491,8 +491,11 @@ def _fold_all(model: nn.Module, factors: Mapping[str, torch.Tensor], out: Path |
     """Fold saved or chosen smoothing factors; all are checked before the first fold, so a bad one leaves the
     caller's model unchanged."""
     _check_factors(model, factors, out)
-    for name, factor in factors.items():
-        smooth.fold(model, name, factor)
+    # In one order, by key: a linear can be both a site's consumer (its columns times s) and another's producer
+    # (its rows divided by s'), and float rounding makes the two folds' order matter. The chosen factors come in
+    # site order, the saved ones in the file's (sorted) order: without one order a resumed run would differ.
+    for name in sorted(factors):
+        smooth.fold(model, name, factors[name])
 
 
 def _rows_of(res: LayerCalibration, rows: slice, x: torch.Tensor, cfg: LayerConfig) -> LayerCalibration:
