@@ -248,6 +248,8 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":
+        if Path(path).is_dir():
+            raise PlanError(f"{path} is a directory; a plan is a JSON file (e.g. {Path(path) / 'plan.json'})")
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError:

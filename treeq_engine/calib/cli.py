@@ -226,6 +226,9 @@ def run_peft(args: argparse.Namespace) -> int:
     from .ptq import load_calibration
     from .store import digest
 
+    if not Path(args.ptq).is_dir():
+        raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json), "
+                         f"{'got a file' if Path(args.ptq).exists() else 'no such directory'}")
     weight: Callable[[tuple], torch.Tensor] | None = None   # finetune's sample_weight: batch -> (B,)
     if args.diffusers:
         fp, batches = _diffusers_model(args)

@@ -95,6 +95,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         from ..calib.peft import load_finetuned
         from ..calib.ptq import load_calibration
 
+        for flag, d in (("--ptq", args.ptq), ("--peft", args.peft)):
+            if d is not None and not Path(d).is_dir():
+                raise SystemExit(f"{flag} {d}: expected a `treeq {flag[2:]}` output directory, "
+                                 f"{'got a file' if Path(d).exists() else 'no such directory'}")
         if args.peft:   # before anything loads: a run fine-tuned from another calibration packs garbage
             from ..calib.peft import check_made_from
 
