@@ -223,8 +223,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
 def run_peft(args: argparse.Namespace) -> int:
     from ..search.diffusers_runner import inputs_digest
     from .peft import PEFTConfig, finetune
-    from .ptq import load_calibration
-    from .store import digest
+    from .ptq import load_calibration, ptq_digest
 
     if not Path(args.ptq).is_dir():
         raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json), "
@@ -254,12 +253,12 @@ def run_peft(args: argparse.Namespace) -> int:
         model = _load_model(args.model, args.device)
     load_calibration(model, args.ptq)
     ptq_state = json.loads((Path(args.ptq) / "ptq.json").read_text())
-    ptq_digest = digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")})
+    made_from = ptq_digest(ptq_state)
     if args.diffusers:
-        data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
+        data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp), "ptq": made_from,
                 "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
     else:
-        data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "ptq": ptq_digest,
+        data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "ptq": made_from,
                 "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
     cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                      lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,

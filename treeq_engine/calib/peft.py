@@ -408,7 +408,7 @@ def check_made_from(peft_dir: str | Path, ptq_dir: str | Path) -> None:
     API without ``data``) are not checked."""
     import json
 
-    from .store import digest
+    from .ptq import ptq_digest
 
     peft_json, ptq_json = Path(peft_dir) / "peft.json", Path(ptq_dir) / "ptq.json"
     try:
@@ -418,7 +418,7 @@ def check_made_from(peft_dir: str | Path, ptq_dir: str | Path) -> None:
         raise CheckpointError(f"cannot tell which calibration {peft_dir} was fine-tuned from: {e}") from None
     if made_from is None or not isinstance(ptq_state, dict):
         return
-    here = digest({k: ptq_state.get(k) for k in ("plan", "config", "data", "layers")})
+    here = ptq_digest(ptq_state)
     if made_from != here:
         raise CheckpointError(f"{peft_dir} was fine-tuned from another calibration (ptq digest {made_from}, "
                               f"{ptq_dir} is {here}): give the --ptq directory it was made from")

@@ -267,6 +267,11 @@ def _run_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data")})
 
 
+def ptq_digest(state: Mapping[str, Any]) -> str:
+    """What a PEFT run records of the calibration (a ``ptq.json`` state) it was fine-tuned from."""
+    return digest({k: state.get(k) for k in ("plan", "config", "data", "layers")})
+
+
 def _made_from(state: Mapping[str, Any]) -> str | None:
     """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
     return (state.get("data") or {}).get("model_fingerprint")

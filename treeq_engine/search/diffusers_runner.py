@@ -385,21 +385,18 @@ def schedule_drift(path: str, pipeline: str) -> str | None:
     now = ds.pipeline_scheduler_config(pipeline)
     if now is None:
         return None
-    if ds.CONFIG_KEY not in meta:   # a label only: comparable when it starts with a scheduler's class name
+    if ds.CONFIG_KEY in meta:
+        try:
+            stored = json.loads(meta[ds.CONFIG_KEY])
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path}: malformed {ds.CONFIG_KEY} metadata (expected a JSON object)")
+    else:   # a label only: comparable, by class alone, when it starts with a scheduler's class name
         cls = made_by.split()[0] if made_by else ""
         if not cls.endswith("Scheduler"):
             return None
-        made_by_config: Any = {"_class_name": cls}
-    else:
-        made_by_config = None
-    try:
-        stored = made_by_config if made_by_config is not None else json.loads(meta[ds.CONFIG_KEY])
-    except ValueError:
-        stored = None
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path}: malformed {ds.CONFIG_KEY} metadata (expected a JSON object)")
-    if ds.CONFIG_KEY not in meta:
-        stored = {**now, **stored}   # only the class is known: compare that
+        stored = {**now, "_class_name": cls}
     drift = ds.config_drift(stored, now)
     if drift is None:
         return None

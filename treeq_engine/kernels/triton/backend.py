@@ -101,16 +101,12 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
 
 
 def _check_act(act: QuantizedActivation) -> None:
-    """The dataclass does not validate itself; the kernels read raw memory, so check what they assume."""
-    m = act.codes.shape[0] if act.codes.dim() == 2 else -1
-    if act.codes.dtype != torch.int8 or act.codes.dim() != 2 or not act.codes.is_contiguous():
-        raise ValueError(f"activation codes must be contiguous int8 (M, K), got {act.codes.dtype} "
-                         f"{tuple(act.codes.shape)}")
-    for name, t, dt in (("scale", act.scale, torch.float32), ("zero_point", act.zero_point, torch.int32),
-                        ("row_sum", act.row_sum, torch.int32)):
-        if t.dtype != dt or t.shape != (m,) or t.device != act.codes.device or not t.is_contiguous():
-            raise ValueError(f"activation {name} must be contiguous {dt} ({m},) on {act.codes.device}, got "
-                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+    """Beyond what ops.py checks for every backend (dtypes, shapes, devices, contiguous codes): the kernel reads
+    the per-row vectors as raw memory too, so they must be contiguous."""
+    for name, t in (("scale", act.scale), ("zero_point", act.zero_point), ("row_sum", act.row_sum)):
+        if not t.is_contiguous():
+            raise ValueError(f"activation {name} must be contiguous, got {t.dtype} {tuple(t.shape)} strides "
+                             f"{t.stride()}")
 
 
 def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch.Tensor | None = None,
