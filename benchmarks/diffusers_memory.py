@@ -1,9 +1,9 @@
 """Weight memory of packed diffusers transformers at their published sizes, exact from shapes (no weights, no GPU).
 
 Each model is built on the meta device from its published architecture (the hyper-parameters below, as the hub's
-``config.json`` files give them; nothing is downloaded), its linears swapped for empty ``TreeQLinear`` modules by
-``runtime.skeleton`` with a uniform plan (block linears at the named format, embedders, context and output
-projections at W8A8), and every byte counted: packed codes, per-channel scales, zero points, column sums, biases
+``config.json`` files give them; nothing is downloaded), its linears and pointwise convolutions swapped for empty
+packed modules by ``runtime.skeleton`` with a uniform plan (block layers at the named format, embedders, context
+and output projections at W8A8), and every byte counted: packed codes, per-channel scales, zero points, column sums, biases
 and every parameter left unquantized (norms, embeddings, positional tables), in bf16. The parameter count is the
 check that the architecture is the published one.
 
@@ -59,6 +59,7 @@ def measure(cls_name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Parameters, bf16 bytes and packed bytes per format of one architecture, on the meta device."""
     import diffusers
 
+    from treeq_engine.nn import packable_layers
     from treeq_engine.plan import QuantPlan, parse_wa
     from treeq_engine.runtime import skeleton
 
@@ -68,8 +69,8 @@ def measure(cls_name: str, config: dict[str, Any]) -> dict[str, Any]:
 
     fp = build()
     params = sum(p.numel() for p in fp.parameters())
-    linear = sum(m.weight.numel() for m in fp.modules() if isinstance(m, torch.nn.Linear))
-    row: dict[str, Any] = {"params": params, "linear_share": linear / params, "bf16": 2 * params}
+    packable = sum(fp.get_submodule(n).weight.numel() for n in packable_layers(fp))
+    row: dict[str, Any] = {"params": params, "packable_share": packable / params, "bf16": 2 * params}
     for fmt in FORMATS:
         model = build()
         skeleton(model, QuantPlan.block_uniform(model, *parse_wa(fmt)), dtype=torch.bfloat16, fuse=False)
@@ -79,15 +80,16 @@ def measure(cls_name: str, config: dict[str, Any]) -> dict[str, Any]:
 
 def render(rows: dict[str, dict[str, Any]]) -> str:
     gib = 2.0 ** 30
-    head = "| model | params | in linears | bf16 GiB | " + " | ".join(f"{f} GiB (×bf16)" for f in FORMATS) + " |"
+    head = "| model | params | packable | bf16 GiB | " + " | ".join(f"{f} GiB (×bf16)" for f in FORMATS) + " |"
     lines = [BEGIN, "## Packed weight memory of diffusers transformers (`benchmarks/diffusers_memory.py`)", "",
              f"Exact from shapes on the meta device (no weights, no GPU), commit {git_commit()}. Whole model: packed "
              "linears (codes, scales, zero points, column sums, biases) plus every unquantized parameter in bf16. "
-             "Uniform plans: block linears at the format, embedders, context and output projections at W8A8.", "",
+             "Uniform plans: block linears at the format, embedders, context and output projections at W8A8. "
+             "*Packable*: the share of parameters in linears and pointwise convolutions (Sana's feed-forward).", "",
              head, "|" + "---|" * (4 + len(FORMATS))]
     for name, r in rows.items():
         cells = " | ".join(f"{r[f] / gib:.2f} ({r[f] / r['bf16']:.3f})" for f in FORMATS)
-        lines.append(f"| {name} | {r['params'] / 1e9:.2f} B | {100 * r['linear_share']:.1f} % | "
+        lines.append(f"| {name} | {r['params'] / 1e9:.2f} B | {100 * r['packable_share']:.1f} % | "
                      f"{r['bf16'] / gib:.2f} | {cells} |")
     lines.append(END)
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from tiny_diffusers import pack_only_models, tiny_flux_pipeline  # noqa: E402
 from treeq_engine.cli import main  # noqa: E402
 from treeq_engine.models.diffusers_transformers import PACK_ONLY, rebuild  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
-from treeq_engine.runtime import artifact, quantize, treeq_layers  # noqa: E402
+from treeq_engine.runtime import TreeQPointwiseConv, artifact, quantize, treeq_layers  # noqa: E402
 
 MODELS = pack_only_models()
 
@@ -38,6 +38,9 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     if name == "flux":   # the single-stream blocks are blocks too, not edges
         assert any(n.startswith("single_transformer_blocks.1.") for n in blocks)
         assert "single_transformer_blocks.0.proj_mlp" in blocks
+    if name == "sana":   # the feed-forward's pointwise convolutions are block layers, the 1x1 patch embedding an edge
+        assert {"transformer_blocks.1.ff.conv_inverted", "transformer_blocks.1.ff.conv_point"} <= set(blocks)
+        assert plan.layers["patch_embed.proj"].label == "W8A8"
 
     art = tmp_path / "art"
     assert main(["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(art)]) == 0
@@ -45,6 +48,8 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     assert man["model_config"]["class"] == type(model).__name__
     loaded = artifact.load(art, rebuild(man["model_config"]))
     assert len(treeq_layers(loaded)) == len(plan.layers)
+    if name == "sana":
+        assert isinstance(loaded.transformer_blocks[0].ff.conv_inverted, TreeQPointwiseConv)
     # what quantize makes of the bf16-loaded weights (the rest of the model back in float32, as rebuild has it)
     direct = type(model).from_pretrained(d, torch_dtype=torch.bfloat16).float().eval()
     quantize(direct, plan)
@@ -104,21 +109,36 @@ def test_flux_pipeline_samples_quantized(tmp_path):
         main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
 
 
-def test_memory_benchmark_counts_what_quantize_stores():
-    """benchmarks/diffusers_memory.py counts bytes on the meta device; on a tiny SD3 they equal the state a real
-    quantize stores, byte for byte."""
+TINY_CONFIGS = {
+    "SD3Transformer2DModel": dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16),
+    "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=16, sample_size=8),
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(TINY_CONFIGS))
+def test_memory_benchmark_counts_what_quantize_stores(cls_name):
+    """benchmarks/diffusers_memory.py counts bytes on the meta device; on tiny SD3 and Sana models (Sana's
+    pointwise convolutions packed) they equal the state a real quantize stores, byte for byte."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import diffusers_memory
 
-    config = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
-                  out_channels=4, pos_embed_max_size=16)
-    row = diffusers_memory.measure("SD3Transformer2DModel", config)
+    config, cls = TINY_CONFIGS[cls_name], getattr(diffusers, cls_name)
+    row = diffusers_memory.measure(cls_name, config)
     for fmt in ("W8A8", "W4A4"):
-        model = diffusers.SD3Transformer2DModel(**config).to(torch.bfloat16)
+        model = cls(**config).to(torch.bfloat16)
         quantize(model, QuantPlan.block_uniform(model, int(fmt[1]), int(fmt[3])), dtype=torch.bfloat16, fuse=False)
         assert row[fmt] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert row["params"] == sum(p.numel() for p in diffusers.SD3Transformer2DModel(**config).parameters())
+    assert row["params"] == sum(p.numel() for p in cls(**config).parameters())
+    fp = cls(**config)
+    linear_share = sum(m.weight.numel() for m in fp.modules() if isinstance(m, torch.nn.Linear)) / row["params"]
+    if cls_name == "SanaTransformer2DModel":   # its pointwise convolutions count
+        assert row["packable_share"] > linear_share + 0.2
+    else:
+        assert row["packable_share"] == linear_share

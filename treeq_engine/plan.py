@@ -160,12 +160,13 @@ class QuantPlan:
 
     @classmethod
     def block_uniform(cls, model: nn.Module, w_bits: int, a_bits: int, *, edge_bits: tuple[int, int] = (8, 8),
-                      model_name: str = "", **layer_kw: Any) -> "QuantPlan":
+                      model_name: str = "", pointwise_convs: bool = True, **layer_kw: Any) -> "QuantPlan":
         """Every transformer-block linear of ``model`` (``is_block_layer``) at ``W{w_bits}A{a_bits}``, every other
-        linear (embedders, final layer) at ``edge_bits``."""
-        from .nn import quantizable_linears
+        linear (embedders, final layer) at ``edge_bits``; with ``pointwise_convs``, the pointwise convolutions
+        too (``nn.pointwise``: the runtime packs them, the fake-quant simulation does not)."""
+        from .nn import packable_layers, quantizable_linears
 
-        names = quantizable_linears(model)
+        names = packable_layers(model) if pointwise_convs else quantizable_linears(model)
         return cls.uniform([n for n in names if is_block_layer(n)], w_bits, a_bits, model=model_name,
                            edge_names=[n for n in names if not is_block_layer(n)], edge_bits=edge_bits, **layer_kw)
 
@@ -176,24 +177,28 @@ class QuantPlan:
 
     # -- checks ----------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) of ``model``, of
-        the shape ``meta['layer_shapes']`` records when the plan carries it (a searched plan does)."""
+        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) or a pointwise
+        convolution (``nn.pointwise``) of ``model``, of the shape ``meta['layer_shapes']`` records when the plan
+        carries it (a searched plan does)."""
         modules = dict(model.named_modules())
         bad = [n for n in self.layers if n not in modules]
         if bad:
             close = {n: [m for m in modules if m.endswith(n.split(".")[-1])][:3] for n in bad[:3]}
             raise PlanError(f"plan names {len(bad)} layer(s) the model does not have, e.g. {bad[:3]} "
                             f"(similar names in the model: {close})")
+        from .nn.pointwise import describe, is_pointwise_conv, layer_dims
         from .nn.quant_linear import QuantLinear
 
-        wrong = [n for n in self.layers if not isinstance(modules[n], (nn.Linear, QuantLinear))]
+        wrong = [n for n in self.layers if not isinstance(modules[n], (nn.Linear, QuantLinear))
+                 and not is_pointwise_conv(modules[n])]
         if wrong:
-            raise PlanError(f"plan layers must be nn.Linear modules; not linear: {wrong[:5]}")
+            raise PlanError("plan layers must be nn.Linear modules or pointwise (1x1) convolutions; not such: "
+                            + ", ".join(f"{n} ({describe(modules[n])})" for n in wrong[:5]))
         shapes = self.meta.get(SHAPES_KEY)   # a searched plan records its layers' shapes: another model's is refused
         if isinstance(shapes, Mapping):
             for n, shape in shapes.items():
                 if n in self.layers and n in modules:
-                    have = [modules[n].in_features, modules[n].out_features]
+                    have = list(layer_dims(modules[n]))
                     if list(shape) != have:
                         raise PlanError(f"plan was made for another model: its layer {n!r} is K x N = "
                                         f"{shape[0]} x {shape[1]}, this model's is {have[0]} x {have[1]} "

@@ -90,7 +90,7 @@ def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchCo
                  edge_bits: tuple[int, int] = (8, 8)) -> QuantPlan:
     """Block linears at ``bits``, the other linears at ``edge_bits`` (``QuantPlan.block_uniform``), with
     ``branch`` beside every block linear (``with_branch``)."""
-    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT")
+    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT", pointwise_convs=False)
     label = f"uniform W{bits[0]}A{bits[1]}"
     if branch is not None:
         label += f" + {branch.kind} {branch.blocks}x{branch.rank}"

@@ -1,6 +1,7 @@
 """Quantized modules and model conversion."""
-from .convert import apply_plan, convert, forward_order, noise_scale, quant_layers, quantizable_linears, unconvert
+from .convert import (apply_plan, convert, forward_order, noise_scale, packable_layers, quant_layers,
+                      quantizable_linears, unconvert)
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear", "apply_plan", "convert", "forward_order", "noise_scale", "quant_layers",
+__all__ = ["QuantLinear", "apply_plan", "convert", "forward_order", "noise_scale", "packable_layers", "quant_layers",
            "quantizable_linears", "unconvert"]

@@ -1,6 +1,7 @@
 """Layer enumeration and module swapping: the narrow interface search, calibration and PTQ use.
 
     names = quantizable_linears(model)                     # every nn.Linear, module order
+    names = packable_layers(model)                         # those and the pointwise convolutions (runtime only)
     order = forward_order(model, x, t, y)                  # the order they run in (hooks, one forward)
     convert(model, plan)                                   # nn.Linear -> QuantLinear for the plan's layers
     apply_plan(model, plan)                                # re-configure converted layers (fast, no swap)
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..plan import PlanError, QuantPlan
+from .pointwise import is_pointwise_conv
 from .quant_linear import QuantLinear
 
 
@@ -21,6 +23,13 @@ def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None 
     """Names of the ``nn.Linear`` (or already converted) modules of ``model``, in module order."""
     return [n for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, QuantLinear)) and (include is None or include(n))]
+
+
+def packable_layers(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
+    """What ``runtime.quantize`` packs: the linears and the pointwise convolutions (``nn.pointwise``), in module
+    order."""
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, (nn.Linear, QuantLinear)) or is_pointwise_conv(m)) and (include is None or include(n))]
 
 
 @torch.no_grad()
@@ -53,6 +62,10 @@ def convert(model: nn.Module, plan: QuantPlan) -> nn.Module:
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     plan.validate(model)
+    convs = [n for n in plan.layers if is_pointwise_conv(model.get_submodule(n))]
+    if convs:
+        raise PlanError(f"the fake-quant simulation (search, PTQ, PEFT) takes nn.Linear layers; {convs[:3]} are "
+                        "pointwise convolutions, which only runtime.quantize packs")
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if isinstance(mod, QuantLinear):

@@ -37,10 +37,14 @@ class ArtifactError(ValueError):
 
 def fingerprint(model: nn.Module, plan: QuantPlan) -> str:
     """Hash of the names and shapes of the plan's layers in the full-precision model."""
+    from ..nn.pointwise import is_pointwise_conv, layer_dims
+
     h = hashlib.sha256()
     for name in plan.layers:
         m = model.get_submodule(name)
-        h.update(f"{name}:{m.in_features}x{m.out_features}:{m.bias is not None};".encode())
+        k, n = layer_dims(m)
+        kind = f"conv{len(m.kernel_size)}d:" if is_pointwise_conv(m) else ""   # (linears hash as they always did)
+        h.update(f"{name}:{kind}{k}x{n}:{m.bias is not None};".encode())
     return h.hexdigest()[:16]
 
 
@@ -152,6 +156,7 @@ def _check_state(state: dict[str, torch.Tensor], model: nn.Module, plan: QuantPl
     layers' tensors and values, and the shapes of every other tensor the model has under the same name."""
     from ..format import unpack
     from ..format.packing import packed_dtype, packed_shape
+    from ..nn.pointwise import layer_dims
 
     planned = set()
     for name, cfg in plan.layers.items():
@@ -159,8 +164,7 @@ def _check_state(state: dict[str, torch.Tensor], model: nn.Module, plan: QuantPl
         if not spec.is_quantized:
             continue
         planned.add(name)
-        mod = model.get_submodule(name)
-        n, k = mod.out_features, mod.in_features
+        k, n = layer_dims(model.get_submodule(name))
         want = {"w_packed": (packed_dtype(spec.bits), packed_shape(n, k, spec.bits)),
                 "w_scale": (torch.float32, (n,)), "w_zero_point": (torch.int32, (n,)),
                 "w_col_sum": (torch.int32, (n,))}

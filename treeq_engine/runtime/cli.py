@@ -108,11 +108,12 @@ def run_quantize(args: argparse.Namespace) -> int:
             load_finetuned(model, args.peft)
     else:
         plan = resolve_plan(model, args.plan, args.uniform, name=args.diffusers or args.model)
-    from ..nn import quantizable_linears
+    from ..nn import packable_layers
 
-    left = [n for n in quantizable_linears(model) if n not in plan.layers]
+    left = [n for n in packable_layers(model) if n not in plan.layers]
     if left:
-        print(f"note: {len(left)} of the model's linears are not in the plan and stay in full precision, e.g. "
+        print(f"note: {len(left)} of the model's linears (or pointwise convolutions) are not in the plan and stay "
+              f"in full precision, e.g. "
               f"{left[:3]}", file=sys.stderr)
     fp = artifact.fingerprint(model, plan)
     t0 = time.perf_counter()

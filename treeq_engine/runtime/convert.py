@@ -1,4 +1,5 @@
-"""``quantize(model, plan)``: swap a model's linears for packed :class:`TreeQLinear` modules.
+"""``quantize(model, plan)``: swap a model's linears for packed :class:`TreeQLinear` modules (and its pointwise
+convolutions, which are linears over channels, for :class:`TreeQPointwiseConv`).
 
 Works on plain ``nn.Linear`` layers (weights quantized here, branches initialised by the closed-form Monarch
 projection) and on layers already converted to the fake-quant ``QuantLinear`` by search/PTQ/PEFT (their
@@ -14,10 +15,11 @@ import torch.nn as nn
 from ..branches import monarch
 from ..format import quantize as quantize_tensor
 from ..nn.convert import _set_submodule
+from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
 from ..plan import LayerConfig, QuantPlan
 from .graphed_diffusers import reset_graphs
-from .linear import LAYOUTS, TreeQLinear, branch_dtype
+from .linear import LAYOUTS, TreeQLinear, TreeQPointwiseConv, branch_dtype
 
 
 def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -31,16 +33,20 @@ def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
-    """One layer -> TreeQLinear (or a plain Linear for W16)."""
-    if not isinstance(mod, (QuantLinear, nn.Linear)):
-        raise TypeError(f"{name}: cannot pack a {type(mod).__name__}")
-    weight, bias = mod.weight, mod.bias
+    """One layer -> TreeQLinear (TreeQPointwiseConv for a pointwise convolution), or for W16 the layer as a plain
+    Linear (the convolution as it is)."""
+    conv = is_pointwise_conv(mod)
+    if not conv and not isinstance(mod, (QuantLinear, nn.Linear)):
+        raise TypeError(f"{name}: cannot pack a {describe(mod)}: only linears and pointwise (1x1) convolutions pack")
+    weight, bias = (conv_weight(mod) if conv else mod.weight), mod.bias
     if not cfg.weight_spec().is_quantized and (cfg.act_spec().is_quantized or cfg.branch is not None):
         # the simulation (nn.convert) would quantize these activations; a plain Linear would silently not
         raise ValueError(f"{name}: {cfg.label} has 16-bit weights with quantized activations or a branch, which no "
                          "packed layer runs (a W16 layer stays an unquantized nn.Linear): use W8 weights, or A16 "
                          "without a branch")
     if not cfg.weight_spec().is_quantized:  # stays a Linear in the model's own precision, like its neighbours
+        if conv:
+            return mod
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                         dtype=weight.dtype)
         with torch.no_grad():
@@ -59,6 +65,9 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
             factors = tuple(f.detach().to(branch_dtype(dtype)).float() for f in factors)
             w = w - monarch.to_dense(factors[0].float(), factors[1].float(), w.shape[0], w.shape[1])
         wq = quantize_tensor(w, cfg.weight_spec())
+    if conv:
+        return TreeQPointwiseConv.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype,
+                                               spatial_dims=len(mod.kernel_size))
     return TreeQLinear.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype)
 
 
@@ -107,15 +116,20 @@ def set_layout(model: nn.Module, layout: str = "auto") -> dict[str, int]:
 
 
 def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True) -> nn.Module:
-    """Swap the plan's layers for empty TreeQLinear modules of the right shapes (to load an artifact into)."""
+    """Swap the plan's layers for empty TreeQLinear (TreeQPointwiseConv) modules of the right shapes (to load an
+    artifact into)."""
     plan.validate(model)
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if not cfg.weight_spec().is_quantized:
             continue
         mshape = None if cfg.branch is None else (cfg.branch.blocks, cfg.branch.rank)
-        _set_submodule(model, name, TreeQLinear(mod.in_features, mod.out_features, cfg, bias=mod.bias is not None,
-                                                monarch=mshape, name=name, dtype=dtype, device=mod.weight.device))
+        k, n = layer_dims(mod)
+        kw: dict[str, Any] = dict(bias=mod.bias is not None, monarch=mshape, name=name, dtype=dtype,
+                                  device=mod.weight.device)
+        packed = TreeQPointwiseConv(k, n, cfg, spatial_dims=len(mod.kernel_size), **kw) if is_pointwise_conv(mod) \
+            else TreeQLinear(k, n, cfg, **kw)
+        _set_submodule(model, name, packed)
     if fuse:
         fuse_blocks(model)
     return model

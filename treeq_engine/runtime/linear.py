@@ -14,7 +14,7 @@ when one is loaded (on the CPU, exact); off the CUDA kernels it runs on the refe
 """
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -81,11 +81,12 @@ class TreeQLinear(nn.Module):
     @classmethod
     def from_weights(cls, weight_q: QuantizedTensor, config: LayerConfig, bias: torch.Tensor | None = None,
                      monarch: tuple[torch.Tensor, torch.Tensor] | None = None, *, name: str = "",
-                     dtype: torch.dtype = torch.bfloat16) -> "TreeQLinear":
+                     dtype: torch.dtype = torch.bfloat16, **kw: Any) -> "TreeQLinear":
+        """The layer holding ``weight_q`` packed; ``kw`` goes to the constructor (a subclass's own arguments)."""
         pw = PackedWeight.from_quantized(weight_q)
         mshape = None if monarch is None else (monarch[0].shape[0], monarch[0].shape[1] // monarch[0].shape[0])
         mod = cls(pw.k, pw.n, config, bias=bias is not None, monarch=mshape, name=name, dtype=dtype,
-                  device=weight_q.codes.device)
+                  device=weight_q.codes.device, **kw)
         assert mod.w_packed is not None   # (a new layer holds layout v1)
         mod.w_packed.copy_(pw.packed)
         mod.w_scale.copy_(pw.scale)
@@ -269,3 +270,30 @@ class TreeQLinear(nn.Module):
         br = "" if self.monarch_w1 is None else f", monarch b={self.monarch_w1.shape[0]}"
         lay = "" if self.layout == "v1" else ", frag layout"
         return f"{self.in_features} -> {self.out_features}, {self.config.label}{br}{lay}"
+
+
+class TreeQPointwiseConv(TreeQLinear):
+    """Packed replacement for a pointwise ``ConvNd`` (``nn.pointwise``): its channels are the features and its
+    positions the tokens, so ``y = conv(x)`` runs as ``TreeQLinear`` on ``x`` with the channels moved last. The
+    state is a ``TreeQLinear``'s. Sana's block hands its feed-forward a channels-last tensor viewed as channels
+    first, so moving the channels back is free there; the output is such a view too."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: LayerConfig, *, spatial_dims: int,
+                 **kw: Any) -> None:
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3 (Conv1d/2d/3d), got {spatial_dims!r}")
+        super().__init__(in_channels, out_channels, config, **kw)
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd, who = self.spatial_dims, self.name or "TreeQPointwiseConv"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{who}: input must be a float tensor, got {type(x).__name__}")
+        if x.dim() not in (nd + 1, nd + 2):
+            raise ValueError(f"{who}: a {nd}-d convolution takes (B, C, *{nd} sizes) or (C, *{nd} sizes), got a "
+                             f"{x.dim()}-d input of shape {tuple(x.shape)}")
+        c = x.dim() - nd - 1   # the channel dimension: 1 batched, 0 unbatched
+        return super().forward(x.movedim(c, -1)).movedim(-1, c)
+
+    def extra_repr(self) -> str:
+        return f"pointwise conv{self.spatial_dims}d, " + super().extra_repr()
