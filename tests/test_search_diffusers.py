@@ -338,7 +338,7 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert "holds no sampler weights" in capsys.readouterr().err
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--budget", "W4A8", "--keep", "2",
                  "--no-progress", "--out", str(tmp_path / "plain")]) == 0
-    assert "the metric is the plain ε-MSE" in capsys.readouterr().err
+    assert "the metric is the plain MSE of the prediction" in capsys.readouterr().err
     assert not json.loads((tmp_path / "plain" / "report.json").read_text())["weighted"]
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--budget", "W4A8",
                  "--metric", "sampler", "--check", str(out / "plan.json")]) == 0   # a plan check scores nothing

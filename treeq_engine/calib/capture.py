@@ -29,10 +29,10 @@ def is_staged(model: nn.Module) -> bool:
 
 
 def _stage_fns(model: nn.Module) -> list[Callable[[tuple], Any]]:
-    from ..search.diffusers_runner import DiffusersRunner, diffusers_arch
+    from ..search.diffusers_runner import diffusers_arch, make_runner
 
     if diffusers_arch(model) is not None:   # the search's cut; batches are its input tuples
-        runner = DiffusersRunner(model)
+        runner = make_runner(model)
         # (the ignores: mypy cannot type a lambda whose default argument binds the loop variable)
         return [lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]  # type: ignore[misc]
     if not is_staged(model):

@@ -38,7 +38,7 @@ def _load_model(path: str | None, device: str):
 def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
     """``--diffusers PATH``: the transformer; and its captured inputs as batches of ``--calib-batch`` samples."""
     from ..models.diffusers_transformers import load_transformer
-    from ..search.diffusers_runner import DiffusersRunner, load_inputs
+    from ..search.diffusers_runner import load_inputs, make_runner
 
     if args.model:
         raise SystemExit("give --model or --diffusers, not both")
@@ -50,7 +50,7 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
         model, _ = load_transformer(args.diffusers, device=args.device)
         if not with_inputs:
             return model, None
-        inputs = load_inputs(args.calib_inputs, DiffusersRunner(model))
+        inputs = load_inputs(args.calib_inputs, make_runner(model))
     except (ValueError, ImportError, OSError) as e:
         raise SystemExit(f"treeq {args.command}: {e}") from None
     n = inputs[0].shape[0]   # (load_inputs gives float inputs at the model's dtype, timesteps as captured)
@@ -190,9 +190,9 @@ def run_ptq(args: argparse.Namespace) -> int:
         raise SystemExit("--untie is for --diffusers models (our DiT's qkv is one linear)")
     tie = None
     if args.diffusers and not args.untie:
-        from ..search.diffusers_runner import DiffusersRunner
+        from ..search.diffusers_runner import make_runner
 
-        tie = DiffusersRunner(fp).tie
+        tie = make_runner(fp).tie
     calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data, tie=tie)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
@@ -233,10 +233,10 @@ def run_peft(args: argparse.Namespace) -> int:
         fp, batches = _diffusers_model(args)
         model, _ = _diffusers_model(args, with_inputs=False)
         if args.loss_weights == "sampler":   # the pipeline scheduler's c(t)², stored by `treeq capture`
-            from ..search.diffusers_runner import DiffusersRunner, load_weights, schedule_drift
+            from ..search.diffusers_runner import load_weights, make_runner, schedule_drift
             from ..search.diffusers_schedule import batch_weights
 
-            runner = DiffusersRunner(fp)
+            runner = make_runner(fp)
             try:
                 table = load_weights(args.calib_inputs, runner)
                 drift = schedule_drift(args.calib_inputs, args.diffusers)

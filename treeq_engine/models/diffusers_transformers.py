@@ -2,9 +2,10 @@
 rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``config.json`` +
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
-DiT and PixArt (``SUPPORTED``) go through the whole flow (capture, search, PTQ, PEFT, fused blocks, graphs). Any
-other diffusers model (SD3, Flux, Sana, ...) can be packed with a uniform plan or a hand-written one and sampled
-in its pipeline (``any_model=True``): its linears become ``TreeQLinear`` modules, unfused.
+DiT, PixArt, SD3 and Flux (``SUPPORTED``) go through the whole flow (capture, search, PTQ, PEFT, packing,
+graphs); DiT's and PixArt's blocks also fuse. Any other diffusers model (Sana, ...) can be packed with a uniform
+plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and pointwise
+convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
     model = rebuild(desc)          # same architecture, random weights (an artifact then loads into it)
@@ -20,12 +21,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")   # searched, calibrated, fused and packed
+# searched, calibrated and packed (the first two also fused; search.diffusers_runner.make_runner cuts each)
+SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
 LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
                                                                    "ada_norm_single": "PixArtTransformer2DModel"}}
-PACK_ONLY = ("any other diffusers model (SD3, Flux, Sana, ...) is packed by `treeq quantize --diffusers DIR "
+PACK_ONLY = ("any other diffusers model (Sana, ...) is packed by `treeq quantize --diffusers DIR "
              "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 
 
@@ -66,7 +68,7 @@ def transformer_dir(path: str | Path, *, any_model: bool = False) -> Path:
                 if any_model:
                     raise ValueError(f"{cfg}: {name} is not a diffusers model class (this diffusers has none of "
                                      "that name)")
-                raise ValueError(f"{cfg}: {name} is not supported here: TreeQ searches, calibrates and fuses "
+                raise ValueError(f"{cfg}: {name} is not supported here: TreeQ searches and calibrates "
                                  f"{', '.join(SUPPORTED)}; {PACK_ONLY}")
     what = "a diffusers model" if any_model else f"one of {', '.join(SUPPORTED)}"
     raise ValueError(f"{path}: no diffusers transformer here (a directory with config.json naming {what}, or a "

@@ -96,14 +96,14 @@ class _Graphs:
     """One model's captured steps, keyed by call shape."""
 
     def __init__(self, model: nn.Module, original: type, factory: StepFactory) -> None:
-        from ..search.diffusers_runner import DiffusersRunner, diffusers_arch
+        from ..search.diffusers_runner import DiffusersRunner, fused_arch
 
         self.model = model
         self.original = original
         self.signature = inspect.signature(getattr(original, "forward"))
         # DiT and PixArt: the runner canonicalises the calls (and checks the labels); any other transformer is
         # captured through its own forward, its tensor arguments the graph's inputs
-        self.runner = DiffusersRunner(model) if diffusers_arch(model) else None
+        self.runner = DiffusersRunner(model) if fused_arch(model) else None
         self.factory = factory
         self.steps: dict[tuple, Callable[..., torch.Tensor]] = {}
         self.checked: Any = None   # a weak reference to the labels tensor last checked

@@ -1,12 +1,13 @@
 """Mixed-precision search: Tree-Structured Search with Environmental Noise Guidance, its baselines, budgets."""
 from .costs import Budget, BudgetError, CostModel, LatencyTable, check_budget, cost_model, describe, environment_config
-from .diffusers_runner import DiffusersRunner, capture_calls
+from .diffusers_runner import DiffusersRunner, capture_calls, make_runner
 from .eng import Environment
+from .mmdit_runner import MMDiTRunner
 from .evaluator import DiTRunner, Evaluator, SegmentRunner
 from .pareto import nondominated_fronts, pareto_drop
 from .space import Leaf, SearchSpace, candidate_configs
 from .tree import Node, SearchResult, tree_search
 
 __all__ = ["Budget", "BudgetError", "CostModel", "DiTRunner", "DiffusersRunner", "Environment", "Evaluator", "LatencyTable", "Leaf",
-           "Node", "SearchResult", "SearchSpace", "SegmentRunner", "candidate_configs", "capture_calls", "check_budget",
-           "cost_model", "describe", "environment_config", "nondominated_fronts", "pareto_drop", "tree_search"]
+           "MMDiTRunner", "Node", "SearchResult", "SearchSpace", "SegmentRunner", "candidate_configs", "capture_calls", "check_budget",
+           "cost_model", "describe", "environment_config", "make_runner", "nondominated_fronts", "pareto_drop", "tree_search"]

@@ -1,16 +1,21 @@
-"""``treeq capture``: run a local diffusers DiT or PixArt pipeline and record its transformer's calls as the
-calibration inputs of ``treeq search --diffusers``.
+"""``treeq capture``: run a local diffusers DiT, PixArt, SD3 or Flux pipeline and record its transformer's calls as
+the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
 
     treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
         --timesteps 8 --out calib.safetensors
     treeq capture --pipeline models/PixArt-XL-2-512x512 --prompts prompts.txt --steps 20 --out calib.safetensors
     treeq search --diffusers models/PixArt-XL-2-512x512 --calib-inputs calib.safetensors --budget W4A8 --out out/px
+    treeq capture --pipeline models/FLUX.1-dev --prompts prompts.txt --steps 28 --height 512 --width 512 \
+        --out flux.safetensors
 
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
 it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
 (both halves under classifier-free guidance: the guided model sees both). The file also holds the scheduler's
 sampler weights ``c(t)²``, measured on its own step (``diffusers_schedule``): the search's default metric and
-PEFT's ``--loss-weights sampler``; a scheduler without them is noted. Nothing is downloaded.
+PEFT's ``--loss-weights sampler``; a scheduler without them (flow matching: SD3, Flux) is noted, and the metric is
+the plain MSE of the prediction. Flux's pipeline passes the transformer its timesteps divided by 1000 (in its
+dtype) and may shift its schedule by resolution, so its calls are all recorded and the timesteps chosen from
+those seen. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, help="a local diffusers DiT or PixArt pipeline directory")
+    p.add_argument("--pipeline", required=True, help="a local diffusers DiT, PixArt, SD3 or Flux pipeline directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
-    what.add_argument("--prompts", default=None, help="PixArt: a text file, one prompt per line")
+    what.add_argument("--prompts", default=None, help="PixArt, SD3, Flux: a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
     p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default: the pipeline's)")
     p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import load_pipeline, read_prompts, transformer_dir
-    from .diffusers_runner import DiffusersRunner, capture_calls, save_inputs, select_timesteps
+    from .diffusers_runner import capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
         transformer_dir(args.pipeline)   # a clear error before the pipeline loads
@@ -54,8 +61,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
         if args.timesteps <= 0:
             raise ValueError(f"--timesteps must be positive, got {args.timesteps}")
+        size = {side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None}
+        if any(v <= 0 for v in size.values()):
+            raise ValueError(f"--height and --width must be positive numbers of pixels, got {size}")
+        if size and args.labels is not None:
+            raise ValueError("a DiT pipeline samples at its transformer's size: give it without --height / --width")
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
-        runner = DiffusersRunner(pipe.transformer)
+        runner = make_runner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
         if runner.arch == "dit":
@@ -63,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             bad = [v for v in items if not 0 <= v < classes]
             if bad:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
-        kw = {} if args.cfg is None else {"guidance_scale": args.cfg}
+        kw: dict = {} if args.cfg is None else {"guidance_scale": args.cfg}
+        kw.update(size)
         # the timesteps to keep, from the pipeline's scheduler (the values its runs will visit): calls at the
         # others are not stored, so a long capture holds only what it keeps
         from .diffusers_schedule import scheduler_weights
@@ -73,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
             weights: dict[float, float] | None = scheduler_weights(pipe.scheduler, args.steps, step_kwargs=extra)
         except ValueError as e:
             weights = None
-            print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain ε-MSE",
+            print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain MSE of the prediction",
                   file=sys.stderr)
-        pipe.scheduler.set_timesteps(args.steps)
-        schedule = pipe.scheduler.timesteps
-        keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
+        keep: list[float] | None = None
+        if runner.arch != "flux":   # (module docstring: Flux's calls are chosen from after the runs)
+            pipe.scheduler.set_timesteps(args.steps)
+            schedule = pipe.scheduler.timesteps
+            keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
         from tqdm import tqdm
 
         with capture_calls(runner, keep=keep) as calls:
@@ -91,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         if not calls.calls:
             raise ValueError(f"none of the pipeline's {calls.skipped} transformer calls came at the scheduler's "
                              f"timesteps {keep}: this pipeline passes timesteps another way")
-        inputs = calls.inputs()
+        # (calls.calls holds every call when nothing was chosen beforehand: the line below counts them all)
+        inputs = calls.inputs(None if keep is not None else min(args.timesteps, len(set(calls.timesteps))))
         save_inputs(args.out, runner, inputs, weights=weights, scheduler=pipe.scheduler)
     except (ValueError, ImportError, OSError) as e:
         print(f"treeq capture: error: {e}", file=sys.stderr)

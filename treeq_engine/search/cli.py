@@ -165,7 +165,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     None, call, source)``: rank 0 loads the pipeline under PATH (at ``--dtype``) and samples; every rank knows
     what is sampled (the resume fingerprint holds it)."""
     from ..models.diffusers_transformers import load_transformer
-    from .diffusers_runner import DiffusersRunner, load_inputs, load_weights, schedule_drift
+    from .diffusers_runner import load_inputs, load_weights, make_runner, schedule_drift
     from .diffusers_schedule import per_sample
 
     if not args.calib_inputs:
@@ -199,7 +199,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
     elif args.closed_loop_labels or args.closed_loop_prompts:
         raise ValueError("--closed-loop-labels / --closed-loop-prompts are for --select closed-loop[-root]")
-    runner = DiffusersRunner(model)
+    runner = make_runner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
     weights = None
     if args.metric != "eps" and not args.check:   # (a plan check scores nothing)
@@ -210,7 +210,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         if table is None:
             if rank == 0:
                 print(f"treeq search: note: {args.calib_inputs} holds no sampler weights; the metric is the plain "
-                      "ε-MSE", file=sys.stderr)
+                      "MSE of the prediction (ε, or a flow model's velocity)", file=sys.stderr)
         else:
             weights = per_sample(table, inputs[runner.input_names.index("timestep")], args.calib_inputs)
             drift = schedule_drift(args.calib_inputs, args.diffusers) if meta is not None else None

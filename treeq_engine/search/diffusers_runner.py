@@ -38,7 +38,18 @@ DIT, PIXART = "dit", "pixart"
 
 
 def diffusers_arch(model: nn.Module) -> str | None:
-    """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``None`` for anything else."""
+    """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
+    ``mmdit_runner.MMDiTRunner`` cuts, ``None`` for anything else (``make_runner`` takes each of them)."""
+    from .mmdit_runner import mmdit_arch
+
+    arch = mmdit_arch(model)
+    if arch is not None:
+        return arch
+    return fused_arch(model)
+
+
+def fused_arch(model: nn.Module) -> str | None:
+    """``"dit"`` / ``"pixart"``: the two this module's runner cuts (and the runtime fuses), else ``None``."""
     cfg = getattr(model, "config", None)
     if not hasattr(model, "transformer_blocks") or cfg is None:
         return None
@@ -51,11 +62,24 @@ def diffusers_arch(model: nn.Module) -> str | None:
     return None
 
 
+def make_runner(model: nn.Module) -> Any:
+    """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
+    ``MMDiTRunner`` for SD3 and Flux. Anything else is a ``TypeError`` naming what is supported."""
+    from .mmdit_runner import MMDiTRunner, mmdit_arch
+
+    if mmdit_arch(model) is not None:
+        return MMDiTRunner(model)
+    if fused_arch(model) is None:
+        raise TypeError(f"the search cuts diffusers' DiTTransformer2DModel, PixArtTransformer2DModel, "
+                        f"SD3Transformer2DModel and FluxTransformer2DModel; got {type(model).__name__}")
+    return DiffusersRunner(model)
+
+
 class DiffusersRunner:
     """``SegmentRunner`` for a diffusers DiT or PixArt transformer (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        arch = diffusers_arch(model)
+        arch = fused_arch(model)
         if arch is None:
             raise TypeError(f"DiffusersRunner cuts diffusers' DiTTransformer2DModel (norm_type 'ada_norm_zero') and "
                             f"PixArtTransformer2DModel (norm_type 'ada_norm_single'); got {type(model).__name__}"
@@ -248,8 +272,9 @@ class DiffusersRunner:
 
 
 def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The noise prediction of a diffusers DiT/PixArt on one input tuple (``calib.peft``'s ``eps_fn``)."""
-    return run_segments(DiffusersRunner(model), cast(State, batch))   # (any sequence: it makes its own tuple)
+    """The prediction of a diffusers DiT/PixArt (noise) or SD3/Flux (velocity) on one input tuple (``calib.peft``'s
+    ``eps_fn``)."""
+    return run_segments(make_runner(model), cast(State, batch))   # (any sequence: it makes its own tuple)
 
 
 def stack_inputs(calls: Sequence[State]) -> State:
@@ -272,7 +297,7 @@ def stack_inputs(calls: Sequence[State]) -> State:
 class CapturedCalls:
     """The transformer calls made while the context is open (``capture_calls``), as input tuples on the CPU."""
 
-    def __init__(self, runner: DiffusersRunner) -> None:
+    def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.calls: list[State] = []
         self.timesteps: list[float] = []
@@ -302,7 +327,7 @@ class capture_calls:
     scheduler's; the rest are counted in ``skipped``): a long capture then holds only what it keeps. A call the
     search could not reproduce (a self-attention mask, attention kwargs) is an error at once."""
 
-    def __init__(self, runner: DiffusersRunner, keep: Sequence[float] | None = None) -> None:
+    def __init__(self, runner: Any, keep: Sequence[float] | None = None) -> None:
         import inspect
 
         self.runner = runner
@@ -340,7 +365,7 @@ def select_timesteps(timesteps: Sequence[float] | torch.Tensor, k: int) -> list[
     return [seen[i] for i in sorted({round(i * (len(seen) - 1) / max(k - 1, 1)) for i in range(k)})]
 
 
-def save_inputs(path: str, runner: DiffusersRunner, inputs: Sequence[torch.Tensor], *,
+def save_inputs(path: str, runner: Any, inputs: Sequence[torch.Tensor], *,
                 weights: Mapping[float, float] | None = None, scheduler: Any = "") -> None:
     """Calibration inputs as safetensors, named by ``runner.input_names`` (what ``load_inputs`` checks), with the
     schedule's sampler weights ``{timestep: c(t)²}`` when given (``diffusers_schedule.scheduler_weights``; every
@@ -404,7 +429,7 @@ def schedule_drift(path: str, pipeline: str) -> str | None:
             f"differs ({drift}): capture again to match it")
 
 
-def load_weights(path: str, runner: DiffusersRunner) -> dict[float, float] | None:
+def load_weights(path: str, runner: Any) -> dict[float, float] | None:
     """The sampler weights ``{timestep: c(t)²}`` a calibration file holds (``treeq capture`` stores the pipeline
     scheduler's), checked to cover every sample's timestep; None when it holds none."""
     from safetensors import safe_open
@@ -435,7 +460,7 @@ def inputs_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(path: str, runner: DiffusersRunner) -> State:
+def load_inputs(path: str, runner: Any) -> State:
     """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names."""
     from safetensors import safe_open
 

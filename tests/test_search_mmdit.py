@@ -1,0 +1,319 @@
+"""The search, PTQ and PEFT on diffusers' MMDiT transformers, SD3 and Flux (tiny random configs, offline): the
+runner's segments compose to the model bit for bit, tied leaves follow what reads one input, the evaluator agrees
+with a brute-force oracle that converts a copy and runs the model's own forward, and the command line captures a
+Flux pipeline, searches, calibrates, fine-tunes and packs."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.nn import convert, quant_layers  # noqa: E402
+from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.search import Environment, Evaluator, MMDiTRunner, SearchSpace, make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_sd3(dual=False):
+    torch.manual_seed(0)
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual else {}   # SD3.5-medium's blocks
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                           pos_embed_max_size=16, **extra).eval()
+
+
+def tiny_flux(guidance=False):
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+                                            guidance_embeds=guidance).eval()
+
+
+MODELS = {"sd3": tiny_sd3, "sd3-dual": lambda: tiny_sd3(dual=True), "flux": tiny_flux,
+          "flux-guidance": lambda: tiny_flux(guidance=True)}
+
+
+def call(model, n=4, seed=0, hw=(8, 8)):
+    """The keyword arguments a pipeline passes the transformer (Flux: ids unbatched, timesteps / 1000)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n, 5, 16, generator=g)
+    pooled = torch.randn(n, 8, generator=g)
+    if type(model).__name__ == "SD3Transformer2DModel":
+        return dict(hidden_states=torch.randn(n, 4, *hw, generator=g), encoder_hidden_states=text,
+                    pooled_projections=pooled, timestep=torch.randint(0, 1000, (n,), generator=g).float())
+    h, w = hw[0] // 2, hw[1] // 2
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] += torch.arange(h)[:, None]
+    img_ids[..., 2] += torch.arange(w)[None, :]
+    kw = dict(hidden_states=torch.randn(n, h * w, 16, generator=g), encoder_hidden_states=text,
+              pooled_projections=pooled, timestep=torch.rand(n, generator=g), img_ids=img_ids.reshape(-1, 3),
+              txt_ids=torch.zeros(5, 3))
+    if model.config.guidance_embeds:
+        kw["guidance"] = torch.full((n,), 3.5)
+    return kw
+
+
+def example(runner, **kw):
+    """The runner's input tuple for a pipeline-like call, and the model's own output on it."""
+    c = call(runner.model, **kw)
+    with torch.no_grad():
+        return runner.inputs(**c), runner.model(**c).sample
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_segments_compose_to_the_model(name):
+    runner = make_runner(perturbed(MODELS[name]()))
+    assert isinstance(runner, MMDiTRunner) and diffusers_arch(runner.model) == name.split("-")[0]
+    for hw in ((8, 8), (8, 12)):   # neither needs square latents
+        inputs, want = example(runner, hw=hw)
+        with torch.no_grad():
+            assert torch.equal(runner.forward(*inputs), want)
+            assert torch.equal(run_segments(runner, inputs), want)   # the metric sees the whole prediction
+    joint = len(runner.model.transformer_blocks)
+    assert runner.segment_of("transformer_blocks.1.attn.to_q") == 2
+    assert runner.segment_of("proj_out") == runner.num_segments - 1
+    assert runner.segment_of("context_embedder") == runner.segment_of("time_text_embed.timestep_embedder.linear_1") == 0
+    if name.startswith("flux"):
+        assert runner.segment_of("single_transformer_blocks.1.proj_mlp") == joint + 2 == runner.num_segments - 2
+        assert runner.input_names[-1] == ("guidance" if name == "flux-guidance" else "txt_ids")
+
+
+def leaf_names(runner):
+    inputs, _ = example(runner)
+    space = SearchSpace.build(runner.model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    return space, [leaf.layer_names for leaf in space.leaves]
+
+
+def test_tied_leaves():
+    """Linears reading one input are one leaf: an attention's to_q/k/v, its add_q/k/v_proj, and in Flux's
+    single-stream blocks to_q/k/v with proj_mlp (named by proj_mlp, which runs first)."""
+    space, leaves = leaf_names(make_runner(perturbed(tiny_flux())))
+    b0 = [tuple(n.split(".", 2)[2] for n in names) for names in leaves if names[0].startswith("transformer_blocks.0.")]
+    assert b0 == [("norm1.linear",), ("norm1_context.linear",), ("attn.to_q", "attn.to_k", "attn.to_v"),
+                  ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), ("attn.to_out.0",), ("attn.to_add_out",),
+                  ("ff.net.0.proj",), ("ff.net.2",), ("ff_context.net.0.proj",), ("ff_context.net.2",)]
+    s1 = [tuple(n.split(".", 2)[2] for n in names) for names in leaves
+          if names[0].startswith("single_transformer_blocks.1.")]
+    assert s1 == [("norm.linear",), ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"), ("proj_out",)]
+    tied = space.leaves[[i for i, names in enumerate(leaves) if "proj_mlp" in names[0]][0]]
+    assert tied.tokens == 16 + 5   # text and image tokens, one sequence
+    plan = space.plan(np.zeros(len(space.leaves), dtype=np.int64))
+    assert len({plan.layers[f"single_transformer_blocks.0.{n}"] for n in ("proj_mlp", "attn.to_v")}) == 1
+    _, leaves = leaf_names(make_runner(perturbed(tiny_sd3(dual=True))))
+    names = [tuple(n.split(".", 2)[2] for n in ns) for ns in leaves if ns[0].startswith("transformer_blocks.0.")]
+    assert ("attn2.to_q", "attn2.to_k", "attn2.to_v") in names and ("attn.to_q", "attn.to_k", "attn.to_v") in names
+    last = [tuple(n.split(".", 2)[2] for n in ns) for ns in leaves if ns[0].startswith("transformer_blocks.1.")]
+    assert ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj") in last   # context_pre_only: no to_add_out
+    assert not any("to_add_out" in n[0] or "ff_context" in n[0] for n in last)
+
+
+def brute_mse(model, runner, kw, space, env, lo, hi, row):
+    """Convert a fresh copy, run the model's own forward on the pipeline's call, MSE against FP."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        fp = m(**kw).sample.double()
+    layers = {n: space.candidates[row[i - lo]] if lo <= i < hi else env.config
+              for i, leaf in enumerate(space.leaves) for n in leaf.layer_names}
+    layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
+    convert(m, QuantPlan(layers))
+    node = {n for leaf in space.leaves[lo:hi] for n in leaf.layer_names}
+    for name, q in quant_layers(m).items():
+        q.set_noise_scale(1.0 if name in node else env.lam)
+    with torch.no_grad():
+        out = m(**kw).sample.double()
+    return float(((out - fp) ** 2).mean())
+
+
+@pytest.mark.parametrize("name,lam", [("sd3", 1.0), ("sd3-dual", 0.5), ("flux-guidance", 1.0), ("flux", 0.5)])
+def test_evaluate_matches_brute_force(name, lam):
+    model = perturbed(MODELS[name]())
+    runner = make_runner(model)
+    kw = call(model, n=5, seed=3)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), lam)
+    pristine = copy.deepcopy(model)
+    ev = Evaluator(model, runner, space, inputs, env, batch=5, group=3)   # one chunk, 3 candidates per forward
+    rng = np.random.default_rng(len(name))
+    c = len(space.candidates)
+    for lo, hi in ((0, 2), (4, 7), (len(space.leaves) - 3, len(space.leaves))):
+        rows = rng.integers(0, c, (4, hi - lo))
+        got = ev.evaluate(lo, hi, rows)
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in rows]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+        assert (got > 0).all()
+
+
+def test_inputs_are_checked():
+    sd3, flux, fluxg = (make_runner(m()) for m in (tiny_sd3, tiny_flux, lambda: tiny_flux(guidance=True)))
+    kw = call(sd3.model, n=2)
+    with pytest.raises(ValueError, match=r"hidden_states must be a \(N, C, H, W\) latent tensor"):
+        sd3.inputs(**{**kw, "hidden_states": kw["hidden_states"][0]})
+    with pytest.raises(ValueError, match="must have 4 channels"):
+        sd3.inputs(**{**kw, "hidden_states": torch.randn(2, 3, 8, 8)})
+    with pytest.raises(ValueError, match="multiples of the patch size 2"):
+        sd3.inputs(**{**kw, "hidden_states": torch.randn(2, 4, 8, 7)})
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(N=2, L, 16\)"):
+        sd3.inputs(**{**kw, "encoder_hidden_states": torch.randn(2, 5, 12)})
+    with pytest.raises(ValueError, match=r"pooled_projections must be \(N=2, 8\)"):
+        sd3.inputs(**{**kw, "pooled_projections": None})
+    with pytest.raises(ValueError, match="timestep must be a scalar"):
+        sd3.inputs(**{**kw, "timestep": torch.zeros(3)})
+    with pytest.raises(ValueError, match="skip_layers"):
+        sd3.inputs(**kw, skip_layers=[1])
+    with pytest.raises(ValueError, match="ControlNet"):
+        sd3.inputs(**kw, block_controlnet_hidden_states=[torch.zeros(1)])
+    with pytest.raises(ValueError, match="joint_attention_kwargs"):
+        sd3.inputs(**kw, joint_attention_kwargs={"scale": 1.0})
+    t = sd3.inputs(**{**kw, "timestep": 500.0})[3]
+    assert t.tolist() == [500.0, 500.0]   # a scalar timestep broadcast to the batch
+
+    kw = call(flux.model, n=2)
+    state = flux.inputs(**kw)
+    assert state[4].shape == (2, 16, 3) and torch.equal(state[4][1], kw["img_ids"])   # ids per sample
+    assert torch.equal(flux.inputs(**{**kw, "img_ids": state[4]})[4], state[4])        # (as a file stores them)
+    with pytest.raises(ValueError, match=r"packed-latent"):
+        flux.inputs(**{**kw, "hidden_states": torch.randn(2, 16, 4, 4)})
+    with pytest.raises(ValueError, match=r"img_ids must be \(16, 3\) or \(N=2, 16, 3\)"):
+        flux.inputs(**{**kw, "img_ids": torch.zeros(15, 3)})
+    other = state[4].clone()
+    other[1, 0, 1] = 7
+    with pytest.raises(ValueError, match="img_ids differ between the samples of one call"):
+        flux.inputs(**{**kw, "img_ids": other})
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        fluxg.inputs(**kw)
+    assert fluxg.inputs(**kw, guidance=3.5)[6].tolist() == [3.5, 3.5]
+    with pytest.raises(TypeError, match="the search cuts diffusers' .*SD3Transformer2DModel.*; got Linear"):
+        make_runner(torch.nn.Linear(2, 2))
+
+
+def test_calibration_files_round_trip(tmp_path):
+    """`save_inputs` / `load_inputs` with the MMDiT names; a file of one architecture refuses the other."""
+    flux = make_runner(tiny_flux(guidance=True))
+    inputs = flux.inputs(**call(flux.model, n=3))
+    path = str(tmp_path / "flux.safetensors")
+    save_inputs(path, flux, inputs)
+    back = load_inputs(path, flux)
+    assert all(torch.equal(a, b) for a, b in zip(back, inputs))
+    with pytest.raises(ValueError, match="inputs of a 'flux' transformer, this one is 'sd3'"):
+        load_inputs(path, make_runner(tiny_sd3()))
+
+
+def test_search_ptq_peft_quantize_on_sd3(tmp_path, capsys):
+    """`treeq search / ptq / peft / quantize --diffusers` on an SD3 transformer directory with saved inputs: the
+    plan packs, and the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    model = perturbed(tiny_sd3())
+    d = tmp_path / "sd3"
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, tuple(torch.cat(t) for t in zip(*(runner.inputs(**call(model, n=3, seed=s))
+                                                                  for s in range(2)))))
+    src = ["--diffusers", str(d), "--calib-inputs", calib]
+    out = tmp_path / "search"
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "3", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SD3Transformer2DModel" in text and "leaves" in text
+    plan = QuantPlan.load(out / "plan.json")
+    report = json.loads((out / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"]
+    assert plan.layers["transformer_blocks.0.attn.to_k"] == plan.layers["transformer_blocks.0.attn.to_q"]
+    assert main(["quantize", "--diffusers", str(d), "--plan", str(out / "plan.json"), "--out",
+                 str(tmp_path / "a1")]) == 0
+
+    ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
+    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A4", "--max-tokens", "64", "--rounds", "1",
+                 "--out", ptq]) == 0
+    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "3", "--lr-branch", "0.05",
+                 "--out", peft]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+    direct = diffusers.SD3Transformer2DModel.from_pretrained(d).eval()
+    load_calibration(direct, ptq)
+    load_finetuned(direct, peft)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    kw = call(model, n=2, seed=7)
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
+
+
+def test_capture_search_and_pack_a_flux_pipeline(tmp_path, capsys):
+    """`treeq capture` on a Flux pipeline (its calls all recorded, timesteps chosen after: they come / 1000) ->
+    `treeq search` -> `treeq quantize`; the artifact samples in the pipeline."""
+    pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
+    from tiny_diffusers import tiny_flux_pipeline
+
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house on the hill\na dog\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "16", "--width", "16"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "4", "--timesteps",
+                 "3", *size, "--batch", "2", "--device", "cpu", "--out", calib]) == 0
+    cap = capsys.readouterr()
+    assert "8 transformer calls, kept 9 samples at 3 timesteps" in cap.out   # 2 runs x 4 steps; 3 prompts x 3
+    assert "no sampler weights" in cap.err
+    runner = make_runner(diffusers.FluxTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    t = inputs[runner.input_names.index("timestep")]
+    assert len(set(t.tolist())) == 3 and float(t.max()) <= 1.0   # the pipeline's timesteps / 1000
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "3",
+                 "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    assert "plain MSE of the prediction" in capsys.readouterr().err
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "1,2", "--out", calib]) == 2
+    assert "a flux pipeline takes --prompts" in capsys.readouterr().err
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--height", "0",
+                 "--out", calib]) == 2
+    assert "--height and --width must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sd3", "flux-guidance"])
+def test_search_on_gpu_matches_cpu(name):
+    """The MMDiT runner on CUDA: segments compose to the model exactly, and float32 candidate scores agree with
+    the CPU's (different GEMM kernels: a code can flip at a rounding boundary, so a loose bound)."""
+    model = perturbed(MODELS[name]())
+    runner = make_runner(model)
+    kw = call(model, n=5, seed=3)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), 1.0)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_runner = make_runner(gpu_model)
+    gpu_kw = {k: v.cuda() for k, v in kw.items()}
+    gpu_inputs = gpu_runner.inputs(**gpu_kw)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_runner.forward(*gpu_inputs), gpu_model(**gpu_kw).sample, rtol=0, atol=0)
+    rows = np.random.default_rng(0).integers(0, len(space.candidates), (6, 3))
+    cpu = Evaluator(model, runner, space, inputs, env, batch=5, group=3).evaluate(2, 5, rows)
+    gpu = Evaluator(gpu_model, gpu_runner, space, gpu_inputs, env, batch=5, group=3).evaluate(2, 5, rows)
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-2)

@@ -1,0 +1,235 @@
+"""The search's segment runner for diffusers' MMDiT transformers: ``SD3Transformer2DModel`` (SD3, SD3.5) and
+``FluxTransformer2DModel`` (FLUX.1). The same interface as ``DiffusersRunner`` (``make_runner`` picks one), so
+capture, search, PTQ and PEFT take these models too; the runtime packs them but does not fuse their blocks.
+
+Segments: 0 runs the embedders (patch or latent embedding, timestep + pooled-text (+ guidance) embedding, the
+context embedder), ``1..B`` the joint blocks (and for Flux then the single-stream blocks), the last one the output
+norm and projection (and SD3's unpatchify). Each does what the model's ``forward`` does between those points (a
+test holds their composition bit-identical to ``transformer(...).sample``). The state between blocks is
+``(image tokens, text tokens, temb)``, and for Flux also the text and image position ids, per sample (the model
+takes them unbatched; they are stored per sample so that every state tensor has the sample on dim 0, as the
+search's chunking and candidate stacking need), from which each block segment rebuilds the rotary embedding.
+
+Calibration inputs, in the order of ``input_names``:
+
+* SD3: ``hidden_states (N, C, H, W)``, ``encoder_hidden_states (N, L, D)``, ``pooled_projections (N, P)``,
+  ``timestep (N,)`` (the scheduler's, 0..1000);
+* Flux: ``hidden_states (N, S, C)`` (packed latents), ``encoder_hidden_states (N, L, D)``, ``pooled_projections
+  (N, P)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's / 1000), ``img_ids (N, S, 3)``,
+  ``txt_ids (N, L, 3)``, and with guidance distillation (FLUX.1-dev) ``guidance (N,)``.
+
+The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error
+at capture: ControlNet residuals, attention kwargs (IP-Adapter), SD3's skipped layers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .evaluator import State
+
+SD3, FLUX = "sd3", "flux"
+CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
+
+
+def _shape(v: Any) -> Any:
+    """What an argument is, for an error message: a tensor's shape, else its type."""
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def mmdit_arch(model: nn.Module) -> str | None:
+    """``"sd3"`` / ``"flux"`` for the MMDiT transformers this runner cuts, ``None`` for anything else."""
+    arch = CLASSES.get(type(model).__name__)
+    return arch if arch is not None and hasattr(model, "transformer_blocks") else None
+
+
+class MMDiTRunner:
+    """``SegmentRunner`` for a diffusers SD3 or Flux transformer (see the module docstring)."""
+
+    extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        arch = mmdit_arch(model)
+        if arch is None:
+            raise TypeError(f"MMDiTRunner cuts diffusers' {' and '.join(CLASSES)}; got {type(model).__name__}")
+        self.model: Any = model   # a diffusers transformer: its submodules are read by name
+        self.arch = arch
+        self.joint = model.transformer_blocks
+        self.single = model.single_transformer_blocks if arch == FLUX else nn.ModuleList()
+        self.num_segments = len(self.joint) + len(self.single) + 2
+        self.in_channels, self.out_channels = int(model.config.in_channels), int(model.out_channels)
+        self.patch = int(model.config.patch_size) if arch == SD3 else 1
+        self.guidance = arch == FLUX and bool(model.config.guidance_embeds)
+        self._grids: dict[int, tuple[int, int]] = {}
+        self.output_fn = output_fn
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        head = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+        if self.arch == SD3:
+            return head
+        return head + ("img_ids", "txt_ids") + (("guidance",) if self.guidance else ())
+
+    def tie(self, layer_name: str) -> str | None:
+        """Linears that read one input, searched as one leaf: an attention's to_q/to_k/to_v (image tokens, or
+        SD3.5's second attention's), its add_q/k/v_proj (text tokens), and in Flux's single-stream blocks the
+        attention's to_q/to_k/to_v with proj_mlp (all on the one normalised sequence)."""
+        head, _, last = layer_name.rpartition(".")
+        block, _, attn = head.rpartition(".")
+        if block.startswith("single_transformer_blocks.") and attn == "attn" and last in ("to_q", "to_k", "to_v"):
+            return block + ".qkv_mlp"
+        if head.startswith("single_transformer_blocks.") and last == "proj_mlp":
+            return head + ".qkv_mlp"
+        if attn in ("attn", "attn2") and last in ("to_q", "to_k", "to_v"):
+            return head + ".qkv"
+        if attn == "attn" and last in ("add_q_proj", "add_k_proj", "add_v_proj"):
+            return head + ".add_qkv"
+        return None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | float | None = None,
+               img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
+               guidance: torch.Tensor | float | None = None, *, joint_attention_kwargs: Mapping[str, Any] | None = None,
+               block_controlnet_hidden_states: Any = None, controlnet_block_samples: Any = None,
+               controlnet_single_block_samples: Any = None, skip_layers: Any = None, check_values: bool = True,
+               **_: Any) -> State:
+        """One transformer call's arguments (as a pipeline passes them) as this runner's input tuple: the
+        timestep and guidance broadcast to the batch, Flux's position ids repeated per sample. What the search
+        cannot reproduce is an error. (``check_values`` is accepted for the common interface: nothing here reads
+        values back from the device.)"""
+        if joint_attention_kwargs:
+            raise ValueError(f"the search runs the default attention; joint_attention_kwargs "
+                             f"{sorted(joint_attention_kwargs)} are not supported")
+        if any(v is not None for v in (block_controlnet_hidden_states, controlnet_block_samples,
+                                       controlnet_single_block_samples)):
+            raise ValueError("the search does not support ControlNet residuals")
+        if skip_layers:
+            raise ValueError("the search runs every block; skip_layers (skip-layer guidance) is not supported")
+        want_dim = 4 if self.arch == SD3 else 3
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != want_dim:
+            shape = "(N, C, H, W) latent" if self.arch == SD3 else "(N, S, C) packed-latent"
+            raise ValueError(f"hidden_states must be a {shape} tensor, got {_shape(hidden_states)}")
+        n = hidden_states.shape[0]
+        if hidden_states.shape[1 if self.arch == SD3 else 2] != self.in_channels:
+            raise ValueError(f"hidden_states must have {self.in_channels} channels, got {tuple(hidden_states.shape)}")
+        if self.arch == SD3 and (hidden_states.shape[2] % self.patch or hidden_states.shape[3] % self.patch):
+            raise ValueError(f"hidden_states' height and width must be multiples of the patch size {self.patch}, "
+                             f"got {tuple(hidden_states.shape)}")
+        cfg = self.model.config
+        width = cfg.joint_attention_dim
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
+                encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(encoder_hidden_states)}")
+        pooled = cfg.pooled_projection_dim
+        if not isinstance(pooled_projections, torch.Tensor) or tuple(pooled_projections.shape) != (n, pooled):
+            raise ValueError(f"pooled_projections must be (N={n}, {pooled}), got {_shape(pooled_projections)}")
+        t = self._per_sample("timestep", timestep, n, hidden_states.device)
+        out: State = (hidden_states, encoder_hidden_states, pooled_projections, t)
+        if self.arch == SD3:
+            return out
+        ids = []
+        for name, v, length in (("img_ids", img_ids, hidden_states.shape[1]),
+                                ("txt_ids", txt_ids, encoder_hidden_states.shape[1])):
+            if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, 3) or \
+                    (v.dim() == 3 and v.shape[0] != n):
+                raise ValueError(f"{name} must be ({length}, 3) or (N={n}, {length}, 3) position ids, got {_shape(v)}")
+            if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
+                raise ValueError(f"{name} differ between the samples of one call: Flux takes one set per call")
+            ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
+        out += (ids[0], ids[1])
+        if self.guidance:
+            if guidance is None:
+                raise ValueError("this Flux is guidance-distilled (guidance_embeds): a call needs guidance")
+            out += (self._per_sample("guidance", guidance, n, hidden_states.device),)
+        return out
+
+    @staticmethod
+    def _per_sample(name: str, value: Any, n: int, device: torch.device) -> torch.Tensor:
+        if value is None:
+            raise ValueError(f"{name} is required")
+        v = torch.as_tensor(value, device=device)
+        if v.dim() == 0:
+            v = v[None]
+        if v.dim() != 1 or v.shape[0] not in (1, n):
+            raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
+        return v.expand(n).clone()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The whole model on one input tuple (every segment in turn): the full output."""
+        state: State = tuple(inputs)
+        for s in range(self.num_segments):
+            state = self.run(s, state)
+        return state[0]
+
+    # -- SegmentRunner -----------------------------------------------------------------------------
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if len(parts) > 1 and parts[1].isdigit():
+            if parts[0] == "transformer_blocks":
+                return int(parts[1]) + 1
+            if parts[0] == "single_transformer_blocks":
+                return len(self.joint) + int(parts[1]) + 1
+        if parts[0] in ("norm_out", "proj_out"):
+            return self.num_segments - 1
+        return 0
+
+    def run(self, segment: int, state: State) -> State:
+        if segment == 0:
+            return self._embed(state)
+        if segment == self.num_segments - 1:
+            return (self._head(state),)
+        h, enc, temb = state[:3]
+        i = segment - 1
+        if self.arch == SD3:
+            new_enc, h = self.joint[i](hidden_states=h, encoder_hidden_states=enc, temb=temb,
+                                       joint_attention_kwargs=None)
+            # the last block is context_pre_only: no text tokens come out, and none are read after it
+            return (h, enc if new_enc is None else new_enc, temb)
+        txt_ids, img_ids = state[3], state[4]
+        rope = self.model.pos_embed(torch.cat((txt_ids[0], img_ids[0]), dim=0))
+        block = self.joint[i] if i < len(self.joint) else self.single[i - len(self.joint)]
+        enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope,
+                       joint_attention_kwargs=None)
+        return (h, enc, temb, txt_ids, img_ids)
+
+    def output(self, state: State) -> torch.Tensor:
+        out = state[0]
+        return out if self.output_fn is None else self.output_fn(out)
+
+    # -- the model's forward, cut ------------------------------------------------------------------
+    def _embed(self, state: State) -> State:
+        """SD3: ``(h, text, temb)``; Flux: ``(h, text, temb, txt_ids, img_ids)``. SD3's latents need not be square:
+        the patch grid is remembered by token count for the head (a host value: the head reads nothing back)."""
+        m = self.model
+        x, enc, pooled, t = state[:4]
+        if self.arch == SD3:
+            grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+            if self._grids.setdefault(grid[0] * grid[1], grid) != grid:
+                raise ValueError(f"latents of {grid[0] * grid[1]} patches came as {self._grids[grid[0] * grid[1]]} "
+                                 f"and {grid} grids: use one aspect ratio per token count")
+            h = m.pos_embed(x).contiguous()
+            return (h, m.context_embedder(enc), m.time_text_embed(t, pooled))
+        h = m.x_embedder(x)
+        t = t.to(h.dtype) * 1000
+        if self.guidance:
+            temb = m.time_text_embed(t, state[6].to(h.dtype) * 1000, pooled)
+        else:
+            temb = m.time_text_embed(t, pooled)
+        return (h, m.context_embedder(enc), temb, state[5], state[4])
+
+    def _head(self, state: State) -> torch.Tensor:
+        m = self.model
+        h, temb = state[0], state[2]
+        h = m.proj_out(m.norm_out(h, temb))
+        if self.arch == FLUX:
+            return h
+        if h.shape[1] not in self._grids:
+            raise RuntimeError(f"no latent grid of {h.shape[1]} patches went through segment 0")
+        height, width = self._grids[h.shape[1]]
+        p, c = self.patch, self.out_channels
+        h = h.reshape(-1, height, width, p, p, c)
+        h = torch.einsum("nhwpqc->nchpwq", h)
+        return h.reshape(-1, c, height * p, width * p)
