@@ -73,7 +73,8 @@ def measure(cls_name: str, config: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"params": params, "packable_share": packable / params, "bf16": 2 * params}
     for fmt in FORMATS:
         model = build()
-        skeleton(model, QuantPlan.block_uniform(model, *parse_wa(fmt)), dtype=torch.bfloat16, fuse=False)
+        skeleton(model, QuantPlan.block_uniform(model, *parse_wa(fmt), pointwise_convs=True), dtype=torch.bfloat16,
+                 fuse=False)
         row[fmt] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return row
 

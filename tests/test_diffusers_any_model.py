@@ -31,7 +31,7 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     model.save_pretrained(d)
     with torch.no_grad():
         fp = model(**kw).sample
-    plan = QuantPlan.block_uniform(model, 4, 8)
+    plan = QuantPlan.block_uniform(model, 4, 8, pointwise_convs=True)   # what `treeq quantize --uniform` packs
     blocks = [n for n in plan.layers if is_block_layer(n)]
     assert blocks and all(plan.layers[n].label == "W4A8" for n in blocks)
     assert all(plan.layers[n].label == "W8A8" for n in plan.layers if n not in blocks)
@@ -59,7 +59,7 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     assert 0 < rel(got, fp) < 0.2   # W4A8 in bf16: close to FP, not equal (tiny random models: loose)
     with torch.no_grad():   # W8A8, float32: much closer
         m8 = type(model).from_pretrained(d).eval()
-        quantize(m8, QuantPlan.block_uniform(m8, 8, 8), dtype=torch.float32)
+        quantize(m8, QuantPlan.block_uniform(m8, 8, 8, pointwise_convs=True), dtype=torch.float32)
         assert rel(m8(**kw).sample, fp) < 0.03
 
 
@@ -133,7 +133,8 @@ def test_memory_benchmark_counts_what_quantize_stores(cls_name):
     row = diffusers_memory.measure(cls_name, config)
     for fmt in ("W8A8", "W4A4"):
         model = cls(**config).to(torch.bfloat16)
-        quantize(model, QuantPlan.block_uniform(model, int(fmt[1]), int(fmt[3])), dtype=torch.bfloat16, fuse=False)
+        plan = QuantPlan.block_uniform(model, int(fmt[1]), int(fmt[3]), pointwise_convs=True)
+        quantize(model, plan, dtype=torch.bfloat16, fuse=False)
         assert row[fmt] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert row["params"] == sum(p.numel() for p in cls(**config).parameters())
     fp = cls(**config)

@@ -295,7 +295,7 @@ def test_packed_transformers_on_cuda_without_a_pipeline(name):
     from treeq_engine.runtime import TreeQPointwiseConv, quantize, set_layout, treeq_layers
 
     model, kw = pack_only_models()[name]
-    plan = QuantPlan.block_uniform(model, 4, 8)
+    plan = QuantPlan.block_uniform(model, 4, 8, pointwise_convs=True)
     quantize(model, plan, dtype=torch.float32)
     if name == "sana":
         assert any(isinstance(m, TreeQPointwiseConv) for m in treeq_layers(model).values())

@@ -25,7 +25,7 @@ def rel(a, b):
 @pytest.mark.parametrize("label,bias,branch", [("W8A8", True, None), ("W4A4", False, None), ("W3A8", True, None),
                                                ("W4A8", True, BranchConfig("monarch", 2, 1))])
 def test_packed_conv_is_the_packed_linear_over_channels(nd, label, bias, branch):
-    g = torch.Generator().manual_seed(hash((nd, label)) % 2**31)
+    g = torch.Generator().manual_seed(10 * nd + ["W8A8", "W4A4", "W3A8", "W4A8"].index(label))
     k, n = 37, 23   # odd channels
     conv = CONVS[nd](k, n, 1, bias=bias)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_bad_inputs_are_named():
     pc = pack_layer(nn.Conv2d(8, 4, 1), LayerConfig(8, 8), "blocks.0.ff.conv", torch.float32)
     with pytest.raises(ValueError, match=r"blocks.0.ff.conv: a 2-d convolution takes .* got a 5-d input"):
         pc(torch.randn(1, 8, 2, 2, 2))
-    with pytest.raises(ValueError, match="input has 6 features, expected 8"):
+    with pytest.raises(ValueError, match="input has 6 channels, expected 8"):
         pc(torch.randn(1, 6, 2, 2))
     with pytest.raises(TypeError, match="input must be a float tensor"):
         pc([1.0])
@@ -96,7 +96,31 @@ def test_other_convolutions_are_refused(conv, what):
         pack_layer(conv, LayerConfig(8, 8), "0", torch.float32)
 
 
+class Scaled(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 10
+
+
+class Gained(nn.Conv1d):   # (diffusers' MMAudio convolutions take a gain like this)
+    def forward(self, x, gain=1.0):
+        return super().forward(x) * gain
+
+
+@pytest.mark.parametrize("conv", [Scaled(8, 8, 1), Gained(8, 8, 1)])
+def test_convolutions_with_their_own_forward_are_refused(conv):
+    """A packed layer runs the plain convolution: a subclass computing something else is not packed silently."""
+    assert not is_pointwise_conv(conv)
+    with pytest.raises(PlanError, match=f"{type(conv).__name__}, a Conv[12]d with its own forward"):
+        QuantPlan({"0": LayerConfig(8, 8)}).validate(nn.Sequential(conv))
+    assert packable_layers(nn.Sequential(conv)) == []
+
+
+class Plain(nn.Conv2d):   # a subclass that keeps torch's forward packs
+    pass
+
+
 def test_pointwise_padding_spellings():
+    assert is_pointwise_conv(Plain(4, 4, 1))
     assert is_pointwise_conv(nn.Conv2d(4, 4, 1, padding="same")) and is_pointwise_conv(nn.Conv2d(4, 4, (1, 1)))
     assert is_pointwise_conv(nn.Conv2d(4, 4, 1, padding="valid"))
     assert layer_dims(nn.Conv3d(5, 7, 1)) == (5, 7) and layer_dims(nn.Linear(5, 7)) == (5, 7)
@@ -121,11 +145,13 @@ def test_plans_artifacts_and_layouts(tmp_path):
     x = torch.randn(2, 3, 5, 12)
     assert packable_layers(model) == ["blocks.0.lin", "blocks.0.conv"]
     assert quantizable_linears(model) == ["blocks.0.lin"]   # (what search and calibration take)
-    assert list(QuantPlan.block_uniform(model, 4, 8, pointwise_convs=False).layers) == ["blocks.0.lin"]
-    plan = QuantPlan.block_uniform(model, 4, 8)
+    assert list(QuantPlan.block_uniform(model, 4, 8).layers) == ["blocks.0.lin"]   # (the simulation's default)
+    plan = QuantPlan.block_uniform(model, 4, 8, pointwise_convs=True)
     assert list(plan.layers) == ["blocks.0.lin", "blocks.0.conv"]
     with pytest.raises(PlanError, match=r"simulation .* takes nn.Linear layers; \['blocks.0.conv'\] are pointwise"):
         convert(ConvNet(), plan)
+    with pytest.raises(PlanError, match="only runtime.quantize packs"):
+        plan.validate(model, pointwise_convs=False)   # (what search, PTQ and PEFT check plans with)
 
     fp = artifact.fingerprint(model, plan)
     quantize(model, plan, dtype=torch.float32)

@@ -160,10 +160,11 @@ class QuantPlan:
 
     @classmethod
     def block_uniform(cls, model: nn.Module, w_bits: int, a_bits: int, *, edge_bits: tuple[int, int] = (8, 8),
-                      model_name: str = "", pointwise_convs: bool = True, **layer_kw: Any) -> "QuantPlan":
+                      model_name: str = "", pointwise_convs: bool = False, **layer_kw: Any) -> "QuantPlan":
         """Every transformer-block linear of ``model`` (``is_block_layer``) at ``W{w_bits}A{a_bits}``, every other
         linear (embedders, final layer) at ``edge_bits``; with ``pointwise_convs``, the pointwise convolutions
-        too (``nn.pointwise``: the runtime packs them, the fake-quant simulation does not)."""
+        too (``nn.pointwise``: ``runtime.quantize`` packs them, the fake-quant simulation does not; Sana's
+        feed-forward is such)."""
         from .nn import packable_layers, quantizable_linears
 
         names = packable_layers(model) if pointwise_convs else quantizable_linears(model)
@@ -176,10 +177,11 @@ class QuantPlan:
         return dataclasses.replace(self, layers=layers)
 
     # -- checks ----------------------------------------------------------------------------------
-    def validate(self, model: nn.Module) -> None:
-        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) or a pointwise
-        convolution (``nn.pointwise``) of ``model``, of the shape ``meta['layer_shapes']`` records when the plan
-        carries it (a searched plan does)."""
+    def validate(self, model: nn.Module, *, pointwise_convs: bool = True) -> None:
+        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) or, with
+        ``pointwise_convs`` (what the runtime packs; the fake-quant simulation does not), a pointwise convolution
+        (``nn.pointwise``) of ``model``, of the shape ``meta['layer_shapes']`` records when the plan carries it (a
+        searched plan does)."""
         modules = dict(model.named_modules())
         bad = [n for n in self.layers if n not in modules]
         if bad:
@@ -194,6 +196,10 @@ class QuantPlan:
         if wrong:
             raise PlanError("plan layers must be nn.Linear modules or pointwise (1x1) convolutions; not such: "
                             + ", ".join(f"{n} ({describe(modules[n])})" for n in wrong[:5]))
+        convs = [n for n in self.layers if is_pointwise_conv(modules[n])]
+        if convs and not pointwise_convs:
+            raise PlanError(f"the fake-quant simulation (search, PTQ, PEFT) takes nn.Linear layers; {convs[:3]} are "
+                            "pointwise convolutions, which only runtime.quantize packs")
         shapes = self.meta.get(SHAPES_KEY)   # a searched plan records its layers' shapes: another model's is refused
         if isinstance(shapes, Mapping):
             for n, shape in shapes.items():

@@ -90,7 +90,7 @@ def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchCo
                  edge_bits: tuple[int, int] = (8, 8)) -> QuantPlan:
     """Block linears at ``bits``, the other linears at ``edge_bits`` (``QuantPlan.block_uniform``), with
     ``branch`` beside every block linear (``with_branch``)."""
-    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT", pointwise_convs=False)
+    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT")
     label = f"uniform W{bits[0]}A{bits[1]}"
     if branch is not None:
         label += f" + {branch.kind} {branch.blocks}x{branch.rank}"
@@ -173,7 +173,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
-        plan.validate(fp)   # names the layers the model lacks before anything reads them
+        plan.validate(fp, pointwise_convs=False)   # names the layers the model lacks before anything reads them
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
         plan = uniform_plan(fp, args.bits, branch)

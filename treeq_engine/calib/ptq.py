@@ -561,7 +561,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
             raise CheckpointError(f"{out}: was calibrated from another model ({why}); load it into the FP model "
                                   "it was made from")
     try:
-        plan.validate(model)
+        plan.validate(model, pointwise_convs=False)
     except PlanError as e:
         raise CheckpointError(f"{out}: was calibrated for another model: {e}") from None
     missing = [n for n in plan.layers if n not in state["layers"]]

@@ -61,11 +61,7 @@ def convert(model: nn.Module, plan: QuantPlan) -> nn.Module:
     converted are re-configured. Returns ``model``."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
-    plan.validate(model)
-    convs = [n for n in plan.layers if is_pointwise_conv(model.get_submodule(n))]
-    if convs:
-        raise PlanError(f"the fake-quant simulation (search, PTQ, PEFT) takes nn.Linear layers; {convs[:3]} are "
-                        "pointwise convolutions, which only runtime.quantize packs")
+    plan.validate(model, pointwise_convs=False)
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if isinstance(mod, QuantLinear):

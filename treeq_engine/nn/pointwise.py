@@ -17,9 +17,19 @@ import torch.nn as nn
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _base(m: nn.Module) -> type[nn.Module]:
+    return next(c for c in CONVS if isinstance(m, c))
+
+
+def _plain(m: nn.Module) -> bool:
+    """``m`` runs its torch class's own forward: a subclass that changes it (scales the output, takes a cache or
+    a gain) computes something else than the convolution, which a packed layer would silently drop."""
+    return type(m).forward is _base(m).forward
+
+
 def is_pointwise_conv(m: nn.Module) -> bool:
-    """``m`` is a convolution that is a linear over channels (module docstring)."""
-    if not isinstance(m, CONVS):
+    """``m`` is a convolution that is a linear over channels (module docstring), with torch's own forward."""
+    if not isinstance(m, CONVS) or not _plain(m):
         return False
     nd = len(m.kernel_size)
     zero = (0,) * nd
@@ -42,6 +52,8 @@ def conv_weight(m: nn.Module) -> torch.Tensor:
 
 def describe(m: nn.Module) -> str:
     """What a module that is neither a linear nor a pointwise convolution is, for an error message."""
+    if isinstance(m, CONVS) and not _plain(m):
+        return f"{type(m).__name__}, a {_base(m).__name__} with its own forward"
     if isinstance(m, CONVS):
         k = "x".join(str(s) for s in m.kernel_size)
         extra = [f"stride {tuple(m.stride)}"] if any(s != 1 for s in m.stride) else []

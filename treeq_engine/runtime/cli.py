@@ -47,7 +47,7 @@ def resolve_plan(model, plan_path: str | None, uniform: str | None, name: str):
         return plan
     assert uniform is not None   # (exactly one of the two: checked above)
     w, a = parse_wa(uniform)
-    return QuantPlan.block_uniform(model, w, a, model_name=name)
+    return QuantPlan.block_uniform(model, w, a, model_name=name, pointwise_convs=True)   # (all it packs)
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:

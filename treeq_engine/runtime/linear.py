@@ -293,6 +293,8 @@ class TreeQPointwiseConv(TreeQLinear):
             raise ValueError(f"{who}: a {nd}-d convolution takes (B, C, *{nd} sizes) or (C, *{nd} sizes), got a "
                              f"{x.dim()}-d input of shape {tuple(x.shape)}")
         c = x.dim() - nd - 1   # the channel dimension: 1 batched, 0 unbatched
+        if x.shape[c] != self.in_features:
+            raise ValueError(f"{who}: input has {x.shape[c]} channels, expected {self.in_features}")
         return super().forward(x.movedim(c, -1)).movedim(-1, c)
 
     def extra_repr(self) -> str:
