@@ -210,6 +210,8 @@ def test_calibration_files_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back, inputs))
     with pytest.raises(ValueError, match="inputs of a 'flux' transformer, this one is 'sd3'"):
         load_inputs(path, make_runner(tiny_sd3()))
+    with pytest.raises(ValueError, match=r"does not take: \['guidance'\].*another variant"):
+        load_inputs(path, make_runner(tiny_flux()))   # FLUX.1-dev's calls offered to a schnell-like Flux
 
 
 def test_search_ptq_peft_quantize_on_sd3(tmp_path, capsys):
@@ -289,11 +291,43 @@ def test_capture_search_and_pack_a_flux_pipeline(tmp_path, capsys):
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    res = tmp_path / "closed"   # closed-loop selection through the pipeline: its latents come packed
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts), "--closed-loop-steps", "2",
+                 "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    assert report["tss"]["closed_loop_mse"] > 0
+    assert json.loads((res / "plan.json").read_text())["meta"]["selected_by"] == "closed-loop root"
     assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "1,2", "--out", calib]) == 2
     assert "a flux pipeline takes --prompts" in capsys.readouterr().err
     assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--height", "0",
                  "--out", calib]) == 2
     assert "--height and --width must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shifting", [False, True])
+def test_capture_an_sd3_pipeline(tmp_path, capsys, shifting):
+    """SD3 under classifier-free guidance (both halves captured, timesteps as the scheduler's); with a scheduler
+    that shifts its schedule by resolution, the timesteps are chosen from the first run's calls."""
+    pytest.importorskip("transformers", reason="SD3's pipeline needs transformers (CLIP, T5)")
+    from tiny_diffusers import tiny_sd3_pipeline
+
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "sd3"
+    tiny_sd3_pipeline(shifting).save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house on the hill\na dog\n")
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "4", "--timesteps",
+                 "2", "--height", "16", "--width", "16", "--batch", "2", "--device", "cpu", "--out", calib]) == 0
+    # 2 runs x 4 steps; 3 prompts x 2 guidance halves x 2 timesteps
+    assert "8 transformer calls, kept 12 samples at 2 timesteps" in capsys.readouterr().out
+    runner = make_runner(diffusers.SD3Transformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    t = inputs[runner.input_names.index("timestep")]
+    assert len(set(t.tolist())) == 2 and float(t.max()) == 1000.0   # the scheduler's scale, first step kept
+    assert inputs[0].shape == (12, 4, 8, 8)
 
 
 @pytest.mark.gpu

@@ -127,3 +127,33 @@ def tiny_flux_pipeline():
     return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                                   tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=_word_tokenizer()[0],
                                   transformer=transformer)
+
+
+def tiny_sd3_pipeline(shifting: bool = False):
+    """An SD3 pipeline built offline: two one-layer CLIP encoders (with projection) and a one-layer T5 over a
+    word-level tokenizer, a two-block transformer, a 2-level VAE (random weights). ``shifting``: a flow-matching
+    scheduler with dynamic shifting (its schedule moves with the resolution, as FLUX.1-dev's does)."""
+    transformers = pytest.importorskip("transformers", reason="SD3's pipeline needs transformers (CLIP, T5)")
+    tokenizer, vocab = _word_tokenizer()
+    torch.manual_seed(0)
+
+    def clip():
+        return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=32, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2)).eval()
+    transformer = perturbed(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval())
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                  scaling_factor=1.5).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=shifting)
+    return diffusers.StableDiffusion3Pipeline(
+        scheduler=sched, vae=vae, transformer=transformer, text_encoder=clip(), tokenizer=tokenizer,
+        text_encoder_2=clip(), tokenizer_2=_word_tokenizer()[0], text_encoder_3=t5, tokenizer_3=_word_tokenizer()[0])

@@ -5,7 +5,7 @@ the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``pe
         --timesteps 8 --out calib.safetensors
     treeq capture --pipeline models/PixArt-XL-2-512x512 --prompts prompts.txt --steps 20 --out calib.safetensors
     treeq search --diffusers models/PixArt-XL-2-512x512 --calib-inputs calib.safetensors --budget W4A8 --out out/px
-    treeq capture --pipeline models/FLUX.1-dev --prompts prompts.txt --steps 28 --height 512 --width 512 \
+    treeq capture --pipeline models/FLUX.1-dev --prompts prompts.txt --steps 28 --height 512 --width 512 \\
         --out flux.safetensors
 
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
@@ -14,8 +14,9 @@ it visits, ``--timesteps`` evenly spaced ones are kept (first and last included)
 sampler weights ``c(t)²``, measured on its own step (``diffusers_schedule``): the search's default metric and
 PEFT's ``--loss-weights sampler``; a scheduler without them (flow matching: SD3, Flux) is noted, and the metric is
 the plain MSE of the prediction. Flux's pipeline passes the transformer its timesteps divided by 1000 (in its
-dtype) and may shift its schedule by resolution, so its calls are all recorded and the timesteps chosen from
-those seen. Nothing is downloaded.
+dtype), and a scheduler with dynamic shifting (FLUX.1-dev's) moves its schedule by resolution, so for those the
+timesteps are chosen from the first run's calls (every run has one resolution) and the later runs keep only
+calls at them. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -89,13 +90,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain MSE of the prediction",
                   file=sys.stderr)
         keep: list[float] | None = None
-        if runner.arch != "flux":   # (module docstring: Flux's calls are chosen from after the runs)
+        shifting = bool(getattr(getattr(pipe.scheduler, "config", None), "use_dynamic_shifting", False))
+        if runner.arch != "flux" and not shifting:   # (module docstring: else chosen from the first run's calls)
             pipe.scheduler.set_timesteps(args.steps)
             schedule = pipe.scheduler.timesteps
             keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
         from tqdm import tqdm
 
-        with capture_calls(runner, keep=keep) as calls:
+        capture = capture_calls(runner, keep=keep)
+        with capture as calls:
             for i in tqdm(range(0, len(items), args.batch), desc="capture", unit="run", disable=None):
                 chunk = items[i:i + args.batch]
                 g = torch.Generator(device="cpu").manual_seed(args.seed + i)
@@ -103,11 +106,18 @@ def run(args: argparse.Namespace) -> int:
                     pipe(class_labels=chunk, num_inference_steps=args.steps, generator=g, output_type="np", **kw)
                 else:
                     pipe(prompt=chunk, num_inference_steps=args.steps, generator=g, output_type="latent", **kw)
+                if keep is None:   # every run visits the first run's timesteps (one resolution): choose now
+                    if not calls.timesteps:
+                        raise ValueError("the pipeline's first run made no transformer calls")
+                    keep = select_timesteps(calls.timesteps, min(args.timesteps, len(set(calls.timesteps))))
+                    capture.keep = set(keep)
+                    chosen = [(c, t) for c, t in zip(calls.calls, calls.timesteps) if t in capture.keep]
+                    calls.skipped += len(calls.calls) - len(chosen)
+                    calls.calls, calls.timesteps = [c for c, _ in chosen], [t for _, t in chosen]
         if not calls.calls:
             raise ValueError(f"none of the pipeline's {calls.skipped} transformer calls came at the scheduler's "
                              f"timesteps {keep}: this pipeline passes timesteps another way")
-        # (calls.calls holds every call when nothing was chosen beforehand: the line below counts them all)
-        inputs = calls.inputs(None if keep is not None else min(args.timesteps, len(set(calls.timesteps))))
+        inputs = calls.inputs()
         save_inputs(args.out, runner, inputs, weights=weights, scheduler=pipe.scheduler)
     except (ValueError, ImportError, OSError) as e:
         print(f"treeq capture: error: {e}", file=sys.stderr)

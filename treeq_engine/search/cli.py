@@ -236,7 +236,8 @@ def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             raise ValueError(f"--closed-loop-labels must be class indices in [0, {classes - 1}], got {text!r}")
         return {"class_labels": labels}
     if not args.closed_loop_prompts:
-        raise ValueError("closed-loop selection on a PixArt samples --closed-loop-prompts FILE (one prompt per line)")
+        raise ValueError(f"closed-loop selection on a text-to-image model ({type(model).__name__}) samples "
+                         "--closed-loop-prompts FILE (one prompt per line)")
     from ..models.diffusers_transformers import read_prompts
 
     prompts = read_prompts(args.closed_loop_prompts)

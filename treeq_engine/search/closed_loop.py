@@ -198,7 +198,10 @@ class PipelineJudge(TrajectoryJudge):
         finally:
             self.pipe.transformer = own
         images = out.images if hasattr(out, "images") else out[0]
-        return images.float() * 2 - 1 if self.decodes else images.float()   # images in [−1, 1]: PSNR's range 2
+        if self.decodes:
+            return images.float() * 2 - 1   # images in [−1, 1]: PSNR's range 2
+        # Flux's latents come packed, (N, tokens, channels): one image-shaped plane each for the metrics
+        return images.float() if images.dim() == 4 else images.float()[:, None]
 
 
 class RootScorer:

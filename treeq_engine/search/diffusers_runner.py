@@ -479,6 +479,10 @@ def load_inputs(path: str, runner: Any) -> State:
         missing = [n for n in runner.input_names if n not in f.keys()]
         if missing:
             raise ValueError(f"{path}: missing inputs {missing} (has {sorted(f.keys())})")
+        extra = sorted(set(f.keys()) - set(runner.input_names))
+        if extra:   # e.g. a guidance-distilled Flux's guidance, offered to one without: another variant's calls
+            raise ValueError(f"{path}: holds inputs this {type(runner.model).__name__} does not take: {extra} "
+                             f"(it takes {list(runner.input_names)}); captured from another variant of the model?")
         out = tuple(f.get_tensor(n) for n in runner.input_names)
     n = out[0].shape[0] if out[0].dim() else 0
     if any(t.dim() == 0 or t.shape[0] != n for t in out) or n == 0:
