@@ -93,3 +93,29 @@ def test_bench_search_predict_counts_the_planned_work():
     text = bench_search.predict(argparse.Namespace(config="DiT-XL/2", keep=16, group=16, samples=32))
     assert "27,744 candidate evaluations" in text
     assert text.count("min** |") == 2
+
+
+def test_search_floor_agrees_with_the_dit_prediction():
+    """benchmarks/search_floor.py counts FLOPs per segment on the meta device and lays out the search on the real
+    (tied) space: on diffusers' DiT-XL/2 it plans bench_search's 27,744 evaluations and its FLOP floor is the
+    hand-counted one within 2 % (the hand count leaves out the embedders and head)."""
+    import pytest
+
+    pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_search
+    import search_floor
+
+    from treeq_engine.models import dit_config
+
+    row = search_floor.measure("DiT-XL/2 256px", 256, 32, (16, 8), 16)
+    assert row[16]["evaluations"] == 27_744 and row["leaves"] == 140 and row["tokens"] == 256
+    cfg = dit_config("DiT-XL/2")
+    leaf_segment = [b + 1 for b in range(cfg.depth) for _ in range(5)]
+    levels = bench_search.planned_units(leaf_segment, cfg.depth + 2, 12, 16, 16)
+    sample_blocks = sum(r * (s - 1) for lv in levels for r, s in lv) * 32
+    hand = sample_blocks * bench_search.block_costs(cfg)[0] / bench_search.BF16_PEAK / 60
+    assert abs(row[16]["floor_min"] / hand - 1) < 0.02
+    assert row[8]["floor_min"] < row[16]["floor_min"] / 2   # K² products: a smaller K is much cheaper
+    text = search_floor.render([("DiT-XL/2 256px", 256, row)], (16, 8), 16, 32)
+    assert "| DiT-XL/2 256px | 256 px | 256 | 140 |" in text and text.count("min** |") == 2

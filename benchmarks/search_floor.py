@@ -1,0 +1,138 @@
+"""The tree search's FLOP floor on diffusers transformers at their published sizes (no weights, no GPU).
+
+For each model: built on the meta device from its published architecture (``diffusers_memory.MODELS``), cut by
+the search's runner (``make_runner``), its search space built with the default ties and candidates, and
+
+1. the bf16 FLOPs of every segment on one sample at the given resolution, counted by ``FlopCounterMode`` (matmuls
+   and attention: what the tensor cores do), on meta tensors;
+2. the search's work laid out without budget pruning (an upper bound; ``bench_search.planned_units``, the layout
+   the DiT-XL/2 timing run uses): every unit of ``r`` stacked candidates runs its node's segments to the end on
+   every calibration sample;
+3. the floor: those FLOPs over the H100's dense bf16 peak (989 TFLOP/s).
+
+A floor, not a prediction: on DiT-XL/2 the prediction from the recorded eager forward and the compiled fake-quant
+is about 4× its floor (RESULTS.md, "Floors and prediction for DiT-XL/2"). The search shards its tree levels over
+GPUs (``torchrun``), so the time divides by the GPU count.
+
+    python benchmarks/search_floor.py                  # table to stdout and benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")   # (its note on casting a meta model to bf16)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import BF16_PEAK, planned_units  # noqa: E402
+from diffusers_memory import MODELS  # noqa: E402
+from record import RESULTS, git_commit, write_section  # noqa: E402
+
+BEGIN, END = "<!-- search-floor:begin -->", "<!-- search-floor:end -->"
+# (model in diffusers_memory.MODELS, image side in pixels)
+CASES = [("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
+         ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024)]
+
+
+def meta_inputs(runner: Any, side: int) -> tuple[torch.Tensor, ...]:
+    """One sample's runner inputs at ``side`` pixels (VAE factor 8), on the meta device."""
+    m, cfg = runner.model, runner.model.config
+    lat = side // 8
+    with torch.device("meta"):
+        if runner.arch == "dit":
+            return runner.inputs(torch.empty(1, cfg.in_channels, lat, lat), torch.zeros(1), torch.zeros(1,
+                                 dtype=torch.long), check_values=False)
+        if runner.arch == "pixart":
+            cond = {"resolution": torch.empty(1, 2), "aspect_ratio": torch.empty(1, 1)}
+            return runner.inputs(torch.empty(1, cfg.in_channels, lat, lat), torch.zeros(1),
+                                 encoder_hidden_states=torch.empty(1, 120, cfg.caption_channels),
+                                 encoder_attention_mask=torch.ones(1, 120), added_cond_kwargs=cond)
+        text = torch.empty(1, 333 if runner.arch == "sd3" else 512, cfg.joint_attention_dim)   # SD3: 77 + 256
+        pooled = torch.empty(1, cfg.pooled_projection_dim)
+        if runner.arch == "sd3":
+            return runner.inputs(torch.empty(1, cfg.in_channels, lat, lat), text, pooled, torch.zeros(1))
+        tokens = (lat // 2) ** 2   # Flux packs 2x2 latent patches
+        return runner.inputs(torch.empty(1, tokens, cfg.in_channels), text, pooled, torch.zeros(1),
+                             torch.zeros(tokens, 3), torch.zeros(512, 3),
+                             torch.zeros(1) if m.config.guidance_embeds else None)
+
+
+def measure(name: str, side: int, samples: int, keeps: tuple[int, ...], group: int) -> dict[str, Any]:
+    import diffusers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from treeq_engine.search import SearchSpace, make_runner
+    from treeq_engine.search.evaluator import run_segments
+
+    cls_name, config = MODELS[name]
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**config).to(torch.bfloat16).eval()
+    runner = make_runner(model)
+    inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() and n != "timestep" else t   # as the search CLI
+                   for n, t in zip(runner.input_names, meta_inputs(runner, side)))
+    flops = []
+    state = inputs
+    with torch.no_grad():
+        for s in range(runner.num_segments):
+            with FlopCounterMode(display=False) as fc:
+                state = runner.run(s, state)
+            flops.append(fc.get_total_flops())
+        space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    segs = runner.num_segments
+    leaf_segment = [runner.segment_of(leaf.layer_names[0]) for leaf in space.leaves]
+    suffix = [sum(flops[s:]) for s in range(segs)]
+    row: dict[str, Any] = {"tokens": space.leaves[-1].tokens, "leaves": len(space.leaves),
+                           "forward_tflop": sum(flops) / 1e12, "samples": samples}
+    for keep in keeps:
+        levels = planned_units(leaf_segment, segs, len(space.candidates), keep, group)
+        work = sum(r * suffix[segs - ran] for lv in levels for r, ran in lv) * samples   # FLOPs of the search
+        row[keep] = {"evaluations": sum(r for lv in levels for r, _ in lv), "floor_min": work / BF16_PEAK / 60}
+    return row
+
+
+def _time(minutes: float) -> str:
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def render(rows: list[tuple[str, int, dict[str, Any]]], keeps: tuple[int, ...], group: int, samples: int) -> str:
+    k0, k1 = keeps
+    lines = [BEGIN, "## The search's FLOP floor on diffusers transformers (`benchmarks/search_floor.py`)", "",
+             f"Counted on the meta device (no weights, no GPU), commit {git_commit()}. Whole search without budget "
+             f"pruning (an upper bound), G = {group}, N = {samples} calibration samples, default ties and the 12 "
+             "default candidates; bf16 FLOPs over the H100's dense peak (989 TFLOP/s). A floor: on DiT-XL/2 the "
+             "prediction is about 4× it. Time divides by the GPUs the levels are sharded over (`torchrun`) and "
+             f"scales with N; a smaller K (`--keep`) cuts the merges' K² products.", "",
+             f"| model | image | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | FLOP floor, "
+             f"K = {k0}, 1 H100 | evaluations, K = {k1} | FLOP floor, K = {k1}, 1 H100 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, side, r in rows:
+        lines.append(f"| {name} | {side} px | {r['tokens']} | {r['leaves']} | {r['forward_tflop']:.2f} | "
+                     f"{r[k0]['evaluations']:,} | **{_time(r[k0]['floor_min'])}** | {r[k1]['evaluations']:,} | "
+                     f"**{_time(r[k1]['floor_min'])}** |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=32, help="calibration samples N")
+    p.add_argument("--keep", type=int, nargs=2, default=[16, 8], help="two K values to compare")
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
+    args = p.parse_args(argv)
+    keeps = (args.keep[0], args.keep[1])
+    rows = [(name, side, measure(name, side, args.samples, keeps, args.group)) for name, side in CASES]
+    block = render(rows, keeps, args.group, args.samples)
+    print(block)
+    if not args.no_write:
+        write_section(block, BEGIN, END, RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
