@@ -351,3 +351,80 @@ def test_search_on_gpu_matches_cpu(name):
     cpu = Evaluator(model, runner, space, inputs, env, batch=5, group=3).evaluate(2, 5, rows)
     gpu = Evaluator(gpu_model, gpu_runner, space, gpu_inputs, env, batch=5, group=3).evaluate(2, 5, rows)
     np.testing.assert_allclose(gpu, cpu, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3-dual", "flux"])
+def test_smoothing_folds_into_mmdit_blocks(name):
+    """Every SmoothQuant site of an MMDiT block folds exactly (the transformer computes what it did; each linear of
+    the site reads ``x/s`` with weight ``W·diag(s)``): the image and text streams' q/k/v and feed-forwards, SD3.5's
+    second attention, SD3's last (context_pre_only) block's text q/k/v, Flux's single-block proj_mlp + q/k/v; the
+    attention outputs (both streams' values mixed) are refused."""
+    from treeq_engine.calib import smooth
+    from treeq_engine.calib.capture import capture_inputs
+
+    model = perturbed(MODELS[name]())
+    runner = make_runner(model)
+    inputs = runner.inputs(**call(model, n=3, seed=4))
+    batches = [inputs]
+    with torch.no_grad():
+        ref = runner.forward(*inputs)
+    blk = "transformer_blocks.0"
+    sites = [f"{blk}.attn.to_k", f"{blk}.attn.add_v_proj", f"{blk}.ff.net.0.proj", f"{blk}.ff_context.net.0.proj"]
+    if name == "sd3-dual":
+        sites.append(f"{blk}.attn2.to_q")
+    if name.startswith("sd3"):
+        sites.append("transformer_blocks.1.attn.add_q_proj")   # the last block: AdaLayerNormContinuous
+    else:
+        sites.append("single_transformer_blocks.1.attn.to_v")
+    g = torch.Generator().manual_seed(5)
+    for key in sites:
+        site = smooth.site_of(model, key)
+        assert key in site.consumers
+        before = {c: (capture_inputs(model, c, batches, 10_000), model.get_submodule(c).weight.detach().clone())
+                  for c in site.consumers}
+        s = torch.rand(before[key][1].shape[1], generator=g) * 3 + 0.2
+        smooth.fold(model, key, s)
+        with torch.no_grad():
+            torch.testing.assert_close(runner.forward(*inputs), ref, rtol=1e-4, atol=1e-5)
+        for c, (x, w) in before.items():
+            torch.testing.assert_close(capture_inputs(model, c, batches, 10_000), x / s, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(model.get_submodule(c).weight.detach(), w * s)
+    if name == "flux":
+        assert smooth.site_of(model, "single_transformer_blocks.0.attn.to_q").consumers == tuple(
+            f"single_transformer_blocks.0.{c}" for c in ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"))
+    with pytest.raises(ValueError, match="only the inputs of to_q/k/v"):
+        smooth.fold(model, f"{blk}.attn.to_out.0", torch.ones(16))
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    keys = smooth.targets(model, plan)
+    assert f"{blk}.attn.to_q" in keys and f"{blk}.ff.net.0.proj" in keys and f"{blk}.attn.to_out.0" not in keys
+
+
+def test_ptq_with_smoothing_on_flux(tmp_path, capsys):
+    """`treeq ptq --smooth-alphas` on a Flux: sites are chosen per α, folded, and the packed artifact computes what
+    the calibrated fake-quant transformer computes."""
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    model = perturbed(tiny_flux())
+    d = tmp_path / "flux"
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, runner.inputs(**call(model, n=4, seed=1)))
+    ptq = str(tmp_path / "ptq")
+    assert main(["ptq", "--diffusers", str(d), "--calib-inputs", calib, "--bits", "W4A4", "--branch", "none",
+                 "--max-tokens", "64", "--rounds", "1", "--smooth-alphas", "0.5", "0.8", "--out", ptq]) == 0
+    state = json.loads((tmp_path / "ptq" / "ptq.json").read_text())
+    # 1 joint block: image and text q/k/v and feed-forwards; 2 single blocks: proj_mlp + q/k/v
+    assert len(state["smooth"]) == 6
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--out", str(art)]) == 0
+    direct = diffusers.FluxTransformer2DModel.from_pretrained(d).eval()
+    load_calibration(direct, ptq)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    kw = call(model, n=2, seed=7)
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2

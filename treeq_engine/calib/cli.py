@@ -137,7 +137,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the model where they help (none: off); our DiT, and "
-                        "diffusers DiT/PixArt blocks (see docs/gmb.md)")
+                        "diffusers DiT/PixArt/SD3/Flux blocks (see docs/gmb.md)")
     _diffusers_args(p)
     p.add_argument("--untie", action="store_true",
                    help="with --diffusers: calibrate to_q/to_k/to_v (and cross-attention's to_k/to_v) apart; by "

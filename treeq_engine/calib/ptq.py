@@ -405,7 +405,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         if not smooth.targets(model, plan, refused):
             why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
             raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
-                             f"({', '.join(smooth.TARGETS)}) or a diffusers transformer block's (see calib/smooth.py)"
+                             f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3 or Flux block's (see calib/smooth.py)"
                              f" with quantized activations; this plan for a {type(model).__name__} has none{why}")
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "

@@ -17,11 +17,22 @@ model would change). The sites, where the fold is exact:
       attn1.to_q/k/v  as attn.qkv, into norm1.linear; one site, one ``s`` for the three  (adaLN-Zero only)
       ff.net.0.proj   as mlp.fc1, into norm1.linear                                        (adaLN-Zero only)
       attnN.to_out.0  as attn.proj, into attnN.to_v                          (self- and cross-attention)
+    diffusers' MMDiT blocks (SD3's JointTransformerBlock, Flux's FluxTransformerBlock / FluxSingleTransformerBlock)
+      attn.to_q/k/v            into norm1.linear's (shift, scale) of the attention; SD3.5's attn2.to_q/k/v into
+                               its second pair (SD35AdaLayerNormZeroX, 9 chunks)
+      ff.net.0.proj            into norm1.linear's (shift, scale) of the MLP
+      attn.add_q/k/v_proj      into norm1_context.linear (AdaLayerNormZero; SD3's last block: the 2-chunk
+                               AdaLayerNormContinuous, scale before shift)
+      ff_context.net.0.proj    into norm1_context.linear's MLP pair
+      Flux single block: proj_mlp and attn.to_q/k/v, one site (they read the one normalised sequence), into
+                               norm.linear (AdaLayerNormZeroSingle, 3 chunks)
 
 (``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) The second linear of an
 MLP reads GELU's output, which nothing linear precedes, so it is left alone; so are PixArt's attn1 and ff inputs,
 whose shift and scale add a timestep embedding shared by all blocks (no per-block weight can absorb ``1/s``), and
-its cross-attention's to_k/to_v, which read the captions every block shares. The folded model computes the
+its cross-attention's to_k/to_v, which read the captions every block shares. The MMDiT blocks' attention
+outputs are not sites: their joint attention mixes both streams' values, so one ``s`` would have to fold into two
+producers (to_v and add_v_proj) and feed two consumers. The folded model computes the
 same function in floating point. Per site, ``α`` is chosen from a grid — or no smoothing — by the calibrated
 output error of the site's planned linears on the FP model's inputs (``calibrate_layer``; a tied group as one
 stacked linear, as PTQ calibrates it), so smoothing is applied only where it measurably helps.
@@ -51,7 +62,8 @@ class Site:
     consumers: tuple[str, ...]
     producer: str
     rows: tuple[int, int] | None = None      # [start, stop) of producer's output rows
-    modulate: tuple[int, int] | None = None  # (shift chunk, scale chunk) of a 6-chunk adaLN output
+    modulate: tuple[int, int] | None = None  # (shift chunk, scale chunk) of an adaLN output of ``chunks`` chunks
+    chunks: int = 6
 
     @property
     def key(self) -> str:
@@ -112,8 +124,64 @@ def _plain_attention(attn: nn.Module, where: str) -> None:
                          f"default processor ({', '.join(_DEFAULT_PROCESSORS)})")
 
 
+MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+_MMDIT_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0")   # to_q(x) on x as given
+# the adaLN norms: chunks, and per use the (shift, scale) chunk indices
+_NORMS = {"AdaLayerNormZero": (6, {"attn": (0, 1), "mlp": (3, 4)}),
+          "SD35AdaLayerNormZeroX": (9, {"attn": (0, 1), "mlp": (3, 4), "attn2": (6, 7)}),
+          "AdaLayerNormContinuous": (2, {"attn": (1, 0)}),
+          "AdaLayerNormZeroSingle": (3, {"attn": (0, 1)})}
+
+
+def _mmdit_site(model: nn.Module, name: str) -> Site | None:
+    """The site of ``name`` in an MMDiT block (module docstring), None when ``name`` is in none; a clear error
+    when it is in one but its input cannot be smoothed."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            block = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        if type(block).__name__ in MMDIT_BLOCKS:
+            break
+    else:
+        return None
+    pre, sub = ".".join(parts[:cut]) + ".", ".".join(parts[cut:])
+    single = type(block).__name__ == "FluxSingleTransformerBlock"
+    consumers: tuple[str, ...]
+    if single and sub in ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"):
+        norm, use, consumers = "norm", "attn", ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")
+    elif not single and sub in ("attn.to_q", "attn.to_k", "attn.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v"):
+        attn = sub.split(".")[0]
+        norm, use, consumers = "norm1", attn, tuple(f"{attn}.to_{x}" for x in "qkv")
+    elif not single and sub in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+        norm, use, consumers = "norm1_context", "attn", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+    elif not single and sub in ("ff.net.0.proj", "ff_context.net.0.proj"):
+        norm, use, consumers = ("norm1" if sub.startswith("ff.") else "norm1_context"), "mlp", (sub,)
+    else:
+        raise ValueError(f"cannot fold smoothing for {name!r}: in a {type(block).__name__} only the inputs of "
+                         "to_q/k/v, add_q/k/v_proj, the feed-forwards' first linears (and Flux's single blocks' "
+                         "proj_mlp) come from a per-block modulation")
+    mod = getattr(block, norm, None)
+    kind = type(mod).__name__
+    if kind not in _NORMS or use not in _NORMS[kind][1]:
+        raise ValueError(f"cannot fold smoothing for {name!r}: its input comes from {pre}{norm}, a {kind}, which "
+                         f"this fold does not know (it folds into {', '.join(_NORMS)})")
+    if any(c.startswith("attn") for c in consumers):
+        attn_mod = getattr(block, consumers[-1].split(".")[0])
+        processor = type(getattr(attn_mod, "processor", None)).__name__
+        if processor not in _MMDIT_PROCESSORS:
+            raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs {processor}, not diffusers' "
+                             f"default ({', '.join(_MMDIT_PROCESSORS)})")
+    chunks, uses = _NORMS[kind]
+    return Site(tuple(pre + c for c in consumers), f"{pre}{norm}.linear", modulate=uses[use], chunks=chunks)
+
+
 def site_of(model: nn.Module, name: str) -> Site:
     """The :class:`Site` where the input of linear ``name`` can be smoothed; a clear error where it cannot."""
+    mmdit = _mmdit_site(model, name)
+    if mmdit is not None:
+        return mmdit
     found = _diffusers_block(model, name)
     if found is not None:
         pre, sub, block = found
@@ -155,8 +223,12 @@ def site_of(model: nn.Module, name: str) -> Site:
     return Site((name,), f"{pre}adaLN_modulation.1", modulate=(0, 1) if kind == "attn.qkv" else (3, 4))
 
 
+MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn.add_q_proj",
+                 "attn.add_k_proj", "attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
+
+
 def _is_site_kind(name: str) -> bool:
-    return any(name == t or name.endswith("." + t) for t in TARGETS + DIFFUSERS_TARGETS)
+    return any(name == t or name.endswith("." + t) for t in TARGETS + DIFFUSERS_TARGETS + MMDIT_TARGETS)
 
 
 def targets(model: nn.Module, plan: QuantPlan, refused: dict[str, str] | None = None) -> list[str]:
@@ -205,8 +277,8 @@ def check_fold(model: nn.Module, name: str, s: torch.Tensor) -> tuple[Site, list
         if hi > n_out:
             raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
     elif site.modulate is not None:
-        if n_out != 6 * d:
-            raise ValueError(f"{site.producer} has {n_out} outputs; an adaLN modulation has 6·{d}")
+        if n_out != site.chunks * d:
+            raise ValueError(f"{site.producer} has {n_out} outputs; this adaLN modulation has {site.chunks}·{d}")
         if producer.bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
             raise ValueError(f"cannot fold smoothing for {name!r}: {site.producer} has no bias to hold the "
                              "modulation's (1 + scale)/s − 1")
