@@ -428,3 +428,42 @@ def test_ptq_with_smoothing_on_flux(tmp_path, capsys):
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-guidance"])
+def test_profile_covers_what_a_latency_search_looks_up(tmp_path, capsys, name):
+    """`treeq profile --diffusers DIR --calib-inputs FILE` times every linear at the rows per image of the
+    calibration file (found on a weightless copy) × each batch: a latency-budgeted search of that model at either
+    serving batch finds every entry it looks up."""
+    from treeq_engine.cli import main
+    from treeq_engine.search.costs import LatencyTable
+
+    model = perturbed(MODELS[name]())
+    d = tmp_path / name
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, runner.inputs(**call(model, n=2, hw=(8, 12))))
+    lut = tmp_path / "lut.json"
+    assert main(["profile", "--diffusers", str(d), "--calib-inputs", calib, "--batch", "1,2", "--w-bits", "4,8",
+                 "--a-bits", "8", "--reps", "1", "--device", "cpu", "--out", str(lut)]) == 0
+    rows = {(e["k"], e["n"], e["tokens"]) for e in json.loads(lut.read_text())["entries"]}
+    image_tokens = 24 if name == "sd3" else 24 + 5   # (8x12 latents in 2x2 patches; Flux's single blocks: + text)
+    assert any(t == image_tokens for _, _, t in rows) and any(t == 2 * image_tokens for _, _, t in rows)
+    assert any(t == 1 for _, _, t in rows)   # the adaLN linears: one row per image
+    LatencyTable.load(lut)
+    for serve in ("1", "2"):
+        out = tmp_path / f"s{serve}"
+        assert main(["search", "--diffusers", str(d), "--calib-inputs", calib, "--budget", "1s", "--latency-table",
+                     str(lut), "--serve-batch", serve, "--w-bits", "4,8", "--a-bits", "8", "--keep", "2",
+                     "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["tss"]["costs"]["us"] > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="go together"):
+        main(["profile", "--diffusers", str(d), "--out", str(lut)])
+    with pytest.raises(SystemExit, match="inputs of a"):
+        other = make_runner(tiny_sd3() if name != "sd3" else tiny_flux())
+        wrong = str(tmp_path / "wrong.safetensors")
+        save_inputs(wrong, other, other.inputs(**call(other.model, n=1)))
+        main(["profile", "--diffusers", str(d), "--calib-inputs", wrong, "--out", str(lut)])

@@ -11,7 +11,9 @@ and GELU (in fc1's epilogue); callers comparing with a model account for those (
 
 By default the table holds exactly what a search over the model needs: every linear at its own rows per image ×
 each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
-fixed layers) and every candidate format of the search. Timings on a CPU are written too (useful only to test the
+fixed layers) and every candidate format of the search. For a diffusers transformer (``--diffusers DIR
+--calib-inputs FILE``: DiT, PixArt, SD3, Flux) the rows per image are those of the calibration file the search
+reads, found by one forward of a weightless (meta-device) copy through the search's runner. Timings on a CPU are written too (useful only to test the
 pipeline), marked with the device.
 """
 from __future__ import annotations
@@ -49,6 +51,44 @@ def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
         if (m.in_features, m.out_features) not in shapes:
             shapes.append((m.in_features, m.out_features))
     return shapes
+
+
+def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Distinct ``(K, N, GEMM rows)`` of every linear the search prices for the diffusers transformer under
+    ``path`` on the inputs of calibration file ``calib_inputs`` (its first sample's shapes), × each batch: one
+    forward of a meta-device copy (no weights loaded, nothing computed) through the search's runner."""
+    from safetensors import safe_open
+
+    from ..models.diffusers_transformers import class_of, model_class, transformer_dir
+    from ..search import SearchSpace, make_runner
+    from ..search.evaluator import run_segments
+
+    config = json.loads((transformer_dir(path) / "config.json").read_text())
+    cls = model_class(class_of(config))
+    assert cls is not None   # (transformer_dir checked it)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    runner = make_runner(model)
+    try:
+        with safe_open(calib_inputs, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("arch") != runner.arch:
+                raise ValueError(f"{calib_inputs}: inputs of a {meta.get('arch')!r} transformer, this one is "
+                                 f"{runner.arch!r}")
+            missing = [n for n in runner.input_names if n not in f.keys()]
+            if missing:
+                raise ValueError(f"{calib_inputs}: missing inputs {missing} (has {sorted(f.keys())})")
+            first = {n: f.get_slice(n)[:1] for n in runner.input_names}   # one sample: its shapes are every one's
+    except (OSError, RuntimeError) as e:   # (safetensors' own error type: a truncated or foreign file)
+        raise ValueError(f"{calib_inputs}: not a readable calibration file ({e})") from None
+    kw = {n: t.to("meta") for n, t in first.items()}
+    if runner.extra_conditions:
+        kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
+    inputs = runner.inputs(**kw, check_values=False)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), fixed_config=None)
+    per_image = {(p.k, p.n, p.tokens) for leaf in space.leaves for p in leaf.parts} | \
+        {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}
+    return sorted({(k, n, r * b) for k, n, r in per_image for b in batches})
 
 
 def layer_rows(model: nn.Module, batches: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -141,6 +181,11 @@ def profile_layers(layers: Sequence[tuple[int, int, int]], formats: Iterable[tup
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a DiT checkpoint; its linear shapes are profiled")
+    p.add_argument("--diffusers", default=None, metavar="DIR",
+                   help="instead of --model: a diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) "
+                        "directory, its rows per image from --calib-inputs")
+    p.add_argument("--calib-inputs", default=None, metavar="FILE",
+                   help="with --diffusers: the calibration file the search reads (`treeq capture`)")
     p.add_argument("--config", default=None, help="DiT config name instead of a checkpoint (e.g. DiT-XL/2: random "
                                                   "weights, real shapes)")
     p.add_argument("--formats", default="search",
@@ -189,6 +234,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {args.device!r}: profiling times the cpu or a cuda device")
+    if args.diffusers and (args.config or args.model != "digits"):
+        raise SystemExit("--diffusers names the model: give it without --model / --config")
+    if bool(args.diffusers) != bool(args.calib_inputs):
+        raise SystemExit("--diffusers and --calib-inputs go together (the file's shapes give the rows per image)")
+    model = None   # (a diffusers model is built weightless where its rows are found: diffusers_rows)
     if args.config:
         from ..models import DiT, dit_config
 
@@ -197,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                 model = DiT(dit_config(args.config))
         except KeyError as e:   # (a KeyError's text prints in quotes)
             raise SystemExit(f"--config: {e.args[0] if e.args else e}") from None
-    else:
+    elif not args.diffusers:
         model = load_fp_model(args.model)[0]
     if args.formats == "search":
         from ..search.space import candidate_configs, parse_bits
@@ -210,7 +260,14 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--formats lists no format (e.g. W4A8,W8A8, or 'search'), got {args.formats!r}")
     branches = list(dict.fromkeys([None] + [parse_branch(b) for b in args.branch]))   # (a repeat would be timed
     # twice, and the table refuses two timings of one GEMM)
-    if args.tokens is not None:
+    if args.diffusers:
+        if args.tokens is not None:
+            raise SystemExit("--tokens is for --model / --config; a diffusers model's rows come from --calib-inputs")
+        try:
+            layers = diffusers_rows(args.diffusers, args.calib_inputs, _ints(args.batch, "--batch"))
+        except (ValueError, ImportError, FileNotFoundError) as e:
+            raise SystemExit(f"treeq profile: {e}") from None
+    elif args.tokens is not None:
         layers = [(k, n, m) for (k, n), m in itertools.product(layer_shapes(model), _ints(args.tokens, "--tokens"))]
     else:
         layers = layer_rows(model, _ints(args.batch, "--batch"))
