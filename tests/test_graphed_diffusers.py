@@ -282,11 +282,11 @@ def test_real_graphs_on_cuda_other_transformers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sd3", "sana"])
+@pytest.mark.parametrize("name", ["sd3", "sana", "flux"])
 def test_packed_transformers_on_cuda_without_a_pipeline(name):
-    """Needs no transformers: tiny SD3 and Sana (its feed-forward's pointwise convolutions packed) at W4A8 run the
-    CUDA kernels close to the CPU reference, and a real graph captured through their own forward replays what
-    they compute eagerly."""
+    """Needs no transformers: tiny SD3, Sana (its feed-forward's pointwise convolutions packed) and Flux (its
+    blocks fused) at W4A8 run the CUDA kernels close to the CPU reference, and a real graph captured through their
+    own forward replays what they compute eagerly."""
     import copy
 
     from tiny_diffusers import pack_only_models
@@ -299,6 +299,8 @@ def test_packed_transformers_on_cuda_without_a_pipeline(name):
     quantize(model, plan, dtype=torch.float32)
     if name == "sana":
         assert any(isinstance(m, TreeQPointwiseConv) for m in treeq_layers(model).values())
+    if name == "flux":
+        assert type(model.single_transformer_blocks[0]).__name__ == "FusedFluxSingleTransformerBlock"
     with torch.no_grad():
         ref = model(**kw).sample   # the CPU reference backend
         gpu = copy.deepcopy(model).cuda()

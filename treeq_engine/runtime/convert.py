@@ -137,7 +137,8 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
-    allow it: the project's DiT blocks and diffusers' DiT / PixArt blocks. Returns how many blocks were fused."""
+    allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks and Flux's double and single blocks. Returns
+    how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -145,8 +146,9 @@ def fuse_blocks(model: nn.Module) -> int:
     # only a model holding diffusers modules pays for importing diffusers' block classes
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
         from .diffusers_fused import fuse_diffusers_blocks
+        from .flux_fused import fuse_flux_blocks
 
-        fused += fuse_diffusers_blocks(model)
+        fused += fuse_diffusers_blocks(model) + fuse_flux_blocks(model)
     return fused
 
 

@@ -1,0 +1,159 @@
+"""Fused Flux blocks (`runtime/flux_fused.py`): what they compute equals the unfused packed model (float32, the
+reference backend: LayerNorm + modulate in the quantization kernel, GELU and the gated residuals in the
+epilogues), the fused kernels actually run, and everything the fused path cannot reproduce runs diffusers' own
+forward: IP-Adapter kwargs, hooks, training, another attention processor."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_mmdit import call  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime import quantize  # noqa: E402
+from treeq_engine.runtime.flux_fused import FusedFluxSingleTransformerBlock, FusedFluxTransformerBlock  # noqa: E402
+from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def flux(guidance=True):
+    torch.manual_seed(0)
+    return perturbed(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=guidance).eval())
+
+
+def mixed(model):
+    """Block layers at assorted formats: W16 (the float path), a branch (its own quantization call), to_q at
+    another activation spec than to_k/to_v (no shared call), the rest W4A8."""
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("transformer_blocks.0.attn.to_k", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.attn.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.1.ff_context.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("single_transformer_blocks.0.proj_mlp", LayerConfig(16, 16)) \
+        .with_layer("single_transformer_blocks.1.attn.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
+
+
+def pair(model, plan, dtype=torch.float32):
+    unfused, fused = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(unfused, plan, dtype=dtype, fuse=False)
+    quantize(fused, plan, dtype=dtype)
+    return unfused, fused
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+@pytest.mark.parametrize("guidance", [True, False])
+def test_fused_equals_unfused(kind, guidance):
+    model = flux(guidance)
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert isinstance(fused.transformer_blocks[1], FusedFluxTransformerBlock)
+    assert isinstance(fused.single_transformer_blocks[0], FusedFluxSingleTransformerBlock)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for seed, hw in ((0, (8, 8)), (1, (8, 12))):
+        kw = call(model, n=2, seed=seed, hw=hw)
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
+
+
+def count_kernels(model, kw):
+    calls = {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+    orig_q, orig_l = TreeQLinear.quantize_input, TreeQLinear.linear
+
+    def quantize_input(self, x2, **k):
+        calls["ln"] += k.get("ln_eps") is not None
+        return orig_q(self, x2, **k)
+
+    def linear(self, act, **k):
+        calls["gelu"] += bool(k.get("gelu"))
+        calls["residual"] += k.get("residual") is not None
+        calls["codes_out"] += k.get("out_spec") is not None
+        return orig_l(self, act, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TreeQLinear, "quantize_input", quantize_input)
+        mp.setattr(TreeQLinear, "linear", linear)
+        with torch.no_grad():
+            out = model(**kw).sample
+    return calls, out
+
+
+def test_the_fused_kernels_run():
+    """Per double block: one LayerNorm-fused quantization per stream for q/k/v and one per feed-forward, GELU and
+    the next layer's codes in each feed-forward's first epilogue, four gated residuals; per single block one
+    quantization for proj_mlp + q/k/v, GELU in proj_mlp's epilogue, the gated residual in proj_out's."""
+    model = flux()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model, n=2)
+    calls, _ = count_kernels(fused, kw)
+    assert calls == {"ln": 2 * 4 + 2 * 1, "gelu": 2 * 2 + 2 * 1, "residual": 2 * 4 + 2 * 1, "codes_out": 2 * 2}
+    calls, _ = count_kernels(unfused, kw)
+    assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model = flux()
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused, fused = pair(model, plan)
+    kw = call(model, n=2)
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    # a hook on a norm: the whole block runs as modules (the hook sees its call)
+    seen = []
+    h = fused.transformer_blocks[0].norm1.register_forward_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 2 * 4 - 4 + 2   # block 0 unfused, block 1 and the single blocks fused
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on a feed-forward: that feed-forward runs as a module, the rest stays fused
+    seen.clear()
+    h = fused.transformer_blocks[1].ff.register_forward_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 2 * 4 - 1 + 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on a packed projection the kernels would run: that block runs diffusers' forward
+    h = fused.single_transformer_blocks[1].attn.to_q.register_forward_pre_hook(lambda *a: seen.append(2))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert 2 in seen and calls["ln"] == 2 * 4 + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class OtherProcessor(FluxAttnProcessor):   # a subclass computes what it likes: not the fused path's
+        pass
+
+    fused.transformer_blocks[0].attn.set_processor(OtherProcessor())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 2 * 4 - 4 + 2   # block 0 runs diffusers' forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_and_a_cache_hook():
+    """In bf16 the fused model agrees with the unfused one to bf16's rounding; diffusers' FirstBlockCache finds the
+    fused classes in its block registry."""
+    model = flux()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    unfused, fused = unfused.to(torch.bfloat16), fused.to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v
+          for k, v in call(model, n=2).items()}
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    fused.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
+    with torch.no_grad(), fused.cache_context("test"):
+        first = fused(**kw).sample.float()
+    assert torch.isfinite(first).all()

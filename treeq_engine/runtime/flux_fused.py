@@ -1,0 +1,325 @@
+"""Fused Flux blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``FluxTransformerBlock`` (double stream) and ``FluxSingleTransformerBlock``.
+
+Both take their modulation from an adaLN linear of ``silu(temb)``; ``LN`` has no affine.
+
+Single block (``norm`` = AdaLayerNormZeroSingle: shift, scale, gate), on the text and image tokens together:
+
+    x = [text; image],   n = Q(mod(LN(x), shift, scale))
+    y = x + gate · proj_out([attention(to_q, to_k, to_v ← n) ; GELU_tanh(proj_mlp ← n)])
+
+Double block (``norm1`` / ``norm1_context`` = AdaLayerNormZero: six vectors per stream, as in DiT):
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_msa, scale_msa)),  q', k', v' = add_q/k/v_proj ← same on the text
+    o', o   = joint attention([q'; q], [k'; k], [v'; v])                    (RMSNorm on q and k, rotary embedding)
+    h = h + gate_msa · to_out(o),   c = c + c_gate_msa · to_add_out(o')
+    h = h + gate_mlp · ff.net[2](Q(GELU_tanh(ff.net[0].proj(Q(mod(LN(h), shift_mlp, scale_mlp))))))   (same for c)
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in
+its ``quantize_input`` kernel, one call shared by the linears that read those rows with one activation spec and no
+Monarch branch (the single block's four: proj_mlp and to_q/k/v); GELU(tanh) runs in proj_mlp's and
+``ff.net[0].proj``'s epilogue (the latter also writing ``ff.net[2]``'s codes); the gated residual ``x + gate ⊙ y``
+in proj_out's, to_out's, to_add_out's and ``ff.net[2]``'s. The attention is ``FluxAttnProcessor``'s (the same
+diffusers calls: the RMSNorms, ``apply_rotary_emb``, ``dispatch_attention_fn`` with the processor's backend).
+Any other linear gets the float rows diffusers would give it. Fused and unfused agree to the model dtype's
+rounding (the kernels do LayerNorm + modulate in float32), not bit for bit.
+
+A block is swapped only in the structure diffusers builds (LayerNorms without affine, adaLN without its own
+embedder, ``FluxAttnProcessor`` with unfused projections, a ``FeedForward`` of [GELU(tanh), Dropout, linear],
+GELU(tanh) in the single block) and with a packed linear with quantized activations to fuse. A swapped block runs
+diffusers' own forward in training mode, with ``joint_attention_kwargs`` (IP-Adapter), when a norm or the attention
+carries a hook, or on other input ranks; a hook on a feed-forward or on a packed linear the kernels run makes that
+part run as modules. diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused classes in
+``TransformerBlockRegistry`` under the originals' entries. The state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
+                                                            FluxSingleTransformerBlock, FluxTransformerBlock)
+
+from .diffusers_fused import _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm
+from .linear import runs_packed_kernels as _quantized
+
+
+def _gelu_tanh(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "tanh"
+
+
+def _flux_attention_ok(attn: Any, joint: bool) -> bool:
+    """``attn`` computes what the fused path computes: ``FluxAttnProcessor`` on unfused projections, no hook on
+    it or on a projection the kernels run. (Checked on every forward.)"""
+    if type(attn) is not FluxAttention or type(attn.processor) is not FluxAttnProcessor or attn.fused_projections:
+        return False
+    m = attn._modules
+    names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] if joint else [])
+    if any(m.get(n) is None for n in names) or _hooked(attn):
+        return False
+    if joint:
+        out = m.get("to_out")
+        if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout:
+            return False
+        names.append("to_out")
+        return not any(_bypassed_hook(m[n] if n != "to_out" else out._modules["0"]) for n in names)
+    return not any(_bypassed_hook(m[n]) for n in names)
+
+
+def _adaln(norm: Any, kind: type, d: int) -> bool:
+    """An adaLN of ``kind`` as Flux builds it: no embedder of its own, a LayerNorm without affine, a linear."""
+    if type(norm) is not kind:
+        return False
+    return (getattr(norm, "emb", None) is None and _plain_layer_norm(getattr(norm, "norm", None), d)
+            and isinstance(getattr(norm, "linear", None), nn.Module))
+
+
+def _single_supported(block: nn.Module) -> bool:
+    if type(block) is not FluxSingleTransformerBlock or _forward_wrapped(block):
+        return False
+    d = block.proj_out.out_features if hasattr(block.proj_out, "out_features") else None
+    return (d is not None and _adaln(block.norm, AdaLayerNormZeroSingle, d) and _gelu_tanh(block.act_mlp)
+            and type(block.attn) is FluxAttention and block.attn.pre_only)
+
+
+def _double_supported(block: nn.Module) -> bool:
+    if type(block) is not FluxTransformerBlock or _forward_wrapped(block):
+        return False
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d) and _adaln(block.norm1_context, AdaLayerNormZero, d)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
+            and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn
+    if isinstance(block, FluxSingleTransformerBlock):
+        return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
+    return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
+            block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
+
+
+def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adaLN vectors as diffusers computes them, ``(B, chunks, D)``, and as the kernels take them, float32
+    ``(chunks, B, D)`` contiguous; None for a broadcast conditioning batch (diffusers' forward handles it)."""
+    mod = norm.linear(norm.silu(temb))
+    if mod.shape != (b, chunks * d):
+        return None
+    mod = mod.view(b, chunks, d)
+    return mod, mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+
+
+def _project(layers: Sequence[nn.Module], gelu: Sequence[bool], x2: torch.Tensor, float_rows, *, ln_eps: float,
+             shift: torch.Tensor, scale: torch.Tensor, act: nn.Module | None = None) -> list[torch.Tensor]:
+    """Each layer applied to ``mod(LN(x2))`` as (M, N) rows, GELU(tanh) after those flagged in ``gelu`` (in the
+    epilogue when the layer runs the kernels, else ``act``): :func:`.diffusers_fused._project` with the GELU."""
+    shared: dict = {}
+    rows = None
+    out = []
+    for layer, g in zip(layers, gelu):
+        if _quantized(layer):
+            if layer.monarch_w1 is None and layer.act_spec in shared:
+                a = shared[layer.act_spec]
+            else:
+                a = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
+                if layer.monarch_w1 is None:
+                    shared[layer.act_spec] = a
+            out.append(layer.linear(a, gelu=g, out_dtype=x2.dtype))
+        else:
+            if rows is None:
+                rows = float_rows()
+            y = layer(rows)
+            if g:
+                assert act is not None
+                y = act(y)
+            out.append(y.reshape(-1, y.shape[-1]))
+    return out
+
+
+def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
+               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``FluxAttnProcessor``'s attention of (B·S, inner) projection rows (the text's first when given), as
+    (B, S_text + S, inner)."""
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, t.shape[-1]).unflatten(-1, (-1, attn.head_dim))
+
+    query, key, value = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
+    if text is not None:
+        eq, ek, ev = text
+        query = torch.cat([attn.norm_added_q(heads(eq)), query], dim=1)
+        key = torch.cat([attn.norm_added_k(heads(ek)), key], dim=1)
+        value = torch.cat([heads(ev), value], dim=1)
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    proc = attn.processor
+    o = dispatch_attention_fn(query, key, value, attn_mask=None, backend=proc._attention_backend,
+                              parallel_config=proc._parallel_config)
+    return o.flatten(2, 3).to(query.dtype)
+
+
+def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, gate32: torch.Tensor,
+               gate: torch.Tensor) -> torch.Tensor:
+    """``x2 + gate ⊙ proj(o)`` as (M, D) rows: in proj's epilogue where it runs the kernels, else as diffusers."""
+    o2 = o.reshape(-1, o.shape[-1]).contiguous()
+    if _quantized(proj):
+        return proj.linear(proj.quantize_input(o2), out_dtype=x2.dtype, residual=x2, gate=gate32)
+    y = proj(o2).view(gate.shape[0], -1, x2.shape[-1])
+    return (gate * y + x2.view(y.shape)).reshape(x2.shape)
+
+
+def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
+    """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows, ``mod``/``m32`` chunks 3, 4, 5."""
+    d = x2.shape[-1]
+    x = x2.view(b, -1, d)
+    gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
+    tanh = gelu.approximate == "tanh"
+    if _hooked(ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
+        return (mod[:, 5:6] * ff(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x).reshape(x2.shape)
+    if _quantized(fc1):
+        act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4])
+        if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
+            h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x2.dtype)
+        elif tanh:
+            h = fc1.linear(act, gelu=True, out_dtype=x2.dtype)
+        else:
+            h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
+    else:
+        h = gelu(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(x2.shape[0], -1)
+    if _quantized(fc2):
+        if isinstance(h, torch.Tensor):
+            h = fc2.quantize_input(h.contiguous())
+        return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
+    return (mod[:, 5:6] * fc2(h).view(b, -1, d) + x).reshape(x2.shape)
+
+
+class _Adopt:
+    """Take over a block's children, parameters, attributes and hooks, not what is bound to the old object (see
+    ``FusedBasicTransformerBlock.__init__``)."""
+
+    def _adopt(self, block: nn.Module) -> None:
+        nn.Module.__init__(self)  # type: ignore[arg-type]
+        self.__dict__.update(vars(block))
+        self.__dict__.pop("forward", None)
+        self.__dict__.pop("_diffusers_hook", None)
+
+
+class FusedFluxSingleTransformerBlock(_Adopt, FluxSingleTransformerBlock):
+    """A ``FluxSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: FluxSingleTransformerBlock) -> None:
+        if not _single_supported(block):
+            raise ValueError("FusedFluxSingleTransformerBlock handles FluxSingleTransformerBlock in the structure "
+                             "diffusers builds")
+        self._adopt(block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        norm, attn = self.norm, self.attn
+        if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+                or _hooked(norm) or _hooked(norm.norm) or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp)
+                or _bypassed_hook(self.proj_out) or not _flux_attention_ok(attn, joint=False)):
+            return super().forward(*args)
+        text = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        b, s, d = x.shape
+        m = _modulation(norm, temb, b, 3, d)
+        if m is None:
+            return super().forward(*args)
+        mod, m32 = m
+        x2 = x.reshape(b * s, d).contiguous()
+        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), (True, False, False, False), x2,
+                                lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
+                                shift=m32[0], scale=m32[1], act=self.act_mlp)
+        o = _attention(attn, q, k, v, b, image_rotary_emb)
+        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, m32[2], mod[:, 2:3])
+        y = y.view(b, s, d)
+        if y.dtype == torch.float16:
+            y = y.clip(-65504, 65504)
+        return y[:, :text], y[:, text:]
+
+
+class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
+    """A ``FluxTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: FluxTransformerBlock) -> None:
+        if not _double_supported(block):
+            raise ValueError("FusedFluxTransformerBlock handles FluxTransformerBlock in the structure diffusers builds")
+        self._adopt(block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        n1, n1c, attn = self.norm1, self.norm1_context, self.attn
+        if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+                or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
+                or not _flux_attention_ok(attn, joint=True)):
+            return super().forward(*args)
+        b, t, d = hidden_states.shape
+        text = encoder_hidden_states.shape[1]
+        m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
+        if m is None or mc is None:
+            return super().forward(*args)
+        (mod, m32), (cmod, c32) = m, mc
+        h, c = hidden_states, encoder_hidden_states
+        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), (False,) * 3, h2,
+                           lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
+                           scale=m32[1])
+        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (False,) * 3, c2,
+                              lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
+                              shift=c32[0], scale=c32[1])
+        o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev))
+        oc, oh = o.split_with_sizes([text, t], dim=1)
+        h2 = _gated_out(attn.to_out[0], oh, h2, m32[2], mod[:, 2:3])
+        c2 = _gated_out(attn.to_add_out, oc, c2, c32[2], cmod[:, 2:3])
+        h2 = _ff(self.ff, self.norm2, h2, b, mod, m32)
+        c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
+        c = c2.view(b, text, d)
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        return c, h2.view(b, t, d)
+
+
+def fuse_flux_blocks(model: nn.Module) -> int:
+    """Swap every Flux block of ``model`` that the fused classes handle and that has a packed linear with quantized
+    activations to fuse; returns how many were swapped."""
+    from ..nn.convert import _set_submodule
+
+    swaps = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        cls = (FusedFluxSingleTransformerBlock if _single_supported(mod)
+               else FusedFluxTransformerBlock if _double_supported(mod) else None)
+        if cls is not None and any(_quantized(m) for m in _linears(mod)):
+            swaps.append((name, cls))
+    for name, cls in swaps:
+        _set_submodule(model, name, cls(model.get_submodule(name)))
+    return len(swaps)
+
+
+def _register_with_diffusers_hooks() -> None:
+    """FirstBlockCache / MagCache look a block's exact class up in ``TransformerBlockRegistry``: give the fused
+    classes the originals' entries (which diffusers registers when it first builds the registry)."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    except ImportError:
+        return
+    registry = getattr(TransformerBlockRegistry, "_registry", None)
+    if not isinstance(registry, dict):
+        return
+    for fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock):
+        if fused not in registry:   # both return (encoder_hidden_states, hidden_states), as the originals
+            meta = TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
+            meta._cls = fused
+            registry[fused] = meta
+
+
+_register_with_diffusers_hooks()
