@@ -146,9 +146,9 @@ def fuse_blocks(model: nn.Module) -> int:
     # only a model holding diffusers modules pays for importing diffusers' block classes
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
         from .diffusers_fused import fuse_diffusers_blocks
-        from .flux_fused import fuse_flux_blocks
+        from .mmdit_fused import fuse_mmdit_blocks
 
-        fused += fuse_diffusers_blocks(model) + fuse_flux_blocks(model)
+        fused += fuse_diffusers_blocks(model) + fuse_mmdit_blocks(model)
     return fused
 
 

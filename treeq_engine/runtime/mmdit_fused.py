@@ -1,5 +1,5 @@
-"""Fused Flux blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``FluxTransformerBlock`` (double stream) and ``FluxSingleTransformerBlock``.
+"""Fused MMDiT blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``FluxTransformerBlock`` (double stream), ``FluxSingleTransformerBlock`` and SD3's ``JointTransformerBlock``.
 
 Both take their modulation from an adaLN linear of ``silu(temb)``; ``LN`` has no affine.
 
@@ -14,6 +14,12 @@ Double block (``norm1`` / ``norm1_context`` = AdaLayerNormZero: six vectors per 
     o', o   = joint attention([q'; q], [k'; k], [v'; v])                    (RMSNorm on q and k, rotary embedding)
     h = h + gate_msa · to_out(o),   c = c + c_gate_msa · to_add_out(o')
     h = h + gate_mlp · ff.net[2](Q(GELU_tanh(ff.net[0].proj(Q(mod(LN(h), shift_mlp, scale_mlp))))))   (same for c)
+
+SD3 block (``JointTransformerBlock``): the double block's computation with ``JointAttnProcessor2_0``'s attention
+(image tokens first, optional RMSNorms on q and k, no rotary embedding); SD3.5's second attention (``attn2``, on
+``mod(LN(h), shift_msa2, scale_msa2)`` of the block's input, gated by ``gate_msa2``) adds to h after the first;
+the last block (``context_pre_only``) modulates the text with an ``AdaLayerNormContinuous`` (scale, shift), has no
+to_add_out and no text feed-forward, and returns no text.
 
 Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in
 its ``quantize_input`` kernel, one call shared by the linears that read those rows with one activation spec and no
@@ -38,9 +44,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
+                                            SD35AdaLayerNormZeroX)
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
@@ -96,18 +106,60 @@ def _double_supported(block: nn.Module) -> bool:
             and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
 
 
+def _joint_attention_ok(attn: Any, joint: bool) -> bool:
+    """SD3's ``attn`` (``joint``: with the text projections) or SD3.5's ``attn2`` computes what the fused path
+    computes: ``JointAttnProcessor2_0`` on plain projections, no hook on it or on a projection the kernels run."""
+    if type(attn) is not Attention or type(attn.processor) is not JointAttnProcessor2_0:
+        return False
+    m = attn._modules
+    out = m.get("to_out")
+    if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn):
+        return False
+    names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj"] if joint else [])
+    if joint and not attn.context_pre_only:
+        names.append("to_add_out")
+    if any(m.get(n) is None for n in names):
+        return False
+    return not any(_bypassed_hook(m[n]) for n in names) and not _bypassed_hook(out._modules["0"])
+
+
+def _sd3_supported(block: nn.Module) -> bool:
+    if type(block) is not JointTransformerBlock or _forward_wrapped(block):
+        return False
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    if d is None or not _plain_layer_norm(block.norm2, d) or not _feed_forward(block.ff, d):
+        return False
+    if not _adaln(block.norm1, SD35AdaLayerNormZeroX if block.use_dual_attention else AdaLayerNormZero, d):
+        return False
+    if block.context_pre_only:
+        return _adaln(block.norm1_context, AdaLayerNormContinuous, d) and block.ff_context is None
+    return (_adaln(block.norm1_context, AdaLayerNormZero, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff_context, d))
+
+
 def _linears(block: nn.Module) -> list[nn.Module]:
     a = block.attn
     if isinstance(block, FluxSingleTransformerBlock):
         return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
+    if isinstance(block, JointTransformerBlock):
+        out = [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], block.ff.net[0].proj,
+               block.ff.net[2]]
+        if block.attn2 is not None:
+            out += [block.attn2.to_q, block.attn2.to_k, block.attn2.to_v, block.attn2.to_out[0]]
+        if not block.context_pre_only:
+            out += [a.to_add_out, block.ff_context.net[0].proj, block.ff_context.net[2]]
+        return out
     return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
             block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
 
 
-def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adaLN vectors as diffusers computes them, ``(B, chunks, D)``, and as the kernels take them, float32
-    ``(chunks, B, D)`` contiguous; None for a broadcast conditioning batch (diffusers' forward handles it)."""
-    mod = norm.linear(norm.silu(temb))
+    ``(chunks, B, D)`` contiguous; None for a broadcast conditioning batch (diffusers' forward handles it).
+    ``dtype``: AdaLayerNormContinuous casts ``silu(temb)`` to its input's dtype first."""
+    act = norm.silu(temb)
+    mod = norm.linear(act if dtype is None else act.to(dtype))
     if mod.shape != (b, chunks * d):
         return None
     mod = mod.view(b, chunks, d)
@@ -161,6 +213,32 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
     o = dispatch_attention_fn(query, key, value, attn_mask=None, backend=proc._attention_backend,
                               parallel_config=proc._parallel_config)
     return o.flatten(2, 3).to(query.dtype)
+
+
+def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int,
+                text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``JointAttnProcessor2_0``'s attention of (B·S, inner) projection rows (the image's first, then the text's
+    when given), as (B, S + S_text, inner)."""
+    heads = attn.heads
+    head_dim = k.shape[-1] // heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, heads, head_dim).transpose(1, 2)
+
+    query, key, value = split(q), split(k), split(v)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if text is not None:
+        eq, ek, ev = (split(t) for t in text)
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        query, key, value = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2), torch.cat([value, ev], dim=2)
+    o = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    return o.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
 
 
 def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, gate32: torch.Tensor,
@@ -287,9 +365,64 @@ class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
         return c, h2.view(b, t, d)
 
 
-def fuse_flux_blocks(model: nn.Module) -> int:
-    """Swap every Flux block of ``model`` that the fused classes handle and that has a packed linear with quantized
-    activations to fuse; returns how many were swapped."""
+class FusedJointTransformerBlock(_Adopt, JointTransformerBlock):
+    """SD3's ``JointTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: JointTransformerBlock) -> None:
+        if not _sd3_supported(block):
+            raise ValueError("FusedJointTransformerBlock handles JointTransformerBlock in the structure diffusers "
+                             "builds for SD3 and SD3.5")
+        self._adopt(block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+        args = (hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        n1, n1c, attn, attn2 = self.norm1, self.norm1_context, self.attn, self.attn2
+        pre_only = self.context_pre_only
+        norms = (n1, n1.norm, n1c, n1c.norm, self.norm2) + (() if pre_only else (self.norm2_context,))
+        if (self.training or joint_attention_kwargs or self._chunk_size is not None or hidden_states.ndim != 3
+                or encoder_hidden_states.ndim != 3 or any(_hooked(n) for n in norms)
+                or not _joint_attention_ok(attn, joint=True)
+                or (attn2 is not None and not _joint_attention_ok(attn2, joint=False))):
+            return super().forward(*args)
+        b, t, d = hidden_states.shape
+        text = encoder_hidden_states.shape[1]
+        h, c = hidden_states, encoder_hidden_states
+        m = _modulation(n1, temb, b, 9 if attn2 is not None else 6, d)
+        mc = _modulation(n1c, temb, b, 2, d, dtype=c.dtype) if pre_only else _modulation(n1c, temb, b, 6, d)
+        if m is None or mc is None:
+            return super().forward(*args)
+        (mod, m32), (cmod, c32) = m, mc
+        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), (False,) * 3, h2,
+                           lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
+                           scale=m32[1])
+        cs, cc = (1, 0) if pre_only else (0, 1)   # AdaLayerNormContinuous: (scale, shift)
+        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (False,) * 3, c2,
+                              lambda: n1c.norm(c) * (1 + cmod[:, cc:cc + 1]) + cmod[:, cs:cs + 1],
+                              ln_eps=n1c.norm.eps, shift=c32[cs], scale=c32[cc])
+        o = _joint_sdpa(attn, q, k, v, b, (eq, ek, ev))
+        oh, oc = o[:, :t], o[:, t:]
+        out = _gated_out(attn.to_out[0], oh, h2, m32[2], mod[:, 2:3])
+        if attn2 is not None:   # its input: the block's input rows, its own modulation
+            q2, k2, v2 = _project((attn2.to_q, attn2.to_k, attn2.to_v), (False,) * 3, h2,
+                                  lambda: n1.norm(h) * (1 + mod[:, 7:8]) + mod[:, 6:7], ln_eps=n1.norm.eps,
+                                  shift=m32[6], scale=m32[7])
+            out = _gated_out(attn2.to_out[0], _joint_sdpa(attn2, q2, k2, v2, b), out, m32[8], mod[:, 8:9])
+        h2 = _ff(self.ff, self.norm2, out, b, mod, m32)
+        if pre_only:
+            return None, h2.view(b, t, d)
+        c2 = _gated_out(attn.to_add_out, oc, c2, c32[2], cmod[:, 2:3])
+        c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
+        c = c2.view(b, text, d)
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        return c, h2.view(b, t, d)
+
+
+def fuse_mmdit_blocks(model: nn.Module) -> int:
+    """Swap every Flux or SD3 block of ``model`` that the fused classes handle and that has a packed linear with
+    quantized activations to fuse; returns how many were swapped."""
     from ..nn.convert import _set_submodule
 
     swaps = []
@@ -297,7 +430,8 @@ def fuse_flux_blocks(model: nn.Module) -> int:
         if not name:
             continue
         cls = (FusedFluxSingleTransformerBlock if _single_supported(mod)
-               else FusedFluxTransformerBlock if _double_supported(mod) else None)
+               else FusedFluxTransformerBlock if _double_supported(mod)
+               else FusedJointTransformerBlock if _sd3_supported(mod) else None)
         if cls is not None and any(_quantized(m) for m in _linears(mod)):
             swaps.append((name, cls))
     for name, cls in swaps:
@@ -315,8 +449,8 @@ def _register_with_diffusers_hooks() -> None:
     registry = getattr(TransformerBlockRegistry, "_registry", None)
     if not isinstance(registry, dict):
         return
-    for fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock):
-        if fused not in registry:   # both return (encoder_hidden_states, hidden_states), as the originals
+    for fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock, FusedJointTransformerBlock):
+        if fused not in registry:   # each returns (encoder_hidden_states, hidden_states), as the originals
             meta = TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
             meta._cls = fused
             registry[fused] = meta

@@ -1,4 +1,4 @@
-"""Fused Flux blocks (`runtime/flux_fused.py`): what they compute equals the unfused packed model (float32, the
+"""Fused Flux blocks (`runtime/mmdit_fused.py`): what they compute equals the unfused packed model (float32, the
 reference backend: LayerNorm + modulate in the quantization kernel, GELU and the gated residuals in the
 epilogues), the fused kernels actually run, and everything the fused path cannot reproduce runs diffusers' own
 forward: IP-Adapter kwargs, hooks, training, another attention processor."""
@@ -9,13 +9,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_search_mmdit import call  # noqa: E402
+from test_search_mmdit import call, tiny_sd3  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.runtime import quantize  # noqa: E402
-from treeq_engine.runtime.flux_fused import FusedFluxSingleTransformerBlock, FusedFluxTransformerBlock  # noqa: E402
+from treeq_engine.runtime.mmdit_fused import (FusedFluxSingleTransformerBlock, FusedFluxTransformerBlock,  # noqa: E402
+                                              FusedJointTransformerBlock)
 from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,3 +158,51 @@ def test_bf16_and_a_cache_hook():
     with torch.no_grad(), fused.cache_context("test"):
         first = fused(**kw).sample.float()
     assert torch.isfinite(first).all()
+
+
+def sd3_mixed(model):
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("transformer_blocks.0.attn.add_k_proj", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff_context.net.2", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("transformer_blocks.1.attn.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.1.ff.net.0.proj", LayerConfig(16, 16))
+
+
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+def test_sd3_fused_equals_unfused(dual, kind):
+    """SD3 (its last block context_pre_only) and SD3.5-style blocks (a second attention, RMSNorm on q and k)."""
+    model = perturbed(tiny_sd3(dual))
+    plan = sd3_mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert all(isinstance(b, FusedJointTransformerBlock) for b in fused.transformer_blocks)
+    assert fused.transformer_blocks[1].context_pre_only
+    for seed, hw in ((0, (8, 8)), (1, (8, 12))):
+        kw = call(model, n=2, seed=seed, hw=hw)
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
+
+
+def test_sd3_fused_kernels_and_fallbacks():
+    """Block 0: image q/k/v, text q/k/v, (attn2 q/k/v), both feed-forwards LayerNorm-fused; block 1
+    (context_pre_only): image and text q/k/v and the image feed-forward. A chunked feed-forward, a hooked norm and
+    IP-Adapter-style kwargs run diffusers' forward."""
+    for dual in (False, True):
+        model = perturbed(tiny_sd3(dual))
+        unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+        kw = call(model, n=2)
+        calls, _ = count_kernels(fused, kw)
+        assert calls["ln"] == 4 + dual + 3 and calls["gelu"] == 2 + 1 and calls["residual"] == 4 + dual + 2
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    h = fused.transformer_blocks[0].norm1_context.register_forward_pre_hook(lambda *a: None)
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert calls["ln"] == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.transformer_blocks[1].set_chunk_feed_forward(2, 1)
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 4 + 1   # block 0 (with attn2) fused, block 1 diffusers'
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
