@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from tiny_diffusers import pack_only_models, tiny_flux_pipeline  # noqa: E402
 
 from treeq_engine.cli import main  # noqa: E402
-from treeq_engine.models.diffusers_transformers import PACK_ONLY, rebuild  # noqa: E402
+from treeq_engine.models.diffusers_transformers import PACK_ONLY, load_transformer, rebuild  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
 from treeq_engine.runtime import TreeQPointwiseConv, artifact, quantize, treeq_layers  # noqa: E402
 
@@ -51,7 +51,7 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     if name == "sana":
         assert isinstance(loaded.transformer_blocks[0].ff.conv_inverted, TreeQPointwiseConv)
     # what quantize makes of the bf16-loaded weights (the rest of the model back in float32, as rebuild has it)
-    direct = type(model).from_pretrained(d, torch_dtype=torch.bfloat16).float().eval()
+    direct = load_transformer(d, torch.bfloat16, any_model=True)[0].float()   # (as the command: SD3 in bf16 too)
     quantize(direct, plan)
     with torch.no_grad():
         got, want = loaded(**kw).sample, direct(**kw).sample

@@ -467,3 +467,53 @@ def test_profile_covers_what_a_latency_search_looks_up(tmp_path, capsys, name):
         wrong = str(tmp_path / "wrong.safetensors")
         save_inputs(wrong, other, other.inputs(**call(other.model, n=1)))
         main(["profile", "--diffusers", str(d), "--calib-inputs", wrong, "--out", str(lut)])
+
+
+def test_walkthrough_mends(tmp_path, capsys):
+    """What a user walkthrough found: SD3 loads at the asked dtype (diffusers without accelerate left it float32),
+    closed-loop selection samples at --closed-loop-height/--width and the summary names its result, a diffusers
+    calibration used without --diffusers says which model it was made on, and the DiT-only size check names the
+    pipeline it refuses."""
+    pytest.importorskip("transformers", reason="SD3's pipeline needs transformers (CLIP, T5)")
+    from tiny_diffusers import tiny_sd3_pipeline
+
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import load_pipeline, load_transformer
+
+    pipe_dir = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(pipe_dir)
+    model, _ = load_transformer(pipe_dir, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert load_pipeline(pipe_dir, torch.float16).transformer.dtype == torch.float16
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog\n")
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "2", "--timesteps",
+                 "3", "--height", "16", "--width", "16", "--dtype", "float16", "--device", "cpu", "--out", calib]) == 0
+    assert "--timesteps 3 > --steps 2" in capsys.readouterr().err
+    out = tmp_path / "s"
+    sizes = []
+    original = diffusers.StableDiffusion3Pipeline.__call__
+
+    def recording(self, *a, **kw):
+        sizes.append((kw.get("height"), kw.get("width")))
+        return original(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffusers.StableDiffusion3Pipeline, "__call__", recording)
+        assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep",
+                     "2", "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts), "--closed-loop-steps",
+                     "2", "--closed-loop-height", "24", "--closed-loop-width", "16", "--no-progress", "--device",
+                     "cpu", "--out", str(out)]) == 0
+    assert sizes and set(sizes) == {(24, 16)}   # the FP reference and every plan scored
+    assert "selected closed loop at the root: closed-loop MSE" in capsys.readouterr().out
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
+                 "--closed-loop-height", "16", "--no-progress", "--device", "cpu"]) == 2
+    assert "are for --select closed-loop" in capsys.readouterr().err
+    ptq = str(tmp_path / "ptq")
+    assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--bits", "W8A8", "--branch", "none",
+                 "--max-tokens", "32", "--rounds", "1", "--out", ptq]) == 0
+    with pytest.raises(SystemExit, match=f"calibrated on the diffusers model {pipe_dir}: pass --diffusers"):
+        main(["quantize", "--ptq", ptq, "--out", str(tmp_path / "art")])
+    with pytest.raises(SystemExit, match="calibrated on the diffusers model"):
+        main(["peft", "--ptq", ptq, "--out", str(tmp_path / "peft")])

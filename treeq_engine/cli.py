@@ -24,13 +24,14 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
                     ".demo"),
     "search": Command("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", ".search.cli"),
-    "capture": Command("record a local diffusers DiT/PixArt pipeline's transformer calls as calibration inputs for "
-                       "`treeq search --diffusers`", ".search.capture_cli"),
-    "ptq": Command("calibrate a DiT for a plan: weight/activation clipping, Monarch or low-rank branches "
-                   "(resumable)", ".calib.cli", "add_ptq_args", "run_ptq"),
-    "peft": Command("fine-tune a calibrated DiT's branches by distillation from the FP model (resumable)",
+    "capture": Command("record a local diffusers DiT/PixArt/SD3/Flux pipeline's transformer calls as calibration "
+                       "inputs for `treeq search / ptq / peft --diffusers`", ".search.capture_cli"),
+    "ptq": Command("calibrate a DiT (or a diffusers DiT/PixArt/SD3/Flux) for a plan: weight/activation clipping, "
+                   "Monarch or low-rank branches (resumable)", ".calib.cli", "add_ptq_args", "run_ptq"),
+    "peft": Command("fine-tune a calibrated model's branches by distillation from the FP model (resumable)",
                     ".calib.cli", "add_peft_args", "run_peft"),
-    "quantize": Command("pack a DiT with a plan (or --uniform WxAy) into a TreeQ artifact (safetensors + plan JSON)",
+    "quantize": Command("pack a DiT or any diffusers transformer with a plan (or --uniform WxAy) into a TreeQ "
+                        "artifact (safetensors + plan JSON)",
                         ".runtime.cli", "add_quantize_arguments", "run_quantize"),
     "sample": Command("sample a full-precision DiT or a quantized artifact into a PNG grid", ".runtime.cli",
                       "add_sample_arguments", "run_sample"),

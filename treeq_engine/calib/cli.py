@@ -60,7 +60,8 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT or PixArt transformer (or pipeline) directory")
+                   help="instead of --model: a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) "
+                        "directory")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
     p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")
@@ -223,11 +224,15 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
 def run_peft(args: argparse.Namespace) -> int:
     from ..search.diffusers_runner import inputs_digest
     from .peft import PEFTConfig, finetune
-    from .ptq import load_calibration, ptq_digest
+    from .ptq import diffusers_source, load_calibration, ptq_digest
 
     if not Path(args.ptq).is_dir():
         raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json), "
                          f"{'got a file' if Path(args.ptq).exists() else 'no such directory'}")
+    made_with = diffusers_source(args.ptq)
+    if made_with is not None and not args.diffusers:
+        raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass --diffusers "
+                         f"{made_with} (and its --calib-inputs)")
     weight: Callable[[tuple], torch.Tensor] | None = None   # finetune's sample_weight: batch -> (B,)
     if args.diffusers:
         fp, batches = _diffusers_model(args)

@@ -272,6 +272,17 @@ def ptq_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data", "layers")})
 
 
+def diffusers_source(out_dir: str | Path) -> str | None:
+    """The ``--diffusers`` path a ``treeq ptq`` output directory was calibrated from (its recorded data names
+    the captured inputs only for a diffusers model), or None (our DiT, or unreadable: the load says why)."""
+    try:
+        data = json.loads((Path(out_dir) / "ptq.json").read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    model = data.get("model") if isinstance(data, dict) and "calib_inputs" in data else None
+    return model if isinstance(model, str) else None
+
+
 def _made_from(state: Mapping[str, Any]) -> str | None:
     """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
     return (state.get("data") or {}).get("model_fingerprint")

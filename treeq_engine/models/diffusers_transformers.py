@@ -93,7 +93,26 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     assert cls is not None   # (transformer_dir checked it)
     with quiet_dtype_warning():
         model = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
+    model = _in_dtype(model, dtype)
     return model.to(device).eval(), describe(model, source=str(path))
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` at ``dtype`` when ``from_pretrained`` left it all float32: diffusers without ``accelerate`` decides
+    the load dtype from the first tensor of the checkpoint, and SD3's is a float32 positional table, so the whole
+    transformer stays float32 (and a half-precision pipeline then fails in its first convolution). The modules the
+    class keeps in float32 (``_keep_in_fp32_modules``) stay so."""
+    if dtype is None or dtype == torch.float32:
+        return model
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if not floats or any(dt != torch.float32 for dt in floats):   # loaded as asked (or partly kept in float32)
+        return model
+    model = model.to(dtype)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, mod in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            mod.float()
+    return model
 
 
 @contextlib.contextmanager
@@ -111,6 +130,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
     bars off (our commands draw their own)."""
     with quiet_dtype_warning():
         pipe = _diffusers().DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    if isinstance(getattr(pipe, "transformer", None), nn.Module):
+        pipe.transformer = _in_dtype(pipe.transformer, dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -93,8 +93,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.plan or args.uniform:
             raise SystemExit("--ptq brings its own plan: give it without --plan / --uniform")
         from ..calib.peft import load_finetuned
-        from ..calib.ptq import load_calibration
+        from ..calib.ptq import diffusers_source, load_calibration
 
+        made_with = diffusers_source(args.ptq)
+        if made_with is not None and not args.diffusers:
+            raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass "
+                             f"--diffusers {made_with}")
         for flag, d in (("--ptq", args.ptq), ("--peft", args.peft)):
             if d is not None and not Path(d).is_dir():
                 raise SystemExit(f"{flag} {d}: expected a `treeq {flag[2:]}` output directory, "

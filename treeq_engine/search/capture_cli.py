@@ -65,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
         size = {side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None}
         if any(v <= 0 for v in size.values()):
             raise ValueError(f"--height and --width must be positive numbers of pixels, got {size}")
-        if size and args.labels is not None:
-            raise ValueError("a DiT pipeline samples at its transformer's size: give it without --height / --width")
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
         runner = make_runner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
+        if size and runner.arch == "dit":
+            raise ValueError("a DiT pipeline samples at its transformer's size: give it without --height / --width")
         if runner.arch == "dit":
             classes = int(pipe.transformer.config.num_embeds_ada_norm)
             bad = [v for v in items if not 0 <= v < classes]
@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
             weights = None
             print(f"treeq capture: note: no sampler weights ({e}); the search takes the plain MSE of the prediction",
                   file=sys.stderr)
+        if args.timesteps > args.steps:
+            print(f"treeq capture: note: --timesteps {args.timesteps} > --steps {args.steps}: every step's calls are "
+                  "kept", file=sys.stderr)
         keep: list[float] | None = None
         shifting = bool(getattr(getattr(pipe.scheduler, "config", None), "use_dynamic_shifting", False))
         if runner.arch != "flux" and not shifting:   # (module docstring: else chosen from the first run's calls)

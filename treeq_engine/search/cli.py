@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers DiT or PixArt transformer (or pipeline) directory, searched on the "
+                   help="a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) directory, searched on the "
                         "inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -68,14 +68,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the plan is chosen among the root's in-budget plans: the lowest one-step MSE "
                         "(the search's metric) or the lowest error of whole sampling trajectories; "
                         "closed-loop-root scores the tree's whole last merge that way (up to K² sampling runs)")
-    g.add_argument("--closed-loop-samples", type=int, default=32, help="samples per closed-loop score")
+    g.add_argument("--closed-loop-samples", type=int, default=32,
+                   help="samples per closed-loop score (with --closed-loop-prompts: one per prompt)")
     g.add_argument("--closed-loop-steps", type=int, default=None, help="sampler steps (default: --calib-steps)")
     g.add_argument("--closed-loop-plans", type=int, default=16,
                    help="plans scored closed loop, at most (plus the uniform plan)")
     g.add_argument("--closed-loop-labels", default=None,
                    help="--diffusers DiT: the class labels sampled (default: --closed-loop-samples of them, cycled)")
     g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
-                   help="--diffusers PixArt: the prompts sampled, one per line")
+                   help="--diffusers PixArt, SD3, Flux: the prompts sampled, one per line")
+    g.add_argument("--closed-loop-height", type=int, default=None,
+                   help="--diffusers PixArt, SD3, Flux: the image height closed-loop samples are drawn at (default: "
+                        "the pipeline's; FLUX.1-dev's is 1024)")
+    g.add_argument("--closed-loop-width", type=int, default=None, help="with --closed-loop-height: the width")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -197,8 +202,9 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
         call = _closed_loop_call(args, model)
         closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
-    elif args.closed_loop_labels or args.closed_loop_prompts:
-        raise ValueError("--closed-loop-labels / --closed-loop-prompts are for --select closed-loop[-root]")
+    elif args.closed_loop_labels or args.closed_loop_prompts or args.closed_loop_height or args.closed_loop_width:
+        raise ValueError("--closed-loop-labels / --closed-loop-prompts / --closed-loop-height / --closed-loop-width "
+                         "are for --select closed-loop[-root]")
     runner = make_runner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
     weights = None
@@ -220,12 +226,20 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt)."""
+    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux), and
+    the image size when given."""
     from .diffusers_runner import DIT, diffusers_arch
 
+    size = {side: v for side, v in (("height", args.closed_loop_height), ("width", args.closed_loop_width))
+            if v is not None}
+    if any(v <= 0 for v in size.values()):
+        raise ValueError(f"--closed-loop-height / --closed-loop-width must be positive pixel counts, got {size}")
     if diffusers_arch(model) == DIT:
         if args.closed_loop_prompts:
             raise ValueError("a DiT pipeline samples --closed-loop-labels, not prompts")
+        if size:
+            raise ValueError("a DiT pipeline samples at its transformer's size: give it without "
+                             "--closed-loop-height / --closed-loop-width")
         classes = int(model.config.num_embeds_ada_norm)
         text = args.closed_loop_labels or ",".join(str(i % classes) for i in range(args.closed_loop_samples))
         try:
@@ -243,7 +257,7 @@ def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     prompts = read_prompts(args.closed_loop_prompts)
     if not prompts:
         raise ValueError(f"{args.closed_loop_prompts}: no prompts")
-    return {"prompt": prompts}
+    return {"prompt": prompts, **size}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -346,6 +360,10 @@ def summary(report: dict[str, Any]) -> str:
                      f"{c['us']:9.1f} {r.get('evaluations_total', r['evaluations']):7d} "
                      f"{r.get('wall_s_total', r['wall_s']):8.1f}")
     closed = report.get("closed_loop")
+    tss = report["tss"]
+    if not closed and "closed_loop_mse" in tss:   # --select closed-loop-root: the root's front ranked closed loop
+        lines.append(f"selected closed loop at the root: closed-loop MSE {tss['closed_loop_mse']:.4e}"
+                     + (f", PSNR {tss['psnr']:.2f} dB" if "psnr" in tss else ""))
     if closed:
         lines.append(f"closed-loop selection ({closed['config']['samples']} samples, {closed['config']['steps']} "
                      "steps): the root's plans within the budget")
