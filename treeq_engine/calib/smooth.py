@@ -169,6 +169,9 @@ def _mmdit_site(model: nn.Module, name: str) -> Site | None:
                          f"this fold does not know (it folds into {', '.join(_NORMS)})")
     if any(c.startswith("attn") for c in consumers):
         attn_mod = getattr(block, consumers[-1].split(".")[0])
+        if getattr(attn_mod, "fused_projections", False):   # to_qkv runs, not the to_q/k/v a fold would scale
+            raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs fused projections "
+                             "(fuse_qkv_projections); unfuse them first")
         processor = type(getattr(attn_mod, "processor", None)).__name__
         if processor not in _MMDIT_PROCESSORS:
             raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs {processor}, not diffusers' "

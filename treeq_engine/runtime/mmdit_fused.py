@@ -414,10 +414,7 @@ class FusedJointTransformerBlock(_Adopt, JointTransformerBlock):
             return None, h2.view(b, t, d)
         c2 = _gated_out(attn.to_add_out, oc, c2, c32[2], cmod[:, 2:3])
         c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
-        c = c2.view(b, text, d)
-        if c.dtype == torch.float16:
-            c = c.clip(-65504, 65504)
-        return c, h2.view(b, t, d)
+        return c2.view(b, text, d), h2.view(b, t, d)   # (SD3 does not clip fp16, unlike Flux)
 
 
 def fuse_mmdit_blocks(model: nn.Module) -> int:
