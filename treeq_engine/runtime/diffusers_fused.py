@@ -143,29 +143,35 @@ def _fusable_linears(block: nn.Module) -> list[nn.Module]:
 
 
 def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,
-             ln_eps: float | None = None, shift: torch.Tensor | None = None,
-             scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+             ln_eps: float | None = None, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+             gelu: Sequence[bool] = (), act: nn.Module | None = None) -> list[torch.Tensor]:
     """Each layer applied to ``pre(x2)`` (optional LayerNorm + modulate), as (M, N) rows in ``x2``'s dtype.
 
     A quantized layer quantizes ``x2`` in the kernel that does ``pre``; quantized layers without a branch share
     one such call per activation spec (the codes depend only on the rows and the spec), a branch's stage 1 needs
-    the layer's own call. Other layers read the float rows ``float_rows()`` (diffusers' own computation, once)."""
+    the layer's own call. Other layers read the float rows ``float_rows()`` (diffusers' own computation, once).
+    The layers flagged in ``gelu`` are followed by GELU(tanh): in the epilogue when they run the kernels, else by
+    the module ``act``."""
+    flags = list(gelu) + [False] * (len(layers) - len(gelu))
     shared: dict = {}
     rows = None
     out = []
-    for layer in layers:
+    for layer, g in zip(layers, flags):
         if _quantized(layer):
             if layer.monarch_w1 is None and layer.act_spec in shared:
-                act = shared[layer.act_spec]
+                a = shared[layer.act_spec]
             else:
-                act = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
+                a = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
                 if layer.monarch_w1 is None:
-                    shared[layer.act_spec] = act
-            out.append(layer.linear(act, out_dtype=x2.dtype))
+                    shared[layer.act_spec] = a
+            out.append(layer.linear(a, gelu=g, out_dtype=x2.dtype))
         else:
             if rows is None:
                 rows = float_rows()
             y = layer(rows)
+            if g:
+                assert act is not None   # (a caller flagging GELU passes the module diffusers runs)
+                y = act(y)
             out.append(y.reshape(-1, y.shape[-1]))
     return out
 

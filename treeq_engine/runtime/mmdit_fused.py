@@ -40,7 +40,7 @@ part run as modules. diffusers' block-level hooks (FirstBlockCache, MagCache) fi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,8 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
-from .diffusers_fused import _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm
+from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
+                              _project)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -100,8 +101,8 @@ def _double_supported(block: nn.Module) -> bool:
     if type(block) is not FluxTransformerBlock or _forward_wrapped(block):
         return False
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
-    return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d) and _adaln(block.norm1_context, AdaLayerNormZero, d)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+    return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d)
+            and _adaln(block.norm1_context, AdaLayerNormZero, d) and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
             and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
             and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
 
@@ -164,33 +165,6 @@ def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
         return None
     mod = mod.view(b, chunks, d)
     return mod, mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
-
-
-def _project(layers: Sequence[nn.Module], gelu: Sequence[bool], x2: torch.Tensor, float_rows, *, ln_eps: float,
-             shift: torch.Tensor, scale: torch.Tensor, act: nn.Module | None = None) -> list[torch.Tensor]:
-    """Each layer applied to ``mod(LN(x2))`` as (M, N) rows, GELU(tanh) after those flagged in ``gelu`` (in the
-    epilogue when the layer runs the kernels, else ``act``): :func:`.diffusers_fused._project` with the GELU."""
-    shared: dict = {}
-    rows = None
-    out = []
-    for layer, g in zip(layers, gelu):
-        if _quantized(layer):
-            if layer.monarch_w1 is None and layer.act_spec in shared:
-                a = shared[layer.act_spec]
-            else:
-                a = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
-                if layer.monarch_w1 is None:
-                    shared[layer.act_spec] = a
-            out.append(layer.linear(a, gelu=g, out_dtype=x2.dtype))
-        else:
-            if rows is None:
-                rows = float_rows()
-            y = layer(rows)
-            if g:
-                assert act is not None
-                y = act(y)
-            out.append(y.reshape(-1, y.shape[-1]))
-    return out
 
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
@@ -312,9 +286,9 @@ class FusedFluxSingleTransformerBlock(_Adopt, FluxSingleTransformerBlock):
             return super().forward(*args)
         mod, m32 = m
         x2 = x.reshape(b * s, d).contiguous()
-        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), (True, False, False, False), x2,
+        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
                                 lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
-                                shift=m32[0], scale=m32[1], act=self.act_mlp)
+                                shift=m32[0], scale=m32[1], gelu=(True,), act=self.act_mlp)
         o = _attention(attn, q, k, v, b, image_rotary_emb)
         y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, m32[2], mod[:, 2:3])
         y = y.view(b, s, d)
@@ -347,10 +321,10 @@ class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
         (mod, m32), (cmod, c32) = m, mc
         h, c = hidden_states, encoder_hidden_states
         h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), (False,) * 3, h2,
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
                            lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
                            scale=m32[1])
-        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (False,) * 3, c2,
+        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
                               lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
                               shift=c32[0], scale=c32[1])
         o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev))
@@ -394,18 +368,18 @@ class FusedJointTransformerBlock(_Adopt, JointTransformerBlock):
             return super().forward(*args)
         (mod, m32), (cmod, c32) = m, mc
         h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), (False,) * 3, h2,
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
                            lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
                            scale=m32[1])
         cs, cc = (1, 0) if pre_only else (0, 1)   # AdaLayerNormContinuous: (scale, shift)
-        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (False,) * 3, c2,
+        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
                               lambda: n1c.norm(c) * (1 + cmod[:, cc:cc + 1]) + cmod[:, cs:cs + 1],
                               ln_eps=n1c.norm.eps, shift=c32[cs], scale=c32[cc])
         o = _joint_sdpa(attn, q, k, v, b, (eq, ek, ev))
         oh, oc = o[:, :t], o[:, t:]
         out = _gated_out(attn.to_out[0], oh, h2, m32[2], mod[:, 2:3])
         if attn2 is not None:   # its input: the block's input rows, its own modulation
-            q2, k2, v2 = _project((attn2.to_q, attn2.to_k, attn2.to_v), (False,) * 3, h2,
+            q2, k2, v2 = _project((attn2.to_q, attn2.to_k, attn2.to_v), h2,
                                   lambda: n1.norm(h) * (1 + mod[:, 7:8]) + mod[:, 6:7], ln_eps=n1.norm.eps,
                                   shift=m32[6], scale=m32[7])
             out = _gated_out(attn2.to_out[0], _joint_sdpa(attn2, q2, k2, v2, b), out, m32[8], mod[:, 8:9])
