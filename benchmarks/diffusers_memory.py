@@ -85,7 +85,8 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     lines = [BEGIN, "## Packed weight memory of diffusers transformers (`benchmarks/diffusers_memory.py`)", "",
              f"Exact from shapes on the meta device (no weights, no GPU), commit {git_commit()}. Whole model: packed "
              "linears (codes, scales, zero points, column sums, biases) plus every unquantized parameter in bf16. "
-             "Uniform plans: block linears at the format, embedders, context and output projections at W8A8. "
+             "Uniform plans: block linears and pointwise convolutions at the format, embedders, context and output "
+             "projections at W8A8. "
              "*Packable*: the share of parameters in linears and pointwise convolutions (Sana's feed-forward).", "",
              head, "|" + "---|" * (4 + len(FORMATS))]
     for name, r in rows.items():

@@ -1,7 +1,7 @@
 """Capturing layer inputs on the calibration set, stage by stage so that sequential calibration costs O(layers).
 
 A model is walked as a chain of *stages*. A DiT (anything with ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c)``
-and ``final(h, c)``) has ``embed``, one stage per block and ``final``; diffusers' DiT and PixArt transformers are
+and ``final(h, c)``) has ``embed``, one stage per block and ``final``; diffusers' DiT, PixArt, SD3 and Flux transformers are
 cut as the search cuts them (``search.diffusers_runner``; a batch is the runner's input tuple); any other model
 is one stage, its whole forward. The runner keeps every calibration batch's input to the current stage. Capturing a layer runs only
 that stage, and only until the layer has seen its input (the hook then stops the forward); ``advance`` runs the

@@ -5,7 +5,7 @@
 
 The model is the shipped digits DiT unless ``--model`` names a DiT checkpoint (.pt or .safetensors, its config
 inferred from the weights, else the digits config), or
-a local diffusers DiT/PixArt with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
+a local diffusers DiT/PixArt/SD3/Flux with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
 calibration set, and PEFT's distillation data). Both commands resume when rerun with the same ``--out``.
 """
 from __future__ import annotations
@@ -141,7 +141,9 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
                         "diffusers DiT/PixArt/SD3/Flux blocks (see docs/gmb.md)")
     _diffusers_args(p)
     p.add_argument("--untie", action="store_true",
-                   help="with --diffusers: calibrate to_q/to_k/to_v (and cross-attention's to_k/to_v) apart; by "
+                   help="with --diffusers: calibrate the linears reading one input apart (to_q/to_k/to_v, "
+                        "cross-attention's to_k/to_v, MMDiT's add_q/k/v_proj, Flux single blocks' q/k/v with "
+                        "proj_mlp); by "
                         "default such a group is calibrated as one, like our DiT's qkv, when it has no branch "
                         "(--branch none)")
     _common_args(p, "calibration")

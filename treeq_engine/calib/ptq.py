@@ -18,7 +18,7 @@ layer), on inputs ``X (M, K)`` captured from the calibration set, with the FP ta
    entry gets the chosen ``a_clip``.
 
 Optionally (``smooth_alphas``) SmoothQuant balancing is folded into the model first (:mod:`.smooth`: our DiT's
-blocks, diffusers DiT and PixArt blocks).
+blocks, diffusers DiT, PixArt, SD3 and Flux blocks).
 
 Resumable: each finished layer is written to ``out_dir/layers/<name>.safetensors`` and recorded in
 ``out_dir/ptq.json`` before the next one starts; a rerun with the same plan and config loads the finished

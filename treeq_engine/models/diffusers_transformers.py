@@ -3,7 +3,7 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3 and Flux (``SUPPORTED``) go through the whole flow (capture, search, PTQ, PEFT, packing,
-graphs); DiT's and PixArt's blocks also fuse. Any other diffusers model (Sana, ...) can be packed with a uniform
+graphs); their blocks also fuse. Any other diffusers model (Sana, ...) can be packed with a uniform
 plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and pointwise
 convolutions) become packed modules, unfused.
 

@@ -31,10 +31,11 @@ Any other linear gets the float rows diffusers would give it. Fused and unfused 
 rounding (the kernels do LayerNorm + modulate in float32), not bit for bit.
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, adaLN without its own
-embedder, ``FluxAttnProcessor`` with unfused projections, a ``FeedForward`` of [GELU(tanh), Dropout, linear],
-GELU(tanh) in the single block) and with a packed linear with quantized activations to fuse. A swapped block runs
-diffusers' own forward in training mode, with ``joint_attention_kwargs`` (IP-Adapter), when a norm or the attention
-carries a hook, or on other input ranks; a hook on a feed-forward or on a packed linear the kernels run makes that
+embedder, a ``FeedForward`` of [GELU(tanh), Dropout, linear], GELU(tanh) in the single block) and with a packed
+linear with quantized activations to fuse. A swapped block runs diffusers' own forward in training mode, with
+``joint_attention_kwargs`` (IP-Adapter), when its attention runs another processor than ``FluxAttnProcessor`` /
+``JointAttnProcessor2_0`` or fused projections, when a norm or the attention carries a hook, with a chunked
+feed-forward (SD3), or on other input ranks; a hook on a feed-forward or on a packed linear the kernels run makes that
 part run as modules. diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused classes in
 ``TransformerBlockRegistry`` under the originals' entries. The state dict is unchanged.
 """

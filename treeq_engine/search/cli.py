@@ -50,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--a-bits", default=",".join(map(str, DEFAULT_A_BITS)), help="candidate activation bits")
     g.add_argument("--layers", default=None, help="regex of the searched linears (default: the block linears)")
     g.add_argument("--untie", action="store_true",
-                   help="--diffusers: search to_q/to_k/to_v (and cross-attention's to_k/to_v) as separate leaves "
-                        "instead of one each")
+                   help="--diffusers: search the linears reading one input (to_q/to_k/to_v, cross-attention's "
+                        "to_k/to_v, MMDiT's add_q/k/v_proj, Flux single blocks' q/k/v with proj_mlp) as separate "
+                        "leaves instead of one each")
     g.add_argument("--fixed-bits", default="W8A8", help="config of the other linears, or 'fp'")
     g.add_argument("--latency-table", default=None, help="latency lookup table JSON (default: roofline)")
     g.add_argument("--serve-batch", type=int, default=1, help="samples per GEMM for latency costs")
@@ -80,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-height", type=int, default=None,
                    help="--diffusers PixArt, SD3, Flux: the image height closed-loop samples are drawn at (default: "
                         "the pipeline's; FLUX.1-dev's is 1024)")
-    g.add_argument("--closed-loop-width", type=int, default=None, help="with --closed-loop-height: the width")
+    g.add_argument("--closed-loop-width", type=int, default=None, help="--diffusers PixArt, SD3, Flux: the width (default: the pipeline's)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)

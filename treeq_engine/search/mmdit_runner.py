@@ -1,6 +1,7 @@
 """The search's segment runner for diffusers' MMDiT transformers: ``SD3Transformer2DModel`` (SD3, SD3.5) and
 ``FluxTransformer2DModel`` (FLUX.1). The same interface as ``DiffusersRunner`` (``make_runner`` picks one), so
-capture, search, PTQ and PEFT take these models too; the runtime packs them but does not fuse their blocks.
+capture, search, PTQ and PEFT take these models too; the runtime packs them and fuses their blocks
+(``runtime/mmdit_fused.py``).
 
 Segments: 0 runs the embedders (patch or latent embedding, timestep + pooled-text (+ guidance) embedding, the
 context embedder), ``1..B`` the joint blocks (and for Flux then the single-stream blocks), the last one the output
