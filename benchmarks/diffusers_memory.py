@@ -3,8 +3,8 @@
 Each model is built on the meta device from its published architecture (the hyper-parameters below, as the hub's
 ``config.json`` files give them; nothing is downloaded), its linears and pointwise convolutions swapped for empty
 packed modules by ``runtime.skeleton`` with a uniform plan (block layers at the named format, embedders, context
-and output projections at W8A8), and every byte counted: packed codes, per-channel scales, zero points, column sums, biases
-and every parameter left unquantized (norms, embeddings, positional tables), in bf16. The parameter count is the
+and output projections at W8A8), and every byte counted: packed codes, per-channel scales, zero points, column
+sums, biases and every parameter left unquantized (norms, embeddings, positional tables), in bf16. The parameter count is the
 check that the architecture is the published one.
 
     python benchmarks/diffusers_memory.py            # table to stdout and benchmarks/RESULTS.md

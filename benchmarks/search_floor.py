@@ -107,8 +107,8 @@ def render(rows: list[tuple[str, int, dict[str, Any]]], keeps: tuple[int, ...], 
              "default candidates; bf16 FLOPs over the H100's dense peak (989 TFLOP/s). A floor: on DiT-XL/2 the "
              "prediction is about 4× it. Time divides by the GPUs the levels are sharded over (`torchrun`) and "
              f"scales with N; a smaller K (`--keep`) cuts the merges' K² products.", "",
-             f"| model | image | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | FLOP floor, "
-             f"K = {k0}, 1 H100 | evaluations, K = {k1} | FLOP floor, K = {k1}, 1 H100 |",
+             f"| model | image | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | "
+             f"FLOP floor, K = {k0}, 1 H100 | evaluations, K = {k1} | FLOP floor, K = {k1}, 1 H100 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, side, r in rows:
         lines.append(f"| {name} | {side} px | {r['tokens']} | {r['leaves']} | {r['forward_tflop']:.2f} | "

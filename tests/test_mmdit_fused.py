@@ -36,7 +36,8 @@ def mixed(model):
     return plan.with_layer("transformer_blocks.0.attn.to_k", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.1.attn.to_q", LayerConfig(4, 4)) \
-        .with_layer("transformer_blocks.1.ff_context.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("transformer_blocks.1.ff_context.net.0.proj",
+                    LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
         .with_layer("single_transformer_blocks.0.proj_mlp", LayerConfig(16, 16)) \
         .with_layer("single_transformer_blocks.1.attn.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
 

@@ -137,8 +137,8 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
-    allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks and SD3's joint blocks. Returns
-    how many blocks were fused."""
+    allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks and SD3's
+    joint blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)

@@ -189,6 +189,35 @@ def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ba
     return o.transpose(1, 2).reshape(-1, heads * head_dim).to(q.dtype).contiguous()
 
 
+def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
+    """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2``, with the modulation's
+    chunks 3, 4, 5 (``mod`` (B, ≥6, D) as diffusers uses them, ``m32`` (≥6, B, D) float32 as the kernels take
+    them): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated
+    residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
+    runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.)"""
+    d = x2.shape[-1]
+    x = x2.view(b, -1, d)
+    gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
+    tanh = gelu.approximate == "tanh"
+    if _hooked(ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
+        return (mod[:, 5:6] * ff(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x).reshape(x2.shape)
+    if _quantized(fc1):
+        act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4])
+        if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
+            h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x2.dtype)   # (a branch: float rows)
+        elif tanh:
+            h = fc1.linear(act, gelu=True, out_dtype=x2.dtype)
+        else:
+            h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
+    else:
+        h = gelu(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(x2.shape[0], -1)
+    if _quantized(fc2):
+        if isinstance(h, torch.Tensor):
+            h = fc2.quantize_input(h.contiguous())
+        return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
+    return (mod[:, 5:6] * fc2(h).view(b, -1, d) + x).reshape(x2.shape)
+
+
 class FusedBasicTransformerBlock(BasicTransformerBlock):
     """A ``BasicTransformerBlock`` (ada_norm_zero / ada_norm_single) running the fused packed kernels; see the
     module docstring for what is fused and when it falls back to diffusers' forward."""
@@ -266,28 +295,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                 x2 = (y + x).reshape(b * t, d)
 
         # 3. feed-forward, gate_mlp
-        x = x2.view(b, t, d)
-        gelu, fc1, fc2 = self.ff.net[0], self.ff.net[0].proj, self.ff.net[2]
-        tanh = gelu.approximate == "tanh"   # the only GELU the epilogue computes
-        # a hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module runs, hooks and all
-        if _hooked(self.ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
-            return mod[:, 5:6] * self.ff(ln2(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x
-        if _quantized(fc1):
-            act = fc1.quantize_input(x2, ln_eps=ln2.eps, shift=m32[3], scale=m32[4])
-            if tanh and _quantized(fc2) and fc2.monarch_w1 is None:   # a branch's stage 1 needs the float rows
-                h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x.dtype)
-            elif tanh:
-                h = fc1.linear(act, gelu=True, out_dtype=x.dtype)
-            else:
-                h = gelu.gelu(fc1.linear(act, out_dtype=x.dtype))
-        else:
-            h = gelu(ln2(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(b * t, -1)
-        # ff.net[1] (and a final ff.net[3]) are Dropout: the identity in eval
-        if _quantized(fc2):
-            if isinstance(h, torch.Tensor):
-                h = fc2.quantize_input(h.contiguous())
-            return fc2.linear(h, out_dtype=x.dtype, residual=x2, gate=m32[5]).view(b, t, d)
-        return mod[:, 5:6] * fc2(h).view(b, t, d) + x
+        return _ff(self.ff, ln2, x2, b, mod, m32).view(b, t, d)
 
     @staticmethod
     def _out(attn: Attention, o: torch.Tensor, x2: torch.Tensor, batch: int, gate32: torch.Tensor | None,

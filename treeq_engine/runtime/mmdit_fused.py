@@ -55,7 +55,7 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
-from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
+from .diffusers_fused import (_bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, _plain_layer_norm,
                               _project)
 from .linear import runs_packed_kernels as _quantized
 
@@ -103,7 +103,8 @@ def _double_supported(block: nn.Module) -> bool:
         return False
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d)
-            and _adaln(block.norm1_context, AdaLayerNormZero, d) and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _adaln(block.norm1_context, AdaLayerNormZero, d)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
             and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
             and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
 
@@ -224,31 +225,6 @@ def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, gate32: torch
         return proj.linear(proj.quantize_input(o2), out_dtype=x2.dtype, residual=x2, gate=gate32)
     y = proj(o2).view(gate.shape[0], -1, x2.shape[-1])
     return (gate * y + x2.view(y.shape)).reshape(x2.shape)
-
-
-def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
-    """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows, ``mod``/``m32`` chunks 3, 4, 5."""
-    d = x2.shape[-1]
-    x = x2.view(b, -1, d)
-    gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
-    tanh = gelu.approximate == "tanh"
-    if _hooked(ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
-        return (mod[:, 5:6] * ff(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x).reshape(x2.shape)
-    if _quantized(fc1):
-        act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4])
-        if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
-            h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x2.dtype)
-        elif tanh:
-            h = fc1.linear(act, gelu=True, out_dtype=x2.dtype)
-        else:
-            h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
-    else:
-        h = gelu(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(x2.shape[0], -1)
-    if _quantized(fc2):
-        if isinstance(h, torch.Tensor):
-            h = fc2.quantize_input(h.contiguous())
-        return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
-    return (mod[:, 5:6] * fc2(h).view(b, -1, d) + x).reshape(x2.shape)
 
 
 class _Adopt:

@@ -13,8 +13,8 @@ By default the table holds exactly what a search over the model needs: every lin
 each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
 fixed layers) and every candidate format of the search. For a diffusers transformer (``--diffusers DIR
 --calib-inputs FILE``: DiT, PixArt, SD3, Flux) the rows per image are those of the calibration file the search
-reads, found by one forward of a weightless (meta-device) copy through the search's runner. Timings on a CPU are written too (useful only to test the
-pipeline), marked with the device.
+reads, found by one forward of a weightless (meta-device) copy through the search's runner. Timings on a CPU are
+written too (useful only to test the pipeline), marked with the device.
 """
 from __future__ import annotations
 

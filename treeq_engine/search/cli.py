@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) directory, searched on the "
-                        "inputs of --calib-inputs (from `treeq capture`)")
+                   help="a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) directory, searched "
+                        "on the inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = p.add_argument_group("budget and search")
@@ -81,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-height", type=int, default=None,
                    help="--diffusers PixArt, SD3, Flux: the image height closed-loop samples are drawn at (default: "
                         "the pipeline's; FLUX.1-dev's is 1024)")
-    g.add_argument("--closed-loop-width", type=int, default=None, help="--diffusers PixArt, SD3, Flux: the width (default: the pipeline's)")
+    g.add_argument("--closed-loop-width", type=int, default=None,
+                   help="--diffusers PixArt, SD3, Flux: the width (default: the pipeline's)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)
