@@ -119,3 +119,22 @@ def test_search_floor_agrees_with_the_dit_prediction():
     assert row[8]["floor_min"] < row[16]["floor_min"] / 2   # K² products: a smaller K is much cheaper
     text = search_floor.render([("DiT-XL/2 256px", 256, row)], (16, 8), 16, 32)
     assert "| DiT-XL/2 256px | 256 px | 256 | 140 |" in text and text.count("min** |") == 2
+
+
+def test_bench_mmdit_e2e_smoke(capsys):
+    """benchmarks/bench_mmdit_e2e.py --smoke: a tiny Flux built, packed at W8A8 and W4A8 (blocks fused), every
+    variant timed on the CPU and finite; the table renders (no numbers kept)."""
+    import pytest
+
+    pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_mmdit_e2e
+
+    assert bench_mmdit_e2e.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["bf16", "W8A8", "W4A8"] and all(r["finite"] for r in rows)
+    assert rows[2]["weight_gib"] < rows[0]["weight_gib"]
+    assert "| W4A8 |" in out
+    with pytest.raises(SystemExit, match="must include bf16"):
+        bench_mmdit_e2e.main(["--smoke", "--variants", "W4A8"])

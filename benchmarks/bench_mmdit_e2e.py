@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""End-to-end forward latency of a FLUX.1-dev- or SD3.5-large-shaped transformer: bf16 eager against TreeQ.
+
+The published architecture (``diffusers_memory.MODELS``) with random weights, one image at ``--side`` pixels
+(FLUX.1-dev at 1024 px: 4096 image and 512 text tokens), every variant a CUDA-graph replay of one whole forward
+(``treeq_engine.runtime.timing``), median of ``--reps``, in the same run: bf16 eager, then TreeQ W8A8 and W4A8
+(uniform plans: block linears at the format, the rest at W8A8; blocks fused by ``quantize``). Reported: ms per
+forward, ratio to bf16 eager, the model's weight bytes and the peak memory of the replay.
+
+Floors (H100, FLUX.1-dev at 1024 px, B = 1, 4608 tokens; ``search_floor.py`` counts 74.4 TFLOP per forward, of
+which the attention's QKᵀ and AV are about 15 TFLOP, 4·S²·D per block): 75 ms at the dense bf16 peak (989
+TFLOP/s); with the linears at the int8 peak (1979 TOPS, 30 ms) and the attention in bf16 (15 ms), 45 ms. The
+weights stream once per forward: 22.2 GiB / 3.35 TB/s = 7 ms in bf16, 1.8 ms at W4: compute-bound. Prediction,
+before any run: if the packed GEMMs reach the 1.24–1.40× over cuBLAS bf16 that a plain Triton W8A8 GEMM reached at
+M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the linears, the forward gains about
+1.2–1.3× (Amdahl), W4A8 no more than W8A8 (Hopper has no 4-bit tensor-core MMA).
+
+    python benchmarks/bench_mmdit_e2e.py                       # GPU: FLUX.1-dev at 1024 px into RESULTS.md
+    python benchmarks/bench_mmdit_e2e.py --model SD3.5-large
+    python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffusers_memory import MODELS  # noqa: E402
+from record import RESULTS, git_commit, save_json, write_section  # noqa: E402
+
+BEGIN, END = "<!-- bench_mmdit_e2e:begin -->", "<!-- bench_mmdit_e2e:end -->"
+CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium")
+TINY = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                       pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True))
+
+
+def call_kwargs(model: Any, side: int, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """One forward's arguments at ``side`` pixels (VAE factor 8), as the pipelines pass them."""
+    cfg = model.config
+    lat = side // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    if type(model).__name__ == "SD3Transformer2DModel":
+        return dict(hidden_states=rand(batch, cfg.in_channels, lat, lat),
+                    encoder_hidden_states=rand(batch, 333, cfg.joint_attention_dim),   # 77 CLIP + 256 T5 tokens
+                    pooled_projections=rand(batch, cfg.pooled_projection_dim),
+                    timestep=torch.full((batch,), 500.0, device=device))
+    h = w = lat // 2   # Flux packs 2x2 latent patches
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    text = 512 if side >= 256 else 5
+    kw = dict(hidden_states=rand(batch, h * w, cfg.in_channels), encoder_hidden_states=rand(batch, text,
+              cfg.joint_attention_dim), pooled_projections=rand(batch, cfg.pooled_projection_dim),
+              timestep=torch.full((batch,), 0.5, device=device, dtype=dtype), img_ids=ids.reshape(-1, 3).to(device),
+              txt_ids=torch.zeros(text, 3, device=device))
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return kw
+
+
+def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int, batch: int, device: torch.device,
+            reps: int) -> dict[str, Any]:
+    """Build the model on ``device`` (random weights), quantize it for ``variant`` (``bf16`` / ``WxAy``) and time
+    one forward."""
+    import diffusers
+
+    from treeq_engine.plan import QuantPlan, parse_wa
+    from treeq_engine.runtime import quantize
+    from treeq_engine.runtime.timing import time_graph_ms
+
+    cls_name, config = spec
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)   # built in bf16 on the device: no float32 copy of 12 B parameters
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, cls_name)(**config).to(torch.bfloat16).eval()
+    finally:
+        torch.set_default_dtype(default)
+    if variant != "bf16":
+        plan = QuantPlan.block_uniform(model, *parse_wa(variant), pointwise_convs=True)
+        quantize(model, plan, dtype=torch.bfloat16)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    kw = call_kwargs(model, side, batch, device, torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def forward() -> torch.Tensor:
+        return model(**kw, return_dict=False)[0]
+
+    with torch.no_grad():
+        ms = time_graph_ms(forward, reps=reps, device=device)
+        out = forward()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    finite = bool(torch.isfinite(out.float()).all())
+    return {"variant": variant, "ms": ms, "weight_gib": weight_bytes / 2**30, "peak_gib": peak / 2**30,
+            "finite": finite}
+
+
+def render(name: str, side: int, batch: int, rows: list[dict[str, Any]], device: str) -> str:
+    base = next(r["ms"] for r in rows if r["variant"] == "bf16")
+    lines = [BEGIN, f"## End to end: {name} at {side} px, batch {batch} (`benchmarks/bench_mmdit_e2e.py`)", "",
+             f"Measured on {device}, commit {git_commit()}: random weights, real shapes, one whole forward "
+             "replayed as a CUDA graph (median). TreeQ plans are uniform (block linears at the format, the rest at "
+             "W8A8), blocks fused.", "",
+             "| variant | ms per forward | vs bf16 eager | weights GiB | peak GiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {base / r['ms']:.2f}× | {r['weight_gib']:.2f} | "
+                     f"{r['peak_gib']:.2f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="FLUX.1-dev", choices=CHOICES)
+    p.add_argument("--side", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default="bf16,W8A8,W4A8", help="comma-separated: bf16 and TreeQ WxAy formats")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="CPU: a tiny Flux through every code path (no numbers)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "bf16" not in variants:
+        raise SystemExit("--variants must include bf16 (the baseline of the ratios)")
+    if args.smoke:
+        device, spec, side, name = torch.device("cpu"), TINY, 64, "tiny Flux (smoke)"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("a GPU benchmark: no CUDA device (use --smoke on the CPU)")
+        device, spec, side, name = torch.device("cuda"), MODELS[args.model], args.side, args.model
+    rows = []
+    for v in variants:
+        rows.append(measure(spec, v, side, args.batch, device, 2 if args.smoke else args.reps))
+        print(json.dumps(rows[-1]), flush=True)
+        gc.collect()   # the variant's model (12 B parameters) goes before the next is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    block = render(name, side, args.batch, rows, torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
+    print(block)
+    if args.json:
+        save_json(Path(args.json), {"model": name, "side": side, "batch": args.batch, "rows": rows})
+    if not args.no_write and not args.smoke:
+        write_section(block, BEGIN, END, RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
