@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import State, run_segments
+from .evaluator import CutModel, State, run_segments
 
 DIT, PIXART = "dit", "pixart"
 
@@ -75,7 +75,7 @@ def make_runner(model: nn.Module) -> Any:
     return DiffusersRunner(model)
 
 
-class DiffusersRunner:
+class DiffusersRunner(CutModel):
     """``SegmentRunner`` for a diffusers DiT or PixArt transformer (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -188,13 +188,6 @@ class DiffusersRunner:
             out += (res.reshape(n, -1), ar.reshape(n, -1))
         return out
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The whole model on one input tuple (every segment in turn): the full output, ``(N, C_out, H, W)``."""
-        state: State = tuple(inputs)
-        for s in range(self.num_segments):
-            state = self.run(s, state)
-        return state[0]
-
     # -- SegmentRunner -----------------------------------------------------------------------------
     def segment_of(self, layer_name: str) -> int:
         parts = layer_name.split(".")
@@ -217,10 +210,6 @@ class DiffusersRunner:
         h, enc, bias, t6, emb = state
         return (block(h, attention_mask=None, encoder_hidden_states=enc, encoder_attention_mask=bias,
                       timestep=t6, cross_attention_kwargs=None, class_labels=None), enc, bias, t6, emb)
-
-    def output(self, state: State) -> torch.Tensor:
-        out = state[0]
-        return out if self.output_fn is None else self.output_fn(out)
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _embed(self, state: State) -> State:

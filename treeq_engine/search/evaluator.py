@@ -51,7 +51,28 @@ class SegmentRunner(Protocol):
     def output(self, state: State) -> torch.Tensor: ...
 
 
-class DiTRunner:
+class CutModel:
+    """What every runner shares: the whole model as its segments in turn, and the output the metric sees."""
+
+    num_segments: int
+    output_fn: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def run(self, segment: int, state: State) -> State:
+        raise NotImplementedError
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The whole model on one input tuple (every segment in turn): the full output, before ``output_fn``."""
+        state: State = tuple(inputs)
+        for s in range(self.num_segments):
+            state = self.run(s, state)
+        return state[0]
+
+    def output(self, state: State) -> torch.Tensor:
+        out = state[0]
+        return out if self.output_fn is None else self.output_fn(out)
+
+
+class DiTRunner(CutModel):
     """DiT-shaped models: ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c) -> h``, ``final(h, c) -> out``.
 
     Segments: 0 = embedders, 1..B = blocks, B + 1 = final layer. ``output_fn`` picks what the metric sees, e.g.
@@ -85,9 +106,6 @@ class DiTRunner:
         h, c = state
         return (self.blocks[segment - 1](h, c), c)
 
-    def output(self, state: State) -> torch.Tensor:
-        out = state[0]
-        return out if self.output_fn is None else self.output_fn(out)
 
 
 def run_segments(runner: SegmentRunner, inputs: State) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import State
+from .evaluator import CutModel, State
 
 SD3, FLUX = "sd3", "flux"
 CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
@@ -46,7 +46,7 @@ def mmdit_arch(model: nn.Module) -> str | None:
     return arch if arch is not None and hasattr(model, "transformer_blocks") else None
 
 
-class MMDiTRunner:
+class MMDiTRunner(CutModel):
     """``SegmentRunner`` for a diffusers SD3 or Flux transformer (see the module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
@@ -158,13 +158,6 @@ class MMDiTRunner:
             raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
         return v.expand(n).clone()
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The whole model on one input tuple (every segment in turn): the full output."""
-        state: State = tuple(inputs)
-        for s in range(self.num_segments):
-            state = self.run(s, state)
-        return state[0]
-
     # -- SegmentRunner -----------------------------------------------------------------------------
     def segment_of(self, layer_name: str) -> int:
         parts = layer_name.split(".")
@@ -195,10 +188,6 @@ class MMDiTRunner:
         enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope,
                        joint_attention_kwargs=None)
         return (h, enc, temb, txt_ids, img_ids)
-
-    def output(self, state: State) -> torch.Tensor:
-        out = state[0]
-        return out if self.output_fn is None else self.output_fn(out)
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _embed(self, state: State) -> State:
