@@ -8,7 +8,13 @@ from treeq_engine.cli import main
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert {"cxx_core", "cuda_built", "cuda_archs", "triton", "cuda_device_count"} <= set(info)
+    assert {"cxx_core", "cuda_built", "cuda_archs", "triton", "cuda_device_count", "diffusers"} <= set(info)
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is not None:   # which of its transformers get what
+        assert "SD3, Flux searched, calibrated and fused" in info["diffusers"]
+    else:
+        assert info["diffusers"] is None
 
 
 def test_no_command_prints_help(capsys):

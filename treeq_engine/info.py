@@ -58,7 +58,23 @@ def build_info() -> dict[str, Any]:
         import triton
 
         info["triton"] = triton.__version__
+    info["diffusers"] = _diffusers_support()
     return info
+
+
+def _diffusers_support() -> str | None:
+    """The installed diffusers (read from its metadata: importing it costs seconds) and what TreeQ does with its
+    transformers; None without it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .models.diffusers_transformers import SUPPORTED
+
+    try:
+        v = version("diffusers")
+    except PackageNotFoundError:
+        return None
+    names = ", ".join(n.replace("Transformer2DModel", "") for n in SUPPORTED)
+    return f"{v}: {names} searched, calibrated and fused; any other model packed"
 
 
 def _version() -> str:
