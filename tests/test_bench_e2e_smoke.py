@@ -138,3 +138,14 @@ def test_bench_mmdit_e2e_smoke(capsys):
     assert "| W4A8 |" in out
     with pytest.raises(SystemExit, match="must include bf16"):
         bench_mmdit_e2e.main(["--smoke", "--variants", "W4A8"])
+
+
+def test_bench_mmdit_e2e_refuses_bad_blocks():
+    import pytest
+
+    pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_mmdit_e2e
+
+    with pytest.raises(SystemExit, match="--blocks is for the published models"):
+        bench_mmdit_e2e.main(["--smoke", "--blocks", "1,1"])

@@ -295,3 +295,33 @@ def test_smoothing_refuses_fused_projections():
     model.fuse_qkv_projections()
     with pytest.raises(ValueError, match="fused projections"):
         smooth.site_of(model, "transformer_blocks.0.attn.to_q")
+
+
+def test_an_older_diffusers_leaves_mmdit_blocks_unfused(monkeypatch):
+    """diffusers before 0.35 lacks what the fused MMDiT forward calls: quantize packs and warns, and the blocks run
+    unfused (DiT and PixArt fusion does not depend on it)."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def failing(name, globals=None, locals=None, fromlist=(), level=0):
+        if level and name == "mmdit_fused" or name.endswith("runtime.mmdit_fused"):
+            raise ImportError("cannot import name 'dispatch_attention_fn' (stand-in for diffusers 0.34)")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "treeq_engine.runtime.mmdit_fused", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing)
+    model = flux()
+    with pytest.warns(UserWarning, match="SD3/Flux blocks stay unfused.*>= 0.35"):
+        quantize(model, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
+    assert type(model.transformer_blocks[0]).__name__ == "FluxTransformerBlock"
+
+
+def test_info_names_what_an_older_diffusers_fuses(monkeypatch):
+    import importlib.metadata
+
+    from treeq_engine import info
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.34.0")
+    assert "SD3 and Flux need diffusers >= 0.35" in info._diffusers_support()

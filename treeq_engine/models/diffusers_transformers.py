@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-# searched, calibrated and packed (the first two also fused; search.diffusers_runner.make_runner cuts each)
+# searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)

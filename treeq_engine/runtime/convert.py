@@ -7,6 +7,7 @@ calibrated weight quantization and trained branch are packed as they are).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -135,6 +136,9 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     return model
 
 
+MMDIT_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")   # (mmdit_fused)
+
+
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks and SD3's
@@ -146,9 +150,16 @@ def fuse_blocks(model: nn.Module) -> int:
     # only a model holding diffusers modules pays for importing diffusers' block classes
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
         from .diffusers_fused import fuse_diffusers_blocks
-        from .mmdit_fused import fuse_mmdit_blocks
 
-        fused += fuse_diffusers_blocks(model) + fuse_mmdit_blocks(model)
+        fused += fuse_diffusers_blocks(model)
+        if any(type(m).__name__ in MMDIT_BLOCKS for m in model.modules()):
+            try:
+                from .mmdit_fused import fuse_mmdit_blocks
+            except ImportError as e:   # the fused attention calls what diffusers added in 0.35
+                warnings.warn(f"SD3/Flux blocks stay unfused: this diffusers lacks what their fused forward calls "
+                              f"({e}); diffusers >= 0.35 has it", stacklevel=2)
+            else:
+                fused += fuse_mmdit_blocks(model)
     return fused
 
 

@@ -196,7 +196,7 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
     residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
     runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.)"""
     d = x2.shape[-1]
-    x = x2.view(b, -1, d)
+    x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     tanh = gelu.approximate == "tanh"
     if _hooked(ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
@@ -215,7 +215,7 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         if isinstance(h, torch.Tensor):
             h = fc2.quantize_input(h.contiguous())
         return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
-    return (mod[:, 5:6] * fc2(h).view(b, -1, d) + x).reshape(x2.shape)
+    return (mod[:, 5:6] * fc2(h).view(x.shape) + x).reshape(x2.shape)
 
 
 class FusedBasicTransformerBlock(BasicTransformerBlock):
