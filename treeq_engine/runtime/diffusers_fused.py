@@ -218,6 +218,32 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
     return (mod[:, 5:6] * fc2(h).view(x.shape) + x).reshape(x2.shape)
 
 
+def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, batch: int,
+               gate32: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 + gate ⊙ proj(o)`` as (M, D) rows (ungated when ``gate`` is None; ``o`` rows or (B, T, ·)): in proj's
+    epilogue where it is packed with quantized activations, else as diffusers adds it (an attention's to_out[1] is
+    Dropout: the identity)."""
+    o2 = o.reshape(-1, o.shape[-1]).contiguous()
+    if _quantized(proj):
+        return proj.linear(proj.quantize_input(o2), out_dtype=x2.dtype, residual=x2, gate=gate32)
+    y = proj(o2).view(batch, -1, x2.shape[-1])
+    if gate is not None:
+        y = gate * y
+    return (y + x2.view(y.shape)).reshape(x2.shape)
+
+
+def _adopt(new: nn.Module, block: nn.Module) -> None:
+    """Make ``new`` (a fused subclass instance, not built by its class's ``__init__``, which would build new
+    layers) take over ``block``'s children, parameters, attributes and hooks (the block object itself leaves the
+    model), but not what is bound to that object: the bound method a removed diffusers/accelerate hook leaves as
+    ``forward`` (it would run the old block, unfused) and an empty diffusers HookRegistry (hooks registered through
+    it would wrap the old block; a new one is made on demand)."""
+    nn.Module.__init__(new)
+    new.__dict__.update(vars(block))
+    new.__dict__.pop("forward", None)
+    new.__dict__.pop("_diffusers_hook", None)
+
+
 class FusedBasicTransformerBlock(BasicTransformerBlock):
     """A ``BasicTransformerBlock`` (ada_norm_zero / ada_norm_single) running the fused packed kernels; see the
     module docstring for what is fused and when it falls back to diffusers' forward."""
@@ -226,14 +252,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         if not _supported(block):
             raise ValueError("FusedBasicTransformerBlock handles BasicTransformerBlock with norm_type ada_norm_zero "
                              "or ada_norm_single in the structure diffusers' DiT and PixArt build")
-        nn.Module.__init__(self)   # not BasicTransformerBlock.__init__, which would build new layers:
-        self.__dict__.update(vars(block))   # take over the block's children, parameters, attributes and hooks
-        # (the block object itself leaves the model), but not what is bound to that object: the bound method a removed
-        # diffusers/accelerate hook leaves as ``forward`` (it would run the old block, unfused) and an empty diffusers
-        # HookRegistry (hooks registered through it would wrap the old block; a new one is made on demand)
-        self.__dict__.pop("forward", None)
-        if "_diffusers_hook" in self.__dict__:
-            del self.__dict__["_diffusers_hook"]
+        _adopt(self, block)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
@@ -275,7 +294,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
             q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), x2,
                                lambda: ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=ln1.eps, shift=m32[0],
                                scale=m32[1])
-            x2 = self._out(attn, _sdpa(attn, q, k, v, b, None), x2, b, m32[2], mod[:, 2:3])
+            x2 = _gated_out(attn.to_out[0], _sdpa(attn, q, k, v, b, None), x2, b, m32[2], mod[:, 2:3])
         else:
             y = attn(ln1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], attention_mask=attention_mask)
             x2 = (mod[:, 2:3] * y + x).reshape(b * t, d)
@@ -289,7 +308,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                 ctx2 = ctx.reshape(-1, ctx.shape[-1]).contiguous()
                 q, = _project((attn.to_q,), x2, lambda: x)
                 k, v = _project((attn.to_k, attn.to_v), ctx2, lambda: ctx)
-                x2 = self._out(attn, _sdpa(attn, q, k, v, b, encoder_attention_mask), x2, b, None, None)
+                x2 = _gated_out(attn.to_out[0], _sdpa(attn, q, k, v, b, encoder_attention_mask), x2, b)
             else:
                 y = attn(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
                 x2 = (y + x).reshape(b * t, d)
@@ -297,18 +316,6 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         # 3. feed-forward, gate_mlp
         return _ff(self.ff, ln2, x2, b, mod, m32).view(b, t, d)
 
-    @staticmethod
-    def _out(attn: Attention, o: torch.Tensor, x2: torch.Tensor, batch: int, gate32: torch.Tensor | None,
-             gate: torch.Tensor | None) -> torch.Tensor:
-        """``x2 + gate ⊙ to_out(o)`` as (M, D) rows (ungated when ``gate`` is None): in to_out[0]'s epilogue where
-        it is packed with quantized activations, else as diffusers adds it (to_out[1] is Dropout: the identity)."""
-        proj = attn.to_out[0]
-        if _quantized(proj):
-            return proj.linear(proj.quantize_input(o), out_dtype=x2.dtype, residual=x2, gate=gate32)
-        y = proj(o).view(batch, -1, x2.shape[-1])
-        if gate is not None:
-            y = gate * y
-        return (y + x2.view(y.shape)).reshape(x2.shape)
 
 
 def fuse_diffusers_blocks(model: nn.Module) -> int:

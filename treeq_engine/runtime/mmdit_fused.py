@@ -55,8 +55,8 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
-from .diffusers_fused import (_bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, _plain_layer_norm,
-                              _project)
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
+                              _hooked, _plain_layer_norm, _project)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -217,35 +217,14 @@ def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
     return o.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
 
 
-def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, gate32: torch.Tensor,
-               gate: torch.Tensor) -> torch.Tensor:
-    """``x2 + gate ⊙ proj(o)`` as (M, D) rows: in proj's epilogue where it runs the kernels, else as diffusers."""
-    o2 = o.reshape(-1, o.shape[-1]).contiguous()
-    if _quantized(proj):
-        return proj.linear(proj.quantize_input(o2), out_dtype=x2.dtype, residual=x2, gate=gate32)
-    y = proj(o2).view(gate.shape[0], -1, x2.shape[-1])
-    return (gate * y + x2.view(y.shape)).reshape(x2.shape)
-
-
-class _Adopt:
-    """Take over a block's children, parameters, attributes and hooks, not what is bound to the old object (see
-    ``FusedBasicTransformerBlock.__init__``)."""
-
-    def _adopt(self, block: nn.Module) -> None:
-        nn.Module.__init__(self)  # type: ignore[arg-type]
-        self.__dict__.update(vars(block))
-        self.__dict__.pop("forward", None)
-        self.__dict__.pop("_diffusers_hook", None)
-
-
-class FusedFluxSingleTransformerBlock(_Adopt, FluxSingleTransformerBlock):
+class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """A ``FluxSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: FluxSingleTransformerBlock) -> None:
         if not _single_supported(block):
             raise ValueError("FusedFluxSingleTransformerBlock handles FluxSingleTransformerBlock in the structure "
                              "diffusers builds")
-        self._adopt(block)
+        _adopt(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
@@ -267,20 +246,20 @@ class FusedFluxSingleTransformerBlock(_Adopt, FluxSingleTransformerBlock):
                                 lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
                                 shift=m32[0], scale=m32[1], gelu=(True,), act=self.act_mlp)
         o = _attention(attn, q, k, v, b, image_rotary_emb)
-        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, m32[2], mod[:, 2:3])
+        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
         y = y.view(b, s, d)
         if y.dtype == torch.float16:
             y = y.clip(-65504, 65504)
         return y[:, :text], y[:, text:]
 
 
-class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
+class FusedFluxTransformerBlock(FluxTransformerBlock):
     """A ``FluxTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: FluxTransformerBlock) -> None:
         if not _double_supported(block):
             raise ValueError("FusedFluxTransformerBlock handles FluxTransformerBlock in the structure diffusers builds")
-        self._adopt(block)
+        _adopt(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
@@ -306,8 +285,8 @@ class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
                               shift=c32[0], scale=c32[1])
         o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev))
         oc, oh = o.split_with_sizes([text, t], dim=1)
-        h2 = _gated_out(attn.to_out[0], oh, h2, m32[2], mod[:, 2:3])
-        c2 = _gated_out(attn.to_add_out, oc, c2, c32[2], cmod[:, 2:3])
+        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
+        c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
         h2 = _ff(self.ff, self.norm2, h2, b, mod, m32)
         c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
         c = c2.view(b, text, d)
@@ -316,14 +295,14 @@ class FusedFluxTransformerBlock(_Adopt, FluxTransformerBlock):
         return c, h2.view(b, t, d)
 
 
-class FusedJointTransformerBlock(_Adopt, JointTransformerBlock):
+class FusedJointTransformerBlock(JointTransformerBlock):
     """SD3's ``JointTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: JointTransformerBlock) -> None:
         if not _sd3_supported(block):
             raise ValueError("FusedJointTransformerBlock handles JointTransformerBlock in the structure diffusers "
                              "builds for SD3 and SD3.5")
-        self._adopt(block)
+        _adopt(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
@@ -354,16 +333,16 @@ class FusedJointTransformerBlock(_Adopt, JointTransformerBlock):
                               ln_eps=n1c.norm.eps, shift=c32[cs], scale=c32[cc])
         o = _joint_sdpa(attn, q, k, v, b, (eq, ek, ev))
         oh, oc = o[:, :t], o[:, t:]
-        out = _gated_out(attn.to_out[0], oh, h2, m32[2], mod[:, 2:3])
+        out = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
         if attn2 is not None:   # its input: the block's input rows, its own modulation
             q2, k2, v2 = _project((attn2.to_q, attn2.to_k, attn2.to_v), h2,
                                   lambda: n1.norm(h) * (1 + mod[:, 7:8]) + mod[:, 6:7], ln_eps=n1.norm.eps,
                                   shift=m32[6], scale=m32[7])
-            out = _gated_out(attn2.to_out[0], _joint_sdpa(attn2, q2, k2, v2, b), out, m32[8], mod[:, 8:9])
+            out = _gated_out(attn2.to_out[0], _joint_sdpa(attn2, q2, k2, v2, b), out, b, m32[8], mod[:, 8:9])
         h2 = _ff(self.ff, self.norm2, out, b, mod, m32)
         if pre_only:
             return None, h2.view(b, t, d)
-        c2 = _gated_out(attn.to_add_out, oc, c2, c32[2], cmod[:, 2:3])
+        c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
         c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
         return c2.view(b, text, d), h2.view(b, t, d)   # (SD3 does not clip fp16, unlike Flux)
 
