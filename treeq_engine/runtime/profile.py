@@ -57,10 +57,9 @@ def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list
     """Distinct ``(K, N, GEMM rows)`` of every linear the search prices for the diffusers transformer under
     ``path`` on the inputs of calibration file ``calib_inputs`` (its first sample's shapes), × each batch: one
     forward of a meta-device copy (no weights loaded, nothing computed) through the search's runner."""
-    from safetensors import safe_open
-
     from ..models.diffusers_transformers import class_of, model_class, transformer_dir
     from ..search import SearchSpace, make_runner
+    from ..search.diffusers_runner import load_inputs
     from ..search.evaluator import run_segments
 
     config = json.loads((transformer_dir(path) / "config.json").read_text())
@@ -69,22 +68,7 @@ def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list
     with torch.device("meta"):
         model = cls.from_config(config)
     runner = make_runner(model)
-    try:
-        with safe_open(calib_inputs, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("arch") != runner.arch:
-                raise ValueError(f"{calib_inputs}: inputs of a {meta.get('arch')!r} transformer, this one is "
-                                 f"{runner.arch!r}")
-            missing = [n for n in runner.input_names if n not in f.keys()]
-            if missing:
-                raise ValueError(f"{calib_inputs}: missing inputs {missing} (has {sorted(f.keys())})")
-            first = {n: f.get_slice(n)[:1] for n in runner.input_names}   # one sample: its shapes are every one's
-    except (OSError, RuntimeError) as e:   # (safetensors' own error type: a truncated or foreign file)
-        raise ValueError(f"{calib_inputs}: not a readable calibration file ({e})") from None
-    kw = {n: t.to("meta") for n, t in first.items()}
-    if runner.extra_conditions:
-        kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
-    inputs = runner.inputs(**kw, check_values=False)
+    inputs = tuple(t.to("meta") for t in load_inputs(calib_inputs, runner, samples=1))   # every sample's shapes
     space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), fixed_config=None)
     per_image = {(p.k, p.n, p.tokens) for leaf in space.leaves for p in leaf.parts} | \
         {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}

@@ -449,8 +449,9 @@ def inputs_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(path: str, runner: Any) -> State:
-    """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names."""
+def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
+    """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names; only the first
+    ``samples`` when given (read from the file alone)."""
     from safetensors import safe_open
 
     try:
@@ -472,7 +473,7 @@ def load_inputs(path: str, runner: Any) -> State:
         if extra:   # e.g. a guidance-distilled Flux's guidance, offered to one without: another variant's calls
             raise ValueError(f"{path}: holds inputs this {type(runner.model).__name__} does not take: {extra} "
                              f"(it takes {list(runner.input_names)}); captured from another variant of the model?")
-        out = tuple(f.get_tensor(n) for n in runner.input_names)
+        out = tuple(f.get_tensor(n) if samples is None else f.get_slice(n)[:samples] for n in runner.input_names)
     n = out[0].shape[0] if out[0].dim() else 0
     if any(t.dim() == 0 or t.shape[0] != n for t in out) or n == 0:
         raise ValueError(f"{path}: inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in out]}")
