@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..plan import QuantPlan
 from .capture import CalibBatch, StageRunner
 
@@ -124,7 +125,6 @@ def _plain_attention(attn: nn.Module, where: str) -> None:
                          f"default processor ({', '.join(_DEFAULT_PROCESSORS)})")
 
 
-MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 _MMDIT_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0")   # to_q(x) on x as given
 # the adaLN norms: chunks, and per use the (shift, scale) chunk indices
 _NORMS = {"AdaLayerNormZero": (6, {"attn": (0, 1), "mlp": (3, 4)}),

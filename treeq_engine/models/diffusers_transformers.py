@@ -27,6 +27,8 @@ SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transforme
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
 LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
                                                                    "ada_norm_single": "PixArtTransformer2DModel"}}
+# the block classes of SD3's and Flux's transformers (SmoothQuant sites, fused blocks), by name: no diffusers import
+MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 PACK_ONLY = ("any other diffusers model (Sana, ...) is packed by `treeq quantize --diffusers DIR "
              "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 

@@ -136,13 +136,11 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     return model
 
 
-MMDIT_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")   # (mmdit_fused)
-
-
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks and SD3's
     joint blocks. Returns how many blocks were fused."""
+    from ..models.diffusers_transformers import MMDIT_BLOCKS
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
