@@ -176,6 +176,36 @@ def test_casting_a_quantized_model_keeps_its_storage(gen):
     assert meta.monarch_w1.dtype == torch.bfloat16 and meta.w_scale.dtype == torch.float32
 
 
+def test_packed_layer_answers_what_code_for_nn_linear_reads(gen):
+    """diffusers models read a linear's ``weight`` (Z-Image: ``mlp[0].weight.dtype``) and a submodule's first
+    parameter's dtype (Wan: ``next(iter(self.time_embedder.parameters())).dtype``). A packed layer answers both in
+    the dtype it computes in, which ``.to(dtype)`` and ``.float()`` change, and keeps the answer out of the artifact."""
+    lin = nn.Linear(40, 24)
+    q = QuantLinear(lin, LayerConfig(4, 8))
+    t = TreeQLinear.from_weights(q.weight_qtensor(), LayerConfig(4, 8), lin.bias)
+    emb = nn.Sequential(t, nn.SiLU())   # a time embedder whose every linear is packed
+    assert next(iter(emb.parameters())).dtype == torch.bfloat16 and t.out_dtype == torch.bfloat16
+    assert t.weight.dtype == torch.bfloat16 and t.weight.shape == (24, 40)
+    qt = q.weight_qtensor()
+    want = (qt.codes.float() - qt.zero_point.float()[:, None]) * qt.scale.float()[:, None]
+    torch.testing.assert_close(t.float().weight, want, rtol=0, atol=0)   # exactly the dequantized codes
+    assert next(iter(emb.parameters())).dtype == torch.float32 and t.out_dtype == torch.float32
+    emb.half()
+    assert t.out_dtype == torch.float16 and t.weight.dtype == torch.float16 and t.w_scale.dtype == torch.float32
+    emb.to("cpu")   # a device move keeps the dtype
+    assert t.out_dtype == torch.float16
+    sd = t.state_dict()
+    assert "dtype_anchor" not in sd
+    fresh = TreeQLinear(40, 24, LayerConfig(4, 8), bias=True)
+    fresh.load_state_dict(sd)   # strict: the anchor is neither missing nor unexpected
+    assert torch.equal(fresh.weight, want.bfloat16())
+    # a skeleton on meta loaded with assign=True gets its anchor where its tensors landed
+    meta = TreeQLinear(40, 24, LayerConfig(4, 8), bias=True, device="meta")
+    meta.load_state_dict(sd, assign=True)
+    assert meta.dtype_anchor.device.type == "cpu" and meta.dtype_anchor.dtype == torch.bfloat16
+    torch.testing.assert_close(meta(torch.ones(2, 40)).float(), fresh(torch.ones(2, 40)).float())
+
+
 def test_w16_layer_keeps_the_model_precision(gen):
     """A layer the plan keeps at W16 stays an nn.Linear in the model's own dtype (a float32 model runs)."""
     net = _net()

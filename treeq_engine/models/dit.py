@@ -195,8 +195,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if t.dtype == torch.bool or t.is_complex():   # (values are not read: that would stall a GPU every step)
             raise TypeError(f"timesteps must be integer or real, got {t.dtype}")
-        first = self.mlp[0]  # an nn.Linear, or a quantized stand-in (packed layers keep `out_dtype`, no `weight`)
-        dtype = first.weight.dtype if hasattr(first, "weight") else getattr(first, "out_dtype", torch.float32)
+        first = self.mlp[0]  # an nn.Linear, or a quantized stand-in (a packed layer's `weight` is dequantized)
+        dtype = getattr(first, "out_dtype", None) or first.weight.dtype
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 

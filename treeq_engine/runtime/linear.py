@@ -43,7 +43,13 @@ def runs_packed_kernels(mod: nn.Module) -> bool:
 
 
 class TreeQLinear(nn.Module):
-    """Packed replacement for an ``nn.Linear``; every tensor is a buffer so ``state_dict`` is the artifact."""
+    """Packed replacement for an ``nn.Linear``; every stored tensor is a buffer so ``state_dict`` is the artifact.
+
+    Code written for ``nn.Linear`` reads two more things, which the layer answers: ``weight`` (the dequantized
+    weight, computed on each access: Z-Image reads ``mlp[0].weight.dtype``) and its parameters' dtype (Wan, Cosmos,
+    ChronoEdit take ``next(iter(self.time_embedder.parameters())).dtype``, which a module of buffers alone cannot
+    answer): the layer holds one empty parameter, ``dtype_anchor``, in the dtype it computes in (``out_dtype``).
+    It is not part of the state dict."""
 
     # buffers that may be None (for mypy: register_buffer is invisible to it)
     w_packed: torch.Tensor | None   # None while the codes are held in layout "frag" (w_frag)
@@ -58,7 +64,8 @@ class TreeQLinear(nn.Module):
         if not wspec.is_quantized:
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
         self.in_features, self.out_features = in_features, out_features
-        self.config, self.name, self.out_dtype = config, name, dtype
+        self.config, self.name = config, name
+        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
         self._act_spec = config.act_spec()   # built and validated once, not on every forward
         n, k = out_features, in_features
         self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits),
@@ -170,9 +177,22 @@ class TreeQLinear(nn.Module):
             else:
                 destination[key] = self._v1_from_frag()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "dtype_anchor", None)   # (no data: what the model computes in is not the artifact's)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        anchor = prefix + "dtype_anchor"
+        had_anchor = anchor in missing_keys
+        try:
+            self._load_codes(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        finally:
+            if anchor in missing_keys and not had_anchor:
+                missing_keys.remove(anchor)   # the state dict never holds it
+        if self.dtype_anchor.is_meta and not self.w_scale.is_meta:   # a skeleton on meta, loaded with assign=True
+            self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=self.out_dtype, device=self.w_scale.device),
+                                             requires_grad=False)
+
+    def _load_codes(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if self.w_packed is not None:
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
@@ -208,6 +228,20 @@ class TreeQLinear(nn.Module):
     def act_spec(self) -> QuantSpec:
         return self._act_spec
 
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in and returns by default (the model's: ``.to(dtype)`` changes it)."""
+        return self.dtype_anchor.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``(out_features, in_features)`` in ``out_dtype``, for code that reads a linear's
+        weight (its dtype, device, shape). Computed on each access; the forward never uses it."""
+        return self._dequantized().to(self.out_dtype)
+
+    def _dequantized(self) -> torch.Tensor:
+        return (self.packed_weight().codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -218,8 +252,7 @@ class TreeQLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
         if not self.act_spec.is_quantized:  # weight-only: dequantize and multiply in the input's precision
-            pw = self.packed_weight()
-            w = ((pw.codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]).to(x.dtype)
+            w = self._dequantized().to(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
             if self.monarch_w1 is not None:
                 from ..branches import monarch
@@ -253,10 +286,10 @@ class TreeQLinear(nn.Module):
         the layer's device: ``.to(dtype)`` without a device leaves it there (a CPU probe would move a CUDA layer's
         buffers to the CPU)."""
         probe = fn(torch.zeros(1, dtype=torch.float32, device=self.w_scale.device))
-        if probe.dtype == torch.float32:
+        if probe.dtype == torch.float32:   # a device move (the anchor keeps its dtype), or .float(): all float32
             return super()._apply(fn, recurse)
-        self.out_dtype = probe.dtype
         super()._apply(lambda t: t.to(device=probe.device), recurse)
+        self.dtype_anchor.data = self.dtype_anchor.data.to(probe.dtype)
         if self.monarch_w1 is not None:
             self.monarch_w1 = self.monarch_w1.to(branch_dtype(probe.dtype))
             self.monarch_w2 = self.monarch_w2.to(branch_dtype(probe.dtype))
@@ -296,6 +329,11 @@ class TreeQPointwiseConv(TreeQLinear):
         if x.shape[c] != self.in_features:
             raise ValueError(f"{who}: input has {x.shape[c]} channels, expected {self.in_features}")
         return super().forward(x.movedim(c, -1)).movedim(-1, c)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized kernel ``(out_channels, in_channels, 1, ...)``, as the convolution held it."""
+        return super().weight.reshape(self.out_features, self.in_features, *(1,) * self.spatial_dims)
 
     def extra_repr(self) -> str:
         return f"pointwise conv{self.spatial_dims}d, " + super().extra_repr()
