@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from tiny_diffusers import pack_only_models, tiny_flux_pipeline  # noqa: E402
+from tiny_diffusers import pack_only_models, tiny_flux_pipeline, tiny_wan_pipeline  # noqa: E402
 
 from treeq_engine.cli import main  # noqa: E402
 from treeq_engine.models.diffusers_transformers import PACK_ONLY, load_transformer, rebuild  # noqa: E402
@@ -107,6 +107,60 @@ def test_flux_pipeline_samples_quantized(tmp_path):
         main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--graph", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--height must be a positive"):
         main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
+
+
+def test_wan_video_pipeline_samples_quantized(tmp_path):
+    """A text-to-video pipeline (Wan) samples FP and packed: `--frames` videos, written as one row of frames per
+    video (PNG) or as an animation of the videos side by side (GIF); the packed videos are near FP's."""
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    pipe_dir = tmp_path / "wan"
+    tiny_wan_pipeline().save_pretrained(pipe_dir)
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--uniform", "W8A8", "--out", str(art)]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house on the hill\n")
+    common = ["--prompts", str(prompts), "--steps", "2", "--height", "16", "--width", "16", "--frames", "5",
+              "--device", "cpu"]
+    for tag, extra in (("fp", []), ("q", ["--artifact", str(art)])):
+        for ext in ("png", "gif"):
+            assert main(["sample", "--pipeline", str(pipe_dir), *extra, *common, "--out",
+                         str(tmp_path / f"{tag}.{ext}")]) == 0
+    grid = {t: np.asarray(Image.open(tmp_path / f"{t}.png"), dtype=np.float64) for t in ("fp", "q")}
+    assert grid["fp"].shape == grid["q"].shape == (2 * 16, 5 * 16, 3)   # a row of 5 frames per prompt
+    assert 0 < np.abs(grid["fp"] - grid["q"]).mean() < 16   # W8A8 (bf16 packed): near FP's video, not equal
+    anim = [np.asarray(f.convert("RGB"), dtype=np.float64) for f in ImageSequence.Iterator(Image.open(tmp_path / "fp.gif"))]
+    assert len(anim) == 5 and anim[0].shape == (16, 2 * 16, 3)   # frame t of both videos side by side
+    # the GIF's frame t is the grid's column t (GIF palettes quantize colours: close, not equal)
+    assert np.abs(anim[3][:, :16] - grid["fp"][:16, 48:64]).mean() < 12
+    with pytest.raises(SystemExit, match="--frames must be a positive"):
+        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--frames", "0", "--device", "cpu"])
+
+
+def test_video_options_on_an_image_pipeline_and_loading_without_accelerate(tmp_path, monkeypatch):
+    """`--frames` or an animation name for an image pipeline is a clear error; and a model that keeps modules in
+    float32 says that it needs accelerate (diffusers' own message names an argument the user never passed)."""
+    pipe_dir = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    base = ["sample", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--frames is for a text-to-video pipeline; FluxPipeline makes images"):
+        main([*base, "--frames", "3"])
+    with pytest.raises(SystemExit, match="an animation is for a video pipeline"):
+        main([*base, "--out", str(tmp_path / "x.gif")])
+
+    import diffusers.models.modeling_utils as mu
+    import diffusers.pipelines.pipeline_utils as pu
+
+    monkeypatch.setattr(mu, "_LOW_CPU_MEM_USAGE_DEFAULT", False)   # what diffusers decides without accelerate
+    monkeypatch.setattr(pu, "_LOW_CPU_MEM_USAGE_DEFAULT", False)
+    wan = tmp_path / "wan"
+    tiny_wan_pipeline().transformer.save_pretrained(wan)
+    with pytest.raises(ValueError, match="keeps some modules in float32.*pip install accelerate"):
+        load_transformer(wan, any_model=True)
 
 
 TINY_CONFIGS = {

@@ -157,3 +157,22 @@ def tiny_sd3_pipeline(shifting: bool = False):
     return diffusers.StableDiffusion3Pipeline(
         scheduler=sched, vae=vae, transformer=transformer, text_encoder=clip(), tokenizer=tokenizer,
         text_encoder_2=clip(), tokenizer_2=_word_tokenizer()[0], text_encoder_3=t5, tokenizer_3=_word_tokenizer()[0])
+
+
+def tiny_wan_pipeline():
+    """A Wan text-to-video pipeline built offline: a one-layer UMT5 encoder over a word-level tokenizer, a two-block
+    transformer, a one-level causal video VAE (2x in time and space; random weights). Loading it back from disk
+    needs accelerate (Wan keeps modules in float32)."""
+    transformers = pytest.importorskip("transformers", reason="Wan's pipeline needs transformers (UMT5)")
+    tokenizer, vocab = _word_tokenizer()
+    torch.manual_seed(0)
+    umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32,
+                                                                 num_layers=1, num_heads=2)).eval()
+    transformer = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                                  in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                                  num_layers=2, rope_max_seq_len=32).eval()
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2,
+                                     scale_factor_spatial=2).eval()
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=umt5, vae=vae, transformer=transformer,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))

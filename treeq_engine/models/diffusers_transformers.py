@@ -93,7 +93,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     d = transformer_dir(path, any_model=any_model)
     cls = model_class(class_of(json.loads((d / "config.json").read_text())))
     assert cls is not None   # (transformer_dir checked it)
-    with quiet_dtype_warning():
+    with loading(d):
         model = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
     model = _in_dtype(model, dtype)
     return model.to(device).eval(), describe(model, source=str(path))
@@ -118,19 +118,27 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 @contextlib.contextmanager
-def quiet_dtype_warning() -> Iterator[None]:
-    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` with a FutureWarning; older releases know only
-    ``torch_dtype``. We pass ``torch_dtype`` (loading straight into the dtype, so a pipeline's fp32-kept modules
-    stay so) and silence that one warning."""
+def loading(path: str | Path) -> Iterator[None]:
+    """Around diffusers' ``from_pretrained``. diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` with a
+    FutureWarning; older releases know only ``torch_dtype``. We pass ``torch_dtype`` (loading straight into the
+    dtype, so a pipeline's fp32-kept modules stay so) and silence that one warning. A model class that keeps
+    modules in float32 (Wan's ``_keep_in_fp32_modules``) loads only with ``accelerate`` installed; diffusers' own
+    error names an argument the user never passed, so it is said plainly."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
+        try:
+            yield
+        except ValueError as e:
+            if "low_cpu_mem_usage" not in str(e) or "keep_in_fp32" not in str(e):
+                raise
+            raise ValueError(f"{path}: this model keeps some modules in float32, and diffusers loads such a model "
+                             "only with the accelerate package installed (pip install accelerate)") from e
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
     """The diffusers pipeline under ``path`` (local files only), loaded at ``dtype``, on ``device``, its progress
     bars off (our commands draw their own)."""
-    with quiet_dtype_warning():
+    with loading(path):
         pipe = _diffusers().DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if isinstance(getattr(pipe, "transformer", None), nn.Module):
         pipe.transformer = _in_dtype(pipe.transformer, dtype)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -163,6 +165,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a text-to-image --pipeline: a text file, one prompt per line")
     p.add_argument("--height", type=int, default=None, help="with --pipeline: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="with --pipeline: image width (default: the pipeline's)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="with a text-to-video --pipeline (Wan, ...): frames per video (default: the pipeline's)")
     p.add_argument("--labels", default=DEFAULT_LABELS, help="comma-separated class labels")
     p.add_argument("--steps", default="50", help="sampling steps (or 'ddimN')")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
@@ -174,7 +178,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--graph", action="store_true", help="replay each denoising step as a CUDA graph")
-    p.add_argument("--out", default="samples.png", help="PNG grid (latent models also write a .pt of latents)")
+    p.add_argument("--out", default="samples.png",
+                   help="PNG grid (latent models also write a .pt of latents); a video pipeline writes one row of "
+                        "frames per video, or, to a .gif or .webp name, an animation of the videos side by side")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
 
@@ -223,6 +229,20 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+ANIMATIONS = (".gif", ".webp")   # what --out may name for a video pipeline
+
+
+def _row(images: list[Any]) -> Any:
+    """PIL images side by side."""
+    from PIL import Image
+
+    w, h = images[0].size
+    row = Image.new("RGB", (w * len(images), h), color="white")
+    for i, im in enumerate(images):
+        row.paste(im.convert("RGB"), (i * w, 0))
+    return row
+
+
 def _sample_pipeline(args: argparse.Namespace) -> int:
     """``treeq sample --pipeline DIR [--artifact ART]``: the pipeline samples as it would, its transformer the FP
     one or the artifact's; one row of images into ``--out``."""
@@ -247,6 +267,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             raise SystemExit(f"--{side} must be a positive number of pixels, got {getattr(args, side)}")
+    if args.frames is not None and args.frames < 1:
+        raise SystemExit(f"--frames must be a positive number of frames, got {args.frames}")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     if args.sampler != "ddpm":
@@ -260,6 +282,12 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if steps < 1:
         raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device)
+    video = "num_frames" in inspect.signature(pipe.__call__).parameters
+    if args.frames is not None and not video:
+        raise SystemExit(f"--frames is for a text-to-video pipeline; {type(pipe).__name__} makes images")
+    if Path(args.out).suffix.lower() in ANIMATIONS and not video:
+        raise SystemExit(f"--out {args.out}: an animation is for a video pipeline; {type(pipe).__name__} makes "
+                         "images (write a .png)")
     if args.artifact:
         desc = artifact.read_manifest(args.artifact).get("model_config", {})
         if desc.get("arch") != "diffusers" or desc.get("class") != type(pipe.transformer).__name__:
@@ -277,6 +305,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
         kw["guidance_scale"] = args.cfg
     kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
+    if args.frames is not None:
+        kw["num_frames"] = args.frames
     if dit:
         if "height" in kw or "width" in kw:
             raise SystemExit("a DiT pipeline samples at its transformer's size: give it without --height / --width")
@@ -301,16 +331,22 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         kw["prompt"] = what
     t0 = time.perf_counter()
     with torch.no_grad():
-        images = pipe(**kw).images
+        result = pipe(**kw)
     secs = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * len(images), h), color="white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), (i * w, 0))
-    grid.save(out)
-    print(json.dumps({"out": str(out), "samples": len(images), "seconds": round(secs, 2),
+    rows = [list(v) for v in result.frames] if video else [list(result.images)]   # a video: its frames in a row
+    if out.suffix.lower() in ANIMATIONS:   # frame t of every video side by side, one animation frame per t
+        grids = [_row([v[t] for v in rows]) for t in range(len(rows[0]))]
+        grids[0].save(out, save_all=True, append_images=grids[1:], duration=1000 // 16, loop=0)
+    else:
+        widths = [_row(r) for r in rows]
+        grid = Image.new("RGB", (max(g.width for g in widths), sum(g.height for g in widths)), color="white")
+        for i, g in enumerate(widths):
+            grid.paste(g, (0, i * g.height))
+        grid.save(out)
+    print(json.dumps({"out": str(out), "samples": len(rows) if video else len(rows[0]), "seconds": round(secs, 2),
+                      **({"frames": len(rows[0])} if video else {}),
                       "quantized": bool(args.artifact), "graphs": graph_count(pipe.transformer),
                       "device": args.device,
                       "pipeline": args.pipeline}))
