@@ -1,4 +1,4 @@
-"""``treeq capture``: run a local diffusers DiT, PixArt, SD3 or Flux pipeline and record its transformer's calls as
+"""``treeq capture``: run a local diffusers DiT, PixArt, SD3, Flux or Wan pipeline and record its transformer's calls as
 the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
 
     treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
@@ -7,6 +7,8 @@ the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``pe
     treeq search --diffusers models/PixArt-XL-2-512x512 --calib-inputs calib.safetensors --budget W4A8 --out out/px
     treeq capture --pipeline models/FLUX.1-dev --prompts prompts.txt --steps 28 --height 512 --width 512 \\
         --out flux.safetensors
+    treeq capture --pipeline models/Wan2.1-T2V-1.3B --prompts prompts.txt --steps 30 --height 240 --width 416 \\
+        --frames 17 --batch 1 --out wan.safetensors
 
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
 it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
@@ -28,15 +30,18 @@ import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, help="a local diffusers DiT, PixArt, SD3 or Flux pipeline directory")
+    p.add_argument("--pipeline", required=True,
+                   help="a local diffusers DiT, PixArt, SD3, Flux or Wan pipeline directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
-    what.add_argument("--prompts", default=None, help="PixArt, SD3, Flux: a text file, one prompt per line")
+    what.add_argument("--prompts", default=None, help="PixArt, SD3, Flux, Wan: a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
     p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default: the pipeline's)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="text-to-video (Wan): frames per video (default: the pipeline's, 81 for Wan: large)")
     p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
         size = {side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None}
         if any(v <= 0 for v in size.values()):
             raise ValueError(f"--height and --width must be positive numbers of pixels, got {size}")
+        if args.frames is not None and args.frames <= 0:
+            raise ValueError(f"--frames must be a positive number of frames, got {args.frames}")
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
         runner = make_runner(pipe.transformer)
+        if getattr(pipe, "transformer_2", None) is not None:   # Wan 2.2 A14B: steps split between two experts
+            raise ValueError("this pipeline denoises with two transformers (transformer, transformer_2: Wan 2.2's "
+                             "experts); capture records one model's calls: not supported")
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
         if size and runner.arch == "dit":
@@ -76,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
             bad = [v for v in items if not 0 <= v < classes]
             if bad:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
+        if args.frames is not None and runner.arch != "wan":
+            raise ValueError(f"--frames is for a text-to-video pipeline; a {runner.arch} pipeline makes images")
         kw: dict = {} if args.cfg is None else {"guidance_scale": args.cfg}
         kw.update(size)
+        if args.frames is not None:
+            kw["num_frames"] = args.frames
         # the timesteps to keep, from the pipeline's scheduler (the values its runs will visit): calls at the
         # others are not stored, so a long capture holds only what it keeps
         from .diffusers_schedule import scheduler_weights

@@ -77,12 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-labels", default=None,
                    help="--diffusers DiT: the class labels sampled (default: --closed-loop-samples of them, cycled)")
     g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
-                   help="--diffusers PixArt, SD3, Flux: the prompts sampled, one per line")
+                   help="--diffusers PixArt, SD3, Flux, Wan: the prompts sampled, one per line")
     g.add_argument("--closed-loop-height", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux: the image height closed-loop samples are drawn at (default: "
-                        "the pipeline's; FLUX.1-dev's is 1024)")
+                   help="--diffusers PixArt, SD3, Flux, Wan: the image height closed-loop samples are drawn at "
+                        "(default: the pipeline's; FLUX.1-dev's is 1024)")
     g.add_argument("--closed-loop-width", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux: the width (default: the pipeline's)")
+                   help="--diffusers PixArt, SD3, Flux, Wan: the width (default: the pipeline's)")
+    g.add_argument("--closed-loop-frames", type=int, default=None,
+                   help="--diffusers Wan: frames per closed-loop video (default: the pipeline's, 81: large)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -204,9 +206,10 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
         call = _closed_loop_call(args, model)
         closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
-    elif args.closed_loop_labels or args.closed_loop_prompts or args.closed_loop_height or args.closed_loop_width:
-        raise ValueError("--closed-loop-labels / --closed-loop-prompts / --closed-loop-height / --closed-loop-width "
-                         "are for --select closed-loop[-root]")
+    elif args.closed_loop_labels or args.closed_loop_prompts or args.closed_loop_height or args.closed_loop_width \
+            or args.closed_loop_frames:
+        raise ValueError("--closed-loop-labels / --closed-loop-prompts / --closed-loop-height / --closed-loop-width / "
+                         "--closed-loop-frames are for --select closed-loop[-root]")
     runner = make_runner(model)
     inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
     weights = None
@@ -228,18 +231,24 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux), and
-    the image size when given."""
+    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux, Wan),
+    and the image size (and Wan's frame count) when given."""
     from .diffusers_runner import DIT, diffusers_arch
 
     size = {side: v for side, v in (("height", args.closed_loop_height), ("width", args.closed_loop_width))
             if v is not None}
     if any(v <= 0 for v in size.values()):
         raise ValueError(f"--closed-loop-height / --closed-loop-width must be positive pixel counts, got {size}")
+    if args.closed_loop_frames is not None:
+        if diffusers_arch(model) != "wan":
+            raise ValueError(f"--closed-loop-frames is for a video model; {type(model).__name__} makes images")
+        if args.closed_loop_frames <= 0:
+            raise ValueError(f"--closed-loop-frames must be a positive number of frames, got {args.closed_loop_frames}")
+        size["num_frames"] = args.closed_loop_frames
     if diffusers_arch(model) == DIT:
         if args.closed_loop_prompts:
             raise ValueError("a DiT pipeline samples --closed-loop-labels, not prompts")
-        if size:
+        if size:   # (num_frames was refused above)
             raise ValueError("a DiT pipeline samples at its transformer's size: give it without "
                              "--closed-loop-height / --closed-loop-width")
         classes = int(model.config.num_embeds_ada_norm)

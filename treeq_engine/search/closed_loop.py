@@ -200,7 +200,10 @@ class PipelineJudge(TrajectoryJudge):
         images = out.images if hasattr(out, "images") else out[0]
         if self.decodes:
             return images.float() * 2 - 1   # images in [−1, 1]: PSNR's range 2
-        # Flux's latents come packed, (N, tokens, channels): one image-shaped plane each for the metrics
+        # Flux's latents come packed, (N, tokens, channels): one image-shaped plane each for the metrics; Wan's
+        # are videos, (N, C, F, H, W): the frames stacked in height
+        if images.dim() == 5:
+            return images.float().flatten(2, 3)
         return images.float() if images.dim() == 4 else images.float()[:, None]
 
 

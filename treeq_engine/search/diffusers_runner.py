@@ -39,13 +39,12 @@ DIT, PIXART = "dit", "pixart"
 
 def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
-    ``mmdit_runner.MMDiTRunner`` cuts, ``None`` for anything else (``make_runner`` takes each of them)."""
+    ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``None`` for anything else
+    (``make_runner`` takes each of them)."""
     from .mmdit_runner import mmdit_arch
+    from .wan_runner import wan_arch
 
-    arch = mmdit_arch(model)
-    if arch is not None:
-        return arch
-    return fused_arch(model)
+    return mmdit_arch(model) or wan_arch(model) or fused_arch(model)
 
 
 def fused_arch(model: nn.Module) -> str | None:
@@ -64,14 +63,18 @@ def fused_arch(model: nn.Module) -> str | None:
 
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
-    ``MMDiTRunner`` for SD3 and Flux. Anything else is a ``TypeError`` naming what is supported."""
+    ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan. Anything else is a ``TypeError`` naming what is
+    supported."""
+    from ..models.diffusers_transformers import SUPPORTED
     from .mmdit_runner import MMDiTRunner, mmdit_arch
+    from .wan_runner import WanRunner, wan_arch
 
     if mmdit_arch(model) is not None:
         return MMDiTRunner(model)
+    if wan_arch(model) is not None:
+        return WanRunner(model)
     if fused_arch(model) is None:
-        raise TypeError(f"the search cuts diffusers' DiTTransformer2DModel, PixArtTransformer2DModel, "
-                        f"SD3Transformer2DModel and FluxTransformer2DModel; got {type(model).__name__}")
+        raise TypeError(f"the search cuts diffusers' {', '.join(SUPPORTED)}; got {type(model).__name__}")
     return DiffusersRunner(model)
 
 

@@ -1,0 +1,177 @@
+"""The search, PTQ and PEFT on diffusers' Wan video transformer (tiny random configs, offline): the runner's
+segments compose to the model bit for bit (text- and image-to-video, non-square grids), tied leaves follow what
+reads one input, the evaluator agrees with a brute-force oracle that converts a copy and runs the model's own
+forward, and the command line captures a Wan pipeline, searches (closed loop too), calibrates and packs."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_mmdit import brute_mse  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import LayerConfig  # noqa: E402
+from treeq_engine.search import Environment, Evaluator, SearchSpace, WanRunner, make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = 512   # Wan's image-to-video attention takes the last 512 context tokens as the text (hard-coded)
+
+
+def tiny_wan(image=False):
+    torch.manual_seed(0)
+    extra = dict(image_dim=12, added_kv_proj_dim=16) if image else {}
+    return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                           num_layers=2, rope_max_seq_len=32, **extra).eval()
+
+
+def call(model, n=3, seed=0, fhw=(3, 8, 6)):
+    """The keyword arguments Wan's pipeline passes the transformer (image-to-video: CLIP image tokens too)."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(hidden_states=torch.randn(n, 4, *fhw, generator=g),
+              timestep=torch.randint(0, 1000, (n,), generator=g).float(),
+              encoder_hidden_states=torch.randn(n, TEXT if model.config.image_dim else 7, 16, generator=g))
+    if model.config.image_dim:
+        kw["encoder_hidden_states_image"] = torch.randn(n, 5, 12, generator=g)
+    return kw
+
+
+@pytest.mark.parametrize("image", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_compose_to_the_model(image, dtype):
+    model = perturbed(tiny_wan(image)).to(dtype)
+    runner = make_runner(model)
+    assert isinstance(runner, WanRunner) and diffusers_arch(model) == "wan"
+    for fhw in ((3, 8, 6), (2, 4, 10)):   # two grids: the head and the rotary tables find theirs by token count
+        kw = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v
+              for k, v in call(model, fhw=fhw).items()}
+        with torch.no_grad():
+            want = model(**kw).sample
+            got = run_segments(runner, runner.inputs(**kw))
+        assert torch.equal(got, want)
+    assert runner.num_segments == len(model.blocks) + 2
+
+
+def test_tied_leaves_and_segments():
+    runner = make_runner(tiny_wan(image=True))
+    linears = [n for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ties = {n: runner.tie(n) for n in linears if runner.tie(n)}
+    assert ties == {**{f"blocks.{b}.attn1.to_{x}": f"blocks.{b}.attn1.qkv" for b in (0, 1) for x in "qkv"},
+                    **{f"blocks.{b}.attn2.to_{x}": f"blocks.{b}.attn2.kv" for b in (0, 1) for x in "kv"},
+                    **{f"blocks.{b}.attn2.add_{x}_proj": f"blocks.{b}.attn2.add_kv" for b in (0, 1) for x in "kv"}}
+    assert runner.segment_of("condition_embedder.time_proj") == 0
+    assert runner.segment_of("blocks.1.ffn.net.2") == 2 and runner.segment_of("proj_out") == 3
+
+
+@pytest.mark.parametrize("image,lam", [(False, 1.0), (True, 0.5)])
+def test_evaluate_matches_brute_force(image, lam):
+    model = perturbed(tiny_wan(image))
+    runner = make_runner(model)
+    kw = call(model, n=4, seed=3)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), lam)
+    pristine = copy.deepcopy(model)
+    ev = Evaluator(model, runner, space, inputs, env, batch=4, group=3)   # one chunk, 3 candidates per forward
+    rng = np.random.default_rng(7)
+    c = len(space.candidates)
+    for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
+        rows = rng.integers(0, c, (3, hi - lo))
+        got = ev.evaluate(lo, hi, rows)
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in rows]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+        assert (got > 0).all()
+
+
+def test_inputs_are_checked():
+    t2v, i2v = make_runner(tiny_wan()), make_runner(tiny_wan(image=True))
+    kw = call(t2v.model, n=2)
+    with pytest.raises(ValueError, match=r"hidden_states must be an \(N, C, F, H, W\) video latent"):
+        t2v.inputs(**{**kw, "hidden_states": kw["hidden_states"][:, :, 0]})
+    with pytest.raises(ValueError, match="must have 4 channels"):
+        t2v.inputs(**{**kw, "hidden_states": torch.randn(2, 3, 3, 8, 6)})
+    with pytest.raises(ValueError, match=r"multiples of the patch size \(1, 2, 2\)"):
+        t2v.inputs(**{**kw, "hidden_states": torch.randn(2, 4, 3, 8, 5)})
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(N=2, L, 16\)"):
+        t2v.inputs(**{**kw, "encoder_hidden_states": torch.randn(2, 5, 12)})
+    with pytest.raises(ValueError, match="timestep must be a scalar"):
+        t2v.inputs(**{**kw, "timestep": torch.zeros(3)})
+    with pytest.raises(ValueError, match="per-token timesteps"):
+        t2v.inputs(**{**kw, "timestep": torch.zeros(2, 24)})
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        t2v.inputs(**kw, attention_kwargs={"scale": 1.0})
+    with pytest.raises(ValueError, match="given to a text-to-video Wan"):
+        t2v.inputs(**kw, encoder_hidden_states_image=torch.randn(2, 5, 12))
+    with pytest.raises(ValueError, match=r"needs encoder_hidden_states_image \(N=2, I, 12\)"):
+        i2v.inputs(**call(i2v.model, n=2) | {"encoder_hidden_states_image": None})
+    assert t2v.inputs(**{**kw, "timestep": 500.0})[1].tolist() == [500.0, 500.0]   # broadcast to the batch
+    assert i2v.input_names[-1] == "encoder_hidden_states_image" and len(t2v.input_names) == 3
+    with pytest.raises(TypeError, match="WanRunner cuts diffusers' WanTransformer3DModel; got Linear"):
+        WanRunner(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="no latent grid of 24 patches"):
+        t2v.run(t2v.num_segments - 1, (torch.zeros(1, 24, 16), None, None, torch.zeros(1, 16)))
+
+
+def test_capture_search_ptq_and_pack_a_wan_pipeline(tmp_path, capsys):
+    """`treeq capture` on a Wan text-to-video pipeline (--frames; both guidance calls recorded) -> `treeq search`
+    (and closed loop through the pipeline, on its video latents) -> `treeq ptq` -> `treeq quantize`; the
+    artifact samples a video in the pipeline."""
+    pytest.importorskip("transformers", reason="Wan's pipeline needs transformers (UMT5)")
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    from tiny_diffusers import tiny_wan_pipeline
+
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "wan"
+    pipe = tiny_wan_pipeline()
+    pipe.transformer = perturbed(pipe.transformer)
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "16", "--width", "16"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
+                 "2", *size, "--frames", "5", "--device", "cpu", "--out", calib]) == 0
+    cap = capsys.readouterr()
+    # 3 steps x (prompt, negative prompt) calls of one sample; 2 timesteps kept
+    assert "6 transformer calls, kept 4 samples at 2 timesteps" in cap.out
+    assert "hidden_states (4, 4, 3, 8, 8)" in cap.out   # 5 frames -> 3 latent frames (2x causal), 16 px -> 8
+    runner = make_runner(diffusers.WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    assert len(set(inputs[1].tolist())) == 2 and float(inputs[1].max()) > 1   # the scheduler's timesteps
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "uniform", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "WanTransformer3DModel" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    plan = json.loads((out / "plan.json").read_text())["layers"]
+    assert plan["blocks.0.attn1.to_k"] == plan["blocks.0.attn1.to_q"]
+    res = tmp_path / "closed"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts), "--closed-loop-steps", "2",
+                 "--closed-loop-height", "16", "--closed-loop-width", "16", "--closed-loop-frames", "5",
+                 "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    assert json.loads((res / "report.json").read_text())["tss"]["closed_loop_mse"] > 0
+    ptq = str(tmp_path / "ptq")
+    assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "2", "--bits",
+                 "W4A8", "--max-tokens", "64", "--rounds", "1", "--out", ptq]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--frames", "5", "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    capsys.readouterr()
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--frames", "0",
+                 "--out", calib]) == 2
+    assert "--frames must be a positive" in capsys.readouterr().err

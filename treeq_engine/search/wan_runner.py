@@ -1,0 +1,175 @@
+"""The search's segment runner for diffusers' Wan video transformer (``WanTransformer3DModel``: Wan 2.1 text- and
+image-to-video, and each expert of Wan 2.2 A14B). The same interface as ``DiffusersRunner`` (``make_runner`` picks
+it), so capture, search, PTQ and PEFT take Wan too; the runtime packs it (its blocks run unfused).
+
+Segments: 0 runs the embedders (the 3-d patch embedding, the timestep, text (and image) embedders), ``1..B`` the
+blocks, the last one the output norm, modulation, projection and unpatchify. Each does what the model's ``forward``
+does between those points (a test holds their composition bit-identical to ``transformer(...).sample``). The state
+between blocks is ``(tokens, text (and image) tokens, timestep projection, temb)``; each block segment rebuilds the
+rotary table from the latent grid (frames, height, width in patches), which segment 0 records per token count (a
+host value, as SD3's runner keeps its grid).
+
+Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, F, H, W)``, ``timestep (N,)`` (the
+scheduler's, 0..1000), ``encoder_hidden_states (N, L, D)``, and for image-to-video models (``image_dim`` set)
+``encoder_hidden_states_image (N, I, E)``.
+
+The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
+capture: attention kwargs, and Wan 2.2 TI2V's per-token timesteps (``expand_timesteps``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .evaluator import CutModel, State
+
+WAN = "wan"
+
+
+def wan_arch(model: nn.Module) -> str | None:
+    """``"wan"`` for the Wan transformer this runner cuts, ``None`` for anything else."""
+    ok = type(model).__name__ == "WanTransformer3DModel" and hasattr(model, "blocks") and hasattr(model, "rope")
+    return WAN if ok else None
+
+
+def _shape(v: Any) -> Any:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+class WanRunner(CutModel):
+    """``SegmentRunner`` for a diffusers Wan transformer (see the module docstring)."""
+
+    extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if wan_arch(model) is None:
+            raise TypeError(f"WanRunner cuts diffusers' WanTransformer3DModel; got {type(model).__name__}")
+        self.model: Any = model   # a diffusers transformer: its submodules are read by name
+        self.arch = WAN
+        self.blocks = model.blocks
+        self.num_segments = len(self.blocks) + 2
+        cfg = model.config
+        self.patch = tuple(int(p) for p in cfg.patch_size)
+        self.in_channels = int(cfg.in_channels)
+        self.image = cfg.image_dim is not None
+        self._grids: dict[int, tuple[int, int, int]] = {}
+        self.output_fn = output_fn
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        names = ("hidden_states", "timestep", "encoder_hidden_states")
+        return names + (("encoder_hidden_states_image",) if self.image else ())
+
+    def tie(self, layer_name: str) -> str | None:
+        """Linears that read one input, searched as one leaf: the self-attention's to_q/to_k/to_v, the
+        cross-attention's to_k/to_v (text tokens) and its add_k_proj/add_v_proj (image tokens)."""
+        head, _, last = layer_name.rpartition(".")
+        attn = head.rpartition(".")[2]
+        if attn == "attn1" and last in ("to_q", "to_k", "to_v"):
+            return head + ".qkv"
+        if attn == "attn2" and last in ("to_k", "to_v"):
+            return head + ".kv"
+        if attn == "attn2" and last in ("add_k_proj", "add_v_proj"):
+            return head + ".add_kv"
+        return None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | None = None,
+               encoder_hidden_states: torch.Tensor | None = None,
+               encoder_hidden_states_image: torch.Tensor | None = None, *,
+               attention_kwargs: Mapping[str, Any] | None = None, check_values: bool = True, **_: Any) -> State:
+        """One transformer call's arguments (as the pipeline passes them) as this runner's input tuple, the
+        timestep broadcast to the batch. What the search cannot reproduce is an error. (``check_values`` is
+        accepted for the common interface: nothing here reads values back from the device.)"""
+        if attention_kwargs:
+            raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
+                             "are not supported")
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+            raise ValueError(f"hidden_states must be an (N, C, F, H, W) video latent, got {_shape(hidden_states)}")
+        n = hidden_states.shape[0]
+        if hidden_states.shape[1] != self.in_channels:
+            raise ValueError(f"hidden_states must have {self.in_channels} channels, got {tuple(hidden_states.shape)}")
+        if any(s % p for s, p in zip(hidden_states.shape[2:], self.patch)):
+            raise ValueError(f"hidden_states' frames, height and width must be multiples of the patch size "
+                             f"{self.patch}, got {tuple(hidden_states.shape)}")
+        width = self.model.config.text_dim
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
+                encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(encoder_hidden_states)}")
+        if timestep is None:
+            raise ValueError("timestep is required")
+        t = torch.as_tensor(timestep, device=hidden_states.device)
+        if t.dim() == 2:
+            raise ValueError("per-token timesteps (Wan 2.2 TI2V's expand_timesteps) are not supported by the search")
+        t = t[None] if t.dim() == 0 else t
+        if t.dim() != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
+        out: State = (hidden_states, t.expand(n).clone(), encoder_hidden_states)
+        if not self.image:
+            if encoder_hidden_states_image is not None:
+                raise ValueError("encoder_hidden_states_image given to a text-to-video Wan (no image_dim)")
+            return out
+        dim = self.model.config.image_dim
+        img = encoder_hidden_states_image
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != n or img.shape[2] != dim:
+            raise ValueError(f"this image-to-video Wan needs encoder_hidden_states_image (N={n}, I, {dim}), got "
+                             f"{_shape(img)}")
+        return out + (img,)
+
+    # -- SegmentRunner -----------------------------------------------------------------------------
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if parts[0] in ("norm_out", "proj_out"):
+            return self.num_segments - 1
+        return 0
+
+    def run(self, segment: int, state: State) -> State:
+        if segment == 0:
+            return self._embed(state)
+        if segment == self.num_segments - 1:
+            return (self._head(state),)
+        h, enc, tproj, temb = state
+        return (self.blocks[segment - 1](h, enc, tproj, self._rope(h)), enc, tproj, temb)
+
+    # -- the model's forward, cut ------------------------------------------------------------------
+    def _grid(self, tokens: int) -> tuple[int, int, int]:
+        if tokens not in self._grids:
+            raise RuntimeError(f"no latent grid of {tokens} patches went through segment 0")
+        return self._grids[tokens]
+
+    def _rope(self, h: torch.Tensor) -> Any:
+        """The rotary table of the latent grid behind ``h``'s tokens: the model's ``rope`` reads only the shape of
+        its argument, so an expanded scalar stands in for the latent."""
+        f, hh, w = self._grid(h.shape[1])
+        pt, ph, pw = self.patch
+        return self.model.rope(h.new_zeros(()).expand(1, 1, f * pt, hh * ph, w * pw))
+
+    def _embed(self, state: State) -> State:
+        m = self.model
+        x, t, enc = state[:3]
+        grid = (x.shape[2] // self.patch[0], x.shape[3] // self.patch[1], x.shape[4] // self.patch[2])
+        tokens = grid[0] * grid[1] * grid[2]
+        if self._grids.setdefault(tokens, grid) != grid:
+            raise ValueError(f"latents of {tokens} patches came as {self._grids[tokens]} and {grid} grids: use one "
+                             "shape per token count")
+        h = m.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        temb, tproj, enc, img = m.condition_embedder(t, enc, state[3] if self.image else None, timestep_seq_len=None)
+        tproj = tproj.unflatten(1, (6, -1))
+        if img is not None:
+            enc = torch.concat([img, enc], dim=1)
+        return (h, enc, tproj, temb)
+
+    def _head(self, state: State) -> torch.Tensor:
+        m = self.model
+        h, temb = state[0], state[3]
+        shift, scale = (m.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        h = (m.norm_out(h.float()) * (1 + scale.to(h.device)) + shift.to(h.device)).type_as(h)
+        h = m.proj_out(h)
+        f, hh, w = self._grid(h.shape[1])
+        pt, ph, pw = self.patch
+        h = h.reshape(h.shape[0], f, hh, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
