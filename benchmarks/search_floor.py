@@ -34,15 +34,30 @@ from diffusers_memory import MODELS  # noqa: E402
 from record import RESULTS, git_commit, write_section  # noqa: E402
 
 BEGIN, END = "<!-- search-floor:begin -->", "<!-- search-floor:end -->"
-# (model in diffusers_memory.MODELS, image side in pixels)
-CASES = [("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
-         ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024)]
+# (model in diffusers_memory.MODELS, image side in pixels, or a video's (frames, height, width))
+Size = int | tuple[int, int, int]
+CASES: list[tuple[str, Size]] = [
+    ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
+    ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)),
+    ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
-def meta_inputs(runner: Any, side: int) -> tuple[torch.Tensor, ...]:
-    """One sample's runner inputs at ``side`` pixels (VAE factor 8), on the meta device."""
+def size_label(size: Size) -> str:
+    return f"{size} px" if isinstance(size, int) else f"{size[2]}×{size[1]}, {size[0]} frames"
+
+
+def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
+    """One sample's runner inputs at ``size`` (VAE factor 8; Wan's VAE also 4x in time, its first frame alone), on
+    the meta device."""
     m, cfg = runner.model, runner.model.config
-    lat = side // 8
+    if runner.arch == "wan":
+        assert not isinstance(size, int)
+        frames, height, width = size
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, cfg.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8),
+                                 torch.zeros(1), torch.empty(1, 512, cfg.text_dim))
+    assert isinstance(size, int)
+    lat = size // 8
     with torch.device("meta"):
         if runner.arch == "dit":
             return runner.inputs(torch.empty(1, cfg.in_channels, lat, lat), torch.zeros(1), torch.zeros(1,
@@ -62,7 +77,7 @@ def meta_inputs(runner: Any, side: int) -> tuple[torch.Tensor, ...]:
                              torch.zeros(1) if m.config.guidance_embeds else None)
 
 
-def measure(name: str, side: int, samples: int, keeps: tuple[int, ...], group: int) -> dict[str, Any]:
+def measure(name: str, side: Size, samples: int, keeps: tuple[int, ...], group: int) -> dict[str, Any]:
     import diffusers
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -99,7 +114,7 @@ def _time(minutes: float) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def render(rows: list[tuple[str, int, dict[str, Any]]], keeps: tuple[int, ...], group: int, samples: int) -> str:
+def render(rows: list[tuple[str, Size, dict[str, Any]]], keeps: tuple[int, ...], group: int, samples: int) -> str:
     k0, k1 = keeps
     lines = [BEGIN, "## The search's FLOP floor on diffusers transformers (`benchmarks/search_floor.py`)", "",
              f"Counted on the meta device (no weights, no GPU), commit {git_commit()}. Whole search without budget "
@@ -107,11 +122,11 @@ def render(rows: list[tuple[str, int, dict[str, Any]]], keeps: tuple[int, ...], 
              "default candidates; bf16 FLOPs over the H100's dense peak (989 TFLOP/s). A floor: on DiT-XL/2 the "
              "prediction is about 4× it. Time divides by the GPUs the levels are sharded over (`torchrun`) and "
              f"scales with N; a smaller K (`--keep`) cuts the merges' K² products.", "",
-             f"| model | image | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | "
+             f"| model | image or video | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | "
              f"FLOP floor, K = {k0}, 1 H100 | evaluations, K = {k1} | FLOP floor, K = {k1}, 1 H100 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, side, r in rows:
-        lines.append(f"| {name} | {side} px | {r['tokens']} | {r['leaves']} | {r['forward_tflop']:.2f} | "
+        lines.append(f"| {name} | {size_label(side)} | {r['tokens']} | {r['leaves']} | {r['forward_tflop']:.2f} | "
                      f"{r[k0]['evaluations']:,} | **{_time(r[k0]['floor_min'])}** | {r[k1]['evaluations']:,} | "
                      f"**{_time(r[k1]['floor_min'])}** |")
     lines.append(END)
