@@ -19,16 +19,28 @@ from .pointwise import is_pointwise_conv
 from .quant_linear import QuantLinear
 
 
+# Modules that hand their linears' tensors to a functional op instead of calling them (HunyuanDiT's attention
+# pool passes q/k/v/c_proj's weights and biases to F.multi_head_attention_forward): a packed layer there would
+# never quantize its input, only dequantize its weight on every access. Their linears stay as they are.
+TENSOR_READERS = ("HunyuanDiTAttentionPool",)
+
+
+def _called_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    readers = [n + "." for n, m in model.named_modules() if type(m).__name__ in TENSOR_READERS]
+    return ((n, m) for n, m in model.named_modules() if not any(n.startswith(r) for r in readers))
+
+
 def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` (or already converted) modules of ``model``, in module order."""
-    return [n for n, m in model.named_modules()
+    """Names of the ``nn.Linear`` (or already converted) modules of ``model``, in module order (not those of a
+    ``TENSOR_READERS`` module)."""
+    return [n for n, m in _called_modules(model)
             if isinstance(m, (nn.Linear, QuantLinear)) and (include is None or include(n))]
 
 
 def packable_layers(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
     """What ``runtime.quantize`` packs: the linears and the pointwise convolutions (``nn.pointwise``), in module
-    order."""
-    return [n for n, m in model.named_modules()
+    order (not those of a ``TENSOR_READERS`` module)."""
+    return [n for n, m in _called_modules(model)
             if (isinstance(m, (nn.Linear, QuantLinear)) or is_pointwise_conv(m)) and (include is None or include(n))]
 
 

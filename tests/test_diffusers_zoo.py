@@ -1,0 +1,69 @@
+"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 32
+classes, Wan, Z-Image, Qwen-Image, HunyuanVideo, LTX, CogVideoX, Lumina2, HiDream, Mochi, Cosmos, Flux.2, ...):
+a uniform W8A8 plan (what `treeq quantize --uniform` packs) in float32 lands near the model's own output, and the
+bf16 path (model cast to bf16, layers packed at bf16, bf16 inputs) runs and lands near the bf16 model's output.
+These models read things off their linears that code for nn.Linear expects (a weight's dtype, the dtype of a
+submodule's first parameter); a packed layer answers them."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from diffusers_zoo import CASES  # noqa: E402
+
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.runtime import quantize, treeq_layers  # noqa: E402
+
+# Z-Image's W8A8 edge layers (its 256 -> dim timestep MLP) put it above 1e-2; the rest land at 0.5-2e-2
+TOL = 0.035
+
+
+def _build(name, dtype):
+    ctor, inputs = CASES[name]
+    torch.manual_seed(0)
+    try:
+        model = ctor().eval()
+    except AttributeError as e:   # another diffusers release without this class
+        if "has no attribute" in str(e) and "diffusers" in str(e):
+            pytest.skip(f"this diffusers has no {name} transformer")
+        raise
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():   # diffusers zero-initialises adaLN and output layers: perturb, or the output is trivial
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    g1 = torch.Generator().manual_seed(1)
+    kw = inputs(lambda *s: torch.randn(*s, generator=g1))
+    kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+          [t.to(dtype) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+          for k, v in kw.items()}
+    return model.to(dtype), kw
+
+
+def _out(model, kw):
+    with torch.no_grad():
+        o = model(**kw).sample
+    return (torch.cat([t.flatten() for t in o]) if isinstance(o, list) else o).float()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_packs_and_runs(name):
+    model, kw = _build(name, torch.float32)
+    fp = _out(model, kw)
+    plan = QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True)
+    quantize(model, plan, dtype=torch.float32)
+    assert len(treeq_layers(model)) == len(plan.layers) > 0
+    got = _out(model, kw)
+    assert torch.isfinite(got).all() and 0 < _rel(got, fp) < TOL
+
+    model, kw = _build(name, torch.bfloat16)
+    fp16 = _out(model, kw)
+    quantize(model, QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True))
+    got = _out(model, kw)
+    assert torch.isfinite(got).all() and 0 < _rel(got, fp16) < 2 * TOL
