@@ -200,12 +200,8 @@ class DiffusersRunner(CutModel):
             return self.num_segments - 1
         return 0
 
-    def run(self, segment: int, state: State) -> State:
-        if segment == 0:
-            return self._embed(state)
-        if segment == self.num_segments - 1:
-            return (self._head(state),)
-        block = self.blocks[segment - 1]
+    def _block(self, i: int, state: State) -> State:
+        block = self.blocks[i]
         if self.arch == DIT:
             h, t, y = state
             return (block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,

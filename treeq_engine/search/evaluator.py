@@ -52,12 +52,27 @@ class SegmentRunner(Protocol):
 
 
 class CutModel:
-    """What every runner shares: the whole model as its segments in turn, and the output the metric sees."""
+    """What every runner shares: the whole model as its segments in turn, and the output the metric sees. A
+    runner cut as embedders, blocks and head implements ``_embed``, ``_block`` and ``_head`` (or overrides ``run``)."""
 
     num_segments: int
     output_fn: Callable[[torch.Tensor], torch.Tensor] | None
 
     def run(self, segment: int, state: State) -> State:
+        """Segment 0 the embedders, the last the head (its output alone), the ones between block ``segment − 1``."""
+        if segment == 0:
+            return self._embed(state)
+        if segment == self.num_segments - 1:
+            return (self._head(state),)
+        return self._block(segment - 1, state)
+
+    def _embed(self, state: State) -> State:
+        raise NotImplementedError
+
+    def _block(self, i: int, state: State) -> State:
+        raise NotImplementedError
+
+    def _head(self, state: State) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:

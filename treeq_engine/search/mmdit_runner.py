@@ -170,13 +170,8 @@ class MMDiTRunner(CutModel):
             return self.num_segments - 1
         return 0
 
-    def run(self, segment: int, state: State) -> State:
-        if segment == 0:
-            return self._embed(state)
-        if segment == self.num_segments - 1:
-            return (self._head(state),)
+    def _block(self, i: int, state: State) -> State:
         h, enc, temb = state[:3]
-        i = segment - 1
         if self.arch == SD3:
             new_enc, h = self.joint[i](hidden_states=h, encoder_hidden_states=enc, temb=temb,
                                        joint_attention_kwargs=None)

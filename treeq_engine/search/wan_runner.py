@@ -127,13 +127,9 @@ class WanRunner(CutModel):
             return self.num_segments - 1
         return 0
 
-    def run(self, segment: int, state: State) -> State:
-        if segment == 0:
-            return self._embed(state)
-        if segment == self.num_segments - 1:
-            return (self._head(state),)
+    def _block(self, i: int, state: State) -> State:
         h, enc, tproj, temb = state
-        return (self.blocks[segment - 1](h, enc, tproj, self._rope(h)), enc, tproj, temb)
+        return (self.blocks[i](h, enc, tproj, self._rope(h)), enc, tproj, temb)
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _grid(self, tokens: int) -> tuple[int, int, int]:
