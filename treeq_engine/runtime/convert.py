@@ -138,8 +138,8 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
-    allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks and SD3's
-    joint blocks. Returns how many blocks were fused."""
+    allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
+    joint blocks and Wan's blocks. Returns how many blocks were fused."""
     from ..models.diffusers_transformers import MMDIT_BLOCKS
     from .dit_fused import fuse_dit_blocks
 
@@ -158,6 +158,14 @@ def fuse_blocks(model: nn.Module) -> int:
                               f"({e}); diffusers >= 0.35 has it", stacklevel=2)
             else:
                 fused += fuse_mmdit_blocks(model)
+        if any(type(m).__name__ == "WanTransformerBlock" for m in model.modules()):
+            try:
+                from .wan_fused import fuse_wan_blocks
+            except ImportError as e:   # WanAttention and dispatch_attention_fn came with diffusers 0.35
+                warnings.warn(f"Wan blocks stay unfused: this diffusers lacks what their fused forward calls ({e}); "
+                              "diffusers >= 0.35 has it", stacklevel=2)
+            else:
+                fused += fuse_wan_blocks(model)
     return fused
 
 

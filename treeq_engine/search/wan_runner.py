@@ -1,6 +1,7 @@
 """The search's segment runner for diffusers' Wan video transformer (``WanTransformer3DModel``: Wan 2.1 text- and
 image-to-video, and each expert of Wan 2.2 A14B). The same interface as ``DiffusersRunner`` (``make_runner`` picks
-it), so capture, search, PTQ and PEFT take Wan too; the runtime packs it (its blocks run unfused).
+it), so capture, search, PTQ and PEFT take Wan too; the runtime packs it and fuses its blocks
+(``runtime/wan_fused.py``).
 
 Segments: 0 runs the embedders (the 3-d patch embedding, the timestep, text (and image) embedders), ``1..B`` the
 blocks, the last one the output norm, modulation, projection and unpatchify. Each does what the model's ``forward``

@@ -1,0 +1,161 @@
+"""Fused Wan blocks (`runtime/wan_fused.py`): what they compute equals the unfused packed model (float32, the
+reference backend: LayerNorm + modulate in the quantization kernel, GELU and the gated residuals in the
+epilogues), the fused kernels actually run, and everything the fused path cannot reproduce runs diffusers' own
+forward (or, for a feed-forward or output projection, diffusers' computation of that part): hooks, training,
+another attention processor, layers left in 16 bits."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_mmdit_fused import count_kernels  # noqa: E402
+from test_search_wan import call, tiny_wan  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime import quantize  # noqa: E402
+from treeq_engine.runtime.wan_fused import FusedWanTransformerBlock  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mixed(model):
+    """Block layers at assorted formats: W16 (the float paths), a branch (its own quantization call), to_q at
+    another activation spec than to_k/to_v (no shared call), the rest W4A8."""
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("blocks.0.attn1.to_k", LayerConfig(16, 16)) \
+        .with_layer("blocks.0.attn1.to_out.0", LayerConfig(16, 16)) \
+        .with_layer("blocks.0.ffn.net.2", LayerConfig(16, 16)) \
+        .with_layer("blocks.1.attn1.to_q", LayerConfig(4, 4)) \
+        .with_layer("blocks.1.ffn.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
+
+
+def pair(model, plan, dtype=torch.float32):
+    unfused, fused = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(unfused, plan, dtype=dtype, fuse=False)
+    quantize(fused, plan, dtype=dtype)
+    return unfused, fused
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+@pytest.mark.parametrize("image", [False, True])
+def test_fused_equals_unfused(kind, image):
+    model = perturbed(tiny_wan(image))
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert all(isinstance(b, FusedWanTransformerBlock) for b in fused.blocks)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for seed, fhw in ((0, (3, 8, 6)), (1, (2, 4, 10))):
+        kw = call(model, n=2, seed=seed, fhw=fhw)
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+
+
+def test_the_fused_kernels_run():
+    """Per block: one LayerNorm-fused quantization for q/k/v and one for the feed-forward, GELU and the next
+    layer's codes in the feed-forward's first epilogue, two gated residuals (to_out, ffn.net[2])."""
+    model = perturbed(tiny_wan())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model, n=2)
+    calls, _ = count_kernels(fused, kw)
+    assert calls == {"ln": 2 * 2, "gelu": 2, "residual": 2 * 2, "codes_out": 2}
+    calls, _ = count_kernels(unfused, kw)
+    assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = perturbed(tiny_wan())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model, n=2)
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    seen = []
+    # a hook on a norm: the whole block runs as modules (the hook sees its call)
+    h = fused.blocks[0].norm1.register_forward_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on the feed-forward: it runs as a module, the self-attention stays fused
+    seen.clear()
+    h = fused.blocks[1].ffn.register_forward_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 2 + 1 and calls["residual"] == 2 + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on a packed projection the kernels would run: that block runs diffusers' forward
+    h = fused.blocks[1].attn1.to_q.register_forward_pre_hook(lambda *a: seen.append(2))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert 2 in seen and calls["ln"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class OtherProcessor(WanAttnProcessor):   # a subclass computes what it likes: not the fused path's
+        pass
+
+    fused.blocks[0].attn1.set_processor(OtherProcessor())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_wan_blocks_with_something_to_fuse_are_swapped():
+    model = perturbed(tiny_wan())
+    plan = QuantPlan.block_uniform(model, 4, 16)   # weight-only: no quantized activations to fuse
+    fused = quantize(copy.deepcopy(model), plan, dtype=torch.float32)
+    assert not any(isinstance(b, FusedWanTransformerBlock) for b in fused.blocks)
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"):
+        plan = plan.with_layer(f"blocks.0.{n}", LayerConfig(4, 16))
+    fused = quantize(copy.deepcopy(model), plan, dtype=torch.float32)
+    assert type(fused.blocks[0]).__name__ == "WanTransformerBlock"
+    assert isinstance(fused.blocks[1], FusedWanTransformerBlock)
+
+
+def test_bf16_and_a_cache_hook():
+    """In bf16 the fused model agrees with the unfused one to bf16's rounding; diffusers' FirstBlockCache finds the
+    fused class in its block registry."""
+    model = perturbed(tiny_wan()).to(torch.bfloat16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v
+          for k, v in call(model, n=2).items()}
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    fused.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
+    with torch.no_grad(), fused.cache_context("test"):
+        first = fused(**kw).sample.float()
+    assert torch.isfinite(first).all()
+
+
+def test_an_older_diffusers_leaves_wan_blocks_unfused(monkeypatch):
+    """diffusers before 0.35 lacks what the fused Wan forward calls: quantize packs and warns, the blocks run
+    unfused."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def failing(name, globals=None, locals=None, fromlist=(), level=0):
+        if level and name == "wan_fused" or name.endswith("runtime.wan_fused"):
+            raise ImportError("cannot import name 'WanAttention' (stand-in for diffusers 0.34)")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "treeq_engine.runtime.wan_fused", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing)
+    model = perturbed(tiny_wan())
+    with pytest.warns(UserWarning, match="Wan blocks stay unfused.*>= 0.35"):
+        quantize(model, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
+    assert type(model.blocks[0]).__name__ == "WanTransformerBlock"

@@ -1,0 +1,169 @@
+"""Fused Wan blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B).
+
+The block's modulation is its own table plus the timestep projection every block shares,
+``mod = scale_shift_table + temb`` (six vectors per sample, float32); ``LN`` is a float32 LayerNorm without affine:
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_msa, scale_msa))
+    h = h + gate_msa · to_out(attention(RMSNorm(q), RMSNorm(k), v, rotary))              (attn1: self-attention)
+    h = h + attn2(norm2(h), context)                                                    (cross-attention)
+    h = h + c_gate · ffn.net[2](Q(GELU_tanh(ffn.net[0].proj(Q(mod(LN(h), c_shift, c_scale))))))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in
+its ``quantize_input`` kernel (one call shared by to_q/to_k/to_v with one activation spec and no Monarch
+branch), GELU(tanh) and ``ffn.net[2]``'s codes in ``ffn.net[0].proj``'s epilogue, and the gated residual in
+``to_out[0]``'s and ``ffn.net[2]``'s. The self-attention is ``WanAttnProcessor``'s computation (RMSNorm across
+heads on q and k, its rotary embedding, ``dispatch_attention_fn`` with the processor's backend). The
+cross-attention runs as diffusers' module (its packed linears each quantize their own input): its keys and values
+read the text, not the block's rows. Fused and unfused agree to the model dtype's rounding (the kernels do
+LayerNorm + modulate in float32 and add the residual in float32, as Wan's block does), not bit for bit.
+
+A block is swapped only in the structure diffusers builds (float32 LayerNorms without affine around the
+attention and feed-forward, ``WanAttention`` with ``WanAttnProcessor`` on unfused projections, a ``FeedForward`` of
+[GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. It runs diffusers' own
+forward in training mode, for Wan 2.2 TI2V's per-token modulation (a 4-d ``temb``), when a norm or the
+self-attention carries a hook or another processor; a feed-forward, ``to_out[0]`` or ``ffn.net[0].proj`` that is
+hooked or not packed runs as diffusers computes it. diffusers' block-level hooks (FirstBlockCache, MagCache) find
+the fused class in ``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
+
+from .diffusers_fused import _adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project
+from .linear import runs_packed_kernels as _quantized
+
+
+def _fp32_layer_norm(norm: Any, dim: int) -> bool:
+    """Wan's float32 LayerNorm without affine over the last dim (what the quantization kernel computes)."""
+    return (type(norm) is FP32LayerNorm and norm.weight is None and norm.bias is None
+            and tuple(norm.normalized_shape) == (dim,))
+
+
+def _self_attention_ok(attn: Any) -> bool:
+    """``attn`` computes what the fused path computes: ``WanAttnProcessor`` on unfused projections, no image
+    projections, no hook on it or on a projection the kernels run. (Checked on every forward.)"""
+    if type(attn) is not WanAttention or type(attn.processor) is not WanAttnProcessor or attn.fused_projections:
+        return False
+    m = attn._modules
+    out = m.get("to_out")
+    if (attn.add_k_proj is not None or out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout
+            or _hooked(attn)):
+        return False
+    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+
+
+def _wan_supported(block: nn.Module) -> bool:
+    if type(block) is not WanTransformerBlock or _forward_wrapped(block):
+        return False
+    table = getattr(block, "scale_shift_table", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 3:
+        return False
+    d = table.shape[-1]
+    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d)
+            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is WanAttention
+            and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn1
+    return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ffn.net[0].proj, block.ffn.net[2]]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding of (B, S, heads, head_dim) rows: interleaved pairs, cos and sin read at the pair's
+    even and odd positions."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any) -> torch.Tensor:
+    """``WanAttnProcessor``'s self-attention of (B·S, inner) projection rows, as (B, S, inner)."""
+    query, key, value = (t.view(b, -1, t.shape[-1]) for t in (q, k, v))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    if rotary is not None:
+        query, key = _rotate(query, *rotary), _rotate(key, *rotary)
+    proc = attn.processor
+    o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                              backend=proc._attention_backend, parallel_config=proc._parallel_config)
+    return o.flatten(2, 3).type_as(query)
+
+
+class FusedWanTransformerBlock(WanTransformerBlock):
+    """A ``WanTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: WanTransformerBlock) -> None:
+        if not _wan_supported(block):
+            raise ValueError("FusedWanTransformerBlock handles WanTransformerBlock in the structure diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: Any) -> torch.Tensor:
+        args = (hidden_states, encoder_hidden_states, temb, rotary_emb)
+        a1 = self.attn1
+        if (self.training or temb.ndim != 3 or hidden_states.ndim != 3 or _hooked(self.norm1) or _hooked(self.norm3)
+                or not _self_attention_ok(a1)):
+            return super().forward(*args)
+        h = hidden_states
+        b, s, d = h.shape
+        mod = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
+        if tuple(mod.shape) != (b, 6, d):
+            return super().forward(*args)
+        m32 = mod.transpose(0, 1).contiguous()        # (6, B, D): the kernels' layout
+        h2 = h.reshape(b * s, d).contiguous()
+        q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
+                           lambda: (self.norm1(h.float()) * (1 + mod[:, 1:2]) + mod[:, 0:1]).type_as(h),
+                           ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
+        o = _self_attention(a1, q, k, v, b, rotary_emb)
+        proj = a1.to_out[0]
+        if _quantized(proj):   # (not hooked: _self_attention_ok)
+            h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
+        else:
+            h = (h.float() + a1.to_out[1](proj(o)) * mod[:, 2:3]).type_as(h)
+        h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+        ffn, fc1, fc2 = self.ffn, self.ffn.net[0].proj, self.ffn.net[2]
+        if (_quantized(fc1) and _quantized(fc2) and not _hooked(ffn) and not _hooked(ffn.net[0])
+                and not _hooked(fc1) and not _hooked(fc2)):
+            return _ff(ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
+        x = (self.norm3(h.float()) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(h)
+        return (h.float() + ffn(x).float() * mod[:, 5:6]).type_as(h)
+
+
+def fuse_wan_blocks(model: nn.Module) -> int:
+    """Swap every Wan block of ``model`` that the fused class handles and that has a packed linear with quantized
+    activations to fuse; returns how many were swapped."""
+    from ..nn.convert import _set_submodule
+
+    swaps = [name for name, mod in model.named_modules()
+             if name and _wan_supported(mod) and any(_quantized(m) for m in _linears(mod))]
+    for name in swaps:
+        _set_submodule(model, name, FusedWanTransformerBlock(model.get_submodule(name)))
+    return len(swaps)
+
+
+def _register_with_diffusers_hooks() -> None:
+    """FirstBlockCache / MagCache look a block's exact class up in ``TransformerBlockRegistry``: give the fused
+    class the original's entry (which diffusers registers when it first builds the registry)."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    except ImportError:
+        return
+    registry = getattr(TransformerBlockRegistry, "_registry", None)
+    if isinstance(registry, dict) and FusedWanTransformerBlock not in registry:   # it returns hidden_states alone
+        meta = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+        meta._cls = FusedWanTransformerBlock
+        registry[FusedWanTransformerBlock] = meta
+
+
+_register_with_diffusers_hooks()
