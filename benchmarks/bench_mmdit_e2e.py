@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""End-to-end forward latency of a FLUX.1-dev- or SD3.5-large-shaped transformer: bf16 eager against TreeQ.
+"""End-to-end forward latency of a FLUX.1-dev-, SD3.5-large- or Wan2.1-shaped transformer: bf16 eager against TreeQ.
 
 The published architecture (``diffusers_memory.MODELS``) with random weights, one image at ``--side`` pixels
-(FLUX.1-dev at 1024 px: 4096 image and 512 text tokens), every variant a CUDA-graph replay of one whole forward
+(FLUX.1-dev at 1024 px: 4096 image and 512 text tokens) or one video of ``--video F,H,W`` (Wan at 81 frames of
+480×832: 32 760 video and 512 text tokens), every variant a CUDA-graph replay of one whole forward
 (``treeq_engine.runtime.timing``), median of ``--reps``, in the same run: bf16 eager, then TreeQ W8A8 and W4A8
 (uniform plans: block linears at the format, the rest at W8A8; blocks fused by ``quantize``). Reported: ms per
 forward, ratio to bf16 eager, the model's weight bytes and the peak memory of the replay.
@@ -18,7 +19,16 @@ M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the line
     python benchmarks/bench_mmdit_e2e.py                       # GPU: FLUX.1-dev at 1024 px into RESULTS.md
     python benchmarks/bench_mmdit_e2e.py --model SD3.5-large
     python benchmarks/bench_mmdit_e2e.py --blocks 4,8          # fewer blocks at full width (ratios per block)
+    python benchmarks/bench_mmdit_e2e.py --model Wan2.1-T2V-1.3B --video 33,480,832
     python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
+    python benchmarks/bench_mmdit_e2e.py --smoke --model Wan2.1-T2V-1.3B   # ... a tiny Wan
+
+Wan's floors (H100, Wan2.1-1.3B, 81 frames of 480×832, B = 1; ``search_floor.py`` counts 283 TFLOP per forward,
+of which the self-attention's QKᵀ and AV are about 4·S²·D·30 = 198 TFLOP at S = 32 760, D = 1536): 286 ms at the
+dense bf16 peak; with the linears at the int8 peak (about 85 TFLOP: 43 ms) and the attention in bf16 (200 ms), 243
+ms: attention-bound, so the packed linears can gain at most about 1.2× at full length. Short clips are
+linear-bound like Flux (17 frames of 416×240, 1950 tokens: 5.9 TFLOP, of which attention 0.7). Prediction, before
+any run: 1.05–1.15× for W8A8 at 81 frames of 480×832, about Flux's 1.2–1.3× at 17 frames.
 
 Packing repacks every quantized weight into the CUDA kernels' fragment layout on the CPU (0.5 s per 38 M
 weights here): about 2.5 min per quantized variant of the whole 12 B-parameter model. ``--blocks`` builds fewer
@@ -44,20 +54,35 @@ from diffusers_memory import MODELS  # noqa: E402
 from record import RESULTS, git_commit, save_json, write_section  # noqa: E402
 
 BEGIN, END = "<!-- bench_mmdit_e2e:begin -->", "<!-- bench_mmdit_e2e:end -->"
-CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium")
+WAN_BEGIN, WAN_END = "<!-- bench_wan_e2e:begin -->", "<!-- bench_wan_e2e:end -->"   # (its own RESULTS.md section)
+CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
 TINY = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                        pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True))
+TINY_WAN = ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=2, rope_max_seq_len=32))
 
 
-def call_kwargs(model: Any, side: int, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """One forward's arguments at ``side`` pixels (VAE factor 8), as the pipelines pass them."""
+def call_kwargs(model: Any, side: int | tuple[int, int, int], batch: int, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """One forward's arguments at ``side`` pixels (VAE factor 8; Wan's video ``(frames, height, width)``, its VAE
+    also 4x in time after the first frame), as the pipelines pass them."""
     cfg = model.config
-    lat = side // 8
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype)
+
+    if type(model).__name__ == "WanTransformer3DModel":
+        assert not isinstance(side, int)
+        frames, height, width = side
+        text = 512 if height >= 64 else 5
+        return dict(hidden_states=rand(batch, cfg.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8),
+                    encoder_hidden_states=rand(batch, text, cfg.text_dim),
+                    timestep=torch.full((batch,), 500.0, device=device))
+    assert isinstance(side, int)
+    lat = side // 8
 
     if type(model).__name__ == "SD3Transformer2DModel":
         return dict(hidden_states=rand(batch, cfg.in_channels, lat, lat),
@@ -78,7 +103,7 @@ def call_kwargs(model: Any, side: int, batch: int, device: torch.device, dtype: 
     return kw
 
 
-def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int, batch: int, device: torch.device,
+def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int | tuple[int, int, int], batch: int, device: torch.device,
             reps: int) -> dict[str, Any]:
     """Build the model on ``device`` (random weights), quantize it for ``variant`` (``bf16`` / ``WxAy``) and time
     one forward."""
@@ -118,9 +143,11 @@ def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int, batch: in
             "finite": finite}
 
 
-def render(name: str, side: int, batch: int, rows: list[dict[str, Any]], device: str) -> str:
+def render(name: str, side: int | tuple[int, int, int], batch: int, rows: list[dict[str, Any]], device: str) -> str:
     base = next(r["ms"] for r in rows if r["variant"] == "bf16")
-    lines = [BEGIN, f"## End to end: {name} at {side} px, batch {batch} (`benchmarks/bench_mmdit_e2e.py`)", "",
+    size = f"{side} px" if isinstance(side, int) else f"{side[0]} frames of {side[2]}×{side[1]}"
+    begin, end = (BEGIN, END) if isinstance(side, int) else (WAN_BEGIN, WAN_END)
+    lines = [begin, f"## End to end: {name} at {size}, batch {batch} (`benchmarks/bench_mmdit_e2e.py`)", "",
              f"Measured on {device}, commit {git_commit()}: random weights, real shapes, one whole forward "
              "replayed as a CUDA graph (median). TreeQ plans are uniform (block linears at the format, the rest at "
              "W8A8), blocks fused.", "",
@@ -129,7 +156,7 @@ def render(name: str, side: int, batch: int, rows: list[dict[str, Any]], device:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {base / r['ms']:.2f}× | {r['weight_gib']:.2f} | "
                      f"{r['peak_gib']:.2f} |")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -137,26 +164,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="FLUX.1-dev", choices=CHOICES)
     p.add_argument("--side", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--video", default="81,480,832", metavar="F,H,W",
+                   help="Wan: frames, height and width of the video (default: Wan's 81 frames at 480x832)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--blocks", default=None, metavar="D[,S]",
                    help="build D joint blocks (and, for Flux, S single-stream blocks) instead of the published depth")
     p.add_argument("--variants", default="bf16,W8A8,W4A8", help="comma-separated: bf16 and TreeQ WxAy formats")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--smoke", action="store_true", help="CPU: a tiny Flux through every code path (no numbers)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU: a tiny Flux (or, with a Wan --model, a tiny Wan) through every code path (no numbers)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "bf16" not in variants:
         raise SystemExit("--variants must include bf16 (the baseline of the ratios)")
+    wan = args.model.startswith("Wan")
+    side: int | tuple[int, int, int] = args.side
+    if wan:
+        try:
+            frames, height, width = (int(v) for v in args.video.split(","))
+        except ValueError:
+            frames = height = width = 0
+        if min(frames, height, width) < 1 or height % 16 or width % 16:
+            raise SystemExit(f"--video must be F,H,W: positive frames, height and width multiples of 16, got "
+                             f"{args.video!r}")
+        side = (frames, height, width)
     if args.smoke:
         if args.blocks:
-            raise SystemExit("--blocks is for the published models; --smoke builds its own tiny Flux")
-        device, spec, side, name = torch.device("cpu"), TINY, 64, "tiny Flux (smoke)"
+            raise SystemExit("--blocks is for the published models; --smoke builds its own tiny model")
+        device = torch.device("cpu")
+        spec, side, name = (TINY_WAN, (5, 32, 48), "tiny Wan (smoke)") if wan else (TINY, 64, "tiny Flux (smoke)")
     else:
         if not torch.cuda.is_available():
             raise SystemExit("a GPU benchmark: no CUDA device (use --smoke on the CPU)")
-        device, spec, side, name = torch.device("cuda"), MODELS[args.model], args.side, args.model
+        device, spec, name = torch.device("cuda"), MODELS[args.model], args.model
         if args.blocks:
             cls_name, config = spec
             flux = "num_single_layers" in config
@@ -164,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 depth = [int(v) for v in args.blocks.split(",")]
             except ValueError:
                 depth = []
-            if len(depth) != (2 if flux else 1) or min(depth) < 1:
+            if len(depth) != (2 if flux else 1) or min(depth, default=0) < 1:
                 raise SystemExit(f"--blocks for {args.model}: {'D,S (joint, single-stream)' if flux else 'D'} "
                                  f"positive block counts, got {args.blocks!r}")
             config = {**config, "num_layers": depth[0]}
@@ -184,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     block = render(name, side, args.batch, rows, torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
     print(block)
     if not args.no_write and not args.smoke:
-        write_section(block, BEGIN, END, RESULTS)
+        write_section(block, *((WAN_BEGIN, WAN_END) if wan else (BEGIN, END)), RESULTS)
     return 0
 
 

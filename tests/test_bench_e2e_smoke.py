@@ -138,6 +138,13 @@ def test_bench_mmdit_e2e_smoke(capsys):
     assert "| W4A8 |" in out
     with pytest.raises(SystemExit, match="must include bf16"):
         bench_mmdit_e2e.main(["--smoke", "--variants", "W4A8"])
+    assert bench_mmdit_e2e.main(["--smoke", "--model", "Wan2.1-T2V-1.3B"]) == 0   # a tiny Wan, blocks fused
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["bf16", "W8A8", "W4A8"] and all(r["finite"] for r in rows)
+    assert "tiny Wan (smoke) at 5 frames of 48×32" in out
+    with pytest.raises(SystemExit, match="--video must be F,H,W"):
+        bench_mmdit_e2e.main(["--smoke", "--model", "Wan2.1-T2V-1.3B", "--video", "81,480"])
 
 
 def test_bench_mmdit_e2e_refuses_bad_blocks():
