@@ -52,18 +52,48 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _packed_run(model, kw):
+    """The output, and the packed layers that did not run (a layer whose tensors the model reads instead of calling
+    it would compute in float, unquantized, without a word)."""
+    layers = treeq_layers(model)
+    ran = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: ran.add(n)) for n, m in layers.items()]
+    try:
+        return _out(model, kw), sorted(set(layers) - ran)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_packs_and_runs(name):
     model, kw = _build(name, torch.float32)
     fp = _out(model, kw)
     plan = QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True)
-    quantize(model, plan, dtype=torch.float32)
+    quantize(model, plan)   # the default build (bf16 storage rules): the packed layers still say float32
     assert len(treeq_layers(model)) == len(plan.layers) > 0
-    got = _out(model, kw)
+    assert model.dtype == torch.float32   # what pipelines cast their inputs to
+    got, idle = _packed_run(model, kw)
+    assert not idle
     assert torch.isfinite(got).all() and 0 < _rel(got, fp) < TOL
 
     model, kw = _build(name, torch.bfloat16)
     fp16 = _out(model, kw)
     quantize(model, QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True))
-    got = _out(model, kw)
+    assert model.dtype == torch.bfloat16
+    got, idle = _packed_run(model, kw)
+    assert not idle
     assert torch.isfinite(got).all() and 0 < _rel(got, fp16) < 2 * TOL
+
+
+def test_a_plan_naming_linears_read_as_tensors_is_refused():
+    """HunyuanDiT's attention pool hands its linears' weights to F.multi_head_attention_forward instead of calling
+    them: no plan may pack them (they would run dequantized, unquantized, without a word)."""
+    from treeq_engine.plan import LayerConfig, PlanError
+
+    model, _ = _build("HunyuanDiT", torch.float32)
+    plan = QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True)
+    assert not any(".pooler." in n for n in plan.layers)
+    bad = plan.with_layer("time_extra_emb.pooler.q_proj", LayerConfig(4, 8))
+    with pytest.raises(PlanError, match=r"time_extra_emb.pooler.q_proj.*reads their weights as tensors"):
+        quantize(model, bad)

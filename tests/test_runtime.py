@@ -206,6 +206,18 @@ def test_packed_layer_answers_what_code_for_nn_linear_reads(gen):
     torch.testing.assert_close(meta(torch.ones(2, 40)).float(), fresh(torch.ones(2, 40)).float())
 
 
+def test_packed_layers_report_the_dtype_of_the_layers_they_replace(gen):
+    """``quantize``'s ``dtype`` is what the layers are built for (bf16 Monarch factors by default); the dtype each
+    reports (its parameter, ``weight``, ``out_dtype``) is the replaced layer's: a float32 model stays float32 to
+    code that asks (pipelines cast their inputs to ``transformer.dtype``)."""
+    net = quantize(_net(), _plan(_net()))   # default build: bf16
+    lin = net.get_submodule(quantizable_linears(_net())[1])
+    assert lin.monarch_w1.dtype == torch.bfloat16
+    assert {p.dtype for p in net.parameters()} == {torch.float32} and lin.weight.dtype == torch.float32
+    half = quantize(_net().to(torch.float16), _plan(_net()))
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+
+
 def test_w16_layer_keeps_the_model_precision(gen):
     """A layer the plan keeps at W16 stays an nn.Linear in the model's own dtype (a float32 model runs)."""
     net = _net()

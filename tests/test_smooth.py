@@ -51,6 +51,13 @@ def test_factors_and_errors(gen):
     plain.attn.qkv = nn.Linear(8, 24)
     with pytest.raises(ValueError, match="no 'adaLN_modulation.1'"):
         smooth.fold(plain, "attn.qkv", torch.ones(8))
+    # a packed layer's `weight` is a dequantized copy: a fold into it would be lost, the producer's half kept
+    packed = tiny_dit()
+    runtime.quantize(packed, QuantPlan.block_uniform(packed, 4, 8), dtype=torch.float32)
+    before = packed.get_submodule("blocks.0.adaLN_modulation.1").w_scale.clone()
+    with pytest.raises(ValueError, match="is packed .TreeQLinear.; smooth the FP model before quantize"):
+        smooth.fold(packed, "blocks.0.attn.qkv", torch.full((24,), 2.0))
+    assert torch.equal(packed.get_submodule("blocks.0.adaLN_modulation.1").w_scale, before)   # nothing written
 
 
 def test_calibrate_with_smoothing_resumes_and_reloads(tmp_path):

@@ -87,6 +87,10 @@ def _linear(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"smoothing folds into the DiT block layout; the model has no {name!r}") from None
     if getattr(mod, "is_frozen", False):
         raise ValueError(f"{name} is already calibrated (frozen); smooth the FP model before calibration")
+    from ..runtime.linear import TreeQLinear
+
+    if isinstance(mod, TreeQLinear):   # (its `weight` is a dequantized copy: a fold into it would be lost)
+        raise ValueError(f"{name} is packed (TreeQLinear); smooth the FP model before quantize")
     if not isinstance(getattr(mod, "weight", None), torch.Tensor):
         raise ValueError(f"{name} has no weight to fold a smoothing factor into")
     return mod

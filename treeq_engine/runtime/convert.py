@@ -66,17 +66,25 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
             factors = tuple(f.detach().to(branch_dtype(dtype)).float() for f in factors)
             w = w - monarch.to_dense(factors[0].float(), factors[1].float(), w.shape[0], w.shape[1])
         wq = quantize_tensor(w, cfg.weight_spec())
+    # the packed layer reports the replaced layer's dtype (code reads it off parameters(): Wan, ModelMixin.dtype)
+    kw: dict[str, Any] = dict(name=name, dtype=dtype, compute_dtype=_model_dtype(weight, dtype))
     if conv:
-        return TreeQPointwiseConv.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype,
-                                               spatial_dims=len(mod.kernel_size))
-    return TreeQLinear.from_weights(wq, cfg, bias, factors, name=name, dtype=dtype)
+        return TreeQPointwiseConv.from_weights(wq, cfg, bias, factors, spatial_dims=len(mod.kernel_size), **kw)
+    return TreeQLinear.from_weights(wq, cfg, bias, factors, **kw)
+
+
+def _model_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The replaced layer's float dtype (``dtype`` for a weight without one)."""
+    return weight.dtype if weight.is_floating_point() else dtype
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
              layout: str = "auto") -> nn.Module:
     """Swap every layer the plan names for its packed form, in place, and (``fuse``) fuse LayerNorm + modulate +
-    quantization into the DiT blocks that allow it; ``layout`` as in :func:`set_layout`. Returns ``model``."""
+    quantization into the DiT blocks that allow it; ``layout`` as in :func:`set_layout`. Returns ``model``.
+    ``dtype``: the precision the packed layers are built for (their Monarch factors are stored in bf16 unless it is
+    float32); each reports the dtype of the layer it replaced as its own (``TreeQLinear.out_dtype``)."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     check_layout(layout)
@@ -127,7 +135,7 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         mshape = None if cfg.branch is None else (cfg.branch.blocks, cfg.branch.rank)
         k, n = layer_dims(mod)
         kw: dict[str, Any] = dict(bias=mod.bias is not None, monarch=mshape, name=name, dtype=dtype,
-                                  device=mod.weight.device)
+                                  device=mod.weight.device, compute_dtype=_model_dtype(mod.weight, dtype))
         packed = TreeQPointwiseConv(k, n, cfg, spatial_dims=len(mod.kernel_size), **kw) if is_pointwise_conv(mod) \
             else TreeQLinear(k, n, cfg, **kw)
         _set_submodule(model, name, packed)

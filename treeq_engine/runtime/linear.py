@@ -48,8 +48,10 @@ class TreeQLinear(nn.Module):
     Code written for ``nn.Linear`` reads two more things, which the layer answers: ``weight`` (the dequantized
     weight, computed on each access: Z-Image reads ``mlp[0].weight.dtype``) and its parameters' dtype (Wan, Cosmos,
     ChronoEdit take ``next(iter(self.time_embedder.parameters())).dtype``, which a module of buffers alone cannot
-    answer): the layer holds one empty parameter, ``dtype_anchor``, in the dtype it computes in (``out_dtype``).
-    It is not part of the state dict."""
+    answer): the layer holds one empty parameter, ``dtype_anchor``, in the dtype of the model around it (the dtype
+    of the layer it replaced, ``compute_dtype``; ``out_dtype``), which ``.to(dtype)`` moves. It is not part of the
+    state dict. ``dtype`` is the precision the layer is built for: its Monarch factors are stored in bf16 unless it
+    is float32 (``branch_dtype``)."""
 
     # buffers that may be None (for mypy: register_buffer is invisible to it)
     w_packed: torch.Tensor | None   # None while the codes are held in layout "frag" (w_frag)
@@ -58,14 +60,15 @@ class TreeQLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, config: LayerConfig, *, bias: bool,
                  monarch: tuple[int, int] | None = None, name: str = "", dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         wspec = config.weight_spec()
         if not wspec.is_quantized:
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
         self.in_features, self.out_features = in_features, out_features
         self.config, self.name = config, name
-        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=compute_dtype or dtype, device=device),
+                                         requires_grad=False)
         self._act_spec = config.act_spec()   # built and validated once, not on every forward
         n, k = out_features, in_features
         self.register_buffer("w_packed", torch.zeros(packed_shape(n, k, wspec.bits), dtype=packed_dtype(wspec.bits),
@@ -188,7 +191,7 @@ class TreeQLinear(nn.Module):
         finally:
             if anchor in missing_keys and not had_anchor:
                 missing_keys.remove(anchor)   # the state dict never holds it
-        if self.dtype_anchor.is_meta and not self.w_scale.is_meta:   # a skeleton on meta, loaded with assign=True
+        if self.dtype_anchor.device != self.w_scale.device:   # load_state_dict(assign=True) moved the tensors
             self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=self.out_dtype, device=self.w_scale.device),
                                              requires_grad=False)
 
@@ -230,14 +233,20 @@ class TreeQLinear(nn.Module):
 
     @property
     def out_dtype(self) -> torch.dtype:
-        """The dtype the layer computes in and returns by default (the model's: ``.to(dtype)`` changes it)."""
+        """The model's dtype around the layer (the replaced layer's; ``.to(dtype)`` changes it): what ``weight``
+        and ``linear`` return by default. The forward returns its input's dtype."""
         return self.dtype_anchor.dtype
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)`` in ``out_dtype``, for code that reads a linear's
-        weight (its dtype, device, shape). Computed on each access; the forward never uses it."""
-        return self._dequantized().to(self.out_dtype)
+        weight (its dtype, device, shape: Z-Image reads ``mlp[0].weight.dtype`` every step). Built on first access
+        and kept beside the codes while they and the dtype are unchanged (a copy of that one layer's weight: on the
+        fragment layout building it reads the codes back through the CPU, which a CUDA graph cannot capture). The
+        forward never uses it."""
+        anchor = self.w_packed if self.w_packed is not None else self.w_frag
+        return derived(anchor, "dequantized_weight", (anchor, self.w_scale, self.w_zero_point, self.dtype_anchor),
+                       lambda: self._dequantized().to(self.out_dtype))
 
     def _dequantized(self) -> torch.Tensor:
         return (self.packed_weight().codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]
