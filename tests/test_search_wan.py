@@ -27,9 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = 512   # Wan's image-to-video attention takes the last 512 context tokens as the text (hard-coded)
 
 
-def tiny_wan(image=False):
+def tiny_wan(image=False, pairs=False):
+    """``image``: image-to-video (CLIP image tokens); ``pairs``: first-last-frame (two images per sample)."""
     torch.manual_seed(0)
-    extra = dict(image_dim=12, added_kv_proj_dim=16) if image else {}
+    extra = dict(image_dim=12, added_kv_proj_dim=16) if image or pairs else {}
+    if pairs:
+        extra["pos_embed_seq_len"] = 10
     return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                                            num_layers=2, rope_max_seq_len=32, **extra).eval()
@@ -42,14 +45,15 @@ def call(model, n=3, seed=0, fhw=(3, 8, 6)):
               timestep=torch.randint(0, 1000, (n,), generator=g).float(),
               encoder_hidden_states=torch.randn(n, TEXT if model.config.image_dim else 7, 16, generator=g))
     if model.config.image_dim:
-        kw["encoder_hidden_states_image"] = torch.randn(n, 5, 12, generator=g)
+        pairs = model.config.pos_embed_seq_len is not None   # the pipeline passes both images' tokens, 2N rows
+        kw["encoder_hidden_states_image"] = torch.randn(2 * n if pairs else n, 5, 12, generator=g)
     return kw
 
 
-@pytest.mark.parametrize("image", [False, True])
+@pytest.mark.parametrize("kind", ["t2v", "i2v", "flf2v"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segments_compose_to_the_model(image, dtype):
-    model = perturbed(tiny_wan(image)).to(dtype)
+def test_segments_compose_to_the_model(kind, dtype):
+    model = perturbed(tiny_wan(image=kind == "i2v", pairs=kind == "flf2v")).to(dtype)
     runner = make_runner(model)
     assert isinstance(runner, WanRunner) and diffusers_arch(model) == "wan"
     for fhw in ((3, 8, 6), (2, 4, 10)):   # two grids: the head and the rotary tables find theirs by token count
@@ -59,6 +63,11 @@ def test_segments_compose_to_the_model(image, dtype):
             want = model(**kw).sample
             got = run_segments(runner, runner.inputs(**kw))
         assert torch.equal(got, want)
+        state = runner.inputs(**kw)
+        with torch.no_grad():   # one sample alone (the search's chunks): the first-last-frame pairs stay together
+            one = run_segments(runner, tuple(t[1:2] for t in state)).float()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2   # (a batch of one rounds its matmuls differently)
+        assert float((one - want[1:2].float()).norm() / want[1:2].float().norm()) < tol
     assert runner.num_segments == len(model.blocks) + 2
 
 
@@ -114,6 +123,10 @@ def test_inputs_are_checked():
         t2v.inputs(**kw, encoder_hidden_states_image=torch.randn(2, 5, 12))
     with pytest.raises(ValueError, match=r"needs encoder_hidden_states_image \(N=2, I, 12\)"):
         i2v.inputs(**call(i2v.model, n=2) | {"encoder_hidden_states_image": None})
+    flf = make_runner(tiny_wan(pairs=True))
+    with pytest.raises(ValueError, match=r"first-last-frame Wan needs encoder_hidden_states_image \(2N=4, I, 12\)"):
+        flf.inputs(**call(flf.model, n=2) | {"encoder_hidden_states_image": torch.randn(2, 5, 12)})
+    assert flf.inputs(**call(flf.model, n=2))[3].shape == (2, 2, 5, 12)   # stored per sample
     assert t2v.inputs(**{**kw, "timestep": 500.0})[1].tolist() == [500.0, 500.0]   # broadcast to the batch
     assert i2v.input_names[-1] == "encoder_hidden_states_image" and len(t2v.input_names) == 3
     with pytest.raises(TypeError, match="WanRunner cuts diffusers' WanTransformer3DModel; got Linear"):
@@ -175,3 +188,46 @@ def test_capture_search_ptq_and_pack_a_wan_pipeline(tmp_path, capsys):
     assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--frames", "0",
                  "--out", calib]) == 2
     assert "--frames must be a positive" in capsys.readouterr().err
+
+
+def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys):
+    """An image-conditioned pipeline (its call needs an image) and a two-expert one (Wan 2.2 A14B) are refused by
+    capture, sample and closed-loop search from model_index.json alone, before any weights load."""
+    import json
+
+    from treeq_engine.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    for cls, extra, what in (("WanImageToVideoPipeline", {}, "needs image for each call"),
+                             ("WanPipeline", {"transformer_2": ["diffusers", "WanTransformer3DModel"]},
+                              "two transformers")):
+        d = tmp_path / cls
+        (d / "transformer").mkdir(parents=True)
+        (d / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+        (d / "model_index.json").write_text(json.dumps({"_class_name": cls, "transformer": ["diffusers", "x"],
+                                                        **extra}))   # (no weights anywhere: nothing may load)
+        assert main(["capture", "--pipeline", str(d), "--prompts", str(prompts), "--out", str(tmp_path / "c")]) == 2
+        assert what in capsys.readouterr().err
+        with pytest.raises(SystemExit, match=what):
+            main(["sample", "--pipeline", str(d), "--artifact", str(tmp_path / "art"), "--prompts", str(prompts)])
+        assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c"), "--budget", "W4A8",
+                     "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts)]) == 2
+        assert what in capsys.readouterr().err
+
+
+def test_a_bf16_cast_keeps_what_wan_keeps_in_float32(tmp_path):
+    """The search's cast to bf16 leaves Wan's float32-kept modules (time embedder, norms, modulation and rotary
+    tables) as from_pretrained(torch_dtype=bf16) leaves them, unrounded."""
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    from treeq_engine.models.diffusers_transformers import cast_keeping_fp32
+
+    model = tiny_wan(image=True)
+    model.save_pretrained(tmp_path / "wan")
+    loaded = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16)
+    cast = cast_keeping_fp32(tiny_wan(image=True), torch.bfloat16)
+    want = {n: t.dtype for n, t in [*loaded.named_parameters(), *loaded.named_buffers()]}
+    got = {n: t.dtype for n, t in [*cast.named_parameters(), *cast.named_buffers()]}
+    assert got == want and torch.float32 in got.values() and torch.bfloat16 in got.values()
+    fresh = tiny_wan(image=True)
+    assert torch.equal(cast.rope.freqs_cos, fresh.rope.freqs_cos)   # kept, not rounded through bf16

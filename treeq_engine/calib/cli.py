@@ -60,7 +60,7 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) "
+                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux or Wan transformer (or pipeline) "
                         "directory")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")

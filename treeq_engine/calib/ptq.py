@@ -417,7 +417,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
             raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
                              f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3 or Flux block's (see calib/smooth.py)"
-                             f" with quantized activations; this plan for a {type(model).__name__} has none{why}")
+                             f" with quantized activations; this plan for a {type(model).__name__} has none{why}"
+                             + ("; Wan's modulation adds a timestep projection every block shares, so no per-block "
+                                "factor folds into it" if type(model).__name__ == "WanTransformer3DModel" else ""))
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
                           f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)

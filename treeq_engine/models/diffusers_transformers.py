@@ -110,11 +110,20 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     if not floats or any(dt != torch.float32 for dt in floats):   # loaded as asked (or partly kept in float32)
         return model
-    model = model.to(dtype)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, mod in model.named_modules():
-        if any(k in name.split(".") for k in keep):
-            mod.float()
+    return cast_keeping_fp32(model, dtype)
+
+
+def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except the parameters and buffers the class keeps in float32
+    (``_keep_in_fp32_modules``: any path component named there, e.g. Wan's time embedder, norms, modulation
+    tables and rotary tables), which are left as they are (a round trip through ``dtype`` would round them)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not keep:
+        return model.to(dtype)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.dtype != dtype and not keep.intersection(name.split(".")):
+                t.data = t.data.to(dtype)
     return model
 
 
@@ -146,6 +155,35 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True) -> str | None:
+    """Why command ``what`` cannot run the pipeline directory ``path`` (read from its ``model_index.json``, before
+    anything loads), or None: a pipeline whose call needs more than prompts or class labels (an image: Wan's
+    image-to-video), and, with ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's
+    experts: the commands read, replace or sample one)."""
+    import inspect
+
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        return None
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError:
+        return f"{index_file}: not JSON"
+    name = index.get("_class_name")
+    cls = getattr(_diffusers(), name, None) if isinstance(name, str) and name.isidentifier() else None
+    if isinstance(cls, type) and callable(getattr(cls, "__call__", None)):
+        params = inspect.signature(cls.__call__).parameters.values()
+        needs = [q.name for q in params if q.default is q.empty and q.name != "self"
+                 and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY) and q.name not in ("prompt", "class_labels")]
+        if needs:
+            return (f"{name} needs {', '.join(needs)} for each call: {what} runs text- and class-conditioned "
+                    "pipelines only (record an image-conditioned pipeline's calls in Python with capture_calls)")
+    if one_transformer and index.get("transformer_2") not in (None, [None, None]):
+        return (f"{name} denoises with two transformers (transformer and transformer_2: Wan 2.2's experts); "
+                f"{what} handles one")
+    return None
 
 
 def read_prompts(path: str | Path) -> list[str]:

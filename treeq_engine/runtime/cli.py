@@ -158,7 +158,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--artifact", default=None, help="a quantized artifact directory (from `treeq quantize`)")
     p.add_argument("--pipeline", default=None, metavar="DIR",
-                   help="sample a local diffusers pipeline with a transformer (DiT, PixArt, SD3, Flux, Sana, ...; "
+                   help="sample a local diffusers pipeline with a transformer (DiT, PixArt, SD3, Flux, Wan, Sana, ...; "
                         "with --artifact: its transformer replaced by the quantized one from `treeq quantize "
                         "--diffusers`)")
     p.add_argument("--prompts", default=None,
@@ -248,7 +248,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import class_of, load_pipeline, read_prompts, transformer_dir
+    from ..models.diffusers_transformers import (class_of, load_pipeline, pipeline_refusal, read_prompts,
+                                                 transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -271,6 +272,10 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"--frames must be a positive number of frames, got {args.frames}")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
+    refusal = pipeline_refusal(args.pipeline, "treeq sample" + (" --artifact" if args.artifact else ""),
+                               one_transformer=bool(args.artifact))
+    if refusal:
+        raise SystemExit(f"treeq sample: {refusal}")
     if args.sampler != "ddpm":
         raise SystemExit("--sampler is our DiT's sampler; a diffusers pipeline runs its own scheduler")
     if args.graph and not str(args.device).startswith("cuda"):

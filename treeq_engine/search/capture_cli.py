@@ -50,11 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import load_pipeline, read_prompts, transformer_dir
+    from ..models.diffusers_transformers import load_pipeline, pipeline_refusal, read_prompts, transformer_dir
     from .diffusers_runner import capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
-        transformer_dir(args.pipeline)   # a clear error before the pipeline loads
+        transformer_dir(args.pipeline)   # clear errors before the pipeline loads
+        refusal = pipeline_refusal(args.pipeline, "treeq capture")
+        if refusal:
+            raise ValueError(refusal)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
 
         if args.labels is not None:
@@ -74,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--frames must be a positive number of frames, got {args.frames}")
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
         runner = make_runner(pipe.transformer)
-        if getattr(pipe, "transformer_2", None) is not None:   # Wan 2.2 A14B: steps split between two experts
-            raise ValueError("this pipeline denoises with two transformers (transformer, transformer_2: Wan 2.2's "
-                             "experts); capture records one model's calls: not supported")
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
         if size and runner.arch == "dit":

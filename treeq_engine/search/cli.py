@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers DiT, PixArt, SD3 or Flux transformer (or pipeline) directory, searched "
+                   help="a local diffusers DiT, PixArt, SD3, Flux or Wan transformer (or pipeline) directory, searched "
                         "on the inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -198,6 +198,11 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         if meta is None:
             raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
                              "(model_index.json), not a transformer's")
+        from ..models.diffusers_transformers import pipeline_refusal
+
+        refusal = pipeline_refusal(args.diffusers, f"--select {args.select}")
+        if refusal:
+            raise ValueError(refusal)
         pipe = None
         if rank == 0:
             from ..models.diffusers_transformers import describe, load_pipeline
@@ -322,7 +327,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not args.diffusers:
             inputs, weights = _inputs(model, args, progress)
-        model = model.to(dtype)
+        if args.diffusers:   # (the modules the class keeps in float32 stay so, as the pipeline loads them)
+            from ..models.diffusers_transformers import cast_keeping_fp32
+
+            model = cast_keeping_fp32(model, dtype)
+        else:
+            model = model.to(dtype)
         keep = {runner.input_names.index("timestep")} if args.diffusers else set()   # float timesteps stay exact
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
                        for i, t in enumerate(inputs))

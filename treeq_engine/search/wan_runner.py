@@ -12,7 +12,9 @@ host value, as SD3's runner keeps its grid).
 
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, F, H, W)``, ``timestep (N,)`` (the
 scheduler's, 0..1000), ``encoder_hidden_states (N, L, D)``, and for image-to-video models (``image_dim`` set)
-``encoder_hidden_states_image (N, I, E)``.
+``encoder_hidden_states_image (N, I, E)``: the CLIP image tokens, or for first-last-frame models
+(``pos_embed_seq_len``, which the pipeline passes as ``(2N, I, E)``: each sample's two images in consecutive rows)
+``(N, 2, I, E)``, so that the sample is on dim 0.
 
 The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
 capture: attention kwargs, and Wan 2.2 TI2V's per-token timesteps (``expand_timesteps``).
@@ -55,6 +57,9 @@ class WanRunner(CutModel):
         self.patch = tuple(int(p) for p in cfg.patch_size)
         self.in_channels = int(cfg.in_channels)
         self.image = cfg.image_dim is not None
+        # first-last-frame models (pos_embed_seq_len) take two images' embeddings per sample, as consecutive rows
+        embedder = getattr(model.condition_embedder, "image_embedder", None)
+        self.pairs = getattr(embedder, "pos_embed", None) is not None
         self._grids: dict[int, tuple[int, int, int]] = {}
         self.output_fn = output_fn
 
@@ -114,6 +119,14 @@ class WanRunner(CutModel):
             return out
         dim = self.model.config.image_dim
         img = encoder_hidden_states_image
+        if self.pairs:
+            if isinstance(img, torch.Tensor) and img.dim() == 4 and tuple(img.shape[:2]) == (n, 2) and \
+                    img.shape[3] == dim:
+                return out + (img,)   # (as a calibration file stores them)
+            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 2 * n or img.shape[2] != dim:
+                raise ValueError(f"this first-last-frame Wan needs encoder_hidden_states_image (2N={2 * n}, I, {dim}) "
+                                 f"(two images per sample), got {_shape(img)}")
+            return out + (img.unflatten(0, (n, 2)),)
         if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != n or img.shape[2] != dim:
             raise ValueError(f"this image-to-video Wan needs encoder_hidden_states_image (N={n}, I, {dim}), got "
                              f"{_shape(img)}")
@@ -154,7 +167,8 @@ class WanRunner(CutModel):
             raise ValueError(f"latents of {tokens} patches came as {self._grids[tokens]} and {grid} grids: use one "
                              "shape per token count")
         h = m.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
-        temb, tproj, enc, img = m.condition_embedder(t, enc, state[3] if self.image else None, timestep_seq_len=None)
+        img = state[3].flatten(0, 1) if self.pairs else state[3] if self.image else None
+        temb, tproj, enc, img = m.condition_embedder(t, enc, img)
         tproj = tproj.unflatten(1, (6, -1))
         if img is not None:
             enc = torch.concat([img, enc], dim=1)
