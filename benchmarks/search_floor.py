@@ -38,7 +38,7 @@ BEGIN, END = "<!-- search-floor:begin -->", "<!-- search-floor:end -->"
 Size = int | tuple[int, int, int]
 CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
-    ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)),
+    ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)),
     ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
@@ -58,6 +58,11 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
                                  torch.zeros(1), torch.empty(1, 512, cfg.text_dim))
     assert isinstance(size, int)
     lat = size // 8
+    if runner.arch == "qwen-image":   # 2x2 latent patches packed; a 256-token prompt
+        side = lat // 2
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, side * side, cfg.in_channels), torch.empty(1, 256, cfg.joint_attention_dim),
+                                 torch.ones(1, 256, dtype=torch.long), torch.zeros(1), [[(1, side, side)]])
     with torch.device("meta"):
         if runner.arch == "dit":
             return runner.inputs(torch.empty(1, cfg.in_channels, lat, lat), torch.zeros(1), torch.zeros(1,
@@ -101,7 +106,7 @@ def measure(name: str, side: Size, samples: int, keeps: tuple[int, ...], group: 
     segs = runner.num_segments
     leaf_segment = [runner.segment_of(leaf.layer_names[0]) for leaf in space.leaves]
     suffix = [sum(flops[s:]) for s in range(segs)]
-    row: dict[str, Any] = {"tokens": space.leaves[-1].tokens, "leaves": len(space.leaves),
+    row: dict[str, Any] = {"tokens": max(leaf.tokens for leaf in space.leaves), "leaves": len(space.leaves),
                            "forward_tflop": sum(flops) / 1e12, "samples": samples}
     for keep in keeps:
         levels = planned_units(leaf_segment, segs, len(space.candidates), keep, group)
@@ -122,7 +127,7 @@ def render(rows: list[tuple[str, Size, dict[str, Any]]], keeps: tuple[int, ...],
              "default candidates; bf16 FLOPs over the H100's dense peak (989 TFLOP/s). A floor: on DiT-XL/2 the "
              "prediction is about 4× it. Time divides by the GPUs the levels are sharded over (`torchrun`) and "
              f"scales with N; a smaller K (`--keep`) cuts the merges' K² products.", "",
-             f"| model | image or video | tokens (last block) | leaves | TFLOP per forward | evaluations, K = {k0} | "
+             f"| model | image or video | tokens (longest leaf input) | leaves | TFLOP per forward | evaluations, K = {k0} | "
              f"FLOP floor, K = {k0}, 1 H100 | evaluations, K = {k1} | FLOP floor, K = {k1}, 1 H100 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, side, r in rows:

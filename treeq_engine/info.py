@@ -74,6 +74,7 @@ def _diffusers_support() -> str | None:
     except PackageNotFoundError:
         return None
     names = ", ".join(n.replace("Transformer2DModel", "").replace("Transformer3DModel", "") for n in SUPPORTED)
+    names = names.replace("QwenImage", "Qwen-Image")
     try:
         major, minor = (int(x) for x in v.split(".")[:2])
     except ValueError:
@@ -81,7 +82,7 @@ def _diffusers_support() -> str | None:
     if (major, minor) < (0, 35):   # runtime/mmdit_fused.py calls what 0.35 added
         return f"{v}: {names} searched and calibrated; DiT and PixArt fused (SD3, Flux, Wan need diffusers >= 0.35); " \
             "any other model packed"
-    return f"{v}: {names} searched, calibrated and fused; any other model packed"
+    return f"{v}: {names} searched and calibrated, all but Qwen-Image fused; any other model packed"
 
 
 def _version() -> str:

@@ -39,12 +39,13 @@ DIT, PIXART = "dit", "pixart"
 
 def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
-    ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``None`` for anything else
-    (``make_runner`` takes each of them)."""
+    ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
+    ``qwen_runner.QwenImageRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
     from .mmdit_runner import mmdit_arch
+    from .qwen_runner import qwen_arch
     from .wan_runner import wan_arch
 
-    return mmdit_arch(model) or wan_arch(model) or fused_arch(model)
+    return mmdit_arch(model) or wan_arch(model) or qwen_arch(model) or fused_arch(model)
 
 
 def fused_arch(model: nn.Module) -> str | None:
@@ -63,16 +64,19 @@ def fused_arch(model: nn.Module) -> str | None:
 
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
-    ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan. Anything else is a ``TypeError`` naming what is
-    supported."""
+    ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image. Anything else
+    is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
     from .mmdit_runner import MMDiTRunner, mmdit_arch
+    from .qwen_runner import QwenImageRunner, qwen_arch
     from .wan_runner import WanRunner, wan_arch
 
     if mmdit_arch(model) is not None:
         return MMDiTRunner(model)
     if wan_arch(model) is not None:
         return WanRunner(model)
+    if qwen_arch(model) is not None:
+        return QwenImageRunner(model)
     if fused_arch(model) is None:
         raise TypeError(f"the search cuts diffusers' {', '.join(SUPPORTED)}; got {type(model).__name__}")
     return DiffusersRunner(model)
@@ -265,8 +269,10 @@ def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tens
     return run_segments(make_runner(model), cast(State, batch))   # (any sequence: it makes its own tuple)
 
 
-def stack_inputs(calls: Sequence[State]) -> State:
-    """Input tuples of several calls as one (concatenated along the sample dim), checking they agree."""
+def stack_inputs(calls: Sequence[State], ragged: Mapping[int, float] | None = None) -> State:
+    """Input tuples of several calls as one (concatenated along the sample dim), checking they agree. ``ragged``:
+    inputs (by position) whose dim 1 may differ between calls, padded to the longest with the given value (a
+    runner's ``ragged``: Qwen-Image's prompts and their mask, padded per call)."""
     if not calls:
         raise ValueError("no transformer calls were captured")
     width = {len(c) for c in calls}
@@ -274,6 +280,10 @@ def stack_inputs(calls: Sequence[State]) -> State:
         raise ValueError(f"captured calls have different input counts: {sorted(width)}")
     out = []
     for i in range(len(calls[0])):
+        if ragged and i in ragged:
+            longest = max(c[i].shape[1] for c in calls)
+            calls = [c[:i] + (F.pad(c[i], (0, 0) * (c[i].dim() - 2) + (0, longest - c[i].shape[1]),
+                                    value=ragged[i]),) + c[i + 1:] for c in calls]
         shapes = {tuple(c[i].shape[1:]) for c in calls}
         if len(shapes) != 1:
             raise ValueError(f"input {i} changes shape between calls ({sorted(shapes)}): capture calls of one "
@@ -300,7 +310,8 @@ class CapturedCalls:
                 raise ValueError("no transformer calls were captured")
             keep = set(select_timesteps(self.timesteps, timesteps))
             calls = [c for c, t in zip(self.calls, self.timesteps) if t in keep]
-        return stack_inputs(calls)
+        names = self.runner.input_names
+        return stack_inputs(calls, {names.index(k): v for k, v in getattr(self.runner, "ragged", {}).items()})
 
 
 class capture_calls:

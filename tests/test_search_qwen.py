@@ -1,0 +1,174 @@
+"""The search, PTQ and PEFT on diffusers' Qwen-Image transformer (tiny random configs, offline): the runner's
+segments compose to the model bit for bit, padding a call's prompts (as calls of different prompt lengths are
+stacked) leaves the image tokens as they were, tied leaves follow what reads one input, the evaluator agrees with a
+brute-force oracle on the model's own forward, and the command line searches, calibrates, fine-tunes and packs."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_mmdit import brute_mse  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.search import (Environment, Evaluator, QwenImageRunner, SearchSpace, capture_calls,  # noqa: E402
+                                 make_runner)
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_qwen():
+    torch.manual_seed(0)
+    return perturbed(diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval())
+
+
+def call(n=2, text=7, hw=(4, 6), seed=0):
+    """The keyword arguments Qwen-Image's pipeline passes: packed latents, padded prompts with their mask (the
+    first sample's prompt two tokens shorter), timesteps / 1000, the latent grid of each sample."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, text, dtype=torch.long)
+    mask[0, text - 2:] = 0
+    return dict(hidden_states=torch.randn(n, hw[0] * hw[1], 16, generator=g),
+                encoder_hidden_states=torch.randn(n, text, 16, generator=g), encoder_hidden_states_mask=mask,
+                timestep=torch.rand(1, generator=g).expand(n).clone(), img_shapes=[[(1, *hw)]] * n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_compose_to_the_model(dtype):
+    model = tiny_qwen().to(dtype)
+    runner = make_runner(model)
+    assert isinstance(runner, QwenImageRunner) and diffusers_arch(model) == "qwen-image"
+    for hw in ((4, 6), (2, 8)):
+        kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep" else v
+              for k, v in call(hw=hw).items()}
+        with torch.no_grad():
+            assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample)
+
+
+def test_calls_of_different_prompt_lengths_stack_padded():
+    """Captured calls whose prompts differ in length are padded to the longest, mask 0: the output (image tokens)
+    is what each call gave."""
+    model = tiny_qwen()
+    runner = make_runner(model)
+    calls_kw = [call(text=7, seed=1), call(text=10, seed=2)]
+    with capture_calls(runner) as calls, torch.no_grad():
+        want = torch.cat([model(**kw).sample for kw in calls_kw])
+    inputs = calls.inputs()
+    assert inputs[1].shape == (4, 10, 16) and inputs[2].shape == (4, 10)
+    assert int(inputs[2][2:].sum()) == 10 + 8 and int(inputs[2][:2].sum()) == 5 + 7   # (pads and masks are 0)
+    with torch.no_grad():
+        got = run_segments(runner, inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # and padding itself changes nothing the metric reads
+        kw = call(text=7)
+        padded = dict(kw, encoder_hidden_states=F.pad(kw["encoder_hidden_states"], (0, 0, 0, 5)),
+                      encoder_hidden_states_mask=F.pad(kw["encoder_hidden_states_mask"], (0, 5)))
+        torch.testing.assert_close(model(**padded).sample, model(**kw).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_leaves_and_checked_inputs():
+    runner = make_runner(tiny_qwen())
+    assert runner.tie("transformer_blocks.0.attn.to_k") == "transformer_blocks.0.attn.qkv"
+    assert runner.tie("transformer_blocks.1.attn.add_v_proj") == "transformer_blocks.1.attn.add_qkv"
+    assert runner.tie("transformer_blocks.0.attn.to_out.0") is None and runner.tie("img_in") is None
+    assert runner.segment_of("transformer_blocks.1.img_mlp.net.2") == 2 and runner.segment_of("proj_out") == 3
+    kw = call()
+    with pytest.raises(ValueError, match=r"hidden_states must be \(N, S, 16\) packed latents"):
+        runner.inputs(**{**kw, "hidden_states": torch.randn(2, 4, 4, 6)})
+    with pytest.raises(ValueError, match=r"encoder_hidden_states_mask must be \(N=2, L=7\)"):
+        runner.inputs(**{**kw, "encoder_hidden_states_mask": torch.ones(2, 6)})
+    with pytest.raises(ValueError, match="cover 20 image tokens, hidden_states has 24"):
+        runner.inputs(**{**kw, "img_shapes": [[(1, 4, 5)]] * 2})
+    with pytest.raises(ValueError, match="img_shapes differ between the samples"):
+        runner.inputs(**{**kw, "img_shapes": [[(1, 4, 6)], [(1, 6, 4)]]})
+    runner.inputs(**kw)   # records the 4 x 6 grid for 24 tokens
+    with pytest.raises(ValueError, match="latents of 24 tokens came as"):
+        runner.inputs(**{**kw, "img_shapes": [[(1, 6, 4)]] * 2})
+    with pytest.raises(ValueError, match="guidance embeddings"):
+        runner.inputs(**kw, guidance=torch.ones(2))
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        runner.inputs(**kw, attention_kwargs={"scale": 1.0})
+    state = runner.inputs(**{**kw, "encoder_hidden_states_mask": None})
+    assert state[2].dtype == torch.long and bool(state[2].all())   # no mask: all ones
+    assert tuple(state[4].shape) == (2, 1, 3) and state[4][0].tolist() == [[1, 4, 6]]
+    with pytest.raises(TypeError, match="an edit or layered variant"):
+        QwenImageRunner(diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=16, axes_dims_rope=(8, 4, 4), zero_cond_t=True))
+
+
+def test_evaluate_matches_brute_force():
+    model = tiny_qwen()
+    runner = make_runner(model)
+    kw = call(n=4, seed=3)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), 0.5)
+    pristine = copy.deepcopy(model)
+    ev = Evaluator(model, runner, space, inputs, env, batch=4, group=3)
+    rng = np.random.default_rng(5)
+    c = len(space.candidates)
+    for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
+        rows = rng.integers(0, c, (3, hi - lo))
+        got = ev.evaluate(lo, hi, rows)
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in rows]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+        assert (got > 0).all()
+
+
+def test_search_ptq_peft_quantize(tmp_path, capsys):
+    """`treeq search / ptq / peft / quantize --diffusers` on a Qwen-Image transformer directory with saved inputs
+    (two captured calls of different prompt lengths): the plan packs, and the artifact computes what the
+    calibrated, fine-tuned fake-quant transformer computes."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    model = tiny_qwen()
+    d = tmp_path / "qwen"
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    with capture_calls(runner) as calls, torch.no_grad():
+        model(**call(n=3, text=6, seed=1))
+        model(**call(n=3, text=9, seed=2))
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, calls.inputs())
+    assert load_inputs(calib, make_runner(tiny_qwen()))[2].shape == (6, 9)
+    src = ["--diffusers", str(d), "--calib-inputs", calib]
+    out = tmp_path / "search"
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "3", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "QwenImageTransformer2DModel" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    plan = QuantPlan.load(out / "plan.json")
+    assert plan.layers["transformer_blocks.0.attn.add_k_proj"] == plan.layers["transformer_blocks.0.attn.add_q_proj"]
+    ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
+    assert main(["ptq", *src, "--calib-batch", "3", "--bits", "W4A8", "--max-tokens", "64", "--rounds", "1",
+                 "--out", ptq]) == 0
+    assert main(["peft", *src, "--calib-batch", "3", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
+                 "--out", peft]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+    direct = diffusers.QwenImageTransformer2DModel.from_pretrained(d).eval()
+    load_calibration(direct, ptq)
+    load_finetuned(direct, peft)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    kw = call(n=2, seed=7)
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)

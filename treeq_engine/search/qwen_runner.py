@@ -1,0 +1,187 @@
+"""The search's segment runner for diffusers' Qwen-Image transformer (``QwenImageTransformer2DModel``, text to
+image). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take
+Qwen-Image too; the runtime packs it (its blocks run unfused).
+
+Segments: 0 runs the embedders (the packed-latent and text input projections with the text RMSNorm, the timestep
+embedding), ``1..B`` the double-stream blocks, the last one the output norm and projection. Each does what the
+model's ``forward`` does between those points (a test holds their composition bit-identical to
+``transformer(...).sample``). The state between blocks is ``(image tokens, text tokens, text mask, temb, grids)``;
+each block segment rebuilds the rotary tables from the latent grids (``img_shapes``), which the runner keeps on the
+host per image token count: recorded when it reads a call's inputs, else read once from the state's tensor.
+
+Calibration inputs, in the order of ``input_names``: ``hidden_states (N, S, C)`` (packed latents),
+``encoder_hidden_states (N, L, D)``, ``encoder_hidden_states_mask (N, L)`` (1 for a prompt token, 0 for padding;
+all ones when the pipeline passes none), ``timestep (N,)`` (as the pipeline passes it: the scheduler's / 1000) and
+``img_shapes (N, K, 3)`` (each sample's (frames, height, width) latent grids in patches, as the pipeline's
+``img_shapes`` list). Qwen-Image's pipeline pads each call's prompts to the call's longest: the calls of a
+calibration set are padded to the longest of all (``ragged``), which the mask hides (the image tokens, all the
+metric reads, do not change: a test holds it).
+
+The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
+capture: attention kwargs, ControlNet residuals, guidance embeddings, the edit models' zero-timestep conditioning
+(``zero_cond_t``) and additional timestep conditions.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .evaluator import CutModel, State
+
+QWEN = "qwen-image"
+
+
+def qwen_arch(model: nn.Module) -> str | None:
+    """``"qwen-image"`` for the Qwen-Image transformer this runner cuts, ``None`` for anything else."""
+    ok = type(model).__name__ == "QwenImageTransformer2DModel" and hasattr(model, "transformer_blocks")
+    return QWEN if ok else None
+
+
+def _shape(v: Any) -> Any:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+class QwenImageRunner(CutModel):
+    """``SegmentRunner`` for a diffusers Qwen-Image transformer (see the module docstring)."""
+
+    extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    # inputs whose dim 1 may differ between calls: padded to the longest with this value when calls are stacked
+    ragged = {"encoder_hidden_states": 0.0, "encoder_hidden_states_mask": 0}
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if qwen_arch(model) is None:
+            raise TypeError(f"QwenImageRunner cuts diffusers' QwenImageTransformer2DModel; got {type(model).__name__}")
+        cfg = model.config
+        if cfg.get("zero_cond_t") or cfg.get("use_additional_t_cond"):
+            raise TypeError("QwenImageRunner cuts the text-to-image Qwen-Image; this one conditions on extra "
+                            "timesteps (zero_cond_t / use_additional_t_cond: an edit or layered variant)")
+        self.model: Any = model   # a diffusers transformer: its submodules are read by name
+        self.arch = QWEN
+        self.blocks = model.transformer_blocks
+        self.num_segments = len(self.blocks) + 2
+        self.in_channels = int(cfg.in_channels)
+        self._grids: dict[int, list[tuple[int, int, int]]] = {}
+        self.output_fn = output_fn
+
+    input_names = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes")
+
+    def tie(self, layer_name: str) -> str | None:
+        """Linears that read one input, searched as one leaf: the attention's to_q/to_k/to_v (image tokens) and its
+        add_q/k/v_proj (text tokens)."""
+        head, _, last = layer_name.rpartition(".")
+        if head.rpartition(".")[2] != "attn":
+            return None
+        if last in ("to_q", "to_k", "to_v"):
+            return head + ".qkv"
+        if last in ("add_q_proj", "add_k_proj", "add_v_proj"):
+            return head + ".add_qkv"
+        return None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               encoder_hidden_states_mask: torch.Tensor | None = None, timestep: torch.Tensor | float | None = None,
+               img_shapes: Any = None, guidance: Any = None, *, attention_kwargs: Mapping[str, Any] | None = None,
+               controlnet_block_samples: Any = None, additional_t_cond: Any = None, check_values: bool = True,
+               **_: Any) -> State:
+        """One transformer call's arguments (as the pipeline passes them) as this runner's input tuple: the timestep
+        broadcast to the batch, the mask made explicit, ``img_shapes`` as a tensor (and recorded on the host per
+        token count). What the search cannot reproduce is an error. (``img_shapes`` as a tensor is read back to
+        the host: a calibration file's, on the CPU.)"""
+        if attention_kwargs:
+            raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
+                             "are not supported")
+        if controlnet_block_samples is not None:
+            raise ValueError("the search does not support ControlNet residuals")
+        if guidance is not None or additional_t_cond is not None:
+            raise ValueError("the search cuts text-to-image Qwen-Image: guidance embeddings and additional timestep "
+                             "conditions are not supported")
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or \
+                hidden_states.shape[2] != self.in_channels:
+            raise ValueError(f"hidden_states must be (N, S, {self.in_channels}) packed latents, got "
+                             f"{_shape(hidden_states)}")
+        n, s = hidden_states.shape[:2]
+        width = self.model.config.joint_attention_dim
+        enc = encoder_hidden_states
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(enc)}")
+        mask = encoder_hidden_states_mask
+        if mask is None:
+            mask = torch.ones(n, enc.shape[1], dtype=torch.long, device=enc.device)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
+            raise ValueError(f"encoder_hidden_states_mask must be (N={n}, L={enc.shape[1]}), got {_shape(mask)}")
+        if timestep is None:
+            raise ValueError("timestep is required")
+        t = torch.as_tensor(timestep, device=hidden_states.device)
+        t = t[None] if t.dim() == 0 else t
+        if t.dim() != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
+        grids = self._grid_rows(img_shapes, n, s)
+        self._grids[s] = [tuple(g) for g in grids[0].tolist()]
+        return (hidden_states, enc, mask, t.expand(n).clone(), grids.to(hidden_states.device))
+
+    def _grid_rows(self, img_shapes: Any, n: int, s: int) -> torch.Tensor:
+        """``img_shapes`` (the pipeline's list of per-sample lists of (frames, height, width), or a stored
+        ``(N, K, 3)`` tensor) as an ``(N, K, 3)`` CPU tensor, checked: one set of grids per call, covering the
+        ``s`` image tokens."""
+        if isinstance(img_shapes, torch.Tensor):
+            grids = img_shapes.detach().to("cpu", torch.long)
+        else:
+            try:
+                grids = torch.as_tensor([[tuple(g) for g in sample] for sample in img_shapes], dtype=torch.long,
+                                        device="cpu")
+            except (TypeError, ValueError):
+                raise ValueError(f"img_shapes must be a list of per-sample lists of (frames, height, width), got "
+                                 f"{img_shapes!r}") from None
+        if grids.dim() != 3 or grids.shape[2] != 3 or grids.shape[0] not in (1, n):
+            raise ValueError(f"img_shapes must give (frames, height, width) grids for each of the {n} samples, got "
+                             f"shape {tuple(grids.shape)}")
+        grids = grids.expand(n, -1, -1)
+        if not torch.equal(grids, grids[:1].expand_as(grids)):
+            raise ValueError("img_shapes differ between the samples of one call: Qwen-Image's rotary tables take "
+                             "the first sample's")
+        if int(grids[0].prod(dim=1).sum()) != s:
+            raise ValueError(f"img_shapes {grids[0].tolist()} cover {int(grids[0].prod(dim=1).sum())} image tokens, "
+                             f"hidden_states has {s}")
+        known = self._grids.get(s)
+        if known is not None and known != [tuple(g) for g in grids[0].tolist()]:
+            raise ValueError(f"latents of {s} tokens came as {known} and {grids[0].tolist()} grids: use one shape "
+                             "per token count")
+        return grids.contiguous()
+
+    # -- SegmentRunner -----------------------------------------------------------------------------
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if len(parts) > 1 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if parts[0] in ("norm_out", "proj_out"):
+            return self.num_segments - 1
+        return 0
+
+    # -- the model's forward, cut ------------------------------------------------------------------
+    def _embed(self, state: State) -> State:
+        from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+
+        m = self.model
+        x, enc, mask, t = state[:4]
+        h = m.img_in(x)
+        enc = m.txt_in(m.txt_norm(enc))
+        _, _, mask = compute_text_seq_len_from_mask(enc, mask)
+        temb = m.time_text_embed(t.to(h.dtype), h)
+        return (h, enc, mask, temb, state[4])
+
+    def _block(self, i: int, state: State) -> State:
+        h, enc, mask, temb, grids = state
+        shapes = self._grids.get(h.shape[1])
+        if shapes is None:   # inputs another runner read: their grids, read back once per token count
+            shapes = self._grids[h.shape[1]] = [tuple(g) for g in grids[0].tolist()]
+        rope = self.model.pos_embed([shapes], max_txt_seq_len=enc.shape[1], device=h.device)
+        enc, h = self.blocks[i](hidden_states=h, encoder_hidden_states=enc, encoder_hidden_states_mask=mask,
+                                temb=temb, image_rotary_emb=rope, joint_attention_kwargs=None, modulate_index=None)
+        return (h, enc, mask, temb, grids)
+
+    def _head(self, state: State) -> torch.Tensor:
+        m = self.model
+        h, temb = state[0], state[3]
+        return m.proj_out(m.norm_out(h, temb))
