@@ -23,12 +23,19 @@ M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the line
     python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
     python benchmarks/bench_mmdit_e2e.py --smoke --model Wan2.1-T2V-1.3B   # ... a tiny Wan
 
-Wan's floors (H100, Wan2.1-1.3B, 81 frames of 480×832, B = 1; ``search_floor.py`` counts 283 TFLOP per forward,
-of which the self-attention's QKᵀ and AV are about 4·S²·D·30 = 198 TFLOP at S = 32 760, D = 1536): 286 ms at the
-dense bf16 peak; with the linears at the int8 peak (about 85 TFLOP: 43 ms) and the attention in bf16 (200 ms), 243
-ms: attention-bound, so the packed linears can gain at most about 1.2× at full length. Short clips are
-linear-bound like Flux (17 frames of 416×240, 1950 tokens: 5.9 TFLOP, of which attention 0.7). Prediction, before
-any run: 1.05–1.15× for W8A8 at 81 frames of 480×832, about Flux's 1.2–1.3× at 17 frames.
+Wan's floors (H100, Wan2.1-1.3B, B = 1; ``search_floor.py`` counts the FLOPs; the self-attention's QKᵀ and AV
+are 4·S²·D per block, D = 1536, 30 blocks):
+
+* 81 frames of 480×832 (S = 32 760): 283 TFLOP, of which self-attention 198, linears 82, cross-attention 3; 286 ms
+  at the dense bf16 peak, 244 ms with the linears at the int8 peak (41 ms): at most 1.17×. Prediction, before any
+  run: 1.06–1.09× for W8A8 (Amdahl with the linears 1.24–1.40× faster).
+* 33 frames of 480×832 (S = 14 040, what the GPU session runs): 72.9 TFLOP, linears 35.3, self-attention 36.3,
+  cross-attention 1.3; 74 ms at the bf16 peak, 56 ms floor: at most 1.32×. Prediction: 1.10–1.16×.
+* 17 frames of 416×240 (S = 1950): 5.9 TFLOP, attention 0.7: linear-bound like Flux, about its 1.2–1.3×.
+
+Each row also says how many blocks ran fused (0 means the packed linears ran unfused: an older diffusers, or a
+structure the fused classes do not take) and how far the output lies from the bf16 model's (random weights:
+a sanity bound, not a quality measure).
 
 Packing repacks every quantized weight into the CUDA kernels' fragment layout on the CPU (0.5 s per 38 M
 weights here): about 2.5 min per quantized variant of the whole 12 B-parameter model. ``--blocks`` builds fewer
@@ -139,8 +146,17 @@ def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int | tuple[in
         out = forward()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finite = bool(torch.isfinite(out.float()).all())
+    fused = sum(type(m).__name__.startswith("Fused") for m in model.modules())
+    out = out.float().cpu()
+    if variant == "bf16":
+        _BASELINE[spec[0]] = out
+    base = _BASELINE.get(spec[0])
+    rel = float((out - base).norm() / base.norm()) if base is not None and base.shape == out.shape else float("nan")
     return {"variant": variant, "ms": ms, "weight_gib": weight_bytes / 2**30, "peak_gib": peak / 2**30,
-            "finite": finite}
+            "finite": finite, "fused_blocks": fused, "rel_err_vs_bf16": rel}
+
+
+_BASELINE: dict[str, torch.Tensor] = {}   # the bf16 output per model class (same seed: the same random weights)
 
 
 def render(name: str, side: int | tuple[int, int, int], batch: int, rows: list[dict[str, Any]], device: str) -> str:
@@ -150,12 +166,13 @@ def render(name: str, side: int | tuple[int, int, int], batch: int, rows: list[d
     lines = [begin, f"## End to end: {name} at {size}, batch {batch} (`benchmarks/bench_mmdit_e2e.py`)", "",
              f"Measured on {device}, commit {git_commit()}: random weights, real shapes, one whole forward "
              "replayed as a CUDA graph (median). TreeQ plans are uniform (block linears at the format, the rest at "
-             "W8A8), blocks fused.", "",
-             "| variant | ms per forward | vs bf16 (diffusers, unfused) | weights GiB | peak GiB |",
-             "|---|---|---|---|---|"]
+             "W8A8); the blocks `quantize` fused are counted.", "",
+             "| variant | ms per forward | vs bf16 (diffusers, unfused) | weights GiB | peak GiB | fused blocks | "
+             "output vs bf16 (rel.) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {base / r['ms']:.2f}× | {r['weight_gib']:.2f} | "
-                     f"{r['peak_gib']:.2f} |")
+                     f"{r['peak_gib']:.2f} | {r['fused_blocks']} | {r['rel_err_vs_bf16']:.3g} |")
     lines.append(end)
     return "\n".join(lines)
 

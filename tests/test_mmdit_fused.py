@@ -249,8 +249,9 @@ def test_block_level_fallbacks():
 
         with pytest.MonkeyPatch.context() as mp, torch.no_grad():
             mp.setattr(TreeQLinear, "quantize_input", counting)
-            if what == "fused_projections":   # diffusers would read to_qkv, which a packed model has not
-                assert not _flux_attention_ok(fb.attn, joint=True)
+            if what == "fused_projections":   # to_qkv would be a dense copy of the packed layers: refused
+                with pytest.raises(RuntimeError, match="call it before quantize"):
+                    _flux_attention_ok(fb.attn, joint=True)
                 fb.attn.fused_projections = False
                 continue
             got = fb(**kw, **extra)
@@ -325,3 +326,23 @@ def test_info_names_what_an_older_diffusers_fuses(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.34.0")
     assert "SD3, Flux, Wan need diffusers >= 0.35" in info._diffusers_support()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_fused_equals_unfused_on_gpu(kind):
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
+    layout: the LayerNorm + modulate kernels per stream, the shared q/k/v codes, GELU and fc2's codes in fc1's
+    epilogue, the gated residuals in the stores (bound as for the DiT blocks: test_diffusers_fused.py's reasoning;
+    a dropped gate or residual moves the output by half its norm or more)."""
+    model = flux() if kind == "flux" else perturbed(tiny_sd3())
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    assert any(type(m).__name__.startswith("Fused") for m in fused.modules())
+    kw = {k: v.cuda().to(torch.bfloat16) if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.cuda()
+          for k, v in call(model, n=2).items()}
+    with torch.no_grad():
+        a, b = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert torch.isfinite(b).all()
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"

@@ -159,3 +159,54 @@ def test_an_older_diffusers_leaves_wan_blocks_unfused(monkeypatch):
     with pytest.warns(UserWarning, match="Wan blocks stay unfused.*>= 0.35"):
         quantize(model, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
     assert type(model.blocks[0]).__name__ == "WanTransformerBlock"
+
+
+def test_more_fallbacks_and_a_partly_packed_feed_forward():
+    """A hook on a Dropout the fused path would skip runs that part as a module; a feed-forward whose first linear
+    is packed and second left in 16 bits keeps its fused LayerNorm + modulate and the model's dtype;
+    fuse_qkv_projections() after quantize (a dense copy of packed layers) is an error, not a silent float run."""
+    model = perturbed(tiny_wan())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model, n=2)
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    for part in ("attn1.to_out.1", "ffn.net.1"):
+        seen = []
+        h = fused.blocks[0].get_submodule(part).register_forward_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen, part
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    bf16 = perturbed(tiny_wan()).to(torch.bfloat16)
+    plan = QuantPlan.block_uniform(bf16, 4, 8).with_layer("blocks.0.ffn.net.2", LayerConfig(16, 16))
+    unfused, fused = pair(bf16, plan, dtype=torch.bfloat16)
+    kwb = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v for k, v in kw.items()}
+    calls, got = count_kernels(fused, kwb)
+    assert calls["ln"] == 4 and got.dtype == torch.bfloat16   # block 0's fc1 still LayerNorm-fused
+    with torch.no_grad():
+        want = unfused(**kwb).sample.float()
+    assert float((got.float() - want).norm() / want.norm()) < 2e-2
+
+    fused.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match="call it before quantize"), torch.no_grad():
+        fused(**kwb)
+
+
+@pytest.mark.gpu
+def test_fused_equals_unfused_on_gpu():
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
+    layout: the (6, B, D) float32 modulation in the LayerNorm + modulate kernel, the shared q/k/v codes, GELU and
+    fc2's codes in fc1's epilogue, the gated residuals in to_out's and fc2's (bound as for the DiT blocks:
+    test_diffusers_fused.py's reasoning; a dropped gate or residual moves the output by half its norm or more)."""
+    model = perturbed(tiny_wan())
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    assert all(isinstance(b, FusedWanTransformerBlock) for b in fused.blocks)
+    kw = {k: v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda()
+          for k, v in call(model, n=2).items()}
+    with torch.no_grad():
+        a, b = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert torch.isfinite(b).all()
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"

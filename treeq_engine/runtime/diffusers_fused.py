@@ -60,6 +60,7 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormZero
 
+from .linear import TreeQLinear
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -92,6 +93,16 @@ def _bypassed_hook(layer: nn.Module) -> bool:
     return _hooked(layer) and _quantized(layer)
 
 
+def refuse_fused_projections(attn: Any, names: Sequence[str]) -> None:
+    """diffusers' ``fuse_qkv_projections`` builds one dense linear from the projections' ``weight``, which a packed
+    layer answers dequantized: after ``quantize`` the attention would run that float copy, silently unquantized."""
+    if getattr(attn, "fused_projections", False) and any(isinstance(attn._modules.get(n), TreeQLinear)
+                                                           for n in names):
+        raise RuntimeError("fuse_qkv_projections() replaced packed projections by a dense float copy of their "
+                           "dequantized weights: call it before quantize (the fused projection is then packed), or "
+                           "unfuse_qkv_projections()")
+
+
 def _sdpa_attention(attn: Attention) -> bool:
     """``attn`` computes what the fused path computes: AttnProcessor2_0 with nothing around the plain SDPA, and no
     hook on it or a projection the kernels run (diffusers' layer skip / PAB / FasterCache hook the Attention module).
@@ -102,7 +113,7 @@ def _sdpa_attention(attn: Attention) -> bool:
     return (type(attn.processor) is AttnProcessor2_0
             and attn.norm_q is None and attn.norm_k is None and attn.group_norm is None and attn.spatial_norm is None
             and attn.norm_cross is None and not attn.residual_connection and attn.rescale_output_factor == 1.0
-            and out is not None and len(out) == 2 and type(out.get("1")) is nn.Dropout
+            and out is not None and len(out) == 2 and type(out.get("1")) is nn.Dropout and not _hooked(out["1"])
             and not (_hooked(attn) or _bypassed_hook(m["to_q"]) or _bypassed_hook(m["to_k"])
                      or _bypassed_hook(m["to_v"]) or _bypassed_hook(out["0"])))
 
@@ -194,13 +205,17 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
     chunks 3, 4, 5 (``mod`` (B, ≥6, D) as diffusers uses them, ``m32`` (≥6, B, D) float32 as the kernels take
     them): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated
     residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
-    runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.)"""
+    runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32
+    while the rows are 16-bit (Wan's modulation): the unfused parts compute as the model does, the rows the
+    feed-forward reads in the rows' dtype, the gated sum in float32, the result in the rows' dtype."""
     d = x2.shape[-1]
     x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     tanh = gelu.approximate == "tanh"
-    if _hooked(ff) or (_hooked(gelu) or _hooked(fc1)) and _quantized(fc1) or _bypassed_hook(fc2):
-        return (mod[:, 5:6] * ff(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]) + x).reshape(x2.shape)
+    if (_hooked(ff) or any(_hooked(m) for i, m in enumerate(ff.net) if i in (1, 3)) or (_hooked(gelu) or _hooked(fc1))
+            and _quantized(fc1) or _bypassed_hook(fc2)):
+        y = ff((ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(x))
+        return (mod[:, 5:6] * y + x).to(x2.dtype).reshape(x2.shape)
     if _quantized(fc1):
         act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4])
         if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
@@ -210,12 +225,12 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         else:
             h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
     else:
-        h = gelu(ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).reshape(x2.shape[0], -1)
+        h = gelu((ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(x)).reshape(x2.shape[0], -1)
     if _quantized(fc2):
         if isinstance(h, torch.Tensor):
             h = fc2.quantize_input(h.contiguous())
         return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
-    return (mod[:, 5:6] * fc2(h).view(x.shape) + x).reshape(x2.shape)
+    return (mod[:, 5:6] * fc2(h).view(x.shape) + x).to(x2.dtype).reshape(x2.shape)
 
 
 def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, batch: int,

@@ -240,13 +240,15 @@ class TreeQLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)`` in ``out_dtype``, for code that reads a linear's
-        weight (its dtype, device, shape: Z-Image reads ``mlp[0].weight.dtype`` every step). Built on first access
-        and kept beside the codes while they and the dtype are unchanged (a copy of that one layer's weight: on the
-        fragment layout building it reads the codes back through the CPU, which a CUDA graph cannot capture). The
-        forward never uses it."""
-        anchor = self.w_packed if self.w_packed is not None else self.w_frag
+        weight (its dtype, device, shape: Z-Image reads ``mlp[0].weight.dtype`` every step); a new tensor each
+        time. From layout v1 it is unpacked on the layer's device; from the fragment layout the codes are read back
+        through the CPU, which a CUDA graph cannot capture, so that one is built once and kept beside the codes
+        (while they and the dtype are unchanged) and copied on each access. The forward never uses it."""
+        if self.w_packed is not None:
+            return self._dequantized().to(self.out_dtype)
+        anchor = self.w_frag
         return derived(anchor, "dequantized_weight", (anchor, self.w_scale, self.w_zero_point, self.dtype_anchor),
-                       lambda: self._dequantized().to(self.out_dtype))
+                       lambda: self._dequantized().to(self.out_dtype)).clone()
 
     def _dequantized(self) -> torch.Tensor:
         return (self.packed_weight().codes().float() - self.w_zero_point[:, None].float()) * self.w_scale[:, None]

@@ -56,7 +56,7 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
-                              _hooked, _plain_layer_norm, _project)
+                              _hooked, _plain_layer_norm, _project, refuse_fused_projections)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -67,7 +67,10 @@ def _gelu_tanh(act: nn.Module) -> bool:
 def _flux_attention_ok(attn: Any, joint: bool) -> bool:
     """``attn`` computes what the fused path computes: ``FluxAttnProcessor`` on unfused projections, no hook on
     it or on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn) is not FluxAttention or type(attn.processor) is not FluxAttnProcessor or attn.fused_projections:
+    if type(attn) is not FluxAttention or type(attn.processor) is not FluxAttnProcessor:
+        return False
+    refuse_fused_projections(attn, ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+    if attn.fused_projections:
         return False
     m = attn._modules
     names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] if joint else [])
@@ -75,7 +78,7 @@ def _flux_attention_ok(attn: Any, joint: bool) -> bool:
         return False
     if joint:
         out = m.get("to_out")
-        if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout:
+        if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"]):
             return False
         names.append("to_out")
         return not any(_bypassed_hook(m[n] if n != "to_out" else out._modules["0"]) for n in names)
@@ -116,7 +119,8 @@ def _joint_attention_ok(attn: Any, joint: bool) -> bool:
         return False
     m = attn._modules
     out = m.get("to_out")
-    if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn):
+    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
+            or _hooked(out._modules["1"])):
         return False
     names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj"] if joint else [])
     if joint and not attn.context_pre_only:

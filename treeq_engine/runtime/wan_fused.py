@@ -36,7 +36,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
-from .diffusers_fused import _adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+                              _project, refuse_fused_projections)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -49,12 +50,15 @@ def _fp32_layer_norm(norm: Any, dim: int) -> bool:
 def _self_attention_ok(attn: Any) -> bool:
     """``attn`` computes what the fused path computes: ``WanAttnProcessor`` on unfused projections, no image
     projections, no hook on it or on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn) is not WanAttention or type(attn.processor) is not WanAttnProcessor or attn.fused_projections:
+    if type(attn) is not WanAttention or type(attn.processor) is not WanAttnProcessor:
+        return False
+    refuse_fused_projections(attn, ("to_q", "to_k", "to_v"))   # (a dense copy of packed layers: an error)
+    if attn.fused_projections:
         return False
     m = attn._modules
     out = m.get("to_out")
     if (attn.add_k_proj is not None or out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout
-            or _hooked(attn)):
+            or _hooked(attn) or _hooked(out._modules["1"])):
         return False
     return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
 
@@ -132,12 +136,10 @@ class FusedWanTransformerBlock(WanTransformerBlock):
         else:
             h = (h.float() + a1.to_out[1](proj(o)) * mod[:, 2:3]).type_as(h)
         h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
-        ffn, fc1, fc2 = self.ffn, self.ffn.net[0].proj, self.ffn.net[2]
-        if (_quantized(fc1) and _quantized(fc2) and not _hooked(ffn) and not _hooked(ffn.net[0])
-                and not _hooked(fc1) and not _hooked(fc2)):
-            return _ff(ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
+        if _quantized(self.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
+            return _ff(self.ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
         x = (self.norm3(h.float()) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(h)
-        return (h.float() + ffn(x).float() * mod[:, 5:6]).type_as(h)
+        return (h.float() + self.ffn(x).float() * mod[:, 5:6]).type_as(h)
 
 
 def fuse_wan_blocks(model: nn.Module) -> int:
