@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_search_mmdit import brute_mse  # noqa: E402
-from tiny_diffusers import perturbed  # noqa: E402
+from tiny_diffusers import tiny_qwen, tiny_qwen_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
@@ -25,13 +25,6 @@ from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, sa
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_qwen():
-    torch.manual_seed(0)
-    return perturbed(diffusers.QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval())
 
 
 def call(n=2, text=7, hw=(4, 6), seed=0):
@@ -93,6 +86,8 @@ def test_tied_leaves_and_checked_inputs():
         runner.inputs(**{**kw, "img_shapes": [[(1, 4, 5)]] * 2})
     with pytest.raises(ValueError, match="img_shapes differ between the samples"):
         runner.inputs(**{**kw, "img_shapes": [[(1, 4, 6)], [(1, 6, 4)]]})
+    with pytest.raises(ValueError, match="2 grids per sample .an edit call's condition images."):
+        runner.inputs(**{**kw, "img_shapes": [[(1, 4, 6), (1, 2, 2)]] * 2})
     runner.inputs(**kw)   # records the 4 x 6 grid for 24 tokens
     with pytest.raises(ValueError, match="latents of 24 tokens came as"):
         runner.inputs(**{**kw, "img_shapes": [[(1, 6, 4)]] * 2})
@@ -172,3 +167,50 @@ def test_search_ptq_peft_quantize(tmp_path, capsys):
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
+
+
+def test_what_the_pipeline_passes_and_a_fresh_runner():
+    """No mask (the model's own default), one negative prompt for a batch (the model broadcasts it), and the grids
+    given per prompt while ``num_images_per_prompt`` makes more samples: each as the model computes it. A runner
+    that did not read the inputs (PTQ's, PEFT's) finds the grids in the state."""
+    model = tiny_qwen()
+    runner = make_runner(model)
+    kw = call(n=4, hw=(2, 8))
+    cases = [dict(kw, encoder_hidden_states_mask=None),
+             dict(kw, encoder_hidden_states=kw["encoder_hidden_states"][:1], encoder_hidden_states_mask=None),
+             dict(kw, img_shapes=[[(1, 2, 8)]] * 2)]
+    for c in cases:
+        with torch.no_grad():
+            state = runner.inputs(**c)
+            torch.testing.assert_close(run_segments(runner, state), model(**c).sample, rtol=0, atol=0)
+            torch.testing.assert_close(run_segments(QwenImageRunner(model), state), model(**c).sample, rtol=0, atol=0)
+
+
+def test_capture_search_and_pack_a_qwen_pipeline(tmp_path, capsys):
+    """`treeq capture` on a Qwen-Image pipeline with true CFG (--cfg maps to true_cfg_scale with a blank negative
+    prompt: the negative calls, one prompt for the batch, are recorded too; prompts of different lengths stacked
+    padded) -> `treeq search` -> `treeq quantize`; the artifact samples in the pipeline."""
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "qwen"
+    tiny_qwen_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na much longer prompt about a dog on a hill\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "64", "--width", "96"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
+                 "2", "--cfg", "4", *size, "--device", "cpu", "--out", calib]) == 0
+    out = capsys.readouterr().out
+    assert "6 transformer calls, kept 8 samples at 2 timesteps" in out   # 3 steps x (prompts, negative) of 2
+    runner = make_runner(diffusers.QwenImageTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    t, mask = inputs[3], inputs[2]
+    assert len(set(t.tolist())) == 2 and float(t.max()) <= 1.0   # the pipeline's timesteps / 1000
+    assert len({int(r) for r in mask.sum(1)}) >= 2 and not bool(mask.all())   # prompts of several lengths, padded
+    res = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", "--cfg", "4", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0

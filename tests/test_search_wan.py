@@ -199,7 +199,7 @@ def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
-    for cls, extra, what in (("WanImageToVideoPipeline", {}, "needs image for each call"),
+    for cls, extra, what in (("WanImageToVideoPipeline", {}, "takes image for each call"),
                              ("WanPipeline", {"transformer_2": ["diffusers", "WanTransformer3DModel"]},
                               "two transformers")):
         d = tmp_path / cls

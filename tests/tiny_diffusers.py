@@ -176,3 +176,44 @@ def tiny_wan_pipeline():
                                      scale_factor_spatial=2).eval()
     return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=umt5, vae=vae, transformer=transformer,
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def tiny_qwen():
+    """A two-block Qwen-Image transformer (random weights, perturbed: diffusers zero-initialises its output layers)."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval())
+
+
+def tiny_qwen_pipeline():
+    """A Qwen-Image pipeline built offline: a one-layer Qwen2.5-VL text encoder over a character-level tokenizer
+    (its chat template's markers as tokens), ``tiny_qwen``, a one-level Qwen-Image VAE, a flow-matching scheduler
+    with dynamic shifting (random weights)."""
+    import string
+
+    transformers = pytest.importorskip("transformers", reason="Qwen-Image's pipeline needs transformers (Qwen2.5-VL)")
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"] + list(string.printable)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(start|end)\|>|."), behavior="isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                     padding_side="right")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(chars), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=16, num_heads=2, intermediate_size=32,
+                           fullatt_block_indexes=[0]),
+        vocab_size=len(chars), hidden_size=16)
+    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                           latents_std=[1.0] * 4).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                      base_image_seq_len=16, max_image_seq_len=256,
+                                                      shift_terminal=0.02, time_shift_type="exponential")
+    return diffusers.QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       transformer=tiny_qwen())

@@ -160,9 +160,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
 
 def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True) -> str | None:
     """Why command ``what`` cannot run the pipeline directory ``path`` (read from its ``model_index.json``, before
-    anything loads), or None: a pipeline whose call needs more than prompts or class labels (an image: Wan's
-    image-to-video), and, with ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's
-    experts: the commands read, replace or sample one)."""
+    anything loads), or None: a pipeline whose call takes an image (Wan's image-to-video, Qwen-Image-Edit) or needs
+    more than prompts or class labels, and, with ``one_transformer``, one that denoises with two transformers (Wan
+    2.2 A14B's experts: the commands read, replace or sample one)."""
     import inspect
 
     index_file = Path(path) / "model_index.json"
@@ -176,15 +176,24 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
     cls = getattr(_diffusers(), name, None) if isinstance(name, str) and name.isidentifier() else None
     if isinstance(cls, type) and callable(getattr(cls, "__call__", None)):
         params = inspect.signature(cls.__call__).parameters.values()
-        needs = [q.name for q in params if q.default is q.empty and q.name != "self"
-                 and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY) and q.name not in ("prompt", "class_labels")]
+        needs = [q.name for q in params if q.name != "self" and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
+                 and (q.default is q.empty and q.name not in ("prompt", "class_labels") or q.name == "image")]
         if needs:
-            return (f"{name} needs {', '.join(needs)} for each call: {what} runs text- and class-conditioned "
+            return (f"{name} takes {', '.join(needs)} for each call: {what} runs text- and class-conditioned "
                     "pipelines only (record an image-conditioned pipeline's calls in Python with capture_calls)")
     if one_transformer and index.get("transformer_2") not in (None, [None, None]):
         return (f"{name} denoises with two transformers (transformer and transformer_2: Wan 2.2's experts); "
                 f"{what} handles one")
     return None
+
+
+def guidance_kwargs(pipe: Any, scale: float) -> dict[str, Any]:
+    """The pipeline arguments for classifier-free guidance at ``scale``: ``guidance_scale`` for most; Qwen-Image's
+    "true CFG" (``true_cfg_scale``, active only with a negative prompt: a blank one, as its examples use), whose
+    ``guidance_scale`` is the distilled models' guidance embedding that the base model ignores."""
+    if type(pipe).__name__.startswith("QwenImage"):
+        return {"true_cfg_scale": scale, **({"negative_prompt": " "} if scale > 1 else {})}
+    return {"guidance_scale": scale}
 
 
 def read_prompts(path: str | Path) -> list[str]:

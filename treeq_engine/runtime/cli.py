@@ -248,8 +248,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import (class_of, load_pipeline, pipeline_refusal, read_prompts,
-                                                 transformer_dir)
+    from ..models.diffusers_transformers import (class_of, guidance_kwargs, load_pipeline, pipeline_refusal,
+                                                 read_prompts, transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -308,7 +308,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
     if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
-        kw["guidance_scale"] = args.cfg
+        kw.update(guidance_kwargs(pipe, args.cfg))
     kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
     if args.frames is not None:
         kw["num_frames"] = args.frames

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import load_pipeline, pipeline_refusal, read_prompts, transformer_dir
+    from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_refusal, read_prompts,
+                                                 transformer_dir)
     from .diffusers_runner import capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
         if args.frames is not None and runner.arch != "wan":
             raise ValueError(f"--frames is for a text-to-video pipeline; a {runner.arch} pipeline makes images")
-        kw: dict = {} if args.cfg is None else {"guidance_scale": args.cfg}
+        kw: dict = {} if args.cfg is None else guidance_kwargs(pipe, args.cfg)
         kw.update(size)
         if args.frames is not None:
             kw["num_frames"] = args.frames

@@ -192,7 +192,9 @@ class PipelineJudge(TrajectoryJudge):
         own = self.pipe.transformer
         try:
             self.pipe.transformer = self.model
-            out = self.pipe(**self.call, num_inference_steps=c.steps, guidance_scale=c.cfg_scale,
+            from ..models.diffusers_transformers import guidance_kwargs
+
+            out = self.pipe(**self.call, num_inference_steps=c.steps, **guidance_kwargs(self.pipe, c.cfg_scale),
                             generator=torch.Generator(device="cpu").manual_seed(c.seed),
                             output_type="pt" if self.decodes else "latent")
         finally:

@@ -18,8 +18,8 @@ calibration set are padded to the longest of all (``ragged``), which the mask hi
 metric reads, do not change: a test holds it).
 
 The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
-capture: attention kwargs, ControlNet residuals, guidance embeddings, the edit models' zero-timestep conditioning
-(``zero_cond_t``) and additional timestep conditions.
+capture: attention kwargs, ControlNet residuals, guidance embeddings, the edit models' condition images (more than
+one grid per sample) and zero-timestep conditioning (``zero_cond_t``), additional timestep conditions.
 """
 from __future__ import annotations
 
@@ -104,9 +104,12 @@ class QwenImageRunner(CutModel):
         n, s = hidden_states.shape[:2]
         width = self.model.config.joint_attention_dim
         enc = encoder_hidden_states
-        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] not in (1, n) or enc.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(enc)}")
         mask = encoder_hidden_states_mask
+        if enc.shape[0] == 1 and n > 1:   # one negative prompt for a batch: the model broadcasts it
+            enc = enc.expand(n, -1, -1)
+            mask = None if mask is None else mask.expand(n, -1)
         if mask is None:
             mask = torch.ones(n, enc.shape[1], dtype=torch.long, device=enc.device)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
@@ -134,13 +137,16 @@ class QwenImageRunner(CutModel):
             except (TypeError, ValueError):
                 raise ValueError(f"img_shapes must be a list of per-sample lists of (frames, height, width), got "
                                  f"{img_shapes!r}") from None
-        if grids.dim() != 3 or grids.shape[2] != 3 or grids.shape[0] not in (1, n):
-            raise ValueError(f"img_shapes must give (frames, height, width) grids for each of the {n} samples, got "
-                             f"shape {tuple(grids.shape)}")
-        grids = grids.expand(n, -1, -1)
+        if grids.dim() != 3 or grids.shape[2] != 3 or grids.shape[0] == 0 or grids.shape[0] > n:
+            raise ValueError(f"img_shapes must give (frames, height, width) grids for the {n} samples, got shape "
+                             f"{tuple(grids.shape)}")
         if not torch.equal(grids, grids[:1].expand_as(grids)):
             raise ValueError("img_shapes differ between the samples of one call: Qwen-Image's rotary tables take "
                              "the first sample's")
+        if grids.shape[1] != 1:   # the edit models' condition images: tokens the pipeline drops from the output
+            raise ValueError(f"img_shapes holds {grids.shape[1]} grids per sample (an edit call's condition images): "
+                             "the search cuts text-to-image calls, one grid per sample")
+        grids = grids[:1].expand(n, -1, -1)   # (the pipeline gives one per prompt, not per image of a prompt)
         if int(grids[0].prod(dim=1).sum()) != s:
             raise ValueError(f"img_shapes {grids[0].tolist()} cover {int(grids[0].prod(dim=1).sum())} image tokens, "
                              f"hidden_states has {s}")
