@@ -124,7 +124,8 @@ for stage in "${stages[@]}"; do
         "${xdist[@]}" --junitxml="$LOGS/gpu_tests.xml" tests/test_cuda_kernels.py tests/test_triton_gpu.py \
         tests/test_core_cpp.py tests/test_graphs.py tests/test_nn_grouped.py tests/test_profile.py \
         tests/test_runtime_dit.py tests/test_diffusers_fused.py tests/test_search_diffusers.py \
-        tests/test_graphed_diffusers.py tests/test_search_mmdit.py tests/test_wan_fused.py tests/test_mmdit_fused.py ;;
+        tests/test_graphed_diffusers.py tests/test_search_mmdit.py tests/test_wan_fused.py tests/test_mmdit_fused.py \
+        tests/test_qwen_fused.py ;;
     cuda)
       step bench_cuda 120 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write --json "$LOGS/bench_cuda.json" ;;
     e2e)

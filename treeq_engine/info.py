@@ -80,9 +80,9 @@ def _diffusers_support() -> str | None:
     except ValueError:
         major, minor = 0, 0
     if (major, minor) < (0, 35):   # runtime/mmdit_fused.py calls what 0.35 added
-        return f"{v}: {names} searched and calibrated; DiT and PixArt fused (SD3, Flux, Wan need diffusers >= 0.35); " \
+        return f"{v}: {names} searched and calibrated; DiT and PixArt fused (the others need diffusers >= 0.35); " \
             "any other model packed"
-    return f"{v}: {names} searched and calibrated, all but Qwen-Image fused; any other model packed"
+    return f"{v}: {names} searched, calibrated and fused; any other model packed"
 
 
 def _version() -> str:

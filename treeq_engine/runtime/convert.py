@@ -147,7 +147,7 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks and Wan's blocks. Returns how many blocks were fused."""
+    joint blocks, Wan's and Qwen-Image's blocks. Returns how many blocks were fused."""
     from ..models.diffusers_transformers import MMDIT_BLOCKS
     from .dit_fused import fuse_dit_blocks
 
@@ -174,6 +174,14 @@ def fuse_blocks(model: nn.Module) -> int:
                               "diffusers >= 0.35 has it", stacklevel=2)
             else:
                 fused += fuse_wan_blocks(model)
+        if any(type(m).__name__ == "QwenImageTransformerBlock" for m in model.modules()):
+            try:
+                from .qwen_fused import fuse_qwen_blocks
+            except ImportError as e:   # QwenImage and dispatch_attention_fn came with diffusers 0.35
+                warnings.warn(f"Qwen-Image blocks stay unfused: this diffusers lacks what their fused forward calls "
+                              f"({e}); diffusers >= 0.35 has it", stacklevel=2)
+            else:
+                fused += fuse_qwen_blocks(model)
     return fused
 
 

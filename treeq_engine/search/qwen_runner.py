@@ -1,6 +1,6 @@
 """The search's segment runner for diffusers' Qwen-Image transformer (``QwenImageTransformer2DModel``, text to
 image). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take
-Qwen-Image too; the runtime packs it (its blocks run unfused).
+Qwen-Image too; the runtime packs it and fuses its blocks (``runtime/qwen_fused.py``).
 
 Segments: 0 runs the embedders (the packed-latent and text input projections with the text RMSNorm, the timestep
 embedding), ``1..B`` the double-stream blocks, the last one the output norm and projection. Each does what the
