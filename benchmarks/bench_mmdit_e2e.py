@@ -19,6 +19,7 @@ M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the line
     python benchmarks/bench_mmdit_e2e.py                       # GPU: FLUX.1-dev at 1024 px into RESULTS.md
     python benchmarks/bench_mmdit_e2e.py --model SD3.5-large
     python benchmarks/bench_mmdit_e2e.py --blocks 4,8          # fewer blocks at full width (ratios per block)
+    python benchmarks/bench_mmdit_e2e.py --model Qwen-Image --blocks 12        # 12 of its 60 blocks at 1024 px
     python benchmarks/bench_mmdit_e2e.py --model Wan2.1-T2V-1.3B --video 33,480,832
     python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
     python benchmarks/bench_mmdit_e2e.py --smoke --model Wan2.1-T2V-1.3B   # ... a tiny Wan
@@ -32,6 +33,10 @@ are 4·S²·D per block, D = 1536, 30 blocks):
 * 33 frames of 480×832 (S = 14 040, what the GPU session runs): 72.9 TFLOP, linears 35.3, self-attention 36.3,
   cross-attention 1.3; 74 ms at the bf16 peak, 56 ms floor: at most 1.32×. Prediction: 1.10–1.16×.
 * 17 frames of 416×240 (S = 1950): 5.9 TFLOP, attention 0.7: linear-bound like Flux, about its 1.2–1.3×.
+
+Qwen-Image at 1024 px (S = 4096 image + 256 text tokens, D = 3072, 60 blocks): 73.1 TFLOP, of which attention 14.0
+and linears 59.1; 74 ms at the bf16 peak, 44 ms with the linears at the int8 peak: at most 1.68×. Prediction:
+1.2–1.3× for W8A8 (the session's run: ``--blocks 12``, the per-block ratio).
 
 Each row also says how many blocks ran fused (0 means the packed linears ran unfused: an older diffusers, or a
 structure the fused classes do not take) and how far the output lies from the bf16 model's (random weights:
@@ -61,11 +66,21 @@ from diffusers_memory import MODELS  # noqa: E402
 from record import RESULTS, git_commit, save_json, write_section  # noqa: E402
 
 BEGIN, END = "<!-- bench_mmdit_e2e:begin -->", "<!-- bench_mmdit_e2e:end -->"
-WAN_BEGIN, WAN_END = "<!-- bench_wan_e2e:begin -->", "<!-- bench_wan_e2e:end -->"   # (its own RESULTS.md section)
-CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
+# Wan's and Qwen-Image's timings keep their own RESULTS.md sections
+SECTIONS = {"wan": ("<!-- bench_wan_e2e:begin -->", "<!-- bench_wan_e2e:end -->"),
+            "qwen": ("<!-- bench_qwen_e2e:begin -->", "<!-- bench_qwen_e2e:end -->")}
+
+
+def section(model: str) -> tuple[str, str]:
+    """The RESULTS.md markers of ``--model``'s table."""
+    return SECTIONS["wan"] if model.startswith("Wan") else SECTIONS["qwen"] if model == "Qwen-Image" else (BEGIN, END)
+CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Qwen-Image", "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
 TINY = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                        pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True))
+TINY_QWEN = ("QwenImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                                axes_dims_rope=(8, 4, 4)))
 TINY_WAN = ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                                           num_layers=2, rope_max_seq_len=32))
@@ -90,6 +105,13 @@ def call_kwargs(model: Any, side: int | tuple[int, int, int], batch: int, device
                     timestep=torch.full((batch,), 500.0, device=device))
     assert isinstance(side, int)
     lat = side // 8
+    if type(model).__name__ == "QwenImageTransformer2DModel":   # 2x2 latent patches packed; a 256-token prompt
+        h = lat // 2
+        text = 256 if side >= 256 else 5
+        return dict(hidden_states=rand(batch, h * h, cfg.in_channels),
+                    encoder_hidden_states=rand(batch, text, cfg.joint_attention_dim),
+                    encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long, device=device),
+                    timestep=torch.full((batch,), 0.5, device=device, dtype=dtype), img_shapes=[[(1, h, h)]] * batch)
 
     if type(model).__name__ == "SD3Transformer2DModel":
         return dict(hidden_states=rand(batch, cfg.in_channels, lat, lat),
@@ -159,10 +181,11 @@ def measure(spec: tuple[str, dict[str, Any]], variant: str, side: int | tuple[in
 _BASELINE: dict[str, torch.Tensor] = {}   # the bf16 output per model class (same seed: the same random weights)
 
 
-def render(name: str, side: int | tuple[int, int, int], batch: int, rows: list[dict[str, Any]], device: str) -> str:
+def render(name: str, side: int | tuple[int, int, int], batch: int, rows: list[dict[str, Any]], device: str,
+           markers: tuple[str, str] = (BEGIN, END)) -> str:
     base = next(r["ms"] for r in rows if r["variant"] == "bf16")
     size = f"{side} px" if isinstance(side, int) else f"{side[0]} frames of {side[2]}×{side[1]}"
-    begin, end = (BEGIN, END) if isinstance(side, int) else (WAN_BEGIN, WAN_END)
+    begin, end = markers
     lines = [begin, f"## End to end: {name} at {size}, batch {batch} (`benchmarks/bench_mmdit_e2e.py`)", "",
              f"Measured on {device}, commit {git_commit()}: random weights, real shapes, one whole forward "
              "replayed as a CUDA graph (median). TreeQ plans are uniform (block linears at the format, the rest at "
@@ -211,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.blocks:
             raise SystemExit("--blocks is for the published models; --smoke builds its own tiny model")
         device = torch.device("cpu")
-        spec, side, name = (TINY_WAN, (5, 32, 48), "tiny Wan (smoke)") if wan else (TINY, 64, "tiny Flux (smoke)")
+        spec, side, name = ((TINY_WAN, (5, 32, 48), "tiny Wan (smoke)") if wan else
+                            (TINY_QWEN, 64, "tiny Qwen-Image (smoke)") if args.model == "Qwen-Image" else
+                            (TINY, 64, "tiny Flux (smoke)"))
     else:
         if not torch.cuda.is_available():
             raise SystemExit("a GPU benchmark: no CUDA device (use --smoke on the CPU)")
@@ -240,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()   # the variant's model (12 B parameters) goes before the next is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    block = render(name, side, args.batch, rows, torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
+    block = render(name, side, args.batch, rows, torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+                   section(args.model))
     print(block)
     if not args.no_write and not args.smoke:
-        write_section(block, *((WAN_BEGIN, WAN_END) if wan else (BEGIN, END)), RESULTS)
+        write_section(block, *section(args.model), RESULTS)
     return 0
 
 

@@ -145,6 +145,10 @@ def test_bench_mmdit_e2e_smoke(capsys):
     assert "tiny Wan (smoke) at 5 frames of 48×32" in out
     assert rows[0]["fused_blocks"] == 0 and rows[1]["fused_blocks"] == 2 and rows[0]["rel_err_vs_bf16"] == 0
     assert 0 < rows[1]["rel_err_vs_bf16"] < 0.1
+    assert bench_mmdit_e2e.main(["--smoke", "--model", "Qwen-Image"]) == 0   # a tiny Qwen-Image, blocks fused
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["fused_blocks"] for r in rows] == [0, 2, 2] and all(r["finite"] for r in rows)
     with pytest.raises(SystemExit, match="--video must be F,H,W"):
         bench_mmdit_e2e.main(["--smoke", "--model", "Wan2.1-T2V-1.3B", "--video", "81,480"])
 

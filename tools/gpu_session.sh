@@ -21,7 +21,8 @@
 #   budget    latency_budget at batch 8, two budgets (half of bf16; halfway up the plans), a small search (K = 4)
 #   search    bench_search (DiT-XL/2 search-time extrapolation, 8 samples) with two real levels
 #   mmdit     (named only) bench_mmdit_e2e: FLUX.1-dev's width at 1024 px, 4 + 8 blocks, bf16 eager against TreeQ
-#             W8A8 / W4A8, fused; then Wan2.1-1.3B whole at 33 frames of 832x480 (14 040 tokens) alike
+#             W8A8 / W4A8, fused; then Wan2.1-1.3B whole at 33 frames of 832x480 (14 040 tokens) alike, and 12 of
+#             Qwen-Image's 60 blocks at 1024 px (each model its own RESULTS.md section)
 # Every benchmark writes its rows (JSON, RESULTS.md section) as it measures them, so a step cut off by its limit
 # still returns what it measured.
 #
@@ -149,6 +150,8 @@ for stage in "${stages[@]}"; do
       step bench_mmdit_e2e 300 "$PY" benchmarks/bench_mmdit_e2e.py --blocks 4,8 --reps 10 \
         --json "$LOGS/bench_mmdit_e2e.json"
       step bench_wan_e2e 240 "$PY" benchmarks/bench_mmdit_e2e.py --model Wan2.1-T2V-1.3B --video 33,480,832 \
-        --reps 10 --json "$LOGS/bench_wan_e2e.json" ;;
+        --reps 10 --json "$LOGS/bench_wan_e2e.json"
+      step bench_qwen_e2e 240 "$PY" benchmarks/bench_mmdit_e2e.py --model Qwen-Image --blocks 12 --reps 10 \
+        --json "$LOGS/bench_qwen_e2e.json" ;;
   esac
 done
