@@ -175,14 +175,37 @@ def fuse_blocks(model: nn.Module) -> int:
             else:
                 fused += fuse_wan_blocks(model)
         if any(type(m).__name__ == "QwenImageTransformerBlock" for m in model.modules()):
-            try:
-                from .qwen_fused import fuse_qwen_blocks
-            except ImportError as e:   # QwenImage and dispatch_attention_fn came with diffusers 0.35
-                warnings.warn(f"Qwen-Image blocks stay unfused: this diffusers lacks what their fused forward calls "
-                              f"({e}); diffusers >= 0.35 has it", stacklevel=2)
+            # before 0.39 the processor either ignored the text mask or took it through attention kwargs
+            if _diffusers_version() < (0, 39):
+                warnings.warn("Qwen-Image blocks stay unfused: their fused forward computes the text mask as "
+                              "diffusers >= 0.39 does", stacklevel=2)
             else:
+                from .qwen_fused import fuse_qwen_blocks
+
                 fused += fuse_qwen_blocks(model)
+        _register_fused_names(model)
     return fused
+
+
+def _diffusers_version() -> tuple[int, int]:
+    import diffusers
+
+    try:
+        major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+    return (major, minor)
+
+
+def _register_fused_names(model: nn.Module) -> None:
+    """diffusers finds a model's blocks by class name (``_repeated_blocks`` for ``compile_repeated_blocks``,
+    ``_no_split_modules`` for device maps): the fused classes join their originals there, on the instance."""
+    fused = {type(m).__mro__[1].__name__: type(m).__name__ for m in model.modules()
+             if type(m).__name__.startswith("Fused")}
+    for attr in ("_repeated_blocks", "_no_split_modules"):
+        names = getattr(model, attr, None)
+        if isinstance(names, (list, tuple)) and any(n in fused for n in names):
+            setattr(model, attr, list(names) + [fused[n] for n in names if n in fused and fused[n] not in names])
 
 
 def treeq_layers(model: nn.Module) -> dict[str, TreeQLinear]:

@@ -93,6 +93,15 @@ def _bypassed_hook(layer: nn.Module) -> bool:
     return _hooked(layer) and _quantized(layer)
 
 
+def dispatch_kwargs(proc: Any) -> dict[str, Any]:
+    """What a diffusers processor passes ``dispatch_attention_fn`` besides the tensors: its backend, and its context
+    parallel configuration where this diffusers has one (0.36 added it)."""
+    kw = {"backend": getattr(proc, "_attention_backend", None)}
+    if hasattr(proc, "_parallel_config"):
+        kw["parallel_config"] = proc._parallel_config
+    return kw
+
+
 def refuse_fused_projections(attn: Any, names: Sequence[str]) -> None:
     """diffusers' ``fuse_qkv_projections`` builds one dense linear from the projections' ``weight``, which a packed
     layer answers dequantized: after ``quantize`` the attention would run that float copy, silently unquantized."""

@@ -56,7 +56,7 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
-                              _hooked, _plain_layer_norm, _project, refuse_fused_projections)
+                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, refuse_fused_projections)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -190,8 +190,7 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
         query = apply_rotary_emb(query, rotary, sequence_dim=1)
         key = apply_rotary_emb(key, rotary, sequence_dim=1)
     proc = attn.processor
-    o = dispatch_attention_fn(query, key, value, attn_mask=None, backend=proc._attention_backend,
-                              parallel_config=proc._parallel_config)
+    o = dispatch_attention_fn(query, key, value, attn_mask=None, **dispatch_kwargs(proc))
     return o.flatten(2, 3).to(query.dtype)
 
 

@@ -19,10 +19,12 @@ joint mask from the text mask, ``dispatch_attention_fn`` with the processor's ba
 the model dtype's rounding, not bit for bit.
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, ``Sequential(SiLU,
-linear)`` modulations, ``FeedForward`` of [GELU(tanh), Dropout, linear], the processor on unfused projections)
-with a packed linear with quantized activations to fuse. It runs diffusers' own forward in training mode, with
-attention kwargs, for the edit models' per-token modulation (``zero_cond_t``, ``modulate_index``), when a norm, a
-modulation or the attention carries a hook or another processor; a hooked feed-forward runs as a module.
+linear)`` modulations, ``FeedForward`` of [GELU(tanh), Dropout, linear], not the edit models' per-token modulation
+``zero_cond_t``) with a packed linear with quantized activations to fuse, and only on a diffusers whose processor
+builds the text mask itself (0.39 on; ``runtime.convert.fuse_blocks`` checks). It runs diffusers' own forward in
+training mode, with attention kwargs or a ``modulate_index``, when a norm, a modulation or the attention carries a
+hook or another processor; a hooked feed-forward runs as a module. A batch-1 text or timestep (the pipeline's
+negative-prompt call) is broadcast, as diffusers' sums broadcast it.
 diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under
 the original's entry. The state dict is unchanged.
 """
@@ -38,7 +40,7 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, refuse_fused_projections)
+                              _plain_layer_norm, _project, dispatch_kwargs)
 from .linear import runs_packed_kernels as _quantized
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -60,16 +62,14 @@ def _qwen_supported(block: nn.Module) -> bool:
             and _modulation_ok(block.img_mod, d) and _modulation_ok(block.txt_mod, d)
             and _feed_forward(block.img_mlp, d) and _feed_forward(block.txt_mlp, d)
             and block.img_mlp.net[0].approximate == "tanh" and block.txt_mlp.net[0].approximate == "tanh"
-            and type(block.attn) is Attention)
+            and type(block.attn) is Attention and not block.zero_cond_t)   # (the edit models' per-token modulation)
 
 
 def _attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: the Qwen processor on unfused projections, no hook on it or
-    on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0:
-        return False
-    refuse_fused_projections(attn, _PROJECTIONS)   # (a dense copy of packed layers: an error)
-    if getattr(attn, "fused_projections", False) or _hooked(attn):
+    """``attn`` computes what the fused path computes: the Qwen processor (which reads the separate projections
+    even after ``fuse_projections``), no hook on it or on a projection the kernels run. (Checked on every
+    forward.)"""
+    if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0 or _hooked(attn):
         return False
     m = attn._modules
     out = m.get("to_out")
@@ -117,7 +117,7 @@ def _joint_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         attn_mask = torch.cat([mask, image], dim=1)[:, None, None, :]
     proc = attn.processor
     o = dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                              backend=proc._attention_backend, parallel_config=proc._parallel_config)
+                              **dispatch_kwargs(proc))
     return o.flatten(2, 3).to(query.dtype)
 
 
@@ -138,15 +138,19 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         attn = self.attn
         norms = (self.img_norm1, self.img_norm2, self.txt_norm1, self.txt_norm2, self.img_mod, self.txt_mod)
         if (self.training or joint_attention_kwargs or modulate_index is not None or self.zero_cond_t
-                or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3 or any(_hooked(n) for n in norms)
-                or not _attention_ok(attn)):
+                or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3 or temb.ndim != 2
+                or any(_hooked(n) for n in norms) or not _attention_ok(attn)):
             return super().forward(*args)
         b, t, d = hidden_states.shape
         text = encoder_hidden_states.shape[1]
-        mod, cmod = self.img_mod(temb), self.txt_mod(temb)
-        if mod.shape != (b, 6 * d) or cmod.shape != (b, 6 * d) or encoder_hidden_states.shape[0] != b:
-            return super().forward(*args)
-        mod, cmod = mod.view(b, 6, d), cmod.view(b, 6, d)
+        mask = encoder_hidden_states_mask
+        if (encoder_hidden_states.shape[0] not in (1, b) or temb.shape[0] not in (1, b)
+                or mask is not None and (mask.ndim != 2 or mask.shape[0] not in (1, b))):
+            return super().forward(*args)   # (before any layer runs: a fallback computes nothing twice)
+        # a batch-1 text (the pipeline's negative prompt call) or timestep: broadcast, as diffusers' sums do
+        encoder_hidden_states = encoder_hidden_states.expand(b, -1, -1)
+        mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)
+        cmod = self.txt_mod(temb).expand(b, -1).view(b, 6, d)
         m32 = mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
         c32 = cmod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
         h, c = hidden_states, encoder_hidden_states
@@ -158,9 +162,8 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
                               lambda: cn1(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=cn1.eps, shift=c32[0],
                               scale=c32[1])
-        mask = encoder_hidden_states_mask
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(torch.bool)
+        if mask is not None:
+            mask = mask.to(torch.bool).expand(b, -1)
         o = _joint_attention(attn, q, k, v, (eq, ek, ev), b, mask, image_rotary_emb)
         oc, oh = o.split_with_sizes([text, t], dim=1)
         h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])

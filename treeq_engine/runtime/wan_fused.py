@@ -37,7 +37,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, refuse_fused_projections)
+                              _project, dispatch_kwargs, refuse_fused_projections)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -100,7 +100,7 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         query, key = _rotate(query, *rotary), _rotate(key, *rotary)
     proc = attn.processor
     o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                              backend=proc._attention_backend, parallel_config=proc._parallel_config)
+                              **dispatch_kwargs(proc))
     return o.flatten(2, 3).type_as(query)
 
 
