@@ -10,7 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import count_kernels  # noqa: E402
+from test_mmdit_fused import count_kernels, pair  # noqa: E402
 from test_search_wan import call, tiny_wan  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -32,13 +32,6 @@ def mixed(model):
         .with_layer("blocks.1.attn1.to_q", LayerConfig(4, 4)) \
         .with_layer("blocks.1.ffn.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
         .with_layer("blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
-
-
-def pair(model, plan, dtype=torch.float32):
-    unfused, fused = copy.deepcopy(model), copy.deepcopy(model)
-    quantize(unfused, plan, dtype=dtype, fuse=False)
-    quantize(fused, plan, dtype=dtype)
-    return unfused, fused
 
 
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])

@@ -342,32 +342,40 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
 
 
 
-def fuse_diffusers_blocks(model: nn.Module) -> int:
-    """Swap every ``BasicTransformerBlock`` of ``model`` that :class:`FusedBasicTransformerBlock` handles and that
-    has a packed linear with quantized activations to fuse; returns how many were swapped."""
+def swap_blocks(model: nn.Module, choose: Callable[[nn.Module], type | None],
+                linears: Callable[[nn.Module], Sequence[nn.Module]]) -> int:
+    """Replace every block of ``model`` for which ``choose`` names a fused class and that has a packed linear with
+    quantized activations among ``linears(block)`` by that class built from it; returns how many were swapped."""
     from ..nn.convert import _set_submodule
 
-    names = [name for name, mod in model.named_modules()
-             if name and _supported(mod) and any(_quantized(m) for m in _fusable_linears(mod))]
-    for name in names:
-        _set_submodule(model, name, FusedBasicTransformerBlock(model.get_submodule(name)))
-    return len(names)
+    swaps = [(name, cls) for name, mod in model.named_modules()
+             if name and (cls := choose(mod)) is not None and any(_quantized(m) for m in linears(mod))]
+    for name, cls in swaps:
+        _set_submodule(model, name, cls(model.get_submodule(name)))
+    return len(swaps)
 
 
-def _register_with_diffusers_hooks() -> None:
+def register_block(fused: type, hidden_index: int, encoder_index: int | None = None) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
-    applies it) look the block's exact class up in ``TransformerBlockRegistry``: give the fused block the entry
-    diffusers registers for ``BasicTransformerBlock`` (same forward signature, returns hidden_states alone). Written
-    into the registry directly: its ``register`` first imports every transformer diffusers knows (about a second)."""
+    applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
+    original (same forward signature; its outputs' positions). Written into the registry directly: its ``register``
+    first imports every transformer diffusers knows (about a second)."""
     try:
         from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     except ImportError:   # a diffusers without that registry has no hook that looks blocks up in it
         return
     registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if isinstance(registry, dict) and FusedBasicTransformerBlock not in registry:
-        meta = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-        meta._cls = FusedBasicTransformerBlock
-        registry[FusedBasicTransformerBlock] = meta
+    if isinstance(registry, dict) and fused not in registry:
+        meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
+                                        return_encoder_hidden_states_index=encoder_index)
+        meta._cls = fused
+        registry[fused] = meta
 
 
-_register_with_diffusers_hooks()
+def fuse_diffusers_blocks(model: nn.Module) -> int:
+    """Swap every ``BasicTransformerBlock`` of ``model`` that :class:`FusedBasicTransformerBlock` handles and that
+    has a packed linear with quantized activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: FusedBasicTransformerBlock if _supported(m) else None, _fusable_linears)
+
+
+register_block(FusedBasicTransformerBlock, 0)   # (returns hidden_states alone)

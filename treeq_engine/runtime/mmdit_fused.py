@@ -56,8 +56,8 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
-                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, refuse_fused_projections)
-from .linear import runs_packed_kernels as _quantized
+                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, refuse_fused_projections,
+                              register_block, swap_blocks)
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -353,37 +353,13 @@ class FusedJointTransformerBlock(JointTransformerBlock):
 def fuse_mmdit_blocks(model: nn.Module) -> int:
     """Swap every Flux or SD3 block of ``model`` that the fused classes handle and that has a packed linear with
     quantized activations to fuse; returns how many were swapped."""
-    from ..nn.convert import _set_submodule
+    def choose(mod: nn.Module) -> type | None:
+        return (FusedFluxSingleTransformerBlock if _single_supported(mod)
+                else FusedFluxTransformerBlock if _double_supported(mod)
+                else FusedJointTransformerBlock if _sd3_supported(mod) else None)
 
-    swaps = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-        cls = (FusedFluxSingleTransformerBlock if _single_supported(mod)
-               else FusedFluxTransformerBlock if _double_supported(mod)
-               else FusedJointTransformerBlock if _sd3_supported(mod) else None)
-        if cls is not None and any(_quantized(m) for m in _linears(mod)):
-            swaps.append((name, cls))
-    for name, cls in swaps:
-        _set_submodule(model, name, cls(model.get_submodule(name)))
-    return len(swaps)
+    return swap_blocks(model, choose, _linears)
 
 
-def _register_with_diffusers_hooks() -> None:
-    """FirstBlockCache / MagCache look a block's exact class up in ``TransformerBlockRegistry``: give the fused
-    classes the originals' entries (which diffusers registers when it first builds the registry)."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    except ImportError:
-        return
-    registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if not isinstance(registry, dict):
-        return
-    for fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock, FusedJointTransformerBlock):
-        if fused not in registry:   # each returns (encoder_hidden_states, hidden_states), as the originals
-            meta = TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
-            meta._cls = fused
-            registry[fused] = meta
-
-
-_register_with_diffusers_hooks()
+for _fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock, FusedJointTransformerBlock):
+    register_block(_fused, 1, 0)   # each returns (encoder_hidden_states, hidden_states), as the originals

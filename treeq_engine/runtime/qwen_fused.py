@@ -40,8 +40,7 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, dispatch_kwargs)
-from .linear import runs_packed_kernels as _quantized
+                              _plain_layer_norm, _project, dispatch_kwargs, register_block, swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -181,27 +180,7 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
 def fuse_qwen_blocks(model: nn.Module) -> int:
     """Swap every Qwen-Image block of ``model`` that the fused class handles and that has a packed linear with
     quantized activations to fuse; returns how many were swapped."""
-    from ..nn.convert import _set_submodule
-
-    swaps = [name for name, mod in model.named_modules()
-             if name and _qwen_supported(mod) and any(_quantized(m) for m in _linears(mod))]
-    for name in swaps:
-        _set_submodule(model, name, FusedQwenImageTransformerBlock(model.get_submodule(name)))
-    return len(swaps)
+    return swap_blocks(model, lambda m: FusedQwenImageTransformerBlock if _qwen_supported(m) else None, _linears)
 
 
-def _register_with_diffusers_hooks() -> None:
-    """FirstBlockCache / MagCache look a block's exact class up in ``TransformerBlockRegistry``: give the fused
-    class the original's entry (which diffusers registers when it first builds the registry)."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    except ImportError:
-        return
-    registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if isinstance(registry, dict) and FusedQwenImageTransformerBlock not in registry:
-        meta = TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
-        meta._cls = FusedQwenImageTransformerBlock
-        registry[FusedQwenImageTransformerBlock] = meta
-
-
-_register_with_diffusers_hooks()
+register_block(FusedQwenImageTransformerBlock, 1, 0)   # (returns (encoder_hidden_states, hidden_states))

@@ -37,7 +37,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, dispatch_kwargs, refuse_fused_projections)
+                              _project, dispatch_kwargs, refuse_fused_projections, register_block, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -145,27 +145,7 @@ class FusedWanTransformerBlock(WanTransformerBlock):
 def fuse_wan_blocks(model: nn.Module) -> int:
     """Swap every Wan block of ``model`` that the fused class handles and that has a packed linear with quantized
     activations to fuse; returns how many were swapped."""
-    from ..nn.convert import _set_submodule
-
-    swaps = [name for name, mod in model.named_modules()
-             if name and _wan_supported(mod) and any(_quantized(m) for m in _linears(mod))]
-    for name in swaps:
-        _set_submodule(model, name, FusedWanTransformerBlock(model.get_submodule(name)))
-    return len(swaps)
+    return swap_blocks(model, lambda m: FusedWanTransformerBlock if _wan_supported(m) else None, _linears)
 
 
-def _register_with_diffusers_hooks() -> None:
-    """FirstBlockCache / MagCache look a block's exact class up in ``TransformerBlockRegistry``: give the fused
-    class the original's entry (which diffusers registers when it first builds the registry)."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    except ImportError:
-        return
-    registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if isinstance(registry, dict) and FusedWanTransformerBlock not in registry:   # it returns hidden_states alone
-        meta = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-        meta._cls = FusedWanTransformerBlock
-        registry[FusedWanTransformerBlock] = meta
-
-
-_register_with_diffusers_hooks()
+register_block(FusedWanTransformerBlock, 0)   # (returns hidden_states alone, as the original)
