@@ -137,6 +137,26 @@ def brute_mse(model, runner, kw, space, env, lo, hi, row):
     return float(((out - fp) ** 2).mean())
 
 
+def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3):
+    """The evaluator's MSE for random candidate rows of three nodes (the first leaves, middle ones, the last) equals
+    ``brute_mse`` on the model's own forward, for a diffusers model called with ``kw`` (one chunk of ``batch``
+    samples, ``group`` candidates stacked per forward)."""
+    runner = make_runner(model)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), lam)
+    pristine = copy.deepcopy(model)
+    ev = Evaluator(model, runner, space, inputs, env, batch=batch, group=group)
+    rng = np.random.default_rng(seed)
+    c = len(space.candidates)
+    for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
+        picked = rng.integers(0, c, (rows, hi - lo))
+        got = ev.evaluate(lo, hi, picked)
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in picked]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+        assert (got > 0).all()
+
+
 @pytest.mark.parametrize("name,lam", [("sd3", 1.0), ("sd3-dual", 0.5), ("flux-guidance", 1.0), ("flux", 0.5)])
 def test_evaluate_matches_brute_force(name, lam):
     model = perturbed(MODELS[name]())

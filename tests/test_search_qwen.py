@@ -2,11 +2,9 @@
 segments compose to the model bit for bit, padding a call's prompts (as calls of different prompt lengths are
 stacked) leaves the image tokens as they were, tied leaves follow what reads one input, the evaluator agrees with a
 brute-force oracle on the model's own forward, and the command line searches, calibrates, fine-tunes and packs."""
-import copy
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +12,12 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_search_mmdit import brute_mse  # noqa: E402
+from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_qwen, tiny_qwen_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
-from treeq_engine.search import (Environment, Evaluator, QwenImageRunner, SearchSpace, capture_calls,  # noqa: E402
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.search import (QwenImageRunner, capture_calls,  # noqa: E402
                                  make_runner)
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -105,22 +103,7 @@ def test_tied_leaves_and_checked_inputs():
 
 
 def test_evaluate_matches_brute_force():
-    model = tiny_qwen()
-    runner = make_runner(model)
-    kw = call(n=4, seed=3)
-    inputs = runner.inputs(**kw)
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
-    env = Environment(LayerConfig(4, 4), 0.5)
-    pristine = copy.deepcopy(model)
-    ev = Evaluator(model, runner, space, inputs, env, batch=4, group=3)
-    rng = np.random.default_rng(5)
-    c = len(space.candidates)
-    for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
-        rows = rng.integers(0, c, (3, hi - lo))
-        got = ev.evaluate(lo, hi, rows)
-        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in rows]
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
-        assert (got > 0).all()
+    check_evaluator(tiny_qwen(), call(n=4, seed=3), 0.5, seed=5)
 
 
 def test_search_ptq_peft_quantize(tmp_path, capsys):

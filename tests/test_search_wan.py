@@ -2,23 +2,20 @@
 segments compose to the model bit for bit (text- and image-to-video, non-square grids), tied leaves follow what
 reads one input, the evaluator agrees with a brute-force oracle that converts a copy and runs the model's own
 forward, and the command line captures a Wan pipeline, searches (closed loop too), calibrates and packs."""
-import copy
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_search_mmdit import brute_mse  # noqa: E402
+from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import LayerConfig  # noqa: E402
-from treeq_engine.search import Environment, Evaluator, SearchSpace, WanRunner, make_runner  # noqa: E402
+from treeq_engine.search import WanRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
@@ -85,21 +82,7 @@ def test_tied_leaves_and_segments():
 @pytest.mark.parametrize("image,lam", [(False, 1.0), (True, 0.5)])
 def test_evaluate_matches_brute_force(image, lam):
     model = perturbed(tiny_wan(image))
-    runner = make_runner(model)
-    kw = call(model, n=4, seed=3)
-    inputs = runner.inputs(**kw)
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
-    env = Environment(LayerConfig(4, 4), lam)
-    pristine = copy.deepcopy(model)
-    ev = Evaluator(model, runner, space, inputs, env, batch=4, group=3)   # one chunk, 3 candidates per forward
-    rng = np.random.default_rng(7)
-    c = len(space.candidates)
-    for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
-        rows = rng.integers(0, c, (3, hi - lo))
-        got = ev.evaluate(lo, hi, rows)
-        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in rows]
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
-        assert (got > 0).all()
+    check_evaluator(model, call(model, n=4, seed=3), lam, seed=7)
 
 
 def test_inputs_are_checked():
