@@ -197,3 +197,22 @@ def test_capture_search_and_pack_a_qwen_pipeline(tmp_path, capsys):
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", "--cfg", "4", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+
+
+def test_an_all_ones_mask_reaches_the_blocks_as_none():
+    """The pipeline passes no mask when no prompt is padded (unmasked attention: the fast kernels); a runner whose
+    inputs had no padding does the same, and one that read padded prompts keeps the mask."""
+    model = tiny_qwen()
+    seen = []
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["encoder_hidden_states_mask"]), with_kwargs=True)
+    kw = call(n=2)
+    full = dict(kw, encoder_hidden_states_mask=torch.ones_like(kw["encoder_hidden_states_mask"]))
+    for given, masked in ((full, False), (dict(kw, encoder_hidden_states_mask=None), False), (kw, True)):
+        runner = make_runner(model)
+        seen.clear()
+        with torch.no_grad():
+            got = run_segments(runner, runner.inputs(**given))
+            want = model(**given).sample
+        assert (seen[0] is not None) == masked
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -63,6 +63,9 @@ class QwenImageRunner(CutModel):
         self.num_segments = len(self.blocks) + 2
         self.in_channels = int(cfg.in_channels)
         self._grids: dict[int, list[tuple[int, int, int]]] = {}
+        # every text mask this runner has read was all ones (None: none read): the blocks then get no mask, as the
+        # pipeline passes none then (unmasked attention: the fast kernels, the pipeline's own numbers)
+        self._unmasked: bool | None = None
         self.output_fn = output_fn
 
     input_names = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes")
@@ -87,8 +90,8 @@ class QwenImageRunner(CutModel):
                **_: Any) -> State:
         """One transformer call's arguments (as the pipeline passes them) as this runner's input tuple: the timestep
         broadcast to the batch, the mask made explicit, ``img_shapes`` as a tensor (and recorded on the host per
-        token count). What the search cannot reproduce is an error. (``img_shapes`` as a tensor is read back to
-        the host: a calibration file's, on the CPU.)"""
+        token count). What the search cannot reproduce is an error. (``img_shapes`` as a tensor, and the mask, are read
+        back to the host: a calibration file's, on the CPU; ``check_values=False`` skips the mask's.)"""
         if attention_kwargs:
             raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
                              "are not supported")
@@ -114,6 +117,8 @@ class QwenImageRunner(CutModel):
             mask = torch.ones(n, enc.shape[1], dtype=torch.long, device=enc.device)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
             raise ValueError(f"encoder_hidden_states_mask must be (N={n}, L={enc.shape[1]}), got {_shape(mask)}")
+        all_ones = encoder_hidden_states_mask is None or (check_values and bool(mask.all()))   # (a host read)
+        self._unmasked = all_ones if self._unmasked is None else self._unmasked and all_ones
         if timestep is None:
             raise ValueError("timestep is required")
         t = torch.as_tensor(timestep, device=hidden_states.device)
@@ -173,7 +178,7 @@ class QwenImageRunner(CutModel):
         x, enc, mask, t = state[:4]
         h = m.img_in(x)
         enc = m.txt_in(m.txt_norm(enc))
-        _, _, mask = compute_text_seq_len_from_mask(enc, mask)
+        _, _, mask = compute_text_seq_len_from_mask(enc, None if self._unmasked else mask)
         temb = m.time_text_embed(t.to(h.dtype), h)
         return (h, enc, mask, temb, state[4])
 
