@@ -196,10 +196,9 @@ class QuantPlan:
         if wrong:
             raise PlanError("plan layers must be nn.Linear modules or pointwise (1x1) convolutions; not such: "
                             + ", ".join(f"{n} ({describe(modules[n])})" for n in wrong[:5]))
-        from .nn.convert import TENSOR_READERS
+        from .nn.convert import TENSOR_READERS, read_as_tensors
 
-        readers = [m + "." for m, mod in modules.items() if type(mod).__name__ in TENSOR_READERS]
-        read = [n for n in self.layers if any(n.startswith(r) for r in readers)]
+        read = read_as_tensors(model, self.layers)
         if read:
             raise PlanError(f"{read[:4]} belong to a module that reads their weights as tensors instead of calling "
                             f"them ({', '.join(TENSOR_READERS)}): packed, they would run unquantized; leave them out")

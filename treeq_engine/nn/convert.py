@@ -25,9 +25,16 @@ from .quant_linear import QuantLinear
 TENSOR_READERS = ("HunyuanDiTAttentionPool",)
 
 
-def _called_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+def read_as_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that live in a ``TENSOR_READERS`` module of ``model``."""
     readers = [n + "." for n, m in model.named_modules() if type(m).__name__ in TENSOR_READERS]
-    return ((n, m) for n, m in model.named_modules() if not any(n.startswith(r) for r in readers))
+    return [n for n in names if any(n.startswith(r) for r in readers)]
+
+
+def _called_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    modules = dict(model.named_modules())
+    read = set(read_as_tensors(model, modules))
+    return ((n, m) for n, m in modules.items() if n not in read)
 
 
 def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
