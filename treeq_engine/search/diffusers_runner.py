@@ -41,11 +41,21 @@ def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
     ``qwen_runner.QwenImageRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
-    from .mmdit_runner import mmdit_arch
-    from .qwen_runner import qwen_arch
-    from .wan_runner import wan_arch
+    return _runner_for(model)[0]
 
-    return mmdit_arch(model) or wan_arch(model) or qwen_arch(model) or fused_arch(model)
+
+def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
+    """``(arch, runner class)`` of the first runner that cuts ``model``, or ``(None, None)``."""
+    from .mmdit_runner import MMDiTRunner, mmdit_arch
+    from .qwen_runner import QwenImageRunner, qwen_arch
+    from .wan_runner import WanRunner, wan_arch
+
+    for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
+                         (fused_arch, DiffusersRunner)):
+        arch = arch_of(model)
+        if arch is not None:
+            return arch, cls
+    return None, None
 
 
 def fused_arch(model: nn.Module) -> str | None:
@@ -67,19 +77,11 @@ def make_runner(model: nn.Module) -> Any:
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image. Anything else
     is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
-    from .mmdit_runner import MMDiTRunner, mmdit_arch
-    from .qwen_runner import QwenImageRunner, qwen_arch
-    from .wan_runner import WanRunner, wan_arch
 
-    if mmdit_arch(model) is not None:
-        return MMDiTRunner(model)
-    if wan_arch(model) is not None:
-        return WanRunner(model)
-    if qwen_arch(model) is not None:
-        return QwenImageRunner(model)
-    if fused_arch(model) is None:
+    _, cls = _runner_for(model)
+    if cls is None:
         raise TypeError(f"the search cuts diffusers' {', '.join(SUPPORTED)}; got {type(model).__name__}")
-    return DiffusersRunner(model)
+    return cls(model)
 
 
 class DiffusersRunner(CutModel):
