@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                   "kept", file=sys.stderr)
         keep: list[float] | None = None
         shifting = bool(getattr(getattr(pipe.scheduler, "config", None), "use_dynamic_shifting", False))
-        if runner.arch not in ("flux", "qwen-image") and not shifting:   # (module docstring: else chosen from the first run's calls)
+        if runner.scheduler_timesteps and not shifting:   # (module docstring: else chosen from the first run's calls)
             pipe.scheduler.set_timesteps(args.steps)
             schedule = pipe.scheduler.timesteps
             keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))

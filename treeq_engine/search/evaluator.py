@@ -57,6 +57,9 @@ class CutModel:
 
     num_segments: int
     output_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    # the pipeline hands the transformer its scheduler's timesteps as they are (Flux and Qwen-Image pass them
+    # / 1000): a capture can then pick the timesteps to keep from the scheduler before any run
+    scheduler_timesteps = True
 
     def run(self, segment: int, state: State) -> State:
         """Segment 0 the embedders, the last the head (its output alone), the ones between block ``segment − 1``."""

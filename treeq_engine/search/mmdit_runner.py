@@ -57,6 +57,7 @@ class MMDiTRunner(CutModel):
             raise TypeError(f"MMDiTRunner cuts diffusers' {' and '.join(CLASSES)}; got {type(model).__name__}")
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = arch
+        self.scheduler_timesteps = arch == SD3   # (Flux's pipeline passes them / 1000)
         self.joint = model.transformer_blocks
         self.single = model.single_transformer_blocks if arch == FLUX else nn.ModuleList()
         self.num_segments = len(self.joint) + len(self.single) + 2

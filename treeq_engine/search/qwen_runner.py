@@ -47,6 +47,7 @@ class QwenImageRunner(CutModel):
     """``SegmentRunner`` for a diffusers Qwen-Image transformer (see the module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    scheduler_timesteps = False   # (the pipeline passes them / 1000)
     # inputs whose dim 1 may differ between calls: padded to the longest with this value when calls are stacked
     ragged = {"encoder_hidden_states": 0.0, "encoder_hidden_states_mask": 0}
 
