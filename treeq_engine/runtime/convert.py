@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..branches import monarch
 from ..format import quantize as quantize_tensor
+from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..nn.convert import _set_submodule
 from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
@@ -148,7 +149,6 @@ def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
     joint blocks, Wan's and Qwen-Image's blocks. Returns how many blocks were fused."""
-    from ..models.diffusers_transformers import MMDIT_BLOCKS
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -158,33 +158,31 @@ def fuse_blocks(model: nn.Module) -> int:
         from .diffusers_fused import fuse_diffusers_blocks
 
         fused += fuse_diffusers_blocks(model)
-        if any(type(m).__name__ in MMDIT_BLOCKS for m in model.modules()):
-            try:
-                from .mmdit_fused import fuse_mmdit_blocks
-            except ImportError as e:   # the fused attention calls what diffusers added in 0.35
-                warnings.warn(f"SD3/Flux blocks stay unfused: this diffusers lacks what their fused forward calls "
-                              f"({e}); diffusers >= 0.35 has it", stacklevel=2)
-            else:
-                fused += fuse_mmdit_blocks(model)
-        if any(type(m).__name__ == "WanTransformerBlock" for m in model.modules()):
-            try:
-                from .wan_fused import fuse_wan_blocks
-            except ImportError as e:   # WanAttention and dispatch_attention_fn came with diffusers 0.35
-                warnings.warn(f"Wan blocks stay unfused: this diffusers lacks what their fused forward calls ({e}); "
-                              "diffusers >= 0.35 has it", stacklevel=2)
-            else:
-                fused += fuse_wan_blocks(model)
-        if any(type(m).__name__ == "QwenImageTransformerBlock" for m in model.modules()):
-            # before 0.39 the processor either ignored the text mask or took it through attention kwargs
-            if _diffusers_version() < (0, 39):
-                warnings.warn("Qwen-Image blocks stay unfused: their fused forward computes the text mask as "
-                              "diffusers >= 0.39 does", stacklevel=2)
-            else:
-                from .qwen_fused import fuse_qwen_blocks
-
-                fused += fuse_qwen_blocks(model)
+        present = {type(m).__name__ for m in model.modules()}
+        for blocks, what, module, function, version in _DIFFUSERS_FUSED:
+            if not present.intersection(blocks):
+                continue
+            if _diffusers_version() < version:
+                warnings.warn(f"{what} blocks stay unfused: their fused forward computes as diffusers >= "
+                              f"{version[0]}.{version[1]} does", stacklevel=2)
+                continue
+            try:   # (through __import__: imported only for a model that has such blocks)
+                fuse = getattr(__import__(f"{__package__}.{module}", fromlist=[function]), function)
+            except ImportError as e:   # (a diffusers that says its version but lacks what the fused forward calls)
+                warnings.warn(f"{what} blocks stay unfused: this diffusers lacks what their fused forward calls "
+                              f"({e}); diffusers >= {version[0]}.{version[1]} has it", stacklevel=2)
+                continue
+            fused += fuse(model)
         _register_fused_names(model)
     return fused
+
+
+# the diffusers blocks with fused classes of their own: (block class names, what, the runtime module and its
+# ``fuse...(model) -> int``, the diffusers version its forward follows: 0.35 added dispatch_attention_fn and the
+# processors it reads; before 0.39 Qwen-Image's processor ignored the text mask or took it through kwargs)
+_DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks", (0, 35)),
+                    (("WanTransformerBlock",), "Wan", "wan_fused", "fuse_wan_blocks", (0, 35)),
+                    (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)))
 
 
 def _diffusers_version() -> tuple[int, int]:
