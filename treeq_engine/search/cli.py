@@ -327,12 +327,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not args.diffusers:
             inputs, weights = _inputs(model, args, progress)
-        if args.diffusers:   # (the modules the class keeps in float32 stay so, as the pipeline loads them)
-            from ..models.diffusers_transformers import cast_keeping_fp32
+        from ..models.diffusers_transformers import cast_keeping_fp32
 
-            model = cast_keeping_fp32(model, dtype)
-        else:
-            model = model.to(dtype)
+        model = cast_keeping_fp32(model, dtype)   # (a diffusers class's float32-kept modules stay so; else .to)
         keep = {runner.input_names.index("timestep")} if args.diffusers else set()   # float timesteps stay exact
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
                        for i, t in enumerate(inputs))
