@@ -400,7 +400,9 @@ def test_ptq_walks_the_diffusers_cut_and_packs():
 
     model = perturbed(tiny_pixart())
     runner = DiffusersRunner(model)
-    batches = [example(runner, n=3, seed=s)[0] for s in (11, 12)]
+    # captions unpadded: the staged walk leaves padding out of its statistics, which the whole forward cannot
+    # (test_ptq_statistics_leave_out_padded_captions)
+    batches = [b[:3] + (torch.ones_like(b[3]),) + b[4:] for b in (example(runner, n=3, seed=s)[0] for s in (11, 12))]
     base = QuantPlan.block_uniform(model, 4, 4)
     plan = QuantPlan({n: c.replace(branch=BranchConfig("monarch", 4)) if ".transformer_blocks." in f".{n}" else c
                       for n, c in base.layers.items()})
@@ -1076,3 +1078,21 @@ def test_smoothing_refusals_and_orders(tmp_path, monkeypatch):
     save_file(tensors, str(f), metadata=meta)
     with pytest.raises(CheckpointError, match="a member of the site"):
         ptq.load_calibration(copy.deepcopy(model), out)
+
+
+def test_ptq_statistics_leave_out_padded_captions():
+    """PixArt's captions are padded and masked: the caption projection and cross-attention's to_k/to_v are
+    calibrated on real caption tokens only; every other layer sees all its rows."""
+    from treeq_engine.calib.capture import capture_inputs
+
+    model = tiny_pixart()
+    inputs, _ = example(DiffusersRunner(model))
+    mask = inputs[3].bool()
+    real = int(mask.sum())
+    assert 0 < real < mask.numel()
+    for name, rows in (("caption_projection.linear_1", real), ("caption_projection.linear_2", real),
+                       ("transformer_blocks.1.attn2.to_k", real), ("transformer_blocks.0.attn2.to_v", real),
+                       ("transformer_blocks.0.attn2.to_q", 4 * 16), ("transformer_blocks.0.ff.net.2", 4 * 16)):
+        assert capture_inputs(model, name, [inputs], max_tokens=10_000).shape[0] == rows, name
+    torch.testing.assert_close(capture_inputs(model, "caption_projection.linear_1", [inputs], max_tokens=10_000),
+                               inputs[1][mask])

@@ -216,3 +216,34 @@ def test_an_all_ones_mask_reaches_the_blocks_as_none():
             want = model(**given).sample
         assert (seen[0] is not None) == masked
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_calls_of_two_lengths_stack_masked():
+    """A true-CFG pipeline at batch 1 calls the transformer once with the prompt and once with the negative prompt,
+    each unpadded (no mask): stacked, the shorter is padded, and the runner that read them masks from then on."""
+    model = tiny_qwen()
+    runner = make_runner(model)
+    calls_kw = [dict(call(n=1, text=t, seed=t), encoder_hidden_states_mask=None) for t in (7, 11)]
+    with capture_calls(runner) as calls, torch.no_grad():
+        want = torch.cat([model(**kw).sample for kw in calls_kw])
+    inputs = calls.inputs()
+    assert inputs[2].tolist() == [[1] * 7 + [0] * 4, [1] * 11]
+    with torch.no_grad():
+        torch.testing.assert_close(run_segments(runner, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ptq_statistics_leave_out_padded_text_rows():
+    """The text stream's layers are calibrated on real prompt tokens only: the padding the mask hides is left out
+    of what PTQ and SmoothQuant capture; image-stream layers see every token."""
+    from treeq_engine.calib.capture import capture_inputs
+
+    model = tiny_qwen()
+    runner = make_runner(model)
+    inputs = runner.inputs(**call(n=2, text=7))   # 7 + 5 real prompt tokens, 2 of padding
+    for name, rows in (("txt_in", 12), ("transformer_blocks.0.attn.add_k_proj", 12),
+                       ("transformer_blocks.1.txt_mlp.net.2", 12), ("transformer_blocks.1.attn.to_add_out", 12),
+                       ("transformer_blocks.0.attn.to_q", 2 * 24), ("transformer_blocks.1.img_mlp.net.2", 2 * 24)):
+        assert capture_inputs(model, name, [inputs], max_tokens=10_000).shape[0] == rows, name
+    with torch.no_grad():   # the rows kept are the real ones: txt_in's input is the normed prompt
+        want = model.txt_norm(inputs[1])[inputs[2].bool()]
+    torch.testing.assert_close(capture_inputs(model, "txt_in", [inputs], max_tokens=10_000), want)

@@ -10,6 +10,8 @@ next stage's inputs. So each layer is calibrated on inputs produced by the alrea
 without re-running the prefix.
 
 Tokens are subsampled per batch with a seeded generator, so a resumed calibration sees exactly the same rows.
+Rows the runner calls padding (``real_rows``: PixArt's captions and Qwen-Image's prompts padded to the longest
+and hidden by the attention mask) are left out first: the output never sees them, so they must not steer a clip.
 """
 from __future__ import annotations
 
@@ -29,19 +31,30 @@ def is_staged(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("embed", "blocks", "final"))
 
 
-def _stage_fns(model: nn.Module) -> list[Callable[[tuple], Any]]:
+RealRows = Callable[[str, tuple], "torch.Tensor | None"]
+
+
+def _stage_fns(model: nn.Module) -> tuple[list[Callable[[tuple], Any]], RealRows]:
+    """The stages' functions, and which rows of a layer's input are real tokens given its stage's input (the
+    runner's ``real_rows``: padding hidden by an attention mask is not)."""
     from ..search.diffusers_runner import diffusers_arch, make_runner
 
     if diffusers_arch(model) is not None:   # the search's cut; batches are its input tuples
         runner = make_runner(model)
         # (the ignores: mypy cannot type a lambda whose default argument binds the loop variable)
-        return [lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]  # type: ignore[misc]
+        cut: list[Callable[[tuple], Any]] = [
+            lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]  # type: ignore[misc]
+        return cut, runner.real_rows
     if not is_staged(model):
-        return [lambda inp: model(*inp)]
+        return [lambda inp: model(*inp)], _all_real
     fns: list[Callable[[tuple], Any]] = [lambda inp: model.embed(*inp)]
     fns += [lambda inp, b=b: (b(*inp), inp[1]) for b in model.blocks]  # type: ignore[misc]
     fns.append(lambda inp: model.final(*inp))
-    return fns
+    return fns, _all_real
+
+
+def _all_real(name: str, inp: tuple) -> torch.Tensor | None:
+    return None
 
 
 class StageRunner:
@@ -51,7 +64,7 @@ class StageRunner:
         if not batches:
             raise ValueError("calibration needs at least one batch of model inputs")
         self.model = model
-        self.fns = _stage_fns(model)
+        self.fns, self.real_rows = _stage_fns(model)
         self.stage_of = self._assign(names, batches[0])
         self.stage = 0
         self.inputs: list[tuple] = [tuple(b) for b in batches]
@@ -93,8 +106,16 @@ class StageRunner:
         gen = torch.Generator().manual_seed(seed)
         rows: list[torch.Tensor] = []
 
+        keep: list[torch.Tensor | None] = [None]
+
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            x = args[0].detach()
+            if keep[0] is not None:   # padding the output never sees is left out of the statistics
+                if tuple(x.shape[:-1]) != tuple(keep[0].shape):
+                    raise RuntimeError(f"{name}: the runner's real-row mask has shape {tuple(keep[0].shape)}, the "
+                                       f"layer's input {tuple(x.shape)}")
+                x = x[keep[0].to(x.device)]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
             if x.shape[0] > per_batch:
                 x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)]
             rows.append(x)
@@ -103,6 +124,7 @@ class StageRunner:
         handle = self.model.get_submodule(name).register_forward_pre_hook(hook)
         try:
             for inp in self.inputs:
+                keep[0] = self.real_rows(name, inp)
                 try:
                     self.fns[self.stage](inp)
                 except _Captured:

@@ -127,6 +127,18 @@ class DiffusersRunner(CutModel):
             return head + ".kv"
         return None
 
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """PixArt's captions are padded (to 120 or 300 tokens) and the mask hides the padding from cross-attention:
+        the caption projection's and cross-attention's to_k/to_v rows of padding are not real."""
+        if self.arch != PIXART:
+            return None
+        parts = layer_name.split(".")
+        if parts[0] == "caption_projection":   # segment 0: the input tuple's keep-mask
+            return state[3].bool()
+        if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
+            return state[2][:, 0] == 0   # a block's caption bias: 0 keeps a token, -10000 hides it
+        return None
+
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | int | None = None,
                class_labels: torch.Tensor | None = None, *, encoder_hidden_states: torch.Tensor | None = None,
@@ -313,7 +325,10 @@ class CapturedCalls:
             keep = set(select_timesteps(self.timesteps, timesteps))
             calls = [c for c, t in zip(self.calls, self.timesteps) if t in keep]
         names = self.runner.input_names
-        return stack_inputs(calls, {names.index(k): v for k, v in getattr(self.runner, "ragged", {}).items()})
+        ragged = {names.index(k): v for k, v in getattr(self.runner, "ragged", {}).items()}
+        if any(len({c[i].shape[1] for c in calls}) > 1 for i in ragged):
+            self.runner.saw_padding()   # calls it read unpadded now hold padding: it must mask from here on
+        return stack_inputs(calls, ragged)
 
 
 class capture_calls:

@@ -89,6 +89,13 @@ class CutModel:
         out = state[0]
         return out if self.output_fn is None else self.output_fn(out)
 
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """Which rows of ``layer_name``'s input are real tokens when its segment runs on ``state``: a boolean
+        ``(N, L)`` mask over the input's leading dims, or ``None`` when all are. Calibration statistics (PTQ's clip
+        search, SmoothQuant's channel ranges) read only real rows: a caption padded to the call's longest and hidden
+        by the attention mask is computed but never seen by the output. Default: every row is real."""
+        return None
+
 
 class DiTRunner(CutModel):
     """DiT-shaped models: ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c) -> h``, ``final(h, c) -> out``.

@@ -83,6 +83,17 @@ class QwenImageRunner(CutModel):
             return head + ".add_qkv"
         return None
 
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """The text stream's rows of padding (prompts of a calibration set padded to the longest, the mask hiding
+        them) are not real: the text input projection's, and each block's text projections and MLP."""
+        parts = layer_name.split(".")
+        text = parts[0] == "txt_in" or (
+            len(parts) > 3 and parts[0] == "transformer_blocks" and
+            (parts[2] == "txt_mlp" or (parts[2] == "attn" and parts[3] in ("add_q_proj", "add_k_proj", "add_v_proj",
+                                                                           "to_add_out"))))
+        mask = state[2] if text else None
+        return None if mask is None else mask.bool()
+
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                encoder_hidden_states_mask: torch.Tensor | None = None, timestep: torch.Tensor | float | None = None,
@@ -129,6 +140,11 @@ class QwenImageRunner(CutModel):
         grids = self._grid_rows(img_shapes, n, s)
         self._grids[s] = [tuple(g) for g in grids[0].tolist()]
         return (hidden_states, enc, mask, t.expand(n).clone(), grids.to(hidden_states.device))
+
+    def saw_padding(self) -> None:
+        """Calls this runner read are stacked padded (``ragged``): its blocks take the mask from now on, even if
+        every call it read came unpadded (a true-CFG pipeline's prompt and negative prompt, one call each)."""
+        self._unmasked = False
 
     def _grid_rows(self, img_shapes: Any, n: int, s: int) -> torch.Tensor:
         """``img_shapes`` (the pipeline's list of per-sample lists of (frames, height, width), or a stored
