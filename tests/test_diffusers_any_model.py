@@ -48,6 +48,12 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     assert man["model_config"]["class"] == type(model).__name__
     loaded = artifact.load(art, rebuild(man["model_config"]))
     assert len(treeq_layers(loaded)) == len(plan.layers)
+    if hasattr(loaded, "fuse_qkv_projections"):   # a loaded artifact refuses a dense copy of its projections too
+        try:
+            loaded.fuse_qkv_projections()   # (Sana's attention is not one diffusers fuses: nothing happens)
+        except RuntimeError as e:
+            assert "leave the projections unfused" in str(e) and name != "sana"
+        assert not any(getattr(m, "fused_projections", False) for m in loaded.modules())
     if name == "sana":
         assert isinstance(loaded.transformer_blocks[0].ff.conv_inverted, TreeQPointwiseConv)
     # what quantize makes of the bf16-loaded weights (the rest of the model back in float32, as rebuild has it)

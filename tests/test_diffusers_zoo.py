@@ -97,3 +97,38 @@ def test_a_plan_naming_linears_read_as_tensors_is_refused():
     bad = plan.with_layer("time_extra_emb.pooler.q_proj", LayerConfig(4, 8))
     with pytest.raises(PlanError, match=r"time_extra_emb.pooler.q_proj.*reads their weights as tensors"):
         quantize(model, bad)
+
+
+
+def _attentions(model, packed):
+    """The modules with diffusers' fuse_projections whose projections ``packed`` (names) holds."""
+    from treeq_engine.runtime.convert import PROJECTIONS
+
+    return [m for a, m in model.named_modules() if callable(getattr(m, "fuse_projections", None))
+            and any(f"{a}.{p}" in packed for p in PROJECTIONS)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_projection_fusion_is_refused_on_packed_attention(name):
+    """diffusers' fuse_qkv_projections concatenates to_q/to_k/to_v weights into a new dense linear, and a packed layer
+    answers `weight` dequantized: after quantize the attention would run that float copy, unquantized. Refused on
+    every attention holding packed projections, the output unchanged; and a plan packing the projections of an
+    attention fused before quantize (which then never calls them) is refused too."""
+    model, kw = _build(name, torch.float32)
+    plan = QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True)
+    if not _attentions(model, plan.layers):
+        pytest.skip(f"{name}: no attention with fuse_projections has packed projections")
+    try:
+        _attentions(model, plan.layers)[0].fuse_projections()
+    except Exception as e:   # (some attentions cannot fuse even unquantized)
+        pytest.skip(f"{name}: fuse_projections fails on the float model ({type(e).__name__}: {e})")
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        quantize(model, plan)
+
+    model, kw = _build(name, torch.float32)
+    want = _out(quantize(model, plan), kw)
+    for attn in _attentions(model, treeq_layers(model)):
+        with pytest.raises(RuntimeError, match="leave the projections unfused"):
+            attn.fuse_projections()
+        attn.fuse_projections(False)   # (unfusing what is not fused is allowed)
+    assert torch.equal(_out(model, kw), want)

@@ -250,7 +250,7 @@ def test_block_level_fallbacks():
         with pytest.MonkeyPatch.context() as mp, torch.no_grad():
             mp.setattr(TreeQLinear, "quantize_input", counting)
             if what == "fused_projections":   # to_qkv would be a dense copy of the packed layers: refused
-                with pytest.raises(RuntimeError, match="call it before quantize"):
+                with pytest.raises(RuntimeError, match="leave the projections unfused"):
                     _flux_attention_ok(fb.attn, joint=True)
                 fb.attn.fused_projections = False
                 continue

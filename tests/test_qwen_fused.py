@@ -108,8 +108,9 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         assert n["ln"] == 0
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    # Qwen's processor reads the separate projections even after fuse_projections: nothing changes
-    fused.transformer_blocks[1].attn.fuse_projections()
+    # fusing packed projections would build a dense copy (Qwen's processor would not even read it): refused
+    with pytest.raises(RuntimeError, match="leave the projections unfused"):
+        fused.transformer_blocks[1].attn.fuse_projections()
     calls, got = count_kernels(fused, kw)
     assert calls["ln"] == 2 * 4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ calibrated weight quantization and trained branch are packed as they are).
 """
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -90,8 +91,10 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
     check_layout(layout)
     plan.validate(model)
+    _check_unfused(model, plan)
     for name, cfg in plan.layers.items():   # (set_layout, below, forgets a graphed model's graphs)
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
+    guard_projection_fusion(model)
     if fuse:
         fuse_blocks(model)
     set_layout(model, layout)
@@ -129,6 +132,7 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     """Swap the plan's layers for empty TreeQLinear (TreeQPointwiseConv) modules of the right shapes (to load an
     artifact into)."""
     plan.validate(model)
+    _check_unfused(model, plan)
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if not cfg.weight_spec().is_quantized:
@@ -140,9 +144,46 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         packed = TreeQPointwiseConv(k, n, cfg, spatial_dims=len(mod.kernel_size), **kw) if is_pointwise_conv(mod) \
             else TreeQLinear(k, n, cfg, **kw)
         _set_submodule(model, name, packed)
+    guard_projection_fusion(model)
     if fuse:
         fuse_blocks(model)
     return model
+
+
+# the projections diffusers' ``fuse_projections`` concatenates into one ``to_qkv`` / ``to_kv`` / ``to_added_qkv``
+PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _check_unfused(model: nn.Module, plan: QuantPlan) -> None:
+    """A plan packing projections of an attention whose projections are fused (``fuse_qkv_projections`` before
+    quantizing) would pack layers the attention no longer calls: its dense ``to_qkv`` would run unquantized."""
+    for name in plan.layers:
+        parent, _, last = name.rpartition(".")
+        if last in PROJECTIONS and getattr(model.get_submodule(parent), "fused_projections", False):
+            raise ValueError(f"the plan packs {name}, but {parent or 'the model'} runs its fused projection "
+                             "(fuse_qkv_projections() was called): the packed layer would never run; call "
+                             "unfuse_qkv_projections() before quantizing")
+
+
+def _refuse_fusion(attn: nn.Module, fuse: bool = True) -> None:
+    if fuse:
+        raise RuntimeError("fuse_qkv_projections() after quantize would replace packed projections by one dense "
+                           "float linear of their dequantized weights (the attention would run unquantized); "
+                           "leave the projections unfused")
+    attn.fused_projections = False   # (unfusing: there is nothing fused)
+
+
+def guard_projection_fusion(model: nn.Module) -> int:
+    """diffusers' ``fuse_projections`` concatenates ``to_q.weight`` etc. into a new dense linear, and a packed layer
+    answers ``weight`` dequantized: on every attention holding packed projections it is replaced by a refusal (on
+    the instance, so nothing else changes). Returns how many attentions are guarded."""
+    n = 0
+    for mod in model.modules():
+        if callable(getattr(mod, "fuse_projections", None)) and \
+                any(isinstance(mod._modules.get(p), TreeQLinear) for p in PROJECTIONS):
+            mod.fuse_projections = types.MethodType(_refuse_fusion, mod)
+            n += 1
+    return n
 
 
 def fuse_blocks(model: nn.Module) -> int:

@@ -107,9 +107,9 @@ def refuse_fused_projections(attn: Any, names: Sequence[str]) -> None:
     layer answers dequantized: after ``quantize`` the attention would run that float copy, silently unquantized."""
     if getattr(attn, "fused_projections", False) and any(isinstance(attn._modules.get(n), TreeQLinear)
                                                            for n in names):
-        raise RuntimeError("fuse_qkv_projections() replaced packed projections by a dense float copy of their "
-                           "dequantized weights: call it before quantize (the fused projection is then packed), or "
-                           "unfuse_qkv_projections()")
+        raise RuntimeError("fused_projections is set on an attention with packed projections: its dense fused "
+                           "projection would run unquantized; leave the projections unfused (fused_projections "
+                           "False, as quantize left them)")
 
 
 def _sdpa_attention(attn: Attention) -> bool:
