@@ -161,6 +161,32 @@ def test_bf16_and_a_cache_hook():
     assert torch.isfinite(first).all()
 
 
+def test_fp16_residuals_clip_as_diffusers_clips_them():
+    """In float16, Flux clips the double blocks' text stream and the single blocks' output to fp16's range; the
+    fused blocks do too. Gates opened to 6e4 push some residual values past 65504 in the final adds of both kinds of
+    block (not before a LayerNorm, where diffusers itself would turn inf into NaN): the values saturate at the
+    limit, and the fused model agrees with the unfused one (without either clip its output is NaN)."""
+    model = flux().to(torch.float16)
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    with torch.no_grad():
+        for b in model.transformer_blocks:   # the text stream's MLP gate (the 6th chunk of its modulation)
+            b.norm1_context.linear.bias[5 * d:].add_(6e4)
+            b.ff_context.net[2].weight.mul_(2.0)
+        for b in model.single_transformer_blocks:   # the single block's gate (its 3rd chunk)
+            b.norm.linear.bias[2 * d:].add_(6e4)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.float16)
+    kw = {k: v.to(torch.float16) if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v
+          for k, v in call(model, n=2).items()}
+    saturated = []
+    for b in (fused.transformer_blocks[0], fused.single_transformer_blocks[1]):
+        b.register_forward_hook(lambda mod, args, out: saturated.append(int((out[0].abs() == 65504).sum())))
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert all(n > 0 for n in saturated) and len(saturated) == 2
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 5e-2   # (fp16 rounding, W8A8: 1e-2 without saturation)
+
+
 def sd3_mixed(model):
     plan = QuantPlan.block_uniform(model, 4, 8)
     return plan.with_layer("transformer_blocks.0.attn.add_k_proj", LayerConfig(16, 16)) \

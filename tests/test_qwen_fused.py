@@ -194,3 +194,26 @@ def test_a_diffusers_before_0_39_leaves_qwen_blocks_unfused(monkeypatch):
     with pytest.warns(UserWarning, match="Qwen-Image blocks stay unfused.*>= 0.39"):
         quantize(model, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
     assert type(model.transformer_blocks[0]).__name__ == "QwenImageTransformerBlock"
+
+
+def test_fp16_residuals_clip_as_diffusers_clips_them():
+    """In float16, Qwen-Image clips each block's residual streams to fp16's range; the fused block does too. A
+    feed-forward blown up past 65504 saturates both streams at the limit, and the fused model still agrees with
+    the unfused one (without the clip its next LayerNorm reads inf and the output is NaN)."""
+    model = tiny_qwen().to(torch.float16)
+    with torch.no_grad():
+        for b in model.transformer_blocks:   # (open the gates: diffusers zero-inits the modulation)
+            b.img_mod[1].bias.add_(2.0)
+            b.txt_mod[1].bias.add_(2.0)
+        model.transformer_blocks[0].img_mlp.net[2].weight.mul_(1e4)
+        model.transformer_blocks[0].txt_mlp.net[2].weight.mul_(1e4)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.float16)
+    kw = {k: v.to(torch.float16) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep"
+          else v for k, v in call(n=2).items()}
+    peaks = []
+    fused.transformer_blocks[0].register_forward_hook(lambda mod, args, out: peaks.extend(o.abs().max() for o in out))
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert [float(p) for p in peaks] == [65504.0, 65504.0]   # both streams saturated, not inf
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 3e-2   # (fp16 rounding, W8A8)
