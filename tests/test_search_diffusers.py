@@ -1096,3 +1096,51 @@ def test_ptq_statistics_leave_out_padded_captions():
         assert capture_inputs(model, name, [inputs], max_tokens=10_000).shape[0] == rows, name
     torch.testing.assert_close(capture_inputs(model, "caption_projection.linear_1", [inputs], max_tokens=10_000),
                                inputs[1][mask])
+
+
+def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
+    """`treeq ptq --dtype bfloat16` calibrates a model loaded in bf16 (half the memory: what a 12B or 20B transformer
+    needs to fit beside its teacher); `treeq peft` and `treeq quantize --ptq` load it in the dtype the calibration
+    recorded, and the artifact computes what the calibrated, fine-tuned bf16 fake-quant model computes."""
+    import json
+
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2", "--steps", "4", "--timesteps", "2",
+                 "--device", "cpu", "--out", calib]) == 0
+    src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
+    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
+    assert main(["ptq", *src, "--dtype", "bfloat16", "--bits", "W4A8", "--branch", "monarch", "--branch-params",
+                 "4", "--max-tokens", "64", "--rounds", "1", "--out", ptq]) == 0
+    assert json.loads((tmp_path / "ptq" / "ptq.json").read_text())["data"]["dtype"] == "bfloat16"
+    assert main(["peft", *src, "--ptq", ptq, "--steps", "3", "--lr-branch", "0.05", "--out", peft]) == 0
+    assert "for 3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="dtype it was calibrated in"):
+        main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--dtype", "bfloat16", "--out", str(art)])
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+
+    direct = diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer",
+                                                             torch_dtype=torch.bfloat16).eval()
+    load_calibration(direct, ptq)   # (a float32 model is another model to the calibration's fingerprint)
+    load_finetuned(direct, peft)
+    assert {p.dtype for n, p in direct.named_parameters() if ".branch." in n} == {torch.float32}   # trained so
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    x, t, y = DiffusersRunner(direct).inputs(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 7]))
+    with torch.no_grad():
+        want = direct(x.bfloat16(), t, y).sample.float()
+        got = loaded(x.to(loaded.dtype), t, y).sample.float()
+    # (the artifact rebuilds the rest of the model in float32: 1.1e-2 from the bf16 model)
+    assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 3e-2
+    from treeq_engine.calib.store import CheckpointError
+
+    with pytest.raises(CheckpointError, match="calibrated from another model"):
+        load_calibration(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"), ptq)
+    with pytest.raises(SystemExit, match="--dtype is for --diffusers"):
+        main(["ptq", "--dtype", "bfloat16", "--out", str(tmp_path / "p5")])

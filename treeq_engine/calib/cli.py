@@ -35,8 +35,9 @@ def _load_model(path: str | None, device: str):
     return load_any_dit(path, device=device)
 
 
-def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
-    """``--diffusers PATH``: the transformer; and its captured inputs as batches of ``--calib-batch`` samples."""
+def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: torch.dtype = torch.float32):
+    """``--diffusers PATH``: the transformer in ``dtype``; and its captured inputs as batches of ``--calib-batch``
+    samples (their floats in the model's dtype)."""
     from ..models.diffusers_transformers import load_transformer
     from ..search.diffusers_runner import load_inputs, make_runner
 
@@ -47,7 +48,7 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True):
     if args.calib_batch <= 0:
         raise SystemExit(f"--calib-batch must be positive, got {args.calib_batch}")
     try:
-        model, _ = load_transformer(args.diffusers, device=args.device)
+        model, _ = load_transformer(args.diffusers, dtype, device=args.device)
         if not with_inputs:
             return model, None
         inputs = load_inputs(args.calib_inputs, make_runner(model))
@@ -136,6 +137,10 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=64, help="images sampled for calibration")
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows per layer for the searches")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="with --diffusers: the dtype the model loads and runs in (bfloat16 halves the memory of a "
+                        "large model; statistics and clip searches stay float32); `treeq peft` and `treeq quantize "
+                        "--ptq` follow it")
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the model where they help (none: off); our DiT, and "
                         "diffusers DiT/PixArt/SD3/Flux blocks (see docs/gmb.md)")
@@ -170,8 +175,10 @@ def run_ptq(args: argparse.Namespace) -> int:
     if args.branch == "plan" and not args.plan:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
     if args.diffusers:
-        fp, batches = _diffusers_model(args)
+        fp, batches = _diffusers_model(args, dtype=getattr(torch, args.dtype))
     else:
+        if args.dtype != "float32":
+            raise SystemExit("--dtype is for --diffusers models (ours calibrate in float32)")
         fp = _load_model(args.model, args.device)   # only read until calibrate converts it in place
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
@@ -183,6 +190,8 @@ def run_ptq(args: argparse.Namespace) -> int:
     if args.diffusers:
         data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp),
                 "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
+        if args.dtype != "float32":   # (absent for float32, so that earlier directories resume as they were)
+            data["dtype"] = args.dtype
     else:
         data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp),
                 "samples": args.calib_samples, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
@@ -226,7 +235,7 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
 def run_peft(args: argparse.Namespace) -> int:
     from ..search.diffusers_runner import inputs_digest
     from .peft import PEFTConfig, finetune
-    from .ptq import diffusers_source, load_calibration, ptq_digest
+    from .ptq import diffusers_dtype, diffusers_source, load_calibration, ptq_digest
 
     if not Path(args.ptq).is_dir():
         raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json), "
@@ -237,8 +246,9 @@ def run_peft(args: argparse.Namespace) -> int:
                          f"{made_with} (and its --calib-inputs)")
     weight: Callable[[tuple], torch.Tensor] | None = None   # finetune's sample_weight: batch -> (B,)
     if args.diffusers:
-        fp, batches = _diffusers_model(args)
-        model, _ = _diffusers_model(args, with_inputs=False)
+        dtype = diffusers_dtype(args.ptq)   # the calibration's (its fingerprint was taken in it)
+        fp, batches = _diffusers_model(args, dtype=dtype)
+        model, _ = _diffusers_model(args, with_inputs=False, dtype=dtype)
         if args.loss_weights == "sampler":   # the pipeline scheduler's c(t)², stored by `treeq capture`
             from ..search.diffusers_runner import load_weights, make_runner, schedule_drift
             from ..search.diffusers_schedule import batch_weights

@@ -283,6 +283,19 @@ def diffusers_source(out_dir: str | Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def diffusers_dtype(out_dir: str | Path) -> torch.dtype:
+    """The dtype a ``treeq ptq --diffusers`` directory's model was loaded in (``--dtype``; float32 when it records
+    none): fine-tuning and packing load the model in it, as the fingerprint it records was taken in it."""
+    try:
+        data = json.loads((Path(out_dir) / "ptq.json").read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return torch.float32
+    name = data.get("dtype", "float32") if isinstance(data, dict) else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"{out_dir}/ptq.json: data.dtype must be float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
 def _made_from(state: Mapping[str, Any]) -> str | None:
     """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
     return (state.get("data") or {}).get("model_fingerprint")

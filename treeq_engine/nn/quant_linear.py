@@ -221,35 +221,28 @@ class QuantLinear(nn.Module):
         return self.weight - self.branch.dense().to(self.weight.dtype)
 
     def _cache_key(self) -> tuple:
-        parts = [self._config, self.noise_scale, stamp(self.weight)]
-        if self.is_frozen:
-            deps = [self.w_codes, self.w_scale] + ([] if self.lora is None else list(self.lora.parameters()))
-        else:
-            deps = [] if self.branch is None else list(self.branch.parameters())
-        return tuple(parts + [stamp(p) for p in deps])
+        """What an unfrozen layer's fake-quantized weight depends on (a frozen layer's is never cached)."""
+        deps = [] if self.branch is None else list(self.branch.parameters())
+        return tuple([self._config, self.noise_scale, stamp(self.weight)] + [stamp(p) for p in deps])
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q̃_w(W − B)`` (frozen: the calibrated codes' values) in the weight's dtype; cached while neither
-        weights nor config change and no gradient is needed."""
-        spec = self.weight_spec
+        """``Q̃_w(W − B)`` (frozen: the calibrated codes' values) in the weight's dtype. An unfrozen layer's is
+        cached while neither weights nor config change and no gradient is needed (the search scores one weight
+        many times). A frozen layer's is not: dequantizing its int8 codes costs one elementwise pass, and a
+        cached copy would hold another weight-sized tensor per layer through PTQ and PEFT (3 bytes per weight
+        instead of 5 in bf16: what lets a 12 B transformer fine-tune beside its teacher on one GPU)."""
         if self.is_frozen:
-            assert self.w_scale is not None   # (frozen: load_frozen set it)
-            trainable = [self.w_scale] + ([] if self.lora is None else list(self.lora.parameters()))
-            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in trainable)
-        else:
-            wr = self.residual_weight()
-            if spec is None or not spec.is_quantized:
-                return wr
-            needs_grad = torch.is_grad_enabled() and wr.requires_grad
+            return self._frozen_weight().to(self.weight.dtype)
+        spec = self.weight_spec
+        wr = self.residual_weight()
+        if spec is None or not spec.is_quantized:
+            return wr
+        needs_grad = torch.is_grad_enabled() and wr.requires_grad
         if not needs_grad:
             key = self._cache_key()
             if self._w_cache is not None and self._w_cache[0] == key:
                 return self._w_cache[1]
-        if self.is_frozen:
-            wq = self._frozen_weight().to(self.weight.dtype)
-        else:
-            assert spec is not None   # (not frozen: returned above unless spec is quantized)
-            wq = self._noisy_weight(wr, spec)
+        wq = self._noisy_weight(wr, spec)
         if not needs_grad:
             wq = wq.detach()
             self._w_cache = (key, wq)

@@ -81,9 +81,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.model != "digits" or args.config:
             raise SystemExit("--diffusers names the model: give it without --model / --config")
         if args.ptq and args.dtype != "float32":
-            raise SystemExit("--dtype: a --ptq calibration packs its own float32 weights; give it without --dtype")
+            raise SystemExit("--dtype: a --ptq calibration loads the model in the dtype it was calibrated in "
+                             "(`treeq ptq --dtype`); give it without --dtype")
+        dtype = getattr(torch, args.dtype)
+        if args.ptq:
+            from ..calib.ptq import diffusers_dtype
+
+            dtype = diffusers_dtype(args.ptq)
         try:   # a calibration (--ptq) exists for the searched classes only; a plan packs any diffusers model
-            model, desc = load_transformer(args.diffusers, getattr(torch, args.dtype), any_model=not args.ptq)
+            model, desc = load_transformer(args.diffusers, dtype, any_model=not args.ptq)
         except (ValueError, ImportError) as e:
             raise SystemExit(f"treeq quantize: {e}") from None
     else:
