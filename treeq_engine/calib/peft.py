@@ -372,7 +372,8 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
                 group["lr"] = group["base_lr"] * config.lr_factor(step)
             with torch.no_grad():
                 target = eps_fn(fp_model, batch)
-            err = (eps_fn(model, batch) - target).square()
+            # (in float32: a bf16 model's outputs differ from the teacher's by a few of bf16's own steps)
+            err = (eps_fn(model, batch).float() - target.float()).square()
             if sample_weight is None:
                 loss = err.mean()
             else:
