@@ -186,3 +186,43 @@ def test_lora_errors():
     with pytest.raises(ValueError, match="positive ints"):
         LoRA(4, 0, 1)
     assert torch.count_nonzero(LoRA(6, 9, 2).delta()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_layer_training_keeps_codes_not_a_weight_copy(dtype):
+    """Training a frozen layer's branch (PEFT), autograd keeps the int8 codes for the backward, not a dequantized
+    weight (1 byte per weight instead of 2 or 4 until the step's backward); outputs and gradients are those of the
+    plain path (a trainable weight scale takes it)."""
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(48, 40).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 48, generator=gen) / 7)
+    cfg = LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))
+    q = QuantLinear(lin, cfg)
+    q.branch = MonarchBranch.from_config(cfg.branch, 40, 48)
+    with torch.no_grad():
+        q.branch.w1.normal_(0, 0.1, generator=gen)
+        q.branch.w2.normal_(0, 0.1, generator=gen)
+    q.freeze_weight()
+    q.weight.requires_grad_(False)
+    q.bias.requires_grad_(False)
+    x = torch.randn(5, 7, 48, generator=gen).to(dtype)
+
+    def run(trainable_scale):
+        q.w_scale.requires_grad_(trainable_scale)
+        xi = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+            y = q(xi)
+        y.square().sum().backward()
+        grads = [xi.grad, q.branch.w1.grad.clone(), q.branch.w2.grad.clone()]
+        q.branch.zero_grad()
+        big = [t for t in saved if t.is_floating_point() and t.numel() == 40 * 48]
+        return y.detach(), grads, big
+
+    y0, g0, big0 = run(False)   # the codes path
+    y1, g1, big1 = run(True)    # the plain path (the scale trains): keeps the dequantized weight
+    assert not big0 and big1
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -334,3 +334,38 @@ def test_hooks_on_linears(gen, monkeypatch):
     check_close(unfused, fused, inputs("dit", gen))
     assert seen == [f"{b}.0.attn1.to_k", f"{b}.1.attn1.to_q"]
     assert fused_ln == [f"{b}.0.ff.net.0.proj", f"{b}.1.attn1.to_k", f"{b}.1.ff.net.0.proj"]
+
+
+def test_fused_projections_before_quantize_and_pickling(tmp_path):
+    """PixArt's legacy attention fuses q/k/v by its processor: a model fused before quantize is refused (its packed
+    layers would never run), and once unfused (the processors restored, the flag left set by diffusers) it packs;
+    W16 projections of a fused attention are not packed, so not refused. After quantize, fusing is refused and the
+    guard survives pickling and deepcopy."""
+    import copy
+
+    model = build("pixart")
+    gen = torch.Generator().manual_seed(1)
+    kw = inputs("pixart", gen)
+    model.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        quantize(model, QuantPlan.block_uniform(model, 8, 8))
+    w16 = QuantPlan({n: c for n, c in QuantPlan.block_uniform(model, 8, 8).layers.items()
+                     if n.rpartition(".")[2] not in ("to_q", "to_k", "to_v")})
+    w16 = w16.with_layer("transformer_blocks.0.attn1.to_q", LayerConfig(16, 16))
+    quantize(copy.deepcopy(model), w16)   # (W16: stays the float layer the fused projection copied)
+    model.unfuse_qkv_projections()
+    assert model.transformer_blocks[0].attn1.fused_projections   # (diffusers leaves it; the processor decides)
+    quantize(model, QuantPlan.block_uniform(model, 8, 8))
+    with torch.no_grad():
+        want = model(**kw).sample
+    for m in (copy.deepcopy(model), torch.load(_saved(model, tmp_path), weights_only=False)):
+        with pytest.raises(RuntimeError, match="leave the projections unfused"):
+            m.fuse_qkv_projections()
+        with torch.no_grad():
+            assert torch.equal(m(**kw).sample, want)
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)   # (a whole-module pickle, as some serving code keeps models)
+    return path

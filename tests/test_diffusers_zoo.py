@@ -112,21 +112,32 @@ def _attentions(model, packed):
 def test_projection_fusion_is_refused_on_packed_attention(name):
     """diffusers' fuse_qkv_projections concatenates to_q/to_k/to_v weights into a new dense linear, and a packed layer
     answers `weight` dequantized: after quantize the attention would run that float copy, unquantized. Refused on
-    every attention holding packed projections, the output unchanged; and a plan packing the projections of an
-    attention fused before quantize (which then never calls them) is refused too."""
+    every attention holding packed projections, the output unchanged. Before quantize: a model whose attention runs
+    its fused projection (a Fused* processor, or the newer classes' flag) is refused until unfused; one whose
+    processor reads the separate projections anyway is not; either way every packed layer then runs."""
+    from treeq_engine.runtime.convert import runs_fused_projections
+
     model, kw = _build(name, torch.float32)
     plan = QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True)
     if not _attentions(model, plan.layers):
         pytest.skip(f"{name}: no attention with fuse_projections has packed projections")
     try:
-        _attentions(model, plan.layers)[0].fuse_projections()
+        if hasattr(model, "fuse_qkv_projections"):
+            model.fuse_qkv_projections()
+        else:
+            _attentions(model, plan.layers)[0].fuse_projections()
     except Exception as e:   # (some attentions cannot fuse even unquantized)
-        pytest.skip(f"{name}: fuse_projections fails on the float model ({type(e).__name__}: {e})")
-    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
-        quantize(model, plan)
-
-    model, kw = _build(name, torch.float32)
-    want = _out(quantize(model, plan), kw)
+        pytest.skip(f"{name}: fusing projections fails on the float model ({type(e).__name__}: {e})")
+    if any(runs_fused_projections(a) for a in _attentions(model, plan.layers)):
+        with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+            quantize(model, plan)
+        if hasattr(model, "unfuse_qkv_projections"):
+            model.unfuse_qkv_projections()
+        else:   # (fused per attention above: unfused so)
+            for a in _attentions(model, plan.layers):
+                a.unfuse_projections()
+    want, idle = _packed_run(quantize(model, plan), kw)
+    assert not idle   # no packed projection left out by a fused one
     for attn in _attentions(model, treeq_layers(model)):
         with pytest.raises(RuntimeError, match="leave the projections unfused"):
             attn.fuse_projections()

@@ -1,13 +1,15 @@
-"""Pointwise convolutions pack as linears over channels (`nn/pointwise.py`, `TreeQPointwiseConv`): bit for bit the
-packed linear of the same weight on channels-last rows, close to the float convolution, through plans, artifacts
-and layouts; other convolutions, and the fake-quant simulation, refuse them with a message that says why."""
+"""Pointwise convolutions are linears over channels (`nn/pointwise.py`): packed (`TreeQPointwiseConv`) bit for bit
+the packed linear of the same weight on channels-last rows, close to the float convolution, through plans,
+artifacts and layouts; simulated (`QuantPointwiseConv`) exactly as the fake-quant linear on those rows, in search's
+grouped mode, PTQ's captures and back to a plain convolution; other convolutions are refused with a message that
+says why."""
 import re
 
 import pytest
 import torch
 import torch.nn as nn
 
-from treeq_engine.nn import convert, packable_layers, quantizable_linears
+from treeq_engine.nn import QuantLinear, QuantPointwiseConv, convert, packable_layers, quantizable_linears, unconvert
 from treeq_engine.nn.pointwise import is_pointwise_conv, layer_dims
 from treeq_engine.plan import BranchConfig, LayerConfig, PlanError, QuantPlan
 from treeq_engine.runtime import TreeQLinear, TreeQPointwiseConv, artifact, quantize, set_layout, treeq_layers
@@ -143,15 +145,11 @@ def test_plans_artifacts_and_layouts(tmp_path):
     torch.manual_seed(0)
     model = ConvNet()
     x = torch.randn(2, 3, 5, 12)
-    assert packable_layers(model) == ["blocks.0.lin", "blocks.0.conv"]
-    assert quantizable_linears(model) == ["blocks.0.lin"]   # (what search and calibration take)
-    assert list(QuantPlan.block_uniform(model, 4, 8).layers) == ["blocks.0.lin"]   # (the simulation's default)
-    plan = QuantPlan.block_uniform(model, 4, 8, pointwise_convs=True)
+    assert packable_layers(model) == quantizable_linears(model) == ["blocks.0.lin", "blocks.0.conv"]
+    assert quantizable_linears(model, pointwise_convs=False) == ["blocks.0.lin"]
+    assert list(QuantPlan.block_uniform(model, 4, 8, pointwise_convs=False).layers) == ["blocks.0.lin"]
+    plan = QuantPlan.block_uniform(model, 4, 8)
     assert list(plan.layers) == ["blocks.0.lin", "blocks.0.conv"]
-    with pytest.raises(PlanError, match=r"simulation .* takes nn.Linear layers; \['blocks.0.conv'\] are pointwise"):
-        convert(ConvNet(), plan)
-    with pytest.raises(PlanError, match="only runtime.quantize packs"):
-        plan.validate(model, pointwise_convs=False)   # (what search, PTQ and PEFT check plans with)
 
     fp = artifact.fingerprint(model, plan)
     quantize(model, plan, dtype=torch.float32)
@@ -191,3 +189,77 @@ def test_plan_shapes_of_a_conv_are_checked():
     plan.validate(model)
     with pytest.raises(PlanError, match="K x N = 8 x 6, this model's is 8 x 4"):
         QuantPlan({"0": LayerConfig(8, 8)}, meta={"layer_shapes": {"0": [8, 6]}}).validate(model)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_simulated_conv_is_the_fake_quant_linear_over_channels(nd):
+    """QuantPointwiseConv computes exactly what QuantLinear computes on the channels-last rows (with a branch, in
+    grouped mode, frozen), packs to what the runtime packs from the plain convolution, and unconverts to the plain
+    convolution it was (one weight storage)."""
+    g = torch.Generator().manual_seed(nd)
+    k, n = 37, 23
+    conv = CONVS[nd](k, n, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / k ** 0.5)
+    x = torch.randn(3, k, *SPATIAL[nd], generator=g)
+    cfg = LayerConfig(4, 8, branch=BranchConfig("monarch", 2, 1))
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.reshape(n, k))
+        lin.bias.copy_(conv.bias)
+    sim, ref = QuantPointwiseConv(conv, cfg, name="c"), QuantLinear(lin, cfg, name="l")
+    assert sim.weight.data_ptr() == conv.weight.data_ptr()   # (a view: nothing copied)
+    from treeq_engine.branches import MonarchBranch
+
+    br = MonarchBranch.from_config(cfg.branch, n, k)
+    with torch.no_grad():
+        br.w1.copy_(torch.randn(br.w1.shape, generator=g) * 0.1)
+        br.w2.copy_(torch.randn(br.w2.shape, generator=g) * 0.1)
+    sim.branch, ref.branch = br, br
+    rows = x.movedim(1, -1)
+    with torch.no_grad():
+        got = sim(x)
+        assert got.shape == (3, n, *SPATIAL[nd])
+        assert torch.equal(got, ref(rows).movedim(-1, 1))
+        configs = [cfg, LayerConfig(8, 8, branch=cfg.branch), None]   # grouped: three candidates along the batch
+        sim.set_group_configs(configs)
+        ref.set_group_configs(configs)
+        assert torch.equal(sim(x), ref(rows).movedim(-1, 1))
+        sim.set_group_configs(None)
+        ref.set_group_configs(None)
+    sim.freeze_weight()
+    ref.freeze_weight()
+    with torch.no_grad():
+        assert torch.equal(sim(x), ref(rows).movedim(-1, 1))
+        packed = pack_layer(sim, cfg, "c", torch.float32)
+        assert isinstance(packed, TreeQPointwiseConv) and packed.spatial_dims == nd
+        torch.testing.assert_close(packed(x), sim(x), rtol=1e-4, atol=1e-4)   # (the packed kernel's epilogue)
+    with pytest.raises(ValueError, match=r"input must be \(B, 37"):
+        sim(rows)   # channels last: the wrong layout is named, not computed
+    back = nn.Sequential(QuantPointwiseConv(conv, None))
+    unconvert(back)
+    assert type(back[0]) is CONVS[nd] and back[0].weight.data_ptr() == conv.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(back[0](x), conv(x))
+
+
+def test_convert_and_capture_take_pointwise_convolutions():
+    """convert swaps a planned pointwise convolution for a QuantPointwiseConv; the search's space counts its positions
+    as rows, and PTQ's capture hands calibration channels-last rows."""
+    from treeq_engine.calib.capture import capture_inputs
+    from treeq_engine.search import SearchSpace
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    x = torch.randn(2, 3, 5, 12)
+    space = SearchSpace.build(model, (x,), include=lambda n: True)
+    assert [(leaf.name, leaf.k, leaf.n, leaf.tokens) for leaf in space.leaves] == \
+        [("blocks.0.lin", 12, 20, 15), ("blocks.0.conv", 20, 12, 15)]
+    with torch.no_grad():
+        h = model.blocks[0]["lin"](x)
+    rows = capture_inputs(model, "blocks.0.conv", [(x,)], max_tokens=1000)
+    torch.testing.assert_close(rows, h.reshape(-1, 20))   # the positions' channel vectors, as the linear's rows
+    convert(model, QuantPlan.block_uniform(model, 8, 8))
+    assert isinstance(model.blocks[0]["conv"], QuantPointwiseConv) and isinstance(model.edge, nn.Conv2d)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()

@@ -234,7 +234,7 @@ def test_unpadded_calls_of_two_lengths_stack_masked():
 
 def test_ptq_statistics_leave_out_padded_text_rows():
     """The text stream's layers are calibrated on real prompt tokens only: the padding the mask hides is left out
-    of what PTQ and SmoothQuant capture; image-stream layers see every token."""
+    of what PTQ captures; image-stream layers see every token."""
     from treeq_engine.calib.capture import capture_inputs
 
     model = tiny_qwen()

@@ -160,14 +160,13 @@ class QuantPlan:
 
     @classmethod
     def block_uniform(cls, model: nn.Module, w_bits: int, a_bits: int, *, edge_bits: tuple[int, int] = (8, 8),
-                      model_name: str = "", pointwise_convs: bool = False, **layer_kw: Any) -> "QuantPlan":
+                      model_name: str = "", pointwise_convs: bool = True, **layer_kw: Any) -> "QuantPlan":
         """Every transformer-block linear of ``model`` (``is_block_layer``) at ``W{w_bits}A{a_bits}``, every other
-        linear (embedders, final layer) at ``edge_bits``; with ``pointwise_convs``, the pointwise convolutions
-        too (``nn.pointwise``: ``runtime.quantize`` packs them, the fake-quant simulation does not; Sana's
-        feed-forward is such)."""
-        from .nn import packable_layers, quantizable_linears
+        linear (embedders, final layer) at ``edge_bits``; with ``pointwise_convs`` (default), the pointwise
+        convolutions too (``nn.pointwise``, linears over channels: Sana's feed-forward is such)."""
+        from .nn import quantizable_linears
 
-        names = packable_layers(model) if pointwise_convs else quantizable_linears(model)
+        names = quantizable_linears(model, pointwise_convs=pointwise_convs)
         return cls.uniform([n for n in names if is_block_layer(n)], w_bits, a_bits, model=model_name,
                            edge_names=[n for n in names if not is_block_layer(n)], edge_bits=edge_bits, **layer_kw)
 
@@ -177,10 +176,9 @@ class QuantPlan:
         return dataclasses.replace(self, layers=layers)
 
     # -- checks ----------------------------------------------------------------------------------
-    def validate(self, model: nn.Module, *, pointwise_convs: bool = True) -> None:
-        """Every layer name must be an ``nn.Linear`` (or an already converted quantized linear) or, with
-        ``pointwise_convs`` (what the runtime packs; the fake-quant simulation does not), a pointwise convolution
-        (``nn.pointwise``) of ``model``, of the shape ``meta['layer_shapes']`` records when the plan carries it (a
+    def validate(self, model: nn.Module) -> None:
+        """Every layer name must be an ``nn.Linear`` or a pointwise convolution (``nn.pointwise``) of ``model``
+        (or one already converted), of the shape ``meta['layer_shapes']`` records when the plan carries it (a
         searched plan does)."""
         modules = dict(model.named_modules())
         bad = [n for n in self.layers if n not in modules]
@@ -202,10 +200,6 @@ class QuantPlan:
         if read:
             raise PlanError(f"{read[:4]} belong to a module that reads their weights as tensors instead of calling "
                             f"them ({', '.join(TENSOR_READERS)}): packed, they would run unquantized; leave them out")
-        convs = [n for n in self.layers if is_pointwise_conv(modules[n])]
-        if convs and not pointwise_convs:
-            raise PlanError(f"the fake-quant simulation (search, PTQ, PEFT) takes nn.Linear layers; {convs[:3]} are "
-                            "pointwise convolutions, which only runtime.quantize packs")
         shapes = self.meta.get(SHAPES_KEY)   # a searched plan records its layers' shapes: another model's is refused
         if isinstance(shapes, Mapping):
             for n, shape in shapes.items():

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..nn.quant_pointwise import channels_last_rows
+
 CalibBatch = tuple  # positional model inputs, e.g. (x_t, t, y)
 
 
@@ -109,7 +111,7 @@ class StageRunner:
         keep: list[torch.Tensor | None] = [None]
 
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+            x = channels_last_rows(mod, args[0].detach())   # (a pointwise convolution's rows are its positions)
             if keep[0] is not None:   # padding the output never sees is left out of the statistics
                 if tuple(x.shape[:-1]) != tuple(keep[0].shape):
                     raise RuntimeError(f"{name}: the runner's real-row mask has shape {tuple(keep[0].shape)}, the "
@@ -131,7 +133,11 @@ class StageRunner:
                     pass
         finally:
             handle.remove()
-        return torch.cat(rows)[:max_tokens]
+        out = torch.cat(rows)[:max_tokens]
+        if out.shape[0] == 0:
+            raise ValueError(f"{name}: no input rows to calibrate on (every row of every batch is padding the "
+                             "runner's real_rows leaves out)")
+        return out
 
     @torch.no_grad()
     def advance(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..nn.pointwise import layer_dims
 from ..plan import BranchConfig, PlanError, QuantPlan, is_block_layer, parse_wa
 
 
@@ -61,7 +62,7 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: 
 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux or Wan transformer (or pipeline) "
+                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana transformer (or pipeline) "
                         "directory")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
@@ -108,8 +109,7 @@ def with_branch(plan: QuantPlan, model: torch.nn.Module, branch: BranchConfig | 
             continue
         br = branch
         if br is not None:
-            lin = model.get_submodule(n)
-            br = BranchConfig(br.kind, min(br.blocks, lin.in_features, lin.out_features), br.rank)
+            br = BranchConfig(br.kind, min(br.blocks, *layer_dims(model.get_submodule(n))), br.rank)
         layers[n] = cfg.replace(branch=br)
     return dataclasses.replace(plan, layers=layers)
 
@@ -183,7 +183,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     branch = None if args.branch == "plan" else branch_for(args.branch, args.branch_params, args.branch_rank)
     if args.plan:
         plan = QuantPlan.load(args.plan)
-        plan.validate(fp, pointwise_convs=False)   # names the layers the model lacks before anything reads them
+        plan.validate(fp)   # names the layers the model lacks before anything reads them
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
         plan = uniform_plan(fp, args.bits, branch)

@@ -44,6 +44,7 @@ from ..nn.quant_linear import check_frozen
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
+from ..nn.pointwise import layer_dims
 from .store import CheckpointError, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
@@ -296,6 +297,17 @@ def diffusers_dtype(out_dir: str | Path) -> torch.dtype:
     return getattr(torch, name)
 
 
+ROWS_KEY = "rows"   # in ptq.json: "real" when the statistics left the padding out (every state made since)
+
+
+def _has_padding(model: nn.Module) -> bool:
+    """Whether ``model``'s runner leaves padded rows out of the statistics (PixArt's and Sana's captions,
+    Qwen-Image's prompts)."""
+    from ..search.diffusers_runner import diffusers_arch
+
+    return diffusers_arch(model) in ("pixart", "qwen-image", "sana")
+
+
 def _made_from(state: Mapping[str, Any]) -> str | None:
     """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
     return (state.get("data") or {}).get("model_fingerprint")
@@ -396,6 +408,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
                              "config": config.to_dict(), "layers": {},
                              "data": None if data is None else json.loads(json.dumps(dict(data)))}
+    state[ROWS_KEY] = "real"   # (outside the run digest: states from before it resume as they were)
     joint = _joint_groups(plan, tie)
     if joint:   # (absent otherwise, so that states from before read the same)
         state["joint"] = [list(g) for g in joint]
@@ -422,6 +435,10 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             if why:
                 raise CheckpointError(f"{out}: holds a calibration of another model ({why}); use a new directory, "
                                       "or the model it was made from")
+            if ROWS_KEY not in old and old["layers"] and _has_padding(model):
+                raise CheckpointError(f"{out}: holds a calibration begun before caption/prompt padding was left out "
+                                      "of the statistics (runner.real_rows); its finished layers saw the padding, "
+                                      "new ones would not: use a new directory to start over")
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
@@ -444,9 +461,11 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                 write_tensors(out / SMOOTH_FILE, factors, {"run": run})
                 write_json(out / "ptq.json", state)
         _fold_all(model, factors, out)
+    # which stage runs each layer, traced before conversion: a converted layer run unfrozen would cache its
+    # fake-quantized weight (a weight-sized copy per layer until it is calibrated)
+    runner = StageRunner(model, batches, list(plan.layers))
     convert(model, plan)
     layers = {n: model.get_submodule(n) for n in plan.layers}
-    runner = StageRunner(model, batches, list(plan.layers))
     order = list(runner.stage_of)   # first-call order
     for g in joint:   # before any work: a tied group shares one input, so one stage and one width
         if len({runner.stage_of[n] for n in g}) != 1 or len({layers[n].in_features for n in g}) != 1:
@@ -587,7 +606,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
             raise CheckpointError(f"{out}: was calibrated from another model ({why}); load it into the FP model "
                                   "it was made from")
     try:
-        plan.validate(model, pointwise_convs=False)
+        plan.validate(model)
     except PlanError as e:
         raise CheckpointError(f"{out}: was calibrated for another model: {e}") from None
     missing = [n for n in plan.layers if n not in state["layers"]]
@@ -601,9 +620,9 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
         raise CheckpointError(f"{out / 'ptq.json'}: {e}") from None
     tensors = {}
     for n, cfg in layers_cfg.items():
-        layer = model.get_submodule(n)
+        k, n_out = layer_dims(model.get_submodule(n))   # (the FP model's: a linear or a pointwise convolution)
         tensors[n] = read_tensors(_layer_file(out, n))
-        check_layer(cfg, tensors[n], layer.out_features, layer.in_features, str(_layer_file(out, n)))
+        check_layer(cfg, tensors[n], n_out, k, str(_layer_file(out, n)))
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
     if state["config"].get("smooth_alphas"):
         factors = _smooth_factors(out, _run_digest(state), legacy="data" not in state)

@@ -2,6 +2,7 @@
 from .convert import (apply_plan, convert, forward_order, noise_scale, packable_layers, quant_layers,
                       quantizable_linears, unconvert)
 from .quant_linear import QuantLinear
+from .quant_pointwise import QuantPointwiseConv
 
-__all__ = ["QuantLinear", "apply_plan", "convert", "forward_order", "noise_scale", "packable_layers", "quant_layers",
+__all__ = ["QuantLinear", "QuantPointwiseConv", "apply_plan", "convert", "forward_order", "noise_scale", "packable_layers", "quant_layers",
            "quantizable_linears", "unconvert"]

@@ -1,9 +1,9 @@
 """Layer enumeration and module swapping: the narrow interface search, calibration and PTQ use.
 
-    names = quantizable_linears(model)                     # every nn.Linear, module order
-    names = packable_layers(model)                         # those and the pointwise convolutions (runtime only)
+    names = quantizable_linears(model)                     # every nn.Linear and pointwise convolution, module order
     order = forward_order(model, x, t, y)                  # the order they run in (hooks, one forward)
     convert(model, plan)                                   # nn.Linear -> QuantLinear for the plan's layers
+                                                           # (a pointwise conv -> QuantPointwiseConv)
     apply_plan(model, plan)                                # re-configure converted layers (fast, no swap)
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..plan import PlanError, QuantPlan
 from .pointwise import is_pointwise_conv
 from .quant_linear import QuantLinear
+from .quant_pointwise import QuantPointwiseConv
 
 
 # Modules that hand their linears' tensors to a functional op instead of calling them (HunyuanDiT's attention
@@ -37,18 +38,20 @@ def _called_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     return ((n, m) for n, m in modules.items() if n not in read)
 
 
-def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` (or already converted) modules of ``model``, in module order (not those of a
-    ``TENSOR_READERS`` module)."""
-    return [n for n, m in _called_modules(model)
-            if isinstance(m, (nn.Linear, QuantLinear)) and (include is None or include(n))]
+def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None, *,
+                        pointwise_convs: bool = True) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` and (``pointwise_convs``) its pointwise convolutions, the
+    linears over channels they are (``nn.pointwise``), plain or already converted, in module order (not those of
+    a ``TENSOR_READERS`` module): what search, PTQ, PEFT and ``runtime.quantize`` take."""
+    def wanted(m: nn.Module) -> bool:
+        if isinstance(m, QuantPointwiseConv) or is_pointwise_conv(m):
+            return pointwise_convs
+        return isinstance(m, (nn.Linear, QuantLinear))
+
+    return [n for n, m in _called_modules(model) if wanted(m) and (include is None or include(n))]
 
 
-def packable_layers(model: nn.Module, include: Callable[[str], bool] | None = None) -> list[str]:
-    """What ``runtime.quantize`` packs: the linears and the pointwise convolutions (``nn.pointwise``), in module
-    order (not those of a ``TENSOR_READERS`` module)."""
-    return [n for n, m in _called_modules(model)
-            if (isinstance(m, (nn.Linear, QuantLinear)) or is_pointwise_conv(m)) and (include is None or include(n))]
+packable_layers = quantizable_linears   # (the name runtime code reads it by)
 
 
 @torch.no_grad()
@@ -80,13 +83,14 @@ def convert(model: nn.Module, plan: QuantPlan) -> nn.Module:
     converted are re-configured. Returns ``model``."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
-    plan.validate(model, pointwise_convs=False)
+    plan.validate(model)
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if isinstance(mod, QuantLinear):
             mod.set_config(cfg)
         else:
-            _set_submodule(model, name, QuantLinear(mod, cfg, name=name))
+            cls = QuantPointwiseConv if is_pointwise_conv(mod) else QuantLinear
+            _set_submodule(model, name, cls(mod, cfg, name=name))
     return model
 
 
@@ -107,8 +111,12 @@ def apply_plan(model: nn.Module, plan: QuantPlan, *, strict: bool = True) -> Non
 
 
 def unconvert(model: nn.Module) -> nn.Module:
-    """Swap every QuantLinear back to an ``nn.Linear`` sharing the same parameters."""
+    """Swap every QuantLinear back to an ``nn.Linear`` (a QuantPointwiseConv to its convolution) sharing the same
+    parameters."""
     for name, m in list(quant_layers(model).items()):
+        if isinstance(m, QuantPointwiseConv):
+            _set_submodule(model, name, m.to_conv())
+            continue
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias
         _set_submodule(model, name, lin)

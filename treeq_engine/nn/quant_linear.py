@@ -66,6 +66,31 @@ def check_frozen(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
                          f"{n} do not (row {i}: {int(zero_point[i])})")
 
 
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (scale[:, None] * (codes.to(torch.float32) - zero_point[:, None].to(torch.float32))).to(dtype)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x·Wᵀ + b`` with ``W = s·(codes − zp)`` dequantized in the forward and again in the backward: autograd keeps
+    the int8 codes (1 byte per weight) for the input's gradient instead of the dequantized weight (2 in bf16, 4 in
+    float32), which every frozen layer would otherwise hold until the backward of a PEFT step. Its forward is
+    :meth:`QuantLinear.quantized_weight`'s arithmetic, so outputs are bit-identical."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(codes, scale, zero_point)
+        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        return F.linear(x, _dequantize(codes, scale, zero_point, dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        codes, scale, zero_point = ctx.saved_tensors
+        gx = grad @ _dequantize(codes, scale, zero_point, ctx.dtype) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return gx, None, None, None, gb, None
+
+
 class QuantLinear(nn.Module):
     GROUP_WEIGHT_CACHE = 6   # fake-quantized weights kept for grouped mode (one per weight spec and λ)
 
@@ -203,7 +228,7 @@ class QuantLinear(nn.Module):
         self._w_cache = None
 
     def _dequantized_codes(self, scale: torch.Tensor) -> torch.Tensor:
-        return scale[:, None] * (self.w_codes.to(torch.float32) - self.w_zero_point[:, None].to(torch.float32))
+        return _dequantize(self.w_codes, scale, self.w_zero_point, torch.float32)
 
     def _frozen_weight(self) -> torch.Tensor:
         if self.lora is None:
@@ -229,8 +254,8 @@ class QuantLinear(nn.Module):
         """``Q̃_w(W − B)`` (frozen: the calibrated codes' values) in the weight's dtype. An unfrozen layer's is
         cached while neither weights nor config change and no gradient is needed (the search scores one weight
         many times). A frozen layer's is not: dequantizing its int8 codes costs one elementwise pass, and a
-        cached copy would hold another weight-sized tensor per layer through PTQ and PEFT (3 bytes per weight
-        instead of 5 in bf16: what lets a 12 B transformer fine-tune beside its teacher on one GPU)."""
+        cached copy would hold another weight-sized tensor per layer through PTQ and PEFT (in training, the
+        forward's ``_FrozenLinear`` keeps only the codes for the backward, for the same reason)."""
         if self.is_frozen:
             return self._frozen_weight().to(self.weight.dtype)
         spec = self.weight_spec
@@ -303,7 +328,14 @@ class QuantLinear(nn.Module):
             return self._forward_groups(x)
         if self._config is None:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        xq = self.quantize_input(x)
+        if self.is_frozen and self.lora is None and torch.is_grad_enabled():
+            assert self.w_scale is not None and self.w_zero_point is not None   # (frozen: load_frozen set them)
+            if not self.w_scale.requires_grad:   # PEFT training the branch: keep codes for backward, not a copy
+                y = _FrozenLinear.apply(xq, self.w_codes, self.w_scale, self.w_zero_point, self.bias,
+                                        self.weight.dtype)
+                return y if self.branch is None else y + self.branch(x)
+        y = F.linear(xq, self.quantized_weight(), self.bias)
         if self.branch is not None:
             y = y + self.branch(x)
         return y

@@ -36,14 +36,17 @@ class ArtifactError(ValueError):
 
 
 def fingerprint(model: nn.Module, plan: QuantPlan) -> str:
-    """Hash of the names and shapes of the plan's layers in the full-precision model."""
-    from ..nn.pointwise import is_pointwise_conv, layer_dims
+    """Hash of the names and shapes of the plan's layers in the full-precision model (or that model converted for
+    calibration: a fake-quant layer hashes as the layer it wraps)."""
+    from ..nn.pointwise import layer_dims
+    from ..nn.quant_pointwise import conv_spatial_dims
 
     h = hashlib.sha256()
     for name in plan.layers:
         m = model.get_submodule(name)
         k, n = layer_dims(m)
-        kind = f"conv{len(m.kernel_size)}d:" if is_pointwise_conv(m) else ""   # (linears hash as they always did)
+        dims = conv_spatial_dims(m)
+        kind = "" if dims is None else f"conv{dims}d:"   # (linears hash as they always did)
         h.update(f"{name}:{kind}{k}x{n}:{m.bias is not None};".encode())
     return h.hexdigest()[:16]
 

@@ -7,7 +7,7 @@ calibrated weight quantization and trained branch are packed as they are).
 """
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from typing import Any
 
@@ -20,6 +20,7 @@ from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..nn.convert import _set_submodule
 from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
+from ..nn.quant_pointwise import QuantPointwiseConv
 from ..plan import LayerConfig, QuantPlan
 from .graphed_diffusers import reset_graphs
 from .linear import LAYOUTS, TreeQLinear, TreeQPointwiseConv, branch_dtype
@@ -38,10 +39,11 @@ def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
     """One layer -> TreeQLinear (TreeQPointwiseConv for a pointwise convolution), or for W16 the layer as a plain
     Linear (the convolution as it is)."""
-    conv = is_pointwise_conv(mod)
+    plain_conv = is_pointwise_conv(mod)
+    conv = plain_conv or isinstance(mod, QuantPointwiseConv)
     if not conv and not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {describe(mod)}: only linears and pointwise (1x1) convolutions pack")
-    weight, bias = (conv_weight(mod) if conv else mod.weight), mod.bias
+    weight, bias = (conv_weight(mod) if plain_conv else mod.weight), mod.bias
     if not cfg.weight_spec().is_quantized and (cfg.act_spec().is_quantized or cfg.branch is not None):
         # the simulation (nn.convert) would quantize these activations; a plain Linear would silently not
         raise ValueError(f"{name}: {cfg.label} has 16-bit weights with quantized activations or a branch, which no "
@@ -49,7 +51,7 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
                          "without a branch")
     if not cfg.weight_spec().is_quantized:  # stays a Linear in the model's own precision, like its neighbours
         if conv:
-            return mod
+            return mod if plain_conv else mod.to_conv()
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                         dtype=weight.dtype)
         with torch.no_grad():
@@ -71,7 +73,8 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
     # the packed layer reports the replaced layer's dtype (code reads it off parameters(): Wan, ModelMixin.dtype)
     kw: dict[str, Any] = dict(name=name, dtype=dtype, compute_dtype=_model_dtype(weight, dtype))
     if conv:
-        return TreeQPointwiseConv.from_weights(wq, cfg, bias, factors, spatial_dims=len(mod.kernel_size), **kw)
+        dims = len(mod.kernel_size) if plain_conv else mod.spatial_dims
+        return TreeQPointwiseConv.from_weights(wq, cfg, bias, factors, spatial_dims=dims, **kw)
     return TreeQLinear.from_weights(wq, cfg, bias, factors, **kw)
 
 
@@ -154,12 +157,23 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
+def runs_fused_projections(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes its q/k/v through a fused projection (``to_qkv``...) rather than its separate
+    ones. diffusers' legacy ``Attention`` (DiT, PixArt, SD3, ...) does when its processor is a ``Fused*`` one (what
+    the model's ``fuse_qkv_projections`` sets; its ``unfuse_qkv_projections`` restores the processors and leaves
+    the flag); the newer attention classes (Flux, Wan, Qwen-Image) branch on ``fused_projections``."""
+    if type(attn).__name__ == "Attention" and type(attn).__module__.startswith("diffusers."):
+        return type(getattr(attn, "processor", None)).__name__.startswith("Fused")
+    return bool(getattr(attn, "fused_projections", False))
+
+
 def _check_unfused(model: nn.Module, plan: QuantPlan) -> None:
     """A plan packing projections of an attention whose projections are fused (``fuse_qkv_projections`` before
     quantizing) would pack layers the attention no longer calls: its dense ``to_qkv`` would run unquantized."""
-    for name in plan.layers:
+    for name, cfg in plan.layers.items():
         parent, _, last = name.rpartition(".")
-        if last in PROJECTIONS and getattr(model.get_submodule(parent), "fused_projections", False):
+        if last in PROJECTIONS and cfg.weight_spec().is_quantized and \
+                runs_fused_projections(model.get_submodule(parent)):
             raise ValueError(f"the plan packs {name}, but {parent or 'the model'} runs its fused projection "
                              "(fuse_qkv_projections() was called): the packed layer would never run; call "
                              "unfuse_qkv_projections() before quantizing")
@@ -181,7 +195,7 @@ def guard_projection_fusion(model: nn.Module) -> int:
     for mod in model.modules():
         if callable(getattr(mod, "fuse_projections", None)) and \
                 any(isinstance(mod._modules.get(p), TreeQLinear) for p in PROJECTIONS):
-            mod.fuse_projections = types.MethodType(_refuse_fusion, mod)
+            mod.fuse_projections = functools.partial(_refuse_fusion, mod)   # (a partial pickles; a bound method not)
             n += 1
     return n
 

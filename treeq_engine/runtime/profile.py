@@ -44,12 +44,13 @@ MAX_COPIES = 128
 def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
     """Distinct ``(K, N)`` of the model's linears (optionally only names passing ``include``)."""
     from ..nn import quantizable_linears
+    from ..nn.pointwise import layer_dims
 
     shapes = []
     for name in quantizable_linears(model, include=include):
-        m = model.get_submodule(name)
-        if (m.in_features, m.out_features) not in shapes:
-            shapes.append((m.in_features, m.out_features))
+        kn = layer_dims(model.get_submodule(name))
+        if kn not in shapes:
+            shapes.append(kn)
     return shapes
 
 
@@ -166,7 +167,7 @@ def profile_layers(layers: Sequence[tuple[int, int, int]], formats: Iterable[tup
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a DiT checkpoint; its linear shapes are profiled")
     p.add_argument("--diffusers", default=None, metavar="DIR",
-                   help="instead of --model: a diffusers DiT, PixArt, SD3, Flux or Wan transformer (or pipeline) "
+                   help="instead of --model: a diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana transformer (or pipeline) "
                         "directory, its rows per image from --calib-inputs")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the calibration file the search reads (`treeq capture`)")

@@ -97,6 +97,13 @@ class CutModel:
         return None
 
 
+def kept_rows(keep: torch.Tensor) -> torch.Tensor:
+    """A ``(N, L)`` keep-mask as the real rows: a sample that keeps no token attends to all of them alike (its
+    attention bias is uniform), so all its rows are real."""
+    keep = keep.bool()
+    return keep | ~keep.any(dim=1, keepdim=True)
+
+
 class DiTRunner(CutModel):
     """DiT-shaped models: ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c) -> h``, ``final(h, c) -> out``.
 

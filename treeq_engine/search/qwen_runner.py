@@ -92,7 +92,7 @@ class QwenImageRunner(CutModel):
             (parts[2] == "txt_mlp" or (parts[2] == "attn" and parts[3] in ("add_q_proj", "add_k_proj", "add_v_proj",
                                                                            "to_add_out"))))
         mask = state[2] if text else None
-        return None if mask is None else mask.bool()
+        return None if mask is None else mask.bool()   # (image tokens are keys too: a fully masked prompt is unseen)
 
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

@@ -89,7 +89,7 @@ def validate_plan(plan: QuantPlan, model: nn.Module, space: SearchSpace, budget:
     """Names must be the model's linears (of the recorded shapes: ``QuantPlan.validate``), bits the format's
     (checked when the plan is read), every searched layer a candidate config, and the budget met; each failure is
     a :class:`PlanError` saying which."""
-    plan.validate(model, pointwise_convs=False)
+    plan.validate(model)
     a = space.assignment(plan)
     if budget is not None:
         check_budget(space, a, budget, latency_table=latency_table, serve_batch=serve_batch)

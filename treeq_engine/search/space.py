@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from ..format import ACT_BITS, WEIGHT_BITS
 from ..nn import quantizable_linears
+from ..nn.pointwise import layer_dims
+from ..nn.quant_pointwise import channels_last_rows
 from ..plan import SHAPES_KEY, LayerConfig, PlanError, QuantPlan, is_block_layer
 
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -140,7 +142,8 @@ class SearchSpace:
 
         def count(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple) -> None:   # a pre-hook must return None (else: new input)
-                rows.setdefault(name, args[0].numel() // args[0].shape[-1])
+                x = channels_last_rows(module, args[0])   # (a pointwise convolution's tokens are its positions)
+                rows.setdefault(name, x.numel() // x.shape[-1])
             return hook
 
         hooks = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in names]
@@ -159,7 +162,8 @@ class SearchSpace:
             m = model.get_submodule(n)
             if rows[n] % batch:
                 raise PlanError(f"layer {n!r} saw {rows[n]} rows for a batch of {batch}: not a whole number per sample")
-            return Leaf(n, m.out_features, m.in_features, rows[n] // batch, m.bias is not None)
+            k, out = layer_dims(m)
+            return Leaf(n, out, k, rows[n] // batch, m.bias is not None)
 
         leaves = tuple(leaf(n) for n in order if include(n))
         if tie is not None:
