@@ -38,8 +38,8 @@ BEGIN, END = "<!-- search-floor:begin -->", "<!-- search-floor:end -->"
 Size = int | tuple[int, int, int]
 CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
-    ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)),
-    ("Wan2.1-T2V-14B", (17, 240, 416))]
+    ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
+    ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
 def size_label(size: Size) -> str:
@@ -47,8 +47,8 @@ def size_label(size: Size) -> str:
 
 
 def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
-    """One sample's runner inputs at ``size`` (VAE factor 8; Wan's VAE also 4x in time, its first frame alone), on
-    the meta device."""
+    """One sample's runner inputs at ``size`` (VAE factor 8, Sana's DC-AE 32; Wan's VAE also 4x in time, its first
+    frame alone), on the meta device."""
     m, cfg = runner.model, runner.model.config
     if runner.arch == "wan":
         assert not isinstance(size, int)
@@ -58,6 +58,10 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
                                  torch.zeros(1), torch.empty(1, 512, cfg.text_dim))
     assert isinstance(size, int)
     lat = size // 8
+    if runner.arch == "sana":   # a 300-token caption (the pipeline's max_sequence_length)
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, cfg.in_channels, size // 32, size // 32),
+                                 torch.empty(1, 300, cfg.caption_channels), torch.zeros(1), torch.ones(1, 300))
     if runner.arch == "qwen-image":   # 2x2 latent patches packed; a 256-token prompt
         side = lat // 2
         with torch.device("meta"):

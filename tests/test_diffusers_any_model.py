@@ -1,6 +1,6 @@
 """Any diffusers model packs: SD3, Flux and Sana transformers (tiny random configs, offline) take a uniform plan
 through `treeq quantize --diffusers`, load back from the artifact, and sample in their pipeline; a model the search
-cannot cut (Sana) is refused by capture, search and PTQ with a message that says what does work."""
+cannot cut (Lumina2) is refused by capture, search and PTQ with a message that says what does work."""
 import json
 import os
 
@@ -70,14 +70,17 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
 
 
 def test_what_needs_the_cut_refuses_them(tmp_path, capsys):
-    model, _ = MODELS["sana"]
-    d = tmp_path / "sana"
+    from diffusers_zoo import CASES
+
+    torch.manual_seed(0)
+    model = CASES["Lumina2"][0]()
+    d = tmp_path / "lumina2"
     model.save_pretrained(d)
     assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c.safetensors"),
                  "--budget", "W4A8"]) == 2
     err = capsys.readouterr().err
-    assert "SanaTransformer2DModel is not supported here" in err and PACK_ONLY in err
-    with pytest.raises(SystemExit, match="SanaTransformer2DModel is not supported here"):
+    assert "Lumina2Transformer2DModel is not supported here" in err and PACK_ONLY in err
+    with pytest.raises(SystemExit, match="Lumina2Transformer2DModel is not supported here"):
         main(["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="is not a diffusers model class"):
         cfg = json.loads((d / "config.json").read_text())

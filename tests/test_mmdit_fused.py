@@ -351,7 +351,7 @@ def test_info_names_what_an_older_diffusers_fuses(monkeypatch):
     from treeq_engine import info
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.34.0")
-    assert "the others need diffusers >= 0.35" in info._diffusers_support()
+    assert "SD3, Flux, Wan, Qwen-Image need diffusers >= 0.35" in info._diffusers_support()
 
 
 @pytest.mark.gpu

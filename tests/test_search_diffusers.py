@@ -1144,3 +1144,48 @@ def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
         load_calibration(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"), ptq)
     with pytest.raises(SystemExit, match="--dtype is for --diffusers"):
         main(["ptq", "--dtype", "bfloat16", "--out", str(tmp_path / "p5")])
+
+
+def test_ptq_ignores_what_the_padding_holds_and_caches_no_weights(tmp_path, monkeypatch):
+    """End to end through `calibrate` on PixArt: two calibration sets that differ only in what their padded caption
+    rows hold give bit-identical calibrated layers (the padding never reaches the statistics); while it runs, no
+    layer holds a cached fake-quantized weight beside its float one; a sample that keeps no caption token attends
+    to all of them alike, so all its rows count; and a directory begun before the padding was left out is not
+    resumed with it."""
+    import json
+
+    from treeq_engine.calib import capture
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.calib.store import CheckpointError
+    from treeq_engine.nn import quant_layers
+
+    model = perturbed(tiny_pixart())
+    runner = DiffusersRunner(model)
+    batches = [example(runner, n=3, seed=s)[0] for s in (11, 12)]
+    junk = [b[:1] + (torch.where(b[3].bool()[..., None], b[1], torch.randn_like(b[1]) * 50),) + b[2:] for b in batches]
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.9))
+    cached = []
+    capture_fn = capture.StageRunner.capture
+
+    def spy(self, name, *a, **k):
+        cached.append(sum(m._w_cache is not None for m in quant_layers(self.model).values()))
+        return capture_fn(self, name, *a, **k)
+
+    monkeypatch.setattr(capture.StageRunner, "capture", spy)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    calibrate(a, plan, batches, cfg, progress=False, out_dir=tmp_path / "a")
+    calibrate(b, plan, junk, cfg, progress=False)
+    assert cached and max(cached) == 0
+    for n in plan.layers:
+        la, lb = a.get_submodule(n), b.get_submodule(n)
+        assert torch.equal(la.w_codes, lb.w_codes) and torch.equal(la.w_scale, lb.w_scale), n
+        assert la.config == lb.config, n
+
+    none_kept = batches[0][:3] + (torch.zeros_like(batches[0][3]),)
+    assert bool(runner.real_rows("caption_projection.linear_1", none_kept).all())
+    state = json.loads((tmp_path / "a" / "ptq.json").read_text())   # as a state written before real_rows
+    del state["rows"]
+    (tmp_path / "a" / "ptq.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="begun before caption/prompt padding"):
+        calibrate(copy.deepcopy(model), plan, batches, cfg, progress=False, out_dir=tmp_path / "a")

@@ -78,8 +78,8 @@ def _word_tokenizer(max_length: int = 16):
 
 
 def pack_only_models():
-    """Tiny SD3, Flux and Sana transformers (diffusers models TreeQ packs but does not search), each with the
-    keyword inputs of one call."""
+    """Tiny SD3, Flux and Sana transformers, each with the keyword inputs of one call (for the any-model path:
+    `treeq quantize --diffusers --uniform`, artifacts, pipelines)."""
     torch.manual_seed(0)
     sd3 = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
@@ -217,3 +217,35 @@ def tiny_qwen_pipeline():
                                                       shift_terminal=0.02, time_shift_type="exponential")
     return diffusers.QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        transformer=tiny_qwen())
+
+
+def tiny_sana(patch_size: int = 1):
+    """A two-block Sana transformer (linear self-attention, cross-attention, GLUMBConv feed-forward), its scale-shift
+    tables perturbed off their init so every block's gates matter."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.SanaTransformer2DModel(
+        patch_size=patch_size, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=16).eval())
+
+
+def tiny_sana_pipeline():
+    """A Sana pipeline built offline: a one-layer Gemma2 encoder over a word-level tokenizer, ``tiny_sana`` (sample
+    size 16: the 512-px resolution bins), a 6-level DC-AE (factor 32: 512 px -> 16x16 latents) of ResBlocks, a
+    flow-matching scheduler (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="Sana's pipeline needs transformers (Gemma2)")
+    tokenizer, vocab = _word_tokenizer(max_length=300)
+    torch.manual_seed(0)
+    gemma = transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512)).eval()
+    levels = 6
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock",) * levels,
+        decoder_block_types=("ResBlock",) * levels, encoder_block_out_channels=(4,) * levels,
+        decoder_block_out_channels=(4,) * levels, encoder_qkv_multiscales=((),) * levels,
+        decoder_qkv_multiscales=((),) * levels, encoder_layers_per_block=(1,) * levels,
+        decoder_layers_per_block=(1,) * levels, downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
+    return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae, transformer=tiny_sana(),
+                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))

@@ -1,5 +1,5 @@
-"""``treeq capture``: run a local diffusers DiT, PixArt, SD3, Flux or Wan pipeline and record its transformer's calls as
-the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
+"""``treeq capture``: run a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana pipeline and record its
+transformer's calls as the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
 
     treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
         --timesteps 8 --out calib.safetensors
@@ -31,7 +31,7 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", required=True,
-                   help="a local diffusers DiT, PixArt, SD3, Flux or Wan pipeline directory")
+                   help="a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana pipeline directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
     what.add_argument("--prompts", default=None, help="PixArt, SD3, Flux, Wan: a text file, one prompt per line")

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers DiT, PixArt, SD3, Flux or Wan transformer (or pipeline) directory, searched "
+                   help="a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana transformer (or pipeline) directory, searched "
                         "on the inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import CutModel, State, run_segments
+from .evaluator import CutModel, State, kept_rows, run_segments
 
 DIT, PIXART = "dit", "pixart"
 
@@ -40,7 +40,8 @@ DIT, PIXART = "dit", "pixart"
 def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
-    ``qwen_runner.QwenImageRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
+    ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``None`` for anything else
+    (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
 
@@ -48,10 +49,11 @@ def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     """``(arch, runner class)`` of the first runner that cuts ``model``, or ``(None, None)``."""
     from .mmdit_runner import MMDiTRunner, mmdit_arch
     from .qwen_runner import QwenImageRunner, qwen_arch
+    from .sana_runner import SanaRunner, sana_arch
     from .wan_runner import WanRunner, wan_arch
 
     for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
-                         (fused_arch, DiffusersRunner)):
+                         (sana_arch, SanaRunner), (fused_arch, DiffusersRunner)):
         arch = arch_of(model)
         if arch is not None:
             return arch, cls
@@ -74,7 +76,8 @@ def fused_arch(model: nn.Module) -> str | None:
 
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
-    ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image. Anything else
+    ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
+    Sana. Anything else
     is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
 
@@ -134,9 +137,9 @@ class DiffusersRunner(CutModel):
             return None
         parts = layer_name.split(".")
         if parts[0] == "caption_projection":   # segment 0: the input tuple's keep-mask
-            return state[3].bool()
+            return kept_rows(state[3])
         if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
-            return state[2][:, 0] == 0   # a block's caption bias: 0 keeps a token, -10000 hides it
+            return kept_rows(state[2][:, 0] == 0)   # a block's caption bias: 0 keeps a token, -10000 hides it
         return None
 
     # -- inputs ------------------------------------------------------------------------------------

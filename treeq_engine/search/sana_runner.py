@@ -1,0 +1,174 @@
+"""The search's segment runner for diffusers' Sana transformer (``SanaTransformer2DModel``, text to image). The same
+interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take Sana too; the
+runtime packs it (its blocks run unfused).
+
+Segments: 0 runs the embedders (the patch embedding, a pointwise convolution at patch size 1; adaLN-single's
+timestep embedding; the caption projection and its RMSNorm), ``1..B`` the blocks (linear self-attention,
+cross-attention on the caption, the GLUMBConv feed-forward), the last one the modulated output norm, projection
+and unpatchify. Each does what the model's ``forward`` does between those points (a test holds their composition
+bit-identical to ``transformer(...).sample``). The state between blocks is ``(h, captions, caption bias, t6,
+embedded t)``; the latent grid is remembered by token count for the blocks (GLUMBConv runs on the image) and the
+head.
+
+The feed-forward's inverted and point convolutions are 1x1: linears over channels, searched and calibrated as
+such (``nn.QuantPointwiseConv``); its depthwise 3x3 convolution is not one and stays in full precision.
+
+Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, H, W)``, ``encoder_hidden_states (N, L,
+caption_channels)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's × ``timestep_scale``),
+``encoder_attention_mask (N, L)`` (1 keeps a caption token). Sana's pipeline pads every prompt to
+``max_sequence_length``; PTQ's statistics leave that padding out (``real_rows``). The MSE is taken on the whole
+output (the flow-matching velocity). What the search cannot reproduce is an error at capture: attention kwargs,
+ControlNet residuals, a self-attention mask, and the guidance-distilled variants (Sana-Sprint's ``guidance``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .evaluator import CutModel, State, kept_rows
+
+SANA = "sana"
+
+
+def sana_arch(model: nn.Module) -> str | None:
+    """``"sana"`` for the Sana transformer this runner cuts, ``None`` for anything else."""
+    ok = type(model).__name__ == "SanaTransformer2DModel" and hasattr(model, "transformer_blocks")
+    return SANA if ok else None
+
+
+def _shape(v: Any) -> Any:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+class SanaRunner(CutModel):
+    """``SegmentRunner`` for a diffusers Sana transformer (see the module docstring)."""
+
+    extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    input_names = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask")
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if sana_arch(model) is None:
+            raise TypeError(f"SanaRunner cuts diffusers' SanaTransformer2DModel; got {type(model).__name__}")
+        cfg = model.config
+        if cfg.get("guidance_embeds"):
+            raise TypeError("SanaRunner cuts the text-to-image Sana; this one embeds a guidance scale "
+                            "(guidance_embeds: Sana-Sprint), which the search does not reproduce")
+        self.model: Any = model   # a diffusers transformer: its submodules are read by name
+        self.arch = SANA
+        self.blocks = model.transformer_blocks
+        self.num_segments = len(self.blocks) + 2
+        self.patch = int(cfg.patch_size)
+        self.in_channels = int(cfg.in_channels)
+        self._grids: dict[int, tuple[int, int]] = {}   # token count -> the latent grid in patches
+        # the pipeline hands over the scheduler's timesteps × timestep_scale: as they are only at scale 1
+        self.scheduler_timesteps = float(cfg.get("timestep_scale", 1.0)) == 1.0
+        self.output_fn = output_fn
+
+    def tie(self, layer_name: str) -> str | None:
+        """Linears that read one input, searched as one leaf: self-attention's to_q/to_k/to_v, and cross-attention's
+        to_k/to_v (both on the captions)."""
+        head, _, last = layer_name.rpartition(".")
+        if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
+            return head + ".qkv"
+        if head.endswith(".attn2") and last in ("to_k", "to_v"):
+            return head + ".kv"
+        return None
+
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """The caption padding the mask hides (every prompt is padded to ``max_sequence_length``) is not real: the
+        caption projection's rows and cross-attention's to_k/to_v rows of padding."""
+        parts = layer_name.split(".")
+        if parts[0] == "caption_projection":   # segment 0: the input tuple's keep-mask
+            return kept_rows(state[3])
+        if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
+            return kept_rows(state[2][:, 0] == 0)   # a block's caption bias: 0 keeps a token, -10000 hides it
+        return None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               timestep: torch.Tensor | float | None = None, guidance: Any = None,
+               encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+               attention_kwargs: Mapping[str, Any] | None = None, controlnet_block_samples: Any = None,
+               **_: Any) -> State:
+        """One transformer call's arguments (as the pipeline passes them) as this runner's input tuple: the timestep
+        broadcast to the batch, a missing caption mask as ones. What the search cannot reproduce is an error."""
+        if attention_kwargs:
+            raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
+                             "are not supported")
+        if controlnet_block_samples is not None:
+            raise ValueError("the search does not support ControlNet residuals")
+        if guidance is not None:
+            raise ValueError("the search cuts text-to-image Sana: a guidance embedding is not supported")
+        if attention_mask is not None:
+            raise ValueError("the search does not support a self-attention mask (attention_mask); pipelines pass None")
+        x = hidden_states
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels or \
+                x.shape[2] % self.patch or x.shape[3] % self.patch:
+            raise ValueError(f"hidden_states must be (N, {self.in_channels}, H, W) latents with H and W multiples of "
+                             f"the patch size {self.patch}, got {_shape(x)}")
+        n = x.shape[0]
+        width = int(self.model.config.caption_channels)
+        enc = encoder_hidden_states
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(enc)}")
+        mask = encoder_attention_mask
+        if mask is None:
+            mask = torch.ones(n, enc.shape[1], device=x.device)
+        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
+            raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
+                             f"got {_shape(mask)}")
+        if timestep is None:
+            raise ValueError("timestep is required")
+        t = torch.as_tensor(timestep, device=x.device)
+        t = t[None] if t.dim() == 0 else t
+        if t.dim() != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
+        return (x, enc, t.expand(n).clone(), mask)
+
+    # -- SegmentRunner -----------------------------------------------------------------------------
+    def segment_of(self, layer_name: str) -> int:
+        parts = layer_name.split(".")
+        if len(parts) > 1 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if parts[0] in ("norm_out", "proj_out"):
+            return self.num_segments - 1
+        return 0
+
+    # -- the model's forward, cut ------------------------------------------------------------------
+    def _grid(self, tokens: int) -> tuple[int, int]:
+        if tokens not in self._grids:
+            raise RuntimeError(f"no latent grid of {tokens} patches went through segment 0")
+        return self._grids[tokens]
+
+    def _embed(self, state: State) -> State:
+        """``(h, captions, caption bias, adaLN-single t, embedded t)``. The latents need not be square: the patch
+        grid is remembered by token count for the blocks and the head (a host value)."""
+        m = self.model
+        x, enc, t, mask = state
+        n = x.shape[0]
+        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        if self._grids.setdefault(grid[0] * grid[1], grid) != grid:
+            raise ValueError(f"latents of {grid[0] * grid[1]} patches came as {self._grids[grid[0] * grid[1]]} and "
+                             f"{grid} grids: use one aspect ratio per token count")
+        h = m.patch_embed(x)
+        t6, emb = m.time_embed(t, batch_size=n, hidden_dtype=h.dtype)
+        enc = m.caption_norm(m.caption_projection(enc).view(n, -1, h.shape[-1]))
+        bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
+        return (h, enc, bias, t6, emb)
+
+    def _block(self, i: int, state: State) -> State:
+        h, enc, bias, t6, emb = state
+        height, width = self._grid(h.shape[1])
+        h = self.blocks[i](h, None, enc, bias, t6, height, width)
+        return (h, enc, bias, t6, emb)
+
+    def _head(self, state: State) -> torch.Tensor:
+        m = self.model
+        h, emb = state[0], state[4]
+        hp, wp = self._grid(h.shape[1])
+        h = m.proj_out(m.norm_out(h, emb, m.scale_shift_table))
+        p = self.patch
+        h = h.reshape(h.shape[0], hp, wp, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(h.shape[0], -1, hp * p, wp * p)
