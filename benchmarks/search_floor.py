@@ -61,7 +61,8 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
     if runner.arch == "sana":   # a 300-token caption (the pipeline's max_sequence_length)
         with torch.device("meta"):
             return runner.inputs(torch.empty(1, cfg.in_channels, size // 32, size // 32),
-                                 torch.empty(1, 300, cfg.caption_channels), torch.zeros(1), torch.ones(1, 300))
+                                 torch.empty(1, 300, cfg.caption_channels), torch.zeros(1),
+                                 encoder_attention_mask=torch.ones(1, 300))
     if runner.arch == "qwen-image":   # 2x2 latent patches packed; a 256-token prompt
         side = lat // 2
         with torch.device("meta"):
