@@ -1189,3 +1189,13 @@ def test_ptq_ignores_what_the_padding_holds_and_caches_no_weights(tmp_path, monk
     (tmp_path / "a" / "ptq.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="begun before caption/prompt padding"):
         calibrate(copy.deepcopy(model), plan, batches, cfg, progress=False, out_dir=tmp_path / "a")
+
+
+def test_quantize_ptq_refuses_an_explicit_dtype(tmp_path):
+    """`quantize --ptq` loads the dtype the calibration recorded: any --dtype given with it, float32 included, is
+    refused rather than ignored."""
+    from treeq_engine.cli import main
+
+    with pytest.raises(SystemExit, match="dtype it was calibrated in"):
+        main(["quantize", "--diffusers", str(tmp_path), "--ptq", str(tmp_path), "--dtype", "float32",
+              "--out", str(tmp_path / "a")])

@@ -60,10 +60,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                         "SD3, Flux, Wan, Qwen-Image or Sana with any plan or --ptq; any other diffusers model "
                         "(Z-Image, ...) "
                         "with --uniform or --plan")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="with --diffusers: the dtype the model loads in before packing (bfloat16 halves the memory "
-                        "a large model needs; an fp32 checkpoint's weights are then rounded to bf16 before they are "
-                        "quantized, and its unquantized parameters are stored in bf16)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
+                        "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "
+                        "before they are quantized, and its unquantized parameters are stored in bf16); with --ptq, "
+                        "the calibration's")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "
@@ -81,10 +82,10 @@ def run_quantize(args: argparse.Namespace) -> int:
 
         if args.model != "digits" or args.config:
             raise SystemExit("--diffusers names the model: give it without --model / --config")
-        if args.ptq and args.dtype != "float32":
+        if args.ptq and args.dtype is not None:
             raise SystemExit("--dtype: a --ptq calibration loads the model in the dtype it was calibrated in "
                              "(`treeq ptq --dtype`); give it without --dtype")
-        dtype = getattr(torch, args.dtype)
+        dtype = getattr(torch, args.dtype or "float32")
         if args.ptq:
             from ..calib.ptq import diffusers_dtype
 
@@ -94,7 +95,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         except (ValueError, ImportError) as e:
             raise SystemExit(f"treeq quantize: {e}") from None
     else:
-        if args.dtype != "float32":
+        if args.dtype is not None:
             raise SystemExit("--dtype is for --diffusers models (ours load in float32)")
         model, desc = load_fp_model(args.model, args.config)
     if args.peft and not args.ptq:
