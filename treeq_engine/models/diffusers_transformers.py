@@ -3,7 +3,7 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3, Flux, Wan, Qwen-Image and Sana (``SUPPORTED``) go through the whole flow (capture, search, PTQ,
-PEFT, packing, graphs); their blocks, except Sana's, also fuse. Any other diffusers model (Z-Image, ...) can be
+PEFT, packing, graphs); their blocks also fuse. Any other diffusers model (Z-Image, ...) can be
 packed with a uniform
 plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and pointwise
 convolutions) become packed modules, unfused.
@@ -22,8 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-# searched, calibrated and packed (search.diffusers_runner.make_runner cuts each); all but Sana fused too
-# (runtime/*_fused.py)
+# searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
              "WanTransformer3DModel", "QwenImageTransformer2DModel", "SanaTransformer2DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type

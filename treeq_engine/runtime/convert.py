@@ -203,7 +203,7 @@ def guard_projection_fusion(model: nn.Module) -> int:
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks, Wan's and Qwen-Image's blocks. Returns how many blocks were fused."""
+    joint blocks, Wan's, Qwen-Image's and Sana's blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -237,7 +237,8 @@ def fuse_blocks(model: nn.Module) -> int:
 # processors it reads; before 0.39 Qwen-Image's processor ignored the text mask or took it through kwargs)
 _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks", (0, 35)),
                     (("WanTransformerBlock",), "Wan", "wan_fused", "fuse_wan_blocks", (0, 35)),
-                    (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)))
+                    (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),
+                    (("SanaTransformerBlock",), "Sana", "sana_fused", "fuse_sana_blocks", (0, 32)))
 
 
 def _diffusers_version() -> tuple[int, int]:

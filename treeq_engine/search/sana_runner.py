@@ -1,6 +1,6 @@
 """The search's segment runner for diffusers' Sana transformer (``SanaTransformer2DModel``, text to image). The same
 interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take Sana too; the
-runtime packs it (its blocks run unfused).
+runtime packs it and fuses its blocks (``runtime/sana_fused.py``).
 
 Segments: 0 runs the embedders (the patch embedding, a pointwise convolution at patch size 1; adaLN-single's
 timestep embedding; the caption projection and its RMSNorm), ``1..B`` the blocks (linear self-attention,

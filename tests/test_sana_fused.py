@@ -1,0 +1,153 @@
+"""Fused Sana blocks (`runtime/sana_fused.py`): what they compute equals the unfused packed model (float32, the
+reference backend: LayerNorm + modulate in the quantization kernels of q/k/v and of the feed-forward's inverted 1x1
+convolution, the gated residuals in to_out's and the point convolution's epilogues), the fused kernels actually
+run, and everything the fused path cannot reproduce runs diffusers' own forward: hooks, training, another
+attention processor, a self-attention mask."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_mmdit_fused import count_kernels, pair  # noqa: E402
+from test_search_sana import call  # noqa: E402
+from tiny_diffusers import tiny_sana  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime.sana_fused import FusedSanaTransformerBlock  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mixed(model):
+    """Block layers at assorted formats: W16 (the float paths), branches (their own quantization calls), to_q at
+    another activation spec than to_k/to_v (no shared call), the rest W4A8."""
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff.conv_point", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.1.ff.conv_inverted", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("transformer_blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+def test_fused_equals_unfused(kind):
+    model = tiny_sana()
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert all(isinstance(b, FusedSanaTransformerBlock) for b in fused.transformer_blocks)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for kw in (call(n=2, seed=0), call(n=3, text=9, hw=(4, 12), seed=1)):
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
+
+
+def test_the_fused_kernels_run():
+    """Per block: one LayerNorm-fused quantization for q/k/v and one for the feed-forward's inverted convolution,
+    two gated residuals (to_out's, the point convolution's)."""
+    model = tiny_sana()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(n=2)
+    calls, _ = count_kernels(fused, kw)
+    assert calls == {"ln": 2 * 2, "gelu": 0, "residual": 2 * 2, "codes_out": 0}
+    calls, _ = count_kernels(unfused, kw)
+    assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    model = tiny_sana()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(n=2)
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    seen = []
+    for part in ("norm1", "norm2", "attn1", "attn1.to_out.1", "attn1.to_k", "attn1.to_out.0", "ff", "ff.conv_depth",
+                 "ff.conv_point"):
+        h = fused.transformer_blocks[0].get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == 2, part   # block 0 runs diffusers' forward, block 1 stays fused
+        seen.clear()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class OtherProcessor(SanaLinearAttnProcessor2_0):   # a subclass computes what it likes
+        pass
+
+    fused.transformer_blocks[0].attn1.set_processor(OtherProcessor())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_rms_qk_norm_and_a_cache_hook():
+    """In bf16 the fused model agrees with the unfused one to bf16's rounding, with Sana 1.5's RMSNorm on q and k;
+    diffusers' FirstBlockCache finds the fused class in its block registry."""
+    torch.manual_seed(0)
+    model = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=16, qk_norm="rms_norm_across_heads").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    model = model.to(torch.bfloat16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    assert all(isinstance(b, FusedSanaTransformerBlock) for b in fused.transformer_blocks)
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v for k, v in call(n=2).items()}
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 4
+    with torch.no_grad():
+        want = unfused(**kw).sample.float()
+    assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    from diffusers.hooks import apply_first_block_cache   # (Sana has no CacheMixin; the hook applies alike)
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    apply_first_block_cache(fused, diffusers.FirstBlockCacheConfig(threshold=0.5))
+    _set_cache_context(fused, CacheContext("test"))   # (what a CacheMixin's cache_context does)
+    with torch.no_grad():
+        first = fused(**kw).sample.float()
+        again = fused(**kw).sample.float()   # the same input: the cache's hit path
+    assert torch.isfinite(first).all() and float((again - first).norm() / first.norm()) < 2e-2
+
+
+def test_a_self_attention_mask_runs_diffusers_forward():
+    model = tiny_sana()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = dict(call(n=2), attention_mask=torch.ones(2, 64))
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_equals_unfused_on_gpu():
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
+    layout, the 1x1 convolutions among them (bound as for the DiT blocks: test_diffusers_fused.py's reasoning)."""
+    import copy
+
+    from treeq_engine.runtime import quantize
+
+    model = tiny_sana()
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    assert all(isinstance(b, FusedSanaTransformerBlock) for b in fused.transformer_blocks)
+    kw = {k: v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda()
+          for k, v in call(n=2).items()}
+    calls, b = count_kernels(fused, kw)
+    assert calls == {"ln": 2 * 2, "gelu": 0, "residual": 2 * 2, "codes_out": 0}   # fused on the GPU too
+    with torch.no_grad():
+        a = unfused(**kw).sample.float()
+    b = b.float()
+    assert torch.isfinite(b).all()
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"

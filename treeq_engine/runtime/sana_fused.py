@@ -1,0 +1,169 @@
+"""Fused Sana blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``SanaTransformerBlock``.
+
+The block's six modulation vectors are ``scale_shift_table + t6`` (adaLN-single, in the model's dtype); ``LN`` has
+no affine; the feed-forward (GLUMBConv) runs on the latent grid (``height × width`` tokens):
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_msa, scale_msa))
+    h = h + gate_msa · to_out(linear_attention(ReLU(q), ReLU(k), v))           (attn1: SanaLinearAttnProcessor2_0)
+    h = h + attn2(h, captions, caption mask)                                    (cross-attention, as diffusers')
+    u = SiLU(conv_inverted ← Q(mod(LN(h), shift_mlp, scale_mlp)))
+    u, g = chunk(conv_depth(u))                                                 (depthwise 3×3, float)
+    h = h + gate_mlp · conv_point ← Q(u · SiLU(g))
+
+Where a layer is a packed one with quantized activations (``TreeQLinear``, the 1×1 convolutions
+``TreeQPointwiseConv``), LayerNorm + modulate + quantization run in its ``quantize_input`` kernel (one call
+shared by to_q/to_k/to_v with one activation spec and no Monarch branch; one for ``conv_inverted``, on the tokens'
+channel rows), and the gated residual in ``to_out[0]``'s and ``conv_point``'s epilogues. The linear attention is
+the processor's computation (ReLU kernels, float32 sums, its 1e-15 guard; ``norm_q``/``norm_k`` where the model
+has them, Sana 1.5's RMSNorm). The cross-attention runs as diffusers' module (its packed linears each quantize their
+own input): its keys and values read the captions. Fused and unfused agree to the model dtype's rounding (the
+kernels do LayerNorm + modulate and the gated residual in float32), not bit for bit.
+
+A block is swapped only in the structure diffusers builds (LayerNorms without affine, a table of six vectors,
+``Attention`` with ``SanaLinearAttnProcessor2_0`` for attn1, a ``GLUMBConv`` without its own norm or residual) with
+a packed layer with quantized activations to fuse. It runs diffusers' own forward in training mode, with a
+self-attention mask, without the latent grid, and when a norm, the self-attention or the feed-forward carries a
+hook or another processor; a hooked or unpacked projection or convolution runs as diffusers computes it.
+diffusers' block-level hooks find the fused class in ``TransformerBlockRegistry`` under the original's entry. The
+state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
+from diffusers.models.transformers.sana_transformer import GLUMBConv, SanaTransformerBlock
+
+from ..nn.pointwise import layer_dims
+from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
+                              _project, register_block, swap_blocks)
+from .linear import runs_packed_kernels as _quantized
+
+
+def _sana_supported(block: nn.Module) -> bool:
+    if type(block) is not SanaTransformerBlock or _forward_wrapped(block):
+        return False
+    table = getattr(block, "scale_shift_table", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 6:
+        return False
+    d = table.shape[1]
+    ff = block.ff
+    return (_plain_layer_norm(block.norm1, d) and _plain_layer_norm(getattr(block, "norm2", None), d)
+            and type(block.attn1) is Attention and type(ff) is GLUMBConv and ff.norm_type is None
+            and not ff.residual_connection and type(ff.nonlinearity) is nn.SiLU and type(ff.conv_depth) is nn.Conv2d
+            and layer_dims(ff.conv_inverted)[0] == d and layer_dims(ff.conv_point)[1] == d)
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn1
+    return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ff.conv_inverted, block.ff.conv_point]
+
+
+def _self_attention_ok(attn: Any) -> bool:
+    """``attn`` computes what the fused path computes: the linear-attention processor, to_out of [layer, Dropout],
+    no hook on it or on a projection the kernels run. (Checked on every forward.)"""
+    if type(attn.processor) is not SanaLinearAttnProcessor2_0 or _hooked(attn):
+        return False
+    m = attn._modules
+    out = m.get("to_out")
+    if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"]):
+        return False
+    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+
+
+def _ff_ok(ff: Any) -> bool:
+    return not (_hooked(ff) or _hooked(ff.conv_depth) or _hooked(ff.nonlinearity) or _bypassed_hook(ff.conv_inverted)
+                or _bypassed_hook(ff.conv_point))
+
+
+def _linear_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int) -> torch.Tensor:
+    """``SanaLinearAttnProcessor2_0``'s attention of (B·S, inner) projection rows, as (B, S, inner) in their dtype."""
+    dtype = q.dtype
+    query, key, value = (t.view(b, -1, t.shape[-1]) for t in (q, k, v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    query = query.transpose(1, 2).unflatten(1, (attn.heads, -1))
+    key = key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)
+    value = value.transpose(1, 2).unflatten(1, (attn.heads, -1))
+    query, key, value = F.relu(query).float(), F.relu(key).float(), value.float()
+    value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
+    o = torch.matmul(torch.matmul(value, key), query)
+    o = o[:, :, :-1] / (o[:, :, -1:] + 1e-15)
+    return o.flatten(1, 2).transpose(1, 2).to(dtype)
+
+
+def _glumbconv(ff: Any, norm: nn.Module, x2: torch.Tensor, b: int, hw: tuple[int, int], mod: torch.Tensor,
+               m32: torch.Tensor) -> torch.Tensor:
+    """``x + gate_mlp · GLUMBConv(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2``: LayerNorm + modulate
+    in conv_inverted's quantization, the gated residual in conv_point's epilogue; SiLU, the depthwise convolution
+    and the gating as diffusers computes them."""
+    d = x2.shape[-1]
+    height, width = hw
+    ci, cp = ff.conv_inverted, ff.conv_point
+    if _quantized(ci):
+        u = ci.linear(ci.quantize_input(x2, ln_eps=norm.eps, shift=m32[3], scale=m32[4]), out_dtype=x2.dtype)
+        u = u.view(b, height, width, -1).permute(0, 3, 1, 2)   # (the channels-last rows as NCHW, as Sana's view)
+    else:
+        x = x2.view(b, -1, d)
+        rows = (norm(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).to(x2.dtype)
+        u = ci(rows.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+    u = ff.conv_depth(ff.nonlinearity(u))
+    u, gate = torch.chunk(u, 2, dim=1)
+    u = u * ff.nonlinearity(gate)
+    if _quantized(cp):
+        rows = u.permute(0, 2, 3, 1).reshape(x2.shape[0], -1).contiguous()
+        return cp.linear(cp.quantize_input(rows), out_dtype=x2.dtype, residual=x2, gate=m32[5])
+    y = cp(u).flatten(2, 3).permute(0, 2, 1)
+    return (x2.view(b, -1, d) + mod[:, 5:6] * y).reshape(x2.shape)
+
+
+class FusedSanaTransformerBlock(SanaTransformerBlock):
+    """A ``SanaTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: SanaTransformerBlock) -> None:
+        if not _sana_supported(block):
+            raise ValueError("FusedSanaTransformerBlock handles SanaTransformerBlock in the structure diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, timestep: torch.LongTensor | None = None,
+                height: int | None = None, width: int | None = None) -> torch.Tensor:
+        args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep, height, width)
+        h = hidden_states
+        a1 = self.attn1
+        if (self.training or attention_mask is not None or h.ndim != 3 or timestep is None or height is None
+                or width is None or height * width != h.shape[1] or _hooked(self.norm1) or _hooked(self.norm2)
+                or not _self_attention_ok(a1) or not _ff_ok(self.ff)):
+            return super().forward(*args)
+        b, s, d = h.shape
+        if timestep.numel() != b * 6 * d:
+            return super().forward(*args)
+        mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)   # (B, 6, D), as diffusers computes it
+        m32 = mod.float().transpose(0, 1).contiguous()                    # (6, B, D) float32: the kernels' layout
+        h2 = h.reshape(b * s, d).contiguous()
+        q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
+                           lambda: (self.norm1(h) * (1 + mod[:, 1:2]) + mod[:, 0:1]).to(h.dtype),
+                           ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
+        o = _linear_attention(a1, q, k, v, b)
+        h2 = _gated_out(a1.to_out[0], o, h2, b, m32[2], mod[:, 2:3])
+        if self.attn2 is not None:
+            h = h2.view(b, s, d)
+            h2 = (self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+                  + h).reshape(b * s, d)
+        return _glumbconv(self.ff, self.norm2, h2, b, (height, width), mod, m32).view(b, s, d)
+
+
+def fuse_sana_blocks(model: nn.Module) -> int:
+    """Swap every Sana block of ``model`` that the fused class handles and that has a packed layer with quantized
+    activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: FusedSanaTransformerBlock if _sana_supported(m) else None, _linears)
+
+
+register_block(FusedSanaTransformerBlock, 0)   # (returns hidden_states alone, as the original)
