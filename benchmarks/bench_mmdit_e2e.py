@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End-to-end forward latency of a FLUX.1-dev-, SD3.5-large- or Wan2.1-shaped transformer: bf16 eager against TreeQ.
+"""End-to-end forward latency of a FLUX.1-dev-, SD3.5-large-, Qwen-Image-, Sana- or Wan2.1-shaped transformer: bf16
+eager against TreeQ.
 
 The published architecture (``diffusers_memory.MODELS``) with random weights, one image at ``--side`` pixels
 (FLUX.1-dev at 1024 px: 4096 image and 512 text tokens) or one video of ``--video F,H,W`` (Wan at 81 frames of
@@ -20,6 +21,7 @@ M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the line
     python benchmarks/bench_mmdit_e2e.py --model SD3.5-large
     python benchmarks/bench_mmdit_e2e.py --blocks 4,8          # fewer blocks at full width (ratios per block)
     python benchmarks/bench_mmdit_e2e.py --model Qwen-Image --blocks 12        # 12 of its 60 blocks at 1024 px
+    python benchmarks/bench_mmdit_e2e.py --model "Sana 1600M 1024px"                 # the whole model at 1024 px
     python benchmarks/bench_mmdit_e2e.py --model Wan2.1-T2V-1.3B --video 33,480,832
     python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
     python benchmarks/bench_mmdit_e2e.py --smoke --model Wan2.1-T2V-1.3B   # ... a tiny Wan
@@ -37,6 +39,16 @@ are 4·S²·D per block, D = 1536, 30 blocks):
 Qwen-Image at 1024 px (S = 4096 image + 256 text tokens, D = 3072, 60 blocks): 73.1 TFLOP, of which attention 14.0
 and linears 59.1; 74 ms at the bf16 peak, 44 ms with the linears at the int8 peak: at most 1.68×. Prediction:
 1.2–1.3× for W8A8 (the session's run: ``--blocks 12``, the per-block ratio).
+
+Sana-1600M at 1024 px (DC-AE factor 32: S = 1024 image tokens, a 300-token caption; D = 2240, 20 blocks): 2.97
+TFLOP per forward, of which the linears and 1×1 convolutions are 2.89 (per block: self-attention q/k/v/out 41 GFLOP,
+cross-attention 27, the feed-forward's inverted and point convolutions 51 and 26) and the linear attention, the
+cross-attention's scores and the depthwise 3×3 convolution under 0.1: 3.0 ms at the bf16 peak, 1.5 ms with the
+linears at the int8 peak (at most 2×). The 3.0 GiB of bf16 weights take 0.96 ms to stream once (0.25 ms at W4), and
+the unfused elementwise work between the GEMMs (SiLU, the depthwise convolution and gating on 11 200 channels, the
+float32 linear attention) is memory-bound: a few hundred µs. GEMMs of M = 1024 rows sit below the sizes where the
+plain Triton W8A8 GEMM was measured. Prediction, before any run: 1.1–1.2× for W8A8, W4A8 a little more (weights
+streamed at a quarter).
 
 Each row also says how many blocks ran fused (0 means the packed linears ran unfused: an older diffusers, or a
 structure the fused classes do not take) and how far the output lies from the bf16 model's (random weights:
@@ -68,19 +80,29 @@ from record import RESULTS, git_commit, save_json, write_section  # noqa: E402
 BEGIN, END = "<!-- bench_mmdit_e2e:begin -->", "<!-- bench_mmdit_e2e:end -->"
 # Wan's and Qwen-Image's timings keep their own RESULTS.md sections
 SECTIONS = {"wan": ("<!-- bench_wan_e2e:begin -->", "<!-- bench_wan_e2e:end -->"),
-            "qwen": ("<!-- bench_qwen_e2e:begin -->", "<!-- bench_qwen_e2e:end -->")}
+            "qwen": ("<!-- bench_qwen_e2e:begin -->", "<!-- bench_qwen_e2e:end -->"),
+            "sana": ("<!-- bench_sana_e2e:begin -->", "<!-- bench_sana_e2e:end -->")}
+SANA = "Sana 1600M 1024px"
 
 
 def section(model: str) -> tuple[str, str]:
     """The RESULTS.md markers of ``--model``'s table."""
-    return SECTIONS["wan"] if model.startswith("Wan") else SECTIONS["qwen"] if model == "Qwen-Image" else (BEGIN, END)
-CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Qwen-Image", "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
+    if model.startswith("Wan"):
+        return SECTIONS["wan"]
+    return SECTIONS["qwen"] if model == "Qwen-Image" else SECTIONS["sana"] if model == SANA else (BEGIN, END)
+
+
+CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Qwen-Image", SANA, "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
 TINY = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                        pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True))
 TINY_QWEN = ("QwenImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                                 axes_dims_rope=(8, 4, 4)))
+TINY_SANA = ("SanaTransformer2DModel", dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                            num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
+                                            cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                                            sample_size=16))
 TINY_WAN = ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                                           num_layers=2, rope_max_seq_len=32))
@@ -88,8 +110,8 @@ TINY_WAN = ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_he
 
 def call_kwargs(model: Any, side: int | tuple[int, int, int], batch: int, device: torch.device,
                 dtype: torch.dtype) -> dict[str, Any]:
-    """One forward's arguments at ``side`` pixels (VAE factor 8; Wan's video ``(frames, height, width)``, its VAE
-    also 4x in time after the first frame), as the pipelines pass them."""
+    """One forward's arguments at ``side`` pixels (VAE factor 8, Sana's DC-AE 32; Wan's video ``(frames, height,
+    width)``, its VAE also 4x in time after the first frame), as the pipelines pass them."""
     cfg = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -104,6 +126,12 @@ def call_kwargs(model: Any, side: int | tuple[int, int, int], batch: int, device
                     encoder_hidden_states=rand(batch, text, cfg.text_dim),
                     timestep=torch.full((batch,), 500.0, device=device))
     assert isinstance(side, int)
+    if type(model).__name__ == "SanaTransformer2DModel":   # a 300-token caption (max_sequence_length)
+        text = 300 if side >= 256 else 6
+        return dict(hidden_states=rand(batch, cfg.in_channels, side // 32, side // 32),
+                    encoder_hidden_states=rand(batch, text, cfg.caption_channels),
+                    encoder_attention_mask=torch.ones(batch, text, device=device),
+                    timestep=torch.full((batch,), 500.0, device=device))
     lat = side // 8
     if type(model).__name__ == "QwenImageTransformer2DModel":   # 2x2 latent patches packed; a 256-token prompt
         h = lat // 2
@@ -236,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         spec, side, name = ((TINY_WAN, (5, 32, 48), "tiny Wan (smoke)") if wan else
                             (TINY_QWEN, 64, "tiny Qwen-Image (smoke)") if args.model == "Qwen-Image" else
+                            (TINY_SANA, 256, "tiny Sana (smoke)") if args.model == SANA else
                             (TINY, 64, "tiny Flux (smoke)"))
     else:
         if not torch.cuda.is_available():

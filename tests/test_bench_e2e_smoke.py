@@ -149,6 +149,11 @@ def test_bench_mmdit_e2e_smoke(capsys):
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["fused_blocks"] for r in rows] == [0, 2, 2] and all(r["finite"] for r in rows)
+    assert bench_mmdit_e2e.main(["--smoke", "--model", "Sana 1600M 1024px"]) == 0   # a tiny Sana, blocks fused
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["fused_blocks"] for r in rows] == [0, 2, 2] and all(r["finite"] for r in rows)
+    assert 0 < rows[1]["rel_err_vs_bf16"] < 0.1
     with pytest.raises(SystemExit, match="--video must be F,H,W"):
         bench_mmdit_e2e.main(["--smoke", "--model", "Wan2.1-T2V-1.3B", "--video", "81,480"])
 
