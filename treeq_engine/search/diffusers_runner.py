@@ -87,6 +87,29 @@ def make_runner(model: nn.Module) -> Any:
     return cls(model)
 
 
+def attention_tie(layer_name: str) -> str | None:
+    """The tie of an ``attn1`` (self-attention: to_q/to_k/to_v on one input) / ``attn2`` (cross-attention: to_k/to_v
+    on the captions) block layout, PixArt's and Sana's."""
+    head, _, last = layer_name.rpartition(".")
+    if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
+        return head + ".qkv"
+    if head.endswith(".attn2") and last in ("to_k", "to_v"):
+        return head + ".kv"
+    return None
+
+
+def caption_rows(layer_name: str, state: State) -> torch.Tensor | None:
+    """The real rows of a layer reading padded captions in PixArt's and Sana's cut: the caption projection's (segment
+    0's input tuple holds the keep-mask at 3) and cross-attention's to_k/to_v (a block's state holds the caption
+    bias at 2: 0 keeps a token, -10000 hides it); ``None`` for every other layer."""
+    parts = layer_name.split(".")
+    if parts[0] == "caption_projection":
+        return kept_rows(state[3])
+    if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
+        return kept_rows(state[2][:, 0] == 0)
+    return None
+
+
 class DiffusersRunner(CutModel):
     """``SegmentRunner`` for a diffusers DiT or PixArt transformer (see the module docstring)."""
 
@@ -123,24 +146,12 @@ class DiffusersRunner(CutModel):
         linear; the fused runtime quantizes such a group's input once when their activation specs agree and none
         has a Monarch branch (a branch's first stage reads the unquantized rows, so each branched layer runs its
         own quantization kernel)."""
-        head, _, last = layer_name.rpartition(".")
-        if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
-            return head + ".qkv"
-        if head.endswith(".attn2") and last in ("to_k", "to_v"):
-            return head + ".kv"
-        return None
+        return attention_tie(layer_name)
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
         """PixArt's captions are padded (to 120 or 300 tokens) and the mask hides the padding from cross-attention:
         the caption projection's and cross-attention's to_k/to_v rows of padding are not real."""
-        if self.arch != PIXART:
-            return None
-        parts = layer_name.split(".")
-        if parts[0] == "caption_projection":   # segment 0: the input tuple's keep-mask
-            return kept_rows(state[3])
-        if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
-            return kept_rows(state[2][:, 0] == 0)   # a block's caption bias: 0 keeps a token, -10000 hides it
-        return None
+        return caption_rows(layer_name, state) if self.arch == PIXART else None
 
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | int | None = None,

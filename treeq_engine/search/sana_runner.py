@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, kept_rows
+from .diffusers_runner import attention_tie, caption_rows
+from .evaluator import CutModel, State
 
 SANA = "sana"
 
@@ -68,23 +69,13 @@ class SanaRunner(CutModel):
 
     def tie(self, layer_name: str) -> str | None:
         """Linears that read one input, searched as one leaf: self-attention's to_q/to_k/to_v, and cross-attention's
-        to_k/to_v (both on the captions)."""
-        head, _, last = layer_name.rpartition(".")
-        if head.endswith(".attn1") and last in ("to_q", "to_k", "to_v"):
-            return head + ".qkv"
-        if head.endswith(".attn2") and last in ("to_k", "to_v"):
-            return head + ".kv"
-        return None
+        to_k/to_v (both on the captions), as PixArt's."""
+        return attention_tie(layer_name)
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
         """The caption padding the mask hides (every prompt is padded to ``max_sequence_length``) is not real: the
-        caption projection's rows and cross-attention's to_k/to_v rows of padding."""
-        parts = layer_name.split(".")
-        if parts[0] == "caption_projection":   # segment 0: the input tuple's keep-mask
-            return kept_rows(state[3])
-        if len(parts) == 4 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
-            return kept_rows(state[2][:, 0] == 0)   # a block's caption bias: 0 keeps a token, -10000 hides it
-        return None
+        caption projection's rows and cross-attention's to_k/to_v rows of padding, as PixArt's."""
+        return caption_rows(layer_name, state)
 
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
