@@ -226,3 +226,10 @@ def test_frozen_layer_training_keeps_codes_not_a_weight_copy(dtype):
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:   # under autocast the matmuls run in bf16, the gradients reach the float32 input
+        q.w_scale.requires_grad_(False)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = q(xi)
+        y.float().square().sum().backward()
+        assert xi.grad is not None and xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all()

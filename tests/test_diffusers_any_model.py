@@ -80,6 +80,12 @@ def test_what_needs_the_cut_refuses_them(tmp_path, capsys):
                  "--budget", "W4A8"]) == 2
     err = capsys.readouterr().err
     assert "Lumina2Transformer2DModel is not supported here" in err and PACK_ONLY in err
+    from treeq_engine.models.diffusers_transformers import transformer_dir
+
+    pipe = tmp_path / "pipe"   # a pipeline directory holding it: named as unsupported, not as missing
+    model.save_pretrained(pipe / "transformer")
+    with pytest.raises(ValueError, match="Lumina2Transformer2DModel is not supported here"):
+        transformer_dir(pipe)
     with pytest.raises(SystemExit, match="Lumina2Transformer2DModel is not supported here"):
         main(["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="is not a diffusers model class"):

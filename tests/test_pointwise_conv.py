@@ -236,6 +236,8 @@ def test_simulated_conv_is_the_fake_quant_linear_over_channels(nd):
         torch.testing.assert_close(packed(x), sim(x), rtol=1e-4, atol=1e-4)   # (the packed kernel's epilogue)
     with pytest.raises(ValueError, match=r"input must be \(B, 37"):
         sim(rows)   # channels last: the wrong layout is named, not computed
+    with torch.no_grad():   # unbatched (C, *spatial), as torch's convolution takes it
+        torch.testing.assert_close(sim(x[1]), sim(x)[1], rtol=1e-5, atol=1e-6)   # (a GEMM of other M)
     back = nn.Sequential(QuantPointwiseConv(conv, None))
     unconvert(back)
     assert type(back[0]) is CONVS[nd] and back[0].weight.data_ptr() == conv.weight.data_ptr()
@@ -259,7 +261,12 @@ def test_convert_and_capture_take_pointwise_convolutions():
         h = model.blocks[0]["lin"](x)
     rows = capture_inputs(model, "blocks.0.conv", [(x,)], max_tokens=1000)
     torch.testing.assert_close(rows, h.reshape(-1, 20))   # the positions' channel vectors, as the linear's rows
-    convert(model, QuantPlan.block_uniform(model, 8, 8))
+    plan = QuantPlan.block_uniform(model, 8, 8)
+    convert(model, plan)
     assert isinstance(model.blocks[0]["conv"], QuantPointwiseConv) and isinstance(model.edge, nn.Conv2d)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+    from treeq_engine.runtime.convert import skeleton
+
+    skeleton(model, plan, dtype=torch.float32)   # (a converted model's layers take their packed forms too)
+    assert type(model.blocks[0]["conv"]) is TreeQPointwiseConv and model.blocks[0]["conv"].spatial_dims == 2

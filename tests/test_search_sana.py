@@ -70,7 +70,7 @@ def test_leaves_ties_and_checked_inputs():
         with pytest.raises(ValueError, match=match):
             runner.inputs(**{**call(), **bad})
     torch.manual_seed(0)
-    with pytest.raises(TypeError, match="Sana-Sprint"):
+    with pytest.raises(ValueError, match="Sana-Sprint"):
         SanaRunner(diffusers.SanaTransformer2DModel(
             in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,

@@ -68,7 +68,7 @@ def transformer_dir(path: str | Path, *, any_model: bool = False) -> Path:
                 raise ValueError(f"{cfg}: not a diffusers config (unreadable JSON object)") from None
             if name in SUPPORTED or (any_model and model_class(name) is not None):
                 return d
-            if d == p and name is not None and not (p / "transformer").is_dir():
+            if name is not None and (d != p or not (p / "transformer").is_dir()):
                 if any_model:
                     raise ValueError(f"{cfg}: {name} is not a diffusers model class (this diffusers has none of "
                                      "that name)")

@@ -6,8 +6,8 @@ A ``ConvNd`` with a 1×…×1 kernel, stride 1, no padding or dilation and one g
 
 which is a linear layer whose tokens are the positions and whose features are the channels. Sana's feed-forward
 (GLUMBConv's inverted and point convolutions) and its patch embedding (patch size 1) are such convolutions, and
-hold half of its weights; the runtime packs them like linears (``runtime.linear.TreeQPointwiseConv``). The
-search, calibration and the fake-quant simulation take ``nn.Linear`` layers only.
+hold half of its weights; the runtime packs them like linears (``runtime.linear.TreeQPointwiseConv``), and the
+search, calibration and fake-quant simulation take them as linears too (``nn.quant_pointwise.QuantPointwiseConv``).
 """
 from __future__ import annotations
 

@@ -80,13 +80,14 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(codes, scale, zero_point)
-        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        ctx.has_bias = bias is not None
         return F.linear(x, _dequantize(codes, scale, zero_point, dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         codes, scale, zero_point = ctx.saved_tensors
-        gx = grad @ _dequantize(codes, scale, zero_point, ctx.dtype) if ctx.needs_input_grad[0] else None
+        # (in the gradient's dtype: under autocast the forward's matmul ran in it; autograd casts to the input's)
+        gx = grad @ _dequantize(codes, scale, zero_point, grad.dtype) if ctx.needs_input_grad[0] else None
         gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return gx, None, None, None, gb, None
 

@@ -6,6 +6,10 @@ linear path (per-token activation quantization, per-channel weights, the branch,
 leading batch dim) and moves them back. The weight is the convolution's, viewed as ``(N, K)`` (one storage), so
 search, PTQ, PEFT and the runtime's packing read it as a linear's. Sana's feed-forward (GLUMBConv's inverted and
 point convolutions, half its weights) is made of them.
+
+The view is a Parameter of its own: a converted model's state dict holds ``(N, K)`` where the convolution held
+``(N, K, 1, ...)``, and code holding the convolution's Parameter (an optimizer built before ``convert``) does not
+see the new one. ``unconvert`` gives back a plain convolution viewing the same storage.
 """
 from __future__ import annotations
 
@@ -33,11 +37,12 @@ class QuantPointwiseConv(QuantLinear):
         self.spatial_dims = len(conv.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_features:
+        c = x.dim() - self.spatial_dims - 1   # the channel dim: 1 batched, 0 unbatched (as torch's ConvNd takes)
+        if c not in (0, 1) or x.shape[c] != self.in_features:
             raise ValueError(f"{self.name or 'QuantPointwiseConv'}: input must be (B, {self.in_features}"
-                             f"{', *' * self.spatial_dims}) for a {self.spatial_dims}-D pointwise convolution, got "
-                             f"{tuple(x.shape)}")
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+                             f"{', *' * self.spatial_dims}) or ({self.in_features}{', *' * self.spatial_dims}) for a "
+                             f"{self.spatial_dims}-D pointwise convolution, got {tuple(x.shape)}")
+        return super().forward(x.movedim(c, -1)).movedim(-1, c)
 
     def to_conv(self) -> nn.Module:
         """The plain convolution this simulates, sharing its weight's storage and its bias (``unconvert``)."""

@@ -20,7 +20,7 @@ from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..nn.convert import _set_submodule
 from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
-from ..nn.quant_pointwise import QuantPointwiseConv
+from ..nn.quant_pointwise import QuantPointwiseConv, conv_spatial_dims
 from ..plan import LayerConfig, QuantPlan
 from .graphed_diffusers import reset_graphs
 from .linear import LAYOUTS, TreeQLinear, TreeQPointwiseConv, branch_dtype
@@ -144,8 +144,8 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
         k, n = layer_dims(mod)
         kw: dict[str, Any] = dict(bias=mod.bias is not None, monarch=mshape, name=name, dtype=dtype,
                                   device=mod.weight.device, compute_dtype=_model_dtype(mod.weight, dtype))
-        packed = TreeQPointwiseConv(k, n, cfg, spatial_dims=len(mod.kernel_size), **kw) if is_pointwise_conv(mod) \
-            else TreeQLinear(k, n, cfg, **kw)
+        dims = conv_spatial_dims(mod)   # (a plain or a converted pointwise convolution; None: a linear)
+        packed = TreeQLinear(k, n, cfg, **kw) if dims is None else TreeQPointwiseConv(k, n, cfg, spatial_dims=dims, **kw)
         _set_submodule(model, name, packed)
     guard_projection_fusion(model)
     if fuse:

@@ -77,12 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-labels", default=None,
                    help="--diffusers DiT: the class labels sampled (default: --closed-loop-samples of them, cycled)")
     g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
-                   help="--diffusers PixArt, SD3, Flux, Wan: the prompts sampled, one per line")
+                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana: the prompts sampled, one per line")
     g.add_argument("--closed-loop-height", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux, Wan: the image height closed-loop samples are drawn at "
+                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana: the image height closed-loop samples are drawn at "
                         "(default: the pipeline's; FLUX.1-dev's is 1024)")
     g.add_argument("--closed-loop-width", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux, Wan: the width (default: the pipeline's)")
+                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana: the width (default: the pipeline's)")
     g.add_argument("--closed-loop-frames", type=int, default=None,
                    help="--diffusers Wan: frames per closed-loop video (default: the pipeline's, 81: large)")
     g = p.add_argument_group("calibration and batching")
@@ -236,7 +236,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux, Wan),
+    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux, Wan, Qwen-Image, Sana),
     and the image size (and Wan's frame count) when given."""
     from .diffusers_runner import DIT, diffusers_arch
 

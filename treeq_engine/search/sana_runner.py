@@ -53,9 +53,9 @@ class SanaRunner(CutModel):
         if sana_arch(model) is None:
             raise TypeError(f"SanaRunner cuts diffusers' SanaTransformer2DModel; got {type(model).__name__}")
         cfg = model.config
-        if cfg.get("guidance_embeds"):
-            raise TypeError("SanaRunner cuts the text-to-image Sana; this one embeds a guidance scale "
-                            "(guidance_embeds: Sana-Sprint), which the search does not reproduce")
+        if cfg.get("guidance_embeds"):   # (a ValueError: the command line reports it in one line)
+            raise ValueError("the search cuts the text-to-image Sana; this one embeds a guidance scale "
+                             "(guidance_embeds: Sana-Sprint), which the search does not reproduce")
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = SANA
         self.blocks = model.transformer_blocks
