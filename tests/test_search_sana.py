@@ -69,12 +69,23 @@ def test_leaves_ties_and_checked_inputs():
                        (dict(encoder_attention_mask=torch.ones(2, 5)), "keep-mask")):
         with pytest.raises(ValueError, match=match):
             runner.inputs(**{**call(), **bad})
-    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="embeds no guidance scale"):
+        runner.inputs(**call(), guidance=torch.ones(2))
     with pytest.raises(ValueError, match="Sana-Sprint"):
-        SanaRunner(diffusers.SanaTransformer2DModel(
-            in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-            sample_size=8, guidance_embeds=True))
+        make_runner(tiny_sana(sprint=True)).inputs(**call())
+
+
+def test_sana_sprint_segments_and_evaluator():
+    """Sana-Sprint (a guidance embedding, q/k RMSNorm): the cut takes the guidance as an input and composes to the
+    model bit for bit; the evaluator agrees with the brute-force oracle."""
+    model = tiny_sana(sprint=True)
+    runner = make_runner(model)
+    assert runner.input_names[-1] == "guidance" and not runner.scheduler_timesteps
+    kw = dict(call(n=3, seed=2), guidance=torch.tensor([0.45, 0.3, 0.45]), timestep=torch.rand(3))
+    with torch.no_grad():
+        assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample)
+    check_evaluator(model, dict(call(n=4, seed=3), guidance=torch.full((4,), 0.45), timestep=torch.rand(4)), 1.0,
+                    seed=6)
 
 
 def test_ptq_statistics_leave_out_caption_padding():
@@ -136,7 +147,32 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
-    art2 = tmp_path / "art2"
+    art2 = tmp_path / "art2"   # (the searched plan, packed, samples in the pipeline)
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art2)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art2), "--prompts", str(prompts), "--steps",
                  "2", "--height", "512", "--width", "512", "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+
+
+def test_capture_search_and_pack_a_sana_sprint_pipeline(tmp_path):
+    """A Sana-Sprint pipeline (two SCM steps, its guidance embedded): captured (the guidance among the inputs, the
+    timesteps taken from the calls), searched, packed and sampled."""
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "sprint"
+    tiny_sana_pipeline(sprint=True).save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "1024", "--width", "1024"]   # (its pipeline's only resolution bins: 32x32 latents)
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "2", "--timesteps",
+                 "2", *size, "--device", "cpu", "--out", calib]) == 0
+    runner = make_runner(diffusers.SanaTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    assert inputs[4].shape == (4,) and len(set(inputs[2].tolist())) == 2   # guidance per sample; two timesteps
+    res = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0

@@ -219,20 +219,25 @@ def tiny_qwen_pipeline():
                                        transformer=tiny_qwen())
 
 
-def tiny_sana(patch_size: int = 1):
+def tiny_sana(patch_size: int = 1, sprint: bool = False):
     """A two-block Sana transformer (linear self-attention, cross-attention, GLUMBConv feed-forward), its scale-shift
-    tables perturbed off their init so every block's gates matter."""
+    tables perturbed off their init so every block's gates matter; ``sprint``: Sana-Sprint's (a guidance embedding,
+    q/k RMSNorm)."""
     torch.manual_seed(0)
+    # (Sana-Sprint's pipeline bins resolutions for sample size 32 only: 1024 px)
+    extra = dict(guidance_embeds=True, qk_norm="rms_norm_across_heads", sample_size=32) if sprint else \
+        dict(sample_size=16)
     return perturbed(diffusers.SanaTransformer2DModel(
         patch_size=patch_size, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=16).eval())
+        **extra).eval())
 
 
-def tiny_sana_pipeline():
+def tiny_sana_pipeline(sprint: bool = False):
     """A Sana pipeline built offline: a one-layer Gemma2 encoder over a word-level tokenizer, ``tiny_sana`` (sample
     size 16: the 512-px resolution bins), a 6-level DC-AE (factor 32: 512 px -> 16x16 latents) of ResBlocks, a
-    flow-matching scheduler (random weights)."""
+    flow-matching scheduler (random weights); ``sprint``: a Sana-Sprint pipeline (its transformer, the SCM
+    scheduler)."""
     transformers = pytest.importorskip("transformers", reason="Sana's pipeline needs transformers (Gemma2)")
     tokenizer, vocab = _word_tokenizer(max_length=300)
     torch.manual_seed(0)
@@ -247,5 +252,8 @@ def tiny_sana_pipeline():
         decoder_qkv_multiscales=((),) * levels, encoder_layers_per_block=(1,) * levels,
         decoder_layers_per_block=(1,) * levels, downsample_block_type="conv", upsample_block_type="interpolate",
         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
+    if sprint:
+        return diffusers.SanaSprintPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae,
+                                            transformer=tiny_sana(sprint=True), scheduler=diffusers.SCMScheduler())
     return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae, transformer=tiny_sana(),
                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))

@@ -14,11 +14,12 @@ The feed-forward's inverted and point convolutions are 1x1: linears over channel
 such (``nn.QuantPointwiseConv``); its depthwise 3x3 convolution is not one and stays in full precision.
 
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, H, W)``, ``encoder_hidden_states (N, L,
-caption_channels)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's × ``timestep_scale``),
-``encoder_attention_mask (N, L)`` (1 keeps a caption token). Sana's pipeline pads every prompt to
-``max_sequence_length``; PTQ's statistics leave that padding out (``real_rows``). The MSE is taken on the whole
-output (the flow-matching velocity). What the search cannot reproduce is an error at capture: attention kwargs,
-ControlNet residuals, a self-attention mask, and the guidance-distilled variants (Sana-Sprint's ``guidance``).
+caption_channels)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's × ``timestep_scale``; Sana-Sprint's
+SCM time), ``encoder_attention_mask (N, L)`` (1 keeps a caption token), and for the guidance-distilled Sana-Sprint
+(``guidance_embeds``) ``guidance (N,)`` (the embedded guidance scale, as its pipeline passes it). Sana's pipelines pad
+every prompt to ``max_sequence_length``; PTQ's statistics leave that padding out (``real_rows``). The MSE is taken
+on the whole output (the flow-matching velocity; Sana-Sprint's TrigFlow prediction). What the search cannot
+reproduce is an error at capture: attention kwargs, ControlNet residuals, a self-attention mask.
 """
 from __future__ import annotations
 
@@ -47,15 +48,14 @@ class SanaRunner(CutModel):
     """``SegmentRunner`` for a diffusers Sana transformer (see the module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
-    input_names = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask")
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if sana_arch(model) is None:
             raise TypeError(f"SanaRunner cuts diffusers' SanaTransformer2DModel; got {type(model).__name__}")
         cfg = model.config
-        if cfg.get("guidance_embeds"):   # (a ValueError: the command line reports it in one line)
-            raise ValueError("the search cuts the text-to-image Sana; this one embeds a guidance scale "
-                             "(guidance_embeds: Sana-Sprint), which the search does not reproduce")
+        self.guidance = bool(cfg.get("guidance_embeds"))   # Sana-Sprint: the guidance scale is an input
+        self.input_names = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask") + \
+            (("guidance",) if self.guidance else ())
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = SANA
         self.blocks = model.transformer_blocks
@@ -63,8 +63,9 @@ class SanaRunner(CutModel):
         self.patch = int(cfg.patch_size)
         self.in_channels = int(cfg.in_channels)
         self._grids: dict[int, tuple[int, int]] = {}   # token count -> the latent grid in patches
-        # the pipeline hands over the scheduler's timesteps × timestep_scale: as they are only at scale 1
-        self.scheduler_timesteps = float(cfg.get("timestep_scale", 1.0)) == 1.0
+        # the pipeline hands over the scheduler's timesteps × timestep_scale: as they are only at scale 1 (and not
+        # in Sana-Sprint's, which maps them to its SCM time)
+        self.scheduler_timesteps = float(cfg.get("timestep_scale", 1.0)) == 1.0 and not self.guidance
         self.output_fn = output_fn
 
     def tie(self, layer_name: str) -> str | None:
@@ -90,8 +91,9 @@ class SanaRunner(CutModel):
                              "are not supported")
         if controlnet_block_samples is not None:
             raise ValueError("the search does not support ControlNet residuals")
-        if guidance is not None:
-            raise ValueError("the search cuts text-to-image Sana: a guidance embedding is not supported")
+        if (guidance is not None) != self.guidance:
+            raise ValueError("this Sana embeds a guidance scale (Sana-Sprint): its calls pass guidance" if self.guidance
+                             else "this Sana embeds no guidance scale: its calls pass none")
         if attention_mask is not None:
             raise ValueError("the search does not support a self-attention mask (attention_mask); pipelines pass None")
         x = hidden_states
@@ -116,7 +118,14 @@ class SanaRunner(CutModel):
         t = t[None] if t.dim() == 0 else t
         if t.dim() != 1 or t.shape[0] not in (1, n):
             raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
-        return (x, enc, t.expand(n).clone(), mask)
+        out: State = (x, enc, t.expand(n).clone(), mask)
+        if self.guidance:
+            g = torch.as_tensor(guidance, device=x.device)
+            g = g[None] if g.dim() == 0 else g
+            if g.dim() != 1 or g.shape[0] not in (1, n):
+                raise ValueError(f"guidance must be a scalar, (1,) or ({n},), got shape {tuple(g.shape)}")
+            out += (g.expand(n).clone(),)
+        return out
 
     # -- SegmentRunner -----------------------------------------------------------------------------
     def segment_of(self, layer_name: str) -> int:
@@ -137,14 +146,17 @@ class SanaRunner(CutModel):
         """``(h, captions, caption bias, adaLN-single t, embedded t)``. The latents need not be square: the patch
         grid is remembered by token count for the blocks and the head (a host value)."""
         m = self.model
-        x, enc, t, mask = state
+        x, enc, t, mask = state[:4]
         n = x.shape[0]
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
         if self._grids.setdefault(grid[0] * grid[1], grid) != grid:
             raise ValueError(f"latents of {grid[0] * grid[1]} patches came as {self._grids[grid[0] * grid[1]]} and "
                              f"{grid} grids: use one aspect ratio per token count")
         h = m.patch_embed(x)
-        t6, emb = m.time_embed(t, batch_size=n, hidden_dtype=h.dtype)
+        if self.guidance:
+            t6, emb = m.time_embed(t, guidance=state[4], hidden_dtype=h.dtype)
+        else:
+            t6, emb = m.time_embed(t, batch_size=n, hidden_dtype=h.dtype)
         enc = m.caption_norm(m.caption_projection(enc).view(n, -1, h.shape[-1]))
         bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
         return (h, enc, bias, t6, emb)
