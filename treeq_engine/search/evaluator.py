@@ -97,6 +97,11 @@ class CutModel:
         return None
 
 
+def describe_arg(v: object) -> object:
+    """What an argument is, for an error message: a tensor's shape, else its type's name."""
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
 def kept_rows(keep: torch.Tensor) -> torch.Tensor:
     """A ``(N, L)`` keep-mask as the real rows: a sample that keeps no token attends to all of them alike (its
     attention bias is uniform), so all its rows are real."""

@@ -29,15 +29,10 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State
+from .evaluator import CutModel, State, describe_arg
 
 SD3, FLUX = "sd3", "flux"
 CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
-
-
-def _shape(v: Any) -> Any:
-    """What an argument is, for an error message: a tensor's shape, else its type."""
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 def mmdit_arch(model: nn.Module) -> str | None:
@@ -113,7 +108,7 @@ class MMDiTRunner(CutModel):
         want_dim = 4 if self.arch == SD3 else 3
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != want_dim:
             shape = "(N, C, H, W) latent" if self.arch == SD3 else "(N, S, C) packed-latent"
-            raise ValueError(f"hidden_states must be a {shape} tensor, got {_shape(hidden_states)}")
+            raise ValueError(f"hidden_states must be a {shape} tensor, got {describe_arg(hidden_states)}")
         n = hidden_states.shape[0]
         if hidden_states.shape[1 if self.arch == SD3 else 2] != self.in_channels:
             raise ValueError(f"hidden_states must have {self.in_channels} channels, got {tuple(hidden_states.shape)}")
@@ -124,10 +119,10 @@ class MMDiTRunner(CutModel):
         width = cfg.joint_attention_dim
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
                 encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(encoder_hidden_states)}")
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(encoder_hidden_states)}")
         pooled = cfg.pooled_projection_dim
         if not isinstance(pooled_projections, torch.Tensor) or tuple(pooled_projections.shape) != (n, pooled):
-            raise ValueError(f"pooled_projections must be (N={n}, {pooled}), got {_shape(pooled_projections)}")
+            raise ValueError(f"pooled_projections must be (N={n}, {pooled}), got {describe_arg(pooled_projections)}")
         t = self._per_sample("timestep", timestep, n, hidden_states.device)
         out: State = (hidden_states, encoder_hidden_states, pooled_projections, t)
         if self.arch == SD3:
@@ -137,7 +132,7 @@ class MMDiTRunner(CutModel):
                                 ("txt_ids", txt_ids, encoder_hidden_states.shape[1])):
             if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, 3) or \
                     (v.dim() == 3 and v.shape[0] != n):
-                raise ValueError(f"{name} must be ({length}, 3) or (N={n}, {length}, 3) position ids, got {_shape(v)}")
+                raise ValueError(f"{name} must be ({length}, 3) or (N={n}, {length}, 3) position ids, got {describe_arg(v)}")
             if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
                 raise ValueError(f"{name} differ between the samples of one call: Flux takes one set per call")
             ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State
+from .evaluator import CutModel, State, describe_arg
 
 QWEN = "qwen-image"
 
@@ -37,10 +37,6 @@ def qwen_arch(model: nn.Module) -> str | None:
     """``"qwen-image"`` for the Qwen-Image transformer this runner cuts, ``None`` for anything else."""
     ok = type(model).__name__ == "QwenImageTransformer2DModel" and hasattr(model, "transformer_blocks")
     return QWEN if ok else None
-
-
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 class QwenImageRunner(CutModel):
@@ -115,12 +111,12 @@ class QwenImageRunner(CutModel):
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or \
                 hidden_states.shape[2] != self.in_channels:
             raise ValueError(f"hidden_states must be (N, S, {self.in_channels}) packed latents, got "
-                             f"{_shape(hidden_states)}")
+                             f"{describe_arg(hidden_states)}")
         n, s = hidden_states.shape[:2]
         width = self.model.config.joint_attention_dim
         enc = encoder_hidden_states
         if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] not in (1, n) or enc.shape[2] != width:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(enc)}")
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
         mask = encoder_hidden_states_mask
         if enc.shape[0] == 1 and n > 1:   # one negative prompt for a batch: the model broadcasts it
             enc = enc.expand(n, -1, -1)
@@ -128,7 +124,7 @@ class QwenImageRunner(CutModel):
         if mask is None:
             mask = torch.ones(n, enc.shape[1], dtype=torch.long, device=enc.device)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
-            raise ValueError(f"encoder_hidden_states_mask must be (N={n}, L={enc.shape[1]}), got {_shape(mask)}")
+            raise ValueError(f"encoder_hidden_states_mask must be (N={n}, L={enc.shape[1]}), got {describe_arg(mask)}")
         all_ones = encoder_hidden_states_mask is None or (check_values and bool(mask.all()))   # (a host read)
         self._unmasked = all_ones if self._unmasked is None else self._unmasked and all_ones
         if timestep is None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .diffusers_runner import attention_tie, caption_rows
-from .evaluator import CutModel, State
+from .evaluator import CutModel, State, describe_arg
 
 SANA = "sana"
 
@@ -38,10 +38,6 @@ def sana_arch(model: nn.Module) -> str | None:
     """``"sana"`` for the Sana transformer this runner cuts, ``None`` for anything else."""
     ok = type(model).__name__ == "SanaTransformer2DModel" and hasattr(model, "transformer_blocks")
     return SANA if ok else None
-
-
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 class SanaRunner(CutModel):
@@ -100,18 +96,18 @@ class SanaRunner(CutModel):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels or \
                 x.shape[2] % self.patch or x.shape[3] % self.patch:
             raise ValueError(f"hidden_states must be (N, {self.in_channels}, H, W) latents with H and W multiples of "
-                             f"the patch size {self.patch}, got {_shape(x)}")
+                             f"the patch size {self.patch}, got {describe_arg(x)}")
         n = x.shape[0]
         width = int(self.model.config.caption_channels)
         enc = encoder_hidden_states
         if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(enc)}")
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
         mask = encoder_attention_mask
         if mask is None:
             mask = torch.ones(n, enc.shape[1], device=x.device)
         elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
             raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
-                             f"got {_shape(mask)}")
+                             f"got {describe_arg(mask)}")
         if timestep is None:
             raise ValueError("timestep is required")
         t = torch.as_tensor(timestep, device=x.device)

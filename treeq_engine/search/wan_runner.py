@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State
+from .evaluator import CutModel, State, describe_arg
 
 WAN = "wan"
 
@@ -35,10 +35,6 @@ def wan_arch(model: nn.Module) -> str | None:
     """``"wan"`` for the Wan transformer this runner cuts, ``None`` for anything else."""
     ok = type(model).__name__ == "WanTransformer3DModel" and hasattr(model, "blocks") and hasattr(model, "rope")
     return WAN if ok else None
-
-
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 class WanRunner(CutModel):
@@ -93,7 +89,7 @@ class WanRunner(CutModel):
             raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
                              "are not supported")
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
-            raise ValueError(f"hidden_states must be an (N, C, F, H, W) video latent, got {_shape(hidden_states)}")
+            raise ValueError(f"hidden_states must be an (N, C, F, H, W) video latent, got {describe_arg(hidden_states)}")
         n = hidden_states.shape[0]
         if hidden_states.shape[1] != self.in_channels:
             raise ValueError(f"hidden_states must have {self.in_channels} channels, got {tuple(hidden_states.shape)}")
@@ -103,7 +99,7 @@ class WanRunner(CutModel):
         width = self.model.config.text_dim
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
                 encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {_shape(encoder_hidden_states)}")
+            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(encoder_hidden_states)}")
         if timestep is None:
             raise ValueError("timestep is required")
         t = torch.as_tensor(timestep, device=hidden_states.device)
@@ -125,11 +121,11 @@ class WanRunner(CutModel):
                 return out + (img,)   # (as a calibration file stores them)
             if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 2 * n or img.shape[2] != dim:
                 raise ValueError(f"this first-last-frame Wan needs encoder_hidden_states_image (2N={2 * n}, I, {dim}) "
-                                 f"(two images per sample), got {_shape(img)}")
+                                 f"(two images per sample), got {describe_arg(img)}")
             return out + (img.unflatten(0, (n, 2)),)
         if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != n or img.shape[2] != dim:
             raise ValueError(f"this image-to-video Wan needs encoder_hidden_states_image (N={n}, I, {dim}), got "
-                             f"{_shape(img)}")
+                             f"{describe_arg(img)}")
         return out + (img,)
 
     # -- SegmentRunner -----------------------------------------------------------------------------
