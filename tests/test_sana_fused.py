@@ -26,19 +26,28 @@ def mixed(model):
     return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.ff.conv_point", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.ff.conv_point", LayerConfig(4, 16)) \
         .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
         .with_layer("transformer_blocks.1.ff.conv_inverted", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
         .with_layer("transformer_blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
 
 
-@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed", "inverted-W16", "sprint"])
 def test_fused_equals_unfused(kind):
-    model = tiny_sana()
-    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    """Float32, within 1e-5: uniform plans; a mixed one (W16 and weight-only layers, branches, unshared specs); the
+    inverted 1x1 convolution left 16-bit (the float modulated rows, the packed point convolution after it);
+    Sana-Sprint's block (q/k RMSNorm, which linear attention makes hard to see: it cancels a per-token scale on q)."""
+    model = tiny_sana(sprint=kind == "sprint")
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, 4, 8) if kind in ("inverted-W16",
+                                                                                              "sprint") else \
+        QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    if kind == "inverted-W16":
+        plan = plan.with_layer("transformer_blocks.0.ff.conv_inverted", LayerConfig(16, 16))
     unfused, fused = pair(model, plan)
     assert all(isinstance(b, FusedSanaTransformerBlock) for b in fused.transformer_blocks)
     assert fused.state_dict().keys() == unfused.state_dict().keys()
-    for kw in (call(n=2, seed=0), call(n=3, text=9, hw=(4, 12), seed=1)):
+    extra = dict(guidance=torch.full((3,), 0.45)) if kind == "sprint" else {}
+    for kw in (dict(call(n=3, seed=0), **extra), dict(call(n=3, text=9, hw=(4, 12), seed=1), **extra)):
         with torch.no_grad():
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -67,7 +76,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         want = unfused(**kw).sample
     seen = []
     for part in ("norm1", "norm2", "attn1", "attn1.to_out.1", "attn1.to_k", "attn1.to_out.0", "ff", "ff.conv_depth",
-                 "ff.conv_point"):
+                 "ff.conv_point", "ff.nonlinearity"):
         h = fused.transformer_blocks[0].get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
         h.remove()
@@ -90,7 +99,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_bf16_rms_qk_norm_and_a_cache_hook():
     """In bf16 the fused model agrees with the unfused one to bf16's rounding, with Sana 1.5's RMSNorm on q and k;
-    diffusers' FirstBlockCache finds the fused class in its block registry."""
+    diffusers' FirstBlockCache applies to the fused model (the fused class's registry entry: diffusers 0.42 has none
+    for Sana's own block) and runs."""
     torch.manual_seed(0)
     model = diffusers.SanaTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
@@ -115,7 +125,7 @@ def test_bf16_rms_qk_norm_and_a_cache_hook():
     _set_cache_context(fused, CacheContext("test"))   # (what a CacheMixin's cache_context does)
     with torch.no_grad():
         first = fused(**kw).sample.float()
-        again = fused(**kw).sample.float()   # the same input: the cache's hit path
+        again = fused(**kw).sample.float()   # (the same input again)
     assert torch.isfinite(first).all() and float((again - first).norm() / first.norm()) < 2e-2
 
 
@@ -127,6 +137,29 @@ def test_a_self_attention_mask_runs_diffusers_forward():
     assert calls["ln"] == 0
     with torch.no_grad():
         torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_attention_output_clips_as_diffusers_clips_it():
+    """In float16 Sana's linear-attention processor clips its output to fp16's range before the gated residual; the
+    fused block too (the projection's residual then leaves its epilogue), packed or W16: an output pushed past
+    65504 stays finite and the fused model agrees with the unfused one (without the clip it is inf and NaN)."""
+    model = tiny_sana()
+    with torch.no_grad():
+        out = model.transformer_blocks[0].attn1.to_out[0]
+        out.weight.mul_(60000 / float(out.weight.abs().max()))
+        out.bias.fill_(6e4)   # past fp16's max once the output is added up
+        model.transformer_blocks[0].scale_shift_table[2].fill_(1e-3)
+    model = model.half()
+    kw = {k: v.half() if v.is_floating_point() and k != "timestep" else v for k, v in call(n=2).items()}
+    for plan in (QuantPlan.block_uniform(model, 8, 8),
+                 QuantPlan.block_uniform(model, 8, 8).with_layer("transformer_blocks.0.attn1.to_out.0",
+                                                                 LayerConfig(16, 16))):
+        unfused, fused = pair(model, plan, dtype=torch.float16)
+        with torch.no_grad():
+            want, got = unfused(**kw).sample.float(), fused(**kw).sample.float()
+        assert torch.isfinite(want).all() and torch.isfinite(got).all()
+        # (saturated rows: a value rounded to either side of zero before the clip moves by the whole range; 4 %)
+        assert float((got - want).norm() / want.norm()) < 0.1
 
 
 @pytest.mark.gpu

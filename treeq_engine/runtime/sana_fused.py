@@ -16,7 +16,8 @@ Where a layer is a packed one with quantized activations (``TreeQLinear``, the 1
 shared by to_q/to_k/to_v with one activation spec and no Monarch branch; one for ``conv_inverted``, on the tokens'
 channel rows), and the gated residual in ``to_out[0]``'s and ``conv_point``'s epilogues. The linear attention is
 the processor's computation (ReLU kernels, float32 sums, its 1e-15 guard; ``norm_q``/``norm_k`` where the model
-has them, Sana 1.5's RMSNorm). The cross-attention runs as diffusers' module (its packed linears each quantize their
+has them, Sana 1.5's RMSNorm; in float16 its output clipped to the format's range, as the processor does, so that
+projection's residual is added after it rather than in its epilogue). The cross-attention runs as diffusers' module (its packed linears each quantize their
 own input): its keys and values read the captions. Fused and unfused agree to the model dtype's rounding (the
 kernels do LayerNorm + modulate and the gated residual in float32), not bit for bit.
 
@@ -25,8 +26,10 @@ A block is swapped only in the structure diffusers builds (LayerNorms without af
 a packed layer with quantized activations to fuse. It runs diffusers' own forward in training mode, with a
 self-attention mask, without the latent grid, and when a norm, the self-attention or the feed-forward carries a
 hook or another processor; a hooked or unpacked projection or convolution runs as diffusers computes it.
-diffusers' block-level hooks find the fused class in ``TransformerBlockRegistry`` under the original's entry. The
-state dict is unchanged.
+diffusers' block-level hooks (FirstBlockCache, whole-block layer skip) look blocks up in ``TransformerBlockRegistry``,
+which has no entry for Sana's block in diffusers 0.42: the fused class gets one (the output is hidden_states alone),
+so those hooks apply to a fused model (on an unfused block they raise, as on diffusers' own model). The state dict is
+unchanged.
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def _sana_supported(block: nn.Module) -> bool:
     d = table.shape[1]
     ff = block.ff
     return (_plain_layer_norm(block.norm1, d) and _plain_layer_norm(getattr(block, "norm2", None), d)
-            and type(block.attn1) is Attention and type(ff) is GLUMBConv and ff.norm_type is None
+            and type(block.attn1) is Attention and getattr(block, "attn2", None) is not None
+            and type(ff) is GLUMBConv and ff.norm_type is None
             and not ff.residual_connection and type(ff.nonlinearity) is nn.SiLU and type(ff.conv_depth) is nn.Conv2d
             and layer_dims(ff.conv_inverted)[0] == d and layer_dims(ff.conv_point)[1] == d)
 
@@ -152,11 +156,15 @@ class FusedSanaTransformerBlock(SanaTransformerBlock):
                            lambda: (self.norm1(h) * (1 + mod[:, 1:2]) + mod[:, 0:1]).to(h.dtype),
                            ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
         o = _linear_attention(a1, q, k, v, b)
-        h2 = _gated_out(a1.to_out[0], o, h2, b, m32[2], mod[:, 2:3])
-        if self.attn2 is not None:
-            h = h2.view(b, s, d)
-            h2 = (self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
-                  + h).reshape(b * s, d)
+        proj = a1.to_out[0]
+        if h.dtype == torch.float16:   # the processor clips its output to fp16's range before the gated residual
+            o2 = o.reshape(b * s, -1).contiguous()
+            y = proj.linear(proj.quantize_input(o2), out_dtype=h.dtype) if _quantized(proj) else proj(o2)
+            h = h + mod[:, 2:3] * y.clip(-65504, 65504).view(b, s, d)
+        else:
+            h = _gated_out(proj, o, h2, b, m32[2], mod[:, 2:3]).view(b, s, d)
+        h2 = (self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+              + h).reshape(b * s, d)
         return _glumbconv(self.ff, self.norm2, h2, b, (height, width), mod, m32).view(b, s, d)
 
 
