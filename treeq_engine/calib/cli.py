@@ -5,7 +5,7 @@
 
 The model is the shipped digits DiT unless ``--model`` names a DiT checkpoint (.pt or .safetensors, its config
 inferred from the weights, else the digits config), or
-a local diffusers DiT/PixArt/SD3/Flux with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
+a local diffusers DiT/PixArt/SD3/Flux/Wan/Qwen-Image/Sana with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
 calibration set, and PEFT's distillation data). Both commands resume when rerun with the same ``--out``.
 """
 from __future__ import annotations

@@ -63,8 +63,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
                         "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "
-                        "before they are quantized, and its unquantized parameters are stored in bf16); with --ptq, "
-                        "the calibration's")
+                        "before they are quantized, and its unquantized parameters are stored in bf16); with --ptq "
+                        "leave it out: the model loads in the dtype `treeq ptq --dtype` recorded")
     p.add_argument("--plan", default=None, help="a plan JSON (from `treeq search`)")
     p.add_argument("--uniform", default=None, help="instead of --plan: block linears at WxAy, edges at W8A8")
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "

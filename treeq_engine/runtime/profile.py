@@ -12,7 +12,7 @@ and GELU (in fc1's epilogue); callers comparing with a model account for those (
 By default the table holds exactly what a search over the model needs: every linear at its own rows per image ×
 each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
 fixed layers) and every candidate format of the search. For a diffusers transformer (``--diffusers DIR
---calib-inputs FILE``: DiT, PixArt, SD3, Flux, Wan) the rows per image are those of the calibration file the search
+--calib-inputs FILE``: DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana) the rows per image are those of the calibration file the search
 reads, found by one forward of a weightless (meta-device) copy through the search's runner. Timings on a CPU are
 written too (useful only to test the pipeline), marked with the device.
 """

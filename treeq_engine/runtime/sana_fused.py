@@ -21,9 +21,10 @@ projection's residual is added after it rather than in its epilogue). The cross-
 own input): its keys and values read the captions. Fused and unfused agree to the model dtype's rounding (the
 kernels do LayerNorm + modulate and the gated residual in float32), not bit for bit.
 
-A block is swapped only in the structure diffusers builds (LayerNorms without affine, a table of six vectors,
-``Attention`` with ``SanaLinearAttnProcessor2_0`` for attn1, a ``GLUMBConv`` without its own norm or residual) with
-a packed layer with quantized activations to fuse. It runs diffusers' own forward in training mode, with a
+A block is swapped only in the structure diffusers builds (LayerNorms without affine, a table of six vectors, an
+``Attention`` attn1, a ``GLUMBConv`` without its own norm or residual) with a packed layer with quantized
+activations to fuse; its attn1 computes the fused path only with ``SanaLinearAttnProcessor2_0`` (checked per
+forward). It runs diffusers' own forward in training mode, with a
 self-attention mask, without the latent grid, and when a norm, the self-attention or the feed-forward carries a
 hook or another processor; a hooked or unpacked projection or convolution runs as diffusers computes it.
 diffusers' block-level hooks (FirstBlockCache, whole-block layer skip) look blocks up in ``TransformerBlockRegistry``,

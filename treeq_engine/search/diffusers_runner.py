@@ -1,5 +1,6 @@
 """The search's segment runner for diffusers transformers: ``DiTTransformer2DModel`` (adaLN-Zero, class labels)
-and ``PixArtTransformer2DModel`` (adaLN-single, text cross-attention), the two the runtime also fuses.
+and ``PixArtTransformer2DModel`` (adaLN-single, text cross-attention); ``make_runner`` picks this one or another
+module's for every class the search cuts.
 
     runner = DiffusersRunner(transformer)                       # checks the architecture
     with capture_calls(runner) as calls:                        # the pipeline's own calls, as it samples
