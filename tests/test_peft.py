@@ -242,3 +242,24 @@ def test_torn_checkpoint_and_ctrl_c_resume_exactly(calibrated, tmp_path, monkeyp
     with pytest.raises(CheckpointError, match="other data"):
         finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "b", progress=False,
                  data={"ptq": "another"})
+
+
+def test_the_model_itself_in_full_precision_is_the_teacher(calibrated):
+    """fp_model=None distils toward the calibrated model run as the float model it was (nn.full_precision: its
+    converted layers still hold their float weights): the same targets as a separate FP copy, bit for bit, so the
+    same training, without a second copy of the weights."""
+    from treeq_engine.nn import full_precision
+
+    fp, _ = calibrated
+    q = _fresh(calibrated)
+    x, t, y = _traj(fp)(0)[0]
+    with torch.no_grad(), full_precision(q):
+        assert torch.equal(q(x, t, y), fp(x, t, y))
+    assert not any(m.full_precision for m in quant_layers(q).values())   # (restored on exit)
+    cfg = PEFTConfig(steps=4, lr_branch=3e-3, lora_rank=2)
+    a, b = _fresh(calibrated), _fresh(calibrated)
+    ra = finetune(a, fp, _traj(fp), cfg, progress=False)
+    rb = finetune(b, None, _traj(fp), cfg, progress=False)
+    assert ra.losses == rb.losses
+    for (n, p), (_, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, p2), n

@@ -245,15 +245,17 @@ def run_peft(args: argparse.Namespace) -> int:
         raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass --diffusers "
                          f"{made_with} (and its --calib-inputs)")
     weight: Callable[[tuple], torch.Tensor] | None = None   # finetune's sample_weight: batch -> (B,)
+    fp: torch.nn.Module | None
     if args.diffusers:
         dtype = diffusers_dtype(args.ptq)   # the calibration's (its fingerprint was taken in it)
-        fp, batches = _diffusers_model(args, dtype=dtype)
-        model, _ = _diffusers_model(args, with_inputs=False, dtype=dtype)
+        # one copy of the weights: the teacher is the model itself run in full precision (finetune's fp_model=None)
+        model, batches = _diffusers_model(args, dtype=dtype)
+        fp, fingerprint = None, _fingerprint(model)
         if args.loss_weights == "sampler":   # the pipeline scheduler's c(t)², stored by `treeq capture`
             from ..search.diffusers_runner import load_weights, make_runner, schedule_drift
             from ..search.diffusers_schedule import batch_weights
 
-            runner = make_runner(fp)
+            runner = make_runner(model)
             try:
                 table = load_weights(args.calib_inputs, runner)
                 drift = schedule_drift(args.calib_inputs, args.diffusers)
@@ -265,17 +267,18 @@ def run_peft(args: argparse.Namespace) -> int:
                 raise SystemExit(f"--loss-weights sampler: {args.calib_inputs} holds no sampler weights (its "
                                  "pipeline's scheduler has none, or it was captured without them)")
             weight = batch_weights(table, runner.input_names.index("timestep"), args.calib_inputs)
-    else:
+    else:   # (the FP model also samples the distillation trajectories)
         fp = _load_model(args.model, args.device)
         model = _load_model(args.model, args.device)
+        fingerprint = _fingerprint(fp)
     load_calibration(model, args.ptq)
     ptq_state = json.loads((Path(args.ptq) / "ptq.json").read_text())
     made_from = ptq_digest(ptq_state)
     if args.diffusers:
-        data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp), "ptq": made_from,
+        data = {"model": args.diffusers, "model_fingerprint": fingerprint, "ptq": made_from,
                 "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
     else:
-        data = {"model": args.model or "digits", "model_fingerprint": _fingerprint(fp), "ptq": made_from,
+        data = {"model": args.model or "digits", "model_fingerprint": fingerprint, "ptq": made_from,
                 "batch": args.batch, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
     cfg = PEFTConfig(steps=args.steps, lr_branch=args.lr_branch, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                      lr_w_scale=args.lr_w_scale, warmup=args.warmup, schedule=args.schedule,

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..nn import quant_layers
+from ..nn import full_precision, quant_layers
 from .capture import CalibBatch
 from .lora import LoRA
 from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
@@ -283,14 +283,16 @@ def _tensor_file(st: Mapping[str, Any]) -> str:
     return str(st.get("tensors", "peft.safetensors"))   # runs before named step files used one fixed name
 
 
-def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, config: PEFTConfig = PEFTConfig(), *,
+def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajectory, config: PEFTConfig = PEFTConfig(), *,
              eps_fn: EpsFn = model_eps, out_dir: str | Path | None = None, progress: bool = True,
              sample_weight: Callable[[CalibBatch], torch.Tensor] | None = None,
              data: Mapping[str, Any] | None = None) -> PEFTResult:
     """Distil the calibrated ``model`` (frozen layers from PTQ) toward ``fp_model`` in place (see the module
-    docstring). With ``out_dir`` it checkpoints and resumes: each checkpoint's tensors go to a file named by its
-    step and ``peft.json``, written last, names the file (so a kill between the two writes leaves the previous
-    checkpoint whole); Ctrl-C saves the last finished step. ``data`` (JSON-able: the starting calibration, the
+    docstring); ``fp_model=None``: toward ``model`` itself run as the float model it was (``nn.full_precision``: its
+    converted layers still hold their float weights), which saves a second copy of the weights (a 12 B transformer's
+    teacher is 24 GB in bf16; ``treeq peft --diffusers`` passes None). With ``out_dir`` it checkpoints and resumes:
+    each checkpoint's tensors go to a file named by its step and ``peft.json``, written last, names the file (so a
+    kill between the two writes leaves the previous checkpoint whole); Ctrl-C saves the last finished step. ``data`` (JSON-able: the starting calibration, the
     trajectories' arguments) is recorded, and a resume with other data is refused like one with another config.
     ``sample_weight(batch) -> (B,)``: the per-sample loss weights; required by (and only used with)
     ``config.loss_weights == "sampler"``."""
@@ -305,7 +307,8 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     groups = trainable_groups(model, config)
     if not groups:
         raise ValueError("nothing to train: no layer has a branch, and LoRA and scale training are off")
-    fp_model.requires_grad_(False)
+    if fp_model is not None:
+        fp_model.requires_grad_(False)
     named = [np_ for kind in groups for np_ in groups[kind]]
     # A scale step may not cross zero (the quantizer would be undefined): scales stay >= 1% of where they began.
     scale_floor = [(p, p.detach().abs() * SCALE_FLOOR) for _, p in groups.get("w_scale", [])]
@@ -349,7 +352,8 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()  # no dropout/label drop: the model runs as it samples
-    fp_model.eval()
+    if fp_model is not None:
+        fp_model.eval()
     first = list(trajectory(0))
     length = len(first)
     if not length:
@@ -371,7 +375,11 @@ def finetune(model: nn.Module, fp_model: nn.Module, trajectory: Trajectory, conf
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * config.lr_factor(step)
             with torch.no_grad():
-                target = eps_fn(fp_model, batch)
+                if fp_model is None:
+                    with full_precision(model):
+                        target = eps_fn(model, batch)
+                else:
+                    target = eps_fn(fp_model, batch)
             # (in float32: a bf16 model's outputs differ from the teacher's by a few of bf16's own steps)
             err = (eps_fn(model, batch).float() - target.float()).square()
             if sample_weight is None:

@@ -124,6 +124,22 @@ def unconvert(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def full_precision(model: nn.Module):
+    """Temporarily run every converted layer as the float layer it was (its weight and bias: no quantization,
+    branch or LoRA): the model computes what it did before ``convert`` (with SmoothQuant folded in, up to float
+    rounding), so fine-tuning needs no second copy of the weights for its teacher."""
+    layers = list(quant_layers(model).values())
+    old = [m.full_precision for m in layers]
+    try:
+        for m in layers:
+            m.full_precision = True
+        yield model
+    finally:
+        for m, o in zip(layers, old):
+            m.full_precision = o
+
+
+@contextlib.contextmanager
 def noise_scale(model: nn.Module, lam: float, names: Iterable[str] | None = None):
     """Temporarily set ENG's λ on the given (default: all) converted layers."""
     layers = quant_layers(model)

@@ -107,6 +107,9 @@ class QuantLinear(nn.Module):
         self.branch: nn.Module | None = None
         self.lora: nn.Module | None = None  # frozen layers only: a module with delta() -> (N, K)
         self.noise_scale = 1.0
+        # the float layer this was (W, bias; no quantization, no branch, no LoRA): a distillation teacher computed
+        # by the model itself (nn.convert.full_precision), as it still holds W
+        self.full_precision = False
         self.register_buffer("w_codes", None)  # int8 (N, K) when frozen
         self.register_buffer("w_zero_point", None)  # int32 (N,) when frozen
         self.w_scale: nn.Parameter | None = None  # float32 (N,) when frozen; trainable if PEFT asks
@@ -327,7 +330,7 @@ class QuantLinear(nn.Module):
                              f"{self.in_features}")
         if self._groups is not None:
             return self._forward_groups(x)
-        if self._config is None:
+        if self._config is None or self.full_precision:
             return F.linear(x, self.weight, self.bias)
         xq = self.quantize_input(x)
         if self.is_frozen and self.lora is None and torch.is_grad_enabled():
