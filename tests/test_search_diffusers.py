@@ -435,6 +435,19 @@ def test_ptq_walks_the_diffusers_cut_and_packs():
                   PTQConfig(smooth_alphas=(0.5,)), progress=False)
 
 
+def captured_dit_pipeline(tmp_path):
+    """A tiny DiT pipeline saved under ``tmp_path`` and `treeq capture`'s inputs of it: (pipeline dir, calibration
+    file, the `--diffusers ... --calib-inputs ... --calib-batch 4` arguments)."""
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "pipe"
+    tiny_dit_pipeline().save_pretrained(pipe_dir)
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2", "--steps", "4", "--timesteps", "2",
+                 "--device", "cpu", "--out", calib]) == 0
+    return pipe_dir, calib, ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
+
+
 def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     """`treeq ptq` / `peft` / `quantize --ptq --peft` with `--diffusers PATH --calib-inputs FILE`: the artifact
     computes what the calibrated (SmoothQuant folded in), fine-tuned fake-quant transformer computes."""
@@ -444,12 +457,7 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     from treeq_engine.models.diffusers_transformers import rebuild
     from treeq_engine.runtime import artifact
 
-    pipe_dir = tmp_path / "pipe"
-    tiny_dit_pipeline().save_pretrained(pipe_dir)
-    calib = str(tmp_path / "calib.safetensors")
-    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2", "--steps", "4", "--timesteps", "2",
-                 "--device", "cpu", "--out", calib]) == 0
-    src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
+    pipe_dir, calib, src = captured_dit_pipeline(tmp_path)
     ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
     assert main(["ptq", *src, "--bits", "W4A4", "--branch", "monarch", "--branch-params", "4", "--max-tokens", "64",
                  "--rounds", "1", "--smooth-alphas", "0.5", "0.75", "--out", ptq]) == 0
@@ -1110,12 +1118,7 @@ def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
     from treeq_engine.models.diffusers_transformers import rebuild
     from treeq_engine.runtime import artifact
 
-    pipe_dir = tmp_path / "pipe"
-    tiny_dit_pipeline().save_pretrained(pipe_dir)
-    calib = str(tmp_path / "calib.safetensors")
-    assert main(["capture", "--pipeline", str(pipe_dir), "--labels", "0,1,2", "--steps", "4", "--timesteps", "2",
-                 "--device", "cpu", "--out", calib]) == 0
-    src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib, "--calib-batch", "4"]
+    pipe_dir, calib, src = captured_dit_pipeline(tmp_path)
     ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
     assert main(["ptq", *src, "--dtype", "bfloat16", "--bits", "W4A8", "--branch", "monarch", "--branch-params",
                  "4", "--max-tokens", "64", "--rounds", "1", "--out", ptq]) == 0

@@ -97,6 +97,13 @@ class CutModel:
         return None
 
 
+def arch_of_class(model: nn.Module, class_name: str, arch: str, *attrs: str) -> str | None:
+    """``arch`` when ``model`` is diffusers' ``class_name`` with the submodules ``attrs`` a runner reads, else None
+    (by name: nothing imports diffusers to ask)."""
+    ok = type(model).__name__ == class_name and all(hasattr(model, a) for a in attrs)
+    return arch if ok else None
+
+
 def describe_arg(v: object) -> object:
     """What an argument is, for an error message: a tensor's shape, else its type's name."""
     return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

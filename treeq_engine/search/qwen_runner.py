@@ -28,15 +28,14 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg
 
 QWEN = "qwen-image"
 
 
 def qwen_arch(model: nn.Module) -> str | None:
     """``"qwen-image"`` for the Qwen-Image transformer this runner cuts, ``None`` for anything else."""
-    ok = type(model).__name__ == "QwenImageTransformer2DModel" and hasattr(model, "transformer_blocks")
-    return QWEN if ok else None
+    return arch_of_class(model, "QwenImageTransformer2DModel", QWEN, "transformer_blocks")
 
 
 class QwenImageRunner(CutModel):

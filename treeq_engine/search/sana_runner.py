@@ -29,15 +29,14 @@ import torch
 import torch.nn as nn
 
 from .diffusers_runner import attention_tie, caption_rows
-from .evaluator import CutModel, State, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg
 
 SANA = "sana"
 
 
 def sana_arch(model: nn.Module) -> str | None:
     """``"sana"`` for the Sana transformer this runner cuts, ``None`` for anything else."""
-    ok = type(model).__name__ == "SanaTransformer2DModel" and hasattr(model, "transformer_blocks")
-    return SANA if ok else None
+    return arch_of_class(model, "SanaTransformer2DModel", SANA, "transformer_blocks")
 
 
 class SanaRunner(CutModel):

@@ -26,15 +26,14 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg
 
 WAN = "wan"
 
 
 def wan_arch(model: nn.Module) -> str | None:
     """``"wan"`` for the Wan transformer this runner cuts, ``None`` for anything else."""
-    ok = type(model).__name__ == "WanTransformer3DModel" and hasattr(model, "blocks") and hasattr(model, "rope")
-    return WAN if ok else None
+    return arch_of_class(model, "WanTransformer3DModel", WAN, "blocks", "rope")
 
 
 class WanRunner(CutModel):
