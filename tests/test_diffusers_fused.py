@@ -343,6 +343,8 @@ def test_fused_projections_before_quantize_and_pickling(tmp_path):
     guard survives pickling and deepcopy."""
     import copy
 
+    from treeq_engine.runtime import artifact
+
     model = build("pixart")
     gen = torch.Generator().manual_seed(1)
     kw = inputs("pixart", gen)
@@ -355,7 +357,18 @@ def test_fused_projections_before_quantize_and_pickling(tmp_path):
     quantize(copy.deepcopy(model), w16)   # (W16: stays the float layer the fused projection copied)
     model.unfuse_qkv_projections()
     assert model.transformer_blocks[0].attn1.fused_projections   # (diffusers leaves it; the processor decides)
-    quantize(model, QuantPlan.block_uniform(model, 8, 8))
+    assert hasattr(model.transformer_blocks[0].attn1, "to_qkv")   # (and the dense copy)
+    plan = QuantPlan.block_uniform(model, 8, 8)   # (which names only what runs: not the leftover copy)
+    assert not any(n.endswith(("to_qkv", "to_kv")) for n in plan.layers)
+    with pytest.raises(ValueError, match="no longer runs"):
+        quantize(copy.deepcopy(model), plan.with_layer("transformer_blocks.0.attn1.to_qkv", LayerConfig(8, 8)))
+    fp = artifact.fingerprint(model, plan)
+    quantize(model, plan)
+    assert not hasattr(model.transformer_blocks[0].attn1, "to_qkv")   # dropped: a float copy of packed weights
+    artifact.save(model, plan, tmp_path / "art", fp_fingerprint=fp)   # and so the artifact loads into a fresh model
+    fresh = artifact.load(tmp_path / "art", build("pixart"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fresh(**kw).sample, model(**kw).sample)
     with torch.no_grad():
         want = model(**kw).sample
     for m in (copy.deepcopy(model), torch.load(_saved(model, tmp_path), weights_only=False)):

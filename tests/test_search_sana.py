@@ -176,3 +176,6 @@ def test_capture_search_and_pack_a_sana_sprint_pipeline(tmp_path):
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    for steps in ("1", "3"):   # (its pipeline's intermediate SCM timestep exists at two steps only: none given)
+        assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                     "--steps", steps, *size, "--device", "cpu", "--out", str(tmp_path / f"q{steps}.png")]) == 0

@@ -196,6 +196,16 @@ def guidance_kwargs(pipe: Any, scale: float) -> dict[str, Any]:
     return {"guidance_scale": scale}
 
 
+def steps_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
+    """The pipeline arguments for ``steps`` denoising steps: ``num_inference_steps``; Sana-Sprint's pipeline also
+    takes an intermediate SCM timestep that only exists at two steps (its default, refused at any other count), so
+    at other counts it gets none."""
+    kw: dict[str, Any] = {"num_inference_steps": steps}
+    if type(pipe).__name__.startswith("SanaSprint") and steps != 2:
+        kw["intermediate_timesteps"] = None
+    return kw
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """A prompts file: one prompt per line, blank lines skipped."""
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

@@ -26,6 +26,20 @@ from .quant_pointwise import QuantPointwiseConv
 TENSOR_READERS = ("HunyuanDiTAttentionPool",)
 
 
+# the dense modules diffusers' ``fuse_projections`` builds from to_q/to_k/to_v (add_*); an unfuse leaves them
+FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def runs_fused_projections(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes its q/k/v through a fused projection (``to_qkv``...) rather than its separate
+    ones. diffusers' legacy ``Attention`` (DiT, PixArt, SD3, ...) does when its processor is a ``Fused*`` one (what
+    the model's ``fuse_qkv_projections`` sets; its ``unfuse_qkv_projections`` restores the processors and leaves
+    the flag); the newer attention classes (Flux, Wan, Qwen-Image) branch on ``fused_projections``."""
+    if type(attn).__name__ == "Attention" and type(attn).__module__.startswith("diffusers."):
+        return type(getattr(attn, "processor", None)).__name__.startswith("Fused")
+    return bool(getattr(attn, "fused_projections", False))
+
+
 def read_as_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
     """Those of ``names`` that live in a ``TENSOR_READERS`` module of ``model``."""
     readers = [n + "." for n, m in model.named_modules() if type(m).__name__ in TENSOR_READERS]
@@ -33,9 +47,13 @@ def read_as_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def _called_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """The modules a forward may call: not those of a ``TENSOR_READERS`` module, nor a fused projection its
+    attention no longer runs (what ``unfuse_qkv_projections`` leaves behind)."""
     modules = dict(model.named_modules())
     read = set(read_as_tensors(model, modules))
-    return ((n, m) for n, m in modules.items() if n not in read)
+    stale = {n for n in modules if n.rpartition(".")[2] in FUSED_PROJECTIONS and "." in n
+             and not runs_fused_projections(modules[n.rpartition(".")[0]])}
+    return ((n, m) for n, m in modules.items() if n not in read and n not in stale)
 
 
 def quantizable_linears(model: nn.Module, include: Callable[[str], bool] | None = None, *,

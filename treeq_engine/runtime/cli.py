@@ -257,7 +257,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..models.diffusers_transformers import (class_of, guidance_kwargs, load_pipeline, pipeline_refusal,
-                                                 read_prompts, transformer_dir)
+                                                 read_prompts, steps_kwargs, transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -314,7 +314,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
 
         graph_pipeline(pipe)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    kw = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
+    kw = {**steps_kwargs(pipe, steps), "generator": g, "output_type": "pil"}
     if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
         kw.update(guidance_kwargs(pipe, args.cfg))
     kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..branches import monarch
 from ..format import quantize as quantize_tensor
 from ..models.diffusers_transformers import MMDIT_BLOCKS
-from ..nn.convert import _set_submodule
+from ..nn.convert import FUSED_PROJECTIONS, _set_submodule, runs_fused_projections
 from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
 from ..nn.quant_pointwise import QuantPointwiseConv, conv_spatial_dims
@@ -157,21 +157,14 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
 PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
-def runs_fused_projections(attn: nn.Module) -> bool:
-    """Whether ``attn`` computes its q/k/v through a fused projection (``to_qkv``...) rather than its separate
-    ones. diffusers' legacy ``Attention`` (DiT, PixArt, SD3, ...) does when its processor is a ``Fused*`` one (what
-    the model's ``fuse_qkv_projections`` sets; its ``unfuse_qkv_projections`` restores the processors and leaves
-    the flag); the newer attention classes (Flux, Wan, Qwen-Image) branch on ``fused_projections``."""
-    if type(attn).__name__ == "Attention" and type(attn).__module__.startswith("diffusers."):
-        return type(getattr(attn, "processor", None)).__name__.startswith("Fused")
-    return bool(getattr(attn, "fused_projections", False))
-
-
 def _check_unfused(model: nn.Module, plan: QuantPlan) -> None:
     """A plan packing projections of an attention whose projections are fused (``fuse_qkv_projections`` before
     quantizing) would pack layers the attention no longer calls: its dense ``to_qkv`` would run unquantized."""
     for name, cfg in plan.layers.items():
         parent, _, last = name.rpartition(".")
+        if last in FUSED_PROJECTIONS and not runs_fused_projections(model.get_submodule(parent)):
+            raise ValueError(f"the plan packs {name}, a fused projection {parent} no longer runs (left by "
+                             "unfuse_qkv_projections): leave it out of the plan")
         if last in PROJECTIONS and cfg.weight_spec().is_quantized and \
                 runs_fused_projections(model.get_submodule(parent)):
             raise ValueError(f"the plan packs {name}, but {parent or 'the model'} runs its fused projection "
@@ -190,11 +183,18 @@ def _refuse_fusion(attn: nn.Module, fuse: bool = True) -> None:
 def guard_projection_fusion(model: nn.Module) -> int:
     """diffusers' ``fuse_projections`` concatenates ``to_q.weight`` etc. into a new dense linear, and a packed layer
     answers ``weight`` dequantized: on every attention holding packed projections it is replaced by a refusal (on
-    the instance, so nothing else changes). Returns how many attentions are guarded."""
+    the instance, so nothing else changes). A fused projection an earlier fuse and unfuse left behind is dropped:
+    a float copy of weights now packed, which the attention no longer runs and an artifact would store (and a fresh
+    model would not have). Returns how many attentions are guarded."""
     n = 0
     for mod in model.modules():
         if callable(getattr(mod, "fuse_projections", None)) and \
                 any(isinstance(mod._modules.get(p), TreeQLinear) for p in PROJECTIONS):
+            for name in FUSED_PROJECTIONS:   # (not run: _check_unfused refused an attention that runs one)
+                if name in mod._modules:
+                    delattr(mod, name)
+            if getattr(mod, "fused_projections", False):
+                mod.fused_projections = False
             mod.fuse_projections = functools.partial(_refuse_fusion, mod)   # (a partial pickles; a bound method not)
             n += 1
     return n

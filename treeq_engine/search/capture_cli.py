@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_refusal, read_prompts,
-                                                 transformer_dir)
+                                                 steps_kwargs, transformer_dir)
     from .diffusers_runner import capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
                 chunk = items[i:i + args.batch]
                 g = torch.Generator(device="cpu").manual_seed(args.seed + i)
                 if runner.arch == "dit":
-                    pipe(class_labels=chunk, num_inference_steps=args.steps, generator=g, output_type="np", **kw)
+                    pipe(class_labels=chunk, generator=g, output_type="np", **steps_kwargs(pipe, args.steps), **kw)
                 else:
-                    pipe(prompt=chunk, num_inference_steps=args.steps, generator=g, output_type="latent", **kw)
+                    pipe(prompt=chunk, generator=g, output_type="latent", **steps_kwargs(pipe, args.steps), **kw)
                 if keep is None:   # every run visits the first run's timesteps (one resolution): choose now
                     if not calls.timesteps:
                         raise ValueError("the pipeline's first run made no transformer calls")
