@@ -1128,6 +1128,12 @@ def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
     with pytest.raises(SystemExit, match="dtype it was calibrated in"):
         main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--dtype", "bfloat16", "--out", str(art)])
     assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+    assert "stopped at step" not in capsys.readouterr().err
+    state = json.loads((tmp_path / "peft" / "peft.json").read_text())   # as a run stopped at step 3 of 5
+    (tmp_path / "peft" / "peft.json").write_text(json.dumps({**state, "config": {**state["config"], "steps": 5}}))
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out",
+                 str(tmp_path / "art5")]) == 0
+    assert "stopped at step 3 of 5; rerun `treeq peft`" in capsys.readouterr().err
 
     direct = diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer",
                                                              torch_dtype=torch.bfloat16).eval()

@@ -132,6 +132,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
     plan = QuantPlan.load(res / "plan.json")
     assert "transformer_blocks.1.ff.conv_inverted" in plan.layers
     ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
+    assert main(["ptq", *src, "--bits", "W4A8", "--smooth-alphas", "0.5", "--out", str(tmp_path / "p0")]) == 2
+    assert "SmoothQuant is not wired for SanaTransformer2DModel" in capsys.readouterr().err
     assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
                  "--rounds", "1", "--out", ptq]) == 0
     assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",

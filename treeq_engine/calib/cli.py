@@ -220,7 +220,9 @@ def add_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-branch", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=0, help="a LoRA merged into the low-bit weights (0: none)")
     p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--lr-w-scale", type=float, default=0.0, help="train the per-channel weight scales (0: frozen)")
+    p.add_argument("--lr-w-scale", type=float, default=0.0,
+                   help="train the per-channel weight scales (0: frozen); far below --lr-branch (1e-5 or so: a scale "
+                        "step moves a whole output channel)")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--batch", type=int, default=16, help="images per distillation trajectory")

@@ -445,11 +445,14 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         refused: dict[str, str] = {}
         if not smooth.targets(model, plan, refused):
             why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
+            wired = ("" if type(model).__name__ not in ("QwenImageTransformer2DModel", "SanaTransformer2DModel") else
+                     f"; SmoothQuant is not wired for {type(model).__name__}'s blocks: drop smooth_alphas")
             raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
                              f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3 or Flux block's (see calib/smooth.py)"
                              f" with quantized activations; this plan for a {type(model).__name__} has none{why}"
                              + ("; Wan's modulation adds a timestep projection every block shares, so no per-block "
-                                "factor folds into it" if type(model).__name__ == "WanTransformer3DModel" else ""))
+                                "factor folds into it" if type(model).__name__ == "WanTransformer3DModel" else "")
+                             + wired)
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
                           f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)

@@ -120,7 +120,10 @@ def run_quantize(args: argparse.Namespace) -> int:
             check_made_from(args.peft, args.ptq)
         plan = load_calibration(model, args.ptq)   # frozen calibrated codes, clips, branches, smoothing folds
         if args.peft:
-            load_finetuned(model, args.peft)
+            st = load_finetuned(model, args.peft)
+            if st["step"] < st["config"]["steps"]:   # (a run stopped early is a valid model, but say so)
+                print(f"treeq quantize: note: {args.peft} stopped at step {st['step']} of {st['config']['steps']}; "
+                      "rerun `treeq peft` with the same --out to finish it", file=sys.stderr)
     else:
         plan = resolve_plan(model, args.plan, args.uniform, name=args.diffusers or args.model)
     from ..nn import packable_layers
