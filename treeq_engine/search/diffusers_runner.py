@@ -114,6 +114,8 @@ def caption_rows(layer_name: str, state: State) -> torch.Tensor | None:
 class DiffusersRunner(CutModel):
     """``SegmentRunner`` for a diffusers DiT or PixArt transformer (see the module docstring)."""
 
+    head_modules = ("proj_out", "proj_out_1", "proj_out_2", "norm_out")   # (DiT's head is adaLN-Zero's two)
+
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         arch = fused_arch(model)
         if arch is None:
@@ -223,15 +225,6 @@ class DiffusersRunner(CutModel):
             assert res is not None and ar is not None   # (both are tensors: checked above)
             out += (res.reshape(n, -1), ar.reshape(n, -1))
         return out
-
-    # -- SegmentRunner -----------------------------------------------------------------------------
-    def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if parts[0] == "transformer_blocks" and len(parts) > 1 and parts[1].isdigit():
-            return int(parts[1]) + 1
-        if parts[0] in ("proj_out", "proj_out_1", "proj_out_2", "norm_out"):
-            return self.num_segments - 1
-        return 0
 
     def _block(self, i: int, state: State) -> State:
         block = self.blocks[i]

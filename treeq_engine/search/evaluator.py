@@ -57,9 +57,20 @@ class CutModel:
 
     num_segments: int
     output_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    blocks_attr = "transformer_blocks"   # the model's ModuleList of blocks: segments 1..B
+    head_modules: tuple[str, ...] = ("norm_out", "proj_out")   # the head's submodules: the last segment
     # the pipeline hands the transformer its scheduler's timesteps as they are (Flux and Qwen-Image pass them
     # / 1000): a capture can then pick the timesteps to keep from the scheduler before any run
     scheduler_timesteps = True
+
+    def segment_of(self, layer_name: str) -> int:
+        """Block ``i``'s layers run in segment ``i + 1``, the head's in the last, everything else in segment 0."""
+        parts = layer_name.split(".")
+        if len(parts) > 1 and parts[0] == self.blocks_attr and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if parts[0] in self.head_modules:
+            return self.num_segments - 1
+        return 0
 
     def run(self, segment: int, state: State) -> State:
         """Segment 0 the embedders, the last the head (its output alone), the ones between block ``segment − 1``."""

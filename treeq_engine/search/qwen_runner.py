@@ -173,15 +173,6 @@ class QwenImageRunner(CutModel):
                              "per token count")
         return grids.contiguous()
 
-    # -- SegmentRunner -----------------------------------------------------------------------------
-    def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if len(parts) > 1 and parts[0] == "transformer_blocks" and parts[1].isdigit():
-            return int(parts[1]) + 1
-        if parts[0] in ("norm_out", "proj_out"):
-            return self.num_segments - 1
-        return 0
-
     # -- the model's forward, cut ------------------------------------------------------------------
     def _embed(self, state: State) -> State:
         from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask

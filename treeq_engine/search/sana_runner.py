@@ -122,15 +122,6 @@ class SanaRunner(CutModel):
             out += (g.expand(n).clone(),)
         return out
 
-    # -- SegmentRunner -----------------------------------------------------------------------------
-    def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if len(parts) > 1 and parts[0] == "transformer_blocks" and parts[1].isdigit():
-            return int(parts[1]) + 1
-        if parts[0] in ("norm_out", "proj_out"):
-            return self.num_segments - 1
-        return 0
-
     # -- the model's forward, cut ------------------------------------------------------------------
     def _grid(self, tokens: int) -> tuple[int, int]:
         if tokens not in self._grids:

@@ -40,6 +40,7 @@ class WanRunner(CutModel):
     """``SegmentRunner`` for a diffusers Wan transformer (see the module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    blocks_attr = "blocks"
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if wan_arch(model) is None:
@@ -127,14 +128,6 @@ class WanRunner(CutModel):
                              f"{describe_arg(img)}")
         return out + (img,)
 
-    # -- SegmentRunner -----------------------------------------------------------------------------
-    def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
-            return int(parts[1]) + 1
-        if parts[0] in ("norm_out", "proj_out"):
-            return self.num_segments - 1
-        return 0
 
     def _block(self, i: int, state: State) -> State:
         h, enc, tproj, temb = state
