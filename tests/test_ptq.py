@@ -1,5 +1,6 @@
 """PTQ: the per-channel / per-layer clip searches, branch init in calibration, resumable per-layer checkpoints."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -152,10 +153,13 @@ def test_checkpoint_errors(tmp_path):
     plan = QuantPlan.uniform(names[:2], 4, 4)
     cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))
     calibrate(copy.deepcopy(model), plan, batches, cfg, out_dir=tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match="different plan or config"):
+    with pytest.raises(CheckpointError, match=r"different plan \(2 layers, now 2: [\w.]+: w_bits 4 -> 3; "):
         calibrate(copy.deepcopy(model), QuantPlan.uniform(names[:2], 3, 4), batches, cfg, out_dir=tmp_path,
                   progress=False)
-    with pytest.raises(CheckpointError, match="on other data"):   # e.g. more calibration samples, another model
+    with pytest.raises(CheckpointError, match=r"another config \(rounds 1 -> 2\)"):   # (the field that changed)
+        calibrate(copy.deepcopy(model), plan, batches, dataclasses.replace(cfg, rounds=2), out_dir=tmp_path,
+                  progress=False)
+    with pytest.raises(CheckpointError, match=r"on other data \(null -> \{\"samples\": 16\}\)"):   # e.g. more samples
         calibrate(copy.deepcopy(model), plan, batches, cfg, out_dir=tmp_path, progress=False, data={"samples": 16})
     (tmp_path / "layers" / f"{names[1]}.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..nn import full_precision, quant_layers
 from .capture import CalibBatch
 from .lora import LoRA
-from .store import CheckpointError, read_json, read_tensors, write_json, write_tensors
+from .store import CheckpointError, changed, read_json, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-peft"
 VERSION = 2  # 2: Monarch factors in branches/monarch.py's current arrangement (input blocks strided)
@@ -322,11 +322,13 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
         out.mkdir(parents=True, exist_ok=True)
         if (out / "peft.json").exists():
             st = _read_state(out / "peft.json")
-            if {**dataclasses.asdict(PEFTConfig()), **st["config"]} != cfg_doc:   # older files lack new fields
-                raise CheckpointError(f"{out}: holds a fine-tuning run with a different config; use a new directory")
+            was = {**dataclasses.asdict(PEFTConfig()), **st["config"]}   # (older files lack new fields)
+            if was != cfg_doc:
+                raise CheckpointError(f"{out}: holds a fine-tuning run with another config ({changed(was, cfg_doc)}); "
+                                      "use a new directory")
             if "data" in st and st["data"] != data_doc:   # (states before data tags carry none)
-                raise CheckpointError(f"{out}: holds a fine-tuning run from other data ({st.get('data')}, now "
-                                      f"{data_doc}); use a new directory")
+                raise CheckpointError(f"{out}: holds a fine-tuning run from other data "
+                                      f"({changed(st.get('data'), data_doc)}); use a new directory")
             if st["step"] > config.steps:
                 raise CheckpointError(f"{out / 'peft.json'}: step {st['step']} is past the run's {config.steps} steps")
             where = str(out / _tensor_file(st))

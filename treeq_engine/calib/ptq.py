@@ -45,7 +45,7 @@ from ..plan import LayerConfig, PlanError, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
 from ..nn.pointwise import layer_dims
-from .store import CheckpointError, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
+from .store import CheckpointError, changed, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
 VERSION = 2  # 2: Monarch factors in branches/monarch.py's current arrangement (input blocks strided)
@@ -421,16 +421,22 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         (out / "layers").mkdir(parents=True, exist_ok=True)
         if (out / "ptq.json").exists():
             old = _read_state(out)
-            if old["plan"] != state["plan"] or old["config"] != state["config"]:
-                raise CheckpointError(f"{out}: holds a calibration of a different plan or config; use a new "
+            if old["plan"] != state["plan"]:
+                raise CheckpointError(f"{out}: holds a calibration of a different plan ({len(old['plan']['layers'])} "
+                                      f"layers, now {len(state['plan']['layers'])}: "
+                                      f"{changed(old['plan']['layers'], state['plan']['layers'], 2)}); use a new "
                                       "directory (or delete this one) to start over")
+            if old["config"] != state["config"]:
+                raise CheckpointError(f"{out}: holds a calibration with another config ("
+                                      f"{changed(old['config'], state['config'])}); use a new directory (or delete "
+                                      "this one) to start over")
             if old.get("joint") != state.get("joint"):
                 raise CheckpointError(f"{out}: holds a calibration with other tied layers ({len(old.get('joint') or [])}"
                                       f" groups, now {len(state.get('joint') or [])}); use a new directory, or the "
                                       "same ties (tie= / --untie) as that run")
             if "data" in old and old["data"] != state["data"]:   # (states before data tags carry none)
-                raise CheckpointError(f"{out}: holds a calibration on other data ({old.get('data')}, now "
-                                      f"{state['data']}); use a new directory (or delete this one) to start over")
+                raise CheckpointError(f"{out}: holds a calibration on other data ({changed(old.get('data'), state['data'])}"
+                                      "); use a new directory (or delete this one) to start over")
             why = _probe_mismatch(old[PROBE_KEY], model) if PROBE_KEY in old and PROBE_KEY in state else None
             if why:
                 raise CheckpointError(f"{out}: holds a calibration of another model ({why}); use a new directory, "

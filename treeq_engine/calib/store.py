@@ -66,6 +66,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def changed(old: Any, new: Any, limit: int = 4) -> str:
+    """What differs between two JSON documents of a resumed run, for an error message: the differing top-level
+    fields as ``field old -> new`` (long values cut), or the two values themselves when they are not objects."""
+    def show(v: Any) -> str:
+        text = json.dumps(v, sort_keys=True)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return f"{show(old)} -> {show(new)}"
+    keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    parts = []
+    for k in keys[:limit]:   # (a field that is itself an object, e.g. a plan's layer: its own differing fields)
+        a, b = old.get(k), new.get(k)
+        nested = isinstance(a, Mapping) and isinstance(b, Mapping)
+        parts.append(f"{k}: {changed(a, b, 2)}" if nested else f"{k} {show(a)} -> {show(b)}")
+    return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def digest(doc: Any) -> str:
     """A short stable hash of a JSON-able document (what a checkpoint belongs to)."""
     import hashlib
