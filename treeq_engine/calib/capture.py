@@ -3,15 +3,16 @@
 A model is walked as a chain of *stages*. A DiT (anything with ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c)``
 and ``final(h, c)``) has ``embed``, one stage per block and ``final``; a diffusers transformer the search cuts
 (``search.diffusers_runner.make_runner``: DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana) is cut as the search cuts
-it (a batch is the runner's input tuple); any other model is one stage, its whole forward. The runner keeps every calibration batch's input to
-the current stage. Capturing a layer runs only that stage, and only until the layer has seen its input (the hook
+it (a batch is the runner's input tuple); any other model is one stage, its whole forward. The runner keeps every
+calibration batch's input to the current stage. Capturing a layer runs only that stage, and only until the layer has seen its input (the hook
 then stops the forward); ``advance`` runs the stage as the model now stands (its layers calibrated) to make the
 next stage's inputs. So each layer is calibrated on inputs produced by the already calibrated layers before it,
 without re-running the prefix.
 
 Tokens are subsampled per batch with a seeded generator, so a resumed calibration sees exactly the same rows.
 Rows the runner calls padding (``real_rows``: PixArt's and Sana's captions, padded to a fixed length, and
-Qwen-Image's prompts, padded to the longest, hidden by the attention mask) are left out first: the output never sees them, so they must not steer a clip.
+Qwen-Image's prompts, padded to the longest, hidden by the attention mask) are left out first: the output never
+sees them, so they must not steer a clip.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ loss of the others, and those spikes inflate AdamW's second moments for hundreds
 
 Frozen: the low-bit codes (and everything else of the model). Trained: the branch factors ``w1``, ``w2`` of every
 layer that has a branch; optionally a LoRA merged into the codes (``lora_rank``), and the per-channel weight
-scales (``lr_w_scale``, LSQ gradient; kept above 1% of their calibrated value). One AdamW optimizer with a parameter group per kind, a linear warm-up
-then cosine (or constant) learning-rate schedule, gradient-norm clipping.
+scales (``lr_w_scale``, LSQ gradient; kept above 1% of their calibrated value). One AdamW optimizer with a
+parameter group per kind, a linear warm-up then cosine (or constant) learning-rate schedule, gradient-norm clipping.
 
 Data: ``trajectory(round) -> list of model-input tuples`` gives one FP trajectory (all its steps) for a fresh
 random batch; round ``r`` must be deterministic in ``r`` (seeded), so a resumed run sees the same data. Step
@@ -292,8 +292,9 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
     converted layers still hold their float weights), which saves a second copy of the weights (a 12 B transformer's
     teacher is 24 GB in bf16; ``treeq peft --diffusers`` passes None). With ``out_dir`` it checkpoints and resumes:
     each checkpoint's tensors go to a file named by its step and ``peft.json``, written last, names the file (so a
-    kill between the two writes leaves the previous checkpoint whole); Ctrl-C saves the last finished step. ``data`` (JSON-able: the starting calibration, the
-    trajectories' arguments) is recorded, and a resume with other data is refused like one with another config.
+    kill between the two writes leaves the previous checkpoint whole); Ctrl-C saves the last finished step.
+    ``data`` (JSON-able: the starting calibration, the trajectories' arguments) is recorded, and a resume with other
+    data is refused like one with another config.
     ``sample_weight(batch) -> (B,)``: the per-sample loss weights; required by (and only used with)
     ``config.loss_weights == "sampler"``."""
     if (config.loss_weights == "sampler") != (sample_weight is not None):

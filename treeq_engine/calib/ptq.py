@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from ..branches import INIT_MODES, MonarchBranch, init_branch
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
 from ..nn import QuantLinear, convert
+from ..nn.pointwise import layer_dims
 from ..nn.quant_linear import check_frozen
 from ..plan import LayerConfig, PlanError, QuantPlan
 from . import smooth
 from .capture import CalibBatch, StageRunner
-from ..nn.pointwise import layer_dims
 from .store import CheckpointError, changed, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
 
 SCHEMA = "treeq-ptq"
@@ -301,11 +301,11 @@ ROWS_KEY = "rows"   # in ptq.json: "real" when the statistics left the padding o
 
 
 def _has_padding(model: nn.Module) -> bool:
-    """Whether ``model``'s runner leaves padded rows out of the statistics (PixArt's and Sana's captions,
-    Qwen-Image's prompts)."""
-    from ..search.diffusers_runner import diffusers_arch
+    """Whether ``model``'s runner leaves padded rows out of the statistics (``pads_rows``: PixArt's and Sana's
+    captions, Qwen-Image's prompts)."""
+    from ..search.diffusers_runner import diffusers_arch, make_runner
 
-    return diffusers_arch(model) in ("pixart", "qwen-image", "sana")
+    return diffusers_arch(model) is not None and bool(make_runner(model).pads_rows)
 
 
 def _made_from(state: Mapping[str, Any]) -> str | None:

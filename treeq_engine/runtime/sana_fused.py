@@ -17,8 +17,8 @@ shared by to_q/to_k/to_v with one activation spec and no Monarch branch; one for
 channel rows), and the gated residual in ``to_out[0]``'s and ``conv_point``'s epilogues. The linear attention is
 the processor's computation (ReLU kernels, float32 sums, its 1e-15 guard; ``norm_q``/``norm_k`` where the model
 has them, Sana 1.5's RMSNorm; in float16 its output clipped to the format's range, as the processor does, so that
-projection's residual is added after it rather than in its epilogue). The cross-attention runs as diffusers' module (its packed linears each quantize their
-own input): its keys and values read the captions. Fused and unfused agree to the model dtype's rounding (the
+projection's residual is added after it rather than in its epilogue). The cross-attention runs as diffusers'
+module (its packed linears each quantize their own input): its keys and values read the captions. Fused and unfused agree to the model dtype's rounding (the
 kernels do LayerNorm + modulate and the gated residual in float32), not bit for bit.
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, a table of six vectors, an

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana pipeline directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
-    what.add_argument("--prompts", default=None, help="PixArt, SD3, Flux, Wan, Qwen-Image, Sana: a text file, one prompt per line")
+    what.add_argument("--prompts", default=None,
+                      help="PixArt, SD3, Flux, Wan, Qwen-Image, Sana: a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
     p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")

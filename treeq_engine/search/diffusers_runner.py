@@ -124,6 +124,7 @@ class DiffusersRunner(CutModel):
                             f" (norm_type {getattr(getattr(model, 'config', None), 'norm_type', None)!r})")
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = arch
+        self.pads_rows = arch == PIXART   # (its captions: real_rows)
         self.blocks = model.transformer_blocks
         self.num_segments = len(self.blocks) + 2
         self.patch = int(model.config.patch_size)

@@ -62,6 +62,8 @@ class CutModel:
     # the pipeline hands the transformer its scheduler's timesteps as they are (Flux and Qwen-Image pass them
     # / 1000): a capture can then pick the timesteps to keep from the scheduler before any run
     scheduler_timesteps = True
+    # its inputs carry padding that ``real_rows`` leaves out of calibration statistics (captions, prompts)
+    pads_rows = False
 
     def segment_of(self, layer_name: str) -> int:
         """Block ``i``'s layers run in segment ``i + 1``, the head's in the last, everything else in segment 0."""

@@ -43,6 +43,7 @@ class QwenImageRunner(CutModel):
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
     scheduler_timesteps = False   # (the pipeline passes them / 1000)
+    pads_rows = True   # (prompts padded to the longest: real_rows)
     # inputs whose dim 1 may differ between calls: padded to the longest with this value when calls are stacked
     ragged = {"encoder_hidden_states": 0.0, "encoder_hidden_states_mask": 0}
 

@@ -43,6 +43,7 @@ class SanaRunner(CutModel):
     """``SegmentRunner`` for a diffusers Sana transformer (see the module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    pads_rows = True   # (captions padded to max_sequence_length: real_rows)
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if sana_arch(model) is None:
