@@ -333,13 +333,12 @@ class QuantLinear(nn.Module):
         if self._config is None or self.full_precision:
             return F.linear(x, self.weight, self.bias)
         xq = self.quantize_input(x)
-        if self.is_frozen and self.lora is None and torch.is_grad_enabled():
-            assert self.w_scale is not None and self.w_zero_point is not None   # (frozen: load_frozen set them)
-            if not self.w_scale.requires_grad:   # PEFT training the branch: keep codes for backward, not a copy
-                y = _FrozenLinear.apply(xq, self.w_codes, self.w_scale, self.w_zero_point, self.bias,
-                                        self.weight.dtype)
-                return y if self.branch is None else y + self.branch(x)
-        y = F.linear(xq, self.quantized_weight(), self.bias)
+        scale = self.w_scale
+        if self.is_frozen and self.lora is None and scale is not None and not scale.requires_grad:
+            # (PEFT training the branch: the backward keeps the codes, not a dequantized copy)
+            y = _FrozenLinear.apply(xq, self.w_codes, scale, self.w_zero_point, self.bias, self.weight.dtype)
+        else:
+            y = F.linear(xq, self.quantized_weight(), self.bias)
         if self.branch is not None:
             y = y + self.branch(x)
         return y
