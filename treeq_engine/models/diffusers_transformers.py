@@ -3,9 +3,8 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3, Flux, Wan, Qwen-Image and Sana (``SUPPORTED``) go through the whole flow (capture, search, PTQ,
-PEFT, packing, graphs); their blocks also fuse. Any other diffusers model (Z-Image, ...) can be
-packed with a uniform
-plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and pointwise
+PEFT, packing, graphs); their blocks also fuse. Any other diffusers model (Z-Image, ...) can be packed with a
+uniform plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and pointwise
 convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
