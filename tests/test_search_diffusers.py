@@ -427,7 +427,11 @@ def test_ptq_walks_the_diffusers_cut_and_packs():
         assert err_ptq < 0.8 * err_rtn, (err_ptq, err_rtn)       # measured: 0.61×
         quantize(staged, calibrated, dtype=torch.float32)
         packed = DiffusersRunner(staged).forward(*x)
-    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)   # measured: 6e-7 on outputs of ~2
+    # the packed integer GEMM and the simulation's float matmul differ by an ulp here and there, which can flip a
+    # later quantizer's rounding (measured: no flip and 6e-7 on one CPU; on another 1.5 % of the outputs moved,
+    # by at most 6e-3 of ~2), so: almost all equal, the rest moved a little
+    diff = (packed - fake).abs()
+    assert float((diff > 1e-3).float().mean()) < 0.03 and float(diff.max()) < 0.02 * float(fake.abs().max())
     # SmoothQuant folds into PixArt's to_out.0 only (test_smoothing_folds_into_diffusers_blocks); a plan that
     # quantizes no activation there gives it nothing to do, which is an error rather than a silent no-op
     with pytest.raises(ValueError, match="SmoothQuant"):
