@@ -147,6 +147,21 @@ def eps(out):
     return out[..., : out.shape[-1] // 2]
 
 
+def assert_scores_close(got, want, rtol: float = 1e-5) -> None:
+    """Scores of the same plans computed two ways (candidates stacked, another batch split, a brute-force forward)
+    agree to float rounding, except where an ulp of difference puts a value on the other side of a quantizer's
+    rounding boundary: a code moves by one step and that score by a fraction of a percent (seen on some CPUs, not
+    on others). So: every score within 1 %, and three in four within ``rtol``; a wrong config or a wrong layer
+    moves scores far more, and all of them."""
+    import numpy as np
+
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+    assert (rel < 1e-2).all(), f"scores differ by up to {rel.max():.2e}: {got} vs {want}"
+    assert (rel < rtol).mean() >= 0.75, f"{(rel >= rtol).sum()} of {rel.size} scores differ by more than {rtol}"
+
+
 import pytest  # noqa: E402
 
 
