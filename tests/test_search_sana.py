@@ -104,9 +104,9 @@ def test_evaluate_matches_brute_force():
 
 def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsys):
     """`treeq capture` on a Sana pipeline (prompts padded to max_sequence_length, masked) -> `treeq search` (the
-    feed-forward's pointwise convolutions among the leaves) -> `treeq ptq` / `peft` -> `treeq quantize --ptq
-    --peft`; the artifact computes what the calibrated, fine-tuned fake-quant transformer computes, and samples
-    in the pipeline."""
+    feed-forward's pointwise convolutions among the leaves) -> `treeq ptq` (SmoothQuant folded) / `peft` ->
+    `treeq quantize --ptq --peft`; the artifact computes what the calibrated, fine-tuned fake-quant transformer
+    computes, and samples in the pipeline."""
     from treeq_engine.calib.peft import load_finetuned
     from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
@@ -132,10 +132,12 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
     plan = QuantPlan.load(res / "plan.json")
     assert "transformer_blocks.1.ff.conv_inverted" in plan.layers
     ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
-    assert main(["ptq", *src, "--bits", "W4A8", "--smooth-alphas", "0.5", "--out", str(tmp_path / "p0")]) == 2
-    assert "SmoothQuant is not wired for SanaTransformer2DModel" in capsys.readouterr().err
     assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
-                 "--rounds", "1", "--out", ptq]) == 0
+                 "--rounds", "1", "--smooth-alphas", "0.3", "0.6", "--out", ptq]) == 0
+    # per block: the attentions' outputs and the point convolution (the rest reads the shared modulation)
+    assert set(json.loads((tmp_path / "ptq" / "ptq.json").read_text())["smooth"]) == {
+        f"transformer_blocks.{i}.{leaf}" for i in range(2) for leaf in ("attn1.to_out.0", "attn2.to_out.0",
+                                                                        "ff.conv_point")}
     assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
                  "--out", peft]) == 0
     assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0

@@ -297,14 +297,6 @@ def diffusers_dtype(out_dir: str | Path) -> torch.dtype:
     return getattr(torch, name)
 
 
-# why SmoothQuant has no sites in the searched classes smooth.py does not fold into
-_NO_SMOOTHING = {
-    "WanTransformer3DModel": "Wan's modulation adds a timestep projection every block shares, so no per-block factor "
-                             "folds into it",
-    "QwenImageTransformer2DModel": "SmoothQuant is not wired for QwenImageTransformer2DModel's blocks: drop "
-                                   "smooth_alphas",
-    "SanaTransformer2DModel": "SmoothQuant is not wired for SanaTransformer2DModel's blocks: drop smooth_alphas"}
-
 ROWS_KEY = "rows"   # in ptq.json: "real" when the statistics left the padding out (every state made since)
 
 
@@ -461,9 +453,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
             name = type(model).__name__
             raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
-                             f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3 or Flux block's (see "
-                             f"calib/smooth.py) with quantized activations; this plan for a {name} has none{why}"
-                             + (f"; {_NO_SMOOTHING[name]}" if name in _NO_SMOOTHING else ""))
+                             f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or "
+                             f"Sana block's (see calib/smooth.py) with quantized activations; this plan for a {name} "
+                             f"has none{why}")
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
                           f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)

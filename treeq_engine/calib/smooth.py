@@ -26,16 +26,26 @@ model would change). The sites, where the fold is exact:
       ff_context.net.0.proj    into norm1_context.linear's MLP pair
       Flux single block: proj_mlp and attn.to_q/k/v, one site (they read the one normalised sequence), into
                                norm.linear (AdaLayerNormZeroSingle, 3 chunks)
+    Qwen-Image's QwenImageTransformerBlock (per stream a 6-chunk modulation linear, ordered as AdaLayerNormZero's)
+      attn.to_q/k/v, attn.add_q/k/v_proj   into img_mod.1 / txt_mod.1, attention pair (chunks 0, 1)
+      img_mlp.net.0.proj, txt_mlp.net.0.proj   into img_mod.1 / txt_mod.1, MLP pair (chunks 3, 4)
+    Wan's WanTransformerBlock and Sana's SanaTransformerBlock
+      attnN.to_out.0           into attnN.to_v (Wan's image-to-video cross-attention: and add_v_proj, both values
+                               are summed into its output; Sana's linear attention is linear in v too)
+      Wan attn2.to_q           into norm2's affine weight and bias (cross_attn_norm)
+      Sana ff.conv_point       into the first half of ff.conv_depth's channels: GLUMBConv computes
+                               conv_depth(h)[:H]·SiLU(conv_depth(h)[H:]) and the depthwise conv keeps channels apart
 
 (``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) The second linear of an
 MLP reads GELU's output, which nothing linear precedes, so it is left alone; so are PixArt's attn1 and ff inputs,
 whose shift and scale add a timestep embedding shared by all blocks (no per-block weight can absorb ``1/s``), and
-its cross-attention's to_k/to_v, which read the captions every block shares. The MMDiT blocks' attention
-outputs are not sites: their joint attention mixes both streams' values, so one ``s`` would have to fold into two
-producers (to_v and add_v_proj) and feed two consumers. The folded model computes the
-same function in floating point. Per site, ``α`` is chosen from a grid — or no smoothing — by the calibrated
-output error of the site's planned linears on the FP model's inputs (``calibrate_layer``; a tied group as one
-stacked linear, as PTQ calibrates it), so smoothing is applied only where it measurably helps.
+its cross-attention's to_k/to_v, which read the captions every block shares; Wan's and Sana's modulated inputs
+are left alone for the same reason. The MMDiT and Qwen-Image blocks' attention outputs are not sites: their joint
+attention mixes both streams' values, so one ``s`` would have to fold into two producers (to_v and add_v_proj)
+and feed two consumers. The folded model computes the same function in floating point. Per site, ``α`` is chosen
+from a grid — or no smoothing — by the calibrated output error of the site's planned linears on the FP model's
+inputs (``calibrate_layer``; a tied group as one stacked linear, as PTQ calibrates it), so smoothing is applied
+only where it measurably helps.
 """
 from __future__ import annotations
 
@@ -57,18 +67,26 @@ _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")   # plain attention:
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """Where one ``s`` folds: ``consumers`` (the linears that read ``x``, in the model's order; ``key``, the
-    first, names the site) take ``W·diag(s)``; ``producer``'s output rows are divided by ``s``: its ``rows``, or
-    with ``modulate`` its (shift, scale) chunks of an adaLN linear, ``(1 + scale)/s − 1`` for the scale."""
+    """Where one ``s`` folds: ``consumers`` (the linears, or 1×1 convolutions, that read ``x``, in the model's
+    order; ``key``, the first, names the site) take ``W·diag(s)``; each producer's output rows are divided by ``s``:
+    its ``rows`` (of a linear, a LayerNorm's affine or a depthwise convolution: weight and bias), or with
+    ``modulate`` its (shift, scale) chunks of an adaLN linear, ``(1 + scale)/s − 1`` for the scale. ``also``: more
+    producers whose outputs are summed into ``x`` by the same linear map (Wan's image-to-video cross-attention: its
+    text and image values), each divided alike."""
     consumers: tuple[str, ...]
     producer: str
     rows: tuple[int, int] | None = None      # [start, stop) of producer's output rows
     modulate: tuple[int, int] | None = None  # (shift chunk, scale chunk) of an adaLN output of ``chunks`` chunks
     chunks: int = 6
+    also: tuple[str, ...] = ()               # more producers (``rows`` only)
 
     @property
     def key(self) -> str:
         return self.consumers[0]
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return (self.producer,) + self.also
 
 
 def smoothing_factors(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -117,16 +135,48 @@ def _width(model: nn.Module, name: str) -> int:
     except AttributeError:
         raise ValueError(f"smoothing folds into a transformer block; the model has no {name!r}") from None
     w = getattr(mod, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"{name} has no (out, in) weight to fold a smoothing factor into")
+    if not isinstance(w, torch.Tensor) or not (w.dim() == 2 or (w.dim() == 4 and tuple(w.shape[2:]) == (1, 1))):
+        raise ValueError(f"{name} has no (out, in) weight (a linear's, a 1×1 convolution's) to fold a smoothing "
+                         "factor into")
     return int(w.shape[1])
 
 
-def _plain_attention(attn: nn.Module, where: str) -> None:
+def _as_rows(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``s`` shaped to scale the rows (dim 0) of ``w``: a linear's (out, in), a norm's (d,), a conv's (out, ...)."""
+    return s.view(-1, *([1] * (w.dim() - 1)))
+
+
+def _as_columns(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``s`` shaped to scale the input channels (dim 1) of a linear's (out, in) or a 1×1 conv's (out, in, 1, 1)."""
+    return s.view(1, -1, *([1] * (w.dim() - 2)))
+
+
+def _check_attention(attn: nn.Module, name: str, processors: Sequence[str]) -> None:
+    """Refuse a fold at ``name`` when ``attn`` does not run what the fold assumes: its separate projections (not
+    a fused ``to_qkv``, which a fold would leave unscaled) under one of ``processors``."""
+    from ..nn.convert import runs_fused_projections
+
+    if runs_fused_projections(attn):
+        raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs fused projections "
+                         "(fuse_qkv_projections); unfuse them first")
     processor = type(getattr(attn, "processor", None)).__name__
-    if processor not in _DEFAULT_PROCESSORS:
-        raise ValueError(f"cannot fold smoothing for {where}: its attention runs {processor}, not diffusers' "
-                         f"default processor ({', '.join(_DEFAULT_PROCESSORS)})")
+    if processor not in processors:
+        raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs {processor}, not diffusers' "
+                         f"default processor ({', '.join(processors)})")
+
+
+def _enclosing(model: nn.Module, name: str, classes: Sequence[str]) -> tuple[str, str, nn.Module] | None:
+    """``(block prefix with its dot, the name within the block, the block)`` of the innermost module of one of
+    ``classes`` holding ``name``; None when none does."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            block = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        if type(block).__name__ in classes:
+            return ".".join(parts[:cut]) + ".", ".".join(parts[cut:]), block
+    return None
 
 
 _MMDIT_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0")   # to_q(x) on x as given
@@ -140,17 +190,10 @@ _NORMS = {"AdaLayerNormZero": (6, {"attn": (0, 1), "mlp": (3, 4)}),
 def _mmdit_site(model: nn.Module, name: str) -> Site | None:
     """The site of ``name`` in an MMDiT block (module docstring), None when ``name`` is in none; a clear error
     when it is in one but its input cannot be smoothed."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            block = model.get_submodule(".".join(parts[:cut]))
-        except AttributeError:
-            continue
-        if type(block).__name__ in MMDIT_BLOCKS:
-            break
-    else:
+    found = _enclosing(model, name, MMDIT_BLOCKS)
+    if found is None:
         return None
-    pre, sub = ".".join(parts[:cut]) + ".", ".".join(parts[cut:])
+    pre, sub, block = found
     single = type(block).__name__ == "FluxSingleTransformerBlock"
     consumers: tuple[str, ...]
     if single and sub in ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"):
@@ -172,29 +215,87 @@ def _mmdit_site(model: nn.Module, name: str) -> Site | None:
         raise ValueError(f"cannot fold smoothing for {name!r}: its input comes from {pre}{norm}, a {kind}, which "
                          f"this fold does not know (it folds into {', '.join(_NORMS)})")
     if any(c.startswith("attn") for c in consumers):
-        attn_mod = getattr(block, consumers[-1].split(".")[0])
-        if getattr(attn_mod, "fused_projections", False):   # to_qkv runs, not the to_q/k/v a fold would scale
-            raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs fused projections "
-                             "(fuse_qkv_projections); unfuse them first")
-        processor = type(getattr(attn_mod, "processor", None)).__name__
-        if processor not in _MMDIT_PROCESSORS:
-            raise ValueError(f"cannot fold smoothing for {name!r}: its attention runs {processor}, not diffusers' "
-                             f"default ({', '.join(_MMDIT_PROCESSORS)})")
+        _check_attention(getattr(block, consumers[-1].split(".")[0]), name, _MMDIT_PROCESSORS)
     chunks, uses = _NORMS[kind]
     return Site(tuple(pre + c for c in consumers), f"{pre}{norm}.linear", modulate=uses[use], chunks=chunks)
 
 
+# Qwen-Image's double-stream block: per stream a 6-chunk modulation linear (shift, scale, gate of the attention,
+# then of the MLP), as AdaLayerNormZero's; the joint attention's outputs mix both streams' values (not sites)
+_QWEN_SITES = {**{f"attn.to_{x}": ("img_mod.1", (0, 1), tuple(f"attn.to_{y}" for y in "qkv")) for x in "qkv"},
+               **{f"attn.add_{x}_proj": ("txt_mod.1", (0, 1), tuple(f"attn.add_{y}_proj" for y in "qkv"))
+                  for x in "qkv"},
+               "img_mlp.net.0.proj": ("img_mod.1", (3, 4), ("img_mlp.net.0.proj",)),
+               "txt_mlp.net.0.proj": ("txt_mod.1", (3, 4), ("txt_mlp.net.0.proj",))}
+_WAN_PROCESSORS = ("WanAttnProcessor", "WanAttnProcessor2_0")
+_SANA_PROCESSORS = {"attn1": ("SanaLinearAttnProcessor2_0",),   # ReLU on q and k only: linear in v
+                    "attn2": ("SanaAttnProcessor2_0", "AttnProcessor2_0")}
+_SHARED_MODULATION = ("its shift and scale add a timestep embedding every block shares (a scale-shift table), which "
+                      "no per-block weight can scale")
+
+
+def _block_site(model: nn.Module, name: str) -> Site | None:
+    """The site of ``name`` in a Wan, Qwen-Image or Sana block (module docstring), None when ``name`` is in none
+    of them; a clear error when it is in one but its input cannot be smoothed."""
+    found = _enclosing(model, name, ("QwenImageTransformerBlock", "WanTransformerBlock", "SanaTransformerBlock"))
+    if found is None:
+        return None
+    pre, sub, block = found
+    kind = type(block).__name__
+    if kind == "QwenImageTransformerBlock":
+        if sub not in _QWEN_SITES:
+            raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the inputs of to_q/k/v, "
+                             "add_q/k/v_proj and the MLPs' first linears come from a per-block modulation")
+        producer, chunks, consumers = _QWEN_SITES[sub]
+        if sub.startswith("attn."):
+            _check_attention(block.attn, name, ("QwenDoubleStreamAttnProcessor2_0",))
+        return Site(tuple(pre + c for c in consumers), pre + producer, modulate=chunks, chunks=6)
+    if sub in ("attn1.to_out.0", "attn2.to_out.0"):   # attention is linear in v: 1/s folds into the values
+        attn_name = sub.split(".")[0]
+        attn = getattr(block, attn_name)
+        _check_attention(attn, name, _WAN_PROCESSORS if kind == "WanTransformerBlock" else _SANA_PROCESSORS[attn_name])
+        also = (f"{pre}{attn_name}.add_v_proj",) if getattr(attn, "add_v_proj", None) is not None else ()
+        return Site((name,), f"{pre}{attn_name}.to_v", rows=(0, _width(model, name)), also=also)
+    if kind == "WanTransformerBlock":
+        if sub == "attn2.to_q":
+            norm = block.norm2
+            if not isinstance(getattr(norm, "weight", None), torch.Tensor):
+                raise ValueError(f"cannot fold smoothing for {name!r}: its input is the residual stream through "
+                                 f"{pre}norm2, a {type(norm).__name__} without a per-block affine "
+                                 "(cross_attn_norm=False)")
+            _check_attention(block.attn2, name, _WAN_PROCESSORS)
+            return Site((name,), pre + "norm2", rows=(0, _width(model, name)))
+        if sub in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ffn.net.0.proj"):
+            raise ValueError(f"cannot fold smoothing for {name!r}: {_SHARED_MODULATION}")
+        raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the attentions' outputs and (with "
+                         "cross_attn_norm) the cross-attention's query have an input a per-block weight produces")
+    # Sana
+    if sub == "ff.conv_point":   # reads conv_depth's first half times SiLU(its second): depthwise, so per channel
+        ff = block.ff
+        depth, point = ff.conv_depth, ff.conv_point
+        if (type(ff).__name__ != "GLUMBConv" or depth.groups != depth.out_channels
+                or depth.out_channels != 2 * point.in_channels):
+            raise ValueError(f"cannot fold smoothing for {name!r}: {pre}ff is not the GLUMBConv it folds into (a "
+                             "depthwise conv_depth of twice conv_point's input channels)")
+        return Site((name,), pre + "ff.conv_depth", rows=(0, point.in_channels))
+    if sub in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.conv_inverted"):
+        raise ValueError(f"cannot fold smoothing for {name!r}: {_SHARED_MODULATION}")
+    raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the attentions' outputs and the "
+                     "feed-forward's point convolution have an input a per-block weight produces")
+
+
 def site_of(model: nn.Module, name: str) -> Site:
     """The :class:`Site` where the input of linear ``name`` can be smoothed; a clear error where it cannot."""
-    mmdit = _mmdit_site(model, name)
-    if mmdit is not None:
-        return mmdit
+    for find in (_mmdit_site, _block_site):
+        site = find(model, name)
+        if site is not None:
+            return site
     found = _diffusers_block(model, name)
     if found is not None:
         pre, sub, block = found
         if sub.endswith("to_out.0"):
             attn = sub.split(".")[0]
-            _plain_attention(getattr(block, attn), name)
+            _check_attention(getattr(block, attn), name, _DEFAULT_PROCESSORS)
             return Site((pre + sub,), f"{pre}{attn}.to_v", rows=(0, _width(model, name)))
         if block.norm_type == "ada_norm_single":
             raise ValueError(f"cannot fold smoothing for {name!r}: its input's shift and scale add a timestep "
@@ -211,7 +312,7 @@ def site_of(model: nn.Module, name: str) -> Site:
                 raise ValueError(f"cannot fold smoothing for {name!r}: the block adds positional embeddings to "
                                  "attn1's input after the modulation")
             attn = block.attn1
-            _plain_attention(attn, name)
+            _check_attention(attn, name, _DEFAULT_PROCESSORS)
             if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
                 raise ValueError(f"cannot fold smoothing for {name!r}: a norm runs before to_q/to_k/to_v")
             return Site(tuple(f"{pre}attn1.{p}" for p in ("to_q", "to_k", "to_v")), f"{pre}norm1.linear",
@@ -232,10 +333,12 @@ def site_of(model: nn.Module, name: str) -> Site:
 
 MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn.add_q_proj",
                  "attn.add_k_proj", "attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
+BLOCK_TARGETS = ("img_mlp.net.0.proj", "txt_mlp.net.0.proj", "ffn.net.0.proj", "ff.conv_point", "ff.conv_inverted")
 
 
 def _is_site_kind(name: str) -> bool:
-    return any(name == t or name.endswith("." + t) for t in TARGETS + DIFFUSERS_TARGETS + MMDIT_TARGETS)
+    return any(name == t or name.endswith("." + t)
+               for t in TARGETS + DIFFUSERS_TARGETS + MMDIT_TARGETS + BLOCK_TARGETS)
 
 
 def targets(model: nn.Module, plan: QuantPlan, refused: dict[str, str] | None = None) -> list[str]:
@@ -257,9 +360,10 @@ def targets(model: nn.Module, plan: QuantPlan, refused: dict[str, str] | None = 
     return keys
 
 
-def check_fold(model: nn.Module, name: str, s: torch.Tensor) -> tuple[Site, list[nn.Module], nn.Module, torch.Tensor]:
+def check_fold(model: nn.Module, name: str,
+               s: torch.Tensor) -> tuple[Site, list[nn.Module], list[nn.Module], torch.Tensor]:
     """Everything :func:`fold` checks, changing nothing: a ValueError when ``s`` cannot fold into ``name``'s site
-    of ``model``. Returns the site, its consumer linears, the producer and ``s`` as float32 on their device. (A
+    of ``model``. Returns the site, its consumer linears, its producers and ``s`` as float32 on their device. (A
     caller folding several factors checks them all first, so that a bad one leaves the model untouched.)"""
     site = site_of(model, name)
     consumers = [_linear(model, c) for c in site.consumers]
@@ -277,47 +381,50 @@ def check_fold(model: nn.Module, name: str, s: torch.Tensor) -> tuple[Site, list
         i = int(bad.nonzero()[0])
         raise ValueError(f"{name}: smoothing factors must be positive and finite, shape ({d},); {int(bad.sum())} "
                          f"of {d} are not (channel {i}: {float(s[i])})")
-    producer = _linear(model, site.producer)
-    n_out = producer.weight.shape[0]
-    if site.rows is not None:
-        lo, hi = site.rows
-        if hi > n_out:
-            raise ValueError(f"{site.producer} has {n_out} outputs; {name} reads rows {lo}:{hi}")
-    elif site.modulate is not None:
-        if n_out != site.chunks * d:
-            raise ValueError(f"{site.producer} has {n_out} outputs; this adaLN modulation has {site.chunks}·{d}")
-        if producer.bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
-            raise ValueError(f"cannot fold smoothing for {name!r}: {site.producer} has no bias to hold the "
-                             "modulation's (1 + scale)/s − 1")
-    return site, consumers, producer, s
+    producers = [_linear(model, p) for p in site.producers]
+    for name_p, producer in zip(site.producers, producers):
+        n_out = producer.weight.shape[0]
+        if site.rows is not None:
+            lo, hi = site.rows
+            if hi > n_out:
+                raise ValueError(f"{name_p} has {n_out} outputs; {name} reads rows {lo}:{hi}")
+        elif site.modulate is not None:
+            if n_out != site.chunks * d:
+                raise ValueError(f"{name_p} has {n_out} outputs; this adaLN modulation has {site.chunks}·{d}")
+            if producer.bias is None:   # (1 + scale)/s − 1 needs a bias to hold its 1/s − 1
+                raise ValueError(f"cannot fold smoothing for {name!r}: {name_p} has no bias to hold the "
+                                 "modulation's (1 + scale)/s − 1")
+    return site, consumers, producers, s
 
 
 @torch.no_grad()
 def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
     """Rewrite ``model`` so that the linears of ``name``'s site (see :class:`Site`: ``name`` is its key or any of
     its linears) see ``x/s`` and have weights ``W·diag(s)``; the model's function is unchanged."""
-    site, consumers, producer, s = check_fold(model, name, s)   # before any write: a refused fold changes nothing
+    site, consumers, producers, s = check_fold(model, name, s)   # before any write: a refused fold changes nothing
     d = consumers[0].weight.shape[1]
-    bias = producer.bias
 
     def put(t: torch.Tensor, rows: slice, value: torch.Tensor) -> None:   # computed in float32, rounded once
         t[rows] = value.to(t.dtype)
 
-    if site.rows is not None:
-        rows = slice(*site.rows)
-        put(producer.weight, rows, producer.weight[rows].float() / s[:, None])
-        if bias is not None:
-            put(bias, rows, bias[rows].float() / s)
-    elif site.modulate is not None:
-        first, second = site.modulate
-        shift, scale = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
-        inv = 1.0 / s
-        put(producer.weight, shift, producer.weight[shift].float() * inv[:, None])
-        put(producer.weight, scale, producer.weight[scale].float() * inv[:, None])
-        put(bias, shift, bias[shift].float() * inv)
-        put(bias, scale, (1.0 + bias[scale].float()) * inv - 1.0)
+    for producer in producers:
+        w, bias = producer.weight, getattr(producer, "bias", None)
+        if site.rows is not None:
+            rows = slice(*site.rows)
+            put(w, rows, w[rows].float() / _as_rows(s, w))
+            if bias is not None:
+                put(bias, rows, bias[rows].float() / s)
+        elif site.modulate is not None:
+            assert bias is not None   # (check_fold: an adaLN producer has one)
+            first, second = site.modulate
+            shift, scale = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
+            inv = 1.0 / s
+            put(w, shift, w[shift].float() * inv[:, None])
+            put(w, scale, w[scale].float() * inv[:, None])
+            put(bias, shift, bias[shift].float() * inv)
+            put(bias, scale, (1.0 + bias[scale].float()) * inv - 1.0)
     for c in consumers:
-        c.weight.copy_((c.weight.float() * s[None, :]).to(c.weight.dtype))
+        c.weight.copy_((c.weight.float() * _as_columns(s, c.weight)).to(c.weight.dtype))
 
 
 @torch.no_grad()
@@ -340,7 +447,7 @@ def choose(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], alp
         for site in [s for s in sites if runner.stage_of[planned[s.key][0]] == stage]:
             members = planned[site.key]
             x = runner.capture(members[0], config.max_tokens, seed=config.seed)
-            ws = [_linear(model, m).weight.detach().float() for m in members]
+            ws = [_linear(model, m).weight.detach().float().flatten(1) for m in members]   # (1×1 convs)
             cfgs = [plan.layers[m] for m in members]
             if len(members) > 1 and frozenset(members) in stacked:
                 ws, cfgs = [torch.cat(ws)], cfgs[:1]

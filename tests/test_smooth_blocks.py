@@ -1,0 +1,140 @@
+"""SmoothQuant in Wan, Qwen-Image and Sana blocks: every site folds exactly (the transformer computes what it did;
+each consumer reads ``x/s`` with weight ``W·diag(s)``), what cannot fold is refused with the reason, and PTQ with
+smoothing calibrates, re-folds from its directory and packs."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_qwen import call as qwen_call  # noqa: E402
+from test_search_sana import call as sana_call  # noqa: E402
+from test_search_wan import call as wan_call  # noqa: E402
+from test_search_wan import tiny_wan  # noqa: E402
+from tiny_diffusers import perturbed, tiny_qwen, tiny_sana  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.calib import smooth  # noqa: E402
+from treeq_engine.calib.capture import capture_inputs  # noqa: E402
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.search import make_runner  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# per model: a builder, its call, the sites of block 1 named by one of their consumers, the block-1 site keys a
+# W4A4 plan smooths
+CASES = {
+    "wan": (lambda: perturbed(tiny_wan()), lambda m: wan_call(m, n=2, seed=4),
+            ("attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"), {"attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"}),
+    "wan-i2v": (lambda: perturbed(tiny_wan(image=True)), lambda m: wan_call(m, n=2, seed=4),
+                ("attn2.to_out.0", "attn2.to_q"), {"attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"}),
+    "qwen": (tiny_qwen, lambda m: qwen_call(n=2, seed=4),
+             ("attn.to_k", "attn.add_v_proj", "img_mlp.net.0.proj", "txt_mlp.net.0.proj"),
+             {"attn.to_q", "attn.add_q_proj", "img_mlp.net.0.proj", "txt_mlp.net.0.proj"}),
+    "sana": (tiny_sana, lambda m: sana_call(n=2, seed=4),
+             ("attn1.to_out.0", "attn2.to_out.0", "ff.conv_point"), {"attn1.to_out.0", "attn2.to_out.0",
+                                                                     "ff.conv_point"}),
+    "sana-sprint": (lambda: tiny_sana(sprint=True), lambda m: {**sana_call(n=2, seed=4), "guidance": torch.ones(2)},
+                    ("attn1.to_out.0", "ff.conv_point"), {"attn1.to_out.0", "attn2.to_out.0", "ff.conv_point"}),
+}
+
+
+def _blocks(model) -> str:
+    return "blocks" if hasattr(model, "blocks") else "transformer_blocks"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_site_folds_exactly(name):
+    build, call, leaves, want = CASES[name]
+    model = build()
+    runner = make_runner(model)
+    inputs = runner.inputs(**call(model))
+    with torch.no_grad():
+        ref = runner.forward(*inputs)
+    blk = f"{_blocks(model)}.1"
+    g = torch.Generator().manual_seed(5)
+    for leaf in leaves:
+        site = smooth.site_of(model, f"{blk}.{leaf}")
+        assert f"{blk}.{leaf}" in site.consumers
+        before = {c: (capture_inputs(model, c, [inputs], 10_000), model.get_submodule(c).weight.detach().clone())
+                  for c in site.consumers}
+        width = before[site.key][1].shape[1]
+        s = torch.rand(width, generator=g) * 3 + 0.2
+        smooth.fold(model, f"{blk}.{leaf}", s)
+        with torch.no_grad():
+            torch.testing.assert_close(runner.forward(*inputs), ref, rtol=1e-4, atol=1e-5, msg=leaf)
+        for c, (x, w) in before.items():
+            torch.testing.assert_close(capture_inputs(model, c, [inputs], 10_000), x / s, rtol=1e-4, atol=1e-5)
+            shape = (1, -1) + (1,) * (w.dim() - 2)   # (a 1×1 convolution's weight is (out, in, 1, 1))
+            torch.testing.assert_close(model.get_submodule(c).weight.detach(), w * s.view(shape))
+    if name == "wan-i2v":   # the text and image values both feed the cross-attention's output
+        assert smooth.site_of(model, f"{blk}.attn2.to_out.0").producers == (f"{blk}.attn2.to_v",
+                                                                          f"{blk}.attn2.add_v_proj")
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    keys = smooth.targets(model, plan)
+    assert {k.removeprefix(f"{blk}.") for k in keys if k.startswith(f"{blk}.")} == want
+
+
+def test_what_cannot_fold_is_refused():
+    wan, qwen, sana = perturbed(tiny_wan()), tiny_qwen(), tiny_sana()
+    for model, leaf, why in ((wan, "blocks.0.attn1.to_q", "every block shares"),
+                             (wan, "blocks.0.ffn.net.0.proj", "every block shares"),
+                             (wan, "blocks.0.ffn.net.2", "only the attentions' outputs"),
+                             (qwen, "transformer_blocks.0.attn.to_out.0", "only the inputs of to_q/k/v"),
+                             (qwen, "transformer_blocks.0.img_mlp.net.2", "only the inputs of to_q/k/v"),
+                             (sana, "transformer_blocks.0.attn1.to_k", "every block shares"),
+                             (sana, "transformer_blocks.0.ff.conv_inverted", "every block shares"),
+                             (sana, "transformer_blocks.0.attn2.to_q", "point convolution")):
+        with pytest.raises(ValueError, match=why):
+            smooth.site_of(model, leaf)
+    # Wan without cross_attn_norm: the cross-attention reads the residual stream as it is
+    plain = copy.deepcopy(wan)
+    plain.blocks[0].norm2 = torch.nn.Identity()
+    with pytest.raises(ValueError, match="cross_attn_norm=False"):
+        smooth.site_of(plain, "blocks.0.attn2.to_q")
+    # another processor (output not known linear in v), fused projections
+    other = copy.deepcopy(sana)
+    other.transformer_blocks[0].attn1.set_processor(diffusers.models.attention_processor.AttnProcessor2_0())
+    with pytest.raises(ValueError, match="runs AttnProcessor2_0"):
+        smooth.site_of(other, "transformer_blocks.0.attn1.to_out.0")
+    fused = copy.deepcopy(wan)
+    fused.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="fused projections"):
+        smooth.site_of(fused, "blocks.0.attn1.to_out.0")
+    # a bad factor leaves the model untouched
+    w = sana.transformer_blocks[0].ff.conv_depth.weight.detach().clone()
+    with pytest.raises(ValueError, match="positive and finite"):
+        smooth.fold(sana, "transformer_blocks.0.ff.conv_point", -torch.ones(w.shape[0] // 2))
+    assert torch.equal(sana.transformer_blocks[0].ff.conv_depth.weight, w)
+
+
+@pytest.mark.parametrize("name", ["wan", "qwen"])
+def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
+    """PTQ with SmoothQuant (q/k/v tied as the runner ties them): a site per kind and block, the directory re-folds
+    into a fresh FP copy to the calibrated model exactly, and the packed model computes what it computes."""
+    from treeq_engine.calib.ptq import PTQConfig, calibrate, load_calibration
+    from treeq_engine.runtime import quantize
+
+    build, call, _, want = CASES[name]
+    model = build()
+    fp = copy.deepcopy(model)
+    runner = make_runner(model)
+    batches = [runner.inputs(**call(model))]
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9),
+                    smooth_alphas=(0.3, 0.6))
+    plan = QuantPlan.block_uniform(model, 4, 4)
+    calibrate(model, plan, batches, cfg, progress=False, out_dir=tmp_path, tie=runner.tie)
+    chosen = json.loads((tmp_path / "ptq.json").read_text())["smooth"]
+    assert set(chosen) == {f"{_blocks(model)}.{i}.{leaf}" for i in range(2) for leaf in want}
+    again = copy.deepcopy(fp)
+    load_calibration(again, tmp_path)
+    with torch.no_grad():
+        calibrated = runner.forward(*batches[0])
+        assert torch.equal(make_runner(again).forward(*batches[0]), calibrated)
+        quantize(again, plan, dtype=torch.float32)   # fused blocks, packed layers
+        packed = make_runner(again).forward(*batches[0])
+    assert float((packed - calibrated).norm() / calibrated.norm()) < 1e-2
