@@ -189,10 +189,15 @@ def test_lora_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frozen_layer_training_keeps_codes_not_a_weight_copy(dtype):
-    """Training a frozen layer's branch (PEFT), autograd keeps the int8 codes for the backward, not a dequantized
-    weight (1 byte per weight instead of 2 or 4 until the step's backward); outputs and gradients are those of the
-    plain path (a trainable weight scale takes it)."""
+@pytest.mark.parametrize("train", ["branch", "scale", "lora", "lora+scale"])
+def test_frozen_layer_training_keeps_codes_not_a_weight_copy(dtype, train):
+    """Training a frozen layer (PEFT: its branch, its weight scales, a LoRA merged into its codes), autograd keeps
+    the int8 codes and the small trainable tensors for the backward, not a dequantized weight or the weight-sized
+    intermediates of its graph (1 byte per weight instead of several floats until the step's backward); outputs
+    are bit-identical and gradients equal to those of the plain graph (the weight built differentiably, then
+    F.linear)."""
+    import torch.nn.functional as F
+
     gen = torch.Generator().manual_seed(3)
     lin = nn.Linear(48, 40).to(dtype)
     with torch.no_grad():
@@ -206,30 +211,36 @@ def test_frozen_layer_training_keeps_codes_not_a_weight_copy(dtype):
     q.freeze_weight()
     q.weight.requires_grad_(False)
     q.bias.requires_grad_(False)
+    q.w_scale.requires_grad_("scale" in train)
+    if "lora" in train:
+        q.lora = LoRA(40, 48, 4)
+        with torch.no_grad():
+            q.lora.b.normal_(0, 0.02, generator=gen)   # (B starts at zero: make the update matter)
+    trained = [p for p in q.parameters() if p.requires_grad]
     x = torch.randn(5, 7, 48, generator=gen).to(dtype)
 
-    def run(trainable_scale):
-        q.w_scale.requires_grad_(trainable_scale)
+    def run(plain):
         xi = x.clone().requires_grad_(True)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-            y = q(xi)
-        y.square().sum().backward()
-        grads = [xi.grad, q.branch.w1.grad.clone(), q.branch.w2.grad.clone()]
-        q.branch.zero_grad()
+            y = (F.linear(q.quantize_input(xi), q.quantized_weight(), q.bias) + q.branch(xi)) if plain else q(xi)
+        y.float().square().sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in trained]
+        q.zero_grad()
         big = [t for t in saved if t.is_floating_point() and t.numel() == 40 * 48]
         return y.detach(), grads, big
 
     y0, g0, big0 = run(False)   # the codes path
-    y1, g1, big1 = run(True)    # the plain path (the scale trains): keeps the dequantized weight
+    y1, g1, big1 = run(True)    # the plain graph: keeps the dequantized weight (and, with a LoRA, more)
     assert not big0 and big1
     assert torch.equal(y0, y1)
+    assert len(g0) == 1 + len(trained) >= 3
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if dtype == torch.float32:   # under autocast the matmuls run in bf16, the gradients reach the float32 input
-        q.w_scale.requires_grad_(False)
         xi = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = q(xi)
         y.float().square().sum().backward()
         assert xi.grad is not None and xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all()
+        assert all(p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all() for p in trained)

@@ -28,6 +28,7 @@ inference is a different class (runtime), built from the same plan.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence, cast
 
 import torch
@@ -70,26 +71,57 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return (scale[:, None] * (codes.to(torch.float32) - zero_point[:, None].to(torch.float32))).to(dtype)
 
 
+def _frozen_weight_math(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, *,
+                        spec: QuantSpec, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen layer's weight in ``dtype``: ``s·(codes − zp)``, or with a LoRA ``Q_{s,zp}(s·(codes − zp) + ΔW)``,
+    ``ΔW = B·A·scaling`` (differentiable in ``s`` by LSQ and in A, B by the straight-through estimator; the base
+    is built from ``s`` detached, so ``s`` learns through the requantization only)."""
+    if lora_a is None or lora_b is None:
+        return _dequantize(codes, scale, zero_point, dtype)
+    base = _dequantize(codes, scale.detach(), zero_point, torch.float32)
+    delta = ((lora_b @ lora_a) * scaling).to(torch.float32)
+    return fake_quantize_with_qparams(base + delta, spec, scale, zero_point).to(dtype)
+
+
 class _FrozenLinear(torch.autograd.Function):
-    """``x·Wᵀ + b`` with ``W = s·(codes − zp)`` dequantized in the forward and again in the backward: autograd keeps
-    the int8 codes (1 byte per weight) for the input's gradient instead of the dequantized weight (2 in bf16, 4 in
-    float32), which every frozen layer would otherwise hold until the backward of a PEFT step. Its forward is
-    :meth:`QuantLinear.quantized_weight`'s arithmetic, so outputs are bit-identical."""
+    """``x·Wᵀ + b`` for a frozen layer, ``W = make_weight(*params)`` (:func:`_frozen_weight_math`) computed in the
+    forward and again in the backward. Autograd keeps the int8 codes and the small trainable tensors (scales, LoRA
+    factors) instead of what the weight's own graph would hold until the step's backward: the dequantized weight
+    (2 or 4 bytes per weight against the codes' 1) and, with a LoRA or a trainable scale, several more
+    weight-sized float intermediates per layer. The weight's gradient ``gradᵀ·x`` is formed in the backward, one
+    layer at a time, and pushed through the recomputed graph, so the parameters get the plain graph's gradients.
+    Its forward is :meth:`QuantLinear.quantized_weight`'s arithmetic, so outputs are bit-identical."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(codes, scale, zero_point)
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, make_weight: Any,
+                *params: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            w = make_weight(*params)
+        ctx.make_weight = make_weight
         ctx.has_bias = bias is not None
-        return F.linear(x, _dequantize(codes, scale, zero_point, dtype), bias)
+        trains = any(ctx.needs_input_grad[3:])
+        ctx.save_for_backward(x if trains else None, *params)   # (x only for the weight's gradient)
+        return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        codes, scale, zero_point = ctx.saved_tensors
+        x, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) if n else p for p, n in zip(params, needs)]
+            w = ctx.make_weight(*leaves)
         # (in the gradient's dtype: under autocast the forward's matmul ran in it; autograd casts to the input's)
-        gx = grad @ _dequantize(codes, scale, zero_point, grad.dtype) if ctx.needs_input_grad[0] else None
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return gx, None, None, None, gb, None
+        gx = grad @ w.detach().to(grad.dtype) if ctx.needs_input_grad[0] else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        if any(needs):
+            gw = g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            wanted = [i for i, n in enumerate(needs) if n]
+            for i, g in zip(wanted, torch.autograd.grad(w, [leaves[i] for i in wanted], gw.to(w.dtype))):
+                grads[i] = g
+        return (gx, gb, None, *grads)
 
 
 class QuantLinear(nn.Module):
@@ -234,13 +266,19 @@ class QuantLinear(nn.Module):
     def _dequantized_codes(self, scale: torch.Tensor) -> torch.Tensor:
         return _dequantize(self.w_codes, scale, self.w_zero_point, torch.float32)
 
-    def _frozen_weight(self) -> torch.Tensor:
-        if self.lora is None:
-            return self._dequantized_codes(self.w_scale)
+    def _frozen_weight_parts(self) -> tuple[Any, tuple[torch.Tensor | None, ...]]:
+        """``(make_weight, params)``: ``make_weight(*params)`` is this frozen layer's weight in its dtype (its
+        LoRA, a :class:`~treeq_engine.calib.lora.LoRA`, given by its factors ``a`` and ``b``)."""
         assert self.w_scale is not None and self._frozen_spec is not None   # (frozen: load_frozen set both)
-        base = self._dequantized_codes(self.w_scale.detach())
-        return fake_quantize_with_qparams(base + self.lora.delta().to(torch.float32), self._frozen_spec,
-                                          self.w_scale, self.w_zero_point)
+        lora = self.lora
+        make = functools.partial(_frozen_weight_math, spec=self._frozen_spec, dtype=self.weight.dtype,
+                                 scaling=1.0 if lora is None else float(lora.scaling))
+        ab = () if lora is None else (lora.a, lora.b)
+        return make, (self.w_codes, self.w_scale, self.w_zero_point, *ab)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        make, params = self._frozen_weight_parts()
+        return make(*params)
 
     # -- math ------------------------------------------------------------------------------------
     def residual_weight(self) -> torch.Tensor:
@@ -261,7 +299,7 @@ class QuantLinear(nn.Module):
         cached copy would hold another weight-sized tensor per layer through PTQ and PEFT (in training, the
         forward's ``_FrozenLinear`` keeps only the codes for the backward, for the same reason)."""
         if self.is_frozen:
-            return self._frozen_weight().to(self.weight.dtype)
+            return self._frozen_weight()
         spec = self.weight_spec
         wr = self.residual_weight()
         if spec is None or not spec.is_quantized:
@@ -333,10 +371,9 @@ class QuantLinear(nn.Module):
         if self._config is None or self.full_precision:
             return F.linear(x, self.weight, self.bias)
         xq = self.quantize_input(x)
-        scale = self.w_scale
-        if self.is_frozen and self.lora is None and scale is not None and not scale.requires_grad:
-            # (PEFT training the branch: the backward keeps the codes, not a dequantized copy)
-            y = _FrozenLinear.apply(xq, self.w_codes, scale, self.w_zero_point, self.bias, self.weight.dtype)
+        if self.is_frozen:   # (PEFT: the backward keeps the codes, not a dequantized copy and its graph)
+            make, params = self._frozen_weight_parts()
+            y = _FrozenLinear.apply(xq, self.bias, make, *params)
         else:
             y = F.linear(xq, self.quantized_weight(), self.bias)
         if self.branch is not None:
