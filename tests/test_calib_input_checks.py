@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gmb_standin import tiny_dit, trajectory
+from cli_refusal import refused
 from treeq_engine.calib.peft import PEFTConfig, finetune, load_finetuned
 from treeq_engine.calib.ptq import SMOOTH_FILE, PTQConfig, calibrate, load_calibration
 from treeq_engine.calib.store import CheckpointError
@@ -258,8 +259,7 @@ def test_ptq_and_quantize_take_an_official_layout_checkpoint(tmp_path):
     assert main(["ptq", "--model", str(ckpt), "--bits", "W4A8", "--branch", "none", "--calib-samples", "2",
                  "--rounds", "1", "--max-tokens", "32", "--out", str(tmp_path / "ptq")]) == 0
     assert main(["quantize", "--model", str(ckpt), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")]) == 0
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["ptq", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
+    refused("no such file", ["ptq", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
 
 
 def test_quantize_checks_the_peft_run_came_from_the_ptq_folder(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_refusal import refused
 from treeq_engine.cli import build_parser, main
 from treeq_engine.demo import format_table, parse_config, pick_real, uniform_plan
 from treeq_engine.models.digits import DIGITS_DIT
@@ -62,5 +63,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("configs, msg", [("W4A8,int4", "WxAy"), ("W5A8", "unsupported weight bit-width 5")])
 def test_demo_rejects_bad_configs(tmp_path, configs, msg):
-    with pytest.raises(SystemExit, match=msg):
-        main(["demo", "--out", str(tmp_path), "--configs", configs])
+    refused(msg, ["demo", "--out", str(tmp_path), "--configs", configs])

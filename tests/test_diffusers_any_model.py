@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 
 from tiny_diffusers import pack_only_models, tiny_flux_pipeline, tiny_wan_pipeline  # noqa: E402
 
+from cli_refusal import refused  # noqa: E402
 from treeq_engine.cli import main  # noqa: E402
 from treeq_engine.models.diffusers_transformers import PACK_ONLY, load_transformer, rebuild  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
@@ -86,14 +87,14 @@ def test_what_needs_the_cut_refuses_them(tmp_path, capsys):
     model.save_pretrained(pipe / "transformer")
     with pytest.raises(ValueError, match="Lumina2Transformer2DModel is not supported here"):
         transformer_dir(pipe)
-    with pytest.raises(SystemExit, match="Lumina2Transformer2DModel is not supported here"):
-        main(["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="is not a diffusers model class"):
-        cfg = json.loads((d / "config.json").read_text())
-        (d / "config.json").write_text(json.dumps({**cfg, "_class_name": "NoSuchModel"}))
-        main(["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="--dtype is for --diffusers"):
-        main(["quantize", "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(tmp_path / "a")])
+    refused("Lumina2Transformer2DModel is not supported here",
+            ["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "_class_name": "NoSuchModel"}))
+    refused("is not a diffusers model class",
+            ["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--out", str(tmp_path / "a")])
+    refused("--dtype is for --diffusers",
+            ["quantize", "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(tmp_path / "a")])
     with pytest.raises(ValueError, match="not a diffusers model description"):
         rebuild({"arch": "diffusers", "class": "os", "config": {}})
 
@@ -116,12 +117,12 @@ def test_flux_pipeline_samples_quantized(tmp_path):
     fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{t}.png"), dtype=np.float64) for t in ("fp", "q"))
     assert fp_img.shape == q_img.shape == (16, 32, 3)
     assert 0 < np.abs(fp_img - q_img).mean() < 16   # W8A8 (bf16 packed): near FP's image, not equal
-    with pytest.raises(SystemExit, match="samples --prompts, not --labels"):
-        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="needs --device cuda"):   # (graphed on CUDA: test_graphed_diffusers.py)
-        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--graph", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--height must be a positive"):
-        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
+    refused("samples --prompts, not --labels",
+            ["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
+    refused("needs --device cuda",   # (graphed on CUDA: test_graphed_diffusers.py)
+            ["sample", "--pipeline", str(pipe_dir), *common[:2], "--graph", "--device", "cpu"])
+    refused("--height must be a positive",
+            ["sample", "--pipeline", str(pipe_dir), *common[:2], "--height", "0", "--device", "cpu"])
 
 
 def test_wan_video_pipeline_samples_quantized(tmp_path):
@@ -150,8 +151,8 @@ def test_wan_video_pipeline_samples_quantized(tmp_path):
     assert len(anim) == 5 and anim[0].shape == (16, 2 * 16, 3)   # frame t of both videos side by side
     # the GIF's frame t is the grid's column t (GIF palettes quantize colours: close, not equal)
     assert np.abs(anim[3][:, :16] - grid["fp"][:16, 48:64]).mean() < 12
-    with pytest.raises(SystemExit, match="--frames must be a positive"):
-        main(["sample", "--pipeline", str(pipe_dir), *common[:2], "--frames", "0", "--device", "cpu"])
+    refused("--frames must be a positive",
+            ["sample", "--pipeline", str(pipe_dir), *common[:2], "--frames", "0", "--device", "cpu"])
 
 
 def test_video_options_on_an_image_pipeline_and_loading_without_accelerate(tmp_path, monkeypatch):
@@ -162,10 +163,8 @@ def test_video_options_on_an_image_pipeline_and_loading_without_accelerate(tmp_p
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
     base = ["sample", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "1", "--device", "cpu"]
-    with pytest.raises(SystemExit, match="--frames is for a text-to-video pipeline; FluxPipeline makes images"):
-        main([*base, "--frames", "3"])
-    with pytest.raises(SystemExit, match="an animation is for a video pipeline"):
-        main([*base, "--out", str(tmp_path / "x.gif")])
+    refused("--frames is for a text-to-video pipeline; FluxPipeline makes images", [*base, "--frames", "3"])
+    refused("an animation is for a video pipeline", [*base, "--out", str(tmp_path / "x.gif")])
 
     import diffusers.models.modeling_utils as mu
     import diffusers.pipelines.pipeline_utils as pu

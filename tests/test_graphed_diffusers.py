@@ -11,6 +11,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from tiny_diffusers import tiny_dit, tiny_dit_pipeline, tiny_pixart_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
+from cli_refusal import refused  # noqa: E402
 from treeq_engine.runtime.graphed_diffusers import (graph_count, graph_pipeline, graph_transformer,  # noqa: E402
                                                     is_graphed, reset_graphs, ungraph_pipeline)
 
@@ -215,12 +216,9 @@ def test_a_flux_pipeline_samples_alike_through_replays():
 
 
 def test_sample_command_graph_needs_cuda(tmp_path):
-    from treeq_engine.cli import main
-
     pipe_dir = tmp_path / "pipe"
     tiny_dit_pipeline().save_pretrained(pipe_dir)
-    with pytest.raises(SystemExit, match="needs --device cuda"):
-        main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
+    refused("needs --device cuda", ["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
 
 
 def eager_then_graphed(pipe, kw, plan):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from cli_refusal import refused
 from treeq_engine.plan import LayerConfig, PlanError, QuantPlan
 
 
@@ -83,13 +84,11 @@ def test_a_searched_plan_refuses_another_model():
 
 def test_directories_and_files_in_each_others_place(tmp_path):
     """A folder where a plan file is expected, and a file where a ptq/peft folder is expected, are named as such."""
-    from treeq_engine.cli import main
-
     with pytest.raises(PlanError, match="is a directory; a plan is a JSON file"):
         QuantPlan.load(tmp_path)
     f = tmp_path / "plan.json"
     f.write_text(plan_text())
-    with pytest.raises(SystemExit, match="expected a `treeq ptq` output directory .*got a file"):
-        main(["peft", "--ptq", str(f), "--out", str(tmp_path / "p")])
-    with pytest.raises(SystemExit, match="expected a `treeq ptq` output directory, got a file"):
-        main(["quantize", "--ptq", str(f), "--out", str(tmp_path / "q")])
+    refused("expected a `treeq ptq` output directory .*got a file",
+            ["peft", "--ptq", str(f), "--out", str(tmp_path / "p")])
+    refused("expected a `treeq ptq` output directory, got a file",
+            ["quantize", "--ptq", str(f), "--out", str(tmp_path / "q")])

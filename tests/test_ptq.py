@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from cli_refusal import refused
 from gmb_standin import Wrapped, assert_same_up_to_rounding_flips, tiny_dit, trajectory
 from treeq_engine import runtime
 from treeq_engine.calib import ptq
@@ -206,9 +207,7 @@ def test_cli_helpers():
     assert all(c.branch is None for c in with_branch(lr, model, None).layers.values())
     args = build_parser().parse_args(["ptq", "--bits", "W3A3", "--branch", "lowrank", "--out", "x"])
     assert args.bits == (3, 3) and args.branch == "lowrank" and args.branch_params == 32
-    with pytest.raises(SystemExit, match="--branch plan needs --plan"):
-        from treeq_engine.cli import main
-        main(["ptq", "--branch", "plan", "--out", "x"])
+    refused("--branch plan needs --plan", ["ptq", "--branch", "plan", "--out", "x"])
     args = build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--lora-rank", "4"])
     assert args.lora_rank == 4 and args.steps == 400 and args.loss_weights == "uniform"
     assert build_parser().parse_args(["peft", "--ptq", "p", "--out", "o", "--loss-weights", "sampler"]).loss_weights \

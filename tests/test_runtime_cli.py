@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from cli_refusal import refused
 from treeq_engine.cli import main
 from treeq_engine.runtime import artifact
 from treeq_engine.runtime.cli import load_artifact_model, load_fp_model
@@ -31,14 +32,12 @@ def test_quantize_then_sample(tmp_path, capsys):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(SystemExit, match="exactly one of --plan"):
-        main(["quantize", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["quantize", "--model", str(tmp_path / "nope.pt"), "--uniform", "W4A4", "--out", str(tmp_path / "x")])
+    refused("exactly one of --plan", ["quantize", "--out", str(tmp_path / "x")])
+    refused("no such file",
+            ["quantize", "--model", str(tmp_path / "nope.pt"), "--uniform", "W4A4", "--out", str(tmp_path / "x")])
     with pytest.raises(artifact.ArtifactError, match="no manifest"):
         load_artifact_model(str(tmp_path))
-    with pytest.raises(SystemExit, match="labels must be"):
-        main(["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
+    refused("labels must be", ["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
@@ -97,7 +96,5 @@ def test_quantize_from_ptq_and_peft(tmp_path):
     with torch.no_grad():
         a, b = packed(x, t, y).float(), sim(x, t, y)
     assert float((a - b).norm() / b.norm()) < 0.02   # bf16 runtime vs float32 simulation (measured 2.3e-3)
-    with pytest.raises(SystemExit, match="--peft needs"):
-        main(["quantize", "--peft", str(peft), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="brings its own plan"):
-        main(["quantize", "--ptq", str(ptq), "--uniform", "W4A4", "--out", str(tmp_path / "x")])
+    refused("--peft needs", ["quantize", "--peft", str(peft), "--out", str(tmp_path / "x")])
+    refused("brings its own plan", ["quantize", "--ptq", str(ptq), "--uniform", "W4A4", "--out", str(tmp_path / "x")])

@@ -13,6 +13,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from tiny_diffusers import perturbed, tiny_dit, tiny_dit_pipeline, tiny_pixart, tiny_pixart_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
+from cli_refusal import refused  # noqa: E402
 from treeq_engine.nn import convert, quant_layers  # noqa: E402
 from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.search import Budget, DiffusersRunner, Environment, Evaluator, SearchSpace, capture_calls  # noqa: E402
@@ -319,16 +320,12 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
                      "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]) == 0
     fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("fp", "q"))
     assert fp_img.shape == q_img.shape == (16, 48, 3) and 0 < np.abs(fp_img - q_img).mean() < 64
-    with pytest.raises(SystemExit, match="class indices"):
-        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="positive number of steps"):
-        main(["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="not --prompts"):
-        main(["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="own scheduler"):
-        main(["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="needs --device cuda"):   # (tests/test_graphed_diffusers.py)
-        main(["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
+    refused("class indices", ["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
+    refused("positive number of steps", ["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])
+    refused("not --prompts", ["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])
+    refused("own scheduler", ["sample", "--pipeline", str(pipe_dir), "--sampler", "ddim", "--device", "cpu"])
+    refused("needs --device cuda",   # (tests/test_graphed_diffusers.py)
+            ["sample", "--pipeline", str(pipe_dir), "--graph", "--device", "cpu"])
     # inputs without sampler weights: the default metric says so and takes the plain MSE, an explicit one refuses
     plain = str(tmp_path / "plain.safetensors")
     runner = DiffusersRunner(direct)
@@ -365,8 +362,7 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8",
                  "--calib-trajectories", "4"]) == 2
     assert "--calib-trajectories: our DiT's calibration sampler" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="not a pipeline directory"):
-        main(["sample", "--pipeline", str(pipe_dir / "transformer"), "--device", "cpu"])
+    refused("not a pipeline directory", ["sample", "--pipeline", str(pipe_dir / "transformer"), "--device", "cpu"])
 
     # what the command line refuses, and how it says so
     assert main(["search", "--diffusers", str(pipe_dir), "--budget", "W4A8", "--out", str(out)]) == 2
@@ -508,11 +504,10 @@ def test_command_line_ptq_peft_quantize(tmp_path, capsys):
     runner = DiffusersRunner(direct)
     plain = str(tmp_path / "plain.safetensors")
     save_inputs(plain, runner, load_inputs(calib, runner))
-    with pytest.raises(SystemExit, match="holds no sampler weights"):
-        main(["peft", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--ptq", ptq, "--loss-weights",
-              "sampler", "--out", str(tmp_path / "p3")])
-    with pytest.raises(SystemExit, match="--calib-inputs"):
-        main(["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p4")])
+    refused("holds no sampler weights",
+            ["peft", "--diffusers", str(pipe_dir), "--calib-inputs", plain, "--ptq", ptq, "--loss-weights",
+             "sampler", "--out", str(tmp_path / "p3")])
+    refused("--calib-inputs", ["ptq", "--diffusers", str(pipe_dir), "--out", str(tmp_path / "p4")])
 
 
 def test_review_cases(tmp_path, capsys, monkeypatch):
@@ -800,8 +795,7 @@ def test_pixart_pipeline_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "q.png").size == (3 * 256, 256)
-    with pytest.raises(SystemExit, match="not --labels"):
-        main(["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
+    refused("not --labels", ["sample", "--pipeline", str(pipe_dir), "--labels", "1,2", "--device", "cpu"])
     # PTQ from the command line: without branches the q/k/v and cross-attention k/v groups are calibrated as one
     ptq = tmp_path / "ptq"
     assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--bits", "W4A8", "--branch", "none",
@@ -1129,8 +1123,8 @@ def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
     assert json.loads((tmp_path / "ptq" / "ptq.json").read_text())["data"]["dtype"] == "bfloat16"
     assert main(["peft", *src, "--ptq", ptq, "--steps", "3", "--lr-branch", "0.05", "--out", peft]) == 0
     assert "for 3 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="dtype it was calibrated in"):
-        main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--dtype", "bfloat16", "--out", str(art)])
+    refused("dtype it was calibrated in",
+            ["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--dtype", "bfloat16", "--out", str(art)])
     assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
     assert "stopped at step" not in capsys.readouterr().err
     state = json.loads((tmp_path / "peft" / "peft.json").read_text())   # as a run stopped at step 3 of 5
@@ -1155,8 +1149,7 @@ def test_command_line_ptq_peft_quantize_in_bfloat16(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="calibrated from another model"):
         load_calibration(diffusers.DiTTransformer2DModel.from_pretrained(pipe_dir / "transformer"), ptq)
-    with pytest.raises(SystemExit, match="--dtype is for --diffusers"):
-        main(["ptq", "--dtype", "bfloat16", "--out", str(tmp_path / "p5")])
+    refused("--dtype is for --diffusers", ["ptq", "--dtype", "bfloat16", "--out", str(tmp_path / "p5")])
 
 
 def test_ptq_ignores_what_the_padding_holds_and_caches_no_weights(tmp_path, monkeypatch):
@@ -1207,8 +1200,7 @@ def test_ptq_ignores_what_the_padding_holds_and_caches_no_weights(tmp_path, monk
 def test_quantize_ptq_refuses_an_explicit_dtype(tmp_path):
     """`quantize --ptq` loads the dtype the calibration recorded: any --dtype given with it, float32 included, is
     refused rather than ignored."""
-    from treeq_engine.cli import main
 
-    with pytest.raises(SystemExit, match="dtype it was calibrated in"):
-        main(["quantize", "--diffusers", str(tmp_path), "--ptq", str(tmp_path), "--dtype", "float32",
-              "--out", str(tmp_path / "a")])
+    refused("dtype it was calibrated in",
+            ["quantize", "--diffusers", str(tmp_path), "--ptq", str(tmp_path), "--dtype", "float32",
+             "--out", str(tmp_path / "a")])

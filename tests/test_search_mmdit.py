@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
+from cli_refusal import refused  # noqa: E402
 from treeq_engine.nn import convert, quant_layers  # noqa: E402
 from treeq_engine.plan import LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.search import Environment, Evaluator, MMDiTRunner, SearchSpace, make_runner  # noqa: E402
@@ -480,13 +481,11 @@ def test_profile_covers_what_a_latency_search_looks_up(tmp_path, capsys, name):
         report = json.loads((out / "report.json").read_text())
         assert report["tss"]["costs"]["us"] > 0
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="go together"):
-        main(["profile", "--diffusers", str(d), "--out", str(lut)])
-    with pytest.raises(SystemExit, match="inputs of a"):
-        other = make_runner(tiny_sd3() if name != "sd3" else tiny_flux())
-        wrong = str(tmp_path / "wrong.safetensors")
-        save_inputs(wrong, other, other.inputs(**call(other.model, n=1)))
-        main(["profile", "--diffusers", str(d), "--calib-inputs", wrong, "--out", str(lut)])
+    refused("go together", ["profile", "--diffusers", str(d), "--out", str(lut)])
+    other = make_runner(tiny_sd3() if name != "sd3" else tiny_flux())
+    wrong = str(tmp_path / "wrong.safetensors")
+    save_inputs(wrong, other, other.inputs(**call(other.model, n=1)))
+    refused("inputs of a", ["profile", "--diffusers", str(d), "--calib-inputs", wrong, "--out", str(lut)])
 
 
 def test_walkthrough_mends(tmp_path, capsys):
@@ -533,7 +532,6 @@ def test_walkthrough_mends(tmp_path, capsys):
     ptq = str(tmp_path / "ptq")
     assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--bits", "W8A8", "--branch", "none",
                  "--max-tokens", "32", "--rounds", "1", "--out", ptq]) == 0
-    with pytest.raises(SystemExit, match=f"calibrated on the diffusers model {pipe_dir}: pass --diffusers"):
-        main(["quantize", "--ptq", ptq, "--out", str(tmp_path / "art")])
-    with pytest.raises(SystemExit, match="calibrated on the diffusers model"):
-        main(["peft", "--ptq", ptq, "--out", str(tmp_path / "peft")])
+    refused(f"calibrated on the diffusers model {pipe_dir}: pass --diffusers",
+            ["quantize", "--ptq", ptq, "--out", str(tmp_path / "art")])
+    refused("calibrated on the diffusers model", ["peft", "--ptq", ptq, "--out", str(tmp_path / "peft")])

@@ -15,6 +15,7 @@ from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
+from cli_refusal import refused  # noqa: E402
 from treeq_engine.search import WanRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -192,8 +193,7 @@ def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys
                                                         **extra}))   # (no weights anywhere: nothing may load)
         assert main(["capture", "--pipeline", str(d), "--prompts", str(prompts), "--out", str(tmp_path / "c")]) == 2
         assert what in capsys.readouterr().err
-        with pytest.raises(SystemExit, match=what):
-            main(["sample", "--pipeline", str(d), "--artifact", str(tmp_path / "art"), "--prompts", str(prompts)])
+        refused(what, ["sample", "--pipeline", str(d), "--artifact", str(tmp_path / "art"), "--prompts", str(prompts)])
         assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c"), "--budget", "W4A8",
                      "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts)]) == 2
         assert what in capsys.readouterr().err

@@ -120,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"treeq {args.command}: error: {e} ({type(e).__name__}; TREEQ_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 2
+    except SystemExit as e:   # a command refusing its options (SystemExit("message")): the same line and status
+        if not isinstance(e.code, str):
+            raise
+        print(f"treeq {args.command}: error: {e.code}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
