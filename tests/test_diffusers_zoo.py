@@ -143,3 +143,25 @@ def test_projection_fusion_is_refused_on_packed_attention(name):
             attn.fuse_projections()
         attn.fuse_projections(False)   # (unfusing what is not fused is allowed)
     assert torch.equal(_out(model, kw), want)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_uniform_plan_puts_its_bits_on_the_blocks(name):
+    """`treeq quantize --uniform W4A8`: every model's repeated blocks take W4A8 and only its edge layers
+    (embedders, modulation generators, output head) stay W8A8; blocks named other than ``*blocks.N`` (Lumina2's
+    and Z-Image's ``layers.N`` and refiners) once stayed W8A8 whole, without a word."""
+    model, _ = _build(name, torch.float32)
+    plan = QuantPlan.block_uniform(model, 4, 8, pointwise_convs=True)
+    w4 = [n for n, c in plan.layers.items() if c.w_bits == 4]
+    assert len(w4) > len(plan.layers) - len(w4) > 0, (len(w4), len(plan.layers))
+
+
+def test_which_layers_are_block_layers():
+    from treeq_engine.plan import is_block_layer
+
+    for name in ("layers.3.attention.to_q", "noise_refiner.0.feed_forward.w1", "context_refiner.1.attention.to_out.0",
+                 "transformer_blocks.0.attn.to_q", "single_transformer_blocks.2.proj_mlp", "blocks.7.mlp.fc1"):
+        assert is_block_layer(name), name
+    for name in ("distilled_guidance_layer.layers.0.linear_1", "cap_embedder.1", "t_embedder.mlp.0",
+                 "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1", "all_final_layer.2-1.linear"):
+        assert not is_block_layer(name), name
