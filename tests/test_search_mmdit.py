@@ -124,8 +124,13 @@ def test_tied_leaves():
 def brute_mse(model, runner, kw, space, env, lo, hi, row):
     """Convert a fresh copy, run the model's own forward on the pipeline's call, MSE against FP."""
     m = copy.deepcopy(model)
+
+    def sample(m):   # (Z-Image returns a list of per-sample outputs: stacked, as its runner's head does)
+        out = m(**kw).sample
+        return (torch.stack(out) if isinstance(out, list) else out).double()
+
     with torch.no_grad():
-        fp = m(**kw).sample.double()
+        fp = sample(m)
     layers = {n: space.candidates[row[i - lo]] if lo <= i < hi else env.config
               for i, leaf in enumerate(space.leaves) for n in leaf.layer_names}
     layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
@@ -134,7 +139,7 @@ def brute_mse(model, runner, kw, space, env, lo, hi, row):
     for name, q in quant_layers(m).items():
         q.set_noise_scale(1.0 if name in node else env.lam)
     with torch.no_grad():
-        out = m(**kw).sample.double()
+        out = sample(m)
     return float(((out - fp) ** 2).mean())
 
 

@@ -257,3 +257,34 @@ def tiny_sana_pipeline(sprint: bool = False):
                                             transformer=tiny_sana(sprint=True), scheduler=diffusers.SCMScheduler())
     return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae, transformer=tiny_sana(),
                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def tiny_zimage():
+    """A Z-Image transformer: one noise- and one context-refiner block, two main blocks (random weights, perturbed:
+    diffusers zero-initialises its modulations)."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]).eval())
+
+
+def tiny_zimage_pipeline():
+    """A Z-Image pipeline built offline: a one-layer Qwen3 encoder over a word-level tokenizer with a chat template
+    (the pipeline wraps every prompt in it), ``tiny_zimage``, a 2-level VAE, a dynamically shifted flow-matching
+    scheduler (random weights). 32-px images: 16x16 latents, 64 image tokens."""
+    transformers = pytest.importorskip("transformers", reason="Z-Image's pipeline needs transformers (Qwen3)")
+    tokenizer, vocab = _word_tokenizer(max_length=512)
+    tokenizer.chat_template = "{% for m in messages %}a {{ m['content'] }} the{% endfor %}"   # (never empty)
+    torch.manual_seed(0)
+    qwen3 = transformers.Qwen3Model(transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                  scaling_factor=1.5).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=16, max_image_seq_len=256)
+    return diffusers.ZImagePipeline(scheduler=sched, vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
+                                    transformer=tiny_zimage())

@@ -74,7 +74,7 @@ def _diffusers_support() -> str | None:
     except PackageNotFoundError:
         return None
     names = ", ".join(n.replace("Transformer2DModel", "").replace("Transformer3DModel", "") for n in SUPPORTED)
-    names = names.replace("QwenImage", "Qwen-Image")
+    names = names.replace("QwenImage", "Qwen-Image").replace("ZImage", "Z-Image")
     try:
         major, minor = (int(x) for x in v.split(".")[:2])
     except ValueError:

@@ -62,8 +62,8 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: 
 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or Sana "
-                        "transformer (or pipeline) directory")
+                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or "
+                        "Z-Image transformer (or pipeline) directory")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
     p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")

@@ -57,8 +57,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--diffusers", default=None, metavar="PATH",
                    help="instead of --model: a local diffusers transformer (or pipeline) directory: DiT, PixArt, "
-                        "SD3, Flux, Wan, Qwen-Image or Sana with any plan or --ptq; any other diffusers model "
-                        "(Z-Image, ...) with --uniform or --plan")
+                        "SD3, Flux, Wan, Qwen-Image, Sana or Z-Image with any plan or --ptq; any other diffusers "
+                        "model (HunyuanVideo, LTX, ...) with --uniform or --plan")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
                         "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "

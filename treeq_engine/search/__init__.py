@@ -10,8 +10,9 @@ from .tree import Node, SearchResult, tree_search
 from .qwen_runner import QwenImageRunner
 from .sana_runner import SanaRunner
 from .wan_runner import WanRunner
+from .zimage_runner import ZImageRunner
 
 __all__ = ["Budget", "BudgetError", "CostModel", "DiTRunner", "DiffusersRunner", "Environment", "Evaluator", "LatencyTable", "Leaf",
            "MMDiTRunner", "Node", "SearchResult", "SearchSpace", "SegmentRunner", "candidate_configs", "capture_calls", "check_budget",
            "cost_model", "describe", "environment_config", "make_runner", "nondominated_fronts", "pareto_drop", "tree_search",
-           "QwenImageRunner", "SanaRunner", "WanRunner"]
+           "QwenImageRunner", "SanaRunner", "WanRunner", "ZImageRunner"]

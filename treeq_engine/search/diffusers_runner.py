@@ -41,8 +41,8 @@ DIT, PIXART = "dit", "pixart"
 def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
-    ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``None`` for anything else
-    (``make_runner`` takes each of them)."""
+    ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
+    ``zimage_runner.ZImageRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
 
@@ -52,9 +52,10 @@ def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     from .qwen_runner import QwenImageRunner, qwen_arch
     from .sana_runner import SanaRunner, sana_arch
     from .wan_runner import WanRunner, wan_arch
+    from .zimage_runner import ZImageRunner, zimage_arch
 
     for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
-                         (sana_arch, SanaRunner), (fused_arch, DiffusersRunner)):
+                         (sana_arch, SanaRunner), (zimage_arch, ZImageRunner), (fused_arch, DiffusersRunner)):
         arch = arch_of(model)
         if arch is not None:
             return arch, cls
@@ -78,7 +79,7 @@ def fused_arch(model: nn.Module) -> str | None:
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
-    Sana. Anything else
+    Sana, ``ZImageRunner`` for Z-Image. Anything else
     is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
 

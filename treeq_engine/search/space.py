@@ -158,17 +158,19 @@ class SearchSpace:
         if unreached:
             raise PlanError(f"{len(unreached)} linear(s) never ran in a forward pass, e.g. {unreached[:3]}")
 
-        def leaf(n: str) -> Leaf:
+        def leaf(n: str, searched: bool = True) -> Leaf:
             m = model.get_submodule(n)
-            if rows[n] % batch:
+            if rows[n] % batch and searched:
                 raise PlanError(f"layer {n!r} saw {rows[n]} rows for a batch of {batch}: not a whole number per sample")
             k, out = layer_dims(m)
-            return Leaf(n, out, k, rows[n] // batch, m.bias is not None)
+            # (a fixed layer may read the samples' unpadded rows concatenated, as Z-Image's caption embedder does:
+            # its cost takes their mean, rounded up)
+            return Leaf(n, out, k, -(-rows[n] // batch), m.bias is not None)
 
         leaves = tuple(leaf(n) for n in order if include(n))
         if tie is not None:
             leaves = _tie(leaves, tie)
-        fixed = tuple((leaf(n), fixed_config) for n in order if not include(n))
+        fixed = tuple((leaf(n, searched=False), fixed_config) for n in order if not include(n))
         in_linear = {id(p) for n in names for p in model.get_submodule(n).parameters(recurse=False)}
         other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
         return cls(leaves, tuple(candidates) if candidates is not None else candidate_configs(),
