@@ -39,6 +39,7 @@ Size = int | tuple[int, int, int]
 CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
     ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
+    ("Z-Image-Turbo", 1024),
     ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
@@ -63,6 +64,10 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
             return runner.inputs(torch.empty(1, cfg.in_channels, size // 32, size // 32),
                                  torch.empty(1, 300, cfg.caption_channels), torch.zeros(1),
                                  encoder_attention_mask=torch.ones(1, 300))
+    if runner.arch == "z-image":   # a 128-token prompt (with the chat template the pipeline wraps it in)
+        with torch.device("meta"):
+            return runner.inputs([torch.empty(cfg.in_channels, 1, lat, lat)], torch.zeros(1),
+                                 [torch.empty(128, cfg.cap_feat_dim)])
     if runner.arch == "qwen-image":   # 2x2 latent patches packed; a 256-token prompt
         side = lat // 2
         with torch.device("meta"):
