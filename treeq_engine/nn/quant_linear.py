@@ -100,6 +100,9 @@ class _FrozenLinear(torch.autograd.Function):
             w = make_weight(*params)
         ctx.make_weight = make_weight
         ctx.has_bias = bias is not None
+        # the backward rebuilds the weight as this forward did (a LoRA's B·A ran in autocast's dtype here)
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         trains = any(ctx.needs_input_grad[3:])
         ctx.save_for_backward(x if trains else None, *params)   # (x only for the weight's gradient)
         return F.linear(x, w, bias)
@@ -108,18 +111,21 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(True) if n else p for p, n in zip(params, needs)]
+        higher = torch.is_grad_enabled()   # create_graph: the gradients must be differentiable in turn
+        dev, autocast_on, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+            leaves = [p if higher or not n else p.detach().requires_grad_(True) for p, n in zip(params, needs)]
             w = ctx.make_weight(*leaves)
         # (in the gradient's dtype: under autocast the forward's matmul ran in it; autograd casts to the input's)
-        gx = grad @ w.detach().to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gx = grad @ (w if higher else w.detach()).to(grad.dtype) if ctx.needs_input_grad[0] else None
         g2 = grad.reshape(-1, grad.shape[-1])
         gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         grads: list[torch.Tensor | None] = [None] * len(params)
         if any(needs):
             gw = g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
             wanted = [i for i, n in enumerate(needs) if n]
-            for i, g in zip(wanted, torch.autograd.grad(w, [leaves[i] for i in wanted], gw.to(w.dtype))):
+            for i, g in zip(wanted, torch.autograd.grad(w, [leaves[i] for i in wanted], gw.to(w.dtype),
+                                                        create_graph=higher)):
                 grads[i] = g
         return (gx, gb, None, *grads)
 
