@@ -138,3 +138,37 @@ def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
         quantize(again, plan, dtype=torch.float32)   # fused blocks, packed layers
         packed = make_runner(again).forward(*batches[0])
     assert float((packed - calibrated).norm() / calibrated.norm()) < 1e-2
+
+
+def test_half_precision_modulation_caps_the_factors():
+    """A bf16 modulation stores the folded scale as ``(1 + scale)/s − 1``, near −1 for a large ``s``: the multiplier
+    it encodes then rounds like a value near 1 (at s = 100 the site's input moved by 14 %). The factors
+    the choice folds are capped per channel so that the multiplier stays at least 1/2 (about bf16's own rounding);
+    float32 is left alone, and so is a site that scales rows (an attention output)."""
+    model = tiny_qwen()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    key = "transformer_blocks.0.attn.to_q"
+    site = smooth.site_of(half, key)
+    d = half.get_submodule(key).weight.shape[1]
+    s = torch.full((d,), 100.0)
+    one_plus = (1 + half.transformer_blocks[0].img_mod[1].bias[d:2 * d].float()).abs()
+    capped = smooth.precision_cap(half, site, s)
+    assert torch.equal(capped, torch.minimum(s, (2 * one_plus).clamp(min=1.0)))
+    assert torch.equal(smooth.precision_cap(model, site, s), s)   # float32: m ≥ 2⁻¹⁷, no cap at s = 100
+    wan = perturbed(tiny_wan()).to(torch.bfloat16)
+    rows = smooth.site_of(wan, "blocks.0.attn1.to_out.0")
+    assert torch.equal(smooth.precision_cap(wan, rows, s[:16]), s[:16])
+
+    # what the cap buys: the site's input after the fold, times s, against the unfolded bf16 model's
+    runner = make_runner(half)
+    inputs = runner.inputs(**{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                              and k != "timestep" else v for k, v in qwen_call(n=2, seed=4).items()})
+    ref = capture_inputs(half, key, [inputs], 10_000)
+
+    def moved(factors):
+        m = copy.deepcopy(half)
+        smooth.fold(m, key, factors)
+        got = capture_inputs(m, key, [inputs], 10_000) * factors
+        return float((got - ref).norm() / ref.norm())
+
+    assert moved(s) > 0.05 and moved(capped) < 0.01   # measured: 13.8 % and 0.38 %

@@ -98,6 +98,25 @@ def smoothing_factors(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.T
     return (xa ** alpha / wa ** (1 - alpha)).clamp(min=1e-5, max=1e5)
 
 
+def precision_cap(model: nn.Module, site: Site, s: torch.Tensor) -> torch.Tensor:
+    """``s`` capped where its fold would cost precision: a modulation producer in half precision stores the folded
+    scale as ``(1 + scale)/s − 1``, which nears −1 as ``s`` grows, so the multiplier ``m = (1 + scale)/s`` it
+    encodes has the absolute rounding of a value near 1: a relative error of ``u/m`` (``u`` the dtype's unit
+    roundoff; bf16: 0.4 %/m). Per channel ``s`` is capped so that ``m`` (from the scale's bias, the per-channel
+    part) stays at least ``2⁷·u`` (bf16: 1/2, fp16: 1/16; float32: no cap to speak of), and never below 1 (no
+    smoothing). Other sites scale rows by ``1/s``, which keeps their relative precision: returned as given."""
+    if site.modulate is None:
+        return s
+    producer = _linear(model, site.producer)
+    bias = producer.bias
+    if bias is None or not producer.weight.dtype.is_floating_point:
+        return s
+    d, second = s.shape[0], site.modulate[1]
+    floor = torch.finfo(producer.weight.dtype).eps / 2 * 2 ** 7   # the least multiplier m kept
+    one_plus = (1.0 + bias.detach()[second * d:(second + 1) * d].float()).abs().to(s.device)
+    return torch.minimum(s, (one_plus / floor).clamp(min=1.0))
+
+
 def _linear(model: nn.Module, name: str) -> nn.Module:
     try:
         mod = model.get_submodule(name)
@@ -272,12 +291,13 @@ def _block_site(model: nn.Module, name: str) -> Site | None:
     # Sana
     if sub == "ff.conv_point":   # reads conv_depth's first half times SiLU(its second): depthwise, so per channel
         ff = block.ff
-        depth, point = ff.conv_depth, ff.conv_point
-        if (type(ff).__name__ != "GLUMBConv" or depth.groups != depth.out_channels
-                or depth.out_channels != 2 * point.in_channels):
+        depth = ff.conv_depth
+        width = _width(model, name)   # (conv_point's input channels, whatever module now holds them)
+        if (type(ff).__name__ != "GLUMBConv" or getattr(depth, "groups", None) != depth.out_channels
+                or depth.out_channels != 2 * width):
             raise ValueError(f"cannot fold smoothing for {name!r}: {pre}ff is not the GLUMBConv it folds into (a "
                              "depthwise conv_depth of twice conv_point's input channels)")
-        return Site((name,), pre + "ff.conv_depth", rows=(0, point.in_channels))
+        return Site((name,), pre + "ff.conv_depth", rows=(0, width))
     if sub in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.conv_inverted"):
         raise ValueError(f"cannot fold smoothing for {name!r}: {_SHARED_MODULATION}")
     raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the attentions' outputs and the "
@@ -463,7 +483,7 @@ def choose(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], alp
 
             best_err, best_a, best_s = error(None), None, None
             for a in alphas:
-                s = smoothing_factors(x, w_all, a)
+                s = precision_cap(model, site, smoothing_factors(x, w_all, a))
                 err = error(s)
                 if err < best_err:
                     best_err, best_a, best_s = err, a, s
