@@ -14,8 +14,9 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from test_search_qwen import call as qwen_call  # noqa: E402
 from test_search_sana import call as sana_call  # noqa: E402
 from test_search_wan import call as wan_call  # noqa: E402
+from test_search_zimage import call as zimage_call  # noqa: E402
 from test_search_wan import tiny_wan  # noqa: E402
-from tiny_diffusers import perturbed, tiny_qwen, tiny_sana  # noqa: E402
+from tiny_diffusers import perturbed, tiny_qwen, tiny_sana, tiny_zimage  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.calib import smooth  # noqa: E402
@@ -40,11 +41,17 @@ CASES = {
                                                                      "ff.conv_point"}),
     "sana-sprint": (lambda: tiny_sana(sprint=True), lambda m: {**sana_call(n=2, seed=4), "guidance": torch.ones(2)},
                     ("attn1.to_out.0", "ff.conv_point"), {"attn1.to_out.0", "attn2.to_out.0", "ff.conv_point"}),
+    # (and the refiners' blocks: the noise refiner's modulated, the context refiner's not)
+    "zimage": (tiny_zimage, lambda m: zimage_call(lens=(7, 40, 3), seed=4),
+               ("attention.to_k", "attention.to_out.0", "feed_forward.w3", "feed_forward.w2",
+                "../noise_refiner.0.attention.to_v", "../context_refiner.0.feed_forward.w1",
+                "../context_refiner.0.feed_forward.w2"),
+               {"attention.to_q", "attention.to_out.0", "feed_forward.w1", "feed_forward.w2"}),
 }
 
 
 def _blocks(model) -> str:
-    return "blocks" if hasattr(model, "blocks") else "transformer_blocks"
+    return "blocks" if hasattr(model, "blocks") else "layers" if hasattr(model, "layers") else "transformer_blocks"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,13 +65,14 @@ def test_every_site_folds_exactly(name):
     blk = f"{_blocks(model)}.1"
     g = torch.Generator().manual_seed(5)
     for leaf in leaves:
-        site = smooth.site_of(model, f"{blk}.{leaf}")
-        assert f"{blk}.{leaf}" in site.consumers
+        name = leaf[3:] if leaf.startswith("../") else f"{blk}.{leaf}"   # ("../": a full name)
+        site = smooth.site_of(model, name)
+        assert name in site.consumers
         before = {c: (capture_inputs(model, c, [inputs], 10_000), model.get_submodule(c).weight.detach().clone())
                   for c in site.consumers}
         width = before[site.key][1].shape[1]
         s = torch.rand(width, generator=g) * 3 + 0.2
-        smooth.fold(model, f"{blk}.{leaf}", s)
+        smooth.fold(model, name, s)
         with torch.no_grad():
             torch.testing.assert_close(runner.forward(*inputs), ref, rtol=1e-4, atol=1e-5, msg=leaf)
         for c, (x, w) in before.items():
@@ -112,7 +120,7 @@ def test_what_cannot_fold_is_refused():
     assert torch.equal(sana.transformer_blocks[0].ff.conv_depth.weight, w)
 
 
-@pytest.mark.parametrize("name", ["wan", "qwen"])
+@pytest.mark.parametrize("name", ["wan", "qwen", "zimage"])
 def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
     """PTQ with SmoothQuant (q/k/v tied as the runner ties them): a site per kind and block, the directory re-folds
     into a fresh FP copy to the calibrated model exactly, and the packed model computes what it computes."""
@@ -126,10 +134,14 @@ def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
     batches = [runner.inputs(**call(model))]
     cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9),
                     smooth_alphas=(0.3, 0.6))
-    plan = QuantPlan.block_uniform(model, 4, 4)
-    calibrate(model, plan, batches, cfg, progress=False, out_dir=tmp_path, tie=runner.tie)
+    plan = calibrate(model, QuantPlan.block_uniform(model, 4, 4), batches, cfg, progress=False, out_dir=tmp_path,
+                     tie=runner.tie)   # (the calibrated plan: its clips)
     chosen = json.loads((tmp_path / "ptq.json").read_text())["smooth"]
-    assert set(chosen) == {f"{_blocks(model)}.{i}.{leaf}" for i in range(2) for leaf in want}
+    blocks = _blocks(model)
+    assert {k for k in chosen if k.startswith(blocks + ".")} == {f"{blocks}.{i}.{leaf}" for i in range(2)
+                                                                for leaf in want}
+    refiners = {k for k in chosen if not k.startswith(blocks + ".")}   # (Z-Image's refiner blocks: 4 sites each)
+    assert len(refiners) == (8 if name == "zimage" else 0), refiners
     again = copy.deepcopy(fp)
     load_calibration(again, tmp_path)
     with torch.no_grad():

@@ -35,6 +35,11 @@ model would change). The sites, where the fold is exact:
       Wan attn2.to_q           into norm2's affine weight and bias (cross_attn_norm)
       Sana ff.conv_point       into the first half of ff.conv_depth's channels: GLUMBConv computes
                                conv_depth(h)[:H]·SiLU(conv_depth(h)[H:]) and the depthwise conv keeps channels apart
+    Z-Image's ZImageTransformerBlock (main blocks and refiners; RMSNorm·γ, then the modulation's 1 + scale)
+      attention.to_q/k/v       into attention_norm1's weight γ
+      attention.to_out.0       into attention.to_v
+      feed_forward.w1/w3       into ffn_norm1's weight γ
+      feed_forward.w2          into feed_forward.w3 (the SwiGLU's SiLU(w1·x) ⊙ w3·x is linear in w3's output)
 
 (``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) The second linear of an
 MLP reads GELU's output, which nothing linear precedes, so it is left alone; so are PixArt's attn1 and ff inputs,
@@ -253,14 +258,38 @@ _SHARED_MODULATION = ("its shift and scale add a timestep embedding every block 
                       "no per-block weight can scale")
 
 
+def _zimage_site(model: nn.Module, name: str, pre: str, sub: str, block: nn.Module) -> Site:
+    """A Z-Image block's site (module docstring): every input of its linears is made by a per-block weight."""
+    if sub in ("attention.to_q", "attention.to_k", "attention.to_v", "feed_forward.w1", "feed_forward.w3"):
+        attn = sub.startswith("attention.")
+        norm_name = "attention_norm1" if attn else "ffn_norm1"
+        norm = getattr(block, norm_name)
+        if not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise ValueError(f"cannot fold smoothing for {name!r}: {pre}{norm_name} has no affine weight")
+        if attn:
+            _check_attention(block.attention, name, ("ZSingleStreamAttnProcessor",))
+        consumers = tuple(f"attention.to_{x}" for x in "qkv") if attn else ("feed_forward.w1", "feed_forward.w3")
+        return Site(tuple(pre + c for c in consumers), pre + norm_name, rows=(0, _width(model, name)))
+    if sub == "attention.to_out.0":   # attention is linear in v
+        _check_attention(block.attention, name, ("ZSingleStreamAttnProcessor",))
+        return Site((name,), pre + "attention.to_v", rows=(0, _width(model, name)))
+    if sub == "feed_forward.w2":   # reads SiLU(w1·x) ⊙ (w3·x): linear in w3's output
+        return Site((name,), pre + "feed_forward.w3", rows=(0, _width(model, name)))
+    raise ValueError(f"cannot fold smoothing for {name!r}: in a {type(block).__name__} only the attention's and the "
+                     "feed-forward's linears are sites")
+
+
 def _block_site(model: nn.Module, name: str) -> Site | None:
-    """The site of ``name`` in a Wan, Qwen-Image or Sana block (module docstring), None when ``name`` is in none
-    of them; a clear error when it is in one but its input cannot be smoothed."""
-    found = _enclosing(model, name, ("QwenImageTransformerBlock", "WanTransformerBlock", "SanaTransformerBlock"))
+    """The site of ``name`` in a Wan, Qwen-Image, Sana or Z-Image block (module docstring), None when ``name`` is
+    in none of them; a clear error when it is in one but its input cannot be smoothed."""
+    found = _enclosing(model, name, ("QwenImageTransformerBlock", "WanTransformerBlock", "SanaTransformerBlock",
+                                     "ZImageTransformerBlock"))
     if found is None:
         return None
     pre, sub, block = found
     kind = type(block).__name__
+    if kind == "ZImageTransformerBlock":
+        return _zimage_site(model, name, pre, sub, block)
     if kind == "QwenImageTransformerBlock":
         if sub not in _QWEN_SITES:
             raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the inputs of to_q/k/v, "
@@ -353,7 +382,9 @@ def site_of(model: nn.Module, name: str) -> Site:
 
 MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn.add_q_proj",
                  "attn.add_k_proj", "attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
-BLOCK_TARGETS = ("img_mlp.net.0.proj", "txt_mlp.net.0.proj", "ffn.net.0.proj", "ff.conv_point", "ff.conv_inverted")
+BLOCK_TARGETS = ("img_mlp.net.0.proj", "txt_mlp.net.0.proj", "ffn.net.0.proj", "ff.conv_point", "ff.conv_inverted",
+                 "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                 "feed_forward.w2", "feed_forward.w3")
 
 
 def _is_site_kind(name: str) -> bool:
