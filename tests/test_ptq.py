@@ -147,6 +147,11 @@ def test_calibrate_model_resume_and_load(tmp_path, monkeypatch):
     # the runtime packs the calibrated codes, clips and branches: the packed model computes the same
     packed = runtime.quantize(copy.deepcopy(m3), calibrated, dtype=torch.float32)
     assert_same_up_to_rounding_flips(packed, m3, batches)
+    # packed by another plan (the one calibration started from, without its clips), a calibrated layer would be
+    # rounded from its float weight again: refused, naming the layer
+    other = next(n for n, c in calibrated.layers.items() if c != plan.layers[n])
+    with pytest.raises(ValueError, match=f"{other}: calibrated at .*, but the plan asks for"):
+        runtime.quantize(copy.deepcopy(m3), plan, dtype=torch.float32)
 
 
 def test_checkpoint_errors(tmp_path):

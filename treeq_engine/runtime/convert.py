@@ -60,6 +60,10 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
                 lin.bias.copy_(bias)
         return lin
     factors = _branch_factors(mod) if isinstance(mod, QuantLinear) else None
+    if isinstance(mod, QuantLinear) and mod.is_frozen and mod.config != cfg:
+        # (packing it by the plan would round the float weight again and drop what calibration chose)
+        raise ValueError(f"{name}: calibrated at {mod.config}, but the plan asks for {cfg}: pack a calibrated model "
+                         "with the plan calibration returned (`treeq ptq`'s plan.json; `quantize --ptq DIR`)")
     if isinstance(mod, QuantLinear) and mod.config == cfg:
         wq = mod.weight_qtensor()
     else:
