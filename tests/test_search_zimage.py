@@ -100,7 +100,8 @@ def test_evaluate_matches_brute_force():
 def test_ptq_statistics_leave_out_what_a_batch_pads():
     """The context refiners' rows beyond each caption (padded to a multiple of 32 with the pad token, which is
     attended, then to the batch's longest), the main blocks' rows the mask hides, and the final layer's caption
-    tokens are left out; the image tokens and each caption's pad tokens are kept."""
+    tokens are left out; the image tokens and each caption's pad tokens are kept. The embedders see each sample's
+    last token repeated where the pad tokens go (replaced after them): left out."""
     from treeq_engine.calib.capture import capture_inputs
 
     model = tiny_zimage()
@@ -110,7 +111,7 @@ def test_ptq_statistics_leave_out_what_a_batch_pads():
                        ("noise_refiner.0.feed_forward.w1", 2 * 32), ("noise_refiner.0.adaLN_modulation.0", 2),
                        ("layers.1.attention.to_out.0", unified), ("layers.0.feed_forward.w1", unified),
                        ("layers.0.adaLN_modulation.0", 2), ("all_final_layer.2-1.linear", 2 * 24),
-                       ("cap_embedder.1", 32 + 64)):
+                       ("cap_embedder.1", 7 + 40), ("all_x_embedder.2-1", 2 * 24)):
         assert capture_inputs(model, name, [inputs], max_tokens=100_000).shape[0] == rows, name
 
 
@@ -159,6 +160,33 @@ def test_capture_search_ptq_peft_pack_and_sample_a_zimage_pipeline(tmp_path):
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+
+
+def test_capture_runs_one_prompt_at_a_time_without_guidance(tmp_path):
+    """Z-Image-Turbo's way: no guidance (`--cfg 1`: Z-Image's guidance_scale 0, one call per step), prompts of
+    different lengths in runs of their own (`--batch 1`): the calls stack padded to the longest prompt and compose
+    to the model's output exactly."""
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import guidance_kwargs
+
+    pipe = tiny_zimage_pipeline()
+    assert guidance_kwargs(pipe, 1.0) == {"guidance_scale": 0.0} and guidance_kwargs(pipe, 5.0) == {
+        "guidance_scale": 4.0}   # (Z-Image computes pos + g·(pos − neg))
+    pipe_dir = tmp_path / "zimage"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na red dog on the hill by the house\n")
+    calib = str(tmp_path / "calib.safetensors")
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "2", "--cfg", "1",
+                 "--batch", "1", "--height", "32", "--width", "32", "--device", "cpu", "--out", calib]) == 0
+    transformer = diffusers.ZImageTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    runner = make_runner(transformer)
+    inputs = load_inputs(calib, runner)
+    assert inputs[0].shape[0] == 4 and len(set(inputs[3].sum(dim=1).tolist())) == 2   # 2 prompts x 2 steps
+    lens = inputs[3].sum(dim=1).tolist()
+    kw = dict(x=list(inputs[0].unbind(0)), t=inputs[1], cap_feats=[c[:n] for c, n in zip(inputs[2], lens)])
+    with torch.no_grad():
+        assert torch.equal(run_segments(runner, inputs), stacked(transformer, kw))
 
 
 def test_profile_covers_what_a_latency_search_looks_up(tmp_path):

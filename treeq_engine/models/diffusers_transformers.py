@@ -188,11 +188,16 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
 
 
 def guidance_kwargs(pipe: Any, scale: float) -> dict[str, Any]:
-    """The pipeline arguments for classifier-free guidance at ``scale``: ``guidance_scale`` for most; Qwen-Image's
-    "true CFG" (``true_cfg_scale``, active only with a negative prompt: a blank one, as its examples use), whose
-    ``guidance_scale`` is the distilled models' guidance embedding that the base model ignores."""
-    if type(pipe).__name__.startswith("QwenImage"):
+    """The pipeline arguments for classifier-free guidance at ``scale`` (``neg + scale·(pos − neg)``: 1 is no
+    guidance): ``guidance_scale`` for most; Qwen-Image's "true CFG" (``true_cfg_scale``, active only with a negative
+    prompt: a blank one, as its examples use), whose ``guidance_scale`` is the distilled models' guidance embedding
+    that the base model ignores; Z-Image's ``guidance_scale`` is ``scale − 1`` (it computes ``pos + g·(pos − neg)``
+    and guides whenever ``g > 0``: Z-Image-Turbo's 0 is our 1)."""
+    name = type(pipe).__name__
+    if name.startswith("QwenImage"):
         return {"true_cfg_scale": scale, **({"negative_prompt": " "} if scale > 1 else {})}
+    if name.startswith("ZImage"):
+        return {"guidance_scale": max(scale - 1.0, 0.0)}
     return {"guidance_scale": scale}
 
 

@@ -163,8 +163,8 @@ class SearchSpace:
             if rows[n] % batch and searched:
                 raise PlanError(f"layer {n!r} saw {rows[n]} rows for a batch of {batch}: not a whole number per sample")
             k, out = layer_dims(m)
-            # (a fixed layer may read the samples' unpadded rows concatenated, as Z-Image's caption embedder does:
-            # its cost takes their mean, rounded up)
+            # (a fixed layer may read the samples' rows concatenated, each of its own length, as Z-Image's caption
+            # embedder does: its cost takes their mean, rounded up)
             return Leaf(n, out, k, -(-rows[n] // batch), m.bias is not None)
 
         leaves = tuple(leaf(n) for n in order if include(n))

@@ -10,7 +10,7 @@ one the final layer and unpatchify. Each does what the model's ``forward`` does 
 their composition bit-identical to ``transformer(...).sample``, stacked). The refiner blocks are block layers:
 searched, not held at 8 bits, although they run in segment 0. The state between blocks is ``(unified tokens,
 attention mask, rotary table, adaLN input, image sizes)``; the mask is ``(N, 0)`` when no token is padding (the
-model then passes none).
+model then passes none), and the image sizes stay on the host.
 
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, F, H, W)`` (the pipeline's list of
 per-sample latents, stacked: one size per call), ``timestep (N,)`` (as the pipeline passes it: ``(1000 − t) /
@@ -55,6 +55,9 @@ class ZImageRunner(CutModel):
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if zimage_arch(model) is None:
             raise TypeError(f"ZImageRunner cuts diffusers' ZImageTransformer2DModel; got {type(model).__name__}")
+        if getattr(model, "siglip_embedder", None) is not None:
+            raise TypeError("ZImageRunner cuts text-to-image Z-Image; this one has SigLIP image conditioning "
+                            "(siglip_feat_dim: the omni variant), which its calls need")
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = ZIMAGE
         self.blocks = model.layers
@@ -81,8 +84,18 @@ class ZImageRunner(CutModel):
         """The rows a batch pads its sequences with (to its longest caption, and after the unified sequence) are
         not real: the context refiners' and the main blocks' rows the attention mask hides; the final layer reads
         only the image tokens (the caption tokens it also projects are dropped by unpatchify). The pad tokens
-        Z-Image appends to every image and caption (to a multiple of 32) are attended to: real."""
+        Z-Image appends to every image and caption (to a multiple of 32) are attended to: real; but the embedders
+        see each sample's last token repeated in their place (replaced by the pad token after): not real."""
         parts = layer_name.split(".")
+        if parts[0] in ("cap_embedder", "all_x_embedder"):   # the samples' rows, each padded to a multiple of 32
+            if parts[0] == "cap_embedder":
+                lens = state[3].sum(dim=1)
+            else:
+                f, h, w = state[0].shape[2:]
+                lens = torch.full((state[0].shape[0],), f // self.f_patch * (h // self.patch) * (w // self.patch),
+                                  device=state[0].device)
+            padded = lens + (-lens) % _SEQ_MULTIPLE   # the copies of each last token are replaced by pad tokens
+            return torch.cat([torch.arange(int(p), device=lens.device) < n for n, p in zip(lens, padded)])
         if parts[0] == "context_refiner" and not parts[2].startswith("adaLN"):
             lens = state[3].sum(dim=1)
             padded = lens + (-lens) % _SEQ_MULTIPLE
@@ -160,6 +173,9 @@ class ZImageRunner(CutModel):
                              "at least one token per caption")
         return caps, mask
 
+    def saw_padding(self) -> None:
+        """Calls stacked padded (``ragged``) need nothing more: segment 0 strips each caption's padding again."""
+
     def _latents(self, x: Any) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == 5:
             latents = x
@@ -211,7 +227,8 @@ class ZImageRunner(CutModel):
                                                            None, None, None, None, False, device)
         if attn_mask is None:
             attn_mask = torch.ones(h.shape[0], 0, dtype=torch.bool, device=device)
-        return (h, attn_mask, freqs, adaln, torch.tensor(sizes, dtype=torch.long, device=device))
+        # (the sizes stay on the host: the head reads them back without a device sync)
+        return (h, attn_mask, freqs, adaln, torch.tensor(sizes, dtype=torch.long))
 
     def _block(self, i: int, state: State) -> State:
         h, attn_mask, freqs, adaln, sizes = state
