@@ -288,3 +288,33 @@ def tiny_zimage_pipeline():
                                                       base_image_seq_len=16, max_image_seq_len=256)
     return diffusers.ZImagePipeline(scheduler=sched, vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
                                     transformer=tiny_zimage())
+
+
+def tiny_flux2(guidance: bool = False):
+    """A FLUX.2 transformer: two double-stream and two single-stream blocks, 4 position axes (random weights,
+    perturbed); ``guidance``: FLUX.2 [dev]'s embedded guidance (klein embeds none)."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance).eval())
+
+
+def tiny_flux2_klein_pipeline():
+    """A FLUX.2 [klein] pipeline built offline: a 28-layer, width-8 Qwen3 (the pipeline stacks its layers 9, 18 and
+    27: 24 features per token) over a word-level tokenizer with a chat template, ``tiny_flux2``, a 2-level FLUX.2
+    VAE (4 latent channels, 2x2-patchified: 16), the flow-matching scheduler (random weights). 32-px images: 8x8
+    packed latents, 64 image tokens; prompts padded to 512 tokens."""
+    transformers = pytest.importorskip("transformers", reason="FLUX.2 [klein]'s pipeline needs transformers (Qwen3)")
+    tokenizer, vocab = _word_tokenizer(max_length=512)
+    tokenizer.chat_template = "{% for m in messages %}a {{ m['content'] }} the{% endfor %}"
+    torch.manual_seed(0)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=1024)).eval()
+    vae = diffusers.AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2,
+                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                       layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                                       mid_block_add_attention=False).eval()
+    return diffusers.Flux2KleinPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                        text_encoder=qwen3, tokenizer=tokenizer, transformer=tiny_flux2())

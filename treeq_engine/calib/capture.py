@@ -2,9 +2,8 @@
 
 A model is walked as a chain of *stages*. A DiT (anything with ``embed(x, t, y) -> (h, c)``, ``blocks[i](h, c)``
 and ``final(h, c)``) has ``embed``, one stage per block and ``final``; a diffusers transformer the search cuts
-(``search.diffusers_runner.make_runner``: DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image) is cut as the
-search cuts it (a batch is the runner's input tuple); any other model is one stage, its whole forward. The runner keeps every
-calibration batch's input to the current stage. Capturing a layer runs only that stage, and only until the layer has seen its input (the hook
+(``search.diffusers_runner.make_runner``) is cut as the search cuts it (a batch is the runner's input tuple); any
+other model is one stage, its whole forward. The runner keeps every calibration batch's input to the current stage. Capturing a layer runs only that stage, and only until the layer has seen its input (the hook
 then stops the forward); ``advance`` runs the stage as the model now stands (its layers calibrated) to make the
 next stage's inputs. So each layer is calibrated on inputs produced by the already calibrated layers before it,
 without re-running the prefix.

@@ -4,8 +4,8 @@
     treeq peft --ptq out/ptq_w4a4_monarch --steps 400 --out out/peft_w4a4_monarch
 
 The model is the shipped digits DiT unless ``--model`` names a DiT checkpoint (.pt or .safetensors, its config
-inferred from the weights, else the digits config), or a local diffusers DiT/PixArt/SD3/Flux/Wan/Qwen-Image/Sana
-with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the calibration set, and PEFT's
+inferred from the weights, else the digits config), or a local diffusers transformer the search cuts (``treeq info``
+lists them) with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the calibration set, and PEFT's
 distillation data). Both commands resume when rerun with the same ``--out``.
 """
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: 
 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or "
-                        "Z-Image transformer (or pipeline) directory")
+                   help="instead of --model: a local diffusers transformer (or pipeline) directory the search cuts "
+                        "(`treeq info` lists them)")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
     p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")

@@ -2,9 +2,9 @@
 rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``config.json`` +
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
-DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana and Z-Image (``SUPPORTED``) go through the whole flow (capture,
-search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's. Any other diffusers model
-(HunyuanVideo, LTX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
+DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image and FLUX.2 (``SUPPORTED``) go through the whole flow
+(capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's and FLUX.2's. Any other
+diffusers model (HunyuanVideo, LTX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
 (``any_model=True``): its linears (and pointwise convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
@@ -24,7 +24,7 @@ import torch.nn as nn
 # searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
              "WanTransformer3DModel", "QwenImageTransformer2DModel", "SanaTransformer2DModel",
-             "ZImageTransformer2DModel")
+             "ZImageTransformer2DModel", "Flux2Transformer2DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
 LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
@@ -158,11 +158,16 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
     return pipe
 
 
+# pipelines whose ``image`` is an optional reference: without one they are text to image (FLUX.2's)
+TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
 def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True) -> str | None:
     """Why command ``what`` cannot run the pipeline directory ``path`` (read from its ``model_index.json``, before
-    anything loads), or None: a pipeline whose call takes an image (Wan's image-to-video, Qwen-Image-Edit) or needs
-    more than prompts or class labels, and, with ``one_transformer``, one that denoises with two transformers (Wan
-    2.2 A14B's experts: the commands read, replace or sample one)."""
+    anything loads), or None: a pipeline whose call takes an image (Wan's image-to-video, Qwen-Image-Edit; not
+    FLUX.2's, whose reference images are optional) or needs more than prompts or class labels, and, with
+    ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's experts: the commands read, replace
+    or sample one)."""
     import inspect
 
     index_file = Path(path) / "model_index.json"
@@ -176,8 +181,10 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
     cls = getattr(_diffusers(), name, None) if isinstance(name, str) and name.isidentifier() else None
     if isinstance(cls, type) and callable(getattr(cls, "__call__", None)):
         params = inspect.signature(cls.__call__).parameters.values()
+        optional_image = name in TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE
         needs = [q.name for q in params if q.name != "self" and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
-                 and (q.default is q.empty and q.name not in ("prompt", "class_labels") or q.name == "image")]
+                 and (q.default is q.empty and q.name not in ("prompt", "class_labels")
+                      or q.name == "image" and not (optional_image and q.default is None))]
         if needs:
             return (f"{name} takes {', '.join(needs)} for each call: {what} runs text- and class-conditioned "
                     "pipelines only (record an image-conditioned pipeline's calls in Python with capture_calls)")

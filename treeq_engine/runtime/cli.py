@@ -56,9 +56,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers transformer (or pipeline) directory: DiT, PixArt, "
-                        "SD3, Flux, Wan, Qwen-Image, Sana or Z-Image with any plan or --ptq; any other diffusers "
-                        "model (HunyuanVideo, LTX, ...) with --uniform or --plan")
+                   help="instead of --model: a local diffusers transformer (or pipeline) directory: one the search "
+                        "cuts (`treeq info` lists them) with any plan or --ptq; any other diffusers model "
+                        "(HunyuanVideo, LTX, ...) with --uniform or --plan")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
                         "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "

@@ -11,9 +11,8 @@ and GELU (in fc1's epilogue); callers comparing with a model account for those (
 
 By default the table holds exactly what a search over the model needs: every linear at its own rows per image ×
 each ``--batch`` (adaLN and the embedders run one row per image, the others every token), at W16A16, W8A8 (the
-fixed layers) and every candidate format of the search. For a diffusers transformer (``--diffusers DIR
---calib-inputs FILE``: DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image) the rows per image are those of the
-calibration file the search reads, found by one forward of a weightless (meta-device) copy through the search's
+fixed layers) and every candidate format of the search. For a diffusers transformer the search cuts (``--diffusers
+DIR --calib-inputs FILE``) the rows per image are those of the calibration file the search reads, found by one forward of a weightless (meta-device) copy through the search's
 runner. Timings on a CPU are written too (useful only to test the pipeline), marked with the device.
 """
 from __future__ import annotations
@@ -171,8 +170,8 @@ def profile_layers(layers: Sequence[tuple[int, int, int]], formats: Iterable[tup
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a DiT checkpoint; its linear shapes are profiled")
     p.add_argument("--diffusers", default=None, metavar="DIR",
-                   help="instead of --model: a diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or Z-Image "
-                        "transformer (or pipeline) directory, its rows per image from --calib-inputs")
+                   help="instead of --model: a diffusers transformer (or pipeline) directory the search cuts "
+                        "(`treeq info` lists them), its rows per image from --calib-inputs")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the calibration file the search reads (`treeq capture`)")
     p.add_argument("--config", default=None, help="DiT config name instead of a checkpoint (e.g. DiT-XL/2: random "

@@ -1,4 +1,4 @@
-"""``treeq capture``: run a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or Z-Image pipeline and
+"""``treeq capture``: run a local diffusers pipeline whose transformer the search cuts (``treeq info`` lists them) and
 record its transformer's calls as the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
 
     treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
@@ -31,11 +31,11 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", required=True,
-                   help="a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or Z-Image pipeline directory")
+                   help="a local diffusers pipeline directory (its transformer one the search cuts: `treeq info`)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
     what.add_argument("--prompts", default=None,
-                      help="PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image: a text file, one prompt per line")
+                      help="a text-conditioned pipeline (all but DiT): a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
     p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")

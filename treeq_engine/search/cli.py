@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana or Z-Image transformer (or "
-                        "pipeline) directory, searched on the inputs of --calib-inputs (from `treeq capture`)")
+                   help="a local diffusers transformer (or pipeline) directory the search cuts (`treeq info` lists "
+                        "them), searched on the inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = p.add_argument_group("budget and search")
@@ -77,14 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-labels", default=None,
                    help="--diffusers DiT: the class labels sampled (default: --closed-loop-samples of them, cycled)")
     g.add_argument("--closed-loop-prompts", default=None, metavar="FILE",
-                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image: the prompts sampled, one per "
-                        "line")
+                   help="--diffusers, a text-conditioned model: the prompts sampled, one per line")
     g.add_argument("--closed-loop-height", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image: the image height closed-loop "
-                        "samples are drawn at (default: the pipeline's; FLUX.1-dev's is 1024)")
+                   help="--diffusers, a text-conditioned model: the image height closed-loop samples are drawn at "
+                        "(default: the pipeline's; FLUX.1-dev's is 1024)")
     g.add_argument("--closed-loop-width", type=int, default=None,
-                   help="--diffusers PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image: the width (default: the "
-                        "pipeline's)")
+                   help="--diffusers, a text-conditioned model: the width (default: the pipeline's)")
     g.add_argument("--closed-loop-frames", type=int, default=None,
                    help="--diffusers Wan: frames per closed-loop video (default: the pipeline's, 81: large)")
     g = p.add_argument_group("calibration and batching")
@@ -238,8 +236,8 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (PixArt, SD3, Flux, Wan,
-    Qwen-Image, Sana, Z-Image), and the image size (and Wan's frame count) when given."""
+    """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (every other model),
+    and the image size (and Wan's frame count) when given."""
     from .diffusers_runner import DIT, diffusers_arch
 
     size = {side: v for side, v in (("height", args.closed_loop_height), ("width", args.closed_loop_width))

@@ -42,12 +42,14 @@ def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
     ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
-    ``zimage_runner.ZImageRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
+    ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``None`` for anything else
+    (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
 
 def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     """``(arch, runner class)`` of the first runner that cuts ``model``, or ``(None, None)``."""
+    from .flux2_runner import Flux2Runner, flux2_arch
     from .mmdit_runner import MMDiTRunner, mmdit_arch
     from .qwen_runner import QwenImageRunner, qwen_arch
     from .sana_runner import SanaRunner, sana_arch
@@ -55,7 +57,8 @@ def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     from .zimage_runner import ZImageRunner, zimage_arch
 
     for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
-                         (sana_arch, SanaRunner), (zimage_arch, ZImageRunner), (fused_arch, DiffusersRunner)):
+                         (sana_arch, SanaRunner), (zimage_arch, ZImageRunner), (flux2_arch, Flux2Runner),
+                         (fused_arch, DiffusersRunner)):
         arch = arch_of(model)
         if arch is not None:
             return arch, cls
@@ -79,7 +82,7 @@ def fused_arch(model: nn.Module) -> str | None:
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
-    Sana, ``ZImageRunner`` for Z-Image. Anything else
+    Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2. Anything else
     is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
 

@@ -1,0 +1,130 @@
+"""The search, PTQ and PEFT on diffusers' FLUX.2 transformer (tiny random configs, offline): the runner's segments
+compose to the model bit for bit (with and without embedded guidance, float32 and bf16), tied leaves follow what
+reads one input, the evaluator agrees with a brute-force oracle on the model's own forward, and the command line
+captures a FLUX.2 [klein] pipeline, searches, calibrates, fine-tunes, packs and samples."""
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_mmdit import check_evaluator  # noqa: E402
+from tiny_diffusers import tiny_flux2, tiny_flux2_klein_pipeline  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.search import Flux2Runner, SearchSpace, make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def call(n=2, tokens=12, text=5, seed=0, guidance=False, dtype=torch.float32):
+    """The keyword arguments FLUX.2's pipelines pass: packed latents, text features, timesteps / 1000, 4-axis
+    position ids (per sample, as the pipelines pass them), FLUX.2 [dev]'s guidance."""
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.randint(0, 8, (tokens, 4), generator=g)
+    return dict(hidden_states=torch.randn(n, tokens, 16, generator=g).to(dtype),
+                encoder_hidden_states=torch.randn(n, text, 24, generator=g).to(dtype),
+                timestep=torch.rand(n, generator=g), img_ids=img_ids[None].expand(n, -1, -1),
+                txt_ids=torch.zeros(n, text, 4), guidance=torch.full((n,), 4.0) if guidance else None)
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_compose_to_the_model(guidance, dtype):
+    model = tiny_flux2(guidance).to(dtype)
+    runner = make_runner(model)
+    assert isinstance(runner, Flux2Runner) and diffusers_arch(model) == "flux2" and runner.num_segments == 6
+    assert runner.input_names[-1] == ("guidance" if guidance else "txt_ids")
+    for tokens, text in ((12, 5), (20, 9)):
+        kw = call(tokens=tokens, text=text, guidance=guidance, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample)
+
+
+def test_leaves_ties_and_checked_inputs():
+    model = tiny_flux2()
+    runner = make_runner(model)
+    inputs = runner.inputs(**call())
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    names = [leaf.name for leaf in space.leaves]
+    assert names[:4] == ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj",
+                         "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_out.0"]
+    assert names[-2:] == ["single_transformer_blocks.1.attn.to_qkv_mlp_proj", "single_transformer_blocks.1.attn.to_out"]
+    tied = {leaf.name: leaf.layer_names for leaf in space.leaves}
+    assert tied["transformer_blocks.1.attn.add_q_proj"] == tuple(f"transformer_blocks.1.attn.add_{x}_proj"
+                                                                  for x in "qkv")
+    fixed = {f[0].name for f in space.fixed}   # the shared modulations are edge layers (W8A8)
+    assert {"double_stream_modulation_img.linear", "single_stream_modulation.linear", "x_embedder",
+            "context_embedder", "norm_out.linear", "proj_out"} <= fixed
+    assert runner.segment_of("single_transformer_blocks.0.attn.to_out") == 3
+    good = call()
+    for bad, match in ((dict(joint_attention_kwargs={"scale": 1.0}), "joint_attention_kwargs"),
+                       (dict(kv_cache_mode="extract"), "KV cache"),
+                       (dict(guidance=torch.ones(2)), "embeds no guidance"),
+                       (dict(hidden_states=torch.randn(2, 12, 8)), r"\(N, S, 16\)"),
+                       (dict(encoder_hidden_states=torch.randn(2, 5, 8)), r"\(N=2, L, 24\)"),
+                       (dict(img_ids=torch.zeros(12, 3)), r"\(12, 4\)"),
+                       (dict(img_ids=torch.randint(0, 4, (2, 12, 4))), "differ between the samples")):
+        with pytest.raises(ValueError, match=match):
+            runner.inputs(**{**good, **bad})
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        make_runner(tiny_flux2(guidance=True)).inputs(**good)
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_evaluate_matches_brute_force(guidance):
+    check_evaluator(tiny_flux2(guidance), call(n=4, seed=3, guidance=guidance), 0.5, seed=5)
+
+
+def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path):
+    """`treeq capture` on a FLUX.2 [klein] pipeline (CFG: each step's prompt and negative calls) -> `treeq search`
+    -> `treeq ptq` (SmoothQuant folded) / `peft` -> `treeq quantize --ptq --peft`; the artifact computes what the
+    calibrated, fine-tuned fake-quant transformer computes, and samples in the pipeline."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    pipe_dir = tmp_path / "klein"
+    tiny_flux2_klein_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "32", "--width", "32"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
+                 "2", "--cfg", "4.0", *size, "--device", "cpu", "--out", calib]) == 0
+    transformer = diffusers.Flux2Transformer2DModel.from_pretrained(pipe_dir / "transformer")
+    inputs = load_inputs(calib, make_runner(transformer))
+    assert inputs[0].shape == (8, 64, 16) and inputs[1].shape == (8, 512, 24)   # 2 steps x (2 prompts + 2 negative)
+    assert len(set(inputs[2].tolist())) == 2
+    res = tmp_path / "search"
+    src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    assert "single_transformer_blocks.1.attn.to_qkv_mlp_proj" in QuantPlan.load(res / "plan.json").layers
+    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
+    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
+                 "--rounds", "1", "--smooth-alphas", "0.3", "0.6", "--out", ptq]) == 0
+    assert len(json.loads((tmp_path / "ptq" / "ptq.json").read_text())["smooth"]) == 2 * 2 + 2
+    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
+                 "--out", peft]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+    direct = diffusers.Flux2Transformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    load_calibration(direct, ptq)
+    load_finetuned(direct, peft)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    kw = call(n=2, seed=7)
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
