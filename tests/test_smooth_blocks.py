@@ -16,7 +16,7 @@ from test_search_sana import call as sana_call  # noqa: E402
 from test_search_wan import call as wan_call  # noqa: E402
 from test_search_zimage import call as zimage_call  # noqa: E402
 from test_search_wan import tiny_wan  # noqa: E402
-from tiny_diffusers import perturbed, tiny_qwen, tiny_sana, tiny_zimage  # noqa: E402
+from tiny_diffusers import perturbed, tiny_flux2, tiny_qwen, tiny_sana, tiny_zimage  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.calib import smooth  # noqa: E402
@@ -47,7 +47,18 @@ CASES = {
                 "../noise_refiner.0.attention.to_v", "../context_refiner.0.feed_forward.w1",
                 "../context_refiner.0.feed_forward.w2"),
                {"attention.to_q", "attention.to_out.0", "feed_forward.w1", "feed_forward.w2"}),
+    # (and the single blocks' output projection: the attention's values and the SwiGLU's, one fused projection)
+    "flux2": (tiny_flux2, lambda m: flux2_call(m),
+              ("ff.linear_out", "ff_context.linear_out", "../single_transformer_blocks.1.attn.to_out"),
+              {"ff.linear_out", "ff_context.linear_out"}),
 }
+
+
+def flux2_call(model, n=2, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(n, 12, 16, generator=g), encoder_hidden_states=torch.randn(n, 5, 24,
+                generator=g), timestep=torch.rand(n, generator=g), img_ids=torch.randint(0, 8, (12, 4), generator=g),
+                txt_ids=torch.zeros(5, 4))
 
 
 def _blocks(model) -> str:
@@ -120,7 +131,7 @@ def test_what_cannot_fold_is_refused():
     assert torch.equal(sana.transformer_blocks[0].ff.conv_depth.weight, w)
 
 
-@pytest.mark.parametrize("name", ["wan", "qwen", "zimage"])
+@pytest.mark.parametrize("name", ["wan", "qwen", "zimage", "flux2"])
 def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
     """PTQ with SmoothQuant (q/k/v tied as the runner ties them): a site per kind and block, the directory re-folds
     into a fresh FP copy to the calibrated model exactly, and the packed model computes what it computes."""
@@ -140,8 +151,9 @@ def test_ptq_with_smoothing_reloads_and_packs(tmp_path, name):
     blocks = _blocks(model)
     assert {k for k in chosen if k.startswith(blocks + ".")} == {f"{blocks}.{i}.{leaf}" for i in range(2)
                                                                 for leaf in want}
-    refiners = {k for k in chosen if not k.startswith(blocks + ".")}   # (Z-Image's refiner blocks: 4 sites each)
-    assert len(refiners) == (8 if name == "zimage" else 0), refiners
+    # (Z-Image's refiner blocks: 4 sites each; FLUX.2's single blocks: 1)
+    others = {k for k in chosen if not k.startswith(blocks + ".")}
+    assert len(others) == {"zimage": 8, "flux2": 2}.get(name, 0), others
     again = copy.deepcopy(fp)
     load_calibration(again, tmp_path)
     with torch.no_grad():

@@ -40,6 +40,10 @@ model would change). The sites, where the fold is exact:
       attention.to_out.0       into attention.to_v
       feed_forward.w1/w3       into ffn_norm1's weight γ
       feed_forward.w2          into feed_forward.w3 (the SwiGLU's SiLU(w1·x) ⊙ w3·x is linear in w3's output)
+    FLUX.2's Flux2TransformerBlock / Flux2SingleTransformerBlock
+      ff(_context).linear_out  into the second half of linear_in's rows (SiLU(first half) ⊙ second half)
+      attn.to_out (single)     into to_qkv_mlp_proj's v rows and its SwiGLU value rows (to_out reads the
+                               attention's output joined with the SwiGLU's: one factor per channel, two ranges)
 
 (``shift/s`` is a row scaling; ``(1 + scale)/s − 1`` a row scaling plus a bias change.) The second linear of an
 MLP reads GELU's output, which nothing linear precedes, so it is left alone; so are PixArt's attn1 and ff inputs,
@@ -84,10 +88,19 @@ class Site:
     modulate: tuple[int, int] | None = None  # (shift chunk, scale chunk) of an adaLN output of ``chunks`` chunks
     chunks: int = 6
     also: tuple[str, ...] = ()               # more producers (``rows`` only)
+    # instead of ``rows``: several [start, stop) ranges of the producer's rows, ``s`` split across them in order
+    # (FLUX.2's single blocks: to_out reads the attention's values and the SwiGLU's value half, both made by one
+    # fused projection)
+    segments: tuple[tuple[int, int], ...] = ()
 
     @property
     def key(self) -> str:
         return self.consumers[0]
+
+    @property
+    def row_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The producer rows ``s`` divides, in the order of ``s``'s channels (none for a modulation)."""
+        return self.segments or ((self.rows,) if self.rows is not None else ())
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -279,17 +292,41 @@ def _zimage_site(model: nn.Module, name: str, pre: str, sub: str, block: nn.Modu
                      "feed-forward's linears are sites")
 
 
+def _flux2_site(model: nn.Module, name: str, pre: str, sub: str, block: nn.Module) -> Site:
+    """A FLUX.2 block's site (module docstring): the SwiGLU feed-forwards' second linears, and the single blocks'
+    output projection. The modulated inputs read modulations every block shares; the double blocks' attention
+    outputs mix both streams' values."""
+    if type(block).__name__ == "Flux2TransformerBlock" and sub in ("ff.linear_out", "ff_context.linear_out"):
+        inner = _width(model, name)   # reads SiLU(first half) ⊙ second half of linear_in's outputs
+        return Site((name,), pre + sub.split(".")[0] + ".linear_in", rows=(inner, 2 * inner))
+    if type(block).__name__ == "Flux2SingleTransformerBlock" and sub == "attn.to_out":
+        attn = block.attn
+        _check_attention(attn, name, ("Flux2ParallelSelfAttnProcessor",))
+        i, m = int(attn.inner_dim), int(attn.mlp_hidden_dim)
+        if int(attn.mlp_mult_factor) != 2 or _width(model, name) != i + m:
+            raise ValueError(f"cannot fold smoothing for {name!r}: its input is not the attention's {i} values and "
+                             f"a SwiGLU's {m} (mlp_mult_factor {attn.mlp_mult_factor})")
+        # to_qkv_mlp_proj's rows: q, k, v (i each), then the SwiGLU's gate and value halves (m each)
+        return Site((name,), pre + "attn.to_qkv_mlp_proj", segments=((2 * i, 3 * i), (3 * i + m, 3 * i + 2 * m)))
+    raise ValueError(f"cannot fold smoothing for {name!r}: in a {type(block).__name__} only the feed-forwards' "
+                     "second linears and the single blocks' output projection are sites (the modulations are "
+                     "shared by every block; the joint attention mixes both streams' values)")
+
+
 def _block_site(model: nn.Module, name: str) -> Site | None:
-    """The site of ``name`` in a Wan, Qwen-Image, Sana or Z-Image block (module docstring), None when ``name`` is
-    in none of them; a clear error when it is in one but its input cannot be smoothed."""
+    """The site of ``name`` in a Wan, Qwen-Image, Sana, Z-Image or FLUX.2 block (module docstring), None when
+    ``name`` is in none of them; a clear error when it is in one but its input cannot be smoothed."""
     found = _enclosing(model, name, ("QwenImageTransformerBlock", "WanTransformerBlock", "SanaTransformerBlock",
-                                     "ZImageTransformerBlock"))
+                                     "ZImageTransformerBlock", "Flux2TransformerBlock",
+                                     "Flux2SingleTransformerBlock"))
     if found is None:
         return None
     pre, sub, block = found
     kind = type(block).__name__
     if kind == "ZImageTransformerBlock":
         return _zimage_site(model, name, pre, sub, block)
+    if kind.startswith("Flux2"):
+        return _flux2_site(model, name, pre, sub, block)
     if kind == "QwenImageTransformerBlock":
         if sub not in _QWEN_SITES:
             raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the inputs of to_q/k/v, "
@@ -384,7 +421,7 @@ MMDIT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn2.to_q", "attn2.to_
                  "attn.add_k_proj", "attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
 BLOCK_TARGETS = ("img_mlp.net.0.proj", "txt_mlp.net.0.proj", "ffn.net.0.proj", "ff.conv_point", "ff.conv_inverted",
                  "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
-                 "feed_forward.w2", "feed_forward.w3")
+                 "feed_forward.w2", "feed_forward.w3", "ff.linear_out", "ff_context.linear_out", "attn.to_out")
 
 
 def _is_site_kind(name: str) -> bool:
@@ -435,10 +472,10 @@ def check_fold(model: nn.Module, name: str,
     producers = [_linear(model, p) for p in site.producers]
     for name_p, producer in zip(site.producers, producers):
         n_out = producer.weight.shape[0]
-        if site.rows is not None:
-            lo, hi = site.rows
-            if hi > n_out:
-                raise ValueError(f"{name_p} has {n_out} outputs; {name} reads rows {lo}:{hi}")
+        if site.row_ranges:
+            if any(hi > n_out for _, hi in site.row_ranges) or sum(hi - lo for lo, hi in site.row_ranges) != d:
+                raise ValueError(f"{name_p} has {n_out} outputs; {name} reads rows "
+                                 f"{', '.join(f'{lo}:{hi}' for lo, hi in site.row_ranges)} for its {d} channels")
         elif site.modulate is not None:
             if n_out != site.chunks * d:
                 raise ValueError(f"{name_p} has {n_out} outputs; this adaLN modulation has {site.chunks}·{d}")
@@ -460,11 +497,14 @@ def fold(model: nn.Module, name: str, s: torch.Tensor) -> None:
 
     for producer in producers:
         w, bias = producer.weight, getattr(producer, "bias", None)
-        if site.rows is not None:
-            rows = slice(*site.rows)
-            put(w, rows, w[rows].float() / _as_rows(s, w))
-            if bias is not None:
-                put(bias, rows, bias[rows].float() / s)
+        if site.row_ranges:
+            at = 0
+            for lo, hi in site.row_ranges:
+                rows, part = slice(lo, hi), s[at:at + hi - lo]
+                put(w, rows, w[rows].float() / _as_rows(part, w))
+                if bias is not None:
+                    put(bias, rows, bias[rows].float() / part)
+                at += hi - lo
         elif site.modulate is not None:
             assert bias is not None   # (check_fold: an adaLN producer has one)
             first, second = site.modulate
