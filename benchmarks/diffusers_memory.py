@@ -55,6 +55,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen-Image": ("QwenImageTransformer2DModel", dict(
         patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
         joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))),
+    "FLUX.2-dev": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+        num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)),
     "Z-Image-Turbo": ("ZImageTransformer2DModel", dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,

@@ -39,7 +39,7 @@ Size = int | tuple[int, int, int]
 CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
     ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
-    ("Z-Image-Turbo", 1024),
+    ("FLUX.2-dev", 1024), ("Z-Image-Turbo", 1024),
     ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
@@ -64,6 +64,12 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
             return runner.inputs(torch.empty(1, cfg.in_channels, size // 32, size // 32),
                                  torch.empty(1, 300, cfg.caption_channels), torch.zeros(1),
                                  encoder_attention_mask=torch.ones(1, 300))
+    if runner.arch == "flux2":   # 2x2 latent patches packed (128 channels); the pipeline's 512-token prompt
+        side = lat // 2
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, side * side, cfg.in_channels),
+                                 torch.empty(1, 512, cfg.joint_attention_dim), torch.zeros(1),
+                                 torch.zeros(side * side, 4), torch.zeros(512, 4), torch.ones(1))
     if runner.arch == "z-image":   # a 128-token prompt (with the chat template the pipeline wraps it in)
         with torch.device("meta"):
             return runner.inputs([torch.empty(cfg.in_channels, 1, lat, lat)], torch.zeros(1),
