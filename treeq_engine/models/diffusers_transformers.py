@@ -3,7 +3,7 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image and FLUX.2 (``SUPPORTED``) go through the whole flow
-(capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's and FLUX.2's. Any other
+(capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's. Any other
 diffusers model (HunyuanVideo, LTX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
 (``any_model=True``): its linears (and pointwise convolutions) become packed modules, unfused.
 

@@ -1,6 +1,6 @@
 """The search's segment runner for diffusers' FLUX.2 transformer (``Flux2Transformer2DModel``: FLUX.2 [dev], FLUX.2
 [klein]). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take
-FLUX.2 too; the runtime packs it (its blocks run unfused: each linear quantizes its own input).
+FLUX.2 too; the runtime packs it and fuses its blocks (``runtime/flux2_fused.py``).
 
 Segments: 0 runs the embedders (the timestep (+ guidance) embedding, the three modulation linears every block
 shares, the packed-latent and text embedders), ``1..B`` the double-stream blocks and then the single-stream
