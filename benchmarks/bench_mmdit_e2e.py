@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""End-to-end forward latency of a FLUX.1-dev-, SD3.5-large-, Qwen-Image-, Sana- or Wan2.1-shaped transformer: bf16
-eager against TreeQ.
+"""End-to-end forward latency of a FLUX.1-dev-, FLUX.2-dev-, SD3.5-large-, Qwen-Image-, Sana- or Wan2.1-shaped
+transformer: bf16 eager against TreeQ.
 
 The published architecture (``diffusers_memory.MODELS``) with random weights, one image at ``--side`` pixels
 (FLUX.1-dev at 1024 px: 4096 image and 512 text tokens) or one video of ``--video F,H,W`` (Wan at 81 frames of
@@ -22,6 +22,7 @@ M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the line
     python benchmarks/bench_mmdit_e2e.py --blocks 4,8          # fewer blocks at full width (ratios per block)
     python benchmarks/bench_mmdit_e2e.py --model Qwen-Image --blocks 12        # 12 of its 60 blocks at 1024 px
     python benchmarks/bench_mmdit_e2e.py --model "Sana 1600M 1024px"                 # the whole model at 1024 px
+    python benchmarks/bench_mmdit_e2e.py --model FLUX.2-dev --blocks 2,8         # 2 + 8 of its 8 + 48 blocks
     python benchmarks/bench_mmdit_e2e.py --model Wan2.1-T2V-1.3B --video 33,480,832
     python benchmarks/bench_mmdit_e2e.py --smoke               # CPU: a tiny Flux through every code path
     python benchmarks/bench_mmdit_e2e.py --smoke --model Wan2.1-T2V-1.3B   # ... a tiny Wan
@@ -49,6 +50,13 @@ the unfused elementwise work between the GEMMs (SiLU, the depthwise convolution 
 float32 linear attention) is memory-bound: a few hundred µs. GEMMs of M = 1024 rows sit below the sizes where the
 plain Triton W8A8 GEMM was measured. Prediction, before any run: 1.1–1.2× for W8A8, W4A8 a little more (weights
 streamed at a quarter).
+
+FLUX.2-dev at 1024 px (S = 4096 image + 512 text tokens, D = 6144; 8 double and 48 single blocks, 32.2 B
+parameters): 282.6 TFLOP, of which the attention's QKᵀ and AV 4·S²·D per block, 29.2, and the linears 253 (90 %);
+286 ms at the bf16 peak, 157 ms with the linears at the int8 peak (128 ms) and the attention in bf16: at most 1.8×.
+The 60.0 GiB of bf16 weights stream in 19 ms (4.9 ms at W4): compute-bound. Prediction, before any run: 1.2–1.35×
+for W8A8 (Amdahl with the linears 1.24–1.40× faster), W4A8 no more. The session's run is ``--blocks 2,8`` (the
+per-block ratio; the whole model does not fit beside its packed copy's build on one H100).
 
 Each row also says how many blocks ran fused (0 means the packed linears ran unfused: an older diffusers, or a
 structure the fused classes do not take) and how far the output lies from the bf16 model's (random weights:
@@ -81,7 +89,8 @@ BEGIN, END = "<!-- bench_mmdit_e2e:begin -->", "<!-- bench_mmdit_e2e:end -->"
 # Wan's and Qwen-Image's timings keep their own RESULTS.md sections
 SECTIONS = {"wan": ("<!-- bench_wan_e2e:begin -->", "<!-- bench_wan_e2e:end -->"),
             "qwen": ("<!-- bench_qwen_e2e:begin -->", "<!-- bench_qwen_e2e:end -->"),
-            "sana": ("<!-- bench_sana_e2e:begin -->", "<!-- bench_sana_e2e:end -->")}
+            "sana": ("<!-- bench_sana_e2e:begin -->", "<!-- bench_sana_e2e:end -->"),
+            "flux2": ("<!-- bench_flux2_e2e:begin -->", "<!-- bench_flux2_e2e:end -->")}
 SANA = "Sana 1600M 1024px"
 
 
@@ -89,10 +98,13 @@ def section(model: str) -> tuple[str, str]:
     """The RESULTS.md markers of ``--model``'s table."""
     if model.startswith("Wan"):
         return SECTIONS["wan"]
+    if model == "FLUX.2-dev":
+        return SECTIONS["flux2"]
     return SECTIONS["qwen"] if model == "Qwen-Image" else SECTIONS["sana"] if model == SANA else (BEGIN, END)
 
 
-CHOICES = ("FLUX.1-dev", "SD3.5-large", "SD3-medium", "Qwen-Image", SANA, "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B")
+CHOICES = ("FLUX.1-dev", "FLUX.2-dev", "SD3.5-large", "SD3-medium", "Qwen-Image", SANA, "Wan2.1-T2V-1.3B",
+           "Wan2.1-T2V-14B")
 TINY = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                        pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True))
@@ -103,6 +115,9 @@ TINY_SANA = ("SanaTransformer2DModel", dict(patch_size=1, in_channels=4, out_cha
                                             num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
                                             cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
                                             sample_size=16))
+TINY_FLUX2 = ("Flux2Transformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                              timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2)))
 TINY_WAN = ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                                           num_layers=2, rope_max_seq_len=32))
@@ -141,6 +156,19 @@ def call_kwargs(model: Any, side: int | tuple[int, int, int], batch: int, device
                     encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long, device=device),
                     timestep=torch.full((batch,), 0.5, device=device, dtype=dtype), img_shapes=[[(1, h, h)]] * batch)
 
+    if type(model).__name__ == "Flux2Transformer2DModel":   # 2x2 latent patches packed; 4-axis ids; 512 tokens
+        h = lat // 2
+        text = 512 if side >= 256 else 5
+        ids = torch.zeros(h, h, 4)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(h)[None, :]
+        kw2 = dict(hidden_states=rand(batch, h * h, cfg.in_channels),
+                   encoder_hidden_states=rand(batch, text, cfg.joint_attention_dim),
+                   timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+                   img_ids=ids.reshape(-1, 4).to(device), txt_ids=torch.zeros(text, 4, device=device))
+        if cfg.guidance_embeds:
+            kw2["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
+        return kw2
     if type(model).__name__ == "SD3Transformer2DModel":
         return dict(hidden_states=rand(batch, cfg.in_channels, lat, lat),
                     encoder_hidden_states=rand(batch, 333, cfg.joint_attention_dim),   # 77 CLIP + 256 T5 tokens
@@ -265,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         spec, side, name = ((TINY_WAN, (5, 32, 48), "tiny Wan (smoke)") if wan else
                             (TINY_QWEN, 64, "tiny Qwen-Image (smoke)") if args.model == "Qwen-Image" else
                             (TINY_SANA, 256, "tiny Sana (smoke)") if args.model == SANA else
+                            (TINY_FLUX2, 64, "tiny FLUX.2 (smoke)") if args.model == "FLUX.2-dev" else
                             (TINY, 64, "tiny Flux (smoke)"))
     else:
         if not torch.cuda.is_available():

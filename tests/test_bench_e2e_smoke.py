@@ -154,6 +154,11 @@ def test_bench_mmdit_e2e_smoke(capsys):
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["fused_blocks"] for r in rows] == [0, 2, 2] and all(r["finite"] for r in rows)
     assert 0 < rows[1]["rel_err_vs_bf16"] < 0.1
+    assert bench_mmdit_e2e.main(["--smoke", "--model", "FLUX.2-dev"]) == 0   # a tiny FLUX.2, blocks fused
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["fused_blocks"] for r in rows] == [0, 3, 3] and all(r["finite"] for r in rows)
+    assert 0 < rows[1]["rel_err_vs_bf16"] < 0.1
     with pytest.raises(SystemExit, match="--video must be F,H,W"):
         bench_mmdit_e2e.main(["--smoke", "--model", "Wan2.1-T2V-1.3B", "--video", "81,480"])
 

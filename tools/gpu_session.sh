@@ -22,8 +22,8 @@
 #   search    bench_search (DiT-XL/2 search-time extrapolation, 8 samples) with two real levels
 #   mmdit     (named only) bench_mmdit_e2e: FLUX.1-dev's width at 1024 px, 4 + 8 blocks, bf16 eager against TreeQ
 #             W8A8 / W4A8, fused; then Wan2.1-1.3B whole at 33 frames of 832x480 (14 040 tokens) alike, and 12 of
-#             Qwen-Image's 60 blocks at 1024 px, and Sana-1600M whole at 1024 px (each model its own RESULTS.md
-#             section)
+#             Qwen-Image's 60 blocks at 1024 px, Sana-1600M whole at 1024 px, and 2 + 8 of FLUX.2-dev's 8 + 48
+#             blocks at 1024 px (each model its own RESULTS.md section)
 # Every benchmark writes its rows (JSON, RESULTS.md section) as it measures them, so a step cut off by its limit
 # still returns what it measured.
 #
@@ -155,6 +155,8 @@ for stage in "${stages[@]}"; do
       step bench_qwen_e2e 240 "$PY" benchmarks/bench_mmdit_e2e.py --model Qwen-Image --blocks 12 --reps 10 \
         --json "$LOGS/bench_qwen_e2e.json"
       step bench_sana_e2e 180 "$PY" benchmarks/bench_mmdit_e2e.py --model "Sana 1600M 1024px" --reps 20 \
-        --json "$LOGS/bench_sana_e2e.json" ;;
+        --json "$LOGS/bench_sana_e2e.json"
+      step bench_flux2_e2e 240 "$PY" benchmarks/bench_mmdit_e2e.py --model FLUX.2-dev --blocks 2,8 --reps 10 \
+        --json "$LOGS/bench_flux2_e2e.json" ;;
   esac
 done
