@@ -113,7 +113,8 @@ def predict(args: argparse.Namespace) -> str:
              f"(one DiT block on one sample: {flops / 1e9:.2f} GFLOP in bf16, {fq_elems / 1e6:.2f} M activation "
              f"elements fake-quantized).", "",
              f"FLOP floor (bf16 dense peak {BF16_PEAK / 1e12:.0f} TFLOP/s): **{floor_flop / 60:.1f} min**. Per "
-             f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 ({eager_ms} ms for "
+             f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 in "
+             f"research/h100-baselines.md (a peer baseline, not a TreeQ run: {eager_ms} ms for "
              f"DiT-XL/2 at batch 32: {eager_us:.1f} µs per sample·block, norms, attention and elementwise included; "
              f"the search runs G·N = {args.group * args.samples} samples per forward, so its GEMMs are at least as "
              f"efficient), the activation fake-quant at the measured copy rate (3.0 TB/s), and the stacked candidate weights (at most: "

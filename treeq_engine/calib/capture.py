@@ -9,9 +9,9 @@ next stage's inputs. So each layer is calibrated on inputs produced by the alrea
 without re-running the prefix.
 
 Tokens are subsampled per batch with a seeded generator, so a resumed calibration sees exactly the same rows.
-Rows the runner calls padding (``real_rows``: PixArt's and Sana's captions, padded to a fixed length, and
-Qwen-Image's prompts, padded to the longest, hidden by the attention mask) are left out first: the output never
-sees them, so they must not steer a clip.
+Rows the runner calls padding (``real_rows``: PixArt's and Sana's captions, padded to a fixed length,
+Qwen-Image's prompts, padded to the longest, hidden by the attention mask, and the rows Z-Image pads a batch with)
+are left out first: the output never sees them, so they must not steer a clip.
 """
 from __future__ import annotations
 

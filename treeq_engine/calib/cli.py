@@ -143,7 +143,7 @@ def add_ptq_args(p: argparse.ArgumentParser) -> None:
                         "--ptq` follow it")
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[],
                    help="SmoothQuant α candidates folded into the model where they help (none: off); our DiT, and "
-                        "diffusers DiT/PixArt/SD3/Flux blocks (see docs/gmb.md)")
+                        "the blocks of every diffusers transformer the search cuts (sites: docs/gmb.md)")
     _diffusers_args(p)
     p.add_argument("--untie", action="store_true",
                    help="with --diffusers: calibrate the linears reading one input apart (to_q/to_k/to_v, "

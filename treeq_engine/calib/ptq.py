@@ -302,7 +302,7 @@ ROWS_KEY = "rows"   # in ptq.json: "real" when the statistics left the padding o
 
 def _has_padding(model: nn.Module) -> bool:
     """Whether ``model``'s runner leaves padded rows out of the statistics (``pads_rows``: PixArt's and Sana's
-    captions, Qwen-Image's prompts)."""
+    captions, Qwen-Image's prompts, Z-Image's batch padding)."""
     from ..search.diffusers_runner import diffusers_arch, make_runner
 
     return diffusers_arch(model) is not None and bool(make_runner(model).pads_rows)
@@ -453,9 +453,8 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
             why = "" if not refused else f" ({len(refused)} refused, e.g. {next(iter(refused.values()))})"
             name = type(model).__name__
             raise ValueError(f"smooth_alphas: SmoothQuant folds into our DiT's block linears "
-                             f"({', '.join(smooth.TARGETS)}) or a diffusers DiT, PixArt, SD3, Flux, Wan, Qwen-Image or "
-                             f"Sana block's (see calib/smooth.py) with quantized activations; this plan for a {name} "
-                             f"has none{why}")
+                             f"({', '.join(smooth.TARGETS)}) or the blocks of a diffusers transformer the search cuts "
+                             f"(see calib/smooth.py) with quantized activations; this plan for a {name} has none{why}")
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
                           f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)

@@ -3,7 +3,8 @@ convolutions, which are linears over channels, for :class:`TreeQPointwiseConv`).
 
 Works on plain ``nn.Linear`` layers (weights quantized here, branches initialised by the closed-form Monarch
 projection) and on layers already converted to the fake-quant ``QuantLinear`` by search/PTQ/PEFT (their
-calibrated weight quantization and trained branch are packed as they are).
+calibrated weight quantization and trained branch are packed as they are; a plan whose config for a calibrated
+layer differs from its calibration is refused: it would round the float weight again).
 """
 from __future__ import annotations
 

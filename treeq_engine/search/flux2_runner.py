@@ -14,9 +14,10 @@ split, as the model does between its last block and the head.
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, S, C)`` (packed latents),
 ``encoder_hidden_states (N, L, D)``, ``timestep (N,)`` (as the pipelines pass it: the scheduler's / 1000),
 ``img_ids (N, S, A)``, ``txt_ids (N, L, A)`` (A position axes, 4 for the published models) and with guidance
-distillation (FLUX.2 [dev]) ``guidance (N,)``. The MSE is taken on the whole output (the flow-matching velocity;
-with reference images, their tokens too). What the search cannot reproduce is an error at capture: attention
-kwargs, the reference-image KV cache modes.
+distillation (FLUX.2 [dev]) ``guidance (N,)``. The MSE is taken on the whole output (the flow-matching velocity).
+What the search cannot reproduce is an error at capture: attention kwargs, the reference-image KV cache modes. A
+call with reference images (their latent tokens appended to the image's, which the pipeline drops from the
+output) is taken as it comes: the metric then reads those tokens too; capture them for text to image.
 """
 from __future__ import annotations
 
