@@ -84,7 +84,7 @@ def test_tied_leaves_and_checked_inputs():
         runner.inputs(**{**kw, "img_shapes": [[(1, 4, 5)]] * 2})
     with pytest.raises(ValueError, match="img_shapes differ between the samples"):
         runner.inputs(**{**kw, "img_shapes": [[(1, 4, 6)], [(1, 6, 4)]]})
-    with pytest.raises(ValueError, match="2 grids per sample .an edit call's condition images."):
+    with pytest.raises(ValueError, match="cover 28 image tokens, hidden_states has 24"):   # (an edit call's grids)
         runner.inputs(**{**kw, "img_shapes": [[(1, 4, 6), (1, 2, 2)]] * 2})
     runner.inputs(**kw)   # records the 4 x 6 grid for 24 tokens
     with pytest.raises(ValueError, match="latents of 24 tokens came as"):
@@ -96,10 +96,82 @@ def test_tied_leaves_and_checked_inputs():
     state = runner.inputs(**{**kw, "encoder_hidden_states_mask": None})
     assert state[2].dtype == torch.long and bool(state[2].all())   # no mask: all ones
     assert tuple(state[4].shape) == (2, 1, 3) and state[4][0].tolist() == [[1, 4, 6]]
-    with pytest.raises(TypeError, match="an edit or layered variant"):
+    with pytest.raises(TypeError, match="the layered variant"):
         QwenImageRunner(diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=16, axes_dims_rope=(8, 4, 4), zero_cond_t=True))
+            joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_additional_t_cond=True))
+
+
+def edit_call(n=2, seed=0, conditions=((2, 4),)):
+    """An edit pipeline's call: the target's 4 x 6 latent tokens, then each condition image's, one grid each."""
+    kw = call(n=n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    extra = [torch.randn(n, h * w, 16, generator=g) for h, w in conditions]
+    kw["hidden_states"] = torch.cat([kw["hidden_states"], *extra], dim=1)
+    kw["img_shapes"] = [[(1, 4, 6)] + [(1, h, w) for h, w in conditions]] * n
+    return kw
+
+
+@pytest.mark.parametrize("zero_cond", [False, True])
+def test_edit_calls_compose_and_the_metric_reads_the_target(zero_cond):
+    """Qwen-Image-Edit's calls (condition images' tokens after the target's; with zero_cond_t, as 2511, those
+    tokens modulated at timestep 0): the cut composes to the model bit for bit, in float32 and bf16, and the metric
+    reads the target's tokens only, as the pipelines keep them; the evaluator agrees with a brute-force oracle on
+    them."""
+    import copy
+
+    import numpy as np
+
+    from treeq_engine.nn import convert, quant_layers
+    from treeq_engine.plan import LayerConfig
+    from treeq_engine.search import Environment, Evaluator, SearchSpace
+
+    model = tiny_qwen() if not zero_cond else _zero_cond(tiny_qwen())
+    runner = make_runner(model)
+    assert runner.zero_cond == zero_cond
+    for dtype, conditions in ((torch.float32, ((2, 4),)), (torch.float32, ((2, 2), (4, 2))), (torch.bfloat16, ((2, 4),))):
+        m = model.to(dtype)
+        kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep" else v
+              for k, v in edit_call(conditions=conditions).items()}
+        state = runner.inputs(**kw)
+        with torch.no_grad():
+            want = m(**kw).sample
+            assert torch.equal(runner.forward(*state), want), (dtype, conditions)   # every token
+            assert torch.equal(run_segments(runner, state), want[:, :24])   # what the metric reads: the target's
+    model = model.float()
+    kw = edit_call(n=4, seed=3)
+    inputs = runner.inputs(**kw)
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    env = Environment(LayerConfig(4, 4), 0.5)
+    pristine = copy.deepcopy(model)
+    ev = Evaluator(model, runner, space, inputs, env, batch=4, group=3)
+    rows = np.random.default_rng(5).integers(0, len(space.candidates), (3, 4))
+
+    def brute(row, lo):   # the model's own forward, converted, on the target's tokens
+        m = copy.deepcopy(pristine)
+        with torch.no_grad():
+            fp = m(**kw).sample[:, :24].double()
+        layers = {n: space.candidates[row[i - lo]] if lo <= i < lo + 4 else env.config
+                  for i, leaf in enumerate(space.leaves) for n in leaf.layer_names}
+        layers.update({leaf.name: cfg for leaf, cfg in space.fixed})
+        convert(m, QuantPlan(layers))
+        node = {n for leaf in space.leaves[lo:lo + 4] for n in leaf.layer_names}
+        for name, q in quant_layers(m).items():
+            q.set_noise_scale(1.0 if name in node else env.lam)
+        with torch.no_grad():
+            return float(((m(**kw).sample[:, :24].double() - fp) ** 2).mean())
+
+    for lo in (0, len(space.leaves) - 4):
+        got = ev.evaluate(lo, lo + 4, rows)
+        np.testing.assert_allclose(got, [brute(r, lo) for r in rows], rtol=2e-5)
+
+
+def _zero_cond(model):
+    """``model`` rebuilt as Qwen-Image-Edit-2511 builds it (``zero_cond_t``), the same weights."""
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    twin = diffusers.QwenImageTransformer2DModel(**{**cfg, "zero_cond_t": True})
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
 
 
 def test_evaluate_matches_brute_force():

@@ -17,9 +17,16 @@ all ones when the pipeline passes none), ``timestep (N,)`` (as the pipeline pass
 calibration set are padded to the longest of all (``ragged``), which the mask hides (the image tokens, all the
 metric reads, do not change: a test holds it).
 
-The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
-capture: attention kwargs, ControlNet residuals, guidance embeddings, the edit models' condition images (more than
-one grid per sample) and zero-timestep conditioning (``zero_cond_t``), additional timestep conditions.
+The edit models (Qwen-Image-Edit, -2509, -2511) are cut too: their calls append each condition image's latent
+tokens to the target's (one grid per image in ``img_shapes``, the target's first), and the 2511 model
+(``zero_cond_t``) modulates the condition tokens with a zero-timestep embedding (the state then holds both
+embeddings per sample, ``(N, 2, D)``). The pipelines drop the condition tokens from the prediction, so the MSE is
+taken on the target's tokens only (``output``); capture such calls from Python (``capture_calls``: ``treeq capture``
+runs text-only pipelines).
+
+The MSE is taken on the flow-matching velocity. What the search cannot reproduce is an error at capture:
+attention kwargs, ControlNet residuals, guidance embeddings, additional timestep conditions (the layered
+variant).
 """
 from __future__ import annotations
 
@@ -38,6 +45,30 @@ def qwen_arch(model: nn.Module) -> str | None:
     return arch_of_class(model, "QwenImageTransformer2DModel", QWEN, "transformer_blocks")
 
 
+class _sample_major:
+    """While open, ``module`` (the image modulation, which the 2511 block runs on ``[t; 0·t]``: 2N rows, all the
+    samples' t first) sees its rows sample by sample (``t_0, 0·t_0, t_1, ...``) and hands its output back in the
+    block's order. Rows are independent through a linear and per-token quantization, so this changes no value; it
+    keeps each sample's rows together, as the search's candidate stacking (groups of consecutive samples along the
+    batch) needs."""
+
+    def __init__(self, module: nn.Module, n: int) -> None:
+        self.module, self.n = module, n
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> None:
+        n = self.n
+        order = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).flatten()
+        back = torch.argsort(order)
+        self.handles = [
+            self.module.register_forward_pre_hook(lambda mod, args: (args[0][order.to(args[0].device)],) + args[1:]),
+            self.module.register_forward_hook(lambda mod, args, out: out[back.to(out.device)])]
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class QwenImageRunner(CutModel):
     """``SegmentRunner`` for a diffusers Qwen-Image transformer (see the module docstring)."""
 
@@ -51,9 +82,10 @@ class QwenImageRunner(CutModel):
         if qwen_arch(model) is None:
             raise TypeError(f"QwenImageRunner cuts diffusers' QwenImageTransformer2DModel; got {type(model).__name__}")
         cfg = model.config
-        if cfg.get("zero_cond_t") or cfg.get("use_additional_t_cond"):
-            raise TypeError("QwenImageRunner cuts the text-to-image Qwen-Image; this one conditions on extra "
-                            "timesteps (zero_cond_t / use_additional_t_cond: an edit or layered variant)")
+        if cfg.get("use_additional_t_cond"):
+            raise TypeError("QwenImageRunner cuts Qwen-Image and its edit models; this one conditions on additional "
+                            "timesteps (use_additional_t_cond: the layered variant)")
+        self.zero_cond = bool(cfg.get("zero_cond_t"))   # (Qwen-Image-Edit-2511: condition tokens at timestep 0)
         self.model: Any = model   # a diffusers transformer: its submodules are read by name
         self.arch = QWEN
         self.blocks = model.transformer_blocks
@@ -161,9 +193,6 @@ class QwenImageRunner(CutModel):
         if not torch.equal(grids, grids[:1].expand_as(grids)):
             raise ValueError("img_shapes differ between the samples of one call: Qwen-Image's rotary tables take "
                              "the first sample's")
-        if grids.shape[1] != 1:   # the edit models' condition images: tokens the pipeline drops from the output
-            raise ValueError(f"img_shapes holds {grids.shape[1]} grids per sample (an edit call's condition images): "
-                             "the search cuts text-to-image calls, one grid per sample")
         grids = grids[:1].expand(n, -1, -1)   # (the pipeline gives one per prompt, not per image of a prompt)
         if int(grids[0].prod(dim=1).sum()) != s:
             raise ValueError(f"img_shapes {grids[0].tolist()} cover {int(grids[0].prod(dim=1).sum())} image tokens, "
@@ -181,9 +210,13 @@ class QwenImageRunner(CutModel):
         m = self.model
         x, enc, mask, t = state[:4]
         h = m.img_in(x)
+        t = t.to(h.dtype)
         enc = m.txt_in(m.txt_norm(enc))
         _, _, mask = compute_text_seq_len_from_mask(enc, None if self._unmasked else mask)
-        temb = m.time_text_embed(t.to(h.dtype), h)
+        if self.zero_cond:   # the model embeds [t; 0·t]: kept per sample as (N, 2, D)
+            temb = m.time_text_embed(torch.cat([t, t * 0], dim=0), h)
+            return (h, enc, mask, torch.stack(temb.chunk(2, dim=0), dim=1), state[4])
+        temb = m.time_text_embed(t, h)
         return (h, enc, mask, temb, state[4])
 
     def _block(self, i: int, state: State) -> State:
@@ -192,11 +225,31 @@ class QwenImageRunner(CutModel):
         if shapes is None:   # inputs another runner read: their grids, read back once per token count
             shapes = self._grids[h.shape[1]] = [tuple(g) for g in grids[0].tolist()]
         rope = self.model.pos_embed([shapes], max_txt_seq_len=enc.shape[1], device=h.device)
-        enc, h = self.blocks[i](hidden_states=h, encoder_hidden_states=enc, encoder_hidden_states_mask=mask,
-                                temb=temb, image_rotary_emb=rope, joint_attention_kwargs=None, modulate_index=None)
+        block = self.blocks[i]
+        if not self.zero_cond:
+            enc, h = block(hidden_states=h, encoder_hidden_states=enc, encoder_hidden_states_mask=mask, temb=temb,
+                           image_rotary_emb=rope, joint_attention_kwargs=None, modulate_index=None)
+            return (h, enc, mask, temb, grids)
+        # as the model: both embeddings stacked on the batch ([t; 0·t]), 0 marks the target's tokens
+        target = shapes[0][0] * shapes[0][1] * shapes[0][2]
+        index = torch.zeros(h.shape[0], h.shape[1], dtype=torch.int, device=h.device)
+        index[:, target:] = 1
+        with _sample_major(block.img_mod, h.shape[0]):
+            enc, h = block(hidden_states=h, encoder_hidden_states=enc, encoder_hidden_states_mask=mask,
+                           temb=torch.cat([temb[:, 0], temb[:, 1]], dim=0), image_rotary_emb=rope,
+                           joint_attention_kwargs=None, modulate_index=index)
         return (h, enc, mask, temb, grids)
 
     def _head(self, state: State) -> torch.Tensor:
         m = self.model
         h, temb = state[0], state[3]
-        return m.proj_out(m.norm_out(h, temb))
+        return m.proj_out(m.norm_out(h, temb[:, 0] if self.zero_cond else temb))
+
+    def output(self, state: State) -> torch.Tensor:
+        """The prediction the metric reads: an edit call's target tokens only (the pipelines drop the condition
+        images' tokens), then ``output_fn``."""
+        out = state[0]
+        shapes = self._grids.get(out.shape[1])
+        if shapes is not None and len(shapes) > 1:
+            out = out[:, :shapes[0][0] * shapes[0][1] * shapes[0][2]]
+        return out if self.output_fn is None else self.output_fn(out)
