@@ -93,6 +93,21 @@ def _bypassed_hook(layer: nn.Module) -> bool:
     return _hooked(layer) and _quantized(layer)
 
 
+def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -> bool:
+    """``attn`` computes what a fused double-stream block computes (checked on every forward): ``processor`` exactly
+    (the separate projections it reads, not a fused one), no hook on it, ``to_out`` as [linear, Dropout] with
+    ``to_add_out`` and ``projections`` present, no hook on a projection the kernels run."""
+    if type(attn.processor) is not processor or _hooked(attn):
+        return False
+    m = attn._modules
+    out = m.get("to_out")
+    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"])
+            or m.get("to_add_out") is None or any(m.get(n) is None for n in projections)):
+        return False
+    return not any(_bypassed_hook(m[n]) for n in tuple(projections) + ("to_add_out",)) \
+        and not _bypassed_hook(out._modules["0"])
+
+
 def dispatch_kwargs(proc: Any) -> dict[str, Any]:
     """What a diffusers processor passes ``dispatch_attention_fn`` besides the tensors: its backend, and its context
     parallel configuration where this diffusers has one (0.36 added it)."""

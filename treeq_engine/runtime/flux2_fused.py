@@ -39,8 +39,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flux2AttnProcessor, Flux2FeedForward,
                                                              Flux2ParallelSelfAttention,
                                                              Flux2ParallelSelfAttnProcessor,
@@ -48,7 +46,8 @@ from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flu
                                                              Flux2TransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, dispatch_kwargs, register_block, swap_blocks)
+                              _project, joint_attention_ok, register_block, swap_blocks)
+from .mmdit_fused import _attention   # (FLUX.2's processors compute FLUX.1's attention)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -79,19 +78,6 @@ def _single_supported(block: nn.Module) -> bool:
             and attn.mlp_mult_factor == 2 and type(attn.mlp_act_fn) is Flux2SwiGLU)
 
 
-def _double_attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes (checked on every forward)."""
-    if type(attn.processor) is not Flux2AttnProcessor or _hooked(attn):
-        return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"])
-            or m.get("to_add_out") is None or any(m.get(n) is None for n in _PROJECTIONS)):
-        return False
-    return not any(_bypassed_hook(m[n]) for n in _PROJECTIONS + ("to_add_out",)) \
-        and not _bypassed_hook(out._modules["0"])
-
-
 def _single_attention_ok(attn: Any) -> bool:
     if type(attn.processor) is not Flux2ParallelSelfAttnProcessor or _hooked(attn) or _hooked(attn.mlp_act_fn):
         return False
@@ -106,26 +92,6 @@ def _double_linears(block: nn.Module) -> list[nn.Module]:
 
 def _single_linears(block: nn.Module) -> list[nn.Module]:
     return [block.attn.to_qkv_mlp_proj, block.attn.to_out]
-
-
-def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
-               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The FLUX.2 processors' attention of (B·S, inner) projection rows (the double block's text rows given apart,
-    joined first), as (B, S_text + S, inner)."""
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(b, -1, t.shape[-1]).unflatten(-1, (-1, attn.head_dim))
-
-    query, key, value = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
-    if text is not None:
-        tq, tk, tv = text
-        query = torch.cat([attn.norm_added_q(heads(tq)), query], dim=1)
-        key = torch.cat([attn.norm_added_k(heads(tk)), key], dim=1)
-        value = torch.cat([heads(tv), value], dim=1)
-    if rotary is not None:
-        query = apply_rotary_emb(query, rotary, sequence_dim=1)
-        key = apply_rotary_emb(key, rotary, sequence_dim=1)
-    o = dispatch_attention_fn(query, key, value, attn_mask=None, **dispatch_kwargs(attn.processor))
-    return o.flatten(2, 3).to(query.dtype)
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -171,7 +137,7 @@ class FusedFlux2TransformerBlock(Flux2TransformerBlock):
         norms = (self.norm1, self.norm1_context, self.norm2, self.norm2_context)
         if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
                 or temb_mod_img.ndim != 2 or temb_mod_txt.ndim != 2 or any(_hooked(n) for n in norms)
-                or not _double_attention_ok(attn)):
+                or not joint_attention_ok(attn, Flux2AttnProcessor, _PROJECTIONS)):
             return super().forward(*args)
         b, t, d = hidden_states.shape
         text = encoder_hidden_states.shape[1]

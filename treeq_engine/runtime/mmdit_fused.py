@@ -176,7 +176,7 @@ def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
                text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``FluxAttnProcessor``'s attention of (B·S, inner) projection rows (the text's first when given), as
-    (B, S_text + S, inner)."""
+    (B, S_text + S, inner); FLUX.2's processors compute the same (``flux2_fused``)."""
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, -1, t.shape[-1]).unflatten(-1, (-1, attn.head_dim))
 

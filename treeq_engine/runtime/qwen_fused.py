@@ -39,8 +39,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0,
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, dispatch_kwargs, register_block, swap_blocks)
+from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
+                              _project, dispatch_kwargs, joint_attention_ok, register_block, swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -62,21 +62,6 @@ def _qwen_supported(block: nn.Module) -> bool:
             and _feed_forward(block.img_mlp, d) and _feed_forward(block.txt_mlp, d)
             and block.img_mlp.net[0].approximate == "tanh" and block.txt_mlp.net[0].approximate == "tanh"
             and type(block.attn) is Attention and not block.zero_cond_t)   # (the edit models' per-token modulation)
-
-
-def _attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: the Qwen processor (which reads the separate projections
-    even after ``fuse_projections``), no hook on it or on a projection the kernels run. (Checked on every
-    forward.)"""
-    if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0 or _hooked(attn):
-        return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"])
-            or m.get("to_add_out") is None or any(m.get(n) is None for n in _PROJECTIONS)):
-        return False
-    return not any(_bypassed_hook(m[n]) for n in _PROJECTIONS + ("to_add_out",)) \
-        and not _bypassed_hook(out._modules["0"])
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -138,7 +123,8 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         norms = (self.img_norm1, self.img_norm2, self.txt_norm1, self.txt_norm2, self.img_mod, self.txt_mod)
         if (self.training or joint_attention_kwargs or modulate_index is not None or self.zero_cond_t
                 or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3 or temb.ndim != 2
-                or any(_hooked(n) for n in norms) or not _attention_ok(attn)):
+                or any(_hooked(n) for n in norms)
+                or not joint_attention_ok(attn, QwenDoubleStreamAttnProcessor2_0, _PROJECTIONS)):
             return super().forward(*args)
         b, t, d = hidden_states.shape
         text = encoder_hidden_states.shape[1]

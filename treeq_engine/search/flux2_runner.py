@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .mmdit_runner import dual_stream_segment
 
 FLUX2 = "flux2"
 
@@ -72,15 +73,7 @@ class Flux2Runner(CutModel):
         return None
 
     def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if len(parts) > 1 and parts[1].isdigit():
-            if parts[0] == "transformer_blocks":
-                return int(parts[1]) + 1
-            if parts[0] == "single_transformer_blocks":
-                return len(self.joint) + int(parts[1]) + 1
-        if parts[0] in ("norm_out", "proj_out"):
-            return self.num_segments - 1
-        return 0
+        return dual_stream_segment(layer_name, len(self.joint), self.num_segments)
 
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

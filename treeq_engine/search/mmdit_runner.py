@@ -41,6 +41,21 @@ def mmdit_arch(model: nn.Module) -> str | None:
     return arch if arch is not None and hasattr(model, "transformer_blocks") else None
 
 
+def dual_stream_segment(layer_name: str, joint: int, num_segments: int) -> int:
+    """The segment of ``layer_name`` in a cut of ``joint`` double-stream blocks then single-stream blocks (FLUX.1's,
+    FLUX.2's): block ``i`` of ``transformer_blocks`` in ``i + 1``, of ``single_transformer_blocks`` in ``joint + i +
+    1``, the head (``norm_out``, ``proj_out``) in the last, everything else in 0."""
+    parts = layer_name.split(".")
+    if len(parts) > 1 and parts[1].isdigit():
+        if parts[0] == "transformer_blocks":
+            return int(parts[1]) + 1
+        if parts[0] == "single_transformer_blocks":
+            return joint + int(parts[1]) + 1
+    if parts[0] in ("norm_out", "proj_out"):
+        return num_segments - 1
+    return 0
+
+
 class MMDiTRunner(CutModel):
     """``SegmentRunner`` for a diffusers SD3 or Flux transformer (see the module docstring)."""
 
@@ -156,15 +171,7 @@ class MMDiTRunner(CutModel):
 
     # -- SegmentRunner -----------------------------------------------------------------------------
     def segment_of(self, layer_name: str) -> int:
-        parts = layer_name.split(".")
-        if len(parts) > 1 and parts[1].isdigit():
-            if parts[0] == "transformer_blocks":
-                return int(parts[1]) + 1
-            if parts[0] == "single_transformer_blocks":
-                return len(self.joint) + int(parts[1]) + 1
-        if parts[0] in ("norm_out", "proj_out"):
-            return self.num_segments - 1
-        return 0
+        return dual_stream_segment(layer_name, len(self.joint), self.num_segments)
 
     def _block(self, i: int, state: State) -> State:
         h, enc, temb = state[:3]
