@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import CutModel, State, kept_rows, run_segments
+from .evaluator import CutModel, State, kept_rows, run_segments, sample_scalars
 
 DIT, PIXART = "dit", "pixart"
 
@@ -187,14 +187,7 @@ class DiffusersRunner(CutModel):
                              f"size {self.patch}, got {tuple(hidden_states.shape)}")
         if self.arch == DIT and hh != ww:   # its head takes the grid as √tokens, as diffusers' DiT does
             raise ValueError(f"a DiT's latents must be square, got {hh}x{ww}")
-        if timestep is None:
-            raise ValueError("timestep is required")
-        t = torch.as_tensor(timestep, device=hidden_states.device)
-        if t.dim() == 0:
-            t = t[None]
-        if t.dim() != 1 or t.shape[0] not in (1, n):
-            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
-        t = t.expand(n).clone()
+        t = sample_scalars("timestep", timestep, n, hidden_states.device)
         if self.arch == DIT:
             if class_labels is None or tuple(class_labels.shape) != (n,) or torch.is_floating_point(class_labels):
                 raise ValueError(f"a DiT call needs integer class_labels of shape ({n},), got "

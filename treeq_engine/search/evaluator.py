@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +115,18 @@ def arch_of_class(model: nn.Module, class_name: str, arch: str, *attrs: str) -> 
     (by name: nothing imports diffusers to ask)."""
     ok = type(model).__name__ == class_name and all(hasattr(model, a) for a in attrs)
     return arch if ok else None
+
+
+def sample_scalars(name: str, value: Any, n: int, device: torch.device) -> torch.Tensor:
+    """A call's scalar-per-sample input (a timestep, a guidance scale) as ``(n,)``: a scalar or a (1,) broadcast;
+    a clear error for anything else, or for none."""
+    if value is None:
+        raise ValueError(f"{name} is required")
+    v = torch.as_tensor(value, device=device)
+    v = v[None] if v.dim() == 0 else v
+    if v.dim() != 1 or v.shape[0] not in (1, n):
+        raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
+    return v.expand(n).clone()
 
 
 def describe_arg(v: object) -> object:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 from .mmdit_runner import dual_stream_segment
 
 FLUX2 = "flux2"
@@ -106,24 +106,14 @@ class Flux2Runner(CutModel):
             if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
                 raise ValueError(f"{name} differ between the samples of one call: FLUX.2 takes the first's")
             ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
-        out: State = (x, enc, self._per_sample("timestep", timestep, n, x.device), ids[0], ids[1])
+        out: State = (x, enc, sample_scalars("timestep", timestep, n, x.device), ids[0], ids[1])
         if self.guidance:
             if guidance is None:
                 raise ValueError("this FLUX.2 is guidance-distilled (guidance_embeds): a call needs guidance")
-            out += (self._per_sample("guidance", guidance, n, x.device),)
+            out += (sample_scalars("guidance", guidance, n, x.device),)
         elif guidance is not None:
             raise ValueError("this FLUX.2 embeds no guidance (guidance_embeds is off): its calls pass none")
         return out
-
-    @staticmethod
-    def _per_sample(name: str, value: Any, n: int, device: torch.device) -> torch.Tensor:
-        if value is None:
-            raise ValueError(f"{name} is required")
-        v = torch.as_tensor(value, device=device)
-        v = v[None] if v.dim() == 0 else v
-        if v.dim() != 1 or v.shape[0] not in (1, n):
-            raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
-        return v.expand(n).clone()
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _embed(self, state: State) -> State:

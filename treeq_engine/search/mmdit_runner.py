@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, describe_arg
+from .evaluator import CutModel, State, describe_arg, sample_scalars
 
 SD3, FLUX = "sd3", "flux"
 CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
@@ -138,7 +138,7 @@ class MMDiTRunner(CutModel):
         pooled = cfg.pooled_projection_dim
         if not isinstance(pooled_projections, torch.Tensor) or tuple(pooled_projections.shape) != (n, pooled):
             raise ValueError(f"pooled_projections must be (N={n}, {pooled}), got {describe_arg(pooled_projections)}")
-        t = self._per_sample("timestep", timestep, n, hidden_states.device)
+        t = sample_scalars("timestep", timestep, n, hidden_states.device)
         out: State = (hidden_states, encoder_hidden_states, pooled_projections, t)
         if self.arch == SD3:
             return out
@@ -155,19 +155,8 @@ class MMDiTRunner(CutModel):
         if self.guidance:
             if guidance is None:
                 raise ValueError("this Flux is guidance-distilled (guidance_embeds): a call needs guidance")
-            out += (self._per_sample("guidance", guidance, n, hidden_states.device),)
+            out += (sample_scalars("guidance", guidance, n, hidden_states.device),)
         return out
-
-    @staticmethod
-    def _per_sample(name: str, value: Any, n: int, device: torch.device) -> torch.Tensor:
-        if value is None:
-            raise ValueError(f"{name} is required")
-        v = torch.as_tensor(value, device=device)
-        if v.dim() == 0:
-            v = v[None]
-        if v.dim() != 1 or v.shape[0] not in (1, n):
-            raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
-        return v.expand(n).clone()
 
     # -- SegmentRunner -----------------------------------------------------------------------------
     def segment_of(self, layer_name: str) -> int:

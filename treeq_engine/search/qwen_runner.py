@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 QWEN = "qwen-image"
 
@@ -159,15 +159,10 @@ class QwenImageRunner(CutModel):
             raise ValueError(f"encoder_hidden_states_mask must be (N={n}, L={enc.shape[1]}), got {describe_arg(mask)}")
         all_ones = encoder_hidden_states_mask is None or (check_values and bool(mask.all()))   # (a host read)
         self._unmasked = all_ones if self._unmasked is None else self._unmasked and all_ones
-        if timestep is None:
-            raise ValueError("timestep is required")
-        t = torch.as_tensor(timestep, device=hidden_states.device)
-        t = t[None] if t.dim() == 0 else t
-        if t.dim() != 1 or t.shape[0] not in (1, n):
-            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
+        t = sample_scalars("timestep", timestep, n, hidden_states.device)
         grids = self._grid_rows(img_shapes, n, s)
         self._grids[s] = [tuple(g) for g in grids[0].tolist()]
-        return (hidden_states, enc, mask, t.expand(n).clone(), grids.to(hidden_states.device))
+        return (hidden_states, enc, mask, t, grids.to(hidden_states.device))
 
     def saw_padding(self) -> None:
         """Calls this runner read are stacked padded (``ragged``): its blocks take the mask from now on, even if

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .diffusers_runner import attention_tie, caption_rows
-from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 SANA = "sana"
 
@@ -108,19 +108,9 @@ class SanaRunner(CutModel):
         elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
             raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
                              f"got {describe_arg(mask)}")
-        if timestep is None:
-            raise ValueError("timestep is required")
-        t = torch.as_tensor(timestep, device=x.device)
-        t = t[None] if t.dim() == 0 else t
-        if t.dim() != 1 or t.shape[0] not in (1, n):
-            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
-        out: State = (x, enc, t.expand(n).clone(), mask)
+        out: State = (x, enc, sample_scalars("timestep", timestep, n, x.device), mask)
         if self.guidance:
-            g = torch.as_tensor(guidance, device=x.device)
-            g = g[None] if g.dim() == 0 else g
-            if g.dim() != 1 or g.shape[0] not in (1, n):
-                raise ValueError(f"guidance must be a scalar, (1,) or ({n},), got shape {tuple(g.shape)}")
-            out += (g.expand(n).clone(),)
+            out += (sample_scalars("guidance", guidance, n, x.device),)
         return out
 
     # -- the model's forward, cut ------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 WAN = "wan"
 
@@ -100,15 +100,10 @@ class WanRunner(CutModel):
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
                 encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(encoder_hidden_states)}")
-        if timestep is None:
-            raise ValueError("timestep is required")
-        t = torch.as_tensor(timestep, device=hidden_states.device)
-        if t.dim() == 2:
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
             raise ValueError("per-token timesteps (Wan 2.2 TI2V's expand_timesteps) are not supported by the search")
-        t = t[None] if t.dim() == 0 else t
-        if t.dim() != 1 or t.shape[0] not in (1, n):
-            raise ValueError(f"timestep must be a scalar, (1,) or ({n},), got shape {tuple(t.shape)}")
-        out: State = (hidden_states, t.expand(n).clone(), encoder_hidden_states)
+        t = sample_scalars("timestep", timestep, n, hidden_states.device)
+        out: State = (hidden_states, t, encoder_hidden_states)
         if not self.image:
             if encoder_hidden_states_image is not None:
                 raise ValueError("encoder_hidden_states_image given to a text-to-video Wan (no image_dim)")

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, arch_of_class, describe_arg
+from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 ZIMAGE = "z-image"
 _SEQ_MULTIPLE = 32   # Z-Image pads every image and caption to a multiple of this with its pad tokens
@@ -137,13 +137,7 @@ class ZImageRunner(CutModel):
         latents = self._latents(x)
         n = latents.shape[0]
         enc, mask = self._captions(cap_feats, encoder_attention_mask, n)
-        if t is None:
-            raise ValueError("t (the timestep) is required")
-        tt = torch.as_tensor(t, device=latents.device)
-        tt = tt[None] if tt.dim() == 0 else tt
-        if tt.dim() != 1 or tt.shape[0] not in (1, n):
-            raise ValueError(f"t must be a scalar, (1,) or ({n},), got shape {tuple(tt.shape)}")
-        return (latents, tt.expand(n).clone(), enc, mask)
+        return (latents, sample_scalars("t (the timestep)", t, n, latents.device), enc, mask)
 
     def _captions(self, caps: Any, mask: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's list of ``n`` caption features ``(L_i, D)`` as ``(N, L, D)`` zero-padded and its ``(N, L)``
