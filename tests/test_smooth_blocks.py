@@ -13,10 +13,11 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 
 from test_search_qwen import call as qwen_call  # noqa: E402
 from test_search_sana import call as sana_call  # noqa: E402
+from test_search_ltx import call as ltx_call  # noqa: E402
 from test_search_wan import call as wan_call  # noqa: E402
 from test_search_zimage import call as zimage_call  # noqa: E402
 from test_search_wan import tiny_wan  # noqa: E402
-from tiny_diffusers import perturbed, tiny_flux2, tiny_qwen, tiny_sana, tiny_zimage  # noqa: E402
+from tiny_diffusers import perturbed, tiny_flux2, tiny_ltx, tiny_qwen, tiny_sana, tiny_zimage  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.calib import smooth  # noqa: E402
@@ -48,6 +49,8 @@ CASES = {
                 "../context_refiner.0.feed_forward.w2"),
                {"attention.to_q", "attention.to_out.0", "feed_forward.w1", "feed_forward.w2"}),
     # (and the single blocks' output projection: the attention's values and the SwiGLU's, one fused projection)
+    "ltx": (tiny_ltx, lambda m: ltx_call(n=2, seed=4), ("attn1.to_out.0", "attn2.to_out.0"),
+            {"attn1.to_out.0", "attn2.to_out.0"}),
     "flux2": (tiny_flux2, lambda m: flux2_call(m),
               ("ff.linear_out", "ff_context.linear_out", "../single_transformer_blocks.1.attn.to_out"),
               {"ff.linear_out", "ff_context.linear_out"}),

@@ -318,3 +318,11 @@ def tiny_flux2_klein_pipeline():
                                        mid_block_add_attention=False).eval()
     return diffusers.Flux2KleinPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
                                         text_encoder=qwen3, tokenizer=tokenizer, transformer=tiny_flux2())
+
+
+def tiny_ltx():
+    """A two-block LTX-Video transformer (random weights, perturbed off diffusers' zero initialisations)."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16).eval())

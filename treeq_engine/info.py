@@ -74,7 +74,7 @@ def _diffusers_support() -> str | None:
     except PackageNotFoundError:
         return None
     names = ", ".join(n.replace("Transformer2DModel", "").replace("Transformer3DModel", "") for n in SUPPORTED)
-    names = names.replace("QwenImage", "Qwen-Image").replace("ZImage", "Z-Image").replace("Flux2", "FLUX.2")
+    names = names.replace("QwenImage", "Qwen-Image").replace("ZImage", "Z-Image").replace("Flux2", "FLUX.2").replace("LTXVideo", "LTX-Video")
     try:
         major, minor = (int(x) for x in v.split(".")[:2])
     except ValueError:
@@ -83,9 +83,9 @@ def _diffusers_support() -> str | None:
         return f"{v}: {names} searched and calibrated; DiT, PixArt and Sana fused (SD3, Flux, Wan, Qwen-Image " \
             "need diffusers >= 0.35); any other model packed"
     if (major, minor) < (0, 39):   # runtime/qwen_fused.py builds the text mask as 0.39's processor does
-        return f"{v}: {names} searched and calibrated, all but Qwen-Image (it needs diffusers >= 0.39) and Z-Image " \
-            "fused; any other model packed"
-    return f"{v}: {names} searched and calibrated, all but Z-Image fused; any other model packed"
+        return f"{v}: {names} searched and calibrated, all but Qwen-Image (it needs diffusers >= 0.39), Z-Image and " \
+            "LTX-Video fused; any other model packed"
+    return f"{v}: {names} searched and calibrated, all but Z-Image and LTX-Video fused; any other model packed"
 
 
 def _version() -> str:

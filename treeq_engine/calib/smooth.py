@@ -29,7 +29,7 @@ model would change). The sites, where the fold is exact:
     Qwen-Image's QwenImageTransformerBlock (per stream a 6-chunk modulation linear, ordered as AdaLayerNormZero's)
       attn.to_q/k/v, attn.add_q/k/v_proj   into img_mod.1 / txt_mod.1, attention pair (chunks 0, 1)
       img_mlp.net.0.proj, txt_mlp.net.0.proj   into img_mod.1 / txt_mod.1, MLP pair (chunks 3, 4)
-    Wan's WanTransformerBlock and Sana's SanaTransformerBlock
+    Wan's WanTransformerBlock, Sana's SanaTransformerBlock and LTX-Video's LTXVideoTransformerBlock
       attnN.to_out.0           into attnN.to_v (Wan's image-to-video cross-attention: and add_v_proj, both values
                                are summed into its output; Sana's linear attention is linear in v too)
       Wan attn2.to_q           into norm2's affine weight and bias (cross_attn_norm)
@@ -267,6 +267,7 @@ _QWEN_SITES = {**{f"attn.to_{x}": ("img_mod.1", (0, 1), tuple(f"attn.to_{y}" for
 _WAN_PROCESSORS = ("WanAttnProcessor", "WanAttnProcessor2_0")
 _SANA_PROCESSORS = {"attn1": ("SanaLinearAttnProcessor2_0",),   # ReLU on q and k only: linear in v
                     "attn2": ("SanaAttnProcessor2_0", "AttnProcessor2_0")}
+_LTX_PROCESSORS = ("LTXVideoAttnProcessor", "LTXVideoAttentionProcessor2_0")   # (rotary and q/k norm on q, k only)
 _SHARED_MODULATION = ("its shift and scale add a timestep embedding every block shares (a scale-shift table), which "
                       "no per-block weight can scale")
 
@@ -314,11 +315,11 @@ def _flux2_site(model: nn.Module, name: str, pre: str, sub: str, block: nn.Modul
 
 
 def _block_site(model: nn.Module, name: str) -> Site | None:
-    """The site of ``name`` in a Wan, Qwen-Image, Sana, Z-Image or FLUX.2 block (module docstring), None when
+    """The site of ``name`` in a Wan, Qwen-Image, Sana, Z-Image, FLUX.2 or LTX-Video block (module docstring), None when
     ``name`` is in none of them; a clear error when it is in one but its input cannot be smoothed."""
     found = _enclosing(model, name, ("QwenImageTransformerBlock", "WanTransformerBlock", "SanaTransformerBlock",
                                      "ZImageTransformerBlock", "Flux2TransformerBlock",
-                                     "Flux2SingleTransformerBlock"))
+                                     "Flux2SingleTransformerBlock", "LTXVideoTransformerBlock"))
     if found is None:
         return None
     pre, sub, block = found
@@ -338,9 +339,16 @@ def _block_site(model: nn.Module, name: str) -> Site | None:
     if sub in ("attn1.to_out.0", "attn2.to_out.0"):   # attention is linear in v: 1/s folds into the values
         attn_name = sub.split(".")[0]
         attn = getattr(block, attn_name)
-        _check_attention(attn, name, _WAN_PROCESSORS if kind == "WanTransformerBlock" else _SANA_PROCESSORS[attn_name])
+        processors = (_WAN_PROCESSORS if kind == "WanTransformerBlock" else _LTX_PROCESSORS
+                      if kind == "LTXVideoTransformerBlock" else _SANA_PROCESSORS[attn_name])
+        _check_attention(attn, name, processors)
         also = (f"{pre}{attn_name}.add_v_proj",) if getattr(attn, "add_v_proj", None) is not None else ()
         return Site((name,), f"{pre}{attn_name}.to_v", rows=(0, _width(model, name)), also=also)
+    if kind == "LTXVideoTransformerBlock":
+        if sub in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj"):
+            raise ValueError(f"cannot fold smoothing for {name!r}: {_SHARED_MODULATION}")
+        raise ValueError(f"cannot fold smoothing for {name!r}: in a {kind} only the attentions' outputs have an input "
+                         "a per-block weight produces")
     if kind == "WanTransformerBlock":
         if sub == "attn2.to_q":
             norm = block.norm2

@@ -2,9 +2,9 @@
 rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``config.json`` +
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
-DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image and FLUX.2 (``SUPPORTED``) go through the whole flow
-(capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's. Any other
-diffusers model (HunyuanVideo, LTX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
+DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2 and LTX-Video (``SUPPORTED``) go through the whole
+flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse, except Z-Image's and LTX-Video's. Any
+other diffusers model (HunyuanVideo, CogVideoX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
 (``any_model=True``): its linears (and pointwise convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
@@ -24,14 +24,14 @@ import torch.nn as nn
 # searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
              "WanTransformer3DModel", "QwenImageTransformer2DModel", "SanaTransformer2DModel",
-             "ZImageTransformer2DModel", "Flux2Transformer2DModel")
+             "ZImageTransformer2DModel", "Flux2Transformer2DModel", "LTXVideoTransformer3DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
 LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
                                                                    "ada_norm_single": "PixArtTransformer2DModel"}}
 # the block classes of SD3's and Flux's transformers (SmoothQuant sites, fused blocks), by name: no diffusers import
 MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
-PACK_ONLY = ("any other diffusers model (HunyuanVideo, LTX, Lumina2, ...) is packed by `treeq quantize --diffusers DIR "
+PACK_ONLY = ("any other diffusers model (HunyuanVideo, CogVideoX, Lumina2, ...) is packed by `treeq quantize --diffusers DIR "
              "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 
 

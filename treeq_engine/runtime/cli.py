@@ -58,7 +58,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
                    help="instead of --model: a local diffusers transformer (or pipeline) directory: one the search "
                         "cuts (`treeq info` lists them) with any plan or --ptq; any other diffusers model "
-                        "(HunyuanVideo, LTX, ...) with --uniform or --plan")
+                        "(HunyuanVideo, CogVideoX, ...) with --uniform or --plan")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
                         "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "

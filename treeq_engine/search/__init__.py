@@ -3,6 +3,7 @@ from .costs import Budget, BudgetError, CostModel, LatencyTable, check_budget, c
 from .diffusers_runner import DiffusersRunner, capture_calls, make_runner
 from .eng import Environment
 from .flux2_runner import Flux2Runner
+from .ltx_runner import LTXRunner
 from .mmdit_runner import MMDiTRunner
 from .evaluator import DiTRunner, Evaluator, SegmentRunner
 from .pareto import nondominated_fronts, pareto_drop
@@ -16,4 +17,4 @@ from .zimage_runner import ZImageRunner
 __all__ = ["Budget", "BudgetError", "CostModel", "DiTRunner", "DiffusersRunner", "Environment", "Evaluator", "LatencyTable", "Leaf",
            "MMDiTRunner", "Node", "SearchResult", "SearchSpace", "SegmentRunner", "candidate_configs", "capture_calls", "check_budget",
            "cost_model", "describe", "environment_config", "make_runner", "nondominated_fronts", "pareto_drop", "tree_search",
-           "QwenImageRunner", "SanaRunner", "WanRunner", "ZImageRunner", "Flux2Runner"]
+           "QwenImageRunner", "SanaRunner", "WanRunner", "ZImageRunner", "Flux2Runner", "LTXRunner"]

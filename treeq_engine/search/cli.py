@@ -330,7 +330,9 @@ def run(args: argparse.Namespace) -> int:
         from ..models.diffusers_transformers import cast_keeping_fp32
 
         model = cast_keeping_fp32(model, dtype)   # (a diffusers class's float32-kept modules stay so; else .to)
-        keep = {runner.input_names.index("timestep")} if args.diffusers else set()   # float timesteps stay exact
+        # float timesteps (and what else the runner needs exact) stay as stored
+        keep = {runner.input_names.index(n) for n in getattr(runner, "exact_inputs", ("timestep",))
+                if n in runner.input_names} if args.diffusers else set()
         inputs = tuple(t.to(device, dtype) if torch.is_floating_point(t) and i not in keep else t.to(device)
                        for i, t in enumerate(inputs))
         closed = None if args.select == "one-step" else ClosedLoopConfig(

@@ -42,7 +42,7 @@ def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
     ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
-    ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``None`` for anything else
+    ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``"ltx"`` for ``ltx_runner.LTXRunner``'s, ``None`` for anything else
     (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
@@ -50,6 +50,7 @@ def diffusers_arch(model: nn.Module) -> str | None:
 def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     """``(arch, runner class)`` of the first runner that cuts ``model``, or ``(None, None)``."""
     from .flux2_runner import Flux2Runner, flux2_arch
+    from .ltx_runner import LTXRunner, ltx_arch
     from .mmdit_runner import MMDiTRunner, mmdit_arch
     from .qwen_runner import QwenImageRunner, qwen_arch
     from .sana_runner import SanaRunner, sana_arch
@@ -58,7 +59,7 @@ def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
 
     for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
                          (sana_arch, SanaRunner), (zimage_arch, ZImageRunner), (flux2_arch, Flux2Runner),
-                         (fused_arch, DiffusersRunner)):
+                         (ltx_arch, LTXRunner), (fused_arch, DiffusersRunner)):
         arch = arch_of(model)
         if arch is not None:
             return arch, cls
@@ -82,7 +83,7 @@ def fused_arch(model: nn.Module) -> str | None:
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
-    Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2. Anything else
+    Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2, ``LTXRunner`` for LTX-Video. Anything else
     is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
 
@@ -517,7 +518,9 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
         runner.inputs(**kw)   # the same checks a captured call passes (shapes against the model's config)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    # float inputs at the model's dtype (a capture in half precision feeds a float32 search); timesteps as stored
+    # float inputs at the model's dtype (a capture in half precision feeds a float32 search); timesteps (and what
+    # else a runner needs exact: exact_inputs) as stored
     dtype = next(runner.model.parameters()).dtype
-    return tuple(t.to(dtype) if torch.is_floating_point(t) and name != "timestep" else t
+    exact = getattr(runner, "exact_inputs", ("timestep",))
+    return tuple(t.to(dtype) if torch.is_floating_point(t) and name not in exact else t
                  for name, t in zip(runner.input_names, out))

@@ -64,6 +64,8 @@ class CutModel:
     scheduler_timesteps = True
     # its inputs carry padding that ``real_rows`` leaves out of calibration statistics (captions, prompts)
     pads_rows = False
+    # inputs kept in their stored dtype when the others are cast to the model's (values a half dtype would round)
+    exact_inputs: tuple[str, ...] = ("timestep",)
 
     def segment_of(self, layer_name: str) -> int:
         """Block ``i``'s layers run in segment ``i + 1``, the head's in the last, everything else in segment 0."""

@@ -1,0 +1,141 @@
+"""The search, PTQ and PEFT on diffusers' LTX-Video transformer (tiny random configs, offline): the runner's
+segments compose to the model bit for bit (float32 and bf16, two video shapes), tied leaves follow what reads one
+input, the evaluator agrees with a brute-force oracle on the model's own forward, PTQ's statistics leave out the
+caption padding, and the command line searches, calibrates, fine-tunes and packs from a saved calibration file."""
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_search_mmdit import check_evaluator  # noqa: E402
+from tiny_diffusers import tiny_ltx  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.search import LTXRunner, SearchSpace, make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def call(n=2, video=(2, 4, 6), text=6, seed=0, dtype=torch.float32, fps=25):
+    """The keyword arguments LTX's pipeline passes: packed latents, padded captions with their keep-mask (the first
+    sample's two tokens shorter), the scheduler's timestep, the latent video's size and the rope scale."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, text, dtype=torch.long)
+    mask[0, text - 2:] = 0
+    f, h, w = video
+    return dict(hidden_states=torch.randn(n, f * h * w, 4, generator=g).to(dtype),
+                encoder_hidden_states=torch.randn(n, text, 16, generator=g).to(dtype), encoder_attention_mask=mask,
+                timestep=torch.full((n,), 500.0), num_frames=f, height=h, width=w,
+                rope_interpolation_scale=(8 / fps, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_compose_to_the_model(dtype):
+    model = tiny_ltx().to(dtype)
+    runner = make_runner(model)
+    assert isinstance(runner, LTXRunner) and diffusers_arch(model) == "ltx" and runner.num_segments == 4
+    for video in ((2, 4, 6), (3, 2, 2)):
+        kw = call(video=video, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample), video
+
+
+def test_a_saved_file_reproduces_the_rope_scale(tmp_path):
+    """The rope scale (8/25 here) is stored in float64 and kept so in a bf16 search (``exact_inputs``): a fresh
+    runner on the loaded inputs composes to the model's output on the pipeline's call, bit for bit."""
+    model = tiny_ltx().to(torch.bfloat16)
+    kw = call(dtype=torch.bfloat16)
+    path = str(tmp_path / "calib.safetensors")
+    save_inputs(path, make_runner(model), make_runner(model).inputs(**kw))
+    fresh = make_runner(model)
+    inputs = load_inputs(path, fresh)
+    assert inputs[4].dtype == torch.float64 and inputs[1].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(run_segments(fresh, inputs), model(**kw).sample)
+
+
+def test_leaves_ties_and_checked_inputs():
+    model = tiny_ltx()
+    runner = make_runner(model)
+    inputs = runner.inputs(**call())
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
+    names = [leaf.name for leaf in space.leaves]
+    assert names[:4] == ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_out.0",
+                         "transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn2.to_k"]
+    assert {f[0].name for f in space.fixed} >= {"proj_in", "caption_projection.linear_1", "proj_out"}
+    good = call()
+    for bad, match in ((dict(attention_kwargs={"scale": 1.0}), "attention_kwargs"),
+                       (dict(video_coords=torch.zeros(2, 3, 48)), "video_coords"),
+                       (dict(timestep=torch.ones(2, 48)), "per-token timesteps"),
+                       (dict(num_frames=None), "num_frames, height and width"),
+                       (dict(height=5), "is 60 tokens, hidden_states has 48"),
+                       (dict(rope_interpolation_scale=(1.0, 2.0)), "3 numbers"),
+                       (dict(hidden_states=torch.randn(2, 48, 8)), r"\(N, S, 4\)"),
+                       (dict(encoder_attention_mask=torch.ones(2, 5)), "keep-mask")):
+        with pytest.raises(ValueError, match=match):
+            runner.inputs(**{**good, **bad})
+    runner.inputs(**good)
+    with pytest.raises(ValueError, match="one video shape and frame rate per token count"):
+        runner.inputs(**{**good, "rope_interpolation_scale": (8 / 24, 32, 32)})
+    with pytest.raises(TypeError, match="LTXVideoTransformer3DModel"):
+        LTXRunner(torch.nn.Linear(2, 2))
+
+
+def test_evaluate_matches_brute_force():
+    check_evaluator(tiny_ltx(), call(n=4, seed=3), 0.5, seed=5)
+
+
+def test_ptq_statistics_leave_out_caption_padding():
+    from treeq_engine.calib.capture import capture_inputs
+
+    model = tiny_ltx()
+    inputs = make_runner(model).inputs(**call(n=2, text=6))   # 4 + 6 real caption tokens
+    for name, rows in (("caption_projection.linear_1", 10), ("transformer_blocks.1.attn2.to_v", 10),
+                       ("transformer_blocks.0.attn2.to_q", 2 * 48), ("transformer_blocks.1.ff.net.2", 2 * 48)):
+        assert capture_inputs(model, name, [inputs], max_tokens=10_000).shape[0] == rows, name
+
+
+def test_search_ptq_peft_quantize(tmp_path):
+    """`treeq search / ptq / peft / quantize --diffusers` on an LTX-Video transformer directory with saved inputs:
+    the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.cli import main
+    from treeq_engine.models.diffusers_transformers import rebuild
+    from treeq_engine.runtime import artifact
+
+    model = tiny_ltx()
+    d = tmp_path / "ltx"
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    calib = str(tmp_path / "calib.safetensors")
+    batch = [runner.inputs(**call(n=4, seed=s)) for s in (1,)]
+    save_inputs(calib, runner, batch[0])
+    src = ["--diffusers", str(d), "--calib-inputs", calib]
+    res = tmp_path / "search"
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    assert "transformer_blocks.1.ff.net.0.proj" in QuantPlan.load(res / "plan.json").layers
+    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
+    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
+                 "--rounds", "1", "--smooth-alphas", "0.5", "--out", ptq]) == 0
+    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
+                 "--out", peft]) == 0
+    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
+    direct = diffusers.LTXVideoTransformer3DModel.from_pretrained(d).eval()
+    load_calibration(direct, ptq)
+    load_finetuned(direct, peft)
+    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    kw = call(n=2, seed=7)
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
