@@ -63,6 +63,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
         axes_dims=[32, 48, 48])),
+    "LTX-Video 2B": ("LTXVideoTransformer3DModel", dict(
+        in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048,
+        num_layers=28, caption_channels=4096, qk_norm="rms_norm_across_heads")),
     "Wan2.1-T2V-1.3B": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,

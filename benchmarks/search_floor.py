@@ -40,7 +40,7 @@ CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
     ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
     ("FLUX.2-dev", 1024), ("Z-Image-Turbo", 1024),
-    ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
+    ("LTX-Video 2B", (121, 512, 768)), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
 def size_label(size: Size) -> str:
@@ -51,6 +51,14 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
     """One sample's runner inputs at ``size`` (VAE factor 8, Sana's DC-AE 32; Wan's VAE also 4x in time, its first
     frame alone), on the meta device."""
     m, cfg = runner.model, runner.model.config
+    if runner.arch == "ltx":   # its VAE: 32x in space, 8x in time after the first frame; a 128-token caption
+        assert not isinstance(size, int)
+        frames, height, width = size
+        f, h, w = (frames - 1) // 8 + 1, height // 32, width // 32
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, f * h * w, cfg.in_channels), torch.empty(1, 128, cfg.caption_channels),
+                                 torch.zeros(1), torch.ones(1, 128), num_frames=f, height=h, width=w,
+                                 rope_interpolation_scale=(8 / 25, 32, 32))
     if runner.arch == "wan":
         assert not isinstance(size, int)
         frames, height, width = size
