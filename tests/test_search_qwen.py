@@ -319,3 +319,27 @@ def test_ptq_statistics_leave_out_padded_text_rows():
     with torch.no_grad():   # the rows kept are the real ones: txt_in's input is the normed prompt
         want = model.txt_norm(inputs[1])[inputs[2].bool()]
     torch.testing.assert_close(capture_inputs(model, "txt_in", [inputs], max_tokens=10_000), want)
+
+
+def test_edit_2511_candidates_stack_apart_and_ptq_reads_the_target():
+    """Qwen-Image-Edit-2511 embeds [t; 0·t]: with the timestep embedder searched too, stacking candidates along the
+    batch (group 3) scores what one candidate per forward does (the embedding and the image modulation see their
+    rows sample by sample); PTQ's statistics of the output projection read the target's tokens only."""
+    import numpy as np
+
+    from treeq_engine.calib.capture import capture_inputs
+    from treeq_engine.plan import LayerConfig
+    from treeq_engine.search import Environment, Evaluator, SearchSpace
+
+    model = _zero_cond(tiny_qwen())
+    runner = make_runner(model)
+    inputs = runner.inputs(**edit_call(n=4, seed=3))
+    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie,
+                              include="time_text_embed|transformer_blocks")
+    assert space.leaves[0].name.startswith("time_text_embed")
+    rows = np.random.default_rng(1).integers(0, len(space.candidates), (3, 4))
+    env = Environment(LayerConfig(4, 4), 1.0)
+    scores = [Evaluator(model, runner, space, inputs, env, batch=4, group=g).evaluate(0, 4, rows) for g in (1, 3)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5)
+    assert capture_inputs(model, "proj_out", [inputs], max_tokens=10_000).shape[0] == 4 * 24   # of 4 x 32 tokens
+    assert capture_inputs(model, "transformer_blocks.1.img_mlp.net.2", [inputs], 10_000).shape[0] == 4 * 32

@@ -45,24 +45,39 @@ def qwen_arch(model: nn.Module) -> str | None:
     return arch_of_class(model, "QwenImageTransformer2DModel", QWEN, "transformer_blocks")
 
 
+_ORDERS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}   # (n, device) -> (sample-major, back)
+
+
+def _sample_major_order(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation of ``[t; 0·t]`` rows (2n: all the samples' t first) to sample-major order (``t_0, 0·t_0, t_1,
+    ...``) and its inverse, on ``device`` (made once per size and device: no host copy per call)."""
+    key = (n, str(device))
+    if key not in _ORDERS:
+        order = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).flatten()
+        _ORDERS[key] = (order.to(device), torch.argsort(order).to(device))
+    return _ORDERS[key]
+
+
 class _sample_major:
     """While open, ``module`` (the image modulation, which the 2511 block runs on ``[t; 0·t]``: 2N rows, all the
     samples' t first) sees its rows sample by sample (``t_0, 0·t_0, t_1, ...``) and hands its output back in the
-    block's order. Rows are independent through a linear and per-token quantization, so this changes no value; it
-    keeps each sample's rows together, as the search's candidate stacking (groups of consecutive samples along the
-    batch) needs."""
+    block's order. Rows are independent through a linear and per-token quantization, so this changes values only
+    by the float rounding of another row order; it keeps each sample's rows together, as the search's candidate
+    stacking (groups of consecutive samples along the batch) needs."""
 
     def __init__(self, module: nn.Module, n: int) -> None:
         self.module, self.n = module, n
         self.handles: list[Any] = []
 
     def __enter__(self) -> None:
-        n = self.n
-        order = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).flatten()
-        back = torch.argsort(order)
-        self.handles = [
-            self.module.register_forward_pre_hook(lambda mod, args: (args[0][order.to(args[0].device)],) + args[1:]),
-            self.module.register_forward_hook(lambda mod, args, out: out[back.to(out.device)])]
+        def forward_order(mod: nn.Module, args: tuple) -> tuple:
+            return (args[0][_sample_major_order(self.n, args[0].device)[0]],) + args[1:]
+
+        def back_order(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out[_sample_major_order(self.n, out.device)[1]]
+
+        self.handles = [self.module.register_forward_pre_hook(forward_order),
+                        self.module.register_forward_hook(back_order)]
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:
@@ -113,8 +128,17 @@ class QwenImageRunner(CutModel):
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
         """The text stream's rows of padding (prompts of a calibration set padded to the longest, the mask hiding
-        them) are not real: the text input projection's, and each block's text projections and MLP."""
+        them) are not real: the text input projection's, and each block's text projections and MLP; nor are the
+        condition images' tokens of an edit call to the output projection (the pipelines drop them)."""
         parts = layer_name.split(".")
+        if parts[0] == "proj_out":   # an edit call's condition tokens: projected, dropped by the pipeline
+            shapes = self._grids.get(state[0].shape[1])
+            if shapes is not None and len(shapes) > 1:
+                target = shapes[0][0] * shapes[0][1] * shapes[0][2]
+                keep = torch.zeros(state[0].shape[:2], dtype=torch.bool, device=state[0].device)
+                keep[:, :target] = True
+                return keep
+            return None
         text = parts[0] == "txt_in" or (
             len(parts) > 3 and parts[0] == "transformer_blocks" and
             (parts[2] == "txt_mlp" or (parts[2] == "attn" and parts[3] in ("add_q_proj", "add_k_proj", "add_v_proj",
@@ -208,9 +232,9 @@ class QwenImageRunner(CutModel):
         t = t.to(h.dtype)
         enc = m.txt_in(m.txt_norm(enc))
         _, _, mask = compute_text_seq_len_from_mask(enc, None if self._unmasked else mask)
-        if self.zero_cond:   # the model embeds [t; 0·t]: kept per sample as (N, 2, D)
-            temb = m.time_text_embed(torch.cat([t, t * 0], dim=0), h)
-            return (h, enc, mask, torch.stack(temb.chunk(2, dim=0), dim=1), state[4])
+        if self.zero_cond:   # the model embeds [t; 0·t]: embedded sample by sample (candidate stacking), kept (N, 2, D)
+            temb = m.time_text_embed(torch.stack([t, t * 0], dim=1).flatten(), h)
+            return (h, enc, mask, temb.unflatten(0, (-1, 2)), state[4])
         temb = m.time_text_embed(t, h)
         return (h, enc, mask, temb, state[4])
 
