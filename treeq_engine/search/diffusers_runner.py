@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import CutModel, State, kept_rows, run_segments, sample_scalars
+from .evaluator import CutModel, State, describe_arg, kept_rows, run_segments, sample_scalars
 
 DIT, PIXART = "dit", "pixart"
 
@@ -102,6 +102,20 @@ def attention_tie(layer_name: str) -> str | None:
     if head.endswith(".attn2") and last in ("to_k", "to_v"):
         return head + ".kv"
     return None
+
+
+def checked_captions(enc: Any, mask: Any, n: int, width: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A call's padded captions ``(n, L, width)`` and their keep-mask ``(n, L)`` (ones when the pipeline passes
+    none), checked: Sana's and LTX-Video's inputs, PixArt-style."""
+    if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
+        raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
+    if mask is None:
+        return enc, torch.ones(n, enc.shape[1], device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
+        raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
+                         f"got {describe_arg(mask)}")
+    return enc, mask
 
 
 def caption_rows(layer_name: str, state: State) -> torch.Tensor | None:

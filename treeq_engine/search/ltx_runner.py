@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .diffusers_runner import attention_tie, caption_rows
+from .diffusers_runner import attention_tie, caption_rows, checked_captions
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 LTX = "ltx"
@@ -85,16 +85,8 @@ class LTXRunner(CutModel):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.in_channels:
             raise ValueError(f"hidden_states must be (N, S, {self.in_channels}) packed latents, got {describe_arg(x)}")
         n, s = x.shape[:2]
-        width_c = int(self.model.config.caption_channels)
-        enc = encoder_hidden_states
-        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width_c:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width_c}), got {describe_arg(enc)}")
-        mask = encoder_attention_mask
-        if mask is None:
-            mask = torch.ones(n, enc.shape[1], device=x.device)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
-            raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
-                             f"got {describe_arg(mask)}")
+        enc, mask = checked_captions(encoder_hidden_states, encoder_attention_mask, n,
+                                     int(self.model.config.caption_channels), x.device)
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
             raise ValueError("per-token timesteps (the conditioning pipelines' frame conditions) are not supported by "
                              "the search")

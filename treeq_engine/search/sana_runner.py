@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .diffusers_runner import attention_tie, caption_rows
+from .diffusers_runner import attention_tie, caption_rows, checked_captions
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 SANA = "sana"
@@ -98,16 +98,8 @@ class SanaRunner(CutModel):
             raise ValueError(f"hidden_states must be (N, {self.in_channels}, H, W) latents with H and W multiples of "
                              f"the patch size {self.patch}, got {describe_arg(x)}")
         n = x.shape[0]
-        width = int(self.model.config.caption_channels)
-        enc = encoder_hidden_states
-        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
-            raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
-        mask = encoder_attention_mask
-        if mask is None:
-            mask = torch.ones(n, enc.shape[1], device=x.device)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1]):
-            raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
-                             f"got {describe_arg(mask)}")
+        enc, mask = checked_captions(encoder_hidden_states, encoder_attention_mask, n,
+                                     int(self.model.config.caption_channels), x.device)
         out: State = (x, enc, sample_scalars("timestep", timestep, n, x.device), mask)
         if self.guidance:
             out += (sample_scalars("guidance", guidance, n, x.device),)
