@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_search_mmdit import check_evaluator  # noqa: E402
-from tiny_diffusers import tiny_ltx  # noqa: E402
+from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import QuantPlan  # noqa: E402
@@ -139,3 +139,30 @@ def test_search_ptq_peft_quantize(tmp_path):
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
+
+
+def test_capture_search_pack_and_sample_an_ltx_pipeline(tmp_path):
+    """`treeq capture --frames` on an LTX-Video pipeline (CFG, captions padded to 128 tokens, the rope scale from the
+    frame rate, the pipeline's own sigmas: timesteps taken from the calls) -> `treeq search` -> `treeq quantize` ->
+    `treeq sample --frames`."""
+    from treeq_engine.cli import main
+
+    pipe_dir = tmp_path / "ltx"
+    tiny_ltx_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "32", "--width", "32", "--frames", "9"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
+                 "2", "--cfg", "3.0", *size, "--device", "cpu", "--out", calib]) == 0
+    transformer = diffusers.LTXVideoTransformer3DModel.from_pretrained(pipe_dir / "transformer").eval()
+    inputs = load_inputs(calib, make_runner(transformer))
+    assert inputs[0].shape == (8, 5 * 16 * 16, 4) and inputs[4][0].tolist() == [5.0, 16.0, 16.0, 2 / 25, 2.0, 2.0]
+    assert not bool(inputs[3].bool().all())   # padded captions, masked
+    res = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0

@@ -326,3 +326,22 @@ def tiny_ltx():
     return perturbed(diffusers.LTXVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
         num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16).eval())
+
+
+def tiny_ltx_pipeline():
+    """An LTX-Video pipeline built offline: a one-layer T5 encoder over a word-level tokenizer (prompts padded to
+    128 tokens), ``tiny_ltx``, a 2-level LTX VAE (2x in space and time), a flow-matching scheduler (random weights).
+    9 frames of 32x32: 5 x 16 x 16 latent tokens."""
+    transformers = pytest.importorskip("transformers", reason="LTX-Video's pipeline needs transformers (T5)")
+    tokenizer, vocab = _word_tokenizer(max_length=128)
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2)).eval()
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        down_block_types=("LTXVideoDownBlock3D",) * 2, layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, False), decoder_spatio_temporal_scaling=(True, False),
+        decoder_inject_noise=(False, False, False), upsample_residual=(False, False), upsample_factor=(1, 1),
+        patch_size=1, patch_size_t=1).eval()
+    return diffusers.LTXPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
+                                 tokenizer=tokenizer, transformer=tiny_ltx())

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default: the pipeline's)")
     p.add_argument("--frames", type=int, default=None,
-                   help="text-to-video (Wan): frames per video (default: the pipeline's, 81 for Wan: large)")
+                   help="text-to-video (Wan, LTX-Video): frames per video (default: the pipeline's, 81 for Wan: "
+                        "large)")
     p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_refusal, read_prompts,
                                                  steps_kwargs, transformer_dir)
-    from .diffusers_runner import capture_calls, make_runner, save_inputs, select_timesteps
+    from .diffusers_runner import VIDEO_ARCHS, capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
         transformer_dir(args.pipeline)   # clear errors before the pipeline loads
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             bad = [v for v in items if not 0 <= v < classes]
             if bad:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
-        if args.frames is not None and runner.arch != "wan":
+        if args.frames is not None and runner.arch not in VIDEO_ARCHS:
             raise ValueError(f"--frames is for a text-to-video pipeline; a {runner.arch} pipeline makes images")
         kw: dict = {} if args.cfg is None else guidance_kwargs(pipe, args.cfg)
         kw.update(size)

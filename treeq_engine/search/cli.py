@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--closed-loop-width", type=int, default=None,
                    help="--diffusers, a text-conditioned model: the width (default: the pipeline's)")
     g.add_argument("--closed-loop-frames", type=int, default=None,
-                   help="--diffusers Wan: frames per closed-loop video (default: the pipeline's, 81: large)")
+                   help="--diffusers Wan, LTX-Video: frames per closed-loop video (default: the pipeline's, 81 for "
+                        "Wan: large)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)
@@ -238,14 +239,14 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The pipeline inputs the closed-loop judge samples: class labels (DiT) or prompts (every other model),
     and the image size (and Wan's frame count) when given."""
-    from .diffusers_runner import DIT, diffusers_arch
+    from .diffusers_runner import DIT, VIDEO_ARCHS, diffusers_arch
 
     size = {side: v for side, v in (("height", args.closed_loop_height), ("width", args.closed_loop_width))
             if v is not None}
     if any(v <= 0 for v in size.values()):
         raise ValueError(f"--closed-loop-height / --closed-loop-width must be positive pixel counts, got {size}")
     if args.closed_loop_frames is not None:
-        if diffusers_arch(model) != "wan":
+        if diffusers_arch(model) not in VIDEO_ARCHS:
             raise ValueError(f"--closed-loop-frames is for a video model; {type(model).__name__} makes images")
         if args.closed_loop_frames <= 0:
             raise ValueError(f"--closed-loop-frames must be a positive number of frames, got {args.closed_loop_frames}")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .evaluator import CutModel, State, describe_arg, kept_rows, run_segments, sample_scalars
 
 DIT, PIXART = "dit", "pixart"
+VIDEO_ARCHS = ("wan", "ltx")   # the searched text-to-video transformers (their pipelines take num_frames)
 
 
 def diffusers_arch(model: nn.Module) -> str | None:

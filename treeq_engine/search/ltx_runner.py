@@ -43,6 +43,7 @@ class LTXRunner(CutModel):
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
     pads_rows = True   # (captions padded to max_sequence_length: real_rows)
+    scheduler_timesteps = False   # (the pipeline sets its own sigmas and shift: capture takes timesteps from the calls)
     exact_inputs = ("timestep", "video")   # (the rope scale, e.g. 8/25: float64, not rounded to the model's dtype)
     input_names = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "video")
 
