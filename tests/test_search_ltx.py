@@ -36,6 +36,16 @@ def call(n=2, video=(2, 4, 6), text=6, seed=0, dtype=torch.float32, fps=25):
                 rope_interpolation_scale=(8 / fps, 32, 32))
 
 
+def test_calls_without_a_rope_scale_and_with_column_timesteps():
+    """The model's defaults, as a direct call (or a user's loop) may leave them: no rope scale (the model then skips
+    the rescaling, which a scale of ones would not) and an (N, 1) timestep (the model flattens it)."""
+    model = tiny_ltx()
+    kw = {**call(), "rope_interpolation_scale": None, "timestep": torch.full((2, 1), 500.0)}
+    runner = make_runner(model)
+    with torch.no_grad():
+        assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_compose_to_the_model(dtype):
     model = tiny_ltx().to(dtype)
@@ -76,7 +86,8 @@ def test_leaves_ties_and_checked_inputs():
                        (dict(timestep=torch.ones(2, 48)), "per-token timesteps"),
                        (dict(num_frames=None), "num_frames, height and width"),
                        (dict(height=5), "is 60 tokens, hidden_states has 48"),
-                       (dict(rope_interpolation_scale=(1.0, 2.0)), "3 numbers"),
+                       (dict(rope_interpolation_scale=(1.0, 2.0)), "3 positive numbers"),
+                       (dict(rope_interpolation_scale=(0.0, 2.0, 2.0)), "3 positive numbers"),
                        (dict(hidden_states=torch.randn(2, 48, 8)), r"\(N, S, 4\)"),
                        (dict(encoder_attention_mask=torch.ones(2, 5)), "keep-mask")):
         with pytest.raises(ValueError, match=match):
@@ -84,6 +95,18 @@ def test_leaves_ties_and_checked_inputs():
     runner.inputs(**good)
     with pytest.raises(ValueError, match="one video shape and frame rate per token count"):
         runner.inputs(**{**good, "rope_interpolation_scale": (8 / 24, 32, 32)})
+    stored = make_runner(model).inputs(**good)
+    odd = stored[4].clone()
+    odd[1, 3] = 0.5
+    with pytest.raises(ValueError, match="video differs between the samples"):
+        make_runner(model).inputs(hidden_states=stored[0], encoder_hidden_states=stored[1], timestep=stored[2],
+                                  encoder_attention_mask=stored[3], video=odd)
+    # a state another runner read, for the same token count at another frame rate: refused, not run with the rope
+    # this runner recorded
+    other = make_runner(model)
+    other_state = other.inputs(**{**good, "rope_interpolation_scale": (8 / 24, 32, 32)})
+    with pytest.raises(ValueError, match="one video shape and frame rate per token count"):
+        runner.run(0, other_state)
     with pytest.raises(TypeError, match="LTXVideoTransformer3DModel"):
         LTXRunner(torch.nn.Linear(2, 2))
 

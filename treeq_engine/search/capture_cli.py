@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default: the pipeline's)")
     p.add_argument("--frames", type=int, default=None,
-                   help="text-to-video (Wan, LTX-Video): frames per video (default: the pipeline's, 81 for Wan: "
-                        "large)")
+                   help="text-to-video (Wan, LTX-Video): frames per video (default: the pipeline's, 81 for Wan, 161 "
+                        "for LTX-Video: large)")
     p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

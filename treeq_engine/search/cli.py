@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--diffusers, a text-conditioned model: the width (default: the pipeline's)")
     g.add_argument("--closed-loop-frames", type=int, default=None,
                    help="--diffusers Wan, LTX-Video: frames per closed-loop video (default: the pipeline's, 81 for "
-                        "Wan: large)")
+                        "Wan, 161 for LTX-Video: large)")
     g = p.add_argument_group("calibration and batching")
     g.add_argument("--calib-trajectories", type=int, default=CALIB_TRAJECTORIES)
     g.add_argument("--calib-steps", type=int, default=50)

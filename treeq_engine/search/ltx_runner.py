@@ -22,6 +22,7 @@ pipelines' image and video conditions), attention kwargs.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping
 
 import torch
@@ -56,6 +57,7 @@ class LTXRunner(CutModel):
         self.num_segments = len(self.blocks) + 2
         self.in_channels = int(model.config.in_channels)
         self._videos: dict[int, tuple[tuple[int, int, int], tuple[float, float, float]]] = {}
+        self._ropes: dict[tuple[int, str], Any] = {}   # (token count, device) -> rotary tables
         self.output_fn = output_fn
 
     def tie(self, layer_name: str) -> str | None:
@@ -89,8 +91,10 @@ class LTXRunner(CutModel):
         enc, mask = checked_captions(encoder_hidden_states, encoder_attention_mask, n,
                                      int(self.model.config.caption_channels), x.device)
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
-            raise ValueError("per-token timesteps (the conditioning pipelines' frame conditions) are not supported by "
-                             "the search")
+            if timestep.shape[1] != 1:
+                raise ValueError("per-token timesteps (the conditioning pipelines' frame conditions) are not supported "
+                                 "by the search")
+            timestep = timestep.flatten()   # (as the model flattens it)
         t = sample_scalars("timestep", timestep, n, x.device)
         return (x, enc, t, mask, self._video_rows(video, num_frames, height, width, rope_interpolation_scale, n, s))
 
@@ -101,18 +105,28 @@ class LTXRunner(CutModel):
             if tuple(video.shape) != (n, 6):
                 raise ValueError(f"video must be (N={n}, 6): latent frames, height, width, rope scales, got "
                                  f"{describe_arg(video)}")
+            if not torch.equal(video, video[:1].expand_as(video)):
+                raise ValueError("video differs between the samples of one set of inputs: one video shape and frame "
+                                 "rate per call")
             row = [float(v) for v in video[0].tolist()]
         else:
-            if not all(isinstance(v, int) and v > 0 for v in (frames, height, width)):
+            try:
+                size_in = [operator.index(v) for v in (frames, height, width)]
+            except TypeError:
+                size_in = []
+            if len(size_in) != 3 or min(size_in) <= 0:
                 raise ValueError(f"num_frames, height and width (the latent video's, in patches) are required, got "
                                  f"{frames}, {height}, {width}")
-            try:
-                sc = [float(v) for v in (scale if scale is not None else (1.0, 1.0, 1.0))]
-            except (TypeError, ValueError):
-                raise ValueError(f"rope_interpolation_scale must be 3 numbers, got {scale!r}") from None
-            if len(sc) != 3:
-                raise ValueError(f"rope_interpolation_scale must be 3 numbers, got {scale!r}")
-            row = [float(frames), float(height), float(width)] + sc
+            if scale is None:   # the model then skips the rescaling: kept as (0, 0, 0), which no real scale is
+                sc = [0.0, 0.0, 0.0]
+            else:
+                try:
+                    sc = [float(v) for v in scale]
+                except (TypeError, ValueError):
+                    raise ValueError(f"rope_interpolation_scale must be 3 numbers, got {scale!r}") from None
+                if len(sc) != 3 or min(sc) <= 0:
+                    raise ValueError(f"rope_interpolation_scale must be 3 positive numbers, got {scale!r}")
+            row = [float(v) for v in size_in] + sc
         size = (int(row[0]), int(row[1]), int(row[2]))
         if size[0] * size[1] * size[2] != s:
             raise ValueError(f"a latent video of {size[0]}x{size[1]}x{size[2]} is {size[0] * size[1] * size[2]} "
@@ -124,19 +138,33 @@ class LTXRunner(CutModel):
         return torch.tensor([row] * n, dtype=torch.float64)
 
     # -- the model's forward, cut ------------------------------------------------------------------
+    def _video(self, video: torch.Tensor, s: int) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+        """The (frames, height, width) and rope scale behind ``s`` tokens: the host's record, checked against (or,
+        for inputs another runner read, taken from) the state's ``video`` (one host read per segment-0 batch)."""
+        row = [float(v) for v in video[0].tolist()]
+        entry = ((int(row[0]), int(row[1]), int(row[2])), (row[3], row[4], row[5]))
+        if self._videos.setdefault(s, entry) != entry:
+            raise ValueError(f"latents of {s} tokens came as {self._videos[s]} and {entry}: use one video shape and "
+                             "frame rate per token count")
+        return entry
+
     def _rope(self, h: torch.Tensor, video: torch.Tensor) -> Any:
-        entry = self._videos.get(h.shape[1])
-        if entry is None:   # inputs another runner read: their video, read back once per token count
-            row = [float(v) for v in video[0].tolist()]
-            entry = self._videos[h.shape[1]] = ((int(row[0]), int(row[1]), int(row[2])), (row[3], row[4], row[5]))
-        (f, hh, w), scale = entry
-        return self.model.rope(h, f, hh, w, scale, None)
+        """The rotary tables of ``h``'s tokens, made once per token count and device (one sample's: they broadcast
+        over the batch, bit-identical to the model's per-sample copies)."""
+        key = (h.shape[1], str(h.device))
+        rope = self._ropes.get(key)
+        if rope is None:
+            (f, hh, w), scale = self._videos.get(h.shape[1]) or self._video(video, h.shape[1])
+            rope = self._ropes[key] = self.model.rope(h[:1], f, hh, w, None if scale == (0.0, 0.0, 0.0) else scale,
+                                                      None)
+        return rope
 
     def _embed(self, state: State) -> State:
         """``(h, captions, caption bias, temb, embedded t, video)``, as the model's forward computes them."""
         m = self.model
         x, enc, t, mask, video = state
         n = x.shape[0]
+        self._video(video, x.shape[1])   # (a state read elsewhere must agree with what this runner recorded)
         bias = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
         h = m.proj_in(x)
         temb, emb = m.time_embed(t.flatten(), batch_size=n, hidden_dtype=h.dtype)
