@@ -11,13 +11,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import captured, leaves  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_flux2, tiny_flux2_klein_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import QuantPlan  # noqa: E402
-from treeq_engine.search import Flux2Runner, SearchSpace, make_runner  # noqa: E402
-from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
+from treeq_engine.search import Flux2Runner, make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,10 +50,7 @@ def test_segments_compose_to_the_model(guidance, dtype):
 
 def test_leaves_ties_and_checked_inputs():
     model = tiny_flux2()
-    runner = make_runner(model)
-    inputs = runner.inputs(**call())
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
-    names = [leaf.name for leaf in space.leaves]
+    runner, inputs, space, names = leaves(model, call())
     assert names[:4] == ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj",
                          "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_out.0"]
     assert names[-2:] == ["single_transformer_blocks.1.attn.to_qkv_mlp_proj", "single_transformer_blocks.1.attn.to_out"]
@@ -92,16 +90,9 @@ def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path
     from treeq_engine.models.diffusers_transformers import rebuild
     from treeq_engine.runtime import artifact
 
-    pipe_dir = tmp_path / "klein"
-    tiny_flux2_klein_pipeline().save_pretrained(pipe_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na dog on the hill\n")
-    calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "32", "--width", "32"]
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
-                 "2", "--cfg", "4.0", *size, "--device", "cpu", "--out", calib]) == 0
-    transformer = diffusers.Flux2Transformer2DModel.from_pretrained(pipe_dir / "transformer")
-    inputs = load_inputs(calib, make_runner(transformer))
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_flux2_klein_pipeline(), "klein",
+                                                ["--steps", "3", "--timesteps", "2", "--cfg", "4.0", *size])
     assert inputs[0].shape == (8, 64, 16) and inputs[1].shape == (8, 512, 24)   # 2 steps x (2 prompts + 2 negative)
     assert len(set(inputs[2].tolist())) == 2
     res = tmp_path / "search"

@@ -11,12 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import captured, leaves  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import QuantPlan  # noqa: E402
-from treeq_engine.search import LTXRunner, SearchSpace, make_runner  # noqa: E402
+from treeq_engine.search import LTXRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
@@ -73,10 +74,7 @@ def test_a_saved_file_reproduces_the_rope_scale(tmp_path):
 
 def test_leaves_ties_and_checked_inputs():
     model = tiny_ltx()
-    runner = make_runner(model)
-    inputs = runner.inputs(**call())
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
-    names = [leaf.name for leaf in space.leaves]
+    runner, inputs, space, names = leaves(model, call())
     assert names[:4] == ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_out.0",
                          "transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn2.to_k"]
     assert {f[0].name for f in space.fixed} >= {"proj_in", "caption_projection.linear_1", "proj_out"}
@@ -170,16 +168,9 @@ def test_capture_search_pack_and_sample_an_ltx_pipeline(tmp_path):
     `treeq sample --frames`."""
     from treeq_engine.cli import main
 
-    pipe_dir = tmp_path / "ltx"
-    tiny_ltx_pipeline().save_pretrained(pipe_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na dog on the hill\n")
-    calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "32", "--width", "32", "--frames", "9"]
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
-                 "2", "--cfg", "3.0", *size, "--device", "cpu", "--out", calib]) == 0
-    transformer = diffusers.LTXVideoTransformer3DModel.from_pretrained(pipe_dir / "transformer").eval()
-    inputs = load_inputs(calib, make_runner(transformer))
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_ltx_pipeline(), "ltx",
+                                                ["--steps", "3", "--timesteps", "2", "--cfg", "3.0", *size])
     assert inputs[0].shape == (8, 5 * 16 * 16, 4) and inputs[4][0].tolist() == [5.0, 16.0, 16.0, 2 / 25, 2.0, 2.0]
     assert not bool(inputs[3].bool().all())   # padded captions, masked
     res = tmp_path / "search"

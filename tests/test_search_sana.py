@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import captured  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_sana, tiny_sana_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -19,7 +20,7 @@ from tinydit import one_thread  # noqa: E402,F401
 from treeq_engine.nn import QuantPointwiseConv  # noqa: E402
 from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import SanaRunner, SearchSpace, make_runner  # noqa: E402
-from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,15 +114,9 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
     from treeq_engine.models.diffusers_transformers import rebuild
     from treeq_engine.runtime import TreeQPointwiseConv, artifact
 
-    pipe_dir = tmp_path / "sana"
-    tiny_sana_pipeline().save_pretrained(pipe_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na dog on the hill\n")
-    calib = str(tmp_path / "calib.safetensors")
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
-                 "2", "--cfg", "4.5", "--height", "512", "--width", "512", "--device", "cpu", "--out", calib]) == 0
-    transformer = diffusers.SanaTransformer2DModel.from_pretrained(pipe_dir / "transformer")
-    inputs = load_inputs(calib, make_runner(transformer))
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_sana_pipeline(), "sana",
+                                                ["--steps", "3", "--timesteps", "2", "--cfg", "4.5", "--height", "512",
+                                                 "--width", "512"])
     assert inputs[0].shape[1:] == (4, 16, 16) and not bool(inputs[3].bool().all())   # padded captions, masked
     res = tmp_path / "search"
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
@@ -162,16 +157,9 @@ def test_capture_search_and_pack_a_sana_sprint_pipeline(tmp_path):
     timesteps taken from the calls), searched, packed and sampled."""
     from treeq_engine.cli import main
 
-    pipe_dir = tmp_path / "sprint"
-    tiny_sana_pipeline(sprint=True).save_pretrained(pipe_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na dog on the hill\n")
-    calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "1024", "--width", "1024"]   # (its pipeline's only resolution bins: 32x32 latents)
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "2", "--timesteps",
-                 "2", *size, "--device", "cpu", "--out", calib]) == 0
-    runner = make_runner(diffusers.SanaTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
-    inputs = load_inputs(calib, runner)
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_sana_pipeline(sprint=True), "sprint",
+                                                ["--steps", "2", "--timesteps", "2", *size])
     assert inputs[4].shape == (4,) and len(set(inputs[2].tolist())) == 2   # guidance per sample; two timesteps
     res = tmp_path / "search"
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",

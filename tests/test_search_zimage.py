@@ -12,12 +12,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import captured, leaves  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_zimage, tiny_zimage_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import QuantPlan  # noqa: E402
-from treeq_engine.search import SearchSpace, ZImageRunner, make_runner  # noqa: E402
+from treeq_engine.search import ZImageRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
@@ -54,10 +55,7 @@ def test_segments_compose_to_the_model(dtype):
 
 def test_leaves_ties_and_checked_inputs():
     model = tiny_zimage()
-    runner = make_runner(model)
-    inputs = runner.inputs(**call())
-    space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
-    names = [leaf.name for leaf in space.leaves]
+    runner, inputs, space, names = leaves(model, call())
     # the refiner blocks are searched (block layers) although segment 0 runs them; q/k/v and w1/w3 are tied
     assert names[:4] == ["noise_refiner.0.adaLN_modulation.0", "noise_refiner.0.attention.to_q",
                          "noise_refiner.0.attention.to_out.0", "noise_refiner.0.feed_forward.w1"]
@@ -125,16 +123,9 @@ def test_capture_search_ptq_peft_pack_and_sample_a_zimage_pipeline(tmp_path):
     from treeq_engine.models.diffusers_transformers import rebuild
     from treeq_engine.runtime import artifact
 
-    pipe_dir = tmp_path / "zimage"
-    tiny_zimage_pipeline().save_pretrained(pipe_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cat\na dog on the hill\n")
-    calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "32", "--width", "32"]
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--steps", "3", "--timesteps",
-                 "2", "--cfg", "4.0", *size, "--device", "cpu", "--out", calib]) == 0
-    transformer = diffusers.ZImageTransformer2DModel.from_pretrained(pipe_dir / "transformer")
-    inputs = load_inputs(calib, make_runner(transformer))
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_zimage_pipeline(), "zimage",
+                                                ["--steps", "3", "--timesteps", "2", "--cfg", "4.0", *size])
     assert inputs[0].shape == (8, 4, 1, 16, 16) and len(set(inputs[1].tolist())) == 2   # 2 steps x (2 + 2 CFG)
     assert len(set(inputs[3].sum(dim=1).tolist())) > 1   # prompts of different lengths, padded in the file
     res = tmp_path / "search"
