@@ -93,6 +93,12 @@ def _bypassed_hook(layer: nn.Module) -> bool:
     return _hooked(layer) and _quantized(layer)
 
 
+def kernel_modulation(mod: torch.Tensor) -> torch.Tensor:
+    """Modulation vectors ``(B, chunks, D)`` as diffusers uses them (``mod[:, i:i+1]``, for the float sub-steps) in
+    the layout the kernels take: contiguous float32 ``(chunks, B, D)``, one conversion for all chunks."""
+    return mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+
+
 def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -> bool:
     """``attn`` computes what a fused double-stream block computes (checked on every forward): ``processor`` exactly
     (the separate projections it reads, not a fused one), no hook on it, ``to_out`` as [linear, Dropout] with
@@ -322,9 +328,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
             if timestep.numel() != b * 6 * d:
                 return super().forward(**args)
             mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
-        # mod[:, i:i+1] (B, 1, D) are diffusers' own vectors, for the float sub-steps; the kernels take them as
-        # contiguous float32 (G=B, K=D) rows: one conversion for all six
-        m32 = mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+        m32 = kernel_modulation(mod)
         x2 = x.reshape(b * t, d).contiguous()
 
         # 1. self-attention, gate_msa

@@ -46,7 +46,7 @@ from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flu
                                                              Flux2TransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, joint_attention_ok, register_block, swap_blocks)
+                              _project, joint_attention_ok, kernel_modulation, register_block, swap_blocks)
 from .mmdit_fused import _attention   # (FLUX.2's processors compute FLUX.1's attention)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -116,7 +116,7 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
 def _modulation(temb_mod: torch.Tensor, b: int, sets: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A shared modulation ``(B or 1, 3·sets·d)`` as ``(B, 3·sets, d)`` in its dtype and ``(3·sets, B, d)`` float32."""
     mod = temb_mod.expand(b, -1).view(b, 3 * sets, d)
-    return mod, mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+    return mod, kernel_modulation(mod)
 
 
 class FusedFlux2TransformerBlock(Flux2TransformerBlock):

@@ -56,8 +56,8 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
-                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, refuse_fused_projections,
-                              register_block, swap_blocks)
+                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
+                              refuse_fused_projections, register_block, swap_blocks)
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -170,7 +170,7 @@ def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
     if mod.shape != (b, chunks * d):
         return None
     mod = mod.view(b, chunks, d)
-    return mod, mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+    return mod, kernel_modulation(mod)
 
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,

@@ -40,7 +40,8 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, dispatch_kwargs, joint_attention_ok, register_block, swap_blocks)
+                              _project, dispatch_kwargs, joint_attention_ok, kernel_modulation, register_block,
+                              swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -136,8 +137,7 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         encoder_hidden_states = encoder_hidden_states.expand(b, -1, -1)
         mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)
         cmod = self.txt_mod(temb).expand(b, -1).view(b, 6, d)
-        m32 = mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
-        c32 = cmod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+        m32, c32 = kernel_modulation(mod), kernel_modulation(cmod)
         h, c = hidden_states, encoder_hidden_states
         h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
         n1, cn1 = self.img_norm1, self.txt_norm1

@@ -43,8 +43,8 @@ def diffusers_arch(model: nn.Module) -> str | None:
     """``"dit"`` / ``"pixart"`` for the diffusers transformers this runner cuts, ``"sd3"`` / ``"flux"`` for those
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
     ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
-    ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``"ltx"`` for ``ltx_runner.LTXRunner``'s, ``None`` for anything else
-    (``make_runner`` takes each of them)."""
+    ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``"ltx"`` for
+    ``ltx_runner.LTXRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
 
@@ -117,6 +117,12 @@ def checked_captions(enc: Any, mask: Any, n: int, width: int,
         raise ValueError(f"encoder_attention_mask must be a (N={n}, L={enc.shape[1]}) keep-mask (1 keeps a token), "
                          f"got {describe_arg(mask)}")
     return enc, mask
+
+
+def caption_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(N, L)`` keep-mask as the ``(N, 1, L)`` attention bias the PixArt-style models make of it (0 keeps a token,
+    -10000 hides it)."""
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
 def caption_rows(layer_name: str, state: State) -> torch.Tensor | None:
@@ -267,7 +273,7 @@ class DiffusersRunner(CutModel):
             raise ValueError(f"latents of {grid[0] * grid[1]} patches came as {self._grids[grid[0] * grid[1]]} and "
                              f"{grid} grids: use one aspect ratio per token count")
         _, enc, t, mask = state[:4]
-        bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
+        bias = caption_bias(mask, h.dtype)
         cond = {"resolution": state[4], "aspect_ratio": state[5]} if self.extra_conditions else None
         t6, emb = m.adaln_single(t, cond, batch_size=n, hidden_dtype=h.dtype)
         if m.caption_projection is not None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .diffusers_runner import attention_tie, caption_rows, checked_captions
+from .diffusers_runner import attention_tie, caption_bias, caption_rows, checked_captions
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 LTX = "ltx"
@@ -165,7 +165,7 @@ class LTXRunner(CutModel):
         x, enc, t, mask, video = state
         n = x.shape[0]
         self._video(video, x.shape[1])   # (a state read elsewhere must agree with what this runner recorded)
-        bias = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
+        bias = caption_bias(mask, x.dtype)
         h = m.proj_in(x)
         temb, emb = m.time_embed(t.flatten(), batch_size=n, hidden_dtype=h.dtype)
         temb, emb = temb.view(n, -1, temb.size(-1)), emb.view(n, -1, emb.size(-1))

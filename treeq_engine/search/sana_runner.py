@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .diffusers_runner import attention_tie, caption_rows, checked_captions
+from .diffusers_runner import attention_tie, caption_bias, caption_rows, checked_captions
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
 
 SANA = "sana"
@@ -127,7 +127,7 @@ class SanaRunner(CutModel):
         else:
             t6, emb = m.time_embed(t, batch_size=n, hidden_dtype=h.dtype)
         enc = m.caption_norm(m.caption_projection(enc).view(n, -1, h.shape[-1]))
-        bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)   # the model's conversion of a 2-D keep-mask
+        bias = caption_bias(mask, h.dtype)
         return (h, enc, bias, t6, emb)
 
     def _block(self, i: int, state: State) -> State:
