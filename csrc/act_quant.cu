@@ -1,8 +1,9 @@
-// Row-owning activation quantization with the fused LayerNorm, adaLN modulate and Monarch stage 1.
+// Row-owning activation quantization with the fused LayerNorm or RMSNorm, adaLN modulate and Monarch stage 1.
 // treeq-ptx-requires(sm_80): mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
 //
 // Math, per token row x (K,), all float32 in the oracle's order (docs/format.md), never contracted into FMAs:
 //   LayerNorm (optional, no affine)  v = (x − mean)·rstd,  mean = Σx/K,  rstd = 1/sqrt(Σ(x − mean)²/K + eps)
+//   or RMSNorm (no affine)           the same with mean = 0:  v = x·rstd,  rstd = 1/sqrt(Σx²/K + eps)
 //   modulate  (optional)             v = v·(1 + scale[g]) + shift[g],  g = row / (M / G)
 //   asymmetric  lo = min(min v, 0)·clip, hi = max(max v, 0)·clip, s = (hi − lo)/(qmax − qmin) (1 if hi == lo),
 //               zp = clamp(rint(qmin − lo/s), qmin, qmax)
@@ -45,7 +46,7 @@ struct AqParams {
   const void* x;
   int x_dtype;  // 0 fp32, 1 fp16, 2 bf16
   int m, k;
-  int layer_norm;
+  int norm;  // 0 none, 1 LayerNorm, 2 RMSNorm (ActQuantArgs::norm)
   float ln_eps;
   const float* shift;  // (G, K) fp32 or null
   const float* mscale;
@@ -73,7 +74,7 @@ __device__ __forceinline__ float load_x(const AqParams& p, int64_t idx) {
 // v = preprocessed element (row, col): LayerNorm then modulate, each op rounded separately.
 __device__ __forceinline__ float pre(const AqParams& p, int row, int col, float mean, float rstd) {
   float v = load_x(p, static_cast<int64_t>(row) * p.k + col);
-  if (p.layer_norm) v = __fmul_rn(__fsub_rn(v, mean), rstd);
+  if (p.norm != 0) v = __fmul_rn(__fsub_rn(v, mean), rstd);  // (RMSNorm: mean 0, x − 0 is exact)
   if (p.shift != nullptr) {
     const int64_t gi = static_cast<int64_t>(row / p.rows_per_group) * p.k + col;
     v = __fadd_rn(__fmul_rn(v, __fadd_rn(1.0f, p.mscale[gi])), p.shift[gi]);
@@ -104,10 +105,12 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(const AqParams p) {
     const int row = row_base + rr;
     float mean = 0.0f, rstd = 1.0f;
     if (row < p.m) {
-      if (p.layer_norm) {
-        float s = 0.0f;
-        for (int c = lane; c < p.k; c += 32) s += load_x(p, static_cast<int64_t>(row) * p.k + c);
-        mean = warp_sum(s) / static_cast<float>(p.k);
+      if (p.norm != 0) {
+        if (p.norm == 1) {
+          float s = 0.0f;
+          for (int c = lane; c < p.k; c += 32) s += load_x(p, static_cast<int64_t>(row) * p.k + c);
+          mean = warp_sum(s) / static_cast<float>(p.k);
+        }
         float s2 = 0.0f;
         for (int c = lane; c < p.k; c += 32) {
           const float d = load_x(p, static_cast<int64_t>(row) * p.k + c) - mean;
@@ -251,6 +254,9 @@ std::string quantize_activation(const ActQuantArgs& a, std::uintptr_t stream) {
   if (a.m <= 0 || a.k <= 0) return "M and K must be positive";
   if (a.m > (int64_t{1} << 30) || a.k > (int64_t{1} << 30)) return "M or K too large";
   if (a.x_dtype < 0 || a.x_dtype > 2) return "x dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)";
+  if (a.norm < 0 || a.norm > 2) {
+    return "norm must be 0 (none), 1 (LayerNorm) or 2 (RMSNorm), got " + std::to_string(a.norm);
+  }
   if ((a.shift == nullptr) != (a.mod_scale == nullptr)) return "modulate needs both shift and scale";
   if (a.shift != nullptr && (a.groups <= 0 || a.m % a.groups != 0)) return "modulate groups must divide M";
   AqParams p{};
@@ -258,7 +264,7 @@ std::string quantize_activation(const ActQuantArgs& a, std::uintptr_t stream) {
   p.x_dtype = a.x_dtype;
   p.m = static_cast<int>(a.m);
   p.k = static_cast<int>(a.k);
-  p.layer_norm = a.layer_norm ? 1 : 0;
+  p.norm = a.norm;
   p.ln_eps = a.ln_eps;
   p.shift = a.shift;
   p.mscale = a.mod_scale;

@@ -245,7 +245,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "cuda_quantize_activation",
-      [](std::uintptr_t x, int x_dtype, int64_t m, int64_t k, bool layer_norm, float ln_eps, std::uintptr_t shift,
+      [](std::uintptr_t x, int x_dtype, int64_t m, int64_t k, int norm, float ln_eps, std::uintptr_t shift,
          std::uintptr_t mod_scale, int64_t groups, int bits, bool symmetric, float clip, std::uintptr_t w1,
          int blocks, int rank, int kb, int brp, std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t zp,
          std::uintptr_t row_sum, std::uintptr_t z, int64_t z_rows, std::uintptr_t stream) {
@@ -254,7 +254,7 @@ PYBIND11_MODULE(_C, m) {
         a.x_dtype = x_dtype;
         a.m = m;
         a.k = k;
-        a.layer_norm = layer_norm;
+        a.norm = norm;
         a.ln_eps = ln_eps;
         a.shift = ptr<const float>(shift);
         a.mod_scale = ptr<const float>(mod_scale);
@@ -275,7 +275,7 @@ PYBIND11_MODULE(_C, m) {
         a.z_rows = z_rows;
         raise_if(treeq::cuda::quantize_activation(a, stream));
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("k"), py::arg("layer_norm"), py::arg("ln_eps"),
+      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("k"), py::arg("norm"), py::arg("ln_eps"),
       py::arg("shift"), py::arg("mod_scale"), py::arg("groups"), py::arg("bits"), py::arg("symmetric"),
       py::arg("clip"), py::arg("w1"), py::arg("blocks"), py::arg("rank"), py::arg("kb"), py::arg("brp"),
       py::arg("codes"), py::arg("scale"), py::arg("zp"), py::arg("row_sum"), py::arg("z"), py::arg("z_rows"),

@@ -23,13 +23,13 @@ std::string check_runnable();
 std::string packed_gemm_naive(const int8_t* a, const void* w, int32_t* acc, int64_t m, int64_t n, int64_t k,
                               int w_bits, std::uintptr_t stream);
 
-// Activation quantization (act_quant.cu): per-token codes of x (M, K) after optional LayerNorm and modulate, with
+// Activation quantization (act_quant.cu): per-token codes of x (M, K) after optional Layer/RMSNorm and modulate, with
 // the Monarch stage 1 z. Pointers are device pointers; optional ones may be null.
 struct ActQuantArgs {
   const void* x = nullptr;  // (m, k), x_dtype: 0 fp32, 1 fp16, 2 bf16
   int x_dtype = 0;
   int64_t m = 0, k = 0;
-  bool layer_norm = false;
+  int norm = 0;  // 0 none, 1 LayerNorm, 2 RMSNorm (both without affine, epsilon ln_eps)
   float ln_eps = 0.0f;
   const float* shift = nullptr;      // (groups, k) fp32
   const float* mod_scale = nullptr;  // (groups, k) fp32

@@ -81,18 +81,19 @@ def test_quantize_activation_bit_exact(bits, symmetric, clip, m, k, dtype, cgen)
     assert torch.equal(rs, want.row_sum)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("bits", A_BITS)
-def test_quantize_activation_layernorm(bits, cgen):
-    """With LayerNorm the mean/variance summation order differs from torch's: scales agree to float32 rounding,
-    and a code may differ by one only where the oracle's value sits within rounding of a .5 tie."""
+def test_quantize_activation_layernorm(bits, rms, cgen):
+    """With LayerNorm (or RMSNorm) the mean/variance summation order differs from torch's: scales agree to float32
+    rounding, and a code may differ by one only where the oracle's value sits within rounding of a .5 tie."""
     m, k, eps = 129, 1152, 1e-6
     x = torch.randn(m, k, generator=cgen) * 4 + 1
     shift, scale = torch.randn(3, k, generator=cgen), torch.randn(3, k, generator=cgen) * 0.2
     spec = QuantSpec.activation(bits)
-    want = reference.quantize_activation(x, spec, ln_eps=eps, shift=shift, scale=scale)
-    got = cb.quantize_activation(x.cuda(), spec, ln_eps=eps, shift=shift.cuda(), scale=scale.cuda())
+    want = reference.quantize_activation(x, spec, ln_eps=eps, shift=shift, scale=scale, rms_norm=rms)
+    got = cb.quantize_activation(x.cuda(), spec, ln_eps=eps, shift=shift.cuda(), scale=scale.cuda(), rms_norm=rms)
     torch.testing.assert_close(got.scale.cpu(), want.scale, rtol=1e-5, atol=0)
-    v = reference.preprocess(x, ln_eps=eps, shift=shift, scale=scale)
+    v = reference.preprocess(x, ln_eps=eps, shift=shift, scale=scale, rms_norm=rms)
     # a zero point may differ only where qmin − lo/s sits on a tie; such rows are left out of the code check
     zp_diff = got.zero_point.cpu() != want.zero_point
     if zp_diff.any():

@@ -56,6 +56,10 @@ def test_activation_arguments(operands):
     for eps in (-1.0, 0.0, float("nan"), float("inf"), True, "1e-6"):
         with pytest.raises(ValueError, match="ln_eps must be a positive finite number"):
             quantize_activation(x, a8, ln_eps=eps)
+    with pytest.raises(ValueError, match="rms_norm needs ln_eps"):
+        quantize_activation(x, a8, rms_norm=True)
+    with pytest.raises(TypeError, match="rms_norm must be a bool"):
+        quantize_activation(x, a8, ln_eps=1e-6, rms_norm="yes")
     good = torch.zeros(2, 40)
     with pytest.raises(TypeError, match="shift must be a torch.Tensor"):
         quantize_activation(x, a8, shift=[0.0] * 40, scale=good)

@@ -71,6 +71,43 @@ def test_layernorm_modulate_monarch(bits, symmetric, gen, poisoned):  # noqa: F8
     torch.testing.assert_close(act.z.float().cpu(), ref.z, **tol)
 
 
+@pytest.mark.parametrize("bits,symmetric,branch", [(8, False, False), (4, True, True), (3, False, True)])
+def test_rmsnorm_modulate(bits, symmetric, branch, gen, poisoned):  # noqa: F811
+    """RMSNorm (no mean subtraction: rows offset far from zero tell it from LayerNorm) + modulate, with and without
+    the branch: x̂ and the scale to float rounding, codes up to rounding ties, z to float tolerance."""
+    m, k, g = 26, 133, 2
+    x = (torch.randn(m, k, generator=gen) * 2 + 3).to(torch.bfloat16)
+    shift, scale = torch.randn(g, k, generator=gen), torch.randn(g, k, generator=gen) * 0.2
+    w1 = torch.randn(MonarchShape(24, k, 4, 2).w1_shape, generator=gen) if branch else None
+    spec = QuantSpec.activation(bits, symmetric, 0.95)
+    kw = dict(ln_eps=1e-6, shift=shift, scale=scale, monarch_w1=w1, rms_norm=True)
+    act = quantize_activation(x.to(DEVICE), spec, backend="triton",
+                              **{a: (v.to(DEVICE) if torch.is_tensor(v) else v) for a, v in kw.items()})
+    ref = reference.quantize_activation(x, spec, **kw)
+    xhat = reference.preprocess(x, ln_eps=1e-6, shift=shift, scale=scale, rms_norm=True)
+    xf = x.float()
+    rms = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)   # what diffusers' RMSNorm computes
+    torch.testing.assert_close(xhat, rms * (1 + scale.repeat_interleave(m // g, 0))
+                               + shift.repeat_interleave(m // g, 0), rtol=1e-6, atol=1e-6)
+    assert_codes_match_up_to_ties(act.codes.cpu(), act.scale.cpu(), act.zero_point.cpu(), xhat, ref, spec)
+    assert torch.equal(act.row_sum.cpu(), act.codes.cpu().sum(1, dtype=torch.int32))
+    ln = reference.quantize_activation(x, spec, ln_eps=1e-6, shift=shift, scale=scale)
+    assert not torch.equal(ln.codes, ref.codes)   # (the test tells the two norms apart)
+    if branch:
+        tol = dict(rtol=1e-5, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=2e-2)  # bf16 z on GPU
+        torch.testing.assert_close(act.z.float().cpu(), ref.z, **tol)
+    else:
+        assert act.z is None
+
+
+def test_rmsnorm_rows_against_functional(gen):
+    """The fused RMSNorm without modulate is F.rms_norm: dequantized rows agree to quantization."""
+    x = torch.randn(16, 96, generator=gen) * 5 + 3
+    act = quantize_activation(x.to(DEVICE), QuantSpec.activation(8), ln_eps=1e-5, rms_norm=True, backend="triton")
+    err = (act.dequantize().cpu() - F.rms_norm(x, (96,), eps=1e-5)).abs().max()
+    assert float(err) <= float(act.scale.max()) * 0.5 + 1e-6
+
+
 def test_lowrank_stage1(gen, poisoned):  # noqa: F811
     """b = 1 is the low-rank branch: z = L1·x."""
     m, k = 21, 64
@@ -159,6 +196,10 @@ def test_errors(gen):
                             scale=torch.zeros(4, 32, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="both shift and scale"):
         quantize_activation(x, QuantSpec.activation(8), shift=torch.zeros(2, 32, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="rms_norm needs ln_eps"):
+        quantize_activation(x, QuantSpec.activation(8), rms_norm=True, backend="triton")
+    with pytest.raises(TypeError, match="rms_norm must be a bool"):
+        quantize_activation(x, QuantSpec.activation(8), ln_eps=1e-6, rms_norm=1, backend="triton")
     with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
         quantize_activation(x.to(torch.int32), QuantSpec.activation(8), backend="triton")
     with pytest.raises(ValueError, match="must cover K"):

@@ -115,15 +115,18 @@ def launch_quantize_activation(x: torch.Tensor, spec: QuantSpec, codes: torch.Te
                                zp: torch.Tensor, row_sum: torch.Tensor, z: torch.Tensor | None = None, *,
                                ln_eps: float | None = None, shift: torch.Tensor | None = None,
                                mod_scale: torch.Tensor | None = None, w1: torch.Tensor | None = None,
-                               rank: int = 0) -> None:
+                               rank: int = 0, rms_norm: bool = False) -> None:
     """Quantize ``x (M, K)`` into the given outputs: codes int8 (M, K), scale f32 (M,), zp and row_sum int32 (M,),
-    z bf16 (≥ M rows, b, brp) when ``w1`` (bf16 (b, b·r, Kb)) is given."""
+    z bf16 (≥ M rows, b, brp) when ``w1`` (bf16 (b, b·r, Kb)) is given. The norm, where ``ln_eps`` is given:
+    LayerNorm, or RMSNorm with ``rms_norm``."""
     if x.dim() != 2 or x.dtype not in _X_DTYPES or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous 2-D float32/float16/bfloat16 tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
     m, k = x.shape
     if (shift is None) != (mod_scale is None):
         raise ValueError("modulate needs both shift and scale")
+    if rms_norm and ln_eps is None:
+        raise ValueError("rms_norm needs ln_eps (the RMSNorm's epsilon)")
     for name, t in (("shift", shift), ("scale", mod_scale)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 2
                               or t.shape[1] != k or t.shape[0] == 0 or m % t.shape[0]):
@@ -152,7 +155,8 @@ def launch_quantize_activation(x: torch.Tensor, spec: QuantSpec, codes: torch.Te
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     with torch.cuda.device(x.device):
         core.load().cuda_quantize_activation(
-            x=x.data_ptr(), x_dtype=_X_DTYPES[x.dtype], m=m, k=k, layer_norm=ln_eps is not None,
+            x=x.data_ptr(), x_dtype=_X_DTYPES[x.dtype], m=m, k=k,
+            norm=0 if ln_eps is None else 2 if rms_norm else 1,
             ln_eps=float(ln_eps or 0.0), shift=_ptr(shift), mod_scale=_ptr(mod_scale),
             groups=0 if shift is None else shift.shape[0], bits=spec.bits, symmetric=spec.symmetric,
             clip=spec.clip_ratio, w1=_ptr(w1), blocks=b, rank=rank, kb=0 if w1 is None else w1.shape[2],
@@ -258,7 +262,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 @torch.library.custom_op("treeq::cuda_quantize_activation", mutates_args=())
 def _quantize_activation_op(x: torch.Tensor, bits: int, symmetric: bool, clip: float, ln_eps: Optional[float],
                             shift: Optional[torch.Tensor], mod_scale: Optional[torch.Tensor],
-                            w1: Optional[torch.Tensor], rank: int
+                            w1: Optional[torch.Tensor], rank: int, rms_norm: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     dev = x.device
@@ -273,12 +277,12 @@ def _quantize_activation_op(x: torch.Tensor, bits: int, symmetric: bool, clip: f
         z = torch.empty(0, dtype=torch.bfloat16, device=dev)
     spec = QuantSpec.activation(bits, symmetric=symmetric, clip_ratio=clip)
     launch_quantize_activation(x, spec, codes, scale, zp, row_sum, z if w1 is not None else None, ln_eps=ln_eps,
-                               shift=shift, mod_scale=mod_scale, w1=w1, rank=rank)
+                               shift=shift, mod_scale=mod_scale, w1=w1, rank=rank, rms_norm=rms_norm)
     return codes, scale, zp, row_sum, z
 
 
 @_quantize_activation_op.register_fake
-def _(x, bits, symmetric, clip, ln_eps, shift, mod_scale, w1, rank):
+def _(x, bits, symmetric, clip, ln_eps, shift, mod_scale, w1, rank, rms_norm=False):
     m, k = x.shape
     z_shape = (0,) if w1 is None else (_round_up(m, TOKEN_TILE), w1.shape[0], _round_up(w1.shape[1], 16))
     return (x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
@@ -312,7 +316,7 @@ def _(codes, a_scale, a_zp, a_rowsum, words, row_chan, w_scale, w_uzp, w_ucs, bi
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
+                        monarch_w1: torch.Tensor | None = None, rms_norm: bool = False) -> QuantizedActivation:
     """``ops.quantize_activation`` on CUDA; ``z`` (when ``monarch_w1`` is given) is bf16 ``(M, b, b·r)``."""
     if (shift is None) != (scale is None):
         raise ValueError("modulate needs both shift and scale")
@@ -329,7 +333,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
             raise ValueError(f"monarch_w1 must be (b, b·r, Kb) covering K={k}, got {tuple(monarch_w1.shape)}")
         w1, rank = _bf16(monarch_w1), br // b
     codes, s, zp, rs, zfull = torch.ops.treeq.cuda_quantize_activation(
-        x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, w1, rank)
+        x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, w1, rank, rms_norm)
     z = None
     if w1 is not None:
         z = zfull[:m, :, :w1.shape[1]]

@@ -92,9 +92,11 @@ def _check_x(x: torch.Tensor, what: str = "x") -> None:
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        monarch_w1: torch.Tensor | None = None, backend: str | None = None) -> QuantizedActivation:
-    """Per-token quantization of ``x (M, K)`` after optional LayerNorm and modulate, with the Monarch stage 1
-    ``z = P₁·BD₁·x`` of the unquantized rows."""
+                        monarch_w1: torch.Tensor | None = None, backend: str | None = None,
+                        rms_norm: bool = False) -> QuantizedActivation:
+    """Per-token quantization of ``x (M, K)`` after an optional norm without affine (LayerNorm with epsilon
+    ``ln_eps``; RMSNorm instead with ``rms_norm``) and modulate, with the Monarch stage 1 ``z = P₁·BD₁·x`` of the
+    unquantized rows."""
     _check_x(x)
     if not isinstance(spec, QuantSpec) or spec.role is not Role.ACTIVATION or not spec.is_quantized:
         raise ValueError(f"quantize_activation needs a quantized activation spec, got {spec}")
@@ -104,6 +106,10 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
     if ln_eps is not None and (isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float))
                                or not math.isfinite(ln_eps) or ln_eps <= 0):
         raise ValueError(f"ln_eps must be a positive finite number (LayerNorm's epsilon), got {ln_eps!r}")
+    if not isinstance(rms_norm, bool):
+        raise TypeError(f"rms_norm must be a bool, got {type(rms_norm).__name__}")
+    if rms_norm and ln_eps is None:
+        raise ValueError("rms_norm needs ln_eps (the RMSNorm's epsilon)")
     if (shift is None) != (scale is None):
         raise ValueError("modulate needs both shift and scale")
     for name, t in (("shift", shift), ("scale", scale)):
@@ -129,7 +135,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
         raise ValueError(f"monarch_w1 (b, b·r, Kb) must cover K={k}, be float, and b·r a multiple of b; got {got}")
     if monarch_w1 is not None and monarch_w1.device != x.device:
         raise ValueError(f"monarch_w1 is on {monarch_w1.device}, x on {x.device}")
-    kw = dict(ln_eps=ln_eps, shift=shift, scale=scale, monarch_w1=monarch_w1)
+    kw = dict(ln_eps=ln_eps, shift=shift, scale=scale, monarch_w1=monarch_w1, rms_norm=rms_norm)
     return _pick("quantize_activation", backend, (x, spec), kw)(x, spec, **kw)
 
 

@@ -1,6 +1,7 @@
 """The two kernel ops composed from the format oracle: the reference backend every other backend must match.
 
-``quantize_activation``: [LayerNorm] → [adaLN modulate] → Monarch stage 1 (unquantized) → per-token quantization.
+``quantize_activation``: [LayerNorm or RMSNorm] → [adaLN modulate] → Monarch stage 1 (unquantized) → per-token
+quantization.
 ``packed_linear``: exact int32 GEMM → zero-point corrections and scales → + Monarch stage 2 → + bias →
 [GELU(tanh)] → bf16 out, or per-token quantization for the next layer, or the gated residual
 ``residual + gate ⊙ out`` (float32 from the rounded output, rounded once more).
@@ -17,11 +18,16 @@ from .types import PackedWeight, QuantizedActivation
 
 
 def preprocess(x: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 rows after the optional LayerNorm (no affine, as DiT) and modulate ``x·(1 + scale) + shift``.
-    ``shift``/``scale`` are ``(G, K)``: row ``m`` uses group ``m // (M // G)`` (one group per sample)."""
+               scale: torch.Tensor | None = None, rms_norm: bool = False) -> torch.Tensor:
+    """float32 rows after the optional norm without affine and modulate ``x·(1 + scale) + shift``. The norm, where
+    ``ln_eps`` is given: LayerNorm (as DiT), or with ``rms_norm`` RMSNorm ``x·rsqrt(mean(x²) + eps)`` (as Z-Image and
+    LTX-Video). ``shift``/``scale`` are ``(G, K)``: row ``m`` uses group ``m // (M // G)`` (one group per sample)."""
     xf = x.float()
-    if ln_eps is not None:
+    if rms_norm and ln_eps is None:
+        raise ValueError("rms_norm needs ln_eps (the RMSNorm's epsilon)")
+    if ln_eps is not None and rms_norm:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ln_eps)
+    elif ln_eps is not None:
         xf = F.layer_norm(xf, (xf.shape[-1],), eps=ln_eps)
     if (shift is None) != (scale is None):
         raise ValueError("modulate needs both shift and scale")
@@ -37,8 +43,8 @@ def preprocess(x: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Ten
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
-    xf = preprocess(x, ln_eps=ln_eps, shift=shift, scale=scale)
+                        monarch_w1: torch.Tensor | None = None, rms_norm: bool = False) -> QuantizedActivation:
+    xf = preprocess(x, ln_eps=ln_eps, shift=shift, scale=scale, rms_norm=rms_norm)
     z = None if monarch_w1 is None else monarch.stage1(xf, monarch_w1.float())
     qt = quantize(xf, spec, nonfinite="propagate")
     return QuantizedActivation(qt.codes, qt.scale, qt.zero_point, qt.row_sums(), spec.bits, z)

@@ -185,8 +185,9 @@ def _fusable_linears(block: nn.Module) -> list[nn.Module]:
 
 def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,
              ln_eps: float | None = None, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-             gelu: Sequence[bool] = (), act: nn.Module | None = None) -> list[torch.Tensor]:
-    """Each layer applied to ``pre(x2)`` (optional LayerNorm + modulate), as (M, N) rows in ``x2``'s dtype.
+             gelu: Sequence[bool] = (), act: nn.Module | None = None, rms_norm: bool = False) -> list[torch.Tensor]:
+    """Each layer applied to ``pre(x2)`` (optional LayerNorm, or RMSNorm with ``rms_norm``, + modulate), as (M, N)
+    rows in ``x2``'s dtype.
 
     A quantized layer quantizes ``x2`` in the kernel that does ``pre``; quantized layers without a branch share
     one such call per activation spec (the codes depend only on the rows and the spec), a branch's stage 1 needs
@@ -202,7 +203,7 @@ def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable
             if layer.monarch_w1 is None and layer.act_spec in shared:
                 a = shared[layer.act_spec]
             else:
-                a = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale)
+                a = layer.quantize_input(x2, ln_eps=ln_eps, shift=shift, scale=scale, rms_norm=rms_norm)
                 if layer.monarch_w1 is None:
                     shared[layer.act_spec] = a
             out.append(layer.linear(a, gelu=g, out_dtype=x2.dtype))

@@ -277,10 +277,11 @@ class TreeQLinear(nn.Module):
 
     # -- the two fused halves, for callers that fuse more (LayerNorm + modulate before, GELU after) --
     def quantize_input(self, x2: torch.Tensor, *, ln_eps: float | None = None, shift: torch.Tensor | None = None,
-                       scale: torch.Tensor | None = None) -> QuantizedActivation:
-        """Kernel 1: ``x2 (M, K)`` -> this layer's quantized activation (and Monarch stage 1)."""
+                       scale: torch.Tensor | None = None, rms_norm: bool = False) -> QuantizedActivation:
+        """Kernel 1: ``x2 (M, K)`` -> this layer's quantized activation (and Monarch stage 1), after the optional
+        norm (LayerNorm, or RMSNorm with ``rms_norm``, epsilon ``ln_eps``) and modulate."""
         return quantize_activation(x2, self.act_spec, ln_eps=ln_eps, shift=shift, scale=scale,
-                                   monarch_w1=self.monarch_w1)
+                                   monarch_w1=self.monarch_w1, rms_norm=rms_norm)
 
     def linear(self, act: QuantizedActivation, *, gelu: bool = False, out_spec: QuantSpec | None = None,
                out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,

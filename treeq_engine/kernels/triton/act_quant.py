@@ -1,8 +1,10 @@
-"""Per-token activation quantization, fused with LayerNorm, adaLN modulate and the Monarch branch's stage 1.
+"""Per-token activation quantization, fused with LayerNorm or RMSNorm, adaLN modulate and the Monarch branch's
+stage 1.
 
 Math (docs/format.md; all float32, in the oracle's order of operations), for each row ``m`` of ``x (M, K)``:
 
-    x̂     = x                                       [ LayerNorm, no affine:  (x − mean)·rstd ]
+    x̂     = x                                       [ LayerNorm, no affine:  (x − mean)·rstd,
+                                                         or RMSNorm, no affine:  x·rstd with mean = 0 ]
     x̂     = x̂·(1 + scale[g]) + shift[g]              [ adaLN modulate, g = m // (M/G) ]
     z      = P₁·BD₁·x̂                                 [ Monarch stage 1, on the unquantized row ]
     asym:  lo = clip·min(min x̂, 0), hi = clip·max(max x̂, 0), s = (hi − lo)/(qmax − qmin),
@@ -18,11 +20,12 @@ K, and a single tile of it would need megabytes of shared memory), whose column 
 ``z[m, c // r, k·r + c % r]`` (P₁ is only the store index).
 
 Tiles: one program owns ``BM`` whole rows and walks K in chunks of ``BK`` columns: [LN: two passes for mean and
-variance] → one pass for the range and the non-finite flag (with the branch, this pass walks the ``b`` input
-blocks instead, ``Kb`` gathered columns each, and computes z on the way) → one pass writing codes and row sums.
-Re-reading x costs L2 traffic, not HBM, and keeps registers at ``BM × BK``. Codes are stored one per byte: the
-GEMM's MMA reads int8 from shared memory, and nibble-packed activations would need an unpack between TMA and the
-MMA (the register round trip that made every plain-Triton W4 layout slower than bf16, research/h100-baselines.md).
+variance; RMS: one for the mean square] → one pass for the range and the non-finite flag (with the branch, this pass
+walks the ``b`` input blocks instead, ``Kb`` gathered columns each, and computes z on the way) → one pass writing
+codes and row sums. Re-reading x costs L2 traffic, not HBM, and keeps registers at ``BM × BK``. Codes are stored one
+per byte: the GEMM's MMA reads int8 from shared memory, and nibble-packed activations would need an unpack between
+TMA and the MMA (the register round trip that made every plain-Triton W4 layout slower than bf16,
+research/h100-baselines.md).
 
 Non-finite rows (after preprocessing) get scale NaN, zero point 0, codes 0 and row sum 0, as the oracle's
 ``nonfinite="propagate"``; their z holds the NaNs stage 1 produces.
@@ -77,7 +80,7 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
                       KB, NBLK, BR, R,
                       QMIN: tl.constexpr, QMAX: tl.constexpr, SYM: tl.constexpr,
                       HAS_LN: tl.constexpr, HAS_MOD: tl.constexpr, HAS_MONARCH: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BKB: tl.constexpr, BRP: tl.constexpr,
+                      RMS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BKB: tl.constexpr, BRP: tl.constexpr,
                       Z_BF16: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -87,12 +90,13 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
 
     mean = zero_row
     rstd = zero_row
-    if HAS_LN:  # two passes (mean, then centred variance): F.layer_norm's biased variance
-        acc = zero_row
-        for c in range(nchunks):
-            acc += tl.sum(_centred(x_ptr, rows, rmask, c * BK + lane, K, zero_row), axis=1)
+    if HAS_LN:  # two passes (mean, then centred variance): F.layer_norm's biased variance; RMS: mean 0, one pass
         kf = zero_row + K  # float32 K, also when Triton passes K = 1 as a constant
-        mean = tl.math.div_rn(acc, kf)
+        if not RMS:
+            acc = zero_row
+            for c in range(nchunks):
+                acc += tl.sum(_centred(x_ptr, rows, rmask, c * BK + lane, K, zero_row), axis=1)
+            mean = tl.math.div_rn(acc, kf)
         acc = zero_row
         for c in range(nchunks):
             d = _centred(x_ptr, rows, rmask, c * BK + lane, K, mean)
@@ -173,11 +177,12 @@ def stage1_chunk(kb: int, br: int) -> int:
 
 def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *, ln_eps: float | None = None,
               shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-              monarch_w1: torch.Tensor | None = None, z_dtype: torch.dtype | None = None
+              monarch_w1: torch.Tensor | None = None, z_dtype: torch.dtype | None = None, rms_norm: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the kernel. ``x (M, K)`` contiguous float; ``shift``/``scale (G, K)``; ``monarch_w1 (b, b·r, Kb)``.
     Returns ``codes int8 (M, K)``, ``scale f32 (M,)``, ``zero_point i32 (M,)``, ``row_sum i32 (M,)``,
-    ``z (M, b, b·r)`` or None. ``z_dtype`` defaults to float32 (bfloat16 halves its traffic on the GPU)."""
+    ``z (M, b, b·r)`` or None. ``z_dtype`` defaults to float32 (bfloat16 halves its traffic on the GPU).
+    ``rms_norm``: the norm (``ln_eps`` given) is RMSNorm, not LayerNorm."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous (M, K) tensor, got shape {tuple(x.shape)}")
     m, k = x.shape
@@ -225,7 +230,7 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, *,
         kb, nblk, br, r,
         QMIN=qmin, QMAX=qmax, SYM=bool(symmetric),
         HAS_LN=ln_eps is not None, HAS_MOD=shift is not None, HAS_MONARCH=monarch_w1 is not None,
-        BM=bm, BK=bk, BKB=stage1_chunk(kb, br), BRP=max(16, next_pow2(br)),
+        RMS=bool(rms_norm), BM=bm, BK=bk, BKB=stage1_chunk(kb, br), BRP=max(16, next_pow2(br)),
         Z_BF16=z is not None and z.dtype == torch.bfloat16,
         DOT_PREC="ieee" if INTERPRET else "tf32x3", INTERP=INTERPRET,
         num_warps=4)

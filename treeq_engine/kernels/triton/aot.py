@@ -124,18 +124,18 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
                       dict(x_ptr=x, shift_ptr=x, mscale_ptr=x, w1_ptr=w1, codes_ptr=codes, scale_ptr=f32, zp_ptr=i32,
                            rsum_ptr=i32, z_ptr=z, M=m, K=k, rows_per_group=256, ln_eps=1e-6, clip=1.0,
                            KB=k // 32, NBLK=32, BR=32, R=1),
-                      dict(QMIN=-128, QMAX=127, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, BM=16, BK=1024,
-                           BKB=act_quant.stage1_chunk(k // 32, 32), BRP=32, Z_BF16=True, DOT_PREC="tf32x3",
-                           INTERP=False)), (90, 80)
+                      dict(QMIN=-128, QMAX=127, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, RMS=False,
+                           BM=16, BK=1024, BKB=act_quant.stage1_chunk(k // 32, 32), BRP=32, Z_BF16=True,
+                           DOT_PREC="tf32x3", INTERP=False)), (90, 80)
     # the low-rank branch: one input block holding all of K (a single tile of it needed 786 KB of shared memory)
     yield KernelBuild("act_quant[ln+modulate+lowrank r=32 -> int8]", act_quant._act_quant_kernel,
                       dict(x_ptr=x, shift_ptr=x, mscale_ptr=x, w1_ptr=torch.empty(1, 32, k, dtype=torch.float32),
                            codes_ptr=codes, scale_ptr=f32, zp_ptr=i32, rsum_ptr=i32,
                            z_ptr=torch.empty(m, 1, 32, dtype=torch.bfloat16), M=m, K=k, rows_per_group=256,
                            ln_eps=1e-6, clip=1.0, KB=k, NBLK=1, BR=32, R=32),
-                      dict(QMIN=-8, QMAX=7, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, BM=16, BK=1024,
-                           BKB=act_quant.stage1_chunk(k, 32), BRP=32, Z_BF16=True, DOT_PREC="tf32x3",
-                           INTERP=False)), (90,)
+                      dict(QMIN=-8, QMAX=7, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, RMS=False,
+                           BM=16, BK=1024, BKB=act_quant.stage1_chunk(k, 32), BRP=32, Z_BF16=True,
+                           DOT_PREC="tf32x3", INTERP=False)), (90,)
     for bits in (8, 4, 3, 2):
         packed = torch.empty(n, k if bits == 8 else k // 32 * bits, dtype=torch.int8 if bits == 8 else torch.int32)
         fn = torch.empty(n, dtype=torch.float32)

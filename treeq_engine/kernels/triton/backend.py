@@ -34,19 +34,19 @@ _EMPTY = (0,)
 @torch.library.custom_op("treeq_triton::quantize_activation", mutates_args=())
 def _quantize_activation_op(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, ln_eps: Optional[float],
                             shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                            monarch_w1: Optional[torch.Tensor], z_bf16: bool
+                            monarch_w1: Optional[torch.Tensor], z_bf16: bool, rms_norm: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device(x):
         codes, sa, za, ra, z = _aq.act_quant(x, bits, symmetric, clip_ratio, ln_eps=ln_eps, shift=shift,
                                              scale=scale, monarch_w1=monarch_w1,
-                                             z_dtype=torch.bfloat16 if z_bf16 else torch.float32)
+                                             z_dtype=torch.bfloat16 if z_bf16 else torch.float32, rms_norm=rms_norm)
     if z is None:
         z = x.new_empty(_EMPTY, dtype=torch.float32)
     return codes, sa, za, ra, z
 
 
 @_quantize_activation_op.register_fake
-def _(x, bits, symmetric, clip_ratio, ln_eps, shift, scale, monarch_w1, z_bf16):
+def _(x, bits, symmetric, clip_ratio, ln_eps, shift, scale, monarch_w1, z_bf16, rms_norm=False):
     m, k = x.shape
     z = x.new_empty(_EMPTY, dtype=torch.float32) if monarch_w1 is None else \
         x.new_empty((m, monarch_w1.shape[0], monarch_w1.shape[1]), dtype=torch.bfloat16 if z_bf16 else torch.float32)
@@ -92,11 +92,11 @@ def _branch_factor(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        monarch_w1: torch.Tensor | None = None) -> QuantizedActivation:
+                        monarch_w1: torch.Tensor | None = None, rms_norm: bool = False) -> QuantizedActivation:
     """Backend implementation of ``kernels.quantize_activation`` (inputs already checked by ops.py)."""
     codes, sa, za, ra, z = _quantize_activation_op(
         x, spec.bits, spec.symmetric, spec.clip_ratio, ln_eps, shift, scale, _branch_factor(monarch_w1),
-        x.device.type == "cuda")
+        x.device.type == "cuda", rms_norm)
     return QuantizedActivation(codes, sa, za, ra, spec.bits, z if monarch_w1 is not None else None)
 
 
