@@ -208,7 +208,7 @@ def guard_projection_fusion(model: nn.Module) -> int:
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks, Wan's, Qwen-Image's, Sana's and FLUX.2's blocks. Returns how many blocks were fused."""
+    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's and Z-Image's blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -245,7 +245,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),
                     (("SanaTransformerBlock",), "Sana", "sana_fused", "fuse_sana_blocks", (0, 32)),
                     (("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), "FLUX.2", "flux2_fused",
-                     "fuse_flux2_blocks", (0, 36)))
+                     "fuse_flux2_blocks", (0, 36)),
+                    (("ZImageTransformerBlock",), "Z-Image", "zimage_fused", "fuse_zimage_blocks", (0, 36)))
 
 
 def _diffusers_version() -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """The search's segment runner for diffusers' Z-Image transformer (``ZImageTransformer2DModel``, text to image:
 Z-Image and Z-Image-Turbo). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture,
-search, PTQ and PEFT take Z-Image too; the runtime packs it (its blocks run unfused: each linear quantizes its own
-input).
+search, PTQ and PEFT take Z-Image too; the runtime packs it and fuses its blocks (``runtime/zimage_fused.py``).
 
 Segments: 0 runs everything before the main blocks (the timestep embedding; the patch embedding and the noise
 refiner blocks over the image tokens; the caption embedding and the context refiner blocks over the caption tokens;
