@@ -231,10 +231,12 @@ def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ba
     return o.transpose(1, 2).reshape(-1, heads * head_dim).to(q.dtype).contiguous()
 
 
-def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
-    """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2``, with the modulation's
-    chunks 3, 4, 5 (``mod`` (B, ≥6, D) as diffusers uses them, ``m32`` (≥6, B, D) float32 as the kernels take
-    them): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated
+def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor, *,
+        rms_norm: bool = False) -> torch.Tensor:
+    """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2`` (``rms_norm``: ``ln`` is an
+    RMSNorm without affine, which the kernel computes in its RMSNorm mode), with the modulation's chunks 3, 4, 5
+    (``mod`` (B, ≥6, D) as diffusers uses them, ``m32`` (≥6, B, D) float32 as the kernels take them): LayerNorm +
+    modulate in fc1's quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated
     residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
     runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32
     while the rows are 16-bit (Wan's modulation): the unfused parts compute as the model does, the rows the
@@ -248,7 +250,7 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         y = ff((ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(x))
         return (mod[:, 5:6] * y + x).to(x2.dtype).reshape(x2.shape)
     if _quantized(fc1):
-        act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4])
+        act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4], rms_norm=rms_norm)
         if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
             h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x2.dtype)   # (a branch: float rows)
         elif tanh:

@@ -1,6 +1,6 @@
 """The search's segment runner for diffusers' LTX-Video transformer (``LTXVideoTransformer3DModel``, text to video).
 The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take LTX-Video
-too; the runtime packs it (its blocks run unfused: each linear quantizes its own input).
+too; the runtime packs it and fuses its blocks (``runtime/ltx_fused.py``).
 
 Segments: 0 runs the embedders (the packed-latent projection, adaLN-single's timestep embedding, the caption
 projection), ``1..B`` the blocks (self-attention with the rotary table, cross-attention on the caption, the

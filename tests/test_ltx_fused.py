@@ -1,0 +1,188 @@
+"""Fused LTX-Video blocks (`runtime/ltx_fused.py`): what they compute equals the unfused packed model (float32, the
+reference backend: RMSNorm + modulate in the quantization kernel, GELU and the gated residuals in the epilogues),
+the fused kernels actually run, and everything the fused path cannot reproduce runs diffusers' own forward (or, for
+a feed-forward or output projection, diffusers' computation of that part): hooks, training, another attention
+processor, a per-token timestep, layers left in 16 bits."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from test_mmdit_fused import count_kernels, pair  # noqa: E402
+from test_search_ltx import call  # noqa: E402
+from tiny_diffusers import tiny_ltx  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime import quantize  # noqa: E402
+from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
+from treeq_engine.runtime.ltx_fused import FusedLTXVideoTransformerBlock  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mixed(model):
+    """Block layers at assorted formats: W16 (the float paths), a branch (its own quantization call), to_q at
+    another activation spec than to_k/to_v (no shared call), the rest W4A8."""
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.1.ff.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
+        .with_layer("transformer_blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+def test_fused_equals_unfused(kind):
+    model = tiny_ltx()
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert all(isinstance(b, FusedLTXVideoTransformerBlock) for b in fused.transformer_blocks)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for kw in (call(), call(n=3, video=(3, 2, 2), seed=1)):
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+
+
+def test_the_fused_kernels_run():
+    """Per block: one RMSNorm-fused quantization for q/k/v and one for the feed-forward, GELU and the next layer's
+    codes in the feed-forward's first epilogue, two gated residuals (to_out, ff.net[2])."""
+    model = tiny_ltx()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    norms = []
+    orig = TreeQLinear.quantize_input
+
+    def spy(self, x2, **k):
+        norms.append(k.get("rms_norm", False))
+        return orig(self, x2, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TreeQLinear, "quantize_input", spy)
+        calls, _ = count_kernels(fused, kw)
+    assert calls == {"ln": 2 * 2, "gelu": 2, "residual": 2 * 2, "codes_out": 2}
+    assert norms.count(True) == 2 * 2
+    calls, _ = count_kernels(unfused, kw)
+    assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+
+    model = tiny_ltx()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    seen = []
+    block = fused.transformer_blocks[0]
+    # a hook on a norm, the self-attention, its dropout or a packed projection the kernels would run: that block runs
+    # diffusers' forward
+    for part in ("norm1", "norm2", "attn1", "attn1.to_out.1", "attn1.to_v", "attn1.to_out.0"):
+        h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == 2, part
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        seen.clear()
+    # a hook on the feed-forward or its parts: it runs as a module, the self-attention stays fused
+    for part in ("ff", "ff.net.1", "ff.net.0"):
+        h = block.get_submodule(part).register_forward_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == 2 + 1 and calls["residual"] == 2 + 1, part
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        seen.clear()
+    # the cross-attention runs as a module, fused or not: a hook on it sees its call
+    h = block.attn2.register_forward_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class OtherProcessor(LTXVideoAttnProcessor):   # a subclass computes what it likes: not the fused path's
+        pass
+
+    block.attn1.set_processor(OtherProcessor())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_timesteps_run_diffusers_forward():
+    """LTX-Video 0.9.5's conditioning frames take a timestep per token (``temb`` (B, S, 6·D)): the fused block runs
+    diffusers' forward and returns what the unfused block returns."""
+    model = tiny_ltx()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(2)
+    b, s, d = 2, 12, 16
+    x, text = torch.randn(b, s, d, generator=g), torch.randn(b, 5, d, generator=g)
+    temb = torch.randn(b, s, 6 * d, generator=g) * 0.2
+    calls = []
+    orig = TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k) or orig(self, x2, **k))
+        got = fused.transformer_blocks[0](x, text, temb)
+        assert not any(k.get("ln_eps") for k in calls)
+        want = unfused.transformer_blocks[0](x, text, temb)
+        one = temb[:, :1]
+        torch.testing.assert_close(fused.transformer_blocks[0](x, text, one),
+                                   unfused.transformer_blocks[0](x, text, one), rtol=1e-5, atol=1e-5)
+        assert any(k.get("rms_norm") for k in calls)   # (a timestep per sample fuses)
+    assert torch.equal(got, want)
+
+
+def test_only_ltx_blocks_with_something_to_fuse_are_swapped():
+    model = tiny_ltx()
+    fused = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
+    assert not any(isinstance(b, FusedLTXVideoTransformerBlock) for b in fused.transformer_blocks)
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"):
+        plan = plan.with_layer(f"transformer_blocks.0.{n}", LayerConfig(4, 16))
+    fused = quantize(copy.deepcopy(model), plan, dtype=torch.float32)
+    assert type(fused.transformer_blocks[0]).__name__ == "LTXVideoTransformerBlock"
+    assert isinstance(fused.transformer_blocks[1], FusedLTXVideoTransformerBlock)
+    assert "FusedLTXVideoTransformerBlock" in fused._repeated_blocks
+
+
+def test_bf16_and_a_cache_hook():
+    """In bf16 the fused model agrees with the unfused one to bf16's rounding; diffusers' FirstBlockCache finds the
+    fused class in its block registry."""
+    model = tiny_ltx().to(torch.bfloat16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    kw = call(dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    fused.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
+    with torch.no_grad(), fused.cache_context("test"):
+        first = fused(**kw).sample.float()
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.gpu
+def test_fused_equals_unfused_on_gpu():
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
+    layout: the RMSNorm + modulate kernel, the shared q/k/v codes, GELU and fc2's codes in fc1's epilogue, the gated
+    residuals in to_out's and fc2's (bound as for the Wan blocks: a dropped gate or residual moves the output by
+    half its norm or more)."""
+    model = tiny_ltx()
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    assert all(isinstance(b, FusedLTXVideoTransformerBlock) for b in fused.transformer_blocks)
+    kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in call(dtype=torch.bfloat16).items()}
+    with torch.no_grad():
+        a, b = unfused(**kw).sample.float(), fused(**kw).sample.float()
+    assert torch.isfinite(b).all()
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
