@@ -136,6 +136,13 @@ def default_builds() -> Iterator[tuple[KernelBuild, tuple[int, ...]]]:
                       dict(QMIN=-8, QMAX=7, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=True, RMS=False,
                            BM=16, BK=1024, BKB=act_quant.stage1_chunk(k, 32), BRP=32, Z_BF16=True,
                            DOT_PREC="tf32x3", INTERP=False)), (90,)
+    # RMSNorm (Z-Image, LTX-Video) + modulate, no branch: the mean pass compiled out
+    yield KernelBuild("act_quant[rms+modulate -> int4]", act_quant._act_quant_kernel,
+                      dict(x_ptr=x, shift_ptr=x, mscale_ptr=x, w1_ptr=x, codes_ptr=codes, scale_ptr=f32, zp_ptr=i32,
+                           rsum_ptr=i32, z_ptr=x, M=m, K=k, rows_per_group=256, ln_eps=1e-6, clip=1.0, KB=1, NBLK=1,
+                           BR=1, R=1),
+                      dict(QMIN=-8, QMAX=7, SYM=False, HAS_LN=True, HAS_MOD=True, HAS_MONARCH=False, RMS=True,
+                           BM=16, BK=1024, BKB=16, BRP=16, Z_BF16=False, DOT_PREC="tf32x3", INTERP=False)), (90,)
     for bits in (8, 4, 3, 2):
         packed = torch.empty(n, k if bits == 8 else k // 32 * bits, dtype=torch.int8 if bits == 8 else torch.int32)
         fn = torch.empty(n, dtype=torch.float32)
