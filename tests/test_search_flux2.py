@@ -24,11 +24,17 @@ from treeq_engine.search.evaluator import run_segments  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def call(n=2, tokens=12, text=5, seed=0, guidance=False, dtype=torch.float32):
+def call(n=2, tokens=12, text=5, seed=0, guidance=False, dtype=torch.float32, refs=0):
     """The keyword arguments FLUX.2's pipelines pass: packed latents, text features, timesteps / 1000, 4-axis
-    position ids (per sample, as the pipelines pass them), FLUX.2 [dev]'s guidance."""
+    position ids (per sample, as the pipelines pass them; the image's at time 0), FLUX.2 [dev]'s guidance; ``refs``
+    reference-image tokens appended, at time 10 (as the pipelines append a reference image's)."""
     g = torch.Generator().manual_seed(seed)
     img_ids = torch.randint(0, 8, (tokens, 4), generator=g)
+    img_ids[:, 0] = 0
+    if refs:
+        ref_ids = torch.randint(0, 8, (refs, 4), generator=g)
+        ref_ids[:, 0] = 10
+        img_ids, tokens = torch.cat([img_ids, ref_ids]), tokens + refs
     return dict(hidden_states=torch.randn(n, tokens, 16, generator=g).to(dtype),
                 encoder_hidden_states=torch.randn(n, text, 24, generator=g).to(dtype),
                 timestep=torch.rand(n, generator=g), img_ids=img_ids[None].expand(n, -1, -1),
@@ -78,6 +84,41 @@ def test_leaves_ties_and_checked_inputs():
 @pytest.mark.parametrize("guidance", [False, True])
 def test_evaluate_matches_brute_force(guidance):
     check_evaluator(tiny_flux2(guidance), call(n=4, seed=3, guidance=guidance), 0.5, seed=5)
+
+
+def test_reference_image_tokens_are_left_out_of_the_metric():
+    """A call with reference images (``treeq capture --images``): the segments still compose to the whole output,
+    and the metric reads the image's own tokens only (the pipeline drops the references' predictions), also after a
+    call of another size; the evaluator agrees with the brute-force oracle on it."""
+    model = tiny_flux2()
+    runner = make_runner(model)
+    kw, plain = call(tokens=12, refs=7), call(tokens=19)   # (as many tokens in all, no references)
+    assert torch.equal(run_segments(make_runner(model), make_runner(model).inputs(**plain)), model(**plain).sample)
+    with torch.no_grad():
+        full = model(**kw).sample
+        state = runner.inputs(**kw)
+        assert torch.equal(runner.forward(*state), full) and full.shape[1] == 19
+        assert torch.equal(run_segments(runner, state), full[:, :12])
+        assert run_segments(runner, runner.inputs(**call(tokens=9, refs=4))).shape[1] == 9
+        assert runner.output((full,)).shape[1] == 12   # (per token count)
+        with pytest.raises(ValueError, match="capture them into separate files"):   # 19 tokens, split otherwise
+            run_segments(runner, runner.inputs(**plain))
+    check_evaluator(model, call(n=4, tokens=6, refs=5, seed=3), 0.5, seed=5, tokens=6)
+
+
+def test_profile_reads_calls_with_reference_images(tmp_path):
+    """`treeq profile --diffusers` runs the runner on a weightless copy, where the position ids hold no values: the
+    rows of a call with reference images are the image's and the references' tokens together."""
+    from treeq_engine.runtime.profile import diffusers_rows
+    from treeq_engine.search.diffusers_runner import save_inputs
+
+    model = tiny_flux2()
+    model.save_pretrained(tmp_path / "flux2")
+    runner = make_runner(model)
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, runner.inputs(**call(tokens=12, refs=7)))
+    rows = diffusers_rows(str(tmp_path / "flux2"), calib, [1, 2])
+    assert {(16, 16, 19), (16, 16, 38), (16, 144, 24)} <= set(rows)   # q/k/v on 12 + 7 tokens; single blocks + text
 
 
 def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path):

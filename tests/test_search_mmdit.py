@@ -121,13 +121,14 @@ def test_tied_leaves():
     assert not any("to_add_out" in n[0] or "ff_context" in n[0] for n in last)
 
 
-def brute_mse(model, runner, kw, space, env, lo, hi, row):
-    """Convert a fresh copy, run the model's own forward on the pipeline's call, MSE against FP."""
+def brute_mse(model, runner, kw, space, env, lo, hi, row, tokens=None):
+    """Convert a fresh copy, run the model's own forward on the pipeline's call, MSE against FP (of the first
+    ``tokens`` output tokens where given: what a pipeline keeps of a call with reference images)."""
     m = copy.deepcopy(model)
 
     def sample(m):   # (Z-Image returns a list of per-sample outputs: stacked, as its runner's head does)
         out = m(**kw).sample
-        return (torch.stack(out) if isinstance(out, list) else out).double()
+        return (torch.stack(out) if isinstance(out, list) else out)[:, :tokens].double()
 
     with torch.no_grad():
         fp = sample(m)
@@ -143,10 +144,10 @@ def brute_mse(model, runner, kw, space, env, lo, hi, row):
     return float(((out - fp) ** 2).mean())
 
 
-def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3):
+def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3, tokens=None):
     """The evaluator's MSE for random candidate rows of three nodes (the first leaves, middle ones, the last) equals
     ``brute_mse`` on the model's own forward, for a diffusers model called with ``kw`` (one chunk of ``batch``
-    samples, ``group`` candidates stacked per forward)."""
+    samples, ``group`` candidates stacked per forward; ``tokens``: the output tokens the metric reads)."""
     runner = make_runner(model)
     inputs = runner.inputs(**kw)
     space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
@@ -158,7 +159,7 @@ def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3):
     for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
         picked = rng.integers(0, c, (rows, hi - lo))
         got = ev.evaluate(lo, hi, picked)
-        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r) for r in picked]
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r, tokens) for r in picked]
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
         assert (got > 0).all()
 
