@@ -163,6 +163,38 @@ def test_per_token_modulation_runs_diffusers_forward():
     assert torch.equal(got, want)
 
 
+def test_fallbacks_on_an_older_diffusers_and_strided_rows(monkeypatch):
+    """diffusers before 0.37 has no Omni arguments in the block's forward: the fallback passes only what it takes. A
+    batch-1 input whose rows are strided (a transposed view) runs, as the unfused block does. An RMSNorm with eps 0
+    (which the kernel does not take) leaves its block unfused."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    model = tiny_zimage()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 32, 10, generator=g).transpose(1, 2)   # (1, 10, 32), strided rows
+    freqs = torch.polar(torch.ones(1, 10, 8), torch.randn(1, 10, 8, generator=g))
+    t = torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        want = unfused.layers[0](x, None, freqs, t)
+        close(fused.layers[0](x, None, freqs, t), want)
+    original = ZImageTransformerBlock.forward
+
+    def forward_036(self, x, attn_mask, freqs_cis, adaln_input=None):   # diffusers 0.36's signature
+        return original(self, x, attn_mask, freqs_cis, adaln_input)
+
+    monkeypatch.setattr(ZImageTransformerBlock, "forward", forward_036)
+    fused.train()   # (falls back to the block's own forward)
+    with torch.no_grad():
+        assert torch.equal(fused.layers[0](x, None, freqs, t), want)
+    small = tiny_zimage()
+    small.layers[0].ffn_norm1.eps = 0.0
+    plan = QuantPlan.block_uniform(small, 4, 8)
+    q = quantize(copy.deepcopy(small), plan, dtype=torch.float32)
+    assert type(q.layers[0]).__name__ == "ZImageTransformerBlock" and isinstance(q.layers[1],
+                                                                                 FusedZImageTransformerBlock)
+
+
 def test_only_blocks_with_something_to_fuse_are_swapped():
     model = tiny_zimage()
     fused = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)

@@ -263,9 +263,13 @@ def tiny_zimage():
     """A Z-Image transformer: one noise- and one context-refiner block, two main blocks (random weights, perturbed:
     diffusers zero-initialises its modulations)."""
     torch.manual_seed(0)
-    return perturbed(diffusers.ZImageTransformer2DModel(
+    model = diffusers.ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]).eval())
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]).eval()
+    with torch.no_grad():   # (diffusers before 0.38 leaves the padding tokens uninitialised: torch.empty)
+        model.x_pad_token.zero_()
+        model.cap_pad_token.zero_()
+    return perturbed(model)
 
 
 def tiny_zimage_pipeline():

@@ -48,7 +48,7 @@ from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked,
 def _weighted_rms_norm(norm: Any, dim: int) -> bool:
     """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
     return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None
-            and tuple(norm.dim) == (dim,))
+            and tuple(norm.dim) == (dim,) and norm.eps > 0)   # (the kernel takes a positive epsilon)
 
 
 def _zimage_supported(block: nn.Module) -> bool:
@@ -128,11 +128,14 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, freqs_cis: torch.Tensor,
                 adaln_input: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
                 adaln_noisy: torch.Tensor | None = None, adaln_clean: torch.Tensor | None = None) -> torch.Tensor:
-        args = (x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
+        # diffusers' forward, with Omni's arguments only where given (before 0.37 it takes none of them)
+        omni = {k: v for k, v in (("noise_mask", noise_mask), ("adaln_noisy", adaln_noisy),
+                                  ("adaln_clean", adaln_clean)) if v is not None}
+        args = (x, attn_mask, freqs_cis, adaln_input)
         n1, n3 = self.attention_norm1, self.ffn_norm1
         if (self.training or noise_mask is not None or x.ndim != 3 or (self.modulation and adaln_input is None)
                 or _hooked(n1) or _hooked(n3) or not _attention_ok(self.attention)):
-            return super().forward(*args)
+            return super().forward(*args, **omni)
         b, s, d = x.shape
         scale_msa = gate_msa = scale_mlp = gate_mlp = None
         if self.modulation:
@@ -141,8 +144,8 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
             scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
             if scale_msa.shape != (b, 1, d):
-                return super().forward(*args)
-        x2 = x.reshape(b * s, d)
+                return super().forward(*args, **omni)
+        x2 = x.reshape(b * s, d).contiguous()   # (a strided batch-1 view reshapes to a view: the kernels need rows)
         a = self.attention
 
         def msa_rows() -> torch.Tensor:
@@ -155,7 +158,7 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         y = self.attention_norm2(attn_out)
         x = x + (y if gate_msa is None else gate_msa * y)
 
-        x2 = x.reshape(b * s, d)
+        x2 = x.reshape(b * s, d).contiguous()
         ff = self.feed_forward
 
         def mlp_rows() -> torch.Tensor:
