@@ -24,12 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed(model):
-    """Block layers at assorted formats: W16 (the float paths), a branch (its own quantization call), to_q at
-    another activation spec than to_k/to_v (no shared call), the rest W4A8."""
+    """Block layers at assorted formats: W16 (the float paths: block 0's first feed-forward linear, block 1's
+    second), a branch (its own quantization call), to_q at another activation spec than to_k/to_v (no shared call),
+    the rest W4A8."""
     plan = QuantPlan.block_uniform(model, 4, 8)
     return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16)) \
-        .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff.net.0.proj", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.ff.net.2", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
         .with_layer("transformer_blocks.1.ff.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2))) \
         .with_layer("transformer_blocks.1.attn1.to_v", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
@@ -119,8 +121,9 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 
 def test_per_token_timesteps_run_diffusers_forward():
-    """LTX-Video 0.9.5's conditioning frames take a timestep per token (``temb`` (B, S, 6·D)): the fused block runs
-    diffusers' forward and returns what the unfused block returns."""
+    """Image to video takes a timestep per token (``temb`` (B, S, 6·D): LTX's image-to-video and condition pipelines
+    set the conditioning frame's to 0): the fused block runs diffusers' forward and returns what the unfused block
+    returns."""
     model = tiny_ltx()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     g = torch.Generator().manual_seed(2)
@@ -152,6 +155,19 @@ def test_only_ltx_blocks_with_something_to_fuse_are_swapped():
     assert type(fused.transformer_blocks[0]).__name__ == "LTXVideoTransformerBlock"
     assert isinstance(fused.transformer_blocks[1], FusedLTXVideoTransformerBlock)
     assert "FusedLTXVideoTransformerBlock" in fused._repeated_blocks
+    # what the kernels cannot compute stays diffusers' block: RMSNorms with a weight, exact GELU, eps 0
+    for make in (lambda: diffusers.LTXVideoTransformer3DModel(
+                     in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                     num_layers=2, caption_channels=16, norm_elementwise_affine=True),
+                 lambda: diffusers.LTXVideoTransformer3DModel(
+                     in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                     num_layers=2, caption_channels=16, activation_fn="gelu")):
+        other = make().eval()
+        q = quantize(copy.deepcopy(other), QuantPlan.block_uniform(other, 4, 8), dtype=torch.float32)
+        assert not any(isinstance(b, FusedLTXVideoTransformerBlock) for b in q.transformer_blocks)
+    model.transformer_blocks[0].norm2.eps = 0.0
+    q = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
+    assert [isinstance(b, FusedLTXVideoTransformerBlock) for b in q.transformer_blocks] == [False, True]
 
 
 def test_bf16_and_a_cache_hook():

@@ -23,8 +23,9 @@ not bit for bit.
 A block is swapped only in the structure diffusers builds (RMSNorms without affine before the self-attention and
 the feed-forward, ``LTXAttention`` with ``LTXVideoAttnProcessor`` on unfused projections, a ``FeedForward`` of
 [GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. It runs diffusers' own
-forward in training mode, for a per-token timestep (a ``temb`` with more than one row per sample: LTX-Video
-0.9.5's conditioning frames), when a norm or the self-attention carries a hook or another processor; a
+forward in training mode, for a per-token timestep (a ``temb`` with more than one row per sample: the
+image-to-video and condition pipelines pass one, the conditioning frame's at 0, so image to video runs unfused),
+when a norm or the self-attention carries a hook or another processor; a
 feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers computes it.
 diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under
 the original's entry. The state dict is unchanged.
@@ -49,7 +50,7 @@ from .linear import runs_packed_kernels as _quantized
 def _plain_rms_norm(norm: Any, dim: int) -> bool:
     """An RMSNorm without affine over the last dim (what the quantization kernel's RMSNorm mode computes)."""
     return (type(norm) is RMSNorm and norm.weight is None and norm.bias is None
-            and tuple(norm.dim) == (dim,))
+            and tuple(norm.dim) == (dim,) and norm.eps > 0)   # (the kernel takes a positive epsilon)
 
 
 def _self_attention_ok(attn: Any) -> bool:
