@@ -160,3 +160,90 @@ def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+
+
+def _images(tmp_path, lines):
+    """64-px random RGB images on disk, and an --images file naming them by ``lines`` (relative paths)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in {n.strip() for line in lines for n in line.split(",")}:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "images.txt")
+
+
+def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
+    """`treeq capture --images` on FLUX.2 [klein]: each prompt runs alone with its reference image, the calls carry
+    the references' tokens after the image's and the search meters the image's own; `treeq sample --images` samples
+    the quantized transformer with them."""
+    from treeq_engine.cli import main
+    from treeq_engine.search.diffusers_runner import load_inputs
+
+    pipe_dir = tmp_path / "klein"
+    tiny_flux2_klein_pipeline().save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    images = _images(tmp_path, ["a.png", "b.png"])
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "32", "--width", "32"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", images, "--steps",
+                 "2", "--timesteps", "2", "--cfg", "1.0", *size, "--device", "cpu", "--out", calib]) == 0
+    assert "each prompt runs alone" in capsys.readouterr().err
+    transformer = diffusers.Flux2Transformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    runner = make_runner(transformer)
+    inputs = load_inputs(calib, runner)
+    assert inputs[0].shape == (4, 64 + 256, 16)   # 2 prompts x 2 steps; a 64-px reference: 256 tokens after 64
+    assert run_segments(runner, inputs).shape == (4, 64, 16)   # the metric reads the image's own
+    res, art = tmp_path / "search", tmp_path / "art"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    out = tmp_path / "q.png"
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--images",
+                 _images(tmp_path, ["a.png", "b.png, a.png"]), "--steps", "2", *size, "--device", "cpu",
+                 "--out", str(out)]) == 0   # (FLUX.2 takes several references per prompt)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+
+
+def test_image_files_are_checked_before_anything_loads(tmp_path, capsys):
+    """--images: a line per prompt, readable images, several on a line only for a pipeline that takes several, only
+    for a pipeline that takes images at all, not with class labels; an image-conditioned pipeline without --images
+    is told to give them. Checked from model_index.json and the files alone (no weights anywhere)."""
+    from cli_refusal import refused
+
+    from treeq_engine.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog\n")
+
+    def pipeline(cls, transformer):
+        d = tmp_path / cls
+        (d / "transformer").mkdir(parents=True, exist_ok=True)
+        (d / "transformer" / "config.json").write_text(json.dumps({"_class_name": transformer}))
+        (d / "model_index.json").write_text(json.dumps({"_class_name": cls, "transformer": ["diffusers", "x"]}))
+        return str(d)
+
+    edit = pipeline("QwenImageEditPipeline", "QwenImageTransformer2DModel")
+    plus = pipeline("QwenImageEditPlusPipeline", "QwenImageTransformer2DModel")
+    pixart = pipeline("PixArtAlphaPipeline", "PixArtTransformer2DModel")
+    out = str(tmp_path / "c.safetensors")
+    for pipe, lines, what in ((edit, ["a.png"], "1 lines of images for 2 prompts"),
+                              (edit, ["a.png", "missing.png"], "cannot read image .*missing.png"),
+                              (edit, ["a.png", "a.png, b.png"], "takes one per prompt"),
+                              (pixart, ["a.png", "b.png"], "PixArtAlphaPipeline takes no image")):
+        images = _images(tmp_path, [n for n in lines if "missing" not in n] or ["a.png"])
+        (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
+        assert main(["capture", "--pipeline", pipe, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
+        assert __import__("re").search(what, capsys.readouterr().err), what
+        refused(what, ["sample", "--pipeline", pipe, "--prompts", str(prompts), "--images", images, "--out",
+                       str(tmp_path / "s.png")])
+    # several images on a line: read for a pipeline that takes several (then it fails to load: no weights)
+    images = _images(tmp_path, ["a.png", "a.png, b.png"])
+    assert main(["capture", "--pipeline", plus, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
+    assert "takes one per prompt" not in capsys.readouterr().err
+    assert main(["capture", "--pipeline", edit, "--prompts", str(prompts), "--out", out]) == 2
+    assert "give treeq capture --images FILE" in capsys.readouterr().err
+    assert main(["capture", "--pipeline", edit, "--labels", "1,2", "--images", images, "--out", out]) == 2
+    assert "--images goes with --prompts" in capsys.readouterr().err

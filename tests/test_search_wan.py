@@ -174,6 +174,56 @@ def test_capture_search_ptq_and_pack_a_wan_pipeline(tmp_path, capsys):
     assert "--frames must be a positive" in capsys.readouterr().err
 
 
+def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys, monkeypatch):
+    """`treeq capture --images` on a Wan 2.1 image-to-video pipeline: each prompt runs alone with its first frame,
+    the calls carry the CLIP image tokens; `treeq search` cuts them, `treeq sample --images` samples the quantized
+    transformer with the images."""
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    import types
+
+    import numpy as np
+    from PIL import Image
+    from tiny_diffusers import tiny_wan_i2v_pipeline
+
+    from treeq_engine.cli import main
+
+    pipe = tiny_wan_i2v_pipeline()   # (skips without transformers)
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+
+    # (diffusers' image-to-video pipeline calls ftfy even where it is not installed; Wan's own setup installs it)
+    monkeypatch.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
+    pipe.transformer = perturbed(pipe.transformer)
+    pipe_dir = tmp_path / "i2v"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    rng = np.random.default_rng(0)
+    for name in ("first.png", "other.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    images = tmp_path / "images.txt"
+    images.write_text("first.png\nother.png\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "32", "--width", "32", "--frames", "5"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", str(images),
+                 "--steps", "2", "--timesteps", "2", "--cfg", "1.0", *size, "--batch", "1", "--device", "cpu",
+                 "--out", calib]) == 0
+    assert "kept 4 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps, one call each
+    runner = make_runner(diffusers.WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    assert inputs[0].shape == (4, 10, 3, 16, 16) and inputs[3].shape == (4, 5, 12)   # CLIP's 4 patches + class
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                 "--images", str(images), "--steps", "2", *size, "--device", "cpu",
+                 "--out", str(tmp_path / "q.png")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["samples"] == 2 and report["frames"] == 5
+
+
 def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys):
     """An image-conditioned pipeline (its call needs an image) and a two-expert one (Wan 2.2 A14B) are refused by
     capture, sample and closed-loop search from model_index.json alone, before any weights load."""
@@ -183,7 +233,7 @@ def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
-    for cls, extra, what in (("WanImageToVideoPipeline", {}, "takes image for each call"),
+    for cls, extra, what in (("WanImageToVideoPipeline", {}, "image for each call"),
                              ("WanPipeline", {"transformer_2": ["diffusers", "WanTransformer3DModel"]},
                               "two transformers")):
         d = tmp_path / cls

@@ -178,6 +178,26 @@ def tiny_wan_pipeline():
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
+def tiny_wan_i2v_pipeline():
+    """A Wan 2.1 image-to-video pipeline built offline: ``tiny_wan_pipeline``'s encoder and VAE, a two-layer CLIP
+    vision encoder (32-px images, its penultimate tokens the transformer's image tokens), a transformer reading the
+    latents, the first frame's mask (2 channels: the VAE's time factor) and its latents (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="Wan's pipeline needs transformers (UMT5, CLIP)")
+    t2v = tiny_wan_pipeline()
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16,
+        projection_dim=12)).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformer = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                                  in_channels=10, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                                  num_layers=2, rope_max_seq_len=32, image_dim=12,
+                                                  added_kv_proj_dim=16).eval()
+    return diffusers.WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                             scheduler=t2v.scheduler, image_processor=processor, image_encoder=clip,
+                                             transformer=transformer)
+
+
 def tiny_qwen():
     """A two-block Qwen-Image transformer (random weights, perturbed: diffusers zero-initialises its output layers)."""
     torch.manual_seed(0)

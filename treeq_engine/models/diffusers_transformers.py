@@ -160,14 +160,27 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
 
 # pipelines whose ``image`` is an optional reference: without one they are text to image (FLUX.2's)
 TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline")
+# pipelines that condition one prompt on several images (a list as ``image``); the others take one per prompt
+MULTI_IMAGE_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPlusPipeline")
 
 
-def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True) -> str | None:
+def pipeline_class(path: str | Path) -> str:
+    """The pipeline class named by ``path``'s ``model_index.json`` ("" when it names none or cannot be read)."""
+    try:
+        name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+    return name if isinstance(name, str) else ""
+
+
+def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True, images: bool = False,
+                     takes_images: bool = True) -> str | None:
     """Why command ``what`` cannot run the pipeline directory ``path`` (read from its ``model_index.json``, before
     anything loads), or None: a pipeline whose call takes an image (Wan's image-to-video, Qwen-Image-Edit; not
-    FLUX.2's, whose reference images are optional) or needs more than prompts or class labels, and, with
-    ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's experts: the commands read, replace
-    or sample one)."""
+    FLUX.2's, whose reference images are optional) unless ``images`` (the command has them: ``--images``), a
+    pipeline that takes no image when ``images``, one that needs more than prompts, class labels and images, and,
+    with ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's experts: the commands read,
+    replace or sample one). ``takes_images``: whether ``what`` has an ``--images`` option to suggest."""
     import inspect
 
     index_file = Path(path) / "model_index.json"
@@ -180,14 +193,20 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
     name = index.get("_class_name")
     cls = getattr(_diffusers(), name, None) if isinstance(name, str) and name.isidentifier() else None
     if isinstance(cls, type) and callable(getattr(cls, "__call__", None)):
-        params = inspect.signature(cls.__call__).parameters.values()
-        optional_image = name in TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE
-        needs = [q.name for q in params if q.name != "self" and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
-                 and (q.default is q.empty and q.name not in ("prompt", "class_labels")
-                      or q.name == "image" and not (optional_image and q.default is None))]
+        params = inspect.signature(cls.__call__).parameters
+        if images and "image" not in params:
+            return f"{name} takes no image: --images is for an image-conditioned pipeline"
+        optional_image = name in TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE or images
+        needs = [q.name for q in params.values() if q.name != "self"
+                 and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
+                 and (q.default is q.empty and q.name not in ("prompt", "class_labels", "image")
+                      or q.name == "image" and not optional_image)]
+        if needs == ["image"] and takes_images:
+            return (f"{name} takes an image for each call: give {what} --images FILE (one line per prompt: the "
+                    "paths of its images)")
         if needs:
-            return (f"{name} takes {', '.join(needs)} for each call: {what} runs text- and class-conditioned "
-                    "pipelines only (record an image-conditioned pipeline's calls in Python with capture_calls)")
+            return (f"{name} takes {', '.join(needs)} for each call: {what} runs pipelines conditioned on prompts, "
+                    "class labels and images only (record another pipeline's calls in Python with capture_calls)")
     if one_transformer and index.get("transformer_2") not in (None, [None, None]):
         return (f"{name} denoises with two transformers (transformer and transformer_2: Wan 2.2's experts); "
                 f"{what} handles one")
@@ -221,6 +240,35 @@ def steps_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
 def read_prompts(path: str | Path) -> list[str]:
     """A prompts file: one prompt per line, blank lines skipped."""
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_images(path: str | Path, prompts: int, pipeline: str) -> list[Any]:
+    """An ``--images`` file for ``prompts`` prompts of pipeline class ``pipeline``: one line per prompt (blank lines
+    skipped), the paths of its conditioning images, comma-separated where the pipeline takes several
+    (``MULTI_IMAGE_PIPELINES``), relative to the file's folder. Returns each prompt's ``image`` argument: an RGB
+    ``PIL.Image``, or a list of them for a pipeline that takes several."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if len(lines) != prompts:
+        raise ValueError(f"{file}: {len(lines)} lines of images for {prompts} prompts (one line per prompt)")
+    multi = pipeline in MULTI_IMAGE_PIPELINES
+    out: list[Any] = []
+    for i, line in enumerate(lines, 1):
+        paths = [file.parent / p.strip() for p in line.split(",") if p.strip()]
+        if len(paths) > 1 and not multi:
+            raise ValueError(f"{file}: line {i} names {len(paths)} images; {pipeline} takes one per prompt (several: "
+                             f"{', '.join(MULTI_IMAGE_PIPELINES)})")
+        imgs = []
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    imgs.append(im.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as e:   # (missing, unreadable, not an image)
+                raise ValueError(f"{file}: line {i}: cannot read image {p}: {e}") from None
+        out.append(imgs if multi else imgs[0])
+    return out
 
 
 def describe(model: nn.Module, source: str = "") -> dict[str, Any]:

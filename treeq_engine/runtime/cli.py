@@ -173,6 +173,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "--diffusers`)")
     p.add_argument("--prompts", default=None,
                    help="with a text-to-image --pipeline: a text file, one prompt per line")
+    p.add_argument("--images", default=None, metavar="FILE",
+                   help="with an image-conditioned --pipeline (image to video, editing, FLUX.2's references): a text "
+                        "file, one line per prompt with the paths of its images (comma-separated where it takes "
+                        "several); each prompt runs alone")
     p.add_argument("--height", type=int, default=None, help="with --pipeline: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="with --pipeline: image width (default: the pipeline's)")
     p.add_argument("--frames", type=int, default=None,
@@ -258,8 +262,9 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import (class_of, guidance_kwargs, load_pipeline, pipeline_refusal,
-                                                 read_prompts, steps_kwargs, transformer_dir)
+    from ..models.diffusers_transformers import (class_of, guidance_kwargs, load_pipeline, pipeline_class,
+                                                 pipeline_refusal, read_images, read_prompts, steps_kwargs,
+                                                 transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -273,8 +278,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     dit = name == "DiTTransformer2DModel"   # class-conditional; the others take prompts
     if not dit and args.labels != DEFAULT_LABELS:
         raise SystemExit(f"a text-to-image pipeline ({name}) samples --prompts, not --labels")
-    if dit and args.prompts:
-        raise SystemExit("a DiT pipeline samples --labels, not --prompts")
+    if dit and (args.prompts or args.images):
+        raise SystemExit("a DiT pipeline samples --labels, not --prompts or --images")
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             raise SystemExit(f"--{side} must be a positive number of pixels, got {getattr(args, side)}")
@@ -283,7 +288,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
     refusal = pipeline_refusal(args.pipeline, "treeq sample" + (" --artifact" if args.artifact else ""),
-                               one_transformer=bool(args.artifact))
+                               one_transformer=bool(args.artifact), images=bool(args.images))
     if refusal:
         raise SystemExit(f"treeq sample: {refusal}")
     if args.sampler != "ddpm":
@@ -296,6 +301,14 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         steps = 0
     if steps < 1:
         raise SystemExit(f"--steps for a pipeline is a positive number of steps, got {args.steps!r}")
+    images = None
+    if args.images:   # (read before the pipeline loads: a bad file fails fast)
+        if not args.prompts:
+            raise SystemExit("treeq sample: --images goes with --prompts FILE (a line of images per prompt)")
+        try:
+            images = read_images(args.images, len(read_prompts(args.prompts)), pipeline_class(args.pipeline))
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"treeq sample: --images: {e}") from None
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device)
     video = "num_frames" in inspect.signature(pipe.__call__).parameters
     if args.frames is not None and not video:
@@ -344,13 +357,19 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         if not what:
             raise SystemExit(f"treeq sample: {args.prompts} holds no prompts")
         kw["prompt"] = what
+    calls = [kw]
+    if images is not None:   # one run per prompt, with its images
+        calls = [{**kw, "prompt": p, "image": im} for p, im in zip(what, images)]
     t0 = time.perf_counter()
     with torch.no_grad():
-        result = pipe(**kw)
+        results = [pipe(**c) for c in calls]
     secs = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [list(v) for v in result.frames] if video else [list(result.images)]   # a video: its frames in a row
+    if video:   # a video: its frames in a row
+        rows = [list(v) for r in results for v in r.frames]
+    else:
+        rows = [[im for r in results for im in r.images]]
     if out.suffix.lower() in ANIMATIONS:   # frame t of every video side by side, one animation frame per t
         grids = [_row([v[t] for v in rows]) for t in range(len(rows[0]))]
         grids[0].save(out, save_all=True, append_images=grids[1:], duration=1000 // 16, loop=0)

@@ -9,6 +9,12 @@ record its transformer's calls as the calibration inputs of ``treeq search --dif
         --out flux.safetensors
     treeq capture --pipeline models/Wan2.1-T2V-1.3B --prompts prompts.txt --steps 30 --height 240 --width 416 \\
         --frames 17 --batch 1 --out wan.safetensors
+    treeq capture --pipeline models/Qwen-Image-Edit-2509 --prompts edits.txt --images images.txt --steps 40 \\
+        --out edit.safetensors
+
+An image-conditioned pipeline (image to video, editing, FLUX.2's reference images) takes ``--images FILE``: one
+line per prompt with the paths of its images (comma-separated where the pipeline takes several), and runs one
+prompt at a time.
 
 Each pipeline run samples as it normally would (its scheduler, guidance and resolution); of the distinct timesteps
 it visits, ``--timesteps`` evenly spaced ones are kept (first and last included), with every sample of the batch
@@ -36,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
     what.add_argument("--prompts", default=None,
                       help="a text-conditioned pipeline (all but DiT): a text file, one prompt per line")
+    p.add_argument("--images", default=None, metavar="FILE",
+                   help="an image-conditioned pipeline (image to video, editing, FLUX.2's references): a text file, "
+                        "one line per prompt with the paths of its images (comma-separated where it takes several); "
+                        "each prompt then runs alone")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per run")
     p.add_argument("--timesteps", type=int, default=8, help="distinct timesteps kept (evenly spaced)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
@@ -52,13 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_refusal, read_prompts,
-                                                 steps_kwargs, transformer_dir)
+    from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_class, pipeline_refusal,
+                                                 read_images, read_prompts, steps_kwargs, transformer_dir)
     from .diffusers_runner import VIDEO_ARCHS, capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
         transformer_dir(args.pipeline)   # clear errors before the pipeline loads
-        refusal = pipeline_refusal(args.pipeline, "treeq capture")
+        if args.images is not None and args.labels is not None:
+            raise ValueError("--images goes with --prompts: a class-conditioned pipeline takes no image")
+        refusal = pipeline_refusal(args.pipeline, "treeq capture", images=args.images is not None)
         if refusal:
             raise ValueError(refusal)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
@@ -78,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--height and --width must be positive numbers of pixels, got {size}")
         if args.frames is not None and args.frames <= 0:
             raise ValueError(f"--frames must be a positive number of frames, got {args.frames}")
+        images: list | None = None
+        if args.images is not None:   # (read before the pipeline loads: a bad file fails fast)
+            images = read_images(args.images, len(items), pipeline_class(args.pipeline))
+            if args.batch != 1:
+                print("treeq capture: note: --images: each prompt runs alone", file=sys.stderr)
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
         runner = make_runner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
@@ -118,12 +135,16 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         capture = capture_calls(runner, keep=keep)
+        batch = 1 if images is not None else args.batch
         with capture as calls:
-            for i in tqdm(range(0, len(items), args.batch), desc="capture", unit="run", disable=None):
-                chunk = items[i:i + args.batch]
+            for i in tqdm(range(0, len(items), batch), desc="capture", unit="run", disable=None):
+                chunk = items[i:i + batch]
                 g = torch.Generator(device="cpu").manual_seed(args.seed + i)
                 if runner.arch == "dit":
                     pipe(class_labels=chunk, generator=g, output_type="np", **steps_kwargs(pipe, args.steps), **kw)
+                elif images is not None:
+                    pipe(prompt=chunk[0], image=images[i], generator=g, output_type="latent",
+                         **steps_kwargs(pipe, args.steps), **kw)
                 else:
                     pipe(prompt=chunk, generator=g, output_type="latent", **steps_kwargs(pipe, args.steps), **kw)
                 if keep is None:   # every run visits the first run's timesteps (one resolution): choose now

@@ -201,7 +201,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                              "(model_index.json), not a transformer's")
         from ..models.diffusers_transformers import pipeline_refusal
 
-        refusal = pipeline_refusal(args.diffusers, f"--select {args.select}")
+        refusal = pipeline_refusal(args.diffusers, f"--select {args.select}", takes_images=False)
         if refusal:
             raise ValueError(refusal)
         pipe = None
