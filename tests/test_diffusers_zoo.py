@@ -136,8 +136,11 @@ def test_projection_fusion_is_refused_on_packed_attention(name):
         else:   # (fused per attention above: unfused so)
             for a in _attentions(model, plan.layers):
                 a.unfuse_projections()
-    want, idle = _packed_run(quantize(model, plan), kw)
+    _, idle = _packed_run(quantize(model, plan), kw)
     assert not idle   # no packed projection left out by a fused one
+    # (after, not from, the hooked run: a hook on a packed projection runs a fused block as diffusers computes it,
+    # which Z-Image's fused block matches to float rounding only)
+    want = _out(model, kw)
     for attn in _attentions(model, treeq_layers(model)):
         with pytest.raises(RuntimeError, match="leave the projections unfused"):
             attn.fuse_projections()

@@ -332,6 +332,50 @@ def test_capture_search_and_pack_a_flux_pipeline(tmp_path, capsys):
     assert "--height and --width must be positive" in capsys.readouterr().err
 
 
+def test_capture_search_and_sample_a_flux_kontext_pipeline(tmp_path, capsys, monkeypatch):
+    """FLUX.1 Kontext: without --images it is text to image; with `treeq capture --images` each prompt runs alone
+    with its reference image, whose latent tokens (time coordinate 1) follow the image's and stay out of the metric;
+    the search runs on them and `treeq sample --images` samples the quantized transformer with the images."""
+    pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
+    import diffusers.pipelines.flux.pipeline_flux_kontext as kontext
+    import numpy as np
+    from PIL import Image
+    from tiny_diffusers import tiny_flux_pipeline
+
+    from treeq_engine.cli import main
+    from treeq_engine.search.evaluator import run_segments
+
+    monkeypatch.setattr(kontext, "PREFERRED_KONTEXT_RESOLUTIONS", [(32, 32)])   # (1024-px class sizes: too big)
+    pipe = diffusers.FluxKontextPipeline(**tiny_flux_pipeline().components)
+    pipe_dir = tmp_path / "kontext"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("make it red\nadd a dog\n")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "images.txt").write_text("a.png\nb.png\n")
+    calib = str(tmp_path / "calib.safetensors")
+    size = ["--height", "16", "--width", "16"]
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images",
+                 str(tmp_path / "images.txt"), "--steps", "2", "--timesteps", "2", *size, "--batch", "1", "--device",
+                 "cpu", "--out", calib]) == 0
+    runner = make_runner(diffusers.FluxTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    inputs = load_inputs(calib, runner)
+    assert inputs[0].shape == (4, 16 + 64, 16)   # 16-px image: 4x4 tokens; the 32-px reference: 8x8 after them
+    with torch.no_grad():
+        assert run_segments(runner, inputs).shape == (4, 16, 16)   # the metric reads the image's own
+    out, art = tmp_path / "search", tmp_path / "art"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
+    capsys.readouterr()
+    for extra in (["--images", str(tmp_path / "images.txt")], []):   # (text to image without)
+        assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                     *extra, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+
+
 @pytest.mark.parametrize("shifting", [False, True])
 def test_capture_an_sd3_pipeline(tmp_path, capsys, shifting):
     """SD3 under classifier-free guidance (both halves captured, timesteps as the scheduler's); with a scheduler

@@ -158,8 +158,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
     return pipe
 
 
-# pipelines whose ``image`` is an optional reference: without one they are text to image (FLUX.2's)
-TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline")
+# pipelines whose ``image`` is an optional reference: without one they are text to image (FLUX.2's, FLUX.1 Kontext's)
+TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "FluxKontextPipeline")
 # pipelines that condition one prompt on several images (a list as ``image``); the others take one per prompt
 MULTI_IMAGE_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPlusPipeline")
 
@@ -225,6 +225,17 @@ def guidance_kwargs(pipe: Any, scale: float) -> dict[str, Any]:
     if name.startswith("ZImage"):
         return {"guidance_scale": max(scale - 1.0, 0.0)}
     return {"guidance_scale": scale}
+
+
+def area_kwargs(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """FLUX.1 Kontext's pipeline rescales every image to ``max_area`` (1024² by default) whatever ``height`` and
+    ``width`` say: where a pipeline takes ``max_area`` and the call sets both sides, their product (so a given size
+    is the size sampled)."""
+    import inspect
+
+    if "height" in kw and "width" in kw and "max_area" in inspect.signature(pipe.__call__).parameters:
+        return {"max_area": int(kw["height"]) * int(kw["width"])}
+    return {}
 
 
 def steps_kwargs(pipe: Any, steps: int) -> dict[str, Any]:

@@ -262,9 +262,9 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     one or the artifact's; one row of images into ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import (class_of, guidance_kwargs, load_pipeline, pipeline_class,
-                                                 pipeline_refusal, read_images, read_prompts, steps_kwargs,
-                                                 transformer_dir)
+    from ..models.diffusers_transformers import (area_kwargs, class_of, guidance_kwargs, load_pipeline,
+                                                 pipeline_class, pipeline_refusal, read_images, read_prompts,
+                                                 steps_kwargs, transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -333,6 +333,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
         kw.update(guidance_kwargs(pipe, args.cfg))
     kw.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
+    kw.update(area_kwargs(pipe, kw))
     if args.frames is not None:
         kw["num_frames"] = args.frames
     if dit:

@@ -62,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import (guidance_kwargs, load_pipeline, pipeline_class, pipeline_refusal,
-                                                 read_images, read_prompts, steps_kwargs, transformer_dir)
+    from ..models.diffusers_transformers import (area_kwargs, guidance_kwargs, load_pipeline, pipeline_class,
+                                                 pipeline_refusal, read_images, read_prompts, steps_kwargs,
+                                                 transformer_dir)
     from .diffusers_runner import VIDEO_ARCHS, capture_calls, make_runner, save_inputs, select_timesteps
 
     try:
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--frames is for a text-to-video pipeline; a {runner.arch} pipeline makes images")
         kw: dict = {} if args.cfg is None else guidance_kwargs(pipe, args.cfg)
         kw.update(size)
+        kw.update(area_kwargs(pipe, kw))
         if args.frames is not None:
             kw["num_frames"] = args.frames
         # the timesteps to keep, from the pipeline's scheduler (the values its runs will visit): calls at the

@@ -192,9 +192,10 @@ class PipelineJudge(TrajectoryJudge):
         own = self.pipe.transformer
         try:
             self.pipe.transformer = self.model
-            from ..models.diffusers_transformers import guidance_kwargs, steps_kwargs
+            from ..models.diffusers_transformers import area_kwargs, guidance_kwargs, steps_kwargs
 
-            out = self.pipe(**self.call, **steps_kwargs(self.pipe, c.steps), **guidance_kwargs(self.pipe, c.cfg_scale),
+            out = self.pipe(**self.call, **area_kwargs(self.pipe, self.call), **steps_kwargs(self.pipe, c.steps),
+                            **guidance_kwargs(self.pipe, c.cfg_scale),
                             generator=torch.Generator(device="cpu").manual_seed(c.seed),
                             output_type="pt" if self.decodes else "latent")
         finally:

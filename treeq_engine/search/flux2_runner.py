@@ -17,8 +17,8 @@ Calibration inputs, in the order of ``input_names``: ``hidden_states (N, S, C)``
 distillation (FLUX.2 [dev]) ``guidance (N,)``. The MSE is taken on the output (the flow-matching velocity) of the
 image's own tokens: a call with reference images (``treeq capture --images``) appends their latent tokens to the
 image's, at other time coordinates (10, 20, ... where the image's are 0), and the pipeline drops their predictions,
-so the metric does too (the leading tokens at the first token's time coordinate). What the search cannot reproduce
-is an error at capture: attention kwargs, the reference-image KV cache modes.
+so the metric does too (``mmdit_runner.ReferenceTokens``). What the search cannot reproduce is an error at capture:
+attention kwargs, the reference-image KV cache modes.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
-from .mmdit_runner import dual_stream_segment
+from .mmdit_runner import ReferenceTokens, dual_stream_segment
 
 FLUX2 = "flux2"
 
@@ -59,7 +59,7 @@ class Flux2Runner(CutModel):
         self.input_names = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids") + \
             (("guidance",) if self.guidance else ())
         self.output_fn = output_fn
-        self._targets: dict[int, int] = {}   # tokens of a call -> the image's own (fewer with reference images)
+        self._refs = ReferenceTokens()
 
     def tie(self, layer_name: str) -> str | None:
         """Linears that read one input, searched as one leaf: a double-stream attention's to_q/to_k/to_v (image
@@ -121,17 +121,7 @@ class Flux2Runner(CutModel):
     def _embed(self, state: State) -> State:
         m = self.model
         x, enc, t, img_ids, txt_ids = state[:5]
-        time = img_ids[0, :, 0]
-        s = x.shape[1]
-        if s and time.device.type != "meta":   # (a weightless profile reads shapes only)
-            refs = time != time[0]
-            own = int(refs.int().argmax()) if bool(refs.any()) else s   # (the first reference image's token)
-        else:
-            own = s
-        if self._targets.setdefault(s, own) != own:
-            raise ValueError(f"calls of {s} tokens with {own} and with {self._targets[s]} of them the image's own "
-                             "(the rest reference images'): the metric cannot tell them apart; capture them into "
-                             "separate files")
+        self._refs.note(img_ids)
         t = t.to(x.dtype) * 1000
         g = state[5].to(x.dtype) * 1000 if self.guidance else None
         temb = m.time_guidance_embed(t, g)
@@ -163,8 +153,5 @@ class Flux2Runner(CutModel):
     def output(self, state: State) -> torch.Tensor:
         """The prediction the metric reads: the image's own tokens (a call with reference images: the pipeline drops
         theirs), then ``output_fn``."""
-        out = state[0]
-        n = self._targets.get(out.shape[1], out.shape[1])
-        if n < out.shape[1]:
-            out = out[:, :n]
+        out = self._refs.own(state[0])
         return out if self.output_fn is None else self.output_fn(out)

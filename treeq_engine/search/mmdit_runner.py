@@ -19,8 +19,9 @@ Calibration inputs, in the order of ``input_names``:
   (N, P)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's / 1000), ``img_ids (N, S, 3)``,
   ``txt_ids (N, L, 3)``, and with guidance distillation (FLUX.1-dev) ``guidance (N,)``.
 
-The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error
-at capture: ControlNet residuals, attention kwargs (IP-Adapter), SD3's skipped layers.
+The MSE is taken on the output (the flow-matching velocity); of a FLUX.1 Kontext call (``treeq capture --images``),
+on the image's own tokens, not the reference image's that follow them (``ReferenceTokens``). What the search
+cannot reproduce is an error at capture: ControlNet residuals, attention kwargs (IP-Adapter), SD3's skipped layers.
 """
 from __future__ import annotations
 
@@ -33,6 +34,37 @@ from .evaluator import CutModel, State, describe_arg, sample_scalars
 
 SD3, FLUX = "sd3", "flux"
 CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
+
+
+class ReferenceTokens:
+    """Which output tokens a metric reads when a call appends reference images' latent tokens to the image's (FLUX.1
+    Kontext, FLUX.2 with references): the pipelines drop the references' predictions. The image's own tokens lead
+    and share their position ids' time coordinate (0); each reference's follow at another (1 for Kontext; 10, 20,
+    ... for FLUX.2). Kept per token count from each call's ids (``note``, in segment 0) for ``own`` (the head's
+    output). Calls of one token count split two ways are an error: the head's output cannot tell them apart."""
+
+    def __init__(self) -> None:
+        self.split: dict[int, int] = {}   # tokens of a call -> the image's own
+
+    def note(self, img_ids: torch.Tensor) -> None:
+        """Record the split of a call's ``(N, S, A)`` image ids (a weightless profile's meta ids hold no values:
+        read as no references)."""
+        s = img_ids.shape[1]
+        time = img_ids[0, :, 0]
+        own = s
+        if s and time.device.type != "meta":
+            refs = time != time[0]
+            if bool(refs.any()):
+                own = int(refs.int().argmax())   # (the first reference token)
+        if self.split.setdefault(s, own) != own:
+            raise ValueError(f"calls of {s} tokens with {own} and with {self.split[s]} of them the image's own (the "
+                             "rest reference images'): the metric cannot tell them apart; capture them into separate "
+                             "files")
+
+    def own(self, out: torch.Tensor) -> torch.Tensor:
+        """``out (N, S, ·)`` cut to the image's own tokens."""
+        n = self.split.get(out.shape[1], out.shape[1])
+        return out[:, :n] if n < out.shape[1] else out
 
 
 def mmdit_arch(model: nn.Module) -> str | None:
@@ -75,6 +107,7 @@ class MMDiTRunner(CutModel):
         self.patch = int(model.config.patch_size) if arch == SD3 else 1
         self.guidance = arch == FLUX and bool(model.config.guidance_embeds)
         self._grids: dict[int, tuple[int, int]] = {}
+        self._refs = ReferenceTokens()   # (Flux Kontext's reference image)
         self.output_fn = output_fn
 
     @property
@@ -189,6 +222,7 @@ class MMDiTRunner(CutModel):
                                  f"and {grid} grids: use one aspect ratio per token count")
             h = m.pos_embed(x).contiguous()
             return (h, m.context_embedder(enc), m.time_text_embed(t, pooled))
+        self._refs.note(state[4])
         h = m.x_embedder(x)
         t = t.to(h.dtype) * 1000
         if self.guidance:
@@ -210,3 +244,9 @@ class MMDiTRunner(CutModel):
         h = h.reshape(-1, height, width, p, p, c)
         h = torch.einsum("nhwpqc->nchpwq", h)
         return h.reshape(-1, c, height * p, width * p)
+
+    def output(self, state: State) -> torch.Tensor:
+        """The prediction the metric reads: Flux Kontext's call drops its reference image's tokens (as the pipeline
+        does; ``ReferenceTokens``), then ``output_fn``."""
+        out = self._refs.own(state[0]) if self.arch == FLUX else state[0]
+        return out if self.output_fn is None else self.output_fn(out)
