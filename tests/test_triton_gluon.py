@@ -167,7 +167,9 @@ def test_aot_plain_kernels(aot_reports):
     for r in _pick(aot_reports, "packed_gemm", "sm_80"):
         assert r["sass_ops"].get("IMMA", 0) > 0, r
     for r in _pick(aot_reports, "act_quant", "sm_90a"):
-        assert r["sass_ops"].get("HMMA", 0) > 0 and r["stack_bytes"] == 0, r  # stage 1 on tensor cores (tf32x3)
+        assert r["stack_bytes"] == 0, r
+        if "monarch" in r["kernel"] or "lowrank" in r["kernel"]:   # (the RMSNorm build has no branch)
+            assert r["sass_ops"].get("HMMA", 0) > 0, r  # stage 1 on tensor cores (tf32x3)
         assert r["shared_bytes"] <= 64 * 1024, r  # stage 1 in chunks: low rank (one block of all K) fits too
 
 
