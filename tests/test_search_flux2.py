@@ -162,22 +162,29 @@ def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
 
 
-def _images(tmp_path, lines):
-    """64-px random RGB images on disk, and an --images file naming them by ``lines`` (relative paths)."""
+def _images(tmp_path, lines, sizes=None):
+    """Random RGB images on disk (64 px, or ``sizes[name]`` = (width, height)), and an --images file naming them by
+    ``lines`` (relative paths)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for name in {n.strip() for line in lines for n in line.split(",")}:
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    for name in sorted({n.strip() for line in lines for n in line.split(",")}):
+        w, h = (sizes or {}).get(name, (64, 64))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
     return str(tmp_path / "images.txt")
 
 
 def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
-    """`treeq capture --images` on FLUX.2 [klein]: each prompt runs alone with its reference image, the calls carry
-    the references' tokens after the image's and the search meters the image's own; `treeq sample --images` samples
-    the quantized transformer with them."""
+    """`treeq capture --images` on FLUX.2 [klein]: each prompt runs alone with its own reference image (swapping the
+    lines swaps the references' tokens between the calls), the calls carry the references' tokens after the
+    image's, the search meters the image's own and PTQ's output-projection statistics read those only; images whose
+    calls cannot share a file are refused at the second prompt, nothing written. `treeq sample --images` conditions
+    on the images (the samples differ from text-to-image ones) and lays outputs of different sizes side by side."""
+    from PIL import Image
+
+    from treeq_engine.calib.capture import capture_inputs
     from treeq_engine.cli import main
     from treeq_engine.search.diffusers_runner import load_inputs
 
@@ -185,26 +192,49 @@ def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
     tiny_flux2_klein_pipeline().save_pretrained(pipe_dir)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na dog on the hill\n")
-    images = _images(tmp_path, ["a.png", "b.png"])
-    calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "32", "--width", "32"]
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", images, "--steps",
-                 "2", "--timesteps", "2", "--cfg", "1.0", *size, "--device", "cpu", "--out", calib]) == 0
-    assert "each prompt runs alone" in capsys.readouterr().err
     transformer = diffusers.Flux2Transformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    captures = []
+    for lines in (["a.png", "b.png"], ["b.png", "a.png"]):
+        calib = str(tmp_path / f"calib_{lines[0]}.safetensors")
+        assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images",
+                     _images(tmp_path, lines), "--steps", "2", "--timesteps", "2", "--cfg", "1.0", *size,
+                     "--device", "cpu", "--out", calib]) == 0
+        assert "each prompt runs alone" in capsys.readouterr().err
+        captures.append(load_inputs(calib, make_runner(transformer)))
+    first, swapped = captures
+    assert first[0].shape == (4, 64 + 256, 16)   # 2 prompts x 2 steps; a 64-px reference: 256 tokens after 64
+    refs = lambda x: x[:, 64:]   # noqa: E731  (calls 0-1: prompt 1's steps, 2-3: prompt 2's)
+    assert not torch.equal(refs(first[0])[0], refs(first[0])[2])
+    assert torch.equal(refs(first[0])[:2], refs(swapped[0])[2:]) and torch.equal(refs(first[0])[2:],
+                                                                                  refs(swapped[0])[:2])
     runner = make_runner(transformer)
-    inputs = load_inputs(calib, runner)
-    assert inputs[0].shape == (4, 64 + 256, 16)   # 2 prompts x 2 steps; a 64-px reference: 256 tokens after 64
-    assert run_segments(runner, inputs).shape == (4, 64, 16)   # the metric reads the image's own
+    with torch.no_grad():
+        assert run_segments(runner, first).shape == (4, 64, 16)   # the metric reads the image's own
+    assert capture_inputs(transformer, "proj_out", [first], max_tokens=10_000).shape[0] == 4 * 64
     res, art = tmp_path / "search", tmp_path / "art"
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
                  "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
-    out = tmp_path / "q.png"
+    outs = {}
+    for name, extra in (("refs", ["--images", _images(tmp_path, ["a.png", "b.png, a.png"])]), ("text", [])):
+        outs[name] = tmp_path / f"{name}.png"   # (FLUX.2 takes several references per prompt)
+        assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                     *extra, "--steps", "2", *size, "--device", "cpu", "--out", str(outs[name])]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+    with Image.open(outs["refs"]) as a, Image.open(outs["text"]) as b:
+        assert a.size == b.size == (64, 32) and a.tobytes() != b.tobytes()
+    # without --height/--width FLUX.2 samples at its first reference's size: a row of 64x64 and 128x96
+    mixed = _images(tmp_path, ["a.png", "c.png"], sizes={"c.png": (128, 96)})
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--images",
-                 _images(tmp_path, ["a.png", "b.png, a.png"]), "--steps", "2", *size, "--device", "cpu",
-                 "--out", str(out)]) == 0   # (FLUX.2 takes several references per prompt)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+                 mixed, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "mixed.png")]) == 0
+    with Image.open(tmp_path / "mixed.png") as grid:
+        assert grid.size == (64 + 128, 96)
+    bad = tmp_path / "bad.safetensors"
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", mixed, "--steps", "2",
+                 *size, "--device", "cpu", "--out", str(bad)]) == 2
+    assert "prompt 2's images give transformer calls unlike prompt 1's" in capsys.readouterr().err
+    assert not bad.exists()
 
 
 def test_image_files_are_checked_before_anything_loads(tmp_path, capsys):
@@ -227,13 +257,19 @@ def test_image_files_are_checked_before_anything_loads(tmp_path, capsys):
 
     edit = pipeline("QwenImageEditPipeline", "QwenImageTransformer2DModel")
     plus = pipeline("QwenImageEditPlusPipeline", "QwenImageTransformer2DModel")
+    klein = pipeline("Flux2KleinPipeline", "Flux2Transformer2DModel")
     pixart = pipeline("PixArtAlphaPipeline", "PixArtTransformer2DModel")
+    img2img = pipeline("FluxImg2ImgPipeline", "FluxTransformer2DModel")
+    inpaint = pipeline("FluxInpaintPipeline", "FluxTransformer2DModel")
     out = str(tmp_path / "c.safetensors")
     for pipe, lines, what in ((edit, ["a.png"], "1 lines of images for 2 prompts"),
                               (edit, ["a.png", "missing.png"], "cannot read image .*missing.png"),
-                              (edit, ["a.png", "a.png, b.png"], "takes one per prompt"),
-                              (pixart, ["a.png", "b.png"], "PixArtAlphaPipeline takes no image")):
-        images = _images(tmp_path, [n for n in lines if "missing" not in n] or ["a.png"])
+                              (edit, ["a.png", "a.png, b.png"], "takes one image per prompt"),
+                              (klein, ["a.png", " , "], "line 2 names no image"),
+                              (pixart, ["a.png", "b.png"], "PixArtAlphaPipeline takes no image"),
+                              (img2img, ["a.png", "b.png"], "FluxImg2ImgPipeline is not one"),
+                              (inpaint, ["a.png", "b.png"], "FluxInpaintPipeline is not one")):
+        images = _images(tmp_path, [n for n in lines if "missing" not in n and n.strip(" ,")] or ["a.png"])
         (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
         assert main(["capture", "--pipeline", pipe, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
         assert __import__("re").search(what, capsys.readouterr().err), what
@@ -242,8 +278,22 @@ def test_image_files_are_checked_before_anything_loads(tmp_path, capsys):
     # several images on a line: read for a pipeline that takes several (then it fails to load: no weights)
     images = _images(tmp_path, ["a.png", "a.png, b.png"])
     assert main(["capture", "--pipeline", plus, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
-    assert "takes one per prompt" not in capsys.readouterr().err
+    assert "per prompt" not in capsys.readouterr().err
     assert main(["capture", "--pipeline", edit, "--prompts", str(prompts), "--out", out]) == 2
     assert "give treeq capture --images FILE" in capsys.readouterr().err
+    assert main(["capture", "--pipeline", img2img, "--prompts", str(prompts), "--out", out]) == 2
+    assert "--images" not in capsys.readouterr().err   # (not one --images runs: not suggested)
+    # a single-image pipeline reads a line as one path, commas and all; a photo comes upright (EXIF orientation)
+    from PIL import Image
+
+    from treeq_engine.models.diffusers_transformers import read_images
+
+    photo = Image.new("RGB", (40, 20), "red")
+    exif = photo.getexif()
+    exif[0x0112] = 6   # (rotate 90° to display)
+    photo.save(tmp_path / "x, y.jpg", exif=exif)
+    (tmp_path / "one.txt").write_text("x, y.jpg\n")
+    [im] = read_images(tmp_path / "one.txt", 1, "QwenImageEditPipeline")
+    assert im.size == (20, 40)
     assert main(["capture", "--pipeline", edit, "--labels", "1,2", "--images", images, "--out", out]) == 2
     assert "--images goes with --prompts" in capsys.readouterr().err

@@ -365,6 +365,9 @@ def test_capture_search_and_sample_a_flux_kontext_pipeline(tmp_path, capsys, mon
     assert inputs[0].shape == (4, 16 + 64, 16)   # 16-px image: 4x4 tokens; the 32-px reference: 8x8 after them
     with torch.no_grad():
         assert run_segments(runner, inputs).shape == (4, 16, 16)   # the metric reads the image's own
+    from treeq_engine.calib.capture import capture_inputs
+
+    assert capture_inputs(runner.model, "proj_out", [inputs], max_tokens=10_000).shape[0] == 4 * 16   # and PTQ
     out, art = tmp_path / "search", tmp_path / "art"
     assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
                  "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0

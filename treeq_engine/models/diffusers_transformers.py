@@ -22,10 +22,12 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-# searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
+# searched, calibrated, packed and (all but Chroma) fused (search.diffusers_runner.make_runner cuts each;
+# runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
              "WanTransformer3DModel", "QwenImageTransformer2DModel", "SanaTransformer2DModel",
-             "ZImageTransformer2DModel", "Flux2Transformer2DModel", "LTXVideoTransformer3DModel")
+             "ZImageTransformer2DModel", "Flux2Transformer2DModel", "LTXVideoTransformer3DModel",
+             "ChromaTransformer2DModel")
 # the hub's DiT and PixArt-alpha checkpoints name the old generic class; diffusers remaps it by norm_type
 # (looked up with config.get("norm_type"), which may be None: hence the str | None keys)
 LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
@@ -163,6 +165,11 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
 TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "FluxKontextPipeline")
 # pipelines that condition one prompt on several images (a list as ``image``); the others take one per prompt
 MULTI_IMAGE_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPlusPipeline")
+# the image-conditioned pipelines ``--images`` runs: their calls carry the image as the runners read it (image
+# tokens, or reference tokens the metric leaves out) over the whole schedule; not img2img (a partial schedule),
+# inpainting or control pipelines
+IMAGE_PIPELINES = ("WanImageToVideoPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                   "FluxKontextPipeline") + MULTI_IMAGE_PIPELINES[:2]
 
 
 def pipeline_class(path: str | Path) -> str:
@@ -197,12 +204,15 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
         params = inspect.signature(cls.__call__).parameters
         if images and "image" not in params:
             return f"{name} takes no image: --images is for an image-conditioned pipeline"
+        if images and name not in IMAGE_PIPELINES:
+            return (f"--images runs the image-conditioned pipelines {', '.join(IMAGE_PIPELINES)}; {name} is not one "
+                    "(img2img samples part of the schedule; inpainting and control pipelines take more than images)")
         optional_image = name in TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE or images
         needs = [q.name for q in params.values() if q.name != "self"
                  and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)
                  and (q.default is q.empty and q.name not in ("prompt", "class_labels", "image")
                       or q.name == "image" and not optional_image)]
-        if needs == ["image"] and takes_images:
+        if needs == ["image"] and takes_images and name in IMAGE_PIPELINES:
             return (f"{name} takes an image for each call: give {what} --images FILE (one line per prompt: the "
                     "paths of its images)")
         if needs:
@@ -256,10 +266,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def read_images(path: str | Path, prompts: int, pipeline: str) -> list[Any]:
     """An ``--images`` file for ``prompts`` prompts of pipeline class ``pipeline``: one line per prompt (blank lines
-    skipped), the paths of its conditioning images, comma-separated where the pipeline takes several
-    (``MULTI_IMAGE_PIPELINES``), relative to the file's folder. Returns each prompt's ``image`` argument: an RGB
-    ``PIL.Image``, or a list of them for a pipeline that takes several."""
-    from PIL import Image, UnidentifiedImageError
+    skipped), the path of its conditioning image, or the comma-separated paths of its images where the pipeline
+    takes several (``MULTI_IMAGE_PIPELINES``), relative to the file's folder. Returns each prompt's ``image``
+    argument: an RGB ``PIL.Image`` upright (its EXIF orientation applied, as diffusers' ``load_image`` does), or a
+    list of them for a pipeline that takes several."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     file = Path(path)
     lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
@@ -268,15 +279,17 @@ def read_images(path: str | Path, prompts: int, pipeline: str) -> list[Any]:
     multi = pipeline in MULTI_IMAGE_PIPELINES
     out: list[Any] = []
     for i, line in enumerate(lines, 1):
-        paths = [file.parent / p.strip() for p in line.split(",") if p.strip()]
-        if len(paths) > 1 and not multi:
-            raise ValueError(f"{file}: line {i} names {len(paths)} images; {pipeline} takes one per prompt (several: "
+        names = [p.strip() for p in line.split(",") if p.strip()] if multi else [line]   # (one: a comma is a name)
+        if not names:
+            raise ValueError(f"{file}: line {i} names no image")
+        if not multi and "," in line and not (file.parent / line).exists():
+            raise ValueError(f"{file}: line {i}: no image {line!r}; {pipeline} takes one image per prompt (several: "
                              f"{', '.join(MULTI_IMAGE_PIPELINES)})")
         imgs = []
-        for p in paths:
+        for p in (file.parent / n for n in names):
             try:
                 with Image.open(p) as im:
-                    imgs.append(im.convert("RGB"))
+                    imgs.append(ImageOps.exif_transpose(im).convert("RGB"))
             except (OSError, UnidentifiedImageError) as e:   # (missing, unreadable, not an image)
                 raise ValueError(f"{file}: line {i}: cannot read image {p}: {e}") from None
         out.append(imgs if multi else imgs[0])

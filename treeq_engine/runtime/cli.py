@@ -247,13 +247,15 @@ ANIMATIONS = (".gif", ".webp")   # what --out may name for a video pipeline
 
 
 def _row(images: list[Any]) -> Any:
-    """PIL images side by side."""
+    """PIL images side by side, each at its own size (an image-conditioned pipeline sizes each output from its
+    input), on white."""
     from PIL import Image
 
-    w, h = images[0].size
-    row = Image.new("RGB", (w * len(images), h), color="white")
-    for i, im in enumerate(images):
-        row.paste(im.convert("RGB"), (i * w, 0))
+    row = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), color="white")
+    x = 0
+    for im in images:
+        row.paste(im.convert("RGB"), (x, 0))
+        x += im.width
     return row
 
 
@@ -375,10 +377,12 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         grids = [_row([v[t] for v in rows]) for t in range(len(rows[0]))]
         grids[0].save(out, save_all=True, append_images=grids[1:], duration=1000 // 16, loop=0)
     else:
-        widths = [_row(r) for r in rows]
-        grid = Image.new("RGB", (max(g.width for g in widths), sum(g.height for g in widths)), color="white")
-        for i, g in enumerate(widths):
-            grid.paste(g, (0, i * g.height))
+        strips = [_row(r) for r in rows]
+        grid = Image.new("RGB", (max(g.width for g in strips), sum(g.height for g in strips)), color="white")
+        y = 0
+        for g in strips:
+            grid.paste(g, (0, y))
+            y += g.height
         grid.save(out)
     print(json.dumps({"out": str(out), "samples": len(rows) if video else len(rows[0]), "seconds": round(secs, 2),
                       **({"frames": len(rows[0])} if video else {}),

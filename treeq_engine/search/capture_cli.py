@@ -10,7 +10,7 @@ record its transformer's calls as the calibration inputs of ``treeq search --dif
     treeq capture --pipeline models/Wan2.1-T2V-1.3B --prompts prompts.txt --steps 30 --height 240 --width 416 \\
         --frames 17 --batch 1 --out wan.safetensors
     treeq capture --pipeline models/Qwen-Image-Edit-2509 --prompts edits.txt --images images.txt --steps 40 \\
-        --out edit.safetensors
+        --cfg 4.0 --out edit.safetensors
 
 An image-conditioned pipeline (image to video, editing, FLUX.2's reference images) takes ``--images FILE``: one
 line per prompt with the paths of its images (comma-separated where the pipeline takes several), and runs one
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import (area_kwargs, guidance_kwargs, load_pipeline, pipeline_class,
                                                  pipeline_refusal, read_images, read_prompts, steps_kwargs,
                                                  transformer_dir)
-    from .diffusers_runner import VIDEO_ARCHS, capture_calls, make_runner, save_inputs, select_timesteps
+    from .diffusers_runner import (VIDEO_ARCHS, capture_calls, check_stored, make_runner, save_inputs,
+                                   select_timesteps, stack_inputs)
 
     try:
         transformer_dir(args.pipeline)   # clear errors before the pipeline loads
@@ -147,6 +148,14 @@ def run(args: argparse.Namespace) -> int:
                 elif images is not None:
                     pipe(prompt=chunk[0], image=images[i], generator=g, output_type="latent",
                          **steps_kwargs(pipe, args.steps), **kw)
+                    if i and calls.calls:   # (fail now, not after every run: one file holds calls of one shape)
+                        try:
+                            ragged = {runner.input_names.index(k): v for k, v in getattr(runner, "ragged", {}).items()}
+                            check_stored(runner, stack_inputs([calls.calls[0], calls.calls[-1]], ragged))
+                        except ValueError as e:
+                            raise ValueError(f"prompt {i + 1}'s images give transformer calls unlike prompt 1's: "
+                                             f"{e}. One calibration file holds calls of one shape: give images of "
+                                             "one size (and count) per file") from None
                 else:
                     pipe(prompt=chunk, generator=g, output_type="latent", **steps_kwargs(pipe, args.steps), **kw)
                 if keep is None:   # every run visits the first run's timesteps (one resolution): choose now

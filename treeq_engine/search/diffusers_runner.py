@@ -44,12 +44,14 @@ def diffusers_arch(model: nn.Module) -> str | None:
     ``mmdit_runner.MMDiTRunner`` cuts, ``"wan"`` for ``wan_runner.WanRunner``'s, ``"qwen-image"`` for
     ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
     ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``"ltx"`` for
-    ``ltx_runner.LTXRunner``'s, ``None`` for anything else (``make_runner`` takes each of them)."""
+    ``ltx_runner.LTXRunner``'s, ``"chroma"`` for ``chroma_runner.ChromaRunner``'s, ``None`` for anything else
+    (``make_runner`` takes each of them)."""
     return _runner_for(model)[0]
 
 
 def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
     """``(arch, runner class)`` of the first runner that cuts ``model``, or ``(None, None)``."""
+    from .chroma_runner import ChromaRunner, chroma_arch
     from .flux2_runner import Flux2Runner, flux2_arch
     from .ltx_runner import LTXRunner, ltx_arch
     from .mmdit_runner import MMDiTRunner, mmdit_arch
@@ -60,7 +62,7 @@ def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
 
     for arch_of, cls in ((mmdit_arch, MMDiTRunner), (wan_arch, WanRunner), (qwen_arch, QwenImageRunner),
                          (sana_arch, SanaRunner), (zimage_arch, ZImageRunner), (flux2_arch, Flux2Runner),
-                         (ltx_arch, LTXRunner), (fused_arch, DiffusersRunner)):
+                         (ltx_arch, LTXRunner), (chroma_arch, ChromaRunner), (fused_arch, DiffusersRunner)):
         arch = arch_of(model)
         if arch is not None:
             return arch, cls
@@ -84,8 +86,8 @@ def fused_arch(model: nn.Module) -> str | None:
 def make_runner(model: nn.Module) -> Any:
     """The segment runner of a diffusers transformer the search cuts: ``DiffusersRunner`` for DiT and PixArt,
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
-    Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2, ``LTXRunner`` for LTX-Video. Anything else
-    is a ``TypeError`` naming what is supported."""
+    Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2, ``LTXRunner`` for LTX-Video, ``ChromaRunner``
+    for Chroma. Anything else is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED
 
     _, cls = _runner_for(model)
@@ -311,6 +313,16 @@ def diffusers_eps(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tens
     return run_segments(make_runner(model), cast(State, batch))   # (any sequence: it makes its own tuple)
 
 
+def check_stored(runner: Any, inputs: State) -> None:
+    """The checks a captured call passes, on a stored input tuple (``runner.input_names`` order): shapes against the
+    model's config, and what one call must share across its samples (position ids, grids). A ``ValueError`` names
+    what is wrong."""
+    kw = dict(zip(runner.input_names, inputs))
+    if runner.extra_conditions:
+        kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
+    runner.inputs(**kw)
+
+
 def stack_inputs(calls: Sequence[State], ragged: Mapping[int, float] | None = None) -> State:
     """Input tuples of several calls as one (concatenated along the sample dim), checking they agree. ``ragged``:
     inputs (by position) whose dim 1 may differ between calls, padded to the longest with the given value (a
@@ -532,11 +544,8 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
     n = out[0].shape[0] if out[0].dim() else 0
     if any(t.dim() == 0 or t.shape[0] != n for t in out) or n == 0:
         raise ValueError(f"{path}: inputs must share a non-empty sample dim, got {[tuple(t.shape) for t in out]}")
-    kw = dict(zip(runner.input_names, out))
-    if runner.extra_conditions:
-        kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
     try:
-        runner.inputs(**kw)   # the same checks a captured call passes (shapes against the model's config)
+        check_stored(runner, out)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     # float inputs at the model's dtype (a capture in half precision feeds a float32 search); timesteps (and what

@@ -150,6 +150,10 @@ class Flux2Runner(CutModel):
         m = self.model
         return m.proj_out(m.norm_out(state[0], state[2]))
 
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """Reference images' tokens are not real to the output projection (the pipeline drops them)."""
+        return self._refs.rows(state[0]) if layer_name == "proj_out" else None
+
     def output(self, state: State) -> torch.Tensor:
         """The prediction the metric reads: the image's own tokens (a call with reference images: the pipeline drops
         theirs), then ``output_fn``."""

@@ -66,11 +66,38 @@ class ReferenceTokens:
         n = self.split.get(out.shape[1], out.shape[1])
         return out[:, :n] if n < out.shape[1] else out
 
+    def rows(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The output projection's real rows of the head's input ``h (N, S, ·)``: the image's own tokens (the
+        references' predictions are dropped, so PTQ's statistics leave them out), or None when all are."""
+        n = self.split.get(h.shape[1], h.shape[1])
+        if n >= h.shape[1]:
+            return None
+        keep = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+        keep[:, :n] = True
+        return keep
+
 
 def mmdit_arch(model: nn.Module) -> str | None:
     """``"sd3"`` / ``"flux"`` for the MMDiT transformers this runner cuts, ``None`` for anything else."""
     arch = CLASSES.get(type(model).__name__)
     return arch if arch is not None and hasattr(model, "transformer_blocks") else None
+
+
+def mmdit_tie(layer_name: str) -> str | None:
+    """Linears that read one input, searched as one leaf: an attention's to_q/to_k/to_v (image tokens, or SD3.5's
+    second attention's), its add_q/k/v_proj (text tokens), and in a FLUX.1-style single-stream block (Flux's,
+    Chroma's) the attention's to_q/to_k/to_v with proj_mlp (all on the one normalised sequence)."""
+    head, _, last = layer_name.rpartition(".")
+    block, _, attn = head.rpartition(".")
+    if block.startswith("single_transformer_blocks.") and attn == "attn" and last in ("to_q", "to_k", "to_v"):
+        return block + ".qkv_mlp"
+    if head.startswith("single_transformer_blocks.") and last == "proj_mlp":
+        return head + ".qkv_mlp"
+    if attn in ("attn", "attn2") and last in ("to_q", "to_k", "to_v"):
+        return head + ".qkv"
+    if attn == "attn" and last in ("add_q_proj", "add_k_proj", "add_v_proj"):
+        return head + ".add_qkv"
+    return None
 
 
 def dual_stream_segment(layer_name: str, joint: int, num_segments: int) -> int:
@@ -118,20 +145,7 @@ class MMDiTRunner(CutModel):
         return head + ("img_ids", "txt_ids") + (("guidance",) if self.guidance else ())
 
     def tie(self, layer_name: str) -> str | None:
-        """Linears that read one input, searched as one leaf: an attention's to_q/to_k/to_v (image tokens, or
-        SD3.5's second attention's), its add_q/k/v_proj (text tokens), and in Flux's single-stream blocks the
-        attention's to_q/to_k/to_v with proj_mlp (all on the one normalised sequence)."""
-        head, _, last = layer_name.rpartition(".")
-        block, _, attn = head.rpartition(".")
-        if block.startswith("single_transformer_blocks.") and attn == "attn" and last in ("to_q", "to_k", "to_v"):
-            return block + ".qkv_mlp"
-        if head.startswith("single_transformer_blocks.") and last == "proj_mlp":
-            return head + ".qkv_mlp"
-        if attn in ("attn", "attn2") and last in ("to_q", "to_k", "to_v"):
-            return head + ".qkv"
-        if attn == "attn" and last in ("add_q_proj", "add_k_proj", "add_v_proj"):
-            return head + ".add_qkv"
-        return None
+        return mmdit_tie(layer_name)
 
     # -- inputs ------------------------------------------------------------------------------------
     def inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -244,6 +258,10 @@ class MMDiTRunner(CutModel):
         h = h.reshape(-1, height, width, p, p, c)
         h = torch.einsum("nhwpqc->nchpwq", h)
         return h.reshape(-1, c, height * p, width * p)
+
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """Flux Kontext's reference tokens are not real to the output projection (the pipeline drops them)."""
+        return self._refs.rows(state[0]) if self.arch == FLUX and layer_name == "proj_out" else None
 
     def output(self, state: State) -> torch.Tensor:
         """The prediction the metric reads: Flux Kontext's call drops its reference image's tokens (as the pipeline
