@@ -344,6 +344,33 @@ def tiny_flux2_klein_pipeline():
                                         text_encoder=qwen3, tokenizer=tokenizer, transformer=tiny_flux2())
 
 
+def tiny_chroma(in_channels: int = 16):
+    """A Chroma transformer: two double- and two single-stream blocks, a two-layer approximator (random weights,
+    perturbed off diffusers' zero initialisations)."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4], approximator_hidden_dim=16,
+        approximator_layers=2).eval())
+
+
+def tiny_chroma_pipeline():
+    """A Chroma pipeline built offline: a one-layer T5 encoder over a word-level tokenizer (prompts padded to 512
+    tokens, the padding masked), ``tiny_chroma``, a 2-level VAE, a flow-matching scheduler (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="Chroma's pipeline needs transformers (T5)")
+    tokenizer, vocab = _word_tokenizer(max_length=512)
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                  scaling_factor=1.5).eval()
+    return diffusers.ChromaPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
+                                    tokenizer=tokenizer, transformer=tiny_chroma())
+
+
 def tiny_ltx():
     """A two-block LTX-Video transformer (random weights, perturbed off diffusers' zero initialisations)."""
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Mixed-precision search: Tree-Structured Search with Environmental Noise Guidance, its baselines, budgets."""
+from .chroma_runner import ChromaRunner
 from .costs import Budget, BudgetError, CostModel, LatencyTable, check_budget, cost_model, describe, environment_config
 from .diffusers_runner import DiffusersRunner, capture_calls, make_runner
 from .eng import Environment
@@ -17,4 +18,5 @@ from .zimage_runner import ZImageRunner
 __all__ = ["Budget", "BudgetError", "CostModel", "DiTRunner", "DiffusersRunner", "Environment", "Evaluator", "LatencyTable", "Leaf",
            "MMDiTRunner", "Node", "SearchResult", "SearchSpace", "SegmentRunner", "candidate_configs", "capture_calls", "check_budget",
            "cost_model", "describe", "environment_config", "make_runner", "nondominated_fronts", "pareto_drop", "tree_search",
-           "QwenImageRunner", "SanaRunner", "WanRunner", "ZImageRunner", "Flux2Runner", "LTXRunner"]
+           "QwenImageRunner", "SanaRunner", "WanRunner", "ZImageRunner", "Flux2Runner", "LTXRunner",
+           "ChromaRunner"]
