@@ -35,3 +35,27 @@ def leaves(model: Any, kw: dict[str, Any]) -> tuple[Any, tuple, SearchSpace, lis
     inputs = runner.inputs(**kw)
     space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
     return runner, inputs, space, [leaf.name for leaf in space.leaves]
+
+
+def ptq_peft_packed(tmp_path: Path, src: Sequence[str], transformer: Path, *, ptq: Sequence[str] = (),
+                    bits: str = "W4A8", batch: int = 4, peft_steps: int = 2) -> tuple[Any, Any]:
+    """`treeq ptq` (``bits``, ``ptq`` extra arguments) -> `treeq peft` -> `treeq quantize --ptq --peft` on the
+    diffusers transformer ``src`` names (``--diffusers DIR --calib-inputs FILE``), into ``tmp_path`` / ptq, peft,
+    art. Returns the transformer under ``transformer`` with that calibration and fine-tuning loaded (fake quant) and
+    the artifact loaded into a model rebuilt from its manifest: what the tests compare."""
+    from treeq_engine.calib.peft import load_finetuned
+    from treeq_engine.calib.ptq import load_calibration
+    from treeq_engine.models.diffusers_transformers import load_transformer, rebuild
+    from treeq_engine.runtime import artifact
+
+    ptq_dir, peft_dir, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
+    assert main(["ptq", *src, "--calib-batch", str(batch), "--bits", bits, "--max-tokens", "64", "--rounds", "1",
+                 *ptq, "--out", ptq_dir]) == 0
+    assert main(["peft", *src, "--calib-batch", str(batch), "--ptq", ptq_dir, "--steps", str(peft_steps),
+                 "--lr-branch", "0.05", "--out", peft_dir]) == 0
+    assert main(["quantize", "--diffusers", str(transformer), "--ptq", ptq_dir, "--peft", peft_dir,
+                 "--out", str(art)]) == 0
+    direct, _ = load_transformer(str(transformer))
+    load_calibration(direct, ptq_dir)
+    load_finetuned(direct, peft_dir)
+    return direct, artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))

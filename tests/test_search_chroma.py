@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_chroma, tiny_chroma_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -103,11 +103,7 @@ def test_capture_search_ptq_peft_pack_and_sample_a_chroma_pipeline(tmp_path):
     tokens, the padding masked) -> `treeq search` -> `treeq ptq` / `peft` -> `treeq quantize --ptq --peft`; the
     artifact computes what the calibrated, fine-tuned fake-quant transformer computes, and samples in the
     pipeline."""
-    from treeq_engine.calib.peft import load_finetuned
-    from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
-    from treeq_engine.models.diffusers_transformers import rebuild
-    from treeq_engine.runtime import artifact
 
     size = ["--height", "16", "--width", "16"]
     pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_chroma_pipeline(), "chroma",
@@ -121,16 +117,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_chroma_pipeline(tmp_path):
     report = json.loads((res / "report.json").read_text())
     assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
     assert "single_transformer_blocks.1.proj_mlp" in QuantPlan.load(res / "plan.json").layers
-    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
-    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
-                 "--rounds", "1", "--out", ptq]) == 0
-    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
-                 "--out", peft]) == 0
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
-    direct = diffusers.ChromaTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
-    load_calibration(direct, ptq)
-    load_finetuned(direct, peft)
-    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    direct, loaded = ptq_peft_packed(tmp_path, src, pipe_dir, ptq=["--branch-params", "4"])
+    art = tmp_path / "art"
     kw = call(n=2, seed=7)
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()

@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -126,11 +126,7 @@ def test_ptq_statistics_leave_out_caption_padding():
 def test_search_ptq_peft_quantize(tmp_path):
     """`treeq search / ptq / peft / quantize --diffusers` on an LTX-Video transformer directory with saved inputs:
     the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
-    from treeq_engine.calib.peft import load_finetuned
-    from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
-    from treeq_engine.models.diffusers_transformers import rebuild
-    from treeq_engine.runtime import artifact
 
     model = tiny_ltx()
     d = tmp_path / "ltx"
@@ -146,16 +142,7 @@ def test_search_ptq_peft_quantize(tmp_path):
     report = json.loads((res / "report.json").read_text())
     assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
     assert "transformer_blocks.1.ff.net.0.proj" in QuantPlan.load(res / "plan.json").layers
-    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
-    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
-                 "--rounds", "1", "--smooth-alphas", "0.5", "--out", ptq]) == 0
-    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
-                 "--out", peft]) == 0
-    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
-    direct = diffusers.LTXVideoTransformer3DModel.from_pretrained(d).eval()
-    load_calibration(direct, ptq)
-    load_finetuned(direct, peft)
-    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    direct, loaded = ptq_peft_packed(tmp_path, src, d, ptq=["--branch-params", "4", "--smooth-alphas", "0.5"])
     kw = call(n=2, seed=7)
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()

@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import ptq_peft_packed  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -244,11 +245,7 @@ def test_calibration_files_round_trip(tmp_path):
 def test_search_ptq_peft_quantize_on_sd3(tmp_path, capsys):
     """`treeq search / ptq / peft / quantize --diffusers` on an SD3 transformer directory with saved inputs: the
     plan packs, and the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
-    from treeq_engine.calib.peft import load_finetuned
-    from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
-    from treeq_engine.models.diffusers_transformers import rebuild
-    from treeq_engine.runtime import artifact
 
     model = perturbed(tiny_sd3())
     d = tmp_path / "sd3"
@@ -270,17 +267,7 @@ def test_search_ptq_peft_quantize_on_sd3(tmp_path, capsys):
     assert main(["quantize", "--diffusers", str(d), "--plan", str(out / "plan.json"), "--out",
                  str(tmp_path / "a1")]) == 0
 
-    ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
-    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A4", "--max-tokens", "64", "--rounds", "1",
-                 "--out", ptq]) == 0
-    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "3", "--lr-branch", "0.05",
-                 "--out", peft]) == 0
-    art = tmp_path / "art"
-    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
-    direct = diffusers.SD3Transformer2DModel.from_pretrained(d).eval()
-    load_calibration(direct, ptq)
-    load_finetuned(direct, peft)
-    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    direct, loaded = ptq_peft_packed(tmp_path, src, d, bits="W4A4", peft_steps=3)
     kw = call(model, n=2, seed=7)
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from pipeline_flow import ptq_peft_packed  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_qwen, tiny_qwen_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -182,11 +183,7 @@ def test_search_ptq_peft_quantize(tmp_path, capsys):
     """`treeq search / ptq / peft / quantize --diffusers` on a Qwen-Image transformer directory with saved inputs
     (two captured calls of different prompt lengths): the plan packs, and the artifact computes what the
     calibrated, fine-tuned fake-quant transformer computes."""
-    from treeq_engine.calib.peft import load_finetuned
-    from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
-    from treeq_engine.models.diffusers_transformers import rebuild
-    from treeq_engine.runtime import artifact
 
     model = tiny_qwen()
     d = tmp_path / "qwen"
@@ -207,17 +204,7 @@ def test_search_ptq_peft_quantize(tmp_path, capsys):
     assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
     plan = QuantPlan.load(out / "plan.json")
     assert plan.layers["transformer_blocks.0.attn.add_k_proj"] == plan.layers["transformer_blocks.0.attn.add_q_proj"]
-    ptq, peft = str(tmp_path / "ptq"), str(tmp_path / "peft")
-    assert main(["ptq", *src, "--calib-batch", "3", "--bits", "W4A8", "--max-tokens", "64", "--rounds", "1",
-                 "--out", ptq]) == 0
-    assert main(["peft", *src, "--calib-batch", "3", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
-                 "--out", peft]) == 0
-    art = tmp_path / "art"
-    assert main(["quantize", "--diffusers", str(d), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
-    direct = diffusers.QwenImageTransformer2DModel.from_pretrained(d).eval()
-    load_calibration(direct, ptq)
-    load_finetuned(direct, peft)
-    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    direct, loaded = ptq_peft_packed(tmp_path, src, d, batch=3)
     kw = call(n=2, seed=7)
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()

@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_zimage, tiny_zimage_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -117,11 +117,7 @@ def test_capture_search_ptq_peft_pack_and_sample_a_zimage_pipeline(tmp_path):
     """`treeq capture` on a Z-Image pipeline (CFG: prompts and negative prompts of different lengths) -> `treeq
     search` -> `treeq ptq` / `peft` -> `treeq quantize --ptq --peft`; the artifact computes what the calibrated,
     fine-tuned fake-quant transformer computes, and samples in the pipeline."""
-    from treeq_engine.calib.peft import load_finetuned
-    from treeq_engine.calib.ptq import load_calibration
     from treeq_engine.cli import main
-    from treeq_engine.models.diffusers_transformers import rebuild
-    from treeq_engine.runtime import artifact
 
     size = ["--height", "32", "--width", "32"]
     pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_zimage_pipeline(), "zimage",
@@ -136,16 +132,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_zimage_pipeline(tmp_path):
     assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
     plan = QuantPlan.load(res / "plan.json")
     assert "context_refiner.0.attention.to_q" in plan.layers and "layers.1.feed_forward.w3" in plan.layers
-    ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
-    assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
-                 "--rounds", "1", "--out", ptq]) == 0
-    assert main(["peft", *src, "--calib-batch", "4", "--ptq", ptq, "--steps", "2", "--lr-branch", "0.05",
-                 "--out", peft]) == 0
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--peft", peft, "--out", str(art)]) == 0
-    direct = diffusers.ZImageTransformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
-    load_calibration(direct, ptq)
-    load_finetuned(direct, peft)
-    loaded = artifact.load(art, rebuild(artifact.read_manifest(art)["model_config"]))
+    direct, loaded = ptq_peft_packed(tmp_path, src, pipe_dir, ptq=["--branch-params", "4"])
+    art = tmp_path / "art"
     kw = call(lens=(6, 3), hw=(16, 16), seed=7)
     want, got = stacked(direct, kw), stacked(loaded, kw).float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)

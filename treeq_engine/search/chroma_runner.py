@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
-from .mmdit_runner import dual_stream_segment, mmdit_tie
+from .mmdit_runner import dual_stream_segment, mmdit_tie, position_ids
 
 CHROMA = "chroma"
 
@@ -106,22 +106,14 @@ class ChromaRunner(CutModel):
         enc = encoder_hidden_states
         if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
-        ids = []
-        for name, v, length in (("img_ids", img_ids, s), ("txt_ids", txt_ids, enc.shape[1])):
-            if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, 3) \
-                    or (v.dim() == 3 and v.shape[0] != n):
-                raise ValueError(f"{name} must be ({length}, 3) or (N={n}, {length}, 3) position ids, got "
-                                 f"{describe_arg(v)}")
-            if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
-                raise ValueError(f"{name} differ between the samples of one call: Chroma takes the first's")
-            ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
+        ids = position_ids(img_ids, txt_ids, n, s, enc.shape[1], 3, "Chroma")
         mask = attention_mask
         if mask is None:
             mask = x.new_zeros(n, 0)
         elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1] + s):
             raise ValueError(f"attention_mask must be (N={n}, L + S = {enc.shape[1] + s}) over [text; image], got "
                              f"{describe_arg(mask)}")
-        return (x, enc, sample_scalars("timestep", timestep, n, x.device), ids[0], ids[1], mask)
+        return (x, enc, sample_scalars("timestep", timestep, n, x.device), *ids, mask)
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _embed(self, state: State) -> State:

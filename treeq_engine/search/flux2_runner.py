@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
-from .mmdit_runner import ReferenceTokens, dual_stream_segment
+from .mmdit_runner import ReferenceTokens, dual_stream_segment, position_ids
 
 FLUX2 = "flux2"
 
@@ -99,16 +99,8 @@ class Flux2Runner(CutModel):
         enc = encoder_hidden_states
         if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[0] != n or enc.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(enc)}")
-        ids = []
-        for name, v, length in (("img_ids", img_ids, x.shape[1]), ("txt_ids", txt_ids, enc.shape[1])):
-            if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, self.axes) \
-                    or (v.dim() == 3 and v.shape[0] != n):
-                raise ValueError(f"{name} must be ({length}, {self.axes}) or (N={n}, {length}, {self.axes}) position "
-                                 f"ids, got {describe_arg(v)}")
-            if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
-                raise ValueError(f"{name} differ between the samples of one call: FLUX.2 takes the first's")
-            ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
-        out: State = (x, enc, sample_scalars("timestep", timestep, n, x.device), ids[0], ids[1])
+        ids = position_ids(img_ids, txt_ids, n, x.shape[1], enc.shape[1], self.axes, "FLUX.2")
+        out: State = (x, enc, sample_scalars("timestep", timestep, n, x.device), *ids)
         if self.guidance:
             if guidance is None:
                 raise ValueError("this FLUX.2 is guidance-distilled (guidance_embeds): a call needs guidance")

@@ -36,6 +36,23 @@ SD3, FLUX = "sd3", "flux"
 CLASSES = {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}
 
 
+def position_ids(img_ids: Any, txt_ids: Any, n: int, image: int, text: int, axes: int,
+                 model: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FLUX-style call's image and text position ids (``(S, A)`` as the model takes them, or ``(N, S, A)`` as
+    older pipelines pass them) checked and stored per sample, ``(N, image, axes)`` and ``(N, text, axes)``: one set
+    per call (``model`` names whose forward takes the first sample's)."""
+    ids = []
+    for name, v, length in (("img_ids", img_ids, image), ("txt_ids", txt_ids, text)):
+        if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, axes) \
+                or (v.dim() == 3 and v.shape[0] != n):
+            raise ValueError(f"{name} must be ({length}, {axes}) or (N={n}, {length}, {axes}) position ids, got "
+                             f"{describe_arg(v)}")
+        if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
+            raise ValueError(f"{name} differ between the samples of one call: {model} takes one set per call")
+        ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
+    return ids[0], ids[1]
+
+
 class ReferenceTokens:
     """Which output tokens a metric reads when a call appends reference images' latent tokens to the image's (FLUX.1
     Kontext, FLUX.2 with references): the pipelines drop the references' predictions. The image's own tokens lead
@@ -189,16 +206,7 @@ class MMDiTRunner(CutModel):
         out: State = (hidden_states, encoder_hidden_states, pooled_projections, t)
         if self.arch == SD3:
             return out
-        ids = []
-        for name, v, length in (("img_ids", img_ids, hidden_states.shape[1]),
-                                ("txt_ids", txt_ids, encoder_hidden_states.shape[1])):
-            if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or tuple(v.shape[-2:]) != (length, 3) or \
-                    (v.dim() == 3 and v.shape[0] != n):
-                raise ValueError(f"{name} must be ({length}, 3) or (N={n}, {length}, 3) position ids, got {describe_arg(v)}")
-            if v.dim() == 3 and n > 1 and not torch.equal(v, v[:1].expand_as(v)):
-                raise ValueError(f"{name} differ between the samples of one call: Flux takes one set per call")
-            ids.append(v[None].expand(n, -1, -1) if v.dim() == 2 else v)
-        out += (ids[0], ids[1])
+        out += position_ids(img_ids, txt_ids, n, hidden_states.shape[1], encoder_hidden_states.shape[1], 3, "Flux")
         if self.guidance:
             if guidance is None:
                 raise ValueError("this Flux is guidance-distilled (guidance_embeds): a call needs guidance")
