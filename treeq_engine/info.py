@@ -83,9 +83,9 @@ def _diffusers_support() -> str | None:
         return f"{v}: {names} searched and calibrated; DiT, PixArt and Sana fused (SD3, Flux, Wan, Qwen-Image " \
             "need diffusers >= 0.35); any other model packed"
     if (major, minor) < (0, 39):   # runtime/qwen_fused.py builds the text mask as 0.39's processor does
-        return f"{v}: {names} searched and calibrated, all but Qwen-Image (it needs diffusers >= 0.39) and Chroma " \
-            "fused; any other model packed"
-    return f"{v}: {names} searched and calibrated, all but Chroma fused; any other model packed"
+        return f"{v}: {names} searched and calibrated, all but Qwen-Image fused (it needs diffusers >= 0.39); " \
+            "any other model packed"
+    return f"{v}: {names} searched, calibrated and fused; any other model packed"
 
 
 def _version() -> str:

@@ -22,8 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-# searched, calibrated, packed and (all but Chroma) fused (search.diffusers_runner.make_runner cuts each;
-# runtime/*_fused.py fuse them)
+# searched, calibrated, packed and fused (search.diffusers_runner.make_runner cuts each; runtime/*_fused.py fuse them)
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
              "WanTransformer3DModel", "QwenImageTransformer2DModel", "SanaTransformer2DModel",
              "ZImageTransformer2DModel", "Flux2Transformer2DModel", "LTXVideoTransformer3DModel",

@@ -208,8 +208,8 @@ def guard_projection_fusion(model: nn.Module) -> int:
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's and LTX-Video's blocks. Returns how many blocks
-    were fused."""
+    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's and Chroma's blocks. Returns how many
+    blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -248,7 +248,9 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), "FLUX.2", "flux2_fused",
                      "fuse_flux2_blocks", (0, 36)),
                     (("ZImageTransformerBlock",), "Z-Image", "zimage_fused", "fuse_zimage_blocks", (0, 36)),
-                    (("LTXVideoTransformerBlock",), "LTX-Video", "ltx_fused", "fuse_ltx_blocks", (0, 35)))
+                    (("LTXVideoTransformerBlock",), "LTX-Video", "ltx_fused", "fuse_ltx_blocks", (0, 35)),
+                    (("ChromaTransformerBlock", "ChromaSingleTransformerBlock"), "Chroma", "chroma_fused",
+                     "fuse_chroma_blocks", (0, 35)))
 
 
 def _diffusers_version() -> tuple[int, int]:

@@ -174,9 +174,11 @@ def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
 
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
-               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """``FluxAttnProcessor``'s attention of (B·S, inner) projection rows (the text's first when given), as
-    (B, S_text + S, inner); FLUX.2's processors compute the same (``flux2_fused``)."""
+    (B, S_text + S, inner), with the attention mask it is handed (Chroma's); FLUX.2's processors compute the same
+    (``flux2_fused``)."""
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, -1, t.shape[-1]).unflatten(-1, (-1, attn.head_dim))
 
@@ -190,7 +192,7 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
         query = apply_rotary_emb(query, rotary, sequence_dim=1)
         key = apply_rotary_emb(key, rotary, sequence_dim=1)
     proc = attn.processor
-    o = dispatch_attention_fn(query, key, value, attn_mask=None, **dispatch_kwargs(proc))
+    o = dispatch_attention_fn(query, key, value, attn_mask=mask, **dispatch_kwargs(proc))
     return o.flatten(2, 3).to(query.dtype)
 
 

@@ -1,7 +1,6 @@
 """The search's segment runner for diffusers' Chroma transformer (``ChromaTransformer2DModel``: Chroma1-HD,
 Chroma1-Base; text to image). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture,
-search, PTQ and PEFT take Chroma too; the runtime packs it (its blocks run unfused: each linear quantizes its own
-input).
+search, PTQ and PEFT take Chroma too; the runtime packs it and fuses its blocks (``runtime/chroma_fused.py``).
 
 Chroma is FLUX.1-schnell's architecture with the per-block modulation linears replaced by one approximator
 (``distilled_guidance_layer``) that maps the timestep to every block's modulation vectors at once, and with the

@@ -1,0 +1,173 @@
+"""Fused Chroma blocks for packed inference: the fusions of :mod:`.mmdit_fused` for diffusers'
+``ChromaTransformerBlock`` (double stream) and ``ChromaSingleTransformerBlock``.
+
+Chroma's blocks are FLUX.1's with the modulation handed in: the model's approximator makes every block's vectors at
+once, and the block takes its slice as ``temb`` ((B, 12, D) for a double block: six for the image stream, six for
+the text; (B, 3, D) for a single block). ``LN`` has no affine; the pipeline's mask over ``[text; image]`` reaches the
+attention as the outer product the blocks form from it.
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_msa, scale_msa)),  q', k', v' = add_q/k/v_proj ← the same on the text
+    o', o   = joint attention([q'; q], [k'; k], [v'; v], mask)       (RMSNorm on q and k, rotary embedding)
+    h = h + gate_msa · to_out(o),   c = c + c_gate_msa · to_add_out(o')
+    h = h + gate_mlp · ff.net[2](Q(GELU_tanh(ff.net[0].proj(Q(mod(LN(h), shift_mlp, scale_mlp))))))   (c alike)
+
+    single, on x = [text; image]:
+    x = x + gate · proj_out([attention(to_q/k/v ← n, mask) ; GELU_tanh(proj_mlp ← n)]),   n = Q(mod(LN(x)))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in
+its ``quantize_input`` kernel (one call per stream for q/k/v, one for the single block's proj_mlp and q/k/v),
+GELU(tanh) in proj_mlp's and ``ff.net[0].proj``'s epilogues (the latter also writing ``ff.net[2]``'s codes), the
+gated residuals in to_out's, to_add_out's, ``ff.net[2]``'s and proj_out's, as FLUX.1's blocks fuse them. The
+attention is ``FluxAttnProcessor``'s with the mask. Fused and unfused agree to the model dtype's rounding, not
+bit for bit.
+
+A block is swapped only in the structure diffusers builds (LayerNorms without affine, the FLUX.1 attention and
+feed-forwards) with a packed linear with quantized activations to fuse. It runs diffusers' own forward in
+training mode, with ``joint_attention_kwargs`` (IP-Adapter), when a norm or the attention carries a hook or another
+processor, or on other input shapes; a hooked feed-forward runs as a module. diffusers' block-level hooks find the
+fused classes in ``TransformerBlockRegistry`` under the originals' entries. The state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.transformers.transformer_chroma import (ChromaAdaLayerNormZeroPruned,
+                                                              ChromaAdaLayerNormZeroSinglePruned,
+                                                              ChromaSingleTransformerBlock, ChromaTransformerBlock)
+from diffusers.models.transformers.transformer_flux import FluxAttention
+
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+                              _plain_layer_norm, _project, kernel_modulation, register_block, swap_blocks)
+from .mmdit_fused import _attention, _flux_attention_ok, _gelu_tanh
+
+
+def _pruned(norm: Any, kind: type, d: int) -> bool:
+    """Chroma's adaLN as diffusers builds it: no embedder of its own, a LayerNorm without affine."""
+    return (type(norm) is kind and getattr(norm, "emb", None) is None
+            and _plain_layer_norm(getattr(norm, "norm", None), d))
+
+
+def _double_supported(block: nn.Module) -> bool:
+    if type(block) is not ChromaTransformerBlock or _forward_wrapped(block):
+        return False
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and _pruned(block.norm1, ChromaAdaLayerNormZeroPruned, d)
+            and _pruned(block.norm1_context, ChromaAdaLayerNormZeroPruned, d)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
+            and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+
+
+def _single_supported(block: nn.Module) -> bool:
+    if type(block) is not ChromaSingleTransformerBlock or _forward_wrapped(block):
+        return False
+    d = getattr(block.proj_out, "out_features", None)
+    return (isinstance(d, int) and _pruned(block.norm, ChromaAdaLayerNormZeroSinglePruned, d)
+            and _gelu_tanh(block.act_mlp) and type(block.attn) is FluxAttention and block.attn.pre_only)
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn
+    if isinstance(block, ChromaSingleTransformerBlock):
+        return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
+    return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
+            block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
+
+
+def _pair_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask Chroma's blocks form from the pipeline's ``(B, L + S)`` one: its outer product."""
+    return None if mask is None else mask[:, None, None, :] * mask[:, None, :, None]
+
+
+class FusedChromaSingleTransformerBlock(ChromaSingleTransformerBlock):
+    """A ``ChromaSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: ChromaSingleTransformerBlock) -> None:
+        if not _single_supported(block):
+            raise ValueError("FusedChromaSingleTransformerBlock handles ChromaSingleTransformerBlock in the structure "
+                             "diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                attention_mask: torch.Tensor | None = None,
+                joint_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        args = (hidden_states, temb, image_rotary_emb, attention_mask, joint_attention_kwargs)
+        norm, attn, x = self.norm, self.attn, hidden_states
+        if (self.training or joint_attention_kwargs or x.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
+                or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp) or _bypassed_hook(self.proj_out)
+                or not _flux_attention_ok(attn, joint=False)):
+            return super().forward(*args)
+        b, s, d = x.shape
+        if tuple(temb.shape) != (b, 3, d):
+            return super().forward(*args)
+        mod, m32 = temb, kernel_modulation(temb)
+        x2 = x.reshape(b * s, d).contiguous()
+        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
+                                lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
+                                shift=m32[0], scale=m32[1], gelu=(True,), act=self.act_mlp)
+        o = _attention(attn, q, k, v, b, image_rotary_emb, mask=_pair_mask(attention_mask))
+        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
+        y = y.view(b, s, d)
+        return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
+
+
+class FusedChromaTransformerBlock(ChromaTransformerBlock):
+    """A ``ChromaTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: ChromaTransformerBlock) -> None:
+        if not _double_supported(block):
+            raise ValueError("FusedChromaTransformerBlock handles ChromaTransformerBlock in the structure diffusers "
+                             "builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: Any = None, attention_mask: torch.Tensor | None = None,
+                joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, joint_attention_kwargs)
+        n1, n1c, attn = self.norm1, self.norm1_context, self.attn
+        h, c = hidden_states, encoder_hidden_states
+        if (self.training or joint_attention_kwargs or h.ndim != 3 or c.ndim != 3
+                or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
+                or not _flux_attention_ok(attn, joint=True)):
+            return super().forward(*args)
+        b, t, d = h.shape
+        text = c.shape[1]
+        if tuple(temb.shape) != (b, 12, d):
+            return super().forward(*args)
+        mod, cmod = temb[:, :6], temb[:, 6:]   # (the image stream's six, then the text's)
+        m32, c32 = kernel_modulation(mod), kernel_modulation(cmod)
+        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
+                           lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
+                           scale=m32[1])
+        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
+                              lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
+                              shift=c32[0], scale=c32[1])
+        o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev), mask=_pair_mask(attention_mask))
+        oc, oh = o.split_with_sizes([text, t], dim=1)
+        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
+        c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
+        h2 = _ff(self.ff, self.norm2, h2, b, mod, m32)
+        c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
+        c = c2.view(b, text, d)
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        return c, h2.view(b, t, d)
+
+
+def fuse_chroma_blocks(model: nn.Module) -> int:
+    """Swap every Chroma block of ``model`` that a fused class handles and that has a packed linear with quantized
+    activations to fuse; returns how many were swapped."""
+
+    def choose(mod: nn.Module) -> type | None:
+        if _double_supported(mod):
+            return FusedChromaTransformerBlock
+        return FusedChromaSingleTransformerBlock if _single_supported(mod) else None
+
+    return swap_blocks(model, choose, _linears)
+
+
+register_block(FusedChromaTransformerBlock, 1, 0)   # (returns (encoder_hidden_states, hidden_states), as the original)
+register_block(FusedChromaSingleTransformerBlock, 0)
