@@ -120,10 +120,10 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_per_token_timesteps_run_diffusers_forward():
-    """Image to video takes a timestep per token (``temb`` (B, S, 6·D): LTX's image-to-video and condition pipelines
-    set the conditioning frame's to 0): the fused block runs diffusers' forward and returns what the unfused block
-    returns."""
+def test_per_token_timesteps_fuse():
+    """Image to video takes a timestep per token (``temb`` (B, S, 6·D): LTX's image-to-video pipeline sets the
+    conditioning frame's to 0): the modulation reaches the kernels one group per row, and the fused block equals the
+    unfused one, as a block and in the whole model; a ``temb`` of another shape runs diffusers' forward."""
     model = tiny_ltx()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     g = torch.Generator().manual_seed(2)
@@ -135,13 +135,52 @@ def test_per_token_timesteps_run_diffusers_forward():
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k) or orig(self, x2, **k))
         got = fused.transformer_blocks[0](x, text, temb)
-        assert not any(k.get("ln_eps") for k in calls)
-        want = unfused.transformer_blocks[0](x, text, temb)
-        one = temb[:, :1]
-        torch.testing.assert_close(fused.transformer_blocks[0](x, text, one),
-                                   unfused.transformer_blocks[0](x, text, one), rtol=1e-5, atol=1e-5)
-        assert any(k.get("rms_norm") for k in calls)   # (a timestep per sample fuses)
-    assert torch.equal(got, want)
+        fused_calls = [k for k in calls if k.get("rms_norm")]
+        assert len(fused_calls) == 2 and all(k["scale"].shape == (b * s, d) for k in fused_calls)
+        torch.testing.assert_close(got, unfused.transformer_blocks[0](x, text, temb), rtol=1e-5, atol=1e-5)
+        calls.clear()
+        odd = temb[:, :3]   # (neither one row per sample nor one per token)
+        with pytest.raises(RuntimeError):   # (diffusers' own forward cannot broadcast it either)
+            fused.transformer_blocks[0](x, text, odd)
+        assert not any(k.get("rms_norm") for k in calls)
+        kw = call()
+        s_all = kw["hidden_states"].shape[1]
+        first = torch.zeros(2, s_all)
+        first[:, :24] = 1   # (the first latent frame: the conditioning image, at timestep 0)
+        kw["timestep"] = torch.full((2, 1), 500.0) * (1 - first)
+        torch.testing.assert_close(fused(**kw).sample, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fused(**kw).sample, fused(**call()).sample)   # (the per-token steps are read)
+
+
+def test_an_image_to_video_pipeline_samples_fused():
+    """LTX's image-to-video pipeline (a timestep per token) with the fused packed transformer: its latents equal the
+    unfused packed transformer's, and the RMSNorm-fused kernels ran on per-token modulations."""
+    pytest.importorskip("transformers", reason="LTX-Video's pipeline needs transformers (T5)")
+    import numpy as np
+    from PIL import Image
+    from tiny_diffusers import tiny_ltx_pipeline
+
+    t2v = tiny_ltx_pipeline()
+    pipe = diffusers.LTXImageToVideoPipeline(**t2v.components)
+    model = pipe.transformer
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out, scales = {}, []
+    orig = TreeQLinear.quantize_input
+    for name, transformer in (("unfused", unfused), ("fused", fused)):
+        pipe.transformer = transformer
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(TreeQLinear, "quantize_input",
+                       lambda self, x2, **k: scales.append((name, k.get("rms_norm"), x2.shape[0],
+                                                            getattr(k.get("scale"), "shape", None)))
+                       or orig(self, x2, **k))
+            out[name] = pipe(image=image, prompt="a red cat", height=32, width=32, num_frames=9,
+                             num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+                             guidance_scale=1.0).frames
+    torch.testing.assert_close(out["fused"], out["unfused"], rtol=1e-4, atol=1e-4)
+    fused_calls = [(rows, shape) for name, rms, rows, shape in scales if rms]
+    assert len(fused_calls) == 2 * 2 * 2 and all(shape == (rows, 16) for rows, shape in fused_calls)   # per token
+    assert all(name == "fused" for name, rms, _, _ in scales if rms)
 
 
 def test_only_ltx_blocks_with_something_to_fuse_are_swapped():
@@ -191,14 +230,18 @@ def test_fused_equals_unfused_on_gpu():
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
     layout: the RMSNorm + modulate kernel, the shared q/k/v codes, GELU and fc2's codes in fc1's epilogue, the gated
     residuals in to_out's and fc2's (bound as for the Wan blocks: a dropped gate or residual moves the output by
-    half its norm or more)."""
+    half its norm or more); with a timestep per sample and per token (one modulation group per row)."""
     model = tiny_ltx()
     plan = QuantPlan.block_uniform(model, 4, 8)
     unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
     fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
     assert all(isinstance(b, FusedLTXVideoTransformerBlock) for b in fused.transformer_blocks)
     kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in call(dtype=torch.bfloat16).items()}
-    with torch.no_grad():
-        a, b = unfused(**kw).sample.float(), fused(**kw).sample.float()
-    assert torch.isfinite(b).all()
-    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
+    first = torch.zeros(2, kw["hidden_states"].shape[1], device="cuda")
+    first[:, :24] = 1
+    for timestep in (kw["timestep"], 500.0 * (1 - first)):
+        kw["timestep"] = timestep
+        with torch.no_grad():
+            a, b = unfused(**kw).sample.float(), fused(**kw).sample.float()
+        assert torch.isfinite(b).all()
+        assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"

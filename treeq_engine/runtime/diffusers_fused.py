@@ -99,6 +99,13 @@ def kernel_modulation(mod: torch.Tensor) -> torch.Tensor:
     return mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
 
+def modulation_chunk(mod: torch.Tensor, i: int) -> torch.Tensor:
+    """Chunk ``i`` of a modulation as diffusers broadcasts it over a block's ``(B, S, D)`` rows: ``(B, 1, D)`` of a
+    per-sample ``(B, chunks, D)``, or ``(B, S, D)`` of a per-token ``(B, S, chunks, D)`` (LTX-Video's image to
+    video)."""
+    return mod[:, :, i] if mod.dim() == 4 else mod[:, i:i + 1]
+
+
 def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -> bool:
     """``attn`` computes what a fused double-stream block computes (checked on every forward): ``processor`` exactly
     (the separate projections it reads, not a fused one), no hook on it, ``to_out`` as [linear, Dropout] with
@@ -235,9 +242,9 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         rms_norm: bool = False) -> torch.Tensor:
     """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2`` (``rms_norm``: ``ln`` is an
     RMSNorm without affine, which the kernel computes in its RMSNorm mode), with the modulation's chunks 3, 4, 5
-    (``mod`` (B, ≥6, D) as diffusers uses them, ``m32`` (≥6, B, D) float32 as the kernels take them): LayerNorm +
-    modulate in fc1's quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated
-    residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
+    (``mod`` (B, ≥6, D) as diffusers uses them, or per token (B, S, ≥6, D); ``m32`` (≥6, G, D) float32 as the kernels
+    take them, G = B, or B·S per token): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in
+    fc1's epilogue, the gated residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
     runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32
     while the rows are 16-bit (Wan's modulation): the unfused parts compute as the model does, the rows the
     feed-forward reads in the rows' dtype, the gated sum in float32, the result in the rows' dtype."""
@@ -247,8 +254,8 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
     tanh = gelu.approximate == "tanh"
     if (_hooked(ff) or any(_hooked(m) for i, m in enumerate(ff.net) if i in (1, 3)) or (_hooked(gelu) or _hooked(fc1))
             and _quantized(fc1) or _bypassed_hook(fc2)):
-        y = ff((ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(x))
-        return (mod[:, 5:6] * y + x).to(x2.dtype).reshape(x2.shape)
+        y = ff((ln(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x))
+        return (modulation_chunk(mod, 5) * y + x).to(x2.dtype).reshape(x2.shape)
     if _quantized(fc1):
         act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4], rms_norm=rms_norm)
         if tanh and _quantized(fc2) and fc2.monarch_w1 is None:
@@ -258,12 +265,13 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         else:
             h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
     else:
-        h = gelu((ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(x)).reshape(x2.shape[0], -1)
+        h = gelu((ln(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x)).reshape(
+            x2.shape[0], -1)
     if _quantized(fc2):
         if isinstance(h, torch.Tensor):
             h = fc2.quantize_input(h.contiguous())
         return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
-    return (mod[:, 5:6] * fc2(h).view(x.shape) + x).to(x2.dtype).reshape(x2.shape)
+    return (modulation_chunk(mod, 5) * fc2(h).view(x.shape) + x).to(x2.dtype).reshape(x2.shape)
 
 
 def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, batch: int,

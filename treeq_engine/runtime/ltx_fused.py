@@ -2,8 +2,8 @@
 ``LTXVideoTransformerBlock``.
 
 The block's modulation is its own table plus the timestep projection every block shares,
-``mod = scale_shift_table + temb`` (six vectors per sample, in the model's dtype); ``RMS`` is an RMSNorm without
-affine:
+``mod = scale_shift_table + temb`` (six vectors per sample, in the model's dtype; per token where the pipeline
+passes a timestep per token: image to video, the conditioning frame's at 0); ``RMS`` is an RMSNorm without affine:
 
     q, k, v = to_q/k/v ← Q(mod(RMS(h), shift_msa, scale_msa))
     h = h + gate_msa · to_out(attention(RMSNorm(q), RMSNorm(k), v, rotary))               (attn1: self-attention)
@@ -13,7 +13,9 @@ affine:
 Where a linear is a :class:`TreeQLinear` with quantized activations, RMSNorm + modulate + quantization run in its
 ``quantize_input`` kernel (the kernel's RMSNorm mode; one call shared by to_q/to_k/to_v with one activation spec
 and no Monarch branch), GELU(tanh) and ``ff.net[2]``'s codes in ``ff.net[0].proj``'s epilogue, and the gated
-residuals in ``to_out[0]``'s and ``ff.net[2]``'s. The self-attention is ``LTXVideoAttnProcessor``'s computation
+residuals in ``to_out[0]``'s and ``ff.net[2]``'s. A per-token modulation reaches the kernels as one group per row
+(``(6, B·S, D)`` float32: twice the bytes of the ``(B, S, 6, D)`` table diffusers itself builds in bf16, per block,
+for as long as the block runs). The self-attention is ``LTXVideoAttnProcessor``'s computation
 (RMSNorm across heads on q and k, LTX's rotary embedding, ``dispatch_attention_fn`` with the processor's backend).
 The cross-attention runs as diffusers' module (its packed linears each quantize their own input): its keys and
 values read the text. Fused and unfused agree to the model dtype's rounding (the kernels compute the norm and
@@ -23,9 +25,8 @@ not bit for bit.
 A block is swapped only in the structure diffusers builds (RMSNorms without affine before the self-attention and
 the feed-forward, ``LTXAttention`` with ``LTXVideoAttnProcessor`` on unfused projections, a ``FeedForward`` of
 [GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. It runs diffusers' own
-forward in training mode, for a per-token timestep (a ``temb`` with more than one row per sample: the
-image-to-video and condition pipelines pass one, the conditioning frame's at 0, so image to video runs unfused),
-when a norm or the self-attention carries a hook or another processor; a
+forward in training mode, for a ``temb`` of another shape than ``(B, 1, 6·D)`` or ``(B, S, 6·D)``, when a norm or
+the self-attention carries a hook or another processor; a
 feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers computes it.
 diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under
 the original's entry. The state dict is unchanged.
@@ -42,8 +43,8 @@ from diffusers.models.transformers.transformer_ltx import (LTXAttention, LTXVide
                                                            LTXVideoTransformerBlock, apply_rotary_emb)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, dispatch_kwargs, kernel_modulation, refuse_fused_projections, register_block,
-                              swap_blocks)
+                              _project, dispatch_kwargs, kernel_modulation, modulation_chunk, refuse_fused_projections,
+                              register_block, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -115,27 +116,32 @@ class FusedLTXVideoTransformerBlock(LTXVideoTransformerBlock):
             return super().forward(*args)
         h = hidden_states
         b, s, d = h.shape
-        if tuple(temb.shape) != (b, 1, 6 * d):   # (a per-token timestep: diffusers' forward)
+        table = self.scale_shift_table.to(temb.device)
+        if tuple(temb.shape) == (b, 1, 6 * d):
+            mod = table[None] + temb.reshape(b, 6, d)          # (B, 6, D), as diffusers adds them
+            m32 = kernel_modulation(mod)                       # (6, B, D) float32: a group per sample
+        elif tuple(temb.shape) == (b, s, 6 * d):   # a timestep per token (image to video: the first frame's at 0)
+            mod = table[None, None] + temb.reshape(b, s, 6, d)   # (B, S, 6, D), as diffusers adds them
+            m32 = kernel_modulation(mod.reshape(b * s, 6, d))    # (6, B·S, D) float32: a group per token
+        else:
             return super().forward(*args)
-        mod = self.scale_shift_table[None].to(temb.device) + temb.reshape(b, 6, d)   # (B, 6, D), as diffusers adds
-        m32 = kernel_modulation(mod)                                                # (6, B, D) float32
         h2 = h.reshape(b * s, d).contiguous()
         q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
-                           lambda: self.norm1(h) * (1 + mod[:, 1:2]) + mod[:, 0:1],
+                           lambda: self.norm1(h) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
                            ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1], rms_norm=True)
         o = _self_attention(a1, q, k, v, b, image_rotary_emb)
         proj = a1.to_out[0]
         if _quantized(proj):   # (not hooked: _self_attention_ok)
             h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
         else:
-            h = h + a1.to_out[1](proj(o)) * mod[:, 2:3]
+            h = h + a1.to_out[1](proj(o)) * modulation_chunk(mod, 2)
         h = h + self.attn2(h, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=None,
                            attention_mask=encoder_attention_mask)
         if _quantized(self.ff.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
             return _ff(self.ff, self.norm2, h.reshape(b * s, d).contiguous(), b, mod, m32,
                        rms_norm=True).view(b, s, d)
-        x = self.norm2(h) * (1 + mod[:, 4:5]) + mod[:, 3:4]
-        return h + self.ff(x) * mod[:, 5:6]
+        x = self.norm2(h) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)
+        return h + self.ff(x) * modulation_chunk(mod, 5)
 
 
 def fuse_ltx_blocks(model: nn.Module) -> int:
