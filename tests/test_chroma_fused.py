@@ -21,7 +21,7 @@ from treeq_engine.runtime.chroma_fused import (FusedChromaSingleTransformerBlock
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning")]
-PER_FORWARD = {"ln": 2 * 4 + 2 * 1, "gelu": 2 * 2 + 2 * 1, "residual": 2 * 4 + 2 * 1, "codes_out": 2 * 2}
+PER_FORWARD = {"ln": 1 * 4 + 3 * 1, "gelu": 1 * 2 + 3 * 1, "residual": 1 * 4 + 3 * 1, "codes_out": 1 * 2}
 
 
 def mixed(model):
@@ -31,8 +31,8 @@ def mixed(model):
     return plan.with_layer("transformer_blocks.0.attn.to_k", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.attn.to_add_out", LayerConfig(16, 16)) \
-        .with_layer("transformer_blocks.1.attn.to_q", LayerConfig(4, 4)) \
-        .with_layer("transformer_blocks.1.ff_context.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch",
+        .with_layer("single_transformer_blocks.2.attn.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.0.ff_context.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch",
                                                                                                         2))) \
         .with_layer("single_transformer_blocks.0.proj_mlp", LayerConfig(16, 16)) \
         .with_layer("single_transformer_blocks.1.proj_out", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
@@ -47,8 +47,7 @@ def test_fused_equals_unfused(kind):
     model = tiny_chroma()
     plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
     unfused, fused = pair(model, plan)
-    assert [type(b) for b in blocks(fused)] == [FusedChromaTransformerBlock] * 2 + \
-        [FusedChromaSingleTransformerBlock] * 2
+    assert [type(b) for b in blocks(fused)] == [FusedChromaTransformerBlock] + [FusedChromaSingleTransformerBlock] * 3
     assert fused.state_dict().keys() == unfused.state_dict().keys()
     for kw in (call(), call(n=3, hw=(4, 2), text=7, seed=1, masked=False)):   # the pipeline's mask, and none
         with torch.no_grad():
@@ -102,7 +101,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         seen.clear()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # a hooked feed-forward runs as a module (one fused quantization fewer), the rest of its block stays fused
-    h = fused.transformer_blocks[1].ff_context.register_forward_hook(lambda *a: seen.append(1))
+    h = fused.transformer_blocks[0].ff_context.register_forward_hook(lambda *a: seen.append(1))
     calls, got = count_kernels(fused, kw)
     h.remove()
     assert seen and calls["ln"] == PER_FORWARD["ln"] - 1

@@ -48,7 +48,9 @@ def test_segments_compose_to_the_model(dtype):
     model = tiny_chroma().to(dtype)
     runner = make_runner(model)
     assert isinstance(runner, ChromaRunner) and diffusers_arch(model) == "chroma" and runner.num_segments == 6
-    for kw in (call(dtype=dtype), call(n=3, hw=(4, 2), text=7, seed=1, dtype=dtype, masked=False)):
+    boolean = call(dtype=dtype)
+    boolean["attention_mask"] = boolean["attention_mask"] > 0
+    for kw in (call(dtype=dtype), call(n=3, hw=(4, 2), text=7, seed=1, dtype=dtype, masked=False), boolean):
         with torch.no_grad():
             assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample)
 
@@ -63,7 +65,7 @@ def test_leaves_ties_and_checked_inputs():
         f"single_transformer_blocks.1.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
     fixed = {f[0].name for f in space.fixed}   # the approximator and the embedders are edge layers (W8A8)
     assert {"distilled_guidance_layer.in_proj", "x_embedder", "context_embedder", "proj_out"} <= fixed
-    assert runner.segment_of("single_transformer_blocks.0.proj_out") == 3
+    assert runner.segment_of("single_transformer_blocks.0.proj_out") == 2
     assert runner.segment_of("distilled_guidance_layer.layers.0.linear_1") == 0
     good = call()
     for bad, match in ((dict(joint_attention_kwargs={"scale": 1.0}), "joint_attention_kwargs"),
@@ -84,18 +86,42 @@ def test_evaluate_matches_brute_force(masked):
     check_evaluator(tiny_chroma(), call(n=4, seed=3, masked=masked), 0.5, seed=5)
 
 
-def test_ptq_statistics_leave_out_the_prompts_padding():
+def test_ptq_statistics_leave_out_only_the_padding_a_mask_hides():
+    """A boolean mask hides the prompt's padding from the attention: its rows stay out of PTQ's statistics. The
+    pipeline's float mask is added to the attention scores (+1, +0): the padding is weighed down, not hidden, it
+    moves the output, and every row counts. Without a mask every row counts too."""
     from treeq_engine.calib.capture import capture_inputs
 
     model = tiny_chroma()
-    inputs = make_runner(model).inputs(**call(n=2, text=5))   # 3 + 5 real text tokens, 12 image tokens each
-    for name, rows in (("context_embedder", 8), ("transformer_blocks.1.attn.add_k_proj", 8),
+    kw = call(n=2, text=5)   # 3 + 5 prompt tokens, 12 image tokens each
+    hidden = {**kw, "attention_mask": kw["attention_mask"] > 0}
+    inputs = make_runner(model).inputs(**hidden)
+    for name, rows in (("context_embedder", 8), ("transformer_blocks.0.attn.add_k_proj", 8),
                        ("transformer_blocks.0.ff_context.net.2", 8), ("transformer_blocks.0.attn.to_q", 24),
-                       ("single_transformer_blocks.1.proj_mlp", 8 + 24), ("single_transformer_blocks.0.proj_out", 32),
+                       ("single_transformer_blocks.1.proj_mlp", 8 + 24), ("single_transformer_blocks.2.proj_out", 32),
                        ("proj_out", 24)):
         assert capture_inputs(model, name, [inputs], max_tokens=10_000).shape[0] == rows, name
-    unmasked = make_runner(model).inputs(**call(n=2, text=5, masked=False))
-    assert capture_inputs(model, "context_embedder", [unmasked], max_tokens=10_000).shape[0] == 10
+    for other in (kw, call(n=2, text=5, masked=False)):
+        assert capture_inputs(model, "context_embedder", [make_runner(model).inputs(**other)],
+                              max_tokens=10_000).shape[0] == 10
+    with torch.no_grad():   # (the float mask's padding is read: changing it changes the output)
+        moved = {**kw, "encoder_hidden_states": kw["encoder_hidden_states"].clone()}
+        moved["encoder_hidden_states"][0, 3:] = 0
+        assert not torch.allclose(model(**moved).sample, model(**kw).sample)
+
+
+def test_a_call_without_a_mask_is_saved_and_loaded(tmp_path):
+    from treeq_engine.search.diffusers_runner import load_inputs, save_inputs
+
+    model = tiny_chroma()
+    kw = call(masked=False)
+    path = str(tmp_path / "calib.safetensors")
+    save_inputs(path, make_runner(model), make_runner(model).inputs(**kw))
+    fresh = make_runner(model)
+    inputs = load_inputs(path, fresh)
+    assert inputs[5].shape == (2, 0)
+    with torch.no_grad():
+        assert torch.equal(run_segments(fresh, inputs), model(**kw).sample)
 
 
 def test_capture_search_ptq_peft_pack_and_sample_a_chroma_pipeline(tmp_path):

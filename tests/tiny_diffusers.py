@@ -345,11 +345,12 @@ def tiny_flux2_klein_pipeline():
 
 
 def tiny_chroma(in_channels: int = 16):
-    """A Chroma transformer: two double- and two single-stream blocks, a two-layer approximator (random weights,
-    perturbed off diffusers' zero initialisations)."""
+    """A Chroma transformer: one double- and three single-stream blocks (unequal counts: the approximator's rows
+    are laid out by both), a two-layer approximator (random weights, perturbed off diffusers' zero
+    initialisations)."""
     torch.manual_seed(0)
     return perturbed(diffusers.ChromaTransformer2DModel(
-        patch_size=1, in_channels=in_channels, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=3, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4], approximator_hidden_dim=16,
         approximator_layers=2).eval())
 

@@ -16,10 +16,11 @@ position ids are stored per sample (the model takes them unbatched) and each blo
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, S, C)`` (packed latents),
 ``encoder_hidden_states (N, L, D)``, ``timestep (N,)`` (as the pipeline passes it: the scheduler's / 1000),
 ``img_ids (N, S, 3)``, ``txt_ids (N, L, 3)``, ``attention_mask (N, L + S)`` (as the pipeline passes it; ``(N, 0)``
-for a call without one). The MSE is taken on the whole output (the flow-matching velocity). The prompt's padding,
-where the mask hides it, stays out of PTQ's statistics (``real_rows``). Ties as FLUX.1's (``mmdit_tie``); the
-approximator is an edge layer (W8A8 in a uniform plan). What the search cannot reproduce is an error at capture:
-attention kwargs (IP-Adapter), ControlNet residuals.
+for a call without one). The MSE is taken on the whole output (the flow-matching velocity). The pipeline's mask is
+float, which the attention adds to its scores: the prompt's padding is weighed down, not hidden, so PTQ's statistics
+read every row; a boolean mask hides its padding, which then stays out of them (``real_rows``). Ties as FLUX.1's
+(``mmdit_tie``); the approximator is an edge layer (W8A8 in a uniform plan). What the search cannot reproduce is an
+error at capture: attention kwargs (IP-Adapter), ControlNet residuals.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class ChromaRunner(CutModel):
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
     scheduler_timesteps = False   # (the pipeline passes them / 1000)
-    pads_rows = True   # (prompts padded to max_sequence_length, the mask hiding them: real_rows)
+    pads_rows = True   # (a boolean mask hides a prompt's padding: real_rows)
     input_names = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "attention_mask")
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -66,11 +67,13 @@ class ChromaRunner(CutModel):
         return dual_stream_segment(layer_name, len(self.joint), self.num_segments)
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
-        """The prompt's rows the mask hides are not real: the T5 embedder's, each double block's text projections
-        and feed-forward, and a single block's (every linear there reads ``[text; image]``). Every state holds the
-        mask last and the text ids before it."""
+        """The prompt's rows a boolean mask hides are not real: the T5 embedder's, each double block's text
+        projections and feed-forward, and a single block's (every linear there reads ``[text; image]``). Every state
+        holds the mask last and the text ids before it. The pipeline's mask is a float one, which the attention
+        adds to its scores (+1 for the prompt, +0 for the padding): the padding is weighed down, not hidden, and
+        the output reads it, so then every row is real."""
         mask = state[-1]
-        if mask.shape[1] == 0:
+        if mask.shape[1] == 0 or mask.dtype != torch.bool:
             return None
         parts = layer_name.split(".")
         text = state[-2].shape[1]
@@ -78,9 +81,9 @@ class ChromaRunner(CutModel):
                 len(parts) > 3 and parts[0] == "transformer_blocks" and
                 (parts[2] == "ff_context" or parts[2] == "attn" and parts[3] in ("add_q_proj", "add_k_proj",
                                                                                   "add_v_proj", "to_add_out"))):
-            return mask[:, :text] > 0
+            return mask[:, :text]
         if parts[0] == "single_transformer_blocks":
-            return mask > 0
+            return mask
         return None
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ class ChromaRunner(CutModel):
         mask = attention_mask
         if mask is None:
             mask = x.new_zeros(n, 0)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n, enc.shape[1] + s):
+        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((n, enc.shape[1] + s), (n, 0)):
             raise ValueError(f"attention_mask must be (N={n}, L + S = {enc.shape[1] + s}) over [text; image], got "
                              f"{describe_arg(mask)}")
         return (x, enc, sample_scalars("timestep", timestep, n, x.device), *ids, mask)
