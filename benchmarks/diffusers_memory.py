@@ -59,6 +59,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
         num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
         axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)),
+    "Chroma1-HD": ("ChromaTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+        approximator_hidden_dim=5120, approximator_layers=5)),
     "Z-Image-Turbo": ("ZImageTransformer2DModel", dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,

@@ -39,7 +39,7 @@ Size = int | tuple[int, int, int]
 CASES: list[tuple[str, Size]] = [
     ("DiT-XL/2 256px", 256), ("PixArt-α XL-2 1024px", 1024), ("SD3-medium", 1024), ("SD3.5-large", 1024),
     ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
-    ("FLUX.2-dev", 1024), ("Z-Image-Turbo", 1024),
+    ("FLUX.2-dev", 1024), ("Chroma1-HD", 1024), ("Z-Image-Turbo", 1024),
     ("LTX-Video 2B", (121, 512, 768)), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)), ("Wan2.1-T2V-14B", (17, 240, 416))]
 
 
@@ -78,6 +78,12 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
             return runner.inputs(torch.empty(1, side * side, cfg.in_channels),
                                  torch.empty(1, 512, cfg.joint_attention_dim), torch.zeros(1),
                                  torch.zeros(side * side, 4), torch.zeros(512, 4), torch.ones(1))
+    if runner.arch == "chroma":   # 2x2 latent patches packed; the pipeline's 512 T5 tokens, masked to the prompt
+        side = lat // 2
+        with torch.device("meta"):
+            return runner.inputs(torch.empty(1, side * side, cfg.in_channels),
+                                 torch.empty(1, 512, cfg.joint_attention_dim), torch.zeros(1),
+                                 torch.zeros(side * side, 3), torch.zeros(512, 3), torch.ones(1, 512 + side * side))
     if runner.arch == "z-image":   # a 128-token prompt (with the chat template the pipeline wraps it in)
         with torch.device("meta"):
             return runner.inputs([torch.empty(cfg.in_channels, 1, lat, lat)], torch.zeros(1),
@@ -118,7 +124,8 @@ def measure(name: str, side: Size, samples: int, keeps: tuple[int, ...], group: 
     with torch.device("meta"):
         model = getattr(diffusers, cls_name)(**config).to(torch.bfloat16).eval()
     runner = make_runner(model)
-    inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() and n != "timestep" else t   # as the search CLI
+    exact = getattr(runner, "exact_inputs", ("timestep",))   # (as the search CLI: LTX's rope scale stays float64)
+    inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() and n not in exact else t
                    for n, t in zip(runner.input_names, meta_inputs(runner, side)))
     flops = []
     state = inputs

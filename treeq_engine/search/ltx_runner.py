@@ -135,12 +135,17 @@ class LTXRunner(CutModel):
         if self._videos.setdefault(s, entry) != entry:
             raise ValueError(f"latents of {s} tokens came as {self._videos[s]} and {entry}: use one video shape and "
                              "frame rate per token count")
-        return torch.tensor([row] * n, dtype=torch.float64)
+        return torch.tensor([row] * n, dtype=torch.float64, device="cpu")   # (also under a meta device context)
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _video(self, video: torch.Tensor, s: int) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
         """The (frames, height, width) and rope scale behind ``s`` tokens: the host's record, checked against (or,
-        for inputs another runner read, taken from) the state's ``video`` (one host read per segment-0 batch)."""
+        for inputs another runner read, taken from) the state's ``video`` (one host read per segment-0 batch). A
+        weightless profile's meta ``video`` holds no values: the record its ``inputs`` made stands."""
+        if video.device.type == "meta":
+            if s not in self._videos:
+                raise ValueError(f"no latent video of {s} tokens went through inputs(): a meta state has no values")
+            return self._videos[s]
         row = [float(v) for v in video[0].tolist()]
         entry = ((int(row[0]), int(row[1]), int(row[2])), (row[3], row[4], row[5]))
         if self._videos.setdefault(s, entry) != entry:
