@@ -38,9 +38,9 @@ from diffusers.models.transformers.transformer_chroma import (ChromaAdaLayerNorm
                                                               ChromaSingleTransformerBlock, ChromaTransformerBlock)
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, kernel_modulation, register_block, swap_blocks)
-from .mmdit_fused import _attention, _flux_attention_ok, _gelu_tanh
+from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, kernel_modulation,
+                              register_block, swap_blocks)
+from .mmdit_fused import _flux_attention_ok, _gelu_tanh, double_width, flux_double, flux_single
 
 
 def _pruned(norm: Any, kind: type, d: int) -> bool:
@@ -52,12 +52,9 @@ def _pruned(norm: Any, kind: type, d: int) -> bool:
 def _double_supported(block: nn.Module) -> bool:
     if type(block) is not ChromaTransformerBlock or _forward_wrapped(block):
         return False
-    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    d = double_width(block)
     return (d is not None and _pruned(block.norm1, ChromaAdaLayerNormZeroPruned, d)
-            and _pruned(block.norm1_context, ChromaAdaLayerNormZeroPruned, d)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
-            and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
-            and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+            and _pruned(block.norm1_context, ChromaAdaLayerNormZeroPruned, d))
 
 
 def _single_supported(block: nn.Module) -> bool:
@@ -102,15 +99,7 @@ class FusedChromaSingleTransformerBlock(ChromaSingleTransformerBlock):
         b, s, d = x.shape
         if tuple(temb.shape) != (b, 3, d):
             return super().forward(*args)
-        mod, m32 = temb, kernel_modulation(temb)
-        x2 = x.reshape(b * s, d).contiguous()
-        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
-                                lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
-                                shift=m32[0], scale=m32[1], gelu=(True,), act=self.act_mlp)
-        o = _attention(attn, q, k, v, b, image_rotary_emb, mask=_pair_mask(attention_mask))
-        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
-        y = y.view(b, s, d)
-        return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
+        return flux_single(self, x, temb, kernel_modulation(temb), image_rotary_emb, _pair_mask(attention_mask))
 
 
 class FusedChromaTransformerBlock(ChromaTransformerBlock):
@@ -132,29 +121,12 @@ class FusedChromaTransformerBlock(ChromaTransformerBlock):
                 or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
                 or not _flux_attention_ok(attn, joint=True)):
             return super().forward(*args)
-        b, t, d = h.shape
-        text = c.shape[1]
+        b, _, d = h.shape
         if tuple(temb.shape) != (b, 12, d):
             return super().forward(*args)
         mod, cmod = temb[:, :6], temb[:, 6:]   # (the image stream's six, then the text's)
-        m32, c32 = kernel_modulation(mod), kernel_modulation(cmod)
-        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
-                           lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
-                           scale=m32[1])
-        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
-                              lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
-                              shift=c32[0], scale=c32[1])
-        o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev), mask=_pair_mask(attention_mask))
-        oc, oh = o.split_with_sizes([text, t], dim=1)
-        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
-        c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
-        h2 = _ff(self.ff, self.norm2, h2, b, mod, m32)
-        c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
-        c = c2.view(b, text, d)
-        if c.dtype == torch.float16:
-            c = c.clip(-65504, 65504)
-        return c, h2.view(b, t, d)
+        return flux_double(self, h, c, (mod, kernel_modulation(mod)), (cmod, kernel_modulation(cmod)),
+                           image_rotary_emb, _pair_mask(attention_mask))
 
 
 def fuse_chroma_blocks(model: nn.Module) -> int:

@@ -101,15 +101,23 @@ def _single_supported(block: nn.Module) -> bool:
             and type(block.attn) is FluxAttention and block.attn.pre_only)
 
 
+def double_width(block: nn.Module) -> int | None:
+    """The width of a FLUX.1-style double block (Flux's, Chroma's) whose parts after the adaLNs are as diffusers
+    builds them (LayerNorms without affine before the feed-forwards, GELU(tanh) feed-forwards, a joint
+    ``FluxAttention``), else None."""
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    ok = (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+          and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
+          and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+    return d if ok else None
+
+
 def _double_supported(block: nn.Module) -> bool:
     if type(block) is not FluxTransformerBlock or _forward_wrapped(block):
         return False
-    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    d = double_width(block)
     return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d)
-            and _adaln(block.norm1_context, AdaLayerNormZero, d)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
-            and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
-            and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+            and _adaln(block.norm1_context, AdaLayerNormZero, d))
 
 
 def _joint_attention_ok(attn: Any, joint: bool) -> bool:
@@ -222,6 +230,48 @@ def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
     return o.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
 
 
+def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tensor, rotary: Any,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A FLUX.1-style single block (Flux's, Chroma's) on ``x = [text; image]`` with its modulation ``mod`` (B, 3, D)
+    and ``m32`` (3, B, D) float32: the fused kernels' ``x + gate · proj_out([attention ; GELU(proj_mlp)])``."""
+    norm, attn = block.norm, block.attn
+    b, s, d = x.shape
+    x2 = x.reshape(b * s, d).contiguous()
+    mlp, q, k, v = _project((block.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
+                            lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
+                            shift=m32[0], scale=m32[1], gelu=(True,), act=block.act_mlp)
+    o = _attention(attn, q, k, v, b, rotary, mask=mask)
+    y = _gated_out(block.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
+    y = y.view(b, s, d)
+    return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
+
+
+def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
+                mc: tuple[torch.Tensor, torch.Tensor], rotary: Any,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FLUX.1-style double block (Flux's, Chroma's) on the image tokens ``h`` and text ``c`` with each stream's
+    modulation ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``."""
+    n1, n1c, attn = block.norm1, block.norm1_context, block.attn
+    (mod, m32), (cmod, c32) = m, mc
+    b, t, d = h.shape
+    text = c.shape[1]
+    h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+    q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
+                       lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
+                       scale=m32[1])
+    eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
+                          lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
+                          shift=c32[0], scale=c32[1])
+    o = _attention(attn, q, k, v, b, rotary, (eq, ek, ev), mask=mask)
+    oc, oh = o.split_with_sizes([text, t], dim=1)
+    h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
+    c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
+    h2 = _ff(block.ff, block.norm2, h2, b, mod, m32)
+    c2 = _ff(block.ff_context, block.norm2_context, c2, b, cmod, c32)
+    cv = c2.view(b, text, d)
+    return (cv.clip(-65504, 65504) if cv.dtype == torch.float16 else cv), h2.view(b, t, d)
+
+
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """A ``FluxSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
 
@@ -241,20 +291,10 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
             return super().forward(*args)
         text = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        b, s, d = x.shape
-        m = _modulation(norm, temb, b, 3, d)
+        m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
         if m is None:
             return super().forward(*args)
-        mod, m32 = m
-        x2 = x.reshape(b * s, d).contiguous()
-        mlp, q, k, v = _project((self.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
-                                lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
-                                shift=m32[0], scale=m32[1], gelu=(True,), act=self.act_mlp)
-        o = _attention(attn, q, k, v, b, image_rotary_emb)
-        y = _gated_out(self.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
-        y = y.view(b, s, d)
-        if y.dtype == torch.float16:
-            y = y.clip(-65504, 65504)
+        y = flux_single(self, x, *m, image_rotary_emb)
         return y[:, :text], y[:, text:]
 
 
@@ -274,30 +314,11 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
                 or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
                 or not _flux_attention_ok(attn, joint=True)):
             return super().forward(*args)
-        b, t, d = hidden_states.shape
-        text = encoder_hidden_states.shape[1]
+        b, _, d = hidden_states.shape
         m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
         if m is None or mc is None:
             return super().forward(*args)
-        (mod, m32), (cmod, c32) = m, mc
-        h, c = hidden_states, encoder_hidden_states
-        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
-                           lambda: n1.norm(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.norm.eps, shift=m32[0],
-                           scale=m32[1])
-        eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
-                              lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
-                              shift=c32[0], scale=c32[1])
-        o = _attention(attn, q, k, v, b, image_rotary_emb, (eq, ek, ev))
-        oc, oh = o.split_with_sizes([text, t], dim=1)
-        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
-        c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
-        h2 = _ff(self.ff, self.norm2, h2, b, mod, m32)
-        c2 = _ff(self.ff_context, self.norm2_context, c2, b, cmod, c32)
-        c = c2.view(b, text, d)
-        if c.dtype == torch.float16:
-            c = c.clip(-65504, 65504)
-        return c, h2.view(b, t, d)
+        return flux_double(self, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
 
 
 class FusedJointTransformerBlock(JointTransformerBlock):
