@@ -57,18 +57,8 @@ def test_the_fused_kernels_run():
     model = tiny_ltx()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call()
-    norms = []
-    orig = TreeQLinear.quantize_input
-
-    def spy(self, x2, **k):
-        norms.append(k.get("rms_norm", False))
-        return orig(self, x2, **k)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TreeQLinear, "quantize_input", spy)
-        calls, _ = count_kernels(fused, kw)
-    assert calls == {"ln": 2 * 2, "gelu": 2, "residual": 2 * 2, "codes_out": 2}
-    assert norms.count(True) == 2 * 2
+    calls, _ = count_kernels(fused, kw, rms=True)
+    assert calls == {"ln": 2 * 2, "gelu": 2, "residual": 2 * 2, "codes_out": 2, "rms": 2 * 2}
     calls, _ = count_kernels(unfused, kw)
     assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
 

@@ -66,12 +66,16 @@ def test_fused_equals_unfused(kind, guidance):
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
 
 
-def count_kernels(model, kw):
-    calls = {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+def count_kernels(model, kw, rms=False):
+    """The fused kernel calls of one forward: norm-fused quantizations ("ln"; with ``rms`` also how many of them in
+    the RMSNorm mode), GELU and next-layer codes in an epilogue, gated residuals; and the output."""
+    calls = {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0, **({"rms": 0} if rms else {})}
     orig_q, orig_l = TreeQLinear.quantize_input, TreeQLinear.linear
 
     def quantize_input(self, x2, **k):
         calls["ln"] += k.get("ln_eps") is not None
+        if rms:
+            calls["rms"] += bool(k.get("rms_norm"))
         return orig_q(self, x2, **k)
 
     def linear(self, act, **k):

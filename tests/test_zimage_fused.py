@@ -74,18 +74,8 @@ def test_the_fused_kernels_run():
     model = tiny_zimage()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call()
-    norms = []
-    orig = TreeQLinear.quantize_input
-
-    def spy(self, x2, **k):
-        norms.append(k.get("rms_norm", False))
-        return orig(self, x2, **k)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TreeQLinear, "quantize_input", spy)
-        calls, _ = count_kernels(fused, kw)
-    assert calls == {"ln": 4 * 2, "gelu": 0, "residual": 0, "codes_out": 0}
-    assert norms.count(True) == 8   # (to_out, w2, the modulations and the embedders: plain quantization)
+    calls, _ = count_kernels(fused, kw, rms=True)
+    assert calls == {"ln": 4 * 2, "gelu": 0, "residual": 0, "codes_out": 0, "rms": 4 * 2}
     calls, _ = count_kernels(unfused, kw)
     assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
 
