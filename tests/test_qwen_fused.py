@@ -16,6 +16,7 @@ from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.runtime import quantize  # noqa: E402
+from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
 from treeq_engine.runtime.qwen_fused import FusedQwenImageTransformerBlock  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,18 +117,45 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_mixed_plan_runs_fused_and_edit_models_are_left_alone():
+def test_the_mixed_plan_runs_fused():
     model = tiny_qwen()
     unfused, fused = pair(model, mixed(model))
     calls, got = count_kernels(fused, call(n=2))
     # block 0: to_k W16 (q, v share one call), img fc2 W16; block 1: to_q at A4 (its own call), branches
     assert calls["ln"] == 10
-    torch.manual_seed(0)
-    edit = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                                 axes_dims_rope=(8, 4, 4), zero_cond_t=True)
-    quantize(edit, QuantPlan.block_uniform(edit, 4, 8))
-    assert type(edit.transformer_blocks[0]).__name__ == "QwenImageTransformerBlock"
+
+
+@pytest.mark.parametrize("kind", ["W4A8", "mixed"])
+def test_edit_models_fuse_with_their_per_token_modulation(kind):
+    """Qwen-Image-Edit-2511 (``zero_cond_t``): the condition images' tokens are modulated at timestep 0, the target's
+    at t; the image stream's modulation reaches the kernels one group per token. Fused equals unfused (float32) on
+    edit calls with one and two condition images; the 2509-style call (no ``zero_cond_t``) fuses as before."""
+    from test_search_qwen import _zero_cond, edit_call
+
+    model = _zero_cond(tiny_qwen())
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, 4, 8)
+    unfused, fused = pair(model, plan)
+    assert all(type(b).__name__ == "FusedQwenImageTransformerBlock" for b in fused.transformer_blocks)
+    scales = []
+    orig = TreeQLinear.quantize_input
+    for kw in (edit_call(), edit_call(n=1, seed=1, conditions=((2, 4), (4, 2)))):
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(TreeQLinear, "quantize_input",
+                       lambda self, x2, **k: scales.append(getattr(k.get("scale"), "shape", None))
+                       or orig(self, x2, **k))
+            got = fused(**kw).sample
+        with torch.no_grad():
+            want, fp = unfused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    tokens = 2 * (24 + 8)   # (the first call's rows: two samples of 24 target and 8 condition tokens)
+    assert (tokens, 32) in scales   # (per-token modulation of the image stream)
+    plain = tiny_qwen()   # 2509-style: the same edit call, one modulation per sample
+    unfused, fused = pair(plain, QuantPlan.block_uniform(plain, 4, 8))
+    calls, got = count_kernels(fused, edit_call())
+    assert calls["ln"] == 2 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(got, unfused(**edit_call()).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_a_negative_prompt_call_and_regional_compile_names():
@@ -165,16 +193,20 @@ def test_bf16_and_a_cache_hook():
 
 
 @pytest.mark.gpu
-def test_fused_equals_unfused_on_gpu():
+@pytest.mark.parametrize("edit", [False, True], ids=["t2i", "edit-2511"])
+def test_fused_equals_unfused_on_gpu(edit):
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
-    layout (bound as for the DiT blocks: test_diffusers_fused.py's reasoning)."""
-    model = tiny_qwen()
+    layout (bound as for the DiT blocks: test_diffusers_fused.py's reasoning); and Qwen-Image-Edit-2511's per-token
+    modulation on an edit call."""
+    from test_search_qwen import _zero_cond, edit_call
+
+    model = _zero_cond(tiny_qwen()) if edit else tiny_qwen()
     plan = QuantPlan.block_uniform(model, 4, 8)
     unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
     fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
     assert all(isinstance(b, FusedQwenImageTransformerBlock) for b in fused.transformer_blocks)
     kw = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda())
-          if isinstance(v, torch.Tensor) else v for k, v in call(n=2).items()}
+          if isinstance(v, torch.Tensor) else v for k, v in (edit_call() if edit else call(n=2)).items()}
     calls, b = count_kernels(fused, kw)
     assert calls == {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2}   # fused on the GPU too
     with torch.no_grad():

@@ -3,8 +3,7 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2 and LTX-Video (``SUPPORTED``) go through the whole
-flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse (Qwen-Image-Edit-2511's excepted: its
-condition tokens take another modulation). Any other diffusers model (HunyuanVideo, CogVideoX, ...) can be
+flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse. Any other diffusers model (HunyuanVideo, CogVideoX, ...) can be
 packed with a uniform plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and
 pointwise convolutions) become packed modules, unfused.
 

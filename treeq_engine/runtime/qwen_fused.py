@@ -18,11 +18,15 @@ The attention is ``QwenDoubleStreamAttnProcessor2_0``'s computation (its RMSNorm
 joint mask from the text mask, ``dispatch_attention_fn`` with the processor's backend). Fused and unfused agree to
 the model dtype's rounding, not bit for bit.
 
+Qwen-Image-Edit-2511 (``zero_cond_t``) modulates the condition images' tokens at timestep 0 and the target's at t
+(``modulate_index`` says which is which): its image-stream modulation reaches the kernels per token, one group per
+row (``(6, B·T, D)`` float32 while the block runs; the text stream's stays per sample).
+
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, ``Sequential(SiLU,
-linear)`` modulations, ``FeedForward`` of [GELU(tanh), Dropout, linear], not the edit models' per-token modulation
-``zero_cond_t``) with a packed linear with quantized activations to fuse, and only on a diffusers whose processor
-builds the text mask itself (0.39 on; ``runtime.convert.fuse_blocks`` checks). It runs diffusers' own forward in
-training mode, with attention kwargs or a ``modulate_index``, when a norm, a modulation or the attention carries a
+linear)`` modulations, ``FeedForward`` of [GELU(tanh), Dropout, linear]) with a packed linear with quantized
+activations to fuse, and only on a diffusers whose processor builds the text mask itself (0.39 on;
+``runtime.convert.fuse_blocks`` checks). It runs diffusers' own forward in training mode, with attention kwargs, a
+``modulate_index`` without ``zero_cond_t`` (or none with it), when a norm, a modulation or the attention carries a
 hook or another processor; a hooked feed-forward runs as a module. A batch-1 text or timestep (the pipeline's
 negative-prompt call) is broadcast, as diffusers' sums broadcast it.
 diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under
@@ -40,8 +44,8 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, dispatch_kwargs, joint_attention_ok, kernel_modulation, register_block,
-                              swap_blocks)
+                              _project, dispatch_kwargs, joint_attention_ok, kernel_modulation, modulation_chunk,
+                              register_block, swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -62,7 +66,7 @@ def _qwen_supported(block: nn.Module) -> bool:
             and _modulation_ok(block.img_mod, d) and _modulation_ok(block.txt_mod, d)
             and _feed_forward(block.img_mlp, d) and _feed_forward(block.txt_mlp, d)
             and block.img_mlp.net[0].approximate == "tanh" and block.txt_mlp.net[0].approximate == "tanh"
-            and type(block.attn) is Attention and not block.zero_cond_t)   # (the edit models' per-token modulation)
+            and type(block.attn) is Attention)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -122,7 +126,7 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
                 joint_attention_kwargs, modulate_index)
         attn = self.attn
         norms = (self.img_norm1, self.img_norm2, self.txt_norm1, self.txt_norm2, self.img_mod, self.txt_mod)
-        if (self.training or joint_attention_kwargs or modulate_index is not None or self.zero_cond_t
+        if (self.training or joint_attention_kwargs or (modulate_index is not None) != self.zero_cond_t
                 or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3 or temb.ndim != 2
                 or any(_hooked(n) for n in norms)
                 or not joint_attention_ok(attn, QwenDoubleStreamAttnProcessor2_0, _PROJECTIONS)):
@@ -130,20 +134,30 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         b, t, d = hidden_states.shape
         text = encoder_hidden_states.shape[1]
         mask = encoder_hidden_states_mask
-        if (encoder_hidden_states.shape[0] not in (1, b) or temb.shape[0] not in (1, b)
+        index = modulate_index
+        if (encoder_hidden_states.shape[0] not in (1, b)
+                or temb.shape[0] not in ((2 * b,) if self.zero_cond_t else (1, b))
+                or self.zero_cond_t and not (isinstance(index, torch.Tensor) and tuple(index.shape) == (b, t))
                 or mask is not None and (mask.ndim != 2 or mask.shape[0] not in (1, b))):
             return super().forward(*args)   # (before any layer runs: a fallback computes nothing twice)
         # a batch-1 text (the pipeline's negative prompt call) or timestep: broadcast, as diffusers' sums do
         encoder_hidden_states = encoder_hidden_states.expand(b, -1, -1)
-        mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)
-        cmod = self.txt_mod(temb).expand(b, -1).view(b, 6, d)
-        m32, c32 = kernel_modulation(mod), kernel_modulation(cmod)
+        if self.zero_cond_t:   # the edit model's: the target's tokens (index 0) at t, the condition images' at 0
+            both = self.img_mod(temb).view(2, b, 1, 6, d)
+            mod = torch.where(index.view(b, t, 1, 1) == 0, both[0], both[1])   # (B, T, 6, D), as diffusers selects
+            m32 = kernel_modulation(mod.reshape(b * t, 6, d))                   # (6, B·T, D): a group per token
+            cmod = self.txt_mod(temb[:b]).view(b, 6, d)
+        else:
+            mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)
+            m32 = kernel_modulation(mod)
+            cmod = self.txt_mod(temb).expand(b, -1).view(b, 6, d)
+        c32 = kernel_modulation(cmod)
         h, c = hidden_states, encoder_hidden_states
         h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
         n1, cn1 = self.img_norm1, self.txt_norm1
         q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2,
-                           lambda: n1(h) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=n1.eps, shift=m32[0],
-                           scale=m32[1])
+                           lambda: n1(h) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0), ln_eps=n1.eps,
+                           shift=m32[0], scale=m32[1])
         eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
                               lambda: cn1(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=cn1.eps, shift=c32[0],
                               scale=c32[1])
@@ -151,7 +165,7 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
             mask = mask.to(torch.bool).expand(b, -1)
         o = _joint_attention(attn, q, k, v, (eq, ek, ev), b, mask, image_rotary_emb)
         oc, oh = o.split_with_sizes([text, t], dim=1)
-        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
+        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], modulation_chunk(mod, 2))
         c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
         h2 = _ff(self.img_mlp, self.img_norm2, h2, b, mod, m32)
         c2 = _ff(self.txt_mlp, self.txt_norm2, c2, b, cmod, c32)
