@@ -2,10 +2,10 @@
 rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``config.json`` +
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
-DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2 and LTX-Video (``SUPPORTED``) go through the whole
-flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse. Any other diffusers model (HunyuanVideo, CogVideoX, ...) can be
-packed with a uniform plan or a hand-written one and sampled in its pipeline (``any_model=True``): its linears (and
-pointwise convolutions) become packed modules, unfused.
+DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2, LTX-Video and Chroma (``SUPPORTED``) go through the
+whole flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse. Any other diffusers model
+(HunyuanVideo, CogVideoX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
+(``any_model=True``): its linears (and pointwise convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
     model = rebuild(desc)          # same architecture, random weights (an artifact then loads into it)
