@@ -17,6 +17,7 @@ from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
 from treeq_engine.runtime import quantize  # noqa: E402
+from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
 from treeq_engine.runtime.wan_fused import FusedWanTransformerBlock  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,6 +103,28 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     calls, got = count_kernels(fused, kw)
     assert calls["ln"] == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_timesteps_fuse():
+    """Wan 2.2 TI2V passes a timestep per token (its first latent frame at 0): the block's (B, S, 6, D) modulation
+    reaches the kernels one group per row, and the fused model equals the unfused one."""
+    model = perturbed(tiny_wan())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model, n=2)
+    tokens = 3 * 4 * 3   # (3x8x6 latents in 1x2x2 patches)
+    first = torch.zeros(2, tokens)
+    first[:, :12] = 1   # (the first latent frame's tokens: the conditioning image)
+    kw["timestep"] = kw["timestep"][:, None] * (1 - first)
+    scales = []
+    orig = TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(TreeQLinear, "quantize_input",
+                   lambda self, x2, **k: scales.append(getattr(k.get("scale"), "shape", None)) or orig(self, x2, **k))
+        got = fused(**kw).sample
+    with torch.no_grad():
+        torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, fused(**call(model, n=2)).sample)
+    assert scales.count((2 * tokens, 16)) == 2 * 2   # (q/k/v and the feed-forward of both blocks, per token)
 
 
 def test_only_wan_blocks_with_something_to_fuse_are_swapped():

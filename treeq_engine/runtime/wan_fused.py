@@ -20,9 +20,10 @@ LayerNorm + modulate in float32 and add the residual in float32, as Wan's block 
 
 A block is swapped only in the structure diffusers builds (float32 LayerNorms without affine around the
 attention and feed-forward, ``WanAttention`` with ``WanAttnProcessor`` on unfused projections, a ``FeedForward`` of
-[GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. It runs diffusers' own
-forward in training mode, for Wan 2.2 TI2V's per-token modulation (a 4-d ``temb``), when a norm or the
-self-attention carries a hook or another processor; a feed-forward, ``to_out[0]`` or ``ffn.net[0].proj`` that is
+[GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. Wan 2.2 TI2V's per-token
+modulation (a ``(B, S, 6, D)`` ``temb``: the first frame's tokens at timestep 0) reaches the kernels one group per
+row. It runs diffusers' own forward in training mode, when a norm or the self-attention carries a hook or another
+processor; a feed-forward, ``to_out[0]`` or ``ffn.net[0].proj`` that is
 hooked or not packed runs as diffusers computes it. diffusers' block-level hooks (FirstBlockCache, MagCache) find
 the fused class in ``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
 """
@@ -37,7 +38,8 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, dispatch_kwargs, refuse_fused_projections, register_block, swap_blocks)
+                              _project, dispatch_kwargs, kernel_modulation, modulation_chunk,
+                              refuse_fused_projections, register_block, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -116,30 +118,37 @@ class FusedWanTransformerBlock(WanTransformerBlock):
                 rotary_emb: Any) -> torch.Tensor:
         args = (hidden_states, encoder_hidden_states, temb, rotary_emb)
         a1 = self.attn1
-        if (self.training or temb.ndim != 3 or hidden_states.ndim != 3 or _hooked(self.norm1) or _hooked(self.norm3)
-                or not _self_attention_ok(a1)):
+        if (self.training or temb.ndim not in (3, 4) or hidden_states.ndim != 3 or _hooked(self.norm1)
+                or _hooked(self.norm3) or not _self_attention_ok(a1)):
             return super().forward(*args)
         h = hidden_states
         b, s, d = h.shape
-        mod = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
-        if tuple(mod.shape) != (b, 6, d):
-            return super().forward(*args)
-        m32 = mod.transpose(0, 1).contiguous()        # (6, B, D): the kernels' layout
+        if temb.ndim == 4:   # Wan 2.2 TI2V: a timestep per token, (B, S, 6, D)
+            mod = self.scale_shift_table.unsqueeze(0) + temb.float()   # (B, S, 6, D) float32, as diffusers adds
+            if tuple(mod.shape) != (b, s, 6, d):
+                return super().forward(*args)
+            m32 = kernel_modulation(mod.reshape(b * s, 6, d))           # (6, B·S, D): a group per token
+        else:
+            mod = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
+            if tuple(mod.shape) != (b, 6, d):
+                return super().forward(*args)
+            m32 = mod.transpose(0, 1).contiguous()        # (6, B, D): the kernels' layout
         h2 = h.reshape(b * s, d).contiguous()
         q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
-                           lambda: (self.norm1(h.float()) * (1 + mod[:, 1:2]) + mod[:, 0:1]).type_as(h),
+                           lambda: (self.norm1(h.float()) * (1 + modulation_chunk(mod, 1))
+                                    + modulation_chunk(mod, 0)).type_as(h),
                            ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
         o = _self_attention(a1, q, k, v, b, rotary_emb)
         proj = a1.to_out[0]
         if _quantized(proj):   # (not hooked: _self_attention_ok)
             h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
         else:
-            h = (h.float() + a1.to_out[1](proj(o)) * mod[:, 2:3]).type_as(h)
+            h = (h.float() + a1.to_out[1](proj(o)) * modulation_chunk(mod, 2)).type_as(h)
         h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
         if _quantized(self.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
             return _ff(self.ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
-        x = (self.norm3(h.float()) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(h)
-        return (h.float() + self.ffn(x).float() * mod[:, 5:6]).type_as(h)
+        x = (self.norm3(h.float()) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(h)
+        return (h.float() + self.ffn(x).float() * modulation_chunk(mod, 5)).type_as(h)
 
 
 def fuse_wan_blocks(model: nn.Module) -> int:
