@@ -65,7 +65,7 @@ def test_quantize_activation_bit_exact(bits, symmetric, clip, m, k, dtype, cgen)
     """Without LayerNorm every step is an exact IEEE operation: codes, scales, zero points and row sums equal the
     oracle's bit for bit (modulate included: separate multiply and add, as the oracle)."""
     x = (torch.randn(m, k, generator=cgen) * 3).to(dtype)
-    g = 1 if m < 5 else 5 if m % 5 == 0 else 1
+    g = 1 if m < 5 else 5 if m % 5 == 0 else m   # (m: one group per row, a per-token modulation)
     shift, scale = torch.randn(g, k, generator=cgen), torch.randn(g, k, generator=cgen) * 0.2
     spec = QuantSpec.activation(bits, symmetric=symmetric, clip_ratio=clip)
     want = reference.quantize_activation(x, spec, shift=shift, scale=scale)
@@ -296,7 +296,7 @@ def test_packed_linear_gated_residual(arch, out_dtype, m, n, groups, splits, cge
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("out_dtype", FLOAT_OUTS)
-@pytest.mark.parametrize("groups", [None, 1, 3])
+@pytest.mark.parametrize("groups", [None, 1, 3, 3 * 37])   # (111 = M: a gate row per token)
 def test_packed_linear_gated_residual_oracle_bit_exact(arch, out_dtype, groups, cgen):
     """Without branch and GELU the layer output is the oracle's float32 bit for bit, so the fused residual is
     ``reference.packed_linear(..., residual=, gate=)`` bit for bit (N=300: element path for 2-byte outputs,

@@ -41,8 +41,9 @@ def test_codes_exact(bits, symmetric, clip, dtype, gen, poisoned):  # noqa: F811
     assert act.z is None
 
 
-def test_modulate_exact(gen, poisoned):  # noqa: F811
-    m, k, g = 30, 77, 3
+@pytest.mark.parametrize("g", [3, 30], ids=["per-sample", "per-token"])   # (30: one group per row, G = M)
+def test_modulate_exact(g, gen, poisoned):  # noqa: F811
+    m, k = 30, 77
     x = torch.randn(m, k, generator=gen, dtype=torch.bfloat16)
     shift, scale = torch.randn(g, k, generator=gen), torch.randn(g, k, generator=gen) * 0.3
     spec = QuantSpec.activation(4)

@@ -197,7 +197,7 @@ def test_bf16_branch_factors(gen, poisoned):  # noqa: F811
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("groups", [None, 1, 3])
+@pytest.mark.parametrize("groups", [None, 1, 3, 3 * 13])   # (39 = M: a gate row per token)
 @pytest.mark.parametrize("cfg", [None, GemmConfig(16, 16, 32, split_k=3, group_m=2)])
 def test_gated_residual_exact(out_dtype, groups, cfg, gen, poisoned):  # noqa: F811
     """``residual + gate ⊙ y`` fused into the store is, bit for bit, the oracle's gated residual of what the same

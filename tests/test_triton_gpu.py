@@ -337,7 +337,7 @@ def test_gated_residual_is_exact(impl, case, monkeypatch):
     """``packed_gemm(..., residual, gate)`` equals, bit for bit, the oracle's gated residual applied to the same
     kernel's unfused output: ``out_dtype(float(residual) + gate·float(y))``, product and sum each rounded to
     float32 (both kernels use ``mul.rn``/``add.rn``, which nothing contracts into an FMA). Without gate, with
-    one gate row (G = 1) and with one per sample (G > 1). The residual is only read; outputs start as NaN, so an
+    one gate row (G = 1), one per sample (G > 1) and one per token (G = M). The residual is only read; outputs start as NaN, so an
     element the fused store skips shows."""
     _poison_outputs(monkeypatch)
     m, n, k, wb, branch, gelu, split, out_dtype, groups = GATED_CASES[case]
@@ -363,7 +363,8 @@ def test_gated_residual_is_exact(impl, case, monkeypatch):
     # residual of the output's magnitude, so that the sums round in every position
     residual = (torch.randn(m, n, generator=g) * y.float().abs().mean()).to(out_dtype)
     res_d = residual.to(dev)
-    for gate in (None, torch.randn(1, n, generator=g), torch.randn(groups, n, generator=g)):
+    for gate in (None, torch.randn(1, n, generator=g), torch.randn(groups, n, generator=g),
+                 torch.randn(m, n, generator=g)):   # (G = M: a gate row per token, per-token modulations)
         gate_d = None if gate is None else gate.to(dev)
         out = _gemm_split(impl, a_d, pwd, split, residual=res_d, gate=gate_d, **kw)
         assert out.dtype == out_dtype and out.shape == (m, n) and out.data_ptr() != res_d.data_ptr()
