@@ -50,7 +50,7 @@ MagCache, whole-block layer skip) find the fused class in ``TransformerBlockRegi
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -99,11 +99,26 @@ def kernel_modulation(mod: torch.Tensor) -> torch.Tensor:
     return mod.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
 
-def modulation_chunk(mod: torch.Tensor, i: int) -> torch.Tensor:
+# a modulation: per sample (B, chunks, D), or per token a function giving chunk i's (B, S, D) rows
+Modulation: TypeAlias = "torch.Tensor | Callable[[int], torch.Tensor]"
+
+
+def modulation_chunk(mod: Modulation, i: int) -> torch.Tensor:
     """Chunk ``i`` of a modulation as diffusers broadcasts it over a block's ``(B, S, D)`` rows: ``(B, 1, D)`` of a
-    per-sample ``(B, chunks, D)``, or ``(B, S, D)`` of a per-token ``(B, S, chunks, D)`` (LTX-Video's image to
-    video)."""
-    return mod[:, :, i] if mod.dim() == 4 else mod[:, i:i + 1]
+    per-sample ``(B, chunks, D)``; a per-token modulation (LTX-Video's image to video, Wan 2.2 TI2V,
+    Qwen-Image-Edit-2511) is a function giving chunk ``i`` as ``(B, S, D)``, computed when asked (the whole table in
+    diffusers' layout is never held beside the kernels' copy)."""
+    return mod[:, i:i + 1] if isinstance(mod, torch.Tensor) else mod(i)
+
+
+def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6) -> torch.Tensor:
+    """The kernels' float32 ``(chunks, rows, D)`` of a per-token modulation (one group per row), filled chunk by
+    chunk from ``chunk(i)`` (``(B, S, D)`` as diffusers computes it, B·S = ``rows``)."""
+    first = chunk(0)
+    m32 = torch.empty(chunks, rows, first.shape[-1], dtype=torch.float32, device=first.device)
+    for i in range(chunks):
+        m32[i] = (first if i == 0 else chunk(i)).reshape(rows, -1)
+    return m32
 
 
 def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -> bool:
@@ -238,12 +253,12 @@ def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ba
     return o.transpose(1, 2).reshape(-1, heads * head_dim).to(q.dtype).contiguous()
 
 
-def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor, *,
+def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: torch.Tensor, *,
         rms_norm: bool = False) -> torch.Tensor:
     """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2`` (``rms_norm``: ``ln`` is an
     RMSNorm without affine, which the kernel computes in its RMSNorm mode), with the modulation's chunks 3, 4, 5
-    (``mod`` (B, ≥6, D) as diffusers uses them, or per token (B, S, ≥6, D); ``m32`` (≥6, G, D) float32 as the kernels
-    take them, G = B, or B·S per token): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in
+    (``mod`` (B, ≥6, D) as diffusers uses them, or per token a chunk function (``modulation_chunk``); ``m32`` (≥6, G,
+    D) float32 as the kernels take them, G = B, or B·S per token): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in
     fc1's epilogue, the gated residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
     runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32
     while the rows are 16-bit (Wan's modulation): the unfused parts compute as the model does, the rows the

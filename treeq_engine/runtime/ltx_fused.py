@@ -14,8 +14,9 @@ Where a linear is a :class:`TreeQLinear` with quantized activations, RMSNorm + m
 ``quantize_input`` kernel (the kernel's RMSNorm mode; one call shared by to_q/to_k/to_v with one activation spec
 and no Monarch branch), GELU(tanh) and ``ff.net[2]``'s codes in ``ff.net[0].proj``'s epilogue, and the gated
 residuals in ``to_out[0]``'s and ``ff.net[2]``'s. A per-token modulation reaches the kernels as one group per row
-(``(6, B·S, D)`` float32: twice the bytes of the ``(B, S, 6, D)`` table diffusers itself builds in bf16, per block,
-for as long as the block runs). The self-attention is ``LTXVideoAttnProcessor``'s computation
+(``(6, B·S, D)`` float32, filled chunk by chunk: twice the bytes of the ``(B, S, 6, D)`` table diffusers itself builds
+in bf16, per block, for as long as the block runs; the float paths compute their chunks from ``temb`` when asked).
+The self-attention is ``LTXVideoAttnProcessor``'s computation
 (RMSNorm across heads on q and k, LTX's rotary embedding, ``dispatch_attention_fn`` with the processor's backend).
 The cross-attention runs as diffusers' module (its packed linears each quantize their own input): its keys and
 values read the text. Fused and unfused agree to the model dtype's rounding (the kernels compute the norm and
@@ -43,8 +44,8 @@ from diffusers.models.transformers.transformer_ltx import (LTXAttention, LTXVide
                                                            LTXVideoTransformerBlock, apply_rotary_emb)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, dispatch_kwargs, kernel_modulation, modulation_chunk, refuse_fused_projections,
-                              register_block, swap_blocks)
+                              _project, Modulation, dispatch_kwargs, kernel_modulation, modulation_chunk,
+                              per_token_modulation, refuse_fused_projections, register_block, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -117,12 +118,17 @@ class FusedLTXVideoTransformerBlock(LTXVideoTransformerBlock):
         h = hidden_states
         b, s, d = h.shape
         table = self.scale_shift_table.to(temb.device)
+        mod: Modulation
         if tuple(temb.shape) == (b, 1, 6 * d):
             mod = table[None] + temb.reshape(b, 6, d)          # (B, 6, D), as diffusers adds them
             m32 = kernel_modulation(mod)                       # (6, B, D) float32: a group per sample
         elif tuple(temb.shape) == (b, s, 6 * d):   # a timestep per token (image to video: the first frame's at 0)
-            mod = table[None, None] + temb.reshape(b, s, 6, d)   # (B, S, 6, D), as diffusers adds them
-            m32 = kernel_modulation(mod.reshape(b * s, 6, d))    # (6, B·S, D) float32: a group per token
+            t4 = temb.reshape(b, s, 6, d)
+
+            def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' table[None, None] + temb: (B, S, D)
+                return table[i] + t4[:, :, i]
+
+            mod, m32 = chunk, per_token_modulation(chunk, b * s)   # (6, B·S, D) float32: a group per token
         else:
             return super().forward(*args)
         h2 = h.reshape(b * s, d).contiguous()

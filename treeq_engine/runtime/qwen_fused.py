@@ -20,7 +20,8 @@ the model dtype's rounding, not bit for bit.
 
 Qwen-Image-Edit-2511 (``zero_cond_t``) modulates the condition images' tokens at timestep 0 and the target's at t
 (``modulate_index`` says which is which): its image-stream modulation reaches the kernels per token, one group per
-row (``(6, B·T, D)`` float32 while the block runs; the text stream's stays per sample).
+row (``(6, B·T, D)`` float32 while the block runs, filled chunk by chunk; the float paths select their chunks when
+asked; the text stream's stays per sample).
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, ``Sequential(SiLU,
 linear)`` modulations, ``FeedForward`` of [GELU(tanh), Dropout, linear]) with a packed linear with quantized
@@ -44,8 +45,8 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
                                                                  QwenImageTransformerBlock, apply_rotary_emb_qwen)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, dispatch_kwargs, joint_attention_ok, kernel_modulation, modulation_chunk,
-                              register_block, swap_blocks)
+                              _project, Modulation, dispatch_kwargs, joint_attention_ok, kernel_modulation,
+                              modulation_chunk, per_token_modulation, register_block, swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -136,17 +137,24 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         mask = encoder_hidden_states_mask
         index = modulate_index
         if (encoder_hidden_states.shape[0] not in (1, b)
-                or temb.shape[0] not in ((2 * b,) if self.zero_cond_t else (1, b))
-                or self.zero_cond_t and not (isinstance(index, torch.Tensor) and tuple(index.shape) == (b, t))
+                or temb.shape[0] not in ((2, 2 * b) if self.zero_cond_t else (1, b))
+                or self.zero_cond_t and not (isinstance(index, torch.Tensor) and index.ndim == 2
+                                             and index.shape[0] in (1, b) and index.shape[1] == t)
                 or mask is not None and (mask.ndim != 2 or mask.shape[0] not in (1, b))):
             return super().forward(*args)   # (before any layer runs: a fallback computes nothing twice)
-        # a batch-1 text (the pipeline's negative prompt call) or timestep: broadcast, as diffusers' sums do
+        # a batch-1 text (the pipeline's negative prompt call), timestep or modulate_index (an edit pipeline's
+        # images per prompt): broadcast, as diffusers' sums and selection broadcast them
         encoder_hidden_states = encoder_hidden_states.expand(b, -1, -1)
+        mod: Modulation
         if self.zero_cond_t:   # the edit model's: the target's tokens (index 0) at t, the condition images' at 0
-            both = self.img_mod(temb).view(2, b, 1, 6, d)
-            mod = torch.where(index.view(b, t, 1, 1) == 0, both[0], both[1])   # (B, T, 6, D), as diffusers selects
-            m32 = kernel_modulation(mod.reshape(b * t, 6, d))                   # (6, B·T, D): a group per token
-            cmod = self.txt_mod(temb[:b]).view(b, 6, d)
+            both = self.img_mod(temb).view(2, -1, 1, 6, d)   # ([t; 0] rows, B or 1, 1, 6, D)
+            at_t = (index == 0)[..., None]                  # (B or 1, T, 1)
+
+            def chunk(i: int) -> torch.Tensor:   # chunk i as diffusers selects it per token: (B, T, D)
+                return torch.where(at_t, both[0, :, :, i], both[1, :, :, i]).expand(b, t, d)
+
+            mod, m32 = chunk, per_token_modulation(chunk, b * t)   # (6, B·T, D) float32: a group per token
+            cmod = self.txt_mod(temb[:temb.shape[0] // 2]).expand(b, -1).view(b, 6, d)
         else:
             mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)
             m32 = kernel_modulation(mod)

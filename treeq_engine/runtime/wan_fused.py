@@ -38,7 +38,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, dispatch_kwargs, kernel_modulation, modulation_chunk,
+                              _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
                               refuse_fused_projections, register_block, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
@@ -124,15 +124,20 @@ class FusedWanTransformerBlock(WanTransformerBlock):
         h = hidden_states
         b, s, d = h.shape
         if temb.ndim == 4:   # Wan 2.2 TI2V: a timestep per token, (B, S, 6, D)
-            mod = self.scale_shift_table.unsqueeze(0) + temb.float()   # (B, S, 6, D) float32, as diffusers adds
-            if tuple(mod.shape) != (b, s, 6, d):
+            if tuple(temb.shape) != (b, s, 6, d) or tuple(self.scale_shift_table.shape) != (1, 6, d):
                 return super().forward(*args)
-            m32 = kernel_modulation(mod.reshape(b * s, 6, d))           # (6, B·S, D): a group per token
+            table = self.scale_shift_table[0]
+
+            def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
+                return table[i] + temb[:, :, i].float()
+
+            mod: Modulation = chunk
+            m32 = per_token_modulation(chunk, b * s)   # (6, B·S, D) float32: a group per token (diffusers' own bytes)
         else:
-            mod = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
-            if tuple(mod.shape) != (b, 6, d):
+            sample = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
+            if tuple(sample.shape) != (b, 6, d):
                 return super().forward(*args)
-            m32 = mod.transpose(0, 1).contiguous()        # (6, B, D): the kernels' layout
+            mod, m32 = sample, sample.transpose(0, 1).contiguous()   # (6, B, D): the kernels' layout
         h2 = h.reshape(b * s, d).contiguous()
         q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
                            lambda: (self.norm1(h.float()) * (1 + modulation_chunk(mod, 1))
