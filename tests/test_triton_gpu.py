@@ -336,9 +336,9 @@ def _mismatch(got, want) -> str:
 def test_gated_residual_is_exact(impl, case, monkeypatch):
     """``packed_gemm(..., residual, gate)`` equals, bit for bit, the oracle's gated residual applied to the same
     kernel's unfused output: ``out_dtype(float(residual) + gate·float(y))``, product and sum each rounded to
-    float32 (both kernels use ``mul.rn``/``add.rn``, which nothing contracts into an FMA). Without gate, with
-    one gate row (G = 1), one per sample (G > 1) and one per token (G = M). The residual is only read; outputs start as NaN, so an
-    element the fused store skips shows."""
+    float32 (both kernels use ``mul.rn``/``add.rn``, which nothing contracts into an FMA). Without gate, with one
+    gate row (G = 1), one per sample (G > 1) and one per token (G = M). The residual is only read; outputs start
+    as NaN, so an element the fused store skips shows."""
     _poison_outputs(monkeypatch)
     m, n, k, wb, branch, gelu, split, out_dtype, groups = GATED_CASES[case]
     if impl == "gluon" and wb not in gluon_gemm.GLUON_BITS:

@@ -257,12 +257,13 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
         rms_norm: bool = False) -> torch.Tensor:
     """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2`` (``rms_norm``: ``ln`` is an
     RMSNorm without affine, which the kernel computes in its RMSNorm mode), with the modulation's chunks 3, 4, 5
-    (``mod`` (B, ≥6, D) as diffusers uses them, or per token a chunk function (``modulation_chunk``); ``m32`` (≥6, G,
-    D) float32 as the kernels take them, G = B, or B·S per token): LayerNorm + modulate in fc1's quantization, GELU(tanh) and fc2's codes in
-    fc1's epilogue, the gated residual in fc2's. A hook on the FeedForward (diffusers' layer skip) or on a part the kernels run: the module
-    runs, hooks and all. (ff.net[1], and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32
-    while the rows are 16-bit (Wan's modulation): the unfused parts compute as the model does, the rows the
-    feed-forward reads in the rows' dtype, the gated sum in float32, the result in the rows' dtype."""
+    (``mod`` (B, ≥6, D) as diffusers uses them, or per token a chunk function (``modulation_chunk``); ``m32``
+    (≥6, G, D) float32 as the kernels take them, G = B, or B·S per token): LayerNorm + modulate in fc1's
+    quantization, GELU(tanh) and fc2's codes in fc1's epilogue, the gated residual in fc2's. A hook on the
+    FeedForward (diffusers' layer skip) or on a part the kernels run: the module runs, hooks and all. (ff.net[1],
+    and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32 while the rows are 16-bit
+    (Wan's modulation): the unfused parts compute as the model does, the rows the feed-forward reads in the rows'
+    dtype, the gated sum in float32, the result in the rows' dtype."""
     d = x2.shape[-1]
     x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
