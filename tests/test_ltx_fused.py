@@ -10,7 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
 from test_search_ltx import call  # noqa: E402
 from tiny_diffusers import tiny_ltx  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -97,17 +97,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     assert seen and calls["ln"] == 4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    class OtherProcessor(LTXVideoAttnProcessor):   # a subclass computes what it likes: not the fused path's
-        pass
-
-    block.attn1.set_processor(OtherProcessor())
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 2
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    another_processor_and_training(fused, block.attn1, LTXVideoAttnProcessor, kw, want, 2)
 
 
 def test_per_token_timesteps_fuse():

@@ -92,6 +92,21 @@ def count_kernels(model, kw, rms=False):
     return calls, out
 
 
+def another_processor_and_training(fused, attn, processor, kw, want, fused_ln):
+    """``attn`` given a subclass of its ``processor`` class (a subclass computes what it likes: not the fused
+    path's) runs diffusers' forward in its block, ``fused_ln`` norm-fused quantizations left; in training mode every
+    block does (none left); the output stays ``want``."""
+    other = type("OtherProcessor", (processor,), {})
+    attn.set_processor(other())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == fused_ln
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_fused_kernels_run():
     """Per double block: one LayerNorm-fused quantization per stream for q/k/v and one per feed-forward, GELU and
     the next layer's codes in each feed-forward's first epilogue, four gated residuals; per single block one

@@ -8,7 +8,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
 from test_search_sana import call  # noqa: E402
 from tiny_diffusers import tiny_sana  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -84,17 +84,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         seen.clear()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    class OtherProcessor(SanaLinearAttnProcessor2_0):   # a subclass computes what it likes
-        pass
-
-    fused.transformer_blocks[0].attn1.set_processor(OtherProcessor())
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 2
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    another_processor_and_training(fused, fused.transformer_blocks[0].attn1, SanaLinearAttnProcessor2_0, kw, want, 2)
 
 
 def test_bf16_rms_qk_norm_and_a_cache_hook():
