@@ -9,7 +9,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
 from test_search_chroma import call  # noqa: E402
 from tiny_diffusers import tiny_chroma  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -106,19 +106,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     h.remove()
     assert seen and calls["ln"] == PER_FORWARD["ln"] - 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    other = copy.deepcopy(fused)
-
-    class Other(FluxAttnProcessor):
-        pass
-
-    other.single_transformer_blocks[0].attn.set_processor(Other())
-    calls, got = count_kernels(other, kw)
-    assert calls["ln"] == PER_FORWARD["ln"] - 1
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    another_processor_and_training(fused, fused.single_transformer_blocks[0].attn, FluxAttnProcessor, kw, want,
+                                   PER_FORWARD["ln"] - 1)
 
 
 def test_only_blocks_with_something_to_fuse_are_swapped():
