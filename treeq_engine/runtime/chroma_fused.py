@@ -36,11 +36,10 @@ import torch.nn as nn
 from diffusers.models.transformers.transformer_chroma import (ChromaAdaLayerNormZeroPruned,
                                                               ChromaAdaLayerNormZeroSinglePruned,
                                                               ChromaSingleTransformerBlock, ChromaTransformerBlock)
-from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, kernel_modulation,
                               register_block, swap_blocks)
-from .mmdit_fused import _flux_attention_ok, _gelu_tanh, double_width, flux_double, flux_single
+from .mmdit_fused import _flux_attention_ok, double_width, flux_double, flux_linears, flux_single, single_width
 
 
 def _pruned(norm: Any, kind: type, d: int) -> bool:
@@ -60,17 +59,12 @@ def _double_supported(block: nn.Module) -> bool:
 def _single_supported(block: nn.Module) -> bool:
     if type(block) is not ChromaSingleTransformerBlock or _forward_wrapped(block):
         return False
-    d = getattr(block.proj_out, "out_features", None)
-    return (isinstance(d, int) and _pruned(block.norm, ChromaAdaLayerNormZeroSinglePruned, d)
-            and _gelu_tanh(block.act_mlp) and type(block.attn) is FluxAttention and block.attn.pre_only)
+    d = single_width(block)
+    return d is not None and _pruned(block.norm, ChromaAdaLayerNormZeroSinglePruned, d)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
-    a = block.attn
-    if isinstance(block, ChromaSingleTransformerBlock):
-        return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
-    return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
-            block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
+    return flux_linears(block, single=isinstance(block, ChromaSingleTransformerBlock))
 
 
 def _pair_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

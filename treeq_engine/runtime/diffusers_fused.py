@@ -136,6 +136,23 @@ def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -
         and not _bypassed_hook(out._modules["0"])
 
 
+def self_attention_ok(attn: Any, kind: type[Any], processor: type[Any]) -> bool:
+    """A self-attention ``attn`` computes what a fused block computes with it (Wan's, LTX-Video's): an attention of
+    class ``kind`` running ``processor`` exactly on unfused projections, ``to_out`` as [linear, Dropout], no hook on
+    it or on a projection the kernels run. (Checked on every forward.)"""
+    if type(attn) is not kind or type(attn.processor) is not processor:
+        return False
+    refuse_fused_projections(attn, ("to_q", "to_k", "to_v"))   # (a dense copy of packed layers: an error)
+    if getattr(attn, "fused_projections", False):
+        return False
+    m = attn._modules
+    out = m.get("to_out")
+    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
+            or _hooked(out._modules["1"])):
+        return False
+    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+
+
 def dispatch_kwargs(proc: Any) -> dict[str, Any]:
     """What a diffusers processor passes ``dispatch_attention_fn`` besides the tensors: its backend, and its context
     parallel configuration where this diffusers has one (0.36 added it)."""

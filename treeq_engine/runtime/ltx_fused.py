@@ -43,9 +43,9 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_ltx import (LTXAttention, LTXVideoAttnProcessor,
                                                            LTXVideoTransformerBlock, apply_rotary_emb)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
                               _project, Modulation, dispatch_kwargs, kernel_modulation, modulation_chunk,
-                              per_token_modulation, refuse_fused_projections, register_block, swap_blocks)
+                              per_token_modulation, register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -56,19 +56,7 @@ def _plain_rms_norm(norm: Any, dim: int) -> bool:
 
 
 def _self_attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: ``LTXVideoAttnProcessor`` on unfused projections, no hook on
-    it or on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn) is not LTXAttention or type(attn.processor) is not LTXVideoAttnProcessor:
-        return False
-    refuse_fused_projections(attn, ("to_q", "to_k", "to_v"))   # (a dense copy of packed layers: an error)
-    if getattr(attn, "fused_projections", False):
-        return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
-            or _hooked(out._modules["1"])):
-        return False
-    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+    return self_attention_ok(attn, LTXAttention, LTXVideoAttnProcessor)
 
 
 def _ltx_supported(block: nn.Module) -> bool:

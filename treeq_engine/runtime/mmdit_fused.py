@@ -93,12 +93,28 @@ def _adaln(norm: Any, kind: type, d: int) -> bool:
             and isinstance(getattr(norm, "linear", None), nn.Module))
 
 
+def single_width(block: nn.Module) -> int | None:
+    """The width of a FLUX.1-style single block (Flux's, Chroma's) whose parts besides its adaLN are as diffusers
+    builds them (GELU(tanh) after proj_mlp, a ``FluxAttention`` without output projection), else None."""
+    d = getattr(block.proj_out, "out_features", None)
+    ok = isinstance(d, int) and _gelu_tanh(block.act_mlp) and type(block.attn) is FluxAttention and block.attn.pre_only
+    return d if ok else None
+
+
+def flux_linears(block: nn.Module, single: bool) -> list[nn.Module]:
+    """The linears a FLUX.1-style single (``single``) or double block's fusion runs (Flux's, Chroma's)."""
+    a = block.attn
+    if single:
+        return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
+    return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
+            block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
+
+
 def _single_supported(block: nn.Module) -> bool:
     if type(block) is not FluxSingleTransformerBlock or _forward_wrapped(block):
         return False
-    d = block.proj_out.out_features if hasattr(block.proj_out, "out_features") else None
-    return (d is not None and _adaln(block.norm, AdaLayerNormZeroSingle, d) and _gelu_tanh(block.act_mlp)
-            and type(block.attn) is FluxAttention and block.attn.pre_only)
+    d = single_width(block)
+    return d is not None and _adaln(block.norm, AdaLayerNormZeroSingle, d)
 
 
 def double_width(block: nn.Module) -> int | None:
@@ -154,8 +170,6 @@ def _sd3_supported(block: nn.Module) -> bool:
 
 def _linears(block: nn.Module) -> list[nn.Module]:
     a = block.attn
-    if isinstance(block, FluxSingleTransformerBlock):
-        return [block.proj_mlp, a.to_q, a.to_k, a.to_v, block.proj_out]
     if isinstance(block, JointTransformerBlock):
         out = [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], block.ff.net[0].proj,
                block.ff.net[2]]
@@ -164,8 +178,7 @@ def _linears(block: nn.Module) -> list[nn.Module]:
         if not block.context_pre_only:
             out += [a.to_add_out, block.ff_context.net[0].proj, block.ff_context.net[2]]
         return out
-    return [a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.to_out[0], a.to_add_out,
-            block.ff.net[0].proj, block.ff.net[2], block.ff_context.net[0].proj, block.ff_context.net[2]]
+    return flux_linears(block, single=isinstance(block, FluxSingleTransformerBlock))
 
 
 def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,

@@ -37,9 +37,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
                               _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
-                              refuse_fused_projections, register_block, swap_blocks)
+                              register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -50,19 +50,8 @@ def _fp32_layer_norm(norm: Any, dim: int) -> bool:
 
 
 def _self_attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: ``WanAttnProcessor`` on unfused projections, no image
-    projections, no hook on it or on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn) is not WanAttention or type(attn.processor) is not WanAttnProcessor:
-        return False
-    refuse_fused_projections(attn, ("to_q", "to_k", "to_v"))   # (a dense copy of packed layers: an error)
-    if attn.fused_projections:
-        return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (attn.add_k_proj is not None or out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout
-            or _hooked(attn) or _hooked(out._modules["1"])):
-        return False
-    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+    """``attn`` computes what the fused path computes (``self_attention_ok``), and has no image projections."""
+    return getattr(attn, "add_k_proj", None) is None and self_attention_ok(attn, WanAttention, WanAttnProcessor)
 
 
 def _wan_supported(block: nn.Module) -> bool:
