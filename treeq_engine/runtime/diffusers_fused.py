@@ -121,19 +121,26 @@ def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks
     return m32
 
 
+def plain_out(attn: Any) -> nn.Module | None:
+    """``attn``'s output linear where its ``to_out`` is [linear, Dropout] as diffusers builds it and neither the
+    attention nor the Dropout carries a hook (the fused path skips both calls), else None."""
+    out = attn._modules.get("to_out")
+    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
+            or _hooked(out._modules["1"])):
+        return None
+    return out._modules["0"]
+
+
 def joint_attention_ok(attn: Any, processor: type, projections: Sequence[str]) -> bool:
     """``attn`` computes what a fused double-stream block computes (checked on every forward): ``processor`` exactly
     (the separate projections it reads, not a fused one), no hook on it, ``to_out`` as [linear, Dropout] with
     ``to_add_out`` and ``projections`` present, no hook on a projection the kernels run."""
-    if type(attn.processor) is not processor or _hooked(attn):
+    if type(attn.processor) is not processor:
         return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"])
-            or m.get("to_add_out") is None or any(m.get(n) is None for n in projections)):
+    m, out = attn._modules, plain_out(attn)
+    if out is None or m.get("to_add_out") is None or any(m.get(n) is None for n in projections):
         return False
-    return not any(_bypassed_hook(m[n]) for n in tuple(projections) + ("to_add_out",)) \
-        and not _bypassed_hook(out._modules["0"])
+    return not any(_bypassed_hook(m[n]) for n in tuple(projections) + ("to_add_out",)) and not _bypassed_hook(out)
 
 
 def self_attention_ok(attn: Any, kind: type[Any], processor: type[Any]) -> bool:
@@ -145,12 +152,9 @@ def self_attention_ok(attn: Any, kind: type[Any], processor: type[Any]) -> bool:
     refuse_fused_projections(attn, ("to_q", "to_k", "to_v"))   # (a dense copy of packed layers: an error)
     if getattr(attn, "fused_projections", False):
         return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
-            or _hooked(out._modules["1"])):
-        return False
-    return not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) and not _bypassed_hook(out._modules["0"])
+    m, out = attn._modules, plain_out(attn)
+    return out is not None and not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")) \
+        and not _bypassed_hook(out)
 
 
 def dispatch_kwargs(proc: Any) -> dict[str, Any]:

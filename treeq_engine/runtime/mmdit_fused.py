@@ -57,7 +57,7 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
                               _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
-                              refuse_fused_projections, register_block, swap_blocks)
+                              plain_out, refuse_fused_projections, register_block, swap_blocks)
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -76,13 +76,10 @@ def _flux_attention_ok(attn: Any, joint: bool) -> bool:
     names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] if joint else [])
     if any(m.get(n) is None for n in names) or _hooked(attn):
         return False
-    if joint:
-        out = m.get("to_out")
-        if out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(out._modules["1"]):
-            return False
-        names.append("to_out")
-        return not any(_bypassed_hook(m[n] if n != "to_out" else out._modules["0"]) for n in names)
-    return not any(_bypassed_hook(m[n]) for n in names)
+    out = plain_out(attn) if joint else None
+    if joint and out is None:
+        return False
+    return not any(_bypassed_hook(m[n]) for n in names) and not (out is not None and _bypassed_hook(out))
 
 
 def _adaln(norm: Any, kind: type, d: int) -> bool:
@@ -141,17 +138,15 @@ def _joint_attention_ok(attn: Any, joint: bool) -> bool:
     computes: ``JointAttnProcessor2_0`` on plain projections, no hook on it or on a projection the kernels run."""
     if type(attn) is not Attention or type(attn.processor) is not JointAttnProcessor2_0:
         return False
-    m = attn._modules
-    out = m.get("to_out")
-    if (out is None or len(out) != 2 or type(out._modules.get("1")) is not nn.Dropout or _hooked(attn)
-            or _hooked(out._modules["1"])):
+    m, out = attn._modules, plain_out(attn)
+    if out is None:
         return False
     names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj"] if joint else [])
     if joint and not attn.context_pre_only:
         names.append("to_add_out")
     if any(m.get(n) is None for n in names):
         return False
-    return not any(_bypassed_hook(m[n]) for n in names) and not _bypassed_hook(out._modules["0"])
+    return not any(_bypassed_hook(m[n]) for n in names) and not _bypassed_hook(out)
 
 
 def _sd3_supported(block: nn.Module) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
-from .mmdit_runner import ReferenceTokens, dual_stream_segment, position_ids
+from .mmdit_runner import ReferenceTokens, dual_stream_segment, mmdit_tie, position_ids
 
 FLUX2 = "flux2"
 
@@ -63,16 +63,9 @@ class Flux2Runner(CutModel):
 
     def tie(self, layer_name: str) -> str | None:
         """Linears that read one input, searched as one leaf: a double-stream attention's to_q/to_k/to_v (image
-        tokens) and its add_q/k/v_proj (text tokens). (A single-stream block's q/k/v and MLP input are already one
-        linear, ``to_qkv_mlp_proj``.)"""
-        head, _, last = layer_name.rpartition(".")
-        if not head.startswith("transformer_blocks.") or not head.endswith(".attn"):
-            return None
-        if last in ("to_q", "to_k", "to_v"):
-            return head + ".qkv"
-        if last in ("add_q_proj", "add_k_proj", "add_v_proj"):
-            return head + ".add_qkv"
-        return None
+        tokens) and its add_q/k/v_proj (text tokens), as the MMDiT runners tie them (``mmdit_tie``). (A single-stream
+        block's q/k/v and MLP input are already one linear, ``to_qkv_mlp_proj``.)"""
+        return mmdit_tie(layer_name)
 
     def segment_of(self, layer_name: str) -> int:
         return dual_stream_segment(layer_name, len(self.joint), self.num_segments)

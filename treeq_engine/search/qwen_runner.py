@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
+from .mmdit_runner import mmdit_tie
 
 QWEN = "qwen-image"
 
@@ -116,15 +117,8 @@ class QwenImageRunner(CutModel):
 
     def tie(self, layer_name: str) -> str | None:
         """Linears that read one input, searched as one leaf: the attention's to_q/to_k/to_v (image tokens) and its
-        add_q/k/v_proj (text tokens)."""
-        head, _, last = layer_name.rpartition(".")
-        if head.rpartition(".")[2] != "attn":
-            return None
-        if last in ("to_q", "to_k", "to_v"):
-            return head + ".qkv"
-        if last in ("add_q_proj", "add_k_proj", "add_v_proj"):
-            return head + ".add_qkv"
-        return None
+        add_q/k/v_proj (text tokens), as the MMDiT runners tie them (``mmdit_tie``)."""
+        return mmdit_tie(layer_name)
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
         """The text stream's rows of padding (prompts of a calibration set padded to the longest, the mask hiding
