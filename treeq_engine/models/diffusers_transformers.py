@@ -167,7 +167,7 @@ MULTI_IMAGE_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPl
 # tokens, or reference tokens the metric leaves out) over the whole schedule; not img2img (a partial schedule),
 # inpainting or control pipelines
 IMAGE_PIPELINES = ("WanImageToVideoPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
-                   "FluxKontextPipeline") + MULTI_IMAGE_PIPELINES[:2]
+                   "FluxKontextPipeline", "Flux2Pipeline", "Flux2KleinPipeline")
 
 
 def pipeline_class(path: str | Path) -> str:
