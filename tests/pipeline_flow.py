@@ -1,5 +1,5 @@
-"""What the per-model search tests share: a tiny pipeline captured by `treeq capture`, and a transformer's search
-space as its runner cuts it."""
+"""What the per-model search tests share: a tiny pipeline captured by `treeq capture`, random images for
+``--images``, and a transformer's search space as its runner cuts it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +26,20 @@ def captured(tmp_path: Path, pipe: Any, name: str, capture_args: Sequence[str]) 
                  "--out", calib]) == 0
     transformer = type(pipe.transformer).from_pretrained(pipe_dir / "transformer").eval()
     return pipe_dir, prompts, calib, load_inputs(calib, make_runner(transformer))
+
+
+def write_images(tmp_path: Path, lines: Sequence[str], sizes: dict[str, tuple[int, int]] | None = None) -> str:
+    """Random RGB images on disk (64 px, or ``sizes[name]`` = (width, height)), and an --images file naming them by
+    ``lines`` (relative paths)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in sorted({n.strip() for line in lines for n in line.split(",")}):
+        w, h = (sizes or {}).get(name, (64, 64))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "images.txt")
 
 
 def leaves(model: Any, kw: dict[str, Any]) -> tuple[Any, tuple, SearchSpace, list[str]]:

@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_flux2, tiny_flux2_klein_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -151,20 +151,6 @@ def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
 
 
-def _images(tmp_path, lines, sizes=None):
-    """Random RGB images on disk (64 px, or ``sizes[name]`` = (width, height)), and an --images file naming them by
-    ``lines`` (relative paths)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in sorted({n.strip() for line in lines for n in line.split(",")}):
-        w, h = (sizes or {}).get(name, (64, 64))
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
-    (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
-    return str(tmp_path / "images.txt")
-
-
 def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
     """`treeq capture --images` on FLUX.2 [klein]: each prompt runs alone with its own reference image (swapping the
     lines swaps the references' tokens between the calls), the calls carry the references' tokens after the
@@ -187,7 +173,7 @@ def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
     for lines in (["a.png", "b.png"], ["b.png", "a.png"]):
         calib = str(tmp_path / f"calib_{lines[0]}.safetensors")
         assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images",
-                     _images(tmp_path, lines), "--steps", "2", "--timesteps", "2", "--cfg", "1.0", *size,
+                     write_images(tmp_path, lines), "--steps", "2", "--timesteps", "2", "--cfg", "1.0", *size,
                      "--device", "cpu", "--out", calib]) == 0
         assert "each prompt runs alone" in capsys.readouterr().err
         captures.append(load_inputs(calib, make_runner(transformer)))
@@ -206,7 +192,7 @@ def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
                  "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
     outs = {}
-    for name, extra in (("refs", ["--images", _images(tmp_path, ["a.png", "b.png, a.png"])]), ("text", [])):
+    for name, extra in (("refs", ["--images", write_images(tmp_path, ["a.png", "b.png, a.png"])]), ("text", [])):
         outs[name] = tmp_path / f"{name}.png"   # (FLUX.2 takes several references per prompt)
         assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
                      *extra, "--steps", "2", *size, "--device", "cpu", "--out", str(outs[name])]) == 0
@@ -214,7 +200,7 @@ def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
     with Image.open(outs["refs"]) as a, Image.open(outs["text"]) as b:
         assert a.size == b.size == (64, 32) and a.tobytes() != b.tobytes()
     # without --height/--width FLUX.2 samples at its first reference's size: a row of 64x64 and 128x96
-    mixed = _images(tmp_path, ["a.png", "c.png"], sizes={"c.png": (128, 96)})
+    mixed = write_images(tmp_path, ["a.png", "c.png"], sizes={"c.png": (128, 96)})
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--images",
                  mixed, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "mixed.png")]) == 0
     with Image.open(tmp_path / "mixed.png") as grid:
@@ -258,14 +244,14 @@ def test_image_files_are_checked_before_anything_loads(tmp_path, capsys):
                               (pixart, ["a.png", "b.png"], "PixArtAlphaPipeline takes no image"),
                               (img2img, ["a.png", "b.png"], "FluxImg2ImgPipeline is not one"),
                               (inpaint, ["a.png", "b.png"], "FluxInpaintPipeline is not one")):
-        images = _images(tmp_path, [n for n in lines if "missing" not in n and n.strip(" ,")] or ["a.png"])
+        images = write_images(tmp_path, [n for n in lines if "missing" not in n and n.strip(" ,")] or ["a.png"])
         (tmp_path / "images.txt").write_text("\n".join(lines) + "\n")
         assert main(["capture", "--pipeline", pipe, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
         assert __import__("re").search(what, capsys.readouterr().err), what
         refused(what, ["sample", "--pipeline", pipe, "--prompts", str(prompts), "--images", images, "--out",
                        str(tmp_path / "s.png")])
     # several images on a line: read for a pipeline that takes several (then it fails to load: no weights)
-    images = _images(tmp_path, ["a.png", "a.png, b.png"])
+    images = write_images(tmp_path, ["a.png", "a.png, b.png"])
     assert main(["capture", "--pipeline", plus, "--prompts", str(prompts), "--images", images, "--out", out]) == 2
     assert "per prompt" not in capsys.readouterr().err
     assert main(["capture", "--pipeline", edit, "--prompts", str(prompts), "--out", out]) == 2
