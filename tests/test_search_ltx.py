@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -58,6 +58,42 @@ def test_segments_compose_to_the_model(dtype):
             assert torch.equal(run_segments(runner, runner.inputs(**kw)), model(**kw).sample), video
 
 
+def i2v_call(n=2, seed=0, video=(2, 4, 6)):
+    """The image-to-video pipeline's call: one timestep per token, the conditioning first frame's at 0."""
+    kw = call(n=n, seed=seed, video=video)
+    f, h, w = video
+    t = torch.full((n, f * h * w), 500.0)
+    t[:, :h * w] = 0
+    return {**kw, "timestep": t}
+
+
+def test_per_token_timesteps():
+    """The image-to-video pipeline's per-token timesteps: the segments compose to the model bit for bit; the metric
+    and the output projection's PTQ rows leave out the first frame's tokens (held at 0; the pipeline drops their
+    prediction), while the caption padding stays out of the caption layers' rows."""
+    model = tiny_ltx()
+    runner = make_runner(model)
+    kw = i2v_call()
+    with torch.no_grad():
+        want = model(**kw).sample
+        state = runner.inputs(**kw)
+        assert torch.equal(runner.forward(*state), want)
+        got = run_segments(runner, state)
+        head = state
+        for s in range(runner.num_segments - 1):
+            head = runner.run(s, head)
+    assert torch.equal(got[:, 24:], want[:, 24:]) and not bool(got[:, :24].any())
+    rows = runner.real_rows("proj_out", head)
+    assert rows.shape == (2, 48) and not bool(rows[:, :24].any()) and bool(rows[:, 24:].all())
+    assert runner.real_rows("caption_projection.linear_1", state).sum() == 10   # (4 + 6 real caption tokens)
+
+
+def test_evaluate_with_per_token_timesteps_matches_brute_force():
+    read = torch.ones(1, 48, 1, dtype=torch.bool)
+    read[:, :24] = False
+    check_evaluator(tiny_ltx(), i2v_call(n=4, seed=3), 0.5, seed=5, read=read)
+
+
 def test_a_saved_file_reproduces_the_rope_scale(tmp_path):
     """The rope scale (8/25 here) is stored in float64 and kept so in a bf16 search (``exact_inputs``): a fresh
     runner on the loaded inputs composes to the model's output on the pipeline's call, bit for bit."""
@@ -81,7 +117,7 @@ def test_leaves_ties_and_checked_inputs():
     good = call()
     for bad, match in ((dict(attention_kwargs={"scale": 1.0}), "attention_kwargs"),
                        (dict(video_coords=torch.zeros(2, 3, 48)), "video_coords"),
-                       (dict(timestep=torch.ones(2, 48)), "per-token timesteps"),
+                       (dict(timestep=torch.ones(2, 47)), r"per-token timesteps must be \(1, 48\) or \(2, 48\)"),
                        (dict(num_frames=None), "num_frames, height and width"),
                        (dict(height=5), "is 60 tokens, hidden_states has 48"),
                        (dict(rope_interpolation_scale=(1.0, 2.0)), "3 positive numbers"),
@@ -167,3 +203,29 @@ def test_capture_search_pack_and_sample_an_ltx_pipeline(tmp_path):
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+
+
+def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys):
+    """`treeq capture --images` on LTX-Video's image-to-video pipeline: each prompt runs alone with its first frame;
+    the calls carry one timestep per token (the first latent frame's at 0) -> `treeq search` -> `treeq quantize` ->
+    `treeq sample --images`."""
+    from treeq_engine.cli import main
+
+    pipe = diffusers.LTXImageToVideoPipeline(**tiny_ltx_pipeline().components)   # (skips without transformers)
+    images = write_images(tmp_path, ["a.png", "b.png"])
+    size = ["--height", "32", "--width", "32", "--frames", "5"]   # latents 3 x 16 x 16
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, pipe, "ltx-i2v", ["--images", images, "--batch", "1",
+                                                                            "--steps", "2", "--timesteps", "2",
+                                                                            "--cfg", "3.0", *size])
+    assert "kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps x CFG's 2 halves
+    t = inputs[2]
+    assert t.shape == (8, 3 * 16 * 16) and not bool(t[:, :256].any()) and bool((t[:, 256:] > 0).all())
+    res = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                 "--images", images, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import ptq_peft_packed  # noqa: E402
+from pipeline_flow import ptq_peft_packed, write_images  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -122,14 +122,16 @@ def test_tied_leaves():
     assert not any("to_add_out" in n[0] or "ff_context" in n[0] for n in last)
 
 
-def brute_mse(model, runner, kw, space, env, lo, hi, row, tokens=None):
+def brute_mse(model, runner, kw, space, env, lo, hi, row, tokens=None, read=None):
     """Convert a fresh copy, run the model's own forward on the pipeline's call, MSE against FP (of the first
-    ``tokens`` output tokens where given: what a pipeline keeps of a call with reference images)."""
+    ``tokens`` output tokens where given: what a pipeline keeps of a call with reference images; with the elements
+    outside the boolean mask ``read`` counted as exact: a conditioning frame's)."""
     m = copy.deepcopy(model)
 
     def sample(m):   # (Z-Image returns a list of per-sample outputs: stacked, as its runner's head does)
         out = m(**kw).sample
-        return (torch.stack(out) if isinstance(out, list) else out)[:, :tokens].double()
+        out = (torch.stack(out) if isinstance(out, list) else out)[:, :tokens].double()
+        return out if read is None else torch.where(read, out, 0.0)
 
     with torch.no_grad():
         fp = sample(m)
@@ -145,10 +147,11 @@ def brute_mse(model, runner, kw, space, env, lo, hi, row, tokens=None):
     return float(((out - fp) ** 2).mean())
 
 
-def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3, tokens=None):
+def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3, tokens=None, read=None):
     """The evaluator's MSE for random candidate rows of three nodes (the first leaves, middle ones, the last) equals
     ``brute_mse`` on the model's own forward, for a diffusers model called with ``kw`` (one chunk of ``batch``
-    samples, ``group`` candidates stacked per forward; ``tokens``: the output tokens the metric reads)."""
+    samples, ``group`` candidates stacked per forward; ``tokens``: the output tokens the metric reads; ``read``: the
+    output elements it reads)."""
     runner = make_runner(model)
     inputs = runner.inputs(**kw)
     space = SearchSpace.build(model, inputs, forward=lambda *xs: run_segments(runner, xs), tie=runner.tie)
@@ -160,7 +163,7 @@ def check_evaluator(model, kw, lam, seed, *, batch=4, group=3, rows=3, tokens=No
     for lo, hi in ((0, 2), (3, 6), (len(space.leaves) - 3, len(space.leaves))):
         picked = rng.integers(0, c, (rows, hi - lo))
         got = ev.evaluate(lo, hi, picked)
-        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r, tokens) for r in picked]
+        want = [brute_mse(pristine, runner, kw, space, env, lo, hi, r, tokens, read) for r in picked]
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
         assert (got > 0).all()
 
@@ -325,8 +328,6 @@ def test_capture_search_and_sample_a_flux_kontext_pipeline(tmp_path, capsys, mon
     the search runs on them and `treeq sample --images` samples the quantized transformer with the images."""
     pytest.importorskip("transformers", reason="Flux's pipeline needs transformers (CLIP, T5)")
     import diffusers.pipelines.flux.pipeline_flux_kontext as kontext
-    import numpy as np
-    from PIL import Image
     from tiny_diffusers import tiny_flux_pipeline
 
     from treeq_engine.cli import main
@@ -338,14 +339,11 @@ def test_capture_search_and_sample_a_flux_kontext_pipeline(tmp_path, capsys, mon
     pipe.save_pretrained(pipe_dir)
     prompts = tmp_path / "p.txt"
     prompts.write_text("make it red\nadd a dog\n")
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / name)
-    (tmp_path / "images.txt").write_text("a.png\nb.png\n")
+    images = write_images(tmp_path, ["a.png", "b.png"], sizes={n: (40, 40) for n in ("a.png", "b.png")})
     calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "16", "--width", "16"]
     assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images",
-                 str(tmp_path / "images.txt"), "--steps", "2", "--timesteps", "2", *size, "--batch", "1", "--device",
+                 images, "--steps", "2", "--timesteps", "2", *size, "--batch", "1", "--device",
                  "cpu", "--out", calib]) == 0
     runner = make_runner(diffusers.FluxTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
     inputs = load_inputs(calib, runner)
@@ -360,7 +358,7 @@ def test_capture_search_and_sample_a_flux_kontext_pipeline(tmp_path, capsys, mon
                  "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
     capsys.readouterr()
-    for extra in (["--images", str(tmp_path / "images.txt")], []):   # (text to image without)
+    for extra in (["--images", images], []):   # (text to image without)
         assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
                      *extra, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_search_mmdit import check_evaluator  # noqa: E402
+from pipeline_flow import write_images  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -69,6 +70,57 @@ def test_segments_compose_to_the_model(kind, dtype):
     assert runner.num_segments == len(model.blocks) + 2
 
 
+def ti2v_call(model, n=3, seed=0, fhw=(3, 8, 6), image=True):
+    """Wan 2.2 TI2V's call: one timestep per latent token; with an image, the first frame's tokens held at 0."""
+    kw = call(model, n, seed, fhw)
+    f, h, w = fhw[0], fhw[1] // 2, fhw[2] // 2
+    t = kw["timestep"].clamp(min=1)[:, None].repeat(1, f * h * w)   # (a pipeline's noisy tokens are never at 0)
+    if image:
+        t[:, :h * w] = 0
+    return {**kw, "timestep": t}
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_per_token_timesteps(image):
+    """Wan 2.2 TI2V's per-token timesteps: the segments compose to the model bit for bit; the metric and the output
+    projection's PTQ rows leave out the first frame's tokens held at 0 (text to video: nothing left out); a (1, S)
+    row is broadcast to the batch."""
+    from treeq_engine.search.diffusers_schedule import per_sample
+    from treeq_engine.search.evaluator import sample_timesteps
+
+    model = perturbed(tiny_wan())
+    runner = make_runner(model)
+    kw = ti2v_call(model, image=image)
+    with torch.no_grad():
+        want = model(**kw).sample
+        state = runner.inputs(**kw)
+        assert torch.equal(runner.forward(*state), want)
+        got = run_segments(runner, state)
+        head = state
+        for s in range(runner.num_segments - 1):
+            head = runner.run(s, head)
+    frame = 4 * 3   # one latent frame's tokens
+    if image:
+        assert torch.equal(got[:, :, 1:], want[:, :, 1:]) and not bool(got[:, :, 0].any())
+        rows = runner.real_rows("proj_out", head)
+        assert rows.shape == (3, 36) and not bool(rows[:, :frame].any()) and bool(rows[:, frame:].all())
+    else:
+        assert torch.equal(got, want) and runner.real_rows("proj_out", head) is None
+    assert runner.real_rows("blocks.0.ffn.net.2", head) is None
+    assert torch.equal(sample_timesteps(state[1]), kw["timestep"].amax(1))
+    weights = {float(v): 2.0 + i for i, v in enumerate(kw["timestep"].amax(1).tolist())}
+    assert per_sample(weights, state[1], "x").tolist() == [2.0, 3.0, 4.0]   # (by each sample's noisy timestep)
+    one = {**kw, "timestep": kw["timestep"][:1]}
+    assert torch.equal(runner.inputs(**one)[1], kw["timestep"][:1].expand(3, -1))
+
+
+def test_evaluate_with_per_token_timesteps_matches_brute_force():
+    model = perturbed(tiny_wan())
+    read = torch.ones(1, 1, 3, 8, 6, dtype=torch.bool)
+    read[:, :, 0] = False   # (the first latent frame: the pipeline overwrites it)
+    check_evaluator(model, ti2v_call(model, n=4, seed=3), 0.5, seed=7, read=read)
+
+
 def test_tied_leaves_and_segments():
     runner = make_runner(tiny_wan(image=True))
     linears = [n for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -99,8 +151,8 @@ def test_inputs_are_checked():
         t2v.inputs(**{**kw, "encoder_hidden_states": torch.randn(2, 5, 12)})
     with pytest.raises(ValueError, match="timestep must be a scalar"):
         t2v.inputs(**{**kw, "timestep": torch.zeros(3)})
-    with pytest.raises(ValueError, match="per-token timesteps"):
-        t2v.inputs(**{**kw, "timestep": torch.zeros(2, 24)})
+    with pytest.raises(ValueError, match=r"per-token timesteps must be \(1, 36\) or \(2, 36\)"):
+        t2v.inputs(**{**kw, "timestep": torch.zeros(2, 24)})   # (3 x 4 x 3 = 36 patches)
     with pytest.raises(ValueError, match="attention_kwargs"):
         t2v.inputs(**kw, attention_kwargs={"scale": 1.0})
     with pytest.raises(ValueError, match="given to a text-to-video Wan"):
@@ -181,8 +233,6 @@ def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys, 
     pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
     import types
 
-    import numpy as np
-    from PIL import Image
     from tiny_diffusers import tiny_wan_i2v_pipeline
 
     from treeq_engine.cli import main
@@ -197,14 +247,10 @@ def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys, 
     pipe.save_pretrained(pipe_dir)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na dog on the hill\n")
-    rng = np.random.default_rng(0)
-    for name in ("first.png", "other.png"):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
-    images = tmp_path / "images.txt"
-    images.write_text("first.png\nother.png\n")
+    images = write_images(tmp_path, ["first.png", "other.png"], sizes={n: (48, 40) for n in ("first.png", "other.png")})
     calib = str(tmp_path / "calib.safetensors")
     size = ["--height", "32", "--width", "32", "--frames", "5"]
-    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", str(images),
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", images,
                  "--steps", "2", "--timesteps", "2", "--cfg", "1.0", *size, "--batch", "1", "--device", "cpu",
                  "--out", calib]) == 0
     assert "kept 4 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps, one call each
@@ -218,10 +264,64 @@ def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys, 
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(out / "plan.json"), "--out", str(art)]) == 0
     capsys.readouterr()
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
-                 "--images", str(images), "--steps", "2", *size, "--device", "cpu",
+                 "--images", images, "--steps", "2", *size, "--device", "cpu",
                  "--out", str(tmp_path / "q.png")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["samples"] == 2 and report["frames"] == 5
+
+
+def test_capture_search_ptq_and_sample_a_ti2v_pipeline(tmp_path, capsys, monkeypatch):
+    """Wan 2.2 TI2V (a ``WanPipeline`` with ``expand_timesteps``): `treeq capture` records one timestep per latent
+    token, text to video (a call's tokens alike) and, with --images, image to video (the directory loads as
+    ``WanImageToVideoPipeline``; the first frame's tokens at 0); `treeq search` and `treeq ptq` read them and
+    `treeq sample --images` samples the packed transformer. Without ``expand_timesteps`` a WanPipeline takes no
+    images."""
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    import types
+
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+    from tiny_diffusers import tiny_wan_ti2v_pipeline
+
+    from treeq_engine.cli import main
+
+    monkeypatch.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)   # (as above)
+    pipe = tiny_wan_ti2v_pipeline()   # (skips without transformers)
+    pipe.transformer = perturbed(pipe.transformer)
+    pipe_dir = tmp_path / "ti2v"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na dog on the hill\n")
+    images = write_images(tmp_path, ["first.png", "other.png"])
+    size = ["--height", "32", "--width", "32", "--frames", "5"]   # latents 3 x 16 x 16: 3 x 8 x 8 tokens
+    runner = make_runner(diffusers.WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"))
+    calib = {}
+    for mode, extra in (("i2v", ["--images", images, "--batch", "1"]), ("t2v", [])):
+        calib[mode] = str(tmp_path / f"{mode}.safetensors")
+        assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), *extra, "--steps", "2",
+                     "--timesteps", "2", "--cfg", "1.0", *size, "--device", "cpu", "--out", calib[mode]]) == 0
+        assert "kept 4 samples at 2 timesteps" in capsys.readouterr().out
+        t = load_inputs(calib[mode], runner)[1]
+        assert t.shape == (4, 192) and bool((t[:, 64:] == t[:, -1:]).all()) and bool((t[:, -1] > 0).all())
+        assert bool((t[:, :64] == 0).all()) if mode == "i2v" else bool((t == t[:, :1]).all())
+    out = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib["i2v"], "--budget", "W4A8",
+                 "--keep", "2", "--baselines", "uniform", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    ptq = str(tmp_path / "ptq")
+    assert main(["ptq", "--diffusers", str(pipe_dir), "--calib-inputs", calib["i2v"], "--calib-batch", "2", "--bits",
+                 "W4A8", "--branch", "none", "--max-tokens", "256", "--rounds", "1", "--out", ptq]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--ptq", ptq, "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                 "--images", images, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    (pipe_dir / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": False}))
+    assert main(["capture", "--pipeline", str(pipe_dir), "--prompts", str(prompts), "--images", images,
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "WanPipeline takes no image" in capsys.readouterr().err
 
 
 def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys):

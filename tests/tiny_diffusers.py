@@ -178,6 +178,16 @@ def tiny_wan_pipeline():
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
+def tiny_wan_ti2v_pipeline():
+    """A Wan 2.2 TI2V-style pipeline built offline: ``tiny_wan_pipeline`` with ``expand_timesteps`` (one timestep per
+    latent token; with an image, the first frame's held at 0 and its latents replaced by the image's). Saved, it
+    loads as text-to-video, or with images as ``WanImageToVideoPipeline``, as the real TI2V-5B does."""
+    pytest.importorskip("transformers", reason="Wan's pipeline needs transformers (UMT5)")
+    t2v = tiny_wan_pipeline()
+    return diffusers.WanPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                 transformer=t2v.transformer, scheduler=t2v.scheduler, expand_timesteps=True)
+
+
 def tiny_wan_i2v_pipeline():
     """A Wan 2.1 image-to-video pipeline built offline: ``tiny_wan_pipeline``'s encoder and VAE, a two-layer CLIP
     vision encoder (32-px images, its penultimate tokens the transformer's image tokens), a transformer reading the

@@ -147,11 +147,14 @@ def loading(path: str | Path) -> Iterator[None]:
                              "only with the accelerate package installed (pip install accelerate)") from e
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
+                  images: bool = False) -> Any:
     """The diffusers pipeline under ``path`` (local files only), loaded at ``dtype``, on ``device``, its progress
-    bars off (our commands draw their own)."""
+    bars off (our commands draw their own); with ``images``, as the class that takes them (``pipeline_class``)."""
+    variant = pipeline_class(path, images=images) if images else ""
+    loader = getattr(_diffusers(), variant) if variant in IMAGE_VARIANTS.values() else _diffusers().DiffusionPipeline
     with loading(path):
-        pipe = _diffusers().DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+        pipe = loader.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if isinstance(getattr(pipe, "transformer", None), nn.Module):
         pipe.transformer = _in_dtype(pipe.transformer, dtype)
     pipe = pipe.to(device)
@@ -164,19 +167,35 @@ TEXT_TO_IMAGE_WITH_OPTIONAL_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "Flu
 # pipelines that condition one prompt on several images (a list as ``image``); the others take one per prompt
 MULTI_IMAGE_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPlusPipeline")
 # the image-conditioned pipelines ``--images`` runs: their calls carry the image as the runners read it (image
-# tokens, or reference tokens the metric leaves out) over the whole schedule; not img2img (a partial schedule),
-# inpainting or control pipelines
-IMAGE_PIPELINES = ("WanImageToVideoPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
-                   "FluxKontextPipeline", "Flux2Pipeline", "Flux2KleinPipeline")
+# tokens, reference tokens or a conditioning first frame the metric leaves out) over the whole schedule; not img2img
+# (a partial schedule), inpainting or control pipelines
+IMAGE_PIPELINES = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline", "QwenImageEditPipeline",
+                   "QwenImageEditPlusPipeline", "FluxKontextPipeline", "Flux2Pipeline", "Flux2KleinPipeline")
 
 
-def pipeline_class(path: str | Path) -> str:
-    """The pipeline class named by ``path``'s ``model_index.json`` ("" when it names none or cannot be read)."""
-    try:
-        name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
-    except (OSError, json.JSONDecodeError, AttributeError):
+# pipeline directories that run as another class when given images: Wan 2.2 TI2V's (a ``WanPipeline`` with
+# ``expand_timesteps``: one model for text- and image-to-video) loads as its image-to-video pipeline, as diffusers'
+# examples load it
+IMAGE_VARIANTS = {"WanPipeline": "WanImageToVideoPipeline"}
+
+
+def _class_of(index: Any, images: bool) -> str:
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str):
         return ""
-    return name if isinstance(name, str) else ""
+    if images and name in IMAGE_VARIANTS and index.get("expand_timesteps") is True:
+        return IMAGE_VARIANTS[name]
+    return name
+
+
+def pipeline_class(path: str | Path, *, images: bool = False) -> str:
+    """The pipeline class named by ``path``'s ``model_index.json`` ("" when it names none or cannot be read); with
+    ``images``, the class that runs the directory with them (``IMAGE_VARIANTS``)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return _class_of(index, images)
 
 
 def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True, images: bool = False,
@@ -196,8 +215,8 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError:
         return f"{index_file}: not JSON"
-    name = index.get("_class_name")
-    cls = getattr(_diffusers(), name, None) if isinstance(name, str) and name.isidentifier() else None
+    name = _class_of(index, images)
+    cls = getattr(_diffusers(), name, None) if name.isidentifier() else None
     if isinstance(cls, type) and callable(getattr(cls, "__call__", None)):
         params = inspect.signature(cls.__call__).parameters
         if images and "image" not in params:

@@ -308,10 +308,12 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         if not args.prompts:
             raise SystemExit("treeq sample: --images goes with --prompts FILE (a line of images per prompt)")
         try:
-            images = read_images(args.images, len(read_prompts(args.prompts)), pipeline_class(args.pipeline))
+            images = read_images(args.images, len(read_prompts(args.prompts)),
+                                 pipeline_class(args.pipeline, images=True))
         except (ValueError, OSError) as e:
             raise SystemExit(f"treeq sample: --images: {e}") from None
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device)
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device,
+                         images=args.images is not None)
     video = "num_frames" in inspect.signature(pipe.__call__).parameters
     if args.frames is not None and not video:
         raise SystemExit(f"--frames is for a text-to-video pipeline; {type(pipe).__name__} makes images")

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                                                  transformer_dir)
     from .diffusers_runner import (VIDEO_ARCHS, capture_calls, check_stored, make_runner, save_inputs,
                                    select_timesteps, stack_inputs)
+    from .evaluator import sample_timesteps
 
     try:
         transformer_dir(args.pipeline)   # clear errors before the pipeline loads
@@ -94,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--frames must be a positive number of frames, got {args.frames}")
         images: list | None = None
         if args.images is not None:   # (read before the pipeline loads: a bad file fails fast)
-            images = read_images(args.images, len(items), pipeline_class(args.pipeline))
+            images = read_images(args.images, len(items), pipeline_class(args.pipeline, images=True))
             if args.batch != 1:
                 print("treeq capture: note: --images: each prompt runs alone", file=sys.stderr)
-        pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device)
+        pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device, images=args.images is not None)
         runner = make_runner(pipe.transformer)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(runner.input_names, inputs))
     print(f"{len(calls.calls) + calls.skipped} transformer calls, kept {inputs[0].shape[0]} samples at "
-          f"{len(set(inputs[runner.input_names.index('timestep')].tolist()))} timesteps -> {args.out}: {shapes}"
+          f"{len(set(sample_timesteps(inputs[runner.input_names.index('timestep')]).tolist()))} timesteps -> "
+          f"{args.out}: {shapes}"
           + ("" if weights is None else f"; sampler weights of {type(pipe.scheduler).__name__}"))
     return 0

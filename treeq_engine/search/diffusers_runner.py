@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluator import CutModel, State, describe_arg, kept_rows, run_segments, sample_scalars
+from .evaluator import CutModel, State, describe_arg, kept_rows, run_segments, sample_scalars, sample_timesteps
 
 DIT, PIXART = "dit", "pixart"
 VIDEO_ARCHS = ("wan", "ltx")   # the searched text-to-video transformers (their pipelines take num_frames)
@@ -395,7 +395,7 @@ class capture_calls:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         bound = self._signature.bind(*args, **kwargs)
         state = self.runner.inputs(**bound.arguments)
-        t = state[self.runner.input_names.index("timestep")]
+        t = sample_timesteps(state[self.runner.input_names.index("timestep")])
         if bool((t != t[0]).any()):
             raise ValueError("a captured call mixes timesteps within its batch; the calibration groups calls by "
                              "timestep")

@@ -40,6 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .evaluator import sample_timesteps
+
 METADATA_KEY = "sampler_weights"   # in the calibration file: JSON [[timestep, weight], ...]
 SCHEDULER_KEY = "scheduler"        # in the calibration file: "<class> <steps> steps"
 CONFIG_KEY = "scheduler_config"    # in the calibration file: JSON of ``config_of`` (class and settings)
@@ -216,8 +218,9 @@ def from_metadata(meta: Mapping[str, str], where: str) -> dict[float, float] | N
 
 
 def per_sample(weights: Mapping[float, float], timesteps: torch.Tensor, where: str) -> torch.Tensor:
-    """``(N,)`` float64: each sample's weight by its timestep; a timestep without one is an error."""
-    values = [float(v) for v in timesteps.detach().flatten().cpu().tolist()]
+    """``(N,)`` float64: each sample's weight by its timestep (of per-token timesteps ``(N, S)``, the sample's
+    largest: ``evaluator.sample_timesteps``); a timestep without one is an error."""
+    values = [float(v) for v in sample_timesteps(timesteps.detach()).cpu().tolist()]
     missing = sorted({v for v in values if v not in weights}, reverse=True)
     if missing:
         raise ValueError(f"{where}: no sampler weight for timestep(s) {missing[:5]} (weights for "

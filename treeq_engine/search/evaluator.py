@@ -77,12 +77,20 @@ class CutModel:
         return 0
 
     def run(self, segment: int, state: State) -> State:
-        """Segment 0 the embedders, the last the head (its output alone), the ones between block ``segment − 1``."""
+        """Segment 0 the embedders, the last the head (its output, and the mask of the output the metric reads when
+        ``_read_mask`` gives one), the ones between block ``segment − 1``."""
         if segment == 0:
             return self._embed(state)
         if segment == self.num_segments - 1:
-            return (self._head(state),)
+            out = self._head(state)
+            read = self._read_mask(state, out)
+            return (out,) if read is None else (out, read)
         return self._block(segment - 1, state)
+
+    def _read_mask(self, state: State, out: torch.Tensor) -> torch.Tensor | None:
+        """Which elements of the head's output ``out`` (computed from ``state``) the pipeline reads, a boolean
+        tensor broadcasting to ``out``; None when it reads them all. Default: all."""
+        return None
 
     def _embed(self, state: State) -> State:
         raise NotImplementedError
@@ -101,7 +109,11 @@ class CutModel:
         return state[0]
 
     def output(self, state: State) -> torch.Tensor:
+        """The head's output as the metric sees it: elements the pipeline does not read (``_read_mask``) at 0 in
+        both the quantized and the reference output, so that they add nothing; then ``output_fn``."""
         out = state[0]
+        if len(state) > 1:
+            out = torch.where(state[1], out, out.new_zeros(()))
         return out if self.output_fn is None else self.output_fn(out)
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
@@ -129,6 +141,35 @@ def sample_scalars(name: str, value: Any, n: int, device: torch.device) -> torch
     if v.dim() != 1 or v.shape[0] not in (1, n):
         raise ValueError(f"{name} must be a scalar, (1,) or ({n},), got shape {tuple(v.shape)}")
     return v.expand(n).clone()
+
+
+def token_timesteps(value: Any, n: int, s: int, device: torch.device) -> torch.Tensor:
+    """A call's timestep as ``(n,)`` (``sample_scalars``) or, given per token (``(1, s)`` or ``(n, s)``: Wan 2.2
+    TI2V's, LTX-Video image-to-video's, with the conditioning tokens held at a lower timestep), as ``(n, s)``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] != 1:
+        if value.shape[0] not in (1, n) or value.shape[1] != s:
+            raise ValueError(f"per-token timesteps must be (1, {s}) or ({n}, {s}) (one per latent token), got "
+                             f"{tuple(value.shape)}")
+        return value.to(device).expand(n, s).clone()
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        value = value.flatten()   # (N, 1): one per sample, as the models flatten it
+    return sample_scalars("timestep", value, n, device)
+
+
+def sample_timesteps(t: torch.Tensor) -> torch.Tensor:
+    """Each sample's timestep ``(N,)``: ``t`` itself, or of per-token timesteps ``(N, S)`` each sample's largest: the
+    timestep of its noisy tokens, the one the sampler steps (its conditioning tokens sit lower, at 0)."""
+    return t if t.dim() == 1 else t.amax(dim=1)
+
+
+def noisy_tokens(t: torch.Tensor) -> torch.Tensor | None:
+    """Of per-token timesteps ``(N, S)``, the tokens at their sample's timestep ``(N, S)`` bool: the rest are
+    conditioning tokens (an image's first frame), whose prediction the pipelines drop or overwrite. None for
+    per-sample timesteps, or when no token sits lower."""
+    if t.dim() != 2:
+        return None
+    keep = t == t.amax(dim=1, keepdim=True)
+    return None if bool(keep.all()) else keep
 
 
 def describe_arg(v: object) -> object:

@@ -1,24 +1,26 @@
-"""The search's segment runner for diffusers' LTX-Video transformer (``LTXVideoTransformer3DModel``, text to video).
-The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take LTX-Video
-too; the runtime packs it and fuses its blocks (``runtime/ltx_fused.py``).
+"""The search's segment runner for diffusers' LTX-Video transformer (``LTXVideoTransformer3DModel``: text and image to
+video). The same interface as ``DiffusersRunner`` (``make_runner`` picks it), so capture, search, PTQ and PEFT take
+LTX-Video too; the runtime packs it and fuses its blocks (``runtime/ltx_fused.py``).
 
 Segments: 0 runs the embedders (the packed-latent projection, adaLN-single's timestep embedding, the caption
 projection), ``1..B`` the blocks (self-attention with the rotary table, cross-attention on the caption, the
-feed-forward, modulated by the block's scale-shift table plus the shared timestep embedding), the last one the
-modulated output norm and projection. Each does what the model's ``forward`` does between those points (a test
-holds their composition bit-identical to ``transformer(...).sample``). The state between blocks is ``(h,
-captions, caption bias, temb, embedded t, video)``; each block segment rebuilds the rotary table from the latent
-video's (frames, height, width) and the pipeline's rope interpolation scale, which the runner keeps on the host per
-token count (recorded when it reads a call's inputs, else read once from the state's ``video`` tensor).
+feed-forward, modulated by the block's scale-shift table plus the shared timestep embedding), the last one the modulated
+output norm and projection. Each does what the model's ``forward`` does between those points (a test holds their
+composition bit-identical to ``transformer(...).sample``). The state between blocks is ``(h, captions, caption bias,
+temb, embedded t, video, timestep)``; each block segment rebuilds the rotary table from the latent video's (frames,
+height, width) and the pipeline's rope interpolation scale, which the runner keeps on the host per token count (recorded
+when it reads a call's inputs, else read once from the state's ``video`` tensor).
 
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, S, C)`` (packed latents),
-``encoder_hidden_states (N, L, caption_channels)``, ``timestep (N,)`` (the scheduler's, 0..1000),
-``encoder_attention_mask (N, L)`` (1 keeps a caption token) and ``video (N, 6)``: the latent (frames, height, width)
-and the rope interpolation scale (time, height, width) the pipeline passes (``num_frames``, ``height``, ``width``,
-``rope_interpolation_scale``). The pipeline pads every prompt to ``max_sequence_length``; PTQ's statistics leave the
-padding out (``real_rows``), as PixArt's. The MSE is taken on the whole output (the flow-matching velocity). What
-the search cannot reproduce is an error at capture: per-token timesteps and ``video_coords`` (the conditioning
-pipelines' image and video conditions), attention kwargs.
+``encoder_hidden_states (N, L, caption_channels)``, ``timestep (N,)`` (the scheduler's, 0..1000; the image-to-video
+pipeline passes one per token, ``(N, S)``, the conditioning first frame's at 0), ``encoder_attention_mask (N, L)`` (1
+keeps a caption token) and ``video (N, 6)``: the latent (frames, height, width) and the rope interpolation scale (time,
+height, width) the pipeline passes (``num_frames``, ``height``, ``width``, ``rope_interpolation_scale``). The pipeline
+pads every prompt to ``max_sequence_length``; PTQ's statistics leave the padding out (``real_rows``), as PixArt's. The
+MSE is taken on the output (the flow-matching velocity) the pipeline reads: with per-token timesteps, not on the tokens
+held below their sample's timestep (the conditioning frame, whose prediction the image-to-video pipeline drops), nor do
+the output projection's PTQ statistics read them. What the search cannot reproduce is an error at capture:
+``video_coords`` (the condition pipeline's image and video conditions), attention kwargs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .diffusers_runner import attention_tie, caption_bias, caption_rows, checked_captions
-from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
+from .evaluator import CutModel, State, arch_of_class, describe_arg, noisy_tokens, token_timesteps
 
 LTX = "ltx"
 
@@ -67,7 +69,9 @@ class LTXRunner(CutModel):
 
     def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
         """The caption padding the mask hides is not real: the caption projection's rows and cross-attention's
-        to_k/to_v rows of padding, as PixArt's."""
+        to_k/to_v rows of padding, as PixArt's; nor are the output projection's rows of conditioning tokens."""
+        if layer_name == "proj_out":
+            return noisy_tokens(state[6])
         return caption_rows(layer_name, state)
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -83,19 +87,14 @@ class LTXRunner(CutModel):
             raise ValueError(f"the search runs the default attention; attention_kwargs {sorted(attention_kwargs)} "
                              "are not supported")
         if video_coords is not None:
-            raise ValueError("the search does not support video_coords (the conditioning pipelines' conditions)")
+            raise ValueError("the search does not support video_coords (the condition pipeline's conditions)")
         x = hidden_states
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.in_channels:
             raise ValueError(f"hidden_states must be (N, S, {self.in_channels}) packed latents, got {describe_arg(x)}")
         n, s = x.shape[:2]
         enc, mask = checked_captions(encoder_hidden_states, encoder_attention_mask, n,
                                      int(self.model.config.caption_channels), x.device)
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
-            if timestep.shape[1] != 1:
-                raise ValueError("per-token timesteps (the conditioning pipelines' frame conditions) are not supported "
-                                 "by the search")
-            timestep = timestep.flatten()   # (as the model flattens it)
-        t = sample_scalars("timestep", timestep, n, x.device)
+        t = token_timesteps(timestep, n, s, x.device)
         return (x, enc, t, mask, self._video_rows(video, num_frames, height, width, rope_interpolation_scale, n, s))
 
     def _video_rows(self, video: Any, frames: Any, height: Any, width: Any, scale: Any, n: int, s: int) -> torch.Tensor:
@@ -165,7 +164,8 @@ class LTXRunner(CutModel):
         return rope
 
     def _embed(self, state: State) -> State:
-        """``(h, captions, caption bias, temb, embedded t, video)``, as the model's forward computes them."""
+        """``(h, captions, caption bias, temb, embedded t, video, timestep)``, as the model's forward computes them
+        (temb and embedded t per sample, or per token)."""
         m = self.model
         x, enc, t, mask, video = state
         n = x.shape[0]
@@ -175,13 +175,13 @@ class LTXRunner(CutModel):
         temb, emb = m.time_embed(t.flatten(), batch_size=n, hidden_dtype=h.dtype)
         temb, emb = temb.view(n, -1, temb.size(-1)), emb.view(n, -1, emb.size(-1))
         enc = m.caption_projection(enc).view(n, -1, h.size(-1))
-        return (h, enc, bias, temb, emb, video)
+        return (h, enc, bias, temb, emb, video, t)
 
     def _block(self, i: int, state: State) -> State:
-        h, enc, bias, temb, emb, video = state
+        h, enc, bias, temb, emb, video = state[:6]
         h = self.blocks[i](hidden_states=h, encoder_hidden_states=enc, temb=temb,
                            image_rotary_emb=self._rope(h, video), encoder_attention_mask=bias)
-        return (h, enc, bias, temb, emb, video)
+        return (h,) + state[1:]
 
     def _head(self, state: State) -> torch.Tensor:
         m = self.model
@@ -189,3 +189,8 @@ class LTXRunner(CutModel):
         shift_scale = m.scale_shift_table[None, None] + emb[:, :, None]
         shift, scale = shift_scale[:, :, 0], shift_scale[:, :, 1]
         return m.proj_out(m.norm_out(h) * (1 + scale) + shift)
+
+    def _read_mask(self, state: State, out: torch.Tensor) -> torch.Tensor | None:
+        """The noisy tokens' rows of the output ``(N, S, C)``: a conditioning token's prediction is dropped."""
+        keep = noisy_tokens(state[6])
+        return None if keep is None else keep[:, :, None].to(out.device)

@@ -6,18 +6,21 @@ it), so capture, search, PTQ and PEFT take Wan too; the runtime packs it and fus
 Segments: 0 runs the embedders (the 3-d patch embedding, the timestep, text (and image) embedders), ``1..B`` the
 blocks, the last one the output norm, modulation, projection and unpatchify. Each does what the model's ``forward``
 does between those points (a test holds their composition bit-identical to ``transformer(...).sample``). The state
-between blocks is ``(tokens, text (and image) tokens, timestep projection, temb)``; each block segment rebuilds the
-rotary table from the latent grid (frames, height, width in patches), which segment 0 records per token count (a
-host value, as SD3's runner keeps its grid).
+between blocks is ``(tokens, text (and image) tokens, timestep projection, temb, timestep)``; each block segment
+rebuilds the rotary table from the latent grid (frames, height, width in patches), which segment 0 records per token
+count (a host value, as SD3's runner keeps its grid).
 
 Calibration inputs, in the order of ``input_names``: ``hidden_states (N, C, F, H, W)``, ``timestep (N,)`` (the
-scheduler's, 0..1000), ``encoder_hidden_states (N, L, D)``, and for image-to-video models (``image_dim`` set)
-``encoder_hidden_states_image (N, I, E)``: the CLIP image tokens, or for first-last-frame models
+scheduler's, 0..1000; Wan 2.2 TI2V's ``expand_timesteps`` pipelines pass one per latent token, ``(N, S)``, its
+image-to-video the first frame's tokens at 0), ``encoder_hidden_states (N, L, D)``, and for image-to-video models
+(``image_dim`` set) ``encoder_hidden_states_image (N, I, E)``: the CLIP image tokens, or for first-last-frame models
 (``pos_embed_seq_len``, which the pipeline passes as ``(2N, I, E)``: each sample's two images in consecutive rows)
 ``(N, 2, I, E)``, so that the sample is on dim 0.
 
-The MSE is taken on the whole output (the flow-matching velocity). What the search cannot reproduce is an error at
-capture: attention kwargs, and Wan 2.2 TI2V's per-token timesteps (``expand_timesteps``).
+The MSE is taken on the output (the flow-matching velocity) the pipeline reads: with per-token timesteps, not on the
+tokens held below their sample's timestep (the conditioning first frame, which the pipeline overwrites after every
+step), nor do the output projection's PTQ statistics read them. What the search cannot reproduce is an error at capture:
+attention kwargs.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .evaluator import CutModel, State, arch_of_class, describe_arg, sample_scalars
+from .evaluator import CutModel, State, arch_of_class, describe_arg, noisy_tokens, token_timesteps
 
 WAN = "wan"
 
@@ -100,9 +103,10 @@ class WanRunner(CutModel):
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or \
                 encoder_hidden_states.shape[0] != n or encoder_hidden_states.shape[2] != width:
             raise ValueError(f"encoder_hidden_states must be (N={n}, L, {width}), got {describe_arg(encoder_hidden_states)}")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
-            raise ValueError("per-token timesteps (Wan 2.2 TI2V's expand_timesteps) are not supported by the search")
-        t = sample_scalars("timestep", timestep, n, hidden_states.device)
+        tokens = 1
+        for size, p in zip(hidden_states.shape[2:], self.patch):
+            tokens *= size // p
+        t = token_timesteps(timestep, n, tokens, hidden_states.device)
         out: State = (hidden_states, t, encoder_hidden_states)
         if not self.image:
             if encoder_hidden_states_image is not None:
@@ -124,9 +128,13 @@ class WanRunner(CutModel):
         return out + (img,)
 
 
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """The output projection's rows of conditioning tokens are not real (their prediction is overwritten)."""
+        return noisy_tokens(state[4]) if layer_name == "proj_out" else None
+
     def _block(self, i: int, state: State) -> State:
-        h, enc, tproj, temb = state
-        return (self.blocks[i](h, enc, tproj, self._rope(h)), enc, tproj, temb)
+        h, enc, tproj = state[:3]
+        return (self.blocks[i](h, enc, tproj, self._rope(h)),) + state[1:]
 
     # -- the model's forward, cut ------------------------------------------------------------------
     def _grid(self, tokens: int) -> tuple[int, int, int]:
@@ -151,19 +159,35 @@ class WanRunner(CutModel):
                              "shape per token count")
         h = m.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
         img = state[3].flatten(0, 1) if self.pairs else state[3] if self.image else None
-        temb, tproj, enc, img = m.condition_embedder(t, enc, img)
-        tproj = tproj.unflatten(1, (6, -1))
+        per_token = t.dim() == 2   # (Wan 2.2 TI2V: temb (N, S, D), the projection (N, S, 6, D))
+        temb, tproj, enc, img = m.condition_embedder(t.flatten(), enc, img,
+                                                     timestep_seq_len=t.shape[1] if per_token else None)
+        tproj = tproj.unflatten(2 if per_token else 1, (6, -1))
         if img is not None:
             enc = torch.concat([img, enc], dim=1)
-        return (h, enc, tproj, temb)
+        return (h, enc, tproj, temb, t)
 
     def _head(self, state: State) -> torch.Tensor:
         m = self.model
         h, temb = state[0], state[3]
-        shift, scale = (m.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        if temb.dim() == 3:   # per token
+            shift, scale = (m.scale_shift_table[None].to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (m.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         h = (m.norm_out(h.float()) * (1 + scale.to(h.device)) + shift.to(h.device)).type_as(h)
         h = m.proj_out(h)
         f, hh, w = self._grid(h.shape[1])
         pt, ph, pw = self.patch
         h = h.reshape(h.shape[0], f, hh, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _read_mask(self, state: State, out: torch.Tensor) -> torch.Tensor | None:
+        """The noisy tokens' elements of the output ``(N, C, F, H, W)``: a conditioning token's patch is not read."""
+        keep = noisy_tokens(state[4])
+        if keep is None:
+            return None
+        f, hh, w = self._grid(keep.shape[1])
+        pt, ph, pw = self.patch
+        keep = keep.view(-1, 1, f, 1, hh, 1, w, 1).expand(-1, 1, f, pt, hh, ph, w, pw)
+        return keep.reshape(keep.shape[0], 1, f * pt, hh * ph, w * pw).to(out.device)
