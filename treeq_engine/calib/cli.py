@@ -90,10 +90,10 @@ def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:
 
 
 def uniform_plan(model: torch.nn.Module, bits: tuple[int, int], branch: BranchConfig | None,
-                 edge_bits: tuple[int, int] = (8, 8)) -> QuantPlan:
+                 edge_bits: tuple[int, int] = (8, 8), model_name: str = "DiT") -> QuantPlan:
     """Block linears at ``bits``, the other linears at ``edge_bits`` (``QuantPlan.block_uniform``), with
-    ``branch`` beside every block linear (``with_branch``)."""
-    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name="DiT")
+    ``branch`` beside every block linear (``with_branch``); the plan names the model ``model_name``."""
+    plan = QuantPlan.block_uniform(model, *bits, edge_bits=edge_bits, model_name=model_name)
     label = f"uniform W{bits[0]}A{bits[1]}"
     if branch is not None:
         label += f" + {branch.kind} {branch.blocks}x{branch.rank}"
@@ -186,7 +186,8 @@ def run_ptq(args: argparse.Namespace) -> int:
         plan.validate(fp)   # names the layers the model lacks before anything reads them
         plan = plan if args.branch == "plan" else with_branch(plan, fp, branch)
     else:
-        plan = uniform_plan(fp, args.bits, branch)
+        name = f"{type(fp).__name__} ({args.diffusers})" if args.diffusers else "DiT"   # (as the search names it)
+        plan = uniform_plan(fp, args.bits, branch, model_name=name)
     if args.diffusers:
         data = {"model": args.diffusers, "model_fingerprint": _fingerprint(fp),
                 "calib_inputs": inputs_digest(args.calib_inputs), "calib_batch": args.calib_batch}
