@@ -215,6 +215,22 @@ def test_a_flux_pipeline_samples_alike_through_replays():
     assert torch.equal(got, want) and graph_count(pipe.transformer) == 1
 
 
+def test_both_experts_of_a_two_expert_pipeline_replay():
+    """Wan 2.2 A14B's pipeline: graph_pipeline graphs transformer and transformer_2 (each captures its calls), the
+    video as without graphs; ungraph_pipeline restores both."""
+    from tiny_diffusers import tiny_wan_a14b_pipeline
+
+    pipe = tiny_wan_a14b_pipeline()   # (skips without transformers)
+    kw = dict(prompt="a red cat", num_inference_steps=4, height=16, width=16, num_frames=5, output_type="latent")
+    want = pipe(generator=torch.manual_seed(0), **kw).frames
+    graph_pipeline(pipe, step_factory=StandInStep)
+    assert is_graphed(pipe.transformer) and is_graphed(pipe.transformer_2)
+    assert torch.equal(pipe(generator=torch.manual_seed(0), **kw).frames, want)
+    assert graph_count(pipe.transformer) >= 1 and graph_count(pipe.transformer_2) >= 1
+    ungraph_pipeline(pipe)
+    assert not is_graphed(pipe.transformer) and not is_graphed(pipe.transformer_2)
+
+
 def test_sample_command_graph_needs_cuda(tmp_path):
     pipe_dir = tmp_path / "pipe"
     tiny_dit_pipeline().save_pretrained(pipe_dir)

@@ -324,29 +324,79 @@ def test_capture_search_ptq_and_sample_a_ti2v_pipeline(tmp_path, capsys, monkeyp
     assert "WanPipeline takes no image" in capsys.readouterr().err
 
 
-def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys):
-    """An image-conditioned pipeline (its call needs an image) and a two-expert one (Wan 2.2 A14B) are refused by
-    capture, sample and closed-loop search from model_index.json alone, before any weights load."""
-    import json
+def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
+    """Wan 2.2 A14B's two experts: `treeq capture --transformer` records the calls of the one it names (the high-noise
+    expert's timesteps at or above the boundary, the low-noise one's below); each is searched or packed on its own
+    (--diffusers DIR/transformer_2); `treeq sample` replaces transformer with --artifact and transformer_2 with
+    --artifact-2, each changing the video; --artifact-2 on a one-transformer pipeline is refused."""
+    pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
+    from PIL import Image
+    from tiny_diffusers import tiny_wan_a14b_pipeline
 
     from treeq_engine.cli import main
 
+    pipe = tiny_wan_a14b_pipeline()   # (skips without transformers)
+    pipe.transformer, pipe.transformer_2 = perturbed(pipe.transformer), perturbed(pipe.transformer_2)
+    pipe_dir = tmp_path / "a14b"
+    pipe.save_pretrained(pipe_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    size = ["--height", "16", "--width", "16", "--frames", "5"]
+    for expert, high in (("transformer", True), ("transformer_2", False)):
+        calib = str(tmp_path / f"{expert}.safetensors")
+        assert main(["capture", "--pipeline", str(pipe_dir), "--transformer", expert, "--prompts", str(prompts),
+                     "--steps", "6", "--timesteps", "2", *size, "--device", "cpu", "--out", calib]) == 0
+        assert "kept 4 samples at 2 timesteps" in capsys.readouterr().out   # (prompt and negative prompt)
+        t = load_inputs(calib, make_runner(diffusers.WanTransformer3DModel.from_pretrained(pipe_dir / expert)))[1]
+        assert bool((t >= 500).all()) if high else bool((t < 500).all())
+    low = tmp_path / "search-low"
+    assert main(["search", "--diffusers", str(pipe_dir / "transformer_2"), "--calib-inputs",
+                 str(tmp_path / "transformer_2.safetensors"), "--budget", "W4A8", "--keep", "2", "--baselines", "",
+                 "--no-progress", "--device", "cpu", "--out", str(low)]) == 0
+    arts = {"transformer": tmp_path / "art-high", "transformer_2": tmp_path / "art-low"}
+    assert main(["quantize", "--diffusers", str(pipe_dir / "transformer"), "--uniform", "W4A4",
+                 "--out", str(arts["transformer"])]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir / "transformer_2"), "--plan", str(low / "plan.json"),
+                 "--out", str(arts["transformer_2"])]) == 0
+    videos = {}
+    for name, extra in (("fp", []), ("low", ["--artifact-2", str(arts["transformer_2"])]),
+                        ("both", ["--artifact", str(arts["transformer"]), "--artifact-2", str(arts["transformer_2"])])):
+        capsys.readouterr()
+        out = tmp_path / f"{name}.png"
+        assert main(["sample", "--pipeline", str(pipe_dir), *extra, "--prompts", str(prompts), "--steps", "4",
+                     *size, "--device", "cpu", "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quantized"] == bool(extra)
+        with Image.open(out) as im:
+            videos[name] = im.tobytes()
+    assert len(set(videos.values())) == 3   # each artifact took its expert's place
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    (pipe_dir / "model_index.json").write_text(json.dumps({**index, "transformer_2": [None, None],
+                                                           "boundary_ratio": None}))
+    refused("has no transformer_2", ["sample", "--pipeline", str(pipe_dir), "--artifact-2", str(arts["transformer_2"]),
+                                     "--prompts", str(prompts), *size, "--steps", "2", "--device", "cpu"])
+
+
+def test_what_the_commands_cannot_run_is_refused_before_loading(tmp_path, capsys):
+    """An image-conditioned pipeline (its call needs an image) is refused by capture, sample and closed-loop search,
+    a two-expert one (Wan 2.2 A14B) by capture without --transformer and by closed-loop search, from model_index.json
+    alone, before any weights load."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
     for cls, extra, what in (("WanImageToVideoPipeline", {}, "image for each call"),
                              ("WanPipeline", {"transformer_2": ["diffusers", "WanTransformer3DModel"]},
-                              "two transformers")):
+                              "two transformers.*give --transformer transformer or transformer_2")):
         d = tmp_path / cls
         (d / "transformer").mkdir(parents=True)
         (d / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
         (d / "model_index.json").write_text(json.dumps({"_class_name": cls, "transformer": ["diffusers", "x"],
                                                         **extra}))   # (no weights anywhere: nothing may load)
-        assert main(["capture", "--pipeline", str(d), "--prompts", str(prompts), "--out", str(tmp_path / "c")]) == 2
-        assert what in capsys.readouterr().err
-        refused(what, ["sample", "--pipeline", str(d), "--artifact", str(tmp_path / "art"), "--prompts", str(prompts)])
-        assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c"), "--budget", "W4A8",
-                     "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts)]) == 2
-        assert what in capsys.readouterr().err
+        refused(what, ["capture", "--pipeline", str(d), "--prompts", str(prompts), "--out", str(tmp_path / "c")])
+        if cls == "WanImageToVideoPipeline":   # (a two-expert pipeline samples with both: its own test)
+            refused(what, ["sample", "--pipeline", str(d), "--artifact", str(tmp_path / "art"), "--prompts",
+                           str(prompts)])
+        refused(what.split(".")[0], ["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c"),
+                                     "--budget", "W4A8", "--select", "closed-loop-root", "--closed-loop-prompts",
+                                     str(prompts)])
 
 
 def test_a_bf16_cast_keeps_what_wan_keeps_in_float32(tmp_path):

@@ -178,6 +178,17 @@ def tiny_wan_pipeline():
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
+def tiny_wan_a14b_pipeline():
+    """A Wan 2.2 A14B-style pipeline built offline: ``tiny_wan_pipeline`` with a second expert, ``transformer_2``
+    (other random weights), denoising below timestep 500 (``boundary_ratio`` 0.5), ``transformer`` above it."""
+    t2v = tiny_wan_pipeline()   # (skips without transformers)
+    torch.manual_seed(1)
+    low = diffusers.WanTransformer3DModel.from_config(t2v.transformer.config).eval()
+    return diffusers.WanPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                 transformer=t2v.transformer, transformer_2=low, scheduler=t2v.scheduler,
+                                 boundary_ratio=0.5)
+
+
 def tiny_wan_ti2v_pipeline():
     """A Wan 2.2 TI2V-style pipeline built offline: ``tiny_wan_pipeline`` with ``expand_timesteps`` (one timestep per
     latent token; with an image, the first frame's held at 0 and its latents replaced by the image's). Saved, it

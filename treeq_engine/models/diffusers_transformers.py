@@ -16,7 +16,7 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,8 +155,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: st
     loader = getattr(_diffusers(), variant) if variant in IMAGE_VARIANTS.values() else _diffusers().DiffusionPipeline
     with loading(path):
         pipe = loader.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    if isinstance(getattr(pipe, "transformer", None), nn.Module):
-        pipe.transformer = _in_dtype(pipe.transformer, dtype)
+    for name in EXPERTS:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            setattr(pipe, name, _in_dtype(getattr(pipe, name), dtype))
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -199,13 +200,14 @@ def pipeline_class(path: str | Path, *, images: bool = False) -> str:
 
 
 def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = True, images: bool = False,
-                     takes_images: bool = True) -> str | None:
+                     takes_images: bool = True, choose: str = "") -> str | None:
     """Why command ``what`` cannot run the pipeline directory ``path`` (read from its ``model_index.json``, before
     anything loads), or None: a pipeline whose call takes an image (Wan's image-to-video, Qwen-Image-Edit; not
     FLUX.2's, whose reference images are optional) unless ``images`` (the command has them: ``--images``), a
     pipeline that takes no image when ``images``, one that needs more than prompts, class labels and images, and,
     with ``one_transformer``, one that denoises with two transformers (Wan 2.2 A14B's experts: the commands read,
-    replace or sample one). ``takes_images``: whether ``what`` has an ``--images`` option to suggest."""
+    replace or sample one; ``choose``: how ``what`` picks one, said with the refusal). ``takes_images``: whether
+    ``what`` has an ``--images`` option to suggest."""
     import inspect
 
     index_file = Path(path) / "model_index.json"
@@ -237,8 +239,33 @@ def pipeline_refusal(path: str | Path, what: str, *, one_transformer: bool = Tru
                     "class labels and images only (record another pipeline's calls in Python with capture_calls)")
     if one_transformer and index.get("transformer_2") not in (None, [None, None]):
         return (f"{name} denoises with two transformers (transformer and transformer_2: Wan 2.2's experts); "
-                f"{what} handles one")
+                f"{what} handles one" + (f": {choose}" if choose else ""))
     return None
+
+
+EXPERTS = ("transformer", "transformer_2")   # a two-expert pipeline's transformers (Wan 2.2 A14B): high, low noise
+
+
+def experts(pipe: Any) -> list[nn.Module]:
+    """A pipeline's transformers: ``transformer``, and ``transformer_2`` where it has two experts."""
+    return [m for m in (getattr(pipe, n, None) for n in EXPERTS) if isinstance(m, nn.Module)]
+
+
+def expert_timesteps(pipe: Any, name: str, timesteps: Sequence[float]) -> list[float]:
+    """Of a schedule's ``timesteps``, those at which ``pipe`` calls its transformer ``name``: all for a pipeline
+    with one transformer; with two experts split at ``boundary_ratio · num_train_timesteps`` (Wan 2.2's), those at
+    or above the boundary for ``transformer`` (high noise), those below it for ``transformer_2``, as its loop
+    chooses."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if name not in EXPERTS:
+        raise ValueError(f"a pipeline's transformer is one of {EXPERTS}, got {name!r}")
+    if ratio is None or getattr(pipe, "transformer_2", None) is None:
+        if name != "transformer":
+            raise ValueError(f"{type(pipe).__name__} denoises with one transformer: it has no {name}")
+        return [float(t) for t in timesteps]
+    boundary = float(ratio) * float(pipe.scheduler.config.num_train_timesteps)
+    high = name == "transformer"
+    return [float(t) for t in timesteps if (float(t) >= boundary) == high]
 
 
 def guidance_kwargs(pipe: Any, scale: float) -> dict[str, Any]:

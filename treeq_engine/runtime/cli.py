@@ -167,6 +167,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP + " (ignored with --artifact)")
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--artifact", default=None, help="a quantized artifact directory (from `treeq quantize`)")
+    p.add_argument("--artifact-2", default=None, metavar="DIR",
+                   help="with a two-expert --pipeline (Wan 2.2 A14B): the artifact of its transformer_2 (the "
+                        "low-noise expert; --artifact replaces transformer, the high-noise one)")
     p.add_argument("--pipeline", default=None, metavar="DIR",
                    help="sample a local diffusers pipeline with a transformer (DiT, PixArt, SD3, Flux, Wan, Sana, ...; "
                         "with --artifact: its transformer replaced by the quantized one from `treeq quantize "
@@ -207,6 +210,8 @@ def run_sample(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         return _sample_pipeline(args)
+    if args.artifact_2:
+        raise SystemExit("--artifact-2 is a two-expert --pipeline's second transformer (Wan 2.2 A14B)")
     if args.artifact:
         model = load_artifact_model(args.artifact, args.device)
     else:
@@ -260,13 +265,14 @@ def _row(images: list[Any]) -> Any:
 
 
 def _sample_pipeline(args: argparse.Namespace) -> int:
-    """``treeq sample --pipeline DIR [--artifact ART]``: the pipeline samples as it would, its transformer the FP
-    one or the artifact's; one row of images into ``--out``."""
+    """``treeq sample --pipeline DIR [--artifact ART] [--artifact-2 ART2]``: the pipeline samples as it would, its
+    transformer (and a two-expert pipeline's transformer_2) the FP one or the artifact's; one row of images into
+    ``--out``."""
     from PIL import Image
 
-    from ..models.diffusers_transformers import (area_kwargs, class_of, guidance_kwargs, load_pipeline,
-                                                 pipeline_class, pipeline_refusal, read_images, read_prompts,
-                                                 steps_kwargs, transformer_dir)
+    from ..models.diffusers_transformers import (EXPERTS, area_kwargs, class_of, experts, guidance_kwargs,
+                                                 load_pipeline, pipeline_class, pipeline_refusal, read_images,
+                                                 read_prompts, steps_kwargs, transformer_dir)
     from . import artifact
     from .graphed_diffusers import graph_count
 
@@ -289,8 +295,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"--frames must be a positive number of frames, got {args.frames}")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise SystemExit(f"treeq sample: --pipeline {args.pipeline} is not a pipeline directory (no model_index.json)")
-    refusal = pipeline_refusal(args.pipeline, "treeq sample" + (" --artifact" if args.artifact else ""),
-                               one_transformer=bool(args.artifact), images=bool(args.images))
+    refusal = pipeline_refusal(args.pipeline, "treeq sample", one_transformer=False, images=bool(args.images))
     if refusal:
         raise SystemExit(f"treeq sample: {refusal}")
     if args.sampler != "ddpm":
@@ -320,14 +325,19 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() in ANIMATIONS and not video:
         raise SystemExit(f"--out {args.out}: an animation is for a video pipeline; {type(pipe).__name__} makes "
                          "images (write a .png)")
-    if args.artifact:
-        desc = artifact.read_manifest(args.artifact).get("model_config", {})
-        if desc.get("arch") != "diffusers" or desc.get("class") != type(pipe.transformer).__name__:
-            raise SystemExit(f"{args.artifact}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
-                             f"transformer is {type(pipe.transformer).__name__}")
+    replaced = [(n, a) for n, a in zip(EXPERTS, (args.artifact, args.artifact_2)) if a]
+    for component, path in replaced:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            raise SystemExit(f"--artifact-2 {path}: {type(pipe).__name__} has no transformer_2 (it denoises with one "
+                             "transformer)")
+        desc = artifact.read_manifest(path).get("model_config", {})
+        if desc.get("arch") != "diffusers" or desc.get("class") != type(model).__name__:
+            raise SystemExit(f"{path}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
+                             f"{component} is {type(model).__name__}")
         # loaded into the pipeline's own transformer (the artifact replaces every tensor, after checking that the
         # shapes are this architecture's): no second full-precision copy of a large model
-        pipe.transformer = artifact.load(args.artifact, pipe.transformer, map_location=args.device).eval()
+        setattr(pipe, component, artifact.load(path, model, map_location=args.device).eval())
     if args.graph:   # each call shape captured once, every later step a replay (runtime/graphed_diffusers.py)
         from .graphed_diffusers import graph_pipeline
 
@@ -388,7 +398,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         grid.save(out)
     print(json.dumps({"out": str(out), "samples": len(rows) if video else len(rows[0]), "seconds": round(secs, 2),
                       **({"frames": len(rows[0])} if video else {}),
-                      "quantized": bool(args.artifact), "graphs": graph_count(pipe.transformer),
+                      "quantized": bool(replaced), "graphs": sum(graph_count(m) for m in experts(pipe)),
                       "device": args.device,
                       "pipeline": args.pipeline}))
     return 0

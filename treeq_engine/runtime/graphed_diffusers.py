@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..models.diffusers_transformers import experts
 from .graphs import GraphedStep
 
 StepFactory = Callable[[Callable[..., torch.Tensor], Sequence[torch.Tensor]], Callable[..., torch.Tensor]]
@@ -268,12 +269,15 @@ def ungraph_transformer(model: nn.Module) -> nn.Module:
 
 
 def graph_pipeline(pipe: Any, *, step_factory: StepFactory | None = None) -> Any:
-    """:func:`graph_transformer` on ``pipe.transformer``; returns ``pipe``."""
-    graph_transformer(pipe.transformer, step_factory=step_factory)
+    """:func:`graph_transformer` on ``pipe.transformer`` (and a two-expert pipeline's ``transformer_2``); returns
+    ``pipe``."""
+    for model in experts(pipe):
+        graph_transformer(model, step_factory=step_factory)
     return pipe
 
 
 def ungraph_pipeline(pipe: Any) -> Any:
-    """:func:`ungraph_transformer` on ``pipe.transformer``; returns ``pipe``."""
-    ungraph_transformer(pipe.transformer)
+    """:func:`ungraph_transformer` on each of ``pipe``'s transformers; returns ``pipe``."""
+    for model in experts(pipe):
+        ungraph_transformer(model)
     return pipe

@@ -11,6 +11,13 @@ record its transformer's calls as the calibration inputs of ``treeq search --dif
         --frames 17 --batch 1 --out wan.safetensors
     treeq capture --pipeline models/Qwen-Image-Edit-2509 --prompts edits.txt --images images.txt --steps 40 \\
         --cfg 4.0 --out edit.safetensors
+    treeq capture --pipeline models/Wan2.2-T2V-A14B --transformer transformer_2 --prompts prompts.txt --steps 40 \\
+        --height 240 --width 416 --frames 17 --batch 1 --out wan-low.safetensors
+
+A pipeline that denoises with two experts (Wan 2.2 A14B: ``transformer`` above its boundary timestep,
+``transformer_2`` below) runs whole, and ``--transformer`` names the expert whose calls are recorded: each expert
+is searched, calibrated and packed on its own (``--diffusers DIR/transformer_2``); ``treeq sample`` takes both
+artifacts (``--artifact``, ``--artifact-2``). The timesteps kept are the expert's own.
 
 An image-conditioned pipeline (image to video, editing, FLUX.2's reference images) takes ``--images FILE``: one
 line per prompt with the paths of its images (comma-separated where the pipeline takes several), and runs one
@@ -34,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.diffusers_transformers import EXPERTS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", required=True,
@@ -54,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=None,
                    help="text-to-video (Wan, LTX-Video): frames per video (default: the pipeline's, 81 for Wan, 161 "
                         "for LTX-Video: large)")
+    p.add_argument("--transformer", default=None, choices=EXPERTS,
+                   help="a two-expert pipeline (Wan 2.2 A14B): the expert whose calls are recorded")
     p.add_argument("--batch", type=int, default=8, help="labels or prompts per pipeline run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,18 +73,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.diffusers_transformers import (area_kwargs, guidance_kwargs, load_pipeline, pipeline_class,
-                                                 pipeline_refusal, read_images, read_prompts, steps_kwargs,
-                                                 transformer_dir)
+    from ..models.diffusers_transformers import (area_kwargs, expert_timesteps, guidance_kwargs, load_pipeline,
+                                                 pipeline_class, pipeline_refusal, read_images, read_prompts,
+                                                 steps_kwargs, transformer_dir)
     from .diffusers_runner import (VIDEO_ARCHS, capture_calls, check_stored, make_runner, save_inputs,
                                    select_timesteps, stack_inputs)
     from .evaluator import sample_timesteps
 
     try:
-        transformer_dir(args.pipeline)   # clear errors before the pipeline loads
+        expert = args.transformer or "transformer"
+        transformer_dir(Path(args.pipeline) / expert if args.transformer else args.pipeline)   # (before it loads)
         if args.images is not None and args.labels is not None:
             raise ValueError("--images goes with --prompts: a class-conditioned pipeline takes no image")
-        refusal = pipeline_refusal(args.pipeline, "treeq capture", images=args.images is not None)
+        refusal = pipeline_refusal(args.pipeline, "treeq capture", images=args.images is not None,
+                                   one_transformer=args.transformer is None,
+                                   choose="give --transformer transformer or transformer_2 (each expert's calls make "
+                                          "a calibration file of their own)")
         if refusal:
             raise ValueError(refusal)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
@@ -99,13 +114,16 @@ def run(args: argparse.Namespace) -> int:
             if args.batch != 1:
                 print("treeq capture: note: --images: each prompt runs alone", file=sys.stderr)
         pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), args.device, images=args.images is not None)
-        runner = make_runner(pipe.transformer)
+        model = getattr(pipe, expert, None)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--transformer {expert}: {type(pipe).__name__} has none")
+        runner = make_runner(model)
         if (args.labels is not None) != (runner.arch == "dit"):
             raise ValueError(f"a {runner.arch} pipeline takes {'--labels' if runner.arch == 'dit' else '--prompts'}")
         if size and runner.arch == "dit":
             raise ValueError("a DiT pipeline samples at its transformer's size: give it without --height / --width")
         if runner.arch == "dit":
-            classes = int(pipe.transformer.config.num_embeds_ada_norm)
+            classes = int(model.config.num_embeds_ada_norm)
             bad = [v for v in items if not 0 <= v < classes]
             if bad:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
@@ -134,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
         shifting = bool(getattr(getattr(pipe.scheduler, "config", None), "use_dynamic_shifting", False))
         if runner.scheduler_timesteps and not shifting:   # (module docstring: else chosen from the first run's calls)
             pipe.scheduler.set_timesteps(args.steps)
-            schedule = pipe.scheduler.timesteps
-            keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule.tolist()))))
+            schedule = expert_timesteps(pipe, expert, pipe.scheduler.timesteps.tolist())
+            if not schedule:
+                raise ValueError(f"none of the {args.steps} steps' timesteps fall to {expert}: give more --steps")
+            keep = select_timesteps(schedule, min(args.timesteps, len(set(schedule))))
         from tqdm import tqdm
 
         capture = capture_calls(runner, keep=keep)
