@@ -52,7 +52,22 @@ def _sana():
     return tiny_sana(), call(), 8 * 8
 
 
-@pytest.mark.parametrize("build", [_ltx, _chroma, _wan, _qwen, _sana], ids=["ltx", "chroma", "wan", "qwen", "sana"])
+def _ltx_i2v():   # per-token timesteps: the conditioning frame's mask is made on the meta device too
+    from test_search_ltx import i2v_call
+    from tiny_diffusers import tiny_ltx
+
+    return tiny_ltx(), i2v_call(), 2 * 4 * 6
+
+
+def _wan_ti2v():
+    from test_search_wan import ti2v_call, tiny_wan
+
+    model = tiny_wan()
+    return model, ti2v_call(model), 3 * 4 * 3
+
+
+@pytest.mark.parametrize("build", [_ltx, _ltx_i2v, _chroma, _wan, _wan_ti2v, _qwen, _sana],
+                         ids=["ltx", "ltx-i2v", "chroma", "wan", "wan-ti2v", "qwen", "sana"])
 def test_the_runner_runs_on_a_weightless_copy(build, tmp_path):
     pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
     model, kw, image_tokens = build()

@@ -118,8 +118,9 @@ def test_calibrate_model_resume_and_load(tmp_path, monkeypatch):
     state = json.loads((tmp_path / "run" / "ptq.json").read_text())
     assert len(state["layers"]) == 3
     calls.clear()
-    m2 = copy.deepcopy(fp)
-    calibrated = calibrate(m2, plan, batches, cfg, out_dir=tmp_path / "run", progress=False)
+    m2 = copy.deepcopy(fp)   # (the plan under another model name, as ptq named diffusers models before: resumed)
+    calibrated = calibrate(m2, dataclasses.replace(plan, model="renamed"), batches, cfg, out_dir=tmp_path / "run",
+                           progress=False)
     assert len(calls) == len(names) - 3
     monkeypatch.setattr(ptq, "calibrate_layer", real)
     # the same as one uninterrupted run

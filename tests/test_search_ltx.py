@@ -206,12 +206,12 @@ def test_capture_search_pack_and_sample_an_ltx_pipeline(tmp_path):
 
 
 def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys):
-    """`treeq capture --images` on LTX-Video's image-to-video pipeline: each prompt runs alone with its first frame;
-    the calls carry one timestep per token (the first latent frame's at 0) -> `treeq search` -> `treeq quantize` ->
-    `treeq sample --images`."""
+    """`treeq capture --images` on an LTX-Video directory (an LTXPipeline, run as LTXImageToVideoPipeline): each
+    prompt runs alone with its first frame; the calls carry one timestep per token (the first latent frame's at 0)
+    -> `treeq search` -> `treeq quantize` -> `treeq sample --images` (and an empty --images: text to video)."""
     from treeq_engine.cli import main
 
-    pipe = diffusers.LTXImageToVideoPipeline(**tiny_ltx_pipeline().components)   # (skips without transformers)
+    pipe = tiny_ltx_pipeline()   # (saved as LTXPipeline, as LTX-Video is: --images loads its image-to-video class)
     images = write_images(tmp_path, ["a.png", "b.png"])
     size = ["--height", "32", "--width", "32", "--frames", "5"]   # latents 3 x 16 x 16
     pipe_dir, prompts, calib, inputs = captured(tmp_path, pipe, "ltx-i2v", ["--images", images, "--batch", "1",
@@ -226,6 +226,7 @@ def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys):
     art = tmp_path / "art"
     assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
     capsys.readouterr()
-    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
-                 "--images", images, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+    for given in (images, ""):
+        assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),
+                     "--images", given, "--steps", "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2

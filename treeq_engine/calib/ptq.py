@@ -421,6 +421,9 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         (out / "layers").mkdir(parents=True, exist_ok=True)
         if (out / "ptq.json").exists():
             old = _read_state(out)
+            if isinstance(old["plan"], dict) and {**old["plan"], "model": ""} == {**state["plan"], "model": ""}:
+                state["plan"] = old["plan"]   # the same layers under another model name (before ptq named diffusers
+                #                               models by class): the directory's run goes on
             if old["plan"] != state["plan"]:
                 raise CheckpointError(f"{out}: holds a calibration of a different plan ({len(old['plan']['layers'])} "
                                       f"layers, now {len(state['plan']['layers'])}: "

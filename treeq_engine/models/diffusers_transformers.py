@@ -174,17 +174,18 @@ IMAGE_PIPELINES = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline", "QwenIm
                    "QwenImageEditPlusPipeline", "FluxKontextPipeline", "Flux2Pipeline", "Flux2KleinPipeline")
 
 
-# pipeline directories that run as another class when given images: Wan 2.2 TI2V's (a ``WanPipeline`` with
-# ``expand_timesteps``: one model for text- and image-to-video) loads as its image-to-video pipeline, as diffusers'
-# examples load it
-IMAGE_VARIANTS = {"WanPipeline": "WanImageToVideoPipeline"}
+# pipeline directories that run as another class when given images, as diffusers' examples load them: LTX-Video's
+# (one model for text and image to video) as its image-to-video pipeline, and Wan 2.2 TI2V's (a ``WanPipeline``
+# with ``expand_timesteps``); Wan 2.1's and 2.2 A14B's text-to-video models take no image (their image-to-video
+# models are other checkpoints)
+IMAGE_VARIANTS = {"WanPipeline": "WanImageToVideoPipeline", "LTXPipeline": "LTXImageToVideoPipeline"}
 
 
 def _class_of(index: Any, images: bool) -> str:
     name = index.get("_class_name") if isinstance(index, dict) else None
     if not isinstance(name, str):
         return ""
-    if images and name in IMAGE_VARIANTS and index.get("expand_timesteps") is True:
+    if images and name in IMAGE_VARIANTS and (name != "WanPipeline" or index.get("expand_timesteps") is True):
         return IMAGE_VARIANTS[name]
     return name
 

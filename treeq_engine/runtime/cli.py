@@ -318,7 +318,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             raise SystemExit(f"treeq sample: --images: {e}") from None
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype), device=args.device,
-                         images=args.images is not None)
+                         images=bool(args.images))
     video = "num_frames" in inspect.signature(pipe.__call__).parameters
     if args.frames is not None and not video:
         raise SystemExit(f"--frames is for a text-to-video pipeline; {type(pipe).__name__} makes images")

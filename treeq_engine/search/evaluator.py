@@ -39,8 +39,9 @@ State = tuple[torch.Tensor, ...]
 
 class SegmentRunner(Protocol):
     """A model cut into ``num_segments`` pieces run in sequence. Segment 0 takes the calibration inputs
-    (tensors with the sample on dim 0); the last returns a one-tensor state; ``output`` maps it to the tensor
-    the MSE is taken on."""
+    (tensors with the sample on dim 0); the last returns the output (and, where the pipeline reads only part of it,
+    the mask of what it reads: ``CutModel._read_mask``); ``output`` maps that state to the tensor the MSE is taken
+    on."""
 
     num_segments: int
 
@@ -152,7 +153,13 @@ def token_timesteps(value: Any, n: int, s: int, device: torch.device) -> torch.T
                              f"{tuple(value.shape)}")
         return value.to(device).expand(n, s).clone()
     if isinstance(value, torch.Tensor) and value.dim() == 2:
+        if value.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar, (1,), ({n},), ({n}, 1) or per token (1 or {n}, {s}), got "
+                             f"shape {tuple(value.shape)}")
         value = value.flatten()   # (N, 1): one per sample, as the models flatten it
+    if isinstance(value, torch.Tensor) and value.dim() > 2:
+        raise ValueError(f"timestep must be a scalar, (1,), ({n},) or per token (1 or {n}, {s}), got shape "
+                         f"{tuple(value.shape)}")
     return sample_scalars("timestep", value, n, device)
 
 
@@ -165,11 +172,11 @@ def sample_timesteps(t: torch.Tensor) -> torch.Tensor:
 def noisy_tokens(t: torch.Tensor) -> torch.Tensor | None:
     """Of per-token timesteps ``(N, S)``, the tokens at their sample's timestep ``(N, S)`` bool: the rest are
     conditioning tokens (an image's first frame), whose prediction the pipelines drop or overwrite. None for
-    per-sample timesteps, or when no token sits lower."""
+    per-sample timesteps. (Never read back to the host: no sync per segment, and a weightless profile's meta
+    tensors pass.)"""
     if t.dim() != 2:
         return None
-    keep = t == t.amax(dim=1, keepdim=True)
-    return None if bool(keep.all()) else keep
+    return t == t.amax(dim=1, keepdim=True)
 
 
 def describe_arg(v: object) -> object:
