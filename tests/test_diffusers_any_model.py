@@ -1,6 +1,6 @@
 """Any diffusers model packs: SD3, Flux and Sana transformers (tiny random configs, offline) take a uniform plan
 through `treeq quantize --diffusers`, load back from the artifact, and sample in their pipeline; a model the search
-cannot cut (Lumina2) is refused by capture, search and PTQ with a message that says what does work."""
+cannot cut (an autoencoder) is refused by search and PTQ with a message that says what it cuts."""
 import json
 import os
 
@@ -14,7 +14,7 @@ from tiny_diffusers import pack_only_models, tiny_flux_pipeline, tiny_wan_pipeli
 
 from cli_refusal import refused  # noqa: E402
 from treeq_engine.cli import main  # noqa: E402
-from treeq_engine.models.diffusers_transformers import PACK_ONLY, load_transformer, rebuild  # noqa: E402
+from treeq_engine.models.diffusers_transformers import load_transformer, rebuild  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
 from treeq_engine.runtime import TreeQPointwiseConv, artifact, quantize, treeq_layers  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
     if name == "sana":
         assert isinstance(loaded.transformer_blocks[0].ff.conv_inverted, TreeQPointwiseConv)
     # what quantize makes of the bf16-loaded weights (the rest of the model back in float32, as rebuild has it)
-    direct = load_transformer(d, torch.bfloat16, any_model=True)[0].float()   # (as the command: SD3 in bf16 too)
+    direct = load_transformer(d, torch.bfloat16)[0].float()   # (as the command: SD3 in bf16 too)
     quantize(direct, plan)
     with torch.no_grad():
         got, want = loaded(**kw).sample, direct(**kw).sample
@@ -70,25 +70,23 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
         assert rel(m8(**kw).sample, fp) < 0.03
 
 
-def test_what_needs_the_cut_refuses_them(tmp_path, capsys):
-    from diffusers_zoo import CASES
-
-    torch.manual_seed(0)
-    model = CASES["Lumina2"][0]()
-    d = tmp_path / "lumina2"
-    model.save_pretrained(d)
-    assert main(["search", "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c.safetensors"),
-                 "--budget", "W4A8"]) == 2
-    err = capsys.readouterr().err
-    assert "Lumina2Transformer2DModel is not supported here" in err and PACK_ONLY in err
+def test_what_no_cut_takes_is_refused(tmp_path):
+    """A diffusers model the search cannot cut at all (no timestep argument: an autoencoder) is named by search and
+    PTQ; any diffusers class is found in a pipeline directory; an unknown class is named as such."""
     from treeq_engine.models.diffusers_transformers import transformer_dir
 
-    pipe = tmp_path / "pipe"   # a pipeline directory holding it: named as unsupported, not as missing
+    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                    up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                                    layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8)
+    d = tmp_path / "vae"
+    model.save_pretrained(d)
+    for cmd in ("search", "ptq"):
+        refused("other diffusers transformers with block lists and a timestep argument; got AutoencoderKL",
+                [cmd, "--diffusers", str(d), "--calib-inputs", str(tmp_path / "c.safetensors"),
+                 *(["--budget", "W4A8"] if cmd == "search" else ["--out", str(tmp_path / "ptq")])])
+    pipe = tmp_path / "pipe"
     model.save_pretrained(pipe / "transformer")
-    with pytest.raises(ValueError, match="Lumina2Transformer2DModel is not supported here"):
-        transformer_dir(pipe)
-    refused("Lumina2Transformer2DModel is not supported here",
-            ["quantize", "--diffusers", str(d), "--ptq", str(tmp_path / "ptq"), "--out", str(tmp_path / "a")])
+    assert transformer_dir(pipe) == pipe / "transformer"
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "_class_name": "NoSuchModel"}))
     refused("is not a diffusers model class",
@@ -174,7 +172,7 @@ def test_video_options_on_an_image_pipeline_and_loading_without_accelerate(tmp_p
     wan = tmp_path / "wan"
     tiny_wan_pipeline().transformer.save_pretrained(wan)
     with pytest.raises(ValueError, match="keeps some modules in float32.*pip install accelerate"):
-        load_transformer(wan, any_model=True)
+        load_transformer(wan)
 
 
 TINY_CONFIGS = {

@@ -62,6 +62,10 @@ def build_info() -> dict[str, Any]:
     return info
 
 
+# what the other diffusers transformers get (search.generic_runner)
+OTHERS = "the other transformers searched and calibrated where the generic cut takes them, and packed"
+
+
 def _diffusers_support() -> str | None:
     """The installed diffusers (read from its metadata: importing it costs seconds) and what TreeQ does with its
     transformers; None without it."""
@@ -81,11 +85,11 @@ def _diffusers_support() -> str | None:
         major, minor = 0, 0
     if (major, minor) < (0, 35):   # runtime/mmdit_fused.py calls what 0.35 added
         return f"{v}: {names} searched and calibrated; DiT, PixArt and Sana fused (SD3, Flux, Wan, Qwen-Image " \
-            "need diffusers >= 0.35); any other model packed"
+            "need diffusers >= 0.35); " + OTHERS
     if (major, minor) < (0, 39):   # runtime/qwen_fused.py builds the text mask as 0.39's processor does
         return f"{v}: {names} searched and calibrated, all but Qwen-Image fused (it needs diffusers >= 0.39); " \
-            "any other model packed"
-    return f"{v}: {names} searched, calibrated and fused; any other model packed"
+            + OTHERS
+    return f"{v}: {names} searched, calibrated and fused; " + OTHERS
 
 
 def _version() -> str:

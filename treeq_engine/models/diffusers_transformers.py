@@ -3,9 +3,10 @@ rebuilds one. Nothing is downloaded: ``PATH`` is a transformer directory (``conf
 weights, as ``save_pretrained`` writes) or a pipeline directory holding one under ``transformer/``.
 
 DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2, LTX-Video and Chroma (``SUPPORTED``) go through the
-whole flow (capture, search, PTQ, PEFT, packing, graphs); their blocks also fuse. Any other diffusers model
-(HunyuanVideo, CogVideoX, ...) can be packed with a uniform plan or a hand-written one and sampled in its pipeline
-(``any_model=True``): its linears (and pointwise convolutions) become packed modules, unfused.
+whole flow (capture, search, PTQ, PEFT, packing, graphs) with cuts of their own; their blocks also fuse. Any other
+diffusers transformer (HunyuanVideo, CogVideoX, Lumina2, ...) is cut generically where it can be
+(``search.generic_runner``: the same flow), and packed and sampled in its pipeline in any case: its linears (and
+pointwise convolutions) become packed modules, unfused.
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
     model = rebuild(desc)          # same architecture, random weights (an artifact then loads into it)
@@ -32,8 +33,6 @@ LEGACY: dict[str, dict[str | None, str]] = {"Transformer2DModel": {"ada_norm_zer
                                                                    "ada_norm_single": "PixArtTransformer2DModel"}}
 # the block classes of SD3's and Flux's transformers (SmoothQuant sites, fused blocks), by name: no diffusers import
 MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
-PACK_ONLY = ("any other diffusers model (HunyuanVideo, CogVideoX, Lumina2, ...) is packed by `treeq quantize --diffusers DIR "
-             "--uniform WxAy` (or a plan) and sampled by `treeq sample --pipeline`, without search or calibration")
 
 
 def class_of(config: dict[str, Any]) -> str | None:
@@ -55,9 +54,9 @@ def model_class(name: Any) -> type[Any] | None:
     return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
 
 
-def transformer_dir(path: str | Path, *, any_model: bool = False) -> Path:
-    """The directory whose ``config.json`` names a supported transformer class (``any_model``: any diffusers
-    model class): ``path`` or ``path/transformer``."""
+def transformer_dir(path: str | Path) -> Path:
+    """The directory whose ``config.json`` names a diffusers model class: ``path`` or ``path/transformer``. (Which
+    of them the search cuts, ``search.make_runner`` says: ``SUPPORTED`` by cuts of their own, others generically.)"""
     p = Path(path)
     for d in (p, p / "transformer"):
         cfg = d / "config.json"
@@ -67,17 +66,12 @@ def transformer_dir(path: str | Path, *, any_model: bool = False) -> Path:
                 name = class_of(config)
             except (json.JSONDecodeError, AttributeError):
                 raise ValueError(f"{cfg}: not a diffusers config (unreadable JSON object)") from None
-            if name in SUPPORTED or (any_model and model_class(name) is not None):
+            if model_class(name) is not None:
                 return d
             if name is not None and (d != p or not (p / "transformer").is_dir()):
-                if any_model:
-                    raise ValueError(f"{cfg}: {name} is not a diffusers model class (this diffusers has none of "
-                                     "that name)")
-                raise ValueError(f"{cfg}: {name} is not supported here: TreeQ searches and calibrates "
-                                 f"{', '.join(SUPPORTED)}; {PACK_ONLY}")
-    what = "a diffusers model" if any_model else f"one of {', '.join(SUPPORTED)}"
-    raise ValueError(f"{path}: no diffusers transformer here (a directory with config.json naming {what}, or a "
-                     "pipeline directory with transformer/)")
+                raise ValueError(f"{cfg}: {name} is not a diffusers model class (this diffusers has none of that name)")
+    raise ValueError(f"{path}: no diffusers transformer here (a directory with config.json naming a diffusers model, "
+                     "or a pipeline directory with transformer/)")
 
 
 def _diffusers() -> Any:
@@ -88,12 +82,12 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
-                     any_model: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it.
-    ``any_model``: any diffusers model class, not only the ones TreeQ searches (``SUPPORTED``)."""
+def load_transformer(path: str | Path, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The transformer under ``path`` (local files only) in eval mode, and a JSON-able description to rebuild it:
+    any diffusers model class."""
     _diffusers()   # (a clear error without diffusers)
-    d = transformer_dir(path, any_model=any_model)
+    d = transformer_dir(path)
     cls = model_class(class_of(json.loads((d / "config.json").read_text())))
     assert cls is not None   # (transformer_dir checked it)
     with loading(d):

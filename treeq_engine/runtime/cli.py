@@ -90,7 +90,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
             dtype = diffusers_dtype(args.ptq)
         try:   # a calibration (--ptq) exists for the searched classes only; a plan packs any diffusers model
-            model, desc = load_transformer(args.diffusers, dtype, any_model=not args.ptq)
+            model, desc = load_transformer(args.diffusers, dtype)
         except (ValueError, ImportError) as e:
             raise SystemExit(f"treeq quantize: {e}") from None
     else:
@@ -279,7 +279,7 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     try:
         import diffusers  # noqa: F401  (missing: a clear error before anything loads)
 
-        config = json.loads((transformer_dir(args.pipeline, any_model=True) / "config.json").read_text())
+        config = json.loads((transformer_dir(args.pipeline) / "config.json").read_text())
     except (ValueError, ImportError) as e:
         raise SystemExit(f"treeq sample: {e}") from None
     name = class_of(config)

@@ -36,6 +36,7 @@ calls at them. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -76,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
     from ..models.diffusers_transformers import (area_kwargs, expert_timesteps, guidance_kwargs, load_pipeline,
                                                  pipeline_class, pipeline_refusal, read_images, read_prompts,
                                                  steps_kwargs, transformer_dir)
-    from .diffusers_runner import (VIDEO_ARCHS, capture_calls, check_stored, make_runner, save_inputs,
+    from .diffusers_runner import (capture_calls, check_stored, make_runner, save_inputs,
                                    select_timesteps, stack_inputs)
     from .evaluator import sample_timesteps
 
     try:
         expert = args.transformer or "transformer"
-        transformer_dir(Path(args.pipeline) / expert if args.transformer else args.pipeline)   # (before it loads)
+        transformer_dir(Path(args.pipeline) / expert if args.transformer else args.pipeline)
         if args.images is not None and args.labels is not None:
             raise ValueError("--images goes with --prompts: a class-conditioned pipeline takes no image")
         refusal = pipeline_refusal(args.pipeline, "treeq capture", images=args.images is not None,
@@ -127,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
             bad = [v for v in items if not 0 <= v < classes]
             if bad:
                 raise ValueError(f"class labels must be in [0, {classes - 1}], got {bad[:5]}")
-        if args.frames is not None and runner.arch not in VIDEO_ARCHS:
-            raise ValueError(f"--frames is for a text-to-video pipeline; a {runner.arch} pipeline makes images")
+        if args.frames is not None and "num_frames" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"--frames is for a text-to-video pipeline; {type(pipe).__name__} makes images")
         kw: dict = {} if args.cfg is None else guidance_kwargs(pipe, args.cfg)
         kw.update(size)
         kw.update(area_kwargs(pipe, kw))

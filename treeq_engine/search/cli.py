@@ -246,7 +246,8 @@ def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     if any(v <= 0 for v in size.values()):
         raise ValueError(f"--closed-loop-height / --closed-loop-width must be positive pixel counts, got {size}")
     if args.closed_loop_frames is not None:
-        if diffusers_arch(model) not in VIDEO_ARCHS:
+        arch = diffusers_arch(model) or ""
+        if arch not in VIDEO_ARCHS and not arch.startswith("generic:"):   # (the generic cut: the pipeline says)
             raise ValueError(f"--closed-loop-frames is for a video model; {type(model).__name__} makes images")
         if args.closed_loop_frames <= 0:
             raise ValueError(f"--closed-loop-frames must be a positive number of frames, got {args.closed_loop_frames}")

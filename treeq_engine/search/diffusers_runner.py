@@ -27,6 +27,7 @@ the variance (``out_channels == 2·in_channels``, as diffusers' pipelines split 
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
@@ -45,8 +46,14 @@ def diffusers_arch(model: nn.Module) -> str | None:
     ``qwen_runner.QwenImageRunner``'s, ``"sana"`` for ``sana_runner.SanaRunner``'s, ``"z-image"`` for
     ``zimage_runner.ZImageRunner``'s, ``"flux2"`` for ``flux2_runner.Flux2Runner``'s, ``"ltx"`` for
     ``ltx_runner.LTXRunner``'s, ``"chroma"`` for ``chroma_runner.ChromaRunner``'s, ``None`` for anything else
-    (``make_runner`` takes each of them)."""
-    return _runner_for(model)[0]
+    (``make_runner`` takes each of them); ``"generic:<class>"`` for another diffusers transformer the generic cut takes
+    (``generic_runner.GenericRunner``)."""
+    arch = _runner_for(model)[0]
+    if arch is None:
+        from .generic_runner import generic_arch
+
+        arch = generic_arch(model)
+    return arch
 
 
 def _runner_for(model: nn.Module) -> tuple[str | None, Any]:
@@ -88,12 +95,26 @@ def make_runner(model: nn.Module) -> Any:
     ``MMDiTRunner`` for SD3 and Flux, ``WanRunner`` for Wan, ``QwenImageRunner`` for Qwen-Image, ``SanaRunner`` for
     Sana, ``ZImageRunner`` for Z-Image, ``Flux2Runner`` for FLUX.2, ``LTXRunner`` for LTX-Video, ``ChromaRunner``
     for Chroma. Anything else is a ``TypeError`` naming what is supported."""
-    from ..models.diffusers_transformers import SUPPORTED
+    from ..models.diffusers_transformers import SUPPORTED, model_class
 
     _, cls = _runner_for(model)
     if cls is None:
-        raise TypeError(f"the search cuts diffusers' {', '.join(SUPPORTED)}; got {type(model).__name__}")
+        from .generic_runner import GenericRunner, generic_arch
+
+        if generic_arch(model) is None:
+            what = (f"the search cuts diffusers' {', '.join(SUPPORTED)}, and other diffusers transformers with block "
+                    f"lists and a timestep argument; got {type(model).__name__}")
+            if model_class(type(model).__name__) is not None:   # a diffusers model: the user's input
+                raise ValueError(what)
+            raise TypeError(what)
+        runner = _GENERIC.get(model)
+        if runner is None:   # one per model: its inputs and trace are learned once (capture, load_inputs)
+            runner = _GENERIC[model] = GenericRunner(model)
+        return runner
     return cls(model)
+
+
+_GENERIC: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def attention_tie(layer_name: str) -> str | None:
@@ -317,6 +338,8 @@ def check_stored(runner: Any, inputs: State) -> None:
     """The checks a captured call passes, on a stored input tuple (``runner.input_names`` order): shapes against the
     model's config, and what one call must share across its samples (position ids, grids). A ``ValueError`` names
     what is wrong."""
+    if hasattr(runner, "check_stored"):   # (a runner whose inputs are not the forward's arguments by name)
+        return runner.check_stored(inputs)
     kw = dict(zip(runner.input_names, inputs))
     if runner.extra_conditions:
         kw["added_cond_kwargs"] = {"resolution": kw.pop("resolution"), "aspect_ratio": kw.pop("aspect_ratio")}
@@ -434,6 +457,8 @@ def save_inputs(path: str, runner: Any, inputs: Sequence[torch.Tensor], *,
     if len(inputs) != len(runner.input_names):
         raise ValueError(f"{len(inputs)} input tensors for the {len(runner.input_names)} names {runner.input_names}")
     meta = {"schema": "treeq-diffusers-calibration", "arch": runner.arch}
+    if hasattr(runner, "metadata"):   # (what a runner keeps of its inputs beside them: the generic cut's spec)
+        meta.update(runner.metadata())
     if weights is not None:
         diffusers_schedule.per_sample(weights, inputs[runner.input_names.index("timestep")], path)
         if isinstance(scheduler, str):
@@ -533,6 +558,8 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
             raise ValueError(f"{path}: not a TreeQ diffusers calibration file (schema {meta.get('schema')!r})")
         if meta.get("arch") != runner.arch:
             raise ValueError(f"{path}: inputs of a {meta.get('arch')!r} transformer, this one is {runner.arch!r}")
+        if hasattr(runner, "configure"):   # (the generic cut's inputs: named in the metadata)
+            runner.configure(meta, path)
         missing = [n for n in runner.input_names if n not in f.keys()]
         if missing:
             raise ValueError(f"{path}: missing inputs {missing} (has {sorted(f.keys())})")
@@ -552,5 +579,12 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
     # else a runner needs exact: exact_inputs) as stored
     dtype = next(runner.model.parameters()).dtype
     exact = getattr(runner, "exact_inputs", ("timestep",))
-    return tuple(t.to(dtype) if torch.is_floating_point(t) and name not in exact else t
-                 for name, t in zip(runner.input_names, out))
+    out = tuple(t.to(dtype) if torch.is_floating_point(t) and name not in exact else t
+                for name, t in zip(runner.input_names, out))
+    if hasattr(runner, "check"):   # (the generic cut: traced and held to the model on the first sample)
+        device = next(runner.model.parameters()).device
+        try:
+            runner.check(tuple(t[:1].to(device) for t in out))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return out

@@ -1,0 +1,231 @@
+"""The search's generic cut (``GenericRunner``) of diffusers transformers without a cut of their own (tiny random
+configs of the zoo, offline): each is cut bit for bit or refused with the reason; the cut follows the call order of
+the blocks and where each linear runs; ties follow the traced inputs; the evaluator agrees with a brute-force oracle
+on the model's own forward; calibration files keep the input spec; and the command line captures an AuraFlow
+pipeline, searches, calibrates, fine-tunes, packs and samples it."""
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from diffusers_zoo import CASES  # noqa: E402
+from pipeline_flow import ptq_peft_packed  # noqa: E402
+from test_search_mmdit import check_evaluator  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from cli_refusal import refused  # noqa: E402
+from treeq_engine.search import make_runner  # noqa: E402
+from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
+from treeq_engine.search.evaluator import run_segments  # noqa: E402
+from treeq_engine.search.generic_runner import GenericRunner, generic_arch  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# what the generic cut refuses in the zoo, and why
+REFUSED = {"HiDreamImage": "fails on the first sample of these inputs alone",   # (a (layers, N, ...) input)
+           "WanVACE": "does not give the model's output",   # (control hints added between the blocks)
+           "Latte": "needs batch-first block outputs"}   # (its blocks fold frames into the batch)
+GENERIC = sorted(n for n, (ctor, _) in CASES.items() if generic_arch(ctor()) is not None and
+                 type(make_runner(ctor())) is GenericRunner)
+
+
+def zoo(name, seed=0):
+    """A zoo model (random weights) and the keyword arguments of one call."""
+    ctor, inputs = CASES[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    g = torch.Generator().manual_seed(seed)
+    return model, inputs(lambda *shape: torch.randn(*shape, generator=g))
+
+
+def traced(model, kw):
+    runner = make_runner(model)
+    state = runner.inputs(**kw)
+    runner.check(state)
+    return runner, state
+
+
+def test_the_zoo_takes_the_generic_cut():
+    assert {"HunyuanVideo", "CogVideoX", "Lumina2", "Mochi", "Cosmos", "AuraFlow"} <= set(GENERIC)
+    assert not {"Wan", "QwenImage", "Flux2", "Sana"} & set(GENERIC)   # (cut by their own runners)
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_each_is_cut_bit_for_bit_or_refused_with_the_reason(name):
+    model, kw = zoo(name)
+    runner = make_runner(model)
+    assert make_runner(model) is runner and diffusers_arch(model) == runner.arch == f"generic:{type(model).__name__}"
+    state = runner.inputs(**kw)
+    if name in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[name]):
+            runner.check(state)
+        with pytest.raises(RuntimeError, match=r"check\(inputs\) first"):
+            runner.run(1, state)
+        return
+    runner.check(state)
+    with torch.no_grad():
+        want = model(**kw, return_dict=False)[0]
+        assert torch.equal(run_segments(runner, state), want)
+    lists = [m for m in model.children() if isinstance(m, torch.nn.ModuleList)]
+    assert runner.num_segments == len(runner._order) + 2 <= sum(len(m) for m in lists) + 2
+    segments = [runner.segment_of(n) for n in runner._segment]
+    assert min(segments) == 0 and max(segments) == runner.num_segments - 1
+
+
+def test_the_segments_follow_the_call_order_and_where_each_linear_runs():
+    """Lumina2 defines noise_refiner, context_refiner, layers but calls the context refiner first; its embedders run
+    before the blocks, its output norm and projection after."""
+    model, kw = zoo("Lumina2")
+    runner, _ = traced(model, kw)
+    assert runner._order == ["context_refiner.0", "noise_refiner.0", "layers.0", "layers.1"]
+    assert runner.segment_of("context_refiner.0.attn.to_q") == 1 and runner.segment_of("noise_refiner.0.attn.to_q") == 2
+    assert runner.segment_of("layers.1.feed_forward.linear_2") == 4
+    assert runner.segment_of("time_caption_embed.caption_embedder.1") == 0
+    assert runner.segment_of("norm_out.linear_2") == runner.num_segments - 1
+    assert runner.tie("layers.0.attn.to_k") == runner.tie("layers.0.attn.to_q") == "layers.0.attn.to_q+to_k+to_v"
+    assert runner.tie("layers.0.attn.to_out.0") is None
+
+
+def test_cross_attention_ties_only_what_reads_one_input():
+    runner, _ = traced(*zoo("Cosmos"))
+    assert runner.tie("transformer_blocks.0.attn2.to_k") == "transformer_blocks.0.attn2.to_k+to_v"
+    assert runner.tie("transformer_blocks.0.attn2.to_q") is None   # (reads the video tokens, not the text)
+
+
+def test_a_skip_connection_is_refused():
+    """HunyuanDiT's later blocks add earlier blocks' outputs (a U-Net-like skip): the stand-ins' NaN shows it."""
+    ctor, inputs = CASES["HunyuanDiT"]
+    torch.manual_seed(0)
+    model = diffusers.HunyuanDiT2DModel.from_config({**ctor().config, "num_layers": 4}).eval()
+    g = torch.Generator().manual_seed(0)
+    runner = make_runner(model)
+    state = runner.inputs(**inputs(lambda *s: torch.randn(*s, generator=g)))
+    with pytest.raises(ValueError, match="skip connection"):
+        runner.check(state)
+
+
+@pytest.mark.parametrize("name,lam", [("HunyuanVideo", 0.5), ("Lumina2", 1.0)])
+def test_evaluate_matches_brute_force(name, lam):
+    model, kw = zoo(name, seed=3)
+    traced(model, kw)
+    check_evaluator(model, kw, lam, seed=5, batch=len(kw["hidden_states"]))
+
+
+def test_inputs_shared_constants_and_the_calibration_file(tmp_path):
+    """Position ids the pipeline passes unbatched are shared (stored per sample, passed once); None and numbers are
+    constants every call repeats; the spec travels in the calibration file, and a fresh runner reads it back."""
+    model, kw = zoo("OvisImage")
+    runner = make_runner(model)
+    kw = {**kw, "joint_attention_kwargs": None}
+    state = runner.inputs(**kw)
+    names = runner.input_names
+    assert state[names.index("img_ids")].shape[0] == kw["hidden_states"].shape[0]   # (16, 3) -> (N, 16, 3)
+    runner.check(state)
+    path = str(tmp_path / "c.safetensors")
+    save_inputs(path, runner, state)
+    fresh = GenericRunner(type(model).from_config(model.config).eval())
+    fresh.model.load_state_dict(model.state_dict())
+    loaded = load_inputs(path, fresh)
+    assert fresh.input_names == names and all(torch.equal(a, b) for a, b in zip(loaded, state))
+    with torch.no_grad():
+        assert torch.equal(run_segments(fresh, loaded), model(**kw, return_dict=False)[0])
+    with pytest.raises(ValueError, match="calls of OvisImageTransformer2DModel differ in their arguments"):
+        runner.inputs(**{k: v for k, v in kw.items() if k != "joint_attention_kwargs"})   # (one argument fewer)
+    with pytest.raises(ValueError, match="takes no"):
+        runner.inputs(**kw, guidance=torch.ones(1))
+    with pytest.raises(ValueError, match="is not supported"):
+        runner.inputs(**{**kw, "joint_attention_kwargs": {"scale": 1.0}})
+    odd = [torch.cat([t, t]) for t in loaded]   # (two samples of one call)
+    i = names.index("img_ids")
+    odd[i] = torch.cat([odd[i][:1], odd[i][:1] + 1])
+    with pytest.raises(ValueError, match="img_ids is shared by a call's samples, but differs"):
+        fresh.check_stored(tuple(odd))
+
+
+def test_what_the_generic_cut_cannot_take_is_refused(tmp_path):
+    """A diffusers model without a timestep argument (an autoencoder) is named; a calibration file of another class
+    is refused."""
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=4, sample_size=8)
+    with pytest.raises(ValueError, match="and other diffusers transformers with block lists and a timestep argument; "
+                                         "got AutoencoderKL"):
+        make_runner(vae)
+    with pytest.raises(TypeError, match="got Linear"):
+        make_runner(torch.nn.Linear(2, 2))
+    model, kw = zoo("CogVideoX")
+    runner, state = traced(model, kw)
+    path = str(tmp_path / "c.safetensors")
+    save_inputs(path, runner, state)
+    with pytest.raises(ValueError, match="inputs of a 'generic:CogVideoXTransformer3DModel' transformer"):
+        load_inputs(path, make_runner(zoo("Mochi")[0]))
+
+
+def test_search_ptq_peft_quantize(tmp_path):
+    """`treeq search / ptq / peft / quantize --diffusers` on a HunyuanVideo transformer directory with saved inputs:
+    the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
+    from treeq_engine.cli import main
+
+    model, kw = zoo("HunyuanVideo")
+    d = tmp_path / "hv"
+    model.save_pretrained(d)
+    runner = make_runner(model)
+    calls = [runner.inputs(**zoo("HunyuanVideo", seed=s)[1]) for s in (1, 2, 3, 4)]
+    calib = str(tmp_path / "calib.safetensors")
+    save_inputs(calib, runner, tuple(torch.cat(ts) for ts in zip(*calls)))
+    src = ["--diffusers", str(d), "--calib-inputs", calib]
+    res = tmp_path / "search"
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    plan = json.loads((res / "plan.json").read_text())["layers"]
+    assert plan["single_transformer_blocks.0.attn.to_q"] == plan["single_transformer_blocks.0.attn.to_v"]
+    direct, loaded = ptq_peft_packed(tmp_path, src, d, ptq=["--branch-params", "4"])
+    with torch.no_grad():
+        want, got = direct(**kw).sample, loaded(**kw).sample.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
+
+
+def tiny_auraflow_pipeline():
+    """An AuraFlow pipeline built offline: a one-layer UMT5 encoder over a word-level tokenizer, the zoo's AuraFlow
+    transformer, a one-level AutoencoderKL (2x), a flow-matching scheduler (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="AuraFlow's pipeline needs transformers (UMT5)")
+    from tiny_diffusers import _word_tokenizer
+
+    tokenizer, vocab = _word_tokenizer()
+    torch.manual_seed(0)
+    umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=32,
+                                                                 num_layers=1, num_heads=2)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    return diffusers.AuraFlowPipeline(tokenizer=tokenizer, text_encoder=umt5, vae=vae, transformer=zoo("AuraFlow")[0],
+                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
+    """`treeq capture` on an AuraFlow pipeline (CFG: both calls recorded; timesteps taken from the calls) -> `treeq
+    search` -> `treeq quantize` -> `treeq sample`."""
+    from pipeline_flow import captured
+
+    from treeq_engine.cli import main
+
+    size = ["--height", "16", "--width", "16"]
+    pipe_dir, prompts, calib, inputs = captured(tmp_path, tiny_auraflow_pipeline(), "aura",
+                                                ["--steps", "3", "--timesteps", "2", "--cfg", "3.0", *size])
+    assert "kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps x (cond, uncond)
+    assert inputs[0].shape == (8, 4, 8, 8)
+    res = tmp_path / "search"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    art = tmp_path / "art"
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
+                 "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
+    refused("--frames is for a text-to-video pipeline", ["capture", "--pipeline", str(pipe_dir), "--prompts",
+                                                         str(prompts), "--frames", "5", "--out", calib])

@@ -1,0 +1,423 @@
+"""The search's segment runner for any diffusers transformer without a cut of its own (``GenericRunner``:
+HunyuanVideo, CogVideoX, Lumina2, Mochi, ...), so that capture, search, PTQ and PEFT take them too; the runtime
+packs them unfused (each linear quantizes its own input).
+
+The model's own ``forward`` runs every segment. The blocks are the modules of the model's top-level
+``ModuleList``\\ s, in the order ``forward`` calls them (one segment each); segment 0 holds what runs before the
+first block, the last segment what runs after the last. Segment ``b + 1`` runs ``forward`` with every block called
+before block ``b`` replaced by a stand-in that returns a recorded output, and stops when block ``b`` returns. What
+``forward`` computes around its blocks (embedders, rotary tables, masks) is computed again in every segment: a
+candidate config of an embedder layer reaches every later block, as in the model, and the cost is the embedders'
+(small beside a block's). The state between segments is the call's inputs and, for each block list reached so far,
+the output of its latest block: the stand-ins of the earlier blocks of a list return NaN, so a ``forward`` that
+reads an earlier block's output (a skip connection) shows it.
+
+``check(inputs)`` runs one sample through the model's ``forward`` and through the segments and requires the outputs
+bit-identical, every block called once, in order, with batch-first outputs; it records in which segment each linear
+first runs (``segment_of``) and which linears of one module read the very same input tensor (``tie``: a
+self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it on every calibration
+file; a model it refuses is said to be refused, by name, before any search.
+
+Inputs are the ``forward``'s arguments as the pipeline passes them, stored by name: tensors with the call's samples
+on dim 0 as they are; other tensors (a rotary table, position ids, a (1,) timestep) are shared by the call's
+samples: stored repeated per sample and passed as the first; a tuple of tensors element by element (``name.0``,
+``name.1``, ...); None, numbers and strings are constants every call must repeat (the calibration file keeps them).
+The timestep is the argument ``timestep`` (or ``timesteps``), stored as ``timestep``. Attention kwargs and other
+values are refused. The MSE is taken on the whole output; no rows are left out of PTQ's statistics (a padded caption
+is calibrated on with its padding).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..nn.convert import quantizable_linears
+from .evaluator import CutModel, State, describe_arg
+
+GENERIC = "generic"
+TIMESTEP_PARAMS = ("timestep", "timesteps")
+SPEC_KEY = "generic_inputs"   # in the calibration file's metadata: the input spec and constants, JSON
+SKIPPED = ("self", "return_dict")
+
+
+class _Stop(Exception):
+    """Raised by the forward hook of a segment's block: its output, and the end of the segment."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's top-level ``ModuleList``\\ s holding linears (its blocks, in definition order)."""
+    layers = quantizable_linears(model)
+    return [(name, ml) for name, ml in model.named_children()
+            if isinstance(ml, nn.ModuleList) and len(ml) and any(n.startswith(name + ".") for n in layers)]
+
+
+def generic_arch(model: nn.Module) -> str | None:
+    """``"generic:<class>"`` for a diffusers model with block lists and a timestep argument, else None."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if not any(p in params for p in TIMESTEP_PARAMS) or not block_lists(model):
+        return None
+    return f"{GENERIC}:{type(model).__name__}"
+
+
+def _flat(value: Any, where: str) -> tuple[list[torch.Tensor], Any]:
+    """A block's output as tensors and its structure (``"t"``, or a list of ``"t"``/``None`` for a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return [value], "t"
+    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value):
+        return [v for v in value if v is not None], ["t" if v is not None else None for v in value]
+    raise ValueError(f"{where} returns {type(value).__name__}: the generic cut takes blocks returning tensors")
+
+
+def _unflat(tensors: Sequence[torch.Tensor], spec: Any) -> Any:
+    if spec == "t":
+        return tensors[0]
+    it = iter(tensors)
+    return tuple(next(it) if s is not None else None for s in spec)
+
+
+def _output(out: Any) -> Any:
+    """A ``forward``'s result as the tensor it returns (first of a tuple, or ``.sample``)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return getattr(out, "sample", out)
+
+
+class GenericRunner(CutModel):
+    """``SegmentRunner`` for a diffusers transformer the search has no cut of its own for (module docstring)."""
+
+    extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    scheduler_timesteps = False   # (how a pipeline scales its timesteps is unknown: capture takes them from the calls)
+
+    def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        arch = generic_arch(model)
+        if arch is None:
+            raise TypeError(f"{type(model).__name__} is not cut by the search: it needs top-level block lists "
+                            f"(ModuleList) and a timestep argument ({' or '.join(TIMESTEP_PARAMS)})")
+        self.model: Any = model
+        self.arch = arch
+        self.output_fn = output_fn
+        self._params = inspect.signature(model.forward).parameters
+        self._lists = block_lists(model)
+        self._blocks = {id(m): f"{name}.{i}" for name, ml in self._lists for i, m in enumerate(ml)}
+        self.num_segments = len(self._blocks) + 2
+        self._spec: list[tuple[str, str, int | None, bool]] | None = None   # (input name, param, index, shared)
+        self._constants: dict[str, Any] = {}
+        self._order: list[str] | None = None   # block names in call order (check)
+        self._segment: dict[str, int] = {}   # linear name -> the segment it first runs in (check)
+        self._ties: dict[str, str] = {}
+        self._out_spec: dict[str, Any] = {}   # block name -> its output's structure (_flat)
+
+    # -- inputs ------------------------------------------------------------------------------------
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        if self._spec is None:
+            raise RuntimeError(f"the inputs of this {type(self.model).__name__} are not known yet: they come from its "
+                               "first captured call or a calibration file's metadata")
+        return tuple(s[0] for s in self._spec)
+
+    def inputs(self, **kwargs: Any) -> State:
+        """One ``forward`` call's arguments (as the pipeline passes them) as this runner's input tuple; the first
+        call fixes which inputs there are, every later call must agree."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in SKIPPED}
+        unknown = sorted(set(kwargs) - set(self._params))
+        if unknown:
+            raise ValueError(f"{type(self.model).__name__}.forward takes no {unknown}")
+        first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+        if first is None:
+            raise ValueError("a call without tensor arguments")
+        n = first.shape[0]
+        spec: list[tuple[str, str, int | None, bool]] = []
+        values: list[torch.Tensor] = []
+        constants: dict[str, Any] = {}
+        for param, v in kwargs.items():
+            name = "timestep" if param in TIMESTEP_PARAMS else param
+            if isinstance(v, Mapping):
+                if v:
+                    raise ValueError(f"the search runs the default attention; {param} {sorted(v)} is not supported")
+                v = None
+            if isinstance(v, torch.Tensor):
+                spec.append((name, param, None, not (v.dim() and v.shape[0] == n)))
+                values.append(v)
+            elif isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
+                for i, x in enumerate(v):
+                    spec.append((f"{name}.{i}", param, i, not (x.dim() and x.shape[0] == n)))
+                    values.append(x)
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{param} = {v}: not a finite number")
+                constants[param] = v
+            else:
+                raise ValueError(f"{param}: a {type(v).__name__} argument is not supported by the search's generic cut "
+                                 f"(tensors, tuples of tensors, None, numbers and strings are)")
+        if not any(s[0] == "timestep" for s in spec):
+            raise ValueError(f"a call of {type(self.model).__name__} without a timestep tensor")
+        if self._spec is None:
+            self._spec, self._constants = spec, constants
+        elif spec != self._spec or constants != self._constants:
+            raise ValueError(f"calls of {type(self.model).__name__} differ in their arguments: {self._describe()} and "
+                             f"{self._describe(spec, constants)}; one calibration file holds calls of one kind")
+        device = first.device
+        return tuple(v.to(device).expand(n, *v.shape) if shared else v
+                     for (_, _, _, shared), v in zip(spec, values))
+
+    def _describe(self, spec: Any = None, constants: Any = None) -> str:
+        spec = self._spec if spec is None else spec
+        constants = self._constants if constants is None else constants
+        names = [s[0] + (" (shared)" if s[3] else "") for s in spec]
+        return f"inputs {names}, constants {constants}"
+
+    def _stored(self, kw: Mapping[str, Any]) -> State:
+        out = tuple(kw[n] for n in self.input_names)
+        if any(not isinstance(t, torch.Tensor) or not t.dim() for t in out):
+            raise ValueError(f"stored inputs must be tensors with the sample on dim 0, got "
+                             f"{[describe_arg(t) for t in out]}")
+        n = out[0].shape[0]
+        if any(t.shape[0] != n for t in out):
+            raise ValueError(f"stored inputs must share the sample dim, got {[tuple(t.shape) for t in out]}")
+        for (name, _, _, shared), t in zip(self._spec or (), out):
+            if shared and n > 1 and not torch.equal(t, t[:1].expand_as(t)):
+                raise ValueError(f"{name} is shared by a call's samples, but differs between the stored samples")
+        return out
+
+    def check_stored(self, inputs: State) -> None:
+        """The checks a stored input tuple passes (``diffusers_runner.check_stored``)."""
+        self._stored(dict(zip(self.input_names, inputs)))
+
+    def metadata(self) -> dict[str, str]:
+        """What a calibration file keeps of the inputs (``configure`` reads it back)."""
+        return {SPEC_KEY: json.dumps({"spec": self._spec, "constants": self._constants})}
+
+    def configure(self, meta: Mapping[str, str], where: str) -> None:
+        """The input spec a calibration file's metadata holds."""
+        try:
+            doc = json.loads(meta[SPEC_KEY])
+            spec = [(str(a), str(b), None if c is None else int(c), bool(d)) for a, b, c, d in doc["spec"]]
+            constants = dict(doc["constants"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{where}: no readable {SPEC_KEY} metadata ({e})") from None
+        unknown = sorted(({s[1] for s in spec} | set(constants)) - set(self._params))
+        if unknown:
+            raise ValueError(f"{where}: inputs {unknown} are not arguments of {type(self.model).__name__}.forward")
+        if self._spec is not None and (spec, constants) != (self._spec, self._constants):
+            raise ValueError(f"{where}: {self._describe(spec, constants)}; this runner reads {self._describe()}")
+        self._spec, self._constants = spec, constants
+
+    def _kwargs(self, state: State) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(self._constants)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for (_, param, index, shared), t in zip(self._spec or (), state):
+            v = t[0] if shared else t
+            if index is None:
+                kw[param] = v
+            else:
+                parts.setdefault(param, []).append(v)
+        kw.update({p: tuple(vs) for p, vs in parts.items()})
+        if "return_dict" in self._params:
+            kw["return_dict"] = False
+        return kw
+
+    # -- the cut -----------------------------------------------------------------------------------
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _lists_before(self, b: int) -> list[str]:
+        """The block lists with a block among the first ``b`` called, in order of their first call."""
+        assert self._order is not None
+        seen: list[str] = []
+        for name in self._order[:b]:
+            lst = name.rpartition(".")[0]
+            if lst not in seen:
+                seen.append(lst)
+        return seen
+
+    def run(self, segment: int, state: State) -> State:
+        if self._order is None:
+            raise RuntimeError(f"check(inputs) first: the cut of this {type(self.model).__name__} is traced there")
+        if segment == 0:
+            return tuple(state)
+        n_in = len(self.input_names)
+        b = segment - 1   # the block this segment runs (b == len(order): none, the head)
+        latest: dict[str, Any] = {}   # list -> (block name, output)
+        rest = list(state[n_in:])
+        for lst in self._lists_before(b):
+            name = max((x for x in self._order[:b] if x.rpartition(".")[0] == lst), key=self._order.index)
+            k = sum(1 for s in self._out_spec[name] if s is not None) if isinstance(self._out_spec[name], list) else 1
+            latest[lst] = (name, _unflat(rest[:k], self._out_spec[name]))
+            rest = rest[k:]
+        out = self._forward(state[:n_in], b, latest)
+        if b == len(self._order):
+            return (_output(out),)
+        name = self._order[b]
+        tensors, spec = _flat(out, name)
+        self._out_spec[name] = spec
+        n = state[0].shape[0]
+        if any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+            raise ValueError(f"block {name} of {type(self.model).__name__} returns {[tuple(t.shape) for t in tensors]}"
+                             f" for {n} samples: the generic cut needs batch-first block outputs")
+        latest[name.rpartition(".")[0]] = (name, out)
+        flat: list[torch.Tensor] = []
+        for lst in self._lists_before(b + 1):
+            flat += _flat(latest[lst][1], latest[lst][0])[0]
+        return tuple(state[:n_in]) + tuple(flat)
+
+    def _forward(self, inputs: State, b: int, latest: Mapping[str, tuple[str, Any]]) -> Any:
+        """``forward`` on ``inputs`` with the first ``b`` blocks standing in (their list's latest output, NaN for
+        the rest), stopped when block ``b`` returns (``_Stop``), or to its end when there is none."""
+        assert self._order is not None
+        keep = {name: value for name, value in latest.values()}
+        nan: dict[str, Any] = {}
+        patched: list[nn.Module] = []
+        handles = []
+
+        def stand_in(name: str) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if name in keep:
+                    t, spec = _flat(keep[name], name)
+                    return _unflat([x.clone() for x in t], spec)
+                lst = name.rpartition(".")[0]
+                if lst not in nan:
+                    t, spec = _flat(latest[lst][1], name)
+                    nan[lst] = _unflat([torch.full_like(x, float("nan")) for x in t], spec)
+                return nan[lst]
+            return forward
+
+        def too_early(name: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple) -> None:
+                raise ValueError(f"{type(self.model).__name__}.forward called block {name} out of the order it was "
+                                 "traced in")
+            return hook
+
+        def stop(mod: nn.Module, args: tuple, output: Any) -> None:
+            raise _Stop(output)
+
+        try:
+            for i, name in enumerate(self._order):
+                m = self._module(name)
+                if i < b:
+                    m.forward = stand_in(name)   # (an instance attribute: nn.Module.__call__ finds it first)
+                    patched.append(m)
+                elif i == b:
+                    handles.append(m.register_forward_hook(stop))
+                else:
+                    handles.append(m.register_forward_pre_hook(too_early(name)))
+            try:
+                return self.model(**self._kwargs(inputs))
+            except _Stop as s:
+                return s.value
+        finally:
+            for m in patched:
+                del m.forward
+            for h in handles:
+                h.remove()
+
+    # -- the trace ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def check(self, inputs: State, *, samples: int = 1) -> None:
+        """Trace the cut on the first ``samples`` of ``inputs`` and hold it to the model (module docstring): a
+        ``ValueError`` names what the generic cut cannot reproduce."""
+        what = type(self.model).__name__
+        one = tuple(t[:samples] for t in inputs)
+        kw = self._kwargs(one)
+        order: list[str] = []
+        linears = {name: self._module(name) for name in quantizable_linears(self.model)}
+        first_input: dict[str, tuple[int, tuple[int, ...]]] = {}
+        position: dict[str, int] = {}   # linear -> how many blocks had been called before it first ran
+        handles = []
+
+        def block_hook(name: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple) -> None:
+                if name in order:
+                    raise ValueError(f"{what}.forward calls block {name} twice: the generic cut runs each block once")
+                order.append(name)
+            return hook
+
+        def linear_hook(name: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple) -> None:
+                if name not in position:
+                    position[name] = len(order)
+                    x = args[0] if args else None
+                    if isinstance(x, torch.Tensor):
+                        first_input[name] = (x.data_ptr(), tuple(x.shape))
+            return hook
+
+        try:
+            for name in self._blocks.values():
+                handles.append(self._module(name).register_forward_pre_hook(block_hook(name)))
+            for name, m in linears.items():
+                handles.append(m.register_forward_pre_hook(linear_hook(name)))
+            try:
+                want = self.model(**kw)
+            except ValueError:
+                raise
+            except Exception as e:   # (e.g. an input that is not batch-first, cut to one sample)
+                raise ValueError(f"{what}.forward fails on the first sample of these inputs alone ({type(e).__name__}: "
+                                 f"{e}): the generic cut needs inputs with the sample on dim 0") from None
+        finally:
+            for h in handles:
+                h.remove()
+        want = _output(want)
+        missing = sorted(set(self._blocks.values()) - set(order))
+        if missing:
+            raise ValueError(f"{what}.forward does not call blocks {missing[:3]} on these inputs: the generic cut "
+                             "needs every block called once")
+        if not isinstance(want, torch.Tensor):
+            raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
+        self._order, self._out_spec = order, {}
+        try:
+            got = one
+            for s in range(self.num_segments):
+                got = self.run(s, got)
+        except Exception:
+            self._order = None
+            raise
+        if want.device.type == "meta":   # (a weightless profile: the trace stands, values cannot be compared)
+            pass
+        elif got[0].shape != want.shape or not torch.equal(got[0], want):
+            self._order = None
+            raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it reads "
+                             "something other than each block list's latest output between its blocks, e.g. a skip "
+                             "connection): the generic cut cannot search it")
+        block_of = {}
+        for seg, name in enumerate(order, start=1):
+            for sub, _ in self._module(name).named_modules():
+                block_of[f"{name}.{sub}" if sub else name] = seg
+        self._segment = {}
+        for name in linears:
+            if name in block_of:
+                self._segment[name] = block_of[name]
+            elif name in position:   # outside the blocks: first run in the segment of the next block called
+                self._segment[name] = position[name] + 1 if position[name] < len(order) else self.num_segments - 1
+                if position[name] == 0:
+                    self._segment[name] = 0
+        groups: dict[tuple[str, int, tuple[int, ...]], list[str]] = {}
+        for name, key in first_input.items():
+            groups.setdefault((name.rpartition(".")[0],) + key, []).append(name)
+        self._ties = {}
+        for (parent, *_), names in groups.items():
+            if len(names) > 1:
+                label = f"{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
+                self._ties.update({n: label for n in names})
+
+    def segment_of(self, layer_name: str) -> int:
+        if self._order is None:
+            raise RuntimeError(f"check(inputs) first: the cut of this {type(self.model).__name__} is traced there")
+        if layer_name not in self._segment:
+            raise ValueError(f"{layer_name} did not run in the traced call of {type(self.model).__name__}")
+        return self._segment[layer_name]
+
+    def tie(self, layer_name: str) -> str | None:
+        """Linears of one module that read the very same input tensor in the traced call, searched as one leaf."""
+        if self._order is None:
+            raise RuntimeError(f"check(inputs) first: the cut of this {type(self.model).__name__} is traced there")
+        return self._ties.get(layer_name)
