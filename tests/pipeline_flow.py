@@ -28,6 +28,32 @@ def captured(tmp_path: Path, pipe: Any, name: str, capture_args: Sequence[str]) 
     return pipe_dir, prompts, calib, load_inputs(calib, make_runner(transformer))
 
 
+def searched_and_packed(tmp_path: Path, pipe_dir: Path, calib: str) -> Path:
+    """`treeq search` (W4A8, K = 2, no baselines) on the transformer of ``pipe_dir`` with calibration file ``calib``,
+    then `treeq quantize --plan`: the artifact's directory."""
+    res, art = tmp_path / "search", tmp_path / "art"
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    return art
+
+
+def cut_run(model: Any, kw: dict[str, Any]) -> tuple[Any, tuple, Any, tuple]:
+    """``model``'s runner on the call ``kw``, its segments held to the model's own output bit for bit: ``(runner,
+    input tuple, the output the metric reads, the state entering the head)``."""
+    import torch
+
+    runner = make_runner(model)
+    with torch.no_grad():
+        want = model(**kw).sample
+        state = runner.inputs(**kw)
+        assert torch.equal(runner.forward(*state), want)
+        head = state
+        for s in range(runner.num_segments - 1):
+            head = runner.run(s, head)
+        return runner, state, runner.output(runner.run(runner.num_segments - 1, head)), head
+
+
 def write_images(tmp_path: Path, lines: Sequence[str], sizes: dict[str, tuple[int, int]] | None = None) -> str:
     """Random RGB images on disk (64 px, or ``sizes[name]`` = (width, height)), and an --images file naming them by
     ``lines`` (relative paths)."""

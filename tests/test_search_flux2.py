@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed, write_images  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, searched_and_packed, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_flux2, tiny_flux2_klein_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -187,10 +187,7 @@ def test_capture_search_and_sample_with_reference_images(tmp_path, capsys):
     with torch.no_grad():
         assert run_segments(runner, first).shape == (4, 64, 16)   # the metric reads the image's own
     assert capture_inputs(transformer, "proj_out", [first], max_tokens=10_000).shape[0] == 4 * 64
-    res, art = tmp_path / "search", tmp_path / "art"
-    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
-                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    art = searched_and_packed(tmp_path, pipe_dir, calib)
     outs = {}
     for name, extra in (("refs", ["--images", write_images(tmp_path, ["a.png", "b.png, a.png"])]), ("text", [])):
         outs[name] = tmp_path / f"{name}.png"   # (FLUX.2 takes several references per prompt)

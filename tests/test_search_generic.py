@@ -211,7 +211,7 @@ def tiny_auraflow_pipeline():
 def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
     """`treeq capture` on an AuraFlow pipeline (CFG: both calls recorded; timesteps taken from the calls) -> `treeq
     search` -> `treeq quantize` -> `treeq sample`."""
-    from pipeline_flow import captured
+    from pipeline_flow import captured, searched_and_packed
 
     from treeq_engine.cli import main
 
@@ -220,11 +220,7 @@ def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
                                                 ["--steps", "3", "--timesteps", "2", "--cfg", "3.0", *size])
     assert "kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps x (cond, uncond)
     assert inputs[0].shape == (8, 4, 8, 8)
-    res = tmp_path / "search"
-    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
-                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
-    art = tmp_path / "art"
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    art = searched_and_packed(tmp_path, pipe_dir, calib)
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
     refused("--frames is for a text-to-video pipeline", ["capture", "--pipeline", str(pipe_dir), "--prompts",

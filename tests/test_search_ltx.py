@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed, write_images  # noqa: E402
+from pipeline_flow import captured, cut_run, leaves, ptq_peft_packed, searched_and_packed, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -72,16 +72,10 @@ def test_per_token_timesteps():
     and the output projection's PTQ rows leave out the first frame's tokens (held at 0; the pipeline drops their
     prediction), while the caption padding stays out of the caption layers' rows."""
     model = tiny_ltx()
-    runner = make_runner(model)
     kw = i2v_call()
+    runner, state, got, head = cut_run(model, kw)
     with torch.no_grad():
         want = model(**kw).sample
-        state = runner.inputs(**kw)
-        assert torch.equal(runner.forward(*state), want)
-        got = run_segments(runner, state)
-        head = state
-        for s in range(runner.num_segments - 1):
-            head = runner.run(s, head)
     assert torch.equal(got[:, 24:], want[:, 24:]) and not bool(got[:, :24].any())
     rows = runner.real_rows("proj_out", head)
     assert rows.shape == (2, 48) and not bool(rows[:, :24].any()) and bool(rows[:, 24:].all())
@@ -196,11 +190,7 @@ def test_capture_search_pack_and_sample_an_ltx_pipeline(tmp_path):
                                                 ["--steps", "3", "--timesteps", "2", "--cfg", "3.0", *size])
     assert inputs[0].shape == (8, 5 * 16 * 16, 4) and inputs[4][0].tolist() == [5.0, 16.0, 16.0, 2 / 25, 2.0, 2.0]
     assert not bool(inputs[3].bool().all())   # padded captions, masked
-    res = tmp_path / "search"
-    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
-                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
-    art = tmp_path / "art"
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    art = searched_and_packed(tmp_path, pipe_dir, calib)
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
 
@@ -220,11 +210,7 @@ def test_capture_search_and_sample_an_image_to_video_pipeline(tmp_path, capsys):
     assert "kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps x CFG's 2 halves
     t = inputs[2]
     assert t.shape == (8, 3 * 16 * 16) and not bool(t[:, :256].any()) and bool((t[:, 256:] > 0).all())
-    res = tmp_path / "search"
-    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
-                 "--baselines", "", "--no-progress", "--device", "cpu", "--out", str(res)]) == 0
-    art = tmp_path / "art"
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art)]) == 0
+    art = searched_and_packed(tmp_path, pipe_dir, calib)
     capsys.readouterr()
     for given in (images, ""):
         assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts),

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_search_mmdit import check_evaluator  # noqa: E402
-from pipeline_flow import write_images  # noqa: E402
+from pipeline_flow import cut_run, write_images  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -89,16 +89,10 @@ def test_per_token_timesteps(image):
     from treeq_engine.search.evaluator import sample_timesteps
 
     model = perturbed(tiny_wan())
-    runner = make_runner(model)
     kw = ti2v_call(model, image=image)
+    runner, state, got, head = cut_run(model, kw)
     with torch.no_grad():
         want = model(**kw).sample
-        state = runner.inputs(**kw)
-        assert torch.equal(runner.forward(*state), want)
-        got = run_segments(runner, state)
-        head = state
-        for s in range(runner.num_segments - 1):
-            head = runner.run(s, head)
     frame = 4 * 3   # one latent frame's tokens
     if image:
         assert torch.equal(got[:, :, 1:], want[:, :, 1:]) and not bool(got[:, :, 0].any())
