@@ -322,7 +322,8 @@ def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
     """Wan 2.2 A14B's two experts: `treeq capture --transformer` records the calls of the one it names (the high-noise
     expert's timesteps at or above the boundary, the low-noise one's below); each is searched or packed on its own
     (--diffusers DIR/transformer_2); `treeq sample` replaces transformer with --artifact and transformer_2 with
-    --artifact-2, each changing the video; --artifact-2 on a one-transformer pipeline is refused."""
+    --artifact-2, each changing the video; an expert's artifact given for the other, and --artifact-2 on a
+    one-transformer pipeline, are refused."""
     pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
     from PIL import Image
     from tiny_diffusers import tiny_wan_a14b_pipeline
@@ -363,6 +364,9 @@ def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
         with Image.open(out) as im:
             videos[name] = im.tobytes()
     assert len(set(videos.values())) == 3   # each artifact took its expert's place
+    refused("made from the pipeline's transformer_2, given for its transformer",   # (one class, one config: by folder)
+            ["sample", "--pipeline", str(pipe_dir), "--artifact", str(arts["transformer_2"]), "--prompts", str(prompts),
+             *size, "--steps", "2", "--device", "cpu"])
     index = json.loads((pipe_dir / "model_index.json").read_text())
     (pipe_dir / "model_index.json").write_text(json.dumps({**index, "transformer_2": [None, None],
                                                            "boundary_ratio": None}))

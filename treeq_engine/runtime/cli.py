@@ -325,16 +325,21 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() in ANIMATIONS and not video:
         raise SystemExit(f"--out {args.out}: an animation is for a video pipeline; {type(pipe).__name__} makes "
                          "images (write a .png)")
-    replaced = [(n, a) for n, a in zip(EXPERTS, (args.artifact, args.artifact_2)) if a]
-    for component, path in replaced:
+    replaced = [(n, o, a) for n, o, a in zip(EXPERTS, ("--artifact", "--artifact-2"), (args.artifact, args.artifact_2))
+                if a]
+    for component, option, path in replaced:
         model = getattr(pipe, component, None)
         if not isinstance(model, torch.nn.Module):
-            raise SystemExit(f"--artifact-2 {path}: {type(pipe).__name__} has no transformer_2 (it denoises with one "
-                             "transformer)")
+            raise SystemExit(f"{option} {path}: {type(pipe).__name__} has no {component}")
         desc = artifact.read_manifest(path).get("model_config", {})
         if desc.get("arch") != "diffusers" or desc.get("class") != type(model).__name__:
             raise SystemExit(f"{path}: made from {desc.get('class') or desc.get('arch')!r}, the pipeline's "
                              f"{component} is {type(model).__name__}")
+        made_from = Path(str(desc.get("source") or "")).name   # (two experts share class and config: their folders)
+        if getattr(pipe, "transformer_2", None) is not None and made_from in EXPERTS and made_from != component:
+            raise SystemExit(f"{option} {path}: made from the pipeline's {made_from}, given for its {component} (the "
+                             "high-noise expert is transformer, --artifact; the low-noise one transformer_2, "
+                             "--artifact-2)")
         # loaded into the pipeline's own transformer (the artifact replaces every tensor, after checking that the
         # shapes are this architecture's): no second full-precision copy of a large model
         setattr(pipe, component, artifact.load(path, model, map_location=args.device).eval())

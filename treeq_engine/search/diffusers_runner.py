@@ -27,7 +27,6 @@ the variance (``out_channels == 2·in_channels``, as diffusers' pipelines split 
 from __future__ import annotations
 
 import json
-import weakref
 from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
@@ -107,14 +106,15 @@ def make_runner(model: nn.Module) -> Any:
             if model_class(type(model).__name__) is not None:   # a diffusers model: the user's input
                 raise ValueError(what)
             raise TypeError(what)
-        runner = _GENERIC.get(model)
-        if runner is None:   # one per model: its inputs and trace are learned once (capture, load_inputs)
-            runner = _GENERIC[model] = GenericRunner(model)
+        runner = model.__dict__.get(GENERIC_ATTR)
+        if runner is None:   # one per model, kept on it: its inputs and trace are learned once (capture, load_inputs)
+            runner = GenericRunner(model)
+            model.__dict__[GENERIC_ATTR] = runner   # (not a module attribute: no state dict, no hooks)
         return runner
     return cls(model)
 
 
-_GENERIC: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+GENERIC_ATTR = "_treeq_generic_runner"
 
 
 def attention_tie(layer_name: str) -> str | None:

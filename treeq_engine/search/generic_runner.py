@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.convert import quantizable_linears
-from .evaluator import CutModel, State, describe_arg
+from .evaluator import CutModel, State, describe_arg, run_segments
 
 GENERIC = "generic"
 TIMESTEP_PARAMS = ("timestep", "timesteps")
@@ -88,9 +88,19 @@ def _unflat(tensors: Sequence[torch.Tensor], spec: Any) -> Any:
 
 
 def _output(out: Any) -> Any:
-    """A ``forward``'s result as the tensor it returns (first of a tuple, or ``.sample``)."""
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return getattr(out, "sample", out)
+    """A ``forward``'s result as one tensor: the tensor it returns (``.sample``, or a tuple's), or, for a model with
+    several outputs (LTX-2's video and audio), all of them flattened per sample and concatenated, so that the metric
+    reads each."""
+    if hasattr(out, "to_tuple"):   # (a diffusers output object)
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)):
+        parts = [o for o in out if isinstance(o, torch.Tensor)]
+        if len(parts) == 1:
+            return parts[0]
+        if parts and all(p.dim() and p.shape[0] == parts[0].shape[0] for p in parts):
+            return torch.cat([p.flatten(1) for p in parts], dim=1)
+        return out
+    return out
 
 
 class GenericRunner(CutModel):
@@ -107,9 +117,9 @@ class GenericRunner(CutModel):
         self.model: Any = model
         self.arch = arch
         self.output_fn = output_fn
-        self._params = inspect.signature(model.forward).parameters
-        self._lists = block_lists(model)
-        self._blocks = {id(m): f"{name}.{i}" for name, ml in self._lists for i, m in enumerate(ml)}
+        # (names only: the runner lives on its model, and a deep copy of the model copies it)
+        self._params = tuple(inspect.signature(model.forward).parameters)
+        self._blocks = [f"{name}.{i}" for name, ml in block_lists(model) for i in range(len(ml))]
         self.num_segments = len(self._blocks) + 2
         self._spec: list[tuple[str, str, int | None, bool]] | None = None   # (input name, param, index, shared)
         self._constants: dict[str, Any] = {}
@@ -117,6 +127,7 @@ class GenericRunner(CutModel):
         self._segment: dict[str, int] = {}   # linear name -> the segment it first runs in (check)
         self._ties: dict[str, str] = {}
         self._out_spec: dict[str, Any] = {}   # block name -> its output's structure (_flat)
+        self._first_batch = 0   # the first call's samples (inputs)
 
     # -- inputs ------------------------------------------------------------------------------------
     @property
@@ -137,6 +148,14 @@ class GenericRunner(CutModel):
         if first is None:
             raise ValueError("a call without tensor arguments")
         n = first.shape[0]
+        prior = {e[0]: e[3] for e in self._spec or ()}
+
+        def shared(name: str, x: torch.Tensor) -> bool:
+            if not (x.dim() and x.shape[0] == n):
+                return True
+            # a call of one sample cannot tell a (1, ...) input's role: as the earlier calls had it
+            return n == 1 and prior.get(name, False)
+
         spec: list[tuple[str, str, int | None, bool]] = []
         values: list[torch.Tensor] = []
         constants: dict[str, Any] = {}
@@ -144,14 +163,16 @@ class GenericRunner(CutModel):
             name = "timestep" if param in TIMESTEP_PARAMS else param
             if isinstance(v, Mapping):
                 if v:
-                    raise ValueError(f"the search runs the default attention; {param} {sorted(v)} is not supported")
-                v = None
+                    raise ValueError(f"{param} {sorted(v)}: the search's generic cut takes no keyword-argument "
+                                     "mappings (attention kwargs, added conditions) but empty ones")
+                constants[param] = {}
+                continue
             if isinstance(v, torch.Tensor):
-                spec.append((name, param, None, not (v.dim() and v.shape[0] == n)))
+                spec.append((name, param, None, shared(name, v)))
                 values.append(v)
             elif isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
                 for i, x in enumerate(v):
-                    spec.append((f"{name}.{i}", param, i, not (x.dim() and x.shape[0] == n)))
+                    spec.append((f"{name}.{i}", param, i, shared(f"{name}.{i}", x)))
                     values.append(x)
             elif v is None or isinstance(v, (bool, int, float, str)):
                 if isinstance(v, float) and not math.isfinite(v):
@@ -163,10 +184,13 @@ class GenericRunner(CutModel):
         if not any(s[0] == "timestep" for s in spec):
             raise ValueError(f"a call of {type(self.model).__name__} without a timestep tensor")
         if self._spec is None:
-            self._spec, self._constants = spec, constants
+            self._set_spec(spec, constants)
+            self._first_batch = n
         elif spec != self._spec or constants != self._constants:
+            hint = (" (a first call of one sample cannot tell an input shared by a call's samples from a per-sample "
+                    "one: capture with a batch of 2 or more)" if self._first_batch == 1 else "")
             raise ValueError(f"calls of {type(self.model).__name__} differ in their arguments: {self._describe()} and "
-                             f"{self._describe(spec, constants)}; one calibration file holds calls of one kind")
+                             f"{self._describe(spec, constants)}; one calibration file holds calls of one kind{hint}")
         device = first.device
         return tuple(v.to(device).expand(n, *v.shape) if shared else v
                      for (_, _, _, shared), v in zip(spec, values))
@@ -211,7 +235,13 @@ class GenericRunner(CutModel):
             raise ValueError(f"{where}: inputs {unknown} are not arguments of {type(self.model).__name__}.forward")
         if self._spec is not None and (spec, constants) != (self._spec, self._constants):
             raise ValueError(f"{where}: {self._describe(spec, constants)}; this runner reads {self._describe()}")
+        self._set_spec(spec, constants)
+
+    def _set_spec(self, spec: list[tuple[str, str, int | None, bool]], constants: dict[str, Any]) -> None:
         self._spec, self._constants = spec, constants
+        # the timestep and the inputs a call shares (rotary tables, position ids) stay in their captured dtype when
+        # load_inputs casts the others to the model's, as the pipeline passes them
+        self.exact_inputs = ("timestep",) + tuple(e[0] for e in spec if e[3])
 
     def _kwargs(self, state: State) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self._constants)
@@ -251,7 +281,7 @@ class GenericRunner(CutModel):
         latest: dict[str, Any] = {}   # list -> (block name, output)
         rest = list(state[n_in:])
         for lst in self._lists_before(b):
-            name = max((x for x in self._order[:b] if x.rpartition(".")[0] == lst), key=self._order.index)
+            name = next(x for x in reversed(self._order[:b]) if x.rpartition(".")[0] == lst)   # (its latest block)
             k = sum(1 for s in self._out_spec[name] if s is not None) if isinstance(self._out_spec[name], list) else 1
             latest[lst] = (name, _unflat(rest[:k], self._out_spec[name]))
             rest = rest[k:]
@@ -277,7 +307,7 @@ class GenericRunner(CutModel):
         assert self._order is not None
         keep = {name: value for name, value in latest.values()}
         nan: dict[str, Any] = {}
-        patched: list[nn.Module] = []
+        patched: list[tuple[nn.Module, Any]] = []   # (block, the instance forward it had: a hook's wrapper)
         handles = []
 
         def stand_in(name: str) -> Callable[..., Any]:
@@ -305,8 +335,8 @@ class GenericRunner(CutModel):
             for i, name in enumerate(self._order):
                 m = self._module(name)
                 if i < b:
+                    patched.append((m, m.__dict__.get("forward")))
                     m.forward = stand_in(name)   # (an instance attribute: nn.Module.__call__ finds it first)
-                    patched.append(m)
                 elif i == b:
                     handles.append(m.register_forward_hook(stop))
                 else:
@@ -316,8 +346,11 @@ class GenericRunner(CutModel):
             except _Stop as s:
                 return s.value
         finally:
-            for m in patched:
-                del m.forward
+            for m, had in patched:
+                if had is None:
+                    del m.forward
+                else:
+                    m.forward = had
             for h in handles:
                 h.remove()
 
@@ -331,7 +364,7 @@ class GenericRunner(CutModel):
         kw = self._kwargs(one)
         order: list[str] = []
         linears = {name: self._module(name) for name in quantizable_linears(self.model)}
-        first_input: dict[str, tuple[int, tuple[int, ...]]] = {}
+        first_input: dict[str, torch.Tensor] = {}   # (held: no buffer is freed and reused while traced)
         position: dict[str, int] = {}   # linear -> how many blocks had been called before it first ran
         handles = []
 
@@ -348,11 +381,11 @@ class GenericRunner(CutModel):
                     position[name] = len(order)
                     x = args[0] if args else None
                     if isinstance(x, torch.Tensor):
-                        first_input[name] = (x.data_ptr(), tuple(x.shape))
+                        first_input[name] = x
             return hook
 
         try:
-            for name in self._blocks.values():
+            for name in self._blocks:
                 handles.append(self._module(name).register_forward_pre_hook(block_hook(name)))
             for name, m in linears.items():
                 handles.append(m.register_forward_pre_hook(linear_hook(name)))
@@ -360,14 +393,15 @@ class GenericRunner(CutModel):
                 want = self.model(**kw)
             except ValueError:
                 raise
-            except Exception as e:   # (e.g. an input that is not batch-first, cut to one sample)
-                raise ValueError(f"{what}.forward fails on the first sample of these inputs alone ({type(e).__name__}: "
-                                 f"{e}): the generic cut needs inputs with the sample on dim 0") from None
+            except Exception as e:   # (e.g. an input without the sample on dim 0, cut to one sample)
+                where = " on the meta device (a weightless profile)" if one[0].device.type == "meta" else ""
+                raise ValueError(f"{what}.forward fails on the first sample of these inputs alone{where}: "
+                                 f"{type(e).__name__}: {e}") from None
         finally:
             for h in handles:
                 h.remove()
         want = _output(want)
-        missing = sorted(set(self._blocks.values()) - set(order))
+        missing = sorted(set(self._blocks) - set(order))
         if missing:
             raise ValueError(f"{what}.forward does not call blocks {missing[:3]} on these inputs: the generic cut "
                              "needs every block called once")
@@ -375,19 +409,29 @@ class GenericRunner(CutModel):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
         self._order, self._out_spec = order, {}
         try:
-            got = one
-            for s in range(self.num_segments):
-                got = self.run(s, got)
-        except Exception:
+            got = run_segments(self, one)
+            if want.device.type == "meta":   # (a weightless profile: the trace stands, values cannot be compared)
+                pass
+            elif got.shape != want.shape or not torch.equal(got, want):
+                raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it reads "
+                                 "something other than each block list's latest output between its blocks, e.g. a "
+                                 "skip connection): the generic cut cannot search it")
+            else:   # two copies of the sample: what a batch of one cannot show (an input's role, shared or not)
+                refusal = ValueError(f"{what}: the cut runs one sample as the model does but not two copies of it "
+                                     "together: an input the calls pass once for all samples is stored per sample (a "
+                                     "capture of batch 1 cannot tell): capture with a batch of 2 or more")
+                try:
+                    two = run_segments(self, tuple(torch.cat([t, t]) for t in one)).float()
+                except Exception:
+                    raise refusal from None
+                tol = 1e-4 if want.dtype == torch.float32 else 3e-2
+                if two.shape[0] != 2 * want.shape[0] or any(
+                        float((h - want.float()).norm()) > tol * float(want.float().norm()) + 1e-12
+                        for h in two.chunk(2)):
+                    raise refusal
+        except BaseException:
             self._order = None
             raise
-        if want.device.type == "meta":   # (a weightless profile: the trace stands, values cannot be compared)
-            pass
-        elif got[0].shape != want.shape or not torch.equal(got[0], want):
-            self._order = None
-            raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it reads "
-                             "something other than each block list's latest output between its blocks, e.g. a skip "
-                             "connection): the generic cut cannot search it")
         block_of = {}
         for seg, name in enumerate(order, start=1):
             for sub, _ in self._module(name).named_modules():
@@ -400,14 +444,15 @@ class GenericRunner(CutModel):
                 self._segment[name] = position[name] + 1 if position[name] < len(order) else self.num_segments - 1
                 if position[name] == 0:
                     self._segment[name] = 0
-        groups: dict[tuple[str, int, tuple[int, ...]], list[str]] = {}
-        for name, key in first_input.items():
-            groups.setdefault((name.rpartition(".")[0],) + key, []).append(name)
+        groups: dict[tuple[str, int], list[str]] = {}   # (parent, the very tensor object) -> linears reading it
+        for name, x in first_input.items():
+            groups.setdefault((name.rpartition(".")[0], id(x)), []).append(name)
         self._ties = {}
-        for (parent, *_), names in groups.items():
+        for (parent, _), names in groups.items():
             if len(names) > 1:
                 label = f"{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
                 self._ties.update({n: label for n in names})
+        first_input.clear()
 
     def segment_of(self, layer_name: str) -> int:
         if self._order is None:
