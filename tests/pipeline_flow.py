@@ -28,6 +28,21 @@ def captured(tmp_path: Path, pipe: Any, name: str, capture_args: Sequence[str]) 
     return pipe_dir, prompts, calib, load_inputs(calib, make_runner(transformer))
 
 
+def searched_beats_uniform(tmp_path: Path, src: Sequence[str]) -> Any:
+    """`treeq search` (W4A8, K = 2, the uniform baseline) on ``src`` (``--diffusers DIR --calib-inputs FILE``) into
+    ``tmp_path / "search"``: TSS's MSE at most the uniform plan's. Returns the plan."""
+    import json
+
+    from treeq_engine.plan import QuantPlan
+
+    res = tmp_path / "search"
+    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
+                 "--device", "cpu", "--out", str(res)]) == 0
+    report = json.loads((res / "report.json").read_text())
+    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
+    return QuantPlan.load(res / "plan.json")
+
+
 def searched_and_packed(tmp_path: Path, pipe_dir: Path, calib: str) -> Path:
     """`treeq search` (W4A8, K = 2, no baselines) on the transformer of ``pipe_dir`` with calibration file ``calib``,
     then `treeq quantize --plan`: the artifact's directory."""

@@ -3,7 +3,6 @@ compose to the model bit for bit (with and without the pipeline's mask, float32 
 reads one input, the evaluator agrees with a brute-force oracle on the model's own forward, PTQ's statistics leave
 out the prompt's padding, and the command line captures a Chroma pipeline, searches, calibrates, fine-tunes, packs
 and samples."""
-import json
 import os
 
 import pytest
@@ -12,12 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, searched_beats_uniform  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_chroma, tiny_chroma_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import ChromaRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -137,12 +135,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_chroma_pipeline(tmp_path):
     assert inputs[0].shape == (8, 16, 16) and inputs[5].shape == (8, 512 + 16)   # 2 steps x (2 prompts + 2 negative)
     assert not bool(inputs[5].bool().all()) and len(set(inputs[2].tolist())) == 2
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
-    res = tmp_path / "search"
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    assert "single_transformer_blocks.1.proj_mlp" in QuantPlan.load(res / "plan.json").layers
+    plan = searched_beats_uniform(tmp_path, src)
+    assert "single_transformer_blocks.1.proj_mlp" in plan.layers
     direct, loaded = ptq_peft_packed(tmp_path, src, pipe_dir, ptq=["--branch-params", "4"])
     art = tmp_path / "art"
     kw = call(n=2, seed=7)

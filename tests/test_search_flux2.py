@@ -11,12 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed, searched_and_packed, write_images  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, searched_and_packed, searched_beats_uniform, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_flux2, tiny_flux2_klein_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import Flux2Runner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -132,13 +131,9 @@ def test_capture_search_ptq_peft_pack_and_sample_a_flux2_klein_pipeline(tmp_path
                                                 ["--steps", "3", "--timesteps", "2", "--cfg", "4.0", *size])
     assert inputs[0].shape == (8, 64, 16) and inputs[1].shape == (8, 512, 24)   # 2 steps x (2 prompts + 2 negative)
     assert len(set(inputs[2].tolist())) == 2
-    res = tmp_path / "search"
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    assert "single_transformer_blocks.1.attn.to_qkv_mlp_proj" in QuantPlan.load(res / "plan.json").layers
+    plan = searched_beats_uniform(tmp_path, src)
+    assert "single_transformer_blocks.1.attn.to_qkv_mlp_proj" in plan.layers
     direct, loaded = ptq_peft_packed(tmp_path, src, pipe_dir, ptq=["--branch-params", "4", "--smooth-alphas", "0.3",
                                                                    "0.6"])
     assert len(json.loads((tmp_path / "ptq" / "ptq.json").read_text())["smooth"]) == 2 * 2 + 2

@@ -3,7 +3,6 @@ configs of the zoo, offline): each is cut bit for bit or refused with the reason
 the blocks and where each linear runs; ties follow the traced inputs; the evaluator agrees with a brute-force oracle
 on the model's own forward; calibration files keep the input spec; and the command line captures an AuraFlow
 pipeline, searches, calibrates, fine-tunes, packs and samples it."""
-import json
 import os
 
 import pytest
@@ -13,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from diffusers_zoo import CASES  # noqa: E402
-from pipeline_flow import ptq_peft_packed  # noqa: E402
+from pipeline_flow import ptq_peft_packed, searched_beats_uniform  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -243,7 +242,6 @@ def test_what_the_generic_cut_cannot_take_is_refused(tmp_path):
 def test_search_ptq_peft_quantize(tmp_path):
     """`treeq search / ptq / peft / quantize --diffusers` on a HunyuanVideo transformer directory with saved inputs:
     the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
-    from treeq_engine.cli import main
 
     model, kw = zoo("HunyuanVideo")
     d = tmp_path / "hv"
@@ -253,13 +251,8 @@ def test_search_ptq_peft_quantize(tmp_path):
     calib = str(tmp_path / "calib.safetensors")
     save_inputs(calib, runner, tuple(torch.cat(ts) for ts in zip(*calls)))
     src = ["--diffusers", str(d), "--calib-inputs", calib]
-    res = tmp_path / "search"
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    plan = json.loads((res / "plan.json").read_text())["layers"]
-    assert plan["single_transformer_blocks.0.attn.to_q"] == plan["single_transformer_blocks.0.attn.to_v"]
+    plan = searched_beats_uniform(tmp_path, src)
+    assert plan.layers["single_transformer_blocks.0.attn.to_q"] == plan.layers["single_transformer_blocks.0.attn.to_v"]
     direct, loaded = ptq_peft_packed(tmp_path, src, d, ptq=["--branch-params", "4"])
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()

@@ -11,12 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, cut_run, leaves, ptq_peft_packed, searched_and_packed, write_images  # noqa: E402
+from pipeline_flow import captured, cut_run, leaves, ptq_peft_packed, searched_and_packed, searched_beats_uniform, write_images  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_ltx, tiny_ltx_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import LTXRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -156,7 +155,6 @@ def test_ptq_statistics_leave_out_caption_padding():
 def test_search_ptq_peft_quantize(tmp_path):
     """`treeq search / ptq / peft / quantize --diffusers` on an LTX-Video transformer directory with saved inputs:
     the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
-    from treeq_engine.cli import main
 
     model = tiny_ltx()
     d = tmp_path / "ltx"
@@ -166,12 +164,8 @@ def test_search_ptq_peft_quantize(tmp_path):
     batch = [runner.inputs(**call(n=4, seed=s)) for s in (1,)]
     save_inputs(calib, runner, batch[0])
     src = ["--diffusers", str(d), "--calib-inputs", calib]
-    res = tmp_path / "search"
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    assert "transformer_blocks.1.ff.net.0.proj" in QuantPlan.load(res / "plan.json").layers
+    plan = searched_beats_uniform(tmp_path, src)
+    assert "transformer_blocks.1.ff.net.0.proj" in plan.layers
     direct, loaded = ptq_peft_packed(tmp_path, src, d, ptq=["--branch-params", "4", "--smooth-alphas", "0.5"])
     kw = call(n=2, seed=7)
     with torch.no_grad():

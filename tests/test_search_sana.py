@@ -12,13 +12,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured  # noqa: E402
+from pipeline_flow import captured, searched_beats_uniform  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_sana, tiny_sana_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.nn import QuantPointwiseConv  # noqa: E402
-from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import SanaRunner, SearchSpace, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -118,13 +117,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
                                                 ["--steps", "3", "--timesteps", "2", "--cfg", "4.5", "--height", "512",
                                                  "--width", "512"])
     assert inputs[0].shape[1:] == (4, 16, 16) and not bool(inputs[3].bool().all())   # padded captions, masked
-    res = tmp_path / "search"
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    plan = QuantPlan.load(res / "plan.json")
+    plan = searched_beats_uniform(tmp_path, src)
     assert "transformer_blocks.1.ff.conv_inverted" in plan.layers
     ptq, peft, art = str(tmp_path / "ptq"), str(tmp_path / "peft"), tmp_path / "art"
     assert main(["ptq", *src, "--calib-batch", "4", "--bits", "W4A8", "--branch-params", "4", "--max-tokens", "64",
@@ -147,7 +141,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_sana_pipeline(tmp_path, capsy
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)
     art2 = tmp_path / "art2"   # (the searched plan, packed, samples in the pipeline)
-    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(res / "plan.json"), "--out", str(art2)]) == 0
+    assert main(["quantize", "--diffusers", str(pipe_dir), "--plan", str(tmp_path / "search" / "plan.json"),
+                 "--out", str(art2)]) == 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art2), "--prompts", str(prompts), "--steps",
                  "2", "--height", "512", "--width", "512", "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
 

@@ -12,12 +12,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from pipeline_flow import captured, leaves, ptq_peft_packed  # noqa: E402
+from pipeline_flow import captured, leaves, ptq_peft_packed, searched_beats_uniform  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
 from tiny_diffusers import tiny_zimage, tiny_zimage_pipeline  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.search import ZImageRunner, make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
@@ -124,13 +123,8 @@ def test_capture_search_ptq_peft_pack_and_sample_a_zimage_pipeline(tmp_path):
                                                 ["--steps", "3", "--timesteps", "2", "--cfg", "4.0", *size])
     assert inputs[0].shape == (8, 4, 1, 16, 16) and len(set(inputs[1].tolist())) == 2   # 2 steps x (2 + 2 CFG)
     assert len(set(inputs[3].sum(dim=1).tolist())) > 1   # prompts of different lengths, padded in the file
-    res = tmp_path / "search"
     src = ["--diffusers", str(pipe_dir), "--calib-inputs", calib]
-    assert main(["search", *src, "--budget", "W4A8", "--keep", "2", "--baselines", "uniform", "--no-progress",
-                 "--device", "cpu", "--out", str(res)]) == 0
-    report = json.loads((res / "report.json").read_text())
-    assert report["tss"]["mse"] <= report["baselines"]["uniform"]["mse"] * (1 + 1e-6)
-    plan = QuantPlan.load(res / "plan.json")
+    plan = searched_beats_uniform(tmp_path, src)
     assert "context_refiner.0.attention.to_q" in plan.layers and "layers.1.feed_forward.w3" in plan.layers
     direct, loaded = ptq_peft_packed(tmp_path, src, pipe_dir, ptq=["--branch-params", "4"])
     art = tmp_path / "art"
