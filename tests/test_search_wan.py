@@ -22,6 +22,9 @@ from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs  # 
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# (its module imported now, at collection: the transformers warning it logs once is then not written into a test's
+# closed capture by a logger an earlier test configured)
+diffusers.WanImageToVideoPipeline  # noqa: B018
 
 TEXT = 512   # Wan's image-to-video attention takes the last 512 context tokens as the text (hard-coded)
 
@@ -321,7 +324,8 @@ def test_capture_search_ptq_and_sample_a_ti2v_pipeline(tmp_path, capsys, monkeyp
 def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
     """Wan 2.2 A14B's two experts: `treeq capture --transformer` records the calls of the one it names (the high-noise
     expert's timesteps at or above the boundary, the low-noise one's below); each is searched or packed on its own
-    (--diffusers DIR/transformer_2); `treeq sample` replaces transformer with --artifact and transformer_2 with
+    (--diffusers DIR/transformer_2), or closed loop through the pipeline (--transformer); `treeq sample` replaces
+    transformer with --artifact and transformer_2 with
     --artifact-2, each changing the video; an expert's artifact given for the other, and --artifact-2 on a
     one-transformer pipeline, are refused."""
     pytest.importorskip("accelerate", reason="diffusers loads Wan (float32-kept modules) only with accelerate")
@@ -348,6 +352,13 @@ def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
     assert main(["search", "--diffusers", str(pipe_dir / "transformer_2"), "--calib-inputs",
                  str(tmp_path / "transformer_2.safetensors"), "--budget", "W4A8", "--keep", "2", "--baselines", "",
                  "--no-progress", "--device", "cpu", "--out", str(low)]) == 0
+    closed = tmp_path / "closed-low"   # (closed loop through the pipeline, transformer in full precision)
+    assert main(["search", "--diffusers", str(pipe_dir), "--transformer", "transformer_2", "--calib-inputs",
+                 str(tmp_path / "transformer_2.safetensors"), "--budget", "W4A8", "--keep", "2", "--baselines", "",
+                 "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts), "--closed-loop-steps", "4",
+                 "--closed-loop-height", "16", "--closed-loop-width", "16", "--closed-loop-frames", "5",
+                 "--no-progress", "--device", "cpu", "--out", str(closed)]) == 0
+    assert json.loads((closed / "report.json").read_text())["tss"]["closed_loop_mse"] > 0
     arts = {"transformer": tmp_path / "art-high", "transformer_2": tmp_path / "art-low"}
     assert main(["quantize", "--diffusers", str(pipe_dir / "transformer"), "--uniform", "W4A4",
                  "--out", str(arts["transformer"])]) == 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..models.diffusers_transformers import EXPERTS
 from ..plan import LayerConfig, PlanError, parse_wa
 from .closed_loop import ClosedLoopConfig, PipelineJudge
 from .costs import Budget, BudgetError, LatencyTable
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--diffusers", default=None, metavar="PATH",
                    help="a local diffusers transformer (or pipeline) directory the search cuts (`treeq info` lists "
                         "them), searched on the inputs of --calib-inputs (from `treeq capture`)")
+    g.add_argument("--transformer", default=None, choices=EXPERTS,
+                   help="with a two-expert pipeline directory (Wan 2.2 A14B) as --diffusers: the expert searched "
+                        "(closed-loop selection samples the pipeline, the other expert in full precision)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = p.add_argument_group("budget and search")
@@ -193,15 +197,22 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     closed = None
     index = Path(args.diffusers) / "model_index.json"   # (a pipeline directory's)
     meta = json.loads(index.read_text()) if index.is_file() else None
+    expert = args.transformer or "transformer"
+    if args.transformer and meta is None:
+        raise ValueError("--transformer names an expert of a pipeline directory: --diffusers must be one "
+                         "(model_index.json)")
     if args.select == "one-step" or rank != 0:
-        model, desc = load_transformer(args.diffusers, device=device)
+        model, desc = load_transformer(Path(args.diffusers) / expert if args.transformer else args.diffusers,
+                                       device=device)
     if args.select != "one-step":   # the pipeline samples each plan: its transformer is the one searched
         if meta is None:
             raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
                              "(model_index.json), not a transformer's")
         from ..models.diffusers_transformers import pipeline_refusal
 
-        refusal = pipeline_refusal(args.diffusers, f"--select {args.select}", takes_images=False)
+        refusal = pipeline_refusal(args.diffusers, f"--select {args.select}", takes_images=False,
+                                   one_transformer=args.transformer is None,
+                                   choose="give --transformer transformer or transformer_2 (the expert searched)")
         if refusal:
             raise ValueError(refusal)
         pipe = None
@@ -209,9 +220,13 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             from ..models.diffusers_transformers import describe, load_pipeline
 
             pipe = load_pipeline(args.diffusers, getattr(torch, args.dtype), device)
-            model, desc = pipe.transformer, describe(pipe.transformer, source=args.diffusers)
+            model = getattr(pipe, expert, None)
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(f"--transformer {expert}: {type(pipe).__name__} has none")
+            desc = describe(model, source=str(Path(args.diffusers) / expert) if args.transformer else args.diffusers)
         call = _closed_loop_call(args, model)
-        closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call))
+        closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call,
+                                                     component=expert))
     elif args.closed_loop_labels or args.closed_loop_prompts or args.closed_loop_height or args.closed_loop_width \
             or args.closed_loop_frames:
         raise ValueError("--closed-loop-labels / --closed-loop-prompts / --closed-loop-height / --closed-loop-width / "
@@ -305,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
             model, name, runner, inputs, weights, closed_call = _diffusers_setup(args, device, rank)
             if closed_call is not None:
                 pipe, call, source = closed_call
-                judge_fn = functools.partial(PipelineJudge, pipe, call) if pipe is not None else None
+                judge_fn = functools.partial(PipelineJudge, pipe, call, component=args.transformer or "transformer") \
+                    if pipe is not None else None
                 samples = len(next(iter(call.values())))
             probe = tuple(t[:2] for t in inputs)
         else:

@@ -118,8 +118,10 @@ class TrajectoryJudge:
     def _copy(self, model: nn.Module, dtype: torch.dtype | None) -> None:
         """The working copy, every layer at full precision; then the FP reference samples."""
         self.model = copy.deepcopy(model).eval()
-        if dtype is not None:
-            self.model = self.model.to(dtype)
+        if dtype is not None:   # (a diffusers model's float32-kept modules stay so, as the pipeline loaded them)
+            from ..models.diffusers_transformers import cast_keeping_fp32
+
+            self.model = cast_keeping_fp32(self.model, dtype)
         self._layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
         for m in self._layers:
             m.set_group_configs(None)
@@ -159,10 +161,13 @@ class PipelineJudge(TrajectoryJudge):
     PixArt's PSNR is on latents. ``call``: the pipeline's inputs (``class_labels=[...]`` or ``prompt=[...]``);
     ``config.steps``, ``cfg_scale`` and ``seed`` (its ``sampler`` and ``samples`` are the pipeline's and the
     call's), and ``config.source`` must be ``PipelineJudge.describe(...)`` of this pipeline and call, so that a
-    resumed search does not reuse scores of other samples. Pipelines with offloading hooks are refused."""
+    resumed search does not reuse scores of other samples. Pipelines with offloading hooks are refused.
+    ``component``: the pipeline's transformer the plans go into (a two-expert pipeline's ``transformer_2``: the other
+    expert samples in full precision)."""
 
-    def __init__(self, pipe: Any, call: dict[str, Any], model: nn.Module, config: ClosedLoopConfig) -> None:
-        want = self.describe(type(pipe).__name__, type(pipe.scheduler).__name__, call)
+    def __init__(self, pipe: Any, call: dict[str, Any], model: nn.Module, config: ClosedLoopConfig, *,
+                 component: str = "transformer") -> None:
+        want = self.describe(type(pipe).__name__, type(pipe.scheduler).__name__, call, component=component)
         if config.source != want:
             raise ValueError(f"closed loop through a pipeline: ClosedLoopConfig.source must be {want!r} "
                              "(PipelineJudge.describe of this pipeline, scheduler and call), got "
@@ -174,24 +179,25 @@ class PipelineJudge(TrajectoryJudge):
                              "sample without enable_model_cpu_offload / group offloading")
         import diffusers
 
-        self.pipe, self.call, self.config = pipe, dict(call), config
+        self.pipe, self.call, self.config, self.component = pipe, dict(call), config, component
         self.decodes = isinstance(pipe, diffusers.DiTPipeline)   # DiT's pipeline has no latent output
         vae = getattr(pipe, "vae", None)
         self._copy(model, vae.dtype if vae is not None else pipe.dtype)
 
     @staticmethod
-    def describe(pipeline: str, scheduler: str, call: dict[str, Any]) -> str:
-        """``Pipeline/Scheduler:digest`` of what is sampled (the call's labels or prompts)."""
+    def describe(pipeline: str, scheduler: str, call: dict[str, Any], *, component: str = "transformer") -> str:
+        """``Pipeline/Scheduler:digest`` of what is sampled (the call's labels or prompts), and ``/transformer_2``
+        when the plans go into that expert."""
         from ..calib.store import digest
 
-        return f"{pipeline}/{scheduler}:{digest(dict(call))}"
+        return f"{pipeline}/{scheduler}:{digest(dict(call))}" + ("" if component == "transformer" else f"/{component}")
 
     @torch.no_grad()
     def _sample(self) -> torch.Tensor:
         c = self.config
-        own = self.pipe.transformer
+        own = getattr(self.pipe, self.component)
         try:
-            self.pipe.transformer = self.model
+            setattr(self.pipe, self.component, self.model)
             from ..models.diffusers_transformers import area_kwargs, guidance_kwargs, steps_kwargs
 
             out = self.pipe(**self.call, **area_kwargs(self.pipe, self.call), **steps_kwargs(self.pipe, c.steps),
@@ -199,7 +205,7 @@ class PipelineJudge(TrajectoryJudge):
                             generator=torch.Generator(device="cpu").manual_seed(c.seed),
                             output_type="pt" if self.decodes else "latent")
         finally:
-            self.pipe.transformer = own
+            setattr(self.pipe, self.component, own)
         images = out.images if hasattr(out, "images") else out[0]
         if self.decodes:
             return images.float() * 2 - 1   # images in [−1, 1]: PSNR's range 2
