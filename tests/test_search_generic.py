@@ -82,12 +82,26 @@ def test_the_segments_follow_the_call_order_and_where_each_linear_runs():
     model, kw = zoo("Lumina2")
     runner, _ = traced(model, kw)
     assert runner._order == ["context_refiner.0", "noise_refiner.0", "layers.0", "layers.1"]
+    assert runner._per_list   # (its joint blocks read the caption refiner's last output: each list's latest kept)
     assert runner.segment_of("context_refiner.0.attn.to_q") == 1 and runner.segment_of("noise_refiner.0.attn.to_q") == 2
     assert runner.segment_of("layers.1.feed_forward.linear_2") == 4
     assert runner.segment_of("time_caption_embed.caption_embedder.1") == 0
     assert runner.segment_of("norm_out.linear_2") == runner.num_segments - 1
     assert runner.tie("layers.0.attn.to_k") == runner.tie("layers.0.attn.to_q") == "layers.0.attn.to_q+to_k+to_v"
     assert runner.tie("layers.0.attn.to_out.0") is None
+
+
+def test_the_state_keeps_the_latest_block_output_where_that_suffices():
+    """HunyuanVideo's single-stream blocks read only the previous block's output: the state entering one holds the
+    inputs and that output alone, not the dual-stream list's last output too."""
+    runner, state = traced(*zoo("HunyuanVideo"))
+    assert not runner._per_list and runner._order == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    with torch.no_grad():
+        states = [state]
+        for s in range(runner.num_segments - 1):
+            states.append(runner.run(s, states[-1]))
+    n_in = len(runner.input_names)
+    assert [len(st) - n_in for st in states] == [0, 0, 2, 2]   # (a block's output: hidden and text states)
 
 
 def test_cross_attention_ties_only_what_reads_one_input():

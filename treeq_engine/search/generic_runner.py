@@ -8,9 +8,10 @@ first block, the last segment what runs after the last. Segment ``b + 1`` runs `
 before block ``b`` replaced by a stand-in that returns a recorded output, and stops when block ``b`` returns. What
 ``forward`` computes around its blocks (embedders, rotary tables, masks) is computed again in every segment: a
 candidate config of an embedder layer reaches every later block, as in the model, and the cost is the embedders'
-(small beside a block's). The state between segments is the call's inputs and, for each block list reached so far,
-the output of its latest block: the stand-ins of the earlier blocks of a list return NaN, so a ``forward`` that
-reads an earlier block's output (a skip connection) shows it.
+(small beside a block's). The state between segments is the call's inputs and the output of the latest block (or,
+where the model's forward reads more, such as Lumina2's joint blocks reading its caption refiner's last output, the
+latest output of each block list reached so far: ``check`` tries the smaller state first); the stand-ins of the
+other blocks return NaN, so a ``forward`` that reads them (a skip connection) shows it.
 
 ``check(inputs)`` runs one sample through the model's ``forward`` and through the segments and requires the outputs
 bit-identical, every block called once, in order, with batch-first outputs; it records in which segment each linear
@@ -127,6 +128,8 @@ class GenericRunner(CutModel):
         self._segment: dict[str, int] = {}   # linear name -> the segment it first runs in (check)
         self._ties: dict[str, str] = {}
         self._out_spec: dict[str, Any] = {}   # block name -> its output's structure (_flat)
+        self._out_meta: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}   # -> per-sample shapes, dtypes
+        self._per_list = False   # the state keeps each list's latest output, not only the latest block's (check)
         self._first_batch = 0   # the first call's samples (inputs)
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -261,15 +264,18 @@ class GenericRunner(CutModel):
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
-    def _lists_before(self, b: int) -> list[str]:
-        """The block lists with a block among the first ``b`` called, in order of their first call."""
+    def _kept(self, b: int) -> list[str]:
+        """The blocks whose outputs the state entering block ``b`` carries, in call order: the latest block's alone
+        when the model's forward reads no other (``check`` tries that first), else the latest of each list."""
         assert self._order is not None
-        seen: list[str] = []
+        if b == 0:
+            return []
+        if not self._per_list:
+            return [self._order[b - 1]]
+        latest: dict[str, str] = {}
         for name in self._order[:b]:
-            lst = name.rpartition(".")[0]
-            if lst not in seen:
-                seen.append(lst)
-        return seen
+            latest[name.rpartition(".")[0]] = name
+        return sorted(latest.values(), key=self._order.index)
 
     def run(self, segment: int, state: State) -> State:
         if self._order is None:
@@ -278,48 +284,46 @@ class GenericRunner(CutModel):
             return tuple(state)
         n_in = len(self.input_names)
         b = segment - 1   # the block this segment runs (b == len(order): none, the head)
-        latest: dict[str, Any] = {}   # list -> (block name, output)
+        kept: dict[str, Any] = {}   # block name -> its recorded output
         rest = list(state[n_in:])
-        for lst in self._lists_before(b):
-            name = next(x for x in reversed(self._order[:b]) if x.rpartition(".")[0] == lst)   # (its latest block)
-            k = sum(1 for s in self._out_spec[name] if s is not None) if isinstance(self._out_spec[name], list) else 1
-            latest[lst] = (name, _unflat(rest[:k], self._out_spec[name]))
+        for name in self._kept(b):
+            spec = self._out_spec[name]
+            k = sum(1 for x in spec if x is not None) if isinstance(spec, list) else 1
+            kept[name] = _unflat(rest[:k], spec)
             rest = rest[k:]
-        out = self._forward(state[:n_in], b, latest)
+        n = state[0].shape[0]
+        out = self._forward(state[:n_in], b, kept, n)
         if b == len(self._order):
             return (_output(out),)
         name = self._order[b]
         tensors, spec = _flat(out, name)
-        self._out_spec[name] = spec
-        n = state[0].shape[0]
         if any(t.dim() == 0 or t.shape[0] != n for t in tensors):
             raise ValueError(f"block {name} of {type(self.model).__name__} returns {[tuple(t.shape) for t in tensors]}"
                              f" for {n} samples: the generic cut needs batch-first block outputs")
-        latest[name.rpartition(".")[0]] = (name, out)
+        self._out_spec[name] = spec
+        self._out_meta[name] = [(tuple(t.shape[1:]), t.dtype) for t in tensors]
+        kept[name] = out
         flat: list[torch.Tensor] = []
-        for lst in self._lists_before(b + 1):
-            flat += _flat(latest[lst][1], latest[lst][0])[0]
+        for k_name in self._kept(b + 1):
+            flat += _flat(kept[k_name], k_name)[0]
         return tuple(state[:n_in]) + tuple(flat)
 
-    def _forward(self, inputs: State, b: int, latest: Mapping[str, tuple[str, Any]]) -> Any:
-        """``forward`` on ``inputs`` with the first ``b`` blocks standing in (their list's latest output, NaN for
-        the rest), stopped when block ``b`` returns (``_Stop``), or to its end when there is none."""
+    def _forward(self, inputs: State, b: int, kept: Mapping[str, Any], n: int) -> Any:
+        """``forward`` on ``inputs`` (``n`` samples) with the first ``b`` blocks standing in (the kept outputs;
+        NaN of each block's recorded shape for the rest), stopped when block ``b`` returns (``_Stop``), or to its
+        end when there is none."""
         assert self._order is not None
-        keep = {name: value for name, value in latest.values()}
-        nan: dict[str, Any] = {}
+        device = inputs[0].device
         patched: list[tuple[nn.Module, Any]] = []   # (block, the instance forward it had: a hook's wrapper)
         handles = []
 
         def stand_in(name: str) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
-                if name in keep:
-                    t, spec = _flat(keep[name], name)
+                if name in kept:
+                    t, spec = _flat(kept[name], name)
                     return _unflat([x.clone() for x in t], spec)
-                lst = name.rpartition(".")[0]
-                if lst not in nan:
-                    t, spec = _flat(latest[lst][1], name)
-                    nan[lst] = _unflat([torch.full_like(x, float("nan")) for x in t], spec)
-                return nan[lst]
+                return _unflat([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
+                                for shape, dtype in self._out_meta[name]], self._out_spec[name])
             return forward
 
         def too_early(name: str) -> Callable[..., None]:
@@ -407,16 +411,27 @@ class GenericRunner(CutModel):
                              "needs every block called once")
         if not isinstance(want, torch.Tensor):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
-        self._order, self._out_spec = order, {}
+        self._order, self._out_spec, self._out_meta = order, {}, {}
         try:
-            got = run_segments(self, one)
-            if want.device.type == "meta":   # (a weightless profile: the trace stands, values cannot be compared)
-                pass
-            elif got.shape != want.shape or not torch.equal(got, want):
-                raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it reads "
-                                 "something other than each block list's latest output between its blocks, e.g. a "
-                                 "skip connection): the generic cut cannot search it")
-            else:   # two copies of the sample: what a batch of one cannot show (an input's role, shared or not)
+            if want.device.type == "meta":   # (a weightless profile: no values to tell the modes apart; the safe one)
+                self._per_list = True
+                run_segments(self, one)
+            else:   # the latest block's output alone where that reproduces the model (half the state of two lists)
+                for per_list in (False, True):
+                    self._per_list = per_list
+                    try:
+                        got = run_segments(self, one)
+                    except Exception:
+                        if per_list:
+                            raise
+                        continue
+                    if got.shape == want.shape and torch.equal(got, want):
+                        break
+                else:
+                    raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it "
+                                     "reads something other than each block list's latest output between its blocks, "
+                                     "e.g. a skip connection): the generic cut cannot search it")
+                # two copies of the sample: what a batch of one cannot show (an input's role, shared or not)
                 refusal = ValueError(f"{what}: the cut runs one sample as the model does but not two copies of it "
                                      "together: an input the calls pass once for all samples is stored per sample (a "
                                      "capture of batch 1 cannot tell): capture with a batch of 2 or more")
