@@ -250,7 +250,9 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("ZImageTransformerBlock",), "Z-Image", "zimage_fused", "fuse_zimage_blocks", (0, 36)),
                     (("LTXVideoTransformerBlock",), "LTX-Video", "ltx_fused", "fuse_ltx_blocks", (0, 35)),
                     (("ChromaTransformerBlock", "ChromaSingleTransformerBlock"), "Chroma", "chroma_fused",
-                     "fuse_chroma_blocks", (0, 35)))
+                     "fuse_chroma_blocks", (0, 35)),
+                    (("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"), "HunyuanVideo",
+                     "hunyuan_fused", "fuse_hunyuan_blocks", (0, 35)))
 
 
 def _diffusers_version() -> tuple[int, int]:

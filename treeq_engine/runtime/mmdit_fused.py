@@ -41,7 +41,7 @@ part run as modules. diffusers' block-level hooks (FirstBlockCache, MagCache) fi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -239,26 +239,32 @@ def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
 
 
 def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tensor, rotary: Any,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A FLUX.1-style single block (Flux's, Chroma's) on ``x = [text; image]`` with its modulation ``mod`` (B, 3, D)
-    and ``m32`` (3, B, D) float32: the fused kernels' ``x + gate · proj_out([attention ; GELU(proj_mlp)])``."""
+                mask: torch.Tensor | None = None, *, attention: Callable[..., torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """A FLUX.1-style single block (Flux's, Chroma's; HunyuanVideo's with its ``attention``) on ``x = [text; image]``
+    with its modulation ``mod`` (B, 3, D) and ``m32`` (3, B, D) float32: the fused kernels' ``x + gate ·
+    proj_out([attention ; GELU(proj_mlp)])``."""
+    attention = attention or _attention
     norm, attn = block.norm, block.attn
     b, s, d = x.shape
     x2 = x.reshape(b * s, d).contiguous()
     mlp, q, k, v = _project((block.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
                             lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
                             shift=m32[0], scale=m32[1], gelu=(True,), act=block.act_mlp)
-    o = _attention(attn, q, k, v, b, rotary, mask=mask)
+    o = attention(attn, q, k, v, b, rotary, mask=mask)
     y = _gated_out(block.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
     y = y.view(b, s, d)
     return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
 
 
 def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
-                mc: tuple[torch.Tensor, torch.Tensor], rotary: Any,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A FLUX.1-style double block (Flux's, Chroma's) on the image tokens ``h`` and text ``c`` with each stream's
-    modulation ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``."""
+                mc: tuple[torch.Tensor, torch.Tensor], rotary: Any, mask: torch.Tensor | None = None, *,
+                attention: Callable[..., torch.Tensor] | None = None,
+                text_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FLUX.1-style double block (Flux's, Chroma's; HunyuanVideo's with its ``attention``, whose output has the
+    image tokens first: not ``text_first``) on the image tokens ``h`` and text ``c`` with each stream's modulation
+    ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``."""
+    attention = attention or _attention
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     (mod, m32), (cmod, c32) = m, mc
     b, t, d = h.shape
@@ -270,8 +276,8 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
     eq, ek, ev = _project((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), c2,
                           lambda: n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1], ln_eps=n1c.norm.eps,
                           shift=c32[0], scale=c32[1])
-    o = _attention(attn, q, k, v, b, rotary, (eq, ek, ev), mask=mask)
-    oc, oh = o.split_with_sizes([text, t], dim=1)
+    o = attention(attn, q, k, v, b, rotary, (eq, ek, ev), mask=mask)
+    oc, oh = o.split_with_sizes([text, t], dim=1) if text_first else o.split_with_sizes([t, text], dim=1)[::-1]
     h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
     c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
     h2 = _ff(block.ff, block.norm2, h2, b, mod, m32)

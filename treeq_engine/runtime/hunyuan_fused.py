@@ -1,0 +1,181 @@
+"""Fused HunyuanVideo blocks for packed inference: diffusers' ``HunyuanVideoTransformerBlock`` (double stream) and
+``HunyuanVideoSingleTransformerBlock`` compute FLUX.1's blocks (``mmdit_fused.flux_double`` / ``flux_single``: the
+same adaLNs, LayerNorms without affine, GELU(tanh) feed-forwards and gated residuals), with
+``HunyuanVideoAttnProcessor2_0``'s attention:
+
+    double: [q; q'] = [rot(norm_q(to_q ← n)); norm_added_q(add_q_proj ← n')]   (k alike, v without norm or rotary)
+    single: x = [image; text],  q = norm_q(to_q ← n(x)), the rotary embedding on the image rows only
+    o = attention(q, k, v, mask)    (the model's (B, 1, 1, image + text) mask: a prompt's padding hidden)
+
+the image tokens first, then the text (Flux orders them the other way and rotates both). Where a linear is a
+:class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its ``quantize_input``
+kernel, GELU(tanh) and the gated residuals in the GEMM epilogues, as for Flux. Fused and unfused agree to the model
+dtype's rounding, not bit for bit (the kernels modulate in float32).
+
+A block is swapped only in the structure diffusers builds, with a packed linear with quantized activations to fuse;
+a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
+projections, when a norm, the attention or a projection carries a hook, or on other input ranks. HunyuanVideo-I2V's
+token-replace blocks, and the token refiner's blocks, stay unfused. The state dict is unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
+                                                                     HunyuanVideoSingleTransformerBlock,
+                                                                     HunyuanVideoTransformerBlock)
+
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
+                              dispatch_kwargs, joint_attention_ok, refuse_fused_projections, register_block,
+                              swap_blocks)
+from .mmdit_fused import _adaln, _gelu_tanh, _modulation, flux_double, flux_linears, flux_single
+
+PROJECTIONS = ("to_q", "to_k", "to_v")
+ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
+               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               mask: torch.Tensor | None = None, *, text_rows: int = 0) -> torch.Tensor:
+    """``HunyuanVideoAttnProcessor2_0``'s attention of (B·S, inner) projection rows, image first (module docstring):
+    the double block's text projections ``text`` after, or the single block's last ``text_rows`` rows its text,
+    neither rotated. As (B, S, inner)."""
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, t.shape[-1]).unflatten(2, (attn.heads, -1))
+
+    query, key, value = heads(q), heads(k), heads(v)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if rotary is not None:
+        if text_rows:
+            query = torch.cat([apply_rotary_emb(query[:, :-text_rows], rotary, sequence_dim=1),
+                               query[:, -text_rows:]], dim=1)
+            key = torch.cat([apply_rotary_emb(key[:, :-text_rows], rotary, sequence_dim=1), key[:, -text_rows:]],
+                            dim=1)
+        else:
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    if text is not None:
+        eq, ek, ev = (heads(t) for t in text)
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        query, key, value = torch.cat([query, eq], dim=1), torch.cat([key, ek], dim=1), torch.cat([value, ev], dim=1)
+    o = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                              **dispatch_kwargs(attn.processor))
+    return o.flatten(2, 3).to(query.dtype)
+
+
+def _attention_ok(attn: Any, joint: bool) -> bool:
+    """``attn`` computes what the fused path computes (checked on every forward): HunyuanVideo's processor on
+    unfused projections, no hook on it or on a projection the kernels run."""
+    if type(attn) is not Attention or type(attn.processor) is not HunyuanVideoAttnProcessor2_0:
+        return False
+    refuse_fused_projections(attn, PROJECTIONS + ADDED)   # (a dense copy of packed layers: an error)
+    if getattr(attn, "fused_projections", False) or _hooked(attn):
+        return False
+    if joint:
+        return joint_attention_ok(attn, HunyuanVideoAttnProcessor2_0, PROJECTIONS + ADDED)
+    m = attn._modules
+    return (attn.pre_only and all(m.get(n) is not None for n in PROJECTIONS)
+            and not any(_bypassed_hook(m[n]) for n in PROJECTIONS))
+
+
+def _double_supported(block: nn.Module) -> bool:
+    if type(block) is not HunyuanVideoTransformerBlock or _forward_wrapped(block):
+        return False
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
+            and _adaln(block.norm1, AdaLayerNormZero, d) and _adaln(block.norm1_context, AdaLayerNormZero, d)
+            and type(block.attn) is Attention and block.attn.added_kv_proj_dim is not None)
+
+
+def _single_supported(block: nn.Module) -> bool:
+    if type(block) is not HunyuanVideoSingleTransformerBlock or _forward_wrapped(block):
+        return False
+    d = getattr(block.proj_out, "out_features", None)
+    return (isinstance(d, int) and _gelu_tanh(block.act_mlp) and _adaln(block.norm, AdaLayerNormZeroSingle, d)
+            and type(block.attn) is Attention)
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    return flux_linears(block, single=isinstance(block, HunyuanVideoSingleTransformerBlock))
+
+
+class FusedHunyuanVideoSingleTransformerBlock(HunyuanVideoSingleTransformerBlock):
+    """A ``HunyuanVideoSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: HunyuanVideoSingleTransformerBlock) -> None:
+        if not _single_supported(block):
+            raise ValueError("FusedHunyuanVideoSingleTransformerBlock handles HunyuanVideoSingleTransformerBlock in the "
+                             "structure diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
+                **kwargs: Any) -> Any:
+        call = (hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb, *args)
+        norm, attn, h, c = self.norm, self.attn, hidden_states, encoder_hidden_states
+        if (self.training or h.ndim != 3 or c.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
+                or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp) or _bypassed_hook(self.proj_out)
+                or not _attention_ok(attn, joint=False)):
+            return super().forward(*call, **kwargs)
+        text = c.shape[1]
+        x = torch.cat([h, c], dim=1)
+        m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
+        if m is None or not text:
+            return super().forward(*call, **kwargs)
+        y = flux_single(self, x, *m, image_rotary_emb, attention_mask,
+                        attention=functools.partial(_attention, text_rows=text))
+        return y[:, :-text], y[:, -text:]
+
+
+class FusedHunyuanVideoTransformerBlock(HunyuanVideoTransformerBlock):
+    """A ``HunyuanVideoTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: HunyuanVideoTransformerBlock) -> None:
+        if not _double_supported(block):
+            raise ValueError("FusedHunyuanVideoTransformerBlock handles HunyuanVideoTransformerBlock in the structure "
+                             "diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, freqs_cis: Any = None, *args: Any, **kwargs: Any) -> Any:
+        call = (hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis, *args)
+        n1, n1c, attn, h, c = self.norm1, self.norm1_context, self.attn, hidden_states, encoder_hidden_states
+        if (self.training or h.ndim != 3 or c.ndim != 3
+                or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
+                or not _attention_ok(attn, joint=True)):
+            return super().forward(*call, **kwargs)
+        b, _, d = h.shape
+        m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
+        if m is None or mc is None:
+            return super().forward(*call, **kwargs)
+        c, h = flux_double(self, h, c, m, mc, freqs_cis, attention_mask, attention=_attention, text_first=False)
+        return h, c
+
+
+def fuse_hunyuan_blocks(model: nn.Module) -> int:
+    """Swap every HunyuanVideo block of ``model`` that a fused class handles and that has a packed linear with
+    quantized activations to fuse; returns how many were swapped."""
+    def choose(mod: nn.Module) -> type | None:
+        if _double_supported(mod):
+            return FusedHunyuanVideoTransformerBlock
+        return FusedHunyuanVideoSingleTransformerBlock if _single_supported(mod) else None
+
+    return swap_blocks(model, choose, _linears)
+
+
+for _fused in (FusedHunyuanVideoTransformerBlock, FusedHunyuanVideoSingleTransformerBlock):
+    register_block(_fused, 0, 1)   # each returns (hidden_states, encoder_hidden_states), as the originals
