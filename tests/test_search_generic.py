@@ -80,9 +80,9 @@ def test_the_segments_follow_the_call_order_and_where_each_linear_runs():
     """Lumina2 defines noise_refiner, context_refiner, layers but calls the context refiner first; its embedders run
     before the blocks, its output norm and projection after."""
     model, kw = zoo("Lumina2")
-    runner, _ = traced(model, kw)
+    runner, state = traced(model, kw)
     assert runner._order == ["context_refiner.0", "noise_refiner.0", "layers.0", "layers.1"]
-    assert runner._per_list   # (its joint blocks read the caption refiner's last output: each list's latest kept)
+    assert runner._per_list[runner._kind(state)]   # (its joint blocks read the caption refiner's last output)
     assert runner.segment_of("context_refiner.0.attn.to_q") == 1 and runner.segment_of("noise_refiner.0.attn.to_q") == 2
     assert runner.segment_of("layers.1.feed_forward.linear_2") == 4
     assert runner.segment_of("time_caption_embed.caption_embedder.1") == 0
@@ -95,13 +95,39 @@ def test_the_state_keeps_the_latest_block_output_where_that_suffices():
     """HunyuanVideo's single-stream blocks read only the previous block's output: the state entering one holds the
     inputs and that output alone, not the dual-stream list's last output too."""
     runner, state = traced(*zoo("HunyuanVideo"))
-    assert not runner._per_list and runner._order == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    assert not runner._per_list[runner._kind(state)]
+    assert runner._order == ["transformer_blocks.0", "single_transformer_blocks.0"]
     with torch.no_grad():
         states = [state]
         for s in range(runner.num_segments - 1):
             states.append(runner.run(s, states[-1]))
     n_in = len(runner.input_names)
     assert [len(st) - n_in for st in states] == [0, 0, 2, 2]   # (a block's output: hidden and text states)
+
+
+def test_the_state_is_chosen_on_more_than_one_sample_and_per_kind_of_input():
+    """What a forward reads may depend on the values: with the first sample's prompt all masked, Lumina2 reads no
+    caption-refiner output for it, but does for the last sample, so each list's latest is kept (the first and last
+    samples are held to the model). States cached for one file stay right after another of other shapes is checked
+    (AuraFlow reads a stand-in's caption length after its single blocks)."""
+    model, kw = zoo("Lumina2")
+    kw["encoder_attention_mask"][0] = False
+    runner, state = traced(model, kw)
+    assert runner._per_list[runner._kind(state)]
+    with torch.no_grad():
+        got, want = run_segments(runner, state), model(**kw).sample
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    model, kw = zoo("AuraFlow")
+    runner, a = traced(model, kw)
+    with torch.no_grad():
+        cached = a
+        for s in range(runner.num_segments - 1):
+            cached = runner.run(s, cached)
+        b = runner.inputs(**{**kw, "encoder_hidden_states": torch.randn(2, 12, 32)})
+        runner.check(b)
+        assert torch.equal(runner.output(runner.run(runner.num_segments - 1, cached)), model(**kw).sample)
+        with pytest.raises(RuntimeError, match="have not been through check"):
+            runner.run(2, runner.inputs(**{**kw, "encoder_hidden_states": torch.randn(2, 5, 32)}))
 
 
 def test_cross_attention_ties_only_what_reads_one_input():

@@ -359,6 +359,12 @@ def test_each_expert_of_a_two_expert_pipeline(tmp_path, capsys):
                  "--closed-loop-height", "16", "--closed-loop-width", "16", "--closed-loop-frames", "5",
                  "--no-progress", "--device", "cpu", "--out", str(closed)]) == 0
     assert json.loads((closed / "report.json").read_text())["tss"]["closed_loop_mse"] > 0
+    refused("its 1 steps never call its transformer_2",   # (one step, at the high-noise end: a search of nothing)
+            ["search", "--diffusers", str(pipe_dir), "--transformer", "transformer_2", "--calib-inputs",
+             str(tmp_path / "transformer_2.safetensors"), "--budget", "W4A8", "--keep", "2", "--baselines", "",
+             "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts), "--closed-loop-steps", "1",
+             "--closed-loop-height", "16", "--closed-loop-width", "16", "--closed-loop-frames", "5",
+             "--no-progress", "--device", "cpu", "--out", str(tmp_path / "closed-none")])
     arts = {"transformer": tmp_path / "art-high", "transformer_2": tmp_path / "art-low"}
     assert main(["quantize", "--diffusers", str(pipe_dir / "transformer"), "--uniform", "W4A4",
                  "--out", str(arts["transformer"])]) == 0

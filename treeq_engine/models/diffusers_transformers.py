@@ -116,9 +116,10 @@ def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     if not keep:
         return model.to(dtype)
+    saved = set(model.state_dict())   # (non-persistent buffers, rotary tables, stay as diffusers' loading leaves them)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and t.dtype != dtype and not keep.intersection(name.split(".")):
+            if t.is_floating_point() and t.dtype != dtype and not keep.intersection(name.split(".")) and name in saved:
                 t.data = t.data.to(dtype)
     return model
 

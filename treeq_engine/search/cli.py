@@ -201,6 +201,8 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
     if args.transformer and meta is None:
         raise ValueError("--transformer names an expert of a pipeline directory: --diffusers must be one "
                          "(model_index.json)")
+    if args.transformer and meta is not None and meta.get(expert) in (None, [None, None]):
+        raise ValueError(f"--transformer {expert}: {meta.get('_class_name')} has none (model_index.json)")
     if args.select == "one-step" or rank != 0:
         model, desc = load_transformer(Path(args.diffusers) / expert if args.transformer else args.diffusers,
                                        device=device)
@@ -248,7 +250,8 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             drift = schedule_drift(args.calib_inputs, args.diffusers) if meta is not None else None
             if rank == 0 and drift:
                 print(f"treeq search: note: {drift}", file=sys.stderr)
-    return model, f"{desc['class']} ({args.diffusers})", runner, inputs, weights, closed
+    where = str(Path(args.diffusers) / expert) if args.transformer else args.diffusers
+    return model, f"{desc['class']} ({where})", runner, inputs, weights, closed
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -325,9 +328,9 @@ def run(args: argparse.Namespace) -> int:
                 samples = len(next(iter(call.values())))
             probe = tuple(t[:2] for t in inputs)
         else:
-            if args.calib_inputs or args.closed_loop_labels or args.closed_loop_prompts:
-                raise ValueError("--calib-inputs / --closed-loop-labels / --closed-loop-prompts are for --diffusers "
-                                 "models; a DiT collects its calibration set and samples its own labels")
+            if args.calib_inputs or args.closed_loop_labels or args.closed_loop_prompts or args.transformer:
+                raise ValueError("--calib-inputs / --closed-loop-labels / --closed-loop-prompts / --transformer are for "
+                                 "--diffusers models; a DiT collects its calibration set and samples its own labels")
             model, name = load_model(args)
             model = model.to(device).eval()
             in_ch = model.config.in_channels

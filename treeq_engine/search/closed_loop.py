@@ -182,7 +182,11 @@ class PipelineJudge(TrajectoryJudge):
         self.pipe, self.call, self.config, self.component = pipe, dict(call), config, component
         self.decodes = isinstance(pipe, diffusers.DiTPipeline)   # DiT's pipeline has no latent output
         vae = getattr(pipe, "vae", None)
+        self.calls = 0   # (the last sampling's calls of the searched transformer)
         self._copy(model, vae.dtype if vae is not None else pipe.dtype)
+        if not self.calls:   # (a two-expert pipeline whose steps all fall to the other expert: every plan scores 0)
+            raise ValueError(f"closed loop through the pipeline: its {config.steps} steps never call its {component}; "
+                             "give more --closed-loop-steps")
 
     @staticmethod
     def describe(pipeline: str, scheduler: str, call: dict[str, Any], *, component: str = "transformer") -> str:
@@ -196,6 +200,8 @@ class PipelineJudge(TrajectoryJudge):
     def _sample(self) -> torch.Tensor:
         c = self.config
         own = getattr(self.pipe, self.component)
+        counted = [0]
+        handle = self.model.register_forward_pre_hook(lambda *a: counted.__setitem__(0, counted[0] + 1))
         try:
             setattr(self.pipe, self.component, self.model)
             from ..models.diffusers_transformers import area_kwargs, guidance_kwargs, steps_kwargs
@@ -206,6 +212,8 @@ class PipelineJudge(TrajectoryJudge):
                             output_type="pt" if self.decodes else "latent")
         finally:
             setattr(self.pipe, self.component, own)
+            handle.remove()
+            self.calls = counted[0]
         images = out.images if hasattr(out, "images") else out[0]
         if self.decodes:
             return images.float() * 2 - 1   # images in [−1, 1]: PSNR's range 2

@@ -128,8 +128,10 @@ class GenericRunner(CutModel):
         self._segment: dict[str, int] = {}   # linear name -> the segment it first runs in (check)
         self._ties: dict[str, str] = {}
         self._out_spec: dict[str, Any] = {}   # block name -> its output's structure (_flat)
-        self._out_meta: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}   # -> per-sample shapes, dtypes
-        self._per_list = False   # the state keeps each list's latest output, not only the latest block's (check)
+        # per kind of input (the per-sample shapes of a file's inputs: _kind), from check: whether the state keeps
+        # each list's latest output (not only the latest block's), and each block's output per-sample shapes, dtypes
+        self._per_list: dict[Any, bool] = {}
+        self._out_meta: dict[tuple[Any, str], list[tuple[tuple[int, ...], torch.dtype]]] = {}
         self._first_batch = 0   # the first call's samples (inputs)
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -264,13 +266,17 @@ class GenericRunner(CutModel):
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
-    def _kept(self, b: int) -> list[str]:
+    def _kind(self, state: State) -> Any:
+        """What the cut's choices depend on: the per-sample shapes of the inputs (one calibration file's)."""
+        return tuple(tuple(t.shape[1:]) for t in state[:len(self.input_names)])
+
+    def _kept(self, b: int, per_list: bool) -> list[str]:
         """The blocks whose outputs the state entering block ``b`` carries, in call order: the latest block's alone
         when the model's forward reads no other (``check`` tries that first), else the latest of each list."""
         assert self._order is not None
         if b == 0:
             return []
-        if not self._per_list:
+        if not per_list:
             return [self._order[b - 1]]
         latest: dict[str, str] = {}
         for name in self._order[:b]:
@@ -284,15 +290,20 @@ class GenericRunner(CutModel):
             return tuple(state)
         n_in = len(self.input_names)
         b = segment - 1   # the block this segment runs (b == len(order): none, the head)
+        kind = self._kind(state)
+        if kind not in self._per_list:
+            raise RuntimeError(f"inputs of per-sample shapes {kind} have not been through check(): the cut of this "
+                               f"{type(self.model).__name__} is traced per kind of input")
+        per_list = self._per_list[kind]
         kept: dict[str, Any] = {}   # block name -> its recorded output
         rest = list(state[n_in:])
-        for name in self._kept(b):
+        for name in self._kept(b, per_list):
             spec = self._out_spec[name]
             k = sum(1 for x in spec if x is not None) if isinstance(spec, list) else 1
             kept[name] = _unflat(rest[:k], spec)
             rest = rest[k:]
         n = state[0].shape[0]
-        out = self._forward(state[:n_in], b, kept, n)
+        out = self._forward(state[:n_in], b, kept, n, kind)
         if b == len(self._order):
             return (_output(out),)
         name = self._order[b]
@@ -301,14 +312,14 @@ class GenericRunner(CutModel):
             raise ValueError(f"block {name} of {type(self.model).__name__} returns {[tuple(t.shape) for t in tensors]}"
                              f" for {n} samples: the generic cut needs batch-first block outputs")
         self._out_spec[name] = spec
-        self._out_meta[name] = [(tuple(t.shape[1:]), t.dtype) for t in tensors]
+        self._out_meta[(kind, name)] = [(tuple(t.shape[1:]), t.dtype) for t in tensors]
         kept[name] = out
         flat: list[torch.Tensor] = []
-        for k_name in self._kept(b + 1):
+        for k_name in self._kept(b + 1, per_list):
             flat += _flat(kept[k_name], k_name)[0]
         return tuple(state[:n_in]) + tuple(flat)
 
-    def _forward(self, inputs: State, b: int, kept: Mapping[str, Any], n: int) -> Any:
+    def _forward(self, inputs: State, b: int, kept: Mapping[str, Any], n: int, kind: Any) -> Any:
         """``forward`` on ``inputs`` (``n`` samples) with the first ``b`` blocks standing in (the kept outputs;
         NaN of each block's recorded shape for the rest), stopped when block ``b`` returns (``_Stop``), or to its
         end when there is none."""
@@ -323,7 +334,7 @@ class GenericRunner(CutModel):
                     t, spec = _flat(kept[name], name)
                     return _unflat([x.clone() for x in t], spec)
                 return _unflat([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
-                                for shape, dtype in self._out_meta[name]], self._out_spec[name])
+                                for shape, dtype in self._out_meta[(kind, name)]], self._out_spec[name])
             return forward
 
         def too_early(name: str) -> Callable[..., None]:
@@ -411,21 +422,26 @@ class GenericRunner(CutModel):
                              "needs every block called once")
         if not isinstance(want, torch.Tensor):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
-        self._order, self._out_spec, self._out_meta = order, {}, {}
+        self._order, self._out_spec = order, {}
+        kind = self._kind(one)
         try:
             if want.device.type == "meta":   # (a weightless profile: no values to tell the modes apart; the safe one)
-                self._per_list = True
+                self._per_list[kind] = True
                 run_segments(self, one)
-            else:   # the latest block's output alone where that reproduces the model (half the state of two lists)
+            else:   # the latest block's output alone where that reproduces the model (half the state of two lists),
+                #     held on the first and the last sample (a guided capture's two halves: what the forward reads
+                #     may depend on the values, e.g. on a prompt's length)
+                ends = tuple(t[[0, -1]] if t.shape[0] > 1 else t[:1] for t in inputs)
+                want_ends = want if ends[0].shape[0] == 1 else _output(self.model(**self._kwargs(ends)))
                 for per_list in (False, True):
-                    self._per_list = per_list
+                    self._per_list[kind] = per_list
                     try:
-                        got = run_segments(self, one)
+                        got = run_segments(self, ends)
                     except Exception:
                         if per_list:
                             raise
                         continue
-                    if got.shape == want.shape and torch.equal(got, want):
+                    if got.shape == want_ends.shape and torch.equal(got, want_ends):
                         break
                 else:
                     raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it "
@@ -446,6 +462,7 @@ class GenericRunner(CutModel):
                     raise refusal
         except BaseException:
             self._order = None
+            self._per_list.pop(kind, None)
             raise
         block_of = {}
         for seg, name in enumerate(order, start=1):
