@@ -157,6 +157,25 @@ def test_bf16_and_the_block_registry():
         assert (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) == (0, 1)
 
 
+def test_float16_overflows_as_diffusers_blocks_do():
+    """HunyuanVideo's blocks do not clip float16 outputs to its range (Flux's do): the fused ones neither, so an
+    overflow shows as it would unfused."""
+    model = tiny_hunyuan().half()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.float16)
+    g = torch.Generator().manual_seed(0)
+    h = ((torch.rand(2, 24, 20, generator=g) * 2 - 1) * 63000).half()
+    c = ((torch.rand(2, 6, 20, generator=g) * 2 - 1) * 63000).half()
+    temb = (torch.randn(2, 20, generator=g) * 200).half()
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        assert type(getattr(fused, name)[0]).__name__.startswith("Fused")
+        with torch.no_grad():
+            want, got = getattr(unfused, name)[0](h, c, temb, mask, None), getattr(fused, name)[0](h, c, temb, mask, None)
+        assert any(bool(torch.isinf(w).any()) for w in want), name   # (the inputs overflow float16 there)
+        for w, o in zip(want, got):
+            assert torch.equal(torch.isinf(w), torch.isinf(o)), name
+
+
 @pytest.mark.gpu
 def test_fused_equals_unfused_on_gpu():
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, the mask included."""

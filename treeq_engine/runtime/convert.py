@@ -208,8 +208,8 @@ def guard_projection_fusion(model: nn.Module) -> int:
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's and Chroma's blocks. Returns how many
-    blocks were fused."""
+    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's, Chroma's and HunyuanVideo's blocks.
+    Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -240,7 +240,8 @@ def fuse_blocks(model: nn.Module) -> int:
 
 # the diffusers blocks with fused classes of their own: (block class names, what, the runtime module and its
 # ``fuse...(model) -> int``, the diffusers version its forward follows: 0.35 added dispatch_attention_fn and the
-# processors it reads; before 0.39 Qwen-Image's processor ignored the text mask or took it through kwargs)
+# processors it reads (HunyuanVideo's reads it from 0.36); before 0.39 Qwen-Image's processor ignored the text mask
+# or took it through kwargs)
 _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks", (0, 35)),
                     (("WanTransformerBlock",), "Wan", "wan_fused", "fuse_wan_blocks", (0, 35)),
                     (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),
@@ -252,7 +253,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("ChromaTransformerBlock", "ChromaSingleTransformerBlock"), "Chroma", "chroma_fused",
                      "fuse_chroma_blocks", (0, 35)),
                     (("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"), "HunyuanVideo",
-                     "hunyuan_fused", "fuse_hunyuan_blocks", (0, 35)))
+                     "hunyuan_fused", "fuse_hunyuan_blocks", (0, 36)))
 
 
 def _diffusers_version() -> tuple[int, int]:

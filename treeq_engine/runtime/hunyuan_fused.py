@@ -10,11 +10,13 @@ same adaLNs, LayerNorms without affine, GELU(tanh) feed-forwards and gated resid
 the image tokens first, then the text (Flux orders them the other way and rotates both). Where a linear is a
 :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its ``quantize_input``
 kernel, GELU(tanh) and the gated residuals in the GEMM epilogues, as for Flux. Fused and unfused agree to the model
-dtype's rounding, not bit for bit (the kernels modulate in float32).
+dtype's rounding, not bit for bit (the kernels modulate in float32); in float16 neither clips its outputs (Flux's
+blocks do, HunyuanVideo's do not).
 
 A block is swapped only in the structure diffusers builds, with a packed linear with quantized activations to fuse;
 a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
-projections, when a norm, the attention or a projection carries a hook, or on other input ranks. HunyuanVideo-I2V's
+projections, when a norm, the attention or a projection carries a hook, on other input ranks or without text.
+HunyuanVideo FramePack's blocks are these classes and fuse too (checked by hand, no test); HunyuanVideo-I2V's
 token-replace blocks, and the token refiner's blocks, stay unfused. The state dict is unchanged.
 """
 from __future__ import annotations
@@ -132,12 +134,14 @@ class FusedHunyuanVideoSingleTransformerBlock(HunyuanVideoSingleTransformerBlock
                 or not _attention_ok(attn, joint=False)):
             return super().forward(*call, **kwargs)
         text = c.shape[1]
+        if not text:   # (diffusers' own: its split of [image; text] at -0 is degenerate, as it is)
+            return super().forward(*call, **kwargs)
         x = torch.cat([h, c], dim=1)
         m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
-        if m is None or not text:
+        if m is None:
             return super().forward(*call, **kwargs)
         y = flux_single(self, x, *m, image_rotary_emb, attention_mask,
-                        attention=functools.partial(_attention, text_rows=text))
+                        attention=functools.partial(_attention, text_rows=text), clip_fp16=False)
         return y[:, :-text], y[:, -text:]
 
 
@@ -154,7 +158,7 @@ class FusedHunyuanVideoTransformerBlock(HunyuanVideoTransformerBlock):
                 attention_mask: torch.Tensor | None = None, freqs_cis: Any = None, *args: Any, **kwargs: Any) -> Any:
         call = (hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis, *args)
         n1, n1c, attn, h, c = self.norm1, self.norm1_context, self.attn, hidden_states, encoder_hidden_states
-        if (self.training or h.ndim != 3 or c.ndim != 3
+        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
                 or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
                 or not _attention_ok(attn, joint=True)):
             return super().forward(*call, **kwargs)
@@ -162,7 +166,8 @@ class FusedHunyuanVideoTransformerBlock(HunyuanVideoTransformerBlock):
         m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
         if m is None or mc is None:
             return super().forward(*call, **kwargs)
-        c, h = flux_double(self, h, c, m, mc, freqs_cis, attention_mask, attention=_attention, text_first=False)
+        c, h = flux_double(self, h, c, m, mc, freqs_cis, attention_mask, attention=_attention, text_first=False,
+                           clip_fp16=False)
         return h, c
 
 

@@ -239,11 +239,12 @@ def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
 
 
 def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tensor, rotary: Any,
-                mask: torch.Tensor | None = None, *, attention: Callable[..., torch.Tensor] | None = None
-                ) -> torch.Tensor:
-    """A FLUX.1-style single block (Flux's, Chroma's; HunyuanVideo's with its ``attention``) on ``x = [text; image]``
-    with its modulation ``mod`` (B, 3, D) and ``m32`` (3, B, D) float32: the fused kernels' ``x + gate ·
-    proj_out([attention ; GELU(proj_mlp)])``."""
+                mask: torch.Tensor | None = None, *, attention: Callable[..., torch.Tensor] | None = None,
+                clip_fp16: bool = True) -> torch.Tensor:
+    """A FLUX.1-style single block (Flux's, Chroma's on ``x = [text; image]``; HunyuanVideo's, with its
+    ``attention``, on ``[image; text]``) with its modulation ``mod`` (B, 3, D) and ``m32`` (3, B, D) float32: the
+    fused kernels' ``x + gate · proj_out([attention ; GELU(proj_mlp)])``, clipped to float16's range in float16
+    where the original block clips (``clip_fp16``: Flux's do, HunyuanVideo's do not)."""
     attention = attention or _attention
     norm, attn = block.norm, block.attn
     b, s, d = x.shape
@@ -254,16 +255,17 @@ def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tenso
     o = attention(attn, q, k, v, b, rotary, mask=mask)
     y = _gated_out(block.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
     y = y.view(b, s, d)
-    return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
+    return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
 
 
 def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
                 mc: tuple[torch.Tensor, torch.Tensor], rotary: Any, mask: torch.Tensor | None = None, *,
-                attention: Callable[..., torch.Tensor] | None = None,
-                text_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                attention: Callable[..., torch.Tensor] | None = None, text_first: bool = True,
+                clip_fp16: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A FLUX.1-style double block (Flux's, Chroma's; HunyuanVideo's with its ``attention``, whose output has the
     image tokens first: not ``text_first``) on the image tokens ``h`` and text ``c`` with each stream's modulation
-    ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``."""
+    ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``, the text clipped to
+    float16's range in float16 where the original block clips (``clip_fp16``)."""
     attention = attention or _attention
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     (mod, m32), (cmod, c32) = m, mc
@@ -283,7 +285,7 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
     h2 = _ff(block.ff, block.norm2, h2, b, mod, m32)
     c2 = _ff(block.ff_context, block.norm2_context, c2, b, cmod, c32)
     cv = c2.view(b, text, d)
-    return (cv.clip(-65504, 65504) if cv.dtype == torch.float16 else cv), h2.view(b, t, d)
+    return (cv.clip(-65504, 65504) if clip_fp16 and cv.dtype == torch.float16 else cv), h2.view(b, t, d)
 
 
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):

@@ -1,6 +1,6 @@
 """The search's segment runner for any diffusers transformer without a cut of its own (``GenericRunner``:
 HunyuanVideo, CogVideoX, Lumina2, Mochi, ...), so that capture, search, PTQ and PEFT take them too; the runtime
-packs them unfused (each linear quantizes its own input).
+packs them (HunyuanVideo's blocks fused, the others' linears each quantizing their own input).
 
 The model's own ``forward`` runs every segment. The blocks are the modules of the model's top-level
 ``ModuleList``\\ s, in the order ``forward`` calls them (one segment each); segment 0 holds what runs before the
