@@ -9,7 +9,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, hooked_parts_fall_back, pair  # noqa: E402
 from test_search_chroma import call  # noqa: E402
 from tiny_diffusers import tiny_chroma  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -83,24 +83,15 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     kw = call()
     with torch.no_grad():
         want = unfused(**kw).sample
-    seen = []
     # a hook on a double block's norm, its attention or a packed projection: that block runs diffusers' forward
-    for part in ("norm1", "norm2_context", "attn", "attn.add_k_proj", "attn.to_out.0", "attn.to_add_out"):
-        h = fused.transformer_blocks[0].get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - 4, part
-        seen.clear()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for part in ("norm", "attn", "attn.to_v", "proj_mlp", "proj_out", "act_mlp"):
-        h = fused.single_transformer_blocks[1].get_submodule(part).register_forward_pre_hook(
-            lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - 1, part
-        seen.clear()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    hooked_parts_fall_back(fused, fused.transformer_blocks[0], ("norm1", "norm2_context", "attn", "attn.add_k_proj",
+                                                                "attn.to_out.0", "attn.to_add_out"),
+                           kw, want, PER_FORWARD["ln"] - 4)
+    hooked_parts_fall_back(fused, fused.single_transformer_blocks[1], ("norm", "attn", "attn.to_v", "proj_mlp",
+                                                                       "proj_out", "act_mlp"),
+                           kw, want, PER_FORWARD["ln"] - 1)
     # a hooked feed-forward runs as a module (one fused quantization fewer), the rest of its block stays fused
+    seen = []
     h = fused.transformer_blocks[0].ff_context.register_forward_hook(lambda *a: seen.append(1))
     calls, got = count_kernels(fused, kw)
     h.remove()

@@ -92,6 +92,20 @@ def count_kernels(model, kw, rms=False):
     return calls, out
 
 
+def hooked_parts_fall_back(fused, block, parts, kw, want, fused_ln):
+    """A pre-hook on each of ``block``'s ``parts`` in turn (a norm, the attention, a projection the kernels run): the
+    block runs diffusers' forward, ``fused_ln`` norm-fused quantizations left in the model's; the output stays
+    ``want``."""
+    seen = []
+    for part in parts:
+        h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == fused_ln, part
+        seen.clear()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def another_processor_and_training(fused, attn, processor, kw, want, fused_ln):
     """``attn`` given a subclass of its ``processor`` class (a subclass computes what it likes: not the fused
     path's) runs diffusers' forward in its block, ``fused_ln`` norm-fused quantizations left; in training mode every
