@@ -9,7 +9,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import another_processor_and_training, count_kernels, hooked_parts_fall_back, pair  # noqa: E402
+from test_mmdit_fused import (another_processor_and_training, count_kernels,  # noqa: E402
+                             flux_style_parts_fall_back, fused_kernels_run, pair)
 from test_search_chroma import call  # noqa: E402
 from tiny_diffusers import tiny_chroma  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -67,12 +68,7 @@ def test_the_fused_kernels_run():
     """Per double block and stream: one LayerNorm-fused quantization for q/k/v and one for the feed-forward, GELU and
     the next layer's codes in each feed-forward's first epilogue, two gated residuals per stream; per single block one
     quantization for proj_mlp + q/k/v, GELU in proj_mlp's epilogue, the gated residual in proj_out's."""
-    model = tiny_chroma()
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    calls, _ = count_kernels(fused, call())
-    assert calls == PER_FORWARD
-    calls, _ = count_kernels(unfused, call())
-    assert calls == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+    fused_kernels_run(tiny_chroma(), call(), PER_FORWARD)
 
 
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
@@ -84,12 +80,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     # a hook on a double block's norm, its attention or a packed projection: that block runs diffusers' forward
-    hooked_parts_fall_back(fused, fused.transformer_blocks[0], ("norm1", "norm2_context", "attn", "attn.add_k_proj",
-                                                                "attn.to_out.0", "attn.to_add_out"),
-                           kw, want, PER_FORWARD["ln"] - 4)
-    hooked_parts_fall_back(fused, fused.single_transformer_blocks[1], ("norm", "attn", "attn.to_v", "proj_mlp",
-                                                                       "proj_out", "act_mlp"),
-                           kw, want, PER_FORWARD["ln"] - 1)
+    flux_style_parts_fall_back(fused, kw, want, PER_FORWARD["ln"])
     # a hooked feed-forward runs as a module (one fused quantization fewer), the rest of its block stays fused
     seen = []
     h = fused.transformer_blocks[0].ff_context.register_forward_hook(lambda *a: seen.append(1))

@@ -106,6 +106,25 @@ def hooked_parts_fall_back(fused, block, parts, kw, want, fused_ln):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def flux_style_parts_fall_back(fused, kw, want, fused_ln):
+    """``hooked_parts_fall_back`` on a FLUX.1-style model's first double block (its norms, the attention, a text
+    projection, both output projections: 4 norm-fused quantizations fewer than ``fused_ln``) and second single block
+    (1 fewer): Chroma's and HunyuanVideo's."""
+    hooked_parts_fall_back(fused, fused.transformer_blocks[0], ("norm1", "norm2_context", "attn", "attn.add_k_proj",
+                                                                "attn.to_out.0", "attn.to_add_out"), kw, want,
+                           fused_ln - 4)
+    hooked_parts_fall_back(fused, fused.single_transformer_blocks[1], ("norm", "attn", "attn.to_v", "proj_mlp",
+                                                                       "proj_out", "act_mlp"), kw, want, fused_ln - 1)
+
+
+def fused_kernels_run(model, kw, per_forward):
+    """A W4A8 plan's fused model makes ``per_forward``'s fused kernel calls in one forward on ``kw``; the unfused
+    one none."""
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert count_kernels(fused, kw)[0] == per_forward
+    assert count_kernels(unfused, kw)[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
 def another_processor_and_training(fused, attn, processor, kw, want, fused_ln):
     """``attn`` given a subclass of its ``processor`` class (a subclass computes what it likes: not the fused
     path's) runs diffusers' forward in its block, ``fused_ln`` norm-fused quantizations left; in training mode every
