@@ -104,8 +104,47 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         want = unfused(**kw).sample
     # a hook on a double block's norm, its attention or a packed projection: that block runs diffusers' forward
     flux_style_parts_fall_back(fused, kw, want, PER_FORWARD["ln"])
+    other = type("OtherProcessor", (HunyuanVideoAttnProcessor2_0,), {})   # (the double block's attention too)
+    fused.transformer_blocks[0].attn.set_processor(other())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == PER_FORWARD["ln"] - 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused.transformer_blocks[0].attn.set_processor(HunyuanVideoAttnProcessor2_0())
     another_processor_and_training(fused, fused.single_transformer_blocks[0].attn, HunyuanVideoAttnProcessor2_0, kw,
                                    want, PER_FORWARD["ln"] - 1)
+
+
+def test_framepack_blocks_fuse_too():
+    """HunyuanVideo FramePack builds its blocks from the same classes: they fuse, and agree with the unfused model
+    with its history latents, at one sample (no mask: the text cut to its length) and two (the mask)."""
+    torch.manual_seed(0)
+    model = perturbed(diffusers.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), has_image_proj=True, image_proj_dim=8,
+        has_clean_x_embedder=True).eval())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert [type(b) for b in blocks(fused)] == [FusedHunyuanVideoTransformerBlock] + \
+        [FusedHunyuanVideoSingleTransformerBlock] * 2
+    for n in (1, 2):
+        g = torch.Generator().manual_seed(n)
+        mask = torch.ones(n, 6)
+        mask[0, 4:] = 0
+
+        def r(*shape):
+            return torch.randn(*shape, generator=g)
+
+        kw = dict(hidden_states=r(n, 4, 2, 8, 8), timestep=torch.tensor([500.0, 20.0][:n]),
+                  encoder_hidden_states=r(n, 6, 16), encoder_attention_mask=mask, pooled_projections=r(n, 8),
+                  image_embeds=r(n, 3, 8), indices_latents=torch.arange(2), latents_clean=r(n, 4, 1, 8, 8),
+                  indices_latents_clean=torch.tensor([3]), latents_history_2x=r(n, 4, 2, 8, 8),
+                  indices_latents_history_2x=torch.tensor([4, 5]), latents_history_4x=r(n, 4, 4, 8, 8),
+                  indices_latents_history_4x=torch.arange(6, 10), guidance=torch.full((n,), 6000.0))
+        calls, got = count_kernels(fused, kw)
+        with torch.no_grad():
+            want = unfused(**kw).sample
+        assert calls["ln"] == PER_FORWARD["ln"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_only_blocks_with_something_to_fuse_are_swapped():

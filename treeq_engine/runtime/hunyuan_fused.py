@@ -16,7 +16,7 @@ blocks do, HunyuanVideo's do not).
 A block is swapped only in the structure diffusers builds, with a packed linear with quantized activations to fuse;
 a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
 projections, when a norm, the attention or a projection carries a hook, on other input ranks or without text.
-HunyuanVideo FramePack's blocks are these classes and fuse too (checked by hand, no test); HunyuanVideo-I2V's
+HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanVideo-I2V's
 token-replace blocks, and the token refiner's blocks, stay unfused. The state dict is unchanged.
 """
 from __future__ import annotations
