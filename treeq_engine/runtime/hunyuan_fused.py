@@ -16,8 +16,8 @@ blocks do, HunyuanVideo's do not).
 A block is swapped only in the structure diffusers builds, with a packed linear with quantized activations to fuse;
 a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
 projections, when a norm, the attention or a projection carries a hook, on other input ranks or without text.
-HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanVideo-I2V's
-token-replace blocks, and the token refiner's blocks, stay unfused. The state dict is unchanged.
+HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanVideo-I2V's token-replace blocks,
+and the token refiner's blocks, stay unfused. The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -120,8 +120,8 @@ class FusedHunyuanVideoSingleTransformerBlock(HunyuanVideoSingleTransformerBlock
 
     def __init__(self, block: HunyuanVideoSingleTransformerBlock) -> None:
         if not _single_supported(block):
-            raise ValueError("FusedHunyuanVideoSingleTransformerBlock handles HunyuanVideoSingleTransformerBlock in the "
-                             "structure diffusers builds")
+            raise ValueError("FusedHunyuanVideoSingleTransformerBlock handles HunyuanVideoSingleTransformerBlock in "
+                             "the structure diffusers builds")
         _adopt(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
