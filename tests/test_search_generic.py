@@ -3,6 +3,7 @@ configs of the zoo, offline): each is cut bit for bit or refused with the reason
 the blocks and where each linear runs; ties follow the traced inputs; the evaluator agrees with a brute-force oracle
 on the model's own forward; calibration files keep the input spec; and the command line captures an AuraFlow
 pipeline, searches, calibrates, fine-tunes, packs and samples it."""
+import json
 import os
 
 import pytest
@@ -318,7 +319,7 @@ def tiny_auraflow_pipeline():
 
 def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
     """`treeq capture` on an AuraFlow pipeline (CFG: both calls recorded; timesteps taken from the calls) -> `treeq
-    search` -> `treeq quantize` -> `treeq sample`."""
+    search` (one-step, and closed loop through the pipeline) -> `treeq quantize` -> `treeq sample`."""
     from pipeline_flow import captured, searched_and_packed
 
     from treeq_engine.cli import main
@@ -329,6 +330,12 @@ def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
     assert "kept 8 samples at 2 timesteps" in capsys.readouterr().out   # 2 prompts x 2 steps x (cond, uncond)
     assert inputs[0].shape == (8, 4, 8, 8)
     art = searched_and_packed(tmp_path, pipe_dir, calib)
+    closed = tmp_path / "closed"   # (closed loop through the pipeline, on the generic cut's transformer)
+    assert main(["search", "--diffusers", str(pipe_dir), "--calib-inputs", calib, "--budget", "W4A8", "--keep", "2",
+                 "--baselines", "", "--select", "closed-loop-root", "--closed-loop-prompts", str(prompts),
+                 "--closed-loop-steps", "2", "--closed-loop-height", "16", "--closed-loop-width", "16", "--no-progress",
+                 "--device", "cpu", "--out", str(closed)]) == 0
+    assert json.loads((closed / "report.json").read_text())["tss"]["closed_loop_mse"] > 0
     assert main(["sample", "--pipeline", str(pipe_dir), "--artifact", str(art), "--prompts", str(prompts), "--steps",
                  "2", *size, "--device", "cpu", "--out", str(tmp_path / "q.png")]) == 0
     refused("--frames is for a text-to-video pipeline", ["capture", "--pipeline", str(pipe_dir), "--prompts",
