@@ -96,6 +96,9 @@ def make_runner(model: nn.Module) -> Any:
     for Chroma. Anything else is a ``TypeError`` naming what is supported."""
     from ..models.diffusers_transformers import SUPPORTED, model_class
 
+    runner = model.__dict__.get(GENERIC_ATTR)
+    if runner is not None:   # (the generic cut's, kept on its model: its inputs and trace are learned once)
+        return runner
     _, cls = _runner_for(model)
     if cls is None:
         from .generic_runner import GenericRunner, generic_arch
@@ -106,10 +109,8 @@ def make_runner(model: nn.Module) -> Any:
             if model_class(type(model).__name__) is not None:   # a diffusers model: the user's input
                 raise ValueError(what)
             raise TypeError(what)
-        runner = model.__dict__.get(GENERIC_ATTR)
-        if runner is None:   # one per model, kept on it: its inputs and trace are learned once (capture, load_inputs)
-            runner = GenericRunner(model)
-            model.__dict__[GENERIC_ATTR] = runner   # (not a module attribute: no state dict, no hooks)
+        runner = GenericRunner(model)
+        model.__dict__[GENERIC_ATTR] = runner   # (not a module attribute: no state dict, no hooks)
         return runner
     return cls(model)
 

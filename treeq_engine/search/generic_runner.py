@@ -61,13 +61,14 @@ def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
             if isinstance(ml, nn.ModuleList) and len(ml) and any(n.startswith(name + ".") for n in layers)]
 
 
-def generic_arch(model: nn.Module) -> str | None:
-    """``"generic:<class>"`` for a diffusers model with block lists and a timestep argument, else None."""
+def generic_arch(model: nn.Module, lists: Sequence[Any] | None = None) -> str | None:
+    """``"generic:<class>"`` for a diffusers model with block lists (``lists``, when already found) and a timestep
+    argument, else None."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None
-    if not any(p in params for p in TIMESTEP_PARAMS) or not block_lists(model):
+    if not any(p in params for p in TIMESTEP_PARAMS) or not (block_lists(model) if lists is None else lists):
         return None
     return f"{GENERIC}:{type(model).__name__}"
 
@@ -111,7 +112,8 @@ class GenericRunner(CutModel):
     scheduler_timesteps = False   # (how a pipeline scales its timesteps is unknown: capture takes them from the calls)
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        arch = generic_arch(model)
+        lists = block_lists(model)
+        arch = generic_arch(model, lists)
         if arch is None:
             raise TypeError(f"{type(model).__name__} is not cut by the search: it needs top-level block lists "
                             f"(ModuleList) and a timestep argument ({' or '.join(TIMESTEP_PARAMS)})")
@@ -120,7 +122,7 @@ class GenericRunner(CutModel):
         self.output_fn = output_fn
         # (names only: the runner lives on its model, and a deep copy of the model copies it)
         self._params = tuple(inspect.signature(model.forward).parameters)
-        self._blocks = [f"{name}.{i}" for name, ml in block_lists(model) for i in range(len(ml))]
+        self._blocks = [f"{name}.{i}" for name, ml in lists for i in range(len(ml))]
         self.num_segments = len(self._blocks) + 2
         self._spec: list[tuple[str, str, int | None, bool]] | None = None   # (input name, param, index, shared)
         self._constants: dict[str, Any] = {}
@@ -206,8 +208,8 @@ class GenericRunner(CutModel):
         names = [s[0] + (" (shared)" if s[3] else "") for s in spec]
         return f"inputs {names}, constants {constants}"
 
-    def _stored(self, kw: Mapping[str, Any]) -> State:
-        out = tuple(kw[n] for n in self.input_names)
+    def check_stored(self, out: State) -> None:
+        """The checks a stored input tuple passes (``diffusers_runner.check_stored``)."""
         if any(not isinstance(t, torch.Tensor) or not t.dim() for t in out):
             raise ValueError(f"stored inputs must be tensors with the sample on dim 0, got "
                              f"{[describe_arg(t) for t in out]}")
@@ -217,11 +219,6 @@ class GenericRunner(CutModel):
         for (name, _, _, shared), t in zip(self._spec or (), out):
             if shared and n > 1 and not torch.equal(t, t[:1].expand_as(t)):
                 raise ValueError(f"{name} is shared by a call's samples, but differs between the stored samples")
-        return out
-
-    def check_stored(self, inputs: State) -> None:
-        """The checks a stored input tuple passes (``diffusers_runner.check_stored``)."""
-        self._stored(dict(zip(self.input_names, inputs)))
 
     def metadata(self) -> dict[str, str]:
         """What a calibration file keeps of the inputs (``configure`` reads it back)."""
@@ -327,14 +324,18 @@ class GenericRunner(CutModel):
         device = inputs[0].device
         patched: list[tuple[nn.Module, Any]] = []   # (block, the instance forward it had: a hook's wrapper)
         handles = []
+        nan: dict[Any, Any] = {}   # (one NaN output per shape for this forward's stand-ins, not one per block)
 
         def stand_in(name: str) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 if name in kept:
                     t, spec = _flat(kept[name], name)
                     return _unflat([x.clone() for x in t], spec)
-                return _unflat([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
-                                for shape, dtype in self._out_meta[(kind, name)]], self._out_spec[name])
+                key = (tuple(self._out_meta[(kind, name)]), str(self._out_spec[name]))
+                if key not in nan:
+                    nan[key] = _unflat([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
+                                        for shape, dtype in self._out_meta[(kind, name)]], self._out_spec[name])
+                return nan[key]
             return forward
 
         def too_early(name: str) -> Callable[..., None]:
@@ -371,11 +372,11 @@ class GenericRunner(CutModel):
 
     # -- the trace ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def check(self, inputs: State, *, samples: int = 1) -> None:
-        """Trace the cut on the first ``samples`` of ``inputs`` and hold it to the model (module docstring): a
+    def check(self, inputs: State) -> None:
+        """Trace the cut on the first sample of ``inputs`` and hold it to the model (module docstring): a
         ``ValueError`` names what the generic cut cannot reproduce."""
         what = type(self.model).__name__
-        one = tuple(t[:samples] for t in inputs)
+        one = tuple(t[:1] for t in inputs)
         kw = self._kwargs(one)
         order: list[str] = []
         linears = {name: self._module(name) for name in quantizable_linears(self.model)}
@@ -472,10 +473,8 @@ class GenericRunner(CutModel):
         for name in linears:
             if name in block_of:
                 self._segment[name] = block_of[name]
-            elif name in position:   # outside the blocks: first run in the segment of the next block called
-                self._segment[name] = position[name] + 1 if position[name] < len(order) else self.num_segments - 1
-                if position[name] == 0:
-                    self._segment[name] = 0
+            elif name in position:   # outside the blocks: 0 before them, else the segment of the next block called
+                self._segment[name] = position[name] + 1 if position[name] else 0   # (after the last: the head's)
         groups: dict[tuple[str, int], list[str]] = {}   # (parent, the very tensor object) -> linears reading it
         for name, x in first_input.items():
             groups.setdefault((name.rpartition(".")[0], id(x)), []).append(name)
