@@ -203,9 +203,9 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
                          "(model_index.json)")
     if args.transformer and meta is not None and meta.get(expert) in (None, [None, None]):
         raise ValueError(f"--transformer {expert}: {meta.get('_class_name')} has none (model_index.json)")
+    source = str(Path(args.diffusers) / expert) if args.transformer else args.diffusers   # (the searched model's)
     if args.select == "one-step" or rank != 0:
-        model, desc = load_transformer(Path(args.diffusers) / expert if args.transformer else args.diffusers,
-                                       device=device)
+        model, desc = load_transformer(source, device=device)
     if args.select != "one-step":   # the pipeline samples each plan: its transformer is the one searched
         if meta is None:
             raise ValueError(f"--select {args.select} samples the pipeline: --diffusers must be a pipeline directory "
@@ -222,10 +222,8 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             from ..models.diffusers_transformers import describe, load_pipeline
 
             pipe = load_pipeline(args.diffusers, getattr(torch, args.dtype), device)
-            model = getattr(pipe, expert, None)
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError(f"--transformer {expert}: {type(pipe).__name__} has none")
-            desc = describe(model, source=str(Path(args.diffusers) / expert) if args.transformer else args.diffusers)
+            model = getattr(pipe, expert)   # (model_index.json names it: checked above)
+            desc = describe(model, source=source)
         call = _closed_loop_call(args, model)
         closed = (pipe, call, PipelineJudge.describe(meta["_class_name"], meta["scheduler"][1], call,
                                                      component=expert))
@@ -250,8 +248,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
             drift = schedule_drift(args.calib_inputs, args.diffusers) if meta is not None else None
             if rank == 0 and drift:
                 print(f"treeq search: note: {drift}", file=sys.stderr)
-    where = str(Path(args.diffusers) / expert) if args.transformer else args.diffusers
-    return model, f"{desc['class']} ({where})", runner, inputs, weights, closed
+    return model, f"{desc['class']} ({source})", runner, inputs, weights, closed
 
 
 def _closed_loop_call(args: argparse.Namespace, model: Any) -> dict[str, Any]:
