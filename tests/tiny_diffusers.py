@@ -28,6 +28,16 @@ def perturbed(model, seed=1):
     return model
 
 
+def tiny_flow_vae(sample_size: int = 16):
+    """A one-level AutoencoderKL (2x in space, 4 latent channels) as the flow-matching pipelines configure theirs:
+    no quant convolutions, a shift and a scaling factor (random weights)."""
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=sample_size,
+                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                   scaling_factor=1.5).eval()
+
+
 def tiny_dit_pipeline():
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
@@ -119,11 +129,7 @@ def tiny_flux_pipeline():
                                                    attention_head_dim=8, num_attention_heads=2,
                                                    joint_attention_dim=24, pooled_projection_dim=16,
                                                    axes_dims_rope=(2, 2, 4)).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                                  scaling_factor=1.5).eval()
+    vae = tiny_flow_vae()
     return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                                   tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=_word_tokenizer()[0],
                                   transformer=transformer)
@@ -148,11 +154,7 @@ def tiny_sd3_pipeline(shifting: bool = False):
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
         pos_embed_max_size=16).eval())
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                                  scaling_factor=1.5).eval()
+    vae = tiny_flow_vae()
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=shifting)
     return diffusers.StableDiffusion3Pipeline(
         scheduler=sched, vae=vae, transformer=transformer, text_encoder=clip(), tokenizer=tokenizer,
@@ -324,11 +326,7 @@ def tiny_zimage_pipeline():
     qwen3 = transformers.Qwen3Model(transformers.Qwen3Config(
         vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, max_position_embeddings=1024)).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                                  scaling_factor=1.5).eval()
+    vae = tiny_flow_vae(32)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                       base_image_seq_len=16, max_image_seq_len=256)
     return diffusers.ZImagePipeline(scheduler=sched, vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
@@ -384,11 +382,7 @@ def tiny_chroma_pipeline():
     torch.manual_seed(0)
     t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                            num_heads=2)).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                                  scaling_factor=1.5).eval()
+    vae = tiny_flow_vae()
     return diffusers.ChromaPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
                                     tokenizer=tokenizer, transformer=tiny_chroma())
 
