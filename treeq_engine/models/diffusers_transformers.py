@@ -6,7 +6,7 @@ DiT, PixArt, SD3, Flux, Wan, Qwen-Image, Sana, Z-Image, FLUX.2, LTX-Video and Ch
 whole flow (capture, search, PTQ, PEFT, packing, graphs) with cuts of their own; their blocks also fuse. Any other
 diffusers transformer (HunyuanVideo, CogVideoX, Lumina2, ...) is cut generically where it can be
 (``search.generic_runner``: the same flow), and packed and sampled in its pipeline in any case: its linears (and
-pointwise convolutions) become packed modules, unfused.
+pointwise convolutions) become packed modules (HunyuanVideo's blocks fused, the others' unfused).
 
     model, desc = load_transformer("models/PixArt-XL-2-512x512", dtype=torch.float16)
     model = rebuild(desc)          # same architecture, random weights (an artifact then loads into it)
