@@ -3,6 +3,7 @@ configs of the zoo, offline): each is cut bit for bit or refused with the reason
 the blocks and where each linear runs; ties follow the traced inputs; the evaluator agrees with a brute-force oracle
 on the model's own forward; calibration files keep the input spec; and the command line captures an AuraFlow
 pipeline, searches, calibrates, fine-tunes, packs and samples it."""
+import copy
 import json
 import os
 
@@ -220,6 +221,92 @@ def test_a_skip_connection_is_refused():
     state = runner.inputs(**inputs(lambda *s: torch.randn(*s, generator=g)))
     with pytest.raises(ValueError, match="skip connection"):
         runner.check(state)
+
+
+def padded_hunyuan(seed=0):
+    """HunyuanVideo, two samples whose prompts of 12 tokens keep 8 and 10 (the zoo's model); the traced runner."""
+    model, one = zoo("HunyuanVideo", seed)
+    _, other = zoo("HunyuanVideo", seed + 1)
+    kw = {k: torch.cat([v, other[k]]) if isinstance(v, torch.Tensor) else v for k, v in one.items()}
+    kw["encoder_attention_mask"] = (torch.arange(12) < torch.tensor([[8], [10]])).float()
+    runner, state = traced(model, kw)
+    return model, runner, state
+
+
+def test_ptq_statistics_leave_out_the_padding_the_output_never_reads(tmp_path):
+    """HunyuanVideo's prompt mask hides the padding from the attention: the rows under its zeros reach no output, in
+    the prompt's own linears (the token refiner, the dual-stream blocks' text side) and at the end of the
+    single-stream blocks' joint rows; PTQ's statistics leave them out, and two calibration sets that differ only in
+    what the padding holds calibrate bit for bit alike. The image rows, and every row of a model whose mask hides
+    nothing (Cosmos's), count."""
+    from treeq_engine.calib.capture import capture_inputs
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.plan import QuantPlan
+
+    model, runner, state = padded_hunyuan()
+    assert runner.pads_rows
+    image = 2 * 256
+    refiner = "context_embedder.token_refiner.refiner_blocks.0"
+    for name, rows in (("context_embedder.proj_in", 18), (f"{refiner}.ff.net.2", 18),
+                       ("transformer_blocks.0.attn.add_k_proj", 18), ("transformer_blocks.0.ff_context.net.2", 18),
+                       ("transformer_blocks.0.attn.to_q", image), ("single_transformer_blocks.0.proj_mlp", image + 18),
+                       ("proj_out", image), ("time_text_embed.text_embedder.linear_1", 2)):
+        assert capture_inputs(model, name, [state], max_tokens=10_000).shape[0] == rows, name
+    keep = runner.real_rows("single_transformer_blocks.0.attn.to_k", state)
+    assert keep.shape == (2, 268) and keep[:, :256].all() and keep[:, 256:].sum() == 18
+    i = runner.input_names.index("encoder_hidden_states")
+    junk = list(state)
+    junk[i] = torch.where(state[runner.input_names.index("encoder_attention_mask")].bool()[..., None], state[i],
+                          torch.randn_like(state[i]) * 50)
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.9))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    calibrate(a, plan, [state], cfg, progress=False)
+    calibrate(b, plan, [tuple(junk)], cfg, progress=False)
+    for n in plan.layers:
+        la, lb = a.get_submodule(n), b.get_submodule(n)
+        assert torch.equal(la.w_codes, lb.w_codes) and la.config == lb.config, n
+    model, kw = zoo("Cosmos")
+    kw["attention_mask"][:, 8:] = 0   # (Cosmos takes a mask its attention does not read)
+    runner, state = traced(model, kw)
+    assert not runner.pads_rows and runner.real_rows("transformer_blocks.0.attn2.to_k", state) is None
+
+
+class Masked(torch.nn.Module):
+    """Two blocks over tokens and a mask that hides the padding from the pooled output, or (``always=False``) only
+    in samples that mask more tokens than they keep."""
+
+    def __init__(self, always):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+        self.always = always
+
+    def forward(self, hidden_states, timestep, mask, return_dict=False):
+        h = hidden_states + timestep[:, None, None]
+        for block in self.blocks:
+            h = block(h)
+        m = mask[..., None].float()
+        hides = self.always or bool(mask.float().mean() < 0.5)
+        return (((h * m) if hides else h).sum(1),)
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_padding_found_on_one_sample_is_held_on_others(always):
+    """Rows found silent under the mask on the most padded sample are kept out only where the output stays bit for
+    bit the same, on the first, that and the last sample, with them set to random values: a model that hides the
+    padding only in some samples keeps it in the statistics, with a warning."""
+    x, t = torch.randn(2, 6, 4), torch.tensor([1.0, 2.0])
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    runner = GenericRunner(Masked(always))
+    state = runner.inputs(hidden_states=x, timestep=t, mask=mask)
+    if always:
+        runner.check(state)
+        assert torch.equal(runner.real_rows("blocks.1", state), mask.bool())
+    else:
+        with pytest.warns(UserWarning, match="padded rows stay in the calibration statistics.*output changes"):
+            runner.check(state)
+        assert not runner.pads_rows and runner.real_rows("blocks.1", state) is None
 
 
 @pytest.mark.parametrize("name,lam", [("HunyuanVideo", 0.5), ("Lumina2", 1.0)])

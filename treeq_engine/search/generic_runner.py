@@ -13,32 +13,34 @@ where the model's forward reads more, such as Lumina2's joint blocks reading its
 latest output of each block list reached so far: ``check`` tries the smaller state first); the stand-ins of the
 other blocks return NaN, so a ``forward`` that reads them (a skip connection) shows it.
 
-``check(inputs)`` runs one sample through the model's ``forward`` and through the segments and requires the outputs
-bit-identical, every block called once, in order, with batch-first outputs; it records in which segment each linear
-first runs (``segment_of``) and which linears of one module read the very same input tensor (``tie``: a
-self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it on every calibration
-file; a model it refuses is said to be refused, by name, before any search.
+``check(inputs)`` runs the first and last samples through the model's ``forward`` and through the segments and requires
+the outputs bit-identical, every block called once, in order, with batch-first outputs; it records in which segment each
+linear first runs (``segment_of``) and which linears of one module read the very same input tensor (``tie``: a
+self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it on every calibration file; a
+model it refuses is said to be refused, by name, before any search.
 
 Inputs are the ``forward``'s arguments as the pipeline passes them, stored by name: tensors with the call's samples
 on dim 0 as they are; other tensors (a rotary table, position ids, a (1,) timestep) are shared by the call's
 samples: stored repeated per sample and passed as the first; a tuple of tensors element by element (``name.0``,
 ``name.1``, ...); None, numbers and strings are constants every call must repeat (the calibration file keeps them).
 The timestep is the argument ``timestep`` (or ``timesteps``), stored as ``timestep``. Attention kwargs and other
-values are refused. The MSE is taken on the whole output; no rows are left out of PTQ's statistics (a padded caption
-is calibrated on with its padding).
+values are refused. The MSE is taken on the whole output. Padding a keep-mask input hides from the output stays out of
+PTQ's statistics (``_trace_padding``, ``real_rows``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
-from typing import Any, Callable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..nn.convert import quantizable_linears
-from .evaluator import CutModel, State, describe_arg, run_segments
+from .evaluator import CutModel, State, describe_arg, kept_rows, run_segments
 
 GENERIC = "generic"
 TIMESTEP_PARAMS = ("timestep", "timesteps")
@@ -135,6 +137,9 @@ class GenericRunner(CutModel):
         self._per_list: dict[Any, bool] = {}
         self._out_meta: dict[tuple[Any, str], list[tuple[tuple[int, ...], torch.dtype]]] = {}
         self._first_batch = 0   # the first call's samples (inputs)
+        # per kind of input: linear -> (the keep-mask input's index, the mask's first row in the linear's input,
+        # the input's rows), for the linears whose rows under a mask's zeros never reach the output (_trace_padding)
+        self._padding: dict[Any, dict[str, tuple[int, int, int]]] = {}
 
     # -- inputs ------------------------------------------------------------------------------------
     @property
@@ -376,7 +381,8 @@ class GenericRunner(CutModel):
         """Trace the cut on the first sample of ``inputs`` and hold it to the model (module docstring): a
         ``ValueError`` names what the generic cut cannot reproduce."""
         what = type(self.model).__name__
-        one = tuple(t[:1] for t in inputs)
+        device = next(self.model.parameters()).device
+        one = tuple(t[:1].to(device) for t in inputs)
         kw = self._kwargs(one)
         order: list[str] = []
         linears = {name: self._module(name) for name in quantizable_linears(self.model)}
@@ -432,7 +438,7 @@ class GenericRunner(CutModel):
             else:   # the latest block's output alone where that reproduces the model (half the state of two lists),
                 #     held on the first and the last sample (a guided capture's two halves: what the forward reads
                 #     may depend on the values, e.g. on a prompt's length)
-                ends = tuple(t[[0, -1]] if t.shape[0] > 1 else t[:1] for t in inputs)
+                ends = tuple((t[[0, -1]] if t.shape[0] > 1 else t[:1]).to(device) for t in inputs)
                 want_ends = want if ends[0].shape[0] == 1 else _output(self.model(**self._kwargs(ends)))
                 for per_list in (False, True):
                     self._per_list[kind] = per_list
@@ -484,6 +490,138 @@ class GenericRunner(CutModel):
                 label = f"{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
                 self._ties.update({n: label for n in names})
         first_input.clear()
+        if want.device.type != "meta":
+            self._trace_padding(inputs, kind)
+
+    # -- padding -----------------------------------------------------------------------------------
+    def _masks(self, inputs: State) -> list[tuple[int, torch.Tensor]]:
+        """The inputs that read as per-token keep-masks, ``(input index, (N, L) bool)``: 0/1 values (bool,
+        integer or float) along one dim of length 2 or more (singleton dims aside), some sample with a 0."""
+        out = []
+        for i, ((name, _, _, _), t) in enumerate(zip(self._spec or (), inputs)):
+            dims = [d for d in t.shape[1:] if d != 1]
+            if name == "timestep" or len(dims) != 1 or dims[0] < 2:
+                continue
+            m = t.reshape(t.shape[0], dims[0])
+            if bool(((m == 0) | (m == 1)).all()) and not bool(m.all()):
+                out.append((i, m != 0))
+        return out
+
+    def _trace_padding(self, inputs: State, kind: Any) -> None:
+        """Which linears read padding: rows under a keep-mask input's zeros that never reach the output, left out of
+        calibration statistics (``real_rows``). Found on the sample with the most masked tokens: a linear's input rows
+        under the mask's zeros (aligned with its rows, its first or its last) must have an exactly zero gradient of the
+        output under a random weighting (others may too: the last single-stream block's prompt rows, whose output is
+        dropped); then held on the first, that and the last sample together: the output must stay bit for bit the same
+        with those rows of every such linear set to random values. Where either fails the padding stays in the
+        statistics (a warning says why)."""
+        self._padding[kind] = {}
+        masks = self._masks(inputs)
+        if not masks:
+            return
+        padded = sum((~kept_rows(m)).sum(1) for _, m in masks)
+        s = int(padded.argmax())
+        if not int(padded[s]):
+            return
+        device = next(self.model.parameters()).device
+        sample = tuple(t[s:s + 1].to(device) for t in inputs)
+        probes: dict[str, torch.Tensor] = {}
+        twice: set[str] = set()
+
+        def probe(name: str) -> Callable[..., Any]:
+            def hook(mod: nn.Module, args: tuple) -> Any:
+                x = args[0] if args else None
+                if name in probes:
+                    twice.add(name)
+                elif isinstance(x, torch.Tensor) and x.dim() == 3 and x.is_floating_point():
+                    probes[name] = torch.zeros_like(x, requires_grad=True)
+                    return (x + probes[name],) + args[1:]
+                return None
+            return hook
+
+        what = type(self.model).__name__
+        try:
+            with self._hooked(probe), torch.enable_grad():
+                out = _output(self.model(**self._kwargs(sample)))
+                weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+                grads = torch.autograd.grad((out.float() * weight).sum(), list(probes.values()), allow_unused=True)
+        except (RuntimeError, ValueError) as e:   # (an in-place op on a probed input, memory, ...)
+            warnings.warn(f"{what}: padded rows stay in the calibration statistics: the gradient that finds them "
+                          f"fails ({type(e).__name__}: {e})", stacklevel=2)
+            return
+        rules: dict[str, tuple[int, int, int]] = {}
+        for name, g in zip(probes, grads):
+            if g is None or name in twice:
+                continue
+            silent = g[0].abs().amax(-1) == 0   # (L,): rows the output does not read
+            rows = silent.shape[0]
+            for i, m in masks:
+                pad = ~kept_rows(m[s:s + 1])[0].to(silent.device)
+                width = pad.shape[0]
+                offsets = [0] if rows == width else [rows - width, 0] if rows > width else []
+                at = next((o for o in offsets if pad.any() and bool(silent[o:o + width][pad].all())), None)
+                if at is not None:
+                    rules[name] = (i, at, rows)
+                    break
+        if not rules:
+            return
+        self._padding[kind] = rules
+        picked = sorted({0, s, inputs[0].shape[0] - 1})
+        several = tuple(t[picked].to(device) for t in inputs)
+        gen = torch.Generator().manual_seed(1)
+
+        def perturb(name: str) -> Callable[..., Any]:
+            def hook(mod: nn.Module, args: tuple) -> Any:
+                keep = self.real_rows(name, several)
+                if keep is None:
+                    return None
+                x = args[0]
+                if tuple(x.shape[:-1]) != tuple(keep.shape):
+                    raise ValueError(f"{name} reads {tuple(x.shape)}, its padding rule {tuple(keep.shape)}")
+                noise = torch.randn(x.shape, generator=gen).to(x) * (4 * float(x.float().std()) + 1)
+                return (torch.where(keep[..., None].to(x.device), x, noise),) + args[1:]
+            return hook
+
+        try:
+            want = _output(self.model(**self._kwargs(several)))
+            with self._hooked(perturb):
+                got = _output(self.model(**self._kwargs(several)))
+            why = None if torch.equal(got, want) else "the output changes with them"
+        except ValueError as e:
+            why = str(e)
+        if why is not None:
+            self._padding[kind] = {}
+            warnings.warn(f"{what}: padded rows stay in the calibration statistics: the rows found on one sample "
+                          f"are not padding on others ({why})", stacklevel=2)
+
+    def _hooked(self, make: Callable[[str], Callable[..., Any]]) -> contextlib.AbstractContextManager[None]:
+        """Every linear with the forward pre-hook ``make(name)``, removed on exit."""
+        @contextlib.contextmanager
+        def hooked() -> Iterator[None]:
+            handles = [self._module(n).register_forward_pre_hook(make(n)) for n in quantizable_linears(self.model)]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+        return hooked()
+
+    @property
+    def pads_rows(self) -> bool:   # type: ignore[override]
+        return any(self._padding.values())
+
+    def real_rows(self, layer_name: str, state: State) -> torch.Tensor | None:
+        """The rows of a linear's input that are not padding (``_trace_padding``), from its keep-mask input in
+        ``state``; None for linears without padding and inputs of a kind not traced."""
+        rule = self._padding.get(self._kind(state), {}).get(layer_name) if self._spec is not None else None
+        if rule is None:
+            return None
+        i, at, rows = rule
+        m = state[i]
+        keep = kept_rows(m.reshape(m.shape[0], -1) != 0)
+        out = torch.ones(keep.shape[0], rows, dtype=torch.bool, device=keep.device)
+        out[:, at:at + keep.shape[1]] = keep
+        return out
 
     def segment_of(self, layer_name: str) -> int:
         if self._order is None:
