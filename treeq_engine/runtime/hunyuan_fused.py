@@ -78,23 +78,25 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
     return o.flatten(2, 3).to(query.dtype)
 
 
-def _attention_ok(attn: Any, joint: bool) -> bool:
-    """``attn`` computes what the fused path computes (checked on every forward): HunyuanVideo's processor on
+def _attention_ok(attn: Any, joint: bool, processor: type = HunyuanVideoAttnProcessor2_0) -> bool:
+    """``attn`` computes what the fused path computes (checked on every forward): HunyuanVideo's ``processor`` on
     unfused projections, no hook on it or on a projection the kernels run."""
-    if type(attn) is not Attention or type(attn.processor) is not HunyuanVideoAttnProcessor2_0:
+    if type(attn) is not Attention or type(attn.processor) is not processor:
         return False
     refuse_fused_projections(attn, PROJECTIONS + ADDED)   # (a dense copy of packed layers: an error)
     if getattr(attn, "fused_projections", False) or _hooked(attn):
         return False
     if joint:
-        return joint_attention_ok(attn, HunyuanVideoAttnProcessor2_0, PROJECTIONS + ADDED)
+        return joint_attention_ok(attn, processor, PROJECTIONS + ADDED)
     m = attn._modules
     return (attn.pre_only and all(m.get(n) is not None for n in PROJECTIONS)
             and not any(_bypassed_hook(m[n]) for n in PROJECTIONS))
 
 
-def _double_supported(block: nn.Module) -> bool:
-    if type(block) is not HunyuanVideoTransformerBlock or _forward_wrapped(block):
+def _double_supported(block: nn.Module, kind: type[Any] = HunyuanVideoTransformerBlock) -> bool:
+    """``block`` is a double-stream block of class ``kind`` in the structure diffusers builds (HunyuanVideo 1.5's
+    are alike: ``hunyuan15_fused``)."""
+    if type(block) is not kind or _forward_wrapped(block):
         return False
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     return (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
