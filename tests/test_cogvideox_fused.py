@@ -25,7 +25,7 @@ PER_FORWARD = {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2
 HEAD_DIM = 8
 
 
-def tiny_cogvideox(affine=True, qk_norm=True):
+def tiny_cogvideox(affine=True):
     """A CogVideoX transformer of two blocks (random weights, perturbed off diffusers' zero initialisations, the
     LayerNorms' affine too)."""
     torch.manual_seed(0)
@@ -96,6 +96,22 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward(monkeypatch):
                                                                 "attn1.to_out.0"), kw, want, PER_FORWARD["ln"] // 2)
     another_processor_and_training(fused, fused.transformer_blocks[1].attn1, CogVideoXAttnProcessor2_0, kw, want,
                                    PER_FORWARD["ln"] // 2)
+    fused.eval()
+    fused.transformer_blocks[1].attn1.set_processor(CogVideoXAttnProcessor2_0())
+    # the modules both streams share, hooked: called once on the joined rows, as diffusers calls them (the fused
+    # path would call them once per stream), whether the kernels run them or not
+    plan = QuantPlan.block_uniform(model, 4, 8).with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16))
+    unfused16, fused16 = pair(model, plan)
+    with torch.no_grad():
+        want16 = unfused16(**kw).sample
+    for part in ("ff", "ff.net.0", "ff.net.0.proj", "ff.net.1", "attn1.to_out.0"):
+        rows = []
+        h = fused16.transformer_blocks[0].get_submodule(part).register_forward_pre_hook(
+            lambda mod, args: rows.append(args[0].shape[1]))
+        calls, got = count_kernels(fused16, kw)
+        h.remove()
+        assert rows == [6 + 32] and calls["ln"] == PER_FORWARD["ln"] // 2, part
+        torch.testing.assert_close(got, want16, rtol=1e-5, atol=1e-5)
     fused.eval()
     block = fused.transformer_blocks[0]
     original = CogVideoXBlock.forward

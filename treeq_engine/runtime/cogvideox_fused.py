@@ -25,8 +25,10 @@ A block is swapped only in the structure diffusers builds (``CogVideoXLayerNormZ
 block's width, ``CogVideoXAttnProcessor2_0`` on unfused projections with LayerNorm or no q/k norms, a
 ``FeedForward`` of [GELU, Dropout, linear(, Dropout)]) with a packed linear with quantized activations to fuse. It
 runs diffusers' own forward in training mode, with ``attention_kwargs``, without text, for a ``temb`` whose batch
-is not the latents', when a norm or the attention carries a hook or another processor; a feed-forward or a packed
-linear that is hooked runs as diffusers computes it. diffusers' block-level hooks (FirstBlockCache, MagCache) find
+is not the latents', when a norm or the attention carries a hook or another processor, and when any module the two
+streams share carries one (the feed-forward, its parts, a projection, packed or not): the fused path calls those
+once per stream, where diffusers calls them once on the joined rows (a stateful hook, such as TaylorSeer's cache,
+would see the streams in turn). diffusers' block-level hooks (FirstBlockCache, MagCache) find
 the fused class in ``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
 """
 from __future__ import annotations
@@ -140,7 +142,7 @@ class FusedCogVideoXBlock(CogVideoXBlock):
         args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         n1, n2, attn, h, c = self.norm1, self.norm2, self.attn1, hidden_states, encoder_hidden_states
         if (self.training or attention_kwargs or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
-                or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm))
+                or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm, self.ff, *self.ff.net, *_linears(self)))
                 or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
             return super().forward(*args)
         b, t, d = h.shape
