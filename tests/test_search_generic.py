@@ -6,6 +6,7 @@ pipeline, searches, calibrates, fine-tunes, packs and samples it."""
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -272,41 +273,97 @@ def test_ptq_statistics_leave_out_the_padding_the_output_never_reads(tmp_path):
     assert not runner.pads_rows and runner.real_rows("transformer_blocks.0.attn2.to_k", state) is None
 
 
-class Masked(torch.nn.Module):
-    """Two blocks over tokens and a mask that hides the padding from the pooled output, or (``always=False``) only
-    in samples that mask more tokens than they keep."""
+def test_a_traced_rule_is_part_of_ptqs_state_and_a_batch_it_does_not_fit_counts_every_row(tmp_path):
+    """A PTQ directory records the traced padding rules (a digest): begun with other rules (or none: padding
+    counted), it is not resumed with these. A batch a rule does not fit (a model whose rows change with the batch's
+    size) counts every row of it, with a warning, instead of failing."""
+    import json
 
-    def __init__(self, always):
+    from treeq_engine.calib.capture import capture_inputs
+    from treeq_engine.calib.ptq import PTQConfig, calibrate
+    from treeq_engine.calib.store import CheckpointError
+    from treeq_engine.plan import QuantPlan
+
+    model, runner, state = padded_hunyuan()
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    cfg = PTQConfig(max_tokens=64, rounds=1, w_clip_grid=(1.0,), a_clip_grid=(1.0,))
+    out = tmp_path / "ptq"
+    calibrate(copy.deepcopy(model), plan, [state], cfg, progress=False, out_dir=out)
+    saved = json.loads((out / "ptq.json").read_text())
+    assert saved["rows"] == f"real:{runner.padding_digest()}"
+    saved["rows"] = "real"   # (as a run whose statistics counted the padding)
+    (out / "ptq.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="left out other padding rows"):
+        calibrate(copy.deepcopy(model), plan, [state], cfg, progress=False, out_dir=out)
+    name = "transformer_blocks.0.attn.add_k_proj"
+    rules = runner._padding[runner._kind(state)]
+    i, at, rows = rules[name]
+    rules[name] = (i, at, rows + 1)   # (a rule traced at another batch size)
+    with pytest.warns(UserWarning, match="does not fit this batch's input"):
+        assert capture_inputs(model, name, [state], max_tokens=10_000).shape[0] == 2 * 12
+
+
+class Masked(torch.nn.Module):
+    """Two blocks over tokens and a mask that hides the padding from the pooled output (``how="always"``), only in
+    samples that mask more tokens than they keep (``"some"``), or hides it from the gradient but not the output
+    (``"step"``: the padding's floor is added, whose gradient is zero)."""
+
+    def __init__(self, how):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
-        self.always = always
+        self.how = how
 
     def forward(self, hidden_states, timestep, mask, return_dict=False):
         h = hidden_states + timestep[:, None, None]
         for block in self.blocks:
             h = block(h)
         m = mask[..., None].float()
-        hides = self.always or bool(mask.float().mean() < 0.5)
-        return (((h * m) if hides else h).sum(1),)
+        hides = (mask.float().mean(1) < 0.5)[:, None, None] if self.how == "some" else torch.ones_like(m).bool()
+        out = torch.where(hides, h * m, h)
+        if self.how == "step":
+            out = out + (1 - m) * torch.floor(h)
+        return (out.sum(1),)
 
 
-@pytest.mark.parametrize("always", [True, False])
-def test_padding_found_on_one_sample_is_held_on_others(always):
-    """Rows found silent under the mask on the most padded sample are kept out only where the output stays bit for
-    bit the same, on the first, that and the last sample, with them set to random values: a model that hides the
-    padding only in some samples keeps it in the statistics, with a warning."""
-    x, t = torch.randn(2, 6, 4), torch.tensor([1.0, 2.0])
-    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
-    runner = GenericRunner(Masked(always))
+@pytest.mark.parametrize("how", ["always", "some", "step"])
+def test_padding_is_traced_on_every_sample_and_held(how):
+    """Rows under the mask's zeros are left out only where every sample's gradient is zero there (a model that
+    hides the padding only in some samples keeps it in), and where the output stays bit for bit the same with them
+    set to random values (a zero gradient is not enough: a step function; a warning says so)."""
+    x, t = torch.randn(3, 6, 4), torch.tensor([1.0, 2.0, 3.0])
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    runner = GenericRunner(Masked(how))
     state = runner.inputs(hidden_states=x, timestep=t, mask=mask)
-    if always:
+    if how == "step":
+        with pytest.warns(UserWarning, match="padded rows stay in the calibration statistics.*moves the output"):
+            runner.check(state)
+    else:
         runner.check(state)
+    if how == "always":
         assert torch.equal(runner.real_rows("blocks.1", state), mask.bool())
     else:
-        with pytest.warns(UserWarning, match="padded rows stay in the calibration statistics.*output changes"):
-            runner.check(state)
         assert not runner.pads_rows and runner.real_rows("blocks.1", state) is None
+
+
+def test_padding_follows_every_sample_not_one():
+    """HunyuanVideo reads its prompt mask's count, not where the zeros are: a sample masking tokens in the middle
+    has its trailing rows as the padding, so the rows under the mask's zeros are not silent there and no rule
+    holds for the text layers (it would leave out real rows of that sample); a sample whose prompt is all masked
+    (NaN in HunyuanVideo's masked mean) is checked as the model computes it."""
+    model, runner, state = padded_hunyuan()
+    assert runner.real_rows("transformer_blocks.0.attn.add_k_proj", state) is not None
+    i = runner.input_names.index("encoder_attention_mask")
+    odd = list(state)
+    odd[i] = torch.stack([state[i][0], state[i][0].roll(-3)])   # (the zeros in the middle)
+    runner.check(tuple(odd))
+    assert runner.real_rows("transformer_blocks.0.attn.add_k_proj", tuple(odd)) is None
+    none = list(state)
+    none[i] = torch.stack([state[i][0], torch.zeros_like(state[i][1])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.check(tuple(none))   # (NaN out of the last sample: as the model computes it, no refusal)
+    assert runner.real_rows("transformer_blocks.0.attn.add_k_proj", tuple(none)) is not None
 
 
 @pytest.mark.parametrize("name,lam", [("HunyuanVideo", 0.5), ("Lumina2", 1.0)])

@@ -15,6 +15,7 @@ are left out first: the output never sees them, so they must not steer a clip.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,9 +37,10 @@ def is_staged(model: nn.Module) -> bool:
 RealRows = Callable[[str, tuple], "torch.Tensor | None"]
 
 
-def _stage_fns(model: nn.Module) -> tuple[list[Callable[[tuple], Any]], RealRows]:
-    """The stages' functions, and which rows of a layer's input are real tokens given its stage's input (the
-    runner's ``real_rows``: padding hidden by an attention mask is not)."""
+def _stage_fns(model: nn.Module) -> tuple[list[Callable[[tuple], Any]], RealRows, bool]:
+    """The stages' functions, which rows of a layer's input are real tokens given its stage's input (the runner's
+    ``real_rows``: padding hidden by an attention mask is not), and whether those rows always fit the layer's input
+    (a traced rule may not, where a batch's size changes the model's rows: the generic cut's ``rows_exact``)."""
     from ..search.diffusers_runner import diffusers_arch, make_runner
 
     if diffusers_arch(model) is not None:   # the search's cut; batches are its input tuples
@@ -46,13 +48,13 @@ def _stage_fns(model: nn.Module) -> tuple[list[Callable[[tuple], Any]], RealRows
         # (the ignores: mypy cannot type a lambda whose default argument binds the loop variable)
         cut: list[Callable[[tuple], Any]] = [
             lambda inp, s=s: runner.run(s, inp) for s in range(runner.num_segments)]  # type: ignore[misc]
-        return cut, runner.real_rows
+        return cut, runner.real_rows, getattr(runner, "rows_exact", True)
     if not is_staged(model):
-        return [lambda inp: model(*inp)], _all_real
+        return [lambda inp: model(*inp)], _all_real, True
     fns: list[Callable[[tuple], Any]] = [lambda inp: model.embed(*inp)]
     fns += [lambda inp, b=b: (b(*inp), inp[1]) for b in model.blocks]  # type: ignore[misc]
     fns.append(lambda inp: model.final(*inp))
-    return fns, _all_real
+    return fns, _all_real, True
 
 
 def _all_real(name: str, inp: tuple) -> torch.Tensor | None:
@@ -66,7 +68,7 @@ class StageRunner:
         if not batches:
             raise ValueError("calibration needs at least one batch of model inputs")
         self.model = model
-        self.fns, self.real_rows = _stage_fns(model)
+        self.fns, self.real_rows, self.rows_exact = _stage_fns(model)
         self.stage_of = self._assign(names, batches[0])
         self.stage = 0
         self.inputs: list[tuple] = [tuple(b) for b in batches]
@@ -109,13 +111,20 @@ class StageRunner:
         rows: list[torch.Tensor] = []
 
         keep: list[torch.Tensor | None] = [None]
+        misfit: list[str] = []
 
         def hook(mod: nn.Module, args: tuple) -> None:
             x = channels_last_rows(mod, args[0].detach())   # (a pointwise convolution's rows are its positions)
-            if keep[0] is not None:   # padding the output never sees is left out of the statistics
-                if tuple(x.shape[:-1]) != tuple(keep[0].shape):
+            if keep[0] is not None and tuple(x.shape[:-1]) != tuple(keep[0].shape):
+                if self.rows_exact:
                     raise RuntimeError(f"{name}: the runner's real-row mask has shape {tuple(keep[0].shape)}, the "
                                        f"layer's input {tuple(x.shape)}")
+                if not misfit:
+                    warnings.warn(f"{name}: its traced padding rule ({tuple(keep[0].shape)}) does not fit this batch's "
+                                  f"input {tuple(x.shape)}: every row of such batches counts", stacklevel=2)
+                misfit.append(name)
+                keep[0] = None
+            if keep[0] is not None:   # padding the output never sees is left out of the statistics
                 x = x[keep[0].to(x.device)]
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
             if x.shape[0] > per_batch:

@@ -308,6 +308,16 @@ def _has_padding(model: nn.Module) -> bool:
     return diffusers_arch(model) is not None and bool(make_runner(model).pads_rows)
 
 
+def _rows_tag(model: nn.Module) -> str:
+    """What the statistics leave out, recorded in ptq.json: ``"real"`` (each runner's own ``real_rows``), with a
+    digest of the padding rules the generic cut traced (``padding_digest``) where it has any."""
+    from ..search.diffusers_runner import diffusers_arch, make_runner
+
+    digest = getattr(make_runner(model), "padding_digest", None) if diffusers_arch(model) is not None else None
+    d = digest() if digest is not None else None
+    return "real" if d is None else f"real:{d}"
+
+
 def _made_from(state: Mapping[str, Any]) -> str | None:
     """The command line's recorded fingerprint (in ``data``) of the FP model a state was calibrated from, or None."""
     return (state.get("data") or {}).get("model_fingerprint")
@@ -408,7 +418,7 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
                              "config": config.to_dict(), "layers": {},
                              "data": None if data is None else json.loads(json.dumps(dict(data)))}
-    state[ROWS_KEY] = "real"   # (outside the run digest: states from before it resume as they were)
+    state[ROWS_KEY] = _rows_tag(model)   # (outside the run digest: states from before it resume as they were)
     joint = _joint_groups(plan, tie)
     if joint:   # (absent otherwise, so that states from before read the same)
         state["joint"] = [list(g) for g in joint]
@@ -448,6 +458,10 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                 raise CheckpointError(f"{out}: holds a calibration begun before caption/prompt padding was left out "
                                       "of the statistics (runner.real_rows); its finished layers saw the padding, "
                                       "new ones would not: use a new directory to start over")
+            if ROWS_KEY in old and old[ROWS_KEY] != state[ROWS_KEY] and old["layers"]:
+                raise CheckpointError(f"{out}: holds a calibration whose statistics left out other padding rows "
+                                      f"({old[ROWS_KEY]!r}, now {state[ROWS_KEY]!r}: the generic cut's traced rules); "
+                                      "its finished layers would not match new ones: use a new directory")
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume

@@ -30,6 +30,7 @@ PTQ's statistics (``_trace_padding``, ``real_rows``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -107,10 +108,39 @@ def _output(out: Any) -> Any:
     return out
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit the same, NaN where the other has NaN (a sample whose prompt is all masked gives NaN in
+    HunyuanVideo: 0/0 in its masked mean)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _surviving(options: dict[str, list[tuple[int, int, int]]] | None, silent: Mapping[str, torch.Tensor],
+               pads: Sequence[torch.Tensor]) -> dict[str, list[tuple[int, int, int]]]:
+    """The (mask, first row, rows) alignments of each linear's input rows with a mask under which every padded
+    row is ``silent`` in these samples (``pads[j]``: mask j's padded tokens, ``(N, L_j)``): all that fit its
+    rows when ``options`` is None, else those of ``options`` that still hold (the same rows, none padded heard)."""
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    names = silent if options is None else [n for n in options if n in silent]
+    for name in names:
+        quiet = silent[name]
+        rows = quiet.shape[1]
+        if options is None:
+            left = [(j, at, rows) for j, p in enumerate(pads)
+                    for at in ([0] if rows == p.shape[1] else [rows - p.shape[1], 0] if rows > p.shape[1] else [])]
+        else:
+            left = options[name]
+        out[name] = [(j, at, r) for j, at, r in left if r == rows and quiet.shape[0] == pads[j].shape[0]
+                     and bool(quiet[:, at:at + pads[j].shape[1]][pads[j]].all())]
+    return out
+
+
 class GenericRunner(CutModel):
     """``SegmentRunner`` for a diffusers transformer the search has no cut of its own for (module docstring)."""
 
     extra_conditions = False   # (PixArt's; ``load_inputs`` asks every runner)
+    # a traced padding rule fits the batches it was traced at; a model whose rows change with the batch's size
+    # (FramePack trims its prompt at one sample) may meet a batch it does not fit: those count every row
+    rows_exact = False
     scheduler_timesteps = False   # (how a pipeline scales its timesteps is unknown: capture takes them from the calls)
 
     def __init__(self, model: nn.Module, *, output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -448,7 +478,7 @@ class GenericRunner(CutModel):
                         if per_list:
                             raise
                         continue
-                    if got.shape == want_ends.shape and torch.equal(got, want_ends):
+                    if _same(got, want_ends):
                         break
                 else:
                     raise ValueError(f"{what}: its forward, cut at its blocks, does not give the model's output (it "
@@ -508,23 +538,53 @@ class GenericRunner(CutModel):
         return out
 
     def _trace_padding(self, inputs: State, kind: Any) -> None:
-        """Which linears read padding: rows under a keep-mask input's zeros that never reach the output, left out of
-        calibration statistics (``real_rows``). Found on the sample with the most masked tokens: a linear's input rows
-        under the mask's zeros (aligned with its rows, its first or its last) must have an exactly zero gradient of the
-        output under a random weighting (others may too: the last single-stream block's prompt rows, whose output is
-        dropped); then held on the first, that and the last sample together: the output must stay bit for bit the same
-        with those rows of every such linear set to random values. Where either fails the padding stays in the
-        statistics (a warning says why)."""
+        """Which linears read padding: rows under a keep-mask input's zeros that never reach the output, left out
+        of calibration statistics (``real_rows``). Traced on every sample of ``inputs``, two at a time (a batch of
+        one may run otherwise: FramePack trims its prompt there): a linear's input rows under a mask's zeros
+        (aligned with its rows, their first or their last) must have an exactly zero gradient of the output under
+        a random weighting in every sample (others may too: the last single-stream block's prompt rows, whose
+        output is dropped), with the same rows in every pair; the first mask and alignment that holds everywhere
+        is the linear's rule. Then held again two at a time: the output must stay bit for bit the same with those
+        rows of every ruled linear set to random values. Where that fails, or the backward pass does (memory, an
+        in-place op), the padding stays in the statistics, and a warning says why."""
         self._padding[kind] = {}
         masks = self._masks(inputs)
-        if not masks:
+        pads = [~kept_rows(m) for _, m in masks]   # (N, L) each: the rows a rule would leave out
+        if not any(bool(p.any()) for p in pads):
             return
-        padded = sum((~kept_rows(m)).sum(1) for _, m in masks)
-        s = int(padded.argmax())
-        if not int(padded[s]):
-            return
+        n = inputs[0].shape[0]
+        pairs = [list(range(i, min(i + 2, n))) for i in range(0, n, 2)]
+        if n > 1 and len(pairs[-1]) == 1:
+            pairs[-1] = [n - 2, n - 1]
         device = next(self.model.parameters()).device
-        sample = tuple(t[s:s + 1].to(device) for t in inputs)
+        what = type(self.model).__name__
+        options: dict[str, list[tuple[int, int, int]]] | None = None   # linear -> (mask, first row, rows) left
+        try:
+            for idx in pairs:
+                silent = self._silent_rows(tuple(t[idx].to(device) for t in inputs))
+                options = _surviving(options, silent, [p[idx] for p in pads])
+        except (RuntimeError, ValueError) as e:   # (memory, an in-place op on a probed input, ...)
+            warnings.warn(f"{what}: padded rows stay in the calibration statistics: the gradient that finds them "
+                          f"fails ({type(e).__name__}: {e})", stacklevel=3)
+            return
+        rules = {name: (masks[j][0], at, rows) for name, left in (options or {}).items()
+                 for j, at, rows in left[:1] if bool(pads[j].any())}
+        if not rules:
+            return
+        self._padding[kind] = rules
+        try:
+            why = next((f"samples {idx}" for idx in pairs
+                        if not self._unmoved(tuple(t[idx].to(device) for t in inputs))), None)
+        except (RuntimeError, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why is not None:
+            self._padding[kind] = {}
+            warnings.warn(f"{what}: padded rows stay in the calibration statistics: setting the rows found silent "
+                          f"to random values moves the output ({why})", stacklevel=3)
+
+    def _silent_rows(self, state: State) -> dict[str, torch.Tensor]:
+        """Per linear with a 3-D float input, run once, the rows of that input the output does not read on
+        ``state``: ``(N, L)`` bool, where the gradient of the output under a random weighting is exactly zero."""
         probes: dict[str, torch.Tensor] = {}
         twice: set[str] = set()
 
@@ -539,60 +599,40 @@ class GenericRunner(CutModel):
                 return None
             return hook
 
-        what = type(self.model).__name__
-        try:
-            with self._hooked(probe), torch.enable_grad():
-                out = _output(self.model(**self._kwargs(sample)))
-                weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
-                grads = torch.autograd.grad((out.float() * weight).sum(), list(probes.values()), allow_unused=True)
-        except (RuntimeError, ValueError) as e:   # (an in-place op on a probed input, memory, ...)
-            warnings.warn(f"{what}: padded rows stay in the calibration statistics: the gradient that finds them "
-                          f"fails ({type(e).__name__}: {e})", stacklevel=2)
-            return
-        rules: dict[str, tuple[int, int, int]] = {}
-        for name, g in zip(probes, grads):
-            if g is None or name in twice:
-                continue
-            silent = g[0].abs().amax(-1) == 0   # (L,): rows the output does not read
-            rows = silent.shape[0]
-            for i, m in masks:
-                pad = ~kept_rows(m[s:s + 1])[0].to(silent.device)
-                width = pad.shape[0]
-                offsets = [0] if rows == width else [rows - width, 0] if rows > width else []
-                at = next((o for o in offsets if pad.any() and bool(silent[o:o + width][pad].all())), None)
-                if at is not None:
-                    rules[name] = (i, at, rows)
-                    break
-        if not rules:
-            return
-        self._padding[kind] = rules
-        picked = sorted({0, s, inputs[0].shape[0] - 1})
-        several = tuple(t[picked].to(device) for t in inputs)
+        with self._hooked(probe), torch.enable_grad():
+            out = _output(self.model(**self._kwargs(state)))
+            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+            grads = torch.autograd.grad((out.float() * weight).nansum(), list(probes.values()), allow_unused=True)
+        return {name: (g.abs().amax(-1) == 0).cpu() for name, g in zip(probes, grads)
+                if g is not None and name not in twice}
+
+    def _unmoved(self, state: State) -> bool:
+        """The output on ``state`` is bit for bit the same with the rows ``real_rows`` leaves out set to random
+        values (both runs through the same hooks: a hook's result can take another matmul path than a view)."""
         gen = torch.Generator().manual_seed(1)
 
-        def perturb(name: str) -> Callable[..., Any]:
-            def hook(mod: nn.Module, args: tuple) -> Any:
-                keep = self.real_rows(name, several)
-                if keep is None:
-                    return None
-                x = args[0]
-                if tuple(x.shape[:-1]) != tuple(keep.shape):
-                    raise ValueError(f"{name} reads {tuple(x.shape)}, its padding rule {tuple(keep.shape)}")
-                noise = torch.randn(x.shape, generator=gen).to(x) * (4 * float(x.float().std()) + 1)
-                return (torch.where(keep[..., None].to(x.device), x, noise),) + args[1:]
-            return hook
+        def rows(noise: bool) -> Callable[[str], Callable[..., Any]]:
+            def make(name: str) -> Callable[..., Any]:
+                def hook(mod: nn.Module, args: tuple) -> Any:
+                    keep = self.real_rows(name, state)
+                    if keep is None:
+                        return None
+                    x = args[0]
+                    if tuple(x.shape[:-1]) != tuple(keep.shape):
+                        raise ValueError(f"{name} reads {tuple(x.shape)}, its padding rule {tuple(keep.shape)}")
+                    other = x
+                    if noise:
+                        scale = 4 * float(x.float().nan_to_num(0.0, 0.0, 0.0).std()) + 1   # (finite: NaN would spread)
+                        other = torch.randn(x.shape, generator=gen).to(x) * scale
+                    return (torch.where(keep[..., None].to(x.device), x, other),) + args[1:]
+                return hook
+            return make
 
-        try:
-            want = _output(self.model(**self._kwargs(several)))
-            with self._hooked(perturb):
-                got = _output(self.model(**self._kwargs(several)))
-            why = None if torch.equal(got, want) else "the output changes with them"
-        except ValueError as e:
-            why = str(e)
-        if why is not None:
-            self._padding[kind] = {}
-            warnings.warn(f"{what}: padded rows stay in the calibration statistics: the rows found on one sample "
-                          f"are not padding on others ({why})", stacklevel=2)
+        with self._hooked(rows(False)):
+            want = _output(self.model(**self._kwargs(state)))
+        with self._hooked(rows(True)):
+            got = _output(self.model(**self._kwargs(state)))
+        return _same(got, want)
 
     def _hooked(self, make: Callable[[str], Callable[..., Any]]) -> contextlib.AbstractContextManager[None]:
         """Every linear with the forward pre-hook ``make(name)``, removed on exit."""
@@ -605,6 +645,12 @@ class GenericRunner(CutModel):
                 for h in handles:
                     h.remove()
         return hooked()
+
+    def padding_digest(self) -> str | None:
+        """A digest of the padding rules traced so far (PTQ's state records it: a resume must leave out the same
+        rows), None when there are none."""
+        rules = sorted((str(kind), sorted(r.items())) for kind, r in self._padding.items() if r)
+        return hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:16] if rules else None
 
     @property
     def pads_rows(self) -> bool:   # type: ignore[override]
