@@ -10,7 +10,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_mmdit_fused import (another_processor_and_training, count_kernels,  # noqa: E402
-                             flux_style_parts_fall_back, fused_kernels_run, pair)
+                             flux_style_parts_fall_back, fused_kernels_run, gpu_fused_matches, half_agrees, pair)
 from test_search_chroma import call  # noqa: E402
 from tiny_diffusers import tiny_chroma  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -108,14 +108,7 @@ def test_bf16_fp16_and_the_block_registry():
     """In bf16 and fp16 the fused model agrees with the unfused one to the dtype's rounding; diffusers' block-level
     hooks find the fused classes in its registry."""
     for dtype in (torch.bfloat16, torch.float16):
-        model = tiny_chroma().to(dtype)
-        unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=dtype)
-        kw = call(dtype=dtype)
-        with torch.no_grad():
-            want, got = unfused(**kw).sample.float(), fused(**kw).sample
-        assert got.dtype == dtype
-        got = got.float()
-        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 2e-2
+        half_agrees(tiny_chroma().to(dtype), call(dtype=dtype), dtype)
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     for cls, index in ((FusedChromaTransformerBlock, (1, 0)), (FusedChromaSingleTransformerBlock, (0, None))):
@@ -126,16 +119,4 @@ def test_bf16_fp16_and_the_block_registry():
 @pytest.mark.gpu
 def test_fused_equals_unfused_on_gpu():
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, the mask included."""
-    model = tiny_chroma()
-    plan = QuantPlan.block_uniform(model, 4, 8)
-    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
-    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
-    kw = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda())
-          if isinstance(v, torch.Tensor) else v for k, v in call(dtype=torch.bfloat16).items()}
-    calls, b = count_kernels(fused, kw)
-    assert calls == PER_FORWARD   # fused on the GPU too
-    with torch.no_grad():
-        a = unfused(**kw).sample.float()
-    b = b.float()
-    assert torch.isfinite(b).all()
-    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
+    gpu_fused_matches(tiny_chroma(), call(dtype=torch.bfloat16), PER_FORWARD)

@@ -11,7 +11,8 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 if not hasattr(diffusers, "HunyuanVideo15Transformer3DModel"):
     pytest.skip("this diffusers has no HunyuanVideo 1.5", allow_module_level=True)
 
-from test_mmdit_fused import another_processor_and_training, count_kernels, hooked_parts_fall_back, pair  # noqa: E402
+from test_mmdit_fused import (another_processor_and_training, count_kernels, gpu_fused_matches,  # noqa: E402
+                             half_agrees, hooked_parts_fall_back, pair)
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -110,29 +111,10 @@ def test_only_blocks_with_something_to_fuse_are_swapped_and_the_registry():
 
 
 def test_bf16():
-    model = tiny_hunyuan15().to(torch.bfloat16)
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
-    kw = call(dtype=torch.bfloat16)
-    with torch.no_grad():
-        want, got = unfused(**kw).sample.float(), fused(**kw).sample
-    assert got.dtype == torch.bfloat16
-    got = got.float()
-    assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 2e-2
+    half_agrees(tiny_hunyuan15().to(torch.bfloat16), call(dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu
 def test_fused_equals_unfused_on_gpu():
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, the mask included."""
-    model = tiny_hunyuan15()
-    plan = QuantPlan.block_uniform(model, 4, 8)
-    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
-    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
-    kw = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda())
-          for k, v in call(dtype=torch.bfloat16).items()}
-    calls, b = count_kernels(fused, kw)
-    assert calls == PER_FORWARD   # fused on the GPU too
-    with torch.no_grad():
-        a = unfused(**kw).sample.float()
-    b = b.float()
-    assert torch.isfinite(b).all()
-    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
+    gpu_fused_matches(tiny_hunyuan15(), call(dtype=torch.bfloat16), PER_FORWARD)

@@ -10,7 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, half_agrees, pair  # noqa: E402
 from test_search_ltx import call  # noqa: E402
 from tiny_diffusers import tiny_ltx  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -192,13 +192,8 @@ def test_only_ltx_blocks_with_something_to_fuse_are_swapped():
 def test_bf16_and_a_cache_hook():
     """In bf16 the fused model agrees with the unfused one to bf16's rounding; diffusers' FirstBlockCache finds the
     fused class in its block registry."""
-    model = tiny_ltx().to(torch.bfloat16)
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
     kw = call(dtype=torch.bfloat16)
-    with torch.no_grad():
-        want, got = unfused(**kw).sample.float(), fused(**kw).sample
-    assert got.dtype == torch.bfloat16
-    assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    fused = half_agrees(tiny_ltx().to(torch.bfloat16), kw)
     fused.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
     with torch.no_grad(), fused.cache_context("test"):
         first = fused(**kw).sample.float()

@@ -49,6 +49,46 @@ def pair(model, plan, dtype=torch.float32):
     return unfused, fused
 
 
+def half_agrees(model, kw, dtype=torch.bfloat16):
+    """``model`` (already in ``dtype``) at W8A8, fused and unfused, on the call ``kw``: the fused output is in
+    ``dtype``, finite, and within 2 % of the unfused one (the dtype's rounding). Returns the fused model."""
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=dtype)
+    with torch.no_grad():
+        want, got = unfused(**kw).sample.float(), fused(**kw).sample
+    assert got.dtype == dtype
+    got = got.float()
+    assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 2e-2
+    return fused
+
+
+def on_gpu(kw):
+    """A call's arguments on the GPU: float tensors in bf16 but the timestep (as given), tuples element-wise."""
+    def move(k, v):
+        if isinstance(v, tuple):
+            return tuple(move(k, x) for x in v)
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda()
+    return {k: move(k, v) for k, v in kw.items()}
+
+
+def gpu_fused_matches(model, kw, per_forward):
+    """On the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, a W4A8 plan: the fused model
+    makes ``per_forward``'s fused kernel calls on ``kw`` and agrees with the unfused one within 8 % (a dropped gate
+    or residual moves the output by half its norm or more)."""
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16).to(torch.bfloat16)
+    kw = on_gpu(kw)
+    calls, b = count_kernels(fused, kw)
+    assert calls == per_forward   # fused on the GPU too
+    with torch.no_grad():
+        a = unfused(**kw).sample.float()
+    b = b.float()
+    assert torch.isfinite(b).all()
+    assert (b - a).norm() <= 0.08 * a.norm(), f"relative error {float((b - a).norm() / a.norm()):.3g}"
+
+
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
 @pytest.mark.parametrize("guidance", [True, False])
 def test_fused_equals_unfused(kind, guidance):
