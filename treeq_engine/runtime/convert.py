@@ -208,8 +208,8 @@ def guard_projection_fusion(model: nn.Module) -> int:
 def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
-    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's, Chroma's, HunyuanVideo's (1.5's
-    too) and CogVideoX's blocks. Returns how many blocks were fused."""
+    joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's (LTX-2's too), Chroma's,
+    HunyuanVideo's (1.5's too) and CogVideoX's blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -256,7 +256,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "hunyuan_fused", "fuse_hunyuan_blocks", (0, 36)),
                     (("HunyuanVideo15TransformerBlock",), "HunyuanVideo 1.5", "hunyuan15_fused",
                      "fuse_hunyuan15_blocks", (0, 36)),
-                    (("CogVideoXBlock",), "CogVideoX", "cogvideox_fused", "fuse_cogvideox_blocks", (0, 32)))
+                    (("CogVideoXBlock",), "CogVideoX", "cogvideox_fused", "fuse_cogvideox_blocks", (0, 32)),
+                    (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)))
 
 
 def _diffusers_version() -> tuple[int, int]:
