@@ -308,7 +308,8 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
         if isinstance(h, torch.Tensor):
             h = fc2.quantize_input(h.contiguous())
         return fc2.linear(h, out_dtype=x2.dtype, residual=x2, gate=m32[5])
-    return (modulation_chunk(mod, 5) * fc2(h).view(x.shape) + x).to(x2.dtype).reshape(x2.shape)
+    y = fc2(h.reshape(*x.shape[:2], h.shape[-1]))   # (on (B, S, ·), as diffusers calls it: a hook sees that shape)
+    return (modulation_chunk(mod, 5) * y + x).to(x2.dtype).reshape(x2.shape)
 
 
 def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, batch: int,
@@ -316,10 +317,11 @@ def _gated_out(proj: nn.Module, o: torch.Tensor, x2: torch.Tensor, batch: int,
     """``x2 + gate ⊙ proj(o)`` as (M, D) rows (ungated when ``gate`` is None; ``o`` rows or (B, T, ·)): in proj's
     epilogue where it is packed with quantized activations, else as diffusers adds it (an attention's to_out[1] is
     Dropout: the identity)."""
-    o2 = o.reshape(-1, o.shape[-1]).contiguous()
     if _quantized(proj):
+        o2 = o.reshape(-1, o.shape[-1]).contiguous()
         return proj.linear(proj.quantize_input(o2), out_dtype=x2.dtype, residual=x2, gate=gate32)
-    y = proj(o2).view(batch, -1, x2.shape[-1])
+    t = x2.shape[0] // batch if batch else 0
+    y = proj(o.reshape(batch, t, o.shape[-1])).view(batch, t, x2.shape[-1])   # (as diffusers calls it: B, S, ·)
     if gate is not None:
         y = gate * y
     return (y + x2.view(y.shape)).reshape(x2.shape)
