@@ -68,23 +68,25 @@ def mixed(model):
 
 
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
-@pytest.mark.parametrize("config", [{}, {"cross_attn_mod": True, "audio_cross_attn_mod": True, "rope_type": "split"}],
-                         ids=["ltx2", "adaln-split"])
+@pytest.mark.parametrize("config", [{}, {"cross_attn_mod": True, "audio_cross_attn_mod": True, "rope_type": "split"},
+                                    {"cross_attn_mod": True, "audio_cross_attn_mod": True,
+                                     "use_prompt_adaln_single": False}],
+                         ids=["ltx2", "adaln-split", "adaln-table"])
 def test_fused_equals_unfused(kind, config):
     model = tiny_ltx2(**config)
     plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
     unfused, fused = pair(model, plan)
     assert [type(b) for b in fused.transformer_blocks] == [FusedLTX2VideoTransformerBlock] * 2
     assert fused.state_dict().keys() == unfused.state_dict().keys()
-    for kw in (call(), call(n=3, seed=1, text=4)):
+    for kw in (call(), call(n=3, seed=1, text=4), {**call(n=1, seed=2), "isolate_modalities": True}):
         want, got, fp = output(unfused, kw), output(fused, kw), output(model, kw)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
 
 
 def test_a_timestep_per_token():
-    """Image to video passes a timestep per video token (the conditioning frame's at 0): one modulation group per
-    row in the kernels."""
+    """Image to video passes a timestep per video token (the conditioning frame's at 0), and the audio may have one
+    per token too: one modulation group per row in the kernels."""
     model = tiny_ltx2()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call()
@@ -94,6 +96,8 @@ def test_a_timestep_per_token():
     want, got = output(unfused, kw), output(fused, kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, output(fused, call()))
+    kw["audio_timestep"] = torch.linspace(0, 900, 9).expand(2, 9)   # (and the audio's per token)
+    torch.testing.assert_close(output(fused, kw), output(unfused, kw), rtol=1e-5, atol=1e-5)
 
 
 def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward():
@@ -112,6 +116,14 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
         assert count_ltx2(fused, kw)["ln"] == PER_FORWARD["ln"] // 2 and seen, part
         h.remove()
         torch.testing.assert_close(output(fused, kw), want, rtol=1e-5, atol=1e-5)
+    shapes = []   # (a float layer the fused path runs as a module sees (B, S, ·), as diffusers gives it)
+    plan = QuantPlan.block_uniform(model, 4, 8).with_layer("transformer_blocks.0.audio_ff.net.2", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.attn1.to_out.0", LayerConfig(16, 16))
+    _, fused16 = pair(model, plan)
+    for name in ("audio_ff.net.2", "attn1.to_out.0"):
+        fused16.transformer_blocks[0].get_submodule(name).register_forward_pre_hook(
+            lambda mod, args: shapes.append(args[0].dim()))
+    assert count_ltx2(fused16, kw)["ln"] == PER_FORWARD["ln"] and shapes == [3, 3]
     other = type("OtherProcessor", (LTX2AudioVideoAttnProcessor,), {})
     fused.transformer_blocks[1].audio_attn1.set_processor(other())
     assert count_ltx2(fused, kw)["ln"] == PER_FORWARD["ln"] // 2
@@ -121,15 +133,20 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     fused.eval()
 
 
-@pytest.mark.parametrize("config", [{"gated_attn": True}, {"perturbed_attn": True}], ids=["gated", "stg"])
-def test_gated_attention_and_guidance_run_diffusers_forward(config):
-    """Gated attention (a gate per head from the block's input) and spatio-temporal guidance (the perturbed
-    processor) are not the fused path's: those blocks run diffusers' forward, and agree with the unfused model."""
-    model = tiny_ltx2(**config)
+def test_gated_attention_and_guidance():
+    """LTX-2.3's gated attention (a gate per head from the self-attention's input: its linear shares q/k/v's
+    quantization) fuses, and so do blocks with the perturbed processor that are not perturbed; a block spatio-temporal
+    guidance perturbs (some samples, or all) runs diffusers' forward. Each agrees with the unfused model."""
+    model = tiny_ltx2(gated_attn=True, audio_gated_attn=True, perturbed_attn=True)
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert fused.transformer_blocks[0].attn1.to_gate_logits is not None
     kw = call()
-    assert count_ltx2(fused, kw)["ln"] == 0
+    assert count_ltx2(fused, kw) == PER_FORWARD
     torch.testing.assert_close(output(fused, kw), output(unfused, kw), rtol=1e-5, atol=1e-5)
+    for mask in (torch.tensor([1.0, 0.0]), torch.zeros(2)):   # (the second sample perturbed; both)
+        kw = {**call(), "spatio_temporal_guidance_blocks": [1], "perturbation_mask": mask}
+        assert count_ltx2(fused, kw)["ln"] == PER_FORWARD["ln"] // 2
+        torch.testing.assert_close(output(fused, kw), output(unfused, kw), rtol=1e-5, atol=1e-5)
 
 
 def count_ltx2(model, kw):
@@ -150,7 +167,7 @@ def test_bf16_and_only_blocks_with_something_to_fuse():
     kw = call(dtype=torch.bfloat16)
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
     want, got = output(unfused, kw), output(fused, kw)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and count_ltx2(fused, kw) == PER_FORWARD
     assert torch.isfinite(got).all() and float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
     weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.bfloat16)
     assert not any(isinstance(b, FusedLTX2VideoTransformerBlock) for b in weight_only.transformer_blocks)

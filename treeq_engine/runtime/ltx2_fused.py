@@ -17,13 +17,15 @@ in ``to_out[0]``'s and ``ff.net[2]``'s: per block, in each stream, the self-atte
 cross-attentions (text, audio to video, video to audio) run diffusers' modules (their packed linears each
 quantizing their own input), with diffusers' code around them. The self-attention is
 ``LTX2AudioVideoAttnProcessor``'s computation (RMSNorm across heads on q and k, the interleaved or split rotary
-embedding, ``dispatch_attention_fn`` with the processor's backend). Fused and unfused agree to the model dtype's
-rounding (the kernels normalize and modulate in float32, and add the gated residuals in float32), not bit for bit.
+embedding, ``dispatch_attention_fn`` with the processor's backend; LTX-2.3's per-head gate, ``2 sigmoid`` of a
+linear of the same input, which shares q/k/v's quantization). Fused and unfused agree to the model dtype's rounding
+(the kernels normalize and modulate in float32, and add the gated residuals in float32), not bit for bit.
 
 A block is swapped only in the structure diffusers builds (RMSNorms without affine before the self-attentions and
 the feed-forwards, ``LTX2Attention`` self-attentions, ``FeedForward`` of [GELU, Dropout, linear]) with a packed
-linear with quantized activations to fuse. It runs diffusers' own forward in training mode, with spatio-temporal
-guidance (the perturbed processor), gated attention or a self-attention mask, for a ``temb`` of another shape than
+linear with quantized activations to fuse. It runs diffusers' own forward in training mode, in a block that
+spatio-temporal guidance perturbs (the perturbed processor's other blocks fuse), with a self-attention mask, for a
+``temb`` of another shape than
 ``(B, 1, P·D)`` or ``(B, S, P·D)``, and when a fused norm or self-attention carries a hook or another processor;
 a feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers computes it. The
 fused forward follows diffusers 0.42's block (older ones stay unfused); diffusers' block registry has no entry for
@@ -37,11 +39,12 @@ import torch
 import torch.nn as nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx2 import (LTX2Attention, LTX2AudioVideoAttnProcessor,
-                                                            LTX2VideoTransformerBlock, apply_interleaved_rotary_emb,
-                                                            apply_split_rotary_emb)
+                                                            LTX2PerturbedAttnProcessor, LTX2VideoTransformerBlock,
+                                                            apply_interleaved_rotary_emb, apply_split_rotary_emb)
 
-from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project,
-                              Modulation, dispatch_kwargs, modulation_chunk, self_attention_ok, swap_blocks)
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+                              _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
+                              self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .ltx_fused import _plain_rms_norm
 
@@ -64,12 +67,26 @@ def _supported(block: nn.Module) -> bool:
     return all(_stream_ok(block, names) for names in STREAMS)
 
 
+def _projections(attn: Any) -> tuple[nn.Module, ...]:
+    """The linears that read a self-attention's input: q, k, v, and the per-head gate's where it has one."""
+    gate = attn.to_gate_logits
+    return (attn.to_q, attn.to_k, attn.to_v) + (() if gate is None else (gate,))
+
+
 def _linears(block: nn.Module) -> list[nn.Module]:
     out = []
     for _, attn, _, ff, _ in STREAMS:
         a, f = getattr(block, attn), getattr(block, ff)
-        out += [a.to_q, a.to_k, a.to_v, a.to_out[0], f.net[0].proj, f.net[2]]
+        out += [*_projections(a), a.to_out[0], f.net[0].proj, f.net[2]]
     return out
+
+
+def _attention_ok(attn: Any) -> bool:
+    """A self-attention the fused path computes: LTX-2's processor, or the perturbed one (spatio-temporal guidance)
+    in a block that does not perturb (``forward`` checks), on unfused projections, nothing hooked it bypasses."""
+    processors = (LTX2AudioVideoAttnProcessor, LTX2PerturbedAttnProcessor)
+    ok = any(self_attention_ok(attn, LTX2Attention, p) for p in processors)
+    return ok and (attn.to_gate_logits is None or not _bypassed_hook(attn.to_gate_logits))
 
 
 def _modulation(table: torch.Tensor, temb: torch.Tensor, x: torch.Tensor) -> tuple[Modulation, torch.Tensor] | None:
@@ -85,13 +102,14 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor, x: torch.Tensor) -> tup
     def chunk(i: int) -> torch.Tensor:
         return params[i]
 
-    m32 = torch.stack([params[i].reshape(-1, d) for i in range(6)]).to(torch.float32).contiguous()
-    return chunk, m32
+    return chunk, per_token_modulation(chunk, b * temb.shape[1])   # (filled chunk by chunk: no stacked copy)
 
 
-def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any) -> torch.Tensor:
-    """``LTX2AudioVideoAttnProcessor``'s self-attention (no mask, no gate) of (B·S, inner) projection rows, as
-    (B, S, inner)."""
+def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``LTX2AudioVideoAttnProcessor``'s self-attention (no mask) of (B·S, inner) projection rows, as (B, S, inner),
+    each head scaled by ``2 sigmoid(gate)`` where the attention has per-head gates (``gate``: their (B·S, heads)
+    logits)."""
     query, key, value = (t.view(b, -1, t.shape[-1]) for t in (q, k, v))
     query, key = attn.norm_q(query), attn.norm_k(key)
     if rotary is not None:
@@ -102,7 +120,11 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
     o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                               **dispatch_kwargs(attn.processor))
-    return o.flatten(2, 3).to(query.dtype)
+    o = o.flatten(2, 3).to(query.dtype)
+    if gate is not None:
+        gates = 2.0 * torch.sigmoid(gate.view(b, -1, gate.shape[-1]))
+        o = (o.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
+    return o
 
 
 class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
@@ -119,10 +141,10 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
         """``x + gate_msa · self_attention(mod(norm(x)))``, the kernels where the layers are packed."""
         b, s, d = x.shape
         x2 = x.reshape(b * s, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), x2,
-                           lambda: norm(x) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
-                           ln_eps=norm.eps, shift=m32[0], scale=m32[1], rms_norm=True)
-        o = _self_attention(attn, q, k, v, b, rotary)
+        q, k, v, *gate = _project(_projections(attn), x2,
+                                  lambda: norm(x) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
+                                  ln_eps=norm.eps, shift=m32[0], scale=m32[1], rms_norm=True)
+        o = _self_attention(attn, q, k, v, b, rotary, gate[0] if gate else None)
         proj = attn.to_out[0]
         if _quantized(proj):   # (not hooked: self_attention_ok)
             return _gated_out(proj, o, x2, b, m32[2]).view(b, s, d)
@@ -166,11 +188,11 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
                     use_v2a_cross_attention=use_v2a_cross_attention, perturbation_mask=perturbation_mask,
                     all_perturbed=all_perturbed)
         h, ah = hidden_states, audio_hidden_states
-        if (self.training or self.perturbed_attn or h.ndim != 3 or ah.ndim != 3 or self_attention_mask is not None
+        perturbs = perturbation_mask is not None or (all_perturbed is not None and bool(all_perturbed))
+        if (self.training or perturbs or h.ndim != 3 or ah.ndim != 3 or self_attention_mask is not None
                 or audio_self_attention_mask is not None
                 or any(_hooked(getattr(self, n)) for n in ("norm1", "audio_norm1", "norm3", "audio_norm3"))
-                or not all(self_attention_ok(a, LTX2Attention, LTX2AudioVideoAttnProcessor) and a.to_gate_logits is None
-                           for a in (self.attn1, self.audio_attn1))):
+                or not (_attention_ok(self.attn1) and _attention_ok(self.audio_attn1))):
             return super().forward(**call)
         video = _modulation(self.scale_shift_table, temb, h)
         audio = _modulation(self.audio_scale_shift_table, temb_audio, ah)
