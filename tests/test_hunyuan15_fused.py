@@ -100,14 +100,29 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
                                    PER_FORWARD["ln"] // 2)
 
 
-def test_only_blocks_with_something_to_fuse_are_swapped_and_the_registry():
+def test_only_blocks_with_something_to_fuse_are_swapped():
     model = tiny_hunyuan15()
     fused = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
     assert not any(isinstance(b, FusedHunyuanVideo15TransformerBlock) for b in fused.transformer_blocks)
-    from diffusers.hooks._helpers import TransformerBlockRegistry
 
-    meta = TransformerBlockRegistry.get(FusedHunyuanVideo15TransformerBlock)
-    assert (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) == (0, 1)
+
+def test_the_mask_hides_the_padding_both_ways():
+    """The processor's mask is the outer product of the prompt mask with itself: a padded text row sees nothing
+    (its output is then what the attention gives a row with no key), not the image. Held on a block's text output,
+    which the model's output never shows."""
+    model = tiny_hunyuan15()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(0)
+    h, c = torch.randn(2, 16, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    temb = torch.randn(2, 16, generator=g)
+    mask = torch.ones(2, 5)
+    mask[0, 3:] = 0
+    with torch.no_grad():
+        want = unfused.transformer_blocks[0](h, c, temb, mask, None)
+        got = fused.transformer_blocks[0](h, c, temb, mask, None)
+    assert type(fused.transformer_blocks[0]) is FusedHunyuanVideo15TransformerBlock
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16():

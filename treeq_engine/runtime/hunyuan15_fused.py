@@ -9,7 +9,8 @@ its token refiner's blocks stay unfused.
 A block is swapped only in the structure diffusers builds with a packed linear with quantized activations to fuse;
 a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
 projections, when a norm, the attention or a projection carries a hook, on other input ranks, without text or
-without a mask. diffusers >= 0.36 (its processor's ``dispatch_attention_fn``). The state dict is unchanged.
+without a mask. diffusers >= 0.36 (its processor's ``dispatch_attention_fn``); diffusers' block registry has no
+entry for the original, nor for the fused class. The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15TransformerBlock)
 
-from .diffusers_fused import _adopt, _hooked, register_block, swap_blocks
+from .diffusers_fused import _adopt, _hooked, swap_blocks
 from .hunyuan_fused import _attention, _attention_ok, _double_supported
 from .mmdit_fused import _modulation, flux_double, flux_linears
 
@@ -72,5 +73,3 @@ def fuse_hunyuan15_blocks(model: nn.Module) -> int:
     return swap_blocks(model, lambda m: FusedHunyuanVideo15TransformerBlock if _supported(m) else None,
                        lambda block: flux_linears(block, single=False))
 
-
-register_block(FusedHunyuanVideo15TransformerBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states)
