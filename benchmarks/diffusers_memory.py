@@ -83,6 +83,15 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    "CogVideoX-5B": ("CogVideoXTransformer3DModel", dict(   # (searched by the generic cut; these below too)
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True)),
+    "HunyuanVideo-1.5 480p": ("HunyuanVideo15Transformer3DModel", dict(
+        in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+        num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
+        text_embed_2_dim=1472, image_embed_dim=1152, rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v")),
+    "LTX-2 (video and audio)": ("LTX2VideoTransformer3DModel", dict()),   # (diffusers' defaults are LTX-2's)
 }
 
 
