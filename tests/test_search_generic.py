@@ -486,20 +486,25 @@ def test_capture_search_pack_and_sample_a_pipeline(tmp_path, capsys):
                                                          str(prompts), "--frames", "5", "--out", calib])
 
 
-@pytest.mark.parametrize("name", ["HunyuanVideo", "Lumina2"])
-def test_a_weightless_profile_runs_the_cut_or_says_why_not(name, tmp_path):
-    """`treeq profile --diffusers` prices the layers on a meta-device copy: the generic cut's trace runs there for
-    HunyuanVideo; Lumina2's forward reads values (its mask's lengths), which a meta tensor has not: named."""
-    from treeq_engine.runtime.profile import diffusers_rows
+@pytest.mark.parametrize("name", ["HunyuanVideo", "Lumina2", "HunyuanVideo15"])
+def test_a_weightless_profile_prices_the_rows_the_model_runs(name, tmp_path, monkeypatch):
+    """`treeq profile --diffusers` prices the layers on a meta-device copy where the generic cut's trace runs there
+    (HunyuanVideo); a forward that reads its inputs' values (Lumina2's mask lengths, HunyuanVideo 1.5's image test),
+    which meta tensors do not hold, runs on zero weights instead. Either way the rows are those the model runs."""
+    from treeq_engine.runtime import profile
+    from treeq_engine.search import SearchSpace
 
     model, kw = zoo(name)
     runner, state = traced(model, kw)
     model.save_pretrained(tmp_path / "m")
     calib = str(tmp_path / "c.safetensors")
     save_inputs(calib, runner, state)
-    if name == "Lumina2":
-        with pytest.raises(ValueError, match="fails on the first sample of these inputs alone on the meta device"):
-            diffusers_rows(str(tmp_path / "m"), calib, [1])
-        return
-    rows = diffusers_rows(str(tmp_path / "m"), calib, [1, 2])
-    assert rows and all(k > 0 and n > 0 and r > 0 for k, n, r in rows)
+    zeroed, original = [], profile._zeroed
+    monkeypatch.setattr(profile, "_zeroed", lambda m: zeroed.append(1) or original(m))
+    rows = profile.diffusers_rows(str(tmp_path / "m"), calib, [1, 2])
+    assert bool(zeroed) == (name != "HunyuanVideo")
+    one = tuple(t[:1] for t in state)
+    space = SearchSpace.build(model, one, forward=lambda *xs: run_segments(runner, xs), fixed_config=None)
+    want = {(p.k, p.n, p.tokens) for leaf in space.leaves for p in leaf.parts} | \
+        {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}
+    assert rows == sorted({(k, n, r * b) for k, n, r in want for b in (1, 2)})

@@ -56,7 +56,10 @@ def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
 def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list[tuple[int, int, int]]:
     """Distinct ``(K, N, GEMM rows)`` of every linear the search prices for the diffusers transformer under
     ``path`` on the inputs of calibration file ``calib_inputs`` (its first sample's shapes), × each batch: one
-    forward of a meta-device copy (no weights loaded, nothing computed) through the search's runner."""
+    forward of a meta-device copy (no weights loaded, nothing computed) through the search's runner. A forward that
+    reads values of its inputs (a mask's lengths: Lumina2, Mochi, HunyuanVideo 1.5), which meta tensors do not
+    hold, runs instead on the GPU (the CPU without one) with the architecture's weights all zero: no checkpoint is
+    read, and the shapes are the inputs'."""
     from ..models.diffusers_transformers import class_of, model_class, transformer_dir
     from ..search import SearchSpace, make_runner
     from ..search.diffusers_runner import load_inputs
@@ -68,7 +71,16 @@ def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list
     with torch.device("meta"):
         model = cls.from_config(config)
     runner = make_runner(model)
-    inputs = tuple(t.to("meta") for t in load_inputs(calib_inputs, runner, samples=1))   # every sample's shapes
+    try:
+        inputs = tuple(t.to("meta") for t in load_inputs(calib_inputs, runner, samples=1, padding=False))
+    except ValueError as e:
+        if "on the meta device" not in str(e):
+            raise
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = _zeroed(cls.from_config(config))
+        runner = make_runner(model)
+        inputs = load_inputs(calib_inputs, runner, samples=1, padding=False)
+        inputs = tuple(t.to(next(model.parameters()).device) for t in inputs)
     per_image: set[tuple[int, int, int]] = set()
     # (a runner whose rows depend on values the meta device cannot hold, Z-Image's caption lengths, gives the
     # extremes: the search's rows then lie between two profiled ones)
@@ -77,6 +89,15 @@ def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list
         per_image |= {(p.k, p.n, p.tokens) for leaf in space.leaves for p in leaf.parts} | \
             {(leaf.k, leaf.n, leaf.tokens) for leaf, _ in space.fixed}
     return sorted({(k, n, r * b) for k, n, r in per_image for b in batches})
+
+
+def _zeroed(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer zero (deterministic; the shapes, not the values, are what the
+    profile reads)."""
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            t.zero_()
+    return model.eval()
 
 
 def layer_rows(model: nn.Module, batches: Sequence[int]) -> list[tuple[int, int, int]]:

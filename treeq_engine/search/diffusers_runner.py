@@ -542,9 +542,10 @@ def inputs_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
+def load_inputs(path: str, runner: Any, *, samples: int | None = None, padding: bool = True) -> State:
     """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names; only the first
-    ``samples`` when given (read from the file alone)."""
+    ``samples`` when given (read from the file alone). ``padding=False``: the generic cut traces no padding rules
+    (a weightless profile needs shapes only)."""
     from safetensors import safe_open
 
     try:
@@ -584,7 +585,7 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None) -> State:
                 for name, t in zip(runner.input_names, out))
     if hasattr(runner, "check"):   # (the generic cut: traced and held to the model on some of the samples)
         try:
-            runner.check(out)
+            runner.check(out, padding=padding)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     return out

@@ -407,9 +407,9 @@ class GenericRunner(CutModel):
 
     # -- the trace ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def check(self, inputs: State) -> None:
+    def check(self, inputs: State, *, padding: bool = True) -> None:
         """Trace the cut on the first sample of ``inputs`` and hold it to the model (module docstring): a
-        ``ValueError`` names what the generic cut cannot reproduce."""
+        ``ValueError`` names what the generic cut cannot reproduce. ``padding``: trace the padding rules too."""
         what = type(self.model).__name__
         device = next(self.model.parameters()).device
         one = tuple(t[:1].to(device) for t in inputs)
@@ -520,7 +520,7 @@ class GenericRunner(CutModel):
                 label = f"{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
                 self._ties.update({n: label for n in names})
         first_input.clear()
-        if want.device.type != "meta":
+        if padding and want.device.type != "meta":
             self._trace_padding(inputs, kind)
 
     # -- padding -----------------------------------------------------------------------------------
