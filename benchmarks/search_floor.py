@@ -41,7 +41,8 @@ CASES: list[tuple[str, Size]] = [
     ("FLUX.1-dev", 512), ("FLUX.1-dev", 1024), ("Qwen-Image", 1024), ("Sana 1600M 1024px", 1024),
     ("FLUX.2-dev", 1024), ("Chroma1-HD", 1024), ("Z-Image-Turbo", 1024),
     ("LTX-Video 2B", (121, 512, 768)), ("Wan2.1-T2V-1.3B", (17, 240, 416)), ("Wan2.1-T2V-1.3B", (81, 480, 832)),
-    ("Wan2.1-T2V-14B", (17, 240, 416)), ("HunyuanVideo", (17, 240, 416))]
+    ("Wan2.1-T2V-14B", (17, 240, 416)), ("HunyuanVideo", (17, 240, 416)), ("CogVideoX-5B", (49, 480, 720)),
+    ("LTX-2 (video and audio)", (121, 512, 768))]
 
 
 def size_label(size: Size) -> str:
@@ -62,6 +63,29 @@ def meta_inputs(runner: Any, size: Size) -> tuple[torch.Tensor, ...]:
                                    pooled_projections=torch.empty(1, cfg.pooled_projection_dim),
                                    encoder_attention_mask=torch.ones(1, 256), guidance=torch.zeros(1))
         return inputs
+    if runner.arch == "generic:CogVideoXTransformer3DModel":   # its VAE: 8x in space, 4x in time after the first
+        assert not isinstance(size, int)                        # frame; 226 T5 tokens; the rotary table of the
+        frames, height, width = size                            # video's 2x2 patches
+        f, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+        tokens = f * (h // cfg.patch_size) * (w // cfg.patch_size)
+        with torch.device("meta"):
+            return runner.inputs(hidden_states=torch.empty(1, f, cfg.in_channels, h, w),
+                                 encoder_hidden_states=torch.empty(1, cfg.max_text_seq_length, cfg.text_embed_dim),
+                                 timestep=torch.zeros(1), image_rotary_emb=(torch.empty(tokens, cfg.attention_head_dim),
+                                                                            torch.empty(tokens, cfg.attention_head_dim)))
+    if runner.arch == "generic:LTX2VideoTransformer3DModel":   # its VAE: 32x in space, 8x in time after the first
+        assert not isinstance(size, int)                       # frame; the audio's latents at 25 per second of
+        frames, height, width = size                           # 24 fps video; 1024-token prompts (the pipeline's
+        f, h, w = (frames - 1) // 8 + 1, height // 32, width // 32   # max_sequence_length) for both
+        audio = round(frames / 24 * 25)
+        with torch.device("meta"):
+            return runner.inputs(hidden_states=torch.empty(1, f * h * w, cfg.in_channels),
+                                 audio_hidden_states=torch.empty(1, audio, cfg.audio_in_channels),
+                                 encoder_hidden_states=torch.empty(1, 1024, cfg.caption_channels),
+                                 audio_encoder_hidden_states=torch.empty(1, 1024, cfg.caption_channels),
+                                 timestep=torch.zeros(1), encoder_attention_mask=torch.ones(1, 1024),
+                                 audio_encoder_attention_mask=torch.ones(1, 1024), num_frames=f, height=h, width=w,
+                                 audio_num_frames=audio, fps=24.0)
     if runner.arch == "ltx":   # its VAE: 32x in space, 8x in time after the first frame; a 128-token caption
         assert not isinstance(size, int)
         frames, height, width = size
