@@ -79,8 +79,14 @@ def test_fused_equals_unfused(kind):
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
+    mask_is_read(fused, unfused, call)
+
+
+def mask_is_read(fused, unfused, call):
+    """Hiding more of the first prompt (``call()``'s encoder_attention_mask) changes its sample, fused as unfused:
+    the mask is read."""
     kw = call()
-    kw["encoder_attention_mask"][0, :3] = 0   # (hiding more of the first prompt changes its sample: the mask is read)
+    kw["encoder_attention_mask"][0, :3] = 0
     with torch.no_grad():
         masked, want = fused(**kw).sample, unfused(**kw).sample
         torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
