@@ -295,6 +295,11 @@ def test_a_traced_rule_is_part_of_ptqs_state_and_a_batch_it_does_not_fit_counts_
     (out / "ptq.json").write_text(json.dumps(saved))
     with pytest.raises(CheckpointError, match="left out other padding rows"):
         calibrate(copy.deepcopy(model), plan, [state], cfg, progress=False, out_dir=out)
+    saved["layers"] = {}   # (killed before its first layer: the new rules hold from the start, and are recorded)
+    (out / "ptq.json").write_text(json.dumps(saved))
+    calibrate(copy.deepcopy(model), plan, [state], cfg, progress=False, out_dir=out)
+    assert json.loads((out / "ptq.json").read_text())["rows"] == f"real:{runner.padding_digest()}"
+    calibrate(copy.deepcopy(model), plan, [state], cfg, progress=False, out_dir=out)   # (and resumes again)
     name = "transformer_blocks.0.attn.add_k_proj"
     rules = runner._padding[runner._kind(state)]
     i, at, rows = rules[name]
@@ -324,6 +329,25 @@ class Masked(torch.nn.Module):
         if self.how == "step":
             out = out + (1 - m) * torch.floor(h)
         return (out.sum(1),)
+
+
+class TwoMasks(Masked):
+    """``Masked("always")`` hiding by a second mask; the first one's only zeros mask a sample's every token."""
+
+    def forward(self, hidden_states, timestep, mask_a, mask_b, return_dict=False):
+        return super().forward(hidden_states, timestep, mask_b)
+
+
+def test_a_mask_that_pads_nothing_does_not_shadow_one_that_does():
+    """A mask whose only zeros are one sample's every token leaves out nothing (that sample attends to all alike),
+    and holds in every pair trivially: the rule is the mask that pads."""
+    x, t = torch.randn(2, 6, 4), torch.tensor([1.0, 2.0])
+    mask_a = torch.tensor([[1] * 6, [0] * 6])
+    mask_b = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    runner = GenericRunner(TwoMasks("always"))
+    state = runner.inputs(hidden_states=x, timestep=t, mask_a=mask_a, mask_b=mask_b)
+    runner.check(state)
+    assert torch.equal(runner.real_rows("blocks.1", state), mask_b.bool())
 
 
 @pytest.mark.parametrize("how", ["always", "some", "step"])

@@ -52,7 +52,8 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: 
         model, _ = load_transformer(args.diffusers, dtype, device=args.device)
         if not with_inputs:
             return model, None
-        inputs = load_inputs(args.calib_inputs, make_runner(model))
+        # (padding rules: for the calibration statistics ptq and SmoothQuant take, not peft's loss)
+        inputs = load_inputs(args.calib_inputs, make_runner(model), padding=args.command == "ptq")
     except (ValueError, ImportError, OSError) as e:
         raise SystemExit(f"treeq {args.command}: {e}") from None
     n = inputs[0].shape[0]   # (load_inputs gives float inputs at the model's dtype, timesteps as captured)

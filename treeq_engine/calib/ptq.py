@@ -390,14 +390,16 @@ def _read_state(out: Path) -> dict[str, Any]:
     return state
 
 
-def _smooth_factors(out: Path, run: str, legacy: bool = False) -> dict[str, torch.Tensor] | None:
+def _smooth_factors(out: Path, run: str, rows: str, legacy: bool = False) -> dict[str, torch.Tensor] | None:
     """The run's saved smoothing factors, or None when there are none or they belong to another run (a job
-    killed between writing them and its first state). ``legacy``: the state predates run digests, so a file
-    without one is taken as its own."""
+    killed between writing them and its first state) or to statistics that left out other padding rows (``rows``,
+    the state's ``ROWS_KEY``; a file without one is from before the generic cut's rules: ``"real"``). ``legacy``:
+    the state predates run digests, so a file without one is taken as its own."""
     if not (out / SMOOTH_FILE).exists():
         return None
-    tag = read_metadata(out / SMOOTH_FILE).get("run")
-    if tag != run and not (legacy and tag is None):
+    meta = read_metadata(out / SMOOTH_FILE)
+    tag = meta.get("run")
+    if tag != run and not (legacy and tag is None) or meta.get(ROWS_KEY, "real") != rows:
         return None
     return read_tensors(out / SMOOTH_FILE)
 
@@ -458,10 +460,13 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
                 raise CheckpointError(f"{out}: holds a calibration begun before caption/prompt padding was left out "
                                       "of the statistics (runner.real_rows); its finished layers saw the padding, "
                                       "new ones would not: use a new directory to start over")
-            if ROWS_KEY in old and old[ROWS_KEY] != state[ROWS_KEY] and old["layers"]:
-                raise CheckpointError(f"{out}: holds a calibration whose statistics left out other padding rows "
-                                      f"({old[ROWS_KEY]!r}, now {state[ROWS_KEY]!r}: the generic cut's traced rules); "
-                                      "its finished layers would not match new ones: use a new directory")
+            if ROWS_KEY in old and old[ROWS_KEY] != state[ROWS_KEY]:
+                if old["layers"]:
+                    raise CheckpointError(f"{out}: holds a calibration whose statistics left out other padding rows "
+                                          f"({old[ROWS_KEY]!r}, now {state[ROWS_KEY]!r}: the generic cut's traced "
+                                          "rules; a warning above says so where the trace failed this time); its "
+                                          "finished layers would not match new ones: use a new directory")
+                old[ROWS_KEY] = state[ROWS_KEY]   # (nothing calibrated yet: the new rules hold from the start)
             state = old
     run = _run_digest(state)
     if config.smooth_alphas:  # on the FP model, before conversion; chosen once, then reused on resume
@@ -475,12 +480,13 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         if refused:
             warnings.warn(f"SmoothQuant: the inputs of {len(refused)} planned linear(s) cannot be smoothed in this "
                           f"model and are calibrated without, e.g. {next(iter(refused.values()))}", stacklevel=2)
-        factors = None if out is None else _smooth_factors(out, run, legacy="data" not in state)
+        rows = state.get(ROWS_KEY, "real")
+        factors = None if out is None else _smooth_factors(out, run, rows, legacy="data" not in state)
         if factors is None:
             factors, state["smooth"] = smooth.choose(model, plan, batches, config.smooth_alphas, config,
                                                       joint)
             if out is not None:
-                write_tensors(out / SMOOTH_FILE, factors, {"run": run})
+                write_tensors(out / SMOOTH_FILE, factors, {"run": run, ROWS_KEY: rows})
                 write_json(out / "ptq.json", state)
         _fold_all(model, factors, out)
     # which stage runs each layer, traced before conversion: a converted layer run unfrozen would cache its
@@ -647,7 +653,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
         check_layer(cfg, tensors[n], n_out, k, str(_layer_file(out, n)))
     calibrated = QuantPlan(layers_cfg, model=plan.model, meta={**plan.meta, "ptq": state["config"]})
     if state["config"].get("smooth_alphas"):
-        factors = _smooth_factors(out, _run_digest(state), legacy="data" not in state)
+        factors = _smooth_factors(out, _run_digest(state), state.get(ROWS_KEY, "real"), legacy="data" not in state)
         if factors is None:
             raise CheckpointError(f"{out}: the calibration used SmoothQuant but {SMOOTH_FILE} is missing or from "
                                   "another run")

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import itertools
 import json
 import math
 import platform
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,17 +54,17 @@ def layer_shapes(model: nn.Module, include=None) -> list[tuple[int, int]]:
     return shapes
 
 
-def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list[tuple[int, int, int]]:
+def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int], *,
+                   device: str = "cpu") -> list[tuple[int, int, int]]:
     """Distinct ``(K, N, GEMM rows)`` of every linear the search prices for the diffusers transformer under
     ``path`` on the inputs of calibration file ``calib_inputs`` (its first sample's shapes), × each batch: one
     forward of a meta-device copy (no weights loaded, nothing computed) through the search's runner. A forward that
     reads values of its inputs (a mask's lengths: Lumina2, Mochi, HunyuanVideo 1.5), which meta tensors do not
-    hold, runs instead on the GPU (the CPU without one) with the architecture's weights all zero: no checkpoint is
-    read, and the shapes are the inputs'."""
+    hold, runs instead on ``device`` with the architecture's weights all zero (built there in float32: about 4 bytes
+    per parameter for the moment it runs; freed after): no checkpoint is read, and the shapes are the inputs'."""
     from ..models.diffusers_transformers import class_of, model_class, transformer_dir
-    from ..search import SearchSpace, make_runner
-    from ..search.diffusers_runner import load_inputs
-    from ..search.evaluator import run_segments
+    from ..search import make_runner
+    from ..search.diffusers_runner import GENERIC_ATTR, load_inputs
 
     config = json.loads((transformer_dir(path) / "config.json").read_text())
     cls = model_class(class_of(config))
@@ -72,15 +73,34 @@ def diffusers_rows(path: str, calib_inputs: str, batches: Sequence[int]) -> list
         model = cls.from_config(config)
     runner = make_runner(model)
     try:
-        inputs = tuple(t.to("meta") for t in load_inputs(calib_inputs, runner, samples=1, padding=False))
+        inputs = tuple(t.to("meta") for t in load_inputs(calib_inputs, runner, samples=1, shapes_only=True))
     except ValueError as e:
         if "on the meta device" not in str(e):
             raise
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = _zeroed(cls.from_config(config))
-        runner = make_runner(model)
-        inputs = load_inputs(calib_inputs, runner, samples=1, padding=False)
-        inputs = tuple(t.to(next(model.parameters()).device) for t in inputs)
+        try:
+            with torch.device(device):
+                model = _zeroed(cls.from_config(config))
+            runner = make_runner(model)
+            inputs = tuple(t.to(device) for t in load_inputs(calib_inputs, runner, samples=1, shapes_only=True))
+            return _rows(model, runner, inputs, batches)
+        except torch.OutOfMemoryError as oom:
+            raise ValueError(f"{cls.__name__}'s forward reads its inputs' values, which the meta device does not "
+                             f"hold, and its zero-weight copy does not fit {device} ({oom}); profile on a device with "
+                             "room for it in float32") from None
+        finally:   # (the runner lives on its model: a cycle; the zero-weight copy goes now, not at the next gc)
+            model.__dict__.pop(GENERIC_ATTR, None)
+            del model
+            gc.collect()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    return _rows(model, runner, inputs, batches)
+
+
+def _rows(model: nn.Module, runner: Any, inputs: tuple, batches: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``diffusers_rows``' count on a built model and its runner's inputs."""
+    from ..search import SearchSpace
+    from ..search.evaluator import run_segments
+
     per_image: set[tuple[int, int, int]] = set()
     # (a runner whose rows depend on values the meta device cannot hold, Z-Image's caption lengths, gives the
     # extremes: the search's rows then lie between two profiled ones)
@@ -273,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tokens is not None:
             raise SystemExit("--tokens is for --model / --config; a diffusers model's rows come from --calib-inputs")
         try:
-            layers = diffusers_rows(args.diffusers, args.calib_inputs, _ints(args.batch, "--batch"))
+            layers = diffusers_rows(args.diffusers, args.calib_inputs, _ints(args.batch, "--batch"), device=args.device)
         except (ValueError, ImportError, FileNotFoundError) as e:
             raise SystemExit(f"treeq profile: {e}") from None
     elif args.tokens is not None:

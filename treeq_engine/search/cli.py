@@ -232,7 +232,7 @@ def _diffusers_setup(args: argparse.Namespace, device: str, rank: int) -> tuple[
         raise ValueError("--closed-loop-labels / --closed-loop-prompts / --closed-loop-height / --closed-loop-width / "
                          "--closed-loop-frames are for --select closed-loop[-root]")
     runner = make_runner(model)
-    inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner))
+    inputs = tuple(t.to(device) for t in load_inputs(args.calib_inputs, runner, padding=False))   # (no PTQ stats)
     weights = None
     if args.metric != "eps" and not args.check:   # (a plan check scores nothing)
         table = load_weights(args.calib_inputs, runner)

@@ -542,10 +542,12 @@ def inputs_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_inputs(path: str, runner: Any, *, samples: int | None = None, padding: bool = True) -> State:
+def load_inputs(path: str, runner: Any, *, samples: int | None = None, padding: bool = True,
+                shapes_only: bool = False) -> State:
     """Inputs ``save_inputs`` wrote, checked against the runner's architecture and input names; only the first
-    ``samples`` when given (read from the file alone). ``padding=False``: the generic cut traces no padding rules
-    (a weightless profile needs shapes only)."""
+    ``samples`` when given (read from the file alone). The generic cut's check: ``padding=False`` traces no
+    padding rules (only calibration statistics read them); ``shapes_only`` holds nothing to the model's values (a
+    profile prices shapes)."""
     from safetensors import safe_open
 
     try:
@@ -585,7 +587,7 @@ def load_inputs(path: str, runner: Any, *, samples: int | None = None, padding: 
                 for name, t in zip(runner.input_names, out))
     if hasattr(runner, "check"):   # (the generic cut: traced and held to the model on some of the samples)
         try:
-            runner.check(out, padding=padding)
+            runner.check(out, padding=padding, shapes_only=shapes_only)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     return out

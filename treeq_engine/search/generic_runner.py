@@ -407,9 +407,11 @@ class GenericRunner(CutModel):
 
     # -- the trace ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def check(self, inputs: State, *, padding: bool = True) -> None:
+    def check(self, inputs: State, *, padding: bool = True, shapes_only: bool = False) -> None:
         """Trace the cut on the first sample of ``inputs`` and hold it to the model (module docstring): a
-        ``ValueError`` names what the generic cut cannot reproduce. ``padding``: trace the padding rules too."""
+        ``ValueError`` names what the generic cut cannot reproduce. ``padding``: trace the padding rules too.
+        ``shapes_only``: as on the meta device, trace without holding the cut to the model's values (a profile
+        prices shapes; the safe state layout, no padding rules)."""
         what = type(self.model).__name__
         device = next(self.model.parameters()).device
         one = tuple(t[:1].to(device) for t in inputs)
@@ -462,7 +464,7 @@ class GenericRunner(CutModel):
         self._order, self._out_spec = order, {}
         kind = self._kind(one)
         try:
-            if want.device.type == "meta":   # (a weightless profile: no values to tell the modes apart; the safe one)
+            if shapes_only or want.device.type == "meta":   # (a profile: values not compared; the safe layout)
                 self._per_list[kind] = True
                 run_segments(self, one)
             else:   # the latest block's output alone where that reproduces the model (half the state of two lists),
@@ -520,7 +522,7 @@ class GenericRunner(CutModel):
                 label = f"{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
                 self._ties.update({n: label for n in names})
         first_input.clear()
-        if padding and want.device.type != "meta":
+        if padding and not shapes_only and want.device.type != "meta":
             self._trace_padding(inputs, kind)
 
     # -- padding -----------------------------------------------------------------------------------
@@ -567,8 +569,12 @@ class GenericRunner(CutModel):
             warnings.warn(f"{what}: padded rows stay in the calibration statistics: the gradient that finds them "
                           f"fails ({type(e).__name__}: {e})", stacklevel=3)
             return
-        rules = {name: (masks[j][0], at, rows) for name, left in (options or {}).items()
-                 for j, at, rows in left[:1] if bool(pads[j].any())}
+        rules = {}
+        for name, left in (options or {}).items():   # (the first that leaves something out: a mask whose only zeros
+            for j, at, rows in left:                  # are a sample's every token pads nothing, and holds trivially)
+                if bool(pads[j].any()):
+                    rules[name] = (masks[j][0], at, rows)
+                    break
         if not rules:
             return
         self._padding[kind] = rules
