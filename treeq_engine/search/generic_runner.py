@@ -605,10 +605,19 @@ class GenericRunner(CutModel):
                 return None
             return hook
 
-        with self._hooked(probe), torch.enable_grad():
-            out = _output(self.model(**self._kwargs(state)))
-            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
-            grads = torch.autograd.grad((out.float() * weight).nansum(), list(probes.values()), allow_unused=True)
+        # (the weights' gradients are not wanted: without them a linear's backward keeps no copy of its input)
+        learning = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            for p in learning:
+                p.requires_grad_(False)
+            with self._hooked(probe), torch.enable_grad():
+                out = _output(self.model(**self._kwargs(state)))
+                weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+                grads = torch.autograd.grad((out.float() * weight).nansum(), list(probes.values()),
+                                            allow_unused=True)
+        finally:
+            for p in learning:
+                p.requires_grad_(True)
         return {name: (g.abs().amax(-1) == 0).cpu() for name, g in zip(probes, grads)
                 if g is not None and name not in twice}
 
