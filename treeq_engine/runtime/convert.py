@@ -209,7 +209,7 @@ def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
     joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's (LTX-2's too), Chroma's,
-    HunyuanVideo's (1.5's too) and CogVideoX's blocks. Returns how many blocks were fused."""
+    HunyuanVideo's (1.5's too), CogVideoX's and Cosmos' blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -257,7 +257,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("HunyuanVideo15TransformerBlock",), "HunyuanVideo 1.5", "hunyuan15_fused",
                      "fuse_hunyuan15_blocks", (0, 36)),
                     (("CogVideoXBlock",), "CogVideoX", "cogvideox_fused", "fuse_cogvideox_blocks", (0, 32)),
-                    (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)))
+                    (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)),
+                    (("CosmosTransformerBlock",), "Cosmos", "cosmos_fused", "fuse_cosmos_blocks", (0, 42)))
 
 
 def _diffusers_version() -> tuple[int, int]:
