@@ -53,6 +53,7 @@ def call(n=2, frames=2, seed=0, dtype=torch.float32, per_frame=False):
 def mixed(model):
     plan = QuantPlan.block_uniform(model, 4, 8)
     return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.ff.net.0.proj", LayerConfig(4, 16)) \
         .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
         .with_layer("transformer_blocks.1.attn1.to_out.0", LayerConfig(16, 16)) \
@@ -71,6 +72,23 @@ def test_fused_equals_unfused(kind):
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
+
+
+def test_a_timestep_per_frame_is_a_modulation_group_per_frame(monkeypatch):
+    """Video to world passes a timestep per frame, which diffusers expands to every token: the kernels take one
+    modulation group per frame (row m: group m // (H·W)), not a table per token."""
+    from treeq_engine.runtime import cosmos_fused
+
+    model = tiny_cosmos()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    groups, original = [], cosmos_fused.per_token_modulation
+    monkeypatch.setattr(cosmos_fused, "per_token_modulation", lambda chunk, g: groups.append(g) or original(chunk, g))
+    for per_frame, want_groups in ((True, 2 * 3), (False, 2)):
+        kw = call(frames=3, per_frame=per_frame)
+        groups.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(**kw).sample, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
+        assert groups == [want_groups] * 2, per_frame
 
 
 def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward():

@@ -3,7 +3,8 @@
 
 Each of the block's three ``CosmosAdaLayerNormZero`` gives shift, scale and gate from its own low-rank linears of
 ``silu(embedded_timestep)``, plus the timestep projection every block shares (``temb``): per sample, or per token
-where the pipeline passes a timestep per frame (video to world: the conditioning frames'). ``LN`` has no affine:
+where the pipeline passes a timestep per frame (video to world: the conditioning frames'): the kernels then take
+one modulation group per frame (its rows contiguous), not diffusers' table per token. ``LN`` has no affine:
 
     q, k, v = to_q/k/v ← Q(mod(LN(h), shift_1, scale_1))
     h = h + gate_1 · to_out(attention(RMSNorm(q), RMSNorm(k), v, rotary))           (attn1: self-attention)
@@ -18,14 +19,15 @@ agree to the model dtype's rounding (the kernels normalize and modulate in float
 
 A block is swapped only in the structure diffusers builds (``CosmosAdaLayerNormZero`` over a LayerNorm without
 affine, an ``Attention`` self-attention, a ``FeedForward`` of [GELU, Dropout, linear]) with a packed linear with
-quantized activations to fuse. It runs diffusers' own forward in training mode, with ControlNet residuals or the
-ControlNet's projections, for a modulation of another shape, and when a fused norm or the self-attention carries a
-hook or another processor; a feed-forward or a packed linear that is hooked runs as diffusers computes it. The
-fused forward follows diffusers 0.42's block (older ones stay unfused); diffusers' block registry has no entry for
-the original, nor for the fused class. The state dict is unchanged.
+quantized activations to fuse (a ControlNet's control blocks, with their projections, are not). It runs diffusers'
+own forward in training mode, with ControlNet residuals, for a modulation of another shape, and when a fused norm or
+the self-attention carries a hook or another processor; a feed-forward or a packed linear that is hooked runs as
+diffusers computes it. The fused forward follows diffusers 0.42's block (older ones stay unfused); diffusers' block
+registry has no entry for the original, nor for the fused class. The state dict is unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,7 +55,8 @@ def _supported(block: nn.Module) -> bool:
     ln = getattr(block.norm1, "norm", None)
     d = ln.normalized_shape[0] if isinstance(ln, nn.LayerNorm) and len(ln.normalized_shape) == 1 else None
     return (d is not None and _norm_zero(block.norm1, d) and _norm_zero(block.norm3, d)
-            and type(block.attn1) is Attention and _feed_forward(block.ff, d))
+            and type(block.attn1) is Attention and _feed_forward(block.ff, d)
+            and block.before_proj is None and block.after_proj is None)   # (a ControlNet's control blocks: unfused)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -61,21 +64,40 @@ def _linears(block: nn.Module) -> list[nn.Module]:
     return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
 
 
+def _run(e: torch.Tensor) -> int:
+    """The rows per group of a per-token modulation ``e`` (B, S, ·): the largest ``r`` dividing S such that ``e``'s
+    rows change only at multiples of ``r`` in every sample (a frame's ``H·W`` tokens share a timestep). Compared
+    exactly, a slice of columns at a time (no (B, S, 3D) boolean at once)."""
+    s = e.shape[1]
+    changed = torch.zeros(max(s - 1, 0), dtype=torch.bool, device=e.device)
+    for c in range(0, e.shape[2], 256):
+        part = e[..., c:c + 256]
+        changed |= (part[:, 1:] != part[:, :-1]).any(-1).any(0)
+    r = s
+    for p in torch.nonzero(changed).flatten().tolist():
+        r = math.gcd(r, p + 1)
+    return r
+
+
 def _modulation(norm: CosmosAdaLayerNormZero, embedded_timestep: torch.Tensor, temb: torch.Tensor | None,
-                x: torch.Tensor) -> Triple | None:
-    """``norm``'s shift, scale and gate as diffusers computes them, each ``(B, 1, D)`` (per sample) or ``(B, S, D)``
-    (per token); None for another shape."""
+                x: torch.Tensor) -> tuple[Triple, int] | None:
+    """``norm``'s shift, scale and gate as diffusers computes them, each ``(B, G, D)``, and the rows each of the G
+    groups covers: one group per sample, or per run of equal rows of a per-token modulation (a frame: video to world
+    passes a timestep per frame; diffusers expands it to every token, 16x the memory at 4x4 patches of 64x64
+    latents). None for another shape."""
     b, s, d = x.shape
     e = norm.linear_2(norm.linear_1(norm.activation(embedded_timestep)))
     if temb is not None:
         e = e + temb
     if e.ndim == 2 and tuple(e.shape) == (b, 3 * d):
-        shift, scale, gate = (t.unsqueeze(1) for t in e.chunk(3, dim=-1))
+        e, rows = e.unsqueeze(1), s
     elif e.ndim == 3 and tuple(e.shape) == (b, s, 3 * d):
-        shift, scale, gate = e.chunk(3, dim=-1)
+        rows = _run(e)
+        e = e[:, ::rows].clone()   # (a copy: the per-token table is freed here)
     else:
         return None
-    return shift, scale, gate
+    shift, scale, gate = e.chunk(3, dim=-1)
+    return (shift, scale, gate), rows
 
 
 def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any) -> torch.Tensor:
@@ -117,29 +139,32 @@ class FusedCosmosTransformerBlock(CosmosTransformerBlock):
         if extra_pos_emb is not None:
             h = h + extra_pos_emb
         m1, m3 = _modulation(n1, embedded_timestep, temb, h), _modulation(n3, embedded_timestep, temb, h)
-        if m1 is None or m3 is None:
+        if m1 is None or m3 is None or m1[1] != m3[1]:
             return super().forward(*args)
         b, s, d = h.shape
-        six = m1 + m3   # (shift, scale, gate of norm1, then norm3's: the layout _ff reads chunks 3-5 of)
+        rows = m1[1]
+        grouped = m1[0] + m3[0]   # (shift, scale, gate of norm1, then norm3's: the layout _ff reads chunks 3-5 of)
 
-        def chunk(i: int) -> torch.Tensor:
-            return six[i]
+        def chunk(i: int) -> torch.Tensor:   # as diffusers broadcasts it: (B, 1, D) per sample, else (B, S, D)
+            t = grouped[i]
+            return t if t.shape[1] == 1 else t.repeat_interleave(rows, dim=1)
 
-        m32 = per_token_modulation(chunk, b * six[0].shape[1])   # (a group per sample, or per token)
+        # the kernels' float32 (6, G, D): row m of the block takes group m // rows (a sample, or a frame)
+        m32 = per_token_modulation(lambda i: grouped[i], b * grouped[0].shape[1])
         h2 = h.reshape(b * s, d).contiguous()
-        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2, lambda: n1.norm(h) * (1 + six[1]) + six[0],
+        q, k, v = _project((attn.to_q, attn.to_k, attn.to_v), h2, lambda: n1.norm(h) * (1 + chunk(1)) + chunk(0),
                            ln_eps=n1.norm.eps, shift=m32[0], scale=m32[1])
         o = _self_attention(attn, q, k, v, b, image_rotary_emb)
         proj = attn.to_out[0]
         if _quantized(proj):   # (not hooked: self_attention_ok)
             h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
         else:
-            h = h + six[2] * attn.to_out[1](proj(o))
+            h = h + chunk(2) * attn.to_out[1](proj(o))
         x, gate = self.norm2(h, embedded_timestep, temb)   # the cross-attention, as diffusers computes it
         h = h + gate * self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask)
         if _quantized(self.ff.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
             return _ff(self.ff, n3.norm, h.reshape(b * s, d).contiguous(), b, chunk, m32).view(b, s, d)
-        return h + six[5] * self.ff(n3.norm(h) * (1 + six[4]) + six[3])
+        return h + chunk(5) * self.ff(n3.norm(h) * (1 + chunk(4)) + chunk(3))
 
 
 def fuse_cosmos_blocks(model: nn.Module) -> int:
