@@ -1,6 +1,6 @@
 """Fused Cosmos blocks (`runtime/cosmos_fused.py`): what they compute equals the unfused packed model (float32, the
 reference backend: LayerNorm + modulate in the quantization kernel, the gated residuals in the epilogues, the
-cross-attention as diffusers runs it), with a timestep per sample and per frame (one modulation group per token);
+cross-attention as diffusers runs it), with a timestep per sample and per frame (one modulation group per frame);
 the fused kernels actually run; and everything the fused path cannot reproduce runs diffusers' own forward: hooks,
 training, another attention processor."""
 import copy

@@ -382,3 +382,22 @@ def _saved(model, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(model, path)   # (a whole-module pickle, as some serving code keeps models)
     return path
+
+
+@pytest.mark.parametrize("bounds,rows", [((), 12), ((4, 8), 4), ((6,), 6), ((3, 8), 1)],
+                         ids=["per-sample", "frames-of-4", "halves", "ragged"])
+def test_a_per_token_modulation_is_grouped_by_the_runs_it_repeats(bounds, rows):
+    """``per_token_modulation`` gives the kernels one group per run of rows that every chunk repeats (row m takes
+    group m // (M // G)): expanded back, the groups are the per-token table exactly, whatever the runs."""
+    from treeq_engine.runtime.diffusers_fused import per_token_modulation
+
+    g = torch.Generator().manual_seed(0)
+    b, s, d = 2, 12, 5
+    starts = (0, *bounds)
+    values = torch.randn(6, b, len(starts), d, generator=g)
+    seg = torch.bucketize(torch.arange(s), torch.tensor(bounds or (s,)), right=True)   # (each row's run)
+    table = values[:, :, seg]   # (6, B, S, D): constant within each run
+    m32 = per_token_modulation(lambda i: table[i].to(torch.bfloat16), b * s)
+    assert m32.dtype == torch.float32 and m32.shape == (6, b * s // rows, d)
+    expanded = m32.repeat_interleave(b * s // m32.shape[1], dim=1)
+    assert torch.equal(expanded, table.to(torch.bfloat16).float().reshape(6, b * s, d))

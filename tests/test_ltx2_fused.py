@@ -86,7 +86,7 @@ def test_fused_equals_unfused(kind, config):
 
 def test_a_timestep_per_token():
     """Image to video passes a timestep per video token (the conditioning frame's at 0), and the audio may have one
-    per token too: one modulation group per row in the kernels."""
+    per token too: one modulation group per frame in the kernels."""
     model = tiny_ltx2()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call()

@@ -102,7 +102,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_per_token_timesteps_fuse():
     """Image to video takes a timestep per token (``temb`` (B, S, 6·D): LTX's image-to-video pipeline sets the
-    conditioning frame's to 0): the modulation reaches the kernels one group per row, and the fused block equals the
+    conditioning frame's to 0): the modulation reaches the kernels one group per frame, and the fused block equals the
     unfused one, as a block and in the whole model; a ``temb`` of another shape runs diffusers' forward."""
     model = tiny_ltx()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
@@ -159,7 +159,8 @@ def test_an_image_to_video_pipeline_samples_fused():
                              guidance_scale=1.0).frames
     torch.testing.assert_close(out["fused"], out["unfused"], rtol=1e-4, atol=1e-4)
     fused_calls = [(rows, shape) for name, rms, rows, shape in scales if rms]
-    assert len(fused_calls) == 2 * 2 * 2 and all(shape == (rows, 16) for rows, shape in fused_calls)   # per token
+    # per token, grouped by frame: 1280 rows, 5 latent frames of 256 tokens, the first (the image's) at 0
+    assert len(fused_calls) == 2 * 2 * 2 and all(rows == 1280 and shape == (5, 16) for rows, shape in fused_calls)
     assert all(name == "fused" for name, rms, _, _ in scales if rms)
 
 
@@ -205,7 +206,7 @@ def test_fused_equals_unfused_on_gpu():
     """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16, layers in the fragment
     layout: the RMSNorm + modulate kernel, the shared q/k/v codes, GELU and fc2's codes in fc1's epilogue, the gated
     residuals in to_out's and fc2's (bound as for the Wan blocks: a dropped gate or residual moves the output by
-    half its norm or more); with a timestep per sample and per token (one modulation group per row)."""
+    half its norm or more); with a timestep per sample and per token (one modulation group per frame)."""
     model = tiny_ltx()
     plan = QuantPlan.block_uniform(model, 4, 8)
     unfused = quantize(copy.deepcopy(model).cuda(), plan, dtype=torch.bfloat16, fuse=False).to(torch.bfloat16)

@@ -127,9 +127,10 @@ def test_the_mixed_plan_runs_fused():
 
 @pytest.mark.parametrize("kind", ["W4A8", "mixed"])
 def test_edit_models_fuse_with_their_per_token_modulation(kind):
-    """Qwen-Image-Edit-2511 (``zero_cond_t``): the condition images' tokens are modulated at timestep 0, the target's
-    at t; the image stream's modulation reaches the kernels one group per token. Fused equals unfused (float32) on
-    edit calls with one and two condition images; the 2509-style call (no ``zero_cond_t``) fuses as before."""
+    """Qwen-Image-Edit-2511 (``zero_cond_t``): the condition images' tokens are modulated at timestep 0, the
+    target's at t; the image stream's modulation reaches the kernels one group per run of rows. Fused equals unfused
+    (float32) on edit calls with one and two condition images; the 2509-style call (no ``zero_cond_t``) fuses as
+    before."""
     from test_search_qwen import _zero_cond, edit_call
 
     model = _zero_cond(tiny_qwen())
@@ -148,8 +149,9 @@ def test_edit_models_fuse_with_their_per_token_modulation(kind):
             want, fp = unfused(**kw).sample, model(**kw).sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
-    tokens = 2 * (24 + 8)   # (the first call's rows: two samples of 24 target and 8 condition tokens)
-    assert (tokens, 32) in scales   # (per-token modulation of the image stream)
+    # (per-token modulation of the image stream: the first call's two samples of 24 target and 8 condition tokens,
+    # grouped by the runs they repeat, 8 rows each)
+    assert (2 * (24 + 8) // 8, 32) in scales
     # an edit pipeline's several images per prompt give one img_shapes entry for the batch (a (1, T) modulate
     # index), and a batch-1 timestep: broadcast as diffusers broadcasts them, still fused
     base, _ = count_kernels(fused, edit_call())

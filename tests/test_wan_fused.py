@@ -97,7 +97,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_per_token_timesteps_fuse():
     """Wan 2.2 TI2V passes a timestep per token (its first latent frame at 0): the block's (B, S, 6, D) modulation
-    reaches the kernels one group per row, and the fused model equals the unfused one."""
+    reaches the kernels one group per latent frame, and the fused model equals the unfused one."""
     model = perturbed(tiny_wan())
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call(model, n=2)
@@ -114,7 +114,8 @@ def test_per_token_timesteps_fuse():
     with torch.no_grad():
         torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(got, fused(**call(model, n=2)).sample)
-    assert scales.count((2 * tokens, 16)) == 2 * 2   # (q/k/v and the feed-forward of both blocks, per token)
+    # (q/k/v and the feed-forward of both blocks, per token: a group per latent frame of 12 tokens, 2 x 3 of them)
+    assert scales.count((2 * 3, 16)) == 2 * 2
 
 
 def test_only_wan_blocks_with_something_to_fuse_are_swapped():

@@ -27,7 +27,6 @@ registry has no entry for the original, nor for the fused class. The state dict 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -39,7 +38,8 @@ from diffusers.models.transformers.transformer_cosmos import (CosmosAdaLayerNorm
                                                               CosmosTransformerBlock)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, per_token_modulation, self_attention_ok, swap_blocks)
+                              _plain_layer_norm, _project, per_token_modulation, run_length, self_attention_ok,
+                              swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -64,21 +64,6 @@ def _linears(block: nn.Module) -> list[nn.Module]:
     return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
 
 
-def _run(e: torch.Tensor) -> int:
-    """The rows per group of a per-token modulation ``e`` (B, S, ·): the largest ``r`` dividing S such that ``e``'s
-    rows change only at multiples of ``r`` in every sample (a frame's ``H·W`` tokens share a timestep). Compared
-    exactly, a slice of columns at a time (no (B, S, 3D) boolean at once)."""
-    s = e.shape[1]
-    changed = torch.zeros(max(s - 1, 0), dtype=torch.bool, device=e.device)
-    for c in range(0, e.shape[2], 256):
-        part = e[..., c:c + 256]
-        changed |= (part[:, 1:] != part[:, :-1]).any(-1).any(0)
-    r = s
-    for p in torch.nonzero(changed).flatten().tolist():
-        r = math.gcd(r, p + 1)
-    return r
-
-
 def _modulation(norm: CosmosAdaLayerNormZero, embedded_timestep: torch.Tensor, temb: torch.Tensor | None,
                 x: torch.Tensor) -> tuple[Triple, int] | None:
     """``norm``'s shift, scale and gate as diffusers computes them, each ``(B, G, D)``, and the rows each of the G
@@ -92,7 +77,7 @@ def _modulation(norm: CosmosAdaLayerNormZero, embedded_timestep: torch.Tensor, t
     if e.ndim == 2 and tuple(e.shape) == (b, 3 * d):
         e, rows = e.unsqueeze(1), s
     elif e.ndim == 3 and tuple(e.shape) == (b, s, 3 * d):
-        rows = _run(e)
+        rows = run_length([e])
         e = e[:, ::rows].clone()   # (a copy: the per-token table is freed here)
     else:
         return None

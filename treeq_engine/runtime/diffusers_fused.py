@@ -50,7 +50,8 @@ MagCache, whole-block layer skip) find the fused class in ``TransformerBlockRegi
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeAlias
+import math
+from typing import Any, Callable, Iterable, Sequence, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -111,13 +112,38 @@ def modulation_chunk(mod: Modulation, i: int) -> torch.Tensor:
     return mod[:, i:i + 1] if isinstance(mod, torch.Tensor) else mod(i)
 
 
+def run_length(tables: Iterable[torch.Tensor]) -> int:
+    """The rows per group of per-token tables ``(B, S, ·)`` (taken one at a time: a generator computes each when
+    asked): the largest ``r`` dividing S such that every table's rows change only at multiples of ``r`` in every
+    sample (a frame's tokens share a timestep where the pipeline passes one per frame). Compared exactly, a slice
+    of columns at a time (no (B, S, D) boolean at once)."""
+    s, changed = 0, None
+    for t in tables:
+        if changed is None:
+            s = t.shape[1]
+            changed = torch.zeros(max(s - 1, 0), dtype=torch.bool, device=t.device)
+        for c in range(0, t.shape[2], 256):
+            part = t[..., c:c + 256]
+            changed |= (part[:, 1:] != part[:, :-1]).any(-1).any(0)
+    r = s
+    for p in ([] if changed is None else torch.nonzero(changed).flatten().tolist()):
+        r = math.gcd(r, p + 1)
+    return max(r, 1)
+
+
 def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6) -> torch.Tensor:
-    """The kernels' float32 ``(chunks, rows, D)`` of a per-token modulation (one group per row), filled chunk by
-    chunk from ``chunk(i)`` (``(B, S, D)`` as diffusers computes it, B·S = ``rows``)."""
+    """The kernels' float32 ``(chunks, G, D)`` of a per-token modulation, from ``chunk(i)`` (``(B, S, D)`` as
+    diffusers computes it, B·S = ``rows``): one group per run of rows that every chunk repeats (``run_length``; row
+    m takes group ``m // (rows // G)``), so a timestep per frame costs a row per frame, not one per token. Each chunk
+    is computed twice (once to find the runs), never held all at once."""
     first = chunk(0)
-    m32 = torch.empty(chunks, rows, first.shape[-1], dtype=torch.float32, device=first.device)
+    b, s, d = first.shape
+    if b * s != rows:
+        raise ValueError(f"per_token_modulation: chunks of {tuple(first.shape)} for {rows} rows")
+    r = run_length(first if i == 0 else chunk(i) for i in range(chunks))
+    m32 = torch.empty(chunks, b * (s // r), d, dtype=torch.float32, device=first.device)
     for i in range(chunks):
-        m32[i] = (first if i == 0 else chunk(i)).reshape(rows, -1)
+        m32[i] = (first if i == 0 else chunk(i))[:, ::r].reshape(-1, d)
     return m32
 
 

@@ -92,7 +92,7 @@ def _attention_ok(attn: Any) -> bool:
 def _modulation(table: torch.Tensor, temb: torch.Tensor, x: torch.Tensor) -> tuple[Modulation, torch.Tensor] | None:
     """A stream's modulation (``get_mod_params``'s): as diffusers uses it, a chunk function giving chunk i as
     ``(B, 1, D)`` or ``(B, S, D)``; as the kernels take chunks 0-5, float32 ``(6, B, D)`` (a group per sample) or
-    ``(6, B·S, D)`` (a group per token). None for another ``temb`` shape."""
+    ``(6, G, D)`` (a group per run of equal rows: a latent frame). None for another ``temb`` shape."""
     b, s, d = x.shape
     p = table.shape[0]
     if temb.ndim != 3 or temb.shape[0] != b or temb.shape[1] not in (1, s) or temb.shape[2] != p * d:

@@ -13,9 +13,9 @@ passes a timestep per token: image to video, the conditioning frame's at 0); ``R
 Where a linear is a :class:`TreeQLinear` with quantized activations, RMSNorm + modulate + quantization run in its
 ``quantize_input`` kernel (the kernel's RMSNorm mode; one call shared by to_q/to_k/to_v with one activation spec
 and no Monarch branch), GELU(tanh) and ``ff.net[2]``'s codes in ``ff.net[0].proj``'s epilogue, and the gated
-residuals in ``to_out[0]``'s and ``ff.net[2]``'s. A per-token modulation reaches the kernels as one group per row
-(``(6, B·S, D)`` float32, filled chunk by chunk: twice the bytes of the ``(B, S, 6, D)`` table diffusers itself builds
-in bf16, per block, for as long as the block runs; the float paths compute their chunks from ``temb`` when asked).
+residuals in ``to_out[0]``'s and ``ff.net[2]``'s. A per-token modulation reaches the kernels as one group per run of
+rows it repeats (``per_token_modulation``: a latent frame's tokens share their timestep, so ``(6, B·F, D)`` float32,
+filled chunk by chunk, per block while it runs; the float paths compute their chunks from ``temb`` when asked).
 The self-attention is ``LTXVideoAttnProcessor``'s computation
 (RMSNorm across heads on q and k, LTX's rotary embedding, ``dispatch_attention_fn`` with the processor's backend).
 The cross-attention runs as diffusers' module (its packed linears each quantize their own input): its keys and
@@ -116,7 +116,7 @@ class FusedLTXVideoTransformerBlock(LTXVideoTransformerBlock):
             def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' table[None, None] + temb: (B, S, D)
                 return table[i] + t4[:, :, i]
 
-            mod, m32 = chunk, per_token_modulation(chunk, b * s)   # (6, B·S, D) float32: a group per token
+            mod, m32 = chunk, per_token_modulation(chunk, b * s)   # (6, G, D) float32: a group per latent frame
         else:
             return super().forward(*args)
         h2 = h.reshape(b * s, d).contiguous()
