@@ -448,21 +448,26 @@ def test_what_the_generic_cut_cannot_take_is_refused(tmp_path):
         load_inputs(path, make_runner(zoo("Mochi")[0]))
 
 
-def test_search_ptq_peft_quantize(tmp_path):
-    """`treeq search / ptq / peft / quantize --diffusers` on a HunyuanVideo transformer directory with saved inputs:
-    the artifact computes what the calibrated, fine-tuned fake-quant transformer computes."""
+def test_search_ptq_peft_quantize(tmp_path, capsys):
+    """`treeq search / ptq / peft / quantize --diffusers` on a HunyuanVideo transformer directory with saved inputs
+    (two prompts padded): the artifact computes what the calibrated, fine-tuned fake-quant transformer computes; ptq
+    says it leaves the padding out."""
 
     model, kw = zoo("HunyuanVideo")
     d = tmp_path / "hv"
     model.save_pretrained(d)
     runner = make_runner(model)
     calls = [runner.inputs(**zoo("HunyuanVideo", seed=s)[1]) for s in (1, 2, 3, 4)]
+    for call, pad in zip(calls[:2], (3, 5)):
+        call[runner.input_names.index("encoder_attention_mask")][:, -pad:] = 0
     calib = str(tmp_path / "calib.safetensors")
     save_inputs(calib, runner, tuple(torch.cat(ts) for ts in zip(*calls)))
     src = ["--diffusers", str(d), "--calib-inputs", calib]
     plan = searched_beats_uniform(tmp_path, src)
     assert plan.layers["single_transformer_blocks.0.attn.to_q"] == plan.layers["single_transformer_blocks.0.attn.to_v"]
+    capsys.readouterr()
     direct, loaded = ptq_peft_packed(tmp_path, src, d, ptq=["--branch-params", "4"])
+    assert "stays out of the statistics of 18 linears" in capsys.readouterr().out
     with torch.no_grad():
         want, got = direct(**kw).sample, loaded(**kw).sample.float()
     assert float((got - want).norm() / want.norm()) < 2e-2   # the artifact runs bf16 (quantize's default)

@@ -203,10 +203,15 @@ def run_ptq(args: argparse.Namespace) -> int:
     if args.untie and not args.diffusers:
         raise SystemExit("--untie is for --diffusers models (our DiT's qkv is one linear)")
     tie = None
-    if args.diffusers and not args.untie:
+    if args.diffusers:
         from ..search.diffusers_runner import make_runner
 
-        tie = make_runner(fp).tie
+        runner = make_runner(fp)
+        tie = None if args.untie else runner.tie
+        traced = {n for rules in getattr(runner, "_padding", {}).values() for n in rules}
+        if traced:   # (the generic cut's padding rules: what the statistics leave out, said before the long work)
+            print(f"treeq ptq: the prompt padding the output never reads stays out of the statistics of "
+                  f"{len(traced)} linears (traced on every calibration sample)")
     calibrated = calibrate(fp, plan, batches, cfg, out_dir=args.out, data=data, tie=tie)
     state = json.loads((Path(args.out) / "ptq.json").read_text())
     errs = [(v["err_rtn"], v["err"]) for v in state["layers"].values()]
