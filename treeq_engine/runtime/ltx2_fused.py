@@ -102,7 +102,7 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor, x: torch.Tensor) -> tup
     def chunk(i: int) -> torch.Tensor:
         return params[i]
 
-    return chunk, per_token_modulation(chunk, b * temb.shape[1])   # (filled chunk by chunk: no stacked copy)
+    return chunk, per_token_modulation(chunk, b * temb.shape[1], runs_of=temb)   # (chunk by chunk: no stacked copy)
 
 
 def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,

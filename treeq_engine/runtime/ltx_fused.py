@@ -116,7 +116,7 @@ class FusedLTXVideoTransformerBlock(LTXVideoTransformerBlock):
             def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' table[None, None] + temb: (B, S, D)
                 return table[i] + t4[:, :, i]
 
-            mod, m32 = chunk, per_token_modulation(chunk, b * s)   # (6, G, D) float32: a group per latent frame
+            mod, m32 = chunk, per_token_modulation(chunk, b * s, runs_of=temb)   # (6, G, D): a group per latent frame
         else:
             return super().forward(*args)
         h2 = h.reshape(b * s, d).contiguous()

@@ -153,7 +153,7 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
             def chunk(i: int) -> torch.Tensor:   # chunk i as diffusers selects it per token: (B, T, D)
                 return torch.where(at_t, both[0, :, :, i], both[1, :, :, i]).expand(b, t, d)
 
-            mod, m32 = chunk, per_token_modulation(chunk, b * t)   # (6, G, D) float32: a group per run of rows
+            mod, m32 = chunk, per_token_modulation(chunk, b * t, runs_of=at_t)   # (6, G, D): a group per run of rows
             cmod = self.txt_mod(temb[:temb.shape[0] // 2]).expand(b, -1).view(b, 6, d)
         else:
             mod = self.img_mod(temb).expand(b, -1).view(b, 6, d)

@@ -121,7 +121,7 @@ class FusedWanTransformerBlock(WanTransformerBlock):
                 return table[i] + temb[:, :, i].float()
 
             mod: Modulation = chunk
-            m32 = per_token_modulation(chunk, b * s)   # (6, G, D) float32: a group per latent frame
+            m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (6, G, D) float32: a group per latent frame
         else:
             sample = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
             if tuple(sample.shape) != (b, 6, d):
