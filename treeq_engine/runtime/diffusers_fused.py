@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.models.normalization import AdaLayerNormZero
+from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
 
 from .linear import TreeQLinear
 from .linear import runs_packed_kernels as _quantized
@@ -69,6 +69,22 @@ def _plain_layer_norm(norm: Any, dim: int) -> bool:
     """A LayerNorm the quantization kernel can do: no affine (the kernel has no weight/bias), over the last dim."""
     return (type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None
             and tuple(norm.normalized_shape) == (dim,))
+
+
+def weighted_rms_norm(norm: Any, dim: int) -> bool:
+    """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
+    return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None
+            and tuple(norm.dim) == (dim,) and norm.eps > 0)   # (the kernel takes a positive epsilon)
+
+
+def rms_factor(norm: RMSNorm, scale: torch.Tensor | None, b: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's modulate arguments for ``RMS(x)·w·scale`` (Z-Image's and Lumina2's norms): shift 0 and ``k =
+    w·scale − 1``, float32 (G, D) (G = B with a modulation, ``scale`` (B, 1, D) being diffusers' ``1 + s``; G = 1
+    without one)."""
+    w = norm.weight.float()
+    k = (w * scale.float().reshape(b, d) if scale is not None else w.reshape(1, d)) - 1.0
+    k = k.contiguous()
+    return torch.zeros_like(k), k
 
 
 def _forward_wrapped(mod: nn.Module) -> bool:

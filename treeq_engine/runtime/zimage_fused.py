@@ -37,18 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
-from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_z_image import (FeedForward, ZImageTransformerBlock,
                                                                ZSingleStreamAttnProcessor)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, dispatch_kwargs,
-                              register_block, swap_blocks)
-
-
-def _weighted_rms_norm(norm: Any, dim: int) -> bool:
-    """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
-    return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None
-            and tuple(norm.dim) == (dim,) and norm.eps > 0)   # (the kernel takes a positive epsilon)
+                              register_block, rms_factor, swap_blocks, weighted_rms_norm)
 
 
 def _zimage_supported(block: nn.Module) -> bool:
@@ -60,7 +53,7 @@ def _zimage_supported(block: nn.Module) -> bool:
         seq = block.adaLN_modulation
         if len(seq) != 1 or getattr(seq[0], "out_features", None) != 4 * d:
             return False
-    return (_weighted_rms_norm(block.attention_norm1, d) and _weighted_rms_norm(block.ffn_norm1, d)
+    return (weighted_rms_norm(block.attention_norm1, d) and weighted_rms_norm(block.ffn_norm1, d)
             and type(attn) is Attention and attn.to_q is not None and attn.to_k is not None
             and attn.to_v is not None and type(ff) is FeedForward
             and getattr(ff.w1, "in_features", None) == d and getattr(ff.w3, "in_features", None) == d)
@@ -107,15 +100,6 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
     return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
 
-def _kernel_factor(norm: RMSNorm, scale: torch.Tensor | None, b: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's modulate arguments for ``RMS(x)·w·scale``: shift 0 and ``k = w·scale − 1``, float32 (G, D)
-    (G = B with a modulation, ``scale`` (B, 1, D) being diffusers' ``1 + s``; G = 1 without one)."""
-    w = norm.weight.float()
-    k = (w * scale.float().reshape(b, d) if scale is not None else w.reshape(1, d)) - 1.0
-    k = k.contiguous()
-    return torch.zeros_like(k), k
-
-
 class FusedZImageTransformerBlock(ZImageTransformerBlock):
     """A ``ZImageTransformerBlock`` running the fused packed kernels (module docstring)."""
 
@@ -151,7 +135,7 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         def msa_rows() -> torch.Tensor:
             return n1(x) if scale_msa is None else n1(x) * scale_msa
 
-        shift, k = _kernel_factor(n1, scale_msa, b, d)
+        shift, k = rms_factor(n1, scale_msa, b, d)
         q, kk, v = _project((a.to_q, a.to_k, a.to_v), x2, msa_rows, ln_eps=n1.eps, shift=shift, scale=k,
                             rms_norm=True)
         attn_out = _attention(a, q, kk, v, b, attn_mask, freqs_cis)
@@ -167,7 +151,7 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         if _hooked(ff) or _bypassed_hook(ff.w1) or _bypassed_hook(ff.w3):
             h = ff(mlp_rows())
         else:
-            shift, k = _kernel_factor(n3, scale_mlp, b, d)
+            shift, k = rms_factor(n3, scale_mlp, b, d)
             g, u = _project((ff.w1, ff.w3), x2, mlp_rows, ln_eps=n3.eps, shift=shift, scale=k, rms_norm=True)
             h = ff.w2((F.silu(g) * u).view(b, s, -1))
         y = self.ffn_norm2(h)
