@@ -259,7 +259,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("CogVideoXBlock",), "CogVideoX", "cogvideox_fused", "fuse_cogvideox_blocks", (0, 32)),
                     (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)),
                     (("CosmosTransformerBlock",), "Cosmos", "cosmos_fused", "fuse_cosmos_blocks", (0, 42)),
-                    (("MochiTransformerBlock",), "Mochi", "mochi_fused", "fuse_mochi_blocks", (0, 35)))
+                    (("MochiTransformerBlock",), "Mochi", "mochi_fused", "fuse_mochi_blocks", (0, 35)),
+                    (("Lumina2TransformerBlock",), "Lumina2", "lumina2_fused", "fuse_lumina2_blocks", (0, 35)))
 
 
 def _diffusers_version() -> tuple[int, int]:
