@@ -28,12 +28,19 @@ PER_FORWARD = {"ln": 2 * PER_BLOCK + 3, "rms": 2 * PER_BLOCK + 3, "gelu": 0, "re
 
 def tiny_mochi():
     """A Mochi transformer of three blocks (the last one ``context_pre_only``) with a text width (24) other than the
-    video's (16), random weights perturbed off diffusers' zero initialisations."""
+    video's (16), random weights perturbed off diffusers' zero initialisations, and the blocks' RMSNorms at epsilons
+    of their own (the video's 1e-2, the text's 3e-2: an epsilon the kernel takes from the wrong norm shows)."""
+    from diffusers.models.normalization import RMSNorm
+
     torch.manual_seed(0)
-    return perturbed(diffusers.MochiTransformer3DModel(
+    model = perturbed(diffusers.MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=3, pooled_projection_dim=24,
         in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
         activation_fn="swiglu", max_sequence_length=16).eval())
+    for name, m in model.transformer_blocks.named_modules():
+        if isinstance(m, RMSNorm):
+            m.eps = 3e-2 if "context" in name else 1e-2
+    return model
 
 
 def call(n=2, frames=2, seed=0, dtype=torch.float32):
@@ -86,7 +93,8 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     with torch.no_grad():
         want = unfused(**kw).sample
     # a hook on a norm the kernel computes, on the attention or on a projection the kernels run: diffusers' forward
-    hooked_parts_fall_back(fused, fused.transformer_blocks[0], ("norm1", "norm1.norm", "norm3", "norm1_context",
+    hooked_parts_fall_back(fused, fused.transformer_blocks[0], ("norm1", "norm1.norm", "norm3", "norm3.norm",
+                                                                "norm1_context", "norm1_context.norm", "norm3_context",
                                                                 "norm3_context.norm", "attn1", "attn1.add_k_proj"),
                            kw, want, PER_FORWARD["ln"] - PER_BLOCK)
     hooked_parts_fall_back(fused, fused.transformer_blocks[2], ("norm1_context", "norm1_context.norm.norm",
@@ -105,15 +113,17 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
 def test_a_hooked_feed_forward_runs_as_a_module():
     """A hook on a feed-forward or a part the kernel would run: that feed-forward runs as diffusers computes it (one
     fused quantization fewer), the rest of the block stays fused; hooks on what the fused path calls as modules (the
-    post-norms, the output projections, ff.net[2]) see their calls."""
+    post-norms, the output projections and their Dropout, SwiGLU's SiLU, ff.net[2], the per-head norms) see their
+    calls."""
     model = tiny_mochi()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     kw = call()
     with torch.no_grad():
         want = unfused(**kw).sample
     block, seen = fused.transformer_blocks[0], []
-    for part, fewer in (("ff", 1), ("ff.net.0", 1), ("ff_context.net.0.proj", 1), ("norm2", 0), ("norm4_context", 0),
-                        ("attn1.to_out.0", 0), ("attn1.to_add_out", 0), ("ff.net.2", 0)):
+    for part, fewer in (("ff", 1), ("ff.net.0", 1), ("ff.net.1", 1), ("ff_context.net.0.proj", 1), ("norm2", 0),
+                        ("norm4_context", 0), ("attn1.to_out.0", 0), ("attn1.to_out.1", 0), ("attn1.to_add_out", 0),
+                        ("ff.net.0.activation", 0), ("ff.net.2", 0), ("attn1.norm_added_q", 0)):
         h = block.get_submodule(part).register_forward_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
         h.remove()
@@ -137,6 +147,26 @@ def test_padding_is_dropped_as_diffusers_drops_it():
         assert not torch.equal(fused(**other).sample[0], a[0])
 
 
+def test_a_timestep_batch_the_fused_path_does_not_take_runs_diffusers_forward():
+    """diffusers broadcasts a timestep embedding of batch 1 over the block's batch: the fused block runs diffusers'
+    forward there (and its adaLN linear once)."""
+    model = tiny_mochi()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(3)
+    h, e = torch.randn(2, 12, 16, generator=g), torch.randn(2, 5, 24, generator=g)
+    temb = torch.randn(1, 16, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    block, seen = fused.transformer_blocks[0], []
+    hook = block.norm1.linear.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        want = unfused.transformer_blocks[0](h, e, temb, mask)
+        got = block(h, e, temb, mask)
+    hook.remove()
+    assert seen == [1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_only_blocks_with_something_to_fuse_are_swapped_bf16_and_the_block_registry():
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
@@ -145,6 +175,11 @@ def test_only_blocks_with_something_to_fuse_are_swapped_bf16_and_the_block_regis
     assert not any(isinstance(b, FusedMochiTransformerBlock) for b in weight_only.transformer_blocks)
     fused = half_agrees(tiny_mochi().to(torch.bfloat16), call(dtype=torch.bfloat16))
     assert count_kernels(fused, call(dtype=torch.bfloat16), rms=True)[0] == PER_FORWARD
+    # the mixed plan's float layers read diffusers' rows, in bf16
+    unfused, fused = pair(tiny_mochi().to(torch.bfloat16), mixed(model), dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = (m(**call(dtype=torch.bfloat16)).sample.float() for m in (unfused, fused))
+    assert torch.isfinite(b).all() and float((b - a).norm() / a.norm()) < 2e-2
     meta = TransformerBlockRegistry.get(FusedMochiTransformerBlock)
     assert (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) == (0, 1)
 

@@ -13,14 +13,14 @@ has a ``MochiLayerNormContinuous``: a scale alone, and no feed-forward). RMS is 
     (e alike, with to_add_out and ff_context)
 
 Where a linear is a :class:`TreeQLinear` with quantized activations, the RMSNorm, the modulation and the quantization
-run in its ``quantize_input`` kernel (the kernel's RMSNorm mode, shift 0, its scale ``scale_msa``): one call shared
-by the three projections of a stream with one activation spec and no Monarch branch, one per feed-forward. What
-stays in torch: the attention (``MochiAttnProcessor2_0``'s computation: RMSNorm with weight on q and k per head,
-the rotary embedding on the video rows, an SDPA per sample over the video and the prompt's unmasked tokens), SwiGLU
-and the gated residuals (the post-norms need whole output rows, which no GEMM tile owns); to_out, to_add_out and
-ff.net[2] run as modules (a packed one quantizes its own input). Fused and unfused agree to the model dtype's
-rounding, not bit for bit: diffusers rounds the modulated rows to the model dtype before the projections, the kernel
-quantizes them from float32.
+run in its ``quantize_input`` kernel (the kernel's RMSNorm mode, shift 0, its scale ``scale_msa`` or ``scale_mlp``):
+one call shared by the three projections of a stream with one activation spec and no Monarch branch, one per
+feed-forward. What stays in torch: the attention (``MochiAttnProcessor2_0``'s computation: RMSNorm with weight on q
+and k per head, the rotary embedding on the video rows, an SDPA per sample over the video and the prompt's unmasked
+tokens), SwiGLU and the gated residuals (the post-norms need whole output rows, which no GEMM tile owns); to_out,
+to_add_out and ff.net[2] run as modules (a packed one quantizes its own input). Fused and unfused agree to the model
+dtype's rounding, not bit for bit: diffusers rounds the modulated rows to the model dtype before the projections, the
+kernel quantizes them from float32.
 
 A block is swapped only in the structure diffusers builds (the adaptive norms over RMSNorms without weight, a
 ``MochiAttention``, SwiGLU feed-forwards) with a packed linear with quantized activations to fuse. It runs diffusers'
@@ -108,7 +108,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _attention(attn: Any, video: list[torch.Tensor], text: list[torch.Tensor], b: int, mask: torch.Tensor,
                rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``MochiAttnProcessor2_0``'s attention of the streams' (B·S, inner) and (B·L, inner) q, k, v rows, before the
-    output projections: (B, S, inner) and (B, L, inner), the prompt's padded rows zero."""
+    output projections: (B, S, inner) and (B, L, inner), the prompt's kept tokens' rows first and the rest zero (as
+    diffusers packs them: with a mask holed in the middle, rows do not stay at their token's place)."""
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, -1, t.shape[-1]).unflatten(2, (attn.heads, -1))
 
@@ -173,8 +174,9 @@ class FusedMochiTransformerBlock(MochiTransformerBlock):
         n1, nc = self.norm1, self.norm1_context
         norms = [n1, n1.norm, self.norm3, self.norm3.norm, nc, nc.norm]
         norms += [nc.norm.norm] if self.context_pre_only else [self.norm3_context, self.norm3_context.norm]
-        if (self.training or h.ndim != 3 or e.ndim != 3 or temb.ndim != 2 or h.shape[0] != e.shape[0]
-                or any(_hooked(n) for n in norms) or not _attention_ok(attn)):
+        if (self.training or h.ndim != 3 or e.ndim != 3 or temb.ndim != 2
+                or not h.shape[0] == e.shape[0] == temb.shape[0] or any(_hooked(n) for n in norms)
+                or not _attention_ok(attn)):
             return super().forward(*args)
         b, s, d = h.shape
         scale_msa, gate_msa, scale_mlp, gate_mlp = n1.linear(n1.silu(temb)).chunk(4, dim=1)
