@@ -92,6 +92,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
         text_embed_2_dim=1472, image_embed_dim=1152, rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v")),
     "LTX-2 (video and audio)": ("LTX2VideoTransformer3DModel", dict()),   # (diffusers' defaults are LTX-2's)
+    "Mochi 1": ("MochiTransformer3DModel", dict()),   # (diffusers' defaults are mochi-1-preview's: 10.0 B)
+    "Lumina-Image 2.0": ("Lumina2Transformer2DModel", dict()),   # (diffusers' defaults are Lumina-Image 2.0's: 2.6 B)
 }
 
 
