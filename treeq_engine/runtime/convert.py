@@ -209,7 +209,8 @@ def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
     joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's (LTX-2's too), Chroma's,
-    HunyuanVideo's (1.5's too), CogVideoX's and Cosmos' blocks. Returns how many blocks were fused."""
+    HunyuanVideo's (1.5's too), CogVideoX's, Cosmos', Mochi's and Lumina2's blocks. Returns how many blocks were
+    fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
