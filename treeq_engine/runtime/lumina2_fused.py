@@ -115,7 +115,8 @@ class FusedLumina2TransformerBlock(Lumina2TransformerBlock):
         args = (hidden_states, attention_mask, image_rotary_emb, temb)
         x, n1, n3 = hidden_states, self.norm1, self.ffn_norm1
         rms1 = n1.norm if self.modulation else n1
-        if (self.training or x.ndim != 3 or (self.modulation and (temb is None or temb.ndim != 2))
+        per_sample = temb is not None and temb.ndim == 2 and temb.shape[0] == x.shape[0]
+        if (self.training or x.ndim != 3 or (self.modulation and not per_sample)
                 or any(_hooked(n) for n in (n1, rms1, n3)) or not _attention_ok(self.attn)):
             return super().forward(*args)
         b, s, d = x.shape
