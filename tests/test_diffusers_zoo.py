@@ -1,5 +1,5 @@
-"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 32
-classes, Wan, Z-Image, Qwen-Image, HunyuanVideo, LTX, CogVideoX, Lumina2, HiDream, Mochi, Cosmos, Flux.2, ...):
+"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 48
+classes, Wan, Z-Image, Qwen-Image, HunyuanVideo, LTX, CogVideoX, Lumina2, HiDream, Mochi, Cosmos, Flux.2, FLUX.3, ...):
 a uniform W8A8 plan (what `treeq quantize --uniform` packs) in float32 lands near the model's own output, and the
 bf16 path (model cast to bf16, layers packed at bf16, bf16 inputs) runs and lands near the bf16 model's output.
 These models read things off their linears that code for nn.Linear expects (a weight's dtype, the dtype of a
@@ -163,8 +163,10 @@ def test_which_layers_are_block_layers():
     from treeq_engine.plan import is_block_layer
 
     for name in ("layers.3.attention.to_q", "noise_refiner.0.feed_forward.w1", "context_refiner.1.attention.to_out.0",
-                 "transformer_blocks.0.attn.to_q", "single_transformer_blocks.2.proj_mlp", "blocks.7.mlp.fc1"):
+                 "transformer_blocks.0.attn.to_q", "single_transformer_blocks.2.proj_mlp", "blocks.7.mlp.fc1",
+                 "mode_blocks.image_cond.3.attn.to_q"):
         assert is_block_layer(name), name
     for name in ("distilled_guidance_layer.layers.0.linear_1", "cap_embedder.1", "t_embedder.mlp.0",
-                 "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1", "all_final_layer.2-1.linear"):
+                 "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1", "all_final_layer.2-1.linear",
+                 "early_stream_modulations.image.linear", "x_embedders.image_cond"):
         assert not is_block_layer(name), name

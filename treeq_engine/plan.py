@@ -283,9 +283,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # the repeated blocks: ``blocks.N.`` (ours), ``transformer_blocks.N.`` (diffusers), ``single_transformer_blocks.N.``
-# (Flux) and any other ``*_blocks.N.``; Lumina2's and Z-Image's ``layers.N.`` and their refiner blocks (whole
-# transformer blocks over the latent or caption tokens before the main ones)
-BLOCK_LAYER = re.compile(r"(^|[._])blocks\.\d+\.|(^|\.)(layers|noise_refiner|context_refiner|siglip_refiner)\.\d+\.")
+# (Flux) and any other ``*_blocks.N.``, also keyed by a name (FLUX.3's per-mode ``mode_blocks.image.N.``); Lumina2's
+# and Z-Image's ``layers.N.`` and their refiner blocks (whole transformer blocks over the latent or caption tokens
+# before the main ones)
+BLOCK_LAYER = re.compile(r"(^|[._])blocks\.([A-Za-z_]\w*\.)?\d+\."
+                         r"|(^|\.)(layers|noise_refiner|context_refiner|siglip_refiner)\.\d+\.")
 # diffusers' DiT keeps a copy of the timestep/class embedder inside every block (``norm1.emb``): embedders are
 # edge layers wherever they live, as is Chroma's guidance approximator (an MLP of ``layers.N`` making the
 # modulation every block reads).
