@@ -27,10 +27,13 @@ from treeq_engine.search.generic_runner import GenericRunner, generic_arch  # no
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# what the generic cut refuses in the zoo, and why
+# what the generic cut refuses in the zoo, and why: when it checks the cut, or already the call's arguments
 REFUSED = {"HiDreamImage": "fails on the first sample of these inputs alone",   # (a (layers, N, ...) input)
            "WanVACE": "does not give the model's output",   # (control hints added between the blocks)
-           "Latte": "needs batch-first block outputs"}   # (its blocks fold frames into the batch)
+           "Latte": "needs batch-first block outputs",   # (its blocks fold frames into the batch)
+           "ErnieImage": "needs batch-first block outputs"}   # (its blocks run sequence-first)
+REFUSED_CALLS = {"DreamLite": "without a timestep tensor",   # (a part of the DreamLite UNet, called without one)
+                 "WanAnimate2": "a WanAnimate2KVCache argument is not supported"}   # (a cache an earlier call fills)
 GENERIC = sorted(n for n, (ctor, _) in CASES.items() if generic_arch(ctor()) is not None and
                  type(make_runner(ctor())) is GenericRunner)
 
@@ -56,11 +59,37 @@ def test_the_zoo_takes_the_generic_cut():
     assert not {"Wan", "QwenImage", "Flux2", "Sana"} & set(GENERIC)   # (cut by their own runners)
 
 
+def test_a_list_with_an_item_per_sample_is_one_constant_rebuilt_for_each_batch():
+    """NucleusMoE (and Qwen-Image 2.1) take ``img_shapes`` as ``[shape] * batch``: the cut keeps one item and
+    rebuilds the list for each batch it runs, tuples as tuples after the calibration file's JSON; samples whose
+    items differ are refused."""
+    model, kw = zoo("NucleusMoEImage")
+    runner = make_runner(model)
+    state = runner.inputs(**kw)
+    fresh = GenericRunner(model)   # (as a search reading the calibration file builds it)
+    fresh.configure(json.loads(json.dumps(runner.metadata())), "calibration file")
+    three = tuple(torch.cat([t] * 3) for t in state)
+    assert fresh._kwargs(three)["img_shapes"] == [(1, 4, 4)] * 3
+    fresh.check(three)
+    with torch.no_grad():
+        want = model(**kw).sample
+        for got in run_segments(fresh, three).chunk(3):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    two = dict(kw, **{k: torch.cat([v, v]) for k, v in kw.items() if k != "timestep" and isinstance(v, torch.Tensor)})
+    with pytest.raises(ValueError, match="img_shapes: its samples' items differ"):
+        GenericRunner(model).inputs(**dict(two, timestep=torch.cat([kw["timestep"]] * 2),
+                                           img_shapes=[(1, 4, 4), (1, 2, 8)]))
+
+
 @pytest.mark.parametrize("name", GENERIC)
 def test_each_is_cut_bit_for_bit_or_refused_with_the_reason(name):
     model, kw = zoo(name)
     runner = make_runner(model)
     assert make_runner(model) is runner and diffusers_arch(model) == runner.arch == f"generic:{type(model).__name__}"
+    if name in REFUSED_CALLS:
+        with pytest.raises(ValueError, match=REFUSED_CALLS[name]):
+            runner.inputs(**kw)
+        return
     state = runner.inputs(**kw)
     if name in REFUSED:
         with pytest.raises(ValueError, match=REFUSED[name]):

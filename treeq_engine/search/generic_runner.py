@@ -47,6 +47,9 @@ GENERIC = "generic"
 TIMESTEP_PARAMS = ("timestep", "timesteps")
 SPEC_KEY = "generic_inputs"   # in the calibration file's metadata: the input spec and constants, JSON
 SKIPPED = ("self", "return_dict")
+# a constant argument in the calibration file's JSON: a tuple as {TUPLE: items} (JSON has lists only); a list with an
+# item per sample (Qwen-Image 2.1's and NucleusMoE's ``img_shapes``) as {PER_SAMPLE: item}, rebuilt for each batch
+TUPLE, PER_SAMPLE = "__tuple__", "__per_sample__"
 
 
 class _Stop(Exception):
@@ -74,6 +77,30 @@ def generic_arch(model: nn.Module, lists: Sequence[Any] | None = None) -> str | 
     if not any(p in params for p in TIMESTEP_PARAMS) or not (block_lists(model) if lists is None else lists):
         return None
     return f"{GENERIC}:{type(model).__name__}"
+
+
+def _encode(value: Any, param: str) -> Any:
+    """A constant argument (None, numbers, strings, and tuples and lists of them) as JSON (``TUPLE``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{param} = {value}: not a finite number")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_encode(v, param) for v in value]
+        return {TUPLE: items} if isinstance(value, tuple) else items
+    raise ValueError(f"{param}: a {type(value).__name__} argument is not supported by the search's generic cut "
+                     f"(tensors, tuples of tensors, None, numbers, strings and lists of them are)")
+
+
+def _decode(value: Any, batch: int) -> Any:
+    """``_encode``'s inverse; a per-sample list rebuilt with ``batch`` items."""
+    if isinstance(value, list):
+        return [_decode(v, batch) for v in value]
+    if isinstance(value, dict) and TUPLE in value:
+        return tuple(_decode(v, batch) for v in value[TUPLE])
+    if isinstance(value, dict) and PER_SAMPLE in value:
+        return [_decode(value[PER_SAMPLE], batch) for _ in range(batch)]
+    return value   # (a number, a string, None, or the empty mapping)
 
 
 def _flat(value: Any, where: str) -> tuple[list[torch.Tensor], Any]:
@@ -216,13 +243,14 @@ class GenericRunner(CutModel):
                 for i, x in enumerate(v):
                     spec.append((f"{name}.{i}", param, i, shared(f"{name}.{i}", x)))
                     values.append(x)
-            elif v is None or isinstance(v, (bool, int, float, str)):
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"{param} = {v}: not a finite number")
-                constants[param] = v
+            elif isinstance(v, list) and len(v) == n and not any(isinstance(x, torch.Tensor) for x in v):
+                # an item per sample, as pipelines pass ``[shape] * batch``: one item, rebuilt for each batch run
+                if any(x != v[0] for x in v):
+                    raise ValueError(f"{param}: its samples' items differ ({v[0]!r}, ...): the generic cut runs a "
+                                     "file's samples in batches of one kind; capture calls whose samples share it")
+                constants[param] = {PER_SAMPLE: _encode(v[0], param)}
             else:
-                raise ValueError(f"{param}: a {type(v).__name__} argument is not supported by the search's generic cut "
-                                 f"(tensors, tuples of tensors, None, numbers and strings are)")
+                constants[param] = _encode(v, param)
         if not any(s[0] == "timestep" for s in spec):
             raise ValueError(f"a call of {type(self.model).__name__} without a timestep tensor")
         if self._spec is None:
@@ -281,7 +309,8 @@ class GenericRunner(CutModel):
         self.exact_inputs = ("timestep",) + tuple(e[0] for e in spec if e[3])
 
     def _kwargs(self, state: State) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(self._constants)
+        batch = state[0].shape[0] if state and state[0].dim() else 1
+        kw: dict[str, Any] = {p: _decode(v, batch) for p, v in self._constants.items()}
         parts: dict[str, list[torch.Tensor]] = {}
         for (_, param, index, shared), t in zip(self._spec or (), state):
             v = t[0] if shared else t
