@@ -56,6 +56,18 @@ def test_packed_conv_is_the_packed_linear_over_channels(nd, label, bias, branch)
         torch.testing.assert_close(pc(x[0]), y[0], rtol=1e-5, atol=1e-5)   # may round by its row count)
 
 
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_replacements_answer_what_code_reads_off_the_convolution(nd):
+    """Code written for a convolution reads its attributes (SANA-WM's feed-forward reads ``out_channels``): the
+    fake-quant and the packed replacements answer them as the pointwise convolution they replace, read-only."""
+    conv = CONVS[nd](37, 23, 1)
+    attrs = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "padding", "groups")
+    for m in (QuantPointwiseConv(conv, LayerConfig(4, 8)), pack_layer(conv, LayerConfig(4, 8), "c", torch.float32)):
+        assert {a: getattr(m, a) for a in attrs} == {a: getattr(conv, a) for a in attrs}, type(m).__name__
+        with pytest.raises(AttributeError):
+            m.out_channels = 5
+
+
 def test_channels_last_view_in_and_out():
     """Sana hands its feed-forward a channels-last tensor viewed as channels-first: the packed conv reads and
     returns such views, with the conv's values."""

@@ -62,3 +62,42 @@ def describe(m: nn.Module) -> str:
         extra += [f"padding {m.padding}"] if not (m.padding in ("valid", "same") or not any(m.padding)) else []
         return f"{type(m).__name__} with a {k} kernel" + (f" ({', '.join(extra)})" if extra else "")
     return type(m).__name__
+
+
+class PointwiseConvAttributes:
+    """What code written for a pointwise ``ConvNd`` reads off it, for the modules that replace one (the fake-quant
+    ``QuantPointwiseConv``, the packed ``TreeQPointwiseConv``): its channels (SANA-WM's feed-forward reads
+    ``out_channels``), a 1×…×1 kernel, stride 1, no padding, one group. Read-only; the host class sets
+    ``in_features``, ``out_features`` and ``spatial_dims``."""
+
+    in_features: int
+    out_features: int
+    spatial_dims: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_features
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return (1,) * self.spatial_dims
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return (1,) * self.spatial_dims
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return (1,) * self.spatial_dims
+
+    @property
+    def padding(self) -> tuple[int, ...]:
+        return (0,) * self.spatial_dims
+
+    @property
+    def groups(self) -> int:
+        return 1

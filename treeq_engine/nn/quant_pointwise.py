@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..plan import LayerConfig
-from .pointwise import is_pointwise_conv
+from .pointwise import PointwiseConvAttributes, is_pointwise_conv
 from .quant_linear import QuantLinear
 
 
-class QuantPointwiseConv(QuantLinear):
+class QuantPointwiseConv(PointwiseConvAttributes, QuantLinear):
     """``QuantLinear`` over the channels of a ``(B, C, *spatial)`` input (see the module docstring)."""
 
     def __init__(self, conv: nn.Module, config: LayerConfig | None = None, *, name: str = "") -> None:

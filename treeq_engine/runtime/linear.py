@@ -25,6 +25,7 @@ from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
 from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
 from ..kernels.derived import derived
 from ..plan import LayerConfig
+from ..nn.pointwise import PointwiseConvAttributes
 
 
 def branch_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -317,7 +318,7 @@ class TreeQLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.config.label}{br}{lay}"
 
 
-class TreeQPointwiseConv(TreeQLinear):
+class TreeQPointwiseConv(PointwiseConvAttributes, TreeQLinear):
     """Packed replacement for a pointwise ``ConvNd`` (``nn.pointwise``): its channels are the features and its
     positions the tokens, so ``y = conv(x)`` runs as ``TreeQLinear`` on ``x`` with the channels moved last. The
     state is a ``TreeQLinear``'s. Sana's block hands its feed-forward a channels-last tensor viewed as channels
