@@ -1,4 +1,4 @@
-"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 48
+"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 49
 classes, Wan, Z-Image, Qwen-Image, HunyuanVideo, LTX, CogVideoX, Lumina2, HiDream, Mochi, Cosmos, Flux.2, FLUX.3, ...):
 a uniform W8A8 plan (what `treeq quantize --uniform` packs) in float32 lands near the model's own output, and the
 bf16 path (model cast to bf16, layers packed at bf16, bf16 inputs) runs and lands near the bf16 model's output.
@@ -19,6 +19,12 @@ from treeq_engine.runtime import quantize, treeq_layers  # noqa: E402
 
 # Z-Image's W8A8 edge layers (its 256 -> dim timestep MLP) put it above 1e-2; the rest land at 0.5-2e-2
 TOL = 0.035
+# linears a model holds but does not call on these inputs (packed all the same: a plan names every linear): SANA-WM's
+# softmax blocks keep their linear attention's beta and gate projections (the checkpoint has them), and its raymap
+# embedder is off where the camera rays come in after the attention
+IDLE = {"SanaWM": ["blocks.1.attn.beta_proj", "blocks.1.attn.gate_proj", "raymap_embedder.proj"]}
+# diffusers' own bf16 forward does not run on the CPU (SANA-WM's grid refuses bf16): the bf16 leg is a GPU's
+NO_CPU_BF16 = {"SanaWM"}
 
 
 def _build(name, dtype):
@@ -74,15 +80,17 @@ def test_packs_and_runs(name):
     assert len(treeq_layers(model)) == len(plan.layers) > 0
     assert model.dtype == torch.float32   # what pipelines cast their inputs to
     got, idle = _packed_run(model, kw)
-    assert not idle
+    assert idle == IDLE.get(name, [])
     assert torch.isfinite(got).all() and 0 < _rel(got, fp) < TOL
+    if name in NO_CPU_BF16:
+        return
 
     model, kw = _build(name, torch.bfloat16)
     fp16 = _out(model, kw)
     quantize(model, QuantPlan.block_uniform(model, 8, 8, pointwise_convs=True))
     assert model.dtype == torch.bfloat16
     got, idle = _packed_run(model, kw)
-    assert not idle
+    assert idle == IDLE.get(name, [])
     assert torch.isfinite(got).all() and 0 < _rel(got, fp16) < 2 * TOL
 
 
@@ -137,7 +145,7 @@ def test_projection_fusion_is_refused_on_packed_attention(name):
             for a in _attentions(model, plan.layers):
                 a.unfuse_projections()
     _, idle = _packed_run(quantize(model, plan), kw)
-    assert not idle   # no packed projection left out by a fused one
+    assert idle == IDLE.get(name, [])   # no packed projection left out by a fused one
     # (after, not from, the hooked run: a hook on a packed projection runs a fused block as diffusers computes it,
     # which Z-Image's fused block matches to float rounding only)
     want = _out(model, kw)
