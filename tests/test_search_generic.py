@@ -23,7 +23,7 @@ from cli_refusal import refused  # noqa: E402
 from treeq_engine.search import make_runner  # noqa: E402
 from treeq_engine.search.diffusers_runner import diffusers_arch, load_inputs, save_inputs  # noqa: E402
 from treeq_engine.search.evaluator import run_segments  # noqa: E402
-from treeq_engine.search.generic_runner import GenericRunner, generic_arch  # noqa: E402
+from treeq_engine.search.generic_runner import GenericRunner, block_lists, generic_arch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,10 +102,41 @@ def test_each_is_cut_bit_for_bit_or_refused_with_the_reason(name):
         outs = [o for o in model(**kw, return_dict=False) if isinstance(o, torch.Tensor)]
         want = outs[0] if len(outs) == 1 else torch.cat([o.flatten(1) for o in outs], 1)   # (LTX-2: video, audio)
         assert torch.equal(run_segments(runner, state), want)
-    lists = [m for m in model.children() if isinstance(m, torch.nn.ModuleList)]
-    assert runner.num_segments == len(runner._order) + 2 <= sum(len(m) for m in lists) + 2
+    assert runner.num_segments == len(runner._order) + 2 <= sum(len(m) for _, m in block_lists(model)) + 2
     segments = [runner.segment_of(n) for n in runner._segment]
     assert min(segments) == 0 and max(segments) == runner.num_segments - 1
+
+
+def test_block_lists_in_a_module_dict_are_segments_where_the_call_reaches_them():
+    """FLUX.3 keeps its image modes' blocks in a ModuleDict of lists: each block is a segment (not code re-run
+    around every later block), and a list the call does not reach (the reference image's, in text to image) is no
+    segment of that cut; a list reached in part is refused."""
+    from test_flux3_fused import call, tiny_flux3
+
+    model = tiny_flux3()
+    assert [n for n, _ in block_lists(model)] == ["mode_blocks.image", "mode_blocks.image_cond", "txt_mode_blocks",
+                                                   "single_transformer_blocks"]
+    for cond, segments in ((True, 2 * 4 + 2), (False, 2 * 3 + 2)):
+        kw = call(cond=cond)
+        runner = GenericRunner(model)
+        state = runner.inputs(**kw)
+        runner.check(state)
+        assert runner.num_segments == segments
+        assert runner.segment_of("mode_blocks.image.1.attn.to_q") == 4   # (after the text's two blocks)
+        with torch.no_grad():
+            assert torch.equal(run_segments(runner, state), model(**kw).sample)
+        if not cond:
+            with pytest.raises(ValueError, match="mode_blocks.image_cond.0.attn.to_q did not run"):
+                runner.segment_of("mode_blocks.image_cond.0.attn.to_q")
+
+    class FirstOnly(torch.nn.ModuleList):   # (a forward that calls the image's first block only)
+        def __iter__(self):
+            return iter([self[0]])
+
+    model.mode_blocks["image"] = FirstOnly(model.mode_blocks["image"])
+    runner = GenericRunner(model)
+    with pytest.raises(ValueError, match=r"does not call blocks \['mode_blocks.image.1'\].*every block of a list it"):
+        runner.check(runner.inputs(**call()))
 
 
 def test_the_segments_follow_the_call_order_and_where_each_linear_runs():

@@ -3,26 +3,28 @@ HunyuanVideo, CogVideoX, Lumina2, Mochi, ...), so that capture, search, PTQ and 
 packs them (HunyuanVideo's blocks fused, the others' linears each quantizing their own input).
 
 The model's own ``forward`` runs every segment. The blocks are the modules of the model's top-level
-``ModuleList``\\ s, in the order ``forward`` calls them (one segment each); segment 0 holds what runs before the
-first block, the last segment what runs after the last. Segment ``b + 1`` runs ``forward`` with every block called
-before block ``b`` replaced by a stand-in that returns a recorded output, and stops when block ``b`` returns. What
-``forward`` computes around its blocks (embedders, rotary tables, masks) is computed again in every segment: a
-candidate config of an embedder layer reaches every later block, as in the model, and the cost is the embedders'
-(small beside a block's). The state between segments is the call's inputs and the output of the latest block (or,
-where the model's forward reads more, such as Lumina2's joint blocks reading its caption refiner's last output, the
-latest output of each block list reached so far: ``check`` tries the smaller state first); the stand-ins of the
-other blocks return NaN, so a ``forward`` that reads them (a skip connection) shows it.
+``ModuleList``\\ s (and of those a top-level ``ModuleDict`` holds: FLUX.3's per-mode blocks), in the order
+``forward`` calls them (one segment each; a list a call does not reach is no segment of its cut); segment 0 holds
+what runs before the first block, the last segment what runs after the last. Segment ``b + 1`` runs ``forward`` with
+every block called before block ``b`` replaced by a stand-in that returns a recorded output, and stops when block
+``b`` returns. What ``forward`` computes around its blocks (embedders, rotary tables, masks) is computed again in
+every segment: a candidate config of an embedder layer reaches every later block, as in the model, and the cost is
+the embedders' (small beside a block's). The state between segments is the call's inputs and the output of the
+latest block (or, where the model's forward reads more, such as Lumina2's joint blocks reading its caption refiner's
+last output, the latest output of each block list reached so far: ``check`` tries the smaller state first); the
+stand-ins of the other blocks return NaN, so a ``forward`` that reads them (a skip connection) shows it.
 
-``check(inputs)`` runs the first and last samples through the model's ``forward`` and through the segments and requires
-the outputs bit-identical, every block called once, in order, with batch-first outputs; it records in which segment each
-linear first runs (``segment_of``) and which linears of one module read the very same input tensor (``tie``: a
-self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it on every calibration file; a
-model it refuses is said to be refused, by name, before any search.
+``check(inputs)`` runs the first and last samples through the model's ``forward`` and through the segments and
+requires the outputs bit-identical, every block of a list it reaches called once, in order, with batch-first outputs;
+it records in which segment each linear first runs (``segment_of``) and which linears of one module read the very
+same input tensor (``tie``: a self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it
+on every calibration file; a model it refuses is said to be refused, by name, before any search.
 
 Inputs are the ``forward``'s arguments as the pipeline passes them, stored by name: tensors with the call's samples
 on dim 0 as they are; other tensors (a rotary table, position ids, a (1,) timestep) are shared by the call's
 samples: stored repeated per sample and passed as the first; a tuple of tensors element by element (``name.0``,
-``name.1``, ...); None, numbers and strings are constants every call must repeat (the calibration file keeps them).
+``name.1``, ...); None, numbers, strings and lists and tuples of them are constants every call must repeat (the
+calibration file keeps them; a list with an item per sample keeps one, rebuilt for each batch).
 The timestep is the argument ``timestep`` (or ``timesteps``), stored as ``timestep``. Attention kwargs and other
 values are refused. The MSE is taken on the whole output. Padding a keep-mask input hides from the output stays out of
 PTQ's statistics (``_trace_padding``, ``real_rows``).
@@ -61,10 +63,16 @@ class _Stop(Exception):
 
 
 def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The model's top-level ``ModuleList``\\ s holding linears (its blocks, in definition order)."""
+    """The model's top-level ``ModuleList``\\ s holding linears, and those of its top-level ``ModuleDict``\\ s
+    (FLUX.3's per-mode ``mode_blocks["image"]``): its blocks, in definition order."""
     layers = quantizable_linears(model)
-    return [(name, ml) for name, ml in model.named_children()
-            if isinstance(ml, nn.ModuleList) and len(ml) and any(n.startswith(name + ".") for n in layers)]
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            found.append((name, child))
+        elif isinstance(child, nn.ModuleDict):
+            found += [(f"{name}.{key}", ml) for key, ml in child.items() if isinstance(ml, nn.ModuleList)]
+    return [(name, ml) for name, ml in found if len(ml) and any(n.startswith(name + ".") for n in layers)]
 
 
 def generic_arch(model: nn.Module, lists: Sequence[Any] | None = None) -> str | None:
@@ -175,7 +183,8 @@ class GenericRunner(CutModel):
         arch = generic_arch(model, lists)
         if arch is None:
             raise TypeError(f"{type(model).__name__} is not cut by the search: it needs top-level block lists "
-                            f"(ModuleList) and a timestep argument ({' or '.join(TIMESTEP_PARAMS)})")
+                            f"(ModuleList, or in a ModuleDict) and a timestep argument "
+                            f"({' or '.join(TIMESTEP_PARAMS)})")
         self.model: Any = model
         self.arch = arch
         self.output_fn = output_fn
@@ -484,13 +493,17 @@ class GenericRunner(CutModel):
             for h in handles:
                 h.remove()
         want = _output(want)
-        missing = sorted(set(self._blocks) - set(order))
+        # a list the call does not reach at all is no segment of this cut (FLUX.3's reference-image blocks in text to
+        # image); one reached in part is refused
+        reached = {name.rpartition(".")[0] for name in order}
+        missing = sorted(b for b in set(self._blocks) - set(order) if b.rpartition(".")[0] in reached)
         if missing:
             raise ValueError(f"{what}.forward does not call blocks {missing[:3]} on these inputs: the generic cut "
-                             "needs every block called once")
+                             "needs every block of a list it reaches called once")
         if not isinstance(want, torch.Tensor):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
         self._order, self._out_spec = order, {}
+        self.num_segments = len(order) + 2
         kind = self._kind(one)
         try:
             if shapes_only or want.device.type == "meta":   # (a profile: values not compared; the safe layout)
@@ -530,6 +543,7 @@ class GenericRunner(CutModel):
                     raise refusal
         except BaseException:
             self._order = None
+            self.num_segments = len(self._blocks) + 2
             self._per_list.pop(kind, None)
             raise
         block_of = {}
