@@ -94,6 +94,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "LTX-2 (video and audio)": ("LTX2VideoTransformer3DModel", dict()),   # (diffusers' defaults are LTX-2's)
     "Mochi 1": ("MochiTransformer3DModel", dict()),   # (diffusers' defaults are mochi-1-preview's: 10.0 B)
     "Lumina-Image 2.0": ("Lumina2Transformer2DModel", dict()),   # (diffusers' defaults are Lumina-Image 2.0's: 2.6 B)
+    "FLUX.3 (diffusers' defaults)": ("Flux3Transformer2DModel", dict()),   # (no pipeline in diffusers 0.42 to check)
 }
 
 
