@@ -401,3 +401,23 @@ def test_a_per_token_modulation_is_grouped_by_the_runs_it_repeats(bounds, rows):
     assert m32.dtype == torch.float32 and m32.shape == (6, b * s // rows, d)
     expanded = m32.repeat_interleave(b * s // m32.shape[1], dim=1)
     assert torch.equal(expanded, table.to(torch.bfloat16).float().reshape(6, b * s, d))
+
+
+def test_run_length_finds_the_runs_every_table_repeats(monkeypatch):
+    """The largest group size every table's runs of equal rows are made of, in every sample; a table expanded along
+    the tokens changes nowhere; while a CUDA graph is captured, a row per group (the runs are the values', which a
+    capture cannot read and a replay may change)."""
+    from treeq_engine.runtime import diffusers_fused
+    from treeq_engine.runtime.diffusers_fused import run_length
+
+    g = torch.Generator().manual_seed(0)
+    fours = torch.randn(2, 3, 8, generator=g).repeat_interleave(4, dim=1)   # (2, 12, 8) in runs of 4
+    sixes = torch.randn(2, 2, 8, generator=g).repeat_interleave(6, dim=1)
+    flat = torch.randn(2, 1, 8, generator=g).expand(2, 12, 8)
+    assert (run_length([fours]), run_length([sixes]), run_length([fours, sixes])) == (4, 6, 2)
+    assert run_length([flat]) == 12 and run_length([flat, sixes]) == 6
+    other = fours.clone()
+    other[1, 5] += 1   # (one sample's row breaks a run: every sample's groups follow)
+    assert run_length([other]) == 1
+    monkeypatch.setattr(diffusers_fused, "_capturing", lambda: True)
+    assert run_length([flat]) == 1

@@ -128,16 +128,29 @@ def modulation_chunk(mod: Modulation, i: int) -> torch.Tensor:
     return mod[:, i:i + 1] if isinstance(mod, torch.Tensor) else mod(i)
 
 
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream: nothing may wait for the device's values."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def run_length(tables: Iterable[torch.Tensor]) -> int:
     """The rows per group of per-token tables ``(B, S, ·)`` (taken one at a time: a generator computes each when
     asked): the largest ``r`` dividing S such that every table's rows change only at multiples of ``r`` in every
     sample (a frame's tokens share a timestep where the pipeline passes one per frame). Compared exactly, a slice
-    of columns at a time (no (B, S, D) boolean at once)."""
+    of columns at a time (no (B, S, D) boolean at once); a table expanded along S (stride 0) changes nowhere.
+
+    While a CUDA graph is captured, 1: the runs are read off the values, which the capture cannot wait for, and a
+    graph replays with other values (another step's timesteps may merge or split the runs), so it takes a group per
+    row, right for any values (the kernels then read a modulation row per token)."""
+    if _capturing():
+        return 1
     s, changed = 0, None
     for t in tables:
         if changed is None:
             s = t.shape[1]
             changed = torch.zeros(max(s - 1, 0), dtype=torch.bool, device=t.device)
+        if t.stride(1) == 0:
+            continue
         for c in range(0, t.shape[2], 256):
             part = t[..., c:c + 256]
             changed |= (part[:, 1:] != part[:, :-1]).any(-1).any(0)
