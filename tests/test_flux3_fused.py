@@ -23,18 +23,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_forward(cond=True):
-    """A mode block: one LayerNorm-fused quantization (q/k/v and linear_in), the gated sum in to_out's and
-    linear_out's epilogues; a joint block: the same per stream. Two blocks per mode (the reference image's run only
-    with one), two joint blocks."""
-    mode = 2 * (3 if cond else 2)
-    return {"ln": mode + 2 * 2, "gelu": 0, "residual": 2 * mode + 2 * 4, "codes_out": 0}
+    """A block: one LayerNorm-fused quantization (q/k/v and linear_in), the gated sum in to_out's and linear_out's
+    epilogues (the joint block's on [text; content] as one). Two blocks per mode (the reference image's run only with
+    one), two joint blocks."""
+    blocks = 2 * (3 if cond else 2) + 2
+    return {"ln": blocks, "gelu": 0, "residual": 2 * blocks, "codes_out": 0}
 
 
-def tiny_flux3():
+def tiny_flux3(flow_map=False):
     torch.manual_seed(0)
     return perturbed(diffusers.Flux3Transformer2DModel(
         in_channels=4, cond_in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, timestep_channels=256, axes_dims_rope=(4, 4, 4, 4)).eval())
+        num_attention_heads=2, joint_attention_dim=32, timestep_channels=256, axes_dims_rope=(4, 4, 4, 4),
+        flow_map=flow_map).eval())
 
 
 def _ids(*sizes, last=None):
@@ -44,16 +45,18 @@ def _ids(*sizes, last=None):
     return ids
 
 
-def call(n=2, seed=0, cond=True, dtype=torch.float32):
-    """The pipeline's call: 4x4 image tokens, 8 text tokens, with ``cond`` a 2x4 reference image (its ids at l = -1),
-    a timestep per sample."""
+def call(n=2, seed=0, cond=True, dtype=torch.float32, cond_rows=2, target=False):
+    """The pipeline's call: 4x4 image tokens, 8 text tokens, with ``cond`` a ``cond_rows``x4 reference image (its
+    ids at l = -1), a timestep per sample (and with ``target`` the flow map's target timestep)."""
     g = torch.Generator().manual_seed(seed)
     kw = dict(hidden_states=torch.randn(n, 16, 4, generator=g).to(dtype),
               encoder_hidden_states=torch.randn(n, 8, 32, generator=g).to(dtype),
               timestep=torch.tensor([0.5, 0.2, 0.9][:n]).to(dtype), img_ids=_ids(1, 4, 4, 1), txt_ids=_ids(1, 1, 1, 8))
     if cond:
-        kw.update(image_cond_hidden_states=torch.randn(n, 8, 4, generator=g).to(dtype),
-                  image_cond_ids=_ids(1, 2, 4, 1, last=-1))
+        kw.update(image_cond_hidden_states=torch.randn(n, 4 * cond_rows, 4, generator=g).to(dtype),
+                  image_cond_ids=_ids(1, cond_rows, 4, 1, last=-1))
+    if target:
+        kw["target_timestep"] = torch.tensor([0.3, 0.1, 0.6][:n]).to(dtype)
     return kw
 
 
@@ -91,9 +94,19 @@ def test_fused_equals_unfused(kind):
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
 
 
+def test_a_flow_map_and_runs_of_other_lengths():
+    """A flow map (the target timestep's embedding added to every mode's) and a reference image of 12 tokens: the
+    joint rows [8; 16; 12] per sample run in groups of 4."""
+    model = tiny_flux3(flow_map=True)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    for kw in (call(target=True, cond_rows=3), call(n=1, target=True, cond=False)):
+        with torch.no_grad():
+            close(fused(**kw).sample, unfused(**kw).sample, bound=1e-4)
+
+
 def test_the_kernels_take_a_group_per_run_of_tokens(monkeypatch):
-    """The joint blocks' content table repeats the image tokens' row and the reference tokens' row: 16 + 8 rows
-    per sample run in groups of 8 (3 per sample); the text's and each mode's table one group per sample."""
+    """Each mode's table repeats one row per sample: one group per sample. The joint blocks' rows, [8 text; 16 image;
+    8 reference] per sample, run in groups of 8 (4 per sample). Each is found once per forward, not per block."""
     from treeq_engine.runtime import flux3_fused
 
     model = tiny_flux3()
@@ -104,7 +117,7 @@ def test_the_kernels_take_a_group_per_run_of_tokens(monkeypatch):
                         original(chunk, rows, chunks))
     with torch.no_grad():
         fused(**call(n=2))
-    assert groups == [2] * 6 + [2 * 3, 2] * 2   # (the mode blocks, then per joint block the content's and the text's)
+    assert groups == [2, 2, 2, 2 * 4]   # (the text's mode, the image's, the reference image's, the joint blocks')
 
 
 def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward():
@@ -125,7 +138,7 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
                                                                   "ff.act_fn", "ff.linear_in", "ff.linear_out"),
                            kw, want, full - 1)
     hooked_parts_fall_back(fused, fused.single_transformer_blocks[1], ("norm", "attn.to_v", "attn.to_out.0"), kw,
-                           want, full - 2)
+                           want, full - 1)
     block = fused.txt_mode_blocks[0]
     block.attn.set_processor(type("OtherProcessor", (Flux3AttnProcessor,), {})())   # (computes what it likes)
     calls, got = count_kernels(fused, kw)
@@ -137,9 +150,88 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_while_a_cuda_graph_is_captured_the_kernels_take_a_row_per_group(monkeypatch):
+    """A capture cannot read the runs off the values (nor may a replay's timesteps keep them): a group per row, and
+    the same output."""
+    from treeq_engine.runtime import diffusers_fused, flux3_fused
+
+    model = tiny_flux3()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    groups, original = [], flux3_fused.per_token_modulation
+    monkeypatch.setattr(flux3_fused, "per_token_modulation",
+                        lambda chunk, rows, chunks: groups.append(original(chunk, rows, chunks).shape[1]) or
+                        original(chunk, rows, chunks))
+    monkeypatch.setattr(diffusers_fused, "_capturing", lambda: True)
+    kw = call()
+    with torch.no_grad():
+        close(fused(**kw).sample, unfused(**kw).sample, bound=1e-4)
+    assert groups == [2 * 8, 2 * 16, 2 * 8, 2 * 32]   # (every row of the text's, image's, reference's, joint tables)
+
+
+def test_the_kernel_tables_are_found_once_per_forward_and_never_for_other_tensors():
+    """The cache of the kernels' tables answers only for the very tables it was computed from, unmodified: not for
+    a new table at a dead one's address (CPython reuses ids), nor for one changed in place."""
+    from treeq_engine.runtime.flux3_fused import _kernel_tables
+    from treeq_engine.runtime.diffusers_fused import per_token_modulation
+
+    def fresh(t):
+        return per_token_modulation(lambda i: t[..., 8 * i:8 * (i + 1)], t.shape[0] * t.shape[1], chunks=3)
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 4, 24, generator=g)
+    assert _kernel_tables([t], 8) is _kernel_tables([t], 8)
+    t.add_(1.0)   # (in place: its version moves)
+    torch.testing.assert_close(_kernel_tables([t], 8), fresh(t), rtol=0, atol=0)
+    reused = 0
+    for _ in range(20):
+        old = id(t)
+        del t
+        t = torch.randn(2, 4, 24, generator=g)
+        reused += id(t) == old
+        torch.testing.assert_close(_kernel_tables([t], 8), fresh(t), rtol=0, atol=0)
+    assert reused   # (the case this guards against did occur)
+
+
+def test_the_processor_s_attention_backend_and_what_a_block_is_handed():
+    """The attention runs on the processor's backend; a block handed a table per sample (B, 1, 3·D), which diffusers
+    broadcasts, or no rotary table runs as diffusers computes it; a block of another structure (a LayerNorm with
+    affine) is not swapped."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from treeq_engine.runtime import flux3_fused
+
+    model = tiny_flux3()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    backends, original = [], flux3_fused.dispatch_attention_fn
+
+    def dispatch(*a, backend=None, **k):
+        backends.append(backend)
+        return original(*a, backend=None, **k)
+
+    for m in fused.modules():
+        if hasattr(m, "processor"):
+            m.processor._attention_backend = AttentionBackendName.NATIVE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flux3_fused, "dispatch_attention_fn", dispatch)
+        with torch.no_grad():
+            fused(**call())
+    assert backends == [AttentionBackendName.NATIVE] * 8
+    g = torch.Generator().manual_seed(4)
+    x, table = torch.randn(2, 16, 32, generator=g), torch.randn(2, 1, 96, generator=g)
+    rotary = model.pos_embed(_ids(1, 4, 4, 1))
+    with torch.no_grad():
+        for tab, rot in ((table, rotary), (table.expand(2, 16, 96).contiguous(), None)):
+            want = unfused.mode_blocks["image"][0](x, tab, rot)
+            close(fused.mode_blocks["image"][0](x, tab, rot), want, bound=1e-5)
+    model.single_transformer_blocks[0].norm = torch.nn.LayerNorm(32, elementwise_affine=True, eps=1e-6)
+    fused = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32)
+    assert type(fused.single_transformer_blocks[0]).__name__ == "Flux3SingleTransformerBlock"
+    assert isinstance(fused.single_transformer_blocks[1], FusedFlux3SingleTransformerBlock)
+
+
 def test_float_linears_run_as_modules():
-    """A float to_out and linear_out (W16) run as modules, hooks and all (the joint block's once per stream), and
-    the gated sum as diffusers computes it; the block's other linears stay fused."""
+    """A float to_out and linear_out (W16) run as modules, hooks and all, and the gated sum as diffusers computes
+    it; the block's other linears stay fused."""
     model = tiny_flux3()
     plan = QuantPlan.block_uniform(model, 4, 8)
     for n in ("to_out.0", "linear_out"):
@@ -154,8 +246,8 @@ def test_float_linears_run_as_modules():
     calls, got = count_kernels(fused, kw)
     for h in hooks:
         h.remove()
-    assert len(seen) == 4 and calls["ln"] == per_forward()["ln"]
-    assert calls["residual"] == per_forward()["residual"] - 4
+    assert len(seen) == 2 and calls["ln"] == per_forward()["ln"]
+    assert calls["residual"] == per_forward()["residual"] - 2
     with torch.no_grad():
         torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
 

@@ -4,32 +4,36 @@
 
 Both compute a parallel attention and SwiGLU feed-forward from one modulated LayerNorm (no affine), under a
 per-token modulation table ``(B, S, 3·D)`` of shift, scale and gate, which the model builds per mode from each
-token's timestep embedding (the image tokens' timestep, 0 for the reference image and the text):
+token's timestep embedding (the image tokens' timestep, 0 for the reference image and the text; a flow map adds its
+target timestep's embedding to every mode's):
 
     n = mod(LN(x), shift, scale);   q, k, v, [a, b] = to_q/k/v, ff.linear_in ← Q(n)
     x = x + gate · (to_out(attention(RMSNorm(q), RMSNorm(k), v, rotary)) + ff.linear_out(Q(SiLU(a) ⊙ b)))
 
-The joint block does so on [text; content], each stream normalised and modulated with its own table, its own gate
-on its output rows. Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate +
-quantization run in its ``quantize_input`` kernel (one call per stream shared by to_q/to_k/to_v and linear_in with
-one activation spec and no Monarch branch; the joint block's streams run their projections apart and meet in the
-attention), and the gated sum in two epilogues: ``r = x + gate ⊙ to_out(o)`` in to_out's, ``r + gate ⊙
-linear_out(·)`` in linear_out's (where both run the kernels; else the sum as diffusers computes it). The tables
-repeat one row per run of tokens of one timestep: the kernels take one modulation group per run
-(``per_token_modulation``), not a row per token. The attention is ``Flux3AttnProcessor``'s computation (RMSNorm on q
-and k in float32, ``apply_rotary_emb``, ``dispatch_attention_fn`` with the processor's backend); SwiGLU runs
-between the kernels. Fused and unfused agree to the model dtype's rounding, not bit for bit. (The joint block's
-float linears run once per stream: a hook on one sees two calls.)
+The joint block does so on [text; content], each stream normalised and modulated with its own table and gated by
+it: fused, the two run as one sequence, each row with its own stream's modulation and gate. Where a linear is a
+:class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its ``quantize_input``
+kernel (one call shared by to_q/to_k/to_v and linear_in with one activation spec and no Monarch branch), and the
+gated sum in two epilogues: ``r = x + gate ⊙ to_out(o)`` in to_out's, ``r + gate ⊙ linear_out(·)`` in
+linear_out's (where both run the kernels; else the sum as diffusers computes it). The tables repeat a row over
+runs of tokens: the kernels take the rows in groups of the largest size every run is made of
+(``per_token_modulation``: a sample's 512 text, 4096 image and 4096 reference tokens in 17 groups of 512), not a
+row per token, found once per forward for the tables every block is handed (``_kernel_tables``). The attention is
+``Flux3AttnProcessor``'s computation (RMSNorm on q and k in float32, ``apply_rotary_emb``, ``dispatch_attention_fn``
+with the processor's backend); SwiGLU runs between the kernels. Fused and unfused agree to the model dtype's
+rounding, not bit for bit.
 
 A block is swapped only in the structure diffusers builds (a LayerNorm without affine, a ``Flux3Attention`` and
 the SwiGLU ``Flux3FeedForward``) with a packed linear with quantized activations to fuse. It runs diffusers' own
-forward in training mode, on other input ranks or table shapes, with fused projections, and when the norm, the
-attention, the feed-forward or a part of it carries a hook or another processor. diffusers' block registry has no
-entry for the originals, nor for the fused classes. The state dict is unchanged.
+forward in training mode, on other input ranks or table shapes, without tokens, with fused float projections (fusing
+packed ones is refused), and when the norm, the attention, the feed-forward or a part of it carries a hook or
+another processor. diffusers' block registry has no entry for the originals, nor for the fused classes. The state
+dict is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,27 +79,55 @@ def _runs_fused(block: nn.Module) -> bool:
             and self_attention_ok(block.attn, Flux3Attention, Flux3AttnProcessor))
 
 
-def _modulation(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """A (B, S, 3·D) table as the kernels take it: float32 (3, G, D), one group per run of equal rows (row m of
-    ``x``'s B·S takes group m // (B·S / G)); None for another shape."""
-    b, s, d = x.shape
-    if table.ndim != 3 or tuple(table.shape) != (b, s, 3 * d):
-        return None
-    return per_token_modulation(lambda i: table[..., i * d:(i + 1) * d], b * s, chunks=3)
+# the kernels' tables of the modulation tables a forward passes every block (one object per mode): found once per
+# forward, not per block. Keyed by the tables' identities (held weakly, checked alive and unmodified), so an entry
+# never answers for other tensors, and dies with the forward's tables.
+_TABLES: dict[tuple[int, ...], tuple[list[weakref.ref], list[int], torch.Tensor]] = {}
 
 
-def _project_stream(block: nn.Module, x: torch.Tensor, table: torch.Tensor, m32: torch.Tensor) -> list[torch.Tensor]:
-    """q, k, v and linear_in's output for the (B, S, D) rows ``x``, as (B·S, ·) rows: LayerNorm + modulate +
-    quantization in the kernel; float layers read diffusers' modulated rows."""
-    d = x.shape[-1]
-    a = block.attn
+def _kernel_tables(tables: Sequence[torch.Tensor], d: int) -> torch.Tensor:
+    """The (B, S_i, 3·D) tables of the rows [stream 0; stream 1; ...] (per sample, as the joint block concatenates
+    them) as the kernels take them: float32 (3, G, D), the rows in groups of the largest size every run of equal
+    rows is made of (``per_token_modulation``: the joint block's 512 text, 4096 image and 4096 reference-image tokens
+    of a sample run in 17 groups of 512), computed once per forward for the same tables."""
+    key = tuple(id(t) for t in tables)
+    hit = _TABLES.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tables)) \
+            and hit[1] == [t._version for t in tables]:
+        return hit[2]
+    b = tables[0].shape[0]
+    rows = b * sum(t.shape[1] for t in tables)
 
-    def rows() -> torch.Tensor:
-        shift, scale = table[..., :d], table[..., d:2 * d]
-        return (1 + scale) * block.norm(x) + shift
+    def chunk(i: int) -> torch.Tensor:
+        parts = [t[..., i * d:(i + 1) * d] for t in tables]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    return _project((a.to_q, a.to_k, a.to_v, block.ff.linear_in), x.reshape(-1, d).contiguous(), rows,
-                    ln_eps=block.norm.eps, shift=m32[0], scale=m32[1])
+    m32 = per_token_modulation(chunk, rows, chunks=3)
+    for k in [k for k, (refs, _, _) in _TABLES.items() if any(r() is None for r in refs)]:
+        del _TABLES[k]
+    _TABLES[key] = ([weakref.ref(t) for t in tables], [t._version for t in tables], m32)
+    return m32
+
+
+def _fused(block: nn.Module, x: torch.Tensor, m32: torch.Tensor, rows: Callable[[], torch.Tensor],
+           gate: Callable[[], torch.Tensor], rotary: Any) -> torch.Tensor:
+    """The block on the (B, T, D) rows ``x``: ``x + gate · (to_out(o) + linear_out(SwiGLU(f)))`` with o the
+    attention of q, k, v and [q, k, v, f] = to_q/k/v, linear_in ← Q(n), n the modulated LayerNorm of ``x``
+    (``rows()``: diffusers' n, for float layers; ``gate()``: diffusers' (B, T, D) gate, for a sum in torch)."""
+    b, t, d = x.shape
+    a, ff = block.attn, block.ff
+    x2 = x.reshape(b * t, d).contiguous()
+    q, k, v, f = _project((a.to_q, a.to_k, a.to_v, ff.linear_in), x2, rows, ln_eps=block.norm.eps, shift=m32[0],
+                          scale=m32[1])
+    o = _attention(a, q.view(b, t, -1), k.view(b, t, -1), v.view(b, t, -1), rotary)
+    h = ff.act_fn(f)
+    proj, out = a.to_out[0], ff.linear_out
+    if _quantized(proj) and _quantized(out):   # x + gate·to_out(o) in to_out's epilogue, + gate·linear_out(h) in its
+        r = proj.linear(proj.quantize_input(o.reshape(b * t, -1).contiguous()), out_dtype=x.dtype, residual=x2,
+                        gate=m32[2])
+        return out.linear(out.quantize_input(h.contiguous()), out_dtype=x.dtype, residual=r, gate=m32[2]).view(b, t, d)
+    y = a.to_out[1](proj(o)) + out(h.view(b, t, -1))
+    return x + gate() * y
 
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Any) -> torch.Tensor:
@@ -110,22 +142,9 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot
     return o.flatten(2, 3).to(query.dtype)
 
 
-def _gated_sum(block: nn.Module, x: torch.Tensor, o: torch.Tensor, f: torch.Tensor, table: torch.Tensor,
-               m32: torch.Tensor) -> torch.Tensor:
-    """``x + gate · (to_out(o) + linear_out(SwiGLU(f)))`` for the (B, S, D) rows ``x`` (``o``, ``f``: the
-    attention's and linear_in's outputs for those rows): in to_out's and linear_out's epilogues where both run the
-    kernels, else as diffusers computes it."""
+def _table_fits(table: torch.Tensor, x: torch.Tensor) -> bool:
     b, s, d = x.shape
-    a, ff = block.attn, block.ff
-    proj, out = a.to_out[0], ff.linear_out
-    h = ff.act_fn(f)
-    if _quantized(proj) and _quantized(out):
-        x2 = x.reshape(b * s, d).contiguous()
-        r = proj.linear(proj.quantize_input(o.reshape(b * s, -1).contiguous()), out_dtype=x.dtype, residual=x2,
-                        gate=m32[2])
-        return out.linear(out.quantize_input(h.contiguous()), out_dtype=x.dtype, residual=r, gate=m32[2]).view(b, s, d)
-    y = a.to_out[1](proj(o.reshape(b, s, -1))) + out(h.view(b, s, -1))
-    return x + table[..., 2 * d:] * y
+    return table.ndim == 3 and tuple(table.shape) == (b, s, 3 * d)
 
 
 class FusedFlux3ModeTransformerBlock(Flux3ModeTransformerBlock):
@@ -139,17 +158,13 @@ class FusedFlux3ModeTransformerBlock(Flux3ModeTransformerBlock):
 
     def forward(self, hidden_states: torch.Tensor, temb_mod: torch.Tensor,
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        args = (hidden_states, temb_mod, image_rotary_emb)
         x = hidden_states
-        if self.training or x.ndim != 3 or not _runs_fused(self):
-            return super().forward(*args)
-        m32 = _modulation(temb_mod, x)
-        if m32 is None:
-            return super().forward(*args)
-        b, s, _ = x.shape
-        q, k, v, f = _project_stream(self, x, temb_mod, m32)
-        o = _attention(self.attn, q.view(b, s, -1), k.view(b, s, -1), v.view(b, s, -1), image_rotary_emb)
-        return _gated_sum(self, x, o, f, temb_mod, m32)
+        if self.training or x.ndim != 3 or not _table_fits(temb_mod, x) or not x.shape[1] or not _runs_fused(self):
+            return super().forward(hidden_states, temb_mod, image_rotary_emb)
+        d = x.shape[2]
+        shift, scale, gate = temb_mod.chunk(3, dim=-1)
+        return _fused(self, x, _kernel_tables([temb_mod], d), lambda: (1 + scale) * self.norm(x) + shift,
+                      lambda: gate, image_rotary_emb)
 
 
 class FusedFlux3SingleTransformerBlock(Flux3SingleTransformerBlock):
@@ -164,23 +179,23 @@ class FusedFlux3SingleTransformerBlock(Flux3SingleTransformerBlock):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb_mod: torch.Tensor,
                 temb_mod_context: torch.Tensor,
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        args = (hidden_states, encoder_hidden_states, temb_mod, temb_mod_context, image_rotary_emb)
         x, c = hidden_states, encoder_hidden_states
         if (self.training or x.ndim != 3 or c.ndim != 3 or x.shape[0] != c.shape[0] or x.shape[2] != c.shape[2]
-                or not _runs_fused(self)):
-            return super().forward(*args)
-        m32, c32 = _modulation(temb_mod, x), _modulation(temb_mod_context, c)
-        if m32 is None or c32 is None:
-            return super().forward(*args)
-        b, s, _ = x.shape
-        t = c.shape[1]
-        text, content = _project_stream(self, c, temb_mod_context, c32), _project_stream(self, x, temb_mod, m32)
-        # the joint sequence [text; content], as diffusers concatenates the modulated rows
-        q, k, v = (torch.cat([tp.view(b, t, -1), cp.view(b, s, -1)], dim=1) for tp, cp in zip(text[:3], content[:3]))
-        o = _attention(self.attn, q, k, v, image_rotary_emb)
-        c = _gated_sum(self, c, o[:, :t], text[3], temb_mod_context, c32)
-        x = _gated_sum(self, x, o[:, t:], content[3], temb_mod, m32)
-        return c, x
+                or not (x.shape[1] and c.shape[1]) or not _table_fits(temb_mod, x)
+                or not _table_fits(temb_mod_context, c) or not _runs_fused(self)):
+            return super().forward(hidden_states, encoder_hidden_states, temb_mod, temb_mod_context, image_rotary_emb)
+        t, d = c.shape[1], c.shape[2]
+        shift, scale, gate = temb_mod.chunk(3, dim=-1)
+        c_shift, c_scale, c_gate = temb_mod_context.chunk(3, dim=-1)
+
+        def rows() -> torch.Tensor:   # diffusers' modulated [text; content]
+            return torch.cat([(1 + c_scale) * self.norm(c) + c_shift, (1 + scale) * self.norm(x) + shift], dim=1)
+
+        # the joint sequence [text; content] as one: one quantization per activation spec, one GEMM per linear, the
+        # rows' groups from both tables (each row's own modulation and gate, as diffusers applies them per stream)
+        out = _fused(self, torch.cat([c, x], dim=1), _kernel_tables([temb_mod_context, temb_mod], d), rows,
+                     lambda: torch.cat([c_gate, gate], dim=1), image_rotary_emb)
+        return out[:, :t], out[:, t:]
 
 
 def fuse_flux3_blocks(model: nn.Module) -> int:
