@@ -30,8 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # what the generic cut refuses in the zoo, and why: when it checks the cut, or already the call's arguments
 REFUSED = {"HiDreamImage": "fails on the first sample of these inputs alone",   # (a (layers, N, ...) input)
            "WanVACE": "does not give the model's output",   # (control hints added between the blocks)
-           "Latte": "needs batch-first block outputs",   # (its blocks fold frames into the batch)
-           "ErnieImage": "needs batch-first block outputs"}   # (its blocks run sequence-first)
+           "Latte": "needs batch-first block outputs"}   # (its blocks fold frames into the batch)
 REFUSED_CALLS = {"DreamLite": "without a timestep tensor",   # (a part of the DreamLite UNet, called without one)
                  "WanAnimate2": "a WanAnimate2KVCache argument is not supported"}   # (a cache an earlier call fills)
 GENERIC = sorted(n for n, (ctor, _) in CASES.items() if generic_arch(ctor()) is not None and
@@ -137,6 +136,23 @@ def test_block_lists_in_a_module_dict_are_segments_where_the_call_reaches_them()
     runner = GenericRunner(model)
     with pytest.raises(ValueError, match=r"does not call blocks \['mode_blocks.image.1'\].*every block of a list it"):
         runner.check(runner.inputs(**call()))
+
+
+def test_sequence_first_blocks_are_cut_with_their_samples_moved_first():
+    """ERNIE-Image's blocks take and give (S, B, H): the cut finds the samples' dim of each block's output (the one
+    that doubles with two copies of the sample), keeps the state batch-first (what the search stacks candidates
+    along) and hands each stand-in's output back sequence-first, bit for bit."""
+    model, kw = zoo("ErnieImage")
+    runner = GenericRunner(model)
+    state = runner.inputs(**kw)
+    runner.check(state)
+    assert runner._batch_dims == {f"layers.{i}": [1] for i in range(2)}
+    mid = state
+    for segment in range(2):
+        mid = runner.run(segment, mid)
+    assert all(t.shape[0] == 2 for t in mid)   # (the first block's output, batch-first)
+    with torch.no_grad():
+        assert torch.equal(run_segments(runner, state), model(**kw).sample)
 
 
 def test_the_segments_follow_the_call_order_and_where_each_linear_runs():

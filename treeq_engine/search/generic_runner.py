@@ -15,7 +15,8 @@ last output, the latest output of each block list reached so far: ``check`` trie
 stand-ins of the other blocks return NaN, so a ``forward`` that reads them (a skip connection) shows it.
 
 ``check(inputs)`` runs the first and last samples through the model's ``forward`` and through the segments and
-requires the outputs bit-identical, every block of a list it reaches called once, in order, with batch-first outputs;
+requires the outputs bit-identical, every block of a list it reaches called once, in order, with the samples on one
+dim of its outputs (0, or a sequence-first block's, kept batch-first in the state: ``_trace_batch_dims``);
 it records in which segment each linear first runs (``segment_of``) and which linears of one module read the very
 same input tensor (``tie``: a self-attention's to_q/to_k/to_v; a cross-attention's to_k/to_v). ``load_inputs`` runs it
 on every calibration file; a model it refuses is said to be refused, by name, before any search.
@@ -202,6 +203,9 @@ class GenericRunner(CutModel):
         # each list's latest output (not only the latest block's), and each block's output per-sample shapes, dtypes
         self._per_list: dict[Any, bool] = {}
         self._out_meta: dict[tuple[Any, str], list[tuple[tuple[int, ...], torch.dtype]]] = {}
+        # block -> the samples' dim of each output tensor (check): 0, or where a sequence-first block keeps them
+        # (ERNIE-Image's (S, B, H)); the state holds them batch-first, the stand-ins give them back in place
+        self._batch_dims: dict[str, list[int]] = {}
         self._first_batch = 0   # the first call's samples (inputs)
         # per kind of input: linear -> (the keep-mask input's index, the mask's first row in the linear's input,
         # the input's rows), for the linears whose rows under a mask's zeros never reach the output (_trace_padding)
@@ -336,6 +340,37 @@ class GenericRunner(CutModel):
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
+    def _trace_batch_dims(self, one: State, shapes: Mapping[str, list[tuple[int, ...]]]) -> dict[str, list[int]]:
+        """The samples' dim of each block output (``_batch_dims``): 0 where every output of the one-sample call
+        ``one`` has 1 there; else traced on two copies of the sample, the one dim that doubles (none: the block is
+        left to ``run``, which refuses outputs it cannot put batch-first)."""
+        if all(s and s[0] == 1 for ts in shapes.values() for s in ts):
+            return {}
+        doubled: dict[str, list[tuple[int, ...]]] = {}
+        handles = []
+        for name in shapes:
+            def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+                doubled[name] = [tuple(t.shape) for t in _flat(out, name)[0]]
+            handles.append(self._module(name).register_forward_hook(hook))
+        try:
+            self.model(**self._kwargs(tuple(torch.cat([t, t]) for t in one)))
+        except Exception:   # (run names what fails)
+            return {}
+        finally:
+            for h in handles:
+                h.remove()
+        dims: dict[str, list[int]] = {}
+        for name, ones in shapes.items():
+            twos = doubled.get(name, [])
+            found = []
+            for a, b in zip(ones, twos):
+                grows = [i for i in range(len(a)) if len(a) == len(b) and b[i] == 2 * a[i]
+                         and all(b[j] == a[j] for j in range(len(a)) if j != i)]
+                found.append(grows[0] if grows else 0)
+            if len(found) == len(ones) == len(twos) and any(found):
+                dims[name] = found
+        return dims
+
     def _kind(self, state: State) -> Any:
         """What the cut's choices depend on: the per-sample shapes of the inputs (one calibration file's)."""
         return tuple(tuple(t.shape[1:]) for t in state[:len(self.input_names)])
@@ -378,6 +413,10 @@ class GenericRunner(CutModel):
             return (_output(out),)
         name = self._order[b]
         tensors, spec = _flat(out, name)
+        dims = self._batch_dims.get(name, [])
+        if len(dims) == len(tensors):
+            tensors = [t.movedim(d, 0) if d else t for t, d in zip(tensors, dims)]
+            out = _unflat(tensors, spec)
         if any(t.dim() == 0 or t.shape[0] != n for t in tensors):
             raise ValueError(f"block {name} of {type(self.model).__name__} returns {[tuple(t.shape) for t in tensors]}"
                              f" for {n} samples: the generic cut needs batch-first block outputs")
@@ -400,14 +439,20 @@ class GenericRunner(CutModel):
         nan: dict[Any, Any] = {}   # (one NaN output per shape for this forward's stand-ins, not one per block)
 
         def stand_in(name: str) -> Callable[..., Any]:
+            dims = self._batch_dims.get(name, [])
+
+            def in_place(ts: list[torch.Tensor]) -> list[torch.Tensor]:   # (the samples' dim where the block had it)
+                return [t.movedim(0, d).contiguous() if d else t for t, d in zip(ts, dims or [0] * len(ts))]
+
             def forward(*args: Any, **kwargs: Any) -> Any:
                 if name in kept:
                     t, spec = _flat(kept[name], name)
-                    return _unflat([x.clone() for x in t], spec)
+                    return _unflat(in_place([x.clone() for x in t]), spec)
                 key = (tuple(self._out_meta[(kind, name)]), str(self._out_spec[name]))
                 if key not in nan:
-                    nan[key] = _unflat([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
-                                        for shape, dtype in self._out_meta[(kind, name)]], self._out_spec[name])
+                    nan[key] = _unflat(in_place([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
+                                                 for shape, dtype in self._out_meta[(kind, name)]]),
+                                       self._out_spec[name])
                 return nan[key]
             return forward
 
@@ -467,6 +512,13 @@ class GenericRunner(CutModel):
                 order.append(name)
             return hook
 
+        out_shapes: dict[str, list[tuple[int, ...]]] = {}   # block -> its output tensors' shapes
+
+        def shape_hook(name: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+                out_shapes[name] = [tuple(t.shape) for t in _flat(out, name)[0]]
+            return hook
+
         def linear_hook(name: str) -> Callable[..., None]:
             def hook(mod: nn.Module, args: tuple) -> None:
                 if name not in position:
@@ -479,6 +531,7 @@ class GenericRunner(CutModel):
         try:
             for name in self._blocks:
                 handles.append(self._module(name).register_forward_pre_hook(block_hook(name)))
+                handles.append(self._module(name).register_forward_hook(shape_hook(name)))
             for name, m in linears.items():
                 handles.append(m.register_forward_pre_hook(linear_hook(name)))
             try:
@@ -504,6 +557,7 @@ class GenericRunner(CutModel):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
         self._order, self._out_spec = order, {}
         self.num_segments = len(order) + 2
+        self._batch_dims = self._trace_batch_dims(one, out_shapes)
         kind = self._kind(one)
         try:
             if shapes_only or want.device.type == "meta":   # (a profile: values not compared; the safe layout)
