@@ -1,4 +1,4 @@
-"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 49
+"""Every diffusers image and video transformer we could build small packs and runs (`diffusers_zoo.CASES`: 50
 classes, Wan, Z-Image, Qwen-Image, HunyuanVideo, LTX, CogVideoX, Lumina2, HiDream, Mochi, Cosmos, Flux.2, FLUX.3, ...):
 a uniform W8A8 plan (what `treeq quantize --uniform` packs) in float32 lands near the model's own output, and the
 bf16 path (model cast to bf16, layers packed at bf16, bf16 inputs) runs and lands near the bf16 model's output.
@@ -22,7 +22,8 @@ TOL = 0.035
 # linears a model holds but does not call on these inputs (packed all the same: a plan names every linear): SANA-WM's
 # softmax blocks keep their linear attention's beta and gate projections (the checkpoint has them), and its raymap
 # embedder is off where the camera rays come in after the attention
-IDLE = {"SanaWM": ["blocks.1.attn.beta_proj", "blocks.1.attn.gate_proj", "raymap_embedder.proj"]}
+IDLE = {"SanaWM": ["blocks.1.attn.beta_proj", "blocks.1.attn.gate_proj", "raymap_embedder.proj"],
+        "Cosmos3": ["lm_head"]}   # (the omni model's text head: not run to denoise)
 # diffusers' own bf16 forward does not run on the CPU (SANA-WM's grid refuses bf16): the bf16 leg is a GPU's
 NO_CPU_BF16 = {"SanaWM"}
 
