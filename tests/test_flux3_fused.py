@@ -94,6 +94,21 @@ def test_fused_equals_unfused(kind):
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.1
 
 
+def recorded_groups(monkeypatch):
+    """The modulation groups of each kernel table the fused blocks build, in order (a list filled as they run)."""
+    from treeq_engine.runtime import flux3_fused
+
+    groups, original = [], flux3_fused.per_token_modulation
+
+    def recording(chunk, rows, chunks):
+        m32 = original(chunk, rows, chunks)
+        groups.append(m32.shape[1])
+        return m32
+
+    monkeypatch.setattr(flux3_fused, "per_token_modulation", recording)
+    return groups
+
+
 def test_a_flow_map_and_runs_of_other_lengths():
     """A flow map (the target timestep's embedding added to every mode's) and a reference image of 12 tokens: the
     joint rows [8; 16; 12] per sample run in groups of 4."""
@@ -107,14 +122,9 @@ def test_a_flow_map_and_runs_of_other_lengths():
 def test_the_kernels_take_a_group_per_run_of_tokens(monkeypatch):
     """Each mode's table repeats one row per sample: one group per sample. The joint blocks' rows, [8 text; 16 image;
     8 reference] per sample, run in groups of 8 (4 per sample). Each is found once per forward, not per block."""
-    from treeq_engine.runtime import flux3_fused
-
     model = tiny_flux3()
     _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    groups, original = [], flux3_fused.per_token_modulation
-    monkeypatch.setattr(flux3_fused, "per_token_modulation",
-                        lambda chunk, rows, chunks: groups.append(original(chunk, rows, chunks).shape[1]) or
-                        original(chunk, rows, chunks))
+    groups = recorded_groups(monkeypatch)
     with torch.no_grad():
         fused(**call(n=2))
     assert groups == [2, 2, 2, 2 * 4]   # (the text's mode, the image's, the reference image's, the joint blocks')
@@ -153,14 +163,11 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
 def test_while_a_cuda_graph_is_captured_the_kernels_take_a_row_per_group(monkeypatch):
     """A capture cannot read the runs off the values (nor may a replay's timesteps keep them): a group per row, and
     the same output."""
-    from treeq_engine.runtime import diffusers_fused, flux3_fused
+    from treeq_engine.runtime import diffusers_fused
 
     model = tiny_flux3()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    groups, original = [], flux3_fused.per_token_modulation
-    monkeypatch.setattr(flux3_fused, "per_token_modulation",
-                        lambda chunk, rows, chunks: groups.append(original(chunk, rows, chunks).shape[1]) or
-                        original(chunk, rows, chunks))
+    groups = recorded_groups(monkeypatch)
     monkeypatch.setattr(diffusers_fused, "_capturing", lambda: True)
     kw = call()
     with torch.no_grad():

@@ -87,6 +87,31 @@ def rms_factor(norm: RMSNorm, scale: torch.Tensor | None, b: int, d: int) -> tup
     return torch.zeros_like(k), k
 
 
+def sandwich_swiglu(x: torch.Tensor, norm_in: RMSNorm, norm_out: nn.Module, ff: nn.Module,
+                    linears: tuple[nn.Module, nn.Module, nn.Module], act: Callable[[torch.Tensor], torch.Tensor],
+                    scale: torch.Tensor | None, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + gate · norm_out(down(act(g) ⊙ u))`` with ``[g, u] = gate_proj, up ← RMSNorm_w(x)·scale`` for (B, S, D)
+    rows ``x`` (Z-Image's and Lumina2's feed-forward between sandwich norms; ``linears`` = (gate_proj, up, down);
+    ``scale`` diffusers' (B, 1, D) ``1 + s``, ``gate`` its tanh'd gate, None without a modulation): RMSNorm, its
+    weight and the modulation in the quantization kernel shared by gate_proj and up; a hooked feed-forward (or a
+    hooked packed gate_proj/up) runs as the module. ``norm_out`` needs whole rows: in torch."""
+    b, s, d = x.shape
+    gate_proj, up, down = linears
+
+    def rows() -> torch.Tensor:
+        return norm_in(x) if scale is None else norm_in(x) * scale
+
+    if _hooked(ff) or _bypassed_hook(gate_proj) or _bypassed_hook(up):
+        h = ff(rows())
+    else:
+        shift, k = rms_factor(norm_in, scale, b, d)
+        g, u = _project((gate_proj, up), x.reshape(b * s, d).contiguous(), rows, ln_eps=norm_in.eps, shift=shift,
+                        scale=k, rms_norm=True)
+        h = down((act(g) * u).view(b, s, -1))
+    y = norm_out(h)
+    return x + (y if gate is None else gate * y)
+
+
 def _forward_wrapped(mod: nn.Module) -> bool:
     """``mod.forward`` is replaced on the instance: a hook of diffusers' ``HookRegistry`` (layer skip, PAB, caches,
     group offloading) or accelerate's ``add_hook_to_module``. The bound method of ``mod``'s own class forward that

@@ -41,8 +41,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import LuminaRMSNormZero
 from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0, Lumina2TransformerBlock
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, rms_factor, swap_blocks,
-                              weighted_rms_norm)
+from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, rms_factor,
+                              sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
 def _supported(block: nn.Module) -> bool:
@@ -139,21 +139,9 @@ class FusedLumina2TransformerBlock(Lumina2TransformerBlock):
         y = self.norm2(_attention(a, q, kk, v, b, attention_mask, image_rotary_emb))
         x = x + (y if gate_msa is None else gate_msa * y)
 
-        x2 = x.reshape(b * s, d).contiguous()
         ff = self.feed_forward
-
-        def mlp_rows() -> torch.Tensor:
-            return n3(x) if scale_mlp is None else n3(x) * scale_mlp
-
-        if _hooked(ff) or _bypassed_hook(ff.linear_1) or _bypassed_hook(ff.linear_3):
-            h = ff(mlp_rows())
-        else:
-            shift, k = rms_factor(n3, scale_mlp, b, d)
-            g, u = _project((ff.linear_1, ff.linear_3), x2, mlp_rows, ln_eps=n3.eps, shift=shift, scale=k,
-                            rms_norm=True)
-            h = ff.linear_2((ff.silu(g) * u).view(b, s, -1))
-        y = self.ffn_norm2(h)
-        return x + (y if gate_mlp is None else gate_mlp * y)
+        return sandwich_swiglu(x, n3, self.ffn_norm2, ff, (ff.linear_1, ff.linear_3, ff.linear_2), ff.silu, scale_mlp,
+                               gate_mlp)
 
 
 def fuse_lumina2_blocks(model: nn.Module) -> int:

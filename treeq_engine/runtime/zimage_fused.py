@@ -41,7 +41,7 @@ from diffusers.models.transformers.transformer_z_image import (FeedForward, ZIma
                                                                ZSingleStreamAttnProcessor)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, dispatch_kwargs,
-                              register_block, rms_factor, swap_blocks, weighted_rms_norm)
+                              register_block, rms_factor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
 def _zimage_supported(block: nn.Module) -> bool:
@@ -142,20 +142,8 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         y = self.attention_norm2(attn_out)
         x = x + (y if gate_msa is None else gate_msa * y)
 
-        x2 = x.reshape(b * s, d).contiguous()
         ff = self.feed_forward
-
-        def mlp_rows() -> torch.Tensor:
-            return n3(x) if scale_mlp is None else n3(x) * scale_mlp
-
-        if _hooked(ff) or _bypassed_hook(ff.w1) or _bypassed_hook(ff.w3):
-            h = ff(mlp_rows())
-        else:
-            shift, k = rms_factor(n3, scale_mlp, b, d)
-            g, u = _project((ff.w1, ff.w3), x2, mlp_rows, ln_eps=n3.eps, shift=shift, scale=k, rms_norm=True)
-            h = ff.w2((F.silu(g) * u).view(b, s, -1))
-        y = self.ffn_norm2(h)
-        return x + (y if gate_mlp is None else gate_mlp * y)
+        return sandwich_swiglu(x, n3, self.ffn_norm2, ff, (ff.w1, ff.w3, ff.w2), F.silu, scale_mlp, gate_mlp)
 
 
 def fuse_zimage_blocks(model: nn.Module) -> int:
