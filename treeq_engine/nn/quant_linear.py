@@ -157,6 +157,9 @@ class QuantLinear(nn.Module):
         self._groups: tuple[LayerConfig | None, ...] | None = None
         self._wg_cache: dict[Any, torch.Tensor] = {}
         self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, branch mask
+        # the dim of the input that holds the samples, where grouped mode splits its candidates: 0, or 1 for a
+        # sequence-first model (ERNIE-Image's (S, B, K)); the search sets it from its runner (``sample_dim``)
+        self.sample_dim = 0
         self.set_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -387,7 +390,12 @@ class QuantLinear(nn.Module):
         return y
 
     def _forward_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """Group g = rows ``[g·B/G, (g+1)·B/G)`` of the leading dim, at ``self._groups[g]``."""
+        """Group g = rows ``[g·B/G, (g+1)·B/G)`` of the samples' dim (``sample_dim``), at ``self._groups[g]``."""
+        if self.sample_dim and x.dim() > self.sample_dim + 1:
+            return self._grouped(x.movedim(self.sample_dim, 0)).movedim(0, self.sample_dim)
+        return self._grouped(x)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         groups = self._groups
         assert groups is not None   # (forward calls this only in grouped mode)
         g = len(groups)

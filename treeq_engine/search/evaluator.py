@@ -296,7 +296,12 @@ class Evaluator:
         todo = [n for u in units for n in u if not isinstance(self.model.get_submodule(n), QuantLinear)]
         if todo:   # the config given here is replaced by the environment's before any run
             convert(self.model, QuantPlan({n: self.env.config for n in todo}))
-        return [[self.model.get_submodule(n) for n in u] for u in units]
+        modules = [[self.model.get_submodule(n) for n in u] for u in units]
+        sample_dim = getattr(self.runner, "sample_dim", None)   # (where grouped candidates split a linear's input)
+        for u, ms in zip(units, modules):
+            for n, m in zip(u, ms):
+                m.sample_dim = sample_dim(n) if sample_dim is not None else 0
+        return modules
 
     def _env_settings(self) -> list[tuple[LayerConfig | None, float]]:
         n = len(self.space.leaves)
