@@ -419,5 +419,5 @@ def test_run_length_finds_the_runs_every_table_repeats(monkeypatch):
     other = fours.clone()
     other[1, 5] += 1   # (one sample's row breaks a run: every sample's groups follow)
     assert run_length([other]) == 1
-    monkeypatch.setattr(diffusers_fused, "_capturing", lambda: True)
+    monkeypatch.setattr(diffusers_fused, "_capturing", lambda device: True)
     assert run_length([flat]) == 1

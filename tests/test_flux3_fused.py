@@ -168,7 +168,7 @@ def test_while_a_cuda_graph_is_captured_the_kernels_take_a_row_per_group(monkeyp
     model = tiny_flux3()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     groups = recorded_groups(monkeypatch)
-    monkeypatch.setattr(diffusers_fused, "_capturing", lambda: True)
+    monkeypatch.setattr(diffusers_fused, "_capturing", lambda device: True)
     kw = call()
     with torch.no_grad():
         close(fused(**kw).sample, unfused(**kw).sample, bound=1e-4)

@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 from diffusers_zoo import CASES  # noqa: E402
 from pipeline_flow import ptq_peft_packed, searched_beats_uniform  # noqa: E402
 from test_search_mmdit import check_evaluator  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from cli_refusal import refused  # noqa: E402
@@ -75,7 +76,7 @@ def test_a_list_with_an_item_per_sample_is_one_constant_rebuilt_for_each_batch()
         for got in run_segments(fresh, three).chunk(3):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     two = dict(kw, **{k: torch.cat([v, v]) for k, v in kw.items() if k != "timestep" and isinstance(v, torch.Tensor)})
-    with pytest.raises(ValueError, match="img_shapes: its samples' items differ"):
+    with pytest.raises(ValueError, match="img_shapes: a list as long as the call's batch .* its items differ"):
         GenericRunner(model).inputs(**dict(two, timestep=torch.cat([kw["timestep"]] * 2),
                                            img_shapes=[(1, 4, 4), (1, 2, 8)]))
 
@@ -128,6 +129,7 @@ def test_block_lists_in_a_module_dict_are_segments_where_the_call_reaches_them()
             with pytest.raises(ValueError, match="mode_blocks.image_cond.0.attn.to_q did not run"):
                 runner.segment_of("mode_blocks.image_cond.0.attn.to_q")
 
+
     class FirstOnly(torch.nn.ModuleList):   # (a forward that calls the image's first block only)
         def __iter__(self):
             return iter([self[0]])
@@ -136,6 +138,46 @@ def test_block_lists_in_a_module_dict_are_segments_where_the_call_reaches_them()
     runner = GenericRunner(model)
     with pytest.raises(ValueError, match=r"does not call blocks \['mode_blocks.image.1'\].*every block of a list it"):
         runner.check(runner.inputs(**call()))
+    assert runner.num_segments == len(runner._blocks) + 2 and runner._order is None   # (reset by the refusal)
+
+
+class Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class Reach(torch.nn.Module):
+    """A toy transformer whose ``extra`` blocks run only on sequences longer than 4 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Residual() for _ in range(2))
+        self.extra = torch.nn.ModuleList([Residual()])
+
+    def forward(self, hidden_states, timestep):
+        x = hidden_states * timestep[:, None, None]
+        for b in self.blocks:
+            x = b(x)
+        if x.shape[1] > 4:
+            for b in self.extra:
+                x = b(x)
+        return (x,)
+
+
+def test_one_runner_cuts_calls_of_one_reach():
+    """A check whose calls reach other blocks than an earlier check's is refused: the cut (call order, segments,
+    where each linear runs) is one per runner, and would silently no longer be the earlier file's."""
+    torch.manual_seed(0)
+    runner = GenericRunner(Reach())
+    short = runner.inputs(hidden_states=torch.randn(2, 4, 8), timestep=torch.rand(2))
+    runner.check(short)
+    assert runner.num_segments == 2 + 2
+    with pytest.raises(ValueError, match=r"reach blocks .* \(3\), an earlier check's 2"):
+        runner.check(runner.inputs(hidden_states=torch.randn(2, 8, 8), timestep=torch.rand(2)))
 
 
 def test_sequence_first_blocks_are_cut_with_their_samples_moved_first():
@@ -466,9 +508,13 @@ def test_padding_follows_every_sample_not_one():
     assert runner.real_rows("transformer_blocks.0.attn.add_k_proj", tuple(none)) is not None
 
 
-@pytest.mark.parametrize("name,lam", [("HunyuanVideo", 0.5), ("Lumina2", 1.0)])
+@pytest.mark.parametrize("name,lam", [("HunyuanVideo", 0.5), ("Lumina2", 1.0), ("ErnieImage", 1.0)])
 def test_evaluate_matches_brute_force(name, lam):
+    """(ERNIE-Image runs sequence-first: grouped candidates split its linears' inputs on their samples' dim; off
+    diffusers' zero initialisations, or its output does not move.)"""
     model, kw = zoo(name, seed=3)
+    if name == "ErnieImage":
+        perturbed(model)
     traced(model, kw)
     check_evaluator(model, kw, lam, seed=5, batch=len(kw["hidden_states"]))
 

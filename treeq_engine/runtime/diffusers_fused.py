@@ -153,9 +153,9 @@ def modulation_chunk(mod: Modulation, i: int) -> torch.Tensor:
     return mod[:, i:i + 1] if isinstance(mod, torch.Tensor) else mod(i)
 
 
-def _capturing() -> bool:
-    """A CUDA graph is being captured on the current stream: nothing may wait for the device's values."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on ``device``'s current stream: nothing may wait for the device's values."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def run_length(tables: Iterable[torch.Tensor]) -> int:
@@ -167,11 +167,11 @@ def run_length(tables: Iterable[torch.Tensor]) -> int:
     While a CUDA graph is captured, 1: the runs are read off the values, which the capture cannot wait for, and a
     graph replays with other values (another step's timesteps may merge or split the runs), so it takes a group per
     row, right for any values (the kernels then read a modulation row per token)."""
-    if _capturing():
-        return 1
     s, changed = 0, None
     for t in tables:
         if changed is None:
+            if _capturing(t.device):
+                return 1
             s = t.shape[1]
             changed = torch.zeros(max(s - 1, 0), dtype=torch.bool, device=t.device)
         if t.stride(1) == 0:

@@ -206,6 +206,7 @@ class GenericRunner(CutModel):
         # block -> the samples' dim of each output tensor (check): 0, or where a sequence-first block keeps them
         # (ERNIE-Image's (S, B, H)); the state holds them batch-first, the stand-ins give them back in place
         self._batch_dims: dict[str, list[int]] = {}
+        self._sample_dims: dict[str, int] = {}   # linear -> its input's samples' dim, where not 0 (sample_dim)
         self._first_batch = 0   # the first call's samples (inputs)
         # per kind of input: linear -> (the keep-mask input's index, the mask's first row in the linear's input,
         # the input's rows), for the linears whose rows under a mask's zeros never reach the output (_trace_padding)
@@ -221,7 +222,9 @@ class GenericRunner(CutModel):
 
     def inputs(self, **kwargs: Any) -> State:
         """One ``forward`` call's arguments (as the pipeline passes them) as this runner's input tuple; the first
-        call fixes which inputs there are, every later call must agree."""
+        call fixes which inputs there are, every later call must agree. A list of constants as long as the call's
+        batch is read as an item per sample (its length alone says so: pipelines pass ``[shape] * batch``), kept
+        as one item and rebuilt for each batch the cut runs."""
         kwargs = {k: v for k, v in kwargs.items() if k not in SKIPPED}
         unknown = sorted(set(kwargs) - set(self._params))
         if unknown:
@@ -259,8 +262,9 @@ class GenericRunner(CutModel):
             elif isinstance(v, list) and len(v) == n and not any(isinstance(x, torch.Tensor) for x in v):
                 # an item per sample, as pipelines pass ``[shape] * batch``: one item, rebuilt for each batch run
                 if any(x != v[0] for x in v):
-                    raise ValueError(f"{param}: its samples' items differ ({v[0]!r}, ...): the generic cut runs a "
-                                     "file's samples in batches of one kind; capture calls whose samples share it")
+                    raise ValueError(f"{param}: a list as long as the call's batch is read as an item per sample, "
+                                     f"and its items differ ({v[0]!r}, ...): the generic cut runs a file's samples "
+                                     "in batches of one kind; capture calls whose samples share it")
                 constants[param] = {PER_SAMPLE: _encode(v[0], param)}
             else:
                 constants[param] = _encode(v, param)
@@ -340,36 +344,52 @@ class GenericRunner(CutModel):
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
-    def _trace_batch_dims(self, one: State, shapes: Mapping[str, list[tuple[int, ...]]]) -> dict[str, list[int]]:
-        """The samples' dim of each block output (``_batch_dims``): 0 where every output of the one-sample call
-        ``one`` has 1 there; else traced on two copies of the sample, the one dim that doubles (none: the block is
-        left to ``run``, which refuses outputs it cannot put batch-first)."""
+    def _trace_batch_dims(self, one: State, shapes: Mapping[str, list[tuple[int, ...]]],
+                          inputs: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """The samples' dim of each block output (``_batch_dims``) and of each linear's input (``_sample_dims``,
+        where not 0): 0 where every block output of the one-sample call ``one`` has 1 there; else traced on two
+        copies of the sample, the one dim that doubles (none: a block is left to ``run``, which refuses outputs it
+        cannot put batch-first)."""
         if all(s and s[0] == 1 for ts in shapes.values() for s in ts):
-            return {}
+            return {}, {}
         doubled: dict[str, list[tuple[int, ...]]] = {}
         handles = []
         for name in shapes:
             def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
                 doubled[name] = [tuple(t.shape) for t in _flat(out, name)[0]]
             handles.append(self._module(name).register_forward_hook(hook))
+        for name in inputs:
+            def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
+                if name not in doubled and args and isinstance(args[0], torch.Tensor):
+                    doubled[name] = [tuple(args[0].shape)]
+            handles.append(self._module(name).register_forward_pre_hook(pre))
         try:
             self.model(**self._kwargs(tuple(torch.cat([t, t]) for t in one)))
         except Exception:   # (run names what fails)
-            return {}
+            return {}, {}
         finally:
             for h in handles:
                 h.remove()
+
+        def grows(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+            found = [i for i in range(len(a)) if len(a) == len(b) and b[i] == 2 * a[i]
+                     and all(b[j] == a[j] for j in range(len(a)) if j != i)]
+            return found[0] if found else 0
+
         dims: dict[str, list[int]] = {}
         for name, ones in shapes.items():
             twos = doubled.get(name, [])
-            found = []
-            for a, b in zip(ones, twos):
-                grows = [i for i in range(len(a)) if len(a) == len(b) and b[i] == 2 * a[i]
-                         and all(b[j] == a[j] for j in range(len(a)) if j != i)]
-                found.append(grows[0] if grows else 0)
+            found = [grows(a, b) for a, b in zip(ones, twos)]
             if len(found) == len(ones) == len(twos) and any(found):
                 dims[name] = found
-        return dims
+        samples = {name: d for name, a in inputs.items() if name in doubled
+                   and (d := grows(a, doubled[name][0])) and len(a) > d + 1}
+        return dims, samples
+
+    def sample_dim(self, layer_name: str) -> int:
+        """The dim of a linear's input that holds the samples (``QuantLinear.sample_dim``): 0 but in a
+        sequence-first model."""
+        return self._sample_dims.get(layer_name, 0)
 
     def _kind(self, state: State) -> Any:
         """What the cut's choices depend on: the per-sample shapes of the inputs (one calibration file's)."""
@@ -441,13 +461,15 @@ class GenericRunner(CutModel):
         def stand_in(name: str) -> Callable[..., Any]:
             dims = self._batch_dims.get(name, [])
 
-            def in_place(ts: list[torch.Tensor]) -> list[torch.Tensor]:   # (the samples' dim where the block had it)
-                return [t.movedim(0, d).contiguous() if d else t for t, d in zip(ts, dims or [0] * len(ts))]
+            def in_place(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+                """Copies with the samples' dim where the block had it, laid out as the block gave them."""
+                return [t.movedim(0, d).clone(memory_format=torch.contiguous_format) if d else t.clone()
+                        for t, d in zip(ts, dims or [0] * len(ts))]
 
             def forward(*args: Any, **kwargs: Any) -> Any:
                 if name in kept:
                     t, spec = _flat(kept[name], name)
-                    return _unflat(in_place([x.clone() for x in t]), spec)
+                    return _unflat(in_place(t), spec)
                 key = (tuple(self._out_meta[(kind, name)]), str(self._out_spec[name]))
                 if key not in nan:
                     nan[key] = _unflat(in_place([torch.full((n, *shape), float("nan"), dtype=dtype, device=device)
@@ -555,9 +577,14 @@ class GenericRunner(CutModel):
                              "needs every block of a list it reaches called once")
         if not isinstance(want, torch.Tensor):
             raise ValueError(f"{what}.forward returns {type(want).__name__}: the generic cut needs a tensor output")
+        if self._order is not None and order != self._order:
+            raise ValueError(f"{what}: these inputs reach blocks {order[:2]}...{order[-1:]} ({len(order)}), an earlier "
+                             f"check's {len(self._order)}: one runner cuts calls that reach the same blocks (a "
+                             "calibration file of one kind)")
         self._order, self._out_spec = order, {}
         self.num_segments = len(order) + 2
-        self._batch_dims = self._trace_batch_dims(one, out_shapes)
+        self._batch_dims, self._sample_dims = self._trace_batch_dims(
+            one, out_shapes, {n: tuple(x.shape) for n, x in first_input.items()})
         kind = self._kind(one)
         try:
             if shapes_only or want.device.type == "meta":   # (a profile: values not compared; the safe layout)
@@ -668,7 +695,9 @@ class GenericRunner(CutModel):
             return
         rules = {}
         for name, left in (options or {}).items():   # (the first that leaves something out: a mask whose only zeros
-            for j, at, rows in left:                  # are a sample's every token pads nothing, and holds trivially)
+            if name in self._sample_dims:            # are a sample's every token pads nothing, and holds trivially;
+                continue                              # a sequence-first linear's rows are not a sample's in turn)
+            for j, at, rows in left:
                 if bool(pads[j].any()):
                     rules[name] = (masks[j][0], at, rows)
                     break
