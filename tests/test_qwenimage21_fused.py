@@ -1,0 +1,156 @@
+"""Fused Qwen-Image 2.1 blocks (`runtime/qwenimage21_fused.py`): what they compute equals the unfused packed model
+(float32, the reference backend: LayerNorm + modulate in the quantization kernel, the per-token modulation of a
+causal condition as groups of runs, the feed-forward's gated residual in an epilogue, the processor's own attention
+handed the kernels' projections), without and with the prefix KV cache (prefill, extract, cached decode); the fused
+kernels actually run; and everything the fused path cannot reproduce runs diffusers' own forward: hooks, training,
+another processor."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+
+from diffusers_zoo import CASES  # noqa: E402
+from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
+from test_zimage_fused import close  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.runtime import quantize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# per block: one LayerNorm-fused quantization for q/k/v and one for gate_layer/proj; the feed-forward's gated
+# residual in out's epilogue (the attention's to_out runs inside the processor)
+PER_FORWARD = {"ln": 2 * 2, "gelu": 0, "residual": 2, "codes_out": 0}
+
+
+def tiny_qwenimage21(causal_condition=True):
+    torch.manual_seed(0)
+    ctor = CASES["QwenImage21"][0]
+    model = ctor()
+    if not causal_condition:
+        model = type(model).from_config({**model.config, "causal_condition": False})
+    return perturbed(model.eval())
+
+
+def call(n=2, seed=0, dtype=torch.float32):
+    """The zoo's call for ``n`` samples of their own latents, text and timesteps."""
+    calls = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + i)
+        calls.append(CASES["QwenImage21"][1](lambda *shape: torch.randn(*shape, generator=g)))
+    kw = {k: torch.cat([c[k] for c in calls]) if isinstance(calls[0][k], torch.Tensor) else calls[0][k] * n
+          for k in calls[0]}
+    kw["timestep"] = torch.tensor([0.5, 0.2, 0.9][:n])
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+
+
+def mixed(model):
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    return plan.with_layer("transformer_blocks.0.attn.to_k", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.img_mlp.out", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.attn.to_q", LayerConfig(4, 4)) \
+        .with_layer("transformer_blocks.1.img_mlp.gate_layer", LayerConfig(4, 8, branch=BranchConfig("monarch", 2)))
+
+
+def output(model, kw):
+    with torch.no_grad():
+        return model(**kw).sample
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_equals_unfused(kind, causal):
+    from treeq_engine.runtime.qwenimage21_fused import FusedQwenImage21TransformerBlock
+
+    model = tiny_qwenimage21(causal)
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    unfused, fused = pair(model, plan)
+    assert [type(b) for b in fused.transformer_blocks] == [FusedQwenImage21TransformerBlock] * 2
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for kw in (call(), call(n=1, seed=5)):
+        want, got, fp = output(unfused, kw), output(fused, kw), output(model, kw)
+        close(got, want)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.4
+
+
+def test_the_prefix_kv_cache():
+    """Prefill (extracting the prefix's keys and values), then the cached decode of the target image: the fused
+    model fills and reads its cache as diffusers' does."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    model = tiny_qwenimage21()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    outs = {}
+    for name, m in (("unfused", unfused), ("fused", fused)):
+        cache = QwenImage21KVCache(len(m.transformer_blocks))
+        outs[name] = [output(m, dict(kw, kv_cache=cache, kv_cache_mode=mode)) for mode in ("extract", "cached")]
+    for got, want in zip(outs["fused"], outs["unfused"]):
+        close(got, want)
+
+
+def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward():
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21AttnProcessor
+
+    model = tiny_qwenimage21()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    assert count_kernels(fused, kw)[0] == PER_FORWARD
+    assert count_kernels(unfused, kw)[0] == {k: 0 for k in PER_FORWARD}
+    want = output(unfused, kw)
+    block, seen = fused.transformer_blocks[0], []
+    for part, fewer in (("img_norm1", 2), ("img_norm2", 2), ("attn", 2), ("attn.to_k", 2), ("img_mlp", 2),
+                        ("img_mlp.out", 2), ("img_mlp.activation_fn", 2), ("attn.to_out.0", 0),
+                        ("attn.norm_q", 0)):
+        h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == PER_FORWARD["ln"] - fewer, part
+        close(got, want)
+        seen.clear()
+    block.attn.set_processor(type("OtherProcessor", (QwenImage21AttnProcessor,), {})())   # computes what it likes
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == PER_FORWARD["ln"] - 2
+    close(got, want)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    close(got, want)
+
+
+def test_the_projections_are_handed_back():
+    """The processor is handed the kernels' projections for one call only: afterwards the linears are themselves
+    again (no instance forward left behind), also when the attention fails."""
+    model = tiny_qwenimage21()
+    _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    output(fused, call())
+    attn = fused.transformer_blocks[0].attn
+    assert all("forward" not in getattr(attn, n).__dict__ for n in ("to_q", "to_k", "to_v"))
+
+    class Failing(type(attn.processor)):
+        def __call__(self, *a, **k):
+            raise RuntimeError("attention failed")
+
+    attn.processor = Failing()
+    with pytest.raises(RuntimeError, match="attention failed"):
+        output(fused, call())
+    assert all("forward" not in getattr(attn, n).__dict__ for n in ("to_q", "to_k", "to_v"))
+
+
+def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():
+    from treeq_engine.runtime.qwenimage21_fused import FusedQwenImage21TransformerBlock
+
+    model = tiny_qwenimage21()
+    weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
+    assert not any(isinstance(b, FusedQwenImage21TransformerBlock) for b in weight_only.transformer_blocks)
+    fused = half_agrees(tiny_qwenimage21().to(torch.bfloat16), call(dtype=torch.bfloat16))
+    assert count_kernels(fused, call(dtype=torch.bfloat16))[0] == PER_FORWARD
+
+
+@pytest.mark.gpu
+def test_fused_equals_unfused_on_gpu():
+    """The same on the GPU's kernels (CUDA or Triton, whichever the dispatcher picks), bf16."""
+    gpu_fused_matches(tiny_qwenimage21(), call(dtype=torch.bfloat16), PER_FORWARD)
