@@ -35,7 +35,7 @@ def tiny_ideogram4():
 
 
 def call(n=2, seed=0, dtype=torch.float32):
-    """The zoo's call (8 padding, 2 + 6 text and 16 image tokens in two segments), for ``n`` samples of their own
+    """The zoo's call (2 padding, 6 text and 16 image tokens in their segments), for ``n`` samples of their own
     latents and text, and their own timesteps."""
     calls = []
     for i in range(n):
@@ -85,8 +85,8 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     want = output(unfused, kw)
     layer, seen = fused.layers[0], []
     for part, fewer in (("attention_norm1", 2), ("ffn_norm1", 2), ("attention", 2), ("attention.to_q", 2),
-                        ("attention.to_v", 2), ("feed_forward", 1), ("feed_forward.w1", 1), ("attention_norm2", 0),
-                        ("ffn_norm2", 0), ("attention.to_out.0", 0), ("attention.norm_k", 0),
+                        ("attention.to_k", 2), ("attention.to_v", 2), ("feed_forward", 1), ("feed_forward.w1", 1),
+                        ("attention_norm2", 0), ("ffn_norm2", 0), ("attention.to_out.0", 0), ("attention.norm_k", 0),
                         ("feed_forward.w2", 0), ("adaln_modulation", 0)):
         h = layer.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
@@ -104,15 +104,16 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     close(got, want)
 
 
-def test_a_timestep_per_token_runs_diffusers_forward():
-    """A timestep per token makes a modulation per token: diffusers' forward, the same output."""
+def test_a_timestep_per_token_or_for_the_batch_runs_diffusers_forward():
+    """A timestep per token makes a modulation per token, one timestep for the batch one diffusers broadcasts:
+    diffusers' forward, the same output."""
     model = tiny_ideogram4()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    kw = call()
-    kw["timestep"] = torch.rand(2, kw["hidden_states"].shape[1], generator=torch.Generator().manual_seed(3))
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    close(got, output(unfused, kw))
+    for timestep in (torch.rand(2, 24, generator=torch.Generator().manual_seed(3)), torch.tensor([0.3])):
+        kw = dict(call(), timestep=timestep)
+        calls, got = count_kernels(fused, kw)
+        assert calls["ln"] == 0
+        torch.testing.assert_close(got, output(unfused, kw), rtol=0, atol=0)
 
 
 def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():

@@ -17,11 +17,11 @@ RMSNorms after to_out and w2 need whole output rows, which no GEMM tile owns). F
 dtype's rounding, not bit for bit.
 
 A block is swapped only in the structure diffusers builds (RMSNorms with a weight before the attention and the
-feed-forward, ``Ideogram4MLP``, an ``Ideogram4Attention`` with ``Ideogram4AttnProcessor``) with a packed linear
-with quantized activations to fuse. It runs diffusers' own forward in training mode, for a timestep per token (a
-modulation per token), on other input ranks, and when a norm the kernel computes or the attention carries a hook
-or another processor; a feed-forward that is hooked (or one of w1/w3 that is hooked and packed) runs as a module.
-diffusers' block registry has no entry for the original, nor for the fused class. The state dict is unchanged.
+feed-forward, ``Ideogram4MLP``, an ``Ideogram4Attention``) with a packed linear with quantized activations to fuse.
+It runs diffusers' own forward in training mode, for a timestep per token (a modulation per token) or one for the
+whole batch, on other input ranks, and when a norm the kernel computes, the attention or a packed projection carries
+a hook, or the attention another processor than ``Ideogram4AttnProcessor``; a feed-forward that is hooked (or one
+of w1/w3 that is hooked and packed) runs as a module. diffusers' block registry has no entry for the original, nor for the fused class. The state dict is unchanged.
 """
 from __future__ import annotations
 
