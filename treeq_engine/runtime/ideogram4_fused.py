@@ -21,7 +21,8 @@ feed-forward, ``Ideogram4MLP``, an ``Ideogram4Attention``) with a packed linear 
 It runs diffusers' own forward in training mode, for a timestep per token (a modulation per token) or one for the
 whole batch, on other input ranks, and when a norm the kernel computes, the attention or a packed projection carries
 a hook, or the attention another processor than ``Ideogram4AttnProcessor``; a feed-forward that is hooked (or one
-of w1/w3 that is hooked and packed) runs as a module. diffusers' block registry has no entry for the original, nor for the fused class. The state dict is unchanged.
+of w1/w3 that is hooked and packed) runs as a module. diffusers' block registry has no entry for the original, nor
+for the fused class. The state dict is unchanged.
 """
 from __future__ import annotations
 
