@@ -121,23 +121,58 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     close(got, want)
 
 
-def test_the_projections_are_handed_back():
-    """The processor is handed the kernels' projections for one call only: afterwards the linears are themselves
-    again (no instance forward left behind), also when the attention fails."""
+def test_the_attention_is_never_changed_while_its_processor_runs(monkeypatch):
+    """The processor is handed the kernels' projections through a view of the attention: the attention's own
+    modules stay as they are throughout (a call in another thread meanwhile sees them unchanged)."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21AttnProcessor
+
     model = tiny_qwenimage21()
     _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    attns = [b.attn for b in fused.transformer_blocks]
+    seen, original = [], QwenImage21AttnProcessor.__call__
+
+    def call_checking(self, attn, *args, **kwargs):
+        seen.append(attn is not attns[len(seen) % 2]
+                    and all("forward" not in getattr(a, n).__dict__ for a in attns for n in ("to_q", "to_k", "to_v")))
+        return original(self, attn, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImage21AttnProcessor, "__call__", call_checking)
     output(fused, call())
-    attn = fused.transformer_blocks[0].attn
-    assert all("forward" not in getattr(attn, n).__dict__ for n in ("to_q", "to_k", "to_v"))
+    assert seen == [True, True]
 
-    class Failing(type(attn.processor)):
-        def __call__(self, *a, **k):
-            raise RuntimeError("attention failed")
 
-    attn.processor = Failing()
-    with pytest.raises(RuntimeError, match="attention failed"):
-        output(fused, call())
-    assert all("forward" not in getattr(attn, n).__dict__ for n in ("to_q", "to_k", "to_v"))
+def test_the_runs_of_a_causal_condition_are_found_once_per_forward(monkeypatch):
+    """The text and condition tokens read the t = 0 row, the target image its sample's: per sample 8 + 16 rows in
+    groups of 8, found once for both blocks, from the mask."""
+    from treeq_engine.runtime import qwenimage21_fused
+
+    model = tiny_qwenimage21()
+    _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    groups, original = [], qwenimage21_fused.per_token_modulation
+
+    def recording(*args, **kwargs):
+        m32 = original(*args, **kwargs)
+        groups.append(m32.shape[1])
+        return m32
+
+    monkeypatch.setattr(qwenimage21_fused, "per_token_modulation", recording)
+    output(fused, call())
+    assert groups == [2 * 3]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_flex_processor():
+    """The flex attention processor (its block mask) runs fused as the default one does."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+
+    model = tiny_qwenimage21()
+    for b in model.transformer_blocks:
+        b.attn.set_processor(QwenImage21FlexAttnProcessor())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    calls, got = count_kernels(fused, kw)
+    assert calls == PER_FORWARD
+    close(got, output(unfused, kw))
 
 
 def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():

@@ -51,6 +51,7 @@ MagCache, whole-block layer skip) find the fused class in ``TransformerBlockRegi
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Iterable, Sequence, TypeAlias
 
 import torch
@@ -183,6 +184,27 @@ def run_length(tables: Iterable[torch.Tensor]) -> int:
     for p in ([] if changed is None else torch.nonzero(changed).flatten().tolist()):
         r = math.gcd(r, p + 1)
     return max(r, 1)
+
+
+# what a forward's blocks would each compute again from the very tensors the model hands them all (the kernels'
+# modulation tables of FLUX.3's and Qwen-Image 2.1's per-token tables): computed once per forward. Keyed by the
+# tensors' identities, held weakly and checked alive and unmodified, so an entry never answers for other tensors
+# (CPython reuses a dead object's id) and dies with the forward's tensors.
+_ONCE: dict[tuple[int, ...], tuple[list[weakref.ref], list[int], Any]] = {}
+
+
+def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
+    """``compute()``, once for these very ``tensors`` as long as they live unmodified (see ``_ONCE``)."""
+    key = tuple(id(t) for t in tensors)
+    hit = _ONCE.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) \
+            and hit[1] == [t._version for t in tensors]:
+        return hit[2]
+    out = compute()
+    for k in [k for k, (refs, _, _) in _ONCE.items() if any(r() is None for r in refs)]:
+        del _ONCE[k]
+    _ONCE[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], out)
+    return out
 
 
 def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6, *,

@@ -32,7 +32,6 @@ dict is unchanged.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,7 +43,8 @@ from diffusers.models.transformers.transformer_flux3 import (Flux3Attention, Flu
                                                              Flux3SwiGLU)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              dispatch_kwargs, per_token_modulation, self_attention_ok, swap_blocks)
+                              dispatch_kwargs, once_per_forward, per_token_modulation, self_attention_ok,
+                              swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -79,22 +79,11 @@ def _runs_fused(block: nn.Module) -> bool:
             and self_attention_ok(block.attn, Flux3Attention, Flux3AttnProcessor))
 
 
-# the kernels' tables of the modulation tables a forward passes every block (one object per mode): found once per
-# forward, not per block. Keyed by the tables' identities (held weakly, checked alive and unmodified), so an entry
-# never answers for other tensors, and dies with the forward's tables.
-_TABLES: dict[tuple[int, ...], tuple[list[weakref.ref], list[int], torch.Tensor]] = {}
-
-
 def _kernel_tables(tables: Sequence[torch.Tensor], d: int) -> torch.Tensor:
     """The (B, S_i, 3·D) tables of the rows [stream 0; stream 1; ...] (per sample, as the joint block concatenates
     them) as the kernels take them: float32 (3, G, D), the rows in groups of the largest size every run of equal
     rows is made of (``per_token_modulation``: the joint block's 512 text, 4096 image and 4096 reference-image tokens
     of a sample run in 17 groups of 512), computed once per forward for the same tables."""
-    key = tuple(id(t) for t in tables)
-    hit = _TABLES.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], tables)) \
-            and hit[1] == [t._version for t in tables]:
-        return hit[2]
     b = tables[0].shape[0]
     rows = b * sum(t.shape[1] for t in tables)
 
@@ -102,11 +91,7 @@ def _kernel_tables(tables: Sequence[torch.Tensor], d: int) -> torch.Tensor:
         parts = [t[..., i * d:(i + 1) * d] for t in tables]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    m32 = per_token_modulation(chunk, rows, chunks=3)
-    for k in [k for k, (refs, _, _) in _TABLES.items() if any(r() is None for r in refs)]:
-        del _TABLES[k]
-    _TABLES[key] = ([weakref.ref(t) for t in tables], [t._version for t in tables], m32)
-    return m32
+    return once_per_forward(tables, lambda: per_token_modulation(chunk, rows, chunks=3))
 
 
 def _fused(block: nn.Module, x: torch.Tensor, m32: torch.Tensor, rows: Callable[[], torch.Tensor],

@@ -14,10 +14,10 @@ Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm +
 Monarch branch), and the feed-forward's gated residual in ``out``'s epilogue. The per-token tables reach the kernels
 as one modulation group per run of tokens (``per_token_modulation``). The attention runs the processor itself
 (``QwenImage21AttnProcessor`` or ``QwenImage21FlexAttnProcessor``: the KV cache's prefill, extract and cached decode,
-the block-causal segments or mask): its projections, already computed by the kernels, are handed to it by
-stand-ins for the three linears for that one call (so its RMSNorms, rotary embedding, cache bookkeeping, attention
-and to_out are diffusers' own). Fused and unfused agree to the model dtype's rounding, not bit for bit (the kernels
-modulate, and take tanh of the gates, in float32).
+the block-causal segments or mask), on a view of the attention whose projections return what the kernels computed
+(so its RMSNorms, rotary embedding, cache bookkeeping, attention and to_out are diffusers' own, and nothing on the
+shared modules changes). Fused and unfused agree to the model dtype's rounding, not bit for bit (the kernels
+modulate in float32, and take the feed-forward gate's tanh there).
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, the SwiGLU feed-forward, a
 ``QwenImage21Attention``) with a packed linear with quantized activations to fuse. It runs diffusers' own forward in
@@ -38,7 +38,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (QwenImage21At
                                                                    _select_modulation_rows)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              per_token_modulation, swap_blocks)
+                              once_per_forward, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -71,6 +71,21 @@ def _runs_fused(block: nn.Module) -> bool:
             and not _bypassed_hook(ff.gate_layer) and not _bypassed_hook(ff.proj) and not _bypassed_hook(ff.out))
 
 
+class _Handed:
+    """An attention as its processor sees it, whose named projections return the given outputs: the processor runs
+    as diffusers runs it, on the kernels' projections. Nothing on the attention changes (calls in other threads see
+    it as it is); everything else is the attention's own."""
+
+    def __init__(self, attn: nn.Module, outputs: dict[str, torch.Tensor]) -> None:
+        self._attn, self._outputs = attn, outputs
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._outputs:
+            out = self._outputs[name]
+            return lambda *args, **kwargs: out
+        return getattr(self._attn, name)
+
+
 def _tables(modulation: torch.Tensor, mask: torch.Tensor | None, b: int, s: int,
             d: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """scale_1, gate_1, scale_2, gate_2 as diffusers broadcasts them ((B, 1, D) or per token (B, S, D)), and as the
@@ -83,8 +98,10 @@ def _tables(modulation: torch.Tensor, mask: torch.Tensor | None, b: int, s: int,
     (scale1, gate1), (scale2, gate2) = (m.chunk(2, dim=-1) for m in modulation.chunk(2, dim=-1))
     chunks = [_select_modulation_rows(t, mask) for t in (scale1, gate1, scale2, gate2)]
     if mask is None:
-        return chunks, torch.stack([c[:, 0] for c in chunks]).float().contiguous()
-    return chunks, per_token_modulation(lambda i: chunks[i].expand(b, s, d), b * s, chunks=4)
+        return chunks, once_per_forward([modulation], lambda: torch.stack([c[:, 0] for c in chunks]).float())
+    # (the runs are the mask's: a token reads its sample's row or the t = 0 row; found once per forward)
+    return chunks, once_per_forward([modulation, mask], lambda: per_token_modulation(
+        lambda i: chunks[i].expand(b, s, d), b * s, chunks=4, runs_of=mask.view(1, s, 1)))
 
 
 class FusedQwenImage21TransformerBlock(QwenImage21TransformerBlock):
@@ -118,22 +135,11 @@ class FusedQwenImage21TransformerBlock(QwenImage21TransformerBlock):
         packed = [n for n in PROJECTIONS if _quantized(getattr(a, n))]
         qkv = _project([getattr(a, n) for n in packed], x2, lambda: x, ln_eps=self.img_norm1.eps, shift=zero,
                        scale=m32[0])
-        # float projections read diffusers' modulated rows, through the processor as diffusers calls them
+        # the processor's own attention (as QwenImage21Attention.forward calls it), handed the kernels' projections
+        # through a view of the attention; float projections read diffusers' modulated rows, as diffusers calls them
         rows = x if len(packed) == len(PROJECTIONS) else self.img_norm1(x) * (1 + scale1)
-        stood: list[tuple[nn.Module, Any]] = []
-        try:   # the processor's own attention, handed the kernels' projections for this call
-            for n, y in zip(packed, qkv):
-                m = getattr(a, n)
-                stood.append((m, m.__dict__.get("forward")))
-                m.forward = lambda *args, y=y.view(b, s, -1), **kw: y
-            o = a(hidden_states=rows, **attention)
-        finally:
-            for m, had in stood:
-                if had is None:
-                    del m.forward
-                else:
-                    m.forward = had
-        x = x + gate1.tanh() * o
+        handed = _Handed(a, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
+        x = x + gate1.tanh() * a.processor(handed, rows, **attention)
 
         x2 = x.reshape(b * s, d).contiguous()
         g, u = _project((ff.gate_layer, ff.proj), x2, lambda: self.img_norm2(x) * (1 + scale2),
