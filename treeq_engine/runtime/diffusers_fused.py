@@ -201,8 +201,9 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
             and hit[1] == [t._version for t in tensors]:
         return hit[2]
     out = compute()
-    for k in [k for k, (refs, _, _) in _ONCE.items() if any(r() is None for r in refs)]:
-        del _ONCE[k]
+    for k, (refs, _, _) in list(_ONCE.items()):   # (a snapshot, and pop: other threads' forwards prune too)
+        if any(r() is None for r in refs):
+            _ONCE.pop(k, None)
     _ONCE[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], out)
     return out
 
