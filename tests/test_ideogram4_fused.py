@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 
 from diffusers_zoo import CASES  # noqa: E402
 from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
-from test_zimage_fused import close  # noqa: E402
+from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -83,25 +83,13 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     assert count_kernels(fused, kw, rms=True)[0] == dict(PER_FORWARD, rms=PER_FORWARD["ln"])
     assert count_kernels(unfused, kw)[0] == {k: 0 for k in PER_FORWARD}
     want = output(unfused, kw)
-    layer, seen = fused.layers[0], []
-    for part, fewer in (("attention_norm1", 2), ("ffn_norm1", 2), ("attention", 2), ("attention.to_q", 2),
-                        ("attention.to_k", 2), ("attention.to_v", 2), ("feed_forward", 1), ("feed_forward.w1", 1),
-                        ("attention_norm2", 0), ("ffn_norm2", 0), ("attention.to_out.0", 0), ("attention.norm_k", 0),
-                        ("feed_forward.w2", 0), ("adaln_modulation", 0)):
-        h = layer.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - fewer, part
-        close(got, want)
-        seen.clear()
-    layer.attention.set_processor(type("OtherProcessor", (Ideogram4AttnProcessor,), {})())   # computes what it likes
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == PER_FORWARD["ln"] - 2
-    close(got, want)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    close(got, want)
+    full = PER_FORWARD["ln"]
+    hooks_cost(fused, [(f"layers.0.{p}", fewer) for p, fewer in (
+        ("attention_norm1", 2), ("ffn_norm1", 2), ("attention", 2), ("attention.to_q", 2), ("attention.to_k", 2),
+        ("attention.to_v", 2), ("feed_forward", 1), ("feed_forward.w1", 1), ("attention_norm2", 0), ("ffn_norm2", 0),
+        ("attention.to_out.0", 0), ("attention.norm_k", 0), ("feed_forward.w2", 0), ("adaln_modulation", 0))],
+        kw, want, full)
+    another_processor_then_training(fused, fused.layers[0].attention, Ideogram4AttnProcessor, kw, want, full, 2)
 
 
 def test_a_timestep_per_token_or_for_the_batch_runs_diffusers_forward():

@@ -11,7 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
-from test_zimage_fused import close  # noqa: E402
+from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -96,37 +96,16 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     assert count_kernels(fused, kw, rms=True)[0] == dict(PER_FORWARD, rms=PER_FORWARD["ln"])
     assert count_kernels(unfused, kw)[0] == {k: 0 for k in PER_FORWARD}
     want = output(unfused, kw)
-    seen = []
     # a hook on a norm the kernel computes, on the attention or on a projection the kernels run: diffusers' forward
-    for name, part in (("layers.0", "norm1"), ("layers.0", "norm1.norm"), ("layers.0", "ffn_norm1"),
-                       ("layers.0", "attn"), ("layers.0", "attn.to_q"), ("layers.0", "attn.to_k"),
-                       ("layers.0", "attn.to_v"), ("context_refiner.0", "norm1")):
-        h = fused.get_submodule(f"{name}.{part}").register_forward_pre_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - 2, part
-        close(got, want)
-        seen.clear()
-    # a hook on the feed-forward, or on linear_3: it runs as a module, the attention stays fused; hooks on what the
-    # fused path calls as modules (the sandwich norms, to_out, linear_2, the SiLU) see their calls
-    layer = fused.layers[0]
-    for part, fewer in (("feed_forward", 1), ("feed_forward.linear_1", 1), ("feed_forward.linear_3", 1), ("norm2", 0),
-                        ("ffn_norm2", 0), ("attn.to_out.0", 0), ("attn.to_out.1", 0), ("attn.norm_q", 0),
-                        ("feed_forward.linear_2", 0), ("feed_forward.silu", 0)):
-        h = layer.get_submodule(part).register_forward_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - fewer, part
-        close(got, want)
-        seen.clear()
-    layer.attn.set_processor(type("OtherProcessor", (Lumina2AttnProcessor2_0,), {})())   # computes what it likes
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == PER_FORWARD["ln"] - 2
-    close(got, want)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    close(got, want)
+    # (2 fewer); on the feed-forward, or a first linear: it runs as a module, the attention stays fused (1 fewer); on
+    # what the fused path calls as modules (the sandwich norms, to_out, linear_2, the SiLU): seen, nothing fewer
+    full = PER_FORWARD["ln"]
+    hooks_cost(fused, [(f"layers.0.{p}", 2) for p in ("norm1", "norm1.norm", "ffn_norm1", "attn", "attn.to_q",
+                                                      "attn.to_k", "attn.to_v")] + [("context_refiner.0.norm1", 2)]
+               + [(f"layers.0.{p}", 1) for p in ("feed_forward", "feed_forward.linear_1", "feed_forward.linear_3")]
+               + [(f"layers.0.{p}", 0) for p in ("norm2", "ffn_norm2", "attn.to_out.0", "attn.to_out.1", "attn.norm_q",
+                                                 "feed_forward.linear_2", "feed_forward.silu")], kw, want, full)
+    another_processor_then_training(fused, fused.layers[0].attn, Lumina2AttnProcessor2_0, kw, want, full, 2)
 
 
 def test_a_timestep_batch_the_fused_path_does_not_take_runs_diffusers_forward():

@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 
 from diffusers_zoo import CASES  # noqa: E402
 from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
-from test_zimage_fused import close  # noqa: E402
+from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -101,24 +101,12 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
     assert count_kernels(fused, kw)[0] == PER_FORWARD
     assert count_kernels(unfused, kw)[0] == {k: 0 for k in PER_FORWARD}
     want = output(unfused, kw)
-    block, seen = fused.transformer_blocks[0], []
-    for part, fewer in (("img_norm1", 2), ("img_norm2", 2), ("attn", 2), ("attn.to_k", 2), ("img_mlp", 2),
-                        ("img_mlp.out", 2), ("img_mlp.activation_fn", 2), ("attn.to_out.0", 0),
-                        ("attn.norm_q", 0)):
-        h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - fewer, part
-        close(got, want)
-        seen.clear()
-    block.attn.set_processor(type("OtherProcessor", (QwenImage21AttnProcessor,), {})())   # computes what it likes
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == PER_FORWARD["ln"] - 2
-    close(got, want)
-    fused.train()
-    calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == 0
-    close(got, want)
+    full = PER_FORWARD["ln"]
+    hooks_cost(fused, [(f"transformer_blocks.0.{p}", fewer) for p, fewer in (
+        ("img_norm1", 2), ("img_norm2", 2), ("attn", 2), ("attn.to_k", 2), ("img_mlp", 2), ("img_mlp.out", 2),
+        ("img_mlp.activation_fn", 2), ("attn.to_out.0", 0), ("attn.norm_q", 0))], kw, want, full)
+    another_processor_then_training(fused, fused.transformer_blocks[0].attn, QwenImage21AttnProcessor, kw, want, full,
+                                    2)
 
 
 def test_the_attention_is_never_changed_while_its_processor_runs(monkeypatch):

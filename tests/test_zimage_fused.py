@@ -54,6 +54,33 @@ def close(got, want, bound=1e-3):
     assert err < bound, f"relative error {err:.3g}"
 
 
+def hooks_cost(fused, parts, kw, want, full):
+    """A hook on each of ``parts`` in turn, ``(module name in fused, fused quantizations it costs)``: the hook fires,
+    one forward makes ``full`` less that many norm-fused quantizations, and the output stays ``want`` (``close``)."""
+    seen = []
+    for part, fewer in parts:
+        h = fused.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
+        calls, got = count_kernels(fused, kw)
+        h.remove()
+        assert seen and calls["ln"] == full - fewer, part
+        close(got, want)
+        seen.clear()
+
+
+def another_processor_then_training(fused, attn, processor, kw, want, full, fewer):
+    """``attn`` given a subclass of ``processor`` (which computes what it likes): its block runs diffusers' forward
+    (``fewer`` norm-fused quantizations less than ``full``); in training mode none are left; the output stays
+    ``want`` (``close``)."""
+    attn.set_processor(type("OtherProcessor", (processor,), {})())
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == full - fewer
+    close(got, want)
+    fused.train()
+    calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    close(got, want)
+
+
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
 def test_fused_equals_unfused(kind):
     model = tiny_zimage()
