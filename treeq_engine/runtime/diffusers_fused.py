@@ -209,19 +209,20 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
 
 
 def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6, *,
-                         runs_of: torch.Tensor | None = None) -> torch.Tensor:
+                         runs_of: torch.Tensor | None = None, run: int | None = None) -> torch.Tensor:
     """The kernels' float32 ``(chunks, G, D)`` of a per-token modulation, from ``chunk(i)`` (``(B, S, D)`` as
     diffusers computes it, B·S = ``rows``): one group per run of rows that every chunk repeats (``run_length``; row
     m takes group ``m // (rows // G)``), so a timestep per frame costs a row per frame, not one per token. The runs
     are found on ``runs_of`` where given (``(B or 1, S, ·)``, what the chunks are computed from per token: the
     timestep embedding; its runs are the chunks' or finer), each chunk then computed once; else on the chunks
-    themselves, each computed twice. Never all held at once."""
+    themselves, each computed twice; ``run``: the rows per group, already found (once per forward for a table every
+    block modulates its own way: Helios'). Never all held at once."""
     first = chunk(0)
     b, s, d = first.shape
     if b * s != rows:
         raise ValueError(f"per_token_modulation: chunks of {tuple(first.shape)} for {rows} rows")
-    r = run_length([runs_of.reshape(*runs_of.shape[:2], -1)] if runs_of is not None
-                   else (first if i == 0 else chunk(i) for i in range(chunks)))
+    r = run if run is not None else run_length([runs_of.reshape(*runs_of.shape[:2], -1)] if runs_of is not None
+                                               else (first if i == 0 else chunk(i) for i in range(chunks)))
     m32 = torch.empty(chunks, b * (s // r), d, dtype=torch.float32, device=first.device)
     for i in range(chunks):
         m32[i] = (first if i == 0 else chunk(i))[:, ::r].reshape(-1, d)
@@ -331,6 +332,22 @@ def _fusable_linears(block: nn.Module) -> list[nn.Module]:
     attns = [a for a in (block.attn1, block.attn2) if a is not None]
     return ([m for a in attns for m in (a.to_q, a.to_k, a.to_v, a.to_out[0])]
             + [block.ff.net[0].proj, block.ff.net[2]])
+
+
+class HandedAttention:
+    """An attention as its processor sees it, whose named projections return the given outputs: the processor runs
+    as diffusers runs it (its norms, rotary embedding, caches, attention and output projection), on the kernels'
+    projections (Qwen-Image 2.1's, Helios'). Nothing on the attention changes (calls in other threads see it as it
+    is); everything else is the attention's own."""
+
+    def __init__(self, attn: nn.Module, outputs: dict[str, torch.Tensor]) -> None:
+        self._attn, self._outputs = attn, outputs
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._outputs:
+            out = self._outputs[name]
+            return lambda *args, **kwargs: out
+        return getattr(self._attn, name)
 
 
 def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,

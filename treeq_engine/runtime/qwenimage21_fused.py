@@ -37,8 +37,8 @@ from diffusers.models.transformers.transformer_qwenimage21 import (QwenImage21At
                                                                    QwenImage21TransformerBlock,
                                                                    _select_modulation_rows)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              once_per_forward, per_token_modulation, swap_blocks)
+from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm,
+                              _project, once_per_forward, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -69,21 +69,6 @@ def _runs_fused(block: nn.Module) -> bool:
             and not any(_hooked(m) for m in (block.img_norm1, block.img_norm2, a, ff, ff.activation_fn))
             and not any(_bypassed_hook(getattr(a, n)) for n in PROJECTIONS)
             and not _bypassed_hook(ff.gate_layer) and not _bypassed_hook(ff.proj) and not _bypassed_hook(ff.out))
-
-
-class _Handed:
-    """An attention as its processor sees it, whose named projections return the given outputs: the processor runs
-    as diffusers runs it, on the kernels' projections. Nothing on the attention changes (calls in other threads see
-    it as it is); everything else is the attention's own."""
-
-    def __init__(self, attn: nn.Module, outputs: dict[str, torch.Tensor]) -> None:
-        self._attn, self._outputs = attn, outputs
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._outputs:
-            out = self._outputs[name]
-            return lambda *args, **kwargs: out
-        return getattr(self._attn, name)
 
 
 def _tables(modulation: torch.Tensor, mask: torch.Tensor | None, b: int, s: int,
@@ -138,7 +123,7 @@ class FusedQwenImage21TransformerBlock(QwenImage21TransformerBlock):
         # the processor's own attention (as QwenImage21Attention.forward calls it), handed the kernels' projections
         # through a view of the attention; float projections read diffusers' modulated rows, as diffusers calls them
         rows = x if len(packed) == len(PROJECTIONS) else self.img_norm1(x) * (1 + scale1)
-        handed = _Handed(a, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
+        handed = HandedAttention(a, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
         x = x + gate1.tanh() * a.processor(handed, rows, **attention)
 
         x2 = x.reshape(b * s, d).contiguous()
