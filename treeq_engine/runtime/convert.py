@@ -209,8 +209,8 @@ def fuse_blocks(model: nn.Module) -> int:
     """Fuse LayerNorm + modulate + quantization (and GELU, the gated residuals) into the transformer blocks that
     allow it: the project's DiT blocks, diffusers' DiT / PixArt blocks, Flux's double and single blocks, SD3's
     joint blocks, Wan's, Qwen-Image's, Sana's, FLUX.2's, Z-Image's, LTX-Video's (LTX-2's too), Chroma's,
-    HunyuanVideo's (1.5's too), CogVideoX's, Cosmos', Mochi's, Lumina2's, FLUX.3's, Ideogram 4's and Qwen-Image
-    2.1's blocks. Returns how many blocks were fused."""
+    HunyuanVideo's (1.5's too), CogVideoX's, Cosmos', Mochi's, Lumina2's, FLUX.3's, Ideogram 4's, Qwen-Image 2.1's
+    and Helios' blocks. Returns how many blocks were fused."""
     from .dit_fused import fuse_dit_blocks
 
     reset_graphs(model)
@@ -266,7 +266,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "fuse_flux3_blocks", (0, 42)),
                     (("Ideogram4TransformerBlock",), "Ideogram 4", "ideogram4_fused", "fuse_ideogram4_blocks", (0, 42)),
                     (("QwenImage21TransformerBlock",), "Qwen-Image 2.1", "qwenimage21_fused", "fuse_qwenimage21_blocks",
-                     (0, 42)))
+                     (0, 42)),
+                    (("HeliosTransformerBlock",), "Helios", "helios_fused", "fuse_helios_blocks", (0, 42)))
 
 
 def _diffusers_version() -> tuple[int, int]:

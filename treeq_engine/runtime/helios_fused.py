@@ -1,0 +1,123 @@
+"""Fused Helios blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``HeliosTransformerBlock`` (Helios long video: the history frames' tokens before the frames being made).
+
+The block is Wan's (:mod:`.wan_fused`), under a per-token modulation: the model hands every block one timestep
+projection per token (B, S, 6, D) (the history's tokens at their timestep, 0 where it is zeroed, the new frames' at
+the step's), which each block adds to its own ``scale_shift_table``:
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_1, scale_1))
+    h = h + gate_1 · attn1(q, k, v)        (the processor's own: RMSNorm, rotary, the history keys' amplification)
+    h = h + attn2(norm2(h), text)           (as diffusers computes it: on the new frames' rows with guidance)
+    h = h + gate_2 · ffn.net[2](Q(GELU(ffn.net[0].proj(Q(mod(LN(h), shift_2, scale_2))))))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its
+``quantize_input`` kernel (one call shared by to_q/to_k/to_v with one activation spec and no Monarch branch, one for
+the feed-forward), GELU(tanh) and ffn.net[2]'s codes in ffn.net[0].proj's epilogue, the feed-forward's gated
+residual in ffn.net[2]'s. The kernels take one modulation group per run of tokens sharing a timestep (the runs found
+once per forward on the projections every block is handed). The self-attention runs its processor itself
+(``HeliosAttnProcessor``) on a view of the attention whose projections return the kernels' outputs
+(``HandedAttention``), so its norms, rotary embedding, history amplification and to_out are diffusers' own; its gated
+residual is added in float32 as diffusers adds it. Fused and unfused agree to the model dtype's rounding, not bit for
+bit.
+
+A block is swapped only in the structure diffusers builds (float32 LayerNorms without affine, a ``HeliosAttention``
+self-attention, a GELU(tanh) feed-forward) with a packed linear with quantized activations to fuse. It runs
+diffusers' own forward in training mode, on other input ranks or modulation shapes, with fused projections, and when
+a norm the kernel computes or the self-attention carries a hook or another processor; a feed-forward that is hooked
+runs as diffusers computes it. diffusers' block registry has no entry for the original, nor for the fused class. The
+state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.transformers.transformer_helios import (HeliosAttention, HeliosAttnProcessor,
+                                                              HeliosTransformerBlock)
+
+from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked,
+                              _project, once_per_forward, per_token_modulation, run_length, swap_blocks)
+from .linear import runs_packed_kernels as _quantized
+from .wan_fused import _fp32_layer_norm
+
+PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
+def _supported(block: nn.Module) -> bool:
+    if type(block) is not HeliosTransformerBlock or _forward_wrapped(block):
+        return False
+    table = getattr(block, "scale_shift_table", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 3:
+        return False
+    d = table.shape[-1]
+    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d) and _fp32_layer_norm(block.norm3, d)
+            and type(block.attn1) is HeliosAttention and block.attn1.add_k_proj is None
+            and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn1
+    return [a.to_q, a.to_k, a.to_v, block.ffn.net[0].proj, block.ffn.net[2]]
+
+
+def _attention_ok(attn: Any) -> bool:
+    """The self-attention computes what the fused path hands it to (checked on every forward): its processor
+    exactly, unfused projections, no hook on it or on a projection the kernels run."""
+    return (type(attn.processor) is HeliosAttnProcessor and not getattr(attn, "fused_projections", False)
+            and not _hooked(attn) and not any(_bypassed_hook(getattr(attn, n)) for n in PROJECTIONS))
+
+
+class FusedHeliosTransformerBlock(HeliosTransformerBlock):
+    """A ``HeliosTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: HeliosTransformerBlock) -> None:
+        if not _supported(block):
+            raise ValueError("FusedHeliosTransformerBlock handles HeliosTransformerBlock in the structure diffusers "
+                             "builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: torch.Tensor, original_context_length: int | None = None) -> torch.Tensor:
+        args = (hidden_states, encoder_hidden_states, temb, rotary_emb, original_context_length)
+        h, a1 = hidden_states, self.attn1
+        if (self.training or h.ndim != 3 or temb.ndim != 4 or tuple(temb.shape) != (*h.shape[:2], 6, h.shape[2])
+                or _hooked(self.norm1) or _hooked(self.norm3) or not _attention_ok(a1)):
+            return super().forward(*args)
+        b, s, d = h.shape
+        table = self.scale_shift_table[0]
+
+        def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
+            return table[i] + temb[:, :, i].float()
+
+        run = once_per_forward([temb], lambda: run_length([temb.reshape(b, s, -1)]))   # (every block's runs)
+        m32 = per_token_modulation(chunk, b * s, run=run)
+        h2 = h.reshape(b * s, d).contiguous()
+        packed = [n for n in PROJECTIONS if _quantized(getattr(a1, n))]
+        qkv = _project([getattr(a1, n) for n in packed], h2, lambda: h, ln_eps=self.norm1.eps, shift=m32[0],
+                       scale=m32[1])
+        rows = h if len(packed) == len(PROJECTIONS) else \
+            (self.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h)   # (float projections read diffusers')
+        handed = HandedAttention(a1, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
+        o = a1.processor(handed, rows, None, None, rotary_emb, original_context_length)
+        h = (h.float() + o * chunk(2)).type_as(h)
+
+        # the cross-attention as diffusers computes it (with guidance on the new frames' rows alone)
+        if self.guidance_cross_attn:
+            history, new = torch.split(h, [h.shape[1] - original_context_length, original_context_length], dim=1)
+            new = new + self.attn2(self.norm2(new.float()).type_as(new), encoder_hidden_states, None, None,
+                                   original_context_length)
+            h = torch.cat([history, new], dim=1)
+        else:
+            h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states, None, None,
+                               original_context_length)
+        if _quantized(self.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
+            return _ff(self.ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, chunk, m32).view(b, s, d)
+        x = (self.norm3(h.float()) * (1 + chunk(4)) + chunk(3)).type_as(h)
+        return (h.float() + self.ffn(x).float() * chunk(5)).type_as(h)
+
+
+def fuse_helios_blocks(model: nn.Module) -> int:
+    """Swap every Helios block of ``model`` that the fused class handles and that has a packed linear with quantized
+    activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: FusedHeliosTransformerBlock if _supported(m) else None, _linears)
