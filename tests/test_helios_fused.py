@@ -31,19 +31,21 @@ def tiny_helios(**config):
     initialisations."""
     torch.manual_seed(0)
     model = CASES["Helios"][0]()
-    if config:
-        model = type(model).from_config({**model.config, **config})
+    if config:   # (keyword overrides: a dict would keep the class defaults for the keys the zoo left at theirs)
+        model = type(model).from_config(model.config, **config)
+        assert all(getattr(model.config, k) == v for k, v in config.items())
     return perturbed(model.eval())
 
 
-def call(n=2, seed=0, dtype=torch.float32):
-    """The zoo's call (two new frames after short, mid and long history) for ``n`` samples of their own latents,
-    history and text, and their own timesteps."""
+def call(n=2, seed=0, dtype=torch.float32, history=("short", "mid", "long")):
+    """The zoo's call (two new frames after short, mid and long history; ``history``: the kinds kept) for ``n``
+    samples of their own latents, history and text, and their own timesteps."""
     calls = []
     for i in range(n):
         g = torch.Generator().manual_seed(seed + i)
         calls.append(CASES["Helios"][1](lambda *shape: torch.randn(*shape, generator=g)))
-    kw = {k: torch.cat([c[k] for c in calls]) for k in calls[0]}
+    kw = {k: torch.cat([c[k] for c in calls]) for k in calls[0]
+          if not any(k.endswith(f"history_{t}") for t in {"short", "mid", "long"} - set(history))}
     kw["timestep"] = torch.tensor([500.0, 200.0, 900.0][:n])
     return {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in kw.items()}
 
@@ -61,13 +63,17 @@ def output(model, kw):
         return model(**kw).sample
 
 
-@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
-@pytest.mark.parametrize("config", [{}, {"zero_history_timestep": False, "is_amplify_history": True}])
+@pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed", "float-fc1"])
+@pytest.mark.parametrize("config", [{}, {"zero_history_timestep": False, "is_amplify_history": True},
+                                    {"guidance_cross_attn": False, "cross_attn_norm": True, "is_amplify_history": True,
+                                     "history_scale_mode": "scalar"}])
 def test_fused_equals_unfused(kind, config):
     from treeq_engine.runtime.helios_fused import FusedHeliosTransformerBlock
 
     model = tiny_helios(**config)
-    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, 4, 8).with_layer(
+        "blocks.1.ffn.net.0.proj", LayerConfig(16, 16)) if kind == "float-fc1" else \
+        QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
     unfused, fused = pair(model, plan)
     assert [type(b) for b in fused.blocks] == [FusedHeliosTransformerBlock] * 2
     assert fused.state_dict().keys() == unfused.state_dict().keys()
@@ -79,15 +85,22 @@ def test_fused_equals_unfused(kind, config):
 
 def test_the_runs_are_found_once_per_forward(monkeypatch):
     """The history's tokens at timestep 0 and the new frames' at the step's: one scan of the projections every
-    block is handed, per forward, not per block; the kernels take a group per run."""
+    block is handed, per forward, not per block; the kernels take a group per run (32 short-history tokens, then 32
+    new ones: groups of 32; with the mid and long history too, 69 tokens, a group per row)."""
     from treeq_engine.runtime import helios_fused
 
     model = tiny_helios()
-    _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    scans, original = [], helios_fused.run_length
-    monkeypatch.setattr(helios_fused, "run_length", lambda tables: scans.append(1) or original(tables))
-    output(fused, call())
-    assert scans == [1]
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    scans, groups = [], []
+    run_length, per_token = helios_fused.run_length, helios_fused.per_token_modulation
+    monkeypatch.setattr(helios_fused, "run_length", lambda tables: scans.append(1) or run_length(tables))
+    monkeypatch.setattr(helios_fused, "per_token_modulation",
+                        lambda *a, **k: groups.append(per_token(*a, **k).shape[1]) or per_token(*a, **k))
+    for history, want_groups in ((("short",), 2 * 2), (("short", "mid", "long"), 2 * 69)):
+        scans.clear(), groups.clear()
+        kw = call(history=history)
+        close(output(fused, kw), output(unfused, kw), bound=1e-5)
+        assert scans == [1] and groups == [want_groups] * 2, history
 
 
 def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward():

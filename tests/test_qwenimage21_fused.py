@@ -30,8 +30,9 @@ def tiny_qwenimage21(causal_condition=True):
     torch.manual_seed(0)
     ctor = CASES["QwenImage21"][0]
     model = ctor()
-    if not causal_condition:
-        model = type(model).from_config({**model.config, "causal_condition": False})
+    if not causal_condition:   # (a keyword override: a dict would keep the class default for it)
+        model = type(model).from_config(model.config, causal_condition=False)
+        assert not model.config.causal_condition
     return perturbed(model.eval())
 
 

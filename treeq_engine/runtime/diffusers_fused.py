@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
+from diffusers.models.normalization import AdaLayerNormZero, FP32LayerNorm, RMSNorm
 
 from .linear import TreeQLinear
 from .linear import runs_packed_kernels as _quantized
@@ -413,9 +413,11 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
     x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     tanh = gelu.approximate == "tanh"
+    # (Wan's and Helios' float32 LayerNorm: diffusers hands it float32 rows, and keeps its float32 output)
+    normed = (lambda: ln(x.float())) if isinstance(ln, FP32LayerNorm) else (lambda: ln(x))
     if (_hooked(ff) or any(_hooked(m) for i, m in enumerate(ff.net) if i in (1, 3)) or (_hooked(gelu) or _hooked(fc1))
             and _quantized(fc1) or _bypassed_hook(fc2)):
-        y = ff((ln(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x))
+        y = ff((normed() * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x))
         return (modulation_chunk(mod, 5) * y + x).to(x2.dtype).reshape(x2.shape)
     if _quantized(fc1):
         act = fc1.quantize_input(x2, ln_eps=ln.eps, shift=m32[3], scale=m32[4], rms_norm=rms_norm)
@@ -426,7 +428,7 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
         else:
             h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
     else:
-        h = gelu((ln(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x)).reshape(
+        h = gelu((normed() * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x)).reshape(
             x2.shape[0], -1)
     if _quantized(fc2):
         if isinstance(h, torch.Tensor):
