@@ -4,7 +4,6 @@ new frames, GELU and the feed-forward's gated residual in epilogues, the self-at
 kernels' projections), with the history's timestep zeroed or not, its keys amplified or not; the fused kernels
 actually run; and everything the fused path cannot reproduce runs diffusers' own forward: hooks, training, another
 processor."""
-import copy
 
 import pytest
 import torch
@@ -12,13 +11,13 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
+from test_mmdit_fused import (count_kernels, gpu_fused_matches, pair,  # noqa: E402
+                             unswapped_weight_only_and_bf16)
 from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
-from treeq_engine.runtime import quantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # per block: one LayerNorm-fused quantization for q/k/v and one for the feed-forward; GELU and fc2's codes in fc1's
@@ -122,11 +121,7 @@ def test_the_fused_kernels_run_and_what_they_cannot_run_runs_diffusers_forward()
 def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():
     from treeq_engine.runtime.helios_fused import FusedHeliosTransformerBlock
 
-    model = tiny_helios()
-    weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
-    assert not any(isinstance(b, FusedHeliosTransformerBlock) for b in weight_only.blocks)
-    fused = half_agrees(tiny_helios().to(torch.bfloat16), call(dtype=torch.bfloat16))
-    assert count_kernels(fused, call(dtype=torch.bfloat16))[0] == PER_FORWARD
+    unswapped_weight_only_and_bf16(tiny_helios, call, FusedHeliosTransformerBlock, PER_FORWARD)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,6 @@
 rounding, with the segment mask and the multimodal rotary embedding; the fused kernels actually run; and everything
 the fused path cannot reproduce runs diffusers' own forward (or, for a feed-forward, diffusers' computation of it):
 hooks, training, another attention processor, a timestep per token."""
-import copy
 
 import pytest
 import torch
@@ -11,13 +10,13 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
+from test_mmdit_fused import (count_kernels, gpu_fused_matches, pair,  # noqa: E402
+                             unswapped_weight_only_and_bf16)
 from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
-from treeq_engine.runtime import quantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # per block: one RMSNorm-fused quantization for q/k/v and one for w1/w3; nothing in an epilogue (sandwich norms)
@@ -107,11 +106,7 @@ def test_a_timestep_per_token_or_for_the_batch_runs_diffusers_forward():
 def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():
     from treeq_engine.runtime.ideogram4_fused import FusedIdeogram4TransformerBlock
 
-    model = tiny_ideogram4()
-    weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
-    assert not any(isinstance(b, FusedIdeogram4TransformerBlock) for b in weight_only.layers)
-    fused = half_agrees(tiny_ideogram4().to(torch.bfloat16), call(dtype=torch.bfloat16))
-    assert count_kernels(fused, call(dtype=torch.bfloat16))[0] == PER_FORWARD
+    unswapped_weight_only_and_bf16(tiny_ideogram4, call, FusedIdeogram4TransformerBlock, PER_FORWARD)
 
 
 @pytest.mark.gpu

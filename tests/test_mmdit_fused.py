@@ -61,6 +61,16 @@ def half_agrees(model, kw, dtype=torch.bfloat16):
     return fused
 
 
+def unswapped_weight_only_and_bf16(build, call, fused_class, per_forward):
+    """A weight-only plan (W4A16) leaves ``build()``'s blocks as they are (nothing to fuse); at W8A8 in bf16 the fused
+    model agrees with the unfused one (``half_agrees``) and makes ``per_forward``'s fused kernel calls."""
+    model = build()
+    weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
+    assert not any(isinstance(m, fused_class) for m in weight_only.modules())
+    fused = half_agrees(build().to(torch.bfloat16), call(dtype=torch.bfloat16))
+    assert count_kernels(fused, call(dtype=torch.bfloat16))[0] == per_forward
+
+
 def on_gpu(kw):
     """A call's arguments on the GPU: float tensors in bf16 but the timestep (as given), tuples element-wise."""
     def move(k, v):

@@ -4,7 +4,6 @@ causal condition as groups of runs, the feed-forward's gated residual in an epil
 handed the kernels' projections), without and with the prefix KV cache (prefill, extract, cached decode); the fused
 kernels actually run; and everything the fused path cannot reproduce runs diffusers' own forward: hooks, training,
 another processor."""
-import copy
 
 import pytest
 import torch
@@ -12,13 +11,13 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
+from test_mmdit_fused import (count_kernels, gpu_fused_matches, pair,  # noqa: E402
+                             unswapped_weight_only_and_bf16)
 from test_zimage_fused import another_processor_then_training, close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
 from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
-from treeq_engine.runtime import quantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # per block: one LayerNorm-fused quantization for q/k/v and one for gate_layer/proj; the feed-forward's gated
@@ -167,11 +166,7 @@ def test_the_flex_processor():
 def test_only_blocks_with_something_to_fuse_are_swapped_and_bf16():
     from treeq_engine.runtime.qwenimage21_fused import FusedQwenImage21TransformerBlock
 
-    model = tiny_qwenimage21()
-    weight_only = quantize(copy.deepcopy(model), QuantPlan.block_uniform(model, 4, 16), dtype=torch.float32)
-    assert not any(isinstance(b, FusedQwenImage21TransformerBlock) for b in weight_only.transformer_blocks)
-    fused = half_agrees(tiny_qwenimage21().to(torch.bfloat16), call(dtype=torch.bfloat16))
-    assert count_kernels(fused, call(dtype=torch.bfloat16))[0] == PER_FORWARD
+    unswapped_weight_only_and_bf16(tiny_qwenimage21, call, FusedQwenImage21TransformerBlock, PER_FORWARD)
 
 
 @pytest.mark.gpu
