@@ -86,13 +86,13 @@ def test_the_runs_are_found_once_per_forward(monkeypatch):
     """The history's tokens at timestep 0 and the new frames' at the step's: one scan of the projections every
     block is handed, per forward, not per block; the kernels take a group per run (32 short-history tokens, then 32
     new ones: groups of 32; with the mid and long history too, 69 tokens, a group per row)."""
-    from treeq_engine.runtime import helios_fused
+    from treeq_engine.runtime import diffusers_fused, helios_fused
 
     model = tiny_helios()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     scans, groups = [], []
-    run_length, per_token = helios_fused.run_length, helios_fused.per_token_modulation
-    monkeypatch.setattr(helios_fused, "run_length", lambda tables: scans.append(1) or run_length(tables))
+    run_length, per_token = diffusers_fused.run_length, helios_fused.per_token_modulation
+    monkeypatch.setattr(diffusers_fused, "run_length", lambda tables: scans.append(1) or run_length(tables))
     monkeypatch.setattr(helios_fused, "per_token_modulation",
                         lambda *a, **k: groups.append(per_token(*a, **k).shape[1]) or per_token(*a, **k))
     for history, want_groups in ((("short",), 2 * 2), (("short", "mid", "long"), 2 * 69)):

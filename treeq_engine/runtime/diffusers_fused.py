@@ -209,20 +209,22 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
 
 
 def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6, *,
-                         runs_of: torch.Tensor | None = None, run: int | None = None) -> torch.Tensor:
+                         runs_of: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels' float32 ``(chunks, G, D)`` of a per-token modulation, from ``chunk(i)`` (``(B, S, D)`` as
     diffusers computes it, B·S = ``rows``): one group per run of rows that every chunk repeats (``run_length``; row
     m takes group ``m // (rows // G)``), so a timestep per frame costs a row per frame, not one per token. The runs
     are found on ``runs_of`` where given (``(B or 1, S, ·)``, what the chunks are computed from per token: the
-    timestep embedding; its runs are the chunks' or finer), each chunk then computed once; else on the chunks
-    themselves, each computed twice; ``run``: the rows per group, already found (once per forward for a table every
-    block modulates its own way: Helios'). Never all held at once."""
+    timestep embedding; its runs are the chunks' or finer), each chunk then computed once, and found once per forward
+    for the embedding every block is handed (``once_per_forward``: Wan's, LTX-Video's, LTX-2's, Helios'); else on
+    the chunks themselves, each computed twice. Never all held at once."""
     first = chunk(0)
     b, s, d = first.shape
     if b * s != rows:
         raise ValueError(f"per_token_modulation: chunks of {tuple(first.shape)} for {rows} rows")
-    r = run if run is not None else run_length([runs_of.reshape(*runs_of.shape[:2], -1)] if runs_of is not None
-                                               else (first if i == 0 else chunk(i) for i in range(chunks)))
+    if runs_of is not None:
+        r = once_per_forward([runs_of], lambda: run_length([runs_of.reshape(*runs_of.shape[:2], -1)]))
+    else:
+        r = run_length(first if i == 0 else chunk(i) for i in range(chunks))
     m32 = torch.empty(chunks, b * (s // r), d, dtype=torch.float32, device=first.device)
     for i in range(chunks):
         m32[i] = (first if i == 0 else chunk(i))[:, ::r].reshape(-1, d)

@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_helios import (HeliosAttention, H
                                                               HeliosTransformerBlock)
 
 from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked,
-                              _project, once_per_forward, per_token_modulation, run_length, swap_blocks)
+                              _project, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import _fp32_layer_norm
 
@@ -90,8 +90,7 @@ class FusedHeliosTransformerBlock(HeliosTransformerBlock):
         def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
             return table[i] + temb[:, :, i].float()
 
-        run = once_per_forward([temb], lambda: run_length([temb.reshape(b, s, -1)]))   # (every block's runs)
-        m32 = per_token_modulation(chunk, b * s, run=run)
+        m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (the runs found once per forward, on temb)
         h2 = h.reshape(b * s, d).contiguous()
         packed = [n for n in PROJECTIONS if _quantized(getattr(a1, n))]
         qkv = _project([getattr(a1, n) for n in packed], h2, lambda: h, ln_eps=self.norm1.eps, shift=m32[0],
