@@ -352,6 +352,19 @@ class HandedAttention:
         return getattr(self._attn, name)
 
 
+def hand_projections(attn: nn.Module, names: Sequence[str], x: torch.Tensor, float_rows: Callable[[], torch.Tensor],
+                     **kernel: Any) -> tuple[HandedAttention, torch.Tensor]:
+    """The projections ``names`` of ``attn`` that run the kernels, computed from the (B, S, D) rows ``x`` by the
+    quantization kernel (``kernel``: ``_project``'s norm and modulation arguments), handed to its processor: the view
+    of ``attn`` and the rows to call the processor with (``x``, or diffusers' rows ``float_rows()`` where a float
+    projection reads them, as the processor calls it)."""
+    b, s, d = x.shape
+    packed = [n for n in names if _quantized(getattr(attn, n))]
+    outs = _project([getattr(attn, n) for n in packed], x.reshape(b * s, d).contiguous(), lambda: x, **kernel)
+    rows = x if len(packed) == len(names) else float_rows()
+    return HandedAttention(attn, {n: y.view(b, s, -1) for n, y in zip(packed, outs)}), rows
+
+
 def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,
              ln_eps: float | None = None, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
              gelu: Sequence[bool] = (), act: nn.Module | None = None, rms_norm: bool = False) -> list[torch.Tensor]:

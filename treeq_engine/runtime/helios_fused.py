@@ -36,8 +36,8 @@ import torch.nn as nn
 from diffusers.models.transformers.transformer_helios import (HeliosAttention, HeliosAttnProcessor,
                                                               HeliosTransformerBlock)
 
-from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked,
-                              _project, per_token_modulation, swap_blocks)
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, hand_projections,
+                              per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import _fp32_layer_norm
 
@@ -91,13 +91,9 @@ class FusedHeliosTransformerBlock(HeliosTransformerBlock):
             return table[i] + temb[:, :, i].float()
 
         m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (the runs found once per forward, on temb)
-        h2 = h.reshape(b * s, d).contiguous()
-        packed = [n for n in PROJECTIONS if _quantized(getattr(a1, n))]
-        qkv = _project([getattr(a1, n) for n in packed], h2, lambda: h, ln_eps=self.norm1.eps, shift=m32[0],
-                       scale=m32[1])
-        rows = h if len(packed) == len(PROJECTIONS) else \
-            (self.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h)   # (float projections read diffusers')
-        handed = HandedAttention(a1, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
+        handed, rows = hand_projections(a1, PROJECTIONS, h,
+                                        lambda: (self.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h),
+                                        ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
         o = a1.processor(handed, rows, None, None, rotary_emb, original_context_length)
         h = (h.float() + o * chunk(2)).type_as(h)
 

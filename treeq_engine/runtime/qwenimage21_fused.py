@@ -37,8 +37,8 @@ from diffusers.models.transformers.transformer_qwenimage21 import (QwenImage21At
                                                                    QwenImage21TransformerBlock,
                                                                    _select_modulation_rows)
 
-from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm,
-                              _project, once_per_forward, per_token_modulation, swap_blocks)
+from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
+                              hand_projections, once_per_forward, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -116,14 +116,10 @@ class FusedQwenImage21TransformerBlock(QwenImage21TransformerBlock):
         zero = torch.zeros_like(m32[0])
         a, ff = self.attn, self.img_mlp
 
-        x2 = x.reshape(b * s, d).contiguous()
-        packed = [n for n in PROJECTIONS if _quantized(getattr(a, n))]
-        qkv = _project([getattr(a, n) for n in packed], x2, lambda: x, ln_eps=self.img_norm1.eps, shift=zero,
-                       scale=m32[0])
         # the processor's own attention (as QwenImage21Attention.forward calls it), handed the kernels' projections
         # through a view of the attention; float projections read diffusers' modulated rows, as diffusers calls them
-        rows = x if len(packed) == len(PROJECTIONS) else self.img_norm1(x) * (1 + scale1)
-        handed = HandedAttention(a, {n: y.view(b, s, -1) for n, y in zip(packed, qkv)})
+        handed, rows = hand_projections(a, PROJECTIONS, x, lambda: self.img_norm1(x) * (1 + scale1),
+                                        ln_eps=self.img_norm1.eps, shift=zero, scale=m32[0])
         x = x + gate1.tanh() * a.processor(handed, rows, **attention)
 
         x2 = x.reshape(b * s, d).contiguous()
