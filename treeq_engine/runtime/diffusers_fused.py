@@ -209,20 +209,24 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
 
 
 def per_token_modulation(chunk: Callable[[int], torch.Tensor], rows: int, chunks: int = 6, *,
-                         runs_of: torch.Tensor | None = None) -> torch.Tensor:
+                         runs_of: torch.Tensor | None = None, token_dim: int = 1) -> torch.Tensor:
     """The kernels' float32 ``(chunks, G, D)`` of a per-token modulation, from ``chunk(i)`` (``(B, S, D)`` as
     diffusers computes it, B·S = ``rows``): one group per run of rows that every chunk repeats (``run_length``; row
     m takes group ``m // (rows // G)``), so a timestep per frame costs a row per frame, not one per token. The runs
     are found on ``runs_of`` where given (``(B or 1, S, ·)``, what the chunks are computed from per token: the
-    timestep embedding; its runs are the chunks' or finer), each chunk then computed once, and found once per forward
-    for the embedding every block is handed (``once_per_forward``: Wan's, LTX-Video's, LTX-2's, Helios'); else on
-    the chunks themselves, each computed twice. Never all held at once."""
+    timestep embedding; its runs are the chunks' or finer; with ``token_dim=2``, ``(B, chunks, S, D)``), each chunk
+    then computed once, and found once per forward for the embedding every block is handed (``once_per_forward``:
+    Wan's, SkyReels-V2's, LTX-Video's, LTX-2's, Helios'); else on the chunks themselves, each computed twice. Never
+    all held at once."""
     first = chunk(0)
     b, s, d = first.shape
     if b * s != rows:
         raise ValueError(f"per_token_modulation: chunks of {tuple(first.shape)} for {rows} rows")
     if runs_of is not None:
-        r = once_per_forward([runs_of], lambda: run_length([runs_of.reshape(*runs_of.shape[:2], -1)]))
+        if token_dim not in (1, 2):
+            raise ValueError(f"per_token_modulation: token_dim {token_dim}, not 1 or 2")
+        tables = (lambda: runs_of.unbind(1)) if token_dim == 2 else (lambda: [runs_of.reshape(*runs_of.shape[:2], -1)])
+        r = once_per_forward([runs_of], lambda: run_length(tables()))
     else:
         r = run_length(first if i == 0 else chunk(i) for i in range(chunks))
     m32 = torch.empty(chunks, b * (s // r), d, dtype=torch.float32, device=first.device)

@@ -1,5 +1,7 @@
 """Fused Wan blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B).
+``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B) and its copies: ChronoEdit's (Wan's classes to the
+line, in their own module) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the block's mask, diffusion
+forcing's causal one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table).
 
 The block's modulation is its own table plus the timestep projection every block shares,
 ``mod = scale_shift_table + temb`` (six vectors per sample, float32); ``LN`` is a float32 LayerNorm without affine:
@@ -21,21 +23,32 @@ LayerNorm + modulate in float32 and add the residual in float32, as Wan's block 
 A block is swapped only in the structure diffusers builds (float32 LayerNorms without affine around the
 attention and feed-forward, ``WanAttention`` with ``WanAttnProcessor`` on unfused projections, a ``FeedForward`` of
 [GELU(tanh), Dropout, linear]) with a packed linear with quantized activations to fuse. Wan 2.2 TI2V's per-token
-modulation (a ``(B, S, 6, D)`` ``temb``: the first frame's tokens at timestep 0) reaches the kernels one group per
-row. It runs diffusers' own forward in training mode, when a norm or the self-attention carries a hook or another
-processor; a feed-forward, ``to_out[0]`` or ``ffn.net[0].proj`` that is
-hooked or not packed runs as diffusers computes it. diffusers' block-level hooks (FirstBlockCache, MagCache) find
+modulation (a ``(B, S, 6, D)`` ``temb``: the first frame's tokens at timestep 0) and SkyReels-V2's (``(B, 6, S, D)``)
+reach the kernels one group per run of tokens that share a timestep (a latent frame, or a block of frames). It
+runs diffusers' own forward in training mode, when a norm or the self-attention carries a hook or another
+processor; a feed-forward, ``to_out[0]`` or ``ffn.net[0].proj`` that is hooked or not packed runs as diffusers
+computes it. diffusers' block-level hooks (FirstBlockCache, MagCache) find
 the fused class in ``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
+
+try:   # (diffusers' copies of Wan's block: absent from older releases)
+    from diffusers.models.transformers import transformer_chronoedit as _chronoedit
+except ImportError:
+    _chronoedit = None
+try:
+    from diffusers.models.transformers import transformer_skyreels_v2 as _skyreels
+except ImportError:
+    _skyreels = None
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
                               _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
@@ -49,20 +62,45 @@ def _fp32_layer_norm(norm: Any, dim: int) -> bool:
             and tuple(norm.normalized_shape) == (dim,))
 
 
-def _self_attention_ok(attn: Any) -> bool:
+@dataclass(frozen=True)
+class _Family:
+    """A block diffusers builds as Wan's: its block, attention and processor classes, and how it lays out a
+    per-token timestep table: (B, S, 6, D) (Wan 2.2 TI2V), or (B, 6, S, D) (``chunks_first``: SkyReels-V2's
+    diffusion forcing)."""
+    block: type
+    attention: type
+    processor: type
+    chunks_first: bool = False
+
+
+# ChronoEdit's classes are Wan's to the line (diffusers' "Copied from"); SkyReels-V2's block also hands its
+# self-attention a mask (diffusion forcing's causal one between blocks of frames) and lays a per-token table out
+# chunks first
+_FAMILIES = {WanTransformerBlock: _Family(WanTransformerBlock, WanAttention, WanAttnProcessor)}
+if _chronoedit is not None:
+    _FAMILIES[_chronoedit.WanTransformerBlock] = _Family(_chronoedit.WanTransformerBlock, _chronoedit.WanAttention,
+                                                         _chronoedit.WanAttnProcessor)
+if _skyreels is not None:
+    _FAMILIES[_skyreels.SkyReelsV2TransformerBlock] = _Family(
+        _skyreels.SkyReelsV2TransformerBlock, _skyreels.SkyReelsV2Attention, _skyreels.SkyReelsV2AttnProcessor,
+        chunks_first=True)
+
+
+def _self_attention_ok(attn: Any, family: _Family) -> bool:
     """``attn`` computes what the fused path computes (``self_attention_ok``), and has no image projections."""
-    return getattr(attn, "add_k_proj", None) is None and self_attention_ok(attn, WanAttention, WanAttnProcessor)
+    return getattr(attn, "add_k_proj", None) is None and self_attention_ok(attn, family.attention, family.processor)
 
 
 def _wan_supported(block: nn.Module) -> bool:
-    if type(block) is not WanTransformerBlock or _forward_wrapped(block):
+    family = _FAMILIES.get(type(block))
+    if family is None or _forward_wrapped(block):
         return False
     table = getattr(block, "scale_shift_table", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 3:
         return False
     d = table.shape[-1]
     return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d)
-            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is WanAttention
+            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is family.attention
             and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
 
 
@@ -82,7 +120,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
-def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any) -> torch.Tensor:
+def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
+                    mask: torch.Tensor | None) -> torch.Tensor:
     """``WanAttnProcessor``'s self-attention of (B·S, inner) projection rows, as (B, S, inner)."""
     query, key, value = (t.view(b, -1, t.shape[-1]) for t in (q, k, v))
     query, key = attn.norm_q(query), attn.norm_k(key)
@@ -90,65 +129,111 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if rotary is not None:
         query, key = _rotate(query, *rotary), _rotate(key, *rotary)
     proc = attn.processor
-    o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+    o = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
                               **dispatch_kwargs(proc))
     return o.flatten(2, 3).type_as(query)
+
+
+def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple[Any, ...],
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused forward of a block of a Wan family (module docstring); ``unfused(*args)`` is diffusers' own."""
+    hidden_states, encoder_hidden_states, temb, rotary_emb = args[:4]
+    family = _FAMILIES[type(block).__mro__[1]]
+    a1 = block.attn1
+    if (block.training or temb.ndim not in (3, 4) or hidden_states.ndim != 3 or _hooked(block.norm1)
+            or _hooked(block.norm3) or not _self_attention_ok(a1, family)):
+        return unfused(*args)
+    h = hidden_states
+    b, s, d = h.shape
+    if temb.ndim == 4:   # a timestep per token: Wan 2.2 TI2V's (B, S, 6, D), SkyReels-V2's (B, 6, S, D)
+        if (tuple(temb.shape) != ((b, 6, s, d) if family.chunks_first else (b, s, 6, d))
+                or tuple(block.scale_shift_table.shape) != (1, 6, d)):
+            return unfused(*args)
+        table = block.scale_shift_table[0]
+
+        def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
+            return table[i] + (temb[:, i] if family.chunks_first else temb[:, :, i]).float()
+
+        mod: Modulation = chunk
+        # (6, G, D) float32: a group per latent frame (per block of frames)
+        m32 = per_token_modulation(chunk, b * s, runs_of=temb, token_dim=2 if family.chunks_first else 1)
+    else:
+        sample = block.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
+        if tuple(sample.shape) != (b, 6, d):
+            return unfused(*args)
+        mod, m32 = sample, sample.transpose(0, 1).contiguous()   # (6, B, D): the kernels' layout
+    h2 = h.reshape(b * s, d).contiguous()
+    q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
+                       lambda: (block.norm1(h.float()) * (1 + modulation_chunk(mod, 1))
+                                + modulation_chunk(mod, 0)).type_as(h),
+                       ln_eps=block.norm1.eps, shift=m32[0], scale=m32[1])
+    o = _self_attention(a1, q, k, v, b, rotary_emb, mask)
+    proj = a1.to_out[0]
+    if _quantized(proj):   # (not hooked: _self_attention_ok)
+        h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
+    else:
+        h = (h.float() + a1.to_out[1](proj(o)) * modulation_chunk(mod, 2)).type_as(h)
+    h = h + block.attn2(block.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+    if _quantized(block.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
+        return _ff(block.ffn, block.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
+    x = (block.norm3(h.float()) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(h)
+    return (h.float() + block.ffn(x).float() * modulation_chunk(mod, 5)).type_as(h)
+
+
+def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
+    if type(block) is not type(new).__mro__[1] or not _wan_supported(block):
+        raise ValueError(f"{type(new).__name__} handles {type(new).__mro__[1].__name__} in the structure diffusers "
+                         "builds")
+    _adopt(new, block)
 
 
 class FusedWanTransformerBlock(WanTransformerBlock):
     """A ``WanTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: WanTransformerBlock) -> None:
-        if not _wan_supported(block):
-            raise ValueError("FusedWanTransformerBlock handles WanTransformerBlock in the structure diffusers builds")
-        _adopt(self, block)
+        _adopt_checked(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 rotary_emb: Any) -> torch.Tensor:
-        args = (hidden_states, encoder_hidden_states, temb, rotary_emb)
-        a1 = self.attn1
-        if (self.training or temb.ndim not in (3, 4) or hidden_states.ndim != 3 or _hooked(self.norm1)
-                or _hooked(self.norm3) or not _self_attention_ok(a1)):
-            return super().forward(*args)
-        h = hidden_states
-        b, s, d = h.shape
-        if temb.ndim == 4:   # Wan 2.2 TI2V: a timestep per token, (B, S, 6, D)
-            if tuple(temb.shape) != (b, s, 6, d) or tuple(self.scale_shift_table.shape) != (1, 6, d):
-                return super().forward(*args)
-            table = self.scale_shift_table[0]
+        return _fused_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, rotary_emb))
 
-            def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
-                return table[i] + temb[:, :, i].float()
 
-            mod: Modulation = chunk
-            m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (6, G, D) float32: a group per latent frame
-        else:
-            sample = self.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
-            if tuple(sample.shape) != (b, 6, d):
-                return super().forward(*args)
-            mod, m32 = sample, sample.transpose(0, 1).contiguous()   # (6, B, D): the kernels' layout
-        h2 = h.reshape(b * s, d).contiguous()
-        q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
-                           lambda: (self.norm1(h.float()) * (1 + modulation_chunk(mod, 1))
-                                    + modulation_chunk(mod, 0)).type_as(h),
-                           ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
-        o = _self_attention(a1, q, k, v, b, rotary_emb)
-        proj = a1.to_out[0]
-        if _quantized(proj):   # (not hooked: _self_attention_ok)
-            h = _gated_out(proj, o, h2, b, m32[2]).view(b, s, d)
-        else:
-            h = (h.float() + a1.to_out[1](proj(o)) * modulation_chunk(mod, 2)).type_as(h)
-        h = h + self.attn2(self.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
-        if _quantized(self.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
-            return _ff(self.ffn, self.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
-        x = (self.norm3(h.float()) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(h)
-        return (h.float() + self.ffn(x).float() * modulation_chunk(mod, 5)).type_as(h)
+_FUSED: dict[type, type] = {WanTransformerBlock: FusedWanTransformerBlock}
+if _chronoedit is not None:
+    class FusedChronoEditTransformerBlock(_chronoedit.WanTransformerBlock):
+        """ChronoEdit's copy of ``WanTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    rotary_emb: Any) -> torch.Tensor:
+            return _fused_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, rotary_emb))
+
+    _FUSED[_chronoedit.WanTransformerBlock] = FusedChronoEditTransformerBlock
+    register_block(FusedChronoEditTransformerBlock, 0)
+if _skyreels is not None:
+    class FusedSkyReelsV2TransformerBlock(_skyreels.SkyReelsV2TransformerBlock):
+        """A ``SkyReelsV2TransformerBlock`` running the fused packed kernels (module docstring): its self-attention
+        takes the block's mask."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    rotary_emb: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+            return _fused_forward(self, super().forward,
+                                  (hidden_states, encoder_hidden_states, temb, rotary_emb, attention_mask),
+                                  attention_mask)
+
+    _FUSED[_skyreels.SkyReelsV2TransformerBlock] = FusedSkyReelsV2TransformerBlock
+    register_block(FusedSkyReelsV2TransformerBlock, 0)
 
 
 def fuse_wan_blocks(model: nn.Module) -> int:
     """Swap every Wan block of ``model`` that the fused class handles and that has a packed linear with quantized
     activations to fuse; returns how many were swapped."""
-    return swap_blocks(model, lambda m: FusedWanTransformerBlock if _wan_supported(m) else None, _linears)
+    return swap_blocks(model, lambda m: _FUSED.get(type(m)) if _wan_supported(m) else None, _linears)
 
 
 register_block(FusedWanTransformerBlock, 0)   # (returns hidden_states alone, as the original)

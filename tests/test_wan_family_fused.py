@@ -1,0 +1,161 @@
+"""Fused blocks for diffusers' copies of Wan's block (`runtime/wan_fused.py`): ChronoEdit's (Wan's classes to the
+line, in their own module) and SkyReels-V2's (its self-attention takes the block's mask: diffusion forcing's causal
+one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table). Each equals the unfused packed
+model (float32, the reference backend), the fused kernels run, and what the fused path cannot reproduce runs
+diffusers' own forward, mask and all."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+pytest.importorskip("diffusers.models.transformers.transformer_skyreels_v2", reason="diffusers before SkyReels-V2")
+pytest.importorskip("diffusers.models.transformers.transformer_chronoedit", reason="diffusers before ChronoEdit")
+
+from test_mmdit_fused import (another_processor_and_training, count_kernels, gpu_fused_matches,  # noqa: E402
+                              half_agrees, pair)
+from test_wan_fused import mixed  # noqa: E402
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.runtime import wan_fused  # noqa: E402
+from treeq_engine.runtime.diffusers_fused import per_token_modulation  # noqa: E402
+from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PER_FORWARD = {"ln": 2 * 2, "gelu": 2, "residual": 2 * 2, "codes_out": 2}   # (two blocks, as Wan's)
+
+
+def _wan_like(cls, **extra):
+    return cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+               text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32, **extra)
+
+
+def tiny(name, causal=False):
+    torch.manual_seed(0)
+    if name == "ChronoEdit":
+        return perturbed(_wan_like(diffusers.ChronoEditTransformer3DModel)).eval()
+    return perturbed(_wan_like(diffusers.SkyReelsV2Transformer3DModel,
+                               **({"num_frame_per_block": 2} if causal else {}))).eval()
+
+
+def call(n=2, frames=4, seed=0, per_frame=False):
+    """A call on (n, 4, frames, 8, 6) latents (frames x 4 x 3 tokens); ``per_frame``: SkyReels-V2's diffusion
+    forcing, a timestep per latent frame (frames in pairs share one)."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(hidden_states=torch.randn(n, 4, frames, 8, 6, generator=g),
+              encoder_hidden_states=torch.randn(n, 12, 16, generator=g), timestep=torch.tensor([500, 20][:n]))
+    if per_frame:
+        steps = torch.tensor([[900, 900, 600, 600, 300, 300][:frames], [800, 800, 400, 400, 10, 10][:frames]][:n])
+        kw.update(timestep=steps, enable_diffusion_forcing=True)
+    return kw
+
+
+def fused_class(name):
+    return getattr(wan_fused, "FusedChronoEditTransformerBlock" if name == "ChronoEdit" else
+                   "FusedSkyReelsV2TransformerBlock")
+
+
+@pytest.mark.parametrize("kind", ["W4A8", "mixed"])
+@pytest.mark.parametrize("name", ["ChronoEdit", "SkyReelsV2"])
+def test_fused_equals_unfused(name, kind):
+    model = tiny(name)
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, 4, 8)
+    unfused, fused = pair(model, plan)
+    assert all(type(b) is fused_class(name) for b in fused.blocks)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for seed, frames in ((0, 4), (1, 2)):
+        kw = call(seed=seed, frames=frames)
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    if kind == "W4A8":
+        calls, _ = count_kernels(fused, call())
+        assert calls == PER_FORWARD
+
+
+def test_diffusion_forcing_runs_its_mask_and_a_group_per_frame():
+    """SkyReels-V2 with blocks of two frames and a timestep per frame: the self-attention gets the causal mask
+    (between blocks of frames), the (B, 6, S, D) modulation reaches the kernels one group per run of equal
+    timesteps (two frames of 12 tokens), and the fused model equals the unfused one, with or without a hook
+    (diffusers' forward then runs, handed the mask)."""
+    model = tiny("SkyReelsV2", causal=True)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(per_frame=True)
+    masks, scales = [], []
+    attention, quantize_input = wan_fused._self_attention, TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(wan_fused, "_self_attention", lambda *a: masks.append(a[-1]) or attention(*a))
+        mp.setattr(TreeQLinear, "quantize_input",
+                   lambda self, x2, **k: scales.append(getattr(k.get("scale"), "shape", None))
+                   or quantize_input(self, x2, **k))
+        got = fused(**kw).sample
+        want = unfused(**kw).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tokens = 4 * 4 * 3
+    assert len(masks) == 2 and all(m is not None and m.shape[-2:] == (tokens, tokens) and not m.all() for m in masks)
+    assert scales.count((2 * 2, 16)) == 2 * 2   # (q/k/v and the feed-forward of both blocks: 2 samples x 2 groups)
+    with torch.no_grad():   # (the mask and the timesteps both matter)
+        assert not torch.allclose(got, tiny("SkyReelsV2")(**kw).sample.float(), atol=1e-3)
+        assert not torch.allclose(got, fused(**call()).sample, atol=1e-3)
+    seen = []
+    h = fused.blocks[0].norm1.register_forward_hook(lambda *a: seen.append(1))
+    calls, again = count_kernels(fused, kw)
+    h.remove()
+    assert seen and calls["ln"] == 2
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
+    """Another processor, training, a table the fused path does not read (chunks broadcast along the tokens):
+    diffusers' forward, the same output. A block of one family is not taken by another family's fused class."""
+    from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2AttnProcessor
+
+    model = tiny("SkyReelsV2", causal=True)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call(per_frame=True)
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    another_processor_and_training(fused, fused.blocks[0].attn1, SkyReelsV2AttnProcessor, kw, want, 2)
+
+    fused.eval()
+    block, plain = fused.blocks[1], unfused.blocks[1]
+    g = torch.Generator().manual_seed(3)
+    h, text = torch.randn(2, 48, 16, generator=g), torch.randn(2, 12, 16, generator=g)
+    temb = torch.randn(2, 6, 1, 16, generator=g)   # (B, 6, 1, D): diffusers broadcasts it over the tokens
+    calls = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(wan_fused, "per_token_modulation", lambda *a, **k: calls.append(1))
+        torch.testing.assert_close(block(h, text, temb, None, None), plain(h, text, temb, None, None),
+                                   rtol=1e-5, atol=1e-5)
+    assert not calls
+
+    chrono = tiny("ChronoEdit")
+    quantized = copy.deepcopy(chrono)
+    from treeq_engine.runtime import quantize
+    quantize(quantized, QuantPlan.block_uniform(chrono, 4, 8), dtype=torch.float32, fuse=False)
+    with pytest.raises(ValueError, match="FusedWanTransformerBlock handles WanTransformerBlock"):
+        wan_fused.FusedWanTransformerBlock(quantized.blocks[0])   # (ChronoEdit's own copy of the class)
+    with pytest.raises(ValueError, match="token_dim 3"):
+        per_token_modulation(lambda i: h, 96, runs_of=temb, token_dim=3)
+
+
+@pytest.mark.parametrize("name", ["ChronoEdit", "SkyReelsV2"])
+def test_bf16(name):
+    model = tiny(name).to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in call(per_frame=name == "SkyReelsV2").items()}
+    half_agrees(model, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ChronoEdit", "SkyReelsV2"])
+def test_fused_equals_unfused_on_gpu(name):
+    model = tiny(name, causal=name == "SkyReelsV2")
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in call(per_frame=name == "SkyReelsV2").items()}
+    gpu_fused_matches(model.to(torch.bfloat16), kw, PER_FORWARD)
