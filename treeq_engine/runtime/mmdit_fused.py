@@ -55,9 +55,28 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxSingleTransformerBlock, FluxTransformerBlock)
 
+try:   # (diffusers' copies of Flux's blocks: absent from older releases)
+    from diffusers.models.transformers import transformer_longcat_image as _longcat
+except ImportError:
+    _longcat = None
+try:
+    from diffusers.models.transformers import transformer_bria as _bria
+except ImportError:
+    _bria = None
+
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
                               _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
                               plain_out, refuse_fused_projections, register_block, swap_blocks)
+
+
+# the attentions a FLUX.1-style block may run, each with the processor whose computation the fused path repeats:
+# Flux's, and the copies LongCat-Image's and Bria's blocks run (Flux's classes but for the names, and a processor that
+# splits the heads by their count rather than their width: the same split on one device)
+FLUX_ATTENTIONS: dict[type, type] = {FluxAttention: FluxAttnProcessor}
+if _longcat is not None:
+    FLUX_ATTENTIONS[_longcat.LongCatImageAttention] = _longcat.LongCatImageAttnProcessor
+if _bria is not None:
+    FLUX_ATTENTIONS[_bria.BriaAttention] = _bria.BriaAttnProcessor
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -65,9 +84,9 @@ def _gelu_tanh(act: nn.Module) -> bool:
 
 
 def _flux_attention_ok(attn: Any, joint: bool) -> bool:
-    """``attn`` computes what the fused path computes: ``FluxAttnProcessor`` on unfused projections, no hook on
-    it or on a projection the kernels run. (Checked on every forward.)"""
-    if type(attn) is not FluxAttention or type(attn.processor) is not FluxAttnProcessor:
+    """``attn`` computes what the fused path computes: ``FluxAttnProcessor`` (or a copy's: ``FLUX_ATTENTIONS``) on
+    unfused projections, no hook on it or on a projection the kernels run. (Checked on every forward.)"""
+    if FLUX_ATTENTIONS.get(type(attn)) is not type(attn.processor):
         return False
     refuse_fused_projections(attn, ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
     if attn.fused_projections:
@@ -94,7 +113,8 @@ def single_width(block: nn.Module) -> int | None:
     """The width of a FLUX.1-style single block (Flux's, Chroma's) whose parts besides its adaLN are as diffusers
     builds them (GELU(tanh) after proj_mlp, a ``FluxAttention`` without output projection), else None."""
     d = getattr(block.proj_out, "out_features", None)
-    ok = isinstance(d, int) and _gelu_tanh(block.act_mlp) and type(block.attn) is FluxAttention and block.attn.pre_only
+    ok = (isinstance(d, int) and _gelu_tanh(block.act_mlp) and type(block.attn) in FLUX_ATTENTIONS
+          and block.attn.pre_only)
     return d if ok else None
 
 
@@ -108,7 +128,7 @@ def flux_linears(block: nn.Module, single: bool) -> list[nn.Module]:
 
 
 def _single_supported(block: nn.Module) -> bool:
-    if type(block) is not FluxSingleTransformerBlock or _forward_wrapped(block):
+    if type(block) not in _SINGLE or _forward_wrapped(block):
         return False
     d = single_width(block)
     return d is not None and _adaln(block.norm, AdaLayerNormZeroSingle, d)
@@ -121,12 +141,12 @@ def double_width(block: nn.Module) -> int | None:
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     ok = (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
           and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
-          and type(block.attn) is FluxAttention and block.attn.added_kv_proj_dim is not None)
+          and type(block.attn) in FLUX_ATTENTIONS and block.attn.added_kv_proj_dim is not None)
     return d if ok else None
 
 
 def _double_supported(block: nn.Module) -> bool:
-    if type(block) is not FluxTransformerBlock or _forward_wrapped(block):
+    if type(block) not in _DOUBLE or _forward_wrapped(block):
         return False
     d = double_width(block)
     return (d is not None and _adaln(block.norm1, AdaLayerNormZero, d)
@@ -173,7 +193,7 @@ def _linears(block: nn.Module) -> list[nn.Module]:
         if not block.context_pre_only:
             out += [a.to_add_out, block.ff_context.net[0].proj, block.ff_context.net[2]]
         return out
-    return flux_linears(block, single=isinstance(block, FluxSingleTransformerBlock))
+    return flux_linears(block, single=type(block) in _SINGLE)
 
 
 def _modulation(norm: Any, temb: torch.Tensor, b: int, chunks: int, d: int,
@@ -288,53 +308,123 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
     return (cv.clip(-65504, 65504) if clip_fp16 and cv.dtype == torch.float16 else cv), h2.view(b, t, d)
 
 
+def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """The fused forward of a FLUX.1-style single block (module docstring); ``unfused(*args)`` is diffusers' own."""
+    hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
+    norm, attn = block.norm, block.attn
+    if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+            or _hooked(norm) or _hooked(norm.norm) or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp)
+            or _bypassed_hook(block.proj_out) or not _flux_attention_ok(attn, joint=False)):
+        return unfused(*args)
+    text = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
+    if m is None:
+        return unfused(*args)
+    y = flux_single(block, x, *m, image_rotary_emb)
+    return y[:, :text], y[:, text:]
+
+
+def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """The fused forward of a FLUX.1-style double block (module docstring); ``unfused(*args)`` is diffusers' own."""
+    hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
+    n1, n1c, attn = block.norm1, block.norm1_context, block.attn
+    if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+            or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
+            or not _flux_attention_ok(attn, joint=True)):
+        return unfused(*args)
+    b, _, d = hidden_states.shape
+    m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
+    if m is None or mc is None:
+        return unfused(*args)
+    return flux_double(block, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
+
+
+def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
+    base = type(new).__mro__[1]
+    if type(block) is not base or not (_single_supported(block) if base in _SINGLE else _double_supported(block)):
+        raise ValueError(f"{type(new).__name__} handles {base.__name__} in the structure diffusers builds")
+    _adopt(new, block)
+
+
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """A ``FluxSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: FluxSingleTransformerBlock) -> None:
-        if not _single_supported(block):
-            raise ValueError("FusedFluxSingleTransformerBlock handles FluxSingleTransformerBlock in the structure "
-                             "diffusers builds")
-        _adopt(self, block)
+        _adopt_checked(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
-        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
-        norm, attn = self.norm, self.attn
-        if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
-                or _hooked(norm) or _hooked(norm.norm) or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp)
-                or _bypassed_hook(self.proj_out) or not _flux_attention_ok(attn, joint=False)):
-            return super().forward(*args)
-        text = encoder_hidden_states.shape[1]
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
-        if m is None:
-            return super().forward(*args)
-        y = flux_single(self, x, *m, image_rotary_emb)
-        return y[:, :text], y[:, text:]
+        return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                                       joint_attention_kwargs))
 
 
 class FusedFluxTransformerBlock(FluxTransformerBlock):
     """A ``FluxTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: FluxTransformerBlock) -> None:
-        if not _double_supported(block):
-            raise ValueError("FusedFluxTransformerBlock handles FluxTransformerBlock in the structure diffusers builds")
-        _adopt(self, block)
+        _adopt_checked(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
-        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
-        n1, n1c, attn = self.norm1, self.norm1_context, self.attn
-        if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
-                or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
-                or not _flux_attention_ok(attn, joint=True)):
-            return super().forward(*args)
-        b, _, d = hidden_states.shape
-        m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
-        if m is None or mc is None:
-            return super().forward(*args)
-        return flux_double(self, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
+        return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                                       joint_attention_kwargs))
+
+
+# the FLUX.1-style blocks and their fused classes: Flux's, and diffusers' copies (LongCat-Image's forwards are
+# Flux's; Bria's name the attention's keyword arguments attention_kwargs)
+_SINGLE: dict[type, type] = {FluxSingleTransformerBlock: FusedFluxSingleTransformerBlock}
+_DOUBLE: dict[type, type] = {FluxTransformerBlock: FusedFluxTransformerBlock}
+if _longcat is not None:
+    class FusedLongCatImageSingleTransformerBlock(_longcat.LongCatImageSingleTransformerBlock):
+        """LongCat-Image's single block (Flux's) running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+            return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           image_rotary_emb, joint_attention_kwargs))
+
+    class FusedLongCatImageTransformerBlock(_longcat.LongCatImageTransformerBlock):
+        """LongCat-Image's double block (Flux's) running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+            return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           image_rotary_emb, joint_attention_kwargs))
+
+    _SINGLE[_longcat.LongCatImageSingleTransformerBlock] = FusedLongCatImageSingleTransformerBlock
+    _DOUBLE[_longcat.LongCatImageTransformerBlock] = FusedLongCatImageTransformerBlock
+if _bria is not None:
+    class FusedBriaSingleTransformerBlock(_bria.BriaSingleTransformerBlock):
+        """Bria's single block (Flux's) running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None, attention_kwargs: dict[str, Any] | None = None) -> Any:
+            return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           image_rotary_emb, attention_kwargs))
+
+    class FusedBriaTransformerBlock(_bria.BriaTransformerBlock):
+        """Bria's double block (Flux's) running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None, attention_kwargs: dict[str, Any] | None = None) -> Any:
+            return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           image_rotary_emb, attention_kwargs))
+
+    _SINGLE[_bria.BriaSingleTransformerBlock] = FusedBriaSingleTransformerBlock
+    _DOUBLE[_bria.BriaTransformerBlock] = FusedBriaTransformerBlock
 
 
 class FusedJointTransformerBlock(JointTransformerBlock):
@@ -393,12 +483,12 @@ def fuse_mmdit_blocks(model: nn.Module) -> int:
     """Swap every Flux or SD3 block of ``model`` that the fused classes handle and that has a packed linear with
     quantized activations to fuse; returns how many were swapped."""
     def choose(mod: nn.Module) -> type | None:
-        return (FusedFluxSingleTransformerBlock if _single_supported(mod)
-                else FusedFluxTransformerBlock if _double_supported(mod)
+        return (_SINGLE[type(mod)] if _single_supported(mod)
+                else _DOUBLE[type(mod)] if _double_supported(mod)
                 else FusedJointTransformerBlock if _sd3_supported(mod) else None)
 
     return swap_blocks(model, choose, _linears)
 
 
-for _fused in (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock, FusedJointTransformerBlock):
+for _fused in (*_SINGLE.values(), *_DOUBLE.values(), FusedJointTransformerBlock):
     register_block(_fused, 1, 0)   # each returns (encoder_hidden_states, hidden_states), as the originals

@@ -1,0 +1,111 @@
+"""Fused blocks for diffusers' copies of FLUX.1's blocks (`runtime/mmdit_fused.py`): LongCat-Image's and Bria's
+(Flux's classes but for the names; Bria's blocks name the attention's keyword arguments ``attention_kwargs``). Each
+equals the unfused packed model (float32, the reference backend), the fused kernels run, and what the fused path
+cannot reproduce runs diffusers' own forward."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
+pytest.importorskip("diffusers.models.transformers.transformer_longcat_image", reason="diffusers before LongCat-Image")
+pytest.importorskip("diffusers.models.transformers.transformer_bria", reason="diffusers before Bria")
+
+from test_mmdit_fused import (another_processor_and_training, count_kernels, flux_style_parts_fall_back,  # noqa: E402
+                              gpu_fused_matches, half_agrees, mixed, pair)
+from tiny_diffusers import perturbed  # noqa: E402
+from tinydit import one_thread  # noqa: E402,F401
+
+from treeq_engine.plan import QuantPlan  # noqa: E402
+from treeq_engine.runtime import mmdit_fused, quantize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["LongCatImage", "Bria"]
+# per double block a LayerNorm-fused quantization per stream for q/k/v and per feed-forward, GELU and the next
+# layer's codes in each feed-forward's first epilogue, four gated residuals; per single block one quantization, GELU
+# in proj_mlp's epilogue, the gated residual in proj_out's (as Flux's: test_mmdit_fused.py)
+PER_FORWARD = {"ln": 2 * 4 + 2 * 1, "gelu": 2 * 2 + 2 * 1, "residual": 2 * 4 + 2 * 1, "codes_out": 2 * 2}
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    common = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4])
+    if name == "LongCatImage":
+        return perturbed(diffusers.LongCatImageTransformer2DModel(pooled_projection_dim=16, **common)).eval()
+    return perturbed(diffusers.BriaTransformer2DModel(pooled_projection_dim=None, guidance_embeds=False,
+                                                      **common)).eval()
+
+
+def call(n=2, seed=0, hw=(4, 4), text=8):
+    g = torch.Generator().manual_seed(seed)
+    image = hw[0] * hw[1]
+    ids = torch.cartesian_prod(torch.zeros(1), torch.arange(hw[0]).float(), torch.arange(hw[1]).float())
+    return dict(hidden_states=torch.randn(n, image, 16, generator=g),
+                encoder_hidden_states=torch.randn(n, text, 16, generator=g), timestep=torch.tensor([0.5, 0.2][:n]),
+                img_ids=ids, txt_ids=torch.zeros(text, 3))
+
+
+@pytest.mark.parametrize("kind", ["W4A8", "mixed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_equals_unfused(name, kind):
+    model = tiny(name)
+    plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, 4, 8)
+    unfused, fused = pair(model, plan)
+    assert [type(b).__name__ for b in [*fused.transformer_blocks, *fused.single_transformer_blocks]] == \
+        [f"Fused{name}TransformerBlock"] * 2 + [f"Fused{name}SingleTransformerBlock"] * 2
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for seed, hw in ((0, (4, 4)), (1, (3, 5))):
+        kw = call(seed=seed, hw=hw)
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    if kind == "W4A8":
+        assert count_kernels(fused, call())[0] == PER_FORWARD
+        assert count_kernels(unfused, call())[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_what_the_fused_path_cannot_run_runs_diffusers_forward(name):
+    """Hooks on a block's parts, another processor, training, keyword arguments for the attention: diffusers'
+    forward, the same output. A block of a copy is not taken by Flux's fused class."""
+    model = tiny(name)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    flux_style_parts_fall_back(fused, kw, want, PER_FORWARD["ln"])
+
+    block, plain = fused.single_transformer_blocks[0], unfused.single_transformer_blocks[0]
+    g = torch.Generator().manual_seed(3)
+    h, text, temb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 8, 16, generator=g), torch.randn(2, 16)
+    keyword = "joint_attention_kwargs" if name == "LongCatImage" else "attention_kwargs"
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():   # (diffusers logs that it ignores them)
+        mp.setattr(mmdit_fused, "flux_single", None)   # (the fused path would fail: it must not run)
+        for a, b in zip(block(h, text, temb, None, **{keyword: {"unknown": 1}}), plain(h, text, temb, None)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    attention = type(fused.transformer_blocks[0].attn.processor)
+    another_processor_and_training(fused, fused.transformer_blocks[0].attn, attention, kw, want,
+                                   PER_FORWARD["ln"] - 4)
+
+    quantized = copy.deepcopy(model)
+    quantize(quantized, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32, fuse=False)
+    with pytest.raises(ValueError, match="FusedFluxTransformerBlock handles FluxTransformerBlock"):
+        mmdit_fused.FusedFluxTransformerBlock(quantized.transformer_blocks[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16(name):
+    model = tiny(name).to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in call().items()}
+    half_agrees(model, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_equals_unfused_on_gpu(name):
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in call().items()}
+    gpu_fused_matches(tiny(name).to(torch.bfloat16), kw, PER_FORWARD)
