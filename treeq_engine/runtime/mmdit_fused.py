@@ -1,5 +1,6 @@
 """Fused MMDiT blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``FluxTransformerBlock`` (double stream), ``FluxSingleTransformerBlock`` and SD3's ``JointTransformerBlock``.
+``FluxTransformerBlock`` (double stream), ``FluxSingleTransformerBlock`` and SD3's ``JointTransformerBlock``, and
+for diffusers' copies of Flux's blocks: LongCat-Image's and Bria's (``FLUX_ATTENTIONS``).
 
 Both take their modulation from an adaLN linear of ``silu(temb)``; ``LN`` has no affine.
 
