@@ -572,18 +572,24 @@ def swap_blocks(model: nn.Module, choose: Callable[[nn.Module], type | None],
 def register_block(fused: type, hidden_index: int, encoder_index: int | None = None) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
     applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
-    original (same forward signature; its outputs' positions). Written into the registry directly: its ``register``
-    first imports every transformer diffusers knows (about a second)."""
+    original (``type.__mro__[1]``: same forward signature; its outputs' positions). Where diffusers has no entry for
+    the original (Sana's, Chroma's, SkyReels-V2's blocks, ...), the original gets the same one, so an unfused and a
+    partly fused model take the same hooks as a fused one; diffusers' own entry, where it has one, stays. Written
+    into the registry directly: its ``register`` first imports every transformer diffusers knows (about a second),
+    and fills in its own entries then, over any of these."""
     try:
         from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     except ImportError:   # a diffusers without that registry has no hook that looks blocks up in it
         return
     registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if isinstance(registry, dict) and fused not in registry:
-        meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
-                                        return_encoder_hidden_states_index=encoder_index)
-        meta._cls = fused
-        registry[fused] = meta
+    if not isinstance(registry, dict):
+        return
+    for cls in (fused, fused.__mro__[1]):
+        if cls not in registry:
+            meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
+                                            return_encoder_hidden_states_index=encoder_index)
+            meta._cls = cls
+            registry[cls] = meta
 
 
 def fuse_diffusers_blocks(model: nn.Module) -> int:

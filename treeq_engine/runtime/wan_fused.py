@@ -138,7 +138,8 @@ def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """The fused forward of a block of a Wan family (module docstring); ``unfused(*args)`` is diffusers' own."""
     hidden_states, encoder_hidden_states, temb, rotary_emb = args[:4]
-    family = _FAMILIES[type(block).__mro__[1]]
+    family = next(_FAMILIES[c] for c in type(block).__mro__ if c in _FAMILIES)   # (a subclass made at run time,
+    # such as torch's parametrize makes, comes first)
     a1 = block.attn1
     if (block.training or temb.ndim not in (3, 4) or hidden_states.ndim != 3 or _hooked(block.norm1)
             or _hooked(block.norm3) or not _self_attention_ok(a1, family)):
@@ -182,7 +183,8 @@ def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
     if type(block) is not type(new).__mro__[1] or not _wan_supported(block):
-        raise ValueError(f"{type(new).__name__} handles {type(new).__mro__[1].__name__} in the structure diffusers "
+        base = type(new).__mro__[1]
+        raise ValueError(f"{type(new).__name__} handles {base.__module__}.{base.__name__} in the structure diffusers "
                          "builds")
     _adopt(new, block)
 
