@@ -16,13 +16,15 @@ blocks do, HunyuanVideo's do not).
 A block is swapped only in the structure diffusers builds, with a packed linear with quantized activations to fuse;
 a swapped block runs diffusers' own forward in training mode, when its attention runs another processor or fused
 projections, when a norm, the attention or a projection carries a hook, on other input ranks or without text.
-HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanVideo-I2V's token-replace blocks,
-and the token refiner's blocks, stay unfused. The state dict is unchanged.
+HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanImage 2.1's are diffusers' copies
+of them (the double block's rotary argument renamed ``image_rotary_emb``, its processor computing HunyuanVideo's)
+and fuse alike; HunyuanVideo-I2V's token-replace blocks, and the token refiners' blocks, stay unfused. The state dict
+is unchanged.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,11 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
                                                                      HunyuanVideoSingleTransformerBlock,
                                                                      HunyuanVideoTransformerBlock)
+
+try:   # (HunyuanImage 2.1's blocks: absent from older releases)
+    from diffusers.models.transformers import transformer_hunyuanimage as _image
+except ImportError:
+    _image = None
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
                               dispatch_kwargs, joint_attention_ok, refuse_fused_projections, register_block,
@@ -106,7 +113,7 @@ def _double_supported(block: nn.Module, kind: type[Any] = HunyuanVideoTransforme
 
 
 def _single_supported(block: nn.Module) -> bool:
-    if type(block) is not HunyuanVideoSingleTransformerBlock or _forward_wrapped(block):
+    if type(block) not in _SINGLE or _forward_wrapped(block):
         return False
     d = getattr(block.proj_out, "out_features", None)
     return (isinstance(d, int) and _gelu_tanh(block.act_mlp) and _adaln(block.norm, AdaLayerNormZeroSingle, d)
@@ -114,75 +121,133 @@ def _single_supported(block: nn.Module) -> bool:
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
-    return flux_linears(block, single=isinstance(block, HunyuanVideoSingleTransformerBlock))
+    return flux_linears(block, single=type(block) in _SINGLE)
+
+
+def _processor(block: nn.Module) -> type:
+    """The processor whose computation the fused path repeats for ``block``'s attention (its class's, found through
+    the whole MRO: a subclass made at run time, such as torch's parametrize makes, comes first)."""
+    return next(_PROCESSORS[c] for c in type(block).__mro__ if c in _PROCESSORS)
+
+
+def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
+    base = type(new).__mro__[1]
+    ok = _single_supported(block) if base in _SINGLE else _double_supported(block, base)
+    if type(block) is not base or not ok:
+        raise ValueError(f"{type(new).__name__} handles {base.__name__} in the structure diffusers builds")
+    _adopt(new, block)
+
+
+def _single_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The fused forward of a single-stream block (module docstring); ``unfused(*call, **kwargs)`` is diffusers'."""
+    h, c, temb, attention_mask, image_rotary_emb = call[:5]
+    norm, attn = block.norm, block.attn
+    if (block.training or h.ndim != 3 or c.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
+            or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp) or _bypassed_hook(block.proj_out)
+            or not _attention_ok(attn, joint=False, processor=_processor(block))):
+        return unfused(*call, **kwargs)
+    text = c.shape[1]
+    if not text:   # (diffusers' own: its split of [image; text] at -0 is degenerate, as it is)
+        return unfused(*call, **kwargs)
+    x = torch.cat([h, c], dim=1)
+    m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
+    if m is None:
+        return unfused(*call, **kwargs)
+    y = flux_single(block, x, *m, image_rotary_emb, attention_mask,
+                    attention=functools.partial(_attention, text_rows=text), clip_fp16=False)
+    return y[:, :-text], y[:, -text:]
+
+
+def _double_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The fused forward of a double-stream block (module docstring); ``unfused(*call, **kwargs)`` is diffusers'."""
+    h, c, temb, attention_mask, rotary = call[:5]
+    n1, n1c, attn = block.norm1, block.norm1_context, block.attn
+    if (block.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
+            or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
+            or not _attention_ok(attn, joint=True, processor=_processor(block))):
+        return unfused(*call, **kwargs)
+    b, _, d = h.shape
+    m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
+    if m is None or mc is None:
+        return unfused(*call, **kwargs)
+    c, h = flux_double(block, h, c, m, mc, rotary, attention_mask, attention=_attention, text_first=False,
+                       clip_fp16=False)
+    return h, c
 
 
 class FusedHunyuanVideoSingleTransformerBlock(HunyuanVideoSingleTransformerBlock):
     """A ``HunyuanVideoSingleTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: HunyuanVideoSingleTransformerBlock) -> None:
-        if not _single_supported(block):
-            raise ValueError("FusedHunyuanVideoSingleTransformerBlock handles HunyuanVideoSingleTransformerBlock in "
-                             "the structure diffusers builds")
-        _adopt(self, block)
+        _adopt_checked(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
                 **kwargs: Any) -> Any:
-        call = (hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb, *args)
-        norm, attn, h, c = self.norm, self.attn, hidden_states, encoder_hidden_states
-        if (self.training or h.ndim != 3 or c.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
-                or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp) or _bypassed_hook(self.proj_out)
-                or not _attention_ok(attn, joint=False)):
-            return super().forward(*call, **kwargs)
-        text = c.shape[1]
-        if not text:   # (diffusers' own: its split of [image; text] at -0 is degenerate, as it is)
-            return super().forward(*call, **kwargs)
-        x = torch.cat([h, c], dim=1)
-        m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
-        if m is None:
-            return super().forward(*call, **kwargs)
-        y = flux_single(self, x, *m, image_rotary_emb, attention_mask,
-                        attention=functools.partial(_attention, text_rows=text), clip_fp16=False)
-        return y[:, :-text], y[:, -text:]
+        return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, attention_mask,
+                                                       image_rotary_emb, *args), kwargs)
 
 
 class FusedHunyuanVideoTransformerBlock(HunyuanVideoTransformerBlock):
     """A ``HunyuanVideoTransformerBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: HunyuanVideoTransformerBlock) -> None:
-        if not _double_supported(block):
-            raise ValueError("FusedHunyuanVideoTransformerBlock handles HunyuanVideoTransformerBlock in the structure "
-                             "diffusers builds")
-        _adopt(self, block)
+        _adopt_checked(self, block)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, freqs_cis: Any = None, *args: Any, **kwargs: Any) -> Any:
-        call = (hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis, *args)
-        n1, n1c, attn, h, c = self.norm1, self.norm1_context, self.attn, hidden_states, encoder_hidden_states
-        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
-                or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
-                or not _attention_ok(attn, joint=True)):
-            return super().forward(*call, **kwargs)
-        b, _, d = h.shape
-        m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
-        if m is None or mc is None:
-            return super().forward(*call, **kwargs)
-        c, h = flux_double(self, h, c, m, mc, freqs_cis, attention_mask, attention=_attention, text_first=False,
-                           clip_fp16=False)
-        return h, c
+        return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, attention_mask,
+                                                       freqs_cis, *args), kwargs)
+
+
+# the blocks and their fused classes, and the processor each block's attention runs: HunyuanVideo's, and
+# HunyuanImage 2.1's (HunyuanVideo's classes but for the names and the double block's rotary argument, renamed
+# image_rotary_emb; its processor computes HunyuanVideo's)
+_SINGLE: dict[type, type] = {HunyuanVideoSingleTransformerBlock: FusedHunyuanVideoSingleTransformerBlock}
+_DOUBLE: dict[type, type] = {HunyuanVideoTransformerBlock: FusedHunyuanVideoTransformerBlock}
+_PROCESSORS: dict[type, type] = {HunyuanVideoSingleTransformerBlock: HunyuanVideoAttnProcessor2_0,
+                                 HunyuanVideoTransformerBlock: HunyuanVideoAttnProcessor2_0}
+if _image is not None:
+    class FusedHunyuanImageSingleTransformerBlock(_image.HunyuanImageSingleTransformerBlock):
+        """HunyuanImage 2.1's single-stream block running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
+                    **kwargs: Any) -> Any:
+            return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           attention_mask, image_rotary_emb, *args), kwargs)
+
+    class FusedHunyuanImageTransformerBlock(_image.HunyuanImageTransformerBlock):
+        """HunyuanImage 2.1's double-stream block running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
+                    **kwargs: Any) -> Any:
+            return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           attention_mask, image_rotary_emb, *args), kwargs)
+
+    _SINGLE[_image.HunyuanImageSingleTransformerBlock] = FusedHunyuanImageSingleTransformerBlock
+    _DOUBLE[_image.HunyuanImageTransformerBlock] = FusedHunyuanImageTransformerBlock
+    for _block in (_image.HunyuanImageSingleTransformerBlock, _image.HunyuanImageTransformerBlock):
+        _PROCESSORS[_block] = _image.HunyuanImageAttnProcessor
 
 
 def fuse_hunyuan_blocks(model: nn.Module) -> int:
     """Swap every HunyuanVideo block of ``model`` that a fused class handles and that has a packed linear with
     quantized activations to fuse; returns how many were swapped."""
     def choose(mod: nn.Module) -> type | None:
-        if _double_supported(mod):
-            return FusedHunyuanVideoTransformerBlock
-        return FusedHunyuanVideoSingleTransformerBlock if _single_supported(mod) else None
+        if type(mod) in _DOUBLE and _double_supported(mod, type(mod)):
+            return _DOUBLE[type(mod)]
+        return _SINGLE[type(mod)] if _single_supported(mod) else None
 
     return swap_blocks(model, choose, _linears)
 
 
-for _fused in (FusedHunyuanVideoTransformerBlock, FusedHunyuanVideoSingleTransformerBlock):
+for _fused in (*_DOUBLE.values(), *_SINGLE.values()):
     register_block(_fused, 0, 1)   # each returns (hidden_states, encoder_hidden_states), as the originals
