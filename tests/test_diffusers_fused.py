@@ -424,34 +424,37 @@ def test_run_length_finds_the_runs_every_table_repeats(monkeypatch):
 
 
 def test_every_fused_class_takes_its_original_s_block_registry_entry():
-    """diffusers' block-level hooks read a block's output positions from ``TransformerBlockRegistry``: each fused
-    class has its original's entry where diffusers has one, and the original has the fused class's where diffusers
-    has none (an unfused and a partly fused model take the same hooks). Except Bria's double block: diffusers 0.42
-    says its output 0 is the hidden states, but it returns (encoder_hidden_states, hidden_states), as Flux's does,
-    and the fused class's entry says so."""
+    """diffusers' block-level hooks read a block's output positions from ``TransformerBlockRegistry``: once
+    ``quantize`` has fused a block (``mend_registry``), each original has its fused class's entry, diffusers' own
+    where it has one, but for Bria's double block: diffusers 0.42 says its output 0 is the hidden states, but it
+    returns (encoder_hidden_states, hidden_states), as Flux's does (test_flux_copies_fused.py runs a block cache on a
+    partly fused Bria)."""
     import importlib
     import pkgutil
 
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     import treeq_engine.runtime as runtime
+    from treeq_engine.runtime.diffusers_fused import mend_registry
 
     for m in pkgutil.iter_modules(runtime.__path__):
         if m.name.endswith("_fused"):
             importlib.import_module(f"treeq_engine.runtime.{m.name}")
-    TransformerBlockRegistry._register()   # (diffusers' own entries, over any written before)
+    TransformerBlockRegistry._register()
     registry = TransformerBlockRegistry._registry
-    fused = [c for c in registry if c.__name__.startswith("Fused")]
-    assert len(fused) >= 20
 
     def entry(cls):
         meta = registry[cls]
         return meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
 
+    fused = [c for c in registry if c.__name__.startswith("Fused")]
+    assert len(fused) >= 20
+    diffusers_own = {c.__mro__[1]: entry(c.__mro__[1]) for c in fused}
+    mend_registry()
     for cls in fused:
         original = cls.__mro__[1]
-        assert original in registry, cls.__name__
+        assert entry(cls) == entry(original), cls.__name__
         if original.__name__ == "BriaTransformerBlock":
-            assert entry(cls) == (1, 0) and entry(original) == (0, None), "diffusers mended Bria's entry: drop this"
-        else:
-            assert entry(cls) == entry(original), cls.__name__
+            assert entry(cls) == (1, 0)
+        else:   # (diffusers' own entries, and the fused classes' entries for the originals it has none for)
+            assert entry(original) == diffusers_own[original], cls.__name__

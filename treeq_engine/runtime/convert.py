@@ -236,6 +236,10 @@ def fuse_blocks(model: nn.Module) -> int:
                 continue
             fused += fuse(model)
         _register_fused_names(model)
+        if fused:
+            from .diffusers_fused import mend_registry
+
+            mend_registry()
     return fused
 
 

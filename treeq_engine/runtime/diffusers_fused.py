@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable, Iterable, Sequence, TypeAlias
+from typing import Any, Callable, Container, Iterable, Sequence, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -484,6 +484,18 @@ def _adopt(new: nn.Module, block: nn.Module) -> None:
     new.__dict__.pop("_diffusers_hook", None)
 
 
+def adopt_checked(new: nn.Module, block: nn.Module, originals: Container[type],
+                  supported: Callable[[nn.Module], bool]) -> None:
+    """``_adopt`` for a fused class that stands for one of several diffusers classes (copies of one block): ``block``
+    must be of the class ``new``'s stands for (the first of ``originals`` in its MRO: a user's subclass of a fused
+    class comes first), in the structure the fused forward handles (``supported``)."""
+    base = next(c for c in type(new).__mro__ if c in originals)
+    if type(block) is not base or not supported(block):
+        raise ValueError(f"{type(new).__name__} handles {base.__module__}.{base.__name__} in the structure diffusers "
+                         "builds")
+    _adopt(new, block)
+
+
 class FusedBasicTransformerBlock(BasicTransformerBlock):
     """A ``BasicTransformerBlock`` (ada_norm_zero / ada_norm_single) running the fused packed kernels; see the
     module docstring for what is fused and when it falls back to diffusers' forward."""
@@ -569,27 +581,65 @@ def swap_blocks(model: nn.Module, choose: Callable[[nn.Module], type | None],
     return len(swaps)
 
 
+# the fused classes' block registry entries: (hidden_states index, encoder_hidden_states index) of their outputs
+_ENTRIES: dict[type, tuple[int, int | None]] = {}
+
+
 def register_block(fused: type, hidden_index: int, encoder_index: int | None = None) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
     applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
     original (``type.__mro__[1]``: same forward signature; its outputs' positions). Where diffusers has no entry for
     the original (Sana's, Chroma's, SkyReels-V2's blocks, ...), the original gets the same one, so an unfused and a
-    partly fused model take the same hooks as a fused one; diffusers' own entry, where it has one, stays. Written
-    into the registry directly: its ``register`` first imports every transformer diffusers knows (about a second),
-    and fills in its own entries then, over any of these."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    except ImportError:   # a diffusers without that registry has no hook that looks blocks up in it
-        return
-    registry = getattr(TransformerBlockRegistry, "_registry", None)
-    if not isinstance(registry, dict):
+    partly fused model take the same hooks as a fused one (``mend_registry`` for an entry diffusers has wrong).
+    Written into the registry directly: its ``register`` first imports every transformer diffusers knows (a second
+    or two), and fills in its own entries then, over any of these."""
+    _ENTRIES[fused] = (hidden_index, encoder_index)
+    registry = _block_registry()
+    if registry is None:
         return
     for cls in (fused, fused.__mro__[1]):
         if cls not in registry:
-            meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
-                                            return_encoder_hidden_states_index=encoder_index)
-            meta._cls = cls
-            registry[cls] = meta
+            _set_entry(registry, cls, hidden_index, encoder_index)
+
+
+def mend_registry() -> None:
+    """Fill diffusers' block registry (a second or two, once), then give each fused class's original the fused
+    class's entry where diffusers' own disagrees: the fused class's says what the forward returns, and an unfused
+    and a partly fused model must take the same hooks as a fused one. (diffusers 0.42 says Bria's double block
+    returns the hidden states first; it returns (encoder_hidden_states, hidden_states), as Flux's does.) Called by
+    ``quantize`` when it fused a block."""
+    registry = _block_registry()
+    if registry is None:
+        return
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        TransformerBlockRegistry._register()
+    except ImportError:   # (a transformer diffusers' registration imports is missing: its block hooks fail alike)
+        return
+    for fused, (hidden_index, encoder_index) in _ENTRIES.items():
+        meta = registry.get(fused.__mro__[1])
+        if meta is None or (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) != \
+                (hidden_index, encoder_index):
+            _set_entry(registry, fused.__mro__[1], hidden_index, encoder_index)
+
+
+def _block_registry() -> dict[type, Any] | None:
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:   # a diffusers without that registry has no hook that looks blocks up in it
+        return None
+    registry = getattr(TransformerBlockRegistry, "_registry", None)
+    return registry if isinstance(registry, dict) and hasattr(TransformerBlockRegistry, "_register") else None
+
+
+def _set_entry(registry: dict[type, Any], cls: type, hidden_index: int, encoder_index: int | None) -> None:
+    from diffusers.hooks._helpers import TransformerBlockMetadata
+
+    meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
+                                    return_encoder_hidden_states_index=encoder_index)
+    meta._cls = cls
+    registry[cls] = meta
 
 
 def fuse_diffusers_blocks(model: nn.Module) -> int:

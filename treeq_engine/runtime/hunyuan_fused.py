@@ -41,7 +41,7 @@ try:   # (HunyuanImage 2.1's blocks: absent from older releases)
 except ImportError:
     _image = None
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
+from .diffusers_fused import (_bypassed_hook, adopt_checked, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
                               dispatch_kwargs, joint_attention_ok, refuse_fused_projections, register_block,
                               swap_blocks)
 from .mmdit_fused import _adaln, _gelu_tanh, _modulation, flux_double, flux_linears, flux_single
@@ -131,11 +131,8 @@ def _processor(block: nn.Module) -> type:
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
-    base = type(new).__mro__[1]
-    ok = _single_supported(block) if base in _SINGLE else _double_supported(block, base)
-    if type(block) is not base or not ok:
-        raise ValueError(f"{type(new).__name__} handles {base.__name__} in the structure diffusers builds")
-    _adopt(new, block)
+    adopt_checked(new, block, _SINGLE.keys() | _DOUBLE.keys(),
+                  lambda b: _single_supported(b) if type(b) in _SINGLE else _double_supported(b, type(b)))
 
 
 def _single_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

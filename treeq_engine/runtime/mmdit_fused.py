@@ -65,7 +65,7 @@ try:
 except ImportError:
     _bria = None
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out,
+from .diffusers_fused import (_adopt, _bypassed_hook, adopt_checked, _feed_forward, _ff, _forward_wrapped, _gated_out,
                               _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
                               plain_out, refuse_fused_projections, register_block, swap_blocks)
 
@@ -87,7 +87,8 @@ def _gelu_tanh(act: nn.Module) -> bool:
 def _flux_attention_ok(attn: Any, joint: bool) -> bool:
     """``attn`` computes what the fused path computes: ``FluxAttnProcessor`` (or a copy's: ``FLUX_ATTENTIONS``) on
     unfused projections, no hook on it or on a projection the kernels run. (Checked on every forward.)"""
-    if FLUX_ATTENTIONS.get(type(attn)) is not type(attn.processor):
+    processor = FLUX_ATTENTIONS.get(type(attn))
+    if processor is None or type(getattr(attn, "processor", None)) is not processor:
         return False
     refuse_fused_projections(attn, ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
     if attn.fused_projections:
@@ -110,12 +111,17 @@ def _adaln(norm: Any, kind: type, d: int) -> bool:
             and isinstance(getattr(norm, "linear", None), nn.Module))
 
 
+def _flux_heads(attn: Any) -> bool:
+    """``attn`` is one of ``FLUX_ATTENTIONS`` whose heads tile its projections (the fused path splits them by their
+    width, the copies' processors by their count: the same split then)."""
+    return type(attn) in FLUX_ATTENTIONS and attn.heads * attn.head_dim == attn.inner_dim
+
+
 def single_width(block: nn.Module) -> int | None:
     """The width of a FLUX.1-style single block (Flux's, Chroma's) whose parts besides its adaLN are as diffusers
     builds them (GELU(tanh) after proj_mlp, a ``FluxAttention`` without output projection), else None."""
     d = getattr(block.proj_out, "out_features", None)
-    ok = (isinstance(d, int) and _gelu_tanh(block.act_mlp) and type(block.attn) in FLUX_ATTENTIONS
-          and block.attn.pre_only)
+    ok = (isinstance(d, int) and _gelu_tanh(block.act_mlp) and _flux_heads(block.attn) and block.attn.pre_only)
     return d if ok else None
 
 
@@ -142,7 +148,7 @@ def double_width(block: nn.Module) -> int | None:
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     ok = (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
           and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
-          and type(block.attn) in FLUX_ATTENTIONS and block.attn.added_kv_proj_dim is not None)
+          and _flux_heads(block.attn) and block.attn.added_kv_proj_dim is not None)
     return d if ok else None
 
 
@@ -342,10 +348,8 @@ def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
-    base = type(new).__mro__[1]
-    if type(block) is not base or not (_single_supported(block) if base in _SINGLE else _double_supported(block)):
-        raise ValueError(f"{type(new).__name__} handles {base.__name__} in the structure diffusers builds")
-    _adopt(new, block)
+    adopt_checked(new, block, _SINGLE.keys() | _DOUBLE.keys(),
+                  lambda b: _single_supported(b) if type(b) in _SINGLE else _double_supported(b))
 
 
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):

@@ -50,7 +50,7 @@ try:
 except ImportError:
     _skyreels = None
 
-from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+from .diffusers_fused import (_feed_forward, adopt_checked, _ff, _forward_wrapped, _gated_out, _hooked,
                               _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
                               register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
@@ -182,11 +182,7 @@ def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
-    if type(block) is not type(new).__mro__[1] or not _wan_supported(block):
-        base = type(new).__mro__[1]
-        raise ValueError(f"{type(new).__name__} handles {base.__module__}.{base.__name__} in the structure diffusers "
-                         "builds")
-    _adopt(new, block)
+    adopt_checked(new, block, _FAMILIES, _wan_supported)
 
 
 class FusedWanTransformerBlock(WanTransformerBlock):
