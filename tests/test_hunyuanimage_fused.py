@@ -23,12 +23,13 @@ from treeq_engine.runtime import hunyuan_fused, quantize  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny():
+def tiny(**config):
     """One double-stream and two single-stream blocks, a one-block token refiner (as test_hunyuan_fused's)."""
     torch.manual_seed(0)
-    return perturbed(diffusers.HunyuanImageTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
-        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4)).eval())
+    config = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                  num_single_layers=2, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16,
+                  rope_axes_dim=(4, 4)) | config
+    return perturbed(diffusers.HunyuanImageTransformer2DModel(**config).eval())
 
 
 def call(n=2, hw=(4, 6), text=6, seed=0, dtype=torch.float32, padded=True):
@@ -60,6 +61,43 @@ def test_fused_equals_unfused(kind):
     if kind == "W4A8":
         assert count_kernels(fused, call())[0] == PER_FORWARD
         assert count_kernels(unfused, call())[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def _masks(n=3):
+    first, second = torch.ones(n, 6), torch.ones(n, 5)
+    first[0, 4:], first[2, 2:], second[1, 3:], second[2, 1:] = 0, 0, 0, 0
+    return first, second
+
+
+VARIANTS = {   # name: (the model's configuration, what the call adds or changes)
+    "a second text encoder (byT5), padded otherwise than the first": (
+        dict(text_embed_2_dim=12), lambda g: dict(encoder_hidden_states_2=torch.randn(3, 5, 12, generator=g),
+                                                  encoder_attention_mask_2=_masks()[1])),
+    "guidance distilled, meanflow": (dict(guidance_embeds=True, use_meanflow=True),
+                                     lambda g: dict(timestep_r=torch.tensor([250.0, 10.0, 450.0]),
+                                                    guidance=torch.full((3,), 3500.0))),
+    "2x2 patches of a 4x8 latent": (dict(patch_size=(2, 2)), lambda g: dict(hidden_states=torch.randn(3, 4, 4, 8,
+                                                                                                     generator=g))),
+    "the refiner's video-like latents": (
+        dict(patch_size=(1, 1, 1), rope_axes_dim=(4, 2, 2), guidance_embeds=True),
+        lambda g: dict(hidden_states=torch.randn(3, 4, 2, 4, 6, generator=g), guidance=torch.full((3,), 3500.0))),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_model_s_variants(variant):
+    """HunyuanImage 2.1's other inputs and configurations: fused equals unfused, every block fused."""
+    config, extra = VARIANTS[variant]
+    model = tiny(**config)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(3, 4, 4, 6, generator=g), timestep=torch.tensor([500.0, 20.0, 900.0]),
+              encoder_hidden_states=torch.randn(3, 6, 16, generator=g), encoder_attention_mask=_masks()[0])
+    kw |= extra(g)
+    calls, got = count_kernels(fused, kw)
+    assert calls == PER_FORWARD
+    with torch.no_grad():
+        torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
