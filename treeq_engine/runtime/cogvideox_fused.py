@@ -1,5 +1,6 @@
 """Fused CogVideoX blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``CogVideoXBlock`` (CogVideoX 2B/5B, 1.5, image to video).
+``CogVideoXBlock`` (CogVideoX 2B/5B, 1.5, image to video) and ConsisID's copy of it, ``ConsisIDBlock`` (no keyword
+arguments for the attention).
 
 The text ``c`` and the video tokens ``h`` share every linear of the block; each of its two
 ``CogVideoXLayerNormZero`` gives a modulation per stream (shift, scale, gate for the video, and for the text) from
@@ -33,7 +34,7 @@ the fused class in ``TransformerBlockRegistry`` under the original's entry. The 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,12 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import CogVideoXLayerNormZero
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project,
+try:   # (ConsisID's copy of the block: absent from older releases)
+    from diffusers.models.transformers.consisid_transformer_3d import ConsisIDBlock
+except ImportError:
+    ConsisIDBlock = None
+
+from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, adopt_checked,
                               register_block, self_attention_ok, swap_blocks)
 
 
@@ -58,7 +64,7 @@ def _norm_zero(norm: Any, dim: int) -> bool:
 
 
 def _supported(block: nn.Module) -> bool:
-    if type(block) is not CogVideoXBlock or _forward_wrapped(block):
+    if type(block) not in _FUSED or _forward_wrapped(block):
         return False
     attn, ln = block.attn1, getattr(block.norm1, "norm", None)
     d = ln.normalized_shape[0] if isinstance(ln, nn.LayerNorm) and len(ln.normalized_shape) == 1 else None
@@ -129,46 +135,69 @@ def _attention(attn: Any, text: tuple[torch.Tensor, ...], video: tuple[torch.Ten
     return o[:, :s], o[:, s:]
 
 
+def _forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """The fused forward of a CogVideoX block (module docstring); ``unfused(*args)`` is diffusers' own."""
+    h, c, temb, image_rotary_emb = args[:4]
+    attention_kwargs = args[4] if len(args) > 4 else None
+    n1, n2, attn = block.norm1, block.norm2, block.attn1
+    if (block.training or attention_kwargs or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
+            or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm, block.ff, *block.ff.net, *_linears(block)))
+            or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
+        return unfused(*args)
+    b, t, d = h.shape
+    text = c.shape[1]
+    m1, m2 = _streams(n1, temb, b, d), _streams(n2, temb, b, d)
+    if m1 is None or m2 is None:
+        return unfused(*args)
+    (mod_h, m32_h), (mod_c, m32_c) = _stream_modulation(block, m1, m2, 0), _stream_modulation(block, m1, m2, 1)
+    h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+    qkv = (attn.to_q, attn.to_k, attn.to_v)
+    video = _project(qkv, h2, lambda: n1.norm(h) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1], ln_eps=n1.norm.eps,
+                     shift=m32_h[0], scale=m32_h[1])
+    words = _project(qkv, c2, lambda: n1.norm(c) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1], ln_eps=n1.norm.eps,
+                     shift=m32_c[0], scale=m32_c[1])
+    oc, oh = _attention(attn, tuple(words), tuple(video), b, image_rotary_emb)
+    h2 = _gated_out(attn.to_out[0], oh, h2, b, m32_h[2], mod_h[:, 2:3])
+    c2 = _gated_out(attn.to_out[0], oc, c2, b, m32_c[2], mod_c[:, 2:3])
+    h2 = _ff(block.ff, n2.norm, h2, b, mod_h, m32_h)
+    c2 = _ff(block.ff, n2.norm, c2, b, mod_c, m32_c)
+    return h2.view(b, t, d), c2.view(b, text, d)
+
+
 class FusedCogVideoXBlock(CogVideoXBlock):
     """A ``CogVideoXBlock`` running the fused packed kernels (module docstring)."""
 
     def __init__(self, block: CogVideoXBlock) -> None:
-        if not _supported(block):
-            raise ValueError("FusedCogVideoXBlock handles CogVideoXBlock in the structure diffusers builds")
-        _adopt(self, block)
+        adopt_checked(self, block, _FUSED, _supported)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Any = None, attention_kwargs: dict[str, Any] | None = None) -> Any:
-        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
-        n1, n2, attn, h, c = self.norm1, self.norm2, self.attn1, hidden_states, encoder_hidden_states
-        if (self.training or attention_kwargs or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
-                or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm, self.ff, *self.ff.net, *_linears(self)))
-                or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
-            return super().forward(*args)
-        b, t, d = h.shape
-        text = c.shape[1]
-        m1, m2 = _streams(n1, temb, b, d), _streams(n2, temb, b, d)
-        if m1 is None or m2 is None:
-            return super().forward(*args)
-        (mod_h, m32_h), (mod_c, m32_c) = _stream_modulation(self, m1, m2, 0), _stream_modulation(self, m1, m2, 1)
-        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
-        qkv = (attn.to_q, attn.to_k, attn.to_v)
-        video = _project(qkv, h2, lambda: n1.norm(h) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1], ln_eps=n1.norm.eps,
-                         shift=m32_h[0], scale=m32_h[1])
-        words = _project(qkv, c2, lambda: n1.norm(c) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1], ln_eps=n1.norm.eps,
-                         shift=m32_c[0], scale=m32_c[1])
-        oc, oh = _attention(attn, tuple(words), tuple(video), b, image_rotary_emb)
-        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32_h[2], mod_h[:, 2:3])
-        c2 = _gated_out(attn.to_out[0], oc, c2, b, m32_c[2], mod_c[:, 2:3])
-        h2 = _ff(self.ff, n2.norm, h2, b, mod_h, m32_h)
-        c2 = _ff(self.ff, n2.norm, c2, b, mod_c, m32_c)
-        return h2.view(b, t, d), c2.view(b, text, d)
+        return _forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                                attention_kwargs))
+
+
+# the blocks and their fused classes: CogVideoX's, and ConsisID's (CogVideoX's without the attention's keyword
+# arguments)
+_FUSED: dict[type, type] = {CogVideoXBlock: FusedCogVideoXBlock}
+if ConsisIDBlock is not None:
+    class FusedConsisIDBlock(ConsisIDBlock):
+        """ConsisID's copy of ``CogVideoXBlock`` running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            adopt_checked(self, block, _FUSED, _supported)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None) -> Any:
+            return _forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, image_rotary_emb))
+
+    _FUSED[ConsisIDBlock] = FusedConsisIDBlock
 
 
 def fuse_cogvideox_blocks(model: nn.Module) -> int:
     """Swap every CogVideoX block of ``model`` that :class:`FusedCogVideoXBlock` handles and that has a packed linear
     with quantized activations to fuse; returns how many were swapped."""
-    return swap_blocks(model, lambda m: FusedCogVideoXBlock if _supported(m) else None, _linears)
+    return swap_blocks(model, lambda m: _FUSED[type(m)] if _supported(m) else None, _linears)
 
 
-register_block(FusedCogVideoXBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
+for _fused in _FUSED.values():
+    register_block(_fused, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
