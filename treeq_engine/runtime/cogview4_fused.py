@@ -1,0 +1,148 @@
+"""Fused CogView4 blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``CogView4TransformerBlock`` (CogView4-6B, its Control variant).
+
+The text ``c`` and the image tokens ``h`` share every linear of the block, as in CogVideoX's: the processor projects
+the joined rows [text; image], and one feed-forward serves both streams. ``CogView4AdaLayerNormZero`` gives each
+stream its own six vectors from one linear of ``temb`` (its twelve chunks interleave the streams: shift_msa,
+c_shift_msa, scale_msa, ...), around LayerNorms without affine:
+
+    n_h = LN(h) · (1 + scale_msa) + shift_msa,   n_c = LN_c(c) · (1 + c_scale_msa) + c_shift_msa      (norm1)
+    q, k, v = to_q/k/v ← Q(n_c), Q(n_h)            (the same projections, run per stream with its own modulation)
+    o_c, o_h = attention(LN_q(q), LN_k(k), v, mask)   (text first; the rotary embedding on the image rows only)
+    h = h + gate_msa · to_out(o_h),   c = c + c_gate_msa · to_out(o_c)
+    h = h + gate_mlp · ff(Q(mod(norm2(h)))),   c = c + c_gate_mlp · ff(Q(mod(norm2_context(c))))   (GELU(tanh))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its
+``quantize_input`` kernel (one call per stream shared by to_q/to_k/to_v with one activation spec and no Monarch
+branch), GELU(tanh) and ``ff.net[2]``'s codes in ``ff.net[0].proj``'s epilogue, the gated residuals in
+``to_out[0]``'s and ``ff.net[2]``'s; each stream's rows run their own GEMMs (per-token activation codes: the same
+codes as the joined rows'). The attention is ``CogView4AttnProcessor``'s computation, its text mask included (the
+processor turns the ``(B, text)`` mask into a 0/1 float matrix that SDPA adds to the scores: a padded token is not
+hidden, its scores just lack the +1; computed the same way here). Fused and unfused agree to the model dtype's
+rounding (the kernels normalize, modulate and add the residuals in float32, where diffusers rounds each step to the
+model dtype), not bit for bit.
+
+A block is swapped only in the structure diffusers builds (``CogView4AdaLayerNormZero`` and the feed-forward's
+LayerNorms without affine over the block's width, ``CogView4AttnProcessor`` on unfused projections with LayerNorm
+or no q/k norms, a ``FeedForward`` of [GELU(tanh), Dropout, linear]) with a packed linear with quantized activations
+to fuse. It runs diffusers' own forward in training mode, with ``attention_kwargs``, without text, with a rotary
+table per sample (a list), a mask that is not ``(B, text)``, for a ``temb`` whose batch is not the latents', when a
+norm or the attention carries a hook or another processor (``CogView4TrainingAttnProcessor`` too), and when any
+module the two streams share carries one (the feed-forward, its parts, a projection): the fused path calls those
+once per stream, where diffusers calls them once on the joined rows or in turn. diffusers' block-level hooks
+(FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under the original's entry. The
+state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayerNormZero, CogView4AttnProcessor,
+                                                                CogView4TransformerBlock)
+
+from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
+                              _project, kernel_modulation, register_block, self_attention_ok, swap_blocks)
+
+
+def _supported(block: nn.Module) -> bool:
+    if type(block) is not CogView4TransformerBlock or _forward_wrapped(block):
+        return False
+    n1, attn = block.norm1, block.attn1
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and type(n1) is CogView4AdaLayerNormZero and _plain_layer_norm(n1.norm, d)
+            and _plain_layer_norm(n1.norm_context, d) and isinstance(n1.linear, nn.Module)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention
+            and attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0
+            and all(n is None or type(n) is nn.LayerNorm for n in (attn.norm_q, attn.norm_k)))
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn1
+    return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
+
+
+def _attention(attn: Any, text: list[torch.Tensor], image: list[torch.Tensor], b: int, rotary: Any,
+               mask: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CogView4AttnProcessor``'s attention of the text's and the image's (B·S, inner) q, k, v rows (``dtype``: the
+    text's, which the processor casts the q/k norms' outputs to): the outputs before ``to_out``, (B, S_text, inner)
+    and (B, S, inner)."""
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, t.shape[-1]).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+    query, key, value = (torch.cat([heads(c), heads(h)], dim=2) for c, h in zip(text, image))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query).to(dtype=dtype)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key).to(dtype=dtype)
+    s = text[0].shape[0] // b
+    if rotary is not None:
+        query = torch.cat([query[:, :, :s], apply_rotary_emb(query[:, :, s:], rotary, use_real_unbind_dim=-2)], 2)
+        key = torch.cat([key[:, :, :s], apply_rotary_emb(key[:, :, s:], rotary, use_real_unbind_dim=-2)], 2)
+    if mask is not None:   # (the processor's: a 0/1 float matrix SDPA adds to the scores)
+        joined = torch.ones((b, query.shape[2]), device=query.device)
+        joined[:, :s] = mask.float().to(query.device)
+        joined = joined.unsqueeze(2)
+        mask = ((joined @ joined.transpose(1, 2)) > 0).unsqueeze(1).to(query.dtype)
+    o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    o = o.transpose(1, 2).flatten(2, 3).type_as(query)
+    return o[:, :s], o[:, s:]
+
+
+class FusedCogView4TransformerBlock(CogView4TransformerBlock):
+    """A ``CogView4TransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: CogView4TransformerBlock) -> None:
+        if not _supported(block):
+            raise ValueError("FusedCogView4TransformerBlock handles CogView4TransformerBlock in the structure "
+                             "diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                temb: torch.Tensor | None = None, image_rotary_emb: Any = None, attention_mask: Any = None,
+                attention_kwargs: dict[str, Any] | None = None) -> Any:
+        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, attention_kwargs)
+        h, c, n1, attn = hidden_states, encoder_hidden_states, self.norm1, self.attn1
+        shared = (n1, n1.norm, n1.norm_context, n1.linear, self.norm2, self.norm2_context, self.ff, *self.ff.net,
+                  *_linears(self))
+        if (self.training or attention_kwargs or temb is None or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
+                or isinstance(image_rotary_emb, list)
+                or not (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                                   and tuple(attention_mask.shape) == tuple(c.shape[:2])))
+                or any(_hooked(m) for m in shared) or not self_attention_ok(attn, Attention, CogView4AttnProcessor)):
+            return super().forward(*args)
+        b, t, d = h.shape
+        text = c.shape[1]
+        mod = n1.linear(temb)
+        if mod.shape != (b, 12 * d):
+            return super().forward(*args)
+        mod = mod.view(b, 12, d)   # (the streams interleaved: shift_msa, c_shift_msa, scale_msa, ...)
+        mod_h, mod_c = mod[:, 0::2], mod[:, 1::2]   # (B, 6, D) each: DiT's layout
+        m32_h, m32_c = kernel_modulation(mod_h), kernel_modulation(mod_c)
+        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+        qkv = (attn.to_q, attn.to_k, attn.to_v)
+        image = _project(qkv, h2, lambda: n1.norm(h).to(h.dtype) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1],
+                         ln_eps=n1.norm.eps, shift=m32_h[0], scale=m32_h[1])
+        words = _project(qkv, c2, lambda: n1.norm_context(c).to(c.dtype) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1],
+                         ln_eps=n1.norm_context.eps, shift=m32_c[0], scale=m32_c[1])
+        oc, oh = _attention(attn, words, image, b, image_rotary_emb, attention_mask, c.dtype)
+        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32_h[2], mod_h[:, 2:3])
+        c2 = _gated_out(attn.to_out[0], oc, c2, b, m32_c[2], mod_c[:, 2:3])
+        h2 = _ff(self.ff, self.norm2, h2, b, mod_h, m32_h)
+        c2 = _ff(self.ff, self.norm2_context, c2, b, mod_c, m32_c)
+        return h2.view(b, t, d), c2.view(b, text, d)
+
+
+def fuse_cogview4_blocks(model: nn.Module) -> int:
+    """Swap every CogView4 block of ``model`` that :class:`FusedCogView4TransformerBlock` handles and that has a
+    packed linear with quantized activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: FusedCogView4TransformerBlock if _supported(m) else None, _linears)
+
+
+register_block(FusedCogView4TransformerBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
