@@ -31,9 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # what the generic cut refuses in the zoo, and why: when it checks the cut, or already the call's arguments
 REFUSED = {"HiDreamImage": "fails on the first sample of these inputs alone",   # (a (layers, N, ...) input)
            "WanVACE": "does not give the model's output",   # (control hints added between the blocks)
-           "Latte": "needs batch-first block outputs"}   # (its blocks fold frames into the batch)
+           "Latte": "needs batch-first block outputs",   # (its blocks fold frames into the batch)
+           "BriaFibo": "does not give the model's output"}   # (each block reads its own text encoder layer)
 REFUSED_CALLS = {"DreamLite": "without a timestep tensor",   # (a part of the DreamLite UNet, called without one)
-                 "WanAnimate2": "a WanAnimate2KVCache argument is not supported"}   # (a cache an earlier call fills)
+                 "WanAnimate2": "a WanAnimate2KVCache argument is not supported",   # (a cache an earlier call fills)
+                 "SanaWMLTX2Refiner": "a SanaWMRefinerKVCache argument is not supported",   # (likewise)
+                 "OmniGen": "takes no keyword-argument mappings",   # (its input image sizes, a dict)
+                 "JoyImageEditPlus": "its items differ"}   # (each sample's own target and reference shapes)
 GENERIC = sorted(n for n, (ctor, _) in CASES.items() if generic_arch(ctor()) is not None and
                  type(make_runner(ctor())) is GenericRunner)
 
@@ -99,7 +103,8 @@ def test_each_is_cut_bit_for_bit_or_refused_with_the_reason(name):
         return
     runner.check(state)
     with torch.no_grad():
-        outs = [o for o in model(**kw, return_dict=False) if isinstance(o, torch.Tensor)]
+        out = model(**kw, return_dict=False)   # (a tuple; Kandinsky 5's a bare tensor)
+        outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
         want = outs[0] if len(outs) == 1 else torch.cat([o.flatten(1) for o in outs], 1)   # (LTX-2: video, audio)
         assert torch.equal(run_segments(runner, state), want)
     assert runner.num_segments == len(runner._order) + 2 <= sum(len(m) for _, m in block_lists(model)) + 2
