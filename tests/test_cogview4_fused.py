@@ -86,6 +86,21 @@ def test_the_text_mask_is_read():
         assert float((got - fused(**call()).sample).norm() / got.norm()) > 1e-4
 
 
+def test_both_streams_of_a_block():
+    """The model drops the last block's text output: a block's two outputs compared directly, with a mask."""
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    g = torch.Generator().manual_seed(5)
+    h, c, temb = torch.randn(2, 24, 16, generator=g), torch.randn(2, 6, 16, generator=g), torch.randn(2, 8, generator=g)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        got = fused.transformer_blocks[1](h, c, temb, None, mask)
+        want = unfused.transformer_blocks[1](h, c, temb, None, mask)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
 
@@ -95,8 +110,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     block = fused.transformer_blocks[0]
-    for part in ("norm1", "norm1.norm_context", "norm2_context", "ff", "ff.net.0", "attn1.to_k", "attn1.to_out.0",
-                 "ff.net.2"):
+    for part in ("norm1", "norm1.norm", "norm1.norm_context", "norm1.linear", "norm2_context", "attn1", "ff",
+                 "ff.net.0", "attn1.to_k", "attn1.to_out.0", "ff.net.2"):
         seen = []
         h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
