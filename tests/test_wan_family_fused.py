@@ -1,8 +1,8 @@
-"""Fused blocks for diffusers' copies of Wan's block (`runtime/wan_fused.py`): ChronoEdit's (Wan's classes to the
-line, in their own module) and SkyReels-V2's (its self-attention takes the block's mask: diffusion forcing's causal
-one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table). Each equals the unfused packed
-model (float32, the reference backend), the fused kernels run, and what the fused path cannot reproduce runs
-diffusers' own forward, mask and all."""
+"""Fused blocks for diffusers' copies of Wan's block (`runtime/wan_fused.py`): ChronoEdit's and Wan-Animate's (Wan's
+classes to the line, in their own modules) and SkyReels-V2's (its self-attention takes the block's mask: diffusion
+forcing's causal one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table). Each equals
+the unfused packed model (float32, the reference backend), the fused kernels run, and what the fused path cannot
+reproduce runs diffusers' own forward, mask and all."""
 import copy
 
 import pytest
@@ -217,12 +217,57 @@ def test_a_parametrized_block_and_the_block_registry():
         assert torch.isfinite(first).all() and float((again - first).norm() / first.norm()) < 2e-2
 
 
+def tiny_animate():
+    """Wan-Animate: two Wan blocks (its own copy of the classes), the motion and face encoders, a face adapter after
+    every block."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, image_dim=16, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 8, "8": 8}, motion_encoder_size=8, motion_style_dim=16, motion_dim=4,
+        motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1)).eval()
+
+
+def call_animate(seed=0, dtype=torch.float32):
+    """Latents with the reference and mask channels (2·4 + 4), the text, the image embedding, the pose latents (a
+    frame fewer) and the face crops."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, 12, 2, 8, 8, generator=g).to(dtype), timestep=torch.tensor([500, 20]),
+                encoder_hidden_states=torch.randn(2, 12, 16, generator=g).to(dtype),
+                encoder_hidden_states_image=torch.randn(2, 4, 16, generator=g).to(dtype),
+                pose_hidden_states=torch.randn(2, 4, 1, 8, 8, generator=g).to(dtype),
+                face_pixel_values=torch.randn(2, 3, 1, 8, 8, generator=g).to(dtype))
+
+
+def test_wan_animate():
+    """Wan-Animate's blocks (its copy of Wan's; the image cross-attention and the face adapters between blocks stay
+    diffusers' own): fused equals unfused, the kernels counted, bf16 within its rounding."""
+    model = tiny_animate()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert [type(b).__name__ for b in fused.blocks] == ["FusedWanAnimateTransformerBlock"] * 2
+    for seed in (0, 1):
+        kw = call_animate(seed)
+        calls, got = count_kernels(fused, kw)
+        assert calls == PER_FORWARD
+        with torch.no_grad():
+            want, fp = unfused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    half_agrees(tiny_animate().to(torch.bfloat16), call_animate(dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", ["ChronoEdit", "SkyReelsV2"])
 def test_bf16(name):
     model = tiny(name).to(torch.bfloat16)
     kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
           for k, v in call(per_frame=name == "SkyReelsV2").items()}
     half_agrees(model, kw)
+
+
+@pytest.mark.gpu
+def test_wan_animate_on_gpu():
+    gpu_fused_matches(tiny_animate(), call_animate(dtype=torch.bfloat16), PER_FORWARD)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """Fused Wan blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B) and its copies: ChronoEdit's (Wan's classes to the
-line, in their own module) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the block's mask, diffusion
+``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B) and its copies: ChronoEdit's and Wan-Animate's
+(Wan's classes to the line, in their own modules) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the block's mask, diffusion
 forcing's causal one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table).
 
 The block's modulation is its own table plus the timestep projection every block shares,
@@ -49,6 +49,10 @@ try:
     from diffusers.models.transformers import transformer_skyreels_v2 as _skyreels
 except ImportError:
     _skyreels = None
+try:
+    from diffusers.models.transformers import transformer_wan_animate as _animate
+except ImportError:
+    _animate = None
 
 from .diffusers_fused import (_feed_forward, adopt_checked, _ff, _forward_wrapped, _gated_out, _hooked,
                               _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
@@ -73,13 +77,16 @@ class _Family:
     chunks_first: bool = False
 
 
-# ChronoEdit's classes are Wan's to the line (diffusers' "Copied from"); SkyReels-V2's block also hands its
-# self-attention a mask (diffusion forcing's causal one between blocks of frames) and lays a per-token table out
-# chunks first
+# ChronoEdit's and Wan-Animate's classes are Wan's to the line (diffusers' "Copied from"); SkyReels-V2's block also
+# hands its self-attention a mask (diffusion forcing's causal one between blocks of frames) and lays a per-token
+# table out chunks first
 _FAMILIES = {WanTransformerBlock: _Family(WanTransformerBlock, WanAttention, WanAttnProcessor)}
 if _chronoedit is not None:
     _FAMILIES[_chronoedit.WanTransformerBlock] = _Family(_chronoedit.WanTransformerBlock, _chronoedit.WanAttention,
                                                          _chronoedit.WanAttnProcessor)
+if _animate is not None:
+    _FAMILIES[_animate.WanTransformerBlock] = _Family(_animate.WanTransformerBlock, _animate.WanAttention,
+                                                      _animate.WanAttnProcessor)
 if _skyreels is not None:
     _FAMILIES[_skyreels.SkyReelsV2TransformerBlock] = _Family(
         _skyreels.SkyReelsV2TransformerBlock, _skyreels.SkyReelsV2Attention, _skyreels.SkyReelsV2AttnProcessor,
@@ -210,6 +217,19 @@ if _chronoedit is not None:
 
     _FUSED[_chronoedit.WanTransformerBlock] = FusedChronoEditTransformerBlock
     register_block(FusedChronoEditTransformerBlock, 0)
+if _animate is not None:
+    class FusedWanAnimateTransformerBlock(_animate.WanTransformerBlock):
+        """Wan-Animate's copy of ``WanTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    rotary_emb: Any) -> torch.Tensor:
+            return _fused_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb, rotary_emb))
+
+    _FUSED[_animate.WanTransformerBlock] = FusedWanAnimateTransformerBlock
+    register_block(FusedWanAnimateTransformerBlock, 0)
 if _skyreels is not None:
     class FusedSkyReelsV2TransformerBlock(_skyreels.SkyReelsV2TransformerBlock):
         """A ``SkyReelsV2TransformerBlock`` running the fused packed kernels (module docstring): its self-attention
