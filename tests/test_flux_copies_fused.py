@@ -146,11 +146,52 @@ def test_an_attention_without_a_processor_falls_back():
             torch.testing.assert_close(fused(**kw).sample, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
 
 
+def tiny_fibo():
+    """Bria FIBO: two double blocks (Flux's) and two single blocks (its own: not fused), each block handed its own
+    text encoder layer."""
+    torch.manual_seed(0)
+    return perturbed(diffusers.BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=[2, 2, 4], text_encoder_dim=16).eval())
+
+
+def call_fibo(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    kw = call(seed=seed)
+    kw["text_encoder_layers"] = [torch.randn(2, 8, 16, generator=g) for _ in range(4)]
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                [t.to(dtype) for t in v] if isinstance(v, list) else v) for k, v in kw.items()}
+
+
+def test_bria_fibo_double_blocks():
+    """Bria FIBO's double blocks fuse (its single blocks, which run the legacy Attention on the image tokens alone,
+    stay diffusers' own): fused equals unfused, the double blocks' kernels counted, bf16 within its rounding."""
+    model = tiny_fibo()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert [type(b).__name__ for b in fused.transformer_blocks] == ["FusedBriaFiboTransformerBlock"] * 2
+    assert [type(b).__name__ for b in fused.single_transformer_blocks] == ["BriaFiboSingleTransformerBlock"] * 2
+    for seed in (0, 1):
+        kw = call_fibo(seed)
+        calls, got = count_kernels(fused, kw)
+        assert calls == {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2}
+        with torch.no_grad():
+            want, fp = unfused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    half_agrees(tiny_fibo().to(torch.bfloat16), call_fibo(dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16(name):
     model = tiny(name).to(torch.bfloat16)
     kw = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in call().items()}
     half_agrees(model, kw)
+
+
+@pytest.mark.gpu
+def test_bria_fibo_on_gpu():
+    gpu_fused_matches(tiny_fibo(), call_fibo(dtype=torch.bfloat16),
+                      {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2})
 
 
 @pytest.mark.gpu

@@ -72,10 +72,11 @@ def unswapped_weight_only_and_bf16(build, call, fused_class, per_forward):
 
 
 def on_gpu(kw):
-    """A call's arguments on the GPU: float tensors in bf16 but the timestep (as given), tuples element-wise."""
+    """A call's arguments on the GPU: float tensors in bf16 but the timestep (as given), tuples and lists
+    element-wise."""
     def move(k, v):
-        if isinstance(v, tuple):
-            return tuple(move(k, x) for x in v)
+        if isinstance(v, (tuple, list)):
+            return type(v)(move(k, x) for x in v)
         if not isinstance(v, torch.Tensor):
             return v
         return v.cuda().to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v.cuda()

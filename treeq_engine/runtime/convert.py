@@ -249,7 +249,8 @@ def fuse_blocks(model: nn.Module) -> int:
 # or took it through kwargs)
 _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks", (0, 35)),
                     (("LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock", "BriaTransformerBlock",
-                      "BriaSingleTransformerBlock"), "LongCat-Image/Bria", "mmdit_fused", "fuse_mmdit_blocks", (0, 42)),
+                      "BriaSingleTransformerBlock", "BriaFiboTransformerBlock"), "LongCat-Image/Bria", "mmdit_fused",
+                     "fuse_mmdit_blocks", (0, 42)),
                     (("WanTransformerBlock",), "Wan", "wan_fused", "fuse_wan_blocks", (0, 35)),
                     (("SkyReelsV2TransformerBlock",), "SkyReels-V2", "wan_fused", "fuse_wan_blocks", (0, 42)),
                     (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),

@@ -1,6 +1,7 @@
 """Fused MMDiT blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
 ``FluxTransformerBlock`` (double stream), ``FluxSingleTransformerBlock`` and SD3's ``JointTransformerBlock``, and
-for diffusers' copies of Flux's blocks: LongCat-Image's and Bria's (``FLUX_ATTENTIONS``).
+for diffusers' copies of Flux's blocks: LongCat-Image's and Bria's, and Bria FIBO's double blocks
+(``FLUX_ATTENTIONS``).
 
 Both take their modulation from an adaLN linear of ``silu(temb)``; ``LN`` has no affine.
 
@@ -64,6 +65,10 @@ try:
     from diffusers.models.transformers import transformer_bria as _bria
 except ImportError:
     _bria = None
+try:
+    from diffusers.models.transformers import transformer_bria_fibo as _fibo
+except ImportError:
+    _fibo = None
 
 from .diffusers_fused import (_adopt, _bypassed_hook, adopt_checked, _feed_forward, _ff, _forward_wrapped, _gated_out,
                               _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
@@ -71,13 +76,15 @@ from .diffusers_fused import (_adopt, _bypassed_hook, adopt_checked, _feed_forwa
 
 
 # the attentions a FLUX.1-style block may run, each with the processor whose computation the fused path repeats:
-# Flux's, and the copies LongCat-Image's and Bria's blocks run (Flux's classes but for the names, and a processor that
+# Flux's, and the copies LongCat-Image's, Bria's and Bria FIBO's blocks run (Flux's classes but for the names, and a processor that
 # splits the heads by their count rather than their width: the same split on one device)
 FLUX_ATTENTIONS: dict[type, type] = {FluxAttention: FluxAttnProcessor}
 if _longcat is not None:
     FLUX_ATTENTIONS[_longcat.LongCatImageAttention] = _longcat.LongCatImageAttnProcessor
 if _bria is not None:
     FLUX_ATTENTIONS[_bria.BriaAttention] = _bria.BriaAttnProcessor
+if _fibo is not None:
+    FLUX_ATTENTIONS[_fibo.BriaFiboAttention] = _fibo.BriaFiboAttnProcessor
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -430,6 +437,20 @@ if _bria is not None:
 
     _SINGLE[_bria.BriaSingleTransformerBlock] = FusedBriaSingleTransformerBlock
     _DOUBLE[_bria.BriaTransformerBlock] = FusedBriaTransformerBlock
+if _fibo is not None:
+    class FusedBriaFiboTransformerBlock(_fibo.BriaFiboTransformerBlock):
+        """Bria FIBO's double block (Flux's; its single blocks are not) running the fused packed kernels (module
+        docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+            return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           image_rotary_emb, joint_attention_kwargs))
+
+    _DOUBLE[_fibo.BriaFiboTransformerBlock] = FusedBriaFiboTransformerBlock
 
 
 class FusedJointTransformerBlock(JointTransformerBlock):
