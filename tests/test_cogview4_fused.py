@@ -10,7 +10,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
-from test_mmdit_fused import another_processor_and_training, count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402,E501
+from test_mmdit_fused import (another_processor_and_training, count_kernels, gpu_fused_matches,  # noqa: E402
+                              half_agrees, pair)
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 

@@ -587,27 +587,23 @@ _ENTRIES: dict[type, tuple[int, int | None]] = {}
 
 def register_block(fused: type, hidden_index: int, encoder_index: int | None = None) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
-    applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
-    original (``type.__mro__[1]``: same forward signature; its outputs' positions). Where diffusers has no entry for
-    the original (Sana's, Chroma's, SkyReels-V2's blocks, ...), the original gets the same one, so an unfused and a
-    partly fused model take the same hooks as a fused one (``mend_registry`` for an entry diffusers has wrong).
-    Written into the registry directly: its ``register`` first imports every transformer diffusers knows (a second
-    or two), and fills in its own entries then, over any of these."""
+    applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class an entry with its
+    outputs' positions (its original's, ``type.__mro__[1]``: the same forward signature). ``mend_registry`` completes
+    it once ``quantize`` has fused a block. Written into the registry directly: its ``register`` first imports every
+    transformer diffusers knows (a second or two)."""
     _ENTRIES[fused] = (hidden_index, encoder_index)
     registry = _block_registry()
-    if registry is None:
-        return
-    for cls in (fused, fused.__mro__[1]):
-        if cls not in registry:
-            _set_entry(registry, cls, hidden_index, encoder_index)
+    if registry is not None and fused not in registry:
+        _set_entry(registry, fused, hidden_index, encoder_index)
 
 
 def mend_registry() -> None:
-    """Fill diffusers' block registry (a second or two, once), then give each fused class's original the fused
-    class's entry where diffusers' own disagrees: the fused class's says what the forward returns, and an unfused
-    and a partly fused model must take the same hooks as a fused one. (diffusers 0.42 says Bria's double block
-    returns the hidden states first; it returns (encoder_hidden_states, hidden_states), as Flux's does.) Called by
-    ``quantize`` when it fused a block."""
+    """Fill diffusers' block registry (a second or two, once), then give each fused class the argument names of
+    diffusers' entry for its original (Kandinsky 5's visual block names its rows ``visual_embed``), and each
+    original the fused class's entry where diffusers has none (Sana's, Chroma's, SkyReels-V2's blocks, ...) or one
+    that names other outputs (diffusers 0.42 says Bria's double block returns the hidden states first; it returns
+    (encoder_hidden_states, hidden_states), as Flux's does): an unfused and a partly fused model take the same hooks
+    as a fused one. Called by ``quantize`` when it fused a block."""
     registry = _block_registry()
     if registry is None:
         return
@@ -618,10 +614,12 @@ def mend_registry() -> None:
     except ImportError:   # (a transformer diffusers' registration imports is missing: its block hooks fail alike)
         return
     for fused, (hidden_index, encoder_index) in _ENTRIES.items():
-        meta = registry.get(fused.__mro__[1])
+        original = fused.__mro__[1]
+        meta = registry.get(original)
+        _set_entry(registry, fused, hidden_index, encoder_index, like=meta)
         if meta is None or (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) != \
                 (hidden_index, encoder_index):
-            _set_entry(registry, fused.__mro__[1], hidden_index, encoder_index)
+            _set_entry(registry, original, hidden_index, encoder_index, like=meta)
 
 
 def _block_registry() -> dict[type, Any] | None:
@@ -633,11 +631,16 @@ def _block_registry() -> dict[type, Any] | None:
     return registry if isinstance(registry, dict) and hasattr(TransformerBlockRegistry, "_register") else None
 
 
-def _set_entry(registry: dict[type, Any], cls: type, hidden_index: int, encoder_index: int | None) -> None:
+def _set_entry(registry: dict[type, Any], cls: type, hidden_index: int, encoder_index: int | None,
+               like: Any = None) -> None:
+    """``cls``'s entry: its outputs' positions, the forward's argument names ``like``'s where given (diffusers' entry
+    for the original), else diffusers' defaults."""
     from diffusers.hooks._helpers import TransformerBlockMetadata
 
+    names = {k: getattr(like, k) for k in ("hidden_states_argument_name", "encoder_hidden_states_argument_name")
+             if like is not None and hasattr(like, k)}
     meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
-                                    return_encoder_hidden_states_index=encoder_index)
+                                    return_encoder_hidden_states_index=encoder_index, **names)
     meta._cls = cls
     registry[cls] = meta
 

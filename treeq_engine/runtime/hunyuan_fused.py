@@ -41,9 +41,9 @@ try:   # (HunyuanImage 2.1's blocks: absent from older releases)
 except ImportError:
     _image = None
 
-from .diffusers_fused import (_bypassed_hook, adopt_checked, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
-                              dispatch_kwargs, joint_attention_ok, refuse_fused_projections, register_block,
-                              swap_blocks)
+from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
+                              adopt_checked, dispatch_kwargs, joint_attention_ok, refuse_fused_projections,
+                              register_block, swap_blocks)
 from .mmdit_fused import _adaln, _gelu_tanh, _modulation, flux_double, flux_linears, flux_single
 
 PROJECTIONS = ("to_q", "to_k", "to_v")

@@ -70,14 +70,14 @@ try:
 except ImportError:
     _fibo = None
 
-from .diffusers_fused import (_adopt, _bypassed_hook, adopt_checked, _feed_forward, _ff, _forward_wrapped, _gated_out,
-                              _hooked, _plain_layer_norm, _project, dispatch_kwargs, kernel_modulation,
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
+                              _plain_layer_norm, _project, adopt_checked, dispatch_kwargs, kernel_modulation,
                               plain_out, refuse_fused_projections, register_block, swap_blocks)
 
 
 # the attentions a FLUX.1-style block may run, each with the processor whose computation the fused path repeats:
-# Flux's, and the copies LongCat-Image's, Bria's and Bria FIBO's blocks run (Flux's classes but for the names, and a processor that
-# splits the heads by their count rather than their width: the same split on one device)
+# Flux's, and the copies LongCat-Image's, Bria's and Bria FIBO's blocks run (Flux's classes but for the names, and a
+# processor that splits the heads by their count rather than their width: the same split on one device)
 FLUX_ATTENTIONS: dict[type, type] = {FluxAttention: FluxAttnProcessor}
 if _longcat is not None:
     FLUX_ATTENTIONS[_longcat.LongCatImageAttention] = _longcat.LongCatImageAttnProcessor

@@ -1,7 +1,8 @@
 """Fused Wan blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
 ``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B) and its copies: ChronoEdit's and Wan-Animate's
-(Wan's classes to the line, in their own modules) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the block's mask, diffusion
-forcing's causal one between blocks of frames; a timestep per frame arrives as a (B, 6, S, D) table).
+(Wan's classes to the line, in their own modules) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the
+block's mask, diffusion forcing's causal one between blocks of frames; a timestep per frame arrives as a
+(B, 6, S, D) table).
 
 The block's modulation is its own table plus the timestep projection every block shares,
 ``mod = scale_shift_table + temb`` (six vectors per sample, float32); ``LN`` is a float32 LayerNorm without affine:
@@ -54,9 +55,9 @@ try:
 except ImportError:
     _animate = None
 
-from .diffusers_fused import (_feed_forward, adopt_checked, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
-                              register_block, self_attention_ok, swap_blocks)
+from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, Modulation,
+                              adopt_checked, dispatch_kwargs, modulation_chunk, per_token_modulation, register_block,
+                              self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
