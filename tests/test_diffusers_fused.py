@@ -424,11 +424,11 @@ def test_run_length_finds_the_runs_every_table_repeats(monkeypatch):
 
 
 def test_every_fused_class_takes_its_original_s_block_registry_entry():
-    """diffusers' block-level hooks read a block's output positions from ``TransformerBlockRegistry``: once
-    ``quantize`` has fused a block (``mend_registry``), each original has its fused class's entry, diffusers' own
-    where it has one, but for Bria's double block: diffusers 0.42 says its output 0 is the hidden states, but it
-    returns (encoder_hidden_states, hidden_states), as Flux's does (test_flux_copies_fused.py runs a block cache on a
-    partly fused Bria)."""
+    """diffusers' block-level hooks read a block's output positions (and argument names) from
+    ``TransformerBlockRegistry``: once ``quantize`` has fused a block (``mend_registry``), each original has its fused
+    class's entry, diffusers' own where it has one, but for Bria's double block: diffusers 0.42 says its output 0 is
+    the hidden states, but it returns (encoder_hidden_states, hidden_states), as Flux's does (test_flux_copies_fused.py
+    runs a block cache on a partly fused Bria)."""
     import importlib
     import pkgutil
 
@@ -449,12 +449,14 @@ def test_every_fused_class_takes_its_original_s_block_registry_entry():
 
     fused = [c for c in registry if c.__name__.startswith("Fused")]
     assert len(fused) >= 20
-    diffusers_own = {c.__mro__[1]: entry(c.__mro__[1]) for c in fused}
+    diffusers_own = {c.__mro__[1]: entry(c.__mro__[1]) for c in fused if c.__mro__[1] in registry}
     mend_registry()
     for cls in fused:
         original = cls.__mro__[1]
         assert entry(cls) == entry(original), cls.__name__
         if original.__name__ == "BriaTransformerBlock":
             assert entry(cls) == (1, 0)
-        else:   # (diffusers' own entries, and the fused classes' entries for the originals it has none for)
+        elif original in diffusers_own:   # (the others: the fused class's entry, given to the original)
             assert entry(original) == diffusers_own[original], cls.__name__
+        for name in ("hidden_states_argument_name", "encoder_hidden_states_argument_name"):
+            assert getattr(registry[cls], name) == getattr(registry[original], name), cls.__name__
