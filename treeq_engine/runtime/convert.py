@@ -272,6 +272,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("CogView4TransformerBlock",), "CogView4", "cogview4_fused", "fuse_cogview4_blocks", (0, 42)),
                     (("Kandinsky5TransformerDecoderBlock", "Kandinsky5TransformerEncoderBlock"), "Kandinsky 5",
                      "kandinsky5_fused", "fuse_kandinsky5_blocks", (0, 42)),
+                    (("OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"), "Ovis-Image", "ovis_fused",
+                     "fuse_ovis_blocks", (0, 42)),
                     (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)),
                     (("CosmosTransformerBlock",), "Cosmos", "cosmos_fused", "fuse_cosmos_blocks", (0, 42)),
                     (("MochiTransformerBlock",), "Mochi", "mochi_fused", "fuse_mochi_blocks", (0, 35)),

@@ -69,6 +69,10 @@ try:
     from diffusers.models.transformers import transformer_bria_fibo as _fibo
 except ImportError:
     _fibo = None
+try:
+    from diffusers.models.transformers import transformer_ovis_image as _ovis
+except ImportError:
+    _ovis = None
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
                               _plain_layer_norm, _project, adopt_checked, dispatch_kwargs, kernel_modulation,
@@ -76,8 +80,8 @@ from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forwa
 
 
 # the attentions a FLUX.1-style block may run, each with the processor whose computation the fused path repeats:
-# Flux's, and the copies LongCat-Image's, Bria's and Bria FIBO's blocks run (Flux's classes but for the names, and a
-# processor that splits the heads by their count rather than their width: the same split on one device)
+# Flux's, and the copies LongCat-Image's, Bria's, Bria FIBO's and Ovis-Image's blocks run (Flux's classes but for the
+# names, and a processor that splits the heads by their count rather than their width: the same split on one device)
 FLUX_ATTENTIONS: dict[type, type] = {FluxAttention: FluxAttnProcessor}
 if _longcat is not None:
     FLUX_ATTENTIONS[_longcat.LongCatImageAttention] = _longcat.LongCatImageAttnProcessor
@@ -85,6 +89,8 @@ if _bria is not None:
     FLUX_ATTENTIONS[_bria.BriaAttention] = _bria.BriaAttnProcessor
 if _fibo is not None:
     FLUX_ATTENTIONS[_fibo.BriaFiboAttention] = _fibo.BriaFiboAttnProcessor
+if _ovis is not None:   # (Ovis-Image's blocks: ovis_fused)
+    FLUX_ATTENTIONS[_ovis.OvisImageAttention] = _ovis.OvisImageAttnProcessor
 
 
 def _gelu_tanh(act: nn.Module) -> bool:
@@ -274,18 +280,22 @@ def _joint_sdpa(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
 
 def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tensor, rotary: Any,
                 mask: torch.Tensor | None = None, *, attention: Callable[..., torch.Tensor] | None = None,
-                clip_fp16: bool = True) -> torch.Tensor:
+                clip_fp16: bool = True, swiglu: bool = False) -> torch.Tensor:
     """A FLUX.1-style single block (Flux's, Chroma's on ``x = [text; image]``; HunyuanVideo's, with its
     ``attention``, on ``[image; text]``) with its modulation ``mod`` (B, 3, D) and ``m32`` (3, B, D) float32: the
     fused kernels' ``x + gate · proj_out([attention ; GELU(proj_mlp)])``, clipped to float16's range in float16
-    where the original block clips (``clip_fp16``: Flux's do, HunyuanVideo's do not)."""
+    where the original block clips (``clip_fp16``: Flux's do, HunyuanVideo's do not). ``swiglu``: proj_mlp gives
+    [h, g] and the MLP is ``act_mlp(g) · h`` (Ovis-Image's), between the kernels."""
     attention = attention or _attention
     norm, attn = block.norm, block.attn
     b, s, d = x.shape
     x2 = x.reshape(b * s, d).contiguous()
     mlp, q, k, v = _project((block.proj_mlp, attn.to_q, attn.to_k, attn.to_v), x2,
                             lambda: norm.norm(x) * (1 + mod[:, 1:2]) + mod[:, 0:1], ln_eps=norm.norm.eps,
-                            shift=m32[0], scale=m32[1], gelu=(True,), act=block.act_mlp)
+                            shift=m32[0], scale=m32[1], gelu=() if swiglu else (True,), act=block.act_mlp)
+    if swiglu:
+        hidden, gate = mlp.chunk(2, dim=-1)
+        mlp = block.act_mlp(gate) * hidden
     o = attention(attn, q, k, v, b, rotary, mask=mask)
     y = _gated_out(block.proj_out, torch.cat([o, mlp.view(b, s, -1)], dim=2), x2, b, m32[2], mod[:, 2:3])
     y = y.view(b, s, d)
@@ -295,11 +305,12 @@ def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tenso
 def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
                 mc: tuple[torch.Tensor, torch.Tensor], rotary: Any, mask: torch.Tensor | None = None, *,
                 attention: Callable[..., torch.Tensor] | None = None, text_first: bool = True,
-                clip_fp16: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                clip_fp16: bool = True, ff: Callable[..., torch.Tensor] = _ff) -> tuple[torch.Tensor, torch.Tensor]:
     """A FLUX.1-style double block (Flux's, Chroma's; HunyuanVideo's with its ``attention``, whose output has the
     image tokens first: not ``text_first``) on the image tokens ``h`` and text ``c`` with each stream's modulation
     ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``, the text clipped to
-    float16's range in float16 where the original block clips (``clip_fp16``)."""
+    float16's range in float16 where the original block clips (``clip_fp16``). ``ff``: the feed-forwards' gated
+    residual (``_ff``'s arguments: GELU(tanh) feed-forwards; Ovis-Image's are SwiGLU)."""
     attention = attention or _attention
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     (mod, m32), (cmod, c32) = m, mc
@@ -316,14 +327,16 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
     oc, oh = o.split_with_sizes([text, t], dim=1) if text_first else o.split_with_sizes([t, text], dim=1)[::-1]
     h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
     c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
-    h2 = _ff(block.ff, block.norm2, h2, b, mod, m32)
-    c2 = _ff(block.ff_context, block.norm2_context, c2, b, cmod, c32)
+    h2 = ff(block.ff, block.norm2, h2, b, mod, m32)
+    c2 = ff(block.ff_context, block.norm2_context, c2, b, cmod, c32)
     cv = c2.view(b, text, d)
     return (cv.clip(-65504, 65504) if clip_fp16 and cv.dtype == torch.float16 else cv), h2.view(b, t, d)
 
 
-def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """The fused forward of a FLUX.1-style single block (module docstring); ``unfused(*args)`` is diffusers' own."""
+def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...],
+                    single: Callable[..., torch.Tensor] = flux_single) -> Any:
+    """The fused forward of a FLUX.1-style single block (module docstring), ``single`` its computation;
+    ``unfused(*args)`` is diffusers' own."""
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     norm, attn = block.norm, block.attn
     if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
@@ -335,12 +348,14 @@ def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
     m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
     if m is None:
         return unfused(*args)
-    y = flux_single(block, x, *m, image_rotary_emb)
+    y = single(block, x, *m, image_rotary_emb)
     return y[:, :text], y[:, text:]
 
 
-def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """The fused forward of a FLUX.1-style double block (module docstring); ``unfused(*args)`` is diffusers' own."""
+def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...],
+                    double: Callable[..., tuple[torch.Tensor, torch.Tensor]] = flux_double) -> Any:
+    """The fused forward of a FLUX.1-style double block (module docstring), ``double`` its computation;
+    ``unfused(*args)`` is diffusers' own."""
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
@@ -351,7 +366,7 @@ def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
     m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
     if m is None or mc is None:
         return unfused(*args)
-    return flux_double(block, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
+    return double(block, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
