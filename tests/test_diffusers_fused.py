@@ -424,39 +424,43 @@ def test_run_length_finds_the_runs_every_table_repeats(monkeypatch):
 
 
 def test_every_fused_class_takes_its_original_s_block_registry_entry():
-    """diffusers' block-level hooks read a block's output positions (and argument names) from
-    ``TransformerBlockRegistry``: once ``quantize`` has fused a block (``mend_registry``), each original has its fused
-    class's entry, diffusers' own where it has one, but for Bria's double block: diffusers 0.42 says its output 0 is
-    the hidden states, but it returns (encoder_hidden_states, hidden_states), as Flux's does (test_flux_copies_fused.py
-    runs a block cache on a partly fused Bria)."""
+    """diffusers' block-level hooks read a block's output positions and argument names from
+    ``TransformerBlockRegistry``: once a fused class is imported, it has its original's entry, and the original
+    keeps diffusers' own, or gets the fused class's where diffusers has none, but for Bria's double block: diffusers
+    0.42 says its output 0 is the hidden states, but it returns (encoder_hidden_states, hidden_states), as Flux's does
+    (test_flux_copies_fused.py runs a block cache on a partly fused Bria)."""
     import importlib
     import pkgutil
 
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     import treeq_engine.runtime as runtime
-    from treeq_engine.runtime.diffusers_fused import mend_registry
 
+    def entry(registry, cls):
+        meta = registry[cls]
+        return (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
+                meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
+
+    # diffusers' own entries, registered afresh into an empty registry
+    saved = TransformerBlockRegistry._registry, TransformerBlockRegistry._is_registered
+    TransformerBlockRegistry._registry, TransformerBlockRegistry._is_registered = {}, False
+    try:
+        TransformerBlockRegistry._register()
+        own = {cls: entry(TransformerBlockRegistry._registry, cls) for cls in TransformerBlockRegistry._registry}
+    finally:
+        TransformerBlockRegistry._registry, TransformerBlockRegistry._is_registered = saved
     for m in pkgutil.iter_modules(runtime.__path__):
         if m.name.endswith("_fused"):
             importlib.import_module(f"treeq_engine.runtime.{m.name}")
-    TransformerBlockRegistry._register()
     registry = TransformerBlockRegistry._registry
-
-    def entry(cls):
-        meta = registry[cls]
-        return meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
-
     fused = [c for c in registry if c.__name__.startswith("Fused")]
-    assert len(fused) >= 20
-    diffusers_own = {c.__mro__[1]: entry(c.__mro__[1]) for c in fused if c.__mro__[1] in registry}
-    mend_registry()
+    assert len(fused) >= 25
     for cls in fused:
         original = cls.__mro__[1]
-        assert entry(cls) == entry(original), cls.__name__
+        assert entry(registry, cls) == entry(registry, original), cls.__name__
         if original.__name__ == "BriaTransformerBlock":
-            assert entry(cls) == (1, 0)
-        elif original in diffusers_own:   # (the others: the fused class's entry, given to the original)
-            assert entry(original) == diffusers_own[original], cls.__name__
-        for name in ("hidden_states_argument_name", "encoder_hidden_states_argument_name"):
-            assert getattr(registry[cls], name) == getattr(registry[original], name), cls.__name__
+            assert entry(registry, cls)[:2] == (1, 0) and own[original][:2] == (0, None)
+        elif original in own:
+            assert entry(registry, original) == own[original], cls.__name__
+    kandinsky = [c for c in fused if c.__name__ == "FusedKandinsky5TransformerDecoderBlock"]
+    assert [entry(registry, c)[2] for c in kandinsky] == ["visual_embed"]

@@ -236,10 +236,6 @@ def fuse_blocks(model: nn.Module) -> int:
                 continue
             fused += fuse(model)
         _register_fused_names(model)
-        if fused:
-            from .diffusers_fused import mend_registry
-
-            mend_registry()
     return fused
 
 

@@ -581,29 +581,22 @@ def swap_blocks(model: nn.Module, choose: Callable[[nn.Module], type | None],
     return len(swaps)
 
 
-# the fused classes' block registry entries: (hidden_states index, encoder_hidden_states index) of their outputs
-_ENTRIES: dict[type, tuple[int, int | None]] = {}
+# the fused classes' block registry entries: (hidden_states index, encoder_hidden_states index) of their outputs,
+# and their forwards' argument names where they are not diffusers' defaults
+_ENTRIES: dict[type, tuple[int, int | None, dict[str, str]]] = {}
 
 
-def register_block(fused: type, hidden_index: int, encoder_index: int | None = None) -> None:
+def register_block(fused: type, hidden_index: int, encoder_index: int | None = None, **names: str) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
-    applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class an entry with its
-    outputs' positions (its original's, ``type.__mro__[1]``: the same forward signature). ``mend_registry`` completes
-    it once ``quantize`` has fused a block. Written into the registry directly: its ``register`` first imports every
-    transformer diffusers knows (a second or two)."""
-    _ENTRIES[fused] = (hidden_index, encoder_index)
-    registry = _block_registry()
-    if registry is not None and fused not in registry:
-        _set_entry(registry, fused, hidden_index, encoder_index)
-
-
-def mend_registry() -> None:
-    """Fill diffusers' block registry (a second or two, once), then give each fused class the argument names of
-    diffusers' entry for its original (Kandinsky 5's visual block names its rows ``visual_embed``), and each
-    original the fused class's entry where diffusers has none (Sana's, Chroma's, SkyReels-V2's blocks, ...) or one
-    that names other outputs (diffusers 0.42 says Bria's double block returns the hidden states first; it returns
-    (encoder_hidden_states, hidden_states), as Flux's does): an unfused and a partly fused model take the same hooks
-    as a fused one. Called by ``quantize`` when it fused a block."""
+    applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
+    original (``type.__mro__[1]``: the same forward signature), with its outputs' positions and the argument names
+    ``names`` (``hidden_states_argument_name``, ...) or else diffusers' entry's; and give the original the fused
+    class's entry where diffusers has none (Sana's, Chroma's, SkyReels-V2's blocks, ...) or one that names other
+    outputs (diffusers 0.42 says Bria's double block returns the hidden states first; it returns
+    (encoder_hidden_states, hidden_states), as Flux's does): an unfused, a fused and a partly fused model take the
+    same hooks, in whichever process a fused class is imported (unpickling a fused model imports it too). Fills
+    diffusers' registry first, which imports every transformer diffusers knows (a second or two, once)."""
+    _ENTRIES[fused] = (hidden_index, encoder_index, names)
     registry = _block_registry()
     if registry is None:
         return
@@ -611,15 +604,14 @@ def mend_registry() -> None:
 
     try:
         TransformerBlockRegistry._register()
-    except ImportError:   # (a transformer diffusers' registration imports is missing: its block hooks fail alike)
-        return
-    for fused, (hidden_index, encoder_index) in _ENTRIES.items():
-        original = fused.__mro__[1]
-        meta = registry.get(original)
-        _set_entry(registry, fused, hidden_index, encoder_index, like=meta)
-        if meta is None or (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) != \
-                (hidden_index, encoder_index):
-            _set_entry(registry, original, hidden_index, encoder_index, like=meta)
+    except ImportError:   # (a transformer diffusers' registration imports is missing: it registered what it could)
+        pass
+    original = fused.__mro__[1]
+    meta = registry.get(original)
+    _set_entry(registry, fused, hidden_index, encoder_index, meta, names)
+    if meta is None or (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index) != \
+            (hidden_index, encoder_index):
+        _set_entry(registry, original, hidden_index, encoder_index, meta, names)
 
 
 def _block_registry() -> dict[type, Any] | None:
@@ -631,16 +623,16 @@ def _block_registry() -> dict[type, Any] | None:
     return registry if isinstance(registry, dict) and hasattr(TransformerBlockRegistry, "_register") else None
 
 
-def _set_entry(registry: dict[type, Any], cls: type, hidden_index: int, encoder_index: int | None,
-               like: Any = None) -> None:
-    """``cls``'s entry: its outputs' positions, the forward's argument names ``like``'s where given (diffusers' entry
-    for the original), else diffusers' defaults."""
+def _set_entry(registry: dict[type, Any], cls: type, hidden_index: int, encoder_index: int | None, like: Any,
+               names: dict[str, str]) -> None:
+    """``cls``'s entry: its outputs' positions, the forward's argument names ``names``, else ``like``'s (diffusers'
+    entry for the original), else diffusers' defaults."""
     from diffusers.hooks._helpers import TransformerBlockMetadata
 
-    names = {k: getattr(like, k) for k in ("hidden_states_argument_name", "encoder_hidden_states_argument_name")
-             if like is not None and hasattr(like, k)}
+    fields = ("hidden_states_argument_name", "encoder_hidden_states_argument_name")
+    kept = {k: getattr(like, k) for k in fields if like is not None and hasattr(like, k)}
     meta = TransformerBlockMetadata(return_hidden_states_index=hidden_index,
-                                    return_encoder_hidden_states_index=encoder_index, **names)
+                                    return_encoder_hidden_states_index=encoder_index, **(kept | names))
     meta._cls = cls
     registry[cls] = meta
 

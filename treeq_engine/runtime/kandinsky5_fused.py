@@ -196,4 +196,5 @@ def fuse_kandinsky5_blocks(model: nn.Module) -> int:
     return swap_blocks(model, choose, _linears)
 
 
-register_block(FusedKandinsky5TransformerDecoderBlock, 0)   # (returns the visual rows alone, as the original)
+register_block(FusedKandinsky5TransformerDecoderBlock, 0,   # (returns the visual rows alone, as the original)
+               hidden_states_argument_name="visual_embed")
