@@ -67,7 +67,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     flux_style_parts_fall_back(fused, kw, want, PER_FORWARD["ln"])
-    for part in ("ff", "ff_context.net.0", "ff.net.0.activation"):
+    for part in ("ff", "ff_context.net.0", "ff.net.0.activation", "ff.net.0.proj", "ff_context.net.2"):
         seen = []
         h = fused.transformer_blocks[1].get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
@@ -78,19 +78,43 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     another_processor_and_training(fused, fused.transformer_blocks[0].attn, attention, kw, want,
                                    PER_FORWARD["ln"] - 4)
 
+    # the attention's keyword arguments: diffusers' forward (the fused path would fail: it must not run)
+    block, plain = fused.single_transformer_blocks[0], unfused.single_transformer_blocks[0]
+    g = torch.Generator().manual_seed(3)
+    h, text, temb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 8, 16, generator=g), torch.randn(2, 16)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(mmdit_fused, "flux_single", None)
+        mp.setattr(ovis_fused, "flux_single", None)
+        for a, b in zip(block(h, text, temb, None, {"unknown": 1}), plain(h, text, temb, None)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
     quantized = copy.deepcopy(model)
     quantize(quantized, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32, fuse=False)
     for cls, block in ((mmdit_fused.FusedFluxTransformerBlock, quantized.transformer_blocks[0]),
-                       (ovis_fused.FusedOvisImageSingleTransformerBlock, quantized.transformer_blocks[0])):
+                       (mmdit_fused.FusedFluxSingleTransformerBlock, quantized.single_transformer_blocks[0]),
+                       (ovis_fused.FusedOvisImageSingleTransformerBlock, quantized.transformer_blocks[0]),
+                       (ovis_fused.FusedOvisImageTransformerBlock, quantized.single_transformer_blocks[0])):
         with pytest.raises(ValueError, match=f"{cls.__name__} handles"):
             cls(block)
 
 
 def test_half_precision():
-    """bf16 within its rounding; in float16 the single block's output clips to float16's range, as diffusers'
-    does."""
+    """bf16 and float16 within their rounding; in float16 the single block's output clips to float16's range, as
+    diffusers' does (rows near float16's largest value and gates of ten or so: unclipped, the sums overflow)."""
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
     half_agrees(tiny().to(torch.float16), call(dtype=torch.float16), dtype=torch.float16)
+    model = tiny().to(torch.float16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.float16)
+    g = torch.Generator().manual_seed(1)
+    h, text = ((6.5e4 * torch.randn(2, n, 16, generator=g)).clamp(-65504, 65504).half() for n in (16, 8))
+    temb = (10 * torch.randn(2, 16, generator=g)).half()
+    with torch.no_grad():
+        got = fused.single_transformer_blocks[0](h, text, temb, None)
+        want = unfused.single_transformer_blocks[0](h, text, temb, None)
+    assert any((w.abs() == 65504).any() for w in want)   # (diffusers clipped something)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu

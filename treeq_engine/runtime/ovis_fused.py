@@ -61,8 +61,8 @@ def _single_supported(block: nn.Module) -> bool:
     d = getattr(block.proj_out, "out_features", None)
     return (isinstance(d, int) and type(block.act_mlp) is nn.SiLU and _adaln(block.norm, AdaLayerNormZeroSingle, d)
             and _flux_heads(block.attn) and block.attn.pre_only
-            and block.proj_mlp.out_features == 2 * block.mlp_hidden_dim
-            and block.proj_out.in_features == d + block.mlp_hidden_dim)
+            and getattr(block.proj_mlp, "out_features", None) == 2 * block.mlp_hidden_dim
+            and getattr(block.proj_out, "in_features", None) == d + block.mlp_hidden_dim)
 
 
 def _swiglu_ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
