@@ -134,8 +134,9 @@ def test_bf16_blocks():
 
 def test_the_block_registry_entry():
     """The fused visual block takes diffusers' entry for the original, its argument name (``visual_embed``)
-    included; FirstBlockCache, which asks for ``hidden_states`` by that name in diffusers 0.42, fails on a partly
-    fused model as it fails on the float one."""
+    included: MagCache, which reads the rows by that name, runs on a fused model as on the float one; FirstBlockCache,
+    which asks for ``hidden_states`` by that name in diffusers 0.42, fails on a partly fused model as it fails on the
+    float one."""
     from diffusers.hooks import apply_first_block_cache
     from diffusers.hooks._helpers import TransformerBlockRegistry
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -161,6 +162,15 @@ def test_the_block_registry_entry():
         _set_cache_context(m, CacheContext("test"))   # (what a CacheMixin's cache_context does)
         with torch.no_grad(), pytest.raises(ValueError, match="'hidden_states' not found"):
             m(**call())
+    # MagCache asks for the rows by the entry's name: it runs on a fused model as on the float one
+    from diffusers.hooks import apply_mag_cache
+
+    _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    for m in (fused, tiny()):
+        apply_mag_cache(m, diffusers.MagCacheConfig(calibrate=True, num_inference_steps=2))
+        _set_cache_context(m, CacheContext("test"))
+        with torch.no_grad():
+            assert torch.isfinite(m(**call()).sample).all()
 
 
 @pytest.mark.gpu
