@@ -581,11 +581,6 @@ def swap_blocks(model: nn.Module, choose: Callable[[nn.Module], type | None],
     return len(swaps)
 
 
-# the fused classes' block registry entries: (hidden_states index, encoder_hidden_states index) of their outputs,
-# and their forwards' argument names where they are not diffusers' defaults
-_ENTRIES: dict[type, tuple[int, int | None, dict[str, str]]] = {}
-
-
 def register_block(fused: type, hidden_index: int, encoder_index: int | None = None, **names: str) -> None:
     """diffusers' block-level hooks (FirstBlockCache, MagCache, layer skip of a whole block, as SkipLayerGuidance
     applies it) look a block's exact class up in ``TransformerBlockRegistry``: give a fused class the entry of its
@@ -596,7 +591,6 @@ def register_block(fused: type, hidden_index: int, encoder_index: int | None = N
     (encoder_hidden_states, hidden_states), as Flux's does): an unfused, a fused and a partly fused model take the
     same hooks, in whichever process a fused class is imported (unpickling a fused model imports it too). Fills
     diffusers' registry first, which imports every transformer diffusers knows (a second or two, once)."""
-    _ENTRIES[fused] = (hidden_index, encoder_index, names)
     registry = _block_registry()
     if registry is None:
         return
