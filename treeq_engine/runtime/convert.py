@@ -270,6 +270,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "kandinsky5_fused", "fuse_kandinsky5_blocks", (0, 42)),
                     (("OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"), "Ovis-Image", "ovis_fused",
                      "fuse_ovis_blocks", (0, 42)),
+                    (("AnyFlowTransformerBlock",), "AnyFlow", "anyflow_fused", "fuse_anyflow_blocks", (0, 42)),
                     (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)),
                     (("CosmosTransformerBlock",), "Cosmos", "cosmos_fused", "fuse_cosmos_blocks", (0, 42)),
                     (("MochiTransformerBlock",), "Mochi", "mochi_fused", "fuse_mochi_blocks", (0, 35)),

@@ -1,0 +1,143 @@
+"""Fused AnyFlow blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
+``AnyFlowTransformerBlock`` (AnyFlow, and AnyFlow FAR's causal video generation: the class in each module).
+
+The block is Wan's (:mod:`.wan_fused`) under a per-token modulation: the model hands every block one timestep
+projection per token (B, S, 6, D) (a timestep per frame), which each block adds to its own ``scale_shift_table``:
+
+    q, k, v = to_q/k/v ← Q(mod(LN(h), shift_1, scale_1))
+    h = h + gate_1 · attn1(q, k, v)        (the processor's own: RMSNorm, rotary, FAR's block mask and KV cache)
+    h = h + attn2(norm2(h), text)           (as diffusers computes it)
+    h = h + gate_2 · ffn.net[2](Q(GELU(ffn.net[0].proj(Q(mod(LN(h), shift_2, scale_2))))))
+
+Where a linear is a :class:`TreeQLinear` with quantized activations, LayerNorm + modulate + quantization run in its
+``quantize_input`` kernel (one call shared by to_q/to_k/to_v with one activation spec and no Monarch branch, one for
+the feed-forward), GELU(tanh) and ffn.net[2]'s codes in ffn.net[0].proj's epilogue, the feed-forward's gated
+residual in ffn.net[2]'s. The kernels take one modulation group per run of tokens sharing a timestep (the runs found
+once per forward on the projections every block is handed). The self-attention runs its processor itself
+(``AnyFlowAttnProcessor``, or FAR's ``AnyFlowCausalAttnProcessor`` with its KV cache) on a view of the attention
+whose projections return the kernels' outputs (``HandedAttention``), so its norms, rotary embedding, cache and
+to_out are diffusers' own; its gated residual is added in float32 as diffusers adds it. Fused and unfused agree to
+the model dtype's rounding, not bit for bit.
+
+A block is swapped only in the structure diffusers builds (float32 LayerNorms without affine, an ``AnyFlowAttention``
+self-attention without image projections, a GELU(tanh) feed-forward) with a packed linear with quantized activations
+to fuse. It runs diffusers' own forward in training mode, on other input ranks or modulation shapes, with fused
+projections, and when a norm the kernel computes or the self-attention carries a hook or another processor; a
+feed-forward that is hooked runs as diffusers computes it. diffusers' block registry has no entry for the original
+(``register_block`` gives it the fused class's). The state dict is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.transformers import transformer_anyflow as _anyflow
+from diffusers.models.transformers import transformer_anyflow_far as _far
+
+from .diffusers_fused import (_bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, adopt_checked,
+                              hand_projections, per_token_modulation, register_block, swap_blocks)
+from .linear import runs_packed_kernels as _quantized
+from .wan_fused import _fp32_layer_norm
+
+PROJECTIONS = ("to_q", "to_k", "to_v")
+# each module's block with its attention class, and the self-attention processors whose computation the fused path
+# hands the kernels' projections to (the bidirectional one, FAR's causal one)
+_ATTENTIONS = {_anyflow.AnyFlowTransformerBlock: _anyflow.AnyFlowAttention,
+               _far.AnyFlowTransformerBlock: _far.AnyFlowAttention}
+_PROCESSORS = (_anyflow.AnyFlowAttnProcessor, _far.AnyFlowAttnProcessor, _far.AnyFlowCausalAttnProcessor)
+
+
+def _supported(block: nn.Module) -> bool:
+    attention = _ATTENTIONS.get(type(block))
+    if attention is None or _forward_wrapped(block):
+        return False
+    table = getattr(block, "scale_shift_table", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 3:
+        return False
+    d = table.shape[-1]
+    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d) and _fp32_layer_norm(block.norm3, d)
+            and type(block.attn1) is attention and getattr(block.attn1, "add_k_proj", None) is None
+            and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    a = block.attn1
+    return [a.to_q, a.to_k, a.to_v, block.ffn.net[0].proj, block.ffn.net[2]]
+
+
+def _attention_ok(attn: Any) -> bool:
+    """The self-attention computes what the fused path hands it to (checked on every forward): one of its processors
+    exactly, unfused projections, no hook on it or on a projection the kernels run."""
+    return (type(attn.processor) in _PROCESSORS and not getattr(attn, "fused_projections", False)
+            and not _hooked(attn) and not any(_bypassed_hook(getattr(attn, n)) for n in PROJECTIONS))
+
+
+def _forward(block: Any, unfused: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             temb: torch.Tensor, rotary_emb: Any, attention_mask: Any, kv_cache: Any,
+             kv_cache_flag: Any) -> torch.Tensor:
+    """The fused forward of an AnyFlow block (module docstring); ``unfused`` is diffusers' own."""
+    def fallback() -> torch.Tensor:
+        return unfused(hidden_states, encoder_hidden_states, temb, rotary_emb, attention_mask, kv_cache, kv_cache_flag)
+
+    h, a1 = hidden_states, block.attn1
+    if (block.training or h.ndim != 3 or temb.ndim != 4 or tuple(temb.shape) != (*h.shape[:2], 6, h.shape[2])
+            or _hooked(block.norm1) or _hooked(block.norm3) or not _attention_ok(a1)):
+        return fallback()
+    b, s, d = h.shape
+    table = block.scale_shift_table[0]
+
+    def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
+        return table[i] + temb[:, :, i].float()
+
+    m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (the runs found once per forward, on temb)
+    handed, rows = hand_projections(a1, PROJECTIONS, h,
+                                    lambda: (block.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h),
+                                    ln_eps=block.norm1.eps, shift=m32[0], scale=m32[1])
+    cache = {} if kv_cache is None else {"kv_cache": kv_cache, "kv_cache_flag": kv_cache_flag}
+    o = a1.processor(handed, rows, rotary_emb=rotary_emb, attention_mask=attention_mask, **cache)
+    h = (h.float() + o * chunk(2)).type_as(h)
+    h = h + block.attn2(hidden_states=block.norm2(h.float()).type_as(h), encoder_hidden_states=encoder_hidden_states)
+    if _quantized(block.ffn.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
+        return _ff(block.ffn, block.norm3, h.reshape(b * s, d).contiguous(), b, chunk, m32).view(b, s, d)
+    x = (block.norm3(h.float()) * (1 + chunk(4)) + chunk(3)).type_as(h)
+    return (h.float() + block.ffn(x).float() * chunk(5)).type_as(h)
+
+
+class FusedAnyFlowTransformerBlock(_anyflow.AnyFlowTransformerBlock):
+    """An ``AnyFlowTransformerBlock`` running the fused packed kernels (module docstring)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        adopt_checked(self, block, _ATTENTIONS, _supported)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: Any, attention_mask: Any, kv_cache: Any = None, kv_cache_flag: Any = None) -> torch.Tensor:
+        return _forward(self, super().forward, hidden_states, encoder_hidden_states, temb, rotary_emb,
+                        attention_mask, kv_cache, kv_cache_flag)
+
+
+class FusedAnyFlowFARTransformerBlock(_far.AnyFlowTransformerBlock):
+    """AnyFlow FAR's ``AnyFlowTransformerBlock`` (the same class in its own module) running the fused packed
+    kernels (module docstring)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        adopt_checked(self, block, _ATTENTIONS, _supported)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: Any, attention_mask: Any, kv_cache: Any = None, kv_cache_flag: Any = None) -> torch.Tensor:
+        return _forward(self, super().forward, hidden_states, encoder_hidden_states, temb, rotary_emb,
+                        attention_mask, kv_cache, kv_cache_flag)
+
+
+_FUSED = {_anyflow.AnyFlowTransformerBlock: FusedAnyFlowTransformerBlock,
+          _far.AnyFlowTransformerBlock: FusedAnyFlowFARTransformerBlock}
+
+
+def fuse_anyflow_blocks(model: nn.Module) -> int:
+    """Swap every AnyFlow block of ``model`` that a fused class handles and that has a packed linear with quantized
+    activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: _FUSED[type(m)] if _supported(m) else None, _linears)
+
+
+for _fused in _FUSED.values():
+    register_block(_fused, 0)   # (returns hidden_states alone, as the original)
