@@ -97,9 +97,14 @@ def test_far_s_kv_cache_is_filled_as_diffusers_fills_it():
     caches = [{name: torch.zeros(2, b, 2, 64, d // 2) for name in ("compressed_cache", "full_cache")}
               for _ in range(2)]
     flag = {"is_cache_step": True, "num_compressed_tokens": 0, "num_full_tokens": s}
-    with torch.no_grad():
+    norm_fused = []
+    orig = TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         want = unfused.blocks[0](*args, kv_cache=caches[0], kv_cache_flag=flag)
+        mp.setattr(TreeQLinear, "quantize_input",
+                   lambda self, x2, **k: norm_fused.append(k.get("ln_eps") is not None) or orig(self, x2, **k))
         got = fused.blocks[0](*args, kv_cache=caches[1], kv_cache_flag=flag)
+    assert sum(norm_fused) == 2   # (the fused path ran: q/k/v's and the feed-forward's norm-fused quantizations)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert caches[0]["full_cache"].abs().max() > 0
     torch.testing.assert_close(caches[1]["full_cache"], caches[0]["full_cache"], rtol=1e-5, atol=1e-5)
@@ -125,6 +130,17 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     quantize(quantized, QuantPlan.block_uniform(model, 4, 8), dtype=torch.float32, fuse=False)
     with pytest.raises(ValueError, match="FusedAnyFlowFARTransformerBlock handles .*transformer_anyflow_far"):
         anyflow_fused.FusedAnyFlowFARTransformerBlock(quantized.blocks[0])
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_inference_mode(far):
+    """Under torch.inference_mode (its tensors keep no version counter) the fused model runs and equals the unfused
+    one, the per-token modulation's runs still found once per forward."""
+    model = tiny(far)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    with torch.inference_mode():
+        kw = call(far)
+        torch.testing.assert_close(fused(**kw).sample, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("far", [False, True])

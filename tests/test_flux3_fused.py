@@ -200,6 +200,10 @@ def test_the_kernel_tables_are_found_once_per_forward_and_never_for_other_tensor
     t = torch.randn(2, 4, 24, generator=g)
     diffusers_fused._ONCE[(id(t),)] = ([ref], [t._version], torch.zeros(3, 8, 8))
     torch.testing.assert_close(_kernel_tables([t], 8), fresh(t), rtol=0, atol=0)
+    with torch.inference_mode():   # (tensors without a version counter: cached while they live)
+        u = torch.randn(2, 4, 24, generator=g)
+        assert _kernel_tables([u], 8) is _kernel_tables([u], 8)
+        torch.testing.assert_close(_kernel_tables([u], 8), fresh(u), rtol=0, atol=0)
     for _ in range(5):   # (and unplanted, whatever addresses the allocator hands out)
         del t
         t = torch.randn(2, 4, 24, generator=g)

@@ -23,8 +23,9 @@ A block is swapped only in the structure diffusers builds (float32 LayerNorms wi
 self-attention without image projections, a GELU(tanh) feed-forward) with a packed linear with quantized activations
 to fuse. It runs diffusers' own forward in training mode, on other input ranks or modulation shapes, with fused
 projections, and when a norm the kernel computes or the self-attention carries a hook or another processor; a
-feed-forward that is hooked runs as diffusers computes it. diffusers' block registry has no entry for the original
-(``register_block`` gives it the fused class's). The state dict is unchanged.
+feed-forward that is hooked runs as diffusers computes it. diffusers' block registry has no entry for the original,
+nor for the fused class: a block cache would skip FAR's blocks, whose cache steps write the KV cache. The state dict
+is unchanged.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from diffusers.models.transformers import transformer_anyflow as _anyflow
 from diffusers.models.transformers import transformer_anyflow_far as _far
 
 from .diffusers_fused import (_bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, adopt_checked,
-                              hand_projections, per_token_modulation, register_block, swap_blocks)
+                              hand_projections, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import _fp32_layer_norm
 
@@ -139,5 +140,3 @@ def fuse_anyflow_blocks(model: nn.Module) -> int:
     return swap_blocks(model, lambda m: _FUSED[type(m)] if _supported(m) else None, _linears)
 
 
-for _fused in _FUSED.values():
-    register_block(_fused, 0)   # (returns hidden_states alone, as the original)

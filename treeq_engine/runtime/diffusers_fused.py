@@ -189,22 +189,27 @@ def run_length(tables: Iterable[torch.Tensor]) -> int:
 # what a forward's blocks would each compute again from the very tensors the model hands them all (the kernels'
 # modulation tables of FLUX.3's and Qwen-Image 2.1's per-token tables): computed once per forward. Keyed by the
 # tensors' identities, held weakly and checked alive and unmodified, so an entry never answers for other tensors
-# (CPython reuses a dead object's id) and dies with the forward's tensors.
-_ONCE: dict[tuple[int, ...], tuple[list[weakref.ref], list[int], Any]] = {}
+# (CPython reuses a dead object's id) and dies with the forward's tensors. (A tensor made under torch.inference_mode
+# has no version counter: one changed in place there would not be seen; models hand their blocks these tables
+# unchanged.)
+_ONCE: dict[tuple[int, ...], tuple[list[weakref.ref], list[int | None], Any]] = {}
+
+
+def _versions(tensors: Sequence[torch.Tensor]) -> list[int | None]:
+    return [None if t.is_inference() else t._version for t in tensors]
 
 
 def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
     """``compute()``, once for these very ``tensors`` as long as they live unmodified (see ``_ONCE``)."""
     key = tuple(id(t) for t in tensors)
     hit = _ONCE.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) \
-            and hit[1] == [t._version for t in tensors]:
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == _versions(tensors):
         return hit[2]
     out = compute()
     for k, (refs, _, _) in list(_ONCE.items()):   # (a snapshot, and pop: other threads' forwards prune too)
         if any(r() is None for r in refs):
             _ONCE.pop(k, None)
-    _ONCE[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], out)
+    _ONCE[key] = ([weakref.ref(t) for t in tensors], _versions(tensors), out)
     return out
 
 
