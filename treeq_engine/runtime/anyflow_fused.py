@@ -36,12 +36,12 @@ import torch.nn as nn
 from diffusers.models.transformers import transformer_anyflow as _anyflow
 from diffusers.models.transformers import transformer_anyflow_far as _far
 
-from .diffusers_fused import (_bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, adopt_checked,
-                              hand_projections, per_token_modulation, swap_blocks)
+from .diffusers_fused import (_ff, _forward_wrapped, _hooked, adopt_checked, hand_projections, per_token_modulation,
+                              swap_blocks)
+from .helios_fused import PROJECTIONS, handed_attention_ok, handed_linears
 from .linear import runs_packed_kernels as _quantized
-from .wan_fused import _fp32_layer_norm
+from .wan_fused import wan_structure
 
-PROJECTIONS = ("to_q", "to_k", "to_v")
 # each module's block with its attention class, and the self-attention processors whose computation the fused path
 # hands the kernels' projections to (the bidirectional one, FAR's causal one)
 _ATTENTIONS = {_anyflow.AnyFlowTransformerBlock: _anyflow.AnyFlowAttention,
@@ -51,27 +51,8 @@ _PROCESSORS = (_anyflow.AnyFlowAttnProcessor, _far.AnyFlowAttnProcessor, _far.An
 
 def _supported(block: nn.Module) -> bool:
     attention = _ATTENTIONS.get(type(block))
-    if attention is None or _forward_wrapped(block):
-        return False
-    table = getattr(block, "scale_shift_table", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 3:
-        return False
-    d = table.shape[-1]
-    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d) and _fp32_layer_norm(block.norm3, d)
-            and type(block.attn1) is attention and getattr(block.attn1, "add_k_proj", None) is None
-            and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
-
-
-def _linears(block: nn.Module) -> list[nn.Module]:
-    a = block.attn1
-    return [a.to_q, a.to_k, a.to_v, block.ffn.net[0].proj, block.ffn.net[2]]
-
-
-def _attention_ok(attn: Any) -> bool:
-    """The self-attention computes what the fused path hands it to (checked on every forward): one of its processors
-    exactly, unfused projections, no hook on it or on a projection the kernels run."""
-    return (type(attn.processor) in _PROCESSORS and not getattr(attn, "fused_projections", False)
-            and not _hooked(attn) and not any(_bypassed_hook(getattr(attn, n)) for n in PROJECTIONS))
+    return (attention is not None and not _forward_wrapped(block) and wan_structure(block, attention)
+            and getattr(block.attn1, "add_k_proj", None) is None)
 
 
 def _forward(block: Any, unfused: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -83,7 +64,7 @@ def _forward(block: Any, unfused: Any, hidden_states: torch.Tensor, encoder_hidd
 
     h, a1 = hidden_states, block.attn1
     if (block.training or h.ndim != 3 or temb.ndim != 4 or tuple(temb.shape) != (*h.shape[:2], 6, h.shape[2])
-            or _hooked(block.norm1) or _hooked(block.norm3) or not _attention_ok(a1)):
+            or _hooked(block.norm1) or _hooked(block.norm3) or not handed_attention_ok(a1, _PROCESSORS)):
         return fallback()
     b, s, d = h.shape
     table = block.scale_shift_table[0]
@@ -137,6 +118,6 @@ _FUSED = {_anyflow.AnyFlowTransformerBlock: FusedAnyFlowTransformerBlock,
 def fuse_anyflow_blocks(model: nn.Module) -> int:
     """Swap every AnyFlow block of ``model`` that a fused class handles and that has a packed linear with quantized
     activations to fuse; returns how many were swapped."""
-    return swap_blocks(model, lambda m: _FUSED[type(m)] if _supported(m) else None, _linears)
+    return swap_blocks(model, lambda m: _FUSED[type(m)] if _supported(m) else None, handed_linears)
 
 

@@ -36,35 +36,30 @@ import torch.nn as nn
 from diffusers.models.transformers.transformer_helios import (HeliosAttention, HeliosAttnProcessor,
                                                               HeliosTransformerBlock)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _hooked, hand_projections,
+from .diffusers_fused import (_adopt, _bypassed_hook, _ff, _forward_wrapped, _hooked, hand_projections,
                               per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
-from .wan_fused import _fp32_layer_norm
+from .wan_fused import wan_structure
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
 def _supported(block: nn.Module) -> bool:
-    if type(block) is not HeliosTransformerBlock or _forward_wrapped(block):
-        return False
-    table = getattr(block, "scale_shift_table", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 3:
-        return False
-    d = table.shape[-1]
-    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d) and _fp32_layer_norm(block.norm3, d)
-            and type(block.attn1) is HeliosAttention and block.attn1.add_k_proj is None
-            and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
+    return (type(block) is HeliosTransformerBlock and not _forward_wrapped(block)
+            and wan_structure(block, HeliosAttention) and block.attn1.add_k_proj is None)
 
 
-def _linears(block: nn.Module) -> list[nn.Module]:
+def handed_linears(block: nn.Module) -> list[nn.Module]:
+    """The linears the fused path runs in a Wan-style block whose self-attention is handed its projections
+    (Helios', AnyFlow's): q, k, v and the feed-forward's."""
     a = block.attn1
     return [a.to_q, a.to_k, a.to_v, block.ffn.net[0].proj, block.ffn.net[2]]
 
 
-def _attention_ok(attn: Any) -> bool:
-    """The self-attention computes what the fused path hands it to (checked on every forward): its processor
-    exactly, unfused projections, no hook on it or on a projection the kernels run."""
-    return (type(attn.processor) is HeliosAttnProcessor and not getattr(attn, "fused_projections", False)
+def handed_attention_ok(attn: Any, processors: tuple[type, ...]) -> bool:
+    """The self-attention computes what the fused path hands it to (checked on every forward): one of
+    ``processors`` exactly, unfused projections, no hook on it or on a projection the kernels run."""
+    return (type(attn.processor) in processors and not getattr(attn, "fused_projections", False)
             and not _hooked(attn) and not any(_bypassed_hook(getattr(attn, n)) for n in PROJECTIONS))
 
 
@@ -82,7 +77,7 @@ class FusedHeliosTransformerBlock(HeliosTransformerBlock):
         args = (hidden_states, encoder_hidden_states, temb, rotary_emb, original_context_length)
         h, a1 = hidden_states, self.attn1
         if (self.training or h.ndim != 3 or temb.ndim != 4 or tuple(temb.shape) != (*h.shape[:2], 6, h.shape[2])
-                or _hooked(self.norm1) or _hooked(self.norm3) or not _attention_ok(a1)):
+                or _hooked(self.norm1) or _hooked(self.norm3) or not handed_attention_ok(a1, (HeliosAttnProcessor,))):
             return super().forward(*args)
         b, s, d = h.shape
         table = self.scale_shift_table[0]
@@ -115,4 +110,4 @@ class FusedHeliosTransformerBlock(HeliosTransformerBlock):
 def fuse_helios_blocks(model: nn.Module) -> int:
     """Swap every Helios block of ``model`` that the fused class handles and that has a packed linear with quantized
     activations to fuse; returns how many were swapped."""
-    return swap_blocks(model, lambda m: FusedHeliosTransformerBlock if _supported(m) else None, _linears)
+    return swap_blocks(model, lambda m: FusedHeliosTransformerBlock if _supported(m) else None, handed_linears)

@@ -99,17 +99,21 @@ def _self_attention_ok(attn: Any, family: _Family) -> bool:
     return getattr(attn, "add_k_proj", None) is None and self_attention_ok(attn, family.attention, family.processor)
 
 
-def _wan_supported(block: nn.Module) -> bool:
-    family = _FAMILIES.get(type(block))
-    if family is None or _forward_wrapped(block):
-        return False
+def wan_structure(block: nn.Module, attention: type) -> bool:
+    """``block`` is built as diffusers builds Wan's (Helios', AnyFlow's): a (1, 6, D) ``scale_shift_table``, float32
+    LayerNorms without affine around a self-attention of class ``attention`` and a GELU(tanh) feed-forward."""
     table = getattr(block, "scale_shift_table", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 3:
         return False
     d = table.shape[-1]
     return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d)
-            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is family.attention
+            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is attention
             and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
+
+
+def _wan_supported(block: nn.Module) -> bool:
+    family = _FAMILIES.get(type(block))
+    return family is not None and not _forward_wrapped(block) and wan_structure(block, family.attention)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
