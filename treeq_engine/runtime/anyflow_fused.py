@@ -36,9 +36,8 @@ import torch.nn as nn
 from diffusers.models.transformers import transformer_anyflow as _anyflow
 from diffusers.models.transformers import transformer_anyflow_far as _far
 
-from .diffusers_fused import (_ff, _forward_wrapped, _hooked, adopt_checked, hand_projections, per_token_modulation,
-                              swap_blocks)
-from .helios_fused import PROJECTIONS, handed_attention_ok, handed_linears
+from .diffusers_fused import _ff, _forward_wrapped, _hooked, adopt_checked, swap_blocks
+from .helios_fused import handed_attention_ok, handed_linears, handed_self_attention
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import wan_structure
 
@@ -67,15 +66,7 @@ def _forward(block: Any, unfused: Any, hidden_states: torch.Tensor, encoder_hidd
             or _hooked(block.norm1) or _hooked(block.norm3) or not handed_attention_ok(a1, _PROCESSORS)):
         return fallback()
     b, s, d = h.shape
-    table = block.scale_shift_table[0]
-
-    def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
-        return table[i] + temb[:, :, i].float()
-
-    m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (the runs found once per forward, on temb)
-    handed, rows = hand_projections(a1, PROJECTIONS, h,
-                                    lambda: (block.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h),
-                                    ln_eps=block.norm1.eps, shift=m32[0], scale=m32[1])
+    chunk, m32, handed, rows = handed_self_attention(block, h, temb)
     cache = {} if kv_cache is None else {"kv_cache": kv_cache, "kv_cache_flag": kv_cache_flag}
     o = a1.processor(handed, rows, rotary_emb=rotary_emb, attention_mask=attention_mask, **cache)
     h = (h.float() + o * chunk(2)).type_as(h)

@@ -29,15 +29,15 @@ state dict is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from diffusers.models.transformers.transformer_helios import (HeliosAttention, HeliosAttnProcessor,
                                                               HeliosTransformerBlock)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _ff, _forward_wrapped, _hooked, hand_projections,
-                              per_token_modulation, swap_blocks)
+from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _ff, _forward_wrapped, _hooked,
+                              hand_projections, per_token_modulation, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import wan_structure
 
@@ -54,6 +54,25 @@ def handed_linears(block: nn.Module) -> list[nn.Module]:
     (Helios', AnyFlow's): q, k, v and the feed-forward's."""
     a = block.attn1
     return [a.to_q, a.to_k, a.to_v, block.ffn.net[0].proj, block.ffn.net[2]]
+
+
+def handed_self_attention(block: Any, h: torch.Tensor, temb: torch.Tensor
+                          ) -> tuple[Callable[[int], torch.Tensor], torch.Tensor, HandedAttention, torch.Tensor]:
+    """A Wan-style block's per-token modulation of ``h`` by its (B, S, 6, D) ``temb``: chunk i of diffusers' float32
+    table + temb, (B, S, D), when asked; the kernels' (6, G, D) groups (the runs found once per forward, on
+    ``temb``); and its self-attention's q/k/v from the quantization kernel, handed to a view of the attention, with the
+    rows to call its processor with (``hand_projections``)."""
+    b, s, _ = h.shape
+    table = block.scale_shift_table[0]
+
+    def chunk(i: int) -> torch.Tensor:
+        return table[i] + temb[:, :, i].float()
+
+    m32 = per_token_modulation(chunk, b * s, runs_of=temb)
+    handed, rows = hand_projections(block.attn1, PROJECTIONS, h,
+                                    lambda: (block.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h),
+                                    ln_eps=block.norm1.eps, shift=m32[0], scale=m32[1])
+    return chunk, m32, handed, rows
 
 
 def handed_attention_ok(attn: Any, processors: tuple[type, ...]) -> bool:
@@ -80,15 +99,7 @@ class FusedHeliosTransformerBlock(HeliosTransformerBlock):
                 or _hooked(self.norm1) or _hooked(self.norm3) or not handed_attention_ok(a1, (HeliosAttnProcessor,))):
             return super().forward(*args)
         b, s, d = h.shape
-        table = self.scale_shift_table[0]
-
-        def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
-            return table[i] + temb[:, :, i].float()
-
-        m32 = per_token_modulation(chunk, b * s, runs_of=temb)   # (the runs found once per forward, on temb)
-        handed, rows = hand_projections(a1, PROJECTIONS, h,
-                                        lambda: (self.norm1(h.float()) * (1 + chunk(1)) + chunk(0)).type_as(h),
-                                        ln_eps=self.norm1.eps, shift=m32[0], scale=m32[1])
+        chunk, m32, handed, rows = handed_self_attention(self, h, temb)
         o = a1.processor(handed, rows, None, None, rotary_emb, original_context_length)
         h = (h.float() + o * chunk(2)).type_as(h)
 
