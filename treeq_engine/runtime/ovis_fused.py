@@ -17,7 +17,7 @@ A block is swapped only in the structure diffusers builds (FLUX.1's adaLNs and L
 SiLU after the single block's proj_mlp of twice the MLP width) with a packed linear with quantized activations to
 fuse; it falls back to diffusers' forward as Flux's blocks do (``mmdit_fused``), and a hooked feed-forward runs as
 diffusers computes it. diffusers' block registry has no entry for either block (``register_block`` gives the
-originals the fused classes' once ``quantize`` has fused a block). The state dict is unchanged.
+originals the fused classes' when they are imported). The state dict is unchanged.
 """
 from __future__ import annotations
 
