@@ -276,6 +276,14 @@ def self_attention_ok(attn: Any, kind: type[Any], processor: type[Any]) -> bool:
         and not _bypassed_hook(out)
 
 
+def runs_processor(attn: Any, processors: tuple[type, ...],
+                   projections: Sequence[str] = ("to_q", "to_k", "to_v")) -> bool:
+    """``attn`` computes what a fused path computes with it or hands it to: one of ``processors`` exactly, no hook on
+    it, none on a projection the kernels run in its place (``projections``). (Checked on every forward.)"""
+    return (type(attn.processor) in processors and not _hooked(attn)
+            and not any(_bypassed_hook(getattr(attn, n)) for n in projections))
+
+
 def dispatch_kwargs(proc: Any) -> dict[str, Any]:
     """What a diffusers processor passes ``dispatch_attention_fn`` besides the tensors: its backend, and its context
     parallel configuration where this diffusers has one (0.36 added it)."""

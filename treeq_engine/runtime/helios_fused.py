@@ -36,8 +36,8 @@ import torch.nn as nn
 from diffusers.models.transformers.transformer_helios import (HeliosAttention, HeliosAttnProcessor,
                                                               HeliosTransformerBlock)
 
-from .diffusers_fused import (HandedAttention, _adopt, _bypassed_hook, _ff, _forward_wrapped, _hooked,
-                              hand_projections, per_token_modulation, swap_blocks)
+from .diffusers_fused import (HandedAttention, _adopt, _ff, _forward_wrapped, _hooked, hand_projections,
+                              per_token_modulation, runs_processor, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .wan_fused import wan_structure
 
@@ -78,8 +78,7 @@ def handed_self_attention(block: Any, h: torch.Tensor, temb: torch.Tensor
 def handed_attention_ok(attn: Any, processors: tuple[type, ...]) -> bool:
     """The self-attention computes what the fused path hands it to (checked on every forward): one of
     ``processors`` exactly, unfused projections, no hook on it or on a projection the kernels run."""
-    return (type(attn.processor) in processors and not getattr(attn, "fused_projections", False)
-            and not _hooked(attn) and not any(_bypassed_hook(getattr(attn, n)) for n in PROJECTIONS))
+    return not getattr(attn, "fused_projections", False) and runs_processor(attn, processors, PROJECTIONS)
 
 
 class FusedHeliosTransformerBlock(HeliosTransformerBlock):

@@ -35,8 +35,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ideogram4 import (Ideogram4Attention, Ideogram4AttnProcessor,
                                                                  Ideogram4MLP, Ideogram4TransformerBlock)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, dispatch_kwargs,
-                              rms_factor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
+from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, rms_factor,
+                              runs_processor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
 def _supported(block: nn.Module) -> bool:
@@ -53,14 +53,6 @@ def _supported(block: nn.Module) -> bool:
 def _linears(block: nn.Module) -> list[nn.Module]:
     a, ff = block.attention, block.feed_forward
     return [a.to_q, a.to_k, a.to_v, ff.w1, ff.w3]
-
-
-def _attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: ``Ideogram4AttnProcessor`` exactly, no hook on it, no hook on
-    a projection the kernels run. (Checked on every forward.)"""
-    m = attn._modules
-    return (type(attn.processor) is Ideogram4AttnProcessor and not _hooked(attn)
-            and not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +86,7 @@ class FusedIdeogram4TransformerBlock(Ideogram4TransformerBlock):
         args = (hidden_states, attention_mask, image_rotary_emb, adaln_input)
         x, n1, n3 = hidden_states, self.attention_norm1, self.ffn_norm1
         if (self.training or x.ndim != 3 or adaln_input.ndim != 3 or tuple(adaln_input.shape[:2]) != (x.shape[0], 1)
-                or _hooked(n1) or _hooked(n3) or not _attention_ok(self.attention)):
+                or _hooked(n1) or _hooked(n3) or not runs_processor(self.attention, (Ideogram4AttnProcessor,))):
             return super().forward(*args)   # (a timestep per token: a modulation per token)
         b, s, d = x.shape
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaln_modulation(adaln_input).chunk(4, dim=-1)

@@ -42,7 +42,7 @@ from diffusers.models.transformers.transformer_kandinsky import (Kandinsky5Atten
                                                                  Kandinsky5TransformerEncoderBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              hand_projections, kernel_modulation, register_block, swap_blocks)
+                              hand_projections, kernel_modulation, register_block, runs_processor, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_query", "to_key", "to_value")
@@ -74,13 +74,6 @@ def _linears(block: nn.Module) -> list[nn.Module]:
     a, ff = block.self_attention, block.feed_forward
     out = [a.to_query, a.to_key, a.to_value, ff.in_layer, ff.out_layer]
     return out + ([block.cross_attention.to_query] if type(block) is Kandinsky5TransformerDecoderBlock else [])
-
-
-def _attention_ok(attn: Any, names: tuple[str, ...]) -> bool:
-    """``attn`` computes what the fused path hands it to (checked on every forward): its processor exactly, no hook
-    on it or on a projection the kernels run."""
-    return (type(attn.processor) is Kandinsky5AttnProcessor and not _hooked(attn)
-            and not any(_bypassed_hook(getattr(attn, n)) for n in names))
 
 
 def _modulated(norm: nn.Module, x: torch.Tensor, mod: torch.Tensor, i: int) -> torch.Tensor:
@@ -147,8 +140,8 @@ class FusedKandinsky5TransformerDecoderBlock(Kandinsky5TransformerDecoderBlock):
         x, sa, ca = visual_embed, self.self_attention, self.cross_attention
         norms = (self.self_attention_norm, self.cross_attention_norm, self.feed_forward_norm)
         if (self.training or x.ndim != 3 or text_embed.ndim != 3 or any(_hooked(n) for n in norms)
-                or _hooked(self.visual_modulation) or not _attention_ok(sa, PROJECTIONS)
-                or not _attention_ok(ca, PROJECTIONS[:1])):
+                or _hooked(self.visual_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)
+                or not runs_processor(ca, (Kandinsky5AttnProcessor,), PROJECTIONS[:1])):
             return super().forward(*args)
         b, _, d = x.shape
         m = _modulation(self.visual_modulation, time_embed, b, 9, d)
@@ -173,7 +166,7 @@ class FusedKandinsky5TransformerEncoderBlock(Kandinsky5TransformerEncoderBlock):
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor, rope: Any) -> torch.Tensor:
         sa = self.self_attention
         if (self.training or x.ndim != 3 or _hooked(self.self_attention_norm) or _hooked(self.feed_forward_norm)
-                or _hooked(self.text_modulation) or not _attention_ok(sa, PROJECTIONS)):
+                or _hooked(self.text_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)):
             return super().forward(x, time_embed, rope)
         b, _, d = x.shape
         m = _modulation(self.text_modulation, time_embed, b, 6, d)

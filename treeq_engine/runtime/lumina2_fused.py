@@ -41,7 +41,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import LuminaRMSNormZero
 from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0, Lumina2TransformerBlock
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, rms_factor,
+from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, rms_factor, runs_processor,
                               sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
@@ -64,14 +64,6 @@ def _supported(block: nn.Module) -> bool:
 def _linears(block: nn.Module) -> list[nn.Module]:
     a, ff = block.attn, block.feed_forward
     return [a.to_q, a.to_k, a.to_v, ff.linear_1, ff.linear_3]
-
-
-def _attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: ``Lumina2AttnProcessor2_0`` exactly, no hook on it, no hook on
-    a projection the kernels run. (Checked on every forward.)"""
-    m = attn._modules
-    return (type(attn.processor) is Lumina2AttnProcessor2_0 and not _hooked(attn)
-            and not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")))
 
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, mask: torch.Tensor | None,
@@ -117,7 +109,7 @@ class FusedLumina2TransformerBlock(Lumina2TransformerBlock):
         rms1 = n1.norm if self.modulation else n1
         per_sample = temb is not None and temb.ndim == 2 and temb.shape[0] == x.shape[0]
         if (self.training or x.ndim != 3 or (self.modulation and not per_sample)
-                or any(_hooked(n) for n in (n1, rms1, n3)) or not _attention_ok(self.attn)):
+                or any(_hooked(n) for n in (n1, rms1, n3)) or not runs_processor(self.attn, (Lumina2AttnProcessor2_0,))):
             return super().forward(*args)
         b, s, d = x.shape
         scale_msa = gate_msa = scale_mlp = gate_mlp = None

@@ -40,8 +40,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_z_image import (FeedForward, ZImageTransformerBlock,
                                                                ZSingleStreamAttnProcessor)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, dispatch_kwargs,
-                              register_block, rms_factor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
+from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, register_block,
+                              rms_factor, runs_processor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
 def _zimage_supported(block: nn.Module) -> bool:
@@ -62,14 +62,6 @@ def _zimage_supported(block: nn.Module) -> bool:
 def _linears(block: nn.Module) -> list[nn.Module]:
     a, ff = block.attention, block.feed_forward
     return [a.to_q, a.to_k, a.to_v, ff.w1, ff.w3]
-
-
-def _attention_ok(attn: Any) -> bool:
-    """``attn`` computes what the fused path computes: ``ZSingleStreamAttnProcessor`` exactly, no hook on it, no
-    hook on a projection the kernels run. (Checked on every forward.)"""
-    m = attn._modules
-    return (type(attn.processor) is ZSingleStreamAttnProcessor and not _hooked(attn)
-            and not any(_bypassed_hook(m[n]) for n in ("to_q", "to_k", "to_v")))
 
 
 def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -118,7 +110,7 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         args = (x, attn_mask, freqs_cis, adaln_input)
         n1, n3 = self.attention_norm1, self.ffn_norm1
         if (self.training or noise_mask is not None or x.ndim != 3 or (self.modulation and adaln_input is None)
-                or _hooked(n1) or _hooked(n3) or not _attention_ok(self.attention)):
+                or _hooked(n1) or _hooked(n3) or not runs_processor(self.attention, (ZSingleStreamAttnProcessor,))):
             return super().forward(*args, **omni)
         b, s, d = x.shape
         scale_msa = gate_msa = scale_mlp = gate_mlp = None
