@@ -12,6 +12,7 @@ pytest.importorskip("diffusers.models.transformers.transformer_anyflow_far", rea
 
 from test_mmdit_fused import (another_processor_and_training, count_kernels, gpu_fused_matches,  # noqa: E402
                               half_agrees, pair)
+from test_zimage_fused import exact, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
@@ -117,13 +118,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     block = fused.blocks[0]
-    for part, ln in (("norm1", 2), ("attn1", 2), ("attn1.to_k", 2), ("ffn", 1)):
-        seen = []
-        h = block.get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
-        calls, got = count_kernels(fused, kw)
-        h.remove()
-        assert seen and calls["ln"] == PER_FORWARD["ln"] - ln, part
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    hooks_cost(fused, [(f"blocks.0.{p}", fewer) for p, fewer in (("norm1", 2), ("attn1", 2), ("attn1.to_k", 2),
+                                                                 ("ffn", 1))], kw, want, PER_FORWARD["ln"], exact)
     another_processor_and_training(fused, block.attn1, type(block.attn1.processor), kw, want, PER_FORWARD["ln"] - 2)
 
     quantized = copy.deepcopy(model)
