@@ -280,7 +280,9 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("Ideogram4TransformerBlock",), "Ideogram 4", "ideogram4_fused", "fuse_ideogram4_blocks", (0, 42)),
                     (("QwenImage21TransformerBlock",), "Qwen-Image 2.1", "qwenimage21_fused", "fuse_qwenimage21_blocks",
                      (0, 42)),
-                    (("HeliosTransformerBlock",), "Helios", "helios_fused", "fuse_helios_blocks", (0, 42)))
+                    (("HeliosTransformerBlock",), "Helios", "helios_fused", "fuse_helios_blocks", (0, 42)),
+                    (("AuraFlowJointTransformerBlock", "AuraFlowSingleTransformerBlock"), "AuraFlow",
+                     "auraflow_fused", "fuse_auraflow_blocks", (0, 42)))
 
 
 def _diffusers_version() -> tuple[int, int]:

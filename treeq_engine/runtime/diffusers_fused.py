@@ -72,6 +72,13 @@ def _plain_layer_norm(norm: Any, dim: int) -> bool:
             and tuple(norm.normalized_shape) == (dim,))
 
 
+def plain_fp32_layer_norm(norm: Any, dim: int) -> bool:
+    """diffusers' ``FP32LayerNorm`` without affine over the last dim (Wan's, AuraFlow's): LayerNorm in float32, what
+    the quantization kernel computes."""
+    return (type(norm) is FP32LayerNorm and norm.weight is None and norm.bias is None
+            and tuple(norm.normalized_shape) == (dim,))
+
+
 def weighted_rms_norm(norm: Any, dim: int) -> bool:
     """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
     return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None

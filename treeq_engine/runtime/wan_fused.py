@@ -39,7 +39,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 
 try:   # (diffusers' copies of Wan's block: absent from older releases)
@@ -56,15 +55,9 @@ except ImportError:
     _animate = None
 
 from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, Modulation,
-                              adopt_checked, dispatch_kwargs, modulation_chunk, per_token_modulation, register_block,
-                              self_attention_ok, swap_blocks)
+                              adopt_checked, dispatch_kwargs, modulation_chunk, per_token_modulation,
+                              plain_fp32_layer_norm, register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
-
-
-def _fp32_layer_norm(norm: Any, dim: int) -> bool:
-    """Wan's float32 LayerNorm without affine over the last dim (what the quantization kernel computes)."""
-    return (type(norm) is FP32LayerNorm and norm.weight is None and norm.bias is None
-            and tuple(norm.normalized_shape) == (dim,))
 
 
 @dataclass(frozen=True)
@@ -106,8 +99,8 @@ def wan_structure(block: nn.Module, attention: type) -> bool:
     if not isinstance(table, torch.Tensor) or table.dim() != 3:
         return False
     d = table.shape[-1]
-    return (tuple(table.shape) == (1, 6, d) and _fp32_layer_norm(block.norm1, d)
-            and _fp32_layer_norm(block.norm3, d) and type(block.attn1) is attention
+    return (tuple(table.shape) == (1, 6, d) and plain_fp32_layer_norm(block.norm1, d)
+            and plain_fp32_layer_norm(block.norm3, d) and type(block.attn1) is attention
             and _feed_forward(block.ffn, d) and block.ffn.net[0].approximate == "tanh")
 
 
