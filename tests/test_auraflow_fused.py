@@ -131,6 +131,64 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         FusedAuraFlowSingleTransformerBlock(quantized.joint_transformer_blocks[1])
 
 
+def test_broadcast_batches_and_promoted_dtypes_run_diffusers_forward():
+    """A text or temb batch of 1 for latents of 2 (diffusers broadcasts them), a float32 temb for bf16 rows (diffusers
+    promotes the block's rows and returns float32): diffusers' forward, its output and dtype; the adaLN linears run
+    once per call, as unfused."""
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    kw["encoder_hidden_states"] = kw["encoder_hidden_states"][:1]
+    with torch.no_grad():
+        exact(fused(**kw).sample, unfused(**kw).sample)
+    g = torch.Generator().manual_seed(7)
+    h, c = torch.randn(2, 24, 32, generator=g), torch.randn(2, 6, 32, generator=g)
+    temb = torch.randn(1, 32, generator=g)
+    for m in (fused, unfused):
+        seen = []
+        for blocks in (m.joint_transformer_blocks, m.single_transformer_blocks):
+            blocks[0].norm1.linear.register_forward_pre_hook(lambda *a: seen.append(1))
+        with torch.no_grad():
+            out = m.joint_transformer_blocks[0](h, c, temb), m.single_transformer_blocks[0](h, temb)
+        assert len(seen) == 2
+        if m is fused:
+            got = out
+    for a, b in zip((*got[0], got[1]), (*out[0], out[1]), strict=True):
+        exact(a, b)
+
+    model = tiny().to(torch.bfloat16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    h, c, temb = h.bfloat16(), c.bfloat16(), temb.expand(2, 32)
+    with torch.no_grad():
+        for args in ((h, c, temb), (h, c.float(), temb.bfloat16())):
+            got, want = fused.joint_transformer_blocks[0](*args), unfused.joint_transformer_blocks[0](*args)
+            assert [t.dtype for t in got] == [t.dtype for t in want]
+            for a, b in zip(got, want, strict=True):
+                exact(a, b)
+        got, want = fused.single_transformer_blocks[0](h, temb), unfused.single_transformer_blocks[0](h, temb)
+    assert got.dtype == want.dtype == torch.float32
+    exact(got, want)
+
+
+def test_the_joint_attention_with_another_processor():
+    """The joint block's attention given another processor (a subclass, or diffusers' fused-projection one on
+    projections fused by hand): diffusers' forward; packed projections with the fused flag: an error."""
+    from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
+
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    attn = fused.joint_transformer_blocks[1].attn
+    attn.fused_projections = True
+    with pytest.raises(RuntimeError, match="fused_projections is set on an attention with packed projections"):
+        with torch.no_grad():
+            fused(**kw)
+    attn.fused_projections = False
+    another_processor_then_training(fused, attn, AuraFlowAttnProcessor2_0, kw, want, PER_FORWARD["ln"], 4)
+
+
 def test_bf16():
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
 

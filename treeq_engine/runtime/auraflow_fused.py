@@ -23,8 +23,10 @@ the model dtype), not bit for bit.
 A block is swapped only in the structure diffusers builds (adaLN-Zero without embedder over float32 LayerNorms
 without affine, ``AuraFlowFeedForward``, an ``Attention`` with ``AuraFlowAttnProcessor2_0``) with a packed linear
 with quantized activations to fuse. It runs diffusers' own forward in training mode, with ``attention_kwargs``, for a
-``temb`` whose batch is not the latents', when a norm or the attention carries a hook or another processor (the
-fused-projection one too), and a feed-forward that carries a hook (or whose packed linear does) runs as the module.
+``temb`` or a text whose batch is not the latents' (diffusers broadcasts them), for a text or modulation in another
+dtype than the latents' (diffusers promotes the block's rows), when a norm or the attention carries a hook or another
+processor (the fused-projection one too); a feed-forward that carries a hook (or whose packed linear does) runs as
+the module.
 diffusers' block-level hooks (FirstBlockCache, MagCache) find both classes, fused or not, in
 ``TransformerBlockRegistry`` (diffusers 0.42 has no entry for them). The state dict is unchanged.
 """
@@ -41,8 +43,8 @@ from diffusers.models.transformers.auraflow_transformer_2d import (AuraFlowFeedF
                                                                    AuraFlowSingleTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _project,
-                              joint_attention_ok, kernel_modulation, plain_fp32_layer_norm, register_block,
-                              self_attention_ok, swap_blocks)
+                              joint_attention_ok, kernel_modulation, plain_fp32_layer_norm, refuse_fused_projections,
+                              register_block, self_attention_ok, swap_blocks)
 
 _TEXT = ("add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -141,9 +143,12 @@ def _feed_forward_out(ff: Any, norm: nn.Module, s2: torch.Tensor, x2: torch.Tens
     return _gated_out(ff.out_projection, F.silu(g) * u, x2, b, m32[5], mod[:, 5:6])
 
 
-def _modulation(norm: Any, temb: torch.Tensor, b: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _modulation(norm: Any, temb: torch.Tensor, b: int, d: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The six vectors as diffusers computes them, (B, 6, D), and as the kernels take them; None where they are not
+    (B, 6·D) in the rows' ``dtype`` (diffusers' forward then promotes the block's rows: its output's dtype too)."""
     mod = norm.linear(norm.silu(temb))
-    if mod.shape != (b, 6 * d):   # (a broadcast conditioning batch: diffusers' forward handles it)
+    if mod.shape != (b, 6 * d) or mod.dtype != dtype:
         return None
     mod = mod.view(b, 6, d)
     return mod, kernel_modulation(mod)
@@ -171,14 +176,20 @@ def _fused_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...
     norms = [block.norm1, block.norm1.norm, block.norm2]
     if joint:
         norms += [block.norm1_context, block.norm1_context.norm, block.norm2_context]
-    ok = (joint_attention_ok(attn, AuraFlowAttnProcessor2_0, ("to_q", "to_k", "to_v") + _TEXT) if joint
-          else self_attention_ok(attn, Attention, AuraFlowAttnProcessor2_0))
-    if (block.training or attention_kwargs or h.ndim != 3 or (joint and c.ndim != 3) or not ok
-            or any(_hooked(n) for n in norms)):
+    if joint:
+        refuse_fused_projections(attn, ("to_q", "to_k", "to_v") + _TEXT)   # (a dense copy of packed layers)
+        ok = not attn.fused_projections and joint_attention_ok(attn, AuraFlowAttnProcessor2_0,
+                                                               ("to_q", "to_k", "to_v") + _TEXT)
+    else:
+        ok = self_attention_ok(attn, Attention, AuraFlowAttnProcessor2_0)
+    b = h.shape[0]
+    # (a text or temb batch other than the latents' broadcasts in diffusers' forward; rows of another dtype promote)
+    if (block.training or attention_kwargs or h.ndim != 3 or temb.ndim != 2 or temb.shape[0] != b or not ok
+            or (joint and (c.ndim != 3 or c.shape[0] != b or c.dtype != h.dtype)) or any(_hooked(n) for n in norms)):
         return unfused(*args)
-    b, _, d = h.shape
-    m = _modulation(block.norm1, temb, b, d)
-    mc = _modulation(block.norm1_context, temb, b, d) if joint else None
+    d = h.shape[2]
+    m = _modulation(block.norm1, temb, b, d, h.dtype)
+    mc = _modulation(block.norm1_context, temb, b, d, h.dtype) if joint and m is not None else None
     if m is None or (joint and mc is None):
         return unfused(*args)
     mod, m32 = m
