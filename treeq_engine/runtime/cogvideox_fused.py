@@ -50,7 +50,7 @@ except ImportError:
     ConsisIDBlock = None
 
 from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, adopt_checked,
-                              register_block, self_attention_ok, swap_blocks)
+                              folded_affine, register_block, self_attention_ok, swap_blocks)
 
 
 def _layer_norm(norm: Any, dim: int) -> bool:
@@ -87,17 +87,6 @@ def _streams(norm: CogVideoXLayerNormZero, temb: torch.Tensor, b: int, d: int) -
     return mod.view(b, 2, 3, d) if mod.shape == (b, 6 * d) else None
 
 
-def _folded(ln: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(shift, scale)`` (B, D) with ``ln``'s affine folded in, as the kernel takes them: float32 (module
-    docstring)."""
-    s, t = scale.float(), shift.float()
-    if ln.bias is not None:
-        t = ln.bias.float() * (1 + s) + t
-    if ln.weight is not None:
-        s = ln.weight.float() * (1 + s) - 1
-    return t.contiguous(), s.contiguous()
-
-
 def _stream_modulation(block: Any, m1: torch.Tensor, m2: torch.Tensor,
                        stream: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One stream's modulation (0: video, 1: text) in the six-vector layout of ``_ff``: as diffusers uses them,
@@ -106,7 +95,7 @@ def _stream_modulation(block: Any, m1: torch.Tensor, m2: torch.Tensor,
     mod = torch.cat([m1[:, stream], m2[:, stream]], dim=1)
     parts: list[torch.Tensor] = []
     for norm, m in ((block.norm1, m1), (block.norm2, m2)):
-        shift, scale = _folded(norm.norm, m[:, stream, 0], m[:, stream, 1])
+        shift, scale = folded_affine(norm.norm, m[:, stream, 0], m[:, stream, 1])
         parts += [shift, scale, m[:, stream, 2].float()]
     return mod, torch.stack(parts)
 

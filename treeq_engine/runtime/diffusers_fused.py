@@ -79,6 +79,18 @@ def plain_fp32_layer_norm(norm: Any, dim: int) -> bool:
             and tuple(norm.normalized_shape) == (dim,))
 
 
+def folded_affine(ln: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's modulate arguments ``(shift, scale)``, float32 (G, D), for ``LN_w,b(x) · (1 + scale) + shift``
+    (CogVideoX's, HunyuanDiT's LayerNorms with affine): the kernel normalizes without affine, so it takes
+    ``LN(x) · (1 + (w(1 + scale) − 1)) + (b(1 + scale) + shift)``."""
+    s, t = scale.float(), shift.float()
+    if ln.bias is not None:
+        t = ln.bias.float() * (1 + s) + t
+    if ln.weight is not None:
+        s = ln.weight.float() * (1 + s) - 1
+    return t.contiguous(), s.contiguous()
+
+
 def weighted_rms_norm(norm: Any, dim: int) -> bool:
     """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
     return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None
