@@ -251,6 +251,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("SkyReelsV2TransformerBlock",), "SkyReels-V2", "wan_fused", "fuse_wan_blocks", (0, 42)),
                     (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),
                     (("SanaTransformerBlock",), "Sana", "sana_fused", "fuse_sana_blocks", (0, 32)),
+                    (("SanaVideoTransformerBlock",), "Sana-Video", "sana_fused", "fuse_sana_blocks", (0, 42)),
                     (("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), "FLUX.2", "flux2_fused",
                      "fuse_flux2_blocks", (0, 36)),
                     (("ZImageTransformerBlock",), "Z-Image", "zimage_fused", "fuse_zimage_blocks", (0, 36)),
