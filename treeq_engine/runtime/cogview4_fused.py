@@ -1,5 +1,6 @@
 """Fused CogView4 blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
-``CogView4TransformerBlock`` (CogView4-6B, its Control variant).
+``CogView4TransformerBlock`` (CogView4-6B, its Control variant), and for CogView3-Plus's block
+(:class:`FusedCogView3PlusTransformerBlock`).
 
 The text ``c`` and the image tokens ``h`` share every linear of the block, as in CogVideoX's: the processor projects
 the joined rows [text; image], and one feed-forward serves both streams. ``CogView4AdaLayerNormZero`` gives each
@@ -42,9 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from diffusers.models.normalization import CogView3PlusAdaLayerNormZeroTextImage
+from diffusers.models.transformers.transformer_cogview3plus import CogView3PlusTransformerBlock
 from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayerNormZero, CogView4AttnProcessor,
                                                                 CogView4TransformerBlock)
 
+from .cogvideox_fused import _attention as _cogvideox_attention
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
                               _project, kernel_modulation, register_block, self_attention_ok, swap_blocks)
 
@@ -139,10 +144,75 @@ class FusedCogView4TransformerBlock(CogView4TransformerBlock):
         return h2.view(b, t, d), c2.view(b, text, d)
 
 
+def _plus_supported(block: nn.Module) -> bool:
+    if type(block) is not CogView3PlusTransformerBlock or _forward_wrapped(block):
+        return False
+    n1, attn = block.norm1, block.attn1
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and type(n1) is CogView3PlusAdaLayerNormZeroTextImage and _plain_layer_norm(n1.norm_x, d)
+            and _plain_layer_norm(n1.norm_c, d) and isinstance(n1.linear, nn.Module)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention
+            and attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0
+            and all(n is None or type(n) is nn.LayerNorm for n in (attn.norm_q, attn.norm_k)))
+
+
+class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
+    """A ``CogView3PlusTransformerBlock`` (CogView3-Plus-3B) running the fused packed kernels: CogView4's fusions
+    (module docstring) with ``CogView3PlusAdaLayerNormZeroTextImage``'s twelve vectors (the image's six, then the
+    text's) and ``CogVideoXAttnProcessor2_0``'s attention (no mask, no rotary embedding); in float16 each output
+    clipped to the format's range after its residual, as diffusers clips it. It runs diffusers' forward in training
+    mode, without text, for an ``emb`` whose batch or dtype is not the latents' (diffusers broadcasts and promotes),
+    a text of another batch or dtype, and when a norm, the attention or any module the two streams share carries a
+    hook or another processor."""
+
+    def __init__(self, block: CogView3PlusTransformerBlock) -> None:
+        if not _plus_supported(block):
+            raise ValueError("FusedCogView3PlusTransformerBlock handles CogView3PlusTransformerBlock in the structure "
+                             "diffusers builds")
+        _adopt(self, block)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (hidden_states, encoder_hidden_states, emb)
+        h, c, n1, attn = hidden_states, encoder_hidden_states, self.norm1, self.attn1
+        shared = (n1, n1.norm_x, n1.norm_c, n1.linear, n1.silu, self.norm2, self.norm2_context, self.ff, *self.ff.net,
+                  *_linears(self))
+        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or c.shape[0] != h.shape[0]
+                or c.dtype != h.dtype or emb.ndim != 2 or emb.shape[0] != h.shape[0]
+                or any(_hooked(m) for m in shared)
+                or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
+            return super().forward(*args)
+        b, t, d = h.shape
+        text = c.shape[1]
+        mod = n1.linear(n1.silu(emb))
+        if mod.shape != (b, 12 * d) or mod.dtype != h.dtype:
+            return super().forward(*args)
+        mod_h, mod_c = mod.view(b, 2, 6, d).unbind(1)   # (B, 6, D) each, DiT's layout: the image's, then the text's
+        m32_h, m32_c = kernel_modulation(mod_h), kernel_modulation(mod_c)
+        h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
+        qkv = (attn.to_q, attn.to_k, attn.to_v)
+        image = _project(qkv, h2, lambda: n1.norm_x(h) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1],
+                         ln_eps=n1.norm_x.eps, shift=m32_h[0], scale=m32_h[1])
+        words = _project(qkv, c2, lambda: n1.norm_c(c) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1],
+                         ln_eps=n1.norm_c.eps, shift=m32_c[0], scale=m32_c[1])
+        oc, oh = _cogvideox_attention(attn, tuple(words), tuple(image), b, None)
+        h2 = _gated_out(attn.to_out[0], oh, h2, b, m32_h[2], mod_h[:, 2:3])
+        c2 = _gated_out(attn.to_out[0], oc, c2, b, m32_c[2], mod_c[:, 2:3])
+        h2 = _ff(self.ff, self.norm2, h2, b, mod_h, m32_h).view(b, t, d)
+        c2 = _ff(self.ff, self.norm2_context, c2, b, mod_c, m32_c).view(b, text, d)
+        if h.dtype == torch.float16:
+            h2, c2 = h2.clip(-65504, 65504), c2.clip(-65504, 65504)
+        return h2, c2
+
+
 def fuse_cogview4_blocks(model: nn.Module) -> int:
-    """Swap every CogView4 block of ``model`` that :class:`FusedCogView4TransformerBlock` handles and that has a
-    packed linear with quantized activations to fuse; returns how many were swapped."""
-    return swap_blocks(model, lambda m: FusedCogView4TransformerBlock if _supported(m) else None, _linears)
+    """Swap every CogView4 and CogView3-Plus block of ``model`` that the fused classes handle and that has a packed
+    linear with quantized activations to fuse; returns how many were swapped."""
+    return swap_blocks(model, lambda m: FusedCogView4TransformerBlock if _supported(m)
+                       else FusedCogView3PlusTransformerBlock if _plus_supported(m) else None, _linears)
 
 
 register_block(FusedCogView4TransformerBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
+register_block(FusedCogView3PlusTransformerBlock, 0, 1)
