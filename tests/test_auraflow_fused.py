@@ -165,8 +165,11 @@ def test_broadcast_batches_and_promoted_dtypes_run_diffusers_forward():
             assert [t.dtype for t in got] == [t.dtype for t in want]
             for a, b in zip(got, want, strict=True):
                 exact(a, b)
+        seen = []
+        for m in (fused, unfused):
+            m.single_transformer_blocks[0].norm1.linear.register_forward_pre_hook(lambda *a: seen.append(1))
         got, want = fused.single_transformer_blocks[0](h, temb), unfused.single_transformer_blocks[0](h, temb)
-    assert got.dtype == want.dtype == torch.float32
+    assert got.dtype == want.dtype == torch.float32 and len(seen) == 2   # (the adaLN linear once in each)
     exact(got, want)
 
 

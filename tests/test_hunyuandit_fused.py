@@ -134,8 +134,11 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         block.set_chunk_feed_forward(2)
         assert block(h, c, temb, skip=skip).shape == h.shape
         block.set_chunk_feed_forward(None)
-        with pytest.raises(TypeError):   # (no skip for a block that joins one: diffusers' forward, its error)
-            block(h, c, temb)
+        unfused_forward = []
+        mp.setattr(diffusers.models.transformers.hunyuan_transformer_2d.HunyuanDiTBlock, "forward",
+                   lambda *a, **k: unfused_forward.append(1))
+        block(h, c, temb)   # (no skip for a block that joins one: diffusers' forward, whose error it is)
+        assert unfused_forward == [1]
     assert not calls
     another_processor_then_training(fused, fused.blocks[0].attn2, diffusers.models.attention_processor.
                                     HunyuanAttnProcessor2_0, kw, want, full, 3)
@@ -179,8 +182,12 @@ def test_broadcast_batches_and_promoted_dtypes_run_diffusers_forward():
         for args in ((h, c.float(), temb, None, skip), (h, c, temb.float(), None, skip),
                      (h, c, temb, None, skip.float())):
             for m in (fused, unfused):
+                seen = []
+                hook = m.blocks[3].norm1.linear.register_forward_pre_hook(lambda *a: seen.append(1))
                 with pytest.raises(RuntimeError, match="mixed dtype"):
                     m.blocks[3](*args)
+                hook.remove()
+                assert len(seen) == 1   # (the shift's linear once, as diffusers runs it)
     assert not calls
 
 

@@ -184,7 +184,8 @@ def _fused_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...
         ok = self_attention_ok(attn, Attention, AuraFlowAttnProcessor2_0)
     b = h.shape[0]
     # (a text or temb batch other than the latents' broadcasts in diffusers' forward; rows of another dtype promote)
-    if (block.training or attention_kwargs or h.ndim != 3 or temb.ndim != 2 or temb.shape[0] != b or not ok
+    if (block.training or attention_kwargs or h.ndim != 3 or temb.ndim != 2 or temb.shape[0] != b
+            or temb.dtype != h.dtype or not ok
             or (joint and (c.ndim != 3 or c.shape[0] != b or c.dtype != h.dtype)) or any(_hooked(n) for n in norms)):
         return unfused(*args)
     d = h.shape[2]

@@ -117,7 +117,7 @@ class FusedHunyuanDiTBlock(HunyuanDiTBlock):
                                and not _bypassed_hook(self.skip_linear))
         if (self.training or self._chunk_size is not None or not isinstance(temb, torch.Tensor) or temb.ndim != 2
                 or c is None or h.ndim != 3 or c.ndim != 3 or temb.shape[0] != h.shape[0] or c.shape[0] != h.shape[0]
-                or c.dtype != h.dtype or not joined
+                or c.dtype != h.dtype or temb.dtype != h.dtype or not joined
                 or any(_hooked(n) for n in norms) or not self_attention_ok(a1, Attention, HunyuanAttnProcessor2_0)
                 or not self_attention_ok(a2, Attention, HunyuanAttnProcessor2_0)):
             return super().forward(*args)
