@@ -197,6 +197,35 @@ def test_runtime_fallbacks_run_diffusers_forward(gen, monkeypatch):
         assert any(fused_ln)   # that one was fused
 
 
+def test_latte_s_spatial_and_temporal_blocks():
+    """Latte (Latte-1's configuration: GELU(tanh), LayerNorms without affine) builds PixArt's block twice per layer:
+    a spatial one with its cross-attention, a temporal one without; both fuse, fused equals unfused (float32)."""
+    import diffusers
+
+    from test_mmdit_fused import count_kernels, pair as model_pair
+    from tiny_diffusers import perturbed
+
+    torch.manual_seed(0)
+    model = perturbed(diffusers.LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        caption_channels=8, video_length=3, activation_fn="gelu-approximate", norm_elementwise_affine=False).eval())
+    unfused, fused = model_pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert n_fused(fused) == 4 and fused.temporal_transformer_blocks[0].attn2 is None
+    g = torch.Generator().manual_seed(1)
+    h, c = torch.randn(2, 4, 3, 8, 12, generator=g), torch.randn(2, 5, 8, generator=g)
+    kw = dict(hidden_states=h, encoder_hidden_states=c, timestep=torch.tensor([500, 20]),
+              enable_temporal_attentions=True)
+    calls, got = count_kernels(fused, kw)
+    with torch.no_grad():
+        want, fp = unfused(**kw).sample, model(**kw).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    # (per block: q/k/v and the feed-forward's LayerNorm-fused quantizations, GELU and fc2's codes in fc1's epilogue;
+    # the spatial blocks' cross-attention adds one residual more)
+    assert calls == {"ln": 4 * 2, "gelu": 4, "residual": 4 * 2 + 2, "codes_out": 4}
+
+
 def test_unhandled_blocks_are_left_alone(gen):
     """A LayerNorm with affine (block 1) and a block with nothing packed (a plain layer_norm block) stay as they
     are; the rest still fuses."""
