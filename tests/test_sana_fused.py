@@ -75,12 +75,15 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     seen = []
-    for part in ("norm1", "norm2", "attn1", "attn1.to_out.1", "attn1.to_k", "attn1.to_out.0", "ff", "ff.conv_depth",
-                 "ff.conv_point", "ff.nonlinearity"):
+    # (block 0 runs diffusers' forward, block 1 stays fused; the depthwise convolution and the SiLU, which the fused
+    # path calls as modules, keep block 0 fused too)
+    for part, fused_ln in (("norm1", 2), ("norm2", 2), ("attn1", 2), ("attn1.to_out.1", 2), ("attn1.to_k", 2),
+                           ("attn1.to_out.0", 2), ("ff", 2), ("ff.conv_point", 2), ("ff.conv_inverted", 2),
+                           ("ff.conv_depth", 4), ("ff.nonlinearity", 4)):
         h = fused.transformer_blocks[0].get_submodule(part).register_forward_pre_hook(lambda *a: seen.append(1))
         calls, got = count_kernels(fused, kw)
         h.remove()
-        assert seen and calls["ln"] == 2, part   # block 0 runs diffusers' forward, block 1 stays fused
+        assert seen and calls["ln"] == fused_ln, part
         seen.clear()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -25,9 +25,11 @@ not bit for bit.
 A block is swapped only in the structure diffusers builds (LayerNorms without affine, a table of six vectors, an
 ``Attention`` attn1, a ``GLUMBConv`` without its own norm or residual) with a packed layer with quantized
 activations to fuse; its attn1 computes the fused path only with ``SanaLinearAttnProcessor2_0`` (checked per
-forward). It runs diffusers' own forward in training mode, with a
-self-attention mask, without the latent grid, and when a norm, the self-attention or the feed-forward carries a
-hook or another processor; a hooked or unpacked projection or convolution runs as diffusers computes it.
+forward). It runs diffusers' own forward in training mode, with a self-attention mask, without the latent grid, and
+when a norm, the self-attention, the feed-forward itself or a packed 1×1 convolution of it carries a hook, or the
+self-attention another processor; an unpacked projection or convolution, the depthwise convolution and the SiLU run
+as diffusers calls them, hooks and all (diffusers' layerwise casting hooks the convolutions it leaves unpacked: the
+block stays fused).
 diffusers' block-level hooks (FirstBlockCache, whole-block layer skip) look blocks up in ``TransformerBlockRegistry``,
 which has no entry for Sana's block in diffusers 0.42: the fused class gets one (the output is hidden_states alone),
 so those hooks apply to a fused model (on an unfused block they raise, as on diffusers' own model). The state dict is
@@ -40,8 +42,9 @@ with its own residual before the gate, so conv_point has no epilogue and the gat
 timestep table is per sample, or per token (image to video: the conditioning frame's tokens at timestep 0): then a
 modulation group per run of tokens that share a timestep (``per_token_modulation``). It runs diffusers' forward
 without a rotary table or the latent grid, for a timestep batch, width or dtype other than the rows' (diffusers
-broadcasts and promotes), and when a norm, the self-attention, the feed-forward or a part of it carries a hook or
-another processor. diffusers 0.42 has no registry entry for it either: both classes get the fused one.
+broadcasts and promotes), and when a norm, the self-attention, the feed-forward or a packed 1×1 convolution of it
+carries a hook, or the self-attention another processor (the temporal convolution, like the depthwise one, runs as
+the module). diffusers 0.42 has no registry entry for it either: both classes get the fused one.
 """
 from __future__ import annotations
 
@@ -99,8 +102,10 @@ def _self_attention_ok(attn: Any) -> bool:
 
 
 def _ff_ok(ff: Any) -> bool:
-    return not (_hooked(ff) or _hooked(ff.conv_depth) or _hooked(ff.nonlinearity) or _bypassed_hook(ff.conv_inverted)
-                or _bypassed_hook(ff.conv_point))
+    """No hook on what the fused path does not call as a module: the feed-forward itself, a packed 1×1 convolution.
+    The depthwise (and temporal) convolution and the SiLU it calls as diffusers does, hooks and all (diffusers'
+    layerwise casting hooks the convolutions it leaves unpacked)."""
+    return not (_hooked(ff) or _bypassed_hook(ff.conv_inverted) or _bypassed_hook(ff.conv_point))
 
 
 def _linear_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int) -> torch.Tensor:
@@ -287,7 +292,7 @@ if SanaVideoTransformerBlock is not None:
                     or frames * height * width != h.shape[1]
                     or not (isinstance(rotary_emb, tuple) and len(rotary_emb) == 2) or _hooked(self.norm1)
                     or _hooked(self.norm2) or not self_attention_ok(a1, Attention, SanaLinearAttnProcessor3_0)
-                    or not _ff_ok(self.ff) or _hooked(self.ff.conv_temp)):
+                    or not _ff_ok(self.ff)):
                 return super().forward(*args)
             b, s, d = h.shape
             table = self.scale_shift_table
