@@ -287,7 +287,9 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("AuraFlowJointTransformerBlock", "AuraFlowSingleTransformerBlock"), "AuraFlow",
                      "auraflow_fused", "fuse_auraflow_blocks", (0, 42)),
                     (("HunyuanDiTBlock",), "Hunyuan-DiT", "hunyuandit_fused", "fuse_hunyuandit_blocks", (0, 42)),
-                    (("AllegroTransformerBlock",), "Allegro", "allegro_fused", "fuse_allegro_blocks", (0, 42)))
+                    (("AllegroTransformerBlock",), "Allegro", "allegro_fused", "fuse_allegro_blocks", (0, 42)),
+                    (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
+                     (0, 42)))
 
 
 def _diffusers_version() -> tuple[int, int]:
