@@ -113,9 +113,13 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         want = unfused(**kw).sample
     block = fused.transformer_blocks[0]
     # (a hook anywhere the two streams share: that block runs diffusers' forward, half the quantizations gone)
+    # (a hook on a norm, the attention or a projection, which the processor runs on the joined rows: that block runs
+    # diffusers' forward, half the quantizations gone; on the feed-forward, which diffusers too runs per stream, or a
+    # packed part of it: each stream's runs as the module; on the adaLN linear, run as the module: none)
     hooks_cost(fused, [(f"transformer_blocks.0.{p}", PER_FORWARD["ln"] // 2) for p in (
-        "norm1", "norm1.norm", "norm1.norm_context", "norm1.linear", "norm2_context", "attn1", "ff", "ff.net.0",
-        "attn1.to_k", "attn1.to_out.0", "ff.net.2")], kw, want, PER_FORWARD["ln"], exact)
+        "norm1", "norm1.norm", "norm1.norm_context", "norm2_context", "attn1", "attn1.to_k", "attn1.to_out.0")]
+        + [(f"transformer_blocks.0.{p}", 2) for p in ("ff", "ff.net.0", "ff.net.2")]
+        + [("transformer_blocks.0.norm1.linear", 0)], kw, want, PER_FORWARD["ln"], exact)
     # attention kwargs, a rotary table per sample (a list), a mask of another text length: diffusers' forward
     h, c = torch.randn(2, 24, 16), torch.randn(2, 6, 16)
     temb = torch.randn(2, 8)

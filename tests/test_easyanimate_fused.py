@@ -96,14 +96,14 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     with torch.no_grad():
         want = unfused(**kw).sample
     full = PER_FORWARD["ln"]
-    # (a hook on a norm, the attention or a packed projection: the block runs diffusers' forward; in the MMDiT block
-    # a hooked feed-forward runs as the module, one quantization less; in the shared block any shared module's hook
-    # is the whole block's)
+    # (a hook on a norm, the attention or a packed projection: the block runs diffusers' forward; a hooked
+    # feed-forward runs as the module, one quantization less per stream it serves (the shared block's serves both))
     hooks_cost(fused, [(f"transformer_blocks.0.{p}", 4) for p in (
         "norm1", "norm1.norm", "norm2.norm", "attn1", "attn1.to_k", "attn1.add_v_proj", "attn1.to_out.0",
         "attn1.to_add_out")]
         + [(f"transformer_blocks.1.{p}", 1) for p in ("ff", "txt_ff.net.2")]
-        + [(f"transformer_blocks.2.{p}", 4) for p in ("ff", "ff.net.0", "attn1.to_q")], kw, want, full, close)
+        + [(f"transformer_blocks.2.{p}", 4) for p in ("attn1", "attn1.to_q")]
+        + [(f"transformer_blocks.2.{p}", 2) for p in ("ff", "ff.net.0")], kw, want, full, close)
     block, plain = fused.transformer_blocks[0], unfused.transformer_blocks[0]
     g = torch.Generator().manual_seed(6)
     h, c, temb = torch.randn(2, 48, 32, generator=g), torch.randn(2, 6, 32, generator=g), torch.randn(2, 8, generator=g)
@@ -133,6 +133,28 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_bf16():
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
+
+
+def test_a_float_feed_forward_rounds_as_diffusers_in_bf16():
+    """A feed-forward left 16-bit runs diffusers' computation: its float32 LayerNorm's output modulated in bf16, as
+    EasyAnimate's block modulates it, bit for bit (``fp32_rows=False``; Wan's float32 rows round otherwise)."""
+    from treeq_engine.runtime.diffusers_fused import _ff
+
+    model = tiny().to(torch.bfloat16)
+    plan = QuantPlan.block_uniform(model, 8, 8)
+    for n in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"):
+        plan = plan.with_layer(n, LayerConfig(16, 16))
+    _, fused = pair(model, plan, dtype=torch.bfloat16)
+    block = fused.transformer_blocks[0]
+    g = torch.Generator().manual_seed(5)
+    h, mod = torch.randn(2, 48, 32, generator=g).bfloat16(), torch.randn(2, 6, 32, generator=g).bfloat16()
+    m32 = mod.float().transpose(0, 1).contiguous()
+    with torch.no_grad():
+        want = h + mod[:, 5:6] * block.ff(block.norm2.norm(h) * (1 + mod[:, 4:5]) + mod[:, 3:4])   # (diffusers')
+        got = [_ff(block.ff, block.norm2.norm, h.reshape(96, 32), 2, mod, m32, fp32_rows=f).view(2, 48, 32)
+               for f in (False, True)]
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+    assert not torch.equal(got[1], want)
 
 
 @pytest.mark.gpu

@@ -38,7 +38,7 @@ from diffusers.models.transformers.transformer_chroma import (ChromaAdaLayerNorm
                                                               ChromaSingleTransformerBlock, ChromaTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, kernel_modulation,
-                              register_block, swap_blocks)
+                              like_rows, register_block, swap_blocks)
 from .mmdit_fused import _flux_attention_ok, double_width, flux_double, flux_linears, flux_single, single_width
 
 
@@ -86,8 +86,9 @@ class FusedChromaSingleTransformerBlock(ChromaSingleTransformerBlock):
                 joint_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         args = (hidden_states, temb, image_rotary_emb, attention_mask, joint_attention_kwargs)
         norm, attn, x = self.norm, self.attn, hidden_states
-        if (self.training or joint_attention_kwargs or x.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
-                or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp) or _bypassed_hook(self.proj_out)
+        if (self.training or joint_attention_kwargs or x.ndim != 3 or not like_rows(x, temb) or _hooked(norm)
+                or _hooked(norm.norm) or _hooked(self.act_mlp) or _bypassed_hook(self.proj_mlp)
+                or _bypassed_hook(self.proj_out)
                 or not _flux_attention_ok(attn, joint=False)):
             return super().forward(*args)
         b, s, d = x.shape
@@ -111,7 +112,7 @@ class FusedChromaTransformerBlock(ChromaTransformerBlock):
         args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, joint_attention_kwargs)
         n1, n1c, attn = self.norm1, self.norm1_context, self.attn
         h, c = hidden_states, encoder_hidden_states
-        if (self.training or joint_attention_kwargs or h.ndim != 3 or c.ndim != 3
+        if (self.training or joint_attention_kwargs or h.ndim != 3 or c.ndim != 3 or not like_rows(h, c, temb)
                 or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
                 or not _flux_attention_ok(attn, joint=True)):
             return super().forward(*args)

@@ -27,10 +27,11 @@ block's width, ``CogVideoXAttnProcessor2_0`` on unfused projections with LayerNo
 ``FeedForward`` of [GELU, Dropout, linear(, Dropout)]) with a packed linear with quantized activations to fuse. It
 runs diffusers' own forward in training mode, with ``attention_kwargs``, without text, for a ``temb`` whose batch
 is not the latents', when a norm or the attention carries a hook or another processor, and when any module the two
-streams share carries one (the feed-forward, its parts, a projection, packed or not): the fused path calls those
-once per stream, where diffusers calls them once on the joined rows (a stateful hook, such as TaylorSeer's cache,
-would see the streams in turn). diffusers' block-level hooks (FirstBlockCache, MagCache) find
-the fused class in ``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
+streams share carries one (the feed-forward, its parts, a projection, packed or not) other than diffusers' layerwise
+casting (``hooked_beyond_casting``): the fused path calls those once per stream, where diffusers calls them once on
+the joined rows (a stateful hook, such as TaylorSeer's cache, would see the streams in turn). diffusers' block-level
+hooks (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under the original's entry.
+The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ except ImportError:
     ConsisIDBlock = None
 
 from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, adopt_checked,
-                              folded_affine, register_block, self_attention_ok, swap_blocks)
+                              folded_affine, hooked_beyond_casting, like_rows, register_block, self_attention_ok,
+                              swap_blocks)
 
 
 def _layer_norm(norm: Any, dim: int) -> bool:
@@ -130,7 +132,9 @@ def _forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...]) -> 
     attention_kwargs = args[4] if len(args) > 4 else None
     n1, n2, attn = block.norm1, block.norm2, block.attn1
     if (block.training or attention_kwargs or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
-            or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm, block.ff, *block.ff.net, *_linears(block)))
+            or not like_rows(h, c, temb)
+            or any(_hooked(n) for n in (n1, n1.norm, n2, n2.norm))
+            or any(hooked_beyond_casting(m) for m in (block.ff, *block.ff.net, *_linears(block)))
             or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
         return unfused(*args)
     b, t, d = h.shape

@@ -27,10 +27,12 @@ A block is swapped only in the structure diffusers builds (``CogView4AdaLayerNor
 LayerNorms without affine over the block's width, ``CogView4AttnProcessor`` on unfused projections with LayerNorm
 or no q/k norms, a ``FeedForward`` of [GELU(tanh), Dropout, linear]) with a packed linear with quantized activations
 to fuse. It runs diffusers' own forward in training mode, with ``attention_kwargs``, without text, with a rotary
-table per sample (a list), a mask that is not ``(B, text)``, for a ``temb`` whose batch is not the latents', when a
-norm or the attention carries a hook or another processor (``CogView4TrainingAttnProcessor`` too), and when any
-module the two streams share carries one (the feed-forward, its parts, a projection): the fused path calls those
-once per stream, where diffusers calls them once on the joined rows or in turn. diffusers' block-level hooks
+table per sample (a list), a mask that is not ``(B, text)``, for a ``temb`` or a text whose batch or dtype is not
+the latents' (diffusers broadcasts and promotes), when a norm or the attention carries a hook or another processor
+(``CogView4TrainingAttnProcessor`` too), and when a projection carries one other than diffusers' layerwise casting
+(``hooked_beyond_casting``): the fused path calls those once per stream, where the processor calls them once on the
+joined rows. The feed-forward diffusers too calls once per stream: a hook on it or a part of it runs that part as the
+module. The adaLN linear runs as the module. diffusers' block-level hooks
 (FirstBlockCache, MagCache) find the fused class in ``TransformerBlockRegistry`` under the original's entry. The
 state dict is unchanged.
 """
@@ -51,7 +53,8 @@ from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayer
 
 from .cogvideox_fused import _attention as _cogvideox_attention
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, kernel_modulation, register_block, self_attention_ok, swap_blocks)
+                              _project, hooked_beyond_casting, kernel_modulation, like_rows, register_block,
+                              self_attention_ok, swap_blocks)
 
 
 def _supported(block: nn.Module) -> bool:
@@ -114,13 +117,15 @@ class FusedCogView4TransformerBlock(CogView4TransformerBlock):
                 attention_kwargs: dict[str, Any] | None = None) -> Any:
         args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, attention_kwargs)
         h, c, n1, attn = hidden_states, encoder_hidden_states, self.norm1, self.attn1
-        shared = (n1, n1.norm, n1.norm_context, n1.linear, self.norm2, self.norm2_context, self.ff, *self.ff.net,
-                  *_linears(self))
+        # (the processor runs the projections on the joined rows [text; image], the fused path per stream: a hook
+        # there could tell, but for diffusers' layerwise casting; diffusers too runs the feed-forward per stream)
+        norms = (n1, n1.norm, n1.norm_context, self.norm2, self.norm2_context)
         if (self.training or attention_kwargs or temb is None or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
-                or isinstance(image_rotary_emb, list)
+                or not like_rows(h, c, temb) or isinstance(image_rotary_emb, list)
                 or not (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                                    and tuple(attention_mask.shape) == tuple(c.shape[:2])))
-                or any(_hooked(m) for m in shared) or not self_attention_ok(attn, Attention, CogView4AttnProcessor)):
+                or any(_hooked(m) for m in norms) or any(hooked_beyond_casting(m) for m in _linears(self)[:4])
+                or not self_attention_ok(attn, Attention, CogView4AttnProcessor)):
             return super().forward(*args)
         b, t, d = h.shape
         text = c.shape[1]
@@ -164,8 +169,9 @@ class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
     text's) and ``CogVideoXAttnProcessor2_0``'s attention (no mask, no rotary embedding); in float16 each output
     clipped to the format's range after its residual, as diffusers clips it. It runs diffusers' forward in training
     mode, without text, for an ``emb`` whose batch or dtype is not the latents' (diffusers broadcasts and promotes),
-    a text of another batch or dtype, and when a norm, the attention or any module the two streams share carries a
-    hook or another processor."""
+    a text of another batch or dtype, when a norm or the attention carries a hook or another processor, and when a
+    module diffusers runs on the joined rows (a projection, the feed-forward or a part of it) carries one other than
+    diffusers' layerwise casting."""
 
     def __init__(self, block: CogView3PlusTransformerBlock) -> None:
         if not _plus_supported(block):
@@ -177,11 +183,13 @@ class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
                 emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         args = (hidden_states, encoder_hidden_states, emb)
         h, c, n1, attn = hidden_states, encoder_hidden_states, self.norm1, self.attn1
-        shared = (n1, n1.norm_x, n1.norm_c, n1.linear, n1.silu, self.norm2, self.norm2_context, self.ff, *self.ff.net,
-                  *_linears(self))
-        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or c.shape[0] != h.shape[0]
-                or c.dtype != h.dtype or emb.ndim != 2 or emb.shape[0] != h.shape[0]
-                or any(_hooked(m) for m in shared)
+        # (diffusers runs the projections and the feed-forward on the joined rows [text; image], the fused path per
+        # stream: a hook there could tell, but for diffusers' layerwise casting)
+        norms = (n1, n1.norm_x, n1.norm_c, self.norm2, self.norm2_context)
+        shared = (self.ff, *self.ff.net, *_linears(self))
+        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or emb.ndim != 2
+                or not like_rows(h, c, emb) or any(_hooked(m) for m in norms)
+                or any(hooked_beyond_casting(m) for m in shared)
                 or not self_attention_ok(attn, Attention, CogVideoXAttnProcessor2_0)):
             return super().forward(*args)
         b, t, d = h.shape

@@ -38,8 +38,8 @@ from diffusers.models.transformers.transformer_cosmos import (CosmosAdaLayerNorm
                                                               CosmosTransformerBlock)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, per_token_modulation, run_length, self_attention_ok,
-                              swap_blocks)
+                              _plain_layer_norm, _project, like_rows, per_token_modulation, run_length,
+                              self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -118,6 +118,8 @@ class FusedCosmosTransformerBlock(CosmosTransformerBlock):
         n1, n3, attn, h = self.norm1, self.norm3, self.attn1, hidden_states
         if (self.training or self.before_proj is not None or self.after_proj is not None
                 or controlnet_residual is not None or h.ndim != 3
+                or not (like_rows(h, embedded_timestep, dtype=False) or like_rows(h, temb, dtype=False)
+                        and temb is not None)   # (a modulation batch of 1: diffusers broadcasts it)
                 or any(_hooked(n) for n in (n1, n1.norm, n3, n3.norm))
                 or not self_attention_ok(attn, Attention, CosmosAttnProcessor2_0)):
             return super().forward(*args)

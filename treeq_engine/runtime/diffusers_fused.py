@@ -142,11 +142,35 @@ def _forward_wrapped(mod: nn.Module) -> bool:
                                     and getattr(fwd, "__func__", None) is type(mod).forward)  # type: ignore[union-attr]
 
 
+def like_rows(rows: torch.Tensor, *conditioning: Any, dtype: bool = True, batch: bool = True) -> bool:
+    """Each conditioning tensor given (a text, a temb, a modulation; None skipped) has, with ``batch``, the rows'
+    batch (dim 0) and, with ``dtype``, their dtype. diffusers' forward broadcasts a batch of 1 and promotes another
+    dtype (its output then in that dtype), which the fused paths do not: they leave such a call to it, checked before
+    any layer runs (a fallback would run that layer again)."""
+    b = rows.shape[0] if rows.ndim else None
+    return all(t is None or (isinstance(t, torch.Tensor) and t.ndim > 0 and (not batch or t.shape[0] == b)
+                             and (not dtype or t.dtype == rows.dtype)) for t in conditioning)
+
+
 def _hooked(mod: nn.Module) -> bool:
     """``mod`` does something when called that the fused path, which bypasses ``mod(...)``, would skip. (Checked on
     every forward: it reads the instance dict, not attributes through ``nn.Module.__getattr__``.)"""
     d = mod.__dict__
     return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks")) or ("forward" in d and _forward_wrapped(mod))
+
+
+def hooked_beyond_casting(mod: nn.Module) -> bool:
+    """``_hooked``, save for diffusers' layerwise casting hook alone (its weights cast from the storage to the compute
+    dtype around each call: the same computed per stream as on joined rows). For a module a fused path calls once
+    per stream where diffusers calls it once on the streams' joined rows (CogVideoX's, CogView4's projections and
+    feed-forward): any other hook could see the difference. (Checked on every forward.)"""
+    if not _hooked(mod):
+        return False
+    d = mod.__dict__
+    hooks = getattr(d.get("_diffusers_hook"), "hooks", None)
+    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks") or not isinstance(hooks, dict)
+                or list(hooks) != ["layerwise_casting"]
+                or type(hooks["layerwise_casting"]).__name__ != "LayerwiseCastingHook")
 
 
 def _bypassed_hook(layer: nn.Module) -> bool:
@@ -450,7 +474,7 @@ def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ba
 
 
 def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: torch.Tensor, *,
-        rms_norm: bool = False) -> torch.Tensor:
+        rms_norm: bool = False, fp32_rows: bool | None = None) -> torch.Tensor:
     """``x + gate_mlp · ff(mod(LN(x), shift_mlp, scale_mlp))`` as (M, D) rows of ``x2`` (``rms_norm``: ``ln`` is an
     RMSNorm without affine, which the kernel computes in its RMSNorm mode), with the modulation's chunks 3, 4, 5
     (``mod`` (B, ≥6, D) as diffusers uses them, or per token a chunk function (``modulation_chunk``); ``m32``
@@ -459,13 +483,17 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
     FeedForward (diffusers' layer skip) or on a part the kernels run: the module runs, hooks and all. (ff.net[1],
     and a final ff.net[3], are Dropout: the identity in eval.) ``mod`` may be float32 while the rows are 16-bit
     (Wan's modulation): the unfused parts compute as the model does, the rows the feed-forward reads in the rows'
-    dtype, the gated sum in float32, the result in the rows' dtype."""
+    dtype, the gated sum in float32, the result in the rows' dtype. ``fp32_rows``: the float path normalizes float32
+    rows and modulates in float32 (Wan's ``norm3(h.float())``; the default for an ``FP32LayerNorm``), else the rows
+    in their dtype, the norm's output modulated in it (EasyAnimate's)."""
     d = x2.shape[-1]
     x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     tanh = gelu.approximate == "tanh"
     # (Wan's and Helios' float32 LayerNorm: diffusers hands it float32 rows, and keeps its float32 output)
-    normed = (lambda: ln(x.float())) if isinstance(ln, FP32LayerNorm) else (lambda: ln(x))
+    if fp32_rows is None:
+        fp32_rows = isinstance(ln, FP32LayerNorm)
+    normed = (lambda: ln(x.float())) if fp32_rows else (lambda: ln(x))
     if (_hooked(ff) or any(_hooked(m) for i, m in enumerate(ff.net) if i in (1, 3)) or (_hooked(gelu) or _hooked(fc1))
             and _quantized(fc1) or _bypassed_hook(fc2)):
         y = ff((normed() * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(x))
@@ -549,14 +577,18 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                     added_cond_kwargs=added_cond_kwargs)
         # dropout (training), processor kwargs and GLIGEN, chunked feed-forward: diffusers' own forward has them
         if self.training or cross_attention_kwargs or self._chunk_size is not None or hidden_states.ndim != 3 \
-                or timestep is None:
-            return super().forward(**args)
+                or timestep is None or not like_rows(hidden_states, encoder_hidden_states, batch=False) \
+                or timestep.is_floating_point() and timestep.dtype != hidden_states.dtype:
+            return super().forward(**args)   # (another dtype: diffusers promotes the rows)
         x = hidden_states
         b, t, d = x.shape
         zero = self.norm_type == "ada_norm_zero"
         ln1, ln2 = (self.norm1.norm, self.norm3) if zero else (self.norm1, self.norm2)
         if _hooked(self.norm1) or _hooked(ln1) or _hooked(ln2):   # the fused path calls none of them as a module
             return super().forward(**args)
+        if zero and not (like_rows(x, timestep, dtype=False) or class_labels is not None
+                         and like_rows(x, class_labels, dtype=False)):
+            return super().forward(**args)   # (a conditioning batch of 1, which diffusers broadcasts: before emb runs)
         if zero:
             emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
             mod = self.norm1.linear(self.norm1.silu(emb))

@@ -23,7 +23,9 @@ the block's width, an ``Attention`` with LayerNorm or no q/k norms, ``FeedForwar
 linear(, Dropout)], no ``after_norm``) with a packed linear with quantized activations to fuse. It runs diffusers'
 own forward in training mode, without text, for a ``temb`` or a text whose batch or dtype is not the latents'
 (diffusers broadcasts and promotes), when a norm or the attention carries a hook or another processor, and, in a
-block whose streams share modules, when one of those carries one. diffusers' block-level hooks (FirstBlockCache,
+block whose streams share the projections, when one of those carries one other than diffusers' layerwise casting
+(diffusers runs them on the joined rows; a hooked feed-forward, which it runs per stream, runs as the module).
+diffusers' block-level hooks (FirstBlockCache,
 MagCache) find both classes, fused or not, in ``TransformerBlockRegistry`` (diffusers 0.42 has no entry for them).
 The state dict is unchanged.
 """
@@ -43,7 +45,8 @@ from diffusers.models.transformers.transformer_easyanimate import (EasyAnimateAt
 
 from .cogvideox_fused import _stream_modulation, _streams
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, refuse_fused_projections, register_block, swap_blocks)
+                              _project, hooked_beyond_casting, refuse_fused_projections, register_block,
+                              swap_blocks)
 
 _TEXT = ("add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -126,14 +129,15 @@ class FusedEasyAnimateTransformerBlock(EasyAnimateTransformerBlock):
         mmdit = self.txt_ff is not None
         qkv = ("to_q", "to_k", "to_v")
         refuse_fused_projections(attn, qkv + (_TEXT if mmdit else ()))   # (a dense copy of packed layers)
-        # (the modules both streams run: hooked, they would see the streams in turn, not the joined rows)
-        shared = () if mmdit else (self.ff, *self.ff.net, *(getattr(attn, n) for n in qkv))
+        # (the projections both streams run: diffusers runs them on the joined rows, the fused path per stream, so a
+        # hook could tell; the feed-forward diffusers too runs per stream)
+        shared = () if mmdit else tuple(getattr(attn, n) for n in qkv)
         out = attn.to_out
         if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or c.shape[0] != h.shape[0]
                 or c.dtype != h.dtype or temb.ndim != 2 or temb.shape[0] != h.shape[0] or temb.dtype != h.dtype
                 or type(attn.processor) is not EasyAnimateAttnProcessor2_0 or attn.fused_projections
                 or _hooked(attn) or len(out) != 2 or type(out[1]) is not nn.Dropout or _hooked(out[1])
-                or any(_hooked(m) for m in (n1, n1.norm, n2, n2.norm, *shared))
+                or any(_hooked(m) for m in (n1, n1.norm, n2, n2.norm)) or any(hooked_beyond_casting(m) for m in shared)
                 or any(_bypassed_hook(getattr(attn, n)) for n in qkv + ((*_TEXT, "to_add_out") if mmdit else ()))
                 or _bypassed_hook(out[0])):
             return super().forward(*args)
@@ -156,8 +160,9 @@ class FusedEasyAnimateTransformerBlock(EasyAnimateTransformerBlock):
             c2 = _gated_out(attn.to_add_out, oc, c2, b, m32_c[2], mod_c[:, 2:3])
         else:   # (no output projection for the text: its attention rows, gated)
             c2 = (c + mod_c[:, 2:3] * oc).reshape(b * text, d)
-        h2 = _ff(self.ff, n2.norm, h2, b, mod_h, m32_h)
-        c2 = _ff(self.txt_ff if mmdit else self.ff, n2.norm, c2, b, mod_c, m32_c)
+        # (diffusers modulates the norm's output in the rows' dtype: not Wan's float32 rows)
+        h2 = _ff(self.ff, n2.norm, h2, b, mod_h, m32_h, fp32_rows=False)
+        c2 = _ff(self.txt_ff if mmdit else self.ff, n2.norm, c2, b, mod_c, m32_c, fp32_rows=False)
         return h2.view(b, t, d), c2.view(b, text, d)
 
 

@@ -137,6 +137,7 @@ class FusedFlux2TransformerBlock(Flux2TransformerBlock):
         norms = (self.norm1, self.norm1_context, self.norm2, self.norm2_context)
         if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
                 or temb_mod_img.ndim != 2 or temb_mod_txt.ndim != 2 or any(_hooked(n) for n in norms)
+                or any(x.dtype != hidden_states.dtype for x in (encoder_hidden_states, temb_mod_img, temb_mod_txt))
                 or not joint_attention_ok(attn, Flux2AttnProcessor, _PROJECTIONS)):
             return super().forward(*args)
         b, t, d = hidden_states.shape
@@ -184,8 +185,10 @@ class FusedFlux2SingleTransformerBlock(Flux2SingleTransformerBlock):
                 split_hidden_states, text_seq_len)
         attn = self.attn
         if (self.training or joint_attention_kwargs or hidden_states.ndim != 3 or temb_mod.ndim != 2
+                or temb_mod.dtype != hidden_states.dtype
                 or encoder_hidden_states is not None and (encoder_hidden_states.ndim != 3
-                                                          or encoder_hidden_states.shape[0] != hidden_states.shape[0])
+                                                          or encoder_hidden_states.shape[0] != hidden_states.shape[0]
+                                                          or encoder_hidden_states.dtype != hidden_states.dtype)
                 or _hooked(self.norm) or not _single_attention_ok(attn)
                 or temb_mod.shape[0] not in (1, hidden_states.shape[0])):
             return super().forward(*args)

@@ -128,8 +128,10 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot
 
 
 def _table_fits(table: torch.Tensor, x: torch.Tensor) -> bool:
+    """A per-token table (B, S, 3·D) for the rows ``x`` (B, S, D), in their dtype (diffusers promotes rows modulated
+    by a table of another dtype: its forward computes that)."""
     b, s, d = x.shape
-    return table.ndim == 3 and tuple(table.shape) == (b, s, 3 * d)
+    return table.ndim == 3 and tuple(table.shape) == (b, s, 3 * d) and table.dtype == x.dtype
 
 
 class FusedFlux3ModeTransformerBlock(Flux3ModeTransformerBlock):
@@ -166,6 +168,7 @@ class FusedFlux3SingleTransformerBlock(Flux3SingleTransformerBlock):
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, c = hidden_states, encoder_hidden_states
         if (self.training or x.ndim != 3 or c.ndim != 3 or x.shape[0] != c.shape[0] or x.shape[2] != c.shape[2]
+                or c.dtype != x.dtype
                 or not (x.shape[1] and c.shape[1]) or not _table_fits(temb_mod, x)
                 or not _table_fits(temb_mod_context, c) or not _runs_fused(self)):
             return super().forward(hidden_states, encoder_hidden_states, temb_mod, temb_mod_context, image_rotary_emb)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15TransformerBlock)
 
-from .diffusers_fused import _adopt, _hooked, swap_blocks
+from .diffusers_fused import _adopt, _hooked, like_rows, swap_blocks
 from .hunyuan_fused import _attention, _attention_ok, _double_supported
 from .mmdit_fused import _modulation, flux_double, flux_linears
 
@@ -52,7 +52,8 @@ class FusedHunyuanVideo15TransformerBlock(HunyuanVideo15TransformerBlock):
                 attention_mask: torch.Tensor | None = None, freqs_cis: Any = None, *args: Any, **kwargs: Any) -> Any:
         call = (hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis, *args)
         n1, n1c, attn, h, c = self.norm1, self.norm1_context, self.attn, hidden_states, encoder_hidden_states
-        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or attention_mask is None
+        if (self.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or not like_rows(h, c, temb)
+                or attention_mask is None
                 or attention_mask.ndim != 2
                 or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, self.norm2, self.norm2_context))
                 or not _attention_ok(attn, joint=True, processor=HunyuanVideo15AttnProcessor2_0)):

@@ -42,7 +42,7 @@ except ImportError:
     _image = None
 
 from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
-                              adopt_checked, dispatch_kwargs, joint_attention_ok, refuse_fused_projections,
+                              adopt_checked, dispatch_kwargs, joint_attention_ok, like_rows, refuse_fused_projections,
                               register_block, swap_blocks)
 from .mmdit_fused import _adaln, _gelu_tanh, _modulation, flux_double, flux_linears, flux_single
 
@@ -139,7 +139,8 @@ def _single_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     """The fused forward of a single-stream block (module docstring); ``unfused(*call, **kwargs)`` is diffusers'."""
     h, c, temb, attention_mask, image_rotary_emb = call[:5]
     norm, attn = block.norm, block.attn
-    if (block.training or h.ndim != 3 or c.ndim != 3 or _hooked(norm) or _hooked(norm.norm)
+    if (block.training or h.ndim != 3 or c.ndim != 3 or not like_rows(h, c, temb) or _hooked(norm)
+            or _hooked(norm.norm)
             or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp) or _bypassed_hook(block.proj_out)
             or not _attention_ok(attn, joint=False, processor=_processor(block))):
         return unfused(*call, **kwargs)
@@ -159,7 +160,7 @@ def _double_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     """The fused forward of a double-stream block (module docstring); ``unfused(*call, **kwargs)`` is diffusers'."""
     h, c, temb, attention_mask, rotary = call[:5]
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
-    if (block.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
+    if (block.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or not like_rows(h, c, temb)
             or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
             or not _attention_ok(attn, joint=True, processor=_processor(block))):
         return unfused(*call, **kwargs)

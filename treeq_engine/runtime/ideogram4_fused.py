@@ -35,7 +35,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ideogram4 import (Ideogram4Attention, Ideogram4AttnProcessor,
                                                                  Ideogram4MLP, Ideogram4TransformerBlock)
 
-from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, rms_factor,
+from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, like_rows, rms_factor,
                               runs_processor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
 
 
@@ -86,7 +86,8 @@ class FusedIdeogram4TransformerBlock(Ideogram4TransformerBlock):
         args = (hidden_states, attention_mask, image_rotary_emb, adaln_input)
         x, n1, n3 = hidden_states, self.attention_norm1, self.ffn_norm1
         if (self.training or x.ndim != 3 or adaln_input.ndim != 3 or tuple(adaln_input.shape[:2]) != (x.shape[0], 1)
-                or _hooked(n1) or _hooked(n3) or not runs_processor(self.attention, (Ideogram4AttnProcessor,))):
+                or not like_rows(x, adaln_input, batch=False) or _hooked(n1) or _hooked(n3)
+                or not runs_processor(self.attention, (Ideogram4AttnProcessor,))):
             return super().forward(*args)   # (a timestep per token: a modulation per token)
         b, s, d = x.shape
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaln_modulation(adaln_input).chunk(4, dim=-1)

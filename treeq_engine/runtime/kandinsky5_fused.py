@@ -42,7 +42,8 @@ from diffusers.models.transformers.transformer_kandinsky import (Kandinsky5Atten
                                                                  Kandinsky5TransformerEncoderBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              hand_projections, kernel_modulation, register_block, runs_processor, swap_blocks)
+                              hand_projections, kernel_modulation, like_rows, register_block, runs_processor,
+                              swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_query", "to_key", "to_value")
@@ -139,7 +140,8 @@ class FusedKandinsky5TransformerDecoderBlock(Kandinsky5TransformerDecoderBlock):
         args = (visual_embed, text_embed, time_embed, rope, sparse_params)
         x, sa, ca = visual_embed, self.self_attention, self.cross_attention
         norms = (self.self_attention_norm, self.cross_attention_norm, self.feed_forward_norm)
-        if (self.training or x.ndim != 3 or text_embed.ndim != 3 or any(_hooked(n) for n in norms)
+        if (self.training or x.ndim != 3 or text_embed.ndim != 3 or not like_rows(x, time_embed, dtype=False)
+                or any(_hooked(n) for n in norms)
                 or _hooked(self.visual_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)
                 or not runs_processor(ca, (Kandinsky5AttnProcessor,), PROJECTIONS[:1])):
             return super().forward(*args)
@@ -165,7 +167,8 @@ class FusedKandinsky5TransformerEncoderBlock(Kandinsky5TransformerEncoderBlock):
 
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor, rope: Any) -> torch.Tensor:
         sa = self.self_attention
-        if (self.training or x.ndim != 3 or _hooked(self.self_attention_norm) or _hooked(self.feed_forward_norm)
+        if (self.training or x.ndim != 3 or not like_rows(x, time_embed, dtype=False)
+                or _hooked(self.self_attention_norm) or _hooked(self.feed_forward_norm)
                 or _hooked(self.text_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)):
             return super().forward(x, time_embed, rope)
         b, _, d = x.shape

@@ -43,7 +43,7 @@ from diffusers.models.transformers.transformer_ltx2 import (LTX2Attention, LTX2A
                                                             apply_interleaved_rotary_emb, apply_split_rotary_emb)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, Modulation, dispatch_kwargs, modulation_chunk, per_token_modulation,
+                              _project, Modulation, dispatch_kwargs, like_rows, modulation_chunk, per_token_modulation,
                               self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 from .ltx_fused import _plain_rms_norm
@@ -190,6 +190,7 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
         h, ah = hidden_states, audio_hidden_states
         perturbs = perturbation_mask is not None or (all_perturbed is not None and bool(all_perturbed))
         if (self.training or perturbs or h.ndim != 3 or ah.ndim != 3 or self_attention_mask is not None
+                or not (like_rows(h, temb, batch=False) and like_rows(ah, temb_audio, batch=False))
                 or audio_self_attention_mask is not None
                 or any(_hooked(getattr(self, n)) for n in ("norm1", "audio_norm1", "norm3", "audio_norm3"))
                 or not (_attention_ok(self.attn1) and _attention_ok(self.audio_attn1))):

@@ -44,7 +44,7 @@ from diffusers.models.transformers.transformer_ltx import (LTXAttention, LTXVide
                                                            LTXVideoTransformerBlock, apply_rotary_emb)
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, Modulation, dispatch_kwargs, kernel_modulation, modulation_chunk,
+                              _project, Modulation, dispatch_kwargs, kernel_modulation, like_rows, modulation_chunk,
                               per_token_modulation, register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
@@ -100,7 +100,8 @@ class FusedLTXVideoTransformerBlock(LTXVideoTransformerBlock):
                 image_rotary_emb: Any = None, encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, encoder_attention_mask)
         a1 = self.attn1
-        if (self.training or hidden_states.ndim != 3 or temb.ndim != 3 or _hooked(self.norm1) or _hooked(self.norm2)
+        if (self.training or hidden_states.ndim != 3 or temb.ndim != 3
+                or not like_rows(hidden_states, temb, batch=False) or _hooked(self.norm1) or _hooked(self.norm2)
                 or not _self_attention_ok(a1)):
             return super().forward(*args)
         h = hidden_states

@@ -75,7 +75,7 @@ except ImportError:
     _ovis = None
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _plain_layer_norm, _project, adopt_checked, dispatch_kwargs, kernel_modulation,
+                              _plain_layer_norm, _project, adopt_checked, dispatch_kwargs, kernel_modulation, like_rows,
                               plain_out, refuse_fused_projections, register_block, swap_blocks)
 
 
@@ -340,6 +340,7 @@ def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     norm, attn = block.norm, block.attn
     if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+            or not like_rows(hidden_states, encoder_hidden_states, temb)
             or _hooked(norm) or _hooked(norm.norm) or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp)
             or _bypassed_hook(block.proj_out) or not _flux_attention_ok(attn, joint=False)):
         return unfused(*args)
@@ -359,6 +360,7 @@ def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+            or not like_rows(hidden_states, encoder_hidden_states, temb)
             or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
             or not _flux_attention_ok(attn, joint=True)):
         return unfused(*args)
@@ -484,7 +486,8 @@ class FusedJointTransformerBlock(JointTransformerBlock):
         pre_only = self.context_pre_only
         norms = (n1, n1.norm, n1c, n1c.norm, self.norm2) + (() if pre_only else (self.norm2_context,))
         if (self.training or joint_attention_kwargs or self._chunk_size is not None or hidden_states.ndim != 3
-                or encoder_hidden_states.ndim != 3 or any(_hooked(n) for n in norms)
+                or encoder_hidden_states.ndim != 3 or not like_rows(hidden_states, encoder_hidden_states, temb)
+                or any(_hooked(n) for n in norms)
                 or not _joint_attention_ok(attn, joint=True)
                 or (attn2 is not None and not _joint_attention_ok(attn2, joint=False))):
             return super().forward(*args)

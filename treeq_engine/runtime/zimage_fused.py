@@ -40,8 +40,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_z_image import (FeedForward, ZImageTransformerBlock,
                                                                ZSingleStreamAttnProcessor)
 
-from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, register_block,
-                              rms_factor, runs_processor, sandwich_swiglu, swap_blocks, weighted_rms_norm)
+from .diffusers_fused import (_adopt, _forward_wrapped, _hooked, _project, dispatch_kwargs, like_rows,
+                              register_block, rms_factor, runs_processor, sandwich_swiglu, swap_blocks,
+                              weighted_rms_norm)
 
 
 def _zimage_supported(block: nn.Module) -> bool:
@@ -110,7 +111,8 @@ class FusedZImageTransformerBlock(ZImageTransformerBlock):
         args = (x, attn_mask, freqs_cis, adaln_input)
         n1, n3 = self.attention_norm1, self.ffn_norm1
         if (self.training or noise_mask is not None or x.ndim != 3 or (self.modulation and adaln_input is None)
-                or _hooked(n1) or _hooked(n3) or not runs_processor(self.attention, (ZSingleStreamAttnProcessor,))):
+                or not like_rows(x, adaln_input, dtype=False) or _hooked(n1) or _hooked(n3)
+                or not runs_processor(self.attention, (ZSingleStreamAttnProcessor,))):
             return super().forward(*args, **omni)
         b, s, d = x.shape
         scale_msa = gate_msa = scale_mlp = gate_mlp = None
