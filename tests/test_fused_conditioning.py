@@ -75,7 +75,7 @@ MODELS = {
     "qwenimage21": _from("test_qwenimage21_fused", "tiny_qwenimage21"),
     "auraflow": _from("test_auraflow_fused", "tiny"), "hunyuandit": _from("test_hunyuandit_fused", "tiny"),
     "sana_video": _from("test_sana_video_fused", "tiny"), "allegro": _from("test_allegro_fused", "tiny"),
-    "easyanimate": _from("test_easyanimate_fused", "tiny"),
+    "easyanimate": _from("test_easyanimate_fused", "tiny"), "glm_image": _from("test_glm_image_fused", "tiny"),
 }
 
 

@@ -48,13 +48,20 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.normalization import CogView3PlusAdaLayerNormZeroTextImage
 from diffusers.models.transformers.transformer_cogview3plus import CogView3PlusTransformerBlock
+
+try:   # (GLM-Image's block: absent from older releases)
+    from diffusers.models.transformers.transformer_glm_image import (GlmImageAdaLayerNormZero, GlmImageAttnProcessor,
+                                                                     GlmImageTransformerBlock)
+except ImportError:
+    GlmImageTransformerBlock = None
 from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayerNormZero, CogView4AttnProcessor,
                                                                 CogView4TransformerBlock)
 
 from .cogvideox_fused import _attention as _cogvideox_attention
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, hooked_beyond_casting, kernel_modulation, like_rows, register_block,
-                              self_attention_ok, swap_blocks)
+                              _project, HandedAttention, hooked_beyond_casting, kernel_modulation, like_rows,
+                              register_block, runs_processor, self_attention_ok, swap_blocks)
+from .linear import runs_packed_kernels as _quantized
 
 
 def _supported(block: nn.Module) -> bool:
@@ -215,12 +222,91 @@ class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
         return h2, c2
 
 
+def _glm_supported(block: nn.Module) -> bool:
+    if GlmImageTransformerBlock is None or type(block) is not GlmImageTransformerBlock or _forward_wrapped(block):
+        return False
+    n1, attn = block.norm1, block.attn1
+    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
+    return (d is not None and type(n1) is GlmImageAdaLayerNormZero and _plain_layer_norm(n1.norm, d)
+            and _plain_layer_norm(n1.norm_context, d) and isinstance(n1.linear, nn.Module)
+            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
+            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention)
+
+
+if GlmImageTransformerBlock is not None:
+    class FusedGlmImageTransformerBlock(GlmImageTransformerBlock):
+        """A ``GlmImageTransformerBlock`` (GLM-Image) running the fused packed kernels: CogView4's block (module
+        docstring: the same interleaved twelve vectors, the same per-stream feed-forward), whose attention runs its own
+        processor (``GlmImageAttnProcessor``: the joined rows' rotary embedding, text mask and KV cache, the output
+        projection on the joined rows) on the kernels' projections (``HandedAttention``: each stream's LayerNorm +
+        modulate + quantization in the projections' kernels); the attention's gated residuals are diffusers' sums. It
+        runs diffusers' forward in training mode, with ``attention_kwargs``, without text, for a ``temb`` or a text of
+        another batch or dtype, and when a norm or the attention carries a hook or another processor (a hooked
+        projection the kernels run too); a hooked feed-forward, which diffusers too runs per stream, runs as the
+        module."""
+
+        def __init__(self, block: nn.Module) -> None:
+            if not _glm_supported(block):
+                raise ValueError("FusedGlmImageTransformerBlock handles GlmImageTransformerBlock in the structure "
+                                 "diffusers builds")
+            _adopt(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    temb: torch.Tensor | None = None, image_rotary_emb: Any = None, attention_mask: Any = None,
+                    attention_kwargs: dict[str, Any] | None = None,
+                    kv_cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+            args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, attention_kwargs,
+                    kv_cache)
+            h, c, n1, attn = hidden_states, encoder_hidden_states, self.norm1, self.attn1
+            names = ("to_q", "to_k", "to_v")
+            if (self.training or attention_kwargs or temb is None or h.ndim != 3 or c.ndim != 3 or not c.shape[1]
+                    or not like_rows(h, c, temb) or temb.ndim != 2
+                    or any(_hooked(m) for m in (n1, n1.norm, n1.norm_context, self.norm2, self.norm2_context))
+                    or not runs_processor(attn, (GlmImageAttnProcessor,), names)):
+                return super().forward(*args)
+            b, t, d = h.shape
+            text = c.shape[1]
+            mod = n1.linear(temb)
+            if mod.shape != (b, 12 * d):
+                return super().forward(*args)
+            mod = mod.view(b, 12, d)   # (the streams interleaved: shift_msa, c_shift_msa, scale_msa, ...)
+            mod_h, mod_c = mod[:, 0::2], mod[:, 1::2]   # (B, 6, D) each: DiT's layout
+            m32_h, m32_c = kernel_modulation(mod_h), kernel_modulation(mod_c)
+
+            def rows_h() -> torch.Tensor:
+                return n1.norm(h).to(h.dtype) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1]
+
+            def rows_c() -> torch.Tensor:
+                return n1.norm_context(c).to(h.dtype) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1]
+
+            packed = [n for n in names if _quantized(getattr(attn, n))]
+            layers = [getattr(attn, n) for n in packed]
+            image = _project(layers, h.reshape(b * t, d).contiguous(), rows_h, ln_eps=n1.norm.eps, shift=m32_h[0],
+                             scale=m32_h[1])
+            words = _project(layers, c.reshape(b * text, d).contiguous(), rows_c, ln_eps=n1.norm_context.eps,
+                             shift=m32_c[0], scale=m32_c[1])
+            handed = HandedAttention(attn, {n: torch.cat([w.view(b, text, -1), i.view(b, t, -1)], dim=1)
+                                            for n, w, i in zip(packed, words, image)})
+            # (the processor reads the rows only through the projections it still runs itself: 16-bit ones)
+            hh, cc = (h, c) if len(packed) == len(names) else (rows_h(), rows_c())
+            oh, oc = attn.processor(handed, hh, cc, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb,
+                                    kv_cache=kv_cache)
+            h2 = (h + oh * mod_h[:, 2:3]).reshape(b * t, d)
+            c2 = (c + oc * mod_c[:, 2:3]).reshape(b * text, d)
+            h2 = _ff(self.ff, self.norm2, h2, b, mod_h, m32_h)
+            c2 = _ff(self.ff, self.norm2_context, c2, b, mod_c, m32_c)
+            return h2.view(b, t, d), c2.view(b, text, d)
+
+
 def fuse_cogview4_blocks(model: nn.Module) -> int:
-    """Swap every CogView4 and CogView3-Plus block of ``model`` that the fused classes handle and that has a packed
-    linear with quantized activations to fuse; returns how many were swapped."""
+    """Swap every CogView4, CogView3-Plus and GLM-Image block of ``model`` that the fused classes handle and that has
+    a packed linear with quantized activations to fuse; returns how many were swapped."""
     return swap_blocks(model, lambda m: FusedCogView4TransformerBlock if _supported(m)
-                       else FusedCogView3PlusTransformerBlock if _plus_supported(m) else None, _linears)
+                       else FusedCogView3PlusTransformerBlock if _plus_supported(m)
+                       else FusedGlmImageTransformerBlock if _glm_supported(m) else None, _linears)
 
 
 register_block(FusedCogView4TransformerBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
 register_block(FusedCogView3PlusTransformerBlock, 0, 1)
+if GlmImageTransformerBlock is not None:
+    register_block(FusedGlmImageTransformerBlock, 0, 1)

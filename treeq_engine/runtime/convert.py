@@ -269,6 +269,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("CogView4TransformerBlock",), "CogView4", "cogview4_fused", "fuse_cogview4_blocks", (0, 42)),
                     (("CogView3PlusTransformerBlock",), "CogView3-Plus", "cogview4_fused", "fuse_cogview4_blocks",
                      (0, 42)),
+                    (("GlmImageTransformerBlock",), "GLM-Image", "cogview4_fused", "fuse_cogview4_blocks", (0, 42)),
                     (("Kandinsky5TransformerDecoderBlock", "Kandinsky5TransformerEncoderBlock"), "Kandinsky 5",
                      "kandinsky5_fused", "fuse_kandinsky5_blocks", (0, 42)),
                     (("OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"), "Ovis-Image", "ovis_fused",
