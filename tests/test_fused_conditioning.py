@@ -253,3 +253,48 @@ def test_layerwise_casting_keeps_the_blocks_fused(name):
     # for the rest)
     for a, b in zip(_tensors(got), _tensors(want)):
         assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+def _shapes(args, kwargs):
+    return [tuple(t.shape) for t in _tensors(list(args)) + _tensors(kwargs)]
+
+
+@pytest.mark.parametrize("plan", ["W4A8", "half 16-bit"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_hook_on_any_part_of_a_fused_block_sees_what_diffusers_shows_it(name, plan):
+    """A forward pre-hook on each submodule of each fused block kind in turn (hooks that change nothing): it fires as
+    often as on the unfused block, on inputs of the same shapes, and the block's output stays the unfused one's. A
+    fused path that runs a hooked part by its kernels, or per stream where diffusers runs it on joined rows, must
+    leave that part (or the block) to diffusers' computation. With every other linear left 16-bit, the float paths
+    run the modules diffusers runs, as diffusers calls them."""
+    from treeq_engine.plan import LayerConfig
+
+    model, call = MODELS[name]()
+    model = model.eval()
+    layers = QuantPlan.block_uniform(model, 4, 8)
+    if plan != "W4A8":
+        for n in sorted(layers.layers)[::2]:
+            layers = layers.with_layer(n, LayerConfig(16, 16))
+    unfused, fused = pair(model, layers)
+    calls = _first_calls(unfused, fused, call(model))
+    assert calls, f"{name}: no fused block ran"
+    for block_name, args, kwargs in calls:
+        ub, fb = unfused.get_submodule(block_name), fused.get_submodule(block_name)
+        for part, _ in ub.named_modules():
+            if not part:
+                continue
+            seen: dict[str, list] = {"unfused": [], "fused": []}
+            outs = []
+            for tag, block in (("unfused", ub), ("fused", fb)):
+                hook = block.get_submodule(part).register_forward_pre_hook(
+                    lambda m, a, k, tag=tag: seen[tag].append(_shapes(a, k)), with_kwargs=True)
+                try:
+                    outs.append(_run(block, args, kwargs)[0])
+                finally:
+                    hook.remove()
+            assert seen["fused"] == seen["unfused"], f"{name} {type(fb).__name__}.{part}"
+            if isinstance(outs[0], Exception):
+                continue
+            for a, b in zip(_tensors(outs[1]), _tensors(outs[0])):
+                err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                assert err < 5e-3, f"{name} {type(fb).__name__}.{part}: relative error {err:.3g}"

@@ -127,7 +127,7 @@ def sandwich_swiglu(x: torch.Tensor, norm_in: RMSNorm, norm_out: nn.Module, ff: 
         shift, k = rms_factor(norm_in, scale, b, d)
         g, u = _project((gate_proj, up), x.reshape(b * s, d).contiguous(), rows, ln_eps=norm_in.eps, shift=shift,
                         scale=k, rms_norm=True)
-        h = down((act(g) * u).view(b, s, -1))
+        h = down(act(g.view(b, s, -1)) * u.view(b, s, -1))   # (act on (B, S, ·), as diffusers calls it)
     y = norm_out(h)
     return x + (y if gate is None else gate * y)
 

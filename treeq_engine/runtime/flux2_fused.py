@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flux2AttnProcessor, Flux2FeedForward,
                                                              Flux2ParallelSelfAttention,
                                                              Flux2ParallelSelfAttnProcessor,
@@ -94,11 +93,6 @@ def _single_linears(block: nn.Module) -> list[nn.Module]:
     return [block.attn.to_qkv_mlp_proj, block.attn.to_out]
 
 
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    half = h.shape[-1] // 2
-    return F.silu(h[..., :half]) * h[..., half:]
-
-
 def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32: torch.Tensor) -> torch.Tensor:
     """``x + gate2 · ff(mod(LN(x), shift2, scale2))`` as (M, D) rows of ``x2`` (``mod`` (B, 6, D), ``m32`` (6, B, D)
     float32): LayerNorm + modulate in linear_in's quantization, SwiGLU between the kernels, the gated residual in
@@ -110,7 +104,8 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: torch.Tensor, m32
         return (x + mod[:, 5:6] * y).reshape(x2.shape)
     (h,) = _project((fc1,), x2, lambda: ln(x) * (1 + mod[:, 4:5]) + mod[:, 3:4], ln_eps=ln.eps, shift=m32[3],
                     scale=m32[4])
-    return _gated_out(fc2, _swiglu(h), x2, b, m32[5], mod[:, 5:6])
+    # (the SwiGLU module on (B, S, ·) rows, as diffusers calls it: a hook on its SiLU sees what it sees there)
+    return _gated_out(fc2, ff.act_fn(h.view(b, -1, h.shape[-1])), x2, b, m32[5], mod[:, 5:6])
 
 
 def _modulation(temb_mod: torch.Tensor, b: int, sets: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +200,7 @@ class FusedFlux2SingleTransformerBlock(Flux2SingleTransformerBlock):
         i = attn.inner_dim
         q, k, v, mlp = proj.split_with_sizes([i, i, i, proj.shape[-1] - 3 * i], dim=-1)
         o = _attention(attn, q, k, v, b, image_rotary_emb)
-        joined = torch.cat([o.reshape(b * t, -1), _swiglu(mlp)], dim=-1)
+        joined = torch.cat([o.reshape(b * t, -1), attn.mlp_act_fn(mlp.view(b, t, -1)).reshape(b * t, -1)], dim=-1)
         x = _gated_out(attn.to_out, joined, x2, b, m32[2], mod[:, 2:3]).view(b, t, d)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

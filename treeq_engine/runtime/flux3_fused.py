@@ -105,7 +105,7 @@ def _fused(block: nn.Module, x: torch.Tensor, m32: torch.Tensor, rows: Callable[
     q, k, v, f = _project((a.to_q, a.to_k, a.to_v, ff.linear_in), x2, rows, ln_eps=block.norm.eps, shift=m32[0],
                           scale=m32[1])
     o = _attention(a, q.view(b, t, -1), k.view(b, t, -1), v.view(b, t, -1), rotary)
-    h = ff.act_fn(f)
+    h = ff.act_fn(f.view(b, t, -1)).reshape(b * t, -1)   # (on (B, T, ·), as diffusers calls it)
     proj, out = a.to_out[0], ff.linear_out
     if _quantized(proj) and _quantized(out):   # x + gate·to_out(o) in to_out's epilogue, + gate·linear_out(h) in its
         r = proj.linear(proj.quantize_input(o.reshape(b * t, -1).contiguous()), out_dtype=x.dtype, residual=x2,
