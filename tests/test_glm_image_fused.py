@@ -79,21 +79,27 @@ def test_fused_equals_unfused(kind):
 
 
 def test_the_kv_cache_is_the_processor_s():
-    """Image editing: a condition image's keys and values written to the KV cache in one call, read in the next:
-    fused and unfused write and read the same, and the cache changes the output."""
+    """Image editing as the pipeline runs it: each condition image written to the KV cache with an empty text (those
+    calls run diffusers' forward: no text), then the prompt's call reading it (fused: its kernels run): fused and
+    unfused store and read the same, and the cache changes the output."""
     model = tiny()
-    unfused, fused = pair(model, mixed(model))
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     outs = []
     for m in (unfused, fused):
         caches = glm.GlmImageKVCache(2)
         caches.set_mode("write")
         with torch.no_grad():
-            m(**call(n=1, seed=3), kv_caches=caches)
+            for seed in (3, 4):   # (two condition images of one sample: its cache grows)
+                image = call(n=1, seed=seed)
+                image["encoder_hidden_states"] = image["encoder_hidden_states"][:, :0]
+                m(**image, kv_caches=caches)
             caches.set_mode("read")
-            outs.append([m(**call(n=1), kv_caches=caches).sample, m(**call(n=1)).sample])
-            outs[-1].append(caches[1].k_caches[0])
+            kernels, edited = count_kernels(m, dict(call(n=1), kv_caches=caches))
+            outs.append([edited, m(**call(n=1)).sample, caches[1].k_caches[0], caches[0].v_caches[0]])
+        assert kernels["ln"] == (PER_FORWARD["ln"] if m is fused else 0)
     for a, b in zip(*outs, strict=True):
         exact(b, a)
+    assert outs[1][2].shape[1] == 2 * 16   # (both images' 16 tokens)
     assert float((outs[1][0] - outs[1][1]).norm() / outs[1][1].norm()) > 1e-3
 
 
@@ -129,6 +135,27 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_bf16():
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16, padded=True))
+
+
+def test_the_float_paths_round_as_diffusers_in_bf16():
+    """A fused block over 16-bit layers (built directly: ``quantize`` swaps no block without a packed layer to fuse)
+    computes as diffusers' forward does, bit for bit in bf16, a padded text's mask included: the processor on the
+    modulated float rows, the attention's gated sums and the feed-forward's float path in the rows' dtype."""
+    torch.manual_seed(0)
+    block = tiny().to(torch.bfloat16).transformer_blocks[0]
+    fused = FusedGlmImageTransformerBlock(copy.deepcopy(block))
+    g = torch.Generator().manual_seed(5)
+    h, c, temb = (torch.randn(*s, generator=g).bfloat16() for s in ((2, 16, 16), (2, 6, 16), (2, 16)))
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        calls = []
+        with pytest.MonkeyPatch.context() as mp:   # (the fused forward, not diffusers': the processor handed a view)
+            mp.setattr(glm.GlmImageTransformerBlock, "forward", lambda *a, **k: calls.append(1))
+            got = fused(h, c, temb, None, mask)
+        assert not calls
+        for a, b in zip(got, block(h, c, temb, None, mask), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -298,12 +298,19 @@ if GlmImageTransformerBlock is not None:
             return h2.view(b, t, d), c2.view(b, text, d)
 
 
+def _fused_linears(block: nn.Module) -> list[nn.Module]:
+    """The linears a fused block runs by its kernels: GLM-Image's processor runs the output projection itself."""
+    if GlmImageTransformerBlock is not None and isinstance(block, GlmImageTransformerBlock):
+        return [layer for layer in _linears(block) if layer is not block.attn1.to_out[0]]
+    return _linears(block)
+
+
 def fuse_cogview4_blocks(model: nn.Module) -> int:
     """Swap every CogView4, CogView3-Plus and GLM-Image block of ``model`` that the fused classes handle and that has
     a packed linear with quantized activations to fuse; returns how many were swapped."""
     return swap_blocks(model, lambda m: FusedCogView4TransformerBlock if _supported(m)
                        else FusedCogView3PlusTransformerBlock if _plus_supported(m)
-                       else FusedGlmImageTransformerBlock if _glm_supported(m) else None, _linears)
+                       else FusedGlmImageTransformerBlock if _glm_supported(m) else None, _fused_linears)
 
 
 register_block(FusedCogView4TransformerBlock, 0, 1)   # returns (hidden_states, encoder_hidden_states), as the original
