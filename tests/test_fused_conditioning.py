@@ -298,3 +298,17 @@ def test_a_hook_on_any_part_of_a_fused_block_sees_what_diffusers_shows_it(name, 
             for a, b in zip(_tensors(outs[1]), _tensors(outs[0])):
                 err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
                 assert err < 5e-3, f"{name} {type(fb).__name__}.{part}: relative error {err:.3g}"
+            # (a hook that changes the part's output: the fused block's output moves as the unfused one's)
+            outs = []
+            for block in (ub, fb):
+                hook = block.get_submodule(part).register_forward_hook(
+                    lambda m, a, out: out * 1.5 if isinstance(out, torch.Tensor) and out.is_floating_point() else None)
+                try:
+                    outs.append(_run(block, args, kwargs)[0])
+                finally:
+                    hook.remove()
+            if isinstance(outs[0], Exception):
+                continue
+            for a, b in zip(_tensors(outs[1]), _tensors(outs[0])):
+                err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                assert err < 5e-3, f"{name} {type(fb).__name__}.{part} (output changed): relative error {err:.3g}"
