@@ -263,7 +263,8 @@ def _shapes(args, kwargs):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_hook_on_any_part_of_a_fused_block_sees_what_diffusers_shows_it(name, plan):
     """A forward pre-hook on each submodule of each fused block kind in turn (hooks that change nothing): it fires as
-    often as on the unfused block, on inputs of the same shapes, and the block's output stays the unfused one's. A
+    often as on the unfused block, on inputs of the same shapes, and the block's output stays the unfused one's; a
+    forward hook scaling the submodule's output moves the fused block's output as the unfused one's. A
     fused path that runs a hooked part by its kernels, or per stream where diffusers runs it on joined rows, must
     leave that part (or the block) to diffusers' computation. With every other linear left 16-bit, the float paths
     run the modules diffusers runs, as diffusers calls them."""
