@@ -313,3 +313,21 @@ def test_a_hook_on_any_part_of_a_fused_block_sees_what_diffusers_shows_it(name, 
             for a, b in zip(_tensors(outs[1]), _tensors(outs[0])):
                 err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
                 assert err < 5e-3, f"{name} {type(fb).__name__}.{part} (output changed): relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_inference_mode_runs_the_fused_blocks(name):
+    """Under ``torch.inference_mode`` (what serving code wraps a pipeline in; its tensors have no version counters,
+    which the once-per-forward caches read) every fused block kind runs its kernels and computes what it computes
+    under ``no_grad``."""
+    from test_mmdit_fused import count_kernels
+
+    model, call = MODELS[name]()
+    _, fused = pair(model.eval(), QuantPlan.block_uniform(model, 4, 8))
+    kw = call(model)
+    want_calls, want = count_kernels(fused, kw)
+    with torch.inference_mode():
+        got_calls, got = count_kernels(fused, kw)
+    assert got_calls == want_calls and want_calls["ln"] > 0
+    for a, b in zip(_tensors(got), _tensors(want), strict=True):
+        assert torch.equal(a, b)
