@@ -38,7 +38,8 @@ from diffusers.models.embeddings import apply_rotary_emb_allegro
 from diffusers.models.transformers.transformer_allegro import AllegroTransformerBlock
 
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project,
-                              _sdpa, folded_affine, register_block, self_attention_ok, swap_blocks)
+                              _sdpa, folded_affine, plain_attention, register_block, self_attention_ok,
+                              six_vector_table, swap_blocks)
 
 
 def _layer_norm(norm: Any, dim: int) -> bool:
@@ -46,21 +47,13 @@ def _layer_norm(norm: Any, dim: int) -> bool:
     return type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (dim,)
 
 
-def _attention(attn: Any, cross: bool) -> bool:
-    return (type(attn) is Attention and attn.is_cross_attention == cross and attn.group_norm is None
-            and attn.spatial_norm is None and attn.norm_cross is None and not attn.residual_connection
-            and attn.rescale_output_factor == 1.0 and attn.to_k is not None and attn.to_v is not None)
-
-
 def _supported(block: nn.Module) -> bool:
     if type(block) is not AllegroTransformerBlock or _forward_wrapped(block):
         return False
-    table = getattr(block, "scale_shift_table", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 6:
-        return False
-    d = table.shape[1]
-    return (_layer_norm(block.norm1, d) and _layer_norm(block.norm2, d) and _feed_forward(block.ff, d)
-            and _attention(block.attn1, False) and _attention(getattr(block, "attn2", None), True))
+    d = six_vector_table(block)
+    return (d is not None and _layer_norm(block.norm1, d) and _layer_norm(block.norm2, d)
+            and _feed_forward(block.ff, d) and plain_attention(block.attn1, cross=False)
+            and plain_attention(getattr(block, "attn2", None), cross=True))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:

@@ -43,8 +43,8 @@ from diffusers.models.transformers.auraflow_transformer_2d import (AuraFlowFeedF
                                                                    AuraFlowSingleTransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _project,
-                              joint_attention_ok, kernel_modulation, plain_fp32_layer_norm, refuse_fused_projections,
-                              register_block, self_attention_ok, swap_blocks)
+                              joint_attention_ok, kernel_modulation, plain_attention, plain_fp32_layer_norm,
+                              refuse_fused_projections, register_block, self_attention_ok, swap_blocks)
 
 _TEXT = ("add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -60,13 +60,6 @@ def _feed_forward(ff: Any, d: int) -> bool:
             and getattr(ff.out_projection, "out_features", None) == d)
 
 
-def _attention(attn: Any, joint: bool) -> bool:
-    """The attention as diffusers builds it (the processor and hooks are checked on every forward)."""
-    return (type(attn) is Attention and attn.group_norm is None and attn.spatial_norm is None
-            and attn.norm_cross is None and not attn.residual_connection and attn.rescale_output_factor == 1.0
-            and all(getattr(attn, n, None) is not None for n in (("to_k", "to_v") + (_TEXT if joint else ()))))
-
-
 def _width(block: nn.Module) -> int | None:
     norm = getattr(block, "norm2", None)
     return norm.normalized_shape[0] if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 else None
@@ -78,7 +71,8 @@ def _supported(block: nn.Module) -> bool:
         return False
     d = _width(block)
     if d is None or not (_adaln(block.norm1, d) and plain_fp32_layer_norm(block.norm2, d)
-                         and _feed_forward(block.ff, d) and _attention(block.attn, joint)):
+                         and _feed_forward(block.ff, d)
+                         and plain_attention(block.attn, projections=("to_k", "to_v") + (_TEXT if joint else ()))):
         return False
     return not joint or (_adaln(block.norm1_context, d) and plain_fp32_layer_norm(block.norm2_context, d)
                          and _feed_forward(block.ff_context, d))

@@ -60,22 +60,27 @@ from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayer
 from .cogvideox_fused import _attention as _cogvideox_attention
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
                               _project, HandedAttention, hooked_beyond_casting, kernel_modulation, like_rows,
-                              register_block, runs_processor, self_attention_ok, swap_blocks)
+                              plain_attention, register_block, runs_processor, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
-def _supported(block: nn.Module) -> bool:
-    if type(block) is not CogView4TransformerBlock or _forward_wrapped(block):
+def _two_streams(block: Any, kind: Any, adaln: Any, norms: tuple[str, str]) -> bool:
+    """``block`` is of ``kind`` in the structure diffusers builds: an ``adaln`` of two LayerNorms without affine
+    (``norms``: the image's, the text's) and a linear, LayerNorms without affine before the feed-forward, a
+    ``FeedForward`` of [GELU, Dropout, linear], a self-attention with LayerNorm or no q/k norms."""
+    if kind is None or type(block) is not kind or _forward_wrapped(block):
         return False
     n1, attn = block.norm1, block.attn1
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
-    return (d is not None and type(n1) is CogView4AdaLayerNormZero and _plain_layer_norm(n1.norm, d)
-            and _plain_layer_norm(n1.norm_context, d) and isinstance(n1.linear, nn.Module)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
-            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention
-            and attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
-            and not attn.residual_connection and attn.rescale_output_factor == 1.0
+    return (d is not None and type(n1) is adaln and all(_plain_layer_norm(getattr(n1, n), d) for n in norms)
+            and isinstance(n1.linear, nn.Module) and _plain_layer_norm(block.norm2, d)
+            and _plain_layer_norm(block.norm2_context, d) and _feed_forward(block.ff, d)
+            and plain_attention(attn, cross=False)
             and all(n is None or type(n) is nn.LayerNorm for n in (attn.norm_q, attn.norm_k)))
+
+
+def _supported(block: nn.Module) -> bool:
+    return _two_streams(block, CogView4TransformerBlock, CogView4AdaLayerNormZero, ("norm", "norm_context"))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -157,17 +162,8 @@ class FusedCogView4TransformerBlock(CogView4TransformerBlock):
 
 
 def _plus_supported(block: nn.Module) -> bool:
-    if type(block) is not CogView3PlusTransformerBlock or _forward_wrapped(block):
-        return False
-    n1, attn = block.norm1, block.attn1
-    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
-    return (d is not None and type(n1) is CogView3PlusAdaLayerNormZeroTextImage and _plain_layer_norm(n1.norm_x, d)
-            and _plain_layer_norm(n1.norm_c, d) and isinstance(n1.linear, nn.Module)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
-            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention
-            and attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
-            and not attn.residual_connection and attn.rescale_output_factor == 1.0
-            and all(n is None or type(n) is nn.LayerNorm for n in (attn.norm_q, attn.norm_k)))
+    return _two_streams(block, CogView3PlusTransformerBlock, CogView3PlusAdaLayerNormZeroTextImage,
+                        ("norm_x", "norm_c"))
 
 
 class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
@@ -223,14 +219,8 @@ class FusedCogView3PlusTransformerBlock(CogView3PlusTransformerBlock):
 
 
 def _glm_supported(block: nn.Module) -> bool:
-    if GlmImageTransformerBlock is None or type(block) is not GlmImageTransformerBlock or _forward_wrapped(block):
-        return False
-    n1, attn = block.norm1, block.attn1
-    d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
-    return (d is not None and type(n1) is GlmImageAdaLayerNormZero and _plain_layer_norm(n1.norm, d)
-            and _plain_layer_norm(n1.norm_context, d) and isinstance(n1.linear, nn.Module)
-            and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
-            and _feed_forward(block.ff, d) and type(attn) is Attention and not attn.is_cross_attention)
+    return GlmImageTransformerBlock is not None and _two_streams(
+        block, GlmImageTransformerBlock, GlmImageAdaLayerNormZero, ("norm", "norm_context"))
 
 
 if GlmImageTransformerBlock is not None:

@@ -91,6 +91,25 @@ def folded_affine(ln: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor) ->
     return t.contiguous(), s.contiguous()
 
 
+def plain_attention(attn: Any, cross: bool | None = None, projections: Sequence[str] = ("to_k", "to_v")) -> bool:
+    """``attn`` is diffusers' ``Attention`` with nothing around its projections and SDPA that a fused path would skip
+    (no group or spatial norm, no norm of the text, no residual connection or output rescale), a cross-attention or
+    not (``cross``; None: either), with ``projections``. The processor and hooks are checked on every forward."""
+    return (type(attn) is Attention and (cross is None or attn.is_cross_attention == cross)
+            and attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0
+            and all(getattr(attn, n, None) is not None for n in projections))
+
+
+def six_vector_table(block: nn.Module) -> int | None:
+    """The width of an adaLN-single block's ``scale_shift_table`` of six vectors, (6, D) (PixArt's, Sana's,
+    Allegro's), else None."""
+    table = getattr(block, "scale_shift_table", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 6:
+        return None
+    return int(table.shape[1])
+
+
 def weighted_rms_norm(norm: Any, dim: int) -> bool:
     """An RMSNorm over the last dim with a weight and no bias: what the kernel's RMSNorm and factor compute."""
     return (type(norm) is RMSNorm and isinstance(norm.weight, torch.Tensor) and norm.bias is None

@@ -42,18 +42,13 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.hunyuan_transformer_2d import AdaLayerNormShift, HunyuanDiTBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked,
-                              _project, folded_affine, register_block, self_attention_ok, swap_blocks)
+                              _project, folded_affine, plain_attention, register_block, self_attention_ok,
+                              swap_blocks)
 
 
 def _layer_norm(norm: Any, dim: int) -> bool:
     """diffusers' float32 LayerNorm over the last dim, affine or not (the affine folds into the modulate)."""
     return type(norm) is FP32LayerNorm and tuple(norm.normalized_shape) == (dim,)
-
-
-def _attention(attn: Any, cross: bool) -> bool:
-    return (type(attn) is Attention and attn.is_cross_attention == cross and attn.group_norm is None
-            and attn.spatial_norm is None and attn.norm_cross is None and not attn.residual_connection
-            and attn.rescale_output_factor == 1.0 and attn.to_k is not None and attn.to_v is not None)
 
 
 def _supported(block: nn.Module) -> bool:
@@ -66,8 +61,8 @@ def _supported(block: nn.Module) -> bool:
     skip = block.skip_linear is None or (_layer_norm(block.skip_norm, 2 * d)
                                          and getattr(block.skip_linear, "in_features", None) == 2 * d)
     return (skip and isinstance(n1.linear, nn.Module) and _layer_norm(n1.norm, d) and _layer_norm(block.norm2, d)
-            and _layer_norm(block.norm3, d) and _feed_forward(block.ff, d) and _attention(block.attn1, False)
-            and _attention(block.attn2, True))
+            and _layer_norm(block.norm3, d) and _feed_forward(block.ff, d) and plain_attention(block.attn1, cross=False)
+            and plain_attention(block.attn2, cross=True))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:

@@ -65,23 +65,28 @@ except ImportError:
 from ..nn.pointwise import layer_dims
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
                               _project, Modulation, modulation_chunk, per_token_modulation, register_block,
-                              self_attention_ok, swap_blocks)
+                              self_attention_ok, six_vector_table, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
-def _sana_supported(block: nn.Module) -> bool:
-    if type(block) is not SanaTransformerBlock or _forward_wrapped(block):
+def _glumb_block(block: Any, kind: Any, ff_kind: Any) -> bool:
+    """``block`` is of ``kind`` in the structure diffusers builds: LayerNorms without affine, a table of six vectors,
+    an ``Attention`` attn1 and an attn2, a feed-forward of ``ff_kind`` without its own norm or residual (Sana's
+    ``GLUMBConv``; Sana-Video's ``GLUMBTempConv`` with its temporal convolution)."""
+    if kind is None or type(block) is not kind or _forward_wrapped(block):
         return False
-    table = getattr(block, "scale_shift_table", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 6:
-        return False
-    d = table.shape[1]
+    d = six_vector_table(block)
     ff = block.ff
-    return (_plain_layer_norm(block.norm1, d) and _plain_layer_norm(getattr(block, "norm2", None), d)
+    return (d is not None and _plain_layer_norm(block.norm1, d) and _plain_layer_norm(getattr(block, "norm2", None), d)
             and type(block.attn1) is Attention and getattr(block, "attn2", None) is not None
-            and type(ff) is GLUMBConv and ff.norm_type is None
-            and not ff.residual_connection and type(ff.nonlinearity) is nn.SiLU and type(ff.conv_depth) is nn.Conv2d
+            and type(ff) is ff_kind and ff.norm_type is None and not ff.residual_connection
+            and type(ff.nonlinearity) is nn.SiLU and type(ff.conv_depth) is nn.Conv2d
+            and type(getattr(ff, "conv_temp", ff.conv_depth)) is nn.Conv2d
             and layer_dims(ff.conv_inverted)[0] == d and layer_dims(ff.conv_point)[1] == d)
+
+
+def _sana_supported(block: nn.Module) -> bool:
+    return _glumb_block(block, SanaTransformerBlock, GLUMBConv)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -193,19 +198,7 @@ class FusedSanaTransformerBlock(SanaTransformerBlock):
 
 
 def _video_supported(block: nn.Module) -> bool:
-    if SanaVideoTransformerBlock is None or type(block) is not SanaVideoTransformerBlock or _forward_wrapped(block):
-        return False
-    table = getattr(block, "scale_shift_table", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 6:
-        return False
-    d = table.shape[1]
-    ff = block.ff
-    return (_plain_layer_norm(block.norm1, d) and _plain_layer_norm(getattr(block, "norm2", None), d)
-            and type(block.attn1) is Attention and getattr(block, "attn2", None) is not None
-            and type(ff) is GLUMBTempConv and ff.norm_type is None and not ff.residual_connection
-            and type(ff.nonlinearity) is nn.SiLU and type(ff.conv_depth) is nn.Conv2d
-            and type(ff.conv_temp) is nn.Conv2d and layer_dims(ff.conv_inverted)[0] == d
-            and layer_dims(ff.conv_point)[1] == d)
+    return SanaVideoTransformerBlock is not None and _glumb_block(block, SanaVideoTransformerBlock, GLUMBTempConv)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
