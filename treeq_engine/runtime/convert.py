@@ -262,6 +262,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "hunyuan_fused", "fuse_hunyuan_blocks", (0, 36)),
                     (("HunyuanImageTransformerBlock", "HunyuanImageSingleTransformerBlock"), "HunyuanImage 2.1",
                      "hunyuan_fused", "fuse_hunyuan_blocks", (0, 42)),
+                    (("MotifVideoTransformerBlock", "MotifVideoSingleTransformerBlock"), "Motif-Video",
+                     "hunyuan_fused", "fuse_hunyuan_blocks", (0, 42)),
                     (("HunyuanVideo15TransformerBlock",), "HunyuanVideo 1.5", "hunyuan15_fused",
                      "fuse_hunyuan15_blocks", (0, 36)),
                     (("CogVideoXBlock",), "CogVideoX", "cogvideox_fused", "fuse_cogvideox_blocks", (0, 32)),

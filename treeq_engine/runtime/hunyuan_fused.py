@@ -40,6 +40,10 @@ try:   # (HunyuanImage 2.1's blocks: absent from older releases)
     from diffusers.models.transformers import transformer_hunyuanimage as _image
 except ImportError:
     _image = None
+try:   # (Motif-Video's copies of the blocks: absent from older releases)
+    from diffusers.models.transformers import transformer_motif_video as _motif
+except ImportError:
+    _motif = None
 
 from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
                               adopt_checked, dispatch_kwargs, joint_attention_ok, like_rows, refuse_fused_projections,
@@ -85,10 +89,12 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
     return o.flatten(2, 3).to(query.dtype)
 
 
-def _attention_ok(attn: Any, joint: bool, processor: type = HunyuanVideoAttnProcessor2_0) -> bool:
-    """``attn`` computes what the fused path computes (checked on every forward): HunyuanVideo's ``processor`` on
-    unfused projections, no hook on it or on a projection the kernels run."""
-    if type(attn) is not Attention or type(attn.processor) is not processor:
+def _attention_ok(attn: Any, joint: bool, processor: type = HunyuanVideoAttnProcessor2_0,
+                  kind: Any = Attention) -> bool:
+    """``attn`` computes what the fused path computes (checked on every forward): an attention of class ``kind``
+    running HunyuanVideo's ``processor`` (or a copy's) on unfused projections, no hook on it or on a projection the
+    kernels run."""
+    if type(attn) is not kind or type(attn.processor) is not processor:
         return False
     refuse_fused_projections(attn, PROJECTIONS + ADDED)   # (a dense copy of packed layers: an error)
     if getattr(attn, "fused_projections", False) or _hooked(attn):
@@ -103,21 +109,21 @@ def _attention_ok(attn: Any, joint: bool, processor: type = HunyuanVideoAttnProc
 def _double_supported(block: nn.Module, kind: type[Any] = HunyuanVideoTransformerBlock) -> bool:
     """``block`` is a double-stream block of class ``kind`` in the structure diffusers builds (HunyuanVideo 1.5's
     are alike: ``hunyuan15_fused``)."""
-    if type(block) is not kind or _forward_wrapped(block):
-        return False
+    if type(block) is not kind or _forward_wrapped(block) or getattr(block, "cross_attn", None) is not None:
+        return False   # (Motif-Video's optional text cross-attention: diffusers' forward)
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     return (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
             and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
             and _adaln(block.norm1, AdaLayerNormZero, d) and _adaln(block.norm1_context, AdaLayerNormZero, d)
-            and type(block.attn) is Attention and block.attn.added_kv_proj_dim is not None)
+            and type(block.attn) is _ATTENTIONS.get(kind, Attention) and block.attn.added_kv_proj_dim is not None)
 
 
 def _single_supported(block: nn.Module) -> bool:
-    if type(block) not in _SINGLE or _forward_wrapped(block):
+    if type(block) not in _SINGLE or _forward_wrapped(block) or getattr(block, "cross_attn", None) is not None:
         return False
     d = getattr(block.proj_out, "out_features", None)
     return (isinstance(d, int) and _gelu_tanh(block.act_mlp) and _adaln(block.norm, AdaLayerNormZeroSingle, d)
-            and type(block.attn) is Attention)
+            and type(block.attn) is _ATTENTIONS.get(type(block), Attention))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -128,6 +134,11 @@ def _processor(block: nn.Module) -> type:
     """The processor whose computation the fused path repeats for ``block``'s attention (its class's, found through
     the whole MRO: a subclass made at run time, such as torch's parametrize makes, comes first)."""
     return next(_PROCESSORS[c] for c in type(block).__mro__ if c in _PROCESSORS)
+
+
+def _attention_kind(block: nn.Module) -> type:
+    """The class of ``block``'s attention as diffusers builds it (``Attention``; Motif-Video's its own)."""
+    return next((_ATTENTIONS[c] for c in type(block).__mro__ if c in _ATTENTIONS), Attention)
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
@@ -142,7 +153,7 @@ def _single_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     if (block.training or h.ndim != 3 or c.ndim != 3 or not like_rows(h, c, temb) or _hooked(norm)
             or _hooked(norm.norm)
             or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp) or _bypassed_hook(block.proj_out)
-            or not _attention_ok(attn, joint=False, processor=_processor(block))):
+            or not _attention_ok(attn, joint=False, processor=_processor(block), kind=_attention_kind(block))):
         return unfused(*call, **kwargs)
     text = c.shape[1]
     if not text:   # (diffusers' own: its split of [image; text] at -0 is degenerate, as it is)
@@ -162,7 +173,7 @@ def _double_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     if (block.training or h.ndim != 3 or c.ndim != 3 or not c.shape[1] or not like_rows(h, c, temb)
             or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
-            or not _attention_ok(attn, joint=True, processor=_processor(block))):
+            or not _attention_ok(attn, joint=True, processor=_processor(block), kind=_attention_kind(block))):
         return unfused(*call, **kwargs)
     b, _, d = h.shape
     m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
@@ -234,6 +245,40 @@ if _image is not None:
     _DOUBLE[_image.HunyuanImageTransformerBlock] = FusedHunyuanImageTransformerBlock
     for _block in (_image.HunyuanImageSingleTransformerBlock, _image.HunyuanImageTransformerBlock):
         _PROCESSORS[_block] = _image.HunyuanImageAttnProcessor
+# the blocks whose attention is not diffusers' Attention (Motif-Video's: its own class, the same projections)
+_ATTENTIONS: dict[type, type] = {}
+if _motif is not None:
+    class FusedMotifVideoSingleTransformerBlock(_motif.MotifVideoSingleTransformerBlock):
+        """Motif-Video's single-stream block running the fused packed kernels (module docstring); with its text
+        cross-attention (``enable_text_cross_attention``) it is not swapped."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
+                    **kwargs: Any) -> Any:
+            return _single_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           attention_mask, image_rotary_emb, *args), kwargs)
+
+    class FusedMotifVideoTransformerBlock(_motif.MotifVideoTransformerBlock):
+        """Motif-Video's double-stream block running the fused packed kernels (module docstring); with its text
+        cross-attention it is not swapped."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any,
+                    **kwargs: Any) -> Any:
+            return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
+                                                           attention_mask, image_rotary_emb, *args), kwargs)
+
+    _SINGLE[_motif.MotifVideoSingleTransformerBlock] = FusedMotifVideoSingleTransformerBlock
+    _DOUBLE[_motif.MotifVideoTransformerBlock] = FusedMotifVideoTransformerBlock
+    for _block in (_motif.MotifVideoSingleTransformerBlock, _motif.MotifVideoTransformerBlock):
+        _PROCESSORS[_block] = _motif.MotifVideoAttnProcessor2_0
+        _ATTENTIONS[_block] = _motif.MotifVideoAttention
 
 
 def fuse_hunyuan_blocks(model: nn.Module) -> int:
