@@ -76,7 +76,7 @@ MODELS = {
     "auraflow": _from("test_auraflow_fused", "tiny"), "hunyuandit": _from("test_hunyuandit_fused", "tiny"),
     "sana_video": _from("test_sana_video_fused", "tiny"), "allegro": _from("test_allegro_fused", "tiny"),
     "easyanimate": _from("test_easyanimate_fused", "tiny"), "glm_image": _from("test_glm_image_fused", "tiny"),
-    "motif_video": _from("test_motif_video_fused", "tiny"),
+    "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
 }
 
 

@@ -159,9 +159,10 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     close(got, want)
 
 
-def test_per_token_modulation_runs_diffusers_forward():
-    """Z-Image Omni modulates noisy and clean tokens apart (``noise_mask``): the fused block runs diffusers' forward
-    and returns what the unfused block returns."""
+def test_per_token_modulation_fuses():
+    """Z-Image Omni modulates noisy and clean tokens apart (``noise_mask``): the fused block runs its kernels with a
+    modulation group per run of tokens sharing one (here the first half of each sample noisy: 2 groups a sample; a
+    random mask: a group a token) and returns what the unfused block returns; the global modulation fuses too."""
     model = tiny_zimage()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     g = torch.Generator().manual_seed(3)
@@ -169,20 +170,22 @@ def test_per_token_modulation_runs_diffusers_forward():
     x = torch.randn(b, s, d, generator=g)
     mask = torch.ones(b, s, dtype=torch.bool)
     freqs = torch.polar(torch.ones(b, s, 8), torch.randn(b, s, 8, generator=g))
-    noise_mask = (torch.rand(b, s, generator=g) > 0.5).long()
+    halves = torch.zeros(b, s, dtype=torch.long)
+    halves[:, : s // 2] = 1
     noisy, clean = torch.randn(b, 32, generator=g), torch.randn(b, 32, generator=g)
-    args = (x, mask, freqs, None, noise_mask, noisy, clean)
-    calls = []
     orig = TreeQLinear.quantize_input
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k) or orig(self, x2, **k))
-        got = fused.layers[0](*args)
-        assert not any(k.get("ln_eps") for k in calls)
-        want = unfused.layers[0](*args)
-        plain = fused.layers[0](x, mask, freqs, noisy)   # (and the global modulation fuses)
-        assert any(k.get("rms_norm") for k in calls)
-        close(plain, unfused.layers[0](x, mask, freqs, noisy))
-    assert torch.equal(got, want)
+    for noise_mask, groups in ((halves, 2 * b), ((torch.rand(b, s, generator=g) > 0.5).long(), b * s)):
+        args = (x, mask, freqs, None, noise_mask, noisy, clean)
+        calls = []
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k) or orig(self, x2, **k))
+            got = fused.layers[0](*args)
+            want = unfused.layers[0](*args)
+        fused_calls = [k for k in calls if k.get("rms_norm")]
+        assert len(fused_calls) == 2 and all(k["scale"].shape == (groups, d) for k in fused_calls)
+        close(got, want)
+    with torch.no_grad():
+        close(fused.layers[0](x, mask, freqs, noisy), unfused.layers[0](x, mask, freqs, noisy))
 
 
 def test_fallbacks_on_an_older_diffusers_and_strided_rows(monkeypatch):

@@ -255,6 +255,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), "FLUX.2", "flux2_fused",
                      "fuse_flux2_blocks", (0, 36)),
                     (("ZImageTransformerBlock",), "Z-Image", "zimage_fused", "fuse_zimage_blocks", (0, 36)),
+                    (("BriaFibo2TransformerBlock",), "Bria FIBO 2", "zimage_fused", "fuse_zimage_blocks", (0, 42)),
                     (("LTXVideoTransformerBlock",), "LTX-Video", "ltx_fused", "fuse_ltx_blocks", (0, 35)),
                     (("ChromaTransformerBlock", "ChromaSingleTransformerBlock"), "Chroma", "chroma_fused",
                      "fuse_chroma_blocks", (0, 35)),

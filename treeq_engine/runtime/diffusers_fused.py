@@ -116,24 +116,30 @@ def weighted_rms_norm(norm: Any, dim: int) -> bool:
             and tuple(norm.dim) == (dim,) and norm.eps > 0)   # (the kernel takes a positive epsilon)
 
 
-def rms_factor(norm: RMSNorm, scale: torch.Tensor | None, b: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_factor(norm: RMSNorm, scale: torch.Tensor | None, b: int, d: int,
+               grouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's modulate arguments for ``RMS(x)·w·scale`` (Z-Image's and Lumina2's norms): shift 0 and ``k =
     w·scale − 1``, float32 (G, D) (G = B with a modulation, ``scale`` (B, 1, D) being diffusers' ``1 + s``; G = 1
-    without one)."""
+    without one; per token, ``grouped``: the scale's (G, D) groups of runs of rows, ``per_token_modulation``'s)."""
     w = norm.weight.float()
-    k = (w * scale.float().reshape(b, d) if scale is not None else w.reshape(1, d)) - 1.0
+    if grouped is not None:
+        k = w * grouped - 1.0
+    else:
+        k = (w * scale.float().reshape(b, d) if scale is not None else w.reshape(1, d)) - 1.0
     k = k.contiguous()
     return torch.zeros_like(k), k
 
 
 def sandwich_swiglu(x: torch.Tensor, norm_in: RMSNorm, norm_out: nn.Module, ff: nn.Module,
                     linears: tuple[nn.Module, nn.Module, nn.Module], act: Callable[[torch.Tensor], torch.Tensor],
-                    scale: torch.Tensor | None, gate: torch.Tensor | None) -> torch.Tensor:
+                    scale: torch.Tensor | None, gate: torch.Tensor | None,
+                    grouped: torch.Tensor | None = None) -> torch.Tensor:
     """``x + gate · norm_out(down(act(g) ⊙ u))`` with ``[g, u] = gate_proj, up ← RMSNorm_w(x)·scale`` for (B, S, D)
     rows ``x`` (Z-Image's and Lumina2's feed-forward between sandwich norms; ``linears`` = (gate_proj, up, down);
-    ``scale`` diffusers' (B, 1, D) ``1 + s``, ``gate`` its tanh'd gate, None without a modulation): RMSNorm, its
-    weight and the modulation in the quantization kernel shared by gate_proj and up; a hooked feed-forward (or a
-    hooked packed gate_proj/up) runs as the module. ``norm_out`` needs whole rows: in torch."""
+    ``scale`` diffusers' (B, 1, D) ``1 + s``, ``gate`` its tanh'd gate, None without a modulation; per token, both
+    (B, S, D) and ``grouped`` the scale's groups for the kernel, ``rms_factor``'s): RMSNorm, its weight and the
+    modulation in the quantization kernel shared by gate_proj and up; a hooked feed-forward (or a hooked packed
+    gate_proj/up) runs as the module. ``norm_out`` needs whole rows: in torch."""
     b, s, d = x.shape
     gate_proj, up, down = linears
 
@@ -143,7 +149,7 @@ def sandwich_swiglu(x: torch.Tensor, norm_in: RMSNorm, norm_out: nn.Module, ff: 
     if _hooked(ff) or _bypassed_hook(gate_proj) or _bypassed_hook(up):
         h = ff(rows())
     else:
-        shift, k = rms_factor(norm_in, scale, b, d)
+        shift, k = rms_factor(norm_in, scale, b, d, grouped)
         g, u = _project((gate_proj, up), x.reshape(b * s, d).contiguous(), rows, ln_eps=norm_in.eps, shift=shift,
                         scale=k, rms_norm=True)
         h = down(act(g.view(b, s, -1)) * u.view(b, s, -1))   # (act on (B, S, ·), as diffusers calls it)
