@@ -77,7 +77,13 @@ MODELS = {
     "sana_video": _from("test_sana_video_fused", "tiny"), "allegro": _from("test_allegro_fused", "tiny"),
     "easyanimate": _from("test_easyanimate_fused", "tiny"), "glm_image": _from("test_glm_image_fused", "tiny"),
     "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
+    "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
 }
+
+
+def _joyimage(kind):
+    m = importlib.import_module("test_joyimage_fused")
+    return m.tiny(kind), lambda model: m.call(kind)
 
 
 def _wan():

@@ -292,6 +292,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "auraflow_fused", "fuse_auraflow_blocks", (0, 42)),
                     (("HunyuanDiTBlock",), "Hunyuan-DiT", "hunyuandit_fused", "fuse_hunyuandit_blocks", (0, 42)),
                     (("AllegroTransformerBlock",), "Allegro", "allegro_fused", "fuse_allegro_blocks", (0, 42)),
+                    (("JoyImageTransformerBlock", "JoyImageEditPlusTransformerBlock"), "JoyImage", "joyimage_fused",
+                     "fuse_joyimage_blocks", (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
