@@ -50,7 +50,8 @@ def call(kind="edit", seed=0, dtype=torch.float32, padded=True):
     if padded:
         mask[1, 5:] = False
     return dict(hidden_states=torch.randn(2, 24, 4, 1, 2, 2, generator=g).to(dtype),
-                timestep=torch.tensor([500.0, 20.0]), encoder_hidden_states=torch.randn(2, 8, 16, generator=g).to(dtype), encoder_hidden_states_mask=mask,
+                timestep=torch.tensor([500.0, 20.0]), encoder_hidden_states_mask=mask,
+                encoder_hidden_states=torch.randn(2, 8, 16, generator=g).to(dtype),
                 shape_list=[[(1, 4, 4), (1, 2, 4)], [(1, 4, 4), (1, 2, 2)]])
 
 
