@@ -162,7 +162,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 def test_per_token_modulation_fuses():
     """Z-Image Omni modulates noisy and clean tokens apart (``noise_mask``): the fused block runs its kernels with a
     modulation group per run of tokens sharing one (here the first half of each sample noisy: 2 groups a sample; a
-    random mask: a group a token) and returns what the unfused block returns; the global modulation fuses too."""
+    random mask: a group a token; samples whose runs differ: groups the gcd of every run's bounds long; all noisy: one
+    a sample) and returns what the unfused block returns; the global modulation fuses too."""
     model = tiny_zimage()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     g = torch.Generator().manual_seed(3)
@@ -174,7 +175,10 @@ def test_per_token_modulation_fuses():
     halves[:, : s // 2] = 1
     noisy, clean = torch.randn(b, 32, generator=g), torch.randn(b, 32, generator=g)
     orig = TreeQLinear.quantize_input
-    for noise_mask, groups in ((halves, 2 * b), ((torch.rand(b, s, generator=g) > 0.5).long(), b * s)):
+    apart = torch.zeros(b, s, dtype=torch.bool)   # (each sample its own runs: 4 clean then noisy; 6 noisy then clean)
+    apart[0, 4:], apart[1, :6] = True, True
+    for noise_mask, groups in ((halves, 2 * b), ((torch.rand(b, s, generator=g) > 0.5).long(), b * s),
+                               (apart, b * 5), (torch.ones(b, s, dtype=torch.long), b)):
         args = (x, mask, freqs, None, noise_mask, noisy, clean)
         calls = []
         with pytest.MonkeyPatch.context() as mp, torch.no_grad():

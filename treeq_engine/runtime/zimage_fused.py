@@ -30,8 +30,9 @@ for a conditioning batch other than the rows' (diffusers broadcasts it), and whe
 attention carries a hook or another processor; a feed-forward that is hooked (or one of w1/w3 that is hooked and
 packed) runs as a module. Bria FIBO 2's self-attention runs its own processor on the kernels' projections
 (``HandedAttention``); its injection blocks' gated text cross-attention runs between the attention and the
-feed-forward as diffusers runs it. diffusers' block-level hooks (FirstBlockCache, MagCache) find the fused class in
-``TransformerBlockRegistry`` under the original's entry. The state dict is unchanged.
+feed-forward as diffusers runs it. diffusers' block-level hooks (FirstBlockCache, MagCache) find Z-Image's fused
+class in ``TransformerBlockRegistry`` under the original's entry (diffusers has none for Bria FIBO 2's block, whose
+model those hooks do not run on, fused or not). The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def _modulation(block: Any, x: torch.Tensor, adaln_input: Any, noise_mask: Any, 
                                 c.unsqueeze(1).expand(-1, s, -1)))   # (diffusers' select_per_token)
     if mods[0].shape != (b, s, d):
         return None
-    return tuple(mods), per_token_modulation(lambda i: mods[2 * i], b * s, chunks=2)
+    # (the runs found on the mask every block is handed, once per forward: the scales' runs are its or coarser)
+    return tuple(mods), per_token_modulation(lambda i: mods[2 * i], b * s, chunks=2, runs_of=noise_mask)
 
 
 def _sandwich_forward(block: Any, x: torch.Tensor, attend: Any, adaln_input: Any, noise_mask: Any,
@@ -263,5 +265,5 @@ def fuse_zimage_blocks(model: nn.Module) -> int:
 
 
 register_block(FusedZImageTransformerBlock, 0)   # (returns hidden states alone, as the original)
-if _fibo2 is not None:
-    register_block(FusedBriaFibo2TransformerBlock, 0)
+if _fibo2 is not None:   # (diffusers has no entry for Bria FIBO 2's block: its argument is x, as Z-Image's)
+    register_block(FusedBriaFibo2TransformerBlock, 0, hidden_states_argument_name="x")
