@@ -78,7 +78,7 @@ MODELS = {
     "easyanimate": _from("test_easyanimate_fused", "tiny"), "glm_image": _from("test_glm_image_fused", "tiny"),
     "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
     "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
-    "prx": _from("test_prx_fused", "tiny"),
+    "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
 }
 
 
