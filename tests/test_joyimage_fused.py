@@ -110,6 +110,65 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         FusedJoyImageTransformerBlock(quantized.double_blocks[0])
 
 
+def test_a_block_takes_the_timestep_projection_in_any_of_its_shapes():
+    """JoyImage's modulation adds (B, 6, D) as it is and a (B, D) or (B, 1, D) one broadcast over the six rows of its
+    table: a block's two outputs equal the unfused block's for each."""
+    model = tiny()
+    unfused, fused = pair(model, mixed(model))
+    g = torch.Generator().manual_seed(4)
+    h, c = torch.randn(2, 32, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    rotary = fused.get_rotary_pos_embed(vis_rope_size=[2, 4, 4], txt_rope_size=None)
+    with torch.no_grad():
+        for temb in (torch.randn(2, 6, 16, generator=g), torch.randn(2, 16, generator=g),
+                     torch.randn(2, 1, 16, generator=g)):
+            calls = count_kernels_of(fused.double_blocks[0], h, c, temb, rotary)
+            got, want = fused.double_blocks[0](h, c, temb, rotary), unfused.double_blocks[0](h, c, temb, rotary)
+            assert calls > 0
+            for a, b in zip(got, want, strict=True):
+                exact(a, b)
+
+
+def count_kernels_of(block, *args):
+    """The norm-fused quantizations one call of ``block`` makes."""
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    calls = []
+    orig = TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k.get("ln_eps")) or orig(
+            self, x2, **k))
+        block(*args)
+    return sum(e is not None for e in calls)
+
+
+def test_a_float_feed_forward_rounds_as_diffusers_in_bf16():
+    """A feed-forward left 16-bit runs diffusers' computation: its float32 LayerNorm's output (in the rows' dtype)
+    modulated in bf16, as JoyImage's block modulates it, bit for bit (``fp32_rows=False``; Wan's float32 rows
+    round otherwise)."""
+    from treeq_engine.runtime.diffusers_fused import _ff
+
+    model = tiny().to(torch.bfloat16)
+    plan = QuantPlan.block_uniform(model, 8, 8)
+    for n in ("double_blocks.0.img_mlp.net.0.proj", "double_blocks.0.img_mlp.net.2"):
+        plan = plan.with_layer(n, LayerConfig(16, 16))
+    _, fused = pair(model, plan, dtype=torch.bfloat16)
+    block = fused.double_blocks[0]
+    g = torch.Generator().manual_seed(5)
+    h, mod = torch.randn(2, 32, 16, generator=g).bfloat16(), torch.randn(2, 6, 16, generator=g).bfloat16()
+    with torch.no_grad():   # (diffusers' step: hidden_states + img_mlp(img_norm2(h)·(1 + scale2) + shift2)·gate2)
+        want = h + block.img_mlp(block.img_norm2(h) * (1 + mod[:, 4:5]) + mod[:, 3:4]) * mod[:, 5:6]
+        got = [_ff(block.img_mlp, block.img_norm2, h.reshape(64, 16), 2, mod, mod.float().transpose(0, 1).contiguous(),
+                   fp32_rows=f).view(2, 32, 16) for f in (False, True)]
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+    assert not torch.equal(got[1], want)
+    seen = []   # (and the block asks _ff for that rounding, both streams)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr("treeq_engine.runtime.joyimage_fused._ff", lambda *a, **k: seen.append(k["fp32_rows"]) or _ff(
+            *a, **k))
+        fused(**call(dtype=torch.bfloat16))
+    assert seen == [False] * 4
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_bf16(kind):
     half_agrees(tiny(kind).to(torch.bfloat16), call(kind, dtype=torch.bfloat16))

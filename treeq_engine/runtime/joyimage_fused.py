@@ -21,8 +21,9 @@ A block is swapped only in the structure diffusers builds (the modulation tables
 the block's width, ``FeedForward`` modules of [GELU, Dropout, linear]) with a packed linear with quantized activations
 to fuse. It runs diffusers' own forward in training mode, for a ``temb`` or a text whose batch or dtype is not the
 rows', and when a norm, a modulation table or the attention carries a hook or another processor (or a qkv projection
-the kernels run does); a hooked feed-forward runs as the module. diffusers' block-level hooks (FirstBlockCache,
-MagCache) find both classes, fused or not, in ``TransformerBlockRegistry``. The state dict is unchanged.
+the kernels run does); a hooked feed-forward runs as the module. Both classes, fused or not, have an entry in
+diffusers' ``TransformerBlockRegistry`` (diffusers 0.42's block caches do not find JoyImage's ``double_blocks``, fused
+or not). The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _hooked, _project, HandedAttention,
-                              kernel_modulation, like_rows, plain_fp32_layer_norm, register_block, runs_processor,
-                              swap_blocks)
+from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _hooked, _project, adopt_checked,
+                              HandedAttention, kernel_modulation, like_rows, plain_fp32_layer_norm, register_block,
+                              runs_processor, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 try:   # (JoyImage's blocks: absent from older releases)
@@ -106,7 +107,7 @@ def _fused_forward(block: Any, unfused: Any, args: tuple[Any, ...]) -> Any:
     s = c.shape[1]
     e = temb if temb.ndim == 3 else temb.unsqueeze(1)
     mods = [m.modulate_table + e for m in (block.img_mod, block.txt_mod)]   # (B, 6, D), as diffusers adds them
-    if any(tuple(m.shape) != (b, 6, d) for m in mods):
+    if any(tuple(m.shape) != (b, 6, d) for m in mods):   # (a temb of more dims: diffusers' forward, its error)
         return unfused(*args)
     (mod_h, mod_c), (m32_h, m32_c) = mods, [kernel_modulation(m) for m in mods]
 
@@ -134,20 +135,13 @@ def _fused_forward(block: Any, unfused: Any, args: tuple[Any, ...]) -> Any:
     return h2.view(b, t, d), c2.view(b, s, d)
 
 
-def _adopt_checked(new: nn.Module, block: nn.Module, base: type) -> None:
-    if type(block) is not base or not _supported(block):
-        raise ValueError(f"{type(new).__name__} handles {base.__module__}.{base.__name__} in the structure diffusers "
-                         "builds")
-    _adopt(new, block)
-
-
 _FUSED: dict[type, type] = {}
 if _joy is not None:
     class FusedJoyImageTransformerBlock(_joy.JoyImageTransformerBlock):
         """A ``JoyImageTransformerBlock`` running the fused packed kernels (module docstring)."""
 
         def __init__(self, block: nn.Module) -> None:
-            _adopt_checked(self, block, _joy.JoyImageTransformerBlock)
+            adopt_checked(self, block, _FAMILIES, _supported)
 
         def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                     image_rotary_emb: Any = None) -> Any:
@@ -160,7 +154,7 @@ if _plus is not None:
         """A ``JoyImageEditPlusTransformerBlock`` running the fused packed kernels (module docstring)."""
 
         def __init__(self, block: nn.Module) -> None:
-            _adopt_checked(self, block, _plus.JoyImageEditPlusTransformerBlock)
+            adopt_checked(self, block, _FAMILIES, _supported)
 
         def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                     image_rotary_emb: Any = None, attention_mask: torch.Tensor | None = None) -> Any:
