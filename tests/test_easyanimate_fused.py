@@ -155,6 +155,12 @@ def test_a_float_feed_forward_rounds_as_diffusers_in_bf16():
                for f in (False, True)]
     torch.testing.assert_close(got[0], want, rtol=0, atol=0)
     assert not torch.equal(got[1], want)
+    seen = []   # (and the blocks ask _ff for that rounding, both streams)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr("treeq_engine.runtime.easyanimate_fused._ff", lambda *a, **k: seen.append(k["fp32_rows"]) or _ff(
+            *a, **k))
+        fused(**call(dtype=torch.bfloat16))
+    assert seen == [False] * 6
 
 
 @pytest.mark.gpu
