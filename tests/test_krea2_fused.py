@@ -52,7 +52,8 @@ def mixed(model):
     return plan.with_layer("transformer_blocks.0.attn.to_k", LayerConfig(16, 16)) \
         .with_layer("transformer_blocks.0.ff.up", LayerConfig(4, 4)) \
         .with_layer("transformer_blocks.1.attn.to_gate", LayerConfig(8, 8, branch=BranchConfig("monarch", 2))) \
-        .with_layer("transformer_blocks.1.ff.down", LayerConfig(16, 16))
+        .with_layer("transformer_blocks.1.ff.down", LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.1.ff.gate", LayerConfig(16, 16))
 
 
 def blocks(model):
@@ -61,7 +62,8 @@ def blocks(model):
 
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
 def test_fused_equals_unfused(kind):
-    """Float32, within ``close``'s 1e-3 (the kernel multiplies by (1 + w)(1 + scale) once, diffusers twice)."""
+    """Float32, within 1e-5 relative (measured 2e-7: the kernel multiplies by (1 + w)(1 + scale) once where diffusers
+    multiplies twice; a norm's epsilon ten times too large moves it by 1e-3)."""
     model = tiny()
     plan = mixed(model) if kind == "mixed" else QuantPlan.block_uniform(model, int(kind[1]), int(kind[3]))
     unfused, fused = pair(model, plan)
@@ -70,7 +72,7 @@ def test_fused_equals_unfused(kind):
     for kw in (call(), call(n=3, hw=(4, 6), text=5, seed=1, padded=False)):
         with torch.no_grad():
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
-        close(got, want)
+        close(got, want, bound=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.3
     if kind == "W4A8":
         assert count_kernels(fused, call())[0] == PER_FORWARD
@@ -107,7 +109,12 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 
 def test_bf16():
-    half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
+    """bf16 as the checkpoint loads (``_keep_in_fp32_modules``: the RMSNorms' weights stay float32)."""
+    model = tiny().to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, krea2.Krea2RMSNorm):
+            m.float()
+    half_agrees(model, call(dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu

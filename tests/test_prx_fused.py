@@ -47,7 +47,9 @@ def mixed(model):
     plan = QuantPlan.block_uniform(model, 4, 8)
     return plan.with_layer("blocks.0.attention.img_qkv_proj", LayerConfig(16, 16)) \
         .with_layer("blocks.0.up_proj", LayerConfig(4, 4)) \
+        .with_layer("blocks.0.down_proj", LayerConfig(16, 16)) \
         .with_layer("blocks.1.gate_proj", LayerConfig(16, 16)) \
+        .with_layer("blocks.1.up_proj", LayerConfig(16, 16)) \
         .with_layer("blocks.1.down_proj", LayerConfig(8, 8, branch=BranchConfig("monarch", 2)))
 
 
@@ -58,7 +60,8 @@ def test_fused_equals_unfused(kind):
     unfused, fused = pair(model, plan)
     assert all(type(b) is FusedPRXBlock for b in fused.blocks)
     assert fused.state_dict().keys() == unfused.state_dict().keys()
-    for kw in (call(), call(n=3, hw=(12, 8), text=5, seed=1, padded=False)):
+    unmasked = dict(call(seed=2), attention_mask=None)
+    for kw in (call(), call(n=3, hw=(12, 8), text=5, seed=1, padded=False), unmasked):
         with torch.no_grad():
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
         exact(got, want)
@@ -66,6 +69,18 @@ def test_fused_equals_unfused(kind):
     if kind == "W4A8":
         assert count_kernels(fused, call())[0] == PER_FORWARD
         assert count_kernels(unfused, call())[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
+
+
+def test_a_timestep_of_batch_1_broadcasts_and_fuses():
+    """Without guidance the pipeline passes one timestep for all its images: diffusers broadcasts its modulation, and
+    so do the fused blocks, their kernels running."""
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = dict(call(), timestep=torch.tensor([0.4]))
+    calls, got = count_kernels(fused, kw)
+    with torch.no_grad():
+        exact(got, unfused(**kw).sample)
+    assert calls == PER_FORWARD
 
 
 def test_the_text_mask_is_read():

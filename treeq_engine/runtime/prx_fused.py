@@ -17,9 +17,9 @@ and unfused agree to the model dtype's rounding (the kernels normalize and modul
 
 A block is swapped only in the structure diffusers builds (LayerNorms without affine of the block's width, the
 GELU(tanh)-gated MLP, a ``PRXAttention``) with a packed linear with quantized activations to fuse. It runs diffusers'
-own forward in training mode, for a ``temb`` or a text whose batch or dtype is not the rows', and when a norm, the
-modulation, the MLP's activation or the attention carries a hook or another processor (or a linear the kernels run
-does). diffusers' block-level hooks (FirstBlockCache, MagCache) find both classes, fused or not, in
+own forward in training mode, for a text whose batch or dtype is not the rows' or a ``temb`` of another dtype or
+batch (but 1: broadcast, as diffusers broadcasts it), and when a norm, the modulation, the MLP's activation or the
+attention carries a hook or another processor (or a linear the kernels run does). diffusers' block-level hooks (FirstBlockCache, MagCache) find both classes, fused or not, in
 ``TransformerBlockRegistry``. The state dict is unchanged.
 """
 from __future__ import annotations
@@ -64,17 +64,17 @@ class FusedPRXBlock(PRXBlock):
                 **kwargs: Any) -> torch.Tensor:
         args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask)
         h, attn, n1, n2 = hidden_states, self.attention, self.img_pre_norm, self.post_attention_layernorm
+        # (a temb of batch 1: the pipeline's without guidance, broadcast over the images as diffusers broadcasts it)
         if (self.training or h.ndim != 3 or encoder_hidden_states.ndim != 3 or temb.ndim != 2
-                or not like_rows(h, encoder_hidden_states, temb) or any(_hooked(m) for m in (
-                    n1, n2, self.modulation, self.mlp_act)) or not runs_processor(attn, (PRXAttnProcessor2_0,),
-                                                                                 ("img_qkv_proj",))
+                or temb.shape[0] not in (1, h.shape[0]) or not like_rows(h, encoder_hidden_states)
+                or not like_rows(h, temb, batch=False) or self.mlp_act.approximate != "tanh"
+                or any(_hooked(m) for m in (n1, n2, self.modulation, self.mlp_act))
+                or not runs_processor(attn, (PRXAttnProcessor2_0,), ("img_qkv_proj",))
                 or any(_bypassed_hook(m) for m in (self.gate_proj, self.up_proj, self.down_proj))):
             return super().forward(*args, **kwargs)
         b, t, d = h.shape
         mod = self.modulation.lin(nn.functional.silu(temb))   # (as diffusers: its module's linear, its SiLU)
-        if mod.shape != (b, 6 * d):
-            return super().forward(*args, **kwargs)
-        mod = mod.view(b, 6, d)   # (shift, scale, gate, then the MLP's: DiT's order)
+        mod = mod.view(-1, 6, d).expand(b, 6, d)   # (shift, scale, gate, then the MLP's: DiT's order)
         m32 = kernel_modulation(mod)
         h2 = h.reshape(b * t, d).contiguous()
 
