@@ -19,8 +19,9 @@ A block is swapped only in the structure diffusers builds (LayerNorms without af
 GELU(tanh)-gated MLP, a ``PRXAttention``) with a packed linear with quantized activations to fuse. It runs diffusers'
 own forward in training mode, for a text whose batch or dtype is not the rows' or a ``temb`` of another dtype or
 batch (but 1: broadcast, as diffusers broadcasts it), and when a norm, the modulation, the MLP's activation or the
-attention carries a hook or another processor (or a linear the kernels run does). diffusers' block-level hooks (FirstBlockCache, MagCache) find both classes, fused or not, in
-``TransformerBlockRegistry``. The state dict is unchanged.
+attention carries a hook or another processor (or a linear the kernels run does). diffusers' block-level hooks
+(FirstBlockCache, MagCache) find both classes, fused or not, in ``TransformerBlockRegistry``. The state dict is
+unchanged.
 """
 from __future__ import annotations
 
