@@ -296,6 +296,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "fuse_joyimage_blocks", (0, 42)),
                     (("PRXBlock",), "PRX", "prx_fused", "fuse_prx_blocks", (0, 42)),
                     (("Krea2TransformerBlock",), "Krea 2", "krea2_fused", "fuse_krea2_blocks", (0, 42)),
+                    (("OmniGenBlock",), "OmniGen", "omnigen_fused", "fuse_omnigen_blocks", (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
