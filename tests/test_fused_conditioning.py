@@ -79,8 +79,13 @@ MODELS = {
     "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
     "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
-    "omnigen": _from("test_omnigen_fused", "tiny"),
+    "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
 }
+
+
+def _wananimate2():
+    m = importlib.import_module("test_wananimate2_fused")
+    return m.tiny(), lambda model: m.passes()[0]   # (the reference pass: it writes the KV cache it reads)
 
 
 def _joyimage(kind):

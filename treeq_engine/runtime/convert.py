@@ -297,6 +297,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("PRXBlock",), "PRX", "prx_fused", "fuse_prx_blocks", (0, 42)),
                     (("Krea2TransformerBlock",), "Krea 2", "krea2_fused", "fuse_krea2_blocks", (0, 42)),
                     (("OmniGenBlock",), "OmniGen", "omnigen_fused", "fuse_omnigen_blocks", (0, 42)),
+                    (("WanAnimate2TransformerBlock",), "Wan-Animate-2", "wananimate2_fused",
+                     "fuse_wananimate2_blocks", (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
