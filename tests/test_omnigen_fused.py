@@ -22,13 +22,14 @@ from treeq_engine.runtime.omnigen_fused import FusedOmniGenBlock  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # per block: one RMSNorm-fused quantization for to_q/k/v and one for gate_up_proj, the feed-forward's residual
-PER_FORWARD = {"ln": 2 * 2, "gelu": 0, "residual": 2, "codes_out": 0}
+PER_FORWARD = {"ln": 2 * 2, "rms": 2 * 2, "gelu": 0, "residual": 2, "codes_out": 0}
 
 
 def tiny():
+    """Two blocks, two query heads sharing one key/value head (grouped-query attention)."""
     torch.manual_seed(0)
     return perturbed(omnigen.OmniGenTransformer2DModel(
-        in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+        in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=32, num_layers=2, pad_token_id=0, vocab_size=32,
         rope_scaling={"short_factor": [1.0] * 4, "long_factor": [1.0] * 4}, pos_embed_max_size=8,
         time_step_dim=16).eval())
@@ -64,13 +65,13 @@ def test_fused_equals_unfused(kind):
     unfused, fused = pair(model, plan)
     assert all(type(b) is FusedOmniGenBlock for b in fused.layers)
     assert fused.state_dict().keys() == unfused.state_dict().keys()
-    for kw in (call(), call(seed=1, masked=True)):
+    for kw in (call(), call(seed=1, masked=True), dict(call(seed=2), attention_mask=None)):
         with torch.no_grad():
             want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
         close(got, want, bound=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.3
     if kind == "W4A8":
-        assert count_kernels(fused, call())[0] == PER_FORWARD
+        assert count_kernels(fused, call(), rms=True)[0] == PER_FORWARD
         assert count_kernels(unfused, call())[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
 
 
@@ -106,6 +107,36 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_bf16():
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
+
+
+def test_norms_in_another_dtype_run_diffusers_forward():
+    """float32 norm weights in a bf16 model: diffusers' RMSNorm promotes the rows to float32, and so the block's
+    output; the fused block leaves that to diffusers' forward (its output, its dtype)."""
+    model = tiny().to(torch.bfloat16)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
+    for m in (unfused, fused):
+        for block in m.layers:
+            block.input_layernorm.float()
+            block.post_attention_layernorm.float()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 10, 16, generator=g).bfloat16()
+    rotary = fused.rope(h, torch.arange(10).expand(2, 10))
+    calls, seen = count_kernels_of(fused.layers[0], h, rotary)
+    got, want = seen, unfused.layers[0](h, None, rotary)
+    assert calls == 0 and got.dtype == want.dtype == torch.float32
+    close(got, want, bound=1e-5)
+
+
+def count_kernels_of(block, h, rotary):
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    calls = []
+    orig = TreeQLinear.quantize_input
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: calls.append(k.get("ln_eps")) or orig(
+            self, x2, **k))
+        out = block(h, None, rotary)
+    return sum(e is not None for e in calls), out
 
 
 @pytest.mark.gpu

@@ -14,7 +14,8 @@ rounding, not bit for bit (the kernel normalizes and scales in float32 in one st
 
 A block is swapped only in the structure diffusers builds (RMSNorms with a weight of the block's width, an
 ``Attention`` running ``OmniGenAttnProcessor2_0``, ``OmniGenFeedForward``) with a packed linear with quantized
-activations to fuse. It runs diffusers' own forward in training mode, on other input ranks, and when a norm or the
+activations to fuse. It runs diffusers' own forward in training mode, on other input ranks, for norms whose weight
+is in another dtype than the rows (diffusers' RMSNorm returns its weight's dtype), and when a norm or the
 attention carries a hook or another processor (or a projection the kernels run does); a hooked feed-forward (or one
 of its packed linears, or its activation) runs as the module. The state dict is unchanged.
 """
@@ -61,7 +62,9 @@ class FusedOmniGenBlock(OmniGenBlock):
                 image_rotary_emb: torch.Tensor) -> torch.Tensor:
         args = (hidden_states, attention_mask, image_rotary_emb)
         h, attn, n1, n2 = hidden_states, self.self_attn, self.input_layernorm, self.post_attention_layernorm
-        if (self.training or h.ndim != 3 or _hooked(n1) or _hooked(n2)
+        # (diffusers' RMSNorm returns its weight's dtype: a weight of another dtype than the rows promotes them)
+        if (self.training or h.ndim != 3 or _hooked(n1) or _hooked(n2) or n1.weight.dtype != h.dtype
+                or n2.weight.dtype != h.dtype
                 or not runs_processor(attn, (OmniGenAttnProcessor2_0,), _PROJECTIONS)):
             return super().forward(*args)
         b, t, d = h.shape
