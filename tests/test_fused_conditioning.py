@@ -80,6 +80,7 @@ MODELS = {
     "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
+    "minimaxh3": _from("test_minimaxh3_fused", "tiny"),
 }
 
 

@@ -299,6 +299,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("OmniGenBlock",), "OmniGen", "omnigen_fused", "fuse_omnigen_blocks", (0, 42)),
                     (("WanAnimate2TransformerBlock",), "Wan-Animate-2", "wananimate2_fused",
                      "fuse_wananimate2_blocks", (0, 42)),
+                    (("MiniMaxH3TransformerBlock",), "MiniMax-H3", "minimaxh3_fused", "fuse_minimaxh3_blocks",
+                     (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
