@@ -83,6 +83,17 @@ def _supported(block: nn.Module) -> bool:
     return _two_streams(block, CogView4TransformerBlock, CogView4AdaLayerNormZero, ("norm", "norm_context"))
 
 
+def _interleaved(norm: Any, temb: torch.Tensor, b: int, d: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+    """Each stream's six vectors from one linear of ``temb`` whose twelve chunks interleave the streams (shift_msa,
+    c_shift_msa, scale_msa, ...: CogView4's and GLM-Image's adaLN), as diffusers uses them, (B, 6, D) in DiT's order,
+    and as the kernels take them: ((image's), (text's)); None for another shape."""
+    mod = norm.linear(temb)
+    if mod.shape != (b, 12 * d):
+        return None
+    mod = mod.view(b, 12, d)
+    return tuple((m, kernel_modulation(m)) for m in (mod[:, 0::2], mod[:, 1::2]))
+
+
 def _linears(block: nn.Module) -> list[nn.Module]:
     a = block.attn1
     return [a.to_q, a.to_k, a.to_v, a.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
@@ -141,12 +152,10 @@ class FusedCogView4TransformerBlock(CogView4TransformerBlock):
             return super().forward(*args)
         b, t, d = h.shape
         text = c.shape[1]
-        mod = n1.linear(temb)
-        if mod.shape != (b, 12 * d):
+        streams = _interleaved(n1, temb, b, d)
+        if streams is None:
             return super().forward(*args)
-        mod = mod.view(b, 12, d)   # (the streams interleaved: shift_msa, c_shift_msa, scale_msa, ...)
-        mod_h, mod_c = mod[:, 0::2], mod[:, 1::2]   # (B, 6, D) each: DiT's layout
-        m32_h, m32_c = kernel_modulation(mod_h), kernel_modulation(mod_c)
+        (mod_h, m32_h), (mod_c, m32_c) = streams
         h2, c2 = h.reshape(b * t, d).contiguous(), c.reshape(b * text, d).contiguous()
         qkv = (attn.to_q, attn.to_k, attn.to_v)
         image = _project(qkv, h2, lambda: n1.norm(h).to(h.dtype) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1],
@@ -256,12 +265,10 @@ if GlmImageTransformerBlock is not None:
                 return super().forward(*args)
             b, t, d = h.shape
             text = c.shape[1]
-            mod = n1.linear(temb)
-            if mod.shape != (b, 12 * d):
+            streams = _interleaved(n1, temb, b, d)
+            if streams is None:
                 return super().forward(*args)
-            mod = mod.view(b, 12, d)   # (the streams interleaved: shift_msa, c_shift_msa, scale_msa, ...)
-            mod_h, mod_c = mod[:, 0::2], mod[:, 1::2]   # (B, 6, D) each: DiT's layout
-            m32_h, m32_c = kernel_modulation(mod_h), kernel_modulation(mod_c)
+            (mod_h, m32_h), (mod_c, m32_c) = streams
 
             def rows_h() -> torch.Tensor:
                 return n1.norm(h).to(h.dtype) * (1 + mod_h[:, 1:2]) + mod_h[:, 0:1]
