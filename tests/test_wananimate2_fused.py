@@ -28,11 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PER_FORWARD = {"ln": 2 * 2, "gelu": 2, "residual": 2, "codes_out": 2}
 
 
-def tiny():
+def tiny(**config):
     torch.manual_seed(0)
-    return perturbed(wa2.WanAnimate2Transformer3DModel(patch_size=(1, 2, 2), text_len=12, in_dim=12, dim=24,
-                                                       ffn_dim=32, freq_dim=256, text_dim=16, out_dim=4, num_heads=2,
-                                                       num_layers=2).eval())
+    return perturbed(wa2.WanAnimate2Transformer3DModel(**dict(
+        patch_size=(1, 2, 2), text_len=12, in_dim=12, dim=24, ffn_dim=32, freq_dim=256, text_dim=16, out_dim=4,
+        num_heads=2, num_layers=2) | config).eval())
 
 
 def passes(seed=0, dtype=torch.float32):
@@ -126,6 +126,42 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     quantized.blocks[0].ffn[1] = torch.nn.GELU()   # (the exact GELU: not the structure)
     with pytest.raises(ValueError, match="FusedWanAnimate2TransformerBlock handles WanAnimate2TransformerBlock"):
         FusedWanAnimate2TransformerBlock(quantized.blocks[0])
+
+
+def test_a_strided_reference_and_bf16_as_the_model_loads():
+    """The reference tokens on a strided time axis (``refer_stride``: the rotary strides of both passes), in float32;
+    then bf16 with the modules diffusers keeps in float32 (the modulation, the norms, the time embedding): the fused
+    kernels run in both passes and agree with the unfused model within 2 %; an activation swapped in after fusing
+    runs as the module."""
+    from treeq_engine.runtime.wananimate2_fused import _feed_forward
+
+    model = tiny(refer_stride=2)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    (ref_u, gen_u), (ref_f, gen_f) = passes(), passes()
+    close(sample(fused, ref_f), sample(unfused, ref_u))
+    close(sample(fused, gen_f), sample(unfused, gen_u))
+
+    model16 = tiny().to(torch.bfloat16)
+    for name in ("time_embedding", "time_projection"):
+        model16.get_submodule(name).float()
+    for block in model16.blocks:
+        block.modulation.data = block.modulation.data.float()
+    unfused, fused = pair(model16, QuantPlan.block_uniform(model16, 8, 8), dtype=torch.bfloat16)
+    (ref_u, gen_u), (ref_f, gen_f) = passes(dtype=torch.bfloat16), passes(dtype=torch.bfloat16)
+    for (fu, u), (ff, f) in (((unfused, ref_u), (fused, ref_f)), ((unfused, gen_u), (fused, gen_f))):
+        want = sample(fu, u).float()
+        calls, got = count_kernels(Flat(ff), f)
+        assert calls == PER_FORWARD
+        assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    block = fused.blocks[0]
+    block.ffn[1] = torch.nn.SiLU()   # (no GELU(tanh) for the epilogue any more)
+    h = torch.randn(1, 8, 24).bfloat16()
+    mod = block.modulation + torch.randn(1, 6, 24)
+    with torch.no_grad():
+        got = _feed_forward(block, h, mod, mod.transpose(0, 1).contiguous())
+        want = (h.float() + block.ffn(((block.norm2(h.float()) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(h)))
+                .float() * mod[:, 5:6]).type_as(h)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

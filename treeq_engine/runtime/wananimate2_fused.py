@@ -69,7 +69,9 @@ def _feed_forward(block: Any, h: torch.Tensor, mod: torch.Tensor, m32: torch.Ten
     def rows() -> torch.Tensor:
         return (norm(h.float()) * (1 + mod[:, 4:5]) + mod[:, 3:4]).type_as(h)
 
-    if _hooked(ffn) or (_hooked(act) and _quantized(fc1)) or _bypassed_hook(fc1) or _bypassed_hook(fc2):
+    # (an activation that is not GELU(tanh) any more, or a hooked one, where the kernel would compute it: the module)
+    epilogue_gelu = type(act) is nn.GELU and act.approximate == "tanh" and not _hooked(act)
+    if _hooked(ffn) or (_quantized(fc1) and not epilogue_gelu) or _bypassed_hook(fc1) or _bypassed_hook(fc2):
         return (h.float() + ffn(rows()).float() * mod[:, 5:6]).type_as(h)
     h2 = h.reshape(b * s, d).contiguous()
     if _quantized(fc1):
