@@ -1,9 +1,10 @@
 """Fused MiniMax-H3 blocks (`runtime/minimaxh3_fused.py`): the fused model equals the unfused packed one (float32, the
-reference backend: the RMSNorms, their weights and the per-token modulation (a group per run of tokens selecting one
-(timestep, modality) pair) in the quantization kernels of to_q/k/v and of the SwiGLU's projection, the feed-forward's
-gated residual in ff.net[2]'s epilogue, the attention the block's own processor on the kernels' projections), the
-fused kernels run, and what the fused path cannot reproduce runs diffusers' own forward."""
+reference backend: the RMSNorms, their weights and the per-token modulation (the kernels once per run of tokens
+selecting one (timestep, modality) pair) in the quantization kernels of to_q/k/v and of the SwiGLU's projection,
+the feed-forward's gated residual in ff.net[2]'s epilogue, the attention the block's own processor on the kernels'
+projections), the fused kernels run, and what the fused path cannot reproduce runs diffusers' own forward."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ from treeq_engine.runtime.linear import TreeQLinear  # noqa: E402
 from treeq_engine.runtime.minimaxh3_fused import FusedMiniMaxH3TransformerBlock  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# two main blocks: one RMSNorm-fused quantization for q/k/v and one for the SwiGLU's projection, the FFN's residual
-PER_FORWARD = {"ln": 2 * 2, "gelu": 0, "residual": 2, "codes_out": 0}
+# two main blocks, the zoo's sequence three runs of one modulation pair (text, video, audio), batch 1: per run, one
+# RMSNorm-fused quantization for q/k/v and one for the SwiGLU's projection, the FFN's residual
+RUNS = 3
+PER_FORWARD = {"ln": 2 * 2 * RUNS, "gelu": 0, "residual": 2 * RUNS, "codes_out": 0}
 
 
 def tiny():
@@ -69,8 +72,9 @@ def test_fused_equals_unfused(kind):
         assert count_kernels(fused, call())[0] == PER_FORWARD
 
 
-def test_a_modulation_group_per_run_of_tokens_sharing_one():
-    """The kernels read fewer modulation groups than tokens: one per run of tokens selecting one pair."""
+def test_the_kernels_run_once_per_run_of_tokens_sharing_a_modulation():
+    """Each RMSNorm-fused quantization reads one modulation group, for one run of tokens selecting one pair: the table
+    the kernels read never grows with the sequence, and the runs tile each sample's tokens in order."""
     model = tiny()
     _, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     seen = []
@@ -79,7 +83,26 @@ def test_a_modulation_group_per_run_of_tokens_sharing_one():
         mp.setattr(TreeQLinear, "quantize_input", lambda self, x2, **k: (seen.append(
             (x2.shape[0], k["scale"].shape[0])) if k.get("rms_norm") else None) or orig(self, x2, **k))
         sample(fused, call())
-    assert seen and all(1 < groups < rows for rows, groups in seen)
+    rows = [r for r, _ in seen]
+    assert all(groups == 1 for _, groups in seen) and len(seen) == 2 * 2 * RUNS and min(rows) > 1
+    assert rows == rows[:RUNS] * 2 * 2 and sum(rows[:RUNS]) == call()["token_tags"].shape[0]
+
+
+def test_a_batch_and_runs_in_any_order():
+    """A batch of 2 over a sequence whose runs of one modulation pair come back (a pair in two runs, runs of one
+    token): the block equals the unfused one, one norm-fused quantization per run and sample."""
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    got, want = fused.transformer_blocks[1], unfused.transformer_blocks[1]
+    g = torch.Generator().manual_seed(3)
+    indices = torch.tensor([4, 4, 4, 0, 1, 1, 4, 5, 5, 5, 5, 2])
+    d, t = want.norm1.weight.shape[0], want.adaln_proj.linear.in_features
+    kw = dict(hidden_states=torch.randn(2, indices.shape[0], d, generator=g), temb=torch.randn(2, t, generator=g),
+              adaln_indices=indices, rotary_emb=None)
+    calls, out = count_kernels(lambda **k: SimpleNamespace(sample=got(**k)), kw)
+    with torch.no_grad():
+        close(out, want(**kw), bound=1e-5)
+    assert calls["ln"] == 2 * 2 * 6 and calls["residual"] == 2 * 6
 
 
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
@@ -88,14 +111,14 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     kw = call()
     want = unfused(**kw).sample
     full = PER_FORWARD["ln"]
-    hooks_cost(fused, [(f"transformer_blocks.0.{p}", 2) for p in ("norm1", "norm2", "adaln_proj", "attn",
+    hooks_cost(fused, [(f"transformer_blocks.0.{p}", 2 * RUNS) for p in ("norm1", "norm2", "adaln_proj", "attn",
                                                                    "attn.to_v")]
-               + [(f"transformer_blocks.0.{p}", 1) for p in ("ff", "ff.net.0", "ff.net.2")]
+               + [(f"transformer_blocks.0.{p}", RUNS) for p in ("ff", "ff.net.0", "ff.net.0.proj", "ff.net.2")]
                + [(f"transformer_blocks.0.{p}", 0) for p in ("attn.to_out.0", "attn.norm_q", "adaln_proj.linear")],
                kw, want, full, close)
     fused.transformer_blocks[0].attn.set_processor(type("Other", (h3.MiniMaxH3AttnProcessor,), {})())
     calls, got = count_kernels(fused, kw)
-    assert calls["ln"] == full - 2
+    assert calls["ln"] == full - 2 * RUNS
     close(got, want)
     fused.train()
     assert count_kernels(fused, kw)[0]["ln"] == 0
