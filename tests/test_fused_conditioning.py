@@ -23,10 +23,10 @@ from treeq_engine.plan import QuantPlan  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _from(module, build, call="call", **call_kw):
+def _from(module, build, call="call", build_kw=None, **call_kw):
     def make():
         m = importlib.import_module(module)
-        return getattr(m, build)(), lambda model: getattr(m, call)(**call_kw)
+        return getattr(m, build)(**(build_kw or {})), lambda model: getattr(m, call)(**call_kw)
     return make
 
 
@@ -79,6 +79,8 @@ MODELS = {
     "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
     "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
+    "kandinsky6sr": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "sr"}, kind="sr"),
+    "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
     "minimaxh3": _from("test_minimaxh3_fused", "tiny"),
 }

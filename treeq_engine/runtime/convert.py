@@ -275,6 +275,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("GlmImageTransformerBlock",), "GLM-Image", "cogview4_fused", "fuse_cogview4_blocks", (0, 42)),
                     (("Kandinsky5TransformerDecoderBlock", "Kandinsky5TransformerEncoderBlock"), "Kandinsky 5",
                      "kandinsky5_fused", "fuse_kandinsky5_blocks", (0, 42)),
+                    (("Kandinsky6SRTransformerBlock", "Kandinsky6TransformerEncoderBlock"), "Kandinsky 6",
+                     "kandinsky6_fused", "fuse_kandinsky6_blocks", (0, 42)),
                     (("OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"), "Ovis-Image", "ovis_fused",
                      "fuse_ovis_blocks", (0, 42)),
                     (("AnyFlowTransformerBlock",), "AnyFlow", "anyflow_fused", "fuse_anyflow_blocks", (0, 42)),

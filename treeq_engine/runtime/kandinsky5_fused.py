@@ -32,7 +32,7 @@ state dict is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -97,21 +97,30 @@ def _attend(attn: Any, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor,
     return _gated(x, mod, i, attn.processor(handed, rows, **call))
 
 
+def _ff_parts(ff: Any) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], nn.Module, list[nn.Module]]:
+    """A feed-forward's first linear, activation, second linear, and the modules a hook on which makes it run as
+    the module: Kandinsky 5's ``Kandinsky5FeedForward`` (in_layer, activation, out_layer) or diffusers'
+    ``FeedForward`` with a GELU (Kandinsky 6's: net = [GELU(proj), Dropout, linear])."""
+    if type(ff) is Kandinsky5FeedForward:
+        return ff.in_layer, ff.activation, ff.out_layer, [ff, ff.activation]
+    glu = ff.net[0]
+    return glu.proj, glu.gelu, ff.net[2], [ff, glu, ff.net[1]]
+
+
 def _feed_forward(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tensor, i: int) -> torch.Tensor:
-    """Sub-layer ``i``: the feed-forward's gated residual, LayerNorm + modulate in in_layer's quantization and the
-    residual in out_layer's epilogue; as diffusers computes it where the feed-forward or its activation is hooked or
-    a layer is not packed."""
+    """Sub-layer ``i``: the feed-forward's gated residual, LayerNorm + modulate in its first linear's quantization and
+    the residual in the second's epilogue; as diffusers computes it where the feed-forward or its activation is
+    hooked or a layer is not packed."""
     ff, norm = block.feed_forward, block.feed_forward_norm
-    if (_hooked(ff) or _hooked(ff.activation) or _bypassed_hook(ff.in_layer) or _bypassed_hook(ff.out_layer)
-            or not _quantized(ff.in_layer) or not _quantized(ff.out_layer)):
+    fc1, act, fc2, parts = _ff_parts(ff)
+    if (any(_hooked(m) for m in parts) or _bypassed_hook(fc1) or _bypassed_hook(fc2)
+            or not _quantized(fc1) or not _quantized(fc2)):
         return _gated(x, mod, i, ff(_modulated(norm, x, mod, i)))
     b, s, d = x.shape
     x2 = x.reshape(b * s, d).contiguous()
-    (hidden,) = _project((ff.in_layer,), x2, lambda: _modulated(norm, x, mod, i), ln_eps=norm.eps,
+    (hidden,) = _project((fc1,), x2, lambda: _modulated(norm, x, mod, i), ln_eps=norm.eps,
                          shift=m32[3 * i], scale=m32[3 * i + 1])
-    act = ff.activation(hidden)
-    y = ff.out_layer.linear(ff.out_layer.quantize_input(act.contiguous()), out_dtype=x.dtype, residual=x2,
-                            gate=m32[3 * i + 2])
+    y = fc2.linear(fc2.quantize_input(act(hidden).contiguous()), out_dtype=x.dtype, residual=x2, gate=m32[3 * i + 2])
     return y.view(b, s, d)
 
 
