@@ -81,6 +81,7 @@ MODELS = {
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
     "kandinsky6sr": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "sr"}, kind="sr"),
     "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),
+    "kandinsky6-plain": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6-plain"}, kind="k6-plain"),
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
     "minimaxh3": _from("test_minimaxh3_fused", "tiny"),
 }

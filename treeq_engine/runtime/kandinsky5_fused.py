@@ -89,11 +89,11 @@ def _gated(x: torch.Tensor, mod: torch.Tensor, i: int, y: torch.Tensor) -> torch
 
 
 def _attend(attn: Any, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor, mod: torch.Tensor,
-            m32: torch.Tensor, i: int, **call: Any) -> torch.Tensor:
+            m32: torch.Tensor, i: int, normed: torch.Tensor | None = None, **call: Any) -> torch.Tensor:
     """Sub-layer ``i``'s attention on the kernels' projections ``names`` of ``mod(LN(x))``, its processor's own
-    computation after them; its gated residual."""
-    handed, rows = hand_projections(attn, names, x, lambda: _modulated(norm, x, mod, i), ln_eps=norm.eps,
-                                    shift=m32[3 * i], scale=m32[3 * i + 1])
+    computation after them; its gated residual. ``normed``: ``mod(LN(x))`` where the caller computed it already."""
+    handed, rows = hand_projections(attn, names, x, lambda: _modulated(norm, x, mod, i) if normed is None else normed,
+                                    ln_eps=norm.eps, shift=m32[3 * i], scale=m32[3 * i + 1])
     return _gated(x, mod, i, attn.processor(handed, rows, **call))
 
 
