@@ -79,6 +79,7 @@ MODELS = {
     "motif_video": _from("test_motif_video_fused", "tiny"), "bria_fibo2": _from("test_bria_fibo2_fused", "tiny"),
     "joyimage": lambda: _joyimage("edit"), "joyimage_plus": lambda: _joyimage("edit+"),
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
+    "ernieimage": _from("test_ernieimage_fused", "tiny"),
     "kandinsky6sr": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "sr"}, kind="sr"),
     "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),
     "kandinsky6-plain": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6-plain"}, kind="k6-plain"),

@@ -303,6 +303,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "fuse_wananimate2_blocks", (0, 42)),
                     (("MiniMaxH3TransformerBlock",), "MiniMax-H3", "minimaxh3_fused", "fuse_minimaxh3_blocks",
                      (0, 42)),
+                    (("ErnieImageSharedAdaLNBlock",), "ERNIE-Image", "ernieimage_fused", "fuse_ernieimage_blocks",
+                     (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
