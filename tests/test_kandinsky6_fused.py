@@ -167,6 +167,28 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward(kind):
         cls(original)
 
 
+def test_a_time_embedding_of_another_rank_runs_diffusers_forward_once():
+    """A (B, 1, time_dim) time embedding, which diffusers' forward broadcasts: the SR block runs that forward, its
+    modulation once (not once for a fused attempt and again)."""
+    model = tiny("sr")
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    args = {}
+    hook = unfused.visual_transformer_blocks[0].register_forward_pre_hook(lambda m, a: args.setdefault("a", a))
+    outputs(unfused, call("sr"))
+    hook.remove()
+    x, temb, rope, sparse = args["a"]
+    got = []
+    for model_ in (unfused, fused):
+        block = model_.visual_transformer_blocks[0]
+        ran = []
+        h = block.visual_modulation.out_layer.register_forward_pre_hook(lambda *a: ran.append(1))
+        with torch.no_grad():
+            got.append(block(x, temb[:, None], rope, sparse))
+        h.remove()
+        assert len(ran) == 1
+    torch.testing.assert_close(got[1], got[0])
+
+
 def test_what_the_joint_block_cannot_run_runs_diffusers_forward():
     """A hook on a norm, a modulation, an attention or a projection the kernels run: the joint block runs diffusers'
     forward (its eight norm-fused quantizations gone); on a feed-forward or a part of it: that part runs as

@@ -105,6 +105,33 @@ def test_a_batch_and_runs_in_any_order():
     assert calls["ln"] == 2 * 2 * 6 and calls["residual"] == 2 * 6
 
 
+def test_a_cuda_graph_capture_and_an_empty_batch_run_diffusers_forward(monkeypatch):
+    """While a CUDA graph is captured (simulated: the capture refuses any read of a device value) the runs cannot be
+    found: the block runs diffusers' forward, no kernel and no read. An empty batch: diffusers' forward too."""
+    from treeq_engine.runtime import minimaxh3_fused
+
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call()
+    want = sample(unfused, kw)
+
+    def refused(*a, **k):
+        raise RuntimeError("a device read while capturing")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(minimaxh3_fused, "_capturing", lambda device: True)
+        mp.setattr(torch.Tensor, "tolist", refused)
+        mp.setattr(torch, "nonzero", refused)
+        calls, got = count_kernels(fused, kw)
+    assert calls["ln"] == 0
+    close(got, want)
+    block, ref = fused.transformer_blocks[0], unfused.transformer_blocks[0]
+    d, t = ref.norm1.weight.shape[0], ref.adaln_proj.linear.in_features
+    args = (torch.zeros(0, 5, d), torch.randn(1, t), torch.zeros(5, dtype=torch.long), None)
+    with torch.no_grad():
+        assert block(*args).shape == ref(*args).shape == (0, 5, d)
+
+
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     model = tiny()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))

@@ -150,6 +150,7 @@ class FusedKandinsky5TransformerDecoderBlock(Kandinsky5TransformerDecoderBlock):
         x, sa, ca = visual_embed, self.self_attention, self.cross_attention
         norms = (self.self_attention_norm, self.cross_attention_norm, self.feed_forward_norm)
         if (self.training or x.ndim != 3 or text_embed.ndim != 3 or not like_rows(x, time_embed, dtype=False)
+                or time_embed.ndim != 2
                 or any(_hooked(n) for n in norms)
                 or _hooked(self.visual_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)
                 or not runs_processor(ca, (Kandinsky5AttnProcessor,), PROJECTIONS[:1])):
@@ -176,7 +177,7 @@ class FusedKandinsky5TransformerEncoderBlock(Kandinsky5TransformerEncoderBlock):
 
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor, rope: Any) -> torch.Tensor:
         sa = self.self_attention
-        if (self.training or x.ndim != 3 or not like_rows(x, time_embed, dtype=False)
+        if (self.training or x.ndim != 3 or not like_rows(x, time_embed, dtype=False) or time_embed.ndim != 2
                 or _hooked(self.self_attention_norm) or _hooked(self.feed_forward_norm)
                 or _hooked(self.text_modulation) or not runs_processor(sa, (Kandinsky5AttnProcessor,), PROJECTIONS)):
             return super().forward(x, time_embed, rope)

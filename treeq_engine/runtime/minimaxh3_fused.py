@@ -20,9 +20,10 @@ float rounding, not bit for bit (the kernel scales x̂ by ``w·(1 + scale)`` in 
 
 A block is swapped only in the structure diffusers builds (torch RMSNorms with a weight and an epsilon of the block's
 width, a ``MiniMaxH3Attention``, a SwiGLU ``FeedForward``) with a packed linear with quantized activations to fuse. It
-runs diffusers' own forward in training mode, on other input ranks, for rows whose dtype is not the norms', and when a
-norm, the modulation projection or the attention carries a hook or another processor (or a projection the kernels run
-does); a hooked feed-forward (or a part of it) runs as the module. The state dict is unchanged.
+runs diffusers' own forward in training mode, on other input ranks or an empty batch or sequence, while a CUDA graph is
+captured (the runs are read off the indices' values, which a capture cannot wait for), for rows whose dtype is not the
+norms', and when a norm, the modulation projection or the attention carries a hook or another processor (or a projection
+the kernels run does); a hooked feed-forward (or a part of it) runs as the module. The state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from diffusers.models.activations import SwiGLU
 from diffusers.models.transformers.transformer_minimax_h3 import (MiniMaxH3AdaLayerNormModulation, MiniMaxH3Attention,
                                                                   MiniMaxH3AttnProcessor, MiniMaxH3TransformerBlock)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, HandedAttention,
-                              once_per_forward, register_block, runs_processor, swap_blocks)
+from .diffusers_fused import (_adopt, _bypassed_hook, _capturing, _forward_wrapped, _hooked, _project,
+                              HandedAttention, once_per_forward, register_block, runs_processor, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 _PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -81,16 +82,20 @@ def _per_segment(layers: list[nn.Module], x2: torch.Tensor, b: int, s: int, segm
     rows' outputs in order. ``shift``, ``scale``: the (pairs, D) tables, in float32. The table the kernels read never
     grows with the sequence (a group per token would hold six (S, D) float32 tables)."""
     w = norm.weight.float()
-    parts: list[list[torch.Tensor]] = [[] for _ in layers]
+    out: list[torch.Tensor] = []
     for i in range(b):
         for start, end, v in segments:
             rows = x2[i * s + start:i * s + end]
             k = (w * (1.0 + scale[v]) - 1.0).view(1, -1)
-            outs = _project(layers, rows, lambda: rows, ln_eps=norm.eps, shift=shift[v].view(1, -1).contiguous(),
-                            scale=k.contiguous(), rms_norm=True)
-            for part, y in zip(parts, outs):
-                part.append(y)
-    return [torch.cat(part) for part in parts]
+            ys = _project(layers, rows, lambda: rows, ln_eps=norm.eps, shift=shift[v].view(1, -1).contiguous(),
+                          scale=k.contiguous(), rms_norm=True)
+            if b == 1 and len(segments) == 1:
+                return ys
+            if not out:   # (written in place: no second copy of the outputs at once)
+                out = [y.new_empty(b * s, y.shape[-1]) for y in ys]
+            for o, y in zip(out, ys):
+                o[i * s + start:i * s + end] = y
+    return out
 
 
 class FusedMiniMaxH3TransformerBlock(MiniMaxH3TransformerBlock):
@@ -107,7 +112,8 @@ class FusedMiniMaxH3TransformerBlock(MiniMaxH3TransformerBlock):
         args = (hidden_states, temb, adaln_indices, rotary_emb, attention_mask)
         h, attn, n1, n2, ff = hidden_states, self.attn, self.norm1, self.norm2, self.ff
         proj = self.adaln_proj.linear
-        if (self.training or h.ndim != 3 or h.shape[1] == 0 or adaln_indices.ndim != 1
+        # (while a CUDA graph is captured the runs, read off the indices' values, cannot be found: diffusers' forward)
+        if (self.training or h.ndim != 3 or 0 in h.shape[:2] or _capturing(h.device) or adaln_indices.ndim != 1
                 or adaln_indices.shape[0] != h.shape[1] or n1.weight.dtype != h.dtype or n2.weight.dtype != h.dtype
                 or _hooked(n1) or _hooked(n2) or _hooked(self.adaln_proj)
                 or getattr(proj, "dtype_anchor", proj.weight).dtype != h.dtype
