@@ -305,6 +305,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      (0, 42)),
                     (("ErnieImageSharedAdaLNBlock",), "ERNIE-Image", "ernieimage_fused", "fuse_ernieimage_blocks",
                      (0, 42)),
+                    (("BasicTransformerBlockDreamLite",), "DreamLite", "dreamlite_fused", "fuse_dreamlite_blocks",
+                     (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
