@@ -81,6 +81,8 @@ MODELS = {
     "prx": _from("test_prx_fused", "tiny"), "krea2": _from("test_krea2_fused", "tiny"),
     "ernieimage": _from("test_ernieimage_fused", "tiny"),
     "dreamlite": _from("test_dreamlite_fused", "tiny"),
+    "cosmos3": _from("test_cosmos3_fused", "tiny"),
+    "cosmos3-relu2": _from("test_cosmos3_fused", "tiny", build_kw={"act": "relu2"}),
     "kandinsky6sr": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "sr"}, kind="sr"),
     "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),
     "kandinsky6-plain": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6-plain"}, kind="k6-plain"),

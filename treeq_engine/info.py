@@ -68,8 +68,8 @@ OTHERS = ("the other transformers searched and calibrated where the generic cut 
           "Lumina2's, FLUX.3's, Ideogram 4's, Qwen-Image 2.1's, Helios', SkyReels-V2's, ChronoEdit's, Wan-Animate's, "
           "LongCat-Image's, Bria's, Ovis-Image's, AnyFlow's, AuraFlow's, Hunyuan-DiT's, Sana-Video's, "
           "CogView3-Plus', GLM-Image's, Allegro's, EasyAnimate's, Motif-Video's, Bria FIBO 2's, JoyImage's, PRX's, "
-          "Krea 2's, OmniGen's, Wan-Animate-2's, MiniMax-H3's, Kandinsky 6's, ERNIE-Image's, DreamLite's and "
-          "Latte's blocks fused too), and packed")
+          "Krea 2's, OmniGen's, Wan-Animate-2's, MiniMax-H3's, Kandinsky 6's, ERNIE-Image's, DreamLite's, "
+          "Cosmos 3's and Latte's blocks fused too), and packed")
 
 
 def _diffusers_support() -> str | None:
