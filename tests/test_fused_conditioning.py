@@ -83,6 +83,8 @@ MODELS = {
     "dreamlite": _from("test_dreamlite_fused", "tiny"),
     "cosmos3": _from("test_cosmos3_fused", "tiny"),
     "nucleusmoe": _from("test_nucleusmoe_fused", "tiny"),
+    "hidream": _from("test_hidream_fused", "tiny"),
+    "hidream-dense": _from("test_hidream_fused", "tiny", build_kw={"kind": "dense"}),
     "cosmos3-relu2": _from("test_cosmos3_fused", "tiny", build_kw={"act": "relu2"}),
     "kandinsky6sr": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "sr"}, kind="sr"),
     "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),

@@ -310,6 +310,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                     (("Cosmos3VLTextMoTDecoderLayer",), "Cosmos 3", "cosmos3_fused", "fuse_cosmos3_layers", (0, 42)),
                     (("NucleusMoEImageTransformerBlock",), "NucleusMoE", "nucleusmoe_fused", "fuse_nucleusmoe_blocks",
                      (0, 42)),
+                    (("HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"), "HiDream-I1", "hidream_fused",
+                     "fuse_hidream_blocks", (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 
