@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 c3 = pytest.importorskip("diffusers.models.transformers.transformer_cosmos3", reason="diffusers before Cosmos 3")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, half_agrees, pair  # noqa: E402
 from test_zimage_fused import close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -126,13 +126,7 @@ def test_the_block_registry_entry():
 
 @pytest.mark.parametrize("act", ["silu", "relu2"])
 def test_bf16(act):
-    model = tiny(act).to(torch.bfloat16)
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
-    kw = call(dtype=torch.bfloat16)
-    calls, _ = count_kernels(fused, kw)
-    got, want = sample(fused, kw).float(), sample(unfused, kw).float()
-    assert calls == PER_FORWARD and torch.isfinite(got).all()
-    assert float((got - want).norm() / want.norm()) < 2e-2
+    half_agrees(tiny(act).to(torch.bfloat16), call(dtype=torch.bfloat16), per_forward=PER_FORWARD)
 
 
 @pytest.mark.gpu

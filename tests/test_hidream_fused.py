@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional de
 hd = pytest.importorskip("diffusers.models.transformers.transformer_hidream_image", reason="diffusers before HiDream")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, half_agrees, pair  # noqa: E402
 from test_zimage_fused import close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -104,13 +104,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward(kind):
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
 def test_bf16(kind):
-    model = tiny(kind).to(torch.bfloat16)
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
-    kw = call(dtype=torch.bfloat16)
-    calls, got = count_kernels(fused, kw)
-    want = sample(unfused, kw)
-    assert calls == PER_FORWARD[kind] and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+    half_agrees(tiny(kind).to(torch.bfloat16), call(dtype=torch.bfloat16), per_forward=PER_FORWARD[kind])
 
 
 @pytest.mark.gpu

@@ -49,12 +49,21 @@ def pair(model, plan, dtype=torch.float32):
     return unfused, fused
 
 
-def half_agrees(model, kw, dtype=torch.bfloat16):
+def _flat(sample):
+    """A model's ``sample``: a tensor, or (Z-Image's, Cosmos 3's) a list of them, as one tensor."""
+    return torch.cat([t.flatten() for t in sample]) if isinstance(sample, (list, tuple)) else sample
+
+
+def half_agrees(model, kw, dtype=torch.bfloat16, per_forward=None):
     """``model`` (already in ``dtype``) at W8A8, fused and unfused, on the call ``kw``: the fused output is in
-    ``dtype``, finite, and within 2 % of the unfused one (the dtype's rounding). Returns the fused model."""
+    ``dtype``, finite, and within 2 % of the unfused one (the dtype's rounding); with ``per_forward``, the fused
+    model makes those kernel calls (``count_kernels``: a 16-bit call left to diffusers' forward would drop them).
+    Returns the fused model."""
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=dtype)
+    if per_forward is not None:
+        assert count_kernels(fused, kw)[0] == per_forward
     with torch.no_grad():
-        want, got = unfused(**kw).sample.float(), fused(**kw).sample
+        want, got = _flat(unfused(**kw).sample).float(), _flat(fused(**kw).sample)
     assert got.dtype == dtype
     got = got.float()
     assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 2e-2

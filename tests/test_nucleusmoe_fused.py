@@ -13,7 +13,7 @@ nm = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_i
                          reason="diffusers before NucleusMoE")
 
 from diffusers_zoo import CASES  # noqa: E402
-from test_mmdit_fused import another_processor_and_training, count_kernels, pair  # noqa: E402
+from test_mmdit_fused import another_processor_and_training, count_kernels, half_agrees, pair  # noqa: E402
 from test_zimage_fused import close, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
@@ -135,13 +135,7 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 
 def test_bf16():
-    model = tiny().to(torch.bfloat16)
-    unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)
-    kw = call(dtype=torch.bfloat16)
-    calls, got = count_kernels(fused, kw)
-    want = sample(unfused, kw)
-    assert calls == PER_FORWARD and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+    half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16), per_forward=PER_FORWARD)
 
 
 @pytest.mark.gpu
