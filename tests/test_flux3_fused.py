@@ -208,6 +208,11 @@ def test_the_kernel_tables_are_found_once_per_forward_and_never_for_other_tensor
         del t
         t = torch.randn(2, 4, 24, generator=g)
         torch.testing.assert_close(_kernel_tables([t], 8), fresh(t), rtol=0, atol=0)
+    # the tables are let go when their tensors die (a forward's end), not held until the next computation
+    key = (id(t),)
+    assert key in diffusers_fused._ONCE
+    del t
+    assert key not in diffusers_fused._ONCE
 
 
 def test_the_processor_s_attention_backend_and_what_a_block_is_handed():

@@ -109,6 +109,20 @@ def test_fused_equals_unfused(kind, plan):
         assert count_kernels(unfused, call(kind))[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
 
 
+def test_the_joint_blocks_fuse_without_text_blocks():
+    """A Kandinsky 6 without text blocks: its joint blocks fuse on their own (the model's blocks are found by their
+    class names, the joint block's among them)."""
+    torch.manual_seed(0)
+    model = perturbed(k6.Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=0, num_visual_blocks=2, axes_dims=(4, 2, 2), visual_cond=True,
+        in_audio_dim=4, out_audio_dim=4, text_token_padding=True).eval())
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    assert _fused_blocks(fused) == [FusedKandinsky6JointBlock] * 2
+    for got, want in zip(outputs(fused, call("k6")), outputs(unfused, call("k6")), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["k6", "k6-plain"])
 def test_video_without_audio(kind):
     """Without audio the joint blocks run their video stream alone (no cross-modal step): per block the video

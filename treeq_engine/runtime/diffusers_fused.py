@@ -267,8 +267,17 @@ def _versions(tensors: Sequence[torch.Tensor]) -> list[int | None]:
     return [None if t.is_inference() else t._version for t in tensors]
 
 
+def _drop_dead(key: tuple[int, ...]) -> None:
+    """Drop ``_ONCE``'s entry under ``key`` if a tensor it was computed from has died (not one that a new tensor at
+    a reused address has taken since)."""
+    hit = _ONCE.get(key)
+    if hit is not None and any(r() is None for r in hit[0]):
+        _ONCE.pop(key, None)
+
+
 def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
-    """``compute()``, once for these very ``tensors`` as long as they live unmodified (see ``_ONCE``)."""
+    """``compute()``, once for these very ``tensors`` as long as they live unmodified (see ``_ONCE``); the result is
+    let go when the first of them dies (the forward's end), not held until the next forward."""
     key = tuple(id(t) for t in tensors)
     hit = _ONCE.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == _versions(tensors):
@@ -278,6 +287,8 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
         if any(r() is None for r in refs):
             _ONCE.pop(k, None)
     _ONCE[key] = ([weakref.ref(t) for t in tensors], _versions(tensors), out)
+    for t in tensors:
+        weakref.finalize(t, _drop_dead, key)
     return out
 
 
