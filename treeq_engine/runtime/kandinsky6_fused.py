@@ -88,8 +88,7 @@ def _fused(block: Any, x: torch.Tensor, time_embed: torch.Tensor, **call: Any) -
     _, processor, _, mod_name, attn_name, norm_name = _KINDS[type(block).__mro__[1]]
     attn, norm, modulation = getattr(block, attn_name), getattr(block, norm_name), getattr(block, mod_name)
     if (block.training or x.ndim != 3 or not like_rows(x, time_embed, dtype=False) or time_embed.ndim != 2
-            or _hooked(norm)
-            or _hooked(block.feed_forward_norm) or _hooked(modulation)
+            or _hooked(norm) or _hooked(block.feed_forward_norm) or _hooked(modulation)
             or not runs_processor(attn, (processor,), PROJECTIONS)):
         return None
     b, _, d = x.shape
