@@ -10,12 +10,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (requirements-dev.txt)")
 
+from test_cogview4_fused import mixed  # noqa: E402   (the same layer names: the plan of CogView4's test)
 from test_mmdit_fused import count_kernels, gpu_fused_matches, half_agrees, pair  # noqa: E402
 from test_zimage_fused import another_processor_then_training, exact, hooks_cost  # noqa: E402
 from tiny_diffusers import perturbed  # noqa: E402
 from tinydit import one_thread  # noqa: E402,F401
 
-from treeq_engine.plan import BranchConfig, LayerConfig, QuantPlan  # noqa: E402
+from treeq_engine.plan import QuantPlan  # noqa: E402
 from treeq_engine.runtime import quantize  # noqa: E402
 from treeq_engine.runtime.cogview4_fused import FusedCogView3PlusTransformerBlock  # noqa: E402
 
@@ -38,15 +39,6 @@ def call(n=2, hw=(8, 12), text=6, seed=0, dtype=torch.float32):
                 encoder_hidden_states=torch.randn(n, text, 8, generator=g).to(dtype),
                 timestep=torch.tensor([500, 20, 900][:n]), original_size=torch.tensor([[64, 64]] * n),
                 target_size=torch.tensor([[64, 96]] * n), crop_coords=torch.zeros(n, 2, dtype=torch.long))
-
-
-def mixed(model):
-    plan = QuantPlan.block_uniform(model, 4, 8)
-    return plan.with_layer("transformer_blocks.0.attn1.to_k", LayerConfig(16, 16)) \
-        .with_layer("transformer_blocks.0.ff.net.2", LayerConfig(16, 16)) \
-        .with_layer("transformer_blocks.1.attn1.to_q", LayerConfig(4, 4)) \
-        .with_layer("transformer_blocks.1.attn1.to_out.0", LayerConfig(8, 8, branch=BranchConfig("monarch", 2))) \
-        .with_layer("transformer_blocks.1.ff.net.0.proj", LayerConfig(4, 8, branch=BranchConfig("monarch", 2)))
 
 
 @pytest.mark.parametrize("kind", ["W8A8", "W4A8", "mixed"])
