@@ -226,17 +226,60 @@ def test_latte_s_spatial_and_temporal_blocks():
     assert calls == {"ln": 4 * 2, "gelu": 4, "residual": 4 * 2 + 2, "codes_out": 4}
 
 
-def test_unhandled_blocks_are_left_alone(gen):
-    """A LayerNorm with affine (block 1) and a block with nothing packed (a plain layer_norm block) stay as they
-    are; the rest still fuses."""
-    def dit_affine_norm3():
+def test_layer_norms_with_an_affine_and_geglu(gen):
+    """LayerNorms with an affine (diffusers' default ``norm_elementwise_affine``), folded into the kernel's modulate,
+    and a GEGLU feed-forward (diffusers' default activation): the zoo's Latte (both), and DiT with affine norms;
+    fused equals unfused, the kernels run (no GELU epilogue for GEGLU's exact GELU)."""
+    from diffusers_zoo import CASES
+    from test_mmdit_fused import count_kernels, pair as model_pair
+    from tiny_diffusers import perturbed
+
+    torch.manual_seed(0)
+    latte = perturbed(CASES["Latte"][0]().eval())
+    block = latte.transformer_blocks[0]
+    assert type(block.ff.net[0]).__name__ == "GEGLU" and block.norm1.weight is not None
+    unfused, fused = model_pair(latte, QuantPlan.block_uniform(latte, 4, 8))
+    assert n_fused(fused) == 2
+    g = torch.Generator().manual_seed(2)
+    kw = CASES["Latte"][1](lambda *shape: torch.randn(*shape, generator=g))
+    calls, got = count_kernels(fused, kw)
+    with torch.no_grad():
+        want, fp = unfused(**kw).sample, latte(**kw).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    # (a spatial and a temporal block: q/k/v and the feed-forward each; gated residuals of attn1 and the feed-forward,
+    # and the spatial block's cross-attention's)
+    assert calls["ln"] == 2 * 2 and calls["gelu"] == 0 and calls["residual"] == 3 + 2
+
+    def dit_affine():
         m = tiny_dit()
-        m.transformer_blocks[1].norm3 = nn.LayerNorm(32, eps=1e-5)
+        for blk in m.transformer_blocks:
+            blk.norm1.norm, blk.norm3 = nn.LayerNorm(32, eps=1e-6), nn.LayerNorm(32, eps=1e-6)
+        m = randomize(m)
+        with torch.no_grad():
+            for blk in m.transformer_blocks:
+                for ln in (blk.norm1.norm, blk.norm3):
+                    ln.weight.normal_(1.0, 0.2), ln.bias.normal_(0.0, 0.2)
+        return m
+
+    plan = plan_for(build("dit"))
+    unfused = quantize(dit_affine(), plan, dtype=torch.float32, fuse=False)
+    fused = quantize(dit_affine(), plan, dtype=torch.float32)
+    assert n_fused(fused) == len(fused.transformer_blocks)
+    check_close(unfused, fused, inputs("dit", gen))
+
+
+def test_unhandled_blocks_are_left_alone(gen):
+    """An RMSNorm where the block has a LayerNorm (block 1) and a block with nothing packed (a plain layer_norm
+    block) stay as they are; the rest still fuses."""
+    def dit_rms_norm3():
+        m = tiny_dit()
+        m.transformer_blocks[1].norm3 = nn.RMSNorm(32, eps=1e-5)
         return randomize(m)
 
     plan = plan_for(build("dit"))
-    unfused = quantize(dit_affine_norm3(), plan, dtype=torch.float32, fuse=False)
-    fused = quantize(dit_affine_norm3(), plan, dtype=torch.float32)
+    unfused = quantize(dit_rms_norm3(), plan, dtype=torch.float32, fuse=False)
+    fused = quantize(dit_rms_norm3(), plan, dtype=torch.float32)
     assert [type(b) for b in fused.transformer_blocks] == [FusedBasicTransformerBlock, BasicTransformerBlock]
     check_close(unfused, fused, inputs("dit", gen))
 

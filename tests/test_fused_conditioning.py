@@ -37,6 +37,20 @@ def _diffusers(kind):
     return make
 
 
+def _zoo(name):
+    def make():
+        from diffusers_zoo import CASES
+        from tiny_diffusers import perturbed
+
+        torch.manual_seed(0)
+        def call(model):
+            g = torch.Generator().manual_seed(0)
+            return CASES[name][1](lambda *shape: torch.randn(*shape, generator=g))
+
+        return perturbed(CASES[name][0]().eval()), call
+    return make
+
+
 def _mmdit(build):
     def make():
         from test_search_mmdit import call
@@ -56,7 +70,7 @@ def _tiny(helper, module, call="call"):
 
 
 MODELS = {
-    "dit": _diffusers("dit"), "pixart": _diffusers("pixart"),
+    "dit": _diffusers("dit"), "pixart": _diffusers("pixart"), "latte": _zoo("Latte"),
     "flux": _mmdit(lambda: importlib.import_module("test_mmdit_fused").flux(True)),
     "sd3": _mmdit(lambda: importlib.import_module("test_search_mmdit").tiny_sd3()),
     "sd3.5": _mmdit(lambda: importlib.import_module("test_search_mmdit").tiny_sd3(True)),

@@ -4,12 +4,14 @@
 
 The block's six modulation vectors come from ``norm1.linear(silu(norm1.emb(t, y)))`` (adaLN-Zero) or from
 ``scale_shift_table + timestep`` (adaLN-single), in the order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-gate_mlp; ``LN`` has no affine (eps from ``norm1.norm`` / ``norm1``, then ``norm3`` / ``norm2``):
+gate_mlp; ``LN`` is ``norm1.norm`` / ``norm1``, then ``norm3`` / ``norm2`` (an affine, where it has one, folded
+into the kernel's modulate: ``folded_affine``):
 
     h1 = x  + gate_msa · to_out(SDPA(to_q, to_k, to_v ← Q(mod(LN(x), shift_msa, scale_msa))))
     h2 = h1 + to_out'(SDPA(to_q' ← Q(h1), to_k', to_v' ← Q(encoder_hidden_states), encoder_attention_mask))
                                                                                     (PixArt's attn2; DiT has none)
     y  = h2 + gate_mlp · ff.net[2](Q(GELU_tanh(ff.net[0].proj(Q(mod(LN(h2), shift_mlp, scale_mlp))))))
+                                                                            (GEGLU: hidden ⊙ GELU(gate) halves)
 
 Where a linear is a :class:`TreeQLinear` with quantized activations:
 
@@ -33,8 +35,9 @@ attn1 with an ``attention_mask`` also runs as the module (the pipelines pass non
 ``encoder_attention_mask`` goes through ``Attention.prepare_attention_mask`` as in the processor.
 
 :func:`fuse_diffusers_blocks` swaps only blocks whose whole structure this handles: norm types above,
-``pos_embed is None``, ``only_cross_attention False``, no GLIGEN ``fuser``, LayerNorms without affine, adaLN-Zero
-with its own embedder (``norm1.emb``) and no attn2, a ``FeedForward`` of [GELU, Dropout, linear (, Dropout)], and
+``pos_embed is None``, ``only_cross_attention False``, no GLIGEN ``fuser``, LayerNorms (with or without affine),
+adaLN-Zero with its own embedder (``norm1.emb``) and no attn2, a ``FeedForward`` of [GELU or GEGLU, Dropout, linear
+(, Dropout)], and
 at least one packed linear with quantized activations to fuse. A swapped block still runs diffusers' own forward
 (the original computation) in training mode, with ``cross_attention_kwargs``, with a feed-forward chunk size, on
 inputs other than (B, T, D) or with a conditioning batch other than B. :class:`FusedBasicTransformerBlock` is a
@@ -57,7 +60,7 @@ from typing import Any, Callable, Container, Iterable, Sequence, TypeAlias
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.activations import GELU
+from diffusers.models.activations import GEGLU, GELU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormZero, FP32LayerNorm, RMSNorm
@@ -397,9 +400,11 @@ def _sdpa_attention(attn: Attention) -> bool:
                      or _bypassed_hook(m["to_v"]) or _bypassed_hook(out["0"])))
 
 
-def _feed_forward(ff: Any, dim: int) -> bool:
+def _feed_forward(ff: Any, dim: int, geglu: bool = False) -> bool:
+    """diffusers' ``FeedForward`` of [GELU (with ``geglu`` also GEGLU), Dropout, linear (, Dropout)] of width
+    ``dim``, what ``_ff`` computes."""
     net: Any = getattr(ff, "net", None)   # (read only once ff is a FeedForward, which has one)
-    return (type(ff) is FeedForward and len(net) in (3, 4) and type(net[0]) is GELU
+    return (type(ff) is FeedForward and len(net) in (3, 4) and (type(net[0]) is GELU or geglu and type(net[0]) is GEGLU)
             and type(net[1]) is nn.Dropout and all(type(m) is nn.Dropout for m in net[3:])
             and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
 
@@ -410,7 +415,7 @@ def _supported(block: nn.Module) -> bool:
         return False
     if _forward_wrapped(block) or getattr(getattr(block, "_diffusers_hook", None), "hooks", None):
         return False   # its hook wraps this object's forward: a swapped-in block would run the old one's, unfused
-    if hasattr(block, "fuser") or not _feed_forward(block.ff, block.dim):
+    if hasattr(block, "fuser") or not _feed_forward(block.ff, block.dim, geglu=True):
         return False
     for attn in (block.attn1, block.attn2):   # the projections the fused path reads (attn2 may be absent)
         if attn is not None and not (isinstance(attn, Attention) and attn.to_k is not None
@@ -419,11 +424,17 @@ def _supported(block: nn.Module) -> bool:
     d = block.dim
     if block.norm_type == "ada_norm_zero":
         n1 = block.norm1
-        return (type(n1) is AdaLayerNormZero and n1.emb is not None and _plain_layer_norm(n1.norm, d)
-                and _plain_layer_norm(block.norm3, d) and block.attn2 is None)
+        return (type(n1) is AdaLayerNormZero and n1.emb is not None and _layer_norm(n1.norm, d)
+                and _layer_norm(block.norm3, d) and block.attn2 is None)
     if block.norm_type == "ada_norm_single":
-        return _plain_layer_norm(block.norm1, d) and _plain_layer_norm(block.norm2, d)
+        return _layer_norm(block.norm1, d) and _layer_norm(block.norm2, d)
     return False
+
+
+def _layer_norm(norm: Any, dim: int) -> bool:
+    """A LayerNorm over the last dim, with or without affine (the kernel takes an affine folded into its modulate,
+    ``folded_affine``)."""
+    return type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (dim,) and norm.eps > 0
 
 
 def _fusable_linears(block: nn.Module) -> list[nn.Module]:
@@ -525,7 +536,8 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
     d = x2.shape[-1]
     x = x2.view(b, x2.shape[0] // b if b else 0, d)
     gelu, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
-    tanh = gelu.approximate == "tanh"
+    geglu = type(gelu) is GEGLU   # (its projection's halves: hidden ⊙ GELU(gate), the exact GELU)
+    tanh = not geglu and gelu.approximate == "tanh"
     # (Wan's and Helios' float32 LayerNorm: diffusers hands it float32 rows, and keeps its float32 output)
     if fp32_rows is None:
         fp32_rows = isinstance(ln, FP32LayerNorm)
@@ -540,6 +552,9 @@ def _ff(ff: Any, ln: nn.Module, x2: torch.Tensor, b: int, mod: Modulation, m32: 
             h = fc1.linear(act, gelu=True, out_spec=fc2.act_spec, out_dtype=x2.dtype)   # (a branch: float rows)
         elif tanh:
             h = fc1.linear(act, gelu=True, out_dtype=x2.dtype)
+        elif geglu:
+            hidden, gate = fc1.linear(act, out_dtype=x2.dtype).chunk(2, dim=-1)
+            h = hidden * gelu.gelu(gate)
         else:
             h = gelu.gelu(fc1.linear(act, out_dtype=x2.dtype))
     else:
@@ -636,6 +651,9 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                 return super().forward(**args)
             mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
         m32 = kernel_modulation(mod)
+        for ln, i in ((ln1, 0), (ln2, 3)):   # (a LayerNorm's affine, folded into the kernel's modulate)
+            if ln.weight is not None or ln.bias is not None:
+                m32[i], m32[i + 1] = folded_affine(ln, m32[i], m32[i + 1])
         x2 = x.reshape(b * t, d).contiguous()
 
         # 1. self-attention, gate_msa
