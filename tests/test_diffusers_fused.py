@@ -267,6 +267,18 @@ def test_layer_norms_with_an_affine_and_geglu(gen):
     fused = quantize(dit_affine(), plan, dtype=torch.float32)
     assert n_fused(fused) == len(fused.transformer_blocks)
     check_close(unfused, fused, inputs("dit", gen))
+    # batch 1 in float32, where the kernels' table is diffusers' own modulation tensor (no copy), with float sub-steps
+    # reading it: a 16-bit to_q, a 16-bit feed-forward projection, a hook on an attention (the fold goes to a copy)
+    one = {k: v[:1] for k, v in inputs("dit", gen).items()}
+    plan = plan_for(build("dit"), **{"transformer_blocks.1.attn1.to_q": None,
+                                     "transformer_blocks.0.ff.net.0.proj": None})
+    unfused = quantize(dit_affine(), plan, dtype=torch.float32, fuse=False)
+    fused = quantize(dit_affine(), plan, dtype=torch.float32)
+    check_close(unfused, fused, one)
+    hooks = [m.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *a: None) for m in (unfused, fused)]
+    check_close(unfused, fused, one)
+    for h in hooks:
+        h.remove()
 
 
 def test_unhandled_blocks_are_left_alone(gen):

@@ -215,6 +215,23 @@ def test_the_kernel_tables_are_found_once_per_forward_and_never_for_other_tensor
     assert key not in diffusers_fused._ONCE
 
 
+def test_a_table_changed_in_place_keeps_one_finalizer():
+    """A table changed in place between calls (a static buffer refilled each step) is computed again each time but
+    holds one finalizer, not one per call."""
+    from treeq_engine.runtime import diffusers_fused
+    from treeq_engine.runtime.flux3_fused import _kernel_tables
+
+    registered = []
+    real = weakref.finalize
+    t = torch.randn(2, 4, 24, generator=torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weakref, "finalize", lambda obj, *a: registered.append(obj) or real(obj, *a))
+        for _ in range(4):
+            t.add_(1.0)
+            _kernel_tables([t], 8)
+    assert len(registered) == 1 and registered[0] is t and (id(t),) in diffusers_fused._ONCE
+
+
 def test_the_processor_s_attention_backend_and_what_a_block_is_handed():
     """The attention runs on the processor's backend; a block handed a table per sample (B, 1, 3·D), which diffusers
     broadcasts, or no rotary table runs as diffusers computes it; a block of another structure (a LayerNorm with

@@ -286,12 +286,11 @@ def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == _versions(tensors):
         return hit[2]
     out = compute()
-    for k, (refs, _, _) in list(_ONCE.items()):   # (a snapshot, and pop: other threads' forwards prune too)
-        if any(r() is None for r in refs):
-            _ONCE.pop(k, None)
     _ONCE[key] = ([weakref.ref(t) for t in tensors], _versions(tensors), out)
-    for t in tensors:
-        weakref.finalize(t, _drop_dead, key)
+    # (these very tensors changed in place: their finalizers are registered already; one per tensor, not per call)
+    if hit is None or not all(r() is t for r, t in zip(hit[0], tensors)):
+        for t in tensors:
+            weakref.finalize(t, _drop_dead, key)
     return out
 
 
@@ -651,8 +650,10 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                 return super().forward(**args)
             mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
         m32 = kernel_modulation(mod)
-        for ln, i in ((ln1, 0), (ln2, 3)):   # (a LayerNorm's affine, folded into the kernel's modulate)
-            if ln.weight is not None or ln.bias is not None:
+        affine = [(ln, i) for ln, i in ((ln1, 0), (ln2, 3)) if ln.weight is not None or ln.bias is not None]
+        if affine:   # (a LayerNorm's affine, folded into the kernel's modulate; into a copy: at batch 1 in float32
+            m32 = m32.clone()   # kernel_modulation returns mod itself, which the float sub-steps read)
+            for ln, i in affine:
                 m32[i], m32[i + 1] = folded_affine(ln, m32[i], m32[i + 1])
         x2 = x.reshape(b * t, d).contiguous()
 
