@@ -96,6 +96,26 @@ def test_the_text_mask_reaches_the_attention():
     assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1], atol=1e-4)
 
 
+def test_diffusers_text_kv_cache():
+    """diffusers' TextKVCache hands the blocks the text's keys and values (``cached_txt_key``/``_value``) after the
+    first step: the fused blocks take them as the processor does (no text projection then), equal to the unfused
+    model, their kernels still running."""
+    from diffusers.hooks.text_kv_cache import TextKVCacheConfig, apply_text_kv_cache
+
+    model = tiny()
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    for m in (unfused, fused):
+        apply_text_kv_cache(m, TextKVCacheConfig())
+    kw = call()
+    close(sample(fused, kw), sample(unfused, kw), bound=1e-5)   # (the first step fills the caches)
+    projected = []
+    hook = fused.transformer_blocks[0].encoder_proj.register_forward_pre_hook(lambda *a: projected.append(1))
+    calls, got = count_kernels(fused, kw)
+    hook.remove()
+    close(got, sample(unfused, kw), bound=1e-5)
+    assert calls == PER_FORWARD and not projected
+
+
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
     model = tiny()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
