@@ -59,9 +59,9 @@ from diffusers.models.transformers.transformer_cogview4 import (CogView4AdaLayer
 
 from .cogvideox_fused import _attention as _cogvideox_attention
 from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, HandedAttention, hooked_beyond_casting, kernel_modulation, like_rows,
-                              plain_attention, register_block, runs_processor, self_attention_ok, swap_blocks)
-from .linear import runs_packed_kernels as _quantized
+                              _project, HandedAttention, hooked_beyond_casting, kernel_modulation, kernel_projections,
+                              like_rows, plain_attention, register_block, runs_processor, self_attention_ok,
+                              swap_blocks)
 
 
 def _two_streams(block: Any, kind: Any, adaln: Any, norms: tuple[str, str]) -> bool:
@@ -276,16 +276,12 @@ if GlmImageTransformerBlock is not None:
             def rows_c() -> torch.Tensor:
                 return n1.norm_context(c).to(h.dtype) * (1 + mod_c[:, 1:2]) + mod_c[:, 0:1]
 
-            packed = [n for n in names if _quantized(getattr(attn, n))]
-            layers = [getattr(attn, n) for n in packed]
-            image = _project(layers, h.reshape(b * t, d).contiguous(), rows_h, ln_eps=n1.norm.eps, shift=m32_h[0],
-                             scale=m32_h[1])
-            words = _project(layers, c.reshape(b * text, d).contiguous(), rows_c, ln_eps=n1.norm_context.eps,
-                             shift=m32_c[0], scale=m32_c[1])
-            handed = HandedAttention(attn, {n: torch.cat([w.view(b, text, -1), i.view(b, t, -1)], dim=1)
-                                            for n, w, i in zip(packed, words, image)})
+            image, hh = kernel_projections(attn, names, h, rows_h, ln_eps=n1.norm.eps, shift=m32_h[0],
+                                           scale=m32_h[1])
+            words, cc = kernel_projections(attn, names, c, rows_c, ln_eps=n1.norm_context.eps, shift=m32_c[0],
+                                           scale=m32_c[1])
             # (the processor reads the rows only through the projections it still runs itself: 16-bit ones)
-            hh, cc = (h, c) if len(packed) == len(names) else (rows_h(), rows_c())
+            handed = HandedAttention(attn, {n: torch.cat([words[n], image[n]], dim=1) for n in image})
             oh, oc = attn.processor(handed, hh, cc, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb,
                                     kv_cache=kv_cache)
             h2 = (h + oh * mod_h[:, 2:3]).reshape(b * t, d)

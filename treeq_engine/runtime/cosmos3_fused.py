@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_cosmos3 import (Cosmos3AttnProces
                                                                Cosmos3VLTextMoTDecoderLayer)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, HandedAttention,
-                              register_block, runs_processor, swap_blocks, weighted_rms_norm)
+                              kernel_projections, register_block, runs_processor, swap_blocks, weighted_rms_norm)
 from .linear import runs_packed_kernels as _quantized
 
 _UND = ("to_q", "to_k", "to_v")
@@ -116,10 +116,12 @@ class FusedCosmos3VLTextMoTDecoderLayer(Cosmos3VLTextMoTDecoderLayer):
         und, gen = und_seq.contiguous(), gen_seq.contiguous()
         outputs: dict[str, torch.Tensor] = {}
         rows = []
-        for x, names, norm in ((und, _UND, self.input_layernorm), (gen, _GEN, self.input_layernorm_moe_gen)):
-            packed = [n for n in names if _quantized(getattr(attn, n))]
-            outputs.update(zip(packed, _project([getattr(attn, n) for n in packed], x, lambda: x, **_rms(norm))))
-            rows.append(x if len(packed) == len(names) else norm(x))   # (float projections read diffusers' rows)
+        streams: tuple[tuple[torch.Tensor, tuple[str, ...], nn.Module], ...] = (
+            (und, _UND, self.input_layernorm), (gen, _GEN, self.input_layernorm_moe_gen))
+        for x, names, norm in streams:
+            out, r = kernel_projections(attn, names, x, lambda: norm(x), **_rms(norm))
+            outputs.update(out)
+            rows.append(r)   # (x, or diffusers' rows where a float projection reads them)
         und_out, gen_out = attn.processor(HandedAttention(attn, outputs), rows[0], rows[1], rotary_emb)
         und, gen = und + und_out, gen + gen_out
         return _mlp(self.mlp, self.post_attention_layernorm, und), _mlp(self.mlp_moe_gen,

@@ -361,8 +361,9 @@ def runs_processor(attn: Any, processors: tuple[type, ...],
                    projections: Sequence[str] = ("to_q", "to_k", "to_v")) -> bool:
     """``attn`` computes what a fused path computes with it or hands it to: one of ``processors`` exactly, no hook on
     it, none on a projection the kernels run in its place (``projections``). (Checked on every forward.)"""
+    m = attn._modules   # (checked on every forward: nn.Module.__getattr__ costs ~1 µs a name)
     return (type(attn.processor) in processors and not _hooked(attn)
-            and not any(_bypassed_hook(getattr(attn, n)) for n in projections))
+            and not any(_bypassed_hook(m[n]) for n in projections))
 
 
 def dispatch_kwargs(proc: Any) -> dict[str, Any]:
@@ -458,17 +459,24 @@ class HandedAttention:
         return getattr(self._attn, name)
 
 
+def kernel_projections(attn: nn.Module, names: Sequence[str], x: torch.Tensor, float_rows: Callable[[], torch.Tensor],
+                       **kernel: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The projections ``names`` of ``attn`` that run the kernels, computed from the rows ``x`` (…, D) by the
+    quantization kernel (``kernel``: ``_project``'s norm and modulation arguments), by name, each (…, N); and the rows
+    to call the processor with (``x``, or diffusers' rows ``float_rows()`` where a float projection reads them, as the
+    processor calls it)."""
+    packed = [n for n in names if _quantized(getattr(attn, n))]
+    outs = _project([getattr(attn, n) for n in packed], x.reshape(-1, x.shape[-1]).contiguous(), lambda: x, **kernel)
+    rows = x if len(packed) == len(names) else float_rows()
+    return {n: y.view(*x.shape[:-1], -1) for n, y in zip(packed, outs)}, rows
+
+
 def hand_projections(attn: nn.Module, names: Sequence[str], x: torch.Tensor, float_rows: Callable[[], torch.Tensor],
                      **kernel: Any) -> tuple[HandedAttention, torch.Tensor]:
-    """The projections ``names`` of ``attn`` that run the kernels, computed from the (B, S, D) rows ``x`` by the
-    quantization kernel (``kernel``: ``_project``'s norm and modulation arguments), handed to its processor: the view
-    of ``attn`` and the rows to call the processor with (``x``, or diffusers' rows ``float_rows()`` where a float
-    projection reads them, as the processor calls it)."""
-    b, s, d = x.shape
-    packed = [n for n in names if _quantized(getattr(attn, n))]
-    outs = _project([getattr(attn, n) for n in packed], x.reshape(b * s, d).contiguous(), lambda: x, **kernel)
-    rows = x if len(packed) == len(names) else float_rows()
-    return HandedAttention(attn, {n: y.view(b, s, -1) for n, y in zip(packed, outs)}), rows
+    """``kernel_projections`` handed to the processor: the view of ``attn`` whose projections return them, and the
+    rows to call the processor with."""
+    outputs, rows = kernel_projections(attn, names, x, float_rows, **kernel)
+    return HandedAttention(attn, outputs), rows
 
 
 def _project(layers: Sequence[nn.Module], x2: torch.Tensor, float_rows: Callable[[], torch.Tensor], *,

@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_hidream_image import (HiDreamAtte
                                                                      MOEFeedForwardSwiGLU)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _plain_layer_norm, _project,
-                              HandedAttention, like_rows, runs_processor, swap_blocks)
+                              HandedAttention, kernel_projections, like_rows, runs_processor, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 _IMAGE = ("to_q", "to_k", "to_v")
@@ -90,12 +90,10 @@ def _projections(attn: Any, names: tuple[str, ...], norm: nn.LayerNorm, x: torch
                  scale: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """One stream's packed projections of ``mod(LN(x))`` by the kernel, into ``outputs``; the rows to hand the
     processor (``x``, or diffusers' rows where a float projection reads them)."""
-    b, s, d = x.shape
-    packed = [n for n in names if _quantized(getattr(attn, n))]
-    ys = _project([getattr(attn, n) for n in packed], x.reshape(b * s, d).contiguous(), lambda: x,
-                  **_kernel(norm, shift, scale))   # (packed layers only: no float rows read)
-    outputs.update((n, y.view(b, s, -1)) for n, y in zip(packed, ys))
-    return x if len(packed) == len(names) else _modulated(norm, x, shift, scale)
+    out, rows = kernel_projections(attn, names, x, lambda: _modulated(norm, x, shift, scale),
+                                   **_kernel(norm, shift, scale))
+    outputs.update(out)
+    return rows
 
 
 def _feed_forward(ff: Any, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -37,8 +37,7 @@ from diffusers.models.transformers.transformer_krea2 import (Krea2Attention, Kre
                                                              Krea2SwiGLU, Krea2TransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _project,
-                              HandedAttention, like_rows, register_block, runs_processor, swap_blocks)
-from .linear import runs_packed_kernels as _quantized
+                              hand_projections, like_rows, register_block, runs_processor, swap_blocks)
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_gate")
 
@@ -91,20 +90,15 @@ class FusedKrea2TransformerBlock(Krea2TransformerBlock):
         b, t, _ = h.shape
         modulation = temb.unflatten(-1, (6, -1)) + self.scale_shift_table   # (B, 1, 6, D), as diffusers adds them
         prescale, preshift, pregate, postscale, postshift, postgate = modulation.unbind(-2)
-        h2 = h.reshape(b * t, d).contiguous()
 
         def pre() -> torch.Tensor:
             return (1.0 + prescale) * n1(h) + preshift
 
         shift, k = _factor(n1, prescale, preshift)
-        packed = [n for n in _PROJECTIONS if _quantized(getattr(attn, n))]
-        outs = _project([getattr(attn, n) for n in packed], h2, pre, ln_eps=n1.eps, shift=shift, scale=k,
-                        rms_norm=True)
-        handed = HandedAttention(attn, {n: y.view(b, t, -1) for n, y in zip(packed, outs)})
         # (the processor reads the rows only through the projections it runs itself: 16-bit ones)
-        o = attn.processor(handed, h if len(packed) == len(_PROJECTIONS) else pre(), attention_mask,
-                           image_rotary_emb)
-        h = h + pregate * o
+        handed, rows = hand_projections(attn, _PROJECTIONS, h, pre, ln_eps=n1.eps, shift=shift, scale=k,
+                                        rms_norm=True)
+        h = h + pregate * attn.processor(handed, rows, attention_mask, image_rotary_emb)
 
         def post() -> torch.Tensor:
             return (1.0 + postscale) * n2(h) + postshift

@@ -32,9 +32,8 @@ import torch.nn as nn
 from diffusers.models.transformers.transformer_prx import Modulation, PRXAttention, PRXAttnProcessor2_0, PRXBlock
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, HandedAttention, kernel_modulation, like_rows, register_block, runs_processor,
+                              _project, hand_projections, kernel_modulation, like_rows, register_block, runs_processor,
                               swap_blocks)
-from .linear import runs_packed_kernels as _quantized
 
 
 def _supported(block: nn.Module) -> bool:
@@ -77,19 +76,11 @@ class FusedPRXBlock(PRXBlock):
         mod = self.modulation.lin(nn.functional.silu(temb))   # (as diffusers: its module's linear, its SiLU)
         mod = mod.view(-1, 6, d).expand(b, 6, d)   # (shift, scale, gate, then the MLP's: DiT's order)
         m32 = kernel_modulation(mod)
-        h2 = h.reshape(b * t, d).contiguous()
-
-        def rows() -> torch.Tensor:
-            return (1 + mod[:, 1:2]) * n1(h) + mod[:, 0:1]
-
-        qkv = attn.img_qkv_proj
-        handed = {}
-        if _quantized(qkv):
-            (out,) = _project((qkv,), h2, rows, ln_eps=n1.eps, shift=m32[0], scale=m32[1])
-            handed["img_qkv_proj"] = out.view(b, t, -1)
         # (the processor reads the rows only through img_qkv_proj: the float rows where it runs it itself)
-        o = attn.processor(HandedAttention(attn, handed), h if handed else rows(), encoder_hidden_states=
-                           encoder_hidden_states, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+        handed, rows = hand_projections(attn, ("img_qkv_proj",), h, lambda: (1 + mod[:, 1:2]) * n1(h) + mod[:, 0:1],
+                                        ln_eps=n1.eps, shift=m32[0], scale=m32[1])
+        o = attn.processor(handed, rows, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                           image_rotary_emb=image_rotary_emb)
         h = h + mod[:, 2:3] * o
         h2 = h.reshape(b * t, d).contiguous()
         g, u = _project((self.gate_proj, self.up_proj), h2, lambda: (1 + mod[:, 4:5]) * n2(h) + mod[:, 3:4],
