@@ -37,14 +37,9 @@ from diffusers.models.attention_processor import AllegroAttnProcessor2_0, Attent
 from diffusers.models.embeddings import apply_rotary_emb_allegro
 from diffusers.models.transformers.transformer_allegro import AllegroTransformerBlock
 
-from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project,
-                              _sdpa, folded_affine, plain_attention, register_block, self_attention_ok,
+from .diffusers_fused import (_adopt, _feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _layer_norm,
+                              _project, _sdpa, folded_affine, plain_attention, register_block, self_attention_ok,
                               six_vector_table, swap_blocks)
-
-
-def _layer_norm(norm: Any, dim: int) -> bool:
-    """A LayerNorm over the last dim, affine or not (the affine folds into the modulate)."""
-    return type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (dim,)
 
 
 def _supported(block: nn.Module) -> bool:

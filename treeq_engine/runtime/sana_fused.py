@@ -64,8 +64,8 @@ except ImportError:
 
 from ..nn.pointwise import layer_dims
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, Modulation, modulation_chunk, per_token_modulation, register_block,
-                              self_attention_ok, six_vector_table, swap_blocks)
+                              _project, kernel_modulation, Modulation, modulation_chunk, per_token_modulation,
+                              register_block, self_attention_ok, six_vector_table, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
 
@@ -179,7 +179,7 @@ class FusedSanaTransformerBlock(SanaTransformerBlock):
         if timestep.numel() != b * 6 * d:
             return super().forward(*args)
         mod = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)   # (B, 6, D), as diffusers computes it
-        m32 = mod.float().transpose(0, 1).contiguous()                    # (6, B, D) float32: the kernels' layout
+        m32 = kernel_modulation(mod)                                      # (6, B, D) float32: the kernels' layout
         h2 = h.reshape(b * s, d).contiguous()
         q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
                            lambda: (self.norm1(h) * (1 + mod[:, 1:2]) + mod[:, 0:1]).to(h.dtype),
@@ -295,7 +295,7 @@ if SanaVideoTransformerBlock is not None:
             mod: Modulation
             if timestep.shape[1] == 1:
                 sample = table[None] + timestep.view(b, 6, d)    # (B, 6, D), as diffusers computes it
-                mod, m32 = sample, sample.float().transpose(0, 1).contiguous()   # (6, B, D) float32: the kernels'
+                mod, m32 = sample, kernel_modulation(sample)   # (6, B, D) float32: the kernels' layout
             else:   # a timestep per token: (B, S, 6·D)
 
                 def chunk(i: int) -> torch.Tensor:   # chunk i as diffusers computes it: (B, S, D)
