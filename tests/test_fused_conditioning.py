@@ -104,8 +104,13 @@ MODELS = {
     "kandinsky6": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6"}, kind="k6"),
     "kandinsky6-plain": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6-plain"}, kind="k6-plain"),
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
-    "minimaxh3": _from("test_minimaxh3_fused", "tiny"),
+    "minimaxh3": _from("test_minimaxh3_fused", "tiny"), "sanawm_refiner": lambda: _sanawm_refiner(),
 }
+
+
+def _sanawm_refiner():
+    m = importlib.import_module("test_sanawm_refiner_fused")
+    return m.tiny(), m.cached_window   # (an AR window against a filled KV cache)
 
 
 def _wananimate2():

@@ -282,6 +282,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "fuse_ovis_blocks", (0, 42)),
                     (("AnyFlowTransformerBlock",), "AnyFlow", "anyflow_fused", "fuse_anyflow_blocks", (0, 42)),
                     (("LTX2VideoTransformerBlock",), "LTX-2", "ltx2_fused", "fuse_ltx2_blocks", (0, 42)),
+                    (("SanaWMLTX2RefinerTransformerBlock",), "SANA-WM refiner", "sanawm_refiner_fused",
+                     "fuse_sanawm_refiner_blocks", (0, 42)),
                     (("CosmosTransformerBlock",), "Cosmos", "cosmos_fused", "fuse_cosmos_blocks", (0, 42)),
                     (("MochiTransformerBlock",), "Mochi", "mochi_fused", "fuse_mochi_blocks", (0, 35)),
                     (("Lumina2TransformerBlock",), "Lumina2", "lumina2_fused", "fuse_lumina2_blocks", (0, 35)),

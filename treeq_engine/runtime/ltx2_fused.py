@@ -33,7 +33,7 @@ the original, nor for the fused class. The state dict is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -127,6 +127,32 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return o
 
 
+def attend(norm: nn.Module, attn: Any, x: torch.Tensor, mod: Modulation, m32: torch.Tensor,
+           attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+           ) -> torch.Tensor:
+    """``x + gate_msa · to_out(attention(q, k, v, gate))`` of a stream's self-attention on ``mod(norm(x))``, the
+    kernels where the layers are packed: ``attention`` takes the (B·S, ·) projection rows (and the per-head gate's
+    logits, or None) and returns (B, S, inner)."""
+    b, s, d = x.shape
+    x2 = x.reshape(b * s, d).contiguous()
+    q, k, v, *gate = _project(_projections(attn), x2,
+                              lambda: norm(x) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
+                              ln_eps=norm.eps, shift=m32[0], scale=m32[1], rms_norm=True)
+    o = attention(q, k, v, gate[0] if gate else None)
+    proj = attn.to_out[0]
+    if _quantized(proj):   # (not hooked: self_attention_ok)
+        return _gated_out(proj, o, x2, b, m32[2]).view(b, s, d)
+    return x + attn.to_out[1](proj(o)) * modulation_chunk(mod, 2)
+
+
+def feed_forward(norm: nn.Module, ff: Any, x: torch.Tensor, mod: Modulation, m32: torch.Tensor) -> torch.Tensor:
+    """``x + gate_mlp · ff(mod(norm(x)))`` of a stream, the kernels where the layers are packed."""
+    b, s, d = x.shape
+    if _quantized(ff.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
+        return _ff(ff, norm, x.reshape(b * s, d).contiguous(), b, mod, m32, rms_norm=True).view(b, s, d)
+    return x + ff(norm(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)) * modulation_chunk(mod, 5)
+
+
 class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
     """An ``LTX2VideoTransformerBlock`` running the fused packed kernels (module docstring)."""
 
@@ -135,28 +161,6 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
             raise ValueError("FusedLTX2VideoTransformerBlock handles LTX2VideoTransformerBlock in the structure "
                              "diffusers builds")
         _adopt(self, block)
-
-    def _attend(self, norm: nn.Module, attn: Any, x: torch.Tensor, mod: Modulation, m32: torch.Tensor,
-                rotary: Any) -> torch.Tensor:
-        """``x + gate_msa · self_attention(mod(norm(x)))``, the kernels where the layers are packed."""
-        b, s, d = x.shape
-        x2 = x.reshape(b * s, d).contiguous()
-        q, k, v, *gate = _project(_projections(attn), x2,
-                                  lambda: norm(x) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
-                                  ln_eps=norm.eps, shift=m32[0], scale=m32[1], rms_norm=True)
-        o = _self_attention(attn, q, k, v, b, rotary, gate[0] if gate else None)
-        proj = attn.to_out[0]
-        if _quantized(proj):   # (not hooked: self_attention_ok)
-            return _gated_out(proj, o, x2, b, m32[2]).view(b, s, d)
-        return x + attn.to_out[1](proj(o)) * modulation_chunk(mod, 2)
-
-    def _feed_forward(self, norm: nn.Module, ff: Any, x: torch.Tensor, mod: Modulation,
-                      m32: torch.Tensor) -> torch.Tensor:
-        """``x + gate_mlp · ff(mod(norm(x)))``, the kernels where the layers are packed."""
-        b, s, d = x.shape
-        if _quantized(ff.net[0].proj):   # (_ff runs a hooked or unpacked part as diffusers computes it)
-            return _ff(ff, norm, x.reshape(b * s, d).contiguous(), b, mod, m32, rms_norm=True).view(b, s, d)
-        return x + ff(norm(x) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)) * modulation_chunk(mod, 5)
 
     def forward(self, hidden_states: torch.Tensor, audio_hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, audio_encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
@@ -201,8 +205,10 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
             return super().forward(**call)
         (vmod, v32), (amod, a32) = video, audio
         b = h.shape[0]
-        h = self._attend(self.norm1, self.attn1, h, vmod, v32, video_rotary_emb)
-        ah = self._attend(self.audio_norm1, self.audio_attn1, ah, amod, a32, audio_rotary_emb)
+        h = attend(self.norm1, self.attn1, h, vmod, v32,
+                   lambda q, k, v, gate: _self_attention(self.attn1, q, k, v, b, video_rotary_emb, gate))
+        ah = attend(self.audio_norm1, self.audio_attn1, ah, amod, a32,
+                    lambda q, k, v, gate: _self_attention(self.audio_attn1, q, k, v, b, audio_rotary_emb, gate))
 
         # the cross-attentions, as diffusers' block computes them
         if self.video_cross_attn_adaln:
@@ -266,8 +272,8 @@ class FusedLTX2VideoTransformerBlock(LTX2VideoTransformerBlock):
                                              attention_mask=v2a_cross_attention_mask)
                 ah = ah + v2a_gate * o
 
-        h = self._feed_forward(self.norm3, self.ff, h, vmod, v32)
-        ah = self._feed_forward(self.audio_norm3, self.audio_ff, ah, amod, a32)
+        h = feed_forward(self.norm3, self.ff, h, vmod, v32)
+        ah = feed_forward(self.audio_norm3, self.audio_ff, ah, amod, a32)
         return h, ah
 
 
