@@ -117,6 +117,14 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             query, key = apply_interleaved_rotary_emb(query, rotary), apply_interleaved_rotary_emb(key, rotary)
         elif attn.rope_type == "split":
             query, key = apply_split_rotary_emb(query, rotary), apply_split_rotary_emb(key, rotary)
+    return gated_heads_attention(attn, query, key, value, b, gate)
+
+
+def gated_heads_attention(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b: int,
+                          gate: torch.Tensor | None) -> torch.Tensor:
+    """The LTX-2 processors' attention (no mask) of normalized, rotated (B, S, inner) queries and keys, as
+    (B, S, inner), each head scaled by ``2 sigmoid(gate)`` where the attention has per-head gates (``gate``: their
+    (B·S, heads) logits)."""
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
     o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                               **dispatch_kwargs(attn.processor))

@@ -36,16 +36,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_sana_wm_refiner import (SanaWMLTX2Attention,
                                                                        SanaWMLTX2RefinerAttnProcessor,
                                                                        SanaWMLTX2RefinerTransformerBlock,
                                                                        apply_interleaved_rotary_emb,
                                                                        apply_split_rotary_emb)
 
-from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, dispatch_kwargs,
-                              like_rows, register_block, self_attention_ok, swap_blocks)
-from .ltx2_fused import _modulation, _projections, attend, feed_forward
+from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wrapped, _hooked, like_rows,
+                              register_block, self_attention_ok, swap_blocks)
+from .ltx2_fused import _modulation, _projections, attend, feed_forward, gated_heads_attention
 from .ltx_fused import _plain_rms_norm
 
 MODES = (None, "inject", "capture_pre_rope", "inject_and_capture_post_rope")
@@ -100,14 +99,7 @@ def _cached_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             values.append(history[1].to(value.dtype))
         if keys:
             key, value = torch.cat([*keys, key], dim=1), torch.cat([*values, value], dim=1)
-    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-    o = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                              **dispatch_kwargs(attn.processor))
-    o = o.flatten(2, 3).to(query.dtype)
-    if gate is not None:
-        gates = 2.0 * torch.sigmoid(gate.view(b, -1, gate.shape[-1]))
-        o = (o.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
-    return o
+    return gated_heads_attention(attn, query, key, value, b, gate)
 
 
 class FusedSanaWMLTX2RefinerTransformerBlock(SanaWMLTX2RefinerTransformerBlock):
