@@ -69,7 +69,7 @@ OTHERS = ("the other transformers searched and calibrated where the generic cut 
           "LongCat-Image's, Bria's, Ovis-Image's, AnyFlow's, AuraFlow's, Hunyuan-DiT's, Sana-Video's, "
           "CogView3-Plus', GLM-Image's, Allegro's, EasyAnimate's, Motif-Video's, Bria FIBO 2's, JoyImage's, PRX's, "
           "Krea 2's, OmniGen's, Wan-Animate-2's, MiniMax-H3's, Kandinsky 6's, ERNIE-Image's, DreamLite's, "
-          "Cosmos 3's, NucleusMoE's, HiDream-I1's and Latte's blocks fused too), and packed")
+          "Cosmos 3's, NucleusMoE's, HiDream-I1's, SANA-WM's refiner's and Latte's blocks fused too), and packed")
 
 
 def _diffusers_support() -> str | None:
