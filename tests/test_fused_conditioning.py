@@ -105,6 +105,7 @@ MODELS = {
     "kandinsky6-plain": _from("test_kandinsky6_fused", "tiny", build_kw={"kind": "k6-plain"}, kind="k6-plain"),
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
     "minimaxh3": _from("test_minimaxh3_fused", "tiny"), "sanawm_refiner": lambda: _sanawm_refiner(),
+    "wanvace": _from("test_wan_family_fused", "tiny_vace", call="call_vace"),
 }
 
 

@@ -257,12 +257,71 @@ def test_wan_animate():
     half_agrees(tiny_animate().to(torch.bfloat16), call_animate(dtype=torch.bfloat16))
 
 
+def tiny_vace(**extra):
+    """WanVACE: two Wan blocks, each with a VACE block beside it (the first with its input projection)."""
+    torch.manual_seed(0)
+    return perturbed(_wan_like(diffusers.WanVACETransformer3DModel, vace_layers=[0, 1], vace_in_channels=12,
+                               **extra)).eval()
+
+
+def call_vace(n=2, seed=0, dtype=torch.float32):
+    """``call``'s latents, text and timestep, and the control latents (12 channels, as many frames)."""
+    g = torch.Generator().manual_seed(seed + 10)
+    kw = call(n=n, seed=seed)
+    kw["control_hidden_states"] = torch.randn(n, 12, 4, 8, 6, generator=g)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+
+
+def test_wan_vace():
+    """WanVACE's control blocks (Wan's block on the control rows; the first VACE block's input projection and every
+    block's hint projection run as diffusers' modules) fuse beside the main blocks: fused equals unfused for uniform
+    and mixed plans, the kernels counted, a hook on a control block's norm or another processor runs its diffusers
+    forward, and bf16 agrees within its rounding."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_vace()
+    plan = mixed(model).with_layer("vace_blocks.0.attn1.to_v", LayerConfig(16, 16)) \
+        .with_layer("vace_blocks.1.ffn.net.2", LayerConfig(4, 4)).with_layer("vace_blocks.0.proj_in", LayerConfig(4, 4))
+    for p in (QuantPlan.block_uniform(model, 4, 8), plan):
+        unfused, fused = pair(model, p)
+        assert [type(b).__name__ for b in fused.vace_blocks] == ["FusedWanVACETransformerBlock"] * 2
+        assert fused.state_dict().keys() == unfused.state_dict().keys()
+        for seed in (0, 1):
+            kw = call_vace(seed=seed)
+            with torch.no_grad():
+                want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    kw = call_vace()
+    calls, want = count_kernels(fused, kw)
+    assert calls == {k: 2 * v for k, v in PER_FORWARD.items()}   # (the main blocks' and the control blocks')
+    seen = []
+    hooks = [fused.vace_blocks[1].norm3.register_forward_pre_hook(lambda *a: seen.append(1)),
+             fused.vace_blocks[0].proj_in.register_forward_pre_hook(lambda *a: seen.append(2)),
+             fused.vace_blocks[1].proj_out.register_forward_pre_hook(lambda *a: seen.append(3))]
+    calls, got = count_kernels(fused, kw)
+    for h in hooks:
+        h.remove()
+    assert sorted(seen) == [1, 2, 3] and calls["ln"] == 2 * PER_FORWARD["ln"] - 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    another_processor_and_training(fused, fused.vace_blocks[0].attn1, WanAttnProcessor, kw, want,
+                                   2 * PER_FORWARD["ln"] - 2)
+    half_agrees(tiny_vace().to(torch.bfloat16), call_vace(dtype=torch.bfloat16),
+                per_forward={k: 2 * v for k, v in PER_FORWARD.items()})
+
+
 @pytest.mark.parametrize("name", ["ChronoEdit", "SkyReelsV2"])
 def test_bf16(name):
     model = tiny(name).to(torch.bfloat16)
     kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
           for k, v in call(per_frame=name == "SkyReelsV2").items()}
     half_agrees(model, kw)
+
+
+@pytest.mark.gpu
+def test_wan_vace_on_gpu():
+    gpu_fused_matches(tiny_vace(), call_vace(dtype=torch.bfloat16), {k: 2 * v for k, v in PER_FORWARD.items()})
 
 
 @pytest.mark.gpu

@@ -249,6 +249,7 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      "fuse_mmdit_blocks", (0, 42)),
                     (("WanTransformerBlock",), "Wan", "wan_fused", "fuse_wan_blocks", (0, 35)),
                     (("SkyReelsV2TransformerBlock",), "SkyReels-V2", "wan_fused", "fuse_wan_blocks", (0, 42)),
+                    (("WanVACETransformerBlock",), "WanVACE", "wan_fused", "fuse_wan_blocks", (0, 35)),   # (as Wan's)
                     (("QwenImageTransformerBlock",), "Qwen-Image", "qwen_fused", "fuse_qwen_blocks", (0, 39)),
                     (("SanaTransformerBlock",), "Sana", "sana_fused", "fuse_sana_blocks", (0, 32)),
                     (("SanaVideoTransformerBlock",), "Sana-Video", "sana_fused", "fuse_sana_blocks", (0, 42)),
@@ -314,8 +315,8 @@ _DIFFUSERS_FUSED = ((MMDIT_BLOCKS, "SD3/Flux", "mmdit_fused", "fuse_mmdit_blocks
                      (0, 42)),
                     (("NucleusMoEImageTransformerBlock",), "NucleusMoE", "nucleusmoe_fused", "fuse_nucleusmoe_blocks",
                      (0, 42)),
-                    (("HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"), "HiDream-I1", "hidream_fused",
-                     "fuse_hidream_blocks", (0, 42)),
+                    (("HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"), "HiDream-I1",
+                     "hidream_fused", "fuse_hidream_blocks", (0, 42)),
                     (("EasyAnimateTransformerBlock",), "EasyAnimate", "easyanimate_fused", "fuse_easyanimate_blocks",
                      (0, 42)))
 

@@ -1,8 +1,9 @@
 """Fused Wan blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
 ``WanTransformerBlock`` (Wan 2.1, each expert of Wan 2.2 A14B) and its copies: ChronoEdit's and Wan-Animate's
-(Wan's classes to the line, in their own modules) and ``SkyReelsV2TransformerBlock`` (its self-attention takes the
+(Wan's classes to the line, in their own modules), ``SkyReelsV2TransformerBlock`` (its self-attention takes the
 block's mask, diffusion forcing's causal one between blocks of frames; a timestep per frame arrives as a
-(B, 6, S, D) table).
+(B, 6, S, D) table) and ``WanVACETransformerBlock`` (Wan's block on VACE's control rows, between an input projection
+that adds the main rows, in the first, and the control hint's projection, both run as diffusers' modules).
 
 The block's modulation is its own table plus the timestep projection every block shares,
 ``mod = scale_shift_table + temb`` (six vectors per sample, float32); ``LN`` is a float32 LayerNorm without affine:
@@ -53,9 +54,13 @@ try:
     from diffusers.models.transformers import transformer_wan_animate as _animate
 except ImportError:
     _animate = None
+try:
+    from diffusers.models.transformers import transformer_wan_vace as _vace
+except ImportError:
+    _vace = None
 
 from .diffusers_fused import (_feed_forward, _ff, _forward_wrapped, _gated_out, _hooked, _project, Modulation,
-                              adopt_checked, dispatch_kwargs, modulation_chunk, per_token_modulation,
+                              adopt_checked, dispatch_kwargs, like_rows, modulation_chunk, per_token_modulation,
                               plain_fp32_layer_norm, register_block, self_attention_ok, swap_blocks)
 from .linear import runs_packed_kernels as _quantized
 
@@ -69,6 +74,7 @@ class _Family:
     attention: type
     processor: type
     chunks_first: bool = False
+    per_token: bool = True   # (WanVACE's block chunks a (B, 6, D) table only)
 
 
 # ChronoEdit's and Wan-Animate's classes are Wan's to the line (diffusers' "Copied from"); SkyReels-V2's block also
@@ -81,6 +87,9 @@ if _chronoedit is not None:
 if _animate is not None:
     _FAMILIES[_animate.WanTransformerBlock] = _Family(_animate.WanTransformerBlock, _animate.WanAttention,
                                                       _animate.WanAttnProcessor)
+if _vace is not None:
+    _FAMILIES[_vace.WanVACETransformerBlock] = _Family(_vace.WanVACETransformerBlock, WanAttention, WanAttnProcessor,
+                                                       per_token=False)
 if _skyreels is not None:
     _FAMILIES[_skyreels.SkyReelsV2TransformerBlock] = _Family(
         _skyreels.SkyReelsV2TransformerBlock, _skyreels.SkyReelsV2Attention, _skyreels.SkyReelsV2AttnProcessor,
@@ -139,35 +148,42 @@ def _self_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return o.flatten(2, 3).type_as(query)
 
 
-def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple[Any, ...],
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused forward of a block of a Wan family (module docstring); ``unfused(*args)`` is diffusers' own."""
-    hidden_states, encoder_hidden_states, temb, rotary_emb = args[:4]
-    family = next(_FAMILIES[c] for c in type(block).__mro__ if c in _FAMILIES)   # (a subclass made at run time,
-    # such as torch's parametrize makes, comes first)
-    a1 = block.attn1
-    if (block.training or temb.ndim not in (3, 4) or hidden_states.ndim != 3 or _hooked(block.norm1)
-            or _hooked(block.norm3) or not _self_attention_ok(a1, family)):
-        return unfused(*args)
-    h = hidden_states
+def _family(block: nn.Module) -> _Family:
+    # (a subclass made at run time, such as torch's parametrize makes, comes first in the MRO)
+    return next(_FAMILIES[c] for c in type(block).__mro__ if c in _FAMILIES)
+
+
+def _modulation(block: Any, h: torch.Tensor, temb: torch.Tensor) -> tuple[Modulation, torch.Tensor] | None:
+    """The block's modulation, as diffusers uses it and as the kernels take it, where the fused path computes the
+    block on the rows ``h`` (checked before any layer runs); None where it leaves the call to diffusers' forward."""
+    family = _family(block)
+    if (block.training or temb.ndim not in (3, 4) or h.ndim != 3 or _hooked(block.norm1) or _hooked(block.norm3)
+            or not _self_attention_ok(block.attn1, family)):
+        return None
     b, s, d = h.shape
     if temb.ndim == 4:   # a timestep per token: Wan 2.2 TI2V's (B, S, 6, D), SkyReels-V2's (B, 6, S, D)
-        if (tuple(temb.shape) != ((b, 6, s, d) if family.chunks_first else (b, s, 6, d))
+        if (not family.per_token or tuple(temb.shape) != ((b, 6, s, d) if family.chunks_first else (b, s, 6, d))
                 or tuple(block.scale_shift_table.shape) != (1, 6, d)):
-            return unfused(*args)
+            return None
         table = block.scale_shift_table[0]
 
         def chunk(i: int) -> torch.Tensor:   # chunk i of diffusers' float32 table + temb: (B, S, D)
             return table[i] + (temb[:, i] if family.chunks_first else temb[:, :, i]).float()
 
-        mod: Modulation = chunk
         # (6, G, D) float32: a group per latent frame (per block of frames)
-        m32 = per_token_modulation(chunk, b * s, runs_of=temb, token_dim=2 if family.chunks_first else 1)
-    else:
-        sample = block.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
-        if tuple(sample.shape) != (b, 6, d):
-            return unfused(*args)
-        mod, m32 = sample, sample.transpose(0, 1).contiguous()   # (6, B, D): the kernels' layout
+        return chunk, per_token_modulation(chunk, b * s, runs_of=temb, token_dim=2 if family.chunks_first else 1)
+    sample = block.scale_shift_table + temb.float()   # (B, 6, D) float32, as diffusers computes it
+    if tuple(sample.shape) != (b, 6, d):
+        return None
+    return sample, sample.transpose(0, 1).contiguous()   # (6, B, D): the kernels' layout
+
+
+def _fused_body(block: Any, h: torch.Tensor, encoder_hidden_states: torch.Tensor, rotary_emb: Any,
+                mask: torch.Tensor | None, mod: Modulation, m32: torch.Tensor) -> torch.Tensor:
+    """Self-attention, cross-attention and feed-forward of the rows ``h`` (module docstring), with the modulation
+    ``_modulation`` gave."""
+    a1 = block.attn1
+    b, s, d = h.shape
     h2 = h.reshape(b * s, d).contiguous()
     q, k, v = _project((a1.to_q, a1.to_k, a1.to_v), h2,
                        lambda: (block.norm1(h.float()) * (1 + modulation_chunk(mod, 1))
@@ -184,6 +200,16 @@ def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple
         return _ff(block.ffn, block.norm3, h.reshape(b * s, d).contiguous(), b, mod, m32).view(b, s, d)
     x = (block.norm3(h.float()) * (1 + modulation_chunk(mod, 4)) + modulation_chunk(mod, 3)).type_as(h)
     return (h.float() + block.ffn(x).float() * modulation_chunk(mod, 5)).type_as(h)
+
+
+def _fused_forward(block: Any, unfused: Callable[..., torch.Tensor], args: tuple[Any, ...],
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused forward of a block of a Wan family (module docstring); ``unfused(*args)`` is diffusers' own."""
+    hidden_states, encoder_hidden_states, temb, rotary_emb = args[:4]
+    modulation = _modulation(block, hidden_states, temb)
+    if modulation is None:
+        return unfused(*args)
+    return _fused_body(block, hidden_states, encoder_hidden_states, rotary_emb, mask, *modulation)
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
@@ -244,6 +270,32 @@ if _skyreels is not None:
 
     _FUSED[_skyreels.SkyReelsV2TransformerBlock] = FusedSkyReelsV2TransformerBlock
     register_block(FusedSkyReelsV2TransformerBlock, 0)
+if _vace is not None:
+    class FusedWanVACETransformerBlock(_vace.WanVACETransformerBlock):
+        """A ``WanVACETransformerBlock`` running the fused packed kernels (module docstring): Wan's block on the
+        control rows, its input projection (the first VACE block's: ``proj_in(control) + hidden_states``) and output
+        projection (the control hint) run as diffusers' modules."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    control_hidden_states: torch.Tensor, temb: torch.Tensor,
+                    rotary_emb: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+            c, proj_in = control_hidden_states, self.proj_in
+            modulation = _modulation(self, c, temb)
+            # (the sum a projected input makes: the rows' batch and dtype, else diffusers broadcasts or promotes)
+            if modulation is None or (proj_in is not None and not like_rows(c, hidden_states)):
+                return super().forward(hidden_states, encoder_hidden_states, control_hidden_states, temb,
+                                       rotary_emb)
+            if proj_in is not None:
+                c = proj_in(c) + hidden_states
+            c = _fused_body(self, c, encoder_hidden_states, rotary_emb, None, *modulation)
+            return (None if self.proj_out is None else self.proj_out(c)), c
+
+    _FUSED[_vace.WanVACETransformerBlock] = FusedWanVACETransformerBlock
+    # (no registry entry, as diffusers gives the original none: it returns (control hint, control rows), and
+    # diffusers' block-level hooks run on the main blocks)
 
 
 def fuse_wan_blocks(model: nn.Module) -> int:
