@@ -183,6 +183,33 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
         FusedSanaWMLTX2RefinerTransformerBlock(q.transformer_blocks[0])
 
 
+def test_float_layers_run_as_diffusers_runs_them():
+    """The per-head gate's and to_v's linears at W16 run as modules, hooks and all, in the processor's order (the
+    gate first), while the kernels run the rest; a rotary type set after fusing raises diffusers' error."""
+    model = tiny(gated_attn=True)
+    plan = QuantPlan.block_uniform(model, 4, 8).with_layer("transformer_blocks.0.attn1.to_gate_logits",
+                                                           LayerConfig(16, 16)) \
+        .with_layer("transformer_blocks.0.attn1.to_v", LayerConfig(16, 16))
+    unfused, fused = pair(model, plan)
+    kw = cached_window(model)
+    orders = []
+    for m in (unfused, fused):
+        attn, seen = m.transformer_blocks[0].attn1, []
+        hooks = [getattr(attn, n).register_forward_pre_hook(lambda *a, n=n: seen.append(n))
+                 for n in ("to_gate_logits", "to_v")]
+        calls, out = count_kernels(m, kw)
+        for h in hooks:
+            h.remove()
+        orders.append((seen, calls["ln"], out))
+    (want_order, none, want), (got_order, ln, got) = orders
+    assert got_order == want_order == ["to_gate_logits", "to_v"] and none == 0 and ln == PER_FORWARD["ln"]
+    close(got, want)
+    for m in (unfused, fused):
+        m.transformer_blocks[1].attn1.rope_type = "other"
+        with pytest.raises(ValueError, match="Unsupported LTX-2 RoPE type"):
+            run(m, kw)
+
+
 def test_bf16_and_only_blocks_with_something_to_fuse():
     model = tiny().to(torch.bfloat16)
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 8, 8), dtype=torch.bfloat16)

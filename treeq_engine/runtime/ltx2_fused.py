@@ -68,9 +68,10 @@ def _supported(block: nn.Module) -> bool:
 
 
 def _projections(attn: Any) -> tuple[nn.Module, ...]:
-    """The linears that read a self-attention's input: q, k, v, and the per-head gate's where it has one."""
+    """The linears that read a self-attention's input, in the processors' order: the per-head gate's where it has
+    one, then q, k, v."""
     gate = attn.to_gate_logits
-    return (attn.to_q, attn.to_k, attn.to_v) + (() if gate is None else (gate,))
+    return (() if gate is None else (gate,)) + (attn.to_q, attn.to_k, attn.to_v)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -143,7 +144,7 @@ def attend(norm: nn.Module, attn: Any, x: torch.Tensor, mod: Modulation, m32: to
     logits, or None) and returns (B, S, inner)."""
     b, s, d = x.shape
     x2 = x.reshape(b * s, d).contiguous()
-    q, k, v, *gate = _project(_projections(attn), x2,
+    *gate, q, k, v = _project(_projections(attn), x2,
                               lambda: norm(x) * (1 + modulation_chunk(mod, 1)) + modulation_chunk(mod, 0),
                               ln_eps=norm.eps, shift=m32[0], scale=m32[1], rms_norm=True)
     o = attention(q, k, v, gate[0] if gate else None)

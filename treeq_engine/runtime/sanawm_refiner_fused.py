@@ -25,9 +25,9 @@ residuals in float32), not bit for bit.
 A block is swapped only in the structure diffusers builds (RMSNorms without affine, ``SanaWMLTX2Attention`` with
 the interleaved or split rotary embedding, six modulation vectors, ``FeedForward`` of [GELU, Dropout, linear]) with
 a packed linear with quantized activations to fuse. It runs diffusers' own forward in training mode, for a ``temb``
-of another shape than ``(B, 1, 6·D)`` or ``(B, S, 6·D)`` or of another dtype, for a ``kv_cache_mode`` without a cache
-or of another name (diffusers raises), and when ``norm1``, ``norm3`` or the self-attention carries a hook or another
-processor; a feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers
+of another shape than ``(B, 1, 6·D)`` or ``(B, S, 6·D)`` or of another dtype, and when ``norm1``, ``norm3`` or the
+self-attention carries a hook or another processor (a ``kv_cache_mode`` the model's forward refuses computes as
+diffusers' block does: no cache; one without a cache raises where diffusers' does, after the projections); a feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers
 computes it. The fused forward follows diffusers 0.42's block; the state dict is unchanged.
 """
 from __future__ import annotations
@@ -47,7 +47,6 @@ from .diffusers_fused import (_adopt, _bypassed_hook, _feed_forward, _forward_wr
 from .ltx2_fused import _modulation, _projections, attend, feed_forward, gated_heads_attention
 from .ltx_fused import _plain_rms_norm
 
-MODES = (None, "inject", "capture_pre_rope", "inject_and_capture_post_rope")
 ROTARY = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}
 
 
@@ -77,7 +76,9 @@ def _cached_attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """``SanaWMLTX2RefinerAttnProcessor``'s attention of (B·S, inner) projection rows, as (B, S, inner): the cache
     written and read as ``mode`` says, each head scaled by ``2 sigmoid(gate)`` where the attention has per-head gates
     (``gate``: their (B·S, heads) logits)."""
-    rotate = ROTARY[attn.rope_type]
+    rotate = ROTARY.get(attn.rope_type)
+    if rotate is None:   # (a type set after fusing: diffusers' error)
+        raise ValueError(f"Unsupported LTX-2 RoPE type: {attn.rope_type}")
     query, key, value = (t.view(b, -1, t.shape[-1]) for t in (q, k, v))
     query, key = attn.norm_q(query), attn.norm_k(key)
     if mode == "capture_pre_rope":
@@ -115,8 +116,7 @@ class FusedSanaWMLTX2RefinerTransformerBlock(SanaWMLTX2RefinerTransformerBlock):
                 video_rotary_emb: Any, encoder_attention_mask: torch.Tensor | None = None,
                 sink_rotary_emb: Any = None, kv_cache: Any = None, kv_cache_mode: str | None = None) -> torch.Tensor:
         h = hidden_states
-        if (self.training or h.ndim != 3 or kv_cache_mode not in MODES or (kv_cache_mode and kv_cache is None)
-                or not like_rows(h, temb, batch=False) or _hooked(self.norm1) or _hooked(self.norm3)
+        if (self.training or h.ndim != 3 or not like_rows(h, temb, batch=False) or _hooked(self.norm1) or _hooked(self.norm3)
                 or not _attention_ok(self.attn1)
                 or (modulation := _modulation(self.scale_shift_table, temb, h)) is None):
             return super().forward(h, encoder_hidden_states, temb, video_rotary_emb, encoder_attention_mask,
