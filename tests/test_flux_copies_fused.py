@@ -147,8 +147,8 @@ def test_an_attention_without_a_processor_falls_back():
 
 
 def tiny_fibo():
-    """Bria FIBO: two double blocks (Flux's) and two single blocks (its own: not fused), each block handed its own
-    text encoder layer."""
+    """Bria FIBO: two double blocks (Flux's) and two single blocks (Flux's on the joint rows, the legacy Attention
+    running Bria's processor), each block handed its own text encoder layer."""
     torch.manual_seed(0)
     return perturbed(diffusers.BriaFiboTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -163,22 +163,36 @@ def call_fibo(seed=0, dtype=torch.float32):
                 [t.to(dtype) for t in v] if isinstance(v, list) else v) for k, v in kw.items()}
 
 
-def test_bria_fibo_double_blocks():
-    """Bria FIBO's double blocks fuse (its single blocks, which run the legacy Attention on the image tokens alone,
-    stay diffusers' own): fused equals unfused, the double blocks' kernels counted, bf16 within its rounding."""
+def test_bria_fibo():
+    """Bria FIBO's double and single blocks fuse: fused equals unfused, the kernels counted, a hooked single block
+    norm or another processor on its legacy Attention runs diffusers' forward there, bf16 within its rounding."""
+    from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
+
     model = tiny_fibo()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
     assert [type(b).__name__ for b in fused.transformer_blocks] == ["FusedBriaFiboTransformerBlock"] * 2
-    assert [type(b).__name__ for b in fused.single_transformer_blocks] == ["BriaFiboSingleTransformerBlock"] * 2
+    assert [type(b).__name__ for b in fused.single_transformer_blocks] == ["FusedBriaFiboSingleTransformerBlock"] * 2
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
     for seed in (0, 1):
         kw = call_fibo(seed)
         calls, got = count_kernels(fused, kw)
-        assert calls == {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2}
+        assert calls == PER_FORWARD
         with torch.no_grad():
             want, fp = unfused(**kw).sample, model(**kw).sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
-    half_agrees(tiny_fibo().to(torch.bfloat16), call_fibo(dtype=torch.bfloat16))
+    kw = call_fibo()
+    with torch.no_grad():
+        want = unfused(**kw).sample
+    seen = []
+    hook = fused.single_transformer_blocks[1].norm.register_forward_pre_hook(lambda *a: seen.append(1))
+    calls, got = count_kernels(fused, kw)
+    hook.remove()
+    assert seen and calls["ln"] == PER_FORWARD["ln"] - 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    another_processor_and_training(fused, fused.single_transformer_blocks[0].attn, BriaAttnProcessor, kw, want,
+                                   PER_FORWARD["ln"] - 1)
+    half_agrees(tiny_fibo().to(torch.bfloat16), call_fibo(dtype=torch.bfloat16), per_forward=PER_FORWARD)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -190,8 +204,7 @@ def test_bf16(name):
 
 @pytest.mark.gpu
 def test_bria_fibo_on_gpu():
-    gpu_fused_matches(tiny_fibo(), call_fibo(dtype=torch.bfloat16),
-                      {"ln": 2 * 4, "gelu": 2 * 2, "residual": 2 * 4, "codes_out": 2 * 2})
+    gpu_fused_matches(tiny_fibo(), call_fibo(dtype=torch.bfloat16), PER_FORWARD)
 
 
 @pytest.mark.gpu

@@ -106,6 +106,7 @@ MODELS = {
     "omnigen": _from("test_omnigen_fused", "tiny"), "wananimate2": lambda: _wananimate2(),
     "minimaxh3": _from("test_minimaxh3_fused", "tiny"), "sanawm_refiner": lambda: _sanawm_refiner(),
     "wanvace": _from("test_wan_family_fused", "tiny_vace", call="call_vace"),
+    "bria_fibo": _from("test_flux_copies_fused", "tiny_fibo", call="call_fibo"),
 }
 
 

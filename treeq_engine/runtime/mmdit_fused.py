@@ -1,7 +1,7 @@
 """Fused MMDiT blocks for packed inference: the fusions of :mod:`.diffusers_fused` for diffusers'
 ``FluxTransformerBlock`` (double stream), ``FluxSingleTransformerBlock`` and SD3's ``JointTransformerBlock``, and
-for diffusers' copies of Flux's blocks: LongCat-Image's and Bria's, and Bria FIBO's double blocks
-(``FLUX_ATTENTIONS``).
+for diffusers' copies of Flux's blocks: LongCat-Image's, Bria's and Bria FIBO's (``FLUX_ATTENTIONS``; FIBO's single
+blocks are handed the joint rows and run the legacy ``Attention`` with Bria's processor).
 
 Both take their modulation from an adaLN linear of ``silu(temb)``; ``LN`` has no affine.
 
@@ -89,6 +89,8 @@ if _bria is not None:
     FLUX_ATTENTIONS[_bria.BriaAttention] = _bria.BriaAttnProcessor
 if _fibo is not None:
     FLUX_ATTENTIONS[_fibo.BriaFiboAttention] = _fibo.BriaFiboAttnProcessor
+    # (Bria FIBO's single blocks: the legacy Attention running Bria's processor, which computes Flux's)
+    FLUX_ATTENTIONS[_fibo.Attention] = _fibo.BriaAttnProcessor
 if _ovis is not None:   # (Ovis-Image's blocks: ovis_fused)
     FLUX_ATTENTIONS[_ovis.OvisImageAttention] = _ovis.OvisImageAttnProcessor
 
@@ -126,8 +128,13 @@ def _adaln(norm: Any, kind: type, d: int) -> bool:
 
 def _flux_heads(attn: Any) -> bool:
     """``attn`` is one of ``FLUX_ATTENTIONS`` whose heads tile its projections (the fused path splits them by their
-    width, the copies' processors by their count: the same split then)."""
-    return type(attn) in FLUX_ATTENTIONS and attn.heads * attn.head_dim == attn.inner_dim
+    width, the copies' processors by their count: the same split then; the legacy ``Attention`` has no
+    ``head_dim``, and both split it by the count)."""
+    if type(attn) not in FLUX_ATTENTIONS:
+        return False
+    if "head_dim" not in attn.__dict__:
+        return attn.inner_dim % attn.heads == 0
+    return attn.heads * attn.head_dim == attn.inner_dim
 
 
 def single_width(block: nn.Module) -> int | None:
@@ -235,8 +242,10 @@ def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: 
     """``FluxAttnProcessor``'s attention of (B·S, inner) projection rows (the text's first when given), as
     (B, S_text + S, inner), with the attention mask it is handed (Chroma's); FLUX.2's processors compute the same
     (``flux2_fused``)."""
+    split = (-1, attn.head_dim) if "head_dim" in attn.__dict__ else (attn.heads, -1)   # (the legacy Attention: none)
+
     def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, -1, t.shape[-1]).unflatten(-1, (-1, attn.head_dim))
+        return t.view(b, -1, t.shape[-1]).unflatten(-1, split)
 
     query, key, value = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
     if text is not None:
@@ -336,20 +345,24 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
 def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...],
                     single: Callable[..., torch.Tensor] | None = None) -> Any:
     """The fused forward of a FLUX.1-style single block (module docstring), ``single`` its computation;
-    ``unfused(*args)`` is diffusers' own."""
+    ``unfused(*args)`` is diffusers' own. Without ``encoder_hidden_states`` (Bria FIBO's: the rows are [text; image]
+    already) it returns the rows, else (text, image)."""
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     norm, attn = block.norm, block.attn
-    if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+    joint = encoder_hidden_states is not None
+    if (block.training or attention_kwargs or hidden_states.ndim != 3 or (joint and encoder_hidden_states.ndim != 3)
             or not like_rows(hidden_states, encoder_hidden_states, temb)
             or _hooked(norm) or _hooked(norm.norm) or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp)
             or _bypassed_hook(block.proj_out) or not _flux_attention_ok(attn, joint=False)):
         return unfused(*args)
-    text = encoder_hidden_states.shape[1]
-    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1) if joint else hidden_states
     m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
     if m is None:
         return unfused(*args)
     y = (single or flux_single)(block, x, *m, image_rotary_emb)   # (looked up per call: a test replaces it)
+    if not joint:
+        return y
+    text = encoder_hidden_states.shape[1]
     return y[:, :text], y[:, text:]
 
 
@@ -456,8 +469,7 @@ if _bria is not None:
     _DOUBLE[_bria.BriaTransformerBlock] = FusedBriaTransformerBlock
 if _fibo is not None:
     class FusedBriaFiboTransformerBlock(_fibo.BriaFiboTransformerBlock):
-        """Bria FIBO's double block (Flux's; its single blocks are not) running the fused packed kernels (module
-        docstring)."""
+        """Bria FIBO's double block (Flux's) running the fused packed kernels (module docstring)."""
 
         def __init__(self, block: nn.Module) -> None:
             _adopt_checked(self, block)
@@ -467,6 +479,22 @@ if _fibo is not None:
             return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
                                                            image_rotary_emb, joint_attention_kwargs))
 
+    class FusedBriaFiboSingleTransformerBlock(_fibo.BriaFiboSingleTransformerBlock):
+        """Bria FIBO's single block (Flux's on the joint [text; image] rows it is handed, the legacy ``Attention``
+        running Bria's processor) running the fused packed kernels (module docstring)."""
+
+        def __init__(self, block: nn.Module) -> None:
+            _adopt_checked(self, block)
+
+        def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                    joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
+            def unfused(h: torch.Tensor, _: None, t: torch.Tensor, r: Any, k: dict[str, Any] | None) -> Any:
+                return _fibo.BriaFiboSingleTransformerBlock.forward(self, h, t, r, k)
+
+            return _single_forward(self, unfused, (hidden_states, None, temb, image_rotary_emb,
+                                                   joint_attention_kwargs))
+
+    _SINGLE[_fibo.BriaFiboSingleTransformerBlock] = FusedBriaFiboSingleTransformerBlock
     _DOUBLE[_fibo.BriaFiboTransformerBlock] = FusedBriaFiboTransformerBlock
 
 
@@ -535,4 +563,7 @@ def fuse_mmdit_blocks(model: nn.Module) -> int:
 
 
 for _fused in (*_SINGLE.values(), *_DOUBLE.values(), FusedJointTransformerBlock):
-    register_block(_fused, 1, 0)   # each returns (encoder_hidden_states, hidden_states), as the originals
+    if _fibo is not None and _fused is FusedBriaFiboSingleTransformerBlock:
+        register_block(_fused, 0)   # (returns the joint rows alone, as the original)
+    else:
+        register_block(_fused, 1, 0)   # each returns (encoder_hidden_states, hidden_states), as the originals
