@@ -1,8 +1,8 @@
 """Fused Motif-Video blocks (`runtime/hunyuan_fused.py`): diffusers' copies of HunyuanVideo's double- and
 single-stream blocks with an attention class of their own (the same projections and computation) and an optional
-text cross-attention (blocks with it stay unfused). The fused model equals the unfused packed one (float32, the
-reference backend: the image tokens first, the rotary embedding on them only, the prompt's padding masked), the fused
-kernels run, and what the fused path cannot reproduce runs diffusers' own forward."""
+text cross-attention (run as diffusers' module inside the fused blocks). The fused model equals the unfused packed
+one (float32, the reference backend: the image tokens first, the rotary embedding on them only, the prompt's padding
+masked), the fused kernels run, and what the fused path cannot reproduce runs diffusers' own forward."""
 import copy
 
 import pytest
@@ -79,18 +79,69 @@ def test_fused_equals_unfused(kind):
         assert count_kernels(unfused, call())[0] == {"ln": 0, "gelu": 0, "residual": 0, "codes_out": 0}
 
 
-def test_blocks_with_the_text_cross_attention_stay_unfused():
-    """With the text cross-attention on in the double and the encoder's single blocks, those run diffusers' forward
-    (left as they are); the decoder's single blocks, without it, fuse; the model equals the unfused one."""
-    model = tiny(num_single_layers=3, num_decoder_layers=1, enable_text_cross_attention_dual=True,
-                 enable_text_cross_attention_single=True)
+def cross(**config):
+    """Motif-Video-2B's layout in small: the text cross-attention in the double and the encoder's single blocks,
+    a decoder single block without it; an image embedder for image to video."""
+    return tiny(num_single_layers=3, num_decoder_layers=1, enable_text_cross_attention_dual=True,
+                enable_text_cross_attention_single=True, image_embed_dim=8, **config)
+
+
+@pytest.mark.parametrize("kind", ["W4A8", "mixed"])
+def test_blocks_with_the_text_cross_attention(kind):
+    """The text cross-attention (on the double block's projected attention output, the single blocks' raw one, and
+    the normalized text) runs as diffusers' module inside the fused blocks: every block fuses, fused equals unfused
+    for text and image to video (the image embedding's tokens before the text), the kernels counted, and the
+    cross-attention matters (zeroing its output projection moves the output)."""
+    model = cross()
+    plan = QuantPlan.block_uniform(model, 4, 8)
+    if kind == "mixed":
+        plan = mixed(model).with_layer("transformer_blocks.0.attn.to_out.0", LayerConfig(16, 16)) \
+            .with_layer("transformer_blocks.0.cross_attn.to_q", LayerConfig(16, 16))
+    unfused, fused = pair(model, plan)
+    assert [type(b).__name__ for b in blocks(fused)] == ["FusedMotifVideoTransformerBlock"] + \
+        ["FusedMotifVideoSingleTransformerBlock"] * 3
+    g = torch.Generator().manual_seed(5)
+    image = dict(call(seed=2), image_embeds=torch.randn(2, 3, 8, generator=g))
+    for kw in (call(), call(n=3, frames=1, hw=(8, 12), text=7, seed=1, padded=False), image):
+        with torch.no_grad():
+            want, got, fp = unfused(**kw).sample, fused(**kw).sample, model(**kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < float((got - fp).norm() / fp.norm()) < 0.15
+    if kind == "W4A8":
+        per_forward = {"ln": 1 * 4 + 3 * 1, "gelu": 1 * 2 + 3 * 1, "residual": 1 * 3 + 3 * 1, "codes_out": 1 * 2}
+        calls, got = count_kernels(fused, image)   # (the double block's to_out without its residual epilogue)
+        assert calls == per_forward
+        for m in (unfused, fused):
+            for b in (m.transformer_blocks[0], m.single_transformer_blocks[0]):
+                b.cross_attn.to_out[0] = torch.nn.Linear(16, 16)
+                for t in b.cross_attn.to_out[0].parameters():
+                    torch.nn.init.zeros_(t)
+        with torch.no_grad():
+            dropped = fused(**image).sample
+            torch.testing.assert_close(dropped, unfused(**image).sample, rtol=1e-5, atol=1e-5)
+        assert float((dropped - got).norm() / got.norm()) > 1e-3
+
+
+def test_the_cross_attention_runs_as_the_module():
+    """A hook on a cross-attention fires as often as in diffusers, on inputs of the same shapes, while its block
+    stays fused; a hooked double-block norm runs that block's diffusers forward."""
+    model = cross()
     unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
-    assert [type(b).__name__ for b in blocks(fused)] == ["MotifVideoTransformerBlock"] + \
-        ["MotifVideoSingleTransformerBlock"] * 2 + ["FusedMotifVideoSingleTransformerBlock"]
-    calls, got = count_kernels(fused, call())
-    assert calls["ln"] == 1
-    with torch.no_grad():
-        torch.testing.assert_close(got, unfused(**call()).sample, rtol=1e-5, atol=1e-5)
+    kw = call()
+    seen = {"unfused": [], "fused": []}
+    for name, m in (("unfused", unfused), ("fused", fused)):
+        hooks = [b.cross_attn.register_forward_pre_hook(
+            lambda mod, a, k, name=name: seen[name].append(tuple(k["hidden_states"].shape)), with_kwargs=True)
+            for b in (m.transformer_blocks[0], *m.single_transformer_blocks[:2])]
+        calls, out = count_kernels(m, kw)
+        for h in hooks:
+            h.remove()
+    assert seen["fused"] == seen["unfused"] and len(seen["fused"]) == 3 and calls["ln"] == 7
+    h = fused.transformer_blocks[0].norm2.register_forward_pre_hook(lambda *a: None)
+    calls, got = count_kernels(fused, kw)
+    h.remove()
+    assert calls["ln"] == 7 - 4
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
 
 
 def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
@@ -119,6 +170,8 @@ def test_what_the_fused_path_cannot_run_runs_diffusers_forward():
 
 def test_bf16():
     half_agrees(tiny().to(torch.bfloat16), call(dtype=torch.bfloat16))
+    half_agrees(cross().to(torch.bfloat16), call(dtype=torch.bfloat16),
+                per_forward={"ln": 7, "gelu": 5, "residual": 6, "codes_out": 2})
 
 
 @pytest.mark.gpu

@@ -18,8 +18,10 @@ a swapped block runs diffusers' own forward in training mode, when its attention
 projections, when a norm, the attention or a projection carries a hook, on other input ranks or without text.
 HunyuanVideo FramePack's blocks are these classes and fuse too (tested); HunyuanImage 2.1's are diffusers' copies
 of them (the double block's rotary argument renamed ``image_rotary_emb``, its processor computing HunyuanVideo's)
-and fuse alike; HunyuanVideo-I2V's token-replace blocks, and the token refiners' blocks, stay unfused. The state dict
-is unchanged.
+and fuse alike; Motif-Video's are copies too, with an optional text cross-attention that runs as diffusers' module
+on what diffusers hands it (the double block's projected image attention output, the single block's raw one, the
+normalized text). HunyuanVideo-I2V's token-replace blocks, and the token refiners' blocks, stay unfused. The state
+dict is unchanged.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ except ImportError:
 from .diffusers_fused import (_bypassed_hook, _feed_forward, _forward_wrapped, _hooked, _plain_layer_norm,
                               adopt_checked, dispatch_kwargs, joint_attention_ok, like_rows, refuse_fused_projections,
                               register_block, swap_blocks)
+from .linear import runs_packed_kernels as _quantized
 from .mmdit_fused import _adaln, _gelu_tanh, _modulation, flux_double, flux_linears, flux_single
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -106,11 +109,18 @@ def _attention_ok(attn: Any, joint: bool, processor: type = HunyuanVideoAttnProc
             and not any(_bypassed_hook(m[n]) for n in PROJECTIONS))
 
 
+def _cross_ok(block: nn.Module) -> bool:
+    """``block`` has no text cross-attention, or Motif-Video's (run as the module, on the inputs diffusers hands
+    it)."""
+    cross = getattr(block, "cross_attn", None)
+    return cross is None or (_motif is not None and type(cross) is _motif.MotifVideoCrossAttention)
+
+
 def _double_supported(block: nn.Module, kind: type[Any] = HunyuanVideoTransformerBlock) -> bool:
     """``block`` is a double-stream block of class ``kind`` in the structure diffusers builds (HunyuanVideo 1.5's
     are alike: ``hunyuan15_fused``)."""
-    if type(block) is not kind or _forward_wrapped(block) or getattr(block, "cross_attn", None) is not None:
-        return False   # (Motif-Video's optional text cross-attention: diffusers' forward)
+    if type(block) is not kind or _forward_wrapped(block) or not _cross_ok(block):
+        return False
     d = block.norm2.normalized_shape[0] if isinstance(block.norm2, nn.LayerNorm) else None
     return (d is not None and _plain_layer_norm(block.norm2, d) and _plain_layer_norm(block.norm2_context, d)
             and _feed_forward(block.ff, d) and _feed_forward(block.ff_context, d)
@@ -119,7 +129,7 @@ def _double_supported(block: nn.Module, kind: type[Any] = HunyuanVideoTransforme
 
 
 def _single_supported(block: nn.Module) -> bool:
-    if type(block) not in _SINGLE or _forward_wrapped(block) or getattr(block, "cross_attn", None) is not None:
+    if type(block) not in _SINGLE or _forward_wrapped(block) or not _cross_ok(block):
         return False
     d = getattr(block.proj_out, "out_features", None)
     return (isinstance(d, int) and _gelu_tanh(block.act_mlp) and _adaln(block.norm, AdaLayerNormZeroSingle, d)
@@ -162,9 +172,49 @@ def _single_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
     if m is None:
         return unfused(*call, **kwargs)
-    y = flux_single(block, x, *m, image_rotary_emb, attention_mask,
-                    attention=functools.partial(_attention, text_rows=text), clip_fp16=False)
+    attention: Callable[..., torch.Tensor] = functools.partial(_attention, text_rows=text)
+    cross = getattr(block, "cross_attn", None)
+    if cross is not None:   # Motif-Video's: the image rows' attention output plus the cross-attention's of it
+        mod = m[0]
+        context = norm.norm(c) * (1 + mod[:, 1:2]) + mod[:, 0:1]   # (its text rows normalized, as diffusers')
+
+        def attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, rotary: Any,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+            o = _attention(attn, q, k, v, b, rotary, mask=mask, text_rows=text)
+            image = o[:, :-text]
+            image = image + cross(hidden_states=image, encoder_hidden_states=context, attention_mask=mask,
+                                  image_rotary_emb=rotary, image_embed_seq_len=_image_embed_seq_len(call, kwargs))
+            return torch.cat([image, o[:, -text:]], dim=1)
+
+    y = flux_single(block, x, *m, image_rotary_emb, attention_mask, attention=attention, clip_fp16=False)
     return y[:, :-text], y[:, -text:]
+
+
+def _image_embed_seq_len(call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Motif-Video's ``image_embed_seq_len`` argument (the image embedding's tokens before the text), as called."""
+    return call[5] if len(call) > 5 else kwargs.get("image_embed_seq_len", 0)
+
+
+def _cross_image_out(block: Any, context: torch.Tensor, b: int, mod: torch.Tensor, mask: torch.Tensor | None,
+                     rotary: Any, seq_len: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Motif-Video's double block after its attention, as diffusers computes it: ``h + gate_msa · to_out(o)``, then
+    the cross-attention of ``to_out(o)`` and the normalized text ``context`` added (to_out by the kernels where it
+    is packed, its output kept for the cross-attention, the sums in the rows' dtype)."""
+    proj = block.attn.to_out[0]
+
+    def image_out(oh: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+        t = h2.shape[0] // b if b else 0
+        if _quantized(proj):   # (not hooked: _attention_ok)
+            out = proj.linear(proj.quantize_input(oh.reshape(-1, oh.shape[-1]).contiguous()), out_dtype=h2.dtype)
+            out = out.view(b, t, -1)
+        else:
+            out = proj(oh.reshape(b, t, oh.shape[-1]))
+        h = h2.view(b, t, -1) + out * mod[:, 2:3]
+        h = h + block.cross_attn(hidden_states=out, encoder_hidden_states=context, attention_mask=mask,
+                                 image_rotary_emb=rotary, image_embed_seq_len=seq_len)
+        return h.reshape(h2.shape)
+
+    return image_out
 
 
 def _double_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -179,8 +229,14 @@ def _double_forward(block: Any, unfused: Callable[..., Any], call: tuple[Any, ..
     m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
     if m is None or mc is None:
         return unfused(*call, **kwargs)
+    image_out = None
+    if getattr(block, "cross_attn", None) is not None:   # Motif-Video's text cross-attention
+        cmod = mc[0]
+        context = n1c.norm(c) * (1 + cmod[:, 1:2]) + cmod[:, 0:1]   # (the normalized text, as diffusers')
+        image_out = _cross_image_out(block, context, b, m[0], attention_mask, rotary,
+                                     _image_embed_seq_len(call, kwargs))
     c, h = flux_double(block, h, c, m, mc, rotary, attention_mask, attention=_attention, text_first=False,
-                       clip_fp16=False)
+                       clip_fp16=False, image_out=image_out)
     return h, c
 
 
@@ -249,8 +305,8 @@ if _image is not None:
 _ATTENTIONS: dict[type, type] = {}
 if _motif is not None:
     class FusedMotifVideoSingleTransformerBlock(_motif.MotifVideoSingleTransformerBlock):
-        """Motif-Video's single-stream block running the fused packed kernels (module docstring); with its text
-        cross-attention (``enable_text_cross_attention``) it is not swapped."""
+        """Motif-Video's single-stream block running the fused packed kernels (module docstring); its text
+        cross-attention (``enable_text_cross_attention``) runs as the module on the image rows' attention output."""
 
         def __init__(self, block: nn.Module) -> None:
             _adopt_checked(self, block)
@@ -262,8 +318,8 @@ if _motif is not None:
                                                            attention_mask, image_rotary_emb, *args), kwargs)
 
     class FusedMotifVideoTransformerBlock(_motif.MotifVideoTransformerBlock):
-        """Motif-Video's double-stream block running the fused packed kernels (module docstring); with its text
-        cross-attention it is not swapped."""
+        """Motif-Video's double-stream block running the fused packed kernels (module docstring); its text
+        cross-attention runs as the module on the image stream's projected attention output."""
 
         def __init__(self, block: nn.Module) -> None:
             _adopt_checked(self, block)

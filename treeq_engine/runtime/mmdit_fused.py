@@ -314,12 +314,17 @@ def flux_single(block: Any, x: torch.Tensor, mod: torch.Tensor, m32: torch.Tenso
 def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
                 mc: tuple[torch.Tensor, torch.Tensor], rotary: Any, mask: torch.Tensor | None = None, *,
                 attention: Callable[..., torch.Tensor] | None = None, text_first: bool = True,
-                clip_fp16: bool = True, ff: Callable[..., torch.Tensor] = _ff) -> tuple[torch.Tensor, torch.Tensor]:
+                clip_fp16: bool = True, ff: Callable[..., torch.Tensor] = _ff,
+                image_out: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A FLUX.1-style double block (Flux's, Chroma's; HunyuanVideo's with its ``attention``, whose output has the
     image tokens first: not ``text_first``) on the image tokens ``h`` and text ``c`` with each stream's modulation
     ``(mod (B, 6, D), m32 (6, B, D) float32)``: the fused kernels' computation; ``(c, h)``, the text clipped to
     float16's range in float16 where the original block clips (``clip_fp16``). ``ff``: the feed-forwards' gated
-    residual (``_ff``'s arguments: GELU(tanh) feed-forwards; Ovis-Image's are SwiGLU)."""
+    residual (``_ff``'s arguments: GELU(tanh) feed-forwards; Ovis-Image's are SwiGLU). ``image_out``: the image
+    stream's step after the attention, given its (B, T, inner) attention output and the (B·T, D) rows, giving the
+    rows (Motif-Video's, whose cross-attention reads the projected output); by default ``to_out`` with the gated
+    residual in its epilogue."""
     attention = attention or _attention
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
     (mod, m32), (cmod, c32) = m, mc
@@ -334,7 +339,7 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
                           shift=c32[0], scale=c32[1])
     o = attention(attn, q, k, v, b, rotary, (eq, ek, ev), mask=mask)
     oc, oh = o.split_with_sizes([text, t], dim=1) if text_first else o.split_with_sizes([t, text], dim=1)[::-1]
-    h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3])
+    h2 = _gated_out(attn.to_out[0], oh, h2, b, m32[2], mod[:, 2:3]) if image_out is None else image_out(oh, h2)
     c2 = _gated_out(attn.to_add_out, oc, c2, b, c32[2], cmod[:, 2:3])
     h2 = ff(block.ff, block.norm2, h2, b, mod, m32)
     c2 = ff(block.ff_context, block.norm2_context, c2, b, cmod, c32)
