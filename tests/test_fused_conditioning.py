@@ -107,6 +107,7 @@ MODELS = {
     "minimaxh3": _from("test_minimaxh3_fused", "tiny"), "sanawm_refiner": lambda: _sanawm_refiner(),
     "wanvace": _from("test_wan_family_fused", "tiny_vace", call="call_vace"),
     "bria_fibo": _from("test_flux_copies_fused", "tiny_fibo", call="call_fibo"),
+    "motif_video-cross": _from("test_motif_video_fused", "cross"),
 }
 
 
