@@ -1,6 +1,7 @@
 """Any diffusers model packs: SD3, Flux and Sana transformers (tiny random configs, offline) take a uniform plan
 through `treeq quantize --diffusers`, load back from the artifact, and sample in their pipeline; a model the search
 cannot cut (an autoencoder) is refused by search and PTQ with a message that says what it cuts."""
+import copy
 import json
 import os
 
@@ -17,6 +18,8 @@ from treeq_engine.cli import main  # noqa: E402
 from treeq_engine.models.diffusers_transformers import load_transformer, rebuild  # noqa: E402
 from treeq_engine.plan import QuantPlan, is_block_layer  # noqa: E402
 from treeq_engine.runtime import TreeQPointwiseConv, artifact, quantize, treeq_layers  # noqa: E402
+from treeq_engine.runtime.cli import describe_fusion  # noqa: E402
+from treeq_engine.runtime.convert import fusion_report  # noqa: E402
 
 MODELS = pack_only_models()
 
@@ -26,7 +29,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_uniform_plan_packs_and_loads(name, tmp_path):
+def test_uniform_plan_packs_and_loads(name, tmp_path, capsys):
     model, kw = MODELS[name]
     d = tmp_path / name
     model.save_pretrained(d)
@@ -45,6 +48,11 @@ def test_uniform_plan_packs_and_loads(name, tmp_path):
 
     art = tmp_path / "art"
     assert main(["quantize", "--diffusers", str(d), "--uniform", "W4A8", "--dtype", "bfloat16", "--out", str(art)]) == 0
+    said = capsys.readouterr().out   # (which blocks run fused, which layers outside them)
+    fused = quantize(copy.deepcopy(model), plan)
+    report = fusion_report(fused)
+    assert report["blocks"] and report["packed"] == len(plan.layers) and describe_fusion(report) in said
+    assert all(not is_block_layer(n) for n in report["outside"])   # (the blocks' layers all run in fused blocks)
     man = artifact.read_manifest(art)
     assert man["model_config"]["class"] == type(model).__name__
     loaded = artifact.load(art, rebuild(man["model_config"]))

@@ -74,7 +74,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from . import artifact
-    from .convert import memory_report, quantize
+    from .convert import fusion_report, memory_report, quantize
 
     if args.diffusers:
         from ..models.diffusers_transformers import load_transformer
@@ -140,7 +140,22 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"packed {len(plan.layers)} layers in {time.perf_counter() - t0:.1f} s -> {out}")
     print(f"linear weights: {rep['packed_bytes'] / 2**20:.2f} MiB packed vs {rep['bf16_bytes'] / 2**20:.2f} MiB bf16 "
           f"({rep['ratio']:.3f}x)")
+    print(describe_fusion(fusion_report(model)))
     return 0
+
+
+def describe_fusion(report: dict) -> str:
+    """``fusion_report``'s counts in a line: how many blocks run fused, of which classes, and how many layers with
+    quantized activations run outside them (each quantizing its own input)."""
+    blocks, outside = report["blocks"], report["outside"]
+    if not blocks:
+        return (f"fused blocks: none (no fused class handles this model's blocks, or nothing in them quantizes its "
+                f"activations): each of the {report['packed']} layers with quantized activations quantizes its own "
+                f"input")
+    kinds = ", ".join(f"{c} {n}" for n, c in sorted(blocks.items()))
+    e_g = f", e.g. {outside[:3]}" if outside else ""
+    return (f"fused blocks: {sum(blocks.values())} ({kinds}); {len(outside)} of the {report['packed']} layers with "
+            f"quantized activations run outside them, each quantizing its own input{e_g}")
 
 
 def load_artifact_model(path: str, device: str = "cpu"):

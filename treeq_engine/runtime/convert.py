@@ -346,6 +346,24 @@ def treeq_layers(model: nn.Module) -> dict[str, TreeQLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TreeQLinear)}
 
 
+def fusion_report(model: nn.Module) -> dict[str, Any]:
+    """What of ``model`` runs fused: ``blocks``, each fused block class's name with its count; ``packed``, the
+    packed layers with quantized activations; ``outside``, the names of those outside fused blocks, which quantize
+    their own input (embedders, output projections, blocks no fused class handles)."""
+    from collections import Counter
+
+    from .linear import runs_packed_kernels
+
+    blocks: Counter = Counter()
+    inside: set[int] = set()
+    for mod in model.modules():
+        if type(mod).__name__.startswith("Fused") and mod is not model:
+            blocks[type(mod).__name__] += 1
+            inside.update(id(m) for m in mod.modules())
+    packed = [(n, m) for n, m in model.named_modules() if runs_packed_kernels(m)]
+    return {"blocks": dict(blocks), "packed": len(packed), "outside": [n for n, m in packed if id(m) not in inside]}
+
+
 def memory_report(model: nn.Module) -> dict[str, Any]:
     """Bytes of linear weights: packed layers vs what they would take in bf16."""
     packed = sum(m.weight_bytes() for m in treeq_layers(model).values())
