@@ -192,7 +192,36 @@ def test_bria_fibo():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     another_processor_and_training(fused, fused.single_transformer_blocks[0].attn, BriaAttnProcessor, kw, want,
                                    PER_FORWARD["ln"] - 1)
+    fused.eval()
+    fused.single_transformer_blocks[0].attn.set_processor(BriaAttnProcessor())
+
+    # the pipeline's padding mask (a prompt shorter than the other's), handed to every block's attention: fused too
+    mask = torch.ones(2, 8 + 16, dtype=torch.bool)
+    mask[0, 5:8] = False
+    masked = dict(kw, joint_attention_kwargs={"attention_mask": mask[:, None, None, :]})
+    calls, got = count_kernels(fused, masked)
+    with torch.no_grad():
+        want = unfused(**masked).sample
+    assert calls == PER_FORWARD
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((got - fused(**kw).sample).norm() / got.norm()) > 1e-3   # (the mask matters)
+    calls, got = count_kernels(fused, dict(kw, joint_attention_kwargs={"ip_hidden_states": None}))
+    assert calls["ln"] == 0   # (other keyword arguments: diffusers' forward)
+    with torch.no_grad():
+        torch.testing.assert_close(got, unfused(**kw).sample, rtol=1e-5, atol=1e-5)
     half_agrees(tiny_fibo().to(torch.bfloat16), call_fibo(dtype=torch.bfloat16), per_forward=PER_FORWARD)
+
+
+@pytest.mark.parametrize("name", ["Flux"] + NAMES)
+def test_a_single_block_handed_no_text_raises_as_diffusers(name):
+    """Only Bria FIBO's single blocks take the joint rows alone; Flux's and its copies' raise on no text, fused or
+    not (the fused path does not read the image rows as joint ones)."""
+    model = flux_model(True) if name == "Flux" else tiny(name)
+    unfused, fused = pair(model, QuantPlan.block_uniform(model, 4, 8))
+    args = (torch.randn(2, 24, 16), None, torch.randn(2, 16))
+    for m in (unfused, fused):
+        with pytest.raises(AttributeError, match="NoneType"), torch.no_grad():
+            m.single_transformer_blocks[0](*args)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -202,11 +202,16 @@ def _same(unfused_block, fused_block, args, kwargs, what, tol):
         assert err < tol, f"{what}: relative error {err:.3g}"
 
 
+# blocks whose rows are not their first argument: WanVACE's control blocks run on control_hidden_states (the main
+# rows, the first argument, are what their input projection adds to them: conditioning)
+ROWS = {"FusedWanVACETransformerBlock": ("a", 2)}
+
+
 def _variants(block, args, kwargs, change):
     """(what, args, kwargs) with one conditioning input at a time changed by ``change`` (None: left out), then all
     of them at once (DiT's timestep and class labels broadcast only together)."""
     params = list(inspect.signature(type(block).forward).parameters)[1:]
-    rows_at = ("k", "hidden_states") if "hidden_states" in kwargs else ("a", 0)
+    rows_at = ROWS.get(type(block).__name__) or (("k", "hidden_states") if "hidden_states" in kwargs else ("a", 0))
     rows = kwargs["hidden_states"] if rows_at[0] == "k" else args[0]
     places = [("a", i) for i in range(len(args))] + [("k", k) for k in kwargs]
     every_a, every_k = list(args), dict(kwargs)

@@ -347,37 +347,53 @@ def flux_double(block: Any, h: torch.Tensor, c: torch.Tensor, m: tuple[torch.Ten
     return (cv.clip(-65504, 65504) if clip_fp16 and cv.dtype == torch.float16 else cv), h2.view(b, t, d)
 
 
+def _kwargs_mask(attention_kwargs: dict[str, Any] | None, masked: bool) -> tuple[bool, torch.Tensor | None]:
+    """Whether the fused path computes a call with the attention's keyword arguments ``attention_kwargs`` (none; or,
+    with ``masked``, an ``attention_mask`` alone, which Bria FIBO's processors hand the attention as it is), and
+    that mask."""
+    if not attention_kwargs:
+        return True, None
+    if masked and set(attention_kwargs) == {"attention_mask"}:
+        return True, attention_kwargs["attention_mask"]
+    return False, None
+
+
 def _single_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...],
-                    single: Callable[..., torch.Tensor] | None = None) -> Any:
+                    single: Callable[..., torch.Tensor] | None = None, *, joint_rows: bool = False,
+                    masked: bool = False) -> Any:
     """The fused forward of a FLUX.1-style single block (module docstring), ``single`` its computation;
-    ``unfused(*args)`` is diffusers' own. Without ``encoder_hidden_states`` (Bria FIBO's: the rows are [text; image]
-    already) it returns the rows, else (text, image)."""
+    ``unfused(*args)`` is diffusers' own. ``joint_rows``: the block is handed the rows [text; image] already, no
+    ``encoder_hidden_states`` (Bria FIBO's), and returns them; else it returns (text, image). ``masked``: an
+    ``attention_mask`` in the keyword arguments is the attention's (``_kwargs_mask``)."""
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     norm, attn = block.norm, block.attn
-    joint = encoder_hidden_states is not None
-    if (block.training or attention_kwargs or hidden_states.ndim != 3 or (joint and encoder_hidden_states.ndim != 3)
+    ok, mask = _kwargs_mask(attention_kwargs, masked)
+    if (block.training or not ok or hidden_states.ndim != 3
+            or (not joint_rows and (encoder_hidden_states is None or encoder_hidden_states.ndim != 3))
             or not like_rows(hidden_states, encoder_hidden_states, temb)
             or _hooked(norm) or _hooked(norm.norm) or _hooked(block.act_mlp) or _bypassed_hook(block.proj_mlp)
             or _bypassed_hook(block.proj_out) or not _flux_attention_ok(attn, joint=False)):
         return unfused(*args)
-    x = torch.cat([encoder_hidden_states, hidden_states], dim=1) if joint else hidden_states
+    x = hidden_states if joint_rows else torch.cat([encoder_hidden_states, hidden_states], dim=1)
     m = _modulation(norm, temb, x.shape[0], 3, x.shape[2])
     if m is None:
         return unfused(*args)
-    y = (single or flux_single)(block, x, *m, image_rotary_emb)   # (looked up per call: a test replaces it)
-    if not joint:
+    y = (single or flux_single)(block, x, *m, image_rotary_emb, mask)   # (looked up per call: a test replaces it)
+    if joint_rows:
         return y
     text = encoder_hidden_states.shape[1]
     return y[:, :text], y[:, text:]
 
 
 def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ...],
-                    double: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+                    double: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+                    masked: bool = False) -> Any:
     """The fused forward of a FLUX.1-style double block (module docstring), ``double`` its computation;
-    ``unfused(*args)`` is diffusers' own."""
+    ``unfused(*args)`` is diffusers' own. ``masked``: as ``_single_forward``'s."""
     hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs = args
     n1, n1c, attn = block.norm1, block.norm1_context, block.attn
-    if (block.training or attention_kwargs or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
+    ok, mask = _kwargs_mask(attention_kwargs, masked)
+    if (block.training or not ok or hidden_states.ndim != 3 or encoder_hidden_states.ndim != 3
             or not like_rows(hidden_states, encoder_hidden_states, temb)
             or any(_hooked(n) for n in (n1, n1.norm, n1c, n1c.norm, block.norm2, block.norm2_context))
             or not _flux_attention_ok(attn, joint=True)):
@@ -386,7 +402,7 @@ def _double_forward(block: Any, unfused: Callable[..., Any], args: tuple[Any, ..
     m, mc = _modulation(n1, temb, b, 6, d), _modulation(n1c, temb, b, 6, d)
     if m is None or mc is None:
         return unfused(*args)
-    return (double or flux_double)(block, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb)
+    return (double or flux_double)(block, hidden_states, encoder_hidden_states, m, mc, image_rotary_emb, mask)
 
 
 def _adopt_checked(new: nn.Module, block: nn.Module) -> None:
@@ -482,7 +498,7 @@ if _fibo is not None:
         def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                     image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None) -> Any:
             return _double_forward(self, super().forward, (hidden_states, encoder_hidden_states, temb,
-                                                           image_rotary_emb, joint_attention_kwargs))
+                                                           image_rotary_emb, joint_attention_kwargs), masked=True)
 
     class FusedBriaFiboSingleTransformerBlock(_fibo.BriaFiboSingleTransformerBlock):
         """Bria FIBO's single block (Flux's on the joint [text; image] rows it is handed, the legacy ``Attention``
@@ -497,7 +513,7 @@ if _fibo is not None:
                 return _fibo.BriaFiboSingleTransformerBlock.forward(self, h, t, r, k)
 
             return _single_forward(self, unfused, (hidden_states, None, temb, image_rotary_emb,
-                                                   joint_attention_kwargs))
+                                                   joint_attention_kwargs), joint_rows=True, masked=True)
 
     _SINGLE[_fibo.BriaFiboSingleTransformerBlock] = FusedBriaFiboSingleTransformerBlock
     _DOUBLE[_fibo.BriaFiboTransformerBlock] = FusedBriaFiboTransformerBlock
