@@ -44,6 +44,18 @@ def test_malformed_plan_fields(changes, match):
         QuantPlan.from_json(plan_text(**changes))
 
 
+def test_layer_names_must_be_strings():
+    """``QuantPlan.uniform`` takes names; handed a model it iterates its children: a PlanError saying so, not an
+    AttributeError from the validation's name matching later."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(PlanError, match="layer names must be the model's module names .* got a Linear"):
+        QuantPlan.uniform(model, 4, 8)
+    with pytest.raises(PlanError, match="got a int"):
+        QuantPlan({3: LayerConfig(4, 8)})
+
+
 def test_duplicate_keys_deep_nesting_and_bytes(tmp_path):
     text = plan_text().replace('"b": {"w_bits": 8', '"a": {"w_bits": 8')   # layer "a" configured twice
     with pytest.raises(PlanError, match="key 'a' appears twice"):

@@ -142,6 +142,10 @@ class QuantPlan:
 
     def __post_init__(self) -> None:
         for name, cfg in self.layers.items():
+            if not isinstance(name, str):   # (QuantPlan.uniform(model, ...) iterates a module's children)
+                raise PlanError(f"layer names must be the model's module names (str), got a "
+                                f"{type(name).__name__}: {name!r:.80}; QuantPlan.block_uniform(model, ...) takes "
+                                f"the model itself")
             if not isinstance(cfg, LayerConfig):
                 raise PlanError(f"layer {name!r}: expected a LayerConfig, got {type(cfg).__name__}")
         object.__setattr__(self, "layers", types.MappingProxyType(dict(self.layers)))
