@@ -182,7 +182,7 @@ def variants(args: argparse.Namespace, device: str):
             setattr(m.get_submodule(parent) if parent else m, child, Fp8RowwiseLinear(lin))
         return torch.compile(m, mode=args.compile_mode), None
 
-    def treeq(plan_fn, residual_in_epilogue: bool = True):
+    def treeq(plan_fn, residual_in_epilogue: bool = True, compile_: bool = False):
         def build():
             m = random_dit(args.config, device, dtype)
             plan = plan_fn(m)
@@ -193,7 +193,8 @@ def variants(args: argparse.Namespace, device: str):
                 for b in q.blocks:
                     if isinstance(b, FusedDiTBlock):
                         b.proj_residual = b.fc2_residual = False
-            return q, plan
+            # (compiled: the packed layers trace whole, their kernels custom ops; compile fuses what lies between)
+            return (torch.compile(q, mode=args.compile_mode) if compile_ else q), plan
         return build
 
     out = [("bf16 eager", bf16(False))]
@@ -202,6 +203,8 @@ def variants(args: argparse.Namespace, device: str):
     out += [(f"TreeQ {p}", treeq(lambda m, p=p: uniform(m, *map(int, p[1:].split("A"))))) for p in args.uniform]
     out.append(("TreeQ mixed ~W4A4 (hand-made)", treeq(mixed_w4a4)))
     out.append(("TreeQ W4A4, gated residual not fused (A/B)", treeq(lambda m: uniform(m, 4, 4), False)))
+    if device == "cuda" and not args.no_compile:
+        out.append(("TreeQ W4A4 + torch.compile", treeq(lambda m: uniform(m, 4, 4), compile_=True)))
     if args.plan:
         out.append((f"TreeQ plan {Path(args.plan).name}", treeq(lambda m: QuantPlan.load(args.plan))))
     return out

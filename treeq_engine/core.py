@@ -32,6 +32,7 @@ def _import() -> tuple[ModuleType | None, str]:
     return _C, ""
 
 
+@torch.compiler.assume_constant_result   # (torch.compile takes the answer as is: importing is no graph op)
 def available() -> bool:
     return _import()[0] is not None
 

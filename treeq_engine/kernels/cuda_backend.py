@@ -43,6 +43,7 @@ _X_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int32: 3}
 
 
+@torch.compiler.assume_constant_result   # (torch.compile takes the answer as is)
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Core built with CUDA, and a CUDA device present to torch and to the core."""

@@ -126,19 +126,23 @@ def build_operands(weight: PackedWeight, device: torch.device) -> FragWeight:
 
 
 def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                col_sum: torch.Tensor, bits: int, n: int, k: int) -> FragWeight:
+                col_sum: torch.Tensor, bits: int, n: int, k: int, *, shared: bool = False) -> FragWeight:
     """The :class:`FragWeight` of codes already held in fragment layout (``words``, ``row_chan``) with the weight's
     own scale, zero point and column sums (the holder caches it: ``TreeQLinear.packed_weight``).
 
     The kernels index scales, corrections and output columns by ``row_chan``'s values, so it must be the layout's
     own map: the shared ``tile_rows_on`` tensor is taken as is, any other is compared with it once, here (a host
-    read; never in a launch, which may be under CUDA-graph capture), and replaced by it."""
+    read; never in a launch, which may be under CUDA-graph capture), and replaced by it. ``shared``: the caller
+    vouches that ``row_chan`` is ``tile_rows_on``'s tensor (under ``torch.compile``, which cannot call the core
+    that builds it, the holder hands the one it took eagerly)."""
     uzp, ucs = u_domain(zero_point, col_sum, bits, k)
-    shared = tile_rows_on(n, words.device)
-    if row_chan is not shared:
+    if shared:
+        return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)
+    shared_map = tile_rows_on(n, words.device)
+    if row_chan is not shared_map:
         if not isinstance(row_chan, torch.Tensor) or not torch.equal(row_chan.cpu(), tile_rows(n)):
             raise ValueError("fragment-layout row_chan is not the layout's channel map (cuda_layout.tile_rows(N))")
-        row_chan = shared
+        row_chan = shared_map
     return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)
 
 

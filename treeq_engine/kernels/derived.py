@@ -26,7 +26,10 @@ def stamp(t: torch.Tensor) -> tuple:
 
 def derived(anchor: torch.Tensor, key: Hashable, deps: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
     """``build()``'s result for ``(anchor, key)``, reused while ``deps`` (anchor included if it matters) are
-    unchanged."""
+    unchanged. Under ``torch.compile`` the build is traced into the graph instead (a cache lookup is no graph op,
+    and the compiled graph then holds the conversion itself)."""
+    if torch.compiler.is_compiling():
+        return build()
     per_anchor = _CACHE.get(anchor)
     if per_anchor is None:
         per_anchor = _CACHE[anchor] = {}

@@ -224,8 +224,10 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         n = self.embedding_table.num_embeddings
-        # Checked on CPU only: on a GPU the check would cost a host sync per forward.
-        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        # Checked on CPU only: on a GPU the check would cost a host sync per forward (and not while torch.compile
+        # traces: its graph has no Python branch on values).
+        if (labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel()
+                and (int(labels.min()) < 0 or int(labels.max()) >= n)):
             raise ValueError(f"class labels must be in [0, {n - 1}] (the last is the null class), got range "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         return self.embedding_table(labels)

@@ -238,7 +238,10 @@ def run_length(tables: Iterable[torch.Tensor]) -> int:
 
     While a CUDA graph is captured, 1: the runs are read off the values, which the capture cannot wait for, and a
     graph replays with other values (another step's timesteps may merge or split the runs), so it takes a group per
-    row, right for any values (the kernels then read a modulation row per token)."""
+    row, right for any values (the kernels then read a modulation row per token). So under ``torch.compile`` too,
+    whose graph has no shape that depends on values."""
+    if torch.compiler.is_compiling():
+        return 1
     s, changed = 0, None
     for t in tables:
         if changed is None:
@@ -280,7 +283,10 @@ def _drop_dead(key: tuple[int, ...]) -> None:
 
 def once_per_forward(tensors: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
     """``compute()``, once for these very ``tensors`` as long as they live unmodified (see ``_ONCE``); the result is
-    let go when the first of them dies (the forward's end), not held until the next forward."""
+    let go when the first of them dies (the forward's end), not held until the next forward. Under
+    ``torch.compile``: computed each time (its graph holds the computation, no lookup)."""
+    if torch.compiler.is_compiling():
+        return compute()
     key = tuple(id(t) for t in tensors)
     hit = _ONCE.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == _versions(tensors):

@@ -114,7 +114,7 @@ class TreeQLinear(nn.Module):
     # -- math ------------------------------------------------------------------------------------
     def packed_weight(self) -> PackedWeight:
         """The layer's weight operand, built (and checked) once and reused while its buffers are unchanged: this
-        runs on every forward."""
+        runs on every forward. (Under ``torch.compile`` it is built in the graph: ``derived``.)"""
         anchor = self.w_packed if self.w_packed is not None else self.w_frag
         return derived(anchor, "packed_weight", (anchor, self.w_scale, self.w_zero_point, self.w_col_sum),
                        self._build_packed_weight)
@@ -123,10 +123,20 @@ class TreeQLinear(nn.Module):
         bits, n, k = self.config.w_bits, self.out_features, self.in_features
         frag = None
         if self.w_packed is None:
-            frag = cuda_layout.frag_weight(self.w_frag, cuda_layout.tile_rows_on(n, self.w_frag.device),
-                                           self.w_scale, self.w_zero_point, self.w_col_sum, bits, n, k)
+            rows = self.__dict__.get("_row_chan")   # (the layout's shared channel map, taken eagerly: _tile_rows)
+            shared = rows is not None and rows.device == self.w_frag.device
+            frag = cuda_layout.frag_weight(self.w_frag, rows if shared else self._tile_rows(), self.w_scale,
+                                           self.w_zero_point, self.w_col_sum, bits, n, k, shared=shared)
         return PackedWeight(self.w_packed, bits, n, k, self.w_scale, self.w_zero_point, self.w_col_sum,
                             self.config.w_symmetric, LAYOUT_VERSION, frag)
+
+    def _tile_rows(self) -> torch.Tensor:
+        """The fragment layout's channel map on the layer's device (``tile_rows_on``: one tensor per (N, device)),
+        kept on the layer (not a buffer: shared, and no part of the state), so that a forward under
+        ``torch.compile``, which cannot call the core that builds it, finds it."""
+        rows = cuda_layout.tile_rows_on(self.out_features, self.w_frag.device)
+        self.__dict__["_row_chan"] = rows
+        return rows
 
     # -- layouts ---------------------------------------------------------------------------------
     @property
@@ -157,6 +167,8 @@ class TreeQLinear(nn.Module):
                 words = words.to(self.w_packed.device)   # (one layer's codes twice, briefly; an OOM loses nothing)
             self.w_packed = None
             self.register_buffer("w_frag", words, persistent=False)
+            if not words.is_meta:
+                self._tile_rows()
         else:
             if self.w_frag.is_meta:
                 packed = torch.empty(packed_shape(n, k, bits), dtype=packed_dtype(bits), device="meta")
@@ -299,6 +311,8 @@ class TreeQLinear(nn.Module):
         the layer's device: ``.to(dtype)`` without a device leaves it there (a CPU probe would move a CUDA layer's
         buffers to the CPU)."""
         probe = fn(torch.zeros(1, dtype=torch.float32, device=self.w_scale.device))
+        if self.w_packed is None and not probe.is_meta:   # (the fragment layout's map, on the new device)
+            self.__dict__["_row_chan"] = cuda_layout.tile_rows_on(self.out_features, probe.device)
         if probe.dtype == torch.float32:   # a device move (the anchor keeps its dtype), or .float(): all float32
             return super()._apply(fn, recurse)
         super()._apply(lambda t: t.to(device=probe.device), recurse)

@@ -112,8 +112,10 @@ class FusedMiniMaxH3TransformerBlock(MiniMaxH3TransformerBlock):
         args = (hidden_states, temb, adaln_indices, rotary_emb, attention_mask)
         h, attn, n1, n2, ff = hidden_states, self.attn, self.norm1, self.norm2, self.ff
         proj = self.adaln_proj.linear
-        # (while a CUDA graph is captured the runs, read off the indices' values, cannot be found: diffusers' forward)
-        if (self.training or h.ndim != 3 or 0 in h.shape[:2] or _capturing(h.device) or adaln_indices.ndim != 1
+        # (while a CUDA graph is captured, or torch.compile traces, the runs, read off the indices' values, cannot be
+        # found: diffusers' forward)
+        if (self.training or h.ndim != 3 or 0 in h.shape[:2] or _capturing(h.device) or torch.compiler.is_compiling()
+                or adaln_indices.ndim != 1
                 or adaln_indices.shape[0] != h.shape[1] or n1.weight.dtype != h.dtype or n2.weight.dtype != h.dtype
                 or _hooked(n1) or _hooked(n2) or _hooked(self.adaln_proj)
                 or getattr(proj, "dtype_anchor", proj.weight).dtype != h.dtype
