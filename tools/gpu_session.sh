@@ -142,7 +142,8 @@ for stage in "${stages[@]}"; do
         tests/test_wananimate2_fused.py tests/test_minimaxh3_fused.py \
         tests/test_kandinsky6_fused.py tests/test_ernieimage_fused.py \
         tests/test_dreamlite_fused.py tests/test_cosmos3_fused.py \
-        tests/test_nucleusmoe_fused.py tests/test_hidream_fused.py tests/test_sanawm_refiner_fused.py ;;
+        tests/test_nucleusmoe_fused.py tests/test_hidream_fused.py tests/test_sanawm_refiner_fused.py \
+        tests/test_compile.py ;;
     cuda)
       step bench_cuda 120 "$PY" benchmarks/bench_cuda.py --m 256 2048 8192 --write --json "$LOGS/bench_cuda.json" ;;
     e2e)
