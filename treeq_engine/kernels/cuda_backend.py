@@ -82,8 +82,15 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return _cached(t, ("bf16",), lambda u: u.detach().to(torch.bfloat16).contiguous())
 
 
+def _aligned(t: torch.Tensor, n: int) -> bool:
+    """``t``'s data starts on an ``n``-byte boundary. Under ``torch.compile``, which cannot read addresses, taken
+    as true: the tensors it hands here are whole allocations (parameters, buffers, the custom ops' outputs), which
+    the caching allocator aligns to 512 bytes."""
+    return torch.compiler.is_compiling() or t.data_ptr() % n == 0
+
+
 def _w2_padded(w2: torch.Tensor, brp: int) -> torch.Tensor:
-    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous() and w2.data_ptr() % 4 == 0:
+    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous() and _aligned(w2, 4):
         return w2
 
     def build(u: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,7 @@ _Z_BASE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _z_padded(z: torch.Tensor, m: int, brp: int) -> torch.Tensor:
-    base = _Z_BASE.get(z)
+    base = None if torch.compiler.is_compiling() else _Z_BASE.get(z)   # (under compile: padded anew)
     rows = _round_up(m, TOKEN_TILE)
     if base is not None and base.shape[0] >= rows and base.shape[2] == brp:
         return base
@@ -338,7 +345,8 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, *, ln_eps: float | Non
     z = None
     if w1 is not None:
         z = zfull[:m, :, :w1.shape[1]]
-        _Z_BASE[z] = zfull
+        if not torch.compiler.is_compiling():   # (a lookup table is no graph op: _z_padded pads anew there)
+            _Z_BASE[z] = zfull
     return QuantizedActivation(codes, s, zp, rs, spec.bits, z)
 
 
@@ -378,7 +386,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     w = cuda_layout.cuda_operands(weight)
     codes = act.codes
     k_act = _round_up(k, 16)
-    if k_act != k or not codes.is_contiguous() or codes.data_ptr() % 16:
+    if k_act != k or not codes.is_contiguous() or not _aligned(codes, 16):
         codes = F.pad(codes, (0, k_act - k)).contiguous()
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731

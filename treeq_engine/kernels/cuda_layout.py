@@ -133,8 +133,9 @@ def frag_weight(words: torch.Tensor, row_chan: torch.Tensor, scale: torch.Tensor
     The kernels index scales, corrections and output columns by ``row_chan``'s values, so it must be the layout's
     own map: the shared ``tile_rows_on`` tensor is taken as is, any other is compared with it once, here (a host
     read; never in a launch, which may be under CUDA-graph capture), and replaced by it. ``shared``: the caller
-    vouches that ``row_chan`` is ``tile_rows_on``'s tensor (under ``torch.compile``, which cannot call the core
-    that builds it, the holder hands the one it took eagerly)."""
+    vouches that ``row_chan`` holds the layout's map, taken from ``tile_rows_on`` on its device (or a copy of that
+    tensor: a copied layer's), and it is taken as is (under ``torch.compile``, which cannot call the core that
+    builds the map, the holder hands the one it took eagerly)."""
     uzp, ucs = u_domain(zero_point, col_sum, bits, k)
     if shared:
         return FragWeight(words, row_chan, scale.contiguous(), uzp, ucs, bits, n, k)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..format import QuantSpec, QuantizedTensor
 from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
 from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
-from ..kernels.derived import derived
+from ..kernels.derived import derived, forget
 from ..plan import LayerConfig
 from ..nn.pointwise import PointwiseConvAttributes
 
@@ -197,6 +197,7 @@ class TreeQLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        forget(*self._buffers.values())   # (new contents: a compiled model retraces rather than read stale operands)
         anchor = prefix + "dtype_anchor"
         had_anchor = anchor in missing_keys
         try:
@@ -239,6 +240,7 @@ class TreeQLinear(nn.Module):
         else:
             with torch.no_grad():
                 self.w_frag.copy_(words)   # in place: the tensor keeps its address
+        self._tile_rows()   # (the channel map on the codes' device, for a forward under torch.compile)
 
     @property
     def act_spec(self) -> QuantSpec:
