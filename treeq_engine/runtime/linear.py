@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..format import QuantSpec, QuantizedTensor
 from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
 from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
-from ..kernels.derived import derived, forget
+from ..kernels.derived import derived
 from ..plan import LayerConfig
 from ..nn.pointwise import PointwiseConvAttributes
 
@@ -197,7 +197,6 @@ class TreeQLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        forget(*self._buffers.values())   # (new contents: a compiled model retraces rather than read stale operands)
         anchor = prefix + "dtype_anchor"
         had_anchor = anchor in missing_keys
         try:
