@@ -82,15 +82,16 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return _cached(t, ("bf16",), lambda u: u.detach().to(torch.bfloat16).contiguous())
 
 
-def _aligned(t: torch.Tensor, n: int) -> bool:
-    """``t``'s data starts on an ``n``-byte boundary. Under ``torch.compile``, which cannot read addresses, taken
-    as true: the tensors it hands here are whole allocations (parameters, buffers, the custom ops' outputs), which
-    the caching allocator aligns to 512 bytes."""
-    return torch.compiler.is_compiling() or t.data_ptr() % n == 0
+def _aligned(t: torch.Tensor, n: int, *, fresh: bool) -> bool:
+    """``t``'s data starts on an ``n``-byte boundary. Under ``torch.compile``, which cannot read addresses, what
+    ``fresh`` says: true for a custom op's output (a whole allocation, which the caching allocator aligns to 512
+    bytes), false for a buffer (loaded with ``assign=True`` it may be a view into a checkpoint's storage at any
+    offset: copied, to be safe)."""
+    return fresh if torch.compiler.is_compiling() else t.data_ptr() % n == 0
 
 
 def _w2_padded(w2: torch.Tensor, brp: int) -> torch.Tensor:
-    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous() and _aligned(w2, 4):
+    if w2.dtype == torch.bfloat16 and w2.shape[2] == brp and w2.is_contiguous() and _aligned(w2, 4, fresh=False):
         return w2
 
     def build(u: torch.Tensor) -> torch.Tensor:
@@ -386,7 +387,7 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
     w = cuda_layout.cuda_operands(weight)
     codes = act.codes
     k_act = _round_up(k, 16)
-    if k_act != k or not codes.is_contiguous() or not _aligned(codes, 16):
+    if k_act != k or not codes.is_contiguous() or not _aligned(codes, 16, fresh=True):
         codes = F.pad(codes, (0, k_act - k)).contiguous()
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
