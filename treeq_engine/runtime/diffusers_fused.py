@@ -60,7 +60,7 @@ from typing import Any, Callable, Container, Iterable, Sequence, TypeAlias
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU, GELU
+from diffusers.models.activations import GEGLU, GELU, SwiGLU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormZero, FP32LayerNorm, RMSNorm
@@ -226,8 +226,10 @@ def modulation_chunk(mod: Modulation, i: int) -> torch.Tensor:
 
 
 def _capturing(device: torch.device) -> bool:
-    """A CUDA graph is being captured on ``device``'s current stream: nothing may wait for the device's values."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Nothing may depend on the device's values: a graph is being captured, a CUDA graph on ``device``'s current
+    stream (it cannot wait for them, and replays with others) or ``torch.compile``'s (it has no shape or branch
+    that depends on them)."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def run_length(tables: Iterable[torch.Tensor]) -> int:
@@ -236,12 +238,9 @@ def run_length(tables: Iterable[torch.Tensor]) -> int:
     sample (a frame's tokens share a timestep where the pipeline passes one per frame). Compared exactly, a slice
     of columns at a time (no (B, S, D) boolean at once); a table expanded along S (stride 0) changes nowhere.
 
-    While a CUDA graph is captured, 1: the runs are read off the values, which the capture cannot wait for, and a
-    graph replays with other values (another step's timesteps may merge or split the runs), so it takes a group per
-    row, right for any values (the kernels then read a modulation row per token). So under ``torch.compile`` too,
-    whose graph has no shape that depends on values."""
-    if torch.compiler.is_compiling():
-        return 1
+    While a CUDA graph is captured or ``torch.compile`` traces (``_capturing``), 1: the runs are read off
+    the values, and a graph replays with other values (another step's timesteps may merge or split the runs), so it
+    takes a group per row, right for any values (the kernels then read a modulation row per token)."""
     s, changed = 0, None
     for t in tables:
         if changed is None:
@@ -412,6 +411,13 @@ def _feed_forward(ff: Any, dim: int, geglu: bool = False) -> bool:
     net: Any = getattr(ff, "net", None)   # (read only once ff is a FeedForward, which has one)
     return (type(ff) is FeedForward and len(net) in (3, 4) and (type(net[0]) is GELU or geglu and type(net[0]) is GEGLU)
             and type(net[1]) is nn.Dropout and all(type(m) is nn.Dropout for m in net[3:])
+            and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
+
+
+def swiglu_feed_forward(ff: Any, dim: int) -> bool:
+    """diffusers' ``FeedForward(activation_fn="swiglu")`` of width ``dim``: [SwiGLU, Dropout, linear]."""
+    net: Any = getattr(ff, "net", None)
+    return (type(ff) is FeedForward and len(net) == 3 and type(net[0]) is SwiGLU and type(net[1]) is nn.Dropout
             and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
 
 

@@ -31,13 +31,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers.models.attention import FeedForward
-from diffusers.models.activations import SwiGLU
 from diffusers.models.transformers.transformer_minimax_h3 import (MiniMaxH3AdaLayerNormModulation, MiniMaxH3Attention,
                                                                   MiniMaxH3AttnProcessor, MiniMaxH3TransformerBlock)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _capturing, _forward_wrapped, _hooked, _project,
-                              HandedAttention, once_per_forward, register_block, runs_processor, swap_blocks)
+                              HandedAttention, once_per_forward, register_block, runs_processor, swap_blocks,
+                              swiglu_feed_forward)
 from .linear import runs_packed_kernels as _quantized
 
 _PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -53,12 +52,8 @@ def _supported(block: nn.Module) -> bool:
     if type(block) is not MiniMaxH3TransformerBlock or _forward_wrapped(block):
         return False
     d = block.adaln_proj.hidden_size if type(block.adaln_proj) is MiniMaxH3AdaLayerNormModulation else None
-    ff = block.ff
-    net: Any = getattr(ff, "net", None)
     return (isinstance(d, int) and _norm(block.norm1, d) and _norm(block.norm2, d)
-            and type(block.attn) is MiniMaxH3Attention and type(ff) is FeedForward and len(net) == 3
-            and type(net[0]) is SwiGLU and type(net[1]) is nn.Dropout
-            and getattr(net[0].proj, "in_features", None) == d and getattr(net[2], "out_features", None) == d)
+            and type(block.attn) is MiniMaxH3Attention and swiglu_feed_forward(block.ff, d))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -114,8 +109,7 @@ class FusedMiniMaxH3TransformerBlock(MiniMaxH3TransformerBlock):
         proj = self.adaln_proj.linear
         # (while a CUDA graph is captured, or torch.compile traces, the runs, read off the indices' values, cannot be
         # found: diffusers' forward)
-        if (self.training or h.ndim != 3 or 0 in h.shape[:2] or _capturing(h.device) or torch.compiler.is_compiling()
-                or adaln_indices.ndim != 1
+        if (self.training or h.ndim != 3 or 0 in h.shape[:2] or _capturing(h.device) or adaln_indices.ndim != 1
                 or adaln_indices.shape[0] != h.shape[1] or n1.weight.dtype != h.dtype or n2.weight.dtype != h.dtype
                 or _hooked(n1) or _hooked(n2) or _hooked(self.adaln_proj)
                 or getattr(proj, "dtype_anchor", proj.weight).dtype != h.dtype

@@ -37,14 +37,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.activations import SwiGLU
-from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import MochiAttention, MochiAttnProcessor2_0
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_mochi import (MochiLayerNormContinuous, MochiModulatedRMSNorm,
                                                              MochiRMSNormZero, MochiTransformerBlock)
 
-from .diffusers_fused import _adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, register_block, swap_blocks
+from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _hooked, _project, register_block,
+                              swap_blocks, swiglu_feed_forward)
 from .linear import runs_packed_kernels as _quantized
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -60,12 +59,6 @@ def _modulated(norm: Any) -> bool:
     return type(norm) is MochiModulatedRMSNorm and _plain_rms(norm.norm)
 
 
-def _swiglu(ff: Any, dim: int) -> bool:
-    net: Any = getattr(ff, "net", None)
-    return (type(ff) is FeedForward and len(net) == 3 and type(net[0]) is SwiGLU and type(net[1]) is nn.Dropout
-            and getattr(net[0].proj, "in_features", None) == dim and getattr(net[2], "out_features", None) == dim)
-
-
 def _supported(block: nn.Module) -> bool:
     if type(block) is not MochiTransformerBlock or _forward_wrapped(block):
         return False
@@ -74,12 +67,12 @@ def _supported(block: nn.Module) -> bool:
         return False
     d, dc = attn.to_q.in_features, attn.add_k_proj.in_features
     video = (type(block.norm1) is MochiRMSNormZero and _plain_rms(block.norm1.norm) and _modulated(block.norm3)
-             and _swiglu(block.ff, d))
+             and swiglu_feed_forward(block.ff, d))
     if block.context_pre_only:
         nc = block.norm1_context
         return video and type(nc) is MochiLayerNormContinuous and _modulated(nc.norm)
     return (video and type(block.norm1_context) is MochiRMSNormZero and _plain_rms(block.norm1_context.norm)
-            and _modulated(block.norm3_context) and _swiglu(block.ff_context, dc)
+            and _modulated(block.norm3_context) and swiglu_feed_forward(block.ff_context, dc)
             and getattr(attn, "to_add_out", None) is not None)
 
 

@@ -28,26 +28,19 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers.models.activations import SwiGLU
-from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_nucleusmoe_image import (NucleusMoEAttnProcessor2_0,
                                                                         NucleusMoEImageTransformerBlock,
                                                                         NucleusMoELayer)
 
 from .diffusers_fused import (_adopt, _bypassed_hook, _forward_wrapped, _gated_out, _hooked, _plain_layer_norm,
-                              _project, hand_projections, like_rows, register_block, runs_processor, swap_blocks)
+                              _project, hand_projections, like_rows, register_block, runs_processor, swap_blocks,
+                              swiglu_feed_forward)
 from .linear import runs_packed_kernels as _quantized
 
 _QKV = ("to_q", "to_k", "to_v")
 # the attention arguments the block hands on (the model's joint mask; the text's cached keys and values)
 _KWARGS = ("attention_mask", "cached_txt_key", "cached_txt_value")
-
-
-def _dense_ok(ff: Any, d: int) -> bool:
-    net: Any = getattr(ff, "net", None)
-    return (type(ff) is FeedForward and len(net) == 3 and type(net[0]) is SwiGLU and type(net[1]) is nn.Dropout
-            and getattr(net[0].proj, "in_features", None) == d and getattr(net[2], "out_features", None) == d)
 
 
 def _supported(block: nn.Module) -> bool:
@@ -58,7 +51,8 @@ def _supported(block: nn.Module) -> bool:
             and _plain_layer_norm(block.pre_mlp_norm, d) and type(mod) is nn.Sequential and len(mod) == 2
             and type(mod[0]) is nn.SiLU and getattr(mod[1], "out_features", None) == 4 * d and type(attn) is Attention
             and attn.to_q.in_features == d and attn.to_k.in_features == d
-            and (type(block.img_mlp) is NucleusMoELayer if block.moe_enabled else _dense_ok(block.img_mlp, d)))
+            and (type(block.img_mlp) is NucleusMoELayer if block.moe_enabled
+                 else swiglu_feed_forward(block.img_mlp, d)))
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
