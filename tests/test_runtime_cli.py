@@ -98,3 +98,33 @@ def test_quantize_from_ptq_and_peft(tmp_path):
     assert float((a - b).norm() / b.norm()) < 0.02   # bf16 runtime vs float32 simulation (measured 2.3e-3)
     refused("--peft needs", ["quantize", "--peft", str(peft), "--out", str(tmp_path / "x")])
     refused("brings its own plan", ["quantize", "--ptq", str(ptq), "--uniform", "W4A4", "--out", str(tmp_path / "x")])
+
+
+def test_sample_compiled_equals_eager(tmp_path, capsys):
+    """`treeq sample --compile`: the packed model traces whole (one graph, no break) and samples what eager does."""
+    import numpy as np
+    import torch._dynamo as dynamo
+    from PIL import Image
+
+    art = tmp_path / "w4a4"
+    assert main(["quantize", "--uniform", "W4A4", "--out", str(art)]) == 0
+    common = ["sample", "--artifact", str(art), "--labels", "2,5", "--steps", "3", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "eager.png")]) == 0
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    capsys.readouterr()
+    assert main(common + ["--compile", "default", "--compile-backend", "aot_eager",
+                          "--out", str(tmp_path / "compiled.png")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["compile"] == "default"
+    assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1 and not dynamo.utils.counters["graph_break"]
+    eager, compiled = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("eager", "compiled"))
+    assert eager.shape == compiled.shape and np.abs(eager - compiled).max() <= 1
+    dynamo.reset()
+
+
+def test_sample_compile_mistakes(tmp_path):
+    out = ["--steps", "2", "--out", str(tmp_path / "s.png")]
+    refused("--graph and --compile", ["sample", "--graph", "--compile", "default"] + out)
+    refused("goes with --compile", ["sample", "--compile-backend", "aot_eager"] + out)
+    refused("not a torch.compile backend", ["sample", "--compile", "default", "--compile-backend", "nope"] + out)

@@ -315,11 +315,14 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     # samples from the pipeline, FP and with the artifact's transformer (same seed: different but close)
     from PIL import Image
 
-    for name, extra in (("fp", []), ("q", ["--artifact", str(art)])):
+    compiled = ["--artifact", str(art), "--compile", "default", "--compile-backend", "aot_eager"]
+    for name, extra in (("fp", []), ("q", ["--artifact", str(art)]), ("qc", compiled)):
         assert main(["sample", "--pipeline", str(pipe_dir), *extra, "--labels", "1,2,3", "--steps", "3",
                      "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]) == 0
-    fp_img, q_img = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("fp", "q"))
+    fp_img, q_img, qc_img = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("fp", "q", "qc"))
     assert fp_img.shape == q_img.shape == (16, 48, 3) and 0 < np.abs(fp_img - q_img).mean() < 64
+    assert np.abs(q_img - qc_img).max() <= 1   # (the pipeline's transformer compiled in place: the same samples)
+    torch._dynamo.reset()
     refused("class indices", ["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
     refused("positive number of steps", ["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])
     refused("not --prompts", ["sample", "--pipeline", str(pipe_dir), "--prompts", "p.txt", "--device", "cpu"])

@@ -43,10 +43,14 @@ _X_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int32: 3}
 
 
-@torch.compiler.assume_constant_result   # (torch.compile takes the answer as is)
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result   # (torch.compile takes the answer as is, and does not trace the cache)
 def available() -> bool:
     """Core built with CUDA, and a CUDA device present to torch and to the core."""
+    return _available()
+
+
+@functools.lru_cache(maxsize=None)
+def _available() -> bool:
     if not core.available() or not torch.cuda.is_available():
         return False
     c = core.load()

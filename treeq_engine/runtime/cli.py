@@ -210,11 +210,43 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--graph", action="store_true", help="replay each denoising step as a CUDA graph")
+    p.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_MODES,
+                   help="run the (quantized) model under torch.compile in this mode: default, reduce-overhead (with "
+                        "torch's own CUDA graphs; instead of --graph), max-autotune, max-autotune-no-cudagraphs. "
+                        "The first step compiles (seconds to minutes: the 'seconds' printed include it)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="with --compile: torch.compile's backend (inductor; aot_eager or eager to check a model "
+                        "traces without compiling code)")
     p.add_argument("--out", default="samples.png",
                    help="PNG grid (latent models also write a .pt of latents); a video pipeline writes one row of "
                         "frames per video, or, to a .gif or .webp name, an animation of the videos side by side")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(args: argparse.Namespace) -> None:
+    if args.compile is None:
+        if args.compile_backend != "inductor":
+            raise SystemExit("--compile-backend goes with --compile MODE")
+        return
+    if args.graph:
+        raise SystemExit("--graph and --compile both capture CUDA graphs: use --compile reduce-overhead (torch's "
+                         "own graphs of the compiled model) or --graph alone")
+    import torch._dynamo
+
+    if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise SystemExit(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend here (try "
+                         "inductor, aot_eager or eager)")
+
+
+def _compile(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Compile ``model`` in place (``nn.Module.compile``: the module keeps its class and attributes, which the
+    samplers and diffusers' pipelines read). The packed layers and the fused blocks trace without a graph break
+    (docs/runtime.md, torch.compile)."""
+    model.compile(mode=None if args.compile == "default" else args.compile, backend=args.compile_backend)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -223,6 +255,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_compile(args)
     if args.pipeline:
         return _sample_pipeline(args)
     if args.artifact_2:
@@ -244,6 +277,8 @@ def run_sample(args: argparse.Namespace) -> int:
         from .graphed_dit import GraphedDiT
 
         model = GraphedDiT(model)
+    if args.compile:
+        _compile(model, args)
     t0 = time.perf_counter()
     if args.dtype != "float32":
         raise SystemExit("--dtype is for --pipeline (our DiT samples in float32)")
@@ -259,7 +294,8 @@ def run_sample(args: argparse.Namespace) -> int:
         torch.save(imgs, out.with_suffix(".pt"))
         save_grid({"latent[0]": (imgs[:, :1] / imgs[:, :1].abs().amax().clamp(min=1e-6))}, out, columns=len(labels))
     print(json.dumps({"out": str(out), "samples": len(labels), "seconds": round(secs, 2),
-                      "quantized": bool(args.artifact), "device": args.device}))
+                      "quantized": bool(args.artifact), "device": args.device,
+                      **({"compile": args.compile} if args.compile else {})}))
     return 0
 
 
@@ -362,6 +398,9 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
         from .graphed_diffusers import graph_pipeline
 
         graph_pipeline(pipe)
+    if args.compile:
+        for m in experts(pipe):
+            _compile(m, args)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = {**steps_kwargs(pipe, steps), "generator": g, "output_type": "pil"}
     if args.cfg is not None:   # (else the pipeline's own default: Flux's distilled guidance is not PixArt's)
@@ -419,6 +458,6 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "samples": len(rows) if video else len(rows[0]), "seconds": round(secs, 2),
                       **({"frames": len(rows[0])} if video else {}),
                       "quantized": bool(replaced), "graphs": sum(graph_count(m) for m in experts(pipe)),
-                      "device": args.device,
+                      "device": args.device, **({"compile": args.compile} if args.compile else {}),
                       "pipeline": args.pipeline}))
     return 0
