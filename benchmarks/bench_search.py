@@ -121,7 +121,7 @@ def predict(args: argparse.Namespace) -> str:
              "only a node's own layers are stacked):", "",
              "| fake-quant | its µs per sample·block | its bytes floor | predicted µs per sample·block | predicted "
              "search |", "|---|---|---|---|---|", *rows, "",
-             "The issue's limit is 20 min: predicted met with the compiled fake-quant (`--compile`, what "
+             "The target, the whole DiT-XL/2 search in 20 min on one H100, is predicted met with the compiled fake-quant (`--compile`, what "
              "tools/gpu_session.sh runs) and marginal without it, where ten float32 passes over every linear's "
              "input cost more than the forward itself. The time is linear in the calibration samples N: 20 min "
              f"holds up to N ≈ {fit['compiled']:.0f} compiled ({fit['eager']:.0f} eager) — the search CLI's default "

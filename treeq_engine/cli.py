@@ -24,8 +24,9 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("quantize the digits DiT at W8A8/W4A8/W4A4/W3A3, sample, and compare with FP and real digits",
                     ".demo"),
     "search": Command("search a mixed-precision plan (Tree-Structured Search + ENG) at a budget", ".search.cli"),
-    "capture": Command("record the transformer calls of a local diffusers pipeline the search cuts (`treeq info`) as "
-                       "calibration inputs for `treeq search / ptq / peft --diffusers`", ".search.capture_cli"),
+    "capture": Command("record the transformer calls of a local diffusers pipeline the search cuts (the README's "
+                       "table of models) as calibration inputs for `treeq search / ptq / peft --diffusers`",
+                       ".search.capture_cli"),
     "ptq": Command("calibrate a DiT (or a searched diffusers transformer) for a plan: weight/activation clipping, "
                    "Monarch or low-rank branches (resumable)", ".calib.cli", "add_ptq_args", "run_ptq"),
     "peft": Command("fine-tune a calibrated model's branches by distillation from the FP model (resumable)",

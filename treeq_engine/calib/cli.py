@@ -4,9 +4,9 @@
     treeq peft --ptq out/ptq_w4a4_monarch --steps 400 --out out/peft_w4a4_monarch
 
 The model is the shipped digits DiT unless ``--model`` names a DiT checkpoint (.pt or .safetensors, its config
-inferred from the weights, else the digits config), or a local diffusers transformer the search cuts (``treeq info``
-lists them) with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the calibration set, and PEFT's
-distillation data). Both commands resume when rerun with the same ``--out``.
+inferred from the weights, else the digits config), or a local diffusers transformer the search cuts (the README's
+table of models says which) with ``--diffusers PATH --calib-inputs FILE`` (``treeq capture``'s inputs: the
+calibration set, and PEFT's distillation data). Both commands resume when rerun with the same ``--out``.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _diffusers_model(args: argparse.Namespace, with_inputs: bool = True, dtype: 
 def _diffusers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusers", default=None, metavar="PATH",
                    help="instead of --model: a local diffusers transformer (or pipeline) directory the search cuts "
-                        "(`treeq info` lists them)")
+                        "(the README's table of models says which)")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the inputs `treeq capture` wrote (replace the sampled trajectories)")
     p.add_argument("--calib-batch", type=int, default=16, help="with --diffusers: captured samples per batch")
@@ -245,10 +245,11 @@ def run_peft(args: argparse.Namespace) -> int:
     from ..search.diffusers_runner import inputs_digest
     from .peft import PEFTConfig, finetune
     from .ptq import diffusers_dtype, diffusers_source, load_calibration, ptq_digest
+    from .store import not_a_run
 
-    if not Path(args.ptq).is_dir():
-        raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json), "
-                         f"{'got a file' if Path(args.ptq).exists() else 'no such directory'}")
+    why = not_a_run(args.ptq, "ptq")
+    if why:
+        raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json); {why}")
     made_with = diffusers_source(args.ptq)
     if made_with is not None and not args.diffusers:
         raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass --diffusers "

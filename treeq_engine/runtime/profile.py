@@ -212,7 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a DiT checkpoint; its linear shapes are profiled")
     p.add_argument("--diffusers", default=None, metavar="DIR",
                    help="instead of --model: a diffusers transformer (or pipeline) directory the search cuts "
-                        "(`treeq info` lists them), its rows per image from --calib-inputs")
+                        "(the README's table of models says which), its rows per image from --calib-inputs")
     p.add_argument("--calib-inputs", default=None, metavar="FILE",
                    help="with --diffusers: the calibration file the search reads (`treeq capture`)")
     p.add_argument("--config", default=None, help="DiT config name instead of a checkpoint (e.g. DiT-XL/2: random "

@@ -1,5 +1,6 @@
-"""``treeq capture``: run a local diffusers pipeline whose transformer the search cuts (``treeq info`` lists them) and
-record its transformer's calls as the calibration inputs of ``treeq search --diffusers`` (and ``treeq ptq`` / ``peft``).
+"""``treeq capture``: run a local diffusers pipeline whose transformer the search cuts (the README's table of models
+says which) and record its transformer's calls as the calibration inputs of ``treeq search --diffusers`` (and
+``treeq ptq`` / ``peft``).
 
     treeq capture --pipeline models/DiT-XL-2-256 --labels 207,360,387,974,88,979,417,279 --steps 25 \\
         --timesteps 8 --out calib.safetensors
@@ -47,7 +48,8 @@ from ..models.diffusers_transformers import EXPERTS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", required=True,
-                   help="a local diffusers pipeline directory (its transformer one the search cuts: `treeq info`)")
+                   help="a local diffusers pipeline directory (its transformer one the search cuts: the README's table "
+                        "of models)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", default=None, help="DiT: comma-separated class labels, one sample each")
     what.add_argument("--prompts", default=None,

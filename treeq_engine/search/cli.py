@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="DiT config name for a checkpoint (e.g. DiT-XL/2)")
     g.add_argument("--random-config", default=None, help="a DiT config with random weights (timing runs)")
     g.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers transformer (or pipeline) directory the search cuts (`treeq info` lists "
-                        "them), searched on the inputs of --calib-inputs (from `treeq capture`)")
+                   help="a local diffusers transformer (or pipeline) directory the search cuts (the README's "
+                        "table of models says which), searched on the inputs of --calib-inputs (from `treeq capture`)")
     g.add_argument("--transformer", default=None, choices=EXPERTS,
                    help="with a two-expert pipeline directory (Wan 2.2 A14B) as --diffusers: the expert searched "
                         "(closed-loop selection samples the pipeline, the other expert in full precision)")
@@ -364,9 +364,6 @@ def run(args: argparse.Namespace) -> int:
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
                               serve_batch=args.serve_batch,
                               elites=tuple(e for e in args.warm_start.split(",") if e), env_plan=args.env_plan)
-        if args.out and not args.resume and rank == 0 and (Path(args.out) / "tss_state.json").exists():
-            print(f"treeq search: note: starting over in {args.out} (its tss_state.json is replaced; --resume "
-                  "continues it instead)", file=sys.stderr)
         if args.resume and rank == 0 and (not args.out or not (Path(args.out) / "tss_state.json").exists()):
             print(f"treeq search: note: --resume, but {args.out or '(no --out)'} holds no tss_state.json: starting "
                   "from the beginning", file=sys.stderr)
