@@ -6,6 +6,7 @@ import pytest
 
 from cli_refusal import refused
 from treeq_engine.plan import LayerConfig, PlanError, QuantPlan
+from treeq_engine.cli import main
 
 
 def plan_text(**changes):
@@ -102,5 +103,10 @@ def test_directories_and_files_in_each_others_place(tmp_path):
     f.write_text(plan_text())
     refused("expected a `treeq ptq` output directory .*got a file",
             ["peft", "--ptq", str(f), "--out", str(tmp_path / "p")])
-    refused("expected a `treeq ptq` output directory, got a file",
+    refused("expected a `treeq ptq` output directory; got a file",
             ["quantize", "--ptq", str(f), "--out", str(tmp_path / "q")])
+    art = tmp_path / "art"   # another command's output: named as what it is
+    assert main(["quantize", "--uniform", "W8A8", "--out", str(art)]) == 0
+    for argv in (["peft", "--ptq", str(art), "--out", str(tmp_path / "p")],
+                 ["quantize", "--ptq", str(art), "--out", str(tmp_path / "q")]):
+        refused("holds no ptq.json: it is an artifact of `treeq quantize`", argv)

@@ -38,6 +38,8 @@ def test_errors(tmp_path):
     with pytest.raises(artifact.ArtifactError, match="no manifest"):
         load_artifact_model(str(tmp_path))
     refused("labels must be", ["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
+    refused(r"--steps .0.: a positive number of steps", ["sample", "--steps", "0", "--out", str(tmp_path / "s.png")])
+    refused("--steps .ddimx.", ["sample", "--steps", "ddimx", "--out", str(tmp_path / "s.png")])
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
@@ -128,3 +130,42 @@ def test_sample_compile_mistakes(tmp_path):
     refused("--graph and --compile", ["sample", "--graph", "--compile", "default"] + out)
     refused("goes with --compile", ["sample", "--compile-backend", "aot_eager"] + out)
     refused("not a torch.compile backend", ["sample", "--compile", "default", "--compile-backend", "nope"] + out)
+
+
+def test_quantize_does_not_destroy_what_out_holds(tmp_path, monkeypatch):
+    """An artifact in --out is replaced only with --overwrite; a file or a directory of other things is refused; the
+    files are written whole (renamed into place), readable alike; a save cut off leaves no manifest (no artifact),
+    never new weights under the old manifest."""
+    import os
+    import stat
+
+    art = tmp_path / "art"
+    assert main(["quantize", "--uniform", "W8A8", "--out", str(art)]) == 0
+    before = (art / "model.safetensors").read_bytes()
+    refused("already holds an artifact made from dit; pass --overwrite",
+            ["quantize", "--uniform", "W4A4", "--out", str(art)])
+    assert (art / "model.safetensors").read_bytes() == before
+    assert main(["quantize", "--uniform", "W4A4", "--out", str(art), "--overwrite"]) == 0
+    assert (art / "model.safetensors").read_bytes() != before
+    assert sorted(f.name for f in art.iterdir()) == ["manifest.json", "model.safetensors", "plan.json"]
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in art.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    (tmp_path / "ptq").mkdir()
+    (tmp_path / "ptq" / "ptq.json").write_text("{}")
+    refused(r"holds other files \(ptq.json\)", ["quantize", "--uniform", "W4A4", "--out", str(tmp_path / "ptq")])
+    (tmp_path / "f").write_text("")
+    refused("is a file", ["quantize", "--uniform", "W4A4", "--out", str(tmp_path / "f")])
+
+    import safetensors.torch
+
+    def cut_off(state, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_off)
+    assert main(["quantize", "--uniform", "W8A8", "--out", str(art), "--overwrite"]) == 130
+    assert not (art / "manifest.json").exists() and (art / "model.safetensors").read_bytes() != b"\0" * 10
+    assert not [f for f in os.listdir(art) if f.startswith(".")]
+    with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
+        load_artifact_model(str(art))

@@ -103,3 +103,22 @@ def read_tensors(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, 
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing}")
     return tensors
+
+
+# the file that marks each command's output directory
+RUN_FILES = (("ptq.json", "a `treeq ptq` output"), ("peft.json", "a `treeq peft` output"),
+             ("manifest.json", "an artifact of `treeq quantize`"), ("tss_state.json", "a `treeq search` output"))
+
+
+def not_a_run(path: str | Path, command: str) -> str | None:
+    """Why ``path`` is not a ``treeq {command}`` output directory (one holding its ``{command}.json``), naming what
+    it is instead where it is another command's; None where it is one."""
+    p = Path(path)
+    if not p.exists():
+        return "no such directory"
+    if not p.is_dir():
+        return "got a file"
+    if (p / f"{command}.json").is_file():
+        return None
+    other = next((what for name, what in RUN_FILES if (p / name).is_file()), None)
+    return f"it holds no {command}.json" + (f": it is {other}" if other else "")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ FORMAT = "treeq-artifact"
 # 2: Monarch factors with input blocks strided and output blocks contiguous (branches/monarch.py); version 1
 # stored the transposed arrangement, which this build would misread.
 VERSION = 2
+ARTIFACT_FILES = ("manifest.json", "plan.json", "model.safetensors")
 
 
 class ArtifactError(ValueError):
@@ -68,13 +71,53 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    plan.save(out / "plan.json")
+    # replacing an artifact: its manifest goes first and comes back last, so an interrupted save leaves a directory
+    # that loads as "no manifest.json", never new weights under an old manifest; each file is written beside its
+    # name and renamed over it, readable as the process's umask allows (safetensors writes 0600)
+    (out / "manifest.json").unlink(missing_ok=True)
+    _write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    _write(out / "plan.json", plan.save)
     manifest = {"format": FORMAT, "version": VERSION, "layout_version": LAYOUT_VERSION, "model": plan.model,
                 "model_config": model_config or {}, "fingerprint": fp_fingerprint,
                 "sha256": _sha256(out / "model.safetensors"), "plan_sha256": _sha256(out / "plan.json")}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
+
+
+def _write(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_out(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write an artifact into ``path`` where that would destroy something: an artifact already there
+    (unless ``overwrite``), a file, or a directory holding anything else."""
+    out = Path(path)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not an artifact directory")
+    if (out / "manifest.json").is_file():
+        if overwrite:
+            return
+        try:
+            made = read_manifest(out).get("model_config", {})
+            what = f" made from {made.get('class') or made.get('arch') or 'a model'}"
+        except ArtifactError:
+            what = ""
+        raise ArtifactError(f"{out} already holds an artifact{what}; pass --overwrite to replace it, or choose "
+                            "another directory")
+    others = sorted(f.name for f in out.iterdir() if f.name not in ARTIFACT_FILES and not f.name.startswith("."))
+    if others:
+        raise ArtifactError(f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                            "an artifact goes into a new or empty directory")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

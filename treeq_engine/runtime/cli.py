@@ -56,9 +56,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help=MODEL_HELP)
     p.add_argument("--config", default=None, help="DiT config name for a checkpoint (default: inferred)")
     p.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="instead of --model: a local diffusers transformer (or pipeline) directory: one the search "
-                        "cuts (`treeq info` lists them) with any plan or --ptq; any other diffusers model "
-                        "(HunyuanVideo, CogVideoX, ...) with --uniform or --plan")
+                   help="instead of --model: a local diffusers transformer (or pipeline) directory, with --uniform or "
+                        "--plan, or with --ptq where the search cuts it (the README's table of models says which)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="with --diffusers: the dtype the model loads in before packing (default float32; bfloat16 "
                         "halves the memory a large model needs; an fp32 checkpoint's weights are then rounded to bf16 "
@@ -69,13 +68,18 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ptq", default=None, help="instead of --plan: a `treeq ptq` directory (calibrated weights, "
                                                "clips, branches; made from --model)")
     p.add_argument("--peft", default=None, help="with --ptq: a `treeq peft` directory (fine-tuned branches, LoRA)")
-    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--out", required=True, help="artifact directory to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in --out")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from . import artifact
     from .convert import fusion_report, memory_report, quantize
 
+    try:   # before anything loads
+        artifact.check_out(args.out, args.overwrite)
+    except artifact.ArtifactError as e:
+        raise SystemExit(f"--out {e}") from None
     if args.diffusers:
         from ..models.diffusers_transformers import load_transformer
 
@@ -109,10 +113,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         if made_with is not None and not args.diffusers:
             raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass "
                              f"--diffusers {made_with}")
+        from ..calib.store import not_a_run
+
         for flag, d in (("--ptq", args.ptq), ("--peft", args.peft)):
-            if d is not None and not Path(d).is_dir():
-                raise SystemExit(f"{flag} {d}: expected a `treeq {flag[2:]}` output directory, "
-                                 f"{'got a file' if Path(d).exists() else 'no such directory'}")
+            why = None if d is None else not_a_run(d, flag[2:])
+            if why:
+                raise SystemExit(f"{flag} {d}: expected a `treeq {flag[2:]}` output directory; {why}")
         if args.peft:   # before anything loads: a run fine-tuned from another calibration packs garbage
             from ..calib.peft import check_made_from
 
@@ -282,6 +288,12 @@ def run_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.dtype != "float32":
         raise SystemExit("--dtype is for --pipeline (our DiT samples in float32)")
+    from ..models.diffusion import create_diffusion
+
+    try:   # (read before sampling: the sampler's words for it are respacing's)
+        create_diffusion(args.steps)
+    except ValueError as e:
+        raise SystemExit(f"--steps {args.steps!r}: a positive number of steps, or 'ddimN' ({e})") from None
     imgs = sample(model, labels, steps=args.steps, sampler=args.sampler,
                   cfg_scale=1.5 if args.cfg is None else args.cfg, seed=args.seed,
                   progress=True).float().cpu()
