@@ -73,7 +73,9 @@ def test_cli_search_check_and_resume(tmp_path, capsys):
     assert again["tss"]["mse"] == report["tss"]["mse"] and again["tss"]["evaluations"] == state["evaluations"]
     assert json.loads((out / "plan.json").read_text())["layers"] == layers
     assert json.loads((out / "tss_state.json").read_text()) == state
-    capsys.readouterr()
+    assert "starting over" not in capsys.readouterr().err
+    assert main(BASE + ["--budget", "W4A4", "--out", str(out)]) == 0   # (without --resume: said so)
+    assert "note: starting over in" in capsys.readouterr().err
 
 
 def test_cli_warm_start_and_environment_plan(tmp_path, capsys):
@@ -97,5 +99,9 @@ def test_cli_warm_start_and_environment_plan(tmp_path, capsys):
     (["--budget", "W4A4", "--warm-start", "nope.json"], "plan file nope.json does not exist"),
 ])
 def test_cli_errors(args, msg, capsys, tmp_path):
-    assert main(BASE + args + ["--calib-cache", str(tmp_path)]) == 2
-    assert msg in capsys.readouterr().err
+    out = tmp_path / "run"   # (a run there before: refused options leave it as it is, and say nothing of it)
+    out.mkdir()
+    (out / "tss_state.json").write_text("{}")
+    assert main(BASE + args + ["--calib-cache", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "starting over" not in err and (out / "tss_state.json").read_text() == "{}"

@@ -61,6 +61,8 @@ class SearchConfig:
     env_plan: str | None = None      # ENG environment as a plan ("ip" or a plan file) instead of uniform bits
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:   # (here too: a run refused before it touches its --out)
+            raise PlanError(f"ENG λ must be in [0, 1], got {self.lam}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"unknown baseline(s) {bad}: expected some of {BASELINES}")

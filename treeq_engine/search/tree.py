@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -385,6 +386,9 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     else:
         nodes = _leaves(cost, prune, len(space.candidates))
         levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
+        if path is not None and path.exists() and rank == 0:   # (said here, once every input has been checked)
+            print(f"treeq search: note: starting over in {path.parent} (its {path.name} is replaced at the end of "
+                  "the first level; --resume continues it instead)", file=sys.stderr)
 
     t0 = time.perf_counter()
     bar = tqdm(total=0, unit="eval", desc="TSS", disable=not progress or rank != 0, dynamic_ncols=True)
