@@ -163,6 +163,9 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"different plan \(2 layers, now 2: [\w.]+: w_bits 4 -> 3; "):
         calibrate(copy.deepcopy(model), QuantPlan.uniform(names[:2], 3, 4), batches, cfg, out_dir=tmp_path,
                   progress=False)
+    # the same layers with another search record (a resumed search rewrites its timings): the run goes on
+    again = QuantPlan(plan.layers, model=plan.model, meta={"search": {"wall_s": 1.5}})
+    calibrate(copy.deepcopy(model), again, batches, cfg, out_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match=r"another config \(rounds 1 -> 2\)"):   # (the field that changed)
         calibrate(copy.deepcopy(model), plan, batches, dataclasses.replace(cfg, rounds=2), out_dir=tmp_path,
                   progress=False)

@@ -273,6 +273,12 @@ def ptq_digest(state: Mapping[str, Any]) -> str:
     return digest({k: state.get(k) for k in ("plan", "config", "data", "layers")})
 
 
+def _calibrated(plan: Any) -> Any:
+    """Of a plan's JSON, what a calibration depends on: its layers and format, not the model's name or the search's
+    record (``meta``)."""
+    return {k: v for k, v in plan.items() if k not in ("model", "meta")} if isinstance(plan, dict) else plan
+
+
 def diffusers_source(out_dir: str | Path) -> str | None:
     """The ``--diffusers`` path a ``treeq ptq`` output directory was calibrated from (its recorded data names
     the captured inputs only for a diffusers model), or None (our DiT, or unreadable: the load says why)."""
@@ -433,14 +439,16 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
         (out / "layers").mkdir(parents=True, exist_ok=True)
         if (out / "ptq.json").exists():
             old = _read_state(out)
-            if isinstance(old["plan"], dict) and {**old["plan"], "model": ""} == {**state["plan"], "model": ""}:
-                state["plan"] = old["plan"]   # the same layers under another model name (before ptq named diffusers
-                #                               models by class): the directory's run goes on
+            if isinstance(old["plan"], dict) and _calibrated(old["plan"]) == _calibrated(state["plan"]):
+                # the same layers under another model name (before ptq named diffusers models by class), or with
+                # another search record (a resumed search rewrites its timings): the directory's run goes on
+                state["plan"] = old["plan"]
             if old["plan"] != state["plan"]:
-                raise CheckpointError(f"{out}: holds a calibration of a different plan ({len(old['plan']['layers'])} "
-                                      f"layers, now {len(state['plan']['layers'])}: "
-                                      f"{changed(old['plan']['layers'], state['plan']['layers'], 2)}); use a new "
-                                      "directory (or delete this one) to start over")
+                was, now = _calibrated(old["plan"]), _calibrated(state["plan"])
+                what = changed(was["layers"], now["layers"], 2) if was["layers"] != now["layers"] else changed(was, now)
+                raise CheckpointError(f"{out}: holds a calibration of a different plan ({len(was['layers'])} layers, "
+                                      f"now {len(now['layers'])}: {what}); use a new directory (or delete this one) "
+                                      "to start over")
             if old["config"] != state["config"]:
                 raise CheckpointError(f"{out}: holds a calibration with another config ("
                                       f"{changed(old['config'], state['config'])}); use a new directory (or delete "
@@ -640,7 +648,7 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
     missing = [n for n in plan.layers if n not in state["layers"]]
     if missing:
         raise CheckpointError(f"{out}: calibration is unfinished ({len(missing)} layer(s) left, e.g. "
-                              f"{missing[:3]}); rerun calibrate with this out_dir to finish it")
+                              f"{missing[:3]}); rerun `treeq ptq` with this --out (or calibrate with this out_dir) to finish it")
     try:
         layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=f"layers[{n!r}].config")
                       for n in plan.layers}
