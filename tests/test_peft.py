@@ -220,6 +220,8 @@ def test_torn_checkpoint_and_ctrl_c_resume_exactly(calibrated, tmp_path, monkeyp
     monkeypatch.setattr(peft, "write_json", real)
     st = json.loads((tmp_path / "a" / "peft.json").read_text())
     assert st["step"] == 3 and (tmp_path / "a" / st["tensors"]).exists()
+    # (and an off-grid step's tensors that a Ctrl-C save wrote but no state named: a step the resume never saves)
+    (tmp_path / "a" / "peft-0000005.safetensors").write_bytes((tmp_path / "a" / st["tensors"]).read_bytes())
     r = finetune(_fresh(calibrated), fp, _traj(fp), cfg, out_dir=tmp_path / "a", progress=False)
     assert r.losses == ref.losses
     assert sorted(p.name for p in (tmp_path / "a").glob("peft-*.safetensors")) == ["peft-0000007.safetensors"]

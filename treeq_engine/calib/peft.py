@@ -343,14 +343,16 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
         if out is None:
             return
         name = f"peft-{step:07d}.safetensors"
-        previous = (out / "peft.json").exists() and _tensor_file(read_json(out / "peft.json", SCHEMA, VERSION))
         write_tensors(out / name, _state_tensors(named, opt))
         write_json(out / "peft.json", {"schema": SCHEMA, "version": VERSION, "step": step, "tensors": name,
                                        "config": cfg_doc, "data": data_doc,
                                        "trainable": {k: sum(p.numel() for _, p in v) for k, v in groups.items()},
                                        "losses": losses})
-        if previous and previous != name:   # only once the new state names the new file
-            (out / previous).unlink(missing_ok=True)
+        # only once the new state names the new file: every other step's file goes, the previous state's and any
+        # a run killed between its tensors and its state left behind
+        for old in out.glob("peft-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     was_training = model.training
