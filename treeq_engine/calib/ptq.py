@@ -648,7 +648,8 @@ def load_calibration(model: nn.Module, out_dir: str | Path) -> QuantPlan:
     missing = [n for n in plan.layers if n not in state["layers"]]
     if missing:
         raise CheckpointError(f"{out}: calibration is unfinished ({len(missing)} layer(s) left, e.g. "
-                              f"{missing[:3]}); rerun `treeq ptq` with this --out (or calibrate with this out_dir) to finish it")
+                              f"{missing[:3]}); rerun `treeq ptq` with this --out (or calibrate with this out_dir) "
+                              "to finish it")
     try:
         layers_cfg = {n: LayerConfig.from_dict(state["layers"][n]["config"], where=f"layers[{n!r}].config")
                       for n in plan.layers}
