@@ -40,6 +40,8 @@ def test_errors(tmp_path):
     refused("labels must be", ["sample", "--labels", "a,b", "--steps", "2", "--out", str(tmp_path / "s.png")])
     refused(r"--steps .0.: a positive number of steps", ["sample", "--steps", "0", "--out", str(tmp_path / "s.png")])
     refused("--steps .ddimx.", ["sample", "--steps", "ddimx", "--out", str(tmp_path / "s.png")])
+    refused("--steps .0.", ["sample", "--model", str(tmp_path / "nope.pt"), "--steps", "0",   # (before it loads)
+                            "--out", str(tmp_path / "s.png")])
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
@@ -169,3 +171,23 @@ def test_quantize_does_not_destroy_what_out_holds(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(art) if f.startswith(".")]
     with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
         load_artifact_model(str(art))
+    monkeypatch.undo()
+    # what a cut-off save left is replaced only with --overwrite; a partial file a killed process left goes then
+    refused(r"holds model.safetensors and plan.json but no manifest.json \(a save cut off\?\); pass --overwrite",
+            ["quantize", "--uniform", "W8A8", "--out", str(art)])
+    (art / ".model.safetensors.partial").write_bytes(b"\0")
+    assert main(["quantize", "--uniform", "W8A8", "--out", str(art), "--overwrite"]) == 0
+    assert sorted(os.listdir(art)) == ["manifest.json", "model.safetensors", "plan.json"]
+    load_artifact_model(str(art))
+    # another tool's manifest is not an artifact; an input inside --out is never written over
+    other = tmp_path / "site"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "site"}')
+    refused(r"holds other files \(manifest.json\)", ["quantize", "--uniform", "W8A8", "--out", str(other),
+                                                       "--overwrite"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes((art / "model.safetensors").read_bytes())
+    for extra in ([], ["--overwrite"]):
+        refused("--model .* lies in --out", ["quantize", "--model", str(ckpt / "model.safetensors"),
+                                             "--uniform", "W8A8", "--out", str(ckpt), *extra])

@@ -316,12 +316,15 @@ def test_command_line_capture_search_quantize(tmp_path, capsys):
     from PIL import Image
 
     compiled = ["--artifact", str(art), "--compile", "default", "--compile-backend", "aot_eager"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for name, extra in (("fp", []), ("q", ["--artifact", str(art)]), ("qc", compiled)):
         assert main(["sample", "--pipeline", str(pipe_dir), *extra, "--labels", "1,2,3", "--steps", "3",
                      "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]) == 0
     fp_img, q_img, qc_img = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("fp", "q", "qc"))
     assert fp_img.shape == q_img.shape == (16, 48, 3) and 0 < np.abs(fp_img - q_img).mean() < 64
     assert np.abs(q_img - qc_img).max() <= 1   # (the pipeline's transformer compiled in place: the same samples)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # (and compiled it was)
     torch._dynamo.reset()
     refused("class indices", ["sample", "--pipeline", str(pipe_dir), "--labels", "1000", "--device", "cpu"])
     refused("positive number of steps", ["sample", "--pipeline", str(pipe_dir), "--steps", "0", "--device", "cpu"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,10 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # replacing an artifact: its manifest goes first and comes back last, so an interrupted save leaves a directory
     # that loads as "no manifest.json", never new weights under an old manifest; each file is written beside its
-    # name and renamed over it, readable as the process's umask allows (safetensors writes 0600)
+    # name (a hidden .partial, removed on failure and by the next save) and renamed over it
     (out / "manifest.json").unlink(missing_ok=True)
+    for name in ARTIFACT_FILES:
+        _partial(out / name).unlink(missing_ok=True)
     _write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
     _write(out / "plan.json", plan.save)
     manifest = {"format": FORMAT, "version": VERSION, "layout_version": LAYOUT_VERSION, "model": plan.model,
@@ -84,40 +87,55 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
     return out
 
 
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
 def _write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = _partial(path)
     try:
+        tmp.touch()   # created as the process's umask allows: the mode the file keeps (safetensors writes 0600)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _ours(out: Path) -> dict[str, Any] | None:
+    """The manifest of a TreeQ artifact in ``out`` (of any version), or None where its manifest.json is another's."""
+    try:
+        man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return man if isinstance(man, dict) and man.get("format") == FORMAT else None
+
+
 def check_out(path: str | Path, overwrite: bool = False) -> None:
-    """Refuse to write an artifact into ``path`` where that would destroy something: an artifact already there
-    (unless ``overwrite``), a file, or a directory holding anything else."""
+    """Refuse to write an artifact into ``path`` where that would destroy something: an artifact already there, or
+    one a cut-off save left without its manifest (both unless ``overwrite``), a file, or a directory holding
+    anything else (hidden files aside)."""
     out = Path(path)
     if not out.exists():
         return
     if not out.is_dir():
         raise ArtifactError(f"{out} is a file, not an artifact directory")
-    if (out / "manifest.json").is_file():
-        if overwrite:
-            return
-        try:
-            made = read_manifest(out).get("model_config", {})
-            what = f" made from {made.get('class') or made.get('arch') or 'a model'}"
-        except ArtifactError:
-            what = ""
-        raise ArtifactError(f"{out} already holds an artifact{what}; pass --overwrite to replace it, or choose "
-                            "another directory")
-    others = sorted(f.name for f in out.iterdir() if f.name not in ARTIFACT_FILES and not f.name.startswith("."))
+    man = _ours(out)
+    files = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
+    others = [f for f in files if f not in (ARTIFACT_FILES if man is not None else ARTIFACT_FILES[1:])]
     if others:
         raise ArtifactError(f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                             "an artifact goes into a new or empty directory")
+    if not files or overwrite:
+        return
+    if man is not None:
+        made = man.get("model_config")
+        made = made.get("class") or made.get("arch") if isinstance(made, dict) else None
+        raise ArtifactError(f"{out} already holds an artifact{f' made from {made}' if made else ''}; pass "
+                            "--overwrite to replace it, or choose another directory")
+    raise ArtifactError(f"{out} holds {' and '.join(files)} but no manifest.json (a save cut off?); pass --overwrite "
+                        "to replace them, or choose another directory")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

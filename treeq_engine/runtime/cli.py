@@ -76,7 +76,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     from . import artifact
     from .convert import fusion_report, memory_report, quantize
 
-    try:   # before anything loads
+    for flag, given in (("--model", args.model), ("--plan", args.plan)):   # (before anything loads; --overwrite too)
+        if given and Path(given).name in artifact.ARTIFACT_FILES and \
+                Path(given).resolve().parent == Path(args.out).resolve():
+            raise SystemExit(f"{flag} {given} lies in --out {args.out}, where the artifact would write over it")
+    try:
         artifact.check_out(args.out, args.overwrite)
     except artifact.ArtifactError as e:
         raise SystemExit(f"--out {e}") from None
@@ -266,6 +270,12 @@ def run_sample(args: argparse.Namespace) -> int:
         return _sample_pipeline(args)
     if args.artifact_2:
         raise SystemExit("--artifact-2 is a two-expert --pipeline's second transformer (Wan 2.2 A14B)")
+    from ..models.diffusion import create_diffusion
+
+    try:   # (before the model loads; the sampler's words for it are respacing's)
+        create_diffusion(args.steps)
+    except ValueError as e:
+        raise SystemExit(f"--steps {args.steps!r}: a positive number of steps, or 'ddimN' ({e})") from None
     if args.artifact:
         model = load_artifact_model(args.artifact, args.device)
     else:
@@ -288,12 +298,6 @@ def run_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.dtype != "float32":
         raise SystemExit("--dtype is for --pipeline (our DiT samples in float32)")
-    from ..models.diffusion import create_diffusion
-
-    try:   # (read before sampling: the sampler's words for it are respacing's)
-        create_diffusion(args.steps)
-    except ValueError as e:
-        raise SystemExit(f"--steps {args.steps!r}: a positive number of steps, or 'ddimN' ({e})") from None
     imgs = sample(model, labels, steps=args.steps, sampler=args.sampler,
                   cfg_scale=1.5 if args.cfg is None else args.cfg, seed=args.seed,
                   progress=True).float().cpu()
