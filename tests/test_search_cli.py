@@ -76,6 +76,8 @@ def test_cli_search_check_and_resume(tmp_path, capsys):
     assert "starting over" not in capsys.readouterr().err
     assert main(BASE + ["--budget", "W4A4", "--out", str(out)]) == 0   # (without --resume: said so)
     assert "note: starting over in" in capsys.readouterr().err
+    assert main(BASE + ["--budget", "W4A4", "--out", str(tmp_path / "fresh"), "--resume"]) == 0
+    assert "holds no tss_state.json: starting from the beginning" in capsys.readouterr().err
 
 
 def test_cli_warm_start_and_environment_plan(tmp_path, capsys):
@@ -105,3 +107,7 @@ def test_cli_errors(args, msg, capsys, tmp_path):
     assert main(BASE + args + ["--calib-cache", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert msg in err and "starting over" not in err and (out / "tss_state.json").read_text() == "{}"
+    if "--lam" in args:   # (refused before the calibration set is sampled)
+        assert not list(tmp_path.glob("calib-*"))
+    assert main(BASE + args + ["--calib-cache", str(tmp_path), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "note" not in capsys.readouterr().err   # (no "nothing to resume" before the error either)

@@ -298,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
     from .evaluator import DiTRunner, run_segments
 
     try:
+        if not 0.0 <= args.lam <= 1.0:   # (before the model loads and the calibration set is sampled)
+            raise ValueError(f"--lam: ENG λ must be in [0, 1], got {args.lam}")
         distributed.init_from_env()
         rank, _ = distributed.rank_world()
         if args.compile:
@@ -364,15 +366,15 @@ def run(args: argparse.Namespace) -> int:
                               random_count=args.random_plans, seed=args.seed, latency_table=args.latency_table,
                               serve_batch=args.serve_batch,
                               elites=tuple(e for e in args.warm_start.split(",") if e), env_plan=args.env_plan)
-        if args.resume and rank == 0 and (not args.out or not (Path(args.out) / "tss_state.json").exists()):
-            print(f"treeq search: note: --resume, but {args.out or '(no --out)'} holds no tss_state.json: starting "
-                  "from the beginning", file=sys.stderr)
+        if args.resume and rank == 0 and not args.out:
+            print("treeq search: note: --resume without --out: there is no state to resume; starting from the "
+                  "beginning", file=sys.stderr)
         if not args.out and rank == 0 and not args.check:
             print("treeq search: note: no --out, so the plan, report and Pareto plot are not saved (only the table "
                   "below is printed)", file=sys.stderr)
         out = search(model, runner, inputs, config, weights=weights, space=space, out_dir=args.out,
                      resume=args.resume, progress=progress, model_name=name,
-                     judge_fn=judge_fn)
+                     judge_fn=judge_fn, note=lambda text: print(f"treeq search: note: {text}", file=sys.stderr))
     except (PlanError, BudgetError, ValueError, KeyError, ImportError, FileNotFoundError) as e:
         print(f"treeq search: error: {e}", file=sys.stderr)
         return 2

@@ -106,7 +106,8 @@ def _plan_entry(space: SearchSpace, a: np.ndarray, mse: float, **kw: Any) -> dic
 def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tensor], config: SearchConfig, *,
            weights: torch.Tensor | None = None, space: SearchSpace | None = None, out_dir: str | Path | None = None,
            resume: bool = False, progress: bool = True, model_name: str = "",
-           judge_fn: Callable[[nn.Module, ClosedLoopConfig], TrajectoryJudge] | None = None) -> SearchOutcome:
+           judge_fn: Callable[[nn.Module, ClosedLoopConfig], TrajectoryJudge] | None = None,
+           note: Callable[[str], None] | None = None) -> SearchOutcome:
     """Search a plan for ``model`` at ``config.budget``; see the module docstring. ``weights``: per-sample MSE
     weights of the calibration inputs (``CalibrationSet.weights(metric)``; ``None``: plain MSE). ``judge_fn``:
     makes the closed-loop judge from the converted model and ``config.closed_loop`` (default: ``TrajectoryJudge``, our
@@ -187,7 +188,8 @@ def search(model: nn.Module, runner: SegmentRunner, inputs: Sequence[torch.Tenso
                    if config.closed_loop_root else None)
     result = tree_search(ev, cost, keep=config.keep, budget=budget, resume=resume, progress=progress,
                          anchor=config.anchor, state_path=None if out is None else out / "tss_state.json",
-                         root_scorer=root_scorer, elites=np.array(elites, dtype=np.int64) if elites else None)
+                         root_scorer=root_scorer, elites=np.array(elites, dtype=np.int64) if elites else None,
+                         note=note)
     a, total, mse = result.best(budget, cost)
     closed: dict[str, Any] | None = None
     closed_scores: dict[str, float] = {}

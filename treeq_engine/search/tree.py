@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -330,13 +329,15 @@ def _read_state(path: Path, state: dict[str, Any], n_cand: int, cost: CostModel
 def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget: Budget | None = None,
                 state_path: str | Path | None = None, resume: bool = False, progress: bool = True,
                 anchor: bool = True, on_level: Callable[[int], None] | None = None,
-                root_scorer: RootScorer | None = None, elites: np.ndarray | None = None) -> SearchResult:
+                root_scorer: RootScorer | None = None, elites: np.ndarray | None = None,
+                note: Callable[[str], None] | None = None) -> SearchResult:
     """Run TSS; see the module docstring. ``anchor=False`` drops the environment-uniform elite (for ablations).
     ``elites``: warm-start plans ``(s, n_leaves)`` (candidate indices, each meeting ``budget``) that every node
     keeps its slice of.
     ``on_level(level)`` is called after each finished level (tests use it to stop a search midway).
     ``root_scorer``: scores the last merge's whole plans instead of the evaluator (the closed-loop root,
-    ``closed_loop``); its ``tag`` joins the resume fingerprint."""
+    ``closed_loop``); its ``tag`` joins the resume fingerprint. ``note(text)`` is told, on rank 0, once every input
+    has been checked, when the run starts over an earlier state or finds none to resume (the CLI prints it)."""
     if keep <= 0:
         raise ValueError(f"keep (K) must be positive, got {keep}")
     if budget is not None and budget.kind != cost.kind:
@@ -386,9 +387,12 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
     else:
         nodes = _leaves(cost, prune, len(space.candidates))
         levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
-        if path is not None and path.exists() and rank == 0:   # (said here, once every input has been checked)
-            print(f"treeq search: note: starting over in {path.parent} (its {path.name} is replaced at the end of "
-                  "the first level; --resume continues it instead)", file=sys.stderr)
+        if note is not None and path is not None and rank == 0:
+            if path.exists():
+                note(f"starting over in {path.parent} (its {path.name} is replaced at the end of the first level; "
+                     "--resume continues it instead)")
+            elif resume:
+                note(f"--resume, but {path.parent} holds no {path.name}: starting from the beginning")
 
     t0 = time.perf_counter()
     bar = tqdm(total=0, unit="eval", desc="TSS", disable=not progress or rank != 0, dynamic_ncols=True)
