@@ -124,9 +124,10 @@ class TreeQLinear(nn.Module):
         frag = None
         if self.w_packed is None:
             rows = self.__dict__.get("_row_chan")   # (the layout's shared channel map, taken eagerly: _tile_rows)
-            shared = rows is not None and rows.device == self.w_frag.device
-            frag = cuda_layout.frag_weight(self.w_frag, rows if shared else self._tile_rows(), self.w_scale,
-                                           self.w_zero_point, self.w_col_sum, bits, n, k, shared=shared)
+            if rows is None or rows.device != self.w_frag.device:
+                rows = self._tile_rows()
+            frag = cuda_layout.frag_weight(self.w_frag, rows, self.w_scale, self.w_zero_point, self.w_col_sum, bits,
+                                           n, k, shared=True)
         return PackedWeight(self.w_packed, bits, n, k, self.w_scale, self.w_zero_point, self.w_col_sum,
                             self.config.w_symmetric, LAYOUT_VERSION, frag)
 

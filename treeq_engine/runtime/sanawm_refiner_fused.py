@@ -27,8 +27,9 @@ the interleaved or split rotary embedding, six modulation vectors, ``FeedForward
 a packed linear with quantized activations to fuse. It runs diffusers' own forward in training mode, for a ``temb``
 of another shape than ``(B, 1, 6·D)`` or ``(B, S, 6·D)`` or of another dtype, and when ``norm1``, ``norm3`` or the
 self-attention carries a hook or another processor (a ``kv_cache_mode`` the model's forward refuses computes as
-diffusers' block does: no cache; one without a cache raises where diffusers' does, after the projections); a feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers
-computes it. The fused forward follows diffusers 0.42's block; the state dict is unchanged.
+diffusers' block does: no cache; one without a cache raises where diffusers' does, after the projections); a
+feed-forward, ``to_out[0]`` or ``ff.net[0].proj`` that is hooked or not packed runs as diffusers computes it. The
+fused forward follows diffusers 0.42's block; the state dict is unchanged.
 """
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ class FusedSanaWMLTX2RefinerTransformerBlock(SanaWMLTX2RefinerTransformerBlock):
                 video_rotary_emb: Any, encoder_attention_mask: torch.Tensor | None = None,
                 sink_rotary_emb: Any = None, kv_cache: Any = None, kv_cache_mode: str | None = None) -> torch.Tensor:
         h = hidden_states
-        if (self.training or h.ndim != 3 or not like_rows(h, temb, batch=False) or _hooked(self.norm1) or _hooked(self.norm3)
-                or not _attention_ok(self.attn1)
+        if (self.training or h.ndim != 3 or not like_rows(h, temb, batch=False) or _hooked(self.norm1)
+                or _hooked(self.norm3) or not _attention_ok(self.attn1)
                 or (modulation := _modulation(self.scale_shift_table, temb, h)) is None):
             return super().forward(h, encoder_hidden_states, temb, video_rotary_emb, encoder_attention_mask,
                                    sink_rotary_emb, kv_cache, kv_cache_mode)
