@@ -5,9 +5,9 @@
 //   LayerNorm (optional, no affine)  v = (x − mean)·rstd,  mean = Σx/K,  rstd = 1/sqrt(Σ(x − mean)²/K + eps)
 //   or RMSNorm (no affine)           the same with mean = 0:  v = x·rstd,  rstd = 1/sqrt(Σx²/K + eps)
 //   modulate  (optional)             v = v·(1 + scale[g]) + shift[g],  g = row / (M / G)
-//   asymmetric  lo = min(min v, 0)·clip, hi = max(max v, 0)·clip, s = (hi − lo)/(qmax − qmin) (1 if hi == lo),
+//   asymmetric  lo = min(min v, 0)·clip, hi = max(max v, 0)·clip, s = (hi − lo)/(qmax − qmin) (1 if s == 0),
 //               zp = clamp(rint(qmin − lo/s), qmin, qmax)
-//   symmetric   s = max|v|·clip / qmax (1 if 0), zp = 0
+//   symmetric   s = max|v|·clip / qmax (1 if s == 0), zp = 0
 //   codes       q = clamp(rint(v / s) + zp, qmin, qmax)   (rint: half to even; true IEEE division)
 //   row sum     Σ_k q;  a row holding NaN/Inf gets s = NaN, zp = 0, codes 0, row sum 0 (the oracle's "propagate")
 //   Monarch stage 1 (optional)  z[m, j, k·r + s] = Σ_i w1[k, j·r + s, i] · v[m, i·b + k]  (v = 0 beyond K),
@@ -138,12 +138,14 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(const AqParams p) {
       int zp;
       if (p.symmetric) {
         const float am = __fmul_rn(amax, p.clip);
-        s = am > 0.0f ? __fdiv_rn(am, static_cast<float>(qmax)) : 1.0f;
+        s = __fdiv_rn(am, static_cast<float>(qmax));
+        if (!(s > 0.0f)) s = 1.0f;   // amax == 0, or a range so small that the division underflows
         zp = 0;
       } else {
         const float l = __fmul_rn(lo, p.clip), h = __fmul_rn(hi, p.clip);
         const float rng = __fsub_rn(h, l);
-        s = rng > 0.0f ? __fdiv_rn(rng, static_cast<float>(qmax - qmin)) : 1.0f;
+        s = __fdiv_rn(rng, static_cast<float>(qmax - qmin));
+        if (!(s > 0.0f)) s = 1.0f;
         const float zf = rintf(__fsub_rn(static_cast<float>(qmin), __fdiv_rn(l, s)));
         zp = static_cast<int>(fminf(fmaxf(zf, static_cast<float>(qmin)), static_cast<float>(qmax)));
       }

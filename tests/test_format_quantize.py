@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from treeq_engine.format import ACT_BITS, WEIGHT_BITS, QuantSpec, dequantize, fake_quantize, quantize
+from treeq_engine.format import (ACT_BITS, WEIGHT_BITS, QuantSpec, dequantize, fake_quantize,
+                                 fake_quantize_with_qparams, quantize, quantize_with_qparams)
 
 SPECS = ([QuantSpec.weight(b, sym) for b in WEIGHT_BITS for sym in (False, True)]
          + [QuantSpec.activation(b, sym) for b in ACT_BITS for sym in (False, True)])
@@ -92,6 +93,47 @@ def test_all_zero_row_and_constant_rows():
         qt = quantize(x, spec)
         assert qt.scale[0] == 1.0
         torch.testing.assert_close(dequantize(qt), x)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.activation(8), QuantSpec.activation(8, symmetric=True),
+                                  QuantSpec.weight(8)], ids=str)
+def test_range_too_small_for_a_scale(spec):
+    """A row whose range is nonzero but so small that range / (qmax − qmin) underflows to 0 gets scale 1, as an
+    all-zero row does (it was scale 0 and zero point −2³¹: codes from 0/0, parameters the oracle then refused)."""
+    x = torch.tensor([[1e-44, 0.0, 5e-45, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]])
+    qt = quantize(x, spec)
+    assert qt.scale[0] == 1.0 and qt.scale[1] == 1.0 and qt.scale[2] != 1.0
+    assert spec.qmin <= int(qt.zero_point.min()) and int(qt.zero_point.max()) <= spec.qmax
+    assert torch.equal(qt.codes[0], qt.codes[1])   # as the zero row: every value rounds to 0
+    again = quantize_with_qparams(x, spec, qt.scale, qt.zero_point)   # its own parameters are accepted
+    assert torch.equal(again.codes, qt.codes)
+
+
+def test_range_beyond_float32_is_an_error():
+    """Finite values whose range hi − lo overflows float32 would give scale inf and NaN outputs: an error for
+    weights and for activations where non-finite values are one; "propagate" gives NaN rows, as the kernels do."""
+    x = torch.tensor([[3e38, -3e38, 1.0], [1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=r"range beyond float32 .* in 1 of 2 rows \(first at row 0\)"):
+        quantize(x, QuantSpec.weight(4))
+    with pytest.raises(ValueError, match="range beyond float32"):
+        quantize(x, QuantSpec.activation(8))
+    out = dequantize(quantize(x, QuantSpec.activation(8), nonfinite="propagate"))
+    assert bool(out[0].isnan().all()) and bool(out[1].isfinite().all())
+    sym = quantize(x, QuantSpec.weight(4, symmetric=True))   # max|x| does not overflow
+    assert bool(torch.isfinite(sym.scale).all())
+
+
+def test_zero_rows():
+    """An empty batch (zero rows) goes through every quantizer: K is the tensor's, not inferred from no data."""
+    s = QuantSpec.activation(8)
+    assert quantize(torch.zeros(0, 8), s).dequantize().shape == (0, 8)
+    assert fake_quantize(torch.zeros(2, 0, 8), s).shape == (2, 0, 8)
+    assert fake_quantize(torch.zeros(0, 8, requires_grad=True), s).shape == (0, 8)
+    sc, zp = torch.ones(0), torch.zeros(0, dtype=torch.int32)
+    assert quantize_with_qparams(torch.zeros(0, 8), s, sc, zp).codes.shape == (0, 8)
+    assert fake_quantize_with_qparams(torch.zeros(0, 8), s, sc, zp).shape == (0, 8)
+    assert fake_quantize_with_qparams(torch.zeros(0, 8), s, sc.requires_grad_(), zp).shape == (0, 8)
+    assert quantize(torch.zeros(0, 8), QuantSpec.weight(4)).dequantize().shape == (0, 8)
 
 
 def test_leading_dims_and_dtypes(gen):

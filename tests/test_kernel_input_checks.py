@@ -89,6 +89,41 @@ def test_empty_batch(operands, backend):
     assert nxt.codes.shape == (0, 24)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gemm_operands_checked_alike(operands, backend, gen):
+    """What one backend refuses every backend refuses (a review found the Triton GEMM wrapping its int32
+    accumulator past MAX_K and the reference broadcasting a stage-1 z of the wrong token count)."""
+    from treeq_engine.branches import MonarchShape
+    from treeq_engine.format import MAX_K
+
+    x, pw, _ = operands
+    shp = MonarchShape(24, 40, 4, 1)
+    w1, w2 = torch.randn(shp.w1_shape, generator=gen), torch.randn(shp.w2_shape, generator=gen)
+    act = quantize_activation(x, QuantSpec.activation(8), monarch_w1=w1)
+    with pytest.raises(ValueError, match=r"z must be \(M, b, b·r\) = \(6, 4, 4\)"):
+        packed_linear(dataclasses.replace(act, z=act.z[:1]), pw, monarch_w2=w2, backend=backend)
+    with pytest.raises(ValueError, match="carries no stage-1 output z"):
+        packed_linear(dataclasses.replace(act, z=None), pw, monarch_w2=w2, backend=backend)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        packed_linear(act, pw, bias=[0.0] * 24, backend=backend)
+    with pytest.raises(TypeError, match="monarch_w2 must be a torch.Tensor or None"):
+        packed_linear(act, pw, monarch_w2=[1], backend=backend)
+    k = MAX_K + 1
+    big_w = PackedWeight.from_float(torch.rand(1, k, generator=gen), QuantSpec.weight(8))
+    big_a = quantize_activation(torch.rand(1, k, generator=gen), QuantSpec.activation(8), backend="reference")
+    with pytest.raises(ValueError, match="K=33026 exceeds MAX_K=33025"):
+        packed_linear(big_a, big_w, out_dtype=torch.float32, backend=backend)
+
+
+def test_layer_past_max_k_refused_where_it_would_run_the_kernels():
+    from treeq_engine.plan import LayerConfig
+    from treeq_engine.runtime.linear import TreeQLinear
+
+    with pytest.raises(ValueError, match="big: K=33026 exceeds MAX_K=33025.*weight-only config"):
+        TreeQLinear(33026, 4, LayerConfig(4, 8), bias=False, name="big")
+    TreeQLinear(33026, 4, LayerConfig(4, 16), bias=False, name="big")   # weight-only: no integer accumulation
+
+
 def test_cuda_backend_says_what_it_needs(operands):
     _, pw, act = operands
     if torch.cuda.is_available():

@@ -152,6 +152,19 @@ def test_layernorm_single_feature(gen, poisoned):  # noqa: F811
     assert torch.equal(act.codes.cpu(), ref.codes) and torch.equal(act.zero_point.cpu(), ref.zero_point)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_too_small_for_a_scale(symmetric, poisoned):  # noqa: F811
+    """A nonzero range whose scale underflows to 0 gets scale 1 in the kernel as in the oracle (the kernel had
+    divided by 0 and disagreed with the oracle's codes and row sums)."""
+    x = torch.tensor([[1e-44, 0.0, 5e-45, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 0.0]])
+    spec = QuantSpec.activation(8, symmetric=symmetric)
+    act = quantize_activation(x.to(DEVICE), spec, backend="triton")
+    ref = reference.quantize_activation(x, spec)
+    assert float(act.scale[0]) == 1.0
+    for name in ("codes", "scale", "zero_point", "row_sum"):
+        assert torch.equal(getattr(act, name).cpu(), getattr(ref, name)), name
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN rows
 def test_nonfinite_rows_propagate(gen, poisoned):  # noqa: F811
     x = torch.randn(9, 40, generator=gen)

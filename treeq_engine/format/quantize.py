@@ -3,10 +3,10 @@
 All arithmetic is float32, in this order, and every kernel reproduces it:
 
     symmetric   amax  = clip * max|x|                        (per row)
-                scale = amax / qmax            (1.0 where amax == 0)
+                scale = amax / qmax            (1.0 where that is 0: amax == 0, or it underflows)
                 zp    = 0
     asymmetric  lo    = clip * min(min x, 0);  hi = clip * max(max x, 0)
-                scale = (hi - lo) / (qmax - qmin)   (1.0 where hi == lo)
+                scale = (hi - lo) / (qmax - qmin)   (1.0 where that is 0, as above)
                 zp    = clamp(round(qmin - lo / scale), qmin, qmax)
     codes       q     = clamp(round(x / scale) + zp, qmin, qmax)     (round half to even; true division)
     value       x_hat = scale * (q - zp)
@@ -20,7 +20,8 @@ differentiable in ``scale`` (the LSQ gradient), for fine-tuning quantizer scales
 
 Non-finite input. A weight holding NaN/Inf is always an error. For activations, ``nonfinite="raise"`` (the
 default) raises a ``ValueError`` naming the rows; ``"propagate"`` gives such rows scale NaN, zero point 0 and
-codes 0, so their outputs come out NaN (the documented behaviour of the kernels, which cannot raise).
+codes 0, so their outputs come out NaN (the documented behaviour of the kernels, which cannot raise). A finite row
+whose range overflows float32 (``hi - lo`` = inf, asymmetric only) is an error where non-finite values are.
 """
 from __future__ import annotations
 
@@ -90,13 +91,15 @@ def row_qparams(x2: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = N
     # divide exactly. The oracle must give the same scales on either device.
     if spec.symmetric:
         amax = x2.abs().amax(dim=1) * clip
-        scale = torch.where(amax > 0, amax / amax.new_full((), qmax), torch.ones_like(amax))
+        scale = amax / amax.new_full((), qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.zeros_like(scale, dtype=torch.int32)
     else:
         lo = x2.amin(dim=1).clamp(max=0.0) * clip
         hi = x2.amax(dim=1).clamp(min=0.0) * clip
         rng = hi - lo
-        scale = torch.where(rng > 0, rng / rng.new_full((), qmax - qmin), torch.ones_like(rng))
+        scale = rng / rng.new_full((), qmax - qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
 
@@ -128,6 +131,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "raise"
             raise ValueError(f"{what} contains NaN/Inf in {rows.numel()} of {x2.shape[0]} rows "
                              f"(first at row {int(rows[0])})")
         scale, zp = row_qparams(x2, spec)
+        wide = ~torch.isfinite(scale)   # finite values whose range hi − lo overflows float32
+        if bool(wide.any()):
+            rows = wide.nonzero().flatten()
+            raise ValueError(f"{what} has a range beyond float32 (max − min overflows) in {rows.numel()} of "
+                             f"{x2.shape[0]} rows (first at row {int(rows[0])}): its scale would be inf")
         return QuantizedTensor(codes_from_qparams(x2, scale, zp, spec).reshape(x.shape), scale, zp, spec)
     # propagate: branch-free, so it never synchronizes with the device
     x2 = torch.where(bad[:, None], torch.zeros_like(x2), x2)
@@ -142,7 +150,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "raise"
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scale * (q - zp)`` in float32, cast to ``dtype``."""
     shape = qt.codes.shape
-    q2 = qt.codes.reshape(qt.rows, -1).to(torch.float32)
+    q2 = qt.codes.reshape(qt.rows, shape[-1]).to(torch.float32)   # not -1: zero rows leave it unknown
     x2 = (q2 - qt.zero_point[:, None].to(torch.float32)) * qt.scale[:, None]
     return x2.reshape(shape).to(dtype)
 
@@ -160,7 +168,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, nonfinite: NonFinite = "r
     if not x.requires_grad:
         return x_hat.to(x.dtype)
     # In range iff the unclamped code lies within [qmin - 1/2, qmax + 1/2].
-    x2 = x.detach().reshape(qt.rows, -1).to(torch.float32)
+    x2 = x.detach().reshape(qt.rows, x.shape[-1]).to(torch.float32)
     u = x2 / qt.scale[:, None] + qt.zero_point[:, None].to(torch.float32)
     inside = ((u >= spec.qmin - 0.5) & (u <= spec.qmax + 0.5)).reshape(x.shape)
     return (x_hat.to(x.dtype).detach() + (x - x.detach()) * inside.to(x.dtype))
@@ -195,7 +203,7 @@ def quantize_with_qparams(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
     ``(R,)`` (calibrated elsewhere) by the format's code rule. With the parameters ``row_qparams`` would compute,
     this equals :func:`quantize` exactly."""
     rows = _check_qparams(x, spec, scale, zero_point)
-    x2 = x.detach().reshape(rows, -1).to(torch.float32)
+    x2 = x.detach().reshape(rows, x.shape[-1]).to(torch.float32)
     codes = codes_from_qparams(x2, scale, zero_point, spec)
     return QuantizedTensor(codes.reshape(x.shape), scale, zero_point, spec)
 
@@ -208,7 +216,7 @@ def fake_quantize_with_qparams(x: torch.Tensor, spec: QuantSpec, scale: torch.Te
     rows = _check_qparams(x, spec, scale.detach(), zero_point)
     if not (x.requires_grad or scale.requires_grad):
         return dequantize(quantize_with_qparams(x, spec, scale, zero_point), torch.float32).to(x.dtype)
-    x2 = x.reshape(rows, -1).to(torch.float32)
+    x2 = x.reshape(rows, x.shape[-1]).to(torch.float32)
     s = scale[:, None]
     v = x2 / s
     # v + (round(v) − v) is exactly round(v) in float32 for |v| < 2^22 (the difference is exact), so the

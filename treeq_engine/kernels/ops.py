@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..format import QuantSpec, Role
+from ..format import MAX_K, QuantSpec, Role
 from . import reference
 from .types import PackedWeight, QuantizedActivation
 
@@ -159,15 +159,29 @@ def packed_linear(act: QuantizedActivation, weight: PackedWeight, *, bias: torch
         raise ValueError(f"out_dtype must be a float type (bfloat16, float16 or float32), got {out_dtype}")
     if act.k != weight.k:
         raise ValueError(f"K mismatch: activation has K={act.k}, weight (N={weight.n}, K={weight.k})")
+    if act.k > MAX_K:   # every backend: the kernels' int32 accumulator would wrap silently
+        raise ValueError(f"K={act.k} exceeds MAX_K={MAX_K}, where the int32 accumulation could overflow")
     if act.codes.device != weight.device:
         raise ValueError(f"activation on {act.codes.device} but weight on {weight.device}")
-    if bias is not None and bias.shape != (weight.n,):
-        raise ValueError(f"bias must be ({weight.n},), got {tuple(bias.shape)}")
     for name, t in (("bias", bias), ("monarch_w2", monarch_w2)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t is not None and t.device != weight.device:
             raise ValueError(f"{name} is on {t.device}, the weight on {weight.device}")
+    if bias is not None and bias.shape != (weight.n,):
+        raise ValueError(f"bias must be ({weight.n},), got {tuple(bias.shape)}")
     if monarch_w2 is not None and (monarch_w2.dim() != 3 or monarch_w2.shape[0] * monarch_w2.shape[1] < weight.n):
         raise ValueError(f"monarch_w2 (b, Nb, b·r) must cover N={weight.n}, got {tuple(monarch_w2.shape)}")
+    z = act.z
+    if monarch_w2 is not None:
+        want = (act.m, monarch_w2.shape[0], monarch_w2.shape[2])
+        if z is None:
+            raise ValueError("monarch_w2 given but the activation carries no stage-1 output z (quantize_activation "
+                             "with monarch_w1 gives it)")
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != want or z.device != weight.device:
+            got = f"{tuple(z.shape)} on {z.device}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must be (M, b, b·r) = {want} on {weight.device} for monarch_w2 "
+                             f"{tuple(monarch_w2.shape)}, got {got}")
     if out_spec is not None and (not isinstance(out_spec, QuantSpec) or out_spec.role is not Role.ACTIVATION
                                  or not out_spec.is_quantized):
         raise ValueError(f"out_spec must be a quantized activation spec, got {out_spec}")

@@ -51,12 +51,14 @@ def _fake_quantize_core(x2: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor
     lo = raw_lo.clamp(max=0.0) * clip
     hi = raw_hi.clamp(min=0.0) * clip
     rng = hi - lo
-    scale = torch.where(rng > 0, rng / (qmax - qmin), torch.ones_like(rng))
+    scale = rng / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # 0 where the range is 0 or underflows
     zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     if any_sym:
         # symmetric: amax = clip·max|x| = clip·max(−min x, max x), scale = amax / qmax, zp = 0
         amax = torch.maximum(-raw_lo, raw_hi) * clip
-        s_scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        s_scale = amax / qmax
+        s_scale = torch.where(s_scale > 0, s_scale, torch.ones_like(s_scale))
         scale = torch.where(sym, s_scale, scale)
         zp = torch.where(sym, torch.zeros_like(zp), zp)
     scale = scale.masked_fill(bad, float("nan"))

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..format import QuantSpec, QuantizedTensor
+from ..format import MAX_K, QuantSpec, QuantizedTensor
 from ..format.packing import LAYOUT_VERSION, pack, packed_dtype, packed_shape
 from ..kernels import PackedWeight, QuantizedActivation, cuda_layout, packed_linear, quantize_activation
 from ..kernels.derived import derived
@@ -66,6 +66,9 @@ class TreeQLinear(nn.Module):
         wspec = config.weight_spec()
         if not wspec.is_quantized:
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
+        if config.act_spec().is_quantized and in_features > MAX_K:
+            raise ValueError(f"{name or 'TreeQLinear'}: K={in_features} exceeds MAX_K={MAX_K}, where the kernels' "
+                             f"int32 accumulation could overflow; give it a weight-only config (A16) or keep it bf16")
         self.in_features, self.out_features = in_features, out_features
         self.config, self.name = config, name
         self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=compute_dtype or dtype, device=device),
