@@ -93,6 +93,15 @@ def test_a_searched_plan_refuses_another_model():
         plan.validate(net(12))
     with pytest.raises(PlanError, match="not a regular expression"):
         SearchSpace.build(model, [torch.randn(2, 8)], include="[")
+    for bad in (5, None, [8], [8, "16"], [True, 16]):   # an edited meta: a PlanError, not a TypeError/IndexError
+        d = plan.to_dict()
+        d["meta"]["layer_shapes"]["0"] = bad
+        with pytest.raises(PlanError, match=r"layer_shapes\['0'\] must be \[K, N\] \(two integers\)"):
+            QuantPlan.from_dict(d).validate(model)
+    d = plan.to_dict()
+    d["meta"]["layer_shapes"] = [[8, 16]]
+    with pytest.raises(PlanError, match="layer_shapes must map layer names to"):
+        QuantPlan.from_dict(d).validate(model)
 
 
 def test_directories_and_files_in_each_others_place(tmp_path):

@@ -29,6 +29,8 @@ def test_ip_is_exact_against_brute_force(kind, limits):
     assert cost.fits(cost.total(a), b)
     with pytest.raises(BudgetError, match="no solution"):
         solve_ip(sens, cost, Budget(kind, tuple(0.1 for _ in limits)))
+    with pytest.raises(ValueError, match="every per-layer sensitivity is NaN/Inf"):
+        solve_ip(np.full_like(sens, np.nan), cost, b)
 
 
 def test_random_plans_meet_the_budget_and_are_reproducible():
@@ -40,6 +42,16 @@ def test_random_plans_meet_the_budget_and_are_reproducible():
     assert cost.fits(totals, b).all()
     assert len({tuple(a) for a in p}) == 20
     assert (totals / b.limits).max(axis=1).min() > 0.9          # repaired just inside the budget, not far below
+    for a, total in zip(p, totals):   # and filled: no leaf can move to a dearer candidate that still fits
+        delta = cost.table - cost.table[np.arange(30), a][:, None, :]
+        up = (delta <= np.asarray(b.limits) - total).all(axis=-1) & ((delta / b.limits).sum(axis=-1) > 1e-12)
+        assert not up.any()
+    # on a grid of bits (every W with every A), each limited dimension is spent up to one step of one leaf
+    grid = np.stack(np.broadcast_arrays(np.array([2.0, 3, 4, 8])[:, None], np.array([3.0, 4, 8])[None]), -1)
+    bits = CostModel("wa", np.broadcast_to(grid.reshape(1, 12, 2) / 40, (40, 12, 2)).copy(), np.zeros(2))
+    for limits in [(4.0, 8.0), (8.0, 4.0), (4.0, 4.0), (3.0, 3.0)]:
+        spent = np.array([bits.total(a) for a in random_plans(bits, Budget("wa", limits), 10)])
+        assert (spent <= np.array(limits) + 1e-9).all() and (spent >= np.array(limits) - 4 / 40 - 1e-9).all()
     np.testing.assert_array_equal(p, random_plans(cost, b, 20, seed=3))
     assert not np.array_equal(p, random_plans(cost, b, 20, seed=4))
     with pytest.raises(BudgetError, match="no plan meets"):

@@ -171,6 +171,11 @@ def test_full_precision_candidates_score_zero_and_errors(setup):
         Evaluator(model, DiTRunner(model), space, inputs, Environment(LayerConfig(4, 4)), group=0)
     with pytest.raises(PlanError, match="λ must be in"):
         Environment(LayerConfig(4, 4), 1.5)
+    x, t, y = (v.clone() for v in inputs)
+    x[1] = float("inf")   # every MSE against a non-finite reference would be NaN: an error, not a silent plan
+    ev = Evaluator(model, DiTRunner(model, output_fn=eps), space, (x, t, y), Environment(LayerConfig(4, 4)))
+    with pytest.raises(ValueError, match=r"full-precision model's output on the calibration inputs is not finite"):
+        ev.evaluate(0, 1, np.zeros((1, 1), dtype=np.int64))
 
 
 def test_tensor_summary_is_exact_and_order_free():

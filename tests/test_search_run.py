@@ -4,7 +4,7 @@ import pytest
 
 from tinydit import TinyDiT, calibration, eps, one_thread  # noqa: F401
 from treeq_engine.plan import LayerConfig, PlanError, QuantPlan
-from treeq_engine.search import Budget, BudgetError, DiTRunner, SearchSpace
+from treeq_engine.search import Budget, BudgetError, DiTRunner, SearchSpace, describe
 from treeq_engine.search.run import SearchConfig, load_plan, search, validate_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,6 +37,14 @@ def test_search_writes_a_valid_plan_report_plot_and_baselines(tmp_path):
         validate_plan(plan, model, space, Budget.parse("W2.5A4"))
     with pytest.raises(PlanError, match="does not have"):
         validate_plan(plan.with_layer("blocks.9.attn.qkv", LayerConfig(4, 4)), model, space)
+    # a bytes budget counts the fixed layers as the plan has them: left out (bf16) they cost more than at W8A8
+    full = describe(space, space.assignment(plan))["bytes"]
+    validate_plan(plan, model, space, Budget("bytes", (full,)))
+    d = plan.to_dict()
+    for leaf, _ in space.fixed:
+        del d["layers"][leaf.name]
+    with pytest.raises(BudgetError, match=r"violates the budget .*: bytes = "):
+        validate_plan(QuantPlan.from_dict(d), model, space, Budget("bytes", (full,)))
     with pytest.raises(PlanError, match="unsupported weight bit-width 5"):
         QuantPlan.from_dict({**plan.to_dict(), "layers": {"blocks.0.attn.qkv": {"w_bits": 5, "a_bits": 4}}})
     with pytest.raises(PlanError, match="does not exist"):

@@ -49,6 +49,20 @@ def test_without_drops_the_root_front_is_the_exhaustive_front(tiny):
         assert cost.fits(cost.total(a), b)
 
 
+def test_one_leaf_and_a_node_that_scores_only_nan(tiny):
+    """One leaf is scored as the whole tree (its bound counts it); a node whose every config scores NaN (the
+    quantized model overflows there) is an error naming its leaves, not a plan chosen among NaNs."""
+    model, inputs, big = tiny
+    space = SearchSpace(big.leaves[:1], big.candidates, big.fixed[:0], 0)
+    ev = make(tiny, space=space)
+    res = tree_search(ev, cost_model(space, "wa"), keep=16, progress=False)
+    assert res.evaluations == len(space.candidates) == res.evaluation_bound
+    ev = make(tiny)
+    ev.evaluate = lambda lo, hi, rows: np.full(len(rows), np.nan)
+    with pytest.raises(ValueError, match=r"every config of leaves 0\.\.0 \(blocks\.0\.\S+ \.\. .*scored NaN"):
+        tree_search(ev, cost_model(ev.space, "wa"), keep=4, progress=False)
+
+
 def test_counts_pruning_and_the_uniform_anchor(tiny):
     ev = make(tiny)
     space = ev.space

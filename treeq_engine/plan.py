@@ -205,8 +205,13 @@ class QuantPlan:
             raise PlanError(f"{read[:4]} belong to a module that reads their weights as tensors instead of calling "
                             f"them ({', '.join(TENSOR_READERS)}): packed, they would run unquantized; leave them out")
         shapes = self.meta.get(SHAPES_KEY)   # a searched plan records its layers' shapes: another model's is refused
+        if shapes is not None and not isinstance(shapes, Mapping):
+            raise PlanError(f"plan meta {SHAPES_KEY} must map layer names to [K, N], got {type(shapes).__name__}")
         if isinstance(shapes, Mapping):
             for n, shape in shapes.items():
+                if not (isinstance(shape, (list, tuple)) and len(shape) == 2
+                        and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+                    raise PlanError(f"plan meta {SHAPES_KEY}[{n!r}] must be [K, N] (two integers), got {shape!r}")
                 if n in self.layers and n in modules:
                     have = list(layer_dims(modules[n]))
                     if list(shape) != have:

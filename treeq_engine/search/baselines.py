@@ -6,8 +6,9 @@
   other layer in full precision (an evaluator whose environment has λ = 0); the plan minimising the sum of
   sensitivities under the budget is solved exactly by scipy's MILP (HiGHS). ``n·C`` evaluations.
 * ``random_baseline``: the best of N random plans at the budget. A plan draws each leaf's candidate uniformly,
-  then, while it overspends, moves a random overspending leaf to a random cheaper candidate: plans end up just
-  inside the budget, as a searched plan does.
+  then, while it overspends, moves a random overspending leaf to a random cheaper candidate; then, while any
+  leaf can move to a dearer candidate that still fits, moves a random such leaf to a random such candidate: plans
+  end up spending the budget in every limited dimension, up to one step of one leaf, as a searched plan does.
 
 Every plan is finally scored by the same plan evaluator (λ = 1: the PTQ error), so the MSEs compare directly.
 """
@@ -72,6 +73,9 @@ def solve_ip(sens: np.ndarray, cost: CostModel, budget: Budget) -> np.ndarray:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n, c = sens.shape
+    if n and not np.isfinite(sens).any():
+        raise ValueError("every per-layer sensitivity is NaN/Inf: the quantized model's output is not finite, so "
+                         "the integer program has nothing to rank")
     d = cost.table.shape[-1]
     lim = np.asarray(budget.limits, dtype=np.float64)
     pick = np.kron(np.eye(n), np.ones((1, c)))                         # Σ_c x[i, c] = 1
@@ -123,6 +127,15 @@ def random_plans(cost: CostModel, budget: Budget, count: int, seed: int = 0) -> 
             i = int(rng.choice(movable))
             cheaper = np.flatnonzero(spend[i] < now[i] - 1e-12)
             a[i] = int(rng.choice(cheaper))
+        while True:   # then spend what the reduction (or the draw) left: each move raises the spend, so it ends
+            room = lim * (1 + 1e-9) - cost.total(a)
+            delta = cost.table - cost.table[np.arange(n), a][:, None, :]            # (n, c, d)
+            up = (delta <= room).all(axis=-1) & ((delta / lim).sum(axis=-1) > 1e-12)
+            movable = np.flatnonzero(up.any(axis=1))
+            if not len(movable):
+                break
+            i = int(rng.choice(movable))
+            a[i] = int(rng.choice(np.flatnonzero(up[i])))
         plans[p] = a
     return plans
 

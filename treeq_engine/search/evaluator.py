@@ -327,7 +327,13 @@ class Evaluator:
             for m in (m for unit in self._units for m in unit):   # evaluations re-apply the environment first
                 m.set_group_configs(None)
                 m.set_config(None)
-            self._reference = [self._run(0, c) for c in self._chunks]
+            ref = [self._run(0, c) for c in self._chunks]
+            bad = [i for i, r in enumerate(ref) if not bool(torch.isfinite(r).all())]
+            if bad:   # every MSE against it would be NaN, and a search would return the cheapest plan silently
+                raise ValueError(f"the full-precision model's output on the calibration inputs is not finite (NaN/Inf "
+                                 f"in {len(bad)} of {len(ref)} chunks, first chunk {bad[0]}): check the calibration "
+                                 "inputs, and the model's weights and dtype (float16 overflows)")
+            self._reference = ref
         return self._reference
 
     @torch.no_grad()

@@ -93,6 +93,9 @@ def validate_plan(plan: QuantPlan, model: nn.Module, space: SearchSpace, budget:
     a :class:`PlanError` saying which."""
     plan.validate(model)
     a = space.assignment(plan)
+    if budget is not None and budget.kind == "bytes":
+        # the fixed layers' bytes as the plan has them (absent: bf16), not as this search would have fixed them
+        space = dataclasses.replace(space, fixed=tuple((leaf, plan.layers.get(leaf.name)) for leaf, _ in space.fixed))
     if budget is not None:
         check_budget(space, a, budget, latency_table=latency_table, serve_batch=serve_batch)
 

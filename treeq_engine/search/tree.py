@@ -102,9 +102,9 @@ class SearchResult:
     @property
     def evaluation_bound(self) -> int:
         """``(n − 1)·K²`` for the merges, plus ``n·C`` when the leaves' ``C`` candidates are more than K (they are
-        scored once to drop them to K)."""
+        scored once to drop them to K) or when one leaf is the whole tree."""
         n, k = self.root.hi - self.root.lo, max(self.keep, self.slots)
-        return (n - 1) * k ** 2 + (n * self.candidates if self.candidates > k else 0)
+        return (n - 1) * k ** 2 + (n * self.candidates if self.candidates > k or n == 1 else 0)
 
 
 class RootScorer(Protocol):
@@ -221,6 +221,11 @@ def _score(evaluator: Evaluator, nodes: list[Node], todo: list[int], bar: tqdm) 
     scores = distributed.all_sum(scores)
     for j in todo:
         nodes[j].mse = scores[at[j]: at[j] + len(nodes[j].mse)]
+        if len(nodes[j].mse) and np.isnan(nodes[j].mse).all():   # no config to prefer: the answer would be noise
+            names = evaluator.space.leaves
+            raise ValueError(f"every config of leaves {nodes[j].lo}..{nodes[j].hi - 1} ({names[nodes[j].lo].name} .. "
+                             f"{names[nodes[j].hi - 1].name}) scored NaN: the quantized model's output is not finite "
+                             "there (a float16 overflow, or weights holding NaN/Inf)")
     return len(scores)
 
 
