@@ -14,7 +14,7 @@ linears, peak memory during the replay.
 
 Floors (H100, per forward, B = 32, M = 8192 tokens): the 140 block linears do 2·M·Σ(K·N) ≈ 2·8192·(28·19.9M) ≈
 9.1 TFLOP → 9.2 ms at 989 TFLOP/s (bf16) or 4.6 ms at 1979 TOPS (8-bit); attention adds ≈ 2·2·M·T·D·28 ≈ 0.54
-TFLOP. The measured bf16 torch.compile forward is 17.2 ms (research/h100-baselines.md).
+TFLOP. The measured bf16 torch.compile forward is 17.2 ms (docs/sources.md).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from record import RESULTS, git_commit, save_json, write_section  # noqa: E402  
 BEGIN, END = "<!-- bench_e2e:begin -->", "<!-- bench_e2e:end -->"
 PBEGIN, PEND = "<!-- bench_e2e:predictions:begin -->", "<!-- bench_e2e:predictions:end -->"
 
-# Measured on our H100 (research/h100-baselines.md; DiT-XL/2 256 px, random weights, whole forward replayed as a
+# Measured on our H100 (docs/sources.md; DiT-XL/2 256 px, random weights, whole forward replayed as a
 # CUDA graph, ms): bf16 eager, bf16 torch.compile, FP8 rowwise linears + compile.
 RECORDED_MS = {1: (2.97, 1.85, 2.07), 8: (8.35, 4.78, 5.37), 32: (27.64, 17.18, 16.46)}
 
@@ -319,7 +319,7 @@ def predict(args: argparse.Namespace) -> str:
              "Written by `python benchmarks/bench_e2e.py --predict` (CPU). Weight memory is exact (the packed "
              "modules' bytes: codes, per-channel scale, zero point and column sum, bias, Monarch factors; "
              "linears only, the fixed layers at W8A8). Times are **predictions**: the bf16 torch.compile forward "
-             "as recorded on our H100 (research/h100-baselines.md), split into its block linears by "
+             "as recorded on our H100 (docs/sources.md), split into its block linears by "
              "bench_gemm's kernel model (the same model as the GEMM predictions above; it reproduces the "
              "measured cuBLAS times within 5 %) and the rest; then the block linears swapped for the model's "
              "fused W4A8 times (quantization kernel + Gluon GEMM; W4A4 costs the same on Hopper), with and "

@@ -52,7 +52,7 @@ BEGIN, END = "<!-- bench_gemm:begin -->", "<!-- bench_gemm:end -->"
 PBEGIN, PEND = "<!-- bench_gemm:predictions:begin -->", "<!-- bench_gemm:predictions:end -->"
 QBEGIN, QEND = "<!-- bench_gemm:probe:begin -->", "<!-- bench_gemm:probe:end -->"
 
-# The prediction model (not a measurement). Calibrated on research/h100-baselines.md: cuBLAS bf16 reaches
+# The prediction model (not a measurement). Calibrated on docs/sources.md: cuBLAS bf16 reaches
 # ~650 TFLOP/s on these shapes plus ~3 µs of latency/tail (7.0 / 33.9 / 134 µs at M = 256 / 2048 / 8192 for
 # K = 1152, N = 4608 are reproduced within 5 %); a plain-Triton int8 GEMM ran 1.24–1.40× bf16 (~860 TOPS).
 MODEL = dict(bf16_tops=650e12, plain_int8_tops=860e12, plain_w4_tops=400e12, gluon_int8_tops=1100e12,
@@ -198,7 +198,7 @@ def render_predictions() -> str:
     impls = ["plain W8A8", "plain W4A8", "gluon W4A8", "gluon W4A8 no branch", "gluon W4A8 gemm"]
     out = [PBEGIN, "## GEMM on the DiT-XL/2 shapes: floors and predictions (no GPU measurement yet)", "",
            "Written by `python benchmarks/bench_gemm.py --predict` (CPU). **Predictions, not measurements**: a "
-           "roofline-style model calibrated on the H100 peers of `research/h100-baselines.md`: cuBLAS bf16 "
+           "roofline-style model calibrated on the H100 peers of `docs/sources.md`: cuBLAS bf16 "
            f"{MODEL['bf16_tops'] / 1e12:.0f} TFLOP/s + {MODEL['tail_us']:.0f} µs tail; plain-Triton int8 "
            f"{MODEL['plain_int8_tops'] / 1e12:.0f} TOPS for 8-bit weights (measured 1.24–1.40× bf16 there), "
            f"{MODEL['plain_w4_tops'] / 1e12:.0f} TOPS for unpacked 4-bit weights (three such layouts measured "

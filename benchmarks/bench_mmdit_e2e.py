@@ -14,7 +14,7 @@ which the attention's QKᵀ and AV are about 15 TFLOP, 4·S²·D per block): 75 
 TFLOP/s); with the linears at the int8 peak (1979 TOPS, 30 ms) and the attention in bf16 (15 ms), 45 ms. The
 weights stream once per forward: 22.2 GiB / 3.35 TB/s = 7 ms in bf16, 1.8 ms at W4: compute-bound. Prediction,
 before any run: if the packed GEMMs reach the 1.24–1.40× over cuBLAS bf16 that a plain Triton W8A8 GEMM reached at
-M = 2048–8192 (research/h100-baselines.md), with 80 % of the FLOPs in the linears, the forward gains about
+M = 2048–8192 (docs/sources.md), with 80 % of the FLOPs in the linears, the forward gains about
 1.2–1.3× (Amdahl), W4A8 no more than W8A8 (Hopper has no 4-bit tensor-core MMA).
 
     python benchmarks/bench_mmdit_e2e.py                       # GPU: FLUX.1-dev at 1024 px into RESULTS.md

@@ -91,7 +91,7 @@ def predict(args: argparse.Namespace) -> str:
     evals = sum(r for lv in levels for r, _ in lv)
     flops, fq_elems, wparams = block_costs(cfg)
     floor_flop = sample_blocks * flops / BF16_PEAK
-    from bench_e2e import RECORDED_MS   # the recorded DiT-XL/2 forwards (research/h100-baselines.md)
+    from bench_e2e import RECORDED_MS   # the recorded DiT-XL/2 forwards (docs/sources.md)
 
     eager_ms = RECORDED_MS[32][0]                            # bf16 eager at batch 32, CUDA graph
     eager_us = eager_ms * 1e3 / (32 * cfg.depth)            # µs per sample·block, the model's own eager forward
@@ -114,7 +114,7 @@ def predict(args: argparse.Namespace) -> str:
              f"elements fake-quantized).", "",
              f"FLOP floor (bf16 dense peak {BF16_PEAK / 1e12:.0f} TFLOP/s): **{floor_flop / 60:.1f} min**. Per "
              f"sample·block the prediction adds the bf16 eager forward as recorded on our H100 in "
-             f"research/h100-baselines.md (a peer baseline, not a TreeQ run: {eager_ms} ms for "
+             f"docs/sources.md (a peer baseline, not a TreeQ run: {eager_ms} ms for "
              f"DiT-XL/2 at batch 32: {eager_us:.1f} µs per sample·block, norms, attention and elementwise included; "
              f"the search runs G·N = {args.group * args.samples} samples per forward, so its GEMMs are at least as "
              f"efficient), the activation fake-quant at the measured copy rate (3.0 TB/s), and the stacked candidate weights (at most: "

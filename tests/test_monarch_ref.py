@@ -39,7 +39,7 @@ def test_projection_exact_and_optimal(gen):
     p1, p2 = monarch.project(dense, b, r)
     rel = (monarch.to_dense(p1.double(), p2.double(), n, k) - dense).norm() / dense.norm()
     assert rel < 1e-5
-    # identity: the known 1/3 relative error at b = 32 on 1152 (research/paper.md §4.3)
+    # identity: the known 1/3 relative error at b = 32 on 1152 (docs/sources.md)
     eye = torch.eye(1152)
     q1, q2 = monarch.project(eye, 32, 1)
     assert abs(float((monarch.to_dense(q1, q2, 1152, 1152) - eye).norm() / eye.norm()) - 1 / 3) < 1e-3

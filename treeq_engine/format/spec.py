@@ -1,7 +1,7 @@
 """The quantization spec: one frozen record per tensor, the single source of truth for the numeric format.
 
 Codes are always *signed* integers in ``[qmin, qmax] = [-2**(b-1), 2**(b-1) - 1]`` so that every bit-width
-feeds the same int8 tensor-core path (Hopper has no int4 MMA; see ``research/kernels.md`` §0). The real value
+feeds the same int8 tensor-core path (Hopper has no int4 MMA; see ``docs/sources.md``). The real value
 of a code is ``scale * (q - zero_point)``:
 
 * symmetric: ``zero_point = 0``, ``scale = clip * amax / qmax``; the grid keeps ``qmin`` (codes are clamped to

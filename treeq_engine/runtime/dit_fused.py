@@ -1,7 +1,7 @@
 """Fused DiT blocks for packed inference: LayerNorm + adaLN modulate + quantization in one kernel.
 
 In a DiT block the inputs of ``attn.qkv`` and ``mlp.fc1`` are ``modulate(LayerNorm(x), shift, scale)``; a
-row-owning quantization kernel can read ``x`` once and do all three (research/kernels.md §5.3). ``fc1``'s
+row-owning quantization kernel can read ``x`` once and do all three (docs/sources.md). ``fc1``'s
 epilogue also applies GELU and, where ``fc2`` carries no branch (whose first stage needs the unquantized row),
 quantizes straight into ``fc2``'s activation format. ``proj``'s and ``fc2``'s epilogues add the gated residual
 (``x + gate ⊙ y``) as they store, where those layers are packed with quantized activations: that saves a multiply

@@ -6,7 +6,7 @@
 
 A pipeline calls its transformer once per denoising step with the same shapes, so each call shape is captured
 once (on first use, after a warm-up) and every later step is one graph replay instead of hundreds of kernel
-launches, which at batch 1–8 is what sets the time (research/h100-baselines.md). For DiT and PixArt the call's
+launches, which at batch 1–8 is what sets the time (docs/sources.md). For DiT and PixArt the call's
 arguments are brought to the search runner's input tuple (``DiffusersRunner.inputs``: the timestep broadcast to
 the batch, a missing caption mask as ones, what the runner cannot reproduce an error) and the graph runs the
 runner's forward, which tests hold bit-identical to the transformer's own. Any other transformer (SD3, Flux,

@@ -1,7 +1,7 @@
 """Capture a fixed-shape step (one denoising step, one forward) in a CUDA graph and replay it.
 
 At DiT sizes a forward is hundreds of small kernels: at batch 1–8 launch overhead, not arithmetic, sets the
-time (research/h100-baselines.md), so the runtime replays whole steps as graphs. Inputs are copied into static
+time (docs/sources.md), so the runtime replays whole steps as graphs. Inputs are copied into static
 buffers before each replay; the returned output is the graph's static buffer (clone it to keep it past the next
 replay).
 """

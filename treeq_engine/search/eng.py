@@ -1,6 +1,6 @@
 """Environmental Noise Guidance (ENG): the setting of every layer outside the node being scored.
 
-Reading (the paper's equation is not available; ``shared/research/paper.md`` §3.2, reading A): while a node's
+Reading (the paper's equation is not available; ``docs/sources.md``, reading A): while a node's
 candidates are scored, each layer outside it runs at the *environment* config (the budget's uniform bits, e.g.
 W4A4 for a W4A4 budget) with its quantization error scaled by one scalar λ ∈ [0, 1]:
 

@@ -25,7 +25,7 @@ walks the ``b`` input blocks instead, ``Kb`` gathered columns each, and computes
 codes and row sums. Re-reading x costs L2 traffic, not HBM, and keeps registers at ``BM × BK``. Codes are stored one
 per byte: the GEMM's MMA reads int8 from shared memory, and nibble-packed activations would need an unpack between
 TMA and the MMA (the register round trip that made every plain-Triton W4 layout slower than bf16,
-research/h100-baselines.md).
+docs/sources.md).
 
 Non-finite rows (after preprocessing) get scale NaN, zero point 0, codes 0 and row sum 0, as the oracle's
 ``nonfinite="propagate"``; their z holds the NaNs stage 1 produces.

@@ -2,7 +2,7 @@
 
 Hopper has no int4 MMA; every format runs on ``wgmma.mma_async.s32.s8.s8``. Plain Triton feeds a tl.dot
 operand computed in registers back through shared memory, which broke every W4 layout tried
-(research/h100-baselines.md). Here the weight tile is the A operand in registers ("RS" wgmma): weights on the
+(docs/sources.md). Here the weight tile is the A operand in registers ("RS" wgmma): weights on the
 MMA's M side (output channels), tokens on N, activation codes through shared memory.
 
 Math: as gemm.py, with the weight codes fed *in offset binary* ``u = q + 2^(b−1) ∈ [0, 2^b)`` (b < 8): a byte of
