@@ -70,6 +70,14 @@ def test_frechet_distance(gen):
     assert frechet_distance(np.zeros(3), np.diag(a), np.array([1.0, 0, 0]), np.diag(b)) == pytest.approx(want)
     with pytest.raises(ValueError, match="shapes do not match"):
         frechet_distance(mu1, s1, mu1[:3], s1[:3, :3])
+    # identical rank-deficient fits (fewer samples than features) at a large scale: 0 up to rounding
+    big = rng.normal(size=(40, 200)) * 1e3
+    mu, s = feature_stats(big)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-6 * np.trace(s)
+    mu1b, s1b = feature_stats(torch.from_numpy(f1).bfloat16())   # numpy has no bfloat16: cast, not a TypeError
+    assert s1b.shape == (6, 6)
+    mu_1, s_1 = feature_stats(np.array([[1.0], [3.0], [2.0]]))   # one feature: still (F,) and (F, F)
+    assert mu_1.shape == (1,) and s_1.shape == (1, 1)
     with pytest.raises(ValueError, match="N >= 2"):
         feature_stats(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="NaN"):
@@ -81,6 +89,10 @@ def test_class_accuracy():
     assert class_accuracy(logits, torch.tensor([1, 0, 0, 0])) == 0.75
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         class_accuracy(logits, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="no samples"):
+        class_accuracy(logits[:0], torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class indices"):
+        class_accuracy(logits, torch.tensor([0.5, 0.0, 0.0, 0.0]))
 
 
 def test_eps_probe(gen):
@@ -89,6 +101,11 @@ def test_eps_probe(gen):
     probe = EpsProbe.build(fp, x0, timesteps=5, seed=3)
     assert sorted(torch.unique(probe.t).tolist()) == [0, 250, 500, 749, 999]
     assert probe.mse(fp) == 0.0
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="timesteps must be a positive int"):
+            EpsProbe.build(fp, x0, timesteps=bad)
+    with pytest.raises(ValueError, match="at least timesteps=30 samples"):
+        EpsProbe.build(fp, x0, timesteps=30)   # 20 samples: the noisiest timesteps would get none
     again = EpsProbe.build(fp, x0, timesteps=5, seed=3)
     assert torch.equal(again.x, probe.x) and torch.equal(again.y, probe.y)  # seeded
     other = random_weights(DiT(dit_config("DiT-test-1ch")), gen, std=0.1)

@@ -118,6 +118,87 @@ def test_gradients_flow_and_cache(gen):
         assert q.quantized_weight() is not a  # weight changed: recomputed
 
 
+def _ref(q, x):
+    return torch.nn.functional.linear(fake_quantize(x, q.act_spec), fake_quantize(q.weight, q.weight_spec), q.bias)
+
+
+def test_cache_across_modes_and_unseen_writes(gen):
+    """A weight cached under inference_mode is not reused where autograd may save it (that crashed the backward);
+    a fused optimizer's step, which the version counters miss, is caught by clear_caches."""
+    from treeq_engine.nn import clear_caches
+
+    q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8))
+    q.weight.requires_grad_(False)
+    q.bias.requires_grad_(False)
+    x = torch.randn(4, 16, generator=gen)
+    with torch.inference_mode():
+        q(x)
+    xg = x.clone().requires_grad_(True)
+    q(xg).sum().backward()   # frozen base weight, gradient for x (PEFT's case)
+    assert xg.grad is not None
+    q.weight.requires_grad_(True)
+    opt = torch.optim.SGD(q.parameters(), lr=0.5, fused=True) if _fused_ok() else None
+    if opt is not None:
+        with torch.no_grad():
+            q(x)
+        q(x).pow(2).sum().backward()
+        opt.step()
+        clear_caches(q)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x), _ref(q, x), rtol=0, atol=0)
+
+
+def _fused_ok():
+    try:
+        torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, fused=True)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def test_grouped_mode_agrees_with_single_mode(gen):
+    """full_precision wins over groups (as over a config); a branch attached while grouped is used; under
+    autocast the grouped output has single mode's dtype."""
+    from treeq_engine.branches import MonarchBranch
+
+    q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8))
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad():
+        q.set_group_configs([LayerConfig(2, 3)] * 2)
+        q.full_precision = True
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.weight, q.bias), rtol=0, atol=0)
+        q.full_precision = False
+        q(x)
+        q.branch = MonarchBranch(8, 16, blocks=2, rank=1)
+        nn.init.normal_(q.branch.w1)
+        nn.init.normal_(q.branch.w2)
+        grouped = q(x)
+        q.set_group_configs(None)
+        q.set_config(LayerConfig(2, 3))
+        torch.testing.assert_close(grouped, q(x), rtol=1e-5, atol=1e-5)
+        q.branch = None
+        q.set_group_configs([LayerConfig(4, 8)] * 2)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = q(x)
+            q.set_group_configs(None)
+            assert y.dtype == q(x).dtype == torch.bfloat16
+
+
+def test_load_state_dict_checks_a_frozen_weight(gen):
+    q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8))
+    q.freeze_weight()
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    q.load_state_dict(sd)   # its own state loads
+    for field, value, msg in (("w_scale", -1.0, "frozen scale must be finite and positive"),
+                              ("w_codes", 100, r"codes outside \[-8, 7\]"),
+                              ("w_zero_point", 9, r"frozen zero_point must lie in \[-8, 7\]")):
+        bad = {k: v.clone() for k, v in sd.items()}
+        bad[field].view(-1)[0] = value
+        with pytest.raises(RuntimeError, match=msg):
+            q.load_state_dict(bad)
+        assert torch.equal(q.w_codes, sd["w_codes"]) and torch.equal(q.w_scale.detach(), sd["w_scale"])
+
+
 def test_bad_input_shape():
     q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8), name="blk.fc")
     with pytest.raises(ValueError, match="blk.fc: input has 15 features, expected 16"):

@@ -81,12 +81,14 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: in
 
 def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(F,)`` and covariance ``(F, F)`` (unbiased, float64) of features ``(N, F)``."""
-    f = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    # (float64 first: numpy has no bfloat16)
+    f = np.asarray(features.detach().cpu().double() if isinstance(features, torch.Tensor) else features,
+                   dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be (N, F) with N >= 2, got shape {f.shape}")
     if not np.isfinite(f).all():
         raise ValueError("features contain NaN or Inf")
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -132,8 +134,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·(Σ1·Σ2)^½)`` between two Gaussians (FID's formula).
 
     Both fits are checked first (:func:`check_gaussian`: finite, matching shapes, Σ symmetric PSD), since they
-    may come from a user's file. tr((Σ1Σ2)^½) is computed as tr((A·Σ2·A)^½) with A = Σ1^½ (same eigenvalues,
-    symmetric, so it stays real and stable for the rank-deficient covariances small sample sets give)."""
+    may come from a user's file. tr((Σ1Σ2)^½) is computed as the sum of the singular values of Σ1^½·Σ2^½ (the
+    square roots of the eigenvalues of Σ1^½·Σ2·Σ1^½, which Σ1·Σ2 shares), so it stays real, and, never squaring,
+    accurate for the rank-deficient covariances small sample sets give: two identical fits give 0 to rounding."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
@@ -141,9 +144,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                          f"{s2.shape}")
     mu1, s1 = check_gaussian(mu1, s1, "Fréchet distance: first Gaussian (mu1, sigma1)")
     mu2, s2 = check_gaussian(mu2, s2, "Fréchet distance: second Gaussian (mu2, sigma2)")
-    a = _sqrt_psd(s1)
-    m = a @ s2 @ a
-    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    tr_sqrt = float(np.linalg.svd(_sqrt_psd(s1) @ _sqrt_psd(s2), compute_uv=False).sum())
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
@@ -152,6 +153,10 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows of ``logits (N, K)`` whose argmax is ``labels (N,)``."""
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"logits must be (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("class accuracy of no samples: logits and labels are empty")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
 
 
@@ -180,6 +185,12 @@ class EpsProbe:
         and, unless ``labels`` are given, labels drawn from ``seed``."""
         from ..models.diffusion import create_diffusion
 
+        if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+            raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+        if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] < timesteps:
+            got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+            raise ValueError(f"x0 must be a tensor of at least timesteps={timesteps} samples (sample i is noised to "
+                             f"the (i mod timesteps)-th timestep: fewer would leave the noisiest out), got {got}")
         diffusion = diffusion if diffusion is not None else create_diffusion("")
         gen = torch.Generator().manual_seed(seed)
         n = x0.shape[0]

@@ -19,8 +19,10 @@ _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def stamp(t: torch.Tensor) -> tuple:
     """What identifies a tensor's contents for a cache: storage address, device, dtype and version counter (so
-    ``.data`` reassignment, ``.to()`` and in-place writes all invalidate). Inference tensors have no version
-    counter: an in-place write to one after its first use (under ``torch.inference_mode``) is not seen."""
+    ``.to()``, in-place writes and ``.data`` reassignment to new storage invalidate). Not seen: an in-place write
+    to an inference tensor after its first use (under ``torch.inference_mode``: no version counter), a
+    ``fused=True`` optimizer's step (it does not advance the counters), and a ``.data`` swap back to a storage
+    that was written through another tensor meanwhile (the parameter keeps its own counter)."""
     return (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version)
 
 

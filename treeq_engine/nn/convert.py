@@ -116,6 +116,13 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def clear_caches(model: nn.Module) -> None:
+    """Drop every converted layer's cached fake-quantized weights (:meth:`QuantLinear.clear_cache`): needed only
+    after writes their version counters do not see (a ``fused=True`` optimizer's step, ``weight.data`` swaps)."""
+    for m in quant_layers(model).values():
+        m.clear_cache()
+
+
 def apply_plan(model: nn.Module, plan: QuantPlan, *, strict: bool = True) -> None:
     """Set the configs of already converted layers; layers not in the plan go back to full precision."""
     layers = quant_layers(model)

@@ -29,7 +29,7 @@ inference is a different class (runtime), built from the same plan.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, cast
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -156,7 +156,7 @@ class QuantLinear(nn.Module):
         self._w_cache: tuple[Any, torch.Tensor] | None = None
         self._groups: tuple[LayerConfig | None, ...] | None = None
         self._wg_cache: dict[Any, torch.Tensor] = {}
-        self._gp_cache: dict[Any, Any] = {}   # per (λ, device): activation specs, branch mask
+        self._gp_cache: dict[Any, Any] = {}   # per (λ, device, no branch): activation specs, branch mask
         # the dim of the input that holds the samples, where grouped mode splits its candidates: 0, or 1 for a
         # sequence-first model (ERNIE-Image's (S, B, K)); the search sets it from its runner (``sample_dim``)
         self.sample_dim = 0
@@ -264,6 +264,22 @@ class QuantLinear(nn.Module):
         self.w_scale = nn.Parameter(scale.detach().to(dev).clone(), requires_grad=False)
         self._w_cache = None
 
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """``load_state_dict`` into a frozen layer checks the codes, scales and zero points as
+        :meth:`load_frozen` does (a NaN scale or a code off the grid would load and compute garbage); a bad one
+        is reported with the other loading errors and nothing of this layer is loaded."""
+        error_msgs = args[-1]
+        keys = [prefix + k for k in ("w_codes", "w_scale", "w_zero_point")]
+        if self.is_frozen and all(k in state_dict for k in keys):
+            codes, scale, zp = (state_dict[k] for k in keys)
+            try:
+                check_frozen(codes, scale.detach() if isinstance(scale, torch.Tensor) else scale, zp,
+                             cast(QuantSpec, self._frozen_spec), (self.out_features, self.in_features))
+            except ValueError as e:
+                error_msgs.append(f"{prefix or self.name or 'QuantLinear'}: {e}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def unfreeze_weight(self) -> None:
         self.w_codes = None
         self.w_zero_point = None
@@ -297,9 +313,21 @@ class QuantLinear(nn.Module):
         return self.weight - self.branch.dense().to(self.weight.dtype)
 
     def _cache_key(self) -> tuple:
-        """What an unfrozen layer's fake-quantized weight depends on (a frozen layer's is never cached)."""
+        """What an unfrozen layer's fake-quantized weight depends on (a frozen layer's is never cached). A weight
+        built under ``torch.inference_mode`` is an inference tensor, which autograd cannot save for a later
+        backward: it is not reused outside that mode."""
         deps = [] if self.branch is None else list(self.branch.parameters())
-        return tuple([self._config, self.noise_scale, stamp(self.weight)] + [stamp(p) for p in deps])
+        return tuple([self._config, self.noise_scale, torch.is_inference_mode_enabled(), stamp(self.weight)]
+                     + [stamp(p) for p in deps])
+
+    def clear_cache(self) -> None:
+        """Drop the cached fake-quantized weights. They are rebuilt when a weight's version counter moves, which
+        every in-place write does except a ``fused=True`` optimizer's step and writes through another tensor
+        later swapped in by ``weight.data = ...``: after those, call this (``nn.convert.clear_caches(model)`` for a
+        whole model). Also frees the memory grouped (search) mode keeps."""
+        self._w_cache = None
+        self._wg_cache = {}
+        self._gp_cache = {}
 
     def quantized_weight(self) -> torch.Tensor:
         """``Q̃_w(W − B)`` (frozen: the calibrated codes' values) in the weight's dtype. An unfrozen layer's is
@@ -375,9 +403,11 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
+        if self.full_precision:   # (also in grouped mode: the teacher is the float layer whatever the groups)
+            return F.linear(x, self.weight, self.bias)
         if self._groups is not None:
             return self._forward_groups(x)
-        if self._config is None or self.full_precision:
+        if self._config is None:
             return F.linear(x, self.weight, self.bias)
         xq = self.quantize_input(x)
         if self.is_frozen:   # (PEFT: the backward keeps the codes, not a dequantized copy and its graph)
@@ -407,7 +437,7 @@ class QuantLinear(nn.Module):
                                "torch.no_grad()")
         xg = x.reshape(g, -1, self.in_features)                                  # (G, R, K)
         lam = self.noise_scale
-        key = (lam, x.device)
+        key = (lam, x.device, self.branch is None)
         if key not in self._gp_cache:   # host-to-device copies once per config set, not per forward
             specs = [None if c is None or lam == 0.0 else c.act_spec() for c in groups]
             # (a host-to-device copy waits for the stream: built only where the branch needs it)
@@ -425,8 +455,8 @@ class QuantLinear(nn.Module):
                 weights[wkey] = self._group_weight(c)
         w = torch.stack([weights[None if c is None else c.weight_spec()] for c in groups])   # (G, N, K)
         y = torch.bmm(xq, w.transpose(1, 2))                                      # (G, R, N)
-        if self.bias is not None:
-            y = y + self.bias
+        if self.bias is not None:   # in y's dtype, as F.linear adds it (under autocast y is the autocast dtype)
+            y = y + self.bias.to(y.dtype)
         if self.branch is not None and any(c is not None for c in groups):
             y = y + self.branch(xg) * on.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
