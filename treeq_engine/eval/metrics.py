@@ -135,8 +135,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     Both fits are checked first (:func:`check_gaussian`: finite, matching shapes, Σ symmetric PSD), since they
     may come from a user's file. tr((Σ1Σ2)^½) is computed as the sum of the singular values of Σ1^½·Σ2^½ (the
-    square roots of the eigenvalues of Σ1^½·Σ2·Σ1^½, which Σ1·Σ2 shares), so it stays real, and, never squaring,
-    accurate for the rank-deficient covariances small sample sets give: two identical fits give 0 to rounding."""
+    square roots of the eigenvalues of Σ1^½·Σ2·Σ1^½, which Σ1·Σ2 shares), so it stays real and, never
+    squaring, accurate for the rank-deficient covariances small sample sets give (identical fits give 0)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
