@@ -176,6 +176,51 @@ def test_casting_a_quantized_model_keeps_its_storage(gen):
     assert meta.monarch_w1.dtype == torch.bfloat16 and meta.w_scale.dtype == torch.float32
 
 
+def test_double_keeps_float32_factors(gen):
+    """A float64 cast does not narrow float32 Monarch factors to bf16 (``.double().float()`` was lossy)."""
+    net = quantize(_net(), _plan(_net()), dtype=torch.float32)
+    lin = net.get_submodule(quantizable_linears(_net())[1])
+    w1 = lin.monarch_w1.clone()
+    net.double().float()
+    assert lin.monarch_w1.dtype == torch.float32 and torch.equal(lin.monarch_w1, w1)
+
+
+def test_a_refused_plan_leaves_the_model_as_it_was():
+    """Every layer is checked before the first swap: a plan refused at its second layer used to leave the first
+    packed, and a corrected plan then failed on it."""
+    m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="16-bit weights with quantized activations"):
+        quantize(m, QuantPlan({"0": LayerConfig(4, 8), "1": LayerConfig(16, 8)}))
+    assert not treeq_layers(m)
+    quantize(m, QuantPlan({"0": LayerConfig(4, 8), "1": LayerConfig(8, 8)}))
+    assert len(treeq_layers(m)) == 2
+
+
+def test_the_plan_decides_the_branch():
+    """A converted layer's own branch is packed only when it is the plan's: a plan without a branch packs none
+    (it had packed the module's, giving an artifact that would not load), another shape gets the plan's own
+    projection; a layer whose config names no branch but which holds one is refused."""
+    with_branch = LayerConfig(4, 8, branch=BranchConfig("monarch", 4, 1))
+    def converted():
+        m = convert(nn.Sequential(nn.Linear(16, 32)), QuantPlan({"0": with_branch}))
+        m[0].branch = MonarchBranch.from_config(with_branch.branch, 32, 16)
+        nn.init.normal_(m[0].branch.w1)
+        return m
+
+    m = quantize(converted(), QuantPlan({"0": LayerConfig(4, 8)}), dtype=torch.float32)
+    assert m[0].monarch_w1 is None
+    fresh = quantize(nn.Sequential(nn.Linear(16, 32)), QuantPlan({"0": LayerConfig(4, 8)}), dtype=torch.float32)
+    assert set(m[0].state_dict()) == set(fresh[0].state_dict())   # so its artifact loads into a fresh model
+    other = LayerConfig(4, 8, branch=BranchConfig("monarch", 2, 1))
+    m = quantize(converted(), QuantPlan({"0": other}), dtype=torch.float32)
+    assert tuple(m[0].monarch_w1.shape) == tuple(monarch.MonarchShape(32, 16, 2, 1).w1_shape)
+    bad = converted()
+    bad[0].set_config(LayerConfig(4, 8))
+    with pytest.raises(ValueError, match="its branch does not have the shape its config W4A8 names"):
+        quantize(bad, QuantPlan({"0": LayerConfig(4, 8)}))
+    assert not treeq_layers(bad)
+
+
 def test_packed_layer_answers_what_code_for_nn_linear_reads(gen):
     """diffusers models read a linear's ``weight`` (Z-Image: ``mlp[0].weight.dtype``) and a submodule's first
     parameter's dtype (Wan: ``next(iter(self.time_embedder.parameters())).dtype``). A packed layer answers both in

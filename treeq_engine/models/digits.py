@@ -99,13 +99,17 @@ def load_any_dit(path: str | Path, config: str | None = None, *, device: str | t
 def load_digits_dit(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> DiT:
     """The trained digits DiT (the shipped asset by default; or a ``.safetensors`` with its ``.json`` beside it),
     in eval mode."""
-    from .checkpoint import load_dit_checkpoint
+    from .checkpoint import CheckpointError, load_dit_checkpoint
 
     weights = Path(path) if path is not None else asset_path(DIT_ASSET, ".safetensors")
     meta_path = weights.with_suffix(".json")
     config = DIGITS_DIT
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        config = DiTConfig.from_dict(meta["config"])
+        try:
+            meta = json.loads(meta_path.read_text())
+            config = DiTConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{meta_path}: not the JSON beside a digits DiT (an object whose 'config' is a "
+                                  f"DiT config): {type(e).__name__}: {e}") from None
     model = load_dit_checkpoint(weights, config=config, map_location=device)
     return model.eval()

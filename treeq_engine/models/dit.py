@@ -71,6 +71,10 @@ class DiTConfig:
         if self.hidden_size % 4:
             raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos "
                              "position embedding)")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or \
+                not math.isfinite(self.mlp_ratio) or int(self.hidden_size * self.mlp_ratio) <= 0:
+            raise ValueError(f"DiTConfig.mlp_ratio must be a positive number (the MLP's width over hidden_size), "
+                             f"got {self.mlp_ratio!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.cfg_channels is not None and not 0 < self.cfg_channels <= self.out_channels:

@@ -1,7 +1,8 @@
 """TreeQ artifacts: a directory with the packed model (safetensors), its plan (JSON) and a manifest.
 
     <dir>/manifest.json     {"format": "treeq-artifact", "version": 2, "layout_version": 1, "model": ...,
-                             "model_config": {...}, "fingerprint": ..., "sha256": ..., "plan_sha256": ...}
+                             "model_config": {...}, "model_config_sha256": ..., "fingerprint": ...,
+                             "sha256": ..., "plan_sha256": ...}
     <dir>/plan.json         the QuantPlan
     <dir>/model.safetensors every tensor of the quantized model's state_dict
 
@@ -55,6 +56,12 @@ def fingerprint(model: nn.Module, plan: QuantPlan) -> str:
     return h.hexdigest()[:16]
 
 
+def _config_sha256(config: Any) -> str:
+    """Checksum of a manifest's model_config: the fingerprint sees only the packed layers' shapes, and settings
+    such as a DiT's head count change no shape."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,7 +88,8 @@ def save(model: nn.Module, plan: QuantPlan, path: str | Path, *, fp_fingerprint:
     _write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
     _write(out / "plan.json", plan.save)
     manifest = {"format": FORMAT, "version": VERSION, "layout_version": LAYOUT_VERSION, "model": plan.model,
-                "model_config": model_config or {}, "fingerprint": fp_fingerprint,
+                "model_config": model_config or {}, "model_config_sha256": _config_sha256(model_config or {}),
+                "fingerprint": fp_fingerprint,
                 "sha256": _sha256(out / "model.safetensors"), "plan_sha256": _sha256(out / "plan.json")}
     _write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
@@ -155,13 +163,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if man.get("version") != VERSION:
         raise ArtifactError(f"{p}: artifact version {man.get('version')!r}; this build reads {VERSION} — "
                             "re-quantize the model with this version")
+    if not isinstance(man.get("model_config", {}), dict):
+        raise ArtifactError(f"{p}/manifest.json: model_config must be a JSON object, got "
+                            f"{type(man['model_config']).__name__}")
+    if "model_config_sha256" in man and _config_sha256(man.get("model_config", {})) != man["model_config_sha256"]:
+        raise ArtifactError(f"{p}/manifest.json: model_config was changed: its checksum does not match (the weights "
+                            "were packed for the config it was written with)")
     if man.get("layout_version") != LAYOUT_VERSION:
         raise ArtifactError(f"{p}: weights packed with layout v{man.get('layout_version')}; this build reads "
                             f"v{LAYOUT_VERSION} — re-quantize the model with this version")
     return man
 
 
-def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
+def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype | None = None,
          map_location: str | torch.device = "cpu", layout: str = "auto", verify_codes: bool = False) -> nn.Module:
     """Load an artifact into ``model``, a freshly built full-precision instance of the same architecture
     (its weights are replaced); ``layout`` as in :func:`treeq_engine.runtime.set_layout` (by default, layers the
@@ -169,7 +183,9 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
     artifact holds is checked before ``model`` is changed (module docstring; the column sums against their bounds,
     and with ``verify_codes`` exactly against the codes, which unpacks every weight: seconds per 100 M weights on
     the CPU, for files another program wrote); should the final state-dict load still fail, ``model`` is left
-    part-swapped: build a fresh one."""
+    part-swapped: build a fresh one. ``dtype``: the model precision the packed layers are built for (it sets
+    their Monarch factors' storage: bf16 for a 16-bit model, float32 otherwise); ``None`` keeps the factors as
+    the artifact stores them (float32 ones from a float32 build load unrounded)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -194,6 +210,15 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
     if _sha256(weights) != man.get("sha256"):
         raise ArtifactError(f"{weights} is corrupt: its checksum does not match the manifest")
     plan.validate(model)
+    desc, cfg = man.get("model_config", {}), getattr(model, "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    if desc.get("arch") == "dit" and isinstance(desc.get("config"), dict) and callable(to_dict):
+        have = to_dict()
+        diff = sorted(k for k in set(have) | set(desc["config"]) if have.get(k) != desc["config"].get(k))
+        if diff:   # (settings such as num_heads change no shape: the fingerprint cannot see them)
+            raise ArtifactError(f"{p} was made for another model: its config differs in {diff} (artifact: "
+                                + ", ".join(f"{k}={desc['config'].get(k)!r}" for k in diff) + "; this model: "
+                                + ", ".join(f"{k}={have.get(k)!r}" for k in diff) + ")")
     fp = fingerprint(model, plan)
     if fp != man.get("fingerprint"):
         raise ArtifactError(f"{p} was made for another model (architecture fingerprint {man.get('fingerprint')}, "
@@ -203,6 +228,9 @@ def load(path: str | Path, model: nn.Module, *, dtype: torch.dtype = torch.bfloa
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"{weights} cannot be read: {e}") from None
     _check_state(state, model, plan, weights, verify_codes)
+    if dtype is None:
+        stored = {t.dtype for k, t in state.items() if k.endswith(".monarch_w1")}
+        dtype = torch.float32 if torch.float32 in stored else torch.bfloat16
     skeleton(model, plan, dtype=dtype)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -257,9 +285,24 @@ def _check_state(state: dict[str, torch.Tensor], model: nn.Module, plan: QuantPl
             codes = unpack(got["w_packed"].cpu(), spec.bits, k)
             if not torch.equal(codes.sum(1, dtype=torch.int64).to(torch.int32), col.cpu()):
                 raise ArtifactError(f"{where}: {name}.w_col_sum does not equal the sums of its codes")
-        for key in ("bias", "monarch_w1", "monarch_w2"):
+        shapes: dict[str, tuple[int, ...] | None] = {"bias": (n,) if model.get_submodule(name).bias is not None
+                                                     else None, "monarch_w1": None, "monarch_w2": None}
+        if cfg.branch is not None:
+            from ..branches import MonarchShape
+
+            mshape = MonarchShape(n=n, k=k, blocks=cfg.branch.blocks, rank=cfg.branch.rank)
+            shapes.update(monarch_w1=tuple(mshape.w1_shape), monarch_w2=tuple(mshape.w2_shape))
+        for key, want_shape in shapes.items():   # present exactly where the plan and the model say, of those shapes
             t = state.get(f"{name}.{key}")
-            if t is not None and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+            if (t is None) != (want_shape is None):
+                raise ArtifactError(f"{where}: {name}.{key} is " + ("missing" if t is None else
+                                    f"there, but the {cfg.label} layer has none"))
+            if t is None:
+                continue
+            if tuple(t.shape) != want_shape:
+                raise ArtifactError(f"{where}: {name}.{key} must be {want_shape} for a {cfg.label} layer (N={n}, "
+                                    f"K={k}), got {tuple(t.shape)}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise ArtifactError(f"{where}: {name}.{key} must be finite floats, got {t.dtype}")
     for key, t in model.state_dict().items():   # the rest: same name, same shape, no integer cast
         if key.rpartition(".")[0] in planned or key not in state:

@@ -182,8 +182,13 @@ def load_artifact_model(path: str, device: str = "cpu"):
     if desc.get("arch") != "dit":
         raise artifact.ArtifactError(f"{path}: `treeq sample` rebuilds DiT artifacts only, this one is "
                                      f"{desc.get('arch')!r}")
-    with torch.device("meta"):
-        model = DiT(DiTConfig.from_dict(desc["config"]))
+    if not isinstance(desc.get("config"), dict):
+        raise artifact.ArtifactError(f"{path}/manifest.json: model_config holds no DiT config (a JSON object)")
+    try:
+        with torch.device("meta"):
+            model = DiT(DiTConfig.from_dict(desc["config"]))
+    except (TypeError, ValueError) as e:
+        raise artifact.ArtifactError(f"{path}/manifest.json: its DiT config is not valid: {e}") from None
     model = model.to_empty(device=device)
     return artifact.load(path, model, map_location=device).eval()
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..branches import monarch
+from ..branches import MonarchShape, monarch
+from ..format import MAX_K
 from ..format import quantize as quantize_tensor
 from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..nn.convert import FUSED_PROJECTIONS, _set_submodule, runs_fused_projections
@@ -37,19 +38,48 @@ def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return w1.detach(), w2.detach()
 
 
-def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
-    """One layer -> TreeQLinear (TreeQPointwiseConv for a pointwise convolution), or for W16 the layer as a plain
-    Linear (the convolution as it is)."""
+def check_packable(mod: nn.Module, cfg: LayerConfig, name: str) -> None:
+    """Every refusal of :func:`pack_layer`, run for all layers before any is swapped (so a refused plan leaves the
+    model as it was) and by :func:`skeleton` (so an artifact's plan is held to what ``quantize`` would pack)."""
     plain_conv = is_pointwise_conv(mod)
     conv = plain_conv or isinstance(mod, QuantPointwiseConv)
     if not conv and not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {describe(mod)}: only linears and pointwise (1x1) convolutions pack")
-    weight, bias = (conv_weight(mod) if plain_conv else mod.weight), mod.bias
     if not cfg.weight_spec().is_quantized and (cfg.act_spec().is_quantized or cfg.branch is not None):
         # the simulation (nn.convert) would quantize these activations; a plain Linear would silently not
         raise ValueError(f"{name}: {cfg.label} has 16-bit weights with quantized activations or a branch, which no "
                          "packed layer runs (a W16 layer stays an unquantized nn.Linear): use W8 weights, or A16 "
                          "without a branch")
+    k, _ = layer_dims(mod)
+    if cfg.weight_spec().is_quantized and cfg.act_spec().is_quantized and k > MAX_K:
+        raise ValueError(f"{name}: K={k} exceeds MAX_K={MAX_K}, where the kernels' int32 accumulation could "
+                         "overflow; give it a weight-only config (A16) or keep it bf16")
+    if isinstance(mod, QuantLinear) and mod.is_frozen and mod.config != cfg:
+        # (packing it by the plan would round the float weight again and drop what calibration chose)
+        raise ValueError(f"{name}: calibrated at {mod.config}, but the plan asks for {cfg}: pack a calibrated model "
+                         "with the plan calibration returned (`treeq ptq`'s plan.json; `quantize --ptq DIR`)")
+    own = _branch_factors(mod) if isinstance(mod, QuantLinear) else None
+    if own is not None and mod.config == cfg and cfg.weight_spec().is_quantized and not _fits(own, cfg, mod):
+        raise ValueError(f"{name}: its branch does not have the shape its config {cfg.label} names "
+                         f"({cfg.branch}): the quantized path holds W − B for that branch")
+
+
+def _fits(factors: tuple[torch.Tensor, torch.Tensor], cfg: LayerConfig, mod: nn.Module) -> bool:
+    """Whether a module's branch factors are the ones ``cfg.branch`` describes (for this layer's shape)."""
+    if cfg.branch is None:
+        return False
+    k, n = layer_dims(mod)
+    shp = MonarchShape(n=n, k=k, blocks=cfg.branch.blocks, rank=cfg.branch.rank)
+    return tuple(factors[0].shape) == tuple(shp.w1_shape) and tuple(factors[1].shape) == tuple(shp.w2_shape)
+
+
+def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) -> nn.Module:
+    """One layer -> TreeQLinear (TreeQPointwiseConv for a pointwise convolution), or for W16 the layer as a plain
+    Linear (the convolution as it is)."""
+    check_packable(mod, cfg, name)
+    plain_conv = is_pointwise_conv(mod)
+    conv = plain_conv or isinstance(mod, QuantPointwiseConv)
+    weight, bias = (conv_weight(mod) if plain_conv else mod.weight), mod.bias
     if not cfg.weight_spec().is_quantized:  # stays a Linear in the model's own precision, like its neighbours
         if conv:
             return mod if plain_conv else mod.to_conv()
@@ -61,10 +91,8 @@ def pack_layer(mod: nn.Module, cfg: LayerConfig, name: str, dtype: torch.dtype) 
                 lin.bias.copy_(bias)
         return lin
     factors = _branch_factors(mod) if isinstance(mod, QuantLinear) else None
-    if isinstance(mod, QuantLinear) and mod.is_frozen and mod.config != cfg:
-        # (packing it by the plan would round the float weight again and drop what calibration chose)
-        raise ValueError(f"{name}: calibrated at {mod.config}, but the plan asks for {cfg}: pack a calibrated model "
-                         "with the plan calibration returned (`treeq ptq`'s plan.json; `quantize --ptq DIR`)")
+    if factors is not None and not _fits(factors, cfg, mod):   # the plan's branch, not the simulation's
+        factors = None
     if isinstance(mod, QuantLinear) and mod.config == cfg:
         wq = mod.weight_qtensor()
     else:
@@ -100,6 +128,8 @@ def quantize(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     check_layout(layout)
     plan.validate(model)
     _check_unfused(model, plan)
+    for name, cfg in plan.layers.items():   # every refusal before the first swap: a refused plan changes nothing
+        check_packable(model.get_submodule(name), cfg, name)
     for name, cfg in plan.layers.items():   # (set_layout, below, forgets a graphed model's graphs)
         _set_submodule(model, name, pack_layer(model.get_submodule(name), cfg, name, dtype))
     guard_projection_fusion(model)
@@ -141,6 +171,8 @@ def skeleton(model: nn.Module, plan: QuantPlan, *, dtype: torch.dtype = torch.bf
     artifact into)."""
     plan.validate(model)
     _check_unfused(model, plan)
+    for name, cfg in plan.layers.items():
+        check_packable(model.get_submodule(name), cfg, name)
     for name, cfg in plan.layers.items():
         mod = model.get_submodule(name)
         if not cfg.weight_spec().is_quantized:

@@ -31,8 +31,8 @@ from ..nn.pointwise import PointwiseConvAttributes
 def branch_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage of the Monarch factors for a model running in ``dtype``: bf16 for a 16-bit model (the fused kernels
     multiply them in bf16, and the bit budget counts 16 bits per factor entry), float32 for a float32 one (the
-    reference path, exact to the calibrated simulation)."""
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+    reference path, exact to the calibrated simulation; also for float64, which never narrows them)."""
+    return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 LAYOUTS = ("v1", "frag")
