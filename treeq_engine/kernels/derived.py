@@ -21,8 +21,10 @@ def stamp(t: torch.Tensor) -> tuple:
     """What identifies a tensor's contents for a cache: storage address, device, dtype and version counter (so
     ``.to()``, in-place writes and ``.data`` reassignment to new storage invalidate). Not seen: an in-place write
     to an inference tensor after its first use (under ``torch.inference_mode``: no version counter), a
-    ``fused=True`` optimizer's step (it does not advance the counters), and a ``.data`` swap back to a storage
-    that was written through another tensor meanwhile (the parameter keeps its own counter)."""
+    ``fused=True`` optimizer's step (it does not advance the counters), an in-place write through ``t.data``
+    (which has a counter of its own), and a ``.data`` swap back to a storage that was written through another
+    tensor meanwhile (the parameter keeps its own counter). Write through the tensor itself, under
+    ``torch.no_grad()``; or clear the caches (``nn.convert.clear_caches``) after such writes."""
     return (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version)
 
 
