@@ -124,6 +124,39 @@ def test_errors(calibrated):
         finetune(_fresh(calibrated), fp, lambda r: [], PEFTConfig(steps=1), progress=False)
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(calibrated, tmp_path):
+    """A NaN loss (here the model's output turns NaN at step 3) stops fine-tuning before that step is applied: the
+    step-2 checkpoint stays and loads (it had been replaced by NaN tensors, and the run ended as if it had worked)."""
+    fp = calibrated[0]
+    q = _fresh(calibrated)
+    calls = {"n": 0}
+
+    def eps(model, batch):
+        calls["n"] += 1
+        out = model(*batch)
+        return out * float("nan") if calls["n"] == 6 else out   # the trained model's forward at step 3
+
+    with pytest.raises(ValueError, match="PEFT step 3: the loss is nan; nothing of this step was applied or saved"):
+        finetune(q, fp, _traj(fp), PEFTConfig(steps=4, checkpoint_every=2), eps_fn=eps, out_dir=tmp_path,
+                 progress=False)
+    assert json.loads((tmp_path / "peft.json").read_text())["step"] == 2
+    fresh = _fresh(calibrated)
+    load_finetuned(fresh, tmp_path)
+    assert all(bool(torch.isfinite(t).all()) for t in fresh.state_dict().values() if t.is_floating_point())
+
+
+def test_branch_sizes_checked_before_any_layer_is_calibrated(tmp_path):
+    """A branch that does not fit a layer is named before calibration starts (it failed half-way, without the
+    layer's name, and the directory then refused the corrected plan)."""
+    fp = tiny_dit(seed=1)
+    names = quantizable_linears(fp, include=is_block_layer)
+    plan = QuantPlan.uniform(names, 3, 4, branch=BranchConfig("lowrank", 1, 1000))
+    with pytest.raises(ValueError, match=r"blocks\.0\.\S+ \(N=\d+, K=\d+\): its lowrank branch does not fit"):
+        calibrate(copy.deepcopy(fp), plan, trajectory(fp, n=2, steps=2, seed=0), PTQ_FAST, out_dir=tmp_path / "p",
+                  progress=False)
+    assert not (tmp_path / "p" / "ptq.json").exists()
+
+
 def test_scales_stay_positive_under_a_huge_learning_rate(calibrated):
     fp = calibrated[0]
     q = _fresh(calibrated)
@@ -152,6 +185,14 @@ def test_cli_ptq_then_peft(tmp_path, capsys):
     assert main(["peft", "--ptq", str(tmp_path / "p"), *common, "--steps", "3", "--batch", "2",
                  "--checkpoint-every", "2", "--out", str(tmp_path / "f")]) == 0
     assert json.loads((tmp_path / "f" / "peft.json").read_text())["step"] == 3
+    capsys.readouterr()
+    for bad, msg in ((["peft", "--ptq", str(tmp_path / "p"), *common, "--batch", "0", "--out", str(tmp_path / "g")],
+                      "--batch must be positive, got 0"),
+                     ([*ptq_args[:-1], str(tmp_path / "q"), "--calib-samples", "0"],
+                      "--calib-samples must be positive, got 0"),
+                     ([*ptq_args[:-1], str(tmp_path / "q"), "--branch-rank", "0"],
+                      "--branch-rank must be a positive int, got 0")):
+        assert main(bad) == 2 and msg in capsys.readouterr().err
     q = tiny_dit(seed=5)
     load_calibration(q, tmp_path / "p")
     load_finetuned(q, tmp_path / "f")

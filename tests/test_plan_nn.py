@@ -199,6 +199,39 @@ def test_load_state_dict_checks_a_frozen_weight(gen):
         assert torch.equal(q.w_codes, sd["w_codes"]) and torch.equal(q.w_scale.detach(), sd["w_scale"])
 
 
+def test_scale_gradient_beside_a_lora_is_the_weights_derivative(gen):
+    """A frozen layer's trained scales next to a LoRA: the gradient is the derivative of the weight the forward
+    computes (central differences agree), not only the requantization's LSQ term (0 for a fresh LoRA)."""
+    from treeq_engine.calib.lora import LoRA
+
+    torch.manual_seed(0)
+    q = QuantLinear(nn.Linear(48, 40), LayerConfig(4, 8))
+    q.freeze_weight()
+    q.lora = LoRA(40, 48, 4)
+    with torch.no_grad():
+        q.lora.b.normal_(0, 1e-3)
+    q.w_scale.requires_grad_(True)
+    g = torch.randn(40, 48, generator=gen)
+
+    def loss():
+        return (q.quantized_weight().float() * g).sum()
+
+    loss().backward()
+    auto = q.w_scale.grad.clone()
+    fd = torch.empty(40)
+    with torch.no_grad():
+        for i in range(40):
+            h = float(q.w_scale[i]) * 1e-3
+            q.w_scale[i] += h
+            up = loss()
+            q.w_scale[i] -= 2 * h
+            down = loss()
+            q.w_scale[i] += h
+            fd[i] = (up - down) / (2 * h)
+    assert float(torch.nn.functional.cosine_similarity(auto, fd, dim=0)) > 0.99
+    torch.testing.assert_close(auto, fd, rtol=0.05, atol=1e-3 * float(fd.abs().max()))
+
+
 def test_bad_input_shape():
     q = QuantLinear(nn.Linear(16, 8), LayerConfig(4, 8), name="blk.fc")
     with pytest.raises(ValueError, match="blk.fc: input has 15 features, expected 16"):

@@ -140,15 +140,22 @@ def _blocks_view(w: torch.Tensor, s: MonarchShape) -> torch.Tensor:
     return wp.reshape(s.blocks, s.nb, s.kb, s.blocks).permute(0, 3, 1, 2)  # (j, l, i, k) -> (j, k, l, i)
 
 
+def check_fits(n: int, k: int, blocks: int, rank: int = 1) -> MonarchShape:
+    """The shape of a ``blocks``-block, rank-``rank`` Monarch branch on an ``(N, K)`` weight, or a ValueError saying
+    why there is none (more blocks than a side; a rank above the block size)."""
+    s = MonarchShape(n=n, k=k, blocks=blocks, rank=rank)
+    if rank > min(s.nb, s.kb):
+        raise ValueError(f"rank {rank} exceeds the block size ({s.nb} × {s.kb})")
+    return s
+
+
 def project(w: torch.Tensor, blocks: int, rank: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form best Monarch approximation of ``w (N, K)`` in Frobenius norm: a rank-``rank`` truncated SVD
     of every (j, k) block (the blocks are independent, so this is optimal). Returns ``(w1, w2)`` in float32."""
     if w.dim() != 2:
         raise ValueError(f"project needs a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
-    s = MonarchShape(n=n, k=k, blocks=blocks, rank=rank)
-    if rank > min(s.nb, s.kb):
-        raise ValueError(f"rank {rank} exceeds the block size ({s.nb} × {s.kb})")
+    s = check_fits(n, k, blocks, rank)
     blk = _blocks_view(w.detach().to(torch.float32), s)  # (j, k, l, i)
     u, sv, vh = torch.linalg.svd(blk, full_matrices=False)  # (j,k,l,q), (j,k,q), (j,k,q,i)
     root = sv[..., :rank].sqrt()

@@ -83,6 +83,9 @@ def branch_for(kind: str, params: int, rank: int = 1) -> BranchConfig | None:
     branch has ``params // rank`` blocks of rank ``rank``."""
     if kind == "none":
         return None
+    for flag, v in (("--branch-params", params), ("--branch-rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be a positive int, got {v!r}")
     if kind == "lowrank":
         return BranchConfig("lowrank", 1, params)
     if params % rank:
@@ -109,7 +112,9 @@ def with_branch(plan: QuantPlan, model: torch.nn.Module, branch: BranchConfig | 
         if not is_block_layer(n):
             continue
         br = branch
-        if br is not None:
+        if br is not None and br.kind == "lowrank":   # (one block: its rank is what a side caps)
+            br = BranchConfig("lowrank", 1, min(br.rank, *layer_dims(model.get_submodule(n))))
+        elif br is not None:
             br = BranchConfig(br.kind, min(br.blocks, *layer_dims(model.get_submodule(n))), br.rank)
         layers[n] = cfg.replace(branch=br)
     return dataclasses.replace(plan, layers=layers)
@@ -175,6 +180,8 @@ def run_ptq(args: argparse.Namespace) -> int:
 
     if args.branch == "plan" and not args.plan:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
+    if not args.diffusers and args.calib_samples <= 0:
+        raise SystemExit(f"--calib-samples must be positive, got {args.calib_samples}")
     if args.diffusers:
         fp, batches = _diffusers_model(args, dtype=getattr(torch, args.dtype))
     else:
@@ -250,6 +257,8 @@ def run_peft(args: argparse.Namespace) -> int:
     why = not_a_run(args.ptq, "ptq")
     if why:
         raise SystemExit(f"--ptq {args.ptq}: expected a `treeq ptq` output directory (with ptq.json); {why}")
+    if not args.diffusers and args.batch <= 0:
+        raise SystemExit(f"--batch must be positive, got {args.batch}")
     made_with = diffusers_source(args.ptq)
     if made_with is not None and not args.diffusers:
         raise SystemExit(f"--ptq {args.ptq} was calibrated on the diffusers model {made_with}: pass --diffusers "

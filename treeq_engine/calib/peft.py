@@ -313,8 +313,10 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
     named = [np_ for kind in groups for np_ in groups[kind]]
     # A scale step may not cross zero (the quantizer would be undefined): scales stay >= 1% of where they began.
     scale_floor = [(p, p.detach().abs() * SCALE_FLOOR) for _, p in groups.get("w_scale", [])]
+    # (no weight decay on quantizer scales: it would pull whole output channels toward 0)
     opt = torch.optim.AdamW([{"params": [p for _, p in groups[k]], "lr": _lr(config, k), "kind": k,
-                              "base_lr": _lr(config, k)} for k in groups], weight_decay=config.weight_decay)
+                              "base_lr": _lr(config, k),
+                              "weight_decay": 0.0 if k == "w_scale" else config.weight_decay} for k in groups])
     start, losses = 0, []
     out = None if out_dir is None else Path(out_dir)
     cfg_doc = dataclasses.asdict(config)
@@ -392,15 +394,23 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
             else:
                 w = sample_weight(batch).to(err.device, err.dtype)
                 loss = (err.flatten(1).mean(1) * w).mean()
+            value = float(loss.detach())
+            if not math.isfinite(value):   # before the step: the trained tensors and the checkpoints stay good
+                raise ValueError(f"PEFT step {step + 1}: the loss is {value}; nothing of this step was "
+                                         "applied or saved (the last checkpoint stays): lower the learning rates, "
+                                         "or check the model's outputs on this batch")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
+                if not bool(torch.isfinite(norm)):
+                    raise ValueError(f"PEFT step {step + 1}: the gradient norm is {float(norm)}; nothing of "
+                                             "this step was applied or saved (the last checkpoint stays)")
             opt.step()
             with torch.no_grad():
                 for p, floor in scale_floor:
                     torch.maximum(p, floor, out=p)
-            losses.append(float(loss.detach()))
+            losses.append(value)
             bar.set_postfix_str(f"loss {losses[-1]:.3e}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save(step + 1)

@@ -423,6 +423,16 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     DiT's single qkv linear is, so their activation specs stay equal and the runtime quantizes their input once."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    for name, cfg in plan.layers.items():   # every branch fits its layer, before any layer is worked on
+        if cfg.branch is not None and name in dict(model.named_modules()):
+            from ..branches.monarch import check_fits
+            from ..nn.pointwise import layer_dims
+
+            k, n = layer_dims(model.get_submodule(name))
+            try:
+                check_fits(n, k, cfg.branch.blocks, cfg.branch.rank)
+            except ValueError as e:
+                raise ValueError(f"{name} (N={n}, K={k}): its {cfg.branch.kind} branch does not fit: {e}") from None
     state: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "plan": plan.to_dict(),
                              "config": config.to_dict(), "layers": {},
                              "data": None if data is None else json.loads(json.dumps(dict(data)))}

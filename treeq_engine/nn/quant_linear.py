@@ -75,11 +75,13 @@ def _frozen_weight_math(codes: torch.Tensor, scale: torch.Tensor, zero_point: to
                         lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, *,
                         spec: QuantSpec, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """A frozen layer's weight in ``dtype``: ``s·(codes − zp)``, or with a LoRA ``Q_{s,zp}(s·(codes − zp) + ΔW)``,
-    ``ΔW = B·A·scaling`` (differentiable in ``s`` by LSQ and in A, B by the straight-through estimator; the base
-    is built from ``s`` detached, so ``s`` learns through the requantization only)."""
+    ``ΔW = B·A·scaling`` (differentiable in A, B by the straight-through estimator and in ``s`` through both of its
+    uses: the base ``s·(codes − zp)`` and the requantization's LSQ term, together ``(q − zp) − ΔW/s`` inside the
+    range. With the base's share detached the gradient was the LSQ term alone: 0 for a fresh LoRA and of the wrong
+    sign on many channels after, so training scales beside a LoRA made the model worse.)"""
     if lora_a is None or lora_b is None:
         return _dequantize(codes, scale, zero_point, dtype)
-    base = _dequantize(codes, scale.detach(), zero_point, torch.float32)
+    base = _dequantize(codes, scale, zero_point, torch.float32)
     delta = ((lora_b @ lora_a) * scaling).to(torch.float32)
     return fake_quantize_with_qparams(base + delta, spec, scale, zero_point).to(dtype)
 
