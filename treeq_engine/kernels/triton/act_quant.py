@@ -141,14 +141,14 @@ def _act_quant_kernel(x_ptr, shift_ptr, mscale_ptr, w1_ptr,
 
     if SYM:
         amax = mul_rn(tl.maximum(-lo, hi), clip, INTERP)
-        scale = tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32))
-        scale = tl.where(scale > 0, scale, 1.0)  # 0 also where a tiny range underflows: the oracle's rule
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)), 1.0)
+        scale = tl.where(scale > 0, scale, 1.0)  # a tiny range's scale underflows to 0: 1, the oracle's rule
         zpf = zero_row
     else:
         lo_c = mul_rn(lo, clip, INTERP)
         rng = mul_rn(hi, clip, INTERP) - lo_c
-        scale = tl.math.div_rn(rng, tl.full([BM], QMAX - QMIN, tl.float32))
-        scale = tl.where(scale > 0, scale, 1.0)
+        scale = tl.where(rng > 0, tl.math.div_rn(rng, tl.full([BM], QMAX - QMIN, tl.float32)), 1.0)
+        scale = tl.where(scale > 0, scale, 1.0)   # (after the first where: ptxas then needs no stack on sm_90a)
         zpf = round_half_even(QMIN - tl.math.div_rn(lo_c, scale))
         zpf = tl.minimum(tl.maximum(zpf, QMIN), QMAX)
 
