@@ -28,3 +28,33 @@ def test_module_entry_point_selfcheck():
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "selfcheck: PASS" in r.stdout
+
+
+def test_option_refusals_found_by_a_cli_review(tmp_path):
+    """One line each, before any work: a --device torch does not know, non-positive counts, W16 with quantized
+    activations where no packed layer runs it, an --out holding another command's plan, an AOT filter matching
+    nothing; and the command's name said once."""
+    from cli_refusal import refused
+
+    refused(r"^treeq search: error: --device 'foo' is not a torch device", ["search", "--budget", "W4A4",
+                                                                            "--device", "foo"])
+    refused(r"--device 'tpu' is not a torch device", ["sample", "--labels", "1", "--device", "tpu"])
+    for flag in ("--keep", "--batch", "--group", "--random-plans", "--serve-batch"):
+        refused(f"{flag} must be positive, got 0", ["search", "--budget", "W4A4", flag, "0"])
+    refused(r"--threads must be >= 1, got -2", ["sample", "--labels", "1", "--threads", "-2"])
+    refused(r"W16A4 has 16-bit weights with quantized activations", ["demo", "--configs", "W16A4"])
+    refused(r"--formats: W16A4 has 16-bit weights", ["profile", "--formats", "W16A4", "--device", "cpu", "--out",
+                                                   str(tmp_path / "lut.json")])
+    out = tmp_path / "ptq"
+    out.mkdir()
+    (out / "ptq.json").write_text("{}")
+    refused(r"--out .* holds another command's output \(ptq.json\)", ["search", "--budget", "W4A4", "--out",
+                                                                      str(out)])
+    searched = tmp_path / "searched"
+    searched.mkdir()
+    (searched / "plan.json").write_text("{}")
+    refused(r"holds a plan.json that is not a ptq run's", ["ptq", "--plan", str(searched / "plan.json"), "--out",
+                                                           str(searched)])
+    line = refused(r"--threads must be >= 1", ["demo", "--threads", "0"])
+    assert line.count("treeq demo:") == 1, line
+    refused(r"--filter 'zzzz' matches no kernel", ["triton-aot", "--filter", "zzzz"])

@@ -99,6 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     device = getattr(args, "device", None)
+    if isinstance(device, str):
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            print(f"treeq {args.command}: error: --device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
+                  file=sys.stderr)
+            return 2
     if isinstance(device, str) and device.startswith("cuda"):
         import torch
 
@@ -118,14 +127,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:   # bad input and files: one line, not a traceback (bugs keep theirs)
         if os.environ.get("TREEQ_DEBUG"):
             raise
-        print(f"treeq {args.command}: error: {e} ({type(e).__name__}; TREEQ_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"treeq {args.command}: error: {_unprefixed(str(e), args.command)} ({type(e).__name__}; "
+              "TREEQ_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except SystemExit as e:   # a command refusing its options (SystemExit("message")): the same line and status
         if not isinstance(e.code, str):
             raise
-        print(f"treeq {args.command}: error: {e.code}", file=sys.stderr)
+        print(f"treeq {args.command}: error: {_unprefixed(e.code, args.command)}", file=sys.stderr)
         return 2
+
+
+def _unprefixed(message: str, command: str) -> str:
+    """A message without the ``treeq COMMAND:`` its raiser put in front (this prints it once)."""
+    prefix = f"treeq {command}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 if __name__ == "__main__":

@@ -131,13 +131,13 @@ def _run(args: argparse.Namespace, t_start: float) -> int:
     from .models.sample import sample
     from .nn import apply_plan, convert
 
-    from .plan import LayerConfig
+    from .plan import LayerConfig, check_runnable
 
     configs = [c.strip().upper() for c in args.configs.split(",") if c.strip()]
     try:
         bits = {c: parse_config(c) for c in configs}
-        for w, a in bits.values():
-            LayerConfig(w, a)  # the format's bit-widths, checked before any work
+        for name, (w, a) in bits.items():
+            check_runnable(LayerConfig(w, a), name)  # the format's bit-widths, and what a packed model runs
     except ValueError as e:
         raise SystemExit(f"treeq demo: --configs: {e}") from None
     if args.samples < 2:

@@ -311,6 +311,16 @@ def parse_wa(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def check_runnable(config: LayerConfig, what: str = "") -> None:
+    """A PlanError unless a packed model can run ``config``: 16-bit weights stay an unquantized ``nn.Linear``, so
+    they go only with 16-bit activations and no branch (a simulation could quantize such activations; the packed
+    model would silently not)."""
+    if config.w_bits == 16 and (config.a_bits != 16 or config.branch is not None):
+        raise PlanError(f"{what + ': ' if what else ''}{config.label} has 16-bit weights with quantized activations "
+                        "or a branch, which no packed layer runs (a W16 layer stays an unquantized nn.Linear): use "
+                        "W8 weights, or A16 without a branch")
+
+
 def is_block_layer(name: str) -> bool:
     """Layers inside the repeated transformer blocks (searched by default); the rest are 'edge' layers
     (embedders, final layer), kept at 8 bits by default."""

@@ -182,6 +182,10 @@ def run_ptq(args: argparse.Namespace) -> int:
         raise SystemExit("treeq ptq: --branch plan needs --plan")
     if not args.diffusers and args.calib_samples <= 0:
         raise SystemExit(f"--calib-samples must be positive, got {args.calib_samples}")
+    out = Path(args.out)
+    if (out / "plan.json").exists() and not (out / "ptq.json").exists():   # e.g. the search's, given as --plan
+        raise SystemExit(f"--out {out} holds a plan.json that is not a ptq run's (a search's?); ptq writes its "
+                         "calibrated plan.json there: use another --out")
     if args.diffusers:
         fp, batches = _diffusers_model(args, dtype=getattr(torch, args.dtype))
     else:

@@ -42,7 +42,7 @@ from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams
 from ..nn import QuantLinear, convert
 from ..nn.pointwise import layer_dims
 from ..nn.quant_linear import check_frozen
-from ..plan import LayerConfig, PlanError, QuantPlan
+from ..plan import LayerConfig, PlanError, QuantPlan, check_runnable
 from . import smooth
 from .capture import CalibBatch, StageRunner
 from .store import CheckpointError, changed, digest, read_json, read_metadata, read_tensors, write_json, write_tensors
@@ -423,7 +423,8 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     DiT's single qkv linear is, so their activation specs stay equal and the runtime quantizes their input once."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
-    for name, cfg in plan.layers.items():   # every branch fits its layer, before any layer is worked on
+    for name, cfg in plan.layers.items():   # what quantize would refuse, and every branch fits its layer, first
+        check_runnable(cfg, name)
         if cfg.branch is not None and name in dict(model.named_modules()):
             from ..branches.monarch import check_fits
             from ..nn.pointwise import layer_dims

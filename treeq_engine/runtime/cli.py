@@ -268,7 +268,9 @@ def run_sample(args: argparse.Namespace) -> int:
     from ..demo import save_grid
     from ..models import sample
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     _check_compile(args)
     if args.pipeline:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..format import quantize as quantize_tensor
-from ..plan import BranchConfig, LayerConfig
+from ..plan import BranchConfig, LayerConfig, check_runnable
 from .linear import TreeQLinear
 from .timing import time_graph_ms
 
@@ -287,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
         formats = [parse_wa(f) for f in args.formats.split(",") if f.strip()]
         if not formats:
             raise SystemExit(f"--formats lists no format (e.g. W4A8,W8A8, or 'search'), got {args.formats!r}")
+        for w, a in formats:
+            check_runnable(LayerConfig(w, a), "--formats")
     branches = list(dict.fromkeys([None] + [parse_branch(b) for b in args.branch]))   # (a repeat would be timed
     # twice, and the table refuses two timings of one GEMM)
     if args.diffusers:

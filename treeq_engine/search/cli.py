@@ -300,6 +300,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 0.0 <= args.lam <= 1.0:   # (before the model loads and the calibration set is sampled)
             raise ValueError(f"--lam: ENG λ must be in [0, 1], got {args.lam}")
+        for flag, v in (("--keep", args.keep), ("--batch", args.batch), ("--group", args.group),
+                        ("--random-plans", args.random_plans), ("--serve-batch", args.serve_batch)):
+            if v <= 0:
+                raise ValueError(f"{flag} must be positive, got {v}")
+        if args.out and not args.check:
+            other = next((f for f in ("ptq.json", "peft.json", "manifest.json") if (Path(args.out) / f).exists()),
+                         None)
+            if other:   # its plan.json is that run's own: a search would replace it under the run that used it
+                raise ValueError(f"--out {args.out} holds another command's output ({other}); search writes its "
+                                 "plan.json there: use another --out")
         distributed.init_from_env()
         rank, _ = distributed.rank_world()
         if args.compile:

@@ -66,8 +66,9 @@ class SearchConfig:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"unknown baseline(s) {bad}: expected some of {BASELINES}")
-        if self.keep <= 0 or self.batch <= 0 or self.group <= 0 or self.random_count <= 0:
-            raise ValueError("keep, batch, group and random_count must be positive")
+        for name in ("keep", "batch", "group", "random_count", "serve_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SearchConfig.{name} must be positive, got {getattr(self, name)}")
         if self.closed_loop_root and self.closed_loop is None:
             raise ValueError("closed_loop_root needs a closed_loop config (how plans are sampled)")
         if isinstance(self.elites, str):

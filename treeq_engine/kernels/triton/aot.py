@@ -201,7 +201,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = run_checks(lambda name: args.filter in name, args.quick)
+    rows = run_checks(lambda name: args.filter.lower() in name.lower(), args.quick)
+    if not rows:
+        raise SystemExit(f"--filter {args.filter!r} matches no kernel (names hold act_quant, packed_gemm, gluon_probe, "
+                         "gluon_gemm and their bit-widths)")
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
