@@ -58,3 +58,15 @@ def test_option_refusals_found_by_a_cli_review(tmp_path):
     line = refused(r"--threads must be >= 1", ["demo", "--threads", "0"])
     assert line.count("treeq demo:") == 1, line
     refused(r"--filter 'zzzz' matches no kernel", ["triton-aot", "--filter", "zzzz"])
+
+
+def test_output_paths_checked_before_the_work(tmp_path):
+    """sample, profile and capture refuse an --out they could not write before sampling, profiling or running the
+    pipeline (they failed after it)."""
+    from cli_refusal import refused
+
+    refused(r"--out .*: a directory; name an image file", ["sample", "--labels", "1", "--out", str(tmp_path)])
+    refused(r"\.txt is no image type; write a \.png", ["sample", "--labels", "1", "--out", str(tmp_path / "s.txt")])
+    refused(r"no extension is no image type", ["sample", "--labels", "1", "--out", str(tmp_path / "noext")])
+    refused(r"--out .* is a directory; the latency table is a JSON file",
+            ["profile", "--formats", "W4A8", "--tokens", "4", "--device", "cpu", "--out", str(tmp_path)])

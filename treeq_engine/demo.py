@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, t_start: float) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    fp = load_digits_dit(args.model)
+    fp = load_digits_dit(None if args.model == "digits" else args.model)
     split = digits_split()
     judge = DigitsJudge(real=split.test_x)
     labels = torch.arange(args.samples) % fp.config.num_classes

@@ -29,7 +29,7 @@ def _load_model(path: str | None, device: str):
     inferred from the weights) or a digits-shaped one (the digits config)."""
     from ..models.digits import load_any_dit, load_digits_dit
 
-    if path is None:
+    if path is None or path == "digits":   # ("digits" names it as --model does for search, quantize and sample)
         return load_digits_dit(device=device)
     if not Path(path).is_file():
         raise SystemExit(f"--model {path}: no such file")

@@ -273,6 +273,12 @@ def run_sample(args: argparse.Namespace) -> int:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     _check_compile(args)
+    out = Path(args.out)
+    if out.is_dir() or not out.name:   # (checked before the model loads and samples, not after)
+        raise SystemExit(f"--out {args.out!r}: a directory; name an image file (e.g. samples.png)")
+    if out.suffix.lower() not in IMAGE_SUFFIXES + ANIMATIONS:
+        raise SystemExit(f"--out {args.out}: {out.suffix or 'no extension'} is no image type; write a .png (or "
+                         f"{', '.join(IMAGE_SUFFIXES[1:])}; for a video pipeline {' or '.join(ANIMATIONS)})")
     if args.pipeline:
         return _sample_pipeline(args)
     if args.artifact_2:
@@ -323,6 +329,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 ANIMATIONS = (".gif", ".webp")   # what --out may name for a video pipeline
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")   # a grid of samples (PIL writes them)
 
 
 def _row(images: list[Any]) -> Any:

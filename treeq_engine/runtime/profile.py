@@ -302,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         layers = [(k, n, m) for (k, n), m in itertools.product(layer_shapes(model), _ints(args.tokens, "--tokens"))]
     else:
         layers = layer_rows(model, _ints(args.batch, "--batch"))
+    if Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out} is a directory; the latency table is a JSON file (e.g. lut.json)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before profiling, not after)
     lut = profile_layers(layers, formats, branches=branches, device=args.device, reps=args.reps)
     Path(args.out).write_text(json.dumps(lut, indent=1) + "\n")

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                                           "a calibration file of their own)")
         if refusal:
             raise ValueError(refusal)
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; the calibration inputs are a .safetensors file")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
 
         if args.labels is not None:
