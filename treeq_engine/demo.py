@@ -140,6 +140,8 @@ def _run(args: argparse.Namespace, t_start: float) -> int:
             check_runnable(LayerConfig(w, a), name)  # the format's bit-widths, and what a packed model runs
     except ValueError as e:
         raise SystemExit(f"treeq demo: --configs: {e}") from None
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     if args.samples < 2:
         raise SystemExit("treeq demo: --samples must be at least 2 (the Fréchet distance needs a covariance)")
     out = Path(args.out)

@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # (before the pipeline runs, not after)
 
         if args.labels is not None:
-            items: list = [int(v) for v in args.labels.split(",") if v.strip()]
+            try:
+                items: list = [int(v) for v in args.labels.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"--labels must be comma-separated class indices, got {args.labels!r}") from None
         else:
             items = read_prompts(args.prompts)
         if not items:
