@@ -394,8 +394,8 @@ def tree_search(evaluator: Evaluator, cost: CostModel, *, keep: int = 16, budget
         levels, evaluations, wall0, level, root_candidates, front = [], 0, 0.0, 0, None, None
         if note is not None and path is not None and rank == 0:
             if path.exists():
-                note(f"starting over in {path.parent} (its {path.name} is replaced at the end of the first level; "
-                     "--resume continues it instead)")
+                note(f"starting over in {path.parent} (its {path.name} is replaced at the end of the first level, "
+                     "and the plan, report and plots at the end; --resume continues it instead)")
             elif resume:
                 note(f"--resume, but {path.parent} holds no {path.name}: starting from the beginning")
 
