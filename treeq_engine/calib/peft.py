@@ -396,16 +396,16 @@ def finetune(model: nn.Module, fp_model: nn.Module | None, trajectory: Trajector
                 loss = (err.flatten(1).mean(1) * w).mean()
             value = float(loss.detach())
             if not math.isfinite(value):   # before the step: the trained tensors and the checkpoints stay good
-                raise ValueError(f"PEFT step {step + 1}: the loss is {value}; nothing of this step was "
-                                         "applied or saved (the last checkpoint stays): lower the learning rates, "
-                                         "or check the model's outputs on this batch")
+                raise ValueError(f"PEFT step {step + 1}: the loss is {value}; nothing of this step was applied or "
+                                 "saved (the last checkpoint stays): lower the learning rates, or check the model's "
+                                 "outputs on this batch")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
                 if not bool(torch.isfinite(norm)):
-                    raise ValueError(f"PEFT step {step + 1}: the gradient norm is {float(norm)}; nothing of "
-                                             "this step was applied or saved (the last checkpoint stays)")
+                    raise ValueError(f"PEFT step {step + 1}: the gradient norm is {float(norm)}; nothing of this "
+                                     "step was applied or saved (the last checkpoint stays)")
             opt.step()
             with torch.no_grad():
                 for p, floor in scale_floor:

@@ -38,6 +38,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..branches import INIT_MODES, MonarchBranch, init_branch
+from ..branches.monarch import check_fits
 from ..format import QuantSpec, dequantize, fake_quantize, quantize_with_qparams, row_qparams
 from ..nn import QuantLinear, convert
 from ..nn.pointwise import layer_dims
@@ -423,13 +424,11 @@ def calibrate(model: nn.Module, plan: QuantPlan, batches: Sequence[CalibBatch], 
     DiT's single qkv linear is, so their activation specs stay equal and the runtime quantizes their input once."""
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    modules = dict(model.named_modules())
     for name, cfg in plan.layers.items():   # what quantize would refuse, and every branch fits its layer, first
         check_runnable(cfg, name)
-        if cfg.branch is not None and name in dict(model.named_modules()):
-            from ..branches.monarch import check_fits
-            from ..nn.pointwise import layer_dims
-
-            k, n = layer_dims(model.get_submodule(name))
+        if cfg.branch is not None and name in modules:
+            k, n = layer_dims(modules[name])
             try:
                 check_fits(n, k, cfg.branch.blocks, cfg.branch.rank)
             except ValueError as e:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..branches import MonarchShape
 from ..format.packing import LAYOUT_VERSION
 from ..plan import QuantPlan
 from .convert import check_layout, set_layout, skeleton
@@ -288,8 +289,6 @@ def _check_state(state: dict[str, torch.Tensor], model: nn.Module, plan: QuantPl
         shapes: dict[str, tuple[int, ...] | None] = {"bias": (n,) if model.get_submodule(name).bias is not None
                                                      else None, "monarch_w1": None, "monarch_w2": None}
         if cfg.branch is not None:
-            from ..branches import MonarchShape
-
             mshape = MonarchShape(n=n, k=k, blocks=cfg.branch.blocks, rank=cfg.branch.rank)
             shapes.update(monarch_w1=tuple(mshape.w1_shape), monarch_w2=tuple(mshape.w2_shape))
         for key, want_shape in shapes.items():   # present exactly where the plan and the model say, of those shapes

@@ -16,16 +16,15 @@ import torch
 import torch.nn as nn
 
 from ..branches import MonarchShape, monarch
-from ..format import MAX_K
 from ..format import quantize as quantize_tensor
 from ..models.diffusers_transformers import MMDIT_BLOCKS
 from ..nn.convert import FUSED_PROJECTIONS, _set_submodule, runs_fused_projections
 from ..nn.pointwise import conv_weight, describe, is_pointwise_conv, layer_dims
 from ..nn.quant_linear import QuantLinear
 from ..nn.quant_pointwise import QuantPointwiseConv, conv_spatial_dims
-from ..plan import LayerConfig, QuantPlan
+from ..plan import LayerConfig, QuantPlan, check_runnable
 from .graphed_diffusers import reset_graphs
-from .linear import LAYOUTS, TreeQLinear, TreeQPointwiseConv, branch_dtype
+from .linear import LAYOUTS, TreeQLinear, TreeQPointwiseConv, branch_dtype, check_max_k
 
 
 def _branch_factors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -45,15 +44,9 @@ def check_packable(mod: nn.Module, cfg: LayerConfig, name: str) -> None:
     conv = plain_conv or isinstance(mod, QuantPointwiseConv)
     if not conv and not isinstance(mod, (QuantLinear, nn.Linear)):
         raise TypeError(f"{name}: cannot pack a {describe(mod)}: only linears and pointwise (1x1) convolutions pack")
-    if not cfg.weight_spec().is_quantized and (cfg.act_spec().is_quantized or cfg.branch is not None):
-        # the simulation (nn.convert) would quantize these activations; a plain Linear would silently not
-        raise ValueError(f"{name}: {cfg.label} has 16-bit weights with quantized activations or a branch, which no "
-                         "packed layer runs (a W16 layer stays an unquantized nn.Linear): use W8 weights, or A16 "
-                         "without a branch")
-    k, _ = layer_dims(mod)
-    if cfg.weight_spec().is_quantized and cfg.act_spec().is_quantized and k > MAX_K:
-        raise ValueError(f"{name}: K={k} exceeds MAX_K={MAX_K}, where the kernels' int32 accumulation could "
-                         "overflow; give it a weight-only config (A16) or keep it bf16")
+    check_runnable(cfg, name)
+    if cfg.weight_spec().is_quantized:
+        check_max_k(layer_dims(mod)[0], cfg, name)
     if isinstance(mod, QuantLinear) and mod.is_frozen and mod.config != cfg:
         # (packing it by the plan would round the float weight again and drop what calibration chose)
         raise ValueError(f"{name}: calibrated at {mod.config}, but the plan asks for {cfg}: pack a calibrated model "

@@ -35,6 +35,13 @@ def branch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def check_max_k(k: int, config: LayerConfig, name: str) -> None:
+    """A ValueError where a layer of ``K = k`` would run the integer kernels (quantized activations) past MAX_K."""
+    if config.act_spec().is_quantized and k > MAX_K:
+        raise ValueError(f"{name}: K={k} exceeds MAX_K={MAX_K}, where the kernels' int32 accumulation could "
+                         "overflow; give it a weight-only config (A16) or keep it bf16")
+
+
 LAYOUTS = ("v1", "frag")
 
 
@@ -66,9 +73,7 @@ class TreeQLinear(nn.Module):
         wspec = config.weight_spec()
         if not wspec.is_quantized:
             raise ValueError(f"{name or 'TreeQLinear'}: a W16 layer stays nn.Linear; got {config}")
-        if config.act_spec().is_quantized and in_features > MAX_K:
-            raise ValueError(f"{name or 'TreeQLinear'}: K={in_features} exceeds MAX_K={MAX_K}, where the kernels' "
-                             f"int32 accumulation could overflow; give it a weight-only config (A16) or keep it bf16")
+        check_max_k(in_features, config, name or "TreeQLinear")
         self.in_features, self.out_features = in_features, out_features
         self.config, self.name = config, name
         self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=compute_dtype or dtype, device=device),

@@ -305,8 +305,9 @@ def run(args: argparse.Namespace) -> int:
             if v <= 0:
                 raise ValueError(f"{flag} must be positive, got {v}")
         if args.out and not args.check:
-            other = next((f for f in ("ptq.json", "peft.json", "manifest.json") if (Path(args.out) / f).exists()),
-                         None)
+            from ..calib.store import RUN_FILES
+
+            other = next((f for f, _ in RUN_FILES if f != "tss_state.json" and (Path(args.out) / f).exists()), None)
             if other:   # its plan.json is that run's own: a search would replace it under the run that used it
                 raise ValueError(f"--out {args.out} holds another command's output ({other}); search writes its "
                                  "plan.json there: use another --out")
